@@ -1,0 +1,12 @@
+"""ringattn: LongNet dilated attention with interchangeable, compiled, property-tested strategies.
+
+Importing the package registers every built-in strategy (see :mod:`ringattn.registry`).
+"""
+
+from ringattn import communicators, computers, dilation, memory, registry  # noqa: F401
+from ringattn.api import DilatedAttention, dilated_attention
+from ringattn.config import DilatedConfig
+from ringattn.strategy import Strategy
+
+__all__ = ["DilatedAttention", "DilatedConfig", "Strategy", "dilated_attention", "registry"]
+__version__ = "0.1.0"

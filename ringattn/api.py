@@ -1,0 +1,168 @@
+"""Public entry points: the ``DilatedAttention`` module and the ``dilated_attention`` function.
+
+This is the eager boundary. Here, and only here, inputs are type-checked (jaxtyping + beartype)
+and validated with errors that name the argument; then the static plan and index patterns are
+fetched and the (optionally compiled) core runs. When an outer ``torch.compile`` traces through
+this module the checks are skipped (``torch.compiler.is_compiling()``): they ran when the graph's
+inputs were first validated eagerly, and tracing them would break the graph.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from beartype import beartype
+from jaxtyping import jaxtyped
+from torch import Tensor, nn
+
+from ringattn.config import DilatedConfig
+from ringattn.core import CoreSpec, run_core
+from ringattn.memory.none import NoReuse
+from ringattn.pattern import make_plan
+from ringattn.strategy import Strategy
+from ringattn.types import BNHD
+
+_NO_REUSE = NoReuse()
+_DEFAULT_STRATEGY = Strategy()
+
+
+@jaxtyped(typechecker=beartype)
+def check_inputs(q: BNHD, k: BNHD, v: BNHD) -> None:
+    """q, k, v: same ``[b, n, h, d]`` shape (jaxtyping), dtype and device; no empty dims."""
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name}.dtype must equal q.dtype ({q.dtype}), got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name}.device must equal q.device ({q.device}), got {x.device}")
+    for axis, size in zip("bnhd", q.shape):
+        if size < 1:
+            raise ValueError(f"q, k, v must have {axis} >= 1, got shape {tuple(q.shape)}")
+
+
+class DilatedAttention(nn.Module):
+    """LongNet dilated attention over ``[b, n, h, d]`` inputs (see ``docs/semantics.md``).
+
+    Args:
+        segment_lengths: ``w_i``, one per config.
+        dilation_rates: ``r_i``, one per config, each dividing its ``w_i``.
+        causal: keys after the query are masked (within each segment).
+        mixing: ``"lse"`` (every head uses every config, merged by LSE) or ``"head_groups"``
+            (contiguous head groups, one config each).
+        scale: softmax scale, default ``1 / sqrt(d)``.
+        strategy: which registered components compute it; never changes the result.
+        compile: run the core under ``torch.compile(fullgraph=True, dynamic=False)``.
+        compile_backend: the ``torch.compile`` backend (``"inductor"``; tests use ``"aot_eager"``).
+    """
+
+    @jaxtyped(typechecker=beartype)
+    def __init__(
+        self,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        *,
+        causal: bool = False,
+        mixing: str = "lse",
+        scale: float | None = None,
+        strategy: Strategy = _DEFAULT_STRATEGY,
+        compile: bool = True,
+        compile_backend: str = "inductor",
+    ) -> None:
+        super().__init__()
+        self.config = DilatedConfig(
+            tuple(segment_lengths), tuple(dilation_rates), causal, mixing, scale
+        )
+        self.strategy = strategy.check()
+        self.dilation = strategy.component("dilation")()
+        self.computer = strategy.component("computer")()
+        self.communicator = strategy.component("communicator")()
+        self.memory = strategy.component("memory")()
+        self.compile = compile
+        self._core = (
+            torch.compile(run_core, fullgraph=True, dynamic=False, backend=compile_backend)
+            if compile
+            else run_core
+        )
+        self._specs: dict[tuple, CoreSpec] = {}
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"segment_lengths={c.segment_lengths}, dilation_rates={c.dilation_rates}, "
+            f"causal={c.causal}, mixing={c.mixing!r}, strategy={self.strategy.label}, "
+            f"compile={self.compile}"
+        )
+
+    def _spec(self, q: Tensor, compiling: bool) -> CoreSpec:
+        b, n, h, d = q.shape
+        key = (n, h, d, compiling)
+        spec = self._specs.get(key)
+        if spec is None:
+            c = self.config
+            spec = CoreSpec(
+                plan=make_plan(n, h, c.configs, c.mixing),
+                causal=c.causal,
+                scale=c.scale_for(d),
+                dilation=self.dilation,
+                computer=self.computer,
+                communicator=self.communicator,
+                memory=_NO_REUSE if compiling else self.memory,
+            )
+            self._specs[key] = spec
+        return spec
+
+    def forward(self, q: BNHD, k: BNHD, v: BNHD) -> BNHD:
+        tracing = torch.compiler.is_compiling()
+        if not tracing:
+            check_inputs(q, k, v)
+            needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+            reason = self.computer.unsupported(q.dtype, q.device, needs_grad)
+            if reason:
+                raise ValueError(
+                    f"strategy computer={self.strategy.computer!r} cannot run "
+                    f"{q.dtype} on {q.device.type}: {reason}"
+                )
+        spec = self._spec(q, compiling=self.compile or tracing)
+        indices = self.dilation.indices(spec.plan, q.device, _NO_REUSE if tracing else self.memory)
+        return self._core(spec, q, k, v, *indices)
+
+
+_MODULES: OrderedDict[tuple, DilatedAttention] = OrderedDict()
+_MAX_MODULES = 32
+
+
+@jaxtyped(typechecker=beartype)
+def dilated_attention(
+    q: BNHD,
+    k: BNHD,
+    v: BNHD,
+    *,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    causal: bool = False,
+    mixing: str = "lse",
+    scale: float | None = None,
+    strategy: Strategy = _DEFAULT_STRATEGY,
+    compile: bool = True,
+    compile_backend: str = "inductor",
+) -> BNHD:
+    """Functional form of :class:`DilatedAttention`, same options.
+
+    Modules are cached per option set (bounded), so repeated calls reuse the compiled core and the
+    memory manager's patterns instead of recompiling.
+    """
+    key = (tuple(segment_lengths), tuple(dilation_rates), causal, mixing, scale, strategy,
+           compile, compile_backend)
+    module = _MODULES.get(key)
+    if module is None:
+        module = DilatedAttention(
+            segment_lengths, dilation_rates, causal=causal, mixing=mixing, scale=scale,
+            strategy=strategy, compile=compile, compile_backend=compile_backend,
+        )
+        _MODULES[key] = module
+        if len(_MODULES) > _MAX_MODULES:
+            _MODULES.popitem(last=False)
+    else:
+        _MODULES.move_to_end(key)
+    return module(q, k, v)

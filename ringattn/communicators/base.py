@@ -1,0 +1,28 @@
+"""Communicator: where a block's keys and values come from.
+
+On one device (``local``) they are the block's own rows. The sequence-parallel communicators
+(all-gather, ring) will fetch the rows of a segment that other ranks hold and merge the partial
+results by LSE, behind the same two calls.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+from ringattn.component import Component
+from ringattn.computers.base import AttentionComputer, Rows, RowsLSE
+
+
+class Communicator(Component):
+    world_size: int = 1
+
+    @abstractmethod
+    def attend(
+        self, computer: AttentionComputer, q: Rows, k: Rows, v: Rows, causal: bool, scale: float
+    ) -> tuple[Rows, RowsLSE]: ...
+
+    @abstractmethod
+    def attend_backward(
+        self, computer: AttentionComputer, dout: Rows, q: Rows, k: Rows, v: Rows, out: Rows,
+        lse: RowsLSE, causal: bool, scale: float,
+    ) -> tuple[Rows, Rows, Rows]: ...

@@ -1,0 +1,21 @@
+"""``local``: one device, no communication; the block's own keys are all there is."""
+
+from __future__ import annotations
+
+from ringattn.communicators.base import Communicator
+from ringattn.computers.base import AttentionComputer, Rows, RowsLSE
+from ringattn.registry import register
+
+
+@register("communicator", "local")
+class LocalCommunicator(Communicator):
+    def attend(
+        self, computer: AttentionComputer, q: Rows, k: Rows, v: Rows, causal: bool, scale: float
+    ) -> tuple[Rows, RowsLSE]:
+        return computer.forward(q, k, v, causal, scale)
+
+    def attend_backward(
+        self, computer: AttentionComputer, dout: Rows, q: Rows, k: Rows, v: Rows, out: Rows,
+        lse: RowsLSE, causal: bool, scale: float,
+    ) -> tuple[Rows, Rows, Rows]:
+        return computer.backward(dout, q, k, v, out, lse, causal, scale)

@@ -1,0 +1,49 @@
+"""``math``: attention as einsums in float32 (float64 for float64 inputs).
+
+The readable, any-dtype, any-device computer: the one to read first, and the one a new kernel is
+checked against after the oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ringattn.computers.base import AttentionComputer, Rows, RowsLSE, accumulation_dtype
+from ringattn.registry import register
+
+
+def _scores(q: Rows, k: Rows, causal: bool, scale: float) -> torch.Tensor:
+    scores = torch.einsum("blhd,bmhd->bhlm", q, k) * scale
+    if causal:
+        length = q.shape[1]
+        future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    return scores
+
+
+@register("computer", "math")
+class MathComputer(AttentionComputer):
+    def forward(self, q: Rows, k: Rows, v: Rows, causal: bool, scale: float) -> tuple[Rows, RowsLSE]:
+        dtype = accumulation_dtype(q.dtype)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        scores = _scores(q, k, causal, scale)
+        lse = torch.logsumexp(scores, dim=-1)  # [B, H, L]
+        probs = torch.exp(scores - lse.unsqueeze(-1))
+        out = torch.einsum("bhlm,bmhd->blhd", probs, v)
+        return out, lse.transpose(1, 2)
+
+    def backward(
+        self, dout: Rows, q: Rows, k: Rows, v: Rows, out: Rows, lse: RowsLSE, causal: bool,
+        scale: float,
+    ) -> tuple[Rows, Rows, Rows]:
+        dtype = accumulation_dtype(q.dtype)
+        q, k, v, out, dout = (x.to(dtype) for x in (q, k, v, out, dout))
+        probs = torch.exp(_scores(q, k, causal, scale) - lse.to(dtype).transpose(1, 2).unsqueeze(-1))
+        dv = torch.einsum("bhlm,blhd->bmhd", probs, dout)
+        dprobs = torch.einsum("blhd,bmhd->bhlm", dout, v)
+        # softmax backward: dS = P * (dP - rowsum(dO * O)); O is the merged output
+        delta = (dout * out).sum(-1).transpose(1, 2).unsqueeze(-1)
+        dscores = probs * (dprobs - delta) * scale
+        dq = torch.einsum("bhlm,bmhd->blhd", dscores, k)
+        dk = torch.einsum("bhlm,blhd->bmhd", dscores, q)
+        return dq, dk, dv

@@ -1,0 +1,90 @@
+"""``sdpa``: PyTorch's fused attention kernels, called through the aten ops that return the LSE.
+
+``torch.nn.functional.scaled_dot_product_attention`` hides the log-sum-exp that merging configs
+needs, so this computer calls the same kernels one level down:
+
+* CPU: ``_scaled_dot_product_flash_attention_for_cpu`` (+ its backward), any float dtype;
+* CUDA, fp16/bf16: FlashAttention-2 (``_scaled_dot_product_flash_attention``);
+* CUDA, fp32: memory-efficient attention (``_scaled_dot_product_efficient_attention``).
+
+The kernels take ``[B, H, L, d]``; our blocks are ``[B, L, H, d]`` so the transposes are views.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ringattn.computers.base import AttentionComputer, Rows, RowsLSE, accumulation_dtype
+from ringattn.registry import register
+
+aten = torch.ops.aten
+
+
+def _bhld(x: Tensor) -> Tensor:
+    return x.transpose(1, 2)
+
+
+def _bhld_contiguous(x: Tensor) -> Tensor:
+    # torch 2.13 + Inductor: the CPU flash *backward* returns wrong gradients (rows shifted) when
+    # handed non-contiguous inputs, because its fake kernel assumes contiguous outputs. Copies are
+    # cheap next to the attention itself; tests/test_compile.py catches a regression.
+    return x.transpose(1, 2).contiguous()
+
+
+@register("computer", "sdpa")
+class SDPAComputer(AttentionComputer):
+    def unsupported(self, dtype: torch.dtype, device: torch.device, needs_grad: bool) -> str | None:
+        if device.type == "cuda" and dtype == torch.float64:
+            return "the CUDA fused kernels have no float64; use computer='math'"
+        if device.type not in ("cpu", "cuda"):
+            return f"no fused kernel wired up for device type {device.type!r}; use computer='math'"
+        return None
+
+    def forward(self, q: Rows, k: Rows, v: Rows, causal: bool, scale: float) -> tuple[Rows, RowsLSE]:
+        qt, kt, vt = _bhld(q), _bhld(k), _bhld(v)
+        if q.device.type == "cpu":
+            out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+                qt, kt, vt, 0.0, causal, scale=scale
+            )
+        elif q.dtype == torch.float32:
+            out, lse, _, _ = aten._scaled_dot_product_efficient_attention(
+                qt, kt, vt, None, True, 0.0, causal, scale=scale
+            )
+            lse = lse[..., : q.shape[1]]  # the kernel pads the row dim of its LSE to 32
+        else:
+            out, lse = aten._scaled_dot_product_flash_attention(
+                qt, kt, vt, 0.0, causal, False, scale=scale
+            )[:2]
+        return _bhld(out), lse.transpose(1, 2)
+
+    def backward(
+        self, dout: Rows, q: Rows, k: Rows, v: Rows, out: Rows, lse: RowsLSE, causal: bool,
+        scale: float,
+    ) -> tuple[Rows, Rows, Rows]:
+        lse_bhl = lse.transpose(1, 2).to(accumulation_dtype(q.dtype))
+        if q.device.type == "cpu":
+            dout, q, k, v, out = (_bhld_contiguous(x.to(q.dtype)) for x in (dout, q, k, v, out))
+            dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                dout, q, k, v, out, lse_bhl.contiguous(), 0.0, causal, scale=scale,
+            )
+        elif q.dtype == torch.float32:
+            b, length, h, _ = q.shape
+            padded = -(-length // 32) * 32
+            lse_padded = lse_bhl.new_zeros(b, h, padded)
+            lse_padded[..., :length] = lse_bhl
+            seed = torch.empty((), dtype=torch.int64, device=q.device)
+            dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+                _bhld(dout).contiguous(), _bhld(q), _bhld(k), _bhld(v), None,
+                _bhld(out).contiguous(), lse_padded, seed, seed, 0.0, [True, True, True, False],
+                causal, scale=scale,
+            )
+        else:
+            length = q.shape[1]
+            seed = torch.empty((), dtype=torch.int64, device=q.device)
+            dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
+                _bhld(dout).contiguous(), _bhld(q), _bhld(k), _bhld(v), _bhld(out).contiguous(),
+                lse_bhl.contiguous(), None, None, length, length, 0.0, causal, seed, seed,
+                scale=scale,
+            )
+        return _bhld(dq), _bhld(dk), _bhld(dv)

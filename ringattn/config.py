@@ -1,0 +1,77 @@
+"""The static description of one dilated attention: configs, causality, mixing and scale.
+
+Everything here is validated once, eagerly, with errors that name the argument and the rule; the
+compiled core then only ever sees a well-formed, hashable :class:`DilatedConfig`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+MIXINGS = ("lse", "head_groups")
+
+
+def _int_sequence(name: str, values: object) -> tuple[int, ...]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a list or tuple of ints, got {type(values).__name__}")
+    if len(values) == 0:
+        raise ValueError(f"{name} must not be empty")
+    out = []
+    for i, value in enumerate(values):
+        # bool is an int subclass and numpy/torch scalars are not ints: refuse rather than coerce
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name}[{i}] must be an int, got {type(value).__name__} {value!r}")
+        if value <= 0:
+            raise ValueError(f"{name}[{i}] must be positive, got {value}")
+        out.append(value)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class DilatedConfig:
+    """Validated, hashable options of dilated attention (see ``docs/semantics.md``)."""
+
+    segment_lengths: tuple[int, ...]
+    dilation_rates: tuple[int, ...]
+    causal: bool = False
+    mixing: str = "lse"
+    scale: float | None = None
+
+    def __post_init__(self) -> None:
+        w = _int_sequence("segment_lengths", self.segment_lengths)
+        r = _int_sequence("dilation_rates", self.dilation_rates)
+        if len(w) != len(r):
+            raise ValueError(
+                "segment_lengths and dilation_rates must have the same length, "
+                f"got {len(w)} and {len(r)}"
+            )
+        for i, (wi, ri) in enumerate(zip(w, r)):
+            if wi % ri:
+                raise ValueError(
+                    f"dilation_rates[{i}]={ri} must divide segment_lengths[{i}]={wi}"
+                )
+        if not isinstance(self.causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(self.causal).__name__}")
+        if not isinstance(self.mixing, str):
+            raise TypeError(f"mixing must be a str, got {type(self.mixing).__name__}")
+        if self.mixing not in MIXINGS:
+            raise ValueError(f"mixing must be one of {MIXINGS}, got {self.mixing!r}")
+        if self.scale is not None:
+            if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
+                raise TypeError(f"scale must be a float or None, got {type(self.scale).__name__}")
+            if not math.isfinite(self.scale):
+                raise ValueError(f"scale must be finite, got {self.scale}")
+        object.__setattr__(self, "segment_lengths", w)
+        object.__setattr__(self, "dilation_rates", r)
+        if self.scale is not None:
+            object.__setattr__(self, "scale", float(self.scale))
+
+    @property
+    def configs(self) -> tuple[tuple[int, int], ...]:
+        """``((w_0, r_0), (w_1, r_1), ...)``."""
+        return tuple(zip(self.segment_lengths, self.dilation_rates))
+
+    def scale_for(self, head_dim: int) -> float:
+        return self.scale if self.scale is not None else 1.0 / math.sqrt(head_dim)

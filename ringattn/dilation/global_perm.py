@@ -1,0 +1,61 @@
+"""``global``: one permutation of the whole sequence per config makes the pattern block-diagonal.
+
+For config ``(w, r)`` the permutation lists, for each residue ``o`` in turn, the rows
+``s*w + o + j*r`` of every full segment ``s`` (segment-major), then the tail's rows by residue.
+After it, every (segment, residue) pair is one contiguous run of ``w // r`` rows, so attention in
+permuted order is block-diagonal (see ``docs/semantics.md``). Each block's gather index is a
+contiguous slice of that one cached permutation; ``read`` gathers just the rows and heads it needs
+into a contiguous tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ringattn.dilation.base import DilationProcessor
+from ringattn.memory.base import MemoryManager
+from ringattn.pattern import Block, Plan
+from ringattn.registry import register
+
+
+def global_permutation(n: int, w: int, r: int, device: torch.device | str = "cpu") -> Tensor:
+    """The residue-major permutation of ``range(n)`` for config ``(w, r)`` (int64, ``[n]``)."""
+    full = n // w
+    seg_starts = torch.arange(full, device=device)[:, None] * w
+    full_rows = [(seg_starts + torch.arange(o, w, r, device=device)).flatten() for o in range(r)]
+    tail_rows = [torch.arange(full * w + o, n, r, device=device) for o in range(r)]
+    return torch.cat(full_rows + tail_rows)
+
+
+def _slice_of_permutation(n: int, block: Block) -> tuple[int, int]:
+    """Where ``block``'s rows sit inside ``global_permutation(n, w, r)``."""
+    job = block.job
+    full = n // job.w
+    per_residue = full * (job.w // job.r)
+    if not block.tail:
+        start = job.offset * per_residue
+        return start, start + per_residue
+    tail_len = n - full * job.w
+    start = job.r * per_residue + sum(len(range(o, tail_len, job.r)) for o in range(job.offset))
+    return start, start + block.length
+
+
+@register("dilation", "global")
+class GlobalPermutationDilation(DilationProcessor):
+    def indices(self, plan: Plan, device: torch.device, memory: MemoryManager) -> tuple[Tensor, ...]:
+        out = []
+        for block in plan.blocks:
+            w, r = block.job.w, block.job.r
+            perm = memory.cached(
+                ("global_permutation", plan.n, w, r, str(device)),
+                lambda w=w, r=r: global_permutation(plan.n, w, r, device),
+            )
+            start, stop = _slice_of_permutation(plan.n, block)
+            out.append(perm[start:stop])
+        return tuple(out)
+
+    def read(self, x: Tensor, block: Block, index: Tensor | None) -> Tensor:
+        assert index is not None, "global dilation needs its gather indices"
+        gathered = x.index_select(1, index)[:, :, block.job.heads]
+        return gathered.unflatten(1, (block.segments, block.length)).flatten(0, 1)

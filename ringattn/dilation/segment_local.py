@@ -1,0 +1,20 @@
+"""``segment_local``: each segment's dilated rows as strided views, no index tensors, no copies.
+
+``x[:, :S*w].unflatten(1, (S, w))[:, :, offset::r, heads]`` is the whole block. Merging the batch
+and segment dims is free whenever ``n`` is a multiple of ``w`` (or ``b == 1``); otherwise
+``flatten`` has to copy, which is the only copy this layout ever makes.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ringattn.dilation.base import DilationProcessor
+from ringattn.pattern import Block
+from ringattn.registry import register
+
+
+@register("dilation", "segment_local")
+class SegmentLocalDilation(DilationProcessor):
+    def read(self, x: Tensor, block: Block, index: Tensor | None) -> Tensor:
+        return block.rows(x).flatten(0, 1)

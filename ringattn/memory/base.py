@@ -1,0 +1,33 @@
+"""MemoryManager: who owns index patterns and scratch buffers.
+
+Two services, both used from eager code only (the compiled core never calls them, see
+``docs/architecture.md``):
+
+* ``cached(key, build)``: an index pattern (e.g. the global permutation) for a key that names
+  everything it depends on (shape, config, device);
+* ``scratch(tag, shape, dtype, device)``: an uninitialised buffer that the caller fully overwrites
+  and that never escapes the call (fp32 accumulators of a bf16 forward, for instance).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable, Hashable
+
+import torch
+from torch import Tensor
+
+from ringattn.component import Component
+
+
+class MemoryManager(Component):
+    @abstractmethod
+    def cached(self, key: Hashable, build: Callable[[], Tensor]) -> Tensor: ...
+
+    @abstractmethod
+    def scratch(
+        self, tag: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> Tensor: ...
+
+    def stats(self) -> dict[str, int]:
+        return {}

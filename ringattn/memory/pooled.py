@@ -1,0 +1,67 @@
+"""``pooled``: bounded LRU caches for index patterns and for scratch buffers.
+
+Patterns are keyed by everything they depend on (shape, config, device), so a hit can never be
+stale. Scratch buffers are keyed by (tag, shape, dtype, device); a tag is used for one purpose at a
+time by one owner (one manager per module), and the caller overwrites the buffer before reading
+it, so reuse never changes a result. Both caches hold at most ``max_entries`` items.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+
+import torch
+from torch import Tensor
+
+from ringattn.memory.base import MemoryManager
+from ringattn.registry import register
+
+
+class _LRU:
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self.items: OrderedDict[Hashable, Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable, build: Callable[[], Tensor]) -> Tensor:
+        value = self.items.get(key)
+        if value is not None:
+            self.items.move_to_end(key)
+            self.hits += 1
+            return value
+        self.misses += 1
+        value = build()
+        self.items[key] = value
+        if len(self.items) > self.max_entries:
+            self.items.popitem(last=False)
+        return value
+
+
+@register("memory", "pooled")
+class PooledMemory(MemoryManager):
+    def __init__(self, max_entries: int = 64) -> None:
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+            raise ValueError(f"max_entries must be a positive int, got {max_entries!r}")
+        self.patterns = _LRU(max_entries)
+        self.buffers = _LRU(max_entries)
+
+    def cached(self, key: Hashable, build: Callable[[], Tensor]) -> Tensor:
+        return self.patterns.get(key, build)
+
+    def scratch(
+        self, tag: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> Tensor:
+        key = (tag, tuple(shape), dtype, str(device))
+        return self.buffers.get(key, lambda: torch.empty(shape, dtype=dtype, device=device))
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "pattern_hits": self.patterns.hits,
+            "pattern_misses": self.patterns.misses,
+            "patterns": len(self.patterns.items),
+            "buffer_hits": self.buffers.hits,
+            "buffer_misses": self.buffers.misses,
+            "buffers": len(self.buffers.items),
+        }

@@ -1,0 +1,118 @@
+"""The dilation pattern as plain integers: which rows and heads each piece of work covers.
+
+A *job* is one config ``(w, r)`` with one row offset and the heads that use it. A *block* is the
+part of a job that one batched attention call computes: either all full segments at once (each
+contributes ``w // r`` equally spaced rows) or the partial tail segment. Everything here depends on
+``(n, h, configs, mixing)`` only, is computed once per shape (``functools.cache``) and is free of
+tensors, so the compiled core sees it as constants.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Job:
+    config: int  # index i of (w_i, r_i)
+    w: int
+    r: int
+    offset: int  # selected rows satisfy ((p mod w) - offset) mod r == 0
+    head_start: int
+    head_stop: int
+    head_step: int
+
+    @property
+    def heads(self) -> slice:
+        return slice(self.head_start, self.head_stop, self.head_step)
+
+    @property
+    def num_heads(self) -> int:
+        return len(range(self.head_start, self.head_stop, self.head_step))
+
+
+@dataclass(frozen=True)
+class Block:
+    """``segments`` segments of ``length`` selected rows each, starting at position ``start``."""
+
+    job: Job
+    start: int
+    segments: int
+    length: int
+    tail: bool
+
+    def rows(self, x: Tensor) -> Tensor:
+        """Strided view ``[b, segments, length, heads, ...]`` of ``x: [b, n, h, ...]``.
+
+        Never copies: segment-local dilation is a reshape plus two strided slices (rows and heads).
+        """
+        job = self.job
+        if self.tail:
+            return x[:, self.start + job.offset :: job.r, job.heads].unsqueeze(1)
+        seg = x[:, self.start : self.start + self.segments * job.w].unflatten(1, (self.segments, job.w))
+        return seg[:, :, job.offset :: job.r, job.heads]
+
+    def positions(self, device: torch.device | str = "cpu") -> Tensor:
+        """Sequence positions of the rows, ``[segments * length]``, segment-major."""
+        job = self.job
+        if self.tail:
+            return torch.arange(self.start + job.offset, self.start + job.offset + self.length * job.r,
+                                job.r, device=device)
+        seg_starts = torch.arange(self.segments, device=device) * job.w + self.start
+        in_seg = torch.arange(job.offset, job.w, job.r, device=device)
+        return (seg_starts[:, None] + in_seg[None, :]).flatten()
+
+
+@dataclass(frozen=True)
+class Plan:
+    n: int
+    h: int
+    blocks: tuple[Block, ...]
+    # True when every (row, head) is written by at most one block ("head_groups"), so outputs are
+    # copied instead of LSE-merged.
+    disjoint: bool
+
+
+def head_groups(h: int, k: int) -> tuple[tuple[int, int], ...]:
+    """``k`` contiguous head ranges, the first ``h mod k`` one head larger (some may be empty)."""
+    base, extra = divmod(h, k)
+    out, start = [], 0
+    for g in range(k):
+        size = base + (1 if g < extra else 0)
+        out.append((start, start + size))
+        start += size
+    return tuple(out)
+
+
+def jobs_for(h: int, configs: tuple[tuple[int, int], ...], mixing: str) -> tuple[Job, ...]:
+    jobs: list[Job] = []
+    if mixing == "lse":
+        # off = hd mod r, so the heads sharing offset o are exactly o, o + r, o + 2r, ...
+        for i, (w, r) in enumerate(configs):
+            for o in range(min(r, h)):
+                jobs.append(Job(i, w, r, o, o, h, r))
+    elif mixing == "head_groups":
+        for g, ((w, r), (lo, hi)) in enumerate(zip(configs, head_groups(h, len(configs)))):
+            if hi > lo:
+                jobs.append(Job(g, w, r, g % r, lo, hi, 1))
+    else:  # validated earlier; kept for a clear message if called directly
+        raise ValueError(f"unknown mixing {mixing!r}")
+    return tuple(jobs)
+
+
+@functools.cache
+def make_plan(n: int, h: int, configs: tuple[tuple[int, int], ...], mixing: str) -> Plan:
+    blocks: list[Block] = []
+    for job in jobs_for(h, configs, mixing):
+        full = n // job.w
+        if full:
+            blocks.append(Block(job, 0, full, job.w // job.r, tail=False))
+        tail_len = n - full * job.w
+        tail_rows = len(range(job.offset, tail_len, job.r))
+        if tail_rows:
+            blocks.append(Block(job, full * job.w, 1, tail_rows, tail=True))
+    return Plan(n, h, tuple(blocks), disjoint=(mixing == "head_groups"))

@@ -1,0 +1,138 @@
+"""The float64 oracle: dilated attention exactly as ``docs/semantics.md`` defines it.
+
+Readable first, fast second. Two independent formulations:
+
+* :func:`dilated_attention`: loop over configs, heads and segments; pick the selected rows by the
+  definition's predicate, attend, record ``O_i`` and ``LSE_i``; merge by LSE ("lse") or take each
+  head's own config ("head_groups").
+* :func:`dilated_attention_by_multiplicity`: one dense softmax per head with score bias
+  ``log m(p, p')``, ``m`` = how many configs let ``p`` see ``p'``. Equal to the first by algebra,
+  shares no code with it beyond :func:`head_offset`.
+
+Both compute in float64 and are differentiable (autograd), so they are the oracle for gradients too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ringattn.config import DilatedConfig
+
+
+def head_config_offset(h: int, configs: Sequence[tuple[int, int]], mixing: str, head: int,
+                       i: int) -> int | None:
+    """Row offset head ``head`` uses in config ``i``, or None if it does not use config ``i``."""
+    k = len(configs)
+    r = configs[i][1]
+    if mixing == "lse":
+        return head % r
+    # head_groups: k contiguous groups, the first h mod k one head larger
+    base, extra = divmod(h, k)
+    sizes = [base + (1 if g < extra else 0) for g in range(k)]
+    group = next(g for g in range(k) if head < sum(sizes[: g + 1]))
+    return group % r if group == i else None
+
+
+head_offset = head_config_offset
+
+
+def is_selected(p: int, w: int, r: int, off: int) -> bool:
+    return ((p % w) - off) % r == 0
+
+
+def _options(segment_lengths, dilation_rates, causal, mixing, scale) -> DilatedConfig:
+    return DilatedConfig(tuple(segment_lengths), tuple(dilation_rates), causal, mixing, scale)
+
+
+def dilated_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int], causal: bool = False, mixing: str = "lse",
+    scale: float | None = None,
+) -> Tensor:
+    """The oracle, ``[b, n, h, d]`` in float64 (loop-and-merge formulation)."""
+    cfg = _options(segment_lengths, dilation_rates, causal, mixing, scale)
+    q, k, v = (x.to(torch.float64) for x in (q, k, v))
+    b, n, h, d = q.shape
+    scale_ = cfg.scale_for(d)
+    outs, lses = [], []
+    for i, (w, r) in enumerate(cfg.configs):
+        out_i = torch.zeros(b, n, h, d, dtype=torch.float64, device=q.device)
+        lse_i = torch.full((b, n, h), -math.inf, dtype=torch.float64, device=q.device)
+        for head in range(h):
+            off = head_config_offset(h, cfg.configs, cfg.mixing, head, i)
+            if off is None:
+                continue
+            for seg_start in range(0, n, w):
+                rows = [p for p in range(seg_start, min(seg_start + w, n)) if is_selected(p, w, r, off)]
+                if not rows:
+                    continue
+                idx = torch.tensor(rows, device=q.device)
+                qs, ks, vs = (x[:, idx, head] for x in (q, k, v))  # [b, m, d]
+                scores = torch.einsum("bmd,bjd->bmj", qs, ks) * scale_
+                if cfg.causal:
+                    later = idx[None, :] > idx[:, None]
+                    scores = scores.masked_fill(later, -math.inf)
+                lse = torch.logsumexp(scores, dim=-1)
+                out_i[:, idx, head] = torch.einsum("bmj,bjd->bmd", torch.softmax(scores, -1), vs)
+                lse_i[:, idx, head] = lse
+        outs.append(out_i)
+        lses.append(lse_i)
+    lse_stack = torch.stack(lses)  # [k, b, n, h]
+    lse_all = torch.logsumexp(lse_stack, dim=0)
+    # rows no config selects: every LSE_i is -inf; their output is 0 by definition
+    selected = torch.isfinite(lse_all)
+    weights = torch.where(selected, torch.exp(lse_stack - torch.where(selected, lse_all, 0.0)), 0.0)
+    # "head_groups": each head has exactly one finite LSE_i, so its weight is 1 and this merge
+    # returns that config's output unchanged.
+    return (weights.unsqueeze(-1) * torch.stack(outs)).sum(0)
+
+
+def selection(n: int, h: int, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
+              mixing: str = "lse") -> Tensor:
+    """``sel[i, head, p]``: position ``p`` is selected for ``head`` in config ``i`` (bool)."""
+    cfg = _options(segment_lengths, dilation_rates, False, mixing, None)
+    p = torch.arange(n)
+    sel = torch.zeros(len(cfg.configs), h, n, dtype=torch.bool)
+    for i, (w, r) in enumerate(cfg.configs):
+        for head in range(h):
+            off = head_config_offset(h, cfg.configs, cfg.mixing, head, i)
+            if off is not None:
+                sel[i, head] = ((p % w) - off) % r == 0
+    return sel
+
+
+def multiplicity(n: int, h: int, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
+                 causal: bool = False, mixing: str = "lse") -> Tensor:
+    """``m[head, p, p']``: how many configs let query ``p`` see key ``p'`` (int64)."""
+    sel = selection(n, h, segment_lengths, dilation_rates, mixing)
+    p = torch.arange(n)
+    m = torch.zeros(h, n, n, dtype=torch.int64)
+    for i, w in enumerate(segment_lengths):
+        same_segment = (p[:, None] // w) == (p[None, :] // w)
+        sees = same_segment[None] & sel[i][:, :, None] & sel[i][:, None, :]
+        if causal:
+            sees = sees & (p[None, :] <= p[:, None])[None]
+        m += sees.long()
+    return m
+
+
+def dilated_attention_by_multiplicity(
+    q: Tensor, k: Tensor, v: Tensor, *, segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int], causal: bool = False, mixing: str = "lse",
+    scale: float | None = None,
+) -> Tensor:
+    """Second oracle: one softmax with bias ``log m`` (−inf where m = 0); unseeing rows give 0."""
+    cfg = _options(segment_lengths, dilation_rates, causal, mixing, scale)
+    q, k, v = (x.to(torch.float64) for x in (q, k, v))
+    b, n, h, d = q.shape
+    m = multiplicity(n, h, cfg.segment_lengths, cfg.dilation_rates, cfg.causal, cfg.mixing)
+    bias = torch.log(m.to(torch.float64).to(q.device))  # log 0 = -inf
+    scores = torch.einsum("bphd,bjhd->bhpj", q, k) * cfg.scale_for(d) + bias
+    sees_any = (m > 0).any(-1).to(q.device)  # [h, n]
+    probs = torch.softmax(torch.where(sees_any[..., None], scores, 0.0), dim=-1)
+    probs = torch.where(sees_any[..., None], probs, 0.0)
+    return torch.einsum("bhpj,bjhd->bphd", probs, v)

@@ -1,0 +1,65 @@
+"""``Strategy``: one registered choice per component, validated by name."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, fields
+
+from ringattn import registry
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How to compute dilated attention; never *what* is computed (every valid one agrees).
+
+    Each field is a registry name: ``ringattn.registry.names("dilation")`` etc. list the choices.
+    """
+
+    dilation: str = "segment_local"
+    computer: str = "sdpa"
+    communicator: str = "local"
+    memory: str = "pooled"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            registry.get(f.name, getattr(self, f.name))  # ValueError/TypeError naming the field
+
+    def component(self, kind: str) -> type:
+        return registry.get(kind, getattr(self, kind))
+
+    def incompatibility(self) -> str | None:
+        """Why this combination is invalid regardless of inputs, or ``None`` if it is valid."""
+        for kind in registry.KINDS:
+            reason = self.component(kind).incompatible_with(self)
+            if reason:
+                return f"{kind}={getattr(self, kind)!r}: {reason}"
+        return None
+
+    def check(self) -> Strategy:
+        reason = self.incompatibility()
+        if reason:
+            raise ValueError(f"invalid strategy {self}: {reason}")
+        return self
+
+    @property
+    def label(self) -> str:
+        return "/".join(getattr(self, f.name) for f in fields(self))
+
+    @classmethod
+    def all(cls, **fixed: str) -> tuple[Strategy, ...]:
+        """Every valid combination of registered components, optionally with some fields fixed.
+
+        ``Strategy.all(communicator="local")`` enumerates the single-device strategies.
+        """
+        unknown = set(fixed) - set(registry.KINDS)
+        if unknown:
+            raise ValueError(f"unknown Strategy fields {sorted(unknown)}; fields: {registry.KINDS}")
+        choices = [
+            (fixed[kind],) if kind in fixed else registry.names(kind) for kind in registry.KINDS
+        ]
+        out = []
+        for combo in itertools.product(*choices):
+            strategy = cls(**dict(zip(registry.KINDS, combo)))
+            if strategy.incompatibility() is None:
+                out.append(strategy)
+        return tuple(out)
