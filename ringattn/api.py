@@ -9,8 +9,9 @@ inputs were first validated eagerly, and tracing them would break the graph.
 
 from __future__ import annotations
 
+import types
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from beartype import beartype
@@ -25,6 +26,27 @@ from ringattn.strategy import Strategy
 from ringattn.types import BNHD
 
 _NO_REUSE = NoReuse()
+_COMPILED: dict[tuple, Callable[..., Tensor]] = {}
+
+
+def compiled_core(key: tuple, backend: str) -> Callable[..., Tensor]:
+    """``torch.compile(run_core)`` with a Dynamo cache of its own for each (config, strategy).
+
+    Dynamo keeps one cache per *code object* and falls back to eager after
+    ``torch._dynamo.config.recompile_limit`` (8) entries. Sharing ``run_core``'s code between all
+    modules would let a strategy sweep or a model with varied layers exhaust that budget; giving
+    each distinct (config, strategy, backend) its own copy of the code keeps identical layers on one
+    graph and different ones out of each other's way.
+    """
+    fn = _COMPILED.get(key)
+    if fn is None:
+        code = run_core.__code__.replace(co_name=f"run_core_{len(_COMPILED)}")
+        fresh = types.FunctionType(code, run_core.__globals__, code.co_name)
+        fn = torch.compile(fresh, fullgraph=True, dynamic=False, backend=backend)
+        _COMPILED[key] = fn
+    return fn
+
+
 _DEFAULT_STRATEGY = Strategy()
 
 
@@ -80,7 +102,7 @@ class DilatedAttention(nn.Module):
         self.memory = strategy.component("memory")()
         self.compile = compile
         self._core = (
-            torch.compile(run_core, fullgraph=True, dynamic=False, backend=compile_backend)
+            compiled_core((self.config, self.strategy, compile_backend), compile_backend)
             if compile
             else run_core
         )
@@ -95,7 +117,7 @@ class DilatedAttention(nn.Module):
         )
 
     def _spec(self, q: Tensor, compiling: bool) -> CoreSpec:
-        b, n, h, d = q.shape
+        _b, n, h, d = q.shape
         key = (n, h, d, compiling)
         spec = self._specs.get(key)
         if spec is None:
@@ -152,13 +174,27 @@ def dilated_attention(
     Modules are cached per option set (bounded), so repeated calls reuse the compiled core and the
     memory manager's patterns instead of recompiling.
     """
-    key = (tuple(segment_lengths), tuple(dilation_rates), causal, mixing, scale, strategy,
-           compile, compile_backend)
+    key = (
+        tuple(segment_lengths),
+        tuple(dilation_rates),
+        causal,
+        mixing,
+        scale,
+        strategy,
+        compile,
+        compile_backend,
+    )
     module = _MODULES.get(key)
     if module is None:
         module = DilatedAttention(
-            segment_lengths, dilation_rates, causal=causal, mixing=mixing, scale=scale,
-            strategy=strategy, compile=compile, compile_backend=compile_backend,
+            segment_lengths,
+            dilation_rates,
+            causal=causal,
+            mixing=mixing,
+            scale=scale,
+            strategy=strategy,
+            compile=compile,
+            compile_backend=compile_backend,
         )
         _MODULES[key] = module
         if len(_MODULES) > _MAX_MODULES:

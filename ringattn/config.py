@@ -49,9 +49,7 @@ class DilatedConfig:
             )
         for i, (wi, ri) in enumerate(zip(w, r)):
             if wi % ri:
-                raise ValueError(
-                    f"dilation_rates[{i}]={ri} must divide segment_lengths[{i}]={wi}"
-                )
+                raise ValueError(f"dilation_rates[{i}]={ri} must divide segment_lengths[{i}]={wi}")
         if not isinstance(self.causal, bool):
             raise TypeError(f"causal must be a bool, got {type(self.causal).__name__}")
         if not isinstance(self.mixing, str):

@@ -61,7 +61,9 @@ def dilated_forward(
     if keep_lse:
         lse_acc = torch.full((b, n, h), float("-inf"), dtype=acc_dtype, device=q.device)
     else:
-        lse_acc = spec.memory.scratch("lse_acc", (b, n, h), acc_dtype, q.device).fill_(float("-inf"))
+        lse_acc = spec.memory.scratch("lse_acc", (b, n, h), acc_dtype, q.device).fill_(
+            float("-inf")
+        )
 
     for i, block in enumerate(spec.plan.blocks):
         index = _index(indices, i)
@@ -89,7 +91,13 @@ def dilated_forward(
 
 
 def dilated_backward(
-    spec: CoreSpec, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    spec: CoreSpec,
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
     indices: tuple[Tensor, ...],
 ) -> tuple[Tensor, Tensor, Tensor]:
     b = q.shape[0]
@@ -105,8 +113,15 @@ def dilated_backward(
         index = _index(indices, i)
         read = lambda x, block=block, index=index: spec.dilation.read(x, block, index)  # noqa: E731
         dq_block, dk_block, dv_block = spec.communicator.attend_backward(
-            spec.computer, read(dout), read(q), read(k), read(v), read(out), read(lse),
-            spec.causal, spec.scale,
+            spec.computer,
+            read(dout),
+            read(q),
+            read(k),
+            read(v),
+            read(out),
+            read(lse),
+            spec.causal,
+            spec.scale,
         )
         block.rows(dq_acc).add_(dq_block.unflatten(0, (b, block.segments)))
         block.rows(dk_acc).add_(dk_block.unflatten(0, (b, block.segments)))

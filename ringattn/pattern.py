@@ -3,13 +3,12 @@
 A *job* is one config ``(w, r)`` with one row offset and the heads that use it. A *block* is the
 part of a job that one batched attention call computes: either all full segments at once (each
 contributes ``w // r`` equally spaced rows) or the partial tail segment. Everything here depends on
-``(n, h, configs, mixing)`` only, is computed once per shape (``functools.cache``) and is free of
+``(n, h, configs, mixing)`` only, is computed once per shape (memoised) and is free of
 tensors, so the compiled core sees it as constants.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -53,15 +52,21 @@ class Block:
         job = self.job
         if self.tail:
             return x[:, self.start + job.offset :: job.r, job.heads].unsqueeze(1)
-        seg = x[:, self.start : self.start + self.segments * job.w].unflatten(1, (self.segments, job.w))
+        seg = x[:, self.start : self.start + self.segments * job.w].unflatten(
+            1, (self.segments, job.w)
+        )
         return seg[:, :, job.offset :: job.r, job.heads]
 
     def positions(self, device: torch.device | str = "cpu") -> Tensor:
         """Sequence positions of the rows, ``[segments * length]``, segment-major."""
         job = self.job
         if self.tail:
-            return torch.arange(self.start + job.offset, self.start + job.offset + self.length * job.r,
-                                job.r, device=device)
+            return torch.arange(
+                self.start + job.offset,
+                self.start + job.offset + self.length * job.r,
+                job.r,
+                device=device,
+            )
         seg_starts = torch.arange(self.segments, device=device) * job.w + self.start
         in_seg = torch.arange(job.offset, job.w, job.r, device=device)
         return (seg_starts[:, None] + in_seg[None, :]).flatten()
@@ -104,8 +109,19 @@ def jobs_for(h: int, configs: tuple[tuple[int, int], ...], mixing: str) -> tuple
     return tuple(jobs)
 
 
-@functools.cache
+_PLANS: dict[tuple, Plan] = {}
+
+
 def make_plan(n: int, h: int, configs: tuple[tuple[int, int], ...], mixing: str) -> Plan:
+    """The plan for one shape, memoised (a plain dict, which Dynamo can trace through)."""
+    key = (n, h, configs, mixing)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _build_plan(n, h, configs, mixing)
+    return plan
+
+
+def _build_plan(n: int, h: int, configs: tuple[tuple[int, int], ...], mixing: str) -> Plan:
     blocks: list[Block] = []
     for job in jobs_for(h, configs, mixing):
         full = n // job.w

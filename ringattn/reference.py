@@ -23,8 +23,9 @@ from torch import Tensor
 from ringattn.config import DilatedConfig
 
 
-def head_config_offset(h: int, configs: Sequence[tuple[int, int]], mixing: str, head: int,
-                       i: int) -> int | None:
+def head_config_offset(
+    h: int, configs: Sequence[tuple[int, int]], mixing: str, head: int, i: int
+) -> int | None:
     """Row offset head ``head`` uses in config ``i``, or None if it does not use config ``i``."""
     k = len(configs)
     r = configs[i][1]
@@ -49,8 +50,14 @@ def _options(segment_lengths, dilation_rates, causal, mixing, scale) -> DilatedC
 
 
 def dilated_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int], causal: bool = False, mixing: str = "lse",
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    causal: bool = False,
+    mixing: str = "lse",
     scale: float | None = None,
 ) -> Tensor:
     """The oracle, ``[b, n, h, d]`` in float64 (loop-and-merge formulation)."""
@@ -67,7 +74,9 @@ def dilated_attention(
             if off is None:
                 continue
             for seg_start in range(0, n, w):
-                rows = [p for p in range(seg_start, min(seg_start + w, n)) if is_selected(p, w, r, off)]
+                rows = [
+                    p for p in range(seg_start, min(seg_start + w, n)) if is_selected(p, w, r, off)
+                ]
                 if not rows:
                     continue
                 idx = torch.tensor(rows, device=q.device)
@@ -91,8 +100,13 @@ def dilated_attention(
     return (weights.unsqueeze(-1) * torch.stack(outs)).sum(0)
 
 
-def selection(n: int, h: int, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
-              mixing: str = "lse") -> Tensor:
+def selection(
+    n: int,
+    h: int,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    mixing: str = "lse",
+) -> Tensor:
     """``sel[i, head, p]``: position ``p`` is selected for ``head`` in config ``i`` (bool)."""
     cfg = _options(segment_lengths, dilation_rates, False, mixing, None)
     p = torch.arange(n)
@@ -105,8 +119,14 @@ def selection(n: int, h: int, segment_lengths: Sequence[int], dilation_rates: Se
     return sel
 
 
-def multiplicity(n: int, h: int, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
-                 causal: bool = False, mixing: str = "lse") -> Tensor:
+def multiplicity(
+    n: int,
+    h: int,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    causal: bool = False,
+    mixing: str = "lse",
+) -> Tensor:
     """``m[head, p, p']``: how many configs let query ``p`` see key ``p'`` (int64)."""
     sel = selection(n, h, segment_lengths, dilation_rates, mixing)
     p = torch.arange(n)
@@ -121,16 +141,27 @@ def multiplicity(n: int, h: int, segment_lengths: Sequence[int], dilation_rates:
 
 
 def dilated_attention_by_multiplicity(
-    q: Tensor, k: Tensor, v: Tensor, *, segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int], causal: bool = False, mixing: str = "lse",
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    causal: bool = False,
+    mixing: str = "lse",
     scale: float | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> Tensor:
-    """Second oracle: one softmax with bias ``log m`` (−inf where m = 0); unseeing rows give 0."""
+    """Second oracle: one softmax with bias ``log m`` (−inf where m = 0); unseeing rows give 0.
+
+    ``dtype`` other than float64 turns it into the naive dense baseline in that precision, which
+    the tests use to measure how well-conditioned a gradient is (see tests/test_strategies.py).
+    """
     cfg = _options(segment_lengths, dilation_rates, causal, mixing, scale)
-    q, k, v = (x.to(torch.float64) for x in (q, k, v))
-    b, n, h, d = q.shape
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    _b, n, h, d = q.shape
     m = multiplicity(n, h, cfg.segment_lengths, cfg.dilation_rates, cfg.causal, cfg.mixing)
-    bias = torch.log(m.to(torch.float64).to(q.device))  # log 0 = -inf
+    bias = torch.log(m.to(dtype).to(q.device))  # log 0 = -inf
     scores = torch.einsum("bphd,bjhd->bhpj", q, k) * cfg.scale_for(d) + bias
     sees_any = (m > 0).any(-1).to(q.device)  # [h, n]
     probs = torch.softmax(torch.where(sees_any[..., None], scores, 0.0), dim=-1)

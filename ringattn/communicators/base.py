@@ -23,6 +23,14 @@ class Communicator(Component):
 
     @abstractmethod
     def attend_backward(
-        self, computer: AttentionComputer, dout: Rows, q: Rows, k: Rows, v: Rows, out: Rows,
-        lse: RowsLSE, causal: bool, scale: float,
+        self,
+        computer: AttentionComputer,
+        dout: Rows,
+        q: Rows,
+        k: Rows,
+        v: Rows,
+        out: Rows,
+        lse: RowsLSE,
+        causal: bool,
+        scale: float,
     ) -> tuple[Rows, Rows, Rows]: ...

@@ -15,7 +15,15 @@ class LocalCommunicator(Communicator):
         return computer.forward(q, k, v, causal, scale)
 
     def attend_backward(
-        self, computer: AttentionComputer, dout: Rows, q: Rows, k: Rows, v: Rows, out: Rows,
-        lse: RowsLSE, causal: bool, scale: float,
+        self,
+        computer: AttentionComputer,
+        dout: Rows,
+        q: Rows,
+        k: Rows,
+        v: Rows,
+        out: Rows,
+        lse: RowsLSE,
+        causal: bool,
+        scale: float,
     ) -> tuple[Rows, Rows, Rows]:
         return computer.backward(dout, q, k, v, out, lse, causal, scale)

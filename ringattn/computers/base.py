@@ -33,7 +33,14 @@ class AttentionComputer(Component):
 
     @abstractmethod
     def backward(
-        self, dout: Rows, q: Rows, k: Rows, v: Rows, out: Rows, lse: RowsLSE, causal: bool,
+        self,
+        dout: Rows,
+        q: Rows,
+        k: Rows,
+        v: Rows,
+        out: Rows,
+        lse: RowsLSE,
+        causal: bool,
         scale: float,
     ) -> tuple[Rows, Rows, Rows]: ...
 

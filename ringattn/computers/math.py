@@ -23,7 +23,9 @@ def _scores(q: Rows, k: Rows, causal: bool, scale: float) -> torch.Tensor:
 
 @register("computer", "math")
 class MathComputer(AttentionComputer):
-    def forward(self, q: Rows, k: Rows, v: Rows, causal: bool, scale: float) -> tuple[Rows, RowsLSE]:
+    def forward(
+        self, q: Rows, k: Rows, v: Rows, causal: bool, scale: float
+    ) -> tuple[Rows, RowsLSE]:
         dtype = accumulation_dtype(q.dtype)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         scores = _scores(q, k, causal, scale)
@@ -33,12 +35,21 @@ class MathComputer(AttentionComputer):
         return out, lse.transpose(1, 2)
 
     def backward(
-        self, dout: Rows, q: Rows, k: Rows, v: Rows, out: Rows, lse: RowsLSE, causal: bool,
+        self,
+        dout: Rows,
+        q: Rows,
+        k: Rows,
+        v: Rows,
+        out: Rows,
+        lse: RowsLSE,
+        causal: bool,
         scale: float,
     ) -> tuple[Rows, Rows, Rows]:
         dtype = accumulation_dtype(q.dtype)
         q, k, v, out, dout = (x.to(dtype) for x in (q, k, v, out, dout))
-        probs = torch.exp(_scores(q, k, causal, scale) - lse.to(dtype).transpose(1, 2).unsqueeze(-1))
+        probs = torch.exp(
+            _scores(q, k, causal, scale) - lse.to(dtype).transpose(1, 2).unsqueeze(-1)
+        )
         dv = torch.einsum("bhlm,blhd->bmhd", probs, dout)
         dprobs = torch.einsum("blhd,bmhd->bhlm", dout, v)
         # softmax backward: dS = P * (dP - rowsum(dO * O)); O is the merged output

@@ -41,7 +41,9 @@ class SDPAComputer(AttentionComputer):
             return f"no fused kernel wired up for device type {device.type!r}; use computer='math'"
         return None
 
-    def forward(self, q: Rows, k: Rows, v: Rows, causal: bool, scale: float) -> tuple[Rows, RowsLSE]:
+    def forward(
+        self, q: Rows, k: Rows, v: Rows, causal: bool, scale: float
+    ) -> tuple[Rows, RowsLSE]:
         qt, kt, vt = _bhld(q), _bhld(k), _bhld(v)
         if q.device.type == "cpu":
             out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
@@ -59,14 +61,29 @@ class SDPAComputer(AttentionComputer):
         return _bhld(out), lse.transpose(1, 2)
 
     def backward(
-        self, dout: Rows, q: Rows, k: Rows, v: Rows, out: Rows, lse: RowsLSE, causal: bool,
+        self,
+        dout: Rows,
+        q: Rows,
+        k: Rows,
+        v: Rows,
+        out: Rows,
+        lse: RowsLSE,
+        causal: bool,
         scale: float,
     ) -> tuple[Rows, Rows, Rows]:
         lse_bhl = lse.transpose(1, 2).to(accumulation_dtype(q.dtype))
         if q.device.type == "cpu":
             dout, q, k, v, out = (_bhld_contiguous(x.to(q.dtype)) for x in (dout, q, k, v, out))
             dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                dout, q, k, v, out, lse_bhl.contiguous(), 0.0, causal, scale=scale,
+                dout,
+                q,
+                k,
+                v,
+                out,
+                lse_bhl.contiguous(),
+                0.0,
+                causal,
+                scale=scale,
             )
         elif q.dtype == torch.float32:
             b, length, h, _ = q.shape
@@ -75,16 +92,38 @@ class SDPAComputer(AttentionComputer):
             lse_padded[..., :length] = lse_bhl
             seed = torch.empty((), dtype=torch.int64, device=q.device)
             dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-                _bhld(dout).contiguous(), _bhld(q), _bhld(k), _bhld(v), None,
-                _bhld(out).contiguous(), lse_padded, seed, seed, 0.0, [True, True, True, False],
-                causal, scale=scale,
+                _bhld(dout).contiguous(),
+                _bhld(q),
+                _bhld(k),
+                _bhld(v),
+                None,
+                _bhld(out).contiguous(),
+                lse_padded,
+                seed,
+                seed,
+                0.0,
+                [True, True, True, False],
+                causal,
+                scale=scale,
             )
         else:
             length = q.shape[1]
             seed = torch.empty((), dtype=torch.int64, device=q.device)
             dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-                _bhld(dout).contiguous(), _bhld(q), _bhld(k), _bhld(v), _bhld(out).contiguous(),
-                lse_bhl.contiguous(), None, None, length, length, 0.0, causal, seed, seed,
+                _bhld(dout).contiguous(),
+                _bhld(q),
+                _bhld(k),
+                _bhld(v),
+                _bhld(out).contiguous(),
+                lse_bhl.contiguous(),
+                None,
+                None,
+                length,
+                length,
+                0.0,
+                causal,
+                seed,
+                seed,
                 scale=scale,
             )
         return _bhld(dq), _bhld(dk), _bhld(dv)

@@ -22,7 +22,9 @@ from ringattn.pattern import Block, Plan
 
 
 class DilationProcessor(Component):
-    def indices(self, plan: Plan, device: torch.device, memory: MemoryManager) -> tuple[Tensor, ...]:
+    def indices(
+        self, plan: Plan, device: torch.device, memory: MemoryManager
+    ) -> tuple[Tensor, ...]:
         return ()
 
     @abstractmethod

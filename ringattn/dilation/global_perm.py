@@ -24,7 +24,7 @@ def global_permutation(n: int, w: int, r: int, device: torch.device | str = "cpu
     full = n // w
     seg_starts = torch.arange(full, device=device)[:, None] * w
     full_rows = [(seg_starts + torch.arange(o, w, r, device=device)).flatten() for o in range(r)]
-    tail_rows = [torch.arange(full * w + o, n, r, device=device) for o in range(r)]
+    tail_rows = [torch.arange(min(full * w + o, n), n, r, device=device) for o in range(r)]
     return torch.cat(full_rows + tail_rows)
 
 
@@ -43,7 +43,9 @@ def _slice_of_permutation(n: int, block: Block) -> tuple[int, int]:
 
 @register("dilation", "global")
 class GlobalPermutationDilation(DilationProcessor):
-    def indices(self, plan: Plan, device: torch.device, memory: MemoryManager) -> tuple[Tensor, ...]:
+    def indices(
+        self, plan: Plan, device: torch.device, memory: MemoryManager
+    ) -> tuple[Tensor, ...]:
         out = []
         for block in plan.blocks:
             w, r = block.job.w, block.job.r

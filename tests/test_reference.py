@@ -1,0 +1,105 @@
+"""The oracle against itself and against first principles."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_qkv, options, problems, rel_err
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ringattn import reference
+
+
+@given(problems())
+def test_two_oracles_agree(p):
+    q, k, v = make_qkv(p, torch.float64)
+    loop = reference.dilated_attention(q, k, v, **options(p))
+    by_multiplicity = reference.dilated_attention_by_multiplicity(q, k, v, **options(p))
+    assert rel_err(loop, by_multiplicity) < 1e-12 or (loop - by_multiplicity).abs().max() < 1e-12
+
+
+@given(problems())
+def test_two_oracles_agree_on_gradients(p):
+    q, k, v = make_qkv(p, torch.float64, requires_grad=True)
+    grads = []
+    for fn in (reference.dilated_attention, reference.dilated_attention_by_multiplicity):
+        out = fn(q, k, v, **options(p))
+        grads.append(torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() < 1e-10
+
+
+@given(st.integers(1, 24), st.integers(1, 4), st.booleans())
+def test_one_full_config_is_plain_attention(n, h, causal):
+    p = {"b": 2, "n": n, "h": h, "d": 8}
+    q, k, v = make_qkv(p, torch.float64)
+    out = reference.dilated_attention(
+        q, k, v, segment_lengths=[n], dilation_rates=[1], causal=causal
+    )
+    dense = F.scaled_dot_product_attention(
+        *(x.transpose(1, 2) for x in (q, k, v)), is_causal=causal
+    ).transpose(1, 2)
+    assert (out - dense).abs().max() < 1e-12
+
+
+def test_unselected_rows_are_exactly_zero():
+    # h=1 with rate 2 in every config: odd rows are selected by nothing
+    p = {"b": 1, "n": 16, "h": 1, "d": 4}
+    q, k, v = make_qkv(p, torch.float64)
+    out = reference.dilated_attention(q, k, v, segment_lengths=[4, 8], dilation_rates=[2, 2])
+    assert torch.equal(out[:, 1::2], torch.zeros_like(out[:, 1::2]))
+    assert out[:, 0::2].abs().min() > 0
+
+
+def test_head_groups_uses_one_config_per_head():
+    h, configs = 5, ((4, 1), (8, 2))
+    # h mod k = 1: group 0 has heads 0..2, group 1 has heads 3..4
+    offsets = [
+        [reference.head_config_offset(h, configs, "head_groups", hd, i) for i in range(2)]
+        for hd in range(h)
+    ]
+    assert offsets == [[0, None]] * 3 + [[None, 1]] * 2
+
+
+def test_selection_matches_predicate():
+    sel = reference.selection(12, 3, [6, 12], [2, 3], "lse")
+    for i, (w, r) in enumerate([(6, 2), (12, 3)]):
+        for hd in range(3):
+            for pos in range(12):
+                assert sel[i, hd, pos] == ((((pos % w) - hd % r) % r) == 0)
+
+
+def test_multiplicity_counts_configs():
+    # two identical configs: every visible pair is seen twice
+    m = reference.multiplicity(8, 1, [4, 4], [1, 1])
+    assert set(m.unique().tolist()) == {0, 2}
+    assert m[0, 0, 3] == 2 and m[0, 0, 4] == 0
+
+
+def test_segment_longer_than_n_is_one_partial_segment():
+    p = {"b": 1, "n": 5, "h": 1, "d": 4}
+    q, k, v = make_qkv(p, torch.float64)
+    out = reference.dilated_attention(q, k, v, segment_lengths=[64], dilation_rates=[1])
+    dense = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+    assert (out - dense).abs().max() < 1e-12
+
+
+def test_lse_merge_weights_by_config_mass():
+    # with two identical configs, "lse" mixing must equal a single config (weights 1/2 each)
+    p = {"b": 1, "n": 12, "h": 2, "d": 4}
+    q, k, v = make_qkv(p, torch.float64)
+    twice = reference.dilated_attention(q, k, v, segment_lengths=[4, 4], dilation_rates=[2, 2])
+    once = reference.dilated_attention(q, k, v, segment_lengths=[4], dilation_rates=[2])
+    assert (twice - once).abs().max() < 1e-12
+    assert not math.isnan(float(twice.sum()))
+
+
+@pytest.mark.parametrize("fn", [reference.dilated_attention, reference.dilated_attention_by_multiplicity])
+def test_oracles_return_float64(fn):
+    p = {"b": 1, "n": 8, "h": 2, "d": 4}
+    q, k, v = make_qkv(p, torch.float32)
+    assert fn(q, k, v, segment_lengths=[4], dilation_rates=[2]).dtype == torch.float64

@@ -1,0 +1,207 @@
+"""Every single-device strategy against the float64 oracle: outputs and gradients.
+
+Strategies are enumerated from the registry at run time, so a newly registered component is
+covered without touching this file (see tests/test_registry.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TOLERANCE, make_qkv, options, problems, rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ringattn
+from ringattn import reference
+
+
+def local_strategies() -> tuple[ringattn.Strategy, ...]:
+    return ringattn.Strategy.all(communicator="local")
+
+
+def supports_backward(strategy: ringattn.Strategy, device: torch.device) -> bool:
+    computer = strategy.component("computer")()
+    return computer.unsupported(torch.float32, device, needs_grad=True) is None
+
+
+def naive_gradient_error(p: dict, q, k, v, grad_out, ref_grads) -> float:
+    """Gradient error of plain dense autograd attention run in the inputs' own precision.
+
+    Attention gradients can be ill-conditioned (e.g. dK cancels when a query's probabilities are
+    near 0/1): then even PyTorch's own fp32 attention misses the float64 gradient by more than
+    1e-5. Following FlashAttention's tests, a gradient passes if its error is within the dtype's
+    bound *or* within 4x this baseline's error on the same inputs.
+    """
+    inputs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out = reference.dilated_attention_by_multiplicity(*inputs, **options(p), dtype=q.dtype)
+    grads = torch.autograd.grad(out, inputs, grad_out.to(q.dtype))
+    return max(rel_err(g, g_ref, grad_floor(grad_out)) for g, g_ref in zip(grads, ref_grads))
+
+
+def grad_floor(grad_out: torch.Tensor) -> float:
+    # A gradient that is exactly zero in exact arithmetic (e.g. dq when each query sees a single
+    # key) is rounding noise in floating point; measure it against the scale of the incoming
+    # gradient instead of against zero. A wrong gradient is O(‖grad_out‖) and still fails.
+    return 0.1 * float(grad_out.norm())
+
+
+def check_against_oracle(p: dict, dtype: torch.dtype, strategies=None) -> None:
+    q, k, v = make_qkv(p, dtype)
+    ref_inputs = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = reference.dilated_attention(*ref_inputs, **options(p))
+    gen = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(ref.shape, generator=gen, dtype=torch.float64).to(dtype).double()
+    ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out)
+    tol = TOLERANCE[dtype]
+    grad_tol = max(tol, 4 * naive_gradient_error(p, q, k, v, grad_out, ref_grads))
+    for strategy in strategies or local_strategies():
+        inputs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        out = ringattn.dilated_attention(*inputs, **options(p), strategy=strategy, compile=False)
+        assert out.shape == q.shape and out.dtype == dtype
+        err = rel_err(out, ref)
+        assert err <= tol, f"{strategy.label} {dtype}: forward rel err {err:.3g} > {tol}"
+        if not supports_backward(strategy, q.device):
+            continue
+        grads = torch.autograd.grad(out, inputs, grad_out.to(dtype))
+        for name, g, g_ref in zip("qkv", grads, ref_grads):
+            err = rel_err(g, g_ref, grad_floor(grad_out))
+            assert err <= grad_tol, f"{strategy.label} {dtype}: d{name} rel err {err:.3g} > {grad_tol}"
+
+
+def test_every_local_combination_is_enumerated():
+    labels = {s.label for s in local_strategies()}
+    for dilation in ("segment_local", "global"):
+        for computer in ("math", "sdpa"):
+            for memory in ("none", "pooled"):
+                assert f"{dilation}/{computer}/local/{memory}" in labels
+
+
+@given(problems())
+def test_fp32_matches_oracle(p):
+    check_against_oracle(p, torch.float32)
+
+
+@settings(max_examples=10)
+@given(problems())
+def test_bf16_matches_oracle(p):
+    check_against_oracle(p, torch.bfloat16)
+
+
+@settings(max_examples=5)
+@given(problems())
+def test_fp16_matches_oracle(p):
+    check_against_oracle(p, torch.float16)
+
+
+@settings(max_examples=5)
+@given(problems())
+def test_fp64_matches_oracle(p):
+    check_against_oracle(p, torch.float64)
+
+
+@pytest.mark.parametrize(
+    "n, segment_lengths, dilation_rates, h",
+    [
+        (1, (1,), (1,), 1),  # smallest problem
+        (7, (16,), (4,), 3),  # w > n, h < r
+        (30, (8, 4), (4, 2), 1),  # h < k with head_groups: group 1 is empty
+        (33, (8, 16, 32), (1, 2, 4), 5),  # tails in every config, h not a multiple of k
+    ],
+)
+@pytest.mark.parametrize("mixing", ["lse", "head_groups"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_edge_shapes(n, segment_lengths, dilation_rates, h, mixing, causal):
+    p = {"b": 2, "n": n, "h": h, "d": 8, "segment_lengths": segment_lengths,
+         "dilation_rates": dilation_rates, "causal": causal, "mixing": mixing}
+    check_against_oracle(p, torch.float32)
+
+
+@settings(max_examples=10)
+@given(problems(), st.data())
+def test_causal_prefix_invariance(p, data):
+    """Changing tokens after position t never changes outputs at or before t."""
+    p = {**p, "causal": True}
+    t = data.draw(st.integers(0, p["n"] - 1))
+    q, k, v = make_qkv(p, torch.float32)
+    q2, k2, v2 = (x.clone() for x in (q, k, v))
+    for x in (q2, k2, v2):
+        x[:, t + 1 :] = torch.randn_like(x[:, t + 1 :])
+    for strategy in local_strategies():
+        a = ringattn.dilated_attention(q, k, v, **options(p), strategy=strategy, compile=False)
+        b = ringattn.dilated_attention(q2, k2, v2, **options(p), strategy=strategy, compile=False)
+        assert torch.equal(a[:, : t + 1], b[:, : t + 1]), strategy.label
+
+
+@pytest.mark.parametrize("mixing", ["lse", "head_groups"])
+def test_unselected_rows_are_exactly_zero(mixing):
+    # every config has rate 2 and h = 1 (so offset 0 under both mixings): odd rows see nothing
+    p = {"b": 2, "n": 21, "h": 1, "d": 8, "segment_lengths": (4, 8), "dilation_rates": (2, 2),
+         "causal": False, "mixing": mixing}
+    q, k, v = make_qkv(p, torch.float32, requires_grad=True)
+    for strategy in local_strategies():
+        out = ringattn.dilated_attention(q, k, v, **options(p), strategy=strategy, compile=False)
+        assert torch.equal(out[:, 1::2], torch.zeros_like(out[:, 1::2])), strategy.label
+        assert out[:, 0::2].abs().sum() > 0
+        dq, dk = torch.autograd.grad(out.sum(), (q, k))
+        assert torch.equal(dq[:, 1::2], torch.zeros_like(dq[:, 1::2])), strategy.label
+        assert torch.equal(dk[:, 1::2], torch.zeros_like(dk[:, 1::2])), strategy.label
+
+
+@given(st.integers(1, 40), st.integers(1, 4), st.booleans())
+@settings(max_examples=10)
+def test_one_config_of_whole_sequence_is_plain_attention(n, h, causal):
+    p = {"b": 2, "n": n, "h": h, "d": 8}
+    q, k, v = make_qkv(p, torch.float32)
+    dense = F.scaled_dot_product_attention(
+        *(x.transpose(1, 2) for x in (q, k, v)), is_causal=causal
+    ).transpose(1, 2)
+    for strategy in local_strategies():
+        out = ringattn.dilated_attention(
+            q, k, v, segment_lengths=[n], dilation_rates=[1], causal=causal,
+            strategy=strategy, compile=False,
+        )
+        assert rel_err(out, dense) < 1e-5, strategy.label
+
+
+def test_pooled_memory_reuses_patterns_and_buffers():
+    p = {"b": 1, "n": 24, "h": 2, "d": 8, "segment_lengths": (8, 12), "dilation_rates": (2, 3),
+         "causal": True, "mixing": "lse"}
+    module = ringattn.DilatedAttention(
+        **{k: p[k] for k in ("segment_lengths", "dilation_rates")}, causal=True,
+        strategy=ringattn.Strategy(dilation="global", memory="pooled"), compile=False,
+    )
+    q, k, v = make_qkv(p, torch.bfloat16)
+    first = module(q, k, v)
+    stats = module.memory.stats()
+    second = module(q, k, v)
+    after = module.memory.stats()
+    assert torch.equal(first, second)
+    assert after["pattern_misses"] == stats["pattern_misses"]  # patterns hit the cache
+    assert after["pattern_hits"] > stats["pattern_hits"]
+    assert after["buffer_hits"] > stats["buffer_hits"]  # fp32 accumulator reused
+    assert first.data_ptr() != second.data_ptr()  # but outputs never alias a pooled buffer
+
+
+def test_pooled_memory_is_bounded():
+    from ringattn.memory.pooled import PooledMemory
+
+    pool = PooledMemory(max_entries=3)
+    for n in range(10):
+        pool.cached(("key", n), lambda n=n: torch.arange(n))
+    assert pool.stats()["patterns"] == 3
+
+
+def test_outputs_survive_a_second_call():
+    """A pooled buffer must never be handed out as an output (fp32: the accumulator is the output)."""
+    p = {"b": 1, "n": 16, "h": 2, "d": 8, "segment_lengths": (8,), "dilation_rates": (2,),
+         "causal": False, "mixing": "lse"}
+    module = ringattn.DilatedAttention((8,), (2,), strategy=ringattn.Strategy(memory="pooled"),
+                                       compile=False)
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = make_qkv(p, dtype)
+        first = module(q, k, v)
+        kept = first.clone()
+        module(*make_qkv(p, dtype, seed=7))
+        assert torch.equal(first, kept)
