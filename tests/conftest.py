@@ -29,7 +29,9 @@ settings.register_profile(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default"))
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default")
+)
 
 # ‖out − ref‖ / ‖ref‖ bounds against the float64 oracle (the contract).
 TOLERANCE = {
@@ -78,7 +80,9 @@ def make_qkv(p: dict, dtype: torch.dtype = torch.float32, seed: int = 0, require
     gen = torch.Generator().manual_seed(seed)
     shape = (p["b"], p["n"], p["h"], p["d"])
     return tuple(
-        torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
+        torch.randn(shape, generator=gen, dtype=torch.float64)
+        .to(dtype)
+        .requires_grad_(requires_grad)
         for _ in range(3)
     )
 
@@ -90,6 +94,12 @@ def options(p: dict) -> dict:
 @pytest.fixture
 def small_problem() -> dict:
     return {
-        "b": 2, "n": 37, "h": 5, "d": 8, "segment_lengths": (4, 8, 64),
-        "dilation_rates": (1, 2, 4), "causal": True, "mixing": "lse",
+        "b": 2,
+        "n": 37,
+        "h": 5,
+        "d": 8,
+        "segment_lengths": (4, 8, 64),
+        "dilation_rates": (1, 2, 4),
+        "causal": True,
+        "mixing": "lse",
     }

@@ -98,7 +98,9 @@ def test_lse_merge_weights_by_config_mass():
     assert not math.isnan(float(twice.sum()))
 
 
-@pytest.mark.parametrize("fn", [reference.dilated_attention, reference.dilated_attention_by_multiplicity])
+@pytest.mark.parametrize(
+    "fn", [reference.dilated_attention, reference.dilated_attention_by_multiplicity]
+)
 def test_oracles_return_float64(fn):
     p = {"b": 1, "n": 8, "h": 2, "d": 4}
     q, k, v = make_qkv(p, torch.float32)

@@ -67,7 +67,9 @@ def check_against_oracle(p: dict, dtype: torch.dtype, strategies=None) -> None:
         grads = torch.autograd.grad(out, inputs, grad_out.to(dtype))
         for name, g, g_ref in zip("qkv", grads, ref_grads):
             err = rel_err(g, g_ref, grad_floor(grad_out))
-            assert err <= grad_tol, f"{strategy.label} {dtype}: d{name} rel err {err:.3g} > {grad_tol}"
+            assert err <= grad_tol, (
+                f"{strategy.label} {dtype}: d{name} rel err {err:.3g} > {grad_tol}"
+            )
 
 
 def test_every_local_combination_is_enumerated():
@@ -113,8 +115,16 @@ def test_fp64_matches_oracle(p):
 @pytest.mark.parametrize("mixing", ["lse", "head_groups"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_edge_shapes(n, segment_lengths, dilation_rates, h, mixing, causal):
-    p = {"b": 2, "n": n, "h": h, "d": 8, "segment_lengths": segment_lengths,
-         "dilation_rates": dilation_rates, "causal": causal, "mixing": mixing}
+    p = {
+        "b": 2,
+        "n": n,
+        "h": h,
+        "d": 8,
+        "segment_lengths": segment_lengths,
+        "dilation_rates": dilation_rates,
+        "causal": causal,
+        "mixing": mixing,
+    }
     check_against_oracle(p, torch.float32)
 
 
@@ -137,8 +147,16 @@ def test_causal_prefix_invariance(p, data):
 @pytest.mark.parametrize("mixing", ["lse", "head_groups"])
 def test_unselected_rows_are_exactly_zero(mixing):
     # every config has rate 2 and h = 1 (so offset 0 under both mixings): odd rows see nothing
-    p = {"b": 2, "n": 21, "h": 1, "d": 8, "segment_lengths": (4, 8), "dilation_rates": (2, 2),
-         "causal": False, "mixing": mixing}
+    p = {
+        "b": 2,
+        "n": 21,
+        "h": 1,
+        "d": 8,
+        "segment_lengths": (4, 8),
+        "dilation_rates": (2, 2),
+        "causal": False,
+        "mixing": mixing,
+    }
     q, k, v = make_qkv(p, torch.float32, requires_grad=True)
     for strategy in local_strategies():
         out = ringattn.dilated_attention(q, k, v, **options(p), strategy=strategy, compile=False)
@@ -159,18 +177,34 @@ def test_one_config_of_whole_sequence_is_plain_attention(n, h, causal):
     ).transpose(1, 2)
     for strategy in local_strategies():
         out = ringattn.dilated_attention(
-            q, k, v, segment_lengths=[n], dilation_rates=[1], causal=causal,
-            strategy=strategy, compile=False,
+            q,
+            k,
+            v,
+            segment_lengths=[n],
+            dilation_rates=[1],
+            causal=causal,
+            strategy=strategy,
+            compile=False,
         )
         assert rel_err(out, dense) < 1e-5, strategy.label
 
 
 def test_pooled_memory_reuses_patterns_and_buffers():
-    p = {"b": 1, "n": 24, "h": 2, "d": 8, "segment_lengths": (8, 12), "dilation_rates": (2, 3),
-         "causal": True, "mixing": "lse"}
+    p = {
+        "b": 1,
+        "n": 24,
+        "h": 2,
+        "d": 8,
+        "segment_lengths": (8, 12),
+        "dilation_rates": (2, 3),
+        "causal": True,
+        "mixing": "lse",
+    }
     module = ringattn.DilatedAttention(
-        **{k: p[k] for k in ("segment_lengths", "dilation_rates")}, causal=True,
-        strategy=ringattn.Strategy(dilation="global", memory="pooled"), compile=False,
+        **{k: p[k] for k in ("segment_lengths", "dilation_rates")},
+        causal=True,
+        strategy=ringattn.Strategy(dilation="global", memory="pooled"),
+        compile=False,
     )
     q, k, v = make_qkv(p, torch.bfloat16)
     first = module(q, k, v)
@@ -195,10 +229,19 @@ def test_pooled_memory_is_bounded():
 
 def test_outputs_survive_a_second_call():
     """A pooled buffer must never be handed out as an output (fp32: the accumulator is the output)."""
-    p = {"b": 1, "n": 16, "h": 2, "d": 8, "segment_lengths": (8,), "dilation_rates": (2,),
-         "causal": False, "mixing": "lse"}
-    module = ringattn.DilatedAttention((8,), (2,), strategy=ringattn.Strategy(memory="pooled"),
-                                       compile=False)
+    p = {
+        "b": 1,
+        "n": 16,
+        "h": 2,
+        "d": 8,
+        "segment_lengths": (8,),
+        "dilation_rates": (2,),
+        "causal": False,
+        "mixing": "lse",
+    }
+    module = ringattn.DilatedAttention(
+        (8,), (2,), strategy=ringattn.Strategy(memory="pooled"), compile=False
+    )
     for dtype in (torch.float32, torch.bfloat16):
         q, k, v = make_qkv(p, dtype)
         first = module(q, k, v)

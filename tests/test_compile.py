@@ -1,0 +1,131 @@
+"""torch.compile: the core captures as one graph (fullgraph=True), matches the oracle, and a
+second call with the same shapes does not recompile.
+
+Per combination the graph is captured with the ``aot_eager`` backend (Dynamo + AOTAutograd, the
+part that decides fullgraph-ability and recompiles) because Inductor's C++ compile costs tens of
+seconds per graph on CPU; Inductor itself runs for the sdpa computer on both layouts, forward and
+backward, where it found a real stride bug (see ringattn/computers/sdpa.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TOLERANCE, make_qkv, options, rel_err
+
+import ringattn
+from ringattn import reference
+
+pytestmark = pytest.mark.compile
+
+PROBLEM = {
+    "b": 2,
+    "n": 20,
+    "h": 3,
+    "d": 8,
+    "segment_lengths": (4, 16),
+    "dilation_rates": (1, 2),
+    "causal": True,
+    "mixing": "lse",
+}
+
+
+def run_and_grad(module, q, k, v, grad_out):
+    inputs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out = module(*inputs)
+    return out, torch.autograd.grad(out, inputs, grad_out)
+
+
+def oracle(p, q, k, v, grad_out):
+    inputs = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = reference.dilated_attention(*inputs, **options(p))
+    return ref, torch.autograd.grad(ref, inputs, grad_out.double())
+
+
+def check_compiled(strategy, backend, p=PROBLEM, dtype=torch.float32):
+    torch._dynamo.reset()
+    q, k, v = make_qkv(p, dtype)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    module = ringattn.DilatedAttention(
+        p["segment_lengths"],
+        p["dilation_rates"],
+        causal=p["causal"],
+        mixing=p["mixing"],
+        strategy=strategy,
+        compile=True,
+        compile_backend=backend,
+    )
+    ref, ref_grads = oracle(p, q, k, v, grad_out)
+    out, grads = run_and_grad(module, q, k, v, grad_out)
+    tol = TOLERANCE[dtype]
+    assert rel_err(out, ref) <= tol
+    for g, g_ref in zip(grads, ref_grads):
+        assert rel_err(g, g_ref) <= 10 * tol
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out2, _ = run_and_grad(module, q, k, v, grad_out)
+    assert torch.equal(out, out2)
+    with torch.no_grad():  # inference is its own graph (no autograd.Function) ...
+        module(q, k, v)
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+        module(q, k, v)  # ... compiled once as well
+
+
+@pytest.mark.parametrize(
+    "strategy", ringattn.Strategy.all(communicator="local"), ids=lambda s: s.label
+)
+def test_every_combination_captures_fullgraph_without_recompiles(strategy):
+    check_compiled(strategy, "aot_eager")
+
+
+@pytest.mark.parametrize("dilation", ["segment_local", "global"])
+def test_inductor_sdpa_forward_and_backward(dilation):
+    check_compiled(ringattn.Strategy(dilation=dilation, computer="sdpa"), "inductor")
+
+
+def test_outer_compile_of_the_whole_module_is_one_graph():
+    """A user's torch.compile(model, fullgraph=True) traces through the eager boundary: the type
+    checks step aside while tracing instead of breaking the graph."""
+    torch._dynamo.reset()
+    p = PROBLEM
+    module = ringattn.DilatedAttention(
+        p["segment_lengths"],
+        p["dilation_rates"],
+        causal=True,
+        strategy=ringattn.Strategy(dilation="global", computer="sdpa"),
+        compile=False,
+    )
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    q, k, v = make_qkv(p, torch.float32)
+    grad_out = torch.randn(q.shape)
+    out, grads = run_and_grad(compiled, q, k, v, grad_out)
+    ref, ref_grads = oracle(p, q, k, v, grad_out)
+    assert rel_err(out, ref) <= 1e-5
+    for g, g_ref in zip(grads, ref_grads):
+        assert rel_err(g, g_ref) <= 1e-4
+
+
+def test_identical_layers_share_one_graph():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    q, k, v = make_qkv(PROBLEM, torch.float32)
+    for _ in range(3):
+        layer = ringattn.DilatedAttention(
+            (4, 16), (1, 2), compile=True, compile_backend="aot_eager"
+        )
+        layer(q, k, v)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_new_sequence_length_compiles_a_new_graph_once():
+    """Documented behaviour: static shapes. A new n is a new graph; repeating it is free."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    layer = ringattn.DilatedAttention((4, 16), (1, 2), compile=True, compile_backend="aot_eager")
+    for n in (20, 24, 20, 24):
+        q, k, v = make_qkv({**PROBLEM, "n": n}, torch.float32)
+        layer(q, k, v)
+    assert counters["stats"]["unique_graphs"] == 2

@@ -1,0 +1,93 @@
+"""The registry: lookup by name, enumeration, and new strategies picked up automatically."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ringattn
+from ringattn import registry
+from ringattn.computers.math import MathComputer
+
+
+def test_builtin_names():
+    assert set(registry.names("dilation")) >= {"segment_local", "global"}
+    assert set(registry.names("computer")) >= {"math", "sdpa"}
+    assert set(registry.names("communicator")) >= {"local"}
+    assert set(registry.names("memory")) >= {"none", "pooled"}
+
+
+def test_get_returns_the_class_with_its_name():
+    for kind in registry.KINDS:
+        for name in registry.names(kind):
+            assert registry.get(kind, name).name == name
+
+
+def test_unknown_kind():
+    with pytest.raises(ValueError, match="kind must be one of"):
+        registry.names("kernel")
+
+
+def test_duplicate_registration_is_refused():
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register("computer", "math")(type("Other", (MathComputer,), {}))
+
+
+def test_default_strategy_is_valid():
+    assert ringattn.Strategy() in ringattn.Strategy.all()
+    assert ringattn.Strategy().label == "segment_local/sdpa/local/pooled"
+
+
+def test_all_with_fixed_fields():
+    only_math = ringattn.Strategy.all(computer="math")
+    assert only_math and all(s.computer == "math" for s in only_math)
+    with pytest.raises(ValueError, match="unknown Strategy fields"):
+        ringattn.Strategy.all(kernel="x")
+
+
+def test_a_new_strategy_is_picked_up_by_the_property_tests():
+    """One module + one register line: the property tests enumerate Strategy.all() at run time."""
+    import test_strategies
+
+    @registry.register("computer", "math_twice")
+    class MathTwice(MathComputer):
+        """A toy computer: the math computer on both halves of the batch separately."""
+
+        def forward(self, q, k, v, causal, scale):
+            half = q.shape[0] // 2 or 1
+            parts = [
+                super(MathTwice, self).forward(q[s], k[s], v[s], causal, scale)
+                for s in (slice(0, half), slice(half, None))
+                if q[s].shape[0]
+            ]
+            return torch.cat([o for o, _ in parts]), torch.cat([l for _, l in parts])
+
+    try:
+        assert any(s.computer == "math_twice" for s in test_strategies.local_strategies())
+        p = {
+            "b": 3,
+            "n": 19,
+            "h": 3,
+            "d": 8,
+            "segment_lengths": (4, 8),
+            "dilation_rates": (1, 2),
+            "causal": True,
+            "mixing": "lse",
+        }
+        checked = [s for s in test_strategies.local_strategies() if s.computer == "math_twice"]
+        test_strategies.check_against_oracle(p, torch.float32, checked)
+
+        # and the check bites: a wrong computer fails it
+        @registry.register("computer", "wrong")
+        class Wrong(MathComputer):
+            def forward(self, q, k, v, causal, scale):
+                out, lse = super().forward(q, k, v, causal, scale)
+                return out * 1.01, lse
+
+        wrong = [s for s in test_strategies.local_strategies() if s.computer == "wrong"]
+        with pytest.raises(AssertionError, match="forward rel err"):
+            test_strategies.check_against_oracle(p, torch.float32, wrong)
+    finally:
+        registry.unregister("computer", "math_twice")
+        registry.unregister("computer", "wrong")
+    assert "math_twice" not in registry.names("computer")

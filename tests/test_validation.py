@@ -1,0 +1,151 @@
+"""Bad input gets a clear TypeError/ValueError naming the argument, before any work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ringattn
+from ringattn import reference
+
+GOOD = {"segment_lengths": [4, 8], "dilation_rates": [1, 2]}
+
+
+def qkv(shape=(1, 8, 2, 4), dtype=torch.float32):
+    return tuple(torch.randn(shape, dtype=dtype) for _ in range(3))
+
+
+def call(q, k, v, **overrides):
+    return ringattn.dilated_attention(q, k, v, **{**GOOD, **overrides}, compile=False)
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        ({"segment_lengths": []}, ValueError, "segment_lengths must not be empty"),
+        ({"dilation_rates": []}, ValueError, "dilation_rates must not be empty"),
+        ({"segment_lengths": [4]}, ValueError, "same length"),
+        ({"segment_lengths": [4, 0]}, ValueError, r"segment_lengths\[1\] must be positive"),
+        ({"dilation_rates": [1, -2]}, ValueError, r"dilation_rates\[1\] must be positive"),
+        ({"segment_lengths": [4, 8.0]}, TypeError, "segment_lengths"),
+        ({"dilation_rates": [1, True]}, TypeError, "dilation_rates"),
+        (
+            {"dilation_rates": [1, 3]},
+            ValueError,
+            r"dilation_rates\[1\]=3 must divide segment_lengths\[1\]=8",
+        ),
+        ({"mixing": "softmax"}, ValueError, "mixing must be one of"),
+        ({"causal": 1}, TypeError, "causal"),
+        ({"scale": float("nan")}, ValueError, "scale must be finite"),
+        ({"scale": "0.5"}, TypeError, "scale"),
+        ({"segment_lengths": "48"}, TypeError, "segment_lengths"),
+    ],
+)
+def test_bad_options(overrides, error, match):
+    with pytest.raises(error, match=match):
+        call(*qkv(), **overrides)
+    if "causal" not in overrides and "scale" not in overrides:
+        with pytest.raises(error, match=match):
+            ringattn.DilatedAttention(**{**GOOD, **overrides})
+
+
+@pytest.mark.parametrize(
+    "tensors, error, match",
+    [
+        (qkv((8, 2, 4)), TypeError, "parameter 'q'"),  # not 4-D
+        ((*qkv()[:2], torch.randn(1, 8, 2, 5)), TypeError, "parameter 'v'"),  # shape differs
+        ((*qkv()[:2], torch.randn(1, 9, 2, 4)), TypeError, "parameter 'v'"),
+        ((qkv()[0], qkv()[1].double(), qkv()[2]), TypeError, r"k.dtype must equal q.dtype"),
+        ((qkv()[0].int(), *qkv()[1:]), TypeError, "parameter 'q'"),  # not floating point
+        (qkv((1, 0, 2, 4)), ValueError, "n >= 1"),
+        (([1.0], *qkv()[1:]), TypeError, "parameter 'q'"),
+    ],
+)
+def test_bad_tensors(tensors, error, match):
+    with pytest.raises(error, match=match):
+        call(*tensors)
+    module = ringattn.DilatedAttention(**GOOD, compile=False)
+    with pytest.raises(error, match=match):
+        module(*tensors)
+
+
+def test_device_mismatch_is_named():
+    q, k, v = qkv()
+    meta = torch.empty_like(v, device="meta")
+    with pytest.raises(ValueError, match="v.device must equal q.device"):
+        call(q, k, meta)
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        ({"dilation": "diagonal"}, "unknown dilation strategy 'diagonal'; registered: "),
+        ({"computer": "cuda_magic"}, "unknown computer strategy 'cuda_magic'"),
+        ({"communicator": "carrier_pigeon"}, "unknown communicator strategy"),
+        ({"memory": "infinite"}, "unknown memory strategy"),
+    ],
+)
+def test_unknown_strategy_names(fields, match):
+    with pytest.raises(ValueError, match=match):
+        ringattn.Strategy(**fields)
+
+
+def test_strategy_must_be_a_strategy():
+    with pytest.raises(TypeError, match="strategy"):
+        call(*qkv(), strategy="segment_local/sdpa/local/pooled")
+
+
+def test_invalid_combination_names_the_part():
+    from ringattn import registry
+    from ringattn.computers.math import MathComputer
+
+    @registry.register("computer", "needs_global")
+    class NeedsGlobal(MathComputer):
+        @classmethod
+        def incompatible_with(cls, strategy):
+            if strategy.dilation != "global":
+                return "needs the global layout"
+            return None
+
+    try:
+        bad = ringattn.Strategy(computer="needs_global", dilation="segment_local")
+        with pytest.raises(ValueError, match="computer='needs_global': needs the global layout"):
+            ringattn.DilatedAttention(**GOOD, strategy=bad)
+        assert bad not in ringattn.Strategy.all()
+        assert (
+            ringattn.Strategy(computer="needs_global", dilation="global") in ringattn.Strategy.all()
+        )
+    finally:
+        registry.unregister("computer", "needs_global")
+
+
+def test_unsupported_dtype_for_computer_is_named():
+    # sdpa on CUDA has no float64 kernels; checked from the computer's own rule on a meta device
+    from ringattn.computers.sdpa import SDPAComputer
+
+    reason = SDPAComputer().unsupported(torch.float64, torch.device("cuda"), needs_grad=False)
+    assert reason and "float64" in reason
+    module = ringattn.DilatedAttention(**GOOD, compile=False)
+    q, k, v = (torch.empty(1, 8, 2, 4, device="meta") for _ in range(3))
+    with pytest.raises(ValueError, match="computer='sdpa' cannot run"):
+        module(q, k, v)
+
+
+def test_errors_come_before_any_work(monkeypatch):
+    """Validation happens at the boundary: the core is never entered on bad input."""
+    import ringattn.api as api
+
+    def boom(*args, **kwargs):
+        raise AssertionError("core was called")
+
+    monkeypatch.setattr(api, "run_core", boom)
+    module = ringattn.DilatedAttention(**GOOD, compile=False)
+    monkeypatch.setattr(module, "_core", boom)
+    q, k, v = qkv()
+    with pytest.raises(TypeError):
+        module(q, k, v.double())
+
+
+def test_oracle_validates_too():
+    with pytest.raises(ValueError, match="must divide"):
+        reference.dilated_attention(*qkv(), segment_lengths=[4], dilation_rates=[3])
