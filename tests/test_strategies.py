@@ -228,7 +228,7 @@ def test_pooled_memory_is_bounded():
 
 
 def test_outputs_survive_a_second_call():
-    """A pooled buffer must never be handed out as an output (fp32: the accumulator is the output)."""
+    """A pooled buffer is never handed out as an output (fp32: the accumulator is the output)."""
     p = {
         "b": 1,
         "n": 16,

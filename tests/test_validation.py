@@ -72,7 +72,7 @@ def test_bad_tensors(tensors, error, match):
 def test_device_mismatch_is_named():
     q, k, v = qkv()
     meta = torch.empty_like(v, device="meta")
-    with pytest.raises(ValueError, match="v.device must equal q.device"):
+    with pytest.raises(ValueError, match=r"v\.device must equal q\.device"):
         call(q, k, meta)
 
 
