@@ -18,6 +18,7 @@ from beartype import beartype
 from jaxtyping import jaxtyped
 from torch import Tensor, nn
 
+from ringattn.computers.base import LayoutComputer
 from ringattn.config import DilatedConfig
 from ringattn.core import CoreSpec, run_core
 from ringattn.memory.none import NoReuse
@@ -139,15 +140,23 @@ class DilatedAttention(nn.Module):
         if not tracing:
             check_inputs(q, k, v)
             needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-            reason = self.computer.unsupported(q.dtype, q.device, needs_grad)
+            reason = self.computer.unsupported(
+                q.dtype, q.device, needs_grad, compiled=self.compile, dilation=self.dilation.name
+            )
             if reason:
                 raise ValueError(
                     f"strategy computer={self.strategy.computer!r} cannot run "
                     f"{q.dtype} on {q.device.type}: {reason}"
                 )
         spec = self._spec(q, compiling=self.compile or tracing)
-        indices = self.dilation.indices(spec.plan, q.device, _NO_REUSE if tracing else self.memory)
-        return self._core(spec, q, k, v, *indices)
+        memory = _NO_REUSE if tracing else self.memory
+        indices = self.dilation.indices(spec.plan, q.device, memory)
+        aux = (
+            self.computer.prepare(spec.plan, spec.causal, self.dilation.name, q.device, memory)
+            if isinstance(self.computer, LayoutComputer)
+            else ()
+        )
+        return self._core(spec, q, k, v, indices, aux)
 
 
 _MODULES: OrderedDict[tuple, DilatedAttention] = OrderedDict()

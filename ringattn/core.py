@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ringattn.communicators.base import Communicator
-from ringattn.computers.base import AttentionComputer, accumulation_dtype
+from ringattn.computers.base import AttentionComputer, LayoutComputer, accumulation_dtype
 from ringattn.dilation.base import DilationProcessor
 from ringattn.memory.base import MemoryManager
 from ringattn.pattern import Plan
@@ -144,8 +144,19 @@ class DilatedAttentionFunction(torch.autograd.Function):
         return (None, dq, dk, dv, *([None] * len(indices)))
 
 
-def run_core(spec: CoreSpec, q: Tensor, k: Tensor, v: Tensor, *indices: Tensor) -> Tensor:
-    """The function ``torch.compile`` wraps: autograd only when some input needs a gradient."""
+def run_core(
+    spec: CoreSpec, q: Tensor, k: Tensor, v: Tensor, indices: tuple[Tensor, ...], aux: tuple
+) -> Tensor:
+    """The function ``torch.compile`` wraps.
+
+    Block computers go through :class:`DilatedAttentionFunction` (merged-stats backward) only when
+    some input needs a gradient; a layout computer (flex) returns the merged output itself and
+    autograd runs through it.
+    """
+    if isinstance(spec.computer, LayoutComputer):
+        return spec.computer.attend(
+            spec.plan, spec.causal, spec.scale, spec.dilation.name, q, k, v, aux
+        )
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return DilatedAttentionFunction.apply(spec, q, k, v, *indices)
     return dilated_forward(spec, q, k, v, indices, keep_lse=False)[0]

@@ -76,10 +76,20 @@ class Block:
 class Plan:
     n: int
     h: int
+    configs: tuple[tuple[int, int], ...]
+    mixing: str
     blocks: tuple[Block, ...]
     # True when every (row, head) is written by at most one block ("head_groups"), so outputs are
     # copied instead of LSE-merged.
     disjoint: bool
+
+    def head_offsets(self) -> tuple[tuple[int, ...], ...]:
+        """``offsets[i][head]``: the row offset ``head`` uses in config ``i``, or -1 if none."""
+        table = [[-1] * self.h for _ in self.configs]
+        for job in jobs_for(self.h, self.configs, self.mixing):
+            for head in range(job.head_start, job.head_stop, job.head_step):
+                table[job.config][head] = job.offset
+        return tuple(tuple(row) for row in table)
 
 
 def head_groups(h: int, k: int) -> tuple[tuple[int, int], ...]:
@@ -131,4 +141,4 @@ def _build_plan(n: int, h: int, configs: tuple[tuple[int, int], ...], mixing: st
         tail_rows = len(range(job.offset, tail_len, job.r))
         if tail_rows:
             blocks.append(Block(job, full * job.w, 1, tail_rows, tail=True))
-    return Plan(n, h, tuple(blocks), disjoint=(mixing == "head_groups"))
+    return Plan(n, h, configs, mixing, tuple(blocks), disjoint=(mixing == "head_groups"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import abstractmethod
 
 from ringattn.component import Component
-from ringattn.computers.base import AttentionComputer, Rows, RowsLSE
+from ringattn.computers.base import BlockComputer, Rows, RowsLSE
 
 
 class Communicator(Component):
@@ -18,13 +18,13 @@ class Communicator(Component):
 
     @abstractmethod
     def attend(
-        self, computer: AttentionComputer, q: Rows, k: Rows, v: Rows, causal: bool, scale: float
+        self, computer: BlockComputer, q: Rows, k: Rows, v: Rows, causal: bool, scale: float
     ) -> tuple[Rows, RowsLSE]: ...
 
     @abstractmethod
     def attend_backward(
         self,
-        computer: AttentionComputer,
+        computer: BlockComputer,
         dout: Rows,
         q: Rows,
         k: Rows,

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 from ringattn.communicators.base import Communicator
-from ringattn.computers.base import AttentionComputer, Rows, RowsLSE
+from ringattn.computers.base import BlockComputer, Rows, RowsLSE
 from ringattn.registry import register
 
 
 @register("communicator", "local")
 class LocalCommunicator(Communicator):
     def attend(
-        self, computer: AttentionComputer, q: Rows, k: Rows, v: Rows, causal: bool, scale: float
+        self, computer: BlockComputer, q: Rows, k: Rows, v: Rows, causal: bool, scale: float
     ) -> tuple[Rows, RowsLSE]:
         return computer.forward(q, k, v, causal, scale)
 
     def attend_backward(
         self,
-        computer: AttentionComputer,
+        computer: BlockComputer,
         dout: Rows,
         q: Rows,
         k: Rows,

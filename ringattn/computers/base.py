@@ -1,4 +1,11 @@
-"""AttentionComputer: plain (optionally causal) attention over a batch of equal-length blocks.
+"""AttentionComputer: the kernels. Two granularities share the registry kind ``"computer"``:
+
+* :class:`BlockComputer` — plain (optionally causal) attention over a batch of equal-length blocks,
+  called once per block by the core, which merges the results (math, sdpa);
+* :class:`LayoutComputer` — takes a whole config, or the whole mixture, in one call over the
+  ``[b, n, h, d]`` sequence and returns the merged output itself (flex).
+
+Block computers:
 
 Inputs are ``[B, L, H, d]`` (B independent problems, L rows each); the forward returns the output
 and the per-row log-sum-exp ``[B, L, H]`` (float32, or float64 for float64 inputs). The backward
@@ -16,16 +23,28 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ringattn.component import Component
+from ringattn.memory.base import MemoryManager
+from ringattn.pattern import Plan
 
 Rows = Float[Tensor, "B L H d"]
 RowsLSE = Float[Tensor, "B L H"]
 
 
 class AttentionComputer(Component):
-    def unsupported(self, dtype: torch.dtype, device: torch.device, needs_grad: bool) -> str | None:
+    def unsupported(
+        self,
+        dtype: torch.dtype,
+        device: torch.device,
+        needs_grad: bool,
+        *,
+        compiled: bool = False,
+        dilation: str = "",
+    ) -> str | None:
         """Why this computer cannot run these inputs (checked eagerly, before any work)."""
         return None
 
+
+class BlockComputer(AttentionComputer):
     @abstractmethod
     def forward(
         self, q: Rows, k: Rows, v: Rows, causal: bool, scale: float
@@ -43,6 +62,30 @@ class AttentionComputer(Component):
         causal: bool,
         scale: float,
     ) -> tuple[Rows, Rows, Rows]: ...
+
+
+class LayoutComputer(AttentionComputer):
+    """Computes dilated attention for the whole sequence; autograd runs through it directly."""
+
+    @abstractmethod
+    def prepare(
+        self, plan: Plan, causal: bool, dilation: str, device: torch.device, memory: MemoryManager
+    ) -> tuple:
+        """Eager, cached setup (block masks, permutations) passed to :meth:`attend` as ``aux``."""
+
+    @abstractmethod
+    def attend(
+        self,
+        plan: Plan,
+        causal: bool,
+        scale: float,
+        dilation: str,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        aux: tuple,
+    ) -> Tensor:
+        """``[b, n, h, d]`` output of dilated attention (the definition, merged)."""
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ringattn.computers.base import AttentionComputer, Rows, RowsLSE, accumulation_dtype
+from ringattn.computers.base import BlockComputer, Rows, RowsLSE, accumulation_dtype
 from ringattn.registry import register
 
 
@@ -22,7 +22,7 @@ def _scores(q: Rows, k: Rows, causal: bool, scale: float) -> torch.Tensor:
 
 
 @register("computer", "math")
-class MathComputer(AttentionComputer):
+class MathComputer(BlockComputer):
     def forward(
         self, q: Rows, k: Rows, v: Rows, causal: bool, scale: float
     ) -> tuple[Rows, RowsLSE]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ringattn.computers.base import AttentionComputer, Rows, RowsLSE, accumulation_dtype
+from ringattn.computers.base import BlockComputer, Rows, RowsLSE, accumulation_dtype
 from ringattn.registry import register
 
 aten = torch.ops.aten
@@ -33,8 +33,16 @@ def _bhld_contiguous(x: Tensor) -> Tensor:
 
 
 @register("computer", "sdpa")
-class SDPAComputer(AttentionComputer):
-    def unsupported(self, dtype: torch.dtype, device: torch.device, needs_grad: bool) -> str | None:
+class SDPAComputer(BlockComputer):
+    def unsupported(
+        self,
+        dtype: torch.dtype,
+        device: torch.device,
+        needs_grad: bool,
+        *,
+        compiled: bool = False,
+        dilation: str = "",
+    ) -> str | None:
         if device.type == "cuda" and dtype == torch.float64:
             return "the CUDA fused kernels have no float64; use computer='math'"
         if device.type not in ("cpu", "cuda"):

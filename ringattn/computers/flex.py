@@ -1,0 +1,176 @@
+"""``flex``: dilated attention as FlexAttention block-sparse kernels.
+
+Depends on the dilation layout (both are the same function, see ``docs/flex.md``):
+
+* ``global``: per config, the sequence is permuted (``global_permutation``) so each segment's
+  rows of
+  one residue form a contiguous run; one ``flex_attention`` call whose BlockMask visits only the
+  tiles on those diagonal runs (and below the diagonal when causal). Configs are merged by LSE.
+* ``segment_local`` (unpermuted): the *single-kernel* form. One call over the whole sequence with
+  ``mask_mod = m > 0`` and ``score_mod = score + log m``, m = how many configs let q see k; its
+  softmax *is* the merged mixture, no merge needed. Tiles can only be skipped outside segments, so
+  configs with r > 1 waste work that the permuted layout avoids.
+
+Block masks and permutations are built eagerly by :meth:`FlexComputer.prepare` and cached by the
+memory manager, keyed by (n, h, configs, mixing, causal, device, block size). Gradients flow through
+``flex_attention`` (its LSE included) by autograd; FlexAttention has no CPU backward, which
+:meth:`FlexComputer.unsupported` reports before any work.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor
+from torch.nn.attention.flex_attention import flex_attention
+
+from ringattn import masks
+from ringattn.computers.base import LayoutComputer, accumulation_dtype
+from ringattn.dilation.global_perm import global_permutation
+from ringattn.memory.base import MemoryManager
+from ringattn.pattern import Plan
+from ringattn.registry import register
+
+try:  # torch >= 2.9 asks for auxiliary outputs this way; older releases take return_lse
+    from torch.nn.attention.flex_attention import AuxRequest
+except ImportError:  # pragma: no cover
+    AuxRequest = None
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, score_mod, block_mask, scale: float) -> Tensor:
+    """``flex_attention`` on ``[b, n, h, d]`` tensors, output only."""
+    q, k, v = (rearrange(x, "b n h d -> b h n d") for x in (q, k, v))
+    out = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    return rearrange(out, "b h n d -> b n h d")
+
+
+def _flex_with_lse(q: Tensor, k: Tensor, v: Tensor, score_mod, block_mask, scale: float):
+    """``flex_attention`` on ``[b, n, h, d]`` tensors, returning ``([b, n, h, d], [b, n, h])``."""
+    q, k, v = (rearrange(x, "b n h d -> b h n d") for x in (q, k, v))
+    if AuxRequest is not None:
+        out, aux = flex_attention(
+            q,
+            k,
+            v,
+            score_mod=score_mod,
+            block_mask=block_mask,
+            scale=scale,
+            return_aux=AuxRequest(lse=True),
+        )
+        lse = aux.lse
+    else:  # pragma: no cover
+        out, lse = flex_attention(
+            q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=True
+        )
+    return rearrange(out, "b h n d -> b n h d"), rearrange(lse, "b h n -> b n h")
+
+
+def merge_by_lse(outs: list[Tensor], lses: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """Differentiable LSE merge in ``dtype``; rows with no finite LSE give exactly 0 (no NaN)."""
+    lse = torch.stack([x.to(dtype) for x in lses])  # [k, b, n, h]
+    top = lse.amax(0)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    weights = torch.exp(lse - top)
+    total = weights.sum(0)
+    weights = weights / torch.where(total > 0, total, torch.ones_like(total))
+    return sum(w.unsqueeze(-1) * o.to(dtype) for w, o in zip(weights, outs))
+
+
+@register("computer", "flex")
+class FlexComputer(LayoutComputer):
+    block_size: int = 128
+
+    @classmethod
+    def incompatible_with(cls, strategy) -> str | None:
+        if strategy.communicator != "local":
+            return "flex runs on one device (communicator='local') for now"
+        return None
+
+    def unsupported(
+        self,
+        dtype: torch.dtype,
+        device: torch.device,
+        needs_grad: bool,
+        *,
+        compiled: bool = False,
+        dilation: str = "",
+    ) -> str | None:
+        if compiled and device.type == "cpu" and dilation == "global":
+            return (
+                "compiled FlexAttention on CPU cannot return the LSE that merging configs needs; "
+                "use dilation='segment_local' (the single-kernel form) or compile=False"
+            )
+        if needs_grad and device.type != "cuda":
+            return (
+                "FlexAttention has no backward on CPU; run on CUDA, call under torch.no_grad(), "
+                "or pick computer='sdpa'/'math' for training on CPU"
+            )
+        if device.type == "cuda" and dtype == torch.float64:
+            return "FlexAttention's CUDA kernels have no float64; use computer='math'"
+        return None
+
+    def prepare(
+        self, plan: Plan, causal: bool, dilation: str, device: torch.device, memory: MemoryManager
+    ) -> tuple:
+        key = (plan.n, plan.h, plan.configs, plan.mixing, causal, str(device), self.block_size)
+        offsets = memory.cached(
+            ("flex_offsets", *key), lambda: torch.tensor(plan.head_offsets(), device=device)
+        )
+        if dilation == "segment_local":
+            block_mask = memory.cached(
+                ("flex_mixture_mask", *key), lambda: self._mixture_mask(plan, causal, offsets)
+            )
+            return (block_mask, offsets)
+        configs = []
+        for i, (w, r) in enumerate(plan.configs):
+            perm = memory.cached(
+                ("global_permutation", plan.n, w, r, str(device)),
+                lambda w=w, r=r: global_permutation(plan.n, w, r, device),
+            )
+            inverse = memory.cached(
+                ("global_permutation_inverse", plan.n, w, r, str(device)),
+                lambda perm=perm: torch.argsort(perm),
+            )
+            block_mask = memory.cached(
+                ("flex_run_mask", i, *key),
+                lambda w=w, r=r, i=i: self._run_mask(plan.n, w, r, offsets[i], causal, device),
+            )
+            configs.append((perm, inverse, block_mask))
+        return tuple(configs)
+
+    def _mixture_mask(self, plan: Plan, causal: bool, offsets: Tensor):
+        mask_mod, _ = masks.multiplicity_mod(plan, causal, offsets)
+        lo, hi = masks.mixture_kv_ranges(plan, offsets, self.block_size)
+        return masks.block_mask_from_ranges(lo, hi, plan.n, self.block_size, mask_mod, causal)
+
+    def _run_mask(self, n: int, w: int, r: int, head_offset: Tensor, causal: bool, device):
+        run_id, run_residue = masks.run_layout(n, w, r, device)
+        mask_mod = masks.run_mask_mod(run_id, run_residue, head_offset, causal)
+        lo, hi = masks.run_kv_ranges(run_id, run_residue, head_offset, self.block_size)
+        return masks.block_mask_from_ranges(lo, hi, n, self.block_size, mask_mod, causal)
+
+    def attend(
+        self,
+        plan: Plan,
+        causal: bool,
+        scale: float,
+        dilation: str,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        aux: tuple,
+    ) -> Tensor:
+        if not torch.is_grad_enabled():
+            # FlexAttention refuses inputs that require grad on CPU even under no_grad
+            q, k, v = q.detach(), k.detach(), v.detach()
+        if dilation == "segment_local":
+            block_mask, offsets = aux
+            _, score_mod = masks.multiplicity_mod(plan, causal, offsets)
+            return _flex(q, k, v, score_mod, block_mask, scale).to(q.dtype)
+        outs, lses = [], []
+        for perm, inverse, block_mask in aux:
+            q_perm, k_perm, v_perm = (x.index_select(1, perm) for x in (q, k, v))
+            out_perm, lse_perm = _flex_with_lse(q_perm, k_perm, v_perm, None, block_mask, scale)
+            outs.append(out_perm.index_select(1, inverse))
+            lses.append(lse_perm.index_select(1, inverse))
+        return merge_by_lse(outs, lses, accumulation_dtype(q.dtype)).to(q.dtype)

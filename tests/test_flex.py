@@ -1,0 +1,151 @@
+"""FlexAttention strategies: block masks, sparsity, CPU limits, caching, compiled single kernel.
+
+Correctness against the oracle for every flex combination runs in tests/test_strategies.py with the
+same properties and tolerances as the other computers (forward only on CPU). Eager flex ignores
+block sparsity (it applies ``mask_mod`` densely), so the block masks are checked here directly, and
+through the compiled CPU kernel, which does skip tiles.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import dilation_configs, make_qkv, rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.nn.attention.flex_attention import create_mask
+
+import ringattn
+from ringattn import masks, reference
+from ringattn.computers.flex import FlexComputer
+from ringattn.memory.none import NoReuse
+from ringattn.pattern import make_plan
+
+
+def needed_tiles(mask_mod, h: int, n: int, block: int) -> torch.Tensor:
+    dense = create_mask(mask_mod, 1, h, n, n, device="cpu")[0]  # [h, n, n]
+    tiles = -(-n // block)
+    pad = tiles * block - n
+    dense = torch.nn.functional.pad(dense, (0, pad, 0, pad))
+    return dense.view(h, tiles, block, tiles, block).any(-1).any(-2)  # [h, qb, kb]
+
+
+def visited_tiles(block_mask, h: int) -> torch.Tensor:
+    visited = block_mask.to_dense()[0].bool()  # [H, qb, kb]
+    return visited.expand(h, -1, -1)
+
+
+@settings(max_examples=25)
+@given(
+    dilation_configs(),
+    st.integers(1, 48),
+    st.integers(1, 4),
+    st.booleans(),
+    st.sampled_from(["lse", "head_groups"]),
+    st.sampled_from([4, 8, 16]),
+)
+def test_block_masks_cover_every_allowed_pair(configs, n, h, causal, mixing, block):
+    plan = make_plan(n, h, tuple(zip(*configs)), mixing)
+    offsets = torch.tensor(plan.head_offsets())
+    computer = FlexComputer()
+    computer.block_size = block
+    mixture = computer._mixture_mask(plan, causal, offsets)
+    assert bool((visited_tiles(mixture, h) >= needed_tiles(mixture.mask_mod, h, n, block)).all())
+    # the mask_mod itself is the definition: its multiplicity equals the oracle's
+    mask_mod, _ = masks.multiplicity_mod(plan, causal, offsets)
+    m_ref = reference.multiplicity(n, h, *configs, causal=causal, mixing=mixing)
+    assert torch.equal(create_mask(mask_mod, 1, h, n, n, device="cpu")[0], m_ref > 0)
+    for i, (w, r) in enumerate(plan.configs):
+        run = computer._run_mask(n, w, r, offsets[i], causal, "cpu")
+        assert bool((visited_tiles(run, h) >= needed_tiles(run.mask_mod, h, n, block)).all())
+
+
+def fraction_of(strategy_dilation: str, n: int, configs, causal: bool, block: int = 128):
+    plan = make_plan(n, 1, configs, "lse")
+    computer = FlexComputer()
+    computer.block_size = block
+    aux = computer.prepare(plan, causal, strategy_dilation, torch.device("cpu"), NoReuse())
+    if strategy_dilation == "segment_local":
+        return masks.computed_fraction(aux[0])
+    return [masks.computed_fraction(block_mask) for _, _, block_mask in aux]
+
+
+@pytest.mark.parametrize("layout", ["segment_local", "global"])
+def test_rate_one_block_fraction_is_within_ten_percent_of_ideal(layout):
+    n, w = 4096, 512
+    fraction = fraction_of(layout, n, ((w, 1),), causal=False)
+    fraction = fraction if isinstance(fraction, float) else fraction[0]
+    ideal = n * w / n**2
+    assert abs(fraction - ideal) <= 0.1 * ideal
+
+
+def test_permuted_layout_skips_the_work_that_rates_above_one_waste():
+    n, w, r = 4096, 1024, 4
+    unpermuted = fraction_of("segment_local", n, ((w, r),), causal=False)
+    (permuted,) = fraction_of("global", n, ((w, r),), causal=False)
+    # one head uses 1/r of each segment's rows: the permuted runs are w/r long
+    assert permuted == pytest.approx(n * (w / r) / r / n**2, rel=0.1)
+    assert unpermuted == pytest.approx(w / n, rel=0.1)  # every tile of every segment
+    assert permuted < unpermuted / r
+
+
+def test_backward_on_cpu_is_a_clear_error_before_any_work():
+    p = {"b": 1, "n": 16, "h": 2, "d": 8}
+    q, k, v = make_qkv(p, torch.float32, requires_grad=True)
+    for dilation in ("segment_local", "global"):
+        module = ringattn.DilatedAttention(
+            (8,),
+            (2,),
+            strategy=ringattn.Strategy(dilation=dilation, computer="flex"),
+            compile=False,
+        )
+        with pytest.raises(ValueError, match="FlexAttention has no backward on CPU"):
+            module(q, k, v)
+        with torch.no_grad():
+            module(q, k, v)  # inference is fine
+
+
+def test_block_masks_are_built_once_and_cached():
+    p = {"b": 1, "n": 40, "h": 3, "d": 8}
+    q, k, v = make_qkv(p, torch.float32)
+    for dilation in ("segment_local", "global"):
+        module = ringattn.DilatedAttention(
+            (8, 16),
+            (1, 2),
+            causal=True,
+            compile=False,
+            strategy=ringattn.Strategy(dilation=dilation, computer="flex", memory="pooled"),
+        )
+        with torch.no_grad():
+            module(q, k, v)
+            misses = module.memory.stats()["pattern_misses"]
+            first = module.computer.prepare(
+                module._spec(q, False).plan, True, dilation, q.device, module.memory
+            )
+            module(q, k, v)
+        assert module.memory.stats()["pattern_misses"] == misses
+        again = module.computer.prepare(
+            module._spec(q, False).plan, True, dilation, q.device, module.memory
+        )
+        flat = [x for item in first for x in (item if isinstance(item, tuple) else (item,))]
+        flat_again = [x for item in again for x in (item if isinstance(item, tuple) else (item,))]
+        assert all(a is b for a, b in zip(flat, flat_again))
+
+
+@pytest.mark.compile
+def test_compiled_single_kernel_skips_tiles_and_matches_oracle(monkeypatch):
+    """Inductor's CPU flex kernel honours block sparsity, so a missing tile would show here."""
+    monkeypatch.setattr(FlexComputer, "block_size", 32)
+    torch._dynamo.reset()
+    p = {"b": 1, "n": 200, "h": 4, "d": 16}
+    q, k, v = make_qkv(p, torch.float32)
+    options = {"segment_lengths": (64, 96), "dilation_rates": (1, 2), "causal": True}
+    ref = reference.dilated_attention(q, k, v, **options)
+    module = ringattn.DilatedAttention(
+        **options,
+        strategy=ringattn.Strategy(dilation="segment_local", computer="flex"),
+        compile=True,
+    )
+    with torch.no_grad():
+        out = module(q, k, v)
+    assert rel_err(out, ref) <= 1e-5
