@@ -3,9 +3,9 @@
 Depends on the dilation layout (both are the same function, see ``docs/flex.md``):
 
 * ``global``: per config, the sequence is permuted (``global_permutation``) so each segment's
-  rows of
-  one residue form a contiguous run; one ``flex_attention`` call whose BlockMask visits only the
-  tiles on those diagonal runs (and below the diagonal when causal). Configs are merged by LSE.
+  rows of one residue form a contiguous run; one ``flex_attention`` call whose BlockMask visits
+  only the tiles on those diagonal runs (and below the diagonal when causal). Configs are merged
+  by LSE.
 * ``segment_local`` (unpermuted): the *single-kernel* form. One call over the whole sequence with
   ``mask_mod = m > 0`` and ``score_mod = score + log m``, m = how many configs let q see k; its
   softmax *is* the merged mixture, no merge needed. Tiles can only be skipped outside segments, so
