@@ -1,0 +1,44 @@
+"""Useful work of dilated attention, counted exactly from the pattern (no n × n matrices).
+
+``useful_pairs`` is the number of (query, key) score pairs the definition computes, summed over
+heads and configs, i.e. ``sum(reference.multiplicity(...))``. Forward FLOPs are ``4 · d · b``
+times that (QK^T and PV, two FLOPs per multiply-add); forward+backward is 3.5× the forward
+(the backward does 2.5× the forward's matmul work).
+"""
+
+from __future__ import annotations
+
+from ringattn.pattern import make_plan
+
+
+def _pairs(rows: int, causal: bool) -> int:
+    return rows * (rows + 1) // 2 if causal else rows * rows
+
+
+def useful_pairs(n: int, h: int, segment_lengths, dilation_rates, causal: bool, mixing: str) -> int:
+    plan = make_plan(n, h, tuple(zip(segment_lengths, dilation_rates)), mixing)
+    total = 0
+    for block in plan.blocks:
+        total += block.job.num_heads * block.segments * _pairs(block.length, causal)
+    return total
+
+
+def useful_flops(
+    b: int,
+    n: int,
+    h: int,
+    d: int,
+    segment_lengths,
+    dilation_rates,
+    causal: bool,
+    mixing: str,
+    backward: bool = False,
+) -> float:
+    flops = 4.0 * d * b * useful_pairs(n, h, segment_lengths, dilation_rates, causal, mixing)
+    return flops * 3.5 if backward else flops
+
+
+def dense_flops(b: int, n: int, h: int, d: int, causal: bool, backward: bool = False) -> float:
+    """Plain attention's FLOPs with the same convention (causal counts the lower triangle)."""
+    flops = 4.0 * b * h * d * (n * (n + 1) / 2 if causal else n * n)
+    return flops * 3.5 if backward else flops
