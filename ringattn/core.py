@@ -26,6 +26,7 @@ from ringattn.communicators.base import Communicator
 from ringattn.computers.base import AttentionComputer, LayoutComputer, accumulation_dtype
 from ringattn.dilation.base import DilationProcessor
 from ringattn.memory.base import MemoryManager
+from ringattn.merge import merge_into_
 from ringattn.pattern import Plan
 
 
@@ -81,10 +82,7 @@ def dilated_forward(
             out_rows.copy_(out_block)
             lse_rows.copy_(lse_block)
         else:
-            lse_merged = torch.logaddexp(lse_rows, lse_block)
-            out_rows.mul_(torch.exp(lse_rows - lse_merged).unsqueeze(-1))
-            out_rows.add_(out_block * torch.exp(lse_block - lse_merged).unsqueeze(-1))
-            lse_rows.copy_(lse_merged)
+            merge_into_(out_rows, lse_rows, out_block, lse_block)
 
     out = out_acc if q.dtype == acc_dtype else out_acc.to(q.dtype)
     return out, lse_acc

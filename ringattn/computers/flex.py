@@ -28,6 +28,7 @@ from ringattn import masks
 from ringattn.computers.base import LayoutComputer, accumulation_dtype
 from ringattn.dilation.global_perm import global_permutation
 from ringattn.memory.base import MemoryManager
+from ringattn.merge import merge
 from ringattn.pattern import Plan
 from ringattn.registry import register
 
@@ -63,17 +64,6 @@ def _flex_with_lse(q: Tensor, k: Tensor, v: Tensor, score_mod, block_mask, scale
             q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=True
         )
     return rearrange(out, "b h n d -> b n h d"), rearrange(lse, "b h n -> b n h")
-
-
-def merge_by_lse(outs: list[Tensor], lses: list[Tensor], dtype: torch.dtype) -> Tensor:
-    """Differentiable LSE merge in ``dtype``; rows with no finite LSE give exactly 0 (no NaN)."""
-    lse = torch.stack([x.to(dtype) for x in lses])  # [k, b, n, h]
-    top = lse.amax(0)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    weights = torch.exp(lse - top)
-    total = weights.sum(0)
-    weights = weights / torch.where(total > 0, total, torch.ones_like(total))
-    return sum(w.unsqueeze(-1) * o.to(dtype) for w, o in zip(weights, outs))
 
 
 @register("computer", "flex")
@@ -173,4 +163,4 @@ class FlexComputer(LayoutComputer):
             out_perm, lse_perm = _flex_with_lse(q_perm, k_perm, v_perm, None, block_mask, scale)
             outs.append(out_perm.index_select(1, inverse))
             lses.append(lse_perm.index_select(1, inverse))
-        return merge_by_lse(outs, lses, accumulation_dtype(q.dtype)).to(q.dtype)
+        return merge(outs, lses, accumulation_dtype(q.dtype)).to(q.dtype)
