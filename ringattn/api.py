@@ -12,12 +12,14 @@ from __future__ import annotations
 import types
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from beartype import beartype
 from jaxtyping import jaxtyped
 from torch import Tensor, nn
 
+from ringattn import distributed
 from ringattn.computers.base import LayoutComputer
 from ringattn.config import DilatedConfig
 from ringattn.core import CoreSpec, run_core
@@ -91,6 +93,7 @@ class DilatedAttention(nn.Module):
         strategy: Strategy = _DEFAULT_STRATEGY,
         compile: bool = True,
         compile_backend: str = "inductor",
+        group: Any = None,
     ) -> None:
         super().__init__()
         self.config = DilatedConfig(
@@ -99,8 +102,14 @@ class DilatedAttention(nn.Module):
         self.strategy = strategy.check()
         self.dilation = strategy.component("dilation")()
         self.computer = strategy.component("computer")()
-        self.communicator = strategy.component("communicator")()
         self.memory = strategy.component("memory")()
+        self.communicator = strategy.component("communicator")(group=group, memory=self.memory)
+        if self.communicator.distributed and compile:
+            raise ValueError(
+                f"communicator={strategy.communicator!r} runs eagerly (its P2P/collective calls "
+                "are not captured by torch.compile yet); pass compile=False"
+            )
+        self._checked: set[tuple] = set()
         self.compile = compile
         self._core = (
             compiled_core((self.config, self.strategy, compile_backend), compile_backend)
@@ -123,8 +132,14 @@ class DilatedAttention(nn.Module):
         spec = self._specs.get(key)
         if spec is None:
             c = self.config
+            configs, spans = c.configs, (1,) * len(c.configs)
+            if self.communicator.distributed:
+                # n is this rank's shard; a segment spanning shards is one local chunk of n rows
+                spans = distributed.spans_for(c.configs, n, self.communicator.world_size)
+                configs = tuple((w, r) if s == 1 else (n, r) for (w, r), s in zip(c.configs, spans))
             spec = CoreSpec(
-                plan=make_plan(n, h, c.configs, c.mixing),
+                spans=spans,
+                plan=make_plan(n, h, configs, c.mixing),
                 causal=c.causal,
                 scale=c.scale_for(d),
                 dilation=self.dilation,
@@ -135,8 +150,28 @@ class DilatedAttention(nn.Module):
             self._specs[key] = spec
         return spec
 
+    def _check_across_ranks(self, q: Tensor, k: Tensor, v: Tensor) -> None:
+        """Once per call signature: every rank must make the same call, else all raise."""
+        signature = (
+            tuple(
+                (tuple(x.shape), str(x.dtype), x.device.type, x.requires_grad) for x in (q, k, v)
+            ),
+            self.config,
+            self.strategy.label,
+            torch.is_grad_enabled(),
+        )
+        if signature in self._checked:
+            return
+        distributed.check_consistent(self.communicator.group, signature)
+        spans = distributed.spans_for(self.config.configs, q.shape[1], self.communicator.world_size)
+        for span in sorted(set(spans) - {1}):  # collective: all ranks create the same sub-groups
+            distributed.segment_groups(self.communicator.group, span)
+        self._checked.add(signature)
+
     def forward(self, q: BNHD, k: BNHD, v: BNHD) -> BNHD:
         tracing = torch.compiler.is_compiling()
+        if self.communicator.distributed and not tracing:
+            self._check_across_ranks(q, k, v)
         if not tracing:
             check_inputs(q, k, v)
             needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))

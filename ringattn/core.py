@@ -41,6 +41,8 @@ class CoreSpec:
     # Scratch-buffer owner in eager mode; under torch.compile a NoReuse manager (Inductor plans
     # temporaries itself).
     memory: MemoryManager
+    # spans[i]: how many ranks config i's segments span (all 1 on one device)
+    spans: tuple[int, ...] = ()
 
 
 def _index(indices: tuple[Tensor, ...], i: int) -> Tensor | None:
@@ -72,7 +74,13 @@ def dilated_forward(
         k_dilated = spec.dilation.read(k, block, index)
         v_dilated = spec.dilation.read(v, block, index)
         out_block, lse_block = spec.communicator.attend(
-            spec.computer, q_dilated, k_dilated, v_dilated, spec.causal, spec.scale
+            spec.computer,
+            q_dilated,
+            k_dilated,
+            v_dilated,
+            spec.causal,
+            spec.scale,
+            spec.spans[block.job.config],
         )
         out_rows = block.rows(out_acc)
         lse_rows = block.rows(lse_acc)
@@ -120,6 +128,7 @@ def dilated_backward(
             read(lse),
             spec.causal,
             spec.scale,
+            spec.spans[block.job.config],
         )
         block.rows(dq_acc).add_(dq_block.unflatten(0, (b, block.segments)))
         block.rows(dk_acc).add_(dk_block.unflatten(0, (b, block.segments)))

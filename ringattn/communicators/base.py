@@ -14,11 +14,22 @@ from ringattn.computers.base import BlockComputer, Rows, RowsLSE
 
 
 class Communicator(Component):
+    """``attend`` / ``attend_backward`` get the block's rows on this rank and ``span``, how many
+    ranks the block's segments span (1: all rows are local)."""
+
     world_size: int = 1
+    distributed: bool = False
 
     @abstractmethod
     def attend(
-        self, computer: BlockComputer, q: Rows, k: Rows, v: Rows, causal: bool, scale: float
+        self,
+        computer: BlockComputer,
+        q: Rows,
+        k: Rows,
+        v: Rows,
+        causal: bool,
+        scale: float,
+        span: int = 1,
     ) -> tuple[Rows, RowsLSE]: ...
 
     @abstractmethod
@@ -33,4 +44,5 @@ class Communicator(Component):
         lse: RowsLSE,
         causal: bool,
         scale: float,
+        span: int = 1,
     ) -> tuple[Rows, Rows, Rows]: ...

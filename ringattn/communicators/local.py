@@ -9,8 +9,19 @@ from ringattn.registry import register
 
 @register("communicator", "local")
 class LocalCommunicator(Communicator):
+    def __init__(self, group=None, memory=None) -> None:
+        if group is not None:
+            raise ValueError("group= needs a sequence-parallel communicator ('ring', 'all_gather')")
+
     def attend(
-        self, computer: BlockComputer, q: Rows, k: Rows, v: Rows, causal: bool, scale: float
+        self,
+        computer: BlockComputer,
+        q: Rows,
+        k: Rows,
+        v: Rows,
+        causal: bool,
+        scale: float,
+        span: int = 1,
     ) -> tuple[Rows, RowsLSE]:
         return computer.forward(q, k, v, causal, scale)
 
@@ -25,5 +36,6 @@ class LocalCommunicator(Communicator):
         lse: RowsLSE,
         causal: bool,
         scale: float,
+        span: int = 1,
     ) -> tuple[Rows, Rows, Rows]:
         return computer.backward(dout, q, k, v, out, lse, causal, scale)

@@ -1,0 +1,159 @@
+"""``ring``: K/V chunks travel around the ranks of each segment by P2P, overlapped with compute.
+
+Forward, for a segment spanning ``g`` ranks: rank ``t`` computes its own chunk (causally when
+causal), then at step ``s = 1..g-1`` receives chunk ``t - s`` from its predecessor while it
+forwards the chunk it holds to its successor; the next transfer is posted before the current chunk
+is computed (double-buffered receive buffers from the memory manager). Partial results are merged
+by LSE in float32. Causal: chunks wholly in the future are neither computed nor sent — rank ``t``
+sends at step ``s`` only if its successor needs the chunk (``s <= t + 1``), so a causal segment
+moves half the bytes.
+
+Backward (merged-stats identity, see ``ringattn/core.py``): the K/V ring runs again; each rank
+computes its queries' share of every chunk's gradient and sends that chunk's dK/dV (float32)
+straight back to its owner. No rank ever holds more than two chunks of K/V at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ringattn.communicators.sequence_parallel import SequenceParallel, stack_kv
+from ringattn.computers.base import BlockComputer, Rows, RowsLSE
+from ringattn.computers.base import accumulation_dtype as acc_dtype
+from ringattn.merge import merge_into_
+from ringattn.registry import register
+
+KV_TAG, GRAD_TAG = 1, 2
+
+
+@register("communicator", "ring")
+class RingCommunicator(SequenceParallel):
+    @staticmethod
+    def sends(step: int, t: int, span: int, causal: bool) -> bool:
+        return not causal or (t + 1 < span and step <= t + 1)
+
+    @staticmethod
+    def receives(step: int, t: int, span: int, causal: bool) -> bool:
+        return not causal or step <= t
+
+    def _post(self, ops: list) -> list:
+        return dist.batch_isend_irecv(ops) if ops else []
+
+    def _kv_exchange(self, step, t, peers, causal, send: Tensor, recv: Tensor) -> list:
+        """Ops of step ``step``: forward the held chunk to the successor, receive chunk t-step."""
+        span = len(peers)
+        ops = []
+        if self.sends(step, t, span, causal):
+            ops.append(dist.P2POp(dist.isend, send, peers[(t + 1) % span], self.group, KV_TAG))
+            self.count(send)
+        if self.receives(step, t, span, causal):
+            ops.append(dist.P2POp(dist.irecv, recv, peers[(t - 1) % span], self.group, KV_TAG))
+        return ops
+
+    def _buffers(self, kv_own: Tensor) -> list[Tensor]:
+        shape = tuple(kv_own.shape)
+        return [
+            self.memory.scratch(f"ring_kv_{i}", shape, kv_own.dtype, kv_own.device)
+            for i in range(2)
+        ]
+
+    def attend(
+        self,
+        computer: BlockComputer,
+        q: Rows,
+        k: Rows,
+        v: Rows,
+        causal: bool,
+        scale: float,
+        span: int = 1,
+    ) -> tuple[Rows, RowsLSE]:
+        if span == 1:
+            return computer.forward(q, k, v, causal, scale)
+        t, peers = self.place(span)
+        kv_own = stack_kv(k, v)
+        buffers = self._buffers(kv_own)
+        # every rank walks every step, so each wait is for ops all peers posted a step earlier
+        pending = self._post(self._kv_exchange(1, t, peers, causal, kv_own, buffers[1]))
+        out, lse = self.own_chunk(computer, q, k, v, causal, scale)
+        for step in range(1, span):
+            for request in pending:
+                request.wait()
+            current = buffers[step % 2]
+            pending = (
+                self._post(
+                    self._kv_exchange(step + 1, t, peers, causal, current, buffers[(step + 1) % 2])
+                )
+                if step + 1 < span
+                else []
+            )  # posted before computing: the next transfer overlaps this chunk's attention
+            if self.receives(step, t, span, causal):
+                out_c, lse_c = computer.forward(q, current[0], current[1], False, scale)
+                merge_into_(out, lse, out_c, lse_c)
+        return out, lse
+
+    def attend_backward(
+        self,
+        computer: BlockComputer,
+        dout: Rows,
+        q: Rows,
+        k: Rows,
+        v: Rows,
+        out: Rows,
+        lse: RowsLSE,
+        causal: bool,
+        scale: float,
+        span: int = 1,
+    ) -> tuple[Rows, Rows, Rows]:
+        if span == 1:
+            return computer.backward(dout, q, k, v, out, lse, causal, scale)
+        t, peers = self.place(span)
+        dtype = acc_dtype(q.dtype)
+        kv_own = stack_kv(k, v)
+        buffers = self._buffers(kv_own)
+        grad_in = self.memory.scratch("ring_dkv", tuple(kv_own.shape), dtype, kv_own.device)
+        pending = self._post(self._kv_exchange(1, t, peers, causal, kv_own, buffers[1]))
+        dq, dk, dv = (
+            g.to(dtype) for g in computer.backward(dout, q, k, v, out, lse, causal, scale)
+        )
+        grads_pending = False
+        for step in range(1, span):
+            for request in pending:
+                request.wait()
+            if grads_pending:
+                dk += grad_in[0]
+                dv += grad_in[1]
+            current = buffers[step % 2]
+            pending = (
+                self._post(
+                    self._kv_exchange(step + 1, t, peers, causal, current, buffers[(step + 1) % 2])
+                )
+                if step + 1 < span
+                else []
+            )
+            ops = []
+            if self.receives(step, t, span, causal):
+                dq_c, dk_c, dv_c = computer.backward(
+                    dout, q, current[0], current[1], out, lse, False, scale
+                )
+                dq += dq_c
+                # chunk t - step's share goes straight back to its owner
+                grad_out = torch.stack((dk_c, dv_c)).to(dtype)
+                ops.append(
+                    dist.P2POp(dist.isend, grad_out, peers[(t - step) % span], self.group, GRAD_TAG)
+                )
+                self.count(grad_out)
+            source = t + step  # the rank that computed our chunk at this step
+            grads_pending = source < span if causal else True
+            if grads_pending:
+                ops.append(
+                    dist.P2POp(dist.irecv, grad_in, peers[source % span], self.group, GRAD_TAG)
+                )
+            pending = pending + self._post(ops)
+        for request in pending:
+            request.wait()
+        if grads_pending:
+            dk += grad_in[0]
+            dv += grad_in[1]
+        return dq, dk, dv

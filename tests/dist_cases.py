@@ -1,0 +1,130 @@
+"""Functions each gloo rank runs for tests/test_distributed.py (see dist_pool.py)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import ringattn
+from ringattn import distributed, reference
+
+TOL = {"float32": 1e-5, "float64": 1e-10, "bfloat16": 2e-2}
+
+
+def _rel(x, ref, floor=0.0):
+    x, ref = x.detach().double(), ref.detach().double()
+    return float((x - ref).norm()) / max(float(ref.norm()), floor, 1e-300)
+
+
+def full_problem(b, n, h, d, seed, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    qkv = [torch.randn(b, n, h, d, generator=gen, dtype=torch.float64).to(dtype) for _ in range(3)]
+    grad = torch.randn(b, n, h, d, generator=gen, dtype=torch.float64).to(dtype)
+    return qkv, grad
+
+
+def matches_oracle(shape, options, strategy_fields, dtype_name="float32", seed=0):
+    """Outputs and gradients of the sharded run equal the single-process oracle's shards."""
+    b, n, h, d = shape
+    dtype = getattr(torch, dtype_name)
+    (q, k, v), grad = full_problem(b, n, h, d, seed, dtype)
+    ref_in = [x.double().requires_grad_() for x in (q, k, v)]
+    ref = reference.dilated_attention(*ref_in, **options)
+    ref_grads = torch.autograd.grad(ref, ref_in, grad.double())
+
+    module = ringattn.DilatedAttention(
+        options["segment_lengths"],
+        options["dilation_rates"],
+        causal=options["causal"],
+        mixing=options["mixing"],
+        strategy=ringattn.Strategy(**strategy_fields),
+        compile=False,
+    )
+    local = [distributed.shard(x).requires_grad_() for x in (q, k, v)]
+    out = module(*local)
+    grads = torch.autograd.grad(out, local, distributed.shard(grad))
+    tol = TOL[dtype_name]
+    errors = {"out": _rel(out, distributed.shard(ref))}
+    floor = 0.1 * float(distributed.shard(grad).double().norm())
+    for name, g, g_ref in zip("qkv", grads, ref_grads):
+        errors[f"d{name}"] = _rel(g, distributed.shard(g_ref), floor)
+    assert errors["out"] <= tol, errors
+    assert all(e <= 10 * tol for e in errors.values()), errors
+    # the gathered output is the single-device result
+    assert _rel(distributed.gather(out), ref) <= tol
+    return errors
+
+
+def bytes_sent(shape, options, strategy_fields, backward: bool):
+    b, n, h, d = shape
+    (q, k, v), grad = full_problem(b, n, h, d, 0, torch.float32)
+    module = ringattn.DilatedAttention(
+        options["segment_lengths"],
+        options["dilation_rates"],
+        causal=options["causal"],
+        mixing=options["mixing"],
+        strategy=ringattn.Strategy(**strategy_fields),
+        compile=False,
+    )
+    local = [distributed.shard(x).requires_grad_(backward) for x in (q, k, v)]
+    module.communicator.bytes_sent = 0
+    out = module(*local)
+    forward_bytes = module.communicator.bytes_sent
+    if backward:
+        out.backward(distributed.shard(grad))
+    return forward_bytes, module.communicator.bytes_sent - forward_bytes
+
+
+def mismatched_configs_raise_everywhere(strategy_fields):
+    rank = dist.get_rank()
+    lengths = (8, 32) if rank == 0 else (8, 16)  # rank 0 disagrees
+    module = ringattn.DilatedAttention(
+        lengths, (1, 2), strategy=ringattn.Strategy(**strategy_fields), compile=False
+    )
+    q = torch.randn(1, 16, 2, 8)
+    try:
+        module(q, q, q)
+    except ValueError as exc:
+        return str(exc)
+    raise AssertionError("no error")
+
+
+def mismatched_shapes_raise_everywhere(strategy_fields):
+    n_local = 16 if dist.get_rank() == 0 else 8
+    module = ringattn.DilatedAttention(
+        (8, 32), (1, 2), strategy=ringattn.Strategy(**strategy_fields), compile=False
+    )
+    q = torch.randn(1, n_local, 2, 8)
+    try:
+        module(q, q, q)
+    except ValueError as exc:
+        return str(exc)
+    raise AssertionError("no error")
+
+
+def bad_layout_raises(lengths, rates, n_local):
+    module = ringattn.DilatedAttention(
+        lengths, rates, strategy=ringattn.Strategy(communicator="ring"), compile=False
+    )
+    q = torch.randn(1, n_local, 2, 8)
+    try:
+        module(q, q, q)
+    except ValueError as exc:
+        return str(exc)
+    raise AssertionError("no error")
+
+
+def shard_requires_divisible_n():
+    try:
+        distributed.shard(torch.randn(1, 7, 2, 4))
+    except ValueError as exc:
+        return str(exc)
+    raise AssertionError("no error")
+
+
+def shard_gather_roundtrip():
+    x = torch.arange(2 * 16 * 3 * 2, dtype=torch.float32).view(2, 16, 3, 2)
+    part = distributed.shard(x)
+    assert part.shape[1] == 16 // dist.get_world_size()
+    assert torch.equal(distributed.gather(part), x)
+    return True

@@ -1,0 +1,83 @@
+"""A pool of gloo processes that lives for one test module, so CI pays process start-up once.
+
+``DistPool(p).run("case_name", *args)`` runs ``dist_cases.case_name(*args)`` on every rank and
+returns the per-rank results, raising with every failing rank's traceback. Every wait has a
+timeout, so a hang in the library fails the test instead of stalling CI.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import traceback
+from datetime import timedelta
+
+import torch.multiprocessing as mp
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
+    sys.path.insert(0, TESTS_DIR)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    import dist_cases
+
+    while True:
+        item = tasks.get()
+        if item is None:
+            break
+        name, args = item
+        try:
+            results.put((rank, True, getattr(dist_cases, name)(*args)))
+        except BaseException:  # noqa: BLE001  (reported to the parent, which fails the test)
+            results.put((rank, False, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class DistPool:
+    def __init__(self, world_size: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.world_size = world_size
+        self.tasks = [ctx.Queue() for _ in range(world_size)]
+        self.results = ctx.Queue()
+        port = _free_port()
+        self.procs = [
+            ctx.Process(
+                target=_worker, args=(r, world_size, port, self.tasks[r], self.results), daemon=True
+            )
+            for r in range(world_size)
+        ]
+        for proc in self.procs:
+            proc.start()
+
+    def run(self, name: str, *args, timeout: float = 180.0) -> list:
+        for queue in self.tasks:
+            queue.put((name, args))
+        outcomes = {}
+        for _ in range(self.world_size):
+            rank, ok, value = self.results.get(timeout=timeout)
+            outcomes[rank] = (ok, value)
+        failures = [f"rank {r}:\n{v}" for r, (ok, v) in sorted(outcomes.items()) if not ok]
+        if failures:
+            raise AssertionError("\n".join(failures))
+        return [outcomes[r][1] for r in range(self.world_size)]
+
+    def close(self) -> None:
+        for queue in self.tasks:
+            queue.put(None)
+        for proc in self.procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()

@@ -1,0 +1,137 @@
+"""Sequence parallelism on CPU: gloo process pools of 2 and 4 ranks (one pool per size per module).
+
+Every (communicator × dilation × computer) combination, causal or not, both mixings, matches the
+single-process float64 oracle on the gathered sequence — outputs and gradients — with configs
+whose segments are shard-local, span 2 ranks and (with 4 ranks) span all 4. Bytes sent equal the
+analytic volume, and bad or mismatched calls raise on every rank instead of hanging.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from dist_pool import DistPool
+
+from ringattn.pattern import jobs_for
+
+pytestmark = pytest.mark.distributed
+
+# n = 64 tokens: shards of 32 (p=2) or 16 (p=4)
+SHAPE = (2, 64, 5, 8)
+CONFIGS = {
+    2: ((8, 32, 64), (1, 2, 4)),  # local, local (= shard), spans 2
+    4: ((8, 32, 64), (1, 2, 4)),  # local, spans 2, spans 4
+}
+COMBOS = list(
+    itertools.product(
+        ("ring", "all_gather"),
+        ("segment_local", "global"),
+        ("math", "sdpa"),
+        (False, True),
+        ("lse", "head_groups"),
+    )
+)
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda p: f"p{p}")
+def pool(request):
+    pool = DistPool(request.param)
+    yield pool
+    pool.close()
+
+
+def options(world_size, causal, mixing):
+    lengths, rates = CONFIGS[world_size]
+    return {"segment_lengths": lengths, "dilation_rates": rates, "causal": causal, "mixing": mixing}
+
+
+@pytest.mark.parametrize("communicator, dilation, computer, causal, mixing", COMBOS)
+def test_matches_single_process_oracle(pool, communicator, dilation, computer, causal, mixing):
+    strategy = {"communicator": communicator, "dilation": dilation, "computer": computer}
+    pool.run("matches_oracle", SHAPE, options(pool.world_size, causal, mixing), strategy)
+
+
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+def test_bf16_matches_oracle(pool, communicator):
+    strategy = {"communicator": communicator, "computer": "sdpa"}
+    pool.run("matches_oracle", SHAPE, options(pool.world_size, True, "lse"), strategy, "bfloat16")
+
+
+def expected_bytes(world_size, causal, mixing, communicator):
+    """Analytic volume per rank: only selected K/V rows of segments spanning ranks travel."""
+    b, n, h, d = SHAPE
+    m = n // world_size
+    lengths, rates = CONFIGS[world_size]
+    forward = [0] * world_size
+    backward = [0] * world_size
+    for job in jobs_for(h, tuple(zip(lengths, rates)), mixing):
+        span = min(job.w // m, world_size) if job.w > m else 1
+        if span == 1:
+            continue
+        rows = m // job.r
+        kv_fp32 = 2 * b * rows * job.num_heads * d * 4  # K and V chunk, float32 inputs
+        grads = kv_fp32  # dK, dV shares travel in float32
+        for rank in range(world_size):
+            t = rank % span
+            if communicator == "all_gather":
+                forward[rank] += (span - 1) * kv_fp32
+                backward[rank] += (span - 1) * kv_fp32 + (span - 1) * grads
+            else:
+                kv_sends = (min(t + 1, span - 1) if t + 1 < span else 0) if causal else span - 1
+                computed = t if causal else span - 1
+                forward[rank] += kv_sends * kv_fp32
+                backward[rank] += kv_sends * kv_fp32 + computed * grads
+    return forward, backward
+
+
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mixing", ["lse", "head_groups"])
+def test_bytes_sent_equal_the_analytic_volume(pool, communicator, causal, mixing):
+    strategy = {"communicator": communicator, "computer": "sdpa"}
+    measured = pool.run(
+        "bytes_sent", SHAPE, options(pool.world_size, causal, mixing), strategy, True
+    )
+    forward, backward = expected_bytes(pool.world_size, causal, mixing, communicator)
+    assert [f for f, _ in measured] == forward
+    assert [bw for _, bw in measured] == backward
+    assert sum(forward) > 0
+
+
+def test_shard_local_configs_send_nothing(pool):
+    opts = {"segment_lengths": (8, 16), "dilation_rates": (1, 2), "causal": True, "mixing": "lse"}
+    for communicator in ("ring", "all_gather"):
+        measured = pool.run("bytes_sent", SHAPE, opts, {"communicator": communicator}, True)
+        assert all(f == 0 and bw == 0 for f, bw in measured)
+
+
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+def test_mismatched_configs_raise_on_every_rank(pool, communicator):
+    messages = pool.run("mismatched_configs_raise_everywhere", {"communicator": communicator})
+    assert all("ranks disagree" in m for m in messages)
+
+
+def test_mismatched_shapes_raise_on_every_rank(pool):
+    messages = pool.run("mismatched_shapes_raise_everywhere", {"communicator": "ring"})
+    assert all("ranks disagree" in m for m in messages)
+
+
+@pytest.mark.parametrize(
+    "lengths, rates, n_local, match",
+    [
+        ((12,), (1,), 16, "must divide the shard length"),
+        ((24,), (1,), 16, "must divide the shard length"),
+        ((32,), (32,), 16, r"dilation_rates\[0\]=32 must divide the shard length"),
+    ],
+)
+def test_bad_layouts_are_clear_errors(pool, lengths, rates, n_local, match):
+    import re
+
+    messages = pool.run("bad_layout_raises", lengths, rates, n_local)
+    assert all(re.search(match, m) for m in messages)
+
+
+def test_shard_and_gather(pool):
+    assert all(pool.run("shard_gather_roundtrip"))
+    assert all("divisible by the group size" in m for m in pool.run("shard_requires_divisible_n"))
