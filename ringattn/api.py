@@ -30,14 +30,19 @@ from ringattn.types import BNHD
 
 _NO_REUSE = NoReuse()
 _COMPILED: dict[tuple, Callable[..., Tensor]] = {}
+# Graphs per (config, strategy, backend): one per (b, n, h, d, dtype, grad mode) seen. Dynamo's
+# default of 8 is easily hit by a sweep over n; past this, fullgraph=True raises
+# FailOnRecompileLimitHit rather than silently running eagerly.
+RECOMPILE_LIMIT = 64
 
 
 def compiled_core(key: tuple, backend: str) -> Callable[..., Tensor]:
     """``torch.compile(run_core)`` with a Dynamo cache of its own for each (config, strategy).
 
-    Dynamo keeps one cache per *code object* and falls back to eager after
-    ``torch._dynamo.config.recompile_limit`` (8) entries. Sharing ``run_core``'s code between all
-    modules would let a strategy sweep or a model with varied layers exhaust that budget; giving
+    Dynamo keeps one cache per *code object*, limited to ``RECOMPILE_LIMIT`` graphs here (with
+    ``fullgraph=True`` one more raises instead of falling back to eager). Sharing ``run_core``'s
+    code between all modules would let a strategy sweep or a model with varied layers exhaust that
+    budget; giving
     each distinct (config, strategy, backend) its own copy of the code keeps identical layers on one
     graph and different ones out of each other's way.
     """
@@ -147,6 +152,8 @@ class DilatedAttention(nn.Module):
                 communicator=self.communicator,
                 memory=_NO_REUSE if compiling else self.memory,
             )
+            if len(self._specs) >= RECOMPILE_LIMIT:  # one spec per graph at most; bounded
+                self._specs.pop(next(iter(self._specs)))
             self._specs[key] = spec
         return spec
 
@@ -191,6 +198,15 @@ class DilatedAttention(nn.Module):
             if isinstance(self.computer, LayoutComputer)
             else ()
         )
+        # autograd.Function under Dynamo refuses the same tensor twice (self-attention with
+        # q is k is v); distinct views of one storage are fine and cost nothing
+        if k is q:
+            k = k.view_as(k)
+        if v is q or v is k:
+            v = v.view_as(v)
+        if self.compile:
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                return self._core(spec, q, k, v, indices, aux)
         return self._core(spec, q, k, v, indices, aux)
 
 

@@ -120,6 +120,7 @@ def jobs_for(h: int, configs: tuple[tuple[int, int], ...], mixing: str) -> tuple
 
 
 _PLANS: dict[tuple, Plan] = {}
+_MAX_PLANS = 256
 
 
 def make_plan(n: int, h: int, configs: tuple[tuple[int, int], ...], mixing: str) -> Plan:
@@ -127,6 +128,8 @@ def make_plan(n: int, h: int, configs: tuple[tuple[int, int], ...], mixing: str)
     key = (n, h, configs, mixing)
     plan = _PLANS.get(key)
     if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:  # bounded: drop the oldest
+            _PLANS.pop(next(iter(_PLANS)))
         plan = _PLANS[key] = _build_plan(n, h, configs, mixing)
     return plan
 

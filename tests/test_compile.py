@@ -144,3 +144,29 @@ def test_new_sequence_length_compiles_a_new_graph_once():
         q, k, v = make_qkv({**PROBLEM, "n": n}, torch.float32)
         layer(q, k, v)
     assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_self_attention_with_one_tensor_compiles():
+    """q is k is v: Dynamo's autograd.Function refuses duplicate inputs; the boundary aliases."""
+    torch._dynamo.reset()
+    layer = ringattn.DilatedAttention((4, 16), (1, 2), compile=True, compile_backend="aot_eager")
+    x = make_qkv(PROBLEM, torch.float32)[0].requires_grad_()
+    out = layer(x, x, x)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    ref_x = x.detach().double().requires_grad_()
+    ref = reference.dilated_attention(
+        ref_x, ref_x, ref_x, segment_lengths=(4, 16), dilation_rates=(1, 2)
+    )
+    (ref_grad,) = torch.autograd.grad(ref.sum(), ref_x)
+    assert rel_err(out, ref) <= 1e-5
+    assert rel_err(grad, ref_grad) <= 1e-4
+
+
+def test_more_than_eight_sequence_lengths_stay_compiled():
+    """Dynamo's default recompile limit (8) would make fullgraph raise on the 9th shape."""
+    torch._dynamo.reset()
+    layer = ringattn.DilatedAttention((4,), (2,), compile=True, compile_backend="eager")
+    for n in range(4, 16):
+        q, k, v = make_qkv({**PROBLEM, "n": n}, torch.float32)
+        with torch.no_grad():
+            layer(q, k, v)

@@ -1,6 +1,8 @@
 """MemoryManager: who owns index patterns and scratch buffers.
 
-Two services, both used from eager code only (the compiled core never calls them, see
+Two services. Patterns are fetched in eager code only, outside the compiled core. Scratch buffers
+are asked for inside the core, but only the eager path gets a pooling manager: under
+``torch.compile`` the core sees ``NoReuse`` (plain ``torch.empty``) and Inductor plans memory (see
 ``docs/architecture.md``):
 
 * ``cached(key, build)``: an index pattern (e.g. the global permutation) for a key that names
