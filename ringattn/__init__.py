@@ -4,9 +4,16 @@ Importing the package registers every built-in strategy (see :mod:`ringattn.regi
 """
 
 from ringattn import communicators, computers, dilation, memory, registry  # noqa: F401
-from ringattn.api import DilatedAttention, dilated_attention
+from ringattn.api import DilatedAttention, UnsupportedError, dilated_attention
 from ringattn.config import DilatedConfig
 from ringattn.strategy import Strategy
 
-__all__ = ["DilatedAttention", "DilatedConfig", "Strategy", "dilated_attention", "registry"]
+__all__ = [
+    "DilatedAttention",
+    "DilatedConfig",
+    "Strategy",
+    "UnsupportedError",
+    "dilated_attention",
+    "registry",
+]
 __version__ = "0.1.0"

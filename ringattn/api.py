@@ -29,6 +29,12 @@ from ringattn.strategy import Strategy
 from ringattn.types import BNHD
 
 _NO_REUSE = NoReuse()
+
+
+class UnsupportedError(ValueError):
+    """A valid strategy that cannot run these particular inputs (dtype, device, gradients)."""
+
+
 _COMPILED: dict[tuple, Callable[..., Tensor]] = {}
 # Graphs per (config, strategy, backend): one per (b, n, h, d, dtype, grad mode) seen. Dynamo's
 # default of 8 is easily hit by a sweep over n; past this, fullgraph=True raises
@@ -186,7 +192,7 @@ class DilatedAttention(nn.Module):
                 q.dtype, q.device, needs_grad, compiled=self.compile, dilation=self.dilation.name
             )
             if reason:
-                raise ValueError(
+                raise UnsupportedError(
                     f"strategy computer={self.strategy.computer!r} cannot run "
                     f"{q.dtype} on {q.device.type}: {reason}"
                 )

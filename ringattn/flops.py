@@ -15,12 +15,19 @@ def _pairs(rows: int, causal: bool) -> int:
     return rows * (rows + 1) // 2 if causal else rows * rows
 
 
-def useful_pairs(n: int, h: int, segment_lengths, dilation_rates, causal: bool, mixing: str) -> int:
+def useful_pairs(
+    n: int, h: int, segment_lengths, dilation_rates, causal: bool = False, mixing: str = "lse"
+) -> int:
     plan = make_plan(n, h, tuple(zip(segment_lengths, dilation_rates)), mixing)
     total = 0
     for block in plan.blocks:
         total += block.job.num_heads * block.segments * _pairs(block.length, causal)
     return total
+
+
+def dense_pairs(n: int, h: int, causal: bool) -> int:
+    """Score pairs of plain attention over all ``h`` heads (causal: the lower triangle)."""
+    return h * _pairs(n, causal)
 
 
 def useful_flops(

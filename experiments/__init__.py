@@ -1,0 +1,1 @@
+"""Experiments on ringattn: ``python -m experiments.ablate`` sweeps every registered strategy."""

@@ -1,0 +1,1177 @@
+"""Ablation sweep: every valid ``Strategy`` × configs × sequence lengths × compile on/off.
+
+Run::
+
+    python -m experiments.ablate                       # preset "quick": CPU, fp32, well under 2 min
+    python -m experiments.ablate --preset gpu          # CUDA, bf16, h=16, d=128, LongNet configs
+    torchrun --nproc-per-node 2 -m experiments.ablate --preset distributed
+    python -m experiments.ablate --computer sdpa,math --dilation global \\
+        --segment-lengths 64,128 --dilation-rates 1,2 --seq-lens 512,2048 --compile both
+
+(``ringattn-ablate`` is the same command.) Every variant gets
+
+* a correctness check against the float64 oracle ``ringattn.reference.dilated_attention`` on a
+  small input (``--check-n`` rows): relative error ‖out−ref‖/‖ref‖ of the forward and the largest
+  of the q/k/v gradients' (each against ``max(‖ref‖, 0.1·‖grad_out‖)``, as tests/conftest.py does
+  for gradients that vanish in exact arithmetic), bounded per dtype (:data:`TOLERANCE`);
+* forward and forward+backward times, median of ``--repeats`` after ``--warmup`` calls (CUDA
+  events on CUDA, ``time.perf_counter`` on CPU);
+* peak memory of one warm call: the call's inputs plus the most memory it allocates on top of
+  what was live before it (CUDA: ``max_memory_allocated``; CPU: the PyTorch CPU allocator's events
+  replayed from ``torch.autograd.profiler``). Caches a module keeps between calls (``pooled``
+  scratch buffers, index patterns) are live before the call and therefore not counted;
+* useful TFLOP/s: ``4·d·b·P`` FLOPs forward (×3.5 forward+backward), ``P`` = :func:`useful_pairs`,
+  the (query, key) pairs the dilated definition scores, not what a kernel happens to compute;
+* its time relative to dense ``scaled_dot_product_attention`` on the same input (same causality),
+  measured in the same run (rows with strategy ``dense_sdpa``).
+
+Results go to ``results/<YYYY-mm-dd_HHMMSS>_<preset>/`` (``--out``): ``results.csv`` (every
+column), ``results.md`` and one PNG per (config, compile, fwd | fwd+bwd) with time and peak memory
+against n, log-log. The short Markdown table is printed last. The exit status is 0 when every
+check passed, 1 when one failed or errored, 2 for bad command-line input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+import ringattn
+from ringattn import DilatedConfig, Strategy, reference, registry
+from ringattn.flops import dense_pairs, useful_pairs
+
+# ‖out − ref‖ / ‖ref‖ bounds against the float64 oracle (the same contract as tests/conftest.py).
+TOLERANCE = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.bfloat16: 2e-2,
+    torch.float16: 2e-2,
+}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp64": torch.float64,
+    "float64": torch.float64,
+}
+FWD_BWD_FLOPS = 3.5  # backward ≈ 2.5× the forward's matmul FLOPs
+DISTRIBUTED_COMMUNICATORS = ("ring", "all_gather")
+TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported as one ``ablate: error: ...`` line, exit status 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# Presets and settings
+# --------------------------------------------------------------------------------------------
+
+Config = tuple[tuple[int, ...], tuple[int, ...]]  # (segment_lengths, dilation_rates)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    device: str
+    dtype: str
+    batch: int
+    heads: int
+    head_dim: int
+    configs: tuple[Config, ...]
+    seq_lens: tuple[int, ...]
+    check_n: int  # rows of the correctness input (the float64 oracle is a Python loop)
+    mixings: tuple[str, ...] = ("lse",)
+    causal: tuple[bool, ...] = (False,)
+    compile: str = "off"  # "on" | "off" | "both"
+    # At most this many compile-on variants (default strategy first); None: all of them.
+    # Every (strategy, config, n) is new graphs: Inductor needs ~15 s for one on a 2-core CPU.
+    compile_budget: int | None = None
+    communicators: tuple[str, ...] = ("local",)
+    warmup: int = 2
+    repeats: int = 5
+
+
+LONGNET: Config = ((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16))
+
+PRESETS = {
+    "quick": Preset(
+        name="quick",
+        device="cpu",
+        dtype="fp32",
+        batch=1,
+        heads=4,
+        head_dim=32,
+        configs=(((64, 128), (1, 2)), ((32, 64, 256), (1, 2, 4))),
+        seq_lens=(256, 1024),
+        check_n=256,
+        compile="both",
+        compile_budget=1,
+    ),
+    "gpu": Preset(
+        name="gpu",
+        device="cuda",
+        dtype="bf16",
+        batch=1,
+        heads=16,
+        head_dim=128,
+        configs=(LONGNET,),
+        seq_lens=(32768, 65536, 131072, 262144),
+        check_n=8192,
+        mixings=("lse", "head_groups"),
+        causal=(False, True),
+        compile="both",
+        # Inductor took ~5 min for one (strategy, n) of this config on an H100 (check, forward and
+        # forward+backward graphs): compile the default strategy at every config and n only.
+        compile_budget=16,
+        warmup=3,
+        repeats=10,
+    ),
+}
+# the gpu sweep, sharded over the ranks of a torchrun launch
+PRESETS["distributed"] = dataclasses.replace(
+    PRESETS["gpu"],
+    name="distributed",
+    seq_lens=(131072, 262144, 524288),
+    compile="off",  # the sequence-parallel communicators run eagerly (not compilable yet)
+    compile_budget=None,
+    communicators=DISTRIBUTED_COMMUNICATORS,
+)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Everything one run needs, resolved and validated."""
+
+    preset: Preset
+    device: torch.device
+    dtype: torch.dtype
+    configs: tuple[DilatedConfig, ...]  # configs × mixings × causal
+    strategies: tuple[Strategy, ...]
+    distributed: bool  # launched under torchrun: one process group, one device per rank
+    compile_modes: tuple[bool, ...]
+    compile_budget: int | None
+    compile_backend: str
+    baseline: bool
+    out: Path
+
+
+@dataclass(frozen=True)
+class Variant:
+    strategy: Strategy
+    config: DilatedConfig
+    n: int
+    compile: bool
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    """``"64,128"`` → ``(64, 128)``; the library validates the values themselves."""
+    try:
+        return tuple(int(token) for token in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(token.strip() for token in text.split(",") if token.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="ablate",
+        description="Sweep ringattn strategies: correctness, time, memory, TFLOP/s.",
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="quick",
+        help="quick (default): CPU fp32, small, < 2 min; gpu: CUDA bf16, LongNet configs, n >= 32K;"
+        " distributed: the gpu sweep under torchrun with the ring/all_gather communicators",
+    )
+    p.add_argument("--out", type=Path, help="results folder (default results/<date>_<preset>)")
+    sel = p.add_argument_group("strategies (comma-separated registry names; default: all valid)")
+    for kind in registry.KINDS:
+        sel.add_argument(
+            f"--{kind}", type=_names, metavar="NAMES", help=f"of: {', '.join(registry.names(kind))}"
+        )
+    cfg = p.add_argument_group("configs (a JSON file, or repeated flag pairs)")
+    cfg.add_argument("--config-file", type=Path, help='[{"segment_lengths": [..], ...}, ...]')
+    cfg.add_argument("--segment-lengths", type=_ints, action="append", metavar="W,W,...")
+    cfg.add_argument("--dilation-rates", type=_ints, action="append", metavar="R,R,...")
+    cfg.add_argument("--mixing", type=_names, metavar="lse,head_groups")
+    cfg.add_argument("--causal", choices=("off", "on", "both"))
+    shape = p.add_argument_group("shapes and numerics")
+    shape.add_argument("--seq-lens", type=_ints, metavar="N,N,...")
+    shape.add_argument("--check-n", type=int, help="rows of the correctness input")
+    shape.add_argument("--batch", type=int)
+    shape.add_argument("--heads", type=int)
+    shape.add_argument("--head-dim", type=int)
+    shape.add_argument("--dtype", choices=sorted(DTYPES))
+    shape.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    run = p.add_argument_group("measurement")
+    run.add_argument(
+        "--compile",
+        choices=("on", "off", "both"),
+        help="torch.compile the core; given, it applies to every variant (Inductor: ~15 s per"
+        " graph on CPU); by default each preset compiles only its --compile-budget variants",
+    )
+    run.add_argument(
+        "--compile-budget",
+        type=int,
+        help="at most this many compile-on variants, default strategy first (-1: no limit)",
+    )
+    run.add_argument("--compile-backend", default="inductor")
+    run.add_argument("--warmup", type=int)
+    run.add_argument("--repeats", type=int)
+    run.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True)
+    return p
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def resolve(args: argparse.Namespace) -> Sweep:
+    """Apply the command line to the preset; every check raises :class:`UsageError`."""
+    preset = PRESETS[args.preset]
+    overrides = {
+        "device": args.device,
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "heads": args.heads,
+        "head_dim": args.head_dim,
+        "seq_lens": args.seq_lens,
+        "check_n": args.check_n,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "mixings": args.mixing,
+        "communicators": args.communicator,
+    }
+    if args.causal:
+        overrides["causal"] = {"off": (False,), "on": (True,), "both": (False, True)}[args.causal]
+    if args.compile:
+        # An explicit --compile applies to every variant unless a budget is given too.
+        overrides["compile"] = args.compile
+        overrides["compile_budget"] = None
+    if args.compile_budget is not None:
+        overrides["compile_budget"] = None if args.compile_budget < 0 else args.compile_budget
+    preset = dataclasses.replace(
+        preset, **{key: value for key, value in overrides.items() if value is not None}
+    )
+    _check_positive(preset)
+    filters = {kind: getattr(args, kind) for kind in registry.KINDS if getattr(args, kind)}
+    filters.setdefault("communicator", preset.communicators)
+    strategies = select_strategies(filters)
+    distributed = check_distributed(preset, strategies)
+    device = _device(preset.device)
+    for mixing in preset.mixings:
+        _config((1,), (1,), False, mixing, "--mixing")
+    configs = tuple(
+        _config(w, r, causal, mixing, where)
+        for (w, r), where in _raw_configs(args, preset)
+        for mixing in preset.mixings
+        for causal in preset.causal
+    )
+    compile_modes = {"off": (False,), "on": (True,), "both": (False, True)}[preset.compile]
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S")
+    return Sweep(
+        preset=preset,
+        device=device,
+        dtype=DTYPES[preset.dtype],
+        configs=configs,
+        strategies=strategies,
+        distributed=distributed,
+        compile_modes=compile_modes,
+        compile_budget=preset.compile_budget,
+        compile_backend=args.compile_backend,
+        baseline=args.baseline,
+        out=args.out or Path("results") / f"{stamp}_{preset.name}",
+    )
+
+
+def _check_positive(preset: Preset) -> None:
+    for name in ("batch", "heads", "head_dim", "check_n", "repeats"):
+        if getattr(preset, name) < 1:
+            raise UsageError(
+                f"--{name.replace('_', '-')} must be >= 1, got {getattr(preset, name)}"
+            )
+    if preset.warmup < 0:
+        raise UsageError(f"--warmup must be >= 0, got {preset.warmup}")
+    if not preset.seq_lens or min(preset.seq_lens) < 1:
+        raise UsageError(f"--seq-lens must be positive integers, got {preset.seq_lens}")
+
+
+def _device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--device: {_one_line(e)}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            f"device {text!r} needs CUDA, which is not available here (try --device cpu)"
+        )
+    return device
+
+
+def _raw_configs(args: argparse.Namespace, preset: Preset) -> list[tuple[Config, str]]:
+    """``((segment_lengths, dilation_rates), where)`` pairs, ``where`` naming their source."""
+    lengths, rates = args.segment_lengths or [], args.dilation_rates or []
+    if args.config_file and (lengths or rates):
+        raise UsageError("give configs either with --config-file or with flags, not both")
+    if args.config_file:
+        return load_config_file(args.config_file)
+    if len(lengths) != len(rates):
+        raise UsageError(
+            f"got {len(lengths)} --segment-lengths but {len(rates)} --dilation-rates; "
+            "give them in pairs, one pair per config"
+        )
+    if lengths:
+        return [
+            ((w, r), f"--segment-lengths {_join(w)} --dilation-rates {_join(r)}")
+            for w, r in zip(lengths, rates)
+        ]
+    return [(c, f"preset config {i}") for i, c in enumerate(preset.configs)]
+
+
+def load_config_file(path: Path) -> list[tuple[Config, str]]:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise UsageError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
+    except ValueError as e:
+        raise UsageError(f"config file {str(path)!r} is not valid JSON: {_one_line(e)}") from None
+    if not isinstance(data, list) or not data:
+        raise UsageError(f"config file {str(path)!r} must hold a non-empty JSON list of configs")
+    out = []
+    for i, item in enumerate(data):
+        where = f"{path.name}[{i}]"
+        if not isinstance(item, dict) or set(item) != {"segment_lengths", "dilation_rates"}:
+            raise UsageError(
+                f"{where} must be an object with exactly the keys segment_lengths and "
+                f"dilation_rates, got {item!r}"
+            )
+        out.append(((_tuple(item["segment_lengths"]), _tuple(item["dilation_rates"])), where))
+    return out
+
+
+def _tuple(value: object) -> object:
+    """JSON lists become tuples; anything else goes to the library as is (and is rejected)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _config(w, r, causal: bool, mixing: str, where: str) -> DilatedConfig:
+    """The library's own validation (r | w, positive ints, known mixing) as a UsageError."""
+    try:
+        return DilatedConfig(w, r, causal, mixing)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{where}: {_one_line(e)}") from None
+
+
+def select_strategies(filters: dict[str, Sequence[str]]) -> tuple[Strategy, ...]:
+    """Valid strategies whose every field is among the given names (unknown names: UsageError)."""
+    for kind, names in filters.items():
+        for name in names:
+            try:
+                Strategy(**{kind: name})
+            except (TypeError, ValueError) as e:
+                raise UsageError(f"--{kind}: {_one_line(e)}") from None
+    chosen = tuple(
+        s
+        for s in Strategy.all()  # every valid combination the registry knows
+        if all(getattr(s, kind) in names for kind, names in filters.items())
+    )
+    if not chosen:
+        wanted = " ".join(f"--{kind} {','.join(names)}" for kind, names in filters.items())
+        raise UsageError(f"no valid strategy matches {wanted}")
+    return chosen
+
+
+def check_distributed(preset: Preset, strategies: Sequence[Strategy]) -> bool:
+    """Whether the sweep needs torch.distributed; if so, that it can have it (else UsageError).
+
+    Preset "distributed" needs the ring and all_gather communicators; any sequence-parallel
+    strategy needs a torchrun launch (one process per rank).
+    """
+    if preset.name == "distributed":
+        registered = registry.names("communicator")
+        missing = [c for c in DISTRIBUTED_COMMUNICATORS if c not in registered]
+        if missing:
+            raise UsageError(
+                f"preset 'distributed' needs the {' and '.join(map(repr, missing))} "
+                f"communicator(s), which are not registered yet (registered: "
+                f"{', '.join(registered)})"
+            )
+    parallel = sorted({s.communicator for s in strategies if is_sequence_parallel(s)})
+    if preset.name != "distributed" and not parallel:
+        return False
+    if not all(name in os.environ for name in TORCHRUN_ENV):
+        what = (
+            "preset 'distributed'"
+            if preset.name == "distributed"
+            else f"the sequence-parallel communicator {parallel[0]!r}"
+        )
+        raise UsageError(
+            f"{what} must be launched under torchrun, e.g. torchrun --nproc-per-node 2 "
+            "-m experiments.ablate --preset distributed"
+        )
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# FLOP count
+# --------------------------------------------------------------------------------------------
+
+
+def tflops(pairs: int, b: int, d: int, ms: float | None, factor: float = 1.0) -> float | None:
+    if ms is None or ms <= 0:
+        return None
+    return factor * 4 * d * b * pairs / (ms * 1e-3) / 1e12
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of results.csv: a strategy variant, or the dense baseline (``dense_sdpa``)."""
+
+    strategy: str
+    compile: bool
+    segment_lengths: str
+    dilation_rates: str
+    mixing: str
+    causal: bool
+    n: int
+    batch: int
+    heads: int
+    head_dim: int
+    dtype: str
+    device: str
+    check: str = "n/a"  # pass | FAIL | error | oom | unsupported | n/a (baseline)
+    tolerance: float | None = None
+    fwd_rel_err: float | None = None
+    grad_rel_err: float | None = None
+    fwd_ms: float | None = None
+    fwdbwd_ms: float | None = None
+    fwd_peak_mib: float | None = None
+    fwdbwd_peak_mib: float | None = None
+    peak_source: str = ""
+    useful_pairs: int = 0
+    fwd_tflops: float | None = None
+    fwdbwd_tflops: float | None = None
+    fwd_vs_dense: float | None = None  # time / dense SDPA time (same n, causal)
+    fwdbwd_vs_dense: float | None = None
+    wall_s: float | None = None  # the whole row: module build, compile, check, timing, memory
+    note: str = ""
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.strategy == BASELINE
+
+
+BASELINE = "dense_sdpa"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_mib(fn: Callable[[], object], device: torch.device, live_bytes: int) -> tuple[float, str]:
+    """``live_bytes`` (the call's inputs) + the most the call allocates above the level before."""
+    if device.type == "cuda":
+        _sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        _sync(device)
+        extra = torch.cuda.max_memory_allocated(device) - before
+        source = "cuda_max_allocated"
+    else:
+        extra = cpu_allocator_peak(fn)
+        source = "cpu_profiler"
+    return (live_bytes + extra) / 2**20, source
+
+
+def cpu_allocator_peak(fn: Callable[[], object]) -> int:
+    """Peak bytes the PyTorch CPU allocator holds during ``fn`` above its level at the start.
+
+    The profiler records every allocation and free with its size; replaying them in time order
+    gives the exact high-water mark (the CPU analogue of ``torch.cuda.max_memory_allocated``),
+    unlike RSS, which malloc's free lists and arenas blur.
+    """
+    with _quiet_fd2(), torch.autograd.profiler.profile(profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.kineto_results.events() if e.name() == "[memory]"]
+    level = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        level += event.nbytes()
+        peak = max(peak, level)
+    return peak
+
+
+@contextlib.contextmanager
+def _quiet_fd2() -> Iterator[None]:
+    """Kineto prints start/stop lines on file descriptor 2 whatever its log level: drop them."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def make_inputs(sweep: Sweep, n: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """q, k, v ``[b, n, h, d]`` and a gradient for the output, reproducible per ``n``."""
+    p = sweep.preset
+    gen = torch.Generator(device=sweep.device).manual_seed(seed + n)
+    shape = (p.batch, n, p.heads, p.head_dim)
+    return tuple(
+        torch.randn(shape, generator=gen, device=sweep.device, dtype=sweep.dtype) for _ in range(4)
+    )
+
+
+@dataclass
+class Oracle:
+    """The float64 reference on the correctness input of one config."""
+
+    inputs: tuple[torch.Tensor, ...]  # q, k, v, grad_out in the sweep's dtype
+    out: torch.Tensor
+    grads: tuple[torch.Tensor, ...]
+
+
+def make_oracle(sweep: Sweep, config: DilatedConfig) -> Oracle:
+    inputs = make_inputs(sweep, sweep.preset.check_n, seed=1)
+    leaves = [x.detach().double().requires_grad_() for x in inputs[:3]]
+    out = reference.dilated_attention(
+        *leaves,
+        segment_lengths=config.segment_lengths,
+        dilation_rates=config.dilation_rates,
+        causal=config.causal,
+        mixing=config.mixing,
+    )
+    grads = torch.autograd.grad(out, leaves, inputs[3].double())
+    return Oracle(inputs, out.detach(), grads)
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
+    x, ref = x.detach().double(), ref.detach().double()
+    denom = max(float(ref.norm()), floor)
+    return float((x - ref).norm()) / denom if denom else float(x.norm())
+
+
+def is_sequence_parallel(strategy: Strategy) -> bool:
+    return bool(getattr(strategy.component("communicator"), "distributed", False))
+
+
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a strategy holds the sequence: whole, or this rank's shard (sequence parallel)."""
+
+    split: Callable[[torch.Tensor], torch.Tensor] = _same  # full [b, n, ...] → what it gets
+    join: Callable[[torch.Tensor], torch.Tensor] = _same  # its output → full [b, n, ...]
+
+    @staticmethod
+    def of(strategy: Strategy) -> Layout:
+        if is_sequence_parallel(strategy):
+            from ringattn import distributed
+
+            return Layout(distributed.shard, distributed.gather)
+        return Layout()
+
+
+def check(
+    module: torch.nn.Module, oracle: Oracle, layout: Layout = Layout()
+) -> tuple[float, float | None, str]:
+    """Forward rel err, max q/k/v gradient rel err and a note, against the oracle.
+
+    A strategy that refuses the backward for these inputs (``DilatedAttention`` raises
+    ``ValueError("... cannot run ...")`` before any work) is checked forward-only: the gradient
+    error is ``None`` and the note says why.
+    """
+    q, k, v, grad_out = (layout.split(x) for x in oracle.inputs)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    try:
+        out = module(*leaves)
+    except ValueError as e:
+        if not is_unsupported(e):
+            raise
+        with torch.no_grad():
+            out = module(q, k, v)
+        return rel_err(layout.join(out), oracle.out), None, f"forward only: {_one_line(e)}"
+    grads = [layout.join(g) for g in torch.autograd.grad(out, leaves, grad_out)]
+    floor = 0.1 * float(oracle.inputs[3].double().norm())
+    grad_err = max(rel_err(g, ref, floor) for g, ref in zip(grads, oracle.grads))
+    return rel_err(layout.join(out), oracle.out), grad_err, ""
+
+
+def is_unsupported(error: BaseException) -> bool:
+    """The eager refusal of ``DilatedAttention.forward`` (computer cannot run these inputs)."""
+    return isinstance(error, ringattn.UnsupportedError)
+
+
+def forward_fn(attend: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]):
+    q, k, v, _ = inputs
+
+    def fwd() -> None:
+        with torch.no_grad():
+            attend(q, k, v)
+
+    return fwd
+
+
+def forward_backward_fn(attend: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]):
+    q, k, v, grad_out = inputs
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+
+    def fwd_bwd() -> None:
+        out = attend(*leaves)
+        torch.autograd.grad(out, leaves, grad_out)
+
+    return fwd_bwd
+
+
+def time_and_memory(
+    row: Row,
+    attend: Callable[..., torch.Tensor],
+    sweep: Sweep,
+    backward: bool = True,
+    layout: Layout = Layout(),
+) -> None:
+    """Fill the timing, memory and TFLOP/s columns of ``row`` (same inputs for every variant).
+
+    Sequence-parallel strategies get this rank's shard; times and peaks are the slowest rank's
+    (TFLOP/s therefore counts all ranks together, memory is per rank).
+    """
+    p, device = sweep.preset, sweep.device
+    inputs = tuple(layout.split(x) for x in make_inputs(sweep, row.n))
+    tensor_bytes = inputs[0].numel() * inputs[0].element_size()
+    fwd = forward_fn(attend, inputs)
+    row.fwd_ms = median_ms(fwd, device, p.warmup, p.repeats)
+    # live inputs: q, k, v (forward); q, k, v, grad_out (forward+backward)
+    row.fwd_peak_mib, row.peak_source = peak_mib(fwd, device, 3 * tensor_bytes)
+    if backward:
+        fwd_bwd = forward_backward_fn(attend, inputs)
+        row.fwdbwd_ms = median_ms(fwd_bwd, device, p.warmup, p.repeats)
+        row.fwdbwd_peak_mib, _ = peak_mib(fwd_bwd, device, 4 * tensor_bytes)
+    _slowest_rank(row, device)
+    row.fwd_tflops = tflops(row.useful_pairs, p.batch, p.head_dim, row.fwd_ms)
+    row.fwdbwd_tflops = tflops(row.useful_pairs, p.batch, p.head_dim, row.fwdbwd_ms, FWD_BWD_FLOPS)
+
+
+MEASURED = ("fwd_ms", "fwdbwd_ms", "fwd_peak_mib", "fwdbwd_peak_mib")
+
+
+def _slowest_rank(row: Row, device: torch.device) -> None:
+    """Under torch.distributed, every rank's row gets the maximum over ranks of each measure."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    values = [getattr(row, name) for name in MEASURED]
+    t = torch.tensor([-1.0 if x is None else x for x in values], dtype=torch.float64)
+    t = t.to(device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    for name, value in zip(MEASURED, t.tolist()):
+        setattr(row, name, None if value < 0 else value)
+
+
+def _row(
+    sweep: Sweep, strategy: str, compile: bool, n: int, config: DilatedConfig | None, causal: bool
+) -> Row:
+    p = sweep.preset
+    return Row(
+        strategy=strategy,
+        compile=compile,
+        segment_lengths=_join(config.segment_lengths) if config else "",
+        dilation_rates=_join(config.dilation_rates) if config else "",
+        mixing=config.mixing if config else "",
+        causal=causal,
+        n=n,
+        batch=p.batch,
+        heads=p.heads,
+        head_dim=p.head_dim,
+        dtype=str(sweep.dtype).removeprefix("torch."),
+        device=str(sweep.device),
+    )
+
+
+def _join(values: Sequence[int]) -> str:
+    return ",".join(map(str, values))
+
+
+def measure_baseline(sweep: Sweep, n: int, causal: bool) -> Row:
+    row = _row(sweep, BASELINE, False, n, None, causal)
+    row.useful_pairs = dense_pairs(n, sweep.preset.heads, causal)
+
+    def attend(q, k, v):
+        bhnd = (x.transpose(1, 2) for x in (q, k, v))
+        return F.scaled_dot_product_attention(*bhnd, is_causal=causal).transpose(1, 2)
+
+    _guarded(row, lambda: time_and_memory(row, attend, sweep))
+    return row
+
+
+def measure_variant(sweep: Sweep, variant: Variant, oracle: Callable[[], Oracle]) -> Row:
+    c = variant.config
+    row = _row(sweep, variant.strategy.label, variant.compile, variant.n, c, c.causal)
+    row.tolerance = TOLERANCE[sweep.dtype]
+    row.useful_pairs = useful_pairs(
+        variant.n, sweep.preset.heads, c.segment_lengths, c.dilation_rates, c.causal, c.mixing
+    )
+
+    def run() -> None:
+        module = ringattn.DilatedAttention(
+            c.segment_lengths,
+            c.dilation_rates,
+            causal=c.causal,
+            mixing=c.mixing,
+            strategy=variant.strategy,
+            compile=variant.compile,
+            compile_backend=sweep.compile_backend,
+        )
+        layout = Layout.of(variant.strategy)
+        row.fwd_rel_err, row.grad_rel_err, row.note = check(module, oracle(), layout)
+        errors = [e for e in (row.fwd_rel_err, row.grad_rel_err) if e is not None]
+        row.check = "pass" if max(errors) <= row.tolerance else "FAIL"
+        backward = row.grad_rel_err is not None
+        time_and_memory(row, module, sweep, backward, layout)
+
+    _guarded(row, run)
+    return row
+
+
+def _guarded(row: Row, run: Callable[[], None]) -> None:
+    """Run one measurement; an exception becomes the row's ``check``/``note``, not a crash."""
+    started = time.perf_counter()
+    try:
+        run()
+    except torch.OutOfMemoryError as e:
+        row.check, row.note = "oom", _one_line(e)[:200]
+    except Exception as e:  # a broken strategy must not lose the rest of the sweep
+        row.check = "unsupported" if is_unsupported(e) else "error"
+        row.note = f"{type(e).__name__}: {_one_line(e)}"[:300]
+    finally:
+        row.wall_s = time.perf_counter() - started
+        if row.device.startswith("cuda"):  # free what reference cycles hold before the next row
+            gc.collect()  # (costs ~0.2 s with Dynamo's heap: not worth it on CPU)
+            torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------
+# Sweep
+# --------------------------------------------------------------------------------------------
+
+
+def plan_variants(sweep: Sweep) -> tuple[list[Variant], list[str]]:
+    """Variants in run order (compile off first), and notes on what was left out and why."""
+    notes, variants = [], []
+    eager_only = [s for s in sweep.strategies if is_sequence_parallel(s)]
+    if eager_only and True in sweep.compile_modes:
+        notes.append(
+            f"compile on: not for {len(eager_only)} sequence-parallel strategies "
+            "(their communicators run eagerly)"
+        )
+    for compile in sweep.compile_modes:
+        strategies = [s for s in sweep.strategies if not (compile and s in eager_only)]
+        # default strategy first, so that a compile budget spends itself on it
+        ordered = sorted(strategies, key=lambda s: s != Strategy()) if compile else strategies
+        chosen = [
+            Variant(s, c, n, compile)
+            for s in ordered
+            for c in sweep.configs
+            for n in sweep.preset.seq_lens
+        ]
+        if compile and sweep.compile_budget is not None and len(chosen) > sweep.compile_budget:
+            notes.append(
+                f"compile on: {sweep.compile_budget} of {len(chosen)} variants "
+                "(budget; --compile on|both or --compile-budget -1 runs all)"
+            )
+            chosen = chosen[: sweep.compile_budget]
+        variants += chosen
+    return variants, notes
+
+
+def run_sweep(sweep: Sweep, variants: list[Variant], progress: Progress, notes: list[str]):
+    """Baselines first, then the variants; Ctrl-C keeps what was measured (and says so)."""
+    baseline_keys = sorted({(v.n, v.config.causal) for v in variants}) if sweep.baseline else []
+    task = progress.add_task("ablate", total=len(variants) + len(baseline_keys))
+    oracles: dict[DilatedConfig, Oracle] = {}
+
+    def oracle(config: DilatedConfig) -> Oracle:
+        if config not in oracles:
+            oracles[config] = make_oracle(sweep, config)
+        return oracles[config]
+
+    rows: list[Row] = []
+    try:
+        for n, causal in baseline_keys:
+            progress.update(task, description=f"{BASELINE} n={n}{' causal' if causal else ''}")
+            rows.append(measure_baseline(sweep, n, causal))
+            progress.advance(task)
+        for v in variants:
+            progress.update(task, description=_describe(v))
+            rows.append(measure_variant(sweep, v, lambda v=v: oracle(v.config)))
+            progress.advance(task)
+    except KeyboardInterrupt:
+        notes.append(f"interrupted: {len(rows)} of {len(variants) + len(baseline_keys)} rows")
+    relate_to_baseline(rows)
+    return rows
+
+
+def _describe(v: Variant) -> str:
+    c = v.config
+    compiled = " compiled" if v.compile else ""
+    return f"{v.strategy.label} {config_label(c)} n={v.n}{compiled}"
+
+
+def config_label(c: DilatedConfig) -> str:
+    causal = " causal" if c.causal else ""
+    return f"w={_join(c.segment_lengths)} r={_join(c.dilation_rates)} {c.mixing}{causal}"
+
+
+def relate_to_baseline(rows: list[Row]) -> None:
+    dense = {(r.n, r.causal): r for r in rows if r.is_baseline}
+    for r in rows:
+        base = dense.get((r.n, r.causal))
+        if base is None:
+            continue
+        r.fwd_vs_dense = _ratio(r.fwd_ms, base.fwd_ms)
+        r.fwdbwd_vs_dense = _ratio(r.fwdbwd_ms, base.fwdbwd_ms)
+
+
+def _ratio(x: float | None, y: float | None) -> float | None:
+    return x / y if x is not None and y else None
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+
+def _sort_key(r: Row) -> tuple:
+    return (r.n, not r.is_baseline, r.segment_lengths, r.mixing, r.causal, r.compile, r.strategy)
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    names = [f.name for f in dataclasses.fields(Row)]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=names)
+        writer.writeheader()
+        writer.writerows(dataclasses.asdict(r) for r in rows)
+
+
+def _fmt(x: float | None, spec: str = ".3g") -> str:
+    return "" if x is None else format(x, spec)
+
+
+def _config_cell(r: Row) -> str:
+    config = "dense" if r.is_baseline else f"w={r.segment_lengths} r={r.dilation_rates} {r.mixing}"
+    return config + (" causal" if r.causal else "")
+
+
+# (header, cell) of the printed table; results.csv has every column of Row.
+SHORT_COLUMNS: tuple[tuple[str, Callable[[Row], str]], ...] = (
+    ("strategy", lambda r: r.strategy),
+    ("config", _config_cell),
+    ("n", lambda r: str(r.n)),
+    ("compile", lambda r: _on(r.compile)),
+    ("check", lambda r: r.check),
+    ("err fwd", lambda r: _fmt(r.fwd_rel_err, ".1e")),
+    ("err grad", lambda r: _fmt(r.grad_rel_err, ".1e")),
+    ("fwd ms", lambda r: _fmt(r.fwd_ms)),
+    ("f+b ms", lambda r: _fmt(r.fwdbwd_ms)),
+    ("×dense fwd", lambda r: _fmt(r.fwd_vs_dense, ".2f")),
+    ("×dense f+b", lambda r: _fmt(r.fwdbwd_vs_dense, ".2f")),
+    ("MiB f+b", lambda r: _fmt(r.fwdbwd_peak_mib)),
+    ("TFLOP/s f+b", lambda r: _fmt(r.fwdbwd_tflops)),
+)
+
+
+def short_table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+    return [h for h, _ in SHORT_COLUMNS], [[cell(r) for _, cell in SHORT_COLUMNS] for r in rows]
+
+
+def to_markdown(headers: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def write_markdown(rows: list[Row], sweep: Sweep, path: Path, notes: list[str]) -> str:
+    """results.md (context + short table); returns the table."""
+    p = sweep.preset
+    table = to_markdown(*short_table(rows))
+    device_name = (
+        torch.cuda.get_device_name(sweep.device)
+        if sweep.device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    source = next((r.peak_source for r in rows if r.peak_source), "")
+    header = [
+        f"# ringattn ablation: preset `{p.name}`",
+        "",
+        f"- {device_name}; torch {torch.__version__}; dtype {p.dtype}; "
+        f"b={p.batch}, h={p.heads}, d={p.head_dim}",
+        f"- times: median of {p.repeats} after {p.warmup} warm-up calls",
+        f"- check: relative error against the float64 oracle on n={p.check_n}, bound "
+        f"{TOLERANCE[sweep.dtype]:g}; gradients relative to max(‖ref‖, 0.1·‖grad_out‖)",
+        "- ×dense: time / dense `scaled_dot_product_attention` time (same n, causality)",
+        f"- MiB: inputs + peak extra allocation during one warm call ({source})",
+        "- TFLOP/s: 4·d·b·(score pairs the dilated pattern defines), ×3.5 for forward+backward",
+        *_distributed_note(),
+        *(f"- {note}" for note in notes),
+    ]
+    path.write_text("\n".join(header) + "\n\n" + table + "\n")
+    return table
+
+
+def _distributed_note() -> list[str]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return []
+    return [
+        f"- {dist.get_world_size()} ranks ({dist.get_backend()}): sequence-parallel rows hold "
+        "n/p rows per rank; times and MiB are the slowest / largest rank's, TFLOP/s all ranks'"
+    ]
+
+
+def plot(rows: list[Row], out: Path) -> list[Path]:
+    """One PNG per (config, compile, fwd | fwd+bwd): time and peak memory against n, log-log."""
+    measured = [r for r in rows if r.fwd_ms is not None]
+    groups: dict[tuple, list[Row]] = {}
+    for r in measured:
+        if not r.is_baseline:
+            key = (r.segment_lengths, r.dilation_rates, r.mixing, r.causal, r.compile)
+            groups.setdefault(key, []).append(r)
+    styles = _strategy_styles(sorted({r.strategy for r in measured if not r.is_baseline}))
+    written = []
+    for (w, rates, mixing, causal, compile), group in sorted(groups.items()):
+        dense = [r for r in measured if r.is_baseline and r.causal == causal]
+        masking = "causal" if causal else "full"
+        for mode, label in (("fwd", "forward"), ("fwdbwd", "forward+backward")):
+            title = f"w={w} r={rates} {mixing} {masking}, compile {_on(compile)}, {label}"
+            name = f"{w}_{rates}_{mixing}_{masking}_compile-{_on(compile)}_{mode}.png"
+            path = out / name.replace(",", "-")
+            if _plot_group(group + dense, mode, title, styles, path):
+                written.append(path)
+    return written
+
+
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+def _strategy_styles(strategies: Sequence[str]) -> dict[str, dict]:
+    """The same color and marker for a strategy in every figure; the baseline dashed black."""
+    cmap = plt.get_cmap("tab20")
+    styles = {
+        s: {"color": cmap(i % cmap.N), "marker": "os^vD<>ph*"[i % 10], "linestyle": "-"}
+        for i, s in enumerate(strategies)
+    }
+    styles[BASELINE] = {"color": "black", "marker": "o", "linestyle": "--"}
+    return styles
+
+
+def _plot_group(rows: list[Row], mode: str, title: str, styles: dict, path: Path) -> bool:
+    """Time and peak memory of ``mode`` against n, one line per strategy; False if no data."""
+    series: dict[str, list[Row]] = {}
+    for r in sorted(rows, key=lambda r: r.n):
+        if getattr(r, f"{mode}_ms") is not None:
+            series.setdefault(r.strategy, []).append(r)
+    if not series:
+        return False
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
+    for strategy, rs in sorted(series.items()):
+        ns = [r.n for r in rs]
+        ax_t.plot(ns, [getattr(r, f"{mode}_ms") for r in rs], label=strategy, **styles[strategy])
+        ax_m.plot(ns, [getattr(r, f"{mode}_peak_mib") for r in rs], **styles[strategy])
+    for ax, ylabel in ((ax_t, "time (ms, median)"), (ax_m, "peak memory (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length n")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.legend(*ax_t.get_legend_handles_labels(), loc="outside right center", fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    rows: list[Row]
+    table: str
+    files: list[Path] = field(default_factory=list)
+
+
+def parse(argv: Sequence[str] | None) -> Sweep:
+    return resolve(build_parser().parse_args(argv))
+
+
+def setup_distributed(sweep: Sweep) -> tuple[Sweep, bool]:
+    """Under torchrun: the default process group (NCCL on CUDA, gloo on CPU), one GPU per rank.
+
+    Returns the sweep on this rank's device and whether the group was created here.
+    """
+    import torch.distributed as dist
+
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = sweep.device
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dataclasses.replace(sweep, device=device), created
+
+
+def run(sweep: Sweep, console: Console, write: bool = True) -> Outcome:
+    variants, notes = plan_variants(sweep)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with (
+        Progress(*columns, console=console, transient=True) as progress,
+        warnings.catch_warnings(record=True) as caught,
+    ):
+        warnings.simplefilter("default")  # each distinct warning once, reported as a note
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        rows = run_sweep(sweep, variants, progress, notes)
+    notes += sorted({f"warning: {str(w.message).splitlines()[0]}" for w in caught})
+    rows.sort(key=_sort_key)
+    forward_only = sorted({r.strategy for r in rows if r.note.startswith("forward only")})
+    if forward_only:
+        notes.append(
+            f"forward only (the computer refuses a backward here; reason in results.csv): "
+            f"{', '.join(forward_only)}"
+        )
+    for note in notes:
+        console.print(f"note: {note}", style="dim", soft_wrap=True, markup=False)
+    if not write:
+        return Outcome(rows, to_markdown(*short_table(rows)))
+    sweep.out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, sweep.out / "results.csv")
+    table = write_markdown(rows, sweep, sweep.out / "results.md", notes)
+    files = [sweep.out / "results.csv", sweep.out / "results.md", *plot(rows, sweep.out)]
+    return Outcome(rows, table, files)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        sweep = parse(argv)
+    except UsageError as e:
+        print(f"ablate: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    created_group = False
+    if sweep.distributed:
+        sweep, created_group = setup_distributed(sweep)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    console = Console(stderr=True, quiet=not rank0)
+    started = time.perf_counter()
+    try:
+        outcome = run(sweep, console, write=rank0)
+    finally:
+        if created_group:
+            torch.distributed.destroy_process_group()
+    failed = [r for r in outcome.rows if r.check in ("FAIL", "error")]
+    if rank0:
+        console.print(
+            f"{len(outcome.rows)} rows in {time.perf_counter() - started:.0f} s, "
+            f"{len(failed)} failed or errored; wrote {sweep.out}/ (results.csv, results.md, "
+            f"{len(outcome.files) - 2} plots)",
+            soft_wrap=True,
+            markup=False,
+        )
+        print(outcome.table)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

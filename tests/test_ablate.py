@@ -1,0 +1,200 @@
+"""experiments.ablate: a tiny sweep's outputs, the analytic FLOP count, one-line CLI errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments import ablate
+from ringattn import Strategy
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The quick preset's logic on a sweep small enough for a unit test.
+TINY = [
+    "--seq-lens", "64",
+    "--check-n", "40",
+    "--segment-lengths", "16,32",
+    "--dilation-rates", "1,2",
+    "--heads", "3",
+    "--head-dim", "8",
+    "--warmup", "0",
+    "--repeats", "1",
+]  # fmt: skip
+
+
+def read_rows(folder: Path) -> list[dict[str, str]]:
+    with (folder / "results.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_sweep_writes_csv_markdown_and_plots(tmp_path, capsys):
+    assert ablate.main([*TINY, "--compile", "off", "--causal", "both", "--out", str(tmp_path)]) == 0
+    rows = read_rows(tmp_path)
+    variants = [r for r in rows if r["strategy"] != ablate.BASELINE]
+    local = {s.label for s in Strategy.all(communicator="local")}
+    assert {r["strategy"] for r in variants} == local
+    assert len(variants) == len(local) * 2  # × causal
+    assert all(r["check"] == "pass" for r in variants), [r["note"] for r in variants]
+    for r in variants:
+        assert float(r["fwd_rel_err"]) <= 1e-5 and float(r["fwd_ms"]) > 0
+        assert float(r["fwd_vs_dense"]) > 0  # related to the same run's baseline
+    dense = [r for r in rows if r["strategy"] == ablate.BASELINE]
+    assert {(r["n"], r["causal"]) for r in dense} == {("64", "False"), ("64", "True")}
+    md = (tmp_path / "results.md").read_text()
+    assert "| strategy |" in md and md.count("\n|") >= len(rows)
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert pngs and all(p.stat().st_size > 1000 for p in pngs)
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[0].startswith("| strategy") and len(printed) == len(rows) + 2
+
+
+@pytest.mark.compile
+def test_compiled_variant_is_checked_and_timed(tmp_path):
+    argv = [*TINY, "--compile", "on", "--compile-backend", "aot_eager", "--seq-lens", "40"]
+    argv += ["--dilation", "segment_local", "--computer", "sdpa", "--memory", "pooled"]
+    assert ablate.main([*argv, "--out", str(tmp_path)]) == 0
+    (row,) = [r for r in read_rows(tmp_path) if r["strategy"] != ablate.BASELINE]
+    assert row["compile"] == "True" and row["check"] == "pass"
+    assert float(row["fwdbwd_ms"]) > 0 and float(row["fwdbwd_peak_mib"]) > 0
+
+
+def test_quick_preset_compiles_only_the_default_strategy_within_budget():
+    sweep = ablate.parse([])
+    assert sweep.preset.name == "quick" and sweep.device.type == "cpu"
+    variants, notes = ablate.plan_variants(sweep)
+    compiled = [v for v in variants if v.compile]
+    assert len(compiled) == sweep.compile_budget == 1
+    assert compiled[0].strategy == Strategy()
+    assert any("budget" in note for note in notes)
+    assert len(variants) - 1 == len(sweep.strategies) * len(sweep.configs) * 2
+
+
+def test_cpu_peak_memory_sees_allocations_and_frees():
+    def alloc() -> None:
+        a = torch.empty(1 << 20, dtype=torch.uint8)
+        b = torch.empty(1 << 20, dtype=torch.uint8)
+        del a, b
+        torch.empty(1 << 19, dtype=torch.uint8)
+
+    assert ablate.cpu_allocator_peak(alloc) == 2 << 20
+
+
+def test_useful_pairs_of_one_whole_sequence_segment_is_dense_attention():
+    # the count itself is tested against the oracle in tests/test_flops.py
+    n, h = 1 << 20, 16  # analytic: no n × n tensor
+    assert ablate.useful_pairs(n, h, [n], [1]) == ablate.dense_pairs(n, h, False) == h * n * n
+    assert ablate.useful_pairs(n, h, [n], [1], causal=True) == h * n * (n + 1) // 2
+
+
+BAD_ARGS = {
+    "unknown strategy": (["--computer", "sdpa,nope"], "unknown computer strategy 'nope'"),
+    "r does not divide w": (
+        ["--segment-lengths", "64", "--dilation-rates", "3"],
+        "dilation_rates[0]=3 must divide segment_lengths[0]=64",
+    ),
+    "non-integer length": (["--segment-lengths", "64.5", "--dilation-rates", "1"], "integers"),
+    "malformed seq lens": (["--seq-lens", "256,abc"], "expected comma-separated integers"),
+    "zero seq len": (["--seq-lens", "0"], "--seq-lens must be positive"),
+    "unpaired config flags": (["--segment-lengths", "64"], "give them in pairs"),
+    "missing config file": (["--config-file", "/no/such/configs.json"], "cannot read config"),
+    "unknown mixing": (["--mixing", "lse,sum"], "mixing must be one of"),
+    "unknown flag": (["--frobnicate"], "unrecognized arguments"),
+    "unknown preset": (["--preset", "huge"], "invalid choice"),
+    "distributed without torchrun": (["--preset", "distributed"], "launched under torchrun"),
+    "ring without torchrun": (["--communicator", "ring"], "'ring' must be launched under torchrun"),
+}
+
+
+@pytest.mark.parametrize("argv, message", BAD_ARGS.values(), ids=BAD_ARGS.keys())
+def test_bad_input_is_one_line_error(argv, message, capsys):
+    assert ablate.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("ablate: error: ") and message in lines[0]
+
+
+def test_distributed_preset_on_one_gloo_rank(tmp_path, monkeypatch):
+    """What torchrun sets up, in process: one rank, so the sequence-parallel path runs here."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for name, value in {**env, "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    argv = [*TINY, "--preset", "distributed", "--device", "cpu", "--dtype", "fp32"]
+    argv += ["--check-n", "64"]  # sharding: segments must divide n/p or be multiples of it
+    argv += ["--mixing", "lse", "--dilation", "segment_local", "--memory", "pooled"]
+    assert ablate.main([*argv, "--out", str(tmp_path)]) == 0
+    assert not torch.distributed.is_initialized()  # the group main() created is gone
+    variants = [r for r in read_rows(tmp_path) if r["strategy"] != ablate.BASELINE]
+    assert {r["strategy"].split("/")[2] for r in variants} == {"ring", "all_gather"}
+    assert all(r["check"] == "pass" and r["compile"] == "False" for r in variants)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_gpu_preset_without_cuda_is_one_line_error(capsys):
+    assert ablate.main(["--preset", "gpu"]) == 2
+    assert "needs CUDA" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "items, message",
+    [
+        ([{"segment_lengths": [64, 128], "dilation_rates": [1, 3]}], "must divide"),
+        ([{"segment_lengths": [64.0], "dilation_rates": [1]}], "must be an int"),
+        ([{"segment_lengths": [64]}], "exactly the keys"),
+        ({"segment_lengths": [64], "dilation_rates": [1]}, "non-empty JSON list"),
+    ],
+)
+def test_bad_config_file_is_one_line_error(tmp_path, capsys, items, message):
+    path = tmp_path / "configs.json"
+    path.write_text(json.dumps(items))
+    assert ablate.main(["--config-file", str(path)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and message in lines[0]
+
+
+def test_config_file_is_read(tmp_path):
+    path = tmp_path / "configs.json"
+    items = [{"segment_lengths": [16, 32], "dilation_rates": [1, 2]}, {"segment_lengths": [8],
+             "dilation_rates": [4]}]  # fmt: skip
+    path.write_text(json.dumps(items))
+    sweep = ablate.parse(["--config-file", str(path), "--mixing", "lse,head_groups"])
+    assert [(c.segment_lengths, c.dilation_rates, c.mixing) for c in sweep.configs] == [
+        ((16, 32), (1, 2), "lse"),
+        ((16, 32), (1, 2), "head_groups"),
+        ((8,), (4,), "lse"),
+        ((8,), (4,), "head_groups"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dilation", "diagonal"], "unknown dilation strategy 'diagonal'"),
+        (["--config-file", "missing.json"], "cannot read config file"),
+    ],
+)
+def test_command_line_error_has_no_traceback(argv, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.ablate", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ablate: error: ") and message in lines[0]
