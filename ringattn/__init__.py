@@ -6,11 +6,13 @@ Importing the package registers every built-in strategy (see :mod:`ringattn.regi
 from ringattn import communicators, computers, dilation, memory, registry  # noqa: F401
 from ringattn.api import DilatedAttention, UnsupportedError, dilated_attention
 from ringattn.config import DilatedConfig
+from ringattn.nn import MultiheadDilatedAttention
 from ringattn.strategy import Strategy
 
 __all__ = [
     "DilatedAttention",
     "DilatedConfig",
+    "MultiheadDilatedAttention",
     "Strategy",
     "UnsupportedError",
     "dilated_attention",

@@ -41,6 +41,21 @@ def head_config_offset(
 head_offset = head_config_offset
 
 
+def expand_kv_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Grouped-query attention: repeat each of the ``h_kv`` K/V heads ``h / h_kv`` times, so query
+    head ``hd`` uses K/V head ``hd // (h / h_kv)``. The dilation offsets stay per *query* head."""
+    h, h_kv = q.shape[2], k.shape[2]
+    if k.shape != v.shape:
+        raise ValueError(
+            f"k and v must have the same shape, got {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if h_kv == h:
+        return k, v
+    if h % h_kv:
+        raise ValueError(f"the number of K/V heads ({h_kv}) must divide the query heads ({h})")
+    return k.repeat_interleave(h // h_kv, dim=2), v.repeat_interleave(h // h_kv, dim=2)
+
+
 def is_selected(p: int, w: int, r: int, off: int) -> bool:
     return ((p % w) - off) % r == 0
 
@@ -60,8 +75,14 @@ def dilated_attention(
     mixing: str = "lse",
     scale: float | None = None,
 ) -> Tensor:
-    """The oracle, ``[b, n, h, d]`` in float64 (loop-and-merge formulation)."""
+    """The oracle, ``[b, n, h, d]`` in float64 (loop-and-merge formulation).
+
+    Grouped-query attention: ``k`` and ``v`` may have ``h_kv`` heads with ``h_kv | h``; query head
+    ``hd`` reads key/value head ``hd // (h / h_kv)``. Offsets and head groups are those of the
+    *query* head (see :func:`expand_kv_heads`).
+    """
     cfg = _options(segment_lengths, dilation_rates, causal, mixing, scale)
+    k, v = expand_kv_heads(q, k, v)
     q, k, v = (x.to(torch.float64) for x in (q, k, v))
     b, n, h, d = q.shape
     scale_ = cfg.scale_for(d)
@@ -158,6 +179,7 @@ def dilated_attention_by_multiplicity(
     the tests use to measure how well-conditioned a gradient is (see tests/test_strategies.py).
     """
     cfg = _options(segment_lengths, dilation_rates, causal, mixing, scale)
+    k, v = expand_kv_heads(q, k, v)
     q, k, v = (x.to(dtype) for x in (q, k, v))
     _b, n, h, d = q.shape
     m = multiplicity(n, h, cfg.segment_lengths, cfg.dilation_rates, cfg.causal, cfg.mixing)

@@ -1,0 +1,5 @@
+"""Models built from ringattn layers."""
+
+from ringattn.models.longnet import LongNet, LongNetConfig
+
+__all__ = ["LongNet", "LongNetConfig"]

@@ -1,0 +1,131 @@
+"""A decoder-only LongNet language model whose attention is ``MultiheadDilatedAttention``.
+
+Pre-norm blocks (``x + attn(ln(x))``, ``x + mlp(ln(x))``) with rotary positions, Sub-LN in the
+attention, a tied output head. ``generate`` decodes with per-layer KV caches: the prompt is
+prefilled with the full (compiled, if asked) dilated attention, then each new token costs what its
+dilation pattern reads (``ringattn.nn.decode``), independent of how long the context already is.
+``attention=`` swaps the attention layer (the long-range demo uses it for its baselines).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ringattn.nn.attention import MultiheadDilatedAttention
+from ringattn.nn.decode import KVCache
+from ringattn.strategy import Strategy
+
+
+@dataclass(frozen=True)
+class LongNetConfig:
+    vocab_size: int = 256
+    dim: int = 128
+    depth: int = 2
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    segment_lengths: tuple[int, ...] = (64, 128, 256)
+    dilation_rates: tuple[int, ...] = (1, 2, 4)
+    mixing: str = "lse"
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    strategy: Strategy = field(default_factory=Strategy)
+    compile: bool = False
+
+
+class Block(nn.Module):
+    def __init__(self, config: LongNetConfig, attention: nn.Module) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.dim)
+        self.attn = attention
+        self.ln2 = nn.LayerNorm(config.dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(config.dim, config.mlp_ratio * config.dim),
+            nn.GELU(),
+            nn.Linear(config.mlp_ratio * config.dim, config.dim),
+            nn.Dropout(config.dropout),
+        )
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.ln1(x), cache) if cache is not None else x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+def dilated_attention_layer(config: LongNetConfig) -> nn.Module:
+    return MultiheadDilatedAttention(
+        config.dim,
+        config.num_heads,
+        config.segment_lengths,
+        config.dilation_rates,
+        num_kv_heads=config.num_kv_heads,
+        causal=True,
+        mixing=config.mixing,
+        dropout=config.dropout,
+        rotary_embedding=True,
+        strategy=config.strategy,
+        compile=config.compile,
+    )
+
+
+class LongNet(nn.Module):
+    def __init__(
+        self,
+        config: LongNetConfig,
+        attention: Callable[[LongNetConfig], nn.Module] = dilated_attention_layer,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.blocks = nn.ModuleList(Block(config, attention(config)) for _ in range(config.depth))
+        self.ln_f = nn.LayerNorm(config.dim)
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.head.weight = self.embed.weight  # tied
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, tokens: Tensor, caches: list[KVCache] | None = None) -> Tensor:
+        """Logits ``[b, n, vocab]``; with ``caches``, ``tokens`` continue the cached sequence."""
+        x = self.embed(tokens)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i])
+        return self.head(self.ln_f(x))
+
+    def loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
+        logits = self(tokens)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+    def new_caches(self, batch: int, capacity: int) -> list[KVCache]:
+        return [block.attn.new_cache(batch, capacity) for block in self.blocks]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Greedy (``temperature=0``) or sampled continuation of ``prompt: [b, n0]``."""
+        caches = self.new_caches(prompt.shape[0], prompt.shape[1] + max_new_tokens)
+        logits = self(prompt, caches)[:, -1]
+        out = [prompt]
+        for step in range(max_new_tokens):
+            if temperature > 0:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                token = torch.multinomial(probs, 1, generator=generator)
+            else:
+                token = logits.argmax(-1, keepdim=True)
+            out.append(token)
+            if step + 1 < max_new_tokens:
+                logits = self(token, caches)[:, -1]
+        return torch.cat(out, dim=1)

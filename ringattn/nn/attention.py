@@ -1,0 +1,121 @@
+"""``MultiheadDilatedAttention``: projections, grouped-query heads, sub-layer norm, KV cache.
+
+Batch-first ``[b, n, embed_dim]`` in and out. ``num_kv_heads`` (dividing ``num_heads``) gives
+grouped-query attention: query head ``hd`` reads K/V head ``hd // (num_heads / num_kv_heads)``,
+and the dilation offsets (and head groups) are those of the *query* head — the definition the
+oracle implements (``reference.expand_kv_heads``). ``sub_layer_norm`` is MAGNETO's Sub-LN (a
+LayerNorm on the attention output before the out projection), as used by LongNet. Dropout applies
+to the layer's output (the kernels have no attention-probability dropout).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from beartype import beartype
+from einops import rearrange
+from jaxtyping import Float, jaxtyped
+from torch import Tensor, nn
+
+from ringattn.api import DilatedAttention
+from ringattn.nn.decode import KVCache, decode_one
+from ringattn.nn.rotary import rotary
+from ringattn.strategy import Strategy
+
+BNE = Float[Tensor, "b n e"]
+_DEFAULT_STRATEGY = Strategy()
+
+
+class MultiheadDilatedAttention(nn.Module):
+    @jaxtyped(typechecker=beartype)
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        *,
+        num_kv_heads: int | None = None,
+        causal: bool = False,
+        mixing: str = "lse",
+        dropout: float = 0.0,
+        sub_layer_norm: bool = True,
+        rotary_embedding: bool = False,
+        bias: bool = True,
+        strategy: Strategy = _DEFAULT_STRATEGY,
+        compile: bool = True,
+        group=None,
+    ) -> None:
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if embed_dim <= 0 or num_heads <= 0 or num_kv_heads <= 0:
+            raise ValueError("embed_dim, num_heads and num_kv_heads must be positive")
+        if embed_dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide embed_dim={embed_dim}")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.rotary_embedding = rotary_embedding
+        self.attention = DilatedAttention(
+            segment_lengths,
+            dilation_rates,
+            causal=causal,
+            mixing=mixing,
+            strategy=strategy,
+            compile=compile,
+            group=group,
+        )
+        self.q_proj = nn.Linear(embed_dim, num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=bias)
+        self.norm = nn.LayerNorm(num_heads * self.head_dim) if sub_layer_norm else nn.Identity()
+        self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def _heads(self, x: Tensor, start: int) -> tuple[Tensor, Tensor, Tensor]:
+        q = rearrange(self.q_proj(x), "b n (h d) -> b n h d", h=self.num_heads)
+        k = rearrange(self.k_proj(x), "b n (h d) -> b n h d", h=self.num_kv_heads)
+        v = rearrange(self.v_proj(x), "b n (h d) -> b n h d", h=self.num_kv_heads)
+        if self.rotary_embedding:
+            positions = torch.arange(start, start + x.shape[1], device=x.device)
+            q, k = rotary(q, positions), rotary(k, positions)
+        return q, k, v
+
+    def _output(self, attn: Tensor) -> Tensor:
+        return self.dropout(self.out_proj(self.norm(rearrange(attn, "b n h d -> b n (h d)"))))
+
+    def forward(self, x: BNE, cache: KVCache | None = None) -> BNE:
+        """Full attention over ``x``; with a ``cache``, ``x`` continues the cached sequence."""
+        start = 0 if cache is None else cache.length
+        q, k, v = self._heads(x, start)
+        if cache is None or start == 0:
+            if cache is not None:
+                cache.append(k, v)  # prefill
+            group = self.num_heads // self.num_kv_heads
+            k_full, v_full = (t.repeat_interleave(group, dim=2) if group > 1 else t for t in (k, v))
+            return self._output(self.attention(q, k_full, v_full))
+        if not self.attention.config.causal:
+            raise ValueError("incremental decoding with a KV cache needs causal=True")
+        cache.append(k, v)
+        config = self.attention.config
+        scale = config.scale_for(self.head_dim)
+        steps = [
+            decode_one(q[:, i], cache, start + i, config.configs, config.mixing, scale)
+            for i in range(x.shape[1])
+        ]
+        return self._output(torch.stack(steps, dim=1))
+
+    def new_cache(self, batch: int, capacity: int, dtype=None, device=None) -> KVCache:
+        weight = self.k_proj.weight
+        return KVCache.empty(
+            batch,
+            capacity,
+            self.num_kv_heads,
+            self.head_dim,
+            dtype or weight.dtype,
+            device or weight.device,
+        )

@@ -1,0 +1,81 @@
+"""Incremental (KV-cache) decoding of causal dilated attention, one new query at a time.
+
+A new token at position ``p`` is a query of config ``(w, r)`` only for the heads whose offset
+``o`` satisfies ``((p mod w) - o) mod r == 0``; it sees the rows ``s + o, s + o + r, ... <= p`` of
+its segment (``s = p - p mod w``). So each step reads at most ``sum_i w_i / r_i`` cached rows per
+head, however long the sequence already is — the cost of the pattern, nothing more. The configs are
+merged by LSE exactly as in the full computation (``ringattn.merge.merge``), so the logits equal a
+full recompute up to float rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ringattn.computers.base import accumulation_dtype
+from ringattn.merge import merge
+from ringattn.pattern import make_plan
+
+
+@dataclass
+class KVCache:
+    """Keys (post-rotary) and values of one layer, ``[b, capacity, h_kv, d]``; ``length`` filled."""
+
+    k: Tensor
+    v: Tensor
+    length: int = 0
+
+    @classmethod
+    def empty(cls, b: int, capacity: int, h_kv: int, d: int, dtype, device) -> KVCache:
+        shape = (b, capacity, h_kv, d)
+        return cls(
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+        )
+
+    def append(self, k: Tensor, v: Tensor) -> None:
+        n = k.shape[1]
+        if self.length + n > self.k.shape[1]:
+            raise ValueError(f"KV cache capacity {self.k.shape[1]} exceeded ({self.length} + {n})")
+        self.k[:, self.length : self.length + n] = k
+        self.v[:, self.length : self.length + n] = v
+        self.length += n
+
+
+def decode_one(
+    q: Tensor,
+    cache: KVCache,
+    position: int,
+    configs: tuple[tuple[int, int], ...],
+    mixing: str,
+    scale: float,
+) -> Tensor:
+    """Output ``[b, h, d]`` of the query ``q: [b, h, d]`` at ``position`` (its K/V are cached)."""
+    b, h, d = q.shape
+    group = (
+        h // cache.k.shape[2]
+    )  # grouped-query attention: query head hd reads kv head hd // group
+    dtype = accumulation_dtype(q.dtype)
+    offsets = make_plan(1, h, configs, mixing).head_offsets()
+    outs, lses = [], []
+    for i, (w, r) in enumerate(configs):
+        out_i = torch.zeros(b, h, d, dtype=dtype, device=q.device)
+        lse_i = torch.full((b, h), float("-inf"), dtype=dtype, device=q.device)
+        seg_start = position - position % w
+        for o in sorted(set(offsets[i]) - {-1}):
+            if ((position % w) - o) % r:
+                continue  # this position is not a query of offset o
+            heads = torch.tensor([hd for hd in range(h) if offsets[i][hd] == o], device=q.device)
+            rows = torch.arange(seg_start + o, position + 1, r, device=q.device)
+            keys = cache.k[:, rows][:, :, heads // group].to(dtype)  # [b, L, hs, d]
+            values = cache.v[:, rows][:, :, heads // group].to(dtype)
+            scores = torch.einsum("bhd,blhd->bhl", q[:, heads].to(dtype), keys) * scale
+            lse = torch.logsumexp(scores, dim=-1)
+            out_i[:, heads] = torch.einsum("bhl,blhd->bhd", torch.softmax(scores, -1), values)
+            lse_i[:, heads] = lse
+        outs.append(out_i)
+        lses.append(lse_i)
+    return merge(outs, lses, dtype).to(q.dtype)

@@ -1,0 +1,212 @@
+"""Model-level pieces: MultiheadDilatedAttention (GQA, Sub-LN), KV-cache decoding, LongNet LM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import rel_err
+from einops import rearrange
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ringattn
+from ringattn import reference
+from ringattn.models import LongNet, LongNetConfig
+from ringattn.nn import KVCache, MultiheadDilatedAttention, decode_one
+
+MATH = ringattn.Strategy(computer="math")
+
+
+def test_layer_shapes_and_gradients():
+    layer = MultiheadDilatedAttention(
+        32,
+        4,
+        (8, 16),
+        (1, 2),
+        num_kv_heads=2,
+        causal=True,
+        rotary_embedding=True,
+        compile=False,
+    )
+    x = torch.randn(2, 24, 32, requires_grad=True)
+    out = layer(x)
+    assert out.shape == x.shape
+    out.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    for name, param in layer.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("mixing", ["lse", "head_groups"])
+@pytest.mark.parametrize("num_kv_heads", [1, 2, 6])
+def test_grouped_query_attention_matches_the_extended_oracle(mixing, num_kv_heads):
+    torch.manual_seed(0)
+    layer = MultiheadDilatedAttention(
+        48,
+        6,
+        (4, 8, 16),
+        (1, 2, 4),
+        num_kv_heads=num_kv_heads,
+        causal=True,
+        mixing=mixing,
+        sub_layer_norm=False,
+        strategy=MATH,
+        compile=False,
+    ).double()
+    x = torch.randn(2, 19, 48, dtype=torch.float64)
+    q = rearrange(layer.q_proj(x), "b n (h d) -> b n h d", h=6)
+    k = rearrange(layer.k_proj(x), "b n (h d) -> b n h d", h=num_kv_heads)
+    v = rearrange(layer.v_proj(x), "b n (h d) -> b n h d", h=num_kv_heads)
+    attn = reference.dilated_attention(
+        q, k, v, segment_lengths=(4, 8, 16), dilation_rates=(1, 2, 4), causal=True, mixing=mixing
+    )
+    expected = layer.out_proj(rearrange(attn, "b n h d -> b n (h d)"))
+    assert rel_err(layer(x), expected) < 1e-12
+
+
+def test_gqa_oracle_is_the_oracle_on_repeated_heads():
+    q = torch.randn(1, 12, 4, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 1, 12, 2, 8, dtype=torch.float64)
+    opts = {"segment_lengths": (4, 12), "dilation_rates": (1, 2), "causal": True}
+    grouped = reference.dilated_attention(q, k, v, **opts)
+    repeated = reference.dilated_attention(
+        q, k.repeat_interleave(2, 2), v.repeat_interleave(2, 2), **opts
+    )
+    assert torch.equal(grouped, repeated)
+    assert (
+        grouped - reference.dilated_attention_by_multiplicity(q, k, v, **opts)
+    ).abs().max() < 1e-12
+    with pytest.raises(ValueError, match="must divide the query heads"):
+        reference.dilated_attention(
+            q, k[:, :, :1].expand(1, 12, 3, 8), v[:, :, :1].expand(1, 12, 3, 8), **opts
+        )
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_heads": 5}, "must divide embed_dim"),
+        ({"num_kv_heads": 3}, "must divide num_heads"),
+        ({"dropout": 1.5}, "dropout"),
+    ],
+)
+def test_layer_bad_arguments(kwargs, match):
+    args = {
+        "embed_dim": 32,
+        "num_heads": 4,
+        "segment_lengths": (8,),
+        "dilation_rates": (1,),
+        "compile": False,
+    }
+    with pytest.raises(ValueError, match=match):
+        MultiheadDilatedAttention(**{**args, **kwargs})
+
+
+def tiny_model(mixing, lengths, rates, strategy=MATH, num_kv_heads=2) -> LongNet:
+    torch.manual_seed(0)
+    config = LongNetConfig(
+        vocab_size=32,
+        dim=32,
+        depth=2,
+        num_heads=4,
+        num_kv_heads=num_kv_heads,
+        segment_lengths=lengths,
+        dilation_rates=rates,
+        mixing=mixing,
+        strategy=strategy,
+    )
+    return LongNet(config).eval()
+
+
+@settings(max_examples=6)
+@given(
+    st.sampled_from(["lse", "head_groups"]),
+    st.sampled_from([((4,), (1,)), ((4, 8), (2, 4)), ((4, 8, 16), (1, 2, 4)), ((6, 12), (3, 2))]),
+    st.integers(1, 8),
+    st.integers(1, 4),
+)
+def test_cache_decoding_equals_full_recompute(mixing, configs, prefill, kv_heads):
+    kv_heads = kv_heads if 4 % kv_heads == 0 else 4
+    model = tiny_model(mixing, *configs, num_kv_heads=kv_heads).double()
+    tokens = torch.randint(0, 32, (2, 23), generator=torch.Generator().manual_seed(prefill))
+    full = model(tokens)
+    caches = model.new_caches(2, 23)
+    steps = [model(tokens[:, :prefill], caches)]
+    steps += [model(tokens[:, i : i + 1], caches) for i in range(prefill, 23)]
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-10
+
+
+def test_cache_decoding_with_fused_kernels_in_float32():
+    model = tiny_model("lse", (4, 8, 16), (1, 2, 4), strategy=ringattn.Strategy(computer="sdpa"))
+    tokens = torch.randint(0, 32, (2, 20), generator=torch.Generator().manual_seed(0))
+    caches = model.new_caches(2, 20)
+    incremental = torch.cat(
+        [model(tokens[:, :3], caches)]
+        + [model(tokens[:, i : i + 1], caches) for i in range(3, 20)],
+        1,
+    )
+    assert rel_err(incremental, model(tokens)) < 1e-5
+
+
+def test_decode_reads_only_what_the_pattern_needs():
+    """Rows outside the new token's segments are never read: poison them, nothing changes."""
+    b, h, d, position = 1, 4, 8, 1000
+    configs = ((16, 1), (64, 2), (256, 4))
+    cache = KVCache.empty(b, 1024, h, d, torch.float64, "cpu")
+    cache.k.normal_()
+    cache.v.normal_()
+    cache.length = position + 1
+    q = torch.randn(b, h, d, dtype=torch.float64)
+    clean = decode_one(q, cache, position, configs, "lse", 0.3)
+    touched = torch.zeros(1024, dtype=torch.bool)
+    for w, _ in configs:
+        touched[position - position % w : position + 1] = True
+    cache.k[:, ~touched] = float("nan")
+    cache.v[:, ~touched] = float("nan")
+    assert torch.equal(decode_one(q, cache, position, configs, "lse", 0.3), clean)
+    assert int(touched.sum()) <= sum(w for w, _ in configs)  # independent of position
+
+
+def test_generate_is_greedy_argmax_of_the_full_model():
+    model = tiny_model("lse", (4, 8), (1, 2))
+    prompt = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(1))
+    out = model.generate(prompt, 6)
+    assert out.shape == (2, 11) and torch.equal(out[:, :5], prompt)
+    for i in range(5, 11):
+        assert torch.equal(model(out[:, :i])[:, -1].argmax(-1), out[:, i])
+
+
+def copy_batch(gen, batch=16, length=12, vocab=16):
+    """[x_1..x_L, SEP, x_1..x_L]: the second half is predictable only by looking back L+1 tokens."""
+    data = torch.randint(2, vocab, (batch, length), generator=gen)
+    sep = torch.ones(batch, 1, dtype=torch.long)
+    seq = torch.cat([data, sep, data], 1)
+    targets = seq[:, 1:].clone()
+    targets[:, :length] = -100  # only the copy is scored
+    return seq[:, :-1], targets
+
+
+def test_the_model_trains_on_a_copy_task():
+    torch.manual_seed(0)
+    config = LongNetConfig(
+        vocab_size=16,
+        dim=48,
+        depth=2,
+        num_heads=4,
+        segment_lengths=(8, 32),
+        dilation_rates=(1, 2),
+        strategy=ringattn.Strategy(computer="sdpa"),
+    )
+    model = LongNet(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(150):
+        tokens, targets = copy_batch(gen)
+        loss = model.loss(tokens, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.5 * first, (first, last)
