@@ -135,3 +135,8 @@ def test_bad_layouts_are_clear_errors(pool, lengths, rates, n_local, match):
 def test_shard_and_gather(pool):
     assert all(pool.run("shard_gather_roundtrip"))
     assert all("divisible by the group size" in m for m in pool.run("shard_requires_divisible_n"))
+
+
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+def test_longnet_runs_sequence_parallel(pool, communicator):
+    assert all(pool.run("longnet_shards_match_the_full_model", communicator))

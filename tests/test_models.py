@@ -210,3 +210,17 @@ def test_the_model_trains_on_a_copy_task():
         losses.append(loss.item())
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.5 * first, (first, last)
+
+
+@pytest.mark.compile
+def test_the_model_compiles_as_one_graph():
+    torch._dynamo.reset()
+    model = tiny_model("lse", (4, 8, 16), (1, 2, 4), strategy=ringattn.Strategy())
+    tokens = torch.randint(0, 32, (2, 20), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    eager_logits = model(tokens)
+    logits = compiled(tokens)
+    assert rel_err(logits, eager_logits) < 1e-5
+    (grad,) = torch.autograd.grad(logits.square().sum(), model.embed.weight)
+    (eager_grad,) = torch.autograd.grad(eager_logits.square().sum(), model.embed.weight)
+    assert rel_err(grad, eager_grad) < 1e-4

@@ -81,6 +81,9 @@ class MultiheadDilatedAttention(nn.Module):
         k = rearrange(self.k_proj(x), "b n (h d) -> b n h d", h=self.num_kv_heads)
         v = rearrange(self.v_proj(x), "b n (h d) -> b n h d", h=self.num_kv_heads)
         if self.rotary_embedding:
+            communicator = self.attention.communicator
+            if communicator.distributed:  # x is this rank's shard of the sequence
+                start += communicator.rank * x.shape[1]
             positions = torch.arange(start, start + x.shape[1], device=x.device)
             q, k = rotary(q, positions), rotary(k, positions)
         return q, k, v
