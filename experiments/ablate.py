@@ -972,6 +972,15 @@ def to_markdown(headers: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def dict_rows_to_markdown(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """A Markdown table of ``rows`` (dicts) in ``columns`` order; floats to 3 significant digits."""
+
+    def fmt(x: object) -> str:
+        return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+    return to_markdown(columns, [[fmt(row.get(c, "")) for c in columns] for row in rows])
+
+
 def write_markdown(rows: list[Row], sweep: Sweep, path: Path, notes: list[str]) -> str:
     """results.md (context + short table); returns the table."""
     p = sweep.preset

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 import ringattn
+from experiments.ablate import dict_rows_to_markdown
 from ringattn import distributed, reference
 from ringattn.flops import useful_flops
 
@@ -167,15 +168,6 @@ def speed(device, n: int, causal: bool) -> list[dict]:
     return rows
 
 
-def markdown(rows, columns) -> str:
-    def fmt(x):
-        return f"{x:.3g}" if isinstance(x, float) else str(x)
-
-    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    out += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(out)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("results/distributed"))
@@ -208,7 +200,7 @@ def main() -> None:
                 "(1, 2, 4), mixing=lse, computer=sdpa, eager. Times: slowest rank, median of 5."
                 " Bytes: this rank's sends in one forward.",
                 "",
-                markdown(
+                dict_rows_to_markdown(
                     speed_rows,
                     [
                         "n",
@@ -229,7 +221,7 @@ def main() -> None:
             text += [
                 f"## Correctness vs the float64 oracle: {ok}/{len(check)} ok",
                 "",
-                markdown(
+                dict_rows_to_markdown(
                     check, ["strategy", "dtype", "causal", "mixing", "out_err", "grad_err", "ok"]
                 ),
                 "",

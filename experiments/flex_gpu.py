@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import ringattn
+from experiments.ablate import dict_rows_to_markdown
 from ringattn import masks, reference
 from ringattn.computers.flex import FlexComputer
 from ringattn.flops import dense_flops, useful_flops
@@ -201,15 +202,6 @@ def speed(n: int, lengths, rates, mixing: str, causal: bool, strategies) -> list
     return rows
 
 
-def markdown(rows: list[dict], columns: list[str]) -> str:
-    def fmt(x):
-        return f"{x:.3g}" if isinstance(x, float) else str(x)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("results/flex_gpu"))
@@ -243,7 +235,7 @@ def main() -> None:
         "mixing=lse. Useful TFLOP/s counts only the pairs the definition computes "
         "(ringattn.flops); dense SDPA counts all (causal: lower triangle).",
         "",
-        markdown(
+        dict_rows_to_markdown(
             speed_rows,
             [
                 "n",
@@ -271,7 +263,7 @@ def main() -> None:
         report += [
             f"## Correctness vs the float64 oracle: {len(check) - len(bad)}/{len(check)} ok",
             "",
-            markdown(
+            dict_rows_to_markdown(
                 check,
                 [
                     "strategy",

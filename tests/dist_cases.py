@@ -75,43 +75,31 @@ def bytes_sent(shape, options, strategy_fields, backward: bool):
     return forward_bytes, module.communicator.bytes_sent - forward_bytes
 
 
-def mismatched_configs_raise_everywhere(strategy_fields):
-    rank = dist.get_rank()
-    lengths = (8, 32) if rank == 0 else (8, 16)  # rank 0 disagrees
+def _error_of_call(lengths, rates, n_local, strategy_fields) -> str:
+    """The ValueError message of calling the module on this rank (AssertionError if none)."""
     module = ringattn.DilatedAttention(
-        lengths, (1, 2), strategy=ringattn.Strategy(**strategy_fields), compile=False
+        lengths, rates, strategy=ringattn.Strategy(**strategy_fields), compile=False
     )
-    q = torch.randn(1, 16, 2, 8)
+    q = torch.randn(1, n_local, 2, 8)
     try:
         module(q, q, q)
     except ValueError as exc:
         return str(exc)
     raise AssertionError("no error")
+
+
+def mismatched_configs_raise_everywhere(strategy_fields):
+    lengths = (8, 32) if dist.get_rank() == 0 else (8, 16)  # rank 0 disagrees
+    return _error_of_call(lengths, (1, 2), 16, strategy_fields)
 
 
 def mismatched_shapes_raise_everywhere(strategy_fields):
     n_local = 16 if dist.get_rank() == 0 else 8
-    module = ringattn.DilatedAttention(
-        (8, 32), (1, 2), strategy=ringattn.Strategy(**strategy_fields), compile=False
-    )
-    q = torch.randn(1, n_local, 2, 8)
-    try:
-        module(q, q, q)
-    except ValueError as exc:
-        return str(exc)
-    raise AssertionError("no error")
+    return _error_of_call((8, 32), (1, 2), n_local, strategy_fields)
 
 
 def bad_layout_raises(lengths, rates, n_local):
-    module = ringattn.DilatedAttention(
-        lengths, rates, strategy=ringattn.Strategy(communicator="ring"), compile=False
-    )
-    q = torch.randn(1, n_local, 2, 8)
-    try:
-        module(q, q, q)
-    except ValueError as exc:
-        return str(exc)
-    raise AssertionError("no error")
+    return _error_of_call(lengths, rates, n_local, {"communicator": "ring"})
 
 
 def shard_requires_divisible_n():
