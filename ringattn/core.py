@@ -5,9 +5,12 @@ Everything in this module is tensor code over a static :class:`CoreSpec`; it is 
 depend on tensor values happen here (see ``docs/architecture.md``).
 
 Forward: for every block (one config, one row offset, its heads; full segments or the tail) the
-computer returns ``(out_i, lse_i)`` for the block's rows, which are merged into float32
-accumulators ``[b, n, h, d]`` / ``[b, n, h]`` in place, through strided views:
-``lse = logaddexp(lse, lse_i)``, ``acc = acc * exp(lse_old - lse) + out_i * exp(lse_i - lse)``.
+computer returns ``(out_i, lse_i)`` for the block's rows, which are merged into the accumulators
+``[b, n, h, d]`` (q's dtype) / ``[b, n, h]`` (float32) in place, through strided views:
+``lse = logaddexp(lse, lse_i)``, ``acc = acc * exp(lse_old - lse) + out_i * exp(lse_i - lse)``
+(one Triton kernel per block on CUDA). A first block that covers every row and head (a config with
+``r = 1`` under ``mixing="lse"``) *becomes* the accumulator; ``head_groups`` blocks are disjoint and
+copied, not merged.
 
 Backward: every block's kernel backward is called with the *merged* output and LSE of its rows.
 Because the merged result is one softmax over the union of the configs' keys (each counted as
@@ -27,7 +30,7 @@ from ringattn.computers.base import AttentionComputer, LayoutComputer, accumulat
 from ringattn.dilation.base import DilationProcessor
 from ringattn.memory.base import MemoryManager
 from ringattn.merge import merge_into_
-from ringattn.pattern import Plan
+from ringattn.pattern import Block, Plan
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,39 +52,63 @@ def _index(indices: tuple[Tensor, ...], i: int) -> Tensor | None:
     return indices[i] if indices else None
 
 
+def covers_everything(block: Block, n: int, h: int) -> bool:
+    """Whether ``block`` holds every (row, head) of ``[b, n, h, ...]`` in plain order.
+
+    Then its ``[b * S, w, h, d]`` output *is* ``[b, n, h, d]`` (a reshape, free for the kernels'
+    contiguous outputs) and can become the accumulator: no zero fill, no first merge.
+    """
+    job = block.job
+    return (
+        not block.tail
+        and job.r == 1
+        and block.segments * block.length == n
+        and (job.head_start, job.head_stop, job.head_step) == (0, h, 1)
+    )
+
+
 def dilated_forward(
     spec: CoreSpec, q: Tensor, k: Tensor, v: Tensor, indices: tuple[Tensor, ...], keep_lse: bool
 ) -> tuple[Tensor, Tensor]:
-    """Merged output ``[b, n, h, d]`` (q's dtype) and LSE ``[b, n, h]`` (accumulation dtype)."""
-    b, n, h, d = q.shape
-    acc_dtype = accumulation_dtype(q.dtype)
-    # The float accumulator escapes only when it *is* the output (fp32/fp64 inputs); the LSE only
-    # when the backward needs it. Anything that does not escape may come from the pool.
-    if q.dtype == acc_dtype:
-        out_acc = torch.zeros(b, n, h, d, dtype=acc_dtype, device=q.device)
-    else:
-        out_acc = spec.memory.scratch("out_acc", (b, n, h, d), acc_dtype, q.device).zero_()
-    if keep_lse:
-        lse_acc = torch.full((b, n, h), float("-inf"), dtype=acc_dtype, device=q.device)
-    else:
-        lse_acc = spec.memory.scratch("lse_acc", (b, n, h), acc_dtype, q.device).fill_(
-            float("-inf")
-        )
+    """Merged output ``[b, n, h, d]`` (q's dtype) and LSE ``[b, n, h]`` (accumulation dtype).
 
-    for i, block in enumerate(spec.plan.blocks):
-        index = _index(indices, i)
-        q_dilated = spec.dilation.read(q, block, index)
-        k_dilated = spec.dilation.read(k, block, index)
-        v_dilated = spec.dilation.read(v, block, index)
-        out_block, lse_block = spec.communicator.attend(
+    The output accumulates in q's own dtype: each merge forms its weighted sum in float32 (or
+    float64) and rounds once, so a bf16 result carries at most one rounding per config, and no
+    float32 copy of the output (2x its size) is ever held.
+    """
+    b, n, h, d = q.shape
+    stats_dtype = accumulation_dtype(q.dtype)
+    blocks = spec.plan.blocks
+
+    def attend(i: int) -> tuple[Tensor, Tensor]:
+        block, index = blocks[i], _index(indices, i)
+        return spec.communicator.attend(
             spec.computer,
-            q_dilated,
-            k_dilated,
-            v_dilated,
+            spec.dilation.read(q, block, index),
+            spec.dilation.read(k, block, index),
+            spec.dilation.read(v, block, index),
             spec.causal,
             spec.scale,
             spec.spans[block.job.config],
         )
+
+    first = 0
+    if blocks and covers_everything(blocks[0], n, h):
+        out_block, lse_block = attend(0)
+        out_acc = out_block.reshape(b, n, h, d).to(q.dtype)
+        lse_acc = lse_block.reshape(b, n, h).to(stats_dtype)
+        first = 1
+    else:
+        out_acc = torch.zeros(b, n, h, d, dtype=q.dtype, device=q.device)
+        if keep_lse:
+            lse_acc = torch.full((b, n, h), float("-inf"), dtype=stats_dtype, device=q.device)
+        else:  # the LSE does not escape: it may come from the pool
+            lse_acc = spec.memory.scratch("lse_acc", (b, n, h), stats_dtype, q.device)
+            lse_acc.fill_(float("-inf"))
+
+    for i in range(first, len(blocks)):
+        block = blocks[i]
+        out_block, lse_block = attend(i)
         out_rows = block.rows(out_acc)
         lse_rows = block.rows(lse_acc)
         out_block = out_block.unflatten(0, (b, block.segments))
@@ -91,9 +118,7 @@ def dilated_forward(
             lse_rows.copy_(lse_block)
         else:
             merge_into_(out_rows, lse_rows, out_block, lse_block)
-
-    out = out_acc if q.dtype == acc_dtype else out_acc.to(q.dtype)
-    return out, lse_acc
+    return out_acc, lse_acc
 
 
 def dilated_backward(
@@ -106,19 +131,14 @@ def dilated_backward(
     lse: Tensor,
     indices: tuple[Tensor, ...],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    b = q.shape[0]
-    acc_dtype = accumulation_dtype(q.dtype)
-
-    def accumulator(tag: str) -> Tensor:
-        if q.dtype == acc_dtype:
-            return torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
-        return spec.memory.scratch(tag, tuple(q.shape), acc_dtype, q.device).zero_()
-
-    dq_acc, dk_acc, dv_acc = accumulator("dq_acc"), accumulator("dk_acc"), accumulator("dv_acc")
-    for i, block in enumerate(spec.plan.blocks):
+    """Gradients in q's dtype, accumulated like the forward's output (one rounding per config)."""
+    b, n, h, d = q.shape
+    blocks = spec.plan.blocks
+    grads: list[Tensor] = []
+    for i, block in enumerate(blocks):
         index = _index(indices, i)
         read = lambda x, block=block, index=index: spec.dilation.read(x, block, index)  # noqa: E731
-        dq_block, dk_block, dv_block = spec.communicator.attend_backward(
+        grad_blocks = spec.communicator.attend_backward(
             spec.computer,
             read(dout),
             read(q),
@@ -130,10 +150,23 @@ def dilated_backward(
             spec.scale,
             spec.spans[block.job.config],
         )
-        block.rows(dq_acc).add_(dq_block.unflatten(0, (b, block.segments)))
-        block.rows(dk_acc).add_(dk_block.unflatten(0, (b, block.segments)))
-        block.rows(dv_acc).add_(dv_block.unflatten(0, (b, block.segments)))
-    return tuple(g if q.dtype == acc_dtype else g.to(q.dtype) for g in (dq_acc, dk_acc, dv_acc))
+        if i == 0 and covers_everything(block, n, h):
+            grads = [g.reshape(b, n, h, d).to(q.dtype) for g in grad_blocks]
+            continue
+        if not grads:
+            grads = [torch.zeros_like(q) for _ in range(3)]
+        for grad, grad_block in zip(grads, grad_blocks):
+            grad_rows = block.rows(grad)
+            grad_block = grad_block.unflatten(0, (b, block.segments))
+            # head_groups: every (row, head) belongs to one block, so a copy suffices
+            if spec.plan.disjoint:
+                grad_rows.copy_(grad_block)
+            else:
+                grad_rows.add_(grad_block)
+    if not grads:  # no blocks at all (cannot happen for a validated config, kept total)
+        grads = [torch.zeros_like(q) for _ in range(3)]
+    dq, dk, dv = grads
+    return dq, dk, dv
 
 
 class DilatedAttentionFunction(torch.autograd.Function):

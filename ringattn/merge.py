@@ -6,8 +6,10 @@ Rows whose every ``LSE_i`` is ``-inf`` (selected by nothing) merge to exactly 0,
 
 Two forms of the same rule:
 
-* :func:`merge_into_` — online and in place, on strided views of float32 accumulators; used by the
-  core for block computers (no autograd inside: their backward is the merged-stats identity);
+* :func:`merge_into_` — online and in place, on strided views of the accumulators (any float
+  dtype; the arithmetic is float32 or better and each merge rounds once); used by the core for
+  block computers (no autograd inside: their backward is the merged-stats identity). On CUDA, in
+  eager mode, it is one Triton kernel (:mod:`ringattn.kernels.merge`);
 * :func:`merge` — functional and differentiable over a list of partials; used where autograd runs
   through the partials (flex returns its LSE with gradients).
 """
@@ -17,17 +19,37 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ringattn.kernels import merge as merge_kernel
+
 
 def _finite_or_zero(x: Tensor) -> Tensor:
     return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
 def merge_into_(out_acc: Tensor, lse_acc: Tensor, out: Tensor, lse: Tensor) -> None:
-    """``(out_acc, lse_acc) <- merge((out_acc, lse_acc), (out, lse))`` in place."""
+    """``(out_acc, lse_acc) <- merge((out_acc, lse_acc), (out, lse))`` in place.
+
+    ``out_acc: [..., d]`` may be stored in a lower precision than ``lse_acc``; the weighted sum is
+    formed in ``lse_acc``'s dtype and rounded once.
+    """
+    if (
+        out_acc.dim() in (4, 5)
+        and not torch.compiler.is_compiling()
+        and merge_kernel.available(out_acc)
+        and lse_acc.dtype == torch.float32
+    ):
+        lead = 5 - out_acc.dim()  # the kernel takes [b, S, L, H, d]
+        views = (x[(None,) * lead] for x in (out_acc, lse_acc, out, lse))
+        merge_kernel.merge_rows_(*views)
+        return
     lse_merged = torch.logaddexp(lse_acc, lse)
     reference = _finite_or_zero(lse_merged)
-    out_acc.mul_(torch.exp(lse_acc - reference).unsqueeze(-1))
-    out_acc.add_(out * torch.exp(lse - reference).unsqueeze(-1))
+    weight_old = torch.exp(lse_acc - reference).unsqueeze(-1)
+    weight_new = torch.exp(lse - reference).unsqueeze(-1)
+    if out_acc.dtype == lse_acc.dtype:
+        out_acc.mul_(weight_old).add_(out * weight_new)
+    else:
+        out_acc.copy_(out_acc * weight_old + out * weight_new)
     lse_acc.copy_(lse_merged)
 
 

@@ -117,12 +117,14 @@ class SDPAComputer(BlockComputer):
         else:
             length = q.shape[1]
             seed = torch.empty((), dtype=torch.int64, device=q.device)
+            # FlashAttention works in [B, L, H, d] and makes dout/out contiguous in *that* layout;
+            # handing it exactly that avoids a second copy inside the op.
             dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-                _bhld(dout).contiguous(),
+                _bhld(dout.contiguous()),
                 _bhld(q),
                 _bhld(k),
                 _bhld(v),
-                _bhld(out).contiguous(),
+                _bhld(out.contiguous()),
                 lse_bhl.contiguous(),
                 None,
                 None,

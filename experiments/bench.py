@@ -1,0 +1,404 @@
+"""GPU benchmark: every single-device strategy against dense SDPA and a plain implementation.
+
+    python -m experiments.bench                                   # issue 5's shape, 32K and 128K
+    python -m experiments.bench --n 32768 131072 1048576 --out $OUT/bench
+    python -m experiments.bench --device cpu --n 512 --lengths 64 128 --rates 1 2 --heads 4 --dim 16
+
+Times (CUDA events, warm-up, median of ``--repeats``) forward and forward+backward of
+
+* ``dense SDPA`` — the ceiling: ``F.scaled_dot_product_attention`` over the whole sequence (its
+  useful TFLOP/s is a rate, so above ``--dense-max-n`` it is measured once at that length and
+  reused: the rate is flat in ``n`` while its time grows as ``n^2``);
+* ``plain`` — the baseline that issue 5 describes (``head_groups`` only): gather each group's
+  dilated rows into a new tensor, call SDPA, scatter the result back;
+* every strategy (dilation x computer, ``sdpa`` eager and compiled, ``flex`` compiled),
+
+and prints one table: ms, useful TFLOP/s (``ringattn.flops``), ratio to dense SDPA in the same run,
+and peak memory relative to the tensors the call cannot avoid — forward: ``(q, k, v, out)``;
+forward+backward: ``(q, k, v, out)`` and their gradients. Before timing, each variant is checked
+against the float64 oracle at ``--check-n`` (output and gradients). Writes ``bench.json``,
+``bench.md`` and ``bench.png`` (throughput and memory vs n, log axes) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import ringattn
+from experiments.ablate import dict_rows_to_markdown
+from ringattn import reference
+from ringattn.flops import dense_flops, useful_flops
+from ringattn.pattern import head_groups
+
+ISSUE_LENGTHS = (2048, 4096, 8192, 16384, 32768)
+ISSUE_RATES = (1, 2, 4, 8, 16)
+
+
+# --- the plain baseline -------------------------------------------------------------------------
+
+
+def plain_head_groups(q, k, v, lengths, rates, causal: bool):
+    """Gather, SDPA, scatter: what a first implementation of ``mixing="head_groups"`` does."""
+    b, n, h, d = q.shape
+    out = torch.zeros_like(q)
+    for g, ((w, r), (lo, hi)) in enumerate(zip(zip(lengths, rates), head_groups(h, len(lengths)))):
+        if hi == lo:
+            continue
+        segments, off = n // w, g % r
+        rows = (
+            torch.arange(segments, device=q.device)[:, None] * w
+            + torch.arange(off, w, r, device=q.device)
+        ).flatten()
+
+        def gather(x, rows=rows, lo=lo, hi=hi, segments=segments):
+            picked = x[:, rows, lo:hi]  # a copy: advanced indexing
+            return picked.reshape(b * segments, -1, hi - lo, d).transpose(1, 2)
+
+        o = F.scaled_dot_product_attention(gather(q), gather(k), gather(v), is_causal=causal)
+        out[:, rows, lo:hi] = o.transpose(1, 2).reshape(b, -1, hi - lo, d)
+    return out
+
+
+# --- timing and memory ---------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> float:
+    """Bytes allocated at the peak of ``fn`` above what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return float("nan")
+    sync(device)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    sync(device)
+    return float(torch.cuda.max_memory_allocated() - base)
+
+
+def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+# --- the variants ---------------------------------------------------------------------------------
+
+
+def variants(args) -> list[tuple[str, Callable[[], Callable]]]:
+    """``(name, make)`` where ``make(mixing, causal)`` returns ``fn(q, k, v) -> out``."""
+    out = []
+    for strategy in ringattn.Strategy.all(communicator="local", memory=args.memory):
+        if strategy.computer not in args.computers or strategy.dilation not in args.dilations:
+            continue
+        modes = [True] if strategy.computer == "flex" else [False, True]
+        modes = [m for m in modes if (m and args.compile) or (not m and args.eager)]
+        for compiled in modes:
+            name = f"{strategy.dilation}/{strategy.computer}" + (" (compiled)" if compiled else "")
+
+            def make(mixing, causal, strategy=strategy, compiled=compiled):
+                return ringattn.DilatedAttention(
+                    args.lengths,
+                    args.rates,
+                    causal=causal,
+                    mixing=mixing,
+                    strategy=strategy,
+                    compile=compiled,
+                )
+
+            out.append((name, make))
+    return out
+
+
+_ORACLE: dict = {}
+
+
+def check(make, mixing: str, causal: bool, args, device: torch.device) -> float:
+    """Largest relative error of output and gradients against the float64 oracle.
+
+    The oracle (a Python loop over heads and segments) runs once per (mixing, causal).
+    """
+    n = args.check_n
+    gen = torch.Generator(device=device).manual_seed(0)
+    shape = (1, n, args.heads, args.dim)
+    q, k, v, dout = (
+        torch.randn(shape, device=device, dtype=args.dtype, generator=gen) for _ in range(4)
+    )
+    key = (mixing, causal)
+    if key not in _ORACLE:
+        refs = [x.double().requires_grad_() for x in (q, k, v)]
+        ref = reference.dilated_attention(
+            *refs,
+            segment_lengths=args.lengths,
+            dilation_rates=args.rates,
+            causal=causal,
+            mixing=mixing,
+        )
+        ref.backward(dout.double())
+        _ORACLE[key] = [ref.detach()] + [x.grad for x in refs]
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = make(xs[0], xs[1], xs[2])
+    out.backward(dout)
+    mine = [out] + [x.grad for x in xs]
+    return max(rel(x, r) for x, r in zip(mine, _ORACLE[key]))
+
+
+def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dict) -> list[dict]:
+    b, h, d = 1, args.heads, args.dim
+    q, k, v, dout = (torch.randn(b, n, h, d, device=device, dtype=args.dtype) for _ in range(4))
+    unit = q.numel() * q.element_size()  # bytes of one [b, n, h, d] tensor
+    rows: list[dict] = []
+
+    def measure(name: str, fn, useful_f: float, useful_fb: float, error: float | None) -> None:
+        def fwd():
+            with torch.no_grad():
+                return fn(q, k, v)
+
+        def fwdbwd():
+            xs = [x.detach().requires_grad_() for x in (q, k, v)]
+            fn(*xs).backward(dout)
+
+        t0 = time.time()
+        fwd(), fwdbwd()  # compile / autotune / warm caches outside the timing
+        setup_s = time.time() - t0
+        fwd_extra = peak_extra_bytes(fwd, device)
+        fb_extra = peak_extra_bytes(fwdbwd, device)
+        fwd_ms = median_ms(fwd, device, args.warmup, args.repeats)
+        fb_ms = median_ms(fwdbwd, device, args.warmup, args.repeats)
+        rows.append(
+            {
+                "n": n,
+                "mixing": mixing,
+                "causal": causal,
+                "variant": name,
+                "oracle_err": error,
+                "fwd_ms": fwd_ms,
+                "fwd_tflops": useful_f / fwd_ms / 1e9,
+                "fwdbwd_ms": fb_ms,
+                "fwdbwd_tflops": useful_fb / fb_ms / 1e9,
+                # q, k, v (and dout) exist before the call; the rest is what the call adds
+                "fwd_mem_vs_io": (3 * unit + fwd_extra) / (4 * unit),
+                "fwdbwd_mem_vs_io": (4 * unit + fb_extra) / (8 * unit),
+                "setup_s": setup_s,
+            }
+        )
+        print("row", json.dumps(rows[-1]), flush=True)
+
+    # the ceiling: dense SDPA, at min(n, dense_max_n) (its TFLOP/s does not depend on n)
+    dense_n = min(n, args.dense_max_n)
+    key = (dense_n, causal)
+    if key not in dense_cache:
+        qd, kd, vd = (x[:, :dense_n].transpose(1, 2) for x in (q, k, v))
+        dd = dout[:, :dense_n].transpose(1, 2)
+
+        def dense_fwd():
+            with torch.no_grad():
+                F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal)
+
+        def dense_fb():
+            xs = [x.detach().requires_grad_() for x in (qd, kd, vd)]
+            F.scaled_dot_product_attention(*xs, is_causal=causal).backward(dd)
+
+        f_ms = median_ms(dense_fwd, device, args.warmup, args.repeats)
+        fb_ms = median_ms(dense_fb, device, args.warmup, args.repeats)
+        dense_cache[key] = (
+            dense_flops(b, dense_n, h, d, causal) / f_ms / 1e9,
+            dense_flops(b, dense_n, h, d, causal, backward=True) / fb_ms / 1e9,
+            f_ms,
+            fb_ms,
+        )
+    dense_f, dense_fb, dense_f_ms, dense_fb_ms = dense_cache[key]
+    rows.append(
+        {
+            "n": n,
+            "mixing": mixing,
+            "causal": causal,
+            "variant": "dense SDPA" + ("" if dense_n == n else f" (rate at n={dense_n})"),
+            "oracle_err": None,
+            "fwd_ms": dense_f_ms if dense_n == n else None,
+            "fwd_tflops": dense_f,
+            "fwdbwd_ms": dense_fb_ms if dense_n == n else None,
+            "fwdbwd_tflops": dense_fb,
+            "fwd_mem_vs_io": None,
+            "fwdbwd_mem_vs_io": None,
+            "setup_s": 0.0,
+        }
+    )
+
+    useful_f = useful_flops(b, n, h, d, args.lengths, args.rates, causal, mixing)
+    useful_fb = useful_flops(b, n, h, d, args.lengths, args.rates, causal, mixing, backward=True)
+    cases: list[tuple[str, Callable]] = []
+    if mixing == "head_groups" and n % max(args.lengths) == 0:
+        cases.append(
+            (
+                "plain (gather/SDPA/scatter)",
+                lambda q, k, v: plain_head_groups(q, k, v, args.lengths, args.rates, causal),
+            )
+        )
+    for name, make in variants(args):
+        cases.append((name, make(mixing, causal)))
+    for name, fn in cases:
+        try:
+            error = check(fn, mixing, causal, args, device) if args.check_n else None
+            measure(name, fn, useful_f, useful_fb, error)
+        except Exception as exc:  # one failing variant must not lose the run's other rows
+            print(
+                f"FAILED {name} n={n} {mixing} causal={causal}: {type(exc).__name__}: "
+                f"{str(exc)[:400]}",
+                flush=True,
+            )
+        finally:
+            torch._dynamo.reset()  # compiled variants of other shapes need not stay resident
+    for row in rows:
+        row["fwd_vs_dense"] = row["fwd_tflops"] / dense_f
+        row["fwdbwd_vs_dense"] = row["fwdbwd_tflops"] / dense_fb
+    return rows
+
+
+# --- output ---------------------------------------------------------------------------------------
+
+
+def _positive(x) -> bool:
+    return isinstance(x, float) and x > 0 and x != float("inf")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["mixing"], r["causal"]) for r in rows})
+    fig, axes = plt.subplots(len(groups), 3, figsize=(16, 4 * len(groups)), squeeze=False)
+    for (mixing, causal), ax_row in zip(groups, axes):
+        sel = [r for r in rows if r["mixing"] == mixing and r["causal"] == causal]
+        for variant in dict.fromkeys(r["variant"].split(" (rate")[0] for r in sel):
+            pts = sorted((r["n"], r) for r in sel if r["variant"].split(" (rate")[0] == variant)
+            ns = [p[0] for p in pts]
+            style = {"ls": "--", "color": "k"} if variant.startswith("dense") else {"marker": "o"}
+            for ax, key in zip(ax_row, ("fwd_tflops", "fwdbwd_tflops", "fwdbwd_mem_vs_io")):
+                xy = [(x, p[1][key]) for x, p in zip(ns, pts) if _positive(p[1][key])]
+                if xy:
+                    ax.plot(*zip(*xy), label=variant, **style)
+        titles = (
+            "forward TFLOP/s (useful)",
+            "forward+backward TFLOP/s",
+            "fwd+bwd peak / (q,k,v,out,grads)",
+        )
+        for ax, title in zip(ax_row, titles):
+            if ax.lines:  # (no memory numbers off CUDA)
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+            ax.set_xlabel("sequence length n")
+            ax.set_title(f"{title}\nmixing={mixing} causal={causal}", fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+        ax_row[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--n", type=int, nargs="+", default=[32768, 131072])
+    p.add_argument("--lengths", type=int, nargs="+", default=list(ISSUE_LENGTHS))
+    p.add_argument("--rates", type=int, nargs="+", default=list(ISSUE_RATES))
+    p.add_argument("--mixing", nargs="+", default=["head_groups", "lse"])
+    p.add_argument("--causal", choices=["no", "yes", "both"], default="both")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--computers", nargs="+", default=["sdpa", "flex"])
+    p.add_argument("--dilations", nargs="+", default=["segment_local", "global"])
+    p.add_argument("--memory", default="pooled")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--no-eager", dest="eager", action="store_false")
+    p.add_argument("--dense-max-n", type=int, default=131072)
+    p.add_argument("--check-n", type=int, default=32768, help="oracle check length (0: skip)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", type=Path, default=Path("results") / "bench")
+    args = p.parse_args(argv)
+    args.lengths, args.rates = tuple(args.lengths), tuple(args.rates)
+    args.dtype = getattr(torch, args.dtype)
+    try:  # the library's own validation, as a one-line error
+        ringattn.DilatedConfig(args.lengths, args.rates)
+    except (TypeError, ValueError) as exc:
+        p.error(str(exc))
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    device = torch.device(args.device)
+    causals = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
+    rows: list[dict] = []
+    dense_cache: dict = {}
+    for n in args.n:
+        for mixing in args.mixing:
+            for causal in causals:
+                rows += bench_case(n, mixing, causal, args, device, dense_cache)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "command": "python -m experiments.bench "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "shape": {"b": 1, "h": args.heads, "d": args.dim, "dtype": str(args.dtype)},
+        "configs": {"segment_lengths": args.lengths, "dilation_rates": args.rates},
+    }
+    (args.out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    columns = [
+        "n",
+        "mixing",
+        "causal",
+        "variant",
+        "oracle_err",
+        "fwd_ms",
+        "fwd_tflops",
+        "fwd_vs_dense",
+        "fwdbwd_ms",
+        "fwdbwd_tflops",
+        "fwdbwd_vs_dense",
+        "fwd_mem_vs_io",
+        "fwdbwd_mem_vs_io",
+    ]
+    table = dict_rows_to_markdown(rows, columns)
+    (args.out / "bench.md").write_text(f"{json.dumps(meta)}\n\n{table}\n")
+    plot(rows, args.out / "bench.png")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

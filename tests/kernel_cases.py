@@ -1,0 +1,83 @@
+"""Run by tests/test_kernels.py in a subprocess with ``TRITON_INTERPRET=1``: the Triton merge
+kernel on CPU tensors, against the functional merge (an independent formula), on the strided row
+views of real plans. Prints one line ``ok <cases>`` or raises."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from ringattn.kernels import merge as merge_kernel
+from ringattn.merge import merge
+from ringattn.pattern import make_plan
+
+assert os.environ.get("TRITON_INTERPRET") == "1"
+assert merge_kernel.available(torch.empty(0)), "triton kernel not available under the interpreter"
+
+
+def with_infs(x: torch.Tensor, gen: torch.Generator, p: float) -> torch.Tensor:
+    holes = torch.rand(x.shape, generator=gen) < p
+    return x.masked_fill(holes, float("-inf"))
+
+
+def main(cases: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    checked = 0
+    for case in range(cases):
+        b = 1 + case % 2
+        h = int(torch.randint(1, 6, (), generator=gen))
+        d = int(torch.randint(1, 20, (), generator=gen))
+        w = int(torch.randint(1, 5, (), generator=gen)) * 4
+        r = [1, 2, 4][case % 3]
+        n = int(torch.randint(1, 3 * w, (), generator=gen))
+        dtype = [torch.float32, torch.bfloat16, torch.float16][case % 3]
+        plan = make_plan(n, h, ((w, r),), "lse")
+        for block in plan.blocks:
+            out_acc = torch.randn(b, n, h, d, generator=gen).to(dtype)
+            lse_acc = with_infs(torch.randn(b, n, h, generator=gen) * 3, gen, 0.3)
+            rows, lse_rows = block.rows(out_acc), block.rows(lse_acc)
+            # the block's partials: a transposed (non-contiguous) layout, as the kernels return
+            part = torch.randn((*rows.shape[:2], rows.shape[3], rows.shape[2], d), generator=gen)
+            part = part.to(dtype).transpose(2, 3)
+            lse_part = with_infs(torch.randn(lse_rows.shape, generator=gen) * 3, gen, 0.3)
+
+            want = merge([rows.float(), part.float()], [lse_rows, lse_part], torch.float32)
+            want_lse = torch.logaddexp(lse_rows, lse_part)
+            before_out, before_lse = out_acc.clone(), lse_acc.clone()
+            merge_kernel.merge_rows_(rows, lse_rows, part, lse_part)
+
+            tol = 1e-6 if dtype == torch.float32 else 1e-2
+            torch.testing.assert_close(rows.float(), want, atol=tol, rtol=tol)
+            torch.testing.assert_close(lse_rows, want_lse, atol=1e-5, rtol=1e-5)
+            none = torch.isneginf(want_lse)
+            assert (rows[none] == 0).all(), "rows selected by nothing must merge to exactly 0"
+            # everything outside the block's rows is untouched
+            rows.fill_(0), lse_rows.fill_(0)
+            before_out_rows, before_lse_rows = block.rows(before_out), block.rows(before_lse)
+            before_out_rows.fill_(0), before_lse_rows.fill_(0)
+            assert torch.equal(out_acc, before_out) and torch.equal(lse_acc, before_lse)
+            checked += 1
+    # and through the whole core: eager dilated attention now merges with the kernel
+    import ringattn
+    from ringattn import reference
+
+    calls = []
+    original = merge_kernel.merge_rows_
+    merge_kernel.merge_rows_ = lambda *a: (calls.append(1), original(*a))[1]
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        q, k, v = (torch.randn(2, 37, 4, 8, generator=gen).to(dtype) for _ in range(3))
+        opts = {"segment_lengths": (8, 16), "dilation_rates": (1, 4), "causal": True}
+        out = ringattn.dilated_attention(q, k, v, compile=False, **opts)
+        ref = reference.dilated_attention(q, k, v, **opts)
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert err <= tol, (dtype, err)
+        checked += 1
+    assert calls, "the core did not use the kernel"
+    merge_kernel.merge_rows_ = original
+    print("ok", checked)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 30)
