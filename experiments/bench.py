@@ -11,7 +11,8 @@ Times (CUDA events, warm-up, median of ``--repeats``) forward and forward+backwa
   reused: the rate is flat in ``n`` while its time grows as ``n^2``);
 * ``plain`` — the baseline that issue 5 describes (``head_groups`` only): gather each group's
   dilated rows into a new tensor, call SDPA, scatter the result back;
-* every strategy (dilation x computer, ``sdpa`` eager and compiled, ``flex`` compiled),
+* every strategy (dilation x computer, ``sdpa`` eager and compiled, ``flex`` compiled), and the
+  eager ``sdpa`` rows once more forced onto FlashAttention-2 (``[flash]``, A/B against cuDNN),
 
 and prints one table: ms, useful TFLOP/s (``ringattn.flops``), ratio to dense SDPA in the same run,
 and peak memory relative to the tensors the call cannot avoid — forward: ``(q, k, v, out)``;
@@ -137,6 +138,15 @@ def variants(args) -> list[tuple[str, Callable[[], Callable]]]:
                 )
 
             out.append((name, make))
+            if strategy.computer == "sdpa" and not compiled and args.flash_row:
+                # A/B: the same strategy on FlashAttention-2 instead of cuDNN
+
+                def make_flash(mixing, causal, make=make):
+                    module = make(mixing, causal)
+                    module.computer.cuda_backend = "flash"
+                    return module
+
+                out.append((name + " [flash]", make_flash))
     return out
 
 
@@ -344,6 +354,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--memory", default="pooled")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--no-eager", dest="eager", action="store_false")
+    p.add_argument(
+        "--no-flash-row",
+        dest="flash_row",
+        action="store_false",
+        help="skip the eager sdpa rows forced onto FlashAttention-2 (A/B against cuDNN)",
+    )
     p.add_argument("--dense-max-n", type=int, default=131072)
     p.add_argument("--check-n", type=int, default=32768, help="oracle check length (0: skip)")
     p.add_argument("--warmup", type=int, default=2)

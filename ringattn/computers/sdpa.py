@@ -4,10 +4,15 @@
 needs, so this computer calls the same kernels one level down:
 
 * CPU: ``_scaled_dot_product_flash_attention_for_cpu`` (+ its backward), any float dtype;
-* CUDA, fp16/bf16: FlashAttention-2 (``_scaled_dot_product_flash_attention``);
+* CUDA, fp16/bf16: cuDNN attention (``_scaled_dot_product_cudnn_attention``) for head dims up to
+  128 — the kernel dense ``F.scaled_dot_product_attention`` itself picks on Hopper, about twice
+  FlashAttention-2's TFLOP/s there (``experiments/sdpa_backends.py``) — else FlashAttention-2
+  (``_scaled_dot_product_flash_attention``); ``SDPAComputer.cuda_backend = "flash"`` forces the
+  latter (the benchmark's A/B row);
 * CUDA, fp32: memory-efficient attention (``_scaled_dot_product_efficient_attention``).
 
-The kernels take ``[B, H, L, d]``; our blocks are ``[B, L, H, d]`` so the transposes are views.
+The kernels take ``[B, H, L, d]``; our blocks are ``[B, L, H, d]`` so the transposes are views, and
+all of them accept the strided (dilated) views as they are.
 """
 
 from __future__ import annotations
@@ -32,8 +37,25 @@ def _bhld_contiguous(x: Tensor) -> Tensor:
     return x.transpose(1, 2).contiguous()
 
 
+def _bhl1(lse: Tensor) -> Tensor:
+    # cuDNN keeps its LSE as [B, H, L, 1]
+    return lse.unsqueeze(-1).contiguous()
+
+
 @register("computer", "sdpa")
 class SDPAComputer(BlockComputer):
+    # "auto": cuDNN where it applies (CUDA, fp16/bf16, head dim <= 128), else FlashAttention-2
+    cuda_backend = "auto"
+
+    def _cudnn(self, q: Tensor) -> bool:
+        return (
+            self.cuda_backend != "flash"
+            and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[-1] <= 128
+            and q.shape[-1] % 8 == 0
+            and torch.backends.cudnn.is_available()
+        )
+
     def unsupported(
         self,
         dtype: torch.dtype,
@@ -57,6 +79,11 @@ class SDPAComputer(BlockComputer):
             out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
                 qt, kt, vt, 0.0, causal, scale=scale
             )
+        elif self._cudnn(q):
+            out, lse = aten._scaled_dot_product_cudnn_attention(
+                qt, kt, vt, None, True, 0.0, causal, False, scale=scale
+            )[:2]
+            lse = lse.squeeze(-1)
         elif q.dtype == torch.float32:
             out, lse, _, _ = aten._scaled_dot_product_efficient_attention(
                 qt, kt, vt, None, True, 0.0, causal, scale=scale
@@ -111,6 +138,28 @@ class SDPAComputer(BlockComputer):
                 seed,
                 0.0,
                 [True, True, True, False],
+                causal,
+                scale=scale,
+            )
+        elif self._cudnn(q):
+            length = q.shape[1]
+            seed = torch.zeros((), dtype=torch.int64, device=q.device)
+            # dout and out with the same ([B, L, H, d]-contiguous) strides, as cuDNN wants them
+            dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
+                _bhld(dout.contiguous()),
+                _bhld(q),
+                _bhld(k),
+                _bhld(v),
+                _bhld(out.contiguous()),
+                _bhl1(lse_bhl),
+                seed,
+                seed,
+                None,
+                None,
+                None,
+                length,
+                length,
+                0.0,
                 causal,
                 scale=scale,
             )
