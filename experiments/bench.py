@@ -309,13 +309,19 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     groups = sorted({(r["mixing"], r["causal"]) for r in rows})
+    names = list(dict.fromkeys(r["variant"].split(" (rate")[0] for r in rows))
+    colors = {name: f"C{i % 10}" for i, name in enumerate(names)}  # one colour per variant
     fig, axes = plt.subplots(len(groups), 3, figsize=(16, 4 * len(groups)), squeeze=False)
     for (mixing, causal), ax_row in zip(groups, axes):
         sel = [r for r in rows if r["mixing"] == mixing and r["causal"] == causal]
         for variant in dict.fromkeys(r["variant"].split(" (rate")[0] for r in sel):
             pts = sorted((r["n"], r) for r in sel if r["variant"].split(" (rate")[0] == variant)
             ns = [p[0] for p in pts]
-            style = {"ls": "--", "color": "k"} if variant.startswith("dense") else {"marker": "o"}
+            style = (
+                {"ls": "--", "color": "k"}
+                if variant.startswith("dense")
+                else {"marker": "o", "color": colors[variant]}
+            )
             for ax, key in zip(ax_row, ("fwd_tflops", "fwdbwd_tflops", "fwdbwd_mem_vs_io")):
                 xy = [(x, p[1][key]) for x, p in zip(ns, pts) if _positive(p[1][key])]
                 if xy:

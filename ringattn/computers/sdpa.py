@@ -24,6 +24,8 @@ from ringattn.computers.base import BlockComputer, Rows, RowsLSE, accumulation_d
 from ringattn.registry import register
 
 aten = torch.ops.aten
+# read once, eagerly: torch.backends.cudnn.is_available() cannot be traced by Dynamo
+CUDNN_AVAILABLE = torch.backends.cudnn.is_available()
 
 
 def _bhld(x: Tensor) -> Tensor:
@@ -53,7 +55,7 @@ class SDPAComputer(BlockComputer):
             and q.dtype in (torch.float16, torch.bfloat16)
             and q.shape[-1] <= 128
             and q.shape[-1] % 8 == 0
-            and torch.backends.cudnn.is_available()
+            and CUDNN_AVAILABLE
         )
 
     def unsupported(
