@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -35,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import ringattn
-from experiments.ablate import dict_rows_to_markdown
+from experiments.ablate import dict_rows_to_markdown, median_ms, rel_err
 from ringattn import reference
 from ringattn.flops import dense_flops, useful_flops
 from ringattn.pattern import head_groups
@@ -77,26 +76,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> float:
     """Bytes allocated at the peak of ``fn`` above what was allocated before it (CUDA only)."""
     if device.type != "cuda":
@@ -107,10 +86,6 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> float:
     fn()
     sync(device)
     return float(torch.cuda.max_memory_allocated() - base)
-
-
-def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 # --- the variants ---------------------------------------------------------------------------------
@@ -180,7 +155,7 @@ def check(make, mixing: str, causal: bool, args, device: torch.device) -> float:
     out = make(xs[0], xs[1], xs[2])
     out.backward(dout)
     mine = [out] + [x.grad for x in xs]
-    return max(rel(x, r) for x, r in zip(mine, _ORACLE[key]))
+    return max(rel_err(x, r) for x, r in zip(mine, _ORACLE[key]))
 
 
 def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dict) -> list[dict]:

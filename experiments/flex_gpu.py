@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import ringattn
-from experiments.ablate import dict_rows_to_markdown
+from experiments.ablate import dict_rows_to_markdown, median_ms, rel_err
 from ringattn import masks, reference
 from ringattn.computers.flex import FlexComputer
 from ringattn.flops import dense_flops, useful_flops
@@ -30,10 +29,6 @@ from ringattn.memory.none import NoReuse
 from ringattn.pattern import make_plan
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-
-
-def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((x.double() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def correctness(device: torch.device) -> list[dict]:
@@ -73,8 +68,8 @@ def correctness(device: torch.device) -> list[dict]:
                         try:
                             out = module(*xs)
                             grads = torch.autograd.grad(out, xs, grad.to(dtype))
-                            fwd = rel(out, ref)
-                            bwd = max(rel(g, r) for g, r in zip(grads, ref_grads))
+                            fwd = rel_err(out, ref)
+                            bwd = max(rel_err(g, r) for g, r in zip(grads, ref_grads))
                             error = ""
                         except Exception as exc:  # report, keep going
                             fwd = bwd = float("nan")
@@ -97,18 +92,7 @@ def correctness(device: torch.device) -> list[dict]:
 
 
 def bench_ms(fn, warmup: int = 2, repeats: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return median_ms(fn, torch.device("cuda"), warmup, repeats)
 
 
 def block_fractions(n: int, lengths, rates, causal: bool) -> dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
@@ -23,23 +22,13 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ringattn
+from experiments import ablate
 
 aten = torch.ops.aten
 
 
 def median_ms(fn, repeats: int = 7) -> float:
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return ablate.median_ms(fn, torch.device("cuda"), warmup=2, repeats=repeats)
 
 
 def backend_rates(q, k, v, label: str) -> list[dict]:

@@ -170,28 +170,35 @@ def dilated_backward(
     """Gradients in q's dtype, accumulated like the forward's output (one rounding per config)."""
     b, n, h, d = q.shape
     blocks = spec.plan.blocks
-    grads: list[Tensor] = []
-    for i, block in enumerate(blocks):
-        index = _index(indices, i)
-        read = lambda x, block=block, index=index: spec.dilation.read(x, block, index)  # noqa: E731
-        grad_blocks = spec.communicator.attend_backward(
+
+    def attend_backward(i: int) -> tuple[Tensor, Tensor, Tensor]:
+        block, index = blocks[i], _index(indices, i)
+        dout_b, q_b, k_b, v_b, out_b, lse_b = (
+            spec.dilation.read(x, block, index) for x in (dout, q, k, v, out, lse)
+        )
+        return spec.communicator.attend_backward(
             spec.computer,
-            read(dout),
-            read(q),
-            read(k),
-            read(v),
-            read(out),
-            read(lse),
+            dout_b,
+            q_b,
+            k_b,
+            v_b,
+            out_b,
+            lse_b,
             spec.causal,
             spec.scale,
             spec.spans[block.job.config],
         )
-        if i == 0 and covers_everything(block, n, h):
-            grads = [g.reshape(b, n, h, d).to(q.dtype) for g in grad_blocks]
-            continue
-        if not grads:
-            grads = [torch.zeros_like(q) for _ in range(3)]
-        for grad, grad_block in zip(grads, grad_blocks):
+
+    first = 0
+    if blocks and covers_everything(blocks[0], n, h):
+        grads = [g.reshape(b, n, h, d).to(q.dtype) for g in attend_backward(0)]
+        first = 1
+    else:
+        grads = [torch.zeros_like(q) for _ in range(3)]
+
+    for i in range(first, len(blocks)):
+        block = blocks[i]
+        for grad, grad_block in zip(grads, attend_backward(i)):
             grad_rows = block.rows(grad)
             grad_block = grad_block.unflatten(0, (b, block.segments))
             # head_groups: every (row, head) belongs to one block, so a copy suffices
@@ -199,8 +206,6 @@ def dilated_backward(
                 grad_rows.copy_(grad_block)
             else:
                 grad_rows.add_(grad_block)
-    if not grads:  # no blocks at all (cannot happen for a validated config, kept total)
-        grads = [torch.zeros_like(q) for _ in range(3)]
     dq, dk, dv = grads
     return dq, dk, dv
 

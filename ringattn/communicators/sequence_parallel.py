@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ringattn import distributed
 from ringattn.communicators.base import Communicator
-from ringattn.computers.base import BlockComputer, Rows, RowsLSE
+from ringattn.computers.base import BlockComputer, Rows, RowsLSE, accumulation_dtype
 from ringattn.memory.base import MemoryManager
 from ringattn.memory.none import NoReuse
 from ringattn.merge import merge_into_
@@ -50,7 +50,7 @@ class SequenceParallel(Communicator):
 
     def own_chunk(self, computer: BlockComputer, q, k, v, causal, scale) -> tuple[Tensor, Tensor]:
         out, lse = computer.forward(q, k, v, causal, scale)
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(q.dtype)
         return out.to(acc), lse.to(acc)
 
 
