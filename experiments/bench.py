@@ -97,12 +97,15 @@ def variants(args) -> list[tuple[str, Callable[[], Callable]]]:
     for strategy in ringattn.Strategy.all(communicator="local", memory=args.memory):
         if strategy.computer not in args.computers or strategy.dilation not in args.dilations:
             continue
-        modes = [True] if strategy.computer == "flex" else [False, True]
-        modes = [m for m in modes if (m and args.compile) or (not m and args.eager)]
-        for compiled in modes:
-            name = f"{strategy.dilation}/{strategy.computer}" + (" (compiled)" if compiled else "")
+        runs = [(False, "default")] if args.eager and strategy.computer != "flex" else []
+        if args.compile:
+            runs += [(True, mode) for mode in args.compile_modes]
+        for compiled, mode in runs:
+            name = f"{strategy.dilation}/{strategy.computer}"
+            if compiled:
+                name += " (compiled)" if mode == "default" else f" (compiled, {mode})"
 
-            def make(mixing, causal, strategy=strategy, compiled=compiled):
+            def make(mixing, causal, strategy=strategy, compiled=compiled, mode=mode):
                 return ringattn.DilatedAttention(
                     args.lengths,
                     args.rates,
@@ -110,6 +113,7 @@ def variants(args) -> list[tuple[str, Callable[[], Callable]]]:
                     mixing=mixing,
                     strategy=strategy,
                     compile=compiled,
+                    compile_mode=mode,
                 )
 
             out.append((name, make))
@@ -173,13 +177,16 @@ def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dic
             xs = [x.detach().requires_grad_() for x in (q, k, v)]
             fn(*xs).backward(dout)
 
+        backward = n < args.fwd_only_from
         t0 = time.time()
-        fwd(), fwdbwd()  # compile / autotune / warm caches outside the timing
+        fwd()  # compile / autotune / warm caches outside the timing
+        if backward:
+            fwdbwd()
         setup_s = time.time() - t0
         fwd_extra = peak_extra_bytes(fwd, device)
-        fb_extra = peak_extra_bytes(fwdbwd, device)
         fwd_ms = median_ms(fwd, device, args.warmup, args.repeats)
-        fb_ms = median_ms(fwdbwd, device, args.warmup, args.repeats)
+        fb_extra = peak_extra_bytes(fwdbwd, device) if backward else None
+        fb_ms = median_ms(fwdbwd, device, args.warmup, args.repeats) if backward else None
         rows.append(
             {
                 "n": n,
@@ -190,10 +197,10 @@ def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dic
                 "fwd_ms": fwd_ms,
                 "fwd_tflops": useful_f / fwd_ms / 1e9,
                 "fwdbwd_ms": fb_ms,
-                "fwdbwd_tflops": useful_fb / fb_ms / 1e9,
+                "fwdbwd_tflops": useful_fb / fb_ms / 1e9 if fb_ms else None,
                 # q, k, v (and dout) exist before the call; the rest is what the call adds
                 "fwd_mem_vs_io": (3 * unit + fwd_extra) / (4 * unit),
-                "fwdbwd_mem_vs_io": (4 * unit + fb_extra) / (8 * unit),
+                "fwdbwd_mem_vs_io": (4 * unit + fb_extra) / (8 * unit) if backward else None,
                 "setup_s": setup_s,
             }
         )
@@ -266,7 +273,7 @@ def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dic
             torch._dynamo.reset()  # compiled variants of other shapes need not stay resident
     for row in rows:
         row["fwd_vs_dense"] = row["fwd_tflops"] / dense_f
-        row["fwdbwd_vs_dense"] = row["fwdbwd_tflops"] / dense_fb
+        row["fwdbwd_vs_dense"] = row["fwdbwd_tflops"] and row["fwdbwd_tflops"] / dense_fb
     return rows
 
 
@@ -336,12 +343,25 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--no-eager", dest="eager", action="store_false")
     p.add_argument(
+        "--compile-modes",
+        nargs="+",
+        default=["default"],
+        choices=ringattn.api.COMPILE_MODES,
+        help="torch.compile modes of the compiled rows (reduce-overhead: CUDA graphs)",
+    )
+    p.add_argument(
         "--no-flash-row",
         dest="flash_row",
         action="store_false",
         help="skip the eager sdpa rows forced onto FlashAttention-2 (A/B against cuDNN)",
     )
     p.add_argument("--dense-max-n", type=int, default=131072)
+    p.add_argument(
+        "--fwd-only-from",
+        type=int,
+        default=1 << 62,
+        help="from this n on, time the forward only (4M tokens: its backward does not fit)",
+    )
     p.add_argument("--check-n", type=int, default=32768, help="oracle check length (0: skip)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)

@@ -116,8 +116,7 @@ def dilated_forward(
     stats_dtype = accumulation_dtype(q.dtype)
     blocks = spec.plan.blocks
 
-    def attend(i: int) -> tuple[Tensor, Tensor]:
-        block, index = blocks[i], _index(indices, i)
+    def attend(block: Block, index: Tensor | None) -> tuple[Tensor, Tensor]:
         return spec.communicator.attend(
             spec.computer,
             spec.dilation.read(q, block, index),
@@ -130,7 +129,7 @@ def dilated_forward(
 
     first = 0
     if blocks and covers_everything(blocks[0], n, h):
-        out_block, lse_block = attend(0)
+        out_block, lse_block = attend(blocks[0], _index(indices, 0))
         out_acc = out_block.reshape(b, n, h, d).to(q.dtype)
         lse_acc = lse_block.reshape(b, n, h).to(stats_dtype)
         first = 1
@@ -143,17 +142,17 @@ def dilated_forward(
             lse_acc.fill_(float("-inf"))
 
     for i in range(first, len(blocks)):
-        block = blocks[i]
-        out_block, lse_block = attend(i)
-        out_rows = block.rows(out_acc)
-        lse_rows = block.rows(lse_acc)
-        out_block = out_block.unflatten(0, (b, block.segments))
-        lse_block = lse_block.unflatten(0, (b, block.segments))
-        if spec.plan.disjoint:
-            out_rows.copy_(out_block)
-            lse_rows.copy_(lse_block)
-        else:
-            merge_into_(out_rows, lse_rows, out_block, lse_block)
+        for block in spec.plan.parts[i]:
+            out_block, lse_block = attend(block, _index(indices, i))
+            out_rows = block.rows(out_acc)
+            lse_rows = block.rows(lse_acc)
+            out_block = out_block.unflatten(0, (b, block.segments))
+            lse_block = lse_block.unflatten(0, (b, block.segments))
+            if spec.plan.disjoint:
+                out_rows.copy_(out_block)
+                lse_rows.copy_(lse_block)
+            else:
+                merge_into_(out_rows, lse_rows, out_block, lse_block)
     return out_acc, lse_acc
 
 
@@ -171,8 +170,7 @@ def dilated_backward(
     b, n, h, d = q.shape
     blocks = spec.plan.blocks
 
-    def attend_backward(i: int) -> tuple[Tensor, Tensor, Tensor]:
-        block, index = blocks[i], _index(indices, i)
+    def attend_backward(block: Block, index: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         dout_b, q_b, k_b, v_b, out_b, lse_b = (
             spec.dilation.read(x, block, index) for x in (dout, q, k, v, out, lse)
         )
@@ -190,22 +188,29 @@ def dilated_backward(
         )
 
     first = 0
-    if blocks and covers_everything(blocks[0], n, h):
-        grads = [g.reshape(b, n, h, d).to(q.dtype) for g in attend_backward(0)]
+    covering = bool(blocks) and covers_everything(blocks[0], n, h)
+    if covering and len(spec.plan.parts[0]) == 1:
+        grads = [
+            g.reshape(b, n, h, d).to(q.dtype)
+            for g in attend_backward(blocks[0], _index(indices, 0))
+        ]
         first = 1
+    elif covering:  # every (row, head) is written once by the first block's parts: no zero fill
+        grads = [torch.empty_like(q) for _ in range(3)]
     else:
         grads = [torch.zeros_like(q) for _ in range(3)]
 
     for i in range(first, len(blocks)):
-        block = blocks[i]
-        for grad, grad_block in zip(grads, attend_backward(i)):
-            grad_rows = block.rows(grad)
-            grad_block = grad_block.unflatten(0, (b, block.segments))
-            # head_groups: every (row, head) belongs to one block, so a copy suffices
-            if spec.plan.disjoint:
-                grad_rows.copy_(grad_block)
-            else:
-                grad_rows.add_(grad_block)
+        # head_groups: every (row, head) belongs to one block, so a copy suffices
+        copy = spec.plan.disjoint or (covering and i == 0)
+        for block in spec.plan.parts[i]:
+            for grad, grad_block in zip(grads, attend_backward(block, _index(indices, i))):
+                grad_rows = block.rows(grad)
+                grad_block = grad_block.unflatten(0, (b, block.segments))
+                if copy:
+                    grad_rows.copy_(grad_block)
+                else:
+                    grad_rows.add_(grad_block)
     dq, dk, dv = grads
     return dq, dk, dv
 

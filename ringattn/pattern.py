@@ -9,10 +9,19 @@ tensors, so the compiled core sees it as constants.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
+
+# Each kernel call allocates block-sized temporaries next to the full [b, n, h, d] accumulators:
+# its output and LSE in the forward; in the backward its three gradients, cuDNN's float32 dq
+# workspace and contiguous dout/out (about five block-sized tensors). Cutting a block into head
+# parts that each cover at most 1/BLOCK_SPLIT of the (row, head) pairs bounds that transient
+# (measured on an H200 at issue 5's shape: forward+backward peak 1.26x -> 1.13x of q, k, v, out and
+# their gradients; experiments/overheads.py).
+BLOCK_SPLIT = 8
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,18 @@ class Block:
         )
         return seg[:, :, job.offset :: job.r, job.heads]
 
+    def head_parts(self, n: int, h: int, split: int) -> tuple[Block, ...]:
+        """This block cut by heads into parts of at most ``n * h / split`` (row, head) pairs."""
+        job, heads = self.job, self.job.num_heads
+        parts = min(heads, -(-self.segments * self.length * heads * split // (n * h)))
+        if parts <= 1:
+            return (self,)
+        bounds = [job.head_start + job.head_step * (heads * c // parts) for c in range(parts + 1)]
+        return tuple(
+            replace(self, job=replace(job, head_start=lo, head_stop=hi))
+            for lo, hi in itertools.pairwise(bounds)
+        )
+
     def positions(self, device: torch.device | str = "cpu") -> Tensor:
         """Sequence positions of the rows, ``[segments * length]``, segment-major."""
         job = self.job
@@ -82,6 +103,8 @@ class Plan:
     # True when every (row, head) is written by at most one block ("head_groups"), so outputs are
     # copied instead of LSE-merged.
     disjoint: bool
+    # parts[i]: blocks[i] cut by heads into kernel calls of bounded size (BLOCK_SPLIT)
+    parts: tuple[tuple[Block, ...], ...] = ()
 
     def head_offsets(self) -> tuple[tuple[int, ...], ...]:
         """``offsets[i][head]``: the row offset ``head`` uses in config ``i``, or -1 if none."""
@@ -125,16 +148,18 @@ _MAX_PLANS = 256
 
 def make_plan(n: int, h: int, configs: tuple[tuple[int, int], ...], mixing: str) -> Plan:
     """The plan for one shape, memoised (a plain dict, which Dynamo can trace through)."""
-    key = (n, h, configs, mixing)
+    key = (n, h, configs, mixing, BLOCK_SPLIT)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= _MAX_PLANS:  # bounded: drop the oldest
             _PLANS.pop(next(iter(_PLANS)))
-        plan = _PLANS[key] = _build_plan(n, h, configs, mixing)
+        plan = _PLANS[key] = _build_plan(n, h, configs, mixing, BLOCK_SPLIT)
     return plan
 
 
-def _build_plan(n: int, h: int, configs: tuple[tuple[int, int], ...], mixing: str) -> Plan:
+def _build_plan(
+    n: int, h: int, configs: tuple[tuple[int, int], ...], mixing: str, split: int
+) -> Plan:
     blocks: list[Block] = []
     for job in jobs_for(h, configs, mixing):
         full = n // job.w
@@ -144,4 +169,5 @@ def _build_plan(n: int, h: int, configs: tuple[tuple[int, int], ...], mixing: st
         tail_rows = len(range(job.offset, tail_len, job.r))
         if tail_rows:
             blocks.append(Block(job, full * job.w, 1, tail_rows, tail=True))
-    return Plan(n, h, configs, mixing, tuple(blocks), disjoint=(mixing == "head_groups"))
+    parts = tuple(block.head_parts(n, h, split) for block in blocks)
+    return Plan(n, h, configs, mixing, tuple(blocks), mixing == "head_groups", parts)

@@ -48,6 +48,10 @@ def _bhl1(lse: Tensor) -> Tensor:
 class SDPAComputer(BlockComputer):
     # "auto": cuDNN where it applies (CUDA, fp16/bf16, head dim <= 128), else FlashAttention-2
     cuda_backend = "auto"
+    # cuDNN's backward needs dout and out with equal strides. Blocks of the contiguous [b, n, h, d]
+    # dout and out already agree, so they can go in as strided views (no block-sized copies);
+    # False copies both (the A/B in experiments/overheads.py).
+    cudnn_strided_grad_io = True
 
     def _cudnn(self, q: Tensor) -> bool:
         return (
@@ -146,13 +150,14 @@ class SDPAComputer(BlockComputer):
         elif self._cudnn(q):
             length = q.shape[1]
             seed = torch.zeros((), dtype=torch.int64, device=q.device)
-            # dout and out with the same ([B, L, H, d]-contiguous) strides, as cuDNN wants them
+            if not self.cudnn_strided_grad_io or dout.stride() != out.stride():
+                dout, out = dout.contiguous(), out.contiguous()
             dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
-                _bhld(dout.contiguous()),
+                _bhld(dout),
                 _bhld(q),
                 _bhld(k),
                 _bhld(v),
-                _bhld(out.contiguous()),
+                _bhld(out),
                 _bhl1(lse_bhl),
                 seed,
                 seed,

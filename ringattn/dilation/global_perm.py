@@ -59,5 +59,5 @@ class GlobalPermutationDilation(DilationProcessor):
 
     def read(self, x: Tensor, block: Block, index: Tensor | None) -> Tensor:
         assert index is not None, "global dilation needs its gather indices"
-        gathered = x.index_select(1, index)[:, :, block.job.heads]
+        gathered = x[:, :, block.job.heads].index_select(1, index)  # only the block's heads
         return gathered.unflatten(1, (block.segments, block.length)).flatten(0, 1)

@@ -1,0 +1,198 @@
+"""Where memory and time go outside the kernels: per-call peaks, backward split, CUDA graphs.
+
+    python -m experiments.overheads                       # issue 5's shape, 32K and 128K
+    python -m experiments.overheads --n 131072 --split 1 4 8 16 --trace
+
+For each ``n``, mixing and ``ringattn.pattern.BLOCK_SPLIT`` value, times forward and
+forward+backward of ``segment_local/sdpa`` (eager) and measures their peak memory relative to the
+tensors the call cannot avoid (as ``experiments.bench`` does). With ``--trace`` it also logs every
+kernel call of one forward+backward: the block's shape, the bytes it allocates transiently (peak
+above the level before it) and what stays allocated after it, so the largest transient is named.
+``--graphs`` also times the same calls replayed from CUDA graphs (forward captured with
+``torch.cuda.graph``, forward+backward through ``torch.cuda.make_graphed_callables``): what the
+launches and the Python work around the kernels cost. Prints a table last; writes
+``overheads.json`` and ``.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import ringattn
+from experiments.ablate import dict_rows_to_markdown, median_ms, rel_err
+from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, peak_extra_bytes
+from ringattn import pattern
+from ringattn.computers.sdpa import SDPAComputer
+from ringattn.flops import useful_flops
+
+
+def traced_calls(fn, unit: int) -> list[dict]:
+    """Run ``fn`` once with every SDPAComputer call logged (bytes in units of one [b,n,h,d])."""
+    calls: list[dict] = []
+    originals = {name: getattr(SDPAComputer, name) for name in ("forward", "backward")}
+
+    def wrap(name):
+        original = originals[name]
+
+        def logged(self, *args, **kwargs):
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            result = original(self, *args, **kwargs)
+            torch.cuda.synchronize()
+            q = args[1] if name == "backward" else args[0]
+            calls.append(
+                {
+                    "call": name,
+                    "rows": tuple(q.shape[:3]),
+                    "strides": tuple(q.stride()),
+                    "transient": (torch.cuda.max_memory_allocated() - before) / unit,
+                    "kept": (torch.cuda.memory_allocated() - before) / unit,
+                    "level_after": torch.cuda.memory_allocated() / unit,
+                }
+            )
+            return result
+
+        return logged
+
+    try:
+        for name in originals:
+            setattr(SDPAComputer, name, wrap(name))
+        fn()
+    finally:
+        for name, original in originals.items():
+            setattr(SDPAComputer, name, original)
+    return calls
+
+
+def graph_times(attention, q, k, v, dout, device, repeats: int) -> dict:
+    """Forward and forward+backward replayed from CUDA graphs (ms), or why capture failed."""
+    result: dict = {}
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(2):
+                attention(q, k, v)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
+            attention(q, k, v)
+        result["graph_fwd_ms"] = median_ms(graph.replay, device, 2, repeats)
+    except Exception as exc:  # report, keep the run's other rows
+        result["graph_fwd_ms"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+    try:
+        xs = tuple(x.detach().requires_grad_() for x in (q, k, v))
+        graphed = torch.cuda.make_graphed_callables(attention, xs)
+
+        def fwdbwd():
+            ys = [x.detach().requires_grad_() for x in (q, k, v)]
+            graphed(*ys).backward(dout)
+
+        result["graph_fwdbwd_ms"] = median_ms(fwdbwd, device, 2, repeats)
+    except Exception as exc:
+        result["graph_fwdbwd_ms"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+    return result
+
+
+def probe(n: int, args, traces: dict) -> list[dict]:
+    device, b, h, d = torch.device("cuda"), 1, args.heads, args.dim
+    q, k, v, dout = (torch.randn(b, n, h, d, device=device, dtype=torch.bfloat16) for _ in range(4))
+    unit = q.numel() * q.element_size()
+    rows, reference_grads = [], None
+    for mixing in args.mixing:
+        flops_f = useful_flops(b, n, h, d, ISSUE_LENGTHS, ISSUE_RATES, args.causal, mixing)
+        for split, strided in [(s, True) for s in args.split] + [(args.split[-1], False)]:
+            pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
+            SDPAComputer.cudnn_strided_grad_io = strided
+            attention = ringattn.DilatedAttention(
+                ISSUE_LENGTHS,
+                ISSUE_RATES,
+                causal=args.causal,
+                mixing=mixing,
+                strategy=ringattn.Strategy(computer="sdpa"),
+                compile=False,
+            )
+
+            def fwd(attention=attention):
+                with torch.no_grad():
+                    return attention(q, k, v)
+
+            def fwdbwd(attention=attention):
+                xs = [x.detach().requires_grad_() for x in (q, k, v)]
+                attention(*xs).backward(dout)
+                return [x.grad for x in xs]
+
+            fwd()
+            grads = fwdbwd()
+            if reference_grads is None or split != args.split[-1] or strided:
+                reference_grads = grads
+            fwd_extra = peak_extra_bytes(fwd, device)
+            fb_extra = peak_extra_bytes(fwdbwd, device)
+            fwd_ms = median_ms(fwd, device, 2, args.repeats)
+            fb_ms = median_ms(fwdbwd, device, 2, args.repeats)
+            rows.append(
+                {
+                    "n": n,
+                    "mixing": mixing,
+                    "causal": args.causal,
+                    "block_split": split,
+                    "strided_grad_io": strided,
+                    "fwd_ms": fwd_ms,
+                    "fwd_tflops": flops_f / fwd_ms / 1e9,
+                    "fwdbwd_ms": fb_ms,
+                    "fwdbwd_tflops": 3.5 * flops_f / fb_ms / 1e9,
+                    "fwd_mem_vs_io": (3 * unit + fwd_extra) / (4 * unit),
+                    "fwdbwd_mem_vs_io": (4 * unit + fb_extra) / (8 * unit),
+                    # the copied-dout/out row against the strided one: must agree
+                    "grad_diff": max(rel_err(g, r) for g, r in zip(grads, reference_grads)),
+                }
+            )
+            if args.trace:
+                key = f"n={n} {mixing} split={split} strided={strided}"
+                traces[key] = traced_calls(fwd, unit) + traced_calls(fwdbwd, unit)
+                for call in ("forward", "backward"):
+                    top = sorted(
+                        (c for c in traces[key] if c["call"] == call), key=lambda c: -c["transient"]
+                    )[:3]
+                    print("trace", key, json.dumps(top), flush=True)
+            if args.graphs and split == args.split[-1] and strided:
+                rows[-1].update(graph_times(attention, q, k, v, dout, device, args.repeats))
+            print("row", json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, nargs="+", default=[32768, 131072])
+    p.add_argument("--mixing", nargs="+", default=["lse", "head_groups"])
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--split", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--trace", action="store_true")
+    p.add_argument("--graphs", action="store_true")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", type=Path, default=Path("results") / "overheads")
+    args = p.parse_args(argv)
+    rows, traces = [], {}
+    defaults = pattern.BLOCK_SPLIT, SDPAComputer.cudnn_strided_grad_io
+    try:
+        for n in args.n:
+            rows += probe(n, args, traces)
+            torch.cuda.empty_cache()
+    finally:
+        pattern.BLOCK_SPLIT, SDPAComputer.cudnn_strided_grad_io = defaults
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "overheads.json").write_text(json.dumps({"rows": rows, "traces": traces}))
+    table = dict_rows_to_markdown(rows, list(dict.fromkeys(c for row in rows for c in row)))
+    (args.out / "overheads.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
