@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import ringattn
-from experiments.ablate import dict_rows_to_markdown, median_ms, rel_err
+from experiments.ablate import dict_rows_to_markdown, median_ms
 from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, peak_extra_bytes
 from ringattn import pattern
 from ringattn.computers.sdpa import SDPAComputer
@@ -103,12 +103,11 @@ def probe(n: int, args, traces: dict) -> list[dict]:
     device, b, h, d = torch.device("cuda"), 1, args.heads, args.dim
     q, k, v, dout = (torch.randn(b, n, h, d, device=device, dtype=torch.bfloat16) for _ in range(4))
     unit = q.numel() * q.element_size()
-    rows, reference_grads = [], None
+    rows = []
     for mixing in args.mixing:
         flops_f = useful_flops(b, n, h, d, ISSUE_LENGTHS, ISSUE_RATES, args.causal, mixing)
-        for split, strided in [(s, True) for s in args.split] + [(args.split[-1], False)]:
+        for split in args.split:
             pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
-            SDPAComputer.cudnn_strided_grad_io = strided
             attention = ringattn.DilatedAttention(
                 ISSUE_LENGTHS,
                 ISSUE_RATES,
@@ -125,12 +124,8 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             def fwdbwd(attention=attention):
                 xs = [x.detach().requires_grad_() for x in (q, k, v)]
                 attention(*xs).backward(dout)
-                return [x.grad for x in xs]
 
-            fwd()
-            grads = fwdbwd()
-            if reference_grads is None or split != args.split[-1] or strided:
-                reference_grads = grads
+            fwd(), fwdbwd()
             fwd_extra = peak_extra_bytes(fwd, device)
             fb_extra = peak_extra_bytes(fwdbwd, device)
             fwd_ms = median_ms(fwd, device, 2, args.repeats)
@@ -141,26 +136,23 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "mixing": mixing,
                     "causal": args.causal,
                     "block_split": split,
-                    "strided_grad_io": strided,
                     "fwd_ms": fwd_ms,
                     "fwd_tflops": flops_f / fwd_ms / 1e9,
                     "fwdbwd_ms": fb_ms,
                     "fwdbwd_tflops": 3.5 * flops_f / fb_ms / 1e9,
                     "fwd_mem_vs_io": (3 * unit + fwd_extra) / (4 * unit),
                     "fwdbwd_mem_vs_io": (4 * unit + fb_extra) / (8 * unit),
-                    # the copied-dout/out row against the strided one: must agree
-                    "grad_diff": max(rel_err(g, r) for g, r in zip(grads, reference_grads)),
                 }
             )
             if args.trace:
-                key = f"n={n} {mixing} split={split} strided={strided}"
+                key = f"n={n} {mixing} split={split}"
                 traces[key] = traced_calls(fwd, unit) + traced_calls(fwdbwd, unit)
                 for call in ("forward", "backward"):
                     top = sorted(
                         (c for c in traces[key] if c["call"] == call), key=lambda c: -c["transient"]
                     )[:3]
                     print("trace", key, json.dumps(top), flush=True)
-            if args.graphs and split == args.split[-1] and strided:
+            if args.graphs and split == args.split[-1]:
                 rows[-1].update(graph_times(attention, q, k, v, dout, device, args.repeats))
             print("row", json.dumps(rows[-1]), flush=True)
     return rows
@@ -180,13 +172,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("results") / "overheads")
     args = p.parse_args(argv)
     rows, traces = [], {}
-    defaults = pattern.BLOCK_SPLIT, SDPAComputer.cudnn_strided_grad_io
+    default_split = pattern.BLOCK_SPLIT
     try:
         for n in args.n:
             rows += probe(n, args, traces)
             torch.cuda.empty_cache()
     finally:
-        pattern.BLOCK_SPLIT, SDPAComputer.cudnn_strided_grad_io = defaults
+        pattern.BLOCK_SPLIT = default_split
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overheads.json").write_text(json.dumps({"rows": rows, "traces": traces}))
     table = dict_rows_to_markdown(rows, list(dict.fromkeys(c for row in rows for c in row)))

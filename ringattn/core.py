@@ -169,6 +169,8 @@ def dilated_backward(
     """Gradients in q's dtype, accumulated like the forward's output (one rounding per config)."""
     b, n, h, d = q.shape
     blocks = spec.plan.blocks
+    # one fixed layout for dout and out, so their block views have the strides the kernels expect
+    dout, out = dout.contiguous(), out.contiguous()
 
     def attend_backward(block: Block, index: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         dout_b, q_b, k_b, v_b, out_b, lse_b = (

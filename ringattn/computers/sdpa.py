@@ -48,10 +48,6 @@ def _bhl1(lse: Tensor) -> Tensor:
 class SDPAComputer(BlockComputer):
     # "auto": cuDNN where it applies (CUDA, fp16/bf16, head dim <= 128), else FlashAttention-2
     cuda_backend = "auto"
-    # cuDNN's backward needs dout and out with equal strides. Blocks of the contiguous [b, n, h, d]
-    # dout and out already agree, so they can go in as strided views (no block-sized copies);
-    # False copies both (the A/B in experiments/overheads.py).
-    cudnn_strided_grad_io = True
 
     def _cudnn(self, q: Tensor) -> bool:
         return (
@@ -150,7 +146,12 @@ class SDPAComputer(BlockComputer):
         elif self._cudnn(q):
             length = q.shape[1]
             seed = torch.zeros((), dtype=torch.int64, device=q.device)
-            if not self.cudnn_strided_grad_io or dout.stride() != out.stride():
+            # cuDNN needs dout and out with equal strides. Blocks of the core's contiguous
+            # [b, n, h, d] dout and out agree, so they go in as strided views (no block-sized
+            # copies). The choice must depend only on q/k/v's layout: torch <= 2.11 caches the
+            # cuDNN backward graph by q/k/v strides alone, and a cached graph replayed with other
+            # dout/out strides reads out of bounds (seen on an H200 when toggling this per call).
+            if dout.stride() != out.stride():
                 dout, out = dout.contiguous(), out.contiguous()
             dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
                 _bhld(dout),
