@@ -149,3 +149,8 @@ def test_errors_come_before_any_work(monkeypatch):
 def test_oracle_validates_too():
     with pytest.raises(ValueError, match="must divide"):
         reference.dilated_attention(*qkv(), segment_lengths=[4], dilation_rates=[3])
+
+
+def test_unknown_compile_mode_is_named():
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        ringattn.DilatedAttention(**GOOD, compile_mode="fast")

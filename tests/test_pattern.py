@@ -1,0 +1,63 @@
+"""The plan's head parts: kernel calls of bounded size that still cover exactly each block."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import dilation_configs, problems
+from hypothesis import given
+from hypothesis import strategies as st
+from test_strategies import check_against_oracle
+
+import ringattn
+from ringattn import pattern
+
+
+@given(
+    dilation_configs(),
+    st.integers(1, 64),
+    st.integers(1, 9),
+    st.sampled_from(["lse", "head_groups"]),
+    st.integers(1, 16),
+)
+def test_head_parts_partition_each_block_within_the_bound(configs, n, h, mixing, split):
+    plan = pattern._build_plan(n, h, tuple(zip(*configs)), mixing, split)
+    assert len(plan.parts) == len(plan.blocks)
+    for block, parts in zip(plan.blocks, plan.parts):
+        heads = [hd for part in parts for hd in range(*part.job.heads.indices(h))]
+        assert heads == list(range(*block.job.heads.indices(h)))  # in order, each once
+        for part in parts:
+            assert (part.start, part.segments, part.length, part.tail) == (
+                block.start,
+                block.segments,
+                block.length,
+                block.tail,
+            )
+            pairs = part.segments * part.length * part.job.num_heads
+            # at most 1/split of the (row, head) pairs, unless the part is a single head
+            assert part.job.num_heads == 1 or pairs * split <= n * h + split * n
+
+
+def test_the_split_is_part_of_the_memo_key(monkeypatch):
+    configs = ((8, 1), (16, 2))
+    monkeypatch.setattr(pattern, "BLOCK_SPLIT", 1)
+    whole = pattern.make_plan(32, 4, configs, "lse")
+    monkeypatch.setattr(pattern, "BLOCK_SPLIT", 4)
+    cut = pattern.make_plan(32, 4, configs, "lse")
+    assert [len(p) for p in whole.parts] == [1, 1, 1]
+    assert [len(p) for p in cut.parts] == [4, 1, 1]  # the r = 1 block covers every pair
+
+
+@pytest.mark.parametrize("split", [1, 2, 64])
+@given(p=problems())
+def test_any_split_computes_the_same_function(split, p):
+    """Outputs and gradients match the oracle whether blocks run whole or one head at a time."""
+    default = pattern.BLOCK_SPLIT
+    pattern.BLOCK_SPLIT = split
+    try:
+        block_strategies = [
+            s for s in ringattn.Strategy.all(communicator="local") if s.computer != "flex"
+        ]
+        check_against_oracle(p, torch.float64, block_strategies)
+    finally:
+        pattern.BLOCK_SPLIT = default
