@@ -88,6 +88,47 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> float:
     return float(torch.cuda.max_memory_allocated() - base)
 
 
+def fwd_and_fwdbwd(fn: Callable, q, k, v, dout) -> tuple[Callable[[], object], Callable[[], None]]:
+    """The two timed calls of ``fn(q, k, v)``: forward without grad, forward+backward(dout)."""
+
+    def fwd():
+        with torch.no_grad():
+            return fn(q, k, v)
+
+    def fwdbwd():
+        xs = [x.detach().requires_grad_() for x in (q, k, v)]
+        fn(*xs).backward(dout)
+
+    return fwd, fwdbwd
+
+
+def time_and_memory(
+    fwd, fwdbwd, unit: int, device: torch.device, warmup: int, repeats: int, backward: bool = True
+) -> dict:
+    """Median ms and peak memory of ``fwd`` (and ``fwdbwd``), relative to the tensors the call
+    cannot avoid: ``(q, k, v, out)``, and their gradients with the backward. ``unit``: bytes of one
+    ``[b, n, h, d]`` tensor."""
+    t0 = time.time()
+    fwd()  # compile / autotune / warm caches outside the timing
+    if backward:
+        fwdbwd()
+    setup_s = time.time() - t0
+    # q, k, v (and dout) exist before the call; the rest is what the call adds
+    fwd_extra = peak_extra_bytes(fwd, device)
+    stats = {
+        "fwd_ms": median_ms(fwd, device, warmup, repeats),
+        "fwdbwd_ms": None,
+        "fwd_mem_vs_io": (3 * unit + fwd_extra) / (4 * unit),
+        "fwdbwd_mem_vs_io": None,
+        "setup_s": setup_s,
+    }
+    if backward:
+        fb_extra = peak_extra_bytes(fwdbwd, device)
+        stats["fwdbwd_ms"] = median_ms(fwdbwd, device, warmup, repeats)
+        stats["fwdbwd_mem_vs_io"] = (4 * unit + fb_extra) / (8 * unit)
+    return stats
+
+
 # --- the variants ---------------------------------------------------------------------------------
 
 
@@ -169,24 +210,11 @@ def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dic
     rows: list[dict] = []
 
     def measure(name: str, fn, useful_f: float, useful_fb: float, error: float | None) -> None:
-        def fwd():
-            with torch.no_grad():
-                return fn(q, k, v)
-
-        def fwdbwd():
-            xs = [x.detach().requires_grad_() for x in (q, k, v)]
-            fn(*xs).backward(dout)
-
-        backward = n < args.fwd_only_from
-        t0 = time.time()
-        fwd()  # compile / autotune / warm caches outside the timing
-        if backward:
-            fwdbwd()
-        setup_s = time.time() - t0
-        fwd_extra = peak_extra_bytes(fwd, device)
-        fwd_ms = median_ms(fwd, device, args.warmup, args.repeats)
-        fb_extra = peak_extra_bytes(fwdbwd, device) if backward else None
-        fb_ms = median_ms(fwdbwd, device, args.warmup, args.repeats) if backward else None
+        fwd, fwdbwd = fwd_and_fwdbwd(fn, q, k, v, dout)
+        stats = time_and_memory(
+            fwd, fwdbwd, unit, device, args.warmup, args.repeats, n < args.fwd_only_from
+        )
+        fb_ms = stats["fwdbwd_ms"]
         rows.append(
             {
                 "n": n,
@@ -194,14 +222,9 @@ def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dic
                 "causal": causal,
                 "variant": name,
                 "oracle_err": error,
-                "fwd_ms": fwd_ms,
-                "fwd_tflops": useful_f / fwd_ms / 1e9,
-                "fwdbwd_ms": fb_ms,
+                **stats,
+                "fwd_tflops": useful_f / stats["fwd_ms"] / 1e9,
                 "fwdbwd_tflops": useful_fb / fb_ms / 1e9 if fb_ms else None,
-                # q, k, v (and dout) exist before the call; the rest is what the call adds
-                "fwd_mem_vs_io": (3 * unit + fwd_extra) / (4 * unit),
-                "fwdbwd_mem_vs_io": (4 * unit + fb_extra) / (8 * unit) if backward else None,
-                "setup_s": setup_s,
             }
         )
         print("row", json.dumps(rows[-1]), flush=True)
@@ -273,7 +296,8 @@ def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dic
             torch._dynamo.reset()  # compiled variants of other shapes need not stay resident
     for row in rows:
         row["fwd_vs_dense"] = row["fwd_tflops"] / dense_f
-        row["fwdbwd_vs_dense"] = row["fwdbwd_tflops"] and row["fwdbwd_tflops"] / dense_fb
+        fb = row["fwdbwd_tflops"]
+        row["fwdbwd_vs_dense"] = fb / dense_fb if fb is not None else None
     return rows
 
 

@@ -24,7 +24,7 @@ import torch
 
 import ringattn
 from experiments.ablate import dict_rows_to_markdown, median_ms
-from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, peak_extra_bytes
+from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, fwd_and_fwdbwd, time_and_memory
 from ringattn import pattern
 from ringattn.computers.sdpa import SDPAComputer
 from ringattn.flops import useful_flops
@@ -88,11 +88,7 @@ def graph_times(attention, q, k, v, dout, device, repeats: int) -> dict:
     try:
         xs = tuple(x.detach().requires_grad_() for x in (q, k, v))
         graphed = torch.cuda.make_graphed_callables(attention, xs)
-
-        def fwdbwd():
-            ys = [x.detach().requires_grad_() for x in (q, k, v)]
-            graphed(*ys).backward(dout)
-
+        _, fwdbwd = fwd_and_fwdbwd(graphed, q, k, v, dout)
         result["graph_fwdbwd_ms"] = median_ms(fwdbwd, device, 2, repeats)
     except Exception as exc:
         result["graph_fwdbwd_ms"] = f"{type(exc).__name__}: {str(exc)[:120]}"
@@ -117,31 +113,17 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 compile=False,
             )
 
-            def fwd(attention=attention):
-                with torch.no_grad():
-                    return attention(q, k, v)
-
-            def fwdbwd(attention=attention):
-                xs = [x.detach().requires_grad_() for x in (q, k, v)]
-                attention(*xs).backward(dout)
-
-            fwd(), fwdbwd()
-            fwd_extra = peak_extra_bytes(fwd, device)
-            fb_extra = peak_extra_bytes(fwdbwd, device)
-            fwd_ms = median_ms(fwd, device, 2, args.repeats)
-            fb_ms = median_ms(fwdbwd, device, 2, args.repeats)
+            fwd, fwdbwd = fwd_and_fwdbwd(attention, q, k, v, dout)
+            stats = time_and_memory(fwd, fwdbwd, unit, device, 2, args.repeats)
             rows.append(
                 {
                     "n": n,
                     "mixing": mixing,
                     "causal": args.causal,
                     "block_split": split,
-                    "fwd_ms": fwd_ms,
-                    "fwd_tflops": flops_f / fwd_ms / 1e9,
-                    "fwdbwd_ms": fb_ms,
-                    "fwdbwd_tflops": 3.5 * flops_f / fb_ms / 1e9,
-                    "fwd_mem_vs_io": (3 * unit + fwd_extra) / (4 * unit),
-                    "fwdbwd_mem_vs_io": (4 * unit + fb_extra) / (8 * unit),
+                    **stats,
+                    "fwd_tflops": flops_f / stats["fwd_ms"] / 1e9,
+                    "fwdbwd_tflops": 3.5 * flops_f / stats["fwdbwd_ms"] / 1e9,
                 }
             )
             if args.trace:

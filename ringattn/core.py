@@ -169,7 +169,7 @@ def dilated_backward(
     """Gradients in q's dtype, accumulated like the forward's output (one rounding per config)."""
     b, n, h, d = q.shape
     blocks = spec.plan.blocks
-    # one fixed layout for dout and out, so their block views have the strides the kernels expect
+    # dout and out in q's usual layout, so their block views can go to the kernels as they are
     dout, out = dout.contiguous(), out.contiguous()
 
     def attend_backward(block: Block, index: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -288,7 +288,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, dout: Tensor, _dlse: Tensor):
     q, k, v, out, lse, *indices = ctx.saved_tensors
-    dq, dk, dv = dilated_backward_op(dout.contiguous(), q, k, v, out, lse, indices, ctx.serial)
+    dq, dk, dv = dilated_backward_op(dout, q, k, v, out, lse, indices, ctx.serial)
     return dq, dk, dv, [None] * len(indices), None
 
 

@@ -16,11 +16,11 @@ import torch
 from torch import Tensor
 
 # Each kernel call allocates block-sized temporaries next to the full [b, n, h, d] accumulators:
-# its output and LSE in the forward; in the backward its three gradients, cuDNN's float32 dq
-# workspace and contiguous dout/out (about five block-sized tensors). Cutting a block into head
-# parts that each cover at most 1/BLOCK_SPLIT of the (row, head) pairs bounds that transient
-# (measured on an H200 at issue 5's shape: forward+backward peak 1.26x -> 1.13x of q, k, v, out and
-# their gradients; experiments/overheads.py).
+# its output and LSE in the forward; in the backward its three gradients and cuDNN's float32 dq
+# workspace (about five block-sized tensors for the r = 1 block). Cutting a block into head parts
+# that each cover at most 1/BLOCK_SPLIT of the (row, head) pairs bounds that transient (H200, issue
+# 5's shape: forward+backward peak 1.26x -> 1.13x of q, k, v, out and their gradients, 1.10x with
+# strided dout/out in the cuDNN backward; experiments/overheads.py).
 BLOCK_SPLIT = 8
 
 
@@ -104,7 +104,7 @@ class Plan:
     # copied instead of LSE-merged.
     disjoint: bool
     # parts[i]: blocks[i] cut by heads into kernel calls of bounded size (BLOCK_SPLIT)
-    parts: tuple[tuple[Block, ...], ...] = ()
+    parts: tuple[tuple[Block, ...], ...]
 
     def head_offsets(self) -> tuple[tuple[int, ...], ...]:
         """``offsets[i][head]``: the row offset ``head`` uses in config ``i``, or -1 if none."""

@@ -146,12 +146,11 @@ class SDPAComputer(BlockComputer):
         elif self._cudnn(q):
             length = q.shape[1]
             seed = torch.zeros((), dtype=torch.int64, device=q.device)
-            # cuDNN needs dout and out with equal strides. Blocks of the core's contiguous
-            # [b, n, h, d] dout and out agree, so they go in as strided views (no block-sized
-            # copies). The choice must depend only on q/k/v's layout: torch <= 2.11 caches the
-            # cuDNN backward graph by q/k/v strides alone, and a cached graph replayed with other
-            # dout/out strides reads out of bounds (seen on an H200 when toggling this per call).
-            if dout.stride() != out.stride():
+            # torch <= 2.11 caches the cuDNN backward graph by q/k/v sizes and strides alone; a
+            # cached graph replayed with other dout/out strides reads out of bounds (seen on an
+            # H200). So dout/out strides must follow from that key: q's own strides (blocks of
+            # the core's [b, n, h, d] tensors, no block-sized copies), else contiguous.
+            if not dout.stride() == out.stride() == q.stride():
                 dout, out = dout.contiguous(), out.contiguous()
             dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
                 _bhld(dout),
