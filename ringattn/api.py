@@ -97,6 +97,12 @@ class DilatedAttention(nn.Module):
             graphs: no per-block launches or Python work, which is what bounds short sequences
             (H200, 32K tokens: forward 2.7x faster). Its outputs live in the graph's memory pool
             and are overwritten by the next replay of the same shape (PyTorch's CUDA-graph rules).
+        group: the process group of a sequence-parallel communicator (default: the world).
+        layout: how a sequence-parallel communicator's inputs are sharded over the ranks
+            (``ringattn.distributed``): ``"contiguous"`` (rank i holds the i-th n/p positions) or
+            ``"zigzag"`` (load-balanced causal: rank i holds chunks i and 2p-1-i of 2p; shard with
+            ``ringattn.distributed.shard(x, layout="zigzag")``). The result is the same function
+            of the whole sequence, sharded the same way.
     """
 
     @jaxtyped(typechecker=beartype)
@@ -113,8 +119,10 @@ class DilatedAttention(nn.Module):
         compile_backend: str = "inductor",
         compile_mode: str = "default",
         group: Any = None,
+        layout: str = "contiguous",
     ) -> None:
         super().__init__()
+        distributed.check_layout(layout)
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
         self.config = DilatedConfig(
@@ -124,7 +132,9 @@ class DilatedAttention(nn.Module):
         self.dilation = strategy.component("dilation")()
         self.computer = strategy.component("computer")()
         self.memory = strategy.component("memory")()
-        self.communicator = strategy.component("communicator")(group=group, memory=self.memory)
+        self.communicator = strategy.component("communicator")(
+            group=group, memory=self.memory, layout=layout
+        )
         if self.communicator.distributed and compile:
             raise ValueError(
                 f"communicator={strategy.communicator!r} runs eagerly (its P2P/collective calls "
@@ -148,6 +158,7 @@ class DilatedAttention(nn.Module):
         return (
             f"segment_lengths={c.segment_lengths}, dilation_rates={c.dilation_rates}, "
             f"causal={c.causal}, mixing={c.mixing!r}, strategy={self.strategy.label}, "
+            f"layout={self.communicator.layout!r}, "
             f"compile={self.compile}"
         )
 
@@ -160,7 +171,9 @@ class DilatedAttention(nn.Module):
             configs, spans = c.configs, (1,) * len(c.configs)
             if self.communicator.distributed:
                 # n is this rank's shard; a segment spanning shards is one local chunk of n rows
-                spans = distributed.spans_for(c.configs, n, self.communicator.world_size)
+                spans = distributed.spans_for(
+                    c.configs, n, self.communicator.world_size, self.communicator.layout
+                )
                 configs = tuple((w, r) if s == 1 else (n, r) for (w, r), s in zip(c.configs, spans))
             spec = CoreSpec(
                 spans=spans,
@@ -185,12 +198,15 @@ class DilatedAttention(nn.Module):
             ),
             self.config,
             self.strategy.label,
+            self.communicator.layout,
             torch.is_grad_enabled(),
         )
         if signature in self._checked:
             return
         distributed.check_consistent(self.communicator.group, signature)
-        spans = distributed.spans_for(self.config.configs, q.shape[1], self.communicator.world_size)
+        spans = distributed.spans_for(
+            self.config.configs, q.shape[1], self.communicator.world_size, self.communicator.layout
+        )
         for span in sorted(set(spans) - {1}):  # collective: all ranks create the same sub-groups
             distributed.segment_groups(self.communicator.group, span)
         self._checked.add(signature)

@@ -1,8 +1,16 @@
 """Sequence parallelism helpers: sharding along n, process groups, cross-rank consistency.
 
-Each rank of a process group holds the contiguous shard ``[b, n/p, h, d]`` of q, k, v: rank ``i``
-holds positions ``[i·n/p, (i+1)·n/p)``. ``shard`` / ``gather`` convert between full tensors and
-shards. A segment that spans ``g`` shards is computed by the ``g`` consecutive ranks holding it;
+Each rank of a process group holds a shard ``[b, n/p, h, d]`` of q, k, v, in one of two layouts:
+
+- ``"contiguous"``: rank ``i`` holds positions ``[i·n/p, (i+1)·n/p)``. A segment that spans ``g``
+  shards is computed by the ``g`` consecutive ranks holding it.
+- ``"zigzag"`` (load-balanced causal; PyTorch's context parallel calls it head-tail): the sequence
+  is cut into ``2p`` chunks of ``c = n/(2p)`` and rank ``i`` holds chunks ``i`` and ``2p-1-i``,
+  concatenated. Under causal attention every rank then does the same work (with ``"contiguous"``
+  the last rank of a segment does ``2p-1`` times the first one's). Shard-local segments must fit
+  in one chunk and segments that span ranks must cover the whole sequence (``w >= n``).
+
+``shard`` / ``gather`` / ``positions`` convert between the full sequence and shards;
 ``segment_groups`` builds (collectively, once) the sub-groups the all-gather communicator needs.
 """
 
@@ -22,27 +30,62 @@ def resolve_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
     return group if group is not None else dist.group.WORLD
 
 
-def shard(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
-    """This rank's contiguous shard of ``x: [b, n, ...]`` along n (n must divide evenly)."""
+LAYOUTS = ("contiguous", "zigzag")
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def chunks_of(rank: int, p: int, layout: str) -> tuple[int, ...]:
+    """Which chunks ``rank`` holds, in order (of ``p`` chunks if contiguous, else ``2p``)."""
+    check_layout(layout)
+    return (rank,) if layout == "contiguous" else (rank, 2 * p - 1 - rank)
+
+
+def positions(m: int, rank: int, p: int, layout: str, device=None) -> Tensor:
+    """The sequence positions of the ``m`` rows ``rank`` holds (e.g. for rotary embeddings)."""
+    chunks = chunks_of(rank, p, layout)
+    c = m // len(chunks)
+    return torch.cat([torch.arange(i * c, (i + 1) * c, device=device) for i in chunks])
+
+
+def shard(x: Tensor, group: dist.ProcessGroup | None = None, layout: str = "contiguous") -> Tensor:
+    """This rank's shard of ``x: [b, n, ...]`` along n in ``layout`` (n must divide evenly)."""
     group = resolve_group(group)
     p, rank = dist.get_world_size(group), dist.get_rank(group)
     n = x.shape[1]
-    if n % p:
-        raise ValueError(f"sequence length n={n} must be divisible by the group size p={p}")
-    m = n // p
-    return x[:, rank * m : (rank + 1) * m].contiguous()
+    chunks = chunks_of(rank, p, layout)
+    pieces = p * len(chunks)
+    if n % pieces:
+        raise ValueError(
+            f"sequence length n={n} must be divisible by {pieces} (group size p={p}, "
+            f"layout={layout!r})"
+        )
+    c = n // pieces
+    return torch.cat([x[:, i * c : (i + 1) * c] for i in chunks], dim=1)
 
 
-def gather(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+def gather(x: Tensor, group: dist.ProcessGroup | None = None, layout: str = "contiguous") -> Tensor:
     """Reassemble the full ``[b, n, ...]`` tensor from every rank's shard (all ranks get it)."""
     group = resolve_group(group)
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    p = dist.get_world_size(group)
+    parts = [torch.empty_like(x) for _ in range(p)]
     dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=1)
+    pieces: dict[int, Tensor] = {}
+    for rank, part in enumerate(parts):
+        chunks = chunks_of(rank, p, layout)
+        for chunk, piece in zip(chunks, part.chunk(len(chunks), dim=1)):
+            pieces[chunk] = piece
+    return torch.cat([pieces[i] for i in sorted(pieces)], dim=1)
 
 
-def spans_for(configs, m: int, p: int) -> tuple[int, ...]:
+def spans_for(configs, m: int, p: int, layout: str = "contiguous") -> tuple[int, ...]:
     """How many shards each config's segments span (1: shard-local), validating the layout."""
+    check_layout(layout)
+    if layout == "zigzag" and p > 1:
+        return _zigzag_spans(configs, m, p)
     n = m * p
     spans = []
     for i, (w, r) in enumerate(configs):
@@ -69,6 +112,29 @@ def spans_for(configs, m: int, p: int) -> tuple[int, ...]:
                 f"spans shards (each rank then holds m/r selected rows)"
             )
         spans.append(min(w // m, p))
+    return tuple(spans)
+
+
+def _zigzag_spans(configs, m: int, p: int) -> tuple[int, ...]:
+    if m % 2:
+        raise ValueError(f"layout='zigzag' needs an even shard length n/p, got {m}")
+    c, n = m // 2, m * p
+    spans = []
+    for i, (w, r) in enumerate(configs):
+        if w <= c and c % w == 0:
+            spans.append(1)
+            continue
+        if w < n:
+            raise ValueError(
+                f"under layout='zigzag', segment_lengths[{i}]={w} must divide the chunk length "
+                f"n/(2p)={c} or be >= n={n} (a rank's two chunks are not adjacent)"
+            )
+        if c % r:
+            raise ValueError(
+                f"under layout='zigzag', dilation_rates[{i}]={r} must divide the chunk length "
+                f"n/(2p)={c} (each chunk then holds c/r selected rows)"
+            )
+        spans.append(p)
     return tuple(spans)
 
 

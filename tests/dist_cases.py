@@ -23,7 +23,9 @@ def full_problem(b, n, h, d, seed, dtype):
     return qkv, grad
 
 
-def matches_oracle(shape, options, strategy_fields, dtype_name="float32", seed=0):
+def matches_oracle(
+    shape, options, strategy_fields, dtype_name="float32", seed=0, layout="contiguous"
+):
     """Outputs and gradients of the sharded run equal the single-process oracle's shards."""
     b, n, h, d = shape
     dtype = getattr(torch, dtype_name)
@@ -39,23 +41,28 @@ def matches_oracle(shape, options, strategy_fields, dtype_name="float32", seed=0
         mixing=options["mixing"],
         strategy=ringattn.Strategy(**strategy_fields),
         compile=False,
+        layout=layout,
     )
-    local = [distributed.shard(x).requires_grad_() for x in (q, k, v)]
+
+    def shard(x):
+        return distributed.shard(x, layout=layout)
+
+    local = [shard(x).requires_grad_() for x in (q, k, v)]
     out = module(*local)
-    grads = torch.autograd.grad(out, local, distributed.shard(grad))
+    grads = torch.autograd.grad(out, local, shard(grad))
     tol = TOL[dtype_name]
-    errors = {"out": _rel(out, distributed.shard(ref))}
-    floor = 0.1 * float(distributed.shard(grad).double().norm())
+    errors = {"out": _rel(out, shard(ref))}
+    floor = 0.1 * float(shard(grad).double().norm())
     for name, g, g_ref in zip("qkv", grads, ref_grads):
-        errors[f"d{name}"] = _rel(g, distributed.shard(g_ref), floor)
+        errors[f"d{name}"] = _rel(g, shard(g_ref), floor)
     assert errors["out"] <= tol, errors
     assert all(e <= 10 * tol for e in errors.values()), errors
     # the gathered output is the single-device result
-    assert _rel(distributed.gather(out), ref) <= tol
+    assert _rel(distributed.gather(out, layout=layout), ref) <= tol
     return errors
 
 
-def bytes_sent(shape, options, strategy_fields, backward: bool):
+def bytes_sent(shape, options, strategy_fields, backward: bool, layout="contiguous"):
     b, n, h, d = shape
     (q, k, v), grad = full_problem(b, n, h, d, 0, torch.float32)
     module = ringattn.DilatedAttention(
@@ -65,20 +72,25 @@ def bytes_sent(shape, options, strategy_fields, backward: bool):
         mixing=options["mixing"],
         strategy=ringattn.Strategy(**strategy_fields),
         compile=False,
+        layout=layout,
     )
-    local = [distributed.shard(x).requires_grad_(backward) for x in (q, k, v)]
+    local = [distributed.shard(x, layout=layout).requires_grad_(backward) for x in (q, k, v)]
     module.communicator.bytes_sent = 0
     out = module(*local)
     forward_bytes = module.communicator.bytes_sent
     if backward:
-        out.backward(distributed.shard(grad))
+        out.backward(distributed.shard(grad, layout=layout))
     return forward_bytes, module.communicator.bytes_sent - forward_bytes
 
 
-def _error_of_call(lengths, rates, n_local, strategy_fields) -> str:
+def _error_of_call(lengths, rates, n_local, strategy_fields, layout="contiguous") -> str:
     """The ValueError message of calling the module on this rank (AssertionError if none)."""
     module = ringattn.DilatedAttention(
-        lengths, rates, strategy=ringattn.Strategy(**strategy_fields), compile=False
+        lengths,
+        rates,
+        strategy=ringattn.Strategy(**strategy_fields),
+        compile=False,
+        layout=layout,
     )
     q = torch.randn(1, n_local, 2, 8)
     try:
@@ -98,8 +110,8 @@ def mismatched_shapes_raise_everywhere(strategy_fields):
     return _error_of_call((8, 32), (1, 2), n_local, strategy_fields)
 
 
-def bad_layout_raises(lengths, rates, n_local):
-    return _error_of_call(lengths, rates, n_local, {"communicator": "ring"})
+def bad_layout_raises(lengths, rates, n_local, layout="contiguous"):
+    return _error_of_call(lengths, rates, n_local, {"communicator": "ring"}, layout)
 
 
 def shard_requires_divisible_n():
@@ -110,15 +122,19 @@ def shard_requires_divisible_n():
     raise AssertionError("no error")
 
 
-def shard_gather_roundtrip():
+def shard_gather_roundtrip(layout="contiguous"):
+    p, rank = dist.get_world_size(), dist.get_rank()
     x = torch.arange(2 * 16 * 3 * 2, dtype=torch.float32).view(2, 16, 3, 2)
-    part = distributed.shard(x)
-    assert part.shape[1] == 16 // dist.get_world_size()
-    assert torch.equal(distributed.gather(part), x)
-    return True
+    part = distributed.shard(x, layout=layout)
+    assert part.shape[1] == 16 // p
+    # the shard holds exactly the positions `positions` names
+    where = distributed.positions(16 // p, rank, p, layout)
+    assert torch.equal(part, x[:, where])
+    assert torch.equal(distributed.gather(part, layout=layout), x)
+    return where.tolist()
 
 
-def longnet_shards_match_the_full_model(communicator):
+def longnet_shards_match_the_full_model(communicator, layout="contiguous"):
     """The LM runs sequence-parallel: every rank's logits are its shard of the full logits."""
     from ringattn.models import LongNet, LongNetConfig
 
@@ -130,16 +146,18 @@ def longnet_shards_match_the_full_model(communicator):
             depth=2,
             num_heads=4,
             num_kv_heads=2,
-            segment_lengths=(8, 32, 64),
+            # zigzag: shard-local segments fit a chunk (n/2p), the others span every rank
+            segment_lengths=(8, 32, 64) if layout == "contiguous" else (8, 64, 128),
             dilation_rates=(1, 2, 4),
             strategy=strategy,
+            layout="contiguous" if strategy.communicator == "local" else layout,
         )
         return LongNet(config).double()
 
     tokens = torch.randint(0, 32, (2, 64), generator=torch.Generator().manual_seed(0))
     full = model(ringattn.Strategy(computer="math"))(tokens)
     sharded = model(ringattn.Strategy(computer="math", communicator=communicator))
-    logits = sharded(distributed.shard(tokens))
-    assert (logits - distributed.shard(full)).abs().max() < 1e-10
+    logits = sharded(distributed.shard(tokens, layout=layout))
+    assert (logits - distributed.shard(full, layout=layout)).abs().max() < 1e-10
     logits.sum().backward()  # gradients flow through the ring on every rank
     return True

@@ -26,3 +26,17 @@ def test_eight_ranks_match_the_oracle(pool8, communicator, causal, mixing):
     options = {**OPTIONS, "causal": causal, "mixing": mixing}
     strategy = {"communicator": communicator, "computer": "sdpa", "dilation": "global"}
     pool8.run("matches_oracle", SHAPE, options, strategy)
+
+
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+@pytest.mark.parametrize("mixing", ["lse", "head_groups"])
+def test_eight_ranks_zigzag_match_the_oracle(pool8, communicator, mixing):
+    # chunks of n/(2p) = 8 tokens: local segments of 4 and 8, one of 128 spanning all 8 ranks
+    options = {
+        "segment_lengths": (4, 8, 128),
+        "dilation_rates": (1, 2, 4),
+        "causal": True,
+        "mixing": mixing,
+    }
+    strategy = {"communicator": communicator, "computer": "sdpa", "dilation": "segment_local"}
+    pool8.run("matches_oracle", SHAPE, options, strategy, "float32", 0, "zigzag")

@@ -2,9 +2,10 @@
 
 Forward: the ``g`` ranks of a segment all-gather their dilated K/V chunks (``[2, b, m/r, heads,
 d]`` each) over a sub-group of just those ranks, then each computes its queries against the
-chunks it needs (causal: earlier chunks fully, its own causally, later ones skipped) and merges
-by LSE. Backward: the chunks are gathered again, each rank computes every needed chunk's dK/dV
-share, and a reduce-scatter (float32) sums the shares on their owners. Memory per rank grows with
+chunks it needs (``SequenceParallel.piece``: causal and contiguous, earlier chunks fully, its own
+causally, later ones skipped; zigzag, half of every other shard) and merges by LSE. Backward:
+the chunks are gathered again, each rank computes every needed chunk's dK/dV share, and a
+reduce-scatter (float32) sums the shares on their owners. Memory per rank grows with
 the segment (``g`` chunks), unlike ``ring``, in exchange for one collective instead of ``g - 1``
 steps.
 """
@@ -50,11 +51,17 @@ class AllGatherCommunicator(SequenceParallel):
         gathered = self._gather(stack_kv(k, v), span)
         out, lse = self.own_chunk(computer, q, k, v, causal, scale)
         for chunk in range(span):
-            if chunk != t and (not causal or chunk < t):
+            piece = None if chunk == t else self.piece(t, chunk, causal, q.shape[1])
+            if piece is not None:
+                rows, cols = piece
                 out_c, lse_c = computer.forward(
-                    q, gathered[chunk, 0], gathered[chunk, 1], False, scale
+                    q[:, rows],
+                    gathered[chunk, 0][:, cols],
+                    gathered[chunk, 1][:, cols],
+                    False,
+                    scale,
                 )
-                merge_into_(out, lse, out_c, lse_c)
+                merge_into_(out[:, rows], lse[:, rows], out_c, lse_c)
         return out, lse
 
     def attend_backward(
@@ -82,13 +89,22 @@ class AllGatherCommunicator(SequenceParallel):
         shares[t, 0] = dk
         shares[t, 1] = dv
         for chunk in range(span):
-            if chunk != t and (not causal or chunk < t):
+            piece = None if chunk == t else self.piece(t, chunk, causal, q.shape[1])
+            if piece is not None:
+                rows, cols = piece
                 dq_c, dk_c, dv_c = computer.backward(
-                    dout, q, gathered[chunk, 0], gathered[chunk, 1], out, lse, False, scale
+                    dout[:, rows],
+                    q[:, rows],
+                    gathered[chunk, 0][:, cols],
+                    gathered[chunk, 1][:, cols],
+                    out[:, rows],
+                    lse[:, rows],
+                    False,
+                    scale,
                 )
-                dq += dq_c
-                shares[chunk, 0] = dk_c
-                shares[chunk, 1] = dv_c
+                dq[:, rows] += dq_c
+                shares[chunk, 0][:, cols] = dk_c
+                shares[chunk, 1][:, cols] = dv_c
         mine = torch.empty(kv_own.shape, dtype=dtype, device=q.device)
         sub = distributed.segment_groups(self.group, span)[self.rank // span]
         dist.reduce_scatter_tensor(mine, shares.view(-1, *kv_own.shape[1:]), group=sub)

@@ -19,6 +19,8 @@ class Communicator(Component):
 
     world_size: int = 1
     distributed: bool = False
+    # how the sequence is sharded over the ranks (ringattn.distributed.LAYOUTS)
+    layout: str = "contiguous"
 
     @abstractmethod
     def attend(

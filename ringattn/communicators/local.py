@@ -9,9 +9,16 @@ from ringattn.registry import register
 
 @register("communicator", "local")
 class LocalCommunicator(Communicator):
-    def __init__(self, group=None, memory=None) -> None:
+    layout = "contiguous"
+
+    def __init__(self, group=None, memory=None, layout: str = "contiguous") -> None:
         if group is not None:
             raise ValueError("group= needs a sequence-parallel communicator ('ring', 'all_gather')")
+        if layout != "contiguous":
+            raise ValueError(
+                f"layout={layout!r} needs a sequence-parallel communicator ('ring', 'all_gather'); "
+                "on one device the sequence is whole"
+            )
 
     def attend(
         self,

@@ -4,9 +4,11 @@ Forward, for a segment spanning ``g`` ranks: rank ``t`` computes its own chunk (
 causal), then at step ``s = 1..g-1`` receives chunk ``t - s`` from its predecessor while it
 forwards the chunk it holds to its successor; the next transfer is posted before the current chunk
 is computed (double-buffered receive buffers from the memory manager). Partial results are merged
-by LSE in float32. Causal: chunks wholly in the future are neither computed nor sent — rank ``t``
-sends at step ``s`` only if its successor needs the chunk (``s <= t + 1``), so a causal segment
-moves half the bytes.
+by LSE in float32. Causal, ``layout="contiguous"``: chunks wholly in the future are neither
+computed nor sent — rank ``t`` sends at step ``s`` only if its successor needs the chunk
+(``s <= t + 1``), so a causal segment moves half the bytes, but the last rank computes ``p``
+chunks while the first computes one. ``layout="zigzag"``: every rank uses half of every other
+shard (``SequenceParallel.piece``), so each step costs every rank the same.
 
 Backward (merged-stats identity, see ``ringattn/core.py``): the K/V ring runs again; each rank
 computes its queries' share of every chunk's gradient and sends that chunk's dK/dV (float32)
@@ -30,13 +32,13 @@ KV_TAG, GRAD_TAG = 1, 2
 
 @register("communicator", "ring")
 class RingCommunicator(SequenceParallel):
-    @staticmethod
-    def sends(step: int, t: int, span: int, causal: bool) -> bool:
-        return not causal or (t + 1 < span and step <= t + 1)
+    def receives(self, step: int, t: int, span: int, causal: bool) -> bool:
+        """Whether rank ``t`` uses the shard that reaches it at ``step`` (that of ``t - step``)."""
+        return self.piece(t, (t - step) % span, causal, 2) is not None
 
-    @staticmethod
-    def receives(step: int, t: int, span: int, causal: bool) -> bool:
-        return not causal or step <= t
+    def sends(self, step: int, t: int, span: int, causal: bool) -> bool:
+        """Whether rank ``t`` forwards its held shard at ``step``: only if its successor uses it."""
+        return self.receives(step, (t + 1) % span, span, causal)
 
     def _post(self, ops: list) -> list:
         return dist.batch_isend_irecv(ops) if ops else []
@@ -88,9 +90,13 @@ class RingCommunicator(SequenceParallel):
                 if step + 1 < span
                 else []
             )  # posted before computing: the next transfer overlaps this chunk's attention
-            if self.receives(step, t, span, causal):
-                out_c, lse_c = computer.forward(q, current[0], current[1], False, scale)
-                merge_into_(out, lse, out_c, lse_c)
+            piece = self.piece(t, (t - step) % span, causal, q.shape[1])
+            if piece is not None:
+                rows, cols = piece
+                out_c, lse_c = computer.forward(
+                    q[:, rows], current[0][:, cols], current[1][:, cols], False, scale
+                )
+                merge_into_(out[:, rows], lse[:, rows], out_c, lse_c)
         return out, lse
 
     def attend_backward(
@@ -112,18 +118,19 @@ class RingCommunicator(SequenceParallel):
         dtype = acc_dtype(q.dtype)
         kv_own = stack_kv(k, v)
         buffers = self._buffers(kv_own)
-        grad_in = self.memory.scratch("ring_dkv", tuple(kv_own.shape), dtype, kv_own.device)
         pending = self._post(self._kv_exchange(1, t, peers, causal, kv_own, buffers[1]))
         dq, dk, dv = (
             g.to(dtype) for g in computer.backward(dout, q, k, v, out, lse, causal, scale)
         )
-        grads_pending = False
+        received: tuple[Tensor, slice] | None = None  # dK/dV share in flight to us, its rows
+        rows_total = q.shape[1]
         for step in range(1, span):
             for request in pending:
                 request.wait()
-            if grads_pending:
-                dk += grad_in[0]
-                dv += grad_in[1]
+            if received is not None:
+                grad_in, cols = received
+                dk[:, cols] += grad_in[0]
+                dv[:, cols] += grad_in[1]
             current = buffers[step % 2]
             pending = (
                 self._post(
@@ -133,27 +140,40 @@ class RingCommunicator(SequenceParallel):
                 else []
             )
             ops = []
-            if self.receives(step, t, span, causal):
+            piece = self.piece(t, (t - step) % span, causal, rows_total)
+            if piece is not None:
+                rows, cols = piece
                 dq_c, dk_c, dv_c = computer.backward(
-                    dout, q, current[0], current[1], out, lse, False, scale
+                    dout[:, rows],
+                    q[:, rows],
+                    current[0][:, cols],
+                    current[1][:, cols],
+                    out[:, rows],
+                    lse[:, rows],
+                    False,
+                    scale,
                 )
-                dq += dq_c
+                dq[:, rows] += dq_c
                 # chunk t - step's share goes straight back to its owner
                 grad_out = torch.stack((dk_c, dv_c)).to(dtype)
                 ops.append(
                     dist.P2POp(dist.isend, grad_out, peers[(t - step) % span], self.group, GRAD_TAG)
                 )
                 self.count(grad_out)
-            source = t + step  # the rank that computed our chunk at this step
-            grads_pending = source < span if causal else True
-            if grads_pending:
-                ops.append(
-                    dist.P2POp(dist.irecv, grad_in, peers[source % span], self.group, GRAD_TAG)
-                )
+            source = (t + step) % span  # the rank that computed with our chunk at this step
+            theirs = self.piece(source, t, causal, rows_total)
+            received = None
+            if theirs is not None:
+                cols = theirs[1]
+                shape = (2, kv_own.shape[1], len(range(rows_total)[cols]), *kv_own.shape[3:])
+                grad_in = self.memory.scratch("ring_dkv", shape, dtype, kv_own.device)
+                ops.append(dist.P2POp(dist.irecv, grad_in, peers[source], self.group, GRAD_TAG))
+                received = (grad_in, cols)
             pending = pending + self._post(ops)
         for request in pending:
             request.wait()
-        if grads_pending:
-            dk += grad_in[0]
-            dv += grad_in[1]
+        if received is not None:
+            grad_in, cols = received
+            dk[:, cols] += grad_in[0]
+            dv[:, cols] += grad_in[1]
         return dq, dk, dv

@@ -1,9 +1,12 @@
 """What the all-gather and ring communicators share: rank arithmetic, chunk compute, byte counts.
 
-A segment spanning ``g`` ranks is split into ``g`` chunks, one per rank; rank ``t`` (its place in
-the segment) holds the queries of chunk ``t`` and must see the selected keys of chunks ``0..t``
-when causal (``t`` itself causally, earlier ones fully, later ones not at all — skipped, never
-computed and masked), or all chunks otherwise. Only the selected (dilated) rows travel: a chunk is
+A segment spanning ``g`` ranks is split into ``g`` shards, one per rank; rank ``t`` (its place in
+the segment) holds the queries of shard ``t`` and must see the selected keys of every shard that
+precedes them. ``layout="contiguous"``: shard ``t`` is chunk ``t``; when causal it sees shards
+``0..t`` (``t`` itself causally, earlier ones fully, later ones not at all — skipped, never computed
+and masked), otherwise all. ``layout="zigzag"`` (the segment is the whole sequence, ``g = p``):
+shard ``t`` is chunks ``t`` and ``2p-1-t``, so when causal every other shard is half seen
+(``piece``) and every rank does the same work. Only the selected (dilated) rows travel: a shard is
 ``[b, m/r, heads, d]`` for K and for V.
 """
 
@@ -24,7 +27,14 @@ from ringattn.merge import merge_into_
 class SequenceParallel(Communicator):
     distributed = True
 
-    def __init__(self, group: dist.ProcessGroup | None = None, memory: MemoryManager | None = None):
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        memory: MemoryManager | None = None,
+        layout: str = "contiguous",
+    ):
+        distributed.check_layout(layout)
+        self.layout = layout
         self.group = distributed.resolve_group(group)
         self.ranks = dist.get_process_group_ranks(self.group)
         self.world_size = len(self.ranks)
@@ -38,8 +48,18 @@ class SequenceParallel(Communicator):
         start = self.rank - t
         return t, self.ranks[start : start + span]
 
-    def needed(self, chunk: int, t: int, causal: bool) -> bool:
-        return not causal or chunk < t
+    def piece(self, t: int, other: int, causal: bool, rows: int) -> tuple[slice, slice] | None:
+        """Which of rank ``t``'s query rows see which key rows of shard ``other`` (``!= t``) of
+        the segment, each shard holding ``rows`` selected rows; ``None``: none see any."""
+        if not causal:
+            return ALL, ALL
+        if self.layout == "contiguous":
+            return (ALL, ALL) if other < t else None
+        head, tail = slice(0, rows // 2), slice(rows // 2, None)
+        # shard t = chunks (t, 2p-1-t); shard other = chunks (other, 2p-1-other)
+        if other < t:  # both of our chunks follow chunk `other`; its tail chunk follows both
+            return ALL, head
+        return tail, ALL  # only our tail chunk follows theirs, and it follows both
 
     def count(self, *tensors: Tensor, times: int = 1) -> None:
         self.bytes_sent += times * sum(x.numel() * x.element_size() for x in tensors)
@@ -52,6 +72,9 @@ class SequenceParallel(Communicator):
         out, lse = computer.forward(q, k, v, causal, scale)
         acc = accumulation_dtype(q.dtype)
         return out.to(acc), lse.to(acc)
+
+
+ALL = slice(None)
 
 
 def stack_kv(k: Rows, v: Rows) -> Tensor:

@@ -35,6 +35,8 @@ class LongNetConfig:
     dropout: float = 0.0
     strategy: Strategy = field(default_factory=Strategy)
     compile: bool = False
+    # sequence-parallel shard layout (ringattn.distributed.LAYOUTS); tokens sharded the same way
+    layout: str = "contiguous"
 
 
 class Block(nn.Module):
@@ -68,6 +70,7 @@ def dilated_attention_layer(config: LongNetConfig) -> nn.Module:
         rotary_embedding=True,
         strategy=config.strategy,
         compile=config.compile,
+        layout=config.layout,
     )
 
 

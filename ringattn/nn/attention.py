@@ -18,6 +18,7 @@ from einops import rearrange
 from jaxtyping import Float, jaxtyped
 from torch import Tensor, nn
 
+from ringattn import distributed
 from ringattn.api import DilatedAttention
 from ringattn.nn.decode import KVCache, decode_one
 from ringattn.nn.rotary import rotary
@@ -46,6 +47,7 @@ class MultiheadDilatedAttention(nn.Module):
         strategy: Strategy = _DEFAULT_STRATEGY,
         compile: bool = True,
         group=None,
+        layout: str = "contiguous",
     ) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -68,6 +70,7 @@ class MultiheadDilatedAttention(nn.Module):
             strategy=strategy,
             compile=compile,
             group=group,
+            layout=layout,
         )
         self.q_proj = nn.Linear(embed_dim, num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=bias)
@@ -83,8 +86,15 @@ class MultiheadDilatedAttention(nn.Module):
         if self.rotary_embedding:
             communicator = self.attention.communicator
             if communicator.distributed:  # x is this rank's shard of the sequence
-                start += communicator.rank * x.shape[1]
-            positions = torch.arange(start, start + x.shape[1], device=x.device)
+                positions = start + distributed.positions(
+                    x.shape[1],
+                    communicator.rank,
+                    communicator.world_size,
+                    communicator.layout,
+                    device=x.device,
+                )
+            else:
+                positions = torch.arange(start, start + x.shape[1], device=x.device)
             q, k = rotary(q, positions), rotary(k, positions)
         return q, k, v
 
