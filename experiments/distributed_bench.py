@@ -5,14 +5,22 @@
 1. Correctness: every (communicator × dilation × computer) combination, causal or not, both
    mixings, outputs and gradients of the sharded run against the float64 oracle of the full
    sequence (computed on every rank).
-2. Speed: ring vs all_gather (and each rank alone on its shard with shard-local configs, for
-   reference): forward and forward+backward time, peak memory per GPU and bytes sent per rank.
-Rank 0 writes ``distributed.md`` / ``distributed.json`` under ``--out`` and prints the tables.
+2. Speed (``--part speed``): ring vs all_gather, both shard layouts: forward and
+   forward+backward time, peak memory per GPU and bytes sent per rank.
+3. Weak scaling (``--part weak``, issue 5): per-GPU useful TFLOP/s of issue 5's dilated shape at
+   ``p·N`` tokens on ``p`` GPUs over one GPU alone at ``N`` (rank 0, same run), for each
+   ``--weak-n``; the largest segments span ranks at the smaller N.
+4. Dense causal vs PyTorch's context parallel (``--part cp``, issue 5): one config ``w = n, r = 1``,
+   ring / all_gather with ``layout="zigzag"`` (and ring contiguous) against
+   ``torch.distributed.tensor.experimental.context_parallel`` (the same head-tail sharding) with
+   each rotate method, side by side, after checking that both give the same output.
+Rank 0 writes ``distributed_<part>.md`` / ``.json`` under ``--out`` and prints the tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -21,11 +29,17 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
 
 import ringattn
 from experiments.ablate import dict_rows_to_markdown
 from ringattn import distributed, reference
 from ringattn.flops import useful_flops
+
+# batch, heads, head dim of the timed parts (issue 5's; --heads/--head-dim shrink them for a CPU
+# trial of the script)
+BHD = [1, 16, 128]
 
 
 def log(*args) -> None:
@@ -38,68 +52,82 @@ def rel(x, ref, floor=0.0) -> float:
     return float((x - ref).norm()) / max(float(ref.norm()), floor, 1e-300)
 
 
+# per layout: shard-local, local, spans all ranks (zigzag: local segments fit a chunk n/(2p))
+CHECK_CONFIGS = {
+    "contiguous": ((64, 256, -1), (1, 2, 4)),
+    "zigzag": ((64, 128, -1), (1, 2, 4)),
+}
+
+
 def correctness(device) -> list[dict]:
     p = dist.get_world_size()
     b, n, h, d = 2, 256 * p, 5, 64
-    lengths, rates = (64, 256, 256 * p), (1, 2, 4)  # shard-local, local, spans all ranks
     gen = torch.Generator().manual_seed(0)
     full = [torch.randn(b, n, h, d, generator=gen, dtype=torch.float64) for _ in range(4)]
     rows = []
-    for dtype in (torch.float32, torch.bfloat16):
+    cases = itertools.product(
+        CHECK_CONFIGS, (torch.float32, torch.bfloat16), (False, True), ("lse", "head_groups")
+    )
+    for layout, dtype, causal, mixing in cases:
+        lengths, rates = CHECK_CONFIGS[layout]
+        lengths = tuple(n if w < 0 else w for w in lengths)
         q, k, v, grad = (x.to(dtype).to(device) for x in full)
-        for causal in (False, True):
-            for mixing in ("lse", "head_groups"):
-                opts = dict(
-                    segment_lengths=lengths, dilation_rates=rates, causal=causal, mixing=mixing
-                )
-                ref_in = [x.double().requires_grad_() for x in (q, k, v)]
-                ref = reference.dilated_attention(*ref_in, **opts)
-                ref_grads = torch.autograd.grad(ref, ref_in, grad.double())
-                for communicator in ("ring", "all_gather"):
-                    for dilation in ("segment_local", "global"):
-                        for computer in ("sdpa", "math"):
-                            strategy = ringattn.Strategy(
-                                dilation=dilation, computer=computer, communicator=communicator
-                            )
-                            module = ringattn.DilatedAttention(
-                                lengths,
-                                rates,
-                                causal=causal,
-                                mixing=mixing,
-                                strategy=strategy,
-                                compile=False,
-                            )
-                            xs = [distributed.shard(x).requires_grad_() for x in (q, k, v)]
-                            out = module(*xs)
-                            grads = torch.autograd.grad(out, xs, distributed.shard(grad))
-                            floor = 0.1 * float(distributed.shard(grad).double().norm())
-                            errs = [rel(out, distributed.shard(ref))] + [
-                                rel(g, distributed.shard(r), floor)
-                                for g, r in zip(grads, ref_grads)
-                            ]
-                            worst = torch.tensor(errs, device=device)
-                            dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-                            tol = 1e-5 if dtype == torch.float32 else 2e-2
-                            rows.append(
-                                {
-                                    "strategy": strategy.label,
-                                    "dtype": str(dtype)[6:],
-                                    "causal": causal,
-                                    "mixing": mixing,
-                                    "out_err": float(worst[0]),
-                                    "grad_err": float(worst[1:].max()),
-                                    "ok": bool(worst[0] <= tol and worst[1:].max() <= 10 * tol),
-                                }
-                            )
+        opts = dict(segment_lengths=lengths, dilation_rates=rates, causal=causal, mixing=mixing)
+        ref_in = [x.double().requires_grad_() for x in (q, k, v)]
+        ref = reference.dilated_attention(*ref_in, **opts)
+        ref_grads = torch.autograd.grad(ref, ref_in, grad.double())
+
+        def shard(x, layout=layout):
+            return distributed.shard(x, layout=layout)
+
+        strategies = itertools.product(
+            ("ring", "all_gather"), ("segment_local", "global"), ("sdpa", "math")
+        )
+        for communicator, dilation, computer in strategies:
+            strategy = ringattn.Strategy(
+                dilation=dilation, computer=computer, communicator=communicator
+            )
+            module = ringattn.DilatedAttention(
+                lengths,
+                rates,
+                causal=causal,
+                mixing=mixing,
+                strategy=strategy,
+                compile=False,
+                layout=layout,
+            )
+            xs = [shard(x).requires_grad_() for x in (q, k, v)]
+            out = module(*xs)
+            grads = torch.autograd.grad(out, xs, shard(grad))
+            floor = 0.1 * float(shard(grad).double().norm())
+            errs = [rel(out, shard(ref))] + [
+                rel(g, shard(r), floor) for g, r in zip(grads, ref_grads)
+            ]
+            worst = torch.tensor(errs, device=device)
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            rows.append(
+                {
+                    "strategy": strategy.label,
+                    "layout": layout,
+                    "dtype": str(dtype)[6:],
+                    "causal": causal,
+                    "mixing": mixing,
+                    "out_err": float(worst[0]),
+                    "grad_err": float(worst[1:].max()),
+                    "ok": bool(worst[0] <= tol and worst[1:].max() <= 10 * tol),
+                }
+            )
     return rows
 
 
-def bench_ms(fn, device, warmup=2, repeats=5) -> float:
+def bench_ms(fn, device, warmup=2, repeats=5, sync=True) -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        dist.barrier()
+        if sync:
+            dist.barrier()
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -110,9 +138,9 @@ def bench_ms(fn, device, warmup=2, repeats=5) -> float:
     return statistics.median(times)
 
 
-def speed(device, n: int, causal: bool) -> list[dict]:
+def speed(device, n: int, causal: bool, layouts=("contiguous",)) -> list[dict]:
     p = dist.get_world_size()
-    b, h, d = 1, 16, 128
+    b, h, d = BHD
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     lengths, rates = (2048, 8192, n), (1, 2, 4)  # the last config spans every rank
     gen = torch.Generator(device=device).manual_seed(dist.get_rank())
@@ -123,13 +151,14 @@ def speed(device, n: int, causal: bool) -> list[dict]:
     flops_f = useful_flops(b, n, h, d, lengths, rates, causal, "lse") / p
     flops_fb = useful_flops(b, n, h, d, lengths, rates, causal, "lse", backward=True) / p
     rows = []
-    for communicator in ("ring", "all_gather"):
+    for communicator, layout in itertools.product(("ring", "all_gather"), layouts):
         module = ringattn.DilatedAttention(
             lengths,
             rates,
             causal=causal,
             compile=False,
             strategy=ringattn.Strategy(communicator=communicator, computer="sdpa"),
+            layout=layout,
         )
 
         def fwd(module=module):
@@ -153,6 +182,7 @@ def speed(device, n: int, causal: bool) -> list[dict]:
             "ranks": p,
             "causal": causal,
             "communicator": communicator,
+            "layout": layout,
             "fwd_ms": f_ms,
             "fwdbwd_ms": fb_ms,
             "fwd_tflops_per_gpu": flops_f / f_ms / 1e9,
@@ -168,12 +198,180 @@ def speed(device, n: int, causal: bool) -> list[dict]:
     return rows
 
 
+def timed(fn, q, k, v, grad, device, collective=True) -> tuple[float, float, float]:
+    """Forward ms, forward+backward ms (median of 5) and peak GiB above what was allocated before
+    of ``fn(q, k, v)``; ``collective``: the slowest rank's times and the largest peak."""
+
+    def fwd():
+        with torch.no_grad():
+            fn(q, k, v)
+
+    def fb():
+        xs = [x.detach().requires_grad_() for x in (q, k, v)]
+        fn(*xs).backward(grad)
+
+    fwd()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() if cuda else 0
+    f_ms = bench_ms(fwd, device, sync=collective)
+    fb_ms = bench_ms(fb, device, sync=collective)
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**30 if cuda else float("nan")
+    if not collective:
+        return f_ms, fb_ms, peak
+    stats = torch.tensor([f_ms, fb_ms, peak], device=device)
+    dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+    return float(stats[0]), float(stats[1]), float(stats[2])
+
+
+ISSUE5_CONFIG = ((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16))
+
+
+def weak(device, n_per_gpu: int, causal: bool, mixing: str) -> list[dict]:
+    """Per-GPU useful TFLOP/s at p·N on p GPUs (ring, contiguous) over 1 GPU at N (local)."""
+    p, rank = dist.get_world_size(), dist.get_rank()
+    b, h, d = BHD
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    lengths, rates = ISSUE5_CONFIG
+    gen = torch.Generator(device=device).manual_seed(rank)
+    q, k, v, grad = (
+        torch.randn(b, n_per_gpu, h, d, device=device, dtype=dtype, generator=gen) for _ in range(4)
+    )
+    opts = dict(causal=causal, mixing=mixing, compile=False)
+    rows = []
+    for gpus, communicator in ((1, "local"), (p, "ring"), (p, "all_gather")):
+        n = n_per_gpu * gpus
+        flops_f = useful_flops(b, n, h, d, lengths, rates, causal, mixing) / gpus
+        flops_fb = useful_flops(b, n, h, d, lengths, rates, causal, mixing, backward=True) / gpus
+        if gpus == 1:  # one GPU alone at N: rank 0 measures, the others wait
+            f_ms = fb_ms = peak = float("nan")
+            if rank == 0:
+                module = ringattn.DilatedAttention(lengths, rates, **opts)
+                f_ms, fb_ms, peak = timed(module, q, k, v, grad, device, collective=False)
+            dist.barrier()
+        else:
+            strategy = ringattn.Strategy(communicator=communicator, computer="sdpa")
+            module = ringattn.DilatedAttention(lengths, rates, strategy=strategy, **opts)
+            f_ms, fb_ms, peak = timed(module, q, k, v, grad, device)
+        row = {
+            "n_per_gpu": n_per_gpu,
+            "gpus": gpus,
+            "n": n,
+            "causal": causal,
+            "mixing": mixing,
+            "communicator": communicator,
+            "fwd_ms": f_ms,
+            "fwdbwd_ms": fb_ms,
+            "fwd_tflops_per_gpu": flops_f / f_ms / 1e9,
+            "fwdbwd_tflops_per_gpu": flops_fb / fb_ms / 1e9,
+            "peak_extra_gib": peak,
+        }
+        rows.append(row)
+    if rank == 0:  # the baseline's numbers exist on rank 0 only
+        base = rows[0]
+        for row in rows:
+            row["fwd_efficiency"] = row["fwd_tflops_per_gpu"] / base["fwd_tflops_per_gpu"]
+            row["fwdbwd_efficiency"] = row["fwdbwd_tflops_per_gpu"] / base["fwdbwd_tflops_per_gpu"]
+            log("weak", row)
+    return rows
+
+
+def cp_compare(device, n: int) -> list[dict]:
+    """Dense causal (w = n, r = 1): ringattn's sequence parallelism vs PyTorch's context parallel.
+
+    Both see the same full problem (same seed on every rank). PyTorch's context manager shards
+    its buffers head-tail, which is ``layout="zigzag"``, so the two outputs are compared shard for
+    shard before timing. PyTorch is timed inside one ``context_parallel`` block (its sharding and
+    restoring copies are not timed); memory is the peak above what was allocated before timing.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import _attention as cp_attention
+    from torch.distributed.tensor.experimental import context_parallel
+
+    p = dist.get_world_size()
+    b, h, d = BHD
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    flops_f = useful_flops(b, n, h, d, (n,), (1,), True, "lse") / p
+    flops_fb = useful_flops(b, n, h, d, (n,), (1,), True, "lse", backward=True) / p
+    gen = torch.Generator(device=device).manual_seed(0)  # the same full problem on every rank
+    full = [torch.randn(b, n, h, d, device=device, dtype=dtype, generator=gen) for _ in range(4)]
+    rows: list[dict] = []
+    outputs: dict[str, Tensor] = {}
+
+    def record(name: str, fn, inputs: list[Tensor], to_bnhd=lambda out: out) -> None:
+        row: dict = {"n": n, "ranks": p, "impl": name}
+        try:
+            with torch.no_grad():
+                outputs[name] = to_bnhd(fn(*inputs[:3])).float()
+            f_ms, fb_ms, peak = timed(fn, *inputs, device)
+            row.update(
+                fwd_ms=f_ms,
+                fwdbwd_ms=fb_ms,
+                fwd_tflops_per_gpu=flops_f / f_ms / 1e9,
+                fwdbwd_tflops_per_gpu=flops_fb / fb_ms / 1e9,
+                peak_extra_gib=peak,
+            )
+        except Exception as exc:  # recorded in the table, the run goes on
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        rows.append(row)
+        log("cp", row)
+
+    for communicator, layout in (
+        ("ring", "zigzag"),
+        ("all_gather", "zigzag"),
+        ("ring", "contiguous"),
+    ):
+        strategy = ringattn.Strategy(communicator=communicator, computer="sdpa")
+        module = ringattn.DilatedAttention(
+            (n,), (1,), causal=True, compile=False, strategy=strategy, layout=layout
+        )
+        shards = [distributed.shard(x, layout=layout) for x in full]
+        record(f"ringattn {communicator} {layout}", module, shards)
+        del shards
+    mesh = init_device_mesh(device.type, (p,))
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    for rotate in ("allgather", "alltoall"):
+        name = f"torch context_parallel {rotate}"
+        cp_attention.set_rotate_method(rotate)
+        buffers = [x.transpose(1, 2).contiguous() for x in full]  # [b, h, n, d]
+        try:
+            # sharded in place (head-tail) on entry, restored on exit
+            with context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2, 2, 2, 2]):
+                record(name, sdpa, buffers, lambda out: out.transpose(1, 2))
+        except Exception as exc:  # recorded in the table, the run goes on
+            rows.append({"n": n, "ranks": p, "impl": name, "error": f"{type(exc).__name__}: {exc}"})
+        del buffers
+    first = outputs.get("ringattn ring zigzag")
+    for row in rows:
+        out = outputs.get(row["impl"])
+        if first is not None and out is not None and "contiguous" not in row["impl"]:
+            err = torch.tensor(float((out - first).norm() / first.norm()), device=device)
+            dist.all_reduce(err, op=dist.ReduceOp.MAX)
+            row["rel_diff_vs_ring_zigzag"] = float(err)
+    return rows
+
+
+def table(title: str, rows: list[dict], columns: list[str]) -> list[str]:
+    return [title, "", dict_rows_to_markdown(rows, columns), ""] if rows else []
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("results/distributed"))
+    parser.add_argument("--part", choices=["check", "speed", "weak", "cp", "all"], default="all")
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[65536, 262144])
-    parser.add_argument("--part", choices=["check", "speed", "all"], default="all")
+    parser.add_argument("--layouts", nargs="+", default=["contiguous", "zigzag"])
+    parser.add_argument("--weak-n", type=int, nargs="+", default=[16384, 65536, 262144])
+    parser.add_argument("--cp-n", type=int, nargs="+", default=[131072, 262144, 524288])
+    parser.add_argument("--heads", type=int, default=BHD[1])
+    parser.add_argument("--head-dim", type=int, default=BHD[2])
     args = parser.parse_args()
+    BHD[1:] = [args.heads, args.head_dim]
     if "LOCAL_RANK" not in os.environ:
         raise SystemExit("distributed_bench: error: launch with torchrun --nproc_per_node=P")
     cuda = torch.cuda.is_available()
@@ -181,56 +379,94 @@ def main() -> None:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda") if cuda else torch.device("cpu")
-    check = correctness(device) if args.part in ("check", "all") else []
-    speed_rows = []
-    if args.part in ("speed", "all"):
-        for n in args.seq_lens:
-            for causal in (False, True):
-                speed_rows += speed(device, n, causal)
+    parts = {"check", "speed", "weak", "cp"} if args.part == "all" else {args.part}
+    check = correctness(device) if "check" in parts else []
+    speed_rows, weak_rows, cp_rows = [], [], []
+    if "speed" in parts:
+        for n, causal in itertools.product(args.seq_lens, (False, True)):
+            speed_rows += speed(device, n, causal, tuple(args.layouts))
+    if "weak" in parts:
+        for n, causal, mixing in itertools.product(
+            args.weak_n, (False, True), ("lse", "head_groups")
+        ):
+            weak_rows += weak(device, n, causal, mixing)
+    if "cp" in parts:
+        for n in args.cp_n:
+            cp_rows += cp_compare(device, n)
     if dist.get_rank() == 0:
         name = torch.cuda.get_device_name() if cuda else "CPU"
-        text = [
-            f"# Sequence parallelism on {dist.get_world_size()} × {name}, torch "
-            f"{torch.__version__}",
-            "",
-        ]
-        if speed_rows:
-            text += [
-                "bf16, b=1, h=16, d=128, segment_lengths=(2048, 8192, n), dilation_rates="
-                "(1, 2, 4), mixing=lse, computer=sdpa, eager. Times: slowest rank, median of 5."
-                " Bytes: this rank's sends in one forward.",
-                "",
-                dict_rows_to_markdown(
-                    speed_rows,
-                    [
-                        "n",
-                        "causal",
-                        "communicator",
-                        "fwd_ms",
-                        "fwdbwd_ms",
-                        "fwd_tflops_per_gpu",
-                        "fwdbwd_tflops_per_gpu",
-                        "peak_gib",
-                        "fwd_MiB_sent_per_rank",
-                    ],
-                ),
-                "",
-            ]
+        p = dist.get_world_size()
+        dtype_name = "bf16" if cuda else "float32"
+        text = [f"# Sequence parallelism on {p} × {name}, torch {torch.__version__}", ""]
+        text += table(
+            f"## Speed: {dtype_name}, b, h, d = {tuple(BHD)}, segment_lengths=(2048, 8192, n), "
+            "dilation_rates=(1, 2, 4), mixing=lse, computer=sdpa, eager. Times: slowest rank, "
+            "median of 5. Bytes: this rank's sends in one forward.",
+            speed_rows,
+            [
+                "n",
+                "causal",
+                "communicator",
+                "layout",
+                "fwd_ms",
+                "fwdbwd_ms",
+                "fwd_tflops_per_gpu",
+                "fwdbwd_tflops_per_gpu",
+                "peak_gib",
+                "fwd_MiB_sent_per_rank",
+            ],
+        )
+        text += table(
+            f"## Weak scaling (issue 5): {dtype_name}, b, h, d = {tuple(BHD)}, "
+            f"segment_lengths={ISSUE5_CONFIG[0]}, "
+            f"dilation_rates={ISSUE5_CONFIG[1]}; {p} GPUs at p·N vs 1 GPU at N (same run). "
+            "Efficiency: per-GPU useful TFLOP/s over the 1-GPU row's (target >= 0.90).",
+            weak_rows,
+            [
+                "n_per_gpu",
+                "gpus",
+                "n",
+                "causal",
+                "mixing",
+                "communicator",
+                "fwd_ms",
+                "fwdbwd_ms",
+                "fwd_tflops_per_gpu",
+                "fwdbwd_tflops_per_gpu",
+                "fwd_efficiency",
+                "fwdbwd_efficiency",
+                "peak_extra_gib",
+            ],
+        )
+        text += table(
+            f"## Dense causal attention (w = n, r = 1), {dtype_name}, b, h, d = {tuple(BHD)}: "
+            "ringattn vs "
+            "PyTorch's context parallel (same head-tail shards; rel_diff: outputs vs ringattn "
+            "ring zigzag)",
+            cp_rows,
+            [
+                "n",
+                "impl",
+                "fwd_ms",
+                "fwdbwd_ms",
+                "fwd_tflops_per_gpu",
+                "fwdbwd_tflops_per_gpu",
+                "peak_extra_gib",
+                "rel_diff_vs_ring_zigzag",
+                "error",
+            ],
+        )
         if check:
             ok = sum(r["ok"] for r in check)
-            text += [
+            text += table(
                 f"## Correctness vs the float64 oracle: {ok}/{len(check)} ok",
-                "",
-                dict_rows_to_markdown(
-                    check, ["strategy", "dtype", "causal", "mixing", "out_err", "grad_err", "ok"]
-                ),
-                "",
-            ]
+                check,
+                ["strategy", "layout", "dtype", "causal", "mixing", "out_err", "grad_err", "ok"],
+            )
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"distributed_{args.part}.md").write_text("\n".join(text))
-        (args.out / f"distributed_{args.part}.json").write_text(
-            json.dumps({"speed": speed_rows, "check": check}, indent=1)
-        )
+        results = {"speed": speed_rows, "weak": weak_rows, "cp": cp_rows, "check": check}
+        (args.out / f"distributed_{args.part}.json").write_text(json.dumps(results, indent=1))
         print("\n".join(text), flush=True)
     dist.destroy_process_group()
 
