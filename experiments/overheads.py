@@ -10,7 +10,10 @@ kernel call of one forward+backward: the block's shape, the bytes it allocates t
 above the level before it) and what stays allocated after it, so the largest transient is named.
 ``--graphs`` also times the same calls replayed from CUDA graphs (forward captured with
 ``torch.cuda.graph``, forward+backward through ``torch.cuda.make_graphed_callables``): what the
-launches and the Python work around the kernels cost. Prints a table last; writes
+launches and the Python work around the kernels cost. ``--ceiling`` times the plan's kernel calls
+alone (each distinct block shape on contiguous inputs, times how often the plan calls it) next to
+dense SDPA at the same ``n``: the fraction of dense throughput the block kernels themselves reach,
+which bounds what any merge or copy schedule around them can reach. Prints a table last; writes
 ``overheads.json`` and ``.md`` under ``--out``.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -95,6 +99,50 @@ def graph_times(attention, q, k, v, dout, device, repeats: int) -> dict:
     return result
 
 
+def kernel_times(shape: tuple[int, ...], causal: bool, scale: float) -> tuple[float, float]:
+    """Forward and forward+backward ms of one SDPAComputer call on contiguous ``shape`` inputs."""
+    device, computer = torch.device("cuda"), SDPAComputer()
+    q, k, v, dout = (torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in range(4))
+
+    def fwd():
+        return computer.forward(q, k, v, causal, scale)
+
+    def fwdbwd():
+        out, lse = fwd()
+        computer.backward(dout, q, k, v, out, lse, causal, scale)
+
+    return median_ms(fwd, device, 2, 5), median_ms(fwdbwd, device, 2, 5)
+
+
+def kernel_ceiling(n: int, mixing: str, causal: bool, args) -> dict:
+    """The plan's block kernels alone vs dense SDPA at ``n``: ms and fraction of dense TFLOP/s."""
+    b, h, d = 1, args.heads, args.dim
+    configs = tuple(zip(ISSUE_LENGTHS, ISSUE_RATES))
+    plan = pattern.make_plan(n, h, configs, mixing)
+    calls = Counter(
+        (b * part.segments, part.length, part.job.num_heads, d)
+        for parts in plan.parts
+        for part in parts
+    )
+    fwd_ms = fwdbwd_ms = 0.0
+    for shape, count in calls.items():
+        f_ms, fb_ms = kernel_times(shape, causal, d**-0.5)
+        fwd_ms, fwdbwd_ms = fwd_ms + count * f_ms, fwdbwd_ms + count * fb_ms
+    dense_fwd_ms, dense_fwdbwd_ms = kernel_times((b, n, h, d), causal, d**-0.5)
+    flops = useful_flops(b, n, h, d, ISSUE_LENGTHS, ISSUE_RATES, causal, mixing)
+    dense_flops = useful_flops(b, n, h, d, (n,), (1,), causal, "lse")
+    return {
+        "kernel_calls": sum(calls.values()),
+        "kernels_fwd_ms": fwd_ms,
+        "kernels_fwdbwd_ms": fwdbwd_ms,
+        "dense_fwd_ms": dense_fwd_ms,
+        "dense_fwdbwd_ms": dense_fwdbwd_ms,
+        # fraction of dense SDPA's TFLOP/s that the block kernels reach by themselves
+        "kernels_fwd_vs_dense": (flops / fwd_ms) / (dense_flops / dense_fwd_ms),
+        "kernels_fwdbwd_vs_dense": (flops / fwdbwd_ms) / (dense_flops / dense_fwdbwd_ms),
+    }
+
+
 def probe(n: int, args, traces: dict) -> list[dict]:
     device, b, h, d = torch.device("cuda"), 1, args.heads, args.dim
     q, k, v, dout = (torch.randn(b, n, h, d, device=device, dtype=torch.bfloat16) for _ in range(4))
@@ -136,6 +184,17 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     print("trace", key, json.dumps(top), flush=True)
             if args.graphs and split == args.split[-1]:
                 rows[-1].update(graph_times(attention, q, k, v, dout, device, args.repeats))
+            if args.ceiling and split == args.split[-1]:
+                del attention, fwd, fwdbwd
+                torch.cuda.empty_cache()
+                ceiling = kernel_ceiling(n, mixing, args.causal, args)
+                rows[-1].update(ceiling)
+                for part in ("fwd", "fwdbwd"):  # same useful FLOPs: the ratio of times scales it
+                    rows[-1][f"{part}_vs_dense"] = (
+                        ceiling[f"kernels_{part}_vs_dense"]
+                        * ceiling[f"kernels_{part}_ms"]
+                        / stats[f"{part}_ms"]
+                    )
             print("row", json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -148,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--split", type=int, nargs="+", default=[1, 8])
     p.add_argument("--trace", action="store_true")
     p.add_argument("--graphs", action="store_true")
+    p.add_argument("--ceiling", action="store_true")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
