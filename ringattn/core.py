@@ -139,20 +139,23 @@ def dilated_forward(
             lse_acc = torch.full((b, n, h), float("-inf"), dtype=stats_dtype, device=q.device)
         else:  # the LSE does not escape: it may come from the pool
             lse_acc = spec.memory.scratch("lse_acc", (b, n, h), stats_dtype, q.device)
-            lse_acc.fill_(float("-inf"))
+            if not spec.plan.disjoint:
+                lse_acc.fill_(float("-inf"))
+    # disjoint blocks are copied, not merged: without a caller for the LSE it is never written
+    write_lse = keep_lse or not spec.plan.disjoint
 
     for i in range(first, len(blocks)):
         for block in spec.plan.parts[i]:
             out_block, lse_block = attend(block, _index(indices, i))
             out_rows = block.rows(out_acc)
-            lse_rows = block.rows(lse_acc)
             out_block = out_block.unflatten(0, (b, block.segments))
-            lse_block = lse_block.unflatten(0, (b, block.segments))
             if spec.plan.disjoint:
                 out_rows.copy_(out_block)
-                lse_rows.copy_(lse_block)
+                if write_lse:
+                    block.rows(lse_acc).copy_(lse_block.unflatten(0, (b, block.segments)))
             else:
-                merge_into_(out_rows, lse_rows, out_block, lse_block)
+                lse_block = lse_block.unflatten(0, (b, block.segments))
+                merge_into_(out_rows, block.rows(lse_acc), out_block, lse_block)
     return out_acc, lse_acc
 
 

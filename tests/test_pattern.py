@@ -1,4 +1,5 @@
-"""The plan's head parts: kernel calls of bounded size that still cover exactly each block."""
+"""The plan's head parts: kernel calls of bounded size that still cover exactly each block; the
+eager one-call row views equal the traced slicing views."""
 
 from __future__ import annotations
 
@@ -36,6 +37,40 @@ def test_head_parts_partition_each_block_within_the_bound(configs, n, h, mixing,
             pairs = part.segments * part.length * part.job.num_heads
             # at most 1/split of the (row, head) pairs, unless the part is a single head
             assert part.job.num_heads == 1 or pairs * split <= n * h + split * n
+
+
+@given(
+    dilation_configs(),
+    st.integers(1, 40),
+    st.integers(1, 6),
+    st.sampled_from(["lse", "head_groups"]),
+    st.integers(1, 8),
+    st.sampled_from(["contiguous", "transposed", "sliced", "lse"]),
+)
+def test_eager_row_views_equal_the_sliced_views(configs, n, h, mixing, split, layout):
+    """``Block.rows`` eagerly (one ``as_strided``) and traced (slicing) are the same view."""
+    plan = pattern._build_plan(n, h, tuple(zip(*configs)), mixing, split)
+    b, d = 2, 3
+    if layout == "contiguous":
+        x = torch.randn(b, n, h, d)
+    elif layout == "transposed":  # [b, h, n, d] storage seen as [b, n, h, d]
+        x = torch.randn(b, h, n, d).transpose(1, 2)
+    elif layout == "sliced":  # a view with a storage offset and gaps
+        x = torch.randn(b + 1, n + 2, h + 1, d + 2)[1:, 2:, 1:, 1:-1]
+    else:  # the LSE accumulator: no trailing dim
+        x = torch.randn(b, n, h)
+    for block in (part for parts in plan.parts for part in parts):
+        strided, sliced = block._rows_strided(x), block._rows_sliced(x)
+        assert strided.shape == sliced.shape
+        assert torch.equal(strided, sliced)
+        if sliced.numel():  # and writes land in the same places: same start, same steps
+            assert strided.data_ptr() == sliced.data_ptr()
+            steps = [
+                (a, b)
+                for a, b, size in zip(strided.stride(), sliced.stride(), sliced.shape)
+                if size > 1  # a dim of size 1 has no step to agree on
+            ]
+            assert all(a == b for a, b in steps)
 
 
 def test_the_split_is_part_of_the_memo_key(monkeypatch):
