@@ -70,9 +70,7 @@ class Block:
         job = self.job
         stride_b, stride_n, stride_h, *stride_rest = x.stride()
         offset = (
-            x.storage_offset()
-            + (self.start + job.offset) * stride_n
-            + job.head_start * stride_h
+            x.storage_offset() + (self.start + job.offset) * stride_n + job.head_start * stride_h
         )
         return x.as_strided(
             (x.shape[0], self.segments, self.length, job.num_heads, *x.shape[3:]),
