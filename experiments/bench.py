@@ -132,6 +132,26 @@ def time_and_memory(
 # --- the variants ---------------------------------------------------------------------------------
 
 
+def in_model(make: Callable) -> Callable:
+    """``make`` wrapped so its module runs inside ``torch.compile(fullgraph=True)``."""
+
+    def make_in_model(mixing, causal):
+        module = make(mixing, causal)
+        compiled = torch.compile(module, fullgraph=True)
+        registered = set()
+
+        def fn(q, k, v):
+            if q.shape not in registered:  # one eager call first registers the core's ops
+                with torch.no_grad():
+                    module(q, k, v)
+                registered.add(q.shape)
+            return compiled(q, k, v)
+
+        return fn
+
+    return make_in_model
+
+
 def variants(args) -> list[tuple[str, Callable[[], Callable]]]:
     """``(name, make)`` where ``make(mixing, causal)`` returns ``fn(q, k, v) -> out``."""
     out = []
@@ -158,6 +178,12 @@ def variants(args) -> list[tuple[str, Callable[[], Callable]]]:
                 )
 
             out.append((name, make))
+            if compiled and mode == "default" and strategy.computer != "flex":
+                # how a compiled model runs it: the module inside a torch.compile frame (here a
+                # frame around one layer, so its host time is not shared with anything else)
+                out.append(
+                    (f"{strategy.dilation}/{strategy.computer} (in torch.compile)", in_model(make))
+                )
             if strategy.computer == "sdpa" and not compiled and args.flash_row:
                 # A/B: the same strategy on FlashAttention-2 instead of cuDNN
 

@@ -1,6 +1,10 @@
 """torch.compile: the core captures as one graph (fullgraph=True), matches the oracle, and a
 second call with the same shapes does not recompile.
 
+Block computers (``sdpa``, ``math``) are captured the way a compiled model captures them: an
+enclosing ``torch.compile`` around the module (their ``compile=True`` module opens no frame of its
+own, see ``DilatedAttention.compiled_frame``); ``flex`` through the module's own compiled core.
+
 Per combination the graph is captured with the ``aot_eager`` backend (Dynamo + AOTAutograd, the
 part that decides fullgraph-ability and recompiles) because Inductor's C++ compile costs tens of
 seconds per graph on CPU; Inductor itself runs for the sdpa computer on both layouts, forward and
@@ -12,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import TOLERANCE, make_qkv, options, rel_err
+from torch._dynamo.utils import counters
 
 import ringattn
 from ringattn import reference
@@ -56,6 +61,14 @@ def check_compiled(strategy, backend, p=PROBLEM, dtype=torch.float32):
         compile_backend=backend,
     )
     ref, ref_grads = oracle(p, q, k, v, grad_out)
+    if not module.compiled_frame:
+        with torch.no_grad():
+            eager_out = module(q, k, v)  # the first call registers the core's ops
+        module = torch.compile(module, fullgraph=True, backend=backend)
+        counters.clear()
+        with torch.no_grad():
+            assert torch.equal(module(q, k, v), eager_out)
+        assert counters["stats"]["unique_graphs"] == 1  # captured, not run eagerly
     computer = strategy.component("computer")()
     kwargs = {"compiled": True, "dilation": strategy.dilation}
     if computer.unsupported(dtype, q.device, False, **kwargs):
@@ -119,6 +132,27 @@ def test_outer_compile_of_the_whole_module_is_one_graph():
         assert rel_err(g, g_ref) <= 1e-4
 
 
+# the computer whose module keeps a compiled frame of its own (forward-only on CPU)
+FLEX = ringattn.Strategy(computer="flex")
+
+
+def test_block_computers_open_no_frame_of_their_own():
+    """compile=True with sdpa runs the same ops as eager without a Dynamo frame (which would add
+    only host time), and gives the same result bit for bit."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    q, k, v = make_qkv(PROBLEM, torch.float32)
+    compiled = ringattn.DilatedAttention((4, 16), (1, 2), compile=True)
+    eager = ringattn.DilatedAttention((4, 16), (1, 2), compile=False)
+    assert not compiled.compiled_frame
+    assert ringattn.DilatedAttention((4, 16), (1, 2), strategy=FLEX).compiled_frame
+    assert ringattn.DilatedAttention((4, 16), (1, 2), compile_mode="reduce-overhead").compiled_frame
+    assert torch.equal(compiled(q, k, v), eager(q, k, v))
+    assert counters["stats"]["unique_graphs"] == 0
+
+
 def test_identical_layers_share_one_graph():
     from torch._dynamo.utils import counters
 
@@ -127,9 +161,10 @@ def test_identical_layers_share_one_graph():
     q, k, v = make_qkv(PROBLEM, torch.float32)
     for _ in range(3):
         layer = ringattn.DilatedAttention(
-            (4, 16), (1, 2), compile=True, compile_backend="aot_eager"
+            (4, 16), (1, 2), compile=True, compile_backend="eager", strategy=FLEX
         )
-        layer(q, k, v)
+        with torch.no_grad():
+            layer(q, k, v)
     assert counters["stats"]["unique_graphs"] == 1
 
 
@@ -139,19 +174,25 @@ def test_new_sequence_length_compiles_a_new_graph_once():
 
     torch._dynamo.reset()
     counters.clear()
-    layer = ringattn.DilatedAttention((4, 16), (1, 2), compile=True, compile_backend="aot_eager")
+    layer = ringattn.DilatedAttention(
+        (4, 16), (1, 2), compile=True, compile_backend="eager", strategy=FLEX
+    )
     for n in (20, 24, 20, 24):
         q, k, v = make_qkv({**PROBLEM, "n": n}, torch.float32)
-        layer(q, k, v)
+        with torch.no_grad():
+            layer(q, k, v)
     assert counters["stats"]["unique_graphs"] == 2
 
 
 def test_self_attention_with_one_tensor_compiles():
     """q is k is v: Dynamo's autograd.Function refuses duplicate inputs; the boundary aliases."""
     torch._dynamo.reset()
-    layer = ringattn.DilatedAttention((4, 16), (1, 2), compile=True, compile_backend="aot_eager")
+    layer = ringattn.DilatedAttention((4, 16), (1, 2), compile=True)
     x = make_qkv(PROBLEM, torch.float32)[0].requires_grad_()
-    out = layer(x, x, x)
+    with torch.no_grad():
+        layer(x, x, x)  # registers the core's ops; the model below captures them
+    model = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out = model(x, x, x)
     (grad,) = torch.autograd.grad(out.sum(), x)
     ref_x = x.detach().double().requires_grad_()
     ref = reference.dilated_attention(
@@ -165,7 +206,9 @@ def test_self_attention_with_one_tensor_compiles():
 def test_more_than_eight_sequence_lengths_stay_compiled():
     """Dynamo's default recompile limit (8) would make fullgraph raise on the 9th shape."""
     torch._dynamo.reset()
-    layer = ringattn.DilatedAttention((4,), (2,), compile=True, compile_backend="eager")
+    layer = ringattn.DilatedAttention(
+        (4,), (2,), compile=True, compile_backend="eager", strategy=FLEX
+    )
     for n in range(4, 16):
         q, k, v = make_qkv({**PROBLEM, "n": n}, torch.float32)
         with torch.no_grad():
