@@ -178,7 +178,7 @@ def variants(args) -> list[tuple[str, Callable[[], Callable]]]:
                 )
 
             out.append((name, make))
-            if compiled and mode == "default" and strategy.computer != "flex":
+            if compiled and mode == "default" and strategy.computer != "flex" and args.in_model:
                 # how a compiled model runs it: the module inside a torch.compile frame (here a
                 # frame around one layer, so its host time is not shared with anything else)
                 out.append(
@@ -404,6 +404,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         dest="flash_row",
         action="store_false",
         help="skip the eager sdpa rows forced onto FlashAttention-2 (A/B against cuDNN)",
+    )
+    p.add_argument(
+        "--no-in-model",
+        dest="in_model",
+        action="store_false",
+        help="skip the rows that run the compiled module inside a torch.compile frame",
     )
     p.add_argument("--dense-max-n", type=int, default=131072)
     p.add_argument(
