@@ -177,25 +177,31 @@ def speed(device, n: int, causal: bool, layouts=("contiguous",)) -> list[dict]:
         sent_f = module.communicator.bytes_sent / 7  # 2 warm-up + 5 timed calls
         fb_ms = bench_ms(fb, device)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        stats = torch.tensor([f_ms, fb_ms, peak], device=device)
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # slowest rank, largest memory
         row = {
             "n": n,
             "ranks": p,
             "causal": causal,
             "communicator": communicator,
             "layout": layout,
-            "fwd_ms": f_ms,
-            "fwdbwd_ms": fb_ms,
-            "fwd_tflops_per_gpu": flops_f / f_ms / 1e9,
-            "fwdbwd_tflops_per_gpu": flops_fb / fb_ms / 1e9,
-            "peak_gib": peak,
+            **throughput(float(stats[0]), float(stats[1]), flops_f, flops_fb),
+            "peak_gib": float(stats[2]),
             "fwd_MiB_sent_per_rank": sent_f / 2**20,
         }
-        stats = torch.tensor([f_ms, fb_ms, peak], device=device)
-        dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # slowest rank, largest memory
-        row.update(fwd_ms=float(stats[0]), fwdbwd_ms=float(stats[1]), peak_gib=float(stats[2]))
         rows.append(row)
         log("speed", row)
     return rows
+
+
+def throughput(f_ms: float, fb_ms: float, flops_f: float, flops_fb: float) -> dict:
+    """Times and useful TFLOP/s per GPU (``flops_*``: this GPU's share of the useful FLOPs)."""
+    return {
+        "fwd_ms": f_ms,
+        "fwdbwd_ms": fb_ms,
+        "fwd_tflops_per_gpu": flops_f / f_ms / 1e9,
+        "fwdbwd_tflops_per_gpu": flops_fb / fb_ms / 1e9,
+    }
 
 
 def timed(fn, q, k, v, grad, device, collective=True) -> tuple[float, float, float]:
@@ -262,10 +268,7 @@ def weak(device, n_per_gpu: int, causal: bool, mixing: str) -> list[dict]:
             "causal": causal,
             "mixing": mixing,
             "communicator": communicator,
-            "fwd_ms": f_ms,
-            "fwdbwd_ms": fb_ms,
-            "fwd_tflops_per_gpu": flops_f / f_ms / 1e9,
-            "fwdbwd_tflops_per_gpu": flops_fb / fb_ms / 1e9,
+            **throughput(f_ms, fb_ms, flops_f, flops_fb),
             "peak_extra_gib": peak,
         }
         rows.append(row)
@@ -306,13 +309,7 @@ def cp_compare(device, n: int) -> list[dict]:
             with torch.no_grad():
                 outputs[name] = to_bnhd(fn(*inputs[:3])).float()
             f_ms, fb_ms, peak = timed(fn, *inputs, device)
-            row.update(
-                fwd_ms=f_ms,
-                fwdbwd_ms=fb_ms,
-                fwd_tflops_per_gpu=flops_f / f_ms / 1e9,
-                fwdbwd_tflops_per_gpu=flops_fb / fb_ms / 1e9,
-                peak_extra_gib=peak,
-            )
+            row.update(throughput(f_ms, fb_ms, flops_f, flops_fb), peak_extra_gib=peak)
         except Exception as exc:  # recorded in the table, the run goes on
             row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
         rows.append(row)
