@@ -28,6 +28,7 @@ from matplotlib.patches import Patch
 
 import ringattn
 from ringattn import reference, registry
+from ringattn.communicators.sequence_parallel import causal_owners
 from ringattn.dilation import global_permutation
 
 DOCS = Path(__file__).resolve().parent
@@ -257,6 +258,35 @@ def fig_tail():
     return fig
 
 
+def fig_zigzag():
+    """Dense causal attention over p=4 ranks: who computes what, contiguous vs zigzag shards."""
+    n, p = 32, 4
+    colors = ["#4C72B0", "#DD8452", "#55A868", "#C44E52"]
+    cmap = ListedColormap([EMPTY, *colors])
+    norm = BoundaryNorm([-1.5 + i for i in range(p + 2)], cmap.N)
+    fig, axes = plt.subplots(1, 2, figsize=(8.4, 4.9), layout="constrained")
+    for ax, layout in zip(axes, ("contiguous", "zigzag")):
+        owner = causal_owners(n, p, layout)
+        draw_grid(ax, owner.numpy(), cmap, norm)
+        work = [int((owner == t).sum()) for t in range(p)]
+        ax.set_title(f'layout="{layout}"\npairs per rank: {work}', fontsize=10)
+        boundaries(ax, n // (2 * p), n, color="0.55", lw=0.6)
+        ax.set_xlabel("key position", fontsize=9)
+        ax.set_ylabel("query position", fontsize=9)
+        ax.set_xticks(range(0, n, 4))
+        ax.set_yticks(range(0, n, 4))
+        ax.tick_params(labelsize=8)
+    fig.suptitle(
+        f"dense causal attention, n={n} on p={p} ranks: each pair coloured by the rank that "
+        "computes it\ncontiguous: the last rank sets the pace; zigzag (chunks i and 2p-1-i): "
+        "equal work\n",
+        fontsize=10,
+    )
+    handles = [Patch(color=colors[t], label=f"rank {t}") for t in range(p)]
+    fig.legend(handles=handles, loc="outside lower center", ncol=p, frameon=False, fontsize=9)
+    return fig
+
+
 FIGURES = {
     "selection_lse.png": lambda: fig_selection("lse"),
     "selection_head_groups.png": lambda: fig_selection("head_groups"),
@@ -264,6 +294,7 @@ FIGURES = {
     "multiplicity_head_groups.png": lambda: fig_multiplicity("head_groups"),
     "global_permutation.png": fig_global_permutation,
     "tail.png": fig_tail,
+    "zigzag.png": fig_zigzag,
 }
 
 

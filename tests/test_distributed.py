@@ -13,6 +13,7 @@ import itertools
 import re
 
 import pytest
+import torch
 from dist_pool import DistPool
 
 from ringattn.pattern import jobs_for
@@ -39,6 +40,23 @@ COMBOS = list(
         ("lse", "head_groups"),
     )
 )
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_causal_schedule_covers_each_pair_once_and_zigzag_balances(p, layout):
+    """The communicators' schedule (own shard causally, ``piece`` of the others) computes every
+    causal pair and nothing else; under zigzag every rank computes the same number of pairs."""
+    from ringattn.communicators.sequence_parallel import causal_owners
+
+    n = 8 * p
+    owner = causal_owners(n, p, layout)
+    assert torch.equal(owner >= 0, torch.ones(n, n, dtype=torch.bool).tril())
+    work = [int((owner == t).sum()) for t in range(p)]
+    if layout == "zigzag":
+        assert len(set(work)) == 1
+    else:  # rank t computes t full chunks and its own diagonal
+        assert work == [t * 64 + 36 for t in range(p)]
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda p: f"p{p}")

@@ -49,17 +49,7 @@ class SequenceParallel(Communicator):
         return t, self.ranks[start : start + span]
 
     def piece(self, t: int, other: int, causal: bool, rows: int) -> tuple[slice, slice] | None:
-        """Which of rank ``t``'s query rows see which key rows of shard ``other`` (``!= t``) of
-        the segment, each shard holding ``rows`` selected rows; ``None``: none see any."""
-        if not causal:
-            return ALL, ALL
-        if self.layout == "contiguous":
-            return (ALL, ALL) if other < t else None
-        head, tail = slice(0, rows // 2), slice(rows // 2, None)
-        # shard t = chunks (t, 2p-1-t); shard other = chunks (other, 2p-1-other)
-        if other < t:  # both of our chunks follow chunk `other`; its tail chunk follows both
-            return ALL, head
-        return tail, ALL  # only our tail chunk follows theirs, and it follows both
+        return piece(self.layout, t, other, causal, rows)
 
     def count(self, *tensors: Tensor, times: int = 1) -> None:
         self.bytes_sent += times * sum(x.numel() * x.element_size() for x in tensors)
@@ -77,9 +67,40 @@ class SequenceParallel(Communicator):
 ALL = slice(None)
 
 
+def piece(layout: str, t: int, other: int, causal: bool, rows: int) -> tuple[slice, slice] | None:
+    """Which of rank ``t``'s query rows see which key rows of shard ``other`` (``!= t``) of a
+    segment, each shard holding ``rows`` selected rows; ``None``: none see any. (Its own shard
+    it attends causally or fully, as one call.) ``docs/img/zigzag.png`` draws it."""
+    if not causal:
+        return ALL, ALL
+    if layout == "contiguous":
+        return (ALL, ALL) if other < t else None
+    head, tail = slice(0, rows // 2), slice(rows // 2, None)
+    # shard t = chunks (t, 2p-1-t); shard other = chunks (other, 2p-1-other)
+    if other < t:  # both of our chunks follow chunk `other`; its tail chunk follows both
+        return ALL, head
+    return tail, ALL  # only our tail chunk follows theirs, and it follows both
+
+
+def causal_owners(n: int, p: int, layout: str) -> Tensor:
+    """``[n, n]``: the rank that computes each (query, key) pair of dense causal attention over
+    ``p`` ranks (-1: masked), following the schedule above: own shard causally, ``piece`` of
+    every other. Tests hold it to the causal mask; ``docs/img/zigzag.png`` draws it."""
+    m = n // p
+    owner = torch.full((n, n), -1)
+    held = [distributed.positions(m, rank, p, layout) for rank in range(p)]
+    for t, rows in enumerate(held):
+        owner[rows[:, None], rows[None, :]] = torch.where(rows[:, None] >= rows[None, :], t, -1)
+        for other in range(p):
+            live = None if other == t else piece(layout, t, other, True, m)
+            if live is not None:
+                owner[rows[live[0]][:, None], held[other][live[1]][None, :]] = t
+    return owner
+
+
 def stack_kv(k: Rows, v: Rows) -> Tensor:
     """One contiguous ``[2, B, L, H, d]`` buffer so K and V travel in one message."""
     return torch.stack((k, v)).contiguous()
 
 
-__all__ = ["RowsLSE", "SequenceParallel", "stack_kv"]
+__all__ = ["RowsLSE", "SequenceParallel", "causal_owners", "piece", "stack_kv"]
