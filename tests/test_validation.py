@@ -154,3 +154,25 @@ def test_oracle_validates_too():
 def test_unknown_compile_mode_is_named():
     with pytest.raises(ValueError, match="compile_mode must be one of"):
         ringattn.DilatedAttention(**GOOD, compile_mode="fast")
+
+
+def test_shard_layouts_are_validated():
+    with pytest.raises(ValueError, match="layout must be one of"):
+        ringattn.DilatedAttention(**GOOD, layout="diagonal")
+    # one device holds the whole sequence: there is nothing to lay out
+    with pytest.raises(ValueError, match="layout='zigzag' needs a sequence-parallel communicator"):
+        ringattn.DilatedAttention(**GOOD, layout="zigzag")
+
+
+def test_repeated_calls_still_reject_bad_inputs():
+    """Checks run once per input signature: a good call must not let a bad one through."""
+    module = ringattn.DilatedAttention(**GOOD, compile=False)
+    q, k, v = qkv()
+    module(q, k, v)
+    with pytest.raises(TypeError):
+        module(q, k, v.double())
+    with pytest.raises(TypeError):
+        module(q, k, v[:, :4])  # jaxtyping: the shapes disagree
+    with pytest.raises(TypeError):
+        module(q, k, "v")
+    module(q, k, v)
