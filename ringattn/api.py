@@ -142,11 +142,6 @@ class DilatedAttention(nn.Module):
         self.communicator = strategy.component("communicator")(
             group=group, memory=self.memory, layout=layout
         )
-        if self.communicator.distributed and compile:
-            raise ValueError(
-                f"communicator={strategy.communicator!r} runs eagerly (its P2P/collective calls "
-                "are not captured by torch.compile yet); pass compile=False"
-            )
         self._checked: set[tuple] = set()
         self._valid_inputs: dict[tuple, None] = {}  # input signatures already validated
         self.compile = compile
@@ -161,6 +156,12 @@ class DilatedAttention(nn.Module):
         self.compiled_frame = compile and (
             compile_mode != "default" or isinstance(self.computer, LayoutComputer)
         )
+        if self.communicator.distributed and self.compiled_frame:
+            raise ValueError(
+                f"communicator={strategy.communicator!r} cannot run inside the module's own "
+                f"compiled frame (compile_mode={compile_mode!r}): its P2P/collective calls are "
+                "not captured by torch.compile; use compile_mode='default' or compile=False"
+            )
         self._core = (
             compiled_core(
                 (self.config, self.strategy, compile_backend, compile_mode),
@@ -185,6 +186,13 @@ class DilatedAttention(nn.Module):
         _b, n, h, d = q.shape
         key = (n, h, d, compiling)
         spec = self._specs.get(key)
+        if spec is None and self.communicator.distributed and torch.compiler.is_compiling():
+            # traced inline, the core's P2P/collective calls would break the graph
+            raise ValueError(
+                "a sequence-parallel DilatedAttention must run once eagerly (on every rank) "
+                "before a torch.compile'd model traces it: that call checks the ranks agree and "
+                "registers the core as the opaque ops the graph captures"
+            )
         if spec is None:
             c = self.config
             configs, spans = c.configs, (1,) * len(c.configs)

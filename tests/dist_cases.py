@@ -161,3 +161,57 @@ def longnet_shards_match_the_full_model(communicator, layout="contiguous"):
     assert (logits - distributed.shard(full, layout=layout)).abs().max() < 1e-10
     logits.sum().backward()  # gradients flow through the ring on every rank
     return True
+
+
+def compiled_model_matches_eager(communicator, layout="contiguous"):
+    """A model compiled as a whole (fullgraph) captures the sequence-parallel core as its opaque
+    ops: outputs and gradients equal the eager module's, and the oracle's."""
+    p = dist.get_world_size()
+    b, n, h, d = 2, 32 * p, 3, 8
+    lengths = (8, n) if layout == "contiguous" else (8, 2 * n)
+    options = {"segment_lengths": lengths, "dilation_rates": (1, 2), "causal": True}
+    (q, k, v), grad = full_problem(b, n, h, d, 0, torch.float32)
+    module = ringattn.DilatedAttention(
+        lengths,
+        (1, 2),
+        causal=True,
+        strategy=ringattn.Strategy(communicator=communicator, computer="sdpa"),
+        layout=layout,
+    )  # compile=True (the default)
+
+    def shard(x):
+        return distributed.shard(x, layout=layout)
+
+    def run(fn):
+        xs = [shard(x).requires_grad_() for x in (q, k, v)]
+        out = fn(*xs)
+        return [out, *torch.autograd.grad(out, xs, shard(grad))]
+
+    from torch._dynamo.utils import counters
+
+    eager = run(module)  # the first call checks the ranks and registers the core's ops
+    # a fresh Dynamo cache: a module freed by an earlier case may have had this one's address
+    torch._dynamo.reset()
+    model = torch.compile(module, fullgraph=True, backend="aot_eager")
+    counters.clear()
+    compiled = run(model)
+    assert counters["stats"]["unique_graphs"] == 1  # captured as one graph, not run eagerly
+    for a, e in zip(compiled, eager):
+        assert _rel(a, e) <= 1e-6, _rel(a, e)
+    ref_in = [x.double().requires_grad_() for x in (q, k, v)]
+    ref = reference.dilated_attention(*ref_in, **options)
+    assert _rel(compiled[0], shard(ref)) <= TOL["float32"]
+    return True
+
+
+def compiled_model_needs_an_eager_call_first(communicator):
+    module = ringattn.DilatedAttention(
+        (8, 64), (1, 2), strategy=ringattn.Strategy(communicator=communicator)
+    )
+    x = torch.randn(1, 64 // dist.get_world_size(), 2, 8)
+    torch._dynamo.reset()  # trace afresh (no cached graph of an earlier module at this address)
+    try:
+        torch.compile(module, fullgraph=True, backend="aot_eager")(x, x, x)
+    except Exception as exc:  # Dynamo wraps the ValueError raised while tracing
+        return str(exc)
+    raise AssertionError("no error")

@@ -233,3 +233,14 @@ def test_distributed_bench_weak_and_cp_parts_run_on_cpu(tmp_path):
         for name, r in cp.items()
         if name.startswith("torch")
     )
+
+
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_a_compiled_model_captures_sequence_parallel_attention(pool, communicator, layout):
+    assert all(pool.run("compiled_model_matches_eager", communicator, layout))
+
+
+def test_a_compiled_model_asks_for_one_eager_call_first(pool):
+    messages = pool.run("compiled_model_needs_an_eager_call_first", "ring")
+    assert all("must run once eagerly" in m for m in messages), messages
