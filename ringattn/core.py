@@ -84,8 +84,18 @@ def _spec(serial: int) -> CoreSpec:
     raise RuntimeError(f"ringattn: no live attention module for compiled core #{serial}")
 
 
-def _index(indices: tuple[Tensor, ...], i: int) -> Tensor | None:
-    return indices[i] if indices else None
+def _index(
+    indices: tuple[Tensor, ...], i: int, block: Block | None = None, part: Block | None = None
+) -> Tensor | None:
+    """Block ``i``'s gather index (global dilation), or the slice of it that ``part`` reads."""
+    if not indices:
+        return None
+    if part is None or block is None or part.start == block.start:
+        index = indices[i]
+        return index if part is None else index[: part.segments * part.length]
+    # a part cut by segments: its rows are a contiguous run of the segment-major index
+    first = (part.start - block.start) // part.job.w * part.length
+    return indices[i][first : first + part.segments * part.length]
 
 
 def covers_everything(block: Block, n: int, h: int) -> bool:
@@ -146,7 +156,7 @@ def dilated_forward(
 
     for i in range(first, len(blocks)):
         for block in spec.plan.parts[i]:
-            out_block, lse_block = attend(block, _index(indices, i))
+            out_block, lse_block = attend(block, _index(indices, i, blocks[i], block))
             out_rows = block.rows(out_acc)
             out_block = out_block.unflatten(0, (b, block.segments))
             if spec.plan.disjoint:
@@ -209,7 +219,8 @@ def dilated_backward(
         # head_groups: every (row, head) belongs to one block, so a copy suffices
         copy = spec.plan.disjoint or (covering and i == 0)
         for block in spec.plan.parts[i]:
-            for grad, grad_block in zip(grads, attend_backward(block, _index(indices, i))):
+            index = _index(indices, i, blocks[i], block)
+            for grad, grad_block in zip(grads, attend_backward(block, index)):
                 grad_rows = block.rows(grad)
                 grad_block = grad_block.unflatten(0, (b, block.segments))
                 if copy:

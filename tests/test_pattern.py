@@ -14,6 +14,11 @@ import ringattn
 from ringattn import pattern
 
 
+def pairs_of(block: pattern.Block, h: int) -> list[tuple[int, int]]:
+    heads = range(*block.job.heads.indices(h))
+    return [(int(p), hd) for p in block.positions() for hd in heads]
+
+
 @given(
     dilation_configs(),
     st.integers(1, 64),
@@ -21,22 +26,33 @@ from ringattn import pattern
     st.sampled_from(["lse", "head_groups"]),
     st.integers(1, 16),
 )
-def test_head_parts_partition_each_block_within_the_bound(configs, n, h, mixing, split):
+def test_parts_partition_each_block_within_the_bound(configs, n, h, mixing, split):
+    """Each block's parts (cut by segments, else by heads) cover its (row, head) pairs exactly
+    once, each part at most 1/split of all pairs unless it is one segment of one head."""
     plan = pattern._build_plan(n, h, tuple(zip(*configs)), mixing, split)
     assert len(plan.parts) == len(plan.blocks)
     for block, parts in zip(plan.blocks, plan.parts):
-        heads = [hd for part in parts for hd in range(*part.job.heads.indices(h))]
-        assert heads == list(range(*block.job.heads.indices(h)))  # in order, each once
+        covered = [pair for part in parts for pair in pairs_of(part, h)]
+        assert sorted(covered) == sorted(pairs_of(block, h))  # each pair once
         for part in parts:
-            assert (part.start, part.segments, part.length, part.tail) == (
-                block.start,
-                block.segments,
+            assert (part.length, part.tail, part.job.w, part.job.r) == (
                 block.length,
                 block.tail,
+                block.job.w,
+                block.job.r,
             )
             pairs = part.segments * part.length * part.job.num_heads
-            # at most 1/split of the (row, head) pairs, unless the part is a single head
-            assert part.job.num_heads == 1 or pairs * split <= n * h + split * n
+            atomic = part.segments == 1 or part.job.num_heads == 1  # not cut further
+            assert atomic or pairs * split <= n * h + split * part.length * part.job.num_heads
+
+
+def test_blocks_of_every_head_are_cut_by_segments():
+    """The r = 1 block of lse mixing (all heads) is cut into row slabs, not head slices."""
+    plan = pattern._build_plan(1024, 8, ((64, 1), (128, 2)), "lse", 8)
+    parts = plan.parts[0]
+    assert len(parts) == 8
+    assert all(p.job.heads == plan.blocks[0].job.heads for p in parts)
+    assert [p.start for p in parts] == [128 * c for c in range(8)]
 
 
 @given(
