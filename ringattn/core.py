@@ -87,13 +87,12 @@ def _spec(serial: int) -> CoreSpec:
 def _index(
     indices: tuple[Tensor, ...], i: int, block: Block | None = None, part: Block | None = None
 ) -> Tensor | None:
-    """Block ``i``'s gather index (global dilation), or the slice of it that ``part`` reads."""
+    """Block ``i``'s gather index (global dilation), or the slice of it that ``part`` reads: the
+    index is segment-major, so a part's segments are one contiguous run of it."""
     if not indices:
         return None
-    if part is None or block is None or part.start == block.start:
-        index = indices[i]
-        return index if part is None else index[: part.segments * part.length]
-    # a part cut by segments: its rows are a contiguous run of the segment-major index
+    if part is None or block is None:
+        return indices[i]
     first = (part.start - block.start) // part.job.w * part.length
     return indices[i][first : first + part.segments * part.length]
 
@@ -137,6 +136,8 @@ def dilated_forward(
             spec.spans[block.job.config],
         )
 
+    # disjoint blocks are copied, not merged: without a caller for the LSE it is never written
+    write_lse = keep_lse or not spec.plan.disjoint
     first = 0
     if blocks and covers_everything(blocks[0], n, h):
         out_block, lse_block = attend(blocks[0], _index(indices, 0))
@@ -149,10 +150,8 @@ def dilated_forward(
             lse_acc = torch.full((b, n, h), float("-inf"), dtype=stats_dtype, device=q.device)
         else:  # the LSE does not escape: it may come from the pool
             lse_acc = spec.memory.scratch("lse_acc", (b, n, h), stats_dtype, q.device)
-            if not spec.plan.disjoint:
+            if write_lse:
                 lse_acc.fill_(float("-inf"))
-    # disjoint blocks are copied, not merged: without a caller for the LSE it is never written
-    write_lse = keep_lse or not spec.plan.disjoint
 
     for i in range(first, len(blocks)):
         for block in spec.plan.parts[i]:

@@ -123,14 +123,18 @@ class RingCommunicator(SequenceParallel):
             g.to(dtype) for g in computer.backward(dout, q, k, v, out, lse, causal, scale)
         )
         received: tuple[Tensor, slice] | None = None  # dK/dV share in flight to us, its rows
-        rows_total = q.shape[1]
-        for step in range(1, span):
-            for request in pending:
-                request.wait()
+
+        def add_received() -> None:  # after the wait for the step that received it
             if received is not None:
                 grad_in, cols = received
                 dk[:, cols] += grad_in[0]
                 dv[:, cols] += grad_in[1]
+
+        rows_total = q.shape[1]
+        for step in range(1, span):
+            for request in pending:
+                request.wait()
+            add_received()
             current = buffers[step % 2]
             pending = (
                 self._post(
@@ -172,8 +176,5 @@ class RingCommunicator(SequenceParallel):
             pending = pending + self._post(ops)
         for request in pending:
             request.wait()
-        if received is not None:
-            grad_in, cols = received
-            dk[:, cols] += grad_in[0]
-            dv[:, cols] += grad_in[1]
+        add_received()
         return dq, dk, dv
