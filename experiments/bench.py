@@ -37,6 +37,7 @@ import ringattn
 from experiments.ablate import dict_rows_to_markdown, median_ms, rel_err
 from ringattn import reference
 from ringattn.flops import dense_flops, useful_flops
+from ringattn.kernels import cudnn_graphs
 from ringattn.pattern import head_groups
 
 ISSUE_LENGTHS = (2048, 4096, 8192, 16384, 32768)
@@ -113,6 +114,11 @@ def time_and_memory(
     if backward:
         fwdbwd()
     setup_s = time.time() - t0
+    # twice: the cuDNN frontend keeps a new graph's first buffers referenced until its next call,
+    # which would count in the base of the peak measurement below
+    fwd()
+    if backward:
+        fwdbwd()
     # q, k, v (and dout) exist before the call; the rest is what the call adds
     fwd_extra = peak_extra_bytes(fwd, device)
     stats = {
@@ -446,6 +452,8 @@ def main(argv: list[str] | None = None) -> None:
     meta = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
+        # placed blocks written in place (SDPAComputer.in_place) need NVIDIA's cuDNN frontend
+        "cudnn_frontend": getattr(cudnn_graphs.cudnn, "__version__", None),
         "command": "python -m experiments.bench "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "shape": {"b": 1, "h": args.heads, "d": args.dim, "dtype": str(args.dtype)},

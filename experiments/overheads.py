@@ -20,6 +20,7 @@ which bounds what any merge or copy schedule around them can reach. Prints a tab
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from collections import Counter
 from pathlib import Path
@@ -32,6 +33,7 @@ from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, fwd_and_fwdbwd, time_a
 from ringattn import pattern
 from ringattn.computers.sdpa import SDPAComputer
 from ringattn.flops import useful_flops
+from ringattn.kernels import cudnn_graphs
 
 
 def traced_calls(fn, unit: int) -> list[dict]:
@@ -150,8 +152,9 @@ def probe(n: int, args, traces: dict) -> list[dict]:
     rows = []
     for mixing in args.mixing:
         flops_f = useful_flops(b, n, h, d, ISSUE_LENGTHS, ISSUE_RATES, args.causal, mixing)
-        for split in args.split:
+        for split, in_place in itertools.product(args.split, args.in_place):
             pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
+            SDPAComputer.in_place = in_place == "yes"
             attention = ringattn.DilatedAttention(
                 ISSUE_LENGTHS,
                 ISSUE_RATES,
@@ -169,22 +172,24 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "mixing": mixing,
                     "causal": args.causal,
                     "block_split": split,
+                    "in_place": SDPAComputer.in_place and cudnn_graphs.cudnn is not None,
                     **stats,
                     "fwd_tflops": flops_f / stats["fwd_ms"] / 1e9,
                     "fwdbwd_tflops": 3.5 * flops_f / stats["fwdbwd_ms"] / 1e9,
                 }
             )
             if args.trace:
-                key = f"n={n} {mixing} split={split}"
+                key = f"n={n} {mixing} split={split} in_place={in_place}"
                 traces[key] = traced_calls(fwd, unit) + traced_calls(fwdbwd, unit)
                 for call in ("forward", "backward"):
                     top = sorted(
                         (c for c in traces[key] if c["call"] == call), key=lambda c: -c["transient"]
                     )[:3]
                     print("trace", key, json.dumps(top), flush=True)
-            if args.graphs and split == args.split[-1]:
+            last = (split, in_place) == (args.split[-1], args.in_place[-1])
+            if args.graphs and last:
                 rows[-1].update(graph_times(attention, q, k, v, dout, device, args.repeats))
-            if args.ceiling and split == args.split[-1]:
+            if args.ceiling and last:
                 del attention, fwd, fwdbwd
                 torch.cuda.empty_cache()
                 ceiling = kernel_ceiling(n, mixing, args.causal, args)
@@ -205,6 +210,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mixing", nargs="+", default=["lse", "head_groups"])
     p.add_argument("--causal", action="store_true")
     p.add_argument("--split", type=int, nargs="+", default=[1, 8])
+    p.add_argument(
+        "--in-place",
+        nargs="+",
+        default=["yes"],
+        choices=["yes", "no"],
+        help="placed blocks written in place through the cuDNN frontend (where installed), or "
+        "through torch's cuDNN op and a copy",
+    )
     p.add_argument("--trace", action="store_true")
     p.add_argument("--graphs", action="store_true")
     p.add_argument("--ceiling", action="store_true")
@@ -214,13 +227,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("results") / "overheads")
     args = p.parse_args(argv)
     rows, traces = [], {}
-    default_split = pattern.BLOCK_SPLIT
+    default_split, default_in_place = pattern.BLOCK_SPLIT, SDPAComputer.in_place
     try:
         for n in args.n:
             rows += probe(n, args, traces)
             torch.cuda.empty_cache()
     finally:
         pattern.BLOCK_SPLIT = default_split
+        SDPAComputer.in_place = default_in_place
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overheads.json").write_text(json.dumps({"rows": rows, "traces": traces}))
     table = dict_rows_to_markdown(rows, list(dict.fromkeys(c for row in rows for c in row)))

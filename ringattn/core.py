@@ -97,6 +97,15 @@ def _index(
     return indices[i][first : first + part.segments * part.length]
 
 
+def flat_view(rows: Tensor) -> Tensor | None:
+    """Block rows ``[b, S, L, ...]`` as the ``[b * S, L, ...]`` the kernels take, as a *view* (so
+    writes land in the tensor the rows belong to), or None where merging the dims would copy
+    (``b > 1`` and a part of the segments)."""
+    if rows.shape[0] == 1 or rows.shape[1] == 1 or rows.stride(0) == rows.shape[1] * rows.stride(1):
+        return rows.flatten(0, 1)
+    return None
+
+
 def covers_everything(block: Block, n: int, h: int) -> bool:
     """Whether ``block`` holds every (row, head) of ``[b, n, h, ...]`` in plain order.
 
@@ -125,18 +134,19 @@ def dilated_forward(
     stats_dtype = accumulation_dtype(q.dtype)
     blocks = spec.plan.blocks
 
+    def inputs(block: Block, index: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        return tuple(spec.dilation.read(x, block, index) for x in (q, k, v))
+
     def attend(block: Block, index: Tensor | None) -> tuple[Tensor, Tensor]:
         return spec.communicator.attend(
             spec.computer,
-            spec.dilation.read(q, block, index),
-            spec.dilation.read(k, block, index),
-            spec.dilation.read(v, block, index),
+            *inputs(block, index),
             spec.causal,
             spec.scale,
             spec.spans[block.job.config],
         )
 
-    # disjoint blocks are copied, not merged: without a caller for the LSE it is never written
+    # disjoint blocks are placed, not merged: without a caller for the LSE it is never written
     write_lse = keep_lse or not spec.plan.disjoint
     first = 0
     if blocks and covers_everything(blocks[0], n, h):
@@ -155,16 +165,29 @@ def dilated_forward(
 
     for i in range(first, len(blocks)):
         for block in spec.plan.parts[i]:
-            out_block, lse_block = attend(block, _index(indices, i, blocks[i], block))
-            out_rows = block.rows(out_acc)
+            index = _index(indices, i, blocks[i], block)
+            out_rows, lse_rows = block.rows(out_acc), block.rows(lse_acc)
+            if spec.plan.disjoint and flat_view(out_rows) is not None:
+                # placed straight into its rows (in place where the computer can)
+                spec.communicator.attend_into(
+                    spec.computer,
+                    *inputs(block, index),
+                    spec.causal,
+                    spec.scale,
+                    spec.spans[block.job.config],
+                    flat_view(out_rows),
+                    flat_view(lse_rows) if write_lse else None,
+                )
+                continue
+            out_block, lse_block = attend(block, index)
             out_block = out_block.unflatten(0, (b, block.segments))
+            lse_block = lse_block.unflatten(0, (b, block.segments))
             if spec.plan.disjoint:
                 out_rows.copy_(out_block)
                 if write_lse:
-                    block.rows(lse_acc).copy_(lse_block.unflatten(0, (b, block.segments)))
+                    lse_rows.copy_(lse_block)
             else:
-                lse_block = lse_block.unflatten(0, (b, block.segments))
-                merge_into_(out_rows, block.rows(lse_acc), out_block, lse_block)
+                merge_into_(out_rows, lse_rows, out_block, lse_block)
     return out_acc, lse_acc
 
 
@@ -184,18 +207,13 @@ def dilated_backward(
     # dout and out in q's usual layout, so their block views can go to the kernels as they are
     dout, out = dout.contiguous(), out.contiguous()
 
+    def backward_inputs(block: Block, index: Tensor | None) -> tuple[Tensor, ...]:
+        return tuple(spec.dilation.read(x, block, index) for x in (dout, q, k, v, out, lse))
+
     def attend_backward(block: Block, index: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        dout_b, q_b, k_b, v_b, out_b, lse_b = (
-            spec.dilation.read(x, block, index) for x in (dout, q, k, v, out, lse)
-        )
         return spec.communicator.attend_backward(
             spec.computer,
-            dout_b,
-            q_b,
-            k_b,
-            v_b,
-            out_b,
-            lse_b,
+            *backward_inputs(block, index),
             spec.causal,
             spec.scale,
             spec.spans[block.job.config],
@@ -215,17 +233,27 @@ def dilated_backward(
         grads = [torch.zeros_like(q) for _ in range(3)]
 
     for i in range(first, len(blocks)):
-        # head_groups: every (row, head) belongs to one block, so a copy suffices
-        copy = spec.plan.disjoint or (covering and i == 0)
+        # head_groups: every (row, head) belongs to one block, so its gradients are placed
+        place = spec.plan.disjoint or (covering and i == 0)
         for block in spec.plan.parts[i]:
             index = _index(indices, i, blocks[i], block)
-            for grad, grad_block in zip(grads, attend_backward(block, index)):
-                grad_rows = block.rows(grad)
+            grad_rows = [block.rows(grad) for grad in grads]
+            if place and flat_view(grad_rows[0]) is not None:
+                spec.communicator.attend_backward_into(
+                    spec.computer,
+                    *backward_inputs(block, index),
+                    spec.causal,
+                    spec.scale,
+                    spec.spans[block.job.config],
+                    tuple(flat_view(rows) for rows in grad_rows),
+                )
+                continue
+            for rows, grad_block in zip(grad_rows, attend_backward(block, index)):
                 grad_block = grad_block.unflatten(0, (b, block.segments))
-                if copy:
-                    grad_rows.copy_(grad_block)
+                if place:
+                    rows.copy_(grad_block)
                 else:
-                    grad_rows.add_(grad_block)
+                    rows.add_(grad_block)
     dq, dk, dv = grads
     return dq, dk, dv
 

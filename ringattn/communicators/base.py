@@ -48,3 +48,47 @@ class Communicator(Component):
         scale: float,
         span: int = 1,
     ) -> tuple[Rows, Rows, Rows]: ...
+
+    def attend_into(
+        self,
+        computer: BlockComputer,
+        q: Rows,
+        k: Rows,
+        v: Rows,
+        causal: bool,
+        scale: float,
+        span: int,
+        out: Rows,
+        lse: RowsLSE | None,
+    ) -> None:
+        """:meth:`attend` written into views of the core's tensors (a placed block). With
+        ``span == 1`` nothing travels and the computer writes in place."""
+        if span == 1:
+            computer.forward_into(q, k, v, causal, scale, out, lse)
+            return
+        out_block, lse_block = self.attend(computer, q, k, v, causal, scale, span)
+        out.copy_(out_block)
+        if lse is not None:
+            lse.copy_(lse_block)
+
+    def attend_backward_into(
+        self,
+        computer: BlockComputer,
+        dout: Rows,
+        q: Rows,
+        k: Rows,
+        v: Rows,
+        out: Rows,
+        lse: RowsLSE,
+        causal: bool,
+        scale: float,
+        span: int,
+        grads: tuple[Rows, Rows, Rows],
+    ) -> None:
+        """:meth:`attend_backward` written into views of the gradients (a placed block)."""
+        if span == 1:
+            computer.backward_into(dout, q, k, v, out, lse, causal, scale, grads)
+            return
+        blocks = self.attend_backward(computer, dout, q, k, v, out, lse, causal, scale, span)
+        for grad, grad_block in zip(grads, blocks):
+            grad.copy_(grad_block)

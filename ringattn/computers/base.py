@@ -63,6 +63,43 @@ class BlockComputer(AttentionComputer):
         scale: float,
     ) -> tuple[Rows, Rows, Rows]: ...
 
+    # The core calls these for blocks whose result is not merged but placed (head_groups blocks,
+    # the parts of a block that covers every row and head): ``out``/``lse``/``grads`` are strided
+    # views of its [b, n, h, ...] tensors. The default computes and copies; a computer whose
+    # kernels take output strides overrides them to write in place.
+
+    def forward_into(
+        self,
+        q: Rows,
+        k: Rows,
+        v: Rows,
+        causal: bool,
+        scale: float,
+        out: Rows,
+        lse: RowsLSE | None,
+    ) -> None:
+        """:meth:`forward` written into ``out`` and, unless None, ``lse``."""
+        out_block, lse_block = self.forward(q, k, v, causal, scale)
+        out.copy_(out_block)
+        if lse is not None:
+            lse.copy_(lse_block)
+
+    def backward_into(
+        self,
+        dout: Rows,
+        q: Rows,
+        k: Rows,
+        v: Rows,
+        out: Rows,
+        lse: RowsLSE,
+        causal: bool,
+        scale: float,
+        grads: tuple[Rows, Rows, Rows],
+    ) -> None:
+        """:meth:`backward` written into ``grads`` (dq, dk, dv)."""
+        for grad, grad_block in zip(grads, self.backward(dout, q, k, v, out, lse, causal, scale)):
+            grad.copy_(grad_block)
+
 
 class LayoutComputer(AttentionComputer):
     """Computes dilated attention for the whole sequence; autograd runs through it directly."""

@@ -8,7 +8,11 @@ needs, so this computer calls the same kernels one level down:
   128 — the kernel dense ``F.scaled_dot_product_attention`` itself picks on Hopper, about twice
   FlashAttention-2's TFLOP/s there (``experiments/sdpa_backends.py``) — else FlashAttention-2
   (``_scaled_dot_product_flash_attention``); ``SDPAComputer.cuda_backend = "flash"`` forces the
-  latter (the benchmark's A/B row);
+  latter (the benchmark's A/B row). Blocks that are placed rather than merged
+  (:meth:`forward_into` / :meth:`backward_into`) go to the same cuDNN kernels through NVIDIA's
+  cuDNN frontend where it is installed (``ringattn.kernels.cudnn_graphs``), which writes into
+  the strided rows directly instead of allocating and copying; ``SDPAComputer.in_place = False``
+  turns that off (A/B);
 * CUDA, fp32: memory-efficient attention (``_scaled_dot_product_efficient_attention``).
 
 The kernels take ``[B, H, L, d]``; our blocks are ``[B, L, H, d]`` so the transposes are views, and
@@ -21,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ringattn.computers.base import BlockComputer, Rows, RowsLSE, accumulation_dtype
+from ringattn.kernels import cudnn_graphs
 from ringattn.registry import register
 
 aten = torch.ops.aten
@@ -48,6 +53,8 @@ def _bhl1(lse: Tensor) -> Tensor:
 class SDPAComputer(BlockComputer):
     # "auto": cuDNN where it applies (CUDA, fp16/bf16, head dim <= 128), else FlashAttention-2
     cuda_backend = "auto"
+    # placed blocks through the cuDNN frontend, written in place (where it is installed)
+    in_place = True
 
     def _cudnn(self, q: Tensor) -> bool:
         return (
@@ -57,6 +64,9 @@ class SDPAComputer(BlockComputer):
             and q.shape[-1] % 8 == 0
             and CUDNN_AVAILABLE
         )
+
+    def _in_place(self, q: Tensor) -> bool:
+        return self.in_place and self._cudnn(q) and cudnn_graphs.available(q)
 
     def unsupported(
         self,
@@ -193,3 +203,34 @@ class SDPAComputer(BlockComputer):
                 scale=scale,
             )
         return _bhld(dq), _bhld(dk), _bhld(dv)
+
+    def forward_into(
+        self,
+        q: Rows,
+        k: Rows,
+        v: Rows,
+        causal: bool,
+        scale: float,
+        out: Rows,
+        lse: RowsLSE | None,
+    ) -> None:
+        if not (self._in_place(q) and cudnn_graphs.forward_into(q, k, v, out, lse, causal, scale)):
+            super().forward_into(q, k, v, causal, scale, out, lse)
+
+    def backward_into(
+        self,
+        dout: Rows,
+        q: Rows,
+        k: Rows,
+        v: Rows,
+        out: Rows,
+        lse: RowsLSE,
+        causal: bool,
+        scale: float,
+        grads: tuple[Rows, Rows, Rows],
+    ) -> None:
+        if not (
+            self._in_place(q)
+            and cudnn_graphs.backward_into(dout, q, k, v, out, lse, grads, causal, scale)
+        ):
+            super().backward_into(dout, q, k, v, out, lse, causal, scale, grads)

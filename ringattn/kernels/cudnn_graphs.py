@@ -1,0 +1,236 @@
+"""cuDNN attention that writes into the caller's strided views (NVIDIA's cuDNN frontend).
+
+torch's cuDNN attention ops allocate their outputs, so every block whose result is not merged
+(``head_groups`` blocks, the parts of a covering ``r = 1`` block in the backward) had to be copied
+into its strided rows of ``[b, n, h, d]`` afterwards: about 15% of such a block's forward and 13% of
+its backward on an H200 (``docs/benchmarks/h200_perf.md``, step 10). cuDNN itself takes any strides
+for every operand, outputs included; its Python frontend (``pip install nvidia-cudnn-frontend``,
+the ``cuda`` extra) builds the same fused kernels with the outputs bound to our views, so the
+result lands in place and the copy disappears. Same kernels, same numbers as torch's path.
+
+Optional: :func:`available` is false without the package (CPU installs, CI), and callers fall back
+to torch's op plus a copy. A graph is built once per (shapes, strides, dtype, causal, scale) and
+cached; a configuration cuDNN declines is remembered as ``None`` and also falls back.
+
+Graphs are built on a helper thread, from shapes and strides only. Building raises and catches
+exceptions inside the frontend, which keeps some of them with their tracebacks; a traceback holds
+every frame of the stack it was raised on, so a build on the caller's stack kept the core's frames
+(whole ``[b, n, h, d]`` outputs and gradients) alive until a garbage collection (measured: 7x the
+size of q held after the first call). The helper thread's stack holds no tensors.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from torch import Tensor
+
+try:
+    import cudnn
+except ImportError:  # pragma: no cover - optional (the `cuda` extra)
+    cudnn = None
+
+_graphs: dict[tuple, Any] = {}
+_builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ringattn-cudnn-build")
+_local = threading.local()  # cuDNN handles are not thread-safe: one per thread and device
+
+# operand ids inside a graph
+_Q, _K, _V, _O, _STATS, _DO, _DQ, _DK, _DV = range(1, 10)
+
+# what a graph is built from: (shape, stride, dtype) of each operand, no tensor
+Layout = tuple[tuple[int, ...], tuple[int, ...], torch.dtype]
+
+
+def available(q: Tensor) -> bool:
+    """Whether the frontend can run on ``q``'s device in this process (never while tracing)."""
+    return cudnn is not None and q.is_cuda and not torch.compiler.is_compiling()
+
+
+def _bhsd(x: Tensor) -> Tensor:  # our blocks are [B, L, H, d]; cuDNN reads [B, H, L, d]
+    return x.transpose(1, 2)
+
+
+def _stats(lse: Tensor) -> Tensor:  # [B, L, H] -> cuDNN's [B, H, L, 1]
+    return lse.transpose(1, 2).unsqueeze(-1)
+
+
+def _layout(x: Tensor) -> Layout:
+    return tuple(x.shape), x.stride(), x.dtype
+
+
+def _handle(device: torch.device):
+    handles = getattr(_local, "handles", None)
+    if handles is None:
+        handles = _local.handles = {}
+    if device not in handles:
+        with torch.cuda.device(device):
+            handles[device] = cudnn.create_handle()
+    handle = handles[device]
+    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(device).cuda_stream)
+    return handle
+
+
+def _data_type(dtype: torch.dtype):
+    return {
+        torch.float32: cudnn.data_type.FLOAT,
+        torch.bfloat16: cudnn.data_type.BFLOAT16,
+        torch.float16: cudnn.data_type.HALF,
+    }[dtype]
+
+
+class _Graph:
+    """One cuDNN graph being described: operands and outputs by layout and uid."""
+
+    def __init__(self, device: torch.device, io: torch.dtype) -> None:
+        self.graph = cudnn.pygraph(
+            handle=_handle(device),
+            io_data_type=_data_type(io),
+            intermediate_data_type=cudnn.data_type.FLOAT,
+            compute_data_type=cudnn.data_type.FLOAT,
+        )
+
+    def operand(self, name: str, layout: Layout, uid: int):
+        shape, stride, dtype = layout
+        return self.graph.tensor(
+            name=name, dim=list(shape), stride=list(stride), data_type=_data_type(dtype), uid=uid
+        )
+
+    @staticmethod
+    def output(node, layout: Layout, uid: int) -> None:
+        shape, stride, dtype = layout
+        node.set_uid(uid).set_output(True).set_dim(list(shape)).set_stride(list(stride))
+        node.set_data_type(_data_type(dtype))
+
+    def built(self):
+        graph = self.graph
+        graph.validate()
+        graph.build_operation_graph()
+        graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        graph.check_support()
+        graph.build_plans()
+        return graph
+
+
+def _mask(causal: bool) -> dict:
+    # causal: the diagonal band ends on the diagonal, aligned top-left (query i sees keys <= i)
+    return {
+        "diagonal_alignment": cudnn.diagonal_alignment.TOP_LEFT,
+        "diagonal_band_right_bound": 0 if causal else None,
+    }
+
+
+def _forward_graph(device, causal, scale, q, k, v, o, stats):
+    g = _Graph(device, q[2])
+    o_node, stats_node = g.graph.sdpa(
+        name="forward",
+        q=g.operand("q", q, _Q),
+        k=g.operand("k", k, _K),
+        v=g.operand("v", v, _V),
+        generate_stats=stats is not None,
+        attn_scale=scale,
+        **_mask(causal),
+    )
+    g.output(o_node, o, _O)
+    if stats is not None:
+        g.output(stats_node, stats, _STATS)
+    return g.built()
+
+
+def _backward_graph(device, causal, scale, q, k, v, o, do, stats, dq, dk, dv):
+    g = _Graph(device, q[2])
+    nodes = g.graph.sdpa_backward(
+        name="backward",
+        q=g.operand("q", q, _Q),
+        k=g.operand("k", k, _K),
+        v=g.operand("v", v, _V),
+        o=g.operand("o", o, _O),
+        dO=g.operand("do", do, _DO),
+        stats=g.operand("stats", stats, _STATS),
+        attn_scale=scale,
+        **_mask(causal),
+    )
+    for node, grad, uid in zip(nodes, (dq, dk, dv), (_DQ, _DK, _DV)):
+        g.output(node, grad, uid)
+    return g.built()
+
+
+def _build_or_none(build, *args):
+    try:
+        return build(*args)
+    except Exception:  # cuDNN declines this layout: the caller falls back, once per key
+        return None
+
+
+def _graph(build, device: torch.device, causal: bool, scale: float, *layouts) -> Any:
+    key = (build.__name__, device, causal, scale, *layouts)
+    if key not in _graphs:  # built off this stack (module docstring), from layouts only
+        _graphs[key] = _builder.submit(
+            _build_or_none, build, device, causal, scale, *layouts
+        ).result()
+    return _graphs[key]
+
+
+def _run(graph, operands: dict[int, Tensor], device: torch.device) -> None:
+    workspace = torch.empty(max(graph.get_workspace_size(), 1), dtype=torch.uint8, device=device)
+    # device pointers, not tensors: the frontend keeps no reference to our buffers; the stream
+    # order keeps them valid until the kernels are done
+    pointers = {uid: x.data_ptr() for uid, x in operands.items()}
+    graph.execute(pointers, workspace.data_ptr(), handle=_handle(device))
+
+
+def forward_into(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor | None, causal: bool, scale: float
+) -> bool:
+    """Attention of ``[B, L, H, d]`` blocks written into ``out`` (any strided view, q's dtype) and,
+    if given, ``lse`` (``[B, L, H]`` float32). False if cuDNN declines (nothing written)."""
+    operands = {_Q: _bhsd(q), _K: _bhsd(k), _V: _bhsd(v), _O: _bhsd(out)}
+    # the LSE goes through a packed buffer: a view of it can start at any float, and it is small
+    # (one float a row against d values of the output)
+    if lse is not None:
+        operands[_STATS] = torch.empty(_stats(lse).shape, dtype=lse.dtype, device=lse.device)
+    layouts = [_layout(operands[uid]) for uid in (_Q, _K, _V, _O)]
+    stats = _layout(operands[_STATS]) if lse is not None else None
+    graph = _graph(_forward_graph, q.device, causal, scale, *layouts, stats)
+    if graph is None:
+        return False
+    _run(graph, operands, q.device)
+    if lse is not None:
+        _stats(lse).copy_(operands[_STATS])
+    return True
+
+
+def backward_into(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    grads: tuple[Tensor, Tensor, Tensor],
+    causal: bool,
+    scale: float,
+) -> bool:
+    """The flash-attention backward of ``[B, L, H, d]`` blocks with the given (merged) output and
+    LSE, its dQ/dK/dV written into the strided views ``grads``. False if cuDNN declines."""
+    dq, dk, dv = grads
+    operands = {
+        _Q: _bhsd(q),
+        _K: _bhsd(k),
+        _V: _bhsd(v),
+        _O: _bhsd(out),
+        _DO: _bhsd(dout),
+        # cuDNN < 9.26 reads the LSE only as a packed [B, H, L, 1] tensor (one float a row)
+        _STATS: _stats(lse).contiguous(),
+        _DQ: _bhsd(dq),
+        _DK: _bhsd(dk),
+        _DV: _bhsd(dv),
+    }
+    layouts = [_layout(operands[uid]) for uid in (_Q, _K, _V, _O, _DO, _STATS, _DQ, _DK, _DV)]
+    graph = _graph(_backward_graph, q.device, causal, scale, *layouts)
+    if graph is None:
+        return False
+    _run(graph, operands, q.device)
+    return True
