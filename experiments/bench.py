@@ -376,6 +376,12 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.set_xlabel("sequence length n")
             ax.set_title(f"{title}\nmixing={mixing} causal={causal}", fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
+        memory = ax_row[2]
+        if memory.lines:  # a ratio near 1: linear, with issue 5's bound for reference
+            top = max(max(line.get_ydata()) for line in memory.lines)
+            memory.set_yscale("linear")
+            memory.axhline(1.2, ls=":", color="grey", label="bound 1.2")
+            memory.set_ylim(0.9, max(1.3, 1.05 * top))
         ax_row[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
