@@ -204,21 +204,32 @@ def test_longnet_runs_sequence_parallel(pool, communicator, layout):
     assert all(pool.run("longnet_shards_match_the_full_model", communicator, layout))
 
 
-def test_distributed_bench_weak_and_cp_parts_run_on_cpu(tmp_path):
-    """The issue-5 parts of experiments/distributed_bench.py (weak scaling, dense causal vs
-    PyTorch's context parallel) run end to end under torchrun with 2 gloo ranks, tiny shapes."""
+def test_distributed_bench_parts_run_on_cpu(tmp_path):
+    """experiments/distributed_bench.py's timed parts (speed; issue 5's weak scaling and dense
+    causal vs PyTorch's context parallel) run end to end under torchrun with 2 gloo ranks, tiny
+    shapes."""
     import json
     import os
     import subprocess
     import sys
 
     common = ["--heads", "2", "--head-dim", "8", "--out", str(tmp_path)]
-    for part, sizes in (("weak", ["--weak-n", "1024"]), ("cp", ["--cp-n", "512"])):
+    parts = (("speed", ["--seq-lens", "16384"]), ("weak", ["--weak-n", "1024"]))
+    for part, sizes in (*parts, ("cp", ["--cp-n", "512"])):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
         cmd += ["-m", "experiments.distributed_bench", "--part", part, *sizes, *common]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
+    speed = json.loads((tmp_path / "distributed_speed.json").read_text())["speed"]
+    # ring and all_gather, both layouts, causal or not; the n-long config spans both ranks.
+    # zigzag cannot shard the 8192 segments into chunks of 4096: error rows, not a crash
+    assert len(speed) == 8
+    for r in speed:
+        if r["layout"] == "zigzag":
+            assert "must divide the chunk length" in r["error"]
+        else:
+            assert r["fwd_MiB_sent_per_rank"] > 0 and r["fwdbwd_tflops_per_gpu"] > 0
     weak = json.loads((tmp_path / "distributed_weak.json").read_text())["weak"]
     # 1 GPU at N, ring and all_gather at 2N, for each (causal, mixing)
     assert [r["gpus"] for r in weak] == [1, 2, 2] * 4
