@@ -167,15 +167,15 @@ def dilated_forward(
         for block in spec.plan.parts[i]:
             index = _index(indices, i, blocks[i], block)
             out_rows, lse_rows = block.rows(out_acc), block.rows(lse_acc)
-            if spec.plan.disjoint and flat_view(out_rows) is not None:
-                # placed straight into its rows (in place where the computer can)
+            out_flat = flat_view(out_rows) if spec.plan.disjoint else None
+            if out_flat is not None:  # placed straight into its rows (in place where it can be)
                 spec.communicator.attend_into(
                     spec.computer,
                     *inputs(block, index),
                     spec.causal,
                     spec.scale,
                     spec.spans[block.job.config],
-                    flat_view(out_rows),
+                    out_flat,
                     flat_view(lse_rows) if write_lse else None,
                 )
                 continue
@@ -238,6 +238,7 @@ def dilated_backward(
         for block in spec.plan.parts[i]:
             index = _index(indices, i, blocks[i], block)
             grad_rows = [block.rows(grad) for grad in grads]
+            # (the three gradients share one layout: one view check decides for all)
             if place and flat_view(grad_rows[0]) is not None:
                 spec.communicator.attend_backward_into(
                     spec.computer,
