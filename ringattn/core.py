@@ -29,6 +29,7 @@ from torch import Tensor
 from ringattn.communicators.base import Communicator
 from ringattn.computers.base import AttentionComputer, LayoutComputer, accumulation_dtype
 from ringattn.dilation.base import DilationProcessor
+from ringattn.kernels.unselected import zeros_for
 from ringattn.memory.base import MemoryManager
 from ringattn.merge import merge_into_
 from ringattn.pattern import Block, Plan
@@ -155,7 +156,8 @@ def dilated_forward(
         lse_acc = lse_block.reshape(b, n, h).to(stats_dtype)
         first = 1
     else:
-        out_acc = torch.zeros(b, n, h, d, dtype=q.dtype, device=q.device)
+        # zeros where no block writes (all of it unless the plan is disjoint, one kernel then)
+        out_acc = zeros_for(q, spec.plan.selection)
         if keep_lse:
             lse_acc = torch.full((b, n, h), float("-inf"), dtype=stats_dtype, device=q.device)
         else:  # the LSE does not escape: it may come from the pool
@@ -230,7 +232,7 @@ def dilated_backward(
     elif covering:  # every (row, head) is written once by the first block's parts: no zero fill
         grads = [torch.empty_like(q) for _ in range(3)]
     else:
-        grads = [torch.zeros_like(q) for _ in range(3)]
+        grads = [zeros_for(q, spec.plan.selection) for _ in range(3)]
 
     for i in range(first, len(blocks)):
         # head_groups: every (row, head) belongs to one block, so its gradients are placed

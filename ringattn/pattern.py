@@ -144,6 +144,9 @@ class Plan:
     # parts[i]: blocks[i] cut (by segments, else heads) into kernel calls of bounded size
     # (BLOCK_SPLIT)
     parts: tuple[tuple[Block, ...], ...]
+    # disjoint plans: each head's (rates, offsets), row p of head j written iff p % rates[j] ==
+    # offsets[j] (offset -1: a head no block writes); the rest stays 0. None for "lse"
+    selection: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     def head_offsets(self) -> tuple[tuple[int, ...], ...]:
         """``offsets[i][head]``: the row offset ``head`` uses in config ``i``, or -1 if none."""
@@ -209,4 +212,12 @@ def _build_plan(
         if tail_rows:
             blocks.append(Block(job, full * job.w, 1, tail_rows, tail=True))
     parts = tuple(block.cut(n, h, split) for block in blocks)
-    return Plan(n, h, configs, mixing, tuple(blocks), mixing == "head_groups", parts)
+    disjoint = mixing == "head_groups"
+    selection = None
+    if disjoint:  # r divides w, so the definition's ((p mod w) - o) mod r == 0 is p mod r == o
+        rates, offsets = [1] * h, [-1] * h
+        for job in jobs_for(h, configs, mixing):
+            for head in range(job.head_start, job.head_stop, job.head_step):
+                rates[head], offsets[head] = job.r, job.offset
+        selection = (tuple(rates), tuple(offsets))
+    return Plan(n, h, configs, mixing, tuple(blocks), disjoint, parts, selection)

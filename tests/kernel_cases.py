@@ -1,6 +1,7 @@
-"""Run by tests/test_kernels.py in a subprocess with ``TRITON_INTERPRET=1``: the Triton merge
-kernel on CPU tensors, against the functional merge (an independent formula), on the strided row
-views of real plans. Prints one line ``ok <cases>`` or raises."""
+"""Run by tests/test_kernels.py in a subprocess with ``TRITON_INTERPRET=1``: the Triton kernels on
+CPU tensors — the merge against the functional merge (an independent formula) on the strided row
+views of real plans, the unselected-pairs fill against its definition — and both through the
+core against the oracle. Prints one line ``ok <cases>`` or raises."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import torch
 
 from ringattn.kernels import merge as merge_kernel
+from ringattn.kernels import unselected
 from ringattn.merge import merge
 from ringattn.pattern import make_plan
 
@@ -76,7 +78,52 @@ def main(cases: int) -> None:
         checked += 1
     assert calls, "the core did not use the kernel"
     merge_kernel.merge_rows_ = original
+    checked += zero_unselected_cases(gen, cases)
     print("ok", checked)
+
+
+def zero_unselected_cases(gen: torch.Generator, cases: int) -> int:
+    """The unselected-pairs fill against its definition on poisoned (NaN) strided tensors, and
+    head_groups attention through the core (which then fills with it) against the oracle."""
+    checked = 0
+    for case in range(cases):
+        b, n = 1 + case % 2, int(torch.randint(1, 40, (), generator=gen))
+        h = int(torch.randint(1, 6, (), generator=gen))
+        d = int(torch.randint(1, 20, (), generator=gen))
+        rates = tuple(int(torch.randint(1, 5, (), generator=gen)) for _ in range(h))
+        offsets = tuple(int(torch.randint(-1, r, (), generator=gen)) for r in rates)
+        dtype = [torch.float32, torch.bfloat16, torch.float16][case % 3]
+        # a [b, n, h, d] view with a transposed layout: the kernel takes any strides
+        x = torch.full((b, h, n, d), float("nan"), dtype=dtype).transpose(1, 2)
+        unselected.zero_unselected_(x, rates, offsets)
+        p = torch.arange(n)[:, None]
+        selected = (p % torch.tensor(rates)) == torch.tensor(offsets)  # [n, h]
+        assert x[:, selected].isnan().all(), "a selected pair was written"
+        assert (x[:, ~selected] == 0).all(), "an unselected pair was not zeroed"
+        checked += 1
+    import ringattn
+    from ringattn import reference
+
+    calls = []
+    original, empty_like = unselected.zero_unselected_, torch.empty_like
+    unselected.zero_unselected_ = lambda *a: (calls.append(1), original(*a))[1]
+    # poisoned "uninitialised" memory: a pair neither written by a block nor zeroed shows as NaN
+    torch.empty_like = lambda x, **kw: empty_like(x, **kw).fill_(float("nan"))
+    for causal in (False, True):
+        q, k, v = (torch.randn(2, 37, 4, 8, generator=gen).requires_grad_() for _ in range(3))
+        opts = {"segment_lengths": (8, 16), "dilation_rates": (2, 4), "causal": causal}
+        out = ringattn.dilated_attention(q, k, v, compile=False, mixing="head_groups", **opts)
+        exact = (x.double() for x in (q, k, v))
+        ref = reference.dilated_attention(*exact, mixing="head_groups", **opts)
+        assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-5
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+        for g, g_ref in zip(grads, ref_grads):
+            assert ((g.double() - g_ref).norm() / g_ref.norm()).item() <= 1e-5
+        checked += 1
+    assert len(calls) >= 4, "the core did not zero through the kernel (forward and 3 gradients)"
+    unselected.zero_unselected_, torch.empty_like = original, empty_like
+    return checked
 
 
 if __name__ == "__main__":

@@ -112,3 +112,23 @@ def test_any_split_computes_the_same_function(split, p):
         check_against_oracle(p, torch.float64, block_strategies)
     finally:
         pattern.BLOCK_SPLIT = default
+
+
+@given(st.integers(1, 80), st.integers(1, 7), dilation_configs(), st.sampled_from([1, 4, 8]))
+def test_selection_marks_exactly_the_pairs_the_blocks_write(n, h, configs, split):
+    # Plan.selection lets head_groups zero only the pairs no block writes: it must be exact
+    configs = tuple(zip(*configs))
+    default, pattern.BLOCK_SPLIT = pattern.BLOCK_SPLIT, split
+    try:
+        plan = pattern.make_plan(n, h, configs, "head_groups")
+    finally:
+        pattern.BLOCK_SPLIT = default
+    written = torch.zeros(1, n, h, dtype=torch.int64)
+    for parts in plan.parts:
+        for part in parts:
+            part.rows(written).add_(1)
+    assert int(written.max()) <= 1  # disjoint
+    rates, offsets = plan.selection
+    selected = (torch.arange(n)[:, None] % torch.tensor(rates)) == torch.tensor(offsets)
+    assert torch.equal(written[0].bool(), selected)
+    assert pattern.make_plan(n, h, configs, "lse").selection is None

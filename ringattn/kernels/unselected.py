@@ -1,0 +1,104 @@
+"""Zero only the (row, head) pairs that no block writes, for placed (``head_groups``) results.
+
+Under ``head_groups`` every selected (row, head) of the output and of the gradients is written by
+exactly one block, in place; what the definition leaves at 0 are the rows a head's config does not
+select: row ``p`` of head ``j`` is selected iff ``p mod r_j == o_j`` (rate and offset of the head's
+group; ``r`` divides ``w``, so this is the definition's ``((p mod w) - o) mod r == 0``, tail
+segment included). Filling the whole tensor with zeros first writes every selected pair twice: at
+issue 5's shape a quarter of the heads (the ``r = 1`` group) and ``1 / r`` of the others' rows,
+43% of a fill that took ~0.16 ms per tensor at 131K on an H200, four tensors per forward+backward.
+This kernel writes the zeros of the unselected pairs only, in one launch per tensor.
+
+Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it); elsewhere
+the caller zero-fills the whole tensor (:func:`zeros_for`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ringattn.kernels.merge import available, triton
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _zero_unselected_kernel(
+        x_ptr,
+        rate_ptr,
+        offset_ptr,
+        N,
+        H,
+        D,
+        s0,
+        s1,
+        s2,
+        s3,
+        BLOCK_H: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        # one program per (batch, row): the row's heads and channels
+        row = tl.program_id(0).to(tl.int64)  # int64: offsets pass 2**31 at ~1M tokens
+        p = row % N
+        bi = row // N
+        heads = tl.arange(0, BLOCK_H)
+        chans = tl.arange(0, BLOCK_D)
+        hmask = heads < H
+        rate = tl.load(rate_ptr + heads, mask=hmask, other=1)
+        offset = tl.load(offset_ptr + heads, mask=hmask, other=0)
+        unselected = hmask & ((p % rate) != offset)
+        mask = unselected[:, None] & (chans[None, :] < D)
+        ptrs = x_ptr + bi * s0 + p * s1 + heads[:, None] * s2 + chans[None, :] * s3
+        zero = tl.zeros((BLOCK_H, BLOCK_D), dtype=x_ptr.dtype.element_ty)
+        tl.store(ptrs, zero, mask=mask)
+
+
+_SELECTIONS: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+def head_selection(
+    rates: tuple[int, ...], offsets: tuple[int, ...], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Per-head rate and offset as int32 tensors on ``device`` (cached: a handful of shapes)."""
+    key = (rates, offsets, device)
+    if key not in _SELECTIONS:
+        _SELECTIONS[key] = tuple(
+            torch.tensor(values, dtype=torch.int32, device=device) for values in (rates, offsets)
+        )
+    return _SELECTIONS[key]
+
+
+def zero_unselected_(x: Tensor, rates: tuple[int, ...], offsets: tuple[int, ...]) -> None:
+    """Zero ``x[:, p, j]`` (``x: [b, n, h, d]``, any strides) wherever ``p % rates[j] !=
+    offsets[j]``; the selected pairs are left as they are."""
+    b, n, h, d = x.shape
+    if x.numel() == 0 or all(r == 1 and o == 0 for r, o in zip(rates, offsets)):
+        return  # every pair is selected
+    rate, offset = head_selection(rates, offsets, x.device)
+    _zero_unselected_kernel[(b * n,)](
+        x,
+        rate,
+        offset,
+        n,
+        h,
+        d,
+        *x.stride(),
+        BLOCK_H=triton.next_power_of_2(h),
+        BLOCK_D=triton.next_power_of_2(d),
+    )
+
+
+def zeros_for(like: Tensor, selection: tuple[tuple[int, ...], tuple[int, ...]] | None) -> Tensor:
+    """A contiguous ``like``-shaped tensor that is 0 wherever no block will write: with a
+    ``selection`` (``Plan.selection``: per-head rates and offsets) only the unselected pairs are
+    zeroed where the kernel runs, and the selected ones are left for the blocks; otherwise, and
+    off CUDA or while tracing, all of it is zeros."""
+    if selection is None or torch.compiler.is_compiling() or not available(like):
+        return torch.zeros_like(like, memory_format=torch.contiguous_format)
+    x = torch.empty_like(like, memory_format=torch.contiguous_format)
+    zero_unselected_(x, *selection)
+    return x
+
+
+__all__ = ["head_selection", "zero_unselected_", "zeros_for"]
