@@ -114,11 +114,6 @@ def time_and_memory(
     if backward:
         fwdbwd()
     setup_s = time.time() - t0
-    # twice: the cuDNN frontend keeps a new graph's first buffers referenced until its next call,
-    # which would count in the base of the peak measurement below
-    fwd()
-    if backward:
-        fwdbwd()
     # q, k, v (and dout) exist before the call; the rest is what the call adds
     fwd_extra = peak_extra_bytes(fwd, device)
     stats = {

@@ -138,8 +138,8 @@ class Plan:
     configs: tuple[tuple[int, int], ...]
     mixing: str
     blocks: tuple[Block, ...]
-    # True when every (row, head) is written by at most one block ("head_groups"), so outputs are
-    # copied instead of LSE-merged.
+    # True when every (row, head) is written by at most one block ("head_groups"), so results are
+    # placed into their rows instead of LSE-merged.
     disjoint: bool
     # parts[i]: blocks[i] cut (by segments, else heads) into kernel calls of bounded size
     # (BLOCK_SPLIT)

@@ -3,7 +3,7 @@
 torch's cuDNN attention ops allocate their outputs, so every block whose result is not merged
 (``head_groups`` blocks, the parts of a covering ``r = 1`` block in the backward) had to be copied
 into its strided rows of ``[b, n, h, d]`` afterwards: about 15% of such a block's forward and 13% of
-its backward on an H200 (``docs/benchmarks/h200_perf.md``, step 10). cuDNN itself takes any strides
+its backward on an H200 (``docs/benchmarks/h200_perf.md``, step 11). cuDNN itself takes any strides
 for every operand, outputs included; its Python frontend (``pip install nvidia-cudnn-frontend``,
 the ``cuda`` extra) builds the same fused kernels with the outputs bound to our views, so the
 result lands in place and the copy disappears. Same kernels, same numbers as torch's path.
@@ -183,7 +183,7 @@ def _run(entry, uids: tuple[int, ...], operands: list[Tensor], device: torch.dev
     graph, workspace_bytes = entry
     workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
     # the ordered form (a list and its uids) is the frontend's fast path: ~16 us of host time
-    # against ~44 us for a uid -> pointer dict (H200 host, experiments in h200_perf.md step 10)
+    # against ~44 us for a uid -> pointer dict (H200 host, h200_perf.md step 11)
     graph.execute(operands, workspace, handle=_handle(device), tensor_uids=uids)
 
 
