@@ -3,7 +3,9 @@
     python -m experiments.overheads                       # issue 5's shape, 32K and 128K
     python -m experiments.overheads --n 131072 --split 1 4 8 16 --trace
 
-For each ``n``, mixing and ``ringattn.pattern.BLOCK_SPLIT`` value, times forward and
+For each ``n``, mixing, ``ringattn.pattern.BLOCK_SPLIT`` value and A/B choice (``--in-place``:
+cuDNN writes placed blocks into their rows or torch's op and a copy; ``--fill``: head_groups zeroes
+only the pairs no block writes, or the whole tensor), times forward and
 forward+backward of ``segment_local/sdpa`` (eager) and measures their peak memory relative to the
 tensors the call cannot avoid (as ``experiments.bench`` does). With ``--trace`` it also logs every
 kernel call of one forward+backward: the block's shape, the bytes it allocates transiently (peak
@@ -30,10 +32,18 @@ import torch
 import ringattn
 from experiments.ablate import dict_rows_to_markdown, median_ms
 from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, fwd_and_fwdbwd, time_and_memory
-from ringattn import pattern
+from ringattn import core, pattern
 from ringattn.computers.sdpa import SDPAComputer
 from ringattn.flops import useful_flops
 from ringattn.kernels import cudnn_graphs
+
+# how the core zero-fills a disjoint (head_groups) plan's output and gradients
+FILLS = {
+    "unselected": core.zeros_for,
+    "whole": lambda like, selection, memory: torch.zeros_like(
+        like, memory_format=torch.contiguous_format
+    ),
+}
 
 
 def traced_calls(fn, unit: int) -> list[dict]:
@@ -152,9 +162,10 @@ def probe(n: int, args, traces: dict) -> list[dict]:
     rows = []
     for mixing in args.mixing:
         flops_f = useful_flops(b, n, h, d, ISSUE_LENGTHS, ISSUE_RATES, args.causal, mixing)
-        for split, in_place in itertools.product(args.split, args.in_place):
+        for split, in_place, fill in itertools.product(args.split, args.in_place, args.fill):
             pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
             SDPAComputer.in_place = in_place == "yes"
+            core.zeros_for = FILLS[fill]
             attention = ringattn.DilatedAttention(
                 ISSUE_LENGTHS,
                 ISSUE_RATES,
@@ -173,20 +184,21 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "causal": args.causal,
                     "block_split": split,
                     "in_place": SDPAComputer.in_place and cudnn_graphs.cudnn is not None,
+                    "fill": fill,
                     **stats,
                     "fwd_tflops": flops_f / stats["fwd_ms"] / 1e9,
                     "fwdbwd_tflops": 3.5 * flops_f / stats["fwdbwd_ms"] / 1e9,
                 }
             )
             if args.trace:
-                key = f"n={n} {mixing} split={split} in_place={in_place}"
+                key = f"n={n} {mixing} split={split} in_place={in_place} fill={fill}"
                 traces[key] = traced_calls(fwd, unit) + traced_calls(fwdbwd, unit)
                 for call in ("forward", "backward"):
                     top = sorted(
                         (c for c in traces[key] if c["call"] == call), key=lambda c: -c["transient"]
                     )[:3]
                     print("trace", key, json.dumps(top), flush=True)
-            last = (split, in_place) == (args.split[-1], args.in_place[-1])
+            last = (split, in_place, fill) == (args.split[-1], args.in_place[-1], args.fill[-1])
             if args.graphs and last:
                 rows[-1].update(graph_times(attention, q, k, v, dout, device, args.repeats))
             if args.ceiling and last:
@@ -218,6 +230,14 @@ def main(argv: list[str] | None = None) -> None:
         help="placed blocks written in place through the cuDNN frontend (where installed), or "
         "through torch's cuDNN op and a copy",
     )
+    p.add_argument(
+        "--fill",
+        nargs="+",
+        default=["unselected"],
+        choices=list(FILLS),
+        help="head_groups: zero only the pairs no block writes (the Triton kernel), or the whole "
+        "tensor first",
+    )
     p.add_argument("--trace", action="store_true")
     p.add_argument("--graphs", action="store_true")
     p.add_argument("--ceiling", action="store_true")
@@ -235,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         pattern.BLOCK_SPLIT = default_split
         SDPAComputer.in_place = default_in_place
+        core.zeros_for = FILLS["unselected"]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overheads.json").write_text(json.dumps({"rows": rows, "traces": traces}))
     table = dict_rows_to_markdown(rows, list(dict.fromkeys(c for row in rows for c in row)))

@@ -157,7 +157,7 @@ def dilated_forward(
         first = 1
     else:
         # zeros where no block writes (all of it unless the plan is disjoint, one kernel then)
-        out_acc = zeros_for(q, spec.plan.selection)
+        out_acc = zeros_for(q, spec.plan.selection, spec.memory)
         if keep_lse:
             lse_acc = torch.full((b, n, h), float("-inf"), dtype=stats_dtype, device=q.device)
         else:  # the LSE does not escape: it may come from the pool
@@ -232,7 +232,7 @@ def dilated_backward(
     elif covering:  # every (row, head) is written once by the first block's parts: no zero fill
         grads = [torch.empty_like(q) for _ in range(3)]
     else:
-        grads = [zeros_for(q, spec.plan.selection) for _ in range(3)]
+        grads = [zeros_for(q, spec.plan.selection, spec.memory) for _ in range(3)]
 
     for i in range(first, len(blocks)):
         # head_groups: every (row, head) belongs to one block, so its gradients are placed

@@ -95,7 +95,7 @@ def zero_unselected_cases(gen: torch.Generator, cases: int) -> int:
         dtype = [torch.float32, torch.bfloat16, torch.float16][case % 3]
         # a [b, n, h, d] view with a transposed layout: the kernel takes any strides
         x = torch.full((b, h, n, d), float("nan"), dtype=dtype).transpose(1, 2)
-        unselected.zero_unselected_(x, rates, offsets)
+        unselected.zero_unselected_(x, torch.tensor([rates, offsets], dtype=torch.int32))
         p = torch.arange(n)[:, None]
         selected = (p % torch.tensor(rates)) == torch.tensor(offsets)  # [n, h]
         assert x[:, selected].isnan().all(), "a selected pair was written"

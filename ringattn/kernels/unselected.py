@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ringattn.kernels.merge import available, triton
+from ringattn.memory.base import MemoryManager
 
 if triton is not None:
     import triton.language as tl
@@ -54,28 +55,14 @@ if triton is not None:
         tl.store(ptrs, zero, mask=mask)
 
 
-_SELECTIONS: dict[tuple, tuple[Tensor, Tensor]] = {}
-
-
-def head_selection(
-    rates: tuple[int, ...], offsets: tuple[int, ...], device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """Per-head rate and offset as int32 tensors on ``device`` (cached: a handful of shapes)."""
-    key = (rates, offsets, device)
-    if key not in _SELECTIONS:
-        _SELECTIONS[key] = tuple(
-            torch.tensor(values, dtype=torch.int32, device=device) for values in (rates, offsets)
-        )
-    return _SELECTIONS[key]
-
-
-def zero_unselected_(x: Tensor, rates: tuple[int, ...], offsets: tuple[int, ...]) -> None:
+def zero_unselected_(x: Tensor, selection: Tensor) -> None:
     """Zero ``x[:, p, j]`` (``x: [b, n, h, d]``, any strides) wherever ``p % rates[j] !=
-    offsets[j]``; the selected pairs are left as they are."""
+    offsets[j]``, with ``selection = [rates, offsets]`` (``[2, h]`` int32 on x's device); the
+    selected pairs are left as they are."""
     b, n, h, d = x.shape
-    if x.numel() == 0 or all(r == 1 and o == 0 for r, o in zip(rates, offsets)):
-        return  # every pair is selected
-    rate, offset = head_selection(rates, offsets, x.device)
+    if x.numel() == 0:
+        return
+    rate, offset = selection
     _zero_unselected_kernel[(b * n,)](
         x,
         rate,
@@ -89,16 +76,28 @@ def zero_unselected_(x: Tensor, rates: tuple[int, ...], offsets: tuple[int, ...]
     )
 
 
-def zeros_for(like: Tensor, selection: tuple[tuple[int, ...], tuple[int, ...]] | None) -> Tensor:
+def zeros_for(
+    like: Tensor,
+    selection: tuple[tuple[int, ...], tuple[int, ...]] | None,
+    memory: MemoryManager,
+) -> Tensor:
     """A contiguous ``like``-shaped tensor that is 0 wherever no block will write: with a
     ``selection`` (``Plan.selection``: per-head rates and offsets) only the unselected pairs are
     zeroed where the kernel runs, and the selected ones are left for the blocks; otherwise, and
-    off CUDA or while tracing, all of it is zeros."""
+    off CUDA or while tracing, all of it is zeros. The selection's device copy is a pattern of
+    ``memory`` (cached by the pooled manager)."""
     if selection is None or torch.compiler.is_compiling() or not available(like):
         return torch.zeros_like(like, memory_format=torch.contiguous_format)
     x = torch.empty_like(like, memory_format=torch.contiguous_format)
-    zero_unselected_(x, *selection)
+    if all(r == 1 and o == 0 for r, o in zip(*selection)):
+        return x  # every pair is selected (every group has r = 1)
+    device = like.device
+    table = memory.cached(
+        ("unselected_selection", selection, str(device)),
+        lambda: torch.tensor(selection, dtype=torch.int32, device=device),
+    )
+    zero_unselected_(x, table)
     return x
 
 
-__all__ = ["head_selection", "zero_unselected_", "zeros_for"]
+__all__ = ["zero_unselected_", "zeros_for"]
