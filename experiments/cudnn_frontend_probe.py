@@ -4,6 +4,7 @@ through NVIDIA's cuDNN frontend), as one script. Needs a CUDA GPU and ``nvidia-c
     python -m experiments.cudnn_frontend_probe --part probe      # one block: in place vs op + copy
     python -m experiments.cudnn_frontend_probe --part host       # host µs per placed forward call
     python -m experiments.cudnn_frontend_probe --part retention  # memory held after a call, gc off
+    python -m experiments.cudnn_frontend_probe --part plans      # every cuDNN plan of a block
 
 ``probe``: a 3-head ``r = 2`` block of a 131K ``[1, n, 16, 128]`` bf16 tensor (the shape of a
 ``head_groups`` block), forward and backward written into strided views by
@@ -13,7 +14,11 @@ alone; outputs compared. ``host``: the same on a small block, where the host set
 with the garbage collector off, a fresh module's first forward+backward per mixing, then how much
 memory stays allocated after its tensors are dropped (must be 0: graph builds run off the caller's
 stack). The report's numbers were taken with earlier ad-hoc forms of these measurements; this is
-their method, kept with the code.
+their method, kept with the code. ``plans``: every execution plan cuDNN offers (heuristics A, B
+and fallback) for the forward and backward of issue 5's blocks at 131K (a ``head_groups`` block:
+3 heads, ``r = 1`` and ``r = 16``; an ``lse`` block: 16 heads, ``r = 2``), causal and not, each
+timed: does the heuristics' first choice (what :mod:`ringattn.kernels.cudnn_graphs` runs) leave
+speed on the table?
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import ringattn
 from experiments.ablate import median_ms, rel_err
 from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
 from ringattn.kernels import cudnn_graphs
+from ringattn.kernels.cudnn_graphs import cudnn
 
 aten = torch.ops.aten
 
@@ -160,13 +166,78 @@ def retention(n: int = 131072) -> None:
         gc.enable()
 
 
+def _all_plans(graph):
+    """``_Graph.built`` with every heuristic mode's plans, all of them built (for timing)."""
+    graph = graph.graph
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.B, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans(cudnn.build_plan_policy.ALL)
+    return graph
+
+
+def _time_plans(graph, operands, uids, handle, device) -> list[tuple[str, float]]:
+    rows = []
+    for index in range(graph.get_execution_plan_count()):
+        try:
+            name = graph.get_plan_name_at_index(index)
+            ws_bytes = max(graph.get_workspace_size_plan_at_index(index), 1)
+            ws = torch.empty(ws_bytes, dtype=torch.uint8, device=device)
+
+            def call(index=index, ws=ws):
+                graph.execute_plan_at_index(operands, ws, index, handle, tensor_uids=uids)
+
+            rows.append((name, median_ms(call, device, 3, 15)))
+        except Exception as e:  # a plan that did not build: say so, time the others
+            rows.append((f"plan {index}: {type(e).__name__}: {str(e)[:80]}", float("nan")))
+    return rows
+
+
+def plans(n: int = 131072) -> None:
+    cg = cudnn_graphs
+    cg._Graph.built = _all_plans  # this process only: build and keep every plan
+    device = torch.device("cuda")
+    scale = 128**-0.5
+    x = [torch.randn(1, n, 16, 128, device=device, dtype=torch.bfloat16) for _ in range(8)]
+    for label, r, w, heads in (
+        ("head_groups r=1", 1, 2048, 3),
+        ("head_groups r=16", 16, 32768, 3),
+        ("lse r=2", 2, 4096, 16),
+    ):
+        q, k, v, out, dout, dq, dk, dv = (strided_block(t, r, w, 0, heads) for t in x)
+        lse = torch.empty(q.shape[:3], device=device)
+        for causal in (False, True):
+            stats = torch.empty(cg._stats(lse).shape, device=device)
+            fwd_ops = [cg._bhsd(t) for t in (q, k, v, out)] + [stats]
+            graph = cg._forward_graph(device, causal, scale, *map(cg._layout, fwd_ops))
+            handle = cg._handle(device)
+            fwd_uids = (*cg._FORWARD_UIDS, cg._STATS)
+            cg._run((graph, graph.get_workspace_size() + 1), fwd_uids, fwd_ops, device)
+            bwd_ops = [cg._bhsd(t) for t in (q, k, v, out, dout)]
+            bwd_ops += [stats, *(cg._bhsd(t) for t in (dq, dk, dv))]
+            bgraph = cg._backward_graph(device, causal, scale, *map(cg._layout, bwd_ops))
+            for part, g, ops, uids in (
+                ("forward", graph, fwd_ops, fwd_uids),
+                ("backward", bgraph, bwd_ops, cg._BACKWARD_UIDS),
+            ):
+                rows = _time_plans(g, ops, uids, handle, device)
+                first = rows[0][1]
+                for i, (name, ms) in enumerate(rows):
+                    print(
+                        f"{label:17s} causal={causal!s:5s} {part:8s} plan {i}: {ms:8.3f} ms "
+                        f"({ms / first:5.2f}x plan 0)  {name}",
+                        flush=True,
+                    )
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["probe", "host", "retention", "all"], default="all")
+    p.add_argument("--part", choices=["probe", "host", "retention", "plans", "all"], default="all")
     args = p.parse_args(argv)
     if cudnn_graphs.cudnn is None:
         raise SystemExit("needs nvidia-cudnn-frontend (pip install 'ringattn[cuda]')")
-    for part, fn in (("probe", probe), ("host", host), ("retention", retention)):
+    for part, fn in (("probe", probe), ("host", host), ("retention", retention), ("plans", plans)):
         if args.part in (part, "all"):
             print(f"== {part}", flush=True)
             fn()

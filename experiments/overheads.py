@@ -5,12 +5,15 @@
 
 For each ``n``, mixing, ``ringattn.pattern.BLOCK_SPLIT`` value and A/B choice (``--in-place``:
 cuDNN writes placed blocks into their rows or torch's op and a copy; ``--fill``: head_groups zeroes
-only the pairs no block writes, or the whole tensor), times forward and
+only the pairs no block writes, or the whole tensor; ``--lanes``: how many CUDA streams a disjoint
+plan's configs run on, ``ringattn.lanes.LANES``), times forward and
 forward+backward of ``segment_local/sdpa`` (eager) and measures their peak memory relative to the
 tensors the call cannot avoid (as ``experiments.bench`` does). With ``--trace`` it also logs every
 kernel call of one forward+backward: the block's shape, the bytes it allocates transiently (peak
 above the level before it) and what stays allocated after it, so the largest transient is named.
-``--graphs`` also times the same calls replayed from CUDA graphs (forward captured with
+``--steady`` also times 10 calls back to back (no sync between them, as in a model's steady
+state) and the host's own time per call. ``--graphs`` also times the same calls replayed from CUDA
+graphs (forward captured with
 ``torch.cuda.graph``, forward+backward through ``torch.cuda.make_graphed_callables``): what the
 launches and the Python work around the kernels cost. ``--ceiling`` times the plan's kernel calls
 alone (each distinct block shape on contiguous inputs, times how often the plan calls it) next to
@@ -24,6 +27,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -32,7 +37,7 @@ import torch
 import ringattn
 from experiments.ablate import dict_rows_to_markdown, median_ms
 from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, fwd_and_fwdbwd, time_and_memory
-from ringattn import core, pattern
+from ringattn import core, lanes, pattern
 from ringattn.computers.sdpa import SDPAComputer
 from ringattn.flops import useful_flops
 from ringattn.kernels import cudnn_graphs
@@ -83,6 +88,25 @@ def traced_calls(fn, unit: int) -> list[dict]:
         for name, original in originals.items():
             setattr(SDPAComputer, name, original)
     return calls
+
+
+def steady_times(fwd, fwdbwd, device, repeats: int, calls: int = 10) -> dict:
+    """Back-to-back ms per call (no sync between calls: the host runs ahead, as in a model) and the
+    host's own ms per call (wall time of one call issued while the GPU is still busy, so nothing
+    waits for it): where the host's time exceeds the GPU's, the call is host-bound."""
+    result: dict = {}
+    for part, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)):
+        result[f"{part}_ms_b2b"] = median_ms(fn, device, 1, repeats, calls=calls)
+        host = []
+        for _ in range(repeats):
+            torch.cuda.synchronize(device)
+            torch.cuda._sleep(50_000_000)  # ~25 ms of GPU time: the call's launches queue behind
+            t0 = time.perf_counter()
+            fn()
+            host.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize(device)
+        result[f"{part}_host_ms"] = statistics.median(host)
+    return result
 
 
 def graph_times(attention, q, k, v, dout, device, repeats: int) -> dict:
@@ -162,10 +186,12 @@ def probe(n: int, args, traces: dict) -> list[dict]:
     rows = []
     for mixing in args.mixing:
         flops_f = useful_flops(b, n, h, d, ISSUE_LENGTHS, ISSUE_RATES, args.causal, mixing)
-        for split, in_place, fill in itertools.product(args.split, args.in_place, args.fill):
+        choices = list(itertools.product(args.split, args.in_place, args.fill, args.lanes))
+        for split, in_place, fill, lane_count in choices:
             pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
             SDPAComputer.in_place = in_place == "yes"
             core.zeros_for = FILLS[fill]
+            lanes.LANES = lane_count
             attention = ringattn.DilatedAttention(
                 ISSUE_LENGTHS,
                 ISSUE_RATES,
@@ -185,6 +211,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "block_split": split,
                     "in_place": SDPAComputer.in_place and cudnn_graphs.cudnn is not None,
                     "fill": fill,
+                    "lanes": lane_count,
                     **stats,
                     "fwd_tflops": flops_f / stats["fwd_ms"] / 1e9,
                     "fwdbwd_tflops": 3.5 * flops_f / stats["fwdbwd_ms"] / 1e9,
@@ -192,14 +219,17 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             )
             if args.trace:
                 key = f"n={n} {mixing} split={split} in_place={in_place} fill={fill}"
+                key += f" lanes={lane_count}"
                 traces[key] = traced_calls(fwd, unit) + traced_calls(fwdbwd, unit)
                 for call in ("forward", "backward"):
                     top = sorted(
                         (c for c in traces[key] if c["call"] == call), key=lambda c: -c["transient"]
                     )[:3]
                     print("trace", key, json.dumps(top), flush=True)
-            last = (split, in_place, fill) == (args.split[-1], args.in_place[-1], args.fill[-1])
-            if args.graphs and last:
+            last = (split, in_place, fill, lane_count) == choices[-1]
+            if args.steady:
+                rows[-1].update(steady_times(fwd, fwdbwd, device, args.repeats))
+            if args.graphs:
                 rows[-1].update(graph_times(attention, q, k, v, dout, device, args.repeats))
             if args.ceiling and last:
                 del attention, fwd, fwdbwd
@@ -238,8 +268,16 @@ def main(argv: list[str] | None = None) -> None:
         help="head_groups: zero only the pairs no block writes (the Triton kernel), or the whole "
         "tensor first",
     )
+    p.add_argument(
+        "--lanes",
+        type=int,
+        nargs="+",
+        default=[lanes.LANES],
+        help="CUDA streams the configs of a disjoint (head_groups) plan run on (1: one stream)",
+    )
     p.add_argument("--trace", action="store_true")
     p.add_argument("--graphs", action="store_true")
+    p.add_argument("--steady", action="store_true", help="also time back to back, and host time")
     p.add_argument("--ceiling", action="store_true")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--dim", type=int, default=128)
@@ -247,7 +285,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("results") / "overheads")
     args = p.parse_args(argv)
     rows, traces = [], {}
-    default_split, default_in_place = pattern.BLOCK_SPLIT, SDPAComputer.in_place
+    default_split, default_in_place, default_lanes = (
+        pattern.BLOCK_SPLIT,
+        SDPAComputer.in_place,
+        lanes.LANES,
+    )
     try:
         for n in args.n:
             rows += probe(n, args, traces)
@@ -256,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         pattern.BLOCK_SPLIT = default_split
         SDPAComputer.in_place = default_in_place
         core.zeros_for = FILLS["unselected"]
+        lanes.LANES = default_lanes
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overheads.json").write_text(json.dumps({"rows": rows, "traces": traces}))
     table = dict_rows_to_markdown(rows, list(dict.fromkeys(c for row in rows for c in row)))

@@ -30,6 +30,7 @@ from ringattn.communicators.base import Communicator
 from ringattn.computers.base import AttentionComputer, LayoutComputer, accumulation_dtype
 from ringattn.dilation.base import DilationProcessor
 from ringattn.kernels.unselected import zeros_for
+from ringattn.lanes import lanes
 from ringattn.memory.base import MemoryManager
 from ringattn.merge import merge_into_
 from ringattn.pattern import Block, Plan
@@ -165,7 +166,7 @@ def dilated_forward(
             if write_lse:
                 lse_acc.fill_(float("-inf"))
 
-    for i in range(first, len(blocks)):
+    def forward_blocks(i: int) -> None:
         for block in spec.plan.parts[i]:
             index = _index(indices, i, blocks[i], block)
             out_rows, lse_rows = block.rows(out_acc), block.rows(lse_acc)
@@ -190,6 +191,12 @@ def dilated_forward(
                     lse_rows.copy_(lse_block)
             else:
                 merge_into_(out_rows, lse_rows, out_block, lse_block)
+
+    # disjoint blocks run concurrently, one stream per config (ringattn.lanes)
+    with lanes(q.device, spec.plan.disjoint) as fan:
+        for i in range(first, len(blocks)):
+            with fan.lane(i, local=spec.spans[blocks[i].job.config] == 1):
+                forward_blocks(i)
     return out_acc, lse_acc
 
 
@@ -234,7 +241,7 @@ def dilated_backward(
     else:
         grads = [zeros_for(q, spec.plan.selection, spec.memory) for _ in range(3)]
 
-    for i in range(first, len(blocks)):
+    def backward_blocks(i: int) -> None:
         # head_groups: every (row, head) belongs to one block, so its gradients are placed
         place = spec.plan.disjoint or (covering and i == 0)
         for block in spec.plan.parts[i]:
@@ -257,6 +264,11 @@ def dilated_backward(
                     rows.copy_(grad_block)
                 else:
                     rows.add_(grad_block)
+
+    with lanes(q.device, spec.plan.disjoint) as fan:  # as in the forward
+        for i in range(first, len(blocks)):
+            with fan.lane(i, local=spec.spans[blocks[i].job.config] == 1):
+                backward_blocks(i)
     dq, dk, dv = grads
     return dq, dk, dv
 

@@ -62,18 +62,29 @@ def _layout(x: Tensor) -> Layout:
 
 
 def _handle(device: torch.device):
-    """This thread's cuDNN handle for ``device``, bound to torch's current stream."""
+    """This thread's cuDNN handle for torch's current stream on ``device``.
+
+    One handle a stream: the blocks of one call may run on several (``ringattn.lanes``), and
+    rebinding a handle to another stream costs host time on every call. While a CUDA graph is
+    being captured, creating a handle would break the capture, so a stream first met there shares
+    the device's first handle, rebound when the stream changes (replays run no host code)."""
     handles = getattr(_local, "handles", None)
     if handles is None:
-        handles = _local.handles = {}
+        handles = _local.handles = {}  # (device, stream) -> handle, and device -> first handle
+        _local.bound = {}  # id(handle) -> the stream it is bound to
     stream = torch.cuda.current_stream(device).cuda_stream
-    handle, bound = handles.get(device, (None, None))
+    handle = handles.get((device, stream))
     if handle is None:
-        with torch.cuda.device(device):
-            handle = cudnn.create_handle()
-    if stream != bound:  # rebinding costs host time on every call: only when it changed
+        if torch.cuda.is_current_stream_capturing() and device in handles:
+            handle = handles[device]
+        else:
+            with torch.cuda.device(device):
+                handle = cudnn.create_handle()
+            handles.setdefault(device, handle)
+        handles[device, stream] = handle
+    if _local.bound.get(id(handle)) != stream:
         cudnn.set_stream(handle=handle, stream=stream)
-        handles[device] = (handle, stream)
+        _local.bound[id(handle)] = stream
     return handle
 
 

@@ -1,0 +1,72 @@
+"""Concurrent CUDA streams ("lanes") for blocks that write disjoint rows.
+
+A ``head_groups`` plan's configs write disjoint (row, head) pairs of the output and of the
+gradients, so nothing orders one config's kernel after another's. Issued on one stream they still
+run one after the other, and each leaves the GPU partly idle twice: in its last wave, and
+throughout when it is small (a config with a high dilation rate has few segments: at 131K tokens
+the ``r = 16`` config of issue 5's shape is 192 query tiles on 132 SMs, and runs at half the rate
+of the ``r = 1`` one). On lanes, the small configs fill the SMs the large one leaves idle.
+
+Config ``i``'s blocks go to lane ``i mod LANES``; lane 0 is the caller's stream. Each side lane
+waits for the caller's stream where the fan-out starts and the caller's stream waits for every side
+lane where it ends, so the call is ordered like a one-stream call for everything around it (the
+caching allocator included: tensors made before the fan-out are freed after the join; a lane's own
+temporaries are made and freed on that lane). CUDA-graph capture records the fork and the join.
+
+Used only where nothing else orders the blocks: on CUDA, for disjoint plans, not while tracing
+(Inductor would have to model the streams), and only for blocks that stay on this device (a
+block whose segments span ranks issues collectives, which every rank must issue in the same order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+
+import torch
+
+# how many streams the blocks of one call may use (1: no concurrency)
+LANES = 4
+
+_side_streams: dict[torch.device, list[torch.cuda.Stream]] = {}
+
+
+def _sides(device: torch.device, count: int) -> list[torch.cuda.Stream]:
+    streams = _side_streams.setdefault(device, [])
+    while len(streams) < count:  # made once per device, outside any capture after the first call
+        streams.append(torch.cuda.Stream(device))
+    return streams[:count]
+
+
+class Lanes:
+    """``lane(i)`` is the context that runs config ``i``'s blocks on its stream."""
+
+    def __init__(self, device: torch.device, enabled: bool) -> None:
+        self.enabled = enabled and LANES > 1 and device.type == "cuda"
+        if self.enabled:
+            # every lane starts after what the caller issued before the fan-out (the zero fill);
+            # all forked here, not at first use, or a lane would wait for lane 0's blocks too
+            self.main = torch.cuda.current_stream(device)
+            self.sides = _sides(device, LANES - 1)
+            for stream in self.sides:
+                stream.wait_stream(self.main)
+
+    def lane(self, i: int, local: bool = True) -> AbstractContextManager:
+        if not self.enabled or not local or i % LANES == 0:
+            return nullcontext()
+        return torch.cuda.stream(self.sides[i % LANES - 1])
+
+    def join(self) -> None:
+        if self.enabled:
+            for stream in self.sides:
+                self.main.wait_stream(stream)
+
+
+@contextmanager
+def lanes(device: torch.device, enabled: bool) -> Iterator[Lanes]:
+    """Fan out inside the ``with``, join at its end (also when it raises)."""
+    fan = Lanes(device, enabled and not torch.compiler.is_compiling())
+    try:
+        yield fan
+    finally:
+        fan.join()
