@@ -5,8 +5,8 @@
 
 For each ``n``, mixing, ``ringattn.pattern.BLOCK_SPLIT`` value and A/B choice (``--in-place``:
 cuDNN writes placed blocks into their rows or torch's op and a copy; ``--fill``: head_groups zeroes
-only the pairs no block writes, or the whole tensor; ``--lanes``: how many CUDA streams a disjoint
-plan's configs run on, ``ringattn.lanes.LANES``), times forward and
+only the pairs no block writes, or the whole tensor; ``--lanes``: when a disjoint plan's configs
+run on concurrent CUDA streams, ``ringattn.lanes.MODE``), times forward and
 forward+backward of ``segment_local/sdpa`` (eager) and measures their peak memory relative to the
 tensors the call cannot avoid (as ``experiments.bench`` does). With ``--trace`` it also logs every
 kernel call of one forward+backward: the block's shape, the bytes it allocates transiently (peak
@@ -187,11 +187,11 @@ def probe(n: int, args, traces: dict) -> list[dict]:
     for mixing in args.mixing:
         flops_f = useful_flops(b, n, h, d, ISSUE_LENGTHS, ISSUE_RATES, args.causal, mixing)
         choices = list(itertools.product(args.split, args.in_place, args.fill, args.lanes))
-        for split, in_place, fill, lane_count in choices:
+        for split, in_place, fill, lane_mode in choices:
             pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
             SDPAComputer.in_place = in_place == "yes"
             core.zeros_for = FILLS[fill]
-            lanes.LANES = lane_count
+            lanes.MODE = lane_mode
             attention = ringattn.DilatedAttention(
                 ISSUE_LENGTHS,
                 ISSUE_RATES,
@@ -211,7 +211,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "block_split": split,
                     "in_place": SDPAComputer.in_place and cudnn_graphs.cudnn is not None,
                     "fill": fill,
-                    "lanes": lane_count,
+                    "lanes": lane_mode,
                     **stats,
                     "fwd_tflops": flops_f / stats["fwd_ms"] / 1e9,
                     "fwdbwd_tflops": 3.5 * flops_f / stats["fwdbwd_ms"] / 1e9,
@@ -219,14 +219,14 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             )
             if args.trace:
                 key = f"n={n} {mixing} split={split} in_place={in_place} fill={fill}"
-                key += f" lanes={lane_count}"
+                key += f" lanes={lane_mode}"
                 traces[key] = traced_calls(fwd, unit) + traced_calls(fwdbwd, unit)
                 for call in ("forward", "backward"):
                     top = sorted(
                         (c for c in traces[key] if c["call"] == call), key=lambda c: -c["transient"]
                     )[:3]
                     print("trace", key, json.dumps(top), flush=True)
-            last = (split, in_place, fill, lane_count) == choices[-1]
+            last = (split, in_place, fill, lane_mode) == choices[-1]
             if args.steady:
                 rows[-1].update(steady_times(fwd, fwdbwd, device, args.repeats))
             if args.graphs:
@@ -270,10 +270,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--lanes",
-        type=int,
         nargs="+",
-        default=[lanes.LANES],
-        help="CUDA streams the configs of a disjoint (head_groups) plan run on (1: one stream)",
+        default=[lanes.MODE],
+        choices=["capture", "always", "never"],
+        help="when the configs of a disjoint (head_groups) plan run on concurrent CUDA streams",
     )
     p.add_argument("--trace", action="store_true")
     p.add_argument("--graphs", action="store_true")
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     default_split, default_in_place, default_lanes = (
         pattern.BLOCK_SPLIT,
         SDPAComputer.in_place,
-        lanes.LANES,
+        lanes.MODE,
     )
     try:
         for n in args.n:
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         pattern.BLOCK_SPLIT = default_split
         SDPAComputer.in_place = default_in_place
         core.zeros_for = FILLS["unselected"]
-        lanes.LANES = default_lanes
+        lanes.MODE = default_lanes
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overheads.json").write_text(json.dumps({"rows": rows, "traces": traces}))
     table = dict_rows_to_markdown(rows, list(dict.fromkeys(c for row in rows for c in row)))

@@ -13,9 +13,10 @@ lane where it ends, so the call is ordered like a one-stream call for everything
 caching allocator included: tensors made before the fan-out are freed after the join; a lane's own
 temporaries are made and freed on that lane). CUDA-graph capture records the fork and the join.
 
-Used only where nothing else orders the blocks: on CUDA, for disjoint plans, not while tracing
-(Inductor would have to model the streams), and only for blocks that stay on this device (a
-block whose segments span ranks issues collectives, which every rank must issue in the same order).
+By default used only while a CUDA graph is being captured (:data:`MODE`), and always only where
+nothing else orders the blocks: on CUDA, for disjoint plans, not while tracing (Inductor would
+have to model the streams), and for blocks that stay on this device (a block whose segments span
+ranks issues collectives, which every rank must issue in the same order).
 """
 
 from __future__ import annotations
@@ -27,13 +28,19 @@ import torch
 
 # how many streams the blocks of one call may use (1: no concurrency)
 LANES = 4
+# when: "capture" (only while a CUDA graph is being captured), "always", or "never". Lanes cut the
+# GPU's time (H200, 131K head_groups replayed from a graph: forward 2-8%, forward+backward 2-6%
+# faster) but add host work to every call (stream switches, events); in eager calls of issue 5's
+# shape they cost more than they gave (forward+backward 4-10% slower; docs/benchmarks/
+# h200_perf.md, step 13). A captured graph replays without the host.
+MODE = "capture"
 
 _side_streams: dict[torch.device, list[torch.cuda.Stream]] = {}
 
 
 def _sides(device: torch.device, count: int) -> list[torch.cuda.Stream]:
     streams = _side_streams.setdefault(device, [])
-    while len(streams) < count:  # made once per device, outside any capture after the first call
+    while len(streams) < count:
         streams.append(torch.cuda.Stream(device))
     return streams[:count]
 
@@ -42,12 +49,16 @@ class Lanes:
     """``lane(i)`` is the context that runs config ``i``'s blocks on its stream."""
 
     def __init__(self, device: torch.device, enabled: bool) -> None:
-        self.enabled = enabled and LANES > 1 and device.type == "cuda"
+        self.enabled = False
+        if not enabled or LANES < 2 or device.type != "cuda" or MODE == "never":
+            return
+        # made on the first eager call (making streams while capturing could break the capture)
+        self.sides = _sides(device, LANES - 1)
+        self.enabled = MODE == "always" or torch.cuda.is_current_stream_capturing()
         if self.enabled:
             # every lane starts after what the caller issued before the fan-out (the zero fill);
             # all forked here, not at first use, or a lane would wait for lane 0's blocks too
             self.main = torch.cuda.current_stream(device)
-            self.sides = _sides(device, LANES - 1)
             for stream in self.sides:
                 stream.wait_stream(self.main)
 
