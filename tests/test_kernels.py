@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
@@ -38,3 +41,24 @@ def test_cases_refuse_to_run_without_interpreter():
     # without CUDA) the kernel is unavailable and the script must fail, not pass vacuously
     done = run_cases("1", interpret="0")
     assert done.returncode != 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 64), st.integers(-1, 63), st.integers(1, 6)),
+        min_size=1,
+        max_size=12,
+    ),
+)
+def test_selection_table_is_the_selection(runs):
+    """The fill kernel's table, built by fills on the device (capture-safe), holds exactly the
+    selection's rates and offsets in head order (heads drawn in runs of equal values, as groups
+    make them)."""
+    from ringattn.kernels.unselected import selection_table
+
+    pairs = [(r, o) for r, o, count in runs for _ in range(count)]
+    selection = (tuple(r for r, _ in pairs), tuple(o for _, o in pairs))
+    table = selection_table(selection, torch.device("cpu"))
+    assert table.dtype == torch.int32
+    assert table.tolist() == [list(selection[0]), list(selection[1])]

@@ -15,6 +15,8 @@ the caller zero-fills the whole tensor (:func:`zeros_for`).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
@@ -94,10 +96,27 @@ def zeros_for(
     device = like.device
     table = memory.cached(
         ("unselected_selection", selection, str(device)),
-        lambda: torch.tensor(selection, dtype=torch.int32, device=device),
+        lambda: selection_table(selection, device),
     )
     zero_unselected_(x, table)
     return x
 
 
-__all__ = ["zero_unselected_", "zeros_for"]
+def selection_table(
+    selection: tuple[tuple[int, ...], tuple[int, ...]], device: torch.device
+) -> Tensor:
+    """``selection`` as the kernel's ``[2, h]`` int32 table, made on ``device`` by fills: no
+    host-to-device copy, which CUDA-graph capture forbids (a manager that does not cache
+    patterns builds it inside every call, captured ones included). One fill per run of equal
+    values: a few per row, heads of a group being contiguous."""
+    table = torch.empty(2, len(selection[0]), dtype=torch.int32, device=device)
+    for row, values in zip(table, selection):
+        start = 0
+        for value, run in itertools.groupby(values):
+            stop = start + len(list(run))
+            row[start:stop].fill_(value)
+            start = stop
+    return table
+
+
+__all__ = ["selection_table", "zero_unselected_", "zeros_for"]
