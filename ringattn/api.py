@@ -184,9 +184,10 @@ class DilatedAttention(nn.Module):
 
     def _spec(self, q: Tensor, compiling: bool) -> CoreSpec:
         _b, n, h, d = q.shape
+        tracing = torch.compiler.is_compiling()
         key = (n, h, d, compiling)
         spec = self._specs.get(key)
-        if spec is None and self.communicator.distributed and torch.compiler.is_compiling():
+        if spec is None and self.communicator.distributed and tracing:
             # traced inline, the core's P2P/collective calls would break the graph
             raise ValueError(
                 "a sequence-parallel DilatedAttention must run once eagerly (on every rank) "
@@ -210,7 +211,11 @@ class DilatedAttention(nn.Module):
                 dilation=self.dilation,
                 computer=self.computer,
                 communicator=self.communicator,
-                memory=_NO_REUSE if compiling else self.memory,
+                # traced (the module's compiled frame, or inline in a compiled model): Inductor
+                # plans temporaries; otherwise, the opaque ops included, the core runs as in
+                # eager mode and keeps the module's manager (its cached patterns: a manager
+                # that rebuilds them in every call cost a compile=True module 15% at 131K)
+                memory=_NO_REUSE if self.compiled_frame or tracing else self.memory,
             )
             if len(self._specs) >= RECOMPILE_LIMIT:  # one spec per graph at most; bounded
                 self._specs.pop(next(iter(self._specs)))
