@@ -21,16 +21,22 @@ per-block backwards sum to the exact gradient (the ring-attention identity).
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from ringattn.communicators.base import Communicator
-from ringattn.computers.base import AttentionComputer, LayoutComputer, accumulation_dtype
+from ringattn.computers.base import (
+    AttentionComputer,
+    LayoutComputer,
+    accumulation_dtype,
+    place_,
+)
 from ringattn.dilation.base import DilationProcessor
 from ringattn.kernels.unselected import zeros_for
-from ringattn.lanes import lanes
+from ringattn.lanes import Lanes
 from ringattn.memory.base import MemoryManager
 from ringattn.merge import merge_into_
 from ringattn.pattern import Block, Plan
@@ -123,6 +129,16 @@ def covers_everything(block: Block, n: int, h: int) -> bool:
     )
 
 
+def for_each_block(spec: CoreSpec, device: torch.device, first: int, run: Callable[[int], None]):
+    """``run(i)`` for blocks ``first..``; a disjoint plan's configs on concurrent streams where
+    :class:`ringattn.lanes.Lanes` allows (blocks whose segments stay on this device)."""
+    blocks = spec.plan.blocks
+    with Lanes(device, spec.plan.disjoint) as fan:
+        for i in range(first, len(blocks)):
+            with fan.lane(i, local=spec.spans[blocks[i].job.config] == 1):
+                run(i)
+
+
 def dilated_forward(
     spec: CoreSpec, q: Tensor, k: Tensor, v: Tensor, indices: tuple[Tensor, ...], keep_lse: bool
 ) -> tuple[Tensor, Tensor]:
@@ -186,17 +202,11 @@ def dilated_forward(
             out_block = out_block.unflatten(0, (b, block.segments))
             lse_block = lse_block.unflatten(0, (b, block.segments))
             if spec.plan.disjoint:
-                out_rows.copy_(out_block)
-                if write_lse:
-                    lse_rows.copy_(lse_block)
+                place_(out_rows, lse_rows if write_lse else None, (out_block, lse_block))
             else:
                 merge_into_(out_rows, lse_rows, out_block, lse_block)
 
-    # disjoint blocks run concurrently, one stream per config (ringattn.lanes)
-    with lanes(q.device, spec.plan.disjoint) as fan:
-        for i in range(first, len(blocks)):
-            with fan.lane(i, local=spec.spans[blocks[i].job.config] == 1):
-                forward_blocks(i)
+    for_each_block(spec, q.device, first, forward_blocks)
     return out_acc, lse_acc
 
 
@@ -265,10 +275,7 @@ def dilated_backward(
                 else:
                     rows.add_(grad_block)
 
-    with lanes(q.device, spec.plan.disjoint) as fan:  # as in the forward
-        for i in range(first, len(blocks)):
-            with fan.lane(i, local=spec.spans[blocks[i].job.config] == 1):
-                backward_blocks(i)
+    for_each_block(spec, q.device, first, backward_blocks)
     dq, dk, dv = grads
     return dq, dk, dv
 

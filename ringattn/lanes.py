@@ -21,8 +21,7 @@ ranks issues collectives, which every rank must issue in the same order).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -46,38 +45,34 @@ def _sides(device: torch.device, count: int) -> list[torch.cuda.Stream]:
 
 
 class Lanes:
-    """``lane(i)`` is the context that runs config ``i``'s blocks on its stream."""
+    """``with Lanes(device, enabled) as fan``: fans out on entry (where enabled), joins on exit;
+    ``fan.lane(i)`` is the context that runs config ``i``'s blocks on its stream."""
 
     def __init__(self, device: torch.device, enabled: bool) -> None:
         self.enabled = False
         if not enabled or LANES < 2 or device.type != "cuda" or MODE == "never":
             return
+        if torch.compiler.is_compiling():  # Inductor would have to model the streams
+            return
         # made on the first eager call (making streams while capturing could break the capture)
         self.sides = _sides(device, LANES - 1)
+        self.main = torch.cuda.current_stream(device)
         self.enabled = MODE == "always" or torch.cuda.is_current_stream_capturing()
-        if self.enabled:
-            # every lane starts after what the caller issued before the fan-out (the zero fill);
-            # all forked here, not at first use, or a lane would wait for lane 0's blocks too
-            self.main = torch.cuda.current_stream(device)
-            for stream in self.sides:
-                stream.wait_stream(self.main)
 
     def lane(self, i: int, local: bool = True) -> AbstractContextManager:
         if not self.enabled or not local or i % LANES == 0:
             return nullcontext()
         return torch.cuda.stream(self.sides[i % LANES - 1])
 
-    def join(self) -> None:
+    def __enter__(self) -> Lanes:
+        if self.enabled:
+            # every lane starts after what the caller issued before the fan-out (the zero fill);
+            # all forked here, not at first use, or a lane would wait for lane 0's blocks too
+            for stream in self.sides:
+                stream.wait_stream(self.main)
+        return self
+
+    def __exit__(self, *exc) -> None:  # joins also when the blocks raised
         if self.enabled:
             for stream in self.sides:
                 self.main.wait_stream(stream)
-
-
-@contextmanager
-def lanes(device: torch.device, enabled: bool) -> Iterator[Lanes]:
-    """Fan out inside the ``with``, join at its end (also when it raises)."""
-    fan = Lanes(device, enabled and not torch.compiler.is_compiling())
-    try:
-        yield fan
-    finally:
-        fan.join()

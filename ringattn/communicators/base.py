@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import abstractmethod
 
 from ringattn.component import Component
-from ringattn.computers.base import BlockComputer, Rows, RowsLSE
+from ringattn.computers.base import BlockComputer, Rows, RowsLSE, place_, place_grads_
 
 
 class Communicator(Component):
@@ -66,10 +66,7 @@ class Communicator(Component):
         if span == 1:
             computer.forward_into(q, k, v, causal, scale, out, lse)
             return
-        out_block, lse_block = self.attend(computer, q, k, v, causal, scale, span)
-        out.copy_(out_block)
-        if lse is not None:
-            lse.copy_(lse_block)
+        place_(out, lse, self.attend(computer, q, k, v, causal, scale, span))
 
     def attend_backward_into(
         self,
@@ -89,6 +86,6 @@ class Communicator(Component):
         if span == 1:
             computer.backward_into(dout, q, k, v, out, lse, causal, scale, grads)
             return
-        blocks = self.attend_backward(computer, dout, q, k, v, out, lse, causal, scale, span)
-        for grad, grad_block in zip(grads, blocks):
-            grad.copy_(grad_block)
+        place_grads_(
+            grads, self.attend_backward(computer, dout, q, k, v, out, lse, causal, scale, span)
+        )

@@ -79,10 +79,7 @@ class BlockComputer(AttentionComputer):
         lse: RowsLSE | None,
     ) -> None:
         """:meth:`forward` written into ``out`` and, unless None, ``lse``."""
-        out_block, lse_block = self.forward(q, k, v, causal, scale)
-        out.copy_(out_block)
-        if lse is not None:
-            lse.copy_(lse_block)
+        place_(out, lse, self.forward(q, k, v, causal, scale))
 
     def backward_into(
         self,
@@ -97,8 +94,20 @@ class BlockComputer(AttentionComputer):
         grads: tuple[Rows, Rows, Rows],
     ) -> None:
         """:meth:`backward` written into ``grads`` (dq, dk, dv)."""
-        for grad, grad_block in zip(grads, self.backward(dout, q, k, v, out, lse, causal, scale)):
-            grad.copy_(grad_block)
+        place_grads_(grads, self.backward(dout, q, k, v, out, lse, causal, scale))
+
+
+def place_(out: Tensor, lse: Tensor | None, result: tuple[Tensor, Tensor]) -> None:
+    """Copy a forward's ``(out, lse)`` into views of the core's tensors (``lse`` None: skip it)."""
+    out.copy_(result[0])
+    if lse is not None:
+        lse.copy_(result[1])
+
+
+def place_grads_(grads: tuple[Tensor, ...], result: tuple[Tensor, ...]) -> None:
+    """Copy a backward's ``(dq, dk, dv)`` into views of the core's gradients."""
+    for grad, grad_block in zip(grads, result):
+        grad.copy_(grad_block)
 
 
 class LayoutComputer(AttentionComputer):
