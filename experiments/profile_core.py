@@ -2,15 +2,21 @@
 
     python -m experiments.profile_core                       # 131K, both mixings, fwd+bwd
     python -m experiments.profile_core --forward --compile   # no-grad forward, eager vs compiled
+    python -m experiments.profile_core --host --n 32768      # where the host's time per call goes
 
 Prints torch.profiler's table per (mixing, variant), sorted by CUDA time: which kernels the core
 launches, how often, and how long (docs/benchmarks/h200_perf.md quotes it: the compiled frame's
-identical GPU work, the r = 1 block's gradient copies).
+identical GPU work, the r = 1 block's gradient copies). ``--host`` instead profiles the host side
+with cProfile: the calls are issued while the GPU is still busy with a sleep kernel, so nothing on
+the host waits for the GPU, and the table (sorted by own time) is the host's cost per call.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -27,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compile", action="store_true", help="also profile compile=True")
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--rows", type=int, default=16)
+    p.add_argument("--host", action="store_true", help="cProfile the host instead")
     args = p.parse_args(argv)
     q, k, v, dout = (
         torch.randn(1, args.n, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4)
@@ -37,6 +44,10 @@ def main(argv: list[str] | None = None) -> None:
                 ISSUE_LENGTHS, ISSUE_RATES, mixing=mixing, compile=compiled
             )
             fwd, fwdbwd = fwd_and_fwdbwd(module, q, k, v, dout)
+            if args.host:
+                for what, call in (("forward", fwd), ("forward+backward", fwdbwd)):
+                    host_profile(call, f"n={args.n} {mixing} {what}", args.calls, args.rows)
+                continue
             call = fwd if args.forward else fwdbwd
             for _ in range(3):
                 call()
@@ -52,6 +63,32 @@ def main(argv: list[str] | None = None) -> None:
                     sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70
                 )
             )
+
+
+def host_profile(call, title: str, calls: int, rows: int) -> None:
+    """cProfile of ``calls`` calls issued behind a sleeping GPU: the host's own time per call."""
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)  # ~0.5 s of GPU time: every launch below only queues
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        call()
+    plain_ms = (time.perf_counter() - t0) / calls * 1e3
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)
+    profiler = cProfile.Profile()
+    t0 = time.perf_counter()
+    profiler.enable()
+    for _ in range(calls):
+        call()
+    profiler.disable()
+    host_ms = (time.perf_counter() - t0) / calls * 1e3
+    torch.cuda.synchronize()
+    print(
+        f"=== {title}: host {plain_ms:.3f} ms per call ({host_ms:.3f} under cProfile)", flush=True
+    )
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(rows)
 
 
 if __name__ == "__main__":

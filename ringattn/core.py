@@ -37,6 +37,7 @@ from ringattn.computers.base import (
 from ringattn.dilation.base import DilationProcessor
 from ringattn.kernels.unselected import zeros_for
 from ringattn.lanes import Lanes
+from ringattn.launches import prepared, views
 from ringattn.memory.base import MemoryManager
 from ringattn.merge import merge_into_
 from ringattn.pattern import Block, Plan
@@ -58,6 +59,8 @@ class CoreSpec:
     # names this spec inside the opaque custom ops (they take tensors and ints only); -1 for a
     # spec made while Dynamo traces an enclosing compiled model, which cannot be registered then
     serial: int = field(default=-1, compare=False)
+    # eager only: the placed blocks' prepared launches per tensor layouts (ringattn.launches)
+    launches: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if torch.compiler.is_compiling():
@@ -182,7 +185,24 @@ def dilated_forward(
             if write_lse:
                 lse_acc.fill_(float("-inf"))
 
+    tensors = (q, k, v, out_acc, lse_acc if write_lse else None)
+    launches = prepared(
+        spec,
+        "forward",
+        tensors[:3],
+        tensors[3:],
+        range(first, len(blocks)),
+        (lambda *views: spec.computer.forward_launcher(spec.causal, spec.scale, *views))
+        if spec.plan.disjoint
+        else (lambda *views: merging_launch(spec)),
+        placed=spec.plan.disjoint,
+    )
+
     def forward_blocks(i: int) -> None:
+        if i in launches:
+            for geometry, launch in launches[i]:
+                launch(*views(tensors, geometry))
+            return
         for block in spec.plan.parts[i]:
             index = _index(indices, i, blocks[i], block)
             out_rows, lse_rows = block.rows(out_acc), block.rows(lse_acc)
@@ -197,14 +217,16 @@ def dilated_forward(
                     out_flat,
                     flat_view(lse_rows) if write_lse else None,
                 )
-                continue
-            out_block, lse_block = attend(block, index)
-            out_block = out_block.unflatten(0, (b, block.segments))
-            lse_block = lse_block.unflatten(0, (b, block.segments))
-            if spec.plan.disjoint:
-                place_(out_rows, lse_rows if write_lse else None, (out_block, lse_block))
+            elif spec.plan.disjoint:
+                out_block, lse_block = attend(block, index)
+                lead = (b, block.segments)
+                place_(
+                    out_rows,
+                    lse_rows if write_lse else None,
+                    (out_block.unflatten(0, lead), lse_block.unflatten(0, lead)),
+                )
             else:
-                merge_into_(out_rows, lse_rows, out_block, lse_block)
+                merge_result_(out_rows, lse_rows, attend(block, index))
 
     for_each_block(spec, q.device, first, forward_blocks)
     return out_acc, lse_acc
@@ -251,9 +273,39 @@ def dilated_backward(
     else:
         grads = [zeros_for(q, spec.plan.selection, spec.memory) for _ in range(3)]
 
+    tensors = (dout, q, k, v, out, lse, *grads)
+    # head_groups: every (row, head) belongs to one block, so its gradients are placed; under lse
+    # only the parts of a covering first block are, the others add into the gradients
+    placed_ids = [
+        i for i in range(first, len(blocks)) if spec.plan.disjoint or (covering and i == 0)
+    ]
+    launches = {
+        **prepared(
+            spec,
+            "backward",
+            tensors[:6],
+            tensors[6:],
+            placed_ids,
+            lambda *views: spec.computer.backward_launcher(spec.causal, spec.scale, *views),
+            placed=True,
+        ),
+        **prepared(
+            spec,
+            "backward",
+            tensors[:6],
+            tensors[6:],
+            (i for i in range(first, len(blocks)) if i not in placed_ids),
+            lambda *views: adding_launch(spec),
+            placed=False,
+        ),
+    }
+
     def backward_blocks(i: int) -> None:
-        # head_groups: every (row, head) belongs to one block, so its gradients are placed
-        place = spec.plan.disjoint or (covering and i == 0)
+        if i in launches:
+            for geometry, launch in launches[i]:
+                launch(*views(tensors, geometry))
+            return
+        place = i in placed_ids
         for block in spec.plan.parts[i]:
             index = _index(indices, i, blocks[i], block)
             grad_rows = [block.rows(grad) for grad in grads]
@@ -267,17 +319,50 @@ def dilated_backward(
                     spec.spans[block.job.config],
                     tuple(flat_view(rows) for rows in grad_rows),
                 )
-                continue
-            for rows, grad_block in zip(grad_rows, attend_backward(block, index)):
-                grad_block = grad_block.unflatten(0, (b, block.segments))
-                if place:
-                    rows.copy_(grad_block)
-                else:
-                    rows.add_(grad_block)
+            else:
+                accumulate_(grad_rows, attend_backward(block, index), place)
 
     for_each_block(spec, q.device, first, backward_blocks)
     dq, dk, dv = grads
     return dq, dk, dv
+
+
+def merge_result_(out_rows: Tensor, lse_rows: Tensor, result: tuple[Tensor, Tensor]) -> None:
+    """Merge a block's ``(out [b * S, L, H, d], lse [b * S, L, H])`` into its rows
+    ``[b, S, L, H, ...]`` of the accumulators."""
+    lead = out_rows.shape[:2]
+    merge_into_(out_rows, lse_rows, result[0].unflatten(0, lead), result[1].unflatten(0, lead))
+
+
+def accumulate_(grad_rows: list[Tensor], result: tuple[Tensor, ...], place: bool) -> None:
+    """A block's ``(dq, dk, dv)`` (``[b * S, L, H, d]``) copied (``place``) or added into its
+    rows ``[b, S, L, H, d]`` of the gradients."""
+    for rows, grad_block in zip(grad_rows, result):
+        grad_block = grad_block.unflatten(0, rows.shape[:2])
+        if place:
+            rows.copy_(grad_block)
+        else:
+            rows.add_(grad_block)
+
+
+def merging_launch(spec: CoreSpec) -> Callable[..., None]:
+    """A prepared launch (``ringattn.launches``) of a merged block part that stays on this
+    device: its kernel, merged into its rows."""
+
+    def launch(q: Tensor, k: Tensor, v: Tensor, out_rows: Tensor, lse_rows: Tensor) -> None:
+        merge_result_(out_rows, lse_rows, spec.computer.forward(q, k, v, spec.causal, spec.scale))
+
+    return launch
+
+
+def adding_launch(spec: CoreSpec) -> Callable[..., None]:
+    """A prepared launch of a merged block part's backward: its gradients added into its rows."""
+
+    def launch(dout, q, k, v, out, lse, *grad_rows: Tensor) -> None:
+        result = spec.computer.backward(dout, q, k, v, out, lse, spec.causal, spec.scale)
+        accumulate_(list(grad_rows), result, place=False)
+
+    return launch
 
 
 class DilatedAttentionFunction(torch.autograd.Function):

@@ -23,6 +23,9 @@ from torch import Tensor
 # strided dout/out in the cuDNN backward; experiments/overheads.py).
 BLOCK_SPLIT = 8
 
+# a view's (size, stride, storage offset relative to its base) for ``Tensor.as_strided``
+Geometry = tuple[tuple[int, ...], tuple[int, ...], int]
+
 
 @dataclass(frozen=True)
 class Job:
@@ -67,16 +70,34 @@ class Block:
         return self._rows_sliced(x)
 
     def _rows_strided(self, x: Tensor) -> Tensor:
+        size, stride, offset = self.rows_geometry(x.shape, x.stride())
+        return x.as_strided(size, stride, x.storage_offset() + offset)
+
+    def rows_geometry(self, shape: tuple[int, ...], stride: tuple[int, ...]) -> Geometry:
+        """``(size, stride, offset)`` of :meth:`rows` as a view of an ``x`` with this ``shape``
+        and ``stride`` (offset relative to ``x``'s own). Integers only: the eager core computes
+        it once per layout and then makes each view with one ``as_strided``."""
         job = self.job
-        stride_b, stride_n, stride_h, *stride_rest = x.stride()
-        offset = (
-            x.storage_offset() + (self.start + job.offset) * stride_n + job.head_start * stride_h
-        )
-        return x.as_strided(
-            (x.shape[0], self.segments, self.length, job.num_heads, *x.shape[3:]),
+        stride_b, stride_n, stride_h, *stride_rest = stride
+        return (
+            (shape[0], self.segments, self.length, job.num_heads, *shape[3:]),
             (stride_b, job.w * stride_n, job.r * stride_n, job.head_step * stride_h, *stride_rest),
-            offset,
+            (self.start + job.offset) * stride_n + job.head_start * stride_h,
         )
+
+    def flat_geometry(self, shape: tuple[int, ...], stride: tuple[int, ...]) -> Geometry | None:
+        """The geometry of ``rows(x).flatten(0, 1)`` (:meth:`rows_geometry`), or None where
+        merging the batch and segment dims would copy (:func:`ringattn.core.flat_view`'s rule)."""
+        (b, segments, *size), (stride_b, stride_segment, *stride_rest), offset = self.rows_geometry(
+            shape, stride
+        )
+        if b == 1 or (segments > 1 and stride_b == segments * stride_segment):
+            stride_batch = stride_segment
+        elif segments == 1:
+            stride_batch = stride_b
+        else:
+            return None
+        return (b * segments, *size), (stride_batch, *stride_rest), offset
 
     def _rows_sliced(self, x: Tensor) -> Tensor:
         job = self.job

@@ -17,6 +17,7 @@ merged (multi-config) softmax, so no gradient ever has to flow through an LSE.
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable
 
 import torch
 from jaxtyping import Float
@@ -95,6 +96,43 @@ class BlockComputer(AttentionComputer):
     ) -> None:
         """:meth:`backward` written into ``grads`` (dq, dk, dv)."""
         place_grads_(grads, self.backward(dout, q, k, v, out, lse, causal, scale))
+
+    # The eager core prepares a *launcher* per placed block part and input layout once
+    # (``ringattn.launches``) and then calls it with fresh views of the same layouts: per-layout
+    # setup (a cuDNN graph's lookup) happens once, not in every call. A launcher holds no tensor.
+    # The default runs the two methods above.
+
+    def forward_launcher(
+        self, causal: bool, scale: float, q: Rows, k: Rows, v: Rows, out: Rows, lse: RowsLSE | None
+    ) -> Callable[[Rows, Rows, Rows, Rows, RowsLSE | None], None]:
+        """:meth:`forward_into` for views of the layouts of these (example) views."""
+
+        def launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor | None) -> None:
+            self.forward_into(q, k, v, causal, scale, out, lse)
+
+        return launch
+
+    def backward_launcher(
+        self,
+        causal: bool,
+        scale: float,
+        dout: Rows,
+        q: Rows,
+        k: Rows,
+        v: Rows,
+        out: Rows,
+        lse: RowsLSE,
+        dq: Rows,
+        dk: Rows,
+        dv: Rows,
+    ) -> Callable[..., None]:
+        """:meth:`backward_into` for views of the layouts of these (example) views; the launcher
+        takes ``(dout, q, k, v, out, lse, dq, dk, dv)``."""
+
+        def launch(dout, q, k, v, out, lse, dq, dk, dv) -> None:
+            self.backward_into(dout, q, k, v, out, lse, causal, scale, (dq, dk, dv))
+
+        return launch
 
 
 def place_(out: Tensor, lse: Tensor | None, result: tuple[Tensor, Tensor]) -> None:

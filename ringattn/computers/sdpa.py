@@ -234,3 +234,19 @@ class SDPAComputer(BlockComputer):
             and cudnn_graphs.backward_into(dout, q, k, v, out, lse, grads, causal, scale)
         ):
             super().backward_into(dout, q, k, v, out, lse, causal, scale, grads)
+
+    def forward_launcher(self, causal, scale, q, k, v, out, lse):
+        if self._in_place(q):
+            launch = cudnn_graphs.forward_launcher(q, k, v, out, lse, causal, scale)
+            if launch is not None:
+                return launch
+        return super().forward_launcher(causal, scale, q, k, v, out, lse)
+
+    def backward_launcher(self, causal, scale, dout, q, k, v, out, lse, dq, dk, dv):
+        if self._in_place(q):
+            launch = cudnn_graphs.backward_launcher(
+                dout, q, k, v, out, lse, dq, dk, dv, causal, scale
+            )
+            if launch is not None:
+                return launch
+        return super().backward_launcher(causal, scale, dout, q, k, v, out, lse, dq, dk, dv)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ringattn.dilation.base import DilationProcessor
-from ringattn.pattern import Block
+from ringattn.pattern import Block, Geometry
 from ringattn.registry import register
 
 
@@ -18,3 +18,8 @@ from ringattn.registry import register
 class SegmentLocalDilation(DilationProcessor):
     def read(self, x: Tensor, block: Block, index: Tensor | None) -> Tensor:
         return block.rows(x).flatten(0, 1)
+
+    def geometry(
+        self, block: Block, shape: tuple[int, ...], stride: tuple[int, ...]
+    ) -> Geometry | None:
+        return block.flat_geometry(shape, stride)

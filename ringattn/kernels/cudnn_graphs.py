@@ -22,6 +22,7 @@ size of q held after the first call). The helper thread's stack holds no tensors
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -72,7 +73,8 @@ def _handle(device: torch.device):
     if handles is None:
         handles = _local.handles = {}  # (device, stream) -> handle, and device -> first handle
         _local.bound = {}  # id(handle) -> the stream it is bound to
-    stream = torch.cuda.current_stream(device).cuda_stream
+    # the raw pointer: torch.cuda.current_stream() builds a Stream object (~5 us a call)
+    stream = torch._C._cuda_getCurrentRawStream(device.index)
     handle = handles.get((device, stream))
     if handle is None:
         if torch.cuda.is_current_stream_capturing() and device in handles:
@@ -190,40 +192,109 @@ def _graph(build, device: torch.device, causal: bool, scale: float, *layouts) ->
     return _graphs[key]
 
 
-def _run(entry, uids: tuple[int, ...], operands: list[Tensor], device: torch.device) -> None:
+_FORWARD_UIDS = (_Q, _K, _V, _O)
+_BACKWARD_UIDS = (_Q, _K, _V, _O, _DO, _STATS, _DQ, _DK, _DV)
+
+# A launcher runs one graph for views of the layouts it was made for (the core prepares one per
+# block part and layout, ``ringattn.launches``); it holds the graph, never a tensor.
+ForwardLaunch = Callable[[Tensor, Tensor, Tensor, Tensor, "Tensor | None"], None]
+BackwardLaunch = Callable[..., None]
+
+
+def forward_launcher(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor | None, causal: bool, scale: float
+) -> ForwardLaunch | None:
+    """A launcher of attention over ``[B, L, H, d]`` blocks of these layouts, written into ``out``
+    (any strided view, q's dtype) and, if given, ``lse`` (``[B, L, H]`` float32); None if cuDNN
+    declines the layouts."""
+    device = q.device
+    layouts = [_layout(_bhsd(x)) for x in (q, k, v, out)]
+    # the LSE goes through a packed buffer: a view of it can start at any float, and it is small
+    # (one float a row against d values of the output)
+    stats_shape = _stats(lse).shape if lse is not None else None
+    stats_layout = None
+    if stats_shape is not None:
+        stats_layout = (tuple(stats_shape), _contiguous_strides(stats_shape), lse.dtype)
+    entry = _graph(_forward_graph, device, causal, scale, *layouts, stats_layout)
+    if entry is None:
+        return None
     graph, workspace_bytes = entry
+    uids = _FORWARD_UIDS if lse is None else (*_FORWARD_UIDS, _STATS)
+
+    def launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor | None) -> None:
+        operands = [_bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out)]
+        if lse is not None:
+            stats = torch.empty(stats_shape, dtype=lse.dtype, device=device)
+            operands.append(stats)
+        _execute(graph, workspace_bytes, uids, operands, device)
+        if lse is not None:
+            _stats(lse).copy_(stats)
+
+    return launch
+
+
+def backward_launcher(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dq: Tensor,
+    dk: Tensor,
+    dv: Tensor,
+    causal: bool,
+    scale: float,
+) -> BackwardLaunch | None:
+    """A launcher of the flash-attention backward of ``[B, L, H, d]`` blocks of these layouts,
+    with the given (merged) output and LSE, its dQ/dK/dV written into the strided views; None if
+    cuDNN declines."""
+    device = q.device
+    operands = _backward_operands(dout, q, k, v, out, lse, dq, dk, dv)
+    entry = _graph(_backward_graph, device, causal, scale, *(_layout(x) for x in operands))
+    if entry is None:
+        return None
+    graph, workspace_bytes = entry
+
+    def launch(dout, q, k, v, out, lse, dq, dk, dv) -> None:
+        operands = _backward_operands(dout, q, k, v, out, lse, dq, dk, dv)
+        _execute(graph, workspace_bytes, _BACKWARD_UIDS, operands, device)
+
+    return launch
+
+
+def _backward_operands(dout, q, k, v, out, lse, dq, dk, dv) -> list[Tensor]:
+    return [
+        *(_bhsd(x) for x in (q, k, v, out, dout)),
+        # cuDNN < 9.26 reads the LSE only as a packed [B, H, L, 1] tensor (one float a row)
+        _stats(lse).contiguous(),
+        *(_bhsd(g) for g in (dq, dk, dv)),
+    ]
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+def _execute(graph, workspace_bytes: int, uids, operands: list[Tensor], device) -> None:
     workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
     # the ordered form (a list and its uids) is the frontend's fast path: ~16 us of host time
     # against ~44 us for a uid -> pointer dict (H200 host, h200_perf.md step 11)
     graph.execute(operands, workspace, handle=_handle(device), tensor_uids=uids)
 
 
-_FORWARD_UIDS = (_Q, _K, _V, _O)
-_BACKWARD_UIDS = (_Q, _K, _V, _O, _DO, _STATS, _DQ, _DK, _DV)
-
-
 def forward_into(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor | None, causal: bool, scale: float
 ) -> bool:
-    """Attention of ``[B, L, H, d]`` blocks written into ``out`` (any strided view, q's dtype) and,
-    if given, ``lse`` (``[B, L, H]`` float32). False if cuDNN declines (nothing written)."""
-    operands = [_bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out)]
-    uids = _FORWARD_UIDS
-    stats = None
-    if lse is not None:
-        # through a packed buffer: a view of the LSE can start at any float, and it is small
-        # (one float a row against d values of the output)
-        stats = torch.empty(_stats(lse).shape, dtype=lse.dtype, device=lse.device)
-        operands.append(stats)
-        uids = (*uids, _STATS)
-    layouts = [_layout(x) for x in operands]
-    stats_layout = layouts[4] if stats is not None else None
-    entry = _graph(_forward_graph, q.device, causal, scale, *layouts[:4], stats_layout)
-    if entry is None:
+    """:func:`forward_launcher` made and run once; False if cuDNN declines (nothing written)."""
+    launch = forward_launcher(q, k, v, out, lse, causal, scale)
+    if launch is None:
         return False
-    _run(entry, uids, operands, q.device)
-    if lse is not None:
-        _stats(lse).copy_(stats)
+    launch(q, k, v, out, lse)
     return True
 
 
@@ -238,16 +309,9 @@ def backward_into(
     causal: bool,
     scale: float,
 ) -> bool:
-    """The flash-attention backward of ``[B, L, H, d]`` blocks with the given (merged) output and
-    LSE, its dQ/dK/dV written into the strided views ``grads``. False if cuDNN declines."""
-    operands = [
-        *(_bhsd(x) for x in (q, k, v, out, dout)),
-        # cuDNN < 9.26 reads the LSE only as a packed [B, H, L, 1] tensor (one float a row)
-        _stats(lse).contiguous(),
-        *(_bhsd(g) for g in grads),
-    ]
-    entry = _graph(_backward_graph, q.device, causal, scale, *(_layout(x) for x in operands))
-    if entry is None:
+    """:func:`backward_launcher` made and run once; False if cuDNN declines."""
+    launch = backward_launcher(dout, q, k, v, out, lse, *grads, causal, scale)
+    if launch is None:
         return False
-    _run(entry, _BACKWARD_UIDS, operands, q.device)
+    launch(dout, q, k, v, out, lse, *grads)
     return True

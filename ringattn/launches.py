@@ -1,0 +1,104 @@
+"""Prepared launches: the eager core's host work per block cut to views and one call.
+
+Why: at 32K tokens an H200 finishes a ``head_groups`` forward in ~0.45 ms of GPU time, while the
+host took 1.1–1.5 ms to issue it (``docs/benchmarks/h200_perf.md``, step 13): ~900 Python calls
+per forward, ~150 per kernel call, spread over the views of five operands (dilation processor,
+``Block.rows``, flatten), the communicator, the computer's checks and the cuDNN frontend's graph
+lookup. For a block that stays on this device, all of that depends only on the *layouts* of the
+core's tensors (shape, strides, dtype, device), never on their data.
+
+So the first call with given layouts prepares, for every block part, the geometry of each
+operand's view (size, strides, offset from the tensor's own: ``ringattn.pattern.Geometry``) and
+a *launcher* for those layouts: for a placed block the computer's
+(``BlockComputer.forward_launcher``; for ``sdpa`` with the cuDNN frontend, the built graph
+itself), for a merged one the computer's kernel and the merge (``ringattn.core``). Later calls
+make each view with one ``as_strided`` and call the launcher. Same kernels, same views, same
+results as the general path (``tests/test_launches.py`` holds the two to identical outputs and
+gradients).
+
+Prepared only eagerly (never while tracing), for dilation processors whose reads are views
+(``segment_local``; ``global`` gathers), and for blocks whose segments stay on this device (a
+block that travels goes through its communicator). The preparations live on the
+:class:`ringattn.core.CoreSpec` (one per module and shape), a few per spec at most.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from ringattn.pattern import Geometry
+
+# block index -> its parts' (geometry of each operand, launcher)
+Prepared = dict[int, tuple[tuple[tuple[Geometry | None, ...], Callable[..., None]], ...]]
+
+# preparations kept per spec (one per (kind, layouts)): a module sees a few layouts at most
+MAX_PREPARED = 8
+
+
+def views(tensors: tuple[Tensor | None, ...], geometry: tuple[Geometry | None, ...]) -> list:
+    """Each tensor's view of this geometry (None stays None)."""
+    return [
+        None if g is None else x.as_strided(g[0], g[1], x.storage_offset() + g[2])
+        for x, g in zip(tensors, geometry)
+    ]
+
+
+def prepared(
+    spec,
+    kind: str,
+    reads: tuple[Tensor, ...],
+    writes: tuple[Tensor | None, ...],
+    block_ids: Iterable[int],
+    make_launcher: Callable[..., Callable[..., None]],
+    placed: bool,
+) -> Prepared:
+    """The prepared launches of ``spec``'s blocks ``block_ids`` for tensors of these layouts:
+    ``reads`` go through the dilation processor (``[b, n, h, ...]`` inputs); ``writes`` (the
+    output and LSE, or the gradients; None: not written) are viewed as each part's rows,
+    ``[b * S, L, H, ...]`` where results are ``placed`` straight into them, else ``[b, S, L, H,
+    ...]`` (merged or added into). ``make_launcher(*views)`` builds a part's launcher from example
+    views. Blocks missing from the result take the general path."""
+    if torch.compiler.is_compiling():
+        return {}
+    block_ids = tuple(block_ids)
+    key = (
+        kind,
+        placed,
+        block_ids,
+        *((None if x is None else _layout(x)) for x in (*reads, *writes)),
+    )
+    cache = spec.launches
+    found = cache.get(key)
+    if found is None:
+        if len(cache) >= MAX_PREPARED:  # bounded: drop the oldest
+            cache.pop(next(iter(cache)))
+        found = cache[key] = _prepare(spec, reads, writes, block_ids, make_launcher, placed)
+    return found
+
+
+def _layout(x: Tensor) -> tuple:
+    return x.shape, x.stride(), x.dtype, x.device
+
+
+def _prepare(spec, reads, writes, block_ids, make_launcher, placed: bool) -> Prepared:
+    plan, tensors = spec.plan, (*reads, *writes)
+    result: Prepared = {}
+    for i in block_ids:
+        if spec.spans[plan.blocks[i].job.config] != 1:
+            continue  # its segments span ranks: the communicator's path
+        entries = []
+        for part in plan.parts[i]:
+            rows = part.flat_geometry if placed else part.rows_geometry
+            geometry = (
+                *(spec.dilation.geometry(part, x.shape, x.stride()) for x in reads),
+                *(None if x is None else rows(x.shape, x.stride()) for x in writes),
+            )
+            if any(g is None and x is not None for x, g in zip(tensors, geometry)):
+                break  # a read that gathers, or rows that are not one view: the general path
+            entries.append((geometry, make_launcher(*views(tensors, geometry))))
+        else:
+            result[i] = tuple(entries)
+    return result

@@ -1,0 +1,151 @@
+"""Prepared launches (``ringattn.launches``): the eager core's per-layout preparation must compute
+exactly what the general path computes, be taken where it applies, and hold no tensor."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from conftest import dilation_configs, make_qkv, problems
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ringattn
+from ringattn import core, launches, pattern
+from ringattn.core import flat_view
+
+
+def layouts(b: int, n: int, h: int, d: int) -> dict[str, torch.Tensor]:
+    """``[b, n, h, d]`` tensors of different strides and storage offsets."""
+    return {
+        "contiguous": torch.randn(b, n, h, d),
+        "transposed": torch.randn(b, h, n, d).transpose(1, 2),  # [b, h, n, d] storage
+        "sliced": torch.randn(b + 1, n + 2, h + 1, d + 2)[1:, 2:, 1:, 1:-1],
+        "lse": torch.randn(b, n, h),  # no trailing dim
+    }
+
+
+@given(
+    dilation_configs(),
+    st.integers(1, 2),
+    st.integers(1, 40),
+    st.integers(1, 6),
+    st.sampled_from(["lse", "head_groups"]),
+    st.integers(1, 8),
+)
+def test_flat_geometry_is_the_flat_view_or_none(configs, b, n, h, mixing, split):
+    """``Block.flat_geometry`` makes the very view ``flat_view(block.rows(x))`` makes (same data,
+    same start, same steps), and is None exactly where that view does not exist."""
+    plan = pattern._build_plan(n, h, tuple(zip(*configs)), mixing, split)
+    for x in layouts(b, n, h, 3).values():
+        for part in (part for parts in plan.parts for part in parts):
+            flat = flat_view(part.rows(x))
+            geometry = part.flat_geometry(x.shape, x.stride())
+            assert (geometry is None) == (flat is None)
+            if flat is None:
+                continue
+            prepared = launches.views((x,), (geometry,))[0]
+            assert prepared.shape == flat.shape and torch.equal(prepared, flat)
+            if flat.numel():
+                assert prepared.data_ptr() == flat.data_ptr()
+                assert all(
+                    a == c
+                    for a, c, size in zip(prepared.stride(), flat.stride(), flat.shape)
+                    if size > 1
+                )
+
+
+def relayout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """``x``'s values in a tensor of another layout."""
+    b, n, h, d = x.shape
+    if layout == "transposed":
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "sliced":
+        y = torch.zeros(b + 1, n + 2, h + 1, d + 2)[1:, 2:, 1:, 1:-1]
+        return y.copy_(x)
+    return x
+
+
+def run(p: dict, strategy: ringattn.Strategy, q, k, v, dout):
+    attention = ringattn.DilatedAttention(
+        p["segment_lengths"],
+        p["dilation_rates"],
+        causal=p["causal"],
+        mixing=p["mixing"],
+        strategy=strategy,
+        compile=False,
+    )
+    xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out = attention(*xs)
+    out.backward(dout)
+    with torch.no_grad():
+        out_no_grad = attention(q, k, v)
+    return attention, (out.detach(), out_no_grad, *(x.grad for x in xs))
+
+
+@pytest.mark.parametrize("computer", ["math", "sdpa"])
+@pytest.mark.parametrize("dilation", ["segment_local", "global"])
+@settings(max_examples=15, deadline=None)
+@given(p=problems(), layout=st.sampled_from(["contiguous", "transposed", "sliced"]))
+def test_prepared_launches_compute_exactly_the_general_path(computer, dilation, p, layout):
+    """Outputs (with and without gradients) and gradients are bit-identical with and without the
+    prepared launches, for inputs of several layouts; and the launches are taken wherever the
+    reads are views (segment_local), never where they gather (global)."""
+    q, k, v = make_qkv(p, torch.float32)
+    dout = torch.randn_like(q)
+    q, k, v, dout = (relayout(x, layout) for x in (q, k, v, dout))
+    strategy = ringattn.Strategy(dilation=dilation, computer=computer)
+    taken = []
+
+    def spy(tensors, geometry):
+        taken.append(len(tensors))
+        return launches.views(tensors, geometry)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(core, "views", spy)
+        attention, prepared = run(p, strategy, q, k, v, dout)
+    blocks = attention._specs[(p["n"], p["h"], p["d"], False)].plan.blocks
+    if dilation == "segment_local" and p["b"] == 1 and len(blocks) > 1:
+        assert taken, "no prepared launch was taken"  # b == 1: every part's rows are one view
+    if dilation == "global":
+        assert not taken
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(core, "prepared", lambda *args, **kwargs: {})
+        _, general = run(p, strategy, q, k, v, dout)
+    for a, c in zip(prepared, general):
+        assert torch.equal(a, c)
+
+
+def test_prepared_launches_hold_no_tensor():
+    """The preparations outlive the call (on the module's spec); the tensors must not: inputs,
+    outputs and gradients are freed as soon as the caller drops them, garbage collector off."""
+    p = {"b": 1, "n": 64, "h": 4, "d": 8}
+    attention = ringattn.DilatedAttention(
+        (16, 32), (1, 2), mixing="head_groups", strategy=ringattn.Strategy(computer="sdpa")
+    )
+    gc.collect()
+    gc.disable()
+    try:
+        q, k, v = make_qkv(p, torch.float32, requires_grad=True)
+        out = attention(q, k, v)
+        out.sum().backward()
+        refs = [weakref.ref(x) for x in (q, k, v, out, q.grad)]
+        assert all(spec.launches for spec in attention._specs.values())
+        del q, k, v, out
+        assert all(ref() is None for ref in refs)
+    finally:
+        gc.enable()
+
+
+def test_preparations_per_spec_are_bounded():
+    attention = ringattn.DilatedAttention(
+        (8,), (1,), mixing="head_groups", strategy=ringattn.Strategy(computer="math")
+    )
+    with torch.no_grad():
+        for width in range(4, 4 + launches.MAX_PREPARED + 3):  # new strides each time
+            x = torch.randn(1, 16, 2, width)[..., :4]
+            attention(x, x, x)
+    (spec,) = attention._specs.values()
+    assert 0 < len(spec.launches) <= launches.MAX_PREPARED
