@@ -121,11 +121,17 @@ def correctness(device) -> list[dict]:
     return rows
 
 
-def bench_ms(fn, device, warmup=2, repeats=5, sync=True) -> float:
+# timed calls per measurement (--repeats)
+REPEATS = [5]
+
+
+def bench_ms(fn, device, warmup=2, sync=True) -> float:
+    """Median ms of single calls, each started on an idle GPU (and, ``sync``, after a barrier):
+    a host-bound call measures its host time."""
     for _ in range(warmup):
         fn()
     times = []
-    for _ in range(repeats):
+    for _ in range(REPEATS[0]):
         if sync:
             dist.barrier()
         if device.type == "cuda":
@@ -136,6 +142,21 @@ def bench_ms(fn, device, warmup=2, repeats=5, sync=True) -> float:
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def steady_ms(fn, device, sync=True) -> float:
+    """ms per call of ``--repeats`` calls issued back to back (as layers and steps issue them):
+    the host issues the next call while the GPU runs this one, so this is max(host, GPU)."""
+    if sync:
+        dist.barrier()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(REPEATS[0]):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / REPEATS[0]
 
 
 def speed(device, n: int, causal: bool, layouts=("contiguous",)) -> list[dict]:
@@ -197,8 +218,9 @@ def throughput(f_ms: float, fb_ms: float, flops_f: float, flops_fb: float) -> di
 
 
 def timed(fn, q, k, v, grad, device, collective=True) -> tuple[float, float, float]:
-    """Forward ms, forward+backward ms (median of 5) and peak GiB above what was allocated before
-    of ``fn(q, k, v)``; ``collective``: the slowest rank's times and the largest peak."""
+    """Forward ms, forward+backward ms (median of ``--repeats``) and peak GiB above what was
+    allocated before of ``fn(q, k, v)``; ``collective``: the slowest rank's times and the largest
+    peak. The back-to-back times (``steady_ms``) of the last call go to ``LAST_STEADY``."""
 
     def fwd():
         with torch.no_grad():
@@ -217,11 +239,38 @@ def timed(fn, q, k, v, grad, device, collective=True) -> tuple[float, float, flo
     f_ms = bench_ms(fwd, device, sync=collective)
     fb_ms = bench_ms(fb, device, sync=collective)
     peak = (torch.cuda.max_memory_allocated() - before) / 2**30 if cuda else float("nan")
+    f_b2b, fb_b2b = steady_ms(fwd, device, sync=collective), steady_ms(fb, device, sync=collective)
     if not collective:
+        LAST_STEADY[:] = [f_b2b, fb_b2b]
         return f_ms, fb_ms, peak
-    stats = torch.tensor([f_ms, fb_ms, peak], device=device)
+    stats = torch.tensor([f_ms, fb_ms, peak, f_b2b, fb_b2b], device=device)
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+    LAST_STEADY[:] = [float(stats[3]), float(stats[4])]
     return float(stats[0]), float(stats[1]), float(stats[2])
+
+
+LAST_STEADY = [float("nan"), float("nan")]
+
+# --profile DIR: weak() writes torch.profiler tables of rank 0's forward calls there
+PROFILE: list[Path] = []
+
+
+def profile_forward(fn, q, k, v, name: str) -> None:
+    """Rank 0: CPU and CUDA time per op of ``--repeats`` forward calls issued back to back."""
+    if not PROFILE or dist.get_rank() != 0:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(REPEATS[0]):
+            fn(q, k, v)
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    text = [f"# {name}: {REPEATS[0]} forward calls back to back (rank 0)", ""]
+    for key in ("self_cuda_time_total", "self_cpu_time_total"):
+        text += [f"## by {key}", averages.table(sort_by=key, row_limit=25), ""]
+    PROFILE[0].mkdir(parents=True, exist_ok=True)
+    (PROFILE[0] / f"profile_{name}.txt").write_text("\n".join(text))
 
 
 ISSUE5_CONFIG = ((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16))
@@ -245,14 +294,19 @@ def weak(device, n_per_gpu: int, causal: bool, mixing: str) -> list[dict]:
         flops_fb = useful_flops(b, n, h, d, lengths, rates, causal, mixing, backward=True) / gpus
         if gpus == 1:  # one GPU alone at N: rank 0 measures, the others wait
             f_ms = fb_ms = peak = float("nan")
+            LAST_STEADY[:] = [float("nan")] * 2
             if rank == 0:
                 module = ringattn.DilatedAttention(lengths, rates, **opts)
                 f_ms, fb_ms, peak = timed(module, q, k, v, grad, device, collective=False)
+                profile_forward(module, q, k, v, f"weak_{n_per_gpu}_{mixing}_{causal}_local")
             dist.barrier()
         else:
             strategy = ringattn.Strategy(communicator=communicator, computer="sdpa")
             module = ringattn.DilatedAttention(lengths, rates, strategy=strategy, **opts)
             f_ms, fb_ms, peak = timed(module, q, k, v, grad, device)
+            saved = list(LAST_STEADY)
+            profile_forward(module, q, k, v, f"weak_{n_per_gpu}_{mixing}_{causal}_{communicator}")
+            LAST_STEADY[:] = saved
         row = {
             "n_per_gpu": n_per_gpu,
             "gpus": gpus,
@@ -261,14 +315,19 @@ def weak(device, n_per_gpu: int, causal: bool, mixing: str) -> list[dict]:
             "mixing": mixing,
             "communicator": communicator,
             **throughput(f_ms, fb_ms, flops_f, flops_fb),
+            "fwd_ms_b2b": LAST_STEADY[0],
+            "fwdbwd_ms_b2b": LAST_STEADY[1],
             "peak_extra_gib": peak,
         }
         rows.append(row)
     if rank == 0:  # the baseline's numbers exist on rank 0 only
         base = rows[0]
         for row in rows:
+            # per-GPU work is the same at N and p·N, so time ratios are efficiencies
             row["fwd_efficiency"] = row["fwd_tflops_per_gpu"] / base["fwd_tflops_per_gpu"]
             row["fwdbwd_efficiency"] = row["fwdbwd_tflops_per_gpu"] / base["fwdbwd_tflops_per_gpu"]
+            row["fwd_efficiency_b2b"] = base["fwd_ms_b2b"] / row["fwd_ms_b2b"]
+            row["fwdbwd_efficiency_b2b"] = base["fwdbwd_ms_b2b"] / row["fwdbwd_ms_b2b"]
             log("weak", row)
     return rows
 
@@ -357,10 +416,16 @@ def main() -> None:
     parser.add_argument("--layouts", nargs="+", default=["contiguous", "zigzag"])
     parser.add_argument("--weak-n", type=int, nargs="+", default=[16384, 65536, 262144])
     parser.add_argument("--cp-n", type=int, nargs="+", default=[131072, 262144, 524288])
+    parser.add_argument("--repeats", type=int, default=REPEATS[0], help="timed calls per number")
+    parser.add_argument("--profile", type=Path, help="weak: write profiler tables here (CUDA)")
+    parser.add_argument("--causal", choices=["yes", "no", "both"], default="both", help="weak")
+    parser.add_argument("--mixing", nargs="+", default=["lse", "head_groups"], help="weak")
     parser.add_argument("--heads", type=int, default=BHD[1])
     parser.add_argument("--head-dim", type=int, default=BHD[2])
     args = parser.parse_args()
     BHD[1:] = [args.heads, args.head_dim]
+    REPEATS[0] = args.repeats
+    PROFILE[:] = [args.profile] if args.profile and torch.cuda.is_available() else []
     if "LOCAL_RANK" not in os.environ:
         raise SystemExit("distributed_bench: error: launch with torchrun --nproc_per_node=P")
     cuda = torch.cuda.is_available()
@@ -375,9 +440,8 @@ def main() -> None:
         for n, causal in itertools.product(args.seq_lens, (False, True)):
             speed_rows += speed(device, n, causal, tuple(args.layouts))
     if "weak" in parts:
-        for n, causal, mixing in itertools.product(
-            args.weak_n, (False, True), ("lse", "head_groups")
-        ):
+        causals = {"yes": (True,), "no": (False,), "both": (False, True)}[args.causal]
+        for n, causal, mixing in itertools.product(args.weak_n, causals, args.mixing):
             weak_rows += weak(device, n, causal, mixing)
     if "cp" in parts:
         for n in args.cp_n:
@@ -409,7 +473,10 @@ def main() -> None:
             f"## Weak scaling (issue 5): {dtype_name}, b, h, d = {tuple(BHD)}, "
             f"segment_lengths={ISSUE5_CONFIG[0]}, "
             f"dilation_rates={ISSUE5_CONFIG[1]}; {p} GPUs at p·N vs 1 GPU at N (same run). "
-            "Efficiency: per-GPU useful TFLOP/s over the 1-GPU row's (target >= 0.90).",
+            "Efficiency: per-GPU useful TFLOP/s over the 1-GPU row's (target >= 0.90). "
+            "Times: slowest rank; `_ms` median of single calls each started on an idle GPU "
+            "(a host-bound call measures its host time), `_b2b` per call of calls issued back "
+            "to back (the host runs ahead of the GPU, as in a model).",
             weak_rows,
             [
                 "n_per_gpu",
@@ -424,6 +491,10 @@ def main() -> None:
                 "fwdbwd_tflops_per_gpu",
                 "fwd_efficiency",
                 "fwdbwd_efficiency",
+                "fwd_ms_b2b",
+                "fwdbwd_ms_b2b",
+                "fwd_efficiency_b2b",
+                "fwdbwd_efficiency_b2b",
                 "peak_extra_gib",
             ],
         )

@@ -234,6 +234,7 @@ def test_distributed_bench_parts_run_on_cpu(tmp_path):
     # 1 GPU at N, ring and all_gather at 2N, for each (causal, mixing)
     assert [r["gpus"] for r in weak] == [1, 2, 2] * 4
     assert all(r["fwd_efficiency"] > 0 and r["fwdbwd_tflops_per_gpu"] > 0 for r in weak)
+    assert all(r["fwd_ms_b2b"] > 0 and r["fwdbwd_efficiency_b2b"] > 0 for r in weak)
     cp = {r["impl"]: r for r in json.loads((tmp_path / "distributed_cp.json").read_text())["cp"]}
     for name in ("ringattn ring zigzag", "ringattn all_gather zigzag", "ringattn ring contiguous"):
         assert "error" not in cp[name] and cp[name]["fwdbwd_ms"] > 0

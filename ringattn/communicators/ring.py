@@ -11,8 +11,10 @@ chunks while the first computes one. ``layout="zigzag"``: every rank uses half o
 shard (``SequenceParallel.piece``), so each step costs every rank the same.
 
 Backward (merged-stats identity, see ``ringattn/core.py``): the K/V ring runs again; each rank
-computes its queries' share of every chunk's gradient and sends that chunk's dK/dV (float32)
-straight back to its owner. No rank ever holds more than two chunks of K/V at once.
+computes its queries' share of every chunk's gradient and sends that chunk's dK/dV straight back
+to its owner, in the dtype the kernel returned it (bf16 from cuDNN: widening it first would double
+the bytes of a transfer nothing can overlap at the last step, for the same values); the owner
+adds it into its float32 accumulators. No rank ever holds more than two chunks of K/V at once.
 """
 
 from __future__ import annotations
@@ -119,9 +121,10 @@ class RingCommunicator(SequenceParallel):
         kv_own = stack_kv(k, v)
         buffers = self._buffers(kv_own)
         pending = self._post(self._kv_exchange(1, t, peers, causal, kv_own, buffers[1]))
-        dq, dk, dv = (
-            g.to(dtype) for g in computer.backward(dout, q, k, v, out, lse, causal, scale)
-        )
+        own = computer.backward(dout, q, k, v, out, lse, causal, scale)
+        share_dtype = own[1].dtype  # every rank's kernel returns its shares in this dtype
+        dq, dk, dv = (g.to(dtype) for g in own)
+        del own
         received: tuple[Tensor, slice] | None = None  # dK/dV share in flight to us, its rows
 
         def add_received() -> None:  # after the wait for the step that received it
@@ -159,7 +162,7 @@ class RingCommunicator(SequenceParallel):
                 )
                 dq[:, rows] += dq_c
                 # chunk t - step's share goes straight back to its owner
-                grad_out = torch.stack((dk_c, dv_c)).to(dtype)
+                grad_out = torch.stack((dk_c, dv_c)).to(share_dtype)
                 ops.append(
                     dist.P2POp(dist.isend, grad_out, peers[(t - step) % span], self.group, GRAD_TAG)
                 )
@@ -170,7 +173,7 @@ class RingCommunicator(SequenceParallel):
             if theirs is not None:
                 cols = theirs[1]
                 shape = (2, kv_own.shape[1], len(range(rows_total)[cols]), *kv_own.shape[3:])
-                grad_in = self.memory.scratch("ring_dkv", shape, dtype, kv_own.device)
+                grad_in = self.memory.scratch("ring_dkv", shape, share_dtype, kv_own.device)
                 ops.append(dist.P2POp(dist.irecv, grad_in, peers[source], self.group, GRAD_TAG))
                 received = (grad_in, cols)
             pending = pending + self._post(ops)
