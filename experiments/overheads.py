@@ -6,10 +6,7 @@
 For each ``n``, mixing, ``ringattn.pattern.BLOCK_SPLIT`` value and A/B choice (``--in-place``:
 cuDNN writes placed blocks into their rows or torch's op and a copy; ``--fill``: head_groups zeroes
 only the pairs no block writes, or the whole tensor; ``--lanes``: when a disjoint plan's configs
-run on concurrent CUDA streams, ``ringattn.lanes.MODE``; ``--merged``: how the eager core's
-prepared launches of merged (``lse``) blocks call the kernel and the merge: ``fast`` the cuDNN
-frontend and a direct launch of the compiled merge kernel, ``frontend`` the frontend and
-Triton's JIT entry point, ``torch`` torch's cuDNN op and the JIT), times forward and
+run on concurrent CUDA streams, ``ringattn.lanes.MODE``), times forward and
 forward+backward of ``segment_local/sdpa`` (eager) and measures their peak memory relative to the
 tensors the call cannot avoid (as ``experiments.bench`` does). With ``--trace`` it also logs every
 kernel call of one forward+backward: the block's shape, the bytes it allocates transiently (peak
@@ -44,7 +41,6 @@ from ringattn import core, lanes, pattern
 from ringattn.computers.sdpa import SDPAComputer
 from ringattn.flops import useful_flops
 from ringattn.kernels import cudnn_graphs
-from ringattn.kernels import merge as merge_kernel
 
 # how the core zero-fills a disjoint (head_groups) plan's output and gradients
 FILLS = {
@@ -190,14 +186,10 @@ def probe(n: int, args, traces: dict) -> list[dict]:
     rows = []
     for mixing in args.mixing:
         flops_f = useful_flops(b, n, h, d, ISSUE_LENGTHS, ISSUE_RATES, args.causal, mixing)
-        choices = list(
-            itertools.product(args.split, args.in_place, args.fill, args.lanes, args.merged)
-        )
-        for split, in_place, fill, lane_mode, merged in choices:
+        choices = list(itertools.product(args.split, args.in_place, args.fill, args.lanes))
+        for split, in_place, fill, lane_mode in choices:
             pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
             SDPAComputer.in_place = in_place == "yes"
-            SDPAComputer.merged_frontend = merged != "torch"
-            merge_kernel.FAST_LAUNCH = merged == "fast"
             core.zeros_for = FILLS[fill]
             lanes.MODE = lane_mode
             attention = ringattn.DilatedAttention(
@@ -220,7 +212,6 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "in_place": SDPAComputer.in_place and cudnn_graphs.cudnn is not None,
                     "fill": fill,
                     "lanes": lane_mode,
-                    "merged": merged,
                     **stats,
                     "fwd_tflops": flops_f / stats["fwd_ms"] / 1e9,
                     "fwdbwd_tflops": 3.5 * flops_f / stats["fwdbwd_ms"] / 1e9,
@@ -228,14 +219,14 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             )
             if args.trace:
                 key = f"n={n} {mixing} split={split} in_place={in_place} fill={fill}"
-                key += f" lanes={lane_mode} merged={merged}"
+                key += f" lanes={lane_mode}"
                 traces[key] = traced_calls(fwd, unit) + traced_calls(fwdbwd, unit)
                 for call in ("forward", "backward"):
                     top = sorted(
                         (c for c in traces[key] if c["call"] == call), key=lambda c: -c["transient"]
                     )[:3]
                     print("trace", key, json.dumps(top), flush=True)
-            last = (split, in_place, fill, lane_mode, merged) == choices[-1]
+            last = (split, in_place, fill, lane_mode) == choices[-1]
             if args.steady:
                 rows[-1].update(steady_times(fwd, fwdbwd, device, args.repeats))
             if args.graphs:
@@ -284,14 +275,6 @@ def main(argv: list[str] | None = None) -> None:
         choices=["capture", "always", "never"],
         help="when the configs of a disjoint (head_groups) plan run on concurrent CUDA streams",
     )
-    p.add_argument(
-        "--merged",
-        nargs="+",
-        default=["fast"],
-        choices=["fast", "frontend", "torch"],
-        help="lse blocks' prepared launches: cuDNN frontend + direct merge launch, frontend + "
-        "Triton's JIT, or torch's cuDNN op + JIT",
-    )
     p.add_argument("--trace", action="store_true")
     p.add_argument("--graphs", action="store_true")
     p.add_argument("--steady", action="store_true", help="also time back to back, and host time")
@@ -307,7 +290,6 @@ def main(argv: list[str] | None = None) -> None:
         SDPAComputer.in_place,
         lanes.MODE,
     )
-    default_merged = SDPAComputer.merged_frontend, merge_kernel.FAST_LAUNCH
     try:
         for n in args.n:
             rows += probe(n, args, traces)
@@ -317,7 +299,6 @@ def main(argv: list[str] | None = None) -> None:
         SDPAComputer.in_place = default_in_place
         core.zeros_for = FILLS["unselected"]
         lanes.MODE = default_lanes
-        SDPAComputer.merged_frontend, merge_kernel.FAST_LAUNCH = default_merged
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overheads.json").write_text(json.dumps({"rows": rows, "traces": traces}))
     table = dict_rows_to_markdown(rows, list(dict.fromkeys(c for row in rows for c in row)))

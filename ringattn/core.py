@@ -39,7 +39,7 @@ from ringattn.kernels.unselected import zeros_for
 from ringattn.lanes import Lanes
 from ringattn.launches import prepared, views
 from ringattn.memory.base import MemoryManager
-from ringattn.merge import merge_into_, merge_into_launcher
+from ringattn.merge import merge_into_
 from ringattn.pattern import Block, Plan
 
 
@@ -194,7 +194,7 @@ def dilated_forward(
         range(first, len(blocks)),
         (lambda *views: spec.computer.forward_launcher(spec.causal, spec.scale, *views))
         if spec.plan.disjoint
-        else (lambda *views: merging_launch(spec, *views)),
+        else (lambda *views: merging_launch(spec)),
         placed=spec.plan.disjoint,
     )
 
@@ -295,7 +295,7 @@ def dilated_backward(
             tensors[:6],
             tensors[6:],
             (i for i in range(first, len(blocks)) if i not in placed_ids),
-            lambda *views: adding_launch(spec, *views),
+            lambda *views: adding_launch(spec),
             placed=False,
         ),
     }
@@ -345,35 +345,22 @@ def accumulate_(grad_rows: list[Tensor], result: tuple[Tensor, ...], place: bool
             rows.add_(grad_block)
 
 
-def merging_launch(
-    spec: CoreSpec, q: Tensor, k: Tensor, v: Tensor, out_rows: Tensor, lse_rows: Tensor
-) -> Callable[..., None]:
+def merging_launch(spec: CoreSpec) -> Callable[..., None]:
     """A prepared launch (``ringattn.launches``) of a merged block part that stays on this
-    device, for views of these layouts: the computer's prepared kernel, then the merge into its
-    rows (prepared at the first call, when the result's layout is known)."""
-    result = spec.computer.result_launcher(spec.causal, spec.scale, q, k, v)
-    lead = tuple(out_rows.shape[:2])
-    merge: list = []  # the merge's launcher, made once
+    device: its kernel, merged into its rows."""
 
     def launch(q: Tensor, k: Tensor, v: Tensor, out_rows: Tensor, lse_rows: Tensor) -> None:
-        out_block, lse_block = result(q, k, v)
-        out_block, lse_block = out_block.unflatten(0, lead), lse_block.unflatten(0, lead)
-        if not merge:
-            merge.append(merge_into_launcher(out_rows, lse_rows, out_block, lse_block))
-        merge[0](out_rows, lse_rows, out_block, lse_block)
+        merge_result_(out_rows, lse_rows, spec.computer.forward(q, k, v, spec.causal, spec.scale))
 
     return launch
 
 
-def adding_launch(
-    spec: CoreSpec, dout, q, k, v, out, lse, *grad_rows: Tensor
-) -> Callable[..., None]:
-    """A prepared launch of a merged block part's backward, for views of these layouts: the
-    computer's prepared kernel, its gradients added into their rows."""
-    grads = spec.computer.grads_launcher(spec.causal, spec.scale, dout, q, k, v, out, lse)
+def adding_launch(spec: CoreSpec) -> Callable[..., None]:
+    """A prepared launch of a merged block part's backward: its gradients added into its rows."""
 
     def launch(dout, q, k, v, out, lse, *grad_rows: Tensor) -> None:
-        accumulate_(list(grad_rows), grads(dout, q, k, v, out, lse), place=False)
+        result = spec.computer.backward(dout, q, k, v, out, lse, spec.causal, spec.scale)
+        accumulate_(list(grad_rows), result, place=False)
 
     return launch
 

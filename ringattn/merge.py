@@ -26,38 +26,22 @@ def _finite_or_zero(x: Tensor) -> Tensor:
     return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
-def _kernel_applies(out_acc: Tensor, lse_acc: Tensor) -> bool:
-    return (
-        out_acc.dim() in (4, 5)
-        and not torch.compiler.is_compiling()
-        and merge_kernel.available(out_acc)
-        and lse_acc.dtype == torch.float32
-    )
-
-
 def merge_into_(out_acc: Tensor, lse_acc: Tensor, out: Tensor, lse: Tensor) -> None:
     """``(out_acc, lse_acc) <- merge((out_acc, lse_acc), (out, lse))`` in place.
 
     ``out_acc: [..., d]`` may be stored in a lower precision than ``lse_acc``; the weighted sum is
     formed in ``lse_acc``'s dtype and rounded once.
     """
-    if _kernel_applies(out_acc, lse_acc):
+    if (
+        out_acc.dim() in (4, 5)
+        and not torch.compiler.is_compiling()
+        and merge_kernel.available(out_acc)
+        and lse_acc.dtype == torch.float32
+    ):
         lead = 5 - out_acc.dim()  # the kernel takes [b, S, L, H, d]
         views = (x[(None,) * lead] for x in (out_acc, lse_acc, out, lse))
         merge_kernel.merge_rows_(*views)
         return
-    _merge_into_torch_(out_acc, lse_acc, out, lse)
-
-
-def merge_into_launcher(out_acc: Tensor, lse_acc: Tensor, out: Tensor, lse: Tensor):
-    """:func:`merge_into_` for 5-D tensors of these layouts, as a launcher made once and called
-    per block part (``ringattn.launches``): the Triton kernel's prepared launch where it applies."""
-    if out_acc.dim() == 5 and _kernel_applies(out_acc, lse_acc):
-        return merge_kernel.rows_launcher(out_acc, lse_acc, out, lse)
-    return merge_into_
-
-
-def _merge_into_torch_(out_acc: Tensor, lse_acc: Tensor, out: Tensor, lse: Tensor) -> None:
     lse_merged = torch.logaddexp(lse_acc, lse)
     reference = _finite_or_zero(lse_merged)
     weight_old = torch.exp(lse_acc - reference).unsqueeze(-1)

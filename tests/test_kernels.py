@@ -36,56 +36,6 @@ def test_merge_kernel_matches_functional_merge_under_interpreter():
     assert done.stdout.split()[0] == "ok" and int(done.stdout.split()[1]) > 24
 
 
-def test_rows_launcher_launches_directly_only_as_first_compiled(monkeypatch):
-    """The merge's prepared launcher (``kernels.merge.rows_launcher``) launches the compiled kernel
-    directly only for the sizes, strides and pointer alignment it was compiled for at the first
-    call; anything else goes through the JIT, and after a failed direct launch everything does.
-    (The direct launch itself needs CUDA: this checks the bookkeeping with a stand-in kernel.)"""
-    from ringattn.kernels import merge as merge_kernel
-
-    log: list[str] = []
-    fail = []
-
-    class Compiled:
-        def __getitem__(self, grid):
-            def runner(*arguments):
-                log.append("direct")
-                if fail:
-                    raise TypeError("a launcher of another signature")
-
-            return runner
-
-    def jit(rows, arguments):
-        log.append("jit")
-        return Compiled()
-
-    monkeypatch.setattr(merge_kernel, "_jit_launch", jit)
-    monkeypatch.setattr(merge_kernel, "INTERPRET", False)
-    acc, lse = torch.zeros(1, 2, 3, 4, 8), torch.zeros(1, 2, 3, 4)
-    part, lse_part = torch.zeros(1, 2, 3, 4, 8), torch.zeros(1, 2, 3, 4)
-    launch = merge_kernel.rows_launcher(acc, lse, part, lse_part)
-    launch(acc, lse, part, lse_part)
-    launch(acc.clone(), lse, part, lse_part)
-    assert log == ["jit", "direct"]
-    other = torch.zeros(1, 2, 4, 3, 8).transpose(2, 3)  # same shape, other strides
-    launch(other, lse, part, lse_part)
-    launch(acc, lse, part, lse_part)
-    assert log[2:] == ["jit", "direct"]
-    unaligned = torch.zeros(1 + acc.numel())[1:].view(acc.shape)  # 4 bytes off
-    launch(unaligned, lse, part, lse_part)
-    assert log[4:] == ["jit"]
-    fail.append(True)
-    launch(acc, lse, part, lse_part)
-    launch(acc, lse, part, lse_part)
-    assert log[5:] == ["direct", "jit", "jit"]
-    log.clear()
-    monkeypatch.setattr(merge_kernel, "FAST_LAUNCH", False)
-    launch = merge_kernel.rows_launcher(acc, lse, part, lse_part)
-    launch(acc, lse, part, lse_part)
-    launch(acc, lse, part, lse_part)
-    assert log == ["jit", "jit"]
-
-
 def test_cases_refuse_to_run_without_interpreter():
     # the case script checks that it really exercises the kernel; without the interpreter (and
     # without CUDA) the kernel is unavailable and the script must fail, not pass vacuously

@@ -134,39 +134,6 @@ class BlockComputer(AttentionComputer):
 
         return launch
 
-    # Merged blocks (``lse`` mixing, results merged or added into the accumulators by the core)
-    # get launchers too: of the kernel alone, returning fresh results. The default calls
-    # :meth:`forward` / :meth:`backward`.
-
-    def result_launcher(
-        self, causal: bool, scale: float, q: Rows, k: Rows, v: Rows
-    ) -> Callable[[Rows, Rows, Rows], tuple[Rows, RowsLSE]]:
-        """:meth:`forward` for views of the layouts of these (example) views."""
-
-        def launch(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-            return self.forward(q, k, v, causal, scale)
-
-        return launch
-
-    def grads_launcher(
-        self,
-        causal: bool,
-        scale: float,
-        dout: Rows,
-        q: Rows,
-        k: Rows,
-        v: Rows,
-        out: Rows,
-        lse: RowsLSE,
-    ) -> Callable[..., tuple[Rows, Rows, Rows]]:
-        """:meth:`backward` for views of the layouts of these (example) views; the launcher takes
-        ``(dout, q, k, v, out, lse)``."""
-
-        def launch(dout, q, k, v, out, lse) -> tuple[Tensor, Tensor, Tensor]:
-            return self.backward(dout, q, k, v, out, lse, causal, scale)
-
-        return launch
-
 
 def place_(out: Tensor, lse: Tensor | None, result: tuple[Tensor, Tensor]) -> None:
     """Copy a forward's ``(out, lse)`` into views of the core's tensors (``lse`` None: skip it)."""

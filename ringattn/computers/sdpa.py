@@ -55,8 +55,6 @@ class SDPAComputer(BlockComputer):
     cuda_backend = "auto"
     # placed blocks through the cuDNN frontend, written in place (where it is installed)
     in_place = True
-    # merged blocks' prepared launches through the frontend too (fresh results): host time
-    merged_frontend = True
 
     def _cudnn(self, q: Tensor) -> bool:
         return (
@@ -252,17 +250,3 @@ class SDPAComputer(BlockComputer):
             if launch is not None:
                 return launch
         return super().backward_launcher(causal, scale, dout, q, k, v, out, lse, dq, dk, dv)
-
-    def result_launcher(self, causal, scale, q, k, v):
-        if self.merged_frontend and self._in_place(q):
-            launch = cudnn_graphs.result_launcher(q, k, v, causal, scale)
-            if launch is not None:
-                return launch
-        return super().result_launcher(causal, scale, q, k, v)
-
-    def grads_launcher(self, causal, scale, dout, q, k, v, out, lse):
-        if self.merged_frontend and self._in_place(q):
-            launch = cudnn_graphs.grads_launcher(dout, q, k, v, out, lse, causal, scale)
-            if launch is not None:
-                return launch
-        return super().grads_launcher(causal, scale, dout, q, k, v, out, lse)

@@ -263,68 +263,6 @@ def backward_launcher(
     return launch
 
 
-def result_launcher(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float
-) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] | None:
-    """A launcher of attention over ``[B, L, H, d]`` blocks of these layouts into fresh tensors,
-    as torch's op returns them but without its per-call setup: ``out [B, L, H, d]`` (packed,
-    q's dtype) and ``lse [B, L, H]`` (float32, a view of cuDNN's packed ``[B, H, L, 1]`` stats).
-    For merged blocks, whose results the core merges into its accumulators. None if cuDNN
-    declines."""
-    device = q.device
-    out_shape = (*q.shape[:3], v.shape[-1])
-    stats_shape = (q.shape[0], q.shape[2], q.shape[1], 1)
-    out_layout = _layout(_bhsd(torch.empty(out_shape, dtype=q.dtype, device="meta")))
-    stats_layout = (stats_shape, _contiguous_strides(stats_shape), torch.float32)
-    layouts = [_layout(_bhsd(x)) for x in (q, k, v)]
-    entry = _graph(_forward_graph, device, causal, scale, *layouts, out_layout, stats_layout)
-    if entry is None:
-        return None
-    graph, workspace_bytes = entry
-    uids = (*_FORWARD_UIDS, _STATS)
-
-    def launch(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        out = torch.empty(out_shape, dtype=q.dtype, device=device)
-        stats = torch.empty(stats_shape, dtype=torch.float32, device=device)
-        _execute(
-            graph, workspace_bytes, uids, [_bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), stats], device
-        )
-        return out, stats.squeeze(-1).transpose(1, 2)
-
-    return launch
-
-
-def grads_launcher(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    causal: bool,
-    scale: float,
-) -> Callable[..., tuple[Tensor, Tensor, Tensor]] | None:
-    """A launcher of the backward of ``[B, L, H, d]`` blocks of these layouts (with the merged
-    output and LSE) into fresh packed ``dq, dk, dv``; for merged blocks, whose gradients the core
-    adds into its own. None if cuDNN declines."""
-    device = q.device
-    fresh = [torch.empty(x.shape, dtype=x.dtype, device="meta") for x in (q, k, v)]
-    operands = _backward_operands(dout, q, k, v, out, lse, *fresh)
-    entry = _graph(_backward_graph, device, causal, scale, *(_layout(x) for x in operands))
-    if entry is None:
-        return None
-    graph, workspace_bytes = entry
-    shapes = [(x.shape, x.dtype) for x in (q, k, v)]
-
-    def launch(dout, q, k, v, out, lse) -> tuple[Tensor, Tensor, Tensor]:
-        dq, dk, dv = (torch.empty(shape, dtype=dtype, device=device) for shape, dtype in shapes)
-        operands = _backward_operands(dout, q, k, v, out, lse, dq, dk, dv)
-        _execute(graph, workspace_bytes, _BACKWARD_UIDS, operands, device)
-        return dq, dk, dv
-
-    return launch
-
-
 def _backward_operands(dout, q, k, v, out, lse, dq, dk, dv) -> list[Tensor]:
     return [
         *(_bhsd(x) for x in (q, k, v, out, dout)),

@@ -115,10 +115,16 @@ if triton is not None:
         tl.store(la_ptrs, lse_merged.to(lse_acc_ptr.dtype.element_ty), mask=hmask)
 
 
-def _arguments(out_acc: Tensor, lse_acc: Tensor, out: Tensor, lse: Tensor) -> tuple[int, list]:
-    """The grid size and every argument of the kernel, constexprs last, in its order."""
+def merge_rows_(out_acc: Tensor, lse_acc: Tensor, out: Tensor, lse: Tensor) -> None:
+    """In place: ``(out_acc, lse_acc) <- merge((out_acc, lse_acc), (out, lse))``.
+
+    ``out_acc, out: [b, S, L, H, d]`` and ``lse_acc, lse: [b, S, L, H]``, any strides.
+    """
     b, s, length, h, d = out_acc.shape
-    return b * s * length, [
+    rows = b * s * length
+    if rows == 0 or h == 0 or d == 0:
+        return
+    _merge_rows_kernel[(rows,)](
         out_acc,
         lse_acc,
         out,
@@ -131,72 +137,9 @@ def _arguments(out_acc: Tensor, lse_acc: Tensor, out: Tensor, lse: Tensor) -> tu
         *lse_acc.stride(),
         *out.stride(),
         *lse.stride(),
-        triton.next_power_of_2(h),
-        triton.next_power_of_2(d),
-    ]
+        BLOCK_H=triton.next_power_of_2(h),
+        BLOCK_D=triton.next_power_of_2(d),
+    )
 
 
-def merge_rows_(out_acc: Tensor, lse_acc: Tensor, out: Tensor, lse: Tensor) -> None:
-    """In place: ``(out_acc, lse_acc) <- merge((out_acc, lse_acc), (out, lse))``.
-
-    ``out_acc, out: [b, S, L, H, d]`` and ``lse_acc, lse: [b, S, L, H]``, any strides.
-    """
-    _jit_launch(*_arguments(out_acc, lse_acc, out, lse))
-
-
-def _jit_launch(rows: int, arguments: list):
-    """Through Triton's JIT entry point (it binds and specialises the arguments on every call);
-    returns the compiled kernel it ran."""
-    if rows == 0 or arguments[6] == 0 or arguments[7] == 0:
-        return None
-    *runtime, block_h, block_d = arguments
-    return _merge_rows_kernel[(rows,)](*runtime, BLOCK_H=block_h, BLOCK_D=block_d)
-
-
-# False: every launch through the JIT entry point (A/B of the prepared launcher below)
-FAST_LAUNCH = True
-
-
-def _layouts(*tensors: Tensor) -> tuple:
-    return tuple((x.shape, x.stride()) for x in tensors)
-
-
-def rows_launcher(out_acc: Tensor, lse_acc: Tensor, out: Tensor, lse: Tensor):
-    """A launcher of :func:`merge_rows_` for tensors of these layouts (the eager core prepares
-    one per block part, ``ringattn.launches``).
-
-    Triton's JIT entry point binds and specialises all 26 arguments on every call, tens of
-    microseconds of host time for a kernel that runs ~10 us at 32K tokens. This launcher does that
-    once: its first call goes through the JIT and keeps the compiled kernel, later calls launch
-    that kernel directly. The compiled kernel is specialised on the arguments' sizes, strides
-    and pointer alignment, so a call whose sizes, strides or alignment differ from the first
-    call's (never, for the core's views and results) takes the JIT path; so does every call
-    after a direct launch fails."""
-    expected = _layouts(out_acc, lse_acc, out, lse)
-    state: dict = {}
-
-    def launch(out_acc: Tensor, lse_acc: Tensor, out: Tensor, lse: Tensor) -> None:
-        rows, arguments = _arguments(out_acc, lse_acc, out, lse)
-        aligned = tuple(x.data_ptr() % 16 == 0 for x in (out_acc, lse_acc, out, lse))
-        as_first = _layouts(out_acc, lse_acc, out, lse) == expected
-        runner = state.get("runner")
-        if runner is not None and as_first and aligned == state["aligned"]:
-            try:
-                runner(*arguments)
-                return
-            except Exception:  # this Triton's direct launch differs: the JIT path from now on
-                state["runner"] = None
-        compiled = _jit_launch(rows, arguments)
-        if (
-            FAST_LAUNCH
-            and as_first
-            and compiled is not None
-            and not INTERPRET
-            and "runner" not in state  # neither a runner yet nor a failed one
-        ):
-            state["runner"], state["aligned"] = compiled[(rows,)], aligned
-
-    return launch
-
-
-__all__ = ["available", "merge_rows_", "rows_launcher"]
+__all__ = ["available", "merge_rows_"]
