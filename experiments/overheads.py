@@ -6,7 +6,8 @@
 For each ``n``, mixing, ``ringattn.pattern.BLOCK_SPLIT`` value and A/B choice (``--in-place``:
 cuDNN writes placed blocks into their rows or torch's op and a copy; ``--fill``: head_groups zeroes
 only the pairs no block writes, or the whole tensor; ``--lanes``: when a disjoint plan's configs
-run on concurrent CUDA streams, ``ringattn.lanes.MODE``), times forward and
+run on concurrent CUDA streams, ``ringattn.lanes.MODE``; ``--fuse``: lse launches a config's
+offsets as runs, ``ringattn.launches.FUSE_OFFSETS``), times forward and
 forward+backward of ``segment_local/sdpa`` (eager) and measures their peak memory relative to the
 tensors the call cannot avoid (as ``experiments.bench`` does). With ``--trace`` it also logs every
 kernel call of one forward+backward: the block's shape, the bytes it allocates transiently (peak
@@ -37,7 +38,7 @@ import torch
 import ringattn
 from experiments.ablate import dict_rows_to_markdown, median_ms
 from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, fwd_and_fwdbwd, time_and_memory
-from ringattn import core, lanes, pattern
+from ringattn import core, lanes, launches, pattern
 from ringattn.computers.sdpa import SDPAComputer
 from ringattn.flops import useful_flops
 from ringattn.kernels import cudnn_graphs
@@ -186,12 +187,15 @@ def probe(n: int, args, traces: dict) -> list[dict]:
     rows = []
     for mixing in args.mixing:
         flops_f = useful_flops(b, n, h, d, ISSUE_LENGTHS, ISSUE_RATES, args.causal, mixing)
-        choices = list(itertools.product(args.split, args.in_place, args.fill, args.lanes))
-        for split, in_place, fill, lane_mode in choices:
+        choices = list(
+            itertools.product(args.split, args.in_place, args.fill, args.lanes, args.fuse)
+        )
+        for split, in_place, fill, lane_mode, fuse in choices:
             pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
             SDPAComputer.in_place = in_place == "yes"
             core.zeros_for = FILLS[fill]
             lanes.MODE = lane_mode
+            launches.FUSE_OFFSETS = fuse == "yes"
             attention = ringattn.DilatedAttention(
                 ISSUE_LENGTHS,
                 ISSUE_RATES,
@@ -212,6 +216,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "in_place": SDPAComputer.in_place and cudnn_graphs.cudnn is not None,
                     "fill": fill,
                     "lanes": lane_mode,
+                    "fuse": fuse,
                     **stats,
                     "fwd_tflops": flops_f / stats["fwd_ms"] / 1e9,
                     "fwdbwd_tflops": 3.5 * flops_f / stats["fwdbwd_ms"] / 1e9,
@@ -219,14 +224,14 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             )
             if args.trace:
                 key = f"n={n} {mixing} split={split} in_place={in_place} fill={fill}"
-                key += f" lanes={lane_mode}"
+                key += f" lanes={lane_mode} fuse={fuse}"
                 traces[key] = traced_calls(fwd, unit) + traced_calls(fwdbwd, unit)
                 for call in ("forward", "backward"):
                     top = sorted(
                         (c for c in traces[key] if c["call"] == call), key=lambda c: -c["transient"]
                     )[:3]
                     print("trace", key, json.dumps(top), flush=True)
-            last = (split, in_place, fill, lane_mode) == choices[-1]
+            last = (split, in_place, fill, lane_mode, fuse) == choices[-1]
             if args.steady:
                 rows[-1].update(steady_times(fwd, fwdbwd, device, args.repeats))
             if args.graphs:
@@ -275,6 +280,14 @@ def main(argv: list[str] | None = None) -> None:
         choices=["capture", "always", "never"],
         help="when the configs of a disjoint (head_groups) plan run on concurrent CUDA streams",
     )
+    p.add_argument(
+        "--fuse",
+        nargs="+",
+        default=["yes" if launches.FUSE_OFFSETS else "no"],
+        choices=["yes", "no"],
+        help="lse: a config's offsets launched as runs (ringattn.launches.FUSE_OFFSETS), or one "
+        "launch per block",
+    )
     p.add_argument("--trace", action="store_true")
     p.add_argument("--graphs", action="store_true")
     p.add_argument("--steady", action="store_true", help="also time back to back, and host time")
@@ -285,10 +298,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("results") / "overheads")
     args = p.parse_args(argv)
     rows, traces = [], {}
-    default_split, default_in_place, default_lanes = (
+    default_split, default_in_place, default_lanes, default_fuse = (
         pattern.BLOCK_SPLIT,
         SDPAComputer.in_place,
         lanes.MODE,
+        launches.FUSE_OFFSETS,
     )
     try:
         for n in args.n:
@@ -299,6 +313,7 @@ def main(argv: list[str] | None = None) -> None:
         SDPAComputer.in_place = default_in_place
         core.zeros_for = FILLS["unselected"]
         lanes.MODE = default_lanes
+        launches.FUSE_OFFSETS = default_fuse
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overheads.json").write_text(json.dumps({"rows": rows, "traces": traces}))
     table = dict_rows_to_markdown(rows, list(dict.fromkeys(c for row in rows for c in row)))

@@ -16,6 +16,14 @@ make each view with one ``as_strided`` and call the launcher. Same kernels, same
 results as the general path (``tests/test_launches.py`` holds the two to identical outputs and
 gradients).
 
+One difference in what is launched: under ``lse`` a config's ``R = min(r, h)`` offsets, each a
+block of ``K`` heads, line up along one stride (:class:`ringattn.pattern.OffsetRun`), so where
+``K < R`` they go as ``K`` launches of ``R`` heads each (one kernel call and one merge, or one
+backward and one add, per launch) instead of ``R`` of ``K``: issue 5's ``r = 16`` config at
+16 heads is then one launch instead of 16, and ``r = 8`` two instead of eight. Same results to
+rounding (a kernel's reduction order may depend on the heads batched with a row);
+``FUSE_OFFSETS = False`` turns it off (the A/B of ``experiments/overheads.py --fuse``).
+
 Prepared only eagerly (never while tracing), for dilation processors whose reads are views
 (``segment_local``; ``global`` gathers), and for blocks whose segments stay on this device (a
 block that travels goes through its communicator). The preparations live on the
@@ -29,10 +37,14 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
+from ringattn import pattern
 from ringattn.pattern import Geometry
 
 # block index -> its parts' (geometry of each operand, launcher)
 Prepared = dict[int, tuple[tuple[tuple[Geometry | None, ...], Callable[..., None]], ...]]
+
+# lse: a config's offsets as runs where they line up (see the module's docstring)
+FUSE_OFFSETS = True
 
 # preparations kept per spec (one per (kind, layouts)): a module sees a few layouts at most
 MAX_PREPARED = 8
@@ -85,20 +97,31 @@ def _layout(x: Tensor) -> tuple:
 
 def _prepare(spec, reads, writes, block_ids, make_launcher, placed: bool) -> Prepared:
     plan, tensors = spec.plan, (*reads, *writes)
-    result: Prepared = {}
-    for i in block_ids:
-        if spec.spans[plan.blocks[i].job.config] != 1:
-            continue  # its segments span ranks: the communicator's path
-        entries = []
-        for part in plan.parts[i]:
+
+    def entries(parts: tuple) -> tuple | None:
+        """Each part's (geometry, launcher), or None if some operand is not one view."""
+        found = []
+        for part in parts:
             rows = part.flat_geometry if placed else part.rows_geometry
             geometry = (
                 *(spec.dilation.geometry(part, x.shape, x.stride()) for x in reads),
                 *(None if x is None else rows(x.shape, x.stride()) for x in writes),
             )
             if any(g is None and x is not None for x, g in zip(tensors, geometry)):
-                break  # a read that gathers, or rows that are not one view: the general path
-            entries.append((geometry, make_launcher(*views(tensors, geometry))))
-        else:
-            result[i] = tuple(entries)
+                return None  # a read that gathers, or rows that are not one view
+            found.append((geometry, make_launcher(*views(tensors, geometry))))
+        return tuple(found)
+
+    local = {i for i in block_ids if spec.spans[plan.blocks[i].job.config] == 1}
+    result: Prepared = {}
+    # merged blocks: a config's offsets as K runs, launched at its first block (merges per
+    # (row, head) keep their config order, so results are the same to the bit)
+    groups = pattern.offset_runs(plan, pattern.BLOCK_SPLIT) if FUSE_OFFSETS and not placed else ()
+    for members, runs in groups:
+        if set(members) <= local and (fused := entries(runs)) is not None:
+            result.update({i: () for i in members})
+            result[members[0]] = fused
+    for i in sorted(local - set(result)):  # the rest: each part on its own
+        if (found := entries(plan.parts[i])) is not None:
+            result[i] = found
     return result

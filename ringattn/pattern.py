@@ -88,16 +88,7 @@ class Block:
     def flat_geometry(self, shape: tuple[int, ...], stride: tuple[int, ...]) -> Geometry | None:
         """The geometry of ``rows(x).flatten(0, 1)`` (:meth:`rows_geometry`), or None where
         merging the batch and segment dims would copy (:func:`ringattn.core.flat_view`'s rule)."""
-        (b, segments, *size), (stride_b, stride_segment, *stride_rest), offset = self.rows_geometry(
-            shape, stride
-        )
-        if b == 1 or (segments > 1 and stride_b == segments * stride_segment):
-            stride_batch = stride_segment
-        elif segments == 1:
-            stride_batch = stride_b
-        else:
-            return None
-        return (b * segments, *size), (stride_batch, *stride_rest), offset
+        return _flat(self.rows_geometry(shape, stride))
 
     def _rows_sliced(self, x: Tensor) -> Tensor:
         job = self.job
@@ -150,6 +141,86 @@ class Block:
         seg_starts = torch.arange(self.segments, device=device) * job.w + self.start
         in_seg = torch.arange(job.offset, job.w, job.r, device=device)
         return (seg_starts[:, None] + in_seg[None, :]).flatten()
+
+
+def _flat(geometry: Geometry) -> Geometry | None:
+    """A ``[b, S, L, ...]`` geometry as ``[b * S, L, ...]``, or None where that is not one view."""
+    (b, segments, *size), (stride_b, stride_segment, *stride_rest), offset = geometry
+    if b == 1 or (segments > 1 and stride_b == segments * stride_segment):
+        stride_batch = stride_segment
+    elif segments == 1:
+        stride_batch = stride_b
+    else:
+        return None
+    return (b * segments, *size), (stride_batch, *stride_rest), offset
+
+
+@dataclass(frozen=True)
+class OffsetRun:
+    """One config's offsets ``0..R-1`` under ``lse``, as one problem: for each offset ``o`` its
+    ``index``-th head, ``o + index * r``, over the full segments of the config's blocks.
+
+    Row ``o`` of a segment's dilated grid sits ``o`` rows and (its head) ``o`` heads after row
+    ``0``, so the R offsets line up along one stride, ``stride_n + stride_h``: the run is a plain
+    strided view whose *head* dim walks the offsets, and ``K = heads per offset`` runs replace the
+    config's ``R`` kernel calls and merges (``R = 16, K = 1`` for issue 5's ``r = 16`` at 16 heads).
+    It has a :class:`Block`'s geometry methods, which is all prepared launches use
+    (``ringattn.launches``); the general path keeps the blocks.
+    """
+
+    first: Block  # offset 0's full-segment block
+    offsets: int
+    index: int
+
+    def rows_geometry(self, shape: tuple[int, ...], stride: tuple[int, ...]) -> Geometry:
+        (
+            (b, segments, length, _, *rest),
+            (stride_b, stride_segment, stride_row, _, *stride_rest),
+            (offset),
+        ) = self.first.rows_geometry(shape, stride)
+        return (
+            (b, segments, length, self.offsets, *rest),
+            (stride_b, stride_segment, stride_row, stride[1] + stride[2], *stride_rest),
+            offset + self.index * self.first.job.r * stride[2],
+        )
+
+    def flat_geometry(self, shape: tuple[int, ...], stride: tuple[int, ...]) -> Geometry | None:
+        return _flat(self.rows_geometry(shape, stride))
+
+
+Runs = tuple[tuple[tuple[int, ...], tuple[OffsetRun, ...]], ...]
+
+
+def offset_runs(plan: Plan, split: int) -> Runs:
+    """``(block indices, runs)`` for each config of an ``lse`` plan whose full-segment blocks can
+    be computed as :class:`OffsetRun` s: every offset has a block of one part and equally many
+    heads (``r >= h`` or ``r | h``), there are fewer runs than offsets, and a run is no larger than
+    the block parts ``split`` allows (its transients stay bounded like theirs)."""
+    if plan.mixing != "lse":
+        return ()
+    groups = []
+    for config, (_, r) in enumerate(plan.configs):
+        members = [
+            i
+            for i, block in enumerate(plan.blocks)
+            if block.job.config == config and not block.tail
+        ]
+        offsets = min(r, plan.h)
+        heads = len(range(0, plan.h, r))
+        if len(members) != offsets or heads >= offsets:
+            continue
+        blocks = [plan.blocks[i] for i in members]
+        if any(
+            len(plan.parts[i]) != 1 or block.job.num_heads != heads or block.job.offset != o
+            for o, (i, block) in enumerate(zip(members, blocks))
+        ):
+            continue
+        first = blocks[0]
+        if first.segments * first.length * offsets * split > plan.n * plan.h:
+            continue
+        runs = tuple(OffsetRun(first, offsets, index) for index in range(heads))
+        groups.append((tuple(members), runs))
+    return tuple(groups)
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,7 @@ def test_prepared_launches_compute_exactly_the_general_path(computer, dilation, 
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(core, "views", spy)
+        patch.setattr(launches, "FUSE_OFFSETS", False)  # one launch per part: the same calls
         attention, prepared = run(p, strategy, q, k, v, dout)
     blocks = attention._specs[(p["n"], p["h"], p["d"], False)].plan.blocks
     if dilation == "segment_local" and p["b"] == 1 and len(blocks) > 1:
@@ -149,3 +150,72 @@ def test_preparations_per_spec_are_bounded():
             attention(x, x, x)
     (spec,) = attention._specs.values()
     assert 0 < len(spec.launches) <= launches.MAX_PREPARED
+
+
+@given(
+    dilation_configs(max_rate=6),
+    st.integers(1, 2),
+    st.integers(1, 48),
+    st.integers(1, 6),
+    st.integers(1, 8),
+)
+def test_offset_runs_view_exactly_their_blocks_rows(configs, b, n, h, split):
+    """An ``OffsetRun``'s view holds, at head ``o``, offset ``o``'s block rows at head
+    ``index`` (same elements, same memory), for tensors of several layouts; and runs only group
+    whole configs of equal-headed offsets into fewer launches than blocks."""
+    plan = pattern._build_plan(n, h, tuple(zip(*configs)), "lse", split)
+    for members, runs in pattern.offset_runs(plan, split):
+        assert len(runs) < len(members) == runs[0].offsets
+        for x in layouts(b, n, h, 3).values():
+            for run in runs:
+                view = launches.views((x,), (run.rows_geometry(x.shape, x.stride()),))[0]
+                for o, i in enumerate(members):
+                    rows = plan.blocks[i].rows(x)[:, :, :, run.index]
+                    assert torch.equal(view[:, :, :, o], rows)
+                    if rows.numel():
+                        assert view[:, :, :, o].data_ptr() == rows.data_ptr()
+                flat = run.flat_geometry(x.shape, x.stride())
+                if flat is not None:
+                    flat_view_ = launches.views((x,), (flat,))[0]
+                    assert torch.equal(flat_view_, view.flatten(0, 1))
+
+
+@pytest.mark.parametrize("computer", ["math", "sdpa"])
+@settings(max_examples=15, deadline=None)
+@given(
+    p=problems(max_n=48), rate=st.integers(2, 6), layout=st.sampled_from(["contiguous", "sliced"])
+)
+def test_offset_runs_compute_exactly_one_launch_per_block(computer, p, rate, layout):
+    """With a config's offsets launched as runs, outputs and gradients are those of one launch per
+    block part, and the runs are taken (fewer launches) wherever a plan has them."""
+    p = {**p, "mixing": "lse", "segment_lengths": (*p["segment_lengths"], 2 * rate)}
+    p["dilation_rates"] = (*p["dilation_rates"], rate)
+    q, k, v = make_qkv(p, torch.float32)
+    dout = torch.randn_like(q)
+    q, k, v, dout = (relayout(x, layout) for x in (q, k, v, dout))
+    strategy = ringattn.Strategy(computer=computer)
+    results, counts = {}, {}
+    for fuse in (True, False):
+        taken: list[int] = []
+
+        def spy(tensors, geometry, taken=taken):
+            taken.append(len(tensors))
+            return launches.views(tensors, geometry)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(pattern, "BLOCK_SPLIT", 1)  # so runs are never too large
+            patch.setattr(launches, "FUSE_OFFSETS", fuse)
+            patch.setattr(core, "views", spy)
+            attention, results[fuse] = run(p, strategy, q, k, v, dout)
+        counts[fuse] = len(taken)
+    plan = attention._specs[(p["n"], p["h"], p["d"], False)].plan
+    if not pattern.offset_runs(plan, 1):
+        assert counts[True] == counts[False]
+    elif p["b"] == 1:  # then every run is one view (b > 1: where the batch dims merge)
+        assert counts[True] < counts[False]
+    else:
+        assert counts[True] <= counts[False]
+    for a, c in zip(results[True], results[False]):
+        # same to rounding, not to the bit: a kernel's (or bmm's) reduction order may depend on
+        # the batch of heads it is handed; a misplaced row would be off by O(1)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
