@@ -79,7 +79,70 @@ def main(cases: int) -> None:
     assert calls, "the core did not use the kernel"
     merge_kernel.merge_rows_ = original
     checked += zero_unselected_cases(gen, cases)
+    checked += add_rows_cases(gen, cases)
     print("ok", checked)
+
+
+def add_rows_cases(gen: torch.Generator, cases: int) -> int:
+    """The three-gradient add against torch's ``add_`` on the strided rows of real ``lse`` plans
+    (blocks and offset runs), and ``lse`` gradients through the core (which then adds with it)
+    against the oracle."""
+    from ringattn.kernels import add as add_kernel
+    from ringattn.pattern import offset_runs
+
+    checked = 0
+    for case in range(cases):
+        b, h = 1 + case % 2, int(torch.randint(1, 6, (), generator=gen))
+        d = int(torch.randint(1, 20, (), generator=gen))
+        r = [2, 4, 8][case % 3]
+        w = r * int(torch.randint(1, 4, (), generator=gen))
+        n = int(torch.randint(1, 3 * w, (), generator=gen))
+        dtype = [torch.float32, torch.bfloat16, torch.float16][case % 3]
+        plan = make_plan(n, h, ((w, r),), "lse")
+        views = [*plan.blocks, *(run for _, runs in offset_runs(plan, 1) for run in runs)]
+        for view in views:
+            accs = [torch.randn(b, n, h, d, generator=gen).to(dtype) for _ in range(3)]
+            want = [acc.clone() for acc in accs]
+            geometry = view.rows_geometry(accs[0].shape, accs[0].stride())
+            rows = [acc.as_strided(*geometry[:2], geometry[2]) for acc in accs]
+            # the parts in a transposed layout, as the kernels return them
+            shape = (*geometry[0][:3], geometry[0][4], geometry[0][3])
+            parts = [torch.randn(shape, generator=gen).to(dtype).transpose(3, 4) for _ in range(3)]
+            for acc, part in zip(want, parts):
+                acc.as_strided(*geometry[:2], geometry[2]).add_(part)
+            assert add_kernel.add_rows_(rows[: 1 + case % 3], parts[: 1 + case % 3])
+            for i, (acc, expected) in enumerate(zip(accs, want)):
+                if i > case % 3:  # a pair not handed to the kernel: untouched
+                    assert not torch.equal(acc, expected) or not parts[i].numel()
+                    continue
+                # (the interpreter rounds float32 -> bf16/fp16 its own way: 1 ulp at most)
+                tol = 0 if dtype == torch.float32 else 1e-2
+                torch.testing.assert_close(acc, expected, atol=tol, rtol=tol)
+            checked += 1
+    assert not add_kernel.add_rows_(
+        [torch.zeros(1, 1, 1, 1, 1, dtype=torch.float64)] * 3,
+        [torch.zeros(1, 1, 1, 1, 1, dtype=torch.float64)] * 3,
+    ), "float64 must keep torch's add"
+    import ringattn
+    from ringattn import reference
+
+    calls = []
+    original = add_kernel.add_rows_
+    add_kernel.add_rows_ = lambda *a: (calls.append(1), original(*a))[1]
+    for causal in (False, True):
+        q, k, v = (torch.randn(2, 40, 4, 8, generator=gen).requires_grad_() for _ in range(3))
+        opts = {"segment_lengths": (8, 16, 16), "dilation_rates": (1, 2, 4), "causal": causal}
+        out = ringattn.dilated_attention(q, k, v, compile=False, **opts)
+        exact = [x.detach().double().requires_grad_() for x in (q, k, v)]
+        ref = reference.dilated_attention(*exact, **opts)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        ref_grads = torch.autograd.grad(ref.sum(), exact)
+        for grad, ref_grad in zip(grads, ref_grads):
+            assert ((grad.double() - ref_grad).norm() / ref_grad.norm()).item() <= 1e-5
+        checked += 1
+    assert calls, "the core did not use the add kernel"
+    add_kernel.add_rows_ = original
+    return checked
 
 
 def zero_unselected_cases(gen: torch.Generator, cases: int) -> int:
