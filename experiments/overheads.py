@@ -7,7 +7,8 @@ For each ``n``, mixing, ``ringattn.pattern.BLOCK_SPLIT`` value and A/B choice (`
 cuDNN writes placed blocks into their rows or torch's op and a copy; ``--fill``: head_groups zeroes
 only the pairs no block writes, or the whole tensor; ``--lanes``: when a disjoint plan's configs
 run on concurrent CUDA streams, ``ringattn.lanes.MODE``; ``--fuse``: lse launches a config's
-offsets as runs, ``ringattn.launches.FUSE_OFFSETS``), times forward and
+offsets as runs, ``ringattn.launches.FUSE_OFFSETS``; ``--add``: lse adds gradients with the
+Triton kernel or torch's ``add_``), times forward and
 forward+backward of ``segment_local/sdpa`` (eager) and measures their peak memory relative to the
 tensors the call cannot avoid (as ``experiments.bench`` does). With ``--trace`` it also logs every
 kernel call of one forward+backward: the block's shape, the bytes it allocates transiently (peak
@@ -41,7 +42,11 @@ from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, fwd_and_fwdbwd, time_a
 from ringattn import core, lanes, launches, pattern
 from ringattn.computers.sdpa import SDPAComputer
 from ringattn.flops import useful_flops
+from ringattn.kernels import add as add_kernel
 from ringattn.kernels import cudnn_graphs
+
+# how the core adds a merged block's gradients into their rows (False: "not done", torch's add_)
+ADDS = {"triton": add_kernel.add_rows_, "torch": lambda accs, parts: False}
 
 # how the core zero-fills a disjoint (head_groups) plan's output and gradients
 FILLS = {
@@ -188,14 +193,15 @@ def probe(n: int, args, traces: dict) -> list[dict]:
     for mixing in args.mixing:
         flops_f = useful_flops(b, n, h, d, ISSUE_LENGTHS, ISSUE_RATES, args.causal, mixing)
         choices = list(
-            itertools.product(args.split, args.in_place, args.fill, args.lanes, args.fuse)
+            itertools.product(args.split, args.in_place, args.fill, args.lanes, args.fuse, args.add)
         )
-        for split, in_place, fill, lane_mode, fuse in choices:
+        for split, in_place, fill, lane_mode, fuse, add in choices:
             pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
             SDPAComputer.in_place = in_place == "yes"
             core.zeros_for = FILLS[fill]
             lanes.MODE = lane_mode
             launches.FUSE_OFFSETS = fuse == "yes"
+            add_kernel.add_rows_ = ADDS[add]
             attention = ringattn.DilatedAttention(
                 ISSUE_LENGTHS,
                 ISSUE_RATES,
@@ -217,6 +223,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "fill": fill,
                     "lanes": lane_mode,
                     "fuse": fuse,
+                    "add": add,
                     **stats,
                     "fwd_tflops": flops_f / stats["fwd_ms"] / 1e9,
                     "fwdbwd_tflops": 3.5 * flops_f / stats["fwdbwd_ms"] / 1e9,
@@ -224,14 +231,14 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             )
             if args.trace:
                 key = f"n={n} {mixing} split={split} in_place={in_place} fill={fill}"
-                key += f" lanes={lane_mode} fuse={fuse}"
+                key += f" lanes={lane_mode} fuse={fuse} add={add}"
                 traces[key] = traced_calls(fwd, unit) + traced_calls(fwdbwd, unit)
                 for call in ("forward", "backward"):
                     top = sorted(
                         (c for c in traces[key] if c["call"] == call), key=lambda c: -c["transient"]
                     )[:3]
                     print("trace", key, json.dumps(top), flush=True)
-            last = (split, in_place, fill, lane_mode, fuse) == choices[-1]
+            last = (split, in_place, fill, lane_mode, fuse, add) == choices[-1]
             if args.steady:
                 rows[-1].update(steady_times(fwd, fwdbwd, device, args.repeats))
             if args.graphs:
@@ -288,6 +295,14 @@ def main(argv: list[str] | None = None) -> None:
         help="lse: a config's offsets launched as runs (ringattn.launches.FUSE_OFFSETS), or one "
         "launch per block",
     )
+    p.add_argument(
+        "--add",
+        nargs="+",
+        default=["triton"],
+        choices=list(ADDS),
+        help="lse backward: gradients added into their rows by the Triton kernel "
+        "(ringattn.kernels.add, where it runs) or torch's add_",
+    )
     p.add_argument("--trace", action="store_true")
     p.add_argument("--graphs", action="store_true")
     p.add_argument("--steady", action="store_true", help="also time back to back, and host time")
@@ -314,6 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         core.zeros_for = FILLS["unselected"]
         lanes.MODE = default_lanes
         launches.FUSE_OFFSETS = default_fuse
+        add_kernel.add_rows_ = ADDS["triton"]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overheads.json").write_text(json.dumps({"rows": rows, "traces": traces}))
     table = dict_rows_to_markdown(rows, list(dict.fromkeys(c for row in rows for c in row)))
