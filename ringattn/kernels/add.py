@@ -26,6 +26,8 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 if triton is not None:
     import triton.language as tl
 
+    from ringattn.kernels.merge import program_row
+
     @triton.jit
     def _add_one(acc, part, a_off, p_off, mask):
         total = tl.load(acc + a_off, mask=mask).to(tl.float32)
@@ -58,10 +60,7 @@ if triton is not None:
         BLOCK_H: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)  # int64: offsets pass 2**31 at ~1M tokens
-        li = row % L
-        si = (row // L) % S
-        bi = row // (L * S)
+        bi, si, li = program_row(S, L)
         heads = tl.arange(0, BLOCK_H)
         chans = tl.arange(0, BLOCK_D)
         mask = (heads[:, None] < H) & (chans[None, :] < D)

@@ -36,6 +36,13 @@ def available(x: Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def program_row(S, L):
+        """This program's ``(batch, segment, row)`` of a ``[b, S, L, ...]`` grid, one program per
+        row, as int64 (element offsets pass 2**31 at ~1M tokens)."""
+        row = tl.program_id(0).to(tl.int64)
+        return row // (L * S), (row // L) % S, row % L
+
+    @triton.jit
     def _merge_rows_kernel(
         acc_ptr,
         lse_acc_ptr,
@@ -67,10 +74,7 @@ if triton is not None:
         BLOCK_D: tl.constexpr,
     ):
         # One program per (batch, segment, row): all its heads and channels.
-        row = tl.program_id(0).to(tl.int64)  # int64: offsets pass 2**31 at ~1M tokens
-        li = row % L
-        si = (row // L) % S
-        bi = row // (L * S)
+        bi, si, li = program_row(S, L)
         heads = tl.arange(0, BLOCK_H)
         chans = tl.arange(0, BLOCK_D)
         hmask = heads < H
