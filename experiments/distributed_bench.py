@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import ringattn
-from experiments.ablate import dict_rows_to_markdown
+from experiments.ablate import dict_rows_to_markdown, rel_err
 from ringattn import distributed, reference
 from ringattn.flops import useful_flops
 
@@ -45,11 +45,6 @@ BHD = [1, 16, 128]
 def log(*args) -> None:
     if dist.get_rank() == 0:
         print(*args, flush=True)
-
-
-def rel(x, ref, floor=0.0) -> float:
-    x, ref = x.detach().double(), ref.detach().double()
-    return float((x - ref).norm()) / max(float(ref.norm()), floor, 1e-300)
 
 
 # per layout: shard-local, local, spans all ranks (zigzag: local segments fit a chunk n/(2p))
@@ -100,8 +95,8 @@ def correctness(device) -> list[dict]:
             out = module(*xs)
             grads = torch.autograd.grad(out, xs, shard(grad))
             floor = 0.1 * float(shard(grad).double().norm())
-            errs = [rel(out, shard(ref))] + [
-                rel(g, shard(r), floor) for g, r in zip(grads, ref_grads)
+            errs = [rel_err(out, shard(ref))] + [
+                rel_err(g, shard(r), floor) for g, r in zip(grads, ref_grads)
             ]
             worst = torch.tensor(errs, device=device)
             dist.all_reduce(worst, op=dist.ReduceOp.MAX)
