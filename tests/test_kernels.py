@@ -1,5 +1,5 @@
-"""The Triton kernels (merge, unselected-pairs fill, gradient add), run on the CPU through Triton's interpreter
-(``TRITON_INTERPRET=1``).
+"""The Triton kernels (merge, unselected-pairs fill, gradient add), run on the CPU through
+Triton's interpreter (``TRITON_INTERPRET=1``).
 
 The interpreter must be switched on before triton is imported, so the cases run in a fresh
 process (``tests/kernel_cases.py``). On CUDA the same kernels run compiled; the GPU benchmark
