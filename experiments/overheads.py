@@ -7,21 +7,20 @@ For each ``n``, mixing, ``ringattn.pattern.BLOCK_SPLIT`` value and A/B choice (`
 cuDNN writes placed blocks into their rows or torch's op and a copy; ``--fill``: head_groups zeroes
 only the pairs no block writes, or the whole tensor; ``--lanes``: when a disjoint plan's configs
 run on concurrent CUDA streams, ``ringattn.lanes.MODE``; ``--fuse``: lse launches a config's
-offsets as runs, ``ringattn.launches.FUSE_OFFSETS``; ``--add``: lse adds gradients with the
-Triton kernel or torch's ``add_``), times forward and
-forward+backward of ``segment_local/sdpa`` (eager) and measures their peak memory relative to the
-tensors the call cannot avoid (as ``experiments.bench`` does). With ``--trace`` it also logs every
-kernel call of one forward+backward: the block's shape, the bytes it allocates transiently (peak
-above the level before it) and what stays allocated after it, so the largest transient is named.
-``--steady`` also times 10 calls back to back (no sync between them, as in a model's steady
-state) and the host's own time per call. ``--graphs`` also times the same calls replayed from CUDA
-graphs (forward captured with
-``torch.cuda.graph``, forward+backward through ``torch.cuda.make_graphed_callables``): what the
-launches and the Python work around the kernels cost. ``--ceiling`` times the plan's kernel calls
-alone (each distinct block shape on contiguous inputs, times how often the plan calls it) next to
-dense SDPA at the same ``n``: the fraction of dense throughput the block kernels themselves reach,
-which bounds what any merge or copy schedule around them can reach. Prints a table last; writes
-``overheads.json`` and ``.md`` under ``--out``.
+offsets as runs, ``ringattn.launches.FUSE_OFFSETS``; ``--add``: lse adds gradients with the Triton
+kernel or torch's ``add_``; ``--compile``: the module eager or ``compile=True``), times forward and
+forward+backward of ``segment_local/sdpa`` and measures their peak memory relative to the tensors
+the call cannot avoid (as ``experiments.bench`` does). With ``--trace`` it also logs every kernel
+call of one forward+backward: the block's shape, the bytes it allocates transiently (peak above the
+level before it) and what stays allocated after it, so the largest transient is named. ``--steady``
+also times 10 calls back to back (no sync between them, as in a model's steady state) and the
+host's own time per call. ``--graphs`` also times the same calls replayed from CUDA graphs (forward
+captured with ``torch.cuda.graph``, forward+backward through
+``torch.cuda.make_graphed_callables``): what the launches and the Python work around the kernels
+cost. ``--ceiling`` times the plan's kernel calls alone (each distinct block shape on contiguous
+inputs, times how often the plan calls it) next to dense SDPA at the same ``n``: the fraction of
+dense throughput the block kernels themselves reach, which bounds what any merge or copy schedule
+around them can reach. Prints a table last; writes ``overheads.json`` and ``.md`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -193,9 +192,11 @@ def probe(n: int, args, traces: dict) -> list[dict]:
     for mixing in args.mixing:
         flops_f = useful_flops(b, n, h, d, ISSUE_LENGTHS, ISSUE_RATES, args.causal, mixing)
         choices = list(
-            itertools.product(args.split, args.in_place, args.fill, args.lanes, args.fuse, args.add)
+            itertools.product(
+                args.split, args.in_place, args.fill, args.lanes, args.fuse, args.add, args.compile
+            )
         )
-        for split, in_place, fill, lane_mode, fuse, add in choices:
+        for split, in_place, fill, lane_mode, fuse, add, compiled in choices:
             pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
             SDPAComputer.in_place = in_place == "yes"
             core.zeros_for = FILLS[fill]
@@ -208,7 +209,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 causal=args.causal,
                 mixing=mixing,
                 strategy=ringattn.Strategy(computer="sdpa"),
-                compile=False,
+                compile=compiled == "yes",
             )
 
             fwd, fwdbwd = fwd_and_fwdbwd(attention, q, k, v, dout)
@@ -224,6 +225,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "lanes": lane_mode,
                     "fuse": fuse,
                     "add": add,
+                    "compile": compiled,
                     **stats,
                     "fwd_tflops": flops_f / stats["fwd_ms"] / 1e9,
                     "fwdbwd_tflops": 3.5 * flops_f / stats["fwdbwd_ms"] / 1e9,
@@ -231,14 +233,14 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             )
             if args.trace:
                 key = f"n={n} {mixing} split={split} in_place={in_place} fill={fill}"
-                key += f" lanes={lane_mode} fuse={fuse} add={add}"
+                key += f" lanes={lane_mode} fuse={fuse} add={add} compile={compiled}"
                 traces[key] = traced_calls(fwd, unit) + traced_calls(fwdbwd, unit)
                 for call in ("forward", "backward"):
                     top = sorted(
                         (c for c in traces[key] if c["call"] == call), key=lambda c: -c["transient"]
                     )[:3]
                     print("trace", key, json.dumps(top), flush=True)
-            last = (split, in_place, fill, lane_mode, fuse, add) == choices[-1]
+            last = (split, in_place, fill, lane_mode, fuse, add, compiled) == choices[-1]
             if args.steady:
                 rows[-1].update(steady_times(fwd, fwdbwd, device, args.repeats))
             if args.graphs:
@@ -302,6 +304,14 @@ def main(argv: list[str] | None = None) -> None:
         choices=list(ADDS),
         help="lse backward: gradients added into their rows by the Triton kernel "
         "(ringattn.kernels.add, where it runs) or torch's add_",
+    )
+    p.add_argument(
+        "--compile",
+        nargs="+",
+        default=["no"],
+        choices=["no", "yes"],
+        help="the module eager, or DilatedAttention(compile=True) (with --steady: whether a gap "
+        "between them is GPU work or host time)",
     )
     p.add_argument("--trace", action="store_true")
     p.add_argument("--graphs", action="store_true")
