@@ -1,0 +1,99 @@
+"""The LSE merge kernel's launch shape, timed through the whole `lse` forward on a GPU.
+
+    python -m experiments.merge_launch --n 131072 1048576 --launch 1x4 2x4 4x4 1x8 4x2
+
+Each ``RxW`` sets ``ringattn.kernels.merge.LAUNCH = (R, W)``: R rows per program, W warps. For
+each n (issue 5's shape, ``lse``, ``segment_local/sdpa`` eager) the choices are timed in turns
+(``--rounds`` of them, so drift hits every choice alike), forward median ms, plus the merge
+kernel's own GPU time per forward from torch.profiler. Prints a table last; writes
+``merge_launch.{json,md}`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import ringattn
+from experiments.ablate import dict_rows_to_markdown, median_ms
+from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
+from ringattn.kernels import merge as merge_kernel
+
+
+def merge_ms(fn, calls: int = 3) -> float:
+    """GPU ms per call spent in the merge kernel."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total = sum(e.device_time_total for e in prof.key_averages() if "_merge_rows" in e.key)
+    return total / 1e3 / calls
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, nargs="+", default=[131072, 1048576])
+    p.add_argument("--launch", nargs="+", default=["1x4", "2x4", "4x4", "1x8", "4x2"])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", type=Path, default=Path("results") / "merge_launch")
+    args = p.parse_args(argv)
+    device, default = torch.device("cuda"), merge_kernel.LAUNCH
+    choices = [tuple(int(x) for x in c.split("x")) for c in args.launch]
+    rows = []
+    try:
+        for n in args.n:
+            q, k, v = (
+                torch.randn(1, n, 16, 128, device=device, dtype=torch.bfloat16) for _ in range(3)
+            )
+            strategy = ringattn.Strategy(computer="sdpa")
+            attention = ringattn.DilatedAttention(
+                ISSUE_LENGTHS, ISSUE_RATES, mixing="lse", strategy=strategy
+            )
+
+            def fwd(attention=attention, q=q, k=k, v=v):
+                with torch.no_grad():
+                    attention(q, k, v)
+
+            times: dict[tuple, list[float]] = {c: [] for c in choices}
+            merges: dict[tuple, float] = {}
+            for _ in range(args.rounds):
+                for choice in choices:
+                    merge_kernel.LAUNCH = choice
+                    fwd()  # compiles this variant outside the timing
+                    times[choice].append(median_ms(fwd, device, 1, args.repeats))
+            for choice in choices:
+                merge_kernel.LAUNCH = choice
+                merges[choice] = merge_ms(fwd)
+            base = statistics.median(times[choices[0]])
+            for choice in choices:
+                fwd_ms = statistics.median(times[choice])
+                rows.append(
+                    {
+                        "n": n,
+                        "launch": f"{choice[0]}x{choice[1]}",
+                        "fwd_ms": fwd_ms,
+                        "fwd_ms_runs": [round(t, 3) for t in times[choice]],
+                        "merge_ms": merges[choice],
+                        "fwd_vs_first": fwd_ms / base,
+                    }
+                )
+                print("row", json.dumps(rows[-1]), flush=True)
+            del q, k, v, attention
+            torch.cuda.empty_cache()
+    finally:
+        merge_kernel.LAUNCH = default
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "merge_launch.json").write_text(json.dumps({"rows": rows}))
+    table = dict_rows_to_markdown(rows, list(rows[0]))
+    (args.out / "merge_launch.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
