@@ -1,12 +1,13 @@
-"""The LSE merge kernel's launch shape, timed through the whole `lse` forward on a GPU.
+"""The LSE merge kernel's warps per program, timed through the whole `lse` forward on a GPU.
 
-    python -m experiments.merge_launch --n 131072 1048576 --launch 1x4 2x4 4x4 1x8 4x2
+    python -m experiments.merge_launch --n 131072 1048576 --warps 4 2 1 8
 
-Each ``RxW`` sets ``ringattn.kernels.merge.LAUNCH = (R, W)``: R rows per program, W warps. For
-each n (issue 5's shape, ``lse``, ``segment_local/sdpa`` eager) the choices are timed in turns
-(``--rounds`` of them, so drift hits every choice alike), forward median ms, plus the merge
-kernel's own GPU time per forward from torch.profiler. Prints a table last; writes
-``merge_launch.{json,md}`` under ``--out``.
+Each choice sets ``ringattn.kernels.merge.WARPS``. (Commit 9354aed's version of this script and of
+the kernel also swept rows per program, ``--launch RxW``: no better than one;
+``docs/benchmarks/h200_bench/step18_merge_launch.md``.) For each n (issue 5's shape, ``lse``,
+``segment_local/sdpa`` eager) the choices are timed in turns (``--rounds`` of them, so drift hits
+every choice alike), forward median ms, plus the merge kernel's own GPU time per forward from
+torch.profiler. Prints a table last; writes ``merge_launch.{json,md}`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -38,13 +39,13 @@ def merge_ms(fn, calls: int = 3) -> float:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, nargs="+", default=[131072, 1048576])
-    p.add_argument("--launch", nargs="+", default=["1x4", "2x4", "4x4", "1x8", "4x2"])
+    p.add_argument("--warps", type=int, nargs="+", default=[4, 2, 1, 8])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path("results") / "merge_launch")
     args = p.parse_args(argv)
-    device, default = torch.device("cuda"), merge_kernel.LAUNCH
-    choices = [tuple(int(x) for x in c.split("x")) for c in args.launch]
+    device, default = torch.device("cuda"), merge_kernel.WARPS
+    choices = args.warps
     rows = []
     try:
         for n in args.n:
@@ -60,15 +61,15 @@ def main(argv: list[str] | None = None) -> None:
                 with torch.no_grad():
                     attention(q, k, v)
 
-            times: dict[tuple, list[float]] = {c: [] for c in choices}
-            merges: dict[tuple, float] = {}
+            times: dict[int, list[float]] = {c: [] for c in choices}
+            merges: dict[int, float] = {}
             for _ in range(args.rounds):
                 for choice in choices:
-                    merge_kernel.LAUNCH = choice
+                    merge_kernel.WARPS = choice
                     fwd()  # compiles this variant outside the timing
                     times[choice].append(median_ms(fwd, device, 1, args.repeats))
             for choice in choices:
-                merge_kernel.LAUNCH = choice
+                merge_kernel.WARPS = choice
                 merges[choice] = merge_ms(fwd)
             base = statistics.median(times[choices[0]])
             for choice in choices:
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(
                     {
                         "n": n,
-                        "launch": f"{choice[0]}x{choice[1]}",
+                        "warps": choice,
                         "fwd_ms": fwd_ms,
                         "fwd_ms_runs": [round(t, 3) for t in times[choice]],
                         "merge_ms": merges[choice],
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
             del q, k, v, attention
             torch.cuda.empty_cache()
     finally:
-        merge_kernel.LAUNCH = default
+        merge_kernel.WARPS = default
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "merge_launch.json").write_text(json.dumps({"rows": rows}))
     table = dict_rows_to_markdown(rows, list(rows[0]))

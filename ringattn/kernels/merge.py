@@ -25,9 +25,10 @@ except ImportError:  # pragma: no cover - triton is optional (CPU-only installs)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# (rows per program, warps per program) of the merge's launch; experiments/merge_launch.py times
-# the choices on a GPU
-LAUNCH = (1, 4)
+# warps per program (one row each). H200, issue 5's lse plan: 2 warps take 0.41 / 3.28 ms of merges
+# per forward at 131K / 1M against 0.53 / 4.59 with Triton's default 4; 8 warps 0.88 / 8.24; 2-8
+# rows per program no better (experiments/merge_launch.py, docs/benchmarks/h200_perf.md step 18)
+WARPS = 2
 
 
 def available(x: Tensor) -> bool:
@@ -43,11 +44,7 @@ if triton is not None:
     def program_row(S, L):
         """This program's ``(batch, segment, row)`` of a ``[b, S, L, ...]`` grid, one program per
         row, as int64 (element offsets pass 2**31 at ~1M tokens)."""
-        return row_coords(tl.program_id(0).to(tl.int64), S, L)
-
-    @triton.jit
-    def row_coords(row, S, L):
-        """Row ``row`` (int64) of a ``[b, S, L, ...]`` grid as ``(batch, segment, row)``."""
+        row = tl.program_id(0).to(tl.int64)
         return row // (L * S), (row // L) % S, row % L
 
     @triton.jit
@@ -78,31 +75,14 @@ if triton is not None:
         lo_s1,
         lo_s2,
         lo_s3,
-        ROWS,
         BLOCK_H: tl.constexpr,
         BLOCK_D: tl.constexpr,
-        ROWS_PER_PROGRAM: tl.constexpr,
     ):
-        # One program per ROWS_PER_PROGRAM (batch, segment, row)s: all their heads and channels.
-        for step in tl.static_range(ROWS_PER_PROGRAM):
-            row = tl.program_id(0).to(tl.int64) * ROWS_PER_PROGRAM + step
-            _merge_row(
-                acc_ptr, lse_acc_ptr, out_ptr, lse_ptr, row, ROWS, S, L, H, D,
-                acc_s0, acc_s1, acc_s2, acc_s3, acc_s4, la_s0, la_s1, la_s2, la_s3,
-                o_s0, o_s1, o_s2, o_s3, o_s4, lo_s0, lo_s1, lo_s2, lo_s3, BLOCK_H, BLOCK_D,
-            )  # fmt: skip
-
-    @triton.jit
-    def _merge_row(
-        acc_ptr, lse_acc_ptr, out_ptr, lse_ptr, row, ROWS, S, L, H, D,
-        acc_s0, acc_s1, acc_s2, acc_s3, acc_s4, la_s0, la_s1, la_s2, la_s3,
-        o_s0, o_s1, o_s2, o_s3, o_s4, lo_s0, lo_s1, lo_s2, lo_s3,
-        BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):  # fmt: skip
-        bi, si, li = row_coords(row, S, L)
+        # One program per (batch, segment, row): all its heads and channels.
+        bi, si, li = program_row(S, L)
         heads = tl.arange(0, BLOCK_H)
         chans = tl.arange(0, BLOCK_D)
-        hmask = (heads < H) & ((heads * 0 + row) < ROWS)  # (a tensor mask for the interpreter)
+        hmask = heads < H
         mask = hmask[:, None] & (chans[None, :] < D)
 
         la_ptrs = lse_acc_ptr + bi * la_s0 + si * la_s1 + li * la_s2 + heads * la_s3
@@ -153,8 +133,7 @@ def merge_rows_(out_acc: Tensor, lse_acc: Tensor, out: Tensor, lse: Tensor) -> N
     rows = b * s * length
     if rows == 0 or h == 0 or d == 0:
         return
-    per_program, warps = LAUNCH
-    _merge_rows_kernel[(triton.cdiv(rows, per_program),)](
+    _merge_rows_kernel[(rows,)](
         out_acc,
         lse_acc,
         out,
@@ -167,11 +146,9 @@ def merge_rows_(out_acc: Tensor, lse_acc: Tensor, out: Tensor, lse: Tensor) -> N
         *lse_acc.stride(),
         *out.stride(),
         *lse.stride(),
-        rows,
         BLOCK_H=triton.next_power_of_2(h),
         BLOCK_D=triton.next_power_of_2(d),
-        ROWS_PER_PROGRAM=per_program,
-        num_warps=warps,
+        num_warps=WARPS,
     )
 
 
