@@ -403,7 +403,7 @@ def table(title: str, rows: list[dict], columns: list[str]) -> list[str]:
     return [title, "", dict_rows_to_markdown(rows, columns), ""] if rows else []
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("results/distributed"))
     parser.add_argument("--part", choices=["check", "speed", "weak", "cp", "all"], default="all")
@@ -417,7 +417,7 @@ def main() -> None:
     parser.add_argument("--mixing", nargs="+", default=["lse", "head_groups"], help="weak")
     parser.add_argument("--heads", type=int, default=BHD[1])
     parser.add_argument("--head-dim", type=int, default=BHD[2])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     BHD[1:] = [args.heads, args.head_dim]
     REPEATS[0] = args.repeats
     PROFILE[:] = [args.profile] if args.profile and torch.cuda.is_available() else []

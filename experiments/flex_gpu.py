@@ -186,12 +186,12 @@ def speed(n: int, lengths, rates, mixing: str, causal: bool, strategies) -> list
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("results/flex_gpu"))
     parser.add_argument("--n", type=int, nargs="+", default=[32768])
     parser.add_argument("--part", choices=["check", "speed", "all"], default="all")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("flex_gpu: error: needs a CUDA device")
     args.out.mkdir(parents=True, exist_ok=True)

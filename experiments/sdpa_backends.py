@@ -115,10 +115,10 @@ def lse_ops_agree(q, k, v) -> dict:
     return report
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, default=Path("results") / "sdpa_backends")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     dev, dt = "cuda", torch.bfloat16
