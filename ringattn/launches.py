@@ -114,8 +114,8 @@ def _prepare(spec, reads, writes, block_ids, make_launcher, placed: bool) -> Pre
 
     local = {i for i in block_ids if spec.spans[plan.blocks[i].job.config] == 1}
     result: Prepared = {}
-    # merged blocks: a config's offsets as K runs, launched at its first block (merges per
-    # (row, head) keep their config order, so results are the same to the bit)
+    # merged blocks: a config's offsets as K runs, launched at its first block (each (row, head)
+    # still merges its configs in config order; the kernels round as their head batch makes them)
     groups = pattern.offset_runs(plan, pattern.BLOCK_SPLIT) if FUSE_OFFSETS and not placed else ()
     for members, runs in groups:
         if set(members) <= local and (fused := entries(runs)) is not None:
