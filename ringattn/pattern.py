@@ -108,8 +108,7 @@ class Block:
         heads (the tail, or fewer segments than heads). A part of one segment or one head is
         not cut further."""
         job, heads = self.job, self.job.num_heads
-        pairs = self.segments * self.length * heads
-        parts = -(-pairs * split // (n * h))
+        parts = parts_for(self.segments * self.length * heads, n, h, split)
         if parts <= 1:
             return (self,)
         if not self.tail and self.segments > 1 and self.segments >= min(parts, heads):
@@ -143,6 +142,12 @@ class Block:
         return (seg_starts[:, None] + in_seg[None, :]).flatten()
 
 
+def parts_for(pairs: int, n: int, h: int, split: int) -> int:
+    """How many kernel calls a problem of ``pairs`` (row, head) pairs takes when each call may
+    cover at most ``n * h / split`` of them (``BLOCK_SPLIT``'s bound on transients)."""
+    return -(-pairs * split // (n * h))
+
+
 def _flat(geometry: Geometry) -> Geometry | None:
     """A ``[b, S, L, ...]`` geometry as ``[b * S, L, ...]``, or None where that is not one view."""
     (b, segments, *size), (stride_b, stride_segment, *stride_rest), offset = geometry
@@ -173,14 +178,11 @@ class OffsetRun:
     index: int
 
     def rows_geometry(self, shape: tuple[int, ...], stride: tuple[int, ...]) -> Geometry:
-        (
-            (b, segments, length, _, *rest),
-            (stride_b, stride_segment, stride_row, _, *stride_rest),
-            (offset),
-        ) = self.first.rows_geometry(shape, stride)
+        size, steps, offset = self.first.rows_geometry(shape, stride)
+        # offset 0's view with its head dim replaced by the walk over the offsets
         return (
-            (b, segments, length, self.offsets, *rest),
-            (stride_b, stride_segment, stride_row, stride[1] + stride[2], *stride_rest),
+            (*size[:3], self.offsets, *size[4:]),
+            (*steps[:3], stride[1] + stride[2], *steps[4:]),
             offset + self.index * self.first.job.r * stride[2],
         )
 
@@ -216,7 +218,7 @@ def offset_runs(plan: Plan, split: int) -> Runs:
         ):
             continue
         first = blocks[0]
-        if first.segments * first.length * offsets * split > plan.n * plan.h:
+        if parts_for(first.segments * first.length * offsets, plan.n, plan.h, split) > 1:
             continue
         runs = tuple(OffsetRun(first, offsets, index) for index in range(heads))
         groups.append((tuple(members), runs))
