@@ -266,53 +266,40 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mixing", nargs="+", default=["lse", "head_groups"])
     p.add_argument("--causal", action="store_true")
     p.add_argument("--split", type=int, nargs="+", default=[1, 8])
-    p.add_argument(
-        "--in-place",
-        nargs="+",
-        default=["yes"],
-        choices=["yes", "no"],
-        help="placed blocks written in place through the cuDNN frontend (where installed), or "
-        "through torch's cuDNN op and a copy",
-    )
-    p.add_argument(
-        "--fill",
-        nargs="+",
-        default=["unselected"],
-        choices=list(FILLS),
-        help="head_groups: zero only the pairs no block writes (the Triton kernel), or the whole "
-        "tensor first",
-    )
-    p.add_argument(
-        "--lanes",
-        nargs="+",
-        default=[lanes.MODE],
-        choices=["capture", "always", "never"],
-        help="when the configs of a disjoint (head_groups) plan run on concurrent CUDA streams",
-    )
-    p.add_argument(
-        "--fuse",
-        nargs="+",
-        default=["yes" if launches.FUSE_OFFSETS else "no"],
-        choices=["yes", "no"],
-        help="lse: a config's offsets launched as runs (ringattn.launches.FUSE_OFFSETS), or one "
-        "launch per block",
-    )
-    p.add_argument(
-        "--add",
-        nargs="+",
-        default=["triton"],
-        choices=list(ADDS),
-        help="lse backward: gradients added into their rows by the Triton kernel "
-        "(ringattn.kernels.add, where it runs) or torch's add_",
-    )
-    p.add_argument(
-        "--compile",
-        nargs="+",
-        default=["no"],
-        choices=["no", "yes"],
-        help="the module eager, or DilatedAttention(compile=True) (with --steady: whether a gap "
-        "between them is GPU work or host time)",
-    )
+    # the A/B axes: each takes one or more of its choices, the first listed is the default
+    axes = {
+        "--in-place": (
+            ["yes", "no"],
+            "placed blocks written in place through the cuDNN frontend (where installed), or "
+            "through torch's cuDNN op and a copy",
+        ),
+        "--fill": (
+            list(FILLS),
+            "head_groups: zero only the pairs no block writes (the Triton kernel), or the whole "
+            "tensor first",
+        ),
+        "--lanes": (
+            [lanes.MODE, *(m for m in ("capture", "always", "never") if m != lanes.MODE)],
+            "when the configs of a disjoint (head_groups) plan run on concurrent CUDA streams",
+        ),
+        "--fuse": (
+            ["yes", "no"] if launches.FUSE_OFFSETS else ["no", "yes"],
+            "lse: a config's offsets launched as runs (ringattn.launches.FUSE_OFFSETS), or one "
+            "launch per block",
+        ),
+        "--add": (
+            list(ADDS),
+            "lse backward: gradients added into their rows by the Triton kernel "
+            "(ringattn.kernels.add, where it runs) or torch's add_",
+        ),
+        "--compile": (
+            ["no", "yes"],
+            "the module eager, or DilatedAttention(compile=True) (with --steady: whether a gap "
+            "between them is GPU work or host time)",
+        ),
+    }
+    for flag, (choices, help_text) in axes.items():
+        p.add_argument(flag, nargs="+", default=choices[:1], choices=choices, help=help_text)
     p.add_argument("--trace", action="store_true")
     p.add_argument("--graphs", action="store_true")
     p.add_argument("--steady", action="store_true", help="also time back to back, and host time")
