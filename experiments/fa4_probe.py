@@ -1,0 +1,158 @@
+"""Does FlashAttention-4's Hopper path (``flash-attn-4``, CuTe DSL) beat cuDNN on our blocks? (GPU)
+
+    python -m experiments.fa4_probe [--n 131072] [--out DIR]
+
+Issue 5's forward is bound by cuDNN's rate on 2048-row blocks (0.86-0.88x of its dense rate
+non-causal, 0.58-0.67x causal; h200_perf.md, "The kernel ceiling"). FA4 ships an SM90 port of
+FA3's kernels that takes strided q/k/v, a preallocated strided ``out`` and ``lse``, and a
+``dlse`` in the backward. This times, in one process, cuDNN (torch's aten op, what ``sdpa``
+calls) and FA4 on:
+
+* the dense problem ``[1, n, h, d]`` (the bench's baseline);
+* contiguous blocks ``[n/2048, 2048, h, d]``;
+* the strided view ``segment_local`` hands over for ``(w, r) = (4096, 2)``;
+
+forward and forward+backward, causal and not, and checks FA4's output and LSE against cuDNN's.
+Prints a table (TFLOP/s and ratio to cuDNN dense) and writes ``fa4_probe.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+aten = torch.ops.aten
+
+
+def _events_ms(fn, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return sorted(times)[len(times) // 2]
+
+
+def _cudnn(q, k, v, causal, scale, dout=None):
+    """q, k, v: [B, L, H, d] views; forward (and backward when ``dout`` is given) via cuDNN."""
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    out, lse = aten._scaled_dot_product_cudnn_attention(
+        qt, kt, vt, None, True, 0.0, causal, False, scale=scale
+    )[:2]
+    if dout is None:
+        return out.transpose(1, 2), lse.squeeze(-1)
+    seed = torch.zeros((), dtype=torch.int64, device=q.device)
+    length = q.shape[1]
+    return aten._scaled_dot_product_cudnn_attention_backward(
+        dout.transpose(1, 2), qt, kt, vt, out, lse, seed, seed, None, None, None,
+        length, length, 0.0, causal, scale=scale,
+    )  # fmt: skip
+
+
+def _fa4(q, k, v, causal, scale, dout=None, out=None):
+    from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
+
+    o, lse = _flash_attn_fwd(q, k, v, softmax_scale=scale, causal=causal, return_lse=True, out=out)[
+        :2
+    ]
+    if dout is None:
+        return o, lse
+    return _flash_attn_bwd(q, k, v, o, dout, lse, scale, causal)
+
+
+def problems(n: int, h: int, d: int, device):
+    """(label, q, k, v, dense?) with q/k/v as [B, L, H, d] views."""
+    base = [torch.randn(1, n, h, d, device=device, dtype=torch.bfloat16) for _ in range(3)]
+    yield "dense", *base
+    blocks = [x.view(n // 2048, 2048, h, d) for x in base]
+    yield "blocks 2048", *blocks
+    # segment_local's view for (w, r) = (4096, 2), offset 0: rows 0, 2, 4, ... of each segment
+    strided = [x.view(n // 4096, 2048, 2, h, d)[:, :, 0] for x in base]
+    yield "strided w4096 r2", *strided
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=131072)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path("."))
+    args = parser.parse_args(argv)
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    h, d = args.heads, args.head_dim
+    scale = d**-0.5
+    rows = []
+    for label, q, k, v in problems(args.n, h, d, device):
+        batch, length = q.shape[:2]
+        for causal in (False, True):
+            flops = 4.0 * batch * length * length * d * h / (2 if causal else 1)
+            dout = torch.randn_like(q)
+            row = {"problem": label, "causal": causal, "shape": list(q.shape)}
+            ref_out, ref_lse = _cudnn(q, k, v, causal, scale)
+            for name, fn in (("cudnn", _cudnn), ("fa4", _fa4)):
+                try:
+                    t0 = time.perf_counter()
+                    out, lse = fn(q, k, v, causal, scale)
+                    torch.cuda.synchronize()
+                    row[f"{name}_first_s"] = round(time.perf_counter() - t0, 2)
+                    if name == "fa4":
+                        err = (out.float() - ref_out.float()).norm() / ref_out.float().norm()
+                        row["fa4_out_rel_err"] = float(err)
+                        lse_ref = ref_lse.float().reshape(lse.shape)
+                        row["fa4_lse_max_abs"] = float((lse.float() - lse_ref).abs().max())
+                    fwd = _events_ms(partial(fn, q, k, v, causal, scale), 2, args.repeats)
+                    fb = _events_ms(partial(fn, q, k, v, causal, scale, dout), 2, args.repeats)
+                    row[f"{name}_fwd_ms"] = fwd
+                    row[f"{name}_fwdbwd_ms"] = fb
+                    row[f"{name}_fwd_tflops"] = flops / fwd / 1e9
+                    row[f"{name}_fwdbwd_tflops"] = 3.5 * flops / fb / 1e9
+                except Exception as exc:  # a probe: report and go on
+                    row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            if label == "strided w4096 r2":
+                # FA4 writing into the strided rows of a [1, n, h, d] output (placed blocks)
+                try:
+                    full = torch.empty(1, args.n, h, d, device=device, dtype=torch.bfloat16)
+                    view = full.view(args.n // 4096, 2048, 2, h, d)[:, :, 0]
+                    _fa4(q, k, v, causal, scale, out=view)
+                    err = (view.float() - ref_out.float()).norm() / ref_out.float().norm()
+                    row["fa4_into_rel_err"] = float(err)
+                    row["fa4_into_fwd_ms"] = _events_ms(
+                        partial(_fa4, q, k, v, causal, scale, out=view), 2, args.repeats
+                    )
+                except Exception as exc:
+                    row["fa4_into_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fa4_probe.json").write_text(json.dumps(rows, indent=1))
+    dense = {r["causal"]: r for r in rows if r["problem"] == "dense"}
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, n={args.n}, h={h}, d={d}")
+    print("problem | causal | cudnn fwd | fa4 fwd | cudnn f+b | fa4 f+b (TFLOP/s; x cuDNN dense)")
+    for r in rows:
+        base = dense[r["causal"]]
+        cells = []
+        for key in (
+            "cudnn_fwd_tflops",
+            "fa4_fwd_tflops",
+            "cudnn_fwdbwd_tflops",
+            "fa4_fwdbwd_tflops",
+        ):
+            value, ref = r.get(key), base.get(key.replace("fa4", "cudnn"))
+            cells.append(f"{value:.0f} ({value / ref:.2f})" if value and ref else "-")
+        print(f"{r['problem']} | {r['causal']} | " + " | ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
