@@ -24,6 +24,7 @@ against the float64 oracle at ``--check-n`` (output and gradients). Writes ``ben
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
 import time
@@ -36,8 +37,9 @@ import torch.nn.functional as F
 import ringattn
 from experiments.ablate import dict_rows_to_markdown, median_ms, rel_err
 from ringattn import reference
+from ringattn.computers.sdpa import SDPAComputer
 from ringattn.flops import dense_flops, useful_flops
-from ringattn.kernels import cudnn_graphs
+from ringattn.kernels import cudnn_graphs, fa4
 from ringattn.pattern import head_groups
 
 ISSUE_LENGTHS = (2048, 4096, 8192, 16384, 32768)
@@ -194,6 +196,16 @@ def variants(args) -> list[tuple[str, Callable[[], Callable]]]:
                     return module
 
                 out.append((name + " [flash]", make_flash))
+            if strategy.computer == "sdpa" and not compiled and args.torch_bwd_row:
+                # A/B where FlashAttention-4 is installed: the backward on torch's kernels
+
+                def make_torch_bwd(mixing, causal, make=make):
+                    module = make(mixing, causal)
+                    module.computer.cuda_backward = "torch"
+                    return module
+
+                if fa4.installed():
+                    out.append((name + " [torch bwd]", make_torch_bwd))
     return out
 
 
@@ -413,6 +425,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="skip the eager sdpa rows forced onto FlashAttention-2 (A/B against cuDNN)",
     )
     p.add_argument(
+        "--no-torch-bwd-row",
+        dest="torch_bwd_row",
+        action="store_false",
+        help="skip the eager sdpa rows whose backward runs on torch's kernels instead of "
+        "FlashAttention-4 (A/B; only where flash-attn-4 is installed)",
+    )
+    p.add_argument(
         "--no-in-model",
         dest="in_model",
         action="store_false",
@@ -439,6 +458,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     device = torch.device(args.device)
@@ -455,6 +481,9 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         # placed blocks written in place (SDPAComputer.in_place) need NVIDIA's cuDNN frontend
         "cudnn_frontend": getattr(cudnn_graphs.cudnn, "__version__", None),
+        # sdpa's backward through FlashAttention-4 (SDPAComputer.cuda_backward) needs flash-attn-4
+        "flash_attn_4": _version("flash-attn-4") if fa4.installed() else None,
+        "sdpa_backward": SDPAComputer.cuda_backward,
         "command": "python -m experiments.bench "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "shape": {"b": 1, "h": args.heads, "d": args.dim, "dtype": str(args.dtype)},

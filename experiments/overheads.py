@@ -8,7 +8,8 @@ cuDNN writes placed blocks into their rows or torch's op and a copy; ``--fill``:
 only the pairs no block writes, or the whole tensor; ``--lanes``: when a disjoint plan's configs
 run on concurrent CUDA streams, ``ringattn.lanes.MODE``; ``--fuse``: lse launches a config's
 offsets as runs, ``ringattn.launches.FUSE_OFFSETS``; ``--add``: lse adds gradients with the Triton
-kernel or torch's ``add_``; ``--compile``: the module eager or ``compile=True``), times forward and
+kernel or torch's ``add_``; ``--compile``: the module eager or ``compile=True``; ``--backward``:
+``sdpa``'s backward through FlashAttention-4 where installed, or torch's kernels), times forward and
 forward+backward of ``segment_local/sdpa`` and measures their peak memory relative to the tensors
 the call cannot avoid (as ``experiments.bench`` does). With ``--trace`` it also logs every kernel
 call of one forward+backward: the block's shape, the bytes it allocates transiently (peak above the
@@ -39,10 +40,10 @@ import ringattn
 from experiments.ablate import dict_rows_to_markdown, median_ms
 from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, fwd_and_fwdbwd, time_and_memory
 from ringattn import core, lanes, launches, pattern
-from ringattn.computers.sdpa import SDPAComputer
+from ringattn.computers.sdpa import CUDA_BACKWARDS, SDPAComputer
 from ringattn.flops import useful_flops
 from ringattn.kernels import add as add_kernel
-from ringattn.kernels import cudnn_graphs
+from ringattn.kernels import cudnn_graphs, fa4
 
 # how the core adds a merged block's gradients into their rows (False: "not done", torch's add_)
 ADDS = {"triton": add_kernel.add_rows_, "torch": lambda accs, parts: False}
@@ -193,16 +194,24 @@ def probe(n: int, args, traces: dict) -> list[dict]:
         flops_f = useful_flops(b, n, h, d, ISSUE_LENGTHS, ISSUE_RATES, args.causal, mixing)
         choices = list(
             itertools.product(
-                args.split, args.in_place, args.fill, args.lanes, args.fuse, args.add, args.compile
+                args.split,
+                args.in_place,
+                args.fill,
+                args.lanes,
+                args.fuse,
+                args.add,
+                args.compile,
+                args.backward,
             )
         )
-        for split, in_place, fill, lane_mode, fuse, add, compiled in choices:
+        for split, in_place, fill, lane_mode, fuse, add, compiled, backward in choices:
             pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
             SDPAComputer.in_place = in_place == "yes"
             core.zeros_for = FILLS[fill]
             lanes.MODE = lane_mode
             launches.FUSE_OFFSETS = fuse == "yes"
             add_kernel.add_rows_ = ADDS[add]
+            SDPAComputer.cuda_backward = backward
             attention = ringattn.DilatedAttention(
                 ISSUE_LENGTHS,
                 ISSUE_RATES,
@@ -226,6 +235,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "fuse": fuse,
                     "add": add,
                     "compile": compiled,
+                    "backward": "fa4" if backward == "auto" and fa4.available(q) else "torch",
                     **stats,
                     "fwd_tflops": flops_f / stats["fwd_ms"] / 1e9,
                     "fwdbwd_tflops": 3.5 * flops_f / stats["fwdbwd_ms"] / 1e9,
@@ -234,13 +244,14 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             if args.trace:
                 key = f"n={n} {mixing} split={split} in_place={in_place} fill={fill}"
                 key += f" lanes={lane_mode} fuse={fuse} add={add} compile={compiled}"
+                key += f" backward={backward}"
                 traces[key] = traced_calls(fwd, unit) + traced_calls(fwdbwd, unit)
                 for call in ("forward", "backward"):
                     top = sorted(
                         (c for c in traces[key] if c["call"] == call), key=lambda c: -c["transient"]
                     )[:3]
                     print("trace", key, json.dumps(top), flush=True)
-            last = (split, in_place, fill, lane_mode, fuse, add, compiled) == choices[-1]
+            last = (split, in_place, fill, lane_mode, fuse, add, compiled, backward) == choices[-1]
             if args.steady:
                 rows[-1].update(steady_times(fwd, fwdbwd, device, args.repeats))
             if args.graphs:
@@ -297,6 +308,11 @@ def main(argv: list[str] | None = None) -> None:
             "the module eager, or DilatedAttention(compile=True) (with --steady: whether a gap "
             "between them is GPU work or host time)",
         ),
+        "--backward": (
+            list(CUDA_BACKWARDS),
+            "sdpa's backward through FlashAttention-4 where it runs (ringattn.kernels.fa4), or "
+            "torch's kernels (SDPAComputer.cuda_backward)",
+        ),
     }
     for flag, (choices, help_text) in axes.items():
         p.add_argument(flag, nargs="+", default=choices[:1], choices=choices, help=help_text)
@@ -327,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
         lanes.MODE = default_lanes
         launches.FUSE_OFFSETS = default_fuse
         add_kernel.add_rows_ = ADDS["triton"]
+        SDPAComputer.cuda_backward = CUDA_BACKWARDS[0]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overheads.json").write_text(json.dumps({"rows": rows, "traces": traces}))
     table = dict_rows_to_markdown(rows, list(dict.fromkeys(c for row in rows for c in row)))

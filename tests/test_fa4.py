@@ -1,0 +1,127 @@
+"""``sdpa``'s FlashAttention-4 backward (``ringattn.kernels.fa4``), without a GPU.
+
+FA4 runs only on SM90+ GPUs (checked there: ``experiments/flex_gpu.py --part check``). What can
+go wrong on our side is the wiring: which blocks reach it, in which layout (``[B, L, H, d]``
+operands, the LSE as ``[B, H, L]`` float32, merged ``out``/``lse``), and whether placed gradients
+land in the strided views handed to it. So here a stand-in with FA4's signature and contract
+(``_flash_attn_bwd``: it asserts the layouts, computes the flash-attention backward in float64,
+writes ``dq``/``dk``/``dv`` when given) replaces the kernel, and every ``sdpa`` strategy's
+gradients are held to the float64 oracle through it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import problems
+from hypothesis import HealthCheck, given, settings
+from test_strategies import check_against_oracle
+
+import ringattn
+from ringattn.computers.sdpa import SDPAComputer
+from ringattn.kernels import fa4
+
+
+class FakeFA4:
+    """FA4's ``_flash_attn_bwd`` contract, computed in float64; counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.into = 0
+
+    def __call__(
+        self, q, k, v, out, dout, lse, softmax_scale, causal, *, dq=None, dk=None, dv=None
+    ):
+        self.calls += 1
+        b, length, h, d = q.shape
+        assert k.shape == v.shape == out.shape == dout.shape == (b, length, h, d)
+        assert lse.shape == (b, h, length) and lse.dtype == torch.float32
+        assert out.dtype == dout.dtype == q.dtype
+        qf, kf, vf, of, dof = (x.double().transpose(1, 2) for x in (q, k, v, out, dout))
+        scores = qf @ kf.transpose(-1, -2) * softmax_scale
+        if causal:
+            mask = torch.ones(length, length, dtype=torch.bool).triu(1)
+            scores = scores.masked_fill(mask, float("-inf"))
+        probs = torch.exp(scores - lse.double().unsqueeze(-1))
+        dv_ = probs.transpose(-1, -2) @ dof
+        dp = dof @ vf.transpose(-1, -2)
+        ds = probs * (dp - (dof * of).sum(-1, keepdim=True))
+        dq_ = ds @ kf * softmax_scale
+        dk_ = ds.transpose(-1, -2) @ qf * softmax_scale
+        result = [g.transpose(1, 2).to(q.dtype) for g in (dq_, dk_, dv_)]
+        if dq is not None:
+            self.into += 1
+            for given_, computed in zip((dq, dk, dv), result):
+                assert given_.shape == computed.shape and given_.dtype == computed.dtype
+                given_.copy_(computed)
+            result = [dq, dk, dv]
+        return (*result, None)  # FA4 may return more than the three
+
+
+@pytest.fixture
+def fake_fa4(monkeypatch):
+    kernel = FakeFA4()
+    monkeypatch.setattr(fa4, "_kernel", lambda: kernel)
+    # CPU tensors stand in for CUDA ones; float64 stays on torch's kernels as on a GPU
+    monkeypatch.setattr(fa4, "available", lambda q: q.dtype != torch.float64)
+    return kernel
+
+
+def sdpa_strategies() -> tuple[ringattn.Strategy, ...]:
+    return ringattn.Strategy.all(communicator="local", computer="sdpa")
+
+
+@settings(
+    max_examples=12,
+    suppress_health_check=[*settings().suppress_health_check, HealthCheck.function_scoped_fixture],
+)
+@given(problems())
+def test_gradients_through_fa4_match_oracle(fake_fa4, p):
+    before = fake_fa4.calls
+    check_against_oracle(p, torch.float32, sdpa_strategies())
+    assert fake_fa4.calls > before  # every backward went through the stand-in
+
+
+@settings(
+    max_examples=8,
+    suppress_health_check=[*settings().suppress_health_check, HealthCheck.function_scoped_fixture],
+)
+@given(problems())
+def test_bf16_gradients_through_fa4_match_oracle(fake_fa4, p):
+    check_against_oracle(p, torch.bfloat16, sdpa_strategies())
+
+
+def test_placed_gradients_are_written_by_fa4(fake_fa4):
+    """head_groups blocks are placed: their gradients go to FA4 as the gradients' own strided
+    rows (no copy), through the prepared launcher and the general path alike."""
+    p = {
+        "b": 1,
+        "n": 64,
+        "h": 4,
+        "d": 8,
+        "segment_lengths": (8, 16),
+        "dilation_rates": (1, 2),
+        "causal": True,
+        "mixing": "head_groups",
+    }
+    check_against_oracle(p, torch.float32, sdpa_strategies())
+    assert fake_fa4.into > 0
+
+
+def test_torch_backward_bypasses_fa4(fake_fa4, monkeypatch, small_problem):
+    monkeypatch.setattr(SDPAComputer, "cuda_backward", "torch")
+    check_against_oracle(small_problem, torch.float32, sdpa_strategies())
+    assert fake_fa4.calls == 0
+
+
+def test_unknown_cuda_backward_is_refused_before_any_work(monkeypatch):
+    monkeypatch.setattr(SDPAComputer, "cuda_backward", "cudnn")
+    attention = ringattn.DilatedAttention((4,), (1,), strategy=ringattn.Strategy(computer="sdpa"))
+    q = torch.randn(1, 8, 2, 4)
+    with pytest.raises(ValueError, match="cuda_backward must be one of"):
+        attention(q, q, q)
+
+
+def test_not_available_off_gpu():
+    # (True only on an SM90+ GPU with flash-attn-4 installed: never for CPU tensors)
+    assert not fa4.available(torch.zeros(1, 4, 2, 8, dtype=torch.bfloat16))
