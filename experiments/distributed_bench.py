@@ -36,6 +36,7 @@ import ringattn
 from experiments.ablate import dict_rows_to_markdown, rel_err
 from ringattn import distributed, reference
 from ringattn.flops import useful_flops
+from ringattn.kernels import fa4
 
 # batch, heads, head dim of the timed parts (issue 5's; --heads/--head-dim shrink them for a CPU
 # trial of the script)
@@ -361,17 +362,18 @@ def cp_compare(device, n: int) -> list[dict]:
         rows.append(row)
         log("cp", row)
 
-    for communicator, layout in (
-        ("ring", "zigzag"),
-        ("all_gather", "zigzag"),
-        ("ring", "contiguous"),
-    ):
+    ours = [("ring", "zigzag", "auto"), ("all_gather", "zigzag", "auto")]
+    if fa4.installed():  # A/B: the backward on torch's kernels, as PyTorch's own runs
+        ours.append(("ring", "zigzag", "torch"))
+    for communicator, layout, backward in (*ours, ("ring", "contiguous", "auto")):
         strategy = ringattn.Strategy(communicator=communicator, computer="sdpa")
         module = ringattn.DilatedAttention(
             (n,), (1,), causal=True, compile=False, strategy=strategy, layout=layout
         )
+        module.computer.cuda_backward = backward
         shards = [distributed.shard(x, layout=layout) for x in full]
-        record(f"ringattn {communicator} {layout}", module, shards)
+        suffix = " [torch bwd]" if backward == "torch" else ""
+        record(f"ringattn {communicator} {layout}{suffix}", module, shards)
         del shards
     mesh = init_device_mesh(device.type, (p,))
 
