@@ -14,6 +14,13 @@ calls) and FA4 on:
 
 forward and forward+backward, causal and not, and checks FA4's output and LSE against cuDNN's.
 Prints a table (TFLOP/s and ratio to cuDNN dense) and writes ``fa4_probe.json``.
+
+``--part sweep`` times FA4's SM90 forward on the 2048-row blocks over tile shapes and its two
+pipelining switches (``tile_mn``, ``mma_pv_is_rs``, ``intra_wg_overlap``) against cuDNN: whether
+some configuration of it beats cuDNN's forward there (the default does not).
+``--part determinism`` runs ``ringattn.kernels.fa4.backward`` twice with and without
+``torch.use_deterministic_algorithms`` and reports whether the gradients are bit-identical, and
+the time of each.
 """
 
 from __future__ import annotations
@@ -81,6 +88,81 @@ def problems(n: int, h: int, d: int, device):
     yield "strided w4096 r2", *strided
 
 
+# (tile_m, tile_n, mma_pv_is_rs, intra_wg_overlap); None: FA4's own choice (128, 128, True, True)
+SWEEP = (
+    None,
+    (128, 176, True, True),
+    (128, 192, True, True),
+    (128, 160, True, True),
+    (128, 112, True, True),
+    (128, 128, False, True),
+    (128, 128, True, False),
+    (192, 128, False, True),
+    (64, 128, True, True),
+)
+
+
+def sweep(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    q, k, v = (
+        torch.randn(n // 2048, 2048, h, d, device=device, dtype=torch.bfloat16) for _ in range(3)
+    )
+    rows = []
+    for causal in (False, True):
+        flops = 4.0 * n * 2048 * d * h / (2 if causal else 1)
+        ref = _cudnn(q, k, v, causal, d**-0.5)[0].float()
+        ms = _events_ms(partial(_cudnn, q, k, v, causal, d**-0.5), 2, repeats)
+        rows.append({"causal": causal, "kernel": "cudnn", "fwd_ms": ms, "tflops": flops / ms / 1e9})
+        print(json.dumps(rows[-1]), flush=True)
+        for config in SWEEP:
+            extra = {}
+            if config is not None:
+                extra = dict(tile_mn=config[:2], mma_pv_is_rs=config[2], intra_wg_overlap=config[3])
+            fn = partial(
+                _flash_attn_fwd, q, k, v, softmax_scale=d**-0.5, causal=causal, return_lse=True
+            )
+            row = {"causal": causal, "kernel": f"fa4 {config or 'default'}"}
+            try:
+                out = fn(**extra)[0]
+                row["rel_err_vs_cudnn"] = float((out.float() - ref).norm() / ref.norm())
+                ms = _events_ms(partial(fn, **extra), 2, repeats)
+                row.update(fwd_ms=ms, tflops=flops / ms / 1e9)
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def determinism(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+    from ringattn.kernels import fa4
+
+    q, k, v, dout = (
+        torch.randn(n // 2048, 2048, h, d, device=device, dtype=torch.bfloat16) for _ in range(4)
+    )
+    out, lse = _cudnn(q, k, v, False, d**-0.5)
+    lse = lse.transpose(1, 2)  # fa4.backward takes the core's [B, L, H]
+    rows = []
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        for flag in (False, True):
+            torch.use_deterministic_algorithms(flag)
+            fn = partial(fa4.backward, dout, q, k, v, out, lse, False, d**-0.5)
+            first, second = fn(), fn()
+            rows.append(
+                {
+                    "deterministic": flag,
+                    "bit_identical": all(torch.equal(a, b) for a, b in zip(first, second)),
+                    "bwd_ms": _events_ms(fn, 2, repeats),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=131072)
@@ -88,10 +170,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--part", choices=["compare", "sweep", "determinism"], default="compare")
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     torch.manual_seed(0)
     h, d = args.heads, args.head_dim
+    if args.part != "compare":
+        part = sweep if args.part == "sweep" else determinism
+        rows = part(args.n, h, d, args.repeats, device)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"fa4_probe_{args.part}.json").write_text(json.dumps(rows, indent=1))
+        print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, n={args.n}")
+        for row in rows:
+            print(" | ".join(f"{key}={value}" for key, value in row.items()))
+        return
     scale = d**-0.5
     rows = []
     for label, q, k, v in problems(args.n, h, d, device):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import problems
+from conftest import make_qkv, options, problems
 from hypothesis import HealthCheck, given, settings
 from test_strategies import check_against_oracle
 
@@ -30,9 +30,23 @@ class FakeFA4:
         self.into = 0
 
     def __call__(
-        self, q, k, v, out, dout, lse, softmax_scale, causal, *, dq=None, dk=None, dv=None
+        self,
+        q,
+        k,
+        v,
+        out,
+        dout,
+        lse,
+        softmax_scale,
+        causal,
+        *,
+        dq=None,
+        dk=None,
+        dv=None,
+        deterministic=False,
     ):
         self.calls += 1
+        self.deterministic = deterministic
         b, length, h, d = q.shape
         assert k.shape == v.shape == out.shape == dout.shape == (b, length, h, d)
         assert lse.shape == (b, h, length) and lse.dtype == torch.float32
@@ -112,6 +126,19 @@ def test_torch_backward_bypasses_fa4(fake_fa4, monkeypatch, small_problem):
     monkeypatch.setattr(SDPAComputer, "cuda_backward", "torch")
     check_against_oracle(small_problem, torch.float32, sdpa_strategies())
     assert fake_fa4.calls == 0
+
+
+def test_deterministic_mode_reaches_fa4(fake_fa4, small_problem):
+    q, k, v = make_qkv(small_problem, requires_grad=True)
+    attention = ringattn.DilatedAttention(**options(small_problem), strategy=sdpa_strategies()[0])
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        for flag in (True, False):
+            torch.use_deterministic_algorithms(flag)
+            attention(q, k, v).sum().backward()
+            assert fake_fa4.deterministic is flag
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def test_unknown_cuda_backward_is_refused_before_any_work(monkeypatch):

@@ -18,6 +18,8 @@ Optional: :func:`available` is false without the package (CPU installs, CI), off
 GPUs, for other dtypes or head dims, and while tracing; callers then use the cuDNN backward. The
 package is imported on first use, not with ``ringattn`` (the CuTe DSL's import takes seconds).
 Each new (dtype, head dim, causal) compiles once per process, ~2-10 s on an H200.
+Under ``torch.use_deterministic_algorithms(True)`` FA4 runs its deterministic backward (it
+otherwise adds dQ with atomics, so gradients may differ in the last bits between runs).
 """
 
 from __future__ import annotations
@@ -94,4 +96,6 @@ def backward(
         dq=dq,
         dk=dk,
         dv=dv,
+        # FA4 accumulates dQ with atomics; its deterministic schedule orders them (slower)
+        deterministic=torch.are_deterministic_algorithms_enabled(),
     )[:3]
