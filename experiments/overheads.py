@@ -9,7 +9,8 @@ only the pairs no block writes, or the whole tensor; ``--lanes``: when a disjoin
 run on concurrent CUDA streams, ``ringattn.lanes.MODE``; ``--fuse``: lse launches a config's
 offsets as runs, ``ringattn.launches.FUSE_OFFSETS``; ``--add``: lse adds gradients with the Triton
 kernel or torch's ``add_``; ``--compile``: the module eager or ``compile=True``; ``--backward``:
-``sdpa``'s backward through FlashAttention-4 where installed, or torch's kernels), times forward and
+``sdpa``'s backward through FlashAttention-4 where installed, or torch's kernels; ``--forward``:
+``sdpa``'s forward on torch's kernels or FA4's), times forward and
 forward+backward of ``segment_local/sdpa`` and measures their peak memory relative to the tensors
 the call cannot avoid (as ``experiments.bench`` does). With ``--trace`` it also logs every kernel
 call of one forward+backward: the block's shape, the bytes it allocates transiently (peak above the
@@ -40,7 +41,7 @@ import ringattn
 from experiments.ablate import dict_rows_to_markdown, median_ms
 from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, fwd_and_fwdbwd, time_and_memory
 from ringattn import core, lanes, launches, pattern
-from ringattn.computers.sdpa import CUDA_BACKWARDS, SDPAComputer
+from ringattn.computers.sdpa import CUDA_BACKWARDS, CUDA_FORWARDS, SDPAComputer
 from ringattn.flops import useful_flops
 from ringattn.kernels import add as add_kernel
 from ringattn.kernels import cudnn_graphs, fa4
@@ -202,9 +203,10 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 args.add,
                 args.compile,
                 args.backward,
+                args.forward,
             )
         )
-        for split, in_place, fill, lane_mode, fuse, add, compiled, backward in choices:
+        for split, in_place, fill, lane_mode, fuse, add, compiled, backward, forward in choices:
             pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
             SDPAComputer.in_place = in_place == "yes"
             core.zeros_for = FILLS[fill]
@@ -212,6 +214,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             launches.FUSE_OFFSETS = fuse == "yes"
             add_kernel.add_rows_ = ADDS[add]
             SDPAComputer.cuda_backward = backward
+            SDPAComputer.cuda_forward = forward
             attention = ringattn.DilatedAttention(
                 ISSUE_LENGTHS,
                 ISSUE_RATES,
@@ -236,6 +239,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "add": add,
                     "compile": compiled,
                     "backward": "fa4" if backward == "auto" and fa4.available(q) else "torch",
+                    "forward": "fa4" if forward == "fa4" and fa4.available(q) else "torch",
                     **stats,
                     "fwd_tflops": flops_f / stats["fwd_ms"] / 1e9,
                     "fwdbwd_tflops": 3.5 * flops_f / stats["fwdbwd_ms"] / 1e9,
@@ -244,14 +248,24 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             if args.trace:
                 key = f"n={n} {mixing} split={split} in_place={in_place} fill={fill}"
                 key += f" lanes={lane_mode} fuse={fuse} add={add} compile={compiled}"
-                key += f" backward={backward}"
+                key += f" backward={backward} forward={forward}"
                 traces[key] = traced_calls(fwd, unit) + traced_calls(fwdbwd, unit)
                 for call in ("forward", "backward"):
                     top = sorted(
                         (c for c in traces[key] if c["call"] == call), key=lambda c: -c["transient"]
                     )[:3]
                     print("trace", key, json.dumps(top), flush=True)
-            last = (split, in_place, fill, lane_mode, fuse, add, compiled, backward) == choices[-1]
+            last = choices[-1] == (
+                split,
+                in_place,
+                fill,
+                lane_mode,
+                fuse,
+                add,
+                compiled,
+                backward,
+                forward,
+            )
             if args.steady:
                 rows[-1].update(steady_times(fwd, fwdbwd, device, args.repeats))
             if args.graphs:
@@ -313,6 +327,11 @@ def main(argv: list[str] | None = None) -> None:
             "sdpa's backward through FlashAttention-4 where it runs (ringattn.kernels.fa4), or "
             "torch's kernels (SDPAComputer.cuda_backward)",
         ),
+        "--forward": (
+            list(CUDA_FORWARDS),
+            "sdpa's forward on torch's kernels or FlashAttention-4's where it runs "
+            "(SDPAComputer.cuda_forward)",
+        ),
     }
     for flag, (choices, help_text) in axes.items():
         p.add_argument(flag, nargs="+", default=choices[:1], choices=choices, help=help_text)
@@ -344,6 +363,7 @@ def main(argv: list[str] | None = None) -> None:
         launches.FUSE_OFFSETS = default_fuse
         add_kernel.add_rows_ = ADDS["triton"]
         SDPAComputer.cuda_backward = CUDA_BACKWARDS[0]
+        SDPAComputer.cuda_forward = CUDA_FORWARDS[0]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overheads.json").write_text(json.dumps({"rows": rows, "traces": traces}))
     table = dict_rows_to_markdown(rows, list(dict.fromkeys(c for row in rows for c in row)))

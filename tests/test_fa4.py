@@ -1,12 +1,13 @@
-"""``sdpa``'s FlashAttention-4 backward (``ringattn.kernels.fa4``), without a GPU.
+"""``sdpa`` on FlashAttention-4 (``ringattn.kernels.fa4``), without a GPU.
 
 FA4 runs only on SM90+ GPUs (checked there: ``experiments/flex_gpu.py --part check``). What can
 go wrong on our side is the wiring: which blocks reach it, in which layout (``[B, L, H, d]``
-operands, the LSE as ``[B, H, L]`` float32, merged ``out``/``lse``), and whether placed gradients
-land in the strided views handed to it. So here a stand-in with FA4's signature and contract
-(``_flash_attn_bwd``: it asserts the layouts, computes the flash-attention backward in float64,
-writes ``dq``/``dk``/``dv`` when given) replaces the kernel, and every ``sdpa`` strategy's
-gradients are held to the float64 oracle through it.
+operands, the LSE as ``[B, H, L]`` float32, merged ``out``/``lse``), and whether placed outputs
+and gradients land in the strided views handed to it. So here stand-ins with FA4's signatures
+and contracts (``_flash_attn_fwd`` / ``_flash_attn_bwd``: they assert the layouts, compute
+attention and its flash backward in float64, write ``out`` / ``dq``, ``dk``, ``dv`` when given)
+replace the kernels, and every ``sdpa`` strategy's outputs and gradients are held to the float64
+oracle through them.
 """
 
 from __future__ import annotations
@@ -22,14 +23,43 @@ from ringattn.computers.sdpa import SDPAComputer
 from ringattn.kernels import fa4
 
 
+def _scores(q, k, softmax_scale: float, causal: bool) -> torch.Tensor:
+    """``[B, H, L, L]`` float64 scores of ``[B, L, H, d]`` blocks (causal: upper triangle -inf)."""
+    scores = q.double().transpose(1, 2) @ k.double().permute(0, 2, 3, 1) * softmax_scale
+    if causal:
+        length = q.shape[1]
+        mask = torch.ones(length, length, dtype=torch.bool).triu(1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    return scores
+
+
 class FakeFA4:
-    """FA4's ``_flash_attn_bwd`` contract, computed in float64; counts its calls."""
+    """FA4's ``_flash_attn_fwd`` / ``_flash_attn_bwd`` contracts, computed in float64; counts
+    the calls of each."""
 
     def __init__(self) -> None:
-        self.calls = 0
-        self.into = 0
+        self.calls = 0  # backward
+        self.into = 0  # backward into given gradients
+        self.forward_calls = 0
+        self.forward_into = 0
 
-    def __call__(
+    def forward(self, q, k, v, *, softmax_scale, causal, return_lse, out=None):
+        self.forward_calls += 1
+        b, length, h, d = q.shape
+        assert k.shape == v.shape == (b, length, h, d) and return_lse
+        scores = _scores(q, k, softmax_scale, causal)
+        lse = torch.logsumexp(scores, dim=-1)  # [B, H, L]
+        result = (torch.softmax(scores, dim=-1) @ v.double().transpose(1, 2)).transpose(1, 2)
+        result = result.to(q.dtype)
+        if out is not None:
+            self.forward_into += 1
+            assert out.shape == result.shape and out.dtype == result.dtype
+            assert out.stride(-1) == 1  # FA4 checks the layout it writes
+            out.copy_(result)
+            result = out
+        return result, lse.float(), None, None, None
+
+    def backward(
         self,
         q,
         k,
@@ -52,10 +82,7 @@ class FakeFA4:
         assert lse.shape == (b, h, length) and lse.dtype == torch.float32
         assert out.dtype == dout.dtype == q.dtype
         qf, kf, vf, of, dof = (x.double().transpose(1, 2) for x in (q, k, v, out, dout))
-        scores = qf @ kf.transpose(-1, -2) * softmax_scale
-        if causal:
-            mask = torch.ones(length, length, dtype=torch.bool).triu(1)
-            scores = scores.masked_fill(mask, float("-inf"))
+        scores = _scores(q, k, softmax_scale, causal)
         probs = torch.exp(scores - lse.double().unsqueeze(-1))
         dv_ = probs.transpose(-1, -2) @ dof
         dp = dof @ vf.transpose(-1, -2)
@@ -75,7 +102,7 @@ class FakeFA4:
 @pytest.fixture
 def fake_fa4(monkeypatch):
     kernel = FakeFA4()
-    monkeypatch.setattr(fa4, "_kernel", lambda: kernel)
+    monkeypatch.setattr(fa4, "_kernels", lambda: (kernel.forward, kernel.backward))
     # CPU tensors stand in for CUDA ones; float64 stays on torch's kernels as on a GPU
     monkeypatch.setattr(fa4, "available", lambda q: q.dtype != torch.float64)
     return kernel
@@ -152,3 +179,36 @@ def test_unknown_cuda_backward_is_refused_before_any_work(monkeypatch):
 def test_not_available_off_gpu():
     # (True only on an SM90+ GPU with flash-attn-4 installed: never for CPU tensors)
     assert not fa4.available(torch.zeros(1, 4, 2, 8, dtype=torch.bfloat16))
+
+
+@settings(
+    max_examples=10,
+    suppress_health_check=[*settings().suppress_health_check, HealthCheck.function_scoped_fixture],
+)
+@given(problems())
+def test_outputs_through_fa4_forward_match_oracle(fake_fa4, monkeypatch, p):
+    monkeypatch.setattr(SDPAComputer, "cuda_forward", "fa4")
+    before = fake_fa4.forward_calls
+    check_against_oracle(p, torch.float32, sdpa_strategies())
+    assert fake_fa4.forward_calls > before
+
+
+def test_placed_outputs_are_written_by_fa4_forward(fake_fa4, monkeypatch):
+    monkeypatch.setattr(SDPAComputer, "cuda_forward", "fa4")
+    p = {
+        "b": 1,
+        "n": 64,
+        "h": 4,
+        "d": 8,
+        "segment_lengths": (8, 16),
+        "dilation_rates": (1, 2),
+        "causal": False,
+        "mixing": "head_groups",
+    }
+    check_against_oracle(p, torch.float32, sdpa_strategies())
+    assert fake_fa4.forward_into > 0
+
+
+def test_forward_stays_on_torch_by_default(fake_fa4, small_problem):
+    check_against_oracle(small_problem, torch.float32, sdpa_strategies())
+    assert fake_fa4.forward_calls == 0 and fake_fa4.calls > 0

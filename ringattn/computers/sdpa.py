@@ -20,6 +20,8 @@ extra), goes to FlashAttention-4's kernels instead (``ringattn.kernels.fa4``): 1
 cuDNN's backward on our blocks while cuDNN keeps the faster forward; both take the merged output
 and LSE, so the function is the same. ``SDPAComputer.cuda_backward = "torch"`` turns that off
 (A/B). Placed blocks' gradients are then written in place by FA4 itself.
+``SDPAComputer.cuda_forward = "fa4"`` runs the forward on FA4 too (where it runs; the A/B: on the
+blocks its forward was not clearly faster than cuDNN's, so it is off by default).
 
 The kernels take ``[B, H, L, d]``; our blocks are ``[B, L, H, d]`` so the transposes are views, and
 all of them accept the strided (dilated) views as they are.
@@ -38,6 +40,7 @@ aten = torch.ops.aten
 # read once, eagerly: torch.backends.cudnn.is_available() cannot be traced by Dynamo
 CUDNN_AVAILABLE = torch.backends.cudnn.is_available()
 CUDA_BACKWARDS = ("auto", "torch")
+CUDA_FORWARDS = ("torch", "fa4")
 
 
 def _bhld(x: Tensor) -> Tensor:
@@ -65,6 +68,9 @@ class SDPAComputer(BlockComputer):
     # "auto": FlashAttention-4's backward where it runs (ringattn.kernels.fa4), else torch's;
     # "torch": always torch's kernels (the A/B)
     cuda_backward = "auto"
+    # "torch": torch's kernels (cuDNN; placed blocks through the frontend); "fa4": FA4's forward
+    # where it runs (the A/B)
+    cuda_forward = "torch"
 
     def _cudnn(self, q: Tensor) -> bool:
         return (
@@ -77,6 +83,9 @@ class SDPAComputer(BlockComputer):
 
     def _in_place(self, q: Tensor) -> bool:
         return self.in_place and self._cudnn(q) and cudnn_graphs.available(q)
+
+    def _fa4_forward(self, q: Tensor) -> bool:
+        return self.cuda_forward == "fa4" and fa4.available(q)
 
     def _fa4(self, q: Tensor) -> bool:
         # (cuda_backend "flash" is the FlashAttention-2 A/B: both directions stay on it)
@@ -96,6 +105,11 @@ class SDPAComputer(BlockComputer):
                 f"SDPAComputer.cuda_backward must be one of {CUDA_BACKWARDS}, "
                 f"got {self.cuda_backward!r}"
             )
+        if self.cuda_forward not in CUDA_FORWARDS:
+            return (
+                f"SDPAComputer.cuda_forward must be one of {CUDA_FORWARDS}, "
+                f"got {self.cuda_forward!r}"
+            )
         if device.type == "cuda" and dtype == torch.float64:
             return "the CUDA fused kernels have no float64; use computer='math'"
         if device.type not in ("cpu", "cuda"):
@@ -105,6 +119,8 @@ class SDPAComputer(BlockComputer):
     def forward(
         self, q: Rows, k: Rows, v: Rows, causal: bool, scale: float
     ) -> tuple[Rows, RowsLSE]:
+        if self._fa4_forward(q):
+            return fa4.forward(q, k, v, causal, scale)
         qt, kt, vt = _bhld(q), _bhld(k), _bhld(v)
         if q.device.type == "cpu":
             out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
@@ -235,6 +251,9 @@ class SDPAComputer(BlockComputer):
         out: Rows,
         lse: RowsLSE | None,
     ) -> None:
+        if self._fa4_forward(q):
+            _fa4_forward_into(q, k, v, causal, scale, out, lse)
+            return
         if not (self._in_place(q) and cudnn_graphs.forward_into(q, k, v, out, lse, causal, scale)):
             super().forward_into(q, k, v, causal, scale, out, lse)
 
@@ -260,6 +279,12 @@ class SDPAComputer(BlockComputer):
             super().backward_into(dout, q, k, v, out, lse, causal, scale, grads)
 
     def forward_launcher(self, causal, scale, q, k, v, out, lse):
+        if self._fa4_forward(q):
+
+            def launch(q, k, v, out, lse) -> None:
+                _fa4_forward_into(q, k, v, causal, scale, out, lse)
+
+            return launch
         if self._in_place(q):
             launch = cudnn_graphs.forward_launcher(q, k, v, out, lse, causal, scale)
             if launch is not None:
@@ -280,3 +305,10 @@ class SDPAComputer(BlockComputer):
             if launch is not None:
                 return launch
         return super().backward_launcher(causal, scale, dout, q, k, v, out, lse, dq, dk, dv)
+
+
+def _fa4_forward_into(q, k, v, causal: bool, scale: float, out: Tensor, lse: Tensor | None) -> None:
+    # FA4 writes the output rows in place; its LSE must be contiguous along L, ours is not
+    lse_block = fa4.forward(q, k, v, causal, scale, out=out)[1]
+    if lse is not None:
+        lse.copy_(lse_block)

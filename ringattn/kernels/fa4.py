@@ -1,21 +1,24 @@
-"""FlashAttention-4's backward (``flash-attn-4``, CuTe DSL) for the blocks, where it is installed.
+"""FlashAttention-4 (``flash-attn-4``, CuTe DSL) for the blocks, where it is installed.
 
 Why: on an H200, FA4's SM90 backward (a port of FlashAttention-3's) runs issue 5's 2048-row blocks
 10-14% faster than the cuDNN backward torch calls, contiguous or as ``segment_local``'s strided
-views, causal or not; its forward is 9-12% *slower* than cuDNN's on the same blocks
-(``experiments/fa4_probe.py``; ``docs/benchmarks/h200_perf.md``, step 19). So ``sdpa`` keeps
-cuDNN's forward and, where this module is available, hands its backward here. The two kernels
-agree on what the backward needs: the output and the natural-log LSE of the rows (the core passes
-the *merged* ones), so mixing them changes no definition, only rounding.
+views, causal or not (``experiments/fa4_probe.py``; ``docs/benchmarks/h200_perf.md``, step 19).
+So ``sdpa`` hands its backward here where this module is available. FA4's forward on the same
+blocks measured between 9% slower and 3% faster than cuDNN's in two runs, and slower causal, so
+the forward stays cuDNN's unless asked for (``SDPAComputer.cuda_forward = "fa4"``, the A/B). The
+two libraries agree on what the backward needs: the output and the natural-log LSE of the rows
+(the core passes the *merged* ones), so mixing them changes no definition, only rounding.
 
 What FA4 takes: ``[B, L, H, d]`` q/k/v/out/dout with any 16-byte-aligned strides (our blocks and
 offset runs are views of that form), the LSE as ``[B, H, L]`` float32, and optional
-preallocated ``dq``/``dk``/``dv`` of any such strides, which it writes (placed blocks land in
-place). It computes ``rowsum(dO * O)`` itself and accumulates dQ in a float32 workspace of the
-block's size, like cuDNN.
+preallocated ``out`` and ``dq``/``dk``/``dv`` of any such strides, which it writes (placed blocks
+land in place). Its LSE output must be contiguous along ``L``, which our ``[b, n, h]`` rows are
+not, so a placed forward's LSE is copied (``B * L * H`` floats). The backward computes
+``rowsum(dO * O)`` itself and accumulates dQ in a float32 workspace of the block's size, like
+cuDNN.
 
 Optional: :func:`available` is false without the package (CPU installs, CI), off SM90/SM100
-GPUs, for other dtypes or head dims, and while tracing; callers then use the cuDNN backward. The
+GPUs, for other dtypes or head dims, and while tracing; callers then use torch's kernels. The
 package is imported on first use, not with ``ringattn`` (the CuTe DSL's import takes seconds).
 Each new (dtype, head dim, causal) compiles once per process, ~2-10 s on an H200.
 Under ``torch.use_deterministic_algorithms(True)`` FA4 runs its deterministic backward (it
@@ -37,12 +40,13 @@ _ARCHS = (9, 10, 11)
 
 
 @cache
-def _kernel() -> Callable | None:
+def _kernels() -> tuple[Callable, Callable] | None:
+    """FA4's ``(_flash_attn_fwd, _flash_attn_bwd)``, or None where they cannot be imported."""
     try:
-        from flash_attn.cute.interface import _flash_attn_bwd
+        from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
     except Exception:  # not installed, or its CUDA DSL cannot load here
         return None
-    return _flash_attn_bwd
+    return _flash_attn_fwd, _flash_attn_bwd
 
 
 @cache
@@ -52,11 +56,11 @@ def _arch_ok(device: torch.device) -> bool:
 
 def installed() -> bool:
     """Whether ``flash_attn.cute`` imports in this process."""
-    return _kernel() is not None
+    return _kernels() is not None
 
 
 def available(q: Tensor) -> bool:
-    """Whether FA4's backward can take blocks like ``q`` (``[B, L, H, d]``) here and now."""
+    """Whether FA4 can take blocks like ``q`` (``[B, L, H, d]``) here and now."""
     return (
         q.is_cuda
         and q.dtype in _DTYPES
@@ -66,6 +70,18 @@ def available(q: Tensor) -> bool:
         and _arch_ok(q.device)
         and installed()
     )
+
+
+def forward(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, out: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(out [B, L, H, d], lse [B, L, H])`` of the blocks; ``out`` written into when given."""
+    kernels = _kernels()
+    assert kernels is not None, "fa4.forward called where fa4.available() is false"
+    result, lse = kernels[0](q, k, v, softmax_scale=scale, causal=causal, return_lse=True, out=out)[
+        :2
+    ]
+    return result, lse.transpose(1, 2)
 
 
 def backward(
@@ -81,10 +97,12 @@ def backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of the blocks ``[B, L, H, d]`` given their (merged) ``out`` and ``lse``
     ``[B, L, H]``; written into ``grads`` (views of the same shapes) when given."""
-    kernel = _kernel()
-    assert kernel is not None, "fa4.backward called where fa4.available() is false"
+    kernels = _kernels()
+    assert kernels is not None, "fa4.backward called where fa4.available() is false"
     dq, dk, dv = grads if grads is not None else (None, None, None)
-    return kernel(
+    return kernels[
+        1
+    ](
         q,
         k,
         v,
