@@ -196,16 +196,17 @@ def variants(args) -> list[tuple[str, Callable[[], Callable]]]:
                     return module
 
                 out.append((name + " [flash]", make_flash))
-            if strategy.computer == "sdpa" and not compiled and args.torch_bwd_row:
-                # A/B where FlashAttention-4 is installed: the backward on torch's kernels
+            if strategy.computer == "sdpa" and not compiled and args.torch_row:
+                # A/B where FlashAttention-4 is installed: both directions on torch's kernels
 
-                def make_torch_bwd(mixing, causal, make=make):
+                def make_torch(mixing, causal, make=make):
                     module = make(mixing, causal)
                     module.computer.cuda_backward = "torch"
+                    module.computer.cuda_forward = "torch"
                     return module
 
                 if fa4.installed():
-                    out.append((name + " [torch bwd]", make_torch_bwd))
+                    out.append((name + " [torch kernels]", make_torch))
     return out
 
 
@@ -425,11 +426,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="skip the eager sdpa rows forced onto FlashAttention-2 (A/B against cuDNN)",
     )
     p.add_argument(
-        "--no-torch-bwd-row",
-        dest="torch_bwd_row",
+        "--no-torch-row",
+        dest="torch_row",
         action="store_false",
-        help="skip the eager sdpa rows whose backward runs on torch's kernels instead of "
-        "FlashAttention-4 (A/B; only where flash-attn-4 is installed)",
+        help="skip the eager sdpa rows that run on torch's kernels instead of FlashAttention-4's "
+        "(A/B; only where flash-attn-4 is installed)",
     )
     p.add_argument(
         "--no-in-model",
@@ -484,6 +485,7 @@ def main(argv: list[str] | None = None) -> None:
         # sdpa's backward through FlashAttention-4 (SDPAComputer.cuda_backward) needs flash-attn-4
         "flash_attn_4": _version("flash-attn-4") if fa4.installed() else None,
         "sdpa_backward": SDPAComputer.cuda_backward,
+        "sdpa_forward": SDPAComputer.cuda_forward,
         "command": "python -m experiments.bench "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "shape": {"b": 1, "h": args.heads, "d": args.dim, "dtype": str(args.dtype)},

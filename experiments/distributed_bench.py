@@ -363,7 +363,7 @@ def cp_compare(device, n: int) -> list[dict]:
         log("cp", row)
 
     ours = [("ring", "zigzag", "auto"), ("all_gather", "zigzag", "auto")]
-    if fa4.installed():  # A/B: the backward on torch's kernels, as PyTorch's own runs
+    if fa4.installed():  # A/B: on torch's kernels, as PyTorch's own runs
         ours.append(("ring", "zigzag", "torch"))
     for communicator, layout, backward in (*ours, ("ring", "contiguous", "auto")):
         strategy = ringattn.Strategy(communicator=communicator, computer="sdpa")
@@ -371,8 +371,9 @@ def cp_compare(device, n: int) -> list[dict]:
             (n,), (1,), causal=True, compile=False, strategy=strategy, layout=layout
         )
         module.computer.cuda_backward = backward
+        module.computer.cuda_forward = "auto" if backward == "auto" else "torch"
         shards = [distributed.shard(x, layout=layout) for x in full]
-        suffix = " [torch bwd]" if backward == "torch" else ""
+        suffix = " [torch kernels]" if backward == "torch" else ""
         record(f"ringattn {communicator} {layout}{suffix}", module, shards)
         del shards
     mesh = init_device_mesh(device.type, (p,))

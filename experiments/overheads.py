@@ -10,7 +10,7 @@ run on concurrent CUDA streams, ``ringattn.lanes.MODE``; ``--fuse``: lse launche
 offsets as runs, ``ringattn.launches.FUSE_OFFSETS``; ``--add``: lse adds gradients with the Triton
 kernel or torch's ``add_``; ``--compile``: the module eager or ``compile=True``; ``--backward``:
 ``sdpa``'s backward through FlashAttention-4 where installed, or torch's kernels; ``--forward``:
-``sdpa``'s forward on torch's kernels or FA4's), times forward and
+``sdpa``'s forward on FA4 for non-causal blocks, torch's kernels, or FA4), times forward and
 forward+backward of ``segment_local/sdpa`` and measures their peak memory relative to the tensors
 the call cannot avoid (as ``experiments.bench`` does). With ``--trace`` it also logs every kernel
 call of one forward+backward: the block's shape, the bytes it allocates transiently (peak above the
@@ -239,7 +239,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "add": add,
                     "compile": compiled,
                     "backward": "fa4" if backward == "auto" and fa4.available(q) else "torch",
-                    "forward": "fa4" if forward == "fa4" and fa4.available(q) else "torch",
+                    "forward": forward if fa4.available(q) else "torch",
                     **stats,
                     "fwd_tflops": flops_f / stats["fwd_ms"] / 1e9,
                     "fwdbwd_tflops": 3.5 * flops_f / stats["fwdbwd_ms"] / 1e9,
@@ -329,8 +329,8 @@ def main(argv: list[str] | None = None) -> None:
         ),
         "--forward": (
             list(CUDA_FORWARDS),
-            "sdpa's forward on torch's kernels or FlashAttention-4's where it runs "
-            "(SDPAComputer.cuda_forward)",
+            "sdpa's forward: FlashAttention-4's for non-causal blocks where it runs, torch's "
+            "kernels, or FA4's for every block (SDPAComputer.cuda_forward)",
         ),
     }
     for flag, (choices, help_text) in axes.items():
