@@ -209,9 +209,16 @@ def test_placed_outputs_are_written_by_fa4_forward(fake_fa4, monkeypatch):
     assert fake_fa4.forward_into > 0
 
 
-def test_default_forward_is_fa4_for_non_causal_blocks_only(fake_fa4, small_problem):
+def test_forward_stays_on_torch_by_default(fake_fa4, small_problem):
+    for causal in (True, False):
+        check_against_oracle({**small_problem, "causal": causal}, torch.float32, sdpa_strategies())
+    assert fake_fa4.forward_calls == 0 and fake_fa4.calls > 0
+
+
+def test_auto_forward_is_fa4_for_non_causal_blocks_only(fake_fa4, monkeypatch, small_problem):
     """cuda_forward="auto": FA4's forward is faster than cuDNN's on non-causal blocks, slower on
     causal ones (docs/benchmarks/h200_perf.md, step 20)."""
+    monkeypatch.setattr(SDPAComputer, "cuda_forward", "auto")
     assert small_problem["causal"]
     check_against_oracle(small_problem, torch.float32, sdpa_strategies())
     assert fake_fa4.forward_calls == 0 and fake_fa4.calls > 0

@@ -20,9 +20,11 @@ extra), goes to FlashAttention-4's kernels instead (``ringattn.kernels.fa4``): 1
 cuDNN's backward on our blocks while cuDNN keeps the faster forward; both take the merged output
 and LSE, so the function is the same. ``SDPAComputer.cuda_backward = "torch"`` turns that off
 (A/B). Placed blocks' gradients are then written in place by FA4 itself.
-The forward of non-causal blocks goes to FA4 as well (``cuda_forward = "auto"``): 2-4% faster than
-cuDNN's at 1M tokens, equal at 131K; causal blocks stay on cuDNN, whose causal forward is faster
-on them. ``cuda_forward = "torch"`` / ``"fa4"`` put every block on one of the two (A/B).
+The forward stays on torch's kernels by default. ``cuda_forward = "auto"`` sends non-causal
+blocks' forwards to FA4 as well (same-process A/B on an H200: 2-4% faster than cuDNN's at 1M
+tokens, equal at 131K; causal blocks stay on cuDNN, whose causal forward is faster on them), and
+``"fa4"`` every block's; they become the default once the module's FA4 forward has passed the GPU
+oracle check (``experiments/flex_gpu.py --part check``), which it has not yet.
 
 The kernels take ``[B, H, L, d]``; our blocks are ``[B, L, H, d]`` so the transposes are views, and
 all of them accept the strided (dilated) views as they are.
@@ -41,7 +43,7 @@ aten = torch.ops.aten
 # read once, eagerly: torch.backends.cudnn.is_available() cannot be traced by Dynamo
 CUDNN_AVAILABLE = torch.backends.cudnn.is_available()
 CUDA_BACKWARDS = ("auto", "torch")
-CUDA_FORWARDS = ("auto", "torch", "fa4")
+CUDA_FORWARDS = ("torch", "auto", "fa4")
 
 
 def _bhld(x: Tensor) -> Tensor:
@@ -69,9 +71,9 @@ class SDPAComputer(BlockComputer):
     # "auto": FlashAttention-4's backward where it runs (ringattn.kernels.fa4), else torch's;
     # "torch": always torch's kernels (the A/B)
     cuda_backward = "auto"
-    # "auto": FA4's forward for non-causal blocks where it runs, else torch's kernels (cuDNN;
-    # placed blocks through the frontend); "torch" / "fa4": every block on one of them (A/B)
-    cuda_forward = "auto"
+    # "torch": torch's kernels (cuDNN; placed blocks through the frontend); "auto": FA4's forward
+    # for non-causal blocks where it runs; "fa4": FA4's for every block where it runs (A/B)
+    cuda_forward = "torch"
 
     def _cudnn(self, q: Tensor) -> bool:
         return (

@@ -4,9 +4,10 @@ Why: on an H200, FA4's SM90 backward (a port of FlashAttention-3's) runs issue 5
 10-14% faster than the cuDNN backward torch calls, contiguous or as ``segment_local``'s strided
 views, causal or not (``experiments/fa4_probe.py``; ``docs/benchmarks/h200_perf.md``, step 19).
 So ``sdpa`` hands its backward here where this module is available. FA4's forward on the same
-blocks measured between 9% slower and 3% faster than cuDNN's in two runs, and slower causal, so
-the forward stays cuDNN's unless asked for (``SDPAComputer.cuda_forward = "fa4"``, the A/B). The
-two libraries agree on what the backward needs: the output and the natural-log LSE of the rows
+blocks measured between 9% slower and 3% faster than cuDNN's in two kernel-level runs and 2-4%
+faster through the whole module at 1M tokens (equal at 131K), and slower causal; it is opt-in
+(``SDPAComputer.cuda_forward = "auto"``: non-causal blocks; ``"fa4"``: all) until the module's
+FA4 forward has passed the GPU oracle check. The two libraries agree on what the backward needs: the output and the natural-log LSE of the rows
 (the core passes the *merged* ones), so mixing them changes no definition, only rounding.
 
 What FA4 takes: ``[B, L, H, d]`` q/k/v/out/dout with any 16-byte-aligned strides (our blocks and
