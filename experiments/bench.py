@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import ringattn
 from experiments.ablate import dict_rows_to_markdown, median_ms, rel_err
 from ringattn import reference
-from ringattn.computers.sdpa import SDPAComputer
+from ringattn.computers.sdpa import CUDA_FORWARDS, SDPAComputer
 from ringattn.flops import dense_flops, useful_flops
 from ringattn.kernels import cudnn_graphs, fa4
 from ringattn.pattern import head_groups
@@ -426,6 +426,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="skip the eager sdpa rows forced onto FlashAttention-2 (A/B against cuDNN)",
     )
     p.add_argument(
+        "--sdpa-forward",
+        choices=CUDA_FORWARDS,
+        default=SDPAComputer.cuda_forward,
+        help="SDPAComputer.cuda_forward of the sdpa rows (auto: FlashAttention-4 for non-causal "
+        "blocks where installed)",
+    )
+    p.add_argument(
         "--no-torch-row",
         dest="torch_row",
         action="store_false",
@@ -468,6 +475,7 @@ def _version(package: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    SDPAComputer.cuda_forward = args.sdpa_forward
     device = torch.device(args.device)
     causals = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
     rows: list[dict] = []

@@ -24,6 +24,7 @@ import ringattn
 from experiments.ablate import dict_rows_to_markdown, median_ms, rel_err
 from ringattn import masks, reference
 from ringattn.computers.flex import FlexComputer
+from ringattn.computers.sdpa import CUDA_FORWARDS, SDPAComputer
 from ringattn.flops import dense_flops, useful_flops
 from ringattn.memory.none import NoReuse
 from ringattn.pattern import make_plan
@@ -191,7 +192,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/flex_gpu"))
     parser.add_argument("--n", type=int, nargs="+", default=[32768])
     parser.add_argument("--part", choices=["check", "speed", "all"], default="all")
+    parser.add_argument(
+        "--sdpa-forward",
+        choices=CUDA_FORWARDS,
+        default=SDPAComputer.cuda_forward,
+        help="SDPAComputer.cuda_forward of every sdpa row (fa4: FA4's forward on all blocks)",
+    )
     args = parser.parse_args(argv)
+    SDPAComputer.cuda_forward = args.sdpa_forward
     if not torch.cuda.is_available():
         raise SystemExit("flex_gpu: error: needs a CUDA device")
     args.out.mkdir(parents=True, exist_ok=True)
