@@ -168,11 +168,12 @@ def test_deterministic_mode_reaches_fa4(fake_fa4, small_problem):
         torch.use_deterministic_algorithms(before)
 
 
-def test_unknown_cuda_backward_is_refused_before_any_work(monkeypatch):
-    monkeypatch.setattr(SDPAComputer, "cuda_backward", "cudnn")
+@pytest.mark.parametrize("option", ["cuda_backward", "cuda_forward"])
+def test_unknown_kernel_choice_is_refused_before_any_work(monkeypatch, option):
+    monkeypatch.setattr(SDPAComputer, option, "cudnn")
     attention = ringattn.DilatedAttention((4,), (1,), strategy=ringattn.Strategy(computer="sdpa"))
     q = torch.randn(1, 8, 2, 4)
-    with pytest.raises(ValueError, match="cuda_backward must be one of"):
+    with pytest.raises(ValueError, match=f"{option} must be one of"):
         attention(q, q, q)
 
 
