@@ -7,8 +7,9 @@ So ``sdpa`` hands its backward here where this module is available. FA4's forwar
 blocks measured between 9% slower and 3% faster than cuDNN's in two kernel-level runs and 2-4%
 faster through the whole module at 1M tokens (equal at 131K), and slower causal; it is opt-in
 (``SDPAComputer.cuda_forward = "auto"``: non-causal blocks; ``"fa4"``: all) until the module's
-FA4 forward has passed the GPU oracle check. The two libraries agree on what the backward needs: the output and the natural-log LSE of the rows
-(the core passes the *merged* ones), so mixing them changes no definition, only rounding.
+FA4 forward has passed the GPU oracle check. The two libraries agree on what the backward
+needs: the output and the natural-log LSE of the rows (the core passes the *merged* ones), so
+mixing them changes no definition, only rounding.
 
 What FA4 takes: ``[B, L, H, d]`` q/k/v/out/dout with any 16-byte-aligned strides (our blocks and
 offset runs are views of that form), the LSE as ``[B, H, L]`` float32, and optional
