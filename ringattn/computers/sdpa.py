@@ -91,7 +91,7 @@ class SDPAComputer(BlockComputer):
         wanted = self.cuda_forward == "fa4" or (self.cuda_forward == "auto" and not causal)
         return wanted and self.cuda_backend != "flash" and fa4.available(q)
 
-    def _fa4(self, q: Tensor) -> bool:
+    def _fa4_backward(self, q: Tensor) -> bool:
         # (cuda_backend "flash" is the FlashAttention-2 A/B: both directions stay on it)
         return self.cuda_backward == "auto" and self.cuda_backend != "flash" and fa4.available(q)
 
@@ -157,7 +157,7 @@ class SDPAComputer(BlockComputer):
         causal: bool,
         scale: float,
     ) -> tuple[Rows, Rows, Rows]:
-        if self._fa4(q):
+        if self._fa4_backward(q):
             return fa4.backward(dout, q, k, v, out, lse, causal, scale)
         lse_bhl = lse.transpose(1, 2).to(accumulation_dtype(q.dtype))
         if q.device.type == "cpu":
@@ -273,7 +273,7 @@ class SDPAComputer(BlockComputer):
         scale: float,
         grads: tuple[Rows, Rows, Rows],
     ) -> None:
-        if self._fa4(q):
+        if self._fa4_backward(q):
             fa4.backward(dout, q, k, v, out, lse, causal, scale, grads)
             return
         if not (
@@ -296,7 +296,7 @@ class SDPAComputer(BlockComputer):
         return super().forward_launcher(causal, scale, q, k, v, out, lse)
 
     def backward_launcher(self, causal, scale, dout, q, k, v, out, lse, dq, dk, dv):
-        if self._fa4(q):
+        if self._fa4_backward(q):
 
             def launch(dout, q, k, v, out, lse, dq, dk, dv) -> None:
                 fa4.backward(dout, q, k, v, out, lse, causal, scale, (dq, dk, dv))
