@@ -12,6 +12,10 @@ oracle through them.
 
 from __future__ import annotations
 
+import sys
+import types
+import warnings
+
 import pytest
 import torch
 from conftest import make_qkv, options, problems
@@ -175,6 +179,30 @@ def test_unknown_kernel_choice_is_refused_before_any_work(monkeypatch, option):
     q = torch.randn(1, 8, 2, 4)
     with pytest.raises(ValueError, match=f"{option} must be one of"):
         attention(q, q, q)
+
+
+@pytest.fixture
+def fresh_import(monkeypatch):
+    """``fa4._kernels`` re-imports (its result is cached per process)."""
+    fa4._kernels.cache_clear()
+    yield monkeypatch
+    fa4._kernels.cache_clear()
+
+
+def test_not_installed_is_quiet(fresh_import):
+    fresh_import.setitem(sys.modules, "flash_attn", None)  # import of flash_attn fails
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not fa4.installed()
+
+
+def test_installed_but_broken_says_why(fresh_import):
+    # flash_attn.cute is there, its interface module cannot be imported
+    fresh_import.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    fresh_import.setitem(sys.modules, "flash_attn.cute", types.ModuleType("flash_attn.cute"))
+    fresh_import.setitem(sys.modules, "flash_attn.cute.interface", None)
+    with pytest.warns(RuntimeWarning, match="flash-attn-4 is installed but cannot be loaded"):
+        assert not fa4.installed()
 
 
 def test_not_available_off_gpu():

@@ -29,6 +29,7 @@ otherwise adds dQ with atomics, so gradients may differ in the last bits between
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from functools import cache
 
@@ -41,14 +42,37 @@ _DTYPES = (torch.float16, torch.bfloat16)
 _ARCHS = (9, 10, 11)
 
 
+# the packages whose absence means "flash-attn-4 is not installed" (the optional extra)
+_NOT_INSTALLED = ("flash_attn", "flash_attn.cute")
+
+
 @cache
 def _kernels() -> tuple[Callable, Callable] | None:
-    """FA4's ``(_flash_attn_fwd, _flash_attn_bwd)``, or None where they cannot be imported."""
+    """FA4's ``(_flash_attn_fwd, _flash_attn_bwd)``, or None where they cannot be imported.
+
+    Not installed: None, quietly (an optional extra). Installed but failing to load (a missing
+    dependency, a CUDA DSL that does not run here): None and a warning that says why, once; sdpa
+    then runs torch's kernels, which compute the same function more slowly, and nobody should
+    have to find that out from a benchmark."""
     try:
         from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
-    except Exception:  # not installed, or its CUDA DSL cannot load here
+    except ImportError as exc:
+        if exc.name not in _NOT_INSTALLED:
+            _warn_unusable(exc)
+        return None
+    except Exception as exc:
+        _warn_unusable(exc)
         return None
     return _flash_attn_fwd, _flash_attn_bwd
+
+
+def _warn_unusable(exc: BaseException) -> None:
+    warnings.warn(
+        f"flash-attn-4 is installed but cannot be loaded ({type(exc).__name__}: {exc}); "
+        "sdpa runs torch's attention kernels instead",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 @cache
