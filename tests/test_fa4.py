@@ -112,6 +112,18 @@ def fake_fa4(monkeypatch):
     return kernel
 
 
+# a head_groups problem: every block is placed (outputs and gradients written into their rows)
+PLACED = {
+    "b": 1,
+    "n": 64,
+    "h": 4,
+    "d": 8,
+    "segment_lengths": (8, 16),
+    "dilation_rates": (1, 2),
+    "mixing": "head_groups",
+}
+
+
 def sdpa_strategies() -> tuple[ringattn.Strategy, ...]:
     return ringattn.Strategy.all(communicator="local", computer="sdpa")
 
@@ -139,17 +151,7 @@ def test_bf16_gradients_through_fa4_match_oracle(fake_fa4, p):
 def test_placed_gradients_are_written_by_fa4(fake_fa4):
     """head_groups blocks are placed: their gradients go to FA4 as the gradients' own strided
     rows (no copy), through the prepared launcher and the general path alike."""
-    p = {
-        "b": 1,
-        "n": 64,
-        "h": 4,
-        "d": 8,
-        "segment_lengths": (8, 16),
-        "dilation_rates": (1, 2),
-        "causal": True,
-        "mixing": "head_groups",
-    }
-    check_against_oracle(p, torch.float32, sdpa_strategies())
+    check_against_oracle({**PLACED, "causal": True}, torch.float32, sdpa_strategies())
     assert fake_fa4.into > 0
 
 
@@ -224,17 +226,7 @@ def test_outputs_through_fa4_forward_match_oracle(fake_fa4, monkeypatch, p):
 
 def test_placed_outputs_are_written_by_fa4_forward(fake_fa4, monkeypatch):
     monkeypatch.setattr(SDPAComputer, "cuda_forward", "fa4")
-    p = {
-        "b": 1,
-        "n": 64,
-        "h": 4,
-        "d": 8,
-        "segment_lengths": (8, 16),
-        "dilation_rates": (1, 2),
-        "causal": False,
-        "mixing": "head_groups",
-    }
-    check_against_oracle(p, torch.float32, sdpa_strategies())
+    check_against_oracle({**PLACED, "causal": False}, torch.float32, sdpa_strategies())
     assert fake_fa4.forward_into > 0
 
 
