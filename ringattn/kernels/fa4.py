@@ -66,6 +66,13 @@ def _kernels() -> tuple[Callable, Callable] | None:
     return _flash_attn_fwd, _flash_attn_bwd
 
 
+def _loaded() -> tuple[Callable, Callable]:
+    """:func:`_kernels` where a caller has checked :func:`available`."""
+    kernels = _kernels()
+    assert kernels is not None, "FA4 called where fa4.available() is false"
+    return kernels
+
+
 def _warn_unusable(exc: BaseException) -> None:
     warnings.warn(
         f"flash-attn-4 is installed but cannot be loaded ({type(exc).__name__}: {exc}); "
@@ -102,11 +109,10 @@ def forward(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, out: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """``(out [B, L, H, d], lse [B, L, H])`` of the blocks; ``out`` written into when given."""
-    kernels = _kernels()
-    assert kernels is not None, "fa4.forward called where fa4.available() is false"
-    result, lse = kernels[0](q, k, v, softmax_scale=scale, causal=causal, return_lse=True, out=out)[
-        :2
-    ]
+    flash_fwd = _loaded()[0]
+    result, lse, *_ = flash_fwd(
+        q, k, v, softmax_scale=scale, causal=causal, return_lse=True, out=out
+    )
     return result, lse.transpose(1, 2)
 
 
@@ -123,12 +129,9 @@ def backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of the blocks ``[B, L, H, d]`` given their (merged) ``out`` and ``lse``
     ``[B, L, H]``; written into ``grads`` (views of the same shapes) when given."""
-    kernels = _kernels()
-    assert kernels is not None, "fa4.backward called where fa4.available() is false"
+    flash_bwd = _loaded()[1]
     dq, dk, dv = grads if grads is not None else (None, None, None)
-    return kernels[
-        1
-    ](
+    return flash_bwd(
         q,
         k,
         v,
