@@ -207,6 +207,15 @@ def variants(args) -> list[tuple[str, Callable[[], Callable]]]:
 
                 if fa4.installed():
                     out.append((name + " [torch kernels]", make_torch))
+                if fa4.installed() and SDPAComputer.cuda_forward != "torch":
+                    # A/B of --sdpa-forward alone: torch's forward, the backward unchanged
+
+                    def make_torch_forward(mixing, causal, make=make):
+                        module = make(mixing, causal)
+                        module.computer.cuda_forward = "torch"
+                        return module
+
+                    out.append((name + " [torch fwd]", make_torch_forward))
     return out
 
 

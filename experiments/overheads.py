@@ -42,7 +42,7 @@ from experiments.ablate import dict_rows_to_markdown, median_ms
 from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, fwd_and_fwdbwd, time_and_memory
 from ringattn import core, lanes, launches, pattern
 from ringattn.computers.sdpa import CUDA_BACKWARDS, CUDA_FORWARDS, SDPAComputer
-from ringattn.flops import useful_flops
+from ringattn.flops import dense_flops, useful_flops
 from ringattn.kernels import add as add_kernel
 from ringattn.kernels import cudnn_graphs, fa4
 
@@ -158,7 +158,12 @@ def kernel_times(shape: tuple[int, ...], causal: bool, scale: float) -> tuple[fl
 
 
 def kernel_ceiling(n: int, mixing: str, causal: bool, args) -> dict:
-    """The plan's block kernels alone vs dense SDPA at ``n``: ms and fraction of dense TFLOP/s."""
+    """The plan's block kernels alone vs dense SDPA at ``n``: ms and fraction of dense TFLOP/s.
+
+    Also per distinct call (``ceiling_calls``: which shapes lose the time) and for the plan's
+    blocks of one length stacked into one call (``stacked_*``): what a single grouped launch of
+    the same blocks would reach, against the plan's many small ones (few row tiles per call leave
+    SMs idle, causal ones the more so since their tiles are uneven)."""
     b, h, d = 1, args.heads, args.dim
     configs = tuple(zip(ISSUE_LENGTHS, ISSUE_RATES))
     plan = pattern.make_plan(n, h, configs, mixing)
@@ -167,22 +172,50 @@ def kernel_ceiling(n: int, mixing: str, causal: bool, args) -> dict:
         for parts in plan.parts
         for part in parts
     )
+    dense_fwd_ms, dense_fwdbwd_ms = kernel_times((b, n, h, d), causal, d**-0.5)
+    dense_rate = dense_flops(b, n, h, d, causal) / dense_fwd_ms
+
+    def vs_dense(shape, ms, backward=False):
+        rate = dense_flops(shape[0], shape[1], shape[2], shape[3], causal) / ms
+        ref = dense_rate if not backward else dense_flops(b, n, h, d, causal) / dense_fwdbwd_ms
+        return rate / ref
+
     fwd_ms = fwdbwd_ms = 0.0
+    per_call, heads_by_length = [], Counter()
     for shape, count in calls.items():
         f_ms, fb_ms = kernel_times(shape, causal, d**-0.5)
         fwd_ms, fwdbwd_ms = fwd_ms + count * f_ms, fwdbwd_ms + count * fb_ms
-    dense_fwd_ms, dense_fwdbwd_ms = kernel_times((b, n, h, d), causal, d**-0.5)
+        heads_by_length[shape[1]] += count * shape[0] * shape[2]
+        per_call.append(
+            {
+                "shape": list(shape),
+                "count": count,
+                "fwd_ms": f_ms,
+                "fwd_vs_dense": vs_dense(shape, f_ms),
+                "fwdbwd_vs_dense": vs_dense(shape, fb_ms, backward=True),
+            }
+        )
+    stacked_fwd_ms = stacked_fwdbwd_ms = 0.0
+    for length, block_heads in heads_by_length.items():
+        f_ms, fb_ms = kernel_times((-(-block_heads // h), length, h, d), causal, d**-0.5)
+        stacked_fwd_ms, stacked_fwdbwd_ms = stacked_fwd_ms + f_ms, stacked_fwdbwd_ms + fb_ms
     flops = useful_flops(b, n, h, d, ISSUE_LENGTHS, ISSUE_RATES, causal, mixing)
-    dense_flops = useful_flops(b, n, h, d, (n,), (1,), causal, "lse")
+    dense = dense_flops(b, n, h, d, causal)
+    print("ceiling calls", json.dumps(per_call), flush=True)
     return {
         "kernel_calls": sum(calls.values()),
         "kernels_fwd_ms": fwd_ms,
         "kernels_fwdbwd_ms": fwdbwd_ms,
+        "stacked_fwd_ms": stacked_fwd_ms,
+        "stacked_fwdbwd_ms": stacked_fwdbwd_ms,
         "dense_fwd_ms": dense_fwd_ms,
         "dense_fwdbwd_ms": dense_fwdbwd_ms,
         # fraction of dense SDPA's TFLOP/s that the block kernels reach by themselves
-        "kernels_fwd_vs_dense": (flops / fwd_ms) / (dense_flops / dense_fwd_ms),
-        "kernels_fwdbwd_vs_dense": (flops / fwdbwd_ms) / (dense_flops / dense_fwdbwd_ms),
+        "kernels_fwd_vs_dense": (flops / fwd_ms) / (dense / dense_fwd_ms),
+        "kernels_fwdbwd_vs_dense": (flops / fwdbwd_ms) / (dense / dense_fwdbwd_ms),
+        "stacked_fwd_vs_dense": (flops / stacked_fwd_ms) / (dense / dense_fwd_ms),
+        "stacked_fwdbwd_vs_dense": (flops / stacked_fwdbwd_ms) / (dense / dense_fwdbwd_ms),
+        "ceiling_calls": per_call,
     }
 
 
@@ -366,7 +399,15 @@ def main(argv: list[str] | None = None) -> None:
         SDPAComputer.cuda_forward = CUDA_FORWARDS[0]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overheads.json").write_text(json.dumps({"rows": rows, "traces": traces}))
-    table = dict_rows_to_markdown(rows, list(dict.fromkeys(c for row in rows for c in row)))
+    columns = [c for c in dict.fromkeys(c for row in rows for c in row) if c != "ceiling_calls"]
+    table = dict_rows_to_markdown(rows, columns)
+    calls = [
+        {"n": row["n"], "mixing": row["mixing"], "causal": row["causal"], **call}
+        for row in rows
+        for call in row.get("ceiling_calls", ())
+    ]
+    if calls:  # the ceiling's per-call breakdown: which block shapes lose the time
+        table += "\n\n" + dict_rows_to_markdown(calls, list(calls[0]))
     (args.out / "overheads.md").write_text(table + "\n")
     print(table)
 

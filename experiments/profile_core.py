@@ -3,6 +3,7 @@
     python -m experiments.profile_core                       # 131K, both mixings, fwd+bwd
     python -m experiments.profile_core --forward --compile   # no-grad forward, eager vs compiled
     python -m experiments.profile_core --host --n 32768      # where the host's time per call goes
+    python -m experiments.profile_core --forward --causal    # which causal kernels take the time
 
 Prints torch.profiler's table per (mixing, variant), sorted by CUDA time: which kernels the core
 launches, how often, and how long (docs/benchmarks/h200_perf.md quotes it: the compiled frame's
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mixing", nargs="+", default=["lse", "head_groups"])
     p.add_argument("--forward", action="store_true", help="no-grad forward instead of fwd+bwd")
     p.add_argument("--compile", action="store_true", help="also profile compile=True")
+    p.add_argument("--causal", action="store_true")
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--rows", type=int, default=16)
     p.add_argument("--host", action="store_true", help="cProfile the host instead")
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     for mixing in args.mixing:
         for compiled in (False, True) if args.compile else (False,):
             module = ringattn.DilatedAttention(
-                ISSUE_LENGTHS, ISSUE_RATES, mixing=mixing, compile=compiled
+                ISSUE_LENGTHS, ISSUE_RATES, mixing=mixing, causal=args.causal, compile=compiled
             )
             fwd, fwdbwd = fwd_and_fwdbwd(module, q, k, v, dout)
             if args.host:
@@ -57,7 +59,10 @@ def main(argv: list[str] | None = None) -> None:
                     call()
                 torch.cuda.synchronize()
             what = "forward" if args.forward else "forward+backward"
-            print(f"=== n={args.n} {mixing} {what} x{args.calls}, compile={compiled}")
+            print(
+                f"=== n={args.n} {mixing} causal={args.causal} {what}"
+                f" x{args.calls}, compile={compiled}"
+            )
             print(
                 prof.key_averages().table(
                     sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70

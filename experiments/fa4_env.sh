@@ -1,0 +1,21 @@
+# shellcheck shell=bash
+# Sourced on the lent GPU machine after experiments/fa4_carry.sh's two parts arrived:
+#
+#   call 1, carry [".fa4a"]:         mkdir -p /tmp/fa4 && cp .fa4a/* /tmp/fa4/
+#   call 2, carry [".fa4b", ".whl"]: source experiments/fa4_env.sh && python -m experiments...
+#   later calls (machine still warm): source experiments/fa4_env.sh && ...
+#
+# Unpacks FlashAttention-4 and the carried wheels into /tmp/site once, and sets the environment
+# every run of docs/benchmarks/h200_perf.md used: the CUTLASS DSL's packages on the path (its .pth
+# file is not read from a PYTHONPATH entry), FA4's compiled kernels cached on disk, NCCL's
+# multicast off (the device README's rule).
+if [ ! -d /tmp/site/flash_attn ]; then
+    mkdir -p /tmp/site &&
+        cat /tmp/fa4/* .fa4b/* | xz -d -T8 | tar -x -C /tmp/site &&
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site .whl/*.whl || return 1
+fi
+export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+export NVSHMEM_DISABLE_NVLS=1 FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1
+export FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=/tmp/fa4cache
