@@ -21,6 +21,9 @@ some configuration of it beats cuDNN's forward there (the default does not).
 ``--part determinism`` runs ``ringattn.kernels.fa4.backward`` twice with and without
 ``torch.use_deterministic_algorithms`` and reports whether the gradients are bit-identical, and
 the time of each.
+``--part replay`` times ``ringattn.kernels.fa4`` through FA4's Python launcher and through the
+replay of its recorded launches (``ringattn.kernels.replay``): host ms per call, GPU ms, and
+whether the replay's results equal the launcher's.
 """
 
 from __future__ import annotations
@@ -163,6 +166,69 @@ def determinism(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     return rows
 
 
+def _host_ms(fn, calls: int = 20) -> float:
+    """Host time per call of ``fn`` issued behind a sleeping GPU (nothing waits for the GPU)."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU time: the calls below only queue
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t0) / calls * 1e3
+    torch.cuda.synchronize()
+    return host
+
+
+def replay(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+    """``ringattn.kernels.fa4`` through FA4's launcher vs through the replay of its recorded
+    launches: host ms per call, GPU ms, and the replay's result against the launcher's."""
+    from ringattn.kernels import fa4
+    from ringattn.kernels import replay as replay_module
+
+    rows = []
+    scale = d**-0.5
+    for label, q, k, v in problems(n, h, d, device):
+        if label == "dense":
+            continue
+        dout = torch.randn_like(q)
+        for causal in (False, True):
+            full = torch.empty(1, n, h, d, device=device, dtype=torch.bfloat16)
+            placed = full.view(n // 4096, 2048, 2, h, d)[:, :, 0] if "strided" in label else None
+            out, lse = fa4.forward(q, k, v, causal, scale)
+            calls = {
+                "fwd": partial(fa4.forward, q, k, v, causal, scale),
+                "fwd into": partial(fa4.forward, q, k, v, causal, scale, out=placed),
+                "bwd": partial(fa4.backward, dout, q, k, v, out, lse, causal, scale),
+            }
+            for what, fn in calls.items():
+                if what == "fwd into" and placed is None:
+                    continue
+                row = {"problem": label, "causal": causal, "call": what}
+                for mode in (False, True):
+                    fa4.REPLAY = mode
+                    fa4._REPLAYS.clear()
+                    first = [x.clone() for x in fn()]  # mode True: recorded (launcher)
+                    again = fn()  # mode True: the replay
+                    name = "replay" if mode else "launcher"
+                    row[f"{name}_host_ms"] = _host_ms(fn)
+                    row[f"{name}_gpu_ms"] = _events_ms(fn, 2, repeats)
+                    if mode:
+                        row["replays"] = sum(r is not None for r in fa4._REPLAYS.values())
+                        if not row["replays"]:
+                            row["refusal"] = replay_module.last_refusal
+                        row["replay_max_rel_err"] = max(
+                            float((a.float() - b.float()).norm() / b.float().norm())
+                            for a, b in zip(again, first)
+                        )
+                        row["replay_bit_identical"] = all(
+                            torch.equal(a, b) for a, b in zip(again, first)
+                        )
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    fa4.REPLAY = True
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=131072)
@@ -170,13 +236,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("."))
-    parser.add_argument("--part", choices=["compare", "sweep", "determinism"], default="compare")
+    parser.add_argument(
+        "--part", choices=["compare", "sweep", "determinism", "replay"], default="compare"
+    )
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     torch.manual_seed(0)
     h, d = args.heads, args.head_dim
     if args.part != "compare":
-        part = sweep if args.part == "sweep" else determinism
+        part = {"sweep": sweep, "determinism": determinism, "replay": replay}[args.part]
         rows = part(args.n, h, d, args.repeats, device)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"fa4_probe_{args.part}.json").write_text(json.dumps(rows, indent=1))

@@ -65,12 +65,16 @@ def correctness(device: torch.device) -> list[dict]:
                             strategy=strategy,
                             compile=compiled,
                         )
-                        xs = [x.detach().clone().requires_grad_() for x in inputs]
                         try:
-                            out = module(*xs)
-                            grads = torch.autograd.grad(out, xs, grad.to(dtype))
-                            fwd = rel_err(out, ref)
-                            bwd = max(rel_err(g, r) for g, r in zip(grads, ref_grads))
+                            # twice: the second call runs what the first one cached (FA4's
+                            # replayed launches, pooled buffers, compiled graphs)
+                            fwd = bwd = 0.0
+                            for _ in range(2):
+                                xs = [x.detach().clone().requires_grad_() for x in inputs]
+                                out = module(*xs)
+                                grads = torch.autograd.grad(out, xs, grad.to(dtype))
+                                fwd = max(fwd, rel_err(out, ref))
+                                bwd = max(bwd, *(rel_err(g, r) for g, r in zip(grads, ref_grads)))
                             error = ""
                         except Exception as exc:  # report, keep going
                             fwd = bwd = float("nan")

@@ -237,9 +237,13 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 args.compile,
                 args.backward,
                 args.forward,
+                args.replay,
             )
         )
-        for split, in_place, fill, lane_mode, fuse, add, compiled, backward, forward in choices:
+        for choice in choices:
+            split, in_place, fill, lane_mode, fuse, add, compiled, backward, forward, replay = (
+                choice
+            )
             pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
             SDPAComputer.in_place = in_place == "yes"
             core.zeros_for = FILLS[fill]
@@ -248,6 +252,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             add_kernel.add_rows_ = ADDS[add]
             SDPAComputer.cuda_backward = backward
             SDPAComputer.cuda_forward = forward
+            fa4.REPLAY = replay == "yes"
             attention = ringattn.DilatedAttention(
                 ISSUE_LENGTHS,
                 ISSUE_RATES,
@@ -273,6 +278,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "compile": compiled,
                     "backward": "fa4" if backward == "auto" and fa4.available(q) else "torch",
                     "forward": forward if fa4.available(q) else "torch",
+                    "replay": replay,
                     **stats,
                     "fwd_tflops": flops_f / stats["fwd_ms"] / 1e9,
                     "fwdbwd_tflops": 3.5 * flops_f / stats["fwdbwd_ms"] / 1e9,
@@ -281,24 +287,14 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             if args.trace:
                 key = f"n={n} {mixing} split={split} in_place={in_place} fill={fill}"
                 key += f" lanes={lane_mode} fuse={fuse} add={add} compile={compiled}"
-                key += f" backward={backward} forward={forward}"
+                key += f" backward={backward} forward={forward} replay={replay}"
                 traces[key] = traced_calls(fwd, unit) + traced_calls(fwdbwd, unit)
                 for call in ("forward", "backward"):
                     top = sorted(
                         (c for c in traces[key] if c["call"] == call), key=lambda c: -c["transient"]
                     )[:3]
                     print("trace", key, json.dumps(top), flush=True)
-            last = choices[-1] == (
-                split,
-                in_place,
-                fill,
-                lane_mode,
-                fuse,
-                add,
-                compiled,
-                backward,
-                forward,
-            )
+            last = choice == choices[-1]
             if args.steady:
                 rows[-1].update(steady_times(fwd, fwdbwd, device, args.repeats))
             if args.graphs:
@@ -360,6 +356,11 @@ def main(argv: list[str] | None = None) -> None:
             "sdpa's backward through FlashAttention-4 where it runs (ringattn.kernels.fa4), or "
             "torch's kernels (SDPAComputer.cuda_backward)",
         ),
+        "--replay": (
+            ["yes", "no"],
+            "FA4's calls replayed from each block signature's first (ringattn.kernels.fa4.REPLAY), "
+            "or through FA4's Python launcher every time",
+        ),
         "--forward": (
             list(CUDA_FORWARDS),
             "sdpa's forward: torch's kernels, FlashAttention-4's for non-causal blocks where it "
@@ -397,6 +398,7 @@ def main(argv: list[str] | None = None) -> None:
         add_kernel.add_rows_ = ADDS["triton"]
         SDPAComputer.cuda_backward = CUDA_BACKWARDS[0]
         SDPAComputer.cuda_forward = CUDA_FORWARDS[0]
+        fa4.REPLAY = True
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overheads.json").write_text(json.dumps({"rows": rows, "traces": traces}))
     columns = [c for c in dict.fromkeys(c for row in rows for c in row) if c != "ceiling_calls"]

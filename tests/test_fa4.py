@@ -37,31 +37,55 @@ def _scores(q, k, softmax_scale: float, causal: bool) -> torch.Tensor:
     return scores
 
 
-class FakeFA4:
-    """FA4's ``_flash_attn_fwd`` / ``_flash_attn_bwd`` contracts, computed in float64; counts
-    the calls of each."""
+class _CompileCache:
+    """An owner of a ``compile_cache``, as FA4's launcher functions are."""
 
     def __init__(self) -> None:
-        self.calls = 0  # backward
+        self.compile_cache: dict = {}
+
+
+class FakeFA4:
+    """FA4's ``_flash_attn_fwd`` / ``_flash_attn_bwd`` contracts, computed in float64, and their
+    structure: a Python launcher that checks the operands, allocates what is not given (outputs,
+    the LSE, a float32 dQ workspace) and launches "compiled kernels" through compile caches (so
+    ``ringattn.kernels.replay`` records and replays them as it does FA4's). Counts the launcher's
+    calls and the kernels' runs."""
+
+    def __init__(self) -> None:
+        self.calls = 0  # backward launcher
         self.into = 0  # backward into given gradients
         self.forward_calls = 0
         self.forward_into = 0
+        self.forward_runs = 0  # kernel runs, through the launcher or a replay
+        self.backward_runs = 0
+        self.fwd, self.bwd = _CompileCache(), _CompileCache()
+        self.caches = {self.fwd: "compile_cache", self.bwd: "compile_cache"}
+
+    def kernels(self) -> fa4.Kernels:
+        return fa4.Kernels(self.forward, self.backward, self.caches)
 
     def forward(self, q, k, v, *, softmax_scale, causal, return_lse, out=None):
         self.forward_calls += 1
         b, length, h, d = q.shape
         assert k.shape == v.shape == (b, length, h, d) and return_lse
-        scores = _scores(q, k, softmax_scale, causal)
-        lse = torch.logsumexp(scores, dim=-1)  # [B, H, L]
-        result = (torch.softmax(scores, dim=-1) @ v.double().transpose(1, 2)).transpose(1, 2)
-        result = result.to(q.dtype)
         if out is not None:
             self.forward_into += 1
-            assert out.shape == result.shape and out.dtype == result.dtype
+            assert out.shape == q.shape and out.dtype == q.dtype
             assert out.stride(-1) == 1  # FA4 checks the layout it writes
-            out.copy_(result)
-            result = out
-        return result, lse.float(), None, None, None
+        else:
+            out = torch.empty(b, length, h, d, dtype=q.dtype)
+        lse = torch.empty(b, h, length, dtype=torch.float32)
+        key = ("fwd", causal)
+        if key not in self.fwd.compile_cache:
+            self.fwd.compile_cache[key] = self._forward_kernel
+        self.fwd.compile_cache[key](q, k, v, out.detach(), lse, softmax_scale, causal)
+        return out, lse, None, None, None
+
+    def _forward_kernel(self, q, k, v, out, lse, softmax_scale, causal):
+        self.forward_runs += 1
+        scores = _scores(q, k, softmax_scale, causal)
+        lse.copy_(torch.logsumexp(scores, dim=-1))  # [B, H, L]
+        out.copy_((torch.softmax(scores, dim=-1) @ v.double().transpose(1, 2)).transpose(1, 2))
 
     def backward(
         self,
@@ -84,29 +108,47 @@ class FakeFA4:
         b, length, h, d = q.shape
         assert k.shape == v.shape == out.shape == dout.shape == (b, length, h, d)
         assert lse.shape == (b, h, length) and lse.dtype == torch.float32
+        assert lse.is_contiguous()  # else FA4's launcher copies it (no replay)
         assert out.dtype == dout.dtype == q.dtype
+        if dq is not None:
+            self.into += 1
+            for given_ in (dq, dk, dv):
+                assert given_.shape == q.shape and given_.dtype == q.dtype
+        else:
+            dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
+        dq_accum = torch.empty(b, h, length * d, dtype=torch.float32)
+        key = ("bwd", causal)
+        if key not in self.bwd.compile_cache:
+            self.bwd.compile_cache[key] = self._backward_kernel
+            self.bwd.compile_cache["postprocess"] = self._postprocess_kernel
+        self.bwd.compile_cache[key](
+            q, k, v, out, dout, lse, dq_accum, dk, dv, softmax_scale, causal
+        )
+        self.bwd.compile_cache["postprocess"](dq_accum, dq)
+        return dq, dk, dv, None  # FA4 may return more than the three
+
+    def _backward_kernel(self, q, k, v, out, dout, lse, dq_accum, dk, dv, softmax_scale, causal):
+        self.backward_runs += 1
+        b, length, h, d = q.shape
         qf, kf, vf, of, dof = (x.double().transpose(1, 2) for x in (q, k, v, out, dout))
         scores = _scores(q, k, softmax_scale, causal)
         probs = torch.exp(scores - lse.double().unsqueeze(-1))
-        dv_ = probs.transpose(-1, -2) @ dof
+        dv.copy_((probs.transpose(-1, -2) @ dof).transpose(1, 2))
         dp = dof @ vf.transpose(-1, -2)
         ds = probs * (dp - (dof * of).sum(-1, keepdim=True))
-        dq_ = ds @ kf * softmax_scale
-        dk_ = ds.transpose(-1, -2) @ qf * softmax_scale
-        result = [g.transpose(1, 2).to(q.dtype) for g in (dq_, dk_, dv_)]
-        if dq is not None:
-            self.into += 1
-            for given_, computed in zip((dq, dk, dv), result):
-                assert given_.shape == computed.shape and given_.dtype == computed.dtype
-                given_.copy_(computed)
-            result = [dq, dk, dv]
-        return (*result, None)  # FA4 may return more than the three
+        dq_accum.copy_((ds @ kf * softmax_scale).reshape(b, h, length * d))
+        dk.copy_((ds.transpose(-1, -2) @ qf * softmax_scale).transpose(1, 2))
+
+    def _postprocess_kernel(self, dq_accum, dq):
+        b, length, h, d = dq.shape
+        dq.copy_(dq_accum.view(b, h, length, d).transpose(1, 2))
 
 
 @pytest.fixture
 def fake_fa4(monkeypatch):
     kernel = FakeFA4()
-    monkeypatch.setattr(fa4, "_kernels", lambda: (kernel.forward, kernel.backward))
+    monkeypatch.setattr(fa4, "_kernels", kernel.kernels)
+    monkeypatch.setattr(fa4, "_REPLAYS", {})  # replays launch the kernels they recorded
     # CPU tensors stand in for CUDA ones; float64 stays on torch's kernels as on a GPU
     monkeypatch.setattr(fa4, "available", lambda q: q.dtype != torch.float64)
     return kernel
@@ -134,9 +176,9 @@ def sdpa_strategies() -> tuple[ringattn.Strategy, ...]:
 )
 @given(problems())
 def test_gradients_through_fa4_match_oracle(fake_fa4, p):
-    before = fake_fa4.calls
+    before = fake_fa4.backward_runs
     check_against_oracle(p, torch.float32, sdpa_strategies())
-    assert fake_fa4.calls > before  # every backward went through the stand-in
+    assert fake_fa4.backward_runs > before  # the backwards went through the stand-in
 
 
 @settings(
@@ -219,9 +261,9 @@ def test_not_available_off_gpu():
 @given(problems())
 def test_outputs_through_fa4_forward_match_oracle(fake_fa4, monkeypatch, p):
     monkeypatch.setattr(SDPAComputer, "cuda_forward", "fa4")
-    before = fake_fa4.forward_calls
+    before = fake_fa4.forward_runs
     check_against_oracle(p, torch.float32, sdpa_strategies())
-    assert fake_fa4.forward_calls > before
+    assert fake_fa4.forward_runs > before
 
 
 def test_placed_outputs_are_written_by_fa4_forward(fake_fa4, monkeypatch):
@@ -245,3 +287,28 @@ def test_auto_forward_is_fa4_for_non_causal_blocks_only(fake_fa4, monkeypatch, s
     assert fake_fa4.forward_calls == 0 and fake_fa4.calls > 0
     check_against_oracle({**small_problem, "causal": False}, torch.float32, sdpa_strategies())
     assert fake_fa4.forward_calls > 0
+
+
+@pytest.mark.parametrize("problem", ["small", "placed"])
+def test_repeated_calls_replay_fa4_without_its_launcher(
+    fake_fa4, monkeypatch, small_problem, problem
+):
+    """Each block signature's first call runs FA4's launcher once (recorded); later calls of the
+    same signatures replay its kernel launches on the new operands (merged and placed blocks,
+    forward and backward), held to the oracle like the launcher."""
+    monkeypatch.setattr(SDPAComputer, "cuda_forward", "fa4")
+    p = small_problem if problem == "small" else {**PLACED, "causal": True}
+    check_against_oracle(p, torch.float32, sdpa_strategies())
+    launcher_calls = (fake_fa4.forward_calls, fake_fa4.calls)
+    runs = (fake_fa4.forward_runs, fake_fa4.backward_runs)
+    check_against_oracle(p, torch.float32, sdpa_strategies())
+    assert (fake_fa4.forward_calls, fake_fa4.calls) == launcher_calls
+    assert fake_fa4.forward_runs > runs[0] and fake_fa4.backward_runs > runs[1]
+
+
+def test_replay_off_calls_the_launcher_every_time(fake_fa4, monkeypatch, small_problem):
+    monkeypatch.setattr(SDPAComputer, "cuda_forward", "fa4")
+    monkeypatch.setattr(fa4, "REPLAY", False)
+    check_against_oracle(small_problem, torch.float32, sdpa_strategies())
+    assert fake_fa4.forward_calls == fake_fa4.forward_runs > 0
+    assert fake_fa4.calls == fake_fa4.backward_runs > 0

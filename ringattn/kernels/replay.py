@@ -1,0 +1,268 @@
+"""Re-issue a kernel library's compiled launches without its Python launcher.
+
+Why: FlashAttention-4's Python interface re-derives its tile configuration, validates every
+operand and rebuilds its compile key on every call, about as much host time as a 2048-row block's
+kernel takes on an H200. The plan issues tens of such calls per forward, so at 32K-131K tokens the
+host, not the GPU, set the pace (docs/benchmarks/h200_perf.md, steps 19-21). The compiled kernels
+themselves take tensors and scalars, and for operands of the same layouts the launcher makes the
+same decisions. So the first call of each *signature* (the operands' shapes, strides, dtypes,
+16-byte alignment, and the flags) runs the launcher once under :class:`Recorder`, which notes
+
+* every compiled launch: which cached kernel, and each argument as one of the caller's operands
+  (by role), a buffer the launcher allocated (re-allocated on replay with the same layout), or a
+  constant (scalars, ``None``, the library's empty option objects);
+* every aten op the launcher ran (through a ``TorchDispatchMode``).
+
+A recording becomes a :class:`Replay` only if every aten op was an allocation or a metadata-only
+view, every tensor argument is an operand or an allocation (or a view of one), and no two operands
+alias. Anything else (a copy made to fix a layout, a buffer zeroed in Python, a semaphore, a
+combine step between launches) means the launcher does work a replay would skip: that signature
+keeps calling the launcher, which computes the same thing more slowly. Replays are therefore
+exactly the recorded call's GPU work, on new operands.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+
+# ops a launcher may run without doing work a replay would skip: allocations and views
+_ALLOCATIONS = {
+    aten.empty.memory_format,
+    aten.empty_strided.default,
+    aten.empty_like.default,
+    aten.new_empty.default,
+    aten.new_empty_strided.default,
+}
+_VIEWS = {
+    aten.alias.default,
+    aten.as_strided.default,
+    aten.detach.default,
+    aten.expand.default,
+    aten.permute.default,
+    aten.select.int,
+    aten.slice.Tensor,
+    aten.squeeze.dim,
+    aten.t.default,
+    aten.transpose.int,
+    aten.unsqueeze.default,
+    aten.view.default,
+    aten._unsafe_view.default,
+}
+
+# why the latest recording made no replay (for probes: experiments/fa4_probe.py --part replay)
+last_refusal: str | None = None
+
+Layout = tuple[tuple[int, ...], tuple[int, ...], torch.dtype, torch.device]
+
+
+def layout(x: Tensor) -> Layout:
+    return tuple(x.shape), x.stride(), x.dtype, x.device
+
+
+def signature(tensors: Iterable[Tensor | None], *flags: Any) -> tuple:
+    """The key under which calls share one replay: every operand's layout and 16-byte alignment
+    (the kernels are compiled for aligned pointers), and the call's flags."""
+    return (
+        *(None if x is None else (*layout(x), x.data_ptr() % 16) for x in tensors),
+        *flags,
+    )
+
+
+class _Watch(TorchDispatchMode):
+    """Notes whether every aten op was an allocation or a view, and keeps the allocations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.allocations: list[Tensor] = []
+        self.other_ops: list[str] = []
+        self.in_kernel = False  # a kernel's own ops (a stand-in's, on CPU) are not the launcher's
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if self.in_kernel:
+            pass
+        elif func in _ALLOCATIONS:
+            self.allocations.append(result)
+        elif func not in _VIEWS:
+            self.other_ops.append(str(func))
+        return result
+
+
+class _RecordingCache:
+    """Stands in for one compile cache while recording: lookups return the cached kernel wrapped
+    so that its calls are noted; stores and membership go to the real cache."""
+
+    def __init__(self, cache: Any, launches: list, watch: _Watch) -> None:
+        self._cache, self._launches, self._watch = cache, launches, watch
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._cache
+
+    def __setitem__(self, key: object, value: object) -> None:
+        self._cache[key] = value
+
+    def get(self, key: object, default: object = None) -> object:
+        return self[key] if key in self._cache else default
+
+    def setdefault(self, key: object, default: object) -> Callable:
+        if key not in self._cache:
+            self._cache[key] = default
+        return self[key]
+
+    def __getitem__(self, key: object) -> Callable:
+        kernel = self._cache[key]
+
+        def noted(*args, **kwargs):
+            self._launches.append((kernel, args, kwargs))
+            self._watch.in_kernel = True
+            try:
+                return kernel(*args, **kwargs)
+            finally:
+                self._watch.in_kernel = False
+
+        return noted
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cache, name)
+
+
+@dataclass(frozen=True)
+class _Operand:
+    role: int  # index into the operands of the call
+
+
+@dataclass(frozen=True)
+class _Buffer:
+    index: int  # which allocation
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int  # storage offset of the view
+
+
+@dataclass(frozen=True)
+class Replay:
+    """The allocations and compiled launches of one recorded call, and where its results are."""
+
+    allocations: tuple[Layout, ...]
+    launches: tuple[tuple[Callable, tuple], ...]
+    results: tuple[_Operand | _Buffer, ...]
+
+    def __call__(self, operands: tuple[Tensor | None, ...]) -> tuple[Tensor, ...]:
+        buffers = [
+            torch.empty_strided(shape, stride, dtype=dtype, device=device)
+            for shape, stride, dtype, device in self.allocations
+        ]
+
+        def resolve(slot: object) -> object:
+            if isinstance(slot, _Operand):
+                return operands[slot.role]
+            if isinstance(slot, _Buffer):
+                return buffers[slot.index].as_strided(slot.shape, slot.stride, slot.offset)
+            return slot
+
+        for kernel, args in self.launches:
+            kernel(*(resolve(a) for a in args))
+        return tuple(resolve(r) for r in self.results)  # type: ignore[misc]
+
+
+class _Unreplayable(Exception):
+    pass
+
+
+def _slot(x: object, operands: tuple[Tensor | None, ...], allocations: list[Tensor]) -> object:
+    if isinstance(x, (list, tuple, dict)):
+        if any(isinstance(y, Tensor) for y in (x.values() if isinstance(x, dict) else x)):
+            raise _Unreplayable("a tensor inside a container")
+        return x
+    if not isinstance(x, Tensor):
+        return x
+    for role, operand in enumerate(operands):
+        if (
+            operand is not None
+            and x.data_ptr() == operand.data_ptr()
+            and layout(x) == layout(operand)
+        ):
+            return _Operand(role)
+    for index, buffer in enumerate(allocations):
+        if x.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
+            return _Buffer(index, tuple(x.shape), x.stride(), x.storage_offset())
+    raise _Unreplayable("a tensor that is neither an operand nor an allocation")
+
+
+def record(
+    launcher: Callable[[], Any],
+    caches: Mapping[Any, str],
+    operands: tuple[Tensor | None, ...],
+    results: Callable[[Any], tuple[Tensor, ...]],
+) -> tuple[Any, Replay | None]:
+    """Run ``launcher()`` once, noting the compiled launches it makes through the compile caches
+    ``getattr(owner, name)`` for each ``owner, name`` in ``caches``; returns its result and the
+    :class:`Replay` of it, or None where a replay would not do the same work (module docstring).
+    ``results`` picks the tensors a replay must return from the launcher's result."""
+    global last_refusal
+    present = [x for x in operands if x is not None]
+    if len({x.data_ptr() for x in present}) < len(present):  # roles would be ambiguous
+        last_refusal = "aliased operands"
+        return launcher(), None
+    launches: list = []
+    originals = {(owner, name): getattr(owner, name) for owner, name in caches.items()}
+    watch = _Watch()
+    try:
+        for (owner, name), cache in originals.items():
+            setattr(owner, name, _RecordingCache(cache, launches, watch))
+        with watch:
+            result = launcher()
+    finally:
+        for (owner, name), cache in originals.items():
+            setattr(owner, name, cache)
+    if watch.other_ops or not launches:
+        last_refusal = f"launcher ops {sorted(set(watch.other_ops))}" if launches else "no launch"
+        return result, None
+    try:
+        replay = Replay(
+            allocations=tuple(layout(x) for x in watch.allocations),
+            launches=tuple(
+                (kernel, tuple(_slot(a, operands, watch.allocations) for a in args))
+                for kernel, args, kwargs in launches
+                if not kwargs or _raise("keyword arguments to a kernel")
+            ),
+            results=tuple(_slot(x, operands, watch.allocations) for x in results(result)),
+        )
+    except _Unreplayable as exc:
+        last_refusal = str(exc)
+        return result, None
+    # a launch that bypassed the compile caches would be missing from the replay: run it once on
+    # the same operands and hold it to the launcher's results (equal up to the kernels' own
+    # nondeterminism, e.g. atomically added gradients) before trusting it
+    expected = [x.clone() for x in results(result)]
+    if not all(_agree(got, want) for got, want in zip(replay(operands), expected, strict=True)):
+        warnings.warn(
+            "a replay of the kernel launcher's recorded call disagreed with the launcher's "
+            "result; these operands keep calling the launcher",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        last_refusal = "disagreed with the launcher"
+        return result, None
+    return result, replay
+
+
+def _agree(got: Tensor, want: Tensor) -> bool:
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return False
+    got, want = got.double(), want.double()
+    bound = 1e-2 * torch.linalg.vector_norm(want) + 1e-6
+    return bool(torch.linalg.vector_norm(got - want) <= bound)
+
+
+def _raise(reason: str) -> bool:
+    raise _Unreplayable(reason)
