@@ -438,8 +438,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--sdpa-forward",
         choices=CUDA_FORWARDS,
         default=SDPAComputer.cuda_forward,
-        help="SDPAComputer.cuda_forward of the sdpa rows (auto: FlashAttention-4 for non-causal "
-        "blocks where installed)",
+        help="SDPAComputer.cuda_forward of the sdpa rows (auto: FlashAttention-4 where installed)",
     )
     p.add_argument(
         "--no-torch-row",

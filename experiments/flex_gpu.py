@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         "--sdpa-forward",
         choices=CUDA_FORWARDS,
         default=SDPAComputer.cuda_forward,
-        help="SDPAComputer.cuda_forward of every sdpa row (fa4: FA4's forward on all blocks)",
+        help="SDPAComputer.cuda_forward of every sdpa row (auto: FA4's forward where it runs)",
     )
     args = parser.parse_args(argv)
     SDPAComputer.cuda_forward = args.sdpa_forward

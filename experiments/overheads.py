@@ -10,7 +10,8 @@ run on concurrent CUDA streams, ``ringattn.lanes.MODE``; ``--fuse``: lse launche
 offsets as runs, ``ringattn.launches.FUSE_OFFSETS``; ``--add``: lse adds gradients with the Triton
 kernel or torch's ``add_``; ``--compile``: the module eager or ``compile=True``; ``--backward``:
 ``sdpa``'s backward through FlashAttention-4 where installed, or torch's kernels; ``--forward``:
-``sdpa``'s forward on torch's kernels, on FA4 for non-causal blocks, or on FA4), times forward and
+the same for the forward; ``--replay``: FA4's launches replayed, ``ringattn.kernels.fa4.REPLAY``,
+or through its Python launcher every call), times forward and
 forward+backward of ``segment_local/sdpa`` and measures their peak memory relative to the tensors
 the call cannot avoid (as ``experiments.bench`` does). With ``--trace`` it also logs every kernel
 call of one forward+backward: the block's shape, the bytes it allocates transiently (peak above the
@@ -363,8 +364,8 @@ def main(argv: list[str] | None = None) -> None:
         ),
         "--forward": (
             list(CUDA_FORWARDS),
-            "sdpa's forward: torch's kernels, FlashAttention-4's for non-causal blocks where it "
-            "runs (auto), or FA4's for every block (SDPAComputer.cuda_forward)",
+            "sdpa's forward through FlashAttention-4 where it runs (auto), or torch's kernels "
+            "(SDPAComputer.cuda_forward)",
         ),
     }
     for flag, (choices, help_text) in axes.items():

@@ -15,16 +15,15 @@ needs, so this computer calls the same kernels one level down:
   turns that off (A/B);
 * CUDA, fp32: memory-efficient attention (``_scaled_dot_product_efficient_attention``).
 
-The backward, on SM90/SM100 GPUs with fp16/bf16 where ``flash-attn-4`` is installed (the ``fa4``
-extra), goes to FlashAttention-4's kernels instead (``ringattn.kernels.fa4``): 10-14% faster than
-cuDNN's backward on our blocks while cuDNN keeps the faster forward; both take the merged output
-and LSE, so the function is the same. ``SDPAComputer.cuda_backward = "torch"`` turns that off
-(A/B). Placed blocks' gradients are then written in place by FA4 itself.
-The forward stays on torch's kernels by default. ``cuda_forward = "auto"`` sends non-causal
-blocks' forwards to FA4 as well (same-process A/B on an H200: 2-4% faster than cuDNN's at 1M
-tokens, equal at 131K; causal blocks stay on cuDNN, whose causal forward is faster on them), and
-``"fa4"`` every block's; they become the default once the module's FA4 forward has passed the GPU
-oracle check (``experiments/flex_gpu.py --part check``), which it has not yet.
+On SM90/SM100 GPUs with fp16/bf16, where ``flash-attn-4`` is installed (the ``fa4`` extra), both
+directions go to FlashAttention-4's kernels instead (``ringattn.kernels.fa4``), their launches
+replayed from each block signature's first call (``ringattn.kernels.replay``: FA4's Python
+launcher costs about a 2048-row block's kernel time). Same-process A/B on an H200
+(docs/benchmarks/h200_perf.md, steps 19 and 21): the backward 10-14% faster than cuDNN's on our
+blocks; the forward 3-8% faster from 1M tokens, equal to faster at 131K and, with the replays,
+faster at 32K, causal or not. Both libraries take the merged output and LSE, so the function is
+the same. ``SDPAComputer.cuda_backward = "torch"`` / ``cuda_forward = "torch"`` turn each off
+(A/B). Placed blocks' outputs and gradients are written in place by FA4 itself.
 
 The kernels take ``[B, H, L, d]``; our blocks are ``[B, L, H, d]`` so the transposes are views, and
 all of them accept the strided (dilated) views as they are.
@@ -43,7 +42,7 @@ aten = torch.ops.aten
 # read once, eagerly: torch.backends.cudnn.is_available() cannot be traced by Dynamo
 CUDNN_AVAILABLE = torch.backends.cudnn.is_available()
 CUDA_BACKWARDS = ("auto", "torch")
-CUDA_FORWARDS = ("torch", "auto", "fa4")
+CUDA_FORWARDS = ("auto", "torch")
 
 
 def _bhld(x: Tensor) -> Tensor:
@@ -71,9 +70,9 @@ class SDPAComputer(BlockComputer):
     # "auto": FlashAttention-4's backward where it runs (ringattn.kernels.fa4), else torch's;
     # "torch": always torch's kernels (the A/B)
     cuda_backward = "auto"
-    # "torch": torch's kernels (cuDNN; placed blocks through the frontend); "auto": FA4's forward
-    # for non-causal blocks where it runs; "fa4": FA4's for every block where it runs (A/B)
-    cuda_forward = "torch"
+    # "auto": FlashAttention-4's forward where it runs, else torch's; "torch": torch's kernels
+    # (cuDNN; placed blocks through the frontend), the A/B
+    cuda_forward = "auto"
 
     def _cudnn(self, q: Tensor) -> bool:
         return (
@@ -87,9 +86,8 @@ class SDPAComputer(BlockComputer):
     def _in_place(self, q: Tensor) -> bool:
         return self.in_place and self._cudnn(q) and cudnn_graphs.available(q)
 
-    def _fa4_forward(self, q: Tensor, causal: bool) -> bool:
-        wanted = self.cuda_forward == "fa4" or (self.cuda_forward == "auto" and not causal)
-        return wanted and self.cuda_backend != "flash" and fa4.available(q)
+    def _fa4_forward(self, q: Tensor) -> bool:
+        return self.cuda_forward == "auto" and self.cuda_backend != "flash" and fa4.available(q)
 
     def _fa4_backward(self, q: Tensor) -> bool:
         # (cuda_backend "flash" is the FlashAttention-2 A/B: both directions stay on it)
@@ -123,7 +121,7 @@ class SDPAComputer(BlockComputer):
     def forward(
         self, q: Rows, k: Rows, v: Rows, causal: bool, scale: float
     ) -> tuple[Rows, RowsLSE]:
-        if self._fa4_forward(q, causal):
+        if self._fa4_forward(q):
             return fa4.forward(q, k, v, causal, scale)
         qt, kt, vt = _bhld(q), _bhld(k), _bhld(v)
         if q.device.type == "cpu":
@@ -255,7 +253,7 @@ class SDPAComputer(BlockComputer):
         out: Rows,
         lse: RowsLSE | None,
     ) -> None:
-        if self._fa4_forward(q, causal):
+        if self._fa4_forward(q):
             _fa4_forward_into(q, k, v, causal, scale, out, lse)
             return
         if not (self._in_place(q) and cudnn_graphs.forward_into(q, k, v, out, lse, causal, scale)):
@@ -283,7 +281,7 @@ class SDPAComputer(BlockComputer):
             super().backward_into(dout, q, k, v, out, lse, causal, scale, grads)
 
     def forward_launcher(self, causal, scale, q, k, v, out, lse):
-        if self._fa4_forward(q, causal):
+        if self._fa4_forward(q):
 
             def launch(q, k, v, out, lse) -> None:
                 _fa4_forward_into(q, k, v, causal, scale, out, lse)

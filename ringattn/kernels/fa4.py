@@ -3,13 +3,13 @@
 Why: on an H200, FA4's SM90 backward (a port of FlashAttention-3's) runs issue 5's 2048-row blocks
 10-14% faster than the cuDNN backward torch calls, contiguous or as ``segment_local``'s strided
 views, causal or not (``experiments/fa4_probe.py``; ``docs/benchmarks/h200_perf.md``, step 19).
-So ``sdpa`` hands its backward here where this module is available. FA4's forward on the same
-blocks measured between 9% slower and 3% faster than cuDNN's in two kernel-level runs and 2-4%
-faster through the whole module at 1M tokens (equal at 131K), and slower causal; it is opt-in
-(``SDPAComputer.cuda_forward = "auto"``: non-causal blocks; ``"fa4"``: all) until the module's
-FA4 forward has passed the GPU oracle check. The two libraries agree on what the backward
-needs: the output and the natural-log LSE of the rows (the core passes the *merged* ones), so
-mixing them changes no definition, only rounding.
+FA4's forward measured between 9% slower and 3% faster than cuDNN's on those blocks at the
+kernel level (steps 19-20), but through the whole module, with its launches replayed
+(:func:`_launch`), 3-8% faster from 1M tokens and equal to faster below, causal or not (step 21),
+and it passes the GPU oracle check. So ``sdpa`` hands both directions here where this module is
+available (``SDPAComputer.cuda_forward`` / ``cuda_backward``). The two libraries agree on what
+the backward needs: the output and the natural-log LSE of the rows (the core passes the *merged*
+ones), so mixing them changes no definition, only rounding.
 
 What FA4 takes: ``[B, L, H, d]`` q/k/v/out/dout with any 16-byte-aligned strides (our blocks and
 offset runs are views of that form), the LSE as ``[B, H, L]`` float32, and optional
@@ -23,6 +23,10 @@ Optional: :func:`available` is false without the package (CPU installs, CI), off
 GPUs, for other dtypes or head dims, and while tracing; callers then use torch's kernels. The
 package is imported on first use, not with ``ringattn`` (the CuTe DSL's import takes seconds).
 Each new (dtype, head dim, causal) compiles once per process, ~2-10 s on an H200.
+FA4's Python launcher (it re-derives its configuration, checks every operand and rebuilds its
+compile key on every call) took ~0.1-0.2 ms of host time per call, more than the small blocks'
+kernels take; so each block signature's first call is recorded and later calls replay its kernel
+launches (``ringattn.kernels.replay``; ``REPLAY = False`` is the A/B).
 Under ``torch.use_deterministic_algorithms(True)`` FA4 runs its deterministic backward (it
 otherwise adds dQ with atomics, so gradients may differ in the last bits between runs).
 """

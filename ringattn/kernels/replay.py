@@ -1,12 +1,13 @@
 """Re-issue a kernel library's compiled launches without its Python launcher.
 
 Why: FlashAttention-4's Python interface re-derives its tile configuration, validates every
-operand and rebuilds its compile key on every call, about as much host time as a 2048-row block's
-kernel takes on an H200. The plan issues tens of such calls per forward, so at 32K-131K tokens the
-host, not the GPU, set the pace (docs/benchmarks/h200_perf.md, steps 19-21). The compiled kernels
-themselves take tensors and scalars, and for operands of the same layouts the launcher makes the
-same decisions. So the first call of each *signature* (the operands' shapes, strides, dtypes,
-16-byte alignment, and the flags) runs the launcher once under :class:`Recorder`, which notes
+operand and rebuilds its compile key on every call: ~0.1-0.2 ms of host time, more than the
+small blocks' kernels take on an H200. The plan issues tens of such calls per forward, so at
+32K-131K tokens the host, not the GPU, set the pace (docs/benchmarks/h200_perf.md, steps 19-21).
+The compiled kernels themselves take tensors and scalars, and for operands of the same layouts
+the launcher makes the same decisions. So the first call of each *signature* (the operands'
+shapes, strides, dtypes, 16-byte alignment, and the flags) runs the launcher once under
+:func:`record`, which notes
 
 * every compiled launch: which cached kernel, and each argument as one of the caller's operands
   (by role), a buffer the launcher allocated (re-allocated on replay with the same layout), or a
@@ -17,8 +18,11 @@ A recording becomes a :class:`Replay` only if every aten op was an allocation or
 view, every tensor argument is an operand or an allocation (or a view of one), and no two operands
 alias. Anything else (a copy made to fix a layout, a buffer zeroed in Python, a semaphore, a
 combine step between launches) means the launcher does work a replay would skip: that signature
-keeps calling the launcher, which computes the same thing more slowly. Replays are therefore
-exactly the recorded call's GPU work, on new operands.
+keeps calling the launcher, which computes the same thing more slowly. A launch that bypassed
+the compile caches would be missing from a replay without any of that showing; so a recording is
+replayed once into the launcher's own buffers, its results poisoned with NaN first, and held to
+the launcher's results before it is kept. Replays are therefore the recorded call's GPU work, on
+new operands.
 """
 
 from __future__ import annotations
@@ -156,11 +160,15 @@ class Replay:
     launches: tuple[tuple[Callable, tuple], ...]
     results: tuple[_Operand | _Buffer, ...]
 
-    def __call__(self, operands: tuple[Tensor | None, ...]) -> tuple[Tensor, ...]:
-        buffers = [
-            torch.empty_strided(shape, stride, dtype=dtype, device=device)
-            for shape, stride, dtype, device in self.allocations
-        ]
+    def __call__(
+        self, operands: tuple[Tensor | None, ...], buffers: list[Tensor] | None = None
+    ) -> tuple[Tensor, ...]:
+        """The recorded launches on ``operands``, into new buffers (or the given ones)."""
+        if buffers is None:
+            buffers = [
+                torch.empty_strided(shape, stride, dtype=dtype, device=device)
+                for shape, stride, dtype, device in self.allocations
+            ]
 
         def resolve(slot: object) -> object:
             if isinstance(slot, _Operand):
@@ -240,11 +248,17 @@ def record(
     except _Unreplayable as exc:
         last_refusal = str(exc)
         return result, None
-    # a launch that bypassed the compile caches would be missing from the replay: run it once on
-    # the same operands and hold it to the launcher's results (equal up to the kernels' own
-    # nondeterminism, e.g. atomically added gradients) before trusting it
-    expected = [x.clone() for x in results(result)]
-    if not all(_agree(got, want) for got, want in zip(replay(operands), expected, strict=True)):
+    # a launch that bypassed the compile caches would be missing from the replay. So the replay
+    # runs once on the same operands, into the launcher's own buffers (no memory beyond the
+    # call's: a block may be the whole [b, n, h, d] tensor), its results poisoned with NaN
+    # first, and is held to the launcher's results (equal up to the kernels' own
+    # nondeterminism, e.g. atomically added gradients) through small per-row statistics
+    wanted = [_row_stats(x) for x in results(result)]
+    for x in results(result):
+        if x.is_floating_point():
+            x.fill_(float("nan"))
+    got = [_row_stats(x) for x in replay(operands, watch.allocations)]
+    if not all(_agree(g, w) for g, w in zip(got, wanted, strict=True)):
         warnings.warn(
             "a replay of the kernel launcher's recorded call disagreed with the launcher's "
             "result; these operands keep calling the launcher",
@@ -252,16 +266,22 @@ def record(
             stacklevel=3,
         )
         last_refusal = "disagreed with the launcher"
-        return result, None
+        return launcher(), None  # the poisoned results written again
     return result, replay
 
 
+def _row_stats(x: Tensor) -> Tensor:
+    """Sum and norm of each row of the last dim, in float32 without a float32 copy of ``x``."""
+    if x.dim() == 0:
+        x = x.reshape(1)
+    return torch.stack(
+        (x.sum(-1, dtype=torch.float32), torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32))
+    )
+
+
 def _agree(got: Tensor, want: Tensor) -> bool:
-    if got.shape != want.shape or got.dtype != want.dtype:
-        return False
-    got, want = got.double(), want.double()
     bound = 1e-2 * torch.linalg.vector_norm(want) + 1e-6
-    return bool(torch.linalg.vector_norm(got - want) <= bound)
+    return bool(torch.linalg.vector_norm(got - want) <= bound)  # False for NaN
 
 
 def _raise(reason: str) -> bool:
