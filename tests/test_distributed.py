@@ -92,6 +92,26 @@ def test_bf16_matches_oracle(pool, communicator):
     pool.run("matches_oracle", SHAPE, options(pool.world_size, True, "lse"), strategy, "bfloat16")
 
 
+@pytest.mark.parametrize(
+    "communicator, causal, mixing, layout",
+    [
+        ("ring", True, "lse", "zigzag"),
+        ("ring", False, "head_groups", "contiguous"),
+        ("all_gather", True, "head_groups", "contiguous"),
+    ],
+)
+def test_sequence_parallel_blocks_through_fa4_match_oracle(
+    pool, communicator, causal, mixing, layout
+):
+    """Ring and all-gather hand FA4 (here its CPU stand-in) their blocks, remote K/V included,
+    forward and backward; the second call replays the launches the first recorded."""
+    strategy = {"communicator": communicator, "computer": "sdpa"}
+    opts = options(pool.world_size, causal, mixing, layout)
+    counts = pool.run("matches_oracle_through_fake_fa4", SHAPE, opts, strategy, layout)
+    for forward_calls, forward_runs, backward_calls, backward_runs in counts:
+        assert 0 < forward_calls < forward_runs and 0 < backward_calls < backward_runs
+
+
 def expected_bytes(world_size, causal, mixing, communicator, layout="contiguous"):
     """Analytic volume per rank: only selected K/V rows of segments spanning ranks travel."""
     b, n, h, d = SHAPE

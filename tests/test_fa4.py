@@ -3,11 +3,11 @@
 FA4 runs only on SM90+ GPUs (checked there: ``experiments/flex_gpu.py --part check``). What can
 go wrong on our side is the wiring: which blocks reach it, in which layout (``[B, L, H, d]``
 operands, the LSE as ``[B, H, L]`` float32, merged ``out``/``lse``), and whether placed outputs
-and gradients land in the strided views handed to it. So here stand-ins with FA4's signatures
-and contracts (``_flash_attn_fwd`` / ``_flash_attn_bwd``: they assert the layouts, compute
-attention and its flash backward in float64, write ``out`` / ``dq``, ``dk``, ``dv`` when given)
-replace the kernels, and every ``sdpa`` strategy's outputs and gradients are held to the float64
-oracle through them.
+and gradients land in the strided views handed to it, and whether the replays of its launches
+(``ringattn.kernels.replay``) do the launcher's work. So here a stand-in with FA4's signatures,
+contracts and launcher structure (``tests/fake_fa4.py``) replaces the kernels, and every ``sdpa``
+strategy's outputs and gradients are held to the float64 oracle through it (the sequence-parallel
+ones in tests/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import warnings
 import pytest
 import torch
 from conftest import make_qkv, options, problems
+from fake_fa4 import FakeFA4, install
 from hypothesis import HealthCheck, given, settings
 from test_strategies import check_against_oracle
 
@@ -27,131 +28,12 @@ from ringattn.computers.sdpa import SDPAComputer
 from ringattn.kernels import fa4
 
 
-def _scores(q, k, softmax_scale: float, causal: bool) -> torch.Tensor:
-    """``[B, H, L, L]`` float64 scores of ``[B, L, H, d]`` blocks (causal: upper triangle -inf)."""
-    scores = q.double().transpose(1, 2) @ k.double().permute(0, 2, 3, 1) * softmax_scale
-    if causal:
-        length = q.shape[1]
-        mask = torch.ones(length, length, dtype=torch.bool).triu(1)
-        scores = scores.masked_fill(mask, float("-inf"))
-    return scores
-
-
-class _CompileCache:
-    """An owner of a ``compile_cache``, as FA4's launcher functions are."""
-
-    def __init__(self) -> None:
-        self.compile_cache: dict = {}
-
-
-class FakeFA4:
-    """FA4's ``_flash_attn_fwd`` / ``_flash_attn_bwd`` contracts, computed in float64, and their
-    structure: a Python launcher that checks the operands, allocates what is not given (outputs,
-    the LSE, a float32 dQ workspace) and launches "compiled kernels" through compile caches (so
-    ``ringattn.kernels.replay`` records and replays them as it does FA4's). Counts the launcher's
-    calls and the kernels' runs."""
-
-    def __init__(self) -> None:
-        self.calls = 0  # backward launcher
-        self.into = 0  # backward into given gradients
-        self.forward_calls = 0
-        self.forward_into = 0
-        self.forward_runs = 0  # kernel runs, through the launcher or a replay
-        self.backward_runs = 0
-        self.fwd, self.bwd = _CompileCache(), _CompileCache()
-        self.caches = {self.fwd: "compile_cache", self.bwd: "compile_cache"}
-
-    def kernels(self) -> fa4.Kernels:
-        return fa4.Kernels(self.forward, self.backward, self.caches)
-
-    def forward(self, q, k, v, *, softmax_scale, causal, return_lse, out=None):
-        self.forward_calls += 1
-        b, length, h, d = q.shape
-        assert k.shape == v.shape == (b, length, h, d) and return_lse
-        if out is not None:
-            self.forward_into += 1
-            assert out.shape == q.shape and out.dtype == q.dtype
-            assert out.stride(-1) == 1  # FA4 checks the layout it writes
-        else:
-            out = torch.empty(b, length, h, d, dtype=q.dtype)
-        lse = torch.empty(b, h, length, dtype=torch.float32)
-        key = ("fwd", causal)
-        if key not in self.fwd.compile_cache:
-            self.fwd.compile_cache[key] = self._forward_kernel
-        self.fwd.compile_cache[key](q, k, v, out.detach(), lse, softmax_scale, causal)
-        return out, lse, None, None, None
-
-    def _forward_kernel(self, q, k, v, out, lse, softmax_scale, causal):
-        self.forward_runs += 1
-        scores = _scores(q, k, softmax_scale, causal)
-        lse.copy_(torch.logsumexp(scores, dim=-1))  # [B, H, L]
-        out.copy_((torch.softmax(scores, dim=-1) @ v.double().transpose(1, 2)).transpose(1, 2))
-
-    def backward(
-        self,
-        q,
-        k,
-        v,
-        out,
-        dout,
-        lse,
-        softmax_scale,
-        causal,
-        *,
-        dq=None,
-        dk=None,
-        dv=None,
-        deterministic=False,
-    ):
-        self.calls += 1
-        self.deterministic = deterministic
-        b, length, h, d = q.shape
-        assert k.shape == v.shape == out.shape == dout.shape == (b, length, h, d)
-        assert lse.shape == (b, h, length) and lse.dtype == torch.float32
-        assert lse.is_contiguous()  # else FA4's launcher copies it (no replay)
-        assert out.dtype == dout.dtype == q.dtype
-        if dq is not None:
-            self.into += 1
-            for given_ in (dq, dk, dv):
-                assert given_.shape == q.shape and given_.dtype == q.dtype
-        else:
-            dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
-        dq_accum = torch.empty(b, h, length * d, dtype=torch.float32)
-        key = ("bwd", causal)
-        if key not in self.bwd.compile_cache:
-            self.bwd.compile_cache[key] = self._backward_kernel
-            self.bwd.compile_cache["postprocess"] = self._postprocess_kernel
-        self.bwd.compile_cache[key](
-            q, k, v, out, dout, lse, dq_accum, dk, dv, softmax_scale, causal
-        )
-        self.bwd.compile_cache["postprocess"](dq_accum, dq)
-        return dq, dk, dv, None  # FA4 may return more than the three
-
-    def _backward_kernel(self, q, k, v, out, dout, lse, dq_accum, dk, dv, softmax_scale, causal):
-        self.backward_runs += 1
-        b, length, h, d = q.shape
-        qf, kf, vf, of, dof = (x.double().transpose(1, 2) for x in (q, k, v, out, dout))
-        scores = _scores(q, k, softmax_scale, causal)
-        probs = torch.exp(scores - lse.double().unsqueeze(-1))
-        dv.copy_((probs.transpose(-1, -2) @ dof).transpose(1, 2))
-        dp = dof @ vf.transpose(-1, -2)
-        ds = probs * (dp - (dof * of).sum(-1, keepdim=True))
-        dq_accum.copy_((ds @ kf * softmax_scale).reshape(b, h, length * d))
-        dk.copy_((ds.transpose(-1, -2) @ qf * softmax_scale).transpose(1, 2))
-
-    def _postprocess_kernel(self, dq_accum, dq):
-        b, length, h, d = dq.shape
-        dq.copy_(dq_accum.view(b, h, length, d).transpose(1, 2))
-
-
 @pytest.fixture
-def fake_fa4(monkeypatch):
+def fake_fa4():
     kernel = FakeFA4()
-    monkeypatch.setattr(fa4, "_kernels", kernel.kernels)
-    monkeypatch.setattr(fa4, "_REPLAYS", {})  # replays launch the kernels they recorded
-    # CPU tensors stand in for CUDA ones; float64 stays on torch's kernels as on a GPU
-    monkeypatch.setattr(fa4, "available", lambda q: q.dtype != torch.float64)
-    return kernel
+    restore = install(kernel)
+    yield kernel
+    restore()
 
 
 # a head_groups problem: every block is placed (outputs and gradients written into their rows)
