@@ -111,6 +111,8 @@ class FakeFA4:
         else:
             dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
         dq_accum = torch.empty(b, h, length * d, dtype=torch.float32)
+        if deterministic:  # FA4 zeroes its dQ semaphores in Python: work a replay would skip
+            torch.zeros(b, h, dtype=torch.int32)
         key = ("bwd", causal)
         if key not in self.bwd.compile_cache:
             self.bwd.compile_cache[key] = self._backward_kernel

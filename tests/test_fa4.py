@@ -187,3 +187,20 @@ def test_replay_off_calls_the_launcher_every_time(fake_fa4, monkeypatch, small_p
     check_against_oracle(small_problem, torch.float32, sdpa_strategies())
     assert fake_fa4.forward_calls == fake_fa4.forward_runs > 0
     assert fake_fa4.calls == fake_fa4.backward_runs > 0
+
+
+def test_deterministic_backward_keeps_calling_the_launcher(fake_fa4, small_problem):
+    """FA4's deterministic backward zeroes semaphores in Python; a replay would skip that, so
+    that signature is not replayed (the forward still is)."""
+    q, k, v = make_qkv(small_problem, requires_grad=True)
+    attention = ringattn.DilatedAttention(**options(small_problem), strategy=sdpa_strategies()[0])
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        attention(q, k, v).sum().backward()
+        launcher_calls = (fake_fa4.forward_calls, fake_fa4.calls)
+        attention(q, k, v).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert fake_fa4.forward_calls == launcher_calls[0]
+    assert fake_fa4.calls == 2 * launcher_calls[1] > 0

@@ -236,13 +236,14 @@ def record(
         last_refusal = f"launcher ops {sorted(set(watch.other_ops))}" if launches else "no launch"
         return result, None
     try:
+        slotted = []
+        for kernel, args, kwargs in launches:
+            if kwargs:
+                raise _Unreplayable("keyword arguments to a kernel")
+            slotted.append((kernel, tuple(_slot(a, operands, watch.allocations) for a in args)))
         replay = Replay(
             allocations=tuple(layout(x) for x in watch.allocations),
-            launches=tuple(
-                (kernel, tuple(_slot(a, operands, watch.allocations) for a in args))
-                for kernel, args, kwargs in launches
-                if not kwargs or _raise("keyword arguments to a kernel")
-            ),
+            launches=tuple(slotted),
             results=tuple(_slot(x, operands, watch.allocations) for x in results(result)),
         )
     except _Unreplayable as exc:
@@ -282,7 +283,3 @@ def _row_stats(x: Tensor) -> Tensor:
 def _agree(got: Tensor, want: Tensor) -> bool:
     bound = 1e-2 * torch.linalg.vector_norm(want) + 1e-6
     return bool(torch.linalg.vector_norm(got - want) <= bound)  # False for NaN
-
-
-def _raise(reason: str) -> bool:
-    raise _Unreplayable(reason)
