@@ -17,13 +17,13 @@ needs, so this computer calls the same kernels one level down:
 
 On SM90/SM100 GPUs with fp16/bf16, where ``flash-attn-4`` is installed (the ``fa4`` extra), both
 directions go to FlashAttention-4's kernels instead (``ringattn.kernels.fa4``), their launches
-replayed from each block signature's first call (``ringattn.kernels.replay``: FA4's Python
-launcher costs about a 2048-row block's kernel time). Same-process A/B on an H200
+replayed from each block signature's first call (``ringattn.kernels.replay``: FA4's Python launcher
+costs more host time than a small block's kernel). Same-process A/B on an H200
 (docs/benchmarks/h200_perf.md, steps 19 and 21): the backward 10-14% faster than cuDNN's on our
-blocks; the forward 3-8% faster from 1M tokens, equal to faster at 131K and, with the replays,
-faster at 32K, causal or not. Both libraries take the merged output and LSE, so the function is
-the same. ``SDPAComputer.cuda_backward = "torch"`` / ``cuda_forward = "torch"`` turn each off
-(A/B). Placed blocks' outputs and gradients are written in place by FA4 itself.
+blocks; the forward 3-8% faster from 1M tokens and at 131K `lse`, within the run-to-run spread at
+131K `head_groups`, causal, and at 32K (host-bound). Both libraries take the merged output and LSE,
+so the function is the same. ``SDPAComputer.cuda_backward = "torch"`` / ``cuda_forward = "torch"``
+turn each off (A/B). Placed blocks' outputs and gradients are written in place by FA4 itself.
 
 The kernels take ``[B, H, L, d]``; our blocks are ``[B, L, H, d]`` so the transposes are views, and
 all of them accept the strided (dilated) views as they are.

@@ -3,13 +3,13 @@
 Why: on an H200, FA4's SM90 backward (a port of FlashAttention-3's) runs issue 5's 2048-row blocks
 10-14% faster than the cuDNN backward torch calls, contiguous or as ``segment_local``'s strided
 views, causal or not (``experiments/fa4_probe.py``; ``docs/benchmarks/h200_perf.md``, step 19).
-FA4's forward measured between 9% slower and 3% faster than cuDNN's on those blocks at the
-kernel level (steps 19-20), but through the whole module, with its launches replayed
-(:func:`_launch`), 3-8% faster from 1M tokens and equal to faster below, causal or not (step 21),
-and it passes the GPU oracle check. So ``sdpa`` hands both directions here where this module is
-available (``SDPAComputer.cuda_forward`` / ``cuda_backward``). The two libraries agree on what
-the backward needs: the output and the natural-log LSE of the rows (the core passes the *merged*
-ones), so mixing them changes no definition, only rounding.
+FA4's forward measured between 9% slower and 3% faster than cuDNN's on those blocks at the kernel
+level (steps 19-20), but through the whole module, with its launches replayed (:func:`_launch`),
+3-8% faster from 1M tokens and never consistently slower below, causal or not (step 21), and it
+passes the GPU oracle check. So ``sdpa`` hands both directions here where this module is available
+(``SDPAComputer.cuda_forward`` / ``cuda_backward``). The two libraries agree on what the backward
+needs: the output and the natural-log LSE of the rows (the core passes the *merged* ones), so mixing
+them changes no definition, only rounding.
 
 What FA4 takes: ``[B, L, H, d]`` q/k/v/out/dout with any 16-byte-aligned strides (our blocks and
 offset runs are views of that form), the LSE as ``[B, H, L]`` float32, and optional
