@@ -552,6 +552,22 @@ def median_ms(
     return statistics.median(times)
 
 
+def queued_host_ms(
+    fn: Callable[[], object], calls: int, sleep_cycles: int = 1_000_000_000
+) -> float:
+    """Host ms per call of ``calls`` calls of ``fn`` issued while the GPU sleeps ``sleep_cycles``
+    clock cycles first (~0.5 s per 1e9 on an H200): every launch only queues, so nothing on the
+    host waits for the GPU and the time is the host's own work."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(sleep_cycles)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host_ms = (time.perf_counter() - t0) / calls * 1e3
+    torch.cuda.synchronize()
+    return host_ms
+
+
 def peak_mib(fn: Callable[[], object], device: torch.device, live_bytes: int) -> tuple[float, str]:
     """``live_bytes`` (the call's inputs) + the most the call allocates above the level before."""
     if device.type == "cuda":

@@ -155,6 +155,18 @@ def in_model(make: Callable) -> Callable:
     return make_in_model
 
 
+def with_computer(make: Callable, **settings: str) -> Callable:
+    """``make`` whose modules' computer has ``settings`` (kernel choices of the A/B rows)."""
+
+    def make_with(mixing, causal):
+        module = make(mixing, causal)
+        for name, value in settings.items():
+            setattr(module.computer, name, value)
+        return module
+
+    return make_with
+
+
 def variants(args) -> list[tuple[str, Callable[[], Callable]]]:
     """``(name, make)`` where ``make(mixing, causal)`` returns ``fn(q, k, v) -> out``."""
     out = []
@@ -189,33 +201,15 @@ def variants(args) -> list[tuple[str, Callable[[], Callable]]]:
                 )
             if strategy.computer == "sdpa" and not compiled and args.flash_row:
                 # A/B: the same strategy on FlashAttention-2 instead of cuDNN
-
-                def make_flash(mixing, causal, make=make):
-                    module = make(mixing, causal)
-                    module.computer.cuda_backend = "flash"
-                    return module
-
-                out.append((name + " [flash]", make_flash))
-            if strategy.computer == "sdpa" and not compiled and args.torch_row:
-                # A/B where FlashAttention-4 is installed: both directions on torch's kernels
-
-                def make_torch(mixing, causal, make=make):
-                    module = make(mixing, causal)
-                    module.computer.cuda_backward = "torch"
-                    module.computer.cuda_forward = "torch"
-                    return module
-
-                if fa4.installed():
-                    out.append((name + " [torch kernels]", make_torch))
-                if fa4.installed() and SDPAComputer.cuda_forward != "torch":
-                    # A/B of --sdpa-forward alone: torch's forward, the backward unchanged
-
-                    def make_torch_forward(mixing, causal, make=make):
-                        module = make(mixing, causal)
-                        module.computer.cuda_forward = "torch"
-                        return module
-
-                    out.append((name + " [torch fwd]", make_torch_forward))
+                out.append((name + " [flash]", with_computer(make, cuda_backend="flash")))
+            if strategy.computer == "sdpa" and not compiled and args.torch_row and fa4.installed():
+                # A/B where FlashAttention-4 is installed: both directions on torch's kernels,
+                # and (--sdpa-forward's own A/B) the forward alone
+                both = with_computer(make, cuda_backward="torch", cuda_forward="torch")
+                out.append((name + " [torch kernels]", both))
+                if SDPAComputer.cuda_forward != "torch":
+                    forward = with_computer(make, cuda_forward="torch")
+                    out.append((name + " [torch fwd]", forward))
     return out
 
 

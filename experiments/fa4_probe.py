@@ -166,22 +166,10 @@ def determinism(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     return rows
 
 
-def _host_ms(fn, calls: int = 20) -> float:
-    """Host time per call of ``fn`` issued behind a sleeping GPU (nothing waits for the GPU)."""
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU time: the calls below only queue
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = (time.perf_counter() - t0) / calls * 1e3
-    torch.cuda.synchronize()
-    return host
-
-
 def replay(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     """``ringattn.kernels.fa4`` through FA4's launcher vs through the replay of its recorded
     launches: host ms per call, GPU ms, and the replay's result against the launcher's."""
+    from experiments.ablate import queued_host_ms
     from ringattn.kernels import fa4
     from ringattn.kernels import replay as replay_module
 
@@ -210,7 +198,7 @@ def replay(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
                     first = [x.clone() for x in fn()]  # mode True: recorded (launcher)
                     again = fn()  # mode True: the replay
                     name = "replay" if mode else "launcher"
-                    row[f"{name}_host_ms"] = _host_ms(fn)
+                    row[f"{name}_host_ms"] = queued_host_ms(fn, 20, 2_000_000_000)
                     row[f"{name}_gpu_ms"] = _events_ms(fn, 2, repeats)
                     if mode:
                         row["replays"] = sum(r is not None for r in fa4._REPLAYS.values())

@@ -23,6 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import ringattn
+from experiments.ablate import queued_host_ms
 from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, fwd_and_fwdbwd
 
 
@@ -74,14 +75,8 @@ def host_profile(call, title: str, calls: int, rows: int) -> None:
     """cProfile of ``calls`` calls issued behind a sleeping GPU: the host's own time per call."""
     for _ in range(3):
         call()
-    torch.cuda.synchronize()
+    plain_ms = queued_host_ms(call, calls)
     torch.cuda._sleep(1_000_000_000)  # ~0.5 s of GPU time: every launch below only queues
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        call()
-    plain_ms = (time.perf_counter() - t0) / calls * 1e3
-    torch.cuda.synchronize()
-    torch.cuda._sleep(1_000_000_000)
     profiler = cProfile.Profile()
     t0 = time.perf_counter()
     profiler.enable()

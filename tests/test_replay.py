@@ -124,10 +124,7 @@ def test_tensor_inside_a_container_means_no_replay():
             return out
 
     x = torch.randn(3, 5)
-    library = Boxed()
-    result, rec = replay.record(
-        lambda: library.launch(x), {library: "compile_cache"}, (x, None), lambda r: (r,)
-    )
+    result, rec = recorded(Boxed(), x)
     assert rec is None and torch.equal(result, 2 * x + 1)
 
 

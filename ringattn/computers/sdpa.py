@@ -86,12 +86,10 @@ class SDPAComputer(BlockComputer):
     def _in_place(self, q: Tensor) -> bool:
         return self.in_place and self._cudnn(q) and cudnn_graphs.available(q)
 
-    def _fa4_forward(self, q: Tensor) -> bool:
-        return self.cuda_forward == "auto" and self.cuda_backend != "flash" and fa4.available(q)
-
-    def _fa4_backward(self, q: Tensor) -> bool:
-        # (cuda_backend "flash" is the FlashAttention-2 A/B: both directions stay on it)
-        return self.cuda_backward == "auto" and self.cuda_backend != "flash" and fa4.available(q)
+    def _fa4(self, choice: str, q: Tensor) -> bool:
+        """Whether a direction whose setting is ``choice`` (cuda_forward / cuda_backward) runs on
+        FA4 (cuda_backend "flash" is the FlashAttention-2 A/B: both directions stay on it)."""
+        return choice == "auto" and self.cuda_backend != "flash" and fa4.available(q)
 
     def unsupported(
         self,
@@ -121,7 +119,7 @@ class SDPAComputer(BlockComputer):
     def forward(
         self, q: Rows, k: Rows, v: Rows, causal: bool, scale: float
     ) -> tuple[Rows, RowsLSE]:
-        if self._fa4_forward(q):
+        if self._fa4(self.cuda_forward, q):
             return fa4.forward(q, k, v, causal, scale)
         qt, kt, vt = _bhld(q), _bhld(k), _bhld(v)
         if q.device.type == "cpu":
@@ -155,7 +153,7 @@ class SDPAComputer(BlockComputer):
         causal: bool,
         scale: float,
     ) -> tuple[Rows, Rows, Rows]:
-        if self._fa4_backward(q):
+        if self._fa4(self.cuda_backward, q):
             return fa4.backward(dout, q, k, v, out, lse, causal, scale)
         lse_bhl = lse.transpose(1, 2).to(accumulation_dtype(q.dtype))
         if q.device.type == "cpu":
@@ -253,7 +251,7 @@ class SDPAComputer(BlockComputer):
         out: Rows,
         lse: RowsLSE | None,
     ) -> None:
-        if self._fa4_forward(q):
+        if self._fa4(self.cuda_forward, q):
             _fa4_forward_into(q, k, v, causal, scale, out, lse)
             return
         if not (self._in_place(q) and cudnn_graphs.forward_into(q, k, v, out, lse, causal, scale)):
@@ -271,7 +269,7 @@ class SDPAComputer(BlockComputer):
         scale: float,
         grads: tuple[Rows, Rows, Rows],
     ) -> None:
-        if self._fa4_backward(q):
+        if self._fa4(self.cuda_backward, q):
             fa4.backward(dout, q, k, v, out, lse, causal, scale, grads)
             return
         if not (
@@ -281,7 +279,7 @@ class SDPAComputer(BlockComputer):
             super().backward_into(dout, q, k, v, out, lse, causal, scale, grads)
 
     def forward_launcher(self, causal, scale, q, k, v, out, lse):
-        if self._fa4_forward(q):
+        if self._fa4(self.cuda_forward, q):
 
             def launch(q, k, v, out, lse) -> None:
                 _fa4_forward_into(q, k, v, causal, scale, out, lse)
@@ -294,7 +292,7 @@ class SDPAComputer(BlockComputer):
         return super().forward_launcher(causal, scale, q, k, v, out, lse)
 
     def backward_launcher(self, causal, scale, dout, q, k, v, out, lse, dq, dk, dv):
-        if self._fa4_backward(q):
+        if self._fa4(self.cuda_backward, q):
 
             def launch(dout, q, k, v, out, lse, dq, dk, dv) -> None:
                 fa4.backward(dout, q, k, v, out, lse, causal, scale, (dq, dk, dv))
