@@ -409,7 +409,9 @@ def table(title: str, rows: list[dict], columns: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("results/distributed"))
-    parser.add_argument("--part", choices=["check", "speed", "weak", "cp", "all"], default="all")
+    parser.add_argument(
+        "--part", nargs="+", choices=["check", "speed", "weak", "cp", "all"], default=["all"]
+    )
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[65536, 262144])
     parser.add_argument("--layouts", nargs="+", default=["contiguous", "zigzag"])
     parser.add_argument("--weak-n", type=int, nargs="+", default=[16384, 65536, 262144])
@@ -431,7 +433,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda") if cuda else torch.device("cpu")
-    parts = {"check", "speed", "weak", "cp"} if args.part == "all" else {args.part}
+    parts = {"check", "speed", "weak", "cp"} if "all" in args.part else set(args.part)
+    label = "_".join(args.part)  # the output files' suffix: distributed_{label}.md/.json
     check = correctness(device) if "check" in parts else []
     speed_rows, weak_rows, cp_rows = [], [], []
     if "speed" in parts:
@@ -522,10 +525,13 @@ def main(argv: list[str] | None = None) -> None:
                 ["strategy", "layout", "dtype", "causal", "mixing", "out_err", "grad_err", "ok"],
             )
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"distributed_{args.part}.md").write_text("\n".join(text))
+        (args.out / f"distributed_{label}.md").write_text("\n".join(text))
         results = {"speed": speed_rows, "weak": weak_rows, "cp": cp_rows, "check": check}
-        (args.out / f"distributed_{args.part}.json").write_text(json.dumps(results, indent=1))
+        (args.out / f"distributed_{label}.json").write_text(json.dumps(results, indent=1))
         print("\n".join(text), flush=True)
+    # every rank reaches teardown together: a rank that destroys its group while a peer still
+    # talks to it (rank 0 above writes files) can abort gloo's exit (seen once in CI: SIGABRT)
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -16,6 +16,8 @@ Each rank of a process group holds a shard ``[b, n/p, h, d]`` of q, k, v, in one
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -138,18 +140,21 @@ def _zigzag_spans(configs, m: int, p: int) -> tuple[int, ...]:
     return tuple(spans)
 
 
-_SUBGROUPS: dict[tuple, tuple[dist.ProcessGroup, ...]] = {}
+# keyed by the parent group object, not its ranks: a group that is destroyed and made again (a
+# notebook re-initialising) gets new sub-groups, and the old ones go with the old parent
+_SUBGROUPS: weakref.WeakKeyDictionary[dist.ProcessGroup, dict[int, tuple[dist.ProcessGroup, ...]]]
+_SUBGROUPS = weakref.WeakKeyDictionary()
 
 
 def segment_groups(group: dist.ProcessGroup, span: int) -> tuple[dist.ProcessGroup, ...]:
     """Sub-groups of ``span`` consecutive ranks of ``group`` (collective: every rank calls it)."""
-    ranks = dist.get_process_group_ranks(group)
-    key = (tuple(ranks), span)
-    if key not in _SUBGROUPS:
-        _SUBGROUPS[key] = tuple(
+    by_span = _SUBGROUPS.setdefault(group, {})
+    if span not in by_span:
+        ranks = dist.get_process_group_ranks(group)
+        by_span[span] = tuple(
             dist.new_group(ranks[start : start + span]) for start in range(0, len(ranks), span)
         )
-    return _SUBGROUPS[key]
+    return by_span[span]
 
 
 def check_consistent(group: dist.ProcessGroup, signature: tuple) -> None:

@@ -150,6 +150,32 @@ def shard_gather_roundtrip(layout="contiguous"):
     return where.tolist()
 
 
+def a_new_group_gets_its_own_sub_groups():
+    """A group destroyed and made again with the same ranks (a notebook re-running its setup):
+    the all-gather communicator builds sub-groups of the new group, not hand back the old
+    group's destroyed ones (a cache keyed by ranks did), and computes the same output."""
+    ranks = list(range(dist.get_world_size()))
+    qkv, _ = full_problem(1, 64, 2, 8, 0, torch.float64)
+    q, k, v = (distributed.shard(x) for x in qkv)
+    strategy = ringattn.Strategy(communicator="all_gather", computer="math")
+
+    def session(group):
+        module = ringattn.DilatedAttention((16, 64), (1, 2), strategy=strategy, group=group)
+        out = module(q, k, v)
+        subs = distributed.segment_groups(group, len(ranks))
+        # every sub-group used is registered in the live world (a destroyed one raises KeyError)
+        assert all(dist.get_process_group_ranks(sub) == ranks for sub in subs)
+        return out, subs
+
+    old_group = dist.new_group(ranks)
+    first, old_subs = session(old_group)
+    for group in (*old_subs, old_group):
+        dist.destroy_process_group(group)
+    second, _ = session(dist.new_group(ranks))
+    assert torch.equal(second, first)
+    return True
+
+
 def longnet_shards_match_the_full_model(communicator, layout="contiguous"):
     """The LM runs sequence-parallel: every rank's logits are its shard of the full logits."""
     from ringattn.models import LongNet, LongNetConfig

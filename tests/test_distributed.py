@@ -10,7 +10,11 @@ calls raise on every rank instead of hanging.
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -224,24 +228,25 @@ def test_longnet_runs_sequence_parallel(pool, communicator, layout):
     assert all(pool.run("longnet_shards_match_the_full_model", communicator, layout))
 
 
+def test_a_new_process_group_gets_its_own_sub_groups(pool):
+    assert all(pool.run("a_new_group_gets_its_own_sub_groups"))
+
+
 def test_distributed_bench_parts_run_on_cpu(tmp_path):
     """experiments/distributed_bench.py's timed parts (speed; issue 5's weak scaling and dense
     causal vs PyTorch's context parallel) run end to end under torchrun with 2 gloo ranks, tiny
-    shapes."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    common = ["--heads", "2", "--head-dim", "8", "--out", str(tmp_path)]
-    parts = (("speed", ["--seq-lens", "16384"]), ("weak", ["--weak-n", "1024"]))
-    for part, sizes in (*parts, ("cp", ["--cp-n", "512"])):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-        cmd += ["-m", "experiments.distributed_bench", "--part", part, *sizes, *common]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-        assert done.returncode == 0, done.stderr[-3000:]
-    speed = json.loads((tmp_path / "distributed_speed.json").read_text())["speed"]
+    shapes, in one launch."""
+    # --standalone: a free rendezvous port, never a clash with another run
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "experiments.distributed_bench", "--part", "speed", "weak", "cp"]
+    cmd += ["--seq-lens", "16384", "--weak-n", "1024", "--cp-n", "512"]
+    cmd += ["--heads", "2", "--head-dim", "8", "--out", str(tmp_path)]
+    # faulthandler: an abort prints every thread's Python stack
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    results = json.loads((tmp_path / "distributed_speed_weak_cp.json").read_text())
+    speed = results["speed"]
     # ring and all_gather, both layouts, causal or not; the n-long config spans both ranks.
     # zigzag cannot shard the 8192 segments into chunks of 4096: error rows, not a crash
     assert len(speed) == 8
@@ -250,12 +255,12 @@ def test_distributed_bench_parts_run_on_cpu(tmp_path):
             assert "must divide the chunk length" in r["error"]
         else:
             assert r["fwd_MiB_sent_per_rank"] > 0 and r["fwdbwd_tflops_per_gpu"] > 0
-    weak = json.loads((tmp_path / "distributed_weak.json").read_text())["weak"]
+    weak = results["weak"]
     # 1 GPU at N, ring and all_gather at 2N, for each (causal, mixing)
     assert [r["gpus"] for r in weak] == [1, 2, 2] * 4
     assert all(r["fwd_efficiency"] > 0 and r["fwdbwd_tflops_per_gpu"] > 0 for r in weak)
     assert all(r["fwd_ms_b2b"] > 0 and r["fwdbwd_efficiency_b2b"] > 0 for r in weak)
-    cp = {r["impl"]: r for r in json.loads((tmp_path / "distributed_cp.json").read_text())["cp"]}
+    cp = {r["impl"]: r for r in results["cp"]}
     for name in ("ringattn ring zigzag", "ringattn all_gather zigzag", "ringattn ring contiguous"):
         assert "error" not in cp[name] and cp[name]["fwdbwd_ms"] > 0
     assert cp["ringattn all_gather zigzag"]["rel_diff_vs_ring_zigzag"] < 1e-5
