@@ -23,6 +23,11 @@ from ringattn.computers.base import accumulation_dtype as acc_dtype
 from ringattn.merge import merge_into_
 from ringattn.registry import register
 
+# torch 2.13 renamed these two and its old names warn (FutureWarning); torch 2.11 has only
+# the old names
+all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
 
 @register("communicator", "all_gather")
 class AllGatherCommunicator(SequenceParallel):
@@ -31,7 +36,7 @@ class AllGatherCommunicator(SequenceParallel):
         gathered = self.memory.scratch(
             "all_gather_kv", (span, *kv_own.shape), kv_own.dtype, kv_own.device
         )
-        dist.all_gather_into_tensor(gathered.view(-1, *kv_own.shape[1:]), kv_own, group=sub)
+        all_gather_single(gathered.view(-1, *kv_own.shape[1:]), kv_own, group=sub)
         self.count(kv_own, times=span - 1)  # ring all-gather: each rank sends g - 1 chunks
         return gathered
 
@@ -107,6 +112,6 @@ class AllGatherCommunicator(SequenceParallel):
                 shares[chunk, 1][:, cols] = dv_c
         mine = torch.empty(kv_own.shape, dtype=dtype, device=q.device)
         sub = distributed.segment_groups(self.group, span)[self.rank // span]
-        dist.reduce_scatter_tensor(mine, shares.view(-1, *kv_own.shape[1:]), group=sub)
+        reduce_scatter_single(mine, shares.view(-1, *kv_own.shape[1:]), group=sub)
         self.count(mine, times=span - 1)  # ring reduce-scatter: g - 1 chunks per rank
         return dq, mine[0], mine[1]
