@@ -14,7 +14,9 @@
    ring / all_gather with ``layout="zigzag"`` (and ring contiguous) against
    ``torch.distributed.tensor.experimental.context_parallel`` (the same head-tail sharding) with
    each rotate method, side by side, after checking that both give the same output.
-Rank 0 writes ``distributed_<part>.md`` / ``.json`` under ``--out`` and prints the tables.
+``--part`` takes several (``--part check cp weak``: one launch, one rendezvous, one warm-up);
+rank 0 writes ``distributed_<parts joined by _>.md`` / ``.json`` under ``--out`` and prints the
+tables.
 """
 
 from __future__ import annotations
