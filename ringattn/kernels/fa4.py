@@ -150,6 +150,8 @@ def _launch(
     known = _REPLAYS.get(key) if key is not None else None
     if known is not None:
         return known(operands)
+    if _capturing(operands[0]):  # a recording syncs to check its replay: capture forbids that
+        return results(launcher())
     # recording swaps FA4's compile caches for the call: no launcher runs beside it
     with _LAUNCHER_LOCK:
         if key is None or key in _REPLAYS:
@@ -159,6 +161,12 @@ def _launch(
             _REPLAYS.clear()
         _REPLAYS[key] = recorded
         return results(result)
+
+
+def _capturing(q: Tensor | None) -> bool:
+    """Whether a CUDA graph is being captured on ``q``'s stream (a replay may be captured, a
+    recording may not: ``compile_mode="reduce-overhead"`` or a user's ``torch.cuda.graph``)."""
+    return q is not None and q.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def forward(
