@@ -15,6 +15,8 @@ from __future__ import annotations
 import sys
 import types
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -52,10 +54,36 @@ def sdpa_strategies() -> tuple[ringattn.Strategy, ...]:
     return ringattn.Strategy.all(communicator="local", computer="sdpa")
 
 
-@settings(
-    max_examples=12,
-    suppress_health_check=[*settings().suppress_health_check, HealthCheck.function_scoped_fixture],
-)
+def with_fixture(max_examples: int) -> settings:
+    """hypothesis settings for a test that also takes ``fake_fa4`` (one stand-in per test,
+    shared by its examples: the tests only compare its counters before and after)."""
+    return settings(
+        max_examples=max_examples,
+        suppress_health_check=[
+            *settings().suppress_health_check,
+            HealthCheck.function_scoped_fixture,
+        ],
+    )
+
+
+@contextmanager
+def deterministic_algorithms(flag: bool) -> Iterator[None]:
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(flag)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def sdpa_attention(problem: dict):
+    """q, k, v (requiring gradients) of ``problem`` and an ``sdpa`` module for it."""
+    q, k, v = make_qkv(problem, requires_grad=True)
+    attention = ringattn.DilatedAttention(**options(problem), strategy=sdpa_strategies()[0])
+    return attention, (q, k, v)
+
+
+@with_fixture(max_examples=12)
 @given(problems())
 def test_gradients_through_fa4_match_oracle(fake_fa4, p):
     before = fake_fa4.backward_runs
@@ -63,10 +91,7 @@ def test_gradients_through_fa4_match_oracle(fake_fa4, p):
     assert fake_fa4.backward_runs > before  # the backwards went through the stand-in
 
 
-@settings(
-    max_examples=8,
-    suppress_health_check=[*settings().suppress_health_check, HealthCheck.function_scoped_fixture],
-)
+@with_fixture(max_examples=8)
 @given(problems())
 def test_bf16_gradients_through_fa4_match_oracle(fake_fa4, p):
     check_against_oracle(p, torch.bfloat16, sdpa_strategies())
@@ -86,16 +111,11 @@ def test_torch_backward_bypasses_fa4(fake_fa4, monkeypatch, small_problem):
 
 
 def test_deterministic_mode_reaches_fa4(fake_fa4, small_problem):
-    q, k, v = make_qkv(small_problem, requires_grad=True)
-    attention = ringattn.DilatedAttention(**options(small_problem), strategy=sdpa_strategies()[0])
-    before = torch.are_deterministic_algorithms_enabled()
-    try:
-        for flag in (True, False):
-            torch.use_deterministic_algorithms(flag)
-            attention(q, k, v).sum().backward()
-            assert fake_fa4.deterministic is flag
-    finally:
-        torch.use_deterministic_algorithms(before)
+    attention, qkv = sdpa_attention(small_problem)
+    for flag in (True, False):
+        with deterministic_algorithms(flag):
+            attention(*qkv).sum().backward()
+        assert fake_fa4.deterministic is flag
 
 
 @pytest.mark.parametrize("option", ["cuda_backward", "cuda_forward"])
@@ -136,10 +156,7 @@ def test_not_available_off_gpu():
     assert not fa4.available(torch.zeros(1, 4, 2, 8, dtype=torch.bfloat16))
 
 
-@settings(
-    max_examples=10,
-    suppress_health_check=[*settings().suppress_health_check, HealthCheck.function_scoped_fixture],
-)
+@with_fixture(max_examples=10)
 @given(problems())
 def test_outputs_through_fa4_forward_match_oracle(fake_fa4, p):
     before = fake_fa4.forward_runs
@@ -192,16 +209,11 @@ def test_replay_off_calls_the_launcher_every_time(fake_fa4, monkeypatch, small_p
 def test_deterministic_backward_keeps_calling_the_launcher(fake_fa4, small_problem):
     """FA4's deterministic backward zeroes semaphores in Python; a replay would skip that, so
     that signature is not replayed (the forward still is)."""
-    q, k, v = make_qkv(small_problem, requires_grad=True)
-    attention = ringattn.DilatedAttention(**options(small_problem), strategy=sdpa_strategies()[0])
-    before = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(True)
-        attention(q, k, v).sum().backward()
+    attention, qkv = sdpa_attention(small_problem)
+    with deterministic_algorithms(True):
+        attention(*qkv).sum().backward()
         launcher_calls = (fake_fa4.forward_calls, fake_fa4.calls)
-        attention(q, k, v).sum().backward()
-    finally:
-        torch.use_deterministic_algorithms(before)
+        attention(*qkv).sum().backward()
     assert fake_fa4.forward_calls == launcher_calls[0]
     assert fake_fa4.calls == 2 * launcher_calls[1] > 0
 
