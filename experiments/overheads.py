@@ -174,12 +174,13 @@ def kernel_ceiling(n: int, mixing: str, causal: bool, args) -> dict:
         for part in parts
     )
     dense_fwd_ms, dense_fwdbwd_ms = kernel_times((b, n, h, d), causal, d**-0.5)
-    dense_rate = dense_flops(b, n, h, d, causal) / dense_fwd_ms
+    dense = dense_flops(b, n, h, d, causal)
 
     def vs_dense(shape, ms, backward=False):
-        rate = dense_flops(shape[0], shape[1], shape[2], shape[3], causal) / ms
-        ref = dense_rate if not backward else dense_flops(b, n, h, d, causal) / dense_fwdbwd_ms
-        return rate / ref
+        """A call's rate (its own dense FLOPs) over dense SDPA's at ``n``, same direction(s)."""
+        return (dense_flops(*shape, causal) / ms) / (
+            dense / (dense_fwdbwd_ms if backward else dense_fwd_ms)
+        )
 
     fwd_ms = fwdbwd_ms = 0.0
     per_call, heads_by_length = [], Counter()
@@ -201,7 +202,6 @@ def kernel_ceiling(n: int, mixing: str, causal: bool, args) -> dict:
         f_ms, fb_ms = kernel_times((-(-block_heads // h), length, h, d), causal, d**-0.5)
         stacked_fwd_ms, stacked_fwdbwd_ms = stacked_fwd_ms + f_ms, stacked_fwdbwd_ms + fb_ms
     flops = useful_flops(b, n, h, d, ISSUE_LENGTHS, ISSUE_RATES, causal, mixing)
-    dense = dense_flops(b, n, h, d, causal)
     print("ceiling calls", json.dumps(per_call), flush=True)
     return {
         "kernel_calls": sum(calls.values()),
