@@ -14,7 +14,7 @@
    ring / all_gather with ``layout="zigzag"`` (and ring contiguous) against
    ``torch.distributed.tensor.experimental.context_parallel`` (the same head-tail sharding) with
    each rotate method, side by side, after checking that both give the same output.
-``--part`` takes several (``--part check cp weak``: one launch, one rendezvous, one warm-up);
+``--part`` takes several (``--part check cp weak``: one launch, one rendezvous);
 rank 0 writes ``distributed_<parts joined by _>.md`` / ``.json`` under ``--out`` and prints the
 tables.
 """
@@ -531,8 +531,8 @@ def main(argv: list[str] | None = None) -> None:
         results = {"speed": speed_rows, "weak": weak_rows, "cp": cp_rows, "check": check}
         (args.out / f"distributed_{label}.json").write_text(json.dumps(results, indent=1))
         print("\n".join(text), flush=True)
-    # every rank reaches teardown together: a rank that destroys its group while a peer still
-    # talks to it (rank 0 above writes files) can abort gloo's exit (seen once in CI: SIGABRT)
+    # every rank reaches teardown together, none while a peer still works (rank 0 above writes
+    # files); CI once saw a launch abort at exit (SIGABRT in gloo's teardown, cause not pinned)
     dist.barrier()
     dist.destroy_process_group()
 

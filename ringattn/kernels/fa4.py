@@ -23,14 +23,16 @@ Optional: :func:`available` is false without the package (CPU installs, CI), off
 GPUs, for other dtypes or head dims, and while tracing; callers then use torch's kernels. The
 package is imported on first use, not with ``ringattn`` (the CuTe DSL's import takes seconds).
 Each new (dtype, head dim, causal) compiles once per process, ~2-10 s on an H200.
+
 FA4's Python launcher (it re-derives its configuration, checks every operand and rebuilds its
 compile key on every call) took ~0.1-0.2 ms of host time per call, more than the small blocks'
 kernels take; so each block signature's first call is recorded and later calls replay its kernel
-launches (``ringattn.kernels.replay``; ``REPLAY = False`` is the A/B). The deterministic backward
-zeroes semaphores in Python, so under ``torch.use_deterministic_algorithms(True)`` it keeps
-calling the launcher.
+launches (``ringattn.kernels.replay``; ``REPLAY = False`` is the A/B). Nothing is recorded while
+a CUDA graph is captured (a recording's check syncs the host).
+
 Under ``torch.use_deterministic_algorithms(True)`` FA4 runs its deterministic backward (it
-otherwise adds dQ with atomics, so gradients may differ in the last bits between runs).
+otherwise adds dQ with atomics, so gradients may differ in the last bits between runs). That one
+zeroes semaphores in Python, so it keeps calling the launcher instead of a replay.
 """
 
 from __future__ import annotations
