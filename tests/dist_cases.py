@@ -66,15 +66,11 @@ def matches_oracle_through_fake_fa4(shape, options, strategy_fields, layout="con
     """:func:`matches_oracle` with sdpa's blocks on the FA4 stand-in (tests/fake_fa4.py), twice:
     the first call records each block signature's launches, the second replays them. Returns
     (launcher calls, kernel runs) of forward and backward."""
-    from fake_fa4 import FakeFA4, install
+    from fake_fa4 import FakeFA4, installed
 
-    kernel = FakeFA4()
-    restore = install(kernel)
-    try:
+    with installed(FakeFA4()) as kernel:
         for _ in range(2):
             matches_oracle(shape, options, strategy_fields, "float32", 0, layout)
-    finally:
-        restore()
     return kernel.forward_calls, kernel.forward_runs, kernel.calls, kernel.backward_runs
 
 

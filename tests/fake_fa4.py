@@ -4,13 +4,14 @@ FA4's ``_flash_attn_fwd`` / ``_flash_attn_bwd`` contracts (they assert the layou
 attention and its flash backward in float64, write ``out`` / ``dq``, ``dk``, ``dv`` when given)
 and their structure (a Python launcher that allocates and launches "compiled kernels" through
 compile caches, so ``ringattn.kernels.replay`` records and replays them as it does FA4's).
-:func:`install` puts it in place of the real kernels (tests/test_fa4.py, and the gloo workers of
+:func:`installed` puts it in place of the real kernels (tests/test_fa4.py, and the gloo workers of
 tests/test_distributed.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -140,16 +141,16 @@ class FakeFA4:
         dq.copy_(dq_accum.view(b, h, length, d).transpose(1, 2))
 
 
-def install(kernel: FakeFA4) -> Callable[[], None]:
-    """Routes ``ringattn.kernels.fa4`` to ``kernel`` (CPU tensors stand in for CUDA ones; float64
-    stays on torch's kernels as on a GPU); returns the function that undoes it."""
+@contextmanager
+def installed(kernel: FakeFA4) -> Iterator[FakeFA4]:
+    """Routes ``ringattn.kernels.fa4`` to ``kernel`` inside the block (CPU tensors stand in for
+    CUDA ones; float64 stays on torch's kernels as on a GPU), and back after it."""
     saved = {name: getattr(fa4, name) for name in ("_kernels", "_REPLAYS", "available")}
     fa4._kernels = kernel.kernels
     fa4._REPLAYS = {}  # replays launch the kernels they recorded
     fa4.available = lambda q: q.dtype != torch.float64
-
-    def restore() -> None:
+    try:
+        yield kernel
+    finally:
         for name, value in saved.items():
             setattr(fa4, name, value)
-
-    return restore

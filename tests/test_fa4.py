@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 from conftest import make_qkv, options, problems
-from fake_fa4 import FakeFA4, install
+from fake_fa4 import FakeFA4, installed
 from hypothesis import HealthCheck, given, settings
 from test_strategies import check_against_oracle
 
@@ -32,10 +32,8 @@ from ringattn.kernels import fa4
 
 @pytest.fixture
 def fake_fa4():
-    kernel = FakeFA4()
-    restore = install(kernel)
-    yield kernel
-    restore()
+    with installed(FakeFA4()) as kernel:
+        yield kernel
 
 
 # a head_groups problem: every block is placed (outputs and gradients written into their rows)
