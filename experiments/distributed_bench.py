@@ -408,6 +408,97 @@ def table(title: str, rows: list[dict], columns: list[str]) -> list[str]:
     return [title, "", dict_rows_to_markdown(rows, columns), ""] if rows else []
 
 
+def write_report(
+    out: Path,
+    label: str,
+    check: list[dict],
+    speed_rows: list[dict],
+    weak_rows: list[dict],
+    cp_rows: list[dict],
+) -> None:
+    cuda = torch.cuda.is_available()
+    name = torch.cuda.get_device_name() if cuda else "CPU"
+    p = dist.get_world_size()
+    dtype_name = "bf16" if cuda else "float32"
+    text = [f"# Sequence parallelism on {p} × {name}, torch {torch.__version__}", ""]
+    text += table(
+        f"## Speed: {dtype_name}, b, h, d = {tuple(BHD)}, segment_lengths=(2048, 8192, n), "
+        "dilation_rates=(1, 2, 4), mixing=lse, computer=sdpa, eager. Times: slowest rank, "
+        "median of 5. Bytes: this rank's sends in one forward.",
+        speed_rows,
+        [
+            "n",
+            "causal",
+            "communicator",
+            "layout",
+            "fwd_ms",
+            "fwdbwd_ms",
+            "fwd_tflops_per_gpu",
+            "fwdbwd_tflops_per_gpu",
+            "peak_extra_gib",
+            "fwd_MiB_sent_per_rank",
+        ],
+    )
+    text += table(
+        f"## Weak scaling (issue 5): {dtype_name}, b, h, d = {tuple(BHD)}, "
+        f"segment_lengths={ISSUE5_CONFIG[0]}, "
+        f"dilation_rates={ISSUE5_CONFIG[1]}; {p} GPUs at p·N vs 1 GPU at N (same run). "
+        "Efficiency: per-GPU useful TFLOP/s over the 1-GPU row's (target >= 0.90). "
+        "Times: slowest rank; `_ms` median of single calls each started on an idle GPU "
+        "(a host-bound call measures its host time), `_b2b` per call of calls issued back "
+        "to back (the host runs ahead of the GPU, as in a model).",
+        weak_rows,
+        [
+            "n_per_gpu",
+            "gpus",
+            "n",
+            "causal",
+            "mixing",
+            "communicator",
+            "fwd_ms",
+            "fwdbwd_ms",
+            "fwd_tflops_per_gpu",
+            "fwdbwd_tflops_per_gpu",
+            "fwd_efficiency",
+            "fwdbwd_efficiency",
+            "fwd_ms_b2b",
+            "fwdbwd_ms_b2b",
+            "fwd_efficiency_b2b",
+            "fwdbwd_efficiency_b2b",
+            "peak_extra_gib",
+        ],
+    )
+    text += table(
+        f"## Dense causal attention (w = n, r = 1), {dtype_name}, b, h, d = {tuple(BHD)}: "
+        "ringattn vs "
+        "PyTorch's context parallel (same head-tail shards; rel_diff: outputs vs ringattn "
+        "ring zigzag)",
+        cp_rows,
+        [
+            "n",
+            "impl",
+            "fwd_ms",
+            "fwdbwd_ms",
+            "fwd_tflops_per_gpu",
+            "fwdbwd_tflops_per_gpu",
+            "peak_extra_gib",
+            "rel_diff_vs_ring_zigzag",
+            "error",
+        ],
+    )
+    if check:
+        ok = sum(r["ok"] for r in check)
+        text += table(
+            f"## Correctness vs the float64 oracle: {ok}/{len(check)} ok",
+            check,
+            ["strategy", "layout", "dtype", "causal", "mixing", "out_err", "grad_err", "ok"],
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"distributed_{label}.md").write_text("\n".join(text))
+    results = {"speed": speed_rows, "weak": weak_rows, "cp": cp_rows, "check": check}
+    (out / f"distributed_{label}.json").write_text(json.dumps(results, indent=1))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("results/distributed"))
@@ -437,100 +528,30 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda") if cuda else torch.device("cpu")
     parts = {"check", "speed", "weak", "cp"} if "all" in args.part else set(args.part)
     label = "_".join(args.part)  # the output files' suffix: distributed_{label}.md/.json
-    check = correctness(device) if "check" in parts else []
-    speed_rows, weak_rows, cp_rows = [], [], []
+    check, speed_rows, weak_rows, cp_rows = [], [], [], []
+
+    def report() -> None:  # after each part, so a run cut short still leaves what finished
+        if dist.get_rank() == 0:
+            write_report(args.out, label, check, speed_rows, weak_rows, cp_rows)
+
+    if "check" in parts:
+        check += correctness(device)
+        report()
     if "speed" in parts:
         for n, causal in itertools.product(args.seq_lens, (False, True)):
             speed_rows += speed(device, n, causal, tuple(args.layouts))
+        report()
     if "weak" in parts:
         causals = {"yes": (True,), "no": (False,), "both": (False, True)}[args.causal]
         for n, causal, mixing in itertools.product(args.weak_n, causals, args.mixing):
             weak_rows += weak(device, n, causal, mixing)
+            report()
     if "cp" in parts:
         for n in args.cp_n:
             cp_rows += cp_compare(device, n)
+            report()
     if dist.get_rank() == 0:
-        name = torch.cuda.get_device_name() if cuda else "CPU"
-        p = dist.get_world_size()
-        dtype_name = "bf16" if cuda else "float32"
-        text = [f"# Sequence parallelism on {p} × {name}, torch {torch.__version__}", ""]
-        text += table(
-            f"## Speed: {dtype_name}, b, h, d = {tuple(BHD)}, segment_lengths=(2048, 8192, n), "
-            "dilation_rates=(1, 2, 4), mixing=lse, computer=sdpa, eager. Times: slowest rank, "
-            "median of 5. Bytes: this rank's sends in one forward.",
-            speed_rows,
-            [
-                "n",
-                "causal",
-                "communicator",
-                "layout",
-                "fwd_ms",
-                "fwdbwd_ms",
-                "fwd_tflops_per_gpu",
-                "fwdbwd_tflops_per_gpu",
-                "peak_extra_gib",
-                "fwd_MiB_sent_per_rank",
-            ],
-        )
-        text += table(
-            f"## Weak scaling (issue 5): {dtype_name}, b, h, d = {tuple(BHD)}, "
-            f"segment_lengths={ISSUE5_CONFIG[0]}, "
-            f"dilation_rates={ISSUE5_CONFIG[1]}; {p} GPUs at p·N vs 1 GPU at N (same run). "
-            "Efficiency: per-GPU useful TFLOP/s over the 1-GPU row's (target >= 0.90). "
-            "Times: slowest rank; `_ms` median of single calls each started on an idle GPU "
-            "(a host-bound call measures its host time), `_b2b` per call of calls issued back "
-            "to back (the host runs ahead of the GPU, as in a model).",
-            weak_rows,
-            [
-                "n_per_gpu",
-                "gpus",
-                "n",
-                "causal",
-                "mixing",
-                "communicator",
-                "fwd_ms",
-                "fwdbwd_ms",
-                "fwd_tflops_per_gpu",
-                "fwdbwd_tflops_per_gpu",
-                "fwd_efficiency",
-                "fwdbwd_efficiency",
-                "fwd_ms_b2b",
-                "fwdbwd_ms_b2b",
-                "fwd_efficiency_b2b",
-                "fwdbwd_efficiency_b2b",
-                "peak_extra_gib",
-            ],
-        )
-        text += table(
-            f"## Dense causal attention (w = n, r = 1), {dtype_name}, b, h, d = {tuple(BHD)}: "
-            "ringattn vs "
-            "PyTorch's context parallel (same head-tail shards; rel_diff: outputs vs ringattn "
-            "ring zigzag)",
-            cp_rows,
-            [
-                "n",
-                "impl",
-                "fwd_ms",
-                "fwdbwd_ms",
-                "fwd_tflops_per_gpu",
-                "fwdbwd_tflops_per_gpu",
-                "peak_extra_gib",
-                "rel_diff_vs_ring_zigzag",
-                "error",
-            ],
-        )
-        if check:
-            ok = sum(r["ok"] for r in check)
-            text += table(
-                f"## Correctness vs the float64 oracle: {ok}/{len(check)} ok",
-                check,
-                ["strategy", "layout", "dtype", "causal", "mixing", "out_err", "grad_err", "ok"],
-            )
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"distributed_{label}.md").write_text("\n".join(text))
-        results = {"speed": speed_rows, "weak": weak_rows, "cp": cp_rows, "check": check}
-        (args.out / f"distributed_{label}.json").write_text(json.dumps(results, indent=1))
-        print("\n".join(text), flush=True)
+        print((args.out / f"distributed_{label}.md").read_text(), flush=True)
     # every rank reaches teardown together, none while a peer still works (rank 0 above writes
     # files); CI once saw a launch abort at exit (SIGABRT in gloo's teardown, cause not pinned)
     dist.barrier()
