@@ -36,7 +36,7 @@ from torch import Tensor
 
 import ringattn
 from experiments.ablate import dict_rows_to_markdown, rel_err
-from ringattn import distributed, reference
+from ringattn import distributed, launches, reference
 from ringattn.flops import useful_flops
 from ringattn.kernels import fa4
 
@@ -59,14 +59,22 @@ CHECK_CONFIGS = {
 
 def correctness(device) -> list[dict]:
     p = dist.get_world_size()
-    b, n, h, d = 2, 256 * p, 5, 64
-    gen = torch.Generator().manual_seed(0)
-    full = [torch.randn(b, n, h, d, generator=gen, dtype=torch.float64) for _ in range(4)]
+    b, n, d = 2, 256 * p, 64
     rows = []
-    cases = itertools.product(
-        CHECK_CONFIGS, (torch.float32, torch.bfloat16), (False, True), ("lse", "head_groups")
-    )
-    for layout, dtype, causal, mixing in cases:
+    # 5 heads: offsets with unequal heads; then 8 heads under lse, where the spanning r = 4
+    # config's offsets go as runs (ringattn.launches), its exchanges included
+    cases = [
+        (*case, 5, ("sdpa", "math"))
+        for case in itertools.product(
+            CHECK_CONFIGS, (torch.float32, torch.bfloat16), (False, True), ("lse", "head_groups")
+        )
+    ] + [
+        (*case, "lse", 8, ("sdpa",))
+        for case in itertools.product(CHECK_CONFIGS, (torch.float32, torch.bfloat16), (False, True))
+    ]
+    for layout, dtype, causal, mixing, h, computers in cases:
+        gen = torch.Generator().manual_seed(0)
+        full = [torch.randn(b, n, h, d, generator=gen, dtype=torch.float64) for _ in range(4)]
         lengths, rates = CHECK_CONFIGS[layout]
         lengths = tuple(n if w < 0 else w for w in lengths)
         q, k, v, grad = (x.to(dtype).to(device) for x in full)
@@ -79,7 +87,7 @@ def correctness(device) -> list[dict]:
             return distributed.shard(x, layout=layout)
 
         strategies = itertools.product(
-            ("ring", "all_gather"), ("segment_local", "global"), ("sdpa", "math")
+            ("ring", "all_gather"), ("segment_local", "global"), computers
         )
         for communicator, dilation, computer in strategies:
             strategy = ringattn.Strategy(
@@ -111,6 +119,7 @@ def correctness(device) -> list[dict]:
                     "dtype": str(dtype)[6:],
                     "causal": causal,
                     "mixing": mixing,
+                    "heads": h,
                     "out_err": float(worst[0]),
                     "grad_err": float(worst[1:].max()),
                     "ok": bool(worst[0] <= tol and worst[1:].max() <= 10 * tol),
@@ -455,6 +464,7 @@ def write_report(
             "causal",
             "mixing",
             "communicator",
+            "offset_runs",
             "fwd_ms",
             "fwdbwd_ms",
             "fwd_tflops_per_gpu",
@@ -491,7 +501,17 @@ def write_report(
         text += table(
             f"## Correctness vs the float64 oracle: {ok}/{len(check)} ok",
             check,
-            ["strategy", "layout", "dtype", "causal", "mixing", "out_err", "grad_err", "ok"],
+            [
+                "strategy",
+                "layout",
+                "dtype",
+                "causal",
+                "mixing",
+                "heads",
+                "out_err",
+                "grad_err",
+                "ok",
+            ],
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / f"distributed_{label}.md").write_text("\n".join(text))
@@ -513,6 +533,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", type=Path, help="weak: write profiler tables here (CUDA)")
     parser.add_argument("--causal", choices=["yes", "no", "both"], default="both", help="weak")
     parser.add_argument("--mixing", nargs="+", default=["lse", "head_groups"], help="weak")
+    parser.add_argument(
+        "--offset-runs",
+        nargs="+",
+        choices=["yes", "no"],
+        default=["yes"],
+        help="weak: lse launches (and exchanges) a config's offsets as runs, "
+        "ringattn.launches.FUSE_OFFSETS (the A/B: yes no)",
+    )
     parser.add_argument("--heads", type=int, default=BHD[1])
     parser.add_argument("--head-dim", type=int, default=BHD[2])
     args = parser.parse_args(argv)
@@ -543,9 +571,13 @@ def main(argv: list[str] | None = None) -> None:
         report()
     if "weak" in parts:
         causals = {"yes": (True,), "no": (False,), "both": (False, True)}[args.causal]
-        for n, causal, mixing in itertools.product(args.weak_n, causals, args.mixing):
-            weak_rows += weak(device, n, causal, mixing)
+        for runs, n, causal, mixing in itertools.product(
+            args.offset_runs, args.weak_n, causals, args.mixing
+        ):
+            launches.FUSE_OFFSETS = runs == "yes"
+            weak_rows += [{**row, "offset_runs": runs} for row in weak(device, n, causal, mixing)]
             report()
+        launches.FUSE_OFFSETS = True
     if "cp" in parts:
         for n in args.cp_n:
             cp_rows += cp_compare(device, n)

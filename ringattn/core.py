@@ -193,9 +193,9 @@ def dilated_forward(
         tensors[:3],
         tensors[3:],
         range(first, len(blocks)),
-        (lambda *views: spec.computer.forward_launcher(spec.causal, spec.scale, *views))
+        (lambda span, *views: spec.computer.forward_launcher(spec.causal, spec.scale, *views))
         if spec.plan.disjoint
-        else (lambda *views: merging_launch(spec)),
+        else (lambda span, *views: merging_launch(spec, span)),
         placed=spec.plan.disjoint,
     )
 
@@ -287,7 +287,7 @@ def dilated_backward(
             tensors[:6],
             tensors[6:],
             placed_ids,
-            lambda *views: spec.computer.backward_launcher(spec.causal, spec.scale, *views),
+            lambda span, *views: spec.computer.backward_launcher(spec.causal, spec.scale, *views),
             placed=True,
         ),
         **prepared(
@@ -296,7 +296,7 @@ def dilated_backward(
             tensors[:6],
             tensors[6:],
             (i for i in range(first, len(blocks)) if i not in placed_ids),
-            lambda *views: adding_launch(spec),
+            lambda span, *views: adding_launch(spec, span),
             placed=False,
         ),
     }
@@ -350,24 +350,48 @@ def accumulate_(grad_rows: list[Tensor], result: tuple[Tensor, ...], place: bool
         rows.add_(part)
 
 
-def merging_launch(spec: CoreSpec) -> Callable[..., None]:
-    """A prepared launch (``ringattn.launches``) of a merged block part that stays on this
-    device: its kernel, merged into its rows."""
+def merging_launch(spec: CoreSpec, span: int) -> Callable[..., None]:
+    """A prepared launch (``ringattn.launches``) of a merged block part: its kernel (``span ==
+    1``, the part stays on this device) or its communicator's exchange with the ``span`` ranks
+    of its segment, merged into its rows."""
+    computer, communicator, causal, scale = (
+        spec.computer,
+        spec.communicator,
+        spec.causal,
+        spec.scale,
+    )
 
     def launch(q: Tensor, k: Tensor, v: Tensor, out_rows: Tensor, lse_rows: Tensor) -> None:
-        merge_result_(out_rows, lse_rows, spec.computer.forward(q, k, v, spec.causal, spec.scale))
+        merge_result_(out_rows, lse_rows, computer.forward(q, k, v, causal, scale))
 
-    return launch
+    def launch_spanning(q: Tensor, k: Tensor, v: Tensor, out_rows: Tensor, lse_rows: Tensor):
+        result = communicator.attend(computer, q, k, v, causal, scale, span)
+        merge_result_(out_rows, lse_rows, result)
+
+    return launch if span == 1 else launch_spanning
 
 
-def adding_launch(spec: CoreSpec) -> Callable[..., None]:
-    """A prepared launch of a merged block part's backward: its gradients added into its rows."""
+def adding_launch(spec: CoreSpec, span: int) -> Callable[..., None]:
+    """A prepared launch of a merged block part's backward (as :func:`merging_launch`): its
+    gradients added into its rows."""
+    computer, communicator, causal, scale = (
+        spec.computer,
+        spec.communicator,
+        spec.causal,
+        spec.scale,
+    )
 
     def launch(dout, q, k, v, out, lse, *grad_rows: Tensor) -> None:
-        result = spec.computer.backward(dout, q, k, v, out, lse, spec.causal, spec.scale)
+        result = computer.backward(dout, q, k, v, out, lse, causal, scale)
         accumulate_(list(grad_rows), result, place=False)
 
-    return launch
+    def launch_spanning(dout, q, k, v, out, lse, *grad_rows: Tensor) -> None:
+        result = communicator.attend_backward(
+            computer, dout, q, k, v, out, lse, causal, scale, span
+        )
+        accumulate_(list(grad_rows), result, place=False)
+
+    return launch if span == 1 else launch_spanning
 
 
 class DilatedAttentionFunction(torch.autograd.Function):

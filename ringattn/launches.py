@@ -26,7 +26,13 @@ rounding (a kernel's reduction order may depend on the heads batched with a row)
 
 Prepared only eagerly (never while tracing), for dilation processors whose reads are views
 (``segment_local``; ``global`` gathers), and for blocks whose segments stay on this device (a
-block that travels goes through its communicator). The preparations live on the
+block that travels goes through its communicator's general path), with one exception: a run
+group of a config whose segments span ranks is prepared too, its launcher calling the
+communicator with the run's views. Such a config's local blocks are always one tail segment
+each, whose rows are one view at any layout, so every rank of a segment takes the same path
+(the same collectives, in the same order: a rank that took the runs while a peer took the
+blocks would hang both). Issue 5's ``(32768, 16)`` config at 16K tokens per rank then moves
+and computes its 16 offsets in one exchange instead of 16. The preparations live on the
 :class:`ringattn.core.CoreSpec` (one per module and shape), a few per spec at most.
 """
 
@@ -71,8 +77,9 @@ def prepared(
     ``reads`` go through the dilation processor (``[b, n, h, ...]`` inputs); ``writes`` (the
     output and LSE, or the gradients; None: not written) are viewed as each part's rows,
     ``[b * S, L, H, ...]`` where results are ``placed`` straight into them, else ``[b, S, L, H,
-    ...]`` (merged or added into). ``make_launcher(*views)`` builds a part's launcher from example
-    views. Blocks missing from the result take the general path."""
+    ...]`` (merged or added into). ``make_launcher(span, *views)`` builds a part's launcher from
+    example views, for blocks whose segments span ``span`` ranks. Blocks missing from the result
+    take the general path."""
     if torch.compiler.is_compiling():
         return {}
     block_ids = tuple(block_ids)
@@ -98,7 +105,7 @@ def _layout(x: Tensor) -> tuple:
 def _prepare(spec, reads, writes, block_ids, make_launcher, placed: bool) -> Prepared:
     plan, tensors = spec.plan, (*reads, *writes)
 
-    def entries(parts: tuple) -> tuple | None:
+    def entries(parts: tuple, span: int) -> tuple | None:
         """Each part's (geometry, launcher), or None if some operand is not one view."""
         found = []
         for part in parts:
@@ -109,19 +116,26 @@ def _prepare(spec, reads, writes, block_ids, make_launcher, placed: bool) -> Pre
             )
             if any(g is None and x is not None for x, g in zip(tensors, geometry)):
                 return None  # a read that gathers, or rows that are not one view
-            found.append((geometry, make_launcher(*views(tensors, geometry))))
+            found.append((geometry, make_launcher(span, *views(tensors, geometry))))
         return tuple(found)
 
-    local = {i for i in block_ids if spec.spans[plan.blocks[i].job.config] == 1}
+    def span_of(i: int) -> int:
+        return spec.spans[plan.blocks[i].job.config]
+
+    block_ids = set(block_ids)
+    local = {i for i in block_ids if span_of(i) == 1}
     result: Prepared = {}
     # merged blocks: a config's offsets as K runs, launched at its first block (each (row, head)
     # still merges its configs in config order; the kernels round as their head batch makes them)
     groups = pattern.offset_runs(plan, pattern.BLOCK_SPLIT) if FUSE_OFFSETS and not placed else ()
     for members, runs in groups:
-        if set(members) <= local and (fused := entries(runs)) is not None:
+        span = span_of(members[0])
+        # a spanning config's blocks are single tail segments: one view at every layout, so
+        # entries() is None on every rank (a gathering dilation) or on none
+        if set(members) <= block_ids and (fused := entries(runs, span)) is not None:
             result.update({i: () for i in members})
             result[members[0]] = fused
     for i in sorted(local - set(result)):  # the rest: each part on its own
-        if (found := entries(plan.parts[i])) is not None:
+        if (found := entries(plan.parts[i], 1)) is not None:
             result[i] = found
     return result

@@ -163,7 +163,7 @@ def _flat(geometry: Geometry) -> Geometry | None:
 @dataclass(frozen=True)
 class OffsetRun:
     """One config's offsets ``0..R-1`` under ``lse``, as one problem: for each offset ``o`` its
-    ``index``-th head, ``o + index * r``, over the full segments of the config's blocks.
+    ``index``-th head, ``o + index * r``, over the config's full segments (or its tail segment).
 
     Row ``o`` of a segment's dilated grid sits ``o`` rows and (its head) ``o`` heads after row
     ``0``, so the R offsets line up along one stride, ``stride_n + stride_h``: the run is a plain
@@ -173,7 +173,7 @@ class OffsetRun:
     (``ringattn.launches``); the general path keeps the blocks.
     """
 
-    first: Block  # offset 0's full-segment block
+    first: Block  # offset 0's block (full segments or the tail)
     offsets: int
     index: int
 
@@ -194,30 +194,35 @@ Runs = tuple[tuple[tuple[int, ...], tuple[OffsetRun, ...]], ...]
 
 
 def offset_runs(plan: Plan, split: int) -> Runs:
-    """``(block indices, runs)`` for each config of an ``lse`` plan whose full-segment blocks can
-    be computed as :class:`OffsetRun` s: every offset has a block of one part and equally many
-    heads (``r >= h`` or ``r | h``), there are fewer runs than offsets, and a run is no larger than
-    the block parts ``split`` allows (its transients stay bounded like theirs)."""
+    """``(block indices, runs)`` for each config of an ``lse`` plan whose blocks can be computed as
+    :class:`OffsetRun` s: its full-segment blocks, and apart from them its tail blocks (the
+    partial last segment, or the whole sequence where ``w > n``). A group qualifies where every
+    offset has a block of one part and equally many heads (``r >= h`` or ``r | h``) and rows,
+    there are fewer runs than offsets, and a run is no larger than the block parts ``split``
+    allows (its transients stay bounded like theirs)."""
     if plan.mixing != "lse":
         return ()
     groups = []
-    for config, (_, r) in enumerate(plan.configs):
+    for (config, (_, r)), tail in itertools.product(enumerate(plan.configs), (False, True)):
         members = [
             i
             for i, block in enumerate(plan.blocks)
-            if block.job.config == config and not block.tail
+            if block.job.config == config and block.tail == tail
         ]
         offsets = min(r, plan.h)
         heads = len(range(0, plan.h, r))
         if len(members) != offsets or heads >= offsets:
             continue
         blocks = [plan.blocks[i] for i in members]
+        first = blocks[0]
         if any(
-            len(plan.parts[i]) != 1 or block.job.num_heads != heads or block.job.offset != o
+            len(plan.parts[i]) != 1
+            or block.job.num_heads != heads
+            or block.job.offset != o
+            or block.length != first.length  # tails: offsets past the last row have fewer
             for o, (i, block) in enumerate(zip(members, blocks))
         ):
             continue
-        first = blocks[0]
         if parts_for(first.segments * first.length * offsets, plan.n, plan.h, split) > 1:
             continue
         runs = tuple(OffsetRun(first, offsets, index) for index in range(heads))

@@ -74,6 +74,39 @@ def matches_oracle_through_fake_fa4(shape, options, strategy_fields, layout="con
     return kernel.forward_calls, kernel.forward_runs, kernel.calls, kernel.backward_runs
 
 
+def spanning_runs_match_oracle(shape, options, strategy_fields, layout="contiguous"):
+    """:func:`matches_oracle` with ``lse``'s offset runs on and off (``launches.FUSE_OFFSETS``).
+    Returns, for each, the communicator's exchanges for spanning segments (calls of ``attend``
+    and ``attend_backward`` with ``span > 1``) and the bytes this rank sent."""
+    from ringattn import launches, registry
+
+    cls = registry.get("communicator", strategy_fields["communicator"])
+    originals = cls.attend, cls.attend_backward
+    found = {}
+    for fuse in (True, False):
+        exchanges = []
+
+        def counted(original, exchanges=exchanges):
+            def call(self, *args):
+                exchanges.append(args[-1] > 1)  # span, the last positional argument
+                return original(self, *args)
+
+            return call
+
+        cls.attend, cls.attend_backward = (counted(f) for f in originals)
+        launches.FUSE_OFFSETS = fuse
+        try:
+            forward_bytes, backward_bytes = bytes_sent(
+                shape, options, strategy_fields, True, layout
+            )
+            matches_oracle(shape, options, strategy_fields, "float32", 0, layout)
+        finally:
+            cls.attend, cls.attend_backward = originals
+            launches.FUSE_OFFSETS = True
+        found[fuse] = (sum(exchanges), forward_bytes + backward_bytes)
+    return found[True], found[False]
+
+
 def bytes_sent(shape, options, strategy_fields, backward: bool, layout="contiguous"):
     b, n, h, d = shape
     (q, k, v), grad = full_problem(b, n, h, d, 0, torch.float32)

@@ -97,23 +97,56 @@ def test_bf16_matches_oracle(pool, communicator):
 
 
 @pytest.mark.parametrize(
-    "communicator, causal, mixing, layout",
+    "communicator, causal, mixing, layout, heads",
     [
-        ("ring", True, "lse", "zigzag"),
-        ("ring", False, "head_groups", "contiguous"),
-        ("all_gather", True, "head_groups", "contiguous"),
+        ("ring", True, "lse", "zigzag", 5),
+        ("ring", False, "head_groups", "contiguous", 5),
+        ("all_gather", True, "head_groups", "contiguous", 5),
+        ("all_gather", False, "lse", "contiguous", 8),  # spanning offset runs (strided heads)
     ],
 )
 def test_sequence_parallel_blocks_through_fa4_match_oracle(
-    pool, communicator, causal, mixing, layout
+    pool, communicator, causal, mixing, layout, heads
 ):
     """Ring and all-gather hand FA4 (here its CPU stand-in) their blocks, remote K/V included,
     forward and backward; the second call replays the launches the first recorded."""
     strategy = {"communicator": communicator, "computer": "sdpa"}
     opts = options(pool.world_size, causal, mixing, layout)
-    counts = pool.run("matches_oracle_through_fake_fa4", SHAPE, opts, strategy, layout)
+    shape = (SHAPE[0], SHAPE[1], heads, SHAPE[3])
+    counts = pool.run("matches_oracle_through_fake_fa4", shape, opts, strategy, layout)
     for forward_calls, forward_runs, backward_calls, backward_runs in counts:
         assert 0 < forward_calls < forward_runs and 0 < backward_calls < backward_runs
+
+
+# spanning exchanges per direction and call at 8 heads, offset runs on / off: the r = 4 config
+# (4 offsets of 2 heads) goes as 2 runs instead of 4 blocks; p = 4's r = 2 config, which spans 2
+# of 4 ranks, has 2 offsets of 4 heads (no fewer runs than offsets): 2 blocks of 2 parts each
+# (pattern.BLOCK_SPLIT), with runs or without
+SPANNING_EXCHANGES = {
+    ("contiguous", 2): (2, 4),
+    ("contiguous", 4): (2 + 4, 4 + 4),
+    ("zigzag", 2): (2, 4),
+    ("zigzag", 4): (2, 4),
+}
+
+
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_spanning_offset_runs_match_oracle_in_fewer_exchanges(pool, communicator, causal, layout):
+    """Under ``lse`` a spanning config whose offsets line up exchanges its K/V as runs of
+    offsets: fewer exchanges than one per offset, the same bytes, and results that still match
+    the oracle on every rank."""
+    opts = options(pool.world_size, causal, "lse", layout)
+    shape = (SHAPE[0], SHAPE[1], 8, SHAPE[3])
+    strategy = {"communicator": communicator, "computer": "sdpa"}
+    fused, per_offset = SPANNING_EXCHANGES[layout, pool.world_size]
+    calls = 4  # two forwards and two backwards: bytes_sent's, then matches_oracle's
+    for (fused_n, fused_bytes), (per_offset_n, per_offset_bytes) in pool.run(
+        "spanning_runs_match_oracle", shape, opts, strategy, layout
+    ):
+        assert (fused_n, per_offset_n) == (calls * fused, calls * per_offset)
+        assert fused_bytes == per_offset_bytes > 0
 
 
 def expected_bytes(world_size, causal, mixing, communicator, layout="contiguous"):
@@ -239,7 +272,17 @@ def test_distributed_bench_parts_run_on_cpu(tmp_path):
     # --standalone: a free rendezvous port, never a clash with another run
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd += ["-m", "experiments.distributed_bench", "--part", "speed", "weak", "cp"]
-    cmd += ["--seq-lens", "16384", "--weak-n", "1024", "--cp-n", "512"]
+    cmd += [
+        "--seq-lens",
+        "16384",
+        "--weak-n",
+        "1024",
+        "--cp-n",
+        "512",
+        "--offset-runs",
+        "yes",
+        "no",
+    ]
     cmd += ["--heads", "2", "--head-dim", "8", "--out", str(tmp_path)]
     # faulthandler: an abort prints every thread's Python stack
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
@@ -256,8 +299,9 @@ def test_distributed_bench_parts_run_on_cpu(tmp_path):
         else:
             assert r["fwd_MiB_sent_per_rank"] > 0 and r["fwdbwd_tflops_per_gpu"] > 0
     weak = results["weak"]
-    # 1 GPU at N, ring and all_gather at 2N, for each (causal, mixing)
-    assert [r["gpus"] for r in weak] == [1, 2, 2] * 4
+    # 1 GPU at N, ring and all_gather at 2N, for each (offset runs, causal, mixing)
+    assert [r["gpus"] for r in weak] == [1, 2, 2] * 8
+    assert [r["offset_runs"] for r in weak] == ["yes"] * 12 + ["no"] * 12
     assert all(r["fwd_efficiency"] > 0 and r["fwdbwd_tflops_per_gpu"] > 0 for r in weak)
     assert all(r["fwd_ms_b2b"] > 0 and r["fwdbwd_efficiency_b2b"] > 0 for r in weak)
     cp = {r["impl"]: r for r in results["cp"]}

@@ -9,7 +9,7 @@ import weakref
 import pytest
 import torch
 from conftest import dilation_configs, make_qkv, problems
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import ringattn
@@ -180,10 +180,43 @@ def test_offset_runs_view_exactly_their_blocks_rows(configs, b, n, h, split):
                     assert torch.equal(flat_view_, view.flatten(0, 1))
 
 
+def test_offset_runs_take_tails_whose_offsets_have_equal_rows():
+    """A config's tail (its partial last segment, or the whole sequence where ``w > n``) is one
+    more run group where every offset has equally many tail rows, and none where some have
+    fewer (issue 5's ``(32768, 16)`` config at 16K tokens: one launch instead of 16)."""
+
+    def groups(n: int, h: int, configs, split: int = 1) -> list[tuple[int, bool]]:
+        plan = pattern._build_plan(n, h, configs, "lse", split)
+        return [
+            (plan.blocks[m[0]].job.config, plan.blocks[m[0]].tail)
+            for m, _ in pattern.offset_runs(plan, split)
+        ]
+
+    assert groups(12, 4, ((8, 4),)) == [(0, False), (0, True)]  # 1 tail row per offset
+    assert groups(10, 4, ((8, 4),)) == [(0, False)]  # offsets 2, 3 have no tail row
+    assert groups(4, 4, ((8, 4),)) == [(0, True)]  # w > n: the tail is the whole sequence
+    issue5 = ((2048, 1), (4096, 2), (8192, 4), (16384, 8), (32768, 16))
+    assert groups(16384, 16, issue5, split=8) == [(3, False), (4, True)]
+
+
 @pytest.mark.parametrize("computer", ["math", "sdpa"])
 @settings(max_examples=15, deadline=None)
 @given(
     p=problems(max_n=48), rate=st.integers(2, 6), layout=st.sampled_from(["contiguous", "sliced"])
+)
+@example(  # a full segment and a tail of one row per offset: two run groups
+    p={
+        "b": 1,
+        "n": 12,
+        "h": 4,
+        "d": 4,
+        "segment_lengths": (4,),
+        "dilation_rates": (1,),
+        "causal": True,
+        "mixing": "lse",
+    },
+    rate=4,
+    layout="sliced",
 )
 def test_offset_runs_compute_exactly_one_launch_per_block(computer, p, rate, layout):
     """With a config's offsets launched as runs, outputs and gradients are those of one launch per
