@@ -24,9 +24,17 @@ def full_problem(b, n, h, d, seed, dtype):
 
 
 def matches_oracle(
-    shape, options, strategy_fields, dtype_name="float32", seed=0, layout="contiguous"
+    shape,
+    options,
+    strategy_fields,
+    dtype_name="float32",
+    seed=0,
+    layout="contiguous",
+    mixed_strides=False,
 ):
-    """Outputs and gradients of the sharded run equal the single-process oracle's shards."""
+    """Outputs and gradients of the sharded run equal the single-process oracle's shards.
+    ``mixed_strides``: odd ranks hold their shards in ``[b, h, n, d]`` storage, so ranks see
+    different layouts (what each prepares must still post the same collectives)."""
     b, n, h, d = shape
     dtype = getattr(torch, dtype_name)
     (q, k, v), grad = full_problem(b, n, h, d, seed, dtype)
@@ -47,7 +55,12 @@ def matches_oracle(
     def shard(x):
         return distributed.shard(x, layout=layout)
 
-    local = [shard(x).requires_grad_() for x in (q, k, v)]
+    def relayout(x):
+        if mixed_strides and dist.get_rank() % 2:
+            return x.transpose(1, 2).contiguous().transpose(1, 2)
+        return x
+
+    local = [relayout(shard(x)).requires_grad_() for x in (q, k, v)]
     out = module(*local)
     grads = torch.autograd.grad(out, local, shard(grad))
     tol = TOL[dtype_name]

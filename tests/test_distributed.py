@@ -149,6 +149,18 @@ def test_spanning_offset_runs_match_oracle_in_fewer_exchanges(pool, communicator
         assert fused_bytes == per_offset_bytes > 0
 
 
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+def test_ranks_with_different_strides_take_the_same_runs(pool, communicator):
+    """Each rank prepares its launches for its own tensors' layouts; odd ranks here hold theirs
+    in ``[b, h, n, d]`` storage. The spanning runs must not depend on that (a rank exchanging
+    per run while its peer exchanges per offset would hang both): the call completes and matches
+    the oracle."""
+    opts = options(pool.world_size, True, "lse")
+    shape = (SHAPE[0], SHAPE[1], 8, SHAPE[3])
+    strategy = {"communicator": communicator, "computer": "sdpa"}
+    pool.run("matches_oracle", shape, opts, strategy, "float32", 0, "contiguous", True)
+
+
 def expected_bytes(world_size, causal, mixing, communicator, layout="contiguous"):
     """Analytic volume per rank: only selected K/V rows of segments spanning ranks travel."""
     b, n, h, d = SHAPE
