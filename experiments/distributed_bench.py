@@ -262,22 +262,32 @@ LAST_STEADY = [float("nan"), float("nan")]
 PROFILE: list[Path] = []
 
 
-def profile_forward(fn, q, k, v, name: str) -> None:
-    """Rank 0: CPU and CUDA time per op of ``--repeats`` forward calls issued back to back."""
-    if not PROFILE or dist.get_rank() != 0:
+def profile_forward(fn, q, k, v, name: str, collective: bool = True) -> None:
+    """``--repeats`` forward calls back to back; rank 0 records them: CPU and CUDA time per op,
+    and a Chrome trace (the timeline shows what a call waits for). ``collective``: every rank
+    makes the calls (they exchange), else rank 0 alone."""
+    if not PROFILE or (not collective and dist.get_rank() != 0):
         return
     from torch.profiler import ProfilerActivity, profile
 
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(REPEATS[0]):
-            fn(q, k, v)
+    def calls() -> None:
+        with torch.no_grad():
+            for _ in range(REPEATS[0]):
+                fn(q, k, v)
         torch.cuda.synchronize()
+
+    if dist.get_rank() != 0:
+        calls()
+        return
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        calls()
     averages = prof.key_averages()
     text = [f"# {name}: {REPEATS[0]} forward calls back to back (rank 0)", ""]
     for key in ("self_cuda_time_total", "self_cpu_time_total"):
         text += [f"## by {key}", averages.table(sort_by=key, row_limit=25), ""]
     PROFILE[0].mkdir(parents=True, exist_ok=True)
     (PROFILE[0] / f"profile_{name}.txt").write_text("\n".join(text))
+    prof.export_chrome_trace(str(PROFILE[0] / f"trace_{name}.json"))
 
 
 ISSUE5_CONFIG = ((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16))
@@ -305,7 +315,8 @@ def weak(device, n_per_gpu: int, causal: bool, mixing: str) -> list[dict]:
             if rank == 0:
                 module = ringattn.DilatedAttention(lengths, rates, **opts)
                 f_ms, fb_ms, peak = timed(module, q, k, v, grad, device, collective=False)
-                profile_forward(module, q, k, v, f"weak_{n_per_gpu}_{mixing}_{causal}_local")
+                name = f"weak_{n_per_gpu}_{mixing}_{causal}_local"
+                profile_forward(module, q, k, v, name, collective=False)
             dist.barrier()
         else:
             strategy = ringattn.Strategy(communicator=communicator, computer="sdpa")
