@@ -354,44 +354,39 @@ def merging_launch(spec: CoreSpec, span: int) -> Callable[..., None]:
     """A prepared launch (``ringattn.launches``) of a merged block part: its kernel (``span ==
     1``, the part stays on this device) or its communicator's exchange with the ``span`` ranks
     of its segment, merged into its rows."""
-    computer, communicator, causal, scale = (
-        spec.computer,
-        spec.communicator,
-        spec.causal,
-        spec.scale,
-    )
+    if span == 1:
 
-    def launch(q: Tensor, k: Tensor, v: Tensor, out_rows: Tensor, lse_rows: Tensor) -> None:
-        merge_result_(out_rows, lse_rows, computer.forward(q, k, v, causal, scale))
+        def launch(q: Tensor, k: Tensor, v: Tensor, out_rows: Tensor, lse_rows: Tensor) -> None:
+            result = spec.computer.forward(q, k, v, spec.causal, spec.scale)
+            merge_result_(out_rows, lse_rows, result)
 
-    def launch_spanning(q: Tensor, k: Tensor, v: Tensor, out_rows: Tensor, lse_rows: Tensor):
-        result = communicator.attend(computer, q, k, v, causal, scale, span)
-        merge_result_(out_rows, lse_rows, result)
+    else:
 
-    return launch if span == 1 else launch_spanning
+        def launch(q: Tensor, k: Tensor, v: Tensor, out_rows: Tensor, lse_rows: Tensor) -> None:
+            result = spec.communicator.attend(spec.computer, q, k, v, spec.causal, spec.scale, span)
+            merge_result_(out_rows, lse_rows, result)
+
+    return launch
 
 
 def adding_launch(spec: CoreSpec, span: int) -> Callable[..., None]:
     """A prepared launch of a merged block part's backward (as :func:`merging_launch`): its
     gradients added into its rows."""
-    computer, communicator, causal, scale = (
-        spec.computer,
-        spec.communicator,
-        spec.causal,
-        spec.scale,
-    )
+    if span == 1:
 
-    def launch(dout, q, k, v, out, lse, *grad_rows: Tensor) -> None:
-        result = computer.backward(dout, q, k, v, out, lse, causal, scale)
-        accumulate_(list(grad_rows), result, place=False)
+        def launch(dout, q, k, v, out, lse, *grad_rows: Tensor) -> None:
+            result = spec.computer.backward(dout, q, k, v, out, lse, spec.causal, spec.scale)
+            accumulate_(list(grad_rows), result, place=False)
 
-    def launch_spanning(dout, q, k, v, out, lse, *grad_rows: Tensor) -> None:
-        result = communicator.attend_backward(
-            computer, dout, q, k, v, out, lse, causal, scale, span
-        )
-        accumulate_(list(grad_rows), result, place=False)
+    else:
 
-    return launch if span == 1 else launch_spanning
+        def launch(dout, q, k, v, out, lse, *grad_rows: Tensor) -> None:
+            result = spec.communicator.attend_backward(
+                spec.computer, dout, q, k, v, out, lse, spec.causal, spec.scale, span
+            )
+            accumulate_(list(grad_rows), result, place=False)
+
+    return launch
 
 
 class DilatedAttentionFunction(torch.autograd.Function):
