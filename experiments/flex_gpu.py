@@ -32,16 +32,31 @@ from ringattn.pattern import make_plan
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
+# (heads, segment_lengths, dilation_rates, mixings) at n = 1000 (every config has a tail): 6
+# heads spread offsets unevenly; 8 heads under lse launch offsets as runs
+# (ringattn.pattern.OffsetRun): r = 8's full segments and its tail, and r = 4's w > n tail
+CHECK_PROBLEMS = (
+    (6, (128, 256, 512), (1, 2, 4), ("lse", "head_groups")),
+    (8, (128, 256, 2048), (1, 8, 4), ("lse",)),
+)
+
+
 def correctness(device: torch.device) -> list[dict]:
     rows = []
-    b, n, h, d = 2, 1000, 6, 64
-    lengths, rates = (128, 256, 512), (1, 2, 4)
+    for h, lengths, rates, mixings in CHECK_PROBLEMS:
+        rows += _correctness(device, h, lengths, rates, mixings)
+    return rows
+
+
+def _correctness(device: torch.device, h: int, lengths, rates, mixings) -> list[dict]:
+    rows = []
+    b, n, d = 2, 1000, 64
     gen = torch.Generator(device="cpu").manual_seed(0)
     base = [
         torch.randn(b, n, h, d, generator=gen, dtype=torch.float64).to(device) for _ in range(3)
     ]
     grad = torch.randn(b, n, h, d, generator=gen, dtype=torch.float64).to(device)
-    for mixing in ("lse", "head_groups"):
+    for mixing in mixings:
         for causal in (False, True):
             opts = dict(segment_lengths=lengths, dilation_rates=rates, causal=causal, mixing=mixing)
             for dtype in (torch.float32, torch.bfloat16):
@@ -83,6 +98,7 @@ def correctness(device: torch.device) -> list[dict]:
                             {
                                 "strategy": strategy.label,
                                 "compile": compiled,
+                                "heads": h,
                                 "mixing": mixing,
                                 "causal": causal,
                                 "dtype": str(dtype).replace("torch.", ""),
@@ -264,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
                 [
                     "strategy",
                     "compile",
+                    "heads",
                     "mixing",
                     "causal",
                     "dtype",
