@@ -1,0 +1,94 @@
+"""Kernel timeline of one call of the dilated core on a GPU: each kernel in order, its grid, its
+GPU time and the idle gap before it.
+
+    python -m experiments.kernel_timeline --n 131072 --mixing head_groups [--causal] [--out DIR]
+
+``experiments.profile_core`` sums the time per kernel *name*; every FA4 block call shares one
+name, so it cannot say which config's call is slow. This lists the kernels of the last of
+``--calls`` forward calls issued back to back (eager, no grad, issue 5's configs): per launch the
+grid (how many CTAs: a call of few CTAs leaves SMs idle), the µs, and the µs of GPU idle before
+it (host-bound stretches). Writes ``kernel_timeline.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import ringattn
+from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
+
+GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def timeline(n: int, mixing: str, causal: bool, calls: int, heads: int, dim: int) -> list[str]:
+    q, k, v = (torch.randn(1, n, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    module = ringattn.DilatedAttention(ISSUE_LENGTHS, ISSUE_RATES, causal=causal, mixing=mixing)
+    with torch.no_grad():
+        for _ in range(3):  # warm: replays recorded, launches prepared
+            module(q, k, v)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                module(q, k, v)
+            torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:  # the Chrome trace carries each launch's grid
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    kernels = sorted(
+        (e for e in events if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES),
+        key=lambda e: e["ts"],
+    )
+    last = kernels[-(len(kernels) // calls) :]  # every call launches the same kernels
+    rows = [
+        f"## n={n} {mixing} causal={causal}: the last of {calls} forwards back to back",
+        "",
+        "| # | kernel | grid (CTAs) | µs | gap before µs |",
+        "|---|---|---|---|---|",
+    ]
+    previous_end = None
+    busy = 0.0
+    for i, e in enumerate(last):
+        grid = e.get("args", {}).get("grid")
+        ctas = f"{grid} ({grid[0] * grid[1] * grid[2]})" if grid else ""
+        gap = "" if previous_end is None else f"{e['ts'] - previous_end:.1f}"
+        rows.append(f"| {i} | {e['name'][:60]} | {ctas} | {e['dur']:.1f} | {gap} |")
+        busy += e["dur"]
+        previous_end = e["ts"] + e["dur"]
+    span = previous_end - last[0]["ts"]
+    rows += ["", f"GPU busy {busy:.0f} of {span:.0f} µs over this call's {len(last)} kernels", ""]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, nargs="+", default=[131072])
+    p.add_argument("--mixing", nargs="+", default=["head_groups", "lse"])
+    p.add_argument("--causal", choices=["no", "yes", "both"], default="both")
+    p.add_argument("--calls", type=int, default=3)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--out", type=Path, default=Path("results") / "kernel_timeline")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("kernel_timeline: needs a CUDA GPU")
+    causals = {"no": (False,), "yes": (True,), "both": (False, True)}[args.causal]
+    text = [f"# Kernel timeline, {torch.cuda.get_device_name()}, torch {torch.__version__}", ""]
+    for n in args.n:
+        for mixing in args.mixing:
+            for causal in causals:
+                text += timeline(n, mixing, causal, args.calls, args.heads, args.dim)
+                print("\n".join(text[-8:]), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernel_timeline.md").write_text("\n".join(text))
+    print("\n".join(text))
+
+
+if __name__ == "__main__":
+    main()
