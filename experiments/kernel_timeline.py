@@ -7,7 +7,8 @@ GPU time and the idle gap before it.
 name, so it cannot say which config's call is slow. This lists the kernels of the last of
 ``--calls`` forward calls issued back to back (eager, no grad, issue 5's configs): per launch the
 grid (how many CTAs: a call of few CTAs leaves SMs idle), the µs, and the µs of GPU idle before
-it (host-bound stretches). Writes ``kernel_timeline.md`` under ``--out``.
+it (host-bound stretches); then the GPU's busy time over all calls against their span, whose
+difference is the idle time between calls. Writes ``kernel_timeline.md`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -62,7 +63,15 @@ def timeline(n: int, mixing: str, causal: bool, calls: int, heads: int, dim: int
         busy += e["dur"]
         previous_end = e["ts"] + e["dur"]
     span = previous_end - last[0]["ts"]
-    rows += ["", f"GPU busy {busy:.0f} of {span:.0f} µs over this call's {len(last)} kernels", ""]
+    all_busy = sum(e["dur"] for e in kernels)
+    all_span = kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"]
+    rows += [
+        "",
+        f"GPU busy {busy:.0f} of {span:.0f} µs over this call's {len(last)} kernels; "
+        f"{all_busy:.0f} of {all_span:.0f} µs from the first call's first kernel to the last's "
+        f"last ({all_span / calls:.0f} µs per call, idle gaps between calls included)",
+        "",
+    ]
     return rows
 
 
