@@ -3,27 +3,28 @@
     python -m experiments.overheads                       # issue 5's shape, 32K and 128K
     python -m experiments.overheads --n 131072 --split 1 4 8 16 --trace
 
-For each ``n``, mixing, ``ringattn.pattern.BLOCK_SPLIT`` value and A/B choice (``--in-place``: cuDNN
-writes placed blocks into their rows or torch's op and a copy; ``--fill``: head_groups zeroes only
-the pairs no block writes, beside the blocks or before them, or the whole tensor; ``--lanes``: when
-a disjoint plan's configs run on concurrent CUDA streams, ``ringattn.lanes.MODE``; ``--fuse``: lse
-launches a config's offsets as runs, ``ringattn.launches.FUSE_OFFSETS``; ``--add``: lse adds
-gradients with the Triton kernel or torch's ``add_``; ``--compile``: the module eager or
-``compile=True``; ``--backward``: ``sdpa``'s backward through FlashAttention-4 where installed, or
-torch's kernels; ``--forward``: the same for the forward; ``--replay``: FA4's launches replayed,
-``ringattn.kernels.fa4.REPLAY``, or through its Python launcher every call), times forward and
+For each ``n``, mixing, ``ringattn.pattern.BLOCK_SPLIT`` value and A/B choice (``--in-place``:
+cuDNN writes placed blocks into their rows or torch's op and a copy; ``--fill``: head_groups zeroes
+only the pairs no block writes, or the whole tensor; ``--lanes``: when a disjoint plan's configs
+run on concurrent CUDA streams, ``ringattn.lanes.MODE``; ``--fuse``: lse launches a config's
+offsets as runs, ``ringattn.launches.FUSE_OFFSETS``; ``--add``: lse adds gradients with the Triton
+kernel or torch's ``add_``; ``--compile``: the module eager or ``compile=True``; ``--backward``:
+``sdpa``'s backward through FlashAttention-4 where installed, or torch's kernels; ``--forward``:
+the same for the forward; ``--replay``: FA4's launches replayed, ``ringattn.kernels.fa4.REPLAY``,
+or through its Python launcher every call), times forward and
 forward+backward of ``segment_local/sdpa`` and measures their peak memory relative to the tensors
 the call cannot avoid (as ``experiments.bench`` does). With ``--trace`` it also logs every kernel
 call of one forward+backward: the block's shape, the bytes it allocates transiently (peak above the
 level before it) and what stays allocated after it, so the largest transient is named. ``--steady``
-also times 10 calls back to back (no sync between them, as in a model's steady state) and the host's
-own time per call. ``--graphs`` also times the same calls replayed from CUDA graphs (forward
-captured with ``torch.cuda.graph``, forward+backward through ``torch.cuda.make_graphed_callables``):
-what the launches and the Python work around the kernels cost. ``--ceiling`` times the plan's kernel
-calls alone (each distinct block shape on contiguous inputs, times how often the plan calls it) next
-to dense SDPA at the same ``n``: the fraction of dense throughput the block kernels themselves
-reach, which bounds what any merge or copy schedule around them can reach. Prints a table last;
-writes ``overheads.json`` and ``.md`` under ``--out``."""
+also times 10 calls back to back (no sync between them, as in a model's steady state) and the
+host's own time per call. ``--graphs`` also times the same calls replayed from CUDA graphs (forward
+captured with ``torch.cuda.graph``, forward+backward through
+``torch.cuda.make_graphed_callables``): what the launches and the Python work around the kernels
+cost. ``--ceiling`` times the plan's kernel calls alone (each distinct block shape on contiguous
+inputs, times how often the plan calls it) next to dense SDPA at the same ``n``: the fraction of
+dense throughput the block kernels themselves reach, which bounds what any merge or copy schedule
+around them can reach. Prints a table last; writes ``overheads.json`` and ``.md`` under ``--out``.
+"""
 
 from __future__ import annotations
 
@@ -50,15 +51,10 @@ from ringattn.kernels import cudnn_graphs, fa4
 ADDS = {"triton": add_kernel.add_rows_, "torch": lambda accs, parts: False}
 
 # how the core zero-fills a disjoint (head_groups) plan's output and gradients
-# --fill: (the core's zeros_for, ringattn.lanes.FILL_BESIDE)
 FILLS = {
-    "beside": (core.zeros_for, True),
-    "unselected": (core.zeros_for, False),
-    "whole": (
-        lambda like, selection, memory, stream=None: torch.zeros_like(
-            like, memory_format=torch.contiguous_format
-        ),
-        False,
+    "unselected": core.zeros_for,
+    "whole": lambda like, selection, memory: torch.zeros_like(
+        like, memory_format=torch.contiguous_format
     ),
 }
 
@@ -251,7 +247,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             )
             pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
             SDPAComputer.in_place = in_place == "yes"
-            core.zeros_for, lanes.FILL_BESIDE = FILLS[fill]
+            core.zeros_for = FILLS[fill]
             lanes.MODE = lane_mode
             launches.FUSE_OFFSETS = fuse == "yes"
             add_kernel.add_rows_ = ADDS[add]
@@ -334,9 +330,8 @@ def main(argv: list[str] | None = None) -> None:
         ),
         "--fill": (
             list(FILLS),
-            "head_groups: zero only the pairs no block writes (the Triton kernel) on a stream "
-            "beside the blocks (ringattn.lanes.FILL_BESIDE) or before them, or the whole tensor "
-            "first",
+            "head_groups: zero only the pairs no block writes (the Triton kernel), or the whole "
+            "tensor first",
         ),
         "--lanes": (
             [lanes.MODE, *(m for m in ("capture", "always", "never") if m != lanes.MODE)],
@@ -398,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         pattern.BLOCK_SPLIT = default_split
         SDPAComputer.in_place = default_in_place
-        core.zeros_for, lanes.FILL_BESIDE = FILLS["beside"]
+        core.zeros_for = FILLS["unselected"]
         lanes.MODE = default_lanes
         launches.FUSE_OFFSETS = default_fuse
         add_kernel.add_rows_ = ADDS["triton"]

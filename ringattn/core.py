@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ringattn import lanes
 from ringattn.communicators.base import Communicator
 from ringattn.computers.base import (
     AttentionComputer,
@@ -171,8 +170,6 @@ def dilated_forward(
 
     # disjoint blocks are placed, not merged: without a caller for the LSE it is never written
     write_lse = keep_lse or not spec.plan.disjoint
-    # head_groups: the zero fill runs beside the blocks (they write other pairs), joined below
-    fill = lanes.fill_stream(q.device) if spec.plan.disjoint else None
     first = 0
     if blocks and covers_everything(blocks[0], n, h):
         out_block, lse_block = attend(blocks[0], _index(indices, 0))
@@ -181,7 +178,7 @@ def dilated_forward(
         first = 1
     else:
         # zeros where no block writes (all of it unless the plan is disjoint, one kernel then)
-        out_acc = zeros_for(q, spec.plan.selection, spec.memory, fill)
+        out_acc = zeros_for(q, spec.plan.selection, spec.memory)
         if keep_lse:
             lse_acc = torch.full((b, n, h), float("-inf"), dtype=stats_dtype, device=q.device)
         else:  # the LSE does not escape: it may come from the pool
@@ -232,10 +229,7 @@ def dilated_forward(
             else:
                 merge_result_(out_rows, lse_rows, attend(block, index))
 
-    try:
-        for_each_block(spec, q.device, first, forward_blocks)
-    finally:  # also when a block raised: nothing may free out_acc while the fill runs
-        lanes.join(fill, q.device)
+    for_each_block(spec, q.device, first, forward_blocks)
     return out_acc, lse_acc
 
 
@@ -268,7 +262,6 @@ def dilated_backward(
         )
 
     first = 0
-    fill = None
     covering = bool(blocks) and covers_everything(blocks[0], n, h)
     if covering and len(spec.plan.parts[0]) == 1:
         grads = [
@@ -278,9 +271,8 @@ def dilated_backward(
         first = 1
     elif covering:  # every (row, head) is written once by the first block's parts: no zero fill
         grads = [torch.empty_like(q) for _ in range(3)]
-    else:  # head_groups: filled beside the blocks, as in the forward
-        fill = lanes.fill_stream(q.device) if spec.plan.disjoint else None
-        grads = [zeros_for(q, spec.plan.selection, spec.memory, fill) for _ in range(3)]
+    else:
+        grads = [zeros_for(q, spec.plan.selection, spec.memory) for _ in range(3)]
 
     tensors = (dout, q, k, v, out, lse, *grads)
     # head_groups: every (row, head) belongs to one block, so its gradients are placed; under lse
@@ -331,10 +323,7 @@ def dilated_backward(
             else:
                 accumulate_(grad_rows, attend_backward(block, index), place)
 
-    try:
-        for_each_block(spec, q.device, first, backward_blocks)
-    finally:
-        lanes.join(fill, q.device)
+    for_each_block(spec, q.device, first, backward_blocks)
     dq, dk, dv = grads
     return dq, dk, dv
 

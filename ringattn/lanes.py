@@ -34,32 +34,7 @@ LANES = 4
 # h200_perf.md, step 13). A captured graph replays without the host.
 MODE = "capture"
 
-# head_groups' zero fill (the rows no block writes) on its own stream beside the blocks' kernels:
-# the two write disjoint (row, head) pairs, so nothing orders them, and the fill (memory-bound,
-# ~85 µs per tensor at 131K on an H200: 9% of a causal forward's GPU time) runs in the SMs the
-# kernels leave idle. False: the fill runs before the blocks on the caller's stream.
-FILL_BESIDE = True
-
 _side_streams: dict[torch.device, list[torch.cuda.Stream]] = {}
-_fill_streams: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def fill_stream(device: torch.device) -> torch.cuda.Stream | None:
-    """The stream for fills beside the blocks (:data:`FILL_BESIDE`), or None: off CUDA, while
-    tracing (Inductor would have to model it), or while capturing before its first eager use
-    (making a stream there could break the capture)."""
-    if not FILL_BESIDE or device.type != "cuda" or torch.compiler.is_compiling():
-        return None
-    stream = _fill_streams.get(device)
-    if stream is None and not torch.cuda.is_current_stream_capturing():
-        stream = _fill_streams[device] = torch.cuda.Stream(device)
-    return stream
-
-
-def join(stream: torch.cuda.Stream | None, device: torch.device) -> None:
-    """The caller's stream waits for ``stream``'s work (a fill beside the blocks)."""
-    if stream is not None:
-        torch.cuda.current_stream(device).wait_stream(stream)
 
 
 def _sides(device: torch.device, count: int) -> list[torch.cuda.Stream]:

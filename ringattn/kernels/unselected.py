@@ -82,15 +82,12 @@ def zeros_for(
     like: Tensor,
     selection: tuple[tuple[int, ...], tuple[int, ...]] | None,
     memory: MemoryManager,
-    stream: torch.cuda.Stream | None = None,
 ) -> Tensor:
     """A contiguous ``like``-shaped tensor that is 0 wherever no block will write: with a
     ``selection`` (``Plan.selection``: per-head rates and offsets) only the unselected pairs are
     zeroed where the kernel runs, and the selected ones are left for the blocks; otherwise, and
     off CUDA or while tracing, all of it is zeros. The selection's device copy is a pattern of
-    ``memory`` (cached by the pooled manager). With a ``stream`` the unselected pairs are zeroed
-    on it, after what the caller's stream issued so far; the caller joins it
-    (``ringattn.lanes.join``) before anything reads those pairs or frees the tensor."""
+    ``memory`` (cached by the pooled manager)."""
     if selection is None or torch.compiler.is_compiling() or not available(like):
         return torch.zeros_like(like, memory_format=torch.contiguous_format)
     x = torch.empty_like(like, memory_format=torch.contiguous_format)
@@ -101,13 +98,7 @@ def zeros_for(
         ("unselected_selection", selection, str(device)),
         lambda: selection_table(selection, device),
     )
-    if stream is None:
-        zero_unselected_(x, table)
-        return x
-    stream.wait_stream(torch.cuda.current_stream(device))  # x's memory may be in use there
-    table.record_stream(stream)  # a table made for this call alone is freed before the fill ran
-    with torch.cuda.stream(stream):
-        zero_unselected_(x, table)
+    zero_unselected_(x, table)
     return x
 
 
