@@ -32,14 +32,13 @@ import argparse
 import itertools
 import json
 import statistics
-import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
 import ringattn
-from experiments.ablate import dict_rows_to_markdown, median_ms
+from experiments.ablate import dict_rows_to_markdown, median_ms, queued_host_ms
 from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, fwd_and_fwdbwd, time_and_memory
 from ringattn import core, lanes, launches, pattern
 from ringattn.computers.sdpa import CUDA_BACKWARDS, CUDA_FORWARDS, SDPAComputer
@@ -105,14 +104,8 @@ def steady_times(fwd, fwdbwd, device, repeats: int, calls: int = 10) -> dict:
     result: dict = {}
     for part, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)):
         result[f"{part}_ms_b2b"] = median_ms(fn, device, 1, repeats, calls=calls)
-        host = []
-        for _ in range(repeats):
-            torch.cuda.synchronize(device)
-            torch.cuda._sleep(50_000_000)  # ~25 ms of GPU time: the call's launches queue behind
-            t0 = time.perf_counter()
-            fn()
-            host.append((time.perf_counter() - t0) * 1e3)
-        torch.cuda.synchronize(device)
+        # one call at a time behind ~25 ms of GPU sleep: its launches only queue
+        host = [queued_host_ms(fn, 1, 50_000_000) for _ in range(repeats)]
         result[f"{part}_host_ms"] = statistics.median(host)
     return result
 
