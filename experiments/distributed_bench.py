@@ -582,13 +582,17 @@ def main(argv: list[str] | None = None) -> None:
         report()
     if "weak" in parts:
         causals = {"yes": (True,), "no": (False,), "both": (False, True)}[args.causal]
-        for runs, n, causal, mixing in itertools.product(
-            args.offset_runs, args.weak_n, causals, args.mixing
-        ):
-            launches.FUSE_OFFSETS = runs == "yes"
-            weak_rows += [{**row, "offset_runs": runs} for row in weak(device, n, causal, mixing)]
-            report()
-        launches.FUSE_OFFSETS = True
+        fuse_default = launches.FUSE_OFFSETS
+        try:
+            for runs, n, causal, mixing in itertools.product(
+                args.offset_runs, args.weak_n, causals, args.mixing
+            ):
+                launches.FUSE_OFFSETS = runs == "yes"
+                rows = weak(device, n, causal, mixing)
+                weak_rows += [{**row, "offset_runs": runs} for row in rows]
+                report()
+        finally:
+            launches.FUSE_OFFSETS = fuse_default
     if "cp" in parts:
         for n in args.cp_n:
             cp_rows += cp_compare(device, n)

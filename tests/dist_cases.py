@@ -95,6 +95,7 @@ def spanning_runs_match_oracle(shape, options, strategy_fields, layout="contiguo
 
     cls = registry.get("communicator", strategy_fields["communicator"])
     originals = cls.attend, cls.attend_backward
+    fuse_default = launches.FUSE_OFFSETS
     found = {}
     for fuse in (True, False):
         exchanges = []
@@ -115,7 +116,7 @@ def spanning_runs_match_oracle(shape, options, strategy_fields, layout="contiguo
             matches_oracle(shape, options, strategy_fields, "float32", 0, layout)
         finally:
             cls.attend, cls.attend_backward = originals
-            launches.FUSE_OFFSETS = True
+            launches.FUSE_OFFSETS = fuse_default
         found[fuse] = (sum(exchanges), forward_bytes + backward_bytes)
     return found[True], found[False]
 
