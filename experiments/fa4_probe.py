@@ -24,6 +24,11 @@ the time of each.
 ``--part replay`` times ``ringattn.kernels.fa4`` through FA4's Python launcher and through the
 replay of its recorded launches (``ringattn.kernels.replay``): host ms per call, GPU ms, and
 whether the replay's results equal the launcher's.
+``--part merge`` holds ``ringattn.kernels.fa4_merge`` (FA4's forward with the LSE merge in its
+epilogue) and the two-kernel path (FA4's forward, then the Triton merge) to a float64 merge on
+``segment_local``'s strided views (full 2048-row blocks and 1000-row ones, whose last tile is
+partial), times both, then times the whole ``lse`` module with the fused kernel on and off
+(interleaved) at ``--n`` and n/4 and reports how far apart their outputs are.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -217,6 +223,122 @@ def replay(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     return rows
 
 
+def _merge_reference(q, k, v, causal, scale, out, lse):
+    """float64 ``merge((out, lse), attention(q, k, v))`` of ``[B, L, H, d]`` blocks."""
+    scores = q.double().transpose(1, 2) @ k.double().permute(0, 2, 3, 1) * scale
+    if causal:
+        mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    block_lse = scores.logsumexp(-1)  # [B, H, L]
+    block_out = (scores - block_lse[..., None]).exp() @ v.double().transpose(1, 2)
+    block_lse, block_out = block_lse.transpose(1, 2), block_out.transpose(1, 2)
+    merged = torch.logaddexp(lse.double(), block_lse)
+    top = torch.where(torch.isfinite(merged), merged, torch.zeros_like(merged))
+    w_old, w_new = (torch.exp(x - top)[..., None] for x in (lse.double(), block_lse))
+    return out.double() * w_old + block_out * w_new, merged
+
+
+def merge(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+    """``ringattn.kernels.fa4_merge`` against the two-kernel path: errors vs float64, GPU ms,
+    then the ``lse`` module with the fused kernel on and off."""
+    import ringattn
+    from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
+    from ringattn.kernels import fa4, fa4_merge
+    from ringattn.merge import merge_into_
+
+    rows = []
+    scale = d**-0.5
+
+    def fused(q, k, v, causal, out, lse):
+        assert fa4_merge.forward_merge_(q, k, v, causal, scale, out, lse), "fused kernel refused"
+
+    def two_kernel(q, k, v, causal, out, lse):
+        merge_into_(out, lse, *fa4.forward(q, k, v, causal, scale))
+
+    for length in (2048, 1000):
+        segments = n // (2 * length)
+        rows_used = segments * 2 * length
+
+        def strided(x, segments=segments, length=length, rows_used=rows_used):
+            # segment_local's view for (w, r) = (2 * length, 2), offset 1
+            return x[:, :rows_used].reshape(segments, length, 2, *x.shape[2:])[:, :, 1]
+
+        q, k, v = (
+            strided(torch.randn(1, n, h, d, device=device, dtype=torch.bfloat16)) for _ in "qkv"
+        )
+        out_full = torch.randn(1, n, h, d, device=device, dtype=torch.bfloat16)
+        lse_full = torch.rand(1, n, h, device=device) * 4 - 1
+        lse_full[:, ::7, :3] = float("-inf")  # rows nothing selected yet: their output is 0
+        out_full[:, ::7, :3] = 0
+        for causal in (False, True):
+            row = {"problem": f"L={length} r=2 offset 1", "causal": causal, "shape": list(q.shape)}
+            out0, lse0 = strided(out_full), strided(lse_full)
+            ref_out, ref_lse = _merge_reference(
+                q[:2], k[:2], v[:2], causal, scale, out0[:2], lse0[:2]
+            )
+            results = {}
+            for name in ("fused", "two_kernel"):
+                out_acc, lse_acc = out_full.clone(), lse_full.clone()
+                out_v, lse_v = strided(out_acc), strided(lse_acc)
+
+                call = partial(fused if name == "fused" else two_kernel, q, k, v, causal)
+                call = partial(call, out_v, lse_v)
+                try:
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        # the first call compiles the kernel and checks it on the two-kernel
+                        # path, which leaves that path's result: reset, then the call checked
+                        call()
+                        out_acc.copy_(out_full), lse_acc.copy_(lse_full)
+                        call()
+                    torch.cuda.synchronize()
+                    for w in caught:
+                        row[f"{name}_warning"] = str(w.message)[:400]
+                    got_out, got_lse = out_v[:2].double(), lse_v[:2].double()
+                    row[f"{name}_out_rel_err"] = float((got_out - ref_out).norm() / ref_out.norm())
+                    fin = torch.isfinite(ref_lse)
+                    row[f"{name}_lse_max_abs"] = float((got_lse[fin] - ref_lse[fin]).abs().max())
+                    row[f"{name}_lse_inf_agree"] = bool(torch.equal(fin, torch.isfinite(got_lse)))
+                    results[name] = out_v.clone()
+                    row[f"{name}_ms"] = _events_ms(call, 2, repeats)
+                except Exception as exc:  # a probe: report and go on
+                    row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:600]}"
+                    row["refusal"] = (fa4_merge.last_refusal or "")[:3000]
+            if len(results) == 2:
+                a, b = (results[x].float() for x in ("fused", "two_kernel"))
+                row["fused_vs_two_kernel_rel"] = float((a - b).norm() / b.norm())
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    for size in (n // 4, n):
+        q, k, v = (torch.randn(1, size, h, d, device=device, dtype=torch.bfloat16) for _ in "qkv")
+        for causal in (False, True):
+            module = ringattn.DilatedAttention(
+                ISSUE_LENGTHS, ISSUE_RATES, causal=causal, mixing="lse"
+            )
+            row = {"problem": f"module n={size} lse", "causal": causal}
+            outs = {}
+            try:
+                with torch.no_grad():
+                    for turn in range(2):
+                        for enabled in (True, False):
+                            fa4_merge.ENABLED = enabled
+                            name = "fused" if enabled else "two_kernel"
+                            fn = partial(module, q, k, v)
+                            outs[name] = fn().float()
+                            row[f"{name}_fwd_ms_{turn}"] = _events_ms(fn, 3, repeats)
+                row["fused_vs_two_kernel_rel"] = float(
+                    (outs["fused"] - outs["two_kernel"]).norm() / outs["two_kernel"].norm()
+                )
+            except Exception as exc:  # a probe: report and go on
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:600]}"
+            fa4_merge.ENABLED = True
+            row["kernels"] = {str(key): bool(x) for key, x in fa4_merge._COMPILED.items()}
+            row["refusal"] = (fa4_merge.last_refusal or "")[:600]
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=131072)
@@ -225,14 +347,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument(
-        "--part", choices=["compare", "sweep", "determinism", "replay"], default="compare"
+        "--part",
+        choices=["compare", "sweep", "determinism", "replay", "merge"],
+        default="compare",
     )
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     torch.manual_seed(0)
     h, d = args.heads, args.head_dim
     if args.part != "compare":
-        part = {"sweep": sweep, "determinism": determinism, "replay": replay}[args.part]
+        part = {"sweep": sweep, "determinism": determinism, "replay": replay, "merge": merge}
+        part = part[args.part]
         rows = part(args.n, h, d, args.repeats, device)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"fa4_probe_{args.part}.json").write_text(json.dumps(rows, indent=1))

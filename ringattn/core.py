@@ -195,7 +195,7 @@ def dilated_forward(
         range(first, len(blocks)),
         (lambda span, *views: spec.computer.forward_launcher(spec.causal, spec.scale, *views))
         if spec.plan.disjoint
-        else (lambda span, *views: merging_launch(spec, span)),
+        else (lambda span, *views: merging_launch(spec, span, *views)),
         placed=spec.plan.disjoint,
     )
 
@@ -350,13 +350,24 @@ def accumulate_(grad_rows: list[Tensor], result: tuple[Tensor, ...], place: bool
         rows.add_(part)
 
 
-def merging_launch(spec: CoreSpec, span: int) -> Callable[..., None]:
-    """A prepared launch (``ringattn.launches``) of a merged block part: its kernel (``span ==
-    1``, the part stays on this device) or its communicator's exchange with the ``span`` ranks
-    of its segment, merged into its rows."""
+def merging_launch(
+    spec: CoreSpec, span: int, q: Tensor, k: Tensor, v: Tensor, out_rows: Tensor, lse_rows: Tensor
+) -> Callable[..., None]:
+    """A prepared launch (``ringattn.launches``) of a merged block part, for views of the
+    layouts of these example views: its kernel (``span == 1``, the part stays on this device) or
+    its communicator's exchange with the ``span`` ranks of its segment, merged into its rows."""
     if span == 1:
+        # one kernel for both where the computer has it (FA4: the merge in its epilogue)
+        out_flat, lse_flat = flat_view(out_rows), flat_view(lse_rows)
+        fused = None
+        if out_flat is not None and lse_flat is not None:
+            fused = spec.computer.merging_launcher(
+                spec.causal, spec.scale, q, k, v, out_flat, lse_flat
+            )
 
         def launch(q: Tensor, k: Tensor, v: Tensor, out_rows: Tensor, lse_rows: Tensor) -> None:
+            if fused is not None and fused(q, k, v, out_rows.flatten(0, 1), lse_rows.flatten(0, 1)):
+                return
             result = spec.computer.forward(q, k, v, spec.causal, spec.scale)
             merge_result_(out_rows, lse_rows, result)
 

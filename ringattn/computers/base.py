@@ -112,6 +112,15 @@ class BlockComputer(AttentionComputer):
 
         return launch
 
+    def merging_launcher(
+        self, causal: bool, scale: float, q: Rows, k: Rows, v: Rows, out: Rows, lse: RowsLSE
+    ) -> Callable[[Rows, Rows, Rows, Rows, RowsLSE], bool] | None:
+        """A launcher that merges the blocks' attention into ``out`` / ``lse`` (views of the
+        core's accumulators) in one kernel, for views of these layouts; None where this computer
+        has no such kernel (the core then merges :meth:`forward`'s result). The launcher returns
+        False from a call it did not take (having written nothing)."""
+        return None
+
     def backward_launcher(
         self,
         causal: bool,

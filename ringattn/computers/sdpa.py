@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ringattn.computers.base import BlockComputer, Rows, RowsLSE, accumulation_dtype
-from ringattn.kernels import cudnn_graphs, fa4
+from ringattn.kernels import cudnn_graphs, fa4, fa4_merge
 from ringattn.registry import register
 
 aten = torch.ops.aten
@@ -290,6 +290,16 @@ class SDPAComputer(BlockComputer):
             if launch is not None:
                 return launch
         return super().forward_launcher(causal, scale, q, k, v, out, lse)
+
+    def merging_launcher(self, causal, scale, q, k, v, out, lse):
+        # FA4's forward with the merge in its epilogue (ringattn.kernels.fa4_merge)
+        if not (self._fa4(self.cuda_forward, q) and fa4_merge.supported(q, k, v, out, lse)):
+            return None
+
+        def launch(q, k, v, out, lse) -> bool:
+            return fa4_merge.forward_merge_(q, k, v, causal, scale, out, lse)
+
+        return launch
 
     def backward_launcher(self, causal, scale, dout, q, k, v, out, lse, dq, dk, dv):
         if self._fa4(self.cuda_backward, q):

@@ -1,0 +1,194 @@
+"""A merged block's forward as one FA4 kernel: attention and the LSE merge in its epilogue.
+
+Why: under ``mixing="lse"`` every block after the first was FA4's forward into temporaries plus
+:mod:`ringattn.kernels.merge` reading them back with the accumulator rows; at 131K tokens the
+merges were 9.5% of the causal forward's GPU time (``docs/benchmarks/h200_perf.md``, step 22).
+:mod:`ringattn.kernels.fa4_merge_sm90` folds the merge into FA4's epilogue, and this module
+compiles and launches it (FA4's own launcher insists on an LSE contiguous along the rows, which
+the ``[b, n, h]`` accumulator's views are not, so the kernel is compiled here, with every stride
+of the LSE left to run time).
+
+Held to the two-kernel path: the first call of each compiled kernel runs both on the same
+operands and keeps the kernel only if they agree (output within bf16/fp16 rounding, LSE within
+float32 fast-math error); a kernel that fails to compile or to agree is not used again in this
+process, with a warning that says why, and its blocks take the two-kernel path, which computes
+the same function. SM90 (H100/H200) only: the Blackwell forward is another class.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ringattn.kernels import fa4
+
+# the A/B switch (experiments/fa4_probe.py --part merge), read on every call: False merges with
+# a second kernel
+ENABLED = True
+
+# compiled kernels by _key(); False: failed to compile or to agree
+_COMPILED: dict[tuple, Any] = {}
+_LOCK = threading.Lock()
+# why the latest kernel was refused (for probes: experiments/fa4_probe.py --part merge)
+last_refusal: str | None = None
+
+
+def supported(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor) -> bool:
+    """Whether the fused kernel takes these blocks here: an SM90 GPU with FA4, and
+    :func:`layout_ok`."""
+    if not (q.is_cuda and fa4.available(q)):
+        return False
+    return torch.cuda.get_device_capability(q.device)[0] == 9 and layout_ok(q, k, v, out, lse)
+
+
+def layout_ok(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor) -> bool:
+    """``q, k, v, out [B, L, H, d]`` of one dtype with 16-byte aligned rows, and ``lse [B, L,
+    H]`` float32 (any strides: the kernel writes it element by element): views the kernel reads
+    and writes by pointer and stride. Nothing broadcast, except along dims of size 1 (a stride 0
+    would be compiled in as a constant; :func:`forward_merge_` re-strides those)."""
+    if lse.dtype != torch.float32 or lse.data_ptr() % 4 or lse.shape != q.shape[:3]:
+        return False
+    if out.shape != q.shape or _broadcast(lse):
+        return False
+    for x in (q, k, v, out):
+        if x.dtype != q.dtype or x.stride(-1) != 1 or x.data_ptr() % 16 or _broadcast(x):
+            return False
+        if any(stride % 8 for stride in x.stride()[:-1]):
+            return False
+    return True
+
+
+def _broadcast(x: Tensor) -> bool:
+    return any(stride == 0 and size > 1 for size, stride in zip(x.shape, x.stride()))
+
+
+def _unit_dims_restrided(x: Tensor) -> Tensor:
+    """``x`` with a stride of 8 (any multiple of 16 bytes will do) along its size-1 dims of
+    stride 0: the same elements, and no stride the kernel would take for a constant."""
+    if all(stride for stride in x.stride()):
+        return x
+    return x.as_strided(x.shape, tuple(stride or 8 for stride in x.stride()))
+
+
+def _key(q: Tensor, causal: bool, lse: Tensor) -> tuple:
+    """What a compiled kernel is specialised for: the dtype, head dim, causality, and which dim
+    of the ``[B, H, L]`` LSE view has stride 1 (the CuTe DSL compiles a unit stride in as a
+    constant; None: no such dim, every stride dynamic)."""
+    unit = next((i for i, s in enumerate(lse.transpose(1, 2).stride()) if s == 1), None)
+    return q.dtype, q.shape[-1], causal, unit
+
+
+def forward_merge_(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, out: Tensor, lse: Tensor
+) -> bool:
+    """In place: ``(out, lse) <- merge((out, lse), attention(q, k, v))`` for blocks ``[B, L, H,
+    d]`` (``lse [B, L, H]``), as one kernel. False where that kernel is not usable (nothing was
+    written then; the caller merges with two kernels)."""
+    key = _key(q, causal, lse)
+    kernel = _COMPILED.get(key)
+    if kernel is False or not ENABLED:
+        return False
+    q, k, v, out, lse = (_unit_dims_restrided(x) for x in (q, k, v, out, lse))
+    if kernel is None:
+        # the first call syncs to check the kernel: not while a CUDA graph is captured
+        if q.is_cuda and torch.cuda.is_current_stream_capturing():
+            return False
+        with _LOCK:
+            if key not in _COMPILED:
+                return _first_call(key, q, k, v, causal, scale, out, lse)
+        return forward_merge_(q, k, v, causal, scale, out, lse)
+    kernel(q, k, v, out, lse.transpose(1, 2), scale, *_NONE_ARGS)
+    return True
+
+
+# FA4's SM90 kernel arguments after the softmax scale, none of which the blocks use: cu_seqlens
+# q/k, seqused q/k, page table, window left/right, learnable sink, block sparsity, then aux data
+# and the two varlen scheduler hints
+_NONE_ARGS: tuple = ()
+
+
+def _compile(key: tuple, q, k, v, out, lse_bhl) -> Callable:
+    global _NONE_ARGS
+    cute = importlib.import_module("cutlass.cute")
+    dsl_utils = importlib.import_module("flash_attn.cute.cute_dsl_utils")
+    interface = importlib.import_module("flash_attn.cute.interface")
+    aux = importlib.import_module("flash_attn.cute.utils").AuxData(None, None)
+    sm90 = importlib.import_module("ringattn.kernels.fa4_merge_sm90")
+    dtype, head_dim, causal, lse_unit_dim = key
+    cfg = interface._tile_size_fwd_sm90(head_dim, head_dim, causal, False)
+    kernel = sm90.MergingForwardSm90(
+        dsl_utils.torch2cute_dtype_map[dtype],
+        head_dim,
+        head_dim,
+        1,
+        is_causal=causal,
+        is_local=False,
+        pack_gqa=False,
+        tile_m=cfg.m_block_size,
+        tile_n=cfg.n_block_size,
+        num_stages=2,
+        num_threads=384,
+        Q_in_regs=False,
+        intra_wg_overlap=cfg.intra_wg_overlap,
+        mma_pv_is_rs=cfg.mma_pv_is_rs,
+        q_subtile_factor=1,
+    )
+    tensors = [dsl_utils.to_cute_tensor(x) for x in (q, k, v)]
+    tensors.append(dsl_utils.to_cute_tensor(out, assumed_align=16))
+    # [B, H, L] (FA4's own launcher takes L contiguous; a block's rows of the [b, n, h]
+    # accumulator have H contiguous, or no dim at all when the block's heads are strided)
+    if lse_unit_dim is None:
+        tensors.append(dsl_utils.to_cute_tensor(lse_bhl, assumed_align=4, fully_dynamic=True))
+    else:
+        tensors.append(dsl_utils.to_cute_tensor(lse_bhl, assumed_align=4, leading_dim=lse_unit_dim))
+    _NONE_ARGS = (*(None,) * 9, aux, None, None)
+    stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
+    return cute.compile(kernel, *tensors, 1.0, *_NONE_ARGS, stream, options="--enable-tvm-ffi")
+
+
+def _first_call(key, q, k, v, causal: bool, scale: float, out: Tensor, lse: Tensor) -> bool:
+    """Compile ``key``'s kernel, run it on these operands and hold it to the two-kernel path,
+    which leaves the operands merged; the kernel is kept only if the two agree (else recorded
+    as False: not used again). False where it failed to compile or run (operands untouched)."""
+    from ringattn.merge import merge_into_
+
+    out_old, lse_old = out.clone(), lse.clone()
+    try:
+        kernel = _compile(key, q, k, v, out, lse.transpose(1, 2))
+        kernel(q, k, v, out, lse.transpose(1, 2), scale, *_NONE_ARGS)
+    except Exception as exc:  # the CuTe DSL or this FA4 version rejects the kernel
+        out.copy_(out_old), lse.copy_(lse_old)
+        _refuse(key, f"it failed to compile or launch ({type(exc).__name__}: {exc})")
+        return False
+    out_fused, lse_fused = out.clone(), lse.clone()
+    out.copy_(out_old), lse.copy_(lse_old)
+    merge_into_(out, lse, *fa4.forward(q, k, v, causal, scale))
+    out_err = (out_fused.float() - out.float()).abs().max().item()
+    out_tol = 4 * torch.finfo(out.dtype).eps * max(out.float().abs().max().item(), 1.0)
+    finite = torch.isfinite(lse)
+    lse_ok = torch.equal(finite, torch.isfinite(lse_fused)) and (
+        not finite.any() or (lse_fused[finite] - lse[finite]).abs().max().item() < 1e-3
+    )
+    if out_err <= out_tol and lse_ok:
+        _COMPILED[key] = kernel
+    else:
+        _refuse(key, f"it disagreed with the two-kernel merge (output error {out_err:.3g})")
+    return True
+
+
+def _refuse(key: tuple, why: str) -> None:
+    global last_refusal
+    _COMPILED[key] = False
+    last_refusal = why
+    warnings.warn(
+        f"ringattn: FA4's forward with the merge in its epilogue is not used for {key}: {why}; "
+        "merged blocks take FA4's forward and a separate merge kernel",
+        RuntimeWarning,
+        stacklevel=4,
+    )
