@@ -238,6 +238,32 @@ def _merge_reference(q, k, v, causal, scale, out, lse):
     return out.double() * w_old + block_out * w_new, merged
 
 
+def _store_paths(q, k, v, causal, scale, out_full, lse_full, strided) -> dict:
+    """GPU ms of FA4's forward writing into the strided rows (TMA store), of the fused kernel's
+    class with its merge skipped (plain stores), and of the fused kernel."""
+    import cutlass.cute as cute
+
+    from ringattn.kernels import fa4, fa4_merge, fa4_merge_sm90
+
+    class StoreOnly(fa4_merge_sm90.MergingForwardSm90):
+        @cute.jit
+        def merge_old(self, acc_O, lse, mO, mLSE, seqlen, mma, tidx, m_block, head_idx, batch_idx):
+            pass
+
+    out_v, lse_v = strided(out_full.clone()), strided(lse_full.clone())
+    key = fa4_merge._key(q, causal, lse_v)
+    store_only = fa4_merge._compile(key, q, k, v, out_v, lse_v.transpose(1, 2), StoreOnly)
+    fused = fa4_merge._COMPILED[key]
+    args = (q, k, v, out_v, lse_v.transpose(1, 2), scale, *fa4_merge._NONE_ARGS)
+    return {
+        "fa4_tma_store_ms": _events_ms(
+            partial(fa4.forward, q, k, v, causal, scale, out=out_v), 2, 10
+        ),
+        "plain_store_no_merge_ms": _events_ms(partial(store_only, *args), 2, 10),
+        "fused_kernel_ms": _events_ms(partial(fused, *args), 2, 10),
+    }
+
+
 def merge(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     """``ringattn.kernels.fa4_merge`` against the two-kernel path: errors vs float64, GPU ms,
     then the ``lse`` module with the fused kernel on and off."""
@@ -304,6 +330,11 @@ def merge(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
                 except Exception as exc:  # a probe: report and go on
                     row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:600]}"
                     row["refusal"] = (fa4_merge.last_refusal or "")[:3000]
+            if length == 2048:
+                try:  # where the fused kernel's extra time goes: its store path without the merge
+                    row.update(_store_paths(q, k, v, causal, scale, out_full, lse_full, strided))
+                except Exception as exc:
+                    row["store_paths_error"] = f"{type(exc).__name__}: {str(exc)[:600]}"
             if len(results) == 2:
                 a, b = (results[x].float() for x in ("fused", "two_kernel"))
                 row["fused_vs_two_kernel_rel"] = float((a - b).norm() / b.norm())

@@ -113,7 +113,9 @@ def forward_merge_(
 _NONE_ARGS: tuple = ()
 
 
-def _compile(key: tuple, q, k, v, out, lse_bhl) -> Callable:
+def _compile(key: tuple, q, k, v, out, lse_bhl, kernel_class=None) -> Callable:
+    """``key``'s kernel compiled for operands like these (``kernel_class``: another class of
+    the same constructor, for probes)."""
     global _NONE_ARGS
     cute = importlib.import_module("cutlass.cute")
     dsl_utils = importlib.import_module("flash_attn.cute.cute_dsl_utils")
@@ -122,7 +124,7 @@ def _compile(key: tuple, q, k, v, out, lse_bhl) -> Callable:
     sm90 = importlib.import_module("ringattn.kernels.fa4_merge_sm90")
     dtype, head_dim, causal, lse_unit_dim = key
     cfg = interface._tile_size_fwd_sm90(head_dim, head_dim, causal, False)
-    kernel = sm90.MergingForwardSm90(
+    kernel = (kernel_class or sm90.MergingForwardSm90)(
         dsl_utils.torch2cute_dtype_map[dtype],
         head_dim,
         head_dim,

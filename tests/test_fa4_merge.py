@@ -1,0 +1,210 @@
+"""``lse`` blocks merged by FA4's forward itself (``ringattn.kernels.fa4_merge``), without a GPU.
+
+The fused kernel runs only on SM90 GPUs (held to the float64 merge there by
+``experiments/fa4_probe.py --part merge`` and to the oracle by ``experiments/flex_gpu.py --part
+check``). Here, on the FA4 stand-in of ``tests/fake_fa4.py``:
+
+* the core's wiring: which launches are offered the one-kernel merge, that the views it gets
+  are the accumulators' own rows (a stand-in that merges into them must still match the oracle,
+  and one that declines must leave the core to merge), outputs and gradients;
+* the first-call guard: a kernel is kept only if it agrees with the two-kernel path, and one that
+  fails to compile or disagrees is refused with a warning and never called again, while the
+  operands still end merged exactly once.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import problems
+from fake_fa4 import FakeFA4, installed
+from hypothesis import given
+from hypothesis import strategies as st
+from test_fa4 import PLACED, sdpa_strategies, with_fixture
+from test_strategies import check_against_oracle
+
+from ringattn.kernels import fa4, fa4_merge
+from ringattn.merge import merge_into_
+
+# lse: the r = 1 config covers every row (it becomes the accumulator); the r = 2 one merges
+MERGED = {**PLACED, "mixing": "lse"}
+
+
+class StandIn:
+    """``fa4_merge.forward_merge_`` on the CPU: FA4's forward (the stand-in's) merged into the
+    views it is given, after checking their contract; declines every ``decline``-th call."""
+
+    def __init__(self, decline: int = 0) -> None:
+        self.calls = self.merged = 0
+        self.decline = decline
+
+    def __call__(self, q, k, v, causal, scale, out, lse) -> bool:
+        self.calls += 1
+        assert q.dim() == 4 and k.shape == q.shape and v.shape == q.shape and out.shape == q.shape
+        assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
+        assert fa4_merge.layout_ok(q, k, v, out, lse)
+        if self.decline and self.calls % self.decline == 0:
+            return False
+        merge_into_(out, lse, *fa4.forward(q, k, v, causal, scale))
+        self.merged += 1
+        return True
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    """FA4's stand-in installed, the one-kernel merge offered wherever the layouts allow it."""
+    monkeypatch.setattr(fa4_merge, "supported", fa4_merge.layout_ok)
+    with installed(FakeFA4()):
+        yield monkeypatch
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_merged_blocks_go_through_one_kernel(fused, causal):
+    stand_in = StandIn()
+    fused.setattr(fa4_merge, "forward_merge_", stand_in)
+    check_against_oracle({**MERGED, "causal": causal}, torch.float32, sdpa_strategies())
+    assert stand_in.merged > 0
+
+
+@with_fixture(max_examples=15)
+@given(problems(), st.sampled_from([0, 2, 3]))
+def test_any_problem_matches_oracle_whichever_launches_merge(fused, p, decline):
+    """Declined calls (nothing written) leave the merge to the core: every mix still matches."""
+    fused.setattr(fa4_merge, "forward_merge_", StandIn(decline))
+    check_against_oracle(p, torch.float32, sdpa_strategies())
+
+
+def test_float64_is_not_offered_the_kernel(fused):
+    stand_in = StandIn()
+    fused.setattr(fa4_merge, "forward_merge_", stand_in)
+    check_against_oracle({**MERGED, "causal": True}, torch.float64, sdpa_strategies())
+    assert stand_in.calls == 0  # float64 LSE accumulators: no FA4 kernel takes them
+
+
+def operands(seed: int = 0):
+    """Strided ``[B, L, H, d]`` blocks and accumulator rows (every other row of a bigger
+    tensor, as ``segment_local`` makes them), some rows not selected yet (LSE -inf, output 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    b, length, h, d = 3, 10, 2, 8
+
+    def rows(*tail):
+        return torch.randn(b, length, 2, *tail, generator=gen)[:, :, 1]
+
+    q, k, v, out = (rows(h, d) for _ in range(4))
+    lse = rows(h)
+    lse[:, ::3, 0] = float("-inf")
+    out[:, ::3, 0] = 0
+    return q, k, v, out, lse
+
+
+def two_kernel(q, k, v, causal, out, lse):
+    out, lse = out.clone(), lse.clone()
+    merge_into_(out, lse, *fa4.forward(q, k, v, causal, 0.3))
+    return out, lse
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """The stand-in installed and no compiled kernel yet."""
+    monkeypatch.setattr(fa4_merge, "_COMPILED", {})
+    with installed(FakeFA4()):
+        yield monkeypatch
+
+
+class FakeKernel:
+    """A "compiled" kernel: merges correctly, or writes ``wrong`` into the output, or raises."""
+
+    def __init__(self, causal: bool, wrong: float | None = None, fail: bool = False) -> None:
+        self.causal, self.wrong, self.fail, self.runs = causal, wrong, fail, 0
+
+    def __call__(self, q, k, v, out, lse_bhl, scale, *none_args) -> None:
+        self.runs += 1
+        if self.fail:
+            raise RuntimeError("no such kernel")
+        merge_into_(out, lse_bhl.transpose(1, 2), *fa4.forward(q, k, v, self.causal, scale))
+        if self.wrong is not None:
+            out.fill_(self.wrong)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_first_call_keeps_a_kernel_that_agrees(fresh, causal):
+    kernel = FakeKernel(causal)
+    fresh.setattr(fa4_merge, "_compile", lambda key, *args: kernel)
+    q, k, v, out, lse = operands()
+    expected = two_kernel(q, k, v, causal, out, lse)
+    assert fa4_merge.forward_merge_(q, k, v, causal, 0.3, out, lse)
+    torch.testing.assert_close((out, lse), expected)  # merged once, not twice
+    assert fa4_merge.forward_merge_(q, k, v, causal, 0.3, *operands()[3:])
+    assert kernel.runs == 2 and list(fa4_merge._COMPILED.values()) == [kernel]
+
+
+@pytest.mark.parametrize(
+    ("kernel", "merged", "why"),
+    [
+        (FakeKernel(False, wrong=0.5), True, "disagreed"),
+        (FakeKernel(False, wrong=float("nan")), True, "disagreed"),
+        (FakeKernel(False, fail=True), False, "failed to compile or launch"),
+    ],
+)
+def test_first_call_refuses_a_kernel_that_disagrees_or_fails(fresh, kernel, merged, why):
+    fresh.setattr(fa4_merge, "_compile", lambda key, *args: kernel)
+    q, k, v, out, lse = operands()
+    before = out.clone(), lse.clone()
+    expected = two_kernel(q, k, v, False, out, lse)
+    with pytest.warns(RuntimeWarning, match=why):
+        assert fa4_merge.forward_merge_(q, k, v, False, 0.3, out, lse) is merged
+    # merged exactly once by the two-kernel path, or untouched for the caller to merge
+    torch.testing.assert_close((out, lse), expected if merged else before)
+    runs = kernel.runs
+    assert not fa4_merge.forward_merge_(q, k, v, False, 0.3, out, lse)  # never again
+    assert kernel.runs == runs and fa4_merge._COMPILED
+
+
+def test_disabled_switch_declines_without_work(fresh):
+    kernel = FakeKernel(False)
+    fresh.setattr(fa4_merge, "_compile", lambda key, *args: kernel)
+    fresh.setattr(fa4_merge, "ENABLED", False)
+    q, k, v, out, lse = operands()
+    before = out.clone()
+    assert not fa4_merge.forward_merge_(q, k, v, False, 0.3, out, lse)
+    assert kernel.runs == 0 and torch.equal(out, before)
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda x: x.update(lse=x["lse"].double()),  # float64 statistics
+        lambda x: x.update(q=x["q"][..., ::2]),  # channels not contiguous
+        lambda x: x.update(out=x["out"][:, :, :1]),  # a shape that is not q's
+        lambda x: x.update(k=x["k"][:, :, :, 1:]),  # rows not 16-byte aligned (float32: 4)
+        lambda x: x.update(v=x["v"][:1].expand(3, -1, -1, -1)),  # broadcast along B
+    ],
+)
+def test_layouts_the_kernel_cannot_take_are_refused(spoil):
+    x = dict(zip(("q", "k", "v", "out", "lse"), operands()))
+    assert fa4_merge.layout_ok(**x)
+    spoil(x)
+    assert not fa4_merge.layout_ok(**x)
+
+
+def test_unit_dims_of_stride_zero_are_restrided():
+    x = torch.randn(1, 10, 2, 8).expand(1, 10, 2, 8)
+    y = x.as_strided((1, 10, 2, 8), (0, 16, 8, 1))
+    assert fa4_merge.layout_ok(y, y, y, y, torch.zeros(1, 10, 2))
+    z = fa4_merge._unit_dims_restrided(y)
+    assert 0 not in z.stride() and torch.equal(z, y) and z.data_ptr() == y.data_ptr()
+
+
+def test_compile_keys_follow_the_lse_unit_stride():
+    q = torch.zeros(2, 4, 3, 8)
+    heads_contiguous = torch.zeros(2, 4, 3)
+    strided_heads = torch.zeros(2, 4, 6)[..., ::2]
+    keys = {
+        fa4_merge._key(q, causal, lse)
+        for causal, lse in itertools.product((False, True), (heads_contiguous, strided_heads))
+    }
+    assert len(keys) == 4
+    assert fa4_merge._key(q, False, heads_contiguous)[-1] == 1  # [B, H, L]: H has stride 1
+    assert fa4_merge._key(q, False, strided_heads)[-1] is None
