@@ -5,7 +5,8 @@ GPU time and the idle gap before it.
 
 ``experiments.profile_core`` sums the time per kernel *name*; every FA4 block call shares one
 name, so it cannot say which config's call is slow. This lists the kernels of the last of
-``--calls`` forward calls issued back to back (eager, no grad, issue 5's configs): per launch the
+``--calls`` forward calls issued back to back (eager, no grad, issue 5's configs; with
+``--backward`` forward+backward calls, and a per-kernel-name summary): per launch the
 grid (how many CTAs: a call of few CTAs leaves SMs idle), the µs, and the µs of GPU idle before
 it (host-bound stretches); then the GPU's busy time over all calls against their span, whose
 difference is the idle time between calls. Writes ``kernel_timeline.md`` under ``--out``.
@@ -27,17 +28,30 @@ from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
-def timeline(n: int, mixing: str, causal: bool, calls: int, heads: int, dim: int) -> list[str]:
-    q, k, v = (torch.randn(1, n, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+def timeline(
+    n: int, mixing: str, causal: bool, calls: int, heads: int, dim: int, backward: bool = False
+) -> list[str]:
+    q, k, v = (
+        torch.randn(1, n, heads, dim, device="cuda", dtype=torch.bfloat16).requires_grad_(backward)
+        for _ in range(3)
+    )
+    dout = torch.randn_like(q)
     module = ringattn.DilatedAttention(ISSUE_LENGTHS, ISSUE_RATES, causal=causal, mixing=mixing)
-    with torch.no_grad():
-        for _ in range(3):  # warm: replays recorded, launches prepared
-            module(q, k, v)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(calls):
+
+    def call() -> None:
+        if backward:  # autograd.grad: no accumulation into .grad (an add per call)
+            torch.autograd.grad(module(q, k, v), (q, k, v), dout)
+        else:
+            with torch.no_grad():
                 module(q, k, v)
-            torch.cuda.synchronize()
+
+    for _ in range(3):  # warm: replays recorded, launches prepared
+        call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
     with tempfile.TemporaryDirectory() as tmp:  # the Chrome trace carries each launch's grid
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))
@@ -48,7 +62,8 @@ def timeline(n: int, mixing: str, causal: bool, calls: int, heads: int, dim: int
     )
     last = kernels[-(len(kernels) // calls) :]  # every call launches the same kernels
     rows = [
-        f"## n={n} {mixing} causal={causal}: the last of {calls} forwards back to back",
+        f"## n={n} {mixing} causal={causal}: the last of {calls} "
+        f"{'forwards+backwards' if backward else 'forwards'} back to back",
         "",
         "| # | kernel | grid (CTAs) | µs | gap before µs |",
         "|---|---|---|---|---|",
@@ -63,6 +78,14 @@ def timeline(n: int, mixing: str, causal: bool, calls: int, heads: int, dim: int
         busy += e["dur"]
         previous_end = e["ts"] + e["dur"]
     span = previous_end - last[0]["ts"]
+    per_name: dict[str, list[float]] = {}
+    for e in last:
+        per_name.setdefault(e["name"][:60], []).append(e["dur"])
+    rows += ["", "| kernel | launches | µs | share of busy |", "|---|---|---|---|"]
+    for name, durations in sorted(per_name.items(), key=lambda item: -sum(item[1])):
+        rows.append(
+            f"| {name} | {len(durations)} | {sum(durations):.0f} | {sum(durations) / busy:.1%} |"
+        )
     all_busy = sum(e["dur"] for e in kernels)
     all_span = kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"]
     rows += [
@@ -81,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mixing", nargs="+", default=["head_groups", "lse"])
     p.add_argument("--causal", choices=["no", "yes", "both"], default="both")
     p.add_argument("--calls", type=int, default=3)
+    p.add_argument("--backward", action="store_true", help="time forward+backward calls")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--out", type=Path, default=Path("results") / "kernel_timeline")
@@ -92,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     for n in args.n:
         for mixing in args.mixing:
             for causal in causals:
-                text += timeline(n, mixing, causal, args.calls, args.heads, args.dim)
+                text += timeline(n, mixing, causal, args.calls, args.heads, args.dim, args.backward)
                 print("\n".join(text[-8:]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernel_timeline.md").write_text("\n".join(text))
