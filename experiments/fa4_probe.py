@@ -29,6 +29,10 @@ epilogue) and the two-kernel path (FA4's forward, then the Triton merge) to a fl
 ``segment_local``'s strided views (full 2048-row blocks and 1000-row ones, whose last tile is
 partial), times both, then times the whole ``lse`` module with the fused kernel on and off
 (interleaved) at ``--n`` and n/4 and reports how far apart their outputs are.
+``--part add`` does the same for ``ringattn.kernels.fa4_add`` (FA4's backward adding dK and dV
+into the gradients with TMA reduce-add stores) against FA4's backward and the Triton add: the
+sums against each other, GPU ms of each, and the ``lse`` module's forward+backward with it on
+and off.
 """
 
 from __future__ import annotations
@@ -370,6 +374,109 @@ def merge(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     return rows
 
 
+def add(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+    """``ringattn.kernels.fa4_add`` against FA4's backward plus the Triton add."""
+    import ringattn
+    from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
+    from ringattn.kernels import fa4, fa4_add
+    from ringattn.kernels.add import add_rows_
+
+    rows = []
+    scale = d**-0.5
+
+    def adding(inputs, grads, causal):
+        dq, dk, dv = grads
+        dq_block = fa4_add.backward_add_(*inputs, causal, scale, dk, dv)
+        add_rows_([dq.unsqueeze(0)], [dq_block.unsqueeze(0)])
+
+    def plain(inputs, grads, causal):
+        result = fa4.backward(*inputs, causal, scale)
+        add_rows_([g.unsqueeze(0) for g in grads], [x.unsqueeze(0) for x in result])
+
+    for length in (2048, 1000):
+        segments = n // (2 * length)
+        used = segments * 2 * length
+
+        def strided(x, segments=segments, length=length, used=used):
+            return x[:, :used].reshape(segments, length, 2, *x.shape[2:])[:, :, 1]
+
+        def full():
+            return torch.randn(1, n, h, d, device=device, dtype=torch.bfloat16)
+
+        q, k, v, dout, out = (strided(full()) for _ in range(5))
+        lse = strided(torch.rand(1, n, h, device=device) * 4 + 2)
+        grads_full = [full() for _ in range(3)]
+        for causal in (False, True):
+            row = {"problem": f"L={length} r=2 offset 1", "causal": causal}
+            try:
+                dq, dk, dv = (strided(g.clone()) for g in grads_full)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    first = fa4_add.backward_add_(dout, q, k, v, out, lse, causal, scale, dk, dv)
+                    dk.copy_(strided(grads_full[1])), dv.copy_(strided(grads_full[2]))
+                    dq_block = fa4_add.backward_add_(dout, q, k, v, out, lse, causal, scale, dk, dv)
+                row["first_call_declined"] = first is None  # (it checked the kernel)
+                row["warnings"] = [
+                    str(w.message)[:300] for w in caught if "deprecated" not in str(w.message)
+                ]
+                row["kept"] = {str(key): kept for key, kept in fa4_add._CHECKED.items()}
+                row["refusal"] = (fa4_add.last_refusal or "")[:2000]
+                if dq_block is not None:
+                    ref = fa4.backward(dout, q, k, v, out, lse, causal, scale)
+                    for name, got, old, block in (
+                        ("dk", dk, strided(grads_full[1]), ref[1]),
+                        ("dv", dv, strided(grads_full[2]), ref[2]),
+                        ("dq", dq_block, torch.zeros_like(ref[0]), ref[0]),
+                    ):
+                        want = old.float() + block.float()
+                        row[f"{name}_rel_err"] = float((got.float() - want).norm() / want.norm())
+
+                    inputs, grads = (dout, q, k, v, out, lse), (dq, dk, dv)
+                    adding_call = partial(adding, inputs, grads, causal)
+                    plain_call = partial(plain, inputs, grads, causal)
+                    row["adding_ms"] = _events_ms(adding_call, 2, repeats)
+                    row["plain_ms"] = _events_ms(plain_call, 2, repeats)
+            except Exception as exc:  # a probe: report and go on
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:1500]}"
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    for size in (n // 4, n):
+        q, k, v = (
+            torch.randn(1, size, h, d, device=device, dtype=torch.bfloat16).requires_grad_()
+            for _ in "qkv"
+        )
+        dout = torch.randn_like(q)
+        for causal in (False, True):
+            module = ringattn.DilatedAttention(
+                ISSUE_LENGTHS, ISSUE_RATES, causal=causal, mixing="lse"
+            )
+            row = {"problem": f"module n={size} lse fwd+bwd", "causal": causal}
+            grads = {}
+            try:
+                for turn in range(2):
+                    for enabled in (True, False):
+                        fa4_add.ENABLED = enabled
+                        name = "adding" if enabled else "plain"
+
+                        def fn(module=module, q=q, k=k, v=v, dout=dout):
+                            return torch.autograd.grad(module(q, k, v), (q, k, v), dout)
+
+                        grads[name] = fn()
+                        row[f"{name}_fwdbwd_ms_{turn}"] = _events_ms(fn, 2, repeats)
+                row["adding_vs_plain_rel"] = max(
+                    float((a.float() - b.float()).norm() / b.float().norm())
+                    for a, b in zip(grads["adding"], grads["plain"])
+                )
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:600]}"
+            fa4_add.ENABLED = True
+            row["kept"] = {str(key): kept for key, kept in fa4_add._CHECKED.items()}
+            row["refusal"] = (fa4_add.last_refusal or "")[:600]
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=131072)
@@ -379,7 +486,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument(
         "--part",
-        choices=["compare", "sweep", "determinism", "replay", "merge"],
+        choices=["compare", "sweep", "determinism", "replay", "merge", "add"],
         default="compare",
     )
     args = parser.parse_args(argv)
@@ -387,7 +494,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     h, d = args.heads, args.head_dim
     if args.part != "compare":
-        part = {"sweep": sweep, "determinism": determinism, "replay": replay, "merge": merge}
+        part = {
+            "sweep": sweep,
+            "determinism": determinism,
+            "replay": replay,
+            "merge": merge,
+            "add": add,
+        }
         part = part[args.part]
         rows = part(args.n, h, d, args.repeats, device)
         args.out.mkdir(parents=True, exist_ok=True)

@@ -296,7 +296,7 @@ def dilated_backward(
             tensors[:6],
             tensors[6:],
             (i for i in range(first, len(blocks)) if i not in placed_ids),
-            lambda span, *views: adding_launch(spec, span),
+            lambda span, *views: adding_launch(spec, span, *views),
             placed=False,
         ),
     }
@@ -380,12 +380,27 @@ def merging_launch(
     return launch
 
 
-def adding_launch(spec: CoreSpec, span: int) -> Callable[..., None]:
+def adding_launch(
+    spec: CoreSpec, span: int, dout, q, k, v, out, lse, *grad_rows: Tensor
+) -> Callable[..., None]:
     """A prepared launch of a merged block part's backward (as :func:`merging_launch`): its
     gradients added into its rows."""
     if span == 1:
+        # dK and dV added by the backward kernel itself where the computer has one (FA4)
+        flats = [flat_view(rows) for rows in grad_rows]
+        fused = None
+        if all(flat is not None for flat in flats):
+            fused = spec.computer.adding_launcher(
+                spec.causal, spec.scale, dout, q, k, v, out, lse, *flats
+            )
 
         def launch(dout, q, k, v, out, lse, *grad_rows: Tensor) -> None:
+            if fused is not None:
+                dk, dv = (rows.flatten(0, 1) for rows in grad_rows[1:])
+                dq_block = fused(dout, q, k, v, out, lse, dk, dv)
+                if dq_block is not None:
+                    accumulate_([grad_rows[0]], (dq_block,), place=False)
+                    return
             result = spec.computer.backward(dout, q, k, v, out, lse, spec.causal, spec.scale)
             accumulate_(list(grad_rows), result, place=False)
 

@@ -138,3 +138,33 @@ def test_signature_tells_layouts_alignment_and_flags_apart():
     assert key != replay.signature((base, base), True, 0.5)
     flat = torch.randn(40)
     assert replay.signature((flat[1:33].view(4, 8),)) != replay.signature((flat[:32].view(4, 8),))
+
+
+class Adding(Library):
+    """A library whose last kernel adds into ``out`` instead of writing it (``out += 2x + 1``),
+    as FA4's backward compiled with reduce-add stores does into given gradients."""
+
+    def _add_one(self, y, out, one):
+        self.kernel_runs += 1
+        out.add_(y + one)
+
+
+def test_accumulating_operands_are_added_into_once():
+    library, x = Adding(), torch.randn(3, 5)
+    out = torch.randn(6, 5)[::2]
+    old = out.clone()
+    result, rec = replay.record(
+        lambda: library.launch(x, out), {library: "compile_cache"}, (x, out), lambda r: (r,), (1,)
+    )
+    assert rec is not None and result is out  # the check replayed into the contents from before
+    torch.testing.assert_close(out, old + 2 * x + 1)  # once, not twice
+    y, into = torch.randn(3, 5), torch.ones(3, 5)
+    rec((y, into))
+    torch.testing.assert_close(into, 1 + 2 * y + 1)
+
+
+def test_undeclared_accumulation_is_not_replayed():
+    library, x, out = Adding(), torch.randn(3, 5), torch.zeros(3, 5)
+    with pytest.warns(RuntimeWarning, match="disagreed"):
+        _, rec = recorded(library, x, out)
+    assert rec is None

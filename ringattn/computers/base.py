@@ -121,6 +121,27 @@ class BlockComputer(AttentionComputer):
         False from a call it did not take (having written nothing)."""
         return None
 
+    def adding_launcher(
+        self,
+        causal: bool,
+        scale: float,
+        dout: Rows,
+        q: Rows,
+        k: Rows,
+        v: Rows,
+        out: Rows,
+        lse: RowsLSE,
+        dq: Rows,
+        dk: Rows,
+        dv: Rows,
+    ) -> Callable[..., Tensor | None] | None:
+        """A launcher that adds the blocks' dK and dV into ``dk`` / ``dv`` (views of the core's
+        gradients) in the backward kernel itself and returns their dQ for the core to add, for
+        views of these layouts; None where this computer has no such kernel. The launcher takes
+        ``(dout, q, k, v, out, lse, dk, dv)`` and returns None from a call it did not take
+        (having written nothing)."""
+        return None
+
     def backward_launcher(
         self,
         causal: bool,

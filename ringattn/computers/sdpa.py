@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ringattn.computers.base import BlockComputer, Rows, RowsLSE, accumulation_dtype
-from ringattn.kernels import cudnn_graphs, fa4, fa4_merge
+from ringattn.kernels import cudnn_graphs, fa4, fa4_add, fa4_merge
 from ringattn.registry import register
 
 aten = torch.ops.aten
@@ -298,6 +298,16 @@ class SDPAComputer(BlockComputer):
 
         def launch(q, k, v, out, lse) -> bool:
             return fa4_merge.forward_merge_(q, k, v, causal, scale, out, lse)
+
+        return launch
+
+    def adding_launcher(self, causal, scale, dout, q, k, v, out, lse, dq, dk, dv):
+        # FA4's backward with its dK / dV stores as TMA reduce-adds (ringattn.kernels.fa4_add)
+        if not (self._fa4(self.cuda_backward, q) and fa4_add.supported(q)):
+            return None
+
+        def launch(dout, q, k, v, out, lse, dk, dv) -> Tensor | None:
+            return fa4_add.backward_add_(dout, q, k, v, out, lse, causal, scale, dk, dv)
 
         return launch
 

@@ -108,6 +108,14 @@ def _warn_unusable(exc: BaseException) -> None:
     )
 
 
+def warn_refused(kernel: str, key: tuple, why: str, instead: str) -> None:
+    """The warning of a fused kernel's first-call guard (``fa4_merge``, ``fa4_add``) refusing
+    ``kernel`` for ``key``: what it is, why, and what runs instead (the same function)."""
+    warnings.warn(
+        f"ringattn: {kernel} is not used for {key}: {why}; {instead}", RuntimeWarning, stacklevel=5
+    )
+
+
 @cache
 def _arch_ok(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] in _ARCHS
@@ -135,7 +143,8 @@ def available(q: Tensor) -> bool:
 # REPLAY = False always calls the launcher (the A/B: experiments/fa4_probe.py --part replay)
 REPLAY = True
 _REPLAYS: dict[tuple, replay.Replay | None] = {}
-_LAUNCHER_LOCK = threading.Lock()
+# recording (and compiling the adding backward, ringattn.kernels.fa4_add) swaps FA4's module state
+_LAUNCHER_LOCK = threading.RLock()
 _MAX_REPLAYS = 4096  # a bound, not a working set: a plan has a handful of block signatures
 
 
@@ -145,6 +154,7 @@ def _launch(
     operands: tuple[Tensor | None, ...],
     flags: tuple,
     results: Callable[[Any], tuple[Tensor, ...]],
+    accumulating: tuple[int, ...] = (),
 ) -> tuple[Tensor, ...]:
     """``results(launcher())``, through the replay of its signature's first call where there is
     one (FA4's Python launcher costs more host time than a small block's kernel takes)."""
@@ -158,7 +168,9 @@ def _launch(
     with _LAUNCHER_LOCK:
         if key is None or key in _REPLAYS:
             return results(launcher())
-        result, recorded = replay.record(launcher, _loaded().caches, operands, results)
+        result, recorded = replay.record(
+            launcher, _loaded().caches, operands, results, accumulating
+        )
         if len(_REPLAYS) >= _MAX_REPLAYS:
             _REPLAYS.clear()
         _REPLAYS[key] = recorded
@@ -193,10 +205,14 @@ def backward(
     lse: Tensor,
     causal: bool,
     scale: float,
-    grads: tuple[Tensor, Tensor, Tensor] | None = None,
+    grads: tuple[Tensor | None, Tensor, Tensor] | None = None,
+    kernels: Callable[[], Any] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of the blocks ``[B, L, H, d]`` given their (merged) ``out`` and ``lse``
-    ``[B, L, H]``; written into ``grads`` (views of the same shapes) when given."""
+    ``[B, L, H]``; written into ``grads`` (views of the same shapes; a None one is allocated)
+    when given. ``kernels``: a context manager under which FA4's launcher compiles and finds
+    other kernels of the same signatures (``ringattn.kernels.fa4_add``); its calls are recorded
+    and replayed under a key of their own."""
     flash_bwd = _loaded().backward
     dq, dk, dv = grads if grads is not None else (None, None, None)
     out, dout = out.to(q.dtype), dout.to(q.dtype)
@@ -223,5 +239,9 @@ def backward(
         )
 
     operands = (q, k, v, out, dout, lse_bhl, dq, dk, dv)
-    dq, dk, dv = _launch("bwd", launcher, operands, (causal, scale, deterministic), lambda r: r[:3])
-    return dq, dk, dv
+    flags = (causal, scale, deterministic)
+    if kernels is None:
+        return _launch("bwd", launcher, operands, flags, lambda r: r[:3])
+    with _LAUNCHER_LOCK, kernels():  # (they add into dk, dv: roles 7, 8)
+        kind = f"bwd:{kernels.__name__}"
+        return _launch(kind, launcher, operands, flags, lambda r: r[:3], accumulating=(7, 8))

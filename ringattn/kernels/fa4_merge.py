@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib
 import threading
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -186,11 +185,10 @@ def _first_call(key, q, k, v, causal: bool, scale: float, out: Tensor, lse: Tens
 
 def _refuse(key: tuple, why: str) -> None:
     global last_refusal
-    _COMPILED[key] = False
-    last_refusal = why
-    warnings.warn(
-        f"ringattn: FA4's forward with the merge in its epilogue is not used for {key}: {why}; "
+    _COMPILED[key], last_refusal = False, why
+    fa4.warn_refused(
+        "FA4's forward with the merge in its epilogue",
+        key,
+        why,
         "merged blocks take FA4's forward and a separate merge kernel",
-        RuntimeWarning,
-        stacklevel=4,
     )

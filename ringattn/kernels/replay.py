@@ -211,16 +211,26 @@ def record(
     caches: Mapping[Any, str],
     operands: tuple[Tensor | None, ...],
     results: Callable[[Any], tuple[Tensor, ...]],
+    accumulating: tuple[int, ...] = (),
 ) -> tuple[Any, Replay | None]:
     """Run ``launcher()`` once, noting the compiled launches it makes through the compile caches
     ``getattr(owner, name)`` for each ``owner, name`` in ``caches``; returns its result and the
     :class:`Replay` of it, or None where a replay would not do the same work (module docstring).
-    ``results`` picks the tensors a replay must return from the launcher's result."""
+    ``results`` picks the tensors a replay must return from the launcher's result.
+    ``accumulating``: the roles of operands the kernels add into (their contents before the
+    call are kept, and put back before the check's replay and any second launch, so every
+    path adds once)."""
     global last_refusal
     present = [x for x in operands if x is not None]
     if len({x.data_ptr() for x in present}) < len(present):  # roles would be ambiguous
         last_refusal = "aliased operands"
         return launcher(), None
+    before = {role: operands[role].clone() for role in accumulating if operands[role] is not None}
+
+    def put_back() -> None:
+        for role, saved in before.items():
+            operands[role].copy_(saved)
+
     launches: list = []
     originals = {(owner, name): getattr(owner, name) for owner, name in caches.items()}
     watch = _Watch()
@@ -258,6 +268,7 @@ def record(
     for x in results(result):
         if x.is_floating_point():
             x.fill_(float("nan"))
+    put_back()
     got = [_row_stats(x) for x in replay(operands, watch.allocations)]
     if not all(_agree(g, w) for g, w in zip(got, wanted, strict=True)):
         warnings.warn(
@@ -267,6 +278,7 @@ def record(
             stacklevel=3,
         )
         last_refusal = "disagreed with the launcher"
+        put_back()
         return launcher(), None  # the poisoned results written again
     return result, replay
 
