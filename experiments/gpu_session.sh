@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One lent-H200 session's runs for issue 5, in parts that each fit one device call (600 s), after
+# FA4 arrived (experiments/fa4_carry.sh: call 1 carries .fa4a, call 2 .fa4b and .whl):
+#
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh record   # ~4.5 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh long     # ~4 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh checks   # ~5 min
+#
+# record: the bench's record at 32K/131K and 1M (docs/benchmarks/h200_perf.md's first two
+#   commands); long: its 2M/4M command; checks: every local strategy against the oracle on the
+#   GPU, the fused FA4 kernels' probes (merge, add), and the forward and forward+backward kernel
+#   timelines at 131K. Each part writes under $OUT/<part>/ (one tarball, $OUT/<part>.tgz, so no
+#   file is left out of what comes back) and prints a short summary last.
+set -uo pipefail
+part=${1:?usage: gpu_session.sh record|long|checks}
+out=${OUT:-results}/$part
+mkdir -p "$out"
+bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
+    --no-in-model --no-compile)
+case "$part" in
+record)
+    "${bench[@]}" --n 32768 131072 --repeats 10 --warmup 3 --out "$out/bench" >"$out/bench.log" 2>&1
+    "${bench[@]}" --n 1048576 --repeats 5 --warmup 2 --check-n 0 --out "$out/bench_1m" \
+        >"$out/bench_1m.log" 2>&1
+    summary=$(grep -h "segment_local/sdpa |" "$out"/bench*.log)
+    ;;
+long)
+    "${bench[@]}" --n 2097152 4194304 --fwd-only-from 4194304 --check-n 0 --out "$out/bench" \
+        >"$out/bench.log" 2>&1
+    summary=$(grep -h "segment_local/sdpa |" "$out/bench.log")
+    ;;
+checks)
+    python -m experiments.flex_gpu --part check --out "$out/flex_gpu_check" >"$out/check.log" 2>&1
+    for probe in merge add; do
+        python -m experiments.fa4_probe --part "$probe" --n 131072 --repeats 10 --out "$out" \
+            >"$out/probe_$probe.log" 2>&1
+    done
+    python -m experiments.kernel_timeline --n 131072 --calls 10 --out "$out/timeline_fwd" \
+        >"$out/timeline_fwd.log" 2>&1
+    python -m experiments.kernel_timeline --n 131072 --backward --calls 5 \
+        --out "$out/timeline_fwdbwd" >"$out/timeline_fwdbwd.log" 2>&1
+    passed=$(grep -c '| True |' "$out/flex_gpu_check/flex_gpu_check.md" 2>/dev/null)
+    summary="oracle check: ${passed:-0} rows within tolerance
+$(grep -h "GPU busy" "$out"/timeline_*/kernel_timeline.md | cut -c1-120)"
+    ;;
+*)
+    echo "unknown part: $part" >&2
+    exit 2
+    ;;
+esac
+tar -czf "$out.tgz" -C "$(dirname "$out")" "$part" && rm -rf "$out"
+echo "$summary"
