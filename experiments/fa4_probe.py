@@ -258,7 +258,7 @@ def _store_paths(q, k, v, causal, scale, out_full, lse_full, strided) -> dict:
     key = fa4_merge._key(q, causal, lse_v)
     store_only = fa4_merge._compile(key, q, k, v, out_v, lse_v.transpose(1, 2), StoreOnly)
     fused = fa4_merge._COMPILED[key]
-    args = (q, k, v, out_v, lse_v.transpose(1, 2), scale, *fa4_merge._NONE_ARGS)
+    args = (q, k, v, out_v, lse_v.transpose(1, 2), scale)
     return {
         "fa4_tma_store_ms": _events_ms(
             partial(fa4.forward, q, k, v, causal, scale, out=out_v), 2, 10

@@ -220,14 +220,14 @@ def test_no_recording_while_a_cuda_graph_is_captured(fake_fa4, monkeypatch, smal
     """A recording checks its replay against the launcher, which syncs the host: forbidden while
     a CUDA graph is captured. There an unrecorded signature calls the launcher and records
     nothing; recorded ones still replay (launches only)."""
-    monkeypatch.setattr(fa4, "_capturing", lambda q: True)
+    monkeypatch.setattr(fa4, "capturing", lambda q: True)
     check_against_oracle(small_problem, torch.float32, sdpa_strategies())
     assert fake_fa4.forward_calls == fake_fa4.forward_runs > 0
     assert fake_fa4.calls == fake_fa4.backward_runs > 0
     assert not fa4._REPLAYS
-    monkeypatch.setattr(fa4, "_capturing", lambda q: False)
+    monkeypatch.setattr(fa4, "capturing", lambda q: False)
     check_against_oracle(small_problem, torch.float32, sdpa_strategies())  # records
     launcher_calls = (fake_fa4.forward_calls, fake_fa4.calls)
-    monkeypatch.setattr(fa4, "_capturing", lambda q: True)
+    monkeypatch.setattr(fa4, "capturing", lambda q: True)
     check_against_oracle(small_problem, torch.float32, sdpa_strategies())  # replays
     assert (fake_fa4.forward_calls, fake_fa4.calls) == launcher_calls

@@ -41,6 +41,7 @@ import importlib
 import threading
 import warnings
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from functools import cache
 from typing import Any, NamedTuple
 
@@ -139,11 +140,18 @@ def available(q: Tensor) -> bool:
     )
 
 
+def sm90(q: Tensor) -> bool:
+    """:func:`available` on an SM90 GPU (H100/H200): where the fused variants of FA4's SM90
+    kernels (``fa4_merge``, ``fa4_add``) apply."""
+    return q.is_cuda and available(q) and torch.cuda.get_device_capability(q.device)[0] == 9
+
+
 # replays of FA4's recorded calls by signature (None: that signature calls FA4's launcher);
 # REPLAY = False always calls the launcher (the A/B: experiments/fa4_probe.py --part replay)
 REPLAY = True
 _REPLAYS: dict[tuple, replay.Replay | None] = {}
-# recording (and compiling the adding backward, ringattn.kernels.fa4_add) swaps FA4's module state
+# recording, and the adding backward's launches (ringattn.kernels.fa4_add), swap FA4's module
+# state
 _LAUNCHER_LOCK = threading.RLock()
 _MAX_REPLAYS = 4096  # a bound, not a working set: a plan has a handful of block signatures
 
@@ -155,14 +163,21 @@ def _launch(
     flags: tuple,
     results: Callable[[Any], tuple[Tensor, ...]],
     accumulating: tuple[int, ...] = (),
+    kernels: Callable[[], AbstractContextManager] | None = None,
 ) -> tuple[Tensor, ...]:
     """``results(launcher())``, through the replay of its signature's first call where there is
-    one (FA4's Python launcher costs more host time than a small block's kernel takes)."""
+    one (FA4's Python launcher costs more host time than a small block's kernel takes).
+    ``kernels``: entered around every call of the launcher (not around replays), under which it
+    compiles and finds other kernels (``ringattn.kernels.fa4_add``); ``accumulating``: the
+    operands those add into (``ringattn.kernels.replay.record``)."""
     key = (kind, replay.signature(operands, *flags)) if REPLAY else None
     known = _REPLAYS.get(key) if key is not None else None
     if known is not None:
         return known(operands)
-    if _capturing(operands[0]):  # a recording syncs to check its replay: capture forbids that
+    if kernels is not None:  # they swap FA4's module state: no other launcher runs beside them
+        with _LAUNCHER_LOCK, kernels():
+            return _launch(kind, launcher, operands, flags, results, accumulating)
+    if capturing(operands[0]):  # a recording syncs to check its replay: capture forbids that
         return results(launcher())
     # recording swaps FA4's compile caches for the call: no launcher runs beside it
     with _LAUNCHER_LOCK:
@@ -177,10 +192,10 @@ def _launch(
         return results(result)
 
 
-def _capturing(q: Tensor | None) -> bool:
+def capturing(q: Tensor | None) -> bool:
     """Whether a CUDA graph is being captured on ``q``'s stream (a replay may be captured, a
     recording may not: ``compile_mode="reduce-overhead"`` or a user's ``torch.cuda.graph``)."""
-    return q is not None and q.is_cuda and torch.cuda.is_current_stream_capturing()
+    return q is not None and q.is_cuda and torch.cuda.is_current_streamcapturing()
 
 
 def forward(
@@ -242,6 +257,5 @@ def backward(
     flags = (causal, scale, deterministic)
     if kernels is None:
         return _launch("bwd", launcher, operands, flags, lambda r: r[:3])
-    with _LAUNCHER_LOCK, kernels():  # (they add into dk, dv: roles 7, 8)
-        kind = f"bwd:{kernels.__name__}"
-        return _launch(kind, launcher, operands, flags, lambda r: r[:3], accumulating=(7, 8))
+    kind = f"bwd:{kernels.__name__}"  # (they add into dk, dv: roles 7, 8)
+    return _launch(kind, launcher, operands, flags, lambda r: r[:3], (7, 8), kernels)

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import importlib
 from contextlib import contextmanager
-from types import SimpleNamespace
+from functools import cache
+from types import ModuleType, SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -50,18 +51,24 @@ def adding_kernels():
     sm90 = importlib.import_module("flash_attn.cute.flash_bwd_sm90")
     owner, cpasync = interface._flash_attn_bwd, sm90.cpasync
     saved_cache = owner.compile_cache
-    adding = SimpleNamespace(**vars(cpasync))
-    adding.CopyBulkTensorTileS2GOp = cpasync.CopyReduceBulkTensorTileS2GOp
-    owner.compile_cache, sm90.cpasync = _CACHE, adding
+    owner.compile_cache, sm90.cpasync = _CACHE, _reduce_adding(cpasync)
     try:
         yield
     finally:
         owner.compile_cache, sm90.cpasync = saved_cache, cpasync
 
 
+@cache
+def _reduce_adding(cpasync: ModuleType) -> SimpleNamespace:
+    """``cpasync`` whose ``CopyBulkTensorTileS2GOp`` is its TMA reduce-add op."""
+    adding = SimpleNamespace(**vars(cpasync))
+    adding.CopyBulkTensorTileS2GOp = cpasync.CopyReduceBulkTensorTileS2GOp
+    return adding
+
+
 def supported(q: Tensor) -> bool:
     """Whether the adding backward may take blocks like ``q`` here: an SM90 GPU with FA4."""
-    return q.is_cuda and fa4.available(q) and torch.cuda.get_device_capability(q.device)[0] == 9
+    return fa4.sm90(q)
 
 
 def backward_add_(
@@ -86,7 +93,7 @@ def backward_add_(
     if kept is False:
         return None
     if kept is None:
-        if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        if fa4.capturing(q):
             return None  # the first call syncs to check the kernel
         return _first_call(key, dout, q, k, v, out, lse, causal, scale, dk, dv)
     grads = (None, dk, dv)

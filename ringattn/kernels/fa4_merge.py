@@ -41,9 +41,7 @@ last_refusal: str | None = None
 def supported(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor) -> bool:
     """Whether the fused kernel takes these blocks here: an SM90 GPU with FA4, and
     :func:`layout_ok`."""
-    if not (q.is_cuda and fa4.available(q)):
-        return False
-    return torch.cuda.get_device_capability(q.device)[0] == 9 and layout_ok(q, k, v, out, lse)
+    return fa4.sm90(q) and layout_ok(q, k, v, out, lse)
 
 
 def layout_ok(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor) -> bool:
@@ -96,26 +94,19 @@ def forward_merge_(
     q, k, v, out, lse = (_unit_dims_restrided(x) for x in (q, k, v, out, lse))
     if kernel is None:
         # the first call syncs to check the kernel: not while a CUDA graph is captured
-        if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        if fa4.capturing(q):
             return False
         with _LOCK:
             if key not in _COMPILED:
                 return _first_call(key, q, k, v, causal, scale, out, lse)
         return forward_merge_(q, k, v, causal, scale, out, lse)
-    kernel(q, k, v, out, lse.transpose(1, 2), scale, *_NONE_ARGS)
+    kernel(q, k, v, out, lse.transpose(1, 2), scale)
     return True
 
 
-# FA4's SM90 kernel arguments after the softmax scale, none of which the blocks use: cu_seqlens
-# q/k, seqused q/k, page table, window left/right, learnable sink, block sparsity, then aux data
-# and the two varlen scheduler hints
-_NONE_ARGS: tuple = ()
-
-
 def _compile(key: tuple, q, k, v, out, lse_bhl, kernel_class=None) -> Callable:
-    """``key``'s kernel compiled for operands like these (``kernel_class``: another class of
-    the same constructor, for probes)."""
-    global _NONE_ARGS
+    """``key``'s kernel compiled for operands like these, as ``launch(q, k, v, out, lse_bhl,
+    scale)`` (``kernel_class``: another class of the same constructor, for probes)."""
     cute = importlib.import_module("cutlass.cute")
     dsl_utils = importlib.import_module("flash_attn.cute.cute_dsl_utils")
     interface = importlib.import_module("flash_attn.cute.interface")
@@ -148,9 +139,17 @@ def _compile(key: tuple, q, k, v, out, lse_bhl, kernel_class=None) -> Callable:
         tensors.append(dsl_utils.to_cute_tensor(lse_bhl, assumed_align=4, fully_dynamic=True))
     else:
         tensors.append(dsl_utils.to_cute_tensor(lse_bhl, assumed_align=4, leading_dim=lse_unit_dim))
-    _NONE_ARGS = (*(None,) * 9, aux, None, None)
+    # FA4's SM90 kernel arguments after the softmax scale, none of which the blocks use:
+    # cu_seqlens q/k, seqused q/k, page table, window left/right, learnable sink, block
+    # sparsity, then (empty) aux data and the two varlen scheduler hints
+    unused = (*(None,) * 9, aux, None, None)
     stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
-    return cute.compile(kernel, *tensors, 1.0, *_NONE_ARGS, stream, options="--enable-tvm-ffi")
+    compiled = cute.compile(kernel, *tensors, 1.0, *unused, stream, options="--enable-tvm-ffi")
+
+    def launch(q, k, v, out, lse_bhl, scale) -> None:
+        compiled(q, k, v, out, lse_bhl, scale, *unused)
+
+    return launch
 
 
 def _first_call(key, q, k, v, causal: bool, scale: float, out: Tensor, lse: Tensor) -> bool:
@@ -162,7 +161,7 @@ def _first_call(key, q, k, v, causal: bool, scale: float, out: Tensor, lse: Tens
     out_old, lse_old = out.clone(), lse.clone()
     try:
         kernel = _compile(key, q, k, v, out, lse.transpose(1, 2))
-        kernel(q, k, v, out, lse.transpose(1, 2), scale, *_NONE_ARGS)
+        kernel(q, k, v, out, lse.transpose(1, 2), scale)
     except Exception as exc:  # the CuTe DSL or this FA4 version rejects the kernel
         out.copy_(out_old), lse.copy_(lse_old)
         _refuse(key, f"it failed to compile or launch ({type(exc).__name__}: {exc})")
