@@ -29,6 +29,11 @@ epilogue) and the two-kernel path (FA4's forward, then the Triton merge) to a fl
 ``segment_local``'s strided views (full 2048-row blocks and 1000-row ones, whose last tile is
 partial), times both, then times the whole ``lse`` module with the fused kernel on and off
 (interleaved) at ``--n`` and n/4 and reports how far apart their outputs are.
+``--part zero`` holds ``ringattn.kernels.fa4_zero`` (FA4's forward that also writes the zeros of
+the rows a ``head_groups`` config leaves out) to FA4's forward on the strided views of ``(w, r)
+= (4096, 2), (8192, 4), (32768, 16)`` (rows, LSE, exact zeros, nothing left unwritten), times it
+against FA4's forward plus the fill, then the ``head_groups`` module with it on and off (forward,
+and forward+backward).
 ``--part add`` does the same for ``ringattn.kernels.fa4_add`` (FA4's backward adding dK and dV
 into the gradients with TMA reduce-add stores) against FA4's backward and the Triton add: the
 sums against each other, GPU ms of each, and the ``lse`` module's forward+backward with it on
@@ -38,6 +43,7 @@ and off.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 import warnings
@@ -256,7 +262,7 @@ def _store_paths(q, k, v, causal, scale, out_full, lse_full, strided) -> dict:
 
     out_v, lse_v = strided(out_full.clone()), strided(lse_full.clone())
     key = fa4_merge._key(q, causal, lse_v)
-    store_only = fa4_merge._compile(key, q, k, v, out_v, lse_v.transpose(1, 2), StoreOnly)
+    store_only = fa4_merge.compile_forward(key, q, k, v, out_v, lse_v.transpose(1, 2), StoreOnly)
     fused = fa4_merge._COMPILED[key]
     args = (q, k, v, out_v, lse_v.transpose(1, 2), scale)
     return {
@@ -268,11 +274,61 @@ def _store_paths(q, k, v, causal, scale, out_full, lse_full, strided) -> dict:
     }
 
 
+def _module_ab(n, h, d, repeats, device, mixing, switch, names, backward=False) -> list[dict]:
+    """The issue's module at n/4 and n, causal and not, timed with ``switch`` (a module with an
+    ``ENABLED`` flag) on and off, interleaved twice; how far apart the two results are."""
+    import ringattn
+    from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
+
+    on, off = names
+    rows = []
+    for size in (n // 4, n):
+        q, k, v = (
+            torch.randn(1, size, h, d, device=device, dtype=torch.bfloat16).requires_grad_(backward)
+            for _ in "qkv"
+        )
+        dout = torch.randn_like(q)
+        for causal in (False, True):
+            module = ringattn.DilatedAttention(
+                ISSUE_LENGTHS, ISSUE_RATES, causal=causal, mixing=mixing
+            )
+            kind = "fwd+bwd" if backward else "fwd"
+            row = {"problem": f"module n={size} {mixing} {kind}", "causal": causal}
+
+            def fn(module=module, q=q, k=k, v=v, dout=dout):
+                if backward:
+                    return torch.autograd.grad(module(q, k, v), (q, k, v), dout)
+                with torch.no_grad():
+                    return (module(q, k, v),)
+
+            results = {}
+            try:
+                for turn in range(2):
+                    for enabled in (True, False):
+                        switch.ENABLED = enabled
+                        name = on if enabled else off
+                        results[name] = fn()
+                        row[f"{name}_{'fwdbwd' if backward else 'fwd'}_ms_{turn}"] = _events_ms(
+                            fn, 2 if backward else 3, repeats
+                        )
+                row[f"{on}_vs_{off}_rel"] = max(
+                    float((a.float() - b.float()).norm() / b.float().norm())
+                    for a, b in zip(results[on], results[off])
+                )
+            except Exception as exc:  # a probe: report and go on
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:600]}"
+            switch.ENABLED = True
+            compiled = getattr(switch, "_COMPILED", getattr(switch, "_CHECKED", {}))
+            row["kernels"] = {str(key): bool(x) for key, x in compiled.items()}
+            row["refusal"] = (switch.last_refusal or "")[:600]
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 def merge(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     """``ringattn.kernels.fa4_merge`` against the two-kernel path: errors vs float64, GPU ms,
     then the ``lse`` module with the fused kernel on and off."""
-    import ringattn
-    from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
     from ringattn.kernels import fa4, fa4_merge
     from ringattn.merge import merge_into_
 
@@ -344,40 +400,11 @@ def merge(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
                 row["fused_vs_two_kernel_rel"] = float((a - b).norm() / b.norm())
             print(json.dumps(row), flush=True)
             rows.append(row)
-    for size in (n // 4, n):
-        q, k, v = (torch.randn(1, size, h, d, device=device, dtype=torch.bfloat16) for _ in "qkv")
-        for causal in (False, True):
-            module = ringattn.DilatedAttention(
-                ISSUE_LENGTHS, ISSUE_RATES, causal=causal, mixing="lse"
-            )
-            row = {"problem": f"module n={size} lse", "causal": causal}
-            outs = {}
-            try:
-                with torch.no_grad():
-                    for turn in range(2):
-                        for enabled in (True, False):
-                            fa4_merge.ENABLED = enabled
-                            name = "fused" if enabled else "two_kernel"
-                            fn = partial(module, q, k, v)
-                            outs[name] = fn().float()
-                            row[f"{name}_fwd_ms_{turn}"] = _events_ms(fn, 3, repeats)
-                row["fused_vs_two_kernel_rel"] = float(
-                    (outs["fused"] - outs["two_kernel"]).norm() / outs["two_kernel"].norm()
-                )
-            except Exception as exc:  # a probe: report and go on
-                row["error"] = f"{type(exc).__name__}: {str(exc)[:600]}"
-            fa4_merge.ENABLED = True
-            row["kernels"] = {str(key): bool(x) for key, x in fa4_merge._COMPILED.items()}
-            row["refusal"] = (fa4_merge.last_refusal or "")[:600]
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    return rows
+    return rows + _module_ab(n, h, d, repeats, device, "lse", fa4_merge, ("fused", "two_kernel"))
 
 
 def add(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     """``ringattn.kernels.fa4_add`` against FA4's backward plus the Triton add."""
-    import ringattn
-    from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
     from ringattn.kernels import fa4, fa4_add
     from ringattn.kernels.add import add_rows_
 
@@ -440,41 +467,81 @@ def add(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:1500]}"
             print(json.dumps(row), flush=True)
             rows.append(row)
-    for size in (n // 4, n):
-        q, k, v = (
-            torch.randn(1, size, h, d, device=device, dtype=torch.bfloat16).requires_grad_()
-            for _ in "qkv"
-        )
-        dout = torch.randn_like(q)
+    modules = _module_ab(n, h, d, repeats, device, "lse", fa4_add, ("adding", "plain"), True)
+    return rows + modules
+
+
+def _fill_then_forward(out_full, table, q, k, v, causal, scale, out) -> None:
+    """What the core did before ``fa4_zero``: the fill, then FA4's forward into the rows."""
+    from ringattn.kernels import fa4
+    from ringattn.kernels.unselected import zero_unselected_
+
+    zero_unselected_(out_full, table)
+    fa4.forward(q, k, v, causal, scale, out=out)
+
+
+def zero(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+    """``ringattn.kernels.fa4_zero`` (FA4's forward writing the unselected rows' zeros) against
+    FA4's forward plus the core's fill, on ``head_groups``' strided views, then the
+    ``head_groups`` module with it on and off."""
+    from ringattn.core import neighbour_shifts
+    from ringattn.kernels import fa4, fa4_zero
+    from ringattn.kernels.unselected import selection_table, zero_unselected_
+    from ringattn.pattern import Block, Job
+
+    rows = []
+    scale = d**-0.5
+    for (w, r, o), with_lse in itertools.product(
+        ((4096, 2, 1), (8192, 4, 2), (32768, 16, 4)), (True, False)
+    ):
+        segments = n // w
+        job = Job(config=0, w=w, r=r, offset=o, head_start=0, head_stop=h, head_step=1)
+        block = Block(job, 0, segments, w // r, tail=False)
+
+        def full():
+            return torch.randn(1, n, h, d, device=device, dtype=torch.bfloat16)
+
+        def rows_of(x, block=block):
+            return block.rows(x).flatten(0, 1)
+
+        q, k, v = (rows_of(full()) for _ in "qkv")
+        out_full, lse_full = full(), torch.randn(1, n, h, device=device)
+        out, lse = rows_of(out_full), (rows_of(lse_full) if with_lse else None)
+        shifts = neighbour_shifts(block, out)
+        table = selection_table(((r,) * h, (o,) * h), device)
         for causal in (False, True):
-            module = ringattn.DilatedAttention(
-                ISSUE_LENGTHS, ISSUE_RATES, causal=causal, mixing="lse"
-            )
-            row = {"problem": f"module n={size} lse fwd+bwd", "causal": causal}
-            grads = {}
+            row = {"problem": f"w={w} r={r} o={o} lse={with_lse}", "causal": causal}
             try:
-                for turn in range(2):
-                    for enabled in (True, False):
-                        fa4_add.ENABLED = enabled
-                        name = "adding" if enabled else "plain"
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    took = fa4_zero.forward_zero_(q, k, v, causal, scale, out, lse, shifts)
+                    out_full.fill_(float("nan"))  # the second call must write all of it
+                    took = took and fa4_zero.forward_zero_(q, k, v, causal, scale, out, lse, shifts)
+                torch.cuda.synchronize()
+                row["took"] = took
+                row["warnings"] = [str(x.message)[:400] for x in caught]
+                row["refusal"] = (fa4_zero.last_refusal or "")[:3000]
+                ref_out, ref_lse = fa4.forward(q, k, v, causal, scale)
+                row["out_max_abs"] = float((out.float() - ref_out.float()).abs().max())
+                if with_lse:
+                    row["lse_max_abs"] = float((lse - ref_lse).abs().max())
+                unselected = torch.arange(n, device=device) % r != o
+                row["zeros_exact"] = bool((out_full[:, unselected] == 0).all())
+                row["nan_left"] = int(out_full.isnan().sum())
 
-                        def fn(module=module, q=q, k=k, v=v, dout=dout):
-                            return torch.autograd.grad(module(q, k, v), (q, k, v), dout)
-
-                        grads[name] = fn()
-                        row[f"{name}_fwdbwd_ms_{turn}"] = _events_ms(fn, 2, repeats)
-                row["adding_vs_plain_rel"] = max(
-                    float((a.float() - b.float()).norm() / b.float().norm())
-                    for a, b in zip(grads["adding"], grads["plain"])
-                )
-            except Exception as exc:
-                row["error"] = f"{type(exc).__name__}: {str(exc)[:600]}"
-            fa4_add.ENABLED = True
-            row["kept"] = {str(key): kept for key, kept in fa4_add._CHECKED.items()}
-            row["refusal"] = (fa4_add.last_refusal or "")[:600]
+                fused = partial(fa4_zero.forward_zero_, q, k, v, causal, scale, out, lse, shifts)
+                plain = partial(_fill_then_forward, out_full, table, q, k, v, causal, scale, out)
+                row["fused_ms"] = _events_ms(fused, 2, repeats)
+                row["plain_ms"] = _events_ms(plain, 2, repeats)
+                row["fill_ms"] = _events_ms(partial(zero_unselected_, out_full, table), 2, repeats)
+            except Exception as exc:  # a probe: report and go on
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:1500]}"
+                row["refusal"] = (fa4_zero.last_refusal or "")[:3000]
             print(json.dumps(row), flush=True)
             rows.append(row)
-    return rows
+    modules = _module_ab(n, h, d, repeats, device, "head_groups", fa4_zero, ("zeroing", "fill"))
+    grads = _module_ab(n, h, d, repeats, device, "head_groups", fa4_zero, ("zeroing", "fill"), True)
+    return rows + modules + grads
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -486,7 +553,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument(
         "--part",
-        choices=["compare", "sweep", "determinism", "replay", "merge", "add"],
+        choices=["compare", "sweep", "determinism", "replay", "merge", "add", "zero"],
         default="compare",
     )
     args = parser.parse_args(argv)
@@ -500,6 +567,7 @@ def main(argv: list[str] | None = None) -> None:
             "replay": replay,
             "merge": merge,
             "add": add,
+            "zero": zero,
         }
         part = part[args.part]
         rows = part(args.n, h, d, args.repeats, device)

@@ -8,8 +8,8 @@
 #
 # record: the bench's record at 32K/131K and 1M (docs/benchmarks/h200_perf.md's first two
 #   commands); long: its 2M/4M command; checks: every local strategy against the oracle on the
-#   GPU, the fused FA4 kernels' probes (merge, add), and the forward and forward+backward kernel
-#   timelines at 131K. Each part writes under $OUT/<part>/ (one tarball, $OUT/<part>.tgz, so no
+#   GPU, the fused FA4 kernels' probes (merge, add, zero), and the forward and forward+backward
+#   kernel timelines at 131K. Each part writes under $OUT/<part>/ (one tarball, $OUT/<part>.tgz, so no
 #   file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
 part=${1:?usage: gpu_session.sh record|long|checks}
@@ -31,7 +31,7 @@ long)
     ;;
 checks)
     python -m experiments.flex_gpu --part check --out "$out/flex_gpu_check" >"$out/check.log" 2>&1
-    for probe in merge add; do
+    for probe in merge add zero; do
         python -m experiments.fa4_probe --part "$probe" --n 131072 --repeats 10 --out "$out" \
             >"$out/probe_$probe.log" 2>&1
     done

@@ -36,7 +36,7 @@ from ringattn.computers.base import (
 )
 from ringattn.dilation.base import DilationProcessor
 from ringattn.kernels import add as add_kernel
-from ringattn.kernels.unselected import zeros_for
+from ringattn.kernels.unselected import fill_unselected_, shifted, zeros_for
 from ringattn.lanes import Lanes
 from ringattn.launches import prepared, views
 from ringattn.memory.base import MemoryManager
@@ -177,8 +177,8 @@ def dilated_forward(
         lse_acc = lse_block.reshape(b, n, h).to(stats_dtype)
         first = 1
     else:
-        # zeros where no block writes (all of it unless the plan is disjoint, one kernel then)
-        out_acc = zeros_for(q, spec.plan.selection, spec.memory)
+        # zeros go where no block writes, once the launches say which rows theirs cover (below)
+        out_acc = torch.empty_like(q, memory_format=torch.contiguous_format)
         if keep_lse:
             lse_acc = torch.full((b, n, h), float("-inf"), dtype=stats_dtype, device=q.device)
         else:  # the LSE does not escape: it may come from the pool
@@ -193,11 +193,15 @@ def dilated_forward(
         tensors[:3],
         tensors[3:],
         range(first, len(blocks)),
-        (lambda span, *views: spec.computer.forward_launcher(spec.causal, spec.scale, *views))
+        (lambda span, part, *views: placing_launch(spec, part, *views))
         if spec.plan.disjoint
-        else (lambda span, *views: merging_launch(spec, span, *views)),
+        else (lambda span, part, *views: merging_launch(spec, span, *views)),
         placed=spec.plan.disjoint,
     )
+    if first == 0:
+        # all of it unless the plan is disjoint; then the rows no block selects, one kernel,
+        # except for configs whose launches write their own zeros (placing_launch)
+        fill_unselected_(out_acc, unzeroed_selection(spec.plan, launches), spec.memory)
 
     def forward_blocks(i: int) -> None:
         if i in launches:
@@ -287,7 +291,9 @@ def dilated_backward(
             tensors[:6],
             tensors[6:],
             placed_ids,
-            lambda span, *views: spec.computer.backward_launcher(spec.causal, spec.scale, *views),
+            lambda span, part, *views: spec.computer.backward_launcher(
+                spec.causal, spec.scale, *views
+            ),
             placed=True,
         ),
         **prepared(
@@ -296,7 +302,7 @@ def dilated_backward(
             tensors[:6],
             tensors[6:],
             (i for i in range(first, len(blocks)) if i not in placed_ids),
-            lambda span, *views: adding_launch(spec, span, *views),
+            lambda span, part, *views: adding_launch(spec, span, *views),
             placed=False,
         ),
     }
@@ -348,6 +354,68 @@ def accumulate_(grad_rows: list[Tensor], result: tuple[Tensor, ...], place: bool
         return
     for rows, part in zip(grad_rows, parts):
         rows.add_(part)
+
+
+def placing_launch(
+    spec: CoreSpec, part: Block, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor | None
+) -> Callable[..., None]:
+    """A prepared launch of a placed (``head_groups``) block part, for views of the layouts of
+    these example views. Where the part's config leaves rows out (:func:`neighbour_shifts`) and
+    the computer has a kernel that writes their zeros too (FA4: in its epilogue), the launch
+    zeroes them, kernel or not, and says so (``zeroes_unselected``: the core's fill then skips
+    the config, :func:`unzeroed_selection`)."""
+    plain = spec.computer.forward_launcher(spec.causal, spec.scale, q, k, v, out, lse)
+    shifts = neighbour_shifts(part, out)
+    zeroing = shifts and spec.computer.zeroing_launcher(
+        spec.causal, spec.scale, shifts, q, k, v, out, lse
+    )
+    if not zeroing:
+        return plain
+
+    def launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor | None) -> None:
+        if not zeroing(q, k, v, out, lse):  # declined: nothing written
+            plain(q, k, v, out, lse)
+            for shift in shifts:
+                shifted(out, shift).zero_()
+
+    launch.zeroes_unselected = True  # type: ignore[attr-defined]
+    return launch
+
+
+def neighbour_shifts(part: Block, out: Tensor) -> tuple[int, ...]:
+    """How far (elements) each unselected row of a selected row's stride group lies from it in
+    ``out`` (the part's rows ``[b * S, L, H, d]`` of a ``[b, n, h, d]`` tensor): ``(k - o) *
+    stride_n`` for ``k != o`` in ``range(r)``; () where there are none (``r = 1``) or where a
+    group may end past the sequence (a tail segment: its rows are left to the fill)."""
+    job = part.job
+    if part.tail or job.r == 1 or job.w % job.r or out.stride(1) % job.r:
+        return ()
+    stride_n = out.stride(1) // job.r
+    return tuple((k - job.offset) * stride_n for k in range(job.r) if k != job.offset)
+
+
+def unzeroed_selection(plan: Plan, launches: dict) -> tuple | None:
+    """``plan.selection`` with every head of a config whose block parts all zero their own
+    unselected rows (:func:`placing_launch`) marked as fully selected (rate 1, offset 0), so the
+    fill leaves it alone. Only configs of full segments qualify: a tail segment's rows are left
+    to the fill, also where the tail has no selected row and so no block."""
+    if plan.selection is None:
+        return None
+    rates, offsets = map(list, plan.selection)
+    zeroing: dict[int, bool] = {}
+    for i, block in enumerate(plan.blocks):
+        parts = launches.get(i, ())
+        done = (
+            plan.n % block.job.w == 0
+            and bool(parts)
+            and all(getattr(launch, "zeroes_unselected", False) for _, launch in parts)
+        )
+        zeroing[block.job.config] = zeroing.get(block.job.config, True) and done
+    for block in plan.blocks:
+        if zeroing[block.job.config]:
+            for head in range(block.job.head_start, block.job.head_stop, block.job.head_step):
+                rates[head], offsets[head] = 1, 0
+    return tuple(rates), tuple(offsets)
 
 
 def merging_launch(

@@ -77,9 +77,10 @@ def prepared(
     ``reads`` go through the dilation processor (``[b, n, h, ...]`` inputs); ``writes`` (the
     output and LSE, or the gradients; None: not written) are viewed as each part's rows,
     ``[b * S, L, H, ...]`` where results are ``placed`` straight into them, else ``[b, S, L, H,
-    ...]`` (merged or added into). ``make_launcher(span, *views)`` builds a part's launcher from
-    example views, for blocks whose segments span ``span`` ranks. Blocks missing from the result
-    take the general path."""
+    ...]`` (merged or added into). ``make_launcher(span, part, *views)`` builds a part's launcher
+    from example views, for blocks whose segments span ``span`` ranks (``part``: the
+    :class:`ringattn.pattern.Block` or :class:`ringattn.pattern.OffsetRun` it launches). Blocks
+    missing from the result take the general path."""
     if torch.compiler.is_compiling():
         return {}
     block_ids = tuple(block_ids)
@@ -116,7 +117,7 @@ def _prepare(spec, reads, writes, block_ids, make_launcher, placed: bool) -> Pre
             )
             if any(g is None and x is not None for x, g in zip(tensors, geometry)):
                 return None  # a read that gathers, or rows that are not one view
-            found.append((geometry, make_launcher(span, *views(tensors, geometry))))
+            found.append((geometry, make_launcher(span, part, *views(tensors, geometry))))
         return tuple(found)
 
     def span_of(i: int) -> int:

@@ -121,6 +121,26 @@ class BlockComputer(AttentionComputer):
         False from a call it did not take (having written nothing)."""
         return None
 
+    def zeroing_launcher(
+        self,
+        causal: bool,
+        scale: float,
+        shifts: tuple[int, ...],
+        q: Rows,
+        k: Rows,
+        v: Rows,
+        out: Rows,
+        lse: RowsLSE | None,
+    ) -> Callable[[Rows, Rows, Rows, Rows, RowsLSE | None], bool] | None:
+        """A launcher that writes the blocks' attention into ``out`` / ``lse`` (as
+        :meth:`forward_launcher`) and zeros into the rows ``shift`` elements from each of
+        ``out``'s rows, for every shift (``head_groups``: the rows its config leaves out,
+        :func:`ringattn.core.neighbour_shifts`) in one kernel, for views of these layouts; None
+        where this computer has no such kernel (the core then zero-fills those rows before the
+        blocks). The launcher returns False from a call it did not take (having written
+        nothing)."""
+        return None
+
     def adding_launcher(
         self,
         causal: bool,

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ringattn.computers.base import BlockComputer, Rows, RowsLSE, accumulation_dtype
-from ringattn.kernels import cudnn_graphs, fa4, fa4_add, fa4_merge
+from ringattn.kernels import cudnn_graphs, fa4, fa4_add, fa4_merge, fa4_zero
 from ringattn.registry import register
 
 aten = torch.ops.aten
@@ -298,6 +298,16 @@ class SDPAComputer(BlockComputer):
 
         def launch(q, k, v, out, lse) -> bool:
             return fa4_merge.forward_merge_(q, k, v, causal, scale, out, lse)
+
+        return launch
+
+    def zeroing_launcher(self, causal, scale, shifts, q, k, v, out, lse):
+        # FA4's forward writing the rows a head_groups config leaves out (ringattn.kernels.fa4_zero)
+        if not (self._fa4(self.cuda_forward, q) and fa4_zero.supported(q, k, v, out, lse, shifts)):
+            return None
+
+        def launch(q, k, v, out, lse) -> bool:
+            return fa4_zero.forward_zero_(q, k, v, causal, scale, out, lse, shifts)
 
         return launch
 

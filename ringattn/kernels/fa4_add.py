@@ -37,8 +37,21 @@ ENABLED = True
 
 # signature -> True (kept) / False (refused); missing: not tried yet
 _CHECKED: dict[tuple, bool] = {}
-# the adding backward's compiled kernels, apart from FA4's own (and from its on-disk cache)
+# the adding backward's compiled kernels, apart from FA4's own: FA4's JIT cache under a name of
+# their own (on disk where FA4's cache is, FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1), or a dict
+# where FA4 has no such cache (its stand-in in the tests)
 _CACHE: dict = {}
+
+
+@cache
+def _adding_cache():
+    try:
+        cache_utils = importlib.import_module("flash_attn.cute.cache_utils")
+    except ImportError:
+        return _CACHE
+    return cache_utils.get_jit_cache("ringattn_adding_backward")
+
+
 # why the latest kernel was refused (for probes)
 last_refusal: str | None = None
 
@@ -51,7 +64,7 @@ def adding_kernels():
     sm90 = importlib.import_module("flash_attn.cute.flash_bwd_sm90")
     owner, cpasync = interface._flash_attn_bwd, sm90.cpasync
     saved_cache = owner.compile_cache
-    owner.compile_cache, sm90.cpasync = _CACHE, _reduce_adding(cpasync)
+    owner.compile_cache, sm90.cpasync = _adding_cache(), _reduce_adding(cpasync)
     try:
         yield
     finally:

@@ -17,9 +17,12 @@ the same function. SM90 (H100/H200) only: the Blackwell forward is another class
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,14 +47,20 @@ def supported(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor) -> bool
     return fa4.sm90(q) and layout_ok(q, k, v, out, lse)
 
 
-def layout_ok(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor) -> bool:
+def layout_ok(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor | None) -> bool:
     """``q, k, v, out [B, L, H, d]`` of one dtype with 16-byte aligned rows, and ``lse [B, L,
-    H]`` float32 (any strides: the kernel writes it element by element): views the kernel reads
-    and writes by pointer and stride. Nothing broadcast, except along dims of size 1 (a stride 0
-    would be compiled in as a constant; :func:`forward_merge_` re-strides those)."""
-    if lse.dtype != torch.float32 or lse.data_ptr() % 4 or lse.shape != q.shape[:3]:
+    H]`` float32 (any strides: the kernel writes it element by element; None: not written):
+    views the kernel reads and writes by pointer and stride. Nothing broadcast, except along
+    dims of size 1 (a stride 0 would be compiled in as a constant; :func:`forward_merge_`
+    re-strides those)."""
+    if lse is not None and (
+        lse.dtype != torch.float32
+        or lse.data_ptr() % 4
+        or lse.shape != q.shape[:3]
+        or _broadcast(lse)
+    ):
         return False
-    if out.shape != q.shape or _broadcast(lse):
+    if out.shape != q.shape:
         return False
     for x in (q, k, v, out):
         if x.dtype != q.dtype or x.stride(-1) != 1 or x.data_ptr() % 16 or _broadcast(x):
@@ -104,17 +113,29 @@ def forward_merge_(
     return True
 
 
-def _compile(key: tuple, q, k, v, out, lse_bhl, kernel_class=None) -> Callable:
-    """``key``'s kernel compiled for operands like these, as ``launch(q, k, v, out, lse_bhl,
-    scale)`` (``kernel_class``: another class of the same constructor, for probes)."""
+def _compile(key: tuple, q, k, v, out, lse_bhl) -> Callable:
+    sm90 = importlib.import_module("ringattn.kernels.fa4_merge_sm90")
+    return compile_forward(key, q, k, v, out, lse_bhl, sm90.MergingForwardSm90, sm90.__file__)
+
+
+def compile_forward(
+    key: tuple, q, k, v, out, lse_bhl, kernel_class: Callable, source: str | None = None
+) -> Callable:
+    """A subclass of FA4's SM90 forward compiled for operands like these, as ``launch(q, k, v,
+    out, lse_bhl, scale)``: ``key`` starts with the dtype, head dim, causality and the LSE's
+    unit-stride dim (:func:`_key`) and holds whatever else the class is specialised for;
+    ``kernel_class`` takes FA4's constructor arguments; ``lse_bhl`` (``[B, H, L]``) may be None
+    (no LSE written). With the path of the class's ``source`` file, the compiled kernel is kept
+    in FA4's JIT cache (on disk with FA4's own kernels where that cache is enabled,
+    ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1``: a later process loads it instead of compiling),
+    under a key that changes with that file and this one."""
     cute = importlib.import_module("cutlass.cute")
     dsl_utils = importlib.import_module("flash_attn.cute.cute_dsl_utils")
     interface = importlib.import_module("flash_attn.cute.interface")
     aux = importlib.import_module("flash_attn.cute.utils").AuxData(None, None)
-    sm90 = importlib.import_module("ringattn.kernels.fa4_merge_sm90")
-    dtype, head_dim, causal, lse_unit_dim = key
+    dtype, head_dim, causal, lse_unit_dim = key[:4]
     cfg = interface._tile_size_fwd_sm90(head_dim, head_dim, causal, False)
-    kernel = (kernel_class or sm90.MergingForwardSm90)(
+    kernel = kernel_class(
         dsl_utils.torch2cute_dtype_map[dtype],
         head_dim,
         head_dim,
@@ -135,7 +156,9 @@ def _compile(key: tuple, q, k, v, out, lse_bhl, kernel_class=None) -> Callable:
     tensors.append(dsl_utils.to_cute_tensor(out, assumed_align=16))
     # [B, H, L] (FA4's own launcher takes L contiguous; a block's rows of the [b, n, h]
     # accumulator have H contiguous, or no dim at all when the block's heads are strided)
-    if lse_unit_dim is None:
+    if lse_bhl is None:
+        tensors.append(None)
+    elif lse_unit_dim is None:
         tensors.append(dsl_utils.to_cute_tensor(lse_bhl, assumed_align=4, fully_dynamic=True))
     else:
         tensors.append(dsl_utils.to_cute_tensor(lse_bhl, assumed_align=4, leading_dim=lse_unit_dim))
@@ -143,13 +166,30 @@ def _compile(key: tuple, q, k, v, out, lse_bhl, kernel_class=None) -> Callable:
     # cu_seqlens q/k, seqused q/k, page table, window left/right, learnable sink, block
     # sparsity, then (empty) aux data and the two varlen scheduler hints
     unused = (*(None,) * 9, aux, None, None)
-    stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
-    compiled = cute.compile(kernel, *tensors, 1.0, *unused, stream, options="--enable-tvm-ffi")
+    cache = _jit_cache() if source else None
+    cache_key = source and (_digest(source), _digest(__file__), *key, lse_bhl is None)
+    if cache is not None and cache_key in cache:
+        compiled = cache[cache_key]
+    else:
+        stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
+        compiled = cute.compile(kernel, *tensors, 1.0, *unused, stream, options="--enable-tvm-ffi")
+        if cache is not None:
+            cache[cache_key] = compiled
 
     def launch(q, k, v, out, lse_bhl, scale) -> None:
         compiled(q, k, v, out, lse_bhl, scale, *unused)
 
     return launch
+
+
+@functools.cache
+def _jit_cache():
+    return importlib.import_module("flash_attn.cute.cache_utils").get_jit_cache("ringattn_forward")
+
+
+@functools.cache
+def _digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def _first_call(key, q, k, v, causal: bool, scale: float, out: Tensor, lse: Tensor) -> bool:

@@ -83,23 +83,39 @@ def zeros_for(
     selection: tuple[tuple[int, ...], tuple[int, ...]] | None,
     memory: MemoryManager,
 ) -> Tensor:
-    """A contiguous ``like``-shaped tensor that is 0 wherever no block will write: with a
-    ``selection`` (``Plan.selection``: per-head rates and offsets) only the unselected pairs are
-    zeroed where the kernel runs, and the selected ones are left for the blocks; otherwise, and
-    off CUDA or while tracing, all of it is zeros. The selection's device copy is a pattern of
-    ``memory`` (cached by the pooled manager)."""
-    if selection is None or torch.compiler.is_compiling() or not available(like):
-        return torch.zeros_like(like, memory_format=torch.contiguous_format)
+    """A contiguous ``like``-shaped tensor that is 0 wherever no block will write
+    (:func:`fill_unselected_` of a new tensor)."""
     x = torch.empty_like(like, memory_format=torch.contiguous_format)
+    fill_unselected_(x, selection, memory)
+    return x
+
+
+def fill_unselected_(
+    x: Tensor,
+    selection: tuple[tuple[int, ...], tuple[int, ...]] | None,
+    memory: MemoryManager,
+) -> None:
+    """Zero ``x`` wherever no block will write: with a ``selection`` (``Plan.selection``: per-head
+    rates and offsets) only the unselected pairs are zeroed where the kernel runs, and the
+    selected ones are left for the blocks; otherwise, and off CUDA or while tracing, all of it.
+    The selection's device copy is a pattern of ``memory`` (cached by the pooled manager)."""
+    if selection is None or torch.compiler.is_compiling() or not available(x):
+        x.zero_()
+        return
     if all(r == 1 and o == 0 for r, o in zip(*selection)):
-        return x  # every pair is selected (every group has r = 1)
-    device = like.device
+        return  # every pair is selected (every group has r = 1, or writes its own zeros)
+    device = x.device
     table = memory.cached(
         ("unselected_selection", selection, str(device)),
         lambda: selection_table(selection, device),
     )
     zero_unselected_(x, table)
-    return x
+
+
+def shifted(x: Tensor, shift: int) -> Tensor:
+    """The view of ``x``'s layout ``shift`` elements further into its storage (a row of a
+    selected row's stride group: :func:`ringattn.core.neighbour_shifts`)."""
+    return x.as_strided(x.shape, x.stride(), x.storage_offset() + shift)
 
 
 def selection_table(
@@ -119,4 +135,4 @@ def selection_table(
     return table
 
 
-__all__ = ["selection_table", "zero_unselected_", "zeros_for"]
+__all__ = ["fill_unselected_", "selection_table", "shifted", "zero_unselected_", "zeros_for"]

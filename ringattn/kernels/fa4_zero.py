@@ -1,0 +1,153 @@
+"""A placed block's forward as one FA4 kernel that also zeroes the rows its config leaves out.
+
+Why: under ``mixing="head_groups"`` a config ``(w, r)`` with offset ``o`` writes rows ``p mod r
+== o`` of its heads and the definition leaves the others at 0; the core zeroed those with one
+memory-bound pass over the output before the blocks (``ringattn.kernels.unselected``), 9% of the
+causal forward's GPU time at 131K tokens on an H200 (``docs/benchmarks/h200_perf.md``, step 22).
+:mod:`ringattn.kernels.fa4_zero_sm90` writes them from FA4's own epilogue instead, as stores
+issued at the end of each compute-bound tile; this module compiles and launches it (with
+:func:`ringattn.kernels.fa4_merge.compile_forward`: the LSE views are strided, as there).
+
+A launch is handed the output rows of a block of *full* segments and the ``shifts`` (elements)
+from each selected row to the rest of its stride group: ``(k - o) * stride_n`` for ``k != o``,
+all inside the output (:func:`ringattn.core.neighbour_shifts`).
+
+Held to FA4's plain forward: the first call of each compiled kernel fills the neighbour rows with
+NaN, runs it, and keeps it only if its rows and LSE agree with FA4's forward and every neighbour
+is 0; a kernel that fails to compile or to agree is not used again in this process (with a
+warning that says why), and the call's result is written by the plain path. SM90 only.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ringattn.kernels import fa4, fa4_merge
+from ringattn.kernels.unselected import shifted
+
+# the A/B switch (experiments/fa4_probe.py --part zero), read on every call: False leaves the
+# zeros to the core's fill
+ENABLED = True
+
+# compiled kernels by key (fa4_merge's key with the shifts); False: failed to compile or agree
+_COMPILED: dict[tuple, Any] = {}
+_LOCK = threading.Lock()
+# why the latest kernel was refused (for probes)
+last_refusal: str | None = None
+
+
+def supported(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor | None, shifts: tuple[int, ...]
+) -> bool:
+    """Whether the kernel takes these blocks here: an SM90 GPU with FA4, layouts
+    :func:`ringattn.kernels.fa4_merge.layout_ok` accepts, and shifts that keep the output's
+    16-byte vector stores aligned."""
+    aligned = all(shift * q.element_size() % 16 == 0 for shift in shifts)
+    return bool(shifts) and aligned and fa4.sm90(q) and fa4_merge.layout_ok(q, k, v, out, lse)
+
+
+def _key(q: Tensor, causal: bool, lse: Tensor | None, shifts: tuple[int, ...]) -> tuple:
+    if lse is None:
+        return q.dtype, q.shape[-1], causal, "no lse", shifts
+    return *fa4_merge._key(q, causal, lse), shifts
+
+
+def forward_zero_(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float,
+    out: Tensor,
+    lse: Tensor | None,
+    shifts: tuple[int, ...],
+) -> bool:
+    """``out``, ``lse`` (``[B, L, H, d]`` / ``[B, L, H]`` views; lse may be None) <-
+    attention(q, k, v), and 0 into ``shifted(out, s)`` for every ``s`` in ``shifts``, as one
+    kernel. False where that kernel is not usable (nothing written; the caller runs the plain
+    forward and zeroes the neighbours itself)."""
+    key = _key(q, causal, lse, shifts)
+    kernel = _COMPILED.get(key)
+    if kernel is False or not ENABLED:
+        return False
+    q, k, v, out = (fa4_merge._unit_dims_restrided(x) for x in (q, k, v, out))
+    lse_bhl = None if lse is None else fa4_merge._unit_dims_restrided(lse).transpose(1, 2)
+    if kernel is None:
+        # the first call syncs to check the kernel: not while a CUDA graph is captured
+        if fa4.capturing(q):
+            return False
+        with _LOCK:
+            if key not in _COMPILED:
+                return _first_call(key, q, k, v, causal, scale, out, lse_bhl)
+        return forward_zero_(q, k, v, causal, scale, out, lse, shifts)
+    kernel(q, k, v, out, lse_bhl, scale)
+    return True
+
+
+def _compile(key: tuple, q, k, v, out, lse_bhl) -> Callable:
+    sm90 = importlib.import_module("ringattn.kernels.fa4_zero_sm90")
+    kernel_class = functools.partial(sm90.ZeroingForwardSm90, zero_shifts=key[-1])
+    return fa4_merge.compile_forward(key, q, k, v, out, lse_bhl, kernel_class, sm90.__file__)
+
+
+def _first_call(key, q, k, v, causal: bool, scale: float, out: Tensor, lse_bhl) -> bool:
+    """Compile ``key``'s kernel, run it with its neighbour rows poisoned and hold it to FA4's
+    plain forward; keep it only if they agree (else recorded as False: not used again). Either
+    way the call's rows, LSE and zeros end written; False only where the kernel failed to
+    compile or run (operands untouched)."""
+    neighbours = [shifted(out, shift) for shift in key[-1]]
+    before = [x.clone() for x in neighbours]
+    for x in neighbours:
+        x.fill_(float("nan"))  # a kernel that skips its zeros cannot pass
+    try:
+        kernel = _compile(key, q, k, v, out, lse_bhl)
+        kernel(q, k, v, out, lse_bhl, scale)
+    except Exception as exc:  # the CuTe DSL or this FA4 version rejects the kernel
+        for x, old in zip(neighbours, before):
+            x.copy_(old)
+        _refuse(key, f"it failed to compile or launch ({type(exc).__name__}: {exc})")
+        return False
+    out_ref, lse_ref = fa4.forward(q, k, v, causal, scale)
+    out_err = (out.float() - out_ref.float()).abs().max().item() if out.numel() else 0.0
+    out_tol = 4 * torch.finfo(out.dtype).eps * max(out_ref.float().abs().max().item(), 1.0)
+    lse_ok = lse_bhl is None or _close(lse_bhl.transpose(1, 2), lse_ref)
+    zeros_ok = all(bool((x == 0).all()) for x in neighbours)
+    if out_err <= out_tol and lse_ok and zeros_ok:
+        _COMPILED[key] = kernel
+        return True
+    _refuse(
+        key,
+        f"it disagreed with FA4's forward (output error {out_err:.3g}, LSE "
+        f"{'ok' if lse_ok else 'wrong'}, neighbour zeros {'ok' if zeros_ok else 'wrong'})",
+    )
+    out.copy_(out_ref)
+    if lse_bhl is not None:
+        lse_bhl.transpose(1, 2).copy_(lse_ref)
+    for x in neighbours:
+        x.zero_()
+    return True
+
+
+def _close(lse: Tensor, lse_ref: Tensor) -> bool:
+    finite = torch.isfinite(lse_ref)
+    return torch.equal(finite, torch.isfinite(lse)) and (
+        not finite.any() or (lse[finite] - lse_ref[finite]).abs().max().item() < 1e-3
+    )
+
+
+def _refuse(key: tuple, why: str) -> None:
+    global last_refusal
+    _COMPILED[key], last_refusal = False, why
+    fa4.warn_refused(
+        "FA4's forward with the unselected rows' zeros in its epilogue",
+        key,
+        why,
+        "placed blocks take FA4's forward and the core zeroes the rows they leave out",
+    )

@@ -1,0 +1,118 @@
+"""FlashAttention-4's SM90 forward that also zeroes its rows' unselected neighbours (imported only
+where FA4 is).
+
+Under ``head_groups`` a config ``(w, r)`` with offset ``o`` writes rows ``o, o + r, o + 2r, ...``
+of each segment for its heads; the definition leaves the other ``r - 1`` rows of each stride
+group at 0. The core zeroed them with a separate memory-bound pass (``ringattn.kernels.
+unselected``: 9% of the causal forward's GPU time at 131K tokens on an H200, ``docs/benchmarks/
+h200_perf.md`` step 22). Here each tile, after writing its output rows, writes zeros into the
+rows ``shift`` elements away from each of them, for every ``shift`` of :attr:`zero_shifts`
+(``(k - o) * h * d`` for ``k != o``: the rest of the row's stride group). The stores are issued
+at the end of a compute-bound tile and nothing waits on them.
+
+Every tile owns its stride groups (row ``j * r + k`` belongs to the tile that holds row
+``j * r + o``), so no two CTAs write a row. Only full segments qualify (a tail segment's last
+group may end past the sequence): :mod:`ringattn.kernels.fa4_zero` is handed those only.
+
+The kernel is FA4's own (:class:`FlashAttentionForwardSm90`) with the output written by ordinary
+stores instead of TMA (the zeros go through the output's pointer, which the TMA path does not
+pass to the kernel), as :mod:`ringattn.kernels.fa4_merge_sm90` does.
+"""
+
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+from flash_attn.cute import utils
+from flash_attn.cute.flash_fwd import FlashAttentionForwardBase
+from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
+
+# the base class's epilogue (module level: the DSL re-parses jit methods with their globals)
+_write_epilogue = FlashAttentionForwardBase.epilogue
+
+
+class ZeroingForwardSm90(FlashAttentionForwardSm90):
+    """FA4's SM90 forward that writes zeros ``zero_shifts`` elements from each output row."""
+
+    def __init__(self, *args, zero_shifts: tuple[int, ...] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        # compile-time constants, multiples of 8 elements (16 bytes): the vector stores of the
+        # output rows stay aligned when shifted
+        self.zero_shifts = tuple(zero_shifts)
+
+    def _setup_attributes(self):
+        self.use_tma_O = False  # the zeros are written through mO's pointer
+        super()._setup_attributes()
+
+    @cute.jit
+    def zero_neighbours(
+        self,
+        mO: cute.Tensor,
+        sO: cute.Tensor,
+        seqlen,
+        gmem_tiled_copy_O: cute.TiledCopy,
+        tidx: cutlass.Int32,
+        m_block: cutlass.Int32,
+        head_idx: cutlass.Int32,
+        batch_idx: cutlass.Int32,
+    ):
+        """Zeros into the rows ``shift`` elements from this tile's valid output rows, with the
+        partition and row predicate of the base epilogue's own output stores."""
+        gmem_thr_copy_O = gmem_tiled_copy_O.get_slice(tidx)
+        tZero = cute.make_fragment_like(gmem_thr_copy_O.partition_S(sO), self.dtype)
+        tZero.fill(0.0)
+        cO = cute.make_identity_tensor((self.tile_m, self.tile_hdimv))
+        tOcO = gmem_thr_copy_O.partition_S(cO)
+        t0OcO = gmem_tiled_copy_O.get_slice(0).partition_S(cO)
+        tOpO = utils.predicate_k(tOcO, limit=mO.shape[1])
+        rows_left = seqlen.seqlen_q - m_block * self.tile_m - tOcO[0][0]
+        mO_cur = seqlen.offset_batch_Q(mO, batch_idx, dim=3)[None, None, head_idx]
+        for s in cutlass.range_constexpr(len(self.zero_shifts)):
+            mZ = cute.make_tensor(mO_cur.iterator + self.zero_shifts[s], mO_cur.layout)
+            gZ = cute.local_tile(mZ, (self.tile_m, self.tile_hdimv), (m_block, 0))
+            tOgZ = gmem_thr_copy_O.partition_D(gZ)
+            for rest_m in cutlass.range_constexpr(cute.size(tZero.shape[1])):
+                if t0OcO[0, rest_m, 0][0] < rows_left:
+                    cute.copy(
+                        gmem_tiled_copy_O,
+                        tZero[None, rest_m, None],
+                        tOgZ[None, rest_m, None],
+                        pred=tOpO[None, rest_m, None]
+                        if cutlass.const_expr(self.check_hdim_v_oob)
+                        else None,
+                    )
+
+    @cute.jit
+    def epilogue(
+        self,
+        acc_O: cute.Tensor,
+        lse: cute.Tensor,
+        mO: cute.Tensor,
+        mLSE: cute.Tensor,
+        sO: cute.Tensor,
+        seqlen,
+        gmem_tiled_copy_O: cute.TiledCopy,
+        tma_atom_O,
+        tiled_mma: cute.TiledMma,
+        tidx: cutlass.Int32,
+        m_block: cutlass.Int32,
+        head_idx: cutlass.Int32,
+        batch_idx: cutlass.Int32,
+    ):
+        _write_epilogue(
+            self,
+            acc_O,
+            lse,
+            mO,
+            mLSE,
+            sO,
+            seqlen,
+            gmem_tiled_copy_O,
+            tma_atom_O,
+            tiled_mma,
+            tidx,
+            m_block,
+            head_idx,
+            batch_idx,
+        )
+        self.zero_neighbours(mO, sO, seqlen, gmem_tiled_copy_O, tidx, m_block, head_idx, batch_idx)

@@ -1,0 +1,295 @@
+"""``head_groups``' unselected rows zeroed by FA4's forward itself (``ringattn.kernels.fa4_zero``),
+without a GPU.
+
+The kernel runs only on SM90 GPUs (held to FA4's forward there by ``experiments/fa4_probe.py
+--part zero`` and to the oracle by ``experiments/flex_gpu.py --part check``). Here, on the FA4
+stand-in of ``tests/fake_fa4.py``, with the core's fill replaced by one that poisons every pair
+a block should write (NaN) and zeroes only the pairs of the selection it is given:
+
+* the core's wiring: which launches are offered the zeroing kernel, the shifts they get, that
+  the fill then skips exactly those configs (a stand-in that writes its rows and zeros must
+  still match the oracle, and one that declines must leave the core to zero), and that a config
+  whose blocks do not all zero (a tail segment) is left to the fill;
+* the first-call guard: a kernel is kept only if its rows, LSE and zeros agree with FA4's
+  forward, and one that fails to compile or disagrees is refused with a warning and never called
+  again, while the call's result still ends written.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import problems
+from fake_fa4 import FakeFA4, installed
+from hypothesis import given
+from hypothesis import strategies as st
+from test_fa4 import PLACED, sdpa_strategies, with_fixture
+from test_strategies import check_against_oracle
+
+import ringattn.core
+from ringattn.kernels import fa4, fa4_merge, fa4_zero
+from ringattn.kernels.unselected import shifted
+from ringattn.pattern import Block, Job, make_plan
+
+# h = 4 over configs (8, 1), (16, 2), (32, 4): the r = 2 and r = 4 groups leave rows out
+ZEROED = {**PLACED, "segment_lengths": (8, 16, 32), "dilation_rates": (1, 2, 4), "h": 6}
+
+
+def poisoning_fill(selections: list):
+    """The core's fill, in torch: NaN into every pair some block should write, 0 into the
+    pairs ``selection`` leaves out (recorded in ``selections``)."""
+
+    def fill_(x, selection, memory) -> None:
+        selections.append(selection)
+        if selection is None:
+            x.zero_()
+            return
+        x.fill_(float("nan"))
+        rows = torch.arange(x.shape[1])
+        for head, (rate, offset) in enumerate(zip(*selection)):
+            x[:, rows % rate != offset, head] = 0
+
+    return fill_
+
+
+class StandIn:
+    """``fa4_zero.forward_zero_`` on the CPU: FA4's (stand-in's) forward into the views it is
+    given and zeros at its shifts, after checking their contract; declines every
+    ``decline``-th call, and skips the zeros if ``lazy``."""
+
+    def __init__(self, decline: int = 0, lazy: bool = False) -> None:
+        self.calls = self.zeroed = 0
+        self.decline, self.lazy = decline, lazy
+        self.shifts: set[tuple[int, ...]] = set()
+
+    def __call__(self, q, k, v, causal, scale, out, lse, shifts) -> bool:
+        self.calls += 1
+        assert fa4_zero.supported(q, k, v, out, lse, shifts)
+        storage = out.untyped_storage().nbytes() // out.element_size()
+        for shift in shifts:  # every neighbour row lies inside the output
+            view = shifted(out, shift)
+            lo = view.storage_offset()
+            hi = lo + sum((size - 1) * stride for size, stride in zip(view.shape, view.stride()))
+            assert lo >= 0 and hi < storage
+        self.shifts.add(shifts)
+        if self.decline and self.calls % self.decline == 0:
+            return False
+        out_block, lse_block = fa4.forward(q, k, v, causal, scale)
+        out.copy_(out_block)
+        if lse is not None:
+            lse.copy_(lse_block)
+        if not self.lazy:
+            for shift in shifts:
+                shifted(out, shift).zero_()
+        self.zeroed += 1
+        return True
+
+
+@pytest.fixture
+def zeroing(monkeypatch):
+    """FA4's stand-in installed, the zeroing kernel offered wherever the layouts allow it, the
+    core's fill poisoning what the blocks write; yields (monkeypatch, selections the fill got)."""
+    selections: list = []
+    monkeypatch.setattr(
+        fa4_zero,
+        "supported",
+        lambda q, k, v, out, lse, shifts: bool(shifts) and fa4_merge.layout_ok(q, k, v, out, lse),
+    )
+    monkeypatch.setattr(ringattn.core, "fill_unselected_", poisoning_fill(selections))
+    with installed(FakeFA4()):
+        yield monkeypatch, selections
+
+
+@pytest.mark.parametrize(("causal", "decline"), [(False, 0), (True, 0), (True, 2)])
+def test_placed_blocks_write_their_own_zeros(zeroing, causal, decline):
+    """Declined calls (every other one) are zeroed by the core, not by the fill."""
+    patch, selections = zeroing
+    stand_in = StandIn(decline)
+    patch.setattr(fa4_zero, "forward_zero_", stand_in)
+    check_against_oracle({**ZEROED, "causal": causal}, torch.float32, sdpa_strategies())
+    assert stand_in.zeroed > 0 and (not decline or stand_in.zeroed < stand_in.calls)
+    # n = 64: full segments only, so the forward's fill skips the r = 2 and r = 4 groups
+    # (heads 2-5); the backward's (gradients) and global dilation's (no launches) do not
+    assert set(selections) == {((1,) * 6, (0,) * 6), ((1, 1, 2, 2, 4, 4), (0, 0, 1, 1, 2, 2))}
+    # shifts: (k - o) rows of h * d = 48 elements, o = g mod r for group g = 1, 2
+    assert {(-48,), (-96, -48, 48)} <= stand_in.shifts
+
+
+def test_a_launch_that_skips_its_zeros_fails_the_oracle(zeroing):
+    """The poisoning fill makes the zeros the launches' job: without them, NaN stays."""
+    patch, _ = zeroing
+    patch.setattr(fa4_zero, "forward_zero_", StandIn(lazy=True))
+    with pytest.raises(AssertionError, match="rel err"):
+        check_against_oracle({**ZEROED, "causal": True}, torch.float32, sdpa_strategies())
+
+
+@with_fixture(max_examples=15)
+@given(problems(), st.sampled_from([0, 2, 3]))
+def test_any_problem_matches_oracle_whichever_launches_zero(zeroing, p, decline):
+    """Declined calls (nothing written) are zeroed by the core; tail segments by the fill."""
+    zeroing[0].setattr(fa4_zero, "forward_zero_", StandIn(decline))
+    check_against_oracle(p, torch.float32, sdpa_strategies())
+
+
+def test_a_config_with_a_tail_is_left_to_the_fill(zeroing):
+    patch, selections = zeroing
+    stand_in = StandIn()
+    patch.setattr(fa4_zero, "forward_zero_", stand_in)
+    # n = 72: the (16, 2) and (32, 4) configs end in a tail segment (its groups may end past n)
+    check_against_oracle({**ZEROED, "n": 72, "causal": True}, torch.float32, sdpa_strategies())
+    assert stand_in.zeroed > 0  # their full segments still zero their own rows
+    assert (1, 1, 2, 2, 4, 4) in {s[0] for s in selections if s is not None}
+    assert ((1,) * 6, (0,) * 6) not in selections
+
+
+def test_neighbour_shifts():
+    out = torch.zeros(1, 64, 5, 4)  # [b, n, h, d]; its rows [b * S, L, H, d] at (32, 4)
+    rows = out.as_strided((2, 8, 3, 4), (32 * 20, 4 * 20, 4, 1), 20)
+    job = Job(config=1, w=32, r=4, offset=1, head_start=0, head_stop=3, head_step=1)
+    assert ringattn.core.neighbour_shifts(Block(job, 0, 2, 8, tail=False), rows) == (-20, 20, 40)
+    assert ringattn.core.neighbour_shifts(Block(job, 64, 1, 3, tail=True), rows) == ()
+    plain = Job(config=0, w=8, r=1, offset=0, head_start=0, head_stop=3, head_step=1)
+    assert ringattn.core.neighbour_shifts(Block(plain, 0, 2, 8, tail=False), rows) == ()
+
+
+def test_a_tail_without_selected_rows_is_left_to_the_fill(zeroing):
+    """n = 3 at (2, 2) offset 1: row 2 (the tail) is selected by nothing, so no block covers it."""
+    patch, selections = zeroing
+    stand_in = StandIn()
+    patch.setattr(fa4_zero, "forward_zero_", stand_in)
+    p = {"b": 1, "n": 3, "h": 2, "d": 8, "segment_lengths": (1, 2), "dilation_rates": (1, 2)}
+    check_against_oracle(
+        {**p, "causal": False, "mixing": "head_groups"}, torch.float32, sdpa_strategies()
+    )
+    assert stand_in.zeroed > 0 and ((1, 1), (0, 0)) not in selections
+
+
+def test_unzeroed_selection_marks_only_configs_whose_parts_all_zero():
+    plan = make_plan(64, 6, ((8, 1), (16, 2), (32, 4)), "head_groups")
+
+    def zeroing_launch():
+        pass
+
+    zeroing_launch.zeroes_unselected = True
+    by_config = {i: block.job.config for i, block in enumerate(plan.blocks)}
+    launches = {
+        i: tuple((None, zeroing_launch if config == 2 else print) for _ in plan.parts[i])
+        for i, config in by_config.items()
+    }
+    rates, offsets = ringattn.core.unzeroed_selection(plan, launches)
+    assert rates == (1, 1, 2, 2, 1, 1) and offsets == (0, 0, 1, 1, 0, 0)
+    assert ringattn.core.unzeroed_selection(plan, {}) == plan.selection
+    assert ringattn.core.unzeroed_selection(make_plan(64, 6, ((8, 2),), "lse"), {}) is None
+
+
+def operands(seed: int = 0, lse: bool = True):
+    """A ``(16, 4)`` block's rows ``[B, L, H, d]`` (offset 1) of ``[2, 32, 2, 8]`` tensors and
+    its neighbours' shifts."""
+    gen = torch.Generator().manual_seed(seed)
+    b, n, h, d, r, o = 2, 32, 2, 8, 4, 1
+
+    def rows(x):  # [b, n, h, ...] -> its selected rows as [b * 2 segments, 4, h, ...]
+        return x.unflatten(1, (2, 16))[:, :, o::r].flatten(0, 1)
+
+    q, k, v = (rows(torch.randn(b, n, h, d, generator=gen)) for _ in range(3))
+    out_full = torch.randn(b, n, h, d, generator=gen)
+    lse_full = torch.randn(b, n, h, generator=gen)
+    shifts = tuple((k_ - o) * h * d for k_ in range(r) if k_ != o)
+    return q, k, v, rows(out_full), rows(lse_full) if lse else None, shifts, out_full
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """The stand-in installed and no compiled kernel yet."""
+    monkeypatch.setattr(fa4_zero, "_COMPILED", {})
+    with installed(FakeFA4()):
+        yield monkeypatch
+
+
+class FakeKernel:
+    """A "compiled" kernel: writes rows, LSE and zeros, or skips the zeros (``lazy``), or writes
+    ``wrong`` into the output, or raises."""
+
+    def __init__(self, causal, shifts, lazy=False, wrong=None, fail=False) -> None:
+        self.causal, self.shifts, self.runs = causal, shifts, 0
+        self.lazy, self.wrong, self.fail = lazy, wrong, fail
+
+    def __call__(self, q, k, v, out, lse_bhl, scale) -> None:
+        self.runs += 1
+        if self.fail:
+            raise RuntimeError("no such kernel")
+        out_block, lse_block = fa4.forward(q, k, v, self.causal, scale)
+        out.copy_(out_block if self.wrong is None else torch.full_like(out, self.wrong))
+        if lse_bhl is not None:
+            lse_bhl.transpose(1, 2).copy_(lse_block)
+        if not self.lazy:
+            for shift in self.shifts:
+                shifted(out, shift).zero_()
+
+
+def expected(q, k, v, causal, out_full, shifts, lse):
+    """The rows written, the neighbours zeroed, everything else of out as it was."""
+    out_full = out_full.clone()
+    rows = out_full.unflatten(1, (2, 16))[:, :, 1::4].flatten(0, 1)
+    out_block, lse_block = fa4.forward(q, k, v, causal, 0.3)
+    rows.copy_(out_block)
+    for shift in shifts:
+        shifted(rows, shift).zero_()
+    return out_full, (None if lse is None else lse_block)
+
+
+@pytest.mark.parametrize(("causal", "with_lse"), [(False, True), (True, True), (True, False)])
+def test_first_call_keeps_a_kernel_that_agrees(fresh, causal, with_lse):
+    q, k, v, out, lse, shifts, out_full = operands(lse=with_lse)
+    kernel = FakeKernel(causal, shifts)
+    fresh.setattr(fa4_zero, "_compile", lambda key, *args: kernel)
+    out_want, lse_want = expected(q, k, v, causal, out_full, shifts, lse)
+    assert fa4_zero.forward_zero_(q, k, v, causal, 0.3, out, lse, shifts)
+    torch.testing.assert_close(out_full, out_want)
+    if with_lse:
+        torch.testing.assert_close(lse, lse_want)
+    assert fa4_zero.forward_zero_(q, k, v, causal, 0.3, out, lse, shifts)
+    assert kernel.runs == 2 and list(fa4_zero._COMPILED.values()) == [kernel]
+
+
+@pytest.mark.parametrize(
+    ("make", "written", "why"),
+    [
+        (lambda s: FakeKernel(False, s, lazy=True), True, "neighbour zeros wrong"),
+        (lambda s: FakeKernel(False, s, wrong=0.5), True, "disagreed"),
+        (lambda s: FakeKernel(False, s, wrong=float("nan")), True, "disagreed"),
+        (lambda s: FakeKernel(False, s, fail=True), False, "failed to compile or launch"),
+    ],
+)
+def test_first_call_refuses_a_kernel_that_disagrees_or_fails(fresh, make, written, why):
+    q, k, v, out, lse, shifts, out_full = operands()
+    kernel = make(shifts)
+    fresh.setattr(fa4_zero, "_compile", lambda key, *args: kernel)
+    before = out_full.clone(), lse.clone()
+    out_want, lse_want = expected(q, k, v, False, out_full, shifts, lse)
+    with pytest.warns(RuntimeWarning, match=why):
+        assert fa4_zero.forward_zero_(q, k, v, False, 0.3, out, lse, shifts) is written
+    # written right by FA4's plain forward and zeros, or untouched for the caller to write
+    want = (out_want, lse_want) if written else before
+    torch.testing.assert_close((out_full, lse), want)
+    runs = kernel.runs
+    assert not fa4_zero.forward_zero_(q, k, v, False, 0.3, out, lse, shifts)  # never again
+    assert kernel.runs == runs
+
+
+def test_disabled_switch_declines_without_work(fresh):
+    q, k, v, out, lse, shifts, out_full = operands()
+    kernel = FakeKernel(False, shifts)
+    fresh.setattr(fa4_zero, "_compile", lambda key, *args: kernel)
+    fresh.setattr(fa4_zero, "ENABLED", False)
+    before = out_full.clone()
+    assert not fa4_zero.forward_zero_(q, k, v, False, 0.3, out, lse, shifts)
+    assert kernel.runs == 0 and torch.equal(out_full, before)
+
+
+def test_misaligned_shifts_are_not_offered_the_kernel(monkeypatch):
+    monkeypatch.setattr(fa4, "sm90", lambda q: True)
+    q, k, v, out, lse, shifts, _ = operands()
+    assert fa4_zero.supported(q, k, v, out, lse, shifts)
+    assert not fa4_zero.supported(q, k, v, out, lse, (2,))  # 8 bytes: vector stores misaligned
+    assert not fa4_zero.supported(q, k, v, out, lse, ())
