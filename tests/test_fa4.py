@@ -231,3 +231,11 @@ def test_no_recording_while_a_cuda_graph_is_captured(fake_fa4, monkeypatch, smal
     monkeypatch.setattr(fa4, "capturing", lambda q: True)
     check_against_oracle(small_problem, torch.float32, sdpa_strategies())  # replays
     assert (fake_fa4.forward_calls, fake_fa4.calls) == launcher_calls
+
+
+@pytest.mark.parametrize("capturing", [False, True])
+def test_capturing_asks_torch_about_the_current_stream(monkeypatch, capturing):
+    """The fused kernels' first-call guards rely on it (every other test patches it out)."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+    assert fa4.capturing(types.SimpleNamespace(is_cuda=True)) is capturing
+    assert not fa4.capturing(torch.zeros(1)) and not fa4.capturing(None)

@@ -195,7 +195,7 @@ def _launch(
 def capturing(q: Tensor | None) -> bool:
     """Whether a CUDA graph is being captured on ``q``'s stream (a replay may be captured, a
     recording may not: ``compile_mode="reduce-overhead"`` or a user's ``torch.cuda.graph``)."""
-    return q is not None and q.is_cuda and torch.cuda.is_current_streamcapturing()
+    return q is not None and q.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def forward(
