@@ -289,13 +289,18 @@ def _module_ab(n, h, d, repeats, device, mixing, switch, names, backward=False) 
         )
         dout = torch.randn_like(q)
         for causal in (False, True):
-            module = ringattn.DilatedAttention(
-                ISSUE_LENGTHS, ISSUE_RATES, causal=causal, mixing=mixing
-            )
+            # one module per arm: a module prepares its launches at its first call, with the
+            # switch as it is then (fa4_zero's decides what the launches are)
+            modules = {
+                enabled: ringattn.DilatedAttention(
+                    ISSUE_LENGTHS, ISSUE_RATES, causal=causal, mixing=mixing
+                )
+                for enabled in (True, False)
+            }
             kind = "fwd+bwd" if backward else "fwd"
             row = {"problem": f"module n={size} {mixing} {kind}", "causal": causal}
 
-            def fn(module=module, q=q, k=k, v=v, dout=dout):
+            def call(module, q=q, k=k, v=v, dout=dout):
                 if backward:
                     return torch.autograd.grad(module(q, k, v), (q, k, v), dout)
                 with torch.no_grad():
@@ -307,6 +312,7 @@ def _module_ab(n, h, d, repeats, device, mixing, switch, names, backward=False) 
                     for enabled in (True, False):
                         switch.ENABLED = enabled
                         name = on if enabled else off
+                        fn = partial(call, modules[enabled])
                         results[name] = fn()
                         row[f"{name}_{'fwdbwd' if backward else 'fwd'}_ms_{turn}"] = _events_ms(
                             fn, 2 if backward else 3, repeats

@@ -17,6 +17,8 @@ a block should write (NaN) and zeroes only the pairs of the selection it is give
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pytest
 import torch
 from conftest import problems
@@ -26,6 +28,7 @@ from hypothesis import strategies as st
 from test_fa4 import PLACED, sdpa_strategies, with_fixture
 from test_strategies import check_against_oracle
 
+import ringattn.api
 import ringattn.core
 from ringattn.kernels import fa4, fa4_merge, fa4_zero
 from ringattn.kernels.unselected import shifted
@@ -90,6 +93,8 @@ def zeroing(monkeypatch):
     """FA4's stand-in installed, the zeroing kernel offered wherever the layouts allow it, the
     core's fill poisoning what the blocks write; yields (monkeypatch, selections the fill got)."""
     selections: list = []
+    # fresh modules: a module's launches are prepared once (by the functional API's cached ones too)
+    monkeypatch.setattr(ringattn.api, "_MODULES", OrderedDict())
     monkeypatch.setattr(
         fa4_zero,
         "supported",
@@ -293,3 +298,12 @@ def test_misaligned_shifts_are_not_offered_the_kernel(monkeypatch):
     assert fa4_zero.supported(q, k, v, out, lse, shifts)
     assert not fa4_zero.supported(q, k, v, out, lse, (2,))  # 8 bytes: vector stores misaligned
     assert not fa4_zero.supported(q, k, v, out, lse, ())
+
+
+def test_switched_off_at_preparation_the_fill_does_it_all(zeroing):
+    patch, selections = zeroing
+    stand_in = StandIn()
+    patch.setattr(fa4_zero, "forward_zero_", stand_in)
+    patch.setattr(fa4_zero, "ENABLED", False)
+    check_against_oracle({**ZEROED, "causal": True}, torch.float32, sdpa_strategies())
+    assert stand_in.calls == 0 and set(selections) == {((1, 1, 2, 2, 4, 4), (0, 0, 1, 1, 2, 2))}

@@ -302,8 +302,13 @@ class SDPAComputer(BlockComputer):
         return launch
 
     def zeroing_launcher(self, causal, scale, shifts, q, k, v, out, lse):
-        # FA4's forward writing the rows a head_groups config leaves out (ringattn.kernels.fa4_zero)
-        if not (self._fa4(self.cuda_forward, q) and fa4_zero.supported(q, k, v, out, lse, shifts)):
+        # FA4's forward writing the rows a head_groups config leaves out (ringattn.kernels.fa4_zero;
+        # its ENABLED switch also decides here: launches prepared while it is off keep the fill)
+        if not (
+            fa4_zero.ENABLED
+            and self._fa4(self.cuda_forward, q)
+            and fa4_zero.supported(q, k, v, out, lse, shifts)
+        ):
             return None
 
         def launch(q, k, v, out, lse) -> bool:

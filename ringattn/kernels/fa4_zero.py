@@ -32,8 +32,9 @@ from torch import Tensor
 from ringattn.kernels import fa4, fa4_merge
 from ringattn.kernels.unselected import shifted
 
-# the A/B switch (experiments/fa4_probe.py --part zero), read on every call: False leaves the
-# zeros to the core's fill
+# the A/B switch (experiments/fa4_probe.py --part zero): read when a module prepares its launches
+# (False: they leave the zeros to the core's fill) and on every call (False: declined, and the
+# launch zeroes the rows itself)
 ENABLED = True
 
 # compiled kernels by key (fa4_merge's key with the shifts); False: failed to compile or agree
