@@ -7,7 +7,9 @@
 * Launch paths of library kernels: ``cudnn_graphs`` (NVIDIA's cuDNN frontend, the ``cuda``
   extra), ``fa4`` and ``replay`` (FlashAttention-4 and its recorded launches, the ``fa4``
   extra), ``fa4_merge`` / ``fa4_merge_sm90`` (FA4's forward merging ``lse`` blocks in its
-  epilogue) and ``fa4_add`` (FA4's backward adding dK, dV with TMA reduce-add stores). Each is
+  epilogue), ``fa4_zero`` / ``fa4_zero_sm90`` (FA4's forward writing the zeros of the rows a
+  ``head_groups`` config leaves out) and ``fa4_add`` (FA4's backward adding dK, dV with TMA
+  reduce-add stores). Each is
   optional and guarded: where it cannot run, or its first call disagrees with the plain path,
   the caller takes the plain path, which computes the same function.
 """
