@@ -208,3 +208,18 @@ def test_compile_keys_follow_the_lse_unit_stride():
     assert len(keys) == 4
     assert fa4_merge._key(q, False, heads_contiguous)[-1] == 1  # [B, H, L]: H has stride 1
     assert fa4_merge._key(q, False, strided_heads)[-1] is None
+
+
+def test_merger_calls_a_kept_kernel_without_the_checks(fresh):
+    """A prepared launch's merger: the first call goes through the guard, later ones straight
+    to the kept kernel (its key decided once), and merge exactly once each."""
+    q, k, v, out, lse = operands()
+    kernel = FakeKernel(True)
+    fresh.setattr(fa4_merge, "_compile", lambda key, *args: kernel)
+    merge = fa4_merge.merger(q, k, v, True, out, lse)
+    expected = two_kernel(q, k, v, True, out, lse)
+    assert merge(q, k, v, 0.3, out, lse)
+    torch.testing.assert_close((out, lse), expected)
+    fresh.setattr(fa4_merge, "forward_merge_", None)  # not called again
+    assert merge(q, k, v, 0.3, out, lse) and kernel.runs == 2
+    torch.testing.assert_close((out, lse), two_kernel(q, k, v, True, *expected))

@@ -307,3 +307,16 @@ def test_switched_off_at_preparation_the_fill_does_it_all(zeroing):
     patch.setattr(fa4_zero, "ENABLED", False)
     check_against_oracle({**ZEROED, "causal": True}, torch.float32, sdpa_strategies())
     assert stand_in.calls == 0 and set(selections) == {((1, 1, 2, 2, 4, 4), (0, 0, 1, 1, 2, 2))}
+
+
+def test_zeroer_calls_a_kept_kernel_without_the_checks(fresh):
+    q, k, v, out, lse, shifts, out_full = operands()
+    kernel = FakeKernel(True, shifts)
+    fresh.setattr(fa4_zero, "_compile", lambda key, *args: kernel)
+    zero = fa4_zero.zeroer(q, k, v, True, out, lse, shifts)
+    out_want, lse_want = expected(q, k, v, True, out_full, shifts, lse)
+    assert zero(q, k, v, 0.3, out, lse)
+    fresh.setattr(fa4_zero, "forward_zero_", None)  # not called again
+    out_full.fill_(float("nan"))
+    assert zero(q, k, v, 0.3, out, lse) and kernel.runs == 2
+    torch.testing.assert_close((out_full, lse), (out_want, lse_want))

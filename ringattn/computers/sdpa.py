@@ -296,8 +296,10 @@ class SDPAComputer(BlockComputer):
         if not (self._fa4(self.cuda_forward, q) and fa4_merge.supported(q, k, v, out, lse)):
             return None
 
+        merge = fa4_merge.merger(q, k, v, causal, out, lse)
+
         def launch(q, k, v, out, lse) -> bool:
-            return fa4_merge.forward_merge_(q, k, v, causal, scale, out, lse)
+            return merge(q, k, v, scale, out, lse)
 
         return launch
 
@@ -311,8 +313,10 @@ class SDPAComputer(BlockComputer):
         ):
             return None
 
+        zero = fa4_zero.zeroer(q, k, v, causal, out, lse, shifts)
+
         def launch(q, k, v, out, lse) -> bool:
-            return fa4_zero.forward_zero_(q, k, v, causal, scale, out, lse, shifts)
+            return zero(q, k, v, scale, out, lse)
 
         return launch
 

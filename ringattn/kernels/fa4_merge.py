@@ -113,6 +113,25 @@ def forward_merge_(
     return True
 
 
+def merger(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, out: Tensor, lse: Tensor
+) -> Callable[[Tensor, Tensor, Tensor, float, Tensor, Tensor], bool]:
+    """:func:`forward_merge_` for views of these (example) views' layouts, as ``call(q, k, v,
+    scale, out, lse)``, with the compile key and the re-striding decided here once: a prepared
+    launch calls it every forward (``ringattn.core.merging_launch``)."""
+    key = _key(q, causal, lse)
+    restride = any(0 in x.stride() for x in (q, k, v, out, lse))
+
+    def call(q: Tensor, k: Tensor, v: Tensor, scale: float, out: Tensor, lse: Tensor) -> bool:
+        kernel = _COMPILED.get(key)
+        if not kernel or restride or not ENABLED:  # first call, refused, off, or unusual
+            return forward_merge_(q, k, v, causal, scale, out, lse)
+        kernel(q, k, v, out, lse.transpose(1, 2), scale)
+        return True
+
+    return call
+
+
 def _compile(key: tuple, q, k, v, out, lse_bhl) -> Callable:
     sm90 = importlib.import_module("ringattn.kernels.fa4_merge_sm90")
     return compile_forward(key, q, k, v, out, lse_bhl, sm90.MergingForwardSm90, sm90.__file__)

@@ -92,6 +92,31 @@ def forward_zero_(
     return True
 
 
+def zeroer(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    out: Tensor,
+    lse: Tensor | None,
+    shifts: tuple[int, ...],
+) -> Callable[..., bool]:
+    """:func:`forward_zero_` for views of these (example) views' layouts, as ``call(q, k, v,
+    scale, out, lse)``, with the compile key and the re-striding decided here once (a prepared
+    launch calls it every forward: ``ringattn.core.placing_launch``)."""
+    key = _key(q, causal, lse, shifts)
+    restride = any(0 in x.stride() for x in (q, k, v, out, lse) if x is not None)
+
+    def call(q: Tensor, k: Tensor, v: Tensor, scale: float, out: Tensor, lse) -> bool:
+        kernel = _COMPILED.get(key)
+        if not kernel or restride or not ENABLED:  # first call, refused, off, or unusual
+            return forward_zero_(q, k, v, causal, scale, out, lse, shifts)
+        kernel(q, k, v, out, None if lse is None else lse.transpose(1, 2), scale)
+        return True
+
+    return call
+
+
 def _compile(key: tuple, q, k, v, out, lse_bhl) -> Callable:
     sm90 = importlib.import_module("ringattn.kernels.fa4_zero_sm90")
     kernel_class = functools.partial(sm90.ZeroingForwardSm90, zero_shifts=key[-1])

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -159,6 +159,14 @@ class Replay:
     allocations: tuple[Layout, ...]
     launches: tuple[tuple[Callable, tuple], ...]
     results: tuple[_Operand | _Buffer, ...]
+    # each launch's arguments as a template of its constants and where the operands and buffer
+    # views go (made once: a replay issues ~40 arguments per FA4 backward launch, and resolving
+    # each by type in every call cost more host time than the launch itself)
+    _plans: tuple = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        plans = tuple((kernel, _plan(args, self.allocations)) for kernel, args in self.launches)
+        object.__setattr__(self, "_plans", (*plans, (None, _plan(self.results, self.allocations))))
 
     def __call__(
         self, operands: tuple[Tensor | None, ...], buffers: list[Tensor] | None = None
@@ -169,17 +177,32 @@ class Replay:
                 torch.empty_strided(shape, stride, dtype=dtype, device=device)
                 for shape, stride, dtype, device in self.allocations
             ]
+        for kernel, (template, at_operands, at_buffers) in self._plans:
+            args = list(template)
+            for position, role in at_operands:
+                args[position] = operands[role]
+            for position, index, view in at_buffers:
+                buffer = buffers[index]
+                args[position] = buffer if view is None else buffer.as_strided(*view)
+            if kernel is None:  # the results
+                return tuple(args)
+            kernel(*args)
+        raise AssertionError("unreachable: the results' plan comes last")
 
-        def resolve(slot: object) -> object:
-            if isinstance(slot, _Operand):
-                return operands[slot.role]
-            if isinstance(slot, _Buffer):
-                return buffers[slot.index].as_strided(slot.shape, slot.stride, slot.offset)
-            return slot
 
-        for kernel, args in self.launches:
-            kernel(*(resolve(a) for a in args))
-        return tuple(resolve(r) for r in self.results)  # type: ignore[misc]
+def _plan(slots: tuple, allocations: tuple[Layout, ...]) -> tuple:
+    """``slots`` as (constants with placeholders, (position, role) of each operand, (position,
+    buffer index, view or None where the slot is the whole buffer) of each buffer view)."""
+    template, at_operands, at_buffers = [], [], []
+    for position, slot in enumerate(slots):
+        template.append(None if isinstance(slot, (_Operand, _Buffer)) else slot)
+        if isinstance(slot, _Operand):
+            at_operands.append((position, slot.role))
+        elif isinstance(slot, _Buffer):
+            whole = (slot.shape, slot.stride, slot.offset) == (*allocations[slot.index][:2], 0)
+            view = None if whole else (slot.shape, slot.stride, slot.offset)
+            at_buffers.append((position, slot.index, view))
+    return tuple(template), tuple(at_operands), tuple(at_buffers)
 
 
 class _Unreplayable(Exception):
