@@ -4,15 +4,18 @@
 #
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh record   # ~4.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh long     # ~4 min
-#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh checks   # ~5 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh checks   # ~6 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh host     # ~2 min
 #
 # record: the bench's record at 32K/131K and 1M (docs/benchmarks/h200_perf.md's first two
 #   commands); long: its 2M/4M command; checks: every local strategy against the oracle on the
 #   GPU, the fused FA4 kernels' probes (merge, add, zero), and the forward and forward+backward
-#   kernel timelines at 131K. Each part writes under $OUT/<part>/ (one tarball, $OUT/<part>.tgz, so no
-#   file is left out of what comes back) and prints a short summary last.
+#   kernel timelines at 131K; host: where the host's time goes at 32K (host-bound): the host
+#   profile of a head_groups forward and forward+backward, and single / back-to-back times with
+#   the host's own time per call. Each part writes under $OUT/<part>/ (one tarball,
+#   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks}
+part=${1:?usage: gpu_session.sh record|long|checks|host}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -42,6 +45,17 @@ checks)
     passed=$(grep -c '| True |' "$out/flex_gpu_check/flex_gpu_check.md" 2>/dev/null)
     summary="oracle check: ${passed:-0} rows within tolerance
 $(grep -h "GPU busy" "$out"/timeline_*/kernel_timeline.md | cut -c1-120)"
+    ;;
+host)
+    for args in "--forward --causal" ""; do
+        # shellcheck disable=SC2086
+        python -m experiments.profile_core --host --n 32768 --mixing head_groups $args --rows 28 \
+            >>"$out/host_profile.txt" 2>&1
+    done
+    python -m experiments.overheads --n 32768 --split 8 --steady --repeats 10 \
+        --out "$out/overheads" >"$out/overheads.log" 2>&1
+    summary="$(grep -h "^=== " "$out/host_profile.txt")
+$(tail -6 "$out/overheads.log")"
     ;;
 *)
     echo "unknown part: $part" >&2
