@@ -34,6 +34,9 @@ the rows a ``head_groups`` config leaves out) to FA4's forward on the strided vi
 = (4096, 2), (8192, 4), (32768, 16)`` (rows, LSE, exact zeros, nothing left unwritten), times it
 against FA4's forward plus the fill, then the ``head_groups`` module with it on and off (forward,
 and forward+backward).
+``--part config`` times both mixings' module forward with FA4's causal forward tiles set to the
+step-20 sweep's best causal configuration (``ringattn.kernels.fa4.FORWARD_CONFIG``) and at FA4's
+default, interleaved, at ``--n`` and n/4.
 ``--part add`` does the same for ``ringattn.kernels.fa4_add`` (FA4's backward adding dK and dV
 into the gradients with TMA reduce-add stores) against FA4's backward and the Triton add: the
 sums against each other, GPU ms of each, and the ``lse`` module's forward+backward with it on
@@ -550,6 +553,47 @@ def zero(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     return rows + modules + grads
 
 
+class _TileSwitch:
+    """``fa4.FORWARD_CONFIG[True]`` as an on/off switch for :func:`_module_ab` (on: ``tiles``)."""
+
+    last_refusal = None
+
+    def __init__(self, tiles: tuple[int, int, bool, bool]) -> None:
+        self.tiles = tiles
+
+    @property
+    def ENABLED(self) -> bool:  # the name the kernels' switches have
+        from ringattn.kernels import fa4
+
+        return fa4.FORWARD_CONFIG[True] == self.tiles
+
+    @ENABLED.setter
+    def ENABLED(self, on: bool) -> None:
+        from ringattn.kernels import fa4
+
+        fa4.FORWARD_CONFIG[True] = self.tiles if on else None
+
+
+def config(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+    """Both mixings' forward with FA4's causal forward tiles at ``CAUSAL_TILES`` and at FA4's
+    default, interleaved (one module per arm; the non-causal rows run the same code in both arms
+    and so measure the noise)."""
+    from ringattn.kernels import fa4
+
+    switch = _TileSwitch(CAUSAL_TILES)
+    try:
+        return [
+            *_module_ab(n, h, d, repeats, device, "head_groups", switch, ("tiles", "default")),
+            *_module_ab(n, h, d, repeats, device, "lse", switch, ("tiles", "default")),
+        ]
+    finally:
+        fa4.FORWARD_CONFIG[True] = None
+
+
+# the step-20 sweep's best causal configuration on 2048-row blocks (4% ahead of the default)
+CAUSAL_TILES = (128, 128, False, True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=131072)
@@ -559,7 +603,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument(
         "--part",
-        choices=["compare", "sweep", "determinism", "replay", "merge", "add", "zero"],
+        choices=["compare", "sweep", "determinism", "replay", "merge", "add", "zero", "config"],
         default="compare",
     )
     args = parser.parse_args(argv)
@@ -574,6 +618,7 @@ def main(argv: list[str] | None = None) -> None:
             "merge": merge,
             "add": add,
             "zero": zero,
+            "config": config,
         }
         part = part[args.part]
         rows = part(args.n, h, d, args.repeats, device)

@@ -6,16 +6,19 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh long     # ~4 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh checks   # ~6 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh host     # ~2 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh tiles    # ~2 min
 #
 # record: the bench's record at 32K/131K and 1M (docs/benchmarks/h200_perf.md's first two
 #   commands); long: its 2M/4M command; checks: every local strategy against the oracle on the
 #   GPU, the fused FA4 kernels' probes (merge, add, zero), and the forward and forward+backward
 #   kernel timelines at 131K; host: where the host's time goes at 32K (host-bound): the host
 #   profile of a head_groups forward and forward+backward, and single / back-to-back times with
-#   the host's own time per call. Each part writes under $OUT/<part>/ (one tarball,
+#   the host's own time per call; tiles: both mixings' forward with FA4's causal forward tiles
+#   at the step-20 sweep's best causal configuration against FA4's default (fa4_probe --part
+#   config). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks|host}
+part=${1:?usage: gpu_session.sh record|long|checks|host|tiles}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -56,6 +59,11 @@ host)
         --out "$out/overheads" >"$out/overheads.log" 2>&1
     summary="$(grep -h "^=== " "$out/host_profile.txt")
 $(tail -6 "$out/overheads.log")"
+    ;;
+tiles)
+    python -m experiments.fa4_probe --part config --n 131072 --repeats 10 --out "$out" \
+        >"$out/probe_config.log" 2>&1
+    summary=$(grep -h "^problem=module" "$out/probe_config.log" | sed 's/ | kernels=.*//')
     ;;
 *)
     echo "unknown part: $part" >&2

@@ -51,6 +51,7 @@ class FakeFA4:
         self.forward_calls = 0
         self.forward_into = 0
         self.forward_runs = 0  # kernel runs, through the launcher or a replay
+        self.forward_tiles: dict = {}  # the tile options of the latest launcher call
         self.backward_runs = 0
         self.fwd, self.bwd = _CompileCache(), _CompileCache()
         self.caches = {self.fwd: "compile_cache", self.bwd: "compile_cache"}
@@ -58,8 +59,10 @@ class FakeFA4:
     def kernels(self) -> fa4.Kernels:
         return fa4.Kernels(self.forward, self.backward, self.caches)
 
-    def forward(self, q, k, v, *, softmax_scale, causal, return_lse, out=None):
+    def forward(self, q, k, v, *, softmax_scale, causal, return_lse, out=None, **tiles):
         self.forward_calls += 1
+        assert set(tiles) <= {"tile_mn", "mma_pv_is_rs", "intra_wg_overlap"}, tiles
+        self.forward_tiles = tiles
         b, length, h, d = q.shape
         assert k.shape == v.shape and k.shape[::2] == (b, h) and k.shape[-1] == d and return_lse
         if out is not None:

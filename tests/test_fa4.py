@@ -239,3 +239,20 @@ def test_capturing_asks_torch_about_the_current_stream(monkeypatch, capturing):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
     assert fa4.capturing(types.SimpleNamespace(is_cuda=True)) is capturing
     assert not fa4.capturing(torch.zeros(1)) and not fa4.capturing(None)
+
+
+def test_forward_tile_config_reaches_the_launcher_and_keys_the_replays(fake_fa4, monkeypatch):
+    """``fa4.FORWARD_CONFIG`` (the A/B of a tile configuration) goes to FA4's launcher, and a
+    replay recorded without it is not reused with it (the replays are keyed by it)."""
+    p = {**PLACED, "causal": True}
+    check_against_oracle(p, torch.float32, sdpa_strategies())
+    assert fake_fa4.forward_tiles == {}
+    calls = fake_fa4.forward_calls
+    monkeypatch.setitem(fa4.FORWARD_CONFIG, True, (128, 128, False, True))
+    check_against_oracle(p, torch.float32, sdpa_strategies())
+    assert fake_fa4.forward_calls > calls  # recorded anew, not replayed
+    assert fake_fa4.forward_tiles == {
+        "tile_mn": (128, 128),
+        "mma_pv_is_rs": False,
+        "intra_wg_overlap": True,
+    }

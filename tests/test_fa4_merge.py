@@ -206,8 +206,8 @@ def test_compile_keys_follow_the_lse_unit_stride():
         for causal, lse in itertools.product((False, True), (heads_contiguous, strided_heads))
     }
     assert len(keys) == 4
-    assert fa4_merge._key(q, False, heads_contiguous)[-1] == 1  # [B, H, L]: H has stride 1
-    assert fa4_merge._key(q, False, strided_heads)[-1] is None
+    assert fa4_merge._key(q, False, heads_contiguous)[3] == 1  # [B, H, L]: H has stride 1
+    assert fa4_merge._key(q, False, strided_heads)[3] is None
 
 
 def test_merger_calls_a_kept_kernel_without_the_checks(fresh):

@@ -146,6 +146,13 @@ def sm90(q: Tensor) -> bool:
     return q.is_cuda and available(q) and torch.cuda.get_device_capability(q.device)[0] == 9
 
 
+# FA4's SM90 forward tile configuration per causality, ``(tile_m, tile_n, mma_pv_is_rs,
+# intra_wg_overlap)``, or None for FA4's own choice: the A/B of ``experiments/fa4_probe.py --part
+# config``. Read by every forward call (its replays are keyed by it) and by the compiled merging
+# and zeroing forwards (``fa4_merge.compile_forward``: their compile keys include it). A sweep on
+# 2048-row causal blocks had ``(128, 128, False, True)`` 4% faster than the default (step 20).
+FORWARD_CONFIG: dict[bool, tuple[int, int, bool, bool] | None] = {False: None, True: None}
+
 # replays of FA4's recorded calls by signature (None: that signature calls FA4's launcher);
 # REPLAY = False always calls the launcher (the A/B: experiments/fa4_probe.py --part replay)
 REPLAY = True
@@ -203,11 +210,18 @@ def forward(
 ) -> tuple[Tensor, Tensor]:
     """``(out [B, L, H, d], lse [B, L, H])`` of the blocks; ``out`` written into when given."""
     flash_fwd = _loaded().forward
+    config = FORWARD_CONFIG.get(causal)
+    tiles = {} if config is None else dict(zip(("mma_pv_is_rs", "intra_wg_overlap"), config[2:]))
+    if config is not None:
+        tiles["tile_mn"] = config[:2]
 
     def launcher():
-        return flash_fwd(q, k, v, softmax_scale=scale, causal=causal, return_lse=True, out=out)
+        return flash_fwd(
+            q, k, v, softmax_scale=scale, causal=causal, return_lse=True, out=out, **tiles
+        )
 
-    result, lse = _launch("fwd", launcher, (q, k, v, out), (causal, scale), lambda r: r[:2])
+    flags = (causal, scale, config)
+    result, lse = _launch("fwd", launcher, (q, k, v, out), flags, lambda r: r[:2])
     return result, lse.transpose(1, 2)
 
 

@@ -83,11 +83,11 @@ def _unit_dims_restrided(x: Tensor) -> Tensor:
 
 
 def _key(q: Tensor, causal: bool, lse: Tensor) -> tuple:
-    """What a compiled kernel is specialised for: the dtype, head dim, causality, and which dim
-    of the ``[B, H, L]`` LSE view has stride 1 (the CuTe DSL compiles a unit stride in as a
-    constant; None: no such dim, every stride dynamic)."""
+    """What a compiled kernel is specialised for: the dtype, head dim, causality, which dim of
+    the ``[B, H, L]`` LSE view has stride 1 (the CuTe DSL compiles a unit stride in as a
+    constant; None: no such dim, every stride dynamic), and ``fa4.FORWARD_CONFIG``'s tiles."""
     unit = next((i for i, s in enumerate(lse.transpose(1, 2).stride()) if s == 1), None)
-    return q.dtype, q.shape[-1], causal, unit
+    return q.dtype, q.shape[-1], causal, unit, fa4.FORWARD_CONFIG.get(causal)
 
 
 def forward_merge_(
@@ -141,8 +141,9 @@ def compile_forward(
     key: tuple, q, k, v, out, lse_bhl, kernel_class: Callable, source: str | None = None
 ) -> Callable:
     """A subclass of FA4's SM90 forward compiled for operands like these, as ``launch(q, k, v,
-    out, lse_bhl, scale)``: ``key`` starts with the dtype, head dim, causality and the LSE's
-    unit-stride dim (:func:`_key`) and holds whatever else the class is specialised for;
+    out, lse_bhl, scale)``: ``key`` starts with the dtype, head dim, causality, the LSE's
+    unit-stride dim and the tile configuration or None (:func:`_key`) and holds whatever else the
+    class is specialised for;
     ``kernel_class`` takes FA4's constructor arguments; ``lse_bhl`` (``[B, H, L]``) may be None
     (no LSE written). With the path of the class's ``source`` file, the compiled kernel is kept
     in FA4's JIT cache (on disk with FA4's own kernels where that cache is enabled,
@@ -152,8 +153,10 @@ def compile_forward(
     dsl_utils = importlib.import_module("flash_attn.cute.cute_dsl_utils")
     interface = importlib.import_module("flash_attn.cute.interface")
     aux = importlib.import_module("flash_attn.cute.utils").AuxData(None, None)
-    dtype, head_dim, causal, lse_unit_dim = key[:4]
+    dtype, head_dim, causal, lse_unit_dim, config = key[:5]
     cfg = interface._tile_size_fwd_sm90(head_dim, head_dim, causal, False)
+    if config is not None:  # fa4.FORWARD_CONFIG
+        cfg = type(cfg)(*config)
     kernel = kernel_class(
         dsl_utils.torch2cute_dtype_map[dtype],
         head_dim,
