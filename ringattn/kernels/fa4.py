@@ -110,10 +110,56 @@ def _warn_unusable(exc: BaseException) -> None:
 
 
 def warn_refused(kernel: str, key: tuple, why: str, instead: str) -> None:
-    """The warning of a fused kernel's first-call guard (``fa4_merge``, ``fa4_add``) refusing
-    ``kernel`` for ``key``: what it is, why, and what runs instead (the same function)."""
+    """The warning of a fused kernel's first-call guard (``fa4_merge``, ``fa4_zero``,
+    ``fa4_add``) refusing ``kernel`` for ``key``: what it is, why, and what runs instead (the
+    same function)."""
     warnings.warn(
         f"ringattn: {kernel} is not used for {key}: {why}; {instead}", RuntimeWarning, stacklevel=5
+    )
+
+
+def call_guarded(
+    compiled: dict,
+    lock: AbstractContextManager,
+    key: tuple,
+    q: Tensor,
+    first_call: Callable[[], bool],
+    run: Callable[[Callable], None],
+) -> bool:
+    """``run(kernel)`` with the kernel ``compiled`` keeps for ``key`` (a fused kernel's registry,
+    ``fa4_merge`` / ``fa4_zero``: the kernel, or False once refused). A key's first call runs
+    ``first_call()`` instead, once, under ``lock``: it compiles, checks and keeps or refuses the
+    kernel, and its return is the call's; never while a CUDA graph is captured (it syncs). False
+    where no kernel ran (nothing written; the caller takes the plain path)."""
+    kernel = compiled.get(key)
+    if kernel is None:
+        if capturing(q):
+            return False
+        with lock:
+            if key not in compiled:
+                return first_call()
+        kernel = compiled[key]
+    if kernel is False:
+        return False
+    run(kernel)
+    return True
+
+
+def output_agrees(got: Tensor, want: Tensor) -> tuple[bool, float]:
+    """Whether a fused kernel's output ``got`` is the plain path's ``want`` within 4 units in the
+    last place of its dtype at ``want``'s largest magnitude (at least 1), and the largest error."""
+    if not want.numel():
+        return True, 0.0
+    err = (got.float() - want.float()).abs().max().item()
+    return err <= 4 * torch.finfo(want.dtype).eps * max(want.float().abs().max().item(), 1.0), err
+
+
+def lse_agrees(got: Tensor, want: Tensor) -> bool:
+    """Whether a fused kernel's LSE ``got`` is ``want``: infinite in the same places, within
+    float32 fast-math error (1e-3) elsewhere."""
+    finite = torch.isfinite(want)
+    return torch.equal(finite, torch.isfinite(got)) and (
+        not finite.any() or (got[finite] - want[finite]).abs().max().item() < 1e-3
     )
 
 

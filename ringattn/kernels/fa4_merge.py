@@ -96,21 +96,18 @@ def forward_merge_(
     """In place: ``(out, lse) <- merge((out, lse), attention(q, k, v))`` for blocks ``[B, L, H,
     d]`` (``lse [B, L, H]``), as one kernel. False where that kernel is not usable (nothing was
     written then; the caller merges with two kernels)."""
-    key = _key(q, causal, lse)
-    kernel = _COMPILED.get(key)
-    if kernel is False or not ENABLED:
+    if not ENABLED:
         return False
+    key = _key(q, causal, lse)
     q, k, v, out, lse = (_unit_dims_restrided(x) for x in (q, k, v, out, lse))
-    if kernel is None:
-        # the first call syncs to check the kernel: not while a CUDA graph is captured
-        if fa4.capturing(q):
-            return False
-        with _LOCK:
-            if key not in _COMPILED:
-                return _first_call(key, q, k, v, causal, scale, out, lse)
-        return forward_merge_(q, k, v, causal, scale, out, lse)
-    kernel(q, k, v, out, lse.transpose(1, 2), scale)
-    return True
+    return fa4.call_guarded(
+        _COMPILED,
+        _LOCK,
+        key,
+        q,
+        lambda: _first_call(key, q, k, v, causal, scale, out, lse),
+        lambda kernel: kernel(q, k, v, out, lse.transpose(1, 2), scale),
+    )
 
 
 def merger(
@@ -231,13 +228,8 @@ def _first_call(key, q, k, v, causal: bool, scale: float, out: Tensor, lse: Tens
     out_fused, lse_fused = out.clone(), lse.clone()
     out.copy_(out_old), lse.copy_(lse_old)
     merge_into_(out, lse, *fa4.forward(q, k, v, causal, scale))
-    out_err = (out_fused.float() - out.float()).abs().max().item()
-    out_tol = 4 * torch.finfo(out.dtype).eps * max(out.float().abs().max().item(), 1.0)
-    finite = torch.isfinite(lse)
-    lse_ok = torch.equal(finite, torch.isfinite(lse_fused)) and (
-        not finite.any() or (lse_fused[finite] - lse[finite]).abs().max().item() < 1e-3
-    )
-    if out_err <= out_tol and lse_ok:
+    out_ok, out_err = fa4.output_agrees(out_fused, out)
+    if out_ok and fa4.lse_agrees(lse_fused, lse):
         _COMPILED[key] = kernel
     else:
         _refuse(key, f"it disagreed with the two-kernel merge (output error {out_err:.3g})")
