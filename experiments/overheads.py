@@ -52,8 +52,8 @@ ADDS = {"triton": add_kernel.add_rows_, "torch": lambda accs, parts: False}
 # how the core zero-fills a disjoint (head_groups) plan's output and gradients
 FILLS = {
     "unselected": core.zeros_for,
-    "whole": lambda like, selection, memory: torch.zeros_like(
-        like, memory_format=torch.contiguous_format
+    "whole": lambda like, selection, memory, count=1: torch.zeros(
+        (count, *like.shape), dtype=like.dtype, device=like.device
     ),
 }
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import time
 
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--rows", type=int, default=16)
     p.add_argument("--host", action="store_true", help="cProfile the host instead")
+    p.add_argument(
+        "--dump", default=None, help="with --host: also write each profile (pstats) to DIR/*.prof"
+    )
     args = p.parse_args(argv)
     q, k, v, dout = (
         torch.randn(1, args.n, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4)
@@ -49,7 +53,13 @@ def main(argv: list[str] | None = None) -> None:
             fwd, fwdbwd = fwd_and_fwdbwd(module, q, k, v, dout)
             if args.host:
                 for what, call in (("forward", fwd), ("forward+backward", fwdbwd)):
-                    host_profile(call, f"n={args.n} {mixing} {what}", args.calls, args.rows)
+                    title = f"n={args.n} {mixing} {what}"
+                    dump = None
+                    if args.dump:
+                        causality = "causal" if args.causal else "noncausal"
+                        name = f"{mixing}_{causality}_{what.replace('+', '_')}.prof"
+                        dump = os.path.join(args.dump, name)
+                    host_profile(call, title, args.calls, args.rows, dump)
                 continue
             call = fwd if args.forward else fwdbwd
             for _ in range(3):
@@ -71,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
             )
 
 
-def host_profile(call, title: str, calls: int, rows: int) -> None:
+def host_profile(call, title: str, calls: int, rows: int, dump: str | None = None) -> None:
     """cProfile of ``calls`` calls issued behind a sleeping GPU: the host's own time per call."""
     for _ in range(3):
         call()
@@ -89,6 +99,9 @@ def host_profile(call, title: str, calls: int, rows: int) -> None:
         f"=== {title}: host {plain_ms:.3f} ms per call ({host_ms:.3f} under cProfile)", flush=True
     )
     pstats.Stats(profiler).sort_stats("tottime").print_stats(rows)
+    if dump:  # the whole profile, for pstats' other views (callers, cumulative)
+        os.makedirs(os.path.dirname(dump) or ".", exist_ok=True)
+        profiler.dump_stats(dump)
 
 
 if __name__ == "__main__":

@@ -197,6 +197,7 @@ def dilated_forward(
         if spec.plan.disjoint
         else (lambda span, part, *views: merging_launch(spec, span, *views)),
         placed=spec.plan.disjoint,
+        whole=spec.plan.disjoint and spec.computer.places_whole_blocks(q),
     )
     if first == 0:
         # all of it unless the plan is disjoint; then the rows no block selects, one kernel,
@@ -246,8 +247,10 @@ def dilated_backward(
     out: Tensor,
     lse: Tensor,
     indices: tuple[Tensor, ...],
+    stack_grads: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients in q's dtype, accumulated like the forward's output (one rounding per config)."""
+    """Gradients in q's dtype, accumulated like the forward's output (one rounding per config).
+    ``stack_grads``: where they start as zeros, they may be views of one buffer."""
     b, n, h, d = q.shape
     blocks = spec.plan.blocks
     # dout and out in q's usual layout, so their block views can go to the kernels as they are
@@ -276,7 +279,12 @@ def dilated_backward(
     elif covering:  # every (row, head) is written once by the first block's parts: no zero fill
         grads = [torch.empty_like(q) for _ in range(3)]
     else:
-        grads = [zeros_for(q, spec.plan.selection, spec.memory) for _ in range(3)]
+        # one buffer and one fill for the three, unless they go to a caller that forbids
+        # aliased results (the custom op: torch.library's outputs may not share storage)
+        if stack_grads:
+            grads = list(zeros_for(q, spec.plan.selection, spec.memory, 3).unbind(0))
+        else:
+            grads = [zeros_for(q, spec.plan.selection, spec.memory)[0] for _ in range(3)]
 
     tensors = (dout, q, k, v, out, lse, *grads)
     # head_groups: every (row, head) belongs to one block, so its gradients are placed; under lse
@@ -494,7 +502,9 @@ class DilatedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: Tensor):  # type: ignore[override]
         q, k, v, out, lse, *indices = ctx.saved_tensors
-        dq, dk, dv = dilated_backward(ctx.spec, dout, q, k, v, out, lse, tuple(indices))
+        dq, dk, dv = dilated_backward(
+            ctx.spec, dout, q, k, v, out, lse, tuple(indices), stack_grads=True
+        )
         return (None, dq, dk, dv, *([None] * len(indices)))
 
 

@@ -72,6 +72,7 @@ def prepared(
     block_ids: Iterable[int],
     make_launcher: Callable[..., Callable[..., None]],
     placed: bool,
+    whole: bool = False,
 ) -> Prepared:
     """The prepared launches of ``spec``'s blocks ``block_ids`` for tensors of these layouts:
     ``reads`` go through the dilation processor (``[b, n, h, ...]`` inputs); ``writes`` (the
@@ -80,13 +81,16 @@ def prepared(
     ...]`` (merged or added into). ``make_launcher(span, part, *views)`` builds a part's launcher
     from example views, for blocks whose segments span ``span`` ranks (``part``: the
     :class:`ringattn.pattern.Block` or :class:`ringattn.pattern.OffsetRun` it launches). Blocks
-    missing from the result take the general path."""
+    missing from the result take the general path. ``whole``: each local block is launched
+    whole rather than in its parts (``Plan.parts``, which bound a kernel's temporaries), for a
+    computer without block-sized temporaries (``BlockComputer.places_whole_blocks``)."""
     if torch.compiler.is_compiling():
         return {}
     block_ids = tuple(block_ids)
     key = (
         kind,
         placed,
+        whole,
         block_ids,
         *((None if x is None else _layout(x)) for x in (*reads, *writes)),
     )
@@ -95,7 +99,7 @@ def prepared(
     if found is None:
         if len(cache) >= MAX_PREPARED:  # bounded: drop the oldest
             cache.pop(next(iter(cache)))
-        found = cache[key] = _prepare(spec, reads, writes, block_ids, make_launcher, placed)
+        found = cache[key] = _prepare(spec, reads, writes, block_ids, make_launcher, placed, whole)
     return found
 
 
@@ -103,7 +107,7 @@ def _layout(x: Tensor) -> tuple:
     return x.shape, x.stride(), x.dtype, x.device
 
 
-def _prepare(spec, reads, writes, block_ids, make_launcher, placed: bool) -> Prepared:
+def _prepare(spec, reads, writes, block_ids, make_launcher, placed: bool, whole: bool) -> Prepared:
     plan, tensors = spec.plan, (*reads, *writes)
 
     def entries(parts: tuple, span: int) -> tuple | None:
@@ -137,6 +141,7 @@ def _prepare(spec, reads, writes, block_ids, make_launcher, placed: bool) -> Pre
             result.update({i: () for i in members})
             result[members[0]] = fused
     for i in sorted(local - set(result)):  # the rest: each part on its own
-        if (found := entries(plan.parts[i], 1)) is not None:
+        parts = (plan.blocks[i],) if whole else plan.parts[i]
+        if (found := entries(parts, 1)) is not None:
             result[i] = found
     return result

@@ -110,6 +110,14 @@ def test_inductor_sdpa_forward_and_backward(dilation):
     check_compiled(ringattn.Strategy(dilation=dilation, computer="sdpa"), "inductor")
 
 
+def test_head_groups_gradients_leave_the_compiled_op_unaliased():
+    """Under head_groups the eager backward hands out its three zero-started gradients as views
+    of one buffer; the compiled backward is a custom op, whose results may not share storage, so
+    it must not (torch.library raises on aliased results)."""
+    p = {**PROBLEM, "mixing": "head_groups", "segment_lengths": (4, 8), "dilation_rates": (2, 4)}
+    check_compiled(ringattn.Strategy(computer="sdpa"), "aot_eager", p)
+
+
 def test_outer_compile_of_the_whole_module_is_one_graph():
     """A user's torch.compile(model, fullgraph=True) traces through the eager boundary: the type
     checks step aside while tracing instead of breaking the graph."""

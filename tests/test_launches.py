@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 import ringattn
 from ringattn import core, launches, pattern
+from ringattn.computers.base import BlockComputer
+from ringattn.computers.sdpa import SDPAComputer
 from ringattn.core import flat_view
 
 
@@ -251,4 +253,63 @@ def test_offset_runs_compute_exactly_one_launch_per_block(computer, p, rate, lay
     for a, c in zip(results[True], results[False]):
         # same to rounding, not to the bit: a kernel's (or bmm's) reduction order may depend on
         # the batch of heads it is handed; a misplaced row would be off by O(1)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("computer", ["math", "sdpa"])
+@settings(max_examples=15, deadline=None)
+@given(p=problems(), split=st.integers(2, 8), layout=st.sampled_from(["contiguous", "sliced"]))
+@example(
+    p={
+        "b": 1,
+        "n": 32,
+        "h": 4,
+        "d": 4,
+        "segment_lengths": (8, 16),
+        "dilation_rates": (1, 2),
+        "causal": True,
+        "mixing": "head_groups",
+    },
+    split=8,
+    layout="contiguous",
+)
+def test_whole_blocks_compute_their_parts_in_fewer_launches(computer, p, split, layout):
+    """A computer without block-sized temporaries (``places_whole_blocks``) has each placed
+    (head_groups) block launched whole in the forward: the same outputs and gradients as the
+    launches of its parts, and fewer launches wherever a local block has several parts."""
+    p = {**p, "mixing": "head_groups"}
+    q, k, v = make_qkv(p, torch.float32)
+    dout = torch.randn_like(q)
+    q, k, v, dout = (relayout(x, layout) for x in (q, k, v, dout))
+    strategy = ringattn.Strategy(computer=computer)
+    results, counts, forward_parts = {}, {}, {}
+    for whole in (True, False):
+        taken: list[int] = []
+
+        def spy(tensors, geometry, taken=taken):
+            taken.append(len(tensors))
+            return launches.views(tensors, geometry)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(pattern, "BLOCK_SPLIT", split)
+            for cls in (BlockComputer, SDPAComputer):  # (sdpa's own answer: FA4 or not)
+                patch.setattr(cls, "places_whole_blocks", lambda *_, whole=whole: whole)
+            patch.setattr(core, "views", spy)
+            attention, results[whole] = run(p, strategy, q, k, v, dout)
+        counts[whole] = len(taken)
+        (spec,) = attention._specs.values()
+        forward_parts[whole] = [
+            len(entries)
+            for key, prepared in spec.launches.items()
+            if key[0] == "forward"
+            for entries in prepared.values()
+        ]
+    # each prepared forward block is one launch; where one had several parts and the rest was
+    # prepared alike (b == 1: every block's rows are one view), the call made fewer launches
+    assert all(count <= 1 for count in forward_parts[True])
+    if p["b"] == 1 and any(count > 1 for count in forward_parts[False]):
+        assert counts[True] < counts[False]
+    for a, c in zip(results[True], results[False]):
+        # (a kernel's reduction order may depend on the batch it is handed; a misplaced or
+        # missing row would be off by O(1))
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)

@@ -141,6 +141,13 @@ class BlockComputer(AttentionComputer):
         nothing)."""
         return None
 
+    def places_whole_blocks(self, q: Tensor) -> bool:
+        """Whether this computer's placed forward (:meth:`forward_launcher`) writes straight
+        into its rows with no block-sized temporaries, here. Then the core launches each placed
+        block whole instead of in the parts that bound temporaries (``pattern.BLOCK_SPLIT``):
+        one kernel call fewer per extra part, the same rows written."""
+        return False
+
     def adding_launcher(
         self,
         causal: bool,

@@ -280,9 +280,10 @@ class SDPAComputer(BlockComputer):
 
     def forward_launcher(self, causal, scale, q, k, v, out, lse):
         if self._fa4(self.cuda_forward, q):
+            memo: dict = {}  # its views' layouts never change: fa4 keeps them here
 
             def launch(q, k, v, out, lse) -> None:
-                _fa4_forward_into(q, k, v, causal, scale, out, lse)
+                _fa4_forward_into(q, k, v, causal, scale, out, lse, memo)
 
             return launch
         if self._in_place(q):
@@ -290,6 +291,10 @@ class SDPAComputer(BlockComputer):
             if launch is not None:
                 return launch
         return super().forward_launcher(causal, scale, q, k, v, out, lse)
+
+    def places_whole_blocks(self, q):
+        # FA4 writes the output rows in place; its only temporary is the block's LSE (floats)
+        return self._fa4(self.cuda_forward, q)
 
     def merging_launcher(self, causal, scale, q, k, v, out, lse):
         # FA4's forward with the merge in its epilogue (ringattn.kernels.fa4_merge)
@@ -332,9 +337,10 @@ class SDPAComputer(BlockComputer):
 
     def backward_launcher(self, causal, scale, dout, q, k, v, out, lse, dq, dk, dv):
         if self._fa4(self.cuda_backward, q):
+            memo: dict = {}  # as forward_launcher's
 
             def launch(dout, q, k, v, out, lse, dq, dk, dv) -> None:
-                fa4.backward(dout, q, k, v, out, lse, causal, scale, (dq, dk, dv))
+                fa4.backward(dout, q, k, v, out, lse, causal, scale, (dq, dk, dv), memo=memo)
 
             return launch
         if self._in_place(q):
@@ -346,8 +352,10 @@ class SDPAComputer(BlockComputer):
         return super().backward_launcher(causal, scale, dout, q, k, v, out, lse, dq, dk, dv)
 
 
-def _fa4_forward_into(q, k, v, causal: bool, scale: float, out: Tensor, lse: Tensor | None) -> None:
+def _fa4_forward_into(
+    q, k, v, causal: bool, scale: float, out: Tensor, lse: Tensor | None, memo: dict | None = None
+) -> None:
     # FA4 writes the output rows in place; its LSE must be contiguous along L, ours is not
-    lse_block = fa4.forward(q, k, v, causal, scale, out=out)[1]
+    lse_block = fa4.forward(q, k, v, causal, scale, out=out, memo=memo)[1]
     if lse is not None:
         lse.copy_(lse_block)

@@ -217,13 +217,22 @@ def _launch(
     results: Callable[[Any], tuple[Tensor, ...]],
     accumulating: tuple[int, ...] = (),
     kernels: Callable[[], AbstractContextManager] | None = None,
+    memo: dict | None = None,
 ) -> tuple[Tensor, ...]:
     """``results(launcher())``, through the replay of its signature's first call where there is
     one (FA4's Python launcher costs more host time than a small block's kernel takes).
     ``kernels``: entered around every call of the launcher (not around replays), under which it
     compiles and finds other kernels (``ringattn.kernels.fa4_add``); ``accumulating``: the
-    operands those add into (``ringattn.kernels.replay.record``)."""
-    key = (kind, replay.signature(operands, *flags)) if REPLAY else None
+    operands those add into (``ringattn.kernels.replay.record``). ``memo``: a prepared
+    launch's own dict, where its operands' layouts (the same in every call) are kept."""
+    key = None
+    if REPLAY:
+        layouts = None if memo is None else memo.get("layouts")
+        if layouts is None:
+            layouts = replay.operand_layouts(operands)
+            if memo is not None:
+                memo["layouts"] = layouts
+        key = (kind, replay.signature(operands, *flags, layouts=layouts))
     known = _REPLAYS.get(key) if key is not None else None
     if known is not None:
         return known(operands)
@@ -252,9 +261,17 @@ def capturing(q: Tensor | None) -> bool:
 
 
 def forward(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, out: Tensor | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float,
+    out: Tensor | None = None,
+    memo: dict | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(out [B, L, H, d], lse [B, L, H])`` of the blocks; ``out`` written into when given."""
+    """``(out [B, L, H, d], lse [B, L, H])`` of the blocks; ``out`` written into when given.
+    ``memo``: a dict of the caller's, kept between calls with operands of the same layouts (a
+    prepared launch's), in which the launch's replay key is partly kept."""
     flash_fwd = _loaded().forward
     config = FORWARD_CONFIG.get(causal)
     tiles = {} if config is None else dict(zip(("mma_pv_is_rs", "intra_wg_overlap"), config[2:]))
@@ -267,7 +284,7 @@ def forward(
         )
 
     flags = (causal, scale, config)
-    result, lse = _launch("fwd", launcher, (q, k, v, out), flags, lambda r: r[:2])
+    result, lse = _launch("fwd", launcher, (q, k, v, out), flags, lambda r: r[:2], memo=memo)
     return result, lse.transpose(1, 2)
 
 
@@ -282,12 +299,13 @@ def backward(
     scale: float,
     grads: tuple[Tensor | None, Tensor, Tensor] | None = None,
     kernels: Callable[[], Any] | None = None,
+    memo: dict | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of the blocks ``[B, L, H, d]`` given their (merged) ``out`` and ``lse``
     ``[B, L, H]``; written into ``grads`` (views of the same shapes; a None one is allocated)
     when given. ``kernels``: a context manager under which FA4's launcher compiles and finds
     other kernels of the same signatures (``ringattn.kernels.fa4_add``); its calls are recorded
-    and replayed under a key of their own."""
+    and replayed under a key of their own. ``memo``: as :func:`forward`'s."""
     flash_bwd = _loaded().backward
     dq, dk, dv = grads if grads is not None else (None, None, None)
     out, dout = out.to(q.dtype), dout.to(q.dtype)
@@ -316,6 +334,6 @@ def backward(
     operands = (q, k, v, out, dout, lse_bhl, dq, dk, dv)
     flags = (causal, scale, deterministic)
     if kernels is None:
-        return _launch("bwd", launcher, operands, flags, lambda r: r[:3])
+        return _launch("bwd", launcher, operands, flags, lambda r: r[:3], memo=memo)
     kind = f"bwd:{kernels.__name__}"  # (they add into dk, dv: roles 7, 8)
-    return _launch(kind, launcher, operands, flags, lambda r: r[:3], (7, 8), kernels)
+    return _launch(kind, launcher, operands, flags, lambda r: r[:3], (7, 8), kernels, memo)

@@ -72,13 +72,23 @@ def layout(x: Tensor) -> Layout:
     return tuple(x.shape), x.stride(), x.dtype, x.device
 
 
-def signature(tensors: Iterable[Tensor | None], *flags: Any) -> tuple:
+def signature(
+    tensors: tuple[Tensor | None, ...], *flags: Any, layouts: tuple | None = None
+) -> tuple:
     """The key under which calls share one replay: every operand's layout and 16-byte alignment
-    (the kernels are compiled for aligned pointers), and the call's flags."""
+    (the kernels are compiled for aligned pointers), and the call's flags. ``layouts``: the
+    operands' :func:`layouts`, where the caller knows them already (a prepared launch's views
+    keep theirs: only the alignments are read per call)."""
     return (
-        *(None if x is None else (*layout(x), x.data_ptr() % 16) for x in tensors),
+        layouts if layouts is not None else operand_layouts(tensors),
+        tuple(None if x is None else x.data_ptr() % 16 for x in tensors),
         *flags,
     )
+
+
+def operand_layouts(tensors: Iterable[Tensor | None]) -> tuple:
+    """Each operand's :func:`layout` (None stays None)."""
+    return tuple(None if x is None else layout(x) for x in tensors)
 
 
 class _Watch(TorchDispatchMode):
