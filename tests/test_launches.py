@@ -87,6 +87,22 @@ def run(p: dict, strategy: ringattn.Strategy, q, k, v, dout):
     return attention, (out.detach(), out_no_grad, *(x.grad for x in xs))
 
 
+def run_counted(p: dict, strategy: ringattn.Strategy, tensors: tuple, patches: list) -> tuple:
+    """:func:`run` with ``(owner, name, value)`` patches applied, and how many prepared launches
+    it took (the core's ``views`` calls): ``(module, results, launches)``."""
+    taken: list[int] = []
+
+    def spy(tensors, geometry):
+        taken.append(len(tensors))
+        return launches.views(tensors, geometry)
+
+    with pytest.MonkeyPatch.context() as patch:
+        for owner, name, value in (*patches, (core, "views", spy)):
+            patch.setattr(owner, name, value)
+        attention, results = run(p, strategy, *tensors)
+    return attention, results, len(taken)
+
+
 @pytest.mark.parametrize("computer", ["math", "sdpa"])
 @pytest.mark.parametrize("dilation", ["segment_local", "global"])
 @settings(max_examples=15, deadline=None)
@@ -231,18 +247,9 @@ def test_offset_runs_compute_exactly_one_launch_per_block(computer, p, rate, lay
     strategy = ringattn.Strategy(computer=computer)
     results, counts = {}, {}
     for fuse in (True, False):
-        taken: list[int] = []
-
-        def spy(tensors, geometry, taken=taken):
-            taken.append(len(tensors))
-            return launches.views(tensors, geometry)
-
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(pattern, "BLOCK_SPLIT", 1)  # so runs are never too large
-            patch.setattr(launches, "FUSE_OFFSETS", fuse)
-            patch.setattr(core, "views", spy)
-            attention, results[fuse] = run(p, strategy, q, k, v, dout)
-        counts[fuse] = len(taken)
+        # (BLOCK_SPLIT 1: so runs are never too large)
+        patches = [(pattern, "BLOCK_SPLIT", 1), (launches, "FUSE_OFFSETS", fuse)]
+        attention, results[fuse], counts[fuse] = run_counted(p, strategy, (q, k, v, dout), patches)
     plan = attention._specs[(p["n"], p["h"], p["d"], False)].plan
     if not pattern.offset_runs(plan, 1):
         assert counts[True] == counts[False]
@@ -284,19 +291,13 @@ def test_whole_blocks_compute_their_parts_in_fewer_launches(computer, p, split, 
     strategy = ringattn.Strategy(computer=computer)
     results, counts, forward_parts = {}, {}, {}
     for whole in (True, False):
-        taken: list[int] = []
-
-        def spy(tensors, geometry, taken=taken):
-            taken.append(len(tensors))
-            return launches.views(tensors, geometry)
-
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(pattern, "BLOCK_SPLIT", split)
-            for cls in (BlockComputer, SDPAComputer):  # (sdpa's own answer: FA4 or not)
-                patch.setattr(cls, "places_whole_blocks", lambda *_, whole=whole: whole)
-            patch.setattr(core, "views", spy)
-            attention, results[whole] = run(p, strategy, q, k, v, dout)
-        counts[whole] = len(taken)
+        answer = lambda *_, whole=whole: whole  # noqa: E731
+        patches = [(pattern, "BLOCK_SPLIT", split)]
+        # (sdpa has its own answer: FA4 or not)
+        patches += [(cls, "places_whole_blocks", answer) for cls in (BlockComputer, SDPAComputer)]
+        attention, results[whole], counts[whole] = run_counted(
+            p, strategy, (q, k, v, dout), patches
+        )
         (spec,) = attention._specs.values()
         forward_parts[whole] = [
             len(entries)
