@@ -202,7 +202,10 @@ def dilated_forward(
     if first == 0:
         # all of it unless the plan is disjoint; then the rows no block selects, one kernel,
         # except for configs whose launches write their own zeros (placing_launch)
-        fill_unselected_(out_acc, unzeroed_selection(spec.plan, launches), spec.memory)
+        derived = launches.derived  # (the selection depends on the preparation only)
+        if "fill" not in derived:
+            derived["fill"] = unzeroed_selection(spec.plan, launches)
+        fill_unselected_(out_acc, derived["fill"], spec.memory)
 
     def forward_blocks(i: int) -> None:
         if i in launches:

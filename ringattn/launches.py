@@ -46,8 +46,16 @@ from torch import Tensor
 from ringattn import pattern
 from ringattn.pattern import Geometry
 
-# block index -> its parts' (geometry of each operand, launcher)
-Prepared = dict[int, tuple[tuple[tuple[Geometry | None, ...], Callable[..., None]], ...]]
+
+class Prepared(dict[int, tuple[tuple[tuple[Geometry | None, ...], Callable[..., None]], ...]]):
+    """Block index -> its parts' (geometry of each operand, launcher). ``derived``: what a caller
+    computes from a preparation, kept with it so each call does not redo it (the forward's fill
+    selection, ``ringattn.core``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.derived: dict = {}
+
 
 # lse: a config's offsets as runs where they line up (see the module's docstring)
 FUSE_OFFSETS = True
@@ -85,7 +93,7 @@ def prepared(
     whole rather than in its parts (``Plan.parts``, which bound a kernel's temporaries), for a
     computer without block-sized temporaries (``BlockComputer.places_whole_blocks``)."""
     if torch.compiler.is_compiling():
-        return {}
+        return Prepared()
     block_ids = tuple(block_ids)
     key = (
         kind,
@@ -129,7 +137,7 @@ def _prepare(spec, reads, writes, block_ids, make_launcher, placed: bool, whole:
 
     block_ids = set(block_ids)
     local = {i for i in block_ids if span_of(i) == 1}
-    result: Prepared = {}
+    result = Prepared()
     # merged blocks: a config's offsets as K runs, launched at its first block (each (row, head)
     # still merges its configs in config order; the kernels round as their head batch makes them)
     groups = pattern.offset_runs(plan, pattern.BLOCK_SPLIT) if FUSE_OFFSETS and not placed else ()

@@ -131,7 +131,7 @@ def test_prepared_launches_compute_exactly_the_general_path(computer, dilation, 
     if dilation == "global":
         assert not taken
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(core, "prepared", lambda *args, **kwargs: {})
+        patch.setattr(core, "prepared", lambda *args, **kwargs: launches.Prepared())
         _, general = run(p, strategy, q, k, v, dout)
     for a, c in zip(prepared, general):
         assert torch.equal(a, c)
@@ -314,3 +314,21 @@ def test_whole_blocks_compute_their_parts_in_fewer_launches(computer, p, split, 
         # (a kernel's reduction order may depend on the batch it is handed; a misplaced or
         # missing row would be off by O(1))
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+
+
+def test_the_fill_selection_is_derived_once_per_preparation(monkeypatch):
+    """The forward's fill selection (which configs' launches zero their own rows) depends on the
+    preparation alone: computed at its first call, reused by later ones, anew for new layouts."""
+    calls = []
+    derive = core.unzeroed_selection
+    monkeypatch.setattr(core, "unzeroed_selection", lambda *a: (calls.append(1), derive(*a))[1])
+    attention = ringattn.DilatedAttention(
+        (8, 16), (1, 2), mixing="head_groups", strategy=ringattn.Strategy(computer="math")
+    )
+    x = torch.randn(1, 32, 4, 8)
+    with torch.no_grad():
+        first = attention(x, x, x)
+        assert torch.equal(attention(x, x, x), first)
+        assert len(calls) == 1
+        attention(*(x.transpose(1, 2).contiguous().transpose(1, 2) for _ in range(3)))
+    assert len(calls) == 2  # new strides: a new preparation
