@@ -7,6 +7,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh checks   # ~6 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh host     # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh tiles    # ~2 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh lanes    # ~3 min
 #
 # record: the bench's record at 32K/131K and 1M (docs/benchmarks/h200_perf.md's first two
 #   commands); long: its 2M/4M command; checks: every local strategy against the oracle on the
@@ -15,10 +16,13 @@
 #   profile of a head_groups forward and forward+backward, and single / back-to-back times with
 #   the host's own time per call; tiles: both mixings' forward with FA4's causal forward tiles
 #   at the step-20 sweep's best causal configuration against FA4's default (fa4_probe --part
-#   config). Each part writes under $OUT/<part>/ (one tarball,
+#   config); lanes: head_groups at 32K and 64K (GPU-bound back to back since step 26, its small
+#   configs 48-96 query tiles on 132 SMs) with its configs on concurrent streams in eager calls
+#   against one stream (ringattn.lanes.MODE always vs never; only 131K and 1M were A/B'd eagerly,
+#   steps 13, 22 and 25). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks|host|tiles}
+part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -64,6 +68,15 @@ tiles)
     python -m experiments.fa4_probe --part config --n 131072 --repeats 10 --out "$out" \
         >"$out/probe_config.log" 2>&1
     summary=$(grep -h "^problem=module" "$out/probe_config.log" | sed 's/ | kernels=.*//')
+    ;;
+lanes)
+    for causal in "" "--causal"; do
+        # shellcheck disable=SC2086
+        python -m experiments.overheads --n 32768 65536 --mixing head_groups $causal --split 8 \
+            --lanes never always never always --steady --repeats 10 \
+            --out "$out/lanes${causal:+_causal}" >"$out/lanes${causal:+_causal}.log" 2>&1
+    done
+    summary=$(grep -h "^| [0-9]" "$out"/lanes*/overheads.md | cut -d'|' -f2-4,8,15-)
     ;;
 *)
     echo "unknown part: $part" >&2
