@@ -121,6 +121,31 @@ def spanning_runs_match_oracle(shape, options, strategy_fields, layout="contiguo
     return found[True], found[False]
 
 
+def placed_spanning_blocks_merge_in_place(shape, options, strategy_fields, layout="contiguous"):
+    """:func:`matches_oracle` for ``head_groups``, whose blocks are placed: a block whose segments
+    span ranks merges its shards straight into the output's rows (``into``) and copies no result
+    into them (``place_``). Returns how many spanning exchanges went ``into`` the rows."""
+    from ringattn import registry
+    from ringattn.communicators import base
+
+    cls = registry.get("communicator", strategy_fields["communicator"])
+    original, place = cls._attend, base.place_
+    into_calls, copies = [], []
+
+    def counted(self, *args):
+        into_calls.append(args[-1] is not None)
+        return original(self, *args)
+
+    cls._attend = counted
+    base.place_ = lambda *args: (copies.append(1), place(*args))[1]
+    try:
+        matches_oracle(shape, options, strategy_fields, "float32", 0, layout)
+    finally:
+        cls._attend, base.place_ = original, place
+    assert not copies, "a placed block's result was copied into its rows"
+    return sum(into_calls)
+
+
 def bytes_sent(shape, options, strategy_fields, backward: bool, layout="contiguous"):
     b, n, h, d = shape
     (q, k, v), grad = full_problem(b, n, h, d, 0, torch.float32)

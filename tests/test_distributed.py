@@ -91,9 +91,11 @@ def test_zigzag_matches_single_process_oracle(
 
 
 @pytest.mark.parametrize("communicator", ["ring", "all_gather"])
-def test_bf16_matches_oracle(pool, communicator):
+@pytest.mark.parametrize("mixing", ["lse", "head_groups"])  # head_groups: merged in bf16 rows
+def test_bf16_matches_oracle(pool, communicator, mixing):
     strategy = {"communicator": communicator, "computer": "sdpa"}
-    pool.run("matches_oracle", SHAPE, options(pool.world_size, True, "lse"), strategy, "bfloat16")
+    opts = options(pool.world_size, True, mixing)
+    pool.run("matches_oracle", SHAPE, opts, strategy, "bfloat16")
 
 
 @pytest.mark.parametrize(
@@ -116,6 +118,18 @@ def test_sequence_parallel_blocks_through_fa4_match_oracle(
     counts = pool.run("matches_oracle_through_fake_fa4", shape, opts, strategy, layout)
     for forward_calls, forward_runs, backward_calls, backward_runs in counts:
         assert 0 < forward_calls < forward_runs and 0 < backward_calls < backward_runs
+
+
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_placed_spanning_blocks_merge_into_their_rows(pool, communicator, causal, layout):
+    """head_groups blocks whose segments span ranks write their own shard into the output's rows
+    and merge the others' there: the oracle holds, every rank merges in place, nothing is copied."""
+    strategy = {"communicator": communicator, "computer": "sdpa"}
+    opts = options(pool.world_size, causal, "head_groups", layout)
+    into_calls = pool.run("placed_spanning_blocks_merge_in_place", SHAPE, opts, strategy, layout)
+    assert all(calls > 0 for calls in into_calls)
 
 
 # spanning exchanges per direction and call at 8 heads, offset runs on / off: the r = 4 config

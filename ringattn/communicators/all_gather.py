@@ -40,7 +40,7 @@ class AllGatherCommunicator(SequenceParallel):
         self.count(kv_own, times=span - 1)  # ring all-gather: each rank sends g - 1 chunks
         return gathered
 
-    def attend(
+    def _attend(
         self,
         computer: BlockComputer,
         q: Rows,
@@ -48,13 +48,12 @@ class AllGatherCommunicator(SequenceParallel):
         v: Rows,
         causal: bool,
         scale: float,
-        span: int = 1,
+        span: int,
+        into: tuple[Rows, RowsLSE] | None,
     ) -> tuple[Rows, RowsLSE]:
-        if span == 1:
-            return computer.forward(q, k, v, causal, scale)
         t, _ = self.place(span)
         gathered = self._gather(stack_kv(k, v), span)
-        out, lse = self.own_chunk(computer, q, k, v, causal, scale)
+        out, lse = self.own_chunk(computer, q, k, v, causal, scale, into)
         for chunk in range(span):
             piece = None if chunk == t else self.piece(t, chunk, causal, q.shape[1])
             if piece is not None:

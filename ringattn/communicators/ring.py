@@ -63,7 +63,7 @@ class RingCommunicator(SequenceParallel):
             for i in range(2)
         ]
 
-    def attend(
+    def _attend(
         self,
         computer: BlockComputer,
         q: Rows,
@@ -71,16 +71,15 @@ class RingCommunicator(SequenceParallel):
         v: Rows,
         causal: bool,
         scale: float,
-        span: int = 1,
+        span: int,
+        into: tuple[Rows, RowsLSE] | None,
     ) -> tuple[Rows, RowsLSE]:
-        if span == 1:
-            return computer.forward(q, k, v, causal, scale)
         t, peers = self.place(span)
         kv_own = stack_kv(k, v)
         buffers = self._buffers(kv_own)
         # every rank walks every step, so each wait is for ops all peers posted a step earlier
         pending = self._post(self._kv_exchange(1, t, peers, causal, kv_own, buffers[1]))
-        out, lse = self.own_chunk(computer, q, k, v, causal, scale)
+        out, lse = self.own_chunk(computer, q, k, v, causal, scale, into)
         for step in range(1, span):
             for request in pending:
                 request.wait()

@@ -12,6 +12,8 @@ shard ``t`` is chunks ``t`` and ``2p-1-t``, so when causal every other shard is 
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -58,7 +60,74 @@ class SequenceParallel(Communicator):
     def merge_chunk(out: Tensor, lse: Tensor, out_c: Tensor, lse_c: Tensor) -> None:
         merge_into_(out, lse, out_c, lse_c)
 
-    def own_chunk(self, computer: BlockComputer, q, k, v, causal, scale) -> tuple[Tensor, Tensor]:
+    def attend(
+        self,
+        computer: BlockComputer,
+        q: Rows,
+        k: Rows,
+        v: Rows,
+        causal: bool,
+        scale: float,
+        span: int = 1,
+    ) -> tuple[Rows, RowsLSE]:
+        if span == 1:
+            return computer.forward(q, k, v, causal, scale)
+        return self._attend(computer, q, k, v, causal, scale, span, None)
+
+    def attend_into(
+        self,
+        computer: BlockComputer,
+        q: Rows,
+        k: Rows,
+        v: Rows,
+        causal: bool,
+        scale: float,
+        span: int,
+        out: Rows,
+        lse: RowsLSE | None,
+    ) -> None:
+        """A placed block whose keys travel: its own shard written straight into ``out`` /
+        ``lse`` (views of the core's tensors) and the other shards merged into them there, with
+        no float32 accumulator to copy back (four kernels fewer per call: two conversions, two
+        copies). ``out`` rounds to its dtype once per shard, as the core's merges do per block."""
+        if span == 1:
+            computer.forward_into(q, k, v, causal, scale, out, lse)
+            return
+        if lse is None:  # the merges need it even where the caller does not
+            stats = accumulation_dtype(q.dtype)
+            lse = self.memory.scratch("placed_lse", tuple(q.shape[:3]), stats, q.device)
+        self._attend(computer, q, k, v, causal, scale, span, (out, lse))
+
+    @abstractmethod
+    def _attend(
+        self,
+        computer: BlockComputer,
+        q: Rows,
+        k: Rows,
+        v: Rows,
+        causal: bool,
+        scale: float,
+        span: int,
+        into: tuple[Rows, RowsLSE] | None,
+    ) -> tuple[Rows, RowsLSE]:
+        """:meth:`attend` of a block whose segments span ``span > 1`` ranks, merged into
+        ``into`` where given (:meth:`own_chunk`)."""
+
+    def own_chunk(
+        self,
+        computer: BlockComputer,
+        q,
+        k,
+        v,
+        causal,
+        scale,
+        into: tuple[Rows, RowsLSE] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """This rank's own shard attended: written into ``into`` (a placed block's rows) where
+        given, else as the float32 accumulators the other shards merge into."""
+        if into is not None:
+            computer.forward_into(q, k, v, causal, scale, *into)
+            return into
         out, lse = computer.forward(q, k, v, causal, scale)
         acc = accumulation_dtype(q.dtype)
         return out.to(acc), lse.to(acc)
