@@ -23,7 +23,6 @@ from ringattn.communicators.base import Communicator
 from ringattn.computers.base import BlockComputer, Rows, RowsLSE, accumulation_dtype
 from ringattn.memory.base import MemoryManager
 from ringattn.memory.none import NoReuse
-from ringattn.merge import merge_into_
 
 
 class SequenceParallel(Communicator):
@@ -56,10 +55,6 @@ class SequenceParallel(Communicator):
     def count(self, *tensors: Tensor, times: int = 1) -> None:
         self.bytes_sent += times * sum(x.numel() * x.element_size() for x in tensors)
 
-    @staticmethod
-    def merge_chunk(out: Tensor, lse: Tensor, out_c: Tensor, lse_c: Tensor) -> None:
-        merge_into_(out, lse, out_c, lse_c)
-
     def attend(
         self,
         computer: BlockComputer,
@@ -91,7 +86,7 @@ class SequenceParallel(Communicator):
         no float32 accumulator to copy back (four kernels fewer per call: two conversions, two
         copies). ``out`` rounds to its dtype once per shard, as the core's merges do per block."""
         if span == 1:
-            computer.forward_into(q, k, v, causal, scale, out, lse)
+            super().attend_into(computer, q, k, v, causal, scale, span, out, lse)
             return
         if lse is None:  # the merges need it even where the caller does not
             stats = accumulation_dtype(q.dtype)

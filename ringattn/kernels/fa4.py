@@ -188,7 +188,7 @@ def available(q: Tensor) -> bool:
 
 def sm90(q: Tensor) -> bool:
     """:func:`available` on an SM90 GPU (H100/H200): where the fused variants of FA4's SM90
-    kernels (``fa4_merge``, ``fa4_add``) apply."""
+    kernels (``fa4_merge``, ``fa4_zero``, ``fa4_add``) apply."""
     return q.is_cuda and available(q) and torch.cuda.get_device_capability(q.device)[0] == 9
 
 
@@ -238,7 +238,7 @@ def _launch(
         return known(operands)
     if kernels is not None:  # they swap FA4's module state: no other launcher runs beside them
         with _LAUNCHER_LOCK, kernels():
-            return _launch(kind, launcher, operands, flags, results, accumulating)
+            return _launch(kind, launcher, operands, flags, results, accumulating, memo=memo)
     if capturing(operands[0]):  # a recording syncs to check its replay: capture forbids that
         return results(launcher())
     # recording swaps FA4's compile caches for the call: no launcher runs beside it

@@ -77,8 +77,8 @@ def signature(
 ) -> tuple:
     """The key under which calls share one replay: every operand's layout and 16-byte alignment
     (the kernels are compiled for aligned pointers), and the call's flags. ``layouts``: the
-    operands' :func:`layouts`, where the caller knows them already (a prepared launch's views
-    keep theirs: only the alignments are read per call)."""
+    operands' :func:`operand_layouts`, where the caller knows them already (a prepared launch's
+    views keep theirs: only the alignments are read per call)."""
     return (
         layouts if layouts is not None else operand_layouts(tensors),
         tuple(None if x is None else x.data_ptr() % 16 for x in tensors),
