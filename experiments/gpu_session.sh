@@ -16,10 +16,10 @@
 #   profile of a head_groups forward and forward+backward, and single / back-to-back times with
 #   the host's own time per call; tiles: both mixings' forward with FA4's causal forward tiles
 #   at the step-20 sweep's best causal configuration against FA4's default (fa4_probe --part
-#   config); lanes: head_groups at 32K and 64K (GPU-bound back to back since step 26, its small
-#   configs 48-96 query tiles on 132 SMs) with its configs on concurrent streams in eager calls
-#   against one stream (ringattn.lanes.MODE always vs never; only 131K and 1M were A/B'd eagerly,
-#   steps 13, 22 and 25). Each part writes under $OUT/<part>/ (one tarball,
+#   config); lanes: head_groups at 16K-64K with its configs on concurrent streams in eager
+#   forwards against one stream (ringattn.lanes.MODE forward vs never), on 2 or 4 streams
+#   (ringattn.lanes.LANES; step 27 found eager lanes in forward and backward 10% faster forwards
+#   at 32K, slower forward+backward). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
 part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes}
@@ -72,11 +72,11 @@ tiles)
 lanes)
     for causal in "" "--causal"; do
         # shellcheck disable=SC2086
-        python -m experiments.overheads --n 32768 65536 --mixing head_groups $causal --split 8 \
-            --lanes never always never always --steady --repeats 10 \
+        python -m experiments.overheads --n 16384 32768 65536 --mixing head_groups $causal \
+            --split 8 --lanes never forward --lane-count 2 4 --steady --repeats 10 \
             --out "$out/lanes${causal:+_causal}" >"$out/lanes${causal:+_causal}.log" 2>&1
     done
-    summary=$(grep -h "^| [0-9]" "$out"/lanes*/overheads.md | cut -d'|' -f2-4,8,15-)
+    summary=$(grep -h "^| [0-9]" "$out"/lanes*/overheads.md | cut -d'|' -f2,4,8,9,16-)
     ;;
 *)
     echo "unknown part: $part" >&2

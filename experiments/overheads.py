@@ -6,7 +6,8 @@
 For each ``n``, mixing, ``ringattn.pattern.BLOCK_SPLIT`` value and A/B choice (``--in-place``:
 cuDNN writes placed blocks into their rows or torch's op and a copy; ``--fill``: head_groups zeroes
 only the pairs no block writes, or the whole tensor; ``--lanes``: when a disjoint plan's configs
-run on concurrent CUDA streams, ``ringattn.lanes.MODE``; ``--fuse``: lse launches a config's
+run on concurrent CUDA streams, ``ringattn.lanes.MODE``; ``--lane-count``: how many streams,
+``ringattn.lanes.LANES``; ``--fuse``: lse launches a config's
 offsets as runs, ``ringattn.launches.FUSE_OFFSETS``; ``--add``: lse adds gradients with the Triton
 kernel or torch's ``add_``; ``--compile``: the module eager or ``compile=True``; ``--backward``:
 ``sdpa``'s backward through FlashAttention-4 where installed, or torch's kernels; ``--forward``:
@@ -226,6 +227,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 args.in_place,
                 args.fill,
                 args.lanes,
+                args.lane_count,
                 args.fuse,
                 args.add,
                 args.compile,
@@ -235,13 +237,24 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             )
         )
         for choice in choices:
-            split, in_place, fill, lane_mode, fuse, add, compiled, backward, forward, replay = (
-                choice
-            )
+            (
+                split,
+                in_place,
+                fill,
+                lane_mode,
+                lane_count,
+                fuse,
+                add,
+                compiled,
+                backward,
+                forward,
+                replay,
+            ) = choice
             pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
             SDPAComputer.in_place = in_place == "yes"
             core.zeros_for = FILLS[fill]
             lanes.MODE = lane_mode
+            lanes.LANES = int(lane_count)
             launches.FUSE_OFFSETS = fuse == "yes"
             add_kernel.add_rows_ = ADDS[add]
             SDPAComputer.cuda_backward = backward
@@ -267,6 +280,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "in_place": SDPAComputer.in_place and cudnn_graphs.cudnn is not None,
                     "fill": fill,
                     "lanes": lane_mode,
+                    "lane_count": int(lane_count),
                     "fuse": fuse,
                     "add": add,
                     "compile": compiled,
@@ -280,7 +294,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             )
             if args.trace:
                 key = f"n={n} {mixing} split={split} in_place={in_place} fill={fill}"
-                key += f" lanes={lane_mode} fuse={fuse} add={add} compile={compiled}"
+                key += f" lanes={lane_mode}x{lane_count} fuse={fuse} add={add} compile={compiled}"
                 key += f" backward={backward} forward={forward} replay={replay}"
                 traces[key] = traced_calls(fwd, unit) + traced_calls(fwdbwd, unit)
                 for call in ("forward", "backward"):
@@ -327,8 +341,12 @@ def main(argv: list[str] | None = None) -> None:
             "tensor first",
         ),
         "--lanes": (
-            [lanes.MODE, *(m for m in ("capture", "always", "never") if m != lanes.MODE)],
+            [lanes.MODE, *(m for m in lanes.MODES if m != lanes.MODE)],
             "when the configs of a disjoint (head_groups) plan run on concurrent CUDA streams",
+        ),
+        "--lane-count": (
+            [str(lanes.LANES), *(c for c in ("2", "3", "4") if c != str(lanes.LANES))],
+            "how many streams those lanes are (ringattn.lanes.LANES)",
         ),
         "--fuse": (
             ["yes", "no"] if launches.FUSE_OFFSETS else ["no", "yes"],
@@ -373,10 +391,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("results") / "overheads")
     args = p.parse_args(argv)
     rows, traces = [], {}
-    default_split, default_in_place, default_lanes, default_fuse = (
+    default_split, default_in_place, default_lanes, default_lane_count, default_fuse = (
         pattern.BLOCK_SPLIT,
         SDPAComputer.in_place,
         lanes.MODE,
+        lanes.LANES,
         launches.FUSE_OFFSETS,
     )
     try:
@@ -388,6 +407,7 @@ def main(argv: list[str] | None = None) -> None:
         SDPAComputer.in_place = default_in_place
         core.zeros_for = FILLS["unselected"]
         lanes.MODE = default_lanes
+        lanes.LANES = default_lane_count
         launches.FUSE_OFFSETS = default_fuse
         add_kernel.add_rows_ = ADDS["triton"]
         SDPAComputer.cuda_backward = CUDA_BACKWARDS[0]

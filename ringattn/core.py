@@ -133,13 +133,20 @@ def covers_everything(block: Block, n: int, h: int) -> bool:
     )
 
 
-def for_each_block(spec: CoreSpec, device: torch.device, first: int, run: Callable[[int], None]):
+def for_each_block(
+    spec: CoreSpec,
+    device: torch.device,
+    first: int,
+    run: Callable[[int], None],
+    backward: bool = False,
+):
     """``run(i)`` for blocks ``first..``; a disjoint plan's configs on concurrent streams where
     :class:`ringattn.lanes.Lanes` allows (blocks whose segments stay on this device)."""
     blocks = spec.plan.blocks
-    with Lanes(device, spec.plan.disjoint) as fan:
+    with Lanes(device, spec.plan.disjoint, backward) as fan:
         for i in range(first, len(blocks)):
-            with fan.lane(i, local=spec.spans[blocks[i].job.config] == 1):
+            config = blocks[i].job.config
+            with fan.lane(config, i, local=spec.spans[config] == 1):
                 run(i)
 
 
@@ -340,7 +347,7 @@ def dilated_backward(
             else:
                 accumulate_(grad_rows, attend_backward(block, index), place)
 
-    for_each_block(spec, q.device, first, backward_blocks)
+    for_each_block(spec, q.device, first, backward_blocks, backward=True)
     dq, dk, dv = grads
     return dq, dk, dv
 

@@ -7,13 +7,14 @@ throughout when it is small (a config with a high dilation rate has few segments
 the ``r = 16`` config of issue 5's shape is 192 query tiles on 132 SMs, and runs at half the rate
 of the ``r = 1`` one). On lanes, the small configs fill the SMs the large one leaves idle.
 
-Config ``i``'s blocks go to lane ``i mod LANES``; lane 0 is the caller's stream. Each side lane
+Config 0's blocks (``r = 1`` in issue 5's shape, the largest) run on the caller's stream; the
+other blocks share the side lanes round-robin (:func:`lane_of`). Each side lane
 waits for the caller's stream where the fan-out starts and the caller's stream waits for every side
 lane where it ends, so the call is ordered like a one-stream call for everything around it (the
 caching allocator included: tensors made before the fan-out are freed after the join; a lane's own
 temporaries are made and freed on that lane). CUDA-graph capture records the fork and the join.
 
-By default used only while a CUDA graph is being captured (:data:`MODE`), and always only where
+When is :data:`MODE`'s choice (:func:`wanted`), and always only where
 nothing else orders the blocks: on CUDA, for disjoint plans, not while tracing (Inductor would
 have to model the streams), and for blocks that stay on this device (a block whose segments span
 ranks issues collectives, which every rank must issue in the same order).
@@ -27,12 +28,32 @@ import torch
 
 # how many streams the blocks of one call may use (1: no concurrency)
 LANES = 4
-# when: "capture" (only while a CUDA graph is being captured), "always", or "never". Lanes cut the
-# GPU's time (H200, 131K head_groups replayed from a graph: forward 2-8%, forward+backward 2-6%
-# faster) but add host work to every call (stream switches, events); in eager calls of issue 5's
-# shape they cost more than they gave (forward+backward 4-10% slower; docs/benchmarks/
-# h200_perf.md, step 13). A captured graph replays without the host.
+# when: "capture" (only while a CUDA graph is being captured), "forward" (also in eager forwards),
+# "always", or "never". Lanes cut the GPU's time (H200, 131K head_groups replayed from a graph:
+# forward 2-8%, forward+backward 2-6% faster) but add host work to every call (stream switches,
+# events); in eager calls of issue 5's shape they cost more than they gave (forward+backward
+# 4-10% slower; docs/benchmarks/h200_perf.md, steps 13 and 27). A captured graph replays without
+# the host.
 MODE = "capture"
+MODES = ("capture", "forward", "always", "never")
+
+
+def wanted(mode: str, capturing: bool, backward: bool) -> bool:
+    """Whether a call's blocks go on lanes under ``mode``: ``capturing`` a CUDA graph, and
+    whether the call is a ``backward``."""
+    if mode not in MODES:
+        raise ValueError(f"ringattn.lanes.MODE must be one of {MODES}, got {mode!r}")
+    if mode in ("always", "never"):
+        return mode == "always"
+    return capturing or (mode == "forward" and not backward)
+
+
+def lane_of(config: int, block: int, count: int) -> int:
+    """The lane among ``count`` of block ``block``, of config ``config``: config 0's blocks alone
+    on lane 0 (the caller's stream), the others round-robin over the side lanes, so that even with
+    two lanes the large config overlaps all the small ones."""
+    return 0 if config == 0 or count < 2 else 1 + block % (count - 1)
+
 
 _side_streams: dict[torch.device, list[torch.cuda.Stream]] = {}
 
@@ -45,24 +66,26 @@ def _sides(device: torch.device, count: int) -> list[torch.cuda.Stream]:
 
 
 class Lanes:
-    """``with Lanes(device, enabled) as fan``: fans out on entry (where enabled), joins on exit;
-    ``fan.lane(i)`` is the context that runs config ``i``'s blocks on its stream."""
+    """``with Lanes(device, enabled, backward) as fan``: fans out on entry (where enabled and
+    :func:`wanted`), joins on exit; ``fan.lane(config, i)`` is the context that runs block ``i`` (of
+    config ``config``) on its stream."""
 
-    def __init__(self, device: torch.device, enabled: bool) -> None:
+    def __init__(self, device: torch.device, enabled: bool, backward: bool = False) -> None:
         self.enabled = False
-        if not enabled or LANES < 2 or device.type != "cuda" or MODE == "never":
+        if not enabled or LANES < 2 or device.type != "cuda" or not wanted(MODE, True, backward):
             return
         if torch.compiler.is_compiling():  # Inductor would have to model the streams
             return
         # made on the first eager call (making streams while capturing could break the capture)
         self.sides = _sides(device, LANES - 1)
         self.main = torch.cuda.current_stream(device)
-        self.enabled = MODE == "always" or torch.cuda.is_current_stream_capturing()
+        self.enabled = wanted(MODE, torch.cuda.is_current_stream_capturing(), backward)
 
-    def lane(self, i: int, local: bool = True) -> AbstractContextManager:
-        if not self.enabled or not local or i % LANES == 0:
+    def lane(self, config: int, block: int, local: bool = True) -> AbstractContextManager:
+        lane = lane_of(config, block, LANES)
+        if not self.enabled or not local or lane == 0:
             return nullcontext()
-        return torch.cuda.stream(self.sides[i % LANES - 1])
+        return torch.cuda.stream(self.sides[lane - 1])
 
     def __enter__(self) -> Lanes:
         if self.enabled:
