@@ -22,6 +22,7 @@ tables.
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import os
@@ -290,6 +291,61 @@ def profile_forward(fn, q, k, v, name: str, collective: bool = True) -> None:
     prof.export_chrome_trace(str(PROFILE[0] / f"trace_{name}.json"))
 
 
+# --graphs: weak() also times each row's calls replayed from CUDA graphs (CUDA only)
+GRAPHS = [False]
+
+
+def graph_times(fn, q, k, v, grad, device, collective: bool = True) -> dict:
+    """``fn``'s forward (captured with ``torch.cuda.graph``) and forward+backward (through
+    ``torch.cuda.make_graphed_callables``) replayed from CUDA graphs, NCCL's exchanges captured
+    with the kernels: the time a call takes once the host's launches and Python work are gone
+    (as in a model captured whole). Single replays (median) and back to back, slowest rank; a
+    capture that fails gives its error instead (every rank fails alike: the ranks run the same
+    code on the same shapes)."""
+    result: dict = {}
+    graph = graphed = None
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(3):  # first calls (kernel guards, NCCL's communicators) before capture
+                fn(q, k, v)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
+            fn(q, k, v)
+        result["graph_fwd_ms"] = bench_ms(graph.replay, device, sync=collective)
+        result["graph_fwd_ms_b2b"] = steady_ms(graph.replay, device, sync=collective)
+    except Exception as exc:  # report, keep the run's other rows
+        result["graph_fwd_ms"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+    try:
+        xs = tuple(x.detach().requires_grad_() for x in (q, k, v))
+        graphed = torch.cuda.make_graphed_callables(fn, xs)
+
+        def fb() -> None:
+            ys = [x.detach().requires_grad_() for x in (q, k, v)]
+            graphed(*ys).backward(grad)
+
+        result["graph_fwdbwd_ms"] = bench_ms(fb, device, sync=collective)
+        result["graph_fwdbwd_ms_b2b"] = steady_ms(fb, device, sync=collective)
+    except Exception as exc:
+        result["graph_fwdbwd_ms"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+    # NCCL's teardown waits until every graph that captured its exchanges is destroyed
+    # (pytorch/pytorch#115388: destroy_process_group hangs); make_graphed_callables' graphs sit
+    # in reference cycles, so only the collector frees them
+    graph = graphed = None
+    gc.collect()
+    torch.cuda.synchronize()
+    if collective:  # the slowest rank's, as timed() reports (-1: this rank has no time)
+        keys = ("graph_fwd_ms", "graph_fwd_ms_b2b", "graph_fwdbwd_ms", "graph_fwdbwd_ms_b2b")
+        times = [result.get(key) for key in keys]
+        stats = torch.tensor([t if isinstance(t, float) else -1.0 for t in times], device=device)
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        result.update((key, t) for key, t in zip(keys, stats.tolist(), strict=True) if t >= 0)
+    return result
+
+
 ISSUE5_CONFIG = ((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16))
 
 
@@ -309,6 +365,7 @@ def weak(device, n_per_gpu: int, causal: bool, mixing: str) -> list[dict]:
         n = n_per_gpu * gpus
         flops_f = useful_flops(b, n, h, d, lengths, rates, causal, mixing) / gpus
         flops_fb = useful_flops(b, n, h, d, lengths, rates, causal, mixing, backward=True) / gpus
+        graphs: dict = {}
         if gpus == 1:  # one GPU alone at N: rank 0 measures, the others wait
             f_ms = fb_ms = peak = float("nan")
             LAST_STEADY[:] = [float("nan")] * 2
@@ -317,6 +374,8 @@ def weak(device, n_per_gpu: int, causal: bool, mixing: str) -> list[dict]:
                 f_ms, fb_ms, peak = timed(module, q, k, v, grad, device, collective=False)
                 name = f"weak_{n_per_gpu}_{mixing}_{causal}_local"
                 profile_forward(module, q, k, v, name, collective=False)
+                if GRAPHS[0]:
+                    graphs = graph_times(module, q, k, v, grad, device, collective=False)
             dist.barrier()
         else:
             strategy = ringattn.Strategy(communicator=communicator, computer="sdpa")
@@ -325,6 +384,7 @@ def weak(device, n_per_gpu: int, causal: bool, mixing: str) -> list[dict]:
             saved = list(LAST_STEADY)
             profile_forward(module, q, k, v, f"weak_{n_per_gpu}_{mixing}_{causal}_{communicator}")
             LAST_STEADY[:] = saved
+            graphs = graph_times(module, q, k, v, grad, device) if GRAPHS[0] else {}
         row = {
             "n_per_gpu": n_per_gpu,
             "gpus": gpus,
@@ -336,6 +396,7 @@ def weak(device, n_per_gpu: int, causal: bool, mixing: str) -> list[dict]:
             "fwd_ms_b2b": LAST_STEADY[0],
             "fwdbwd_ms_b2b": LAST_STEADY[1],
             "peak_extra_gib": peak,
+            **graphs,
         }
         rows.append(row)
     if rank == 0:  # the baseline's numbers exist on rank 0 only
@@ -346,6 +407,14 @@ def weak(device, n_per_gpu: int, causal: bool, mixing: str) -> list[dict]:
             row["fwdbwd_efficiency"] = row["fwdbwd_tflops_per_gpu"] / base["fwdbwd_tflops_per_gpu"]
             row["fwd_efficiency_b2b"] = base["fwd_ms_b2b"] / row["fwd_ms_b2b"]
             row["fwdbwd_efficiency_b2b"] = base["fwdbwd_ms_b2b"] / row["fwdbwd_ms_b2b"]
+            for key in (
+                "graph_fwd_ms",
+                "graph_fwd_ms_b2b",
+                "graph_fwdbwd_ms",
+                "graph_fwdbwd_ms_b2b",
+            ):
+                if isinstance(base.get(key), float) and isinstance(row.get(key), float):
+                    row[key.replace("_ms", "_efficiency")] = base[key] / row[key]
             log("weak", row)
     return rows
 
@@ -487,6 +556,18 @@ def write_report(
             "fwd_efficiency_b2b",
             "fwdbwd_efficiency_b2b",
             "peak_extra_gib",
+            *(
+                [
+                    "graph_fwd_ms",
+                    "graph_fwd_efficiency",
+                    "graph_fwd_efficiency_b2b",
+                    "graph_fwdbwd_ms",
+                    "graph_fwdbwd_efficiency",
+                    "graph_fwdbwd_efficiency_b2b",
+                ]
+                if any("graph_fwd_ms" in row for row in weak_rows)
+                else []
+            ),
         ],
     )
     text += table(
@@ -552,12 +633,19 @@ def main(argv: list[str] | None = None) -> None:
         help="weak: lse launches (and exchanges) a config's offsets as runs, "
         "ringattn.launches.FUSE_OFFSETS (the A/B: yes no)",
     )
+    parser.add_argument(
+        "--graphs",
+        action="store_true",
+        help="weak: also time each row replayed from CUDA graphs (CUDA; NCCL's exchanges "
+        "captured with the kernels)",
+    )
     parser.add_argument("--heads", type=int, default=BHD[1])
     parser.add_argument("--head-dim", type=int, default=BHD[2])
     args = parser.parse_args(argv)
     BHD[1:] = [args.heads, args.head_dim]
     REPEATS[0] = args.repeats
     PROFILE[:] = [args.profile] if args.profile and torch.cuda.is_available() else []
+    GRAPHS[0] = args.graphs and torch.cuda.is_available()
     if "LOCAL_RANK" not in os.environ:
         raise SystemExit("distributed_bench: error: launch with torchrun --nproc_per_node=P")
     cuda = torch.cuda.is_available()
@@ -601,6 +689,7 @@ def main(argv: list[str] | None = None) -> None:
         print((args.out / f"distributed_{label}.md").read_text(), flush=True)
     # every rank reaches teardown together, none while a peer still works (rank 0 above writes
     # files); CI once saw a launch abort at exit (SIGABRT in gloo's teardown, cause not pinned)
+    gc.collect()  # no CUDA graph that captured NCCL's exchanges may outlive the group (above)
     dist.barrier()
     dist.destroy_process_group()
 
