@@ -37,7 +37,7 @@ from torch import Tensor
 
 import ringattn
 from experiments.ablate import dict_rows_to_markdown, rel_err
-from ringattn import distributed, launches, reference
+from ringattn import distributed, lanes, launches, reference
 from ringattn.flops import useful_flops
 from ringattn.kernels import fa4
 
@@ -545,6 +545,7 @@ def write_report(
             "mixing",
             "communicator",
             "offset_runs",
+            "spanning_lanes",
             "fwd_ms",
             "fwdbwd_ms",
             "fwd_tflops_per_gpu",
@@ -634,6 +635,14 @@ def main(argv: list[str] | None = None) -> None:
         "ringattn.launches.FUSE_OFFSETS (the A/B: yes no)",
     )
     parser.add_argument(
+        "--spanning-lanes",
+        nargs="+",
+        choices=["yes", "no"],
+        default=["yes" if lanes.SPANNING else "no"],
+        help="weak: blocks whose segments span ranks on concurrent streams too wherever lanes "
+        "are on (under graph capture, so with --graphs), ringattn.lanes.SPANNING (the A/B: no yes)",
+    )
+    parser.add_argument(
         "--graphs",
         action="store_true",
         help="weak: also time each row replayed from CUDA graphs (CUDA; NCCL's exchanges "
@@ -670,17 +679,20 @@ def main(argv: list[str] | None = None) -> None:
         report()
     if "weak" in parts:
         causals = {"yes": (True,), "no": (False,), "both": (False, True)}[args.causal]
-        fuse_default = launches.FUSE_OFFSETS
+        fuse_default, spanning_default = launches.FUSE_OFFSETS, lanes.SPANNING
         try:
-            for runs, n, causal, mixing in itertools.product(
-                args.offset_runs, args.weak_n, causals, args.mixing
+            for runs, spanning, n, causal, mixing in itertools.product(
+                args.offset_runs, args.spanning_lanes, args.weak_n, causals, args.mixing
             ):
                 launches.FUSE_OFFSETS = runs == "yes"
+                lanes.SPANNING = spanning == "yes"
                 rows = weak(device, n, causal, mixing)
-                weak_rows += [{**row, "offset_runs": runs} for row in rows]
+                weak_rows += [
+                    {**row, "offset_runs": runs, "spanning_lanes": spanning} for row in rows
+                ]
                 report()
         finally:
-            launches.FUSE_OFFSETS = fuse_default
+            launches.FUSE_OFFSETS, lanes.SPANNING = fuse_default, spanning_default
     if "cp" in parts:
         for n in args.cp_n:
             cp_rows += cp_compare(device, n)

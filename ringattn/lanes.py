@@ -16,8 +16,8 @@ temporaries are made and freed on that lane). CUDA-graph capture records the for
 
 When is :data:`MODE`'s choice (:func:`wanted`), and always only where
 nothing else orders the blocks: on CUDA, for disjoint plans, not while tracing (Inductor would
-have to model the streams), and for blocks that stay on this device (a block whose segments span
-ranks issues collectives, which every rank must issue in the same order).
+have to model the streams), and for blocks that stay on this device unless :data:`SPANNING` (a
+block whose segments span ranks issues collectives, which every rank must issue in the same order).
 """
 
 from __future__ import annotations
@@ -36,6 +36,13 @@ LANES = 4
 # the host.
 MODE = "capture"
 MODES = ("capture", "forward", "always", "never")
+# whether blocks whose segments span ranks go on lanes too. Off: their exchanges stay on the
+# caller's stream, after the local blocks were issued. On: the host still issues every rank's
+# exchanges in one order and NCCL keeps that order on its own stream, so only the streams the
+# exchanges wait for change; the spanning blocks' kernels then overlap the local configs (on two
+# H200s at 16K per GPU, replayed from graphs, they are the ~37 µs that the 2-GPU call takes
+# beyond the 1-GPU one: h200_perf.md step 27). Not yet measured on NCCL, hence off.
+SPANNING = False
 
 
 def wanted(mode: str, capturing: bool, backward: bool) -> bool:
@@ -82,10 +89,8 @@ class Lanes:
         self.enabled = wanted(MODE, torch.cuda.is_current_stream_capturing(), backward)
 
     def lane(self, config: int, block: int, local: bool = True) -> AbstractContextManager:
-        lane = lane_of(config, block, LANES)
-        if not self.enabled or not local or lane == 0:
-            return nullcontext()
-        return torch.cuda.stream(self.sides[lane - 1])
+        lane = lane_of(config, block, LANES) if self.enabled and (local or SPANNING) else 0
+        return nullcontext() if lane == 0 else torch.cuda.stream(self.sides[lane - 1])
 
     def __enter__(self) -> Lanes:
         if self.enabled:

@@ -330,6 +330,7 @@ def test_distributed_bench_parts_run_on_cpu(tmp_path):
     assert [r["gpus"] for r in weak] == [1, 2, 2] * 8
     assert [r["offset_runs"] for r in weak] == ["yes"] * 12 + ["no"] * 12
     assert not any(key.startswith("graph_") for r in weak for key in r)
+    assert {r["spanning_lanes"] for r in weak} == {"no"}  # lanes.SPANNING's default
     assert all(r["fwd_efficiency"] > 0 and r["fwdbwd_tflops_per_gpu"] > 0 for r in weak)
     assert all(r["fwd_ms_b2b"] > 0 and r["fwdbwd_efficiency_b2b"] > 0 for r in weak)
     cp = {r["impl"]: r for r in results["cp"]}

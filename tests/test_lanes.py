@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 from hypothesis import given
@@ -57,3 +59,31 @@ def test_cpu_calls_ignore_the_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     for mode in lanes.MODES:
         monkeypatch.setattr(lanes, "MODE", mode)
         torch.testing.assert_close(attention(q, k, v), expected, rtol=0, atol=0)
+
+
+class _FakeStreams(lanes.Lanes):
+    """An enabled fan whose side lanes are names, so the choice of lane shows without CUDA."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self.sides = [f"side {i}" for i in range(1, lanes.LANES)]
+
+
+@pytest.mark.parametrize("spanning", [False, True])
+def test_spanning_blocks_stay_on_the_callers_stream_unless_asked(
+    monkeypatch: pytest.MonkeyPatch, spanning: bool
+) -> None:
+    monkeypatch.setattr(lanes, "SPANNING", spanning)
+    chosen: list[str] = []
+    monkeypatch.setattr(
+        lanes.torch.cuda, "stream", lambda stream: chosen.append(stream) or nullcontext()
+    )
+    fan = _FakeStreams()
+    with fan.lane(config=2, block=3, local=True):
+        pass
+    with fan.lane(config=2, block=3, local=False):
+        pass
+    with fan.lane(config=0, block=0, local=True):  # config 0: the caller's stream
+        pass
+    side = fan.sides[lanes.lane_of(2, 3, lanes.LANES) - 1]
+    assert chosen == ([side, side] if spanning else [side])
