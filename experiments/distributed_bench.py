@@ -9,7 +9,8 @@
    forward+backward time, peak memory per GPU and bytes sent per rank.
 3. Weak scaling (``--part weak``, issue 5): per-GPU useful TFLOP/s of issue 5's dilated shape at
    ``p·N`` tokens on ``p`` GPUs over one GPU alone at ``N`` (rank 0, same run), for each
-   ``--weak-n``; the largest segments span ranks at the smaller N.
+   ``--weak-n``; the largest segments span ranks at the smaller N. ``--graphs`` also times
+   every row replayed from CUDA graphs (NCCL's exchanges captured), where host time is gone.
 4. Dense causal vs PyTorch's context parallel (``--part cp``, issue 5): one config ``w = n, r = 1``,
    ring / all_gather with ``layout="zigzag"`` (and ring contiguous) against
    ``torch.distributed.tensor.experimental.context_parallel`` (the same head-tail sharding) with

@@ -18,8 +18,8 @@
 #   at the step-20 sweep's best causal configuration against FA4's default (fa4_probe --part
 #   config); lanes: head_groups at 16K-64K with its configs on concurrent streams in eager
 #   forwards against one stream (ringattn.lanes.MODE forward vs never), on 2 or 4 streams
-#   (ringattn.lanes.LANES; step 27 found eager lanes in forward and backward 10% faster forwards
-#   at 32K, slower forward+backward). Each part writes under $OUT/<part>/ (one tarball,
+#   (ringattn.lanes.LANES; run in step 27: only 32K inference forwards gain, so MODE stays
+#   "capture"). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
 part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes}

@@ -141,7 +141,8 @@ def for_each_block(
     backward: bool = False,
 ):
     """``run(i)`` for blocks ``first..``; a disjoint plan's configs on concurrent streams where
-    :class:`ringattn.lanes.Lanes` allows (blocks whose segments stay on this device)."""
+    :class:`ringattn.lanes.Lanes` allows (blocks whose segments stay on this device, unless
+    ``lanes.SPANNING``); ``backward``: the call is a backward (``lanes.MODE = "forward"``)."""
     blocks = spec.plan.blocks
     with Lanes(device, spec.plan.disjoint, backward) as fan:
         for i in range(first, len(blocks)):

@@ -14,8 +14,8 @@ lane where it ends, so the call is ordered like a one-stream call for everything
 caching allocator included: tensors made before the fan-out are freed after the join; a lane's own
 temporaries are made and freed on that lane). CUDA-graph capture records the fork and the join.
 
-When is :data:`MODE`'s choice (:func:`wanted`), and always only where
-nothing else orders the blocks: on CUDA, for disjoint plans, not while tracing (Inductor would
+:data:`MODE` decides when (:func:`wanted`), and lanes are only ever used where nothing else
+orders the blocks: on CUDA, for disjoint plans, not while tracing (Inductor would
 have to model the streams), and for blocks that stay on this device unless :data:`SPANNING` (a
 block whose segments span ranks issues collectives, which every rank must issue in the same order).
 """
@@ -32,8 +32,9 @@ LANES = 4
 # "always", or "never". Lanes cut the GPU's time (H200, 131K head_groups replayed from a graph:
 # forward 2-8%, forward+backward 2-6% faster) but add host work to every call (stream switches,
 # events); in eager calls of issue 5's shape they cost more than they gave (forward+backward
-# 4-10% slower; docs/benchmarks/h200_perf.md, steps 13 and 27). A captured graph replays without
-# the host.
+# 4-10% slower, step 13; in 32K inference forwards 9-13% faster back to back, but 16K and
+# forward+backward slower, step 27: docs/benchmarks/h200_perf.md). A captured graph replays
+# without the host.
 MODE = "capture"
 MODES = ("capture", "forward", "always", "never")
 # whether blocks whose segments span ranks go on lanes too. Off: their exchanges stay on the
@@ -79,6 +80,7 @@ class Lanes:
 
     def __init__(self, device: torch.device, enabled: bool, backward: bool = False) -> None:
         self.enabled = False
+        # (wanted(..., capturing=True): whether MODE could want lanes for this call at all)
         if not enabled or LANES < 2 or device.type != "cuda" or not wanted(MODE, True, backward):
             return
         if torch.compiler.is_compiling():  # Inductor would have to model the streams
