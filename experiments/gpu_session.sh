@@ -8,6 +8,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh host     # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh tiles    # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh lanes    # ~3 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #
 # record: the bench's record at 32K/131K and 1M (docs/benchmarks/h200_perf.md's first two
 #   commands); long: its 2M/4M command; checks: every local strategy against the oracle on the
@@ -19,10 +20,12 @@
 #   config); lanes: head_groups at 16K-64K with its configs on concurrent streams in eager
 #   forwards against one stream (ringattn.lanes.MODE forward vs never), on 2 or 4 streams
 #   (ringattn.lanes.LANES; run in step 27: only 32K inference forwards gain, so MODE stays
-#   "capture"). Each part writes under $OUT/<part>/ (one tarball,
+#   "capture"); spanning (on nvidia-h200-x2): 2-GPU weak scaling at 16K per GPU replayed from
+#   CUDA graphs, the spanning config's blocks on the caller's stream or on lanes
+#   (ringattn.lanes.SPANNING no vs yes; step 27 found them the replayed call's gap). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes}
+part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|spanning}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -77,6 +80,12 @@ lanes)
             --out "$out/lanes${causal:+_causal}" >"$out/lanes${causal:+_causal}.log" 2>&1
     done
     summary=$(grep -h "^| [0-9]" "$out"/lanes*/overheads.md | cut -d'|' -f2,4,8,9,16-)
+    ;;
+spanning)
+    NCCL_NVLS_ENABLE=0 timeout 540 torchrun --standalone --nproc_per_node=2 \
+        -m experiments.distributed_bench --part weak --weak-n 16384 --graphs \
+        --spanning-lanes no yes --out "$out" >"$out/spanning.log" 2>&1
+    summary=$(grep -h "^| 16384 | 2 " "$out/distributed_weak.md" | cut -d'|' -f5-7,9,21-)
     ;;
 *)
     echo "unknown part: $part" >&2
