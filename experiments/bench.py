@@ -105,6 +105,41 @@ def fwd_and_fwdbwd(fn: Callable, q, k, v, dout) -> tuple[Callable[[], object], C
     return fwd, fwdbwd
 
 
+def failure(exc: Exception) -> str:
+    """A row's text for a measurement that raised (the run keeps its other rows)."""
+    return f"{type(exc).__name__}: {str(exc)[:160]}"
+
+
+def graphed_calls(
+    fn: Callable, q, k, v, dout, warmup: int = 2
+) -> dict[str, Callable[[], object] | str]:
+    """:func:`fwd_and_fwdbwd`'s two calls replayed from CUDA graphs, as ``{"fwd": ..., "fwdbwd":
+    ...}``: the forward captured with ``torch.cuda.graph`` after ``warmup`` calls on a side stream,
+    forward+backward through ``torch.cuda.make_graphed_callables``; where a capture failed, why."""
+    calls: dict[str, Callable[[], object] | str] = {}
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(warmup):  # first calls (kernel guards, communicators) before capture
+                fn(q, k, v)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
+            fn(q, k, v)
+        calls["fwd"] = graph.replay
+    except Exception as exc:
+        calls["fwd"] = failure(exc)
+    try:
+        xs = tuple(x.detach().requires_grad_() for x in (q, k, v))
+        graphed = torch.cuda.make_graphed_callables(fn, xs)
+        calls["fwdbwd"] = fwd_and_fwdbwd(graphed, q, k, v, dout)[1]
+    except Exception as exc:
+        calls["fwdbwd"] = failure(exc)
+    return calls
+
+
 def time_and_memory(
     fwd,
     fwdbwd,

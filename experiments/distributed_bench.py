@@ -38,6 +38,7 @@ from torch import Tensor
 
 import ringattn
 from experiments.ablate import dict_rows_to_markdown, rel_err
+from experiments.bench import failure, fwd_and_fwdbwd, graphed_calls
 from ringattn import distributed, lanes, launches, reference
 from ringattn.flops import useful_flops
 from ringattn.kernels import fa4
@@ -231,14 +232,7 @@ def timed(fn, q, k, v, grad, device, collective=True) -> tuple[float, float, flo
     allocated before of ``fn(q, k, v)``; ``collective``: the slowest rank's times and the largest
     peak. The back-to-back times (``steady_ms``) of the last call go to ``LAST_STEADY``."""
 
-    def fwd():
-        with torch.no_grad():
-            fn(q, k, v)
-
-    def fb():
-        xs = [x.detach().requires_grad_() for x in (q, k, v)]
-        fn(*xs).backward(grad)
-
+    fwd, fb = fwd_and_fwdbwd(fn, q, k, v, grad)
     fwd()
     cuda = device.type == "cuda"
     if cuda:
@@ -292,58 +286,42 @@ def profile_forward(fn, q, k, v, name: str, collective: bool = True) -> None:
     prof.export_chrome_trace(str(PROFILE[0] / f"trace_{name}.json"))
 
 
-# --graphs: weak() also times each row's calls replayed from CUDA graphs (CUDA only)
+# --graphs: weak() also times each row's calls replayed from CUDA graphs (CUDA only), these
 GRAPHS = [False]
+GRAPH_TIMES = ("graph_fwd_ms", "graph_fwd_ms_b2b", "graph_fwdbwd_ms", "graph_fwdbwd_ms_b2b")
 
 
 def graph_times(fn, q, k, v, grad, device, collective: bool = True) -> dict:
-    """``fn``'s forward (captured with ``torch.cuda.graph``) and forward+backward (through
-    ``torch.cuda.make_graphed_callables``) replayed from CUDA graphs, NCCL's exchanges captured
-    with the kernels: the time a call takes once the host's launches and Python work are gone
-    (as in a model captured whole). Single replays (median) and back to back, slowest rank; a
-    capture that fails gives its error instead (every rank fails alike: the ranks run the same
-    code on the same shapes)."""
+    """``fn``'s forward and forward+backward replayed from CUDA graphs
+    (``experiments.bench.graphed_calls``), NCCL's exchanges captured with the kernels: the time a
+    call takes once the host's launches and Python work are gone (as in a model captured whole).
+    Single replays (median) and back to back, slowest rank; a capture that fails gives its error
+    instead (every rank fails alike: the ranks run the same code on the same shapes)."""
     result: dict = {}
-    graph = graphed = None
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.no_grad():
-            for _ in range(3):  # first calls (kernel guards, NCCL's communicators) before capture
-                fn(q, k, v)
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.no_grad():
-            fn(q, k, v)
-        result["graph_fwd_ms"] = bench_ms(graph.replay, device, sync=collective)
-        result["graph_fwd_ms_b2b"] = steady_ms(graph.replay, device, sync=collective)
-    except Exception as exc:  # report, keep the run's other rows
-        result["graph_fwd_ms"] = f"{type(exc).__name__}: {str(exc)[:160]}"
-    try:
-        xs = tuple(x.detach().requires_grad_() for x in (q, k, v))
-        graphed = torch.cuda.make_graphed_callables(fn, xs)
-
-        def fb() -> None:
-            ys = [x.detach().requires_grad_() for x in (q, k, v)]
-            graphed(*ys).backward(grad)
-
-        result["graph_fwdbwd_ms"] = bench_ms(fb, device, sync=collective)
-        result["graph_fwdbwd_ms_b2b"] = steady_ms(fb, device, sync=collective)
-    except Exception as exc:
-        result["graph_fwdbwd_ms"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+    calls = graphed_calls(fn, q, k, v, grad, warmup=3)
+    for part, call in calls.items():
+        key = f"graph_{part}_ms"
+        try:
+            if not callable(call):
+                result[key] = call
+                continue
+            result[key] = bench_ms(call, device, sync=collective)
+            result[f"{key}_b2b"] = steady_ms(call, device, sync=collective)
+        except Exception as exc:  # report, keep the run's other rows
+            result[key] = failure(exc)
     # NCCL's teardown waits until every graph that captured its exchanges is destroyed
     # (pytorch/pytorch#115388: destroy_process_group hangs); make_graphed_callables' graphs sit
     # in reference cycles, so only the collector frees them
-    graph = graphed = None
+    calls = call = None
     gc.collect()
     torch.cuda.synchronize()
     if collective:  # the slowest rank's, as timed() reports (-1: this rank has no time)
-        keys = ("graph_fwd_ms", "graph_fwd_ms_b2b", "graph_fwdbwd_ms", "graph_fwdbwd_ms_b2b")
-        times = [result.get(key) for key in keys]
+        times = [result.get(key) for key in GRAPH_TIMES]
         stats = torch.tensor([t if isinstance(t, float) else -1.0 for t in times], device=device)
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
-        result.update((key, t) for key, t in zip(keys, stats.tolist(), strict=True) if t >= 0)
+        result.update(
+            (key, t) for key, t in zip(GRAPH_TIMES, stats.tolist(), strict=True) if t >= 0
+        )
     return result
 
 
@@ -408,12 +386,7 @@ def weak(device, n_per_gpu: int, causal: bool, mixing: str) -> list[dict]:
             row["fwdbwd_efficiency"] = row["fwdbwd_tflops_per_gpu"] / base["fwdbwd_tflops_per_gpu"]
             row["fwd_efficiency_b2b"] = base["fwd_ms_b2b"] / row["fwd_ms_b2b"]
             row["fwdbwd_efficiency_b2b"] = base["fwdbwd_ms_b2b"] / row["fwdbwd_ms_b2b"]
-            for key in (
-                "graph_fwd_ms",
-                "graph_fwd_ms_b2b",
-                "graph_fwdbwd_ms",
-                "graph_fwdbwd_ms_b2b",
-            ):
+            for key in GRAPH_TIMES:
                 if isinstance(base.get(key), float) and isinstance(row.get(key), float):
                     row[key.replace("_ms", "_efficiency")] = base[key] / row[key]
             log("weak", row)

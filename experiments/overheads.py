@@ -40,7 +40,14 @@ import torch
 
 import ringattn
 from experiments.ablate import dict_rows_to_markdown, median_ms, queued_host_ms
-from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, fwd_and_fwdbwd, time_and_memory
+from experiments.bench import (
+    ISSUE_LENGTHS,
+    ISSUE_RATES,
+    failure,
+    fwd_and_fwdbwd,
+    graphed_calls,
+    time_and_memory,
+)
 from ringattn import core, lanes, launches, pattern
 from ringattn.computers.sdpa import CUDA_BACKWARDS, CUDA_FORWARDS, SDPAComputer
 from ringattn.flops import dense_flops, useful_flops
@@ -114,26 +121,13 @@ def steady_times(fwd, fwdbwd, device, repeats: int, calls: int = 10) -> dict:
 def graph_times(attention, q, k, v, dout, device, repeats: int) -> dict:
     """Forward and forward+backward replayed from CUDA graphs (ms), or why capture failed."""
     result: dict = {}
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.no_grad():
-            for _ in range(2):
-                attention(q, k, v)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.no_grad():
-            attention(q, k, v)
-        result["graph_fwd_ms"] = median_ms(graph.replay, device, 2, repeats)
-    except Exception as exc:  # report, keep the run's other rows
-        result["graph_fwd_ms"] = f"{type(exc).__name__}: {str(exc)[:120]}"
-    try:
-        xs = tuple(x.detach().requires_grad_() for x in (q, k, v))
-        graphed = torch.cuda.make_graphed_callables(attention, xs)
-        _, fwdbwd = fwd_and_fwdbwd(graphed, q, k, v, dout)
-        result["graph_fwdbwd_ms"] = median_ms(fwdbwd, device, 2, repeats)
-    except Exception as exc:
-        result["graph_fwdbwd_ms"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+    for part, call in graphed_calls(attention, q, k, v, dout).items():
+        try:
+            result[f"graph_{part}_ms"] = (
+                median_ms(call, device, 2, repeats) if callable(call) else call
+            )
+        except Exception as exc:  # report, keep the run's other rows
+            result[f"graph_{part}_ms"] = failure(exc)
     return result
 
 
