@@ -112,11 +112,14 @@ def failure(exc: Exception) -> str:
 
 def graphed_calls(
     fn: Callable, q, k, v, dout, warmup: int = 2
-) -> dict[str, Callable[[], object] | str]:
+) -> dict[str, Callable[[], object] | str | float]:
     """:func:`fwd_and_fwdbwd`'s two calls replayed from CUDA graphs, as ``{"fwd": ..., "fwdbwd":
     ...}``: the forward captured with ``torch.cuda.graph`` after ``warmup`` calls on a side stream,
-    forward+backward through ``torch.cuda.make_graphed_callables``; where a capture failed, why."""
-    calls: dict[str, Callable[[], object] | str] = {}
+    forward+backward through ``torch.cuda.make_graphed_callables``; where a capture failed, why.
+    Each replay is also held to the eager call (``"fwd_err"``, ``"fwdbwd_err"``: the relative
+    error of the replayed output, and of its gradients, against an eager call's): a graph that
+    timed fast but skipped or misordered work shows there."""
+    calls: dict[str, Callable[[], object] | str | float] = {}
     try:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -127,17 +130,30 @@ def graphed_calls(
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), torch.no_grad():
-            fn(q, k, v)
+            out_static = fn(q, k, v)
+        graph.replay()
+        with torch.no_grad():
+            calls["fwd_err"] = rel_err(out_static, fn(q, k, v))
         calls["fwd"] = graph.replay
     except Exception as exc:
         calls["fwd"] = failure(exc)
     try:
         xs = tuple(x.detach().requires_grad_() for x in (q, k, v))
         graphed = torch.cuda.make_graphed_callables(fn, xs)
+        replayed, eager = _with_grads(graphed, q, k, v, dout), _with_grads(fn, q, k, v, dout)
+        calls["fwdbwd_err"] = max(rel_err(x, ref) for x, ref in zip(replayed, eager, strict=True))
         calls["fwdbwd"] = fwd_and_fwdbwd(graphed, q, k, v, dout)[1]
     except Exception as exc:
         calls["fwdbwd"] = failure(exc)
     return calls
+
+
+def _with_grads(fn: Callable, q, k, v, dout) -> list:
+    """``fn(q, k, v)``'s output and its inputs' gradients for ``dout``."""
+    xs = [x.detach().requires_grad_() for x in (q, k, v)]
+    out = fn(*xs)
+    out.backward(dout)
+    return [out.detach(), *(x.grad for x in xs)]
 
 
 def time_and_memory(

@@ -289,6 +289,8 @@ def profile_forward(fn, q, k, v, name: str, collective: bool = True) -> None:
 # --graphs: weak() also times each row's calls replayed from CUDA graphs (CUDA only), these
 GRAPHS = [False]
 GRAPH_TIMES = ("graph_fwd_ms", "graph_fwd_ms_b2b", "graph_fwdbwd_ms", "graph_fwdbwd_ms_b2b")
+# each replay's relative error against the eager call (the largest over ranks)
+GRAPH_ERRORS = ("graph_fwd_err", "graph_fwdbwd_err")
 
 
 def graph_times(fn, q, k, v, grad, device, collective: bool = True) -> dict:
@@ -296,11 +298,15 @@ def graph_times(fn, q, k, v, grad, device, collective: bool = True) -> dict:
     (``experiments.bench.graphed_calls``), NCCL's exchanges captured with the kernels: the time a
     call takes once the host's launches and Python work are gone (as in a model captured whole).
     Single replays (median) and back to back, slowest rank; a capture that fails gives its error
-    instead (every rank fails alike: the ranks run the same code on the same shapes)."""
+    instead (every rank fails alike: the ranks run the same code on the same shapes). Also each
+    replay's relative error against the eager call (``GRAPH_ERRORS``, the largest over ranks): the
+    captured exchanges and streams compute what the eager call does."""
     result: dict = {}
     calls = graphed_calls(fn, q, k, v, grad, warmup=3)
-    for part, call in calls.items():
-        key = f"graph_{part}_ms"
+    for part in ("fwd", "fwdbwd"):
+        call, key = calls[part], f"graph_{part}_ms"
+        if f"{part}_err" in calls:  # the replay's result against the eager call's
+            result[f"graph_{part}_err"] = calls[f"{part}_err"]
         try:
             if not callable(call):
                 result[key] = call
@@ -316,12 +322,11 @@ def graph_times(fn, q, k, v, grad, device, collective: bool = True) -> dict:
     gc.collect()
     torch.cuda.synchronize()
     if collective:  # the slowest rank's, as timed() reports (-1: this rank has no time)
-        times = [result.get(key) for key in GRAPH_TIMES]
+        keys = (*GRAPH_TIMES, *GRAPH_ERRORS)
+        times = [result.get(key) for key in keys]
         stats = torch.tensor([t if isinstance(t, float) else -1.0 for t in times], device=device)
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
-        result.update(
-            (key, t) for key, t in zip(GRAPH_TIMES, stats.tolist(), strict=True) if t >= 0
-        )
+        result.update((key, t) for key, t in zip(keys, stats.tolist(), strict=True) if t >= 0)
     return result
 
 
@@ -539,6 +544,7 @@ def write_report(
                     "graph_fwdbwd_ms",
                     "graph_fwdbwd_efficiency",
                     "graph_fwdbwd_efficiency_b2b",
+                    *GRAPH_ERRORS,
                 ]
                 if any("graph_fwd_ms" in row for row in weak_rows)
                 else []

@@ -22,7 +22,8 @@
 #   (ringattn.lanes.LANES; run in step 27: only 32K inference forwards gain, so MODE stays
 #   "capture"); spanning (on nvidia-h200-x2): 2-GPU weak scaling at 16K per GPU replayed from
 #   CUDA graphs, the spanning config's blocks on the caller's stream or on lanes
-#   (ringattn.lanes.SPANNING no vs yes; step 27 found them the replayed call's gap). Each part writes under $OUT/<part>/ (one tarball,
+#   (ringattn.lanes.SPANNING no vs yes; run in step 28: no gain beyond the runs' spread, so
+#   SPANNING stays off). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
 part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|spanning}

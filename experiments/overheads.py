@@ -119,9 +119,14 @@ def steady_times(fwd, fwdbwd, device, repeats: int, calls: int = 10) -> dict:
 
 
 def graph_times(attention, q, k, v, dout, device, repeats: int) -> dict:
-    """Forward and forward+backward replayed from CUDA graphs (ms), or why capture failed."""
+    """Forward and forward+backward replayed from CUDA graphs (ms), or why capture failed, and
+    each replay's relative error against the eager call (``graph_*_err``)."""
     result: dict = {}
-    for part, call in graphed_calls(attention, q, k, v, dout).items():
+    calls = graphed_calls(attention, q, k, v, dout)
+    for part in ("fwd", "fwdbwd"):
+        call = calls[part]
+        if f"{part}_err" in calls:  # the replay's result against the eager call's
+            result[f"graph_{part}_err"] = calls[f"{part}_err"]
         try:
             result[f"graph_{part}_ms"] = (
                 median_ms(call, device, 2, repeats) if callable(call) else call

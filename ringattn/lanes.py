@@ -40,9 +40,11 @@ MODES = ("capture", "forward", "always", "never")
 # whether blocks whose segments span ranks go on lanes too. Off: their exchanges stay on the
 # caller's stream, after the local blocks were issued. On: the host still issues every rank's
 # exchanges in one order and NCCL keeps that order on its own stream, so only the streams the
-# exchanges wait for change; the spanning blocks' kernels then overlap the local configs (on two
-# H200s at 16K per GPU, replayed from graphs, they are the ~37 µs that the 2-GPU call takes
-# beyond the 1-GPU one: h200_perf.md step 27). Not yet measured on NCCL, hence off.
+# exchanges wait for change; the spanning blocks' kernels then overlap the local configs. On two
+# H200s at 16K per GPU, replayed from graphs (h200_perf.md step 28; the replays bitwise equal to
+# the eager calls either way), head_groups' ring forward took 0.263 / 0.282 ms on and 0.295 /
+# 0.254 off in two runs: the runs' own spread (the 2-GPU replays move ~10% between runs, the
+# 1-GPU ones 1%), no gain to show, hence off.
 SPANNING = False
 
 
