@@ -37,6 +37,9 @@ and forward+backward).
 ``--part config`` times both mixings' module forward with FA4's causal forward tiles set to the
 step-20 sweep's best causal configuration (``ringattn.kernels.fa4.FORWARD_CONFIG``) and at FA4's
 default, interleaved, at ``--n`` and n/4.
+``--part launch`` measures the host's µs per kernel launch, a replayed FA4 forward's and a torch
+op's, on the caller's stream and on a side stream, with and without a pending wait between the
+two (what ``ringattn.lanes`` adds to an eager call: step 28 found its launches slower on the host).
 ``--part add`` does the same for ``ringattn.kernels.fa4_add`` (FA4's backward adding dK and dV
 into the gradients with TMA reduce-add stores) against FA4's backward and the Triton add: the
 sums against each other, GPU ms of each, and the ``lse`` module's forward+backward with it on
@@ -594,6 +597,44 @@ def config(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
 CAUSAL_TILES = (128, 128, False, True)
 
 
+def launch(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+    """Host µs per launch of a replayed FA4 forward (small blocks) and of a torch op, issued while
+    the GPU sleeps (so launches only queue): on the caller's stream, on a side stream, on a side
+    stream that waits for the caller's, and on the caller's stream after it joined a side one."""
+    from contextlib import nullcontext
+
+    from ringattn.kernels import fa4
+
+    q, k, v = (torch.randn(4, 256, 2, d, device=device, dtype=torch.bfloat16) for _ in "qkv")
+    out, x = torch.empty_like(q), torch.zeros(1024, device=device)
+    calls = {
+        "fa4 forward (replayed)": partial(fa4.forward, q, k, v, False, d**-0.5, out=out),
+        "torch add_": partial(x.add_, 1.0),
+    }
+    main, side = torch.cuda.current_stream(), torch.cuda.Stream()
+    count = 20 * repeats
+    rows = []
+    for name, call in calls.items():
+        for _ in range(5):  # recorded, compiled, warm
+            call()
+        for where in ("caller", "side", "side, waiting for the caller", "caller, after a join"):
+            torch.cuda.synchronize()
+            torch.cuda._sleep(100_000_000)  # ~50 ms of GPU time on the caller's stream
+            context = torch.cuda.stream(side) if where.startswith("side") else nullcontext()
+            if "waiting" in where or "join" in where:
+                side.wait_stream(main)
+            if "join" in where:
+                main.wait_stream(side)
+            with context:
+                t0 = time.perf_counter()
+                for _ in range(count):
+                    call()
+                host_us = (time.perf_counter() - t0) / count * 1e6
+            torch.cuda.synchronize()
+            rows.append({"kernel": name, "stream": where, "host_us_per_launch": round(host_us, 2)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=131072)
@@ -603,7 +644,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument(
         "--part",
-        choices=["compare", "sweep", "determinism", "replay", "merge", "add", "zero", "config"],
+        choices=[
+            "compare",
+            "sweep",
+            "determinism",
+            "replay",
+            "merge",
+            "add",
+            "zero",
+            "config",
+            "launch",
+        ],
         default="compare",
     )
     args = parser.parse_args(argv)
@@ -619,6 +670,7 @@ def main(argv: list[str] | None = None) -> None:
             "add": add,
             "zero": zero,
             "config": config,
+            "launch": launch,
         }
         part = part[args.part]
         rows = part(args.n, h, d, args.repeats, device)

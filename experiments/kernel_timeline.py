@@ -2,6 +2,7 @@
 GPU time and the idle gap before it.
 
     python -m experiments.kernel_timeline --n 131072 --mixing head_groups [--causal] [--out DIR]
+        [--lanes never forward]
 
 ``experiments.profile_core`` sums the time per kernel *name*; every FA4 block call shares one
 name, so it cannot say which config's call is slow. This lists the kernels of the last of
@@ -24,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import ringattn
 from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
+from ringattn import lanes
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
@@ -62,7 +64,7 @@ def timeline(
     )
     last = kernels[-(len(kernels) // calls) :]  # every call launches the same kernels
     rows = [
-        f"## n={n} {mixing} causal={causal}: the last of {calls} "
+        f"## n={n} {mixing} causal={causal} lanes={lanes.MODE}: the last of {calls} "
         f"{'forwards+backwards' if backward else 'forwards'} back to back",
         "",
         "| # | kernel | grid (CTAs) | µs | gap before µs |",
@@ -107,6 +109,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backward", action="store_true", help="time forward+backward calls")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--dim", type=int, default=128)
+    p.add_argument(
+        "--lanes",
+        nargs="+",
+        choices=lanes.MODES,
+        default=[lanes.MODE],
+        help="ringattn.lanes.MODE for each timeline in turn (concurrent kernels overlap: their "
+        "gaps go negative)",
+    )
     p.add_argument("--out", type=Path, default=Path("results") / "kernel_timeline")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -116,8 +126,12 @@ def main(argv: list[str] | None = None) -> None:
     for n in args.n:
         for mixing in args.mixing:
             for causal in causals:
-                text += timeline(n, mixing, causal, args.calls, args.heads, args.dim, args.backward)
-                print("\n".join(text[-8:]), flush=True)
+                for mode in args.lanes:
+                    lanes.MODE = mode
+                    text += timeline(
+                        n, mixing, causal, args.calls, args.heads, args.dim, args.backward
+                    )
+                    print("\n".join(text[-8:]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernel_timeline.md").write_text("\n".join(text))
     print("\n".join(text))

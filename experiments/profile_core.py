@@ -26,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 import ringattn
 from experiments.ablate import queued_host_ms
 from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, fwd_and_fwdbwd
+from ringattn import lanes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,7 +42,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--dump", default=None, help="with --host: also write each profile (pstats) to DIR/*.prof"
     )
+    p.add_argument(
+        "--lanes", choices=lanes.MODES, default=lanes.MODE, help="ringattn.lanes.MODE for the run"
+    )
     args = p.parse_args(argv)
+    lanes.MODE = args.lanes
     q, k, v, dout = (
         torch.randn(1, args.n, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4)
     )
@@ -53,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
             fwd, fwdbwd = fwd_and_fwdbwd(module, q, k, v, dout)
             if args.host:
                 for what, call in (("forward", fwd), ("forward+backward", fwdbwd)):
-                    title = f"n={args.n} {mixing} {what}"
+                    title = f"n={args.n} {mixing} {what} lanes={args.lanes}"
                     dump = None
                     if args.dump:
                         causality = "causal" if args.causal else "noncausal"

@@ -33,7 +33,8 @@ LANES = 4
 # forward 2-8%, forward+backward 2-6% faster) but add host work to every call (stream switches,
 # events); in eager calls of issue 5's shape they cost more than they gave (forward+backward
 # 4-10% slower, step 13; in 32K inference forwards 9-13% faster back to back, but 16K and
-# forward+backward slower, step 27: docs/benchmarks/h200_perf.md). A captured graph replays
+# forward+backward slower, step 27: docs/benchmarks/h200_perf.md; the loss is host time, ~70 µs
+# of it the stream switches' and events' Python per forward, step 28). A captured graph replays
 # without the host.
 MODE = "capture"
 MODES = ("capture", "forward", "always", "never")
