@@ -39,7 +39,7 @@ step-20 sweep's best causal configuration (``ringattn.kernels.fa4.FORWARD_CONFIG
 default, interleaved, at ``--n`` and n/4.
 ``--part launch`` measures the host's µs per kernel launch, a replayed FA4 forward's and a torch
 op's, on the caller's stream and on a side stream, with and without a pending wait between the
-two (what ``ringattn.lanes`` adds to an eager call: step 28 found its launches slower on the host).
+two (what ``ringattn.lanes`` adds to an eager call; step 28: the stream makes no difference).
 ``--part add`` does the same for ``ringattn.kernels.fa4_add`` (FA4's backward adding dK and dV
 into the gradients with TMA reduce-add stores) against FA4's backward and the Triton add: the
 sums against each other, GPU ms of each, and the ``lse`` module's forward+backward with it on
@@ -617,15 +617,21 @@ def launch(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     for name, call in calls.items():
         for _ in range(5):  # recorded, compiled, warm
             call()
-        for where in ("caller", "side", "side, waiting for the caller", "caller, after a join"):
+        # (where, launched on the side stream, the side stream waits for the caller's, the
+        # caller's then waits for the side stream)
+        for where, on_side, fork, join in (
+            ("caller", False, False, False),
+            ("side", True, False, False),
+            ("side, waiting for the caller", True, True, False),
+            ("caller, after a join", False, True, True),
+        ):
             torch.cuda.synchronize()
             torch.cuda._sleep(100_000_000)  # ~50 ms of GPU time on the caller's stream
-            context = torch.cuda.stream(side) if where.startswith("side") else nullcontext()
-            if "waiting" in where or "join" in where:
+            if fork:
                 side.wait_stream(main)
-            if "join" in where:
+            if join:
                 main.wait_stream(side)
-            with context:
+            with torch.cuda.stream(side) if on_side else nullcontext():
                 t0 = time.perf_counter()
                 for _ in range(count):
                     call()
