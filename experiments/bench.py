@@ -140,7 +140,7 @@ def graphed_calls(
     try:
         xs = tuple(x.detach().requires_grad_() for x in (q, k, v))
         graphed = torch.cuda.make_graphed_callables(fn, xs)
-        replayed, eager = _with_grads(graphed, q, k, v, dout), _with_grads(fn, q, k, v, dout)
+        replayed, eager = with_grads(graphed, q, k, v, dout), with_grads(fn, q, k, v, dout)
         calls["fwdbwd_err"] = max(rel_err(x, ref) for x, ref in zip(replayed, eager, strict=True))
         calls["fwdbwd"] = fwd_and_fwdbwd(graphed, q, k, v, dout)[1]
     except Exception as exc:
@@ -148,7 +148,7 @@ def graphed_calls(
     return calls
 
 
-def _with_grads(fn: Callable, q, k, v, dout) -> list:
+def with_grads(fn: Callable, q, k, v, dout) -> list:
     """``fn(q, k, v)``'s output and its inputs' gradients for ``dout``."""
     xs = [x.detach().requires_grad_() for x in (q, k, v)]
     out = fn(*xs)

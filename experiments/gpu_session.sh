@@ -7,7 +7,8 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh checks   # ~6 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh host     # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh tiles    # ~2 min
-#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh lanes    # ~3 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh lanes    # ~5 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh parts    # ~5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #
 # record: the bench's record at 32K/131K and 1M (docs/benchmarks/h200_perf.md's first two
@@ -17,20 +18,34 @@
 #   profile of a head_groups forward and forward+backward, and single / back-to-back times with
 #   the host's own time per call; tiles: both mixings' forward with FA4's causal forward tiles
 #   at the step-20 sweep's best causal configuration against FA4's default (fa4_probe --part
-#   config); lanes: head_groups at 16K-64K with its configs on concurrent streams in eager
-#   forwards against one stream (ringattn.lanes.MODE forward vs never), on 2 or 4 streams
-#   (ringattn.lanes.LANES; run in step 27: only 32K inference forwards gain, so MODE stays
-#   "capture"); spanning (on nvidia-h200-x2): 2-GPU weak scaling at 16K per GPU replayed from
+#   config); lanes: head_groups at 32K and 131K with its configs on concurrent streams in eager
+#   forwards, or forwards and backwards, against one stream (ringattn.lanes.MODE never, forward,
+#   always, two turns each; step 29, after step 27's runs of the heavier lanes), then replayed
+#   from CUDA graphs with lanes or not (capture vs never); parts: both mixings with FA4's placed
+#   backward in parts twice the plan's against the plan's (overheads --bwd-merge 2 1, two
+#   turns); spanning (on nvidia-h200-x2): 2-GPU weak scaling at 16K per GPU replayed from
 #   CUDA graphs, the spanning config's blocks on the caller's stream or on lanes
 #   (ringattn.lanes.SPANNING no vs yes; run in step 28: no gain beyond the runs' spread, so
 #   SPANNING stays off). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|spanning}
+part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|spanning}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
     --no-in-model --no-compile)
+brief() { # overheads.json rows, a short line each: the A/B choices, ms, host ms, peaks, errors
+    python - "$@" <<'PY'
+import json, sys
+keys = ("n", "mixing", "causal", "lanes", "bwd_merge", "fwd_ms", "fwdbwd_ms", "fwd_ms_b2b",
+        "fwdbwd_ms_b2b", "fwd_host_ms", "fwdbwd_host_ms", "fwdbwd_mem_vs_io", "vs_first_err",
+        "graph_fwd_ms", "graph_fwdbwd_ms", "graph_fwd_err", "graph_fwdbwd_err")
+for path in sys.argv[1:]:
+    for row in json.load(open(path))["rows"]:
+        print(" ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}"
+                       for k in keys if k in row))
+PY
+}
 case "$part" in
 record)
     "${bench[@]}" --n 32768 131072 --repeats 10 --warmup 3 --out "$out/bench" >"$out/bench.log" 2>&1
@@ -76,11 +91,22 @@ tiles)
 lanes)
     for causal in "" "--causal"; do
         # shellcheck disable=SC2086
-        python -m experiments.overheads --n 16384 32768 65536 --mixing head_groups $causal \
-            --split 8 --lanes never forward --lane-count 2 4 --steady --repeats 10 \
+        python -m experiments.overheads --n 32768 131072 --mixing head_groups $causal --split 8 \
+            --lanes never forward always never forward always --steady --repeats 10 \
             --out "$out/lanes${causal:+_causal}" >"$out/lanes${causal:+_causal}.log" 2>&1
     done
-    summary=$(grep -h "^| [0-9]" "$out"/lanes*/overheads.md | cut -d'|' -f2,4,8,9,16-)
+    python -m experiments.overheads --n 131072 --mixing head_groups --split 8 \
+        --lanes capture never --graphs --repeats 10 --out "$out/graphs" >"$out/graphs.log" 2>&1
+    summary=$(brief "$out"/lanes*/overheads.json "$out/graphs/overheads.json")
+    ;;
+parts)
+    for causal in "" "--causal"; do
+        # shellcheck disable=SC2086
+        python -m experiments.overheads --n 32768 131072 $causal --split 8 --bwd-merge 2 1 2 1 \
+            --steady --repeats 10 --out "$out/parts${causal:+_causal}" \
+            >"$out/parts${causal:+_causal}.log" 2>&1
+    done
+    summary=$(brief "$out"/parts*/overheads.json)
     ;;
 spanning)
     NCCL_NVLS_ENABLE=0 timeout 540 torchrun --standalone --nproc_per_node=2 \

@@ -12,9 +12,12 @@ offsets as runs, ``ringattn.launches.FUSE_OFFSETS``; ``--add``: lse adds gradien
 kernel or torch's ``add_``; ``--compile``: the module eager or ``compile=True``; ``--backward``:
 ``sdpa``'s backward through FlashAttention-4 where installed, or torch's kernels; ``--forward``:
 the same for the forward; ``--replay``: FA4's launches replayed, ``ringattn.kernels.fa4.REPLAY``,
-or through its Python launcher every call), times forward and
+or through its Python launcher every call; ``--bwd-merge``: FA4's placed backward in parts that
+many times the plan's, ``SDPAComputer.fa4_backward_merge``), times forward and
 forward+backward of ``segment_local/sdpa`` and measures their peak memory relative to the tensors
-the call cannot avoid (as ``experiments.bench`` does). With ``--trace`` it also logs every kernel
+the call cannot avoid (as ``experiments.bench`` does). Every choice must compute one function:
+each row's ``vs_first_err`` is the largest relative error of its output and gradients against
+those of the first choice (of its ``n`` and mixing). With ``--trace`` it also logs every kernel
 call of one forward+backward: the block's shape, the bytes it allocates transiently (peak above the
 level before it) and what stays allocated after it, so the largest transient is named. ``--steady``
 also times 10 calls back to back (no sync between them, as in a model's steady state) and the
@@ -39,7 +42,7 @@ from pathlib import Path
 import torch
 
 import ringattn
-from experiments.ablate import dict_rows_to_markdown, median_ms, queued_host_ms
+from experiments.ablate import dict_rows_to_markdown, median_ms, queued_host_ms, rel_err
 from experiments.bench import (
     ISSUE_LENGTHS,
     ISSUE_RATES,
@@ -47,6 +50,7 @@ from experiments.bench import (
     fwd_and_fwdbwd,
     graphed_calls,
     time_and_memory,
+    with_grads,
 )
 from ringattn import core, lanes, launches, pattern
 from ringattn.computers.sdpa import CUDA_BACKWARDS, CUDA_FORWARDS, SDPAComputer
@@ -233,8 +237,10 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 args.backward,
                 args.forward,
                 args.replay,
+                args.bwd_merge,
             )
         )
+        first_results = None  # every choice must compute what the first one did
         for choice in choices:
             (
                 split,
@@ -248,6 +254,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 backward,
                 forward,
                 replay,
+                bwd_merge,
             ) = choice
             pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
             SDPAComputer.in_place = in_place == "yes"
@@ -259,6 +266,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             SDPAComputer.cuda_backward = backward
             SDPAComputer.cuda_forward = forward
             fa4.REPLAY = replay == "yes"
+            SDPAComputer.fa4_backward_merge = int(bwd_merge)
             attention = ringattn.DilatedAttention(
                 ISSUE_LENGTHS,
                 ISSUE_RATES,
@@ -286,11 +294,18 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "backward": "fa4" if backward == "auto" and fa4.available(q) else "torch",
                     "forward": forward if fa4.available(q) else "torch",
                     "replay": replay,
+                    "bwd_merge": int(bwd_merge),
                     **stats,
                     "fwd_tflops": flops_f / stats["fwd_ms"] / 1e9,
                     "fwdbwd_tflops": 3.5 * flops_f / stats["fwdbwd_ms"] / 1e9,
                 }
             )
+            results = with_grads(attention, q, k, v, dout)
+            first_results = first_results or results
+            rows[-1]["vs_first_err"] = max(
+                float(rel_err(got, want)) for got, want in zip(results, first_results, strict=True)
+            )
+            del results
             if args.trace:
                 key = f"n={n} {mixing} split={split} in_place={in_place} fill={fill}"
                 key += f" lanes={lane_mode}x{lane_count} fuse={fuse} add={add} compile={compiled}"
@@ -372,6 +387,11 @@ def main(argv: list[str] | None = None) -> None:
             "FA4's calls replayed from each block signature's first (ringattn.kernels.fa4.REPLAY), "
             "or through FA4's Python launcher every time",
         ),
+        "--bwd-merge": (
+            [str(SDPAComputer.fa4_backward_merge), "1"],
+            "FA4's placed backward in parts this many times the plan's "
+            "(SDPAComputer.fa4_backward_merge; 1: the plan's parts)",
+        ),
         "--forward": (
             list(CUDA_FORWARDS),
             "sdpa's forward through FlashAttention-4 where it runs (auto), or torch's kernels "
@@ -397,6 +417,7 @@ def main(argv: list[str] | None = None) -> None:
         lanes.LANES,
         launches.FUSE_OFFSETS,
     )
+    default_merge = SDPAComputer.fa4_backward_merge
     try:
         for n in args.n:
             rows += probe(n, args, traces)
@@ -412,6 +433,7 @@ def main(argv: list[str] | None = None) -> None:
         SDPAComputer.cuda_backward = CUDA_BACKWARDS[0]
         SDPAComputer.cuda_forward = CUDA_FORWARDS[0]
         fa4.REPLAY = True
+        SDPAComputer.fa4_backward_merge = default_merge
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overheads.json").write_text(json.dumps({"rows": rows, "traces": traces}))
     columns = [c for c in dict.fromkeys(c for row in rows for c in row) if c != "ceiling_calls"]

@@ -205,7 +205,7 @@ def dilated_forward(
         if spec.plan.disjoint
         else (lambda span, part, *views: merging_launch(spec, span, *views)),
         placed=spec.plan.disjoint,
-        whole=spec.plan.disjoint and spec.computer.places_whole_blocks(q),
+        split=1 if spec.plan.disjoint and spec.computer.places_whole_blocks(q) else None,
     )
     if first == 0:
         # all of it unless the plan is disjoint; then the rows no block selects, one kernel,
@@ -314,6 +314,7 @@ def dilated_backward(
                 spec.causal, spec.scale, *views
             ),
             placed=True,
+            split=spec.computer.placed_backward_split(q),
         ),
         **prepared(
             spec,

@@ -80,7 +80,7 @@ def prepared(
     block_ids: Iterable[int],
     make_launcher: Callable[..., Callable[..., None]],
     placed: bool,
-    whole: bool = False,
+    split: int | None = None,
 ) -> Prepared:
     """The prepared launches of ``spec``'s blocks ``block_ids`` for tensors of these layouts:
     ``reads`` go through the dilation processor (``[b, n, h, ...]`` inputs); ``writes`` (the
@@ -89,8 +89,9 @@ def prepared(
     ...]`` (merged or added into). ``make_launcher(span, part, *views)`` builds a part's launcher
     from example views, for blocks whose segments span ``span`` ranks (``part``: the
     :class:`ringattn.pattern.Block` or :class:`ringattn.pattern.OffsetRun` it launches). Blocks
-    missing from the result take the general path. ``whole``: each local block is launched
-    whole rather than in its parts (``Plan.parts``, which bound a kernel's temporaries), for a
+    missing from the result take the general path. ``split``: each local block is launched in
+    the parts :meth:`ringattn.pattern.Block.cut` makes with it rather than in ``Plan.parts``
+    (``pattern.BLOCK_SPLIT``'s, which bound a kernel's temporaries): 1 launches it whole, for a
     computer without block-sized temporaries (``BlockComputer.places_whole_blocks``)."""
     if torch.compiler.is_compiling():
         return Prepared()
@@ -98,7 +99,7 @@ def prepared(
     key = (
         kind,
         placed,
-        whole,
+        split,
         block_ids,
         *((None if x is None else _layout(x)) for x in (*reads, *writes)),
     )
@@ -107,7 +108,7 @@ def prepared(
     if found is None:
         if len(cache) >= MAX_PREPARED:  # bounded: drop the oldest
             cache.pop(next(iter(cache)))
-        found = cache[key] = _prepare(spec, reads, writes, block_ids, make_launcher, placed, whole)
+        found = cache[key] = _prepare(spec, reads, writes, block_ids, make_launcher, placed, split)
     return found
 
 
@@ -115,7 +116,9 @@ def _layout(x: Tensor) -> tuple:
     return x.shape, x.stride(), x.dtype, x.device
 
 
-def _prepare(spec, reads, writes, block_ids, make_launcher, placed: bool, whole: bool) -> Prepared:
+def _prepare(
+    spec, reads, writes, block_ids, make_launcher, placed: bool, split: int | None
+) -> Prepared:
     plan, tensors = spec.plan, (*reads, *writes)
 
     def entries(parts: tuple, span: int) -> tuple | None:
@@ -149,7 +152,7 @@ def _prepare(spec, reads, writes, block_ids, make_launcher, placed: bool, whole:
             result.update({i: () for i in members})
             result[members[0]] = fused
     for i in sorted(local - set(result)):  # the rest: each part on its own
-        parts = (plan.blocks[i],) if whole else plan.parts[i]
+        parts = plan.parts[i] if split is None else plan.blocks[i].cut(plan.n, plan.h, split)
         if (found := entries(parts, 1)) is not None:
             result[i] = found
     return result

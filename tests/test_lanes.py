@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import pytest
 import torch
 from hypothesis import given
@@ -61,12 +59,55 @@ def test_cpu_calls_ignore_the_mode(monkeypatch: pytest.MonkeyPatch) -> None:
         torch.testing.assert_close(attention(q, k, v), expected, rtol=0, atol=0)
 
 
-class _FakeStreams(lanes.Lanes):
-    """An enabled fan whose side lanes are names, so the choice of lane shows without CUDA."""
+class _Recorder:
+    """Stands in for a CUDA stream or event: notes the fork / join calls made on it."""
 
-    def __init__(self) -> None:
-        self.enabled = True
-        self.sides = [f"side {i}" for i in range(1, lanes.LANES)]
+    def __init__(self, name: str, log: list[tuple[str, str, str]]) -> None:
+        self.name, self.log = name, log
+
+    def record(self, stream: _Recorder) -> None:
+        self.log.append(("record", self.name, stream.name))
+
+    def wait_event(self, event: _Recorder) -> None:
+        self.log.append(("wait", self.name, event.name))
+
+
+def _fake_fan(monkeypatch: pytest.MonkeyPatch, mode: str = "always") -> tuple[lanes.Lanes, list]:
+    """An enabled fan on recorder streams and events, so what it issues shows without CUDA."""
+    log: list[tuple[str, str, str]] = []
+    names = iter(f"side {i}" for i in range(1, 100))
+    events = iter(["fork", *(f"join {i}" for i in range(1, 100))])
+    monkeypatch.setattr(lanes, "MODE", mode)
+    monkeypatch.setattr(lanes.torch.cuda, "Stream", lambda device: _Recorder(next(names), log))
+    monkeypatch.setattr(lanes.torch.cuda, "Event", lambda: _Recorder(next(events), log))
+    monkeypatch.setattr(lanes.torch.cuda, "current_stream", lambda device: _Recorder("main", log))
+    monkeypatch.setattr(lanes.torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(lanes, "_fans", lanes.threading.local())
+    fan = lanes.Lanes(torch.device("cuda", 0), enabled=True)
+    assert fan.enabled
+    return fan, log
+
+
+def test_fan_forks_every_side_lane_from_the_callers_stream_and_joins_them_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fan, log = _fake_fan(monkeypatch)
+    sides = [f"side {i}" for i in range(1, lanes.LANES)]
+    joins = [f"join {i}" for i in range(1, lanes.LANES)]
+    for _ in range(2):  # the second call re-records the same events
+        log.clear()
+        with fan:
+            assert log == [("record", "fork", "main"), *(("wait", s, "fork") for s in sides)]
+            log.clear()
+        assert log == [
+            entry
+            for side, join in zip(sides, joins, strict=True)
+            for entry in (("record", join, side), ("wait", "main", join))
+        ]
+    with pytest.raises(RuntimeError), fan:  # a block that raised: the lanes still join
+        log.clear()
+        raise RuntimeError
+    assert ("wait", "main", joins[-1]) in log
 
 
 @pytest.mark.parametrize("spanning", [False, True])
@@ -74,16 +115,26 @@ def test_spanning_blocks_stay_on_the_callers_stream_unless_asked(
     monkeypatch: pytest.MonkeyPatch, spanning: bool
 ) -> None:
     monkeypatch.setattr(lanes, "SPANNING", spanning)
-    chosen: list[str] = []
-    monkeypatch.setattr(
-        lanes.torch.cuda, "stream", lambda stream: chosen.append(stream) or nullcontext()
-    )
-    fan = _FakeStreams()
+    current: list[str] = []
+    monkeypatch.setattr(lanes.torch.cuda, "set_stream", lambda stream: current.append(stream.name))
+    fan, _ = _fake_fan(monkeypatch)
+    side = f"side {lanes.lane_of(2, 3, lanes.LANES)}"
     with fan.lane(config=2, block=3, local=True):
-        pass
+        assert current == [side]
+    assert current == [side, "main"]  # back on the caller's stream
+    current.clear()
     with fan.lane(config=2, block=3, local=False):
         pass
     with fan.lane(config=0, block=0, local=True):  # config 0: the caller's stream
         pass
-    side = fan.sides[lanes.lane_of(2, 3, lanes.LANES) - 1]
-    assert chosen == ([side, side] if spanning else [side])
+    assert current == ([side, "main"] if spanning else [])
+
+
+def test_a_disabled_fan_issues_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    fan, log = _fake_fan(monkeypatch)
+    monkeypatch.setattr(lanes, "MODE", "capture")  # an eager call: no lanes
+    fan = lanes.Lanes(torch.device("cuda", 0), enabled=True)
+    log.clear()
+    with fan, fan.lane(config=3, block=4):
+        pass
+    assert not fan.enabled and log == []

@@ -263,6 +263,35 @@ def test_offset_runs_compute_exactly_one_launch_per_block(computer, p, rate, lay
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
 
 
+def run_with_answers(
+    p: dict, computer: str, layout: str, split: int, hook: str, answers: tuple, kind: tuple
+) -> tuple[dict, dict, dict]:
+    """For each of ``answers`` of the computers' method ``hook`` (the plan cut with ``split``),
+    :func:`run_counted`'s results and launch count, and the part count of each block of the
+    preparations whose key starts with ``kind`` (``("backward", True)``: the placed backward's),
+    each a dict by answer."""
+    q, k, v = make_qkv(p, torch.float32)
+    dout = torch.randn_like(q)
+    q, k, v, dout = (relayout(x, layout) for x in (q, k, v, dout))
+    strategy = ringattn.Strategy(computer=computer)
+    results, counts, parts = {}, {}, {}
+    for answer in answers:
+        patches = [(pattern, "BLOCK_SPLIT", split)]
+        # (sdpa has its own answer: FA4 or not)
+        patches += [(cls, hook, lambda *_, a=answer: a) for cls in (BlockComputer, SDPAComputer)]
+        attention, results[answer], counts[answer] = run_counted(
+            p, strategy, (q, k, v, dout), patches
+        )
+        (spec,) = attention._specs.values()
+        parts[answer] = [
+            len(entries)
+            for key, prepared in spec.launches.items()
+            if key[: len(kind)] == kind
+            for entries in prepared.values()
+        ]
+    return results, counts, parts
+
+
 @pytest.mark.parametrize("computer", ["math", "sdpa"])
 @settings(max_examples=15, deadline=None)
 @given(p=problems(), split=st.integers(2, 8), layout=st.sampled_from(["contiguous", "sliced"]))
@@ -285,26 +314,9 @@ def test_whole_blocks_compute_their_parts_in_fewer_launches(computer, p, split, 
     (head_groups) block launched whole in the forward: the same outputs and gradients as the
     launches of its parts, and fewer launches wherever a local block has several parts."""
     p = {**p, "mixing": "head_groups"}
-    q, k, v = make_qkv(p, torch.float32)
-    dout = torch.randn_like(q)
-    q, k, v, dout = (relayout(x, layout) for x in (q, k, v, dout))
-    strategy = ringattn.Strategy(computer=computer)
-    results, counts, forward_parts = {}, {}, {}
-    for whole in (True, False):
-        answer = lambda *_, whole=whole: whole  # noqa: E731
-        patches = [(pattern, "BLOCK_SPLIT", split)]
-        # (sdpa has its own answer: FA4 or not)
-        patches += [(cls, "places_whole_blocks", answer) for cls in (BlockComputer, SDPAComputer)]
-        attention, results[whole], counts[whole] = run_counted(
-            p, strategy, (q, k, v, dout), patches
-        )
-        (spec,) = attention._specs.values()
-        forward_parts[whole] = [
-            len(entries)
-            for key, prepared in spec.launches.items()
-            if key[0] == "forward"
-            for entries in prepared.values()
-        ]
+    results, counts, forward_parts = run_with_answers(
+        p, computer, layout, split, "places_whole_blocks", (True, False), ("forward",)
+    )
     # each prepared forward block is one launch; where one had several parts and the rest was
     # prepared alike (b == 1: every block's rows are one view), the call made fewer launches
     assert all(count <= 1 for count in forward_parts[True])
@@ -314,6 +326,39 @@ def test_whole_blocks_compute_their_parts_in_fewer_launches(computer, p, split, 
         # (a kernel's reduction order may depend on the batch it is handed; a misplaced or
         # missing row would be off by O(1))
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("computer", ["math", "sdpa"])
+@settings(max_examples=15, deadline=None)
+@given(p=problems(), split=st.integers(2, 8), layout=st.sampled_from(["contiguous", "sliced"]))
+def test_a_computers_backward_split_launches_larger_parts_of_the_same_gradients(
+    computer, p, split, layout
+):
+    """A computer whose placed backward has fewer temporaries (``placed_backward_split``) has
+    its placed blocks' backward launched in the parts that split makes: the same gradients as
+    the plan's parts, each prepared block in at most as many launches as that split allows, and
+    fewer launches in all wherever the plan cut a prepared block finer."""
+    results, counts, parts = run_with_answers(
+        p, computer, layout, split, "placed_backward_split", (1, None), ("backward", True)
+    )
+    assert all(count <= 1 for count in parts[1])
+    if len(parts[1]) == len(parts[None]) and any(c > 1 for c in parts[None]):
+        assert counts[1] < counts[None]
+    for a, c in zip(results[1], results[None]):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+
+
+def test_fa4s_placed_backward_split_is_the_plans_over_its_merge(monkeypatch):
+    """FA4's placed backward (one float32 dQ accumulator) takes parts ``fa4_backward_merge``
+    times the plan's; without FA4 (the CPU) or with a merge of 1, the plan's parts."""
+    computer, q = SDPAComputer(), torch.empty(1, 8, 2, 4)
+    assert computer.placed_backward_split(q) is None  # no FA4 here
+    monkeypatch.setattr(SDPAComputer, "_fa4", lambda self, choice, q: True)
+    monkeypatch.setattr(pattern, "BLOCK_SPLIT", 8)
+    assert computer.placed_backward_split(q) == 4
+    for merge, split in ((1, None), (3, 2), (16, 1)):
+        monkeypatch.setattr(SDPAComputer, "fa4_backward_merge", merge)
+        assert computer.placed_backward_split(q) == split
 
 
 def test_the_fill_selection_is_derived_once_per_preparation(monkeypatch):

@@ -148,6 +148,13 @@ class BlockComputer(AttentionComputer):
         one kernel call fewer per extra part, the same rows written."""
         return False
 
+    def placed_backward_split(self, q: Tensor) -> int | None:
+        """The ``split`` (:meth:`ringattn.pattern.Block.cut`) in whose parts the core launches
+        placed blocks through this computer's :meth:`backward_launcher` here, where its
+        temporaries allow parts larger than the plan's; None: the plan's parts
+        (``pattern.BLOCK_SPLIT``, sized for about five block-sized temporaries per call)."""
+        return None
+
     def adding_launcher(
         self,
         causal: bool,

@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ringattn import pattern
 from ringattn.computers.base import BlockComputer, Rows, RowsLSE, accumulation_dtype
 from ringattn.kernels import cudnn_graphs, fa4, fa4_add, fa4_merge, fa4_zero
 from ringattn.registry import register
@@ -295,6 +296,17 @@ class SDPAComputer(BlockComputer):
     def places_whole_blocks(self, q):
         # FA4 writes the output rows in place; its only temporary is the block's LSE (floats)
         return self._fa4(self.cuda_forward, q)
+
+    # FA4's placed backward writes the gradients in place and keeps one block-sized temporary,
+    # its float32 dQ accumulator: two bf16 blocks' worth, where pattern.BLOCK_SPLIT's parts were
+    # sized for about five (cuDNN's gradients and workspace). So its parts may be this many times
+    # larger for a transient no higher, in fewer launches (1: the plan's parts)
+    fa4_backward_merge = 2
+
+    def placed_backward_split(self, q):
+        if not self._fa4(self.cuda_backward, q) or self.fa4_backward_merge == 1:
+            return None
+        return max(1, pattern.BLOCK_SPLIT // self.fa4_backward_merge)
 
     def merging_launcher(self, causal, scale, q, k, v, out, lse):
         # FA4's forward with the merge in its epilogue (ringattn.kernels.fa4_merge)
