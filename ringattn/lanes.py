@@ -29,15 +29,16 @@ import torch
 
 # how many streams the blocks of one call may use (1: no concurrency)
 LANES = 4
-# when: "capture" (only while a CUDA graph is being captured), "forward" (also in eager forwards),
-# "always", or "never". Lanes cut the GPU's time (H200, 131K head_groups replayed from a graph:
-# forward 2-8%, forward+backward 2-6% faster) but add host work to every call (stream switches,
-# events); in eager calls of issue 5's shape they cost more than they gave (forward+backward
-# 4-10% slower, step 13; in 32K inference forwards 9-13% faster back to back, but 16K and
-# forward+backward slower, step 27: docs/benchmarks/h200_perf.md; the loss is host time, ~70 µs
-# of it the stream switches' and events' Python per forward, step 28). A captured graph replays
-# without the host.
-MODE = "capture"
+# when: "always", "capture" (only while a CUDA graph is being captured), "forward" (also in eager
+# forwards), or "never". Lanes cut the GPU's time (H200, 131K head_groups replayed from a graph:
+# forward 2-8%, forward+backward 2-6% faster) for some host work per call. While each wait made a
+# new event and each switch went through torch.cuda.stream's context (~70 µs of Python per
+# forward), eager calls lost more than they gained (steps 13, 27, 28 of
+# docs/benchmarks/h200_perf.md); with the events made once and plain set_stream switches (_Fan,
+# _OnStream) they gain: 131K forward+backward 2-5% faster, single or back to back, in two runs of
+# never / always turns, forward equal or up to 5% faster; at 32K, host-bound, the turns spread
+# ~20% either way (step 29).
+MODE = "always"
 MODES = ("capture", "forward", "always", "never")
 # whether blocks whose segments span ranks go on lanes too. Off: their exchanges stay on the
 # caller's stream, after the local blocks were issued. On: the host still issues every rank's

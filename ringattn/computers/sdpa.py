@@ -300,7 +300,9 @@ class SDPAComputer(BlockComputer):
     # FA4's placed backward writes the gradients in place and keeps one block-sized temporary,
     # its float32 dQ accumulator: two bf16 blocks' worth, where pattern.BLOCK_SPLIT's parts were
     # sized for about five (cuDNN's gradients and workspace). So its parts may be this many times
-    # larger for a transient no higher, in fewer launches (1: the plan's parts)
+    # larger for a transient no higher, in fewer launches (1: the plan's parts). H200 (h200_perf.md
+    # step 29, two turns each): lse's 32K causal forward+backward 4-10% faster, 131K 1-3%,
+    # head_groups within noise; forward+backward peak 1.03x (head_groups) / 1.05x (lse) -> 1.07x
     fa4_backward_merge = 2
 
     def placed_backward_split(self, q):
