@@ -120,6 +120,10 @@ class Lanes:
             return
         if torch.compiler.is_compiling():  # Inductor would have to model the streams
             return
+        # set_stream also makes the stream's device current: on another device than the current
+        # one the switches back would leave the caller on the tensors' device
+        if device.index != torch.cuda.current_device():
+            return
         # made on the first eager call (making streams while capturing could break the capture)
         self.fan = _fan(device, LANES - 1)
         self.main = torch.cuda.current_stream(device)

@@ -82,6 +82,7 @@ def _fake_fan(monkeypatch: pytest.MonkeyPatch, mode: str = "always") -> tuple[la
     monkeypatch.setattr(lanes.torch.cuda, "Event", lambda: _Recorder(next(events), log))
     monkeypatch.setattr(lanes.torch.cuda, "current_stream", lambda device: _Recorder("main", log))
     monkeypatch.setattr(lanes.torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(lanes.torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(lanes, "_fans", lanes.threading.local())
     fan = lanes.Lanes(torch.device("cuda", 0), enabled=True)
     assert fan.enabled
@@ -130,11 +131,17 @@ def test_spanning_blocks_stay_on_the_callers_stream_unless_asked(
     assert current == ([side, "main"] if spanning else [])
 
 
-def test_a_disabled_fan_issues_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    fan, log = _fake_fan(monkeypatch)
-    monkeypatch.setattr(lanes, "MODE", "capture")  # an eager call: no lanes
+@pytest.mark.parametrize("why", ["mode", "device"])
+def test_a_disabled_fan_issues_nothing(monkeypatch: pytest.MonkeyPatch, why: str) -> None:
+    _, log = _fake_fan(monkeypatch)
+    switches: list = []
+    monkeypatch.setattr(lanes.torch.cuda, "set_stream", switches.append)
+    if why == "mode":
+        monkeypatch.setattr(lanes, "MODE", "capture")  # an eager call: no lanes
+    else:  # tensors on another device than the current one (switching would leave it changed)
+        monkeypatch.setattr(lanes.torch.cuda, "current_device", lambda: 1)
     fan = lanes.Lanes(torch.device("cuda", 0), enabled=True)
     log.clear()
     with fan, fan.lane(config=3, block=4):
         pass
-    assert not fan.enabled and log == []
+    assert not fan.enabled and log == [] and switches == []
