@@ -6,12 +6,15 @@
 # flash-attn-4 needs the CUTLASS DSL, whose CUDA 13 libraries make a 92 MB wheel: more than one
 # call may carry (64 MiB with the working tree). So the packages are unpacked here into one
 # site folder, packed as tar.xz (69 MB) and split in two parts that travel in two calls while the
-# machine stays warm (it is released after ~30 s idle, so send the second call at once):
+# machine stays warm (it is released after ~30 s idle, so send each call at once), with the
+# wheels in .whl/ (beartype, the cuDNN frontend) in a call of their own: experiments/fa4_env.sh
+# says how, and sets everything up there, in short:
 #
-#   call 1, carry [".fa4a"]:         mkdir -p /tmp/fa4 && cp .fa4a/* /tmp/fa4/
-#   call 2, carry [".fa4b", ".whl"]: mkdir -p /tmp/site && cat /tmp/fa4/* .fa4b/* | xz -d -T8 |
+#   call 1, carry [".fa4a"]: mkdir -p /tmp/fa4 && cp .fa4a/* /tmp/fa4/
+#   call 2, carry [".whl"]:  mkdir -p /tmp/whl && cp .whl/* /tmp/whl/
+#   call 3, carry [".fa4b"]: mkdir -p /tmp/site && cat /tmp/fa4/* .fa4b/* | xz -d -T8 |
 #       tar -x -C /tmp/site && python3 -m pip install -q --no-index --no-deps --no-compile
-#       --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
+#       --no-cache-dir --upgrade --target /tmp/site /tmp/whl/*.whl &&
 #       export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD ...
 #
 # (the CUTLASS DSL's own .pth file, which adds dsl_packages to the path, is not read from a
