@@ -10,6 +10,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh lanes    # ~5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh parts    # ~5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #
 # record: the bench's record at 32K/131K and 1M (docs/benchmarks/h200_perf.md's first two
 #   commands); long: its 2M/4M command; checks: every local strategy against the oracle on the
@@ -26,10 +27,12 @@
 #   turns); spanning (on nvidia-h200-x2): 2-GPU weak scaling at 16K per GPU replayed from
 #   CUDA graphs, the spanning config's blocks on the caller's stream or on lanes
 #   (ringattn.lanes.SPANNING no vs yes; run in step 28: no gain beyond the runs' spread, so
-#   SPANNING stays off). Each part writes under $OUT/<part>/ (one tarball,
+#   SPANNING stays off); weak (on nvidia-h200-x2): the 2-GPU oracle check and eager weak scaling
+#   at 16K and 64K per GPU (since step 29 eager calls put the local configs on lanes too: not yet
+#   checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|spanning}
+part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -113,6 +116,13 @@ spanning)
         -m experiments.distributed_bench --part weak --weak-n 16384 --graphs \
         --spanning-lanes no yes --out "$out" >"$out/spanning.log" 2>&1
     summary=$(grep -h "^| 16384 | 2 " "$out/distributed_weak.md" | cut -d'|' -f5-7,9,21-)
+    ;;
+weak)
+    NCCL_NVLS_ENABLE=0 timeout 560 torchrun --standalone --nproc_per_node=2 \
+        -m experiments.distributed_bench --part check weak --weak-n 16384 65536 --out "$out" \
+        >"$out/weak.log" 2>&1
+    summary="$(grep -c '| True |' "$out/distributed_check_weak.md") check rows within tolerance
+$(grep -h "^| 16384 | 2 \|^| 65536 | 2 " "$out/distributed_check_weak.md" | cut -d'|' -f2-8,13,14,17,18)"
     ;;
 *)
     echo "unknown part: $part" >&2
