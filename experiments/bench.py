@@ -360,11 +360,6 @@ def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dic
 
         f_ms = median_ms(dense_fwd, device, args.warmup, args.repeats)
         fb_ms = median_ms(dense_fb, device, args.warmup, args.repeats)
-        # dense SDPA's long calls run at the GPU's power cap (H200: 1515 of 1980 MHz) and leave it
-        # slower for a while: a 131K causal head_groups forward timed right after them took 14%
-        # longer than rested (experiments/clock_probe.py, h200_perf.md step 29). So the rows after
-        # start rested, as dense SDPA's own first call does
-        time.sleep(args.rest)
         dense_cache[key] = (
             dense_flops(b, dense_n, h, d, causal) / f_ms / 1e9,
             dense_flops(b, dense_n, h, d, causal, backward=True) / fb_ms / 1e9,
@@ -541,12 +536,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=5,
         help="also time this many calls issued back to back (0: only single calls)",
-    )
-    p.add_argument(
-        "--rest",
-        type=float,
-        default=5.0,
-        help="seconds the GPU idles after dense SDPA's timing, before the rows that follow",
     )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
