@@ -8,6 +8,10 @@ rested, and the ratio to dense would carry that. This times the module's forward
 and ``lse``, causal, issue 5's shape; 20 calls back to back, median of 5) rested, right after
 ``--seconds`` of dense SDPA forwards, and rested again, with the SM clock NVML reports where it
 can. Prints a table last; writes ``clock_probe.json`` under ``--out``.
+
+H200 (h200_perf.md step 29): right after dense SDPA the 131K ``head_groups`` forward took 14%
+longer than rested (``lse`` 2%); a bench that rested 5 s after dense SDPA's timing was no faster,
+so this does not explain the bench's gap to the timelines.
 """
 
 from __future__ import annotations
