@@ -303,10 +303,7 @@ def check(make, mixing: str, causal: bool, args, device: torch.device) -> float:
         )
         ref.backward(dout.double())
         _ORACLE[key] = [ref.detach()] + [x.grad for x in refs]
-    xs = [x.clone().requires_grad_() for x in (q, k, v)]
-    out = make(xs[0], xs[1], xs[2])
-    out.backward(dout)
-    mine = [out] + [x.grad for x in xs]
+    mine = with_grads(make, q, k, v, dout)
     return max(rel_err(x, r) for x, r in zip(mine, _ORACLE[key]))
 
 
