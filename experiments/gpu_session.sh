@@ -9,7 +9,6 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh tiles    # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh lanes    # ~5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh parts    # ~5 min
-#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh priority # ~6 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #
@@ -25,10 +24,7 @@
 #   always, two turns each; step 29, after step 27's runs of the heavier lanes), then replayed
 #   from CUDA graphs with lanes or not (capture vs never); parts: both mixings with FA4's placed
 #   backward in parts twice the plan's against the plan's (overheads --bwd-merge 2 1, two
-#   turns); priority: head_groups' kernel timelines at 131K (forward, forward+backward, causal or
-#   not) and causal A/B at 32K / 131K with the side lanes above the caller's stream or not
-#   (ringattn.lanes.PRIORITY -1 / 0) and the caller's stream's blocks issued last or in the
-#   plan's order (MAIN_LAST yes / no), two turns; spanning (on nvidia-h200-x2): 2-GPU weak scaling at 16K per GPU replayed from
+#   turns); spanning (on nvidia-h200-x2): 2-GPU weak scaling at 16K per GPU replayed from
 #   CUDA graphs, the spanning config's blocks on the caller's stream or on lanes
 #   (ringattn.lanes.SPANNING no vs yes; run in step 28: no gain beyond the runs' spread, so
 #   SPANNING stays off); weak (on nvidia-h200-x2): the 2-GPU oracle check and eager weak scaling
@@ -36,7 +32,7 @@
 #   checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|priority|spanning|weak}
+part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -44,7 +40,7 @@ bench=(python -m experiments.bench --computers sdpa --dilations segment_local --
 brief() { # overheads.json rows, a short line each: the A/B choices, ms, host ms, peaks, errors
     python - "$@" <<'PY'
 import json, sys
-keys = ("n", "mixing", "causal", "lanes", "lane_priority", "main_last", "bwd_merge", "fwd_ms", "fwdbwd_ms", "fwd_ms_b2b",
+keys = ("n", "mixing", "causal", "lanes", "bwd_merge", "fwd_ms", "fwdbwd_ms", "fwd_ms_b2b",
         "fwdbwd_ms_b2b", "fwd_host_ms", "fwdbwd_host_ms", "fwdbwd_mem_vs_io", "vs_first_err",
         "graph_fwd_ms", "graph_fwdbwd_ms", "graph_fwd_err", "graph_fwdbwd_err")
 for path in sys.argv[1:]:
@@ -120,19 +116,6 @@ spanning)
         -m experiments.distributed_bench --part weak --weak-n 16384 --graphs \
         --spanning-lanes no yes --out "$out" >"$out/spanning.log" 2>&1
     summary=$(grep -h "^| 16384 | 2 " "$out/distributed_weak.md" | cut -d'|' -f5-7,9,21-)
-    ;;
-priority)
-    for backward in "" "--backward"; do
-        # shellcheck disable=SC2086
-        python -m experiments.kernel_timeline --n 131072 --mixing head_groups $backward \
-            --calls 5 --lane-priority 0 -1 --main-last no yes \
-            --out "$out/timeline${backward:+_fwdbwd}" >"$out/timeline${backward:+_fwdbwd}.log" 2>&1
-    done
-    python -m experiments.overheads --n 131072 32768 --mixing head_groups --causal --split 8 \
-        --lane-priority -1 0 -1 0 --main-last yes no --steady --repeats 10 \
-        --out "$out/overheads_causal" >"$out/overheads_causal.log" 2>&1
-    summary="$(grep -h "^## \|GPU busy" "$out"/timeline*/kernel_timeline.md | cut -c1-110)
-$(brief "$out/overheads_causal/overheads.json")"
     ;;
 weak)
     NCCL_NVLS_ENABLE=0 timeout 560 torchrun --standalone --nproc_per_node=2 \

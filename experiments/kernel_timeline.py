@@ -2,7 +2,7 @@
 GPU time and the idle gap before it.
 
     python -m experiments.kernel_timeline --n 131072 --mixing head_groups [--causal] [--out DIR]
-        [--lanes never forward] [--lane-priority 0 -1] [--main-last yes no]
+        [--lanes never forward]
 
 ``experiments.profile_core`` sums the time per kernel *name*; every FA4 block call shares one
 name, so it cannot say which config's call is slow. This lists the kernels of the last of
@@ -16,7 +16,6 @@ difference is the idle time between calls. Writes ``kernel_timeline.md`` under `
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import tempfile
 from pathlib import Path
@@ -65,8 +64,7 @@ def timeline(
     )
     last = kernels[-(len(kernels) // calls) :]  # every call launches the same kernels
     rows = [
-        f"## n={n} {mixing} causal={causal} lanes={lanes.MODE} priority={lanes.PRIORITY} "
-        f"main_last={lanes.MAIN_LAST}: the last of {calls} "
+        f"## n={n} {mixing} causal={causal} lanes={lanes.MODE}: the last of {calls} "
         f"{'forwards+backwards' if backward else 'forwards'} back to back",
         "",
         "| # | kernel | grid (CTAs) | µs | gap before µs |",
@@ -119,21 +117,6 @@ def main(argv: list[str] | None = None) -> None:
         help="ringattn.lanes.MODE for each timeline in turn (concurrent kernels overlap: their "
         "gaps go negative)",
     )
-    p.add_argument(
-        "--lane-priority",
-        type=int,
-        nargs="+",
-        default=[lanes.PRIORITY],
-        help="ringattn.lanes.PRIORITY (the side lanes' stream priority) for each timeline in turn",
-    )
-    p.add_argument(
-        "--main-last",
-        nargs="+",
-        choices=["yes", "no"],
-        default=["yes" if lanes.MAIN_LAST else "no"],
-        help="ringattn.lanes.MAIN_LAST (the caller's stream's blocks issued last) for each "
-        "timeline in turn",
-    )
     p.add_argument("--out", type=Path, default=Path("results") / "kernel_timeline")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -143,11 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     for n in args.n:
         for mixing in args.mixing:
             for causal in causals:
-                for mode, priority, main_last in itertools.product(
-                    args.lanes, args.lane_priority, args.main_last
-                ):
-                    lanes.MODE, lanes.PRIORITY = mode, priority
-                    lanes.MAIN_LAST = main_last == "yes"
+                for mode in args.lanes:
+                    lanes.MODE = mode
                     text += timeline(
                         n, mixing, causal, args.calls, args.heads, args.dim, args.backward
                     )

@@ -7,9 +7,7 @@ For each ``n``, mixing, ``ringattn.pattern.BLOCK_SPLIT`` value and A/B choice (`
 cuDNN writes placed blocks into their rows or torch's op and a copy; ``--fill``: head_groups zeroes
 only the pairs no block writes, or the whole tensor; ``--lanes``: when a disjoint plan's configs
 run on concurrent CUDA streams, ``ringattn.lanes.MODE``; ``--lane-count``: how many streams,
-``ringattn.lanes.LANES``; ``--lane-priority`` / ``--main-last``: the side lanes' stream
-priority and whether the caller's stream's blocks are issued last, ``ringattn.lanes.PRIORITY`` /
-``MAIN_LAST``; ``--fuse``: lse launches a config's
+``ringattn.lanes.LANES``; ``--fuse``: lse launches a config's
 offsets as runs, ``ringattn.launches.FUSE_OFFSETS``; ``--add``: lse adds gradients with the Triton
 kernel or torch's ``add_``; ``--compile``: the module eager or ``compile=True``; ``--backward``:
 ``sdpa``'s backward through FlashAttention-4 where installed, or torch's kernels; ``--forward``:
@@ -240,8 +238,6 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 args.forward,
                 args.replay,
                 args.bwd_merge,
-                args.lane_priority,
-                args.main_last,
             )
         )
         first_results = None  # every choice must compute what the first one did
@@ -259,15 +255,12 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 forward,
                 replay,
                 bwd_merge,
-                lane_priority,
-                main_last,
             ) = choice
             pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
             SDPAComputer.in_place = in_place == "yes"
             core.zeros_for = FILLS[fill]
             lanes.MODE = lane_mode
             lanes.LANES = int(lane_count)
-            lanes.PRIORITY, lanes.MAIN_LAST = int(lane_priority), main_last == "yes"
             launches.FUSE_OFFSETS = fuse == "yes"
             add_kernel.add_rows_ = ADDS[add]
             SDPAComputer.cuda_backward = backward
@@ -295,8 +288,6 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "fill": fill,
                     "lanes": lane_mode,
                     "lane_count": int(lane_count),
-                    "lane_priority": int(lane_priority),
-                    "main_last": main_last,
                     "fuse": fuse,
                     "add": add,
                     "compile": compiled,
@@ -317,8 +308,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             del results
             if args.trace:
                 key = f"n={n} {mixing} split={split} in_place={in_place} fill={fill}"
-                key += f" lanes={lane_mode}x{lane_count}/{lane_priority}/{main_last}"
-                key += f" fuse={fuse} add={add} compile={compiled}"
+                key += f" lanes={lane_mode}x{lane_count} fuse={fuse} add={add} compile={compiled}"
                 key += f" backward={backward} forward={forward} replay={replay}"
                 traces[key] = traced_calls(fwd, unit) + traced_calls(fwdbwd, unit)
                 for call in ("forward", "backward"):
@@ -371,14 +361,6 @@ def main(argv: list[str] | None = None) -> None:
         "--lane-count": (
             [str(lanes.LANES), *(c for c in ("2", "3", "4") if c != str(lanes.LANES))],
             "how many streams those lanes are (ringattn.lanes.LANES)",
-        ),
-        "--lane-priority": (
-            [str(lanes.PRIORITY), *(c for c in ("0", "-1", "-2") if c != str(lanes.PRIORITY))],
-            "the side lanes' CUDA stream priority, lower is higher (ringattn.lanes.PRIORITY)",
-        ),
-        "--main-last": (
-            ["yes", "no"] if lanes.MAIN_LAST else ["no", "yes"],
-            "the caller's stream's blocks issued after the side lanes' (ringattn.lanes.MAIN_LAST)",
         ),
         "--fuse": (
             ["yes", "no"] if launches.FUSE_OFFSETS else ["no", "yes"],
@@ -436,7 +418,6 @@ def main(argv: list[str] | None = None) -> None:
         launches.FUSE_OFFSETS,
     )
     default_merge = SDPAComputer.fa4_backward_merge
-    default_priority, default_main_last = lanes.PRIORITY, lanes.MAIN_LAST
     try:
         for n in args.n:
             rows += probe(n, args, traces)
@@ -453,7 +434,6 @@ def main(argv: list[str] | None = None) -> None:
         SDPAComputer.cuda_forward = CUDA_FORWARDS[0]
         fa4.REPLAY = True
         SDPAComputer.fa4_backward_merge = default_merge
-        lanes.PRIORITY, lanes.MAIN_LAST = default_priority, default_main_last
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overheads.json").write_text(json.dumps({"rows": rows, "traces": traces}))
     columns = [c for c in dict.fromkeys(c for row in rows for c in row) if c != "ceiling_calls"]

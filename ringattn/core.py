@@ -142,13 +142,12 @@ def for_each_block(
 ):
     """``run(i)`` for blocks ``first..``; a disjoint plan's configs on concurrent streams where
     :class:`ringattn.lanes.Lanes` allows (blocks whose segments stay on this device, unless
-    ``lanes.SPANNING``), issued in :meth:`~ringattn.lanes.Lanes.issue`'s order (the side lanes'
-    blocks first); ``backward``: the call is a backward (``lanes.MODE = "forward"``)."""
+    ``lanes.SPANNING``); ``backward``: the call is a backward (``lanes.MODE = "forward"``)."""
     blocks = spec.plan.blocks
     with Lanes(device, spec.plan.disjoint, backward) as fan:
-        configs = [(i, blocks[i].job.config) for i in range(first, len(blocks))]
-        for i, lane in fan.issue((i, c, spec.spans[c] == 1) for i, c in configs):
-            with lane:
+        for i in range(first, len(blocks)):
+            config = blocks[i].job.config
+            with fan.lane(config, i, local=spec.spans[config] == 1):
                 run(i)
 
 

@@ -8,14 +8,11 @@ the ``r = 16`` config of issue 5's shape is 192 query tiles on 132 SMs, and runs
 of the ``r = 1`` one). On lanes, the small configs fill the SMs the large one leaves idle.
 
 Config 0's blocks (``r = 1`` in issue 5's shape, the largest) run on the caller's stream; the
-other blocks share the side lanes round-robin (:func:`lane_of`), on streams of a higher priority
-(:data:`PRIORITY`), and are issued first (:data:`MAIN_LAST`): the small configs' tiles start
-before the large config's remaining ones, and the large config's short tiles fill the tail.
-Each side lane waits for the caller's stream where the fan-out starts and the caller's stream
-waits for every side lane where it ends, so the call is ordered like a one-stream call for
-everything around it (the caching allocator included: tensors made before the fan-out are freed
-after the join; a lane's own temporaries are made and freed on that lane). CUDA-graph capture
-records the fork and the join.
+other blocks share the side lanes round-robin (:func:`lane_of`). Each side lane
+waits for the caller's stream where the fan-out starts and the caller's stream waits for every side
+lane where it ends, so the call is ordered like a one-stream call for everything around it (the
+caching allocator included: tensors made before the fan-out are freed after the join; a lane's own
+temporaries are made and freed on that lane). CUDA-graph capture records the fork and the join.
 
 :data:`MODE` decides when (:func:`wanted`), and lanes are only ever used where nothing else
 orders the blocks: on CUDA, for disjoint plans, not while tracing (Inductor would
@@ -26,7 +23,6 @@ block whose segments span ranks issues collectives, which every rank must issue 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -53,18 +49,6 @@ MODES = ("capture", "forward", "always", "never")
 # 0.254 off in two runs: the runs' own spread (the 2-GPU replays move ~10% between runs, the
 # 1-GPU ones 1%), no gain to show, hence off.
 SPANNING = False
-# the side lanes' CUDA stream priority (lower is higher; the caller's stream is usually 0). Above
-# the caller's, the GPU hands an SM that frees up to a side lane's pending CTAs before config 0's:
-# the small configs (few query tiles, a last wave of a few uneven causal tiles) then run among the
-# large config's tiles instead of after them, and the large config's short tiles fill the call's
-# tail. At the caller's own priority (0) the kernels start in the order they were issued, and the
-# last small config ran by itself at the end (h200_perf.md step 30's timelines).
-PRIORITY = -1
-# whether the caller's stream's blocks (config 0, and blocks kept off the lanes) are issued after
-# the side lanes' (the plan's order among each): then the large config is the last kernel to
-# start even where priorities are ignored, and its first tiles wait the host time of the side
-# launches no longer than at its place in the plan's order.
-MAIN_LAST = True
 
 
 def wanted(mode: str, capturing: bool, backward: bool) -> bool:
@@ -90,8 +74,8 @@ class _Fan:
     while ``Stream.wait_stream`` made a new event per wait (with ``torch.cuda.stream``'s context,
     ~70 µs of Python per forward, h200_perf.md step 28)."""
 
-    def __init__(self, device: torch.device, count: int, priority: int) -> None:
-        self.sides = [torch.cuda.Stream(device, priority=priority) for _ in range(count)]
+    def __init__(self, device: torch.device, count: int) -> None:
+        self.sides = [torch.cuda.Stream(device) for _ in range(count)]
         self.fork = torch.cuda.Event()
         self.joins = [torch.cuda.Event() for _ in range(count)]
 
@@ -102,10 +86,9 @@ _fans = threading.local()
 
 def _fan(device: torch.device, count: int) -> _Fan:
     fans = _fans.__dict__.setdefault("by_device", {})
-    key = (device, PRIORITY)
-    fan = fans.get(key)
+    fan = fans.get(device)
     if fan is None or len(fan.sides) < count:
-        fan = fans[key] = _Fan(device, count, PRIORITY)
+        fan = fans[device] = _Fan(device, count)
     return fan
 
 
@@ -151,17 +134,6 @@ class Lanes:
     def lane(self, config: int, block: int, local: bool = True) -> AbstractContextManager:
         lane = lane_of(config, block, LANES) if self.enabled and (local or SPANNING) else 0
         return _STAY if lane == 0 else self.switches[lane - 1]
-
-    def issue(
-        self, blocks: Iterable[tuple[int, int, bool]]
-    ) -> Iterable[tuple[int, AbstractContextManager]]:
-        """``(block, the context that runs it on its lane)`` for ``(block, config, local)`` in the
-        order to issue them: the given one, or with :data:`MAIN_LAST` the side lanes' blocks first
-        (every rank orders one plan alike, so spanning blocks keep one order across ranks)."""
-        placed = [(i, self.lane(config, i, local)) for i, config, local in blocks]
-        if self.enabled and MAIN_LAST:
-            placed.sort(key=lambda block: block[1] is _STAY)  # stable: the plan's order within
-        return placed
 
     def __enter__(self) -> Lanes:
         if self.enabled:

@@ -78,13 +78,7 @@ def _fake_fan(monkeypatch: pytest.MonkeyPatch, mode: str = "always") -> tuple[la
     names = iter(f"side {i}" for i in range(1, 100))
     events = iter(["fork", *(f"join {i}" for i in range(1, 100))])
     monkeypatch.setattr(lanes, "MODE", mode)
-
-    def stream(device: torch.device, priority: int = 0) -> _Recorder:
-        side = _Recorder(next(names), log)
-        side.priority = priority  # type: ignore[attr-defined]
-        return side
-
-    monkeypatch.setattr(lanes.torch.cuda, "Stream", stream)
+    monkeypatch.setattr(lanes.torch.cuda, "Stream", lambda device: _Recorder(next(names), log))
     monkeypatch.setattr(lanes.torch.cuda, "Event", lambda: _Recorder(next(events), log))
     monkeypatch.setattr(lanes.torch.cuda, "current_stream", lambda device: _Recorder("main", log))
     monkeypatch.setattr(lanes.torch.cuda, "is_current_stream_capturing", lambda: False)
@@ -151,53 +145,3 @@ def test_a_disabled_fan_issues_nothing(monkeypatch: pytest.MonkeyPatch, why: str
     with fan, fan.lane(config=3, block=4):
         pass
     assert not fan.enabled and log == [] and switches == []
-
-
-@pytest.mark.parametrize("priority", [0, -1])
-def test_side_lanes_are_made_at_the_asked_priority(
-    monkeypatch: pytest.MonkeyPatch, priority: int
-) -> None:
-    monkeypatch.setattr(lanes, "PRIORITY", priority)
-    fan, _ = _fake_fan(monkeypatch)
-    assert {switch.stream.priority for switch in fan.switches} == {priority}
-    monkeypatch.setattr(lanes, "PRIORITY", priority - 1)  # a change makes new lanes
-    again = lanes.Lanes(torch.device("cuda", 0), enabled=True)
-    assert {switch.stream.priority for switch in again.switches} == {priority - 1}
-
-
-@given(
-    configs=st.lists(st.integers(0, 4), min_size=1, max_size=12).map(sorted),
-    spans=st.lists(st.integers(1, 2), min_size=5, max_size=5),
-    main_last=st.booleans(),
-    spanning=st.booleans(),
-)
-def test_issue_order_puts_the_side_lanes_first_and_keeps_the_plans_order_within(
-    configs: list[int], spans: list[int], main_last: bool, spanning: bool
-) -> None:
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setattr(lanes, "MAIN_LAST", main_last)
-        monkeypatch.setattr(lanes, "SPANNING", spanning)
-        monkeypatch.setattr(lanes.torch.cuda, "set_stream", lambda stream: None)
-        fan, _ = _fake_fan(monkeypatch)
-        blocks = [(i, config, spans[config] == 1) for i, config in enumerate(configs)]
-        issued = list(fan.issue(blocks))
-        for i, lane in issued:  # each on the lane that fan.lane gives it
-            assert lane is fan.lane(configs[i], i, spans[configs[i]] == 1)
-    order = [i for i, _ in issued]
-    assert sorted(order) == list(range(len(configs)))  # each block once
-    on_main = [lane is lanes._STAY for _, lane in issued]
-    if main_last:
-        assert on_main == sorted(on_main)  # no side block after a caller's stream block
-        for side in (True, False):  # the plan's order within each
-            within = [i for (i, _), main in zip(issued, on_main, strict=True) if main == side]
-            assert within == sorted(within)
-    else:
-        assert order == list(range(len(configs)))
-
-
-def test_a_disabled_fan_issues_in_the_plans_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    fan = lanes.Lanes(torch.device("cpu"), enabled=True)
-    assert not fan.enabled
-    issued = list(fan.issue([(0, 0, True), (1, 3, True), (2, 1, False)]))
-    assert [i for i, _ in issued] == [0, 1, 2]
-    assert all(lane is lanes._STAY for _, lane in issued)
