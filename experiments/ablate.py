@@ -552,6 +552,22 @@ def median_ms(
     return statistics.median(times)
 
 
+def settle(fn: Callable[[], object], device: torch.device, seconds: float, batch: int = 8) -> int:
+    """Calls ``fn`` back to back for about ``seconds`` (synchronizing every ``batch`` calls, so
+    the host never queues more than that ahead of the GPU) and returns how many ran: the GPU's
+    clocks and power then stand where ``fn``'s own sustained load puts them, whatever ran before
+    it. An H200 runs a long dense SDPA call at its power cap from the first call, while a short
+    burst of a lighter call runs above it (h200_perf.md step 30)."""
+    calls = 0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        for _ in range(batch):
+            fn()
+        calls += batch
+        _sync(device)
+    return calls
+
+
 def queued_host_ms(
     fn: Callable[[], object], calls: int, sleep_cycles: int = 1_000_000_000
 ) -> float:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import ringattn
-from experiments.ablate import dict_rows_to_markdown, median_ms, rel_err
+from experiments.ablate import dict_rows_to_markdown, median_ms, rel_err, settle
 from ringattn import reference
 from ringattn.computers.sdpa import CUDA_FORWARDS, SDPAComputer
 from ringattn.flops import dense_flops, useful_flops
@@ -165,12 +165,21 @@ def time_and_memory(
     repeats: int,
     backward: bool = True,
     b2b_calls: int = 0,
+    settle_s: float = 0.0,
 ) -> dict:
     """Median ms and peak memory of ``fwd`` (and ``fwdbwd``), relative to the tensors the call
     cannot avoid: ``(q, k, v, out)``, and their gradients with the backward. ``unit``: bytes of one
     ``[b, n, h, d]`` tensor. ``b2b_calls > 0`` also times that many calls issued back to back
     (``_ms_b2b``: the host prepares a call while the GPU runs the previous one, as a model issues
-    its layers), where single calls also count the host's latency before the first kernel."""
+    its layers), where single calls also count the host's latency before the first kernel.
+    ``settle_s > 0``: each timing starts after that many seconds of its own call back to back
+    (:func:`experiments.ablate.settle`), so it runs at the clocks its own sustained load sets."""
+
+    def timed(fn, warmup: int, calls: int = 1) -> float:
+        if settle_s > 0:
+            settle(fn, device, settle_s)
+        return median_ms(fn, device, warmup, repeats, calls=calls)
+
     t0 = time.time()
     fwd()  # compile / autotune / warm caches outside the timing
     if backward:
@@ -179,7 +188,7 @@ def time_and_memory(
     # q, k, v (and dout) exist before the call; the rest is what the call adds
     fwd_extra = peak_extra_bytes(fwd, device)
     stats = {
-        "fwd_ms": median_ms(fwd, device, warmup, repeats),
+        "fwd_ms": timed(fwd, warmup),
         "fwdbwd_ms": None,
         "fwd_mem_vs_io": (3 * unit + fwd_extra) / (4 * unit),
         "fwdbwd_mem_vs_io": None,
@@ -187,12 +196,12 @@ def time_and_memory(
     }
     if backward:
         fb_extra = peak_extra_bytes(fwdbwd, device)
-        stats["fwdbwd_ms"] = median_ms(fwdbwd, device, warmup, repeats)
+        stats["fwdbwd_ms"] = timed(fwdbwd, warmup)
         stats["fwdbwd_mem_vs_io"] = (4 * unit + fb_extra) / (8 * unit)
     if b2b_calls:
-        stats["fwd_ms_b2b"] = median_ms(fwd, device, 0, repeats, calls=b2b_calls)
+        stats["fwd_ms_b2b"] = timed(fwd, 0, b2b_calls)
         if backward:
-            stats["fwdbwd_ms_b2b"] = median_ms(fwdbwd, device, 0, repeats, calls=b2b_calls)
+            stats["fwdbwd_ms_b2b"] = timed(fwdbwd, 0, b2b_calls)
     return stats
 
 
@@ -324,6 +333,7 @@ def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dic
             args.repeats,
             n < args.fwd_only_from,
             args.b2b_calls,
+            args.settle,
         )
         fb_ms = stats["fwdbwd_ms"]
         rows.append(
@@ -355,8 +365,12 @@ def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dic
             xs = [x.detach().requires_grad_() for x in (qd, kd, vd)]
             F.scaled_dot_product_attention(*xs, is_causal=causal).backward(dd)
 
-        f_ms = median_ms(dense_fwd, device, args.warmup, args.repeats)
-        fb_ms = median_ms(dense_fb, device, args.warmup, args.repeats)
+        def dense_ms(fn) -> float:  # timed as the module's rows are (--settle)
+            if args.settle > 0:
+                settle(fn, device, args.settle)
+            return median_ms(fn, device, args.warmup, args.repeats)
+
+        f_ms, fb_ms = dense_ms(dense_fwd), dense_ms(dense_fb)
         dense_cache[key] = (
             dense_flops(b, dense_n, h, d, causal) / f_ms / 1e9,
             dense_flops(b, dense_n, h, d, causal, backward=True) / fb_ms / 1e9,
@@ -534,6 +548,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=5,
         help="also time this many calls issued back to back (0: only single calls)",
     )
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="seconds of each call back to back before each of its timings, dense SDPA's too: "
+        "every row timed at the clocks its own sustained load sets, not after whatever ran "
+        "before it (0: the warm-up calls only)",
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path("results") / "bench")
@@ -575,6 +597,7 @@ def main(argv: list[str] | None = None) -> None:
         "flash_attn_4": _version("flash-attn-4") if fa4.installed() else None,
         "sdpa_backward": SDPAComputer.cuda_backward,
         "sdpa_forward": SDPAComputer.cuda_forward,
+        "settle_s": args.settle,
         "command": "python -m experiments.bench "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "shape": {"b": 1, "h": args.heads, "d": args.dim, "dtype": str(args.dtype)},

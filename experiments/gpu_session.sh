@@ -9,6 +9,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh tiles    # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh lanes    # ~5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh parts    # ~5 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh settle "0 3" # ~4 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #
@@ -24,7 +25,8 @@
 #   always, two turns each; step 29, after step 27's runs of the heavier lanes), then replayed
 #   from CUDA graphs with lanes or not (capture vs never); parts: both mixings with FA4's placed
 #   backward in parts twice the plan's against the plan's (overheads --bwd-merge 2 1, two
-#   turns); spanning (on nvidia-h200-x2): 2-GPU weak scaling at 16K per GPU replayed from
+#   turns); settle: the bench at 131K once per --settle value given (seconds of each call back to
+#   back before each of its timings; default "0 3"); spanning (on nvidia-h200-x2): 2-GPU weak scaling at 16K per GPU replayed from
 #   CUDA graphs, the spanning config's blocks on the caller's stream or on lanes
 #   (ringattn.lanes.SPANNING no vs yes; run in step 28: no gain beyond the runs' spread, so
 #   SPANNING stays off); weak (on nvidia-h200-x2): the 2-GPU oracle check and eager weak scaling
@@ -32,7 +34,7 @@
 #   checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|spanning|weak}
+part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -116,6 +118,19 @@ spanning)
         -m experiments.distributed_bench --part weak --weak-n 16384 --graphs \
         --spanning-lanes no yes --out "$out" >"$out/spanning.log" 2>&1
     summary=$(grep -h "^| 16384 | 2 " "$out/distributed_weak.md" | cut -d'|' -f5-7,9,21-)
+    ;;
+settle)
+    i=0
+    for seconds in ${2:-0 3}; do
+        i=$((i + 1))
+        "${bench[@]}" --n 131072 --repeats 10 --warmup 3 --check-n 0 --no-torch-row \
+            --settle "$seconds" --out "$out/bench_${i}_settle$seconds" \
+            >"$out/bench_${i}_settle$seconds.log" 2>&1
+    done
+    summary=$(for log in "$out"/bench_*.log; do
+        echo "$log"
+        grep -h "segment_local/sdpa |\|dense SDPA" "$log" | cut -d'|' -f3-4,7-14
+    done)
     ;;
 weak)
     NCCL_NVLS_ENABLE=0 timeout 560 torchrun --standalone --nproc_per_node=2 \

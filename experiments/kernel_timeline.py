@@ -9,7 +9,8 @@ name, so it cannot say which config's call is slow. This lists the kernels of th
 ``--calls`` forward calls issued back to back (eager, no grad, issue 5's configs; with
 ``--backward`` forward+backward calls, and a per-kernel-name summary): per launch the
 grid (how many CTAs: a call of few CTAs leaves SMs idle), the µs, and the µs of GPU idle before
-it (host-bound stretches); then the GPU's busy time over all calls against their span, whose
+it (host-bound stretches; from the latest end of the kernels before it, so negative where it
+started while one still ran); then the GPU's busy time over all calls against their span, whose
 difference is the idle time between calls. Writes ``kernel_timeline.md`` under ``--out``.
 """
 
@@ -28,6 +29,21 @@ from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
 from ringattn import lanes
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def busy_and_span(kernels: list[dict]) -> tuple[list[float | None], float, float]:
+    """For kernels sorted by start (``ts``, ``dur`` in µs): each one's gap before it (its start
+    less the latest end of the kernels before it, None for the first: negative where it started
+    while an earlier one still ran), their summed time, and their span from the first start to
+    the latest end (concurrent kernels may end before one that started earlier)."""
+    gaps: list[float | None] = []
+    busy_until = None
+    for e in kernels:
+        gaps.append(None if busy_until is None else e["ts"] - busy_until)
+        end = e["ts"] + e["dur"]
+        busy_until = end if busy_until is None else max(busy_until, end)
+    busy = sum(e["dur"] for e in kernels)
+    return gaps, busy, (busy_until - kernels[0]["ts"]) if kernels else 0.0
 
 
 def timeline(
@@ -70,16 +86,12 @@ def timeline(
         "| # | kernel | grid (CTAs) | µs | gap before µs |",
         "|---|---|---|---|---|",
     ]
-    previous_end = None
-    busy = 0.0
-    for i, e in enumerate(last):
+    gaps, busy, span = busy_and_span(last)
+    for i, (e, gap) in enumerate(zip(last, gaps, strict=True)):
         grid = e.get("args", {}).get("grid")
         ctas = f"{grid} ({grid[0] * grid[1] * grid[2]})" if grid else ""
-        gap = "" if previous_end is None else f"{e['ts'] - previous_end:.1f}"
-        rows.append(f"| {i} | {e['name'][:60]} | {ctas} | {e['dur']:.1f} | {gap} |")
-        busy += e["dur"]
-        previous_end = e["ts"] + e["dur"]
-    span = previous_end - last[0]["ts"]
+        gap_text = "" if gap is None else f"{gap:.1f}"
+        rows.append(f"| {i} | {e['name'][:60]} | {ctas} | {e['dur']:.1f} | {gap_text} |")
     per_name: dict[str, list[float]] = {}
     for e in last:
         per_name.setdefault(e["name"][:60], []).append(e["dur"])
@@ -88,8 +100,7 @@ def timeline(
         rows.append(
             f"| {name} | {len(durations)} | {sum(durations):.0f} | {sum(durations) / busy:.1%} |"
         )
-    all_busy = sum(e["dur"] for e in kernels)
-    all_span = kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"]
+    _, all_busy, all_span = busy_and_span(kernels)
     rows += [
         "",
         f"GPU busy {busy:.0f} of {span:.0f} µs over this call's {len(last)} kernels; "
