@@ -10,8 +10,10 @@ and ``lse``, causal, issue 5's shape; 20 calls back to back, median of 5) rested
 can. Prints a table last; writes ``clock_probe.json`` under ``--out``.
 
 H200 (h200_perf.md step 29): right after dense SDPA the 131K ``head_groups`` forward took 14%
-longer than rested (``lse`` 2%); a bench that rested 5 s after dense SDPA's timing was no faster,
-so this does not explain the bench's gap to the timelines.
+longer than rested (``lse`` 2%); a bench that rested 5 s after dense SDPA's timing was no faster.
+Step 30 (``bench --settle``) explains both: a rested GPU runs a short burst of the module above
+its power cap, so the timelines' rested calls are the fastest; after seconds of its own calls the
+module is 5-15% slower at 131K, while dense SDPA is capped from its first call.
 """
 
 from __future__ import annotations
