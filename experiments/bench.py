@@ -560,6 +560,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path("results") / "bench")
     args = p.parse_args(argv)
+    if args.settle < 0:
+        p.error(f"--settle must be >= 0 seconds, got {args.settle}")
     args.lengths, args.rates = tuple(args.lengths), tuple(args.rates)
     args.dtype = getattr(torch, args.dtype)
     try:  # the library's own validation, as a one-line error

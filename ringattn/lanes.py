@@ -5,7 +5,11 @@ gradients, so nothing orders one config's kernel after another's. Issued on one 
 run one after the other, and each leaves the GPU partly idle twice: in its last wave, and
 throughout when it is small (a config with a high dilation rate has few segments: at 131K tokens
 the ``r = 16`` config of issue 5's shape is 192 query tiles on 132 SMs, and runs at half the rate
-of the ``r = 1`` one). On lanes, the small configs fill the SMs the large one leaves idle.
+of the ``r = 1`` one). On lanes, each config's kernel starts in the last wave of the one before
+it instead of after it. Not more than that: the GPU hands out CTAs in the order the kernels were
+issued, so the kernels still run almost one after another (131K timelines: each starts 8–30 µs
+before the previous ends, h200_perf.md steps 29–30), and side lanes of a higher stream priority
+only change that order, not the packing (step 30: tried, no gain, reverted).
 
 Config 0's blocks (``r = 1`` in issue 5's shape, the largest) run on the caller's stream; the
 other blocks share the side lanes round-robin (:func:`lane_of`). Each side lane

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from experiments import ablate
+from experiments import ablate, bench
 from experiments.kernel_timeline import busy_and_span
 
 
@@ -39,3 +40,10 @@ def test_settle_calls_for_about_the_asked_time() -> None:
     ran = ablate.settle(lambda: calls.append(1), torch.device("cpu"), 0.05, batch=4)
     assert ran == len(calls) > 0 and ran % 4 == 0
     assert ablate.settle(lambda: calls.append(1), torch.device("cpu"), 0.0) == 0
+
+
+def test_bench_refuses_a_negative_settle_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        bench.parse(["--settle", "-1"])
+    assert "--settle must be >= 0" in capsys.readouterr().err
+    assert bench.parse(["--settle", "2.5"]).settle == 2.5
