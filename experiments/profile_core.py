@@ -3,6 +3,7 @@
     python -m experiments.profile_core                       # 131K, both mixings, fwd+bwd
     python -m experiments.profile_core --forward --compile   # no-grad forward, eager vs compiled
     python -m experiments.profile_core --host --n 32768      # where the host's time per call goes
+    python -m experiments.profile_core --host --n 32768 --host-trace DIR  # and its timeline
     python -m experiments.profile_core --forward --causal    # which causal kernels take the time
 
 Prints torch.profiler's table per (mixing, variant), sorted by CUDA time: which kernels the core
@@ -43,6 +44,12 @@ def main(argv: list[str] | None = None) -> None:
         "--dump", default=None, help="with --host: also write each profile (pstats) to DIR/*.prof"
     )
     p.add_argument(
+        "--host-trace",
+        default=None,
+        help="with --host: also write a torch.profiler trace (CPU ops and Python calls on every "
+        "thread, the autograd engine's included) of the calls to DIR/*.json.gz",
+    )
+    p.add_argument(
         "--lanes", choices=lanes.MODES, default=lanes.MODE, help="ringattn.lanes.MODE for the run"
     )
     args = p.parse_args(argv)
@@ -65,6 +72,10 @@ def main(argv: list[str] | None = None) -> None:
                         name = f"{mixing}_{causality}_{what.replace('+', '_')}.prof"
                         dump = os.path.join(args.dump, name)
                     host_profile(call, title, args.calls, args.rows, dump)
+                    if args.host_trace:
+                        causality = "causal" if args.causal else "noncausal"
+                        name = f"{mixing}_{causality}_{what.replace('+', '_')}.json.gz"
+                        host_trace(call, args.calls, os.path.join(args.host_trace, name))
                 continue
             call = fwd if args.forward else fwdbwd
             for _ in range(3):
@@ -107,6 +118,22 @@ def host_profile(call, title: str, calls: int, rows: int, dump: str | None = Non
     if dump:  # the whole profile, for pstats' other views (callers, cumulative)
         os.makedirs(os.path.dirname(dump) or ".", exist_ok=True)
         profiler.dump_stats(dump)
+
+
+def host_trace(call, calls: int, path: str) -> None:
+    """A torch.profiler trace of ``calls`` calls issued behind a sleeping GPU (so the host never
+    waits for it): every thread's CPU ops and Python calls with their start and end, which
+    cProfile (the calling thread only, no timeline) cannot show; e.g. how long the backward's
+    thread takes to start and what it waits for."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        for _ in range(calls):
+            call()
+    torch.cuda.synchronize()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    prof.export_chrome_trace(path)
+    print(f"=== host trace: {path}", flush=True)
 
 
 if __name__ == "__main__":
