@@ -524,12 +524,20 @@ def _sync(device: torch.device) -> None:
 
 
 def median_ms(
-    fn: Callable[[], object], device: torch.device, warmup: int, repeats: int, calls: int = 1
+    fn: Callable[[], object],
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    calls: int = 1,
+    settle_s: float = 0.0,
 ) -> float:
     """Median over ``repeats`` of the ms per call of ``fn``, CUDA events on a GPU. ``calls > 1``
     times that many calls back to back between one pair of events (no sync between them), so the
     host's work for one call overlaps the GPU's for the previous one, as in a model's steady state;
-    ``calls = 1`` syncs first, and so also counts the host's latency before the first kernel."""
+    ``calls = 1`` syncs first, and so also counts the host's latency before the first kernel.
+    ``settle_s > 0``: first that many seconds of ``fn`` back to back (:func:`settle`)."""
+    if settle_s > 0:
+        settle(fn, device, settle_s)
     for _ in range(warmup):
         fn()
     times = []

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import ringattn
-from experiments.ablate import dict_rows_to_markdown, median_ms, rel_err, settle
+from experiments.ablate import dict_rows_to_markdown, median_ms, rel_err
 from ringattn import reference
 from ringattn.computers.sdpa import CUDA_FORWARDS, SDPAComputer
 from ringattn.flops import dense_flops, useful_flops
@@ -176,9 +176,7 @@ def time_and_memory(
     (:func:`experiments.ablate.settle`), so it runs at the clocks its own sustained load sets."""
 
     def timed(fn, warmup: int, calls: int = 1) -> float:
-        if settle_s > 0:
-            settle(fn, device, settle_s)
-        return median_ms(fn, device, warmup, repeats, calls=calls)
+        return median_ms(fn, device, warmup, repeats, calls, settle_s)
 
     t0 = time.time()
     fwd()  # compile / autotune / warm caches outside the timing
@@ -365,12 +363,11 @@ def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dic
             xs = [x.detach().requires_grad_() for x in (qd, kd, vd)]
             F.scaled_dot_product_attention(*xs, is_causal=causal).backward(dd)
 
-        def dense_ms(fn) -> float:  # timed as the module's rows are (--settle)
-            if args.settle > 0:
-                settle(fn, device, args.settle)
-            return median_ms(fn, device, args.warmup, args.repeats)
-
-        f_ms, fb_ms = dense_ms(dense_fwd), dense_ms(dense_fb)
+        # timed as the module's rows are (--settle)
+        f_ms, fb_ms = (
+            median_ms(fn, device, args.warmup, args.repeats, settle_s=args.settle)
+            for fn in (dense_fwd, dense_fb)
+        )
         dense_cache[key] = (
             dense_flops(b, dense_n, h, d, causal) / f_ms / 1e9,
             dense_flops(b, dense_n, h, d, causal, backward=True) / fb_ms / 1e9,

@@ -13,26 +13,26 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #
-# record: the bench's record at 32K/131K and 1M (docs/benchmarks/h200_perf.md's first two
-#   commands); long: its 2M/4M command; checks: every local strategy against the oracle on the
-#   GPU, the fused FA4 kernels' probes (merge, add, zero), and the forward and forward+backward
-#   kernel timelines at 131K; host: where the host's time goes at 32K (host-bound): the host
-#   profile of a head_groups forward and forward+backward, and single / back-to-back times with
-#   the host's own time per call; tiles: both mixings' forward with FA4's causal forward tiles
-#   at the step-20 sweep's best causal configuration against FA4's default (fa4_probe --part
-#   config); lanes: head_groups at 32K and 131K with its configs on concurrent streams in eager
-#   forwards, or forwards and backwards, against one stream (ringattn.lanes.MODE never, forward,
-#   always, two turns each; step 29, after step 27's runs of the heavier lanes), then replayed
-#   from CUDA graphs with lanes or not (capture vs never); parts: both mixings with FA4's placed
-#   backward in parts twice the plan's against the plan's (overheads --bwd-merge 2 1, two
-#   turns); settle: the bench at 131K once per --settle value given (seconds of each call back to
-#   back before each of its timings; default "0 3"); spanning (on nvidia-h200-x2): 2-GPU weak scaling at 16K per GPU replayed from
-#   CUDA graphs, the spanning config's blocks on the caller's stream or on lanes
-#   (ringattn.lanes.SPANNING no vs yes; run in step 28: no gain beyond the runs' spread, so
-#   SPANNING stays off); weak (on nvidia-h200-x2): the 2-GPU oracle check and eager weak scaling
-#   at 16K and 64K per GPU (since step 29 eager calls put the local configs on lanes too: not yet
-#   checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
-#   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
+# record: the bench's record at 32K/131K and 1M (docs/benchmarks/h200_perf.md's first two commands);
+#   long: its 2M/4M command; checks: every local strategy against the oracle on the GPU, the fused
+#   FA4 kernels' probes (merge, add, zero), and the forward and forward+backward kernel timelines at
+#   131K; host: where the host's time goes at 32K (host-bound): the host profile of a head_groups
+#   forward and forward+backward, and single / back-to-back times with the host's own time per call;
+#   tiles: both mixings' forward with FA4's causal forward tiles at the step-20 sweep's best causal
+#   configuration against FA4's default (fa4_probe --part config); lanes: head_groups at 32K and
+#   131K with its configs on concurrent streams in eager forwards, or forwards and backwards,
+#   against one stream (ringattn.lanes.MODE never, forward, always, two turns each; step 29, after
+#   step 27's runs of the heavier lanes), then replayed from CUDA graphs with lanes or not (capture
+#   vs never); parts: both mixings with FA4's placed backward in parts twice the plan's against the
+#   plan's (overheads --bwd-merge 2 1, two turns); settle: the bench at 131K once per --settle value
+#   given (seconds of each call back to back before each of its timings; default "0 3"); spanning
+#   (on nvidia-h200-x2): 2-GPU weak scaling at 16K per GPU replayed from CUDA graphs, the spanning
+#   config's blocks on the caller's stream or on lanes (ringattn.lanes.SPANNING no vs yes; run in
+#   step 28: no gain beyond the runs' spread, so SPANNING stays off); weak (on nvidia-h200-x2): the
+#   2-GPU oracle check and eager weak scaling at 16K and 64K per GPU (since step 29 eager calls put
+#   the local configs on lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/
+#   (one tarball, $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short
+#   summary last.
 set -uo pipefail
 part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|spanning|weak}
 out=${OUT:-results}/$part

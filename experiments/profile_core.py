@@ -66,16 +66,13 @@ def main(argv: list[str] | None = None) -> None:
             if args.host:
                 for what, call in (("forward", fwd), ("forward+backward", fwdbwd)):
                     title = f"n={args.n} {mixing} {what} lanes={args.lanes}"
-                    dump = None
-                    if args.dump:
-                        causality = "causal" if args.causal else "noncausal"
-                        name = f"{mixing}_{causality}_{what.replace('+', '_')}.prof"
-                        dump = os.path.join(args.dump, name)
+                    causality = "causal" if args.causal else "noncausal"
+                    stem = f"{mixing}_{causality}_{what.replace('+', '_')}"
+                    dump = os.path.join(args.dump, f"{stem}.prof") if args.dump else None
                     host_profile(call, title, args.calls, args.rows, dump)
                     if args.host_trace:
-                        causality = "causal" if args.causal else "noncausal"
-                        name = f"{mixing}_{causality}_{what.replace('+', '_')}.json.gz"
-                        host_trace(call, args.calls, os.path.join(args.host_trace, name))
+                        trace = os.path.join(args.host_trace, f"{stem}.json.gz")
+                        host_trace(call, args.calls, trace)
                 continue
             call = fwd if args.forward else fwdbwd
             for _ in range(3):
