@@ -44,6 +44,9 @@ two (what ``ringattn.lanes`` adds to an eager call; step 28: the stream makes no
 into the gradients with TMA reduce-add stores) against FA4's backward and the Triton add: the
 sums against each other, GPU ms of each, and the ``lse`` module's forward+backward with it on
 and off.
+``--part fill`` sweeps the backward's gradient fill kernel (``ringattn.kernels.unselected``) over
+its rows per program and warps (GPU ms, GB/s, host µs per launch, exactness) against torch's
+``zero_`` of the whole buffer.
 """
 
 from __future__ import annotations
@@ -641,6 +644,67 @@ def launch(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     return rows
 
 
+def fill(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+    """The backward's gradient fill (``ringattn.kernels.unselected``: the three gradients as one
+    ``[3, n, h, d]`` buffer, issue 5's head_groups selection) over the kernel's rows per program
+    and warps: GPU ms, the GB/s of zeros it writes, the host µs per launch (queued behind a
+    sleeping GPU), and whether it wrote exactly the unselected pairs; against torch's ``zero_`` of
+    the whole buffer."""
+    from ringattn import pattern
+    from ringattn.kernels import unselected
+
+    lengths, rates = (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16)
+    plan = pattern.make_plan(n, h, tuple(zip(lengths, rates)), "head_groups")
+    table = unselected.selection_table(plan.selection, device)
+    grads = torch.empty(3, n, h, d, device=device, dtype=torch.bfloat16)
+    rate, offset = (torch.tensor(x, device=device) for x in plan.selection)
+    chosen = (torch.arange(n, device=device)[:, None] % rate) == offset  # [n, h]
+    zero_bytes = int((~chosen).sum()) * 3 * d * grads.element_size()
+    default = unselected.ROWS_PER_PROGRAM, unselected.WARPS
+
+    def host_us(fn) -> float:
+        torch.cuda.synchronize()
+        torch.cuda._sleep(100_000_000)
+        t0 = time.perf_counter()
+        for _ in range(20):
+            fn()
+        took = (time.perf_counter() - t0) / 20 * 1e6
+        torch.cuda.synchronize()
+        return round(took, 1)
+
+    rows = []
+    try:
+        for per_program, warps in itertools.product((1, 2, 4, 8, 16, 32), (4, 8)):
+            unselected.ROWS_PER_PROGRAM, unselected.WARPS = per_program, warps
+            call = partial(unselected.zero_unselected_, grads, table)  # [3, n, h, d]: b = 3
+            grads.fill_(float("nan"))
+            call()
+            exact = bool((grads[:, ~chosen] == 0).all() and grads[:, chosen].isnan().all())
+            ms = _events_ms(call, 3, repeats)
+            rows.append(
+                {
+                    "fill": f"kernel rows={per_program} warps={warps}",
+                    "ms": round(ms, 4),
+                    "GB/s": round(zero_bytes / ms / 1e6),
+                    "host_us": host_us(call),
+                    "exact": exact,
+                }
+            )
+    finally:
+        unselected.ROWS_PER_PROGRAM, unselected.WARPS = default
+    ms = _events_ms(grads.zero_, 3, repeats)
+    rows.append(
+        {
+            "fill": "torch zero_ (all of it)",
+            "ms": round(ms, 4),
+            "GB/s": round(grads.numel() * grads.element_size() / ms / 1e6),
+            "host_us": host_us(grads.zero_),
+            "exact": True,
+        }
+    )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=131072)
@@ -660,6 +724,7 @@ def main(argv: list[str] | None = None) -> None:
             "zero",
             "config",
             "launch",
+            "fill",
         ],
         default="compare",
     )
@@ -677,6 +742,7 @@ def main(argv: list[str] | None = None) -> None:
             "zero": zero,
             "config": config,
             "launch": launch,
+            "fill": fill,
         }
         part = part[args.part]
         rows = part(args.n, h, d, args.repeats, device)

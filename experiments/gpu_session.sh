@@ -10,6 +10,9 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh lanes    # ~5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh parts    # ~5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh settle "0 3" # ~4 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh small    # ~2 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh fill     # ~2 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh pack     # ~3 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #
@@ -34,7 +37,7 @@
 #   (one tarball, $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short
 #   summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|spanning|weak}
+part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -42,7 +45,7 @@ bench=(python -m experiments.bench --computers sdpa --dilations segment_local --
 brief() { # overheads.json rows, a short line each: the A/B choices, ms, host ms, peaks, errors
     python - "$@" <<'PY'
 import json, sys
-keys = ("n", "mixing", "causal", "lanes", "bwd_merge", "fwd_ms", "fwdbwd_ms", "fwd_ms_b2b",
+keys = ("n", "mixing", "causal", "lanes", "fill", "zero", "pack_lse", "bwd_merge", "fwd_ms", "fwdbwd_ms", "fwd_ms_b2b",
         "fwdbwd_ms_b2b", "fwd_host_ms", "fwdbwd_host_ms", "fwdbwd_mem_vs_io", "vs_first_err",
         "graph_fwd_ms", "graph_fwdbwd_ms", "graph_fwd_err", "graph_fwdbwd_err")
 for path in sys.argv[1:]:
@@ -131,6 +134,47 @@ settle)
         echo "$log"
         grep -h "segment_local/sdpa |\|dense SDPA" "$log" | cut -d'|' -f3-4,7-14
     done)
+    ;;
+small)
+    # 32K, where head_groups' forward+backward stays at ~0.7x: is the GPU idle between kernels
+    # (host-bound) or busy with few CTAs? Timelines of both mixings (and head_groups' at 131K:
+    # where its fill goes)
+    python -m experiments.kernel_timeline --n 32768 --calls 10 --out "$out/timeline_fwd" \
+        >"$out/timeline_fwd.log" 2>&1
+    python -m experiments.kernel_timeline --n 32768 --backward --calls 5 \
+        --out "$out/timeline_fwdbwd" >"$out/timeline_fwdbwd.log" 2>&1
+    python -m experiments.kernel_timeline --n 131072 --mixing head_groups --causal no --backward \
+        --calls 5 --out "$out/timeline_fwdbwd_131k" >"$out/timeline_fwdbwd_131k.log" 2>&1
+    summary="$(grep -h "^## \|GPU busy\|_zero_unselected" "$out"/timeline_*/kernel_timeline.md |
+        cut -c1-150)"
+    ;;
+fill)
+    # the backward's gradient fill kernel over rows per program and warps, at 131K and 32K; then
+    # head_groups' 32K forward+backward timeline with the host's launch calls (where is the GPU
+    # waiting for the host?)
+    for n in 131072 32768; do
+        python -m experiments.fa4_probe --part fill --n "$n" --repeats 20 --out "$out/fill_$n" \
+            >"$out/fill_$n.log" 2>&1
+    done
+    python -m experiments.kernel_timeline --n 32768 --mixing head_groups --causal no --backward \
+        --calls 5 --host --out "$out/timeline_host" >"$out/timeline_host.log" 2>&1
+    summary="$(grep -h "^fill=" "$out"/fill_*.log)
+$(grep -h "GPU busy" "$out/timeline_host/kernel_timeline.md" | cut -c1-150)"
+    ;;
+pack)
+    # the backward's placed launches reading their LSE from one buffer gathered per call
+    # (ringattn.core.PACK_LSE) against a copy per launch: head_groups at 32K and 131K, causal or
+    # not, two turns; then head_groups' 32K forward+backward timeline with the host's calls
+    for causal in "" "--causal"; do
+        # shellcheck disable=SC2086
+        python -m experiments.overheads --n 32768 131072 --mixing head_groups $causal --split 8 \
+            --pack-lse yes no yes no --steady --repeats 10 --out "$out/pack${causal:+_causal}" \
+            >"$out/pack${causal:+_causal}.log" 2>&1
+    done
+    python -m experiments.kernel_timeline --n 32768 --mixing head_groups --causal no --backward \
+        --calls 5 --host --out "$out/timeline_host" >"$out/timeline_host.log" 2>&1
+    summary="$(brief "$out"/pack*/overheads.json)
+$(grep -h "GPU busy" "$out/timeline_host/kernel_timeline.md" | cut -c1-150)"
     ;;
 weak)
     NCCL_NVLS_ENABLE=0 timeout 560 torchrun --standalone --nproc_per_node=2 \

@@ -2,7 +2,7 @@
 GPU time and the idle gap before it.
 
     python -m experiments.kernel_timeline --n 131072 --mixing head_groups [--causal] [--out DIR]
-        [--lanes never forward]
+        [--lanes never forward] [--host]
 
 ``experiments.profile_core`` sums the time per kernel *name*; every FA4 block call shares one
 name, so it cannot say which config's call is slow. This lists the kernels of the last of
@@ -10,13 +10,16 @@ name, so it cannot say which config's call is slow. This lists the kernels of th
 ``--backward`` forward+backward calls, and a per-kernel-name summary): per launch the
 grid (how many CTAs: a call of few CTAs leaves SMs idle), the µs, and the µs of GPU idle before
 it (host-bound stretches; from the latest end of the kernels before it, so negative where it
-started while one still ran); then the GPU's busy time over all calls against their span, whose
-difference is the idle time between calls. Writes ``kernel_timeline.md`` under ``--out``.
+started while one still ran; with ``--host``, also how long before its start the host's launch
+call began: near 0 after a gap, the GPU waited for the host); then the GPU's busy time over all
+calls against their span, whose difference is the idle time between calls. Writes
+``kernel_timeline.md`` under ``--out`` (and with ``--host`` each timeline's Chrome trace).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import tempfile
 from pathlib import Path
@@ -46,8 +49,35 @@ def busy_and_span(kernels: list[dict]) -> tuple[list[float | None], float, float
     return gaps, busy, (busy_until - kernels[0]["ts"]) if kernels else 0.0
 
 
+def issue_leads(kernels: list[dict], events: list[dict]) -> list[float | None]:
+    """Per kernel, the µs from the start of the host call that launched it to its start on the
+    GPU (None where the launch is not in ``events``): near 0 after an idle gap, the GPU waited for
+    the host to issue it."""
+    launches = {
+        e["args"]["correlation"]: e
+        for e in events
+        if e.get("ph") == "X"
+        and e.get("cat") in ("cuda_runtime", "cuda_driver")  # (Triton launches via the driver)
+        and e.get("name", "").startswith(("cudaLaunch", "cuLaunch"))
+        and "correlation" in e.get("args", {})
+    }
+    leads: list[float | None] = []
+    for kernel in kernels:
+        launch = launches.get(kernel.get("args", {}).get("correlation"))
+        leads.append(None if launch is None else kernel["ts"] - launch["ts"])
+    return leads
+
+
 def timeline(
-    n: int, mixing: str, causal: bool, calls: int, heads: int, dim: int, backward: bool = False
+    n: int,
+    mixing: str,
+    causal: bool,
+    calls: int,
+    heads: int,
+    dim: int,
+    backward: bool = False,
+    host: bool = False,
+    trace_to: Path | None = None,
 ) -> list[str]:
     q, k, v = (
         torch.randn(1, n, heads, dim, device="cuda", dtype=torch.bfloat16).requires_grad_(backward)
@@ -66,7 +96,8 @@ def timeline(
     for _ in range(3):  # warm: replays recorded, launches prepared
         call()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA, *([ProfilerActivity.CPU] if host else [])]
+    with profile(activities=activities) as prof:
         for _ in range(calls):
             call()
         torch.cuda.synchronize()
@@ -74,6 +105,10 @@ def timeline(
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))
         events = json.loads(trace.read_text())["traceEvents"]
+        if trace_to is not None:
+            trace_to.parent.mkdir(parents=True, exist_ok=True)
+            with gzip.open(trace_to, "wt") as f:
+                f.write(trace.read_text())
     kernels = sorted(
         (e for e in events if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES),
         key=lambda e: e["ts"],
@@ -83,15 +118,19 @@ def timeline(
         f"## n={n} {mixing} causal={causal} lanes={lanes.MODE}: the last of {calls} "
         f"{'forwards+backwards' if backward else 'forwards'} back to back",
         "",
-        "| # | kernel | grid (CTAs) | µs | gap before µs |",
-        "|---|---|---|---|---|",
+        "| # | kernel | grid (CTAs) | µs | gap before µs | launched µs before |",
+        "|---|---|---|---|---|---|",
     ]
     gaps, busy, span = busy_and_span(last)
-    for i, (e, gap) in enumerate(zip(last, gaps, strict=True)):
+    leads = issue_leads(last, events) if host else [None] * len(last)
+    for i, (e, gap, lead) in enumerate(zip(last, gaps, leads, strict=True)):
         grid = e.get("args", {}).get("grid")
         ctas = f"{grid} ({grid[0] * grid[1] * grid[2]})" if grid else ""
         gap_text = "" if gap is None else f"{gap:.1f}"
-        rows.append(f"| {i} | {e['name'][:60]} | {ctas} | {e['dur']:.1f} | {gap_text} |")
+        lead_text = "" if lead is None else f"{lead:.1f}"
+        rows.append(
+            f"| {i} | {e['name'][:60]} | {ctas} | {e['dur']:.1f} | {gap_text} | {lead_text} |"
+        )
     per_name: dict[str, list[float]] = {}
     for e in last:
         per_name.setdefault(e["name"][:60], []).append(e["dur"])
@@ -128,6 +167,13 @@ def main(argv: list[str] | None = None) -> None:
         help="ringattn.lanes.MODE for each timeline in turn (concurrent kernels overlap: their "
         "gaps go negative)",
     )
+    p.add_argument(
+        "--host",
+        action="store_true",
+        help="also record the host's calls: each kernel's lead from its launch call to its start "
+        "(near 0 after a gap: the GPU waited for the host), and each timeline's Chrome trace "
+        "(trace_*.json.gz under --out)",
+    )
     p.add_argument("--out", type=Path, default=Path("results") / "kernel_timeline")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -139,8 +185,17 @@ def main(argv: list[str] | None = None) -> None:
             for causal in causals:
                 for mode in args.lanes:
                     lanes.MODE = mode
+                    stem = f"trace_{n}_{mixing}_{'causal' if causal else 'noncausal'}_{mode}"
                     text += timeline(
-                        n, mixing, causal, args.calls, args.heads, args.dim, args.backward
+                        n,
+                        mixing,
+                        causal,
+                        args.calls,
+                        args.heads,
+                        args.dim,
+                        args.backward,
+                        args.host,
+                        args.out / f"{stem}.json.gz" if args.host else None,
                     )
                     print("\n".join(text[-8:]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

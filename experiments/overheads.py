@@ -3,31 +3,33 @@
     python -m experiments.overheads                       # issue 5's shape, 32K and 128K
     python -m experiments.overheads --n 131072 --split 1 4 8 16 --trace
 
-For each ``n``, mixing, ``ringattn.pattern.BLOCK_SPLIT`` value and A/B choice (``--in-place``:
-cuDNN writes placed blocks into their rows or torch's op and a copy; ``--fill``: head_groups zeroes
-only the pairs no block writes, or the whole tensor; ``--lanes``: when a disjoint plan's configs
-run on concurrent CUDA streams, ``ringattn.lanes.MODE``; ``--lane-count``: how many streams,
-``ringattn.lanes.LANES``; ``--fuse``: lse launches a config's
-offsets as runs, ``ringattn.launches.FUSE_OFFSETS``; ``--add``: lse adds gradients with the Triton
-kernel or torch's ``add_``; ``--compile``: the module eager or ``compile=True``; ``--backward``:
-``sdpa``'s backward through FlashAttention-4 where installed, or torch's kernels; ``--forward``:
-the same for the forward; ``--replay``: FA4's launches replayed, ``ringattn.kernels.fa4.REPLAY``,
-or through its Python launcher every call; ``--bwd-merge``: FA4's placed backward in parts that
-many times the plan's, ``SDPAComputer.fa4_backward_merge``), times forward and
+For each ``n``, mixing, ``ringattn.pattern.BLOCK_SPLIT`` value and A/B choice (``--in-place``: cuDNN
+writes placed blocks into their rows or torch's op and a copy; ``--fill``: head_groups zeroes only
+the pairs no block writes, or the whole tensor; ``--lanes``: when a disjoint plan's configs run on
+concurrent CUDA streams, ``ringattn.lanes.MODE``; ``--lane-count``: how many streams,
+``ringattn.lanes.LANES``; ``--fuse``: lse launches a config's offsets as runs,
+``ringattn.launches.FUSE_OFFSETS``; ``--add``: lse adds gradients with the Triton kernel or torch's
+``add_``; ``--compile``: the module eager or ``compile=True``; ``--backward``: ``sdpa``'s backward
+through FlashAttention-4 where installed, or torch's kernels; ``--forward``: the same for the
+forward; ``--replay``: FA4's launches replayed, ``ringattn.kernels.fa4.REPLAY``, or through its
+Python launcher every call; ``--bwd-merge``: FA4's placed backward in parts that many times the
+plan's, ``SDPAComputer.fa4_backward_merge``; ``--zero``: head_groups' FA4 forward zeroes the rows
+its config leaves out, ``ringattn.kernels.fa4_zero.ENABLED``; ``--pack-lse``: the backward's LSE
+gathered once per call or copied per launch, ``ringattn.core.PACK_LSE``), times forward and
 forward+backward of ``segment_local/sdpa`` and measures their peak memory relative to the tensors
-the call cannot avoid (as ``experiments.bench`` does). Every choice must compute one function:
-each row's ``vs_first_err`` is the largest relative error of its output and gradients against
-those of the first choice (of its ``n`` and mixing). With ``--trace`` it also logs every kernel
-call of one forward+backward: the block's shape, the bytes it allocates transiently (peak above the
-level before it) and what stays allocated after it, so the largest transient is named. ``--steady``
-also times 10 calls back to back (no sync between them, as in a model's steady state) and the
-host's own time per call. ``--graphs`` also times the same calls replayed from CUDA graphs (forward
-captured with ``torch.cuda.graph``, forward+backward through
-``torch.cuda.make_graphed_callables``): what the launches and the Python work around the kernels
-cost. ``--ceiling`` times the plan's kernel calls alone (each distinct block shape on contiguous
-inputs, times how often the plan calls it) next to dense SDPA at the same ``n``: the fraction of
-dense throughput the block kernels themselves reach, which bounds what any merge or copy schedule
-around them can reach. Prints a table last; writes ``overheads.json`` and ``.md`` under ``--out``.
+the call cannot avoid (as ``experiments.bench`` does). Every choice must compute one function: each
+row's ``vs_first_err`` is the largest relative error of its output and gradients against those of
+the first choice (of its ``n`` and mixing). With ``--trace`` it also logs every kernel call of one
+forward+backward: the block's shape, the bytes it allocates transiently (peak above the level before
+it) and what stays allocated after it, so the largest transient is named. ``--steady`` also times 10
+calls back to back (no sync between them, as in a model's steady state) and the host's own time per
+call. ``--graphs`` also times the same calls replayed from CUDA graphs (forward captured with
+``torch.cuda.graph``, forward+backward through ``torch.cuda.make_graphed_callables``): what the
+launches and the Python work around the kernels cost. ``--ceiling`` times the plan's kernel calls
+alone (each distinct block shape on contiguous inputs, times how often the plan calls it) next to
+dense SDPA at the same ``n``: the fraction of dense throughput the block kernels themselves reach,
+which bounds what any merge or copy schedule around them can reach. Prints a table last; writes
+``overheads.json`` and ``.md`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from ringattn import core, lanes, launches, pattern
 from ringattn.computers.sdpa import CUDA_BACKWARDS, CUDA_FORWARDS, SDPAComputer
 from ringattn.flops import dense_flops, useful_flops
 from ringattn.kernels import add as add_kernel
-from ringattn.kernels import cudnn_graphs, fa4
+from ringattn.kernels import cudnn_graphs, fa4, fa4_zero
 
 # how the core adds a merged block's gradients into their rows (False: "not done", torch's add_)
 ADDS = {"triton": add_kernel.add_rows_, "torch": lambda accs, parts: False}
@@ -238,6 +240,8 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 args.forward,
                 args.replay,
                 args.bwd_merge,
+                args.zero,
+                args.pack_lse,
             )
         )
         first_results = None  # every choice must compute what the first one did
@@ -255,6 +259,8 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 forward,
                 replay,
                 bwd_merge,
+                zero,
+                pack_lse,
             ) = choice
             pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
             SDPAComputer.in_place = in_place == "yes"
@@ -267,6 +273,8 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             SDPAComputer.cuda_forward = forward
             fa4.REPLAY = replay == "yes"
             SDPAComputer.fa4_backward_merge = int(bwd_merge)
+            fa4_zero.ENABLED = zero == "yes"
+            core.PACK_LSE = pack_lse == "yes"
             attention = ringattn.DilatedAttention(
                 ISSUE_LENGTHS,
                 ISSUE_RATES,
@@ -295,6 +303,8 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "forward": forward if fa4.available(q) else "torch",
                     "replay": replay,
                     "bwd_merge": int(bwd_merge),
+                    "zero": zero,
+                    "pack_lse": pack_lse,
                     **stats,
                     "fwd_tflops": flops_f / stats["fwd_ms"] / 1e9,
                     "fwdbwd_tflops": 3.5 * flops_f / stats["fwdbwd_ms"] / 1e9,
@@ -392,6 +402,16 @@ def main(argv: list[str] | None = None) -> None:
             "FA4's placed backward in parts this many times the plan's "
             "(SDPAComputer.fa4_backward_merge; 1: the plan's parts)",
         ),
+        "--zero": (
+            ["yes", "no"],
+            "head_groups: FA4's forward zeroes the rows its config leaves out in its epilogue "
+            "(ringattn.kernels.fa4_zero.ENABLED), or leaves them to the core's fill",
+        ),
+        "--pack-lse": (
+            ["yes", "no"],
+            "the backward's placed launches read their LSE from one buffer gathered per call "
+            "(ringattn.core.PACK_LSE), or FA4's backward copies each launch's",
+        ),
         "--forward": (
             list(CUDA_FORWARDS),
             "sdpa's forward through FlashAttention-4 where it runs (auto), or torch's kernels "
@@ -433,6 +453,8 @@ def main(argv: list[str] | None = None) -> None:
         SDPAComputer.cuda_backward = CUDA_BACKWARDS[0]
         SDPAComputer.cuda_forward = CUDA_FORWARDS[0]
         fa4.REPLAY = True
+        fa4_zero.ENABLED = True
+        core.PACK_LSE = True
         SDPAComputer.fa4_backward_merge = default_merge
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overheads.json").write_text(json.dumps({"rows": rows, "traces": traces}))

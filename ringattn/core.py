@@ -38,7 +38,7 @@ from ringattn.dilation.base import DilationProcessor
 from ringattn.kernels import add as add_kernel
 from ringattn.kernels.unselected import fill_unselected_, shifted, zeros_for
 from ringattn.lanes import Lanes
-from ringattn.launches import prepared, views
+from ringattn.launches import gather, packed, prepared, views
 from ringattn.memory.base import MemoryManager
 from ringattn.merge import merge_into_
 from ringattn.pattern import Block, Plan
@@ -249,6 +249,11 @@ def dilated_forward(
     return out_acc, lse_acc
 
 
+# the A/B of launches.packed for the backward's LSE (experiments/overheads.py --pack-lse): one
+# gather per call, or a copy per launch (in ringattn.kernels.fa4.backward)
+PACK_LSE = True
+
+
 def dilated_backward(
     spec: CoreSpec,
     dout: Tensor,
@@ -303,19 +308,30 @@ def dilated_backward(
     placed_ids = [
         i for i in range(first, len(blocks)) if spec.plan.disjoint or (covering and i == 0)
     ]
+    placed_launches = prepared(
+        spec,
+        "backward",
+        tensors[:6],
+        tensors[6:],
+        placed_ids,
+        lambda span, part, *views: spec.computer.backward_launcher(spec.causal, spec.scale, *views),
+        placed=True,
+        split=spec.computer.placed_backward_split(q),
+    )
+    # the placed launches' LSE rows gathered into one buffer in the layout the computer reads
+    # (launches.packed), where it would copy each launch's: one kernel instead of one per launch
+    packed_tensors, repacked = tensors, {}
+    if PACK_LSE and placed_launches and spec.computer.packs_backward_lse(q):
+        pack = placed_launches.derived.get("lse")
+        if pack is None:
+            pack = packed(placed_launches, 5, lse)
+            if not (lse.is_cuda and torch.cuda.is_current_stream_capturing()):
+                # (made while capturing, it would hold its values only in the graph's replays)
+                placed_launches.derived["lse"] = pack
+        index, span, repacked = pack
+        packed_tensors = (*tensors[:5], gather(lse, index, span), *tensors[6:])
     launches = {
-        **prepared(
-            spec,
-            "backward",
-            tensors[:6],
-            tensors[6:],
-            placed_ids,
-            lambda span, part, *views: spec.computer.backward_launcher(
-                spec.causal, spec.scale, *views
-            ),
-            placed=True,
-            split=spec.computer.placed_backward_split(q),
-        ),
+        **placed_launches,
         **prepared(
             spec,
             "backward",
@@ -328,6 +344,10 @@ def dilated_backward(
     }
 
     def backward_blocks(i: int) -> None:
+        if i in repacked:
+            for geometry, launch in repacked[i]:
+                launch(*views(packed_tensors, geometry))
+            return
         if i in launches:
             for geometry, launch in launches[i]:
                 launch(*views(tensors, geometry))

@@ -112,6 +112,49 @@ def prepared(
     return found
 
 
+def packed(launches: Prepared, slot: int, x: Tensor) -> tuple[Tensor, int, Prepared]:
+    """Operand ``slot`` of ``launches`` (``x``, an LSE ``[b, n, h]``, whose part views are
+    ``[B, L, H]``) gathered into one buffer: each part's view as a contiguous ``[B, H, L]`` block
+    (what FA4's backward reads; ``B * H * L`` floats per part either way), and ``launches`` with
+    that operand's geometry replaced by its block's, seen as ``[B, L, H]`` again (strides ``(H *
+    L, 1, L)``: transposed back, contiguous).
+
+    Returns ``(index, span, repacked)``: :func:`gather` ``(x, index, span)`` is the buffer
+    (``span``: the largest index + 1, known on the host). The index is made on ``x``'s device by
+    kernels (no host-to-device copy, which CUDA-graph capture forbids); memory: one int32 per
+    gathered float (int64 where its positions pass 2**31), kept with the preparation."""
+    device = x.device
+    pieces: list[Tensor] = []
+    repacked = Prepared()
+    start = span = 0
+    for i, parts in launches.items():
+        entries = []
+        for geometry, launch in parts:
+            (batch, length, heads), (s_batch, s_row, s_head), offset = geometry[slot]
+            index = (
+                offset
+                + torch.arange(batch, device=device)[:, None, None] * s_batch
+                + torch.arange(heads, device=device)[None, :, None] * s_head
+                + torch.arange(length, device=device)[None, None, :] * s_row
+            )
+            pieces.append(index.flatten())
+            last = offset + (batch - 1) * s_batch + (heads - 1) * s_head + (length - 1) * s_row
+            span = max(span, last + 1)
+            block = ((batch, length, heads), (heads * length, 1, length), start)
+            entries.append(((*geometry[:slot], block, *geometry[slot + 1 :]), launch))
+            start += batch * length * heads
+        repacked[i] = tuple(entries)
+    index = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long, device=device)
+    # (int32 where it reaches: half the memory kept; 64M LSE floats are issue 5's 4M tokens)
+    return index.int() if span <= torch.iinfo(torch.int32).max else index, span, repacked
+
+
+def gather(x: Tensor, index: Tensor, span: int) -> Tensor:
+    """The buffer of :func:`packed`: ``x``'s storage from its offset on, read at ``index`` (whose
+    largest entry is ``span - 1``)."""
+    return x.as_strided((span,), (1,), x.storage_offset()).index_select(0, index)
+
+
 def _layout(x: Tensor) -> tuple:
     return x.shape, x.stride(), x.dtype, x.device
 

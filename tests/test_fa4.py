@@ -102,6 +102,27 @@ def test_placed_gradients_are_written_by_fa4(fake_fa4):
     assert fake_fa4.into > 0
 
 
+def test_the_backward_gathers_the_placed_launches_lse_at_once(fake_fa4, monkeypatch):
+    """head_groups' placed launches read their LSE rows from one buffer gathered per backward
+    (ringattn.launches.packed), in FA4's layout, where each launch copied its own: the same
+    gradients, bit for bit."""
+    gathers: list[int] = []
+    gather = ringattn.core.gather
+    monkeypatch.setattr(ringattn.core, "gather", lambda *a: gathers.append(1) or gather(*a))
+    problem = {**PLACED, "b": 2, "causal": True}
+    inputs = make_qkv(problem, requires_grad=True)
+    strategy = ringattn.Strategy(dilation="segment_local", computer="sdpa")  # (views: prepared)
+    attention = ringattn.DilatedAttention(**options(problem), strategy=strategy)
+    grads = {}
+    for pack in (True, False, True):
+        monkeypatch.setattr(ringattn.core, "PACK_LSE", pack)
+        gathers.clear()
+        grads[pack] = torch.autograd.grad(attention(*inputs).sum(), inputs)
+        assert len(gathers) == pack
+    for packed_grad, copied_grad in zip(grads[True], grads[False], strict=True):
+        assert torch.equal(packed_grad, copied_grad)
+
+
 def test_torch_backward_bypasses_fa4(fake_fa4, monkeypatch, small_problem):
     monkeypatch.setattr(SDPAComputer, "cuda_backward", "torch")
     check_against_oracle(small_problem, torch.float32, sdpa_strategies())

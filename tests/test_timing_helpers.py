@@ -47,3 +47,28 @@ def test_bench_refuses_a_negative_settle_by_name(capsys: pytest.CaptureFixture[s
         bench.parse(["--settle", "-1"])
     assert "--settle must be >= 0" in capsys.readouterr().err
     assert bench.parse(["--settle", "2.5"]).settle == 2.5
+
+
+def test_a_kernels_lead_is_from_its_launch_call_to_its_start() -> None:
+    from experiments.kernel_timeline import issue_leads
+
+    def launch(ts: float, correlation: int, name: str = "cudaLaunchKernel") -> dict:
+        args = {"correlation": correlation}
+        return {"ph": "X", "cat": "cuda_runtime", "name": name, "ts": ts, "args": args}
+
+    kernels = [
+        {"ts": 100.0, "dur": 5.0, "args": {"correlation": 7}},
+        {"ts": 130.0, "dur": 5.0, "args": {"correlation": 9}},
+        {"ts": 150.0, "dur": 5.0, "args": {}},
+    ]
+    events = [launch(20.0, 7), launch(128.0, 9, "cudaLaunchKernelExC"), launch(1.0, 8)]
+    events.append(
+        {
+            "ph": "X",
+            "cat": "cuda_runtime",
+            "name": "cudaMemcpyAsync",
+            "ts": 0.0,
+            "args": {"correlation": 9},
+        }
+    )
+    assert issue_leads(kernels, events) == [80.0, 2.0, None]

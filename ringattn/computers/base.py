@@ -155,6 +155,14 @@ class BlockComputer(AttentionComputer):
         (``pattern.BLOCK_SPLIT``, sized for about five block-sized temporaries per call)."""
         return None
 
+    def packs_backward_lse(self, q: Tensor) -> bool:
+        """Whether this computer's placed backward (:meth:`backward_launcher`) takes any LSE
+        strides and reads it as ``[B, H, L]`` contiguous, here. Then the core gathers the LSE
+        rows of every placed launch of a backward into one buffer, each launch's as a
+        contiguous ``[B, H, L]`` block (:func:`ringattn.launches.packed`): one gather per call
+        where each launch would copy its own."""
+        return False
+
     def adding_launcher(
         self,
         causal: bool,

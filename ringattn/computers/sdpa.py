@@ -310,6 +310,10 @@ class SDPAComputer(BlockComputer):
             return None
         return max(1, pattern.BLOCK_SPLIT // self.fa4_backward_merge)
 
+    def packs_backward_lse(self, q):
+        # FA4's backward copies each block's LSE to [B, H, L] contiguous (ringattn.kernels.fa4)
+        return self._fa4(self.cuda_backward, q)
+
     def merging_launcher(self, causal, scale, q, k, v, out, lse):
         # FA4's forward with the merge in its epilogue (ringattn.kernels.fa4_merge)
         if not (self._fa4(self.cuda_forward, q) and fa4_merge.supported(q, k, v, out, lse)):

@@ -31,6 +31,7 @@ if triton is not None:
         x_ptr,
         rate_ptr,
         offset_ptr,
+        ROWS,
         N,
         H,
         D,
@@ -38,23 +39,39 @@ if triton is not None:
         s1,
         s2,
         s3,
+        BLOCK_R: tl.constexpr,
         BLOCK_H: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        # one program per (batch, row): the row's heads and channels
-        row = tl.program_id(0).to(tl.int64)  # int64: offsets pass 2**31 at ~1M tokens
-        p = row % N
-        bi = row // N
+        # one program per BLOCK_R (batch, row) pairs: their heads and channels (one row per
+        # program was 393216 programs of 4 KB each at 131K, 19% slower on an H200)
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # int64: ~1M tokens
+        p = rows % N
+        bi = rows // N
         heads = tl.arange(0, BLOCK_H)
         chans = tl.arange(0, BLOCK_D)
         hmask = heads < H
         rate = tl.load(rate_ptr + heads, mask=hmask, other=1)
         offset = tl.load(offset_ptr + heads, mask=hmask, other=0)
-        unselected = hmask & ((p % rate) != offset)
-        mask = unselected[:, None] & (chans[None, :] < D)
-        ptrs = x_ptr + bi * s0 + p * s1 + heads[:, None] * s2 + chans[None, :] * s3
-        zero = tl.zeros((BLOCK_H, BLOCK_D), dtype=x_ptr.dtype.element_ty)
+        unselected = (rows < ROWS)[:, None] & hmask[None, :] & ((p[:, None] % rate) != offset)
+        mask = unselected[:, :, None] & (chans < D)[None, None, :]
+        ptrs = (
+            x_ptr
+            + (bi * s0 + p * s1)[:, None, None]
+            + (heads * s2)[None, :, None]
+            + (chans * s3)[None, None, :]
+        )
+        zero = tl.zeros((BLOCK_R, BLOCK_H, BLOCK_D), dtype=x_ptr.dtype.element_ty)
         tl.store(ptrs, zero, mask=mask)
+
+
+# (batch, row) pairs per program of the zeroing kernel, whose tile is ROWS_PER_PROGRAM *
+# next_power_of_2(h) * next_power_of_2(d) elements (16 * 16 * 128 bf16: 64 KB at issue 5's
+# shape), and its warps. H200, the backward's [3, n, 16, 128] gradients (experiments/fa4_probe.py
+# --part fill, h200_perf.md step 31): 0.266 / 0.085 ms at 131K / 32K, where one row per program
+# and 4 warps took 0.328 / 0.095 (the best of 12 pairs: 0.264 / 0.082, none best at both)
+ROWS_PER_PROGRAM = 16
+WARPS = 4
 
 
 def zero_unselected_(x: Tensor, selection: Tensor) -> None:
@@ -65,16 +82,22 @@ def zero_unselected_(x: Tensor, selection: Tensor) -> None:
     if x.numel() == 0:
         return
     rate, offset = selection
-    _zero_unselected_kernel[(b * n,)](
+    block_h, block_d = triton.next_power_of_2(h), triton.next_power_of_2(d)
+    # a program's tile stays within 64K elements (registers) for wide heads
+    block_r = max(1, min(ROWS_PER_PROGRAM, 65536 // (block_h * block_d)))
+    _zero_unselected_kernel[(triton.cdiv(b * n, block_r),)](
         x,
         rate,
         offset,
+        b * n,
         n,
         h,
         d,
         *x.stride(),
-        BLOCK_H=triton.next_power_of_2(h),
-        BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_R=block_r,
+        BLOCK_H=block_h,
+        BLOCK_D=block_d,
+        num_warps=WARPS,
     )
 
 
