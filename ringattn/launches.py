@@ -122,31 +122,41 @@ def packed(launches: Prepared, slot: int, x: Tensor) -> tuple[Tensor, int, Prepa
     Returns ``(index, span, repacked)``: :func:`gather` ``(x, index, span)`` is the buffer
     (``span``: the largest index + 1, known on the host). The index is made on ``x``'s device by
     kernels (no host-to-device copy, which CUDA-graph capture forbids); memory: one int32 per
-    gathered float (int64 where its positions pass 2**31), kept with the preparation."""
-    device = x.device
+    gathered float (int64 where the positions pass 2**31), kept with the preparation."""
+    blocks = [(i, geometry, launch) for i, parts in launches.items() for geometry, launch in parts]
+    span = 1 + max((_last_position(g[slot]) for _, g, _ in blocks), default=-1)
+    # int32 where it reaches (half the memory kept; issue 5's 4M tokens are 64M LSE floats)
+    dtype = torch.int32 if span <= torch.iinfo(torch.int32).max else torch.int64
+
+    def arange(count: int) -> Tensor:
+        return torch.arange(count, device=x.device, dtype=dtype)
+
     pieces: list[Tensor] = []
     repacked = Prepared()
-    start = span = 0
-    for i, parts in launches.items():
-        entries = []
-        for geometry, launch in parts:
-            (batch, length, heads), (s_batch, s_row, s_head), offset = geometry[slot]
-            index = (
-                offset
-                + torch.arange(batch, device=device)[:, None, None] * s_batch
-                + torch.arange(heads, device=device)[None, :, None] * s_head
-                + torch.arange(length, device=device)[None, None, :] * s_row
-            )
-            pieces.append(index.flatten())
-            last = offset + (batch - 1) * s_batch + (heads - 1) * s_head + (length - 1) * s_row
-            span = max(span, last + 1)
-            block = ((batch, length, heads), (heads * length, 1, length), start)
-            entries.append(((*geometry[:slot], block, *geometry[slot + 1 :]), launch))
-            start += batch * length * heads
-        repacked[i] = tuple(entries)
-    index = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long, device=device)
-    # (int32 where it reaches: half the memory kept; 64M LSE floats are issue 5's 4M tokens)
-    return index.int() if span <= torch.iinfo(torch.int32).max else index, span, repacked
+    start = 0
+    for i, geometry, launch in blocks:
+        (batch, length, heads), (s_batch, s_row, s_head), offset = geometry[slot]
+        index = (
+            arange(batch)[:, None, None] * s_batch
+            + arange(heads)[None, :, None] * s_head
+            + arange(length)[None, None, :] * s_row
+            + offset
+        )
+        pieces.append(index.flatten())
+        block = ((batch, length, heads), (heads * length, 1, length), start)
+        repacked[i] = (
+            *repacked.get(i, ()),
+            ((*geometry[:slot], block, *geometry[slot + 1 :]), launch),
+        )
+        start += batch * length * heads
+    index = torch.cat(pieces) if pieces else arange(0)
+    return index, span, repacked
+
+
+def _last_position(geometry: Geometry) -> int:
+    """The storage position (from the tensor's offset) of a view's last element."""
+    size, stride, offset = geometry
+    return offset + sum((count - 1) * step for count, step in zip(size, stride, strict=True))
 
 
 def gather(x: Tensor, index: Tensor, span: int) -> Tensor:
