@@ -28,8 +28,14 @@
 #   step 27's runs of the heavier lanes), then replayed from CUDA graphs with lanes or not (capture
 #   vs never); parts: both mixings with FA4's placed backward in parts twice the plan's against the
 #   plan's (overheads --bwd-merge 2 1, two turns); settle: the bench at 131K once per --settle value
-#   given (seconds of each call back to back before each of its timings; default "0 3"); spanning
-#   (on nvidia-h200-x2): 2-GPU weak scaling at 16K per GPU replayed from CUDA graphs, the spanning
+#   given (seconds of each call back to back before each of its timings; default "0 3"); small:
+#   32K forward and forward+backward kernel timelines of both mixings (is the GPU idle between
+#   the kernels, or busy with few CTAs?), and head_groups' forward+backward one at 131K; fill: the
+#   backward's gradient fill kernel over its rows per program and warps (fa4_probe --part fill)
+#   at 131K and 32K, and head_groups' 32K forward+backward timeline with the host's launch calls
+#   (kernel_timeline --host); pack: head_groups' backward with its LSE gathered once per call
+#   (ringattn.core.PACK_LSE) or copied per launch, two turns, at 32K and 131K, causal or not, and
+#   the 32K host timeline again; spanning (on nvidia-h200-x2): 2-GPU weak scaling at 16K per GPU replayed from CUDA graphs, the spanning
 #   config's blocks on the caller's stream or on lanes (ringattn.lanes.SPANNING no vs yes; run in
 #   step 28: no gain beyond the runs' spread, so SPANNING stays off); weak (on nvidia-h200-x2): the
 #   2-GPU oracle check and eager weak scaling at 16K and 64K per GPU (since step 29 eager calls put
