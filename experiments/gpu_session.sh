@@ -16,32 +16,32 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #
-# record: the bench's record at 32K/131K and 1M (docs/benchmarks/h200_perf.md's first two commands);
-#   long: its 2M/4M command; checks: every local strategy against the oracle on the GPU, the fused
-#   FA4 kernels' probes (merge, add, zero), and the forward and forward+backward kernel timelines at
-#   131K; host: where the host's time goes at 32K (host-bound): the host profile of a head_groups
-#   forward and forward+backward, and single / back-to-back times with the host's own time per call;
-#   tiles: both mixings' forward with FA4's causal forward tiles at the step-20 sweep's best causal
-#   configuration against FA4's default (fa4_probe --part config); lanes: head_groups at 32K and
-#   131K with its configs on concurrent streams in eager forwards, or forwards and backwards,
-#   against one stream (ringattn.lanes.MODE never, forward, always, two turns each; step 29, after
-#   step 27's runs of the heavier lanes), then replayed from CUDA graphs with lanes or not (capture
-#   vs never); parts: both mixings with FA4's placed backward in parts twice the plan's against the
-#   plan's (overheads --bwd-merge 2 1, two turns); settle: the bench at 131K once per --settle value
-#   given (seconds of each call back to back before each of its timings; default "0 3"); small:
-#   32K forward and forward+backward kernel timelines of both mixings (is the GPU idle between
-#   the kernels, or busy with few CTAs?), and head_groups' forward+backward one at 131K; fill: the
-#   backward's gradient fill kernel over its rows per program and warps (fa4_probe --part fill)
-#   at 131K and 32K, and head_groups' 32K forward+backward timeline with the host's launch calls
-#   (kernel_timeline --host); pack: head_groups' backward with its LSE gathered once per call
-#   (ringattn.core.PACK_LSE) or copied per launch, two turns, at 32K and 131K, causal or not, and
-#   the 32K host timeline again; spanning (on nvidia-h200-x2): 2-GPU weak scaling at 16K per GPU replayed from CUDA graphs, the spanning
-#   config's blocks on the caller's stream or on lanes (ringattn.lanes.SPANNING no vs yes; run in
-#   step 28: no gain beyond the runs' spread, so SPANNING stays off); weak (on nvidia-h200-x2): the
-#   2-GPU oracle check and eager weak scaling at 16K and 64K per GPU (since step 29 eager calls put
-#   the local configs on lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/
-#   (one tarball, $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short
-#   summary last.
+# record: the bench's record at 32K/131K and 1M (docs/benchmarks/h200_perf.md's first two
+#   commands); long: its 2M/4M command; checks: every local strategy against the oracle on the GPU,
+#   the fused FA4 kernels' probes (merge, add, zero), and the forward and forward+backward kernel
+#   timelines at 131K; host: where the host's time goes at 32K (host-bound): the host profile of a
+#   head_groups forward and forward+backward, and single / back-to-back times with the host's own
+#   time per call; tiles: both mixings' forward with FA4's causal forward tiles at the step-20
+#   sweep's best causal configuration against FA4's default (fa4_probe --part config); lanes:
+#   head_groups at 32K and 131K with its configs on concurrent streams in eager forwards, or
+#   forwards and backwards, against one stream (ringattn.lanes.MODE never, forward, always, two
+#   turns each; step 29, after step 27's runs of the heavier lanes), then replayed from CUDA graphs
+#   with lanes or not (capture vs never); parts: both mixings with FA4's placed backward in parts
+#   twice the plan's against the plan's (overheads --bwd-merge 2 1, two turns); settle: the bench at
+#   131K once per --settle value given (seconds of each call back to back before each of its
+#   timings; default "0 3"); small: 32K forward and forward+backward kernel timelines of both
+#   mixings (is the GPU idle between the kernels, or busy with few CTAs?), and head_groups'
+#   forward+backward one at 131K; fill: the backward's gradient fill kernel over its rows per
+#   program and warps (fa4_probe --part fill) at 131K and 32K, and head_groups' 32K forward+backward
+#   timeline with the host's launch calls (kernel_timeline --host); pack: head_groups' backward with
+#   its LSE gathered once per call (ringattn.core.PACK_LSE) or copied per launch, two turns, at 32K
+#   and 131K, causal or not, and the 32K host timeline again; spanning (on nvidia-h200-x2): 2-GPU
+#   weak scaling at 16K per GPU replayed from CUDA graphs, the spanning config's blocks on the
+#   caller's stream or on lanes (ringattn.lanes.SPANNING no vs yes; run in step 28: no gain beyond
+#   the runs' spread, so SPANNING stays off); weak (on nvidia-h200-x2): the 2-GPU oracle check and
+#   eager weak scaling at 16K and 64K per GPU (since step 29 eager calls put the local configs on
+#   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
+#   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
 part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|spanning|weak}
 out=${OUT:-results}/$part
@@ -51,8 +51,8 @@ bench=(python -m experiments.bench --computers sdpa --dilations segment_local --
 brief() { # overheads.json rows, a short line each: the A/B choices, ms, host ms, peaks, errors
     python - "$@" <<'PY'
 import json, sys
-keys = ("n", "mixing", "causal", "lanes", "fill", "zero", "pack_lse", "bwd_merge", "fwd_ms", "fwdbwd_ms", "fwd_ms_b2b",
-        "fwdbwd_ms_b2b", "fwd_host_ms", "fwdbwd_host_ms", "fwdbwd_mem_vs_io", "vs_first_err",
+keys = ("n", "mixing", "causal", "lanes", "fill", "zero", "pack_lse", "bwd_merge", "fwd_ms",
+        "fwdbwd_ms", "fwd_ms_b2b", "fwdbwd_ms_b2b", "fwd_host_ms", "fwdbwd_host_ms", "fwdbwd_mem_vs_io", "vs_first_err",
         "graph_fwd_ms", "graph_fwdbwd_ms", "graph_fwd_err", "graph_fwdbwd_err")
 for path in sys.argv[1:]:
     for row in json.load(open(path))["rows"]:
