@@ -650,11 +650,12 @@ def fill(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     and warps: GPU ms, the GB/s of zeros it writes, the host µs per launch (queued behind a
     sleeping GPU), and whether it wrote exactly the unselected pairs; against torch's ``zero_`` of
     the whole buffer."""
+    from experiments.ablate import queued_host_ms
+    from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
     from ringattn import pattern
     from ringattn.kernels import unselected
 
-    lengths, rates = (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16)
-    plan = pattern.make_plan(n, h, tuple(zip(lengths, rates)), "head_groups")
+    plan = pattern.make_plan(n, h, tuple(zip(ISSUE_LENGTHS, ISSUE_RATES)), "head_groups")
     table = unselected.selection_table(plan.selection, device)
     grads = torch.empty(3, n, h, d, device=device, dtype=torch.bfloat16)
     rate, offset = (torch.tensor(x, device=device) for x in plan.selection)
@@ -663,14 +664,7 @@ def fill(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     default = unselected.ROWS_PER_PROGRAM, unselected.WARPS
 
     def host_us(fn) -> float:
-        torch.cuda.synchronize()
-        torch.cuda._sleep(100_000_000)
-        t0 = time.perf_counter()
-        for _ in range(20):
-            fn()
-        took = (time.perf_counter() - t0) / 20 * 1e6
-        torch.cuda.synchronize()
-        return round(took, 1)
+        return round(queued_host_ms(fn, 20, 100_000_000) * 1e3, 1)
 
     rows = []
     try:

@@ -104,11 +104,12 @@ def timeline(
     with tempfile.TemporaryDirectory() as tmp:  # the Chrome trace carries each launch's grid
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))
-        events = json.loads(trace.read_text())["traceEvents"]
+        trace_text = trace.read_text()
+        events = json.loads(trace_text)["traceEvents"]
         if trace_to is not None:
             trace_to.parent.mkdir(parents=True, exist_ok=True)
             with gzip.open(trace_to, "wt") as f:
-                f.write(trace.read_text())
+                f.write(trace_text)
     kernels = sorted(
         (e for e in events if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES),
         key=lambda e: e["ts"],

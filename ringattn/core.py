@@ -332,6 +332,7 @@ def dilated_backward(
         packed_tensors = (*tensors[:5], gather(lse, index, span), *tensors[6:])
     launches = {
         **placed_launches,
+        **repacked,  # (the placed launches again, reading the gathered LSE)
         **prepared(
             spec,
             "backward",
@@ -344,13 +345,10 @@ def dilated_backward(
     }
 
     def backward_blocks(i: int) -> None:
-        if i in repacked:
-            for geometry, launch in repacked[i]:
-                launch(*views(packed_tensors, geometry))
-            return
         if i in launches:
+            operands = packed_tensors if i in repacked else tensors
             for geometry, launch in launches[i]:
-                launch(*views(tensors, geometry))
+                launch(*views(operands, geometry))
             return
         place = i in placed_ids
         for block in spec.plan.parts[i]:
