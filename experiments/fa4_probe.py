@@ -559,6 +559,87 @@ def zero(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     return rows + modules + grads
 
 
+def group(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+    """``ringattn.kernels.fa4_group`` (every ``head_groups`` config's blocks in one FA4 forward)
+    against one launch per config (FA4's zeroing forward, or its plain one for ``r = 1``), on
+    issue 5's plan at ``n // 4`` and ``n``: each group's rows and LSE against FA4's forward,
+    every unselected row 0, nothing left unwritten (the output starts NaN), GPU ms and the
+    host's µs per call of both; then the module with it on and off."""
+    from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
+    from ringattn.core import neighbour_shifts
+    from ringattn.kernels import fa4, fa4_group, fa4_zero
+    from ringattn.pattern import make_plan
+
+    rows = []
+    scale = d**-0.5
+    for size, causal, with_lse in itertools.product((n // 4, n), (False, True), (True, False)):
+        plan = make_plan(size, h, tuple(zip(ISSUE_LENGTHS, ISSUE_RATES)), "head_groups")
+        q_full, k_full, v_full, out_full = (
+            torch.randn(1, size, h, d, device=device, dtype=torch.bfloat16) for _ in range(4)
+        )
+        lse_full = torch.randn(1, size, h, device=device)
+        groups, shifts = [], []
+        for block in plan.blocks:
+            views = [block.rows(x).flatten(0, 1) for x in (q_full, k_full, v_full, out_full)]
+            lse = block.rows(lse_full).flatten(0, 1) if with_lse else None
+            groups.append((*views, lse))
+            shifts.append(neighbour_shifts(block, views[3]))
+        row = {"problem": f"n={size} groups={len(groups)} lse={with_lse}", "causal": causal}
+
+        def grouped(groups=groups, shifts=shifts, causal=causal):
+            return fa4_group.forward_group_(groups, causal, scale, shifts)
+
+        def per_config(groups=groups, shifts=shifts, causal=causal):
+            for (q, k, v, out, lse), group_shifts in zip(groups, shifts, strict=True):
+                if not group_shifts:
+                    lse_block = fa4.forward(q, k, v, causal, scale, out=out)[1]
+                    if lse is not None:
+                        lse.copy_(lse_block)
+                else:
+                    assert fa4_zero.forward_zero_(q, k, v, causal, scale, out, lse, group_shifts)
+
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                took = grouped()
+                out_full.fill_(float("nan"))  # the second call must write all of it
+                took = took and grouped()
+            torch.cuda.synchronize()
+            row["took"] = took
+            row["warnings"] = [str(x.message)[:400] for x in caught]
+            row["refusal"] = (fa4_group.last_refusal or "")[:3000]
+            row["nan_left"] = int(out_full.isnan().sum())
+            out_err, lse_err = 0.0, 0.0
+            for q, k, v, out, lse in groups:
+                ref_out, ref_lse = fa4.forward(q, k, v, causal, scale)
+                out_err = max(out_err, float((out.float() - ref_out.float()).abs().max()))
+                if lse is not None:
+                    lse_err = max(lse_err, float((lse - ref_lse).abs().max()))
+            row["out_max_abs"], row["lse_max_abs"] = out_err, lse_err
+            selected = torch.zeros(1, size, h, dtype=torch.bool, device=device)
+            for block in plan.blocks:
+                block.rows(selected).fill_(True)
+            row["zeros_exact"] = bool((out_full[~selected] == 0).all())
+            row["grouped_ms"] = _events_ms(grouped, 2, repeats)
+            row["per_config_ms"] = _events_ms(per_config, 2, repeats)
+            for name, fn in (("grouped", grouped), ("per_config", per_config)):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    fn()
+                row[f"{name}_host_us"] = (time.perf_counter() - start) / repeats * 1e6
+                torch.cuda.synchronize()
+        except Exception as exc:  # a probe: report and go on
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:1500]}"
+            row["refusal"] = (fa4_group.last_refusal or "")[:3000]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    names = ("grouped", "per_config")
+    modules = _module_ab(n, h, d, repeats, device, "head_groups", fa4_group, names)
+    grads = _module_ab(n, h, d, repeats, device, "head_groups", fa4_group, names, True)
+    return rows + modules + grads
+
+
 class _TileSwitch:
     """``fa4.FORWARD_CONFIG[True]`` as an on/off switch for :func:`_module_ab` (on: ``tiles``)."""
 
@@ -719,6 +800,7 @@ def main(argv: list[str] | None = None) -> None:
             "config",
             "launch",
             "fill",
+            "group",
         ],
         default="compare",
     )
@@ -737,6 +819,7 @@ def main(argv: list[str] | None = None) -> None:
             "config": config,
             "launch": launch,
             "fill": fill,
+            "group": group,
         }
         part = part[args.part]
         rows = part(args.n, h, d, args.repeats, device)

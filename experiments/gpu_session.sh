@@ -13,6 +13,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh small    # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh fill     # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh pack     # ~3 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh group    # ~6 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #
@@ -35,7 +36,11 @@
 #   program and warps (fa4_probe --part fill) at 131K and 32K, and head_groups' 32K forward+backward
 #   timeline with the host's launch calls (kernel_timeline --host); pack: head_groups' backward with
 #   its LSE gathered once per call (ringattn.core.PACK_LSE) or copied per launch, two turns, at 32K
-#   and 131K, causal or not, and the 32K host timeline again; spanning (on nvidia-h200-x2): 2-GPU
+#   and 131K, causal or not, and the 32K host timeline again; group: head_groups' configs in one
+#   FA4 forward (ringattn.kernels.fa4_group) against one per config: the kernel's probe
+#   (fa4_probe --part group: rows, LSE, zeros, ms and host µs at 32K and 131K), the module A/B
+#   (overheads --group yes no, two turns, 32K and 131K, causal or not) and the 131K causal
+#   forward's kernel timeline; spanning (on nvidia-h200-x2): 2-GPU
 #   weak scaling at 16K per GPU replayed from CUDA graphs, the spanning config's blocks on the
 #   caller's stream or on lanes (ringattn.lanes.SPANNING no vs yes; run in step 28: no gain beyond
 #   the runs' spread, so SPANNING stays off); weak (on nvidia-h200-x2): the 2-GPU oracle check and
@@ -43,7 +48,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|spanning|weak}
+part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -51,7 +56,7 @@ bench=(python -m experiments.bench --computers sdpa --dilations segment_local --
 brief() { # overheads.json rows, a short line each: the A/B choices, ms, host ms, peaks, errors
     python - "$@" <<'PY'
 import json, sys
-keys = ("n", "mixing", "causal", "lanes", "fill", "zero", "pack_lse", "bwd_merge", "fwd_ms",
+keys = ("n", "mixing", "causal", "lanes", "fill", "zero", "pack_lse", "group", "bwd_merge", "fwd_ms",
         "fwdbwd_ms", "fwd_ms_b2b", "fwdbwd_ms_b2b", "fwd_host_ms", "fwdbwd_host_ms", "fwdbwd_mem_vs_io", "vs_first_err",
         "graph_fwd_ms", "graph_fwdbwd_ms", "graph_fwd_err", "graph_fwdbwd_err")
 for path in sys.argv[1:]:
@@ -181,6 +186,21 @@ pack)
         --calls 5 --host --out "$out/timeline_host" >"$out/timeline_host.log" 2>&1
     summary="$(brief "$out"/pack*/overheads.json)
 $(grep -h "GPU busy" "$out/timeline_host/kernel_timeline.md" | cut -c1-150)"
+    ;;
+group)
+    python -m experiments.fa4_probe --part group --n 131072 --repeats 10 --out "$out" \
+        >"$out/probe.log" 2>&1
+    for causal in "" "--causal"; do
+        # shellcheck disable=SC2086
+        python -m experiments.overheads --n 32768 131072 --mixing head_groups $causal --split 8 \
+            --group yes no yes no --steady --repeats 10 --out "$out/ab${causal:+_causal}" \
+            >"$out/ab${causal:+_causal}.log" 2>&1
+    done
+    python -m experiments.kernel_timeline --n 131072 --mixing head_groups --causal yes \
+        --calls 5 --out "$out/timeline_131k_causal" >"$out/timeline.log" 2>&1
+    summary="$(grep -h "^problem=" "$out/probe.log" | cut -c1-400)
+$(brief "$out"/ab*/overheads.json)
+$(grep -h "GPU busy" "$out/timeline_131k_causal/kernel_timeline.md" | cut -c1-150)"
     ;;
 weak)
     NCCL_NVLS_ENABLE=0 timeout 560 torchrun --standalone --nproc_per_node=2 \

@@ -15,21 +15,22 @@ forward; ``--replay``: FA4's launches replayed, ``ringattn.kernels.fa4.REPLAY``,
 Python launcher every call; ``--bwd-merge``: FA4's placed backward in parts that many times the
 plan's, ``SDPAComputer.fa4_backward_merge``; ``--zero``: head_groups' FA4 forward zeroes the rows
 its config leaves out, ``ringattn.kernels.fa4_zero.ENABLED``; ``--pack-lse``: the backward's LSE
-gathered once per call or copied per launch, ``ringattn.core.PACK_LSE``), times forward and
-forward+backward of ``segment_local/sdpa`` and measures their peak memory relative to the tensors
-the call cannot avoid (as ``experiments.bench`` does). Every choice must compute one function: each
-row's ``vs_first_err`` is the largest relative error of its output and gradients against those of
-the first choice (of its ``n`` and mixing). With ``--trace`` it also logs every kernel call of one
-forward+backward: the block's shape, the bytes it allocates transiently (peak above the level before
-it) and what stays allocated after it, so the largest transient is named. ``--steady`` also times 10
-calls back to back (no sync between them, as in a model's steady state) and the host's own time per
-call. ``--graphs`` also times the same calls replayed from CUDA graphs (forward captured with
-``torch.cuda.graph``, forward+backward through ``torch.cuda.make_graphed_callables``): what the
-launches and the Python work around the kernels cost. ``--ceiling`` times the plan's kernel calls
-alone (each distinct block shape on contiguous inputs, times how often the plan calls it) next to
-dense SDPA at the same ``n``: the fraction of dense throughput the block kernels themselves reach,
-which bounds what any merge or copy schedule around them can reach. Prints a table last; writes
-``overheads.json`` and ``.md`` under ``--out``.
+gathered once per call or copied per launch, ``ringattn.core.PACK_LSE``; ``--group``: head_groups'
+configs in one FA4 forward or one per config, ``ringattn.kernels.fa4_group.ENABLED``), times forward
+and forward+backward of ``segment_local/sdpa`` and measures their peak memory relative to the
+tensors the call cannot avoid (as ``experiments.bench`` does). Every choice must compute one
+function: each row's ``vs_first_err`` is the largest relative error of its output and gradients
+against those of the first choice (of its ``n`` and mixing). With ``--trace`` it also logs every
+kernel call of one forward+backward: the block's shape, the bytes it allocates transiently (peak
+above the level before it) and what stays allocated after it, so the largest transient is named.
+``--steady`` also times 10 calls back to back (no sync between them, as in a model's steady state)
+and the host's own time per call. ``--graphs`` also times the same calls replayed from CUDA graphs
+(forward captured with ``torch.cuda.graph``, forward+backward through
+``torch.cuda.make_graphed_callables``): what the launches and the Python work around the kernels
+cost. ``--ceiling`` times the plan's kernel calls alone (each distinct block shape on contiguous
+inputs, times how often the plan calls it) next to dense SDPA at the same ``n``: the fraction of
+dense throughput the block kernels themselves reach, which bounds what any merge or copy schedule
+around them can reach. Prints a table last; writes ``overheads.json`` and ``.md`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from ringattn import core, lanes, launches, pattern
 from ringattn.computers.sdpa import CUDA_BACKWARDS, CUDA_FORWARDS, SDPAComputer
 from ringattn.flops import dense_flops, useful_flops
 from ringattn.kernels import add as add_kernel
-from ringattn.kernels import cudnn_graphs, fa4, fa4_zero
+from ringattn.kernels import cudnn_graphs, fa4, fa4_group, fa4_zero
 
 # how the core adds a merged block's gradients into their rows (False: "not done", torch's add_)
 ADDS = {"triton": add_kernel.add_rows_, "torch": lambda accs, parts: False}
@@ -242,6 +243,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 args.bwd_merge,
                 args.zero,
                 args.pack_lse,
+                args.group,
             )
         )
         first_results = None  # every choice must compute what the first one did
@@ -261,6 +263,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 bwd_merge,
                 zero,
                 pack_lse,
+                group,
             ) = choice
             pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
             SDPAComputer.in_place = in_place == "yes"
@@ -275,6 +278,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             SDPAComputer.fa4_backward_merge = int(bwd_merge)
             fa4_zero.ENABLED = zero == "yes"
             core.PACK_LSE = pack_lse == "yes"
+            fa4_group.ENABLED = group == "yes"
             attention = ringattn.DilatedAttention(
                 ISSUE_LENGTHS,
                 ISSUE_RATES,
@@ -305,6 +309,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "bwd_merge": int(bwd_merge),
                     "zero": zero,
                     "pack_lse": pack_lse,
+                    "group": group,
                     **stats,
                     "fwd_tflops": flops_f / stats["fwd_ms"] / 1e9,
                     "fwdbwd_tflops": 3.5 * flops_f / stats["fwdbwd_ms"] / 1e9,
@@ -412,6 +417,11 @@ def main(argv: list[str] | None = None) -> None:
             "the backward's placed launches read their LSE from one buffer gathered per call "
             "(ringattn.core.PACK_LSE), or FA4's backward copies each launch's",
         ),
+        "--group": (
+            ["yes", "no"],
+            "head_groups: the configs' blocks of one segment length in one FA4 forward "
+            "(ringattn.kernels.fa4_group.ENABLED), or one launch per config",
+        ),
         "--forward": (
             list(CUDA_FORWARDS),
             "sdpa's forward through FlashAttention-4 where it runs (auto), or torch's kernels "
@@ -455,6 +465,7 @@ def main(argv: list[str] | None = None) -> None:
         fa4.REPLAY = True
         fa4_zero.ENABLED = True
         core.PACK_LSE = True
+        fa4_group.ENABLED = True
         SDPAComputer.fa4_backward_merge = default_merge
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overheads.json").write_text(json.dumps({"rows": rows, "traces": traces}))

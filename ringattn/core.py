@@ -139,13 +139,18 @@ def for_each_block(
     first: int,
     run: Callable[[int], None],
     backward: bool = False,
+    done: frozenset[int] = frozenset(),
 ):
-    """``run(i)`` for blocks ``first..``; a disjoint plan's configs on concurrent streams where
-    :class:`ringattn.lanes.Lanes` allows (blocks whose segments stay on this device, unless
-    ``lanes.SPANNING``); ``backward``: the call is a backward (``lanes.MODE = "forward"``)."""
+    """``run(i)`` for blocks ``first..`` except those ``done``; a disjoint plan's configs on
+    concurrent streams where :class:`ringattn.lanes.Lanes` allows (blocks whose segments stay on
+    this device, unless ``lanes.SPANNING``); ``backward``: the call is a backward
+    (``lanes.MODE = "forward"``)."""
     blocks = spec.plan.blocks
+    ids = [i for i in range(first, len(blocks)) if i not in done]
+    if not ids:  # (no fan-out to pay for)
+        return
     with Lanes(device, spec.plan.disjoint, backward) as fan:
-        for i in range(first, len(blocks)):
+        for i in ids:
             config = blocks[i].job.config
             with fan.lane(config, i, local=spec.spans[config] == 1):
                 run(i)
@@ -215,10 +220,23 @@ def dilated_forward(
             derived["fill"] = unzeroed_selection(spec.plan, launches)
         fill_unselected_(out_acc, derived["fill"], spec.memory)
 
+    # head_groups: the parts of every config that share one segment length as one launch where
+    # the computer has it (FA4: one kernel over all their tiles); declined, they go one by one
+    grouped: frozenset[tuple[int, int]] = frozenset()
+    if spec.plan.disjoint and launches:
+        derived = launches.derived
+        if "group" not in derived:
+            derived["group"] = grouped_launch(spec, launches, tensors)
+        if derived["group"] is not None:
+            pairs, geometries, launch = derived["group"]
+            if launch([views(tensors, geometry) for geometry in geometries]):
+                grouped = pairs
+
     def forward_blocks(i: int) -> None:
         if i in launches:
-            for geometry, launch in launches[i]:
-                launch(*views(tensors, geometry))
+            for j, (geometry, launch) in enumerate(launches[i]):
+                if (i, j) not in grouped:
+                    launch(*views(tensors, geometry))
             return
         for block in spec.plan.parts[i]:
             index = _index(indices, i, blocks[i], block)
@@ -245,8 +263,37 @@ def dilated_forward(
             else:
                 merge_result_(out_rows, lse_rows, attend(block, index))
 
-    for_each_block(spec, q.device, first, forward_blocks)
+    done = frozenset(i for i in launches if all((i, j) in grouped for j in range(len(launches[i]))))
+    for_each_block(spec, q.device, first, forward_blocks, done=done if grouped else frozenset())
     return out_acc, lse_acc
+
+
+def grouped_launch(
+    spec: CoreSpec, launches: dict, tensors: tuple[Tensor | None, ...]
+) -> tuple[frozenset[tuple[int, int]], tuple, Callable[[list], bool]] | None:
+    """One launch for the placed parts (:func:`placing_launch`) that share the most common
+    segment length, where there are two or more and the computer has a kernel for them
+    (``BlockComputer.grouped_launcher``): ``(their (block, part) pairs, their geometries,
+    launch(views of each))``, the launch returning False where it declined (nothing to count
+    on: the parts then go one by one). None where there is no such launch. Each part's zeros
+    are the ones its own launch writes (``group_shifts``), so the fill's selection holds
+    either way."""
+    by_length: dict[int, list] = {}
+    for i, parts in launches.items():
+        for j, (geometry, launch) in enumerate(parts):
+            shifts = getattr(launch, "group_shifts", None)
+            if shifts is not None:  # (geometry[0]: q's view [B, L, H, d])
+                by_length.setdefault(geometry[0][0][1], []).append((i, j, geometry, shifts))
+    members = max(by_length.values(), key=len, default=[])
+    if len(members) < 2:
+        return None
+    geometries = tuple(geometry for _, _, geometry, _ in members)
+    examples = [tuple(views(tensors, geometry)) for geometry in geometries]
+    shifts = [member[3] for member in members]
+    launch = spec.computer.grouped_launcher(spec.causal, spec.scale, examples, shifts)
+    if launch is None:
+        return None
+    return frozenset((i, j) for i, j, _, _ in members), geometries, launch
 
 
 # the A/B of launches.packed for the backward's LSE (experiments/overheads.py --pack-lse): one
@@ -408,6 +455,7 @@ def placing_launch(
         spec.causal, spec.scale, shifts, q, k, v, out, lse
     )
     if not zeroing:
+        plain.group_shifts = ()  # type: ignore[attr-defined]  # (grouped_launch: no zeros)
         return plain
 
     def launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor | None) -> None:
@@ -417,6 +465,7 @@ def placing_launch(
                 shifted(out, shift).zero_()
 
     launch.zeroes_unselected = True  # type: ignore[attr-defined]
+    launch.group_shifts = shifts  # type: ignore[attr-defined]
     return launch
 
 

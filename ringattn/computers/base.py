@@ -141,6 +141,21 @@ class BlockComputer(AttentionComputer):
         nothing)."""
         return None
 
+    def grouped_launcher(
+        self,
+        causal: bool,
+        scale: float,
+        groups: list[tuple[Rows, Rows, Rows, Rows, RowsLSE | None]],
+        shifts: list[tuple[int, ...]],
+    ) -> Callable[[list], bool] | None:
+        """A launcher that does what :meth:`zeroing_launcher` (or, for a group without shifts,
+        :meth:`forward_launcher`) does for each of several groups ``(q, k, v, out, lse)`` of
+        placed blocks of one segment length, in one kernel, for views of these layouts, as
+        ``launch(groups)``; None where this computer has no such kernel (the core then launches
+        the groups one by one). The launcher returns False from a call it did not take (the
+        core then launches every group, which rewrites whatever the call wrote)."""
+        return None
+
     def places_whole_blocks(self, q: Tensor) -> bool:
         """Whether this computer's placed forward (:meth:`forward_launcher`) writes straight
         into its rows with no block-sized temporaries, here. Then the core launches each placed

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ringattn import pattern
 from ringattn.computers.base import BlockComputer, Rows, RowsLSE, accumulation_dtype
-from ringattn.kernels import cudnn_graphs, fa4, fa4_add, fa4_merge, fa4_zero
+from ringattn.kernels import cudnn_graphs, fa4, fa4_add, fa4_group, fa4_merge, fa4_zero
 from ringattn.registry import register
 
 aten = torch.ops.aten
@@ -340,6 +340,23 @@ class SDPAComputer(BlockComputer):
 
         def launch(q, k, v, out, lse) -> bool:
             return zero(q, k, v, scale, out, lse)
+
+        return launch
+
+    def grouped_launcher(self, causal, scale, groups, shifts):
+        # every config's blocks in one FA4 kernel (ringattn.kernels.fa4_group; its ENABLED
+        # switch also decides here, as fa4_zero's does)
+        if not (
+            fa4_group.ENABLED
+            and self._fa4(self.cuda_forward, groups[0][0])
+            and fa4_group.supported(groups, shifts)
+        ):
+            return None
+
+        group = fa4_group.grouper(groups, causal, shifts)
+
+        def launch(groups) -> bool:
+            return group(groups, scale)
 
         return launch
 

@@ -1,0 +1,249 @@
+"""Several placed blocks' forwards as one FA4 kernel (``head_groups``: every config in one launch).
+
+Why: ``head_groups`` launches one FA4 forward per config. With LongNet's usual configs every
+config's dilated segment has one length (issue 5's: 2048 rows), but the small configs are few
+CTAs (``r = 16``: 48 at 32K tokens on 132 SMs), each kernel lasting as long as its longest
+query tile, so causal forwards ran those configs at 93-172 TFLOP/s against 524 for ``r = 1``
+(``docs/benchmarks/h200_perf.md``, step 31); and every launch costs host time, which is what
+bounds 32K. :mod:`ringattn.kernels.fa4_group_sm90` runs the blocks of every config in one
+kernel whose scheduler walks all of their tiles (longest first for causal), each group through
+TMA descriptors of its own, writing each group's output rows, LSE and (where its config leaves
+rows out) those rows' zeros, as :mod:`ringattn.kernels.fa4_zero` does per config.
+
+A group is a placed block part ``[B_g, L, H_g, d]`` (q, k, v, out, LSE ``[B_g, L, H_g]`` or
+None) of full segments, with the shifts of its unselected rows (``ringattn.core.
+neighbour_shifts``; () for ``r = 1``). Every group has the same ``L``, dtype and head dim.
+
+Held to FA4's plain forward like the other fused kernels: the first call of each compiled
+kernel fills every group's neighbour rows with NaN, runs it, and keeps it only if each group's
+rows and LSE agree with FA4's forward of that group and every neighbour is 0; a kernel that
+fails to compile or agree is not used again in this process (with a warning that says why).
+A False return means no kernel ran to completion: the caller launches the groups one by one,
+which writes every row this call would have (the NaN of a failed first call included). SM90
+only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from ringattn.kernels import fa4, fa4_merge
+from ringattn.kernels.unselected import shifted
+
+# the A/B switch (experiments/overheads.py --group), read on every call: False declines, and the
+# caller launches the groups one by one
+ENABLED = True
+
+# compiled kernels by key; False: failed to compile or agree
+_COMPILED: dict[tuple, Any] = {}
+_LOCK = threading.Lock()
+# why the latest kernel was refused (for probes)
+last_refusal: str | None = None
+
+# one group: its (q, k, v, out, lse or None) views
+Group = tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]
+
+
+def supported(groups: Sequence[Group], shifts: Sequence[tuple[int, ...]]) -> bool:
+    """Whether one kernel takes these groups here: two or more, on an SM90 GPU with FA4, each
+    in a layout :func:`ringattn.kernels.fa4_merge.layout_ok` accepts, self-attention blocks of
+    one length, dtype and head dim, all with an LSE or none, and shifts that keep the output's
+    16-byte vector stores aligned."""
+    if len(groups) < 2 or len(shifts) != len(groups):
+        return False
+    q0, lse0 = groups[0][0], groups[0][4]
+    for (q, k, v, out, lse), group_shifts in zip(groups, shifts):
+        if (lse is None) != (lse0 is None) or k.shape != q.shape or v.shape != q.shape:
+            return False
+        if q.shape[1] != q0.shape[1] or q.shape[3] != q0.shape[3] or q.dtype != q0.dtype:
+            return False
+        if any(shift * q.element_size() % 16 for shift in group_shifts):
+            return False
+        if not fa4_merge.layout_ok(q, k, v, out, lse):
+            return False
+    return fa4.sm90(q0)
+
+
+def _key(groups: Sequence[Group], causal: bool, shifts: Sequence[tuple[int, ...]]) -> tuple:
+    """What a compiled kernel is specialised for: dtype, head dim, causality, the tiles
+    (``fa4.FORWARD_CONFIG``), each group's head count and shifts, and which dim of each
+    ``[B, H, L]`` LSE view has stride 1 (compiled in as a constant; None: none, or no LSE)."""
+    q0, lse0 = groups[0][0], groups[0][4]
+    units = tuple(
+        None
+        if lse is None
+        else next((i for i, s in enumerate(lse.transpose(1, 2).stride()) if s == 1), None)
+        for *_, lse in groups
+    )
+    heads = tuple(group[0].shape[2] for group in groups)
+    config = fa4.FORWARD_CONFIG.get(causal)
+    return q0.dtype, q0.shape[-1], causal, config, lse0 is None, heads, tuple(shifts), units
+
+
+def _restrided(groups: Sequence[Group]) -> list[Group]:
+    """Each view with its size-1 dims of stride 0 given a stride the kernel accepts."""
+    return [
+        tuple(None if x is None else fa4_merge._unit_dims_restrided(x) for x in group)
+        for group in groups
+    ]
+
+
+def _operands(groups: Sequence[Group]) -> tuple:
+    """The kernel's arguments: tuples of q, k, v, out and of the ``[B, H, L]`` LSE views (or
+    None)."""
+    qs, ks, vs, outs, lses = zip(*groups)
+    lses_bhl = None if lses[0] is None else tuple(lse.transpose(1, 2) for lse in lses)
+    return qs, ks, vs, outs, lses_bhl
+
+
+def forward_group_(
+    groups: Sequence[Group], causal: bool, scale: float, shifts: Sequence[tuple[int, ...]]
+) -> bool:
+    """Every group's ``out``, ``lse`` (may be None) <- attention(q, k, v), and 0 into
+    ``shifted(out, s)`` for each ``s`` of its ``shifts``, as one kernel. False where that kernel
+    is not usable (see the module docstring: the caller launches the groups itself)."""
+    if not ENABLED:
+        return False
+    key = _key(groups, causal, shifts)
+    groups = _restrided(groups)
+    return fa4.call_guarded(
+        _COMPILED,
+        _LOCK,
+        key,
+        groups[0][0],
+        lambda: _first_call(key, groups, causal, scale),
+        lambda kernel: kernel(*_operands(groups), scale),
+    )
+
+
+def grouper(
+    groups: Sequence[Group], causal: bool, shifts: Sequence[tuple[int, ...]]
+) -> Callable[[Sequence[Group], float], bool]:
+    """:func:`forward_group_` for views of these (example) views' layouts, as ``call(groups,
+    scale)``, with the compile key and the re-striding decided here once (a prepared launch
+    calls it every forward: ``ringattn.core``)."""
+    key = _key(groups, causal, shifts)
+    restride = any(0 in x.stride() for group in groups for x in group if x is not None)
+    shifts = tuple(shifts)
+
+    def call(groups: Sequence[Group], scale: float) -> bool:
+        kernel = _COMPILED.get(key)
+        if not kernel or restride or not ENABLED:  # first call, refused, off, or unusual
+            return forward_group_(groups, causal, scale, shifts)
+        kernel(*_operands(groups), scale)
+        return True
+
+    return call
+
+
+def _compile(key: tuple, groups: Sequence[Group]) -> Callable:
+    """The grouped kernel compiled for operands like these (kept in FA4's JIT cache as
+    :func:`ringattn.kernels.fa4_merge.compile_forward` keeps its kernels), as ``launch(qs, ks,
+    vs, outs, lses_bhl, scale)``."""
+    cute = importlib.import_module("cutlass.cute")
+    dsl_utils = importlib.import_module("flash_attn.cute.cute_dsl_utils")
+    interface = importlib.import_module("flash_attn.cute.interface")
+    sm90 = importlib.import_module("ringattn.kernels.fa4_group_sm90")
+    dtype, head_dim, causal, config, _, heads, shifts, units = key
+    cfg = interface._tile_size_fwd_sm90(head_dim, head_dim, causal, False)
+    if config is not None:  # fa4.FORWARD_CONFIG
+        cfg = type(cfg)(*config)
+    kernel = sm90.GroupedForwardSm90(
+        dsl_utils.torch2cute_dtype_map[dtype],
+        head_dim,
+        head_dim,
+        1,
+        is_causal=causal,
+        is_local=False,
+        pack_gqa=False,
+        tile_m=cfg.m_block_size,
+        tile_n=cfg.n_block_size,
+        num_stages=2,
+        num_threads=384,
+        Q_in_regs=False,
+        intra_wg_overlap=cfg.intra_wg_overlap,
+        mma_pv_is_rs=cfg.mma_pv_is_rs,
+        q_subtile_factor=1,
+        heads=heads,
+        zero_shifts=shifts,
+    )
+    qs, ks, vs, outs, lses_bhl = _operands(groups)
+    args = [tuple(dsl_utils.to_cute_tensor(x) for x in xs) for xs in (qs, ks, vs)]
+    args.append(tuple(dsl_utils.to_cute_tensor(x, assumed_align=16) for x in outs))
+    if lses_bhl is None:
+        args.append(None)
+    else:
+        args.append(
+            tuple(
+                dsl_utils.to_cute_tensor(x, assumed_align=4, fully_dynamic=True)
+                if unit is None
+                else dsl_utils.to_cute_tensor(x, assumed_align=4, leading_dim=unit)
+                for x, unit in zip(lses_bhl, units)
+            )
+        )
+    cache = fa4_merge._jit_cache()
+    cache_key = (fa4_merge._digest(sm90.__file__), fa4_merge._digest(__file__), *key)
+    if cache_key in cache:
+        compiled = cache[cache_key]
+    else:
+        stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
+        compiled = cute.compile(kernel, *args, 1.0, stream, options="--enable-tvm-ffi")
+        cache[cache_key] = compiled
+
+    def launch(qs, ks, vs, outs, lses_bhl, scale) -> None:
+        compiled(qs, ks, vs, outs, lses_bhl, scale)
+
+    return launch
+
+
+def _first_call(key: tuple, groups: Sequence[Group], causal: bool, scale: float) -> bool:
+    """Compile ``key``'s kernel, run it with every group's neighbour rows poisoned and hold each
+    group to FA4's plain forward; keep it only if all agree (else recorded as False: not used
+    again). Either way the call's rows, LSE and zeros end written, except where the kernel
+    failed to compile or run (False: the caller launches the groups)."""
+    shifts = key[6]
+    neighbours = [shifted(group[3], s) for group, ss in zip(groups, shifts) for s in ss]
+    for x in neighbours:
+        x.fill_(float("nan"))  # a kernel that skips its zeros cannot pass
+    try:
+        kernel = _compile(key, groups)
+        kernel(*_operands(groups), scale)
+    except Exception as exc:  # the CuTe DSL or this FA4 version rejects the kernel
+        _refuse(key, f"it failed to compile or launch ({type(exc).__name__}: {exc})")
+        return False
+    why = None
+    for g, (q, k, v, out, lse) in enumerate(groups):
+        out_ref, lse_ref = fa4.forward(q, k, v, causal, scale)
+        out_ok, out_err = fa4.output_agrees(out, out_ref)
+        lse_ok = lse is None or fa4.lse_agrees(lse, lse_ref)
+        if why is None and not (out_ok and lse_ok):
+            why = f"group {g}: output error {out_err:.3g}, LSE {'ok' if lse_ok else 'wrong'}"
+        if not (out_ok and lse_ok):  # the plain forward's result stands
+            out.copy_(out_ref)
+            if lse is not None:
+                lse.copy_(lse_ref)
+    if why is None and not all(bool((x == 0).all()) for x in neighbours):
+        why = "a neighbour row not zeroed"
+    if why is None:
+        _COMPILED[key] = kernel
+        return True
+    _refuse(key, f"it disagreed with FA4's forward ({why})")
+    for x in neighbours:
+        x.zero_()
+    return True
+
+
+def _refuse(key: tuple, why: str) -> None:
+    global last_refusal
+    _COMPILED[key], last_refusal = False, why
+    fa4.warn_refused(
+        "FA4's forward over several configs in one launch",
+        key,
+        why,
+        "each config's blocks take their own FA4 forward",
+    )

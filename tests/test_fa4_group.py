@@ -1,0 +1,233 @@
+"""``head_groups``' configs in one FA4 launch (``ringattn.kernels.fa4_group``), without a GPU.
+
+The kernel runs only on SM90 GPUs (held to FA4's forward there by its first-call guard, by
+``experiments/fa4_probe.py --part group`` and to the oracle by ``experiments/flex_gpu.py --part
+check``). Here, on the FA4 stand-in of ``tests/fake_fa4.py``, with the core's fill poisoning
+every pair a block should write (``tests/test_fa4_zero.py``):
+
+* the core's wiring: which parts are offered to one launch (those of the most common segment
+  length, two or more), each with the shifts its own launch would zero, the launch's views
+  pointing at the parts' rows; a stand-in that writes every group's rows and zeros matches the
+  oracle, one that declines leaves every part to its own launch, and one that skips a group
+  fails the oracle;
+* the first-call guard: a kernel is kept only if every group's rows, LSE and zeros agree with
+  FA4's forward, and one that fails to compile or disagrees is refused with a warning and
+  never called again, while the call's result still ends written.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import problems
+from fake_fa4 import FakeFA4, installed
+from hypothesis import given
+from hypothesis import strategies as st
+from test_fa4 import sdpa_strategies, with_fixture
+from test_fa4_zero import ZEROED, StandIn, zeroing  # noqa: F401  (the fixture)
+from test_strategies import check_against_oracle
+
+from ringattn.kernels import fa4, fa4_group, fa4_merge, fa4_zero
+from ringattn.kernels.unselected import shifted
+
+
+class GroupStandIn:
+    """``fa4_group.forward_group_`` on the CPU: FA4's (stand-in's) forward of each group into
+    its views and zeros at its shifts, after checking the contract; declines every
+    ``decline``-th call, and leaves out the last group if ``lazy``."""
+
+    def __init__(self, decline: int = 0, lazy: bool = False) -> None:
+        self.calls = self.done = 0
+        self.decline, self.lazy = decline, lazy
+        self.lengths: set[int] = set()
+        self.shifts: list[tuple[tuple[int, ...], ...]] = []
+
+    def __call__(self, groups, causal, scale, shifts) -> bool:
+        self.calls += 1
+        assert len(groups) == len(shifts) >= 2
+        assert len({q.shape[1] for q, *_ in groups}) == 1
+        self.lengths.add(groups[0][0].shape[1])
+        self.shifts.append(tuple(shifts))
+        if self.decline and self.calls % self.decline == 0:
+            return False
+        for q, k, v, out, lse in groups[: -1 if self.lazy else None]:
+            out_block, lse_block = fa4.forward(q, k, v, causal, scale)
+            out.copy_(out_block)
+            if lse is not None:
+                lse.copy_(lse_block)
+        for (*_, out, _), group_shifts in zip(groups, shifts, strict=True):
+            for shift in group_shifts:
+                shifted(out, shift).zero_()
+        self.done += 1
+        return True
+
+
+@pytest.fixture
+def grouping(zeroing):  # noqa: F811
+    """``zeroing``'s set-up, with one launch offered for any two or more groups."""
+    patch, selections = zeroing
+    patch.setattr(
+        fa4_group,
+        "supported",
+        lambda groups, shifts: (
+            len(groups) >= 2 and all(fa4_merge.layout_ok(*group) for group in groups)
+        ),
+    )
+    patch.setattr(fa4_zero, "forward_zero_", StandIn())
+    return patch, selections
+
+
+@pytest.mark.parametrize(("causal", "decline"), [(False, 0), (True, 0), (True, 2)])
+def test_every_config_in_one_launch(grouping, causal, decline):
+    """n = 64: full segments only, so the three configs (L = 8) go as one launch, with the
+    shifts of the r = 2 and r = 4 groups; declined calls go config by config."""
+    patch, _ = grouping
+    stand_in = GroupStandIn(decline)
+    patch.setattr(fa4_group, "forward_group_", stand_in)
+    per_config = fa4_zero.forward_zero_
+    check_against_oracle({**ZEROED, "causal": causal}, torch.float32, sdpa_strategies())
+    assert stand_in.done > 0 and stand_in.lengths == {8}
+    # the groups' shifts are their configs' (test_fa4_zero), the r = 1 config's none
+    assert {frozenset(shifts) for shifts in stand_in.shifts} == {
+        frozenset({(), (-48,), (-96, -48, 48)})
+    }
+    if decline:  # the declined calls' configs took their own launches
+        assert stand_in.done < stand_in.calls and per_config.zeroed > 0
+    else:
+        assert per_config.zeroed == 0
+
+
+def test_a_launch_that_skips_a_group_fails_the_oracle(grouping):
+    patch, _ = grouping
+    patch.setattr(fa4_group, "forward_group_", GroupStandIn(lazy=True))
+    with pytest.raises(AssertionError, match="rel err"):
+        check_against_oracle({**ZEROED, "causal": True}, torch.float32, sdpa_strategies())
+
+
+@with_fixture(max_examples=15)
+@given(problems(), st.sampled_from([0, 2, 3]))
+def test_any_problem_matches_oracle_grouped_or_not(grouping, p, decline):
+    """Tails, several segment lengths, configs without blocks: the oracle holds whichever
+    parts go in one launch and whichever calls are declined."""
+    grouping[0].setattr(fa4_group, "forward_group_", GroupStandIn(decline))
+    check_against_oracle(p, torch.float32, sdpa_strategies())
+
+
+def test_parts_of_the_most_common_length_are_grouped(grouping):
+    """n = 72: the (8, 1) config has 9 segments of 8 rows, (16, 2) 4 of 8 and a tail of 4, (32,
+    4) 2 of 8 and a tail of 2: the L = 8 parts go in one launch, the tails on their own."""
+    patch, _ = grouping
+    stand_in = GroupStandIn()
+    patch.setattr(fa4_group, "forward_group_", stand_in)
+    check_against_oracle({**ZEROED, "n": 72, "causal": True}, torch.float32, sdpa_strategies())
+    assert stand_in.lengths == {8} and fa4_zero.forward_zero_.zeroed == 0
+
+
+def groups_of(seed: int = 0, lse: bool = True):
+    """Two groups of ``[2, 32, 3, 8]`` tensors: heads 0 at (16, 1) and 1-2 at (32, 2) offset 1,
+    both with 16-row segments, and their shifts."""
+    gen = torch.Generator().manual_seed(seed)
+    b, n, h, d = 2, 32, 3, 8
+    q, k, v, out = (torch.randn(b, n, h, d, generator=gen) for _ in range(4))
+    lse_full = torch.randn(b, n, h, generator=gen)
+
+    def rows(x, w, r, o, heads):  # [b, n, h, ...] -> [b * n / w, w / r, H, ...]
+        return x.unflatten(1, (n // w, w))[:, :, o::r, heads].flatten(0, 1)
+
+    configs = ((16, 1, 0, slice(0, 1)), (32, 2, 1, slice(1, 3)))
+    groups = [
+        (*(rows(x, *c) for x in (q, k, v, out)), rows(lse_full, *c) if lse else None)
+        for c in configs
+    ]
+    shifts = [(), (-h * d,)]
+    return groups, shifts
+
+
+@pytest.fixture
+def fake_fa4():
+    with installed(FakeFA4()) as kernel:
+        yield kernel
+
+
+def test_first_call_keeps_an_agreeing_kernel(fake_fa4, monkeypatch):
+    groups, shifts = groups_of()
+    compiled = []
+
+    def compile_(key, groups):
+        def kernel(qs, ks, vs, outs, lses_bhl, scale):
+            compiled.append(key)
+            for q, k, v, out, lse in zip(qs, ks, vs, outs, lses_bhl, strict=True):
+                out_block, lse_block = fa4.forward(q, k, v, False, scale)
+                out.copy_(out_block)
+                lse.transpose(1, 2).copy_(lse_block)
+            for out, group_shifts in zip(outs, shifts, strict=True):
+                for shift in group_shifts:
+                    shifted(out, shift).zero_()
+
+        return kernel
+
+    monkeypatch.setattr(fa4_group, "_compile", compile_)
+    monkeypatch.setattr(fa4_group, "_COMPILED", {})
+    assert fa4_group.forward_group_(groups, False, 0.5, shifts)
+    key = fa4_group._key(groups, False, shifts)
+    assert fa4_group._COMPILED[key] is not False
+    assert fa4_group.forward_group_(groups, False, 0.5, shifts) and len(compiled) == 2
+    for q, k, v, out, lse in groups:
+        out_ref, lse_ref = fa4.forward(q, k, v, False, 0.5)
+        torch.testing.assert_close(out, out_ref)
+        torch.testing.assert_close(lse, lse_ref)
+    assert (shifted(groups[1][3], shifts[1][0]) == 0).all()
+
+
+@pytest.mark.parametrize("fault", ["raises", "wrong rows", "no zeros"])
+def test_first_call_refuses_a_failing_kernel(fake_fa4, monkeypatch, fault):
+    groups, shifts = groups_of()
+
+    def compile_(key, groups):
+        if fault == "raises":
+            raise RuntimeError("DSL says no")
+
+        def kernel(qs, ks, vs, outs, lses_bhl, scale):
+            for q, k, v, out, lse in zip(qs, ks, vs, outs, lses_bhl, strict=True):
+                out_block, lse_block = fa4.forward(q, k, v, False, scale)
+                out.copy_(out_block * (2 if fault == "wrong rows" else 1))
+                lse.transpose(1, 2).copy_(lse_block)
+
+        return kernel
+
+    monkeypatch.setattr(fa4_group, "_compile", compile_)
+    monkeypatch.setattr(fa4_group, "_COMPILED", {})
+    with pytest.warns(RuntimeWarning, match="several configs in one launch"):
+        written = fa4_group.forward_group_(groups, False, 0.5, shifts)
+    assert written == (fault != "raises")
+    assert fa4_group._COMPILED[fa4_group._key(groups, False, shifts)] is False
+    if written:  # the call's result stands: every group's rows, LSE and zeros
+        for q, k, v, out, lse in groups:
+            out_ref, lse_ref = fa4.forward(q, k, v, False, 0.5)
+            torch.testing.assert_close(out, out_ref)
+            torch.testing.assert_close(lse, lse_ref)
+        assert (shifted(groups[1][3], shifts[1][0]) == 0).all()
+    assert not fa4_group.forward_group_(groups, False, 0.5, shifts)  # never again
+
+
+def test_key_and_support():
+    groups, shifts = groups_of()
+    key = fa4_group._key(groups, True, shifts)
+    assert key[:3] == (torch.float32, 8, True) and key[5] == (1, 2) and key[6] == ((), (-24,))
+    no_lse, _ = groups_of(lse=False)
+    assert fa4_group._key(no_lse, True, shifts)[4] is True
+    assert not fa4_group.supported(groups, shifts)  # off an SM90 GPU, never
+
+
+def test_support_rules(monkeypatch):
+    monkeypatch.setattr(fa4, "sm90", lambda q: True)
+    groups, shifts = groups_of()
+    assert fa4_group.supported(groups, shifts)
+    no_lse, _ = groups_of(lse=False)
+    assert fa4_group.supported(no_lse, shifts)
+    # one group, an LSE for some groups only, misaligned shifts, another length: never
+    assert not fa4_group.supported(groups[:1], shifts[:1])
+    assert not fa4_group.supported([groups[0], no_lse[1]], shifts)
+    assert not fa4_group.supported(groups, [(), (-3,)])
+    shorter = tuple(None if x is None else x[:, :8] for x in groups[1])
+    assert not fa4_group.supported([groups[0], shorter], shifts)
