@@ -562,9 +562,10 @@ def zero(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
 def group(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     """``ringattn.kernels.fa4_group`` (every ``head_groups`` config's blocks in one FA4 forward)
     against one launch per config (FA4's zeroing forward, or its plain one for ``r = 1``), on
-    issue 5's plan at ``n // 4`` and ``n``: each group's rows and LSE against FA4's forward,
-    every unselected row 0, nothing left unwritten (the output starts NaN), GPU ms and the
-    host's µs per call of both; then the module with it on and off."""
+    issue 5's plan at ``n // 4`` (at least its longest segment) and ``n``: each group's rows
+    and LSE against FA4's forward, every unselected row 0, nothing left unwritten (the output
+    starts NaN), GPU ms and the host's µs per call of both; then the module with it on and
+    off."""
     from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
     from ringattn.core import neighbour_shifts
     from ringattn.kernels import fa4, fa4_group, fa4_zero
@@ -572,18 +573,25 @@ def group(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
 
     rows = []
     scale = d**-0.5
-    for size, causal, with_lse in itertools.product((n // 4, n), (False, True), (True, False)):
+    # sizes where every config has full segments of one length (one group each, all in one
+    # launch: the core would leave tails and other lengths to their own launches)
+    sizes = sorted({max(n // 4, max(ISSUE_LENGTHS)), n})
+    for size, causal, with_lse in itertools.product(sizes, (False, True), (True, False)):
         plan = make_plan(size, h, tuple(zip(ISSUE_LENGTHS, ISSUE_RATES)), "head_groups")
+        assert not any(block.tail for block in plan.blocks)
+        assert len({block.length for block in plan.blocks}) == 1
         q_full, k_full, v_full, out_full = (
             torch.randn(1, size, h, d, device=device, dtype=torch.bfloat16) for _ in range(4)
         )
         lse_full = torch.randn(1, size, h, device=device)
-        groups, shifts = [], []
+        members = []
         for block in plan.blocks:
             views = [block.rows(x).flatten(0, 1) for x in (q_full, k_full, v_full, out_full)]
             lse = block.rows(lse_full).flatten(0, 1) if with_lse else None
-            groups.append((*views, lse))
-            shifts.append(neighbour_shifts(block, views[3]))
+            members.append(((*views, lse), neighbour_shifts(block, views[3])))
+        # in the core's order (ringattn.core.grouped_launch): the most zeros to write first
+        members.sort(key=lambda member: -len(member[1]))
+        groups, shifts = (list(x) for x in zip(*members))
         row = {"problem": f"n={size} groups={len(groups)} lse={with_lse}", "causal": causal}
 
         def grouped(groups=groups, shifts=shifts, causal=causal):

@@ -32,25 +32,28 @@ from ringattn.pattern import make_plan
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
-# (heads, segment_lengths, dilation_rates, mixings) at n = 1000 (every config has a tail): 6
+# (heads, segment_lengths, dilation_rates, mixings, n): at n = 1000 every config has a tail; 6
 # heads spread offsets unevenly; 8 heads under lse launch offsets as runs
-# (ringattn.pattern.OffsetRun): r = 8's full segments and its tail, and r = 4's w > n tail
+# (ringattn.pattern.OffsetRun): r = 8's full segments and its tail, and r = 4's w > n tail; at
+# n = 1024 (full segments, b = 2: every part one view) head_groups' configs go as one FA4 launch
+# (ringattn.kernels.fa4_group)
 CHECK_PROBLEMS = (
-    (6, (128, 256, 512), (1, 2, 4), ("lse", "head_groups")),
-    (8, (128, 256, 2048), (1, 8, 4), ("lse",)),
+    (6, (128, 256, 512), (1, 2, 4), ("lse", "head_groups"), 1000),
+    (8, (128, 256, 2048), (1, 8, 4), ("lse",), 1000),
+    (6, (128, 256, 512), (1, 2, 4), ("head_groups",), 1024),
 )
 
 
 def correctness(device: torch.device) -> list[dict]:
     rows = []
-    for h, lengths, rates, mixings in CHECK_PROBLEMS:
-        rows += _correctness(device, h, lengths, rates, mixings)
+    for h, lengths, rates, mixings, n in CHECK_PROBLEMS:
+        rows += _correctness(device, h, lengths, rates, mixings, n)
     return rows
 
 
-def _correctness(device: torch.device, h: int, lengths, rates, mixings) -> list[dict]:
+def _correctness(device: torch.device, h: int, lengths, rates, mixings, n: int) -> list[dict]:
     rows = []
-    b, n, d = 2, 1000, 64
+    b, d = 2, 64
     gen = torch.Generator(device="cpu").manual_seed(0)
     base = [
         torch.randn(b, n, h, d, generator=gen, dtype=torch.float64).to(device) for _ in range(3)
@@ -98,6 +101,7 @@ def _correctness(device: torch.device, h: int, lengths, rates, mixings) -> list[
                             {
                                 "strategy": strategy.label,
                                 "compile": compiled,
+                                "n": n,
                                 "heads": h,
                                 "mixing": mixing,
                                 "causal": causal,
@@ -280,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
                 [
                     "strategy",
                     "compile",
+                    "n",
                     "heads",
                     "mixing",
                     "causal",
