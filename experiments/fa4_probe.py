@@ -589,8 +589,6 @@ def group(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
             views = [block.rows(x).flatten(0, 1) for x in (q_full, k_full, v_full, out_full)]
             lse = block.rows(lse_full).flatten(0, 1) if with_lse else None
             members.append(((*views, lse), neighbour_shifts(block, views[3])))
-        # in the core's order (ringattn.core.grouped_launch): the most zeros to write first
-        members.sort(key=lambda member: -len(member[1]))
         groups, shifts = (list(x) for x in zip(*members))
         row = {"problem": f"n={size} groups={len(groups)} lse={with_lse}", "causal": causal}
 

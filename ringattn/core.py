@@ -287,10 +287,6 @@ def grouped_launch(
     members = max(by_length.values(), key=len, default=[])
     if len(members) < 2:
         return None
-    # the kernel walks its groups in this order (causal: longest tiles first across them); the
-    # parts with the most zeros to write have the slowest tiles, so they go first rather than
-    # make the launch's last wave (issue 5's r = 16 config writes 15 zero rows per row)
-    members.sort(key=lambda member: -len(member[3]))
     geometries = tuple(geometry for _, _, geometry, _ in members)
     examples = [tuple(views(tensors, geometry)) for geometry in geometries]
     shifts = [member[3] for member in members]

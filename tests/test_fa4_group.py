@@ -231,3 +231,8 @@ def test_support_rules(monkeypatch):
     assert not fa4_group.supported(groups, [(), (-3,)])
     shorter = tuple(None if x is None else x[:, :8] for x in groups[1])
     assert not fa4_group.supported([groups[0], shorter], shifts)
+    # 4 segments of 1 head and 2 of 2 heads, one tile each: 8 tiles
+    monkeypatch.setattr(fa4_group, "ALL_TILES_MAX", 8)
+    assert fa4_group.supported(groups, shifts)
+    monkeypatch.setattr(fa4_group, "ALL_TILES_MAX", 7)
+    assert not fa4_group.supported(groups, shifts)

@@ -39,6 +39,13 @@ from ringattn.kernels.unselected import shifted
 # caller launches the groups one by one
 ENABLED = True
 
+# the most 128-row query tiles (all groups together) one launch takes. On an H200 (issue 5's
+# configs, docs/benchmarks/h200_perf.md step 32) one launch paid at 32K tokens (1744 tiles:
+# forward+backward 9-20% faster back to back, the forward's host time halved), where the host
+# and the small configs' partial waves bound the forward; from 131K (6976 tiles) the configs'
+# own kernels on concurrent streams were 0-7% faster, and no faster one launch's host time
+ALL_TILES_MAX = 4096
+
 # compiled kernels by key; False: failed to compile or agree
 _COMPILED: dict[tuple, Any] = {}
 _LOCK = threading.Lock()
@@ -50,11 +57,15 @@ Group = tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]
 
 
 def supported(groups: Sequence[Group], shifts: Sequence[tuple[int, ...]]) -> bool:
-    """Whether one kernel takes these groups here: two or more, on an SM90 GPU with FA4, each
-    in a layout :func:`ringattn.kernels.fa4_merge.layout_ok` accepts, self-attention blocks of
-    one length, dtype and head dim, all with an LSE or none, and shifts that keep the output's
-    16-byte vector stores aligned."""
+    """Whether one kernel takes these groups here: two or more, with no more than
+    :data:`ALL_TILES_MAX` query tiles in all, on an SM90 GPU with FA4, each in a layout
+    :func:`ringattn.kernels.fa4_merge.layout_ok` accepts, self-attention blocks of one length,
+    dtype and head dim, all with an LSE or none, and shifts that keep the output's 16-byte vector
+    stores aligned."""
     if len(groups) < 2 or len(shifts) != len(groups):
+        return False
+    tiles = sum(q.shape[0] * q.shape[2] * -(-q.shape[1] // 128) for q, *_ in groups)
+    if tiles > ALL_TILES_MAX:
         return False
     q0, lse0 = groups[0][0], groups[0][4]
     for (q, k, v, out, lse), group_shifts in zip(groups, shifts):
