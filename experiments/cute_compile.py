@@ -1,0 +1,107 @@
+"""Compile ringattn's FlashAttention-4 kernels for an H100/H200 (``sm_90a``) without a GPU.
+
+    bash experiments/cute_env.sh                       # once: Python 3.12 with the CuTe DSL
+    /tmp/py312/bin/python -m experiments.cute_compile  # every kernel, causal or not, LSE or not
+
+Why: GPU time is scarce (about 30 minutes a session), and a kernel that does not compile costs
+a device call to find out. The CUTLASS DSL compiles FA4's SM90 kernels on this machine from fake
+CUDA tensors (``torch._subclasses.FakeTensorMode``: shapes, strides and dtypes, no memory) for
+the architecture FA4's ``FLASH_ATTENTION_ARCH`` / ``CUTE_DSL_ARCH`` name; each kernel takes
+4-10 s. This runs each module's own compile path (``_compile`` of :mod:`ringattn.kernels.
+fa4_group`, :mod:`~ringattn.kernels.fa4_zero` and :mod:`~ringattn.kernels.fa4_merge`) on
+operands laid out as the core lays out issue 5's blocks (views of ``[1, n, 16, 128]`` bf16
+tensors). It checks that the kernels compile, not what they compute: that is the GPU's
+(``experiments/fa4_probe.py``, ``experiments/flex_gpu.py --part check``). Prints a table last;
+exits 1 if any kernel failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+import traceback
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
+from ringattn.core import neighbour_shifts
+from ringattn.kernels import fa4_group, fa4_merge, fa4_zero
+from ringattn.pattern import make_plan
+
+
+def _parts(n: int, h: int, d: int, mixing: str, with_lse: bool):
+    """Each block's ``(q, k, v, out, lse or None)`` views ``[B, L, H, ...]`` (fake CUDA tensors)
+    and its neighbour shifts, as the core's prepared launches hand them over."""
+    plan = make_plan(n, h, tuple(zip(ISSUE_LENGTHS, ISSUE_RATES)), mixing)
+    q, k, v, out = (torch.empty(1, n, h, d, dtype=torch.bfloat16, device="cuda") for _ in range(4))
+    lse = torch.empty(1, n, h, dtype=torch.float32, device="cuda")
+    parts = []
+    for block in plan.blocks:
+        views = [block.rows(x).flatten(0, 1) for x in (q, k, v, out)]
+        lse_rows = block.rows(lse).flatten(0, 1) if with_lse else None
+        parts.append(((*views, lse_rows), neighbour_shifts(block, views[3])))
+    return parts
+
+
+def kernels(n: int, h: int, d: int):
+    """``(name, compile())`` for every kernel variant."""
+    for causal, with_lse in itertools.product((False, True), (True, False)):
+        variant = f"causal={causal} lse={with_lse}"
+
+        def grouped(causal=causal, with_lse=with_lse):
+            parts = _parts(n, h, d, "head_groups", with_lse)
+            groups, shifts = [p[0] for p in parts], [p[1] for p in parts]
+            fa4_group._compile(fa4_group._key(groups, causal, shifts), groups)
+
+        def zeroing(causal=causal, with_lse=with_lse):
+            (q, k, v, out, lse), shifts = _parts(n, h, d, "head_groups", with_lse)[-1]
+            lse_bhl = None if lse is None else lse.transpose(1, 2)
+            fa4_zero._compile(fa4_zero._key(q, causal, lse, shifts), q, k, v, out, lse_bhl)
+
+        yield f"fa4_group {variant}", grouped
+        yield f"fa4_zero {variant}", zeroing
+        if with_lse:
+
+            def merging(causal=causal):
+                (q, k, v, out, lse), _ = _parts(n, h, d, "lse", True)[1]
+                key = fa4_merge._key(q, causal, lse)
+                fa4_merge._compile(key, q, k, v, out, lse.transpose(1, 2))
+
+            yield f"fa4_merge causal={causal}", merging
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=32768)
+    p.add_argument("--only", default="", help="compile only the kernels whose name has this")
+    args = p.parse_args(argv)
+    # read when the DSL and FA4's interface are first imported (in the modules' _compile)
+    os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+    os.environ.setdefault("FLASH_ATTENTION_ARCH", "sm_90")
+    os.environ.setdefault("FLASH_ATTENTION_NUM_SMS", "132")
+    rows = []
+    for name, compile_ in kernels(args.n, 16, 128):
+        if args.only not in name:
+            continue
+        start = time.perf_counter()
+        try:
+            with FakeTensorMode():
+                compile_()
+            result = "ok"
+        except Exception as exc:  # report every kernel, then fail
+            traceback.print_exc()
+            result = f"{type(exc).__name__}: {str(exc)[:200]}"
+        rows.append((name, time.perf_counter() - start, result))
+        print(f"{name}: {result} ({rows[-1][1]:.1f} s)", flush=True)
+    print(f"\nsm_90a, n={args.n}, torch {torch.__version__}")
+    for name, seconds, result in rows:
+        print(f"{name:32} | {seconds:5.1f} s | {result}")
+    sys.exit(0 if all(result == "ok" for *_, result in rows) else 1)
+
+
+if __name__ == "__main__":
+    main()
