@@ -20,6 +20,7 @@ per-block backwards sum to the exact gradient (the ring-attention identity).
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -223,14 +224,15 @@ def dilated_forward(
     # head_groups: the parts of every config that share one segment length as one launch where
     # the computer has it (FA4: one kernel over all their tiles); declined, they go one by one
     grouped: frozenset[tuple[int, int]] = frozenset()
+    done: frozenset[int] = frozenset()  # blocks whose every part went in that launch
     if spec.plan.disjoint and launches:
         derived = launches.derived
         if "group" not in derived:
             derived["group"] = grouped_launch(spec, launches, tensors)
         if derived["group"] is not None:
-            pairs, geometries, launch = derived["group"]
+            pairs, blocks_done, geometries, launch = derived["group"]
             if launch([views(tensors, geometry) for geometry in geometries]):
-                grouped = pairs
+                grouped, done = pairs, blocks_done
 
     def forward_blocks(i: int) -> None:
         if i in launches:
@@ -263,21 +265,20 @@ def dilated_forward(
             else:
                 merge_result_(out_rows, lse_rows, attend(block, index))
 
-    done = frozenset(i for i in launches if all((i, j) in grouped for j in range(len(launches[i]))))
-    for_each_block(spec, q.device, first, forward_blocks, done=done if grouped else frozenset())
+    for_each_block(spec, q.device, first, forward_blocks, done=done)
     return out_acc, lse_acc
 
 
 def grouped_launch(
     spec: CoreSpec, launches: dict, tensors: tuple[Tensor | None, ...]
-) -> tuple[frozenset[tuple[int, int]], tuple, Callable[[list], bool]] | None:
+) -> tuple[frozenset[tuple[int, int]], frozenset[int], tuple, Callable[[list], bool]] | None:
     """One launch for the placed parts (:func:`placing_launch`) that share the most common
     segment length, where there are two or more and the computer has a kernel for them
-    (``BlockComputer.grouped_launcher``): ``(their (block, part) pairs, their geometries,
-    launch(views of each))``, the launch returning False where it declined (nothing to count
-    on: the parts then go one by one). None where there is no such launch. Each part's zeros
-    are the ones its own launch writes (``group_shifts``), so the fill's selection holds
-    either way."""
+    (``BlockComputer.grouped_launcher``): ``(their (block, part) pairs, the blocks all of whose
+    parts are among them, their geometries, launch(views of each))``, the launch returning False
+    where it declined (nothing to count on: the parts then go one by one). None where there is
+    no such launch. Each part's zeros are the ones its own launch writes (``group_shifts``), so
+    the fill's selection holds either way."""
     by_length: dict[int, list] = {}
     for i, parts in launches.items():
         for j, (geometry, launch) in enumerate(parts):
@@ -293,7 +294,9 @@ def grouped_launch(
     launch = spec.computer.grouped_launcher(spec.causal, spec.scale, examples, shifts)
     if launch is None:
         return None
-    return frozenset((i, j) for i, j, _, _ in members), geometries, launch
+    pairs = frozenset((i, j) for i, j, _, _ in members)
+    done = frozenset(i for i in launches if all((i, j) in pairs for j in range(len(launches[i]))))
+    return pairs, done, geometries, launch
 
 
 # the A/B of launches.packed for the backward's LSE (experiments/overheads.py --pack-lse): one
@@ -455,7 +458,9 @@ def placing_launch(
         spec.causal, spec.scale, shifts, q, k, v, out, lse
     )
     if not zeroing:
-        plain.group_shifts = ()  # type: ignore[attr-defined]  # (grouped_launch: no zeros)
+        # (grouped_launch: it writes no zeros; a launcher that takes no attribute stays alone)
+        with contextlib.suppress(AttributeError, TypeError):
+            plain.group_shifts = ()  # type: ignore[attr-defined]
         return plain
 
     def launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor | None) -> None:
