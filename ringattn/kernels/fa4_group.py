@@ -158,30 +158,10 @@ def _compile(key: tuple, groups: Sequence[Group]) -> Callable:
     vs, outs, lses_bhl, scale)``."""
     cute = importlib.import_module("cutlass.cute")
     dsl_utils = importlib.import_module("flash_attn.cute.cute_dsl_utils")
-    interface = importlib.import_module("flash_attn.cute.interface")
     sm90 = importlib.import_module("ringattn.kernels.fa4_group_sm90")
     dtype, head_dim, causal, config, _, heads, shifts, units = key
-    cfg = interface._tile_size_fwd_sm90(head_dim, head_dim, causal, False)
-    if config is not None:  # fa4.FORWARD_CONFIG
-        cfg = type(cfg)(*config)
-    kernel = sm90.GroupedForwardSm90(
-        dsl_utils.torch2cute_dtype_map[dtype],
-        head_dim,
-        head_dim,
-        1,
-        is_causal=causal,
-        is_local=False,
-        pack_gqa=False,
-        tile_m=cfg.m_block_size,
-        tile_n=cfg.n_block_size,
-        num_stages=2,
-        num_threads=384,
-        Q_in_regs=False,
-        intra_wg_overlap=cfg.intra_wg_overlap,
-        mma_pv_is_rs=cfg.mma_pv_is_rs,
-        q_subtile_factor=1,
-        heads=heads,
-        zero_shifts=shifts,
+    kernel = fa4_merge.forward_kernel(
+        sm90.GroupedForwardSm90, dtype, head_dim, causal, config, heads=heads, zero_shifts=shifts
     )
     qs, ks, vs, outs, lses_bhl = _operands(groups)
     args = [tuple(dsl_utils.to_cute_tensor(x) for x in xs) for xs in (qs, ks, vs)]
@@ -189,16 +169,13 @@ def _compile(key: tuple, groups: Sequence[Group]) -> Callable:
     if lses_bhl is None:
         args.append(None)
     else:
-        args.append(
-            tuple(
-                dsl_utils.to_cute_tensor(x, assumed_align=4, fully_dynamic=True)
-                if unit is None
-                else dsl_utils.to_cute_tensor(x, assumed_align=4, leading_dim=unit)
-                for x, unit in zip(lses_bhl, units)
-            )
-        )
+        args.append(tuple(fa4_merge.lse_tensor(x, unit) for x, unit in zip(lses_bhl, units)))
     cache = fa4_merge._jit_cache()
-    cache_key = (fa4_merge._digest(sm90.__file__), fa4_merge._digest(__file__), *key)
+    # (the kernel's source: its module, the zeroing kernel it extends, and the modules that
+    # make it and its arguments)
+    zeroing = importlib.import_module("ringattn.kernels.fa4_zero_sm90")
+    sources = (sm90.__file__, zeroing.__file__, fa4_merge.__file__, __file__)
+    cache_key = (*(fa4_merge._digest(source) for source in sources), *key)
     if cache_key in cache:
         compiled = cache[cache_key]
     else:

@@ -36,7 +36,6 @@ from flash_attn.cute import utils
 from flash_attn.cute.block_info import BlockInfo
 from flash_attn.cute.cute_dsl_utils import assume_tensor_aligned
 from flash_attn.cute.flash_fwd import FlashAttentionForwardBase
-from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
 from flash_attn.cute.mask import AttentionMask
 from flash_attn.cute.seqlen_info import SeqlenInfoQK
 from flash_attn.cute.tile_scheduler import (
@@ -47,16 +46,19 @@ from flash_attn.cute.tile_scheduler import (
 from quack import copy_utils, layout_utils
 from quack import sm90_utils as quack_sm90_utils
 
+from ringattn.kernels.fa4_zero_sm90 import ZeroingForwardSm90
+
 # the base class's epilogue (module level: the DSL re-parses jit methods with their globals)
 _write_epilogue = FlashAttentionForwardBase.epilogue
 
 
-class GroupedForwardSm90(FlashAttentionForwardSm90):
+class GroupedForwardSm90(ZeroingForwardSm90):
     """FA4's SM90 forward over ``len(heads)`` groups of blocks of one sequence length.
 
     ``heads[g]``: group ``g``'s head count (its operands' dim 2); ``zero_shifts[g]``: the
     element shifts from each of its output rows to the rows its config leaves out (zeros
-    written there), () for none."""
+    written there), () for none. The zeroing kernel's output path (ordinary stores through each
+    group's pointer) and its ``zero_neighbours``, per group."""
 
     def __init__(
         self,
@@ -69,10 +71,6 @@ class GroupedForwardSm90(FlashAttentionForwardSm90):
         self.heads = tuple(heads)
         self.zero_shifts = tuple(tuple(s) for s in zero_shifts) or ((),) * len(self.heads)
         assert len(self.zero_shifts) == len(self.heads) > 0
-
-    def _setup_attributes(self):
-        self.use_tma_O = False  # each group's rows (and zeros) are written through its pointer
-        super()._setup_attributes()
 
     @cute.jit
     def __call__(
@@ -527,42 +525,6 @@ class GroupedForwardSm90(FlashAttentionForwardSm90):
             pipeline_v.producer_commit(kv_producer_state)
             kv_producer_state.advance()
         return kv_producer_state, q_producer_phase
-
-    @cute.jit
-    def zero_neighbours(
-        self,
-        mO_cur: cute.Tensor,
-        sO: cute.Tensor,
-        seqlen,
-        gmem_tiled_copy_O: cute.TiledCopy,
-        tidx: Int32,
-        m_block: Int32,
-        shifts: cutlass.Constexpr,
-    ):
-        """Zeros into the rows ``shift`` elements from this tile's valid output rows (as
-        :meth:`ringattn.kernels.fa4_zero_sm90.ZeroingForwardSm90.zero_neighbours`)."""
-        gmem_thr_copy_O = gmem_tiled_copy_O.get_slice(tidx)
-        tZero = cute.make_fragment_like(gmem_thr_copy_O.partition_S(sO), self.dtype)
-        tZero.fill(0.0)
-        cO = cute.make_identity_tensor((self.tile_m, self.tile_hdimv))
-        tOcO = gmem_thr_copy_O.partition_S(cO)
-        t0OcO = gmem_tiled_copy_O.get_slice(0).partition_S(cO)
-        tOpO = utils.predicate_k(tOcO, limit=mO_cur.shape[1])
-        rows_left = seqlen.seqlen_q - m_block * self.tile_m - tOcO[0][0]
-        for s in cutlass.range_constexpr(len(shifts)):
-            mZ = cute.make_tensor(mO_cur.iterator + shifts[s], mO_cur.layout)
-            gZ = cute.local_tile(mZ, (self.tile_m, self.tile_hdimv), (m_block, 0))
-            tOgZ = gmem_thr_copy_O.partition_D(gZ)
-            for rest_m in cutlass.range_constexpr(cute.size(tZero.shape[1])):
-                if t0OcO[0, rest_m, 0][0] < rows_left:
-                    cute.copy(
-                        gmem_tiled_copy_O,
-                        tZero[None, rest_m, None],
-                        tOgZ[None, rest_m, None],
-                        pred=tOpO[None, rest_m, None]
-                        if cutlass.const_expr(self.check_hdim_v_oob)
-                        else None,
-                    )
 
     @cute.jit
     def epilogue(

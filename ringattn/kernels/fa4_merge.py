@@ -148,39 +148,12 @@ def compile_forward(
     under a key that changes with that file and this one."""
     cute = importlib.import_module("cutlass.cute")
     dsl_utils = importlib.import_module("flash_attn.cute.cute_dsl_utils")
-    interface = importlib.import_module("flash_attn.cute.interface")
     aux = importlib.import_module("flash_attn.cute.utils").AuxData(None, None)
     dtype, head_dim, causal, lse_unit_dim, config = key[:5]
-    cfg = interface._tile_size_fwd_sm90(head_dim, head_dim, causal, False)
-    if config is not None:  # fa4.FORWARD_CONFIG
-        cfg = type(cfg)(*config)
-    kernel = kernel_class(
-        dsl_utils.torch2cute_dtype_map[dtype],
-        head_dim,
-        head_dim,
-        1,
-        is_causal=causal,
-        is_local=False,
-        pack_gqa=False,
-        tile_m=cfg.m_block_size,
-        tile_n=cfg.n_block_size,
-        num_stages=2,
-        num_threads=384,
-        Q_in_regs=False,
-        intra_wg_overlap=cfg.intra_wg_overlap,
-        mma_pv_is_rs=cfg.mma_pv_is_rs,
-        q_subtile_factor=1,
-    )
+    kernel = forward_kernel(kernel_class, dtype, head_dim, causal, config)
     tensors = [dsl_utils.to_cute_tensor(x) for x in (q, k, v)]
     tensors.append(dsl_utils.to_cute_tensor(out, assumed_align=16))
-    # [B, H, L] (FA4's own launcher takes L contiguous; a block's rows of the [b, n, h]
-    # accumulator have H contiguous, or no dim at all when the block's heads are strided)
-    if lse_bhl is None:
-        tensors.append(None)
-    elif lse_unit_dim is None:
-        tensors.append(dsl_utils.to_cute_tensor(lse_bhl, assumed_align=4, fully_dynamic=True))
-    else:
-        tensors.append(dsl_utils.to_cute_tensor(lse_bhl, assumed_align=4, leading_dim=lse_unit_dim))
+    tensors.append(None if lse_bhl is None else lse_tensor(lse_bhl, lse_unit_dim))
     # FA4's SM90 kernel arguments after the softmax scale, none of which the blocks use:
     # cu_seqlens q/k, seqused q/k, page table, window left/right, learnable sink, block
     # sparsity, then (empty) aux data and the two varlen scheduler hints
@@ -199,6 +172,47 @@ def compile_forward(
         compiled(q, k, v, out, lse_bhl, scale, *unused)
 
     return launch
+
+
+def forward_kernel(kernel_class: Callable, dtype, head_dim: int, causal: bool, config, **extra):
+    """``kernel_class`` (a subclass of FA4's SM90 forward) made as FA4's launcher makes its
+    forward for these blocks: FA4's tiles for the head dim and causality, or
+    ``fa4.FORWARD_CONFIG``'s ``config`` where it is not None; ``extra``: the subclass's own
+    arguments."""
+    dsl_utils = importlib.import_module("flash_attn.cute.cute_dsl_utils")
+    interface = importlib.import_module("flash_attn.cute.interface")
+    cfg = interface._tile_size_fwd_sm90(head_dim, head_dim, causal, False)
+    if config is not None:
+        cfg = type(cfg)(*config)
+    return kernel_class(
+        dsl_utils.torch2cute_dtype_map[dtype],
+        head_dim,
+        head_dim,
+        1,
+        is_causal=causal,
+        is_local=False,
+        pack_gqa=False,
+        tile_m=cfg.m_block_size,
+        tile_n=cfg.n_block_size,
+        num_stages=2,
+        num_threads=384,
+        Q_in_regs=False,
+        intra_wg_overlap=cfg.intra_wg_overlap,
+        mma_pv_is_rs=cfg.mma_pv_is_rs,
+        q_subtile_factor=1,
+        **extra,
+    )
+
+
+def lse_tensor(lse_bhl: Tensor, unit_dim: int | None):
+    """An ``[B, H, L]`` LSE view as the kernels' CuTe tensor: ``unit_dim`` (the dim of stride 1,
+    :func:`_key`) compiled in as such, or every stride left to run time where there is none.
+    (FA4's own launcher takes L contiguous; a block's rows of the ``[b, n, h]`` accumulator have
+    H contiguous, or no dim at all when the block's heads are strided.)"""
+    dsl_utils = importlib.import_module("flash_attn.cute.cute_dsl_utils")
+    if unit_dim is None:
+        return dsl_utils.to_cute_tensor(lse_bhl, assumed_align=4, fully_dynamic=True)
+    return dsl_utils.to_cute_tensor(lse_bhl, assumed_align=4, leading_dim=unit_dim)
 
 
 @functools.cache

@@ -47,28 +47,27 @@ class ZeroingForwardSm90(FlashAttentionForwardSm90):
     @cute.jit
     def zero_neighbours(
         self,
-        mO: cute.Tensor,
+        mO_cur: cute.Tensor,
         sO: cute.Tensor,
         seqlen,
         gmem_tiled_copy_O: cute.TiledCopy,
         tidx: cutlass.Int32,
         m_block: cutlass.Int32,
-        head_idx: cutlass.Int32,
-        batch_idx: cutlass.Int32,
+        shifts: cutlass.Constexpr,
     ):
-        """Zeros into the rows ``shift`` elements from this tile's valid output rows, with the
-        partition and row predicate of the base epilogue's own output stores."""
+        """Zeros into the rows ``shift`` elements (for each of ``shifts``) from this tile's
+        valid output rows of ``mO_cur`` (its head's ``(L, d)`` rows), with the partition and row
+        predicate of the base epilogue's own output stores."""
         gmem_thr_copy_O = gmem_tiled_copy_O.get_slice(tidx)
         tZero = cute.make_fragment_like(gmem_thr_copy_O.partition_S(sO), self.dtype)
         tZero.fill(0.0)
         cO = cute.make_identity_tensor((self.tile_m, self.tile_hdimv))
         tOcO = gmem_thr_copy_O.partition_S(cO)
         t0OcO = gmem_tiled_copy_O.get_slice(0).partition_S(cO)
-        tOpO = utils.predicate_k(tOcO, limit=mO.shape[1])
+        tOpO = utils.predicate_k(tOcO, limit=mO_cur.shape[1])
         rows_left = seqlen.seqlen_q - m_block * self.tile_m - tOcO[0][0]
-        mO_cur = seqlen.offset_batch_Q(mO, batch_idx, dim=3)[None, None, head_idx]
-        for s in cutlass.range_constexpr(len(self.zero_shifts)):
-            mZ = cute.make_tensor(mO_cur.iterator + self.zero_shifts[s], mO_cur.layout)
+        for s in cutlass.range_constexpr(len(shifts)):
+            mZ = cute.make_tensor(mO_cur.iterator + shifts[s], mO_cur.layout)
             gZ = cute.local_tile(mZ, (self.tile_m, self.tile_hdimv), (m_block, 0))
             tOgZ = gmem_thr_copy_O.partition_D(gZ)
             for rest_m in cutlass.range_constexpr(cute.size(tZero.shape[1])):
@@ -115,4 +114,5 @@ class ZeroingForwardSm90(FlashAttentionForwardSm90):
             head_idx,
             batch_idx,
         )
-        self.zero_neighbours(mO, sO, seqlen, gmem_tiled_copy_O, tidx, m_block, head_idx, batch_idx)
+        mO_cur = seqlen.offset_batch_Q(mO, batch_idx, dim=3)[None, None, head_idx]
+        self.zero_neighbours(mO_cur, sO, seqlen, gmem_tiled_copy_O, tidx, m_block, self.zero_shifts)
