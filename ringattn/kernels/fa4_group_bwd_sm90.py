@@ -1,0 +1,617 @@
+"""FlashAttention-4's SM90 backward over several groups of blocks in one launch (imported only
+where FA4 is). WORK IN PROGRESS: compiles (``experiments/cute_compile.py``), never run on a GPU,
+not wired into the core.
+
+The backward of :mod:`ringattn.kernels.fa4_group_sm90`: ``G`` groups (each a ``[B_g, L, H_g,
+d]`` strided view of q, k, v, dO, dK, dV, with TMA descriptors of its own), one tile scheduler
+over every group's key tiles (batch index = unit ``u``, one head). The statistics and the dQ
+accumulator are *not* per group: the caller lays them out by unit, ``[U, 1, L_rounded]`` (LSE in
+log2 units, dPsum) and ``[U, 1, L_rounded * d]`` (dQaccum, float32), units in group order and
+``(segment, head)`` within a group as the forward's (``u = start_g + b * H_g + h``). So FA4's
+dQ-accumulating warp and its loads of LSE / dPsum need no group at all; only the producer (Q, K,
+V, dO) and the dK / dV epilogue go through the group's descriptors, under a branch on ``g``.
+
+Left to the caller (not here): dPsum and LSE * log2(e) by unit and the dQaccum zeroed (FA4's
+preprocess does both per launch; over the units, one small kernel and a memset would), and dQ
+from dQaccum (FA4's postprocess, once per group on its slice of the units, or a grouped one).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, const_expr
+from cutlass.cute.nvgpu import cpasync
+from flash_attn.cute import pipeline
+from flash_attn.cute.block_info import BlockInfo
+from flash_attn.cute.cute_dsl_utils import assume_tensor_aligned
+from flash_attn.cute.flash_bwd_sm90 import FlashAttentionBackwardSm90
+from flash_attn.cute.mask import AttentionMask
+from flash_attn.cute.seqlen_info import SeqlenInfoQK
+from flash_attn.cute.tile_scheduler import SingleTileScheduler, TileSchedulerArguments
+from flash_attn.cute.utils import AuxData
+from quack import copy_utils, layout_utils
+
+# the base class's epilogue (module level: the DSL re-parses jit methods with their globals)
+_epilogue_dKV = FlashAttentionBackwardSm90.epilogue_dKV
+
+
+class GroupedBackwardSm90(FlashAttentionBackwardSm90):
+    """FA4's SM90 backward over ``len(heads)`` groups of blocks of one sequence length
+    (``heads[g]``: group ``g``'s head count)."""
+
+    def __init__(self, *args, heads: tuple[int, ...] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.heads = tuple(heads)
+        assert len(self.heads) > 0 and self.qhead_per_kvhead == 1 and not self.deterministic
+
+    @cute.jit
+    def __call__(
+        self,
+        mQs: tuple,  # per group: (B_g, L, H_g, d) views
+        mKs: tuple,
+        mVs: tuple,
+        mdOs: tuple,
+        mLSE: cute.Tensor,  # (U, 1, L_rounded), log2 units
+        mdPsum: cute.Tensor,  # (U, 1, L_rounded)
+        mdQaccum: cute.Tensor,  # (U, 1, L_rounded * d), float32
+        mdKs: tuple,  # per group: (B_g, L, H_g, d) views
+        mdVs: tuple,
+        softmax_scale: Float32,
+        stream=None,
+    ):
+        G = len(self.heads)
+        self.varlen_k = False
+        self.is_varlen_q = False
+        self._check_type(
+            mQs[0].element_type,
+            mKs[0].element_type,
+            mVs[0].element_type,
+            mdOs[0].element_type,
+            mLSE.element_type,
+            mdPsum.element_type,
+            mdQaccum.element_type,
+            mdKs[0].element_type,
+            mdVs[0].element_type,
+        )
+        order = [1, 3, 2, 0]  # (B, L, H, d) -> (L, d, H, B)
+        mQs, mKs, mVs, mdOs, mdKs, mdVs = [
+            [layout_utils.select(assume_tensor_aligned(t), order) for t in ts]
+            for ts in (mQs, mKs, mVs, mdOs, mdKs, mdVs)
+        ]
+        mLSE, mdPsum, mdQaccum = [
+            layout_utils.select(assume_tensor_aligned(t), [2, 1, 0])
+            for t in (mLSE, mdPsum, mdQaccum)
+        ]
+        tiled_mma_SdP, tiled_mma_dK, tiled_mma_dV, tiled_mma_dQ = self._get_tiled_mma()
+        self.num_mma_threads = tiled_mma_SdP.size
+        assert self.num_mma_threads + 128 == self.num_threads
+        self.num_threads_per_warp_group = 128
+        self.num_producer_threads = 32
+        if const_expr(self.num_wg_mma == 2):
+            if const_expr(self.num_wg_dQ == 1):
+                self.num_mma_regs_wg0, self.num_mma_regs_wg1 = 256, 224
+            else:
+                self.num_mma_regs_wg0, self.num_mma_regs_wg1 = 240, 240
+            self.num_mma_regs = self.num_mma_regs_wg0
+            self.num_producer_regs = 24
+        else:
+            self.num_mma_regs_wg0 = self.num_mma_regs_wg1 = self.num_mma_regs = 160
+            self.num_producer_regs = 32
+        self._setup_attributes()
+        SharedStorage = self._get_shared_storage_cls()
+        mQ, mK, mV, mdO = mQs[0], mKs[0], mVs[0], mdOs[0]
+        self.tma_copy_bytes = {
+            name: cute.size_in_bytes(mX.element_type, cute.select(layout, mode=[0, 1]))
+            for name, mX, layout in [
+                ("Q", mQ, self.sQ_layout),
+                ("K", mK, self.sK_layout),
+                ("V", mV, self.sV_layout),
+                ("dO", mdO, self.sdO_layout),
+            ]
+        }
+        self.tma_copy_bytes["LSE"] = self.tile_m * Float32.width // 8
+        self.tma_copy_bytes["dPsum"] = self.tile_m * Float32.width // 8
+        self.tma_copy_bytes["dQ"] = (
+            self.tile_m * self.tile_hdim * Float32.width // 8 // self.num_wg_dQ
+        )
+        self.tma_copy_bytes["dKacc"] = self.tile_n * self.tile_hdim * Float32.width // 8
+        self.tma_copy_bytes["dVacc"] = self.tile_n * self.tile_hdimv * Float32.width // 8
+
+        load_op, store_op = cpasync.CopyBulkTensorTileG2SOp(), cpasync.CopyBulkTensorTileS2GOp()
+        tma_Q, tma_K, tma_V, tma_dO, tma_dK, tma_dV = [], [], [], [], [], []
+        for g in cutlass.range_constexpr(G):
+            for atoms, op, tensor, layout, tile in (
+                (tma_Q, load_op, mQs[g], self.sQ_layout, (self.tile_m, self.tile_hdim)),
+                (tma_K, load_op, mKs[g], self.sK_layout, (self.tile_n, self.tile_hdim)),
+                (tma_V, load_op, mVs[g], self.sV_layout, (self.tile_n, self.tile_hdimv)),
+                (tma_dO, load_op, mdOs[g], self.sdO_layout, (self.tile_m, self.tile_hdimv)),
+                (tma_dK, store_op, mdKs[g], self.sK_layout, (self.tile_n, self.tile_hdim)),
+                (tma_dV, store_op, mdVs[g], self.sV_layout, (self.tile_n, self.tile_hdimv)),
+            ):
+                atoms.append(
+                    cpasync.make_tiled_tma_atom(op, tensor, cute.select(layout, mode=[0, 1]), tile)
+                )
+        units = cute.size(mQs[0].shape[2]) * cute.size(mQs[0].shape[3])
+        for g in cutlass.range_constexpr(1, G):
+            units = units + cute.size(mQs[g].shape[2]) * cute.size(mQs[g].shape[3])
+        TileScheduler = SingleTileScheduler
+        self.spt = False
+        tile_sched_args = TileSchedulerArguments(
+            cute.ceil_div(cute.size(mK.shape[0]), self.tile_n),
+            1,
+            units,
+            1,  # num_splits
+            cute.size(mQ.shape[0]),
+            mQ.shape[1],
+            mV.shape[1],
+            total_q=cute.size(mK.shape[0]) * units,
+            tile_shape_mn=(self.tile_n, self.tile_m),  # the roles of Q and K swapped
+            mCuSeqlensQ=None,
+            mSeqUsedQ=None,
+            qhead_per_kvhead_packgqa=1,
+            element_size=self.dtype.width // 8,
+            is_persistent=False,
+            lpt=False,
+            head_swizzle=False,
+        )
+        tile_sched_params = TileScheduler.to_underlying_arguments(tile_sched_args)
+        grid_dim = TileScheduler.get_grid_shape(tile_sched_params)
+        softmax_scale_log2 = softmax_scale * math.log2(math.e)
+        self.use_block_sparsity = False
+
+        def tensors(atoms):
+            return tuple(t for _, t in atoms)
+
+        def descriptors(atoms):
+            return tuple(a for a, _ in atoms)
+
+        self.kernel(
+            tensors(tma_Q),
+            tensors(tma_K),
+            tensors(tma_V),
+            tensors(tma_dO),
+            tensors(tma_dK),
+            tensors(tma_dV),
+            descriptors(tma_Q),
+            descriptors(tma_K),
+            descriptors(tma_V),
+            descriptors(tma_dO),
+            descriptors(tma_dK),
+            descriptors(tma_dV),
+            mLSE,
+            mdPsum,
+            mdQaccum,
+            self.sQ_layout,
+            self.sK_layout,
+            self.sV_layout,
+            self.sPdS_layout,
+            self.sdO_layout,
+            self.sdQaccum_layout,
+            self.r2s_tiled_copy_dQaccum,
+            tiled_mma_SdP,
+            tiled_mma_dK,
+            tiled_mma_dV,
+            tiled_mma_dQ,
+            softmax_scale_log2,
+            softmax_scale,
+            tile_sched_params,
+            TileScheduler,
+            SharedStorage,
+        ).launch(
+            grid=grid_dim,
+            block=[self.num_threads, 1, 1],
+            stream=stream,
+            min_blocks_per_mp=1,
+            use_pdl=True,
+        )
+
+    @cute.kernel
+    def kernel(
+        self,
+        mQs: tuple,
+        mKs: tuple,
+        mVs: tuple,
+        mdOs: tuple,
+        mdKs: tuple,
+        mdVs: tuple,
+        tma_atoms_Q: tuple,
+        tma_atoms_K: tuple,
+        tma_atoms_V: tuple,
+        tma_atoms_dO: tuple,
+        tma_atoms_dK: tuple,
+        tma_atoms_dV: tuple,
+        mLSE: cute.Tensor,
+        mdPsum: cute.Tensor,
+        mdQaccum: cute.Tensor,
+        sQ_layout: cute.ComposedLayout,
+        sK_layout: cute.ComposedLayout,
+        sV_layout: cute.ComposedLayout,
+        sPdS_layout: cute.ComposedLayout,
+        sdO_layout: cute.ComposedLayout,
+        sdQaccum_layout: cute.Layout,
+        r2s_tiled_copy_dQaccum: cute.TiledCopy,
+        tiled_mma_SdP: cute.TiledMma,
+        tiled_mma_dK: cute.TiledMma,
+        tiled_mma_dV: cute.TiledMma,
+        tiled_mma_dQ: cute.TiledMma,
+        softmax_scale_log2,
+        softmax_scale,
+        tile_sched_params,
+        TileScheduler: cutlass.Constexpr,
+        SharedStorage: cutlass.Constexpr,
+    ):
+        warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        if warp_idx == 0:
+            for g in cutlass.range_constexpr(len(self.heads)):
+                for atoms in (
+                    tma_atoms_Q,
+                    tma_atoms_K,
+                    tma_atoms_V,
+                    tma_atoms_dO,
+                    tma_atoms_dK,
+                    tma_atoms_dV,
+                ):
+                    cpasync.prefetch_descriptor(atoms[g])
+
+        smem = cutlass.utils.SmemAllocator()
+        storage = smem.allocate(SharedStorage)
+        pipeline_producer_group = cutlass.pipeline.CooperativeGroup(cutlass.pipeline.Agent.Thread)
+        pipeline_consumer_group = cutlass.pipeline.CooperativeGroup(
+            cutlass.pipeline.Agent.Thread, self.num_mma_threads // cute.arch.WARP_SIZE
+        )
+        pipeline_Q = pipeline.PipelineTmaAsync.create(
+            barrier_storage=storage.mbar_ptr_Q.data_ptr(),
+            num_stages=self.Q_stage,
+            producer_group=pipeline_producer_group,
+            consumer_group=pipeline_consumer_group,
+            tx_count=self.tma_copy_bytes["Q"] + self.tma_copy_bytes["LSE"],
+            defer_sync=True,
+        )
+        pipeline_dO = pipeline.PipelineTmaAsync.create(
+            barrier_storage=storage.mbar_ptr_dO.data_ptr(),
+            num_stages=self.dO_stage,
+            producer_group=pipeline_producer_group,
+            consumer_group=pipeline_consumer_group,
+            tx_count=self.tma_copy_bytes["dO"] + self.tma_copy_bytes["dPsum"],
+            defer_sync=False,
+        )
+        sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
+        sdO = storage.sdO.get_tensor(sdO_layout.outer, swizzle=sdO_layout.inner)
+        sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
+        sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
+        sP = None
+        if const_expr(not self.mma_dkv_is_rs):
+            sP = storage.sP.get_tensor(sPdS_layout.outer, swizzle=sPdS_layout.inner)
+        sdS = storage.sdS.get_tensor(sPdS_layout.outer, swizzle=sPdS_layout.inner)
+        sLSE = storage.sLSE.get_tensor(
+            cute.make_layout(
+                (self.tile_m, self.Q_stage), stride=(1, cute.round_up(self.tile_m, 64))
+            )
+        )
+        sdPsum = storage.sdPsum.get_tensor(
+            cute.make_layout(
+                (self.tile_m, self.dO_stage), stride=(1, cute.round_up(self.tile_m, 64))
+            )
+        )
+        sdQaccum = storage.sdQaccum.get_tensor(sdQaccum_layout)
+
+        block_info = BlockInfo(
+            self.tile_m,
+            self.tile_n,
+            self.is_causal,
+            self.is_local,
+            False,
+            None,
+            None,
+            qhead_per_kvhead_packgqa=1,
+        )
+        # every group has the same L (the kernel's only sequence length)
+        SeqlenInfoCls = partial(
+            SeqlenInfoQK.create,
+            seqlen_q_static=mQs[0].shape[0],
+            seqlen_k_static=mKs[0].shape[0],
+            mCuSeqlensQ=None,
+            mCuSeqlensK=None,
+            mSeqUsedQ=None,
+            mSeqUsedK=None,
+            tile_m=self.tile_m,
+            tile_n=self.tile_n,
+        )
+        AttentionMaskCls = partial(AttentionMask, self.tile_m, self.tile_n, swap_AB=self.SdP_swapAB)
+        TileSchedulerCls = partial(TileScheduler.create, tile_sched_params)
+
+        if warp_idx < 4:
+            cute.arch.setmaxregister_decrease(self.num_producer_regs)
+            if warp_idx == 0:
+                self.load_groups(
+                    mQs,
+                    mKs,
+                    mVs,
+                    mdOs,
+                    mLSE,
+                    mdPsum,
+                    sQ,
+                    sK,
+                    sV,
+                    sdO,
+                    sLSE,
+                    sdPsum,
+                    tma_atoms_Q,
+                    tma_atoms_K,
+                    tma_atoms_V,
+                    tma_atoms_dO,
+                    pipeline_Q,
+                    pipeline_dO,
+                    block_info,
+                    SeqlenInfoCls,
+                    TileSchedulerCls,
+                )
+            if warp_idx == 1:  # FA4's own: dQaccum is laid out by unit (batch), one head
+                self.dQaccum_store(mdQaccum, sdQaccum, block_info, TileSchedulerCls, SeqlenInfoCls)
+        else:
+            tidx, _, _ = cute.arch.thread_idx()
+            tidx = tidx - 128
+            mma_args = (
+                tiled_mma_SdP,
+                tiled_mma_dK,
+                tiled_mma_dV,
+                tiled_mma_dQ,
+                (mdKs, mQs),  # -> self.epilogue_dKV, which picks the group's
+                mdVs,
+                None,
+                None,
+                mdQaccum,
+                sQ,
+                sK,
+                sV,
+                sdO,
+                sP,
+                sdS,
+                sLSE,
+                sdPsum,
+                sdQaccum,
+                pipeline_Q,
+                pipeline_dO,
+                tidx,
+                tma_atoms_dK,
+                tma_atoms_dV,
+                r2s_tiled_copy_dQaccum,
+                softmax_scale_log2,
+                softmax_scale,
+                block_info,
+                SeqlenInfoCls,
+                AttentionMaskCls,
+                TileSchedulerCls,
+                AuxData(),
+                (None, None),
+                None,
+                None,
+            )
+            if const_expr(self.num_wg_dQ == self.num_wg_mma):
+                cute.arch.setmaxregister_increase(self.num_mma_regs_wg0)
+                self.mma(*mma_args, is_dQ_wg=True)
+            else:
+                warp_idx_in_mma = cute.arch.make_warp_uniform(cute.arch.warp_idx()) - 4
+                if warp_idx_in_mma < 4:
+                    cute.arch.setmaxregister_increase(self.num_mma_regs_wg0)
+                    self.mma(*mma_args, is_dQ_wg=True)
+                else:
+                    cute.arch.setmaxregister_increase(self.num_mma_regs_wg1)
+                    self.mma(*mma_args, is_dQ_wg=False)
+
+    @cute.jit
+    def group_of(self, mQs: tuple, unit: Int32):
+        """``(g, first unit of g)`` of a scheduler batch index (as the forward's)."""
+        g = Int32(0)
+        start = Int32(0)
+        bound = Int32(0)
+        for i in cutlass.range_constexpr(len(self.heads) - 1):
+            bound = bound + cute.size(mQs[i].shape[2]) * cute.size(mQs[i].shape[3])
+            if unit >= bound:
+                g = Int32(i + 1)
+                start = bound
+        return g, start
+
+    @cute.jit
+    def load_groups(
+        self,
+        mQs: tuple,
+        mKs: tuple,
+        mVs: tuple,
+        mdOs: tuple,
+        mLSE: cute.Tensor,
+        mdPsum: cute.Tensor,
+        sQ: cute.Tensor,
+        sK: cute.Tensor,
+        sV: cute.Tensor,
+        sdO: cute.Tensor,
+        sLSE: cute.Tensor,
+        sdPsum: cute.Tensor,
+        tma_atoms_Q: tuple,
+        tma_atoms_K: tuple,
+        tma_atoms_V: tuple,
+        tma_atoms_dO: tuple,
+        pipeline_Q,
+        pipeline_dO,
+        block_info: BlockInfo,
+        SeqlenInfoCls,
+        TileSchedulerCls,
+    ):
+        warp_idx_in_wg = cute.arch.make_warp_uniform(cute.arch.warp_idx()) % 4
+        if warp_idx_in_wg == 0:
+            producer_state_Q = cutlass.pipeline.make_pipeline_state(
+                cutlass.pipeline.PipelineUserType.Producer, self.Q_stage
+            )
+            producer_state_dO = cutlass.pipeline.make_pipeline_state(
+                cutlass.pipeline.PipelineUserType.Producer, self.dO_stage
+            )
+            tile_scheduler = TileSchedulerCls()
+            work_tile = tile_scheduler.initial_work_tile_info()
+            while work_tile.is_valid_tile:
+                n_block, _, unit, _ = work_tile.tile_idx
+                seqlen = SeqlenInfoCls(unit)
+                # the statistics are laid out by unit (one head): no group needed
+                mLSE_cur = seqlen.offset_batch_Q(mLSE, unit, dim=2, padded=True)[None, 0]
+                mdPsum_cur = seqlen.offset_batch_Q(mdPsum, unit, dim=2, padded=True)[None, 0]
+                gLSE = cute.local_tile(mLSE_cur, (self.tile_m,), (None,))
+                gdPsum = cute.local_tile(mdPsum_cur, (self.tile_m,), (None,))
+                g, start = self.group_of(mQs, unit)
+                local = unit - start
+                for i in cutlass.range_constexpr(len(self.heads)):
+                    if g == i:
+                        head_idx = local % self.heads[i]
+                        batch_idx = local // self.heads[i]
+                        producer_state_Q, producer_state_dO = self.load_tile(
+                            mQs[i][None, None, head_idx, batch_idx],
+                            mKs[i][None, None, head_idx, batch_idx],
+                            mVs[i][None, None, head_idx, batch_idx],
+                            mdOs[i][None, None, head_idx, batch_idx],
+                            gLSE,
+                            gdPsum,
+                            sQ,
+                            sK,
+                            sV,
+                            sdO,
+                            sLSE,
+                            sdPsum,
+                            tma_atoms_Q[i],
+                            tma_atoms_K[i],
+                            tma_atoms_V[i],
+                            tma_atoms_dO[i],
+                            pipeline_Q,
+                            pipeline_dO,
+                            block_info,
+                            seqlen,
+                            n_block,
+                            producer_state_Q,
+                            producer_state_dO,
+                        )
+                tile_scheduler.prefetch_next_work()
+                tile_scheduler.advance_to_next_work()
+                work_tile = tile_scheduler.get_current_work()
+
+    @cute.jit
+    def load_tile(
+        self,
+        mQ_cur: cute.Tensor,
+        mK_cur: cute.Tensor,
+        mV_cur: cute.Tensor,
+        mdO_cur: cute.Tensor,
+        gLSE: cute.Tensor,
+        gdPsum: cute.Tensor,
+        sQ: cute.Tensor,
+        sK: cute.Tensor,
+        sV: cute.Tensor,
+        sdO: cute.Tensor,
+        sLSE: cute.Tensor,
+        sdPsum: cute.Tensor,
+        tma_atom_Q,
+        tma_atom_K,
+        tma_atom_V,
+        tma_atom_dO,
+        pipeline_Q,
+        pipeline_dO,
+        block_info: BlockInfo,
+        seqlen,
+        n_block: Int32,
+        producer_state_Q,
+        producer_state_dO,
+    ):
+        """FA4's producer for one key tile (its dense path), through one group's descriptors."""
+        gK = cute.local_tile(mK_cur, (self.tile_n, self.tile_hdim), (n_block, 0))
+        gV = cute.local_tile(mV_cur, (self.tile_n, self.tile_hdimv), (n_block, 0))
+        gQ = cute.local_tile(mQ_cur, (self.tile_m, self.tile_hdim), (None, 0))
+        gdO = cute.local_tile(mdO_cur, (self.tile_m, self.tile_hdimv), (None, 0))
+        load_K, _, _ = copy_utils.tma_get_copy_fn(
+            tma_atom_K, 0, cute.make_layout(1), gK, sK, single_stage=True
+        )
+        load_V, _, _ = copy_utils.tma_get_copy_fn(
+            tma_atom_V, 0, cute.make_layout(1), gV, sV, single_stage=True
+        )
+        load_Q, _, _ = copy_utils.tma_get_copy_fn(tma_atom_Q, 0, cute.make_layout(1), gQ, sQ)
+        load_Q = copy_utils.tma_producer_copy_fn(load_Q, pipeline_Q)
+        load_dO, _, _ = copy_utils.tma_get_copy_fn(tma_atom_dO, 0, cute.make_layout(1), gdO, sdO)
+        load_dO = copy_utils.tma_producer_copy_fn(load_dO, pipeline_dO)
+        load_LSE = copy_utils.cpasync_bulk_get_copy_fn(gLSE, sLSE)
+        load_LSE = copy_utils.tma_producer_copy_fn(load_LSE, pipeline_Q)
+        load_dPsum = copy_utils.cpasync_bulk_get_copy_fn(gdPsum, sdPsum)
+        load_dPsum = copy_utils.tma_producer_copy_fn(load_dPsum, pipeline_dO)
+
+        m_block_min, m_block_max = block_info.get_m_block_min_max(seqlen, n_block)
+        pipeline_Q.producer_acquire(producer_state_Q, extra_tx_count=self.tma_copy_bytes["K"])
+        load_K(tma_bar_ptr=pipeline_Q.producer_get_barrier(producer_state_Q))
+        load_Q(m_block_min, producer_state=producer_state_Q)
+        cute.arch.griddepcontrol_wait()  # the statistics come from the kernels before
+        load_LSE(m_block_min, producer_state=producer_state_Q)
+        producer_state_dO_cur = (
+            producer_state_dO if const_expr(self.Q_stage != self.dO_stage) else producer_state_Q
+        )
+        pipeline_dO.producer_acquire(producer_state_dO_cur, extra_tx_count=self.tma_copy_bytes["V"])
+        load_V(tma_bar_ptr=pipeline_dO.producer_get_barrier(producer_state_dO_cur))
+        load_dO(m_block_min, producer_state=producer_state_dO_cur)
+        load_dPsum(m_block_min, producer_state=producer_state_dO_cur)
+        producer_state_Q.advance()
+        producer_state_dO.advance()
+        for m_block in cutlass.range(m_block_min + 1, m_block_max, unroll=1):
+            pipeline_Q.producer_acquire(producer_state_Q)
+            load_Q(m_block, producer_state=producer_state_Q)
+            load_LSE(m_block, producer_state=producer_state_Q)
+            producer_state_dO_cur = (
+                producer_state_dO if const_expr(self.Q_stage != self.dO_stage) else producer_state_Q
+            )
+            pipeline_dO.producer_acquire(producer_state_dO_cur)
+            load_dO(m_block, producer_state=producer_state_dO_cur)
+            load_dPsum(m_block, producer_state=producer_state_dO_cur)
+            producer_state_Q.advance()
+            producer_state_dO.advance()
+        return producer_state_Q, producer_state_dO
+
+    @cute.jit
+    def epilogue_dKV(
+        self,
+        acc_dV: cute.Tensor,
+        mdVs: tuple,
+        sV: cute.Tensor,
+        acc_dK: cute.Tensor,
+        mdKs_and_mQs: tuple,
+        sK: cute.Tensor,
+        seqlen,
+        tma_atoms_dK: tuple,
+        tma_atoms_dV: tuple,
+        tiled_mma_dK: cute.TiledMma,
+        tiled_mma_dV: cute.TiledMma,
+        tidx: Int32,
+        n_block: Int32,
+        head_idx: Int32,
+        unit: Int32,
+        qhead_per_kvhead_divmod=None,
+        mdK_semaphore=None,
+        mdV_semaphore=None,
+    ):
+        mdKs, mQs = mdKs_and_mQs
+        g, start = self.group_of(mQs, unit)
+        local = unit - start
+        for i in cutlass.range_constexpr(len(self.heads)):
+            if g == i:
+                _epilogue_dKV(
+                    self,
+                    acc_dV,
+                    mdVs[i],
+                    sV,
+                    acc_dK,
+                    mdKs[i],
+                    sK,
+                    seqlen,
+                    tma_atoms_dK[i],
+                    tma_atoms_dV[i],
+                    tiled_mma_dK,
+                    tiled_mma_dV,
+                    tidx,
+                    n_block,
+                    local % self.heads[i],
+                    local // self.heads[i],
+                )
