@@ -80,6 +80,7 @@ def main(cases: int) -> None:
     merge_kernel.merge_rows_ = original
     checked += zero_unselected_cases(gen, cases)
     checked += add_rows_cases(gen, cases)
+    checked += unit_stats_cases(gen, cases)
     print("ok", checked)
 
 
@@ -192,6 +193,43 @@ def zero_unselected_cases(gen: torch.Generator, cases: int) -> int:
     # per call: the forward's output, and the three gradients' one stacked buffer
     assert len(calls) == 4, f"the core zeroed through the kernel {len(calls)} times, not 4"
     unselected.zero_unselected_, torch.empty_like, torch.empty = original, empty_like, empty
+    return checked
+
+
+def unit_stats_cases(gen: torch.Generator, cases: int) -> int:
+    """The grouped backward's statistics by unit (``ringattn.kernels.unit_stats``) against their
+    definition: each head_groups part's rows as ``[B, H, L]`` units (the order of
+    ``launches.packed``), ``rowsum(out * dout)`` and ``lse * log2(e)``, the rows past ``L`` 0 and
+    ``+inf``."""
+    import math
+
+    from ringattn.kernels.unit_stats import unit_stats_
+
+    checked = 0
+    for case in range(cases):
+        b, h = 1 + case % 2, int(torch.randint(2, 6, (), generator=gen))
+        d = int(torch.randint(1, 20, (), generator=gen))
+        length = int(torch.randint(1, 6, (), generator=gen))
+        rates = (1, 2, 4)[: 1 + case % 3]
+        n = length * max(rates) * int(torch.randint(1, 4, (), generator=gen))
+        plan = make_plan(n, h, tuple((length * r, r) for r in rates), "head_groups")
+        dtype = [torch.float32, torch.bfloat16][case % 2]
+        out, dout = (torch.randn(b, n, h, d, generator=gen).to(dtype) for _ in range(2))
+        lse = torch.randn(b, n, h, generator=gen)
+        positions = torch.arange(b * n * h).view(b, n, h)
+        index = torch.cat(
+            [block.rows(positions).flatten(0, 1).transpose(1, 2).flatten() for block in plan.blocks]
+        ).to(torch.int32)
+        units = index.numel() // length
+        rounded = length + case % 3
+        dpsum, lse_log2 = (torch.full((units, rounded), float("nan")) for _ in range(2))
+        unit_stats_(out, dout, lse, index, length, dpsum, lse_log2)
+        rows = index.long().view(units, length)
+        want = (out.float() * dout.float()).sum(-1).flatten()[rows]
+        torch.testing.assert_close(dpsum[:, :length], want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse_log2[:, :length], lse.flatten()[rows] * math.log2(math.e))
+        assert (dpsum[:, length:] == 0).all() and (lse_log2[:, length:] == float("inf")).all()
+        checked += 1
     return checked
 
 

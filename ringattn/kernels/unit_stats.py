@@ -1,0 +1,98 @@
+"""The grouped backward's statistics, laid out by unit: dPsum and LSE * log2(e) (WORK IN PROGRESS,
+for :mod:`ringattn.kernels.fa4_group_bwd_sm90`; not used by the core yet).
+
+FA4's backward preprocess computes, per launch, ``dPsum = rowsum(O * dO)`` (float32) and the LSE
+in log2 units for every row of its ``[B, H, L_rounded]`` statistics (rows past ``L``: dPsum 0, LSE
+``+inf``, so those rows' probabilities are 0), and zeroes its dQ accumulator. The grouped backward
+reads them laid out by *unit* (``[U, L_rounded]``, one unit per (segment, head) of every group, in
+the order of :func:`ringattn.launches.packed`'s index), so one launch of this kernel writes all of
+them from the ``[b, n, h, ...]`` tensors: the packed index gives each unit row's position ``p`` in
+the LSE's storage, and ``O`` / ``dO``'s row is at ``p * d`` (both contiguous ``[b, n, h, d]``, as
+the core makes them).
+
+Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how the tests run it).
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+from ringattn.kernels.merge import triton
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _unit_stats_kernel(
+        out_ptr,
+        dout_ptr,
+        lse_ptr,
+        index_ptr,
+        dpsum_ptr,
+        lse_log2_ptr,
+        ROWS,  # U * L_rounded
+        L,
+        L_ROUNDED,
+        D,
+        LOG2E: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        unit = rows // L_ROUNDED
+        row = rows % L_ROUNDED
+        live = (rows < ROWS) & (row < L)
+        position = tl.load(index_ptr + unit * L + row, mask=live, other=0).to(tl.int64)
+        chans = tl.arange(0, BLOCK_D)
+        mask = live[:, None] & (chans < D)[None, :]
+        at = position[:, None] * D + chans[None, :]
+        o = tl.load(out_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(dout_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        dpsum = tl.sum(o * do, axis=1)
+        lse = tl.load(lse_ptr + position, mask=live, other=float("inf")).to(tl.float32)
+        written = rows < ROWS
+        tl.store(dpsum_ptr + rows, tl.where(live, dpsum, 0.0), mask=written)
+        tl.store(lse_log2_ptr + rows, lse * LOG2E, mask=written)
+
+
+ROWS_PER_PROGRAM = 16
+WARPS = 4
+
+
+def unit_stats_(
+    out: Tensor,
+    dout: Tensor,
+    lse: Tensor,
+    index: Tensor,
+    length: int,
+    dpsum: Tensor,
+    lse_log2: Tensor,
+) -> None:
+    """``dpsum`` / ``lse_log2`` (``[U, L_rounded]`` float32, contiguous) <- each unit row's
+    ``rowsum(out * dout)`` and ``lse * log2(e)``, the rows ``length..L_rounded`` 0 and ``+inf``.
+    ``index``: ``U * length`` positions into ``lse``'s storage (``launches.packed``); ``out``,
+    ``dout``: contiguous ``[b, n, h, d]``, ``lse``: contiguous ``[b, n, h]`` float32."""
+    assert out.is_contiguous() and dout.is_contiguous() and lse.is_contiguous()
+    assert dpsum.is_contiguous() and lse_log2.is_contiguous() and dpsum.shape == lse_log2.shape
+    units, rounded = dpsum.shape
+    assert index.numel() == units * length and rounded >= length
+    d = out.shape[-1]
+    rows = units * rounded
+    _unit_stats_kernel[(triton.cdiv(rows, ROWS_PER_PROGRAM),)](
+        out,
+        dout,
+        lse,
+        index,
+        dpsum,
+        lse_log2,
+        rows,
+        length,
+        rounded,
+        d,
+        LOG2E=math.log2(math.e),
+        BLOCK_R=ROWS_PER_PROGRAM,
+        BLOCK_D=triton.next_power_of_2(d),
+        num_warps=WARPS,
+    )
