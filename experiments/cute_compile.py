@@ -106,6 +106,40 @@ def _grouped_backward(n: int, h: int, d: int, causal: bool) -> None:
     )
 
 
+def _grouped_postprocess(n: int, h: int, d: int, causal: bool) -> None:
+    """Compile the grouped dQ postprocess (``fa4_group_bwd_sm90.GroupedPostprocessSm90``, work
+    in progress) with FA4's backward tiles for issue 5's head_groups blocks."""
+    import importlib
+
+    cute = importlib.import_module("cutlass.cute")
+    dsl_utils = importlib.import_module("flash_attn.cute.cute_dsl_utils")
+    interface = importlib.import_module("flash_attn.cute.interface")
+    sm90 = importlib.import_module("ringattn.kernels.fa4_group_bwd_sm90")
+    cfg = interface._tile_size_bwd_sm90(d, d, causal, False)
+    groups = [p[0] for p in _parts(n, h, d, "head_groups", True)]
+    kernel = sm90.GroupedPostprocessSm90(
+        dsl_utils.torch2cute_dtype_map[torch.bfloat16],
+        d,
+        90,
+        cfg.m_block_size,
+        128 if cfg.dQ_single_wg else cfg.num_wg * 128,
+        cfg.AtomLayoutMdQ,
+        cfg.dQ_swapAB,
+        heads=tuple(q.shape[2] for q, *_ in groups),
+    )
+    units = sum(q.shape[0] * q.shape[2] for q, *_ in groups)
+    rounded = -(-groups[0][0].shape[1] // cfg.m_block_size) * cfg.m_block_size
+    accum = torch.empty(units, 1, rounded * d, device="cuda")
+    cute.compile(
+        kernel,
+        dsl_utils.to_cute_tensor(accum, assumed_align=16),
+        tuple(dsl_utils.to_cute_tensor(q) for q, *_ in groups),
+        1.0,
+        cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
+        options="--enable-tvm-ffi",
+    )
+
+
 def kernels(n: int, h: int, d: int):
     """``(name, compile())`` for every kernel variant."""
     for causal, with_lse in itertools.product((False, True), (True, False)):
@@ -128,6 +162,11 @@ def kernels(n: int, h: int, d: int):
                 _grouped_backward(n, h, d, causal)
 
             yield f"fa4_group_bwd causal={causal}", grouped_backward
+
+            def grouped_postprocess(causal=causal):
+                _grouped_postprocess(n, h, d, causal)
+
+            yield f"fa4_group_post causal={causal}", grouped_postprocess
         yield f"fa4_zero {variant}", zeroing
         if with_lse:
 

@@ -25,9 +25,10 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 from cutlass.cute.nvgpu import cpasync
-from flash_attn.cute import pipeline
+from flash_attn.cute import pipeline, utils
 from flash_attn.cute.block_info import BlockInfo
 from flash_attn.cute.cute_dsl_utils import assume_tensor_aligned
+from flash_attn.cute.flash_bwd_postprocess import FlashAttentionBackwardPostprocess
 from flash_attn.cute.flash_bwd_sm90 import FlashAttentionBackwardSm90
 from flash_attn.cute.mask import AttentionMask
 from flash_attn.cute.seqlen_info import SeqlenInfoQK
@@ -614,4 +615,176 @@ class GroupedBackwardSm90(FlashAttentionBackwardSm90):
                     n_block,
                     local % self.heads[i],
                     local // self.heads[i],
+                )
+
+
+class GroupedPostprocessSm90(FlashAttentionBackwardPostprocess):
+    """FA4's SM90 dQ postprocess (float32 accumulator -> dQ, scaled) over several groups in one
+    launch: the accumulator laid out by unit (``[U, 1, L_rounded * d]``, as the grouped backward
+    writes it), each group's dQ a ``[B_g, L, H_g, d]`` strided view (``heads[g]`` heads)."""
+
+    def __init__(self, *args, heads: tuple[int, ...] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.heads = tuple(heads)
+        assert len(self.heads) > 0 and self.arch // 10 == 9
+
+    @cute.jit
+    def __call__(self, mdQaccum: cute.Tensor, mdQs: tuple, scale: Float32, stream=None):
+        mdQaccum = assume_tensor_aligned(mdQaccum)
+        mdQs = [assume_tensor_aligned(t) for t in mdQs]
+        self.tiled_mma = self._get_tiled_mma()
+        self._setup_attributes()
+        smem_size = max(
+            cute.size_in_bytes(Float32, self.sdQaccum_layout),
+            cute.size_in_bytes(self.dtype, self.sdQ_layout),
+        )
+        units = cute.size(mdQs[0].shape[0]) * cute.size(mdQs[0].shape[2])
+        for g in cutlass.range_constexpr(1, len(self.heads)):
+            units = units + cute.size(mdQs[g].shape[0]) * cute.size(mdQs[g].shape[2])
+        tile_sched_args = TileSchedulerArguments(
+            num_block=cute.ceil_div(mdQs[0].shape[1], self.tile_m),
+            num_head=1,
+            num_batch=units,
+            num_splits=1,
+            seqlen_k=0,
+            headdim=mdQs[0].shape[3],
+            headdim_v=0,
+            total_q=mdQs[0].shape[1] * units,
+            tile_shape_mn=(self.tile_m, 1),
+            mCuSeqlensQ=None,
+            mSeqUsedQ=None,
+        )
+        tile_sched_params = SingleTileScheduler.to_underlying_arguments(tile_sched_args)
+        grid_dim = SingleTileScheduler.get_grid_shape(tile_sched_params)
+        self.kernel(
+            mdQaccum,
+            tuple(mdQs),
+            scale,
+            self.tiled_mma,
+            self.sdQaccum_layout,
+            self.sdQ_layout,
+            self.g2s_tiled_copy_dQaccum,
+            self.s2r_tiled_copy_dQaccum,
+            self.gmem_tiled_copy_dQ,
+            tile_sched_params,
+            SingleTileScheduler,
+        ).launch(grid=grid_dim, block=[self.num_threads, 1, 1], smem=smem_size, stream=stream)
+
+    @cute.kernel
+    def kernel(
+        self,
+        mdQaccum: cute.Tensor,
+        mdQs: tuple,
+        scale: Float32,
+        tiled_mma: cute.TiledMma,
+        sdQaccum_layout: cute.Layout,
+        sdQ_layout: cute.ComposedLayout,
+        g2s_tiled_copy_dQaccum: cute.TiledCopy,
+        s2r_tiled_copy_dQaccum: cute.TiledCopy,
+        gmem_tiled_copy_dQ: cute.TiledCopy,
+        tile_sched_params,
+        TileScheduler: cutlass.Constexpr,
+    ):
+        smem = cutlass.utils.SmemAllocator()
+        sdQaccum = smem.allocate_tensor(Float32, sdQaccum_layout, byte_alignment=1024)
+        sdQ = cute.make_tensor(cute.recast_ptr(sdQaccum.iterator, dtype=self.dtype), sdQ_layout)
+        tile_scheduler = TileScheduler.create(tile_sched_params)
+        work_tile = tile_scheduler.initial_work_tile_info()
+        m_block, _, unit, _ = work_tile.tile_idx
+        if work_tile.is_valid_tile:
+            g = Int32(0)
+            start = Int32(0)
+            bound = Int32(0)
+            for i in cutlass.range_constexpr(len(self.heads) - 1):
+                bound = bound + cute.size(mdQs[i].shape[0]) * cute.size(mdQs[i].shape[2])
+                if unit >= bound:
+                    g = Int32(i + 1)
+                    start = bound
+            local = unit - start
+            for i in cutlass.range_constexpr(len(self.heads)):
+                if g == i:
+                    self.convert_tile(
+                        mdQaccum[unit, 0, None],
+                        mdQs[i][local // self.heads[i], None, local % self.heads[i], None],
+                        mdQs[i].shape[1],
+                        mdQs[i].shape[3],
+                        m_block,
+                        scale,
+                        tiled_mma,
+                        sdQaccum,
+                        sdQ,
+                        g2s_tiled_copy_dQaccum,
+                        s2r_tiled_copy_dQaccum,
+                        gmem_tiled_copy_dQ,
+                    )
+
+    @cute.jit
+    def convert_tile(
+        self,
+        mdQaccum_cur: cute.Tensor,
+        mdQ_cur: cute.Tensor,
+        seqlen_q: Int32,
+        head_dim: Int32,
+        m_block: Int32,
+        scale: Float32,
+        tiled_mma: cute.TiledMma,
+        sdQaccum: cute.Tensor,
+        sdQ: cute.Tensor,
+        g2s_tiled_copy_dQaccum: cute.TiledCopy,
+        s2r_tiled_copy_dQaccum: cute.TiledCopy,
+        gmem_tiled_copy_dQ: cute.TiledCopy,
+    ):
+        """FA4's SM90 postprocess of one tile (its steps 1-5), on one group's rows."""
+        tidx, _, _ = cute.arch.thread_idx()
+        sdQaccum_flat = cute.make_tensor(sdQaccum.iterator, cute.make_layout(cute.size(sdQaccum)))
+        sdQt = layout_utils.transpose_view(sdQ)
+        gdQaccum = cute.local_tile(mdQaccum_cur, (self.tile_m * self.tile_hdim,), (m_block,))
+        gdQ = cute.local_tile(mdQ_cur, (self.tile_m, self.tile_hdim), (m_block, 0))
+        # 1: dQaccum gmem -> smem
+        g2s_thr_copy_dQaccum = g2s_tiled_copy_dQaccum.get_slice(tidx)
+        tdQgdQaccum = g2s_thr_copy_dQaccum.partition_S(gdQaccum)
+        tdQsdQaccumg2s = g2s_thr_copy_dQaccum.partition_D(sdQaccum_flat)
+        cute.copy(g2s_tiled_copy_dQaccum, tdQgdQaccum, tdQsdQaccumg2s)
+        cute.arch.cp_async_commit_group()
+        cute.arch.cp_async_wait_group(0)
+        cute.arch.barrier()
+        # 2: smem -> registers, scaled and converted
+        s2r_thr_copy_dQaccum = s2r_tiled_copy_dQaccum.get_slice(tidx)
+        tdQsdQaccum = s2r_thr_copy_dQaccum.partition_S(sdQaccum)
+        tile_shape = (self.tile_m, self.tile_hdim)
+        acc_shape = tiled_mma.partition_shape_C(
+            tile_shape if const_expr(not self.dQ_swapAB) else tile_shape[::-1]
+        )
+        acc = cute.make_rmem_tensor(acc_shape, Float32)
+        tdQrdQaccum = cute.make_tensor(acc.iterator, cute.make_layout(tdQsdQaccum.shape))
+        cute.autovec_copy(tdQsdQaccum, tdQrdQaccum)
+        rdQ = cute.make_fragment_like(acc, self.dtype)
+        rdQ.store((acc.load() * scale).to(self.dtype))
+        # 3: registers -> smem
+        cute.arch.barrier()
+        copy_atom_r2s_dQ = utils.get_smem_store_atom(
+            self.arch, self.dtype, transpose=self.dQ_swapAB
+        )
+        tiled_copy_r2s_dQ = cute.make_tiled_copy_C(copy_atom_r2s_dQ, tiled_mma)
+        thr_copy_r2s_dQ = tiled_copy_r2s_dQ.get_slice(tidx)
+        cdQ = cute.make_identity_tensor((self.tile_m, self.tile_hdim))
+        taccdQrdQ = thr_copy_r2s_dQ.retile(rdQ)
+        taccdQsdQ = thr_copy_r2s_dQ.partition_D(sdQ if const_expr(not self.dQ_swapAB) else sdQt)
+        cute.copy(thr_copy_r2s_dQ, taccdQrdQ, taccdQsdQ)
+        # 4: smem -> registers for coalesced stores; 5: -> gmem, rows past L left alone
+        cute.arch.barrier()
+        gmem_thr_copy_dQ = gmem_tiled_copy_dQ.get_slice(tidx)
+        tdQgdQ = gmem_thr_copy_dQ.partition_S(gdQ)
+        tdQsdQ = gmem_thr_copy_dQ.partition_D(sdQ)
+        tdQrdQ = cute.make_fragment_like(tdQsdQ, self.dtype)
+        cute.autovec_copy(tdQsdQ, tdQrdQ)
+        tdQcdQ = gmem_thr_copy_dQ.partition_S(cdQ)
+        tdQpdQ = utils.predicate_k(tdQcdQ, limit=head_dim)
+        for rest_m in cutlass.range(cute.size(tdQrdQ.shape[1]), unroll_full=True):
+            if tdQcdQ[0, rest_m, 0][0] < seqlen_q - m_block * self.tile_m:
+                cute.copy(
+                    gmem_tiled_copy_dQ,
+                    tdQrdQ[None, rest_m, None],
+                    tdQgdQ[None, rest_m, None],
+                    pred=tdQpdQ[None, rest_m, None],
                 )
