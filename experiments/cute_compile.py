@@ -48,96 +48,16 @@ def _parts(n: int, h: int, d: int, mixing: str, with_lse: bool):
 
 
 def _grouped_backward(n: int, h: int, d: int, causal: bool) -> None:
-    """Compile :mod:`ringattn.kernels.fa4_group_bwd_sm90` (work in progress: no host module
-    yet) for issue 5's head_groups blocks, with FA4's backward tiles and unit-laid statistics."""
-    import importlib
+    """Compile the grouped backward and its dQ postprocess (work in progress:
+    :func:`ringattn.kernels.fa4_group_bwd._compile`) for issue 5's head_groups blocks."""
+    from ringattn.kernels import fa4_group_bwd
 
-    cute = importlib.import_module("cutlass.cute")
-    dsl_utils = importlib.import_module("flash_attn.cute.cute_dsl_utils")
-    interface = importlib.import_module("flash_attn.cute.interface")
-    sm90 = importlib.import_module("ringattn.kernels.fa4_group_bwd_sm90")
-    cfg = interface._tile_size_bwd_sm90(d, d, causal, False)
-    parts = _parts(n, h, d, "head_groups", True)
-    groups = [p[0] for p in parts]
-    heads = tuple(q.shape[2] for q, *_ in groups)
-    kernel = sm90.GroupedBackwardSm90(
-        dsl_utils.torch2cute_dtype_map[torch.bfloat16],
-        d,
-        d,
-        1,
-        causal,
-        is_local=False,
-        deterministic=False,
-        tile_m=cfg.m_block_size,
-        tile_n=cfg.n_block_size,
-        Q_stage=cfg.num_stages_Q,
-        dO_stage=cfg.num_stages_dO,
-        PdS_stage=cfg.num_stages_PdS,
-        SdP_swapAB=cfg.SdP_swapAB,
-        dKV_swapAB=cfg.dKV_swapAB,
-        dQ_swapAB=cfg.dQ_swapAB,
-        AtomLayoutMSdP=cfg.AtomLayoutMSdP,
-        AtomLayoutNdKV=cfg.AtomLayoutNdKV,
-        AtomLayoutMdQ=cfg.AtomLayoutMdQ,
-        num_threads=(cfg.num_wg + 1) * 128,
-        dQ_single_wg=cfg.dQ_single_wg,
-        heads=heads,
-    )
-    units = sum(q.shape[0] * q.shape[2] for q, *_ in groups)
-    length = groups[0][0].shape[1]
-    rounded = -(-length // cfg.m_block_size) * cfg.m_block_size
-    stats = [torch.empty(units, 1, rounded, device="cuda") for _ in range(2)]
-    stats.append(torch.empty(units, 1, rounded * d, device="cuda"))
-    views = [tuple(dsl_utils.to_cute_tensor(group[i]) for group in groups) for i in range(4)]
-    q_views, k_views, v_views, o_views = views  # (dO and the gradients: views of that layout)
-    stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
-    cute.compile(
-        kernel,
-        q_views,
-        k_views,
-        v_views,
-        o_views,
-        *(dsl_utils.to_cute_tensor(x, assumed_align=16) for x in stats),
-        k_views,
-        v_views,
-        1.0,
-        stream,
-        options="--enable-tvm-ffi",
-    )
-
-
-def _grouped_postprocess(n: int, h: int, d: int, causal: bool) -> None:
-    """Compile the grouped dQ postprocess (``fa4_group_bwd_sm90.GroupedPostprocessSm90``, work
-    in progress) with FA4's backward tiles for issue 5's head_groups blocks."""
-    import importlib
-
-    cute = importlib.import_module("cutlass.cute")
-    dsl_utils = importlib.import_module("flash_attn.cute.cute_dsl_utils")
-    interface = importlib.import_module("flash_attn.cute.interface")
-    sm90 = importlib.import_module("ringattn.kernels.fa4_group_bwd_sm90")
-    cfg = interface._tile_size_bwd_sm90(d, d, causal, False)
-    groups = [p[0] for p in _parts(n, h, d, "head_groups", True)]
-    kernel = sm90.GroupedPostprocessSm90(
-        dsl_utils.torch2cute_dtype_map[torch.bfloat16],
-        d,
-        90,
-        cfg.m_block_size,
-        128 if cfg.dQ_single_wg else cfg.num_wg * 128,
-        cfg.AtomLayoutMdQ,
-        cfg.dQ_swapAB,
-        heads=tuple(q.shape[2] for q, *_ in groups),
-    )
-    units = sum(q.shape[0] * q.shape[2] for q, *_ in groups)
-    rounded = -(-groups[0][0].shape[1] // cfg.m_block_size) * cfg.m_block_size
-    accum = torch.empty(units, 1, rounded * d, device="cuda")
-    cute.compile(
-        kernel,
-        dsl_utils.to_cute_tensor(accum, assumed_align=16),
-        tuple(dsl_utils.to_cute_tensor(q) for q, *_ in groups),
-        1.0,
-        cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
-        options="--enable-tvm-ffi",
-    )
+    groups = []
+    for (q, k, v, out, lse), _ in _parts(n, h, d, "head_groups", True):
+        grads = [torch.empty_like(x) for x in (q, k, v)]  # (views of that layout will do)
+        groups.append((torch.empty_like(out), q, k, v, out, lse, *grads))
+    stats = fa4_group_bwd.workspaces(groups, causal)
+    fa4_group_bwd._compile(fa4_group_bwd._key(groups, causal), groups, stats)
 
 
 def kernels(n: int, h: int, d: int):
@@ -162,11 +82,6 @@ def kernels(n: int, h: int, d: int):
                 _grouped_backward(n, h, d, causal)
 
             yield f"fa4_group_bwd causal={causal}", grouped_backward
-
-            def grouped_postprocess(causal=causal):
-                _grouped_postprocess(n, h, d, causal)
-
-            yield f"fa4_group_post causal={causal}", grouped_postprocess
         yield f"fa4_zero {variant}", zeroing
         if with_lse:
 

@@ -1,0 +1,218 @@
+"""Several placed blocks' backwards as one FA4 launch (``head_groups``: every config at once).
+WORK IN PROGRESS (branch ``wip/grouped-backward``): never run on a GPU, not wired into the core.
+
+The backward of :mod:`ringattn.kernels.fa4_group`: each group a placed block part ``[B_g, L,
+H_g, d]`` (dout, q, k, v, and the dq, dk, dv it writes) of one length ``L``; the statistics laid
+out by *unit* (``(segment, head)`` of every group, in group order, ``[B, H]`` within one: the
+order of :func:`ringattn.launches.packed`). Per call:
+
+1. :func:`ringattn.kernels.unit_stats.unit_stats_`: dPsum = rowsum(out * dout) and LSE *
+   log2(e) for every unit row (one Triton launch, from the contiguous ``[b, n, h, ...]``
+   tensors through the packed index), and the unit dQ accumulator zeroed (a memset);
+2. :class:`ringattn.kernels.fa4_group_bwd_sm90.GroupedBackwardSm90`: FA4's SM90 backward over
+   every group's key tiles, dK / dV stored into each group's views, dQ added into the unit
+   accumulator;
+3. :class:`ringattn.kernels.fa4_group_bwd_sm90.GroupedPostprocessSm90`: dQ from the accumulator
+   into each group's view.
+
+Four launches, against three per config (FA4's preprocess, main kernel and postprocess: 15 at
+issue 5's shape). Held to FA4's per-part backward by a first-call guard (dK / dV and dQ within a
+relative 1e-3 of FA4's: dQ is added atomically, and dPsum is summed in another order).
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ringattn.kernels import fa4, fa4_merge
+from ringattn.kernels.unit_stats import unit_stats_
+
+ENABLED = True
+_COMPILED: dict[tuple, Any] = {}
+_LOCK = threading.Lock()
+last_refusal: str | None = None
+
+# one group: the views a placed backward launch takes, (dout, q, k, v, out [B_g, L, H_g, d],
+# lse [B_g, L, H_g], dq, dk, dv [B_g, L, H_g, d])
+Group = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def supported(groups: Sequence[Group]) -> bool:
+    """Two or more groups of one length, dtype and head dim, self-attention, every view one
+    :func:`ringattn.kernels.fa4_merge.layout_ok` accepts, on an SM90 GPU with FA4."""
+    if len(groups) < 2:
+        return False
+    q0 = groups[0][1]
+    for dout, q, k, v, out, _, dq, dk, dv in groups:
+        if any(x.shape != q.shape for x in (dout, k, v, out, dq, dk, dv)):
+            return False
+        if q.shape[1] != q0.shape[1] or q.shape[3] != q0.shape[3] or q.dtype != q0.dtype:
+            return False
+        if not (
+            fa4_merge.layout_ok(q, k, v, dout, None) and fa4_merge.layout_ok(dq, dk, dv, dq, None)
+        ):
+            return False
+    return fa4.sm90(q0)
+
+
+def _config(head_dim: int, causal: bool):
+    interface = importlib.import_module("flash_attn.cute.interface")
+    return interface._tile_size_bwd_sm90(head_dim, head_dim, causal, False)
+
+
+def _key(groups: Sequence[Group], causal: bool) -> tuple:
+    q0 = groups[0][1]
+    return q0.dtype, q0.shape[-1], causal, tuple(group[1].shape[2] for group in groups)
+
+
+def _compile(key: tuple, groups: Sequence[Group], stats: tuple[Tensor, Tensor, Tensor]):
+    """The grouped backward and postprocess compiled for operands like these, as
+    ``(backward(qs, ks, vs, douts, lse_log2, dpsum, dq_accum, dks, dvs, scale),
+    postprocess(dq_accum, dqs, scale))``."""
+    cute = importlib.import_module("cutlass.cute")
+    dsl_utils = importlib.import_module("flash_attn.cute.cute_dsl_utils")
+    sm90 = importlib.import_module("ringattn.kernels.fa4_group_bwd_sm90")
+    dtype, head_dim, causal, heads = key
+    cfg = _config(head_dim, causal)
+    backward = sm90.GroupedBackwardSm90(
+        dsl_utils.torch2cute_dtype_map[dtype],
+        head_dim,
+        head_dim,
+        1,
+        causal,
+        is_local=False,
+        deterministic=False,
+        tile_m=cfg.m_block_size,
+        tile_n=cfg.n_block_size,
+        Q_stage=cfg.num_stages_Q,
+        dO_stage=cfg.num_stages_dO,
+        PdS_stage=cfg.num_stages_PdS,
+        SdP_swapAB=cfg.SdP_swapAB,
+        dKV_swapAB=cfg.dKV_swapAB,
+        dQ_swapAB=cfg.dQ_swapAB,
+        AtomLayoutMSdP=cfg.AtomLayoutMSdP,
+        AtomLayoutNdKV=cfg.AtomLayoutNdKV,
+        AtomLayoutMdQ=cfg.AtomLayoutMdQ,
+        num_threads=(cfg.num_wg + 1) * 128,
+        dQ_single_wg=cfg.dQ_single_wg,
+        heads=heads,
+    )
+    postprocess = sm90.GroupedPostprocessSm90(
+        dsl_utils.torch2cute_dtype_map[dtype],
+        head_dim,
+        90,
+        cfg.m_block_size,
+        128 if cfg.dQ_single_wg else cfg.num_wg * 128,
+        cfg.AtomLayoutMdQ,
+        cfg.dQ_swapAB,
+        heads=heads,
+    )
+
+    def views(i: int) -> tuple:
+        return tuple(dsl_utils.to_cute_tensor(group[i]) for group in groups)
+
+    douts, qs, ks, vs, _, _, dqs, dks, dvs = (None if i in (4, 5) else views(i) for i in range(9))
+    lse_log2, dpsum, dq_accum = (dsl_utils.to_cute_tensor(x, assumed_align=16) for x in stats)
+    stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
+    compiled_backward = cute.compile(
+        backward,
+        qs,
+        ks,
+        vs,
+        douts,
+        lse_log2,
+        dpsum,
+        dq_accum,
+        dks,
+        dvs,
+        1.0,
+        stream,
+        options="--enable-tvm-ffi",
+    )
+    compiled_postprocess = cute.compile(
+        postprocess, dq_accum, dqs, 1.0, stream, options="--enable-tvm-ffi"
+    )
+    return compiled_backward, compiled_postprocess
+
+
+def workspaces(groups: Sequence[Group], causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The unit statistics ``[U, 1, L_rounded]`` (LSE * log2(e), dPsum) and the dQ accumulator
+    ``[U, 1, L_rounded * d]``, float32 (``L_rounded``: ``L`` up to FA4's backward ``tile_m``)."""
+    q0 = groups[0][1]
+    units = sum(q.shape[0] * q.shape[2] for _, q, *_ in groups)
+    length, head_dim = q0.shape[1], q0.shape[3]
+    tile_m = _config(head_dim, causal).m_block_size
+    rounded = -(-length // tile_m) * tile_m
+    empty = lambda *shape: torch.empty(shape, dtype=torch.float32, device=q0.device)  # noqa: E731
+    return empty(units, 1, rounded), empty(units, 1, rounded), empty(units, 1, rounded * head_dim)
+
+
+def backward_group_(
+    groups: Sequence[Group],
+    out: Tensor,
+    dout: Tensor,
+    lse: Tensor,
+    index: Tensor,
+    causal: bool,
+    scale: float,
+) -> bool:
+    """Every group's dq, dk, dv <- the backward of attention(q, k, v) given the merged ``out``
+    and ``lse`` (``[b, n, h, d]`` / ``[b, n, h]``, contiguous; ``index``: the groups' units'
+    positions in ``lse``, :func:`ringattn.launches.packed`), as four launches. False where not
+    usable (nothing written; the caller launches the groups' backwards itself)."""
+    if not ENABLED:
+        return False
+    key = _key(groups, causal)
+    lse_log2, dpsum, dq_accum = stats = workspaces(groups, causal)
+    length = groups[0][1].shape[1]
+
+    def run(kernels) -> None:
+        backward, postprocess = kernels
+        unit_stats_(out, dout, lse, index, length, dpsum.squeeze(1), lse_log2.squeeze(1))
+        dq_accum.zero_()
+        douts, qs, ks, vs, _, _, dqs, dks, dvs = zip(*groups)
+        backward(qs, ks, vs, douts, lse_log2, dpsum, dq_accum, dks, dvs, scale)
+        postprocess(dq_accum, dqs, scale)
+
+    def first_call() -> bool:
+        global last_refusal
+        try:
+            kernels = _compile(key, groups, stats)
+            run(kernels)
+        except Exception as exc:  # the CuTe DSL or this FA4 version rejects the kernels
+            _COMPILED[key], last_refusal = False, f"{type(exc).__name__}: {exc}"
+            fa4.warn_refused(
+                "FA4's backward over several configs in one launch",
+                key,
+                last_refusal,
+                "each config's blocks take their own FA4 backward",
+            )
+            return False
+        worst = 0.0  # each group against FA4's own backward of it
+        for dout_g, q, k, v, out_g, lse_g, dq, dk, dv in groups:
+            want = fa4.backward(dout_g, q, k, v, out_g, lse_g, causal, scale)
+            for got, ref in zip((dq, dk, dv), want, strict=True):
+                norm = ref.float().norm().clamp_min(1e-30)
+                worst = max(worst, float((got.float() - ref.float()).norm() / norm))
+        if worst <= 1e-3:
+            _COMPILED[key] = kernels
+            return True
+        _COMPILED[key], last_refusal = False, f"gradients off by {worst:.3g} (relative)"
+        fa4.warn_refused(
+            "FA4's backward over several configs in one launch",
+            key,
+            last_refusal,
+            "each config's blocks take their own FA4 backward",
+        )
+        return False  # (the caller rewrites every group's gradients)
+
+    return fa4.call_guarded(_COMPILED, _LOCK, key, groups[0][1], first_call, run)
+
+
+__all__ = ["backward_group_", "supported", "workspaces"]
