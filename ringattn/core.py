@@ -39,7 +39,7 @@ from ringattn.dilation.base import DilationProcessor
 from ringattn.kernels import add as add_kernel
 from ringattn.kernels.unselected import fill_unselected_, shifted, zeros_for
 from ringattn.lanes import Lanes
-from ringattn.launches import gather, packed, prepared, views
+from ringattn.launches import Prepared, gather, packed, prepared, views
 from ringattn.memory.base import MemoryManager
 from ringattn.merge import merge_into_
 from ringattn.pattern import Block, Plan
@@ -368,10 +368,37 @@ def dilated_backward(
         placed=True,
         split=spec.computer.placed_backward_split(q),
     )
+    # head_groups: the placed blocks of the most common segment length as one launch where the
+    # computer has it (FA4: one backward over all their key tiles; work in progress); declined,
+    # they go one by one
+    grouped: frozenset[int] = frozenset()
+    if spec.plan.disjoint and placed_launches:
+        whole = prepared(
+            spec,
+            "backward",
+            tensors[:6],
+            tensors[6:],
+            placed_ids,
+            lambda span, part, *views: spec.computer.backward_launcher(
+                spec.causal, spec.scale, *views
+            ),
+            placed=True,
+            split=1,
+        )
+        if "group" not in whole.derived:
+            whole.derived["group"] = grouped_backward_launch(spec, whole, tensors)
+        if whole.derived["group"] is not None:
+            blocks_done, geometries, unit_index, launch = whole.derived["group"]
+            if launch([views(tensors, g) for g in geometries], dout, out, lse, unit_index):
+                grouped = blocks_done
     # the placed launches' LSE rows gathered into one buffer in the layout the computer reads
     # (launches.packed), where it would copy each launch's: one kernel instead of one per launch
     packed_tensors, repacked = tensors, {}
-    if PACK_LSE and placed_launches and spec.computer.packs_backward_lse(q):
+    if (
+        PACK_LSE
+        and any(i not in grouped for i in placed_launches)
+        and spec.computer.packs_backward_lse(q)
+    ):
         pack = placed_launches.derived.get("lse")
         if pack is None:
             pack = packed(placed_launches, 5, lse)
@@ -417,9 +444,36 @@ def dilated_backward(
             else:
                 accumulate_(grad_rows, attend_backward(block, index), place)
 
-    for_each_block(spec, q.device, first, backward_blocks, backward=True)
+    for_each_block(spec, q.device, first, backward_blocks, backward=True, done=grouped)
     dq, dk, dv = grads
     return dq, dk, dv
+
+
+def grouped_backward_launch(
+    spec: CoreSpec, whole: dict, tensors: tuple[Tensor | None, ...]
+) -> tuple[frozenset[int], tuple, Tensor, Callable[..., bool]] | None:
+    """One backward launch for the placed blocks (launched whole: ``whole``, one part each)
+    that share the most common segment length, where there are two or more and the computer
+    has a kernel for them (``BlockComputer.grouped_backward_launcher``): ``(those blocks, their
+    geometries, their units' LSE positions (launches.packed's index), launch)``; None where
+    there is no such launch."""
+    by_length: dict[int, list] = {}
+    for i, parts in whole.items():
+        if len(parts) == 1:
+            geometry = parts[0][0]
+            by_length.setdefault(geometry[1][0][1], []).append((i, parts))  # q: [B, L, H, d]
+    members = max(by_length.values(), key=len, default=[])
+    if len(members) < 2:
+        return None
+    geometries = tuple(parts[0][0] for _, parts in members)
+    examples = [tuple(views(tensors, geometry)) for geometry in geometries]
+    launch = spec.computer.grouped_backward_launcher(spec.causal, spec.scale, examples)
+    if launch is None:
+        return None
+    subset = Prepared()
+    subset.update(members)
+    unit_index = packed(subset, 5, tensors[5])[0]
+    return frozenset(i for i, _ in members), geometries, unit_index, launch
 
 
 def merge_result_(out_rows: Tensor, lse_rows: Tensor, result: tuple[Tensor, Tensor]) -> None:

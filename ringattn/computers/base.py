@@ -156,6 +156,18 @@ class BlockComputer(AttentionComputer):
         core then launches every group, which rewrites whatever the call wrote)."""
         return None
 
+    def grouped_backward_launcher(
+        self, causal: bool, scale: float, groups: list[tuple[Tensor, ...]]
+    ) -> Callable[..., bool] | None:
+        """A launcher that does what :meth:`backward_launcher` does for each of several groups
+        ``(dout, q, k, v, out, lse, dq, dk, dv)`` of placed blocks of one segment length, in one
+        kernel, for views of these layouts, as ``launch(groups, dout, out, lse, index)`` (the
+        whole contiguous ``dout``, ``out``, ``lse`` and the groups' units' positions in ``lse``,
+        :func:`ringattn.launches.packed`); None where this computer has no such kernel. The
+        launcher returns False from a call it did not take (the core then launches every group,
+        which rewrites whatever the call wrote)."""
+        return None
+
     def places_whole_blocks(self, q: Tensor) -> bool:
         """Whether this computer's placed forward (:meth:`forward_launcher`) writes straight
         into its rows with no block-sized temporaries, here. Then the core launches each placed

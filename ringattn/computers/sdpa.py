@@ -36,7 +36,15 @@ from torch import Tensor
 
 from ringattn import pattern
 from ringattn.computers.base import BlockComputer, Rows, RowsLSE, accumulation_dtype
-from ringattn.kernels import cudnn_graphs, fa4, fa4_add, fa4_group, fa4_merge, fa4_zero
+from ringattn.kernels import (
+    cudnn_graphs,
+    fa4,
+    fa4_add,
+    fa4_group,
+    fa4_group_bwd,
+    fa4_merge,
+    fa4_zero,
+)
 from ringattn.registry import register
 
 aten = torch.ops.aten
@@ -357,6 +365,21 @@ class SDPAComputer(BlockComputer):
 
         def launch(groups) -> bool:
             return group(groups, scale)
+
+        return launch
+
+    def grouped_backward_launcher(self, causal, scale, groups):
+        # every config's backward in one FA4 kernel (ringattn.kernels.fa4_group_bwd, work in
+        # progress: its ENABLED switch also decides here)
+        if not (
+            fa4_group_bwd.ENABLED
+            and self._fa4(self.cuda_backward, groups[0][1])
+            and fa4_group_bwd.supported(groups)
+        ):
+            return None
+
+        def launch(groups, dout, out, lse, index) -> bool:
+            return fa4_group_bwd.backward_group_(groups, out, dout, lse, index, causal, scale)
 
         return launch
 
