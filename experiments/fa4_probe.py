@@ -646,6 +646,86 @@ def group(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     return rows + modules + grads
 
 
+def group_bwd(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+    """``ringattn.kernels.fa4_group_bwd`` (work in progress: every ``head_groups`` config's
+    backward in one FA4 launch) against FA4's backward of each config, on issue 5's plan at
+    ``n // 4`` (at least its longest segment) and ``n``: each group's dq, dk, dv against FA4's
+    (relative error; dQ is added atomically by both), GPU ms and the host's µs per call of both;
+    then the module's forward+backward with it on and off."""
+    from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
+    from ringattn.kernels import fa4, fa4_group_bwd
+    from ringattn.pattern import make_plan
+
+    rows = []
+    scale = d**-0.5
+    sizes = sorted({max(n // 4, max(ISSUE_LENGTHS)), n})
+    for size, causal in itertools.product(sizes, (False, True)):
+        plan = make_plan(size, h, tuple(zip(ISSUE_LENGTHS, ISSUE_RATES)), "head_groups")
+        q_full, k_full, v_full, dout_full = (
+            torch.randn(1, size, h, d, device=device, dtype=torch.bfloat16) for _ in range(4)
+        )
+        out_full = torch.empty_like(q_full)
+        lse_full = torch.empty(1, size, h, device=device)
+        grads_full = [torch.full_like(q_full, float("nan")) for _ in range(3)]
+        positions = torch.arange(size * h, device=device).view(1, size, h)
+        groups, units = [], []
+        for block in plan.blocks:
+
+            def part(x, block=block):
+                return block.rows(x).flatten(0, 1)
+
+            q, k, v, out, dout = (part(x) for x in (q_full, k_full, v_full, out_full, dout_full))
+            lse = part(lse_full)
+            out_block, lse_block = fa4.forward(q, k, v, causal, scale)
+            out.copy_(out_block)
+            lse.copy_(lse_block)
+            groups.append((dout, q, k, v, out, lse, *(part(g) for g in grads_full)))
+            units.append(part(positions).transpose(1, 2).flatten())
+        index = torch.cat(units).to(torch.int32)
+        row = {"problem": f"n={size} groups={len(groups)}", "causal": causal}
+
+        def grouped(
+            groups=groups, full=(out_full, dout_full, lse_full), index=index, causal=causal
+        ):
+            out, dout, lse = full
+            return fa4_group_bwd.backward_group_(groups, out, dout, lse, index, causal, scale)
+
+        def per_config(groups=groups, causal=causal):
+            for dout, q, k, v, out, lse, dq, dk, dv in groups:
+                fa4.backward(dout, q, k, v, out, lse, causal, scale, (dq, dk, dv))
+
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                took = grouped()
+            torch.cuda.synchronize()
+            row["took"] = took
+            row["warnings"] = [str(x.message)[:400] for x in caught]
+            row["refusal"] = (fa4_group_bwd.last_refusal or "")[:3000]
+            got = [g.clone() for g in grads_full]
+            per_config()
+            torch.cuda.synchronize()
+            for name, a, b in zip(("dq", "dk", "dv"), got, grads_full, strict=True):
+                row[f"{name}_rel"] = float((a.float() - b.float()).norm() / b.float().norm())
+                row[f"{name}_nan"] = int(a.isnan().sum())
+            row["grouped_ms"] = _events_ms(grouped, 2, repeats)
+            row["per_config_ms"] = _events_ms(per_config, 2, repeats)
+            for name, fn in (("grouped", grouped), ("per_config", per_config)):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    fn()
+                row[f"{name}_host_us"] = (time.perf_counter() - start) / repeats * 1e6
+                torch.cuda.synchronize()
+        except Exception as exc:  # a probe: report and go on
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:1500]}"
+            row["refusal"] = (fa4_group_bwd.last_refusal or "")[:3000]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    names = ("grouped", "per_config")
+    return rows + _module_ab(n, h, d, repeats, device, "head_groups", fa4_group_bwd, names, True)
+
+
 class _TileSwitch:
     """``fa4.FORWARD_CONFIG[True]`` as an on/off switch for :func:`_module_ab` (on: ``tiles``)."""
 
@@ -807,6 +887,7 @@ def main(argv: list[str] | None = None) -> None:
             "launch",
             "fill",
             "group",
+            "group_bwd",
         ],
         default="compare",
     )
@@ -826,6 +907,7 @@ def main(argv: list[str] | None = None) -> None:
             "launch": launch,
             "fill": fill,
             "group": group,
+            "group_bwd": group_bwd,
         }
         part = part[args.part]
         rows = part(args.n, h, d, args.repeats, device)

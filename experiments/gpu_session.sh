@@ -14,6 +14,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh fill     # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh pack     # ~3 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh group    # ~6 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh group_bwd # ~8 min?
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #
@@ -48,7 +49,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|spanning|weak}
+part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -56,7 +57,7 @@ bench=(python -m experiments.bench --computers sdpa --dilations segment_local --
 brief() { # overheads.json rows, a short line each: the A/B choices, ms, host ms, peaks, errors
     python - "$@" <<'PY'
 import json, sys
-keys = ("n", "mixing", "causal", "lanes", "fill", "zero", "pack_lse", "group", "bwd_merge", "fwd_ms",
+keys = ("n", "mixing", "causal", "lanes", "fill", "zero", "pack_lse", "group", "group_bwd", "bwd_merge", "fwd_ms",
         "fwdbwd_ms", "fwd_ms_b2b", "fwdbwd_ms_b2b", "fwd_host_ms", "fwdbwd_host_ms", "fwdbwd_mem_vs_io", "vs_first_err",
         "graph_fwd_ms", "graph_fwdbwd_ms", "graph_fwd_err", "graph_fwdbwd_err")
 for path in sys.argv[1:]:
@@ -186,6 +187,23 @@ pack)
         --calls 5 --host --out "$out/timeline_host" >"$out/timeline_host.log" 2>&1
     summary="$(brief "$out"/pack*/overheads.json)
 $(grep -h "GPU busy" "$out/timeline_host/kernel_timeline.md" | cut -c1-150)"
+    ;;
+group_bwd)
+    # (branch wip/grouped-backward) the grouped backward's probe: gradients against FA4's per
+    # config, ms and host µs at 32K and 131K, the module A/B; then the A/B at 32K / 65K / 131K
+    # and the GPU oracle check
+    python -m experiments.fa4_probe --part group_bwd --n 131072 --repeats 10 --out "$out" \
+        >"$out/probe.log" 2>&1
+    for causal in "" "--causal"; do
+        # shellcheck disable=SC2086
+        python -m experiments.overheads --n 32768 65536 131072 --mixing head_groups $causal \
+            --split 8 --group-bwd yes no yes no --steady --repeats 10 \
+            --out "$out/ab${causal:+_causal}" >"$out/ab${causal:+_causal}.log" 2>&1
+    done
+    python -m experiments.flex_gpu --part check --out "$out/flex_gpu_check" >"$out/check.log" 2>&1
+    summary="$(grep -h "^problem=" "$out/probe.log" | cut -c1-400)
+$(brief "$out"/ab*/overheads.json)
+$(grep -h "Correctness" "$out/flex_gpu_check/flex_gpu_check.md")"
     ;;
 group)
     python -m experiments.fa4_probe --part group --n 131072 --repeats 10 --out "$out" \

@@ -59,7 +59,7 @@ from ringattn import core, lanes, launches, pattern
 from ringattn.computers.sdpa import CUDA_BACKWARDS, CUDA_FORWARDS, SDPAComputer
 from ringattn.flops import dense_flops, useful_flops
 from ringattn.kernels import add as add_kernel
-from ringattn.kernels import cudnn_graphs, fa4, fa4_group, fa4_zero
+from ringattn.kernels import cudnn_graphs, fa4, fa4_group, fa4_group_bwd, fa4_zero
 
 # how the core adds a merged block's gradients into their rows (False: "not done", torch's add_)
 ADDS = {"triton": add_kernel.add_rows_, "torch": lambda accs, parts: False}
@@ -244,6 +244,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 args.zero,
                 args.pack_lse,
                 args.group,
+                args.group_bwd,
             )
         )
         first_results = None  # every choice must compute what the first one did
@@ -264,6 +265,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 zero,
                 pack_lse,
                 group,
+                group_bwd,
             ) = choice
             pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
             SDPAComputer.in_place = in_place == "yes"
@@ -279,6 +281,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             fa4_zero.ENABLED = zero == "yes"
             core.PACK_LSE = pack_lse == "yes"
             fa4_group.ENABLED = group == "yes"
+            fa4_group_bwd.ENABLED = group_bwd == "yes"
             attention = ringattn.DilatedAttention(
                 ISSUE_LENGTHS,
                 ISSUE_RATES,
@@ -310,6 +313,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "zero": zero,
                     "pack_lse": pack_lse,
                     "group": group,
+                    "group_bwd": group_bwd,
                     **stats,
                     "fwd_tflops": flops_f / stats["fwd_ms"] / 1e9,
                     "fwdbwd_tflops": 3.5 * flops_f / stats["fwdbwd_ms"] / 1e9,
@@ -422,6 +426,11 @@ def main(argv: list[str] | None = None) -> None:
             "head_groups: the configs' blocks of one segment length in one FA4 forward "
             "(ringattn.kernels.fa4_group.ENABLED), or one launch per config",
         ),
+        "--group-bwd": (
+            ["yes", "no"],
+            "head_groups: the configs' backward in one FA4 launch (work in progress, "
+            "ringattn.kernels.fa4_group_bwd.ENABLED), or one per config",
+        ),
         "--forward": (
             list(CUDA_FORWARDS),
             "sdpa's forward through FlashAttention-4 where it runs (auto), or torch's kernels "
@@ -466,6 +475,7 @@ def main(argv: list[str] | None = None) -> None:
         fa4_zero.ENABLED = True
         core.PACK_LSE = True
         fa4_group.ENABLED = True
+        fa4_group_bwd.ENABLED = True
         SDPAComputer.fa4_backward_merge = default_merge
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overheads.json").write_text(json.dumps({"rows": rows, "traces": traces}))
