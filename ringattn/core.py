@@ -369,8 +369,8 @@ def dilated_backward(
         split=spec.computer.placed_backward_split(q),
     )
     # head_groups: the placed blocks of the most common segment length as one launch where the
-    # computer has it (FA4: one backward over all their key tiles; work in progress); declined,
-    # they go one by one
+    # computer has it (FA4: one backward over all their key tiles, up to a size); declined, they
+    # go one by one
     grouped: frozenset[int] = frozenset()
     if spec.plan.disjoint and placed_launches:
         whole = prepared(
@@ -385,10 +385,13 @@ def dilated_backward(
             placed=True,
             split=1,
         )
-        if "group" not in whole.derived:
-            whole.derived["group"] = grouped_backward_launch(spec, whole, tensors)
-        if whole.derived["group"] is not None:
-            blocks_done, geometries, unit_index, launch = whole.derived["group"]
+        group = whole.derived.get("group", False)
+        if group is False:
+            group = grouped_backward_launch(spec, whole, tensors)
+            if not _capturing(lse):  # (its unit index, made while capturing: replays only)
+                whole.derived["group"] = group
+        if group is not None:
+            blocks_done, geometries, unit_index, launch = group
             if launch([views(tensors, g) for g in geometries], dout, out, lse, unit_index):
                 grouped = blocks_done
     # the placed launches' LSE rows gathered into one buffer in the layout the computer reads
@@ -402,7 +405,7 @@ def dilated_backward(
         pack = placed_launches.derived.get("lse")
         if pack is None:
             pack = packed(placed_launches, 5, lse)
-            if not (lse.is_cuda and torch.cuda.is_current_stream_capturing()):
+            if not _capturing(lse):
                 # (made while capturing, it would hold its values only in the graph's replays)
                 placed_launches.derived["lse"] = pack
         index, span, repacked = pack
@@ -449,14 +452,20 @@ def dilated_backward(
     return dq, dk, dv
 
 
+def _capturing(x: Tensor) -> bool:
+    """Whether ``x``'s stream is being captured into a CUDA graph (then tensors made now hold
+    their values only in the graph's replays, and must not be cached for later calls)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def grouped_backward_launch(
     spec: CoreSpec, whole: dict, tensors: tuple[Tensor | None, ...]
 ) -> tuple[frozenset[int], tuple, Tensor, Callable[..., bool]] | None:
     """One backward launch for the placed blocks (launched whole: ``whole``, one part each)
     that share the most common segment length, where there are two or more and the computer
-    has a kernel for them (``BlockComputer.grouped_backward_launcher``): ``(those blocks, their
-    geometries, their units' LSE positions (launches.packed's index), launch)``; None where
-    there is no such launch."""
+    has a kernel for them (``BlockComputer.grouped_backward_launcher``, its workspaces from the
+    memory manager): ``(those blocks, their geometries, their units' LSE positions
+    (launches.packed's index), launch)``; None where there is no such launch."""
     by_length: dict[int, list] = {}
     for i, parts in whole.items():
         if len(parts) == 1:
@@ -467,7 +476,12 @@ def grouped_backward_launch(
         return None
     geometries = tuple(parts[0][0] for _, parts in members)
     examples = [tuple(views(tensors, geometry)) for geometry in geometries]
-    launch = spec.computer.grouped_backward_launcher(spec.causal, spec.scale, examples)
+    device = examples[0][1].device
+
+    def scratch(tag: str, shape: tuple[int, ...]) -> Tensor:
+        return spec.memory.scratch(tag, shape, torch.float32, device)
+
+    launch = spec.computer.grouped_backward_launcher(spec.causal, spec.scale, examples, scratch)
     if launch is None:
         return None
     subset = Prepared()

@@ -1,5 +1,5 @@
-"""``head_groups``' backward in one FA4 launch (``ringattn.kernels.fa4_group_bwd``, work in
-progress), without a GPU: the core's wiring on the FA4 stand-in (``tests/fake_fa4.py``).
+"""``head_groups``' backward in one FA4 launch (``ringattn.kernels.fa4_group_bwd``), without a
+GPU: the core's wiring on the FA4 stand-in (``tests/fake_fa4.py``), and the module's rules.
 
 A stand-in for ``fa4_group_bwd.backward_group_`` checks what the core hands it (two or more
 groups of one length; each unit's LSE positions, ``index``, pointing at exactly that unit's rows
@@ -9,6 +9,8 @@ group must fail it.
 """
 
 from __future__ import annotations
+
+import types
 
 import pytest
 import torch
@@ -20,6 +22,8 @@ from test_fa4_group import GroupStandIn, grouping  # noqa: F401  (the fixture)
 from test_fa4_zero import ZEROED, zeroing  # noqa: F401  (the fixture grouping uses)
 from test_strategies import check_against_oracle
 
+import ringattn
+import ringattn.core
 from ringattn.kernels import fa4, fa4_group, fa4_group_bwd, fa4_merge
 
 
@@ -31,8 +35,9 @@ class BackwardStandIn:
         self.calls = self.done = 0
         self.decline, self.lazy = decline, lazy
 
-    def __call__(self, groups, out, dout, lse, index, causal, scale) -> bool:
+    def __call__(self, groups, out, dout, lse, index, causal, scale, scratch=None) -> bool:
         self.calls += 1
+        self.scratch = scratch
         assert len(groups) >= 2 and len({g[1].shape[1] for g in groups}) == 1
         # the units' LSE positions: each group's [B, L, H] rows as [B, H, L], in group order
         units = torch.cat([g[5].transpose(1, 2).flatten() for g in groups])
@@ -85,3 +90,78 @@ def test_a_backward_that_skips_a_group_fails_the_oracle(grouping_bwd):
 def test_any_problem_matches_oracle_backward_grouped_or_not(grouping_bwd, p, decline):
     grouping_bwd[0].setattr(fa4_group_bwd, "backward_group_", BackwardStandIn(decline))
     check_against_oracle(p, torch.float32, sdpa_strategies())
+
+
+def run_backward(p: dict, strategy: ringattn.Strategy, calls: int) -> None:
+    q, k, v = (torch.randn(p["b"], p["n"], p["h"], p["d"], requires_grad=True) for _ in range(3))
+    for _ in range(calls):
+        out = ringattn.dilated_attention(
+            q,
+            k,
+            v,
+            segment_lengths=p["segment_lengths"],
+            dilation_rates=p["dilation_rates"],
+            mixing="head_groups",
+            causal=True,
+            strategy=strategy,
+            compile=False,
+        )
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("capturing", [False, True])
+def test_the_group_is_remade_while_a_graph_is_captured(grouping_bwd, capturing):
+    # its unit index, made by kernels while a CUDA graph is captured, holds its values only in
+    # the graph's replays: cached then, a later eager call would read garbage positions
+    patch, _ = grouping_bwd
+    patch.setattr(fa4_group_bwd, "backward_group_", BackwardStandIn())
+    patch.setattr(ringattn.core, "_capturing", lambda x: capturing)
+    made = []
+    make = ringattn.core.grouped_backward_launch
+    patch.setattr(ringattn.core, "grouped_backward_launch", lambda *a: made.append(1) or make(*a))
+    strategy = ringattn.Strategy(computer="sdpa", memory="pooled")
+    ringattn.api._MODULES.clear()
+    run_backward(ZEROED, strategy, 3)
+    assert len(made) == (3 if capturing else 1)
+
+
+def test_the_workspaces_come_from_the_memory_manager(grouping_bwd):
+    patch, _ = grouping_bwd
+    stand_in = BackwardStandIn()
+    patch.setattr(fa4_group_bwd, "backward_group_", stand_in)
+    ringattn.api._MODULES.clear()
+    run_backward(ZEROED, ringattn.Strategy(computer="sdpa", memory="pooled"), 1)
+    assert stand_in.done == 1
+    patch.setattr(
+        fa4_group_bwd, "_config", lambda d, causal: types.SimpleNamespace(m_block_size=64)
+    )
+    groups = [tuple(torch.zeros(2, 40, h, 8) for _ in range(9)) for h in (1, 3)]
+    first = fa4_group_bwd.workspaces(groups, True, stand_in.scratch)
+    again = fa4_group_bwd.workspaces(groups, True, stand_in.scratch)
+    # 2 * 1 + 2 * 3 units, 40 rows up to 64, float32; pooled: the same buffers again
+    assert [x.shape for x in first] == [(8, 1, 64), (8, 1, 64), (8, 1, 64 * 8)]
+    assert all(x.dtype == torch.float32 for x in first)
+    assert all(a is b for a, b in zip(first, again, strict=True))
+    assert len({x.data_ptr() for x in first}) == 3
+    fresh = fa4_group_bwd.workspaces(groups, True)
+    assert [x.shape for x in fresh] == [x.shape for x in first]
+
+
+def test_support_rules(monkeypatch):
+    monkeypatch.setattr(fa4, "sm90", lambda q: True)
+
+    def groups_of(*shapes):
+        return [tuple(torch.zeros(shape) for _ in range(9)) for shape in shapes]
+
+    # 2 segments of 1 head and 2 of 3 heads, 200 rows (2 tiles of 128) each: 16 tiles
+    groups = groups_of((2, 200, 1, 8), (2, 200, 3, 8))
+    assert fa4_group_bwd.supported(groups)
+    assert not fa4_group_bwd.supported(groups[:1])
+    assert not fa4_group_bwd.supported(groups_of((2, 200, 1, 8), (2, 100, 3, 8)))
+    assert not fa4_group_bwd.supported(groups_of((2, 200, 1, 8), (2, 200, 3, 16)))
+    monkeypatch.setattr(fa4_group_bwd, "ALL_TILES_MAX", 16)
+    assert fa4_group_bwd.supported(groups)
+    monkeypatch.setattr(fa4_group_bwd, "ALL_TILES_MAX", 15)
+    assert not fa4_group_bwd.supported(groups)
+    monkeypatch.undo()
+    assert not fa4_group_bwd.supported(groups)  # off an SM90 GPU, never

@@ -157,13 +157,18 @@ class BlockComputer(AttentionComputer):
         return None
 
     def grouped_backward_launcher(
-        self, causal: bool, scale: float, groups: list[tuple[Tensor, ...]]
+        self,
+        causal: bool,
+        scale: float,
+        groups: list[tuple[Tensor, ...]],
+        scratch: Callable[[str, tuple[int, ...]], Tensor],
     ) -> Callable[..., bool] | None:
         """A launcher that does what :meth:`backward_launcher` does for each of several groups
         ``(dout, q, k, v, out, lse, dq, dk, dv)`` of placed blocks of one segment length, in one
         kernel, for views of these layouts, as ``launch(groups, dout, out, lse, index)`` (the
         whole contiguous ``dout``, ``out``, ``lse`` and the groups' units' positions in ``lse``,
-        :func:`ringattn.launches.packed`); None where this computer has no such kernel. The
+        :func:`ringattn.launches.packed`), taking any float32 workspace from ``scratch(tag,
+        shape)`` (the memory manager's); None where this computer has no such kernel. The
         launcher returns False from a call it did not take (the core then launches every group,
         which rewrites whatever the call wrote)."""
         return None

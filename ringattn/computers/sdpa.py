@@ -368,9 +368,9 @@ class SDPAComputer(BlockComputer):
 
         return launch
 
-    def grouped_backward_launcher(self, causal, scale, groups):
-        # every config's backward in one FA4 kernel (ringattn.kernels.fa4_group_bwd, work in
-        # progress: its ENABLED switch also decides here)
+    def grouped_backward_launcher(self, causal, scale, groups, scratch):
+        # every config's backward in one FA4 kernel (ringattn.kernels.fa4_group_bwd; its ENABLED
+        # switch also decides here)
         if not (
             fa4_group_bwd.ENABLED
             and self._fa4(self.cuda_backward, groups[0][1])
@@ -379,7 +379,9 @@ class SDPAComputer(BlockComputer):
             return None
 
         def launch(groups, dout, out, lse, index) -> bool:
-            return fa4_group_bwd.backward_group_(groups, out, dout, lse, index, causal, scale)
+            return fa4_group_bwd.backward_group_(
+                groups, out, dout, lse, index, causal, scale, scratch
+            )
 
         return launch
 

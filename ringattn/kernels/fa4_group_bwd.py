@@ -1,5 +1,5 @@
-"""Several placed blocks' backwards as one FA4 launch (``head_groups``: every config at once).
-WORK IN PROGRESS (branch ``wip/grouped-backward``): never run on a GPU, not wired into the core.
+"""Several placed blocks' backwards as one FA4 launch (``head_groups``: every config at once,
+up to :data:`ALL_TILES_MAX` tiles).
 
 The backward of :mod:`ringattn.kernels.fa4_group`: each group a placed block part ``[B_g, L,
 H_g, d]`` (dout, q, k, v, and the dq, dk, dv it writes) of one length ``L``; the statistics laid
@@ -18,13 +18,18 @@ order of :func:`ringattn.launches.packed`). Per call:
 Four launches, against three per config (FA4's preprocess, main kernel and postprocess: 15 at
 issue 5's shape). Held to FA4's per-part backward by a first-call guard (dK / dV and dQ within a
 relative 1e-3 of FA4's: dQ is added atomically, and dPsum is summed in another order).
+
+Measured on an H200 (docs/benchmarks/h200_perf.md step 33): at issue 5's 32K forward+backward
+12-28% faster back to back; from 65K equal back to back and up to 7% slower in single calls (the
+GPU waits for the host's whole launch set before it starts, where per-config launches let the
+first config's kernels run while the host launches the next). Hence :data:`ALL_TILES_MAX`.
 """
 
 from __future__ import annotations
 
 import importlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -34,9 +39,15 @@ from ringattn.kernels import fa4, fa4_merge
 from ringattn.kernels.unit_stats import unit_stats_
 
 ENABLED = True
+# the most query tiles (128 rows, every segment and head of every group) one launch takes: issue 5's
+# configs at 32K have 1744, at 65K 3488 (step 33: no faster there, slower in single calls)
+ALL_TILES_MAX = 2048
 _COMPILED: dict[tuple, Any] = {}
 _LOCK = threading.Lock()
 last_refusal: str | None = None
+
+# float32 workspaces by tag and shape (the memory manager's scratch, bound to a device)
+Scratch = Callable[[str, tuple[int, ...]], Tensor]
 
 # one group: the views a placed backward launch takes, (dout, q, k, v, out [B_g, L, H_g, d],
 # lse [B_g, L, H_g], dq, dk, dv [B_g, L, H_g, d])
@@ -44,9 +55,13 @@ Group = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Te
 
 
 def supported(groups: Sequence[Group]) -> bool:
-    """Two or more groups of one length, dtype and head dim, self-attention, every view one
+    """Two or more groups of one length, dtype and head dim, with no more than
+    :data:`ALL_TILES_MAX` query tiles in all, self-attention, every view one
     :func:`ringattn.kernels.fa4_merge.layout_ok` accepts, on an SM90 GPU with FA4."""
     if len(groups) < 2:
+        return False
+    tiles = sum(q.shape[0] * q.shape[2] * -(-q.shape[1] // 128) for _, q, *_ in groups)
+    if tiles > ALL_TILES_MAX:
         return False
     q0 = groups[0][1]
     for dout, q, k, v, out, _, dq, dk, dv in groups:
@@ -141,16 +156,26 @@ def _compile(key: tuple, groups: Sequence[Group], stats: tuple[Tensor, Tensor, T
     return compiled_backward, compiled_postprocess
 
 
-def workspaces(groups: Sequence[Group], causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+def workspaces(
+    groups: Sequence[Group], causal: bool, scratch: Scratch | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """The unit statistics ``[U, 1, L_rounded]`` (LSE * log2(e), dPsum) and the dQ accumulator
-    ``[U, 1, L_rounded * d]``, float32 (``L_rounded``: ``L`` up to FA4's backward ``tile_m``)."""
+    ``[U, 1, L_rounded * d]``, float32 (``L_rounded``: ``L`` up to FA4's backward ``tile_m``),
+    from ``scratch(tag, shape)`` (the memory manager's) or new."""
     q0 = groups[0][1]
     units = sum(q.shape[0] * q.shape[2] for _, q, *_ in groups)
     length, head_dim = q0.shape[1], q0.shape[3]
     tile_m = _config(head_dim, causal).m_block_size
     rounded = -(-length // tile_m) * tile_m
-    empty = lambda *shape: torch.empty(shape, dtype=torch.float32, device=q0.device)  # noqa: E731
-    return empty(units, 1, rounded), empty(units, 1, rounded), empty(units, 1, rounded * head_dim)
+    if scratch is None:
+        scratch = lambda tag, shape: torch.empty(  # noqa: E731
+            shape, dtype=torch.float32, device=q0.device
+        )
+    return (
+        scratch("group_bwd_lse_log2", (units, 1, rounded)),
+        scratch("group_bwd_dpsum", (units, 1, rounded)),
+        scratch("group_bwd_dq_accum", (units, 1, rounded * head_dim)),
+    )
 
 
 def backward_group_(
@@ -161,15 +186,17 @@ def backward_group_(
     index: Tensor,
     causal: bool,
     scale: float,
+    scratch: Scratch | None = None,
 ) -> bool:
     """Every group's dq, dk, dv <- the backward of attention(q, k, v) given the merged ``out``
     and ``lse`` (``[b, n, h, d]`` / ``[b, n, h]``, contiguous; ``index``: the groups' units'
-    positions in ``lse``, :func:`ringattn.launches.packed`), as four launches. False where not
-    usable (nothing written; the caller launches the groups' backwards itself)."""
-    if not ENABLED:
-        return False
+    positions in ``lse``, :func:`ringattn.launches.packed`), as four launches, its workspaces
+    from ``scratch`` (:func:`workspaces`). False where not usable (nothing written; the caller
+    launches the groups' backwards itself)."""
     key = _key(groups, causal)
-    lse_log2, dpsum, dq_accum = stats = workspaces(groups, causal)
+    if not ENABLED or _COMPILED.get(key) is False:  # (refused: no workspaces to allocate)
+        return False
+    lse_log2, dpsum, dq_accum = stats = workspaces(groups, causal, scratch)
     length = groups[0][1].shape[1]
 
     def run(kernels) -> None:
@@ -215,4 +242,4 @@ def backward_group_(
     return fa4.call_guarded(_COMPILED, _LOCK, key, groups[0][1], first_call, run)
 
 
-__all__ = ["backward_group_", "supported", "workspaces"]
+__all__ = ["ALL_TILES_MAX", "Scratch", "backward_group_", "supported", "workspaces"]

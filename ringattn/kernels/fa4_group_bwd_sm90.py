@@ -1,6 +1,6 @@
 """FlashAttention-4's SM90 backward over several groups of blocks in one launch (imported only
-where FA4 is). WORK IN PROGRESS: compiles (``experiments/cute_compile.py``), never run on a GPU,
-not wired into the core.
+where FA4 is; launched by :mod:`ringattn.kernels.fa4_group_bwd`; compiles on a CPU machine too,
+``experiments/cute_compile.py``).
 
 The backward of :mod:`ringattn.kernels.fa4_group_sm90`: ``G`` groups (each a ``[B_g, L, H_g,
 d]`` strided view of q, k, v, dO, dK, dV, with TMA descriptors of its own), one tile scheduler
@@ -11,9 +11,10 @@ log2 units, dPsum) and ``[U, 1, L_rounded * d]`` (dQaccum, float32), units in gr
 dQ-accumulating warp and its loads of LSE / dPsum need no group at all; only the producer (Q, K,
 V, dO) and the dK / dV epilogue go through the group's descriptors, under a branch on ``g``.
 
-Left to the caller (not here): dPsum and LSE * log2(e) by unit and the dQaccum zeroed (FA4's
-preprocess does both per launch; over the units, one small kernel and a memset would), and dQ
-from dQaccum (FA4's postprocess, once per group on its slice of the units, or a grouped one).
+Left to the caller (:mod:`ringattn.kernels.fa4_group_bwd`): dPsum and LSE * log2(e) by unit
+(:mod:`ringattn.kernels.unit_stats`, one Triton launch where FA4's preprocess runs once per
+config) and the dQaccum zeroed, and dQ from dQaccum (:class:`GroupedPostprocessSm90` below, FA4's
+postprocess over every group in one launch).
 """
 
 from __future__ import annotations

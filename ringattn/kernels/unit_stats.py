@@ -1,5 +1,5 @@
-"""The grouped backward's statistics, laid out by unit: dPsum and LSE * log2(e) (WORK IN PROGRESS,
-for :mod:`ringattn.kernels.fa4_group_bwd_sm90`; not used by the core yet).
+"""The grouped backward's statistics, laid out by unit: dPsum and LSE * log2(e) (for
+:mod:`ringattn.kernels.fa4_group_bwd`).
 
 FA4's backward preprocess computes, per launch, ``dPsum = rowsum(O * dO)`` (float32) and the LSE
 in log2 units for every row of its ``[B, H, L_rounded]`` statistics (rows past ``L``: dPsum 0, LSE
