@@ -68,6 +68,7 @@ from rich.progress import (
 import ringattn
 from ringattn import DilatedConfig, Strategy, reference, registry
 from ringattn.flops import dense_pairs, useful_pairs
+from ringattn.memory.base import MemoryManager
 
 # ‖out − ref‖ / ‖ref‖ bounds against the float64 oracle (the same contract as tests/conftest.py).
 TOLERANCE = {
@@ -592,6 +593,15 @@ def queued_host_ms(
     return host_ms
 
 
+def module_memory(fn: Callable) -> MemoryManager | None:
+    """The memory manager of ``fn``'s :class:`ringattn.DilatedAttention` (also under
+    ``torch.compile``, or a function that names it as ``fn.memory``), or None (baselines): what
+    it keeps between calls (:meth:`~ringattn.memory.base.MemoryManager.held_bytes`) is the
+    module's memory too, though no call's peak shows it."""
+    memory = getattr(getattr(fn, "_orig_mod", fn), "memory", None)
+    return memory if isinstance(memory, MemoryManager) else None
+
+
 def peak_mib(fn: Callable[[], object], device: torch.device, live_bytes: int) -> tuple[float, str]:
     """``live_bytes`` (the call's inputs) + the most the call allocates above the level before."""
     if device.type == "cuda":
@@ -769,13 +779,19 @@ def time_and_memory(
     inputs = tuple(layout.split(x) for x in make_inputs(sweep, row.n))
     tensor_bytes = inputs[0].numel() * inputs[0].element_size()
     fwd = forward_fn(attend, inputs)
+    memory = module_memory(attend)
+    if memory is not None:  # (what it keeps from here on counts: see module_memory)
+        memory.clear()
     row.fwd_ms = median_ms(fwd, device, p.warmup, p.repeats)
-    # live inputs: q, k, v (forward); q, k, v, grad_out (forward+backward)
-    row.fwd_peak_mib, row.peak_source = peak_mib(fwd, device, 3 * tensor_bytes)
+    # live inputs: q, k, v (forward); q, k, v, grad_out (forward+backward); and what the
+    # module's memory manager keeps
+    held = memory.held_bytes() if memory is not None else 0
+    row.fwd_peak_mib, row.peak_source = peak_mib(fwd, device, 3 * tensor_bytes + held)
     if backward:
         fwd_bwd = forward_backward_fn(attend, inputs)
         row.fwdbwd_ms = median_ms(fwd_bwd, device, p.warmup, p.repeats)
-        row.fwdbwd_peak_mib, _ = peak_mib(fwd_bwd, device, 4 * tensor_bytes)
+        held = memory.held_bytes() if memory is not None else 0
+        row.fwdbwd_peak_mib, _ = peak_mib(fwd_bwd, device, 4 * tensor_bytes + held)
     _slowest_rank(row, device)
     row.fwd_tflops = tflops(row.useful_pairs, p.batch, p.head_dim, row.fwd_ms)
     row.fwdbwd_tflops = tflops(row.useful_pairs, p.batch, p.head_dim, row.fwdbwd_ms, FWD_BWD_FLOPS)

@@ -35,11 +35,12 @@ import torch
 import torch.nn.functional as F
 
 import ringattn
-from experiments.ablate import dict_rows_to_markdown, median_ms, rel_err
+from experiments.ablate import dict_rows_to_markdown, median_ms, module_memory, rel_err
 from ringattn import reference
 from ringattn.computers.sdpa import CUDA_FORWARDS, SDPAComputer
 from ringattn.flops import dense_flops, useful_flops
 from ringattn.kernels import cudnn_graphs, fa4
+from ringattn.memory.base import MemoryManager
 from ringattn.pattern import head_groups
 
 ISSUE_LENGTHS = (2048, 4096, 8192, 16384, 32768)
@@ -166,6 +167,7 @@ def time_and_memory(
     backward: bool = True,
     b2b_calls: int = 0,
     settle_s: float = 0.0,
+    memory: MemoryManager | None = None,
 ) -> dict:
     """Median ms and peak memory of ``fwd`` (and ``fwdbwd``), relative to the tensors the call
     cannot avoid: ``(q, k, v, out)``, and their gradients with the backward. ``unit``: bytes of one
@@ -173,18 +175,27 @@ def time_and_memory(
     (``_ms_b2b``: the host prepares a call while the GPU runs the previous one, as a model issues
     its layers), where single calls also count the host's latency before the first kernel.
     ``settle_s > 0``: each timing starts after that many seconds of its own call back to back
-    (:func:`experiments.ablate.settle`), so it runs at the clocks its own sustained load sets."""
+    (:func:`experiments.ablate.settle`), so it runs at the clocks its own sustained load sets.
+    ``memory``: the module's memory manager, emptied before the warm-up calls; what it keeps after
+    them (``held_bytes``: pooled buffers and patterns, which a call's peak does not show) counts
+    in the peaks, the forward's after the forward's warm-up alone."""
 
     def timed(fn, warmup: int, calls: int = 1) -> float:
         return median_ms(fn, device, warmup, repeats, calls, settle_s)
 
+    def held() -> int:
+        return memory.held_bytes() if memory is not None else 0
+
+    if memory is not None:
+        memory.clear()
     t0 = time.time()
     fwd()  # compile / autotune / warm caches outside the timing
+    held_fwd = held()
     if backward:
         fwdbwd()
     setup_s = time.time() - t0
-    # q, k, v (and dout) exist before the call; the rest is what the call adds
-    fwd_extra = peak_extra_bytes(fwd, device)
+    # q, k, v (and dout) exist before the call; the rest is what the call adds, and keeps
+    fwd_extra = peak_extra_bytes(fwd, device) + held_fwd
     stats = {
         "fwd_ms": timed(fwd, warmup),
         "fwdbwd_ms": None,
@@ -193,7 +204,7 @@ def time_and_memory(
         "setup_s": setup_s,
     }
     if backward:
-        fb_extra = peak_extra_bytes(fwdbwd, device)
+        fb_extra = peak_extra_bytes(fwdbwd, device) + held()
         stats["fwdbwd_ms"] = timed(fwdbwd, warmup)
         stats["fwdbwd_mem_vs_io"] = (4 * unit + fb_extra) / (8 * unit)
     if b2b_calls:
@@ -221,6 +232,7 @@ def in_model(make: Callable) -> Callable:
                 registered.add(q.shape)
             return compiled(q, k, v)
 
+        fn.memory = module.memory  # (experiments.ablate.module_memory)
         return fn
 
     return make_in_model
@@ -332,6 +344,7 @@ def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dic
             n < args.fwd_only_from,
             args.b2b_calls,
             args.settle,
+            module_memory(fn),
         )
         fb_ms = stats["fwdbwd_ms"]
         rows.append(

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import ringattn
 from experiments import ablate
 from ringattn import Strategy
 
@@ -85,6 +86,44 @@ def test_cpu_peak_memory_sees_allocations_and_frees():
         torch.empty(1 << 19, dtype=torch.uint8)
 
     assert ablate.cpu_allocator_peak(alloc) == 2 << 20
+
+
+def test_peaks_count_what_the_memory_manager_keeps(monkeypatch):
+    # a pooled buffer outlives the call, so no call's peak shows it: counted all the same
+    sweep = ablate.parse(["--device", "cpu", "--seq-lens", "64"])
+    config = sweep.configs[0]
+    kept = 1 << 20
+    monkeypatch.setattr(ablate, "peak_mib", lambda fn, device, live: (live / 2**20, "test"))
+    peaks = {}
+    for memory in ("none", "pooled"):
+        module = ringattn.DilatedAttention(
+            config.segment_lengths,
+            config.dilation_rates,
+            mixing=config.mixing,
+            strategy=Strategy(memory=memory),
+            compile=False,
+        )
+        if memory == "pooled":
+            real = module.memory.held_bytes
+            module.memory.held_bytes = lambda real=real: real() + kept
+        row = ablate._row(sweep, memory, False, 64, config, False)
+        ablate.time_and_memory(row, module, sweep)
+        peaks[memory] = (row.fwd_peak_mib * 2**20, row.fwdbwd_peak_mib * 2**20)
+    assert peaks["pooled"][0] >= peaks["none"][0] + kept
+    assert peaks["pooled"][1] >= peaks["none"][1] + kept
+
+
+def test_module_memory_finds_the_modules_manager():
+    module = ringattn.DilatedAttention((16,), (1,), compile=False)
+    assert ablate.module_memory(module) is module.memory
+    assert ablate.module_memory(torch.compile(module)) is module.memory
+
+    def fn(q, k, v):
+        return module(q, k, v)
+
+    assert ablate.module_memory(fn) is None
+    fn.memory = module.memory
+    assert ablate.module_memory(fn) is module.memory
 
 
 def test_useful_pairs_of_one_whole_sequence_segment_is_dense_attention():

@@ -222,6 +222,25 @@ def test_pooled_memory_reuses_patterns_and_buffers():
     assert first.data_ptr() != second.data_ptr()  # but outputs never alias a pooled buffer
 
 
+def test_pooled_memory_reports_and_drops_what_it_keeps():
+    from ringattn.memory.none import NoReuse
+    from ringattn.memory.pooled import PooledMemory
+
+    pool = PooledMemory()
+    assert pool.held_bytes() == 0
+    pattern = pool.cached("p", lambda: torch.arange(10))  # int64: 80 bytes
+    buffer = pool.scratch("s", (4, 8), torch.float32, torch.device("cpu"))  # 128 bytes
+    pool.cached("view", lambda: buffer[1:])  # a view of a kept buffer: no more bytes
+    assert pool.held_bytes() == 80 + 128
+    pool.clear()
+    assert pool.held_bytes() == 0 and pool.stats()["patterns"] == pool.stats()["buffers"] == 0
+    assert pool.cached("p", lambda: torch.zeros(1)) is not pattern  # rebuilt after clear
+    none = NoReuse()
+    none.scratch("s", (4, 8), torch.float32, torch.device("cpu"))
+    none.clear()
+    assert none.held_bytes() == 0
+
+
 def test_pooled_memory_is_bounded():
     from ringattn.memory.pooled import PooledMemory
 

@@ -33,3 +33,11 @@ class MemoryManager(Component):
 
     def stats(self) -> dict[str, int]:
         return {}
+
+    def held_bytes(self) -> int:
+        """Device and host bytes this manager keeps between calls (its patterns and buffers):
+        memory a call's peak does not show, but that is the module's all the same."""
+        return 0
+
+    def clear(self) -> None:
+        """Drop every kept pattern and buffer (the next call builds what it needs again)."""

@@ -56,6 +56,17 @@ class PooledMemory(MemoryManager):
         key = (tag, tuple(shape), dtype, str(device))
         return self.buffers.get(key, lambda: torch.empty(shape, dtype=dtype, device=device))
 
+    def held_bytes(self) -> int:
+        storages = {
+            x.untyped_storage().data_ptr(): x.untyped_storage().nbytes()
+            for x in (*self.patterns.items.values(), *self.buffers.items.values())
+        }
+        return sum(storages.values())
+
+    def clear(self) -> None:
+        self.patterns.items.clear()
+        self.buffers.items.clear()
+
     def stats(self) -> dict[str, int]:
         return {
             "pattern_hits": self.patterns.hits,
