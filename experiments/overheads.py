@@ -292,7 +292,9 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             )
 
             fwd, fwdbwd = fwd_and_fwdbwd(attention, q, k, v, dout)
-            stats = time_and_memory(fwd, fwdbwd, unit, device, 2, args.repeats)
+            stats = time_and_memory(
+                fwd, fwdbwd, unit, device, 2, args.repeats, memory=attention.memory
+            )
             rows.append(
                 {
                     "n": n,
@@ -428,8 +430,8 @@ def main(argv: list[str] | None = None) -> None:
         ),
         "--group-bwd": (
             ["yes", "no"],
-            "head_groups: the configs' backward in one FA4 launch (work in progress, "
-            "ringattn.kernels.fa4_group_bwd.ENABLED), or one per config",
+            "head_groups: the configs' backward in one FA4 launch "
+            "(ringattn.kernels.fa4_group_bwd.ENABLED), or one per config",
         ),
         "--forward": (
             list(CUDA_FORWARDS),
