@@ -370,9 +370,11 @@ def dilated_backward(
     )
     # head_groups: the placed blocks of the most common segment length as one launch where the
     # computer has it (FA4: one backward over all their key tiles, up to a size); declined, they
-    # go one by one
+    # go one by one. Not while a CUDA graph is captured: the one launch saves host time, which
+    # replays do not spend, and replayed it was 2-3% slower than the configs' kernels on lanes
+    # (h200_perf.md step 33)
     grouped: frozenset[int] = frozenset()
-    if spec.plan.disjoint and placed_launches:
+    if spec.plan.disjoint and placed_launches and not _capturing(lse):
         whole = prepared(
             spec,
             "backward",
@@ -385,11 +387,9 @@ def dilated_backward(
             placed=True,
             split=1,
         )
-        group = whole.derived.get("group", False)
-        if group is False:
-            group = grouped_backward_launch(spec, whole, tensors)
-            if not _capturing(lse):  # (its unit index, made while capturing: replays only)
-                whole.derived["group"] = group
+        if "group" not in whole.derived:
+            whole.derived["group"] = grouped_backward_launch(spec, whole, tensors)
+        group = whole.derived["group"]
         if group is not None:
             blocks_done, geometries, unit_index, launch = group
             if launch([views(tensors, g) for g in geometries], dout, out, lse, unit_index):
