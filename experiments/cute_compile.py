@@ -48,8 +48,8 @@ def _parts(n: int, h: int, d: int, mixing: str, with_lse: bool):
 
 
 def _grouped_backward(n: int, h: int, d: int, causal: bool) -> None:
-    """Compile the grouped backward and its dQ postprocess (work in progress:
-    :func:`ringattn.kernels.fa4_group_bwd._compile`) for issue 5's head_groups blocks."""
+    """Compile the grouped backward and its dQ postprocess
+    (:func:`ringattn.kernels.fa4_group_bwd._compile`) for issue 5's head_groups blocks."""
     from ringattn.kernels import fa4_group_bwd
 
     groups = []

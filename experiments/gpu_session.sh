@@ -14,7 +14,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh fill     # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh pack     # ~3 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh group    # ~6 min
-#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh group_bwd # ~8 min?
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh group_bwd # ~8 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #
@@ -41,7 +41,12 @@
 #   FA4 forward (ringattn.kernels.fa4_group) against one per config: the kernel's probe
 #   (fa4_probe --part group: rows, LSE, zeros, ms and host µs at 32K and 131K), the module A/B
 #   (overheads --group yes no, two turns, 32K and 131K, causal or not) and the 131K causal
-#   forward's kernel timeline; spanning (on nvidia-h200-x2): 2-GPU
+#   forward's kernel timeline; group_bwd: head_groups' configs in one FA4 backward
+#   (ringattn.kernels.fa4_group_bwd; step 33): the kernel's probe (fa4_probe --part group_bwd:
+#   gradients against FA4's per-config backward, ms and host µs at 32K and 131K), the module A/B
+#   (overheads --group-bwd yes no, two turns, 32K / 65K / 131K, causal or not; from 65K the
+#   core leaves it out, fa4_group_bwd.ALL_TILES_MAX) and the GPU oracle check; spanning (on
+#   nvidia-h200-x2): 2-GPU
 #   weak scaling at 16K per GPU replayed from CUDA graphs, the spanning config's blocks on the
 #   caller's stream or on lanes (ringattn.lanes.SPANNING no vs yes; run in step 28: no gain beyond
 #   the runs' spread, so SPANNING stays off); weak (on nvidia-h200-x2): the 2-GPU oracle check and
@@ -189,9 +194,8 @@ pack)
 $(grep -h "GPU busy" "$out/timeline_host/kernel_timeline.md" | cut -c1-150)"
     ;;
 group_bwd)
-    # (branch wip/grouped-backward) the grouped backward's probe: gradients against FA4's per
-    # config, ms and host µs at 32K and 131K, the module A/B; then the A/B at 32K / 65K / 131K
-    # and the GPU oracle check
+    # the grouped backward's probe: gradients against FA4's per config, ms and host µs at 32K
+    # and 131K, the module A/B; then the A/B at 32K / 65K / 131K and the GPU oracle check
     python -m experiments.fa4_probe --part group_bwd --n 131072 --repeats 10 --out "$out" \
         >"$out/probe.log" 2>&1
     for causal in "" "--causal"; do
