@@ -223,6 +223,8 @@ def test_pooled_memory_reuses_patterns_and_buffers():
 
 
 def test_pooled_memory_reports_and_drops_what_it_keeps():
+    from torch.nn.attention.flex_attention import create_block_mask
+
     from ringattn.memory.none import NoReuse
     from ringattn.memory.pooled import PooledMemory
 
@@ -232,6 +234,17 @@ def test_pooled_memory_reports_and_drops_what_it_keeps():
     buffer = pool.scratch("s", (4, 8), torch.float32, torch.device("cpu"))  # 128 bytes
     pool.cached("view", lambda: buffer[1:])  # a view of a kept buffer: no more bytes
     assert pool.held_bytes() == 80 + 128
+    # a flex_attention block mask (not a tensor): its tensors count
+    mask = pool.cached(
+        "mask", lambda: create_block_mask(lambda b, h, q, k: q >= k, 1, 1, 256, 256, "cpu")
+    )
+    assert (
+        pool.held_bytes()
+        == 80
+        + 128
+        + sum(x.untyped_storage().nbytes() for x in mask.as_tuple() if isinstance(x, torch.Tensor))
+        > 80 + 128
+    )
     pool.clear()
     assert pool.held_bytes() == 0 and pool.stats()["patterns"] == pool.stats()["buffers"] == 0
     assert pool.cached("p", lambda: torch.zeros(1)) is not pattern  # rebuilt after clear

@@ -13,6 +13,7 @@ from collections.abc import Callable, Hashable
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_leaves
 
 from ringattn.memory.base import MemoryManager
 from ringattn.registry import register
@@ -39,6 +40,17 @@ class _LRU:
         return value
 
 
+def _tensors(value: object) -> list[Tensor]:
+    """The tensors a kept value holds (a tensor, a structure of them, or a flex_attention
+    ``BlockMask``, whose ``as_tuple`` lists its tensors)."""
+    if isinstance(value, Tensor):
+        return [value]
+    as_tuple = getattr(value, "as_tuple", None)
+    if callable(as_tuple):
+        value = as_tuple()
+    return [x for x in tree_leaves(value) if isinstance(x, Tensor)]
+
+
 @register("memory", "pooled")
 class PooledMemory(MemoryManager):
     def __init__(self, max_entries: int = 64) -> None:
@@ -59,7 +71,8 @@ class PooledMemory(MemoryManager):
     def held_bytes(self) -> int:
         storages = {
             x.untyped_storage().data_ptr(): x.untyped_storage().nbytes()
-            for x in (*self.patterns.items.values(), *self.buffers.items.values())
+            for value in (*self.patterns.items.values(), *self.buffers.items.values())
+            for x in _tensors(value)
         }
         return sum(storages.values())
 
