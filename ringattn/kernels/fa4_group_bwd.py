@@ -20,9 +20,11 @@ issue 5's shape). Held to FA4's per-part backward by a first-call guard (dK / dV
 relative 1e-3 of FA4's: dQ is added atomically, and dPsum is summed in another order).
 
 Measured on an H200 (docs/benchmarks/h200_perf.md step 33): at issue 5's 32K forward+backward
-12-28% faster back to back; from 65K equal back to back and up to 7% slower in single calls (the
-GPU waits for the host's whole launch set before it starts, where per-config launches let the
-first config's kernels run while the host launches the next). Hence :data:`ALL_TILES_MAX`.
+back to back 24-30% faster causal and -3% to +12% non-causal (three runs); from 65K equal back to
+back and up to 7% slower in single calls (the GPU waits for the host's whole launch set before it
+starts, where per-config launches let the first config's kernels run while the host launches the
+next). Hence :data:`ALL_TILES_MAX`. Replayed from CUDA graphs it was 2-3% slower than the configs'
+kernels on lanes (it saves host time only), so the core leaves it out while capturing.
 """
 
 from __future__ import annotations
