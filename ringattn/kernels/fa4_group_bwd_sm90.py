@@ -37,11 +37,13 @@ from flash_attn.cute.tile_scheduler import SingleTileScheduler, TileSchedulerArg
 from flash_attn.cute.utils import AuxData
 from quack import copy_utils, layout_utils
 
+from ringattn.kernels.fa4_group_sm90 import UnitGroups
+
 # the base class's epilogue (module level: the DSL re-parses jit methods with their globals)
 _epilogue_dKV = FlashAttentionBackwardSm90.epilogue_dKV
 
 
-class GroupedBackwardSm90(FlashAttentionBackwardSm90):
+class GroupedBackwardSm90(UnitGroups, FlashAttentionBackwardSm90):
     """FA4's SM90 backward over ``len(heads)`` groups of blocks of one sequence length
     (``heads[g]``: group ``g``'s head count)."""
 
@@ -137,9 +139,7 @@ class GroupedBackwardSm90(FlashAttentionBackwardSm90):
                 atoms.append(
                     cpasync.make_tiled_tma_atom(op, tensor, cute.select(layout, mode=[0, 1]), tile)
                 )
-        units = cute.size(mQs[0].shape[2]) * cute.size(mQs[0].shape[3])
-        for g in cutlass.range_constexpr(1, G):
-            units = units + cute.size(mQs[g].shape[2]) * cute.size(mQs[g].shape[3])
+        units = self.total_units(self.unit_counts(mQs))
         TileScheduler = SingleTileScheduler
         self.spt = False
         tile_sched_args = TileSchedulerArguments(
@@ -406,19 +406,6 @@ class GroupedBackwardSm90(FlashAttentionBackwardSm90):
                     self.mma(*mma_args, is_dQ_wg=False)
 
     @cute.jit
-    def group_of(self, mQs: tuple, unit: Int32):
-        """``(g, first unit of g)`` of a scheduler batch index (as the forward's)."""
-        g = Int32(0)
-        start = Int32(0)
-        bound = Int32(0)
-        for i in cutlass.range_constexpr(len(self.heads) - 1):
-            bound = bound + cute.size(mQs[i].shape[2]) * cute.size(mQs[i].shape[3])
-            if unit >= bound:
-                g = Int32(i + 1)
-                start = bound
-        return g, start
-
-    @cute.jit
     def load_groups(
         self,
         mQs: tuple,
@@ -461,7 +448,7 @@ class GroupedBackwardSm90(FlashAttentionBackwardSm90):
                 mdPsum_cur = seqlen.offset_batch_Q(mdPsum, unit, dim=2, padded=True)[None, 0]
                 gLSE = cute.local_tile(mLSE_cur, (self.tile_m,), (None,))
                 gdPsum = cute.local_tile(mdPsum_cur, (self.tile_m,), (None,))
-                g, start = self.group_of(mQs, unit)
+                g, start = self.group_of(self.unit_counts(mQs), unit)
                 local = unit - start
                 for i in cutlass.range_constexpr(len(self.heads)):
                     if g == i:
@@ -595,7 +582,7 @@ class GroupedBackwardSm90(FlashAttentionBackwardSm90):
         mdV_semaphore=None,
     ):
         mdKs, mQs = mdKs_and_mQs
-        g, start = self.group_of(mQs, unit)
+        g, start = self.group_of(self.unit_counts(mQs), unit)
         local = unit - start
         for i in cutlass.range_constexpr(len(self.heads)):
             if g == i:
@@ -619,7 +606,7 @@ class GroupedBackwardSm90(FlashAttentionBackwardSm90):
                 )
 
 
-class GroupedPostprocessSm90(FlashAttentionBackwardPostprocess):
+class GroupedPostprocessSm90(UnitGroups, FlashAttentionBackwardPostprocess):
     """FA4's SM90 dQ postprocess (float32 accumulator -> dQ, scaled) over several groups in one
     launch: the accumulator laid out by unit (``[U, 1, L_rounded * d]``, as the grouped backward
     writes it), each group's dQ a ``[B_g, L, H_g, d]`` strided view (``heads[g]`` heads)."""
@@ -639,9 +626,7 @@ class GroupedPostprocessSm90(FlashAttentionBackwardPostprocess):
             cute.size_in_bytes(Float32, self.sdQaccum_layout),
             cute.size_in_bytes(self.dtype, self.sdQ_layout),
         )
-        units = cute.size(mdQs[0].shape[0]) * cute.size(mdQs[0].shape[2])
-        for g in cutlass.range_constexpr(1, len(self.heads)):
-            units = units + cute.size(mdQs[g].shape[0]) * cute.size(mdQs[g].shape[2])
+        units = self.total_units(self.unit_counts(mdQs, (0, 2)))  # (B, L, H, d) views
         tile_sched_args = TileSchedulerArguments(
             num_block=cute.ceil_div(mdQs[0].shape[1], self.tile_m),
             num_head=1,
@@ -693,14 +678,7 @@ class GroupedPostprocessSm90(FlashAttentionBackwardPostprocess):
         work_tile = tile_scheduler.initial_work_tile_info()
         m_block, _, unit, _ = work_tile.tile_idx
         if work_tile.is_valid_tile:
-            g = Int32(0)
-            start = Int32(0)
-            bound = Int32(0)
-            for i in cutlass.range_constexpr(len(self.heads) - 1):
-                bound = bound + cute.size(mdQs[i].shape[0]) * cute.size(mdQs[i].shape[2])
-                if unit >= bound:
-                    g = Int32(i + 1)
-                    start = bound
+            g, start = self.group_of(self.unit_counts(mdQs, (0, 2)), unit)
             local = unit - start
             for i in cutlass.range_constexpr(len(self.heads)):
                 if g == i:

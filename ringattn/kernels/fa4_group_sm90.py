@@ -52,7 +52,41 @@ from ringattn.kernels.fa4_zero_sm90 import ZeroingForwardSm90
 _write_epilogue = FlashAttentionForwardBase.epilogue
 
 
-class GroupedForwardSm90(ZeroingForwardSm90):
+class UnitGroups:
+    """What the grouped kernels (this forward, and the backward and dQ postprocess of
+    :mod:`ringattn.kernels.fa4_group_bwd_sm90`) share: the scheduler's batch index runs over
+    every group's units (its ``(segment, head)`` pairs, ``B_g * H_g``), group after group."""
+
+    heads: tuple[int, ...]  # heads[g]: group g's head count
+
+    @staticmethod
+    def unit_counts(mXs, modes: tuple[int, int] = (2, 3)) -> list:
+        """Each group's unit count from its views (``modes``: where ``H_g`` and ``B_g`` lie;
+        FA4's ``(L, d, H, B)`` by default)."""
+        return [cute.size(m.shape[modes[0]]) * cute.size(m.shape[modes[1]]) for m in mXs]
+
+    @staticmethod
+    def total_units(counts: list):
+        total = counts[0]
+        for count in counts[1:]:
+            total = total + count
+        return total
+
+    @cute.jit
+    def group_of(self, counts: list, unit: Int32):
+        """``(g, first unit of g)`` of a scheduler batch index, given each group's unit count."""
+        g = Int32(0)
+        start = Int32(0)
+        bound = Int32(0)
+        for i in cutlass.range_constexpr(len(self.heads) - 1):
+            bound = bound + counts[i]
+            if unit >= bound:
+                g = Int32(i + 1)
+                start = bound
+        return g, start
+
+
+class GroupedForwardSm90(UnitGroups, ZeroingForwardSm90):
     """FA4's SM90 forward over ``len(heads)`` groups of blocks of one sequence length.
 
     ``heads[g]``: group ``g``'s head count (its operands' dim 2); ``zero_shifts[g]``: the
@@ -183,9 +217,7 @@ class GroupedForwardSm90(ZeroingForwardSm90):
                 )
             )
         # every group's (segment, head) pairs, as the scheduler's batch dim (one head)
-        units = cute.size(mQs[0].shape[2]) * cute.size(mQs[0].shape[3])
-        for g in cutlass.range_constexpr(1, G):
-            units = units + cute.size(mQs[g].shape[2]) * cute.size(mQs[g].shape[3])
+        units = self.total_units(self.unit_counts(mQs))
         TileScheduler = (
             SingleTileLPTScheduler if const_expr(self.is_causal) else SingleTileScheduler
         )
@@ -379,20 +411,6 @@ class GroupedForwardSm90(ZeroingForwardSm90):
             )
 
     @cute.jit
-    def group_of(self, mQs: tuple, unit: Int32):
-        """``(g, first unit of g)`` of a scheduler batch index: the groups' units (``B_g *
-        H_g``) lie one after another."""
-        g = Int32(0)
-        start = Int32(0)
-        bound = Int32(0)
-        for i in cutlass.range_constexpr(len(self.heads) - 1):
-            bound = bound + cute.size(mQs[i].shape[2]) * cute.size(mQs[i].shape[3])
-            if unit >= bound:
-                g = Int32(i + 1)
-                start = bound
-        return g, start
-
-    @cute.jit
     def load_groups(
         self,
         mQs: tuple,
@@ -422,7 +440,7 @@ class GroupedForwardSm90(ZeroingForwardSm90):
             while work_tile.is_valid_tile:
                 m_block, _, unit, _ = work_tile.tile_idx
                 seqlen = SeqlenInfoCls(unit)
-                g, start = self.group_of(mQs, unit)
+                g, start = self.group_of(self.unit_counts(mQs), unit)
                 local = unit - start
                 for i in cutlass.range_constexpr(len(self.heads)):
                     if g == i:
@@ -544,7 +562,7 @@ class GroupedForwardSm90(ZeroingForwardSm90):
         unit: Int32,
     ):
         mOs, mQs = mOs_and_mQs
-        g, start = self.group_of(mQs, unit)
+        g, start = self.group_of(self.unit_counts(mQs), unit)
         local = unit - start
         for i in cutlass.range_constexpr(len(self.heads)):
             if g == i:
