@@ -18,7 +18,7 @@ from conftest import problems
 from hypothesis import given
 from hypothesis import strategies as st
 from test_fa4 import sdpa_strategies, with_fixture
-from test_fa4_group import GroupStandIn, grouping  # noqa: F401  (the fixture)
+from test_fa4_group import GroupStandIn, fake_fa4, grouping  # noqa: F401  (the fixtures)
 from test_fa4_zero import ZEROED, zeroing  # noqa: F401  (the fixture grouping uses)
 from test_strategies import check_against_oracle
 
@@ -166,3 +166,73 @@ def test_support_rules(monkeypatch):
     assert not fa4_group_bwd.supported(groups)
     monkeypatch.undo()
     assert not fa4_group_bwd.supported(groups)  # off an SM90 GPU, never
+
+
+def backward_groups(causal: bool = False):
+    """Two groups of [2, 16, H, 8] blocks (H = 1, 3): (dout, q, k, v, out, lse, dq, dk, dv),
+    out and lse from the stand-in's forward, the gradients NaN."""
+    gen = torch.Generator().manual_seed(0)
+    groups = []
+    for h in (1, 3):
+        dout, q, k, v = (torch.randn(2, 16, h, 8, generator=gen) for _ in range(4))
+        out, lse = fa4.forward(q, k, v, causal, 0.5)
+        grads = [torch.full_like(q, float("nan")) for _ in range(3)]
+        groups.append((dout, q, k, v, out, lse, *grads))
+    return groups
+
+
+@pytest.fixture
+def guarded_bwd(fake_fa4, monkeypatch):  # noqa: F811
+    """fa4_group_bwd with the FA4 stand-in, no Triton statistics and FA4's tile size faked: its
+    first-call guard, held to the stand-in's per-group backward."""
+    monkeypatch.setattr(fa4_group_bwd, "_COMPILED", {})
+    monkeypatch.setattr(fa4_group_bwd, "unit_stats_", lambda *args: None)
+    monkeypatch.setattr(
+        fa4_group_bwd, "_config", lambda d, causal: types.SimpleNamespace(m_block_size=16)
+    )
+    return monkeypatch
+
+
+def fake_kernels(groups, fault: str | None, calls: list):
+    """``_compile``'s (backward, postprocess) pair computing the stand-in's gradients (dq twice
+    its value under ``fault == "wrong"``), or raising (``"raises"``)."""
+
+    def compile_(key, groups_seen, stats):
+        if fault == "raises":
+            raise RuntimeError("DSL says no")
+
+        def backward(qs, ks, vs, douts, lse_log2, dpsum, dq_accum, dks, dvs, scale):
+            calls.append(key)
+            for dout, q, k, v, out, lse, dq, dk, dv in groups:
+                want = fa4.backward(dout, q, k, v, out, lse, key[2], scale)
+                for grad, value in zip((dq, dk, dv), want, strict=True):
+                    grad.copy_(value)
+                if fault == "wrong":
+                    dq.mul_(2)
+
+        return backward, lambda dq_accum, dqs, scale: None
+
+    return compile_
+
+
+@pytest.mark.parametrize("fault", [None, "raises", "wrong"])
+def test_first_call_keeps_or_refuses_the_grouped_backward(guarded_bwd, fault):
+    groups = backward_groups()
+    calls = []
+    guarded_bwd.setattr(fa4_group_bwd, "_compile", fake_kernels(groups, fault, calls))
+    out, dout, lse = torch.zeros(1), torch.zeros(1), torch.zeros(1)  # (read by unit_stats only)
+    index = torch.zeros(1, dtype=torch.int32)
+    key = fa4_group_bwd._key(groups, False)
+    if fault is None:
+        assert fa4_group_bwd.backward_group_(groups, out, dout, lse, index, False, 0.5)
+        assert fa4_group_bwd._COMPILED[key] is not False
+        assert fa4_group_bwd.backward_group_(groups, out, dout, lse, index, False, 0.5)
+        assert len(calls) == 2
+        return
+    with pytest.warns(RuntimeWarning, match="backward over several configs in one launch"):
+        assert not fa4_group_bwd.backward_group_(groups, out, dout, lse, index, False, 0.5)
+    assert fa4_group_bwd._COMPILED[key] is False
+    why = "DSL says no" if fault == "raises" else "gradients off by"
+    assert why in fa4_group_bwd.last_refusal
+    assert not fa4_group_bwd.backward_group_(groups, out, dout, lse, index, False, 0.5)
+    assert len(calls) == (0 if fault == "raises" else 1)  # never again

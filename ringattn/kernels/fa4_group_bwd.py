@@ -210,18 +210,11 @@ def backward_group_(
         postprocess(dq_accum, dqs, scale)
 
     def first_call() -> bool:
-        global last_refusal
         try:
             kernels = _compile(key, groups, stats)
             run(kernels)
         except Exception as exc:  # the CuTe DSL or this FA4 version rejects the kernels
-            _COMPILED[key], last_refusal = False, f"{type(exc).__name__}: {exc}"
-            fa4.warn_refused(
-                "FA4's backward over several configs in one launch",
-                key,
-                last_refusal,
-                "each config's blocks take their own FA4 backward",
-            )
+            _refuse(key, f"{type(exc).__name__}: {exc}")
             return False
         worst = 0.0  # each group against FA4's own backward of it
         for dout_g, q, k, v, out_g, lse_g, dq, dk, dv in groups:
@@ -232,16 +225,21 @@ def backward_group_(
         if worst <= 1e-3:
             _COMPILED[key] = kernels
             return True
-        _COMPILED[key], last_refusal = False, f"gradients off by {worst:.3g} (relative)"
-        fa4.warn_refused(
-            "FA4's backward over several configs in one launch",
-            key,
-            last_refusal,
-            "each config's blocks take their own FA4 backward",
-        )
+        _refuse(key, f"gradients off by {worst:.3g} (relative)")
         return False  # (the caller rewrites every group's gradients)
 
     return fa4.call_guarded(_COMPILED, _LOCK, key, groups[0][1], first_call, run)
+
+
+def _refuse(key: tuple, why: str) -> None:
+    global last_refusal
+    _COMPILED[key], last_refusal = False, why
+    fa4.warn_refused(
+        "FA4's backward over several configs in one launch",
+        key,
+        why,
+        "each config's blocks take their own FA4 backward",
+    )
 
 
 __all__ = ["ALL_TILES_MAX", "Scratch", "backward_group_", "supported", "workspaces"]
