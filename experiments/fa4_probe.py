@@ -64,6 +64,20 @@ import torch
 aten = torch.ops.aten
 
 
+def _gpu_and_host_times(repeats: int, **fns) -> dict:
+    """``{name}_ms`` (median GPU ms, CUDA events) and ``{name}_host_us`` (the host's µs per call
+    of ``repeats`` calls in a row) of each of ``fns``."""
+    row = {f"{name}_ms": _events_ms(fn, 2, repeats) for name, fn in fns.items()}
+    for name, fn in fns.items():
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        row[f"{name}_host_us"] = (time.perf_counter() - start) / repeats * 1e6
+        torch.cuda.synchronize()
+    return row
+
+
 def _events_ms(fn, warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         fn()
@@ -626,15 +640,7 @@ def group(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
             for block in plan.blocks:
                 block.rows(selected).fill_(True)
             row["zeros_exact"] = bool((out_full[~selected] == 0).all())
-            row["grouped_ms"] = _events_ms(grouped, 2, repeats)
-            row["per_config_ms"] = _events_ms(per_config, 2, repeats)
-            for name, fn in (("grouped", grouped), ("per_config", per_config)):
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                for _ in range(repeats):
-                    fn()
-                row[f"{name}_host_us"] = (time.perf_counter() - start) / repeats * 1e6
-                torch.cuda.synchronize()
+            row.update(_gpu_and_host_times(grouped=grouped, per_config=per_config, repeats=repeats))
         except Exception as exc:  # a probe: report and go on
             row["error"] = f"{type(exc).__name__}: {str(exc)[:1500]}"
             row["refusal"] = (fa4_group.last_refusal or "")[:3000]
@@ -711,15 +717,7 @@ def group_bwd(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
                 a, b = a[written].float(), b[written].float()
                 row[f"{name}_rel"] = float((a - b).norm() / b.norm())
                 row[f"{name}_nan"] = int(a.isnan().sum())  # rows the grouped call left out
-            row["grouped_ms"] = _events_ms(grouped, 2, repeats)
-            row["per_config_ms"] = _events_ms(per_config, 2, repeats)
-            for name, fn in (("grouped", grouped), ("per_config", per_config)):
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                for _ in range(repeats):
-                    fn()
-                row[f"{name}_host_us"] = (time.perf_counter() - start) / repeats * 1e6
-                torch.cuda.synchronize()
+            row.update(_gpu_and_host_times(grouped=grouped, per_config=per_config, repeats=repeats))
         except Exception as exc:  # a probe: report and go on
             row["error"] = f"{type(exc).__name__}: {str(exc)[:1500]}"
             row["refusal"] = (fa4_group_bwd.last_refusal or "")[:3000]
