@@ -32,6 +32,7 @@ from __future__ import annotations
 import importlib
 import threading
 from collections.abc import Callable, Sequence
+from functools import cache
 from typing import Any
 
 import torch
@@ -78,7 +79,9 @@ def supported(groups: Sequence[Group]) -> bool:
     return fa4.sm90(q0)
 
 
+@cache  # (read on every call, for the workspaces' shapes)
 def _config(head_dim: int, causal: bool):
+    """FA4's SM90 backward tile configuration for this head dim."""
     interface = importlib.import_module("flash_attn.cute.interface")
     return interface._tile_size_bwd_sm90(head_dim, head_dim, causal, False)
 
