@@ -54,7 +54,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|spanning|weak}
+part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -191,6 +191,24 @@ pack)
     python -m experiments.kernel_timeline --n 32768 --mixing head_groups --causal no --backward \
         --calls 5 --host --out "$out/timeline_host" >"$out/timeline_host.log" 2>&1
     summary="$(brief "$out"/pack*/overheads.json)
+$(grep -h "GPU busy" "$out/timeline_host/kernel_timeline.md" | cut -c1-150)"
+    ;;
+verify)
+    # after a refactor of the grouped kernels: both probes (rows, LSE and gradients against FA4's
+    # per-config kernels), the GPU oracle check; then where the host's time goes at 32K (the
+    # profile of 200 calls, dumped for pstats, and the timeline with the host's launch calls)
+    for probe in group group_bwd; do
+        python -m experiments.fa4_probe --part "$probe" --n 32768 --repeats 10 --out "$out" \
+            >"$out/probe_$probe.log" 2>&1
+    done
+    python -m experiments.flex_gpu --part check --out "$out/flex_gpu_check" >"$out/check.log" 2>&1
+    python -m experiments.profile_core --host --n 32768 --mixing head_groups --rows 40 \
+        --calls 30 --dump "$out/prof" >"$out/host_profile.txt" 2>&1
+    python -m experiments.kernel_timeline --n 32768 --mixing head_groups --causal no --backward \
+        --calls 5 --host --out "$out/timeline_host" >"$out/timeline_host.log" 2>&1
+    summary="$(grep -h "^problem=" "$out"/probe_*.log | cut -c1-400)
+$(grep -h "Correctness" "$out/flex_gpu_check/flex_gpu_check.md")
+$(grep -h "^=== " "$out/host_profile.txt")
 $(grep -h "GPU busy" "$out/timeline_host/kernel_timeline.md" | cut -c1-150)"
     ;;
 group_bwd)
