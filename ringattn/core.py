@@ -193,7 +193,11 @@ def dilated_forward(
     else:
         # zeros go where no block writes, once the launches say which rows theirs cover (below)
         out_acc = torch.empty_like(q, memory_format=torch.contiguous_format)
-        if keep_lse:
+        if keep_lse and spec.plan.disjoint:
+            # placed blocks write their rows' LSE and the backward reads only those rows: the
+            # rows no config selects are never read, so they need no -inf (one fill less)
+            lse_acc = torch.empty((b, n, h), dtype=stats_dtype, device=q.device)
+        elif keep_lse:
             lse_acc = torch.full((b, n, h), float("-inf"), dtype=stats_dtype, device=q.device)
         else:  # the LSE does not escape: it may come from the pool
             lse_acc = spec.memory.scratch("lse_acc", (b, n, h), stats_dtype, q.device)
@@ -392,7 +396,13 @@ def dilated_backward(
         group = whole.derived["group"]
         if group is not None:
             blocks_done, geometries, unit_index, launch = group
-            if launch([views(tensors, g) for g in geometries], dout, out, lse, unit_index):
+
+            def groups_of(full: bool) -> list:
+                # (without out and lse unless asked: the kernels read those whole, ten views
+                # fewer per call)
+                return [views(tensors, g) for g in geometries[0 if full else 1]]
+
+            if launch(groups_of, dout, out, lse, unit_index):
                 grouped = blocks_done
     # the placed launches' LSE rows gathered into one buffer in the layout the computer reads
     # (launches.packed), where it would copy each launch's: one kernel instead of one per launch
@@ -464,8 +474,9 @@ def grouped_backward_launch(
     """One backward launch for the placed blocks (launched whole: ``whole``, one part each)
     that share the most common segment length, where there are two or more and the computer
     has a kernel for them (``BlockComputer.grouped_backward_launcher``, its workspaces from the
-    memory manager): ``(those blocks, their geometries, their units' LSE positions
-    (launches.packed's index), launch)``; None where there is no such launch."""
+    memory manager): ``(those blocks, their geometries (with and without out and lse), their
+    units' LSE positions (launches.packed's index), launch)``; None where there is no such
+    launch."""
     by_length: dict[int, list] = {}
     for i, parts in whole.items():
         if len(parts) == 1:
@@ -487,7 +498,8 @@ def grouped_backward_launch(
     subset = Prepared()
     subset.update(members)
     unit_index = packed(subset, 5, tensors[5])[0]
-    return frozenset(i for i, _ in members), geometries, unit_index, launch
+    slim = tuple((*g[:4], None, None, *g[6:]) for g in geometries)
+    return frozenset(i for i, _ in members), (geometries, slim), unit_index, launch
 
 
 def merge_result_(out_rows: Tensor, lse_rows: Tensor, result: tuple[Tensor, Tensor]) -> None:

@@ -203,6 +203,8 @@ def fake_kernels(groups, fault: str | None, calls: list):
 
         def backward(qs, ks, vs, douts, lse_log2, dpsum, dq_accum, dks, dvs, scale):
             calls.append(key)
+            for views, slot in ((douts, 0), (qs, 1), (ks, 2), (vs, 3), (dks, 7), (dvs, 8)):
+                assert all(x is g[slot] for x, g in zip(views, groups, strict=True))
             for dout, q, k, v, out, lse, dq, dk, dv in groups:
                 want = fa4.backward(dout, q, k, v, out, lse, key[2], scale)
                 for grad, value in zip((dq, dk, dv), want, strict=True):
@@ -236,3 +238,27 @@ def test_first_call_keeps_or_refuses_the_grouped_backward(guarded_bwd, fault):
     assert why in fa4_group_bwd.last_refusal
     assert not fa4_group_bwd.backward_group_(groups, out, dout, lse, index, False, 0.5)
     assert len(calls) == (0 if fault == "raises" else 1)  # never again
+
+
+def test_grouper_makes_the_views_after_the_statistics_and_without_out_and_lse(guarded_bwd):
+    # once the kernels are kept, a call launches the statistics before the host makes the
+    # groups' views (the GPU starts on them meanwhile), and makes none of out and lse
+    groups = backward_groups()
+    calls, events = [], []
+    guarded_bwd.setattr(fa4_group_bwd, "_compile", fake_kernels(groups, None, calls))
+    guarded_bwd.setattr(fa4_group_bwd, "unit_stats_", lambda *args: events.append("stats"))
+
+    def groups_of(full: bool) -> list:
+        events.append("full views" if full else "views")
+        return groups if full else [(*g[:4], None, None, *g[6:]) for g in groups]
+
+    out, dout, lse = torch.zeros(1), torch.zeros(1), torch.zeros(1)
+    index = torch.zeros(1, dtype=torch.int32)
+    call = fa4_group_bwd.grouper(groups, False)
+    for _ in range(3):
+        assert call(groups_of, out, dout, lse, index, 0.5)
+    assert events == ["full views", "stats", "stats", "views", "stats", "views"]
+    assert len(calls) == 3
+    guarded_bwd.setattr(fa4_group_bwd, "ENABLED", False)
+    assert not call(groups_of, out, dout, lse, index, 0.5)
+    assert len(events) == 6

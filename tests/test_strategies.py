@@ -171,6 +171,49 @@ def test_unselected_rows_are_exactly_zero(mixing):
         assert torch.equal(dk[:, 1::2], torch.zeros_like(dk[:, 1::2])), strategy.label
 
 
+def test_head_groups_backward_never_reads_unselected_lse_rows():
+    # under head_groups the forward leaves the LSE of rows no config selects unwritten (no -inf
+    # fill): NaN there, put into the saved LSE, must not reach any gradient
+    p = {
+        "b": 2,
+        "n": 19,
+        "h": 4,
+        "d": 8,
+        "segment_lengths": (4, 8),
+        "dilation_rates": (1, 2),
+        "causal": False,
+        "mixing": "head_groups",
+    }
+    checked = 0
+    for strategy in local_strategies():
+        if not supports_backward(strategy, torch.device("cpu")):
+            continue
+        module = ringattn.DilatedAttention(
+            p["segment_lengths"],
+            p["dilation_rates"],
+            mixing="head_groups",
+            strategy=strategy,
+            compile=False,
+        )
+        q, k, v = make_qkv(p, torch.float32, requires_grad=True)
+        grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+        want = torch.autograd.grad(module(q, k, v), (q, k, v), grad_out)
+        out = module(q, k, v)
+        if "DilatedAttentionFunction" not in type(out.grad_fn).__name__:
+            continue  # (a layout computer: autograd runs through its own graph, no saved LSE)
+        lse = out.grad_fn.saved_tensors[4]
+        rates, offsets = module._spec(q, False).plan.selection
+        rows = torch.arange(p["n"])[:, None]
+        unselected = rows % torch.tensor(rates) != torch.tensor(offsets)
+        assert unselected.any()
+        lse.data[:, unselected] = float("nan")  # (.data: not a change autograd refuses)
+        got = torch.autograd.grad(out, (q, k, v), grad_out)
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w), strategy.label
+        checked += 1
+    assert checked > 0
+
+
 @given(st.integers(1, 40), st.integers(1, 4), st.booleans())
 @settings(max_examples=10)
 def test_one_config_of_whole_sequence_is_plain_attention(n, h, causal):

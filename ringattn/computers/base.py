@@ -165,12 +165,13 @@ class BlockComputer(AttentionComputer):
     ) -> Callable[..., bool] | None:
         """A launcher that does what :meth:`backward_launcher` does for each of several groups
         ``(dout, q, k, v, out, lse, dq, dk, dv)`` of placed blocks of one segment length, in one
-        kernel, for views of these layouts, as ``launch(groups, dout, out, lse, index)`` (the
-        whole contiguous ``dout``, ``out``, ``lse`` and the groups' units' positions in ``lse``,
-        :func:`ringattn.launches.packed`), taking any float32 workspace from ``scratch(tag,
-        shape)`` (the memory manager's); None where this computer has no such kernel. The
-        launcher returns False from a call it did not take (the core then launches every group,
-        which rewrites whatever the call wrote)."""
+        kernel, for views of these layouts, as ``launch(groups_of, dout, out, lse, index)``
+        (``groups_of(full)``: the call's groups, made when the launcher asks, out and lse None
+        unless ``full``; the whole contiguous ``dout``, ``out``, ``lse`` and the groups' units'
+        positions in ``lse``, :func:`ringattn.launches.packed`), taking any float32 workspace
+        from ``scratch(tag, shape)`` (the memory manager's); None where this computer has no such
+        kernel. The launcher returns False from a call it did not take (the core then launches
+        every group, which rewrites whatever the call wrote)."""
         return None
 
     def places_whole_blocks(self, q: Tensor) -> bool:

@@ -378,10 +378,10 @@ class SDPAComputer(BlockComputer):
         ):
             return None
 
-        def launch(groups, dout, out, lse, index) -> bool:
-            return fa4_group_bwd.backward_group_(
-                groups, out, dout, lse, index, causal, scale, scratch
-            )
+        call = fa4_group_bwd.grouper(groups, causal, scratch)
+
+        def launch(groups_of, dout, out, lse, index) -> bool:
+            return call(groups_of, out, dout, lse, index, scale)
 
         return launch
 

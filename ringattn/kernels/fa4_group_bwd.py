@@ -53,8 +53,12 @@ last_refusal: str | None = None
 Scratch = Callable[[str, tuple[int, ...]], Tensor]
 
 # one group: the views a placed backward launch takes, (dout, q, k, v, out [B_g, L, H_g, d],
-# lse [B_g, L, H_g], dq, dk, dv [B_g, L, H_g, d])
-Group = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+# lse [B_g, L, H_g], dq, dk, dv [B_g, L, H_g, d]); out and lse may be None where only the
+# kernels read them (:func:`grouper`'s calls once its kernels are kept)
+Group = tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor, Tensor, Tensor]
+# a call's groups, made when asked: ``groups_of(full)``, full: with out and lse (for the
+# first call's check against FA4's own backward)
+GroupsOf = Callable[[bool], Sequence[Group]]
 
 
 def supported(groups: Sequence[Group]) -> bool:
@@ -168,19 +172,31 @@ def workspaces(
     ``[U, 1, L_rounded * d]``, float32 (``L_rounded``: ``L`` up to FA4's backward ``tile_m``),
     from ``scratch(tag, shape)`` (the memory manager's) or new."""
     q0 = groups[0][1]
-    units = sum(q.shape[0] * q.shape[2] for _, q, *_ in groups)
-    length, head_dim = q0.shape[1], q0.shape[3]
+    return _workspaces(
+        _shapes(_units(groups), q0.shape[1], q0.shape[3], causal), q0.device, scratch
+    )
+
+
+def _units(groups: Sequence[Group]) -> int:
+    return sum(q.shape[0] * q.shape[2] for _, q, *_ in groups)
+
+
+def _shapes(units: int, length: int, head_dim: int, causal: bool) -> tuple[tuple[int, ...], ...]:
     tile_m = _config(head_dim, causal).m_block_size
     rounded = -(-length // tile_m) * tile_m
+    return (units, 1, rounded), (units, 1, rounded), (units, 1, rounded * head_dim)
+
+
+def _workspaces(
+    shapes: tuple[tuple[int, ...], ...], device: torch.device, scratch: Scratch | None
+) -> tuple[Tensor, Tensor, Tensor]:
     if scratch is None:
         scratch = lambda tag, shape: torch.empty(  # noqa: E731
-            shape, dtype=torch.float32, device=q0.device
+            shape, dtype=torch.float32, device=device
         )
-    return (
-        scratch("group_bwd_lse_log2", (units, 1, rounded)),
-        scratch("group_bwd_dpsum", (units, 1, rounded)),
-        scratch("group_bwd_dq_accum", (units, 1, rounded * head_dim)),
-    )
+    tags = ("group_bwd_lse_log2", "group_bwd_dpsum", "group_bwd_dq_accum")
+    lse_log2, dpsum, dq_accum = (scratch(tag, shape) for tag, shape in zip(tags, shapes))
+    return lse_log2, dpsum, dq_accum
 
 
 def backward_group_(
@@ -201,16 +217,11 @@ def backward_group_(
     key = _key(groups, causal)
     if not ENABLED or _COMPILED.get(key) is False:  # (refused: no workspaces to allocate)
         return False
-    lse_log2, dpsum, dq_accum = stats = workspaces(groups, causal, scratch)
+    stats = workspaces(groups, causal, scratch)
     length = groups[0][1].shape[1]
 
     def run(kernels) -> None:
-        backward, postprocess = kernels
-        unit_stats_(out, dout, lse, index, length, dpsum.squeeze(1), lse_log2.squeeze(1))
-        dq_accum.zero_()
-        douts, qs, ks, vs, _, _, dqs, dks, dvs = zip(*groups)
-        backward(qs, ks, vs, douts, lse_log2, dpsum, dq_accum, dks, dvs, scale)
-        postprocess(dq_accum, dqs, scale)
+        _run(kernels, lambda full: groups, stats, out, dout, lse, index, length, scale)
 
     def first_call() -> bool:
         try:
@@ -234,6 +245,46 @@ def backward_group_(
     return fa4.call_guarded(_COMPILED, _LOCK, key, groups[0][1], first_call, run)
 
 
+def grouper(
+    groups: Sequence[Group], causal: bool, scratch: Scratch | None = None
+) -> Callable[[GroupsOf, Tensor, Tensor, Tensor, Tensor, float], bool]:
+    """:func:`backward_group_` for views of these (example) groups' layouts, as ``call(groups_of,
+    out, dout, lse, index, scale)``, the compile key decided here once (a prepared launch calls
+    it every backward: ``ringattn.core``). Once its kernels are kept, a call asks
+    ``groups_of(False)`` for the views only after launching the statistics (the GPU starts on
+    them while the host makes the views), and without out and lse (only the statistics read
+    them, from the whole tensors); until then ``groups_of(True)`` goes to
+    :func:`backward_group_`."""
+    key = _key(groups, causal)
+    length, device = groups[0][1].shape[1], groups[0][1].device
+    # (its shapes, not the example views: those are not kept alive)
+    shape = (_units(groups), length, groups[0][1].shape[3])
+
+    def call(groups_of: GroupsOf, out, dout, lse, index, scale: float) -> bool:
+        kernels = _COMPILED.get(key)
+        if kernels is False or not ENABLED:
+            return False
+        if kernels is None:  # the first call: compiled, checked, kept or refused
+            return backward_group_(groups_of(True), out, dout, lse, index, causal, scale, scratch)
+        stats = _workspaces(_shapes(*shape, causal), device, scratch)
+        _run(kernels, groups_of, stats, out, dout, lse, index, length, scale)
+        return True
+
+    return call
+
+
+def _run(kernels, groups_of: GroupsOf, stats, out, dout, lse, index, length: int, scale) -> None:
+    """The four launches: the statistics and the accumulator's zeros first, then the groups'
+    views (made now: ``groups_of(False)``), the backward and the postprocess."""
+    backward, postprocess = kernels
+    lse_log2, dpsum, dq_accum = stats
+    unit_stats_(out, dout, lse, index, length, dpsum.squeeze(1), lse_log2.squeeze(1))
+    dq_accum.zero_()
+    douts, qs, ks, vs, _, _, dqs, dks, dvs = zip(*groups_of(False))
+    backward(qs, ks, vs, douts, lse_log2, dpsum, dq_accum, dks, dvs, scale)
+    postprocess(dq_accum, dqs, scale)
+
+
 def _refuse(key: tuple, why: str) -> None:
     global last_refusal
     _COMPILED[key], last_refusal = False, why
@@ -245,4 +296,13 @@ def _refuse(key: tuple, why: str) -> None:
     )
 
 
-__all__ = ["ALL_TILES_MAX", "Scratch", "backward_group_", "supported", "workspaces"]
+__all__ = [
+    "ALL_TILES_MAX",
+    "Group",
+    "GroupsOf",
+    "Scratch",
+    "backward_group_",
+    "grouper",
+    "supported",
+    "workspaces",
+]
