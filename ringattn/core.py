@@ -39,7 +39,7 @@ from ringattn.dilation.base import DilationProcessor
 from ringattn.kernels import add as add_kernel
 from ringattn.kernels.unselected import fill_unselected_, shifted, zeros_for
 from ringattn.lanes import Lanes
-from ringattn.launches import Prepared, gather, packed, prepared, views
+from ringattn.launches import Prepared, gather, layouts_of, packed, prepared, views
 from ringattn.memory.base import MemoryManager
 from ringattn.merge import merge_into_
 from ringattn.pattern import Block, Plan
@@ -357,6 +357,7 @@ def dilated_backward(
             grads = [zeros_for(q, spec.plan.selection, spec.memory)[0] for _ in range(3)]
 
     tensors = (dout, q, k, v, out, lse, *grads)
+    layouts = layouts_of(tensors)  # (one key for the preparations below)
     # head_groups: every (row, head) belongs to one block, so its gradients are placed; under lse
     # only the parts of a covering first block are, the others add into the gradients
     placed_ids = [
@@ -371,6 +372,7 @@ def dilated_backward(
         lambda span, part, *views: spec.computer.backward_launcher(spec.causal, spec.scale, *views),
         placed=True,
         split=spec.computer.placed_backward_split(q),
+        layouts=layouts,
     )
     # head_groups: the placed blocks of the most common segment length as one launch where the
     # computer has it (FA4: one backward over all their key tiles, up to a size); declined, they
@@ -390,6 +392,7 @@ def dilated_backward(
             ),
             placed=True,
             split=1,
+            layouts=layouts,
         )
         if "group" not in whole.derived:
             whole.derived["group"] = grouped_backward_launch(spec, whole, tensors)
@@ -431,6 +434,7 @@ def dilated_backward(
             (i for i in range(first, len(blocks)) if i not in placed_ids),
             lambda span, part, *views: adding_launch(spec, span, *views),
             placed=False,
+            layouts=layouts,
         ),
     }
 

@@ -81,6 +81,7 @@ def prepared(
     make_launcher: Callable[..., Callable[..., None]],
     placed: bool,
     split: int | None = None,
+    layouts: tuple | None = None,
 ) -> Prepared:
     """The prepared launches of ``spec``'s blocks ``block_ids`` for tensors of these layouts:
     ``reads`` go through the dilation processor (``[b, n, h, ...]`` inputs); ``writes`` (the
@@ -92,17 +93,13 @@ def prepared(
     missing from the result take the general path. ``split``: each local block is launched in
     the parts :meth:`ringattn.pattern.Block.cut` makes with it rather than in ``Plan.parts``
     (``pattern.BLOCK_SPLIT``'s, which bound a kernel's temporaries): 1 launches it whole, for a
-    computer without block-sized temporaries (``BlockComputer.places_whole_blocks``)."""
+    computer without block-sized temporaries (``BlockComputer.places_whole_blocks``).
+    ``layouts``: :func:`layouts_of` ``(*reads, *writes)``, where the caller has them already."""
     if torch.compiler.is_compiling():
         return Prepared()
-    block_ids = tuple(block_ids)
-    key = (
-        kind,
-        placed,
-        split,
-        block_ids,
-        *((None if x is None else _layout(x)) for x in (*reads, *writes)),
-    )
+    if layouts is None:
+        layouts = layouts_of(reads + writes)
+    key = (kind, placed, split, tuple(block_ids), layouts)
     cache = spec.launches
     found = cache.get(key)
     if found is None:
@@ -165,8 +162,9 @@ def gather(x: Tensor, index: Tensor, span: int) -> Tensor:
     return x.as_strided((span,), (1,), x.storage_offset()).index_select(0, index)
 
 
-def _layout(x: Tensor) -> tuple:
-    return x.shape, x.stride(), x.dtype, x.device
+def layouts_of(tensors: tuple[Tensor | None, ...]) -> tuple:
+    """What a preparation depends on of each tensor (its key, with the blocks and the kind)."""
+    return tuple(None if x is None else (x.shape, x.stride(), x.dtype, x.device) for x in tensors)
 
 
 def _prepare(
