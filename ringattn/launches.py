@@ -99,7 +99,8 @@ def prepared(
         return Prepared()
     if layouts is None:
         layouts = layouts_of(reads + writes)
-    key = (kind, placed, split, tuple(block_ids), layouts)
+    block_ids = tuple(block_ids)  # (may be a generator: read once)
+    key = (kind, placed, split, block_ids, layouts)
     cache = spec.launches
     found = cache.get(key)
     if found is None:
