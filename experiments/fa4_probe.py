@@ -769,35 +769,25 @@ CAUSAL_TILES = (128, 128, False, True)
 
 
 def launch(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
-    """Host µs per launch of a replayed FA4 forward (small blocks) and of a torch op, issued while
+    """Host µs per launch of a replayed FA4 forward (small blocks), a torch op and two Triton
+    kernels through Triton's launcher (the gradients' fill, unit_stats), issued while
     the GPU sleeps (so launches only queue): on the caller's stream, on a side stream, on a side
     stream that waits for the caller's, and on the caller's stream after it joined a side one."""
     from contextlib import nullcontext
 
-    from ringattn.kernels import fa4, relaunch, unit_stats, unselected
+    from ringattn.kernels import fa4, unit_stats, unselected
 
     q, k, v = (torch.randn(4, 256, 2, d, device=device, dtype=torch.bfloat16) for _ in "qkv")
     out, x = torch.empty_like(q), torch.zeros(1024, device=device)
     table = unselected.selection_table(((2, 1), (1, 0)), device)
     lse, index = torch.zeros(4, 256, 2, device=device), torch.arange(512, device=device)
     stats = torch.empty(2, 256, device=device), torch.empty(2, 256, device=device)
-
-    def relaunched(flag: bool, fn):  # Triton's launcher, or the compiled kernel's own
-        def call() -> None:
-            relaunch.ENABLED = flag
-            fn()
-
-        return call
-
-    fill = partial(unselected.zero_unselected_, out, table)
     stat = partial(unit_stats.unit_stats_, q.contiguous(), k.contiguous(), lse, index, 256, *stats)
     calls = {
         "fa4 forward (replayed)": partial(fa4.forward, q, k, v, False, d**-0.5, out=out),
         "torch add_": partial(x.add_, 1.0),
-        "triton fill (Triton's launcher)": relaunched(False, fill),
-        "triton fill (relaunched)": relaunched(True, fill),
-        "triton unit_stats (Triton's launcher)": relaunched(False, stat),
-        "triton unit_stats (relaunched)": relaunched(True, stat),
+        "triton fill": partial(unselected.zero_unselected_, out, table),
+        "triton unit_stats": stat,
     }
     main, side = torch.cuda.current_stream(), torch.cuda.Stream()
     count = 20 * repeats
@@ -826,7 +816,6 @@ def launch(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
                 host_us = (time.perf_counter() - t0) / count * 1e6
             torch.cuda.synchronize()
             rows.append({"kernel": name, "stream": where, "host_us_per_launch": round(host_us, 2)})
-    relaunch.ENABLED = True
     return rows
 
 

@@ -54,7 +54,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|relaunch|spanning|weak}
+part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -62,7 +62,7 @@ bench=(python -m experiments.bench --computers sdpa --dilations segment_local --
 brief() { # overheads.json rows, a short line each: the A/B choices, ms, host ms, peaks, errors
     python - "$@" <<'PY'
 import json, sys
-keys = ("n", "mixing", "causal", "lanes", "fill", "zero", "pack_lse", "group", "group_bwd", "relaunch", "bwd_merge", "fwd_ms",
+keys = ("n", "mixing", "causal", "lanes", "fill", "zero", "pack_lse", "group", "group_bwd", "bwd_merge", "fwd_ms",
         "fwdbwd_ms", "fwd_ms_b2b", "fwdbwd_ms_b2b", "fwd_host_ms", "fwdbwd_host_ms", "fwdbwd_mem_vs_io", "vs_first_err",
         "graph_fwd_ms", "graph_fwdbwd_ms", "graph_fwd_err", "graph_fwdbwd_err")
 for path in sys.argv[1:]:
@@ -191,25 +191,6 @@ pack)
     python -m experiments.kernel_timeline --n 32768 --mixing head_groups --causal no --backward \
         --calls 5 --host --out "$out/timeline_host" >"$out/timeline_host.log" 2>&1
     summary="$(brief "$out"/pack*/overheads.json)
-$(grep -h "GPU busy" "$out/timeline_host/kernel_timeline.md" | cut -c1-150)"
-    ;;
-relaunch)
-    # step 34's host cuts at 32K: Triton's small kernels relaunched through their compiled
-    # launchers or through Triton (two turns, head_groups causal or not, lse), then the host
-    # profile (dumped) and the timeline with the host's launch calls, as in verify
-    for run in "head_groups" "head_groups --causal" "lse"; do
-        tag=$(echo "$run" | tr -d ' -')
-        # shellcheck disable=SC2086
-        python -m experiments.overheads --n 32768 --mixing $run --split 8 \
-            --relaunch yes no yes no --steady --repeats 10 --out "$out/ab_$tag" \
-            >"$out/ab_$tag.log" 2>&1
-    done
-    python -m experiments.profile_core --host --n 32768 --mixing head_groups --rows 40 \
-        --calls 30 --dump "$out/prof" >"$out/host_profile.txt" 2>&1
-    python -m experiments.kernel_timeline --n 32768 --mixing head_groups --causal no --backward \
-        --calls 5 --host --out "$out/timeline_host" >"$out/timeline_host.log" 2>&1
-    summary="$(brief "$out"/ab_*/overheads.json)
-$(grep -h "^=== " "$out/host_profile.txt")
 $(grep -h "GPU busy" "$out/timeline_host/kernel_timeline.md" | cut -c1-150)"
     ;;
 verify)

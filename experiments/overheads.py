@@ -59,7 +59,7 @@ from ringattn import core, lanes, launches, pattern
 from ringattn.computers.sdpa import CUDA_BACKWARDS, CUDA_FORWARDS, SDPAComputer
 from ringattn.flops import dense_flops, useful_flops
 from ringattn.kernels import add as add_kernel
-from ringattn.kernels import cudnn_graphs, fa4, fa4_group, fa4_group_bwd, fa4_zero, relaunch
+from ringattn.kernels import cudnn_graphs, fa4, fa4_group, fa4_group_bwd, fa4_zero
 
 # how the core adds a merged block's gradients into their rows (False: "not done", torch's add_)
 ADDS = {"triton": add_kernel.add_rows_, "torch": lambda accs, parts: False}
@@ -245,7 +245,6 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 args.pack_lse,
                 args.group,
                 args.group_bwd,
-                args.relaunch,
             )
         )
         first_results = None  # every choice must compute what the first one did
@@ -267,7 +266,6 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 pack_lse,
                 group,
                 group_bwd,
-                relaunched,
             ) = choice
             pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
             SDPAComputer.in_place = in_place == "yes"
@@ -284,7 +282,6 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             core.PACK_LSE = pack_lse == "yes"
             fa4_group.ENABLED = group == "yes"
             fa4_group_bwd.ENABLED = group_bwd == "yes"
-            relaunch.ENABLED = relaunched == "yes"
             attention = ringattn.DilatedAttention(
                 ISSUE_LENGTHS,
                 ISSUE_RATES,
@@ -319,7 +316,6 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "pack_lse": pack_lse,
                     "group": group,
                     "group_bwd": group_bwd,
-                    "relaunch": relaunched,
                     **stats,
                     "fwd_tflops": flops_f / stats["fwd_ms"] / 1e9,
                     "fwdbwd_tflops": 3.5 * flops_f / stats["fwdbwd_ms"] / 1e9,
@@ -437,11 +433,6 @@ def main(argv: list[str] | None = None) -> None:
             "head_groups: the configs' backward in one FA4 launch "
             "(ringattn.kernels.fa4_group_bwd.ENABLED), or one per config",
         ),
-        "--relaunch": (
-            ["yes", "no"],
-            "Triton's small kernels (fill, merge, add, unit statistics) relaunched through their "
-            "compiled launchers (ringattn.kernels.relaunch.ENABLED), or through Triton's",
-        ),
         "--forward": (
             list(CUDA_FORWARDS),
             "sdpa's forward through FlashAttention-4 where it runs (auto), or torch's kernels "
@@ -487,7 +478,6 @@ def main(argv: list[str] | None = None) -> None:
         core.PACK_LSE = True
         fa4_group.ENABLED = True
         fa4_group_bwd.ENABLED = True
-        relaunch.ENABLED = True
         SDPAComputer.fa4_backward_merge = default_merge
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overheads.json").write_text(json.dumps({"rows": rows, "traces": traces}))

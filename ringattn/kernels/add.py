@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ringattn.kernels import relaunch
 from ringattn.kernels.merge import available, triton
 
 # float32 arithmetic is exact for these (float64 keeps torch's add)
@@ -107,16 +106,18 @@ def add_rows_(accs: list[Tensor], parts: list[Tensor] | tuple[Tensor, ...]) -> b
         return True
     padded_a = [*accs, *([first_acc] * (3 - len(accs)))]
     padded_p = [*parts, *([first_part] * (3 - len(parts)))]
-    relaunch.launch(
-        _add_rows_kernel,
-        (rows,),
-        (*padded_a, *padded_p, s, length, h, d, *first_acc.stride(), *first_part.stride()),
-        {
-            "PAIRS": len(accs),
-            "BLOCK_H": triton.next_power_of_2(h),
-            "BLOCK_D": triton.next_power_of_2(d),
-        },
-        4,  # (Triton's default)
+    _add_rows_kernel[(rows,)](
+        *padded_a,
+        *padded_p,
+        s,
+        length,
+        h,
+        d,
+        *first_acc.stride(),
+        *first_part.stride(),
+        PAIRS=len(accs),
+        BLOCK_H=triton.next_power_of_2(h),
+        BLOCK_D=triton.next_power_of_2(d),
     )
     return True
 

@@ -17,8 +17,6 @@ import os
 
 from torch import Tensor
 
-from ringattn.kernels import relaunch
-
 try:
     import triton
     import triton.language as tl
@@ -135,25 +133,22 @@ def merge_rows_(out_acc: Tensor, lse_acc: Tensor, out: Tensor, lse: Tensor) -> N
     rows = b * s * length
     if rows == 0 or h == 0 or d == 0:
         return
-    relaunch.launch(
-        _merge_rows_kernel,
-        (rows,),
-        (
-            out_acc,
-            lse_acc,
-            out,
-            lse,
-            s,
-            length,
-            h,
-            d,
-            *out_acc.stride(),
-            *lse_acc.stride(),
-            *out.stride(),
-            *lse.stride(),
-        ),
-        {"BLOCK_H": triton.next_power_of_2(h), "BLOCK_D": triton.next_power_of_2(d)},
-        WARPS,
+    _merge_rows_kernel[(rows,)](
+        out_acc,
+        lse_acc,
+        out,
+        lse,
+        s,
+        length,
+        h,
+        d,
+        *out_acc.stride(),
+        *lse_acc.stride(),
+        *out.stride(),
+        *lse.stride(),
+        BLOCK_H=triton.next_power_of_2(h),
+        BLOCK_D=triton.next_power_of_2(d),
+        num_warps=WARPS,
     )
 
 

@@ -19,7 +19,6 @@ import math
 
 from torch import Tensor
 
-from ringattn.kernels import relaunch
 from ringattn.kernels.merge import triton
 
 if triton is not None:
@@ -81,14 +80,19 @@ def unit_stats_(
     assert index.numel() == units * length and rounded >= length
     d = out.shape[-1]
     rows = units * rounded
-    relaunch.launch(
-        _unit_stats_kernel,
-        (triton.cdiv(rows, ROWS_PER_PROGRAM),),
-        (out, dout, lse, index, dpsum, lse_log2, rows, length, rounded, d),
-        {
-            "LOG2E": math.log2(math.e),
-            "BLOCK_R": ROWS_PER_PROGRAM,
-            "BLOCK_D": triton.next_power_of_2(d),
-        },
-        WARPS,
+    _unit_stats_kernel[(triton.cdiv(rows, ROWS_PER_PROGRAM),)](
+        out,
+        dout,
+        lse,
+        index,
+        dpsum,
+        lse_log2,
+        rows,
+        length,
+        rounded,
+        d,
+        LOG2E=math.log2(math.e),
+        BLOCK_R=ROWS_PER_PROGRAM,
+        BLOCK_D=triton.next_power_of_2(d),
+        num_warps=WARPS,
     )

@@ -20,7 +20,6 @@ import itertools
 import torch
 from torch import Tensor
 
-from ringattn.kernels import relaunch
 from ringattn.kernels.merge import available, triton
 from ringattn.memory.base import MemoryManager
 
@@ -86,12 +85,19 @@ def zero_unselected_(x: Tensor, selection: Tensor) -> None:
     block_h, block_d = triton.next_power_of_2(h), triton.next_power_of_2(d)
     # a program's tile stays within 64K elements (registers) for wide heads
     block_r = max(1, min(ROWS_PER_PROGRAM, 65536 // (block_h * block_d)))
-    relaunch.launch(
-        _zero_unselected_kernel,
-        (triton.cdiv(b * n, block_r),),
-        (x, rate, offset, b * n, n, h, d, *x.stride()),
-        {"BLOCK_R": block_r, "BLOCK_H": block_h, "BLOCK_D": block_d},
-        WARPS,
+    _zero_unselected_kernel[(triton.cdiv(b * n, block_r),)](
+        x,
+        rate,
+        offset,
+        b * n,
+        n,
+        h,
+        d,
+        *x.stride(),
+        BLOCK_R=block_r,
+        BLOCK_H=block_h,
+        BLOCK_D=block_d,
+        num_warps=WARPS,
     )
 
 
