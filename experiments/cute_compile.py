@@ -52,12 +52,13 @@ def _grouped_backward(n: int, h: int, d: int, causal: bool) -> None:
     (:func:`ringattn.kernels.fa4_group_bwd._compile`) for issue 5's head_groups blocks."""
     from ringattn.kernels import fa4_group_bwd
 
-    groups = []
-    for (q, k, v, out, lse), _ in _parts(n, h, d, "head_groups", True):
+    groups, shifts = [], []
+    for (q, k, v, out, lse), block_shifts in _parts(n, h, d, "head_groups", True):
         grads = [torch.empty_like(x) for x in (q, k, v)]  # (views of that layout will do)
         groups.append((torch.empty_like(out), q, k, v, out, lse, *grads))
+        shifts.append(block_shifts)  # (the gradients' unselected rows' zeros, as the output's)
     stats = fa4_group_bwd.workspaces(groups, causal)
-    fa4_group_bwd._compile(fa4_group_bwd._key(groups, causal), groups, stats)
+    fa4_group_bwd._compile(fa4_group_bwd._key(groups, causal, shifts), groups, stats)
 
 
 def kernels(n: int, h: int, d: int):

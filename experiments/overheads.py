@@ -64,11 +64,12 @@ from ringattn.kernels import cudnn_graphs, fa4, fa4_group, fa4_group_bwd, fa4_ze
 # how the core adds a merged block's gradients into their rows (False: "not done", torch's add_)
 ADDS = {"triton": add_kernel.add_rows_, "torch": lambda accs, parts: False}
 
-# how the core zero-fills a disjoint (head_groups) plan's output and gradients
+# the gradients' buffers of a disjoint (head_groups) plan's backward: new (only the pairs no
+# block writes zeroed, by the Triton kernel or the launches themselves), or zeroed whole first
 FILLS = {
-    "unselected": core.zeros_for,
-    "whole": lambda like, selection, memory, count=1: torch.zeros(
-        (count, *like.shape), dtype=like.dtype, device=like.device
+    "unselected": core.new_grads,
+    "whole": lambda q, count, buffers: tuple(
+        torch.zeros((count, *q.shape), dtype=q.dtype, device=q.device) for _ in range(buffers)
     ),
 }
 
@@ -269,7 +270,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             ) = choice
             pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
             SDPAComputer.in_place = in_place == "yes"
-            core.zeros_for = FILLS[fill]
+            core.new_grads = FILLS[fill]
             lanes.MODE = lane_mode
             lanes.LANES = int(lane_count)
             launches.FUSE_OFFSETS = fuse == "yes"
@@ -372,8 +373,8 @@ def main(argv: list[str] | None = None) -> None:
         ),
         "--fill": (
             list(FILLS),
-            "head_groups: zero only the pairs no block writes (the Triton kernel), or the whole "
-            "tensor first",
+            "head_groups: the gradients' buffers new (only the pairs no block writes zeroed), or "
+            "zeroed whole first (torch.zeros; the unselected pairs are then zeroed again)",
         ),
         "--lanes": (
             [lanes.MODE, *(m for m in lanes.MODES if m != lanes.MODE)],
@@ -466,7 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         pattern.BLOCK_SPLIT = default_split
         SDPAComputer.in_place = default_in_place
-        core.zeros_for = FILLS["unselected"]
+        core.new_grads = FILLS["unselected"]
         lanes.MODE = default_lanes
         lanes.LANES = default_lane_count
         launches.FUSE_OFFSETS = default_fuse

@@ -37,7 +37,7 @@ from ringattn.computers.base import (
 )
 from ringattn.dilation.base import DilationProcessor
 from ringattn.kernels import add as add_kernel
-from ringattn.kernels.unselected import fill_unselected_, shifted, zeros_for
+from ringattn.kernels.unselected import fill_unselected_, shifted
 from ringattn.lanes import Lanes
 from ringattn.launches import Prepared, gather, layouts_of, packed, prepared, views
 from ringattn.memory.base import MemoryManager
@@ -340,6 +340,7 @@ def dilated_backward(
 
     first = 0
     covering = bool(blocks) and covers_everything(blocks[0], n, h)
+    to_fill: tuple[Tensor, ...] = ()
     if covering and len(spec.plan.parts[0]) == 1:
         grads = [
             g.reshape(b, n, h, d).to(q.dtype)
@@ -350,11 +351,11 @@ def dilated_backward(
         grads = [torch.empty_like(q) for _ in range(3)]
     else:
         # one buffer and one fill for the three, unless they go to a caller that forbids
-        # aliased results (the custom op: torch.library's outputs may not share storage)
-        if stack_grads:
-            grads = list(zeros_for(q, spec.plan.selection, spec.memory, 3).unbind(0))
-        else:
-            grads = [zeros_for(q, spec.plan.selection, spec.memory)[0] for _ in range(3)]
+        # aliased results (the custom op: torch.library's outputs may not share storage); the
+        # fill waits for the launches below, which may write some of its zeros themselves
+        to_fill = new_grads(q, 3 if stack_grads else 1, 1 if stack_grads else 3)
+        grads = [g for buffer in to_fill for g in buffer.unbind(0)]
+    fill = spec.plan.selection
 
     tensors = (dout, q, k, v, out, lse, *grads)
     layouts = layouts_of(tensors)  # (one key for the preparations below)
@@ -398,7 +399,13 @@ def dilated_backward(
             whole.derived["group"] = grouped_backward_launch(spec, whole, tensors)
         group = whole.derived["group"]
         if group is not None:
-            blocks_done, geometries, unit_index, launch = group
+            blocks_done, geometries, unit_index, launch, zeroed = group
+            if zeroed is not None:  # the launch writes these configs' zeros, declined or not
+                fill = zeroed
+            if to_fill:  # (before the launch: the GPU starts on it while the host goes on)
+                for buffer in to_fill:
+                    fill_unselected_(buffer.flatten(0, 1), fill, spec.memory)
+                to_fill = ()
 
             def groups_of(full: bool) -> list:
                 # (without out and lse unless asked: the kernels read those whole, ten views
@@ -407,6 +414,13 @@ def dilated_backward(
 
             if launch(groups_of, dout, out, lse, unit_index):
                 grouped = blocks_done
+            elif zeroed is not None:  # declined: the zeros it would have written
+                for geometry, shifts in zip(geometries[0], geometries[2], strict=True):
+                    for grad in views(tensors, geometry)[6:]:
+                        for shift in shifts:
+                            shifted(grad, shift).zero_()
+    for buffer in to_fill:
+        fill_unselected_(buffer.flatten(0, 1), fill, spec.memory)
     # the placed launches' LSE rows gathered into one buffer in the layout the computer reads
     # (launches.packed), where it would copy each launch's: one kernel instead of one per launch
     packed_tensors, repacked = tensors, {}
@@ -474,13 +488,17 @@ def _capturing(x: Tensor) -> bool:
 
 def grouped_backward_launch(
     spec: CoreSpec, whole: dict, tensors: tuple[Tensor | None, ...]
-) -> tuple[frozenset[int], tuple, Tensor, Callable[..., bool]] | None:
+) -> tuple[frozenset[int], tuple, Tensor, Callable[..., bool], tuple | None] | None:
     """One backward launch for the placed blocks (launched whole: ``whole``, one part each)
     that share the most common segment length, where there are two or more and the computer
     has a kernel for them (``BlockComputer.grouped_backward_launcher``, its workspaces from the
-    memory manager): ``(those blocks, their geometries (with and without out and lse), their
-    units' LSE positions (launches.packed's index), launch)``; None where there is no such
-    launch."""
+    memory manager): ``(those blocks, their geometries (with and without out and lse, and each
+    block's neighbour shifts), their units' LSE positions (launches.packed's index), launch,
+    the gradients' fill selection once the launch writes those blocks' zeros)``; None where
+    there is no such launch. The launch writes each block's zeros (:func:`neighbour_shifts` of
+    its gradients' rows) where the computer's kernel does (``zeroes_unselected`` on the
+    launcher); the last item is then the plan's selection less the configs all of whose blocks
+    it takes (:func:`unzeroed_selection`), else None (the fill does them all)."""
     by_length: dict[int, list] = {}
     for i, parts in whole.items():
         if len(parts) == 1:
@@ -496,14 +514,46 @@ def grouped_backward_launch(
     def scratch(tag: str, shape: tuple[int, ...]) -> Tensor:
         return spec.memory.scratch(tag, shape, torch.float32, device)
 
-    launch = spec.computer.grouped_backward_launcher(spec.causal, spec.scale, examples, scratch)
+    # (the three gradients' rows share one layout: their shifts are dq's)
+    same = all(x[6].stride() == x[7].stride() == x[8].stride() for x in examples)
+    shifts = tuple(
+        neighbour_shifts(spec.plan.blocks[i], x[6]) if same else ()
+        for (i, _), x in zip(members, examples, strict=True)
+    )
+    launch = spec.computer.grouped_backward_launcher(
+        spec.causal, spec.scale, examples, scratch, shifts
+    )
     if launch is None:
         return None
     subset = Prepared()
     subset.update(members)
     unit_index = packed(subset, 5, tensors[5])[0]
     slim = tuple((*g[:4], None, None, *g[6:]) for g in geometries)
-    return frozenset(i for i, _ in members), (geometries, slim), unit_index, launch
+    zeroed = None
+    if getattr(launch, "zeroes_unselected", False):
+        taken = Prepared()
+        for (i, parts), block_shifts in zip(members, shifts, strict=True):
+            if block_shifts or spec.plan.blocks[i].job.r == 1:
+                taken[i] = [(parts[0][0], _ZEROING)]
+        zeroed = unzeroed_selection(spec.plan, taken)
+    blocks_done = frozenset(i for i, _ in members)
+    return blocks_done, (geometries, slim, shifts), unit_index, launch, zeroed
+
+
+def _zeroing() -> None:  # (stands for a launch that writes its own zeros)
+    pass
+
+
+_zeroing.zeroes_unselected = True  # type: ignore[attr-defined]
+_ZEROING = _zeroing
+
+
+def new_grads(q: Tensor, count: int, buffers: int) -> tuple[Tensor, ...]:
+    """``buffers`` new buffers ``[count, *q.shape]`` (contiguous, q's dtype) for the gradients,
+    not yet filled (their zeros come from the fill and the launches that write their own)."""
+    return tuple(
+        torch.empty((count, *q.shape), dtype=q.dtype, device=q.device) for _ in range(buffers)
+    )
 
 
 def merge_result_(out_rows: Tensor, lse_rows: Tensor, result: tuple[Tensor, Tensor]) -> None:

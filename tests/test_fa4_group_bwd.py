@@ -24,20 +24,24 @@ from test_strategies import check_against_oracle
 
 import ringattn
 import ringattn.core
-from ringattn.kernels import fa4, fa4_group, fa4_group_bwd, fa4_merge
+from ringattn.kernels import fa4, fa4_group, fa4_group_bwd, fa4_merge, unselected
 
 
 class BackwardStandIn:
     """``fa4_group_bwd.backward_group_`` on the CPU (declines every ``decline``-th call; skips
-    the last group if ``lazy``)."""
+    the last group if ``lazy``, the unselected rows' zeros if ``zeroless``)."""
 
-    def __init__(self, decline: int = 0, lazy: bool = False) -> None:
+    def __init__(self, decline: int = 0, lazy: bool = False, zeroless: bool = False) -> None:
         self.calls = self.done = 0
-        self.decline, self.lazy = decline, lazy
+        self.decline, self.lazy, self.zeroless = decline, lazy, zeroless
+        self.shifts: list = []
 
-    def __call__(self, groups, out, dout, lse, index, causal, scale, scratch=None) -> bool:
+    def __call__(
+        self, groups, out, dout, lse, index, causal, scale, scratch=None, shifts=()
+    ) -> bool:
         self.calls += 1
         self.scratch = scratch
+        self.shifts.append(tuple(shifts))
         assert len(groups) >= 2 and len({g[1].shape[1] for g in groups}) == 1
         # the units' LSE positions: each group's [B, L, H] rows as [B, H, L], in group order
         units = torch.cat([g[5].transpose(1, 2).flatten() for g in groups])
@@ -50,6 +54,10 @@ class BackwardStandIn:
                 (dq, dk, dv), fa4.backward(dout_g, q, k, v, out_g, lse_g, causal, scale)
             ):
                 grad.copy_(block)
+        for group, group_shifts in zip(groups, shifts or [()] * len(groups), strict=True):
+            for grad in group[6:] if not self.zeroless else ():
+                for shift in group_shifts:
+                    unselected.shifted(grad, shift).zero_()
         self.done += 1
         return True
 
@@ -69,18 +77,32 @@ def grouping_bwd(grouping):  # noqa: F811
     return patch, selections
 
 
+def nan_grads(patch) -> None:
+    """The core's new gradient buffers full of NaN: a pair no launch or fill zeroes shows."""
+    make = ringattn.core.new_grads
+    patch.setattr(
+        ringattn.core, "new_grads", lambda *a: tuple(x.fill_(float("nan")) for x in make(*a))
+    )
+
+
 @pytest.mark.parametrize(("causal", "decline"), [(False, 0), (True, 0), (True, 2)])
 def test_every_config_backward_in_one_launch(grouping_bwd, causal, decline):
+    # the launch writes its configs' unselected rows' zeros (the fill skips them), or where it
+    # declines the core does
     patch, _ = grouping_bwd
     stand_in = BackwardStandIn(decline)
     patch.setattr(fa4_group_bwd, "backward_group_", stand_in)
+    nan_grads(patch)
     check_against_oracle({**ZEROED, "causal": causal}, torch.float32, sdpa_strategies())
     assert stand_in.done > 0 and (not decline or stand_in.done < stand_in.calls)
+    assert any(any(shifts) for call in stand_in.shifts for shifts in call)
 
 
-def test_a_backward_that_skips_a_group_fails_the_oracle(grouping_bwd):
+@pytest.mark.parametrize("fault", ["lazy", "zeroless"])
+def test_a_backward_that_skips_a_group_or_its_zeros_fails_the_oracle(grouping_bwd, fault):
     patch, _ = grouping_bwd
-    patch.setattr(fa4_group_bwd, "backward_group_", BackwardStandIn(lazy=True))
+    patch.setattr(fa4_group_bwd, "backward_group_", BackwardStandIn(**{fault: True}))
+    nan_grads(patch)
     with pytest.raises(AssertionError, match="rel err"):
         check_against_oracle({**ZEROED, "causal": True}, torch.float32, sdpa_strategies())
 
@@ -170,15 +192,19 @@ def test_support_rules(monkeypatch):
 
 def backward_groups(causal: bool = False):
     """Two groups of [2, 16, H, 8] blocks (H = 1, 3): (dout, q, k, v, out, lse, dq, dk, dv),
-    out and lse from the stand-in's forward, the gradients NaN."""
+    out and lse from the stand-in's forward, the gradients NaN: the even rows of [2, 32, H, 8]
+    buffers (their odd rows, :data:`SHIFTS` away, are the unselected ones)."""
     gen = torch.Generator().manual_seed(0)
     groups = []
     for h in (1, 3):
         dout, q, k, v = (torch.randn(2, 16, h, 8, generator=gen) for _ in range(4))
         out, lse = fa4.forward(q, k, v, causal, 0.5)
-        grads = [torch.full_like(q, float("nan")) for _ in range(3)]
+        grads = [torch.full((2, 32, h, 8), float("nan"))[:, 0::2] for _ in range(3)]
         groups.append((dout, q, k, v, out, lse, *grads))
     return groups
+
+
+SHIFTS = ((8,), (24,))  # one row of each group's buffers (h * d elements)
 
 
 @pytest.fixture
@@ -194,21 +220,32 @@ def guarded_bwd(fake_fa4, monkeypatch):  # noqa: F811
 
 
 def fake_kernels(groups, fault: str | None, calls: list):
-    """``_compile``'s (backward, postprocess) pair computing the stand-in's gradients (dq twice
-    its value under ``fault == "wrong"``), or raising (``"raises"``)."""
+    """``_compile``'s (backward, postprocess) pair computing the stand-in's gradients and the
+    unselected rows' zeros (dq twice its value under ``fault == "wrong"``, no zeros under
+    ``"zeroless"``), or raising (``"raises"``)."""
 
     def compile_(key, groups_seen, stats):
         if fault == "raises":
             raise RuntimeError("DSL says no")
 
-        def backward(qs, ks, vs, douts, lse_log2, dpsum, dq_accum, dks, dvs, scale):
+        def backward(qs, ks, vs, douts, lse_log2, dpsum, dq_accum, dks, dvs, dqs, scale):
             calls.append(key)
-            for views, slot in ((douts, 0), (qs, 1), (ks, 2), (vs, 3), (dks, 7), (dvs, 8)):
+            for views, slot in (
+                (douts, 0),
+                (qs, 1),
+                (ks, 2),
+                (vs, 3),
+                (dqs, 6),
+                (dks, 7),
+                (dvs, 8),
+            ):
                 assert all(x is g[slot] for x, g in zip(views, groups, strict=True))
-            for dout, q, k, v, out, lse, dq, dk, dv in groups:
+            for (dout, q, k, v, out, lse, dq, dk, dv), shifts in zip(groups, key[4], strict=True):
                 want = fa4.backward(dout, q, k, v, out, lse, key[2], scale)
                 for grad, value in zip((dq, dk, dv), want, strict=True):
                     grad.copy_(value)
+                    for shift in shifts if fault != "zeroless" else ():
+                        unselected.shifted(grad, shift).zero_()
                 if fault == "wrong":
                     dq.mul_(2)
 
@@ -217,26 +254,30 @@ def fake_kernels(groups, fault: str | None, calls: list):
     return compile_
 
 
-@pytest.mark.parametrize("fault", [None, "raises", "wrong"])
+@pytest.mark.parametrize("fault", [None, "raises", "wrong", "zeroless"])
 def test_first_call_keeps_or_refuses_the_grouped_backward(guarded_bwd, fault):
     groups = backward_groups()
     calls = []
     guarded_bwd.setattr(fa4_group_bwd, "_compile", fake_kernels(groups, fault, calls))
     out, dout, lse = torch.zeros(1), torch.zeros(1), torch.zeros(1)  # (read by unit_stats only)
     index = torch.zeros(1, dtype=torch.int32)
-    key = fa4_group_bwd._key(groups, False)
+    key = fa4_group_bwd._key(groups, False, SHIFTS)
+    args = (groups, out, dout, lse, index, False, 0.5, None, SHIFTS)
     if fault is None:
-        assert fa4_group_bwd.backward_group_(groups, out, dout, lse, index, False, 0.5)
+        assert fa4_group_bwd.backward_group_(*args)
         assert fa4_group_bwd._COMPILED[key] is not False
-        assert fa4_group_bwd.backward_group_(groups, out, dout, lse, index, False, 0.5)
+        assert fa4_group_bwd.backward_group_(*args)
         assert len(calls) == 2
+        for group, shifts in zip(groups, SHIFTS, strict=True):
+            for grad in group[6:]:
+                assert torch.equal(unselected.shifted(grad, shifts[0]), torch.zeros_like(grad))
         return
     with pytest.warns(RuntimeWarning, match="backward over several configs in one launch"):
-        assert not fa4_group_bwd.backward_group_(groups, out, dout, lse, index, False, 0.5)
+        assert not fa4_group_bwd.backward_group_(*args)
     assert fa4_group_bwd._COMPILED[key] is False
-    why = "DSL says no" if fault == "raises" else "gradients off by"
+    why = {"raises": "DSL says no", "wrong": "gradients off by", "zeroless": "not zeroed"}[fault]
     assert why in fa4_group_bwd.last_refusal
-    assert not fa4_group_bwd.backward_group_(groups, out, dout, lse, index, False, 0.5)
+    assert not fa4_group_bwd.backward_group_(*args)
     assert len(calls) == (0 if fault == "raises" else 1)  # never again
 
 

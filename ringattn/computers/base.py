@@ -162,6 +162,7 @@ class BlockComputer(AttentionComputer):
         scale: float,
         groups: list[tuple[Tensor, ...]],
         scratch: Callable[[str, tuple[int, ...]], Tensor],
+        shifts: tuple[tuple[int, ...], ...] = (),
     ) -> Callable[..., bool] | None:
         """A launcher that does what :meth:`backward_launcher` does for each of several groups
         ``(dout, q, k, v, out, lse, dq, dk, dv)`` of placed blocks of one segment length, in one
@@ -171,7 +172,10 @@ class BlockComputer(AttentionComputer):
         positions in ``lse``, :func:`ringattn.launches.packed`), taking any float32 workspace
         from ``scratch(tag, shape)`` (the memory manager's); None where this computer has no such
         kernel. The launcher returns False from a call it did not take (the core then launches
-        every group, which rewrites whatever the call wrote)."""
+        every group, which rewrites whatever the call wrote). ``shifts[g]``: the element shifts
+        from group ``g``'s gradient rows to its config's unselected rows; a launcher that writes
+        their zeros too says so (``launch.zeroes_unselected = True``), and the core's fill then
+        skips them (where it declines, the core writes them)."""
         return None
 
     def places_whole_blocks(self, q: Tensor) -> bool:

@@ -368,7 +368,7 @@ class SDPAComputer(BlockComputer):
 
         return launch
 
-    def grouped_backward_launcher(self, causal, scale, groups, scratch):
+    def grouped_backward_launcher(self, causal, scale, groups, scratch, shifts=()):
         # every config's backward in one FA4 kernel (ringattn.kernels.fa4_group_bwd; its ENABLED
         # switch also decides here)
         if not (
@@ -378,11 +378,12 @@ class SDPAComputer(BlockComputer):
         ):
             return None
 
-        call = fa4_group_bwd.grouper(groups, causal, scratch)
+        call = fa4_group_bwd.grouper(groups, causal, scratch, shifts)
 
         def launch(groups_of, dout, out, lse, index) -> bool:
             return call(groups_of, out, dout, lse, index, scale)
 
+        launch.zeroes_unselected = True  # type: ignore[attr-defined]  (its groups' shifts)
         return launch
 
     def adding_launcher(self, causal, scale, dout, q, k, v, out, lse, dq, dk, dv):

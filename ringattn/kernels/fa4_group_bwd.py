@@ -11,7 +11,10 @@ order of :func:`ringattn.launches.packed`). Per call:
    tensors through the packed index), and the unit dQ accumulator zeroed (a memset);
 2. :class:`ringattn.kernels.fa4_group_bwd_sm90.GroupedBackwardSm90`: FA4's SM90 backward over
    every group's key tiles, dK / dV stored into each group's views, dQ added into the unit
-   accumulator;
+   accumulator, and the zeros of the rows each group's config leaves out written into dQ, dK
+   and dV by the key tile that holds their stride group (where the core passes the group's
+   shifts: the gradients' fill then skips those configs, as the forward's fill skips what
+   FA4's zeroing forward writes);
 3. :class:`ringattn.kernels.fa4_group_bwd_sm90.GroupedPostprocessSm90`: dQ from the accumulator
    into each group's view.
 
@@ -40,6 +43,7 @@ from torch import Tensor
 
 from ringattn.kernels import fa4, fa4_merge
 from ringattn.kernels.unit_stats import unit_stats_
+from ringattn.kernels.unselected import shifted
 
 ENABLED = True
 # the most query tiles (128 rows, every segment and head of every group) one launch takes: issue 5's
@@ -90,19 +94,20 @@ def _config(head_dim: int, causal: bool):
     return interface._tile_size_bwd_sm90(head_dim, head_dim, causal, False)
 
 
-def _key(groups: Sequence[Group], causal: bool) -> tuple:
+def _key(groups: Sequence[Group], causal: bool, shifts: Sequence[tuple[int, ...]] = ()) -> tuple:
     q0 = groups[0][1]
-    return q0.dtype, q0.shape[-1], causal, tuple(group[1].shape[2] for group in groups)
+    heads = tuple(group[1].shape[2] for group in groups)
+    return q0.dtype, q0.shape[-1], causal, heads, tuple(map(tuple, shifts)) or ((),) * len(heads)
 
 
 def _compile(key: tuple, groups: Sequence[Group], stats: tuple[Tensor, Tensor, Tensor]):
     """The grouped backward and postprocess compiled for operands like these, as
-    ``(backward(qs, ks, vs, douts, lse_log2, dpsum, dq_accum, dks, dvs, scale),
-    postprocess(dq_accum, dqs, scale))``."""
+    ``(backward(qs, ks, vs, douts, lse_log2, dpsum, dq_accum, dks, dvs, dqs, scale),
+    postprocess(dq_accum, dqs, scale))`` (the backward writes only the zeros of dqs)."""
     cute = importlib.import_module("cutlass.cute")
     dsl_utils = importlib.import_module("flash_attn.cute.cute_dsl_utils")
     sm90 = importlib.import_module("ringattn.kernels.fa4_group_bwd_sm90")
-    dtype, head_dim, causal, heads = key
+    dtype, head_dim, causal, heads, shifts = key
     cfg = _config(head_dim, causal)
     backward = sm90.GroupedBackwardSm90(
         dsl_utils.torch2cute_dtype_map[dtype],
@@ -126,6 +131,7 @@ def _compile(key: tuple, groups: Sequence[Group], stats: tuple[Tensor, Tensor, T
         num_threads=(cfg.num_wg + 1) * 128,
         dQ_single_wg=cfg.dQ_single_wg,
         heads=heads,
+        zero_shifts=shifts,
     )
     postprocess = sm90.GroupedPostprocessSm90(
         dsl_utils.torch2cute_dtype_map[dtype],
@@ -155,6 +161,7 @@ def _compile(key: tuple, groups: Sequence[Group], stats: tuple[Tensor, Tensor, T
         dq_accum,
         dks,
         dvs,
+        dqs,
         1.0,
         stream,
         options="--enable-tvm-ffi",
@@ -208,13 +215,16 @@ def backward_group_(
     causal: bool,
     scale: float,
     scratch: Scratch | None = None,
+    shifts: Sequence[tuple[int, ...]] = (),
 ) -> bool:
     """Every group's dq, dk, dv <- the backward of attention(q, k, v) given the merged ``out``
     and ``lse`` (``[b, n, h, d]`` / ``[b, n, h]``, contiguous; ``index``: the groups' units'
-    positions in ``lse``, :func:`ringattn.launches.packed`), as four launches, its workspaces
-    from ``scratch`` (:func:`workspaces`). False where not usable (nothing written; the caller
-    launches the groups' backwards itself)."""
-    key = _key(groups, causal)
+    positions in ``lse``, :func:`ringattn.launches.packed`), and 0 into ``shifted(x, s)`` of
+    each of its dq, dk, dv for each ``s`` of the group's ``shifts`` (its config's unselected
+    rows; none where empty), as four launches, its workspaces from ``scratch``
+    (:func:`workspaces`). False where not usable (the caller launches the groups' backwards
+    itself, and writes those zeros)."""
+    key = _key(groups, causal, shifts)
     if not ENABLED or _COMPILED.get(key) is False:  # (refused: no workspaces to allocate)
         return False
     stats = workspaces(groups, causal, scratch)
@@ -224,11 +234,22 @@ def backward_group_(
         _run(kernels, lambda full: groups, stats, out, dout, lse, index, length, scale)
 
     def first_call() -> bool:
+        neighbours = [
+            shifted(grad, s)
+            for group, group_shifts in zip(groups, key[4], strict=True)
+            for grad in group[6:]
+            for s in group_shifts
+        ]
+        for x in neighbours:
+            x.fill_(float("nan"))  # a kernel that skips its zeros cannot pass
         try:
             kernels = _compile(key, groups, stats)
             run(kernels)
         except Exception as exc:  # the CuTe DSL or this FA4 version rejects the kernels
             _refuse(key, f"{type(exc).__name__}: {exc}")
+            return False
+        if not all(bool((x == 0).all()) for x in neighbours):
+            _refuse(key, "an unselected row's gradient not zeroed")
             return False
         worst = 0.0  # each group against FA4's own backward of it
         for dout_g, q, k, v, out_g, lse_g, dq, dk, dv in groups:
@@ -246,7 +267,10 @@ def backward_group_(
 
 
 def grouper(
-    groups: Sequence[Group], causal: bool, scratch: Scratch | None = None
+    groups: Sequence[Group],
+    causal: bool,
+    scratch: Scratch | None = None,
+    shifts: Sequence[tuple[int, ...]] = (),
 ) -> Callable[[GroupsOf, Tensor, Tensor, Tensor, Tensor, float], bool]:
     """:func:`backward_group_` for views of these (example) groups' layouts, as ``call(groups_of,
     out, dout, lse, index, scale)``, the compile key decided here once (a prepared launch calls
@@ -254,8 +278,8 @@ def grouper(
     ``groups_of(False)`` for the views only after launching the statistics (the GPU starts on
     them while the host makes the views), and without out and lse (only the statistics read
     them, from the whole tensors); until then ``groups_of(True)`` goes to
-    :func:`backward_group_`."""
-    key = _key(groups, causal)
+    :func:`backward_group_` (``shifts``: as there)."""
+    key = _key(groups, causal, shifts)
     length, device = groups[0][1].shape[1], groups[0][1].device
     # (its shapes, not the example views: those are not kept alive)
     shape = (_units(groups), length, groups[0][1].shape[3])
@@ -265,7 +289,9 @@ def grouper(
         if kernels is False or not ENABLED:
             return False
         if kernels is None:  # the first call: compiled, checked, kept or refused
-            return backward_group_(groups_of(True), out, dout, lse, index, causal, scale, scratch)
+            return backward_group_(
+                groups_of(True), out, dout, lse, index, causal, scale, scratch, shifts
+            )
         stats = _workspaces(_shapes(*shape, causal), device, scratch)
         _run(kernels, groups_of, stats, out, dout, lse, index, length, scale)
         return True
@@ -281,7 +307,7 @@ def _run(kernels, groups_of: GroupsOf, stats, out, dout, lse, index, length: int
     unit_stats_(out, dout, lse, index, length, dpsum.squeeze(1), lse_log2.squeeze(1))
     dq_accum.zero_()
     douts, qs, ks, vs, _, _, dqs, dks, dvs = zip(*groups_of(False))
-    backward(qs, ks, vs, douts, lse_log2, dpsum, dq_accum, dks, dvs, scale)
+    backward(qs, ks, vs, douts, lse_log2, dpsum, dq_accum, dks, dvs, dqs, scale)
     postprocess(dq_accum, dqs, scale)
 
 

@@ -9,7 +9,10 @@ accumulator are *not* per group: the caller lays them out by unit, ``[U, 1, L_ro
 log2 units, dPsum) and ``[U, 1, L_rounded * d]`` (dQaccum, float32), units in group order and
 ``(segment, head)`` within a group as the forward's (``u = start_g + b * H_g + h``). So FA4's
 dQ-accumulating warp and its loads of LSE / dPsum need no group at all; only the producer (Q, K,
-V, dO) and the dK / dV epilogue go through the group's descriptors, under a branch on ``g``.
+V, dO) and the dK / dV epilogue go through the group's descriptors, under a branch on ``g``. The
+epilogue also writes the zeros of the rows the group's config leaves out, in dQ, dK and dV (a key
+tile's rows are its query tile's rows, so each stride group has one owner), by ordinary stores
+that nothing waits for, as :mod:`ringattn.kernels.fa4_zero_sm90` does in the forward.
 
 Left to the caller (:mod:`ringattn.kernels.fa4_group_bwd`): dPsum and LSE * log2(e) by unit
 (:mod:`ringattn.kernels.unit_stats`, one Triton launch where FA4's preprocess runs once per
@@ -45,12 +48,24 @@ _epilogue_dKV = FlashAttentionBackwardSm90.epilogue_dKV
 
 class GroupedBackwardSm90(UnitGroups, FlashAttentionBackwardSm90):
     """FA4's SM90 backward over ``len(heads)`` groups of blocks of one sequence length
-    (``heads[g]``: group ``g``'s head count)."""
+    (``heads[g]``: group ``g``'s head count). ``zero_shifts[g]``: the element shifts from each
+    of group ``g``'s rows to the rows its config leaves out; each key tile's epilogue writes
+    zeros there in dQ, dK and dV (the rows of a key tile are its query tile's: self-attention),
+    as the grouped forward does in its output, so the core's fill of the gradients skips them."""
 
-    def __init__(self, *args, heads: tuple[int, ...] = (), **kwargs):
+    def __init__(
+        self,
+        *args,
+        heads: tuple[int, ...] = (),
+        zero_shifts: tuple[tuple[int, ...], ...] = (),
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.heads = tuple(heads)
-        assert len(self.heads) > 0 and self.qhead_per_kvhead == 1 and not self.deterministic
+        self.zero_shifts = tuple(tuple(s) for s in zero_shifts) or ((),) * len(self.heads)
+        assert len(self.zero_shifts) == len(self.heads) > 0
+        assert self.qhead_per_kvhead == 1 and not self.deterministic
+        self.zero_runs = tuple(_run_of(shifts) for shifts in self.zero_shifts)
 
     @cute.jit
     def __call__(
@@ -64,6 +79,7 @@ class GroupedBackwardSm90(UnitGroups, FlashAttentionBackwardSm90):
         mdQaccum: cute.Tensor,  # (U, 1, L_rounded * d), float32
         mdKs: tuple,  # per group: (B_g, L, H_g, d) views
         mdVs: tuple,
+        mdQs: tuple,  # per group: (B_g, L, H_g, d) views (only their unselected rows written)
         softmax_scale: Float32,
         stream=None,
     ):
@@ -82,10 +98,12 @@ class GroupedBackwardSm90(UnitGroups, FlashAttentionBackwardSm90):
             mdVs[0].element_type,
         )
         order = [1, 3, 2, 0]  # (B, L, H, d) -> (L, d, H, B)
-        mQs, mKs, mVs, mdOs, mdKs, mdVs = [
+        mQs, mKs, mVs, mdOs, mdKs, mdVs, mdQs = [
             [layout_utils.select(assume_tensor_aligned(t), order) for t in ts]
-            for ts in (mQs, mKs, mVs, mdOs, mdKs, mdVs)
+            for ts in (mQs, mKs, mVs, mdOs, mdKs, mdVs, mdQs)
         ]
+        # the gradients' own views, for the zeros (the TMA tensors below are coordinates)
+        mZs = tuple((mdQs[g], mdKs[g], mdVs[g]) for g in range(G))
         mLSE, mdPsum, mdQaccum = [
             layout_utils.select(assume_tensor_aligned(t), [2, 1, 0])
             for t in (mLSE, mdPsum, mdQaccum)
@@ -178,6 +196,7 @@ class GroupedBackwardSm90(UnitGroups, FlashAttentionBackwardSm90):
             tensors(tma_dO),
             tensors(tma_dK),
             tensors(tma_dV),
+            mZs,
             descriptors(tma_Q),
             descriptors(tma_K),
             descriptors(tma_V),
@@ -220,6 +239,7 @@ class GroupedBackwardSm90(UnitGroups, FlashAttentionBackwardSm90):
         mdOs: tuple,
         mdKs: tuple,
         mdVs: tuple,
+        mZs: tuple,
         tma_atoms_Q: tuple,
         tma_atoms_K: tuple,
         tma_atoms_V: tuple,
@@ -362,7 +382,7 @@ class GroupedBackwardSm90(UnitGroups, FlashAttentionBackwardSm90):
                 tiled_mma_dK,
                 tiled_mma_dV,
                 tiled_mma_dQ,
-                (mdKs, mQs),  # -> self.epilogue_dKV, which picks the group's
+                (mdKs, mQs, mZs),  # -> self.epilogue_dKV, which picks the group's
                 mdVs,
                 None,
                 None,
@@ -581,7 +601,7 @@ class GroupedBackwardSm90(UnitGroups, FlashAttentionBackwardSm90):
         mdK_semaphore=None,
         mdV_semaphore=None,
     ):
-        mdKs, mQs = mdKs_and_mQs
+        mdKs, mQs, mZs = mdKs_and_mQs
         g, start = self.group_of(self.unit_counts(mQs), unit)
         local = unit - start
         for i in cutlass.range_constexpr(len(self.heads)):
@@ -604,6 +624,73 @@ class GroupedBackwardSm90(UnitGroups, FlashAttentionBackwardSm90):
                     local % self.heads[i],
                     local // self.heads[i],
                 )
+                if const_expr(len(self.zero_shifts[i]) > 0):
+                    for mX in mZs[i]:  # dQ, dK, dV
+                        self.zero_neighbours(
+                            mX[None, None, local % self.heads[i], local // self.heads[i]],
+                            sK,
+                            seqlen,
+                            tidx,
+                            n_block,
+                            self.zero_runs[i],
+                        )
+
+    @cute.jit
+    def zero_neighbours(
+        self,
+        mX_cur: cute.Tensor,
+        sK: cute.Tensor,
+        seqlen,
+        tidx: Int32,
+        n_block: Int32,
+        run: cutlass.Constexpr,
+    ):
+        """Zeros into the rows ``(k - o) * stride`` elements from this key tile's valid rows of
+        ``mX_cur`` (one head's ``(L, d)`` rows of a gradient) for ``k != o`` in ``range(r)``
+        (``run = (o, r, stride)``: the group's shifts, :func:`_run_of`), by ordinary vector
+        stores of the MMA threads (``sK``: only its shape, for the register fragment). Nothing
+        reads them in this kernel, so nothing waits for them. The shifts go by in a loop, not
+        unrolled: unrolled over three gradients and up to 15 shifts per group, the kernel took
+        ~80 s to compile instead of ~10."""
+        offset, rate, stride = run
+        gmem_tiled_copy = copy_utils.tiled_copy_2d(self.dtype, self.tile_hdim, self.num_mma_threads)
+        thr_copy = gmem_tiled_copy.get_slice(tidx)
+        tZero = cute.make_fragment_like(thr_copy.partition_S(sK), self.dtype)
+        tZero.fill(0.0)
+        cX = cute.make_identity_tensor((self.tile_n, self.tile_hdim))
+        tXcX = thr_copy.partition_S(cX)
+        t0XcX = gmem_tiled_copy.get_slice(0).partition_S(cX)
+        tXpX = utils.predicate_k(tXcX, limit=mX_cur.shape[1])
+        rows_left = seqlen.seqlen_k - n_block * self.tile_n - tXcX[0][0]
+        for j in cutlass.range(rate - 1, unroll=1):
+            k = j + Int32(j >= offset)  # (the row's own k = o skipped)
+            # (a multiple of 8 elements: the 16-byte vector stores stay aligned when shifted)
+            moved = mX_cur.iterator + (k - offset) * stride
+            ptr = cute.make_ptr(self.dtype, moved.toint(), cute.AddressSpace.gmem, assumed_align=16)
+            mZ = cute.make_tensor(ptr, mX_cur.layout)
+            gZ = cute.local_tile(mZ, (self.tile_n, self.tile_hdim), (n_block, 0))
+            tXgZ = thr_copy.partition_D(gZ)
+            for rest_m in cutlass.range_constexpr(cute.size(tZero.shape[1])):
+                if t0XcX[0, rest_m, 0][0] < rows_left:
+                    cute.copy(
+                        gmem_tiled_copy,
+                        tZero[None, rest_m, None],
+                        tXgZ[None, rest_m, None],
+                        pred=tXpX[None, rest_m, None],
+                    )
+
+
+def _run_of(shifts: tuple[int, ...]) -> tuple[int, int, int]:
+    """``(o, r, stride)`` with ``shifts == ((k - o) * stride for k in range(r) if k != o)``
+    (``ringattn.core.neighbour_shifts``'); ``(0, 1, 0)`` for none."""
+    if not shifts:
+        return 0, 1, 0
+    stride = min(abs(s) for s in shifts)
+    offset, rate = sum(s < 0 for s in shifts), len(shifts) + 1
+    assert stride % 8 == 0 and shifts == tuple(
+        (k - offset) * stride for k in range(rate) if k != offset
+    ), shifts
+    return offset, rate, stride
 
 
 class GroupedPostprocessSm90(UnitGroups, FlashAttentionBackwardPostprocess):

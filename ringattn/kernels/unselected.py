@@ -10,7 +10,7 @@ issue 5's shape a quarter of the heads (the ``r = 1`` group) and ``1 / r`` of th
 This kernel writes the zeros of the unselected pairs only, in one launch per tensor.
 
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it); elsewhere
-the caller zero-fills the whole tensor (:func:`zeros_for`).
+:func:`fill_unselected_` zero-fills the whole tensor.
 """
 
 from __future__ import annotations
@@ -101,20 +101,6 @@ def zero_unselected_(x: Tensor, selection: Tensor) -> None:
     )
 
 
-def zeros_for(
-    like: Tensor,
-    selection: tuple[tuple[int, ...], tuple[int, ...]] | None,
-    memory: MemoryManager,
-    count: int = 1,
-) -> Tensor:
-    """``count`` contiguous ``like``-shaped tensors, stacked as ``[count, *like.shape]``, that are
-    0 wherever no block will write (:func:`fill_unselected_` of a new tensor): one allocation and
-    one fill for all of them (the backward's three gradients: two launches fewer per call)."""
-    x = torch.empty((count, *like.shape), dtype=like.dtype, device=like.device)
-    fill_unselected_(x.flatten(0, 1), selection, memory)
-    return x
-
-
 def fill_unselected_(
     x: Tensor,
     selection: tuple[tuple[int, ...], tuple[int, ...]] | None,
@@ -160,4 +146,4 @@ def selection_table(
     return table
 
 
-__all__ = ["fill_unselected_", "selection_table", "shifted", "zero_unselected_", "zeros_for"]
+__all__ = ["fill_unselected_", "selection_table", "shifted", "zero_unselected_"]
