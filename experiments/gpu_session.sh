@@ -54,7 +54,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|spanning|weak}
+part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -62,7 +62,7 @@ bench=(python -m experiments.bench --computers sdpa --dilations segment_local --
 brief() { # overheads.json rows, a short line each: the A/B choices, ms, host ms, peaks, errors
     python - "$@" <<'PY'
 import json, sys
-keys = ("n", "mixing", "causal", "lanes", "fill", "zero", "pack_lse", "group", "group_bwd", "bwd_merge", "fwd_ms",
+keys = ("n", "mixing", "causal", "lanes", "fill", "zero", "pack_lse", "group", "group_bwd", "group_bwd_zero", "bwd_merge", "fwd_ms",
         "fwdbwd_ms", "fwd_ms_b2b", "fwdbwd_ms_b2b", "fwd_host_ms", "fwdbwd_host_ms", "fwdbwd_mem_vs_io", "vs_first_err",
         "graph_fwd_ms", "graph_fwdbwd_ms", "graph_fwd_err", "graph_fwdbwd_err")
 for path in sys.argv[1:]:
@@ -191,6 +191,26 @@ pack)
     python -m experiments.kernel_timeline --n 32768 --mixing head_groups --causal no --backward \
         --calls 5 --host --out "$out/timeline_host" >"$out/timeline_host.log" 2>&1
     summary="$(brief "$out"/pack*/overheads.json)
+$(grep -h "GPU busy" "$out/timeline_host/kernel_timeline.md" | cut -c1-150)"
+    ;;
+zeros)
+    # step 34: the grouped backward writing its configs' unselected rows' zeros (the gradients'
+    # fill skips them) or not: its probe (gradients against FA4's per config, module A/B), the
+    # GPU oracle check, the module A/B at 32K (two turns, causal or not) and the 32K timeline
+    python -m experiments.fa4_probe --part group_bwd --n 32768 --repeats 10 --out "$out" \
+        >"$out/probe.log" 2>&1
+    python -m experiments.flex_gpu --part check --out "$out/flex_gpu_check" >"$out/check.log" 2>&1
+    for causal in "" "--causal"; do
+        # shellcheck disable=SC2086
+        python -m experiments.overheads --n 32768 --mixing head_groups $causal --split 8 \
+            --group-bwd-zero yes no yes no --steady --repeats 10 \
+            --out "$out/ab${causal:+_causal}" >"$out/ab${causal:+_causal}.log" 2>&1
+    done
+    python -m experiments.kernel_timeline --n 32768 --mixing head_groups --causal no --backward \
+        --calls 5 --host --out "$out/timeline_host" >"$out/timeline_host.log" 2>&1
+    summary="$(grep -h "^problem=" "$out/probe.log" | cut -c1-300)
+$(grep -h "Correctness" "$out/flex_gpu_check/flex_gpu_check.md")
+$(brief "$out"/ab*/overheads.json)
 $(grep -h "GPU busy" "$out/timeline_host/kernel_timeline.md" | cut -c1-150)"
     ;;
 verify)

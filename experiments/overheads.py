@@ -246,6 +246,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 args.pack_lse,
                 args.group,
                 args.group_bwd,
+                args.group_bwd_zero,
             )
         )
         first_results = None  # every choice must compute what the first one did
@@ -267,6 +268,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 pack_lse,
                 group,
                 group_bwd,
+                group_bwd_zero,
             ) = choice
             pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
             SDPAComputer.in_place = in_place == "yes"
@@ -283,6 +285,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             core.PACK_LSE = pack_lse == "yes"
             fa4_group.ENABLED = group == "yes"
             fa4_group_bwd.ENABLED = group_bwd == "yes"
+            fa4_group_bwd.ZEROING = group_bwd_zero == "yes"
             attention = ringattn.DilatedAttention(
                 ISSUE_LENGTHS,
                 ISSUE_RATES,
@@ -317,6 +320,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "pack_lse": pack_lse,
                     "group": group,
                     "group_bwd": group_bwd,
+                    "group_bwd_zero": group_bwd_zero,
                     **stats,
                     "fwd_tflops": flops_f / stats["fwd_ms"] / 1e9,
                     "fwdbwd_tflops": 3.5 * flops_f / stats["fwdbwd_ms"] / 1e9,
@@ -434,6 +438,11 @@ def main(argv: list[str] | None = None) -> None:
             "head_groups: the configs' backward in one FA4 launch "
             "(ringattn.kernels.fa4_group_bwd.ENABLED), or one per config",
         ),
+        "--group-bwd-zero": (
+            ["yes", "no"],
+            "head_groups: the grouped backward writes its configs' unselected rows' zeros "
+            "(ringattn.kernels.fa4_group_bwd.ZEROING), or the gradients' fill does",
+        ),
         "--forward": (
             list(CUDA_FORWARDS),
             "sdpa's forward through FlashAttention-4 where it runs (auto), or torch's kernels "
@@ -479,6 +488,7 @@ def main(argv: list[str] | None = None) -> None:
         core.PACK_LSE = True
         fa4_group.ENABLED = True
         fa4_group_bwd.ENABLED = True
+        fa4_group_bwd.ZEROING = True
         SDPAComputer.fa4_backward_merge = default_merge
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overheads.json").write_text(json.dumps({"rows": rows, "traces": traces}))

@@ -85,17 +85,21 @@ def nan_grads(patch) -> None:
     )
 
 
-@pytest.mark.parametrize(("causal", "decline"), [(False, 0), (True, 0), (True, 2)])
-def test_every_config_backward_in_one_launch(grouping_bwd, causal, decline):
+@pytest.mark.parametrize(
+    ("causal", "decline", "kernel_zeros"),
+    [(False, 0, True), (True, 0, True), (True, 2, True), (False, 0, False)],
+)
+def test_every_config_backward_in_one_launch(grouping_bwd, causal, decline, kernel_zeros):
     # the launch writes its configs' unselected rows' zeros (the fill skips them), or where it
-    # declines the core does
+    # declines the core does; with fa4_group_bwd.ZEROING off the fill does them all
     patch, _ = grouping_bwd
     stand_in = BackwardStandIn(decline)
     patch.setattr(fa4_group_bwd, "backward_group_", stand_in)
+    patch.setattr(fa4_group_bwd, "ZEROING", kernel_zeros)
     nan_grads(patch)
     check_against_oracle({**ZEROED, "causal": causal}, torch.float32, sdpa_strategies())
     assert stand_in.done > 0 and (not decline or stand_in.done < stand_in.calls)
-    assert any(any(shifts) for call in stand_in.shifts for shifts in call)
+    assert any(any(shifts) for call in stand_in.shifts for shifts in call) == kernel_zeros
 
 
 @pytest.mark.parametrize("fault", ["lazy", "zeroless"])

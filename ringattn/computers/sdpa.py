@@ -378,12 +378,13 @@ class SDPAComputer(BlockComputer):
         ):
             return None
 
-        call = fa4_group_bwd.grouper(groups, causal, scratch, shifts)
+        zeroing = fa4_group_bwd.ZEROING and any(shifts)
+        call = fa4_group_bwd.grouper(groups, causal, scratch, shifts if zeroing else ())
 
         def launch(groups_of, dout, out, lse, index) -> bool:
             return call(groups_of, out, dout, lse, index, scale)
 
-        launch.zeroes_unselected = True  # type: ignore[attr-defined]  (its groups' shifts)
+        launch.zeroes_unselected = zeroing  # type: ignore[attr-defined]  (its groups' shifts)
         return launch
 
     def adding_launcher(self, causal, scale, dout, q, k, v, out, lse, dq, dk, dv):

@@ -46,6 +46,9 @@ from ringattn.kernels.unit_stats import unit_stats_
 from ringattn.kernels.unselected import shifted
 
 ENABLED = True
+# the zeros of each group's unselected rows written by the kernel (the core's fill skips them), or
+# left to the fill (the A/B of experiments/overheads.py --group-bwd-zero)
+ZEROING = True
 # the most query tiles (128 rows, every segment and head of every group) one launch takes: issue 5's
 # configs at 32K have 1744, at 65K 3488 (step 33: no faster there, slower in single calls)
 ALL_TILES_MAX = 2048
