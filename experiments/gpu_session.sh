@@ -203,7 +203,7 @@ zeros)
     for causal in "" "--causal"; do
         # shellcheck disable=SC2086
         python -m experiments.overheads --n 32768 --mixing head_groups $causal --split 8 \
-            --group-bwd-zero yes no yes no --steady --repeats 10 \
+            --group-bwd-zero always never always never --steady --repeats 10 \
             --out "$out/ab${causal:+_causal}" >"$out/ab${causal:+_causal}.log" 2>&1
     done
     python -m experiments.kernel_timeline --n 32768 --mixing head_groups --causal no --backward \

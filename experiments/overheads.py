@@ -285,7 +285,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             core.PACK_LSE = pack_lse == "yes"
             fa4_group.ENABLED = group == "yes"
             fa4_group_bwd.ENABLED = group_bwd == "yes"
-            fa4_group_bwd.ZEROING = group_bwd_zero == "yes"
+            fa4_group_bwd.ZEROING = group_bwd_zero
             attention = ringattn.DilatedAttention(
                 ISSUE_LENGTHS,
                 ISSUE_RATES,
@@ -439,9 +439,9 @@ def main(argv: list[str] | None = None) -> None:
             "(ringattn.kernels.fa4_group_bwd.ENABLED), or one per config",
         ),
         "--group-bwd-zero": (
-            ["yes", "no"],
-            "head_groups: the grouped backward writes its configs' unselected rows' zeros "
-            "(ringattn.kernels.fa4_group_bwd.ZEROING), or the gradients' fill does",
+            ["causal", "always", "never"],
+            "head_groups: where the grouped backward writes its configs' unselected rows' zeros "
+            "(ringattn.kernels.fa4_group_bwd.ZEROING), else the gradients' fill does",
         ),
         "--forward": (
             list(CUDA_FORWARDS),
@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
         core.PACK_LSE = True
         fa4_group.ENABLED = True
         fa4_group_bwd.ENABLED = True
-        fa4_group_bwd.ZEROING = True
+        fa4_group_bwd.ZEROING = "causal"
         SDPAComputer.fa4_backward_merge = default_merge
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overheads.json").write_text(json.dumps({"rows": rows, "traces": traces}))

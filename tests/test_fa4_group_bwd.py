@@ -87,11 +87,17 @@ def nan_grads(patch) -> None:
 
 @pytest.mark.parametrize(
     ("causal", "decline", "kernel_zeros"),
-    [(False, 0, True), (True, 0, True), (True, 2, True), (False, 0, False)],
+    [
+        (False, 0, "always"),
+        (True, 0, "causal"),
+        (True, 2, "always"),
+        (False, 0, "causal"),
+        (True, 0, "never"),
+    ],
 )
 def test_every_config_backward_in_one_launch(grouping_bwd, causal, decline, kernel_zeros):
     # the launch writes its configs' unselected rows' zeros (the fill skips them), or where it
-    # declines the core does; with fa4_group_bwd.ZEROING off the fill does them all
+    # declines the core does; where fa4_group_bwd.ZEROING says not, the fill does them all
     patch, _ = grouping_bwd
     stand_in = BackwardStandIn(decline)
     patch.setattr(fa4_group_bwd, "backward_group_", stand_in)
@@ -99,7 +105,8 @@ def test_every_config_backward_in_one_launch(grouping_bwd, causal, decline, kern
     nan_grads(patch)
     check_against_oracle({**ZEROED, "causal": causal}, torch.float32, sdpa_strategies())
     assert stand_in.done > 0 and (not decline or stand_in.done < stand_in.calls)
-    assert any(any(shifts) for call in stand_in.shifts for shifts in call) == kernel_zeros
+    wrote = kernel_zeros == "always" or (kernel_zeros == "causal" and causal)
+    assert any(any(shifts) for call in stand_in.shifts for shifts in call) == wrote
 
 
 @pytest.mark.parametrize("fault", ["lazy", "zeroless"])

@@ -46,9 +46,11 @@ from ringattn.kernels.unit_stats import unit_stats_
 from ringattn.kernels.unselected import shifted
 
 ENABLED = True
-# the zeros of each group's unselected rows written by the kernel (the core's fill skips them), or
-# left to the fill (the A/B of experiments/overheads.py --group-bwd-zero)
-ZEROING = True
+# where the kernel writes the zeros of each group's unselected rows (the core's fill then skips
+# them): "causal", "always" or "never" (the A/B of experiments/overheads.py --group-bwd-zero). On
+# an H200 at 32K (h200_perf.md step 34) they took 3-15% off causal forward+backward back to back,
+# whose key tiles' CTAs are uneven; non-causal the kernel grew by 68 us, more than the fill's 57
+ZEROING = "causal"
 # the most query tiles (128 rows, every segment and head of every group) one launch takes: issue 5's
 # configs at 32K have 1744, at 65K 3488 (step 33: no faster there, slower in single calls)
 ALL_TILES_MAX = 2048
