@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
 import torch
@@ -222,7 +222,7 @@ def dilated_forward(
         # except for configs whose launches write their own zeros (placing_launch)
         derived = launches.derived  # (the selection depends on the preparation only)
         if "fill" not in derived:
-            derived["fill"] = unzeroed_selection(spec.plan, launches)
+            derived["fill"] = unzeroed_selection(spec.plan, zeroing_blocks(launches))
         fill_unselected_(out_acc, derived["fill"], spec.memory)
 
     # head_groups: the parts of every config that share one segment length as one launch where
@@ -530,22 +530,11 @@ def grouped_backward_launch(
     unit_index = packed(subset, 5, tensors[5])[0]
     slim = tuple((*g[:4], None, None, *g[6:]) for g in geometries)
     zeroed = None
-    if getattr(launch, "zeroes_unselected", False):
-        taken = Prepared()
-        for (i, parts), block_shifts in zip(members, shifts, strict=True):
-            if block_shifts or spec.plan.blocks[i].job.r == 1:
-                taken[i] = [(parts[0][0], _ZEROING)]
-        zeroed = unzeroed_selection(spec.plan, taken)
+    if getattr(launch, "zeroes_unselected", False):  # (r = 1: no rows to zero)
+        writes = {i for (i, _), s in zip(members, shifts) if s or spec.plan.blocks[i].job.r == 1}
+        zeroed = unzeroed_selection(spec.plan, writes)
     blocks_done = frozenset(i for i, _ in members)
     return blocks_done, (geometries, slim, shifts), unit_index, launch, zeroed
-
-
-def _zeroing() -> None:  # (stands for a launch that writes its own zeros)
-    pass
-
-
-_zeroing.zeroes_unselected = True  # type: ignore[attr-defined]
-_ZEROING = _zeroing
 
 
 def new_grads(q: Tensor, count: int, buffers: int) -> tuple[Tensor, ...]:
@@ -620,22 +609,28 @@ def neighbour_shifts(part: Block, out: Tensor) -> tuple[int, ...]:
     return tuple((k - job.offset) * stride_n for k in range(job.r) if k != job.offset)
 
 
-def unzeroed_selection(plan: Plan, launches: dict) -> tuple | None:
-    """``plan.selection`` with every head of a config whose block parts all zero their own
-    unselected rows (:func:`placing_launch`) marked as fully selected (rate 1, offset 0), so the
-    fill leaves it alone. Only configs of full segments qualify: a tail segment's rows are left
-    to the fill, also where the tail has no selected row and so no block."""
+def zeroing_blocks(launches: dict) -> frozenset[int]:
+    """The blocks of these prepared launches all of whose parts zero their own unselected rows
+    (:func:`placing_launch`)."""
+    return frozenset(
+        i
+        for i, parts in launches.items()
+        if parts and all(getattr(launch, "zeroes_unselected", False) for _, launch in parts)
+    )
+
+
+def unzeroed_selection(plan: Plan, zeroed: Container[int]) -> tuple | None:
+    """``plan.selection`` with every head of a config all of whose blocks are among ``zeroed``
+    (those whose launches write their unselected rows' zeros themselves) marked as fully
+    selected (rate 1, offset 0), so the fill leaves it alone. Only configs of full segments
+    qualify: a tail segment's rows are left to the fill, also where the tail has no selected row
+    and so no block."""
     if plan.selection is None:
         return None
     rates, offsets = map(list, plan.selection)
     zeroing: dict[int, bool] = {}
     for i, block in enumerate(plan.blocks):
-        parts = launches.get(i, ())
-        done = (
-            plan.n % block.job.w == 0
-            and bool(parts)
-            and all(getattr(launch, "zeroes_unselected", False) for _, launch in parts)
-        )
+        done = plan.n % block.job.w == 0 and i in zeroed
         zeroing[block.job.config] = zeroing.get(block.job.config, True) and done
     for block in plan.blocks:
         if zeroing[block.job.config]:

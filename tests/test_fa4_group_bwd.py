@@ -121,7 +121,10 @@ def test_a_backward_that_skips_a_group_or_its_zeros_fails_the_oracle(grouping_bw
 @with_fixture(max_examples=10)
 @given(problems(), st.sampled_from([0, 2]))
 def test_any_problem_matches_oracle_backward_grouped_or_not(grouping_bwd, p, decline):
+    # (tails, other lengths: whatever the launch leaves, the fill zeroes; NaN shows a miss)
     grouping_bwd[0].setattr(fa4_group_bwd, "backward_group_", BackwardStandIn(decline))
+    grouping_bwd[0].setattr(fa4_group_bwd, "ZEROING", "always")
+    nan_grads(grouping_bwd[0])
     check_against_oracle(p, torch.float32, sdpa_strategies())
 
 

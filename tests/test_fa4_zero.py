@@ -181,10 +181,11 @@ def test_unzeroed_selection_marks_only_configs_whose_parts_all_zero():
         i: tuple((None, zeroing_launch if config == 2 else print) for _ in plan.parts[i])
         for i, config in by_config.items()
     }
-    rates, offsets = ringattn.core.unzeroed_selection(plan, launches)
+    zeroed = ringattn.core.zeroing_blocks(launches)
+    rates, offsets = ringattn.core.unzeroed_selection(plan, zeroed)
     assert rates == (1, 1, 2, 2, 1, 1) and offsets == (0, 0, 1, 1, 0, 0)
-    assert ringattn.core.unzeroed_selection(plan, {}) == plan.selection
-    assert ringattn.core.unzeroed_selection(make_plan(64, 6, ((8, 2),), "lse"), {}) is None
+    assert ringattn.core.unzeroed_selection(plan, ()) == plan.selection
+    assert ringattn.core.unzeroed_selection(make_plan(64, 6, ((8, 2),), "lse"), ()) is None
 
 
 def operands(seed: int = 0, lse: bool = True):
