@@ -15,6 +15,9 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh pack     # ~3 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh group    # ~6 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh group_bwd # ~8 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh verify   # ~6 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh zeros    # ~8 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh causal_group # ~4 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #
@@ -42,7 +45,8 @@
 #   (fa4_probe --part group: rows, LSE, zeros, ms and host µs at 32K and 131K), the module A/B
 #   (overheads --group yes no, two turns, 32K and 131K, causal or not) and the 131K causal
 #   forward's kernel timeline; group_bwd: head_groups' configs in one FA4 backward
-#   (ringattn.kernels.fa4_group_bwd; step 33): the kernel's probe (fa4_probe --part group_bwd:
+#   (ringattn.kernels.fa4_group_bwd; step 33; verify, zeros and causal_group: step 34, each
+#   described where it runs below): the kernel's probe (fa4_probe --part group_bwd:
 #   gradients against FA4's per-config backward, ms and host µs at 32K and 131K), the module A/B
 #   (overheads --group-bwd yes no, two turns, 32K / 65K / 131K, causal or not; from 65K the
 #   core leaves it out, fa4_group_bwd.ALL_TILES_MAX) and the GPU oracle check; spanning (on
@@ -54,7 +58,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|spanning|weak}
+part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -62,7 +66,7 @@ bench=(python -m experiments.bench --computers sdpa --dilations segment_local --
 brief() { # overheads.json rows, a short line each: the A/B choices, ms, host ms, peaks, errors
     python - "$@" <<'PY'
 import json, sys
-keys = ("n", "mixing", "causal", "lanes", "fill", "zero", "pack_lse", "group", "group_bwd", "group_bwd_zero", "bwd_merge", "fwd_ms",
+keys = ("n", "mixing", "causal", "lanes", "fill", "zero", "pack_lse", "group", "group_bwd", "group_bwd_zero", "group_bwd_max", "bwd_merge", "fwd_ms",
         "fwdbwd_ms", "fwd_ms_b2b", "fwdbwd_ms_b2b", "fwd_host_ms", "fwdbwd_host_ms", "fwdbwd_mem_vs_io", "vs_first_err",
         "graph_fwd_ms", "graph_fwdbwd_ms", "graph_fwd_err", "graph_fwdbwd_err")
 for path in sys.argv[1:]:
@@ -192,6 +196,16 @@ pack)
         --calls 5 --host --out "$out/timeline_host" >"$out/timeline_host.log" 2>&1
     summary="$(brief "$out"/pack*/overheads.json)
 $(grep -h "GPU busy" "$out/timeline_host/kernel_timeline.md" | cut -c1-150)"
+    ;;
+causal_group)
+    # next after step 34: with its zeros in the grouped backward's epilogue (causal), does the
+    # one backward launch now pay for causal at 65K and 131K too, where the gradients' fill was
+    # 7% of the causal forward+backward? (ALL_TILES_MAX 8192: grouped; 2048: per config and the
+    # fill; two turns)
+    python -m experiments.overheads --n 65536 131072 --mixing head_groups --causal --split 8 \
+        --group-bwd-max 8192 2048 8192 2048 --steady --repeats 10 --out "$out/ab" \
+        >"$out/ab.log" 2>&1
+    summary="$(brief "$out"/ab/overheads.json)"
     ;;
 zeros)
     # step 34: the grouped backward writing its configs' unselected rows' zeros (the gradients'

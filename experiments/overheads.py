@@ -247,6 +247,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 args.group,
                 args.group_bwd,
                 args.group_bwd_zero,
+                args.group_bwd_max,
             )
         )
         first_results = None  # every choice must compute what the first one did
@@ -269,6 +270,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 group,
                 group_bwd,
                 group_bwd_zero,
+                group_bwd_max,
             ) = choice
             pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
             SDPAComputer.in_place = in_place == "yes"
@@ -286,6 +288,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             fa4_group.ENABLED = group == "yes"
             fa4_group_bwd.ENABLED = group_bwd == "yes"
             fa4_group_bwd.ZEROING = group_bwd_zero
+            fa4_group_bwd.ALL_TILES_MAX = int(group_bwd_max)
             attention = ringattn.DilatedAttention(
                 ISSUE_LENGTHS,
                 ISSUE_RATES,
@@ -321,6 +324,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "group": group,
                     "group_bwd": group_bwd,
                     "group_bwd_zero": group_bwd_zero,
+                    "group_bwd_max": int(group_bwd_max),
                     **stats,
                     "fwd_tflops": flops_f / stats["fwd_ms"] / 1e9,
                     "fwdbwd_tflops": 3.5 * flops_f / stats["fwdbwd_ms"] / 1e9,
@@ -443,6 +447,12 @@ def main(argv: list[str] | None = None) -> None:
             "head_groups: where the grouped backward writes its configs' unselected rows' zeros "
             "(ringattn.kernels.fa4_group_bwd.ZEROING), else the gradients' fill does",
         ),
+        "--group-bwd-max": (
+            [str(fa4_group_bwd.ALL_TILES_MAX), "8192"],
+            "head_groups: the most query tiles the grouped backward takes "
+            "(ringattn.kernels.fa4_group_bwd.ALL_TILES_MAX; issue 5's configs: 1744 at 32K, "
+            "3488 at 65K, 6976 at 131K)",
+        ),
         "--forward": (
             list(CUDA_FORWARDS),
             "sdpa's forward through FlashAttention-4 where it runs (auto), or torch's kernels "
@@ -469,6 +479,7 @@ def main(argv: list[str] | None = None) -> None:
         launches.FUSE_OFFSETS,
     )
     default_merge = SDPAComputer.fa4_backward_merge
+    default_group_bwd_max = fa4_group_bwd.ALL_TILES_MAX
     try:
         for n in args.n:
             rows += probe(n, args, traces)
@@ -489,6 +500,7 @@ def main(argv: list[str] | None = None) -> None:
         fa4_group.ENABLED = True
         fa4_group_bwd.ENABLED = True
         fa4_group_bwd.ZEROING = "causal"
+        fa4_group_bwd.ALL_TILES_MAX = default_group_bwd_max
         SDPAComputer.fa4_backward_merge = default_merge
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overheads.json").write_text(json.dumps({"rows": rows, "traces": traces}))
