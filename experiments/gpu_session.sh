@@ -17,7 +17,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh group_bwd # ~8 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh verify   # ~6 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh zeros    # ~8 min
-#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh causal_group # ~4 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh causal_group # ~7 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #
@@ -199,13 +199,15 @@ $(grep -h "GPU busy" "$out/timeline_host/kernel_timeline.md" | cut -c1-150)"
     ;;
 causal_group)
     # next after step 34: with its zeros in the grouped backward's epilogue (causal), does the
-    # one backward launch now pay for causal at 65K and 131K too, where the gradients' fill was
-    # 7% of the causal forward+backward? (ALL_TILES_MAX 8192: grouped; 2048: per config and the
-    # fill; two turns)
+    # one backward launch now pay for causal from 65K too, where the gradients' fill was 7% of
+    # the causal forward+backward? (ALL_TILES_MAX 65536: grouped, 1M's 55808 tiles included;
+    # 2048: per config and the fill; two turns at 65K / 131K, one at 1M)
     python -m experiments.overheads --n 65536 131072 --mixing head_groups --causal --split 8 \
-        --group-bwd-max 8192 2048 8192 2048 --steady --repeats 10 --out "$out/ab" \
+        --group-bwd-max 65536 2048 65536 2048 --steady --repeats 10 --out "$out/ab" \
         >"$out/ab.log" 2>&1
-    summary="$(brief "$out"/ab/overheads.json)"
+    python -m experiments.overheads --n 1048576 --mixing head_groups --causal --split 8 \
+        --group-bwd-max 65536 2048 --steady --repeats 5 --out "$out/ab_1m" >"$out/ab_1m.log" 2>&1
+    summary="$(brief "$out"/ab/overheads.json "$out"/ab_1m/overheads.json)"
     ;;
 zeros)
     # step 34: the grouped backward writing its configs' unselected rows' zeros (the gradients'

@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
             "(ringattn.kernels.fa4_group_bwd.ZEROING), else the gradients' fill does",
         ),
         "--group-bwd-max": (
-            [str(fa4_group_bwd.ALL_TILES_MAX), "8192"],
+            [str(fa4_group_bwd.ALL_TILES_MAX), "8192", "65536"],
             "head_groups: the most query tiles the grouped backward takes "
             "(ringattn.kernels.fa4_group_bwd.ALL_TILES_MAX; issue 5's configs: 1744 at 32K, "
             "3488 at 65K, 6976 at 131K)",
