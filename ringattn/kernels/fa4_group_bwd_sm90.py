@@ -41,6 +41,7 @@ from flash_attn.cute.utils import AuxData
 from quack import copy_utils, layout_utils
 
 from ringattn.kernels.fa4_group_sm90 import UnitGroups
+from ringattn.kernels.fa4_zero_sm90 import store_zeros, zero_fragment
 
 # the base class's epilogue (module level: the DSL re-parses jit methods with their globals)
 _epilogue_dKV = FlashAttentionBackwardSm90.epilogue_dKV
@@ -648,36 +649,24 @@ class GroupedBackwardSm90(UnitGroups, FlashAttentionBackwardSm90):
         """Zeros into the rows ``(k - o) * stride`` elements from this key tile's valid rows of
         ``mX_cur`` (one head's ``(L, d)`` rows of a gradient) for ``k != o`` in ``range(r)``
         (``run = (o, r, stride)``: the group's shifts, :func:`_run_of`), by ordinary vector
-        stores of the MMA threads (``sK``: only its shape, for the register fragment). Nothing
+        stores of the MMA threads (``sK``: only its shape, for the register fragment; the
+        zeroing forward's :func:`~ringattn.kernels.fa4_zero_sm90.store_zeros`). Nothing
         reads them in this kernel, so nothing waits for them. The shifts go by in a loop, not
         unrolled: unrolled over three gradients and up to 15 shifts per group, the kernel took
         ~80 s to compile instead of ~10."""
         offset, rate, stride = run
         gmem_tiled_copy = copy_utils.tiled_copy_2d(self.dtype, self.tile_hdim, self.num_mma_threads)
-        thr_copy = gmem_tiled_copy.get_slice(tidx)
-        tZero = cute.make_fragment_like(thr_copy.partition_S(sK), self.dtype)
-        tZero.fill(0.0)
-        cX = cute.make_identity_tensor((self.tile_n, self.tile_hdim))
-        tXcX = thr_copy.partition_S(cX)
-        t0XcX = gmem_tiled_copy.get_slice(0).partition_S(cX)
-        tXpX = utils.predicate_k(tXcX, limit=mX_cur.shape[1])
-        rows_left = seqlen.seqlen_k - n_block * self.tile_n - tXcX[0][0]
+        tile = (self.tile_n, self.tile_hdim)
+        thr_copy, tZero, t0XcX, tXpX, rows_left = zero_fragment(
+            gmem_tiled_copy, tidx, sK, self.dtype, tile, mX_cur.shape[1], seqlen.seqlen_k, n_block
+        )
         for j in cutlass.range(rate - 1, unroll=1):
             k = j + Int32(j >= offset)  # (the row's own k = o skipped)
             # (a multiple of 8 elements: the 16-byte vector stores stay aligned when shifted)
             moved = mX_cur.iterator + (k - offset) * stride
             ptr = cute.make_ptr(self.dtype, moved.toint(), cute.AddressSpace.gmem, assumed_align=16)
             mZ = cute.make_tensor(ptr, mX_cur.layout)
-            gZ = cute.local_tile(mZ, (self.tile_n, self.tile_hdim), (n_block, 0))
-            tXgZ = thr_copy.partition_D(gZ)
-            for rest_m in cutlass.range_constexpr(cute.size(tZero.shape[1])):
-                if t0XcX[0, rest_m, 0][0] < rows_left:
-                    cute.copy(
-                        gmem_tiled_copy,
-                        tZero[None, rest_m, None],
-                        tXgZ[None, rest_m, None],
-                        pred=tXpX[None, rest_m, None],
-                    )
+            store_zeros(gmem_tiled_copy, thr_copy, tZero, t0XcX, tXpX, rows_left, mZ, tile, n_block)
 
 
 def _run_of(shifts: tuple[int, ...]) -> tuple[int, int, int]:

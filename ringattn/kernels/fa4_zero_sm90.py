@@ -31,6 +31,47 @@ from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
 _write_epilogue = FlashAttentionForwardBase.epilogue
 
 
+def zero_fragment(gmem_tiled_copy, tidx, s_like, dtype, tile: tuple, cols, seqlen, block):
+    """What a thread needs to write zeros into row tile ``block`` (of ``tile = (rows, cols)``)
+    of a ``(seqlen, cols)`` tensor with ``gmem_tiled_copy``: ``(its slice, a zero fragment shaped
+    as its partition of s_like, thread 0's coordinates, the column predicate, how many rows of
+    the sequence lie from its first row on)``, for :func:`store_zeros`."""
+    thr_copy = gmem_tiled_copy.get_slice(tidx)
+    tZero = cute.make_fragment_like(thr_copy.partition_S(s_like), dtype)
+    tZero.fill(0.0)
+    cX = cute.make_identity_tensor(tile)
+    tXcX = thr_copy.partition_S(cX)
+    t0XcX = gmem_tiled_copy.get_slice(0).partition_S(cX)
+    tXpX = utils.predicate_k(tXcX, limit=cols)
+    return thr_copy, tZero, t0XcX, tXpX, seqlen - block * tile[0] - tXcX[0][0]
+
+
+@cute.jit
+def store_zeros(
+    gmem_tiled_copy: cute.TiledCopy,
+    thr_copy,
+    tZero: cute.Tensor,
+    t0XcX: cute.Tensor,
+    tXpX,
+    rows_left,
+    mZ: cute.Tensor,
+    tile: cutlass.Constexpr,
+    block,
+):
+    """The thread's zeros (:func:`zero_fragment`) into row tile ``block`` of ``mZ``, rows in
+    the sequence only (the columns under ``tXpX`` where it is not None)."""
+    gZ = cute.local_tile(mZ, tile, (block, 0))
+    tXgZ = thr_copy.partition_D(gZ)
+    for rest_m in cutlass.range_constexpr(cute.size(tZero.shape[1])):
+        if t0XcX[0, rest_m, 0][0] < rows_left:
+            cute.copy(
+                gmem_tiled_copy,
+                tZero[None, rest_m, None],
+                tXgZ[None, rest_m, None],
+                pred=tXpX[None, rest_m, None] if cutlass.const_expr(tXpX is not None) else None,
+            )
+
+
 class ZeroingForwardSm90(FlashAttentionForwardSm90):
     """FA4's SM90 forward that writes zeros ``zero_shifts`` elements from each output row."""
 
@@ -58,28 +99,23 @@ class ZeroingForwardSm90(FlashAttentionForwardSm90):
         """Zeros into the rows ``shift`` elements (for each of ``shifts``) from this tile's
         valid output rows of ``mO_cur`` (its head's ``(L, d)`` rows), with the partition and row
         predicate of the base epilogue's own output stores."""
-        gmem_thr_copy_O = gmem_tiled_copy_O.get_slice(tidx)
-        tZero = cute.make_fragment_like(gmem_thr_copy_O.partition_S(sO), self.dtype)
-        tZero.fill(0.0)
-        cO = cute.make_identity_tensor((self.tile_m, self.tile_hdimv))
-        tOcO = gmem_thr_copy_O.partition_S(cO)
-        t0OcO = gmem_tiled_copy_O.get_slice(0).partition_S(cO)
-        tOpO = utils.predicate_k(tOcO, limit=mO_cur.shape[1])
-        rows_left = seqlen.seqlen_q - m_block * self.tile_m - tOcO[0][0]
+        tile = (self.tile_m, self.tile_hdimv)
+        thr_copy, tZero, t0OcO, tOpO, rows_left = zero_fragment(
+            gmem_tiled_copy_O, tidx, sO, self.dtype, tile, mO_cur.shape[1], seqlen.seqlen_q, m_block
+        )
         for s in cutlass.range_constexpr(len(shifts)):
             mZ = cute.make_tensor(mO_cur.iterator + shifts[s], mO_cur.layout)
-            gZ = cute.local_tile(mZ, (self.tile_m, self.tile_hdimv), (m_block, 0))
-            tOgZ = gmem_thr_copy_O.partition_D(gZ)
-            for rest_m in cutlass.range_constexpr(cute.size(tZero.shape[1])):
-                if t0OcO[0, rest_m, 0][0] < rows_left:
-                    cute.copy(
-                        gmem_tiled_copy_O,
-                        tZero[None, rest_m, None],
-                        tOgZ[None, rest_m, None],
-                        pred=tOpO[None, rest_m, None]
-                        if cutlass.const_expr(self.check_hdim_v_oob)
-                        else None,
-                    )
+            store_zeros(
+                gmem_tiled_copy_O,
+                thr_copy,
+                tZero,
+                t0OcO,
+                tOpO if cutlass.const_expr(self.check_hdim_v_oob) else None,
+                rows_left,
+                mZ,
+                tile,
+                m_block,
+            )
 
     @cute.jit
     def epilogue(
