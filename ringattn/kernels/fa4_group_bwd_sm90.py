@@ -29,6 +29,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 from cutlass.cute.nvgpu import cpasync
+from flash_attn.cute import copy_utils as fa4_copy_utils
 from flash_attn.cute import pipeline, utils
 from flash_attn.cute.block_info import BlockInfo
 from flash_attn.cute.cute_dsl_utils import assume_tensor_aligned
@@ -655,7 +656,11 @@ class GroupedBackwardSm90(UnitGroups, FlashAttentionBackwardSm90):
         unrolled: unrolled over three gradients and up to 15 shifts per group, the kernel took
         ~80 s to compile instead of ~10."""
         offset, rate, stride = run
-        gmem_tiled_copy = copy_utils.tiled_copy_2d(self.dtype, self.tile_hdim, self.num_mma_threads)
+        # (FA4's tiled_copy_2d: 16-byte vectors along rows of tile_hdim; quack's function of
+        # that name takes threads per row and one element per copy unless told)
+        gmem_tiled_copy = fa4_copy_utils.tiled_copy_2d(
+            self.dtype, self.tile_hdim, self.num_mma_threads
+        )
         tile = (self.tile_n, self.tile_hdim)
         thr_copy, tZero, t0XcX, tXpX, rows_left = zero_fragment(
             gmem_tiled_copy, tidx, sK, self.dtype, tile, mX_cur.shape[1], seqlen.seqlen_k, n_block
@@ -666,7 +671,19 @@ class GroupedBackwardSm90(UnitGroups, FlashAttentionBackwardSm90):
             moved = mX_cur.iterator + (k - offset) * stride
             ptr = cute.make_ptr(self.dtype, moved.toint(), cute.AddressSpace.gmem, assumed_align=16)
             mZ = cute.make_tensor(ptr, mX_cur.layout)
-            store_zeros(gmem_tiled_copy, thr_copy, tZero, t0XcX, tXpX, rows_left, mZ, tile, n_block)
+            # (the column predicate only where the head dim is not the tile's, as FA4's own
+            # stores: given, it split every 16-byte store into eight 2-byte ones)
+            store_zeros(
+                gmem_tiled_copy,
+                thr_copy,
+                tZero,
+                t0XcX,
+                tXpX if const_expr(self.check_hdim_oob) else None,
+                rows_left,
+                mZ,
+                tile,
+                n_block,
+            )
 
 
 def _run_of(shifts: tuple[int, ...]) -> tuple[int, int, int]:
