@@ -49,7 +49,8 @@ ENABLED = True
 # where the kernel writes the zeros of each group's unselected rows (the core's fill then skips
 # them): "causal", "always" or "never" (the A/B of experiments/overheads.py --group-bwd-zero). On
 # an H200 at 32K (h200_perf.md step 34) they took 3-15% off causal forward+backward back to back,
-# whose key tiles' CTAs are uneven; non-causal the kernel grew by 68 us, more than the fill's 57
+# whose key tiles' CTAs are uneven; non-causal the kernel grew by 68 us, more than the fill's 57.
+# Both measured with 2-byte stores (fixed since: 16-byte ones), so to be measured again
 ZEROING = "causal"
 # the most query tiles (128 rows, every segment and head of every group) one launch takes: issue 5's
 # configs at 32K have 1744, at 65K 3488 (step 33: no faster there, slower in single calls)
