@@ -23,6 +23,7 @@ import os
 import sys
 import time
 import traceback
+from functools import partial
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -66,10 +67,14 @@ def kernels(n: int, h: int, d: int):
     for causal, with_lse in itertools.product((False, True), (True, False)):
         variant = f"causal={causal} lse={with_lse}"
 
-        def grouped(causal=causal, with_lse=with_lse):
+        def grouped(causal=causal, with_lse=with_lse, persistent=False):
             parts = _parts(n, h, d, "head_groups", with_lse)
             groups, shifts = [p[0] for p in parts], [p[1] for p in parts]
-            fa4_group._compile(fa4_group._key(groups, causal, shifts), groups)
+            saved, fa4_group.PERSISTENT = fa4_group.PERSISTENT, persistent
+            try:
+                fa4_group._compile(fa4_group._key(groups, causal, shifts), groups)
+            finally:
+                fa4_group.PERSISTENT = saved
 
         def zeroing(causal=causal, with_lse=with_lse):
             (q, k, v, out, lse), shifts = _parts(n, h, d, "head_groups", with_lse)[-1]
@@ -77,6 +82,7 @@ def kernels(n: int, h: int, d: int):
             fa4_zero._compile(fa4_zero._key(q, causal, lse, shifts), q, k, v, out, lse_bhl)
 
         yield f"fa4_group {variant}", grouped
+        yield f"fa4_group persistent {variant}", partial(grouped, persistent=True)
         if with_lse:  # (the backward always has an LSE)
 
             def grouped_backward(causal=causal):

@@ -573,13 +573,16 @@ def zero(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     return rows + modules + grads
 
 
-def group(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+def group(
+    n: int, h: int, d: int, repeats: int, device, persistent: tuple[bool, ...] = (False,)
+) -> list[dict]:
     """``ringattn.kernels.fa4_group`` (every ``head_groups`` config's blocks in one FA4 forward)
     against one launch per config (FA4's zeroing forward, or its plain one for ``r = 1``), on
     issue 5's plan at ``n // 4`` (at least its longest segment) and ``n``: each group's rows
     and LSE against FA4's forward, every unselected row 0, nothing left unwritten (the output
     starts NaN), GPU ms and the host's µs per call of both; then the module with it on and
-    off."""
+    off. ``persistent``: the grouped kernel's variants (``fa4_group.PERSISTENT``), each checked
+    and timed (``grouped_persistent``)."""
     from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
     from ringattn.core import neighbour_shifts
     from ringattn.kernels import fa4, fa4_group, fa4_zero
@@ -606,7 +609,8 @@ def group(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
         groups, shifts = (list(x) for x in zip(*members))
         row = {"problem": f"n={size} groups={len(groups)} lse={with_lse}", "causal": causal}
 
-        def grouped(groups=groups, shifts=shifts, causal=causal):
+        def grouped(groups=groups, shifts=shifts, causal=causal, persistent=persistent[0]):
+            fa4_group.PERSISTENT = persistent
             return fa4_group.forward_group_(groups, causal, scale, shifts)
 
         def per_config(groups=groups, shifts=shifts, causal=causal):
@@ -619,37 +623,51 @@ def group(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
                     assert fa4_zero.forward_zero_(q, k, v, causal, scale, out, lse, group_shifts)
 
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                took = grouped()
-                out_full.fill_(float("nan"))  # the second call must write all of it
-                took = took and grouped()
-            torch.cuda.synchronize()
-            row["took"] = took
-            row["warnings"] = [str(x.message)[:400] for x in caught]
-            row["refusal"] = (fa4_group.last_refusal or "")[:3000]
-            row["nan_left"] = int(out_full.isnan().sum())
-            out_err, lse_err = 0.0, 0.0
-            for q, k, v, out, lse in groups:
-                ref_out, ref_lse = fa4.forward(q, k, v, causal, scale)
-                out_err = max(out_err, float((out.float() - ref_out.float()).abs().max()))
-                if lse is not None:
-                    lse_err = max(lse_err, float((lse - ref_lse).abs().max()))
-            row["out_max_abs"], row["lse_max_abs"] = out_err, lse_err
-            selected = torch.zeros(1, size, h, dtype=torch.bool, device=device)
-            for block in plan.blocks:
-                block.rows(selected).fill_(True)
-            row["zeros_exact"] = bool((out_full[~selected] == 0).all())
-            row.update(_gpu_and_host_times(grouped=grouped, per_config=per_config, repeats=repeats))
+            variants = {}
+            for each in persistent:
+                tag = "_persistent" if each else ""
+                variants[f"grouped{tag}"] = partial(grouped, persistent=each)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    out_full.fill_(float("nan"))
+                    took = grouped(persistent=each)
+                    out_full.fill_(float("nan"))  # the second call must write all of it
+                    took = took and grouped(persistent=each)
+                torch.cuda.synchronize()
+                row[f"took{tag}"] = took
+                row[f"warnings{tag}"] = [str(x.message)[:400] for x in caught][:3]
+                row[f"refusal{tag}"] = (fa4_group.last_refusal or "")[:3000]
+                row[f"nan_left{tag}"] = int(out_full.isnan().sum())
+                out_err, lse_err = 0.0, 0.0
+                for q, k, v, out, lse in groups:
+                    ref_out, ref_lse = fa4.forward(q, k, v, causal, scale)
+                    out_err = max(out_err, float((out.float() - ref_out.float()).abs().max()))
+                    if lse is not None:
+                        lse_err = max(lse_err, float((lse - ref_lse).abs().max()))
+                row[f"out_max_abs{tag}"], row[f"lse_max_abs{tag}"] = out_err, lse_err
+                selected = torch.zeros(1, size, h, dtype=torch.bool, device=device)
+                for block in plan.blocks:
+                    block.rows(selected).fill_(True)
+                row[f"zeros_exact{tag}"] = bool((out_full[~selected] == 0).all())
+            row.update(_gpu_and_host_times(repeats, **variants, per_config=per_config))
         except Exception as exc:  # a probe: report and go on
             row["error"] = f"{type(exc).__name__}: {str(exc)[:1500]}"
             row["refusal"] = (fa4_group.last_refusal or "")[:3000]
         print(json.dumps(row), flush=True)
         rows.append(row)
+    fa4_group.PERSISTENT = persistent[0]
+    if len(persistent) > 1:  # the kernels' own A/B; the module's is overheads --group-persistent
+        return rows
     names = ("grouped", "per_config")
     modules = _module_ab(n, h, d, repeats, device, "head_groups", fa4_group, names)
     grads = _module_ab(n, h, d, repeats, device, "head_groups", fa4_group, names, True)
     return rows + modules + grads
+
+
+def persistent(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+    """:func:`group`'s kernel checks and timings with the grouped forward on one CTA per tile
+    and on a persistent grid (``fa4_group.PERSISTENT``), at ``n // 4`` and ``n``."""
+    return group(n, h, d, repeats, device, persistent=(False, True))
 
 
 def group_bwd(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
@@ -896,6 +914,7 @@ def main(argv: list[str] | None = None) -> None:
             "fill",
             "group",
             "group_bwd",
+            "persistent",
         ],
         default="compare",
     )
@@ -916,6 +935,7 @@ def main(argv: list[str] | None = None) -> None:
             "fill": fill,
             "group": group,
             "group_bwd": group_bwd,
+            "persistent": persistent,
         }
         part = part[args.part]
         rows = part(args.n, h, d, args.repeats, device)

@@ -18,6 +18,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh verify   # ~6 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh zeros    # ~8 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh causal_group # ~7 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh persistent # ~8 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #
@@ -58,7 +59,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|spanning|weak}
+part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -66,7 +67,7 @@ bench=(python -m experiments.bench --computers sdpa --dilations segment_local --
 brief() { # overheads.json rows, a short line each: the A/B choices, ms, host ms, peaks, errors
     python - "$@" <<'PY'
 import json, sys
-keys = ("n", "mixing", "causal", "lanes", "fill", "zero", "pack_lse", "group", "group_bwd", "group_bwd_zero", "group_bwd_max", "bwd_merge", "fwd_ms",
+keys = ("n", "mixing", "causal", "lanes", "fill", "zero", "pack_lse", "group", "group_bwd", "group_bwd_zero", "group_bwd_max", "group_persistent", "group_max", "bwd_merge", "fwd_ms",
         "fwdbwd_ms", "fwd_ms_b2b", "fwdbwd_ms_b2b", "fwd_host_ms", "fwdbwd_host_ms", "fwdbwd_mem_vs_io", "vs_first_err",
         "graph_fwd_ms", "graph_fwdbwd_ms", "graph_fwd_err", "graph_fwdbwd_err")
 for path in sys.argv[1:]:
@@ -208,6 +209,28 @@ causal_group)
     python -m experiments.overheads --n 1048576 --mixing head_groups --causal --split 8 \
         --group-bwd-max 65536 2048 --steady --repeats 5 --out "$out/ab_1m" >"$out/ab_1m.log" 2>&1
     summary="$(brief "$out"/ab/overheads.json "$out"/ab_1m/overheads.json)"
+    ;;
+persistent)
+    # step 35: the grouped forward on a persistent grid (one CTA per SM walking FA4's LPT tile
+    # order, O's shared memory its own) against one CTA per tile: the kernels' checks and times
+    # at 32K and 131K (fa4_probe --part persistent), then the module at 32K and 131K, causal or
+    # not, with the grouped forward up to 4096 tiles (131K: the configs' own kernels) or 65536
+    python -m experiments.fa4_probe --part persistent --n 131072 --repeats 10 --out "$out" \
+        >"$out/probe.log" 2>&1
+    for causal in "--causal" ""; do
+        # shellcheck disable=SC2086
+        python -m experiments.overheads --n 32768 131072 --mixing head_groups $causal --split 8 \
+            --group-persistent no yes --group-max 4096 65536 --steady --repeats 10 \
+            --out "$out/ab${causal:+_causal}" >"$out/ab${causal:+_causal}.log" 2>&1
+    done
+    summary="$(python - "$out/fa4_probe_persistent.json" <<'PY'
+import json, sys
+for row in json.load(open(sys.argv[1])):
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                   if not k.startswith(("warnings", "refusal")) and not k.endswith("host_us")))
+PY
+)
+$(brief "$out"/ab*/overheads.json)"
     ;;
 zeros)
     # step 34: the grouped backward writing its configs' unselected rows' zeros (the gradients'

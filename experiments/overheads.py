@@ -248,6 +248,8 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 args.group_bwd,
                 args.group_bwd_zero,
                 args.group_bwd_max,
+                args.group_persistent,
+                args.group_max,
             )
         )
         first_results = None  # every choice must compute what the first one did
@@ -271,6 +273,8 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 group_bwd,
                 group_bwd_zero,
                 group_bwd_max,
+                group_persistent,
+                group_max,
             ) = choice
             pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
             SDPAComputer.in_place = in_place == "yes"
@@ -289,6 +293,8 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             fa4_group_bwd.ENABLED = group_bwd == "yes"
             fa4_group_bwd.ZEROING = group_bwd_zero
             fa4_group_bwd.ALL_TILES_MAX = int(group_bwd_max)
+            fa4_group.PERSISTENT = group_persistent == "yes"
+            fa4_group.ALL_TILES_MAX = int(group_max)
             attention = ringattn.DilatedAttention(
                 ISSUE_LENGTHS,
                 ISSUE_RATES,
@@ -325,6 +331,8 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "group_bwd": group_bwd,
                     "group_bwd_zero": group_bwd_zero,
                     "group_bwd_max": int(group_bwd_max),
+                    "group_persistent": group_persistent,
+                    "group_max": int(group_max),
                     **stats,
                     "fwd_tflops": flops_f / stats["fwd_ms"] / 1e9,
                     "fwdbwd_tflops": 3.5 * flops_f / stats["fwdbwd_ms"] / 1e9,
@@ -453,6 +461,17 @@ def main(argv: list[str] | None = None) -> None:
             "(ringattn.kernels.fa4_group_bwd.ALL_TILES_MAX; issue 5's configs: 1744 at 32K, "
             "3488 at 65K, 6976 at 131K)",
         ),
+        "--group-persistent": (
+            ["yes", "no"] if fa4_group.PERSISTENT else ["no", "yes"],
+            "head_groups: the grouped forward on a persistent grid of one CTA per SM "
+            "(ringattn.kernels.fa4_group.PERSISTENT), or one CTA per query tile",
+        ),
+        "--group-max": (
+            [str(fa4_group.ALL_TILES_MAX), "65536"],
+            "head_groups: the most query tiles the grouped forward takes "
+            "(ringattn.kernels.fa4_group.ALL_TILES_MAX; issue 5's configs: 1744 at 32K, "
+            "6976 at 131K, 55808 at 1M)",
+        ),
         "--forward": (
             list(CUDA_FORWARDS),
             "sdpa's forward through FlashAttention-4 where it runs (auto), or torch's kernels "
@@ -480,6 +499,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     default_merge = SDPAComputer.fa4_backward_merge
     default_group_bwd_max = fa4_group_bwd.ALL_TILES_MAX
+    default_group = fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX
     try:
         for n in args.n:
             rows += probe(n, args, traces)
@@ -501,6 +521,7 @@ def main(argv: list[str] | None = None) -> None:
         fa4_group_bwd.ENABLED = True
         fa4_group_bwd.ZEROING = "causal"
         fa4_group_bwd.ALL_TILES_MAX = default_group_bwd_max
+        fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX = default_group
         SDPAComputer.fa4_backward_merge = default_merge
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overheads.json").write_text(json.dumps({"rows": rows, "traces": traces}))

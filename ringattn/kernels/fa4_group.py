@@ -30,6 +30,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ringattn.kernels import fa4, fa4_merge
@@ -45,6 +46,11 @@ ENABLED = True
 # and the small configs' partial waves bound the forward; from 131K (6976 tiles) the configs'
 # own kernels on concurrent streams were 0-7% faster, and no faster one launch's host time
 ALL_TILES_MAX = 4096
+
+# the A/B switch (experiments/overheads.py --group-persistent), read when a kernel is compiled
+# (its key holds it): True runs the grouped forward on a persistent grid of one CTA per SM
+# (ringattn.kernels.fa4_group_sm90.PersistentLPTScheduler), False one CTA per tile as FA4 does
+PERSISTENT = False
 
 # compiled kernels by key; False: failed to compile or agree
 _COMPILED: dict[tuple, Any] = {}
@@ -93,7 +99,16 @@ def _key(groups: Sequence[Group], causal: bool, shifts: Sequence[tuple[int, ...]
     )
     heads = tuple(group[0].shape[2] for group in groups)
     config = fa4.FORWARD_CONFIG.get(causal)
-    return q0.dtype, q0.shape[-1], causal, config, lse0 is None, heads, tuple(shifts), units
+    sms = _sm_count(q0) if PERSISTENT else 0
+    return q0.dtype, q0.shape[-1], causal, config, lse0 is None, heads, tuple(shifts), units, sms
+
+
+def _sm_count(q: Tensor) -> int:
+    """The persistent grid's bound: ``q``'s GPU's SM count (an H100/H200's, 132, elsewhere: the
+    CPU machine compiles for one)."""
+    if not (q.is_cuda and torch.cuda.is_available()):
+        return 132
+    return torch.cuda.get_device_properties(q.device).multi_processor_count
 
 
 def _restrided(groups: Sequence[Group]) -> list[Group]:
@@ -159,9 +174,16 @@ def _compile(key: tuple, groups: Sequence[Group]) -> Callable:
     cute = importlib.import_module("cutlass.cute")
     dsl_utils = importlib.import_module("flash_attn.cute.cute_dsl_utils")
     sm90 = importlib.import_module("ringattn.kernels.fa4_group_sm90")
-    dtype, head_dim, causal, config, _, heads, shifts, units = key
+    dtype, head_dim, causal, config, _, heads, shifts, units, sms = key
     kernel = fa4_merge.forward_kernel(
-        sm90.GroupedForwardSm90, dtype, head_dim, causal, config, heads=heads, zero_shifts=shifts
+        sm90.GroupedForwardSm90,
+        dtype,
+        head_dim,
+        causal,
+        config,
+        heads=heads,
+        zero_shifts=shifts,
+        persistent_sms=sms,
     )
     qs, ks, vs, outs, lses_bhl = _operands(groups)
     args = [tuple(dsl_utils.to_cute_tensor(x) for x in xs) for xs in (qs, ks, vs)]
