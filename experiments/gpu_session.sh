@@ -19,6 +19,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh zeros    # ~8 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh causal_group # ~7 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh persistent # ~8 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh persistent_long # ~7 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #
@@ -59,7 +60,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|spanning|weak}
+part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -230,6 +231,24 @@ for row in json.load(open(sys.argv[1])):
                    if not k.startswith(("warnings", "refusal")) and not k.endswith("host_us")))
 PY
 )
+$(brief "$out"/ab*/overheads.json)"
+    ;;
+persistent_long)
+    # step 35, after `persistent` had the persistent grid 10% faster on 131K's causal forward:
+    # the GPU oracle check with every grouped forward on it (PERSISTENT, ALL_TILES_MAX unbounded:
+    # the persistent kernel takes every plan of two or more groups), then the module A/B at 65K
+    # and 1M, causal
+    python -c "from ringattn.kernels import fa4_group; fa4_group.PERSISTENT = True
+fa4_group.ALL_TILES_MAX = 1 << 30
+from experiments import flex_gpu; flex_gpu.main(['--part', 'check', '--out', '$out/flex_gpu_check'])" \
+        >"$out/check.log" 2>&1
+    python -m experiments.overheads --n 65536 --mixing head_groups --causal --split 8 \
+        --group-persistent no yes --group-max 4096 65536 --steady --repeats 10 \
+        --out "$out/ab_65k" >"$out/ab_65k.log" 2>&1
+    python -m experiments.overheads --n 1048576 --mixing head_groups --causal --split 8 \
+        --group-persistent no yes --group-max 4096 65536 --steady --repeats 5 \
+        --out "$out/ab_1m" >"$out/ab_1m.log" 2>&1
+    summary="$(grep -h "Correctness" "$out/flex_gpu_check/flex_gpu_check.md")
 $(brief "$out"/ab*/overheads.json)"
     ;;
 zeros)
