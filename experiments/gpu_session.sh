@@ -20,6 +20,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh causal_group # ~7 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh persistent # ~8 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh persistent_long # ~7 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh persistent_again # ~3 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #
@@ -60,7 +61,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|spanning|weak}
+part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -250,6 +251,14 @@ from experiments import flex_gpu; flex_gpu.main(['--part', 'check', '--out', '$o
         --out "$out/ab_1m" >"$out/ab_1m.log" 2>&1
     summary="$(grep -h "Correctness" "$out/flex_gpu_check/flex_gpu_check.md")
 $(brief "$out"/ab*/overheads.json)"
+    ;;
+persistent_again)
+    # step 35: `persistent` had the persistent grid 10% faster on 131K's causal forward,
+    # `persistent_long` nothing beyond the spread at 65K or 1M: 131K again, and 262K
+    python -m experiments.overheads --n 131072 262144 --mixing head_groups --causal --split 8 \
+        --group-persistent no yes --group-max 4096 65536 --steady --repeats 10 \
+        --out "$out/ab" >"$out/ab.log" 2>&1
+    summary="$(brief "$out"/ab/overheads.json)"
     ;;
 zeros)
     # step 34: the grouped backward writing its configs' unselected rows' zeros (the gradients'
