@@ -590,6 +590,7 @@ def group(
 
     rows = []
     scale = d**-0.5
+    default_persistence, default_max = fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX
     # sizes where every config has full segments of one length (one group each, all in one
     # launch: the core would leave tails and other lengths to their own launches)
     sizes = sorted({max(n // 4, max(ISSUE_LENGTHS)), n})
@@ -610,7 +611,10 @@ def group(
         row = {"problem": f"n={size} groups={len(groups)} lse={with_lse}", "causal": causal}
 
         def grouped(groups=groups, shifts=shifts, causal=causal, persistent=persistent[0]):
-            fa4_group.PERSISTENT = persistent
+            # (every size on the persistent grid, or none)
+            fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX = (
+                ("always", 0) if persistent else ("never", default_max)
+            )
             return fa4_group.forward_group_(groups, causal, scale, shifts)
 
         def per_config(groups=groups, shifts=shifts, causal=causal):
@@ -655,7 +659,7 @@ def group(
             row["refusal"] = (fa4_group.last_refusal or "")[:3000]
         print(json.dumps(row), flush=True)
         rows.append(row)
-    fa4_group.PERSISTENT = persistent[0]
+    fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX = default_persistence, default_max
     if len(persistent) > 1:  # the kernels' own A/B; the module's is overheads --group-persistent
         return rows
     names = ("grouped", "per_config")
@@ -666,7 +670,8 @@ def group(
 
 def persistent(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     """:func:`group`'s kernel checks and timings with the grouped forward on one CTA per tile
-    and on a persistent grid (``fa4_group.PERSISTENT``), at ``n // 4`` and ``n``."""
+    and on a persistent grid (``fa4_group.PERSISTENT`` "never" / "always" with no tile bound),
+    at ``n // 4`` and ``n``."""
     return group(n, h, d, repeats, device, persistent=(False, True))
 
 

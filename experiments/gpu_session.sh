@@ -217,12 +217,13 @@ persistent)
     # order, O's shared memory its own) against one CTA per tile: the kernels' checks and times
     # at 32K and 131K (fa4_probe --part persistent), then the module at 32K and 131K, causal or
     # not, with the grouped forward up to 4096 tiles (131K: the configs' own kernels) or 65536
+    # (run at 8ad3dbe as `--group-persistent no yes --group-max 4096 65536`)
     python -m experiments.fa4_probe --part persistent --n 131072 --repeats 10 --out "$out" \
         >"$out/probe.log" 2>&1
     for causal in "--causal" ""; do
         # shellcheck disable=SC2086
         python -m experiments.overheads --n 32768 131072 --mixing head_groups $causal --split 8 \
-            --group-persistent no yes --group-max 4096 65536 --steady --repeats 10 \
+            --group-persistent never always --group-max 4096 65536 --steady --repeats 10 \
             --out "$out/ab${causal:+_causal}" >"$out/ab${causal:+_causal}.log" 2>&1
     done
     summary="$(python - "$out/fa4_probe_persistent.json" <<'PY'
@@ -236,27 +237,29 @@ $(brief "$out"/ab*/overheads.json)"
     ;;
 persistent_long)
     # step 35, after `persistent` had the persistent grid 10% faster on 131K's causal forward:
-    # the GPU oracle check with every grouped forward on it (PERSISTENT, ALL_TILES_MAX unbounded:
-    # the persistent kernel takes every plan of two or more groups), then the module A/B at 65K
-    # and 1M, causal
-    python -c "from ringattn.kernels import fa4_group; fa4_group.PERSISTENT = True
-fa4_group.ALL_TILES_MAX = 1 << 30
+    # the GPU oracle check with every grouped forward on it (PERSISTENT "always", ALL_TILES_MAX
+    # 0: the persistent kernel takes every plan of two or more groups), then the module A/B at
+    # 65K and 1M, causal (run at 8ad3dbe as `--group-persistent no yes --group-max 4096 65536`:
+    # per config / one launch up to 65536 tiles, one CTA per tile or persistent)
+    python -c "from ringattn.kernels import fa4_group; fa4_group.PERSISTENT = 'always'
+fa4_group.ALL_TILES_MAX = 0
 from experiments import flex_gpu; flex_gpu.main(['--part', 'check', '--out', '$out/flex_gpu_check'])" \
         >"$out/check.log" 2>&1
     python -m experiments.overheads --n 65536 --mixing head_groups --causal --split 8 \
-        --group-persistent no yes --group-max 4096 65536 --steady --repeats 10 \
+        --group-persistent never always --group-max 4096 0 --steady --repeats 10 \
         --out "$out/ab_65k" >"$out/ab_65k.log" 2>&1
     python -m experiments.overheads --n 1048576 --mixing head_groups --causal --split 8 \
-        --group-persistent no yes --group-max 4096 65536 --steady --repeats 5 \
+        --group-persistent never always --group-max 4096 65536 --steady --repeats 5 \
         --out "$out/ab_1m" >"$out/ab_1m.log" 2>&1
     summary="$(grep -h "Correctness" "$out/flex_gpu_check/flex_gpu_check.md")
 $(brief "$out"/ab*/overheads.json)"
     ;;
 persistent_again)
     # step 35: `persistent` had the persistent grid 10% faster on 131K's causal forward,
-    # `persistent_long` nothing beyond the spread at 65K or 1M: 131K again, and 262K
+    # `persistent_long` nothing beyond the spread at 65K or 1M: 131K again, and 262K (run at
+    # 8ad3dbe as `--group-persistent no yes --group-max 4096 65536`)
     python -m experiments.overheads --n 131072 262144 --mixing head_groups --causal --split 8 \
-        --group-persistent no yes --group-max 4096 65536 --steady --repeats 10 \
+        --group-persistent never always --group-max 4096 65536 --steady --repeats 10 \
         --out "$out/ab" >"$out/ab.log" 2>&1
     summary="$(brief "$out"/ab/overheads.json)"
     ;;

@@ -293,7 +293,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             fa4_group_bwd.ENABLED = group_bwd == "yes"
             fa4_group_bwd.ZEROING = group_bwd_zero
             fa4_group_bwd.ALL_TILES_MAX = int(group_bwd_max)
-            fa4_group.PERSISTENT = group_persistent == "yes"
+            fa4_group.PERSISTENT = group_persistent
             fa4_group.ALL_TILES_MAX = int(group_max)
             attention = ringattn.DilatedAttention(
                 ISSUE_LENGTHS,
@@ -462,13 +462,17 @@ def main(argv: list[str] | None = None) -> None:
             "3488 at 65K, 6976 at 131K)",
         ),
         "--group-persistent": (
-            ["yes", "no"] if fa4_group.PERSISTENT else ["no", "yes"],
-            "head_groups: the grouped forward on a persistent grid of one CTA per SM "
-            "(ringattn.kernels.fa4_group.PERSISTENT), or one CTA per query tile",
+            [
+                fa4_group.PERSISTENT,
+                *(p for p in fa4_group.PERSISTENCE if p != fa4_group.PERSISTENT),
+            ],
+            "head_groups: which plans of more than --group-max tiles take the grouped forward on "
+            "a persistent grid of one CTA per SM (ringattn.kernels.fa4_group.PERSISTENT); the "
+            "others go config by config",
         ),
         "--group-max": (
             [str(fa4_group.ALL_TILES_MAX), "65536"],
-            "head_groups: the most query tiles the grouped forward takes "
+            "head_groups: the most query tiles the grouped forward on one CTA per tile takes "
             "(ringattn.kernels.fa4_group.ALL_TILES_MAX; issue 5's configs: 1744 at 32K, "
             "6976 at 131K, 55808 at 1M)",
         ),

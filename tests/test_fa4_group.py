@@ -69,7 +69,7 @@ def grouping(zeroing):  # noqa: F811
     patch.setattr(
         fa4_group,
         "supported",
-        lambda groups, shifts: (
+        lambda groups, shifts, causal: (
             len(groups) >= 2 and all(fa4_merge.layout_ok(*group) for group in groups)
         ),
     )
@@ -216,23 +216,41 @@ def test_key_and_support():
     assert key[:3] == (torch.float32, 8, True) and key[5] == (1, 2) and key[6] == ((), (-24,))
     no_lse, _ = groups_of(lse=False)
     assert fa4_group._key(no_lse, True, shifts)[4] is True
-    assert not fa4_group.supported(groups, shifts)  # off an SM90 GPU, never
+    assert not fa4_group.supported(groups, shifts, False)  # off an SM90 GPU, never
 
 
 def test_support_rules(monkeypatch):
     monkeypatch.setattr(fa4, "sm90", lambda q: True)
     groups, shifts = groups_of()
-    assert fa4_group.supported(groups, shifts)
+    assert fa4_group.supported(groups, shifts, False)
     no_lse, _ = groups_of(lse=False)
-    assert fa4_group.supported(no_lse, shifts)
+    assert fa4_group.supported(no_lse, shifts, False)
     # one group, an LSE for some groups only, misaligned shifts, another length: never
-    assert not fa4_group.supported(groups[:1], shifts[:1])
-    assert not fa4_group.supported([groups[0], no_lse[1]], shifts)
-    assert not fa4_group.supported(groups, [(), (-3,)])
+    assert not fa4_group.supported(groups[:1], shifts[:1], False)
+    assert not fa4_group.supported([groups[0], no_lse[1]], shifts, False)
+    assert not fa4_group.supported(groups, [(), (-3,)], False)
     shorter = tuple(None if x is None else x[:, :8] for x in groups[1])
-    assert not fa4_group.supported([groups[0], shorter], shifts)
+    assert not fa4_group.supported([groups[0], shorter], shifts, False)
     # 4 segments of 1 head and 2 of 2 heads, one tile each: 8 tiles
     monkeypatch.setattr(fa4_group, "ALL_TILES_MAX", 8)
-    assert fa4_group.supported(groups, shifts)
+    assert fa4_group.supported(groups, shifts, False)
     monkeypatch.setattr(fa4_group, "ALL_TILES_MAX", 7)
-    assert not fa4_group.supported(groups, shifts)
+    assert not fa4_group.supported(groups, shifts, False)
+    # past the bound: one launch on a persistent grid where PERSISTENT takes the plan
+    assert fa4_group.PERSISTENT == "causal" and fa4_group.supported(groups, shifts, True)
+    monkeypatch.setattr(fa4_group, "PERSISTENT", "never")
+    assert not fa4_group.supported(groups, shifts, True)
+    monkeypatch.setattr(fa4_group, "PERSISTENT", "always")
+    assert fa4_group.supported(groups, shifts, False)
+
+
+def test_persistent_grid_is_keyed_and_checked(monkeypatch):
+    groups, shifts = groups_of()
+    # within the bound one CTA per tile (0); past it the SM count bounds the grid
+    assert fa4_group._key(groups, True, shifts)[-1] == 0
+    monkeypatch.setattr(fa4_group, "ALL_TILES_MAX", 7)
+    assert fa4_group._key(groups, True, shifts)[-1] == 132  # (no GPU here)
+    assert fa4_group._key(groups, False, shifts)[-1] == 0
+    monkeypatch.setattr(fa4_group, "PERSISTENT", True)  # not one of the three
+    with pytest.raises(ValueError, match="PERSISTENT must be one of"):
+        fa4_group.persistent(groups, True)

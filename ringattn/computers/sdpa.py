@@ -357,7 +357,7 @@ class SDPAComputer(BlockComputer):
         if not (
             fa4_group.ENABLED
             and self._fa4(self.cuda_forward, groups[0][0])
-            and fa4_group.supported(groups, shifts)
+            and fa4_group.supported(groups, shifts, causal)
         ):
             return None
 

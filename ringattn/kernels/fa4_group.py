@@ -40,17 +40,22 @@ from ringattn.kernels.unselected import shifted
 # caller launches the groups one by one
 ENABLED = True
 
-# the most 128-row query tiles (all groups together) one launch takes. On an H200 (issue 5's
-# configs, docs/benchmarks/h200_perf.md step 32) one launch paid at 32K tokens (1744 tiles:
-# forward+backward 9-20% faster back to back, the forward's host time halved), where the host
-# and the small configs' partial waves bound the forward; from 131K (6976 tiles) the configs'
-# own kernels on concurrent streams were 0-7% faster, and no faster one launch's host time
+# the most 128-row query tiles (all groups together) one launch of one CTA per tile takes. On an
+# H200 (issue 5's configs, docs/benchmarks/h200_perf.md step 32) one launch paid at 32K tokens
+# (1744 tiles: forward+backward 9-20% faster back to back, the forward's host time halved), where
+# the host and the small configs' partial waves bound the forward; from 131K (6976 tiles) the
+# configs' own kernels on concurrent streams were 0-7% faster, and no faster one launch's host
+# time. Larger plans go to a persistent launch where PERSISTENT says so, else config by config.
 ALL_TILES_MAX = 4096
 
-# the A/B switch (experiments/overheads.py --group-persistent), read when a kernel is compiled
-# (its key holds it): True runs the grouped forward on a persistent grid of one CTA per SM
-# (ringattn.kernels.fa4_group_sm90.PersistentLPTScheduler), False one CTA per tile as FA4 does
-PERSISTENT = False
+# which plans of more than ALL_TILES_MAX tiles take one launch on a persistent grid of one CTA
+# per SM (ringattn.kernels.fa4_group_sm90.PersistentLPTScheduler): "causal", "always" or
+# "never" (experiments/overheads.py --group-persistent; read when a plan's launches are made).
+# Step 35 on an H200: causal forwards back to back 2-4% faster than the configs' own kernels at
+# 131K, 262K and 1M (single calls within their spread), bit-identical; non-causal 131K 6-7%
+# slower; at 32K (one CTA per tile already one launch) 2-5% slower
+PERSISTENT = "causal"
+PERSISTENCE = ("causal", "always", "never")
 
 # compiled kernels by key; False: failed to compile or agree
 _COMPILED: dict[tuple, Any] = {}
@@ -62,16 +67,29 @@ last_refusal: str | None = None
 Group = tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]
 
 
-def supported(groups: Sequence[Group], shifts: Sequence[tuple[int, ...]]) -> bool:
+def _tiles(groups: Sequence[Group]) -> int:
+    """The groups' 128-row query tiles."""
+    return sum(q.shape[0] * q.shape[2] * -(-q.shape[1] // 128) for q, *_ in groups)
+
+
+def persistent(groups: Sequence[Group], causal: bool) -> bool:
+    """Whether these groups' launch runs on a persistent grid: more than :data:`ALL_TILES_MAX`
+    tiles, and :data:`PERSISTENT` takes such a plan."""
+    if PERSISTENT not in PERSISTENCE:
+        raise ValueError(f"fa4_group.PERSISTENT must be one of {PERSISTENCE}, got {PERSISTENT!r}")
+    takes = PERSISTENT == "always" or (PERSISTENT == "causal" and causal)
+    return takes and _tiles(groups) > ALL_TILES_MAX
+
+
+def supported(groups: Sequence[Group], shifts: Sequence[tuple[int, ...]], causal: bool) -> bool:
     """Whether one kernel takes these groups here: two or more, with no more than
-    :data:`ALL_TILES_MAX` query tiles in all, on an SM90 GPU with FA4, each in a layout
-    :func:`ringattn.kernels.fa4_merge.layout_ok` accepts, self-attention blocks of one length,
-    dtype and head dim, all with an LSE or none, and shifts that keep the output's 16-byte vector
-    stores aligned."""
+    :data:`ALL_TILES_MAX` query tiles in all or a :func:`persistent` launch, on an SM90 GPU with
+    FA4, each in a layout :func:`ringattn.kernels.fa4_merge.layout_ok` accepts, self-attention
+    blocks of one length, dtype and head dim, all with an LSE or none, and shifts that keep the
+    output's 16-byte vector stores aligned."""
     if len(groups) < 2 or len(shifts) != len(groups):
         return False
-    tiles = sum(q.shape[0] * q.shape[2] * -(-q.shape[1] // 128) for q, *_ in groups)
-    if tiles > ALL_TILES_MAX:
+    if _tiles(groups) > ALL_TILES_MAX and not persistent(groups, causal):
         return False
     q0, lse0 = groups[0][0], groups[0][4]
     for (q, k, v, out, lse), group_shifts in zip(groups, shifts):
@@ -88,8 +106,9 @@ def supported(groups: Sequence[Group], shifts: Sequence[tuple[int, ...]]) -> boo
 
 def _key(groups: Sequence[Group], causal: bool, shifts: Sequence[tuple[int, ...]]) -> tuple:
     """What a compiled kernel is specialised for: dtype, head dim, causality, the tiles
-    (``fa4.FORWARD_CONFIG``), each group's head count and shifts, and which dim of each
-    ``[B, H, L]`` LSE view has stride 1 (compiled in as a constant; None: none, or no LSE)."""
+    (``fa4.FORWARD_CONFIG``), each group's head count and shifts, which dim of each ``[B, H,
+    L]`` LSE view has stride 1 (compiled in as a constant; None: none, or no LSE), and the
+    persistent grid's bound (the GPU's SM count; 0: one CTA per tile)."""
     q0, lse0 = groups[0][0], groups[0][4]
     units = tuple(
         None
@@ -99,7 +118,7 @@ def _key(groups: Sequence[Group], causal: bool, shifts: Sequence[tuple[int, ...]
     )
     heads = tuple(group[0].shape[2] for group in groups)
     config = fa4.FORWARD_CONFIG.get(causal)
-    sms = _sm_count(q0) if PERSISTENT else 0
+    sms = _sm_count(q0) if persistent(groups, causal) else 0
     return q0.dtype, q0.shape[-1], causal, config, lse0 is None, heads, tuple(shifts), units, sms
 
 
