@@ -70,11 +70,14 @@ def kernels(n: int, h: int, d: int):
         def grouped(causal=causal, with_lse=with_lse, persistent=False):
             parts = _parts(n, h, d, "head_groups", with_lse)
             groups, shifts = [p[0] for p in parts], [p[1] for p in parts]
-            saved, fa4_group.PERSISTENT = fa4_group.PERSISTENT, persistent
+            # (persistent: the grid the core takes for plans past ALL_TILES_MAX)
+            saved = fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX
+            if persistent:
+                fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX = "always", 0
             try:
                 fa4_group._compile(fa4_group._key(groups, causal, shifts), groups)
             finally:
-                fa4_group.PERSISTENT = saved
+                fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX = saved
 
         def zeroing(causal=causal, with_lse=with_lse):
             (q, k, v, out, lse), shifts = _parts(n, h, d, "head_groups", with_lse)[-1]

@@ -48,8 +48,9 @@
 #   (fa4_probe --part group: rows, LSE, zeros, ms and host µs at 32K and 131K), the module A/B
 #   (overheads --group yes no, two turns, 32K and 131K, causal or not) and the 131K causal
 #   forward's kernel timeline; group_bwd: head_groups' configs in one FA4 backward
-#   (ringattn.kernels.fa4_group_bwd; step 33; verify, zeros and causal_group: step 34, each
-#   described where it runs below): the kernel's probe (fa4_probe --part group_bwd:
+#   (ringattn.kernels.fa4_group_bwd; step 33; verify, zeros and causal_group: step 34, and
+#   persistent, persistent_long and persistent_again: step 35, each described where it runs
+#   below): the kernel's probe (fa4_probe --part group_bwd:
 #   gradients against FA4's per-config backward, ms and host µs at 32K and 131K), the module A/B
 #   (overheads --group-bwd yes no, two turns, 32K / 65K / 131K, causal or not; from 65K the
 #   core leaves it out, fa4_group_bwd.ALL_TILES_MAX) and the GPU oracle check; spanning (on

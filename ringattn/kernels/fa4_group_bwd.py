@@ -48,12 +48,12 @@ from ringattn.kernels.unselected import shifted
 ENABLED = True
 # where the kernel writes the zeros of each group's unselected rows (the core's fill then skips
 # them): "causal", "always" or "never" (the A/B of experiments/overheads.py --group-bwd-zero). On
-# an H200 at 32K (h200_perf.md step 34) they took 3-15% off causal forward+backward back to back,
-# whose key tiles' CTAs are uneven; non-causal the kernel grew by 68 us, more than the fill's 57.
-# Both measured with 2-byte stores (fixed since: 16-byte ones), so to be measured again
+# an H200 at 32K (h200_perf.md step 35, 16-byte stores) they took 5-7% off causal single calls
+# of forward+backward and were even back to back; non-causal moved within its spread either way
 ZEROING = "causal"
 # the most query tiles (128 rows, every segment and head of every group) one launch takes: issue 5's
-# configs at 32K have 1744, at 65K 3488 (step 33: no faster there, slower in single calls)
+# configs at 32K have 1744, at 65K 3488 (step 33: no faster there, slower in single calls; step
+# 35, causal with its zeros: within 1-3% at 65K-1M, for 0.04x more memory)
 ALL_TILES_MAX = 2048
 _COMPILED: dict[tuple, Any] = {}
 _LOCK = threading.Lock()

@@ -20,6 +20,11 @@ untouched: every group has the same ``L``, so one mask and one sequence length s
 
 The body of FA4's producer is kept (the paged, block-sparse and non-TMA paths are dropped: the
 blocks use none of them), once per group under a branch on ``g`` (uniform across the CTA).
+
+With ``persistent_sms`` the grid is at most that many CTAs, each walking the same tile order
+with a stride of the grid (:class:`PersistentLPTScheduler`), and O has shared memory of its own:
+FA4's loops already carry their pipeline state from tile to tile, but FA4 writes O into Q's
+buffer, which the producer refills with the next tile's Q while the epilogue still writes O.
 """
 
 from __future__ import annotations
