@@ -93,12 +93,10 @@ class UnitGroups:
 
 class PersistentLPTScheduler(SingleTileLPTScheduler):
     """FA4's LPT tile order (L2 sections, longest tiles first when causal), walked by a grid of
-    at most ``sms`` CTAs: CTA ``c`` takes tiles ``c``, ``c + grid``, ... So a CTA's producer
+    at most one CTA per SM: CTA ``c`` takes tiles ``c``, ``c + grid``, ... So a CTA's producer
     loads its next tile's Q and K/V while its consumers finish the last one (FA4 launches one
     CTA per tile: on 2048-row segments every tile paid its loads' latency before its first MMA,
     8.5 key blocks per causal tile on average)."""
-
-    sms = 132  # set per kernel (:meth:`GroupedForwardSm90.__call__`): the GPU's SM count
 
     @staticmethod
     @cute.jit
@@ -106,9 +104,10 @@ class PersistentLPTScheduler(SingleTileLPTScheduler):
         tile_idx, _, _ = cute.arch.block_idx()
         return PersistentLPTScheduler(params, tile_idx, Int32(0), loc=loc, ip=ip)
 
-    @classmethod
-    def grid(cls, params):
-        return (cutlass.min(params.total_blocks, cls.sms), Int32(1), Int32(1))
+    @staticmethod
+    def grid(params, sms: int):
+        """The launch grid: every tile's own CTA, or ``sms`` (the GPU's SM count) if fewer."""
+        return (cutlass.min(params.total_blocks, sms), Int32(1), Int32(1))
 
     def advance_to_next_work(self, *, loc=None, ip=None):
         self._tile_idx += cute.arch.grid_dim()[0]
@@ -284,7 +283,6 @@ class GroupedForwardSm90(UnitGroups, ZeroingForwardSm90):
         )
         if const_expr(self.persistent_sms > 0):
             TileScheduler = PersistentLPTScheduler
-            TileScheduler.sms = self.persistent_sms
         tile_sched_args = TileSchedulerArguments(
             cute.ceil_div(cute.size(mQ.shape[0]), self.tile_m),
             1,
@@ -304,7 +302,7 @@ class GroupedForwardSm90(UnitGroups, ZeroingForwardSm90):
         )
         tile_sched_params = TileScheduler.to_underlying_arguments(tile_sched_args)
         if const_expr(self.persistent_sms > 0):
-            grid_dim = PersistentLPTScheduler.grid(tile_sched_params)
+            grid_dim = PersistentLPTScheduler.grid(tile_sched_params, self.persistent_sms)
         else:
             grid_dim = TileScheduler.get_grid_shape(tile_sched_params)
         softmax_scale_log2, softmax_scale = utils.compute_softmax_scale_log2(
