@@ -53,7 +53,7 @@ ALL_TILES_MAX = 4096
 # "never" (experiments/overheads.py --group-persistent; read when a plan's launches are made).
 # Step 35 on an H200: causal forwards back to back 2-4% faster than the configs' own kernels at
 # 131K, 262K and 1M (single calls within their spread), bit-identical; non-causal 131K 6-7%
-# slower; at 32K (one CTA per tile already one launch) 2-5% slower
+# slower; at 32K (one CTA per tile already one launch) 3-7% slower
 PERSISTENT = "causal"
 PERSISTENCE = ("causal", "always", "never")
 
