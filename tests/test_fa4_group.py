@@ -254,3 +254,56 @@ def test_persistent_grid_is_keyed_and_checked(monkeypatch):
     monkeypatch.setattr(fa4_group, "PERSISTENT", True)  # not one of the three
     with pytest.raises(ValueError, match="PERSISTENT must be one of"):
         fa4_group.persistent(groups, True)
+
+
+def test_persistent_order_takes_the_most_zeros_first(fake_fa4, monkeypatch):
+    groups, shifts = groups_of()  # group 1 writes zeros, group 0 none
+    assert fa4_group.order(groups, False, shifts) == (0, 1)  # within the bound: the plan's
+    monkeypatch.setattr(fa4_group, "ALL_TILES_MAX", 0)
+    monkeypatch.setattr(fa4_group, "PERSISTENT", "always")
+    assert fa4_group.order(groups, False, shifts) == (0, 1)  # ORDER "plan"
+    monkeypatch.setattr(fa4_group, "ORDER", "zeros_first")
+    assert fa4_group.order(groups, False, shifts) == (1, 0)
+    monkeypatch.setattr(fa4_group, "PERSISTENT", "causal")
+    assert fa4_group.order(groups, False, shifts) == (0, 1)  # not persistent: the plan's
+    assert fa4_group.order(groups, True, shifts) == (1, 0)
+    monkeypatch.setattr(fa4_group, "ORDER", "zeros first")
+    with pytest.raises(ValueError, match="ORDER must be one of"):
+        fa4_group.order(groups, True, shifts)
+
+
+def test_a_reordered_launch_writes_every_group(fake_fa4, monkeypatch):
+    """The kernel gets the groups (and their shifts) in :func:`fa4_group.order`'s order, through
+    ``forward_group_`` and a prepared ``grouper`` alike, and every group's rows and zeros end
+    where the plan's order put them."""
+    monkeypatch.setattr(fa4_group, "ALL_TILES_MAX", 0)
+    monkeypatch.setattr(fa4_group, "ORDER", "zeros_first")
+    seen = []
+
+    def compile_(key, groups):
+        def kernel(qs, ks, vs, outs, lses_bhl, scale):
+            seen.append(tuple(q.shape[2] for q in qs))
+            for q, k, v, out, lse, group_shifts in zip(qs, ks, vs, outs, lses_bhl, key[6]):
+                out_block, lse_block = fa4.forward(q, k, v, True, scale)
+                out.copy_(out_block)
+                lse.transpose(1, 2).copy_(lse_block)
+                for shift in group_shifts:
+                    shifted(out, shift).zero_()
+
+        return kernel
+
+    monkeypatch.setattr(fa4_group, "_compile", compile_)
+    monkeypatch.setattr(fa4_group, "_COMPILED", {})
+    groups, shifts = groups_of()
+    call = fa4_group.grouper(groups, True, shifts)
+    for _ in range(2):  # the first call through the guard, the second straight to the kernel
+        for *_, out, lse in groups:
+            out.fill_(float("nan"))
+            lse.fill_(float("nan"))
+        assert call(groups, 0.5)
+        for q, k, v, out, lse in groups:
+            out_ref, lse_ref = fa4.forward(q, k, v, True, 0.5)
+            torch.testing.assert_close(out, out_ref)
+            torch.testing.assert_close(lse, lse_ref)
+        assert (shifted(groups[1][3], shifts[1][0]) == 0).all()
+    assert seen and set(seen) == {(2, 1)}  # group 1 (two heads, zeros) first
