@@ -355,7 +355,6 @@ def dilated_backward(
         # fill waits for the launches below, which may write some of its zeros themselves
         to_fill = new_grads(q, 3 if stack_grads else 1, 1 if stack_grads else 3)
         grads = [g for buffer in to_fill for g in buffer.unbind(0)]
-    fill = spec.plan.selection
 
     tensors = (dout, q, k, v, out, lse, *grads)
     layouts = layouts_of(tensors)  # (one key for the preparations below)
@@ -381,6 +380,7 @@ def dilated_backward(
     # replays do not spend, and replayed it was 2-3% slower than the configs' kernels on lanes
     # (h200_perf.md step 33)
     grouped: frozenset[int] = frozenset()
+    group = None
     if spec.plan.disjoint and placed_launches and not _capturing(lse):
         whole = prepared(
             spec,
@@ -398,29 +398,26 @@ def dilated_backward(
         if "group" not in whole.derived:
             whole.derived["group"] = grouped_backward_launch(spec, whole, tensors)
         group = whole.derived["group"]
-        if group is not None:
-            blocks_done, geometries, unit_index, launch, zeroed = group
-            if zeroed is not None:  # the launch writes these configs' zeros, declined or not
-                fill = zeroed
-            if to_fill:  # (before the launch: the GPU starts on it while the host goes on)
-                for buffer in to_fill:
-                    fill_unselected_(buffer.flatten(0, 1), fill, spec.memory)
-                to_fill = ()
-
-            def groups_of(full: bool) -> list:
-                # (without out and lse unless asked: the kernels read those whole, ten views
-                # fewer per call)
-                return [views(tensors, g) for g in geometries[0 if full else 1]]
-
-            if launch(groups_of, dout, out, lse, unit_index):
-                grouped = blocks_done
-            elif zeroed is not None:  # declined: the zeros it would have written
-                for geometry, shifts in zip(geometries[0], geometries[2], strict=True):
-                    for grad in views(tensors, geometry)[6:]:
-                        for shift in shifts:
-                            shifted(grad, shift).zero_()
+    # the zeros no launch writes (a grouped launch writes its configs' own, declined or not);
+    # before the grouped launch, so the GPU starts on them while the host goes on
+    fill = spec.plan.selection if group is None or group[4] is None else group[4]
     for buffer in to_fill:
         fill_unselected_(buffer.flatten(0, 1), fill, spec.memory)
+    if group is not None:
+        blocks_done, geometries, unit_index, launch, zeroed = group
+
+        def groups_of(full: bool) -> list:
+            # (without out and lse unless asked: the kernels read those whole, ten views fewer
+            # per call)
+            return [views(tensors, g) for g in geometries[0 if full else 1]]
+
+        if launch(groups_of, dout, out, lse, unit_index):
+            grouped = blocks_done
+        elif zeroed is not None:  # declined: the zeros it would have written
+            for geometry, shifts in zip(geometries[0], geometries[2], strict=True):
+                for grad in views(tensors, geometry)[6:]:
+                    for shift in shifts:
+                        shifted(grad, shift).zero_()
     # the placed launches' LSE rows gathered into one buffer in the layout the computer reads
     # (launches.packed), where it would copy each launch's: one kernel instead of one per launch
     packed_tensors, repacked = tensors, {}
