@@ -626,6 +626,9 @@ def group(
                 else:
                     assert fa4_zero.forward_zero_(q, k, v, causal, scale, out, lse, group_shifts)
 
+        selected = torch.zeros(1, size, h, dtype=torch.bool, device=device)
+        for block in plan.blocks:
+            block.rows(selected).fill_(True)
         try:
             variants = {}
             for each in persistent:
@@ -649,9 +652,6 @@ def group(
                     if lse is not None:
                         lse_err = max(lse_err, float((lse - ref_lse).abs().max()))
                 row[f"out_max_abs{tag}"], row[f"lse_max_abs{tag}"] = out_err, lse_err
-                selected = torch.zeros(1, size, h, dtype=torch.bool, device=device)
-                for block in plan.blocks:
-                    block.rows(selected).fill_(True)
                 row[f"zeros_exact{tag}"] = bool((out_full[~selected] == 0).all())
             row.update(_gpu_and_host_times(repeats, **variants, per_config=per_config))
         except Exception as exc:  # a probe: report and go on
