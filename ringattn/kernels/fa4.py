@@ -109,13 +109,16 @@ def _warn_unusable(exc: BaseException) -> None:
     )
 
 
-def warn_refused(kernel: str, key: tuple, why: str, instead: str) -> None:
-    """The warning of a fused kernel's first-call guard (``fa4_merge``, ``fa4_zero``,
-    ``fa4_add``) refusing ``kernel`` for ``key``: what it is, why, and what runs instead (the
-    same function)."""
+def refuse(registry: dict, key: tuple, why: str, kernel: str, instead: str) -> str:
+    """A fused kernel's first-call guard (``fa4_merge``, ``fa4_zero``, ``fa4_add``,
+    ``fa4_group``, ``fa4_group_bwd``) refusing ``kernel`` for ``key``: marked refused in its
+    ``registry`` (never tried again), and a warning of what it is, why, and what runs instead
+    (the same function). Returns ``why`` (the module's ``last_refusal``, for probes)."""
+    registry[key] = False
     warnings.warn(
         f"ringattn: {kernel} is not used for {key}: {why}; {instead}", RuntimeWarning, stacklevel=5
     )
+    return why
 
 
 def call_guarded(

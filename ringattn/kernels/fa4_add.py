@@ -142,10 +142,10 @@ def _first_call(key, dout, q, k, v, out, lse, causal, scale, dk: Tensor, dv: Ten
 
 def _refuse(key: tuple, why: str) -> None:
     global last_refusal
-    _CHECKED[key], last_refusal = False, why
-    fa4.warn_refused(
-        "FA4's backward adding dK and dV in its kernel",
+    last_refusal = fa4.refuse(
+        _CHECKED,
         key,
         why,
+        "FA4's backward adding dK and dV in its kernel",
         "merged blocks add their gradients with the add kernel",
     )

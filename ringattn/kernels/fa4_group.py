@@ -294,10 +294,10 @@ def _first_call(key: tuple, groups: Sequence[Group], causal: bool, scale: float)
 
 def _refuse(key: tuple, why: str) -> None:
     global last_refusal
-    _COMPILED[key], last_refusal = False, why
-    fa4.warn_refused(
-        "FA4's forward over several configs in one launch",
+    last_refusal = fa4.refuse(
+        _COMPILED,
         key,
         why,
+        "FA4's forward over several configs in one launch",
         "each config's blocks take their own FA4 forward",
     )

@@ -319,11 +319,11 @@ def _run(kernels, groups_of: GroupsOf, stats, out, dout, lse, index, length: int
 
 def _refuse(key: tuple, why: str) -> None:
     global last_refusal
-    _COMPILED[key], last_refusal = False, why
-    fa4.warn_refused(
-        "FA4's backward over several configs in one launch",
+    last_refusal = fa4.refuse(
+        _COMPILED,
         key,
         why,
+        "FA4's backward over several configs in one launch",
         "each config's blocks take their own FA4 backward",
     )
 

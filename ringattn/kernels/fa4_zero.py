@@ -158,10 +158,10 @@ def _first_call(key, q, k, v, causal: bool, scale: float, out: Tensor, lse_bhl) 
 
 def _refuse(key: tuple, why: str) -> None:
     global last_refusal
-    _COMPILED[key], last_refusal = False, why
-    fa4.warn_refused(
-        "FA4's forward with the unselected rows' zeros in its epilogue",
+    last_refusal = fa4.refuse(
+        _COMPILED,
         key,
         why,
+        "FA4's forward with the unselected rows' zeros in its epilogue",
         "placed blocks take FA4's forward and the core zeroes the rows they leave out",
     )
