@@ -10,11 +10,13 @@ tests/test_distributed.py).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
+import ringattn.api
 from ringattn.kernels import fa4
 
 
@@ -147,13 +149,18 @@ class FakeFA4:
 @contextmanager
 def installed(kernel: FakeFA4) -> Iterator[FakeFA4]:
     """Routes ``ringattn.kernels.fa4`` to ``kernel`` inside the block (CPU tensors stand in for
-    CUDA ones; float64 stays on torch's kernels as on a GPU), and back after it."""
+    CUDA ones; float64 stays on torch's kernels as on a GPU), and back after it. The functional
+    API's cached modules are fresh inside too: a module prepares its launches once, so one made
+    elsewhere (without FA4, or under other switches) would never offer the block's kernels."""
     saved = {name: getattr(fa4, name) for name in ("_kernels", "_REPLAYS", "available")}
+    saved_modules = ringattn.api._MODULES
     fa4._kernels = kernel.kernels
     fa4._REPLAYS = {}  # replays launch the kernels they recorded
     fa4.available = lambda q: q.dtype != torch.float64
+    ringattn.api._MODULES = OrderedDict()
     try:
         yield kernel
     finally:
         for name, value in saved.items():
             setattr(fa4, name, value)
+        ringattn.api._MODULES = saved_modules

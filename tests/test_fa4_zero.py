@@ -17,8 +17,6 @@ a block should write (NaN) and zeroes only the pairs of the selection it is give
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import pytest
 import torch
 from conftest import problems
@@ -93,8 +91,6 @@ def zeroing(monkeypatch):
     """FA4's stand-in installed, the zeroing kernel offered wherever the layouts allow it, the
     core's fill poisoning what the blocks write; yields (monkeypatch, selections the fill got)."""
     selections: list = []
-    # fresh modules: a module's launches are prepared once (by the functional API's cached ones too)
-    monkeypatch.setattr(ringattn.api, "_MODULES", OrderedDict())
     monkeypatch.setattr(
         fa4_zero,
         "supported",
