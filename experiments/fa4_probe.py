@@ -574,16 +574,15 @@ def zero(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
 
 
 def group(
-    n: int, h: int, d: int, repeats: int, device, grids: tuple[str, ...] = ("per_tile",)
+    n: int, h: int, d: int, repeats: int, device, persistent: tuple[bool, ...] = (False,)
 ) -> list[dict]:
     """``ringattn.kernels.fa4_group`` (every ``head_groups`` config's blocks in one FA4 forward)
     against one launch per config (FA4's zeroing forward, or its plain one for ``r = 1``), on
     issue 5's plan at ``n // 4`` (at least its longest segment) and ``n``: each group's rows
     and LSE against FA4's forward, every unselected row 0, nothing left unwritten (the output
     starts NaN), GPU ms and the host's µs per call of both; then the module with it on and
-    off. ``grids``: the grouped kernel's variants, each checked and timed (``grouped`` with one
-    CTA per tile, ``per_tile``; ``grouped_static`` / ``grouped_dynamic`` on a persistent grid,
-    ``fa4_group.PERSISTENT`` "always" with that ``fa4_group.SCHEDULE``)."""
+    off. ``persistent``: the grouped kernel's variants (``fa4_group.PERSISTENT``), each checked
+    and timed (``grouped_persistent``)."""
     from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
     from ringattn.core import neighbour_shifts
     from ringattn.kernels import fa4, fa4_group, fa4_zero
@@ -591,7 +590,7 @@ def group(
 
     rows = []
     scale = d**-0.5
-    defaults = fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX, fa4_group.SCHEDULE
+    default_persistence, default_max = fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX
     # sizes where every config has full segments of one length (one group each, all in one
     # launch: the core would leave tails and other lengths to their own launches)
     sizes = sorted({max(n // 4, max(ISSUE_LENGTHS)), n})
@@ -611,12 +610,11 @@ def group(
         groups, shifts = (list(x) for x in zip(*members))
         row = {"problem": f"n={size} groups={len(groups)} lse={with_lse}", "causal": causal}
 
-        def grouped(groups=groups, shifts=shifts, causal=causal, grid=grids[0]):
+        def grouped(groups=groups, shifts=shifts, causal=causal, persistent=persistent[0]):
             # (every size on the persistent grid, or none)
             fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX = (
-                ("never", defaults[1]) if grid == "per_tile" else ("always", 0)
+                ("always", 0) if persistent else ("never", default_max)
             )
-            fa4_group.SCHEDULE = defaults[2] if grid == "per_tile" else grid
             return fa4_group.forward_group_(groups, causal, scale, shifts)
 
         def per_config(groups=groups, shifts=shifts, causal=causal):
@@ -633,15 +631,15 @@ def group(
             block.rows(selected).fill_(True)
         try:
             variants = {}
-            for grid in grids:
-                tag = "" if grid == "per_tile" else f"_{grid}"
-                variants[f"grouped{tag}"] = partial(grouped, grid=grid)
+            for each in persistent:
+                tag = "_persistent" if each else ""
+                variants[f"grouped{tag}"] = partial(grouped, persistent=each)
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     out_full.fill_(float("nan"))
-                    took = grouped(grid=grid)
+                    took = grouped(persistent=each)
                     out_full.fill_(float("nan"))  # the second call must write all of it
-                    took = took and grouped(grid=grid)
+                    took = took and grouped(persistent=each)
                 torch.cuda.synchronize()
                 row[f"took{tag}"] = took
                 row[f"warnings{tag}"] = [str(x.message)[:400] for x in caught][:3]
@@ -661,8 +659,8 @@ def group(
             row["refusal"] = (fa4_group.last_refusal or "")[:3000]
         print(json.dumps(row), flush=True)
         rows.append(row)
-    fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX, fa4_group.SCHEDULE = defaults
-    if len(grids) > 1:  # the kernels' own A/B; the module's is overheads --group-persistent
+    fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX = default_persistence, default_max
+    if len(persistent) > 1:  # the kernels' own A/B; the module's is overheads --group-persistent
         return rows
     names = ("grouped", "per_config")
     modules = _module_ab(n, h, d, repeats, device, "head_groups", fa4_group, names)
@@ -673,11 +671,8 @@ def group(
 def persistent(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     """:func:`group`'s kernel checks and timings with the grouped forward on one CTA per tile
     and on a persistent grid (``fa4_group.PERSISTENT`` "never" / "always" with no tile bound),
-    its tiles shared out statically or drawn from a counter (``fa4_group.SCHEDULE``), at
-    ``n // 4`` and ``n``."""
-    from ringattn.kernels import fa4_group
-
-    return group(n, h, d, repeats, device, grids=("per_tile", *fa4_group.SCHEDULES))
+    at ``n // 4`` and ``n``."""
+    return group(n, h, d, repeats, device, persistent=(False, True))
 
 
 def group_bwd(n: int, h: int, d: int, repeats: int, device) -> list[dict]:

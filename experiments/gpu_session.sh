@@ -22,8 +22,6 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh persistent_long # ~7 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh persistent_again # ~3 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh persistent_order # ~7 min
-#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh dynamic  # ~4 min
-#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh dynamic_ab # ~6 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #
@@ -52,8 +50,7 @@
 #   (overheads --group yes no, two turns, 32K and 131K, causal or not) and the 131K causal
 #   forward's kernel timeline; group_bwd: head_groups' configs in one FA4 backward
 #   (ringattn.kernels.fa4_group_bwd; step 33; verify, zeros and causal_group: step 34, and
-#   persistent, persistent_long and persistent_again: step 35; persistent_order, dynamic and
-#   dynamic_ab: step 36; each described where it runs
+#   persistent, persistent_long and persistent_again: step 35, each described where it runs
 #   below): the kernel's probe (fa4_probe --part group_bwd:
 #   gradients against FA4's per-config backward, ms and host µs at 32K and 131K), the module A/B
 #   (overheads --group-bwd yes no, two turns, 32K / 65K / 131K, causal or not; from 65K the
@@ -66,7 +63,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|persistent_order|dynamic|dynamic_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|persistent_order|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -74,7 +71,7 @@ bench=(python -m experiments.bench --computers sdpa --dilations segment_local --
 brief() { # overheads.json rows, a short line each: the A/B choices, ms, host ms, peaks, errors
     python - "$@" <<'PY'
 import json, sys
-keys = ("n", "mixing", "causal", "lanes", "fill", "zero", "pack_lse", "group", "group_bwd", "group_bwd_zero", "group_bwd_max", "group_persistent", "group_max", "group_order", "group_schedule", "bwd_merge", "fwd_ms",
+keys = ("n", "mixing", "causal", "lanes", "fill", "zero", "pack_lse", "group", "group_bwd", "group_bwd_zero", "group_bwd_max", "group_persistent", "group_max", "group_order", "bwd_merge", "fwd_ms",
         "fwdbwd_ms", "fwd_ms_b2b", "fwdbwd_ms_b2b", "fwd_host_ms", "fwdbwd_host_ms", "fwdbwd_mem_vs_io", "vs_first_err",
         "graph_fwd_ms", "graph_fwdbwd_ms", "graph_fwd_err", "graph_fwdbwd_err")
 for path in sys.argv[1:]:
@@ -267,43 +264,6 @@ persistent_again)
         --group-persistent never always --group-max 4096 65536 --steady --repeats 10 \
         --out "$out/ab" >"$out/ab.log" 2>&1
     summary="$(brief "$out"/ab/overheads.json)"
-    ;;
-dynamic)
-    # step 36: the persistent grid's tiles drawn from a counter (fa4_group.SCHEDULE "dynamic":
-    # a scheduler warp's atomicAdd, the tile passed on through shared memory) against its
-    # static share and one CTA per tile: the kernels' checks and times at 32K and 131K
-    # (fa4_probe --part persistent: rows and LSE against FA4's forward of each group, zeros,
-    # nothing left NaN), then the GPU oracle check with every grouped forward drawing its tiles
-    # (PERSISTENT "always", ALL_TILES_MAX 0). Each under a timeout: a barrier miscounted hangs
-    timeout 240 python -m experiments.fa4_probe --part persistent --n 131072 --repeats 10 \
-        --out "$out" >"$out/probe.log" 2>&1 || echo "probe: exit $?" >>"$out/probe.log"
-    timeout 240 python -c "from ringattn.kernels import fa4_group; fa4_group.PERSISTENT = 'always'
-fa4_group.ALL_TILES_MAX = 0
-fa4_group.SCHEDULE = 'dynamic'
-from experiments import flex_gpu; flex_gpu.main(['--part', 'check', '--out', '$out/flex_gpu_check'])" \
-        >"$out/check.log" 2>&1 || echo "check: exit $?" >>"$out/check.log"
-    summary="$(tail -n 2 "$out/probe.log" "$out/check.log")
-$(grep -h "Correctness" "$out/flex_gpu_check/flex_gpu_check.md")
-$(python - "$out/fa4_probe_persistent.json" <<'PY'
-import json, sys
-for row in json.load(open(sys.argv[1])):
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-                   if not k.startswith(("warnings", "refusal")) and not k.endswith("host_us")))
-PY
-)"
-    ;;
-dynamic_ab)
-    # step 36, after `dynamic`: the module at 131K and 1M, causal or not, the grouped forward on
-    # the persistent grid (PERSISTENT "always") with its tiles drawn or shared out, against the
-    # configs' own kernels (PERSISTENT "never", run twice: the spread)
-    for causal in "--causal" ""; do
-        # shellcheck disable=SC2086
-        timeout 280 python -m experiments.overheads --n 131072 1048576 --mixing head_groups \
-            $causal --split 8 --group-persistent always never --group-schedule dynamic static \
-            --steady --repeats 5 --out "$out/ab${causal:+_causal}" \
-            >"$out/ab${causal:+_causal}.log" 2>&1 || echo "exit $?" >>"$out/ab${causal:+_causal}.log"
-    done
-    summary="$(brief "$out"/ab*/overheads.json)"
     ;;
 persistent_order)
     # after step 35 (prepared, not run): the persistent grid with the groups writing the most

@@ -251,7 +251,6 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 args.group_persistent,
                 args.group_max,
                 args.group_order,
-                args.group_schedule,
             )
         )
         first_results = None  # every choice must compute what the first one did
@@ -278,7 +277,6 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 group_persistent,
                 group_max,
                 group_order,
-                group_schedule,
             ) = choice
             pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
             SDPAComputer.in_place = in_place == "yes"
@@ -300,7 +298,6 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             fa4_group.PERSISTENT = group_persistent
             fa4_group.ALL_TILES_MAX = int(group_max)
             fa4_group.ORDER = group_order
-            fa4_group.SCHEDULE = group_schedule
             attention = ringattn.DilatedAttention(
                 ISSUE_LENGTHS,
                 ISSUE_RATES,
@@ -340,7 +337,6 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "group_persistent": group_persistent,
                     "group_max": int(group_max),
                     "group_order": group_order,
-                    "group_schedule": group_schedule,
                     **stats,
                     "fwd_tflops": flops_f / stats["fwd_ms"] / 1e9,
                     "fwdbwd_tflops": 3.5 * flops_f / stats["fwdbwd_ms"] / 1e9,
@@ -489,11 +485,6 @@ def main(argv: list[str] | None = None) -> None:
             "head_groups: the groups' order on the persistent grid "
             "(ringattn.kernels.fa4_group.ORDER)",
         ),
-        "--group-schedule": (
-            sorted(fa4_group.SCHEDULES, key=lambda o: o != fa4_group.SCHEDULE),
-            "head_groups: how the persistent grid's CTAs get their tiles, a static share or "
-            "drawn from a counter (ringattn.kernels.fa4_group.SCHEDULE)",
-        ),
         "--forward": (
             list(CUDA_FORWARDS),
             "sdpa's forward through FlashAttention-4 where it runs (auto), or torch's kernels "
@@ -521,9 +512,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     default_merge = SDPAComputer.fa4_backward_merge
     default_group_bwd_max = fa4_group_bwd.ALL_TILES_MAX
-    default_group = (
-        *(fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX, fa4_group.ORDER, fa4_group.SCHEDULE),
-    )
+    default_group = fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX, fa4_group.ORDER
     try:
         for n in args.n:
             rows += probe(n, args, traces)
@@ -545,9 +534,7 @@ def main(argv: list[str] | None = None) -> None:
         fa4_group_bwd.ENABLED = True
         fa4_group_bwd.ZEROING = "causal"
         fa4_group_bwd.ALL_TILES_MAX = default_group_bwd_max
-        fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX, fa4_group.ORDER, fa4_group.SCHEDULE = (
-            default_group
-        )
+        fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX, fa4_group.ORDER = default_group
         SDPAComputer.fa4_backward_merge = default_merge
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overheads.json").write_text(json.dumps({"rows": rows, "traces": traces}))

@@ -247,30 +247,13 @@ def test_support_rules(monkeypatch):
 def test_persistent_grid_is_keyed_and_checked(monkeypatch):
     groups, shifts = groups_of()
     # within the bound one CTA per tile (0); past it the SM count bounds the grid
-    assert fa4_group._key(groups, True, shifts)[-2:] == (0, False)
+    assert fa4_group._key(groups, True, shifts)[-1] == 0
     monkeypatch.setattr(fa4_group, "ALL_TILES_MAX", 7)
-    assert fa4_group._key(groups, True, shifts)[-2:] == (132, False)  # (no GPU here)
-    assert fa4_group._key(groups, False, shifts)[-2:] == (0, False)
+    assert fa4_group._key(groups, True, shifts)[-1] == 132  # (no GPU here)
+    assert fa4_group._key(groups, False, shifts)[-1] == 0
     monkeypatch.setattr(fa4_group, "PERSISTENT", True)  # not one of the three
     with pytest.raises(ValueError, match="PERSISTENT must be one of"):
         fa4_group.persistent(groups, True)
-
-
-def test_only_a_persistent_grid_draws_its_tiles(monkeypatch):
-    """SCHEDULE "dynamic" is its own compiled kernel, and only where the grid is persistent
-    (one CTA per tile has no tiles to hand out)."""
-    groups, shifts = groups_of()
-    monkeypatch.setattr(fa4_group, "SCHEDULE", "dynamic")
-    assert not fa4_group.dynamic(groups, True)  # within the bound
-    assert fa4_group._key(groups, True, shifts)[-2:] == (0, False)
-    monkeypatch.setattr(fa4_group, "ALL_TILES_MAX", 7)
-    assert fa4_group.dynamic(groups, True) and not fa4_group.dynamic(groups, False)
-    assert fa4_group._key(groups, True, shifts)[-2:] == (132, True)
-    monkeypatch.setattr(fa4_group, "SCHEDULE", "static")
-    assert fa4_group._key(groups, True, shifts)[-2:] == (132, False)
-    monkeypatch.setattr(fa4_group, "SCHEDULE", "counter")
-    with pytest.raises(ValueError, match="SCHEDULE must be one of"):
-        fa4_group.dynamic(groups, True)
 
 
 def test_persistent_order_takes_the_most_zeros_first(fake_fa4, monkeypatch):

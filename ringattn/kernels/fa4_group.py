@@ -57,14 +57,6 @@ ALL_TILES_MAX = 4096
 PERSISTENT = "causal"
 PERSISTENCE = ("causal", "always", "never")
 
-# how a persistent grid's CTAs get their tiles (experiments/overheads.py --group-schedule):
-# "static" (CTA c takes tiles c, c + grid, ... of one order: fa4_group_sm90.PersistentLPTScheduler)
-# or "dynamic" (after its first, each CTA draws its next tile from a counter, one zeroed Int32
-# per launch: fa4_group_sm90.DynamicLPTScheduler). Step 35 had the static share 6-7% slower than
-# one CTA per tile on non-causal 131K, whose tiles' zero stores are uneven
-SCHEDULE = "static"
-SCHEDULES = ("static", "dynamic")
-
 # the groups' order on a persistent grid, whose CTAs take every grid-th tile of one fixed order
 # (experiments/overheads.py --group-order): "plan" (the plan's, r = 1 first, so the configs
 # writing the most zero rows come last), or "zeros_first" (most zero rows first, so the lightest
@@ -110,13 +102,6 @@ def order(
     return tuple(sorted(indices, key=lambda g: -len(shifts[g])))  # (stable: ties keep the plan's)
 
 
-def dynamic(groups: Sequence[Group], causal: bool) -> bool:
-    """Whether these groups' launch draws its tiles from a counter (see :data:`SCHEDULE`)."""
-    if SCHEDULE not in SCHEDULES:
-        raise ValueError(f"fa4_group.SCHEDULE must be one of {SCHEDULES}, got {SCHEDULE!r}")
-    return SCHEDULE == "dynamic" and persistent(groups, causal)
-
-
 def supported(groups: Sequence[Group], shifts: Sequence[tuple[int, ...]], causal: bool) -> bool:
     """Whether one kernel takes these groups here: two or more, with no more than
     :data:`ALL_TILES_MAX` query tiles in all or a :func:`persistent` launch, on an SM90 GPU with
@@ -143,9 +128,8 @@ def supported(groups: Sequence[Group], shifts: Sequence[tuple[int, ...]], causal
 def _key(groups: Sequence[Group], causal: bool, shifts: Sequence[tuple[int, ...]]) -> tuple:
     """What a compiled kernel is specialised for: dtype, head dim, causality, the tiles
     (``fa4.FORWARD_CONFIG``), each group's head count and shifts, which dim of each ``[B, H,
-    L]`` LSE view has stride 1 (compiled in as a constant; None: none, or no LSE), the
-    persistent grid's bound (the GPU's SM count; 0: one CTA per tile) and whether it draws its
-    tiles from a counter."""
+    L]`` LSE view has stride 1 (compiled in as a constant; None: none, or no LSE), and the
+    persistent grid's bound (the GPU's SM count; 0: one CTA per tile)."""
     q0, lse0 = groups[0][0], groups[0][4]
     units = tuple(
         None
@@ -156,11 +140,7 @@ def _key(groups: Sequence[Group], causal: bool, shifts: Sequence[tuple[int, ...]
     heads = tuple(group[0].shape[2] for group in groups)
     config = fa4.FORWARD_CONFIG.get(causal)
     sms = _sm_count(q0) if persistent(groups, causal) else 0
-    drawn = dynamic(groups, causal)
-    return (
-        *(q0.dtype, q0.shape[-1], causal, config, lse0 is None),
-        *(heads, tuple(shifts), units, sms, drawn),
-    )
+    return q0.dtype, q0.shape[-1], causal, config, lse0 is None, heads, tuple(shifts), units, sms
 
 
 def _sm_count(q: Tensor) -> int:
@@ -238,7 +218,7 @@ def _compile(key: tuple, groups: Sequence[Group]) -> Callable:
     cute = importlib.import_module("cutlass.cute")
     dsl_utils = importlib.import_module("flash_attn.cute.cute_dsl_utils")
     sm90 = importlib.import_module("ringattn.kernels.fa4_group_sm90")
-    dtype, head_dim, causal, config, _, heads, shifts, units, sms, drawn = key
+    dtype, head_dim, causal, config, _, heads, shifts, units, sms = key
     kernel = fa4_merge.forward_kernel(
         sm90.GroupedForwardSm90,
         dtype,
@@ -248,7 +228,6 @@ def _compile(key: tuple, groups: Sequence[Group]) -> Callable:
         heads=heads,
         zero_shifts=shifts,
         persistent_sms=sms,
-        dynamic=drawn,
     )
     qs, ks, vs, outs, lses_bhl = _operands(groups)
     args = [tuple(dsl_utils.to_cute_tensor(x) for x in xs) for xs in (qs, ks, vs)]
@@ -257,8 +236,6 @@ def _compile(key: tuple, groups: Sequence[Group]) -> Callable:
         args.append(None)
     else:
         args.append(tuple(fa4_merge.lse_tensor(x, unit) for x, unit in zip(lses_bhl, units)))
-    device = qs[0].device
-    args.append(dsl_utils.to_cute_tensor(_counter(device)) if drawn else None)
     cache = fa4_merge._jit_cache()
     # (the kernel's source: its module, the zeroing kernel it extends, and the modules that
     # make it and its arguments)
@@ -273,15 +250,9 @@ def _compile(key: tuple, groups: Sequence[Group]) -> Callable:
         cache[cache_key] = compiled
 
     def launch(qs, ks, vs, outs, lses_bhl, scale) -> None:
-        compiled(qs, ks, vs, outs, lses_bhl, _counter(device) if drawn else None, scale)
+        compiled(qs, ks, vs, outs, lses_bhl, scale)
 
     return launch
-
-
-def _counter(device: torch.device) -> Tensor:
-    """A dynamic launch's tile counter: zeroed on the launch's stream, one per launch (so
-    launches on concurrent streams, or replayed from a CUDA graph, never share one)."""
-    return torch.zeros(1, dtype=torch.int32, device=device)
 
 
 def _first_call(key: tuple, groups: Sequence[Group], causal: bool, scale: float) -> bool:

@@ -25,8 +25,6 @@ With ``persistent_sms`` the grid is at most that many CTAs, each walking the sam
 with a stride of the grid (:class:`PersistentLPTScheduler`), and O has shared memory of its own:
 FA4's loops already carry their pipeline state from tile to tile, but FA4 writes O into Q's
 buffer, which the producer refills with the next tile's Q while the epilogue still writes O.
-With ``dynamic`` too, the tiles after each CTA's first are drawn from a counter
-(:class:`DynamicLPTScheduler`) in the same order, so no CTA is left with the heavier share.
 """
 
 from __future__ import annotations
@@ -46,7 +44,6 @@ from flash_attn.cute.flash_fwd import FlashAttentionForwardBase
 from flash_attn.cute.mask import AttentionMask
 from flash_attn.cute.seqlen_info import SeqlenInfoQK
 from flash_attn.cute.tile_scheduler import (
-    SchedulerState,
     SingleTileLPTScheduler,
     SingleTileScheduler,
     TileSchedulerArguments,
@@ -117,86 +114,6 @@ class PersistentLPTScheduler(SingleTileLPTScheduler):
         return self.get_current_work()
 
 
-class DynamicLPTScheduler(PersistentLPTScheduler):
-    """:class:`PersistentLPTScheduler`'s tile order handed out by a counter instead of a static
-    share: CTA ``c`` starts on tile ``c``, and each later tile is ``grid + atomicAdd(counter, 1)``,
-    drawn by one scheduler warp (:meth:`GroupedForwardSm90.hand_out`) and passed to the CTA's
-    producer and consumers through shared memory (FA4's ``DynamicPersistentSchedulerState``: one
-    stage, the tile index in its first slot). So a CTA that drew light tiles (``r = 1`` rows, or
-    short causal ones) takes more of them, as the hardware's hand-out of one-tile CTAs does.
-    ``counter``: a zeroed Int32 in global memory, one per launch."""
-
-    def __init__(self, params, tile_idx, split_idx, ctx, counter, *, loc=None, ip=None):
-        super().__init__(params, tile_idx, split_idx, loc=loc, ip=ip)
-        self._ctx = ctx
-        self._counter = counter
-
-    @staticmethod
-    @cute.jit
-    def create(params, ctx, counter, *, loc=None, ip=None) -> DynamicLPTScheduler:
-        tile_idx, _, _ = cute.arch.block_idx()
-        return DynamicLPTScheduler(params, tile_idx, Int32(0), ctx, counter, loc=loc, ip=ip)
-
-    @staticmethod
-    def make(params, work_info: cute.Tensor, pipeline_sched, counter) -> DynamicLPTScheduler:
-        """A scheduler for one role (the scheduler warp, the loading warp or the consumers),
-        with pipeline states of its own."""
-        ctx = SchedulerState.create_dynamic_persistent(
-            work_info=work_info,
-            pipeline=pipeline_sched,
-            consumer_state=pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1),
-            producer_state=pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1),
-        )
-        return DynamicLPTScheduler.create(params, ctx, counter)
-
-    def prefetch_next_work(self, *, loc=None, ip=None):
-        """Nothing: the scheduler warp draws the tiles (:meth:`draw_next_work`)."""
-
-    @cute.jit
-    def draw_next_work(self):
-        """The scheduler warp's step: draw the next tile and publish it (an index past the last
-        tile tells every reader to stop)."""
-        tile_idx = Int32(0)
-        if cute.arch.lane_idx() == 0:
-            tile_idx = cute.arch.grid_dim()[0] + utils.atomic_add_i32(1, self._counter)
-        tile_idx = cute.arch.shuffle_sync(tile_idx, 0)
-        self._ctx.producer_acquire()
-        with cute.arch.elect_one():
-            self._ctx.write_work_info(tile_idx, Int32(0), Int32(0), Int32(0))
-            self._ctx.producer_commit()
-        self._ctx.advance_producer_state()
-        self._tile_idx = tile_idx
-        return self.get_current_work()
-
-    @cute.jit
-    def advance_to_next_work(self, *, loc=None, ip=None):
-        self._ctx.consumer_wait()
-        self._tile_idx = self._ctx._work_info[0]
-        self._ctx.consumer_release()
-        return self.get_current_work()
-
-    def producer_tail(self, *, loc=None, ip=None):
-        self._ctx.producer_tail(loc=loc, ip=ip)
-
-    def __extract_mlir_values__(self):
-        values, self._values_pos = [], []
-        for obj in (self.params, self._tile_idx, self._split_idx, self._ctx, self._counter):
-            obj_values = cutlass.extract_mlir_values(obj)
-            values += obj_values
-            self._values_pos.append(len(obj_values))
-        return values
-
-    def __new_from_mlir_values__(self, values):
-        objs = []
-        for obj, n_items in zip(
-            (self.params, self._tile_idx, self._split_idx, self._ctx, self._counter),
-            self._values_pos,
-        ):
-            objs.append(cutlass.new_from_mlir_values(obj, values[:n_items]))
-            values = values[n_items:]
-        return self.__class__(*objs, loc=self._loc)
-
-
 class GroupedForwardSm90(UnitGroups, ZeroingForwardSm90):
     """FA4's SM90 forward over ``len(heads)`` groups of blocks of one sequence length.
 
@@ -211,7 +128,6 @@ class GroupedForwardSm90(UnitGroups, ZeroingForwardSm90):
         heads: tuple[int, ...] = (),
         zero_shifts: tuple[tuple[int, ...], ...] = (),
         persistent_sms: int = 0,
-        dynamic: bool = False,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -220,10 +136,6 @@ class GroupedForwardSm90(UnitGroups, ZeroingForwardSm90):
         # output's shared memory then its own (FA4's aliases Q's, which the producer refills
         # for the next tile while the epilogue still writes O)
         self.persistent_sms = persistent_sms
-        # the persistent grid's tiles handed out by a counter (DynamicLPTScheduler), not shared
-        # out statically
-        self.dynamic = dynamic
-        assert not dynamic or persistent_sms > 0
         self.zero_shifts = tuple(tuple(s) for s in zero_shifts) or ((),) * len(self.heads)
         assert len(self.zero_shifts) == len(self.heads) > 0
 
@@ -248,11 +160,6 @@ class GroupedForwardSm90(UnitGroups, ZeroingForwardSm90):
         mbar_KV = cute.struct.MemRange[cutlass.Int64, self.num_stages * 2]
         # (fields in FA4's order; made with type(): this module's annotations are strings)
         fields = dict(mbar_ptr_Q=mbar_Q, mbar_ptr_K=mbar_KV, mbar_ptr_V=mbar_KV)
-        if const_expr(self.dynamic):  # the drawn tile's barriers (full, empty) and slots
-            fields.update(
-                mbar_sched=cute.struct.MemRange[cutlass.Int64, 2],
-                sched_tile=cute.struct.MemRange[Int32, 4],
-            )
         fields.update(sV=sV, sQ=sQ, sK=sK, sP=sP, sO=sO)
         SharedStoragePersistent = cute.struct(
             type("SharedStoragePersistent", (), {"__annotations__": fields})
@@ -267,7 +174,6 @@ class GroupedForwardSm90(UnitGroups, ZeroingForwardSm90):
         mVs: tuple,
         mOs: tuple,
         mLSEs: tuple | None,  # per group (B_g, H_g, L), or None: no LSE written
-        mCounter: cute.Tensor | None,  # dynamic: a zeroed Int32 (1,), else None
         softmax_scale: cutlass.Float32,
         stream=None,
     ):
@@ -376,7 +282,7 @@ class GroupedForwardSm90(UnitGroups, ZeroingForwardSm90):
             SingleTileLPTScheduler if const_expr(self.is_causal) else SingleTileScheduler
         )
         if const_expr(self.persistent_sms > 0):
-            TileScheduler = PersistentLPTScheduler  # (or dynamic: its TileSchedulerCls)
+            TileScheduler = PersistentLPTScheduler
         tile_sched_args = TileSchedulerArguments(
             cute.ceil_div(cute.size(mQ.shape[0]), self.tile_m),
             1,
@@ -408,7 +314,6 @@ class GroupedForwardSm90(UnitGroups, ZeroingForwardSm90):
             tuple(t for _, t in tma_V),
             tuple(mOs),
             tuple(mLSEs) if const_expr(mLSEs is not None) else None,
-            mCounter,
             tuple(a for a, _ in tma_Q),
             tuple(a for a, _ in tma_K),
             tuple(a for a, _ in tma_V),
@@ -440,7 +345,6 @@ class GroupedForwardSm90(UnitGroups, ZeroingForwardSm90):
         mVs: tuple,
         mOs: tuple,
         mLSEs: tuple | None,
-        mCounter: cute.Tensor | None,
         tma_atoms_Q: tuple,
         tma_atoms_K: tuple,
         tma_atoms_V: tuple,
@@ -494,16 +398,6 @@ class GroupedForwardSm90(UnitGroups, ZeroingForwardSm90):
             tx_count=self.tma_copy_bytes["V"],
             defer_sync=True,
         )
-        if const_expr(self.dynamic):
-            # the scheduler warp publishes each drawn tile to the producer's loading warp and
-            # to every consumer thread (each arrives when it has read it)
-            pipeline_sched = pipeline.PipelineAsync.create(
-                barrier_storage=storage.mbar_sched.data_ptr(),
-                num_stages=1,
-                producer_group=ThreadCooperativeGroup(1),
-                consumer_group=ThreadCooperativeGroup(cute.arch.WARP_SIZE + self.num_mma_threads),
-                defer_sync=True,
-            )
         pipeline_init_arrive(cluster_shape_mn=self.cluster_shape_mn, is_relaxed=True)
 
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
@@ -533,21 +427,10 @@ class GroupedForwardSm90(UnitGroups, ZeroingForwardSm90):
         )
         AttentionMaskCls = partial(AttentionMask, self.tile_m, self.tile_n)
         TileSchedulerCls = partial(TileScheduler.create, tile_sched_params)
-        if const_expr(self.dynamic):
-            TileSchedulerCls = partial(
-                DynamicLPTScheduler.make,
-                tile_sched_params,
-                storage.sched_tile.get_tensor((4,)),
-                pipeline_sched,
-                mCounter.iterator,
-            )
         pipeline_init_wait(cluster_shape_mn=self.cluster_shape_mn)
 
         if warp_idx < 4:  # producer
             cute.arch.setmaxregister_decrease(self.num_producer_regs)
-            if const_expr(self.dynamic):  # noqa: SIM102 (const_expr: a compile-time branch)
-                if warp_idx == 1:  # (the loading warp is warp 0; 1-3 are otherwise idle)
-                    self.hand_out(TileSchedulerCls())
             self.load_groups(
                 mQs,
                 mKs,
@@ -594,15 +477,6 @@ class GroupedForwardSm90(UnitGroups, ZeroingForwardSm90):
                 TileSchedulerCls,
                 None,
             )
-
-    @cute.jit
-    def hand_out(self, tile_scheduler: DynamicLPTScheduler):
-        """The scheduler warp: draws tiles until one lies past the last (published too, so
-        every reader stops), then waits until all have read it."""
-        work_tile = tile_scheduler.initial_work_tile_info()
-        while work_tile.is_valid_tile:
-            work_tile = tile_scheduler.draw_next_work()
-        tile_scheduler.producer_tail()
 
     @cute.jit
     def load_groups(
