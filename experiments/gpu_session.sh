@@ -21,7 +21,6 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh persistent # ~8 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh persistent_long # ~7 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh persistent_again # ~3 min
-#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh persistent_order # ~7 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #
@@ -63,7 +62,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|persistent_order|spanning|weak}
+part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -71,7 +70,7 @@ bench=(python -m experiments.bench --computers sdpa --dilations segment_local --
 brief() { # overheads.json rows, a short line each: the A/B choices, ms, host ms, peaks, errors
     python - "$@" <<'PY'
 import json, sys
-keys = ("n", "mixing", "causal", "lanes", "fill", "zero", "pack_lse", "group", "group_bwd", "group_bwd_zero", "group_bwd_max", "group_persistent", "group_max", "group_order", "bwd_merge", "fwd_ms",
+keys = ("n", "mixing", "causal", "lanes", "fill", "zero", "pack_lse", "group", "group_bwd", "group_bwd_zero", "group_bwd_max", "group_persistent", "group_max", "bwd_merge", "fwd_ms",
         "fwdbwd_ms", "fwd_ms_b2b", "fwdbwd_ms_b2b", "fwd_host_ms", "fwdbwd_host_ms", "fwdbwd_mem_vs_io", "vs_first_err",
         "graph_fwd_ms", "graph_fwdbwd_ms", "graph_fwd_err", "graph_fwdbwd_err")
 for path in sys.argv[1:]:
@@ -264,27 +263,6 @@ persistent_again)
         --group-persistent never always --group-max 4096 65536 --steady --repeats 10 \
         --out "$out/ab" >"$out/ab.log" 2>&1
     summary="$(brief "$out"/ab/overheads.json)"
-    ;;
-persistent_order)
-    # after step 35 (prepared, not run): the persistent grid with the groups writing the most
-    # zero rows first (fa4_group.ORDER "zeros_first"), so the tiles some CTAs do one more of
-    # are the lightest: the GPU oracle check with it on every grouped forward, then the module
-    # at 131K and 1M, non-causal (where plan order was 6-7% slower than the configs' kernels)
-    # and causal: persistent in either order against the configs' own kernels
-    python -c "from ringattn.kernels import fa4_group; fa4_group.PERSISTENT = 'always'
-fa4_group.ALL_TILES_MAX = 0
-fa4_group.ORDER = 'zeros_first'
-from experiments import flex_gpu; flex_gpu.main(['--part', 'check', '--out', '$out/flex_gpu_check'])" \
-        >"$out/check.log" 2>&1
-    for causal in "" "--causal"; do
-        # shellcheck disable=SC2086
-        python -m experiments.overheads --n 131072 1048576 --mixing head_groups $causal \
-            --split 8 --group-persistent always never --group-order zeros_first plan \
-            --steady --repeats 5 --out "$out/ab${causal:+_causal}" \
-            >"$out/ab${causal:+_causal}.log" 2>&1
-    done
-    summary="$(grep -h "Correctness" "$out/flex_gpu_check/flex_gpu_check.md")
-$(brief "$out"/ab*/overheads.json)"
     ;;
 zeros)
     # step 34: the grouped backward writing its configs' unselected rows' zeros (the gradients'

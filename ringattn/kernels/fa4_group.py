@@ -57,14 +57,6 @@ ALL_TILES_MAX = 4096
 PERSISTENT = "causal"
 PERSISTENCE = ("causal", "always", "never")
 
-# the groups' order on a persistent grid, whose CTAs take every grid-th tile of one fixed order
-# (experiments/overheads.py --group-order): "plan" (the plan's, r = 1 first, so the configs
-# writing the most zero rows come last), or "zeros_first" (most zero rows first, so the lightest
-# tiles are the ones some CTAs do one more of). Step 35 had the persistent grid 6-7% slower than
-# the configs' own kernels on non-causal 131K in plan order; "zeros_first" is not yet measured
-ORDER = "plan"
-ORDERS = ("plan", "zeros_first")
-
 # compiled kernels by key; False: failed to compile or agree
 _COMPILED: dict[tuple, Any] = {}
 _LOCK = threading.Lock()
@@ -87,19 +79,6 @@ def persistent(groups: Sequence[Group], causal: bool) -> bool:
         raise ValueError(f"fa4_group.PERSISTENT must be one of {PERSISTENCE}, got {PERSISTENT!r}")
     takes = PERSISTENT == "always" or (PERSISTENT == "causal" and causal)
     return takes and _tiles(groups) > ALL_TILES_MAX
-
-
-def order(
-    groups: Sequence[Group], causal: bool, shifts: Sequence[tuple[int, ...]]
-) -> tuple[int, ...]:
-    """The groups' indices in the order their launch takes them (see :data:`ORDER`; one CTA
-    per tile keeps the plan's: step 32 had most zeros first slower there)."""
-    if ORDER not in ORDERS:
-        raise ValueError(f"fa4_group.ORDER must be one of {ORDERS}, got {ORDER!r}")
-    indices = tuple(range(len(groups)))
-    if ORDER == "plan" or not persistent(groups, causal):
-        return indices
-    return tuple(sorted(indices, key=lambda g: -len(shifts[g])))  # (stable: ties keep the plan's)
 
 
 def supported(groups: Sequence[Group], shifts: Sequence[tuple[int, ...]], causal: bool) -> bool:
@@ -175,8 +154,6 @@ def forward_group_(
     is not usable (see the module docstring: the caller launches the groups itself)."""
     if not ENABLED:
         return False
-    indices = order(groups, causal, shifts)
-    groups, shifts = [groups[g] for g in indices], [shifts[g] for g in indices]
     key = _key(groups, causal, shifts)
     groups = _restrided(groups)
     return fa4.call_guarded(
@@ -195,13 +172,11 @@ def grouper(
     """:func:`forward_group_` for views of these (example) views' layouts, as ``call(groups,
     scale)``, with the compile key and the re-striding decided here once (a prepared launch
     calls it every forward: ``ringattn.core``)."""
-    indices = order(groups, causal, shifts)
-    groups, shifts = [groups[g] for g in indices], tuple(shifts[g] for g in indices)
     key = _key(groups, causal, shifts)
     restride = any(0 in x.stride() for group in groups for x in group if x is not None)
+    shifts = tuple(shifts)
 
     def call(groups: Sequence[Group], scale: float) -> bool:
-        groups = [groups[g] for g in indices]
         kernel = _COMPILED.get(key)
         if not kernel or restride or not ENABLED:  # first call, refused, off, or unusual
             return forward_group_(groups, causal, scale, shifts)
