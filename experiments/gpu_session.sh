@@ -62,7 +62,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|spanning|weak}
+part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -263,6 +263,26 @@ persistent_again)
         --group-persistent never always --group-max 4096 65536 --steady --repeats 10 \
         --out "$out/ab" >"$out/ab.log" 2>&1
     summary="$(brief "$out"/ab/overheads.json)"
+    ;;
+unit_order)
+    # step 36: the non-causal persistent grid walking a unit's query tiles one after another
+    # (FA4's one-CTA-per-tile order) instead of the L2 sections: the kernels' checks and times
+    # (fa4_probe --part persistent, 32K and 131K), the module at 131K and 1M non-causal
+    # (persistent always / never), then the GPU oracle check with every grouped forward on the
+    # persistent grid; each under a timeout (the device time left was ~7 min)
+    timeout 140 python -m experiments.fa4_probe --part persistent --n 131072 --repeats 10 \
+        --out "$out" >"$out/probe.log" 2>&1 || echo "probe: exit $?" >>"$out/probe.log"
+    timeout 130 python -m experiments.overheads --n 131072 1048576 --mixing head_groups \
+        --split 8 --group-persistent always never --steady --repeats 5 --out "$out/ab" \
+        >"$out/ab.log" 2>&1 || echo "ab: exit $?" >>"$out/ab.log"
+    timeout 110 python -c "from ringattn.kernels import fa4_group; fa4_group.PERSISTENT = 'always'
+fa4_group.ALL_TILES_MAX = 0
+from experiments import flex_gpu; flex_gpu.main(['--part', 'check', '--out', '$out/flex_gpu_check'])" \
+        >"$out/check.log" 2>&1 || echo "check: exit $?" >>"$out/check.log"
+    summary="$(tail -n 1 "$out/probe.log" "$out/ab.log" "$out/check.log")
+$(grep -h "Correctness" "$out/flex_gpu_check/flex_gpu_check.md")
+$(grep -h "^problem=" "$out/probe.log" | grep -v "causal=True" | cut -c1-1500)
+$(brief "$out"/ab/overheads.json)"
     ;;
 zeros)
     # step 34: the grouped backward writing its configs' unselected rows' zeros (the gradients'

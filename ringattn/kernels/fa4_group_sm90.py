@@ -47,6 +47,7 @@ from flash_attn.cute.tile_scheduler import (
     SingleTileLPTScheduler,
     SingleTileScheduler,
     TileSchedulerArguments,
+    WorkTileInfo,
 )
 from quack import copy_utils, layout_utils
 from quack import sm90_utils as quack_sm90_utils
@@ -92,11 +93,28 @@ class UnitGroups:
 
 
 class PersistentLPTScheduler(SingleTileLPTScheduler):
-    """FA4's LPT tile order (L2 sections, longest tiles first when causal), walked by a grid of
+    """FA4's LPT tile order when causal (L2 sections, longest tiles first), walked by a grid of
     at most one CTA per SM: CTA ``c`` takes tiles ``c``, ``c + grid``, ... So a CTA's producer
     loads its next tile's Q and K/V while its consumers finish the last one (FA4 launches one
     CTA per tile: on 2048-row segments every tile paid its loads' latency before its first MMA,
-    8.5 key blocks per causal tile on average)."""
+    8.5 key blocks per causal tile on average). Not causal, the order of FA4's one CTA per
+    tile (``SingleTileScheduler``'s grid: a unit's query tiles one after another, so the CTAs
+    running together share few units' K and V in L2) instead of the L2 sections, which spread
+    them over up to 32 units (step 36: the persistent grid was 3-7% slower non-causal in that
+    order, with tiles shared out statically or drawn from a counter alike)."""
+
+    @cute.jit
+    def get_current_work(self, *, loc=None, ip=None) -> WorkTileInfo:
+        if const_expr(self.params.lpt):
+            return SingleTileLPTScheduler.get_current_work(self)
+        params = self.params
+        unit_and_head = self._tile_idx // params.num_block
+        block = self._tile_idx - unit_and_head * params.num_block
+        batch_idx, head_idx = divmod(unit_and_head, params.num_head_divmod)
+        return WorkTileInfo(
+            (Int32(block), Int32(head_idx), Int32(batch_idx), Int32(self._split_idx)),
+            self._tile_idx < params.total_blocks,
+        )
 
     @staticmethod
     @cute.jit
