@@ -21,6 +21,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh persistent # ~8 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh persistent_long # ~7 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh persistent_again # ~3 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh unit_order # ~6 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #
@@ -49,7 +50,8 @@
 #   (overheads --group yes no, two turns, 32K and 131K, causal or not) and the 131K causal
 #   forward's kernel timeline; group_bwd: head_groups' configs in one FA4 backward
 #   (ringattn.kernels.fa4_group_bwd; step 33; verify, zeros and causal_group: step 34, and
-#   persistent, persistent_long and persistent_again: step 35, each described where it runs
+#   persistent, persistent_long and persistent_again: step 35; unit_order: step 36; each
+#   described where it runs
 #   below): the kernel's probe (fa4_probe --part group_bwd:
 #   gradients against FA4's per-config backward, ms and host µs at 32K and 131K), the module A/B
 #   (overheads --group-bwd yes no, two turns, 32K / 65K / 131K, causal or not; from 65K the
@@ -269,13 +271,14 @@ unit_order)
     # (FA4's one-CTA-per-tile order) instead of the L2 sections: the kernels' checks and times
     # (fa4_probe --part persistent, 32K and 131K), the module at 131K and 1M non-causal
     # (persistent always / never), then the GPU oracle check with every grouped forward on the
-    # persistent grid; each under a timeout (the device time left was ~7 min)
+    # persistent grid; each under a timeout (the device time left was ~7 min: the check took
+    # 124 s on its own afterwards)
     timeout 140 python -m experiments.fa4_probe --part persistent --n 131072 --repeats 10 \
         --out "$out" >"$out/probe.log" 2>&1 || echo "probe: exit $?" >>"$out/probe.log"
     timeout 130 python -m experiments.overheads --n 131072 1048576 --mixing head_groups \
         --split 8 --group-persistent always never --steady --repeats 5 --out "$out/ab" \
         >"$out/ab.log" 2>&1 || echo "ab: exit $?" >>"$out/ab.log"
-    timeout 110 python -c "from ringattn.kernels import fa4_group; fa4_group.PERSISTENT = 'always'
+    timeout 180 python -c "from ringattn.kernels import fa4_group; fa4_group.PERSISTENT = 'always'
 fa4_group.ALL_TILES_MAX = 0
 from experiments import flex_gpu; flex_gpu.main(['--part', 'check', '--out', '$out/flex_gpu_check'])" \
         >"$out/check.log" 2>&1 || echo "check: exit $?" >>"$out/check.log"

@@ -235,13 +235,14 @@ def test_support_rules(monkeypatch):
     monkeypatch.setattr(fa4_group, "ALL_TILES_MAX", 8)
     assert fa4_group.supported(groups, shifts, False)
     monkeypatch.setattr(fa4_group, "ALL_TILES_MAX", 7)
+    # past the bound: one launch on a persistent grid where PERSISTENT takes the plan (by
+    # default every plan), else none
+    assert fa4_group.PERSISTENT == "always" and fa4_group.supported(groups, shifts, False)
+    monkeypatch.setattr(fa4_group, "PERSISTENT", "causal")
+    assert fa4_group.supported(groups, shifts, True)
     assert not fa4_group.supported(groups, shifts, False)
-    # past the bound: one launch on a persistent grid where PERSISTENT takes the plan
-    assert fa4_group.PERSISTENT == "causal" and fa4_group.supported(groups, shifts, True)
     monkeypatch.setattr(fa4_group, "PERSISTENT", "never")
     assert not fa4_group.supported(groups, shifts, True)
-    monkeypatch.setattr(fa4_group, "PERSISTENT", "always")
-    assert fa4_group.supported(groups, shifts, False)
 
 
 def test_persistent_grid_is_keyed_and_checked(monkeypatch):
@@ -250,6 +251,8 @@ def test_persistent_grid_is_keyed_and_checked(monkeypatch):
     assert fa4_group._key(groups, True, shifts)[-1] == 0
     monkeypatch.setattr(fa4_group, "ALL_TILES_MAX", 7)
     assert fa4_group._key(groups, True, shifts)[-1] == 132  # (no GPU here)
+    assert fa4_group._key(groups, False, shifts)[-1] == 132
+    monkeypatch.setattr(fa4_group, "PERSISTENT", "causal")
     assert fa4_group._key(groups, False, shifts)[-1] == 0
     monkeypatch.setattr(fa4_group, "PERSISTENT", True)  # not one of the three
     with pytest.raises(ValueError, match="PERSISTENT must be one of"):

@@ -53,8 +53,11 @@ ALL_TILES_MAX = 4096
 # "never" (experiments/overheads.py --group-persistent; read when a plan's launches are made).
 # Step 35 on an H200: causal forwards back to back 2-4% faster than the configs' own kernels at
 # 131K, 262K and 1M (single calls within their spread), bit-identical; non-causal 131K 6-7%
-# slower; at 32K (one CTA per tile already one launch) 3-7% slower
-PERSISTENT = "causal"
+# slower, until step 36 walked non-causal plans unit by unit (FA4's one-CTA-per-tile order, not
+# its L2 sections): then 4-5% faster at 131K and 1-3% at 1M (one run; the kernel alone 3-10%
+# faster than one CTA per tile at 131K). At 32K (one CTA per tile already one launch) causal was
+# 3-7% slower in step 35, hence the persistent grid only past ALL_TILES_MAX
+PERSISTENT = "always"
 PERSISTENCE = ("causal", "always", "never")
 
 # compiled kernels by key; False: failed to compile or agree
