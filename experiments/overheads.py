@@ -250,6 +250,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 args.group_bwd_max,
                 args.group_persistent,
                 args.group_max,
+                args.group_section,
             )
         )
         first_results = None  # every choice must compute what the first one did
@@ -275,6 +276,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 group_bwd_max,
                 group_persistent,
                 group_max,
+                group_section,
             ) = choice
             pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
             SDPAComputer.in_place = in_place == "yes"
@@ -295,6 +297,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             fa4_group_bwd.ALL_TILES_MAX = int(group_bwd_max)
             fa4_group.PERSISTENT = group_persistent
             fa4_group.ALL_TILES_MAX = int(group_max)
+            fa4_group.SECTION_UNITS = None if group_section == "fa4" else int(group_section)
             attention = ringattn.DilatedAttention(
                 ISSUE_LENGTHS,
                 ISSUE_RATES,
@@ -333,6 +336,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "group_bwd_max": int(group_bwd_max),
                     "group_persistent": group_persistent,
                     "group_max": int(group_max),
+                    "group_section": group_section,
                     **stats,
                     "fwd_tflops": flops_f / stats["fwd_ms"] / 1e9,
                     "fwdbwd_tflops": 3.5 * flops_f / stats["fwdbwd_ms"] / 1e9,
@@ -476,6 +480,11 @@ def main(argv: list[str] | None = None) -> None:
             "(ringattn.kernels.fa4_group.ALL_TILES_MAX; issue 5's configs: 1744 at 32K, "
             "6976 at 131K, 55808 at 1M)",
         ),
+        "--group-section": (
+            ["fa4", "16", "8", "4", "2", "1"],
+            "head_groups: the causal persistent grid's L2 sections in units, FA4's (32 units' K "
+            "and V at issue 5's shape) or fewer (ringattn.kernels.fa4_group.SECTION_UNITS)",
+        ),
         "--forward": (
             list(CUDA_FORWARDS),
             "sdpa's forward through FlashAttention-4 where it runs (auto), or torch's kernels "
@@ -503,7 +512,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     default_merge = SDPAComputer.fa4_backward_merge
     default_group_bwd_max = fa4_group_bwd.ALL_TILES_MAX
-    default_group = fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX
+    default_group = fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX, fa4_group.SECTION_UNITS
     try:
         for n in args.n:
             rows += probe(n, args, traces)
@@ -525,7 +534,7 @@ def main(argv: list[str] | None = None) -> None:
         fa4_group_bwd.ENABLED = True
         fa4_group_bwd.ZEROING = "causal"
         fa4_group_bwd.ALL_TILES_MAX = default_group_bwd_max
-        fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX = default_group
+        fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX, fa4_group.SECTION_UNITS = default_group
         SDPAComputer.fa4_backward_merge = default_merge
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overheads.json").write_text(json.dumps({"rows": rows, "traces": traces}))
