@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
             "(ringattn.kernels.fa4_group_bwd.ENABLED), or one per config",
         ),
         "--group-bwd-zero": (
-            ["causal", "always", "never"],
+            sorted(fa4_group_bwd.ZEROINGS, key=lambda z: z != fa4_group_bwd.ZEROING),
             "head_groups: where the grouped backward writes its configs' unselected rows' zeros "
             "(ringattn.kernels.fa4_group_bwd.ZEROING), else the gradients' fill does",
         ),
@@ -511,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
         launches.FUSE_OFFSETS,
     )
     default_merge = SDPAComputer.fa4_backward_merge
-    default_group_bwd_max = fa4_group_bwd.ALL_TILES_MAX
+    default_group_bwd = fa4_group_bwd.ZEROING, fa4_group_bwd.ALL_TILES_MAX
     default_group = fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX, fa4_group.SECTION_UNITS
     try:
         for n in args.n:
@@ -532,8 +532,7 @@ def main(argv: list[str] | None = None) -> None:
         core.PACK_LSE = True
         fa4_group.ENABLED = True
         fa4_group_bwd.ENABLED = True
-        fa4_group_bwd.ZEROING = "causal"
-        fa4_group_bwd.ALL_TILES_MAX = default_group_bwd_max
+        fa4_group_bwd.ZEROING, fa4_group_bwd.ALL_TILES_MAX = default_group_bwd
         fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX, fa4_group.SECTION_UNITS = default_group
         SDPAComputer.fa4_backward_merge = default_merge
     args.out.mkdir(parents=True, exist_ok=True)

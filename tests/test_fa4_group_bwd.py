@@ -106,7 +106,14 @@ def test_every_config_backward_in_one_launch(grouping_bwd, causal, decline, kern
     check_against_oracle({**ZEROED, "causal": causal}, torch.float32, sdpa_strategies())
     assert stand_in.done > 0 and (not decline or stand_in.done < stand_in.calls)
     wrote = kernel_zeros == "always" or (kernel_zeros == "causal" and causal)
+    assert fa4_group_bwd.zeroing(causal) == wrote
     assert any(any(shifts) for call in stand_in.shifts for shifts in call) == wrote
+
+
+def test_zeroing_takes_only_its_three_choices(monkeypatch):
+    monkeypatch.setattr(fa4_group_bwd, "ZEROING", True)  # (the bool it was before step 35)
+    with pytest.raises(ValueError, match="ZEROING must be one of"):
+        fa4_group_bwd.zeroing(True)
 
 
 @pytest.mark.parametrize("fault", ["lazy", "zeroless"])

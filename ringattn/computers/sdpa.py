@@ -378,7 +378,7 @@ class SDPAComputer(BlockComputer):
         ):
             return None
 
-        zeroing = any(shifts) and fa4_group_bwd.ZEROING in ("always", "causal" if causal else "")
+        zeroing = any(shifts) and fa4_group_bwd.zeroing(causal)
         call = fa4_group_bwd.grouper(groups, causal, scratch, shifts if zeroing else ())
 
         def launch(groups_of, dout, out, lse, index) -> bool:

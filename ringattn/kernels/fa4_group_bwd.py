@@ -51,6 +51,7 @@ ENABLED = True
 # an H200 at 32K (h200_perf.md step 35, 16-byte stores) they took 5-7% off causal single calls
 # of forward+backward and were even back to back; non-causal moved within its spread either way
 ZEROING = "causal"
+ZEROINGS = ("causal", "always", "never")
 # the most query tiles (128 rows, every segment and head of every group) one launch takes: issue 5's
 # configs at 32K have 1744, at 65K 3488 (step 33: no faster there, slower in single calls; step
 # 35, causal with its zeros: within 1-3% at 65K-1M, for 0.04x more memory)
@@ -58,6 +59,15 @@ ALL_TILES_MAX = 2048
 _COMPILED: dict[tuple, Any] = {}
 _LOCK = threading.Lock()
 last_refusal: str | None = None
+
+
+def zeroing(causal: bool) -> bool:
+    """Whether a launch of these configs writes their unselected rows' zeros (see
+    :data:`ZEROING`)."""
+    if ZEROING not in ZEROINGS:
+        raise ValueError(f"fa4_group_bwd.ZEROING must be one of {ZEROINGS}, got {ZEROING!r}")
+    return ZEROING == "always" or (ZEROING == "causal" and causal)
+
 
 # float32 workspaces by tag and shape (the memory manager's scratch, bound to a device)
 Scratch = Callable[[str, tuple[int, ...]], Tensor]
