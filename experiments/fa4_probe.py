@@ -897,6 +897,66 @@ def fill(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     return rows
 
 
+# FA4's SM90 backward tile configurations to time on 2048-row causal blocks (fields of
+# flash_attn.cute.interface.BwdConfig: m, n, Q / dO / PdS stages, SdP / dKV / dQ swapAB, atom
+# layouts M-SdP / N-dKV / M-dQ[, num_wg, dQ_single_wg]); None: FA4's own (64 x 128 causal, 80 x
+# 128 non-causal, from C++ FA3 on an H100)
+BWD_SWEEP = (
+    None,
+    (80, 128, 2, 2, 2, True, False, True, 1, 2, 1),
+    (64, 128, 2, 2, 2, False, False, False, 1, 2, 1),
+    (64, 128, 2, 2, 2, True, True, False, 1, 2, 1),
+    (64, 128, 2, 2, 2, True, False, False, 1, 2, 1, 2, True),
+    (64, 128, 2, 2, 1, True, False, False, 1, 2, 1),
+    (96, 128, 2, 2, 2, True, False, True, 1, 2, 1),
+    (128, 128, 2, 2, 2, True, False, False, 1, 2, 2),
+)
+
+
+def bwd_sweep(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+    """FA4's SM90 backward alone on contiguous 2048-row blocks over :data:`BWD_SWEEP` (FA4 takes
+    its SM90 backward tiles from ``_tile_size_bwd_sm90`` whatever the caller passes, so each
+    configuration is patched in for its calls; its compile key holds them): GPU ms, useful
+    TFLOP/s (2.5x the forward's FLOPs) and the gradients' distance from the default's, causal
+    and not; and the dense ``[1, n, h, d]`` problem at the default for the rate to beat."""
+    from flash_attn.cute import interface
+
+    default_tiles = interface._tile_size_bwd_sm90
+    scale = d**-0.5
+    rows = []
+    for label, q, k, v in list(problems(n, h, d, device))[:2]:
+        batch, length = q.shape[:2]
+        for causal in (True, False):
+            flops = 2.5 * 4.0 * batch * length * length * d * h / (2 if causal else 1)
+            dout = torch.randn_like(q)
+            out, lse = interface._flash_attn_fwd(
+                q, k, v, softmax_scale=scale, causal=causal, return_lse=True
+            )[:2]
+            reference = None
+            for config in BWD_SWEEP if label != "dense" else (None,):
+                row = {"problem": label, "causal": causal, "config": config or "default"}
+                if config is not None:
+                    tiles = interface.BwdConfig(*config)
+                    interface._tile_size_bwd_sm90 = lambda *args, tiles=tiles, **kw: tiles
+                try:
+                    fn = partial(interface._flash_attn_bwd, q, k, v, out, dout, lse, scale, causal)
+                    grads = [g.float() for g in fn()[:3]]
+                    if reference is None:
+                        reference = grads
+                    row["rel_err_vs_default"] = max(
+                        float((g - r).norm() / r.norm()) for g, r in zip(grads, reference)
+                    )
+                    ms = _events_ms(fn, 2, repeats)
+                    row.update(bwd_ms=ms, tflops=flops / ms / 1e9)
+                except Exception as exc:
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                finally:
+                    interface._tile_size_bwd_sm90 = default_tiles
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=131072)
@@ -920,6 +980,7 @@ def main(argv: list[str] | None = None) -> None:
             "group",
             "group_bwd",
             "persistent",
+            "bwd_sweep",
         ],
         default="compare",
     )
@@ -941,6 +1002,7 @@ def main(argv: list[str] | None = None) -> None:
             "group": group,
             "group_bwd": group_bwd,
             "persistent": persistent,
+            "bwd_sweep": bwd_sweep,
         }
         part = part[args.part]
         rows = part(args.n, h, d, args.repeats, device)

@@ -52,7 +52,7 @@
 #   forward's kernel timeline; group_bwd: head_groups' configs in one FA4 backward
 #   (ringattn.kernels.fa4_group_bwd; step 33; verify, zeros and causal_group: step 34, and
 #   persistent, persistent_long and persistent_again: step 35; unit_order: step 36;
-#   sections: prepared after it; each
+#   sections: prepared after it; bwd_tiles: step 37; each
 #   described where it runs
 #   below): the kernel's probe (fa4_probe --part group_bwd:
 #   gradients against FA4's per-config backward, ms and host µs at 32K and 131K), the module A/B
@@ -66,7 +66,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|sections|spanning|weak}
+part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|sections|bwd_tiles|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -288,6 +288,14 @@ from experiments import flex_gpu; flex_gpu.main(['--part', 'check', '--out', '$o
 $(grep -h "Correctness" "$out/flex_gpu_check/flex_gpu_check.md")
 $(grep -h "^problem=" "$out/probe.log" | grep -v "causal=True" | cut -c1-1500)
 $(brief "$out"/ab/overheads.json)"
+    ;;
+bwd_tiles)
+    # after step 37: FA4's SM90 backward tile configurations on 2048-row blocks (causal first)
+    # against the dense problem's rate (fa4_probe --part bwd_sweep): the causal backward on them
+    # runs at ~0.73x of FA4's dense causal rate (step 19), non-causal ~0.87x
+    timeout 400 python -m experiments.fa4_probe --part bwd_sweep --n 131072 --repeats 5 \
+        --out "$out" >"$out/probe.log" 2>&1 || echo "probe: exit $?" >>"$out/probe.log"
+    summary="$(grep -h '^{' "$out/probe.log" | cut -c1-300)"
     ;;
 sections)
     # after step 36 (prepared, not run): the causal persistent grid with L2 sections of fewer
