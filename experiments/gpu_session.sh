@@ -66,7 +66,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|sections|bwd_tiles|spanning|weak}
+part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|sections|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -74,7 +74,7 @@ bench=(python -m experiments.bench --computers sdpa --dilations segment_local --
 brief() { # overheads.json rows, a short line each: the A/B choices, ms, host ms, peaks, errors
     python - "$@" <<'PY'
 import json, sys
-keys = ("n", "mixing", "causal", "lanes", "fill", "zero", "pack_lse", "group", "group_bwd", "group_bwd_zero", "group_bwd_max", "group_persistent", "group_max", "group_section", "bwd_merge", "fwd_ms",
+keys = ("n", "mixing", "causal", "lanes", "fill", "zero", "pack_lse", "group", "group_bwd", "group_bwd_zero", "group_bwd_max", "group_persistent", "group_max", "group_section", "bwd_tiles", "bwd_merge", "fwd_ms",
         "fwdbwd_ms", "fwd_ms_b2b", "fwdbwd_ms_b2b", "fwd_host_ms", "fwdbwd_host_ms", "fwdbwd_mem_vs_io", "vs_first_err",
         "graph_fwd_ms", "graph_fwdbwd_ms", "graph_fwd_err", "graph_fwdbwd_err")
 for path in sys.argv[1:]:
@@ -296,6 +296,22 @@ bwd_tiles)
     timeout 400 python -m experiments.fa4_probe --part bwd_sweep --n 131072 --repeats 5 \
         --out "$out" >"$out/probe.log" 2>&1 || echo "probe: exit $?" >>"$out/probe.log"
     summary="$(grep -h '^{' "$out/probe.log" | cut -c1-300)"
+    ;;
+bwd_ab)
+    # step 37: the module with FA4's backward tiles from bwd_tiles' sweep (overheads
+    # --bwd-tiles; fa4.BACKWARD_CONFIG) at 131K: causal both mixings, the untimed combination,
+    # then non-causal
+    timeout 200 python -m experiments.overheads --n 131072 --mixing head_groups lse --causal \
+        --split 8 --bwd-tiles fa4 dq1wg pds1 --steady --repeats 5 --out "$out/causal" \
+        >"$out/causal.log" 2>&1 || echo "causal: exit $?" >>"$out/causal.log"
+    timeout 80 python -m experiments.overheads --n 131072 --mixing head_groups --causal \
+        --split 8 --bwd-tiles fa4 dq1wg_pds1 --steady --repeats 5 --out "$out/both" \
+        >"$out/both.log" 2>&1 || echo "both: exit $?" >>"$out/both.log"
+    timeout 130 python -m experiments.overheads --n 131072 --mixing head_groups lse \
+        --split 8 --bwd-tiles fa4 dq1wg --steady --repeats 5 --out "$out/noncausal" \
+        >"$out/noncausal.log" 2>&1 || echo "noncausal: exit $?" >>"$out/noncausal.log"
+    summary="$(tail -qn 1 "$out"/*.log)
+$(brief "$out"/*/overheads.json)"
     ;;
 sections)
     # after step 36 (prepared, not run): the causal persistent grid with L2 sections of fewer

@@ -73,6 +73,15 @@ FILLS = {
     ),
 }
 
+# FA4's SM90 backward tiles to A/B (ringattn.kernels.fa4.BACKWARD_CONFIG's fields), the best of
+# fa4_probe --part bwd_sweep on 2048-row blocks (step 37: 4-5% faster than FA4's own causal, 2-4%
+# non-causal): dQ's stores by one warp group, one P / dS stage, or both
+BACKWARD_TILES = {
+    "dq1wg": (64, 128, 2, 2, 2, True, False, False, 1, 2, 1, 2, True),
+    "pds1": (64, 128, 2, 2, 1, True, False, False, 1, 2, 1),
+    "dq1wg_pds1": (64, 128, 2, 2, 1, True, False, False, 1, 2, 1, 2, True),
+}
+
 
 def traced_calls(fn, unit: int) -> list[dict]:
     """Run ``fn`` once with every SDPAComputer call logged (bytes in units of one [b,n,h,d])."""
@@ -251,6 +260,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 args.group_persistent,
                 args.group_max,
                 args.group_section,
+                args.bwd_tiles,
             )
         )
         first_results = None  # every choice must compute what the first one did
@@ -277,6 +287,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 group_persistent,
                 group_max,
                 group_section,
+                bwd_tiles,
             ) = choice
             pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
             SDPAComputer.in_place = in_place == "yes"
@@ -298,6 +309,11 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             fa4_group.PERSISTENT = group_persistent
             fa4_group.ALL_TILES_MAX = int(group_max)
             fa4_group.SECTION_UNITS = None if group_section == "fa4" else int(group_section)
+            fa4.BACKWARD_CONFIG.clear()
+            if bwd_tiles != "fa4":  # (issue 5's head dim; both causalities)
+                fa4.BACKWARD_CONFIG.update(
+                    {(args.dim, c): BACKWARD_TILES[bwd_tiles] for c in (False, True)}
+                )
             attention = ringattn.DilatedAttention(
                 ISSUE_LENGTHS,
                 ISSUE_RATES,
@@ -337,6 +353,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "group_persistent": group_persistent,
                     "group_max": int(group_max),
                     "group_section": group_section,
+                    "bwd_tiles": bwd_tiles,
                     **stats,
                     "fwd_tflops": flops_f / stats["fwd_ms"] / 1e9,
                     "fwdbwd_tflops": 3.5 * flops_f / stats["fwdbwd_ms"] / 1e9,
@@ -484,6 +501,11 @@ def main(argv: list[str] | None = None) -> None:
             ["fa4", "16", "8", "4", "2", "1"],
             "head_groups: the causal persistent grid's L2 sections in units, FA4's (32 units' K "
             "and V at issue 5's shape) or fewer (ringattn.kernels.fa4_group.SECTION_UNITS)",
+        ),
+        "--bwd-tiles": (
+            ["fa4", *BACKWARD_TILES],
+            "FA4's SM90 backward tiles (ringattn.kernels.fa4.BACKWARD_CONFIG, causal or not at "
+            "--dim): FA4's own, or one of fa4_probe --part bwd_sweep's",
         ),
         "--forward": (
             list(CUDA_FORWARDS),

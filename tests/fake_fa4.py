@@ -55,11 +55,22 @@ class FakeFA4:
         self.forward_runs = 0  # kernel runs, through the launcher or a replay
         self.forward_tiles: dict = {}  # the tile options of the latest launcher call
         self.backward_runs = 0
+        self.backward_config = None  # the tiles backward_tiles swaps in, for the calls under it
+        self.backward_configs: list = []  # each backward launcher call's tiles
         self.fwd, self.bwd = _CompileCache(), _CompileCache()
         self.caches = {self.fwd: "compile_cache", self.bwd: "compile_cache"}
 
     def kernels(self) -> fa4.Kernels:
-        return fa4.Kernels(self.forward, self.backward, self.caches)
+        return fa4.Kernels(self.forward, self.backward, self.caches, self.backward_tiles)
+
+    @contextmanager
+    def backward_tiles(self, config):
+        """Records the tiles of the backward launcher calls under it (FA4's own swap them in)."""
+        self.backward_config = config
+        try:
+            yield
+        finally:
+            self.backward_config = None
 
     def forward(self, q, k, v, *, softmax_scale, causal, return_lse, out=None, **tiles):
         self.forward_calls += 1
@@ -104,6 +115,7 @@ class FakeFA4:
     ):
         self.calls += 1
         self.deterministic = deterministic
+        self.backward_configs.append(self.backward_config)
         b, length, h, d = q.shape
         assert out.shape == dout.shape == q.shape and k.shape == v.shape
         assert k.shape[::2] == (b, h) and k.shape[-1] == d

@@ -40,9 +40,10 @@ from __future__ import annotations
 import importlib
 import threading
 import warnings
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
-from functools import cache
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from functools import cache, partial
+from types import ModuleType
 from typing import Any, NamedTuple
 
 import torch
@@ -66,6 +67,9 @@ class Kernels(NamedTuple):
     # the compile caches (owner -> attribute name) through which they launch their kernels, for
     # ringattn.kernels.replay
     caches: Mapping[Any, str]
+    # backward_tiles(config): a context manager under which FA4's SM90 backward takes the tiles
+    # ``config`` (BACKWARD_CONFIG's fields; None: FA4's own)
+    backward_tiles: Callable[[tuple | None], AbstractContextManager]
 
 
 @cache
@@ -90,7 +94,25 @@ def _kernels() -> Kernels | None:
         for owner in vars(interface).values()
         if callable(owner) and hasattr(owner, "compile_cache")
     }
-    return Kernels(interface._flash_attn_fwd, interface._flash_attn_bwd, caches)
+    return Kernels(
+        interface._flash_attn_fwd, interface._flash_attn_bwd, caches, partial(_tiles, interface)
+    )
+
+
+@contextmanager
+def _tiles(interface: ModuleType, config: tuple | None) -> Iterator[None]:
+    """FA4's SM90 backward launcher takes its tiles from ``_tile_size_bwd_sm90`` and no
+    argument: swapped for the call (under the launchers' lock; FA4's compile key holds them)."""
+    if config is None:
+        yield
+        return
+    with _LAUNCHER_LOCK:
+        own = interface._tile_size_bwd_sm90
+        interface._tile_size_bwd_sm90 = lambda *args, **kwargs: interface.BwdConfig(*config)
+        try:
+            yield
+        finally:
+            interface._tile_size_bwd_sm90 = own
 
 
 def _loaded() -> Kernels:
@@ -201,6 +223,27 @@ def sm90(q: Tensor) -> bool:
 # and zeroing forwards (``fa4_merge.compile_forward``: their compile keys include it). A sweep on
 # 2048-row causal blocks had ``(128, 128, False, True)`` 4% faster than the default (step 20).
 FORWARD_CONFIG: dict[bool, tuple[int, int, bool, bool] | None] = {False: None, True: None}
+
+# FA4's SM90 backward tile configuration per ``(head dim, causal)``: the fields of
+# ``flash_attn.cute.interface.BwdConfig`` in order (tile_m, tile_n, Q / dO / PdS stages, SdP /
+# dKV / dQ swapAB, atom layouts M-SdP / N-dKV / M-dQ[, num_wg, dQ_single_wg]); one not here takes
+# FA4's own (C++ FA3's choice on an H100). Read by every backward call (FA4's launcher through
+# Kernels.backward_tiles, the replays' keys, the adding backward's and the grouped backward's
+# keys and workspaces): the A/B of experiments/overheads.py --bwd-tiles; fa4_probe --part
+# bwd_sweep times them on 2048-row blocks.
+BACKWARD_CONFIG: dict[tuple[int, bool], tuple] = {}
+
+
+def backward_config(head_dim: int, causal: bool) -> tuple | None:
+    """:data:`BACKWARD_CONFIG`'s entry for these blocks (None: FA4's own)."""
+    config = BACKWARD_CONFIG.get((head_dim, causal))
+    if config is not None and not (isinstance(config, tuple) and 11 <= len(config) <= 13):
+        raise ValueError(
+            "fa4.BACKWARD_CONFIG's entries must be tuples of BwdConfig's 11 to 13 fields, got "
+            f"{config!r} for {(head_dim, causal)}"
+        )
+    return config
+
 
 # replays of FA4's recorded calls by signature (None: that signature calls FA4's launcher);
 # REPLAY = False always calls the launcher (the A/B: experiments/fa4_probe.py --part replay)
@@ -317,25 +360,27 @@ def backward(
     lse_bhl = lse.transpose(1, 2).float().contiguous()
     # FA4 accumulates dQ with atomics; its deterministic schedule orders them (slower)
     deterministic = torch.are_deterministic_algorithms_enabled()
+    config = backward_config(q.shape[-1], causal)
 
     def launcher():
-        return flash_bwd(
-            q,
-            k,
-            v,
-            out,
-            dout,
-            lse_bhl,
-            scale,
-            causal,
-            dq=dq,
-            dk=dk,
-            dv=dv,
-            deterministic=deterministic,
-        )
+        with _loaded().backward_tiles(config):
+            return flash_bwd(
+                q,
+                k,
+                v,
+                out,
+                dout,
+                lse_bhl,
+                scale,
+                causal,
+                dq=dq,
+                dk=dk,
+                dv=dv,
+                deterministic=deterministic,
+            )
 
     operands = (q, k, v, out, dout, lse_bhl, dq, dk, dv)
-    flags = (causal, scale, deterministic)
+    flags = (causal, scale, deterministic, config)
     if kernels is None:
         return _launch("bwd", launcher, operands, flags, lambda r: r[:3], memo=memo)
     kind = f"bwd:{kernels.__name__}"  # (they add into dk, dv: roles 7, 8)

@@ -101,7 +101,8 @@ def backward_add_(
     is not usable (nothing was written then; the caller adds all three)."""
     if not ENABLED or q.numel() == 0:  # (FA4 zeroes given gradients of empty blocks)
         return None
-    key = (q.dtype, q.shape[-1], causal, torch.are_deterministic_algorithms_enabled())
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    key = (q.dtype, q.shape[-1], causal, deterministic, fa4.backward_config(q.shape[-1], causal))
     kept = _CHECKED.get(key)
     if kept is False:
         return None

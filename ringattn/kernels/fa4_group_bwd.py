@@ -103,17 +103,28 @@ def supported(groups: Sequence[Group]) -> bool:
     return fa4.sm90(q0)
 
 
-@cache  # (read on every call, for the workspaces' shapes)
 def _config(head_dim: int, causal: bool):
-    """FA4's SM90 backward tile configuration for this head dim."""
+    """FA4's SM90 backward tile configuration for this head dim: ``fa4.BACKWARD_CONFIG``'s
+    where it has one (read on every call, for the workspaces' shapes)."""
+    return _tiles(head_dim, causal, fa4.backward_config(head_dim, causal))
+
+
+@cache
+def _tiles(head_dim: int, causal: bool, config: tuple | None):
     interface = importlib.import_module("flash_attn.cute.interface")
+    if config is not None:
+        return interface.BwdConfig(*config)
     return interface._tile_size_bwd_sm90(head_dim, head_dim, causal, False)
 
 
 def _key(groups: Sequence[Group], causal: bool, shifts: Sequence[tuple[int, ...]] = ()) -> tuple:
+    """What a compiled kernel is specialised for: dtype, head dim, causality, each group's head
+    count and shifts, and ``fa4.BACKWARD_CONFIG``'s tiles (None: FA4's)."""
     q0 = groups[0][1]
     heads = tuple(group[1].shape[2] for group in groups)
-    return q0.dtype, q0.shape[-1], causal, heads, tuple(map(tuple, shifts)) or ((),) * len(heads)
+    shifts = tuple(map(tuple, shifts)) or ((),) * len(heads)
+    config = fa4.backward_config(q0.shape[-1], causal)
+    return q0.dtype, q0.shape[-1], causal, heads, shifts, config
 
 
 def _compile(key: tuple, groups: Sequence[Group], stats: tuple[Tensor, Tensor, Tensor]):
@@ -123,7 +134,7 @@ def _compile(key: tuple, groups: Sequence[Group], stats: tuple[Tensor, Tensor, T
     cute = importlib.import_module("cutlass.cute")
     dsl_utils = importlib.import_module("flash_attn.cute.cute_dsl_utils")
     sm90 = importlib.import_module("ringattn.kernels.fa4_group_bwd_sm90")
-    dtype, head_dim, causal, heads, shifts = key
+    dtype, head_dim, causal, heads, shifts, _ = key
     cfg = _config(head_dim, causal)
     backward = sm90.GroupedBackwardSm90(
         dsl_utils.torch2cute_dtype_map[dtype],
