@@ -67,19 +67,17 @@ def kernels(n: int, h: int, d: int):
     for causal, with_lse in itertools.product((False, True), (True, False)):
         variant = f"causal={causal} lse={with_lse}"
 
-        def grouped(causal=causal, with_lse=with_lse, persistent=False, section=None):
+        def grouped(causal=causal, with_lse=with_lse, persistent=False):
             parts = _parts(n, h, d, "head_groups", with_lse)
             groups, shifts = [p[0] for p in parts], [p[1] for p in parts]
-            # (persistent: the grid the core takes for plans past ALL_TILES_MAX; section: its
-            # causal L2 sections, fa4_group.SECTION_UNITS)
-            saved = fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX, fa4_group.SECTION_UNITS
+            # (persistent: the grid the core takes for plans past ALL_TILES_MAX)
+            saved = fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX
             if persistent:
                 fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX = "always", 0
-            fa4_group.SECTION_UNITS = section
             try:
                 fa4_group._compile(fa4_group._key(groups, causal, shifts), groups)
             finally:
-                fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX, fa4_group.SECTION_UNITS = saved
+                fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX = saved
 
         def zeroing(causal=causal, with_lse=with_lse):
             (q, k, v, out, lse), shifts = _parts(n, h, d, "head_groups", with_lse)[-1]
@@ -88,8 +86,6 @@ def kernels(n: int, h: int, d: int):
 
         yield f"fa4_group {variant}", grouped
         yield f"fa4_group persistent {variant}", partial(grouped, persistent=True)
-        if causal:
-            yield f"fa4_group sections=8 {variant}", partial(grouped, persistent=True, section=8)
         if with_lse:  # (the backward always has an LSE)
 
             def grouped_backward(causal=causal):

@@ -22,7 +22,8 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh persistent_long # ~7 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh persistent_again # ~3 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh unit_order # ~6 min
-#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh sections # ~7 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh bwd_tiles # ~1.5 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh bwd_ab   # ~2.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #
@@ -52,7 +53,7 @@
 #   forward's kernel timeline; group_bwd: head_groups' configs in one FA4 backward
 #   (ringattn.kernels.fa4_group_bwd; step 33; verify, zeros and causal_group: step 34, and
 #   persistent, persistent_long and persistent_again: step 35; unit_order: step 36;
-#   sections: prepared after it; bwd_tiles: step 37; each
+#   bwd_tiles and bwd_ab: step 37 (its sections part, run and removed, is at 13b3020); each
 #   described where it runs
 #   below): the kernel's probe (fa4_probe --part group_bwd:
 #   gradients against FA4's per-config backward, ms and host µs at 32K and 131K), the module A/B
@@ -66,7 +67,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|sections|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -74,7 +75,7 @@ bench=(python -m experiments.bench --computers sdpa --dilations segment_local --
 brief() { # overheads.json rows, a short line each: the A/B choices, ms, host ms, peaks, errors
     python - "$@" <<'PY'
 import json, sys
-keys = ("n", "mixing", "causal", "lanes", "fill", "zero", "pack_lse", "group", "group_bwd", "group_bwd_zero", "group_bwd_max", "group_persistent", "group_max", "group_section", "bwd_tiles", "bwd_merge", "fwd_ms",
+keys = ("n", "mixing", "causal", "lanes", "fill", "zero", "pack_lse", "group", "group_bwd", "group_bwd_zero", "group_bwd_max", "group_persistent", "group_max", "bwd_tiles", "bwd_merge", "fwd_ms",
         "fwdbwd_ms", "fwd_ms_b2b", "fwdbwd_ms_b2b", "fwd_host_ms", "fwdbwd_host_ms", "fwdbwd_mem_vs_io", "vs_first_err",
         "graph_fwd_ms", "graph_fwdbwd_ms", "graph_fwd_err", "graph_fwdbwd_err")
 for path in sys.argv[1:]:
@@ -312,23 +313,6 @@ bwd_ab)
         >"$out/noncausal.log" 2>&1 || echo "noncausal: exit $?" >>"$out/noncausal.log"
     summary="$(tail -qn 1 "$out"/*.log)
 $(brief "$out"/*/overheads.json)"
-    ;;
-sections)
-    # after step 36 (prepared, not run): the causal persistent grid with L2 sections of fewer
-    # units than FA4's 32 (fa4_group.SECTION_UNITS; non-causal, unit by unit was 4-5% faster
-    # at 131K): the module at 131K and 1M causal over the section sizes, then the GPU oracle
-    # check with every grouped forward persistent in sections of 4 units
-    timeout 300 python -m experiments.overheads --n 131072 1048576 --mixing head_groups --causal \
-        --split 8 --group-section fa4 16 8 4 2 --steady --repeats 5 --out "$out/ab" \
-        >"$out/ab.log" 2>&1 || echo "ab: exit $?" >>"$out/ab.log"
-    timeout 200 python -c "from ringattn.kernels import fa4_group; fa4_group.PERSISTENT = 'always'
-fa4_group.ALL_TILES_MAX = 0
-fa4_group.SECTION_UNITS = 4
-from experiments import flex_gpu; flex_gpu.main(['--part', 'check', '--out', '$out/flex_gpu_check'])" \
-        >"$out/check.log" 2>&1 || echo "check: exit $?" >>"$out/check.log"
-    summary="$(tail -n 1 "$out/ab.log" "$out/check.log")
-$(grep -h "Correctness" "$out/flex_gpu_check/flex_gpu_check.md")
-$(brief "$out"/ab/overheads.json)"
     ;;
 zeros)
     # step 34: the grouped backward writing its configs' unselected rows' zeros (the gradients'

@@ -259,7 +259,6 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 args.group_bwd_max,
                 args.group_persistent,
                 args.group_max,
-                args.group_section,
                 args.bwd_tiles,
             )
         )
@@ -286,7 +285,6 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 group_bwd_max,
                 group_persistent,
                 group_max,
-                group_section,
                 bwd_tiles,
             ) = choice
             pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
@@ -308,7 +306,6 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             fa4_group_bwd.ALL_TILES_MAX = int(group_bwd_max)
             fa4_group.PERSISTENT = group_persistent
             fa4_group.ALL_TILES_MAX = int(group_max)
-            fa4_group.SECTION_UNITS = None if group_section == "fa4" else int(group_section)
             fa4.BACKWARD_CONFIG.clear()
             if bwd_tiles != "fa4":  # (issue 5's head dim; both causalities)
                 fa4.BACKWARD_CONFIG.update(
@@ -352,7 +349,6 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "group_bwd_max": int(group_bwd_max),
                     "group_persistent": group_persistent,
                     "group_max": int(group_max),
-                    "group_section": group_section,
                     "bwd_tiles": bwd_tiles,
                     **stats,
                     "fwd_tflops": flops_f / stats["fwd_ms"] / 1e9,
@@ -497,11 +493,6 @@ def main(argv: list[str] | None = None) -> None:
             "(ringattn.kernels.fa4_group.ALL_TILES_MAX; issue 5's configs: 1744 at 32K, "
             "6976 at 131K, 55808 at 1M)",
         ),
-        "--group-section": (
-            ["fa4", "16", "8", "4", "2", "1"],
-            "head_groups: the causal persistent grid's L2 sections in units, FA4's (32 units' K "
-            "and V at issue 5's shape) or fewer (ringattn.kernels.fa4_group.SECTION_UNITS)",
-        ),
         "--bwd-tiles": (
             ["fa4", *BACKWARD_TILES],
             "FA4's SM90 backward tiles (ringattn.kernels.fa4.BACKWARD_CONFIG, causal or not at "
@@ -534,7 +525,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     default_merge = SDPAComputer.fa4_backward_merge
     default_group_bwd = fa4_group_bwd.ZEROING, fa4_group_bwd.ALL_TILES_MAX
-    default_group = fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX, fa4_group.SECTION_UNITS
+    default_group = fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX
+    default_bwd_tiles = dict(fa4.BACKWARD_CONFIG)
     try:
         for n in args.n:
             rows += probe(n, args, traces)
@@ -555,7 +547,9 @@ def main(argv: list[str] | None = None) -> None:
         fa4_group.ENABLED = True
         fa4_group_bwd.ENABLED = True
         fa4_group_bwd.ZEROING, fa4_group_bwd.ALL_TILES_MAX = default_group_bwd
-        fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX, fa4_group.SECTION_UNITS = default_group
+        fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX = default_group
+        fa4.BACKWARD_CONFIG.clear()
+        fa4.BACKWARD_CONFIG.update(default_bwd_tiles)
         SDPAComputer.fa4_backward_merge = default_merge
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overheads.json").write_text(json.dumps({"rows": rows, "traces": traces}))

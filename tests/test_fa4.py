@@ -262,6 +262,44 @@ def test_capturing_asks_torch_about_the_current_stream(monkeypatch, capturing):
     assert not fa4.capturing(torch.zeros(1)) and not fa4.capturing(None)
 
 
+def test_backward_tile_config_reaches_the_launcher_and_keys_the_replays(fake_fa4, monkeypatch):
+    """``fa4.BACKWARD_CONFIG`` (the A/B of FA4's backward tiles) is in place around every
+    backward launcher call of its ``(head dim, causal)`` and keys the replays; other blocks, and
+    calls without it, take FA4's own."""
+    p = {**PLACED, "causal": True}
+    check_against_oracle(p, torch.float32, sdpa_strategies())
+    calls = fake_fa4.calls
+    assert calls > 0 and set(fake_fa4.backward_configs) == {None}
+    tiles = (64, 128, 2, 2, 1, True, False, False, 1, 2, 1)
+    monkeypatch.setitem(fa4.BACKWARD_CONFIG, (PLACED["d"] + 8, True), (80, 128))  # another d
+    monkeypatch.setitem(fa4.BACKWARD_CONFIG, (PLACED["d"], False), (80, 128))  # not causal
+    monkeypatch.setitem(fa4.BACKWARD_CONFIG, (PLACED["d"], True), tiles)
+    check_against_oracle(p, torch.float32, sdpa_strategies())
+    assert fake_fa4.calls > calls  # recorded anew, not replayed
+    assert set(fake_fa4.backward_configs[calls:]) == {tiles}
+
+
+def test_backward_tiles_are_swapped_in_for_the_call_only():
+    """FA4's launcher reads its SM90 backward tiles from ``_tile_size_bwd_sm90``: replaced
+    under ``Kernels.backward_tiles`` only, and not at all for None."""
+    interface = types.SimpleNamespace(
+        _tile_size_bwd_sm90=lambda *args, **kwargs: "fa4's", BwdConfig=lambda *fields: fields
+    )
+    with fa4._tiles(interface, (64, 128)):
+        assert interface._tile_size_bwd_sm90(128, 128, True, False) == (64, 128)
+    assert interface._tile_size_bwd_sm90(128, 128, True, False) == "fa4's"
+    with fa4._tiles(interface, None):
+        assert interface._tile_size_bwd_sm90(128, 128, True, False) == "fa4's"
+
+
+@pytest.mark.parametrize("wrong", [[64, 128], (64, 128), "dq1wg"])
+def test_malformed_backward_config_is_refused(monkeypatch, wrong):
+    monkeypatch.setitem(fa4.BACKWARD_CONFIG, (128, True), wrong)
+    with pytest.raises(ValueError, match="BACKWARD_CONFIG's entries must be tuples"):
+        fa4.backward_config(128, True)
+    assert fa4.backward_config(128, False) is None
+
+
 def test_forward_tile_config_reaches_the_launcher_and_keys_the_replays(fake_fa4, monkeypatch):
     """``fa4.FORWARD_CONFIG`` (the A/B of a tile configuration) goes to FA4's launcher, and a
     replay recorded without it is not reused with it (the replays are keyed by it)."""

@@ -245,32 +245,15 @@ def test_support_rules(monkeypatch):
     assert not fa4_group.supported(groups, shifts, True)
 
 
-def test_only_a_causal_persistent_grid_takes_other_sections(monkeypatch):
-    """SECTION_UNITS is compiled into the causal persistent kernel only (the key's last item;
-    0: FA4's sections), and must be None or a positive int."""
-    groups, shifts = groups_of()
-    monkeypatch.setattr(fa4_group, "SECTION_UNITS", 8)
-    assert fa4_group._key(groups, True, shifts)[-1] == 0  # one CTA per tile: no sections
-    monkeypatch.setattr(fa4_group, "ALL_TILES_MAX", 7)
-    assert fa4_group._key(groups, True, shifts)[-2:] == (132, 8)
-    assert fa4_group._key(groups, False, shifts)[-2:] == (132, 0)  # unit by unit
-    monkeypatch.setattr(fa4_group, "SECTION_UNITS", None)
-    assert fa4_group._key(groups, True, shifts)[-1] == 0
-    for wrong in (0, -2, 2.0, True, "8"):
-        monkeypatch.setattr(fa4_group, "SECTION_UNITS", wrong)
-        with pytest.raises(ValueError, match="SECTION_UNITS must be None or a positive int"):
-            fa4_group._key(groups, True, shifts)
-
-
 def test_persistent_grid_is_keyed_and_checked(monkeypatch):
     groups, shifts = groups_of()
     # within the bound one CTA per tile (0); past it the SM count bounds the grid
-    assert fa4_group._key(groups, True, shifts)[-2] == 0
+    assert fa4_group._key(groups, True, shifts)[-1] == 0
     monkeypatch.setattr(fa4_group, "ALL_TILES_MAX", 7)
-    assert fa4_group._key(groups, True, shifts)[-2] == 132  # (no GPU here)
-    assert fa4_group._key(groups, False, shifts)[-2] == 132
+    assert fa4_group._key(groups, True, shifts)[-1] == 132  # (no GPU here)
+    assert fa4_group._key(groups, False, shifts)[-1] == 132
     monkeypatch.setattr(fa4_group, "PERSISTENT", "causal")
-    assert fa4_group._key(groups, False, shifts)[-2] == 0
+    assert fa4_group._key(groups, False, shifts)[-1] == 0
     monkeypatch.setattr(fa4_group, "PERSISTENT", True)  # not one of the three
     with pytest.raises(ValueError, match="PERSISTENT must be one of"):
         fa4_group.persistent(groups, True)

@@ -60,13 +60,6 @@ ALL_TILES_MAX = 4096
 PERSISTENT = "always"
 PERSISTENCE = ("causal", "always", "never")
 
-# a causal persistent grid's L2 sections, in units (a segment's head: 1 MB of K and V for issue
-# 5's 2048 rows): its LPT order takes the longest tiles first within each section, and the CTAs
-# in flight read about that many units' K and V (experiments/overheads.py --group-section).
-# None: FA4's (as many as fit 50 MB: 32). Non-causal plans walk unit by unit, which step 36 had
-# 4-5% faster at 131K than FA4's sections; not yet measured causal
-SECTION_UNITS: int | None = None
-
 # compiled kernels by key; False: failed to compile or agree
 _COMPILED: dict[tuple, Any] = {}
 _LOCK = threading.Lock()
@@ -118,8 +111,7 @@ def _key(groups: Sequence[Group], causal: bool, shifts: Sequence[tuple[int, ...]
     """What a compiled kernel is specialised for: dtype, head dim, causality, the tiles
     (``fa4.FORWARD_CONFIG``), each group's head count and shifts, which dim of each ``[B, H,
     L]`` LSE view has stride 1 (compiled in as a constant; None: none, or no LSE), and the
-    persistent grid's bound (the GPU's SM count; 0: one CTA per tile) and a causal persistent
-    grid's L2 section in units (0: FA4's)."""
+    persistent grid's bound (the GPU's SM count; 0: one CTA per tile)."""
     q0, lse0 = groups[0][0], groups[0][4]
     units = tuple(
         None
@@ -130,22 +122,7 @@ def _key(groups: Sequence[Group], causal: bool, shifts: Sequence[tuple[int, ...]
     heads = tuple(group[0].shape[2] for group in groups)
     config = fa4.FORWARD_CONFIG.get(causal)
     sms = _sm_count(q0) if persistent(groups, causal) else 0
-    section = _section() if sms and causal else 0
-    return (
-        *(q0.dtype, q0.shape[-1], causal, config, lse0 is None),
-        *(heads, tuple(shifts), units, sms, section),
-    )
-
-
-def _section() -> int:
-    """:data:`SECTION_UNITS` as the kernel takes it (0: FA4's sections)."""
-    if SECTION_UNITS is None:
-        return 0
-    if isinstance(SECTION_UNITS, bool) or not isinstance(SECTION_UNITS, int) or SECTION_UNITS < 1:
-        raise ValueError(
-            f"fa4_group.SECTION_UNITS must be None or a positive int, got {SECTION_UNITS!r}"
-        )
-    return SECTION_UNITS
+    return q0.dtype, q0.shape[-1], causal, config, lse0 is None, heads, tuple(shifts), units, sms
 
 
 def _sm_count(q: Tensor) -> int:
@@ -219,7 +196,7 @@ def _compile(key: tuple, groups: Sequence[Group]) -> Callable:
     cute = importlib.import_module("cutlass.cute")
     dsl_utils = importlib.import_module("flash_attn.cute.cute_dsl_utils")
     sm90 = importlib.import_module("ringattn.kernels.fa4_group_sm90")
-    dtype, head_dim, causal, config, _, heads, shifts, units, sms, section = key
+    dtype, head_dim, causal, config, _, heads, shifts, units, sms = key
     kernel = fa4_merge.forward_kernel(
         sm90.GroupedForwardSm90,
         dtype,
@@ -229,7 +206,6 @@ def _compile(key: tuple, groups: Sequence[Group]) -> Callable:
         heads=heads,
         zero_shifts=shifts,
         persistent_sms=sms,
-        section_units=section,
     )
     qs, ks, vs, outs, lses_bhl = _operands(groups)
     args = [tuple(dsl_utils.to_cute_tensor(x) for x in xs) for xs in (qs, ks, vs)]

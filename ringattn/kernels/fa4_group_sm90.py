@@ -29,7 +29,6 @@ buffer, which the producer refills with the next tile's Q while the epilogue sti
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 
 import cutlass
@@ -103,8 +102,8 @@ class PersistentLPTScheduler(SingleTileLPTScheduler):
     running together share few units' K and V in L2) instead of the L2 sections, which spread
     them over up to 32 units (step 36: in that order the persistent grid was 3-7% slower than
     one CTA per tile non-causal, with tiles shared out statically or drawn from a counter
-    alike; in this one 4-5% faster at 131K). Causal sections may be narrowed
-    (:meth:`with_sections`)."""
+    alike; in this one 4-5% faster at 131K). Causal, sections narrower than FA4's 32 units were
+    no faster (step 37: 16, 8, 4 and 2 units at 131K and 1M)."""
 
     @cute.jit
     def get_current_work(self, *, loc=None, ip=None) -> WorkTileInfo:
@@ -124,22 +123,6 @@ class PersistentLPTScheduler(SingleTileLPTScheduler):
     def create(params, ctx=None, *, loc=None, ip=None) -> PersistentLPTScheduler:
         tile_idx, _, _ = cute.arch.block_idx()
         return PersistentLPTScheduler(params, tile_idx, Int32(0), loc=loc, ip=ip)
-
-    @staticmethod
-    @cute.jit
-    def with_sections(params, units: Int32, section: int):
-        """``params`` with L2 sections of ``section`` units instead of FA4's (as many units'
-        K and V as fit 50 MB: 32 of issue 5's): LPT order within each section, so the CTAs in
-        flight read fewer units' K and V, and the longest tiles come first per section only.
-        (FA4's ``SingleTileLPTScheduler.Params.create`` with another swizzle.)"""
-        return dataclasses.replace(
-            params,
-            l2_minor=Int32(section),
-            l2_minor_divmod=cute.FastDivmodDivisorV2(section),
-            l2_major_divmod=cute.FastDivmodDivisorV2(section * params.num_block),
-            l2_minor_residual_divmod=cute.FastDivmodDivisorV2(cutlass.max(units % section, 1)),
-            num_hb_quotient=Int32(units // section),
-        )
 
     @staticmethod
     def grid(params, sms: int):
@@ -165,7 +148,6 @@ class GroupedForwardSm90(UnitGroups, ZeroingForwardSm90):
         heads: tuple[int, ...] = (),
         zero_shifts: tuple[tuple[int, ...], ...] = (),
         persistent_sms: int = 0,
-        section_units: int = 0,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -174,9 +156,6 @@ class GroupedForwardSm90(UnitGroups, ZeroingForwardSm90):
         # output's shared memory then its own (FA4's aliases Q's, which the producer refills
         # for the next tile while the epilogue still writes O)
         self.persistent_sms = persistent_sms
-        # > 0: a causal persistent grid's L2 sections, in units (PersistentLPTScheduler.
-        # with_sections); 0: FA4's
-        self.section_units = section_units
         self.zero_shifts = tuple(tuple(s) for s in zero_shifts) or ((),) * len(self.heads)
         assert len(self.zero_shifts) == len(self.heads) > 0
 
@@ -342,10 +321,6 @@ class GroupedForwardSm90(UnitGroups, ZeroingForwardSm90):
             lpt=self.is_causal,
         )
         tile_sched_params = TileScheduler.to_underlying_arguments(tile_sched_args)
-        if const_expr(self.persistent_sms > 0 and self.is_causal and self.section_units > 0):
-            tile_sched_params = PersistentLPTScheduler.with_sections(
-                tile_sched_params, units, self.section_units
-            )
         if const_expr(self.persistent_sms > 0):
             grid_dim = PersistentLPTScheduler.grid(tile_sched_params, self.persistent_sms)
         else:
