@@ -48,9 +48,11 @@ def _parts(n: int, h: int, d: int, mixing: str, with_lse: bool):
     return parts
 
 
-def _grouped_backward(n: int, h: int, d: int, causal: bool) -> None:
+def _grouped_backward(n: int, h: int, d: int, causal: bool, persistent: bool = False) -> None:
     """Compile the grouped backward and its dQ postprocess
-    (:func:`ringattn.kernels.fa4_group_bwd._compile`) for issue 5's head_groups blocks."""
+    (:func:`ringattn.kernels.fa4_group_bwd._compile`) for issue 5's head_groups blocks
+    (``persistent``: on the grid the core takes for plans past its ALL_TILES_MAX when
+    fa4_group_bwd.PERSISTENT says so)."""
     from ringattn.kernels import fa4_group_bwd
 
     groups, shifts = [], []
@@ -59,7 +61,13 @@ def _grouped_backward(n: int, h: int, d: int, causal: bool) -> None:
         groups.append((torch.empty_like(out), q, k, v, out, lse, *grads))
         shifts.append(block_shifts)  # (the gradients' unselected rows' zeros, as the output's)
     stats = fa4_group_bwd.workspaces(groups, causal)
-    fa4_group_bwd._compile(fa4_group_bwd._key(groups, causal, shifts), groups, stats)
+    saved = fa4_group_bwd.PERSISTENT, fa4_group_bwd.ALL_TILES_MAX
+    if persistent:
+        fa4_group_bwd.PERSISTENT, fa4_group_bwd.ALL_TILES_MAX = "always", 0
+    try:
+        fa4_group_bwd._compile(fa4_group_bwd._key(groups, causal, shifts), groups, stats)
+    finally:
+        fa4_group_bwd.PERSISTENT, fa4_group_bwd.ALL_TILES_MAX = saved
 
 
 def kernels(n: int, h: int, d: int):
@@ -92,6 +100,10 @@ def kernels(n: int, h: int, d: int):
                 _grouped_backward(n, h, d, causal)
 
             yield f"fa4_group_bwd causal={causal}", grouped_backward
+            yield (
+                f"fa4_group_bwd persistent causal={causal}",
+                partial(_grouped_backward, n, h, d, causal, True),
+            )
         yield f"fa4_zero {variant}", zeroing
         if with_lse:
 

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ringattn.kernels import fa4, fa4_merge
+from ringattn.kernels import fa4, fa4_group, fa4_merge
 from ringattn.kernels.unit_stats import unit_stats_
 from ringattn.kernels.unselected import shifted
 
@@ -56,6 +56,13 @@ ZEROINGS = ("causal", "always", "never")
 # configs at 32K have 1744, at 65K 3488 (step 33: no faster there, slower in single calls; step
 # 35, causal with its zeros: within 1-3% at 65K-1M, for 0.04x more memory)
 ALL_TILES_MAX = 2048
+# which plans of more than ALL_TILES_MAX tiles take one launch on a persistent grid of one CTA
+# per SM (ringattn.kernels.fa4_group_bwd_sm90.PersistentBackwardScheduler: a CTA's producer
+# loads its next key tile's Q and dO during the last one's epilogue): "causal", "always" or
+# "never" (experiments/overheads.py --group-bwd-persistent; read when a plan's launches are
+# made). Not yet measured on a GPU (step 37 prepared it), hence "never"
+PERSISTENT = "never"
+PERSISTENCE = ("causal", "always", "never")
 _COMPILED: dict[tuple, Any] = {}
 _LOCK = threading.Lock()
 last_refusal: str | None = None
@@ -81,14 +88,30 @@ Group = tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tens
 GroupsOf = Callable[[bool], Sequence[Group]]
 
 
-def supported(groups: Sequence[Group]) -> bool:
+def _tiles(groups: Sequence[Group]) -> int:
+    """The groups' 128-row tiles."""
+    return sum(q.shape[0] * q.shape[2] * -(-q.shape[1] // 128) for _, q, *_ in groups)
+
+
+def persistent(groups: Sequence[Group], causal: bool) -> bool:
+    """Whether these groups' launch runs on a persistent grid: more than :data:`ALL_TILES_MAX`
+    tiles, and :data:`PERSISTENT` takes such a plan."""
+    if PERSISTENT not in PERSISTENCE:
+        raise ValueError(
+            f"fa4_group_bwd.PERSISTENT must be one of {PERSISTENCE}, got {PERSISTENT!r}"
+        )
+    takes = PERSISTENT == "always" or (PERSISTENT == "causal" and causal)
+    return takes and _tiles(groups) > ALL_TILES_MAX
+
+
+def supported(groups: Sequence[Group], causal: bool = False) -> bool:
     """Two or more groups of one length, dtype and head dim, with no more than
-    :data:`ALL_TILES_MAX` query tiles in all, self-attention, every view one
-    :func:`ringattn.kernels.fa4_merge.layout_ok` accepts, on an SM90 GPU with FA4."""
+    :data:`ALL_TILES_MAX` query tiles in all or a :func:`persistent` launch, self-attention,
+    every view one :func:`ringattn.kernels.fa4_merge.layout_ok` accepts, on an SM90 GPU with
+    FA4."""
     if len(groups) < 2:
         return False
-    tiles = sum(q.shape[0] * q.shape[2] * -(-q.shape[1] // 128) for _, q, *_ in groups)
-    if tiles > ALL_TILES_MAX:
+    if _tiles(groups) > ALL_TILES_MAX and not persistent(groups, causal):
         return False
     q0 = groups[0][1]
     for dout, q, k, v, out, _, dq, dk, dv in groups:
@@ -106,11 +129,11 @@ def supported(groups: Sequence[Group]) -> bool:
 def _config(head_dim: int, causal: bool):
     """FA4's SM90 backward tile configuration for this head dim: ``fa4.BACKWARD_CONFIG``'s
     where it has one (read on every call, for the workspaces' shapes)."""
-    return _tiles(head_dim, causal, fa4.backward_config(head_dim, causal))
+    return _tile_config(head_dim, causal, fa4.backward_config(head_dim, causal))
 
 
 @cache
-def _tiles(head_dim: int, causal: bool, config: tuple | None):
+def _tile_config(head_dim: int, causal: bool, config: tuple | None):
     interface = importlib.import_module("flash_attn.cute.interface")
     if config is not None:
         return interface.BwdConfig(*config)
@@ -119,12 +142,14 @@ def _tiles(head_dim: int, causal: bool, config: tuple | None):
 
 def _key(groups: Sequence[Group], causal: bool, shifts: Sequence[tuple[int, ...]] = ()) -> tuple:
     """What a compiled kernel is specialised for: dtype, head dim, causality, each group's head
-    count and shifts, and ``fa4.BACKWARD_CONFIG``'s tiles (None: FA4's)."""
+    count and shifts, ``fa4.BACKWARD_CONFIG``'s tiles (None: FA4's) and the persistent grid's
+    bound (the GPU's SM count; 0: one CTA per tile)."""
     q0 = groups[0][1]
     heads = tuple(group[1].shape[2] for group in groups)
     shifts = tuple(map(tuple, shifts)) or ((),) * len(heads)
     config = fa4.backward_config(q0.shape[-1], causal)
-    return q0.dtype, q0.shape[-1], causal, heads, shifts, config
+    sms = fa4_group.sm_count(q0) if persistent(groups, causal) else 0
+    return q0.dtype, q0.shape[-1], causal, heads, shifts, config, sms
 
 
 def _compile(key: tuple, groups: Sequence[Group], stats: tuple[Tensor, Tensor, Tensor]):
@@ -134,7 +159,7 @@ def _compile(key: tuple, groups: Sequence[Group], stats: tuple[Tensor, Tensor, T
     cute = importlib.import_module("cutlass.cute")
     dsl_utils = importlib.import_module("flash_attn.cute.cute_dsl_utils")
     sm90 = importlib.import_module("ringattn.kernels.fa4_group_bwd_sm90")
-    dtype, head_dim, causal, heads, shifts, _ = key
+    dtype, head_dim, causal, heads, shifts, _, sms = key
     cfg = _config(head_dim, causal)
     backward = sm90.GroupedBackwardSm90(
         dsl_utils.torch2cute_dtype_map[dtype],
@@ -159,6 +184,7 @@ def _compile(key: tuple, groups: Sequence[Group], stats: tuple[Tensor, Tensor, T
         dQ_single_wg=cfg.dQ_single_wg,
         heads=heads,
         zero_shifts=shifts,
+        persistent_sms=sms,
     )
     postprocess = sm90.GroupedPostprocessSm90(
         dsl_utils.torch2cute_dtype_map[dtype],
@@ -351,6 +377,8 @@ def _refuse(key: tuple, why: str) -> None:
 
 __all__ = [
     "ALL_TILES_MAX",
+    "PERSISTENCE",
+    "PERSISTENT",
     "Group",
     "GroupsOf",
     "Scratch",
