@@ -69,7 +69,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|bwd_persistent|spanning|weak}
+part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|bwd_persistent|bwd_split|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -312,6 +312,15 @@ bwd_persistent)
     summary="$(grep -h -i "refus" "$out"/ab_*.log | cut -c1-300 | head -4)
 $(tail -qn 1 "$out"/ab_*.log)
 $(brief "$out"/ab_*/overheads.json)"
+    ;;
+bwd_split)
+    # step 37: at 131K causal, the configs' own backwards, the grouped backward on one CTA per
+    # tile (ALL_TILES_MAX raised) and on the persistent grid, in one process
+    timeout 100 python -m experiments.overheads --n 131072 --mixing head_groups --causal \
+        --split 8 --group-bwd-max 2048 65536 --group-bwd-persistent never causal --repeats 3 \
+        --out "$out/ab" >"$out/ab.log" 2>&1 || echo "ab: exit $?" >>"$out/ab.log"
+    summary="$(tail -qn 1 "$out"/ab.log)
+$(brief "$out"/ab/overheads.json)"
     ;;
 bwd_ab)
     # step 37: the module with FA4's backward tiles from bwd_tiles' sweep (overheads
