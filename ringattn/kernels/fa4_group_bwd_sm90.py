@@ -42,6 +42,7 @@ from flash_attn.cute.tile_scheduler import (
     SingleTileLPTBwdScheduler,
     SingleTileScheduler,
     TileSchedulerArguments,
+    WorkTileInfo,
 )
 from flash_attn.cute.utils import AuxData
 from quack import copy_utils, layout_utils
@@ -60,14 +61,19 @@ KV_EMPTY_BARRIER = int(NamedBarrierBwd.dQEmptyWG2) + 1
 
 
 class PersistentBackwardScheduler(SingleTileLPTBwdScheduler):
-    """FA4's backward key-tile order in L2 sections (as many units as fit 50 MB: within a
-    section the key tiles go block by block, the longest first when causal), walked by a grid of
-    at most one CTA per SM: CTA ``c`` takes tiles ``c``, ``c + grid``, ... FA4 launches one CTA
-    per key tile, whose loads of K, V and the first Q / dO, and whose dK / dV stores, are each
-    paid with nothing else running on its SM (one CTA per SM fits: 2048-row causal segments
-    have 17 query blocks of work per key tile on average); here a CTA's producer loads its next
-    tile's Q and dO during the last tile's epilogue, and its K and V once the epilogue has
-    released their shared memory (:data:`KV_EMPTY_BARRIER`)."""
+    """FA4's one-CTA-per-tile backward order (a unit's key tiles one after another, so the CTAs
+    running together share few units' Q, dO and dQ accumulator in L2) walked by a grid of at
+    most one CTA per SM, of an odd size: CTA ``c`` takes tiles ``c``, ``c + grid``, ..., and
+    an odd stride is coprime with a unit's power-of-two key tile count, so every CTA takes each
+    key tile index in turn and the causal tiles' uneven work (2 to 32 query blocks) evens out
+    (with 132 CTAs a CTA would take only 4 of the 16: up to 18% more work than the mean).
+
+    A CTA's producer loads its next tile's first Q and dO during the last tile's epilogue, and
+    its K and V once the epilogue has released their shared memory (:data:`KV_EMPTY_BARRIER`).
+    FA4 launches one CTA per key tile (one fits an SM), whose loads and dK / dV stores are
+    each paid with nothing else running on its SM. Step 37 walked FA4's L2-sectioned LPT order
+    instead (block by block within sections of 16 units): exact, and 22-30% slower than one CTA
+    per tile at 131K and 1M; this order is prepared, not yet measured."""
 
     @staticmethod
     @cute.jit
@@ -75,10 +81,19 @@ class PersistentBackwardScheduler(SingleTileLPTBwdScheduler):
         tile_idx = cute.arch.block_idx()[0]
         return PersistentBackwardScheduler(params, tile_idx, loc=loc, ip=ip)
 
+    @cute.jit
+    def get_current_work(self, *, loc=None, ip=None) -> WorkTileInfo:
+        params = self.params
+        unit = self._tile_idx // params.num_block
+        block = self._tile_idx - unit * params.num_block
+        is_valid = self._tile_idx < params.total_blocks
+        return WorkTileInfo((Int32(block), Int32(0), Int32(unit), Int32(0)), is_valid)
+
     @staticmethod
     def grid(params, sms: int):
-        """The launch grid: every tile's own CTA, or ``sms`` (the GPU's SM count) if fewer."""
-        return (cutlass.min(params.total_blocks, sms), Int32(1), Int32(1))
+        """The launch grid: every tile's own CTA, or the largest odd count up to ``sms`` (the
+        GPU's SM count) if fewer."""
+        return (cutlass.min(params.total_blocks, sms - 1 + sms % 2), Int32(1), Int32(1))
 
     def advance_to_next_work(self, *, loc=None, ip=None):
         self._tile_idx += cute.arch.grid_dim()[0]
