@@ -24,6 +24,7 @@ import contextlib
 import weakref
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -400,7 +401,7 @@ def dilated_backward(
         group = whole.derived["group"]
     # the zeros no launch writes (a grouped launch writes its configs' own, declined or not);
     # before the grouped launch, so the GPU starts on them while the host goes on
-    fill = spec.plan.selection if group is None or group[4] is None else group[4]
+    fill = spec.plan.selection if group is None or group.fill is None else group.fill
     for buffer in to_fill:
         fill_unselected_(buffer.flatten(0, 1), fill, spec.memory)
     if group is not None:
@@ -483,9 +484,22 @@ def _capturing(x: Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+class GroupedBackward(NamedTuple):
+    """:func:`grouped_backward_launch`'s result."""
+
+    blocks: frozenset[int]  # the plan's blocks the launch takes
+    # their geometries with and without out and lse, and each block's neighbour shifts
+    geometries: tuple
+    unit_index: Tensor  # their units' LSE positions (launches.packed's index)
+    launch: Callable[..., bool]
+    # the gradients' fill selection once the launch writes those blocks' zeros (None: the fill
+    # does them all)
+    fill: tuple | None
+
+
 def grouped_backward_launch(
     spec: CoreSpec, whole: dict, tensors: tuple[Tensor | None, ...]
-) -> tuple[frozenset[int], tuple, Tensor, Callable[..., bool], tuple | None] | None:
+) -> GroupedBackward | None:
     """One backward launch for the placed blocks (launched whole: ``whole``, one part each)
     that share the most common segment length, where there are two or more and the computer
     has a kernel for them (``BlockComputer.grouped_backward_launcher``, its workspaces from the
@@ -531,7 +545,7 @@ def grouped_backward_launch(
         writes = {i for (i, _), s in zip(members, shifts) if s or spec.plan.blocks[i].job.r == 1}
         zeroed = unzeroed_selection(spec.plan, writes)
     blocks_done = frozenset(i for i, _ in members)
-    return blocks_done, (geometries, slim, shifts), unit_index, launch, zeroed
+    return GroupedBackward(blocks_done, (geometries, slim, shifts), unit_index, launch, zeroed)
 
 
 def new_grads(q: Tensor, count: int, buffers: int) -> tuple[Tensor, ...]:
