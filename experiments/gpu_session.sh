@@ -24,7 +24,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh unit_order # ~6 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh bwd_tiles # ~1.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh bwd_ab   # ~2.5 min
-#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh bwd_persistent # ~4 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh bwd_persistent # ~6 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #
@@ -303,14 +303,25 @@ bwd_tiles)
 bwd_persistent)
     # step 37 (prepared): head_groups' causal backward in one launch on a persistent grid from
     # 131K (fa4_group_bwd.PERSISTENT; its first call is held to FA4's per-config backward, a
-    # refusal is warned of in the log) against the configs' own backwards, at 131K and 1M
+    # refusal is warned of in the log): the kernel against FA4's per config at 32K and 131K
+    # (fa4_probe --part group_bwd: gradients, NaN rows left, GPU and host time; its causal rows
+    # on the persistent grid, its non-causal ones on one CTA per tile; its closing module A/B
+    # has non-causal plans per config), then the module against the configs' own backwards at
+    # 131K and 1M
+    timeout 200 python -c "from ringattn.kernels import fa4_group_bwd
+fa4_group_bwd.PERSISTENT = 'causal'
+fa4_group_bwd.ALL_TILES_MAX = 0
+from experiments import fa4_probe
+fa4_probe.main(['--part', 'group_bwd', '--n', '131072', '--repeats', '10', '--out', '$out'])" \
+        >"$out/probe.log" 2>&1 || echo "probe: exit $?" >>"$out/probe.log"
     for n in 131072 1048576; do
         timeout 110 python -m experiments.overheads --n "$n" --mixing head_groups --causal \
             --split 8 --group-bwd-persistent never causal --steady --repeats 5 \
             --out "$out/ab_$n" >"$out/ab_$n.log" 2>&1 || echo "ab $n: exit $?" >>"$out/ab_$n.log"
     done
-    summary="$(grep -h -i "refus" "$out"/ab_*.log | cut -c1-300 | head -4)
-$(tail -qn 1 "$out"/ab_*.log)
+    summary="$(grep -h "^problem=" "$out/probe.log" | cut -c1-400)
+$(grep -h -i "refus" "$out"/ab_*.log | cut -c1-300 | head -4)
+$(tail -qn 1 "$out"/probe.log "$out"/ab_*.log)
 $(brief "$out"/ab_*/overheads.json)"
     ;;
 bwd_split)
