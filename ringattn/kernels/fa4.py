@@ -245,6 +245,19 @@ def backward_config(head_dim: int, causal: bool) -> tuple | None:
     return config
 
 
+# the choices of the fused kernels' switches that say which calls take them: causal ones, all,
+# or none (fa4_group.PERSISTENT, fa4_group_bwd.PERSISTENT and ZEROING)
+WHEN = ("causal", "always", "never")
+
+
+def takes(setting: str, name: str, causal: bool) -> bool:
+    """Whether a switch set to ``setting`` (one of :data:`WHEN`; ``name``: the switch, for the
+    ``ValueError`` a stray value gets) takes a call of this causality."""
+    if setting not in WHEN:
+        raise ValueError(f"{name} must be one of {WHEN}, got {setting!r}")
+    return setting == "always" or (setting == "causal" and causal)
+
+
 # replays of FA4's recorded calls by signature (None: that signature calls FA4's launcher);
 # REPLAY = False always calls the launcher (the A/B: experiments/fa4_probe.py --part replay)
 REPLAY = True

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import importlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -58,7 +58,7 @@ ALL_TILES_MAX = 4096
 # faster than one CTA per tile at 131K). At 32K (one CTA per tile already one launch) causal was
 # 3-7% slower in step 35, hence the persistent grid only past ALL_TILES_MAX
 PERSISTENT = "always"
-PERSISTENCE = ("causal", "always", "never")
+PERSISTENCE = fa4.WHEN
 
 # compiled kernels by key; False: failed to compile or agree
 _COMPILED: dict[tuple, Any] = {}
@@ -70,18 +70,17 @@ last_refusal: str | None = None
 Group = tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]
 
 
-def _tiles(groups: Sequence[Group]) -> int:
-    """The groups' 128-row query tiles."""
-    return sum(q.shape[0] * q.shape[2] * -(-q.shape[1] // 128) for q, *_ in groups)
+def tiles(qs: Iterable[Tensor]) -> int:
+    """The 128-row tiles of these ``[B, L, H, d]`` blocks (the grouped backward's key tiles
+    too: self-attention)."""
+    return sum(q.shape[0] * q.shape[2] * -(-q.shape[1] // 128) for q in qs)
 
 
 def persistent(groups: Sequence[Group], causal: bool) -> bool:
     """Whether these groups' launch runs on a persistent grid: more than :data:`ALL_TILES_MAX`
     tiles, and :data:`PERSISTENT` takes such a plan."""
-    if PERSISTENT not in PERSISTENCE:
-        raise ValueError(f"fa4_group.PERSISTENT must be one of {PERSISTENCE}, got {PERSISTENT!r}")
-    takes = PERSISTENT == "always" or (PERSISTENT == "causal" and causal)
-    return takes and _tiles(groups) > ALL_TILES_MAX
+    takes = fa4.takes(PERSISTENT, "fa4_group.PERSISTENT", causal)
+    return takes and tiles(group[0] for group in groups) > ALL_TILES_MAX
 
 
 def supported(groups: Sequence[Group], shifts: Sequence[tuple[int, ...]], causal: bool) -> bool:
@@ -92,7 +91,7 @@ def supported(groups: Sequence[Group], shifts: Sequence[tuple[int, ...]], causal
     output's 16-byte vector stores aligned."""
     if len(groups) < 2 or len(shifts) != len(groups):
         return False
-    if _tiles(groups) > ALL_TILES_MAX and not persistent(groups, causal):
+    if tiles(group[0] for group in groups) > ALL_TILES_MAX and not persistent(groups, causal):
         return False
     q0, lse0 = groups[0][0], groups[0][4]
     for (q, k, v, out, lse), group_shifts in zip(groups, shifts):

@@ -51,7 +51,7 @@ ENABLED = True
 # an H200 at 32K (h200_perf.md step 35, 16-byte stores) they took 5-7% off causal single calls
 # of forward+backward and were even back to back; non-causal moved within its spread either way
 ZEROING = "causal"
-ZEROINGS = ("causal", "always", "never")
+ZEROINGS = fa4.WHEN
 # the most query tiles (128 rows, every segment and head of every group) one launch takes: issue 5's
 # configs at 32K have 1744, at 65K 3488 (step 33: no faster there, slower in single calls; step
 # 35, causal with its zeros: within 1-3% at 65K-1M, for 0.04x more memory)
@@ -64,7 +64,7 @@ ALL_TILES_MAX = 2048
 # configs' own backwards at 131K and 1M; the order it walks now (unit by unit, an odd grid) is
 # not yet measured. Hence "never"
 PERSISTENT = "never"
-PERSISTENCE = ("causal", "always", "never")
+PERSISTENCE = fa4.WHEN
 _COMPILED: dict[tuple, Any] = {}
 _LOCK = threading.Lock()
 last_refusal: str | None = None
@@ -73,9 +73,7 @@ last_refusal: str | None = None
 def zeroing(causal: bool) -> bool:
     """Whether a launch of these configs writes their unselected rows' zeros (see
     :data:`ZEROING`)."""
-    if ZEROING not in ZEROINGS:
-        raise ValueError(f"fa4_group_bwd.ZEROING must be one of {ZEROINGS}, got {ZEROING!r}")
-    return ZEROING == "always" or (ZEROING == "causal" and causal)
+    return fa4.takes(ZEROING, "fa4_group_bwd.ZEROING", causal)
 
 
 # float32 workspaces by tag and shape (the memory manager's scratch, bound to a device)
@@ -90,20 +88,11 @@ Group = tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tens
 GroupsOf = Callable[[bool], Sequence[Group]]
 
 
-def _tiles(groups: Sequence[Group]) -> int:
-    """The groups' 128-row tiles."""
-    return sum(q.shape[0] * q.shape[2] * -(-q.shape[1] // 128) for _, q, *_ in groups)
-
-
 def persistent(groups: Sequence[Group], causal: bool) -> bool:
     """Whether these groups' launch runs on a persistent grid: more than :data:`ALL_TILES_MAX`
     tiles, and :data:`PERSISTENT` takes such a plan."""
-    if PERSISTENT not in PERSISTENCE:
-        raise ValueError(
-            f"fa4_group_bwd.PERSISTENT must be one of {PERSISTENCE}, got {PERSISTENT!r}"
-        )
-    takes = PERSISTENT == "always" or (PERSISTENT == "causal" and causal)
-    return takes and _tiles(groups) > ALL_TILES_MAX
+    takes = fa4.takes(PERSISTENT, "fa4_group_bwd.PERSISTENT", causal)
+    return takes and fa4_group.tiles(group[1] for group in groups) > ALL_TILES_MAX
 
 
 def supported(groups: Sequence[Group], causal: bool = False) -> bool:
@@ -113,7 +102,7 @@ def supported(groups: Sequence[Group], causal: bool = False) -> bool:
     FA4."""
     if len(groups) < 2:
         return False
-    if _tiles(groups) > ALL_TILES_MAX and not persistent(groups, causal):
+    if fa4_group.tiles(g[1] for g in groups) > ALL_TILES_MAX and not persistent(groups, causal):
         return False
     q0 = groups[0][1]
     for dout, q, k, v, out, _, dq, dk, dv in groups:
