@@ -625,32 +625,23 @@ class GroupedBackwardSm90(UnitGroups, FlashAttentionBackwardSm90):
         producer_state_dO_cur = (
             producer_state_dO if const_expr(self.Q_stage != self.dO_stage) else producer_state_Q
         )
-        if const_expr(self.persistent_sms > 0):
-            pipeline_Q.producer_acquire(producer_state_Q, extra_tx_count=self.tma_copy_bytes["K"])
-            load_Q(m_block_min, producer_state=producer_state_Q)
-            cute.arch.griddepcontrol_wait()  # the statistics come from the kernels before
-            load_LSE(m_block_min, producer_state=producer_state_Q)
-            pipeline_dO.producer_acquire(
-                producer_state_dO_cur, extra_tx_count=self.tma_copy_bytes["V"]
-            )
-            load_dO(m_block_min, producer_state=producer_state_dO_cur)
-            load_dPsum(m_block_min, producer_state=producer_state_dO_cur)
+        persistent = const_expr(self.persistent_sms > 0)
+        pipeline_Q.producer_acquire(producer_state_Q, extra_tx_count=self.tma_copy_bytes["K"])
+        if const_expr(not persistent):
+            load_K(tma_bar_ptr=pipeline_Q.producer_get_barrier(producer_state_Q))
+        load_Q(m_block_min, producer_state=producer_state_Q)
+        cute.arch.griddepcontrol_wait()  # the statistics come from the kernels before
+        load_LSE(m_block_min, producer_state=producer_state_Q)
+        pipeline_dO.producer_acquire(producer_state_dO_cur, extra_tx_count=self.tma_copy_bytes["V"])
+        if const_expr(not persistent):
+            load_V(tma_bar_ptr=pipeline_dO.producer_get_barrier(producer_state_dO_cur))
+        load_dO(m_block_min, producer_state=producer_state_dO_cur)
+        load_dPsum(m_block_min, producer_state=producer_state_dO_cur)
+        if const_expr(persistent):
             if first == 0:
                 self.kv_empty().arrive_and_wait()
             load_K(tma_bar_ptr=pipeline_Q.producer_get_barrier(producer_state_Q))
             load_V(tma_bar_ptr=pipeline_dO.producer_get_barrier(producer_state_dO_cur))
-        else:
-            pipeline_Q.producer_acquire(producer_state_Q, extra_tx_count=self.tma_copy_bytes["K"])
-            load_K(tma_bar_ptr=pipeline_Q.producer_get_barrier(producer_state_Q))
-            load_Q(m_block_min, producer_state=producer_state_Q)
-            cute.arch.griddepcontrol_wait()  # the statistics come from the kernels before
-            load_LSE(m_block_min, producer_state=producer_state_Q)
-            pipeline_dO.producer_acquire(
-                producer_state_dO_cur, extra_tx_count=self.tma_copy_bytes["V"]
-            )
-            load_V(tma_bar_ptr=pipeline_dO.producer_get_barrier(producer_state_dO_cur))
-            load_dO(m_block_min, producer_state=producer_state_dO_cur)
-            load_dPsum(m_block_min, producer_state=producer_state_dO_cur)
         producer_state_Q.advance()
         producer_state_dO.advance()
         for m_block in cutlass.range(m_block_min + 1, m_block_max, unroll=1):
