@@ -405,16 +405,16 @@ def dilated_backward(
     for buffer in to_fill:
         fill_unselected_(buffer.flatten(0, 1), fill, spec.memory)
     if group is not None:
-        blocks_done, geometries, unit_index, launch, zeroed = group
+        geometries = group.geometries
 
         def groups_of(full: bool) -> list:
             # (without out and lse unless asked: the kernels read those whole, ten views fewer
             # per call)
             return [views(tensors, g) for g in geometries[0 if full else 1]]
 
-        if launch(groups_of, dout, out, lse, unit_index):
-            grouped = blocks_done
-        elif zeroed is not None:  # declined: the zeros it would have written
+        if group.launch(groups_of, dout, out, lse, group.unit_index):
+            grouped = group.blocks
+        elif group.fill is not None:  # declined: the zeros it would have written
             for geometry, shifts in zip(geometries[0], geometries[2], strict=True):
                 for grad in views(tensors, geometry)[6:]:
                     for shift in shifts:
