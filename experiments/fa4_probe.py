@@ -897,17 +897,26 @@ def fill(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     return rows
 
 
-# FA4's SM90 backward tile configurations to time on 2048-row causal blocks (fields of
+# FA4's SM90 backward tile configurations (ringattn.kernels.fa4.BACKWARD_CONFIG's fields, those of
 # flash_attn.cute.interface.BwdConfig: m, n, Q / dO / PdS stages, SdP / dKV / dQ swapAB, atom
-# layouts M-SdP / N-dKV / M-dQ[, num_wg, dQ_single_wg]); None: FA4's own (64 x 128 causal, 80 x
-# 128 non-causal, from C++ FA3 on an H100)
+# layouts M-SdP / N-dKV / M-dQ[, num_wg, dQ_single_wg]) by the names overheads --bwd-tiles takes:
+# the sweep's best on 2048-row blocks (step 37: 4-5% faster than FA4's own causal, 2-4%
+# non-causal), dQ's stores by one warp group, one P / dS stage, or both
+BACKWARD_TILES = {
+    "dq1wg": (64, 128, 2, 2, 2, True, False, False, 1, 2, 1, 2, True),
+    "pds1": (64, 128, 2, 2, 1, True, False, False, 1, 2, 1),
+    "dq1wg_pds1": (64, 128, 2, 2, 1, True, False, False, 1, 2, 1, 2, True),
+}
+
+# the configurations --part bwd_sweep times; None: FA4's own (64 x 128 causal, 80 x 128
+# non-causal, from C++ FA3 on an H100)
 BWD_SWEEP = (
     None,
     (80, 128, 2, 2, 2, True, False, True, 1, 2, 1),
     (64, 128, 2, 2, 2, False, False, False, 1, 2, 1),
     (64, 128, 2, 2, 2, True, True, False, 1, 2, 1),
-    (64, 128, 2, 2, 2, True, False, False, 1, 2, 1, 2, True),
-    (64, 128, 2, 2, 1, True, False, False, 1, 2, 1),
+    BACKWARD_TILES["dq1wg"],
+    BACKWARD_TILES["pds1"],
     (96, 128, 2, 2, 2, True, False, True, 1, 2, 1),
     (128, 128, 2, 2, 2, True, False, False, 1, 2, 2),
 )
@@ -916,12 +925,14 @@ BWD_SWEEP = (
 def bwd_sweep(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     """FA4's SM90 backward alone on contiguous 2048-row blocks over :data:`BWD_SWEEP` (FA4 takes
     its SM90 backward tiles from ``_tile_size_bwd_sm90`` whatever the caller passes, so each
-    configuration is patched in for its calls; its compile key holds them): GPU ms, useful
-    TFLOP/s (2.5x the forward's FLOPs) and the gradients' distance from the default's, causal
-    and not; and the dense ``[1, n, h, d]`` problem at the default for the rate to beat."""
+    configuration is swapped in for its calls as ``fa4.backward`` does; its compile key holds
+    them): GPU ms, useful TFLOP/s (2.5x the forward's FLOPs) and the gradients' distance from
+    the default's, causal and not; and the dense ``[1, n, h, d]`` problem at the default for the
+    rate to beat."""
     from flash_attn.cute import interface
 
-    default_tiles = interface._tile_size_bwd_sm90
+    from ringattn.kernels import fa4
+
     scale = d**-0.5
     rows = []
     for label, q, k, v in list(problems(n, h, d, device))[:2]:
@@ -935,23 +946,21 @@ def bwd_sweep(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
             reference = None
             for config in BWD_SWEEP if label != "dense" else (None,):
                 row = {"problem": label, "causal": causal, "config": config or "default"}
-                if config is not None:
-                    tiles = interface.BwdConfig(*config)
-                    interface._tile_size_bwd_sm90 = lambda *args, tiles=tiles, **kw: tiles
                 try:
-                    fn = partial(interface._flash_attn_bwd, q, k, v, out, dout, lse, scale, causal)
-                    grads = [g.float() for g in fn()[:3]]
-                    if reference is None:
-                        reference = grads
-                    row["rel_err_vs_default"] = max(
-                        float((g - r).norm() / r.norm()) for g, r in zip(grads, reference)
-                    )
-                    ms = _events_ms(fn, 2, repeats)
+                    with fa4._tiles(interface, config):
+                        fn = partial(
+                            interface._flash_attn_bwd, q, k, v, out, dout, lse, scale, causal
+                        )
+                        grads = [g.float() for g in fn()[:3]]
+                        if reference is None:
+                            reference = grads
+                        row["rel_err_vs_default"] = max(
+                            float((g - r).norm() / r.norm()) for g, r in zip(grads, reference)
+                        )
+                        ms = _events_ms(fn, 2, repeats)
                     row.update(bwd_ms=ms, tflops=flops / ms / 1e9)
                 except Exception as exc:
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                finally:
-                    interface._tile_size_bwd_sm90 = default_tiles
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return rows

@@ -55,6 +55,7 @@ from experiments.bench import (
     time_and_memory,
     with_grads,
 )
+from experiments.fa4_probe import BACKWARD_TILES
 from ringattn import core, lanes, launches, pattern
 from ringattn.computers.sdpa import CUDA_BACKWARDS, CUDA_FORWARDS, SDPAComputer
 from ringattn.flops import dense_flops, useful_flops
@@ -73,14 +74,10 @@ FILLS = {
     ),
 }
 
-# FA4's SM90 backward tiles to A/B (ringattn.kernels.fa4.BACKWARD_CONFIG's fields), the best of
-# fa4_probe --part bwd_sweep on 2048-row blocks (step 37: 4-5% faster than FA4's own causal, 2-4%
-# non-causal): dQ's stores by one warp group, one P / dS stage, or both
-BACKWARD_TILES = {
-    "dq1wg": (64, 128, 2, 2, 2, True, False, False, 1, 2, 1, 2, True),
-    "pds1": (64, 128, 2, 2, 1, True, False, False, 1, 2, 1),
-    "dq1wg_pds1": (64, 128, 2, 2, 1, True, False, False, 1, 2, 1, 2, True),
-}
+
+def default_first(default: str, choices) -> list[str]:
+    """An A/B axis's choices with the library's current setting first (the default run)."""
+    return [default, *(choice for choice in choices if choice != default)]
 
 
 def traced_calls(fn, unit: int) -> list[dict]:
@@ -472,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
             "(ringattn.kernels.fa4_group_bwd.ENABLED), or one per config",
         ),
         "--group-bwd-zero": (
-            sorted(fa4_group_bwd.ZEROINGS, key=lambda z: z != fa4_group_bwd.ZEROING),
+            default_first(fa4_group_bwd.ZEROING, fa4_group_bwd.ZEROINGS),
             "head_groups: where the grouped backward writes its configs' unselected rows' zeros "
             "(ringattn.kernels.fa4_group_bwd.ZEROING), else the gradients' fill does",
         ),
@@ -483,19 +480,13 @@ def main(argv: list[str] | None = None) -> None:
             "3488 at 65K, 6976 at 131K)",
         ),
         "--group-bwd-persistent": (
-            [
-                fa4_group_bwd.PERSISTENT,
-                *(p for p in fa4_group_bwd.PERSISTENCE if p != fa4_group_bwd.PERSISTENT),
-            ],
+            default_first(fa4_group_bwd.PERSISTENT, fa4_group_bwd.PERSISTENCE),
             "head_groups: which plans of more than --group-bwd-max tiles take the grouped "
             "backward on a persistent grid of one CTA per SM "
             "(ringattn.kernels.fa4_group_bwd.PERSISTENT); the others go config by config",
         ),
         "--group-persistent": (
-            [
-                fa4_group.PERSISTENT,
-                *(p for p in fa4_group.PERSISTENCE if p != fa4_group.PERSISTENT),
-            ],
+            default_first(fa4_group.PERSISTENT, fa4_group.PERSISTENCE),
             "head_groups: which plans of more than --group-max tiles take the grouped forward on "
             "a persistent grid of one CTA per SM (ringattn.kernels.fa4_group.PERSISTENT); the "
             "others go config by config",
