@@ -23,6 +23,8 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -61,13 +63,22 @@ def _grouped_backward(n: int, h: int, d: int, causal: bool, persistent: bool = F
         groups.append((torch.empty_like(out), q, k, v, out, lse, *grads))
         shifts.append(block_shifts)  # (the gradients' unselected rows' zeros, as the output's)
     stats = fa4_group_bwd.workspaces(groups, causal)
-    saved = fa4_group_bwd.PERSISTENT, fa4_group_bwd.ALL_TILES_MAX
-    if persistent:
-        fa4_group_bwd.PERSISTENT, fa4_group_bwd.ALL_TILES_MAX = "always", 0
-    try:
+    with _persistent(fa4_group_bwd, persistent):
         fa4_group_bwd._compile(fa4_group_bwd._key(groups, causal, shifts), groups, stats)
+
+
+@contextmanager
+def _persistent(module, on: bool) -> Iterator[None]:
+    """A grouped kernel's module (``fa4_group`` or ``fa4_group_bwd``) set, where ``on``, to
+    put every plan on its persistent grid (the grid the core takes past its ``ALL_TILES_MAX``),
+    and restored after."""
+    saved = module.PERSISTENT, module.ALL_TILES_MAX
+    if on:
+        module.PERSISTENT, module.ALL_TILES_MAX = "always", 0
+    try:
+        yield
     finally:
-        fa4_group_bwd.PERSISTENT, fa4_group_bwd.ALL_TILES_MAX = saved
+        module.PERSISTENT, module.ALL_TILES_MAX = saved
 
 
 def kernels(n: int, h: int, d: int):
@@ -78,14 +89,8 @@ def kernels(n: int, h: int, d: int):
         def grouped(causal=causal, with_lse=with_lse, persistent=False):
             parts = _parts(n, h, d, "head_groups", with_lse)
             groups, shifts = [p[0] for p in parts], [p[1] for p in parts]
-            # (persistent: the grid the core takes for plans past ALL_TILES_MAX)
-            saved = fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX
-            if persistent:
-                fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX = "always", 0
-            try:
+            with _persistent(fa4_group, persistent):
                 fa4_group._compile(fa4_group._key(groups, causal, shifts), groups)
-            finally:
-                fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX = saved
 
         def zeroing(causal=causal, with_lse=with_lse):
             (q, k, v, out, lse), shifts = _parts(n, h, d, "head_groups", with_lse)[-1]
