@@ -50,11 +50,9 @@ def _parts(n: int, h: int, d: int, mixing: str, with_lse: bool):
     return parts
 
 
-def _grouped_backward(n: int, h: int, d: int, causal: bool, persistent: bool = False) -> None:
+def _grouped_backward(n: int, h: int, d: int, causal: bool) -> None:
     """Compile the grouped backward and its dQ postprocess
-    (:func:`ringattn.kernels.fa4_group_bwd._compile`) for issue 5's head_groups blocks
-    (``persistent``: on the grid the core takes for plans past its ALL_TILES_MAX when
-    fa4_group_bwd.PERSISTENT says so)."""
+    (:func:`ringattn.kernels.fa4_group_bwd._compile`) for issue 5's head_groups blocks."""
     from ringattn.kernels import fa4_group_bwd
 
     groups, shifts = [], []
@@ -63,22 +61,20 @@ def _grouped_backward(n: int, h: int, d: int, causal: bool, persistent: bool = F
         groups.append((torch.empty_like(out), q, k, v, out, lse, *grads))
         shifts.append(block_shifts)  # (the gradients' unselected rows' zeros, as the output's)
     stats = fa4_group_bwd.workspaces(groups, causal)
-    with _persistent(fa4_group_bwd, persistent):
-        fa4_group_bwd._compile(fa4_group_bwd._key(groups, causal, shifts), groups, stats)
+    fa4_group_bwd._compile(fa4_group_bwd._key(groups, causal, shifts), groups, stats)
 
 
 @contextmanager
-def _persistent(module, on: bool) -> Iterator[None]:
-    """A grouped kernel's module (``fa4_group`` or ``fa4_group_bwd``) set, where ``on``, to
-    put every plan on its persistent grid (the grid the core takes past its ``ALL_TILES_MAX``),
-    and restored after."""
-    saved = module.PERSISTENT, module.ALL_TILES_MAX
+def _persistent(on: bool) -> Iterator[None]:
+    """The grouped forward (``fa4_group``) set, where ``on``, to put every plan on its
+    persistent grid (the grid the core takes past its ``ALL_TILES_MAX``), and restored after."""
+    saved = fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX
     if on:
-        module.PERSISTENT, module.ALL_TILES_MAX = "always", 0
+        fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX = "always", 0
     try:
         yield
     finally:
-        module.PERSISTENT, module.ALL_TILES_MAX = saved
+        fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX = saved
 
 
 def kernels(n: int, h: int, d: int):
@@ -89,7 +85,7 @@ def kernels(n: int, h: int, d: int):
         def grouped(causal=causal, with_lse=with_lse, persistent=False):
             parts = _parts(n, h, d, "head_groups", with_lse)
             groups, shifts = [p[0] for p in parts], [p[1] for p in parts]
-            with _persistent(fa4_group, persistent):
+            with _persistent(persistent):
                 fa4_group._compile(fa4_group._key(groups, causal, shifts), groups)
 
         def zeroing(causal=causal, with_lse=with_lse):
@@ -105,10 +101,6 @@ def kernels(n: int, h: int, d: int):
                 _grouped_backward(n, h, d, causal)
 
             yield f"fa4_group_bwd causal={causal}", grouped_backward
-            yield (
-                f"fa4_group_bwd persistent causal={causal}",
-                partial(_grouped_backward, n, h, d, causal, True),
-            )
         yield f"fa4_zero {variant}", zeroing
         if with_lse:
 

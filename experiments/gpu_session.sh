@@ -24,7 +24,6 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh unit_order # ~6 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh bwd_tiles # ~1.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh bwd_ab   # ~2.5 min
-#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh bwd_persistent # ~6 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #
@@ -54,8 +53,8 @@
 #   forward's kernel timeline; group_bwd: head_groups' configs in one FA4 backward
 #   (ringattn.kernels.fa4_group_bwd; step 33; verify, zeros and causal_group: step 34, and
 #   persistent, persistent_long and persistent_again: step 35; unit_order: step 36;
-#   bwd_tiles, bwd_ab and bwd_persistent: step 37 (its sections part, run and removed, is at
-#   13b3020); each
+#   bwd_tiles and bwd_ab: step 37 (its sections part, run and removed, is at 13b3020; its
+#   bwd_persistent and bwd_split parts, run in steps 37-38 and removed, at 59e7a22); each
 #   described where it runs
 #   below): the kernel's probe (fa4_probe --part group_bwd:
 #   gradients against FA4's per-config backward, ms and host µs at 32K and 131K), the module A/B
@@ -69,7 +68,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|bwd_persistent|bwd_split|spanning|weak}
+part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -77,7 +76,7 @@ bench=(python -m experiments.bench --computers sdpa --dilations segment_local --
 brief() { # overheads.json rows, a short line each: the A/B choices, ms, host ms, peaks, errors
     python - "$@" <<'PY'
 import json, sys
-keys = ("n", "mixing", "causal", "lanes", "fill", "zero", "pack_lse", "group", "group_bwd", "group_bwd_zero", "group_bwd_max", "group_bwd_persistent", "group_persistent", "group_max", "bwd_tiles", "bwd_merge", "fwd_ms",
+keys = ("n", "mixing", "causal", "lanes", "fill", "zero", "pack_lse", "group", "group_bwd", "group_bwd_zero", "group_bwd_max", "group_persistent", "group_max", "bwd_tiles", "bwd_merge", "fwd_ms",
         "fwdbwd_ms", "fwd_ms_b2b", "fwdbwd_ms_b2b", "fwd_host_ms", "fwdbwd_host_ms", "fwdbwd_mem_vs_io", "vs_first_err",
         "graph_fwd_ms", "graph_fwdbwd_ms", "graph_fwd_err", "graph_fwdbwd_err")
 for path in sys.argv[1:]:
@@ -299,39 +298,6 @@ bwd_tiles)
     timeout 400 python -m experiments.fa4_probe --part bwd_sweep --n 131072 --repeats 5 \
         --out "$out" >"$out/probe.log" 2>&1 || echo "probe: exit $?" >>"$out/probe.log"
     summary="$(grep -h '^{' "$out/probe.log" | cut -c1-300)"
-    ;;
-bwd_persistent)
-    # step 37 (prepared): head_groups' causal backward in one launch on a persistent grid from
-    # 131K (fa4_group_bwd.PERSISTENT; its first call is held to FA4's per-config backward, a
-    # refusal is warned of in the log): the kernel against FA4's per config at 32K and 131K
-    # (fa4_probe --part group_bwd: gradients, NaN rows left, GPU and host time; its causal rows
-    # on the persistent grid, its non-causal ones on one CTA per tile; its closing module A/B
-    # has non-causal plans per config), then the module against the configs' own backwards at
-    # 131K and 1M
-    timeout 200 python -c "from ringattn.kernels import fa4_group_bwd
-fa4_group_bwd.PERSISTENT = 'causal'
-fa4_group_bwd.ALL_TILES_MAX = 0
-from experiments import fa4_probe
-fa4_probe.main(['--part', 'group_bwd', '--n', '131072', '--repeats', '10', '--out', '$out'])" \
-        >"$out/probe.log" 2>&1 || echo "probe: exit $?" >>"$out/probe.log"
-    for n in 131072 1048576; do
-        timeout 110 python -m experiments.overheads --n "$n" --mixing head_groups --causal \
-            --split 8 --group-bwd-persistent never causal --steady --repeats 5 \
-            --out "$out/ab_$n" >"$out/ab_$n.log" 2>&1 || echo "ab $n: exit $?" >>"$out/ab_$n.log"
-    done
-    summary="$(grep -h "^problem=" "$out/probe.log" | cut -c1-400)
-$(grep -h -i "refus" "$out"/ab_*.log | cut -c1-300 | head -4)
-$(tail -qn 1 "$out"/probe.log "$out"/ab_*.log)
-$(brief "$out"/ab_*/overheads.json)"
-    ;;
-bwd_split)
-    # step 37: at 131K causal, the configs' own backwards, the grouped backward on one CTA per
-    # tile (ALL_TILES_MAX raised) and on the persistent grid, in one process
-    timeout 100 python -m experiments.overheads --n 131072 --mixing head_groups --causal \
-        --split 8 --group-bwd-max 2048 65536 --group-bwd-persistent never causal --repeats 3 \
-        --out "$out/ab" >"$out/ab.log" 2>&1 || echo "ab: exit $?" >>"$out/ab.log"
-    summary="$(tail -qn 1 "$out"/ab.log)
-$(brief "$out"/ab/overheads.json)"
     ;;
 bwd_ab)
     # step 37: the module with FA4's backward tiles from bwd_tiles' sweep (overheads

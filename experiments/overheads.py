@@ -254,7 +254,6 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 args.group_bwd,
                 args.group_bwd_zero,
                 args.group_bwd_max,
-                args.group_bwd_persistent,
                 args.group_persistent,
                 args.group_max,
                 args.bwd_tiles,
@@ -281,7 +280,6 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                 group_bwd,
                 group_bwd_zero,
                 group_bwd_max,
-                group_bwd_persistent,
                 group_persistent,
                 group_max,
                 bwd_tiles,
@@ -303,7 +301,6 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             fa4_group_bwd.ENABLED = group_bwd == "yes"
             fa4_group_bwd.ZEROING = group_bwd_zero
             fa4_group_bwd.ALL_TILES_MAX = int(group_bwd_max)
-            fa4_group_bwd.PERSISTENT = group_bwd_persistent
             fa4_group.PERSISTENT = group_persistent
             fa4_group.ALL_TILES_MAX = int(group_max)
             fa4.BACKWARD_CONFIG.clear()
@@ -347,7 +344,6 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "group_bwd": group_bwd,
                     "group_bwd_zero": group_bwd_zero,
                     "group_bwd_max": int(group_bwd_max),
-                    "group_bwd_persistent": group_bwd_persistent,
                     "group_persistent": group_persistent,
                     "group_max": int(group_max),
                     "bwd_tiles": bwd_tiles,
@@ -479,12 +475,6 @@ def main(argv: list[str] | None = None) -> None:
             "(ringattn.kernels.fa4_group_bwd.ALL_TILES_MAX; issue 5's configs: 1744 at 32K, "
             "3488 at 65K, 6976 at 131K)",
         ),
-        "--group-bwd-persistent": (
-            default_first(fa4_group_bwd.PERSISTENT, fa4_group_bwd.PERSISTENCE),
-            "head_groups: which plans of more than --group-bwd-max tiles take the grouped "
-            "backward on a persistent grid of one CTA per SM "
-            "(ringattn.kernels.fa4_group_bwd.PERSISTENT); the others go config by config",
-        ),
         "--group-persistent": (
             default_first(fa4_group.PERSISTENT, fa4_group.PERSISTENCE),
             "head_groups: which plans of more than --group-max tiles take the grouped forward on "
@@ -528,11 +518,7 @@ def main(argv: list[str] | None = None) -> None:
         launches.FUSE_OFFSETS,
     )
     default_merge = SDPAComputer.fa4_backward_merge
-    default_group_bwd = (
-        fa4_group_bwd.ZEROING,
-        fa4_group_bwd.ALL_TILES_MAX,
-        fa4_group_bwd.PERSISTENT,
-    )
+    default_group_bwd = fa4_group_bwd.ZEROING, fa4_group_bwd.ALL_TILES_MAX
     default_group = fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX
     default_bwd_tiles = dict(fa4.BACKWARD_CONFIG)
     try:
@@ -554,9 +540,7 @@ def main(argv: list[str] | None = None) -> None:
         core.PACK_LSE = True
         fa4_group.ENABLED = True
         fa4_group_bwd.ENABLED = True
-        fa4_group_bwd.ZEROING, fa4_group_bwd.ALL_TILES_MAX, fa4_group_bwd.PERSISTENT = (
-            default_group_bwd
-        )
+        fa4_group_bwd.ZEROING, fa4_group_bwd.ALL_TILES_MAX = default_group_bwd
         fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX = default_group
         fa4.BACKWARD_CONFIG.clear()
         fa4.BACKWARD_CONFIG.update(default_bwd_tiles)

@@ -69,7 +69,7 @@ def grouping_bwd(grouping):  # noqa: F811
     patch.setattr(
         fa4_group_bwd,
         "supported",
-        lambda groups, causal: (
+        lambda groups: (
             len(groups) >= 2
             and all(fa4_merge.layout_ok(g[1], g[2], g[3], g[0], None) for g in groups)
         ),
@@ -207,28 +207,8 @@ def test_support_rules(monkeypatch):
     assert fa4_group_bwd.supported(groups)
     monkeypatch.setattr(fa4_group_bwd, "ALL_TILES_MAX", 15)
     assert not fa4_group_bwd.supported(groups)
-    # past the bound, where PERSISTENT takes the plan (causal ones, or all)
-    monkeypatch.setattr(fa4_group_bwd, "PERSISTENT", "causal")
-    assert fa4_group_bwd.supported(groups, True) and not fa4_group_bwd.supported(groups, False)
-    monkeypatch.setattr(fa4_group_bwd, "PERSISTENT", "always")
-    assert fa4_group_bwd.supported(groups, False)
     monkeypatch.undo()
     assert not fa4_group_bwd.supported(groups)  # off an SM90 GPU, never
-
-
-def test_persistent_grid_is_keyed_and_checked(fake_fa4, monkeypatch):  # noqa: F811
-    """The persistent grid's bound (the SM count; 0: one CTA per tile) is the key's last item,
-    and PERSISTENT takes only its three choices."""
-    groups = backward_groups()  # 4 tiles
-    assert fa4_group_bwd._key(groups, True)[-1] == 0
-    monkeypatch.setattr(fa4_group_bwd, "ALL_TILES_MAX", 3)
-    assert fa4_group_bwd._key(groups, True)[-1] == 0  # "never" by default
-    monkeypatch.setattr(fa4_group_bwd, "PERSISTENT", "causal")
-    assert fa4_group_bwd._key(groups, True)[-1] == 132  # (no GPU here)
-    assert fa4_group_bwd._key(groups, False)[-1] == 0
-    monkeypatch.setattr(fa4_group_bwd, "PERSISTENT", True)  # not one of the three
-    with pytest.raises(ValueError, match="PERSISTENT must be one of"):
-        fa4_group_bwd.persistent(groups, True)
 
 
 def backward_groups(causal: bool = False):

@@ -374,7 +374,7 @@ class SDPAComputer(BlockComputer):
         if not (
             fa4_group_bwd.ENABLED
             and self._fa4(self.cuda_backward, groups[0][1])
-            and fa4_group_bwd.supported(groups, causal)
+            and fa4_group_bwd.supported(groups)
         ):
             return None
 

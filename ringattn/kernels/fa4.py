@@ -246,7 +246,7 @@ def backward_config(head_dim: int, causal: bool) -> tuple | None:
 
 
 # the choices of the fused kernels' switches that say which calls take them: causal ones, all,
-# or none (fa4_group.PERSISTENT, fa4_group_bwd.PERSISTENT and ZEROING)
+# or none (fa4_group.PERSISTENT and fa4_group_bwd.ZEROING)
 WHEN = ("causal", "always", "never")
 
 

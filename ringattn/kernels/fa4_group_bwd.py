@@ -54,17 +54,11 @@ ZEROING = "causal"
 ZEROINGS = fa4.WHEN
 # the most query tiles (128 rows, every segment and head of every group) one launch takes: issue 5's
 # configs at 32K have 1744, at 65K 3488 (step 33: no faster there, slower in single calls; step
-# 35, causal with its zeros: within 1-3% at 65K-1M, for 0.04x more memory)
+# 35, causal with its zeros: within 1-3% at 65K-1M, for 0.04x more memory). Larger plans on a
+# persistent grid (a CTA's producer loading its next key tile's Q / dO during the last one's
+# epilogue; steps 37-38, kept at 59e7a22) were exact and 3-30% slower than the configs' own
+# backwards at 131K and 1M causal, in either tile order: removed
 ALL_TILES_MAX = 2048
-# which plans of more than ALL_TILES_MAX tiles take one launch on a persistent grid of one CTA
-# per SM (ringattn.kernels.fa4_group_bwd_sm90.PersistentBackwardScheduler: a CTA's producer
-# loads its next key tile's Q and dO during the last one's epilogue): "causal", "always" or
-# "never" (experiments/overheads.py --group-bwd-persistent; read when a plan's launches are
-# made). Step 37 on an H200, in FA4's L2-sectioned LPT order: exact, and 22-30% slower than the
-# configs' own backwards at 131K and 1M; the order it walks now (unit by unit, an odd grid) is
-# not yet measured. Hence "never"
-PERSISTENT = "never"
-PERSISTENCE = fa4.WHEN
 _COMPILED: dict[tuple, Any] = {}
 _LOCK = threading.Lock()
 last_refusal: str | None = None
@@ -88,21 +82,13 @@ Group = tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tens
 GroupsOf = Callable[[bool], Sequence[Group]]
 
 
-def persistent(groups: Sequence[Group], causal: bool) -> bool:
-    """Whether these groups' launch runs on a persistent grid: more than :data:`ALL_TILES_MAX`
-    tiles, and :data:`PERSISTENT` takes such a plan."""
-    takes = fa4.takes(PERSISTENT, "fa4_group_bwd.PERSISTENT", causal)
-    return takes and fa4_group.tiles(group[1] for group in groups) > ALL_TILES_MAX
-
-
-def supported(groups: Sequence[Group], causal: bool = False) -> bool:
+def supported(groups: Sequence[Group]) -> bool:
     """Two or more groups of one length, dtype and head dim, with no more than
-    :data:`ALL_TILES_MAX` query tiles in all or a :func:`persistent` launch, self-attention,
-    every view one :func:`ringattn.kernels.fa4_merge.layout_ok` accepts, on an SM90 GPU with
-    FA4."""
+    :data:`ALL_TILES_MAX` query tiles in all, self-attention, every view one
+    :func:`ringattn.kernels.fa4_merge.layout_ok` accepts, on an SM90 GPU with FA4."""
     if len(groups) < 2:
         return False
-    if fa4_group.tiles(g[1] for g in groups) > ALL_TILES_MAX and not persistent(groups, causal):
+    if fa4_group.tiles(g[1] for g in groups) > ALL_TILES_MAX:
         return False
     q0 = groups[0][1]
     for dout, q, k, v, out, _, dq, dk, dv in groups:
@@ -133,14 +119,12 @@ def _tile_config(head_dim: int, causal: bool, config: tuple | None):
 
 def _key(groups: Sequence[Group], causal: bool, shifts: Sequence[tuple[int, ...]] = ()) -> tuple:
     """What a compiled kernel is specialised for: dtype, head dim, causality, each group's head
-    count and shifts, ``fa4.BACKWARD_CONFIG``'s tiles (None: FA4's) and the persistent grid's
-    bound (the GPU's SM count; 0: one CTA per tile)."""
+    count and shifts, and ``fa4.BACKWARD_CONFIG``'s tiles (None: FA4's)."""
     q0 = groups[0][1]
     heads = tuple(group[1].shape[2] for group in groups)
     shifts = tuple(map(tuple, shifts)) or ((),) * len(heads)
     config = fa4.backward_config(q0.shape[-1], causal)
-    sms = fa4_group.sm_count(q0) if persistent(groups, causal) else 0
-    return q0.dtype, q0.shape[-1], causal, heads, shifts, config, sms
+    return q0.dtype, q0.shape[-1], causal, heads, shifts, config
 
 
 def _compile(key: tuple, groups: Sequence[Group], stats: tuple[Tensor, Tensor, Tensor]):
@@ -150,7 +134,7 @@ def _compile(key: tuple, groups: Sequence[Group], stats: tuple[Tensor, Tensor, T
     cute = importlib.import_module("cutlass.cute")
     dsl_utils = importlib.import_module("flash_attn.cute.cute_dsl_utils")
     sm90 = importlib.import_module("ringattn.kernels.fa4_group_bwd_sm90")
-    dtype, head_dim, causal, heads, shifts, _, sms = key
+    dtype, head_dim, causal, heads, shifts, _ = key
     cfg = _config(head_dim, causal)
     backward = sm90.GroupedBackwardSm90(
         dsl_utils.torch2cute_dtype_map[dtype],
@@ -175,7 +159,6 @@ def _compile(key: tuple, groups: Sequence[Group], stats: tuple[Tensor, Tensor, T
         dQ_single_wg=cfg.dQ_single_wg,
         heads=heads,
         zero_shifts=shifts,
-        persistent_sms=sms,
     )
     postprocess = sm90.GroupedPostprocessSm90(
         dsl_utils.torch2cute_dtype_map[dtype],
@@ -368,8 +351,6 @@ def _refuse(key: tuple, why: str) -> None:
 
 __all__ = [
     "ALL_TILES_MAX",
-    "PERSISTENCE",
-    "PERSISTENT",
     "Group",
     "GroupsOf",
     "Scratch",

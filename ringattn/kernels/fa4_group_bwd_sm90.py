@@ -36,14 +36,8 @@ from flash_attn.cute.cute_dsl_utils import assume_tensor_aligned
 from flash_attn.cute.flash_bwd_postprocess import FlashAttentionBackwardPostprocess
 from flash_attn.cute.flash_bwd_sm90 import FlashAttentionBackwardSm90
 from flash_attn.cute.mask import AttentionMask
-from flash_attn.cute.named_barrier import NamedBarrierBwd
 from flash_attn.cute.seqlen_info import SeqlenInfoQK
-from flash_attn.cute.tile_scheduler import (
-    SingleTileLPTBwdScheduler,
-    SingleTileScheduler,
-    TileSchedulerArguments,
-    WorkTileInfo,
-)
+from flash_attn.cute.tile_scheduler import SingleTileScheduler, TileSchedulerArguments
 from flash_attn.cute.utils import AuxData
 from quack import copy_utils, layout_utils
 
@@ -52,52 +46,6 @@ from ringattn.kernels.fa4_zero_sm90 import store_zeros, zero_fragment
 
 # the base class's epilogue (module level: the DSL re-parses jit methods with their globals)
 _epilogue_dKV = FlashAttentionBackwardSm90.epilogue_dKV
-
-
-# a persistent grid's named barrier: the consumers are done with this key tile's K and V (its
-# epilogue stages dK / dV through their shared memory and TMA has read it back), so the producer
-# may load the next tile's (FA4's own barriers of this kernel end at dQEmptyWG2; 16 in hardware)
-KV_EMPTY_BARRIER = int(NamedBarrierBwd.dQEmptyWG2) + 1
-
-
-class PersistentBackwardScheduler(SingleTileLPTBwdScheduler):
-    """FA4's one-CTA-per-tile backward order (a unit's key tiles one after another, so the CTAs
-    running together share few units' Q, dO and dQ accumulator in L2) walked by a grid of at
-    most one CTA per SM, of an odd size: CTA ``c`` takes tiles ``c``, ``c + grid``, ..., and
-    an odd stride is coprime with a unit's power-of-two key tile count, so every CTA takes each
-    key tile index in turn and the causal tiles' uneven work (2 to 32 query blocks) evens out
-    (with 132 CTAs a CTA would take only 4 of the 16: up to 18% more work than the mean).
-
-    A CTA's producer loads its next tile's first Q and dO during the last tile's epilogue, and
-    its K and V once the epilogue has released their shared memory (:data:`KV_EMPTY_BARRIER`).
-    FA4 launches one CTA per key tile (one fits an SM), whose loads and dK / dV stores are
-    each paid with nothing else running on its SM. Step 37 walked FA4's L2-sectioned LPT order
-    instead (block by block within sections of 16 units): exact, and 22-30% slower than one CTA
-    per tile at 131K and 1M; this order is prepared, not yet measured."""
-
-    @staticmethod
-    @cute.jit
-    def create(params, ctx=None, *, loc=None, ip=None) -> PersistentBackwardScheduler:
-        tile_idx = cute.arch.block_idx()[0]
-        return PersistentBackwardScheduler(params, tile_idx, loc=loc, ip=ip)
-
-    @cute.jit
-    def get_current_work(self, *, loc=None, ip=None) -> WorkTileInfo:
-        params = self.params
-        unit = self._tile_idx // params.num_block
-        block = self._tile_idx - unit * params.num_block
-        is_valid = self._tile_idx < params.total_blocks
-        return WorkTileInfo((Int32(block), Int32(0), Int32(unit), Int32(0)), is_valid)
-
-    @staticmethod
-    def grid(params, sms: int):
-        """The launch grid: every tile's own CTA, or the largest odd count up to ``sms`` (the
-        GPU's SM count) if fewer."""
-        return (cutlass.min(params.total_blocks, sms - 1 + sms % 2), Int32(1), Int32(1))
-
-    def advance_to_next_work(self, *, loc=None, ip=None):
-        self._tile_idx += cute.arch.grid_dim()[0]
-        return self.get_current_work()
 
 
 class GroupedBackwardSm90(UnitGroups, FlashAttentionBackwardSm90):
@@ -112,14 +60,11 @@ class GroupedBackwardSm90(UnitGroups, FlashAttentionBackwardSm90):
         *args,
         heads: tuple[int, ...] = (),
         zero_shifts: tuple[tuple[int, ...], ...] = (),
-        persistent_sms: int = 0,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.heads = tuple(heads)
         self.zero_shifts = tuple(tuple(s) for s in zero_shifts) or ((),) * len(self.heads)
-        # > 0: a persistent grid of at most this many CTAs (PersistentBackwardScheduler)
-        self.persistent_sms = persistent_sms
         assert len(self.zero_shifts) == len(self.heads) > 0
         assert self.qhead_per_kvhead == 1 and not self.deterministic
         self.zero_runs = tuple(_run_of(shifts) for shifts in self.zero_shifts)
@@ -216,8 +161,6 @@ class GroupedBackwardSm90(UnitGroups, FlashAttentionBackwardSm90):
                 )
         units = self.total_units(self.unit_counts(mQs))
         TileScheduler = SingleTileScheduler
-        if const_expr(self.persistent_sms > 0):
-            TileScheduler = PersistentBackwardScheduler
         self.spt = False
         tile_sched_args = TileSchedulerArguments(
             cute.ceil_div(cute.size(mK.shape[0]), self.tile_n),
@@ -238,10 +181,7 @@ class GroupedBackwardSm90(UnitGroups, FlashAttentionBackwardSm90):
             head_swizzle=False,
         )
         tile_sched_params = TileScheduler.to_underlying_arguments(tile_sched_args)
-        if const_expr(self.persistent_sms > 0):
-            grid_dim = PersistentBackwardScheduler.grid(tile_sched_params, self.persistent_sms)
-        else:
-            grid_dim = TileScheduler.get_grid_shape(tile_sched_params)
+        grid_dim = TileScheduler.get_grid_shape(tile_sched_params)
         softmax_scale_log2 = softmax_scale * math.log2(math.e)
         self.use_block_sparsity = False
 
@@ -522,7 +462,6 @@ class GroupedBackwardSm90(UnitGroups, FlashAttentionBackwardSm90):
             )
             tile_scheduler = TileSchedulerCls()
             work_tile = tile_scheduler.initial_work_tile_info()
-            first = Int32(1)  # (a persistent grid's first tile: no K / V to wait for)
             while work_tile.is_valid_tile:
                 n_block, _, unit, _ = work_tile.tile_idx
                 seqlen = SeqlenInfoCls(unit)
@@ -561,14 +500,10 @@ class GroupedBackwardSm90(UnitGroups, FlashAttentionBackwardSm90):
                             n_block,
                             producer_state_Q,
                             producer_state_dO,
-                            first,
                         )
-                first = Int32(0)
                 tile_scheduler.prefetch_next_work()
                 tile_scheduler.advance_to_next_work()
                 work_tile = tile_scheduler.get_current_work()
-            if const_expr(self.persistent_sms > 0):
-                self.kv_empty().arrive_and_wait()  # (the last tile's epilogue: one each)
 
     @cute.jit
     def load_tile(
@@ -596,12 +531,8 @@ class GroupedBackwardSm90(UnitGroups, FlashAttentionBackwardSm90):
         n_block: Int32,
         producer_state_Q,
         producer_state_dO,
-        first: Int32,
     ):
-        """FA4's producer for one key tile (its dense path), through one group's descriptors. On
-        a persistent grid the first Q / dO stage (and its LSE / dPsum) goes first, then, past the
-        CTA's ``first`` tile, the wait for the last tile's epilogue to release K and V's shared
-        memory (:data:`KV_EMPTY_BARRIER`), then K and V on those stages' barriers."""
+        """FA4's producer for one key tile (its dense path), through one group's descriptors."""
         gK = cute.local_tile(mK_cur, (self.tile_n, self.tile_hdim), (n_block, 0))
         gV = cute.local_tile(mV_cur, (self.tile_n, self.tile_hdimv), (n_block, 0))
         gQ = cute.local_tile(mQ_cur, (self.tile_m, self.tile_hdim), (None, 0))
@@ -622,26 +553,18 @@ class GroupedBackwardSm90(UnitGroups, FlashAttentionBackwardSm90):
         load_dPsum = copy_utils.tma_producer_copy_fn(load_dPsum, pipeline_dO)
 
         m_block_min, m_block_max = block_info.get_m_block_min_max(seqlen, n_block)
-        producer_state_dO_cur = (
-            producer_state_dO if const_expr(self.Q_stage != self.dO_stage) else producer_state_Q
-        )
-        persistent = const_expr(self.persistent_sms > 0)
         pipeline_Q.producer_acquire(producer_state_Q, extra_tx_count=self.tma_copy_bytes["K"])
-        if const_expr(not persistent):
-            load_K(tma_bar_ptr=pipeline_Q.producer_get_barrier(producer_state_Q))
+        load_K(tma_bar_ptr=pipeline_Q.producer_get_barrier(producer_state_Q))
         load_Q(m_block_min, producer_state=producer_state_Q)
         cute.arch.griddepcontrol_wait()  # the statistics come from the kernels before
         load_LSE(m_block_min, producer_state=producer_state_Q)
+        producer_state_dO_cur = (
+            producer_state_dO if const_expr(self.Q_stage != self.dO_stage) else producer_state_Q
+        )
         pipeline_dO.producer_acquire(producer_state_dO_cur, extra_tx_count=self.tma_copy_bytes["V"])
-        if const_expr(not persistent):
-            load_V(tma_bar_ptr=pipeline_dO.producer_get_barrier(producer_state_dO_cur))
+        load_V(tma_bar_ptr=pipeline_dO.producer_get_barrier(producer_state_dO_cur))
         load_dO(m_block_min, producer_state=producer_state_dO_cur)
         load_dPsum(m_block_min, producer_state=producer_state_dO_cur)
-        if const_expr(persistent):
-            if first == 0:
-                self.kv_empty().arrive_and_wait()
-            load_K(tma_bar_ptr=pipeline_Q.producer_get_barrier(producer_state_Q))
-            load_V(tma_bar_ptr=pipeline_dO.producer_get_barrier(producer_state_dO_cur))
         producer_state_Q.advance()
         producer_state_dO.advance()
         for m_block in cutlass.range(m_block_min + 1, m_block_max, unroll=1):
@@ -713,18 +636,6 @@ class GroupedBackwardSm90(UnitGroups, FlashAttentionBackwardSm90):
                             n_block,
                             self.zero_runs[i],
                         )
-        if const_expr(self.persistent_sms > 0):
-            # K and V's shared memory is free once TMA has read dK / dV out of it (warp 4 issued
-            # those stores): then the producer may load the next tile's K and V
-            if cute.arch.make_warp_uniform(cute.arch.warp_idx()) == 4:
-                cute.arch.cp_async_bulk_wait_group(0, read=True)
-            self.kv_empty().arrive()
-
-    def kv_empty(self) -> cutlass.pipeline.NamedBarrier:
-        """:data:`KV_EMPTY_BARRIER`: the MMA threads arrive, the producer warp waits."""
-        return cutlass.pipeline.NamedBarrier(
-            barrier_id=KV_EMPTY_BARRIER, num_threads=self.num_mma_threads + 32
-        )
 
     @cute.jit
     def zero_neighbours(
