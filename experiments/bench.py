@@ -106,9 +106,10 @@ def fwd_and_fwdbwd(fn: Callable, q, k, v, dout) -> tuple[Callable[[], object], C
     return fwd, fwdbwd
 
 
-def failure(exc: Exception) -> str:
-    """A row's text for a measurement that raised (the run keeps its other rows)."""
-    return f"{type(exc).__name__}: {str(exc)[:160]}"
+def failure(exc: Exception, limit: int = 160) -> str:
+    """A row's text for a measurement that raised (the run keeps its other rows): its type and
+    the first ``limit`` characters of its message."""
+    return f"{type(exc).__name__}: {str(exc)[:limit]}"
 
 
 def graphed_calls(
@@ -423,8 +424,7 @@ def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dic
             measure(name, fn, useful_f, useful_fb, error)
         except Exception as exc:  # one failing variant must not lose the run's other rows
             print(
-                f"FAILED {name} n={n} {mixing} causal={causal}: {type(exc).__name__}: "
-                f"{str(exc)[:400]}",
+                f"FAILED {name} n={n} {mixing} causal={causal}: {failure(exc, 400)}",
                 flush=True,
             )
         finally:

@@ -30,7 +30,7 @@ from functools import partial
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
+from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, failure
 from ringattn.core import neighbour_shifts
 from ringattn.kernels import fa4_group, fa4_merge, fa4_zero
 from ringattn.pattern import make_plan
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
             result = "ok"
         except Exception as exc:  # report every kernel, then fail
             traceback.print_exc()
-            result = f"{type(exc).__name__}: {str(exc)[:200]}"
+            result = failure(exc, 200)
         rows.append((name, time.perf_counter() - start, result))
         print(f"{name}: {result} ({rows[-1][1]:.1f} s)", flush=True)
     print(f"\nsm_90a, n={args.n}, torch {torch.__version__}")

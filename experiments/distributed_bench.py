@@ -428,7 +428,7 @@ def cp_compare(device, n: int) -> list[dict]:
             f_ms, fb_ms, peak = timed(fn, *inputs, device)
             row.update(throughput(f_ms, fb_ms, flops_f, flops_fb), peak_extra_gib=peak)
         except Exception as exc:  # recorded in the table, the run goes on
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            row["error"] = failure(exc, 200)
         rows.append(row)
         log("cp", row)
 

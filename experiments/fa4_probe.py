@@ -61,6 +61,8 @@ from pathlib import Path
 
 import torch
 
+from experiments.bench import failure
+
 aten = torch.ops.aten
 
 
@@ -76,6 +78,12 @@ def _gpu_and_host_times(repeats: int, **fns) -> dict:
         row[f"{name}_host_us"] = (time.perf_counter() - start) / repeats * 1e6
         torch.cuda.synchronize()
     return row
+
+
+def _emit(rows: list[dict], row: dict) -> None:
+    """A finished row: printed as it comes (a run cut short keeps what it printed), and kept."""
+    print(json.dumps(row), flush=True)
+    rows.append(row)
 
 
 def _events_ms(fn, warmup: int, repeats: int) -> float:
@@ -171,9 +179,8 @@ def sweep(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
                 ms = _events_ms(partial(fn, **extra), 2, repeats)
                 row.update(fwd_ms=ms, tflops=flops / ms / 1e9)
             except Exception as exc:
-                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+                row["error"] = failure(exc, 200)
+            _emit(rows, row)
     return rows
 
 
@@ -250,8 +257,7 @@ def replay(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
                         row["replay_bit_identical"] = all(
                             torch.equal(a, b) for a, b in zip(again, first)
                         )
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                _emit(rows, row)
     fa4.REPLAY = True
     return rows
 
@@ -345,13 +351,12 @@ def _module_ab(n, h, d, repeats, device, mixing, switch, names, backward=False) 
                     for a, b in zip(results[on], results[off])
                 )
             except Exception as exc:  # a probe: report and go on
-                row["error"] = f"{type(exc).__name__}: {str(exc)[:600]}"
+                row["error"] = failure(exc, 600)
             switch.ENABLED = True
             compiled = getattr(switch, "_COMPILED", getattr(switch, "_CHECKED", {}))
             row["kernels"] = {str(key): bool(x) for key, x in compiled.items()}
             row["refusal"] = (switch.last_refusal or "")[:600]
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            _emit(rows, row)
     return rows
 
 
@@ -417,18 +422,17 @@ def merge(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
                     results[name] = out_v.clone()
                     row[f"{name}_ms"] = _events_ms(call, 2, repeats)
                 except Exception as exc:  # a probe: report and go on
-                    row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:600]}"
+                    row[f"{name}_error"] = failure(exc, 600)
                     row["refusal"] = (fa4_merge.last_refusal or "")[:3000]
             if length == 2048:
                 try:  # where the fused kernel's extra time goes: its store path without the merge
                     row.update(_store_paths(q, k, v, causal, scale, out_full, lse_full, strided))
                 except Exception as exc:
-                    row["store_paths_error"] = f"{type(exc).__name__}: {str(exc)[:600]}"
+                    row["store_paths_error"] = failure(exc, 600)
             if len(results) == 2:
                 a, b = (results[x].float() for x in ("fused", "two_kernel"))
                 row["fused_vs_two_kernel_rel"] = float((a - b).norm() / b.norm())
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            _emit(rows, row)
     return rows + _module_ab(n, h, d, repeats, device, "lse", fa4_merge, ("fused", "two_kernel"))
 
 
@@ -493,9 +497,8 @@ def add(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
                     row["adding_ms"] = _events_ms(adding_call, 2, repeats)
                     row["plain_ms"] = _events_ms(plain_call, 2, repeats)
             except Exception as exc:  # a probe: report and go on
-                row["error"] = f"{type(exc).__name__}: {str(exc)[:1500]}"
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+                row["error"] = failure(exc, 1500)
+            _emit(rows, row)
     modules = _module_ab(n, h, d, repeats, device, "lse", fa4_add, ("adding", "plain"), True)
     return rows + modules
 
@@ -564,10 +567,9 @@ def zero(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
                 row["plain_ms"] = _events_ms(plain, 2, repeats)
                 row["fill_ms"] = _events_ms(partial(zero_unselected_, out_full, table), 2, repeats)
             except Exception as exc:  # a probe: report and go on
-                row["error"] = f"{type(exc).__name__}: {str(exc)[:1500]}"
+                row["error"] = failure(exc, 1500)
                 row["refusal"] = (fa4_zero.last_refusal or "")[:3000]
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            _emit(rows, row)
     modules = _module_ab(n, h, d, repeats, device, "head_groups", fa4_zero, ("zeroing", "fill"))
     grads = _module_ab(n, h, d, repeats, device, "head_groups", fa4_zero, ("zeroing", "fill"), True)
     return rows + modules + grads
@@ -655,10 +657,9 @@ def group(
                 row[f"zeros_exact{tag}"] = bool((out_full[~selected] == 0).all())
             row.update(_gpu_and_host_times(repeats, **variants, per_config=per_config))
         except Exception as exc:  # a probe: report and go on
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:1500]}"
+            row["error"] = failure(exc, 1500)
             row["refusal"] = (fa4_group.last_refusal or "")[:3000]
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        _emit(rows, row)
     fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX = default_persistence, default_max
     if len(persistent) > 1:  # the kernels' own A/B; the module's is overheads --group-persistent
         return rows
@@ -742,10 +743,9 @@ def group_bwd(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
                 row[f"{name}_nan"] = int(a.isnan().sum())  # rows the grouped call left out
             row.update(_gpu_and_host_times(grouped=grouped, per_config=per_config, repeats=repeats))
         except Exception as exc:  # a probe: report and go on
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:1500]}"
+            row["error"] = failure(exc, 1500)
             row["refusal"] = (fa4_group_bwd.last_refusal or "")[:3000]
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        _emit(rows, row)
     names = ("grouped", "per_config")
     return rows + _module_ab(n, h, d, repeats, device, "head_groups", fa4_group_bwd, names, True)
 
@@ -960,9 +960,8 @@ def bwd_sweep(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
                         ms = _events_ms(fn, 2, repeats)
                     row.update(bwd_ms=ms, tflops=flops / ms / 1e9)
                 except Exception as exc:
-                    row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                    row["error"] = failure(exc, 200)
+                _emit(rows, row)
     return rows
 
 
@@ -1048,7 +1047,7 @@ def main(argv: list[str] | None = None) -> None:
                     row[f"{name}_fwd_tflops"] = flops / fwd / 1e9
                     row[f"{name}_fwdbwd_tflops"] = 3.5 * flops / fb / 1e9
                 except Exception as exc:  # a probe: report and go on
-                    row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    row[f"{name}_error"] = failure(exc, 300)
             if label == "strided w4096 r2":
                 # FA4 writing into the strided rows of a [1, n, h, d] output (placed blocks)
                 try:
@@ -1061,9 +1060,8 @@ def main(argv: list[str] | None = None) -> None:
                         partial(_fa4, q, k, v, causal, scale, out=view), 2, args.repeats
                     )
                 except Exception as exc:
-                    row["fa4_into_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+                    row["fa4_into_error"] = failure(exc, 300)
+            _emit(rows, row)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fa4_probe.json").write_text(json.dumps(rows, indent=1))
     dense = {r["causal"]: r for r in rows if r["problem"] == "dense"}

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import ringattn
 from experiments.ablate import dict_rows_to_markdown, median_ms, rel_err
+from experiments.bench import failure
 from ringattn import masks, reference
 from ringattn.computers.flex import FlexComputer
 from ringattn.computers.sdpa import CUDA_FORWARDS, SDPAComputer
@@ -96,7 +97,7 @@ def _correctness(device: torch.device, h: int, lengths, rates, mixings, n: int) 
                             error = ""
                         except Exception as exc:  # report, keep going
                             fwd = bwd = float("nan")
-                            error = f"{type(exc).__name__}: {str(exc)[:160]}"
+                            error = failure(exc)
                         rows.append(
                             {
                                 "strategy": strategy.label,
@@ -203,7 +204,7 @@ def speed(n: int, lengths, rates, mixing: str, causal: bool, strategies) -> list
             fb_ms = bench_ms(fb)
             record(name, f_ms, fb_ms, uf, ufb, torch.cuda.max_memory_allocated() / 2**30)
         except Exception as exc:
-            print(f"speed {name} failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            print(f"speed {name} failed: {failure(exc, 300)}", flush=True)
     dense = rows[0]
     for row in rows:
         row["fwd_vs_dense"] = row["fwd_tflops"] / dense["fwd_tflops"]
