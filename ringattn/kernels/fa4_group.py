@@ -120,11 +120,11 @@ def _key(groups: Sequence[Group], causal: bool, shifts: Sequence[tuple[int, ...]
     )
     heads = tuple(group[0].shape[2] for group in groups)
     config = fa4.FORWARD_CONFIG.get(causal)
-    sms = sm_count(q0) if persistent(groups, causal) else 0
+    sms = _sm_count(q0) if persistent(groups, causal) else 0
     return q0.dtype, q0.shape[-1], causal, config, lse0 is None, heads, tuple(shifts), units, sms
 
 
-def sm_count(q: Tensor) -> int:
+def _sm_count(q: Tensor) -> int:
     """The persistent grid's bound: ``q``'s GPU's SM count (an H100/H200's, 132, elsewhere: the
     CPU machine compiles for one)."""
     if not (q.is_cuda and torch.cuda.is_available()):
