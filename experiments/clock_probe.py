@@ -39,7 +39,7 @@ def sm_clock_mhz() -> int | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=131072)
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--out", type=Path, default=Path("results") / "clock_probe")

@@ -232,7 +232,7 @@ def plans(n: int = 131072) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=["probe", "host", "retention", "plans", "all"], default="all")
     args = p.parse_args(argv)
     if cudnn_graphs.cudnn is None:

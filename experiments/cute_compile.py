@@ -113,7 +113,7 @@ def kernels(n: int, h: int, d: int):
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=32768)
     p.add_argument("--only", default="", help="compile only the kernels whose name has this")
     args = p.parse_args(argv)

@@ -593,7 +593,7 @@ def write_report(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("results/distributed"))
     parser.add_argument(
         "--part", nargs="+", choices=["check", "speed", "weak", "cp", "all"], default=["all"]

@@ -213,7 +213,7 @@ def speed(n: int, lengths, rates, mixing: str, causal: bool, strategies) -> list
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("results/flex_gpu"))
     parser.add_argument("--n", type=int, nargs="+", default=[32768])
     parser.add_argument("--part", choices=["check", "speed", "all"], default="all")

@@ -1,8 +1,8 @@
 """Kernel timeline of one call of the dilated core on a GPU: each kernel in order, its grid, its
 GPU time and the idle gap before it.
 
-    python -m experiments.kernel_timeline --n 131072 --mixing head_groups [--causal] [--out DIR]
-        [--lanes never forward] [--host]
+    python -m experiments.kernel_timeline --n 131072 --mixing head_groups [--causal {no,yes,both}]
+        [--out DIR] [--lanes never forward] [--host]
 
 ``experiments.profile_core`` sums the time per kernel *name*; every FA4 block call shares one
 name, so it cannot say which config's call is slow. This lists the kernels of the last of
@@ -152,7 +152,7 @@ def timeline(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, nargs="+", default=[131072])
     p.add_argument("--mixing", nargs="+", default=["head_groups", "lse"])
     p.add_argument("--causal", choices=["no", "yes", "both"], default="both")

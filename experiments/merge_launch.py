@@ -37,7 +37,7 @@ def merge_ms(fn, calls: int = 3) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, nargs="+", default=[131072, 1048576])
     p.add_argument("--warps", type=int, nargs="+", default=[4, 2, 1, 8])
     p.add_argument("--rounds", type=int, default=3)

@@ -389,7 +389,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--mixing", nargs="+", default=["lse", "head_groups"])
     p.add_argument("--causal", action="store_true")

@@ -31,7 +31,7 @@ from ringattn import lanes
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=131072)
     p.add_argument("--mixing", nargs="+", default=["lse", "head_groups"])
     p.add_argument("--forward", action="store_true", help="no-grad forward instead of fwd+bwd")

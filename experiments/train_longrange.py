@@ -284,7 +284,7 @@ def record(preset: Preset, preset_name: str, task: str, results: list[dict], out
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--task", choices=[*TASKS, "all"], default="all")
     parser.add_argument("--out", type=Path, default=Path("results/longrange"))

@@ -3,7 +3,18 @@
 Importing the package registers every built-in strategy (see :mod:`ringattn.registry`).
 """
 
-from ringattn import communicators, computers, dilation, memory, registry  # noqa: F401
+# the components' packages register the strategies; the others are reachable as attributes
+# (ringattn.reference.dilated_attention, ringattn.models.LongNet) without an import of their own
+from ringattn import (
+    communicators,
+    computers,
+    dilation,
+    distributed,
+    memory,
+    models,
+    reference,
+    registry,
+)
 from ringattn.api import DilatedAttention, UnsupportedError, dilated_attention
 from ringattn.config import DilatedConfig
 from ringattn.nn import MultiheadDilatedAttention
@@ -15,7 +26,14 @@ __all__ = [
     "MultiheadDilatedAttention",
     "Strategy",
     "UnsupportedError",
+    "communicators",
+    "computers",
     "dilated_attention",
+    "dilation",
+    "distributed",
+    "memory",
+    "models",
+    "reference",
     "registry",
 ]
 __version__ = "0.1.0"

@@ -3,8 +3,9 @@
 This is the eager boundary. Here, and only here, inputs are type-checked (jaxtyping + beartype)
 and validated with errors that name the argument; then the static plan and index patterns are
 fetched and the (optionally compiled) core runs. When an outer ``torch.compile`` traces through
-this module the checks are skipped (``torch.compiler.is_compiling()``): they ran when the graph's
-inputs were first validated eagerly, and tracing them would break the graph.
+this module (``torch.compiler.is_compiling()``) the same rules run as plain Python
+(:func:`check_plain`), which Dynamo folds into the graph's guards: beartype's and jaxtyping's
+wrappers would break the graph.
 """
 
 from __future__ import annotations
@@ -70,10 +71,37 @@ def compiled_core(key: tuple, backend: str, mode: str = "default") -> Callable[.
 _DEFAULT_STRATEGY = Strategy()
 
 
-@jaxtyped(typechecker=beartype)
 def check_inputs(q: BNHD, k: BNHD, v: BNHD) -> None:
-    """q, k, v: same ``[b, n, h, d]`` shape (jaxtyping), dtype and device; no empty dims."""
+    """q, k, v: same ``[b, n, h, d]`` shape, dtype and device; no empty dims: the rules with
+    errors that name the argument (:func:`check_plain`), then jaxtyping's and beartype's
+    check of the annotations."""
+    check_plain(q, k, v)
+    _check_annotations(q, k, v)
+
+
+@jaxtyped(typechecker=beartype)
+def _check_annotations(q: BNHD, k: BNHD, v: BNHD) -> None:
+    pass
+
+
+def check_plain(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """:func:`check_inputs`' rules in plain Python, the path a tracing ``torch.compile`` takes:
+    beartype's and jaxtyping's wrappers cannot be traced, while these comparisons fold into the
+    graph's guards, so a compiled call raises the same errors before any work."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"parameter {name!r} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or not x.is_floating_point():
+            raise TypeError(
+                f"parameter {name!r} must be a floating [b, n, h, d] tensor, got {x.dtype} of "
+                f"shape {tuple(x.shape)}"
+            )
     for name, x in (("k", k), ("v", v)):
+        if x.shape != q.shape:
+            raise TypeError(
+                f"parameter {name!r}: {name}.shape must equal q.shape {tuple(q.shape)} "
+                f"([b, n, h, d] alike), got {tuple(x.shape)}"
+            )
         if x.dtype != q.dtype:
             raise TypeError(f"{name}.dtype must equal q.dtype ({q.dtype}), got {x.dtype}")
         if x.device != q.device:
@@ -81,6 +109,13 @@ def check_inputs(q: BNHD, k: BNHD, v: BNHD) -> None:
     for axis, size in zip("bnhd", q.shape):
         if size < 1:
             raise ValueError(f"q, k, v must have {axis} >= 1, got shape {tuple(q.shape)}")
+
+
+def packed_rows(x: Tensor) -> Tensor:
+    """``x`` with its last dim packed (stride 1), copied only if it is not: SDPA's CPU kernel
+    and FA4 read each row as ``d`` consecutive elements, so a strided ``d`` (``x[..., ::2]``, a
+    ``[b, n, d, h]`` tensor permuted, an ``expand`` along ``d``) would be read wrong."""
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
 class DilatedAttention(nn.Module):
@@ -102,8 +137,10 @@ class DilatedAttention(nn.Module):
         compile_backend: the ``torch.compile`` backend (``"inductor"``; tests use ``"aot_eager"``).
         compile_mode: the ``torch.compile`` mode. ``"reduce-overhead"`` replays the core from CUDA
             graphs: no per-block launches or Python work, which is what bounds short sequences
-            (H200, 32K tokens: forward 2.7x faster). Its outputs live in the graph's memory pool
-            and are overwritten by the next replay of the same shape (PyTorch's CUDA-graph rules).
+            (H200, 32K tokens, ``docs/benchmarks/h200_perf.md`` step 22: forward+backward
+            1.3-1.8x faster than eager, the forward 3-17% slower; from 131K slower than eager,
+            with 1.5-1.8x the peak memory). Its outputs live in the graph's memory pool and are
+            overwritten by the next replay of the same shape (PyTorch's CUDA-graph rules).
         group: the process group of a sequence-parallel communicator (default: the world).
         layout: how a sequence-parallel communicator's inputs are sharded over the ranks
             (``ringattn.distributed``): ``"contiguous"`` (rank i holds the i-th n/p positions) or
@@ -120,7 +157,7 @@ class DilatedAttention(nn.Module):
         *,
         causal: bool = False,
         mixing: str = "lse",
-        scale: float | None = None,
+        scale: float | int | None = None,
         strategy: Strategy = _DEFAULT_STRATEGY,
         compile: bool = True,
         compile_backend: str = "inductor",
@@ -132,6 +169,9 @@ class DilatedAttention(nn.Module):
         distributed.check_layout(layout)
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
+        backends = torch.compiler.list_backends(exclude_tags=())
+        if compile_backend not in backends:
+            raise ValueError(f"compile_backend must be one of {backends}, got {compile_backend!r}")
         self.config = DilatedConfig(
             tuple(segment_lengths), tuple(dilation_rates), causal, mixing, scale
         )
@@ -142,7 +182,7 @@ class DilatedAttention(nn.Module):
         self.communicator = strategy.component("communicator")(
             group=group, memory=self.memory, layout=layout
         )
-        self._checked: set[tuple] = set()
+        self._checked: dict[tuple, int] = {}  # call signatures agreed by every rank: digests
         self._valid_inputs: dict[tuple, None] = {}  # input signatures already validated
         self.compile = compile
         # Where the module opens a compiled frame of its own. A block computer's core is opaque
@@ -223,7 +263,9 @@ class DilatedAttention(nn.Module):
         return spec
 
     def _check_across_ranks(self, q: Tensor, k: Tensor, v: Tensor) -> None:
-        """Once per call signature: every rank must make the same call, else all raise."""
+        """Every call: every rank must make the same call, else all raise (one CPU all-reduce of
+        the call's digest). Checking only a signature's first call would hang on a rank that
+        repeats a call while another makes a new one (an uneven last batch)."""
         signature = (
             tuple(
                 (tuple(x.shape), str(x.dtype), x.device.type, x.requires_grad) for x in (q, k, v)
@@ -233,27 +275,41 @@ class DilatedAttention(nn.Module):
             self.communicator.layout,
             torch.is_grad_enabled(),
         )
-        if signature in self._checked:
+        group = self.communicator.group
+        digest = self._checked.get(signature)
+        if not distributed.agree(
+            group, distributed.fingerprint(signature) if digest is None else digest
+        ):
+            distributed.check_consistent(group, signature)  # raises, naming each rank's call
+        if digest is not None:
             return
-        distributed.check_consistent(self.communicator.group, signature)
+        # new on every rank alike (every earlier call agreed): the sub-groups are collective
         spans = distributed.spans_for(
             self.config.configs, q.shape[1], self.communicator.world_size, self.communicator.layout
         )
-        for span in sorted(set(spans) - {1}):  # collective: all ranks create the same sub-groups
-            distributed.segment_groups(self.communicator.group, span)
-        self._checked.add(signature)
+        for span in sorted(set(spans) - {1}):
+            distributed.segment_groups(group, span)
+        if len(self._checked) >= RECOMPILE_LIMIT:  # bounded: drop the oldest
+            self._checked.pop(next(iter(self._checked)))
+        self._checked[signature] = distributed.fingerprint(signature)
 
     def _validate(self, q: Tensor, k: Tensor, v: Tensor) -> None:
         """Type and shape checks (jaxtyping + beartype) and the computer's support, once per input
         signature: their outcome depends on nothing else, and the checks cost ~0.2 ms of host
         time per call, which short sequences would pay on every layer and step."""
         if not all(isinstance(x, Tensor) for x in (q, k, v)):
-            check_inputs(q, k, v)  # raises the TypeError naming the argument
+            check_plain(q, k, v)  # raises the TypeError naming the argument
         needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
         signature = (*((x.shape, x.dtype, x.device) for x in (q, k, v)), needs_grad)
         if signature in self._valid_inputs:
             return
         check_inputs(q, k, v)
+        self._check_supported(q, needs_grad)
+        if len(self._valid_inputs) >= RECOMPILE_LIMIT:  # bounded: drop the oldest
+            self._valid_inputs.pop(next(iter(self._valid_inputs)))
+        self._valid_inputs[signature] = None
+
+    def _check_supported(self, q: Tensor, needs_grad: bool) -> None:
         reason = self.computer.unsupported(
             q.dtype, q.device, needs_grad, compiled=self.compile, dilation=self.dilation.name
         )
@@ -262,16 +318,18 @@ class DilatedAttention(nn.Module):
                 f"strategy computer={self.strategy.computer!r} cannot run "
                 f"{q.dtype} on {q.device.type}: {reason}"
             )
-        if len(self._valid_inputs) >= RECOMPILE_LIMIT:  # bounded: drop the oldest
-            self._valid_inputs.pop(next(iter(self._valid_inputs)))
-        self._valid_inputs[signature] = None
 
     def forward(self, q: BNHD, k: BNHD, v: BNHD) -> BNHD:
         tracing = torch.compiler.is_compiling()
         if self.communicator.distributed and not tracing:
             self._check_across_ranks(q, k, v)
-        if not tracing:
+        if tracing:  # the same rules, traced into guards (no beartype frames in the graph)
+            check_plain(q, k, v)
+            needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+            self._check_supported(q, needs_grad)
+        else:
             self._validate(q, k, v)
+        q, k, v = packed_rows(q), packed_rows(k), packed_rows(v)
         spec = self._spec(q, compiling=self.compile or tracing)
         memory = _NO_REUSE if tracing else self.memory
         indices = self.dilation.indices(spec.plan, q.device, memory)
@@ -306,12 +364,14 @@ def dilated_attention(
     dilation_rates: Sequence[int],
     causal: bool = False,
     mixing: str = "lse",
-    scale: float | None = None,
+    scale: float | int | None = None,
     strategy: Strategy = _DEFAULT_STRATEGY,
     compile: bool = True,
     compile_backend: str = "inductor",
 ) -> BNHD:
-    """Functional form of :class:`DilatedAttention`, same options.
+    """Functional form of :class:`DilatedAttention`: its options except ``compile_mode``,
+    ``group`` and ``layout`` (a sequence-parallel or CUDA-graph call needs a module of its own,
+    which holds the ranks' agreed calls and the graphs' memory).
 
     Modules are cached per option set (bounded), so repeated calls reuse the compiled core and the
     memory manager's patterns instead of recompiling.

@@ -16,6 +16,7 @@ Each rank of a process group holds a shard ``[b, n/p, h, d]`` of q, k, v, in one
 
 from __future__ import annotations
 
+import hashlib
 import weakref
 
 import torch
@@ -155,6 +156,37 @@ def segment_groups(group: dist.ProcessGroup, span: int) -> tuple[dist.ProcessGro
             dist.new_group(ranks[start : start + span]) for start in range(0, len(ranks), span)
         )
     return by_span[span]
+
+
+# CPU (gloo) groups for each call's agreement check, keyed like _SUBGROUPS: a collective on the
+# GPU's stream would make the host wait for the GPU to read its answer
+_SIDE_GROUPS: weakref.WeakKeyDictionary[dist.ProcessGroup, dist.ProcessGroup]
+_SIDE_GROUPS = weakref.WeakKeyDictionary()
+
+
+def fingerprint(signature: tuple) -> int:
+    """A 63-bit digest of a call's signature, equal on every rank for equal signatures (Python's
+    own ``hash`` of strings is salted per process)."""
+    digest = hashlib.blake2b(repr(signature).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def agree(group: dist.ProcessGroup, digest: int) -> bool:
+    """Whether every rank of ``group`` passed the same ``digest``: one all-reduce of two integers
+    on a CPU group (collective: every rank calls it, whatever its digest, so none hangs)."""
+    side = _SIDE_GROUPS.get(group)
+    if side is None:
+        side = (
+            group
+            if "gloo" in str(dist.get_backend(group))
+            else dist.new_group(
+                dist.get_process_group_ranks(group), backend="gloo", use_local_synchronization=True
+            )
+        )
+        _SIDE_GROUPS[group] = side
+    extremes = torch.tensor([digest, -digest], dtype=torch.int64)
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=side)
+    return extremes.tolist() == [digest, -digest]
 
 
 def check_consistent(group: dist.ProcessGroup, signature: tuple) -> None:

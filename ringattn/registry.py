@@ -2,7 +2,8 @@
 
 ``register(kind, name)`` is a class decorator; ``names(kind)`` lists what is registered and
 ``get(kind, name)`` looks a class up (``ValueError`` naming the valid choices otherwise). Importing
-``ringattn`` registers every built-in strategy, so a newcomer finds any of them by name here.
+``ringattn`` registers every built-in strategy; ``docs/catalog.md`` (generated from these
+registries) maps each name to its class and file.
 """
 
 from __future__ import annotations

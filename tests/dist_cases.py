@@ -325,3 +325,20 @@ def compiled_model_needs_an_eager_call_first(communicator):
     except Exception as exc:  # Dynamo wraps the ValueError raised while tracing
         return str(exc)
     raise AssertionError("no error")
+
+
+def later_divergent_call_raises_everywhere(strategy_fields):
+    """A rank repeating an agreed call while another makes a new one (an uneven last batch)
+    raises on both, instead of one waiting in the check while the other starts the ring."""
+    module = ringattn.DilatedAttention(
+        (8, 16), (1, 2), strategy=ringattn.Strategy(**strategy_fields), compile=False
+    )
+    q = torch.randn(2, 16, 2, 8)
+    module(q, q, q)
+    module(q, q, q)
+    last = q[:1] if dist.get_rank() == 1 else q  # rank 1's last batch is short
+    try:
+        module(last, last, last)
+    except ValueError as exc:
+        return str(exc)
+    raise AssertionError("no error")

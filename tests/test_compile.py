@@ -140,6 +140,34 @@ def test_outer_compile_of_the_whole_module_is_one_graph():
         assert rel_err(g, g_ref) <= 1e-4
 
 
+def _bad_calls(q: torch.Tensor) -> list[tuple[str, tuple]]:
+    """Calls the boundary must refuse, each with the words its error must contain."""
+    return [
+        ("k.dtype must equal q.dtype", (q, q.double(), q)),
+        ("must have b >= 1", (q[:0], q[:0], q[:0])),
+        ("k.shape must equal q.shape", (q, q[:, :, :1], q[:, :, :1])),
+        ("v.shape must equal q.shape", (q, q, q[:, :8])),
+        ("parameter 'k' must be a floating [b, n, h, d] tensor", (q, q[0], q)),
+    ]
+
+
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_outer_compile_raises_the_boundary_errors(fullgraph):
+    """Traced by a user's torch.compile, a bad call still raises the boundary's own error before
+    any work (fullgraph: inside Dynamo's report of it), whether or not a good call compiled
+    first; before, a head mismatch killed the process (SIGFPE) and b = 0 returned an empty
+    tensor."""
+    torch._dynamo.reset()
+    module = ringattn.DilatedAttention((4, 8), (1, 2), compile=False)
+    compiled = torch.compile(module, fullgraph=fullgraph, backend="eager")
+    q = torch.randn(1, 16, 2, 8)
+    compiled(q, q, q)
+    for words, call in _bad_calls(q):
+        with pytest.raises((TypeError, ValueError, RuntimeError)) as caught:
+            compiled(*call)
+        assert words in str(caught.value), (words, str(caught.value)[:300])
+
+
 # the computer whose module keeps a compiled frame of its own (forward-only on CPU)
 FLEX = ringattn.Strategy(computer="flex")
 

@@ -241,6 +241,12 @@ def test_mismatched_shapes_raise_on_every_rank(pool):
     assert all("ranks disagree" in m for m in messages)
 
 
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+def test_a_later_divergent_call_raises_on_every_rank(pool, communicator):
+    messages = pool.run("later_divergent_call_raises_everywhere", {"communicator": communicator})
+    assert all("ranks disagree" in m and "(1, 16, 2, 8)" in m for m in messages)
+
+
 @pytest.mark.parametrize(
     "lengths, rates, n_local, match",
     [

@@ -88,6 +88,7 @@ def test_gqa_oracle_is_the_oracle_on_repeated_heads():
         ({"num_heads": 5}, "must divide embed_dim"),
         ({"num_kv_heads": 3}, "must divide num_heads"),
         ({"dropout": 1.5}, "dropout"),
+        ({"num_heads": 8, "embed_dim": 24, "rotary_embedding": True}, "even head dim"),
     ],
 )
 def test_layer_bad_arguments(kwargs, match):
@@ -100,6 +101,61 @@ def test_layer_bad_arguments(kwargs, match):
     }
     with pytest.raises(ValueError, match=match):
         MultiheadDilatedAttention(**{**args, **kwargs})
+
+
+def _layer(causal: bool) -> MultiheadDilatedAttention:
+    return MultiheadDilatedAttention(
+        16, 4, (4,), (1,), num_kv_heads=2, causal=causal, compile=False, strategy=MATH
+    )
+
+
+@pytest.mark.parametrize(
+    "causal, call, error, match",
+    [
+        (True, lambda layer: layer(torch.randn(1, 8, 12)), ValueError, "embed_dim=16"),
+        (True, lambda layer: layer(torch.randn(8, 16)), TypeError, r"\[b, n, embed_dim\]"),
+        (True, lambda layer: layer(torch.randn(1, 8, 16).long()), TypeError, "floating"),
+        (True, lambda layer: layer(torch.randn(0, 8, 16)), ValueError, "b >= 1"),
+        (
+            False,
+            lambda layer: layer(torch.randn(1, 4, 16), layer.new_cache(1, 8)),
+            ValueError,
+            "needs causal=True",
+        ),
+        (
+            True,
+            lambda layer: layer(torch.randn(2, 4, 16), layer.new_cache(1, 8)),
+            ValueError,
+            r"\(batch, kv heads, head dim\) = \(2, 2, 4\)",
+        ),
+        (
+            True,
+            lambda layer: layer(torch.randn(1, 9, 16), layer.new_cache(1, 8)),
+            ValueError,
+            "capacity 8 exceeded",
+        ),
+    ],
+)
+def test_layer_bad_calls_raise_before_any_work(causal, call, error, match):
+    """Every bad call names its rule, and a cache is left as it was (before, a non-causal prefill
+    filled it and raised on the next step, and a short batch raised from inside expand)."""
+    layer = _layer(causal)
+    with pytest.raises(error, match=match):
+        call(layer)
+    cache = layer.new_cache(1, 8)
+    with pytest.raises(ValueError):
+        layer(torch.randn(1, 9, 16), cache)
+    assert cache.length == 0 and not cache.k.any()
+
+
+@pytest.mark.parametrize(
+    "steps, error, match",
+    [(-3, ValueError, "max_new_tokens must be >= 0"), (2.0, TypeError, "max_new_tokens")],
+)
+def test_generate_bad_arguments(steps, error, match):
+    model = tiny_model("lse", (4,), (1,))
+    with pytest.raises(error, match=match):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), steps)
 
 
 def tiny_model(mixing, lengths, rates, strategy=MATH, num_kv_heads=2) -> LongNet:

@@ -327,3 +327,68 @@ def test_outputs_survive_a_second_call():
         kept = first.clone()
         module(*make_qkv(p, dtype, seed=7))
         assert torch.equal(first, kept)
+
+
+def _laid_out(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """``x``'s values in another memory layout (a view whose strides are not ``[b, n, h, d]``'s
+    packed ones)."""
+    if layout == "d_strided":  # every other element of a twice-as-wide last dim
+        wide = torch.zeros((*x.shape[:-1], 2 * x.shape[-1]), dtype=x.dtype)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    if layout == "d_major":  # stored as [b, n, d, h]
+        return x.transpose(2, 3).contiguous().transpose(2, 3)
+    if layout == "heads_major":  # stored as [b, h, n, d]
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    return x
+
+
+@settings(max_examples=10)
+@given(
+    problems(),
+    st.lists(st.sampled_from(["d_strided", "d_major", "heads_major"]), min_size=3, max_size=3),
+)
+def test_strided_inputs_match_oracle(p, layouts):
+    """Any layout of q, k, v computes the same function: SDPA's CPU kernel reads each row's d
+    elements as packed, and a strided d was once read wrong (silently, up to 2.5 in the output)."""
+    q, k, v = make_qkv(p)
+    ref = reference.dilated_attention(q.double(), k.double(), v.double(), **options(p))
+    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))
+    for strategy in local_strategies():
+        with_grad = supports_backward(strategy, q.device)
+        inputs = [
+            _laid_out(x.detach(), layout).requires_grad_(with_grad)
+            for x, layout in zip((q, k, v), layouts)
+        ]
+        out = ringattn.dilated_attention(*inputs, **options(p), strategy=strategy, compile=False)
+        err = rel_err(out, ref)
+        assert err <= TOLERANCE[torch.float32], f"{strategy.label} {layouts}: forward {err:.3g}"
+        if with_grad:
+            grads = torch.autograd.grad(out, inputs, grad_out)
+            packed = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+            out_packed = ringattn.dilated_attention(
+                *packed, **options(p), strategy=strategy, compile=False
+            )
+            for name, g, g_packed in zip(
+                "qkv", grads, torch.autograd.grad(out_packed, packed, grad_out)
+            ):
+                err = rel_err(g, g_packed, grad_floor(grad_out))
+                assert err <= 1e-5, f"{strategy.label} {layouts}: d{name} {err:.3g}"
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [s for s in local_strategies() if supports_backward(s, torch.device("cpu"))],
+    ids=lambda s: s.label,
+)
+def test_training_after_an_inference_mode_call(strategy, small_problem):
+    """Patterns a pooled manager caches under torch.inference_mode() are kept as normal tensors:
+    an inference tensor cannot be saved for a later call's backward."""
+    p = small_problem
+    module = ringattn.DilatedAttention(**options(p), strategy=strategy, compile=False)
+    q, k, v = make_qkv(p)
+    with torch.inference_mode():
+        module(q, k, v)
+    inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+    module(*inputs).sum().backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in inputs)

@@ -7,6 +7,7 @@ import torch
 
 import ringattn
 from ringattn import reference
+from ringattn.nn import MultiheadDilatedAttention
 
 GOOD = {"segment_lengths": [4, 8], "dilation_rates": [1, 2]}
 
@@ -154,6 +155,25 @@ def test_oracle_validates_too():
 def test_unknown_compile_mode_is_named():
     with pytest.raises(ValueError, match="compile_mode must be one of"):
         ringattn.DilatedAttention(**GOOD, compile_mode="fast")
+
+
+def test_unknown_compile_backend_is_named():
+    """Checked at construction even where it is not used (sdpa runs no frame of its own):
+    otherwise a typo would surface only when the strategy changes."""
+    with pytest.raises(ValueError, match=r"compile_backend must be one of .*'nope'"):
+        ringattn.DilatedAttention(**GOOD, compile_backend="nope")
+    with pytest.raises(ValueError, match="compile_backend must be one of"):
+        call(*qkv(), compile_backend="nope")
+
+
+def test_integer_scale_and_dropout_are_accepted():
+    """An int is a number here, as DilatedConfig takes it: ``scale=1`` means 1.0."""
+    q, k, v = qkv()
+    by_int = ringattn.DilatedAttention(**GOOD, scale=1, compile=False)(q, k, v)
+    by_float = ringattn.DilatedAttention(**GOOD, scale=1.0, compile=False)(q, k, v)
+    assert torch.equal(by_int, by_float)
+    assert torch.equal(call(q, k, v, scale=1), by_float)
+    MultiheadDilatedAttention(8, 2, (4,), (1,), dropout=0, compile=False)
 
 
 def test_shard_layouts_are_validated():

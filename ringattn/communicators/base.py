@@ -1,8 +1,8 @@
 """Communicator: where a block's keys and values come from.
 
 On one device (``local``) they are the block's own rows. The sequence-parallel communicators
-(all-gather, ring) will fetch the rows of a segment that other ranks hold and merge the partial
-results by LSE, behind the same two calls.
+(``all_gather``, ``ring``) fetch the rows of a segment that other ranks hold and merge the
+partial results by LSE, behind the same two calls.
 """
 
 from __future__ import annotations

@@ -33,7 +33,10 @@ class _LRU:
             self.hits += 1
             return value
         self.misses += 1
-        value = build()
+        # built as a normal tensor even under torch.inference_mode(): an inference tensor kept
+        # here could not be saved for backward (nor written in place) by a later training call
+        with torch.inference_mode(False):
+            value = build()
         self.items[key] = value
         if len(self.items) > self.max_entries:
             self.items.popitem(last=False)

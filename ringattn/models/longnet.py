@@ -119,6 +119,12 @@ class LongNet(nn.Module):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Greedy (``temperature=0``) or sampled continuation of ``prompt: [b, n0]``."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
         caches = self.new_caches(prompt.shape[0], prompt.shape[1] + max_new_tokens)
         logits = self(prompt, caches)[:, -1]
         out = [prompt]

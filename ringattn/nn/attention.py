@@ -40,7 +40,7 @@ class MultiheadDilatedAttention(nn.Module):
         num_kv_heads: int | None = None,
         causal: bool = False,
         mixing: str = "lse",
-        dropout: float = 0.0,
+        dropout: float | int = 0.0,
         sub_layer_norm: bool = True,
         rotary_embedding: bool = False,
         bias: bool = True,
@@ -59,6 +59,12 @@ class MultiheadDilatedAttention(nn.Module):
             raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if rotary_embedding and (embed_dim // num_heads) % 2:
+            raise ValueError(
+                f"rotary_embedding needs an even head dim (embed_dim / num_heads), got "
+                f"{embed_dim} / {num_heads} = {embed_dim // num_heads}"
+            )
+        self.embed_dim = embed_dim
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.rotary_embedding = rotary_embedding
@@ -101,8 +107,36 @@ class MultiheadDilatedAttention(nn.Module):
     def _output(self, attn: Tensor) -> Tensor:
         return self.dropout(self.out_proj(self.norm(rearrange(attn, "b n h d -> b n (h d)"))))
 
+    def _check_call(self, x: Tensor, cache: KVCache | None) -> None:
+        """The call's rules, before any work; plain Python, so a tracing ``torch.compile`` folds
+        them into guards (the annotations' beartype check would break its graph)."""
+        if not isinstance(x, Tensor) or x.dim() != 3 or not x.is_floating_point():
+            got = f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x)
+            raise TypeError(f"x must be a floating [b, n, embed_dim] tensor, got {got}")
+        if x.shape[-1] != self.embed_dim or x.shape[0] < 1 or x.shape[1] < 1:
+            raise ValueError(
+                f"x must be [b >= 1, n >= 1, embed_dim={self.embed_dim}], got {tuple(x.shape)}"
+            )
+        if cache is None:
+            return
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache (new_cache()), got {type(cache).__name__}")
+        if not self.attention.config.causal:
+            raise ValueError("a KV cache (incremental decoding) needs causal=True")
+        want = (x.shape[0], self.num_kv_heads, self.head_dim)
+        got = (cache.k.shape[0], cache.k.shape[2], cache.k.shape[3])
+        if got != want:
+            raise ValueError(f"cache must be (batch, kv heads, head dim) = {want}, got {got}")
+        if cache.k.device != x.device:
+            raise ValueError(f"cache must be on x's device {x.device}, got {cache.k.device}")
+        if cache.length + x.shape[1] > cache.k.shape[1]:
+            raise ValueError(
+                f"KV cache capacity {cache.k.shape[1]} exceeded ({cache.length} + {x.shape[1]})"
+            )
+
     def forward(self, x: BNE, cache: KVCache | None = None) -> BNE:
         """Full attention over ``x``; with a ``cache``, ``x`` continues the cached sequence."""
+        self._check_call(x, cache)
         start = 0 if cache is None else cache.length
         q, k, v = self._heads(x, start)
         if cache is None or start == 0:
@@ -111,8 +145,6 @@ class MultiheadDilatedAttention(nn.Module):
             group = self.num_heads // self.num_kv_heads
             k_full, v_full = (t.repeat_interleave(group, dim=2) if group > 1 else t for t in (k, v))
             return self._output(self.attention(q, k_full, v_full))
-        if not self.attention.config.causal:
-            raise ValueError("incremental decoding with a KV cache needs causal=True")
         cache.append(k, v)
         config = self.attention.config
         scale = config.scale_for(self.head_dim)
