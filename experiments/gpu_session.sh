@@ -16,6 +16,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh group    # ~6 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh group_bwd # ~8 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh verify   # ~6 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh boundary # ~5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh zeros    # ~8 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh causal_group # ~7 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh persistent # ~8 min
@@ -68,7 +69,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh record|long|checks|boundary|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -86,6 +87,14 @@ for path in sys.argv[1:]:
 PY
 }
 case "$part" in
+boundary)
+    # after a change at the eager boundary (api.py): the GPU oracle check, then the record's
+    # 32K / 131K bench (the boundary's host time shows first at 32K)
+    python -m experiments.flex_gpu --part check --out "$out/flex_gpu_check" >"$out/check.log" 2>&1
+    "${bench[@]}" --n 32768 131072 --repeats 10 --warmup 3 --out "$out/bench" >"$out/bench.log" 2>&1
+    summary="$(grep -h "Correctness" "$out/flex_gpu_check/flex_gpu_check.md")
+$(grep -h "segment_local/sdpa |" "$out/bench.log")"
+    ;;
 record)
     "${bench[@]}" --n 32768 131072 --repeats 10 --warmup 3 --out "$out/bench" >"$out/bench.log" 2>&1
     "${bench[@]}" --n 1048576 --repeats 5 --warmup 2 --check-n 0 --out "$out/bench_1m" \

@@ -38,7 +38,7 @@ TOLERANCE = {
     torch.float64: 1e-10,
     torch.float32: 1e-5,
     torch.bfloat16: 2e-2,
-    torch.float16: 2e-2,
+    torch.float16: 5e-3,  # 10 more mantissa bits than bf16's 7: worst seen 3.8e-4
 }
 
 
@@ -73,6 +73,7 @@ def problems(draw, max_n: int = 40, max_h: int = 5):
         "dilation_rates": dilation_rates,
         "causal": draw(st.booleans()),
         "mixing": draw(st.sampled_from(["lse", "head_groups"])),
+        "scale": draw(st.sampled_from([None, None, 0.3, 1.7])),  # None: 1 / sqrt(d)
     }
 
 
@@ -88,7 +89,8 @@ def make_qkv(p: dict, dtype: torch.dtype = torch.float32, seed: int = 0, require
 
 
 def options(p: dict) -> dict:
-    return {key: p[key] for key in ("segment_lengths", "dilation_rates", "causal", "mixing")}
+    keys = ("segment_lengths", "dilation_rates", "causal", "mixing", "scale")
+    return {key: p[key] for key in keys if key in p}
 
 
 @pytest.fixture

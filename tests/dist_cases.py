@@ -68,8 +68,13 @@ def matches_oracle(
     floor = 0.1 * float(shard(grad).double().norm())
     for name, g, g_ref in zip("qkv", grads, ref_grads):
         errors[f"d{name}"] = _rel(g, shard(g_ref), floor)
-    assert errors["out"] <= tol, errors
-    assert all(e <= 10 * tol for e in errors.values()), errors
+    with torch.no_grad():  # inference takes another path (head_groups: no LSE kept)
+        errors["out_no_grad"] = _rel(module(*local), shard(ref))
+    assert errors["out"] <= tol and errors["out_no_grad"] <= tol, errors
+    # fp32 gradients: attention's ill-conditioned dK may miss float64 by more than fp32's 1e-5
+    assert all(e <= (tol if dtype_name == "bfloat16" else 10 * tol) for e in errors.values()), (
+        errors
+    )
     # the gathered output is the single-device result
     assert _rel(distributed.gather(out, layout=layout), ref) <= tol
     return errors

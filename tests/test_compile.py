@@ -118,22 +118,32 @@ def test_head_groups_gradients_leave_the_compiled_op_unaliased():
     check_compiled(ringattn.Strategy(computer="sdpa"), "aot_eager", p)
 
 
-def test_outer_compile_of_the_whole_module_is_one_graph():
-    """A user's torch.compile(model, fullgraph=True) traces through the eager boundary: the type
-    checks step aside while tracing instead of breaking the graph."""
+@pytest.mark.parametrize(
+    "dilation, computer, mixing, causal",
+    [  # each (dilation, computer) once; mixing and causal take turns (~10 s each on 2 cores)
+        ("segment_local", "math", "lse", True),
+        ("segment_local", "sdpa", "head_groups", False),
+        ("global", "math", "head_groups", True),
+        ("global", "sdpa", "lse", False),
+    ],
+)
+def test_outer_compile_of_the_whole_module_is_one_graph(dilation, computer, mixing, causal):
+    """A user's torch.compile(model, fullgraph=True) traces through the eager boundary (the
+    checks fold into guards instead of breaking the graph) and the core inline: one graph, the
+    oracle's values and gradients, for every block computer, layout and mixing."""
     torch._dynamo.reset()
-    p = PROBLEM
+    p = {**PROBLEM, "mixing": mixing, "causal": causal}
     module = ringattn.DilatedAttention(
-        p["segment_lengths"],
-        p["dilation_rates"],
-        causal=True,
-        strategy=ringattn.Strategy(dilation="global", computer="sdpa"),
+        **options(p),
+        strategy=ringattn.Strategy(dilation=dilation, computer=computer),
         compile=False,
     )
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
     q, k, v = make_qkv(p, torch.float32)
     grad_out = torch.randn(q.shape)
+    counters.clear()
     out, grads = run_and_grad(compiled, q, k, v, grad_out)
+    assert counters["stats"]["unique_graphs"] == 1
     ref, ref_grads = oracle(p, q, k, v, grad_out)
     assert rel_err(out, ref) <= 1e-5
     for g, g_ref in zip(grads, ref_grads):

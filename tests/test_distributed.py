@@ -20,6 +20,8 @@ import pytest
 import torch
 from dist_pool import DistPool
 
+import ringattn
+from ringattn import registry
 from ringattn.pattern import jobs_for
 
 pytestmark = pytest.mark.distributed
@@ -35,14 +37,18 @@ ZIGZAG_CONFIGS = {
     2: ((8, 16, 128), (1, 2, 4)),  # local, local (= chunk), spans both (one partial segment)
     4: ((4, 8, 64), (1, 2, 4)),  # local, local (= chunk), spans all 4
 }
-COMBOS = list(
-    itertools.product(
-        ("ring", "all_gather"),
-        ("segment_local", "global"),
-        ("math", "sdpa"),
-        (False, True),
-        ("lse", "head_groups"),
-    )
+# every valid sequence-parallel strategy in the registry (a new communicator is covered without
+# touching this file), each (dilation, computer) x (causal, mixing) cell once, the memory managers
+# taking the cells in turns along a diagonal (each sees both mixings and both causal settings, at
+# half the cost of every pair)
+_MEMORIES = registry.names("memory")
+_CELLS = list(itertools.product((False, True), ("lse", "head_groups")))
+COMBOS = sorted(
+    (s.communicator, s.dilation, s.computer, s.memory, causal, mixing)
+    for s in ringattn.Strategy.all()
+    if s.communicator != "local"
+    for i, (causal, mixing) in enumerate(_CELLS)
+    if s.memory == _MEMORIES[(i + i // 2) % len(_MEMORIES)]
 )
 
 
@@ -75,17 +81,35 @@ def options(world_size, causal, mixing, layout="contiguous"):
     return {"segment_lengths": lengths, "dilation_rates": rates, "causal": causal, "mixing": mixing}
 
 
-@pytest.mark.parametrize("communicator, dilation, computer, causal, mixing", COMBOS)
-def test_matches_single_process_oracle(pool, communicator, dilation, computer, causal, mixing):
-    strategy = {"communicator": communicator, "dilation": dilation, "computer": computer}
+def test_every_sequence_parallel_strategy_is_run():
+    run = {combo[:4] for combo in COMBOS}
+    every = {(s.communicator, s.dilation, s.computer, s.memory) for s in ringattn.Strategy.all()}
+    assert run == {combo for combo in every if combo[0] != "local"} and len(run) >= 16
+
+
+@pytest.mark.parametrize("communicator, dilation, computer, memory, causal, mixing", COMBOS)
+def test_matches_single_process_oracle(
+    pool, communicator, dilation, computer, memory, causal, mixing
+):
+    strategy = {
+        "communicator": communicator,
+        "dilation": dilation,
+        "computer": computer,
+        "memory": memory,
+    }
     pool.run("matches_oracle", SHAPE, options(pool.world_size, causal, mixing), strategy)
 
 
-@pytest.mark.parametrize("communicator, dilation, computer, causal, mixing", COMBOS)
+@pytest.mark.parametrize("communicator, dilation, computer, memory, causal, mixing", COMBOS)
 def test_zigzag_matches_single_process_oracle(
-    pool, communicator, dilation, computer, causal, mixing
+    pool, communicator, dilation, computer, memory, causal, mixing
 ):
-    strategy = {"communicator": communicator, "dilation": dilation, "computer": computer}
+    strategy = {
+        "communicator": communicator,
+        "dilation": dilation,
+        "computer": computer,
+        "memory": memory,
+    }
     opts = options(pool.world_size, causal, mixing, "zigzag")
     pool.run("matches_oracle", SHAPE, opts, strategy, "float32", 0, "zigzag")
 
@@ -155,7 +179,8 @@ def test_spanning_offset_runs_match_oracle_in_fewer_exchanges(pool, communicator
     shape = (SHAPE[0], SHAPE[1], 8, SHAPE[3])
     strategy = {"communicator": communicator, "computer": "sdpa"}
     fused, per_offset = SPANNING_EXCHANGES[layout, pool.world_size]
-    calls = 4  # two forwards and two backwards: bytes_sent's, then matches_oracle's
+    # bytes_sent's forward and backward, then matches_oracle's forward, backward and no-grad forward
+    calls = 5
     for (fused_n, fused_bytes), (per_offset_n, per_offset_bytes) in pool.run(
         "spanning_runs_match_oracle", shape, opts, strategy, layout
     ):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import ringattn
 from ringattn import reference
 from ringattn.models import LongNet, LongNetConfig
-from ringattn.nn import KVCache, MultiheadDilatedAttention, decode_one
+from ringattn.nn import KVCache, MultiheadDilatedAttention, decode_one, rotary
 
 MATH = ringattn.Strategy(computer="math")
 
@@ -280,3 +280,27 @@ def test_the_model_compiles_as_one_graph():
     (grad,) = torch.autograd.grad(logits.square().sum(), model.embed.weight)
     (eager_grad,) = torch.autograd.grad(eager_logits.square().sum(), model.embed.weight)
     assert rel_err(grad, eager_grad) < 1e-4
+
+
+@settings(max_examples=20)
+@given(
+    st.integers(0, 4096), st.integers(0, 4096), st.integers(-64, 64), st.sampled_from([2, 8, 32])
+)
+def test_rotary_is_the_complex_rotation_and_sees_only_relative_positions(m, n, shift, d):
+    """RoPE: channel pairs ``(x0, x1)`` as ``x0 + i x1`` times ``exp(i · pos · base^(-2j/d))``;
+    so norms are kept and ``<rot(q, m), rot(k, n)>`` depends on ``m - n`` only."""
+    gen = torch.Generator().manual_seed(m + 7 * n + d)
+    q, k = (torch.randn(1, 1, 3, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    m, n = max(m, -shift), max(n, -shift)  # positions stay >= 0 after the shift
+
+    def rot(x, position):
+        return rotary(x, torch.tensor([position]))
+
+    inv_freq = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    as_complex = torch.complex(q[..., 0::2], q[..., 1::2]) * torch.exp(1j * m * inv_freq)
+    want = torch.stack((as_complex.real, as_complex.imag), dim=-1).flatten(-2)
+    assert torch.allclose(rot(q, m), want, atol=1e-3 * (1 + m / 512))  # float32 angles
+    assert torch.allclose(rot(q, m).norm(dim=-1), q.norm(dim=-1), rtol=1e-5)
+    dots = (rot(q, m) * rot(k, n)).sum(-1)
+    shifted = (rot(q, m + shift) * rot(k, n + shift)).sum(-1)
+    assert torch.allclose(dots, shifted, atol=1e-3 * (1 + max(m, n) / 512))

@@ -63,6 +63,12 @@ def check_against_oracle(p: dict, dtype: torch.dtype, strategies=None) -> None:
         assert out.shape == q.shape and out.dtype == dtype
         err = rel_err(out, ref)
         assert err <= tol, f"{strategy.label} {dtype}: forward rel err {err:.3g} > {tol}"
+        with torch.no_grad():  # inference takes another path (no LSE kept for a backward)
+            out_inference = ringattn.dilated_attention(
+                *inputs, **options(p), strategy=strategy, compile=False
+            )
+        err = rel_err(out_inference, ref)
+        assert err <= tol, f"{strategy.label} {dtype}: no-grad forward rel err {err:.3g} > {tol}"
         if not with_grad:  # e.g. flex on CPU: forward only, its error is tested in test_flex.py
             continue
         grads = torch.autograd.grad(out, inputs, grad_out.to(dtype))
