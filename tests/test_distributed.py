@@ -87,9 +87,10 @@ def test_every_sequence_parallel_strategy_is_run():
     assert run == {combo for combo in every if combo[0] != "local"} and len(run) >= 16
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("communicator, dilation, computer, memory, causal, mixing", COMBOS)
 def test_matches_single_process_oracle(
-    pool, communicator, dilation, computer, memory, causal, mixing
+    pool, communicator, dilation, computer, memory, causal, mixing, layout
 ):
     strategy = {
         "communicator": communicator,
@@ -97,21 +98,8 @@ def test_matches_single_process_oracle(
         "computer": computer,
         "memory": memory,
     }
-    pool.run("matches_oracle", SHAPE, options(pool.world_size, causal, mixing), strategy)
-
-
-@pytest.mark.parametrize("communicator, dilation, computer, memory, causal, mixing", COMBOS)
-def test_zigzag_matches_single_process_oracle(
-    pool, communicator, dilation, computer, memory, causal, mixing
-):
-    strategy = {
-        "communicator": communicator,
-        "dilation": dilation,
-        "computer": computer,
-        "memory": memory,
-    }
-    opts = options(pool.world_size, causal, mixing, "zigzag")
-    pool.run("matches_oracle", SHAPE, opts, strategy, "float32", 0, "zigzag")
+    opts = options(pool.world_size, causal, mixing, layout)
+    pool.run("matches_oracle", SHAPE, opts, strategy, "float32", 0, layout)
 
 
 @pytest.mark.parametrize("communicator", ["ring", "all_gather"])
