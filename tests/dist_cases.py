@@ -347,3 +347,20 @@ def later_divergent_call_raises_everywhere(strategy_fields):
     except ValueError as exc:
         return str(exc)
     raise AssertionError("no error")
+
+
+def agree_on_a_gloo_side_group():
+    """``distributed.agree`` on a group whose backend is not gloo (NCCL on GPUs) makes a gloo
+    side group of the same ranks once, and answers on it: equal digests agree, unequal ones
+    disagree on every rank. (Here the group is gloo; its backend is reported as NCCL's.)"""
+    from unittest import mock
+
+    group = dist.new_group(list(range(dist.get_world_size())))
+    with mock.patch.object(distributed.dist, "get_backend", return_value="nccl"):
+        same = distributed.agree(group, 12345)
+        side = distributed._SIDE_GROUPS[group]
+        differ = distributed.agree(group, 7 + dist.get_rank())
+    assert side is not group and dist.get_process_group_ranks(side) == list(
+        range(dist.get_world_size())
+    )
+    return same, differ

@@ -254,6 +254,10 @@ def test_mismatched_shapes_raise_on_every_rank(pool):
     assert all("ranks disagree" in m for m in messages)
 
 
+def test_agreement_on_a_non_gloo_group_goes_through_a_gloo_side_group(pool):
+    assert pool.run("agree_on_a_gloo_side_group") == [(True, False)] * pool.world_size
+
+
 @pytest.mark.parametrize("communicator", ["ring", "all_gather"])
 def test_a_later_divergent_call_raises_on_every_rank(pool, communicator):
     messages = pool.run("later_divergent_call_raises_everywhere", {"communicator": communicator})
