@@ -141,7 +141,9 @@ class DilatedAttention(nn.Module):
             1.3-1.8x faster than eager, the forward 3-17% slower; from 131K slower than eager,
             with 1.5-1.8x the peak memory). Its outputs live in the graph's memory pool and are
             overwritten by the next replay of the same shape (PyTorch's CUDA-graph rules).
-        group: the process group of a sequence-parallel communicator (default: the world).
+        group: the process group of a sequence-parallel communicator (default: the world). Every
+            call checks that the ranks make the same call, else all raise (never a hang);
+            ``check_every_call = False`` checks only each signature's first call.
         layout: how a sequence-parallel communicator's inputs are sharded over the ranks
             (``ringattn.distributed``): ``"contiguous"`` (rank i holds the i-th n/p positions) or
             ``"zigzag"`` (load-balanced causal: rank i holds chunks i and 2p-1-i of 2p; shard with
@@ -262,10 +264,15 @@ class DilatedAttention(nn.Module):
             self._specs[key] = spec
         return spec
 
+    # Sequence-parallel calls: every rank must make the same call, else all raise. Checked on
+    # every call (one all-reduce of the call's digest on a CPU gloo group: ~130-200 µs of host
+    # time on an H200 machine, experiments/rank_check_cost.py); False checks only each
+    # signature's first call, which hangs if a rank repeats a call while another makes a new
+    # one (an uneven last batch). Set it on a module, or on the class for every module.
+    check_every_call: bool = True
+
     def _check_across_ranks(self, q: Tensor, k: Tensor, v: Tensor) -> None:
-        """Every call: every rank must make the same call, else all raise (one CPU all-reduce of
-        the call's digest). Checking only a signature's first call would hang on a rank that
-        repeats a call while another makes a new one (an uneven last batch)."""
+        """The ranks' agreement on this call (see ``check_every_call``)."""
         signature = (
             tuple(
                 (tuple(x.shape), str(x.dtype), x.device.type, x.requires_grad) for x in (q, k, v)
@@ -277,6 +284,8 @@ class DilatedAttention(nn.Module):
         )
         group = self.communicator.group
         digest = self._checked.get(signature)
+        if digest is not None and not self.check_every_call:
+            return
         if not distributed.agree(
             group, distributed.fingerprint(signature) if digest is None else digest
         ):

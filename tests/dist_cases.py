@@ -364,3 +364,22 @@ def agree_on_a_gloo_side_group():
         range(dist.get_world_size())
     )
     return same, differ
+
+
+def first_call_checks_only_skip_the_agreement():
+    """``check_every_call = False``: a signature's later calls post no collective of the check
+    (counted through ``distributed.agree``)."""
+    from unittest import mock
+
+    module = ringattn.DilatedAttention(
+        (8, 16), (1, 2), strategy=ringattn.Strategy(communicator="ring"), compile=False
+    )
+    module.check_every_call = False
+    q = torch.randn(1, 16, 2, 8)
+    with mock.patch.object(distributed, "agree", wraps=distributed.agree) as agree:
+        for _ in range(3):
+            module(q, q, q)
+        first_only = agree.call_count
+        module.check_every_call = True
+        module(q, q, q)
+    return first_only, agree.call_count

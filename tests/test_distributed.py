@@ -254,6 +254,10 @@ def test_mismatched_shapes_raise_on_every_rank(pool):
     assert all("ranks disagree" in m for m in messages)
 
 
+def test_first_call_checks_only_when_asked(pool):
+    assert pool.run("first_call_checks_only_skip_the_agreement") == [(1, 2)] * pool.world_size
+
+
 def test_agreement_on_a_non_gloo_group_goes_through_a_gloo_side_group(pool):
     assert pool.run("agree_on_a_gloo_side_group") == [(True, False)] * pool.world_size
 
