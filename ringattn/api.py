@@ -111,6 +111,13 @@ def check_plain(q: Tensor, k: Tensor, v: Tensor) -> None:
             raise ValueError(f"q, k, v must have {axis} >= 1, got shape {tuple(q.shape)}")
 
 
+def _described(x: object) -> tuple:
+    """What the ranks must agree on about one input (its device type only: ranks own devices)."""
+    if not isinstance(x, Tensor):
+        return (type(x).__name__,)
+    return (tuple(x.shape), str(x.dtype), x.device.type, x.requires_grad)
+
+
 def packed_rows(x: Tensor) -> Tensor:
     """``x`` with its last dim packed (stride 1), copied only if it is not: SDPA's CPU kernel
     and FA4 read each row as ``d`` consecutive elements, so a strided ``d`` (``x[..., ::2]``, a
@@ -274,23 +281,20 @@ class DilatedAttention(nn.Module):
     def _check_across_ranks(self, q: Tensor, k: Tensor, v: Tensor) -> None:
         """The ranks' agreement on this call (see ``check_every_call``)."""
         signature = (
-            tuple(
-                (tuple(x.shape), str(x.dtype), x.device.type, x.requires_grad) for x in (q, k, v)
-            ),
+            tuple(_described(x) for x in (q, k, v)),  # before validation: all ranks agree first
             self.config,
             self.strategy.label,
             self.communicator.layout,
             torch.is_grad_enabled(),
         )
         group = self.communicator.group
-        digest = self._checked.get(signature)
-        if digest is not None and not self.check_every_call:
+        known = self._checked.get(signature)
+        if known is not None and not self.check_every_call:
             return
-        if not distributed.agree(
-            group, distributed.fingerprint(signature) if digest is None else digest
-        ):
+        digest = distributed.fingerprint(signature) if known is None else known
+        if not distributed.agree(group, digest):
             distributed.check_consistent(group, signature)  # raises, naming each rank's call
-        if digest is not None:
+        if known is not None:
             return
         # new on every rank alike (every earlier call agreed): the sub-groups are collective
         spans = distributed.spans_for(
@@ -300,7 +304,7 @@ class DilatedAttention(nn.Module):
             distributed.segment_groups(group, span)
         if len(self._checked) >= RECOMPILE_LIMIT:  # bounded: drop the oldest
             self._checked.pop(next(iter(self._checked)))
-        self._checked[signature] = distributed.fingerprint(signature)
+        self._checked[signature] = digest
 
     def _validate(self, q: Tensor, k: Tensor, v: Tensor) -> None:
         """Type and shape checks (jaxtyping + beartype) and the computer's support, once per input

@@ -383,3 +383,17 @@ def first_call_checks_only_skip_the_agreement():
         module.check_every_call = True
         module(q, q, q)
     return first_only, agree.call_count
+
+
+def a_bad_input_on_one_rank_raises_everywhere():
+    """A rank passing a non-tensor is named on every rank (the ranks agree before any rank's own
+    validation, which would otherwise raise on that rank alone and leave the others waiting)."""
+    module = ringattn.DilatedAttention(
+        (8, 16), (1, 2), strategy=ringattn.Strategy(communicator="ring"), compile=False
+    )
+    q = torch.randn(1, 16, 2, 8)
+    try:
+        module(q.tolist() if dist.get_rank() == 1 else q, q, q)
+    except ValueError as exc:
+        return str(exc)
+    raise AssertionError("no error")
