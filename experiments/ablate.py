@@ -230,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=sorted(PRESETS),
         default="quick",
-        help="quick (default): CPU fp32, small, < 2 min on 2 cores; gpu: CUDA bf16, LongNet configs,"
-        " n >= 32K; distributed: the gpu sweep under torchrun with the ring/all_gather"
+        help="quick (default): CPU fp32, small, < 2 min on 2 cores; gpu: CUDA bf16, LongNet"
+        " configs, n >= 32K; distributed: the gpu sweep under torchrun with the ring/all_gather"
         " communicators",
     )
     p.add_argument("--out", type=Path, help="results folder (default results/<date>_<preset>)")
