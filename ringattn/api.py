@@ -296,6 +296,7 @@ class DilatedAttention(nn.Module):
             distributed.check_consistent(group, signature)  # raises, naming each rank's call
         if known is not None:
             return
+        check_plain(q, k, v)  # the same call everywhere: it raises on every rank or on none
         # new on every rank alike (every earlier call agreed): the sub-groups are collective
         spans = distributed.spans_for(
             self.config.configs, q.shape[1], self.communicator.world_size, self.communicator.layout

@@ -158,8 +158,8 @@ def segment_groups(group: dist.ProcessGroup, span: int) -> tuple[dist.ProcessGro
     return by_span[span]
 
 
-# CPU (gloo) groups for each call's agreement check, keyed like _SUBGROUPS: a collective on the
-# GPU's stream would make the host wait for the GPU to read its answer
+# gloo groups of an NCCL-only WORLD, for each call's agreement check: a collective on the GPU's
+# stream would make the host wait for the GPU to read its answer
 _SIDE_GROUPS: weakref.WeakKeyDictionary[dist.ProcessGroup, dist.ProcessGroup]
 _SIDE_GROUPS = weakref.WeakKeyDictionary()
 
@@ -173,18 +173,21 @@ def fingerprint(signature: tuple) -> int:
 
 def agree(group: dist.ProcessGroup, digest: int) -> bool:
     """Whether every rank of ``group`` passed the same ``digest``: one all-reduce of two integers
-    on a CPU group (collective: every rank calls it, whatever its digest, so none hangs)."""
-    side = _SIDE_GROUPS.get(group)
-    if side is None:
-        side = (
-            group
-            if "gloo" in str(dist.get_backend(group))
-            else dist.new_group(
-                dist.get_process_group_ranks(group), backend="gloo", use_local_synchronization=True
-            )
-        )
-        _SIDE_GROUPS[group] = side
+    (collective: every rank calls it, whatever its digest, so none hangs). On the host where the
+    group has a CPU backend (gloo, or ``init_process_group()``'s default ``cpu:gloo,cuda:nccl``);
+    an NCCL-only WORLD gets a gloo twin, made at its first check (collectively, without local
+    synchronisation, whose group names can differ between ranks with different group counts);
+    an NCCL-only sub-group agrees on the GPU and reads the answer back (a host sync per call)."""
     extremes = torch.tensor([digest, -digest], dtype=torch.int64)
+    if "gloo" in str(dist.get_backend(group)):
+        side = group
+    elif group is dist.group.WORLD or dist.get_world_size(group) == dist.get_world_size():
+        side = _SIDE_GROUPS.get(group)
+        if side is None:
+            side = _SIDE_GROUPS[group] = dist.new_group(backend="gloo")
+    else:
+        extremes = extremes.cuda()
+        side = group
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=side)
     return extremes.tolist() == [digest, -digest]
 

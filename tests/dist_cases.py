@@ -355,6 +355,9 @@ def agree_on_a_gloo_side_group():
     disagree on every rank. (Here the group is gloo; its backend is reported as NCCL's.)"""
     from unittest import mock
 
+    # a group only rank 0 is in: ranks count their groups differently from here on (a side group
+    # made with local synchronisation would get a different name on each rank, and hang)
+    dist.new_group([0])
     group = dist.new_group(list(range(dist.get_world_size())))
     with mock.patch.object(distributed.dist, "get_backend", return_value="nccl"):
         same = distributed.agree(group, 12345)
@@ -395,5 +398,17 @@ def a_bad_input_on_one_rank_raises_everywhere():
     try:
         module(q.tolist() if dist.get_rank() == 1 else q, q, q)
     except ValueError as exc:
+        return str(exc)
+    raise AssertionError("no error")
+
+
+def a_bad_input_on_every_rank_is_named_everywhere():
+    module = ringattn.DilatedAttention(
+        (8, 16), (1, 2), strategy=ringattn.Strategy(communicator="ring"), compile=False
+    )
+    q = torch.randn(1, 16, 2, 8)
+    try:
+        module(q.tolist(), q, q)
+    except TypeError as exc:
         return str(exc)
     raise AssertionError("no error")

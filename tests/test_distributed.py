@@ -259,6 +259,11 @@ def test_a_bad_input_on_one_rank_raises_on_every_rank(pool):
     assert all("ranks disagree" in m and "('list',)" in m for m in messages)
 
 
+def test_a_bad_input_on_every_rank_is_the_boundary_error(pool):
+    messages = pool.run("a_bad_input_on_every_rank_is_named_everywhere")
+    assert all("parameter 'q' must be a torch.Tensor" in m for m in messages)
+
+
 def test_first_call_checks_only_when_asked(pool):
     assert pool.run("first_call_checks_only_skip_the_agreement") == [(1, 2)] * pool.world_size
 

@@ -130,8 +130,9 @@ class MultiheadDilatedAttention(nn.Module):
         if cache.k.device != x.device:
             raise ValueError(f"cache must be on x's device {x.device}, got {cache.k.device}")
         if cache.length + x.shape[1] > cache.k.shape[1]:
+            steps = int(x.shape[1])  # a plain int: traced, the message cannot format a SymInt
             raise ValueError(
-                f"KV cache capacity {cache.k.shape[1]} exceeded ({cache.length} + {x.shape[1]})"
+                f"KV cache capacity {cache.k.shape[1]} exceeded ({cache.length} + {steps})"
             )
 
     def forward(self, x: BNE, cache: KVCache | None = None) -> BNE:
