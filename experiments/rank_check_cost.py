@@ -10,23 +10,19 @@ this machine's CPU (gloo): the check's share of a call whose host time it adds t
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.distributed as dist
 
 import ringattn
+from experiments.ablate import median_ms
 from ringattn import distributed
 
 
 def per_call_us(fn, calls: int) -> float:
-    for _ in range(max(calls // 10, 10)):
-        fn()
-    dist.barrier()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls * 1e6
+    """µs per call of ``calls`` calls of ``fn`` after ``calls // 10`` (at least 10) warm-up calls,
+    whose collectives also line the ranks up."""
+    return median_ms(fn, torch.device("cpu"), max(calls // 10, 10), repeats=1, calls=calls) * 1e3
 
 
 def main(argv: list[str] | None = None) -> None:

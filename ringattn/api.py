@@ -111,6 +111,10 @@ def check_plain(q: Tensor, k: Tensor, v: Tensor) -> None:
             raise ValueError(f"q, k, v must have {axis} >= 1, got shape {tuple(q.shape)}")
 
 
+def _needs_grad(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+
+
 def _described(x: object) -> tuple:
     """What the ranks must agree on about one input (its device type only: ranks own devices)."""
     if not isinstance(x, Tensor):
@@ -313,7 +317,7 @@ class DilatedAttention(nn.Module):
         time per call, which short sequences would pay on every layer and step."""
         if not all(isinstance(x, Tensor) for x in (q, k, v)):
             check_plain(q, k, v)  # raises the TypeError naming the argument
-        needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        needs_grad = _needs_grad(q, k, v)
         signature = (*((x.shape, x.dtype, x.device) for x in (q, k, v)), needs_grad)
         if signature in self._valid_inputs:
             return
@@ -339,8 +343,7 @@ class DilatedAttention(nn.Module):
             self._check_across_ranks(q, k, v)
         if tracing:  # the same rules, traced into guards (no beartype frames in the graph)
             check_plain(q, k, v)
-            needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-            self._check_supported(q, needs_grad)
+            self._check_supported(q, _needs_grad(q, k, v))
         else:
             self._validate(q, k, v)
         q, k, v = packed_rows(q), packed_rows(k), packed_rows(v)

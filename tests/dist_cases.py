@@ -332,12 +332,18 @@ def compiled_model_needs_an_eager_call_first(communicator):
     raise AssertionError("no error")
 
 
+def _small_module(strategy_fields=None) -> ringattn.DilatedAttention:
+    """The rank-agreement cases' module: ``(8, 16)`` / ``(1, 2)``, eager, ring by default."""
+    fields = strategy_fields or {"communicator": "ring"}
+    return ringattn.DilatedAttention(
+        (8, 16), (1, 2), strategy=ringattn.Strategy(**fields), compile=False
+    )
+
+
 def later_divergent_call_raises_everywhere(strategy_fields):
     """A rank repeating an agreed call while another makes a new one (an uneven last batch)
     raises on both, instead of one waiting in the check while the other starts the ring."""
-    module = ringattn.DilatedAttention(
-        (8, 16), (1, 2), strategy=ringattn.Strategy(**strategy_fields), compile=False
-    )
+    module = _small_module(strategy_fields)
     q = torch.randn(2, 16, 2, 8)
     module(q, q, q)
     module(q, q, q)
@@ -374,9 +380,7 @@ def first_call_checks_only_skip_the_agreement():
     (counted through ``distributed.agree``)."""
     from unittest import mock
 
-    module = ringattn.DilatedAttention(
-        (8, 16), (1, 2), strategy=ringattn.Strategy(communicator="ring"), compile=False
-    )
+    module = _small_module()
     module.check_every_call = False
     q = torch.randn(1, 16, 2, 8)
     with mock.patch.object(distributed, "agree", wraps=distributed.agree) as agree:
@@ -391,9 +395,7 @@ def first_call_checks_only_skip_the_agreement():
 def a_bad_input_on_one_rank_raises_everywhere():
     """A rank passing a non-tensor is named on every rank (the ranks agree before any rank's own
     validation, which would otherwise raise on that rank alone and leave the others waiting)."""
-    module = ringattn.DilatedAttention(
-        (8, 16), (1, 2), strategy=ringattn.Strategy(communicator="ring"), compile=False
-    )
+    module = _small_module()
     q = torch.randn(1, 16, 2, 8)
     try:
         module(q.tolist() if dist.get_rank() == 1 else q, q, q)
@@ -403,9 +405,7 @@ def a_bad_input_on_one_rank_raises_everywhere():
 
 
 def a_bad_input_on_every_rank_is_named_everywhere():
-    module = ringattn.DilatedAttention(
-        (8, 16), (1, 2), strategy=ringattn.Strategy(communicator="ring"), compile=False
-    )
+    module = _small_module()
     q = torch.randn(1, 16, 2, 8)
     try:
         module(q.tolist(), q, q)

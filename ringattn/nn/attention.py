@@ -129,11 +129,7 @@ class MultiheadDilatedAttention(nn.Module):
             raise ValueError(f"cache must be (batch, kv heads, head dim) = {want}, got {got}")
         if cache.k.device != x.device:
             raise ValueError(f"cache must be on x's device {x.device}, got {cache.k.device}")
-        if cache.length + x.shape[1] > cache.k.shape[1]:
-            steps = int(x.shape[1])  # a plain int: traced, the message cannot format a SymInt
-            raise ValueError(
-                f"KV cache capacity {cache.k.shape[1]} exceeded ({cache.length} + {steps})"
-            )
+        cache.check_room(x.shape[1])
 
     def forward(self, x: BNE, cache: KVCache | None = None) -> BNE:
         """Full attention over ``x``; with a ``cache``, ``x`` continues the cached sequence."""

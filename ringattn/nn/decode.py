@@ -36,10 +36,17 @@ class KVCache:
             torch.zeros(shape, dtype=dtype, device=device),
         )
 
+    def check_room(self, n) -> None:
+        """Raise unless ``n`` more positions fit."""
+        if self.length + n > self.k.shape[1]:
+            steps = int(n)  # a plain int: traced, the message cannot format a SymInt
+            raise ValueError(
+                f"KV cache capacity {self.k.shape[1]} exceeded ({self.length} + {steps})"
+            )
+
     def append(self, k: Tensor, v: Tensor) -> None:
         n = k.shape[1]
-        if self.length + n > self.k.shape[1]:
-            raise ValueError(f"KV cache capacity {self.k.shape[1]} exceeded ({self.length} + {n})")
+        self.check_room(n)
         self.k[:, self.length : self.length + n] = k
         self.v[:, self.length : self.length + n] = v
         self.length += n
