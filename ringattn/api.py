@@ -79,6 +79,9 @@ def check_inputs(q: BNHD, k: BNHD, v: BNHD) -> None:
     _check_annotations(q, k, v)
 
 
+# never traced: a forward that a user's torch.compile gave back to eager still has its nested
+# frames traced, and Dynamo ran beartype's wrapper wrongly there (a TypeCheckError for good input)
+@torch.compiler.disable(reason="beartype's and jaxtyping's wrappers are eager-only")
 @jaxtyped(typechecker=beartype)
 def _check_annotations(q: BNHD, k: BNHD, v: BNHD) -> None:
     pass
@@ -328,8 +331,11 @@ class DilatedAttention(nn.Module):
         self._valid_inputs[signature] = None
 
     def _check_supported(self, q: Tensor, needs_grad: bool) -> None:
+        # traced by a user's torch.compile the computer is compiled too, whatever self.compile
+        # says (the backend is not visible from inside the trace: Inductor is assumed)
+        compiled = self.compile or torch.compiler.is_compiling()
         reason = self.computer.unsupported(
-            q.dtype, q.device, needs_grad, compiled=self.compile, dilation=self.dilation.name
+            q.dtype, q.device, needs_grad, compiled=compiled, dilation=self.dilation.name
         )
         if reason:
             raise UnsupportedError(

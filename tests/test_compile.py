@@ -178,6 +178,31 @@ def test_outer_compile_raises_the_boundary_errors(fullgraph):
         assert words in str(caught.value), (words, str(caught.value)[:300])
 
 
+def test_outer_compile_of_what_its_computer_cannot_compile():
+    """flex with the global layout merges configs by LSE, which Inductor's CPU flex_attention
+    cannot return. Under a user's torch.compile (compile=False module) it used to fail inside
+    Inductor's lowering; now fullgraph=True gets the boundary's UnsupportedError (as
+    compile=True does) and fullgraph=False runs those calls eagerly, with the eager result."""
+    strategy = ringattn.Strategy(dilation="global", computer="flex")
+
+    def fresh():
+        torch._dynamo.reset()
+        return ringattn.DilatedAttention((4, 16), (1, 2), compile=False, strategy=strategy)
+
+    q, k, v = make_qkv(PROBLEM, torch.float32)
+    with torch.no_grad():
+        # first calls of fresh modules: the frame Dynamo gives back to eager runs the boundary's
+        # beartype check, which Dynamo once traced there (a TypeCheckError for good input)
+        traced = torch.compile(fresh())(q, k, v)
+        traced_self = torch.compile(fresh())(q, q, q)
+        with pytest.raises(Exception) as caught:
+            torch.compile(fresh(), fullgraph=True)(q, k, v)
+        assert "cannot return the LSE" in str(caught.value), str(caught.value)[:300]
+        eager = fresh()
+        torch.testing.assert_close(traced, eager(q, k, v))
+        torch.testing.assert_close(traced_self, eager(q, q, q))
+
+
 # the computer whose module keeps a compiled frame of its own (forward-only on CPU)
 FLEX = ringattn.Strategy(computer="flex")
 

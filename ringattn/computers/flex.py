@@ -66,6 +66,15 @@ def _flex_with_lse(q: Tensor, k: Tensor, v: Tensor, score_mod, block_mask, scale
     return rearrange(out, "b h n d -> b n h d"), rearrange(lse, "b h n -> b n h")
 
 
+# Inductor's CPU lowering of flex_attention cannot return the LSE, so on CPU the global layout's
+# calls always run eagerly: under a user's torch.compile (fullgraph=False; with fullgraph=True
+# the boundary refuses, see ``unsupported``) Dynamo gives them back to eager instead of failing
+# inside Inductor. (Keyed on the device alone: Dynamo may run this frame eagerly after a break.)
+_flex_with_lse_eager = torch.compiler.disable(
+    _flex_with_lse, reason="Inductor's CPU flex_attention cannot return the LSE"
+)
+
+
 @register("computer", "flex")
 class FlexComputer(LayoutComputer):
     block_size: int = 128
@@ -88,7 +97,8 @@ class FlexComputer(LayoutComputer):
         if compiled and device.type == "cpu" and dilation == "global":
             return (
                 "compiled FlexAttention on CPU cannot return the LSE that merging configs needs; "
-                "use dilation='segment_local' (the single-kernel form) or compile=False"
+                "use dilation='segment_local' (the single-kernel form), or compile=False "
+                "outside any torch.compile"
             )
         if needs_grad and device.type != "cuda":
             return (
@@ -158,9 +168,10 @@ class FlexComputer(LayoutComputer):
             _, score_mod = masks.multiplicity_mod(plan, causal, offsets)
             return _flex(q, k, v, score_mod, block_mask, scale).to(q.dtype)
         outs, lses = [], []
+        flex_with_lse = _flex_with_lse_eager if q.device.type == "cpu" else _flex_with_lse
         for perm, inverse, block_mask in aux:
             q_perm, k_perm, v_perm = (x.index_select(1, perm) for x in (q, k, v))
-            out_perm, lse_perm = _flex_with_lse(q_perm, k_perm, v_perm, None, block_mask, scale)
+            out_perm, lse_perm = flex_with_lse(q_perm, k_perm, v_perm, None, block_mask, scale)
             outs.append(out_perm.index_select(1, inverse))
             lses.append(lse_perm.index_select(1, inverse))
         return merge(outs, lses, accumulation_dtype(q.dtype)).to(q.dtype)
