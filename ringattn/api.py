@@ -229,6 +229,15 @@ class DilatedAttention(nn.Module):
         )
         self._specs: dict[tuple, CoreSpec] = {}
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the caches behind: they hold what belongs to this process
+        (the compiled core's serials, prepared kernel launches as closures, the ranks' agreed
+        digests); the copy rebuilds them on its first call. A kept spec's serial named another
+        module's core in a new process: its compiled calls ran that module's configs."""
+        state = self.__dict__.copy()
+        state["_specs"], state["_valid_inputs"], state["_checked"] = {}, {}, {}
+        return state
+
     def extra_repr(self) -> str:
         c = self.config
         return (

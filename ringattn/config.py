@@ -61,6 +61,8 @@ class DilatedConfig:
                 raise TypeError(f"scale must be a float or None, got {type(self.scale).__name__}")
             if not math.isfinite(self.scale):
                 raise ValueError(f"scale must be finite, got {self.scale}")
+            if self.scale <= 0:  # torch's causal CPU flash kernel returns NaN rows for them
+                raise ValueError(f"scale must be > 0 (a softmax temperature), got {self.scale}")
         object.__setattr__(self, "segment_lengths", w)
         object.__setattr__(self, "dilation_rates", r)
         if self.scale is not None:

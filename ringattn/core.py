@@ -725,6 +725,15 @@ class DilatedAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout: Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            # The backward is the merged-stats formula: a graph of it (the math computer's ops)
+            # would hold the saved out/lse as constants, so second-order gradients came out wrong
+            # and silently. once_differentiable would leave them None under allow_unused.
+            raise RuntimeError(
+                "ringattn's dilated attention has no second derivative: call backward without "
+                "create_graph=True (for a gradient penalty or a Hessian, use the float64 "
+                "ringattn.reference.dilated_attention, which autograd differentiates twice)"
+            )
         q, k, v, out, lse, *indices = ctx.saved_tensors
         dq, dk, dv = dilated_backward(
             ctx.spec, dout, q, k, v, out, lse, tuple(indices), stack_grads=True

@@ -203,6 +203,31 @@ def test_outer_compile_of_what_its_computer_cannot_compile():
         torch.testing.assert_close(traced_self, eager(q, q, q))
 
 
+@pytest.mark.parametrize("computer", ["sdpa", "math"])
+def test_copied_and_pickled_modules_run_their_own_core(computer):
+    """A used module, deep-copied or pickled, with the original gone: its copies compute their
+    own configs, eagerly and under a user's torch.compile. Before, a pickled used module failed
+    (its prepared launches are closures), a deep copy's compiled call found no core of its
+    serial, and a module loaded in another process ran whichever module held its serial there."""
+    import copy
+    import gc
+    import pickle
+
+    torch._dynamo.reset()
+    q, k, v = make_qkv(PROBLEM, torch.float32)
+    ref = reference.dilated_attention(q.double(), k.double(), v.double(), **options(PROBLEM))
+    strategy = ringattn.Strategy(computer=computer)
+    used = ringattn.DilatedAttention(**options(PROBLEM), strategy=strategy)
+    used(q, k, v)
+    copies = [copy.deepcopy(used), pickle.loads(pickle.dumps(used))]
+    del used
+    gc.collect()
+    for module in copies:
+        assert rel_err(module(q, k, v), ref) < TOLERANCE[torch.float32]
+        compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+        assert rel_err(compiled(q, k, v), ref) < TOLERANCE[torch.float32]
+
+
 # the computer whose module keeps a compiled frame of its own (forward-only on CPU)
 FLEX = ringattn.Strategy(computer="flex")
 

@@ -398,3 +398,29 @@ def test_training_after_an_inference_mode_call(strategy, small_problem):
     inputs = [x.clone().requires_grad_() for x in (q, k, v)]
     module(*inputs).sum().backward()
     assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in inputs)
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [s for s in local_strategies() if supports_backward(s, torch.device("cpu"))],
+    ids=lambda s: s.label,
+)
+def test_second_derivative_is_refused(strategy, small_problem):
+    """create_graph=True (a gradient penalty) raises a RuntimeError that says so: the backward is
+    the merged-stats formula, whose graph held the saved out/lse as constants, so the math
+    computer's second-order gradients came out wrong (relative error ~1.5) with no error."""
+    p = small_problem
+    q, k, v = make_qkv(p, torch.float64, requires_grad=True)
+    module = ringattn.DilatedAttention(**options(p), strategy=strategy, compile=False)
+    (dq,) = torch.autograd.grad(module(q, k, v).square().sum(), q)  # first order: fine
+    assert torch.isfinite(dq).all()
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(module(q, k, v).square().sum(), q, create_graph=True)
+
+
+def test_the_oracle_has_a_second_derivative():
+    """What the refusal above points to: the float64 oracle differentiates twice."""
+    p = {"b": 1, "n": 4, "h": 1, "d": 2, "segment_lengths": (2, 4), "dilation_rates": (1, 2)}
+    q, k, v = make_qkv(p, torch.float64, requires_grad=True)
+    oracle = lambda q, k, v: reference.dilated_attention(q, k, v, **options(p))  # noqa: E731
+    assert torch.autograd.gradgradcheck(oracle, (q, k, v), fast_mode=True)

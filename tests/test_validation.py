@@ -38,6 +38,8 @@ def call(q, k, v, **overrides):
         ({"mixing": "softmax"}, ValueError, "mixing must be one of"),
         ({"causal": 1}, TypeError, "causal"),
         ({"scale": float("nan")}, ValueError, "scale must be finite"),
+        ({"scale": 0.0}, ValueError, "scale must be > 0"),
+        ({"scale": -2}, ValueError, "scale must be > 0"),
         ({"scale": "0.5"}, TypeError, "scale"),
         ({"segment_lengths": "48"}, TypeError, "segment_lengths"),
     ],
