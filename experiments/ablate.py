@@ -67,6 +67,7 @@ from rich.progress import (
 
 import ringattn
 from ringattn import DilatedConfig, Strategy, reference, registry
+from ringattn.config import MIXINGS
 from ringattn.flops import dense_pairs, useful_pairs
 from ringattn.memory.base import MemoryManager
 
@@ -310,6 +311,14 @@ def resolve(args: argparse.Namespace) -> Sweep:
     strategies = select_strategies(filters)
     distributed = check_distributed(preset, strategies)
     device = _device(preset.device)
+    if not preset.mixings:
+        raise UsageError(f"--mixing must name at least one of {MIXINGS}")
+    backends = torch.compiler.list_backends(exclude_tags=())
+    if args.compile_backend not in backends:
+        raise UsageError(
+            f"--compile-backend must be one of {backends}, got {args.compile_backend!r}"
+        )
+    out = args.out or Path("results") / f"{datetime.datetime.now():%Y-%m-%d_%H%M%S}_{preset.name}"
     for mixing in preset.mixings:
         _config((1,), (1,), False, mixing, "--mixing")
     configs = tuple(
@@ -319,7 +328,6 @@ def resolve(args: argparse.Namespace) -> Sweep:
         for causal in preset.causal
     )
     compile_modes = {"off": (False,), "on": (True,), "both": (False, True)}[preset.compile]
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S")
     return Sweep(
         preset=preset,
         device=device,
@@ -331,7 +339,7 @@ def resolve(args: argparse.Namespace) -> Sweep:
         compile_budget=preset.compile_budget,
         compile_backend=args.compile_backend,
         baseline=args.baseline,
-        out=args.out or Path("results") / f"{stamp}_{preset.name}",
+        out=out,
     )
 
 
@@ -352,6 +360,8 @@ def _device(text: str) -> torch.device:
         device = torch.device(text)
     except (RuntimeError, ValueError) as e:
         raise UsageError(f"--device: {_one_line(e)}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu or cuda[:i], got {text!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(
             f"device {text!r} needs CUDA, which is not available here (try --device cpu)"
@@ -1220,6 +1230,13 @@ def run(sweep: Sweep, console: Console, write: bool = True) -> Outcome:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         sweep = parse(argv)
+        # every rank, before any work or process group: a bad folder lost a whole sweep
+        sweep.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(
+            f"ablate: error: --out: cannot make {str(sweep.out)!r}: {e.strerror}", file=sys.stderr
+        )
+        return 2
     except UsageError as e:
         print(f"ablate: error: {_one_line(e)}", file=sys.stderr)
         return 2

@@ -38,6 +38,7 @@ import ringattn
 from experiments.ablate import dict_rows_to_markdown, median_ms, module_memory, rel_err
 from ringattn import reference
 from ringattn.computers.sdpa import CUDA_FORWARDS, SDPAComputer
+from ringattn.config import MIXINGS
 from ringattn.flops import dense_flops, useful_flops
 from ringattn.kernels import cudnn_graphs, fa4
 from ringattn.memory.base import MemoryManager
@@ -572,6 +573,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.settle < 0:
         p.error(f"--settle must be >= 0 seconds, got {args.settle}")
+    for name in ("n", "heads", "dim", "repeats"):
+        values = getattr(args, name)
+        if min(values if isinstance(values, list) else [values]) < 1:
+            p.error(f"--{name} must be >= 1, got {values}")
+    if bad := sorted(set(args.mixing) - set(MIXINGS)):
+        p.error(f"--mixing must be among {MIXINGS}, got {bad}")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError) as exc:
+        p.error(f"--device: {exc}")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device must be cpu or cuda[:i], got {args.device!r}")
     args.lengths, args.rates = tuple(args.lengths), tuple(args.rates)
     args.dtype = getattr(torch, args.dtype)
     try:  # the library's own validation, as a one-line error
@@ -590,6 +603,8 @@ def _version(package: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("bench.py: error: --device cuda needs CUDA, not available here")
     SDPAComputer.cuda_forward = args.sdpa_forward
     device = torch.device(args.device)
     causals = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]

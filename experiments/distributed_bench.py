@@ -40,6 +40,7 @@ import ringattn
 from experiments.ablate import dict_rows_to_markdown, rel_err
 from experiments.bench import failure, fwd_and_fwdbwd, graphed_calls
 from ringattn import distributed, lanes, launches, reference
+from ringattn.config import MIXINGS
 from ringattn.flops import useful_flops
 from ringattn.kernels import fa4
 
@@ -492,7 +493,7 @@ def write_report(
     text += table(
         f"## Speed: {dtype_name}, b, h, d = {tuple(BHD)}, segment_lengths=(2048, 8192, n), "
         "dilation_rates=(1, 2, 4), mixing=lse, computer=sdpa, eager. Times: slowest rank, "
-        "median of 5. Bytes: this rank's sends in one forward.",
+        f"median of {REPEATS[0]}. Bytes: this rank's sends in one forward.",
         speed_rows,
         [
             "n",
@@ -631,6 +632,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", type=int, default=BHD[1])
     parser.add_argument("--head-dim", type=int, default=BHD[2])
     args = parser.parse_args(argv)
+    if min(args.repeats, args.heads, args.head_dim) < 1:
+        parser.error("--repeats, --heads and --head-dim must be >= 1")
+    if bad := sorted(set(args.layouts) - set(distributed.LAYOUTS)):
+        parser.error(f"--layouts must be among {distributed.LAYOUTS}, got {bad}")
+    if bad := sorted(set(args.mixing) - set(MIXINGS)):
+        parser.error(f"--mixing must be among {MIXINGS}, got {bad}")
     BHD[1:] = [args.heads, args.head_dim]
     REPEATS[0] = args.repeats
     PROFILE[:] = [args.profile] if args.profile and torch.cuda.is_available() else []

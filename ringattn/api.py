@@ -20,7 +20,7 @@ from beartype import beartype
 from jaxtyping import jaxtyped
 from torch import Tensor, nn
 
-from ringattn import distributed
+from ringattn import distributed, registry
 from ringattn.computers.base import LayoutComputer
 from ringattn.config import DilatedConfig
 from ringattn.core import CoreSpec, run_core
@@ -313,12 +313,6 @@ class DilatedAttention(nn.Module):
         if known is not None:
             return
         check_plain(q, k, v)  # the same call everywhere: it raises on every rank or on none
-        # new on every rank alike (every earlier call agreed): the sub-groups are collective
-        spans = distributed.spans_for(
-            self.config.configs, q.shape[1], self.communicator.world_size, self.communicator.layout
-        )
-        for span in sorted(set(spans) - {1}):
-            distributed.segment_groups(group, span)
         if len(self._checked) >= RECOMPILE_LIMIT:  # bounded: drop the oldest
             self._checked.pop(next(iter(self._checked)))
         self._checked[signature] = digest
@@ -362,6 +356,10 @@ class DilatedAttention(nn.Module):
         else:
             self._validate(q, k, v)
         q, k, v = packed_rows(q), packed_rows(k), packed_rows(v)
+        if torch.is_autocast_enabled(q.device.type) and q.dtype == torch.float32:
+            # as F.scaled_dot_product_attention does: float32 inputs run in autocast's dtype
+            # (the core itself runs with autocast off, in its inputs' dtype: core.input_precision)
+            q, k, v = (x.to(torch.get_autocast_dtype(q.device.type)) for x in (q, k, v))
         spec = self._spec(q, compiling=self.compile or tracing)
         memory = _NO_REUSE if tracing else self.memory
         indices = self.dilation.indices(spec.plan, q.device, memory)
@@ -415,6 +413,9 @@ def dilated_attention(
         mixing,
         scale,
         strategy,
+        # the classes too: a strategy re-registered under its name (a notebook cell re-run with
+        # a fix) gets a new module, not the old class's
+        tuple(strategy.component(kind) for kind in registry.KINDS),
         compile,
         compile_backend,
     )

@@ -21,6 +21,7 @@ per-block backwards sum to the exact gradient (the ring-attention identity).
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
@@ -158,6 +159,27 @@ def for_each_block(
                 run(i)
 
 
+def input_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off inside the core: every strategy computes in its inputs' dtype. Under a user's
+    autocast the math computer's einsums ran in bf16 while sdpa's aten calls stayed in float32
+    (the same call, two functions)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def in_input_precision(fn: Callable) -> Callable:
+    """``fn(spec, first_tensor, ...)`` run under :func:`input_precision`."""
+
+    @functools.wraps(fn)
+    def run(spec: CoreSpec, first: Tensor, *args, **kwargs):
+        with input_precision(first.device):
+            return fn(spec, first, *args, **kwargs)
+
+    return run
+
+
+@in_input_precision
 def dilated_forward(
     spec: CoreSpec, q: Tensor, k: Tensor, v: Tensor, indices: tuple[Tensor, ...], keep_lse: bool
 ) -> tuple[Tensor, Tensor]:
@@ -309,6 +331,7 @@ def grouped_launch(
 PACK_LSE = True
 
 
+@in_input_precision
 def dilated_backward(
     spec: CoreSpec,
     dout: Tensor,
@@ -815,9 +838,10 @@ def run_core(
     needs a gradient, and under ``torch.compile`` as the opaque ops above.
     """
     if isinstance(spec.computer, LayoutComputer):
-        return spec.computer.attend(
-            spec.plan, spec.causal, spec.scale, spec.dilation.name, q, k, v, aux
-        )
+        with input_precision(q.device):
+            return spec.computer.attend(
+                spec.plan, spec.causal, spec.scale, spec.dilation.name, q, k, v, aux
+            )
     if torch.compiler.is_compiling() and spec.serial >= 0:
         return dilated_forward_op(q, k, v, list(indices), spec.serial)[0]
     # (a spec first made inside an enclosing torch.compile is traced inline, as eager code)

@@ -10,8 +10,9 @@ Each rank of a process group holds a shard ``[b, n/p, h, d]`` of q, k, v, in one
   the last rank of a segment does ``2p-1`` times the first one's). Shard-local segments must fit
   in one chunk and segments that span ranks must cover the whole sequence (``w >= n``).
 
-``shard`` / ``gather`` / ``positions`` convert between the full sequence and shards;
-``segment_groups`` builds (collectively, once) the sub-groups the all-gather communicator needs.
+``shard`` / ``gather`` / ``positions`` convert between the full sequence and shards. No
+sub-groups are made: ``new_group`` must be entered by every rank of the world, which ranks of
+another sequence-parallel group never do (see ``communicators/all_gather.py``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ def resolve_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
             "a sequence-parallel communicator needs torch.distributed initialised "
             "(launch with torchrun and call torch.distributed.init_process_group)"
         )
-    return group if group is not None else dist.group.WORLD
+    group = group if group is not None else dist.group.WORLD
+    if dist.get_rank(group) < 0:
+        raise ValueError(
+            f"group: this process (global rank {dist.get_rank()}) is not a member of it (ranks "
+            f"{dist.get_process_group_ranks(group)}); pass the group that holds this rank"
+        )
+    return group
 
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -74,6 +81,10 @@ def gather(x: Tensor, group: dist.ProcessGroup | None = None, layout: str = "con
     """Reassemble the full ``[b, n, ...]`` tensor from every rank's shard (all ranks get it)."""
     group = resolve_group(group)
     p = dist.get_world_size(group)
+    # unequal shards (an uneven last batch) would pad with garbage on one rank and abort another
+    held = (tuple(x.shape), str(x.dtype))
+    if not agree(group, fingerprint(held)):
+        check_consistent(group, held, "the shards to gather ((shape, dtype) of x)")
     parts = [torch.empty_like(x) for _ in range(p)]
     dist.all_gather(parts, x.contiguous(), group=group)
     pieces: dict[int, Tensor] = {}
@@ -141,23 +152,6 @@ def _zigzag_spans(configs, m: int, p: int) -> tuple[int, ...]:
     return tuple(spans)
 
 
-# keyed by the parent group object, not its ranks: a group that is destroyed and made again (a
-# notebook re-initialising) gets new sub-groups, and the old ones go with the old parent
-_SUBGROUPS: weakref.WeakKeyDictionary[dist.ProcessGroup, dict[int, tuple[dist.ProcessGroup, ...]]]
-_SUBGROUPS = weakref.WeakKeyDictionary()
-
-
-def segment_groups(group: dist.ProcessGroup, span: int) -> tuple[dist.ProcessGroup, ...]:
-    """Sub-groups of ``span`` consecutive ranks of ``group`` (collective: every rank calls it)."""
-    by_span = _SUBGROUPS.setdefault(group, {})
-    if span not in by_span:
-        ranks = dist.get_process_group_ranks(group)
-        by_span[span] = tuple(
-            dist.new_group(ranks[start : start + span]) for start in range(0, len(ranks), span)
-        )
-    return by_span[span]
-
-
 # gloo groups of an NCCL-only WORLD, for each call's agreement check: a collective on the GPU's
 # stream would make the host wait for the GPU to read its answer
 _SIDE_GROUPS: weakref.WeakKeyDictionary[dist.ProcessGroup, dist.ProcessGroup]
@@ -192,10 +186,12 @@ def agree(group: dist.ProcessGroup, digest: int) -> bool:
     return extremes.tolist() == [digest, -digest]
 
 
-def check_consistent(group: dist.ProcessGroup, signature: tuple) -> None:
+def check_consistent(
+    group: dist.ProcessGroup, signature: tuple, what: str = "the dilated attention call"
+) -> None:
     """Raise the same ValueError on every rank if ranks disagree on ``signature`` (no hang)."""
     everyone: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, signature, group=group)
     if any(s != everyone[0] for s in everyone):
         lines = "; ".join(f"rank {i}: {s}" for i, s in enumerate(everyone))
-        raise ValueError(f"ranks disagree on the dilated attention call: {lines}")
+        raise ValueError(f"ranks disagree on {what}: {lines}")

@@ -44,6 +44,19 @@ head_offset = head_config_offset
 def expand_kv_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Grouped-query attention: repeat each of the ``h_kv`` K/V heads ``h / h_kv`` times, so query
     head ``hd`` uses K/V head ``hd // (h / h_kv)``. The dilation offsets stay per *query* head."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+            got = f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x)
+            raise TypeError(f"{name} must be a floating [b, n, h, d] tensor, got {got}")
+        if min(x.shape) < 1:
+            raise ValueError(f"{name} must have no empty dim, got shape {tuple(x.shape)}")
+    for name, x in (("k", k), ("v", v)):
+        b, n, _, d = q.shape
+        if (x.shape[0], x.shape[1], x.shape[3]) != (b, n, d):
+            raise ValueError(
+                f"{name} must be [b, n, h_kv, d] = [{b}, {n}, h_kv, {d}] like q, got "
+                f"{tuple(x.shape)}"
+            )
     h, h_kv = q.shape[2], k.shape[2]
     if k.shape != v.shape:
         raise ValueError(

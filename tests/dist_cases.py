@@ -7,6 +7,7 @@ import torch.distributed as dist
 
 import ringattn
 from ringattn import distributed, reference
+from ringattn.nn.decode import KVCache
 
 TOL = {"float32": 1e-5, "float64": 1e-10, "bfloat16": 2e-2}
 
@@ -223,30 +224,98 @@ def shard_gather_roundtrip(layout="contiguous"):
     return where.tolist()
 
 
-def a_new_group_gets_its_own_sub_groups():
-    """A group destroyed and made again with the same ranks (a notebook re-running its setup):
-    the all-gather communicator builds sub-groups of the new group, not hand back the old
-    group's destroyed ones (a cache keyed by ranks did), and computes the same output."""
-    ranks = list(range(dist.get_world_size()))
-    qkv, _ = full_problem(1, 64, 2, 8, 0, torch.float64)
-    q, k, v = (distributed.shard(x) for x in qkv)
-    strategy = ringattn.Strategy(communicator="all_gather", computer="math")
-
-    def session(group):
-        module = ringattn.DilatedAttention((16, 64), (1, 2), strategy=strategy, group=group)
-        out = module(q, k, v)
-        subs = distributed.segment_groups(group, len(ranks))
-        # every sub-group used is registered in the live world (a destroyed one raises KeyError)
-        assert all(dist.get_process_group_ranks(sub) == ranks for sub in subs)
-        return out, subs
-
-    old_group = dist.new_group(ranks)
-    first, old_subs = session(old_group)
-    for group in (*old_subs, old_group):
-        dist.destroy_process_group(group)
-    second, _ = session(dist.new_group(ranks))
-    assert torch.equal(second, first)
+def groups_side_by_side_match_oracle(communicator, size):
+    """Data parallel x sequence parallel: the world cut into groups of ``size`` consecutive ranks,
+    each computing its own problem at the same time, several calls (a fresh module each: new
+    signatures). Before, the first call of a spanning config made sub-groups with ``new_group``
+    on the group's ranks only, which every rank of the world must enter: the groups' sub-groups
+    got mixed up, and calls hung or timed out (5 of 7 runs)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    groups = [dist.new_group(list(range(s, s + size))) for s in range(0, world, size)]
+    group = groups[rank // size]
+    # shards of 64 / size: spans 1, 2 and (size 4) all 4 ranks; a span of 2 in a group of 4 is
+    # the point-to-point path, a span of the whole group the collective
+    options = {"segment_lengths": (8, 32, 64), "dilation_rates": (1, 2, 4), "causal": True}
+    strategy = ringattn.Strategy(communicator=communicator, computer="math")
+    errors = []
+    for call, mixing in enumerate(("lse", "head_groups", "lse")):
+        (q, k, v), grad = full_problem(1, 64, 2, 8, 10 * (rank // size) + call, torch.float64)
+        ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
+        ref = reference.dilated_attention(*ref_in, **options, mixing=mixing)
+        ref_grads = torch.autograd.grad(ref, ref_in, grad)
+        module = ringattn.DilatedAttention(
+            **options, mixing=mixing, strategy=strategy, compile=False, group=group
+        )
+        local = [distributed.shard(x, group).requires_grad_() for x in (q, k, v)]
+        out = module(*local)
+        grads = torch.autograd.grad(out, local, distributed.shard(grad, group))
+        errors.append(_rel(distributed.gather(out, group), ref))
+        errors += [_rel(g, distributed.shard(r, group)) for g, r in zip(grads, ref_grads)]
+    for g in groups:
+        dist.destroy_process_group(g)
+    assert max(errors) < 1e-10, errors
     return True
+
+
+def gather_of_unequal_shards_raises_everywhere():
+    """Before, rank 0 got a tensor padded with garbage and rank 1 was aborted by gloo."""
+    rows = 8 if dist.get_rank() == 1 else 12
+    try:
+        distributed.gather(torch.randn(2, rows, 1, 2))
+    except ValueError as exc:
+        return str(exc)
+    raise AssertionError("no error")
+
+
+def a_rank_outside_the_group_is_refused():
+    """A module given a group this rank is not in: a ValueError naming ``group`` at once (before,
+    its rank was -1 and its first call raised torch's "Invalid process group specified")."""
+    only_zero = dist.new_group([0])
+    try:
+        if dist.get_rank() == 0:
+            ringattn.DilatedAttention((8,), (1,), group=only_zero, strategy=_RING)
+            return "member"
+        try:
+            ringattn.DilatedAttention((8,), (1,), group=only_zero, strategy=_RING)
+        except ValueError as exc:
+            return str(exc)
+        raise AssertionError("no error")
+    finally:
+        dist.destroy_process_group(only_zero)
+
+
+_RING = ringattn.Strategy(communicator="ring")
+
+
+def a_kv_cache_is_refused_sequence_parallel(communicator):
+    """Each rank would cache its shard and decode against it: wrong tokens (0.7-0.9 off), and
+    ranks generating different sequences, with no error. A rank-local refusal."""
+    from ringattn.models import LongNet, LongNetConfig
+
+    strategy = ringattn.Strategy(communicator=communicator)
+    layer = ringattn.MultiheadDilatedAttention(16, 2, (8,), (1,), causal=True, strategy=strategy)
+    config = LongNetConfig(
+        vocab_size=16,
+        dim=16,
+        depth=1,
+        num_heads=2,
+        segment_lengths=(8,),
+        dilation_rates=(1,),
+        strategy=strategy,
+    )
+    messages = []
+    for call in (
+        lambda: layer.new_cache(1, 8),
+        lambda: layer(torch.randn(1, 4, 16), KVCache.empty(1, 8, 2, 8, torch.float32, "cpu")),
+        lambda: LongNet(config).generate(torch.zeros(1, 4, dtype=torch.long), 2),
+    ):
+        try:
+            call()
+        except ValueError as exc:
+            messages.append(str(exc))
+        else:
+            raise AssertionError("no error")
+    return messages
 
 
 def longnet_shards_match_the_full_model(communicator, layout="contiguous"):

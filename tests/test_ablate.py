@@ -149,6 +149,12 @@ BAD_ARGS = {
     "unknown preset": (["--preset", "huge"], "invalid choice"),
     "distributed without torchrun": (["--preset", "distributed"], "launched under torchrun"),
     "ring without torchrun": (["--communicator", "ring"], "'ring' must be launched under torchrun"),
+    # before: 0 rows and exit 0; every compiled row an error; every row an error; a traceback
+    # after the whole sweep, its results lost
+    "no mixing": (["--mixing", ","], "--mixing must name at least one"),
+    "unknown compile backend": (["--compile-backend", "nope"], "--compile-backend must be one"),
+    "meta device": (["--device", "meta"], "--device must be cpu or cuda"),
+    "results folder under a file": (["--out", "/dev/null/results"], "--out: cannot make"),
 }
 
 

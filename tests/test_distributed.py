@@ -324,8 +324,28 @@ def test_longnet_runs_sequence_parallel(pool, communicator, layout):
     assert all(pool.run("longnet_shards_match_the_full_model", communicator, layout))
 
 
-def test_a_new_process_group_gets_its_own_sub_groups(pool):
-    assert all(pool.run("a_new_group_gets_its_own_sub_groups"))
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+def test_sequence_parallel_groups_side_by_side(pool, communicator):
+    """Data parallel x sequence parallel: groups of 2 in the 4-rank pool, of the whole pool in
+    the 2-rank one (what the 8-rank file adds: groups of 4)."""
+    assert all(pool.run("groups_side_by_side_match_oracle", communicator, 2))
+
+
+def test_gather_of_unequal_shards_raises_on_every_rank(pool):
+    messages = pool.run("gather_of_unequal_shards_raises_everywhere")
+    assert all("ranks disagree on the shards to gather" in m for m in messages), messages
+
+
+def test_a_rank_outside_the_group_is_refused(pool):
+    messages = pool.run("a_rank_outside_the_group_is_refused")
+    assert messages[0] == "member"
+    assert all(m.startswith("group: this process") for m in messages[1:]), messages
+
+
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+def test_a_kv_cache_is_refused_sequence_parallel(pool, communicator):
+    for messages in pool.run("a_kv_cache_is_refused_sequence_parallel", communicator):
+        assert all("KV cache (incremental decoding) runs on one device" in m for m in messages)
 
 
 def test_distributed_bench_parts_run_on_cpu(tmp_path):

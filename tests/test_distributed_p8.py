@@ -40,3 +40,10 @@ def test_eight_ranks_zigzag_match_the_oracle(pool8, communicator, mixing):
     }
     strategy = {"communicator": communicator, "computer": "sdpa", "dilation": "segment_local"}
     pool8.run("matches_oracle", SHAPE, options, strategy, "float32", 0, "zigzag")
+
+
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+def test_two_groups_of_four_side_by_side(pool8, communicator):
+    """Data parallel x sequence parallel: two groups of four at once; a segment spanning 2 of a
+    group's 4 ranks takes the all-gather's point-to-point path."""
+    assert all(pool8.run("groups_side_by_side_match_oracle", communicator, 4))

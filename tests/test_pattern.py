@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import dilation_configs, problems
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_strategies import check_against_oracle
 
@@ -132,3 +132,17 @@ def test_selection_marks_exactly_the_pairs_the_blocks_write(n, h, configs, split
     selected = (torch.arange(n)[:, None] % torch.tensor(rates)) == torch.tensor(offsets)
     assert torch.equal(written[0].bool(), selected)
     assert pattern.make_plan(n, h, configs, "lse").selection is None
+
+
+@settings(max_examples=60)
+@given(st.integers(1, 64), st.integers(1, 24), st.integers(1, 8))
+def test_global_permutation_lists_rows_by_residue(n, segments_per_w, r):
+    """The definition, in plain Python: for each residue o, the rows s*w + o + j*r of every
+    full segment, then the tail's rows of residue o (as a loop over residues built it)."""
+    from ringattn.dilation.global_perm import global_permutation
+
+    w = r * segments_per_w
+    full = n // w
+    want = [s * w + o + j * r for o in range(r) for s in range(full) for j in range(w // r)]
+    want += [t for o in range(r) for t in range(full * w, n) if (t - full * w) % r == o]
+    assert global_permutation(n, w, r).tolist() == want

@@ -105,3 +105,25 @@ def test_oracles_return_float64(fn):
     p = {"b": 1, "n": 8, "h": 2, "d": 4}
     q, k, v = make_qkv(p, torch.float32)
     assert fn(q, k, v, segment_lengths=[4], dilation_rates=[2]).dtype == torch.float64
+
+
+_Q = torch.randn(1, 8, 2, 4)
+
+
+@pytest.mark.parametrize(
+    "fn", [reference.dilated_attention, reference.dilated_attention_by_multiplicity]
+)
+@pytest.mark.parametrize(
+    "q, kv, error, match",
+    [
+        (_Q, torch.randn(1, 16, 2, 4), ValueError, "k must be"),  # was: extra keys ignored
+        (_Q, torch.randn(1, 4, 2, 4), ValueError, "k must be"),  # was: an IndexError
+        (_Q, torch.randn(2, 8, 2, 4), ValueError, "k must be"),
+        (_Q.long(), _Q.long(), TypeError, "q must be a floating"),  # was: accepted
+        (_Q[:, :0], _Q[:, :0], ValueError, "q must have no empty dim"),  # was: accepted
+        (_Q[0], _Q[0], TypeError, r"q must be a floating \[b, n, h, d\]"),
+    ],
+)
+def test_the_oracles_refuse_bad_inputs(fn, q, kv, error, match):
+    with pytest.raises(error, match=match):
+        fn(q, kv, kv, segment_lengths=(4,), dilation_rates=(1,))

@@ -91,3 +91,32 @@ def test_a_new_strategy_is_picked_up_by_the_property_tests():
         registry.unregister("computer", "math_twice")
         registry.unregister("computer", "wrong")
     assert "math_twice" not in registry.names("computer")
+
+
+def test_the_functional_form_runs_a_re_registered_class():
+    """A notebook cell re-run with a fix re-registers a strategy under its old name: the
+    functional form runs the new class (it kept a module of the old one, keyed by names)."""
+    q = torch.randn(1, 8, 2, 4)
+    options = {"segment_lengths": (4,), "dilation_rates": (1,), "compile": False}
+    ref = ringattn.reference.dilated_attention(q, q, q, segment_lengths=(4,), dilation_rates=(1,))
+
+    @registry.register("computer", "fixed_later")
+    class Broken(MathComputer):
+        def forward(self, q, k, v, causal, scale):
+            out, lse = super().forward(q, k, v, causal, scale)
+            return 2 * out, lse
+
+    strategy = ringattn.Strategy(computer="fixed_later")
+    try:
+        broken = ringattn.dilated_attention(q, q, q, **options, strategy=strategy)
+        assert (broken.double() - ref).abs().max() > 0.1
+        registry.unregister("computer", "fixed_later")
+
+        @registry.register("computer", "fixed_later")
+        class Fixed(MathComputer):
+            pass
+
+        fixed = ringattn.dilated_attention(q, q, q, **options, strategy=strategy)
+        assert (fixed.double() - ref).abs().max() < 1e-5
+    finally:
+        registry.unregister("computer", "fixed_later")

@@ -1,11 +1,15 @@
 """``all_gather``: one all-gather of the selected K/V per block within the segment's ranks.
 
 Forward: the ``g`` ranks of a segment all-gather their dilated K/V chunks (``[2, b, m/r, heads,
-d]`` each) over a sub-group of just those ranks, then each computes its queries against the
+d]`` each): a collective over the group where the segment spans all its ranks, else one batch
+of point-to-point sends and receives among the segment's ranks on the group (a sub-group would
+need every rank of the *world* to make it, which ranks of another sequence-parallel group, in
+data parallel x sequence parallel, never do: a hang). Then each computes its queries against the
 chunks it needs (``SequenceParallel.piece``: causal and contiguous, earlier chunks fully, its own
 causally, later ones skipped; zigzag, half of every other shard) and merges by LSE. Backward:
 the chunks are gathered again, each rank computes every needed chunk's dK/dV share, and a
-reduce-scatter (float32) sums the shares on their owners. Memory per rank grows with
+reduce-scatter (float32; point to point as above where the segment spans part of the group)
+sums the shares on their owners. Memory per rank grows with
 the segment (``g`` chunks), unlike ``ring``, in exchange for one collective instead of ``g - 1``
 steps.
 """
@@ -16,7 +20,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ringattn import distributed
 from ringattn.communicators.sequence_parallel import SequenceParallel, stack_kv
 from ringattn.computers.base import BlockComputer, Rows, RowsLSE
 from ringattn.computers.base import accumulation_dtype as acc_dtype
@@ -27,18 +30,35 @@ from ringattn.registry import register
 # the old names
 all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+SEGMENT_TAG = 3  # apart from the ring's tags
 
 
 @register("communicator", "all_gather")
 class AllGatherCommunicator(SequenceParallel):
     def _gather(self, kv_own: Tensor, span: int) -> Tensor:
-        sub = distributed.segment_groups(self.group, span)[self.rank // span]
         gathered = self.memory.scratch(
             "all_gather_kv", (span, *kv_own.shape), kv_own.dtype, kv_own.device
         )
-        all_gather_single(gathered.view(-1, *kv_own.shape[1:]), kv_own, group=sub)
-        self.count(kv_own, times=span - 1)  # ring all-gather: each rank sends g - 1 chunks
+        if span == self.world_size:
+            all_gather_single(gathered.view(-1, *kv_own.shape[1:]), kv_own, group=self.group)
+        else:
+            t, _ = self.place(span)
+            gathered[t].copy_(kv_own)
+            self._exchange([kv_own] * span, list(gathered), span)
+        self.count(kv_own, times=span - 1)  # each rank sends g - 1 chunks
         return gathered
+
+    def _exchange(self, sends: list[Tensor], receives: list[Tensor], span: int) -> None:
+        """Among the segment's ranks: send ``sends[j]`` to its j-th rank and receive
+        ``receives[j]`` from it, for every other rank j of the segment (one batch)."""
+        t, peers = self.place(span)
+        ops = []
+        for j, peer in enumerate(peers):
+            if j != t:
+                ops.append(dist.P2POp(dist.isend, sends[j], peer, self.group, SEGMENT_TAG))
+                ops.append(dist.P2POp(dist.irecv, receives[j], peer, self.group, SEGMENT_TAG))
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
 
     def _attend(
         self,
@@ -110,7 +130,12 @@ class AllGatherCommunicator(SequenceParallel):
                 shares[chunk, 0][:, cols] = dk_c
                 shares[chunk, 1][:, cols] = dv_c
         mine = torch.empty(kv_own.shape, dtype=dtype, device=q.device)
-        sub = distributed.segment_groups(self.group, span)[self.rank // span]
-        reduce_scatter_single(mine, shares.view(-1, *kv_own.shape[1:]), group=sub)
-        self.count(mine, times=span - 1)  # ring reduce-scatter: g - 1 chunks per rank
+        if span == self.world_size:
+            reduce_scatter_single(mine, shares.view(-1, *kv_own.shape[1:]), group=self.group)
+        else:
+            received = torch.empty_like(shares)
+            self._exchange(list(shares), list(received), span)
+            received[t] = shares[t]
+            torch.sum(received, dim=0, out=mine)  # in rank order, as the collective sums
+        self.count(mine, times=span - 1)  # g - 1 chunks per rank
         return dq, mine[0], mine[1]

@@ -20,12 +20,20 @@ from ringattn.registry import register
 
 
 def global_permutation(n: int, w: int, r: int, device: torch.device | str = "cpu") -> Tensor:
-    """The residue-major permutation of ``range(n)`` for config ``(w, r)`` (int64, ``[n]``)."""
+    """The residue-major permutation of ``range(n)`` for config ``(w, r)`` (int64, ``[n]``).
+
+    Built without a loop over residues (``r`` may far exceed ``n``: r = 2**20 took seconds)."""
     full = n // w
-    seg_starts = torch.arange(full, device=device)[:, None] * w
-    full_rows = [(seg_starts + torch.arange(o, w, r, device=device)).flatten() for o in range(r)]
-    tail_rows = [torch.arange(min(full * w + o, n), n, r, device=device) for o in range(r)]
-    return torch.cat(full_rows + tail_rows)
+    # full segments: row s*w + o + j*r at (residue o, segment s, step j); none if w > n
+    full_rows = (
+        torch.arange(r, device=device)[:, None, None]
+        + (torch.arange(full, device=device) * w)[None, :, None]
+        + (torch.arange(w // r, device=device) * r)[None, None, :]
+    ).flatten()
+    # the tail, by residue and then position
+    tail = torch.arange(n - full * w, device=device)
+    tail_rows = full * w + tail[torch.argsort(tail % r, stable=True)]
+    return torch.cat((full_rows, tail_rows))
 
 
 def _slice_of_permutation(n: int, block: Block) -> tuple[int, int]:
@@ -36,8 +44,9 @@ def _slice_of_permutation(n: int, block: Block) -> tuple[int, int]:
     if not block.tail:
         start = job.offset * per_residue
         return start, start + per_residue
-    tail_len = n - full * job.w
-    start = job.r * per_residue + sum(len(range(o, tail_len, job.r)) for o in range(job.offset))
+    # residues below the tail's length mod r hold one row more than the others
+    per_tail_residue, longer = divmod(n - full * job.w, job.r)
+    start = job.r * per_residue + job.offset * per_tail_residue + min(job.offset, longer)
     return start, start + block.length
 
 

@@ -9,6 +9,7 @@ dilation pattern reads (``ringattn.nn.decode``), independent of how long the con
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -98,7 +99,22 @@ class LongNet(nn.Module):
 
     def forward(self, tokens: Tensor, caches: list[KVCache] | None = None) -> Tensor:
         """Logits ``[b, n, vocab]``; with ``caches``, ``tokens`` continue the cached sequence."""
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
+            got = repr(tokens.dtype) if isinstance(tokens, Tensor) else type(tokens).__name__
+            shape = f" of shape {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else ""
+            raise TypeError(f"tokens must be an integer [b, n] tensor, got {got}{shape}")
         x = self.embed(tokens)
+        if caches is not None:  # every layer's cache checked before the first one moves
+            if not isinstance(caches, (list, tuple)) or len(caches) != len(self.blocks):
+                got = len(caches) if isinstance(caches, (list, tuple)) else type(caches).__name__
+                raise ValueError(
+                    f"caches must be a list of {len(self.blocks)} KVCache (new_caches()), one "
+                    f"per layer, got {got}"
+                )
+            for block, cache in zip(self.blocks, caches):
+                check = getattr(block.attn, "check_call", None)
+                if check is not None:
+                    check(x, cache)
         for i, block in enumerate(self.blocks):
             x = block(x, None if caches is None else caches[i])
         return self.head(self.ln_f(x))
@@ -123,8 +139,13 @@ class LongNet(nn.Module):
             raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise TypeError(f"temperature must be a float, got {temperature!r}")
+        if not 0 <= temperature < math.inf:
+            raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+        if not isinstance(prompt, Tensor) or prompt.dim() != 2 or prompt.shape[1] < 1:
+            got = tuple(prompt.shape) if isinstance(prompt, Tensor) else type(prompt).__name__
+            raise ValueError(f"prompt must be a [b, n0 >= 1] tensor of token ids, got {got}")
         caches = self.new_caches(prompt.shape[0], prompt.shape[1] + max_new_tokens)
         logits = self(prompt, caches)[:, -1]
         out = [prompt]

@@ -107,7 +107,7 @@ class MultiheadDilatedAttention(nn.Module):
     def _output(self, attn: Tensor) -> Tensor:
         return self.dropout(self.out_proj(self.norm(rearrange(attn, "b n h d -> b n (h d)"))))
 
-    def _check_call(self, x: Tensor, cache: KVCache | None) -> None:
+    def check_call(self, x: Tensor, cache: KVCache | None) -> None:
         """The call's rules, before any work; plain Python, so a tracing ``torch.compile`` folds
         them into guards (the annotations' beartype check would break its graph)."""
         if not isinstance(x, Tensor) or x.dim() != 3 or not x.is_floating_point():
@@ -123,6 +123,7 @@ class MultiheadDilatedAttention(nn.Module):
             raise TypeError(f"cache must be a KVCache (new_cache()), got {type(cache).__name__}")
         if not self.attention.config.causal:
             raise ValueError("a KV cache (incremental decoding) needs causal=True")
+        self._check_one_device()
         want = (x.shape[0], self.num_kv_heads, self.head_dim)
         got = (cache.k.shape[0], cache.k.shape[2], cache.k.shape[3])
         if got != want:
@@ -133,15 +134,16 @@ class MultiheadDilatedAttention(nn.Module):
 
     def forward(self, x: BNE, cache: KVCache | None = None) -> BNE:
         """Full attention over ``x``; with a ``cache``, ``x`` continues the cached sequence."""
-        self._check_call(x, cache)
+        self.check_call(x, cache)
         start = 0 if cache is None else cache.length
         q, k, v = self._heads(x, start)
         if cache is None or start == 0:
-            if cache is not None:
-                cache.append(k, v)  # prefill
             group = self.num_heads // self.num_kv_heads
             k_full, v_full = (t.repeat_interleave(group, dim=2) if group > 1 else t for t in (k, v))
-            return self._output(self.attention(q, k_full, v_full))
+            attended = self.attention(q, k_full, v_full)
+            if cache is not None:  # prefill, once the attention has taken the call
+                cache.append(k, v)
+            return self._output(attended)
         cache.append(k, v)
         config = self.attention.config
         scale = config.scale_for(self.head_dim)
@@ -151,7 +153,17 @@ class MultiheadDilatedAttention(nn.Module):
         ]
         return self._output(torch.stack(steps, dim=1))
 
+    def _check_one_device(self) -> None:
+        if self.attention.communicator.distributed:
+            # each rank would cache its own shard and decode against it: wrong tokens, silently
+            raise ValueError(
+                "a KV cache (incremental decoding) runs on one device, not with "
+                f"communicator={self.attention.strategy.communicator!r}: decode with a "
+                "communicator='local' layer holding the same weights (load_state_dict)"
+            )
+
     def new_cache(self, batch: int, capacity: int, dtype=None, device=None) -> KVCache:
+        self._check_one_device()
         weight = self.k_proj.weight
         return KVCache.empty(
             batch,

@@ -30,6 +30,9 @@ class KVCache:
 
     @classmethod
     def empty(cls, b: int, capacity: int, h_kv: int, d: int, dtype, device) -> KVCache:
+        for name, size in (("batch", b), ("capacity", capacity)):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {size!r}")
         shape = (b, capacity, h_kv, d)
         return cls(
             torch.zeros(shape, dtype=dtype, device=device),

@@ -8,12 +8,21 @@ from torch import Tensor
 
 def rotary(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
     """Rotate pairs of channels of ``x: [b, n, h, d]`` (d even) by angles ``positions[n] · θ_i``."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be [b, n, h, d], got shape {tuple(x.shape)}")
     d = x.shape[-1]
     if d % 2:
         raise ValueError(f"rotary embeddings need an even head dim, got d={d}")
-    inv_freq = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [n, d/2]
-    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
-    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+    if positions.shape != (x.shape[1],):
+        raise ValueError(
+            f"positions must be [n] = [{x.shape[1]}] (one per row of x), got "
+            f"{tuple(positions.shape)}"
+        )
+    # angles in float64: at a million positions a float32 angle is off by ~0.03 rad
+    inv_freq = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float64) / d)
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # [n, d/2]
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cos, sin = (f(angles).to(work)[None, :, None, :] for f in (torch.cos, torch.sin))
+    x1, x2 = x.to(work)[..., 0::2], x.to(work)[..., 1::2]
     rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
     return rotated.to(x.dtype)
