@@ -10,7 +10,9 @@ wrappers would break the graph.
 
 from __future__ import annotations
 
+import itertools
 import types
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -228,6 +230,15 @@ class DilatedAttention(nn.Module):
             else run_core
         )
         self._specs: dict[tuple, CoreSpec] = {}
+        self._register()
+
+    def _register(self) -> None:
+        self._number = next(_NUMBERS)
+        _LIVE[self._number] = self
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._register()  # a copy is a module of its own
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the caches behind: they hold what belongs to this process
@@ -247,9 +258,17 @@ class DilatedAttention(nn.Module):
             f"compile={self.compile}"
         )
 
-    def _spec(self, q: Tensor, compiling: bool) -> CoreSpec:
+    def _spec(self, q: Tensor, compiling: bool, tracing: bool | None = None) -> CoreSpec:
         _b, n, h, d = q.shape
-        tracing = torch.compiler.is_compiling()
+        tracing = torch.compiler.is_compiling() if tracing is None else tracing
+        opaque = not isinstance(self.computer, LayoutComputer)  # block computers: core.py
+        if tracing and opaque and not self.communicator.distributed:
+            # Traced by a user's torch.compile (a whole model), maybe before any eager call: the
+            # spec of the module's eager side is made (for real, at trace time) and registered,
+            # so the graph captures the core as the opaque ops, as after an eager call. Traced
+            # inline instead, it ran at 0.6x, +50% memory, and compiled for minutes on CPU.
+            serial = _registered_serial(self._number, n, h, d)
+            return self._new_spec(n, h, d, tracing, serial)
         key = (n, h, d, compiling)
         spec = self._specs.get(key)
         if spec is None and self.communicator.distributed and tracing:
@@ -260,32 +279,37 @@ class DilatedAttention(nn.Module):
                 "registers the core as the opaque ops the graph captures"
             )
         if spec is None:
-            c = self.config
-            configs, spans = c.configs, (1,) * len(c.configs)
-            if self.communicator.distributed:
-                # n is this rank's shard; a segment spanning shards is one local chunk of n rows
-                spans = distributed.spans_for(
-                    c.configs, n, self.communicator.world_size, self.communicator.layout
-                )
-                configs = tuple((w, r) if s == 1 else (n, r) for (w, r), s in zip(c.configs, spans))
-            spec = CoreSpec(
-                spans=spans,
-                plan=make_plan(n, h, configs, c.mixing),
-                causal=c.causal,
-                scale=c.scale_for(d),
-                dilation=self.dilation,
-                computer=self.computer,
-                communicator=self.communicator,
-                # traced (the module's compiled frame, or inline in a compiled model): Inductor
-                # plans temporaries; otherwise, the opaque ops included, the core runs as in
-                # eager mode and keeps the module's manager (its cached patterns: a manager
-                # that rebuilds them in every call cost a compile=True module 15% at 131K)
-                memory=_NO_REUSE if self.compiled_frame or tracing else self.memory,
-            )
+            spec = self._new_spec(n, h, d, tracing)
             if len(self._specs) >= RECOMPILE_LIMIT:  # one spec per graph at most; bounded
                 self._specs.pop(next(iter(self._specs)))
             self._specs[key] = spec
         return spec
+
+    def _new_spec(self, n: int, h: int, d: int, tracing: bool, serial: int = -1) -> CoreSpec:
+        c = self.config
+        configs, spans = c.configs, (1,) * len(c.configs)
+        if self.communicator.distributed:
+            # n is this rank's shard; a segment spanning shards is one local chunk of n rows
+            spans = distributed.spans_for(
+                c.configs, n, self.communicator.world_size, self.communicator.layout
+            )
+            configs = tuple((w, r) if s == 1 else (n, r) for (w, r), s in zip(c.configs, spans))
+        spec = CoreSpec(
+            spans=spans,
+            plan=make_plan(n, h, configs, c.mixing),
+            causal=c.causal,
+            scale=c.scale_for(d),
+            dilation=self.dilation,
+            computer=self.computer,
+            communicator=self.communicator,
+            # traced (the module's compiled frame, or inline in a compiled model): Inductor
+            # plans temporaries; otherwise, the opaque ops included, the core runs as in
+            # eager mode and keeps the module's manager (its cached patterns: a manager
+            # that rebuilds them in every call cost a compile=True module 15% at 131K)
+            memory=_NO_REUSE if self.compiled_frame or tracing else self.memory,
+            serial=serial,
+        )
+        return spec if tracing else spec.registered()
 
     # Sequence-parallel calls: every rank must make the same call, else all raise. Checked on
     # every call (one all-reduce of the call's digest on a CPU gloo group: ~130-200 µs of host
@@ -378,6 +402,21 @@ class DilatedAttention(nn.Module):
             with _COMPILE_LIMIT:
                 return self._core(spec, q, k, v, indices, aux)
         return self._core(spec, q, k, v, indices, aux)
+
+
+# every module by a number given at construction (eager), so that a trace can reach its eager side
+_LIVE: weakref.WeakValueDictionary[int, DilatedAttention] = weakref.WeakValueDictionary()
+_NUMBERS = itertools.count()
+
+
+@torch._dynamo.assume_constant_result
+def _registered_serial(module_number: int, n: int, h: int, d: int) -> int:
+    """Called by a trace, run for real (Dynamo keeps the result as a constant): the serial of the
+    module's eager spec for ``(n, h, d)``, made and registered as a first eager call makes it."""
+    module = _LIVE[module_number]
+    q_shape = torch.empty(1, 1, 1, 1).expand(1, n, h, d)  # only its shape is read
+    # (is_compiling() holds here too, during the trace: this call is the eager side by decree)
+    return module._spec(q_shape, compiling=True, tracing=False).serial
 
 
 _MODULES: OrderedDict[tuple, DilatedAttention] = OrderedDict()

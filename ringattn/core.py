@@ -66,13 +66,14 @@ class CoreSpec:
     # eager only: the placed blocks' prepared launches per tensor layouts (ringattn.launches)
     launches: dict = field(default_factory=dict, compare=False, repr=False)
 
-    def __post_init__(self) -> None:
-        if torch.compiler.is_compiling():
-            return
+    def registered(self) -> CoreSpec:
+        """This spec with its serial, by which the opaque ops find it (eager code only: called
+        by the module for a spec of its eager side, also from inside a trace)."""
         # Equal specs (identical layers) share a serial, so they share one compiled graph.
         serial = _SERIAL_OF.setdefault(_signature(self), len(_SERIAL_OF))
         object.__setattr__(self, "serial", serial)
         _SPECS.setdefault(serial, weakref.WeakSet()).add(self)
+        return self
 
 
 def _signature(spec: CoreSpec) -> tuple:
@@ -772,8 +773,8 @@ class DilatedAttentionFunction(torch.autograd.Function):
 # memory, minutes of compile time for 31 blocks). So under torch.compile the core is one opaque
 # op for the forward and one for the backward: the graph around it still compiles as one graph
 # (fullgraph=True holds, no breaks), and the core inside runs exactly as in eager mode. A module
-# whose first call happens inside an enclosing torch.compile (a whole compiled model) has no
-# registered spec yet and is traced inline instead.
+# whose first call happens inside an enclosing torch.compile (a whole compiled model) registers
+# its spec from the trace (api._registered_serial).
 
 
 @torch.library.custom_op("ringattn::dilated_forward", mutates_args=())
@@ -844,7 +845,7 @@ def run_core(
             )
     if torch.compiler.is_compiling() and spec.serial >= 0:
         return dilated_forward_op(q, k, v, list(indices), spec.serial)[0]
-    # (a spec first made inside an enclosing torch.compile is traced inline, as eager code)
+    # (a spec without a serial, made inside a trace, is traced inline, as eager code)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return DilatedAttentionFunction.apply(spec, q, k, v, *indices)
     return dilated_forward(spec, q, k, v, indices, keep_lse=False)[0]
