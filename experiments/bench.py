@@ -219,8 +219,9 @@ def time_and_memory(
 # --- the variants ---------------------------------------------------------------------------------
 
 
-def in_model(make: Callable) -> Callable:
-    """``make`` wrapped so its module runs inside ``torch.compile(fullgraph=True)``."""
+def in_model(make: Callable, eager_first: bool = True) -> Callable:
+    """``make`` wrapped so its module runs inside ``torch.compile(fullgraph=True)``; with
+    ``eager_first``, after one eager call per shape (else the trace registers the core's ops)."""
 
     def make_in_model(mixing, causal):
         module = make(mixing, causal)
@@ -228,7 +229,7 @@ def in_model(make: Callable) -> Callable:
         registered = set()
 
         def fn(q, k, v):
-            if q.shape not in registered:  # one eager call first registers the core's ops
+            if eager_first and q.shape not in registered:
                 with torch.no_grad():
                     module(q, k, v)
                 registered.add(q.shape)
@@ -284,6 +285,9 @@ def variants(args) -> list[tuple[str, Callable[[], Callable]]]:
                 out.append(
                     (f"{strategy.dilation}/{strategy.computer} (in torch.compile)", in_model(make))
                 )
+                if args.traced_first:  # a model compiled before any eager call
+                    name = f"{strategy.dilation}/{strategy.computer} (traced first)"
+                    out.append((name, in_model(make, eager_first=False)))
             if strategy.computer == "sdpa" and not compiled and args.flash_row:
                 # A/B: the same strategy on FlashAttention-2 instead of cuDNN
                 out.append((name + " [flash]", with_computer(make, cuda_backend="flash")))
@@ -544,6 +548,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         dest="in_model",
         action="store_false",
         help="skip the rows that run the compiled module inside a torch.compile frame",
+    )
+    p.add_argument(
+        "--traced-first",
+        action="store_true",
+        help="also the module compiled before any eager call (its trace registers the core's ops)",
     )
     p.add_argument("--dense-max-n", type=int, default=131072)
     p.add_argument(

@@ -17,6 +17,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh group_bwd # ~8 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh verify   # ~6 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh boundary # ~5 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh traced_first # ~6 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh zeros    # ~8 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh causal_group # ~7 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh persistent # ~8 min
@@ -69,7 +70,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks|boundary|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh record|long|checks|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -94,6 +95,14 @@ boundary)
     "${bench[@]}" --n 32768 131072 --repeats 10 --warmup 3 --out "$out/bench" >"$out/bench.log" 2>&1
     summary="$(grep -h "Correctness" "$out/flex_gpu_check/flex_gpu_check.md")
 $(grep -h "segment_local/sdpa |" "$out/bench.log")"
+    ;;
+traced_first)
+    # a module compiled before any eager call (its trace registers the core's ops; before, the
+    # core was traced inline) against eager, compiled and compiled after one eager call
+    python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row \
+        --traced-first --n 32768 131072 --repeats 5 --warmup 2 --out "$out/bench" \
+        >"$out/bench.log" 2>&1
+    summary=$(grep -h "segment_local/sdpa" "$out/bench.log" | grep -v "^row" | cut -d'|' -f2-12)
     ;;
 record)
     "${bench[@]}" --n 32768 131072 --repeats 10 --warmup 3 --out "$out/bench" >"$out/bench.log" 2>&1
