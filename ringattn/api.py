@@ -10,9 +10,7 @@ wrappers would break the graph.
 
 from __future__ import annotations
 
-import itertools
 import types
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,7 +23,7 @@ from torch import Tensor, nn
 from ringattn import distributed, registry
 from ringattn.computers.base import LayoutComputer
 from ringattn.config import DilatedConfig
-from ringattn.core import CoreSpec, run_core
+from ringattn.core import CoreSpec, register_module, run_core
 from ringattn.memory.none import NoReuse
 from ringattn.pattern import make_plan
 from ringattn.strategy import Strategy
@@ -233,8 +231,7 @@ class DilatedAttention(nn.Module):
         self._register()
 
     def _register(self) -> None:
-        self._number = next(_NUMBERS)
-        _LIVE[self._number] = self
+        self._number = register_module(self)  # by which the opaque ops find it (core._spec)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -242,8 +239,8 @@ class DilatedAttention(nn.Module):
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the caches behind: they hold what belongs to this process
-        (the compiled core's serials, prepared kernel launches as closures, the ranks' agreed
-        digests); the copy rebuilds them on its first call. A kept spec's serial named another
+        (specs naming this module's number, prepared kernel launches as closures, the ranks'
+        agreed digests); the copy rebuilds them on its first call. A kept spec named another
         module's core in a new process: its compiled calls ran that module's configs."""
         state = self.__dict__.copy()
         state["_specs"], state["_valid_inputs"], state["_checked"] = {}, {}, {}
@@ -261,14 +258,10 @@ class DilatedAttention(nn.Module):
     def _spec(self, q: Tensor, compiling: bool, tracing: bool | None = None) -> CoreSpec:
         _b, n, h, d = q.shape
         tracing = torch.compiler.is_compiling() if tracing is None else tracing
-        opaque = not isinstance(self.computer, LayoutComputer)  # block computers: core.py
-        if tracing and opaque and not self.communicator.distributed:
-            # Traced by a user's torch.compile (a whole model), maybe before any eager call: the
-            # spec of the module's eager side is made (for real, at trace time) and registered,
-            # so the graph captures the core as the opaque ops, as after an eager call. Traced
-            # inline instead, it ran at 0.6x, +50% memory, and compiled for minutes on CPU.
-            serial = _registered_serial(self._number, n, h, d)
-            return self._new_spec(n, h, d, tracing, serial)
+        if tracing and not self.communicator.distributed:
+            # a spec for the trace alone: the opaque ops ask the module's eager side for theirs
+            # (core._spec), and a dict stored from the trace would hold this one instead
+            return self._new_spec(n, h, d, tracing)
         key = (n, h, d, compiling)
         spec = self._specs.get(key)
         if spec is None and self.communicator.distributed and tracing:
@@ -285,7 +278,7 @@ class DilatedAttention(nn.Module):
             self._specs[key] = spec
         return spec
 
-    def _new_spec(self, n: int, h: int, d: int, tracing: bool, serial: int = -1) -> CoreSpec:
+    def _new_spec(self, n: int, h: int, d: int, tracing: bool) -> CoreSpec:
         c = self.config
         configs, spans = c.configs, (1,) * len(c.configs)
         if self.communicator.distributed:
@@ -294,7 +287,7 @@ class DilatedAttention(nn.Module):
                 c.configs, n, self.communicator.world_size, self.communicator.layout
             )
             configs = tuple((w, r) if s == 1 else (n, r) for (w, r), s in zip(c.configs, spans))
-        spec = CoreSpec(
+        return CoreSpec(
             spans=spans,
             plan=make_plan(n, h, configs, c.mixing),
             causal=c.causal,
@@ -307,9 +300,12 @@ class DilatedAttention(nn.Module):
             # eager mode and keeps the module's manager (its cached patterns: a manager
             # that rebuilds them in every call cost a compile=True module 15% at 131K)
             memory=_NO_REUSE if self.compiled_frame or tracing else self.memory,
-            serial=serial,
+            module=self._number,
         )
-        return spec if tracing else spec.registered()
+
+    def eager_spec(self, q: Tensor) -> CoreSpec:
+        """The spec of an eager call with ``q``'s shape (what the opaque ops run, core._spec)."""
+        return self._spec(q, compiling=True, tracing=False)
 
     # Sequence-parallel calls: every rank must make the same call, else all raise. Checked on
     # every call (one all-reduce of the call's digest on a CPU gloo group: ~130-200 µs of host
@@ -402,21 +398,6 @@ class DilatedAttention(nn.Module):
             with _COMPILE_LIMIT:
                 return self._core(spec, q, k, v, indices, aux)
         return self._core(spec, q, k, v, indices, aux)
-
-
-# every module by a number given at construction (eager), so that a trace can reach its eager side
-_LIVE: weakref.WeakValueDictionary[int, DilatedAttention] = weakref.WeakValueDictionary()
-_NUMBERS = itertools.count()
-
-
-@torch._dynamo.assume_constant_result
-def _registered_serial(module_number: int, n: int, h: int, d: int) -> int:
-    """Called by a trace, run for real (Dynamo keeps the result as a constant): the serial of the
-    module's eager spec for ``(n, h, d)``, made and registered as a first eager call makes it."""
-    module = _LIVE[module_number]
-    q_shape = torch.empty(1, 1, 1, 1).expand(1, n, h, d)  # only its shape is read
-    # (is_compiling() holds here too, during the trace: this call is the eager side by decree)
-    return module._spec(q_shape, compiling=True, tracing=False).serial
 
 
 _MODULES: OrderedDict[tuple, DilatedAttention] = OrderedDict()

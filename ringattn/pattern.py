@@ -288,8 +288,12 @@ _MAX_PLANS = 256
 
 
 def make_plan(n: int, h: int, configs: tuple[tuple[int, int], ...], mixing: str) -> Plan:
-    """The plan for one shape, memoised (a plain dict, which Dynamo can trace through)."""
+    """The plan for one shape, memoised (a plain dict, which Dynamo can trace through). A trace
+    builds its own: its guard on the dict's contents failed once the opaque ops' eager side
+    added the plan at run time (one recompile of every model compiled before an eager call)."""
     key = (n, h, configs, mixing, BLOCK_SPLIT)
+    if torch.compiler.is_compiling():
+        return _build_plan(n, h, configs, mixing, BLOCK_SPLIT)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= _MAX_PLANS:  # bounded: drop the oldest

@@ -153,12 +153,30 @@ def test_outer_compile_of_the_whole_module_is_one_graph(dilation, computer, mixi
     grad_out = torch.randn(q.shape)
     counters.clear()
     out, grads = run_and_grad(compiled, q, k, v, grad_out)
+    run_and_grad(compiled, q, k, v, grad_out)  # no recompile once the ops' eager side ran
     assert counters["stats"]["unique_graphs"] == 1
     assert "ringattn.dilated_forward.default" in targets, sorted(targets)[:20]
     ref, ref_grads = oracle(p, q, k, v, grad_out)
     assert rel_err(out, ref) <= 1e-5
     for g, g_ref in zip(grads, ref_grads):
         assert rel_err(g, g_ref) <= 1e-4
+
+
+def test_outer_compile_of_new_lengths_keeps_the_oracle():
+    """A user's torch.compile (fullgraph, automatic dynamic shapes) called with a second and a
+    third sequence length: each is specialised by the plan (one graph each), still the opaque
+    ops, still the oracle's values. The sizes made dynamic broke a first version of the ops'
+    registration from the trace."""
+    torch._dynamo.reset()
+    p = dict(PROBLEM)
+    module = ringattn.DilatedAttention(**options(p))
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    counters.clear()
+    for n in (20, 33, 48):
+        q, k, v = make_qkv({**p, "n": n}, torch.float32)
+        ref, _ = oracle({**p, "n": n}, q, k, v, torch.zeros(q.shape))
+        assert rel_err(compiled(q, k, v), ref) <= 1e-5
+    assert counters["stats"]["unique_graphs"] == 3
 
 
 def _bad_calls(q: torch.Tensor) -> list[tuple[str, tuple]]:
