@@ -116,6 +116,8 @@ def _layer(causal: bool) -> MultiheadDilatedAttention:
         (True, lambda layer: layer(torch.randn(8, 16)), TypeError, r"\[b, n, embed_dim\]"),
         (True, lambda layer: layer(torch.randn(1, 8, 16).long()), TypeError, "floating"),
         (True, lambda layer: layer(torch.randn(0, 8, 16)), ValueError, "b >= 1"),
+        # before: F.linear's "mat1 and mat2 must have the same dtype"
+        (True, lambda layer: layer(torch.randn(1, 8, 16).double()), TypeError, "x.dtype must"),
         (
             False,
             lambda layer: layer(torch.randn(1, 4, 16), layer.new_cache(1, 8)),

@@ -117,6 +117,12 @@ class MultiheadDilatedAttention(nn.Module):
             raise ValueError(
                 f"x must be [b >= 1, n >= 1, embed_dim={self.embed_dim}], got {tuple(x.shape)}"
             )
+        weight = self.q_proj.weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"x.dtype must equal the layer's parameters' ({weight.dtype}) outside "
+                f"torch.autocast, got {x.dtype}"
+            )
         if cache is None:
             return
         if not isinstance(cache, KVCache):
