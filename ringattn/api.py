@@ -255,14 +255,16 @@ class DilatedAttention(nn.Module):
             f"compile={self.compile}"
         )
 
-    def _spec(self, q: Tensor, compiling: bool, tracing: bool | None = None) -> CoreSpec:
+    def _spec(self, q: Tensor) -> CoreSpec:
         _b, n, h, d = q.shape
-        tracing = torch.compiler.is_compiling() if tracing is None else tracing
+        tracing = torch.compiler.is_compiling()
         if tracing and not self.communicator.distributed:
             # a spec for the trace alone: the opaque ops ask the module's eager side for theirs
             # (core._spec), and a dict stored from the trace would hold this one instead
             return self._new_spec(n, h, d, tracing)
-        key = (n, h, d, compiling)
+        # (the shape alone: an eager spec depends on nothing else of the call, and a key with
+        # the compile flag hid a compile=False module's eager spec from a trace)
+        key = (n, h, d)
         spec = self._specs.get(key)
         if spec is None and self.communicator.distributed and tracing:
             # traced inline, the core's P2P/collective calls would break the graph
@@ -305,7 +307,7 @@ class DilatedAttention(nn.Module):
 
     def eager_spec(self, q: Tensor) -> CoreSpec:
         """The spec of an eager call with ``q``'s shape (what the opaque ops run, core._spec)."""
-        return self._spec(q, compiling=True, tracing=False)
+        return self._spec(q)
 
     # Sequence-parallel calls: every rank must make the same call, else all raise. Checked on
     # every call (one all-reduce of the call's digest on a CPU gloo group: ~130-200 µs of host
@@ -380,7 +382,7 @@ class DilatedAttention(nn.Module):
             # as F.scaled_dot_product_attention does: float32 inputs run in autocast's dtype
             # (the core itself runs with autocast off, in its inputs' dtype: core.input_precision)
             q, k, v = (x.to(torch.get_autocast_dtype(q.device.type)) for x in (q, k, v))
-        spec = self._spec(q, compiling=self.compile or tracing)
+        spec = self._spec(q)
         memory = _NO_REUSE if tracing else self.memory
         indices = self.dilation.indices(spec.plan, q.device, memory)
         aux = (

@@ -50,8 +50,8 @@ def expand_kv_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
             raise TypeError(f"{name} must be a floating [b, n, h, d] tensor, got {got}")
         if min(x.shape) < 1:
             raise ValueError(f"{name} must have no empty dim, got shape {tuple(x.shape)}")
+    b, n, _, d = q.shape
     for name, x in (("k", k), ("v", v)):
-        b, n, _, d = q.shape
         if (x.shape[0], x.shape[1], x.shape[3]) != (b, n, d):
             raise ValueError(
                 f"{name} must be [b, n, h_kv, d] = [{b}, {n}, h_kv, {d}] like q, got "

@@ -408,6 +408,10 @@ def test_a_compiled_model_captures_sequence_parallel_attention(pool, communicato
     assert all(pool.run("compiled_model_matches_eager", communicator, layout))
 
 
+def test_a_compiled_model_captures_an_uncompiled_sequence_parallel_module(pool):
+    assert all(pool.run("compiled_model_matches_eager", "ring", "contiguous", False))
+
+
 def test_a_compiled_model_asks_for_one_eager_call_first(pool):
     messages = pool.run("compiled_model_needs_an_eager_call_first", "ring")
     assert all("must run once eagerly" in m for m in messages), messages

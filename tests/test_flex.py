@@ -120,12 +120,12 @@ def test_block_masks_are_built_once_and_cached():
             module(q, k, v)
             misses = module.memory.stats()["pattern_misses"]
             first = module.computer.prepare(
-                module._spec(q, False).plan, True, dilation, q.device, module.memory
+                module._spec(q).plan, True, dilation, q.device, module.memory
             )
             module(q, k, v)
         assert module.memory.stats()["pattern_misses"] == misses
         again = module.computer.prepare(
-            module._spec(q, False).plan, True, dilation, q.device, module.memory
+            module._spec(q).plan, True, dilation, q.device, module.memory
         )
         flat = [x for item in first for x in (item if isinstance(item, tuple) else (item,))]
         flat_again = [x for item in again for x in (item if isinstance(item, tuple) else (item,))]

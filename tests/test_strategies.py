@@ -208,7 +208,7 @@ def test_head_groups_backward_never_reads_unselected_lse_rows():
         if "DilatedAttentionFunction" not in type(out.grad_fn).__name__:
             continue  # (a layout computer: autograd runs through its own graph, no saved LSE)
         lse = out.grad_fn.saved_tensors[4]
-        rates, offsets = module._spec(q, False).plan.selection
+        rates, offsets = module._spec(q).plan.selection
         rows = torch.arange(p["n"])[:, None]
         unselected = rows % torch.tensor(rates) != torch.tensor(offsets)
         assert unselected.any()
