@@ -4,7 +4,8 @@ Readable first, fast second. Two independent formulations:
 
 * :func:`dilated_attention`: loop over configs, heads and segments; pick the selected rows by the
   definition's predicate, attend, record ``O_i`` and ``LSE_i``; merge by LSE ("lse") or take each
-  head's own config ("head_groups").
+  head's own config ("head_groups"). :func:`dilated_attention_and_lse` also returns the merged
+  LSE.
 * :func:`dilated_attention_by_multiplicity`: one dense softmax per head with score bias
   ``log m(p, p')``, ``m`` = how many configs let ``p`` see ``p'``. Equal to the first by algebra,
   shares no code with it beyond :func:`head_offset`.
@@ -94,6 +95,34 @@ def dilated_attention(
     ``hd`` reads key/value head ``hd // (h / h_kv)``. Offsets and head groups are those of the
     *query* head (see :func:`expand_kv_heads`).
     """
+    return dilated_attention_and_lse(
+        q,
+        k,
+        v,
+        segment_lengths=segment_lengths,
+        dilation_rates=dilation_rates,
+        causal=causal,
+        mixing=mixing,
+        scale=scale,
+    )[0]
+
+
+def dilated_attention_and_lse(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    causal: bool = False,
+    mixing: str = "lse",
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`dilated_attention` and the merged LSE ``[b, n, h]`` (float64): the log of each
+    row's softmax denominator over every key its configs let it see, ``-inf`` for rows no config
+    selects. It is the statistic the merged-stats backward reads (``dS = P * (dP - D)`` with
+    ``P = exp(S - LSE)``), so tests can model what that backward makes of an output's rounding.
+    """
     cfg = _options(segment_lengths, dilation_rates, causal, mixing, scale)
     k, v = expand_kv_heads(q, k, v)
     q, k, v = (x.to(torch.float64) for x in (q, k, v))
@@ -131,7 +160,7 @@ def dilated_attention(
     weights = torch.where(selected, torch.exp(lse_stack - torch.where(selected, lse_all, 0.0)), 0.0)
     # "head_groups": each head has exactly one finite LSE_i, so its weight is 1 and this merge
     # returns that config's output unchanged.
-    return (weights.unsqueeze(-1) * torch.stack(outs)).sum(0)
+    return (weights.unsqueeze(-1) * torch.stack(outs)).sum(0), lse_all
 
 
 def selection(

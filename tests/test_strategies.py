@@ -32,12 +32,44 @@ def naive_gradient_error(p: dict, q, k, v, grad_out, ref_grads) -> float:
     Attention gradients can be ill-conditioned (e.g. dK cancels when a query's probabilities are
     near 0/1): then even PyTorch's own fp32 attention misses the float64 gradient by more than
     1e-5. Following FlashAttention's tests, a gradient passes if its error is within the dtype's
-    bound *or* within 4x this baseline's error on the same inputs.
+    bound *or* within 4x this baseline's error on the same inputs, plus the share that the
+    strategy's own output rounding propagates into it (:func:`propagated_output_errors`).
     """
     inputs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
     out = reference.dilated_attention_by_multiplicity(*inputs, **options(p), dtype=q.dtype)
     grads = torch.autograd.grad(out, inputs, grad_out.to(q.dtype))
     return max(rel_err(g, g_ref, grad_floor(grad_out)) for g, g_ref in zip(grads, ref_grads))
+
+
+def propagated_output_errors(out, ref, lse_ref, ref_inputs, ref_grads, grad_out, floor: float):
+    """Gradient errors (dq, dk, dv) that a merged-stats backward makes, by design, from the
+    output it is given.
+
+    Such a backward (FlashAttention's, cuDNN's, FA4's, and this library's for every block
+    computer) forms ``dS = P * (dP - D)`` with ``D = rowsum(dO * O)`` read from the forward's
+    *rounded* output ``O``. Where a row's softmax is sharp, ``dP ≈ D`` cancels and dQ / dK carry
+    ``O``'s rounding amplified (bf16, ``scale=1.7``, d=8: dK 0.034 off from an output 0.0011
+    off; the naive baseline, autograd through a softmax, forms no ``D``). In exact arithmetic
+    that backward's gradients from ``out`` are the oracle's plus those of
+    ``sum((D_ref - D_out) * LSE)`` (as ``dLSE_i / dS_ij = P_ij``); this returns their sizes
+    relative to the oracle's gradients. By the triangle inequality a strategy's gradient error
+    is at most this plus its backward's own error on the inputs it was given.
+    """
+    shifts = gradient_shifts(out, ref, lse_ref, ref_inputs, grad_out)
+    return [
+        float(shift.norm()) / max(float(g.norm()), floor)
+        for shift, g in zip(shifts, ref_grads, strict=True)
+    ]
+
+
+def gradient_shifts(out, ref, lse_ref, ref_inputs, grad_out) -> list[torch.Tensor]:
+    """The gradients of ``sum((D_ref - D_out) * LSE)`` (see :func:`propagated_output_errors`)."""
+    d_shift = (grad_out * (ref.detach() - out.detach().double())).sum(-1)
+    lse = torch.where(torch.isfinite(lse_ref), lse_ref, 0.0)  # (unselected rows: no gradient)
+    shifts = torch.autograd.grad(
+        (d_shift * lse).sum(), ref_inputs, retain_graph=True, allow_unused=True
+    )
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(shifts, ref_inputs)]
 
 
 def grad_floor(grad_out: torch.Tensor) -> float:
@@ -50,10 +82,10 @@ def grad_floor(grad_out: torch.Tensor) -> float:
 def check_against_oracle(p: dict, dtype: torch.dtype, strategies=None) -> None:
     q, k, v = make_qkv(p, dtype)
     ref_inputs = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    ref = reference.dilated_attention(*ref_inputs, **options(p))
+    ref, lse_ref = reference.dilated_attention_and_lse(*ref_inputs, **options(p))
     gen = torch.Generator().manual_seed(1)
     grad_out = torch.randn(ref.shape, generator=gen, dtype=torch.float64).to(dtype).double()
-    ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out)
+    ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out, retain_graph=True)
     tol = TOLERANCE[dtype]
     grad_tol = max(tol, 4 * naive_gradient_error(p, q, k, v, grad_out, ref_grads))
     for strategy in strategies or local_strategies():
@@ -72,11 +104,15 @@ def check_against_oracle(p: dict, dtype: torch.dtype, strategies=None) -> None:
         if not with_grad:  # e.g. flex on CPU: forward only, its error is tested in test_flex.py
             continue
         grads = torch.autograd.grad(out, inputs, grad_out.to(dtype))
-        for name, g, g_ref in zip("qkv", grads, ref_grads):
-            err = rel_err(g, g_ref, grad_floor(grad_out))
-            assert err <= grad_tol, (
-                f"{strategy.label} {dtype}: d{name} rel err {err:.3g} > {grad_tol}"
-            )
+        floor = grad_floor(grad_out)
+        # the backward's own error within grad_tol, plus what its input's rounding propagates
+        propagated = propagated_output_errors(
+            out, ref, lse_ref, ref_inputs, ref_grads, grad_out, floor
+        )
+        for name, g, g_ref, shift in zip("qkv", grads, ref_grads, propagated, strict=True):
+            err = rel_err(g, g_ref, floor)
+            bound = grad_tol + shift
+            assert err <= bound, f"{strategy.label} {dtype}: d{name} rel err {err:.3g} > {bound}"
 
 
 def test_every_local_combination_is_enumerated():
@@ -442,3 +478,30 @@ def test_autocast_runs_every_strategy_in_its_dtype(strategy, small_problem):
     assert torch.equal(out, cast)
     ref = reference.dilated_attention(q, k, v, **options(p))
     assert rel_err(out, ref) < TOLERANCE[torch.bfloat16]
+
+
+def test_the_output_rounding_model_explains_a_sharp_softmaxs_gradient_error():
+    """Pins :func:`propagated_output_errors` on a case found by hypothesis: bf16, ``scale=1.7``.
+    Against the oracle, the block kernels' dK misses by more than 4x the naive baseline's error
+    (the bound before the model); against the oracle shifted by what their own output's rounding
+    propagates, both computers are within 0.01 (a bf16 rounding is 0.004; their backwards are
+    exact given their inputs), so the model accounts for that excess."""
+    p = {"b": 1, "n": 16, "h": 2, "d": 8, "segment_lengths": (12, 16), "dilation_rates": (4, 4)}
+    p |= {"causal": True, "mixing": "lse", "scale": 1.7}
+    q, k, v = make_qkv(p, torch.bfloat16)
+    ref_inputs = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref, lse_ref = reference.dilated_attention_and_lse(*ref_inputs, **options(p))
+    gen = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(ref.shape, generator=gen, dtype=torch.float64).to(q.dtype).double()
+    ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out, retain_graph=True)
+    naive = naive_gradient_error(p, q, k, v, grad_out, ref_grads)
+    floor = grad_floor(grad_out)
+    for computer in ("sdpa", "math"):
+        inputs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        strategy = ringattn.Strategy(computer=computer)
+        out = ringattn.dilated_attention(*inputs, **options(p), strategy=strategy, compile=False)
+        dk = torch.autograd.grad(out, inputs, grad_out.to(q.dtype))[1]
+        dk_shift = gradient_shifts(out, ref, lse_ref, ref_inputs, grad_out)[1]
+        if computer == "sdpa":
+            assert rel_err(dk, ref_grads[1], floor) > 4 * naive
+        assert rel_err(dk, ref_grads[1] + dk_shift, floor) < 0.01, computer
