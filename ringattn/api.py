@@ -218,20 +218,18 @@ class DilatedAttention(nn.Module):
                 f"compiled frame (compile_mode={compile_mode!r}): its P2P/collective calls are "
                 "not captured by torch.compile; use compile_mode='default' or compile=False"
             )
-        self._core = (
-            compiled_core(
-                (self.config, self.strategy, compile_backend, compile_mode),
-                compile_backend,
-                compile_mode,
-            )
-            if self.compiled_frame
-            else run_core
-        )
+        self._compile_options = (compile_backend, compile_mode)
         self._specs: dict[tuple, CoreSpec] = {}
         self._register()
 
     def _register(self) -> None:
         self._number = register_module(self)  # by which the opaque ops find it (core._spec)
+        backend, mode = self._compile_options
+        self._core = (
+            compiled_core((self.config, self.strategy, backend, mode), backend, mode)
+            if self.compiled_frame
+            else run_core
+        )
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -240,10 +238,12 @@ class DilatedAttention(nn.Module):
     def __getstate__(self) -> dict:
         """Copies and pickles leave the caches behind: they hold what belongs to this process
         (specs naming this module's number, prepared kernel launches as closures, the ranks'
-        agreed digests); the copy rebuilds them on its first call. A kept spec named another
-        module's core in a new process: its compiled calls ran that module's configs."""
+        agreed digests, the compiled core: a function pickle cannot name); the copy rebuilds
+        them on its first call, its memory manager empty. A kept spec named another module's
+        core in a new process: its compiled calls ran that module's configs."""
         state = self.__dict__.copy()
         state["_specs"], state["_valid_inputs"], state["_checked"] = {}, {}, {}
+        del state["_core"]
         return state
 
     def extra_repr(self) -> str:

@@ -535,8 +535,10 @@ def grouped_backward_launch(
     examples = [tuple(views(tensors, geometry)) for geometry in geometries]
     device = examples[0][1].device
 
+    memory = spec.memory  # (not the spec: it keeps this launch)
+
     def scratch(tag: str, shape: tuple[int, ...]) -> Tensor:
-        return spec.memory.scratch(tag, shape, torch.float32, device)
+        return memory.scratch(tag, shape, torch.float32, device)
 
     # (the three gradients' rows share one layout: their shifts are dq's)
     same = all(x[6].stride() == x[7].stride() == x[8].stride() for x in examples)
@@ -663,31 +665,36 @@ def unzeroed_selection(plan: Plan, zeroed: Container[int]) -> tuple | None:
     return tuple(rates), tuple(offsets)
 
 
+def _launch_fields(spec: CoreSpec) -> tuple[Any, Any, bool, float]:
+    """What a prepared launch keeps of its spec: the spec keeps its launches, and a launch that
+    kept the spec made a cycle that held the module's pooled buffers after ``del`` until
+    Python's garbage collector ran."""
+    return spec.computer, spec.communicator, spec.causal, spec.scale
+
+
 def merging_launch(
     spec: CoreSpec, span: int, q: Tensor, k: Tensor, v: Tensor, out_rows: Tensor, lse_rows: Tensor
 ) -> Callable[..., None]:
     """A prepared launch (``ringattn.launches``) of a merged block part, for views of the
     layouts of these example views: its kernel (``span == 1``, the part stays on this device) or
     its communicator's exchange with the ``span`` ranks of its segment, merged into its rows."""
+    computer, communicator, causal, scale = _launch_fields(spec)
     if span == 1:
         # one kernel for both where the computer has it (FA4: the merge in its epilogue)
         out_flat, lse_flat = flat_view(out_rows), flat_view(lse_rows)
         fused = None
         if out_flat is not None and lse_flat is not None:
-            fused = spec.computer.merging_launcher(
-                spec.causal, spec.scale, q, k, v, out_flat, lse_flat
-            )
+            fused = computer.merging_launcher(causal, scale, q, k, v, out_flat, lse_flat)
 
         def launch(q: Tensor, k: Tensor, v: Tensor, out_rows: Tensor, lse_rows: Tensor) -> None:
             if fused is not None and fused(q, k, v, out_rows.flatten(0, 1), lse_rows.flatten(0, 1)):
                 return
-            result = spec.computer.forward(q, k, v, spec.causal, spec.scale)
-            merge_result_(out_rows, lse_rows, result)
+            merge_result_(out_rows, lse_rows, computer.forward(q, k, v, causal, scale))
 
     else:
 
         def launch(q: Tensor, k: Tensor, v: Tensor, out_rows: Tensor, lse_rows: Tensor) -> None:
-            result = spec.communicator.attend(spec.computer, q, k, v, spec.causal, spec.scale, span)
+            result = communicator.attend(computer, q, k, v, causal, scale, span)
             merge_result_(out_rows, lse_rows, result)
 
     return launch
@@ -698,14 +705,13 @@ def adding_launch(
 ) -> Callable[..., None]:
     """A prepared launch of a merged block part's backward (as :func:`merging_launch`): its
     gradients added into its rows."""
+    computer, communicator, causal, scale = _launch_fields(spec)
     if span == 1:
         # dK and dV added by the backward kernel itself where the computer has one (FA4)
         flats = [flat_view(rows) for rows in grad_rows]
         fused = None
         if all(flat is not None for flat in flats):
-            fused = spec.computer.adding_launcher(
-                spec.causal, spec.scale, dout, q, k, v, out, lse, *flats
-            )
+            fused = computer.adding_launcher(causal, scale, dout, q, k, v, out, lse, *flats)
 
         def launch(dout, q, k, v, out, lse, *grad_rows: Tensor) -> None:
             if fused is not None:
@@ -714,14 +720,14 @@ def adding_launch(
                 if dq_block is not None:
                     accumulate_([grad_rows[0]], (dq_block,), place=False)
                     return
-            result = spec.computer.backward(dout, q, k, v, out, lse, spec.causal, spec.scale)
+            result = computer.backward(dout, q, k, v, out, lse, causal, scale)
             accumulate_(list(grad_rows), result, place=False)
 
     else:
 
         def launch(dout, q, k, v, out, lse, *grad_rows: Tensor) -> None:
-            result = spec.communicator.attend_backward(
-                spec.computer, dout, q, k, v, out, lse, spec.causal, spec.scale, span
+            result = communicator.attend_backward(
+                computer, dout, q, k, v, out, lse, causal, scale, span
             )
             accumulate_(list(grad_rows), result, place=False)
 

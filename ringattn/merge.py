@@ -42,10 +42,17 @@ def merge_into_(out_acc: Tensor, lse_acc: Tensor, out: Tensor, lse: Tensor) -> N
         views = (x[(None,) * lead] for x in (out_acc, lse_acc, out, lse))
         merge_kernel.merge_rows_(*views)
         return
-    lse_merged = torch.logaddexp(lse_acc, lse)
-    reference = _finite_or_zero(lse_merged)
-    weight_old = torch.exp(lse_acc - reference).unsqueeze(-1)
-    weight_new = torch.exp(lse - reference).unsqueeze(-1)
+    # Weights relative to the larger LSE, normalised by their sum (as the Triton kernel does):
+    # weights relative to the merged LSE, itself rounded, sum to 1 only to within ulp(|LSE|),
+    # and every merge scaled the row by that (float32 logits near 2000: 3e-5 off, over the
+    # float32 bound, where a dense softmax is 2e-8 off).
+    top = _finite_or_zero(torch.maximum(lse_acc, lse))  # rows selected by nothing yet stay 0
+    weight_old, weight_new = torch.exp(lse_acc - top), torch.exp(lse - top)
+    total = weight_old + weight_new
+    safe_total = torch.where(total > 0, total, torch.ones_like(total))
+    lse_merged = torch.where(total > 0, top + torch.log(safe_total), float("-inf"))
+    weight_old = (weight_old / safe_total).unsqueeze(-1)
+    weight_new = (weight_new / safe_total).unsqueeze(-1)
     if out_acc.dtype == lse_acc.dtype:
         out_acc.mul_(weight_old).add_(out * weight_new)
     else:

@@ -257,6 +257,30 @@ def test_copied_and_pickled_modules_run_their_own_core(computer):
         assert rel_err(compiled(q, k, v), ref) < TOLERANCE[torch.float32]
 
 
+def test_a_module_with_a_compiled_frame_of_its_own_pickles():
+    """Its compiled core (a renamed copy of run_core, which pickle cannot name) stays behind and
+    the copy makes its own: pickle and torch.save raised PicklingError before."""
+    import io
+    import pickle
+
+    q, k, v = make_qkv(PROBLEM, torch.float32)
+    ref = reference.dilated_attention(q.double(), k.double(), v.double(), **options(PROBLEM))
+    module = ringattn.DilatedAttention(
+        **options(PROBLEM),
+        strategy=ringattn.Strategy(computer="math"),
+        compile_mode="max-autotune-no-cudagraphs",
+        compile_backend="aot_eager",
+    )
+    assert module.compiled_frame
+    module(q, k, v)
+    saved = io.BytesIO()
+    torch.save(module, saved)
+    saved.seek(0)
+    for copy in (pickle.loads(pickle.dumps(module)), torch.load(saved, weights_only=False)):
+        assert copy.compiled_frame and copy._core is module._core  # (one per config, shared)
+        assert rel_err(copy(q, k, v), ref) < TOLERANCE[torch.float32]
+
+
 # the computer whose module keeps a compiled frame of its own (forward-only on CPU)
 FLEX = ringattn.Strategy(computer="flex")
 

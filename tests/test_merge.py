@@ -40,3 +40,34 @@ def test_functional_merge_has_finite_gradients_on_empty_rows():
     merged = merge(outs, lses, torch.float32)
     merged.sum().backward()
     assert all(torch.isfinite(x.grad).all() for x in outs + lses)
+
+
+@given(st.floats(-6e4, 6e4), st.floats(0, 4))
+def test_merge_weights_sum_to_one_at_any_lse(level, gap):
+    """Merging two partial rows that both equal 1 gives 1, however large the LSEs: weights
+    taken relative to the merged (rounded) LSE summed to 1 only within ulp(|LSE|), which scaled
+    each merged row (float32, LSE near 2000: 3e-5 off; near 6e4: 2e-3)."""
+    out_acc = torch.ones(1, 8)
+    lse_acc = torch.tensor([level + gap], dtype=torch.float32)
+    merge_into_(out_acc, lse_acc, torch.ones(1, 8), torch.tensor([level], dtype=torch.float32))
+    assert torch.allclose(out_acc, torch.ones(1, 8), rtol=0, atol=4e-7)
+    expected = torch.logaddexp(torch.tensor(level + gap, dtype=torch.float64), torch.tensor(level))
+    assert abs(lse_acc.item() - expected.item()) <= 4e-7 * max(1.0, abs(expected.item()))
+
+
+def test_large_logits_keep_every_strategy_within_the_float32_bound():
+    import warnings
+
+    import ringattn
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 16, 2, 8, generator=gen) for _ in range(3))
+    q, k = q * 30, k * 30  # logits up to ~2000: finite, far from overflow
+    options = {"segment_lengths": (4, 8), "dilation_rates": (1, 2)}
+    ref = ringattn.reference.dilated_attention(q, k, v, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (flex runs eagerly here)
+        for strategy in ringattn.Strategy.all(communicator="local"):
+            out = ringattn.dilated_attention(q, k, v, strategy=strategy, compile=False, **options)
+            err = float((out.double() - ref).norm() / ref.norm())
+            assert err < 1e-5, (strategy.label, err)

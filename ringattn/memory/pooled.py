@@ -1,13 +1,19 @@
 """``pooled``: bounded LRU caches for index patterns and for scratch buffers.
 
 Patterns are keyed by everything they depend on (shape, config, device), so a hit can never be
-stale. Scratch buffers are keyed by (tag, shape, dtype, device); a tag is used for one purpose at a
-time by one owner (one manager per module), and the caller overwrites the buffer before reading
-it, so reuse never changes a result. Both caches hold at most ``max_entries`` items.
+stale. Scratch buffers are keyed by (tag, shape, dtype, device) and by who runs the call: the
+thread, and on CUDA its current stream. Within one thread and stream a call's work is ordered
+after the previous call's, a tag is used for one purpose at a time (one manager per module), and
+the caller overwrites the buffer before reading it, so reuse never changes a result. Threads
+sharing a module (the functional form shares one per option set) each get their own buffers, as
+do streams, as torch's caching allocator does: one buffer shared by two concurrent calls gave
+wrong outputs. Both caches hold at most ``max_entries`` items, and a lock keeps their bookkeeping
+whole under threads.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
@@ -25,22 +31,40 @@ class _LRU:
         self.items: OrderedDict[Hashable, Tensor] = OrderedDict()
         self.hits = 0
         self.misses = 0
+        self.lock = threading.Lock()
 
     def get(self, key: Hashable, build: Callable[[], Tensor]) -> Tensor:
-        value = self.items.get(key)
-        if value is not None:
-            self.items.move_to_end(key)
-            self.hits += 1
-            return value
-        self.misses += 1
+        with self.lock:
+            value = self.items.get(key)
+            if value is not None:
+                self.items.move_to_end(key)
+                self.hits += 1
+                return value
+            self.misses += 1
         # built as a normal tensor even under torch.inference_mode(): an inference tensor kept
         # here could not be saved for backward (nor written in place) by a later training call
         with torch.inference_mode(False):
             value = build()
-        self.items[key] = value
-        if len(self.items) > self.max_entries:
-            self.items.popitem(last=False)
+        with self.lock:
+            self.items[key] = value
+            self.items.move_to_end(key)
+            if len(self.items) > self.max_entries:
+                self.items.popitem(last=False)
         return value
+
+    def __getstate__(self) -> dict:
+        # copies and pickles start empty: the lock cannot be copied, and the kept tensors are
+        # this process's scratch and patterns, rebuilt on the first call
+        return {"max_entries": self.max_entries}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["max_entries"])
+
+
+def _owner(device: torch.device) -> tuple[int, int | None]:
+    """Who a scratch buffer belongs to: the calling thread, and on CUDA its current stream."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else None
+    return threading.get_ident(), stream
 
 
 def _tensors(value: object) -> list[Tensor]:
@@ -68,7 +92,8 @@ class PooledMemory(MemoryManager):
     def scratch(
         self, tag: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> Tensor:
-        key = (tag, tuple(shape), dtype, str(device))
+        device = torch.device(device)
+        key = (tag, tuple(shape), dtype, str(device), _owner(device))
         return self.buffers.get(key, lambda: torch.empty(shape, dtype=dtype, device=device))
 
     def held_bytes(self) -> int:
