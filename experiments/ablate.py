@@ -167,7 +167,7 @@ PRESETS["distributed"] = dataclasses.replace(
     PRESETS["gpu"],
     name="distributed",
     seq_lens=(131072, 262144, 524288),
-    compile="off",  # the sequence-parallel communicators run eagerly (not compilable yet)
+    compile="off",  # (a module's own compiled frame cannot hold P2P/collective calls)
     compile_budget=None,
     communicators=DISTRIBUTED_COMMUNICATORS,
 )

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import ringattn
+from experiments import require_cuda
 from experiments.ablate import dict_rows_to_markdown, median_ms
 from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
 
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--out", type=Path, default=Path("results") / "clock_probe")
     args = p.parse_args(argv)
+    require_cuda(p.prog)
     device, (h, d) = torch.device("cuda"), (16, 128)
     q, k, v = (torch.randn(1, args.n, h, d, device=device, dtype=torch.bfloat16) for _ in "qkv")
     q_t, k_t, v_t = (x.transpose(1, 2) for x in (q, k, v))

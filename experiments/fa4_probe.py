@@ -61,6 +61,7 @@ from pathlib import Path
 
 import torch
 
+from experiments import require_cuda
 from experiments.bench import failure
 
 aten = torch.ops.aten
@@ -993,6 +994,7 @@ def main(argv: list[str] | None = None) -> None:
         default="compare",
     )
     args = parser.parse_args(argv)
+    require_cuda(parser.prog)
     device = torch.device("cuda")
     torch.manual_seed(0)
     h, d = args.heads, args.head_dim

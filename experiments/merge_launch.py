@@ -21,6 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import ringattn
+from experiments import require_cuda
 from experiments.ablate import dict_rows_to_markdown, median_ms
 from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
 from ringattn.kernels import merge as merge_kernel
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path("results") / "merge_launch")
     args = p.parse_args(argv)
+    require_cuda(p.prog)
     device, default = torch.device("cuda"), merge_kernel.WARPS
     choices = args.warps
     rows = []

@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 import ringattn
+from experiments import require_cuda
 from experiments.ablate import dict_rows_to_markdown, median_ms, queued_host_ms, rel_err
 from experiments.bench import (
     ISSUE_LENGTHS,
@@ -509,6 +510,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path("results") / "overheads")
     args = p.parse_args(argv)
+    require_cuda(p.prog)
     rows, traces = [], {}
     default_split, default_in_place, default_lanes, default_lane_count, default_fuse = (
         pattern.BLOCK_SPLIT,

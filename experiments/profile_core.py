@@ -25,6 +25,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import ringattn
+from experiments import require_cuda
 from experiments.ablate import queued_host_ms
 from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, fwd_and_fwdbwd
 from ringattn import lanes
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         "--lanes", choices=lanes.MODES, default=lanes.MODE, help="ringattn.lanes.MODE for the run"
     )
     args = p.parse_args(argv)
+    require_cuda(p.prog)
     lanes.MODE = args.lanes
     q, k, v, dout = (
         torch.randn(1, args.n, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ringattn
-from experiments import ablate
+from experiments import ablate, require_cuda
 
 aten = torch.ops.aten
 
@@ -116,9 +116,10 @@ def lse_ops_agree(q, k, v) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--out", type=Path, default=Path("results") / "sdpa_backends")
     args = p.parse_args(argv)
+    require_cuda(p.prog)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     dev, dt = "cuda", torch.bfloat16

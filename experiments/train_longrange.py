@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/longrange"))
     parser.add_argument("--steps", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be a positive integer, got {args.steps}")
     preset = PRESETS[args.preset]
     if args.steps is not None:
         preset = replace(preset, steps=args.steps)

@@ -369,6 +369,9 @@ class DilatedAttention(nn.Module):
             )
 
     def forward(self, q: BNHD, k: BNHD, v: BNHD) -> BNHD:
+        """Dilated attention of ``q`` over ``k``, ``v`` (each ``[b, n, h, d]``, one shape, dtype
+        and device), as ``docs/semantics.md`` defines it; ``[b, n, h, d]`` in q's dtype. A
+        sequence-parallel module takes this rank's shard of each and returns its shard."""
         tracing = torch.compiler.is_compiling()
         if self.communicator.distributed and not tracing:
             self._check_across_ranks(q, k, v)

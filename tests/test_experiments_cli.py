@@ -27,3 +27,36 @@ def test_script_imports_and_parses_help(name, capsys):
         main(["--help"])
     assert done.value.code == 0
     assert "usage" in capsys.readouterr().out
+
+
+GPU_ONLY = [
+    "overheads",
+    "profile_core",
+    "sdpa_backends",
+    "merge_launch",
+    "clock_probe",
+    "fa4_probe",
+]
+
+
+@pytest.mark.parametrize("name", GPU_ONLY)
+def test_gpu_only_tools_say_so_without_cuda(name, monkeypatch):
+    """Run without a GPU they exit with one line naming the tool (they failed inside torch with
+    "Torch not compiled with CUDA enabled")."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    module = importlib.import_module(f"experiments.{name}")
+    with pytest.raises(SystemExit) as done:
+        module.main([])
+    assert "CUDA is not available here" in str(done.value.code)
+
+
+@pytest.mark.parametrize("steps", ["0", "-3"])
+def test_train_longrange_refuses_a_step_count_below_one(steps, capsys):
+    from experiments import train_longrange
+
+    with pytest.raises(SystemExit) as done:
+        train_longrange.main(["--steps", steps])
+    assert done.value.code == 2
+    assert "--steps must be a positive integer" in capsys.readouterr().err

@@ -120,3 +120,23 @@ def test_the_functional_form_runs_a_re_registered_class():
         assert (fixed.double() - ref).abs().max() < 1e-5
     finally:
         registry.unregister("computer", "fixed_later")
+
+
+def test_flex_refuses_a_dilation_it_has_no_masks_for():
+    """A new dilation processor with flex: refused by name (flex ran it as ``global`` before,
+    never calling its ``read``), and left out of the enumerated strategies."""
+    from ringattn.dilation.segment_local import SegmentLocalDilation
+
+    @registry.register("dilation", "copying")
+    class Copying(SegmentLocalDilation):
+        def read(self, x, block, index):
+            return super().read(x, block, index).clone()
+
+    try:
+        with pytest.raises(ValueError, match="flex has mask functions for dilation"):
+            ringattn.Strategy(dilation="copying", computer="flex").check()
+        labels = {s.label for s in ringattn.Strategy.all(dilation="copying")}
+        assert "copying/sdpa/local/pooled" in labels
+        assert not any("/flex/" in label for label in labels)
+    finally:
+        registry.unregister("dilation", "copying")

@@ -79,10 +79,20 @@ _flex_with_lse_eager = torch.compiler.disable(
 class FlexComputer(LayoutComputer):
     block_size: int = 128
 
+    # the layouts whose mask functions flex has (ringattn.masks); any other dilation processor
+    # would have run as "global" here, its own ``read`` never called
+    dilations = ("segment_local", "global")
+
     @classmethod
     def incompatible_with(cls, strategy) -> str | None:
         if strategy.communicator != "local":
             return "flex runs on one device (communicator='local') for now"
+        if strategy.dilation not in cls.dilations:
+            return (
+                f"flex has mask functions for dilation in {cls.dilations} only; a new "
+                f"dilation={strategy.dilation!r} needs its own (ringattn.masks, "
+                "FlexComputer.prepare) before flex can run it"
+            )
         return None
 
     def unsupported(

@@ -76,6 +76,14 @@ def dilated_attention_layer(config: LongNetConfig) -> nn.Module:
 
 
 class LongNet(nn.Module):
+    """A decoder-only LongNet: token embedding, ``config.depth`` pre-LN blocks (dilated
+    attention built by ``attention(config)``, default :func:`dilated_attention_layer`, then an
+    MLP), a final LayerNorm and a head tied to the embedding. ``forward(tokens)`` gives logits
+    ``[b, n, vocab_size]``; ``loss`` their cross-entropy; ``new_caches`` / ``generate`` decode
+    incrementally on one device. Sequence-parallel when ``config.strategy`` has a
+    sequence-parallel communicator: each rank passes its shard of the tokens
+    (``ringattn.distributed.shard`` with ``config.layout``)."""
+
     def __init__(
         self,
         config: LongNetConfig,
@@ -120,10 +128,13 @@ class LongNet(nn.Module):
         return self.head(self.ln_f(x))
 
     def loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
+        """Mean cross-entropy of the logits for ``tokens`` against ``targets`` ``[b, n]``
+        (positions with target ``-100`` are ignored)."""
         logits = self(tokens)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
 
     def new_caches(self, batch: int, capacity: int) -> list[KVCache]:
+        """One empty KV cache per layer, for ``forward(tokens, caches)``."""
         return [block.attn.new_cache(batch, capacity) for block in self.blocks]
 
     @torch.no_grad()

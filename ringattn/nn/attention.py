@@ -29,6 +29,21 @@ _DEFAULT_STRATEGY = Strategy()
 
 
 class MultiheadDilatedAttention(nn.Module):
+    """LongNet's attention layer: projections, dilated attention, output projection.
+
+    ``x: [b, n, embed_dim]`` -> ``[b, n, embed_dim]``. Q has ``num_heads`` heads of
+    ``embed_dim / num_heads``; K and V have ``num_kv_heads`` (default ``num_heads``; grouped-query
+    attention where fewer, repeated per query head as ``docs/semantics.md`` defines). The
+    attention itself is a :class:`ringattn.DilatedAttention` (``self.attention``) with
+    ``segment_lengths``, ``dilation_rates``, ``causal``, ``mixing``, ``strategy``, ``compile``,
+    ``group`` and ``layout`` as there (a sequence-parallel ``strategy`` takes ``x`` as this
+    rank's shard, ``ringattn.distributed.shard``). ``sub_layer_norm``: LongNet's LayerNorm on
+    the attention output before ``out_proj`` (MAGNETO's Sub-LN); ``rotary_embedding``: rotary
+    positions on Q and K (float64 angles; a sequence-parallel layer rotates by the shard's global
+    positions); ``dropout`` on the output; ``bias`` of the four projections. ``new_cache`` makes
+    a KV cache for incremental decoding on one device (``forward(x, cache)``).
+    """
+
     @jaxtyped(typechecker=beartype)
     def __init__(
         self,
@@ -169,6 +184,8 @@ class MultiheadDilatedAttention(nn.Module):
             )
 
     def new_cache(self, batch: int, capacity: int, dtype=None, device=None) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``capacity`` tokens (the K/V
+        projections' dtype and device unless given); not for a sequence-parallel layer."""
         self._check_one_device()
         weight = self.k_proj.weight
         return KVCache.empty(
