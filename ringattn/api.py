@@ -223,7 +223,8 @@ class DilatedAttention(nn.Module):
         self._register()
 
     def _register(self) -> None:
-        self._number = register_module(self)  # by which the opaque ops find it (core._spec)
+        # by which the opaque ops find it (core._spec): a CPU scalar tensor (CoreSpec.module)
+        self._number = register_module(self)
         backend, mode = self._compile_options
         self._core = (
             compiled_core((self.config, self.strategy, backend, mode), backend, mode)

@@ -61,9 +61,13 @@ class CoreSpec:
     memory: MemoryManager
     # spans[i]: how many ranks config i's segments span (all 1 on one device)
     spans: tuple[int, ...] = ()
-    # the number of the module that made it (``register_module``): the opaque custom ops (they
-    # take tensors and ints only) ask that module for the spec of the shapes they see
-    module: int = field(default=-1, compare=False)
+    # the number of the module that made it (``register_module``) as a CPU int64 scalar tensor:
+    # the opaque custom ops (they take tensors and ints only) ask that module for the spec of
+    # the shapes they see. A tensor, not an int: Dynamo makes an int attribute of a module a
+    # constant of the graph, guarded, so identical layers compiled one by one (regional
+    # compilation) recompiled for each and the ninth hit the recompile limit; a tensor is a
+    # graph input. None: a spec of no module (tests), traced inline.
+    module: Tensor | None = field(default=None, compare=False)
     # eager only: the placed blocks' prepared launches per tensor layouts (ringattn.launches)
     launches: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -73,16 +77,18 @@ _MODULES: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 _NUMBERS = itertools.count()
 
 
-def register_module(module: Any) -> int:
-    """A number for ``module``, whose ``eager_spec(q)`` the opaque ops call for their spec."""
+def register_module(module: Any) -> Tensor:
+    """A number for ``module`` (a CPU int64 scalar tensor, see ``CoreSpec.module``), whose
+    ``eager_spec(q)`` the opaque ops call for their spec."""
     number = next(_NUMBERS)
     _MODULES[number] = module
-    return number
+    return torch.tensor(number, dtype=torch.int64)
 
 
-def _spec(module_number: int, q: Tensor) -> CoreSpec:
+def _spec(module_tag: Tensor, q: Tensor) -> CoreSpec:
     """The spec an eager call of the module would use for ``q``'s shape (found, or made: a model
     compiled before any eager call reaches its first call here)."""
+    module_number = int(module_tag)
     module = _MODULES.get(module_number)
     if module is None:
         raise RuntimeError(f"ringattn: no live attention module #{module_number} for this core")
@@ -775,7 +781,7 @@ class DilatedAttentionFunction(torch.autograd.Function):
 
 @torch.library.custom_op("ringattn::dilated_forward", mutates_args=())
 def dilated_forward_op(
-    q: Tensor, k: Tensor, v: Tensor, indices: list[Tensor], module: int
+    q: Tensor, k: Tensor, v: Tensor, indices: list[Tensor], module: Tensor
 ) -> tuple[Tensor, Tensor]:
     out, lse = dilated_forward(_spec(module, q), q, k, v, tuple(indices), keep_lse=True)
     return out.contiguous(), lse.contiguous()
@@ -796,7 +802,7 @@ def dilated_backward_op(
     out: Tensor,
     lse: Tensor,
     indices: list[Tensor],
-    module: int,
+    module: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     grads = dilated_backward(_spec(module, q), dout, q, k, v, out, lse, tuple(indices))
     dq, dk, dv = (g.contiguous() for g in grads)
@@ -839,7 +845,7 @@ def run_core(
             return spec.computer.attend(
                 spec.plan, spec.causal, spec.scale, spec.dilation.name, q, k, v, aux
             )
-    if torch.compiler.is_compiling() and spec.module >= 0:
+    if torch.compiler.is_compiling() and spec.module is not None:
         return dilated_forward_op(q, k, v, list(indices), spec.module)[0]
     # (a spec of no module, as tests make, is traced inline, as eager code)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):

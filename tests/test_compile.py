@@ -257,6 +257,26 @@ def test_copied_and_pickled_modules_run_their_own_core(computer):
         assert rel_err(compiled(q, k, v), ref) < TOLERANCE[torch.float32]
 
 
+def test_identical_layers_compiled_one_by_one_share_one_graph():
+    """Regional compilation (``torch.compile`` per layer) of ten identical layers: one graph,
+    forward and backward. The opaque ops' module number was an int attribute, which Dynamo makes
+    a guarded constant: each layer recompiled, and the ninth raised FailOnRecompileLimitHit
+    under fullgraph=True (ran eagerly without it)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    layers = [ringattn.DilatedAttention((4, 8), (1, 2)) for _ in range(10)]
+    compiled = [torch.compile(m, fullgraph=True, backend="aot_eager") for m in layers]
+    x = torch.randn(1, 8, 2, 4, requires_grad=True)
+    y, y_eager = x, x
+    for layer, eager in zip(compiled, layers, strict=True):
+        y, y_eager = layer(y, y, y), eager(y_eager, y_eager, y_eager)
+    y.sum().backward()
+    assert counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(y, y_eager)
+
+
 def test_a_module_with_a_compiled_frame_of_its_own_pickles():
     """Its compiled core (a renamed copy of run_core, which pickle cannot name) stays behind and
     the copy makes its own: pickle and torch.save raised PicklingError before."""
