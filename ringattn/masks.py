@@ -54,15 +54,17 @@ def run_layout(n: int, w: int, r: int, device: torch.device | str = "cpu") -> tu
     """
     full = n // w
     tail = n - full * w
-    per_run = w // r
     ids, residues = [], []
-    for o in range(r):
-        ids.append(torch.arange(full, device=device).repeat_interleave(per_run) + o * full)
-        residues.append(torch.full((full * per_run,), o, device=device))
-    for o in range(r):
-        rows = len(range(o, tail, r))
-        ids.append(torch.full((rows,), r * full + o, device=device))
-        residues.append(torch.full((rows,), o, device=device))
+    if full:  # residue o's run of segment s holds w / r rows (nothing of size r where w > n)
+        residue = torch.arange(r, device=device)
+        segment = torch.arange(full, device=device).repeat_interleave(w // r)
+        ids.append((residue[:, None] * full + segment[None, :]).flatten())
+        residues.append(residue.repeat_interleave(full * (w // r)))
+    # the tail: residue o < tail holds ceil((tail - o) / r) rows, in one run each
+    tail_residue = torch.arange(min(r, tail), device=device)
+    rows = (tail - tail_residue + r - 1) // r
+    ids.append((r * full + tail_residue).repeat_interleave(rows))
+    residues.append(tail_residue.repeat_interleave(rows))
     return torch.cat(ids), torch.cat(residues)
 
 

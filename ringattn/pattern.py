@@ -258,7 +258,7 @@ class Plan:
 
 def head_groups(h: int, k: int) -> tuple[tuple[int, int], ...]:
     """``k`` contiguous head ranges, the first ``h mod k`` one head larger (some may be empty)."""
-    base, extra = divmod(h, k)
+    base, extra = h // k, h % k  # (not divmod: Dynamo cannot trace it on a symbolic h)
     out, start = [], 0
     for g in range(k):
         size = base + (1 if g < extra else 0)

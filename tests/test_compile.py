@@ -179,6 +179,25 @@ def test_outer_compile_of_new_lengths_keeps_the_oracle():
     assert counters["stats"]["unique_graphs"] == 3
 
 
+@pytest.mark.parametrize("mixing", ["lse", "head_groups"])
+@pytest.mark.parametrize("dilation", ["segment_local", "global"])
+def test_outer_compile_with_dynamic_shapes_keeps_the_oracle(mixing, dilation):
+    """``torch.compile(dynamic=True)``, and automatic dynamic shapes after a change of h or d:
+    the plan is made from symbolic sizes. ``divmod`` on them (head_groups' head ranges,
+    global's tail) raised Dynamo's Unsupported under fullgraph=True."""
+    torch._dynamo.reset()
+    strategy = ringattn.Strategy(dilation=dilation, computer="sdpa")
+    p = {**PROBLEM, "mixing": mixing}
+    module = ringattn.DilatedAttention(**options(p), strategy=strategy)
+    for dynamic in (True, None):
+        compiled = torch.compile(module, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+        for b, n, h, d in ((1, 20, 3, 8), (2, 33, 3, 8), (1, 20, 4, 8), (1, 20, 4, 4)):
+            shape = {**p, "b": b, "n": n, "h": h, "d": d}
+            q, k, v = make_qkv(shape, torch.float32)
+            ref, _ = oracle(shape, q, k, v, torch.zeros(q.shape))
+            assert rel_err(compiled(q, k, v), ref) <= 1e-5, (dynamic, b, n, h, d)
+
+
 def _bad_calls(q: torch.Tensor) -> list[tuple[str, tuple]]:
     """Calls the boundary must refuse, each with the words its error must contain."""
     return [

@@ -146,3 +146,16 @@ def test_global_permutation_lists_rows_by_residue(n, segments_per_w, r):
     want = [s * w + o + j * r for o in range(r) for s in range(full) for j in range(w // r)]
     want += [t for o in range(r) for t in range(full * w, n) if (t - full * w) % r == o]
     assert global_permutation(n, w, r).tolist() == want
+
+
+def test_a_segment_longer_than_the_sequence_costs_nothing_of_its_length():
+    """w > n is one partial segment: the global layout's permutation and flex's run layout make
+    nothing of size w or r (w = 2**34 asked for 128 GB for 8 rows; r = 2**14 looped in Python)."""
+    from ringattn.dilation.global_perm import global_permutation
+    from ringattn.masks import run_layout
+
+    for w, r in ((2**40, 1), (2**40, 2**20), (2**34, 2**14)):
+        assert global_permutation(8, w, r).tolist() == sorted(range(8), key=lambda p: p % r)
+        run_id, run_residue = run_layout(8, w, r)
+        assert run_residue.tolist() == sorted(p % r for p in range(8))
+        assert run_id.tolist() == [r * 0 + o for o in run_residue.tolist()]

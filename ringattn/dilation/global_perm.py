@@ -24,12 +24,15 @@ def global_permutation(n: int, w: int, r: int, device: torch.device | str = "cpu
 
     Built without a loop over residues (``r`` may far exceed ``n``: r = 2**20 took seconds)."""
     full = n // w
-    # full segments: row s*w + o + j*r at (residue o, segment s, step j); none if w > n
-    full_rows = (
-        torch.arange(r, device=device)[:, None, None]
-        + (torch.arange(full, device=device) * w)[None, :, None]
-        + (torch.arange(w // r, device=device) * r)[None, None, :]
-    ).flatten()
+    # full segments: row s*w + o + j*r at (residue o, segment s, step j); none if w > n (then
+    # nothing of size w or r is made: w = 2**34 asked for 128 GB for an 8-row sequence)
+    full_rows = torch.empty(0, dtype=torch.int64, device=device)
+    if full:
+        full_rows = (
+            torch.arange(r, device=device)[:, None, None]
+            + (torch.arange(full, device=device) * w)[None, :, None]
+            + (torch.arange(w // r, device=device) * r)[None, None, :]
+        ).flatten()
     # the tail, by residue and then position
     tail = torch.arange(n - full * w, device=device)
     tail_rows = full * w + tail[torch.argsort(tail % r, stable=True)]
@@ -45,7 +48,8 @@ def _slice_of_permutation(n: int, block: Block) -> tuple[int, int]:
         start = job.offset * per_residue
         return start, start + per_residue
     # residues below the tail's length mod r hold one row more than the others
-    per_tail_residue, longer = divmod(n - full * job.w, job.r)
+    tail = n - full * job.w
+    per_tail_residue, longer = tail // job.r, tail % job.r  # (not divmod: Dynamo, symbolic n)
     start = job.r * per_residue + job.offset * per_tail_residue + min(job.offset, longer)
     return start, start + block.length
 
