@@ -410,7 +410,6 @@ _MODULES: OrderedDict[tuple, DilatedAttention] = OrderedDict()
 _MAX_MODULES = 32
 
 
-@jaxtyped(typechecker=beartype)
 def dilated_attention(
     q: BNHD,
     k: BNHD,
@@ -430,8 +429,41 @@ def dilated_attention(
     which holds the ranks' agreed calls and the graphs' memory).
 
     Modules are cached per option set (bounded), so repeated calls reuse the compiled core and the
-    memory manager's patterns instead of recompiling.
+    memory manager's patterns instead of recompiling. Traced by a user's ``torch.compile`` it
+    captures like the module (the opaque ops; fullgraph holds once the option set's module
+    exists, i.e. after one eager call).
     """
+    options = {
+        "segment_lengths": segment_lengths,
+        "dilation_rates": dilation_rates,
+        "causal": causal,
+        "mixing": mixing,
+        "scale": scale,
+        "strategy": strategy,
+        "compile": compile,
+        "compile_backend": compile_backend,
+    }
+    if torch.compiler.is_compiling():
+        # traced by a user's torch.compile: beartype's wrapper cannot be traced (it raised
+        # inside Dynamo), and the module checks its inputs itself, traced into guards
+        return _functional(q, k, v, **options)
+    return _checked_functional(q, k, v, **options)
+
+
+def _functional(
+    q: BNHD,
+    k: BNHD,
+    v: BNHD,
+    *,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    causal: bool,
+    mixing: str,
+    scale: float | int | None,
+    strategy: Strategy,
+    compile: bool,
+    compile_backend: str,
+) -> BNHD:
     key = (
         tuple(segment_lengths),
         tuple(dilation_rates),
@@ -463,3 +495,7 @@ def dilated_attention(
     else:
         _MODULES.move_to_end(key)
     return module(q, k, v)
+
+
+# the eager entry: the annotations checked (jaxtyping + beartype), as for the module's arguments
+_checked_functional = jaxtyped(typechecker=beartype)(_functional)

@@ -91,7 +91,12 @@ def _spec(module_tag: Tensor, q: Tensor) -> CoreSpec:
     module_number = int(module_tag)
     module = _MODULES.get(module_number)
     if module is None:
-        raise RuntimeError(f"ringattn: no live attention module #{module_number} for this core")
+        raise RuntimeError(
+            f"ringattn: the attention module #{module_number} that this compiled call belongs "
+            "to is gone (a compiled graph names its module but does not keep it alive; the "
+            "functional dilated_attention keeps the modules of its last 32 option sets): keep "
+            "a DilatedAttention module for as long as its compiled calls and their backward run"
+        )
     return module.eager_spec(q)
 
 

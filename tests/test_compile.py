@@ -198,6 +198,28 @@ def test_outer_compile_with_dynamic_shapes_keeps_the_oracle(mixing, dilation):
             assert rel_err(compiled(q, k, v), ref) <= 1e-5, (dynamic, b, n, h, d)
 
 
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_the_functional_form_compiles_inside_a_users_function(fullgraph):
+    """``ringattn.dilated_attention`` in a function given to torch.compile: beartype's wrapper
+    raised inside Dynamo (Unsupported under fullgraph, its DesynchronizationException without);
+    traced, it now calls the module and captures the opaque ops, gradients included."""
+    torch._dynamo.reset()
+    p = dict(PROBLEM)
+    options_ = {**options(p), "strategy": ringattn.Strategy(computer="sdpa")}
+
+    def attention(q, k, v):
+        return ringattn.dilated_attention(q, k, v, **options_)
+
+    q, k, v = make_qkv(p, torch.float32, requires_grad=True)
+    attention(q, k, v)  # (the option set's module made eagerly, as fullgraph needs)
+    out = torch.compile(attention, fullgraph=fullgraph, backend="aot_eager")(q, k, v)
+    grad_out = torch.randn(q.shape)
+    ref, ref_grads = oracle(p, q, k, v, grad_out)
+    assert rel_err(out, ref) <= 1e-5
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    assert all(rel_err(g, r) <= 1e-5 for g, r in zip(grads, ref_grads, strict=True))
+
+
 def _bad_calls(q: torch.Tensor) -> list[tuple[str, tuple]]:
     """Calls the boundary must refuse, each with the words its error must contain."""
     return [
