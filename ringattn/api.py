@@ -101,9 +101,17 @@ def check_plain(q: Tensor, k: Tensor, v: Tensor) -> None:
             )
     for name, x in (("k", k), ("v", v)):
         if x.shape != q.shape:
+            grouped = x.shape[:2] == q.shape[:2] and x.shape[3] == q.shape[3]
+            hint = (
+                f" (grouped-query K/V: repeat its heads to q's, "
+                f"{name}.repeat_interleave(h // h_kv, dim=2), or use "
+                "ringattn.nn.MultiheadDilatedAttention(num_kv_heads=...))"
+                if grouped and x.shape[2] >= 1 and q.shape[2] % x.shape[2] == 0
+                else ""
+            )
             raise TypeError(
                 f"parameter {name!r}: {name}.shape must equal q.shape {tuple(q.shape)} "
-                f"([b, n, h, d] alike), got {tuple(x.shape)}"
+                f"([b, n, h, d] alike), got {tuple(x.shape)}{hint}"
             )
         if x.dtype != q.dtype:
             raise TypeError(f"{name}.dtype must equal q.dtype ({q.dtype}), got {x.dtype}")
@@ -447,6 +455,7 @@ def dilated_attention(
         # traced by a user's torch.compile: beartype's wrapper cannot be traced (it raised
         # inside Dynamo), and the module checks its inputs itself, traced into guards
         return _functional(q, k, v, **options)
+    check_plain(q, k, v)  # (its errors name the argument and the rule, before beartype's)
     return _checked_functional(q, k, v, **options)
 
 

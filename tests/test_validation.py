@@ -62,6 +62,8 @@ def test_bad_options(overrides, error, match):
         ((qkv()[0].int(), *qkv()[1:]), TypeError, "parameter 'q'"),  # not floating point
         (qkv((1, 0, 2, 4)), ValueError, "n >= 1"),
         (([1.0], *qkv()[1:]), TypeError, "parameter 'q'"),
+        # grouped-query K/V (fewer heads): the rule, and the way to get it
+        ((qkv()[0], *qkv((1, 8, 1, 4))[1:]), TypeError, r"k.shape must .*repeat_interleave"),
     ],
 )
 def test_bad_tensors(tensors, error, match):
