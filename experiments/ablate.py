@@ -1207,6 +1207,8 @@ def run(sweep: Sweep, console: Console, write: bool = True) -> Outcome:
         warnings.simplefilter("default")  # each distinct warning once, reported as a note
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
+        # (rich's progress bar in a notebook without ipywidgets: about the display, not a result)
+        warnings.filterwarnings("ignore", message='install "ipywidgets"')
         rows = run_sweep(sweep, variants, progress, notes)
     notes += sorted({f"warning: {str(w.message).splitlines()[0]}" for w in caught})
     rows.sort(key=_sort_key)
