@@ -318,6 +318,27 @@ def test_identical_layers_compiled_one_by_one_share_one_graph():
     torch.testing.assert_close(y, y_eager)
 
 
+def test_modules_of_one_config_share_their_own_frames_graph():
+    """A module with its own compiled frame (another compile_mode, or flex) shares one compiled
+    core per config; with the module's number an int in the spec, each new instance recompiled
+    it, and the 65th raised FailOnRecompileLimitHit though the others were gone."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.randn(1, 8, 2, 4)
+    for _ in range(10):
+        module = ringattn.DilatedAttention(
+            (4, 8),
+            (1, 2),
+            strategy=ringattn.Strategy(computer="math"),
+            compile_mode="max-autotune-no-cudagraphs",
+            compile_backend="aot_eager",
+        )
+        module(x, x, x)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_a_module_with_a_compiled_frame_of_its_own_pickles():
     """Its compiled core (a renamed copy of run_core, which pickle cannot name) stays behind and
     the copy makes its own: pickle and torch.save raised PicklingError before."""
