@@ -99,6 +99,8 @@ def check_plain(q: Tensor, k: Tensor, v: Tensor) -> None:
                 f"parameter {name!r} must be a floating [b, n, h, d] tensor, got {x.dtype} of "
                 f"shape {tuple(x.shape)}"
             )
+        if x.layout != torch.strided:
+            raise TypeError(f"parameter {name!r} must be a dense (strided) tensor, got {x.layout}")
     for name, x in (("k", k), ("v", v)):
         if x.shape != q.shape:
             grouped = x.shape[:2] == q.shape[:2] and x.shape[3] == q.shape[3]

@@ -11,6 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 MIXINGS = ("lse", "head_groups")
+# the longest segment: w rows times a row stride must fit int64 strides (2**40 tokens would not
+# fit any machine's memory anyway)
+MAX_SEGMENT_LENGTH = 2**40
 
 
 def _int_sequence(name: str, values: object) -> tuple[int, ...]:
@@ -48,6 +51,13 @@ class DilatedConfig:
                 f"got {len(w)} and {len(r)}"
             )
         for i, (wi, ri) in enumerate(zip(w, r)):
+            if wi > MAX_SEGMENT_LENGTH:
+                # (strides of w rows overflow int64; beyond the sequence, any length >= n is the
+                # same single segment)
+                raise ValueError(
+                    f"segment_lengths[{i}]={wi} must be <= 2**40 (a segment at least as long as "
+                    "the sequence is one segment, whatever its length)"
+                )
             if wi % ri:
                 raise ValueError(f"dilation_rates[{i}]={ri} must divide segment_lengths[{i}]={wi}")
         if not isinstance(self.causal, bool):

@@ -42,6 +42,12 @@ def call(q, k, v, **overrides):
         ({"scale": -2}, ValueError, "scale must be > 0"),
         ({"scale": "0.5"}, TypeError, "scale"),
         ({"segment_lengths": "48"}, TypeError, "segment_lengths"),
+        # (as_strided's int64 overflow, a TypeError, before)
+        (
+            {"segment_lengths": [4, 2**62]},
+            ValueError,
+            r"segment_lengths\[1\]=\d+ must be <= 2\*\*40",
+        ),
     ],
 )
 def test_bad_options(overrides, error, match):
@@ -62,6 +68,7 @@ def test_bad_options(overrides, error, match):
         ((qkv()[0].int(), *qkv()[1:]), TypeError, "parameter 'q'"),  # not floating point
         (qkv((1, 0, 2, 4)), ValueError, "n >= 1"),
         (([1.0], *qkv()[1:]), TypeError, "parameter 'q'"),
+        ((qkv()[0].to_sparse(), *qkv()[1:]), TypeError, "must be a dense"),
         # grouped-query K/V (fewer heads): the rule, and the way to get it
         ((qkv()[0], *qkv((1, 8, 1, 4))[1:]), TypeError, r"k.shape must .*repeat_interleave"),
     ],
@@ -200,3 +207,13 @@ def test_repeated_calls_still_reject_bad_inputs():
     with pytest.raises(TypeError):
         module(q, k, "v")
     module(q, k, v)
+
+
+@pytest.mark.parametrize("dilation", ["segment_local", "global"])
+def test_the_longest_segment_is_one_segment(dilation):
+    q, k, v = qkv()
+    options = {"segment_lengths": [4, 2**40], "dilation_rates": [1, 2]}
+    ref = ringattn.reference.dilated_attention(q, k, v, **options)
+    strategy = ringattn.Strategy(dilation=dilation, computer="sdpa")
+    out = ringattn.dilated_attention(q, k, v, **options, strategy=strategy, compile=False)
+    assert torch.allclose(out.double(), ref, atol=1e-6)
