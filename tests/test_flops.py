@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from conftest import dilation_configs
 from hypothesis import given
 from hypothesis import strategies as st
 
 from ringattn import reference
-from ringattn.flops import dense_flops, useful_flops, useful_pairs
+from ringattn.flops import dense_flops, dense_pairs, useful_flops, useful_pairs
 
 
 @given(
@@ -30,3 +31,10 @@ def test_one_full_config_costs_what_dense_attention_costs():
         assert useful_flops(2, 64, 4, 8, [64], [1], causal, "lse", backward=True) == dense_flops(
             2, 64, 4, 8, causal, backward=True
         )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dense_pairs_is_one_whole_sequence_config(causal):
+    for n, h in ((1, 1), (5, 2), (7, 3)):
+        assert dense_pairs(n, h, causal) == useful_pairs(n, h, [n], [1], causal)
+        assert dense_flops(2, n, h, 4, causal) == 4.0 * 4 * 2 * dense_pairs(n, h, causal)

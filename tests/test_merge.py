@@ -71,3 +71,30 @@ def test_large_logits_keep_every_strategy_within_the_float32_bound():
             out = ringattn.dilated_attention(q, k, v, strategy=strategy, compile=False, **options)
             err = float((out.double() - ref).norm() / ref.norm())
             assert err < 1e-5, (strategy.label, err)
+
+
+def test_functional_merge_weights_are_relative_to_the_largest_lse():
+    """A row that config 0 does not select (LSE -inf) while another config's LSE is large: the
+    weights must be taken relative to the largest finite LSE, never to an arbitrary partial's
+    (exp(300) overflows float32)."""
+    outs = [torch.ones(2, 4), torch.full((2, 4), 2.0)]
+    lses = [torch.tensor([float("-inf"), 0.0]), torch.tensor([200.0, 300.0])]
+    merged = merge(outs, lses, torch.float32)
+    assert torch.isfinite(merged).all()
+    assert torch.allclose(merged, torch.full((2, 4), 2.0))
+
+
+@given(st.integers(0, 2**31 - 1), st.sampled_from([torch.bfloat16, torch.float16]))
+def test_low_precision_merge_rounds_once(seed, dtype):
+    """A bf16/fp16 accumulator: the weighted sum is formed in float32 and rounded once, i.e. it
+    equals the float32 merge of the same values rounded to the accumulator's dtype, bit for bit."""
+    gen = torch.Generator().manual_seed(seed)
+    acc = torch.randn(64, 8, generator=gen).to(dtype)
+    out = torch.randn(64, 8, generator=gen)
+    lse_old, lse_new = (torch.randn(64, generator=gen) * 3 for _ in range(2))
+    acc32, lse32 = acc.float(), lse_old.clone()
+    merge_into_(acc32, lse32, out, lse_new)
+    lse_low = lse_old.clone()
+    merge_into_(acc, lse_low, out, lse_new)
+    assert torch.equal(acc, acc32.to(dtype))
+    assert torch.equal(lse_low, lse32)

@@ -381,3 +381,14 @@ def test_rotary_bad_inputs(x, positions, match):
     """Before, one position was broadcast over every row, and a 3-D x came back 4-D."""
     with pytest.raises(ValueError, match=match):
         rotary(x, positions)
+
+
+def test_a_multi_token_chunk_after_the_prefill_equals_full_recompute():
+    """Every query of a later chunk sees only the rows up to its own position, although the
+    whole chunk's K/V are in the cache by then."""
+    for mixing, configs in (("lse", ((4, 8), (1, 2))), ("head_groups", ((4, 8), (2, 4)))):
+        model = tiny_model(mixing, *configs).double()
+        tokens = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(0))
+        caches = model.new_caches(2, 16)
+        chunks = [model(tokens[:, a:b], caches) for a, b in ((0, 5), (5, 11), (11, 16))]
+        assert (torch.cat(chunks, 1) - model(tokens)).abs().max() < 1e-10
