@@ -6,6 +6,8 @@ covered without touching this file (see tests/test_registry.py).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -79,13 +81,29 @@ def grad_floor(grad_out: torch.Tensor) -> float:
     return 0.1 * float(grad_out.norm())
 
 
-def check_against_oracle(p: dict, dtype: torch.dtype, strategies=None) -> None:
+class OracleRun(NamedTuple):
+    """Inputs in ``dtype``, the oracle's output, merged LSE and gradients for ``grad_out``."""
+
+    qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    ref_inputs: list[torch.Tensor]  # the float64 inputs, whose graph stays for more gradients
+    ref: torch.Tensor
+    lse_ref: torch.Tensor
+    grad_out: torch.Tensor  # (float64 holding dtype's values)
+    ref_grads: tuple[torch.Tensor, ...]
+
+
+def oracle_run(p: dict, dtype: torch.dtype) -> OracleRun:
     q, k, v = make_qkv(p, dtype)
     ref_inputs = [x.detach().double().requires_grad_() for x in (q, k, v)]
     ref, lse_ref = reference.dilated_attention_and_lse(*ref_inputs, **options(p))
     gen = torch.Generator().manual_seed(1)
     grad_out = torch.randn(ref.shape, generator=gen, dtype=torch.float64).to(dtype).double()
     ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out, retain_graph=True)
+    return OracleRun((q, k, v), ref_inputs, ref, lse_ref, grad_out, ref_grads)
+
+
+def check_against_oracle(p: dict, dtype: torch.dtype, strategies=None) -> None:
+    (q, k, v), ref_inputs, ref, lse_ref, grad_out, ref_grads = oracle_run(p, dtype)
     tol = TOLERANCE[dtype]
     grad_tol = max(tol, 4 * naive_gradient_error(p, q, k, v, grad_out, ref_grads))
     for strategy in strategies or local_strategies():
@@ -557,12 +575,7 @@ def test_the_output_rounding_model_explains_a_sharp_softmaxs_gradient_error():
     exact given their inputs), so the model accounts for that excess."""
     p = {"b": 1, "n": 16, "h": 2, "d": 8, "segment_lengths": (12, 16), "dilation_rates": (4, 4)}
     p |= {"causal": True, "mixing": "lse", "scale": 1.7}
-    q, k, v = make_qkv(p, torch.bfloat16)
-    ref_inputs = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    ref, lse_ref = reference.dilated_attention_and_lse(*ref_inputs, **options(p))
-    gen = torch.Generator().manual_seed(1)
-    grad_out = torch.randn(ref.shape, generator=gen, dtype=torch.float64).to(q.dtype).double()
-    ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out, retain_graph=True)
+    (q, k, v), ref_inputs, ref, lse_ref, grad_out, ref_grads = oracle_run(p, torch.bfloat16)
     naive = naive_gradient_error(p, q, k, v, grad_out, ref_grads)
     floor = grad_floor(grad_out)
     for computer in ("sdpa", "math"):
