@@ -26,6 +26,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh unit_order # ~6 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh bwd_tiles # ~1.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh bwd_ab   # ~2.5 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh fuzz     # ~7.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #
@@ -70,7 +71,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|long|checks|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh record|fuzz|long|checks|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -401,6 +402,13 @@ group)
     summary="$(grep -h "^problem=" "$out/probe.log" | cut -c1-400)
 $(brief "$out"/ab*/overheads.json)
 $(grep -h "GPU busy" "$out/timeline_131k_causal/kernel_timeline.md" | cut -c1-150)"
+    ;;
+fuzz)
+    # random problems against the oracle on the GPU (experiments/gpu_fuzz.py): head dims, dtypes,
+    # input layouts and cache keys the fixed check never draws; FUZZ_SEED / FUZZ_BUDGET override
+    timeout 570 python -m experiments.gpu_fuzz --budget "${FUZZ_BUDGET:-420}" \
+        --seed "${FUZZ_SEED:-0}" --out "$out" >"$out/fuzz.log" 2>&1
+    summary="$(tail -n 14 "$out/fuzz.log" | cut -c1-400)"
     ;;
 weak)
     NCCL_NVLS_ENABLE=0 timeout 560 torchrun --standalone --nproc_per_node=2 \

@@ -164,11 +164,13 @@ def installed(kernel: FakeFA4) -> Iterator[FakeFA4]:
     CUDA ones; float64 stays on torch's kernels as on a GPU), and back after it. The functional
     API's cached modules are fresh inside too: a module prepares its launches once, so one made
     elsewhere (without FA4, or under other switches) would never offer the block's kernels."""
-    saved = {name: getattr(fa4, name) for name in ("_kernels", "_REPLAYS", "available")}
+    names = ("_kernels", "_REPLAYS", "available", "BACKWARD_HEAD_DIM_MULTIPLE")
+    saved = {name: getattr(fa4, name) for name in names}
     saved_modules = ringattn.api._MODULES
     fa4._kernels = kernel.kernels
     fa4._REPLAYS = {}  # replays launch the kernels they recorded
     fa4.available = lambda q: q.dtype != torch.float64
+    fa4.BACKWARD_HEAD_DIM_MULTIPLE = 1  # the stand-in's backward is right at every head dim
     ringattn.api._MODULES = OrderedDict()
     try:
         yield kernel

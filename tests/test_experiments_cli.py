@@ -36,6 +36,7 @@ GPU_ONLY = [
     "merge_launch",
     "clock_probe",
     "fa4_probe",
+    "gpu_fuzz",
 ]
 
 
@@ -60,3 +61,37 @@ def test_train_longrange_refuses_a_step_count_below_one(steps, capsys):
         train_longrange.main(["--steps", steps])
     assert done.value.code == 2
     assert "--steps must be a positive integer" in capsys.readouterr().err
+
+
+def run_fuzz(tmp_path, *extra: str) -> dict:
+    from experiments import gpu_fuzz
+
+    args = ["--device", "cpu", "--draws", "2", "--max-n", "48", "--max-d", "16"]
+    gpu_fuzz.main([*args, "--out", str(tmp_path), *extra])
+    import json
+
+    return json.loads((tmp_path / "gpu_fuzz.json").read_text())
+
+
+def test_gpu_fuzz_runs_on_the_cpu(tmp_path):
+    """The GPU fuzz's draws, modules and checks, on the CPU's kernels: no failure."""
+    rows = run_fuzz(tmp_path)["rows"]
+    checked = [row for row in rows if "ok" in row]
+    assert len(checked) >= 2 * 3 * 4 and all(row["ok"] for row in checked)
+    assert {row["call"] for row in checked} == {0, 1, 2}
+
+
+def test_gpu_fuzz_reports_a_wrong_gradient(tmp_path, monkeypatch):
+    """A planted bug (sdpa's dQ 5% off) is a failure of every sdpa call, not of math's."""
+    from ringattn.computers.sdpa import SDPAComputer
+
+    backward = SDPAComputer.backward
+
+    def off(self, *args):
+        dq, dk, dv = backward(self, *args)
+        return dq * 1.05, dk, dv
+
+    monkeypatch.setattr(SDPAComputer, "backward", off)
+    rows = [row for row in run_fuzz(tmp_path)["rows"] if "ok" in row]
+    assert {row["ok"] for row in rows if "/sdpa/" in row["strategy"]} == {False}
+    assert {row["ok"] for row in rows if "/math/" in row["strategy"]} == {True}

@@ -353,7 +353,7 @@ def test_fa4s_placed_backward_split_is_the_plans_over_its_merge(monkeypatch):
     times the plan's; without FA4 (the CPU) or with a merge of 1, the plan's parts."""
     computer, q = SDPAComputer(), torch.empty(1, 8, 2, 4)
     assert computer.placed_backward_split(q) is None  # no FA4 here
-    monkeypatch.setattr(SDPAComputer, "_fa4", lambda self, choice, q: True)
+    monkeypatch.setattr(SDPAComputer, "_fa4_backward", lambda self, q: True)
     monkeypatch.setattr(pattern, "BLOCK_SPLIT", 8)
     assert computer.placed_backward_split(q) == 4
     for merge, split in ((1, None), (3, 2), (16, 1)):

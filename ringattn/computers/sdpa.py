@@ -52,6 +52,8 @@ aten = torch.ops.aten
 CUDNN_AVAILABLE = torch.backends.cudnn.is_available()
 CUDA_BACKWARDS = ("auto", "torch")
 CUDA_FORWARDS = ("auto", "torch")
+# where head dims that are not whole 16-byte vectors are padded (CPU kernels take any)
+PADDED_DEVICE_TYPES = ("cuda",)
 
 
 def _bhld(x: Tensor) -> Tensor:
@@ -63,6 +65,21 @@ def _bhld_contiguous(x: Tensor) -> Tensor:
     # handed non-contiguous inputs, because its fake kernel assumes contiguous outputs. Copies are
     # cheap next to the attention itself; tests/test_compile.py catches a regression.
     return x.transpose(1, 2).contiguous()
+
+
+def _unpacked_head_dim(q: Tensor) -> bool:
+    """Whether ``q``'s rows are not a whole number of 16 bytes on CUDA: torch's CUDA kernels
+    refuse such head dims ("head_size must be a multiple of 8", FlashAttention) and cuDNN / FA4
+    are not called for them; F.scaled_dot_product_attention pads them, and so does this."""
+    return q.device.type in PADDED_DEVICE_TYPES and q.shape[-1] * q.element_size() % 16 != 0
+
+
+def _padded_head_dim(*xs: Tensor) -> list[Tensor]:
+    """``xs`` with zeros appended to their head dim up to a multiple of 16 bytes: they add
+    nothing to ``q . k`` (the scale is passed explicitly) and their output columns are dropped."""
+    multiple = 16 // xs[0].element_size()
+    extra = -xs[0].shape[-1] % multiple
+    return [torch.nn.functional.pad(x, (0, extra)) for x in xs]
 
 
 def _bhl1(lse: Tensor) -> Tensor:
@@ -89,6 +106,7 @@ class SDPAComputer(BlockComputer):
             and q.dtype in (torch.float16, torch.bfloat16)
             and q.shape[-1] <= 128
             and q.shape[-1] % 8 == 0
+            and q.shape[1] > 1  # its backward: "s_q = s_kv = 1 is not supported" (or a crash)
             and CUDNN_AVAILABLE
         )
 
@@ -99,6 +117,10 @@ class SDPAComputer(BlockComputer):
         """Whether a direction whose setting is ``choice`` (cuda_forward / cuda_backward) runs on
         FA4 (cuda_backend "flash" is the FlashAttention-2 A/B: both directions stay on it)."""
         return choice == "auto" and self.cuda_backend != "flash" and fa4.available(q)
+
+    def _fa4_backward(self, q: Tensor) -> bool:
+        """:meth:`_fa4` for the backward (``cuda_backward``), at the head dims it is right for."""
+        return self._fa4(self.cuda_backward, q) and fa4.backward_available(q)
 
     def unsupported(
         self,
@@ -128,6 +150,9 @@ class SDPAComputer(BlockComputer):
     def forward(
         self, q: Rows, k: Rows, v: Rows, causal: bool, scale: float
     ) -> tuple[Rows, RowsLSE]:
+        if _unpacked_head_dim(q):
+            out, lse = self.forward(*_padded_head_dim(q, k, v), causal, scale)
+            return out[..., : q.shape[-1]], lse
         if self._fa4(self.cuda_forward, q):
             return fa4.forward(q, k, v, causal, scale)
         qt, kt, vt = _bhld(q), _bhld(k), _bhld(v)
@@ -162,7 +187,11 @@ class SDPAComputer(BlockComputer):
         causal: bool,
         scale: float,
     ) -> tuple[Rows, Rows, Rows]:
-        if self._fa4(self.cuda_backward, q):
+        if _unpacked_head_dim(q):
+            padded = _padded_head_dim(dout, q, k, v, out)
+            grads = self.backward(*padded[:4], padded[4], lse, causal, scale)
+            return tuple(g[..., : q.shape[-1]] for g in grads)
+        if self._fa4_backward(q):
             return fa4.backward(dout, q, k, v, out, lse, causal, scale)
         lse_bhl = lse.transpose(1, 2).to(accumulation_dtype(q.dtype))
         if q.device.type == "cpu":
@@ -278,7 +307,7 @@ class SDPAComputer(BlockComputer):
         scale: float,
         grads: tuple[Rows, Rows, Rows],
     ) -> None:
-        if self._fa4(self.cuda_backward, q):
+        if self._fa4_backward(q):
             fa4.backward(dout, q, k, v, out, lse, causal, scale, grads)
             return
         if not (
@@ -314,13 +343,13 @@ class SDPAComputer(BlockComputer):
     fa4_backward_merge = 2
 
     def placed_backward_split(self, q):
-        if not self._fa4(self.cuda_backward, q) or self.fa4_backward_merge == 1:
+        if not self._fa4_backward(q) or self.fa4_backward_merge == 1:
             return None
         return max(1, pattern.BLOCK_SPLIT // self.fa4_backward_merge)
 
     def packs_backward_lse(self, q):
         # FA4's backward copies each block's LSE to [B, H, L] contiguous (ringattn.kernels.fa4)
-        return self._fa4(self.cuda_backward, q)
+        return self._fa4_backward(q)
 
     def merging_launcher(self, causal, scale, q, k, v, out, lse):
         # FA4's forward with the merge in its epilogue (ringattn.kernels.fa4_merge)
@@ -373,7 +402,7 @@ class SDPAComputer(BlockComputer):
         # switch also decides here)
         if not (
             fa4_group_bwd.ENABLED
-            and self._fa4(self.cuda_backward, groups[0][1])
+            and self._fa4_backward(groups[0][1])
             and fa4_group_bwd.supported(groups)
         ):
             return None
@@ -389,7 +418,7 @@ class SDPAComputer(BlockComputer):
 
     def adding_launcher(self, causal, scale, dout, q, k, v, out, lse, dq, dk, dv):
         # FA4's backward with its dK / dV stores as TMA reduce-adds (ringattn.kernels.fa4_add)
-        if not (self._fa4(self.cuda_backward, q) and fa4_add.supported(q)):
+        if not (self._fa4_backward(q) and fa4_add.supported(q)):
             return None
 
         def launch(dout, q, k, v, out, lse, dk, dv) -> Tensor | None:
@@ -398,7 +427,7 @@ class SDPAComputer(BlockComputer):
         return launch
 
     def backward_launcher(self, causal, scale, dout, q, k, v, out, lse, dq, dk, dv):
-        if self._fa4(self.cuda_backward, q):
+        if self._fa4_backward(q):
             memo: dict = {}  # as forward_launcher's
 
             def launch(dout, q, k, v, out, lse, dq, dk, dv) -> None:

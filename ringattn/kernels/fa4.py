@@ -211,6 +211,18 @@ def available(q: Tensor) -> bool:
     )
 
 
+# FA4's SM90 backward rounds the head dim up to a multiple of 32 for its dQ workspace; at other
+# head dims (40, 80 on an H200, fp16 and bf16) its dQ came out wrong for blocks of 128 rows or more
+# (relative error 0.5-0.9; dK, dV and the forward right), silently: experiments/gpu_fuzz.py found
+# it. Those head dims take torch's backward (cuDNN).
+BACKWARD_HEAD_DIM_MULTIPLE = 32
+
+
+def backward_available(q: Tensor) -> bool:
+    """:func:`available` for the backward: also a head dim FA4's backward computes right."""
+    return available(q) and q.shape[-1] % BACKWARD_HEAD_DIM_MULTIPLE == 0
+
+
 def sm90(q: Tensor) -> bool:
     """:func:`available` on an SM90 GPU (H100/H200): where the fused variants of FA4's SM90
     kernels (``fa4_merge``, ``fa4_zero``, ``fa4_add``) apply."""

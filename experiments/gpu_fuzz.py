@@ -1,0 +1,432 @@
+"""Random problems against the float64 oracle on the GPU, for a time budget: every single-device
+strategy, forward and backward, with what users pass and the fixed GPU check never draws.
+
+    python -m experiments.gpu_fuzz --budget 300 --out "$OUT/fuzz"
+
+The GPU runs kernels the CPU suite only sees faked (cuDNN, FA4 and its fused variants, the cuDNN
+frontend's placed calls, Triton merges), each with its own limits (head dims, alignments, strides).
+``experiments.flex_gpu --part check`` holds every strategy to the oracle on three fixed problems
+(d = 64); this draws the rest: head dims 8 to 256 (some not multiples of 8), fp16 / bf16 / fp32,
+1 to 4 configs with tails and ``w > n``, and the input layouts of real models: q, k, v unbound from
+a fused QKV projection, permuted from ``[b, h, n, d]``, offset in their storage, or sliced off a
+wider head dim. Each module is called twice on one problem (the second call replays what the
+first cached: FA4's launches, pooled buffers) and then on a second problem of another length and
+layout (cache keys).
+
+A call passes when its output's and its gradients' errors against the oracle are within 4x of
+what ``computer="math"`` (plain matmuls) makes of the same inputs (at least a tenth of the
+suite's ``TOLERANCE`` for the dtype): the inputs' own rounding, which a sharp softmax amplifies
+into the gradients, sets every kernel's error alike (tests/test_strategies.py measures that term
+exactly), and a kernel's own error is far below it. Anything else, NaN,
+or an exception other than a ``ValueError``/``TypeError`` refusing the input is a failure, written
+with its seed to ``gpu_fuzz.json`` / ``gpu_fuzz.md`` under ``--out``; the table of failures is
+printed last. ``--device cpu`` runs the same on the CPU (what CI runs, a few draws).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+import ringattn
+from experiments.ablate import dict_rows_to_markdown, rel_err
+from experiments.bench import failure
+from ringattn import reference
+from ringattn.computers.sdpa import SDPAComputer
+from ringattn.kernels import fa4, fa4_add, fa4_group, fa4_group_bwd, fa4_merge, fa4_zero
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+MATH_FACTOR = 4
+LAYOUTS = ("contiguous", "fused_qkv", "bhnd", "offset", "head_dim_slice")
+HEAD_DIMS = (8, 20, 24, 32, 40, 48, 64, 64, 80, 96, 112, 128, 128, 160, 192, 256)
+MATH = ringattn.Strategy(dilation="segment_local", computer="math", memory="none")
+
+
+def draw_problem(rng: random.Random, max_n: int, max_d: int) -> dict:
+    """One problem: shapes, configs (``r | w``), options; lengths mostly multiples of 16 (the
+    kernels' tiles) with some odd ones, ``n`` with a tail past the longest segment half the time."""
+    k = rng.randint(1, 4)
+    rates = sorted(rng.choice((1, 2, 3, 4, 8, 16)) for _ in range(k))
+    lengths = []
+    for r in rates:
+        rows = rng.choice((1, 7, 16, 48, 64, 100, 128, 256, 512, 2048))
+        lengths.append(r * min(rows, max(1, max_n // r)))
+    n = max(lengths) * rng.randint(1, 3)
+    if rng.random() < 0.5:
+        n += rng.randint(-max(lengths) + 1, max(lengths) - 1)
+    n = max(1, min(n, max_n))
+    d = rng.choice([x for x in HEAD_DIMS if x <= max_d])
+    head_dim_scale = d**-0.5
+    return {
+        "b": rng.randint(1, 3),
+        "n": n,
+        "h": rng.randint(1, 8),
+        "d": d,
+        "dtype": rng.choice(("bfloat16", "bfloat16", "float16", "float16", "float32")),
+        "segment_lengths": tuple(lengths),
+        "dilation_rates": tuple(rates),
+        "causal": rng.random() < 0.5,
+        "mixing": rng.choice(("lse", "head_groups")),
+        "scale": rng.choice((None, None, 0.5 * head_dim_scale, 2.0 * head_dim_scale)),
+        "layout": rng.choice(LAYOUTS),
+    }
+
+
+def make_inputs(p: dict, device: torch.device, seed: int):
+    """q, k, v (float64 on ``device``, then cast) in ``p["layout"]``, and the output gradient."""
+    b, n, h, d = p["b"], p["n"], p["h"], p["d"]
+    dtype = getattr(torch, p["dtype"])
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device, dtype)
+
+    layout = p["layout"]
+    if layout == "fused_qkv":  # x @ W_qkv viewed as [b, n, 3, h, d]
+        q, k, v = randn(b, n, 3, h, d).unbind(2)
+    elif layout == "bhnd":  # a model that keeps heads before rows
+        q, k, v = (randn(b, h, n, d).transpose(1, 2) for _ in range(3))
+    elif layout == "offset":  # a view starting one row in (another base pointer alignment)
+        q, k, v = (randn(b, n + 1, h, d)[:, 1:] for _ in range(3))
+    elif layout == "head_dim_slice":  # the last d of a wider head dim
+        q, k, v = (randn(b, n, h, d + 4)[..., 4:] for _ in range(3))
+    else:
+        q, k, v = (randn(b, n, h, d) for _ in range(3))
+    return q, k, v, randn(b, n, h, d)
+
+
+def oracle(p: dict, q, k, v, grad):
+    opts = {key: p[key] for key in ("segment_lengths", "dilation_rates", "causal", "mixing")}
+    xs = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    out = reference.dilated_attention(*xs, **opts, scale=p["scale"])
+    return out.detach(), torch.autograd.grad(out, xs, grad.double())
+
+
+def run(module, q, k, v, grad):
+    xs = [x.detach().requires_grad_() for x in (q, k, v)]
+    # the layouts above are views: detach keeps their strides, which is the point
+    out = module(*xs)
+    return out.detach(), torch.autograd.grad(out, xs, grad)
+
+
+def errors(got, ref) -> tuple[float, float]:
+    out, grads = got
+    ref_out, ref_grads = ref
+    return rel_err(out, ref_out), max(rel_err(g, r) for g, r in zip(grads, ref_grads))
+
+
+def module_for(strategy: ringattn.Strategy, p: dict) -> ringattn.DilatedAttention:
+    return ringattn.DilatedAttention(
+        p["segment_lengths"],
+        p["dilation_rates"],
+        causal=p["causal"],
+        mixing=p["mixing"],
+        scale=p["scale"],
+        strategy=strategy,
+        compile=False,
+    )
+
+
+def check_module(strategy, problems, device, seed: int) -> list[dict]:
+    """One module through ``problems`` (each ``(p, inputs, oracle, math errors)``): one row per
+    call. The module is built from the first problem's options; later problems share them."""
+    rows = []
+    try:
+        module = module_for(strategy, problems[0][0])
+    except (ValueError, TypeError) as exc:  # a strategy refusing these options: not a failure
+        return [{"strategy": strategy.label, "seed": seed, "refused": failure(exc)}]
+    for call, (p, inputs, ref, math_errs) in enumerate(problems):
+        row = {"strategy": strategy.label, "seed": seed, "call": call, **describe(p)}
+        try:
+            fwd, grad = errors(run(module, *inputs), ref)
+        except (ValueError, TypeError) as exc:
+            row["refused"] = failure(exc)
+            rows.append(row)
+            continue
+        except Exception as exc:  # a crash inside the kernels: report, keep going
+            row.update(ok=False, error=failure(exc, 300))
+            rows.append(row)
+            continue
+        floor = TOLERANCE[getattr(torch, p["dtype"])] / 10  # where math's error is ~0
+        fwd_bound = max(floor, MATH_FACTOR * math_errs[0])
+        grad_bound = max(floor, MATH_FACTOR * math_errs[1])
+        row.update(
+            fwd_err=fwd,
+            grad_err=grad,
+            math_fwd_err=math_errs[0],
+            math_grad_err=math_errs[1],
+            ok=bool(fwd <= fwd_bound and grad <= grad_bound),  # NaN fails both
+        )
+        rows.append(row)
+    return rows
+
+
+def describe(p: dict) -> dict:
+    return {
+        key: (str(val) if isinstance(val, tuple) else val)
+        for key, val in p.items()
+        if key != "scale"
+    } | {"scale": None if p["scale"] is None else round(p["scale"], 4)}
+
+
+def prepare(p: dict, device, seed: int):
+    inputs = make_inputs(p, device, seed)
+    ref = oracle(p, *inputs)
+    math_errs = errors(run(module_for(MATH, p), *inputs), ref)
+    return p, inputs, ref, math_errs
+
+
+def second_problem(p: dict, rng: random.Random, max_n: int) -> dict:
+    """The first problem's options at another length and layout (b, h, d, dtype kept)."""
+    n = max(1, min(max_n, p["n"] + rng.choice((-1, 1)) * rng.randint(1, max(1, p["n"] // 2))))
+    return p | {"n": n, "layout": rng.choice(LAYOUTS)}
+
+
+def fuzz(args, device) -> tuple[list[dict], int]:
+    strategies = [
+        s for s in ringattn.Strategy.all(communicator="local") if args.flex or s.computer != "flex"
+    ]
+    rows, draws = [], 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < args.budget and (args.draws is None or draws < args.draws):
+        seed = args.seed + draws
+        rng = random.Random(seed)
+        p = draw_problem(rng, args.max_n, args.max_d)
+        try:
+            first = prepare(p, device, seed)
+            second = prepare(second_problem(p, rng, args.max_n), device, seed + 10**6)
+        except (ValueError, TypeError) as exc:  # math refusing: a bad draw, not a finding
+            rows.append({"strategy": MATH.label, "seed": seed, "refused": failure(exc)})
+            draws += 1
+            continue
+        for strategy in strategies:
+            rows += check_module(strategy, [first, first, second], device, seed)
+        draws += 1
+        bad = [r for r in rows if r.get("ok") is False]
+        print(f"draw {draws} seed {seed}: {describe(p)} | failures so far {len(bad)}", flush=True)
+    return rows, draws
+
+
+@contextmanager
+def variant(name: str) -> Iterator[None]:
+    """The kernel switches of one A/B variant (``--replay``): ``default``; ``bwd_torch`` /
+    ``fwd_torch`` (torch's kernels in that direction instead of FA4's); ``unfused`` (FA4's own
+    kernels without ours around them: no merging, zeroing, adding or grouped launches)."""
+    saved = (SDPAComputer.cuda_forward, SDPAComputer.cuda_backward)
+    fused = (fa4_add, fa4_group, fa4_group_bwd, fa4_merge, fa4_zero)
+    enabled = [m.ENABLED for m in fused]
+    try:
+        if name == "bwd_torch":
+            SDPAComputer.cuda_backward = "torch"
+        elif name == "fwd_torch":
+            SDPAComputer.cuda_forward = "torch"
+        elif name == "unfused":
+            for m in fused:
+                m.ENABLED = False
+        yield
+    finally:
+        SDPAComputer.cuda_forward, SDPAComputer.cuda_backward = saved
+        for m, flag in zip(fused, enabled):
+            m.ENABLED = flag
+
+
+def measure(row: dict, module, inputs, ref, forward_alone: bool = False) -> None:
+    """``row`` given the output's and each gradient's error against ``ref``, or the exception
+    (text) where a call raised; ``forward_alone``: the output's from a no-grad call first (a
+    forward that runs, apart from a backward that fails)."""
+    try:
+        if forward_alone:
+            with torch.no_grad():
+                row["fwd_err"] = rel_err(module(*inputs[:3]), ref[0])
+        out, grads = run(module, *inputs)
+        row.setdefault("fwd_err", rel_err(out, ref[0]))
+        for label, g, r in zip(("dq", "dk", "dv"), grads, ref[1]):
+            row[f"{label}_err"] = rel_err(g, r)
+    except Exception as exc:
+        row["error"] = failure(exc, 200)
+
+
+def replay(seeds: list[int], args, device) -> list[dict]:
+    """Each seed's first problem again through ``segment_local/sdpa``, whole and one config at a
+    time, under each :func:`variant`: which config and which kernel a failure comes from."""
+    rows = []
+    strategy = ringattn.Strategy(dilation="segment_local", computer="sdpa", memory="none")
+    for seed in seeds:
+        p = draw_problem(random.Random(seed), args.max_n, args.max_d)
+        configs = list(zip(p["segment_lengths"], p["dilation_rates"]))
+        parts = [("all", p)] + [
+            (f"({w}, {r})", p | {"segment_lengths": (w,), "dilation_rates": (r,)})
+            for w, r in configs
+        ]
+        for part, problem in parts:
+            inputs = make_inputs(problem, device, seed)
+            ref = oracle(problem, *inputs)
+            for name in ("default", "bwd_torch", "fwd_torch", "unfused"):
+                row = {"seed": seed, "configs": part, "variant": name, **describe(problem)}
+                with variant(name):
+                    measure(row, module_for(strategy, problem), inputs, ref)
+                rows.append(row)
+                print(row, flush=True)
+    return rows
+
+
+def fa4_head_dims(device, dims) -> list[dict]:
+    """FA4 at each head dim, ``fa4.BACKWARD_HEAD_DIM_MULTIPLE``'s gate lifted: one 2048-row
+    config (n = 4096, bf16, contiguous), causal and not; the forward alone (no_grad), then
+    forward+backward; errors against the oracle."""
+    rows = []
+    strategy = ringattn.Strategy(dilation="segment_local", computer="sdpa", memory="none")
+    gate = fa4.BACKWARD_HEAD_DIM_MULTIPLE
+    fa4.BACKWARD_HEAD_DIM_MULTIPLE = 8
+    try:
+        for d in dims:
+            for causal in (True, False):
+                p = {"b": 2, "n": 4096, "h": 4, "d": d, "dtype": "bfloat16", "causal": causal}
+                p |= {"segment_lengths": (2048,), "dilation_rates": (1,), "mixing": "lse"}
+                p |= {"scale": None, "layout": "contiguous"}
+                inputs = make_inputs(p, device, d)
+                ref = oracle(p, *inputs)
+                row = {"d": d, "causal": causal, "fa4_backward": fa4.backward_available(inputs[0])}
+                measure(row, module_for(strategy, p), inputs, ref, forward_alone=True)
+                rows.append(row)
+                print(row, flush=True)
+    finally:
+        fa4.BACKWARD_HEAD_DIM_MULTIPLE = gate
+    return rows
+
+
+KERNELS = {  # --kernels: which CUDA kernels sdpa may call (what users without the extras get)
+    "installed": {},
+    "no_fa4": {"cuda_forward": "torch", "cuda_backward": "torch"},
+    "plain_torch": {"cuda_forward": "torch", "cuda_backward": "torch", "in_place": False},
+}
+
+
+REPLAY_COLUMNS = ["seed", "configs", "variant", "dtype", "n", "h", "d", "causal", "mixing"]
+REPLAY_COLUMNS += ["layout", "fwd_err", "dq_err", "dk_err", "dv_err", "error"]
+
+
+COLUMNS = [
+    "seed",
+    "call",
+    "strategy",
+    "dtype",
+    "b",
+    "n",
+    "h",
+    "d",
+    "segment_lengths",
+    "dilation_rates",
+    "causal",
+    "mixing",
+    "scale",
+    "layout",
+    "fwd_err",
+    "grad_err",
+    "math_fwd_err",
+    "math_grad_err",
+    "error",
+]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("results/gpu_fuzz"))
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--budget", type=float, default=300.0, help="seconds of drawing")
+    parser.add_argument("--draws", type=int, default=None, help="stop after this many draws")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-n", type=int, default=8192)
+    parser.add_argument("--max-d", type=int, default=256)
+    parser.add_argument("--flex", action="store_true", help="draw computer='flex' too (compiles)")
+    parser.add_argument(
+        "--replay",
+        type=int,
+        nargs="+",
+        default=None,
+        help="instead of drawing: these seeds' problems, whole and per config, under A/B switches",
+    )
+    parser.add_argument(
+        "--kernels",
+        choices=tuple(KERNELS),
+        default="installed",
+        help="no_fa4: torch's kernels (cuDNN, placed through its frontend where installed); "
+        "plain_torch: torch's kernels only (no frontend), as without the cuda/fa4 extras",
+    )
+    parser.add_argument(
+        "--fa4-head-dims",
+        type=int,
+        nargs="+",
+        default=None,
+        help="instead of drawing: FA4 at these head dims, the backward's gate lifted",
+    )
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_fuzz: error: --device cuda, but CUDA is not available here")
+    device = torch.device(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, value in KERNELS[args.kernels].items():
+        setattr(SDPAComputer, name, value)
+    if args.fa4_head_dims:
+        rows = fa4_head_dims(device, args.fa4_head_dims)
+        columns = ["d", "causal", "fa4_backward", "fwd_err", "dq_err", "dk_err", "dv_err", "error"]
+        table = dict_rows_to_markdown(rows, columns)
+        (args.out / "fa4_head_dims.md").write_text(table + "\n")
+        print(table)
+        return
+    if args.replay is not None:
+        rows = replay(args.replay, args, device)
+        (args.out / "gpu_fuzz_replay.json").write_text(json.dumps(rows))
+        table = dict_rows_to_markdown(rows, REPLAY_COLUMNS)
+        (args.out / "gpu_fuzz_replay.md").write_text(table + "\n")
+        print(table)
+        return
+    rows, draws = fuzz(args, device)
+    checked = [r for r in rows if "ok" in r]
+    bad = [r for r in checked if not r["ok"]]
+    refused = Counter(r["refused"] for r in rows if "refused" in r)
+    header = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    summary = (
+        f"{draws} draws, {len(checked)} calls checked, {len(bad)} failed, "
+        f"{sum(refused.values())} refused ({header}, torch {torch.__version__}, seed {args.seed}, "
+        f"kernels {args.kernels})"
+    )
+    (args.out / "gpu_fuzz.json").write_text(json.dumps({"summary": summary, "rows": rows}))
+    report = [
+        "# Random problems against the float64 oracle",
+        "",
+        f"Command: `python -m experiments.gpu_fuzz --device {args.device} --budget {args.budget} "
+        f"--seed {args.seed} --max-n {args.max_n} --max-d {args.max_d} --kernels {args.kernels}"
+        + (" --flex`" if args.flex else "`"),
+        "",
+        summary,
+        "",
+        "## Failures",
+        "",
+        dict_rows_to_markdown(bad, COLUMNS) if bad else "none",
+        "",
+        "## Refusals (ValueError / TypeError), by message",
+        "",
+        "\n".join(f"- {count}x {msg}" for msg, count in refused.most_common()) or "none",
+        "",
+    ]
+    (args.out / "gpu_fuzz.md").write_text("\n".join(report))
+    measured = [r for r in checked if "grad_err" in r]
+    worst = sorted(measured, key=lambda r: -(r["grad_err"] / max(r["math_grad_err"], 1e-12)))[:5]
+    print("\nworst gradient errors relative to math's:")
+    print(dict_rows_to_markdown(worst, COLUMNS))
+    print("\nfailures:")
+    print(dict_rows_to_markdown(bad, COLUMNS) if bad else "none")
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()
