@@ -13,7 +13,7 @@ from __future__ import annotations
 import types
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from beartype import beartype
@@ -124,15 +124,42 @@ def check_plain(q: Tensor, k: Tensor, v: Tensor) -> None:
             raise ValueError(f"q, k, v must have {axis} >= 1, got shape {tuple(q.shape)}")
 
 
+def refuse_functorch(q: object, k: object, v: object) -> None:
+    """A TypeError for inputs a ``torch.func`` transform wrapped: inside ``vmap`` they report
+    ``requires_grad=False``, so the core ran without its autograd function and a later
+    ``backward()`` differentiated the kernels' ops as recorded, the LSE merge's weights as
+    constants (dq, dk 24-39% off, silently); ``grad`` / ``jacrev`` failed inside torch."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if isinstance(x, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x):
+            raise TypeError(
+                f"parameter {name!r} comes from a torch.func transform (vmap, grad, jacrev, "
+                "...), which ringattn's dilated attention does not support: loop over the "
+                "batched dim, or use the float64 ringattn.reference.dilated_attention"
+            )
+
+
 def _needs_grad(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
 
 
 def _described(x: object) -> tuple:
-    """What the ranks must agree on about one input (its device type only: ranks own devices)."""
+    """What the ranks must agree on about one input (its device type only: ranks own devices),
+    everything :func:`check_plain` reads of it: then it raises on every rank or on none."""
     if not isinstance(x, Tensor):
         return (type(x).__name__,)
-    return (tuple(x.shape), str(x.dtype), x.device.type, x.requires_grad)
+    return (tuple(x.shape), str(x.dtype), x.device.type, str(x.layout), x.requires_grad)
+
+
+def _call_described(q: object, k: object, v: object) -> tuple:
+    """What the ranks must agree on about a call's inputs: each one's :func:`_described`,
+    whether k and v share q's device (a rank's own devices differ from another's), and the
+    autocast that casts them (a rank in bf16 and one in fp16 exchanged each other's bytes)."""
+    inputs = tuple(_described(x) for x in (q, k, v))
+    if not all(isinstance(x, Tensor) for x in (q, k, v)):
+        return inputs
+    device = q.device.type
+    autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return (*inputs, k.device == q.device, v.device == q.device, str(autocast))
 
 
 def packed_rows(x: Tensor) -> Tensor:
@@ -330,7 +357,7 @@ class DilatedAttention(nn.Module):
     def _check_across_ranks(self, q: Tensor, k: Tensor, v: Tensor) -> None:
         """The ranks' agreement on this call (see ``check_every_call``)."""
         signature = (
-            tuple(_described(x) for x in (q, k, v)),  # before validation: all ranks agree first
+            _call_described(q, k, v),  # before validation: all ranks agree first
             self.config,
             self.strategy.label,
             self.communicator.layout,
@@ -349,6 +376,23 @@ class DilatedAttention(nn.Module):
         if len(self._checked) >= RECOMPILE_LIMIT:  # bounded: drop the oldest
             self._checked.pop(next(iter(self._checked)))
         self._checked[signature] = digest
+
+    def refuse_across_ranks(self, exc: Exception) -> NoReturn:
+        """Raise ``exc``, a rank-local failure of a call that was to reach this module (a
+        layer's own argument checks, before its projections). Where the module is
+        sequence-parallel the other ranks would wait for this one in the ring; so this rank
+        takes part in the call's agreement (``check_every_call``) with a signature that cannot
+        match theirs, and they raise a ValueError naming this rank's error instead."""
+        tracing = torch.compiler.is_compiling()
+        if self.communicator.distributed and self.check_every_call and not tracing:
+            group = self.communicator.group
+            signature = ("refused before the call", f"{type(exc).__name__}: {exc}")
+            try:
+                if not distributed.agree(group, distributed.fingerprint(signature)):
+                    distributed.check_consistent(group, signature)
+            except ValueError as disagreement:
+                raise exc from disagreement
+        raise exc
 
     def _validate(self, q: Tensor, k: Tensor, v: Tensor) -> None:
         """Type and shape checks (jaxtyping + beartype) and the computer's support, once per input
@@ -384,6 +428,8 @@ class DilatedAttention(nn.Module):
         and device), as ``docs/semantics.md`` defines it; ``[b, n, h, d]`` in q's dtype. A
         sequence-parallel module takes this rank's shard of each and returns its shard."""
         tracing = torch.compiler.is_compiling()
+        if not tracing:
+            refuse_functorch(q, k, v)
         if self.communicator.distributed and not tracing:
             self._check_across_ranks(q, k, v)
         if tracing:  # the same rules, traced into guards (no beartype frames in the graph)

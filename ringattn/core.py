@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import secrets
 import weakref
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
@@ -74,15 +75,21 @@ class CoreSpec:
 
 # modules by a number given in their __init__, weakly (a module lives as long as its user keeps it)
 _MODULES: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
-_NUMBERS = itertools.count()
+# numbers start at a random multiple of 2**24 per process: a graph saved with its module's number
+# (torch.export) and loaded in another process then finds no module there and says so, where
+# counting from 0 in each process had it run that process's module of the same number: another
+# config, silently
+_NUMBERS = itertools.count(secrets.randbits(38) << 24)
 
 
 def register_module(module: Any) -> Tensor:
     """A number for ``module`` (a CPU int64 scalar tensor, see ``CoreSpec.module``), whose
-    ``eager_spec(q)`` the opaque ops call for their spec."""
+    ``eager_spec(q)`` the opaque ops call for their spec. On the CPU whatever the default device:
+    made under ``torch.device("meta")`` (a model built there, then ``to_empty``) it stayed on
+    meta, and the ops then ran their fake kernels (uninitialised outputs, no error)."""
     number = next(_NUMBERS)
     _MODULES[number] = module
-    return torch.tensor(number, dtype=torch.int64)
+    return torch.tensor(number, dtype=torch.int64, device="cpu")
 
 
 def _spec(module_tag: Tensor, q: Tensor) -> CoreSpec:
@@ -95,7 +102,9 @@ def _spec(module_tag: Tensor, q: Tensor) -> CoreSpec:
             f"ringattn: the attention module #{module_number} that this compiled call belongs "
             "to is gone (a compiled graph names its module but does not keep it alive; the "
             "functional dilated_attention keeps the modules of its last 32 option sets): keep "
-            "a DilatedAttention module for as long as its compiled calls and their backward run"
+            "a DilatedAttention module for as long as its compiled calls and their backward run. "
+            "A graph exported (torch.export) and loaded in another process has no module "
+            "there: export runs in the process that made the module"
         )
     return module.eager_spec(q)
 

@@ -484,3 +484,95 @@ def a_bad_input_on_every_rank_is_named_everywhere():
     except TypeError as exc:
         return str(exc)
     raise AssertionError("no error")
+
+
+def _messages_of(call) -> str:
+    """``call()``'s exception as ``"TypeName: message"`` (AssertionError if none): a rank's
+    answer in the one-rank-differs cases."""
+    try:
+        call()
+    except (TypeError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    raise AssertionError("no error")
+
+
+def ranks_under_different_autocasts_raise_everywhere():
+    """Rank 0 under bf16 autocast, rank 1 under fp16: float32 inputs agreed on, then each cast
+    to its own dtype, exchanged each other's bytes (relative error 1.7, no error)."""
+    module = _small_module()
+    q = torch.randn(1, 16, 2, 8)
+    dtype = torch.bfloat16 if dist.get_rank() == 0 else torch.float16
+    with torch.autocast("cpu", dtype=dtype):
+        return _messages_of(lambda: module(q, q, q))
+
+
+def a_sparse_input_on_one_rank_raises_everywhere():
+    """A sparse q of the right shape and dtype on one rank: the ranks agreed, then that rank's
+    own check raised while the other waited in the ring."""
+    module = _small_module()
+    q = torch.randn(1, 16, 2, 8)
+    mine = q.to_sparse() if dist.get_rank() == 1 else q
+    return _messages_of(lambda: module(mine, q, q))
+
+
+def _layer(layout: str = "contiguous", rotary: bool = False):
+    from ringattn.nn import MultiheadDilatedAttention
+
+    torch.manual_seed(0)
+    strategy = ringattn.Strategy(communicator="ring")
+    return MultiheadDilatedAttention(
+        16, 2, (8, 16), (1, 2), strategy=strategy, compile=False, layout=layout,
+        rotary_embedding=rotary, causal=True,
+    )  # fmt: skip
+
+
+def a_layers_bad_input_on_one_rank_raises_everywhere(case: str):
+    """A layer's own checks (before its projections and the attention's agreement) failing on
+    one rank: every rank raises, the failing one its own error, instead of the others waiting
+    in the ring. ``case``: what rank 1 passes."""
+    from ringattn.models import LongNet, LongNetConfig
+
+    bad = dist.get_rank() == 1
+    if case == "layer_dtype":
+        layer = _layer()
+        x = torch.randn(1, 16, 16, dtype=torch.float64 if bad else torch.float32)
+        return _messages_of(lambda: layer(x))
+    if case == "layer_embed_dim":
+        layer = _layer()
+        return _messages_of(lambda: layer(torch.randn(1, 16, 12 if bad else 16)))
+    if case == "zigzag_odd_shard":  # rotary's positions of an odd zigzag shard
+        layer = _layer("zigzag", rotary=True)
+        return _messages_of(lambda: layer(torch.randn(1, 15 if bad else 16, 16)))
+    config = LongNetConfig(
+        vocab_size=32, dim=16, depth=2, num_heads=2, segment_lengths=(8, 16),
+        dilation_rates=(1, 2), strategy=ringattn.Strategy(communicator="ring"), compile=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LongNet(config)
+    tokens = torch.randint(0, 32, (1, 16))
+    if case == "model_float_tokens":
+        return _messages_of(lambda: model(tokens.float() if bad else tokens))
+    if case == "model_token_out_of_range":
+        return _messages_of(lambda: model(tokens + 32 if bad else tokens))
+    raise AssertionError(case)
+
+
+def a_sequence_parallel_module_copies_and_pickles():
+    """deepcopy (an EMA model) shares the process group; pickle / torch.save over the world
+    group resolves it again on load; both compute what the original does. (Both raised "cannot
+    pickle 'ProcessGroup' object".)"""
+    import copy
+    import io
+    import pickle
+
+    module = _small_module()
+    q = torch.randn(1, 16, 2, 8)
+    want = module(q, q, q)
+    copied = copy.deepcopy(module)
+    assert copied.communicator.group is module.communicator.group
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    pickled = pickle.loads(pickle.dumps(module))
+    return [bool(torch.equal(m(q, q, q), want)) for m in (copied, loaded, pickled)]

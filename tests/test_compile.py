@@ -444,3 +444,36 @@ def test_more_than_eight_sequence_lengths_stay_compiled():
         q, k, v = make_qkv({**PROBLEM, "n": n}, torch.float32)
         with torch.no_grad():
             layer(q, k, v)
+
+
+def test_a_module_built_on_the_meta_device_runs_its_core_when_compiled():
+    """Built under ``torch.device("meta")`` and materialised with ``to_empty`` (torchtitan's
+    recipe): the opaque ops' module tag stayed on meta, so compiled calls dispatched to the ops'
+    fake kernels and returned uninitialised memory (NaN, 1e21), silently."""
+    with torch.device("meta"):
+        attention = ringattn.DilatedAttention(
+            (4, 8), (1, 2), causal=True, strategy=ringattn.Strategy(computer="sdpa")
+        )
+    attention = attention.to_empty(device="cpu")
+    p = {"b": 1, "n": 16, "h": 2, "d": 8, "segment_lengths": (4, 8), "dilation_rates": (1, 2)}
+    q, k, v = make_qkv(p | {"causal": True, "mixing": "lse"})
+    compiled = torch.compile(attention, backend="aot_eager", fullgraph=True)
+    ref = reference.dilated_attention(
+        q.double(), k.double(), v.double(), segment_lengths=(4, 8), dilation_rates=(1, 2),
+        causal=True,
+    )  # fmt: skip
+    assert rel_err(compiled(q, k, v), ref) < TOLERANCE[torch.float32]
+
+
+def test_module_numbers_differ_between_processes():
+    """A graph names its module by number; an exported program loaded in another process ran
+    that process's module of the same number (another config, relative error 0.99) while each
+    process counted from 0. Each process now starts at its own random offset."""
+    import subprocess
+    import sys
+
+    script = "import ringattn.core as c, torch; print(int(c.register_module(torch.nn.Module())))"
+    numbers = [
+        int(subprocess.check_output([sys.executable, "-c", script], text=True)) for _ in range(2)
+    ]
+    assert numbers[0] != numbers[1] and min(numbers) > 0

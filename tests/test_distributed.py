@@ -259,6 +259,39 @@ def test_a_bad_input_on_one_rank_raises_on_every_rank(pool):
     assert all("ranks disagree" in m and "('list',)" in m for m in messages)
 
 
+def test_ranks_under_different_autocasts_raise_on_every_rank(pool):
+    messages = pool.run("ranks_under_different_autocasts_raise_everywhere")
+    assert all("ranks disagree" in m and "bfloat16" in m and "float16" in m for m in messages)
+
+
+def test_a_sparse_input_on_one_rank_raises_on_every_rank(pool):
+    messages = pool.run("a_sparse_input_on_one_rank_raises_everywhere")
+    assert all("ranks disagree" in m and "sparse_coo" in m for m in messages)
+
+
+@pytest.mark.parametrize(
+    "case, error",
+    [
+        ("layer_dtype", "TypeError: x.dtype must equal"),
+        ("layer_embed_dim", "ValueError: x must be [b >= 1, n >= 1, embed_dim=16]"),
+        ("zigzag_odd_shard", "ValueError: "),
+        ("model_float_tokens", "TypeError: tokens must be an integer"),
+        ("model_token_out_of_range", "ValueError: tokens must be ids in [0, vocab_size=32)"),
+    ],
+)
+def test_a_layers_bad_input_on_one_rank_raises_on_every_rank(pool, case, error):
+    """The failing rank raises its own error; the others a ValueError that names it."""
+    messages = pool.run("a_layers_bad_input_on_one_rank_raises_everywhere", case)
+    assert messages[1].startswith(error)  # rank 1's input is the bad one
+    for other in messages[:1] + messages[2:]:
+        assert other.startswith("ValueError: ranks disagree") and error.split(": ")[1] in other
+
+
+def test_a_sequence_parallel_module_copies_and_pickles(pool):
+    answers = pool.run("a_sequence_parallel_module_copies_and_pickles")
+    assert answers == [[True] * 3] * pool.world_size
+
+
 def test_a_bad_input_on_every_rank_is_the_boundary_error(pool):
     messages = pool.run("a_bad_input_on_every_rank_is_named_everywhere")
     assert all("parameter 'q' must be a torch.Tensor" in m for m in messages)

@@ -392,3 +392,16 @@ def test_a_multi_token_chunk_after_the_prefill_equals_full_recompute():
         caches = model.new_caches(2, 16)
         chunks = [model(tokens[:, a:b], caches) for a, b in ((0, 5), (5, 11), (11, 16))]
         assert (torch.cat(chunks, 1) - model(tokens)).abs().max() < 1e-10
+
+
+def test_longnet_built_on_meta_keeps_its_head_tied_to_the_embedding():
+    """``to_empty`` replaced the tied parameter in each module: the head got its own copy (more
+    parameters, and after one step a model unlike the one built directly)."""
+    config = LongNetConfig(vocab_size=32, dim=16, depth=1, num_heads=2, segment_lengths=(8,),
+                           dilation_rates=(1,))  # fmt: skip
+    with torch.device("meta"):
+        model = LongNet(config)
+    model = model.to_empty(device="cpu")
+    assert model.head.weight is model.embed.weight
+    direct = LongNet(config)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in direct.parameters())

@@ -217,3 +217,20 @@ def test_the_longest_segment_is_one_segment(dilation):
     strategy = ringattn.Strategy(dilation=dilation, computer="sdpa")
     out = ringattn.dilated_attention(q, k, v, **options, strategy=strategy, compile=False)
     assert torch.allclose(out.double(), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("transform", ["vmap", "grad"])
+def test_torch_func_transforms_are_refused(transform):
+    """Inside ``vmap`` the inputs report ``requires_grad=False``: the core ran without its
+    autograd function and a later backward() gave dq, dk 24-39% off, silently."""
+    attention = ringattn.DilatedAttention((4, 8), (1, 2), strategy=ringattn.Strategy())
+    qs = torch.randn(3, 1, 16, 2, 8, requires_grad=True)
+    with pytest.raises(TypeError, match=r"parameter .q. comes from a torch\.func transform"):
+        if transform == "vmap":
+            torch.func.vmap(lambda q: attention(q, q, q))(qs)
+        else:
+            torch.func.grad(lambda q: attention(q, q, q).sum())(qs[0])
+    with pytest.raises(TypeError, match=r"torch\.func transform"):
+        torch.func.vmap(
+            lambda q: ringattn.dilated_attention(q, q, q, segment_lengths=(4,), dilation_rates=(1,))
+        )(qs)

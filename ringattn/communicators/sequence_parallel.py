@@ -13,6 +13,7 @@ shard ``t`` is chunks ``t`` and ``2p-1-t``, so when causal every other shard is 
 from __future__ import annotations
 
 from abc import abstractmethod
+from copy import deepcopy
 
 import torch
 import torch.distributed as dist
@@ -42,6 +43,32 @@ class SequenceParallel(Communicator):
         self.rank = dist.get_rank(self.group)
         self.memory = memory or NoReuse()
         self.bytes_sent = 0
+
+    def __deepcopy__(self, memo: dict) -> SequenceParallel:
+        """A copy over the same process group (a handle on this process's communicator, which
+        cannot be copied: deepcopy of a sequence-parallel module, e.g. an EMA model, raised
+        "cannot pickle 'ProcessGroup' object")."""
+        copy = self.__class__.__new__(self.__class__)
+        memo[id(self)] = copy
+        for key, value in self.__dict__.items():
+            setattr(copy, key, value if key == "group" else deepcopy(value, memo))
+        return copy
+
+    def __getstate__(self) -> dict:
+        """Pickled over the world group only, which the loading process resolves again (as its
+        ``init_process_group`` made it); a sub-group cannot be named in another process."""
+        if self.group is not dist.group.WORLD:
+            raise TypeError(
+                "a sequence-parallel module over a sub-group cannot be pickled (another process "
+                "cannot name the group): save its state_dict and build the module there"
+            )
+        state = self.__dict__.copy()
+        state["group"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.group = distributed.resolve_group(None)
 
     def place(self, span: int) -> tuple[int, list[int]]:
         """This rank's index in its segment and the global ranks of that segment, in order."""

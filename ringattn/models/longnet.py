@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ringattn.api import DilatedAttention
 from ringattn.nn.attention import MultiheadDilatedAttention
 from ringattn.nn.decode import KVCache
 from ringattn.strategy import Strategy
@@ -98,6 +99,13 @@ class LongNet(nn.Module):
         self.head.weight = self.embed.weight  # tied
         self.apply(self._init)
 
+    def _apply(self, fn, recurse: bool = True):
+        # to_empty (a model built on the meta device), and other conversions that replace
+        # parameters, gave the head its own copy of the embedding; the tie is restored after
+        out = super()._apply(fn, recurse)
+        self.head.weight = self.embed.weight
+        return out
+
     @staticmethod
     def _init(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -107,12 +115,32 @@ class LongNet(nn.Module):
 
     def forward(self, tokens: Tensor, caches: list[KVCache] | None = None) -> Tensor:
         """Logits ``[b, n, vocab]``; with ``caches``, ``tokens`` continue the cached sequence."""
+        try:
+            x = self._embedded(tokens, caches)
+        except (TypeError, ValueError) as exc:
+            attention = self._sequence_parallel_attention()
+            if attention is None:
+                raise
+            attention.refuse_across_ranks(exc)  # the other ranks raise too, not wait in the ring
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i])
+        return self.head(self.ln_f(x))
+
+    def _embedded(self, tokens: Tensor, caches: list[KVCache] | None) -> Tensor:
+        """The tokens' embeddings, after the call's checks (every layer's cache checked before
+        the first one moves)."""
         if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
             got = repr(tokens.dtype) if isinstance(tokens, Tensor) else type(tokens).__name__
             shape = f" of shape {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else ""
             raise TypeError(f"tokens must be an integer [b, n] tensor, got {got}{shape}")
-        x = self.embed(tokens)
-        if caches is not None:  # every layer's cache checked before the first one moves
+        try:
+            x = self.embed(tokens)
+        except IndexError as exc:  # (on the CPU; CUDA's embedding asserts on the device)
+            raise ValueError(
+                f"tokens must be ids in [0, vocab_size={self.config.vocab_size}), got ids from "
+                f"{int(tokens.min())} to {int(tokens.max())}"
+            ) from exc
+        if caches is not None:
             if not isinstance(caches, (list, tuple)) or len(caches) != len(self.blocks):
                 got = len(caches) if isinstance(caches, (list, tuple)) else type(caches).__name__
                 raise ValueError(
@@ -123,9 +151,14 @@ class LongNet(nn.Module):
                 check = getattr(block.attn, "check_call", None)
                 if check is not None:
                     check(x, cache)
-        for i, block in enumerate(self.blocks):
-            x = block(x, None if caches is None else caches[i])
-        return self.head(self.ln_f(x))
+        return x
+
+    def _sequence_parallel_attention(self) -> DilatedAttention | None:
+        """The first sequence-parallel attention module of the layers (None: not one)."""
+        for module in self.modules():
+            if isinstance(module, DilatedAttention) and module.communicator.distributed:
+                return module
+        return None
 
     def loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
         """Mean cross-entropy of the logits for ``tokens`` against ``targets`` ``[b, n]``

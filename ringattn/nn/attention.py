@@ -155,9 +155,12 @@ class MultiheadDilatedAttention(nn.Module):
 
     def forward(self, x: BNE, cache: KVCache | None = None) -> BNE:
         """Full attention over ``x``; with a ``cache``, ``x`` continues the cached sequence."""
-        self.check_call(x, cache)
-        start = 0 if cache is None else cache.length
-        q, k, v = self._heads(x, start)
+        try:
+            self.check_call(x, cache)
+            start = 0 if cache is None else cache.length
+            q, k, v = self._heads(x, start)
+        except (TypeError, ValueError) as exc:  # on every rank, where sequence-parallel
+            self.attention.refuse_across_ranks(exc)
         if cache is None or start == 0:
             group = self.num_heads // self.num_kv_heads
             k_full, v_full = (t.repeat_interleave(group, dim=2) if group > 1 else t for t in (k, v))
