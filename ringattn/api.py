@@ -192,7 +192,8 @@ class DilatedAttention(nn.Module):
             1.3-1.8x faster than eager, the forward 3-17% slower; from 131K slower than eager,
             with 1.5-1.8x the peak memory). Its outputs live in the graph's memory pool and are
             overwritten by the next replay of the same shape (PyTorch's CUDA-graph rules).
-        group: the process group of a sequence-parallel communicator (default: the world). Every
+        group: the process group of a sequence-parallel communicator (default: the world), or a
+            1-D ``DeviceMesh`` (``mesh["sp"]``), whose group is taken. Every
             call checks that the ranks make the same call, else all raise (never a hang);
             ``check_every_call = False`` checks only each signature's first call.
         layout: how a sequence-parallel communicator's inputs are sharded over the ranks

@@ -24,14 +24,31 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+try:
+    from torch.distributed.device_mesh import DeviceMesh
+except ImportError:  # a torch built without distributed: isinstance(x, ()) is never true
+    DeviceMesh = ()  # type: ignore[assignment,misc]
 
-def resolve_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+
+def resolve_group(group: dist.ProcessGroup | DeviceMesh | None) -> dist.ProcessGroup:
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError(
             "a sequence-parallel communicator needs torch.distributed initialised "
             "(launch with torchrun and call torch.distributed.init_process_group)"
         )
     group = group if group is not None else dist.group.WORLD
+    if isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            raise ValueError(
+                f"group: a DeviceMesh must be 1-D (the sequence-parallel dim, mesh['sp']), got "
+                f"{group.ndim} dims {group.mesh_dim_names}"
+            )
+        group = group.get_group()
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            "group must be a torch.distributed ProcessGroup, a 1-D DeviceMesh or None (the "
+            f"world), got {type(group).__name__}"
+        )
     if dist.get_rank(group) < 0:
         raise ValueError(
             f"group: this process (global rank {dist.get_rank()}) is not a member of it (ranks "

@@ -576,3 +576,25 @@ def a_sequence_parallel_module_copies_and_pickles():
     loaded = torch.load(buffer, weights_only=False)
     pickled = pickle.loads(pickle.dumps(module))
     return [bool(torch.equal(m(q, q, q), want)) for m in (copied, loaded, pickled)]
+
+
+def a_device_mesh_names_the_group():
+    """A 1-D DeviceMesh passed as ``group`` gives its process group; a 2-D one and a name are
+    refused naming ``group`` (torch's "Group ... is not registered" before)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    p = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (1, p), mesh_dim_names=("dp", "sp"))
+    module = ringattn.DilatedAttention(
+        (8, 16), (1, 2), strategy=ringattn.Strategy(communicator="ring"), compile=False,
+        group=mesh["sp"],
+    )  # fmt: skip
+    q = torch.randn(1, 16, 2, 8)
+    same = torch.equal(module(q, q, q), _small_module()(q, q, q))
+    errors = []
+    for group in (mesh, "sp"):
+        try:
+            ringattn.DilatedAttention((8,), (1,), strategy=module.strategy, group=group)
+        except (TypeError, ValueError) as exc:
+            errors.append(str(exc))
+    return same, errors

@@ -292,6 +292,13 @@ def test_a_sequence_parallel_module_copies_and_pickles(pool):
     assert answers == [[True] * 3] * pool.world_size
 
 
+def test_a_device_mesh_names_the_group(pool):
+    for same, errors in pool.run("a_device_mesh_names_the_group"):
+        assert same
+        assert errors[0].startswith("group: a DeviceMesh must be 1-D")
+        assert errors[1].startswith("group must be a torch.distributed ProcessGroup")
+
+
 def test_a_bad_input_on_every_rank_is_the_boundary_error(pool):
     messages = pool.run("a_bad_input_on_every_rank_is_named_everywhere")
     assert all("parameter 'q' must be a torch.Tensor" in m for m in messages)
