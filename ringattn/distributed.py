@@ -44,7 +44,8 @@ def resolve_group(group: dist.ProcessGroup | DeviceMesh | None) -> dist.ProcessG
                 f"{group.ndim} dims {group.mesh_dim_names}"
             )
         group = group.get_group()
-    if not isinstance(group, dist.ProcessGroup):
+    # (new_group hands the ranks outside it a sentinel int, refused below by name)
+    if not isinstance(group, dist.ProcessGroup) and group != dist.GroupMember.NON_GROUP_MEMBER:
         raise TypeError(
             "group must be a torch.distributed ProcessGroup, a 1-D DeviceMesh or None (the "
             f"world), got {type(group).__name__}"
