@@ -598,3 +598,32 @@ def a_device_mesh_names_the_group():
         except (TypeError, ValueError) as exc:
             errors.append(str(exc))
     return same, errors
+
+
+def longnet_groups_side_by_side_match_the_full_model(size):
+    """Data parallel x sequence parallel through ``LongNetConfig.group``: each group of ``size``
+    ranks runs its own tokens; every rank's logits are its shard of the one-process model's.
+    (w = 64 > n = 32: over the world the segment would span both groups' tokens.)"""
+    from ringattn.models import LongNet, LongNetConfig
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    groups = [dist.new_group(list(range(s, s + size))) for s in range(0, world, size)]
+    group = groups[rank // size]
+
+    def model(strategy, group=None):
+        torch.manual_seed(0)
+        config = LongNetConfig(
+            vocab_size=32, dim=16, depth=2, num_heads=2, segment_lengths=(8, 64),
+            dilation_rates=(1, 2), strategy=strategy, group=group,
+        )  # fmt: skip
+        return LongNet(config).double()
+
+    seed = torch.Generator().manual_seed(rank // size)  # one problem per group
+    tokens = torch.randint(0, 32, (1, 32), generator=seed)
+    full = model(ringattn.Strategy(computer="math"))(tokens)
+    sharded = model(ringattn.Strategy(computer="math", communicator="ring"), group)
+    logits = sharded(distributed.shard(tokens, group))
+    error = float((logits - distributed.shard(full, group)).abs().max())
+    for g in groups:
+        dist.destroy_process_group(g)
+    return error

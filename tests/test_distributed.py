@@ -371,6 +371,11 @@ def test_sequence_parallel_groups_side_by_side(pool, communicator):
     assert all(pool.run("groups_side_by_side_match_oracle", communicator, 2))
 
 
+def test_longnet_groups_side_by_side(pool):
+    """LongNetConfig.group: groups of 2 (of the whole pool in the 2-rank one)."""
+    assert max(pool.run("longnet_groups_side_by_side_match_the_full_model", 2)) < 1e-10
+
+
 def test_gather_of_unequal_shards_raises_on_every_rank(pool):
     messages = pool.run("gather_of_unequal_shards_raises_everywhere")
     assert all("ranks disagree on the shards to gather" in m for m in messages), messages

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,9 @@ class LongNetConfig:
     compile: bool = False
     # sequence-parallel shard layout (ringattn.distributed.LAYOUTS); tokens sharded the same way
     layout: str = "contiguous"
+    # sequence-parallel process group (or 1-D DeviceMesh); None: the world. Data parallel x
+    # sequence parallel: each data-parallel replica's ranks as one group
+    group: Any = None
 
 
 class Block(nn.Module):
@@ -73,6 +77,7 @@ def dilated_attention_layer(config: LongNetConfig) -> nn.Module:
         strategy=config.strategy,
         compile=config.compile,
         layout=config.layout,
+        group=config.group,
     )
 
 
