@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import torch
+import torch.distributed as dist
 from beartype import beartype
 from jaxtyping import jaxtyped
 from torch import Tensor, nn
@@ -236,6 +237,7 @@ class DilatedAttention(nn.Module):
         self.communicator = strategy.component("communicator")(
             group=group, memory=self.memory, layout=layout
         )
+        self._world_group = group is None  # (a destroyed world is then told apart from a new one)
         self._checked: dict[tuple, int] = {}  # call signatures agreed by every rank: digests
         self._valid_inputs: dict[tuple, None] = {}  # input signatures already validated
         self.compile = compile
@@ -365,6 +367,13 @@ class DilatedAttention(nn.Module):
             torch.is_grad_enabled(),
         )
         group = self.communicator.group
+        if not dist.is_initialized() or (self._world_group and group is not dist.group.WORLD):
+            # (torch's own error named the group object "not initialized in the world group map")
+            raise ValueError(
+                "this sequence-parallel module's process group was destroyed "
+                "(torch.distributed.destroy_process_group): build the module again after "
+                "init_process_group (its state_dict carries the weights of a layer over)"
+            )
         known = self._checked.get(signature)
         if known is not None and not self.check_every_call:
             return

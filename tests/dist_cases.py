@@ -627,3 +627,31 @@ def longnet_groups_side_by_side_match_the_full_model(size):
     for g in groups:
         dist.destroy_process_group(g)
     return error
+
+
+def a_module_over_a_destroyed_world_says_so():
+    """After destroy_process_group (and a new init) a module made over the old world raised
+    torch's "Process group <object at 0x...> is not initialized in the world group map"; a
+    module made after the new init runs."""
+    from datetime import timedelta
+
+    from dist_pool import _free_port
+
+    module = _small_module()
+    q = torch.randn(1, 16, 2, 8)
+    want = module(q, q, q)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    port = [_free_port() if rank == 0 else None]  # the new world's rendezvous
+    dist.broadcast_object_list(port, src=0)
+    dist.destroy_process_group()
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60),
+        init_method=f"tcp://127.0.0.1:{port[0]}",
+    )  # fmt: skip
+    try:
+        module(q, q, q)
+    except ValueError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("no error")
+    return message, bool(torch.equal(_small_module()(q, q, q), want))

@@ -376,6 +376,12 @@ def test_longnet_groups_side_by_side(pool):
     assert max(pool.run("longnet_groups_side_by_side_match_the_full_model", 2)) < 1e-10
 
 
+def test_a_module_over_a_destroyed_world_says_so(pool):
+    for message, rebuilt_runs in pool.run("a_module_over_a_destroyed_world_says_so"):
+        assert message.startswith("this sequence-parallel module's process group was destroyed")
+        assert rebuilt_runs
+
+
 def test_gather_of_unequal_shards_raises_on_every_rank(pool):
     messages = pool.run("gather_of_unequal_shards_raises_everywhere")
     assert all("ranks disagree on the shards to gather" in m for m in messages), messages
