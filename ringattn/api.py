@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import torch
-import torch.distributed as dist
 from beartype import beartype
 from jaxtyping import jaxtyped
 from torch import Tensor, nn
@@ -237,7 +236,6 @@ class DilatedAttention(nn.Module):
         self.communicator = strategy.component("communicator")(
             group=group, memory=self.memory, layout=layout
         )
-        self._world_group = group is None  # (a destroyed world is then told apart from a new one)
         self._checked: dict[tuple, int] = {}  # call signatures agreed by every rank: digests
         self._valid_inputs: dict[tuple, None] = {}  # input signatures already validated
         self.compile = compile
@@ -366,20 +364,12 @@ class DilatedAttention(nn.Module):
             self.communicator.layout,
             torch.is_grad_enabled(),
         )
-        group = self.communicator.group
-        if not dist.is_initialized() or (self._world_group and group is not dist.group.WORLD):
-            # (torch's own error named the group object "not initialized in the world group map")
-            raise ValueError(
-                "this sequence-parallel module's process group was destroyed "
-                "(torch.distributed.destroy_process_group): build the module again after "
-                "init_process_group (its state_dict carries the weights of a layer over)"
-            )
+        self.communicator.check_group()
         known = self._checked.get(signature)
         if known is not None and not self.check_every_call:
             return
         digest = distributed.fingerprint(signature) if known is None else known
-        if not distributed.agree(group, digest):
-            distributed.check_consistent(group, signature)  # raises, naming each rank's call
+        distributed.require_agreement(self.communicator.group, signature, digest=digest)
         if known is not None:
             return
         check_plain(q, k, v)  # the same call everywhere: it raises on every rank or on none
@@ -395,11 +385,9 @@ class DilatedAttention(nn.Module):
         match theirs, and they raise a ValueError naming this rank's error instead."""
         tracing = torch.compiler.is_compiling()
         if self.communicator.distributed and self.check_every_call and not tracing:
-            group = self.communicator.group
             signature = ("refused before the call", f"{type(exc).__name__}: {exc}")
             try:
-                if not distributed.agree(group, distributed.fingerprint(signature)):
-                    distributed.check_consistent(group, signature)
+                distributed.require_agreement(self.communicator.group, signature)
             except ValueError as disagreement:
                 raise exc from disagreement
         raise exc

@@ -207,11 +207,12 @@ def kernel_aligned(x: Tensor) -> Tensor:
     row_bytes = x.shape[-1] * size
     if row_bytes % 16:
         return x
-    aligned_start = x.data_ptr() % 16 == 0
-    if aligned_start and x.is_contiguous():  # every stride a multiple of row_bytes
-        return x
-    if aligned_start and all(
-        s * size % 16 == 0 for s, m in zip(x.stride()[:-1], x.shape[:-1]) if m > 1
+    if (
+        x.data_ptr() % 16 == 0
+        and (
+            x.is_contiguous()  # (every stride a multiple of row_bytes: the common case, fast)
+            or all(s * size % 16 == 0 for s, m in zip(x.stride()[:-1], x.shape[:-1]) if m > 1)
+        )
     ):
         return x
     return x.clone(memory_format=torch.contiguous_format)

@@ -101,8 +101,7 @@ def gather(x: Tensor, group: dist.ProcessGroup | None = None, layout: str = "con
     p = dist.get_world_size(group)
     # unequal shards (an uneven last batch) would pad with garbage on one rank and abort another
     held = (tuple(x.shape), str(x.dtype))
-    if not agree(group, fingerprint(held)):
-        check_consistent(group, held, "the shards to gather ((shape, dtype) of x)")
+    require_agreement(group, held, "the shards to gather ((shape, dtype) of x)")
     parts = [torch.empty_like(x) for _ in range(p)]
     dist.all_gather(parts, x.contiguous(), group=group)
     pieces: dict[int, Tensor] = {}
@@ -202,6 +201,19 @@ def agree(group: dist.ProcessGroup, digest: int) -> bool:
         side = group
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=side)
     return extremes.tolist() == [digest, -digest]
+
+
+def require_agreement(
+    group: dist.ProcessGroup,
+    signature: tuple,
+    what: str = "the dilated attention call",
+    digest: int | None = None,
+) -> None:
+    """Return where every rank of ``group`` holds the same ``signature`` (one all-reduce of its
+    ``digest``, :func:`fingerprint`'s unless given); else raise :func:`check_consistent`'s
+    ValueError on every rank, naming each rank's signature."""
+    if not agree(group, fingerprint(signature) if digest is None else digest):
+        check_consistent(group, signature, what)
 
 
 def check_consistent(

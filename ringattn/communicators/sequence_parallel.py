@@ -38,6 +38,7 @@ class SequenceParallel(Communicator):
         distributed.check_layout(layout)
         self.layout = layout
         self.group = distributed.resolve_group(group)
+        self.world_default = group is None  # (a destroyed world is told apart from a new one)
         self.ranks = dist.get_process_group_ranks(self.group)
         self.world_size = len(self.ranks)
         self.rank = dist.get_rank(self.group)
@@ -69,6 +70,16 @@ class SequenceParallel(Communicator):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.group = distributed.resolve_group(None)
+
+    def check_group(self) -> None:
+        """A ValueError where this communicator's process group was destroyed (torch's own
+        error named the group object "not initialized in the world group map")."""
+        if not dist.is_initialized() or (self.world_default and self.group is not dist.group.WORLD):
+            raise ValueError(
+                "this sequence-parallel module's process group was destroyed "
+                "(torch.distributed.destroy_process_group): build the module again after "
+                "init_process_group (its state_dict carries the weights of a layer over)"
+            )
 
     def place(self, span: int) -> tuple[int, list[int]]:
         """This rank's index in its segment and the global ranks of that segment, in order."""
