@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ringattn import distributed, registry
 from ringattn.computers.base import LayoutComputer
 from ringattn.config import DilatedConfig
-from ringattn.core import CoreSpec, register_module, run_core
+from ringattn.core import CoreSpec, dilated_forward_op, register_module, run_core
 from ringattn.memory.none import NoReuse
 from ringattn.pattern import make_plan
 from ringattn.strategy import Strategy
@@ -440,6 +440,19 @@ class DilatedAttention(nn.Module):
             # as F.scaled_dot_product_attention does: float32 inputs run in autocast's dtype
             # (the core itself runs with autocast off, in its inputs' dtype: core.input_precision)
             q, k, v = (x.to(torch.get_autocast_dtype(q.device.type)) for x in (q, k, v))
+        # autograd.Function under Dynamo refuses the same tensor twice (self-attention with
+        # q is k is v); distinct views of one storage are fine and cost nothing
+        if k is q:
+            k = k.view_as(k)
+        if v is q or v is k:
+            v = v.view_as(v)
+        if tracing and not isinstance(self.computer, LayoutComputer):
+            # a block computer's core is the opaque ops, which make their plan and gather
+            # indices at run time (core._eager_side): the trace reads no value of n, so
+            # dynamic shapes need no guard on it (a plan built here guarded on n mod w)
+            if self.communicator.distributed:
+                self._spec(q)  # raises unless an eager call has checked the ranks agree
+            return dilated_forward_op(q, k, v, self._number)[0]
         spec = self._spec(q)
         memory = _NO_REUSE if tracing else self.memory
         indices = self.dilation.indices(spec.plan, q.device, memory)
@@ -448,12 +461,6 @@ class DilatedAttention(nn.Module):
             if isinstance(self.computer, LayoutComputer)
             else ()
         )
-        # autograd.Function under Dynamo refuses the same tensor twice (self-attention with
-        # q is k is v); distinct views of one storage are fine and cost nothing
-        if k is q:
-            k = k.view_as(k)
-        if v is q or v is k:
-            v = v.view_as(v)
         if self.compiled_frame and not tracing:
             with _COMPILE_LIMIT:
                 return self._core(spec, q, k, v, indices, aux)

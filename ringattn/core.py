@@ -824,16 +824,24 @@ class DilatedAttentionFunction(torch.autograd.Function):
 # speed on an H200, +50% memory, minutes of Inductor on CPU).
 
 
+def _eager_side(module: Tensor, q: Tensor) -> tuple[CoreSpec, tuple[Tensor, ...]]:
+    """The spec and the dilation's gather indices of an eager call with ``q``'s shape. Made here,
+    at run time, and not in the trace: a plan built from a symbolic ``n`` guarded the graph on
+    ``n mod w`` (its tails), so ``torch.compile(dynamic=True)`` recompiled for every new tail
+    length and hit the recompile limit after eight."""
+    spec = _spec(module, q)
+    return spec, spec.dilation.indices(spec.plan, q.device, spec.memory)
+
+
 @torch.library.custom_op("ringattn::dilated_forward", mutates_args=())
-def dilated_forward_op(
-    q: Tensor, k: Tensor, v: Tensor, indices: list[Tensor], module: Tensor
-) -> tuple[Tensor, Tensor]:
-    out, lse = dilated_forward(_spec(module, q), q, k, v, tuple(indices), keep_lse=True)
+def dilated_forward_op(q: Tensor, k: Tensor, v: Tensor, module: Tensor) -> tuple[Tensor, Tensor]:
+    spec, indices = _eager_side(module, q)
+    out, lse = dilated_forward(spec, q, k, v, indices, keep_lse=True)
     return out.contiguous(), lse.contiguous()
 
 
 @dilated_forward_op.register_fake
-def _(q, k, v, indices, module):
+def _(q, k, v, module):
     b, n, h, d = q.shape
     return q.new_empty(b, n, h, d), q.new_empty(b, n, h, dtype=accumulation_dtype(q.dtype))
 
@@ -846,30 +854,30 @@ def dilated_backward_op(
     v: Tensor,
     out: Tensor,
     lse: Tensor,
-    indices: list[Tensor],
     module: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    grads = dilated_backward(_spec(module, q), dout, q, k, v, out, lse, tuple(indices))
+    spec, indices = _eager_side(module, q)
+    grads = dilated_backward(spec, dout, q, k, v, out, lse, indices)
     dq, dk, dv = (g.contiguous() for g in grads)
     return dq, dk, dv
 
 
 @dilated_backward_op.register_fake
-def _(dout, q, k, v, out, lse, indices, module):
+def _(dout, q, k, v, out, lse, module):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, indices, module = inputs
+    q, k, v, module = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, *indices)
+    ctx.save_for_backward(q, k, v, out, lse)
     ctx.module = module
 
 
 def _backward(ctx, dout: Tensor, _dlse: Tensor):
-    q, k, v, out, lse, *indices = ctx.saved_tensors
-    dq, dk, dv = dilated_backward_op(dout, q, k, v, out, lse, indices, ctx.module)
-    return dq, dk, dv, [None] * len(indices), None
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = dilated_backward_op(dout, q, k, v, out, lse, ctx.module)
+    return dq, dk, dv, None
 
 
 dilated_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -891,7 +899,7 @@ def run_core(
                 spec.plan, spec.causal, spec.scale, spec.dilation.name, q, k, v, aux
             )
     if torch.compiler.is_compiling() and spec.module is not None:
-        return dilated_forward_op(q, k, v, list(indices), spec.module)[0]
+        return dilated_forward_op(q, k, v, spec.module)[0]
     # (a spec of no module, as tests make, is traced inline, as eager code)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return DilatedAttentionFunction.apply(spec, q, k, v, *indices)

@@ -163,20 +163,46 @@ def test_outer_compile_of_the_whole_module_is_one_graph(dilation, computer, mixi
 
 
 def test_outer_compile_of_new_lengths_keeps_the_oracle():
-    """A user's torch.compile (fullgraph, automatic dynamic shapes) called with a second and a
-    third sequence length: each is specialised by the plan (one graph each), still the opaque
-    ops, still the oracle's values. The sizes made dynamic broke a first version of the ops'
-    registration from the trace."""
+    """A user's torch.compile (fullgraph, automatic dynamic shapes) called with new sequence
+    lengths: the first is static, the second makes n dynamic, and that graph serves every later
+    length (the opaque ops make their plan at run time); still the oracle's values. The sizes
+    made dynamic broke a first version of the ops' registration from the trace."""
     torch._dynamo.reset()
     p = dict(PROBLEM)
     module = ringattn.DilatedAttention(**options(p))
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
     counters.clear()
-    for n in (20, 33, 48):
+    for n in (20, 33, 48, 57, 71):
         q, k, v = make_qkv({**p, "n": n}, torch.float32)
         ref, _ = oracle({**p, "n": n}, q, k, v, torch.zeros(q.shape))
         assert rel_err(compiled(q, k, v), ref) <= 1e-5
-    assert counters["stats"]["unique_graphs"] == 3
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+@pytest.mark.parametrize("dilation", ["segment_local", "global"])
+def test_dynamic_lengths_are_one_graph_whatever_their_tails(dilation):
+    """``torch.compile(dynamic=True, fullgraph=True)`` over lengths with 12 different tails
+    (``n mod w``), forward and backward: one graph, each call the oracle's values and gradients.
+    A plan built in the trace from the symbolic ``n`` guarded the graph on ``n mod w``, so every
+    new tail recompiled and the ninth hit Dynamo's recompile limit (under fullgraph, an error)."""
+    torch._dynamo.reset()
+    p = {**PROBLEM, "segment_lengths": (4, 16), "dilation_rates": (1, 2), "causal": True}
+    module = ringattn.DilatedAttention(
+        **options(p), strategy=ringattn.Strategy(dilation=dilation, computer="sdpa")
+    )
+    compiled = torch.compile(module, fullgraph=True, dynamic=True, backend="aot_eager")
+    counters.clear()
+    for n in range(33, 45):
+        q, k, v = make_qkv({**p, "n": n}, torch.float32)
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+        dout = torch.randn(q.shape)
+        ref, ref_grads = oracle({**p, "n": n}, q, k, v, dout)
+        out = compiled(q, k, v)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        assert rel_err(out, ref) <= 1e-5, n
+        for g, g_ref in zip(grads, ref_grads):
+            assert rel_err(g, g_ref) <= 1e-4, n
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 @pytest.mark.parametrize("mixing", ["lse", "head_groups"])

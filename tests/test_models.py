@@ -340,6 +340,28 @@ def test_the_model_compiles_as_one_graph():
     assert rel_err(grad, eager_grad) < 1e-4
 
 
+@pytest.mark.compile
+def test_the_model_compiled_with_dynamic_shapes_is_one_graph_for_every_length():
+    """Training on many lengths: ``torch.compile(model, dynamic=True)`` is one graph for nine
+    lengths with nine different tails (rotary, embedding and the attention's plan included), each
+    call the eager model's logits and gradients. It used to guard on ``n mod w`` and hit the
+    recompile limit."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = tiny_model("lse", (4, 8, 16), (1, 2, 4), strategy=ringattn.Strategy())
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+    counters.clear()
+    for n in range(17, 26):
+        tokens = torch.randint(0, 32, (2, n), generator=torch.Generator().manual_seed(n))
+        logits, eager_logits = compiled(tokens), model(tokens)
+        assert rel_err(logits, eager_logits) < 1e-5, n
+        (grad,) = torch.autograd.grad(logits.square().sum(), model.embed.weight)
+        (eager_grad,) = torch.autograd.grad(eager_logits.square().sum(), model.embed.weight)
+        assert rel_err(grad, eager_grad) < 1e-4, n
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 @settings(max_examples=20)
 @given(
     st.integers(0, 1 << 22),
