@@ -120,6 +120,9 @@ def spans_for(configs, m: int, p: int, layout: str = "contiguous") -> tuple[int,
     n = m * p
     spans = []
     for i, (w, r) in enumerate(configs):
+        # one segment over the whole sequence: (p mod w) = p for every position, so it selects
+        # what w = n selects, whatever w's remainder against the shard length
+        w = min(w, n)
         if w <= m:
             if m % w:
                 raise ValueError(
@@ -133,7 +136,7 @@ def spans_for(configs, m: int, p: int, layout: str = "contiguous") -> tuple[int,
                 f"segment_lengths[{i}]={w} must divide the shard length n/p={m} or be a "
                 f"multiple of it"
             )
-        if w < n and n % w:
+        if n % w:
             raise ValueError(
                 f"segment_lengths[{i}]={w} spans shards, so it must divide n={n} (or be >= n)"
             )

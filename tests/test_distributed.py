@@ -318,6 +318,18 @@ def test_a_later_divergent_call_raises_on_every_rank(pool, communicator):
     assert all("ranks disagree" in m and "(1, 16, 2, 8)" in m for m in messages)
 
 
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_segment_longer_than_the_sequence_spans_every_shard(pool, communicator, causal):
+    """``w >= n`` selects what ``w = n`` does, so a contiguous layout takes it whatever ``w``'s
+    remainder against the shard length (100 against shards of 32 or 16 was refused: "must divide
+    the shard length n/p or be a multiple of it")."""
+    opts = {"segment_lengths": (8, 100), "dilation_rates": (1, 4), "causal": causal}
+    strategy = {"communicator": communicator, "computer": "sdpa"}
+    for mixing in ("lse", "head_groups"):
+        pool.run("matches_oracle", SHAPE, {**opts, "mixing": mixing}, strategy)
+
+
 @pytest.mark.parametrize(
     "lengths, rates, n_local, match",
     [
