@@ -118,7 +118,10 @@ class Block:
                 replace(self, start=self.start + lo * job.w, segments=hi - lo)
                 for lo, hi in itertools.pairwise(bounds)
             )
-        parts = min(heads, parts)
+        # as many heads per part as the bound allows (whole heads: an even cut of 5 heads into
+        # the 4 parts the pair count asks for put 2 heads, 1.6x the bound, in one of them)
+        per_part = max(1, n * h // (split * self.segments * self.length))
+        parts = -(-heads // per_part)
         if parts <= 1:
             return (self,)
         bounds = [job.head_start + job.head_step * (heads * c // parts) for c in range(parts + 1)]
