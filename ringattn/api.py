@@ -19,11 +19,18 @@ import torch
 from beartype import beartype
 from jaxtyping import jaxtyped
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
 from ringattn import distributed, registry
 from ringattn.computers.base import LayoutComputer
 from ringattn.config import DilatedConfig
-from ringattn.core import CoreSpec, dilated_forward_op, register_module, run_core
+from ringattn.core import (
+    CoreSpec,
+    autocast_dtype,
+    dilated_forward_op,
+    register_module,
+    run_core,
+)
 from ringattn.memory.none import NoReuse
 from ringattn.pattern import make_plan
 from ringattn.strategy import Strategy
@@ -130,6 +137,18 @@ def refuse_functorch(q: object, k: object, v: object) -> None:
     ``backward()`` differentiated the kernels' ops as recorded, the LSE merge's weights as
     constants (dq, dk 24-39% off, silently); ``grad`` / ``jacrev`` failed inside torch."""
     for name, x in (("q", q), ("k", k), ("v", v)):
+        if (
+            isinstance(x, Tensor)
+            and forward_ad._current_level >= 0
+            and forward_ad.unpack_dual(x).tangent is not None
+        ):
+            # sdpa raised torch's NotImplementedError, math computed the tangent only without
+            # requires_grad, flex (compiled) dropped it: one rule for every strategy instead
+            raise TypeError(
+                f"parameter {name!r} is a forward-mode AD dual tensor "
+                "(torch.autograd.forward_ad), which ringattn's dilated attention does not "
+                "support: use reverse mode, or the float64 ringattn.reference.dilated_attention"
+            )
         if isinstance(x, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x):
             raise TypeError(
                 f"parameter {name!r} comes from a torch.func transform (vmap, grad, jacrev, "
@@ -158,7 +177,7 @@ def _call_described(q: object, k: object, v: object) -> tuple:
     if not all(isinstance(x, Tensor) for x in (q, k, v)):
         return inputs
     device = q.device.type
-    autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    autocast = autocast_dtype(device)
     return (*inputs, k.device == q.device, v.device == q.device, str(autocast))
 
 
@@ -399,7 +418,8 @@ class DilatedAttention(nn.Module):
         if not all(isinstance(x, Tensor) for x in (q, k, v)):
             check_plain(q, k, v)  # raises the TypeError naming the argument
         needs_grad = _needs_grad(q, k, v)
-        signature = (*((x.shape, x.dtype, x.device) for x in (q, k, v)), needs_grad)
+        # (the layout too: a sparse q after a dense call of its shape skipped the check)
+        signature = (*((x.shape, x.dtype, x.device, x.layout) for x in (q, k, v)), needs_grad)
         if signature in self._valid_inputs:
             return
         check_inputs(q, k, v)
@@ -436,10 +456,11 @@ class DilatedAttention(nn.Module):
         else:
             self._validate(q, k, v)
         q, k, v = packed_rows(q), packed_rows(k), packed_rows(v)
-        if torch.is_autocast_enabled(q.device.type) and q.dtype == torch.float32:
+        autocast = autocast_dtype(q.device.type)
+        if autocast is not None and q.dtype == torch.float32:
             # as F.scaled_dot_product_attention does: float32 inputs run in autocast's dtype
             # (the core itself runs with autocast off, in its inputs' dtype: core.input_precision)
-            q, k, v = (x.to(torch.get_autocast_dtype(q.device.type)) for x in (q, k, v))
+            q, k, v = (x.to(autocast) for x in (q, k, v))
         # autograd.Function under Dynamo refuses the same tensor twice (self-attention with
         # q is k is v); distinct views of one storage are fine and cost nothing
         if k is q:
@@ -469,6 +490,7 @@ class DilatedAttention(nn.Module):
 
 _MODULES: OrderedDict[tuple, DilatedAttention] = OrderedDict()
 _MAX_MODULES = 32
+_RETIRED: list[DilatedAttention] = []  # evicted from _MODULES, still named by compiled graphs
 
 
 def dilated_attention(
@@ -553,7 +575,13 @@ def _functional(
         )
         _MODULES[key] = module
         if len(_MODULES) > _MAX_MODULES:
-            _MODULES.popitem(last=False)
+            _, evicted = _MODULES.popitem(last=False)
+            # its patterns and buffers go; the module itself stays alive, since a compiled
+            # graph's backward or an exported program names it (core._spec) and the user holds
+            # no reference to keep it: they raised "module ... is gone" after 32 other option sets
+            evicted.memory.clear()
+            evicted._specs.clear()
+            _RETIRED.append(evicted)
     else:
         _MODULES.move_to_end(key)
     return module(q, k, v)

@@ -100,8 +100,7 @@ def _spec(module_tag: Tensor, q: Tensor) -> CoreSpec:
     if module is None:
         raise RuntimeError(
             f"ringattn: the attention module #{module_number} that this compiled call belongs "
-            "to is gone (a compiled graph names its module but does not keep it alive; the "
-            "functional dilated_attention keeps the modules of its last 32 option sets): keep "
+            "to is gone (a compiled graph names its module but does not keep it alive): keep "
             "a DilatedAttention module for as long as its compiled calls and their backward run. "
             "A graph exported (torch.export) and loaded in another process has no module "
             "there: export runs in the process that made the module"
@@ -169,11 +168,19 @@ def for_each_block(
                 run(i)
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype a user's autocast casts to on ``device_type``, or None where it is off. Meta
+    tensors are never under autocast (``torch.is_autocast_enabled('meta')`` raises)."""
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def input_precision(device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast off inside the core: every strategy computes in its inputs' dtype. Under a user's
     autocast the math computer's einsums ran in bf16 while sdpa's aten calls stayed in float32
     (the same call, two functions)."""
-    if torch.is_autocast_enabled(device.type):
+    if autocast_dtype(device.type) is not None:
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 
@@ -803,6 +810,14 @@ class DilatedAttentionFunction(torch.autograd.Function):
                 "ringattn's dilated attention has no second derivative: call backward without "
                 "create_graph=True (for a gradient penalty or a Hessian, use the float64 "
                 "ringattn.reference.dilated_attention, which autograd differentiates twice)"
+            )
+        batched = torch._C._functorch  # (is_grads_batched wraps dout as a legacy batched tensor)
+        if batched.is_legacy_batchedtensor(dout) or batched.is_functorch_wrapped_tensor(dout):
+            # autograd.grad(is_grads_batched=True) / jacobian(vectorize=True): vmap over the
+            # backward's in-place strided writes failed deep inside torch
+            raise TypeError(
+                "ringattn's dilated attention has no batched backward "
+                "(is_grads_batched=True, jacobian(vectorize=True)): loop over the grad outputs"
             )
         q, k, v, out, lse, *indices = ctx.saved_tensors
         dq, dk, dv = dilated_backward(

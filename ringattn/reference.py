@@ -158,6 +158,10 @@ def dilated_attention_and_lse(
     # rows no config selects: every LSE_i is -inf; their output is 0 by definition
     selected = torch.isfinite(lse_all)
     weights = torch.where(selected, torch.exp(lse_stack - torch.where(selected, lse_all, 0.0)), 0.0)
+    # they sum to 1 exactly, but not in float64 once ulp(|LSE|) nears log 2 (scale ~1e16: a row
+    # came out doubled); divided by their sum, as ringattn.merge does
+    total = weights.sum(0, keepdim=True)
+    weights = weights / torch.where(total > 0, total, 1.0)
     # "head_groups": each head has exactly one finite LSE_i, so its weight is 1 and this merge
     # returns that config's output unchanged.
     return (weights.unsqueeze(-1) * torch.stack(outs)).sum(0), lse_all

@@ -45,6 +45,14 @@ class LongNetConfig:
     group: Any = None
 
 
+# nn.Embedding's index dtypes
+_TOKEN_DTYPES = (torch.int64, torch.int32)
+
+
+def _retie(model: LongNet, _incompatible_keys) -> None:
+    model.head.weight = model.embed.weight
+
+
 class Block(nn.Module):
     def __init__(self, config: LongNetConfig, attention: nn.Module) -> None:
         super().__init__()
@@ -103,6 +111,9 @@ class LongNet(nn.Module):
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.head.weight = self.embed.weight  # tied
         self.apply(self._init)
+        # load_state_dict(assign=True) (a model built on meta, then loaded) assigns the head and
+        # the embedding two Parameters: separate optimizer state, weight decay twice
+        self.register_load_state_dict_post_hook(_retie)
 
     def _apply(self, fn, recurse: bool = True):
         # to_empty (a model built on the meta device), and other conversions that replace
@@ -134,10 +145,12 @@ class LongNet(nn.Module):
     def _embedded(self, tokens: Tensor, caches: list[KVCache] | None) -> Tensor:
         """The tokens' embeddings, after the call's checks (every layer's cache checked before
         the first one moves)."""
-        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in _TOKEN_DTYPES:
             got = repr(tokens.dtype) if isinstance(tokens, Tensor) else type(tokens).__name__
             shape = f" of shape {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else ""
-            raise TypeError(f"tokens must be an integer [b, n] tensor, got {got}{shape}")
+            raise TypeError(f"tokens must be an int64 or int32 [b, n] tensor, got {got}{shape}")
+        if tokens.shape[0] < 1 or tokens.shape[1] < 1:
+            raise ValueError(f"tokens must be [b >= 1, n >= 1], got {tuple(tokens.shape)}")
         try:
             x = self.embed(tokens)
         except IndexError as exc:  # (on the CPU; CUDA's embedding asserts on the device)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ringattn import distributed
 from ringattn.api import DilatedAttention
+from ringattn.core import autocast_dtype
 from ringattn.nn.decode import KVCache, decode_one
 from ringattn.nn.rotary import rotary
 from ringattn.strategy import Strategy
@@ -133,7 +134,7 @@ class MultiheadDilatedAttention(nn.Module):
                 f"x must be [b >= 1, n >= 1, embed_dim={self.embed_dim}], got {tuple(x.shape)}"
             )
         weight = self.q_proj.weight
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != weight.dtype and autocast_dtype(x.device.type) is None:
             raise TypeError(
                 f"x.dtype must equal the layer's parameters' ({weight.dtype}) outside "
                 f"torch.autocast, got {x.dtype}"
@@ -145,6 +146,18 @@ class MultiheadDilatedAttention(nn.Module):
         if not self.attention.config.causal:
             raise ValueError("a KV cache (incremental decoding) needs causal=True")
         self._check_one_device()
+        k, v, length = cache.k, cache.v, cache.length
+        if not (isinstance(k, Tensor) and isinstance(v, Tensor)) or k.dim() != 4:
+            raise TypeError("cache.k and cache.v must be [b, capacity, h_kv, d] tensors")
+        if not k.is_floating_point() or v.dtype != k.dtype or v.shape != k.shape:
+            raise TypeError(
+                "cache.k and cache.v must be floating tensors of one shape and dtype, got "
+                f"{k.dtype} {tuple(k.shape)} and {v.dtype} {tuple(v.shape)}"
+            )
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= k.shape[1]:
+            raise ValueError(f"cache.length must be an int in [0, {k.shape[1]}], got {length!r}")
+        if v.device != k.device:
+            raise ValueError(f"cache.v must be on cache.k's device {k.device}, got {v.device}")
         want = (x.shape[0], self.num_kv_heads, self.head_dim)
         got = (cache.k.shape[0], cache.k.shape[2], cache.k.shape[3])
         if got != want:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ringattn.computers.base import accumulation_dtype
+from ringattn.core import input_precision
 from ringattn.merge import merge
 from ringattn.pattern import make_plan
 
@@ -64,28 +65,32 @@ def decode_one(
     scale: float,
 ) -> Tensor:
     """Output ``[b, h, d]`` of the query ``q: [b, h, d]`` at ``position`` (its K/V are cached)."""
-    b, h, d = q.shape
-    group = (
-        h // cache.k.shape[2]
-    )  # grouped-query attention: query head hd reads kv head hd // group
-    dtype = accumulation_dtype(q.dtype)
-    offsets = make_plan(1, h, configs, mixing).head_offsets()
-    outs, lses = [], []
-    for i, (w, r) in enumerate(configs):
-        out_i = torch.zeros(b, h, d, dtype=dtype, device=q.device)
-        lse_i = torch.full((b, h), float("-inf"), dtype=dtype, device=q.device)
-        seg_start = position - position % w
-        for o in sorted(set(offsets[i]) - {-1}):
-            if ((position % w) - o) % r:
-                continue  # this position is not a query of offset o
-            heads = torch.tensor([hd for hd in range(h) if offsets[i][hd] == o], device=q.device)
-            rows = torch.arange(seg_start + o, position + 1, r, device=q.device)
-            keys = cache.k[:, rows][:, :, heads // group].to(dtype)  # [b, L, hs, d]
-            values = cache.v[:, rows][:, :, heads // group].to(dtype)
-            scores = torch.einsum("bhd,blhd->bhl", q[:, heads].to(dtype), keys) * scale
-            lse = torch.logsumexp(scores, dim=-1)
-            out_i[:, heads] = torch.einsum("bhl,blhd->bhd", torch.softmax(scores, -1), values)
-            lse_i[:, heads] = lse
-        outs.append(out_i)
-        lses.append(lse_i)
-    return merge(outs, lses, dtype).to(q.dtype)
+    # autocast off: a user's autocast made the einsums bf16 (index_put into float32 raised)
+    with input_precision(q.device):
+        b, h, d = q.shape
+        group = (
+            h // cache.k.shape[2]
+        )  # grouped-query attention: query head hd reads kv head hd // group
+        dtype = accumulation_dtype(q.dtype)
+        offsets = make_plan(1, h, configs, mixing).head_offsets()
+        outs, lses = [], []
+        for i, (w, r) in enumerate(configs):
+            out_i = torch.zeros(b, h, d, dtype=dtype, device=q.device)
+            lse_i = torch.full((b, h), float("-inf"), dtype=dtype, device=q.device)
+            seg_start = position - position % w
+            for o in sorted(set(offsets[i]) - {-1}):
+                if ((position % w) - o) % r:
+                    continue  # this position is not a query of offset o
+                heads = torch.tensor(
+                    [hd for hd in range(h) if offsets[i][hd] == o], device=q.device
+                )
+                rows = torch.arange(seg_start + o, position + 1, r, device=q.device)
+                keys = cache.k[:, rows][:, :, heads // group].to(dtype)  # [b, L, hs, d]
+                values = cache.v[:, rows][:, :, heads // group].to(dtype)
+                scores = torch.einsum("bhd,blhd->bhl", q[:, heads].to(dtype), keys) * scale
+                lse = torch.logsumexp(scores, dim=-1)
+                out_i[:, heads] = torch.einsum("bhl,blhd->bhd", torch.softmax(scores, -1), values)
+                lse_i[:, heads] = lse
+            outs.append(out_i)
+            lses.append(lse_i)
+        return merge(outs, lses, dtype).to(q.dtype)

@@ -1,0 +1,171 @@
+"""What users reach from the rest of PyTorch: autocast while decoding, forward-mode and batched
+autograd, checkpoints loaded onto the meta device, the functional form's module cache under
+compile, meta tensors, malformed KV caches, and the oracle at extreme scales. Each test failed
+before its fix (found by two user-side reviews)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+from conftest import rel_err
+
+import ringattn
+from ringattn import reference
+from ringattn.models import LongNet, LongNetConfig
+from ringattn.nn import KVCache, MultiheadDilatedAttention
+
+CONFIG = LongNetConfig(
+    vocab_size=32, dim=16, depth=1, num_heads=2, segment_lengths=(4, 8), dilation_rates=(1, 2)
+)
+
+
+def test_decoding_under_autocast_equals_the_full_forward():
+    """``generate`` under ``torch.autocast`` raised "Index put requires the source and
+    destination dtypes match" (the decode's einsums ran in bf16 into float32 buffers)."""
+    torch.manual_seed(0)
+    model = LongNet(CONFIG)
+    prompt = torch.randint(0, 32, (1, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens = model.generate(prompt, 3)
+        full = model(tokens)
+        caches = model.new_caches(1, tokens.shape[1]) if hasattr(model, "new_caches") else None
+    assert tokens.shape == (1, 8)
+    if caches is not None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            stepwise = torch.cat([model(tokens[:, i : i + 1], caches) for i in range(8)], 1)
+        assert rel_err(stepwise.float(), full.float()) < 3e-2
+
+
+@pytest.mark.parametrize("computer", ["math", "sdpa"])
+def test_forward_mode_ad_is_refused_by_every_strategy(computer):
+    """sdpa raised torch's NotImplementedError, math computed tangents only without
+    requires_grad, flex dropped them: now one TypeError naming the argument."""
+    xs = [torch.randn(1, 8, 2, 4, dtype=torch.float64) for _ in range(3)]
+    with fwAD.dual_level():
+        dual = [fwAD.make_dual(x, torch.randn_like(x)) for x in xs]
+        with pytest.raises(TypeError, match="parameter 'q' is a forward-mode AD dual"):
+            ringattn.dilated_attention(
+                *dual, segment_lengths=(4, 8), dilation_rates=(1, 2),
+                strategy=ringattn.Strategy(computer=computer),
+            )  # fmt: skip
+
+
+def test_a_batched_backward_is_a_clear_error():
+    """``is_grads_batched=True`` failed inside vmap ("aten::copy_ ... is not possible")."""
+    attn = ringattn.DilatedAttention((4, 8), (1, 2))
+    q, k, v = (torch.randn(1, 16, 2, 8, requires_grad=True) for _ in range(3))
+    out = attn(q, k, v)
+    with pytest.raises(TypeError, match="no batched backward"):
+        torch.autograd.grad(out, q, torch.randn(3, *out.shape), is_grads_batched=True)
+
+
+def test_a_checkpoint_loaded_onto_meta_keeps_the_head_tied():
+    """``load_state_dict(assign=True)`` into a model built on meta gave the head and the
+    embedding two Parameters (separate AdamW state, weight decay twice: training diverged)."""
+    torch.manual_seed(0)
+    source = LongNet(CONFIG)
+    buffer = io.BytesIO()
+    torch.save(source.state_dict(), buffer)
+    buffer.seek(0)
+    with torch.device("meta"):
+        model = LongNet(CONFIG)
+    model.load_state_dict(torch.load(buffer), assign=True)
+    assert model.head.weight is model.embed.weight
+    assert len(list(model.parameters())) == len(list(source.parameters()))
+
+
+def test_the_functional_forms_evicted_modules_still_serve_compiled_backwards():
+    """A compiled call's backward names its module; the functional form's cache evicted it
+    after 32 other option sets and the backward raised "module ... is gone"."""
+    torch._dynamo.reset()
+
+    def attention(q, k, v):
+        return ringattn.dilated_attention(
+            q, k, v, segment_lengths=(4, 8), dilation_rates=(1, 2), causal=True
+        )
+
+    q, k, v = (torch.randn(1, 16, 2, 8, requires_grad=True) for _ in range(3))
+    other = torch.randn(1, 16, 2, 8)
+    out = torch.compile(attention, backend="aot_eager")(q, k, v)
+    for i in range(33):
+        ringattn.dilated_attention(
+            other, other, other, segment_lengths=(4,), dilation_rates=(1,), scale=0.1 + i
+        )
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = reference.dilated_attention(
+        *ref_in, segment_lengths=(4, 8), dilation_rates=(1, 2), causal=True
+    )
+    for g, g_ref in zip(grads, torch.autograd.grad(ref.sum(), ref_in)):
+        assert rel_err(g, g_ref) < 1e-4
+
+
+def test_a_sparse_input_after_a_dense_call_is_still_refused():
+    """The once-per-signature checks keyed on shape, dtype and device, not layout: a sparse q
+    after a dense call of its shape reached the kernels ("unsupported memory format")."""
+    attn = ringattn.DilatedAttention((4, 8), (1, 2))
+    q = torch.randn(1, 16, 2, 8)
+    attn(q, q, q)
+    with pytest.raises(TypeError, match="parameter 'q' must be a dense"):
+        attn(q.to_sparse(), q, q)
+
+
+def test_math_runs_on_meta_tensors():
+    """Shape inference on meta: the autocast check raised "unknown device type for autocast";
+    sdpa's refusal points to math, which must then run."""
+    q = torch.randn(2, 8, 2, 4, device="meta", requires_grad=True)
+    out = ringattn.dilated_attention(
+        q, q, q, segment_lengths=(4,), dilation_rates=(1,),
+        strategy=ringattn.Strategy(computer="math"),
+    )  # fmt: skip
+    assert out.shape == q.shape and out.device.type == "meta"
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: KVCache(torch.zeros(1, 6, 2, 4, dtype=torch.long), torch.zeros(1, 6, 2, 4)),
+         TypeError, "floating tensors of one shape and dtype"),
+        (lambda: KVCache(torch.zeros(1, 6, 2, 4), torch.zeros(1, 5, 2, 4)),
+         TypeError, "one shape and dtype"),
+        (lambda: KVCache(torch.zeros(1, 6, 2, 4), torch.zeros(1, 6, 2, 4), length=-2),
+         ValueError, r"cache.length must be an int in \[0, 6\]"),
+    ],
+)  # fmt: skip
+def test_a_malformed_kv_cache_is_refused_before_any_work(make, error, match):
+    """An integer cache stored K/V as zeros (logits 1.3 off, silently); a negative length or
+    k/v of different capacities raised torch's errors after writing cache.k."""
+    layer = MultiheadDilatedAttention(8, 2, (4,), (1,), causal=True)
+    cache = make()
+    before = cache.k.clone()
+    with pytest.raises(error, match=match):
+        layer(torch.randn(1, 2, 8), cache)
+    assert torch.equal(cache.k, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bool, torch.int16])
+def test_tokens_of_an_index_dtype_embedding_cannot_read_are_refused(dtype):
+    with pytest.raises(TypeError, match="tokens must be an int64 or int32"):
+        LongNet(CONFIG)(torch.zeros(1, 3, dtype=dtype))
+
+
+def test_empty_tokens_are_named():
+    with pytest.raises(ValueError, match=r"tokens must be \[b >= 1, n >= 1\]"):
+        LongNet(CONFIG)(torch.zeros(1, 0, dtype=torch.long))
+
+
+@pytest.mark.parametrize("scale", [1e12, 1e16, 1e20])
+def test_the_oracle_merges_exactly_at_extreme_scales(scale):
+    """The loop-and-merge oracle's weights ``exp(LSE_i - LSE)`` stop summing to 1 once ulp(LSE)
+    nears log 2: at scale 1e20 a row came out doubled. The multiplicity form is the check."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 8, 1, 4, dtype=torch.float64) for _ in range(3))
+    options = {"segment_lengths": (4, 8), "dilation_rates": (1, 2), "scale": scale}
+    merged = reference.dilated_attention(q, k, v, **options)
+    by_multiplicity = reference.dilated_attention_by_multiplicity(q, k, v, **options)
+    assert rel_err(merged, by_multiplicity) < 1e-12
