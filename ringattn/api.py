@@ -19,6 +19,7 @@ import torch
 from beartype import beartype
 from jaxtyping import jaxtyped
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.autograd import forward_ad
 
 from ringattn import distributed, registry
@@ -316,10 +317,12 @@ class DilatedAttention(nn.Module):
     def _spec(self, q: Tensor) -> CoreSpec:
         _b, n, h, d = q.shape
         tracing = torch.compiler.is_compiling()
-        if tracing and not self.communicator.distributed:
+        # fake tensors (a FakeTensorMode estimate, make_fx) neither read nor fill the caches: a
+        # fake pattern kept there broke every later real call of that shape
+        if (tracing or is_fake(q)) and not self.communicator.distributed:
             # a spec for the trace alone: the opaque ops ask the module's eager side for theirs
             # (core._spec), and a dict stored from the trace would hold this one instead
-            return self._new_spec(n, h, d, tracing)
+            return self._new_spec(n, h, d, tracing=True)
         # (the shape alone: an eager spec depends on nothing else of the call, and a key with
         # the compile flag hid a compile=False module's eager spec from a trace)
         key = (n, h, d)
@@ -475,7 +478,7 @@ class DilatedAttention(nn.Module):
                 self._spec(q)  # raises unless an eager call has checked the ranks agree
             return dilated_forward_op(q, k, v, self._number)[0]
         spec = self._spec(q)
-        memory = _NO_REUSE if tracing else self.memory
+        memory = _NO_REUSE if tracing or is_fake(q) else self.memory
         indices = self.dilation.indices(spec.plan, q.device, memory)
         aux = (
             self.computer.prepare(spec.plan, spec.causal, self.dilation.name, q.device, memory)

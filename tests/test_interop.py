@@ -169,3 +169,29 @@ def test_the_oracle_merges_exactly_at_extreme_scales(scale):
     merged = reference.dilated_attention(q, k, v, **options)
     by_multiplicity = reference.dilated_attention_by_multiplicity(q, k, v, **options)
     assert rel_err(merged, by_multiplicity) < 1e-12
+
+
+@pytest.mark.parametrize("dilation", ["segment_local", "global"])
+def test_a_fake_tensor_call_leaves_the_caches_to_real_calls(dilation):
+    """A shape or memory estimate under ``FakeTensorMode`` stored fake patterns in the pooled
+    caches (the functional form's module is process-wide): every later real call of that shape
+    raised "Please convert all Tensors to FakeTensors first"."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    options = {
+        "segment_lengths": (4, 8),
+        "dilation_rates": (2, 4),
+        "strategy": ringattn.Strategy(dilation=dilation, memory="pooled"),
+    }
+    q, k, v = (torch.randn(1, 16, 2, 8, requires_grad=True) for _ in range(3))
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(x) for x in (q, k, v)]
+        with torch.no_grad():
+            ringattn.dilated_attention(*fake, **options)
+        ringattn.dilated_attention(*fake, **options).sum().backward()
+    with torch.no_grad():
+        inference = ringattn.dilated_attention(q, k, v, **options)
+    out = ringattn.dilated_attention(q, k, v, **options)
+    ref_in = [x.detach().double() for x in (q, k, v)]
+    ref = reference.dilated_attention(*ref_in, segment_lengths=(4, 8), dilation_rates=(2, 4))
+    assert rel_err(out, ref) < 1e-5 and rel_err(inference, ref) < 1e-5
