@@ -493,7 +493,15 @@ class DilatedAttention(nn.Module):
 
 _MODULES: OrderedDict[tuple, DilatedAttention] = OrderedDict()
 _MAX_MODULES = 32
-_RETIRED: list[DilatedAttention] = []  # evicted from _MODULES, still named by compiled graphs
+# every option set's module, never evicted: compiled graphs and exported programs name them
+# (core._spec). A trace looks them up here, as attributes: a dict's lookup, traced, guarded the
+# graph on the dict's length (and the LRU's on its order), so any other option set's eager call
+# recompiled it, and under fullgraph the ninth raised
+_EVERY_MODULE = types.SimpleNamespace()
+
+
+def _attribute(key: tuple) -> str:
+    return f"m{hash(key) & 0xFFFFFFFFFFFFFFFF:x}"
 
 
 def dilated_attention(
@@ -564,19 +572,29 @@ def _functional(
         compile,
         compile_backend,
     )
+    if torch.compiler.is_compiling():
+        module = getattr(_EVERY_MODULE, _attribute(key), None)
+        if module is not None and module.functional_key == key:  # (==: no hash collision)
+            return module(q, k, v)
+        # none yet: made in the trace, as an eager call makes it (fullgraph refuses that)
     module = _MODULES.get(key)
     if module is None:
-        module = DilatedAttention(
-            segment_lengths,
-            dilation_rates,
-            causal=causal,
-            mixing=mixing,
-            scale=scale,
-            strategy=strategy,
-            compile=compile,
-            compile_backend=compile_backend,
-        )
+        # one evicted earlier comes back (a new one would leave its compiled graphs without it)
+        module = getattr(_EVERY_MODULE, _attribute(key), None)
+        if module is None or module.functional_key != key:
+            module = DilatedAttention(
+                segment_lengths,
+                dilation_rates,
+                causal=causal,
+                mixing=mixing,
+                scale=scale,
+                strategy=strategy,
+                compile=compile,
+                compile_backend=compile_backend,
+            )
         _MODULES[key] = module
+        module.functional_key = key
+        setattr(_EVERY_MODULE, _attribute(key), module)
         if len(_MODULES) > _MAX_MODULES:
             _, evicted = _MODULES.popitem(last=False)
             # its patterns and buffers go; the module itself stays alive, since a compiled
@@ -584,7 +602,7 @@ def _functional(
             # no reference to keep it: they raised "module ... is gone" after 32 other option sets
             evicted.memory.clear()
             evicted._specs.clear()
-            _RETIRED.append(evicted)
+            # (it stays in _EVERY_MODULE)
     else:
         _MODULES.move_to_end(key)
     return module(q, k, v)

@@ -150,7 +150,7 @@ def test_a_malformed_kv_cache_is_refused_before_any_work(make, error, match):
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.bool, torch.int16])
 def test_tokens_of_an_index_dtype_embedding_cannot_read_are_refused(dtype):
-    with pytest.raises(TypeError, match="tokens must be an int64 or int32"):
+    with pytest.raises(TypeError, match=r"tokens must be an integer \(int64 or int32\)"):
         LongNet(CONFIG)(torch.zeros(1, 3, dtype=dtype))
 
 
@@ -195,3 +195,26 @@ def test_a_fake_tensor_call_leaves_the_caches_to_real_calls(dilation):
     ref_in = [x.detach().double() for x in (q, k, v)]
     ref = reference.dilated_attention(*ref_in, segment_lengths=(4, 8), dilation_rates=(2, 4))
     assert rel_err(out, ref) < 1e-5 and rel_err(inference, ref) < 1e-5
+
+
+def test_other_option_sets_do_not_recompile_a_compiled_functional_call():
+    """The functional form's cache, traced, guarded the graph on its length and order: every
+    eager call with another option set recompiled it, and under fullgraph the ninth raised
+    FailOnRecompileLimitHit. An evicted module comes back rather than being replaced."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+
+    def attention(q, k, v):
+        return ringattn.dilated_attention(q, k, v, segment_lengths=(4, 8), dilation_rates=(1, 2))
+
+    q, k, v = (torch.randn(1, 16, 2, 8) for _ in range(3))
+    attention(q, k, v)
+    compiled = torch.compile(attention, backend="aot_eager", fullgraph=True)
+    counters.clear()
+    for i in range(40):  # past the cache's 32: the compiled call's module is evicted, then back
+        ringattn.dilated_attention(
+            q, k, v, segment_lengths=(4,), dilation_rates=(1,), scale=0.5 + i
+        )
+        assert torch.equal(compiled(q, k, v), attention(q, k, v))
+    assert counters["stats"]["unique_graphs"] == 1

@@ -148,7 +148,9 @@ class LongNet(nn.Module):
         if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in _TOKEN_DTYPES:
             got = repr(tokens.dtype) if isinstance(tokens, Tensor) else type(tokens).__name__
             shape = f" of shape {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else ""
-            raise TypeError(f"tokens must be an int64 or int32 [b, n] tensor, got {got}{shape}")
+            raise TypeError(
+                f"tokens must be an integer (int64 or int32) [b, n] tensor, got {got}{shape}"
+            )
         if tokens.shape[0] < 1 or tokens.shape[1] < 1:
             raise ValueError(f"tokens must be [b >= 1, n >= 1], got {tuple(tokens.shape)}")
         try:
