@@ -500,6 +500,14 @@ _MAX_MODULES = 32
 _EVERY_MODULE = types.SimpleNamespace()
 
 
+def clear_functional_modules() -> None:
+    """Forget the functional form's modules: later calls make new ones (tests that switch
+    kernels; a notebook after re-registering a strategy does not need it, its class is in the
+    key). Graphs compiled over the old ones raise when they run."""
+    _MODULES.clear()
+    _EVERY_MODULE.__dict__.clear()
+
+
 def _attribute(key: tuple) -> str:
     return f"m{hash(key) & 0xFFFFFFFFFFFFFFFF:x}"
 

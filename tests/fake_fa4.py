@@ -10,6 +10,7 @@ tests/test_distributed.py).
 
 from __future__ import annotations
 
+import types
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -166,15 +167,15 @@ def installed(kernel: FakeFA4) -> Iterator[FakeFA4]:
     elsewhere (without FA4, or under other switches) would never offer the block's kernels."""
     names = ("_kernels", "_REPLAYS", "available", "BACKWARD_HEAD_DIM_MULTIPLE")
     saved = {name: getattr(fa4, name) for name in names}
-    saved_modules = ringattn.api._MODULES
+    saved_modules = ringattn.api._MODULES, ringattn.api._EVERY_MODULE
     fa4._kernels = kernel.kernels
     fa4._REPLAYS = {}  # replays launch the kernels they recorded
     fa4.available = lambda q: q.dtype != torch.float64
     fa4.BACKWARD_HEAD_DIM_MULTIPLE = 1  # the stand-in's backward is right at every head dim
-    ringattn.api._MODULES = OrderedDict()
+    ringattn.api._MODULES, ringattn.api._EVERY_MODULE = OrderedDict(), types.SimpleNamespace()
     try:
         yield kernel
     finally:
         for name, value in saved.items():
             setattr(fa4, name, value)
-        ringattn.api._MODULES = saved_modules
+        ringattn.api._MODULES, ringattn.api._EVERY_MODULE = saved_modules
