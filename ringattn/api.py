@@ -508,6 +508,12 @@ def clear_functional_modules() -> None:
     _EVERY_MODULE.__dict__.clear()
 
 
+def _typed(option: object) -> tuple:
+    if isinstance(option, (list, tuple)):
+        return (type(option), *(_typed(x) for x in option))
+    return (type(option), option)
+
+
 def _attribute(key: tuple) -> str:
     return f"m{hash(key) & 0xFFFFFFFFFFFFFFFF:x}"
 
@@ -568,11 +574,13 @@ def _functional(
     compile_backend: str,
 ) -> BNHD:
     key = (
-        tuple(segment_lengths),
-        tuple(dilation_rates),
-        causal,
-        mixing,
-        scale,
+        # with each value's type: equal values of other types (8.0 == 8, True == 1) found the
+        # module of the valid ones and skipped the options' checks
+        _typed(segment_lengths),
+        _typed(dilation_rates),
+        _typed(causal),
+        _typed(mixing),
+        _typed(scale),
         strategy,
         # the classes too: a strategy re-registered under its name (a notebook cell re-run with
         # a fix) gets a new module, not the old class's

@@ -218,3 +218,30 @@ def test_other_option_sets_do_not_recompile_a_compiled_functional_call():
         )
         assert torch.equal(compiled(q, k, v), attention(q, k, v))
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"segment_lengths": (4, 8.0)}, "segment_lengths"),
+        ({"causal": 1}, "causal"),
+    ],
+)
+def test_the_functional_cache_does_not_skip_the_option_checks(options, match):
+    """Equal options of other types (8.0 == 8, 1 == True) found the module that the valid
+    options made and ran with it, unchecked. (Called past the beartype entry, which samples one
+    item of a sequence: the cache is what must not let them through.)"""
+    q = torch.randn(1, 16, 2, 8)
+    valid = {
+        "segment_lengths": (4, 8),
+        "dilation_rates": (1, 2),
+        "causal": True,
+        "mixing": "lse",
+        "scale": None,
+        "strategy": ringattn.Strategy(),
+        "compile": True,
+        "compile_backend": "inductor",
+    }
+    ringattn.api._functional(q, q, q, **valid)
+    with pytest.raises(TypeError, match=match):
+        ringattn.api._functional(q, q, q, **{**valid, **options})
