@@ -133,10 +133,11 @@ def check_plain(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 
 def refuse_functorch(q: object, k: object, v: object) -> None:
-    """A TypeError for inputs a ``torch.func`` transform wrapped: inside ``vmap`` they report
-    ``requires_grad=False``, so the core ran without its autograd function and a later
-    ``backward()`` differentiated the kernels' ops as recorded, the LSE merge's weights as
-    constants (dq, dk 24-39% off, silently); ``grad`` / ``jacrev`` failed inside torch."""
+    """A TypeError for forward-mode AD dual tensors and for inputs a ``torch.func`` transform
+    wrapped: inside ``vmap`` they report ``requires_grad=False``, so the core ran without its
+    autograd function and a later ``backward()`` differentiated the kernels' ops as recorded, the
+    LSE merge's weights as constants (dq, dk 24-39% off, silently); ``grad`` / ``jacrev`` failed
+    inside torch."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if (
             isinstance(x, Tensor)
@@ -156,6 +157,13 @@ def refuse_functorch(q: object, k: object, v: object) -> None:
                 "...), which ringattn's dilated attention does not support: loop over the "
                 "batched dim, or use the float64 ringattn.reference.dilated_attention"
             )
+
+
+def _unkept(q: Tensor, tracing: bool) -> bool:
+    """Whether a call's specs and patterns stay out of the module's caches: traced, or on fake
+    tensors (a FakeTensorMode estimate, make_fx), whose patterns kept there broke every later
+    real call of that shape."""
+    return tracing or is_fake(q)
 
 
 def _needs_grad(q: Tensor, k: Tensor, v: Tensor) -> bool:
@@ -314,12 +322,13 @@ class DilatedAttention(nn.Module):
             f"compile={self.compile}"
         )
 
-    def _spec(self, q: Tensor) -> CoreSpec:
+    def _spec(self, q: Tensor, unkept: bool | None = None) -> CoreSpec:
+        """``unkept``: traced or fake (:meth:`forward` knows; None: found out here)."""
         _b, n, h, d = q.shape
         tracing = torch.compiler.is_compiling()
-        # fake tensors (a FakeTensorMode estimate, make_fx) neither read nor fill the caches: a
-        # fake pattern kept there broke every later real call of that shape
-        if (tracing or is_fake(q)) and not self.communicator.distributed:
+        if unkept is None:
+            unkept = _unkept(q, tracing)
+        if unkept and not self.communicator.distributed:
             # a spec for the trace alone: the opaque ops ask the module's eager side for theirs
             # (core._spec), and a dict stored from the trace would hold this one instead
             return self._new_spec(n, h, d, tracing=True)
@@ -477,8 +486,9 @@ class DilatedAttention(nn.Module):
             if self.communicator.distributed:
                 self._spec(q)  # raises unless an eager call has checked the ranks agree
             return dilated_forward_op(q, k, v, self._number)[0]
-        spec = self._spec(q)
-        memory = _NO_REUSE if tracing or is_fake(q) else self.memory
+        unkept = _unkept(q, tracing)
+        spec = self._spec(q, unkept)
+        memory = _NO_REUSE if unkept else self.memory
         indices = self.dilation.indices(spec.plan, q.device, memory)
         aux = (
             self.computer.prepare(spec.plan, spec.causal, self.dilation.name, q.device, memory)
@@ -516,6 +526,12 @@ def _typed(option: object) -> tuple:
 
 def _attribute(key: tuple) -> str:
     return f"m{hash(key) & 0xFFFFFFFFFFFFFFFF:x}"
+
+
+def _kept_module(key: tuple) -> DilatedAttention | None:
+    """The module ever made for ``key`` (None: none yet)."""
+    module = getattr(_EVERY_MODULE, _attribute(key), None)
+    return module if module is not None and module.functional_key == key else None  # collisions
 
 
 def dilated_attention(
@@ -589,15 +605,15 @@ def _functional(
         compile_backend,
     )
     if torch.compiler.is_compiling():
-        module = getattr(_EVERY_MODULE, _attribute(key), None)
-        if module is not None and module.functional_key == key:  # (==: no hash collision)
+        module = _kept_module(key)
+        if module is not None:
             return module(q, k, v)
         # none yet: made in the trace, as an eager call makes it (fullgraph refuses that)
     module = _MODULES.get(key)
     if module is None:
         # one evicted earlier comes back (a new one would leave its compiled graphs without it)
-        module = getattr(_EVERY_MODULE, _attribute(key), None)
-        if module is None or module.functional_key != key:
+        module = _kept_module(key)
+        if module is None:
             module = DilatedAttention(
                 segment_lengths,
                 dilation_rates,

@@ -49,7 +49,8 @@ class LongNetConfig:
 _TOKEN_DTYPES = (torch.int64, torch.int32)
 
 
-def _retie(model: LongNet, _incompatible_keys) -> None:
+def _tie(model: LongNet, _incompatible_keys: object = None) -> None:
+    """The head shares the embedding's weight (also a load_state_dict post-hook)."""
     model.head.weight = model.embed.weight
 
 
@@ -109,17 +110,17 @@ class LongNet(nn.Module):
         self.blocks = nn.ModuleList(Block(config, attention(config)) for _ in range(config.depth))
         self.ln_f = nn.LayerNorm(config.dim)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
-        self.head.weight = self.embed.weight  # tied
+        _tie(self)
         self.apply(self._init)
         # load_state_dict(assign=True) (a model built on meta, then loaded) assigns the head and
         # the embedding two Parameters: separate optimizer state, weight decay twice
-        self.register_load_state_dict_post_hook(_retie)
+        self.register_load_state_dict_post_hook(_tie)
 
     def _apply(self, fn, recurse: bool = True):
         # to_empty (a model built on the meta device), and other conversions that replace
         # parameters, gave the head its own copy of the embedding; the tie is restored after
         out = super()._apply(fn, recurse)
-        self.head.weight = self.embed.weight
+        _tie(self)
         return out
 
     @staticmethod

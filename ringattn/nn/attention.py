@@ -159,7 +159,7 @@ class MultiheadDilatedAttention(nn.Module):
         if v.device != k.device:
             raise ValueError(f"cache.v must be on cache.k's device {k.device}, got {v.device}")
         want = (x.shape[0], self.num_kv_heads, self.head_dim)
-        got = (cache.k.shape[0], cache.k.shape[2], cache.k.shape[3])
+        got = (k.shape[0], k.shape[2], k.shape[3])
         if got != want:
             raise ValueError(f"cache must be (batch, kv heads, head dim) = {want}, got {got}")
         if cache.k.device != x.device:
