@@ -24,7 +24,7 @@ from torch.autograd import forward_ad
 
 from ringattn import distributed, registry
 from ringattn.computers.base import LayoutComputer
-from ringattn.config import DilatedConfig
+from ringattn.config import DilatedConfig, int_sequence
 from ringattn.core import (
     CoreSpec,
     autocast_dtype,
@@ -554,8 +554,11 @@ def dilated_attention(
 
     Modules are cached per option set (bounded), so repeated calls reuse the compiled core and the
     memory manager's patterns instead of recompiling. Traced by a user's ``torch.compile`` it
-    captures like the module (the opaque ops; fullgraph holds once the option set's module
-    exists, i.e. after one eager call).
+    captures like the module (the opaque ops, fullgraph), also before any eager call: a trace
+    makes its option set's module in plain Python. The options must be constants to Dynamo
+    there (literals, closure or module attributes, as usual); an int argument of the compiled
+    function that changes between calls becomes symbolic, which fullgraph then refuses (use
+    ``dynamic=False``).
     """
     options = {
         "segment_lengths": segment_lengths,
@@ -571,6 +574,14 @@ def dilated_attention(
         # traced by a user's torch.compile: beartype's wrapper cannot be traced (it raised
         # inside Dynamo), and the module checks its inputs itself, traced into guards
         return _functional(q, k, v, **options)
+    return _eager_functional(q, k, v, options)
+
+
+@torch.compiler.disable
+def _eager_functional(q: Tensor, k: Tensor, v: Tensor, options: dict) -> Tensor:
+    """The eager call, never traced: where a user's torch.compile gave up on a frame above it
+    (options it could not treat as constants), Dynamo traced the frames this calls instead, and
+    beartype's wrapper, traced, reported a good ``q`` as violating its hint."""
     check_plain(q, k, v)  # (its errors name the argument and the rule, before beartype's)
     return _checked_functional(q, k, v, **options)
 
@@ -582,62 +593,83 @@ def _functional(
     *,
     segment_lengths: Sequence[int],
     dilation_rates: Sequence[int],
-    causal: bool,
-    mixing: str,
-    scale: float | int | None,
-    strategy: Strategy,
-    compile: bool,
-    compile_backend: str,
+    **options: Any,
 ) -> BNHD:
-    key = (
+    # (the options are typed by the module's constructor, which any new key reaches)
+    key = _key(segment_lengths, dilation_rates, **options)
+    if torch.compiler.is_compiling():
+        module = _kept_module(key)
+        if module is None:
+            # (checked here too: a float among them is no constant to Dynamo, which then failed
+            # to pass them to _made_while_tracing)
+            int_sequence("segment_lengths", segment_lengths)
+            int_sequence("dilation_rates", dilation_rates)
+            attribute, refusal, reason = _made_while_tracing(
+                segment_lengths, dilation_rates, **options
+            )
+            if refusal:
+                raise (TypeError if refusal == "TypeError" else ValueError)(reason)
+            module = getattr(_EVERY_MODULE, attribute)
+        return module(q, k, v)
+    return _module_for(key, segment_lengths, dilation_rates, **options)(q, k, v)
+
+
+def _key(segment_lengths: Sequence[int], dilation_rates: Sequence[int], **options: Any) -> tuple:
+    strategy = options["strategy"]
+    if not isinstance(strategy, Strategy):  # (read below, before the constructor's check)
+        raise TypeError(f"strategy must be a ringattn.Strategy, got {type(strategy).__name__}")
+    return (
         # with each value's type: equal values of other types (8.0 == 8, True == 1) found the
         # module of the valid ones and skipped the options' checks
         _typed(segment_lengths),
         _typed(dilation_rates),
-        _typed(causal),
-        _typed(mixing),
-        _typed(scale),
+        *(_typed(options[name]) for name in ("causal", "mixing", "scale")),
         strategy,
         # the classes too: a strategy re-registered under its name (a notebook cell re-run with
         # a fix) gets a new module, not the old class's
         tuple(strategy.component(kind) for kind in registry.KINDS),
-        compile,
-        compile_backend,
+        options["compile"],
+        options["compile_backend"],
     )
-    if torch.compiler.is_compiling():
-        module = _kept_module(key)
-        if module is not None:
-            return module(q, k, v)
-        # none yet: made in the trace, as an eager call makes it (fullgraph refuses that)
+
+
+def _module_for(key: tuple, *args: Any, **options: Any) -> DilatedAttention:
+    """The functional form's module of ``key``: cached (LRU), else kept, else made."""
     module = _MODULES.get(key)
-    if module is None:
-        # one evicted earlier comes back (a new one would leave its compiled graphs without it)
-        module = _kept_module(key)
-        if module is None:
-            module = DilatedAttention(
-                segment_lengths,
-                dilation_rates,
-                causal=causal,
-                mixing=mixing,
-                scale=scale,
-                strategy=strategy,
-                compile=compile,
-                compile_backend=compile_backend,
-            )
-        _MODULES[key] = module
-        module.functional_key = key
-        setattr(_EVERY_MODULE, _attribute(key), module)
-        if len(_MODULES) > _MAX_MODULES:
-            _, evicted = _MODULES.popitem(last=False)
-            # its patterns and buffers go; the module itself stays alive, since a compiled
-            # graph's backward or an exported program names it (core._spec) and the user holds
-            # no reference to keep it: they raised "module ... is gone" after 32 other option sets
-            evicted.memory.clear()
-            evicted._specs.clear()
-            # (it stays in _EVERY_MODULE)
-    else:
+    if module is not None:
         _MODULES.move_to_end(key)
-    return module(q, k, v)
+        return module
+    # one evicted earlier comes back (a new one would leave its compiled graphs without it)
+    module = _kept_module(key)
+    if module is None:
+        module = DilatedAttention(*args, **options)
+    _MODULES[key] = module
+    module.functional_key = key
+    setattr(_EVERY_MODULE, _attribute(key), module)
+    if len(_MODULES) > _MAX_MODULES:
+        _, evicted = _MODULES.popitem(last=False)
+        # its patterns and buffers go; the module itself stays alive, since a compiled graph's
+        # backward or an exported program names it (core._spec) and the user holds no reference
+        # to keep it: they raised "module ... is gone" after 32 other option sets
+        evicted.memory.clear()
+        evicted._specs.clear()
+        # (it stays in _EVERY_MODULE)
+    return module
+
+
+@torch._dynamo.assume_constant_result
+def _made_while_tracing(*args: Any, **options: Any) -> tuple[str, str, str]:
+    """The module of a traced call's option set, made at trace time in plain Python, not traced:
+    Dynamo cannot trace the constructor (beartype's signature object), so a user's
+    ``torch.compile(fullgraph=True)`` of the functional form failed unless an eager call had made
+    the module first. Returns its attribute in ``_EVERY_MODULE``, or the error the options get
+    (its type's name and message, raised by the trace: Dynamo reported an exception raised here as
+    its own internal error)."""
+    try:
+        module = _module_for(_key(*args, **options), *args, **options)
+        return _attribute(module.functional_key), "", ""
+    except (TypeError, ValueError) as error:
+        return "", "TypeError" if isinstance(error, TypeError) else "ValueError", str(error)
 
 
 # the eager entry: the annotations checked (jaxtyping + beartype), as for the module's arguments

@@ -16,7 +16,7 @@ MIXINGS = ("lse", "head_groups")
 MAX_SEGMENT_LENGTH = 2**40
 
 
-def _int_sequence(name: str, values: object) -> tuple[int, ...]:
+def int_sequence(name: str, values: object) -> tuple[int, ...]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise TypeError(f"{name} must be a list or tuple of ints, got {type(values).__name__}")
     if len(values) == 0:
@@ -43,8 +43,8 @@ class DilatedConfig:
     scale: float | None = None
 
     def __post_init__(self) -> None:
-        w = _int_sequence("segment_lengths", self.segment_lengths)
-        r = _int_sequence("dilation_rates", self.dilation_rates)
+        w = int_sequence("segment_lengths", self.segment_lengths)
+        r = int_sequence("dilation_rates", self.dilation_rates)
         if len(w) != len(r):
             raise ValueError(
                 "segment_lengths and dilation_rates must have the same length, "

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ringattn.communicators.base import Communicator
 from ringattn.computers.base import (
@@ -86,10 +87,14 @@ def register_module(module: Any) -> Tensor:
     """A number for ``module`` (a CPU int64 scalar tensor, see ``CoreSpec.module``), whose
     ``eager_spec(q)`` the opaque ops call for their spec. On the CPU whatever the default device:
     made under ``torch.device("meta")`` (a model built there, then ``to_empty``) it stayed on
-    meta, and the ops then ran their fake kernels (uninitialised outputs, no error)."""
+    meta, and the ops then ran their fake kernels (uninitialised outputs, no error). And a real
+    tensor whatever the modes: a functional-form module made inside a non-strict
+    ``torch.export`` (its FakeTensorMode) got a fake number, which a later strict export baked
+    into its graph: that program returned FakeTensors, silently."""
     number = next(_NUMBERS)
     _MODULES[number] = module
-    return torch.tensor(number, dtype=torch.int64, device="cpu")
+    with _disable_current_modes():
+        return torch.tensor(number, dtype=torch.int64, device="cpu")
 
 
 def _spec(module_tag: Tensor, q: Tensor) -> CoreSpec:

@@ -226,24 +226,64 @@ def test_outer_compile_with_dynamic_shapes_keeps_the_oracle(mixing, dilation):
 
 @pytest.mark.parametrize("fullgraph", [True, False])
 def test_the_functional_form_compiles_inside_a_users_function(fullgraph):
-    """``ringattn.dilated_attention`` in a function given to torch.compile: beartype's wrapper
-    raised inside Dynamo (Unsupported under fullgraph, its DesynchronizationException without);
-    traced, it now calls the module and captures the opaque ops, gradients included."""
+    """``ringattn.dilated_attention`` in a function given to torch.compile, before any eager call
+    of its option sets: beartype's wrapper raised inside Dynamo (Unsupported under fullgraph, its
+    DesynchronizationException without), and then the module's constructor could not be traced
+    (Dynamo's "sourceless builder inspect.Signature" under fullgraph), so fullgraph needed an
+    eager call first. Traced, it now makes the modules at trace time, calls them and captures the
+    opaque ops, gradients included; a later eager call reuses the module the trace made."""
     torch._dynamo.reset()
     p = dict(PROBLEM)
-    options_ = {**options(p), "strategy": ringattn.Strategy(computer="sdpa")}
+    # option sets no other test uses (the scales), so no module exists for them yet
+    scales = (0.3125 + fullgraph, 0.40625 + fullgraph)
+    strategy = ringattn.Strategy(computer="sdpa")
+    sets = [{**options(p), "scale": scale, "strategy": strategy} for scale in scales]
+    made_before = len(vars(ringattn.api._EVERY_MODULE))
 
     def attention(q, k, v):
-        return ringattn.dilated_attention(q, k, v, **options_)
+        first = ringattn.dilated_attention(q, k, v, **sets[0])
+        return first, ringattn.dilated_attention(q, k, v, **sets[1])
 
     q, k, v = make_qkv(p, torch.float32, requires_grad=True)
-    attention(q, k, v)  # (the option set's module made eagerly, as fullgraph needs)
-    out = torch.compile(attention, fullgraph=fullgraph, backend="aot_eager")(q, k, v)
+    outs = torch.compile(attention, fullgraph=fullgraph, backend="aot_eager")(q, k, v)
+    assert len(vars(ringattn.api._EVERY_MODULE)) == made_before + 2
     grad_out = torch.randn(q.shape)
-    ref, ref_grads = oracle(p, q, k, v, grad_out)
-    assert rel_err(out, ref) <= 1e-5
-    grads = torch.autograd.grad(out, (q, k, v), grad_out)
-    assert all(rel_err(g, r) <= 1e-5 for g, r in zip(grads, ref_grads, strict=True))
+    for out, scale in zip(outs, scales, strict=True):
+        ref, ref_grads = oracle({**p, "scale": scale}, q, k, v, grad_out)
+        assert rel_err(out, ref) <= 1e-5, scale
+        grads = torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True)
+        assert all(rel_err(g, r) <= 1e-5 for g, r in zip(grads, ref_grads, strict=True)), scale
+    torch.testing.assert_close(ringattn.dilated_attention(q, k, v, **sets[0]), outs[0])
+    assert len(vars(ringattn.api._EVERY_MODULE)) == made_before + 2
+
+
+def _functional_call(options_: dict):
+    # (the options a closure's constants: as a default argument Dynamo treats them as inputs)
+    def attention(q):
+        return ringattn.dilated_attention(q, q, q, **options_)
+
+    return attention
+
+
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_the_functional_form_traced_refuses_bad_options(fullgraph):
+    """Bad options of an option set first met in a trace get the constructor's own error:
+    raised by the trace (fullgraph: inside Dynamo's report of it, which names it; without:
+    the frame falls back to eager, which raises it), not Dynamo's internal error around it."""
+    torch._dynamo.reset()
+    q = torch.randn(1, 16, 2, 8)
+    bad = [
+        (ValueError, "dilation_rates[1]=3 must divide segment_lengths[1]=8", {}),
+        (TypeError, "segment_lengths", {"segment_lengths": (4, 8.0)}),
+    ]
+    for error, words, change in bad:
+        options_ = {"segment_lengths": (4, 8), "dilation_rates": (1, 3), **change}
+        if change:
+            options_["dilation_rates"] = (1, 2)
+        attention = _functional_call(options_)
+        with pytest.raises(RuntimeError if fullgraph else error) as caught:
+            torch.compile(attention, fullgraph=fullgraph, backend="eager")(q)
+        assert words in str(caught.value), str(caught.value)[:400]
 
 
 def _bad_calls(q: torch.Tensor) -> list[tuple[str, tuple]]:

@@ -1,7 +1,7 @@
 """What users reach from the rest of PyTorch: autocast while decoding, forward-mode and batched
 autograd, checkpoints loaded onto the meta device, the functional form's module cache under
-compile, meta tensors, malformed KV caches, and the oracle at extreme scales. Each test failed
-before its fix (found by two user-side reviews)."""
+compile and export, meta tensors, malformed KV caches, and the oracle at extreme scales. Each
+test failed before its fix (found by user-side reviews)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 from conftest import rel_err
+from torch._subclasses.fake_tensor import is_fake
 
 import ringattn
 from ringattn import reference
@@ -245,3 +246,29 @@ def test_the_functional_cache_does_not_skip_the_option_checks(options, match):
     ringattn.api._functional(q, q, q, **valid)
     with pytest.raises(TypeError, match=match):
         ringattn.api._functional(q, q, q, **{**valid, **options})
+
+
+def test_a_module_made_inside_a_non_strict_export_serves_later_exports():
+    """The functional form's module first made inside a non-strict ``torch.export`` (under its
+    FakeTensorMode) got a fake number tensor (core.register_module); a strict export of the same
+    option set then baked it into its graph, and that program returned FakeTensors."""
+    scale = 0.2317  # an option set no other test makes
+
+    class Net(torch.nn.Module):
+        def forward(self, q):
+            options = {"segment_lengths": (4, 8), "dilation_rates": (1, 2), "scale": scale}
+            return ringattn.dilated_attention(q, q, q, **options)
+
+    q = torch.randn(1, 16, 2, 8)
+    ref = reference.dilated_attention(
+        q.double(),
+        q.double(),
+        q.double(),
+        segment_lengths=(4, 8),
+        dilation_rates=(1, 2),
+        scale=scale,
+    )
+    for strict in (False, True):
+        out = torch.export.export(Net(), (q,), strict=strict).module()(q)
+        assert not is_fake(out), strict
+        assert rel_err(out, ref) <= 1e-5, strict
