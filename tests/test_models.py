@@ -362,6 +362,37 @@ def test_the_model_compiled_with_dynamic_shapes_is_one_graph_for_every_length():
     assert counters["stats"]["unique_graphs"] == 1
 
 
+@pytest.mark.compile
+def test_checkpointed_layers_compile_with_dynamic_shapes():
+    """Two rotary layers, each under non-reentrant activation checkpointing, in
+    ``torch.compile(dynamic=True, fullgraph=True)``: rotary's float default argument became a
+    graph input, and the second checkpoint failed inside Dynamo ("lift_tracked_freevar_to_input
+    should not be called on root SubgraphTracer", PyTorch issue 193194). Now each length gives
+    the eager layers' output and gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layers = [
+        MultiheadDilatedAttention(16, 2, (4, 8), (1, 2), causal=True, rotary_embedding=True)
+        for _ in range(2)
+    ]
+
+    def body(x, checkpointed=True):
+        for layer in layers:
+            x = x + (checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x))
+        return x
+
+    compiled = torch.compile(body, fullgraph=True, dynamic=True, backend="aot_eager")
+    for n in (16, 21):
+        x = torch.randn(2, n, 16, requires_grad=True)
+        out, eager = compiled(x), body(x, checkpointed=False)
+        assert rel_err(out, eager) < 1e-5, n
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
+        (eager_grad,) = torch.autograd.grad(eager.square().sum(), x)
+        assert rel_err(grad, eager_grad) < 1e-4, n
+
+
 @settings(max_examples=20)
 @given(
     st.integers(0, 1 << 22),

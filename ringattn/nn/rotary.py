@@ -6,8 +6,9 @@ import torch
 from torch import Tensor
 
 
-def rotary(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
-    """Rotate pairs of channels of ``x: [b, n, h, d]`` (d even) by angles ``positions[n] · θ_i``."""
+def rotary(x: Tensor, positions: Tensor, base: float | None = None) -> Tensor:
+    """Rotate pairs of channels of ``x: [b, n, h, d]`` (d even) by angles ``positions[n] · θ_i``,
+    ``θ_i = base^(-2i/d)``, ``base`` 10000 by default."""
     if x.dim() != 4:
         raise ValueError(f"x must be [b, n, h, d], got shape {tuple(x.shape)}")
     d = x.shape[-1]
@@ -19,7 +20,12 @@ def rotary(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
             f"{tuple(positions.shape)}"
         )
     # angles in float64: at a million positions a float32 angle is off by ~0.03 rad
-    inv_freq = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float64) / d)
+    exponents = -torch.arange(0, d, 2, device=x.device, dtype=torch.float64) / d
+    # the default written here, not as the argument's default: under torch.compile(dynamic=True)
+    # Dynamo makes a float default (or global) a graph input, and two checkpointed layers then
+    # failed inside Dynamo ("lift_tracked_freevar_to_input ... root SubgraphTracer", PyTorch
+    # issue 193194); a literal stays a constant
+    inv_freq = (10000.0 if base is None else base) ** exponents
     angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # [n, d/2]
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     cos, sin = (f(angles).to(work)[None, :, None, :] for f in (torch.cos, torch.sin))
