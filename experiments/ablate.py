@@ -302,9 +302,14 @@ def resolve(args: argparse.Namespace) -> Sweep:
         overrides["compile_budget"] = None
     if args.compile_budget is not None:
         overrides["compile_budget"] = None if args.compile_budget < 0 else args.compile_budget
+    # (None means "not given", except the budget's, which is "no limit": dropped with the
+    # others, --compile on|both and --compile-budget -1 kept the preset's budget of 1)
+    unlimited = "compile_budget" in overrides and overrides["compile_budget"] is None
     preset = dataclasses.replace(
         preset, **{key: value for key, value in overrides.items() if value is not None}
     )
+    if unlimited:
+        preset = dataclasses.replace(preset, compile_budget=None)
     _check_positive(preset)
     filters = {kind: getattr(args, kind) for kind in registry.KINDS if getattr(args, kind)}
     filters.setdefault("communicator", preset.communicators)

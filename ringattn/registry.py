@@ -8,6 +8,7 @@ registries) maps each name to its class and file.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -17,6 +18,15 @@ _REGISTRY: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}
 
 T = TypeVar("T", bound=type)
 
+# what a class registered under each kind must derive from (module, classes): read when a class
+# is registered, since those modules import this one's users
+_BASES = {
+    "dilation": ("ringattn.dilation.base", ("DilationProcessor",)),
+    "computer": ("ringattn.computers.base", ("BlockComputer", "LayoutComputer")),
+    "communicator": ("ringattn.communicators.base", ("Communicator",)),
+    "memory": ("ringattn.memory.base", ("MemoryManager",)),
+}
+
 
 def _check_kind(kind: str) -> None:
     if kind not in _REGISTRY:
@@ -24,13 +34,49 @@ def _check_kind(kind: str) -> None:
 
 
 def register(kind: str, name: str) -> Callable[[T], T]:
-    """Register a component class under ``kind`` / ``name``; the class gets ``.name = name``."""
+    """Register a component class under ``kind`` / ``name``; the class gets ``.name = name``.
+
+    The class must derive from the kind's base class and define each of its abstract methods
+    (checked here: a class missing one registered and failed deep inside a call, unnamed). A
+    class defined again under its registered name (a notebook cell re-run) replaces the old one;
+    any other class under a taken name is refused, as is a class already registered under
+    another name (registering it again renamed it, built-ins included)."""
     _check_kind(kind)
+    if not isinstance(name, str) or not name or "/" in name or name != name.strip():
+        raise ValueError(
+            f"name must be a non-empty str without '/' or surrounding spaces (it is part of "
+            f"Strategy.label), got {name!r}"
+        )
 
     def decorate(cls: T) -> T:
+        module, base_names = _BASES[kind]
+        bases = tuple(getattr(importlib.import_module(module), base) for base in base_names)
+        if not (isinstance(cls, type) and issubclass(cls, bases)):
+            raise TypeError(
+                f"a {kind} strategy must be a subclass of "
+                f"{' or '.join(f'{module}.{base}' for base in base_names)}, got {cls!r}"
+            )
+        missing = sorted(
+            attr for attr in dir(cls) if getattr(getattr(cls, attr), "__isabstractmethod__", False)
+        )
+        if missing:
+            raise TypeError(f"{kind} strategy {name!r} ({cls.__name__}) must define {missing}")
+        own_name = cls.__dict__.get("name")
+        if own_name not in (None, name) and _REGISTRY[kind].get(own_name) is cls:
+            raise ValueError(
+                f"{cls.__name__} is already the {kind} strategy {own_name!r}: register a "
+                f"subclass under {name!r} instead"
+            )
         existing = _REGISTRY[kind].get(name)
-        if existing is not None and existing is not cls:
-            raise ValueError(f"{kind} strategy {name!r} is already registered by {existing!r}")
+        redefined = existing is not None and (existing.__module__, existing.__qualname__) == (
+            cls.__module__,
+            cls.__qualname__,
+        )
+        if existing is not None and existing is not cls and not redefined:
+            raise ValueError(
+                f"{kind} strategy {name!r} is already registered by {existing!r}: pick another "
+                f"name, or ringattn.registry.unregister({kind!r}, {name!r}) first"
+            )
         cls.name = name  # type: ignore[attr-defined]
         _REGISTRY[kind][name] = cls
         return cls

@@ -31,6 +31,12 @@ class Strategy:
         """Why this combination is invalid regardless of inputs, or ``None`` if it is valid."""
         for kind in registry.KINDS:
             reason = self.component(kind).incompatible_with(self)
+            if reason is not None and not isinstance(reason, str):
+                # (a bool came out as the reason "True")
+                raise TypeError(
+                    f"{kind} strategy {getattr(self, kind)!r}: incompatible_with must return a "
+                    f"reason (str) or None, got {type(reason).__name__} {reason!r}"
+                )
             if reason:
                 return f"{kind}={getattr(self, kind)!r}: {reason}"
         return None

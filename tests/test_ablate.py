@@ -78,6 +78,19 @@ def test_quick_preset_compiles_only_the_default_strategy_within_budget():
     assert len(variants) - 1 == len(sweep.strategies) * len(sweep.configs) * 2
 
 
+@pytest.mark.parametrize("argv", [["--compile", "both"], ["--compile-budget", "-1"]])
+def test_explicit_compile_lifts_the_quick_presets_budget(argv):
+    """``--compile on|both`` and ``--compile-budget -1`` mean every variant compiled, as --help
+    says; both kept the quick preset's budget of 1 (a None override was dropped as "not
+    given"), so a new strategy was never timed or checked compiled."""
+    sweep = ablate.parse(argv)
+    assert sweep.compile_budget is None
+    variants, notes = ablate.plan_variants(sweep)
+    compiled = {v.strategy for v in variants if v.compile}
+    assert compiled == set(sweep.strategies), notes
+    assert not any("budget" in note for note in notes)
+
+
 def test_cpu_peak_memory_sees_allocations_and_frees():
     def alloc() -> None:
         a = torch.empty(1 << 20, dtype=torch.uint8)

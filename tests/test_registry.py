@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -31,6 +33,75 @@ def test_unknown_kind():
 def test_duplicate_registration_is_refused():
     with pytest.raises(ValueError, match="already registered"):
         registry.register("computer", "math")(type("Other", (MathComputer,), {}))
+
+
+def test_registration_refuses_what_cannot_run():
+    """Each of these registered and failed later: Strategy.all() raised AttributeError for
+    everyone, a computer registered as memory failed only inside a call, a class missing an
+    abstract method failed deep in the core unnamed, an alias renamed the built-in class, and an
+    int name could never be used."""
+    from ringattn.computers.base import BlockComputer
+    from ringattn.memory.base import MemoryManager
+
+    class NoBackward(BlockComputer):
+        def forward(self, q, k, v, causal, scale):
+            return q, q[..., 0]
+
+    class Alias(MathComputer):
+        pass
+
+    refused = [
+        (TypeError, "subclass of ringattn.computers.base.BlockComputer", "computer", "f", len),
+        (TypeError, "ringattn.memory.base.MemoryManager", "memory", "m", MathComputer),
+        (TypeError, "must define ['backward']", "computer", "nb", NoBackward),
+        (TypeError, "must define ['cached'", "memory", "empty", type("E", (MemoryManager,), {})),
+        (ValueError, "already the computer strategy 'math'", "computer", "alias", MathComputer),
+        (ValueError, "non-empty str without '/'", "computer", "a/b", Alias),
+        (ValueError, "non-empty str without '/'", "computer", 3, Alias),
+        (ValueError, "non-empty str without '/'", "computer", "", Alias),
+    ]
+    for error, words, kind, name, cls in refused:
+        with pytest.raises(error, match=re.escape(words)):
+            registry.register(kind, name)(cls)
+    assert MathComputer.name == "math"
+    assert "alias" not in registry.names("computer") and "f" not in registry.names("computer")
+
+
+def test_a_class_defined_again_replaces_its_registration():
+    """A notebook cell re-run defines the class again under its registered name: it replaces
+    the old one (it raised "already registered"); another class under that name is refused
+    with the way out named."""
+
+    def define(factor):
+        @registry.register("computer", "rerun")
+        class Rerun(MathComputer):
+            def forward(self, q, k, v, causal, scale):
+                out, lse = super().forward(q, k, v, causal, scale)
+                return out * factor, lse
+
+        return Rerun
+
+    try:
+        first, second = define(2.0), define(1.0)
+        assert first is not second and registry.get("computer", "rerun") is second
+        with pytest.raises(ValueError, match=re.escape("unregister('computer', 'rerun') first")):
+            registry.register("computer", "rerun")(type("Other", (MathComputer,), {}))
+    finally:
+        registry.unregister("computer", "rerun")
+
+
+def test_incompatible_with_must_give_a_reason():
+    @registry.register("computer", "sloppy")
+    class Sloppy(MathComputer):
+        @classmethod
+        def incompatible_with(cls, strategy):
+            return strategy.memory == "none"
+
+    try:
+        with pytest.raises(TypeError, match="must return a reason"):
+            ringattn.Strategy(computer="sloppy", memory="none").check()
+    finally:
+        registry.unregister("computer", "sloppy")
 
 
 def test_default_strategy_is_valid():
@@ -91,6 +162,33 @@ def test_a_new_strategy_is_picked_up_by_the_property_tests():
         registry.unregister("computer", "math_twice")
         registry.unregister("computer", "wrong")
     assert "math_twice" not in registry.names("computer")
+
+
+def test_the_oracle_check_has_no_loopholes():
+    """``check_against_oracle`` refuses an empty selection (it checked the built-ins instead, so
+    a filter that matched nothing passed any new computer), and asks a computer about gradients
+    per dtype (asked for float32 alone, one that refused float32 gradients had its bf16
+    gradients, zeros here, go unchecked)."""
+    import test_strategies
+
+    p = {"b": 1, "n": 12, "h": 2, "d": 8, "segment_lengths": (4, 8), "dilation_rates": (1, 2)}
+    with pytest.raises(ValueError, match="at least one strategy"):
+        test_strategies.check_against_oracle(p, torch.float32, [])
+
+    @registry.register("computer", "zero_bf16_grads")
+    class ZeroLowPrecisionGrads(MathComputer):
+        def unsupported(self, dtype, device, needs_grad, **kwargs):
+            return "no float32 gradients" if needs_grad and dtype == torch.float32 else None
+
+        def backward(self, dout, q, k, v, out, lse, causal, scale):
+            return tuple(torch.zeros_like(x) for x in (q, k, v))
+
+    try:
+        strategy = ringattn.Strategy(computer="zero_bf16_grads", dilation="segment_local")
+        with pytest.raises(AssertionError, match="dq rel err"):
+            test_strategies.check_against_oracle(p, torch.bfloat16, [strategy])
+    finally:
+        registry.unregister("computer", "zero_bf16_grads")
 
 
 def test_the_functional_form_runs_a_re_registered_class():

@@ -23,9 +23,13 @@ def local_strategies() -> tuple[ringattn.Strategy, ...]:
     return ringattn.Strategy.all(communicator="local")
 
 
-def supports_backward(strategy: ringattn.Strategy, device: torch.device) -> bool:
+def supports_backward(
+    strategy: ringattn.Strategy, device: torch.device, dtype: torch.dtype = torch.float32
+) -> bool:
+    # per dtype: asked for float32 alone, a computer that refused float32 gradients had its
+    # bf16 gradients (all zeros, say) go unchecked
     computer = strategy.component("computer")()
-    return computer.unsupported(torch.float32, device, needs_grad=True) is None
+    return computer.unsupported(dtype, device, needs_grad=True) is None
 
 
 def naive_gradient_error(p: dict, q, k, v, grad_out, ref_grads) -> float:
@@ -103,11 +107,18 @@ def oracle_run(p: dict, dtype: torch.dtype) -> OracleRun:
 
 
 def check_against_oracle(p: dict, dtype: torch.dtype, strategies=None) -> None:
+    """Every strategy of ``strategies`` (default: every local one) against the oracle. An empty
+    selection is an error: ``strategies or ...`` checked the built-ins instead, so a notebook's
+    filter that matched nothing passed whatever the new strategy computed."""
+    if strategies is None:
+        strategies = local_strategies()
+    if len(strategies) == 0:
+        raise ValueError("strategies must name at least one strategy to check, got none")
     (q, k, v), ref_inputs, ref, lse_ref, grad_out, ref_grads = oracle_run(p, dtype)
     tol = TOLERANCE[dtype]
     grad_tol = max(tol, 4 * naive_gradient_error(p, q, k, v, grad_out, ref_grads))
-    for strategy in strategies or local_strategies():
-        with_grad = supports_backward(strategy, q.device)
+    for strategy in strategies:
+        with_grad = supports_backward(strategy, q.device, dtype)
         inputs = [x.detach().clone().requires_grad_(with_grad) for x in (q, k, v)]
         out = ringattn.dilated_attention(*inputs, **options(p), strategy=strategy, compile=False)
         assert out.shape == q.shape and out.dtype == dtype
