@@ -306,20 +306,20 @@ def resolve(args: argparse.Namespace) -> Sweep:
     }
     if args.causal:
         overrides["causal"] = {"off": (False,), "on": (True,), "both": (False, True)}[args.causal]
+    # the budget apart from the overrides, whose None means "not given": its None means "no
+    # limit", and dropped with them, --compile on|both and --compile-budget -1 kept the preset's 1
+    budget = preset.compile_budget
     if args.compile:
         # An explicit --compile applies to every variant unless a budget is given too.
         overrides["compile"] = args.compile
-        overrides["compile_budget"] = None
+        budget = None
     if args.compile_budget is not None:
-        overrides["compile_budget"] = None if args.compile_budget < 0 else args.compile_budget
-    # (None means "not given", except the budget's, which is "no limit": dropped with the
-    # others, --compile on|both and --compile-budget -1 kept the preset's budget of 1)
-    unlimited = "compile_budget" in overrides and overrides["compile_budget"] is None
+        budget = None if args.compile_budget < 0 else args.compile_budget
     preset = dataclasses.replace(
-        preset, **{key: value for key, value in overrides.items() if value is not None}
+        preset,
+        compile_budget=budget,
+        **{key: value for key, value in overrides.items() if value is not None},
     )
-    if unlimited:
-        preset = dataclasses.replace(preset, compile_budget=None)
     _check_positive(preset)
     filters = {kind: getattr(args, kind) for kind in registry.KINDS if getattr(args, kind)}
     filters.setdefault("communicator", preset.communicators)
@@ -1207,7 +1207,7 @@ def import_plugins(argv: Sequence[str] | None) -> None:
 
 
 def parse(argv: Sequence[str] | None) -> Sweep:
-    import_plugins(sys.argv[1:] if argv is None else argv)
+    import_plugins(argv)  # (None: sys.argv, as argparse reads it)
     return resolve(build_parser().parse_args(argv))
 
 

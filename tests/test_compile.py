@@ -273,13 +273,18 @@ def test_the_functional_form_traced_refuses_bad_options(fullgraph):
     torch._dynamo.reset()
     q = torch.randn(1, 16, 2, 8)
     bad = [
-        (ValueError, "dilation_rates[1]=3 must divide segment_lengths[1]=8", {}),
-        (TypeError, "segment_lengths", {"segment_lengths": (4, 8.0)}),
+        (
+            ValueError,
+            "dilation_rates[1]=3 must divide segment_lengths[1]=8",
+            {"segment_lengths": (4, 8), "dilation_rates": (1, 3)},
+        ),
+        (
+            TypeError,
+            "segment_lengths",
+            {"segment_lengths": (4, 8.0), "dilation_rates": (1, 2)},
+        ),
     ]
-    for error, words, change in bad:
-        options_ = {"segment_lengths": (4, 8), "dilation_rates": (1, 3), **change}
-        if change:
-            options_["dilation_rates"] = (1, 2)
+    for error, words, options_ in bad:
         attention = _functional_call(options_)
         with pytest.raises(RuntimeError if fullgraph else error) as caught:
             torch.compile(attention, fullgraph=fullgraph, backend="eager")(q)
