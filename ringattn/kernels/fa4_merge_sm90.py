@@ -18,6 +18,12 @@ above, and the output written with ordinary stores instead of TMA (the merge rea
 through a pointer; FA4 takes this path itself for some GQA layouts). Every tile owns its rows:
 it reads them before the epilogue's barrier and writes after it, and no other CTA touches them.
 
+The old rows are read after the tile's last MMA, when nothing else runs on the SM: their latency
+was 7-15% of the kernel (``h200_perf.md``, step 23). With ``prefetch_old`` each tile asks L2 for
+its old rows and LSE when its first key block is masked, at the start of its main loop (FA4's
+mask is wrapped: the one hook inside FA4's consumer loop that knows the tile), so the epilogue
+reads them from L2 (``fa4_merge.PREFETCH``, step 45).
+
 The LSE accumulator is ``[b, n, h]``, so a block's LSE view ``[B, H, L]`` is strided along
 ``L`` (and along ``H`` when the block's heads are); FA4's launcher requires ``L`` contiguous, so
 :mod:`ringattn.kernels.fa4_merge` compiles this class itself, with every LSE stride dynamic.
@@ -26,6 +32,7 @@ The LSE accumulator is ``[b, n, h]``, so a block's LSE view ``[B, H, L]`` is str
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import cutlass
 import cutlass.cute as cute
@@ -35,19 +42,91 @@ from flash_attn.cute.flash_fwd import FlashAttentionForwardBase
 from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
 from quack import layout_utils
 
+try:  # the CUTLASS DSL's L2 prefetch (4.8); without it, no prefetch_old
+    from cutlass.cute.arch.nvvm_wrappers import prefetch as _prefetch
+except ImportError:  # pragma: no cover - depends on the DSL's version
+    _prefetch = None
+
 _LOG2_E = math.log2(math.e)
 _LN2 = math.log(2.0)
 
-# the base class's epilogue (module level: the DSL re-parses jit methods with their globals)
+# the base class's epilogue and consumer loop (module level: the DSL re-parses jit methods with
+# their globals)
 _write_epilogue = FlashAttentionForwardBase.epilogue
+_consumer_loop = FlashAttentionForwardSm90.mma
+_LINE_BYTES = 128  # what one prefetch brings into L2
+
+
+class _PrefetchingMask:
+    """FA4's attention mask (``mask``) that, at a tile's first masking (the first key block,
+    masked for the sequence's end: once per tile, at its main loop's start), first has
+    ``prefetch`` ask L2 for the tile's old rows."""
+
+    def __init__(self, mask, prefetch) -> None:
+        self.mask, self.prefetch = mask, prefetch
+
+    def apply_mask(self, acc_S, **kwargs) -> None:
+        if kwargs["mask_seqlen"]:  # a Python bool (FA4's Constexpr): decided while tracing
+            self.prefetch(kwargs["m_block"], kwargs["head_idx"], kwargs["batch_idx"])
+        self.mask.apply_mask(acc_S, **kwargs)
 
 
 class MergingForwardSm90(FlashAttentionForwardSm90):
     """FA4's SM90 forward that merges each tile into the output and LSE it is given."""
 
+    def __init__(self, *args, prefetch_old: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prefetch_old = prefetch_old and _prefetch is not None
+
     def _setup_attributes(self):
         self.use_tma_O = False  # the merge reads the old rows through mO's pointer
         super()._setup_attributes()
+
+    def mma(self, *args):
+        """FA4's consumer loop (called while tracing FA4's kernel), its mask wrapped by
+        :class:`_PrefetchingMask` with ``prefetch_old``; ``args``: FA4's, in FA4's order."""
+        if self.prefetch_old:
+            mO, mLSE, tidx, mask_cls = args[2], args[3], args[15], args[20]
+
+            def prefetching_mask(seqlen):
+                prefetch = partial(self.prefetch_rows, mO, mLSE, seqlen, tidx)
+                return _PrefetchingMask(mask_cls(seqlen), prefetch)
+
+            args = (*args[:20], prefetching_mask, *args[21:])
+        _consumer_loop(self, *args)
+
+    @cute.jit
+    def prefetch_rows(
+        self,
+        mO: cute.Tensor,
+        mLSE: cute.Tensor,
+        seqlen,
+        tidx: cutlass.Int32,
+        m_block: cutlass.Int32,
+        head_idx: cutlass.Int32,
+        batch_idx: cutlass.Int32,
+    ):
+        """L2 prefetches of the tile's old output rows (each row's 128-byte lines, spread over
+        the consumer threads) and LSE, the rows :meth:`merge_old` will read."""
+        mO_cur = seqlen.offset_batch_Q(mO, batch_idx, dim=3)[None, None, head_idx]
+        gO = cute.local_tile(mO_cur, (self.tile_m, self.tile_hdimv), (m_block, 0))
+        mLSE_cur = seqlen.offset_batch_Q(mLSE, batch_idx, dim=2)[None, head_idx]
+        gLSE = cute.local_tile(mLSE_cur, (self.tile_m,), (m_block,))
+        rows_here = cutlass.min(seqlen.seqlen_q - m_block * self.tile_m, self.tile_m)
+        line_elems = _LINE_BYTES * 8 // self.dtype.width
+        lines = (self.tile_hdimv + line_elems - 1) // line_elems
+        last_col = mO_cur.shape[1] - 1
+        for i in cutlass.range_constexpr(
+            (self.tile_m * lines + self.num_mma_threads - 1) // self.num_mma_threads
+        ):
+            idx = tidx + i * self.num_mma_threads
+            row = idx // lines
+            line = idx - row * lines
+            if row < rows_here:  # (idx past the tile's lines: row >= tile_m)
+                col = cutlass.min(line * line_elems, last_col)
+                _prefetch(utils.elem_pointer(gO, (row, col)).llvm_ptr, cache_level="L2")
+                if line == 0:
+                    _prefetch(utils.elem_pointer(gLSE, (row,)).llvm_ptr, cache_level="L2")
 
     @cute.jit
     def merge_old(
