@@ -29,9 +29,10 @@ epilogue) and the two-kernel path (FA4's forward, then the Triton merge) to a fl
 ``segment_local``'s strided views (full 2048-row blocks and 1000-row ones, whose last tile is
 partial), times both, then times the whole ``lse`` module with the fused kernel on and off
 (interleaved) at ``--n`` and n/4 and reports how far apart their outputs are.
-``--part prefetch`` times the merging kernel with each tile's old rows prefetched into L2 at its
-main loop's start (``fa4_merge.PREFETCH``) against the same kernel without, checks that the two
-write the same bits, then the ``lse`` module's forward with it on and off.
+``--part prefetch`` times the merging kernel with each tile's old rows loaded before its last PV
+GEMM is waited for (``fa4_merge.PREFETCH``) against the same kernel loading them in its
+epilogue, checks that the two write the same bits, then the ``lse`` module's forward with it on
+and off.
 ``--part zero`` holds ``ringattn.kernels.fa4_zero`` (FA4's forward that also writes the zeros of
 the rows a ``head_groups`` config leaves out) to FA4's forward on the strided views of ``(w, r)
 = (4096, 2), (8192, 4), (32768, 16)`` (rows, LSE, exact zeros, nothing left unwritten), times it
@@ -290,8 +291,8 @@ def _store_paths(q, k, v, causal, scale, out_full, lse_full, strided) -> dict:
 
     class StoreOnly(fa4_merge_sm90.MergingForwardSm90):
         @cute.jit
-        def merge_old(self, acc_O, lse, mO, mLSE, seqlen, mma, tidx, m_block, head_idx, batch_idx):
-            pass
+        def merge_old(self, acc_O, lse, old_rows, old_lse, seqlen, mma, tidx, m_block):
+            pass  # (the loads then feed nothing: compiled away)
 
     out_v, lse_v = strided(out_full.clone()), strided(lse_full.clone())
     key = fa4_merge._merge_key(q, causal, lse_v)
@@ -461,11 +462,12 @@ class _PrefetchSwitch:
 
 
 def prefetch(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
-    """``fa4_merge.PREFETCH``: the merging kernel with each tile's old rows prefetched into L2 at
-    its main loop's start, against the same kernel without (and its store path without the merge,
-    the floor), on the strided ``(w, r) = (4096, 2)`` view at ``--n``, interleaved three times;
-    the two write the same bits (the prefetch changes no arithmetic). Then the ``lse`` module's
-    forward with it on and off (interleaved) at ``--n`` and n/4."""
+    """``fa4_merge.PREFETCH``: the merging kernel with each tile's old rows loaded into registers
+    before its last PV GEMM is waited for, against the same kernel loading them in its epilogue
+    (and its store path without the merge, the floor), on the strided ``(w, r) = (4096, 2)``
+    view at ``--n``, interleaved three times; the two write the same bits (the prefetch changes
+    no arithmetic). Then the ``lse`` module's forward with it on and off (interleaved) at
+    ``--n`` and n/4."""
     from ringattn.kernels import fa4_merge
 
     rows = []

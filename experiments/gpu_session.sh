@@ -320,8 +320,9 @@ bwd_tiles)
     summary="$(grep -h '^{' "$out/probe.log" | cut -c1-300)"
     ;;
 prefetch)
-    # step 45: the lse merging kernel with each tile's old rows prefetched into L2 at its main
-    # loop's start (fa4_merge.PREFETCH) or not: the kernel at 131K, then the module at 32K / 131K
+    # step 45: the lse merging kernel with each tile's old rows loaded before its last PV GEMM
+    # (fa4_merge.PREFETCH) or in its epilogue: the kernel at 131K and 1M, then the module at
+    # 32K / 131K and 256K / 1M
     timeout 300 python -m experiments.fa4_probe --part prefetch --n 131072 --repeats 10 \
         --out "$out" >"$out/probe.log" 2>&1 || echo "probe: exit $?" >>"$out/probe.log"
     timeout 150 python -m experiments.fa4_probe --part prefetch --n 1048576 --repeats 5 \

@@ -34,8 +34,9 @@ from ringattn.kernels import fa4
 # a second kernel
 ENABLED = True
 
-# the tile's old rows and LSE prefetched into L2 at its main loop's start (fa4_merge_sm90's
-# prefetch_old; step 45's A/B: fa4_probe --part merge), read when a module prepares its launches
+# the tile's old rows and LSE loaded before its last PV GEMM is waited for, not in the epilogue
+# (fa4_merge_sm90's prefetch_old; step 45's A/B: fa4_probe --part prefetch), read when a module
+# prepares its launches
 PREFETCH = True
 
 # compiled kernels by _merge_key(); False: failed to compile or to agree
