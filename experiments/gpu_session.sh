@@ -27,7 +27,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh bwd_tiles # ~1.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh bwd_ab   # ~2.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh fuzz     # ~7.5 min
-#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh prefetch # ~5 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh staged   # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #
@@ -72,7 +72,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|fuzz|prefetch|long|checks|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh record|fuzz|staged|long|checks|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -319,13 +319,13 @@ bwd_tiles)
         --out "$out" >"$out/probe.log" 2>&1 || echo "probe: exit $?" >>"$out/probe.log"
     summary="$(grep -h '^{' "$out/probe.log" | cut -c1-300)"
     ;;
-prefetch)
-    # step 45: the lse merging kernel with each tile's old rows loaded before its last PV GEMM
-    # (fa4_merge.PREFETCH) or in its epilogue: the kernel at 131K and 1M, then the module at
-    # 32K / 131K and 256K / 1M
-    timeout 300 python -m experiments.fa4_probe --part prefetch --n 131072 --repeats 10 \
+staged)
+    # step 45: the lse merging kernel reading each tile's old rows through shared memory with
+    # coalesced copies (fa4_merge.STAGED) or straight into the accumulator's layout: the kernel
+    # at 131K and 1M, then the module at 32K / 131K and 256K / 1M
+    timeout 300 python -m experiments.fa4_probe --part staged --n 131072 --repeats 10 \
         --out "$out" >"$out/probe.log" 2>&1 || echo "probe: exit $?" >>"$out/probe.log"
-    timeout 150 python -m experiments.fa4_probe --part prefetch --n 1048576 --repeats 5 \
+    timeout 150 python -m experiments.fa4_probe --part staged --n 1048576 --repeats 5 \
         --out "$out/1m" >"$out/probe_1m.log" 2>&1 || echo "probe 1m: exit $?" >>"$out/probe_1m.log"
     summary=$(grep -h "problem=" "$out"/probe*.log | cut -c1-700)
     ;;

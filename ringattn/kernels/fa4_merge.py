@@ -34,10 +34,10 @@ from ringattn.kernels import fa4
 # a second kernel
 ENABLED = True
 
-# the tile's old rows and LSE loaded before its last PV GEMM is waited for, not in the epilogue
-# (fa4_merge_sm90's prefetch_old; step 45's A/B: fa4_probe --part prefetch), read when a module
-# prepares its launches
-PREFETCH = True
+# the tile's old rows read through shared memory with coalesced copies, not into the accumulator's
+# layout straight from global memory (fa4_merge_sm90's staged_old; step 45's A/B: fa4_probe
+# --part staged), read when a module prepares its launches
+STAGED = True
 
 # compiled kernels by _merge_key(); False: failed to compile or to agree
 _COMPILED: dict[tuple, Any] = {}
@@ -96,8 +96,8 @@ def _key(q: Tensor, causal: bool, lse: Tensor) -> tuple:
 
 
 def _merge_key(q: Tensor, causal: bool, lse: Tensor) -> tuple:
-    """:func:`_key` and :data:`PREFETCH`: what a merging kernel is specialised for."""
-    return *_key(q, causal, lse), PREFETCH
+    """:func:`_key` and :data:`STAGED`: what a merging kernel is specialised for."""
+    return *_key(q, causal, lse), STAGED
 
 
 def forward_merge_(
@@ -141,7 +141,7 @@ def merger(
 
 def _compile(key: tuple, q, k, v, out, lse_bhl) -> Callable:
     sm90 = importlib.import_module("ringattn.kernels.fa4_merge_sm90")
-    kernel_class = functools.partial(sm90.MergingForwardSm90, prefetch_old=key[5])
+    kernel_class = functools.partial(sm90.MergingForwardSm90, staged_old=key[5])
     return compile_forward(key, q, k, v, out, lse_bhl, kernel_class, sm90.__file__)
 
 
