@@ -29,10 +29,6 @@ epilogue) and the two-kernel path (FA4's forward, then the Triton merge) to a fl
 ``segment_local``'s strided views (full 2048-row blocks and 1000-row ones, whose last tile is
 partial), times both, then times the whole ``lse`` module with the fused kernel on and off
 (interleaved) at ``--n`` and n/4 and reports how far apart their outputs are.
-``--part staged`` times the merging kernel reading each tile's old rows through shared memory
-with coalesced copies (``fa4_merge.STAGED``) against the same kernel reading them straight into
-the accumulator's layout, checks that the two write the same bits, then the ``lse`` module's
-forward with it on and off.
 ``--part zero`` holds ``ringattn.kernels.fa4_zero`` (FA4's forward that also writes the zeros of
 the rows a ``head_groups`` config leaves out) to FA4's forward on the strided views of ``(w, r)
 = (4096, 2), (8192, 4), (32768, 16)`` (rows, LSE, exact zeros, nothing left unwritten), times it
@@ -291,11 +287,11 @@ def _store_paths(q, k, v, causal, scale, out_full, lse_full, strided) -> dict:
 
     class StoreOnly(fa4_merge_sm90.MergingForwardSm90):
         @cute.jit
-        def merge_old(self, acc_O, lse, mO, mLSE, sO, seqlen, mma, tidx, m, head, batch):
+        def merge_old(self, acc_O, lse, mO, mLSE, seqlen, mma, tidx, m_block, head_idx, batch_idx):
             pass
 
     out_v, lse_v = strided(out_full.clone()), strided(lse_full.clone())
-    key = fa4_merge._merge_key(q, causal, lse_v)
+    key = fa4_merge._key(q, causal, lse_v)
     store_only = fa4_merge.compile_forward(key, q, k, v, out_v, lse_v.transpose(1, 2), StoreOnly)
     fused = fa4_merge._COMPILED[key]
     args = (q, k, v, out_v, lse_v.transpose(1, 2), scale)
@@ -439,79 +435,6 @@ def merge(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
                 row["fused_vs_two_kernel_rel"] = float((a - b).norm() / b.norm())
             _emit(rows, row)
     return rows + _module_ab(n, h, d, repeats, device, "lse", fa4_merge, ("fused", "two_kernel"))
-
-
-class _StagedSwitch:
-    """``fa4_merge.STAGED`` as the ``ENABLED`` switch :func:`_module_ab` flips."""
-
-    _COMPILED = property(lambda self: self._merge._COMPILED)
-    last_refusal = property(lambda self: self._merge.last_refusal)
-
-    def __init__(self) -> None:
-        from ringattn.kernels import fa4_merge
-
-        self._merge = fa4_merge
-
-    @property
-    def ENABLED(self) -> bool:
-        return self._merge.STAGED
-
-    @ENABLED.setter
-    def ENABLED(self, value: bool) -> None:
-        self._merge.STAGED = value
-
-
-def staged(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
-    """``fa4_merge.STAGED``: the merging kernel reading each tile's old rows through shared
-    memory with coalesced copies, against the same kernel reading them straight into the
-    accumulator's layout (and its store path without the merge, the floor), on the strided
-    ``(w, r) = (4096, 2)`` view at ``--n``, interleaved three times; the two write the same bits
-    (the same arithmetic on the same values). Then the ``lse`` module's forward with it on and
-    off (interleaved) at ``--n`` and n/4."""
-    from ringattn.kernels import fa4_merge
-
-    rows = []
-    scale = d**-0.5
-    length = 2048
-    segments = n // (2 * length)
-
-    def strided(x):
-        return x[:, : segments * 2 * length].reshape(segments, length, 2, *x.shape[2:])[:, :, 1]
-
-    q, k, v = (strided(torch.randn(1, n, h, d, device=device, dtype=torch.bfloat16)) for _ in "qkv")
-    out_full = torch.randn(1, n, h, d, device=device, dtype=torch.bfloat16)
-    lse_full = torch.rand(1, n, h, device=device) * 4 - 1
-    for causal in (False, True):
-        row = {"problem": f"L={length} r=2 offset 1", "causal": causal, "shape": list(q.shape)}
-        try:
-            kernels, results = {}, {}
-            for on in (True, False):
-                fa4_merge.STAGED = on
-                out_v, lse_v = strided(out_full.clone()), strided(lse_full.clone())
-                assert fa4_merge.forward_merge_(q, k, v, causal, scale, out_v, lse_v), "refused"
-                key = fa4_merge._merge_key(q, causal, lse_v)
-                assert fa4_merge._COMPILED.get(key), fa4_merge.last_refusal
-                kernels[on] = partial(fa4_merge._COMPILED[key], q, k, v)
-                out_v, lse_v = strided(out_full.clone()), strided(lse_full.clone())
-                kernels[on](out_v, lse_v.transpose(1, 2), scale)
-                results[on] = (out_v.clone(), lse_v.clone())
-            row["same_bits"] = all(torch.equal(a, b) for a, b in zip(results[True], results[False]))
-            out_v, lse_v = strided(out_full.clone()), strided(lse_full.clone())
-            args = (out_v, lse_v.transpose(1, 2), scale)
-            for turn in range(3):
-                for on in (True, False):
-                    name = "staged" if on else "direct"
-                    row[f"{name}_ms_{turn}"] = _events_ms(partial(kernels[on], *args), 2, repeats)
-            fa4_merge.STAGED = True
-            store = _store_paths(q, k, v, causal, scale, out_full, lse_full, strided)
-            row["plain_store_no_merge_ms"] = store["plain_store_no_merge_ms"]
-        except Exception as exc:  # a probe: report and go on
-            row["error"] = failure(exc, 600)
-            row["refusal"] = (fa4_merge.last_refusal or "")[:3000]
-        fa4_merge.STAGED = True
-        _emit(rows, row)
-    names = ("staged", "direct")
-    return rows + _module_ab(n, h, d, repeats, device, "lse", _StagedSwitch(), names)
 
 
 def add(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
@@ -1058,7 +981,6 @@ def main(argv: list[str] | None = None) -> None:
             "determinism",
             "replay",
             "merge",
-            "staged",
             "add",
             "zero",
             "config",
@@ -1082,7 +1004,6 @@ def main(argv: list[str] | None = None) -> None:
             "determinism": determinism,
             "replay": replay,
             "merge": merge,
-            "staged": staged,
             "add": add,
             "zero": zero,
             "config": config,

@@ -27,7 +27,6 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh bwd_tiles # ~1.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh bwd_ab   # ~2.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh fuzz     # ~7.5 min
-#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh staged   # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #
@@ -72,7 +71,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|fuzz|staged|long|checks|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh record|fuzz|long|checks|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -318,16 +317,6 @@ bwd_tiles)
     timeout 400 python -m experiments.fa4_probe --part bwd_sweep --n 131072 --repeats 5 \
         --out "$out" >"$out/probe.log" 2>&1 || echo "probe: exit $?" >>"$out/probe.log"
     summary="$(grep -h '^{' "$out/probe.log" | cut -c1-300)"
-    ;;
-staged)
-    # step 45: the lse merging kernel reading each tile's old rows through shared memory with
-    # coalesced copies (fa4_merge.STAGED) or straight into the accumulator's layout: the kernel
-    # at 131K and 1M, then the module at 32K / 131K and 256K / 1M
-    timeout 300 python -m experiments.fa4_probe --part staged --n 131072 --repeats 10 \
-        --out "$out" >"$out/probe.log" 2>&1 || echo "probe: exit $?" >>"$out/probe.log"
-    timeout 150 python -m experiments.fa4_probe --part staged --n 1048576 --repeats 5 \
-        --out "$out/1m" >"$out/probe_1m.log" 2>&1 || echo "probe 1m: exit $?" >>"$out/probe_1m.log"
-    summary=$(grep -h "problem=" "$out"/probe*.log | cut -c1-700)
     ;;
 bwd_ab)
     # step 37: the module with FA4's backward tiles from bwd_tiles' sweep (overheads

@@ -18,12 +18,6 @@ above, and the output written with ordinary stores instead of TMA (the merge rea
 through a pointer; FA4 takes this path itself for some GQA layouts). Every tile owns its rows:
 it reads them before the epilogue's barrier and writes after it, and no other CTA touches them.
 
-With ``staged_old`` the old rows come in through shared memory: read with the output's coalesced
-16-byte copies into the tile's output buffer, then each thread's accumulator rows from there.
-Read straight into the accumulator's layout (4-byte pieces, 8 rows per warp access) they cost
-the merge 6-14% of the kernel in L1 wavefronts (``h200_perf.md``, step 45; prefetching them into
-L2 or into registers before the last PV GEMM gained nothing there).
-
 The LSE accumulator is ``[b, n, h]``, so a block's LSE view ``[B, H, L]`` is strided along
 ``L`` (and along ``H`` when the block's heads are); FA4's launcher requires ``L`` contiguous, so
 :mod:`ringattn.kernels.fa4_merge` compiles this class itself, with every LSE stride dynamic.
@@ -39,7 +33,6 @@ from cutlass import Float32
 from flash_attn.cute import utils
 from flash_attn.cute.flash_fwd import FlashAttentionForwardBase
 from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
-from flash_attn.cute.named_barrier import NamedBarrierFwd
 from quack import layout_utils
 
 _LOG2_E = math.log2(math.e)
@@ -52,49 +45,9 @@ _write_epilogue = FlashAttentionForwardBase.epilogue
 class MergingForwardSm90(FlashAttentionForwardSm90):
     """FA4's SM90 forward that merges each tile into the output and LSE it is given."""
 
-    def __init__(self, *args, staged_old: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.staged_old = staged_old
-
     def _setup_attributes(self):
         self.use_tma_O = False  # the merge reads the old rows through mO's pointer
         super()._setup_attributes()
-
-    @cute.jit
-    def stage_old(
-        self,
-        mO: cute.Tensor,
-        sO: cute.Tensor,
-        seqlen,
-        gmem_tiled_copy_O: cute.TiledCopy,
-        tidx: cutlass.Int32,
-        m_block: cutlass.Int32,
-        head_idx: cutlass.Int32,
-        batch_idx: cutlass.Int32,
-    ):
-        """The tile's old rows into ``sO`` with the output store's own coalesced copies (each
-        thread the 16-byte pieces it will store; rows past the sequence's end not read)."""
-        mO_cur = seqlen.offset_batch_Q(mO, batch_idx, dim=3)[None, None, head_idx]
-        gO = cute.local_tile(mO_cur, (self.tile_m, self.tile_hdimv), (m_block, 0))
-        gmem_thr_copy_O = gmem_tiled_copy_O.get_slice(tidx)
-        tOgO = gmem_thr_copy_O.partition_D(gO)
-        tOsO = gmem_thr_copy_O.partition_S(sO)
-        tOrO = cute.make_fragment_like(tOsO, self.dtype)
-        cO = cute.make_identity_tensor((self.tile_m, self.tile_hdimv))
-        tOcO = gmem_thr_copy_O.partition_S(cO)
-        t0OcO = gmem_tiled_copy_O.get_slice(0).partition_S(cO)
-        tOpO = utils.predicate_k(tOcO, limit=mO.shape[1])
-        for rest_m in cutlass.range_constexpr(cute.size(tOrO.shape[1])):
-            if t0OcO[0, rest_m, 0][0] < seqlen.seqlen_q - m_block * self.tile_m - tOcO[0][0]:
-                cute.copy(
-                    gmem_tiled_copy_O,
-                    tOgO[None, rest_m, None],
-                    tOrO[None, rest_m, None],
-                    pred=tOpO[None, rest_m, None]
-                    if cutlass.const_expr(self.check_hdim_v_oob)
-                    else None,
-                )
-        cute.autovec_copy(tOrO, tOsO)
 
     @cute.jit
     def merge_old(
@@ -103,7 +56,6 @@ class MergingForwardSm90(FlashAttentionForwardSm90):
         lse: cute.Tensor,
         mO: cute.Tensor,
         mLSE: cute.Tensor,
-        sO: cute.Tensor,
         seqlen,
         tiled_mma: cute.TiledMma,
         tidx: cutlass.Int32,
@@ -111,14 +63,10 @@ class MergingForwardSm90(FlashAttentionForwardSm90):
         head_idx: cutlass.Int32,
         batch_idx: cutlass.Int32,
     ):
-        """acc_O, lse (this thread's rows, normalised) <- merged with mO's and mLSE's rows (the
-        output rows from ``sO`` where ``staged_old``)."""
+        """acc_O, lse (this thread's rows, normalised) <- merged with mO's and mLSE's rows."""
         thr_mma = tiled_mma.get_slice(tidx)
-        if cutlass.const_expr(self.staged_old):
-            gO = sO  # stage_old's copy of the tile's old rows
-        else:
-            mO_cur = seqlen.offset_batch_Q(mO, batch_idx, dim=3)[None, None, head_idx]
-            gO = cute.local_tile(mO_cur, (self.tile_m, self.tile_hdimv), (m_block, 0))
+        mO_cur = seqlen.offset_batch_Q(mO, batch_idx, dim=3)[None, None, head_idx]
+        gO = cute.local_tile(mO_cur, (self.tile_m, self.tile_hdimv), (m_block, 0))
         taccOgO = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(gO))
         mLSE_cur = seqlen.offset_batch_Q(mLSE, batch_idx, dim=2)[None, head_idx]
         gLSE = cute.local_tile(mLSE_cur, (self.tile_m,), (m_block,))
@@ -146,8 +94,7 @@ class MergingForwardSm90(FlashAttentionForwardSm90):
                     if total > Float32(0.0)
                     else -Float32.inf
                 )
-                # (the accumulator's shape: a swizzled sO partitions into another profile)
-                tOld = cute.make_fragment_like(acc_O_mn[m, None], self.dtype)
+                tOld = cute.make_fragment_like(taccOgO[m, None], self.dtype)
                 cute.autovec_copy(taccOgO[m, None], tOld)
                 acc_O_mn[m, None].store(
                     acc_O_mn[m, None].load() * (w_new * inv)
@@ -171,17 +118,8 @@ class MergingForwardSm90(FlashAttentionForwardSm90):
         head_idx: cutlass.Int32,
         batch_idx: cutlass.Int32,
     ):
-        if cutlass.const_expr(self.staged_old):
-            # sO is Q's shared memory: every consumer thread past its last QK GEMM first (as
-            # the write path below waits before its own stores there), then all of it staged
-            barrier = int(NamedBarrierFwd.Epilogue)
-            cute.arch.barrier(barrier_id=barrier, number_of_threads=self.num_epilogue_threads)
-            self.stage_old(mO, sO, seqlen, gmem_tiled_copy_O, tidx, m_block, head_idx, batch_idx)
-            cute.arch.barrier(barrier_id=barrier, number_of_threads=self.num_epilogue_threads)
         # the reads happen before the write path's first barrier, the writes after it
-        self.merge_old(
-            acc_O, lse, mO, mLSE, sO, seqlen, tiled_mma, tidx, m_block, head_idx, batch_idx
-        )
+        self.merge_old(acc_O, lse, mO, mLSE, seqlen, tiled_mma, tidx, m_block, head_idx, batch_idx)
         _write_epilogue(
             self,
             acc_O,
