@@ -29,6 +29,8 @@ epilogue) and the two-kernel path (FA4's forward, then the Triton merge) to a fl
 ``segment_local``'s strided views (full 2048-row blocks and 1000-row ones, whose last tile is
 partial), times both, then times the whole ``lse`` module with the fused kernel on and off
 (interleaved) at ``--n`` and n/4 and reports how far apart their outputs are.
+``--part merge_cost`` times the merging kernel against variants with parts of its merge taken
+out (``experiments/fa4_merge_variants.py``: skipped, its reads only, its arithmetic only).
 ``--part zero`` holds ``ringattn.kernels.fa4_zero`` (FA4's forward that also writes the zeros of
 the rows a ``head_groups`` config leaves out) to FA4's forward on the strided views of ``(w, r)
 = (4096, 2), (8192, 4), (32768, 16)`` (rows, LSE, exact zeros, nothing left unwritten), times it
@@ -435,6 +437,43 @@ def merge(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
                 row["fused_vs_two_kernel_rel"] = float((a - b).norm() / b.norm())
             _emit(rows, row)
     return rows + _module_ab(n, h, d, repeats, device, "lse", fa4_merge, ("fused", "two_kernel"))
+
+
+def merge_cost(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+    """The merging kernel against its variants with parts of the merge taken out
+    (``experiments/fa4_merge_variants.py``: the merge skipped, its reads only, its arithmetic
+    only) on the strided ``(w, r) = (4096, 2)`` view at ``--n``, interleaved three times."""
+    from experiments.fa4_merge_variants import VARIANTS
+    from ringattn.kernels import fa4_merge
+
+    rows = []
+    scale = d**-0.5
+    length = 2048
+    segments = n // (2 * length)
+
+    def strided(x):
+        return x[:, : segments * 2 * length].reshape(segments, length, 2, *x.shape[2:])[:, :, 1]
+
+    q, k, v = (strided(torch.randn(1, n, h, d, device=device, dtype=torch.bfloat16)) for _ in "qkv")
+    out_v = strided(torch.randn(1, n, h, d, device=device, dtype=torch.bfloat16))
+    lse_v = strided(torch.rand(1, n, h, device=device) * 4 - 1)
+    for causal in (False, True):
+        row = {"problem": f"L={length} r=2 offset 1", "causal": causal, "shape": list(q.shape)}
+        try:
+            assert fa4_merge.forward_merge_(q, k, v, causal, scale, out_v, lse_v), "refused"
+            key = fa4_merge._key(q, causal, lse_v)
+            args = (q, k, v, out_v, lse_v.transpose(1, 2), scale)
+            kernels = {"merge": partial(fa4_merge._COMPILED[key], *args)}
+            for name, cls in VARIANTS.items():
+                compiled = fa4_merge.compile_forward(key, q, k, v, out_v, args[4], cls)
+                kernels[name] = partial(compiled, *args)
+            for turn in range(3):
+                for name, kernel in kernels.items():
+                    row[f"{name}_ms_{turn}"] = _events_ms(kernel, 2, repeats)
+        except Exception as exc:  # a probe: report and go on
+            row["error"] = failure(exc, 600)
+        _emit(rows, row)
+    return rows
 
 
 def add(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
@@ -981,6 +1020,7 @@ def main(argv: list[str] | None = None) -> None:
             "determinism",
             "replay",
             "merge",
+            "merge_cost",
             "add",
             "zero",
             "config",
@@ -1004,6 +1044,7 @@ def main(argv: list[str] | None = None) -> None:
             "determinism": determinism,
             "replay": replay,
             "merge": merge,
+            "merge_cost": merge_cost,
             "add": add,
             "zero": zero,
             "config": config,

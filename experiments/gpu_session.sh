@@ -27,6 +27,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh bwd_tiles # ~1.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh bwd_ab   # ~2.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh fuzz     # ~7.5 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh merge_cost # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #
@@ -71,7 +72,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|fuzz|long|checks|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh record|fuzz|merge_cost|long|checks|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -317,6 +318,15 @@ bwd_tiles)
     timeout 400 python -m experiments.fa4_probe --part bwd_sweep --n 131072 --repeats 5 \
         --out "$out" >"$out/probe.log" 2>&1 || echo "probe: exit $?" >>"$out/probe.log"
     summary="$(grep -h '^{' "$out/probe.log" | cut -c1-300)"
+    ;;
+merge_cost)
+    # step 45: where the lse merge's epilogue time goes (fa4_probe --part merge_cost: the merging
+    # kernel against its variants without the merge, with its reads only, its arithmetic only)
+    timeout 200 python -m experiments.fa4_probe --part merge_cost --n 1048576 --repeats 5 \
+        --out "$out" >"$out/probe.log" 2>&1 || echo "probe: exit $?" >>"$out/probe.log"
+    timeout 100 python -m experiments.fa4_probe --part merge_cost --n 131072 --repeats 10 \
+        --out "$out/131k" >"$out/probe_131k.log" 2>&1 || echo "131k: exit $?" >>"$out/probe_131k.log"
+    summary=$(grep -h "problem=" "$out"/probe*.log | cut -c1-900)
     ;;
 bwd_ab)
     # step 37: the module with FA4's backward tiles from bwd_tiles' sweep (overheads
