@@ -15,10 +15,9 @@ from __future__ import annotations
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32
-from flash_attn.cute import utils
 from quack import layout_utils
 
-from ringattn.kernels.fa4_merge_sm90 import _LN2, _LOG2_E, MergingForwardSm90
+from ringattn.kernels.fa4_merge_sm90 import MergingForwardSm90
 
 
 class NoMerge(MergingForwardSm90):
@@ -35,21 +34,10 @@ class LoadsOnly(MergingForwardSm90):
 
     @cute.jit
     def merge_old(self, acc_O, lse, mO, mLSE, seqlen, tiled_mma, tidx, m_block, head, batch):
-        thr_mma = tiled_mma.get_slice(tidx)
-        mO_cur = seqlen.offset_batch_Q(mO, batch, dim=3)[None, None, head]
-        gO = cute.local_tile(mO_cur, (self.tile_m, self.tile_hdimv), (m_block, 0))
-        taccOgO = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(gO))
-        mLSE_cur = seqlen.offset_batch_Q(mLSE, batch, dim=2)[None, head]
-        gLSE = cute.local_tile(mLSE_cur, (self.tile_m,), (m_block,))
-        gLSE_expanded = cute.make_tensor(
-            gLSE.iterator,
-            cute.append(gLSE.layout, cute.make_layout((self.tile_hdimv,), stride=(0,))),
+        taccOgO, taccOgLSE, taccOcO, rows_left = self.old_views(
+            mO, mLSE, seqlen, tiled_mma, tidx, m_block, head, batch
         )
-        taccOgLSE = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(gLSE_expanded))
-        cO = cute.make_identity_tensor((self.tile_m, self.tile_hdimv))
-        taccOcO = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(cO))
         acc_O_mn = layout_utils.reshape_acc_to_mn(acc_O)
-        rows_left = seqlen.seqlen_q - m_block * self.tile_m
         for m in cutlass.range(cute.size(lse), unroll_full=True):
             if taccOcO[m, 0][0] < rows_left:
                 lse[m] = lse[m] + Float32(taccOgLSE[m, 0])
@@ -63,26 +51,13 @@ class MathOnly(MergingForwardSm90):
 
     @cute.jit
     def merge_old(self, acc_O, lse, mO, mLSE, seqlen, tiled_mma, tidx, m_block, head, batch):
-        thr_mma = tiled_mma.get_slice(tidx)
-        cO = cute.make_identity_tensor((self.tile_m, self.tile_hdimv))
-        taccOcO = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(cO))
+        _, _, taccOcO, rows_left = self.old_views(
+            mO, mLSE, seqlen, tiled_mma, tidx, m_block, head, batch
+        )
         acc_O_mn = layout_utils.reshape_acc_to_mn(acc_O)
-        rows_left = seqlen.seqlen_q - m_block * self.tile_m
         for m in cutlass.range(cute.size(lse), unroll_full=True):
             if taccOcO[m, 0][0] < rows_left:
-                lse_old = lse[m] - Float32(0.5)
-                lse_new = lse[m]
-                top = utils.fmax(lse_old, lse_new)
-                top = Float32(0.0) if top == -Float32.inf else top
-                w_old = cute.math.exp2((lse_old - top) * _LOG2_E, fastmath=True)
-                w_new = cute.math.exp2((lse_new - top) * _LOG2_E, fastmath=True)
-                total = w_old + w_new
-                inv = cute.arch.rcp_approx(total if total > Float32(0.0) else Float32(1.0))
-                lse[m] = (
-                    top + cute.math.log2(total, fastmath=True) * _LN2
-                    if total > Float32(0.0)
-                    else -Float32.inf
-                )
+                lse[m], w_old, w_new, inv = self.merge_weights(lse[m] - Float32(0.5), lse[m])
                 old = acc_O_mn[m, None].load().to(self.dtype)
                 acc_O_mn[m, None].store(
                     acc_O_mn[m, None].load() * (w_new * inv) + old.to(Float32) * (w_old * inv)

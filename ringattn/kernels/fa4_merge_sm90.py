@@ -50,6 +50,54 @@ class MergingForwardSm90(FlashAttentionForwardSm90):
         super()._setup_attributes()
 
     @cute.jit
+    def old_views(
+        self,
+        mO: cute.Tensor,
+        mLSE: cute.Tensor,
+        seqlen,
+        tiled_mma: cute.TiledMma,
+        tidx: cutlass.Int32,
+        m_block: cutlass.Int32,
+        head_idx: cutlass.Int32,
+        batch_idx: cutlass.Int32,
+    ):
+        """This thread's rows of the tile in ``mO`` and ``mLSE`` as the PV accumulator holds
+        them (row by row: ``[m, None]``, the LSE's at ``[m, 0]``), their coordinates, and how
+        many of the tile's rows the sequence has."""
+        thr_mma = tiled_mma.get_slice(tidx)
+        mO_cur = seqlen.offset_batch_Q(mO, batch_idx, dim=3)[None, None, head_idx]
+        gO = cute.local_tile(mO_cur, (self.tile_m, self.tile_hdimv), (m_block, 0))
+        taccOgO = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(gO))
+        mLSE_cur = seqlen.offset_batch_Q(mLSE, batch_idx, dim=2)[None, head_idx]
+        gLSE = cute.local_tile(mLSE_cur, (self.tile_m,), (m_block,))
+        gLSE_expanded = cute.make_tensor(
+            gLSE.iterator,
+            cute.append(gLSE.layout, cute.make_layout((self.tile_hdimv,), stride=(0,))),
+        )
+        taccOgLSE = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(gLSE_expanded))
+        cO = cute.make_identity_tensor((self.tile_m, self.tile_hdimv))
+        taccOcO = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(cO))
+        rows_left = seqlen.seqlen_q - m_block * self.tile_m
+        return taccOgO, taccOgLSE, taccOcO, rows_left
+
+    @cute.jit
+    def merge_weights(self, lse_old: Float32, lse_new: Float32):
+        """``(lse, w_old, w_new, inv)``: the merged LSE of one row, and its old and new outputs'
+        weights ``w_old * inv`` and ``w_new * inv`` (both 0 where neither side has the row)."""
+        top = utils.fmax(lse_old, lse_new)
+        top = Float32(0.0) if top == -Float32.inf else top  # neither side has the row
+        w_old = cute.math.exp2((lse_old - top) * _LOG2_E, fastmath=True)
+        w_new = cute.math.exp2((lse_new - top) * _LOG2_E, fastmath=True)
+        total = w_old + w_new
+        inv = cute.arch.rcp_approx(total if total > Float32(0.0) else Float32(1.0))
+        lse = (
+            top + cute.math.log2(total, fastmath=True) * _LN2
+            if total > Float32(0.0)
+            else -Float32.inf
+        )
+        return lse, w_old, w_new, inv
+
+    @cute.jit
     def merge_old(
         self,
         acc_O: cute.Tensor,
@@ -64,36 +112,14 @@ class MergingForwardSm90(FlashAttentionForwardSm90):
         batch_idx: cutlass.Int32,
     ):
         """acc_O, lse (this thread's rows, normalised) <- merged with mO's and mLSE's rows."""
-        thr_mma = tiled_mma.get_slice(tidx)
-        mO_cur = seqlen.offset_batch_Q(mO, batch_idx, dim=3)[None, None, head_idx]
-        gO = cute.local_tile(mO_cur, (self.tile_m, self.tile_hdimv), (m_block, 0))
-        taccOgO = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(gO))
-        mLSE_cur = seqlen.offset_batch_Q(mLSE, batch_idx, dim=2)[None, head_idx]
-        gLSE = cute.local_tile(mLSE_cur, (self.tile_m,), (m_block,))
-        gLSE_expanded = cute.make_tensor(
-            gLSE.iterator,
-            cute.append(gLSE.layout, cute.make_layout((self.tile_hdimv,), stride=(0,))),
+        taccOgO, taccOgLSE, taccOcO, rows_left = self.old_views(
+            mO, mLSE, seqlen, tiled_mma, tidx, m_block, head_idx, batch_idx
         )
-        taccOgLSE = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(gLSE_expanded))
-        cO = cute.make_identity_tensor((self.tile_m, self.tile_hdimv))
-        taccOcO = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(cO))
         acc_O_mn = layout_utils.reshape_acc_to_mn(acc_O)
-        rows_left = seqlen.seqlen_q - m_block * self.tile_m
         for m in cutlass.range(cute.size(lse), unroll_full=True):
             if taccOcO[m, 0][0] < rows_left:
                 lse_old = Float32(taccOgLSE[m, 0])
-                lse_new = lse[m]
-                top = utils.fmax(lse_old, lse_new)
-                top = Float32(0.0) if top == -Float32.inf else top  # neither side has the row
-                w_old = cute.math.exp2((lse_old - top) * _LOG2_E, fastmath=True)
-                w_new = cute.math.exp2((lse_new - top) * _LOG2_E, fastmath=True)
-                total = w_old + w_new
-                inv = cute.arch.rcp_approx(total if total > Float32(0.0) else Float32(1.0))
-                lse[m] = (
-                    top + cute.math.log2(total, fastmath=True) * _LN2
-                    if total > Float32(0.0)
-                    else -Float32.inf
-                )
+                lse[m], w_old, w_new, inv = self.merge_weights(lse_old, lse[m])
                 tOld = cute.make_fragment_like(taccOgO[m, None], self.dtype)
                 cute.autovec_copy(taccOgO[m, None], tOld)
                 acc_O_mn[m, None].store(
