@@ -84,10 +84,27 @@ def register(kind: str, name: str) -> Callable[[T], T]:
     return decorate
 
 
-def unregister(kind: str, name: str) -> None:
-    """Remove a registration (for tests and notebooks that add a temporary strategy)."""
+def unregister(kind: str, name: str, *, missing_ok: bool = False) -> None:
+    """Remove a registration (for tests and notebooks that add a temporary strategy).
+
+    A name that is not registered is a ``ValueError`` unless ``missing_ok`` (a ``finally`` that
+    may run before the registration did); so is a built-in strategy's (``ringattn``'s own: the
+    defaults, ``Strategy.all()`` and the ablations' baseline name them; register a subclass under
+    another name instead)."""
     _check_kind(kind)
-    _REGISTRY[kind].pop(name, None)
+    cls = _REGISTRY[kind].get(name)
+    if cls is None:
+        if missing_ok:
+            return
+        raise ValueError(
+            f"no {kind} strategy {name!r} to unregister; registered: {', '.join(names(kind))}"
+        )
+    if cls.__module__.split(".")[0] == "ringattn":
+        raise ValueError(
+            f"{kind} strategy {name!r} is built in ({cls.__module__}.{cls.__qualname__}) and "
+            "stays registered: register a subclass under another name instead"
+        )
+    del _REGISTRY[kind][name]
 
 
 def names(kind: str) -> tuple[str, ...]:

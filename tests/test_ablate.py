@@ -119,8 +119,8 @@ def test_a_strategy_of_ones_own_is_ablated_with_import(tmp_path, capsys):
             "segment_local/plugin_wrong/local/none": "FAIL",
         }
     finally:
-        ringattn.registry.unregister("computer", "plugin_math")
-        ringattn.registry.unregister("computer", "plugin_wrong")
+        ringattn.registry.unregister("computer", "plugin_math", missing_ok=True)
+        ringattn.registry.unregister("computer", "plugin_wrong", missing_ok=True)
     capsys.readouterr()
     assert ablate.main(["--import", "no_such_module_xyz"]) == 2
     assert "--import 'no_such_module_xyz': ModuleNotFoundError" in capsys.readouterr().err

@@ -87,7 +87,29 @@ def test_a_class_defined_again_replaces_its_registration():
         with pytest.raises(ValueError, match=re.escape("unregister('computer', 'rerun') first")):
             registry.register("computer", "rerun")(type("Other", (MathComputer,), {}))
     finally:
-        registry.unregister("computer", "rerun")
+        registry.unregister("computer", "rerun", missing_ok=True)
+
+
+def test_unregister_refuses_unknown_and_built_in_names():
+    """A typo used to unregister nothing, silently, and a built-in could be removed (breaking
+    ``Strategy()``'s defaults for everyone in the process): both are refused, naming the rule;
+    ``missing_ok`` is the ``finally`` block's way out."""
+    with pytest.raises(ValueError, match="no computer strategy 'nope' to unregister; registered: "):
+        registry.unregister("computer", "nope")
+    registry.unregister("computer", "nope", missing_ok=True)  # nothing to do, no error
+    for kind, name in [("computer", "sdpa"), ("memory", "pooled"), ("dilation", "global")]:
+        with pytest.raises(ValueError, match=f"{kind} strategy '{name}' is built in"):
+            registry.unregister(kind, name)
+        assert name in registry.names(kind)
+
+    @registry.register("computer", "temporary")
+    class Temporary(MathComputer):
+        pass
+
+    registry.unregister("computer", "temporary")
+    assert "temporary" not in registry.names("computer")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        registry.unregister("computers", "temporary")
 
 
 def test_incompatible_with_must_give_a_reason():
@@ -101,7 +123,7 @@ def test_incompatible_with_must_give_a_reason():
         with pytest.raises(TypeError, match="must return a reason"):
             ringattn.Strategy(computer="sloppy", memory="none").check()
     finally:
-        registry.unregister("computer", "sloppy")
+        registry.unregister("computer", "sloppy", missing_ok=True)
 
 
 def test_default_strategy_is_valid():
@@ -159,8 +181,8 @@ def test_a_new_strategy_is_picked_up_by_the_property_tests():
         with pytest.raises(AssertionError, match="forward rel err"):
             test_strategies.check_against_oracle(p, torch.float32, wrong)
     finally:
-        registry.unregister("computer", "math_twice")
-        registry.unregister("computer", "wrong")
+        registry.unregister("computer", "math_twice", missing_ok=True)
+        registry.unregister("computer", "wrong", missing_ok=True)
     assert "math_twice" not in registry.names("computer")
 
 
@@ -188,7 +210,7 @@ def test_the_oracle_check_has_no_loopholes():
         with pytest.raises(AssertionError, match="dq rel err"):
             test_strategies.check_against_oracle(p, torch.bfloat16, [strategy])
     finally:
-        registry.unregister("computer", "zero_bf16_grads")
+        registry.unregister("computer", "zero_bf16_grads", missing_ok=True)
 
 
 def test_the_functional_form_runs_a_re_registered_class():
@@ -217,7 +239,7 @@ def test_the_functional_form_runs_a_re_registered_class():
         fixed = ringattn.dilated_attention(q, q, q, **options, strategy=strategy)
         assert (fixed.double() - ref).abs().max() < 1e-5
     finally:
-        registry.unregister("computer", "fixed_later")
+        registry.unregister("computer", "fixed_later", missing_ok=True)
 
 
 def test_flex_refuses_a_dilation_it_has_no_masks_for():
@@ -237,4 +259,4 @@ def test_flex_refuses_a_dilation_it_has_no_masks_for():
         assert "copying/sdpa/local/pooled" in labels
         assert not any("/flex/" in label for label in labels)
     finally:
-        registry.unregister("dilation", "copying")
+        registry.unregister("dilation", "copying", missing_ok=True)
