@@ -50,6 +50,11 @@ def resolve_group(group: dist.ProcessGroup | DeviceMesh | None) -> dist.ProcessG
             "group must be a torch.distributed ProcessGroup, a 1-D DeviceMesh or None (the "
             f"world), got {type(group).__name__}"
         )
+    if isinstance(group, dist.ProcessGroup) and not is_live(group):
+        raise ValueError(
+            "group: this process group was destroyed (torch.distributed.destroy_process_group) "
+            "or was not made by torch.distributed.new_group; pass a live group"
+        )
     if dist.get_rank(group) < 0:
         raise ValueError(
             f"group: this process (global rank {dist.get_rank()}) is not a member of it (ranks "
@@ -59,6 +64,14 @@ def resolve_group(group: dist.ProcessGroup | DeviceMesh | None) -> dist.ProcessG
 
 
 LAYOUTS = ("contiguous", "zigzag")
+
+
+def is_live(group: dist.ProcessGroup) -> bool:
+    """Whether torch.distributed still knows ``group`` (``destroy_process_group(group)`` forgets
+    it; torch's own error then names the group object "not initialized in the world group
+    map"). Read from torch's group map, a private one: True where this torch has none."""
+    group_map = getattr(getattr(dist.distributed_c10d, "_world", None), "pg_map", None)
+    return not isinstance(group_map, dict) or group in group_map
 
 
 def check_layout(layout: str) -> None:

@@ -629,6 +629,30 @@ def longnet_groups_side_by_side_match_the_full_model(size):
     return error
 
 
+def a_module_over_a_destroyed_group_says_so():
+    """After destroy_process_group(group) a module over that sub-group, and a module made with
+    it, raised torch's "... is not initialized in the world group map" / "is not registered";
+    both now name the rule. The world, and a module over it, still run."""
+    group = dist.new_group(list(range(dist.get_world_size())))
+    strategy = ringattn.Strategy(communicator="ring")
+    module = ringattn.DilatedAttention((8, 16), (1, 2), strategy=strategy, group=group)
+    q = torch.randn(1, 16, 2, 8)
+    module(q, q, q)
+    dist.destroy_process_group(group)
+    messages = []
+    for make in (
+        lambda: module,
+        lambda: ringattn.DilatedAttention((8, 16), (1, 2), strategy=strategy, group=group),
+    ):
+        try:
+            make()(q, q, q)
+        except ValueError as exc:
+            messages.append(str(exc))
+        else:
+            raise AssertionError("no error")
+    return messages, tuple(_small_module()(q, q, q).shape)
+
+
 def a_module_over_a_destroyed_world_says_so():
     """After destroy_process_group (and a new init) a module made over the old world raised
     torch's "Process group <object at 0x...> is not initialized in the world group map"; a

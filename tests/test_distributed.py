@@ -394,6 +394,13 @@ def test_a_module_over_a_destroyed_world_says_so(pool):
         assert rebuilt_runs
 
 
+def test_a_module_over_a_destroyed_group_says_so(pool):
+    for (called, made), shape in pool.run("a_module_over_a_destroyed_group_says_so"):
+        assert called.startswith("this sequence-parallel module's process group was destroyed")
+        assert made.startswith("group: this process group was destroyed"), made
+        assert shape == (1, 16, 2, 8)
+
+
 def test_gather_of_unequal_shards_raises_on_every_rank(pool):
     messages = pool.run("gather_of_unequal_shards_raises_everywhere")
     assert all("ranks disagree on the shards to gather" in m for m in messages), messages

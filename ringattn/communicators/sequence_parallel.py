@@ -72,13 +72,19 @@ class SequenceParallel(Communicator):
         self.group = distributed.resolve_group(None)
 
     def check_group(self) -> None:
-        """A ValueError where this communicator's process group was destroyed (torch's own
-        error named the group object "not initialized in the world group map")."""
-        if not dist.is_initialized() or (self.world_default and self.group is not dist.group.WORLD):
+        """A ValueError where this communicator's process group, the world or a sub-group, was
+        destroyed (torch's own error named the group object "not initialized in the world group
+        map")."""
+        if (
+            not dist.is_initialized()
+            or (self.world_default and self.group is not dist.group.WORLD)
+            or not distributed.is_live(self.group)
+        ):
             raise ValueError(
                 "this sequence-parallel module's process group was destroyed "
-                "(torch.distributed.destroy_process_group): build the module again after "
-                "init_process_group (its state_dict carries the weights of a layer over)"
+                "(torch.distributed.destroy_process_group): build the module again over a live "
+                "group (init_process_group, new_group; its state_dict carries the weights of a "
+                "layer over)"
             )
 
     def place(self, span: int) -> tuple[int, list[int]]:
