@@ -51,9 +51,7 @@ class MathOnly(MergingForwardSm90):
 
     @cute.jit
     def merge_old(self, acc_O, lse, mO, mLSE, seqlen, tiled_mma, tidx, m_block, head, batch):
-        _, _, taccOcO, rows_left = self.old_views(
-            mO, mLSE, seqlen, tiled_mma, tidx, m_block, head, batch
-        )
+        taccOcO, rows_left = self.row_coords(seqlen, tiled_mma, tidx, m_block)
         acc_O_mn = layout_utils.reshape_acc_to_mn(acc_O)
         for m in cutlass.range(cute.size(lse), unroll_full=True):
             if taccOcO[m, 0][0] < rows_left:

@@ -165,10 +165,17 @@ class MergingForwardSm90(FlashAttentionForwardSm90):
             cute.append(gLSE.layout, cute.make_layout((self.tile_hdimv,), stride=(0,))),
         )
         taccOgLSE = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(gLSE_expanded))
+        return taccOgO, taccOgLSE, *self.row_coords(seqlen, tiled_mma, tidx, m_block)
+
+    @cute.jit
+    def row_coords(
+        self, seqlen, tiled_mma: cute.TiledMma, tidx: cutlass.Int32, m_block: cutlass.Int32
+    ):
+        """This thread's accumulator coordinates in the tile (row by row: ``[m, 0][0]`` is row
+        ``m``'s) and how many of the tile's rows the sequence has."""
         cO = cute.make_identity_tensor((self.tile_m, self.tile_hdimv))
-        taccOcO = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(cO))
-        rows_left = seqlen.seqlen_q - m_block * self.tile_m
-        return taccOgO, taccOgLSE, taccOcO, rows_left
+        taccOcO = layout_utils.reshape_acc_to_mn(tiled_mma.get_slice(tidx).partition_C(cO))
+        return taccOcO, seqlen.seqlen_q - m_block * self.tile_m
 
     @cute.jit
     def merge_weights(self, lse_old: Float32, lse_new: Float32):
@@ -234,11 +241,8 @@ class MergingForwardSm90(FlashAttentionForwardSm90):
         old_words = cute.recast_tensor(old_rows, cutlass.Int32)
         for i in cutlass.range_constexpr(cute.size(old_words)):
             old_words[i] = _held(old_words[i])
-        thr_mma = tiled_mma.get_slice(tidx)
-        cO = cute.make_identity_tensor((self.tile_m, self.tile_hdimv))
-        taccOcO = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(cO))
+        taccOcO, rows_left = self.row_coords(seqlen, tiled_mma, tidx, m_block)
         acc_O_mn = layout_utils.reshape_acc_to_mn(acc_O)
-        rows_left = seqlen.seqlen_q - m_block * self.tile_m
         for m in cutlass.range(cute.size(lse), unroll_full=True):
             if taccOcO[m, 0][0] < rows_left:
                 lse[m], w_old, w_new, inv = self.merge_weights(old_lse[m], lse[m])
