@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # FlashAttention-4 for a lent GPU machine that cannot reach a package index.
 #
-#   bash experiments/fa4_carry.sh          # here: writes .fa4a/ and .fa4b/ (git-ignored)
+#   bash experiments/fa4_carry.sh          # here: writes .fa4a/, .fa4b/ and .fa4c/ (git-ignored)
 #
 # flash-attn-4 needs the CUTLASS DSL, whose CUDA 13 libraries make a 92 MB wheel: more than one
-# call may carry (64 MiB with the working tree). So the packages are unpacked here into one
-# site folder, packed as tar.xz (69 MB) and split in two parts that travel in two calls while the
-# machine stays warm (it is released after ~30 s idle, so send each call at once), with the
+# call may carry (64 MiB with the working tree, itself ~32 MB by now). So the packages are unpacked
+# here into one site folder, packed as tar.xz (69 MB) and split in three parts that travel in three
+# calls while the machine stays warm (it is released after ~30 s idle, so send each call at once), with the
 # wheels in .whl/ (beartype, the cuDNN frontend) in a call of their own: experiments/fa4_env.sh
 # says how, and sets everything up there, in short:
 #
 #   call 1, carry [".fa4a"]: mkdir -p /tmp/fa4 && cp .fa4a/* /tmp/fa4/
-#   call 2, carry [".whl"]:  mkdir -p /tmp/whl && cp .whl/* /tmp/whl/
-#   call 3, carry [".fa4b"]: mkdir -p /tmp/site && cat /tmp/fa4/* .fa4b/* | xz -d -T8 |
+#   call 2, carry [".fa4b"]: mkdir -p /tmp/fa4 && cp .fa4b/* /tmp/fa4/
+#   call 3, carry [".whl"]:  mkdir -p /tmp/whl && cp .whl/* /tmp/whl/
+#   call 4, carry [".fa4c"]: cp .fa4c/* /tmp/fa4/ && mkdir -p /tmp/site && cat /tmp/fa4/* | xz -d -T8 |
 #       tar -x -C /tmp/site && python3 -m pip install -q --no-index --no-deps --no-compile
 #       --no-cache-dir --upgrade --target /tmp/site /tmp/whl/*.whl &&
 #       export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD ...
@@ -36,10 +37,10 @@ for wheel in "$work"/wheels/*.whl; do  # a wheel is a zip of its site-packages e
     unzip -q -o "$wheel" -d "$work/site"
 done
 tar -C "$work/site" -cf - . | xz -9 -T2 >"$work/fa4site.tar.xz"
-rm -rf .fa4a .fa4b && mkdir .fa4a .fa4b
-split -b 34M "$work/fa4site.tar.xz" "$work/fa4part."
-mv "$work/fa4part.aa" .fa4a/ && mv "$work/fa4part.ab" .fa4b/
-for ignored in /.fa4a/ /.fa4b/ /.whl/; do
+rm -rf .fa4a .fa4b .fa4c && mkdir .fa4a .fa4b .fa4c
+split -b 23M "$work/fa4site.tar.xz" "$work/fa4part."  # parts sort by name: aa, ab, ac
+mv "$work/fa4part.aa" .fa4a/ && mv "$work/fa4part.ab" .fa4b/ && mv "$work/fa4part.ac" .fa4c/
+for ignored in /.fa4a/ /.fa4b/ /.fa4c/ /.whl/; do
     grep -qx "$ignored" .git/info/exclude || echo "$ignored" >>.git/info/exclude
 done
-ls -l .fa4a .fa4b
+ls -l .fa4a .fa4b .fa4c
