@@ -106,7 +106,7 @@ def kernels(n: int, h: int, d: int):
 
             def merging(causal=causal):
                 (q, k, v, out, lse), _ = _parts(n, h, d, "lse", True)[1]
-                key = fa4_merge._merge_key(q, causal, lse)
+                key = fa4_merge._key(q, causal, lse)
                 fa4_merge._compile(key, q, k, v, out, lse.transpose(1, 2))
 
             yield f"fa4_merge causal={causal}", merging

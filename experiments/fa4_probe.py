@@ -31,10 +31,6 @@ partial), times both, then times the whole ``lse`` module with the fused kernel 
 (interleaved) at ``--n`` and n/4 and reports how far apart their outputs are.
 ``--part merge_cost`` times the merging kernel against variants with parts of its merge taken
 out (``experiments/variants/fa4_merge.py``: skipped, its reads only, its arithmetic only).
-``--part early`` times the merging kernel with each tile's old rows loaded into registers at
-its main loop's start (``fa4_merge.EARLY``) against the same kernel loading them in its
-epilogue, checks that the two write the same bits, then the ``lse`` module's forward with it on
-and off.
 ``--part zero`` holds ``ringattn.kernels.fa4_zero`` (FA4's forward that also writes the zeros of
 the rows a ``head_groups`` config leaves out) to FA4's forward on the strided views of ``(w, r)
 = (4096, 2), (8192, 4), (32768, 16)`` (rows, LSE, exact zeros, nothing left unwritten), times it
@@ -297,7 +293,7 @@ def _store_paths(q, k, v, causal, scale, out_full, lse_full, strided) -> dict:
             pass
 
     out_v, lse_v = strided(out_full.clone()), strided(lse_full.clone())
-    key = fa4_merge._merge_key(q, causal, lse_v)
+    key = fa4_merge._key(q, causal, lse_v)
     store_only = fa4_merge.compile_forward(key, q, k, v, out_v, lse_v.transpose(1, 2), StoreOnly)
     fused = fa4_merge._COMPILED[key]
     args = (q, k, v, out_v, lse_v.transpose(1, 2), scale)
@@ -471,7 +467,7 @@ def merge_cost(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
         row = {"problem": "L=2048 r=2 offset 1", "causal": causal, "shape": list(q.shape)}
         try:
             assert fa4_merge.forward_merge_(q, k, v, causal, scale, out_v, lse_v), "refused"
-            key = fa4_merge._merge_key(q, causal, lse_v)
+            key = fa4_merge._key(q, causal, lse_v)
             args = (q, k, v, out_v, lse_v.transpose(1, 2), scale)
             kernels = {"merge": partial(fa4_merge._COMPILED[key], *args)}
             for name, cls in VARIANTS.items():
@@ -483,76 +479,6 @@ def merge_cost(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
         except Exception as exc:  # a probe: report and go on
             row["error"] = failure(exc, 600)
         _emit(rows, row)
-    return rows
-
-
-class _EarlySwitch:
-    """``fa4_merge.EARLY`` as the ``ENABLED`` switch :func:`_module_ab` flips."""
-
-    _COMPILED = property(lambda self: self._merge._COMPILED)
-    last_refusal = property(lambda self: self._merge.last_refusal)
-
-    def __init__(self) -> None:
-        from ringattn.kernels import fa4_merge
-
-        self._merge = fa4_merge
-
-    @property
-    def ENABLED(self) -> bool:
-        return self._merge.EARLY
-
-    @ENABLED.setter
-    def ENABLED(self, value: bool) -> None:
-        self._merge.EARLY = value
-
-
-def early(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
-    """``fa4_merge.EARLY``: the merging kernel with each tile's old rows loaded into registers
-    at its main loop's start, against the same kernel loading them in its epilogue (and its
-    store path without the merge, the floor), on the strided ``(w, r) = (4096, 2)`` view at
-    ``--n``, interleaved three times; the two write the same bits (the same arithmetic on the
-    same values). Then the ``lse`` module's forward with it on and off (interleaved) at ``--n``
-    and n/4."""
-    from ringattn.kernels import fa4_merge
-
-    default = fa4_merge.EARLY
-    rows = []
-    scale = d**-0.5
-    strided, q, k, v = _offset_one_blocks(n, h, d, device)
-    out_full = torch.randn(1, n, h, d, device=device, dtype=torch.bfloat16)
-    lse_full = torch.rand(1, n, h, device=device) * 4 - 1
-    for causal in (False, True):
-        row = {"problem": "L=2048 r=2 offset 1", "causal": causal, "shape": list(q.shape)}
-        try:
-            kernels, results = {}, {}
-            for on in (True, False):
-                fa4_merge.EARLY = on
-                out_v, lse_v = strided(out_full.clone()), strided(lse_full.clone())
-                assert fa4_merge.forward_merge_(q, k, v, causal, scale, out_v, lse_v), "refused"
-                key = fa4_merge._merge_key(q, causal, lse_v)
-                assert fa4_merge._COMPILED.get(key), fa4_merge.last_refusal
-                kernels[on] = partial(fa4_merge._COMPILED[key], q, k, v)
-                out_v, lse_v = strided(out_full.clone()), strided(lse_full.clone())
-                kernels[on](out_v, lse_v.transpose(1, 2), scale)
-                results[on] = (out_v.clone(), lse_v.clone())
-            row["same_bits"] = all(torch.equal(a, b) for a, b in zip(results[True], results[False]))
-            out_v, lse_v = strided(out_full.clone()), strided(lse_full.clone())
-            args = (out_v, lse_v.transpose(1, 2), scale)
-            for turn in range(3):
-                for on in (True, False):
-                    name = "early" if on else "epilogue"
-                    row[f"{name}_ms_{turn}"] = _events_ms(partial(kernels[on], *args), 2, repeats)
-            fa4_merge.EARLY = True
-            store = _store_paths(q, k, v, causal, scale, out_full, lse_full, strided)
-            row["plain_store_no_merge_ms"] = store["plain_store_no_merge_ms"]
-        except Exception as exc:  # a probe: report and go on
-            row["error"] = failure(exc, 600)
-            row["refusal"] = (fa4_merge.last_refusal or "")[:3000]
-        fa4_merge.EARLY = default
-        _emit(rows, row)
-    names = ("early", "epilogue")
-    rows += _module_ab(n, h, d, repeats, device, "lse", _EarlySwitch(), names)
-    fa4_merge.EARLY = default
     return rows
 
 
@@ -1101,7 +1027,6 @@ def main(argv: list[str] | None = None) -> None:
             "replay",
             "merge",
             "merge_cost",
-            "early",
             "add",
             "zero",
             "config",
@@ -1126,7 +1051,6 @@ def main(argv: list[str] | None = None) -> None:
             "replay": replay,
             "merge": merge,
             "merge_cost": merge_cost,
-            "early": early,
             "add": add,
             "zero": zero,
             "config": config,

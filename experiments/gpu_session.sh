@@ -28,7 +28,6 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh bwd_ab   # ~2.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh fuzz     # ~7.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh merge_cost # ~2 min
-#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh early    # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #
@@ -73,7 +72,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|fuzz|merge_cost|early|long|checks|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh record|fuzz|merge_cost|long|checks|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -319,16 +318,6 @@ bwd_tiles)
     timeout 400 python -m experiments.fa4_probe --part bwd_sweep --n 131072 --repeats 5 \
         --out "$out" >"$out/probe.log" 2>&1 || echo "probe: exit $?" >>"$out/probe.log"
     summary="$(grep -h '^{' "$out/probe.log" | cut -c1-300)"
-    ;;
-early)
-    # prepared for step 46: the lse merging kernel with each tile's old rows loaded into
-    # registers at its main loop's start (fa4_merge.EARLY) or in its epilogue: the kernel at
-    # 131K and 1M, then the module at 32K / 131K and 256K / 1M
-    timeout 300 python -m experiments.fa4_probe --part early --n 131072 --repeats 10 \
-        --out "$out" >"$out/probe.log" 2>&1 || echo "probe: exit $?" >>"$out/probe.log"
-    timeout 150 python -m experiments.fa4_probe --part early --n 1048576 --repeats 5 \
-        --out "$out/1m" >"$out/probe_1m.log" 2>&1 || echo "probe 1m: exit $?" >>"$out/probe_1m.log"
-    summary=$(grep -h "problem=" "$out"/probe*.log | cut -c1-700)
     ;;
 merge_cost)
     # step 45: where the lse merge's epilogue time goes (fa4_probe --part merge_cost: the merging

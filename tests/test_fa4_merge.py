@@ -210,18 +210,6 @@ def test_compile_keys_follow_the_lse_unit_stride():
     assert fa4_merge._key(q, False, strided_heads)[3] is None
 
 
-def test_early_loads_are_a_kernel_of_their_own(monkeypatch):
-    """``fa4_merge.EARLY`` (the old rows loaded at each tile's start) is part of the merging
-    kernel's key: the probe's A/B compiles both kernels instead of timing one of them twice."""
-    q, lse = torch.zeros(2, 4, 3, 8), torch.zeros(2, 4, 3)
-    keys = set()
-    for early in (False, True):
-        monkeypatch.setattr(fa4_merge, "EARLY", early)
-        keys.add(fa4_merge._merge_key(q, True, lse))
-        assert fa4_merge._merge_key(q, True, lse)[:-1] == fa4_merge._key(q, True, lse)
-    assert len(keys) == 2
-
-
 def test_merger_calls_a_kept_kernel_without_the_checks(fresh):
     """A prepared launch's merger: the first call goes through the guard, later ones straight
     to the kept kernel (its key decided once), and merge exactly once each."""

@@ -34,12 +34,7 @@ from ringattn.kernels import fa4
 # a second kernel
 ENABLED = True
 
-# each tile's old rows and LSE loaded into registers at its main loop's start, not in its
-# epilogue (fa4_merge_sm90's early_old): prepared for step 46, off until timed there
-# (fa4_probe --part early); read when a module prepares its launches
-EARLY = False
-
-# compiled kernels by _merge_key(); False: failed to compile or to agree
+# compiled kernels by _key(); False: failed to compile or to agree
 _COMPILED: dict[tuple, Any] = {}
 _LOCK = threading.Lock()
 # why the latest kernel was refused (for probes: experiments/fa4_probe.py --part merge)
@@ -95,11 +90,6 @@ def _key(q: Tensor, causal: bool, lse: Tensor) -> tuple:
     return q.dtype, q.shape[-1], causal, unit, fa4.FORWARD_CONFIG.get(causal)
 
 
-def _merge_key(q: Tensor, causal: bool, lse: Tensor) -> tuple:
-    """:func:`_key` and :data:`EARLY`: what a merging kernel is specialised for."""
-    return *_key(q, causal, lse), EARLY
-
-
 def forward_merge_(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, out: Tensor, lse: Tensor
 ) -> bool:
@@ -108,7 +98,7 @@ def forward_merge_(
     written then; the caller merges with two kernels)."""
     if not ENABLED:
         return False
-    key = _merge_key(q, causal, lse)
+    key = _key(q, causal, lse)
     q, k, v, out, lse = (_unit_dims_restrided(x) for x in (q, k, v, out, lse))
     return fa4.call_guarded(
         _COMPILED,
@@ -126,7 +116,7 @@ def merger(
     """:func:`forward_merge_` for views of these (example) views' layouts, as ``call(q, k, v,
     scale, out, lse)``, with the compile key and the re-striding decided here once: a prepared
     launch calls it every forward (``ringattn.core.merging_launch``)."""
-    key = _merge_key(q, causal, lse)
+    key = _key(q, causal, lse)
     restride = any(0 in x.stride() for x in (q, k, v, out, lse))
 
     def call(q: Tensor, k: Tensor, v: Tensor, scale: float, out: Tensor, lse: Tensor) -> bool:
@@ -141,8 +131,7 @@ def merger(
 
 def _compile(key: tuple, q, k, v, out, lse_bhl) -> Callable:
     sm90 = importlib.import_module("ringattn.kernels.fa4_merge_sm90")
-    kernel_class = functools.partial(sm90.MergingForwardSm90, early_old=key[5])
-    return compile_forward(key, q, k, v, out, lse_bhl, kernel_class, sm90.__file__)
+    return compile_forward(key, q, k, v, out, lse_bhl, sm90.MergingForwardSm90, sm90.__file__)
 
 
 def compile_forward(
