@@ -8,7 +8,7 @@ Run::
     python -m experiments.ablate --computer sdpa,math --dilation global \\
         --segment-lengths 64,128 --dilation-rates 1,2 --seq-lens 512,2048 --compile both
 
-(``ringattn-ablate`` is the same command.) Every variant gets
+Run it from the repository root (``experiments`` is not installed). Every variant gets
 
 * a correctness check against the float64 oracle ``ringattn.reference.dilated_attention`` on a
   small input (``--check-n`` rows): relative error ‖out−ref‖/‖ref‖ of the forward and the largest
