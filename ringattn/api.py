@@ -266,7 +266,8 @@ class DilatedAttention(nn.Module):
         )
         self._checked: dict[tuple, int] = {}  # call signatures agreed by every rank: digests
         self._valid_inputs: dict[tuple, None] = {}  # input signatures already validated
-        self.compile = compile
+        # not ``self.compile``: that would hide ``nn.Module.compile()``, torch's in-place compile
+        self.compile_core = compile
         # Where the module opens a compiled frame of its own. A block computer's core is opaque
         # custom ops under torch.compile (see core.py), so a frame around it in the default mode
         # holds nothing to optimise and only adds host time per call: Dynamo's guards, the ops'
@@ -319,7 +320,7 @@ class DilatedAttention(nn.Module):
             f"segment_lengths={c.segment_lengths}, dilation_rates={c.dilation_rates}, "
             f"causal={c.causal}, mixing={c.mixing!r}, strategy={self.strategy.label}, "
             f"layout={self.communicator.layout!r}, "
-            f"compile={self.compile}"
+            f"compile={self.compile_core}"
         )
 
     def _spec(self, q: Tensor, unkept: bool | None = None) -> CoreSpec:
@@ -441,9 +442,9 @@ class DilatedAttention(nn.Module):
         self._valid_inputs[signature] = None
 
     def _check_supported(self, q: Tensor, needs_grad: bool) -> None:
-        # traced by a user's torch.compile the computer is compiled too, whatever self.compile
+        # traced by a user's torch.compile the computer is compiled too, whatever compile_core
         # says (the backend is not visible from inside the trace: Inductor is assumed)
-        compiled = self.compile or torch.compiler.is_compiling()
+        compiled = self.compile_core or torch.compiler.is_compiling()
         reason = self.computer.unsupported(
             q.dtype, q.device, needs_grad, compiled=compiled, dilation=self.dilation.name
         )

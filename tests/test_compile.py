@@ -179,6 +179,27 @@ def test_outer_compile_of_new_lengths_keeps_the_oracle():
     assert counters["stats"]["unique_graphs"] == 2
 
 
+@pytest.mark.parametrize("compile_core", [False, True])
+def test_module_compile_is_torchs_in_place_compile(compile_core):
+    """``module.compile()`` is ``nn.Module.compile`` (torch.compile in place), as for any module:
+    the constructor's ``compile`` flag, kept as ``self.compile``, hid it ("'bool' object is not
+    callable"). Compiled so, the module is one graph and still the oracle's function."""
+    torch._dynamo.reset()
+    p = PROBLEM
+    module = ringattn.DilatedAttention(**options(p), compile=compile_core)
+    assert f"compile={compile_core}" in repr(module)
+    module.compile(fullgraph=True, backend="aot_eager")
+    q, k, v = make_qkv(p, torch.float32)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(5))
+    counters.clear()
+    out, grads = run_and_grad(module, q, k, v, grad_out)
+    ref, ref_grads = oracle(p, q, k, v, grad_out)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert rel_err(out, ref) <= 1e-5
+    for g, g_ref in zip(grads, ref_grads):
+        assert rel_err(g, g_ref) <= 1e-4
+
+
 @pytest.mark.parametrize("dilation", ["segment_local", "global"])
 def test_dynamic_lengths_are_one_graph_whatever_their_tails(dilation):
     """``torch.compile(dynamic=True, fullgraph=True)`` over lengths with 12 different tails
