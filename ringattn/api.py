@@ -183,7 +183,7 @@ def _call_described(q: object, k: object, v: object) -> tuple:
     whether k and v share q's device (a rank's own devices differ from another's), and the
     autocast that casts them (a rank in bf16 and one in fp16 exchanged each other's bytes)."""
     inputs = tuple(_described(x) for x in (q, k, v))
-    if not all(isinstance(x, Tensor) for x in (q, k, v)):
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)):
         return inputs
     device = q.device.type
     autocast = autocast_dtype(device)
@@ -230,6 +230,9 @@ class DilatedAttention(nn.Module):
             ``ringattn.distributed.shard(x, layout="zigzag")``). The result is the same function
             of the whole sequence, sharded the same way.
     """
+
+    # the functional form's option set this module serves (None: a user's module)
+    functional_key: tuple | None = None
 
     @jaxtyped(typechecker=beartype)
     def __init__(
@@ -561,7 +564,7 @@ def dilated_attention(
     function that changes between calls becomes symbolic, which fullgraph then refuses (use
     ``dynamic=False``).
     """
-    options = {
+    options: dict[str, Any] = {
         "segment_lengths": segment_lengths,
         "dilation_rates": dilation_rates,
         "causal": causal,
@@ -672,7 +675,8 @@ def _made_while_tracing(*args: Any, **options: Any) -> tuple[str, str, str]:
     (its type's name and message, raised by the trace: Dynamo reported an exception raised here as
     its own internal error)."""
     try:
-        module = _module_for(_key(*args, **options), *args, **options)
-        return _attribute(module.functional_key), "", ""
+        key = _key(*args, **options)
+        _module_for(key, *args, **options)  # (made and kept under its key)
+        return _attribute(key), "", ""
     except (TypeError, ValueError) as error:
         return "", "TypeError" if isinstance(error, TypeError) else "ValueError", str(error)

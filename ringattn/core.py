@@ -27,7 +27,7 @@ import secrets
 import weakref
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -36,6 +36,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from ringattn.communicators.base import Communicator
 from ringattn.computers.base import (
     AttentionComputer,
+    BlockComputer,
     LayoutComputer,
     accumulation_dtype,
     place_,
@@ -72,6 +73,11 @@ class CoreSpec:
     module: Tensor | None = field(default=None, compare=False)
     # eager only: the placed blocks' prepared launches per tensor layouts (ringattn.launches)
     launches: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def block_computer(self) -> BlockComputer:
+        """:attr:`computer` on the block paths (the core runs a layout computer elsewhere)."""
+        return cast(BlockComputer, self.computer)
 
 
 # modules by a number given in their __init__, weakly (a module lives as long as its user keeps it)
@@ -246,11 +252,12 @@ def dilated_forward(
     q, k, v = kernel_aligned(q), kernel_aligned(k), kernel_aligned(v)
 
     def inputs(block: Block, index: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        return tuple(spec.dilation.read(x, block, index) for x in (q, k, v))
+        read = spec.dilation.read
+        return read(q, block, index), read(k, block, index), read(v, block, index)
 
     def attend(block: Block, index: Tensor | None) -> tuple[Tensor, Tensor]:
         return spec.communicator.attend(
-            spec.computer,
+            spec.block_computer,
             *inputs(block, index),
             spec.causal,
             spec.scale,
@@ -290,7 +297,7 @@ def dilated_forward(
         if spec.plan.disjoint
         else (lambda span, part, *views: merging_launch(spec, span, *views)),
         placed=spec.plan.disjoint,
-        split=1 if spec.plan.disjoint and spec.computer.places_whole_blocks(q) else None,
+        split=1 if spec.plan.disjoint and spec.block_computer.places_whole_blocks(q) else None,
     )
     if first == 0:
         # all of it unless the plan is disjoint; then the rows no block selects, one kernel,
@@ -325,7 +332,7 @@ def dilated_forward(
             out_flat = flat_view(out_rows) if spec.plan.disjoint else None
             if out_flat is not None:  # placed straight into its rows (in place where it can be)
                 spec.communicator.attend_into(
-                    spec.computer,
+                    spec.block_computer,
                     *inputs(block, index),
                     spec.causal,
                     spec.scale,
@@ -370,7 +377,7 @@ def grouped_launch(
     geometries = tuple(geometry for _, _, geometry, _ in members)
     examples = [tuple(views(tensors, geometry)) for geometry in geometries]
     shifts = [member[3] for member in members]
-    launch = spec.computer.grouped_launcher(spec.causal, spec.scale, examples, shifts)
+    launch = spec.block_computer.grouped_launcher(spec.causal, spec.scale, examples, shifts)
     if launch is None:
         return None
     pairs = frozenset((i, j) for i, j, _, _ in members)
@@ -403,12 +410,22 @@ def dilated_backward(
     dout, out = kernel_aligned(dout.contiguous()), out.contiguous()
     q, k, v = kernel_aligned(q), kernel_aligned(k), kernel_aligned(v)
 
-    def backward_inputs(block: Block, index: Tensor | None) -> tuple[Tensor, ...]:
-        return tuple(spec.dilation.read(x, block, index) for x in (dout, q, k, v, out, lse))
+    def backward_inputs(
+        block: Block, index: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        read = spec.dilation.read
+        return (
+            read(dout, block, index),
+            read(q, block, index),
+            read(k, block, index),
+            read(v, block, index),
+            read(out, block, index),
+            read(lse, block, index),
+        )
 
     def attend_backward(block: Block, index: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         return spec.communicator.attend_backward(
-            spec.computer,
+            spec.block_computer,
             *backward_inputs(block, index),
             spec.causal,
             spec.scale,
@@ -446,9 +463,11 @@ def dilated_backward(
         tensors[:6],
         tensors[6:],
         placed_ids,
-        lambda span, part, *views: spec.computer.backward_launcher(spec.causal, spec.scale, *views),
+        lambda span, part, *views: spec.block_computer.backward_launcher(
+            spec.causal, spec.scale, *views
+        ),
         placed=True,
-        split=spec.computer.placed_backward_split(q),
+        split=spec.block_computer.placed_backward_split(q),
         layouts=layouts,
     )
     # head_groups: the placed blocks of the most common segment length as one launch where the
@@ -465,7 +484,7 @@ def dilated_backward(
             tensors[:6],
             tensors[6:],
             placed_ids,
-            lambda span, part, *views: spec.computer.backward_launcher(
+            lambda span, part, *views: spec.block_computer.backward_launcher(
                 spec.causal, spec.scale, *views
             ),
             placed=True,
@@ -497,11 +516,11 @@ def dilated_backward(
                         shifted(grad, shift).zero_()
     # the placed launches' LSE rows gathered into one buffer in the layout the computer reads
     # (launches.packed), where it would copy each launch's: one kernel instead of one per launch
-    packed_tensors, repacked = tensors, {}
+    packed_tensors, repacked = tensors, Prepared()
     if (
         PACK_LSE
         and any(i not in grouped for i in placed_launches)
-        and spec.computer.packs_backward_lse(q)
+        and spec.block_computer.packs_backward_lse(q)
     ):
         pack = placed_launches.derived.get("lse")
         if pack is None:
@@ -539,12 +558,12 @@ def dilated_backward(
             # (the three gradients share one layout: one view check decides for all)
             if place and flat_view(grad_rows[0]) is not None:
                 spec.communicator.attend_backward_into(
-                    spec.computer,
+                    spec.block_computer,
                     *backward_inputs(block, index),
                     spec.causal,
                     spec.scale,
                     spec.spans[block.job.config],
-                    tuple(flat_view(rows) for rows in grad_rows),
+                    cast(tuple[Tensor, Tensor, Tensor], tuple(map(flat_view, grad_rows))),
                 )
             else:
                 accumulate_(grad_rows, attend_backward(block, index), place)
@@ -609,14 +628,14 @@ def grouped_backward_launch(
         neighbour_shifts(spec.plan.blocks[i], x[6]) if same else ()
         for (i, _), x in zip(members, examples, strict=True)
     )
-    launch = spec.computer.grouped_backward_launcher(
+    launch = spec.block_computer.grouped_backward_launcher(
         spec.causal, spec.scale, examples, scratch, shifts
     )
     if launch is None:
         return None
     subset = Prepared()
     subset.update(members)
-    unit_index = packed(subset, 5, tensors[5])[0]
+    unit_index = packed(subset, 5, cast(Tensor, tensors[5]))[0]  # (the LSE)
     slim = tuple((*g[:4], None, None, *g[6:]) for g in geometries)
     zeroed = None
     if getattr(launch, "zeroes_unselected", False):  # (r = 1: no rows to zero)
@@ -664,9 +683,9 @@ def placing_launch(
     the computer has a kernel that writes their zeros too (FA4: in its epilogue), the launch
     zeroes them, kernel or not, and says so (``zeroes_unselected``: the core's fill then skips
     the config, :func:`unzeroed_selection`)."""
-    plain = spec.computer.forward_launcher(spec.causal, spec.scale, q, k, v, out, lse)
+    plain = spec.block_computer.forward_launcher(spec.causal, spec.scale, q, k, v, out, lse)
     shifts = neighbour_shifts(part, out)
-    zeroing = shifts and spec.computer.zeroing_launcher(
+    zeroing = shifts and spec.block_computer.zeroing_launcher(
         spec.causal, spec.scale, shifts, q, k, v, out, lse
     )
     if not zeroing:
@@ -799,14 +818,14 @@ def adding_launch(
 
 class DilatedAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, spec: CoreSpec, q: Tensor, k: Tensor, v: Tensor, *indices: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, spec: CoreSpec, q: Tensor, k: Tensor, v: Tensor, *indices: Tensor) -> Tensor:
         out, lse = dilated_forward(spec, q, k, v, indices, keep_lse=True)
         ctx.save_for_backward(q, k, v, out, lse, *indices)
         ctx.spec = spec
         return out
 
     @staticmethod
-    def backward(ctx, dout: Tensor):  # type: ignore[override]
+    def backward(ctx, dout: Tensor):
         if torch.is_grad_enabled():
             # The backward is the merged-stats formula: a graph of it (the math computer's ops)
             # would hold the saved out/lse as constants, so second-order gradients came out wrong

@@ -206,6 +206,7 @@ def agree(group: dist.ProcessGroup, digest: int) -> bool:
     synchronisation, whose group names can differ between ranks with different group counts);
     an NCCL-only sub-group agrees on the GPU and reads the answer back (a host sync per call)."""
     extremes = torch.tensor([digest, -digest], dtype=torch.int64)
+    side: dist.ProcessGroup | None
     if "gloo" in str(dist.get_backend(group)):
         side = group
     elif group is dist.group.WORLD or dist.get_world_size(group) == dist.get_world_size():

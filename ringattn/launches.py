@@ -67,7 +67,7 @@ MAX_PREPARED = 8
 def views(tensors: tuple[Tensor | None, ...], geometry: tuple[Geometry | None, ...]) -> list:
     """Each tensor's view of this geometry (None stays None)."""
     return [
-        None if g is None else x.as_strided(g[0], g[1], x.storage_offset() + g[2])
+        None if g is None or x is None else x.as_strided(g[0], g[1], x.storage_offset() + g[2])
         for x, g in zip(tensors, geometry)
     ]
 
@@ -121,8 +121,12 @@ def packed(launches: Prepared, slot: int, x: Tensor) -> tuple[Tensor, int, Prepa
     (``span``: the largest index + 1, known on the host). The index is made on ``x``'s device by
     kernels (no host-to-device copy, which CUDA-graph capture forbids); memory: one int32 per
     gathered float (int64 where the positions pass 2**31), kept with the preparation."""
-    blocks = [(i, geometry, launch) for i, parts in launches.items() for geometry, launch in parts]
-    span = 1 + max((_last_position(g[slot]) for _, g, _ in blocks), default=-1)
+    blocks = [
+        (i, geometry, _operand_geometry(geometry, slot), launch)
+        for i, parts in launches.items()
+        for geometry, launch in parts
+    ]
+    span = 1 + max((_last_position(part) for _, _, part, _ in blocks), default=-1)
     # int32 where it reaches (half the memory kept; issue 5's 4M tokens are 64M LSE floats)
     dtype = torch.int32 if span <= torch.iinfo(torch.int32).max else torch.int64
 
@@ -132,8 +136,8 @@ def packed(launches: Prepared, slot: int, x: Tensor) -> tuple[Tensor, int, Prepa
     pieces: list[Tensor] = []
     repacked = Prepared()
     start = 0
-    for i, geometry, launch in blocks:
-        (batch, length, heads), (s_batch, s_row, s_head), offset = geometry[slot]
+    for i, geometry, part, launch in blocks:
+        (batch, length, heads), (s_batch, s_row, s_head), offset = part
         index = (
             arange(batch)[:, None, None] * s_batch
             + arange(heads)[None, :, None] * s_head
@@ -149,6 +153,12 @@ def packed(launches: Prepared, slot: int, x: Tensor) -> tuple[Tensor, int, Prepa
         start += batch * length * heads
     index = torch.cat(pieces) if pieces else arange(0)
     return index, span, repacked
+
+
+def _operand_geometry(geometry: tuple[Geometry | None, ...], slot: int) -> Geometry:
+    part = geometry[slot]
+    assert part is not None, "a packed operand is read by every launch"
+    return part
 
 
 def _last_position(geometry: Geometry) -> int:

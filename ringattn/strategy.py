@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, fields
+from typing import Any
 
 from ringattn import registry
 
@@ -24,7 +25,7 @@ class Strategy:
         for f in fields(self):
             registry.get(f.name, getattr(self, f.name))  # ValueError/TypeError naming the field
 
-    def component(self, kind: str) -> type:
+    def component(self, kind: str) -> type[Any]:
         return registry.get(kind, getattr(self, kind))
 
     def incompatibility(self) -> str | None:

@@ -19,7 +19,11 @@ memory manager, keyed by (n, h, configs, mixing, causal, device, block size). Gr
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
 import torch
+import torch.nn.attention.flex_attention as flex_attention_module
 from einops import rearrange
 from torch import Tensor
 from torch.nn.attention.flex_attention import flex_attention
@@ -32,10 +36,8 @@ from ringattn.merge import merge
 from ringattn.pattern import Plan
 from ringattn.registry import register
 
-try:  # torch >= 2.9 asks for auxiliary outputs this way; older releases take return_lse
-    from torch.nn.attention.flex_attention import AuxRequest
-except ImportError:  # pragma: no cover
-    AuxRequest = None
+# torch >= 2.9 asks for auxiliary outputs this way; older releases take return_lse
+AuxRequest: Any = getattr(flex_attention_module, "AuxRequest", None)
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, score_mod, block_mask, scale: float) -> Tensor:
@@ -135,15 +137,15 @@ class FlexComputer(LayoutComputer):
         for i, (w, r) in enumerate(plan.configs):
             perm = memory.cached(
                 ("global_permutation", plan.n, w, r, str(device)),
-                lambda w=w, r=r: global_permutation(plan.n, w, r, device),
+                partial(global_permutation, plan.n, w, r, device),
             )
             inverse = memory.cached(
                 ("global_permutation_inverse", plan.n, w, r, str(device)),
-                lambda perm=perm: torch.argsort(perm),
+                partial(torch.argsort, perm),
             )
             block_mask = memory.cached(
                 ("flex_run_mask", i, *key),
-                lambda w=w, r=r, i=i: self._run_mask(plan.n, w, r, offsets[i], causal, device),
+                partial(self._run_mask, plan.n, w, r, offsets[i], causal, device),
             )
             configs.append((perm, inverse, block_mask))
         return tuple(configs)

@@ -151,7 +151,8 @@ class SDPAComputer(BlockComputer):
         self, q: Rows, k: Rows, v: Rows, causal: bool, scale: float
     ) -> tuple[Rows, RowsLSE]:
         if _unpacked_head_dim(q):
-            out, lse = self.forward(*_padded_head_dim(q, k, v), causal, scale)
+            q_padded, k_padded, v_padded = _padded_head_dim(q, k, v)
+            out, lse = self.forward(q_padded, k_padded, v_padded, causal, scale)
             return out[..., : q.shape[-1]], lse
         if self._fa4(self.cuda_forward, q):
             return fa4.forward(q, k, v, causal, scale)
@@ -188,9 +189,10 @@ class SDPAComputer(BlockComputer):
         scale: float,
     ) -> tuple[Rows, Rows, Rows]:
         if _unpacked_head_dim(q):
-            padded = _padded_head_dim(dout, q, k, v, out)
-            grads = self.backward(*padded[:4], padded[4], lse, causal, scale)
-            return tuple(g[..., : q.shape[-1]] for g in grads)
+            dout_p, q_p, k_p, v_p, out_p = _padded_head_dim(dout, q, k, v, out)
+            dq, dk, dv = self.backward(dout_p, q_p, k_p, v_p, out_p, lse, causal, scale)
+            d = q.shape[-1]
+            return dq[..., :d], dk[..., :d], dv[..., :d]
         if self._fa4_backward(q):
             return fa4.backward(dout, q, k, v, out, lse, causal, scale)
         lse_bhl = lse.transpose(1, 2).to(accumulation_dtype(q.dtype))
@@ -413,7 +415,7 @@ class SDPAComputer(BlockComputer):
         def launch(groups_of, dout, out, lse, index) -> bool:
             return call(groups_of, out, dout, lse, index, scale)
 
-        launch.zeroes_unselected = zeroing  # type: ignore[attr-defined]  (its groups' shifts)
+        launch.zeroes_unselected = zeroing  # (its groups' shifts)
         return launch
 
     def adding_launcher(self, causal, scale, dout, q, k, v, out, lse, dq, dk, dv):

@@ -10,6 +10,8 @@ into a contiguous tensor.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
@@ -64,7 +66,7 @@ class GlobalPermutationDilation(DilationProcessor):
             w, r = block.job.w, block.job.r
             perm = memory.cached(
                 ("global_permutation", plan.n, w, r, str(device)),
-                lambda w=w, r=r: global_permutation(plan.n, w, r, device),
+                partial(global_permutation, plan.n, w, r, device),
             )
             start, stop = _slice_of_permutation(plan.n, block)
             out.append(perm[start:stop])

@@ -213,7 +213,7 @@ def forward_launcher(
     # (one float a row against d values of the output)
     stats_shape = _stats(lse).shape if lse is not None else None
     stats_layout = None
-    if stats_shape is not None:
+    if lse is not None and stats_shape is not None:
         stats_layout = (tuple(stats_shape), _contiguous_strides(stats_shape), lse.dtype)
     entry = _graph(_forward_graph, device, causal, scale, *layouts, stats_layout)
     if entry is None:
@@ -224,6 +224,7 @@ def forward_launcher(
     def launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor | None) -> None:
         operands = [_bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out)]
         if lse is not None:
+            assert stats_shape is not None  # (a graph made for an LSE)
             stats = torch.empty(stats_shape, dtype=lse.dtype, device=device)
             operands.append(stats)
         _execute(graph, workspace_bytes, uids, operands, device)

@@ -43,7 +43,6 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from functools import cache, partial
-from types import ModuleType
 from typing import Any, NamedTuple
 
 import torch
@@ -100,7 +99,7 @@ def _kernels() -> Kernels | None:
 
 
 @contextmanager
-def _tiles(interface: ModuleType, config: tuple | None) -> Iterator[None]:
+def _tiles(interface: Any, config: tuple | None) -> Iterator[None]:  # (FA4's, untyped)
     """FA4's SM90 backward launcher takes its tiles from ``_tile_size_bwd_sm90`` and no
     argument: swapped for the call (under the launchers' lock; FA4's compile key holds them)."""
     if config is None:
@@ -345,8 +344,9 @@ def forward(
     prepared launch's), in which the launch's replay key is partly kept."""
     flash_fwd = _loaded().forward
     config = FORWARD_CONFIG.get(causal)
-    tiles = {} if config is None else dict(zip(("mma_pv_is_rs", "intra_wg_overlap"), config[2:]))
+    tiles: dict[str, Any] = {}
     if config is not None:
+        tiles.update(zip(("mma_pv_is_rs", "intra_wg_overlap"), config[2:]))
         tiles["tile_mn"] = config[:2]
 
     def launcher():
@@ -407,6 +407,8 @@ def backward(
     operands = (q, k, v, out, dout, lse_bhl, dq, dk, dv)
     flags = (causal, scale, deterministic, config)
     if kernels is None:
-        return _launch("bwd", launcher, operands, flags, lambda r: r[:3], memo=memo)
-    kind = f"bwd:{kernels.__name__}"  # (they add into dk, dv: roles 7, 8)
-    return _launch(kind, launcher, operands, flags, lambda r: r[:3], (7, 8), kernels, memo)
+        computed = _launch("bwd", launcher, operands, flags, lambda r: r[:3], memo=memo)
+    else:
+        kind = f"bwd:{kernels.__name__}"  # (they add into dk, dv: roles 7, 8)
+        computed = _launch(kind, launcher, operands, flags, lambda r: r[:3], (7, 8), kernels, memo)
+    return computed[0], computed[1], computed[2]

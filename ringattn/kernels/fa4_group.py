@@ -134,9 +134,16 @@ def _sm_count(q: Tensor) -> int:
 
 def _restrided(groups: Sequence[Group]) -> list[Group]:
     """Each view with its size-1 dims of stride 0 given a stride the kernel accepts."""
+    restride = fa4_merge._unit_dims_restrided
     return [
-        tuple(None if x is None else fa4_merge._unit_dims_restrided(x) for x in group)
-        for group in groups
+        (
+            restride(q),
+            restride(k),
+            restride(v),
+            restride(out),
+            None if lse is None else restride(lse),
+        )
+        for q, k, v, out, lse in groups
     ]
 
 
@@ -207,7 +214,9 @@ def _compile(key: tuple, groups: Sequence[Group]) -> Callable:
         persistent_sms=sms,
     )
     qs, ks, vs, outs, lses_bhl = _operands(groups)
-    args = [tuple(dsl_utils.to_cute_tensor(x) for x in xs) for xs in (qs, ks, vs)]
+    args: list[tuple | None] = [
+        tuple(dsl_utils.to_cute_tensor(x) for x in xs) for xs in (qs, ks, vs)
+    ]
     args.append(tuple(dsl_utils.to_cute_tensor(x, assumed_align=16) for x in outs))
     if lses_bhl is None:
         args.append(None)

@@ -100,7 +100,7 @@ def supported(groups: Sequence[Group]) -> bool:
     if q0.shape[-1] not in HEAD_DIMS:
         return False
     for dout, q, k, v, out, _, dq, dk, dv in groups:
-        if any(x.shape != q.shape for x in (dout, k, v, out, dq, dk, dv)):
+        if out is None or any(x.shape != q.shape for x in (dout, k, v, out, dq, dk, dv)):
             return False
         if q.shape[1] != q0.shape[1] or q.shape[3] != q0.shape[3] or q.dtype != q0.dtype:
             return False
@@ -288,6 +288,7 @@ def backward_group_(
             return False
         worst = 0.0  # each group against FA4's own backward of it
         for dout_g, q, k, v, out_g, lse_g, dq, dk, dv in groups:
+            assert out_g is not None and lse_g is not None  # (a first call's groups are full)
             want = fa4.backward(dout_g, q, k, v, out_g, lse_g, causal, scale)
             for got, ref in zip((dq, dk, dv), want, strict=True):
                 norm = ref.float().norm().clamp_min(1e-30)

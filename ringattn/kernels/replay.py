@@ -219,6 +219,15 @@ class _Unreplayable(Exception):
     pass
 
 
+def _result_slot(
+    x: Tensor, operands: tuple[Tensor | None, ...], allocations: list[Tensor]
+) -> _Operand | _Buffer:
+    """:func:`_slot` of a tensor the call returns: an operand or a view of an allocation."""
+    slot = _slot(x, operands, allocations)
+    assert isinstance(slot, (_Operand, _Buffer))  # a tensor's slot is one or the other
+    return slot
+
+
 def _slot(x: object, operands: tuple[Tensor | None, ...], allocations: list[Tensor]) -> object:
     if isinstance(x, (list, tuple, dict)):
         if any(isinstance(y, Tensor) for y in (x.values() if isinstance(x, dict) else x)):
@@ -235,7 +244,7 @@ def _slot(x: object, operands: tuple[Tensor | None, ...], allocations: list[Tens
             return _Operand(role)
     for index, buffer in enumerate(allocations):
         if x.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
-            return _Buffer(index, tuple(x.shape), x.stride(), x.storage_offset())
+            return _Buffer(index, tuple(x.shape), x.stride(), int(x.storage_offset()))
     raise _Unreplayable("a tensor that is neither an operand nor an allocation")
 
 
@@ -258,11 +267,12 @@ def record(
     if len({x.data_ptr() for x in present}) < len(present):  # roles would be ambiguous
         last_refusal = "aliased operands"
         return launcher(), None
-    before = {role: operands[role].clone() for role in accumulating if operands[role] is not None}
+    accumulated = [x for x in (operands[role] for role in accumulating) if x is not None]
+    before = [(x, x.clone()) for x in accumulated]
 
     def put_back() -> None:
-        for role, saved in before.items():
-            operands[role].copy_(saved)
+        for x, saved in before:
+            x.copy_(saved)
 
     launches: list = []
     originals = {(owner, name): getattr(owner, name) for owner, name in caches.items()}
@@ -287,7 +297,7 @@ def record(
         replay = Replay(
             allocations=tuple(layout(x) for x in watch.allocations),
             launches=tuple(slotted),
-            results=tuple(_slot(x, operands, watch.allocations) for x in results(result)),
+            results=tuple(_result_slot(x, operands, watch.allocations) for x in results(result)),
         )
     except _Unreplayable as exc:
         last_refusal = str(exc)

@@ -58,7 +58,7 @@ class _LRU:
         return {"max_entries": self.max_entries}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["max_entries"])
+        _LRU.__init__(self, state["max_entries"])
 
 
 def _owner(device: torch.device) -> tuple[int, int | None]:

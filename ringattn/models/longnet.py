@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -163,10 +163,10 @@ class LongNet(nn.Module):
             ) from exc
         if caches is not None:
             if not isinstance(caches, (list, tuple)) or len(caches) != len(self.blocks):
-                got = len(caches) if isinstance(caches, (list, tuple)) else type(caches).__name__
+                count = len(caches) if isinstance(caches, (list, tuple)) else type(caches).__name__
                 raise ValueError(
                     f"caches must be a list of {len(self.blocks)} KVCache (new_caches()), one "
-                    f"per layer, got {got}"
+                    f"per layer, got {count}"
                 )
             for block, cache in zip(self.blocks, caches):
                 check = getattr(block.attn, "check_call", None)
@@ -189,7 +189,8 @@ class LongNet(nn.Module):
 
     def new_caches(self, batch: int, capacity: int) -> list[KVCache]:
         """One empty KV cache per layer, for ``forward(tokens, caches)``."""
-        return [block.attn.new_cache(batch, capacity) for block in self.blocks]
+        # (an attention layer that keeps a cache: ringattn.nn's; nn.Module does not type it)
+        return [cast(Any, block).attn.new_cache(batch, capacity) for block in self.blocks]
 
     @torch.no_grad()
     def generate(

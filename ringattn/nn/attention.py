@@ -159,9 +159,9 @@ class MultiheadDilatedAttention(nn.Module):
         if v.device != k.device:
             raise ValueError(f"cache.v must be on cache.k's device {k.device}, got {v.device}")
         want = (x.shape[0], self.num_kv_heads, self.head_dim)
-        got = (k.shape[0], k.shape[2], k.shape[3])
-        if got != want:
-            raise ValueError(f"cache must be (batch, kv heads, head dim) = {want}, got {got}")
+        dims = (k.shape[0], k.shape[2], k.shape[3])
+        if dims != want:
+            raise ValueError(f"cache must be (batch, kv heads, head dim) = {want}, got {dims}")
         if cache.k.device != x.device:
             raise ValueError(f"cache must be on x's device {x.device}, got {cache.k.device}")
         cache.check_room(x.shape[1])
