@@ -327,9 +327,9 @@ class SDPAComputer(BlockComputer):
 
             return launch
         if self._in_place(q):
-            launch = cudnn_graphs.forward_launcher(q, k, v, out, lse, causal, scale)
-            if launch is not None:
-                return launch
+            graphed = cudnn_graphs.forward_launcher(q, k, v, out, lse, causal, scale)
+            if graphed is not None:
+                return graphed
         return super().forward_launcher(causal, scale, q, k, v, out, lse)
 
     def places_whole_blocks(self, q):
@@ -415,7 +415,7 @@ class SDPAComputer(BlockComputer):
         def launch(groups_of, dout, out, lse, index) -> bool:
             return call(groups_of, out, dout, lse, index, scale)
 
-        launch.zeroes_unselected = zeroing  # (its groups' shifts)
+        launch.zeroes_unselected = zeroing  # type: ignore[attr-defined]  # (its groups' shifts)
         return launch
 
     def adding_launcher(self, causal, scale, dout, q, k, v, out, lse, dq, dk, dv):
@@ -437,11 +437,11 @@ class SDPAComputer(BlockComputer):
 
             return launch
         if self._in_place(q):
-            launch = cudnn_graphs.backward_launcher(
+            graphed = cudnn_graphs.backward_launcher(
                 dout, q, k, v, out, lse, dq, dk, dv, causal, scale
             )
-            if launch is not None:
-                return launch
+            if graphed is not None:
+                return graphed
         return super().backward_launcher(causal, scale, dout, q, k, v, out, lse, dq, dk, dv)
 
 

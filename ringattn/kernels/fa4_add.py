@@ -26,6 +26,7 @@ import importlib
 from contextlib import contextmanager
 from functools import cache
 from types import ModuleType, SimpleNamespace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -61,7 +62,7 @@ def adding_kernels():
     """While inside: FA4's backward launcher compiles and finds its main kernel with the dK and
     dV stores as TMA reduce-adds (its SM90 module's only TMA stores to global memory)."""
     interface = importlib.import_module("flash_attn.cute.interface")
-    sm90 = importlib.import_module("flash_attn.cute.flash_bwd_sm90")
+    sm90: Any = importlib.import_module("flash_attn.cute.flash_bwd_sm90")  # (its cpasync is set)
     owner, cpasync = interface._flash_attn_bwd, sm90.cpasync
     saved_cache = owner.compile_cache
     owner.compile_cache, sm90.cpasync = _adding_cache(), _reduce_adding(cpasync)
