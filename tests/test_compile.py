@@ -312,6 +312,28 @@ def test_the_functional_form_traced_refuses_bad_options(fullgraph):
         assert words in str(caught.value), str(caught.value)[:400]
 
 
+def test_the_functional_form_with_lengths_from_a_dynamic_shape():
+    """README's known limitation, held: lengths computed from a symbolic ``n`` (``n // 2`` under
+    ``dynamic=True``) are no constants to Dynamo. Under fullgraph that is Dynamo's error; without,
+    the call runs through a graph break and keeps the oracle's values at each length. (Should
+    fullgraph start to pass, the README's limitation is to be taken out.)"""
+    torch._dynamo.reset()
+
+    def attention(q):
+        n = q.shape[1]
+        return ringattn.dilated_attention(q, q, q, segment_lengths=(n // 2,), dilation_rates=(2,))
+
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="assume_constant_result"):
+        torch.compile(attention, fullgraph=True, dynamic=True, backend="eager")(
+            torch.randn(1, 16, 2, 8)
+        )
+    compiled = torch.compile(attention, dynamic=True, backend="eager")
+    for n in (16, 24, 40):
+        q = torch.randn(1, n, 2, 8)
+        ref = reference.dilated_attention(q, q, q, segment_lengths=(n // 2,), dilation_rates=(2,))
+        assert rel_err(compiled(q), ref) <= 1e-5, n
+
+
 def _bad_calls(q: torch.Tensor) -> list[tuple[str, tuple]]:
     """Calls the boundary must refuse, each with the words its error must contain."""
     return [
