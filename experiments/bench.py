@@ -235,7 +235,7 @@ def in_model(make: Callable, eager_first: bool = True) -> Callable:
                 registered.add(q.shape)
             return compiled(q, k, v)
 
-        fn.memory = module.memory  # (experiments.ablate.module_memory)
+        fn.memory = module.memory  # type: ignore[attr-defined]  # (ablate.module_memory)
         return fn
 
     return make_in_model
@@ -253,9 +253,9 @@ def with_computer(make: Callable, **settings: str) -> Callable:
     return make_with
 
 
-def variants(args) -> list[tuple[str, Callable[[], Callable]]]:
+def variants(args) -> list[tuple[str, Callable[..., Callable]]]:
     """``(name, make)`` where ``make(mixing, causal)`` returns ``fn(q, k, v) -> out``."""
-    out = []
+    out: list[tuple[str, Callable[..., Callable]]] = []
     for strategy in ringattn.Strategy.all(communicator="local", memory=args.memory):
         if strategy.computer not in args.computers or strategy.dilation not in args.dilations:
             continue
@@ -379,8 +379,8 @@ def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dic
                 F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal)
 
         def dense_fb():
-            xs = [x.detach().requires_grad_() for x in (qd, kd, vd)]
-            F.scaled_dot_product_attention(*xs, is_causal=causal).backward(dd)
+            qg, kg, vg = (x.detach().requires_grad_() for x in (qd, kd, vd))
+            F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal).backward(dd)
 
         # timed as the module's rows are (--settle)
         f_ms, fb_ms = (

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     def time_modules(when: str) -> None:
         for mixing, module in modules.items():
             with torch.no_grad():
-                ms = median_ms(lambda m=module: m(q, k, v), device, 1, 5, calls=20)
+                ms = median_ms(partial(module, q, k, v), device, 1, 5, calls=20)
             rows.append({"when": when, "call": mixing, "ms": ms, "sm_clock_mhz": sm_clock_mhz()})
 
     with torch.no_grad():

@@ -196,7 +196,7 @@ def _time_plans(graph, operands, uids, handle, device) -> list[tuple[str, float]
 
 def plans(n: int = 131072) -> None:
     cg = cudnn_graphs
-    cg._Graph.built = _all_plans  # this process only: build and keep every plan
+    cg._Graph.built = _all_plans  # type: ignore[method-assign]  # (this process only: every plan)
     device = torch.device("cuda")
     scale = 128**-0.5
     x = [torch.randn(1, n, 16, 128, device=device, dtype=torch.bfloat16) for _ in range(8)]
@@ -213,7 +213,7 @@ def plans(n: int = 131072) -> None:
             graph = cg._forward_graph(device, causal, scale, *map(cg._layout, fwd_ops))
             handle = cg._handle(device)
             fwd_uids = (*cg._FORWARD_UIDS, cg._STATS)
-            cg._run((graph, graph.get_workspace_size() + 1), fwd_uids, fwd_ops, device)
+            cg._execute(graph, graph.get_workspace_size() + 1, fwd_uids, fwd_ops, device)
             bwd_ops = [cg._bhsd(t) for t in (q, k, v, out, dout)]
             bwd_ops += [stats, *(cg._bhsd(t) for t in (dq, dk, dv))]
             bgraph = cg._backward_graph(device, causal, scale, *map(cg._layout, bwd_ops))

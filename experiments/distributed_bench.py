@@ -30,6 +30,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -80,9 +81,11 @@ def correctness(device) -> list[dict]:
         gen = torch.Generator().manual_seed(0)
         full = [torch.randn(b, n, h, d, generator=gen, dtype=torch.float64) for _ in range(4)]
         lengths, rates = CHECK_CONFIGS[layout]
-        lengths = tuple(n if w < 0 else w for w in lengths)
+        lengths_n = tuple(n if w < 0 else w for w in lengths)
         q, k, v, grad = (x.to(dtype).to(device) for x in full)
-        opts = dict(segment_lengths=lengths, dilation_rates=rates, causal=causal, mixing=mixing)
+        opts: dict[str, Any] = dict(
+            segment_lengths=lengths_n, dilation_rates=rates, causal=causal, mixing=mixing
+        )
         ref_in = [x.double().requires_grad_() for x in (q, k, v)]
         ref = reference.dilated_attention(*ref_in, **opts)
         ref_grads = torch.autograd.grad(ref, ref_in, grad.double())
@@ -98,7 +101,7 @@ def correctness(device) -> list[dict]:
                 dilation=dilation, computer=computer, communicator=communicator
             )
             module = ringattn.DilatedAttention(
-                lengths,
+                lengths_n,
                 rates,
                 causal=causal,
                 mixing=mixing,
@@ -319,7 +322,7 @@ def graph_times(fn, q, k, v, grad, device, collective: bool = True) -> dict:
     # NCCL's teardown waits until every graph that captured its exchanges is destroyed
     # (pytorch/pytorch#115388: destroy_process_group hangs); make_graphed_callables' graphs sit
     # in reference cycles, so only the collector frees them
-    calls = call = None
+    del calls, call
     gc.collect()
     torch.cuda.synchronize()
     if collective:  # the slowest rank's, as timed() reports (-1: this rank has no time)
@@ -344,7 +347,7 @@ def weak(device, n_per_gpu: int, causal: bool, mixing: str) -> list[dict]:
     q, k, v, grad = (
         torch.randn(b, n_per_gpu, h, d, device=device, dtype=dtype, generator=gen) for _ in range(4)
     )
-    opts = dict(causal=causal, mixing=mixing, compile=False)
+    opts: dict[str, Any] = dict(causal=causal, mixing=mixing, compile=False)
     rows = []
     for gpus, communicator in ((1, "local"), (p, "ring"), (p, "all_gather")):
         n = n_per_gpu * gpus
@@ -426,7 +429,8 @@ def cp_compare(device, n: int) -> list[dict]:
         try:
             with torch.no_grad():
                 outputs[name] = to_bnhd(fn(*inputs[:3])).float()
-            f_ms, fb_ms, peak = timed(fn, *inputs, device)
+            q, k, v, grad = inputs
+            f_ms, fb_ms, peak = timed(fn, q, k, v, grad, device)
             row.update(throughput(f_ms, fb_ms, flops_f, flops_fb), peak_extra_gib=peak)
         except Exception as exc:  # recorded in the table, the run goes on
             row["error"] = failure(exc, 200)
@@ -651,7 +655,10 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda") if cuda else torch.device("cpu")
     parts = {"check", "speed", "weak", "cp"} if "all" in args.part else set(args.part)
     label = "_".join(args.part)  # the output files' suffix: distributed_{label}.md/.json
-    check, speed_rows, weak_rows, cp_rows = [], [], [], []
+    check: list[dict] = []
+    speed_rows: list[dict] = []
+    weak_rows: list[dict] = []
+    cp_rows: list[dict] = []
 
     def report() -> None:  # after each part, so a run cut short still leaves what finished
         if dist.get_rank() == 0:

@@ -58,8 +58,10 @@ import itertools
 import json
 import time
 import warnings
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -161,7 +163,7 @@ def sweep(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     q, k, v = (
         torch.randn(n // 2048, 2048, h, d, device=device, dtype=torch.bfloat16) for _ in range(3)
     )
-    rows = []
+    rows: list[dict[str, Any]] = []
     for causal in (False, True):
         flops = 4.0 * n * 2048 * d * h / (2 if causal else 1)
         ref = _cudnn(q, k, v, causal, d**-0.5)[0].float()
@@ -175,7 +177,7 @@ def sweep(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
             fn = partial(
                 _flash_attn_fwd, q, k, v, softmax_scale=d**-0.5, causal=causal, return_lse=True
             )
-            row = {"causal": causal, "kernel": f"fa4 {config or 'default'}"}
+            row: dict[str, Any] = {"causal": causal, "kernel": f"fa4 {config or 'default'}"}
             try:
                 out = fn(**extra)[0]
                 row["rel_err_vs_cudnn"] = float((out.float() - ref).norm() / ref.norm())
@@ -195,7 +197,7 @@ def determinism(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     )
     out, lse = _cudnn(q, k, v, False, d**-0.5)
     lse = lse.transpose(1, 2)  # fa4.backward takes the core's [B, L, H]
-    rows = []
+    rows: list[dict[str, Any]] = []
     before = torch.are_deterministic_algorithms_enabled()
     try:
         for flag in (False, True):
@@ -222,7 +224,7 @@ def replay(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     from ringattn.kernels import fa4
     from ringattn.kernels import replay as replay_module
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     scale = d**-0.5
     for label, q, k, v in problems(n, h, d, device):
         if label == "dense":
@@ -232,7 +234,7 @@ def replay(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
             full = torch.empty(1, n, h, d, device=device, dtype=torch.bfloat16)
             placed = full.view(n // 4096, 2048, 2, h, d)[:, :, 0] if "strided" in label else None
             out, lse = fa4.forward(q, k, v, causal, scale)
-            calls = {
+            calls: dict[str, Callable[[], Any]] = {
                 "fwd": partial(fa4.forward, q, k, v, causal, scale),
                 "fwd into": partial(fa4.forward, q, k, v, causal, scale, out=placed),
                 "bwd": partial(fa4.backward, dout, q, k, v, out, lse, causal, scale),
@@ -240,7 +242,7 @@ def replay(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
             for what, fn in calls.items():
                 if what == "fwd into" and placed is None:
                     continue
-                row = {"problem": label, "causal": causal, "call": what}
+                row: dict[str, Any] = {"problem": label, "causal": causal, "call": what}
                 for mode in (False, True):
                     fa4.REPLAY = mode
                     fa4._REPLAYS.clear()
@@ -313,7 +315,7 @@ def _module_ab(n, h, d, repeats, device, mixing, switch, names, backward=False) 
     from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
 
     on, off = names
-    rows = []
+    rows: list[dict[str, Any]] = []
     for size in (n // 4, n):
         q, k, v = (
             torch.randn(1, size, h, d, device=device, dtype=torch.bfloat16).requires_grad_(backward)
@@ -330,7 +332,7 @@ def _module_ab(n, h, d, repeats, device, mixing, switch, names, backward=False) 
                 for enabled in (True, False)
             }
             kind = "fwd+bwd" if backward else "fwd"
-            row = {"problem": f"module n={size} {mixing} {kind}", "causal": causal}
+            row: dict[str, Any] = {"problem": f"module n={size} {mixing} {kind}", "causal": causal}
 
             def call(module, q=q, k=k, v=v, dout=dout):
                 if backward:
@@ -369,7 +371,7 @@ def merge(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     from ringattn.kernels import fa4, fa4_merge
     from ringattn.merge import merge_into_
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     scale = d**-0.5
 
     def fused(q, k, v, causal, out, lse):
@@ -394,7 +396,11 @@ def merge(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
         lse_full[:, ::7, :3] = float("-inf")  # rows nothing selected yet: their output is 0
         out_full[:, ::7, :3] = 0
         for causal in (False, True):
-            row = {"problem": f"L={length} r=2 offset 1", "causal": causal, "shape": list(q.shape)}
+            row: dict[str, Any] = {
+                "problem": f"L={length} r=2 offset 1",
+                "causal": causal,
+                "shape": list(q.shape),
+            }
             out0, lse0 = strided(out_full), strided(lse_full)
             ref_out, ref_lse = _merge_reference(
                 q[:2], k[:2], v[:2], causal, scale, out0[:2], lse0[:2]
@@ -458,13 +464,17 @@ def merge_cost(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     from experiments.variants.fa4_merge import VARIANTS
     from ringattn.kernels import fa4_merge
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     scale = d**-0.5
     strided, q, k, v = _offset_one_blocks(n, h, d, device)
     out_v = strided(torch.randn(1, n, h, d, device=device, dtype=torch.bfloat16))
     lse_v = strided(torch.rand(1, n, h, device=device) * 4 - 1)
     for causal in (False, True):
-        row = {"problem": "L=2048 r=2 offset 1", "causal": causal, "shape": list(q.shape)}
+        row: dict[str, Any] = {
+            "problem": "L=2048 r=2 offset 1",
+            "causal": causal,
+            "shape": list(q.shape),
+        }
         try:
             assert fa4_merge.forward_merge_(q, k, v, causal, scale, out_v, lse_v), "refused"
             key = fa4_merge._key(q, causal, lse_v)
@@ -487,16 +497,19 @@ def add(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     from ringattn.kernels import fa4, fa4_add
     from ringattn.kernels.add import add_rows_
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     scale = d**-0.5
 
     def adding(inputs, grads, causal):
         dq, dk, dv = grads
-        dq_block = fa4_add.backward_add_(*inputs, causal, scale, dk, dv)
+        dout, q, k, v, out, lse = inputs
+        dq_block = fa4_add.backward_add_(dout, q, k, v, out, lse, causal, scale, dk, dv)
+        assert dq_block is not None, "the adding kernel declined (it is checked on first calls)"
         add_rows_([dq.unsqueeze(0)], [dq_block.unsqueeze(0)])
 
     def plain(inputs, grads, causal):
-        result = fa4.backward(*inputs, causal, scale)
+        dout, q, k, v, out, lse = inputs
+        result = fa4.backward(dout, q, k, v, out, lse, causal, scale)
         add_rows_([g.unsqueeze(0) for g in grads], [x.unsqueeze(0) for x in result])
 
     for length in (2048, 1000):
@@ -513,7 +526,7 @@ def add(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
         lse = strided(torch.rand(1, n, h, device=device) * 4 + 2)
         grads_full = [full() for _ in range(3)]
         for causal in (False, True):
-            row = {"problem": f"L={length} r=2 offset 1", "causal": causal}
+            row: dict[str, Any] = {"problem": f"L={length} r=2 offset 1", "causal": causal}
             try:
                 dq, dk, dv = (strided(g.clone()) for g in grads_full)
                 with warnings.catch_warnings(record=True) as caught:
@@ -567,7 +580,7 @@ def zero(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     from ringattn.kernels.unselected import selection_table, zero_unselected_
     from ringattn.pattern import Block, Job
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     scale = d**-0.5
     for (w, r, o), with_lse in itertools.product(
         ((4096, 2, 1), (8192, 4, 2), (32768, 16, 4)), (True, False)
@@ -588,7 +601,7 @@ def zero(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
         shifts = neighbour_shifts(block, out)
         table = selection_table(((r,) * h, (o,) * h), device)
         for causal in (False, True):
-            row = {"problem": f"w={w} r={r} o={o} lse={with_lse}", "causal": causal}
+            row: dict[str, Any] = {"problem": f"w={w} r={r} o={o} lse={with_lse}", "causal": causal}
             try:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
@@ -602,6 +615,7 @@ def zero(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
                 ref_out, ref_lse = fa4.forward(q, k, v, causal, scale)
                 row["out_max_abs"] = float((out.float() - ref_out.float()).abs().max())
                 if with_lse:
+                    assert lse is not None
                     row["lse_max_abs"] = float((lse - ref_lse).abs().max())
                 unselected = torch.arange(n, device=device) % r != o
                 row["zeros_exact"] = bool((out_full[:, unselected] == 0).all())
@@ -636,7 +650,7 @@ def group(
     from ringattn.kernels import fa4, fa4_group, fa4_zero
     from ringattn.pattern import make_plan
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     scale = d**-0.5
     default_persistence, default_max = fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX
     # sizes where every config has full segments of one length (one group each, all in one
@@ -656,7 +670,10 @@ def group(
             lse = block.rows(lse_full).flatten(0, 1) if with_lse else None
             members.append(((*views, lse), neighbour_shifts(block, views[3])))
         groups, shifts = (list(x) for x in zip(*members))
-        row = {"problem": f"n={size} groups={len(groups)} lse={with_lse}", "causal": causal}
+        row: dict[str, Any] = {
+            "problem": f"n={size} groups={len(groups)} lse={with_lse}",
+            "causal": causal,
+        }
 
         def grouped(groups=groups, shifts=shifts, causal=causal, persistent=persistent[0]):
             # (every size on the persistent grid, or none)
@@ -732,7 +749,7 @@ def group_bwd(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     from ringattn.kernels import fa4, fa4_group_bwd
     from ringattn.pattern import make_plan
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     scale = d**-0.5
     sizes = sorted({max(n // 4, max(ISSUE_LENGTHS)), n})
     for size, causal in itertools.product(sizes, (False, True)):
@@ -758,7 +775,7 @@ def group_bwd(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
             groups.append((dout, q, k, v, out, lse, *(part(g) for g in grads_full)))
             units.append(part(positions).transpose(1, 2).flatten())
         index = torch.cat(units).to(torch.int32)
-        row = {"problem": f"n={size} groups={len(groups)}", "causal": causal}
+        row: dict[str, Any] = {"problem": f"n={size} groups={len(groups)}", "causal": causal}
 
         def grouped(
             groups=groups, full=(out_full, dout_full, lse_full), index=index, causal=causal
@@ -852,7 +869,7 @@ def launch(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     lse, index = torch.zeros(4, 256, 2, device=device), torch.arange(512, device=device)
     stats = torch.empty(2, 256, device=device), torch.empty(2, 256, device=device)
     stat = partial(unit_stats.unit_stats_, q.contiguous(), k.contiguous(), lse, index, 256, *stats)
-    calls = {
+    calls: dict[str, Callable[[], Any]] = {
         "fa4 forward (replayed)": partial(fa4.forward, q, k, v, False, d**-0.5, out=out),
         "torch add_": partial(x.add_, 1.0),
         "triton fill": partial(unselected.zero_unselected_, out, table),
@@ -860,7 +877,7 @@ def launch(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     }
     main, side = torch.cuda.current_stream(), torch.cuda.Stream()
     count = 20 * repeats
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, call in calls.items():
         for _ in range(5):  # recorded, compiled, warm
             call()
@@ -900,6 +917,7 @@ def fill(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     from ringattn.kernels import unselected
 
     plan = pattern.make_plan(n, h, tuple(zip(ISSUE_LENGTHS, ISSUE_RATES)), "head_groups")
+    assert plan.selection is not None  # (head_groups plans select)
     table = unselected.selection_table(plan.selection, device)
     grads = torch.empty(3, n, h, d, device=device, dtype=torch.bfloat16)
     rate, offset = (torch.tensor(x, device=device) for x in plan.selection)
@@ -910,7 +928,7 @@ def fill(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     def host_us(fn) -> float:
         return round(queued_host_ms(fn, 20, 100_000_000) * 1e3, 1)
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         for per_program, warps in itertools.product((1, 2, 4, 8, 16, 32), (4, 8)):
             unselected.ROWS_PER_PROGRAM, unselected.WARPS = per_program, warps
@@ -980,7 +998,7 @@ def bwd_sweep(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     from ringattn.kernels import fa4
 
     scale = d**-0.5
-    rows = []
+    rows: list[dict[str, Any]] = []
     for label, q, k, v in list(problems(n, h, d, device))[:2]:
         batch, length = q.shape[:2]
         for causal in (True, False):
@@ -991,7 +1009,11 @@ def bwd_sweep(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
             )[:2]
             reference = None
             for config in BWD_SWEEP if label != "dense" else (None,):
-                row = {"problem": label, "causal": causal, "config": config or "default"}
+                row: dict[str, Any] = {
+                    "problem": label,
+                    "causal": causal,
+                    "config": config or "default",
+                }
                 try:
                     with fa4._tiles(interface, config):
                         fn = partial(
@@ -1045,7 +1067,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     h, d = args.heads, args.head_dim
     if args.part != "compare":
-        part = {
+        run_part = {
             "sweep": sweep,
             "determinism": determinism,
             "replay": replay,
@@ -1060,9 +1082,8 @@ def main(argv: list[str] | None = None) -> None:
             "group_bwd": group_bwd,
             "persistent": persistent,
             "bwd_sweep": bwd_sweep,
-        }
-        part = part[args.part]
-        rows = part(args.n, h, d, args.repeats, device)
+        }[args.part]
+        rows = run_part(args.n, h, d, args.repeats, device)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"fa4_probe_{args.part}.json").write_text(json.dumps(rows, indent=1))
         print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, n={args.n}")

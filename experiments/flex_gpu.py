@@ -160,13 +160,12 @@ def speed(n: int, lengths, rates, mixing: str, causal: bool, strategies) -> list
 
     def dense_fwd():
         with torch.no_grad():
-            F.scaled_dot_product_attention(
-                *(x.transpose(1, 2) for x in (q, k, v)), is_causal=causal
-            )
+            q_t, k_t, v_t = (x.transpose(1, 2) for x in (q, k, v))
+            F.scaled_dot_product_attention(q_t, k_t, v_t, is_causal=causal)
 
     def dense_fb():
-        xs = [x.detach().requires_grad_() for x in (q, k, v)]
-        out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in xs), is_causal=causal)
+        q_t, k_t, v_t = (x.detach().requires_grad_().transpose(1, 2) for x in (q, k, v))
+        out = F.scaled_dot_product_attention(q_t, k_t, v_t, is_causal=causal)
         out.backward(grad.transpose(1, 2))
 
     torch.cuda.reset_peak_memory_stats()

@@ -33,6 +33,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -221,7 +222,7 @@ def variant(name: str) -> Iterator[None]:
     ``fwd_torch`` (torch's kernels in that direction instead of FA4's); ``unfused`` (FA4's own
     kernels without ours around them: no merging, zeroing, adding or grouped launches)."""
     saved = (SDPAComputer.cuda_forward, SDPAComputer.cuda_backward)
-    fused = (fa4_add, fa4_group, fa4_group_bwd, fa4_merge, fa4_zero)
+    fused: tuple[Any, ...] = (fa4_add, fa4_group, fa4_group_bwd, fa4_merge, fa4_zero)
     enabled = [m.ENABLED for m in fused]
     try:
         if name == "bwd_torch":
@@ -303,7 +304,9 @@ def fa4_head_dims(device, dims) -> list[dict]:
     return rows
 
 
-KERNELS = {  # --kernels: which CUDA kernels sdpa may call (what users without the extras get)
+KERNELS: dict[
+    str, dict[str, Any]
+] = {  # --kernels: which CUDA kernels sdpa may call (what users without the extras get)
     "installed": {},
     "no_fa4": {"cuda_forward": "torch", "cuda_backward": "torch"},
     "plain_torch": {"cuda_forward": "torch", "cuda_backward": "torch", "in_place": False},

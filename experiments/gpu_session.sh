@@ -27,6 +27,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh bwd_tiles # ~1.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh bwd_ab   # ~2.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh fuzz     # ~7.5 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh scripts  # ~5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh merge_cost # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
@@ -72,7 +73,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|fuzz|merge_cost|long|checks|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh record|scripts|fuzz|merge_cost|long|checks|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -412,6 +413,31 @@ group)
     summary="$(grep -h "^problem=" "$out/probe.log" | cut -c1-400)
 $(brief "$out"/ab*/overheads.json)
 $(grep -h "GPU busy" "$out/timeline_131k_causal/kernel_timeline.md" | cut -c1-150)"
+    ;;
+scripts)
+    # after experiments/ became type-checked (mypy): every GPU-only script path that change
+    # touched, short: fa4_probe's parts (replay, add, zero, launch, fill, and the default
+    # comparison), the cuDNN frontend probe's plans (it called a launcher helper renamed in
+    # 3356c89), the overheads ceiling, the clock probe and the fuzz's A/B variants (--replay);
+    # the bench's changed dense baseline runs in `record`
+    for probe in replay add zero launch fill compare; do
+        timeout 200 python -m experiments.fa4_probe --part "$probe" --n 32768 --repeats 3 \
+            --out "$out" >"$out/probe_$probe.log" 2>&1
+        echo "fa4_probe $probe: rc=$?" >>"$out/rc.log"
+    done
+    timeout 200 python -m experiments.cudnn_frontend_probe --part plans >"$out/plans.log" 2>&1
+    echo "cudnn_frontend_probe plans: rc=$?" >>"$out/rc.log"
+    timeout 200 python -m experiments.overheads --n 32768 --split 8 --ceiling --causal \
+        --out "$out/ceiling" >"$out/ceiling.log" 2>&1
+    echo "overheads --ceiling: rc=$?" >>"$out/rc.log"
+    timeout 100 python -m experiments.clock_probe --n 32768 --seconds 1 --out "$out/clock" \
+        >"$out/clock.log" 2>&1
+    echo "clock_probe: rc=$?" >>"$out/rc.log"
+    timeout 200 python -m experiments.gpu_fuzz --replay 5 --out "$out/fuzz_replay" \
+        >"$out/fuzz_replay.log" 2>&1
+    echo "gpu_fuzz --replay 5: rc=$?" >>"$out/rc.log"
+    summary="$(cat "$out/rc.log")
+$(grep -h "Traceback\|Error" "$out"/*.log | sort | uniq -c | head -20)"
     ;;
 fuzz)
     # random problems against the oracle on the GPU (experiments/gpu_fuzz.py): head dims, dtypes,

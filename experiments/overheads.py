@@ -184,14 +184,14 @@ def kernel_ceiling(n: int, mixing: str, causal: bool, args) -> dict:
     dense_fwd_ms, dense_fwdbwd_ms = kernel_times((b, n, h, d), causal, d**-0.5)
     dense = dense_flops(b, n, h, d, causal)
 
-    def vs_dense(shape, ms, backward=False):
+    def vs_dense(shape: tuple[int, int, int, int], ms: float, backward: bool = False) -> float:
         """A call's rate (its own dense FLOPs) over dense SDPA's at ``n``, same direction(s)."""
         return (dense_flops(*shape, causal) / ms) / (
             dense / (dense_fwdbwd_ms if backward else dense_fwd_ms)
         )
 
     fwd_ms = fwdbwd_ms = 0.0
-    per_call, heads_by_length = [], Counter()
+    per_call, heads_by_length = [], Counter[int]()
     for shape, count in calls.items():
         f_ms, fb_ms = kernel_times(shape, causal, d**-0.5)
         fwd_ms, fwdbwd_ms = fwd_ms + count * f_ms, fwdbwd_ms + count * fb_ms
@@ -511,7 +511,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("results") / "overheads")
     args = p.parse_args(argv)
     require_cuda(p.prog)
-    rows, traces = [], {}
+    rows: list[dict] = []
+    traces: dict[str, list[dict]] = {}
     default_split, default_in_place, default_lanes, default_lane_count, default_fuse = (
         pattern.BLOCK_SPLIT,
         SDPAComputer.in_place,

@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     dist.init_process_group("gloo")
     group = dist.group.WORLD
+    assert group is not None  # (initialized above)
     module = ringattn.DilatedAttention(
         (64,), (1,), strategy=ringattn.Strategy(communicator="ring"), compile=False
     )
