@@ -197,7 +197,7 @@ def _time_plans(graph, operands, uids, handle, device) -> list[tuple[str, float]
 def plans(n: int = 131072) -> None:
     cg = cudnn_graphs
     cg._Graph.built = _all_plans  # type: ignore[method-assign]  # (this process only: every plan)
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())  # (cuDNN handles per index)
     scale = 128**-0.5
     x = [torch.randn(1, n, 16, 128, device=device, dtype=torch.bfloat16) for _ in range(8)]
     for label, r, w, heads in (
