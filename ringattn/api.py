@@ -404,7 +404,14 @@ class DilatedAttention(nn.Module):
         if known is not None and not self.check_every_call:
             return
         digest = distributed.fingerprint(signature) if known is None else known
-        distributed.require_agreement(self.communicator.group, signature, digest=digest)
+        try:
+            distributed.require_agreement(self.communicator.group, signature, digest=digest)
+        except ValueError as disagreement:
+            try:  # a rank whose own arguments are wrong says what is wrong with them
+                check_plain(q, k, v)
+            except (TypeError, ValueError) as own:
+                raise own from disagreement
+            raise
         if known is not None:
             return
         check_plain(q, k, v)  # the same call everywhere: it raises on every rank or on none
@@ -463,7 +470,10 @@ class DilatedAttention(nn.Module):
         sequence-parallel module takes this rank's shard of each and returns its shard."""
         tracing = torch.compiler.is_compiling()
         if not tracing:
-            refuse_functorch(q, k, v)
+            try:
+                refuse_functorch(q, k, v)
+            except TypeError as exc:  # on every rank, where sequence-parallel
+                self.refuse_across_ranks(exc)
         if self.communicator.distributed and not tracing:
             self._check_across_ranks(q, k, v)
         if tracing:  # the same rules, traced into guards (no beartype frames in the graph)

@@ -466,14 +466,24 @@ def first_call_checks_only_skip_the_agreement():
 
 def a_bad_input_on_one_rank_raises_everywhere():
     """A rank passing a non-tensor is named on every rank (the ranks agree before any rank's own
-    validation, which would otherwise raise on that rank alone and leave the others waiting)."""
+    validation, which would otherwise raise on that rank alone and leave the others waiting);
+    that rank's own error says what is wrong with its argument."""
     module = _small_module()
     q = torch.randn(1, 16, 2, 8)
-    try:
-        module(q.tolist() if dist.get_rank() == 1 else q, q, q)
-    except ValueError as exc:
-        return str(exc)
-    raise AssertionError("no error")
+    return _messages_of(lambda: module(q.tolist() if dist.get_rank() == 1 else q, q, q))
+
+
+def a_dual_tensor_on_one_rank_raises_everywhere():
+    """A forward-mode AD dual tensor on one rank: that rank's refusal (a TypeError) raised there
+    alone, and the other ranks waited in the exchange, or, calling again, paired with its next
+    call."""
+    import torch.autograd.forward_ad as fwAD
+
+    module = _small_module()
+    q = torch.randn(1, 16, 2, 8)
+    with fwAD.dual_level():
+        mine = fwAD.make_dual(q, torch.ones_like(q)) if dist.get_rank() == 1 else q
+        return _messages_of(lambda: module(mine, q, q))
 
 
 def a_bad_input_on_every_rank_is_named_everywhere():
@@ -508,7 +518,8 @@ def ranks_under_different_autocasts_raise_everywhere():
 
 def a_sparse_input_on_one_rank_raises_everywhere():
     """A sparse q of the right shape and dtype on one rank: the ranks agreed, then that rank's
-    own check raised while the other waited in the ring."""
+    own check raised while the other waited in the ring. Now the ranks disagree (the layout is
+    in the call's signature) and that rank's own check names the rule."""
     module = _small_module()
     q = torch.randn(1, 16, 2, 8)
     mine = q.to_sparse() if dist.get_rank() == 1 else q
@@ -540,6 +551,9 @@ def a_layers_bad_input_on_one_rank_raises_everywhere(case: str):
     if case == "layer_embed_dim":
         layer = _layer()
         return _messages_of(lambda: layer(torch.randn(1, 16, 12 if bad else 16)))
+    if case == "layer_device":  # (the projection's RuntimeError stayed on that rank)
+        layer = _layer()
+        return _messages_of(lambda: layer(torch.randn(1, 16, 16, device="meta" if bad else None)))
     if case == "zigzag_odd_shard":  # rotary's positions of an odd zigzag shard
         layer = _layer("zigzag", rotary=True)
         return _messages_of(lambda: layer(torch.randn(1, 15 if bad else 16, 16)))

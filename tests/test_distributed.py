@@ -256,7 +256,16 @@ def test_mismatched_shapes_raise_on_every_rank(pool):
 
 def test_a_bad_input_on_one_rank_raises_on_every_rank(pool):
     messages = pool.run("a_bad_input_on_one_rank_raises_everywhere")
-    assert all("ranks disagree" in m and "('list',)" in m for m in messages)
+    assert messages[1] == "TypeError: parameter 'q' must be a torch.Tensor, got list"
+    others = messages[:1] + messages[2:]
+    assert all(m.startswith("ValueError: ranks disagree") and "('list',)" in m for m in others)
+
+
+def test_a_dual_tensor_on_one_rank_raises_on_every_rank(pool):
+    messages = pool.run("a_dual_tensor_on_one_rank_raises_everywhere")
+    assert messages[1].startswith("TypeError: parameter 'q' is a forward-mode AD dual tensor")
+    others = messages[:1] + messages[2:]
+    assert all(m.startswith("ValueError: ranks disagree") and "dual" in m for m in others)
 
 
 def test_ranks_under_different_autocasts_raise_on_every_rank(pool):
@@ -266,7 +275,12 @@ def test_ranks_under_different_autocasts_raise_on_every_rank(pool):
 
 def test_a_sparse_input_on_one_rank_raises_on_every_rank(pool):
     messages = pool.run("a_sparse_input_on_one_rank_raises_everywhere")
-    assert all("ranks disagree" in m and "sparse_coo" in m for m in messages)
+    assert (
+        messages[1]
+        == "TypeError: parameter 'q' must be a dense (strided) tensor, got torch.sparse_coo"
+    )
+    others = messages[:1] + messages[2:]
+    assert all(m.startswith("ValueError: ranks disagree") and "sparse_coo" in m for m in others)
 
 
 @pytest.mark.parametrize(
@@ -274,6 +288,7 @@ def test_a_sparse_input_on_one_rank_raises_on_every_rank(pool):
     [
         ("layer_dtype", "TypeError: x.dtype must equal"),
         ("layer_embed_dim", "ValueError: x must be [b >= 1, n >= 1, embed_dim=16]"),
+        ("layer_device", "ValueError: x must be on the layer's parameters' device (cpu)"),
         ("zigzag_odd_shard", "ValueError: "),
         ("model_float_tokens", "TypeError: tokens must be an integer"),
         ("model_token_out_of_range", "ValueError: tokens must be ids in [0, vocab_size=32)"),

@@ -134,7 +134,7 @@ class LongNet(nn.Module):
         """Logits ``[b, n, vocab]``; with ``caches``, ``tokens`` continue the cached sequence."""
         try:
             x = self._embedded(tokens, caches)
-        except (TypeError, ValueError) as exc:
+        except Exception as exc:  # any error: a rank left alone here hangs the others
             attention = self._sequence_parallel_attention()
             if attention is None:
                 raise

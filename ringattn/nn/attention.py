@@ -134,6 +134,10 @@ class MultiheadDilatedAttention(nn.Module):
                 f"x must be [b >= 1, n >= 1, embed_dim={self.embed_dim}], got {tuple(x.shape)}"
             )
         weight = self.q_proj.weight
+        if x.device != weight.device:
+            raise ValueError(
+                f"x must be on the layer's parameters' device ({weight.device}), got {x.device}"
+            )
         if x.dtype != weight.dtype and autocast_dtype(x.device.type) is None:
             raise TypeError(
                 f"x.dtype must equal the layer's parameters' ({weight.dtype}) outside "
@@ -172,8 +176,8 @@ class MultiheadDilatedAttention(nn.Module):
             self.check_call(x, cache)
             start = 0 if cache is None else cache.length
             q, k, v = self._heads(x, start)
-        except (TypeError, ValueError) as exc:  # on every rank, where sequence-parallel
-            self.attention.refuse_across_ranks(exc)
+        except Exception as exc:  # on every rank, where sequence-parallel (any error: a
+            self.attention.refuse_across_ranks(exc)  # rank left alone here hangs the others)
         if cache is None or start == 0:
             group = self.num_heads // self.num_kv_heads
             k_full, v_full = (t.repeat_interleave(group, dim=2) if group > 1 else t for t in (k, v))
