@@ -446,17 +446,23 @@ class DilatedAttention(nn.Module):
         if signature in self._valid_inputs:
             return
         check_inputs(q, k, v)
-        self._check_supported(q, needs_grad)
+        self._check_supported(q, needs_grad, traced=False)
         if len(self._valid_inputs) >= RECOMPILE_LIMIT:  # bounded: drop the oldest
             self._valid_inputs.pop(next(iter(self._valid_inputs)))
         self._valid_inputs[signature] = None
 
-    def _check_supported(self, q: Tensor, needs_grad: bool) -> None:
+    def _check_supported(self, q: Tensor, needs_grad: bool, traced: bool) -> None:
         # traced by a user's torch.compile the computer is compiled too, whatever compile_core
-        # says (the backend is not visible from inside the trace: Inductor is assumed)
-        compiled = self.compile_core or torch.compiler.is_compiling()
+        # says (the backend is not visible from inside the trace: Inductor is assumed). Not
+        # is_compiling(): a frame Dynamo gave back to eager runs its callees as frames of their
+        # own, so the eager boundary's checks can run compiling while the core is not traced
         reason = self.computer.unsupported(
-            q.dtype, q.device, needs_grad, compiled=compiled, dilation=self.dilation.name
+            q.dtype,
+            q.device,
+            needs_grad,
+            compiled=self.compile_core or traced,
+            dilation=self.dilation.name,
+            traced=traced,
         )
         if reason:
             raise UnsupportedError(
@@ -478,7 +484,7 @@ class DilatedAttention(nn.Module):
             self._check_across_ranks(q, k, v)
         if tracing:  # the same rules, traced into guards (no beartype frames in the graph)
             check_plain(q, k, v)
-            self._check_supported(q, _needs_grad(q, k, v))
+            self._check_supported(q, _needs_grad(q, k, v), traced=True)
         else:
             self._validate(q, k, v)
         q, k, v = packed_rows(q), packed_rows(k), packed_rows(v)

@@ -387,6 +387,39 @@ def test_outer_compile_of_what_its_computer_cannot_compile():
         torch.testing.assert_close(traced_self, eager(q, q, q))
 
 
+def test_outer_compile_of_flex_on_the_cpu():
+    """A torch.compile around a flex module (segment_local, its own frame's one kernel) builds
+    flex's masks inside the outer graph, which Inductor's CPU FlexAttention cannot lower: it
+    failed there with a NoValidChoicesError, fullgraph or not. Now fullgraph=True gets the
+    boundary's UnsupportedError and fullgraph=False runs the module in its own compiled frame,
+    with its result."""
+
+    def fresh():
+        torch._dynamo.reset()
+        return ringattn.DilatedAttention((4, 16), (1, 2), strategy=FLEX)
+
+    q, k, v = make_qkv(PROBLEM, torch.float32)
+    with torch.no_grad():
+        own_frame = fresh()(q, k, v)
+        torch.testing.assert_close(torch.compile(fresh())(q, k, v), own_frame)
+        with pytest.raises(Exception) as caught:
+            torch.compile(fresh(), fullgraph=True)(q, k, v)
+        assert "cannot lower" in str(caught.value), str(caught.value)[:300]
+
+
+def test_compiled_flex_refuses_float64_on_the_cpu_before_any_work():
+    """Inductor's CPU FlexAttention takes float32, float16 and bfloat16: float64 failed inside
+    Inductor's lowering; eager flex (compile=False) computes it."""
+    q, k, v = make_qkv(PROBLEM, torch.float64)
+    with pytest.raises(ringattn.UnsupportedError, match="float32, float16 and bfloat16 only"):
+        ringattn.DilatedAttention((4, 16), (1, 2), strategy=FLEX)(q, k, v)
+    eager = ringattn.DilatedAttention((4, 16), (1, 2), strategy=FLEX, compile=False)
+    with torch.no_grad():
+        out = eager(q, k, v)
+    ref = reference.dilated_attention(q, k, v, segment_lengths=(4, 16), dilation_rates=(1, 2))
+    assert rel_err(out, ref) <= TOLERANCE[torch.float64]
+
+
 @pytest.mark.parametrize("computer", ["sdpa", "math"])
 def test_copied_and_pickled_modules_run_their_own_core(computer):
     """A used module, deep-copied or pickled, with the original gone: its copies compute their

@@ -103,6 +103,29 @@ def test_layer_bad_arguments(kwargs, match):
         MultiheadDilatedAttention(**{**args, **kwargs})
 
 
+@pytest.mark.parametrize("name", ["embed_dim", "num_heads", "num_kv_heads"])
+def test_layer_refuses_a_bool_for_a_size(name):
+    """beartype takes a bool for an int: num_heads=True built a one-head layer."""
+    args = {"embed_dim": 32, "num_heads": 4, "segment_lengths": (8,), "dilation_rates": (1,)}
+    with pytest.raises(TypeError, match=f"{name} must be an int, got True"):
+        MultiheadDilatedAttention(**{**args, name: True})
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"vocab_size": 0}, ValueError, "vocab_size must be >= 1, got 0"),
+        ({"depth": 2.0}, TypeError, "depth must be an int"),
+        ({"num_heads": True}, TypeError, "num_heads must be an int"),
+        ({"mlp_ratio": 0}, ValueError, "mlp_ratio must be >= 1"),
+    ],
+)
+def test_model_config_bad_sizes(kwargs, error, match):
+    """Named when the config is made (vocab_size=0 built a model whose every call failed)."""
+    with pytest.raises(error, match=match):
+        LongNetConfig(**kwargs)
+
+
 def _layer(causal: bool) -> MultiheadDilatedAttention:
     return MultiheadDilatedAttention(
         16, 4, (4,), (1,), num_kv_heads=2, causal=causal, compile=False, strategy=MATH
@@ -288,6 +311,25 @@ def test_generate_is_greedy_argmax_of_the_full_model():
     assert out.shape == (2, 11) and torch.equal(out[:, :5], prompt)
     for i in range(5, 11):
         assert torch.equal(model(out[:, :i])[:, -1].argmax(-1), out[:, i])
+
+
+def test_a_compiled_model_generates_what_the_eager_one_does():
+    """model.compile() then generate(): the calls with caches run eagerly (a graph break), also
+    in the layers; compiled, Inductor failed at the second decoded token (an AssertionError in
+    torch's sympy functions on the positions Dynamo had made symbolic)."""
+    model = tiny_model("lse", (4, 8), (1, 2))
+    prompt = torch.randint(0, 32, (1, 5), generator=torch.Generator().manual_seed(1))
+    eager = model.generate(prompt, 12)
+    torch._dynamo.reset()
+    model.compile()
+    assert torch.equal(model.generate(prompt, 12), eager)
+    layer = model.blocks[0].attn
+    layer.compile(fullgraph=False)
+    cache = layer.new_cache(1, 8)
+    x = torch.randn(1, 8, layer.embed_dim)
+    with torch.no_grad():
+        stepped = torch.cat([layer(x[:, i : i + 1], cache) for i in range(8)], dim=1)
+        torch.testing.assert_close(stepped, layer(x))
 
 
 def copy_batch(gen, batch=16, length=12, vocab=16):

@@ -40,8 +40,12 @@ class AttentionComputer(Component):
         *,
         compiled: bool = False,
         dilation: str = "",
+        traced: bool = False,
     ) -> str | None:
-        """Why this computer cannot run these inputs (checked eagerly, before any work)."""
+        """Why this computer cannot run these inputs (checked eagerly, before any work).
+        ``compiled``: the computer runs compiled (the module's own frame, or ``traced``);
+        ``traced``: the call is traced by a torch.compile around the module, so the computer's
+        work (its prepared masks included) is part of that outer graph."""
         return None
 
 

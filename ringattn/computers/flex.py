@@ -105,12 +105,27 @@ class FlexComputer(LayoutComputer):
         *,
         compiled: bool = False,
         dilation: str = "",
+        traced: bool = False,
     ) -> str | None:
         if compiled and device.type == "cpu" and dilation == "global":
             return (
                 "compiled FlexAttention on CPU cannot return the LSE that merging configs needs; "
                 "use dilation='segment_local' (the single-kernel form), or compile=False "
                 "outside any torch.compile"
+            )
+        if device.type == "cpu" and traced:
+            # (the module's own compiled frame takes them prepared, as its inputs)
+            return (
+                "traced by a torch.compile around the module, flex's masks are built inside the "
+                "outer graph, which Inductor's CPU FlexAttention cannot lower (NoValidChoicesError "
+                "in torch 2.13); leave the module to its own compiled frame: fullgraph=False "
+                "breaks the outer graph there by itself; under fullgraph=True on CPU use "
+                "computer='sdpa' or 'math'"
+            )
+        if compiled and device.type == "cpu" and dtype == torch.float64:
+            return (
+                "compiled FlexAttention on CPU takes float32, float16 and bfloat16 only; use "
+                "compile=False (outside any torch.compile), or computer='sdpa' or 'math'"
             )
         if needs_grad and device.type != "cuda":
             return (

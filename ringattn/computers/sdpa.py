@@ -130,6 +130,7 @@ class SDPAComputer(BlockComputer):
         *,
         compiled: bool = False,
         dilation: str = "",
+        traced: bool = False,
     ) -> str | None:
         if self.cuda_backward not in CUDA_BACKWARDS:
             return (

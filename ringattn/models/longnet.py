@@ -44,6 +44,16 @@ class LongNetConfig:
     # sequence parallel: each data-parallel replica's ranks as one group
     group: Any = None
 
+    def __post_init__(self) -> None:
+        """The sizes the model's own layers take (the attention's options are checked by its
+        layer): a config with ``vocab_size=0`` built a model whose every call then failed."""
+        for name in ("vocab_size", "dim", "depth", "num_heads", "mlp_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"LongNetConfig.{name} must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"LongNetConfig.{name} must be >= 1, got {value}")
+
 
 # nn.Embedding's index dtypes
 _TOKEN_DTYPES = (torch.int64, torch.int32)
@@ -132,6 +142,16 @@ class LongNet(nn.Module):
 
     def forward(self, tokens: Tensor, caches: list[KVCache] | None = None) -> Tensor:
         """Logits ``[b, n, vocab]``; with ``caches``, ``tokens`` continue the cached sequence."""
+        if caches is not None:
+            return self._decoding_forward(tokens, caches)
+        return self._forward(tokens, None)
+
+    # eager inside a compiled model too, as MultiheadDilatedAttention's calls with a cache
+    @torch.compiler.disable(reason="incremental decoding branches in Python on the cache's length")
+    def _decoding_forward(self, tokens: Tensor, caches: list[KVCache]) -> Tensor:
+        return self._forward(tokens, caches)
+
+    def _forward(self, tokens: Tensor, caches: list[KVCache] | None) -> Tensor:
         try:
             x = self._embedded(tokens, caches)
         except Exception as exc:  # any error: a rank left alone here hangs the others

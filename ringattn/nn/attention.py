@@ -67,6 +67,11 @@ class MultiheadDilatedAttention(nn.Module):
     ) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        for name, value in (
+            ("embed_dim", embed_dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)
+        ):  # fmt: skip
+            if isinstance(value, bool):  # (beartype takes a bool for an int)
+                raise TypeError(f"{name} must be an int, got {value!r}")
         if embed_dim <= 0 or num_heads <= 0 or num_kv_heads <= 0:
             raise ValueError("embed_dim, num_heads and num_kv_heads must be positive")
         if embed_dim % num_heads:
@@ -172,6 +177,19 @@ class MultiheadDilatedAttention(nn.Module):
 
     def forward(self, x: BNE, cache: KVCache | None = None) -> BNE:
         """Full attention over ``x``; with a ``cache``, ``x`` continues the cached sequence."""
+        if cache is not None:
+            return self._decoding_forward(x, cache)
+        return self._forward(x, None)
+
+    # Calls with a cache run eagerly, inside a compiled model too: they branch in Python on the
+    # cache's length, so a graph would be specialised to each position (a recompile per token),
+    # and once Dynamo made the positions symbolic Inductor failed on them (an AssertionError in
+    # torch's sympy functions at the second decoded token)
+    @torch.compiler.disable(reason="incremental decoding branches in Python on the cache's length")
+    def _decoding_forward(self, x: Tensor, cache: KVCache) -> Tensor:
+        return self._forward(x, cache)
+
+    def _forward(self, x: Tensor, cache: KVCache | None) -> Tensor:
         try:
             self.check_call(x, cache)
             start = 0 if cache is None else cache.length
