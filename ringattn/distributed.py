@@ -109,8 +109,31 @@ def shard(x: Tensor, group: dist.ProcessGroup | None = None, layout: str = "cont
 
 
 def gather(x: Tensor, group: dist.ProcessGroup | None = None, layout: str = "contiguous") -> Tensor:
-    """Reassemble the full ``[b, n, ...]`` tensor from every rank's shard (all ranks get it)."""
+    """Reassemble the full ``[b, n, ...]`` tensor from every rank's shard (all ranks get it).
+
+    Differentiable, as DTensor's ``full_tensor()``: the gradient of this rank's shard is its
+    shard of the full tensor's gradient (no communication), which is right where every rank
+    computes the same loss from the gathered tensor; sum the ranks' shards' gradients (the
+    parameters' all-reduce) for the full gradient. (It returned a tensor without a graph: a
+    loss on it trained nothing before the gather, silently.)"""
     group = resolve_group(group)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Gather.apply(x, group, layout)
+    return _gathered(x, group, layout)
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup, layout: str) -> Tensor:
+        ctx.group, ctx.layout = group, layout
+        return _gathered(x, group, layout)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        return shard(grad, ctx.group, ctx.layout), None, None
+
+
+def _gathered(x: Tensor, group: dist.ProcessGroup, layout: str) -> Tensor:
     p = dist.get_world_size(group)
     # unequal shards (an uneven last batch) would pad with garbage on one rank and abort another
     held = (tuple(x.shape), str(x.dtype))

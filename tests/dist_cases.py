@@ -473,6 +473,31 @@ def a_bad_input_on_one_rank_raises_everywhere():
     return _messages_of(lambda: module(q.tolist() if dist.get_rank() == 1 else q, q, q))
 
 
+def a_loss_on_the_gathered_output_trains_the_inputs(layout: str):
+    """Every rank's loss on ``gather(out)`` (the same loss everywhere): the shards' gradients,
+    summed over the ranks, are the oracle's (gather returned a tensor without a graph: no
+    gradient reached q, k, v, silently)."""
+    world = dist.get_world_size()
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, w = (torch.randn(1, 32 * world, 2, 8, generator=gen) for _ in range(4))
+    module = ringattn.DilatedAttention(
+        (8, 16), (1, 2), strategy=ringattn.Strategy(communicator="ring"), compile=False,
+        layout=layout,
+    )  # fmt: skip
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    shards = [distributed.shard(x, layout=layout) for x in leaves]
+    full = distributed.gather(module(*shards), layout=layout)
+    (full * w).sum().backward()
+    grads = [x.grad for x in leaves]
+    for g in grads:
+        dist.all_reduce(g)
+    ref_in = [x.double().requires_grad_() for x in (q, k, v)]
+    ref = reference.dilated_attention(*ref_in, segment_lengths=(8, 16), dilation_rates=(1, 2))
+    ref_grads = torch.autograd.grad((ref * w.double()).sum(), ref_in)
+    errors = [float((g.double() - r).norm() / r.norm()) for g, r in zip(grads, ref_grads)]
+    return full.requires_grad, errors
+
+
 def a_dual_tensor_on_one_rank_raises_everywhere():
     """A forward-mode AD dual tensor on one rank: that rank's refusal (a TypeError) raised there
     alone, and the other ranks waited in the exchange, or, calling again, paired with its next

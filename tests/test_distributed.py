@@ -261,6 +261,14 @@ def test_a_bad_input_on_one_rank_raises_on_every_rank(pool):
     assert all(m.startswith("ValueError: ranks disagree") and "('list',)" in m for m in others)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_a_loss_on_the_gathered_output_trains_the_inputs(pool, layout):
+    for requires_grad, errors in pool.run(
+        "a_loss_on_the_gathered_output_trains_the_inputs", layout
+    ):
+        assert requires_grad and max(errors) < 1e-5, errors
+
+
 def test_a_dual_tensor_on_one_rank_raises_on_every_rank(pool):
     messages = pool.run("a_dual_tensor_on_one_rank_raises_everywhere")
     assert messages[1].startswith("TypeError: parameter 'q' is a forward-mode AD dual tensor")
