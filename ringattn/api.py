@@ -178,6 +178,10 @@ def _described(x: object) -> tuple:
     return (tuple(x.shape), str(x.dtype), x.device.type, str(x.layout), x.requires_grad)
 
 
+# the entries of a sequence-parallel call's signature (_check_across_ranks), by name
+_CALL_FIELDS = ("q, k, v", "config", "strategy", "layout", "grad mode")
+
+
 def _call_described(q: object, k: object, v: object) -> tuple:
     """What the ranks must agree on about a call's inputs: each one's :func:`_described`,
     whether k and v share q's device (a rank's own devices differ from another's), and the
@@ -405,7 +409,9 @@ class DilatedAttention(nn.Module):
             return
         digest = distributed.fingerprint(signature) if known is None else known
         try:
-            distributed.require_agreement(self.communicator.group, signature, digest=digest)
+            distributed.require_agreement(
+                self.communicator.group, signature, digest=digest, fields=_CALL_FIELDS
+            )
         except ValueError as disagreement:
             try:  # a rank whose own arguments are wrong says what is wrong with them
                 check_plain(q, k, v)

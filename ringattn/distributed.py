@@ -82,12 +82,19 @@ def check_layout(layout: str) -> None:
 def chunks_of(rank: int, p: int, layout: str) -> tuple[int, ...]:
     """Which chunks ``rank`` holds, in order (of ``p`` chunks if contiguous, else ``2p``)."""
     check_layout(layout)
+    if not 0 <= rank < p:
+        raise ValueError(f"rank must be in [0, p={p}), got {rank}")
     return (rank,) if layout == "contiguous" else (rank, 2 * p - 1 - rank)
 
 
 def positions(m: int, rank: int, p: int, layout: str, device=None) -> Tensor:
     """The sequence positions of the ``m`` rows ``rank`` holds (e.g. for rotary embeddings)."""
     chunks = chunks_of(rank, p, layout)
+    if m % len(chunks):
+        raise ValueError(
+            f"a shard of layout={layout!r} holds {len(chunks)} equal chunks: m={m} rows cannot "
+            "be its rows"
+        )
     c = m // len(chunks)
     return torch.cat([torch.arange(i * c, (i + 1) * c, device=device) for i in chunks])
 
@@ -248,20 +255,33 @@ def require_agreement(
     signature: tuple,
     what: str = "the dilated attention call",
     digest: int | None = None,
+    fields: tuple[str, ...] = (),
 ) -> None:
     """Return where every rank of ``group`` holds the same ``signature`` (one all-reduce of its
     ``digest``, :func:`fingerprint`'s unless given); else raise :func:`check_consistent`'s
     ValueError on every rank, naming each rank's signature."""
     if not agree(group, fingerprint(signature) if digest is None else digest):
-        check_consistent(group, signature, what)
+        check_consistent(group, signature, what, fields)
 
 
 def check_consistent(
-    group: dist.ProcessGroup, signature: tuple, what: str = "the dilated attention call"
+    group: dist.ProcessGroup,
+    signature: tuple,
+    what: str = "the dilated attention call",
+    fields: tuple[str, ...] = (),
 ) -> None:
-    """Raise the same ValueError on every rank if ranks disagree on ``signature`` (no hang)."""
+    """Raise the same ValueError on every rank if ranks disagree on ``signature`` (no hang).
+    ``fields``: names of the signature's entries, for the message to say which differ."""
     everyone: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, signature, group=group)
     if any(s != everyone[0] for s in everyone):
+        # (a rank that refused its call holds another kind of signature: no field to name)
+        comparable = all(isinstance(s, tuple) and len(s) == len(fields) for s in everyone)
+        differ = [
+            name
+            for i, name in enumerate(fields)
+            if comparable and any(s[i] != everyone[0][i] for s in everyone)
+        ]
+        which = f" (they differ in: {', '.join(differ)})" if differ else ""
         lines = "; ".join(f"rank {i}: {s}" for i, s in enumerate(everyone))
-        raise ValueError(f"ranks disagree on {what}: {lines}")
+        raise ValueError(f"ranks disagree on {what}{which}: {lines}")

@@ -21,7 +21,7 @@ import torch
 from dist_pool import DistPool
 
 import ringattn
-from ringattn import registry
+from ringattn import distributed, registry
 from ringattn.pattern import jobs_for
 
 pytestmark = pytest.mark.distributed
@@ -50,6 +50,19 @@ COMBOS = sorted(
     for i, (causal, mixing) in enumerate(_CELLS)
     if s.memory == _MEMORIES[(i + i // 2) % len(_MEMORIES)]
 )
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((5, 0, 2, "zigzag"), "holds 2 equal chunks: m=5 rows"),  # (4 positions for 5 rows)
+        ((4, 3, 2, "contiguous"), r"rank must be in \[0, p=2\), got 3"),
+        ((4, -1, 2, "zigzag"), r"rank must be in \[0, p=2\), got -1"),
+    ],
+)
+def test_positions_refuse_what_no_shard_holds(args, match):
+    with pytest.raises(ValueError, match=match):
+        distributed.positions(*args)
 
 
 @pytest.mark.parametrize("p", [1, 2, 3, 4, 8])
@@ -289,6 +302,7 @@ def test_a_sparse_input_on_one_rank_raises_on_every_rank(pool):
     )
     others = messages[:1] + messages[2:]
     assert all(m.startswith("ValueError: ranks disagree") and "sparse_coo" in m for m in others)
+    assert all("(they differ in: q, k, v)" in m for m in others)
 
 
 @pytest.mark.parametrize(
