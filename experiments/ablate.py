@@ -883,7 +883,7 @@ def measure_baseline(sweep: Sweep, n: int, causal: bool) -> Row:
 def measure_variant(sweep: Sweep, variant: Variant, oracle: Callable[[], Oracle]) -> Row:
     c = variant.config
     row = _row(sweep, variant.strategy.label, variant.compile, variant.n, c, c.causal)
-    row.tolerance = TOLERANCE[sweep.dtype]
+    tolerance = row.tolerance = TOLERANCE[sweep.dtype]
     row.useful_pairs = useful_pairs(
         variant.n, sweep.preset.heads, c.segment_lengths, c.dilation_rates, c.causal, c.mixing
     )
@@ -901,7 +901,7 @@ def measure_variant(sweep: Sweep, variant: Variant, oracle: Callable[[], Oracle]
         layout = Layout.of(variant.strategy)
         row.fwd_rel_err, row.grad_rel_err, row.note = check(module, oracle(), layout)
         errors = [e for e in (row.fwd_rel_err, row.grad_rel_err) if e is not None]
-        row.check = "pass" if max(errors) <= TOLERANCE[sweep.dtype] else "FAIL"
+        row.check = "pass" if max(errors) <= tolerance else "FAIL"
         backward = row.grad_rel_err is not None
         time_and_memory(row, module, sweep, backward, layout)
 

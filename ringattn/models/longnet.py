@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ringattn.api import DilatedAttention
 from ringattn.nn.attention import MultiheadDilatedAttention
-from ringattn.nn.decode import KVCache
+from ringattn.nn.decode import KVCache, eager_decoding
 from ringattn.strategy import Strategy
 
 
@@ -146,8 +146,7 @@ class LongNet(nn.Module):
             return self._decoding_forward(tokens, caches)
         return self._forward(tokens, None)
 
-    # eager inside a compiled model too, as MultiheadDilatedAttention's calls with a cache
-    @torch.compiler.disable(reason="incremental decoding branches in Python on the cache's length")
+    @eager_decoding
     def _decoding_forward(self, tokens: Tensor, caches: list[KVCache]) -> Tensor:
         return self._forward(tokens, caches)
 

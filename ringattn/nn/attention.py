@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ringattn import distributed
 from ringattn.api import DilatedAttention
 from ringattn.core import autocast_dtype
-from ringattn.nn.decode import KVCache, decode_one
+from ringattn.nn.decode import KVCache, decode_one, eager_decoding
 from ringattn.nn.rotary import rotary
 from ringattn.strategy import Strategy
 
@@ -181,11 +181,7 @@ class MultiheadDilatedAttention(nn.Module):
             return self._decoding_forward(x, cache)
         return self._forward(x, None)
 
-    # Calls with a cache run eagerly, inside a compiled model too: they branch in Python on the
-    # cache's length, so a graph would be specialised to each position (a recompile per token),
-    # and once Dynamo made the positions symbolic Inductor failed on them (an AssertionError in
-    # torch's sympy functions at the second decoded token)
-    @torch.compiler.disable(reason="incremental decoding branches in Python on the cache's length")
+    @eager_decoding
     def _decoding_forward(self, x: Tensor, cache: KVCache) -> Tensor:
         return self._forward(x, cache)
 

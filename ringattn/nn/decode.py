@@ -20,6 +20,15 @@ from ringattn.core import input_precision
 from ringattn.merge import merge
 from ringattn.pattern import make_plan
 
+# Calls with a cache run eagerly, inside a compiled model too (the layers' and the model's
+# ``_decoding_forward``): they branch in Python on the cache's length, so a graph would be
+# specialised to each position (a recompile per token), and once Dynamo made the positions
+# symbolic Inductor failed on them (an AssertionError in torch's sympy functions at the second
+# decoded token)
+eager_decoding = torch.compiler.disable(
+    reason="incremental decoding branches in Python on the cache's length"
+)
+
 
 @dataclass
 class KVCache:
