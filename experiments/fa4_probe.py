@@ -865,134 +865,6 @@ def config(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
 CAUSAL_TILES = (128, 128, False, True)
 
 
-class _HalfDiagonalSwitch:
-    """``fa4.HALF_DIAGONAL`` as an on/off switch for :func:`_module_ab`."""
-
-    last_refusal = None
-
-    @property
-    def ENABLED(self) -> bool:  # the name the kernels' switches have
-        from ringattn.kernels import fa4
-
-        return fa4.HALF_DIAGONAL
-
-    @ENABLED.setter
-    def ENABLED(self, on: bool) -> None:
-        from ringattn.kernels import fa4
-
-        fa4.HALF_DIAGONAL = on
-
-
-def diagonal(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
-    """The compiled causal forwards with the diagonal block halved for their first warp group
-    (``fa4.HALF_DIAGONAL``, :mod:`ringattn.kernels.fa4_diagonal_sm90`) and whole, on the same
-    operands: the grouped forward on issue 5's ``head_groups`` plan at ``n`` (with and without
-    the LSE), the zeroing forward on one config's blocks, the merging forward on 2048- and
-    1000-row blocks (a partial last tile). Each row: whether both kernels were compiled and kept
-    (a refused kernel falls back to FA4's forward, which would hide a wrong one), whether their
-    outputs and LSE are bit-identical, and both GPU ms. Then both mixings' module with it on and
-    off (``_module_ab``: the non-causal rows run the same code in both arms: the noise)."""
-    from ringattn.core import neighbour_shifts
-    from ringattn.kernels import fa4, fa4_group, fa4_merge, fa4_zero
-    from ringattn.pattern import Block, Job
-
-    rows: list[dict[str, Any]] = []
-    scale = d**-0.5
-
-    def compare(problem: str, call, reset, outputs, kept) -> None:
-        """``call`` once per arm after ``reset`` (its first call compiles and checks the
-        kernel), then timed; ``outputs``: what it writes; ``kept()``: its kernel is in use."""
-        row: dict[str, Any] = {"problem": problem, "causal": True}
-        results = {}
-        try:
-            for on in (False, True):
-                fa4.HALF_DIAGONAL = on
-                arm = "halved" if on else "whole"
-                reset(), call(), reset(), call()
-                torch.cuda.synchronize()
-                row[f"{arm}_kept"] = kept()
-                results[arm] = [x.clone() for x in outputs]
-                row[f"{arm}_ms"] = _events_ms(call, 2, repeats)
-            pairs = list(zip(results["whole"], results["halved"], strict=True))
-            row["bit_identical"] = all(torch.equal(a, b) for a, b in pairs)
-            row["max_abs"] = max(float((a.float() - b.float()).abs().max()) for a, b in pairs)
-            row["nan"] = sum(int(b.isnan().sum()) for _, b in pairs)
-        except Exception as exc:  # a probe: report and go on
-            row["error"] = failure(exc, 1500)
-        fa4.HALF_DIAGONAL = True
-        row["refusals"] = [
-            (m.last_refusal or "")[:600] for m in (fa4_group, fa4_zero, fa4_merge) if m.last_refusal
-        ]
-        _emit(rows, row)
-
-    for with_lse in (True, False):
-        groups, shifts, out_full, lse_full, _ = _issue_groups(n, h, d, device, with_lse)
-        compare(
-            f"grouped n={n} lse={with_lse}",
-            partial(fa4_group.forward_group_, groups, True, scale, shifts),
-            partial(out_full.fill_, float("nan")),
-            [out_full, lse_full],
-            lambda groups=groups, shifts=shifts: bool(
-                fa4_group._COMPILED.get(fa4_group._key(groups, True, shifts))
-            ),
-        )
-    for w, r, o in ((4096, 2, 1), (32768, 16, 4)):
-        job = Job(config=0, w=w, r=r, offset=o, head_start=0, head_stop=h, head_step=1)
-        block = Block(job, 0, n // w, w // r, tail=False)
-        q_full, k_full, v_full, out_full = (
-            torch.randn(1, n, h, d, device=device, dtype=torch.bfloat16) for _ in range(4)
-        )
-        lse_full = torch.randn(1, n, h, device=device)
-        q, k, v, out, lse = (
-            block.rows(x).flatten(0, 1) for x in (q_full, k_full, v_full, out_full, lse_full)
-        )
-        block_shifts = neighbour_shifts(block, out)
-        compare(
-            f"zeroing w={w} r={r} o={o}",
-            partial(fa4_zero.forward_zero_, q, k, v, True, scale, out, lse, block_shifts),
-            partial(out_full.fill_, float("nan")),
-            [out_full, lse_full],
-            lambda q=q, lse=lse, block_shifts=block_shifts: bool(
-                fa4_zero._COMPILED.get(fa4_zero._key(q, True, lse, block_shifts))
-            ),
-        )
-    for length in (2048, 1000):
-        segments = n // (2 * length)
-
-        def strided(x, segments=segments, length=length):
-            # segment_local's view for (w, r) = (2 * length, 2), offset 1
-            rows_used = segments * 2 * length
-            return x[:, :rows_used].reshape(segments, length, 2, *x.shape[2:])[:, :, 1]
-
-        q, k, v = (
-            strided(torch.randn(1, n, h, d, device=device, dtype=torch.bfloat16)) for _ in "qkv"
-        )
-        out0 = torch.randn(1, n, h, d, device=device, dtype=torch.bfloat16)
-        lse0 = torch.rand(1, n, h, device=device) * 4 - 1
-        out_acc, lse_acc = out0.clone(), lse0.clone()
-        out_v, lse_v = strided(out_acc), strided(lse_acc)
-
-        def reset(out_acc=out_acc, lse_acc=lse_acc, out0=out0, lse0=lse0):
-            out_acc.copy_(out0), lse_acc.copy_(lse0)
-
-        compare(
-            f"merging L={length} r=2 offset 1",
-            partial(fa4_merge.forward_merge_, q, k, v, True, scale, out_v, lse_v),
-            reset,
-            [out_acc, lse_acc],
-            lambda q=q, lse_v=lse_v: bool(fa4_merge._COMPILED.get(fa4_merge._key(q, True, lse_v))),
-        )
-    switch, names = _HalfDiagonalSwitch(), ("halved", "whole")
-    try:
-        return [
-            *rows,
-            *_module_ab(n, h, d, repeats, device, "head_groups", switch, names),
-            *_module_ab(n, h, d, repeats, device, "lse", switch, names),
-        ]
-    finally:
-        fa4.HALF_DIAGONAL = True
-
-
 def launch(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     """Host µs per launch of a replayed FA4 forward (small blocks), a torch op and two Triton
     kernels through Triton's launcher (the gradients' fill, unit_stats), issued while
@@ -1197,7 +1069,6 @@ def main(argv: list[str] | None = None) -> None:
             "group_bwd",
             "persistent",
             "bwd_sweep",
-            "diagonal",
         ],
         default="compare",
     )
@@ -1222,7 +1093,6 @@ def main(argv: list[str] | None = None) -> None:
             "group_bwd": group_bwd,
             "persistent": persistent,
             "bwd_sweep": bwd_sweep,
-            "diagonal": diagonal,
         }[args.part]
         rows = run_part(args.n, h, d, args.repeats, device)
         args.out.mkdir(parents=True, exist_ok=True)

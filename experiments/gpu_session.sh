@@ -29,7 +29,6 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh fuzz     # ~7.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh scripts  # ~5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh merge_cost # ~2 min
-#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh diagonal # ~8 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #
@@ -74,7 +73,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|scripts|fuzz|merge_cost|diagonal|long|checks|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh record|scripts|fuzz|merge_cost|long|checks|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -398,19 +397,6 @@ group_bwd)
     python -m experiments.flex_gpu --part check --out "$out/flex_gpu_check" >"$out/check.log" 2>&1
     summary="$(grep -h "^problem=" "$out/probe.log" | cut -c1-400)
 $(brief "$out"/ab*/overheads.json)
-$(grep -h "Correctness" "$out/flex_gpu_check/flex_gpu_check.md")"
-    ;;
-diagonal)
-    # the causal diagonal block halved for the compiled forwards' first warp group (step 50,
-    # fa4.HALF_DIAGONAL): the kernels whole and halved on the same operands (kept, bit-identical,
-    # GPU ms) and both mixings' module A/B at 32K / 131K and 262K / 1M, then the GPU oracle check
-    # with it on (the default)
-    python -m experiments.fa4_probe --part diagonal --n 131072 --repeats 10 --out "$out" \
-        >"$out/probe_131k.log" 2>&1
-    python -m experiments.fa4_probe --part diagonal --n 1048576 --repeats 5 --out "$out/1m" \
-        >"$out/probe_1m.log" 2>&1
-    python -m experiments.flex_gpu --part check --out "$out/flex_gpu_check" >"$out/check.log" 2>&1
-    summary="$(grep -h "^problem=" "$out"/probe_*.log | cut -c1-330)
 $(grep -h "Correctness" "$out/flex_gpu_check/flex_gpu_check.md")"
     ;;
 group)

@@ -210,32 +210,6 @@ def test_compile_keys_follow_the_lse_unit_stride():
     assert fa4_merge._key(q, False, strided_heads)[3] is None
 
 
-def test_the_halved_diagonal_is_in_every_compiled_forwards_key(monkeypatch):
-    """``fa4.HALF_DIAGONAL`` changes what the merging, zeroing and grouped forwards compile
-    (causal ones only), so their keys must hold it: a kernel compiled with it off is never
-    taken for one with it on."""
-    from ringattn.kernels import fa4_group, fa4_zero
-
-    q, lse = torch.zeros(2, 4, 3, 8), torch.zeros(2, 4, 3)
-    groups = [(q, q, q, q, lse), (q, q, q, q, lse)]
-    shifts = [(), (8,)]
-
-    def keys(causal):
-        return (
-            fa4_merge._key(q, causal, lse),
-            fa4_zero._key(q, causal, lse, (8,)),
-            fa4_zero._key(q, causal, None, (8,)),
-            fa4_group._key(groups, causal, shifts),
-        )
-
-    assert fa4.HALF_DIAGONAL is True  # the default
-    assert fa4.forward_variant(True) == (None, True) and fa4.forward_variant(False) == (None, False)
-    halved, non_causal = keys(True), keys(False)
-    monkeypatch.setattr(fa4, "HALF_DIAGONAL", False)
-    assert all(a != b for a, b in zip(halved, keys(True), strict=True))
-    assert keys(False) == non_causal  # non-causal kernels have no diagonal to halve
-
-
 def test_merger_calls_a_kept_kernel_without_the_checks(fresh):
     """A prepared launch's merger: the first call goes through the guard, later ones straight
     to the kept kernel (its key decided once), and merge exactly once each."""

@@ -235,20 +235,6 @@ def sm90(q: Tensor) -> bool:
 # 2048-row causal blocks had ``(128, 128, False, True)`` 4% faster than the default (step 20).
 FORWARD_CONFIG: dict[bool, tuple[int, int, bool, bool] | None] = {False: None, True: None}
 
-# whether the causal forwards this package compiles (fa4_merge's, fa4_zero's and fa4_group's
-# kernels; FA4's own launcher is not touched) compute the diagonal key block's left half only for
-# their first warp group (ringattn.kernels.fa4_diagonal_sm90; exact, a quarter of the diagonal's
-# MMAs skipped): the A/B of experiments/fa4_probe.py --part diagonal. Read when a kernel is
-# compiled; the compile keys hold it (forward_variant)
-HALF_DIAGONAL = True
-
-
-def forward_variant(causal: bool) -> tuple:
-    """What the compiled forwards are specialised for beyond their operands: ``(FORWARD_CONFIG's
-    tiles or None, HALF_DIAGONAL where causal)`` (``fa4_merge.forward_kernel`` takes it)."""
-    return FORWARD_CONFIG.get(causal), HALF_DIAGONAL and causal
-
-
 # FA4's SM90 backward tile configuration per ``(head dim, causal)``: the fields of
 # ``flash_attn.cute.interface.BwdConfig`` in order (tile_m, tile_n, Q / dO / PdS stages, SdP /
 # dKV / dQ swapAB, atom layouts M-SdP / N-dKV / M-dQ[, num_wg, dQ_single_wg]); one not here takes

@@ -119,9 +119,9 @@ def _key(groups: Sequence[Group], causal: bool, shifts: Sequence[tuple[int, ...]
         for *_, lse in groups
     )
     heads = tuple(group[0].shape[2] for group in groups)
-    variant = fa4.forward_variant(causal)
+    config = fa4.FORWARD_CONFIG.get(causal)
     sms = _sm_count(q0) if persistent(groups, causal) else 0
-    return q0.dtype, q0.shape[-1], causal, variant, lse0 is None, heads, tuple(shifts), units, sms
+    return q0.dtype, q0.shape[-1], causal, config, lse0 is None, heads, tuple(shifts), units, sms
 
 
 def _sm_count(q: Tensor) -> int:
@@ -202,13 +202,13 @@ def _compile(key: tuple, groups: Sequence[Group]) -> Callable:
     cute = importlib.import_module("cutlass.cute")
     dsl_utils = importlib.import_module("flash_attn.cute.cute_dsl_utils")
     sm90 = importlib.import_module("ringattn.kernels.fa4_group_sm90")
-    dtype, head_dim, causal, variant, _, heads, shifts, units, sms = key
+    dtype, head_dim, causal, config, _, heads, shifts, units, sms = key
     kernel = fa4_merge.forward_kernel(
         sm90.GroupedForwardSm90,
         dtype,
         head_dim,
         causal,
-        variant,
+        config,
         heads=heads,
         zero_shifts=shifts,
         persistent_sms=sms,
@@ -223,10 +223,10 @@ def _compile(key: tuple, groups: Sequence[Group]) -> Callable:
     else:
         args.append(tuple(fa4_merge.lse_tensor(x, unit) for x, unit in zip(lses_bhl, units)))
     cache = fa4_merge._jit_cache()
-    # (the kernel's source: its module, the zeroing kernel it extends, the main loop, and the
-    # modules that make it and its arguments)
+    # (the kernel's source: its module, the zeroing kernel it extends, and the modules that
+    # make it and its arguments)
     zeroing = importlib.import_module("ringattn.kernels.fa4_zero_sm90")
-    sources = (sm90.__file__, zeroing.__file__, fa4_merge._DIAGONAL, fa4_merge.__file__, __file__)
+    sources = (sm90.__file__, zeroing.__file__, fa4_merge.__file__, __file__)
     cache_key = (*(fa4_merge._digest(source) for source in sources), *key)
     if cache_key in cache:
         compiled = cache[cache_key]

@@ -37,8 +37,6 @@ ENABLED = True
 # compiled kernels by _key(); False: failed to compile or to agree
 _COMPILED: dict[tuple, Any] = {}
 _LOCK = threading.Lock()
-# the compiled forwards' main loop (its source is part of their JIT cache keys)
-_DIAGONAL = str(Path(__file__).with_name("fa4_diagonal_sm90.py"))
 # why the latest kernel was refused (for probes: experiments/fa4_probe.py --part merge)
 last_refusal: str | None = None
 
@@ -87,10 +85,9 @@ def _unit_dims_restrided(x: Tensor) -> Tensor:
 def _key(q: Tensor, causal: bool, lse: Tensor) -> tuple:
     """What a compiled kernel is specialised for: the dtype, head dim, causality, which dim of
     the ``[B, H, L]`` LSE view has stride 1 (the CuTe DSL compiles a unit stride in as a
-    constant; None: no such dim, every stride dynamic), and ``fa4.forward_variant`` (the tiles,
-    the halved diagonal)."""
+    constant; None: no such dim, every stride dynamic), and ``fa4.FORWARD_CONFIG``'s tiles."""
     unit = next((i for i, s in enumerate(lse.transpose(1, 2).stride()) if s == 1), None)
-    return q.dtype, q.shape[-1], causal, unit, fa4.forward_variant(causal)
+    return q.dtype, q.shape[-1], causal, unit, fa4.FORWARD_CONFIG.get(causal)
 
 
 def forward_merge_(
@@ -148,12 +145,12 @@ def compile_forward(
     (no LSE written). With the path of the class's ``source`` file, the compiled kernel is kept
     in FA4's JIT cache (on disk with FA4's own kernels where that cache is enabled,
     ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1``: a later process loads it instead of compiling),
-    under a key that changes with that file, this one and the main loop's (``_DIAGONAL``)."""
+    under a key that changes with that file and this one."""
     cute = importlib.import_module("cutlass.cute")
     dsl_utils = importlib.import_module("flash_attn.cute.cute_dsl_utils")
     aux = importlib.import_module("flash_attn.cute.utils").AuxData(None, None)
-    dtype, head_dim, causal, lse_unit_dim, variant = key[:5]
-    kernel = forward_kernel(kernel_class, dtype, head_dim, causal, variant)
+    dtype, head_dim, causal, lse_unit_dim, config = key[:5]
+    kernel = forward_kernel(kernel_class, dtype, head_dim, causal, config)
     tensors = [dsl_utils.to_cute_tensor(x) for x in (q, k, v)]
     tensors.append(dsl_utils.to_cute_tensor(out, assumed_align=16))
     tensors.append(None if lse_bhl is None else lse_tensor(lse_bhl, lse_unit_dim))
@@ -162,7 +159,7 @@ def compile_forward(
     # sparsity, then (empty) aux data and the two varlen scheduler hints
     unused = (*(None,) * 9, aux, None, None)
     cache = _jit_cache() if source else None
-    cache_key = source and (*map(_digest, (source, __file__, _DIAGONAL)), *key, lse_bhl is None)
+    cache_key = source and (_digest(source), _digest(__file__), *key, lse_bhl is None)
     if cache is not None and cache_key in cache:
         compiled = cache[cache_key]
     else:
@@ -177,15 +174,13 @@ def compile_forward(
     return launch
 
 
-def forward_kernel(kernel_class: Callable, dtype, head_dim: int, causal: bool, variant, **extra):
-    """``kernel_class`` (a subclass of :class:`ringattn.kernels.fa4_diagonal_sm90.
-    HalfDiagonalForwardSm90`) made as FA4's launcher makes its forward for these blocks: FA4's
-    tiles for the head dim and causality, or ``fa4.FORWARD_CONFIG``'s where ``variant`` (
-    ``fa4.forward_variant``: tiles or None, halved diagonal) has some; ``extra``: the subclass's
-    own arguments."""
+def forward_kernel(kernel_class: Callable, dtype, head_dim: int, causal: bool, config, **extra):
+    """``kernel_class`` (a subclass of FA4's SM90 forward) made as FA4's launcher makes its
+    forward for these blocks: FA4's tiles for the head dim and causality, or
+    ``fa4.FORWARD_CONFIG``'s ``config`` where it is not None; ``extra``: the subclass's own
+    arguments."""
     dsl_utils = importlib.import_module("flash_attn.cute.cute_dsl_utils")
     interface = importlib.import_module("flash_attn.cute.interface")
-    config, half_diagonal = variant
     cfg = interface._tile_size_fwd_sm90(head_dim, head_dim, causal, False)
     if config is not None:
         cfg = type(cfg)(*config)
@@ -205,7 +200,6 @@ def forward_kernel(kernel_class: Callable, dtype, head_dim: int, causal: bool, v
         intra_wg_overlap=cfg.intra_wg_overlap,
         mma_pv_is_rs=cfg.mma_pv_is_rs,
         q_subtile_factor=1,
-        half_diagonal=half_diagonal,
         **extra,
     )
 

@@ -13,8 +13,7 @@ rows, and the tile writes
 into the accumulators themselves, so the block's output is never written or read back, and the
 block output is rounded once (after merging) instead of twice.
 
-The kernel is FA4's own (:class:`FlashAttentionForwardSm90`, its causal diagonal halved as
-:mod:`ringattn.kernels.fa4_diagonal_sm90` does) with two changes: the epilogue
+The kernel is FA4's own (:class:`FlashAttentionForwardSm90`) with two changes: the epilogue
 above, and the output written with ordinary stores instead of TMA (the merge reads the old rows
 through a pointer; FA4 takes this path itself for some GQA layouts). Every tile owns its rows:
 it reads them before the epilogue's barrier and writes after it, and no other CTA touches them.
@@ -33,9 +32,8 @@ import cutlass.cute as cute
 from cutlass import Float32
 from flash_attn.cute import utils
 from flash_attn.cute.flash_fwd import FlashAttentionForwardBase
+from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
 from quack import layout_utils
-
-from ringattn.kernels.fa4_diagonal_sm90 import HalfDiagonalForwardSm90
 
 _LOG2_E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -44,7 +42,7 @@ _LN2 = math.log(2.0)
 _write_epilogue = FlashAttentionForwardBase.epilogue
 
 
-class MergingForwardSm90(HalfDiagonalForwardSm90):
+class MergingForwardSm90(FlashAttentionForwardSm90):
     """FA4's SM90 forward that merges each tile into the output and LSE it is given."""
 
     def _setup_attributes(self):

@@ -55,7 +55,7 @@ def supported(
 
 def _key(q: Tensor, causal: bool, lse: Tensor | None, shifts: tuple[int, ...]) -> tuple:
     if lse is None:
-        return q.dtype, q.shape[-1], causal, "no lse", fa4.forward_variant(causal), shifts
+        return q.dtype, q.shape[-1], causal, "no lse", fa4.FORWARD_CONFIG.get(causal), shifts
     return *fa4_merge._key(q, causal, lse), shifts
 
 

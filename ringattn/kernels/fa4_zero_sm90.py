@@ -14,8 +14,7 @@ Every tile owns its stride groups (row ``j * r + k`` belongs to the tile that ho
 ``j * r + o``), so no two CTAs write a row. Only full segments qualify (a tail segment's last
 group may end past the sequence): :mod:`ringattn.kernels.fa4_zero` is handed those only.
 
-The kernel is FA4's own (:class:`FlashAttentionForwardSm90`, its causal diagonal halved as
-:mod:`ringattn.kernels.fa4_diagonal_sm90` does) with the output written by ordinary
+The kernel is FA4's own (:class:`FlashAttentionForwardSm90`) with the output written by ordinary
 stores instead of TMA (the zeros go through the output's pointer, which the TMA path does not
 pass to the kernel), as :mod:`ringattn.kernels.fa4_merge_sm90` does.
 """
@@ -26,8 +25,7 @@ import cutlass
 import cutlass.cute as cute
 from flash_attn.cute import utils
 from flash_attn.cute.flash_fwd import FlashAttentionForwardBase
-
-from ringattn.kernels.fa4_diagonal_sm90 import HalfDiagonalForwardSm90
+from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
 
 # the base class's epilogue (module level: the DSL re-parses jit methods with their globals)
 _write_epilogue = FlashAttentionForwardBase.epilogue
@@ -74,7 +72,7 @@ def store_zeros(
             )
 
 
-class ZeroingForwardSm90(HalfDiagonalForwardSm90):
+class ZeroingForwardSm90(FlashAttentionForwardSm90):
     """FA4's SM90 forward that writes zeros ``zero_shifts`` elements from each output row."""
 
     def __init__(self, *args, zero_shifts: tuple[int, ...] = (), **kwargs):
