@@ -16,20 +16,24 @@ MIXINGS = ("lse", "head_groups")
 MAX_SEGMENT_LENGTH = 2**40
 
 
+def checked_int(name: str, value: object, minimum: int = 1) -> int:
+    """``value`` if it is an int ``>= minimum``: else a ``TypeError`` (not an int) or
+    ``ValueError`` (too small) naming ``name`` and the rule. Every size the library takes from
+    a user goes through here, so they all refuse alike."""
+    # bool is an int subclass and numpy/torch scalars are not ints: refuse rather than coerce
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
 def int_sequence(name: str, values: object) -> tuple[int, ...]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise TypeError(f"{name} must be a list or tuple of ints, got {type(values).__name__}")
     if len(values) == 0:
         raise ValueError(f"{name} must not be empty")
-    out = []
-    for i, value in enumerate(values):
-        # bool is an int subclass and numpy/torch scalars are not ints: refuse rather than coerce
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name}[{i}] must be an int, got {type(value).__name__} {value!r}")
-        if value <= 0:
-            raise ValueError(f"{name}[{i}] must be positive, got {value}")
-        out.append(value)
-    return tuple(out)
+    return tuple(checked_int(f"{name}[{i}]", value) for i, value in enumerate(values))
 
 
 @dataclass(frozen=True)

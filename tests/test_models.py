@@ -107,7 +107,7 @@ def test_layer_bad_arguments(kwargs, match):
 def test_layer_refuses_a_bool_for_a_size(name):
     """beartype takes a bool for an int: num_heads=True built a one-head layer."""
     args = {"embed_dim": 32, "num_heads": 4, "segment_lengths": (8,), "dilation_rates": (1,)}
-    with pytest.raises(TypeError, match=f"{name} must be an int, got True"):
+    with pytest.raises(TypeError, match=f"{name} must be an int, got bool True"):
         MultiheadDilatedAttention(**{**args, name: True})
 
 
@@ -218,8 +218,8 @@ def test_the_model_checks_every_cache_before_any_layer_moves():
             "prompt must be",
         ),
         (lambda m: m(torch.zeros(1, 3)), TypeError, "tokens must be an integer"),
-        (lambda m: m.new_caches(0, 4), ValueError, "batch must be an int >= 1"),
-        (lambda m: m.new_caches(2, -1), ValueError, "capacity must be an int >= 1"),
+        (lambda m: m.new_caches(0, 4), ValueError, "batch must be >= 1, got 0"),
+        (lambda m: m.new_caches(2, -1), ValueError, "capacity must be >= 1, got -1"),
     ],
 )
 def test_model_bad_calls(call, error, match):

@@ -7,6 +7,7 @@ import torch
 
 import ringattn
 from ringattn import reference
+from ringattn.memory.pooled import PooledMemory
 from ringattn.nn import MultiheadDilatedAttention
 
 GOOD = {"segment_lengths": [4, 8], "dilation_rates": [1, 2]}
@@ -26,8 +27,8 @@ def call(q, k, v, **overrides):
         ({"segment_lengths": []}, ValueError, "segment_lengths must not be empty"),
         ({"dilation_rates": []}, ValueError, "dilation_rates must not be empty"),
         ({"segment_lengths": [4]}, ValueError, "same length"),
-        ({"segment_lengths": [4, 0]}, ValueError, r"segment_lengths\[1\] must be positive"),
-        ({"dilation_rates": [1, -2]}, ValueError, r"dilation_rates\[1\] must be positive"),
+        ({"segment_lengths": [4, 0]}, ValueError, r"segment_lengths\[1\] must be >= 1, got 0"),
+        ({"dilation_rates": [1, -2]}, ValueError, r"dilation_rates\[1\] must be >= 1, got -2"),
         ({"segment_lengths": [4, 8.0]}, TypeError, "segment_lengths"),
         ({"dilation_rates": [1, True]}, TypeError, "dilation_rates"),
         (
@@ -234,3 +235,49 @@ def test_torch_func_transforms_are_refused(transform):
         torch.func.vmap(
             lambda q: ringattn.dilated_attention(q, q, q, segment_lengths=(4,), dilation_rates=(1,))
         )(qs)
+
+
+def _kv_cache(b, capacity):
+    from ringattn.nn.decode import KVCache
+
+    return KVCache.empty(b, capacity, 2, 4, torch.float32, "cpu")
+
+
+def _generate(max_new_tokens):
+    from ringattn.models import LongNet, LongNetConfig
+
+    model = LongNet(
+        LongNetConfig(vocab_size=11, dim=8, depth=1, num_heads=2, segment_lengths=(4,),
+                      dilation_rates=(1,), compile=False)
+    )  # fmt: skip
+    return model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens)
+
+
+def _layer(**sizes):
+    args = {"embed_dim": 8, "num_heads": 2, "segment_lengths": (4,), "dilation_rates": (1,)}
+    return MultiheadDilatedAttention(**{**args, **sizes}, compile=False)
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: _layer(embed_dim=0), ValueError, "embed_dim must be >= 1, got 0"),
+        (lambda: _layer(num_heads=-2), ValueError, "num_heads must be >= 1, got -2"),
+        (lambda: _layer(num_kv_heads=2.0), TypeError, "num_kv_heads"),  # (beartype's words)
+        (lambda: PooledMemory(0), ValueError, "max_entries must be >= 1"),
+        (
+            lambda: ringattn.memory.pooled.PooledMemory(True),
+            TypeError,
+            "max_entries must be an int",
+        ),
+        (lambda: _kv_cache(True, 4), TypeError, "batch must be an int, got bool True"),
+        (lambda: _kv_cache(1, 0), ValueError, "capacity must be >= 1, got 0"),
+        (lambda: _generate(-1), ValueError, "max_new_tokens must be >= 0, got -1"),
+        (lambda: _generate(True), TypeError, "max_new_tokens must be an int, got bool"),
+    ],
+)
+def test_every_size_refuses_alike(make, error, match):
+    """Every size a user hands the library goes through ``config.checked_int``: a bool, a float
+    or a size below the minimum is refused with the same words wherever it is given."""
+    with pytest.raises(error, match=match):
+        make()

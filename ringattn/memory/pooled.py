@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
+from ringattn.config import checked_int
 from ringattn.memory.base import MemoryManager
 from ringattn.registry import register
 
@@ -81,8 +82,7 @@ def _tensors(value: object) -> list[Tensor]:
 @register("memory", "pooled")
 class PooledMemory(MemoryManager):
     def __init__(self, max_entries: int = 64) -> None:
-        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
-            raise ValueError(f"max_entries must be a positive int, got {max_entries!r}")
+        checked_int("max_entries", max_entries)
         self.patterns = _LRU(max_entries)
         self.buffers = _LRU(max_entries)
 

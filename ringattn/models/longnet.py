@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ringattn.api import DilatedAttention
+from ringattn.config import checked_int
 from ringattn.nn.attention import MultiheadDilatedAttention
 from ringattn.nn.decode import KVCache, eager_decoding
 from ringattn.strategy import Strategy
@@ -48,11 +49,7 @@ class LongNetConfig:
         """The sizes the model's own layers take (the attention's options are checked by its
         layer): a config with ``vocab_size=0`` built a model whose every call then failed."""
         for name in ("vocab_size", "dim", "depth", "num_heads", "mlp_ratio"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"LongNetConfig.{name} must be an int, got {value!r}")
-            if value < 1:
-                raise ValueError(f"LongNetConfig.{name} must be >= 1, got {value}")
+            checked_int(f"LongNetConfig.{name}", getattr(self, name))
 
 
 # nn.Embedding's index dtypes
@@ -220,10 +217,7 @@ class LongNet(nn.Module):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Greedy (``temperature=0``) or sampled continuation of ``prompt: [b, n0]``."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
-            raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        checked_int("max_new_tokens", max_new_tokens, minimum=0)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
             raise TypeError(f"temperature must be a float, got {temperature!r}")
         if not 0 <= temperature < math.inf:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ringattn import distributed
 from ringattn.api import DilatedAttention
+from ringattn.config import checked_int
 from ringattn.core import autocast_dtype
 from ringattn.nn.decode import KVCache, decode_one, eager_decoding
 from ringattn.nn.rotary import rotary
@@ -67,13 +68,10 @@ class MultiheadDilatedAttention(nn.Module):
     ) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        for name, value in (
-            ("embed_dim", embed_dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)
-        ):  # fmt: skip
-            if isinstance(value, bool):  # (beartype takes a bool for an int)
-                raise TypeError(f"{name} must be an int, got {value!r}")
-        if embed_dim <= 0 or num_heads <= 0 or num_kv_heads <= 0:
-            raise ValueError("embed_dim, num_heads and num_kv_heads must be positive")
+        # (beartype takes a bool for an int)
+        checked_int("embed_dim", embed_dim)
+        checked_int("num_heads", num_heads)
+        checked_int("num_kv_heads", num_kv_heads)
         if embed_dim % num_heads:
             raise ValueError(f"num_heads={num_heads} must divide embed_dim={embed_dim}")
         if num_heads % num_kv_heads:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ringattn.computers.base import accumulation_dtype
+from ringattn.config import checked_int
 from ringattn.core import input_precision
 from ringattn.merge import merge
 from ringattn.pattern import make_plan
@@ -40,9 +41,8 @@ class KVCache:
 
     @classmethod
     def empty(cls, b: int, capacity: int, h_kv: int, d: int, dtype, device) -> KVCache:
-        for name, size in (("batch", b), ("capacity", capacity)):
-            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {size!r}")
+        checked_int("batch", b)
+        checked_int("capacity", capacity)
         shape = (b, capacity, h_kv, d)
         return cls(
             torch.zeros(shape, dtype=dtype, device=device),
