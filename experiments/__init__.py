@@ -10,3 +10,30 @@ def require_cuda(prog: str) -> None:
 
     if not torch.cuda.is_available():
         raise SystemExit(f"{prog}: error: this tool times CUDA kernels; CUDA is not available here")
+
+
+# The options several scripts share, with one wording (each script picks its own defaults).
+
+
+def add_lengths(parser, default: list[int]) -> None:
+    """``--n``: the sequence lengths timed."""
+    help_text = "sequence lengths (default: %(default)s)"
+    parser.add_argument("--n", type=int, nargs="+", default=default, help=help_text)
+
+
+def add_mixings(parser, default: list[str]) -> None:
+    """``--mixing``: the mixings timed."""
+    help_text = "mixings, lse and/or head_groups (default: %(default)s)"
+    parser.add_argument("--mixing", nargs="+", default=default, help=help_text)
+
+
+def add_causality(parser) -> None:
+    """``--causal no|yes|both``: which rows are causal."""
+    help_text = "causal rows, non-causal rows or both (default: both)"
+    parser.add_argument("--causal", choices=["no", "yes", "both"], default="both", help=help_text)
+
+
+def add_heads(parser, dim_flag: str = "--dim") -> None:
+    """``--heads`` and the head dim (``dim_flag``), at issue 5's 16 and 128 by default."""
+    parser.add_argument("--heads", type=int, default=16, help="heads h (default: 16)")
+    parser.add_argument(dim_flag, type=int, default=128, help="head dim d (default: 128)")

@@ -255,17 +255,44 @@ def build_parser() -> argparse.ArgumentParser:
         )
     cfg = p.add_argument_group("configs (a JSON file, or repeated flag pairs)")
     cfg.add_argument("--config-file", type=Path, help='[{"segment_lengths": [..], ...}, ...]')
-    cfg.add_argument("--segment-lengths", type=_ints, action="append", metavar="W,W,...")
-    cfg.add_argument("--dilation-rates", type=_ints, action="append", metavar="R,R,...")
-    cfg.add_argument("--mixing", type=_names, metavar="lse,head_groups")
-    cfg.add_argument("--causal", choices=("off", "on", "both"))
+    cfg.add_argument(
+        "--segment-lengths",
+        type=_ints,
+        action="append",
+        metavar="W,W,...",
+        help="one config's segment lengths; repeat with --dilation-rates for more configs",
+    )
+    cfg.add_argument(
+        "--dilation-rates",
+        type=_ints,
+        action="append",
+        metavar="R,R,...",
+        help="that config's dilation rates (each divides its segment length)",
+    )
+    cfg.add_argument(
+        "--mixing",
+        type=_names,
+        metavar="lse,head_groups",
+        help="how configs combine: lse (LongNet's softmax-weighted merge), head_groups (each "
+        "config on its own heads); default: the preset's",
+    )
+    cfg.add_argument(
+        "--causal", choices=("off", "on", "both"), help="causal masking; default: the preset's"
+    )
     shape = p.add_argument_group("shapes and numerics")
-    shape.add_argument("--seq-lens", type=_ints, metavar="N,N,...")
+    shape.add_argument(
+        "--seq-lens",
+        type=_ints,
+        metavar="N,N,...",
+        help="sequence lengths timed; default: the preset's",
+    )
     shape.add_argument("--check-n", type=int, help="rows of the correctness input")
-    shape.add_argument("--batch", type=int)
-    shape.add_argument("--heads", type=int)
-    shape.add_argument("--head-dim", type=int)
-    shape.add_argument("--dtype", choices=sorted(DTYPES))
+    shape.add_argument("--batch", type=int, help="batch size b; default: the preset's")
+    shape.add_argument("--heads", type=int, help="heads h; default: the preset's")
+    shape.add_argument("--head-dim", type=int, help="head dim d; default: the preset's")
+    shape.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="inputs' dtype; default: the preset's"
+    )
     shape.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     run = p.add_argument_group("measurement")
     run.add_argument(
@@ -279,10 +306,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="at most this many compile-on variants, default strategy first (-1: no limit)",
     )
-    run.add_argument("--compile-backend", default="inductor")
-    run.add_argument("--warmup", type=int)
-    run.add_argument("--repeats", type=int)
-    run.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True)
+    run.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile's backend (default: inductor)"
+    )
+    run.add_argument(
+        "--warmup", type=int, help="untimed calls before timing; default: the preset's"
+    )
+    run.add_argument(
+        "--repeats", type=int, help="timed calls, median reported; default: the preset's"
+    )
+    run.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time dense SDPA on the same inputs (the ratio column's denominator)",
+    )
     return p
 
 

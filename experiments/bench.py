@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import ringattn
+from experiments import add_causality, add_heads, add_lengths, add_mixings
 from experiments.ablate import dict_rows_to_markdown, median_ms, module_memory, rel_err
 from ringattn import reference
 from ringattn.computers.sdpa import CUDA_FORWARDS, SDPAComputer
@@ -503,20 +504,50 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--n", type=int, nargs="+", default=[32768, 131072])
-    p.add_argument("--lengths", type=int, nargs="+", default=list(ISSUE_LENGTHS))
-    p.add_argument("--rates", type=int, nargs="+", default=list(ISSUE_RATES))
-    p.add_argument("--mixing", nargs="+", default=["head_groups", "lse"])
-    p.add_argument("--causal", choices=["no", "yes", "both"], default="both")
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--computers", nargs="+", default=["sdpa", "flex"])
-    p.add_argument("--dilations", nargs="+", default=["segment_local", "global"])
-    p.add_argument("--memory", default="pooled")
-    p.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--no-eager", dest="eager", action="store_false")
+    p.add_argument("--device", default="cuda", help="where to run (default: cuda)")
+    add_lengths(p, [32768, 131072])
+    p.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=list(ISSUE_LENGTHS),
+        help="segment lengths (default: issue 5's, %(default)s)",
+    )
+    p.add_argument(
+        "--rates",
+        type=int,
+        nargs="+",
+        default=list(ISSUE_RATES),
+        help="dilation rates, one per length (default: issue 5's, %(default)s)",
+    )
+    add_mixings(p, ["head_groups", "lse"])
+    add_causality(p)
+    add_heads(p)
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="inputs' dtype (default: bfloat16)",
+    )
+    p.add_argument(
+        "--computers",
+        nargs="+",
+        default=["sdpa", "flex"],
+        help="AttentionComputer registry names timed (default: sdpa flex)",
+    )
+    p.add_argument(
+        "--dilations",
+        nargs="+",
+        default=["segment_local", "global"],
+        help="DilationProcessor registry names timed (default: segment_local global)",
+    )
+    p.add_argument(
+        "--memory", default="pooled", help="MemoryManager registry name (default: pooled)"
+    )
+    p.add_argument(
+        "--no-compile", dest="compile", action="store_false", help="skip the compiled rows"
+    )
+    p.add_argument("--no-eager", dest="eager", action="store_false", help="skip the eager rows")
     p.add_argument(
         "--compile-modes",
         nargs="+",
@@ -554,7 +585,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also the module compiled before any eager call (its trace registers the core's ops)",
     )
-    p.add_argument("--dense-max-n", type=int, default=131072)
+    p.add_argument(
+        "--dense-max-n",
+        type=int,
+        default=131072,
+        help="dense SDPA, the baseline, runs at min(n, this) tokens: its TFLOP/s no longer "
+        "depends on n there, and its time grows as n^2 (default: %(default)s)",
+    )
     p.add_argument(
         "--fwd-only-from",
         type=int,
@@ -576,9 +613,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "every row timed at the clocks its own sustained load sets, not after whatever ran "
         "before it (0: the warm-up calls only)",
     )
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", type=Path, default=Path("results") / "bench")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per row (default: 2)")
+    p.add_argument(
+        "--repeats", type=int, default=5, help="timed calls per row, median reported (default: 5)"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results") / "bench",
+        help="folder for bench.md / .json and the plots (default: %(default)s)",
+    )
     args = p.parse_args(argv)
     if args.settle < 0:
         p.error(f"--settle must be >= 0 seconds, got {args.settle}")

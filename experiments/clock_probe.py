@@ -42,9 +42,19 @@ def sm_clock_mhz() -> int | None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=131072)
-    p.add_argument("--seconds", type=float, default=4.0)
-    p.add_argument("--out", type=Path, default=Path("results") / "clock_probe")
+    p.add_argument("--n", type=int, default=131072, help="sequence length (default: %(default)s)")
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=4.0,
+        help="seconds of dense SDPA forwards before the second timing (default: %(default)s)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results") / "clock_probe",
+        help="folder for clock_probe.json (default: %(default)s)",
+    )
     args = p.parse_args(argv)
     require_cuda(p.prog)
     device, (h, d) = torch.device("cuda"), (16, 128)

@@ -233,7 +233,14 @@ def plans(n: int = 131072) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=["probe", "host", "retention", "plans", "all"], default="all")
+    p.add_argument(
+        "--part",
+        choices=["probe", "host", "retention", "plans", "all"],
+        default="all",
+        help="probe: a placed block in place vs torch's op + copy; host: host µs per call; "
+        "retention: memory held after a call; plans: every cuDNN plan of issue 5's blocks, "
+        "timed; all (default)",
+    )
     args = p.parse_args(argv)
     if cudnn_graphs.cudnn is None:
         raise SystemExit("needs nvidia-cudnn-frontend (pip install 'ringattn[cuda]')")

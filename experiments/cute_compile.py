@@ -114,7 +114,12 @@ def kernels(n: int, h: int, d: int):
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=32768)
+    p.add_argument(
+        "--n",
+        type=int,
+        default=32768,
+        help="sequence length the operands are laid out for (default: %(default)s)",
+    )
     p.add_argument("--only", default="", help="compile only the kernels whose name has this")
     args = p.parse_args(argv)
     # read when the DSL and FA4's interface are first imported (in the modules' _compile)

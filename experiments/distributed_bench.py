@@ -598,19 +598,69 @@ def write_report(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("results/distributed"))
-    parser.add_argument(
-        "--part", nargs="+", choices=["check", "speed", "weak", "cp", "all"], default=["all"]
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="launch: NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node=P -m "
+        "experiments.distributed_bench [options] (CPUs: gloo; GPUs: NCCL, one per process)",
     )
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=[65536, 262144])
-    parser.add_argument("--layouts", nargs="+", default=["contiguous", "zigzag"])
-    parser.add_argument("--weak-n", type=int, nargs="+", default=[16384, 65536, 262144])
-    parser.add_argument("--cp-n", type=int, nargs="+", default=[131072, 262144, 524288])
-    parser.add_argument("--repeats", type=int, default=REPEATS[0], help="timed calls per number")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results/distributed"),
+        help="where rank 0 writes distributed_<parts>.md / .json (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--part",
+        nargs="+",
+        choices=["check", "speed", "weak", "cp", "all"],
+        default=["all"],
+        help="check: every strategy's sharded outputs and gradients against the float64 oracle; "
+        "speed: ring vs all_gather per layout; weak: issue 5's weak scaling; cp: dense causal "
+        "against PyTorch's context parallel (several in one launch; default: all)",
+    )
+    parser.add_argument(
+        "--seq-lens",
+        type=int,
+        nargs="+",
+        default=[65536, 262144],
+        help="speed: total tokens (all ranks) per row (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--layouts",
+        nargs="+",
+        default=["contiguous", "zigzag"],
+        help=f"speed: shard layouts, among {distributed.LAYOUTS} (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--weak-n",
+        type=int,
+        nargs="+",
+        default=[16384, 65536, 262144],
+        help="weak: tokens per GPU, N (P GPUs at P*N against one at N; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--cp-n",
+        type=int,
+        nargs="+",
+        default=[131072, 262144, 524288],
+        help="cp: total tokens of the dense causal rows (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=REPEATS[0], help="timed calls per number (median)"
+    )
     parser.add_argument("--profile", type=Path, help="weak: write profiler tables here (CUDA)")
-    parser.add_argument("--causal", choices=["yes", "no", "both"], default="both", help="weak")
-    parser.add_argument("--mixing", nargs="+", default=["lse", "head_groups"], help="weak")
+    parser.add_argument(
+        "--causal",
+        choices=["yes", "no", "both"],
+        default="both",
+        help="weak: causal rows, non-causal rows or both (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--mixing",
+        nargs="+",
+        default=list(MIXINGS),
+        help=f"weak: mixings, among {MIXINGS} (default: all)",
+    )
     parser.add_argument(
         "--offset-runs",
         nargs="+",
@@ -633,11 +683,20 @@ def main(argv: list[str] | None = None) -> None:
         help="weak: also time each row replayed from CUDA graphs (CUDA; NCCL's exchanges "
         "captured with the kernels)",
     )
-    parser.add_argument("--heads", type=int, default=BHD[1])
-    parser.add_argument("--head-dim", type=int, default=BHD[2])
+    parser.add_argument(
+        "--heads", type=int, default=BHD[1], help="heads h of every row (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--head-dim",
+        type=int,
+        default=BHD[2],
+        help="head dim d of every row (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     if min(args.repeats, args.heads, args.head_dim) < 1:
         parser.error("--repeats, --heads and --head-dim must be >= 1")
+    if min([*args.seq_lens, *args.weak_n, *args.cp_n]) < 1:
+        parser.error("--seq-lens, --weak-n and --cp-n must be >= 1")
     if bad := sorted(set(args.layouts) - set(distributed.LAYOUTS)):
         parser.error(f"--layouts must be among {distributed.LAYOUTS}, got {bad}")
     if bad := sorted(set(args.mixing) - set(MIXINGS)):

@@ -65,7 +65,7 @@ from typing import Any
 
 import torch
 
-from experiments import require_cuda
+from experiments import add_heads, require_cuda
 from experiments.bench import failure
 
 aten = torch.ops.aten
@@ -1046,11 +1046,22 @@ def bwd_sweep(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=131072)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument(
+        "--n", type=int, default=131072, help="sequence length (default: %(default)s)"
+    )
+    add_heads(parser, "--head-dim")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=10,
+        help="timed calls per number, median reported (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("."),
+        help="folder for fa4_probe[_<part>].json (default: the working directory)",
+    )
     parser.add_argument(
         "--part",
         choices=[
@@ -1071,6 +1082,9 @@ def main(argv: list[str] | None = None) -> None:
             "bwd_sweep",
         ],
         default="compare",
+        help="compare (default): FA4 against cuDNN on dense and strided blocks; the others are "
+        "the probes of docs/benchmarks/h200_perf.md's steps, each described by its function's "
+        "docstring",
     )
     args = parser.parse_args(argv)
     require_cuda(parser.prog)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import ringattn
+from experiments import add_lengths
 from experiments.ablate import dict_rows_to_markdown, median_ms, rel_err
 from experiments.bench import failure
 from ringattn import masks, reference
@@ -213,9 +214,20 @@ def speed(n: int, lengths, rates, mixing: str, causal: bool, strategies) -> list
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("results/flex_gpu"))
-    parser.add_argument("--n", type=int, nargs="+", default=[32768])
-    parser.add_argument("--part", choices=["check", "speed", "all"], default="all")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results/flex_gpu"),
+        help="folder for the part's .md / .json (default: %(default)s)",
+    )
+    add_lengths(parser, [32768])
+    parser.add_argument(
+        "--part",
+        choices=["check", "speed", "all"],
+        default="all",
+        help="check: every single-device strategy against the float64 oracle; speed: flex and "
+        "sdpa against dense SDPA; all (default)",
+    )
     parser.add_argument(
         "--sdpa-forward",
         choices=CUDA_FORWARDS,

@@ -342,13 +342,32 @@ COLUMNS = [
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("results/gpu_fuzz"))
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results/gpu_fuzz"),
+        help="folder for gpu_fuzz.md / .json and the failures' replays (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="cuda (default), or cpu for a dry run",
+    )
     parser.add_argument("--budget", type=float, default=300.0, help="seconds of drawing")
     parser.add_argument("--draws", type=int, default=None, help="stop after this many draws")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-n", type=int, default=8192)
-    parser.add_argument("--max-d", type=int, default=256)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the draws' seed: a seed draws the same problems again (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-n", type=int, default=8192, help="longest sequence drawn (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-d", type=int, default=256, help="largest head dim drawn (default: %(default)s)"
+    )
     parser.add_argument("--flex", action="store_true", help="draw computer='flex' too (compiles)")
     parser.add_argument(
         "--replay",

@@ -28,6 +28,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import ringattn
+from experiments import add_causality, add_heads, add_lengths, add_mixings
 from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
 from ringattn import lanes
 
@@ -153,13 +154,14 @@ def timeline(
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, nargs="+", default=[131072])
-    p.add_argument("--mixing", nargs="+", default=["head_groups", "lse"])
-    p.add_argument("--causal", choices=["no", "yes", "both"], default="both")
-    p.add_argument("--calls", type=int, default=3)
+    add_lengths(p, [131072])
+    add_mixings(p, ["head_groups", "lse"])
+    add_causality(p)
+    p.add_argument(
+        "--calls", type=int, default=3, help="calls recorded per row (default: %(default)s)"
+    )
     p.add_argument("--backward", action="store_true", help="time forward+backward calls")
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--dim", type=int, default=128)
+    add_heads(p)
     p.add_argument(
         "--lanes",
         nargs="+",
@@ -175,7 +177,12 @@ def main(argv: list[str] | None = None) -> None:
         "(near 0 after a gap: the GPU waited for the host), and each timeline's Chrome trace "
         "(trace_*.json.gz under --out)",
     )
-    p.add_argument("--out", type=Path, default=Path("results") / "kernel_timeline")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results") / "kernel_timeline",
+        help="folder for kernel_timeline.md / .json (default: %(default)s)",
+    )
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("kernel_timeline: needs a CUDA GPU")

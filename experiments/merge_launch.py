@@ -21,7 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import ringattn
-from experiments import require_cuda
+from experiments import add_lengths, require_cuda
 from experiments.ablate import dict_rows_to_markdown, median_ms
 from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
 from ringattn.kernels import merge as merge_kernel
@@ -39,11 +39,32 @@ def merge_ms(fn, calls: int = 3) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, nargs="+", default=[131072, 1048576])
-    p.add_argument("--warps", type=int, nargs="+", default=[4, 2, 1, 8])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", type=Path, default=Path("results") / "merge_launch")
+    add_lengths(p, [131072, 1048576])
+    p.add_argument(
+        "--warps",
+        type=int,
+        nargs="+",
+        default=[4, 2, 1, 8],
+        help="warps per program, each a choice timed (default: %(default)s)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="turns through the choices, so drift hits each alike (default: %(default)s)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="timed calls per turn, median reported (default: %(default)s)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results") / "merge_launch",
+        help="folder for merge_launch.md / .json (default: %(default)s)",
+    )
     args = p.parse_args(argv)
     require_cuda(p.prog)
     device, default = torch.device("cuda"), merge_kernel.WARPS

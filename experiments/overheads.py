@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 import ringattn
-from experiments import require_cuda
+from experiments import add_heads, add_lengths, add_mixings, require_cuda
 from experiments.ablate import dict_rows_to_markdown, median_ms, queued_host_ms, rel_err
 from experiments.bench import (
     ISSUE_LENGTHS,
@@ -391,10 +391,16 @@ def probe(n: int, args, traces: dict) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, nargs="+", default=[32768, 131072])
-    p.add_argument("--mixing", nargs="+", default=["lse", "head_groups"])
-    p.add_argument("--causal", action="store_true")
-    p.add_argument("--split", type=int, nargs="+", default=[1, 8])
+    add_lengths(p, [32768, 131072])
+    add_mixings(p, ["lse", "head_groups"])
+    p.add_argument("--causal", action="store_true", help="causal attention (default: not)")
+    p.add_argument(
+        "--split",
+        type=int,
+        nargs="+",
+        default=[1, 8],
+        help="ringattn.pattern.BLOCK_SPLIT values, each a row (default: %(default)s)",
+    )
     # the A/B axes: each takes one or more of its choices, the first listed is the default
     axes = {
         "--in-place": (
@@ -501,14 +507,33 @@ def main(argv: list[str] | None = None) -> None:
     }
     for flag, (choices, help_text) in axes.items():
         p.add_argument(flag, nargs="+", default=choices[:1], choices=choices, help=help_text)
-    p.add_argument("--trace", action="store_true")
-    p.add_argument("--graphs", action="store_true")
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="also log every kernel call of one forward+backward with its transient and kept bytes",
+    )
+    p.add_argument(
+        "--graphs", action="store_true", help="also time the calls replayed from CUDA graphs"
+    )
     p.add_argument("--steady", action="store_true", help="also time back to back, and host time")
-    p.add_argument("--ceiling", action="store_true")
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", type=Path, default=Path("results") / "overheads")
+    p.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also time the plan's kernel calls alone on contiguous inputs, next to dense SDPA",
+    )
+    add_heads(p)
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="timed calls per number, median reported (default: %(default)s)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results") / "overheads",
+        help="folder for overheads.md / .json (default: %(default)s)",
+    )
     args = p.parse_args(argv)
     require_cuda(p.prog)
     rows: list[dict] = []

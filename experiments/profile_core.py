@@ -25,7 +25,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import ringattn
-from experiments import require_cuda
+from experiments import add_mixings, require_cuda
 from experiments.ablate import queued_host_ms
 from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, fwd_and_fwdbwd
 from ringattn import lanes
@@ -33,13 +33,17 @@ from ringattn import lanes
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=131072)
-    p.add_argument("--mixing", nargs="+", default=["lse", "head_groups"])
+    p.add_argument("--n", type=int, default=131072, help="sequence length (default: %(default)s)")
+    add_mixings(p, ["lse", "head_groups"])
     p.add_argument("--forward", action="store_true", help="no-grad forward instead of fwd+bwd")
     p.add_argument("--compile", action="store_true", help="also profile compile=True")
-    p.add_argument("--causal", action="store_true")
-    p.add_argument("--calls", type=int, default=5)
-    p.add_argument("--rows", type=int, default=16)
+    p.add_argument("--causal", action="store_true", help="causal attention (default: not)")
+    p.add_argument(
+        "--calls", type=int, default=5, help="calls profiled per variant (default: %(default)s)"
+    )
+    p.add_argument(
+        "--rows", type=int, default=16, help="rows of each profiler table (default: %(default)s)"
+    )
     p.add_argument("--host", action="store_true", help="cProfile the host instead")
     p.add_argument(
         "--dump", default=None, help="with --host: also write each profile (pstats) to DIR/*.prof"

@@ -27,7 +27,9 @@ def per_call_us(fn, calls: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument(
+        "--calls", type=int, default=2000, help="calls timed per arm (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     dist.init_process_group("gloo")
     group = dist.group.WORLD

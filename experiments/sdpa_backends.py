@@ -117,7 +117,12 @@ def lse_ops_agree(q, k, v) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--out", type=Path, default=Path("results") / "sdpa_backends")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results") / "sdpa_backends",
+        help="folder for sdpa_backends.md / .json (default: %(default)s)",
+    )
     args = p.parse_args(argv)
     require_cuda(p.prog)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -285,10 +285,24 @@ def record(preset: Preset, preset_name: str, task: str, results: list[dict], out
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--task", choices=[*TASKS, "all"], default="all")
-    parser.add_argument("--out", type=Path, default=Path("results/longrange"))
-    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="cpu",
+        help="cpu (default): minutes on 2 cores; gpu: longer contexts",
+    )
+    parser.add_argument(
+        "--task", choices=[*TASKS, "all"], default="all", help="recall, majority or all (default)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results/longrange"),
+        help="folder for <task>/results.json, results.md, curves.png (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="training steps per model (default: the preset's)"
+    )
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be a positive integer, got {args.steps}")

@@ -3,6 +3,7 @@ ones are run only on a lent device, so a broken import or argument table must sh
 
 from __future__ import annotations
 
+import argparse
 import importlib
 from pathlib import Path
 
@@ -27,6 +28,34 @@ def test_script_imports_and_parses_help(name, capsys):
         main(["--help"])
     assert done.value.code == 0
     assert "usage" in capsys.readouterr().out
+
+
+class _Parsed(Exception):
+    """Raised in place of parsing, carrying the script's parser."""
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_option_says_what_it_does(name, monkeypatch):
+    """``--help`` is the scripts' manual (they run on a lent GPU from one command line): every
+    option of every script has a help text."""
+    module = importlib.import_module(f"experiments.{name}")
+    main = getattr(module, "main", None)
+    if main is None:
+        pytest.skip(f"experiments.{name} has no main()")
+
+    def parsed(parser, *args, **kwargs):
+        raise _Parsed(parser)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parsed)
+    with pytest.raises(_Parsed) as got:
+        main([])
+    parser = got.value.args[0]
+    silent = [
+        action.option_strings[0] if action.option_strings else action.dest
+        for action in parser._actions
+        if not action.help and not isinstance(action, argparse._HelpAction)
+    ]
+    assert not silent, f"experiments.{name}: options without a help text: {silent}"
 
 
 GPU_ONLY = [
