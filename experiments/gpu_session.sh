@@ -28,6 +28,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh bwd_ab   # ~2.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh fuzz     # ~7.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh scripts  # ~5 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh options  # ~4 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh merge_cost # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
@@ -73,7 +74,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|scripts|fuzz|merge_cost|long|checks|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh record|scripts|options|fuzz|merge_cost|long|checks|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -413,6 +414,27 @@ group)
     summary="$(grep -h "^problem=" "$out/probe.log" | cut -c1-400)
 $(brief "$out"/ab*/overheads.json)
 $(grep -h "GPU busy" "$out/timeline_131k_causal/kernel_timeline.md" | cut -c1-150)"
+    ;;
+options)
+    # after every script's options were given help texts and shared helpers (--n, --mixing,
+    # --causal, --heads/--dim): each GPU script whose option table changed, once, short
+    run() {
+        local name=$1
+        shift
+        timeout 150 python -m "experiments.$name" "$@" >"$out/$name.log" 2>&1
+        echo "$name: rc=$?" >>"$out/rc.log"
+    }
+    run bench --n 32768 --mixing lse --causal yes --computers sdpa --dilations segment_local \
+        --no-flash-row --no-in-model --no-compile --repeats 3 --warmup 1 --check-n 0 \
+        --out "$out/bench"
+    run overheads --n 32768 --mixing head_groups --split 8 --repeats 3 --out "$out/overheads"
+    run kernel_timeline --n 32768 --mixing lse --causal no --calls 1 --out "$out/timeline"
+    run merge_launch --n 32768 --warps 4 --rounds 1 --repeats 3 --out "$out/merge_launch"
+    run profile_core --n 32768 --mixing head_groups --forward --calls 2 --rows 5
+    run fa4_probe --n 32768 --heads 16 --head-dim 128 --repeats 3 --out "$out"
+    run flex_gpu --part speed --n 32768 --out "$out/flex_gpu"
+    summary="$(cat "$out/rc.log")
+$(grep -h "Traceback\|Error" "$out"/*.log | sort | uniq -c | head -20)"
     ;;
 scripts)
     # after experiments/ became type-checked (mypy): every GPU-only script path that change
