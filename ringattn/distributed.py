@@ -115,36 +115,59 @@ def shard(x: Tensor, group: dist.ProcessGroup | None = None, layout: str = "cont
     return torch.cat([x[:, i * c : (i + 1) * c] for i in chunks], dim=1)
 
 
-def gather(x: Tensor, group: dist.ProcessGroup | None = None, layout: str = "contiguous") -> Tensor:
+# how gather's backward forms each rank's shard gradient
+GATHER_GRADS = ("shard", "sum")
+
+
+def gather(
+    x: Tensor,
+    group: dist.ProcessGroup | None = None,
+    layout: str = "contiguous",
+    grad: str = "shard",
+) -> Tensor:
     """Reassemble the full ``[b, n, ...]`` tensor from every rank's shard (all ranks get it).
 
-    Differentiable, as DTensor's ``full_tensor()``: the gradient of this rank's shard is its
-    shard of the full tensor's gradient (no communication), which is right where every rank
-    computes the same loss from the gathered tensor; sum the ranks' shards' gradients (the
-    parameters' all-reduce) for the full gradient. (It returned a tensor without a graph: a
-    loss on it trained nothing before the gather, silently.)"""
+    Differentiable. ``grad`` says what each rank's loss is:
+
+    - ``"shard"`` (DTensor's ``full_tensor()``): every rank computes the same loss from the
+      gathered tensor. This rank's shard gets its shard of the full tensor's gradient, with no
+      communication; sum the ranks' shards' gradients (the parameters' all-reduce) for the full
+      gradient.
+    - ``"sum"`` (``torch.distributed.nn.all_gather``'s): each rank computes a loss of its own,
+      and their sum is what is trained. The backward all-reduces the full tensor's gradient,
+      then takes this rank's shard, so every rank must call backward.
+
+    Every rank must pass the same ``grad`` (checked with the shards' shapes: a mismatch raises
+    on every rank, before the backward could hang). (gather returned a tensor without a graph
+    once: a loss on it trained nothing before the gather, silently.)"""
     group = resolve_group(group)
+    # unequal shards (an uneven last batch) would pad with garbage on one rank and abort another
+    held = (tuple(x.shape), str(x.dtype), grad)
+    require_agreement(group, held, "the shards to gather ((shape, dtype) of x, and grad)")
+    if grad not in GATHER_GRADS:
+        raise ValueError(f"grad must be one of {GATHER_GRADS}, got {grad!r}")
     if torch.is_grad_enabled() and x.requires_grad:
-        return _Gather.apply(x, group, layout)
+        return _Gather.apply(x, group, layout, grad)
     return _gathered(x, group, layout)
 
 
 class _Gather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, group: dist.ProcessGroup, layout: str) -> Tensor:
-        ctx.group, ctx.layout = group, layout
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup, layout: str, grad: str) -> Tensor:
+        ctx.group, ctx.layout, ctx.grad = group, layout, grad
         return _gathered(x, group, layout)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        return shard(grad, ctx.group, ctx.layout), None, None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        if ctx.grad == "sum":
+            grad = grad.contiguous()
+            dist.all_reduce(grad, group=ctx.group)
+        return shard(grad, ctx.group, ctx.layout), None, None, None
 
 
 def _gathered(x: Tensor, group: dist.ProcessGroup, layout: str) -> Tensor:
+    """The full tensor from every rank's shard (their shapes and dtypes agree: gather checked)."""
     p = dist.get_world_size(group)
-    # unequal shards (an uneven last batch) would pad with garbage on one rank and abort another
-    held = (tuple(x.shape), str(x.dtype))
-    require_agreement(group, held, "the shards to gather ((shape, dtype) of x)")
     parts = [torch.empty_like(x) for _ in range(p)]
     dist.all_gather(parts, x.contiguous(), group=group)
     pieces: dict[int, Tensor] = {}

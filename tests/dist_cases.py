@@ -473,11 +473,13 @@ def a_bad_input_on_one_rank_raises_everywhere():
     return _messages_of(lambda: module(q.tolist() if dist.get_rank() == 1 else q, q, q))
 
 
-def a_loss_on_the_gathered_output_trains_the_inputs(layout: str):
-    """Every rank's loss on ``gather(out)`` (the same loss everywhere): the shards' gradients,
-    summed over the ranks, are the oracle's (gather returned a tensor without a graph: no
-    gradient reached q, k, v, silently)."""
-    world = dist.get_world_size()
+def a_loss_on_the_gathered_output_trains_the_inputs(layout: str, grad: str = "shard"):
+    """A loss on ``gather(out)``: with ``grad="shard"`` the same loss on every rank, with
+    ``"sum"`` a loss of each rank's own (its weight scaled by rank + 1, so the ranks' losses
+    differ). The shards' gradients, summed over the ranks, are the oracle's for the loss trained
+    (one rank's loss, or the sum of all ranks'). (gather returned a tensor without a graph: no
+    gradient reached q, k, v, silently.)"""
+    world, rank = dist.get_world_size(), dist.get_rank()
     gen = torch.Generator().manual_seed(0)
     q, k, v, w = (torch.randn(1, 32 * world, 2, 8, generator=gen) for _ in range(4))
     module = ringattn.DilatedAttention(
@@ -486,16 +488,31 @@ def a_loss_on_the_gathered_output_trains_the_inputs(layout: str):
     )  # fmt: skip
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     shards = [distributed.shard(x, layout=layout) for x in leaves]
-    full = distributed.gather(module(*shards), layout=layout)
-    (full * w).sum().backward()
+    full = distributed.gather(module(*shards), layout=layout, grad=grad)
+    mine = w * (rank + 1) if grad == "sum" else w
+    (full * mine).sum().backward()
     grads = [x.grad for x in leaves]
     for g in grads:
         dist.all_reduce(g)
+    trained = w * sum(range(1, world + 1)) if grad == "sum" else w
     ref_in = [x.double().requires_grad_() for x in (q, k, v)]
     ref = reference.dilated_attention(*ref_in, segment_lengths=(8, 16), dilation_rates=(1, 2))
-    ref_grads = torch.autograd.grad((ref * w.double()).sum(), ref_in)
+    ref_grads = torch.autograd.grad((ref * trained.double()).sum(), ref_in)
     errors = [float((g.double() - r).norm() / r.norm()) for g, r in zip(grads, ref_grads)]
     return full.requires_grad, errors
+
+
+def gather_with_another_grad_on_one_rank_raises_everywhere():
+    """``grad`` differing across ranks: one rank's backward would all-reduce while the others'
+    did not (a hang); the forward's agreement names it on every rank instead."""
+    x = torch.randn(1, 4, 2, 3, requires_grad=True)
+    grad = "sum" if dist.get_rank() == 1 else "shard"
+    return _messages_of(lambda: distributed.gather(x, grad=grad))
+
+
+def gather_with_an_unknown_grad_raises():
+    """The same unknown ``grad`` on every rank: each raises the ValueError naming it."""
+    return _messages_of(lambda: distributed.gather(torch.randn(1, 4, 2, 3), grad="mean"))
 
 
 def a_dual_tensor_on_one_rank_raises_everywhere():

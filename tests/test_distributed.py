@@ -274,12 +274,25 @@ def test_a_bad_input_on_one_rank_raises_on_every_rank(pool):
     assert all(m.startswith("ValueError: ranks disagree") and "('list',)" in m for m in others)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-def test_a_loss_on_the_gathered_output_trains_the_inputs(pool, layout):
+@pytest.mark.parametrize("layout, grad", [("contiguous", "shard"), ("zigzag", "shard"),
+                                          ("contiguous", "sum"), ("zigzag", "sum")])  # fmt: skip
+def test_a_loss_on_the_gathered_output_trains_the_inputs(pool, layout, grad):
     for requires_grad, errors in pool.run(
-        "a_loss_on_the_gathered_output_trains_the_inputs", layout
+        "a_loss_on_the_gathered_output_trains_the_inputs", layout, grad
     ):
         assert requires_grad and max(errors) < 1e-5, errors
+
+
+def test_gather_with_another_grad_on_one_rank_raises_on_every_rank(pool):
+    messages = pool.run("gather_with_another_grad_on_one_rank_raises_everywhere")
+    assert all(m.startswith("ValueError: ranks disagree") and "grad" in m for m in messages)
+    assert all("'sum'" in m and "'shard'" in m for m in messages), messages[0]
+
+
+def test_gather_refuses_an_unknown_grad_on_every_rank(pool):
+    messages = pool.run("gather_with_an_unknown_grad_raises")
+    expected = "ValueError: grad must be one of ('shard', 'sum'), got 'mean'"
+    assert all(m == expected for m in messages), messages
 
 
 def test_a_dual_tensor_on_one_rank_raises_on_every_rank(pool):
