@@ -500,3 +500,43 @@ def test_longnet_built_on_meta_keeps_its_head_tied_to_the_embedding():
     assert model.head.weight is model.embed.weight
     direct = LongNet(config)
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in direct.parameters())
+
+
+def _tiny_model(depth: int = 2) -> LongNet:
+    torch.manual_seed(0)
+    config = LongNetConfig(
+        vocab_size=32, dim=16, depth=depth, num_heads=4, segment_lengths=(4, 8),
+        dilation_rates=(1, 2), compile=False,
+    )  # fmt: skip
+    return LongNet(config).eval()
+
+
+def test_generate_on_a_model_compiled_in_place_with_fullgraph():
+    """generate() decodes eagerly: on a model compiled in place with fullgraph=True it went
+    through the compiled forward into the eager decoding and Dynamo raised."""
+    model = _tiny_model()
+    prompt = torch.randint(0, 32, (1, 5))
+    expected = model.generate(prompt, 4)
+    model.compile(fullgraph=True, backend="eager")
+    assert torch.equal(model.generate(prompt, 4), expected)
+
+
+def test_one_cache_for_several_layers_is_refused():
+    """[cache] * depth: layer 0's prefill moved the shared length and layer 1 read the same
+    tokens as a continuation (logits off by 0.15, silently)."""
+    model = _tiny_model()
+    cache = model.new_caches(1, 64)[0]
+    with pytest.raises(ValueError, match="caches must be distinct KVCache objects"):
+        model(torch.randint(0, 32, (1, 6)), [cache] * 2)
+    assert cache.length == 0  # refused before any layer moved
+
+
+def test_loss_checks_its_targets():
+    model = _tiny_model(depth=1)
+    tokens = torch.randint(0, 32, (2, 3))
+    with pytest.raises(ValueError, match=r"targets must have the tokens' shape \(2, 3\)"):
+        model.loss(tokens, torch.randint(0, 32, (3, 2)))  # same count: was a silent wrong loss
+    with pytest.raises(TypeError, match="targets must be an integer"):
+        model.loss(tokens, tokens.float())
+    targets = torch.randint(0, 32, (2, 3))
+    assert torch.equal(model.loss(tokens, targets.int()), model.loss(tokens, targets))

@@ -184,6 +184,13 @@ class LongNet(nn.Module):
                     f"caches must be a list of {len(self.blocks)} KVCache (new_caches()), one "
                     f"per layer, got {count}"
                 )
+            if len({id(cache) for cache in caches}) != len(caches):
+                # ([cache] * depth: layer 0's prefill moved the shared length, and layer 1 read
+                # the same tokens as a continuation, silently)
+                raise ValueError(
+                    "caches must be distinct KVCache objects, one per layer (new_caches()), got "
+                    "the same cache for several layers"
+                )
             for block, cache in zip(self.blocks, caches):
                 check = getattr(block.attn, "check_call", None)
                 if check is not None:
@@ -200,8 +207,16 @@ class LongNet(nn.Module):
     def loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
         """Mean cross-entropy of the logits for ``tokens`` against ``targets`` ``[b, n]``
         (positions with target ``-100`` are ignored)."""
+        if not isinstance(targets, Tensor) or targets.dtype not in _TOKEN_DTYPES:
+            got = repr(targets.dtype) if isinstance(targets, Tensor) else type(targets).__name__
+            raise TypeError(f"targets must be an integer (int64 or int32) tensor, got {got}")
+        if isinstance(tokens, Tensor) and targets.shape != tokens.shape:
+            raise ValueError(
+                f"targets must have the tokens' shape {tuple(tokens.shape)}, got "
+                f"{tuple(targets.shape)}"
+            )
         logits = self(tokens)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten().long(), ignore_index=-100)
 
     def new_caches(self, batch: int, capacity: int) -> list[KVCache]:
         """One empty KV cache per layer, for ``forward(tokens, caches)``."""
@@ -226,7 +241,10 @@ class LongNet(nn.Module):
             got = tuple(prompt.shape) if isinstance(prompt, Tensor) else type(prompt).__name__
             raise ValueError(f"prompt must be a [b, n0 >= 1] tensor of token ids, got {got}")
         caches = self.new_caches(prompt.shape[0], prompt.shape[1] + max_new_tokens)
-        logits = self(prompt, caches)[:, -1]
+        # decoding runs eagerly (eager_decoding): self.forward, not self(), so that a model
+        # compiled in place (model.compile(fullgraph=True)) does not trace into it and fail
+        decode = self.forward
+        logits = decode(prompt, caches)[:, -1]
         out = [prompt]
         for step in range(max_new_tokens):
             if temperature > 0:
@@ -236,5 +254,5 @@ class LongNet(nn.Module):
                 token = logits.argmax(-1, keepdim=True)
             out.append(token)
             if step + 1 < max_new_tokens:
-                logits = self(token, caches)[:, -1]
+                logits = decode(token, caches)[:, -1]
         return torch.cat(out, dim=1)
