@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+
 
 def require_cuda(prog: str) -> None:
     """Exit with an argparse-style error where a tool that times CUDA kernels finds no GPU (it
@@ -37,3 +40,11 @@ def add_heads(parser, dim_flag: str = "--dim") -> None:
     """``--heads`` and the head dim (``dim_flag``), at issue 5's 16 and 128 by default."""
     parser.add_argument("--heads", type=int, default=16, help="heads h (default: 16)")
     parser.add_argument(dim_flag, type=int, default=128, help="head dim d (default: 128)")
+
+
+def worst(errors: Iterable[float]) -> float:
+    """The largest of ``errors``, NaN if any is NaN. Python's ``max`` keeps a NaN only where it
+    comes first (``nan > x`` is False), so a NaN gradient after a finite one passed the checks
+    that took ``max`` of their errors."""
+    errors = list(errors)
+    return math.nan if any(math.isnan(e) for e in errors) else max(errors)

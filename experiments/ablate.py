@@ -70,6 +70,7 @@ from rich.progress import (
 )
 
 import ringattn
+from experiments import worst
 from ringattn import DilatedConfig, Strategy, reference, registry
 from ringattn.config import MIXINGS
 from ringattn.flops import dense_pairs, useful_pairs
@@ -799,7 +800,7 @@ def check(
         return rel_err(layout.join(out), oracle.out), None, f"forward only: {_one_line(e)}"
     grads = [layout.join(g) for g in torch.autograd.grad(out, leaves, grad_out)]
     floor = 0.1 * float(oracle.inputs[3].double().norm())
-    grad_err = max(rel_err(g, ref, floor) for g, ref in zip(grads, oracle.grads))
+    grad_err = worst(rel_err(g, ref, floor) for g, ref in zip(grads, oracle.grads))
     return rel_err(layout.join(out), oracle.out), grad_err, ""
 
 
@@ -939,7 +940,7 @@ def measure_variant(sweep: Sweep, variant: Variant, oracle: Callable[[], Oracle]
         layout = Layout.of(variant.strategy)
         row.fwd_rel_err, row.grad_rel_err, row.note = check(module, oracle(), layout)
         errors = [e for e in (row.fwd_rel_err, row.grad_rel_err) if e is not None]
-        row.check = "pass" if max(errors) <= tolerance else "FAIL"
+        row.check = "pass" if worst(errors) <= tolerance else "FAIL"
         backward = row.grad_rel_err is not None
         time_and_memory(row, module, sweep, backward, layout)
 

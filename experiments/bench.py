@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import ringattn
-from experiments import add_causality, add_heads, add_lengths, add_mixings
+from experiments import add_causality, add_heads, add_lengths, add_mixings, worst
 from experiments.ablate import dict_rows_to_markdown, median_ms, module_memory, rel_err
 from ringattn import reference
 from ringattn.computers.sdpa import CUDA_FORWARDS, SDPAComputer
@@ -145,7 +145,7 @@ def graphed_calls(
         xs = tuple(x.detach().requires_grad_() for x in (q, k, v))
         graphed = torch.cuda.make_graphed_callables(fn, xs)
         replayed, eager = with_grads(graphed, q, k, v, dout), with_grads(fn, q, k, v, dout)
-        calls["fwdbwd_err"] = max(rel_err(x, ref) for x, ref in zip(replayed, eager, strict=True))
+        calls["fwdbwd_err"] = worst(rel_err(x, ref) for x, ref in zip(replayed, eager, strict=True))
         calls["fwdbwd"] = fwd_and_fwdbwd(graphed, q, k, v, dout)[1]
     except Exception as exc:
         calls["fwdbwd"] = failure(exc)
@@ -330,7 +330,7 @@ def check(make, mixing: str, causal: bool, args, device: torch.device) -> float:
         ref.backward(dout.double())
         _ORACLE[key] = [ref.detach()] + [x.grad for x in refs]
     mine = with_grads(make, q, k, v, dout)
-    return max(rel_err(x, r) for x, r in zip(mine, _ORACLE[key]))
+    return worst(rel_err(x, r) for x, r in zip(mine, _ORACLE[key]))
 
 
 def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dict) -> list[dict]:

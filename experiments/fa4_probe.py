@@ -65,7 +65,7 @@ from typing import Any
 
 import torch
 
-from experiments import add_heads, require_cuda
+from experiments import add_heads, require_cuda, worst
 from experiments.bench import failure
 
 aten = torch.ops.aten
@@ -255,7 +255,7 @@ def replay(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
                         row["replays"] = sum(r is not None for r in fa4._REPLAYS.values())
                         if not row["replays"]:
                             row["refusal"] = replay_module.last_refusal
-                        row["replay_max_rel_err"] = max(
+                        row["replay_max_rel_err"] = worst(
                             float((a.float() - b.float()).norm() / b.float().norm())
                             for a, b in zip(again, first)
                         )
@@ -724,9 +724,9 @@ def group(
                 out_err, lse_err = 0.0, 0.0
                 for q, k, v, out, lse in groups:
                     ref_out, ref_lse = fa4.forward(q, k, v, causal, scale)
-                    out_err = max(out_err, float((out.float() - ref_out.float()).abs().max()))
+                    out_err = worst([out_err, float((out.float() - ref_out.float()).abs().max())])
                     if lse is not None:
-                        lse_err = max(lse_err, float((lse - ref_lse).abs().max()))
+                        lse_err = worst([lse_err, float((lse - ref_lse).abs().max())])
                 row[f"out_max_abs{tag}"], row[f"lse_max_abs{tag}"] = out_err, lse_err
                 row[f"zeros_exact{tag}"] = bool((out_full[~selected] == 0).all())
             row.update(_gpu_and_host_times(repeats, **variants, per_config=per_config))
@@ -1033,7 +1033,7 @@ def bwd_sweep(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
                         grads = [g.float() for g in fn()[:3]]
                         if reference is None:
                             reference = grads
-                        row["rel_err_vs_default"] = max(
+                        row["rel_err_vs_default"] = worst(
                             float((g - r).norm() / r.norm()) for g, r in zip(grads, reference)
                         )
                         ms = _events_ms(fn, 2, repeats)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import ringattn
-from experiments import add_lengths
+from experiments import add_lengths, worst
 from experiments.ablate import dict_rows_to_markdown, median_ms, rel_err
 from experiments.bench import failure
 from ringattn import masks, reference
@@ -93,8 +93,9 @@ def _correctness(device: torch.device, h: int, lengths, rates, mixings, n: int) 
                                 xs = [x.detach().clone().requires_grad_() for x in inputs]
                                 out = module(*xs)
                                 grads = torch.autograd.grad(out, xs, grad.to(dtype))
-                                fwd = max(fwd, rel_err(out, ref))
-                                bwd = max(bwd, *(rel_err(g, r) for g, r in zip(grads, ref_grads)))
+                                fwd = worst([fwd, rel_err(out, ref)])
+                                grad_errs = (rel_err(g, r) for g, r in zip(grads, ref_grads))
+                                bwd = worst([bwd, *grad_errs])
                             error = ""
                         except Exception as exc:  # report, keep going
                             fwd = bwd = float("nan")

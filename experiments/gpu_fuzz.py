@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 import ringattn
+from experiments import worst
 from experiments.ablate import dict_rows_to_markdown, rel_err
 from experiments.bench import failure
 from ringattn import reference
@@ -121,7 +122,7 @@ def run(module, q, k, v, grad):
 def errors(got, ref) -> tuple[float, float]:
     out, grads = got
     ref_out, ref_grads = ref
-    return rel_err(out, ref_out), max(rel_err(g, r) for g, r in zip(grads, ref_grads))
+    return rel_err(out, ref_out), worst(rel_err(g, r) for g, r in zip(grads, ref_grads))
 
 
 def module_for(strategy: ringattn.Strategy, p: dict) -> ringattn.DilatedAttention:
@@ -442,9 +443,13 @@ def main(argv: list[str] | None = None) -> None:
     ]
     (args.out / "gpu_fuzz.md").write_text("\n".join(report))
     measured = [r for r in checked if "grad_err" in r]
-    worst = sorted(measured, key=lambda r: -(r["grad_err"] / max(r["math_grad_err"], 1e-12)))[:5]
+
+    def ratio(row):
+        return row["grad_err"] / max(row["math_grad_err"], 1e-12)
+
+    worst_rows = sorted(measured, key=ratio, reverse=True)[:5]
     print("\nworst gradient errors relative to math's:")
-    print(dict_rows_to_markdown(worst, COLUMNS))
+    print(dict_rows_to_markdown(worst_rows, COLUMNS))
     print("\nfailures:")
     print(dict_rows_to_markdown(bad, COLUMNS) if bad else "none")
     print(summary)

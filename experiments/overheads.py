@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 import ringattn
-from experiments import add_heads, add_lengths, add_mixings, require_cuda
+from experiments import add_heads, add_lengths, add_mixings, require_cuda, worst
 from experiments.ablate import dict_rows_to_markdown, median_ms, queued_host_ms, rel_err
 from experiments.bench import (
     ISSUE_LENGTHS,
@@ -355,7 +355,7 @@ def probe(n: int, args, traces: dict) -> list[dict]:
             )
             results = with_grads(attention, q, k, v, dout)
             first_results = first_results or results
-            rows[-1]["vs_first_err"] = max(
+            rows[-1]["vs_first_err"] = worst(
                 float(rel_err(got, want)) for got, want in zip(results, first_results, strict=True)
             )
             del results

@@ -253,7 +253,7 @@ def groups_side_by_side_match_oracle(communicator, size):
         errors += [_rel(g, distributed.shard(r, group)) for g, r in zip(grads, ref_grads)]
     for g in groups:
         dist.destroy_process_group(g)
-    assert max(errors) < 1e-10, errors
+    assert all(e < 1e-10 for e in errors), errors  # (max() drops a NaN that is not first)
     return True
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -291,3 +292,32 @@ def test_command_line_error_has_no_traceback(argv, message):
     assert "Traceback" not in result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("ablate: error: ") and message in lines[0]
+
+
+def test_a_nan_gradient_fails_the_check(tmp_path):
+    """A strategy whose dk is NaN: Python's max() dropped the NaN behind the finite forward
+    error, and the row said "pass" with exit status 0."""
+    from ringattn.computers.math import MathComputer
+    from ringattn.registry import register, unregister
+
+    @register("computer", "nan_dk_test")
+    class NanDK(MathComputer):
+        def backward(self, dout, q, k, v, out, lse, causal, scale):
+            dq, dk, dv = super().backward(dout, q, k, v, out, lse, causal, scale)
+            return dq, torch.full_like(dk, float("nan")), dv
+
+    try:
+        args = ["--computer", "nan_dk_test", "--dilation", "segment_local", "--memory", "none",
+                "--seq-lens", "64", "--segment-lengths", "16,32", "--dilation-rates", "1,2",
+                "--compile", "off", "--no-baseline", "--out", str(tmp_path)]  # fmt: skip
+        assert ablate.main(args) == 1
+        rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+        assert [row["check"] for row in rows] == ["FAIL"] and rows[0]["grad_rel_err"] == "nan"
+    finally:
+        unregister("computer", "nan_dk_test")
+
+
+def test_worst_keeps_a_nan_wherever_it_comes():
+    from experiments import worst
+
+    assert math.isnan(worst([1e-7, float("nan"), 2e-7])) and worst([1e-7, 3e-7]) == 3e-7
