@@ -72,7 +72,6 @@ from rich.progress import (
 import ringattn
 from experiments import worst
 from ringattn import DilatedConfig, Strategy, reference, registry
-from ringattn.config import MIXINGS
 from ringattn.flops import dense_pairs, useful_pairs
 from ringattn.memory.base import MemoryManager
 
@@ -224,7 +223,10 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _names(text: str) -> tuple[str, ...]:
-    return tuple(token.strip() for token in text.split(",") if token.strip())
+    names = tuple(token.strip() for token in text.split(",") if token.strip())
+    if not names:  # ("--computer ," was no filter at all: every computer ran)
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -367,8 +369,6 @@ def resolve(args: argparse.Namespace) -> Sweep:
     strategies = select_strategies(filters)
     distributed = check_distributed(preset, strategies)
     device = _device(preset.device)
-    if not preset.mixings:
-        raise UsageError(f"--mixing must name at least one of {MIXINGS}")
     backends = torch.compiler.list_backends(exclude_tags=())
     if args.compile_backend not in backends:
         raise UsageError(

@@ -42,10 +42,11 @@ def register(kind: str, name: str) -> Callable[[T], T]:
     any other class under a taken name is refused, as is a class already registered under
     another name (registering it again renamed it, built-ins included)."""
     _check_kind(kind)
-    if not isinstance(name, str) or not name or "/" in name or name != name.strip():
+    # '/' separates Strategy.label's parts, ',' the names of ablate's filters
+    if not isinstance(name, str) or not name or "/" in name or "," in name or name != name.strip():
         raise ValueError(
-            f"name must be a non-empty str without '/' or surrounding spaces (it is part of "
-            f"Strategy.label), got {name!r}"
+            f"name must be a non-empty str without '/', ',' or surrounding spaces (it is part "
+            f"of Strategy.label and of ablate's filters), got {name!r}"
         )
 
     def decorate(cls: T) -> T:

@@ -200,9 +200,10 @@ BAD_ARGS = {
     "ring without torchrun": (["--communicator", "ring"], "'ring' must be launched under torchrun"),
     # before: 0 rows and exit 0; every compiled row an error; every row an error; a traceback
     # after the whole sweep, its results lost
-    "no mixing": (["--mixing", ","], "--mixing must name at least one"),
+    "no mixing": (["--mixing", ","], "--mixing: expected comma-separated names, got ','"),
     "unknown compile backend": (["--compile-backend", "nope"], "--compile-backend must be one"),
     "meta device": (["--device", "meta"], "--device must be cpu or cuda"),
+    "empty filter": (["--computer", ","], "expected comma-separated names, got ','"),
     "results folder under a file": (["--out", "/dev/null/results"], "--out: cannot make"),
 }
 

@@ -59,6 +59,7 @@ def test_registration_refuses_what_cannot_run():
         (ValueError, "non-empty str without '/'", "computer", "a/b", Alias),
         (ValueError, "non-empty str without '/'", "computer", 3, Alias),
         (ValueError, "non-empty str without '/'", "computer", "", Alias),
+        (ValueError, "without '/', ','", "computer", "chunk,4", Alias),
     ]
     for error, words, kind, name, cls in refused:
         with pytest.raises(error, match=re.escape(words)):
