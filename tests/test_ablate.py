@@ -62,7 +62,12 @@ def test_tiny_sweep_writes_csv_markdown_and_plots(tmp_path, capsys):
 def test_compiled_variant_is_checked_and_timed(tmp_path):
     argv = [*TINY, "--compile", "on", "--compile-backend", "aot_eager", "--seq-lens", "40"]
     argv += ["--dilation", "segment_local", "--computer", "sdpa", "--memory", "pooled"]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     assert ablate.main([*argv, "--out", str(tmp_path)]) == 0
+    # sdpa opens no compiled frame of its own: the row compiled nothing, as compile off, until
+    # ablate wrapped such a module in torch.compile
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
     (row,) = [r for r in read_rows(tmp_path) if r["strategy"] != ablate.BASELINE]
     assert row["compile"] == "True" and row["check"] == "pass"
     assert float(row["fwdbwd_ms"]) > 0 and float(row["fwdbwd_peak_mib"]) > 0
