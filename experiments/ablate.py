@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import matplotlib
 
@@ -930,7 +930,7 @@ def measure_variant(sweep: Sweep, variant: Variant, oracle: Callable[[], Oracle]
     )
 
     def run() -> None:
-        module = ringattn.DilatedAttention(
+        attention = ringattn.DilatedAttention(
             c.segment_lengths,
             c.dilation_rates,
             causal=c.causal,
@@ -939,11 +939,15 @@ def measure_variant(sweep: Sweep, variant: Variant, oracle: Callable[[], Oracle]
             compile=variant.compile,
             compile_backend=sweep.compile_backend,
         )
-        if variant.compile and not module.compiled_frame:
+        module: torch.nn.Module = attention
+        if variant.compile and not attention.compiled_frame:
             # a block computer (math, sdpa) opens no compiled frame of its own: compile=True
             # alone runs its core eagerly, so the row repeated compile off. Compiling it means
             # an enclosing torch.compile, which captures the core as its opaque ops (README)
-            module = torch.compile(module, backend=sweep.compile_backend, fullgraph=True)
+            module = cast(
+                torch.nn.Module,
+                torch.compile(attention, backend=sweep.compile_backend, fullgraph=True),
+            )
         layout = Layout.of(variant.strategy)
         row.fwd_rel_err, row.grad_rel_err, row.note = check(module, oracle(), layout)
         errors = [e for e in (row.fwd_rel_err, row.grad_rel_err) if e is not None]
