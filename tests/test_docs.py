@@ -29,3 +29,20 @@ def test_doc_example_runs(doc, index):
     scope: dict = {}
     exec(python_blocks(doc)[index], scope)
     assert isinstance(scope["out"], torch.Tensor) and scope["out"].shape == scope["q"].shape
+
+
+def test_the_ablation_notebooks_help_is_the_current_one():
+    """notebooks/02_ablation.ipynb shows ablate's --help as stored output: it had gone stale
+    (no --import line). Compared word for word (the stored width may differ)."""
+    import json
+
+    from experiments.ablate import build_parser
+
+    notebook = json.loads((ROOT / "notebooks" / "02_ablation.ipynb").read_text())
+    (cell,) = [
+        c
+        for c in notebook["cells"]
+        if c["cell_type"] == "code" and 'main(["--help"])' in "".join(c["source"])
+    ]
+    stored = "".join("".join(o.get("text", "")) for o in cell["outputs"])
+    assert stored.split() == build_parser().format_help().split()
