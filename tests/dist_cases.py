@@ -610,6 +610,8 @@ def a_layers_bad_input_on_one_rank_raises_everywhere(case: str):
         return _messages_of(lambda: model(tokens.float() if bad else tokens))
     if case == "model_token_out_of_range":
         return _messages_of(lambda: model(tokens + 32 if bad else tokens))
+    if case == "model_loss_float_targets":
+        return _messages_of(lambda: model.loss(tokens, tokens.float() if bad else tokens))
     raise AssertionError(case)
 
 

@@ -327,6 +327,7 @@ def test_a_sparse_input_on_one_rank_raises_on_every_rank(pool):
         ("zigzag_odd_shard", "ValueError: "),
         ("model_float_tokens", "TypeError: tokens must be an integer"),
         ("model_token_out_of_range", "ValueError: tokens must be ids in [0, vocab_size=32)"),
+        ("model_loss_float_targets", "TypeError: targets must be an integer"),
     ],
 )
 def test_a_layers_bad_input_on_one_rank_raises_on_every_rank(pool, case, error):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import torch
 import torch.nn.functional as F
@@ -151,10 +151,7 @@ class LongNet(nn.Module):
         try:
             x = self._embedded(tokens, caches)
         except Exception as exc:  # any error: a rank left alone here hangs the others
-            attention = self._sequence_parallel_attention()
-            if attention is None:
-                raise
-            attention.refuse_across_ranks(exc)  # the other ranks raise too, not wait in the ring
+            self._raise_on_every_rank(exc)
         for i, block in enumerate(self.blocks):
             x = block(x, None if caches is None else caches[i])
         return self.head(self.ln_f(x))
@@ -197,6 +194,14 @@ class LongNet(nn.Module):
                     check(x, cache)
         return x
 
+    def _raise_on_every_rank(self, exc: Exception) -> NoReturn:
+        """Raise ``exc``, a rank-local error before the layers; where they are
+        sequence-parallel, the other ranks raise too (instead of waiting in the ring)."""
+        attention = self._sequence_parallel_attention()
+        if attention is None:
+            raise exc
+        attention.refuse_across_ranks(exc)
+
     def _sequence_parallel_attention(self) -> DilatedAttention | None:
         """The first sequence-parallel attention module of the layers (None: not one)."""
         for module in self.modules():
@@ -207,14 +212,17 @@ class LongNet(nn.Module):
     def loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
         """Mean cross-entropy of the logits for ``tokens`` against ``targets`` ``[b, n]``
         (positions with target ``-100`` are ignored)."""
-        if not isinstance(targets, Tensor) or targets.dtype not in _TOKEN_DTYPES:
-            got = repr(targets.dtype) if isinstance(targets, Tensor) else type(targets).__name__
-            raise TypeError(f"targets must be an integer (int64 or int32) tensor, got {got}")
-        if isinstance(tokens, Tensor) and targets.shape != tokens.shape:
-            raise ValueError(
-                f"targets must have the tokens' shape {tuple(tokens.shape)}, got "
-                f"{tuple(targets.shape)}"
-            )
+        try:
+            if not isinstance(targets, Tensor) or targets.dtype not in _TOKEN_DTYPES:
+                got = repr(targets.dtype) if isinstance(targets, Tensor) else type(targets).__name__
+                raise TypeError(f"targets must be an integer (int64 or int32) tensor, got {got}")
+            if isinstance(tokens, Tensor) and targets.shape != tokens.shape:
+                raise ValueError(
+                    f"targets must have the tokens' shape {tuple(tokens.shape)}, got "
+                    f"{tuple(targets.shape)}"
+                )
+        except Exception as exc:  # (a rank left alone here hangs the others in the ring)
+            self._raise_on_every_rank(exc)
         logits = self(tokens)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten().long(), ignore_index=-100)
 
