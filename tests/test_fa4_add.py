@@ -82,10 +82,10 @@ def operands(seed: int = 0):
 
 class FakeAdding:
     """``fa4.backward`` whose ``kernels`` variant adds dK / dV into the given rows (plus
-    ``error``), or raises; the plain variant is the stand-in's."""
+    ``error`` to dK, ``dv_error`` to dV), or raises; the plain variant is the stand-in's."""
 
-    def __init__(self, error: float = 0.0, fail: bool = False) -> None:
-        self.error, self.fail, self.adding_runs = error, fail, 0
+    def __init__(self, error: float = 0.0, fail: bool = False, dv_error: float = 0.0) -> None:
+        self.error, self.dv_error, self.fail, self.adding_runs = error, dv_error, fail, 0
         self.plain = fa4.backward
 
     def __call__(self, dout, q, k, v, out, lse, causal, scale, grads=None, kernels=None):
@@ -95,7 +95,7 @@ class FakeAdding:
         if self.fail:
             raise RuntimeError("no such kernel")
         dq, dk, dv = self.plain(dout, q, k, v, out, lse, causal, scale)
-        grads[1].add_(dk + self.error), grads[2].add_(dv)
+        grads[1].add_(dk + self.error), grads[2].add_(dv + self.dv_error)
         return dq, grads[1], grads[2]
 
 
@@ -125,6 +125,8 @@ def test_first_call_keeps_a_kernel_that_agrees(fresh, causal):
     [
         (FakeAdding(error=0.5), "disagreed"),
         (FakeAdding(error=float("nan")), "disagreed"),
+        # (a NaN in dV, after a finite dK error: max() of the two dropped it, and kept the kernel)
+        (FakeAdding(dv_error=float("nan")), "disagreed"),
         (FakeAdding(fail=True), "failed to compile or launch"),
     ],
 )
