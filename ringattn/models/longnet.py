@@ -56,6 +56,17 @@ class LongNetConfig:
 _TOKEN_DTYPES = (torch.int64, torch.int32)
 
 
+def _check_ids(name: str, ids: object, dims: int | None = None) -> None:
+    """A ``TypeError`` naming ``name`` unless ``ids`` is a tensor of token ids (an index dtype;
+    ``dims`` dimensions where given): the tokens' check and the targets'."""
+    if isinstance(ids, Tensor) and ids.dtype in _TOKEN_DTYPES and dims in (None, ids.dim()):
+        return
+    got = repr(ids.dtype) if isinstance(ids, Tensor) else type(ids).__name__
+    shape = f" of shape {tuple(ids.shape)}" if isinstance(ids, Tensor) and dims else ""
+    layout = "[b, n] " if dims == 2 else ""
+    raise TypeError(f"{name} must be an integer (int64 or int32) {layout}tensor, got {got}{shape}")
+
+
 def _tie(model: LongNet, _incompatible_keys: object = None) -> None:
     """The head shares the embedding's weight (also a load_state_dict post-hook)."""
     model.head.weight = model.embed.weight
@@ -159,12 +170,7 @@ class LongNet(nn.Module):
     def _embedded(self, tokens: Tensor, caches: list[KVCache] | None) -> Tensor:
         """The tokens' embeddings, after the call's checks (every layer's cache checked before
         the first one moves)."""
-        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in _TOKEN_DTYPES:
-            got = repr(tokens.dtype) if isinstance(tokens, Tensor) else type(tokens).__name__
-            shape = f" of shape {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else ""
-            raise TypeError(
-                f"tokens must be an integer (int64 or int32) [b, n] tensor, got {got}{shape}"
-            )
+        _check_ids("tokens", tokens, dims=2)
         if tokens.shape[0] < 1 or tokens.shape[1] < 1:
             raise ValueError(f"tokens must be [b >= 1, n >= 1], got {tuple(tokens.shape)}")
         try:
@@ -213,9 +219,7 @@ class LongNet(nn.Module):
         """Mean cross-entropy of the logits for ``tokens`` against ``targets`` ``[b, n]``
         (positions with target ``-100`` are ignored)."""
         try:
-            if not isinstance(targets, Tensor) or targets.dtype not in _TOKEN_DTYPES:
-                got = repr(targets.dtype) if isinstance(targets, Tensor) else type(targets).__name__
-                raise TypeError(f"targets must be an integer (int64 or int32) tensor, got {got}")
+            _check_ids("targets", targets)
             if isinstance(tokens, Tensor) and targets.shape != tokens.shape:
                 raise ValueError(
                     f"targets must have the tokens' shape {tuple(tokens.shape)}, got "
