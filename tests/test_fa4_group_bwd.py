@@ -245,8 +245,8 @@ def guarded_bwd(fake_fa4, monkeypatch):  # noqa: F811
 
 def fake_kernels(groups, fault: str | None, calls: list):
     """``_compile``'s (backward, postprocess) pair computing the stand-in's gradients and the
-    unselected rows' zeros (dq twice its value under ``fault == "wrong"``, no zeros under
-    ``"zeroless"``), or raising (``"raises"``)."""
+    unselected rows' zeros (dq twice its value under ``fault == "wrong"``, the last group's dv
+    NaN under ``"nan"``, no zeros under ``"zeroless"``), or raising (``"raises"``)."""
 
     def compile_(key, groups_seen, stats):
         if fault == "raises":
@@ -272,13 +272,16 @@ def fake_kernels(groups, fault: str | None, calls: list):
                         unselected.shifted(grad, shift).zero_()
                 if fault == "wrong":
                     dq.mul_(2)
+            if fault == "nan":  # the last group's dV only, after finite dQ and dK errors
+                groups[-1][8].fill_(float("nan"))
 
         return backward, lambda dq_accum, dqs, scale: None
 
     return compile_
 
 
-@pytest.mark.parametrize("fault", [None, "raises", "wrong", "zeroless"])
+# ("nan": a running max() of the errors dropped it and kept the kernel)
+@pytest.mark.parametrize("fault", [None, "raises", "wrong", "nan", "zeroless"])
 def test_first_call_keeps_or_refuses_the_grouped_backward(guarded_bwd, fault):
     groups = backward_groups()
     calls = []
@@ -299,7 +302,12 @@ def test_first_call_keeps_or_refuses_the_grouped_backward(guarded_bwd, fault):
     with pytest.warns(RuntimeWarning, match="backward over several configs in one launch"):
         assert not fa4_group_bwd.backward_group_(*args)
     assert fa4_group_bwd._COMPILED[key] is False
-    why = {"raises": "DSL says no", "wrong": "gradients off by", "zeroless": "not zeroed"}[fault]
+    why = {
+        "raises": "DSL says no",
+        "wrong": "gradients off by",
+        "nan": "gradients off by nan",
+        "zeroless": "not zeroed",
+    }[fault]
     assert why in fa4_group_bwd.last_refusal
     assert not fa4_group_bwd.backward_group_(*args)
     assert len(calls) == (0 if fault == "raises" else 1)  # never again
