@@ -15,6 +15,15 @@ def require_cuda(prog: str) -> None:
         raise SystemExit(f"{prog}: error: this tool times CUDA kernels; CUDA is not available here")
 
 
+def require_torchrun(prog: str) -> None:
+    """Exit with an argparse-style error where a tool that needs several ranks runs outside
+    torchrun (it failed inside torch.distributed's env:// rendezvous: "RANK expected")."""
+    import os
+
+    if "LOCAL_RANK" not in os.environ:
+        raise SystemExit(f"{prog}: error: launch with torchrun --nproc_per_node=P")
+
+
 # The options several scripts share, with one wording (each script picks its own defaults).
 
 

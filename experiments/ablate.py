@@ -359,7 +359,11 @@ def resolve(args: argparse.Namespace) -> Sweep:
         overrides["compile"] = args.compile
         budget = None
     if args.compile_budget is not None:
-        budget = None if args.compile_budget < 0 else args.compile_budget
+        if args.compile_budget < -1:
+            raise UsageError(
+                f"--compile-budget must be >= 0 or -1 (no limit), got {args.compile_budget}"
+            )
+        budget = None if args.compile_budget == -1 else args.compile_budget
     preset = dataclasses.replace(
         preset,
         compile_budget=budget,

@@ -2,7 +2,8 @@
 
     python -m experiments.bench                                   # issue 5's shape, 32K and 128K
     python -m experiments.bench --n 32768 131072 1048576 --out $OUT/bench
-    python -m experiments.bench --device cpu --n 512 --lengths 64 128 --rates 1 2 --heads 4 --dim 16
+    python -m experiments.bench --device cpu --n 512 --lengths 64 128 --rates 1 2 --heads 4 \
+        --dim 16 --computers sdpa   # ~15 s: flex compiles slowly on a CPU and has no backward there
 
 Times (CUDA events, warm-up, median of ``--repeats``) forward and forward+backward of
 
@@ -598,7 +599,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=1 << 62,
         help="from this n on, time the forward only (4M tokens: its backward does not fit)",
     )
-    p.add_argument("--check-n", type=int, default=32768, help="oracle check length (0: skip)")
+    p.add_argument(
+        "--check-n",
+        type=int,
+        default=None,
+        help="oracle check length (0: skip; default: the largest --n, at most 32768)",
+    )
     p.add_argument(
         "--b2b-calls",
         type=int,
@@ -626,6 +632,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.settle < 0:
         p.error(f"--settle must be >= 0 seconds, got {args.settle}")
+    if args.check_n is None:  # (a CPU run at small n checks at its own n, not at 32K)
+        args.check_n = min(max(args.n), 32768)
+    if args.check_n < 0:
+        p.error(f"--check-n must be >= 0, got {args.check_n}")
     for name in ("n", "heads", "dim", "repeats"):
         values = getattr(args, name)
         if min(values if isinstance(values, list) else [values]) < 1:

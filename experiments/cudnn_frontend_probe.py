@@ -30,6 +30,7 @@ import time
 import torch
 
 import ringattn
+from experiments import require_cuda
 from experiments.ablate import median_ms, rel_err
 from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
 from ringattn.kernels import cudnn_graphs
@@ -242,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         "timed; all (default)",
     )
     args = p.parse_args(argv)
+    require_cuda("cudnn_frontend_probe")
     if cudnn_graphs.cudnn is None:
         raise SystemExit("needs nvidia-cudnn-frontend (pip install 'ringattn[cuda]')")
     for part, fn in (("probe", probe), ("host", host), ("retention", retention), ("plans", plans)):

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import ringattn
+from experiments import require_torchrun
 from experiments.ablate import dict_rows_to_markdown, rel_err
 from experiments.bench import failure, fwd_and_fwdbwd, graphed_calls
 from ringattn import distributed, lanes, launches, reference
@@ -705,8 +706,7 @@ def main(argv: list[str] | None = None) -> None:
     REPEATS[0] = args.repeats
     PROFILE[:] = [args.profile] if args.profile and torch.cuda.is_available() else []
     GRAPHS[0] = args.graphs and torch.cuda.is_available()
-    if "LOCAL_RANK" not in os.environ:
-        raise SystemExit("distributed_bench: error: launch with torchrun --nproc_per_node=P")
+    require_torchrun("distributed_bench")
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

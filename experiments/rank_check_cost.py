@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 import ringattn
+from experiments import require_torchrun
 from experiments.ablate import median_ms
 from ringattn import distributed
 
@@ -26,11 +27,15 @@ def per_call_us(fn, calls: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="launch: torchrun --nproc_per_node 2 -m experiments.rank_check_cost",
+    )
     parser.add_argument(
         "--calls", type=int, default=2000, help="calls timed per arm (default: %(default)s)"
     )
     args = parser.parse_args(argv)
+    require_torchrun("rank_check_cost")
     dist.init_process_group("gloo")
     group = dist.group.WORLD
     assert group is not None  # (initialized above)

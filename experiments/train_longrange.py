@@ -253,7 +253,9 @@ TITLES = {
 }
 
 
-def record(preset: Preset, preset_name: str, task: str, results: list[dict], out: Path) -> None:
+def record(preset: Preset, command: str, task: str, results: list[dict], out: Path) -> None:
+    """``results.md``, ``results.json`` and ``curves.png`` under ``out``; ``command``: the
+    command line that reproduces this task's run."""
     out.mkdir(parents=True, exist_ok=True)
     title = TITLES[task].format(**vars(preset))
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -268,7 +270,7 @@ def record(preset: Preset, preset_name: str, task: str, results: list[dict], out
     lines = [
         f"{title[0].upper() + title[1:]}; {preset.steps} steps, batch {preset.batch}, "
         f"dim {preset.dim}, {preset.heads} heads, depth {preset.depth} unless stated "
-        f"(`python -m experiments.train_longrange --preset {preset_name} --task {task}`); "
+        f"(`{command}`); "
         f"chance {chance(preset, task):.1%}.",
         "",
         "| model | final loss | accuracy | seconds |",
@@ -313,7 +315,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("train_longrange: error: the gpu preset needs CUDA")
     for task in TASKS if args.task == "all" else [args.task]:
         results = [train(preset, task, name, spec) for name, spec in preset.models]
-        record(preset, args.preset, task, results, args.out / task)
+        # (the options that change the run, so the recorded command reproduces it)
+        steps = "" if args.steps is None else f" --steps {args.steps}"
+        command = f"python -m experiments.train_longrange --preset {args.preset} --task {task}"
+        record(preset, command + steps, task, results, args.out / task)
 
 
 if __name__ == "__main__":

@@ -210,6 +210,8 @@ BAD_ARGS = {
     "meta device": (["--device", "meta"], "--device must be cpu or cuda"),
     "empty filter": (["--computer", ","], "expected comma-separated names, got ','"),
     "results folder under a file": (["--out", "/dev/null/results"], "--out: cannot make"),
+    # (before: any negative budget meant "no limit", which --help gives as -1 only)
+    "budget below -1": (["--compile-budget", "-2"], "--compile-budget must be >= 0 or -1"),
 }
 
 

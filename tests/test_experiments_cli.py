@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,7 @@ GPU_ONLY = [
     "clock_probe",
     "fa4_probe",
     "gpu_fuzz",
+    "cudnn_frontend_probe",  # (it said to install the frontend, which needs a GPU too)
 ]
 
 
@@ -80,6 +82,17 @@ def test_gpu_only_tools_say_so_without_cuda(name, monkeypatch):
     with pytest.raises(SystemExit) as done:
         module.main([])
     assert "CUDA is not available here" in str(done.value.code)
+
+
+@pytest.mark.parametrize("name", ["distributed_bench", "rank_check_cost"])
+def test_multi_rank_tools_say_how_to_launch_outside_torchrun(name, monkeypatch):
+    """Run with plain python they exit with one line naming the launcher (rank_check_cost failed
+    inside torch.distributed's rendezvous with "environment variable RANK expected")."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    module = importlib.import_module(f"experiments.{name}")
+    with pytest.raises(SystemExit) as done:
+        module.main([])
+    assert str(done.value.code) == f"{name}: error: launch with torchrun --nproc_per_node=P"
 
 
 @pytest.mark.parametrize("steps", ["0", "-3"])
@@ -124,3 +137,27 @@ def test_gpu_fuzz_reports_a_wrong_gradient(tmp_path, monkeypatch):
     rows = [row for row in run_fuzz(tmp_path)["rows"] if "ok" in row]
     assert {row["ok"] for row in rows if "/sdpa/" in row["strategy"]} == {False}
     assert {row["ok"] for row in rows if "/math/" in row["strategy"]} == {True}
+
+
+def test_bench_checks_at_its_own_length_by_default():
+    """A CPU run at small n checked at 32K (the float64 oracle's loop there took minutes: the
+    docstring's CPU line did not finish in 10)."""
+    from experiments import bench
+
+    assert bench.parse(["--device", "cpu", "--n", "512", "256"]).check_n == 512
+    assert bench.parse(["--n", "131072", "32768"]).check_n == 32768
+    assert bench.parse(["--n", "1048576", "--check-n", "0"]).check_n == 0
+
+
+def test_bench_runs_on_the_cpu(tmp_path):
+    """The whole benchmark, one small row per variant: every row checked against the oracle."""
+    from experiments import bench
+
+    argv = "--device cpu --n 128 --lengths 32 64 --rates 1 2 --heads 2 --dim 8 --computers sdpa"
+    argv += " --mixing lse --causal yes --repeats 1 --warmup 0 --b2b-calls 0"
+    bench.main([*argv.split(), "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    variants = [row for row in rows if row["variant"] not in ("dense SDPA", "plain")]
+    assert len(variants) == 8  # two dilations x (eager, [flash], compiled, in torch.compile)
+    assert all(0 <= row["oracle_err"] < 2e-2 for row in variants)  # (bf16; NaN fails too)
+    assert (tmp_path / "bench.md").read_text().count("| 128 | lse | True |") == len(rows)

@@ -43,3 +43,6 @@ def test_cpu_preset_runs_both_tasks_and_records_them(tmp_path):
         assert [r["model"] for r in results] == [name for name, _ in demo.CPU.models]
         assert all(len(r["curve"]) == 2 and 0 <= r["accuracy"] <= 1 for r in results)
         assert (tmp_path / task / "curves.png").stat().st_size > 0
+        # the recorded command reproduces this run: its step count too, not the preset's
+        command = f"`python -m experiments.train_longrange --preset cpu --task {task} --steps 2`"
+        assert command in (tmp_path / task / "results.md").read_text()
