@@ -99,9 +99,18 @@ def positions(m: int, rank: int, p: int, layout: str, device=None) -> Tensor:
     return torch.cat([torch.arange(i * c, (i + 1) * c, device=device) for i in chunks])
 
 
+def _check_sequence_tensor(x: object) -> None:
+    """``x`` is a tensor ``[b, n, ...]`` (shard and gather cut and join it along dim 1)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor [b, n, ...], got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"x must be [b, n, ...] (at least 2 dims), got shape {tuple(x.shape)}")
+
+
 def shard(x: Tensor, group: dist.ProcessGroup | None = None, layout: str = "contiguous") -> Tensor:
     """This rank's shard of ``x: [b, n, ...]`` along n in ``layout`` (n must divide evenly)."""
     group = resolve_group(group)
+    _check_sequence_tensor(x)
     p, rank = dist.get_world_size(group), dist.get_rank(group)
     n = x.shape[1]
     chunks = chunks_of(rank, p, layout)
@@ -137,16 +146,41 @@ def gather(
       and their sum is what is trained. The backward all-reduces the full tensor's gradient,
       then takes this rank's shard, so every rank must call backward.
 
-    Every rank must pass the same ``grad`` (checked with the shards' shapes: a mismatch raises
-    on every rank, before the backward could hang). (gather returned a tensor without a graph
-    once: a loss on it trained nothing before the gather, silently.)"""
+    Every rank must pass the same ``layout`` and ``grad``, and under ``"sum"`` build a graph
+    on every rank or on none (checked with the shards' shapes: a mismatch raises on every rank,
+    before the backward could hang or pair with another collective). Bad arguments raise on
+    every rank too. (gather returned a tensor without a graph once: a loss on it trained
+    nothing before the gather, silently.)"""
     group = resolve_group(group)
+    try:  # a rank's own refusal joins the agreement: raised there alone, the others would hang
+        _check_sequence_tensor(x)
+        check_layout(layout)
+        if grad not in GATHER_GRADS:
+            raise ValueError(f"grad must be one of {GATHER_GRADS}, got {grad!r}")
+        pieces = len(chunks_of(dist.get_rank(group), dist.get_world_size(group), layout))
+        if x.shape[1] % pieces:  # (chunk() split it unevenly: scrambled rows, silently)
+            raise ValueError(
+                f"a shard of layout={layout!r} holds {pieces} equal chunks: its length "
+                f"x.shape[1]={x.shape[1]} must be divisible by {pieces}"
+            )
+        refusal = None
+    except (TypeError, ValueError) as exc:
+        refusal = exc
+    graph = torch.is_grad_enabled() and isinstance(x, Tensor) and x.requires_grad
     # unequal shards (an uneven last batch) would pad with garbage on one rank and abort another
-    held = (tuple(x.shape), str(x.dtype), grad)
-    require_agreement(group, held, "the shards to gather ((shape, dtype) of x, and grad)")
-    if grad not in GATHER_GRADS:
-        raise ValueError(f"grad must be one of {GATHER_GRADS}, got {grad!r}")
-    if torch.is_grad_enabled() and x.requires_grad:
+    held = (
+        tuple(x.shape) if isinstance(x, Tensor) else None,
+        str(x.dtype) if isinstance(x, Tensor) else None,
+        layout,
+        grad,
+        graph if grad == "sum" else None,  # (a graph on some ranks only: their all-reduce hangs)
+        None if refusal is None else f"{type(refusal).__name__}: {refusal}",
+    )
+    fields = ("shape", "dtype", "layout", "grad", "builds a graph under grad='sum'", "refusal")
+    require_agreement(group, held, "the shards to gather", fields=fields)
+    if refusal is not None:  # (every rank holds it: the agreement passed)
+        raise refusal
+    if graph:
         return _Gather.apply(x, group, layout, grad)
     return _gathered(x, group, layout)
 

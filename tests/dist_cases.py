@@ -510,6 +510,34 @@ def gather_with_another_grad_on_one_rank_raises_everywhere():
     return _messages_of(lambda: distributed.gather(x, grad=grad))
 
 
+def gather_refusals_raise_everywhere() -> dict[str, str]:
+    """Each rank's message for gather calls that must raise on every rank, by case (before:
+    an odd zigzag shard was scrambled silently; a layout, a 1-D tensor or a graph under
+    ``grad="sum"`` on one rank only gave wrong rows, a raise on that rank alone, or a backward
+    all-reduce paired with another collective)."""
+    rank = dist.get_rank()
+    odd = torch.arange(3.0)[None] + 10 * rank
+    return {
+        "odd zigzag shard": _messages_of(lambda: distributed.gather(odd, layout="zigzag")),
+        "layout on one rank": _messages_of(
+            lambda: distributed.gather(
+                torch.randn(1, 4), layout="zigzag" if rank == 1 else "contiguous"
+            )
+        ),
+        "unknown layout on one rank": _messages_of(
+            lambda: distributed.gather(torch.randn(1, 4), layout="zz" if rank == 1 else "zigzag")
+        ),
+        "1-D on one rank": _messages_of(
+            lambda: distributed.gather(torch.randn(4) if rank == 1 else torch.randn(1, 4))
+        ),
+        "graph on one rank": _messages_of(
+            lambda: distributed.gather(torch.randn(1, 4, requires_grad=rank == 1), grad="sum")
+        ),
+        "1-D shard": _messages_of(lambda: distributed.shard(torch.randn(8))),
+        "list shard": _messages_of(lambda: distributed.shard([1, 2])),  # type: ignore[arg-type]
+    }
+
+
 def gather_with_an_unknown_grad_raises():
     """The same unknown ``grad`` on every rank: each raises the ValueError naming it."""
     return _messages_of(lambda: distributed.gather(torch.randn(1, 4, 2, 3), grad="mean"))
@@ -612,6 +640,8 @@ def a_layers_bad_input_on_one_rank_raises_everywhere(case: str):
         return _messages_of(lambda: model(tokens + 32 if bad else tokens))
     if case == "model_loss_float_targets":
         return _messages_of(lambda: model.loss(tokens, tokens.float() if bad else tokens))
+    if case == "model_loss_target_out_of_range":  # (rank 0 waited in the ring's backward)
+        return _messages_of(lambda: model.loss(tokens, tokens + 32 if bad else tokens))
     raise AssertionError(case)
 
 

@@ -295,6 +295,25 @@ def test_gather_refuses_an_unknown_grad_on_every_rank(pool):
     assert all(m == expected for m in messages), messages
 
 
+def test_gather_and_shard_refuse_bad_arguments_on_every_rank(pool):
+    by_rank = pool.run("gather_refusals_raise_everywhere")
+    for case, rule in {
+        "odd zigzag shard": "ValueError: a shard of layout='zigzag' holds 2 equal chunks: its "
+        "length x.shape[1]=3 must be divisible by 2",
+        "layout on one rank": "ValueError: ranks disagree on the shards to gather (they differ "
+        "in: layout",
+        "unknown layout on one rank": "ValueError: ranks disagree on the shards to gather (they "
+        "differ in: layout, refusal)",
+        "1-D on one rank": "ValueError: ranks disagree on the shards to gather (they differ in: "
+        "shape, refusal)",
+        "graph on one rank": "ValueError: ranks disagree on the shards to gather (they differ "
+        "in: builds a graph under grad='sum')",
+        "1-D shard": "ValueError: x must be [b, n, ...] (at least 2 dims), got shape (8,)",
+        "list shard": "TypeError: x must be a torch.Tensor [b, n, ...], got list",
+    }.items():
+        assert all(messages[case].startswith(rule) for messages in by_rank), (case, by_rank)
+
+
 def test_a_dual_tensor_on_one_rank_raises_on_every_rank(pool):
     messages = pool.run("a_dual_tensor_on_one_rank_raises_everywhere")
     assert messages[1].startswith("TypeError: parameter 'q' is a forward-mode AD dual tensor")
@@ -328,6 +347,7 @@ def test_a_sparse_input_on_one_rank_raises_on_every_rank(pool):
         ("model_float_tokens", "TypeError: tokens must be an integer"),
         ("model_token_out_of_range", "ValueError: tokens must be ids in [0, vocab_size=32)"),
         ("model_loss_float_targets", "TypeError: targets must be an integer"),
+        ("model_loss_target_out_of_range", "ValueError: targets must be ids in [0, vocab_size"),
     ],
 )
 def test_a_layers_bad_input_on_one_rank_raises_on_every_rank(pool, case, error):

@@ -285,6 +285,47 @@ def test_cache_decoding_with_fused_kernels_in_float32():
     assert rel_err(incremental, model(tokens)) < 1e-5
 
 
+def _decode_args(**changes) -> dict:
+    cache = KVCache.empty(1, 16, 2, 8, torch.float32, "cpu")
+    cache.length = 5
+    args = {"q": torch.randn(1, 4, 8), "cache": cache, "position": 4,
+            "configs": ((4, 1), (8, 2)), "mixing": "lse", "scale": 0.5}  # fmt: skip
+    return {**args, **changes}
+
+
+@pytest.mark.parametrize(
+    "changes, error, match",
+    [
+        # (before: computed over the cache's unfilled zeros / all zeros / accepted, silently)
+        ({"position": 7}, ValueError, r"position must be < cache.length=5 .*got 7"),
+        ({"position": -3}, ValueError, "position must be >= 0, got -3"),
+        ({"configs": ((4, 3),)}, ValueError, r"dilation_rates\[0\]=3 must divide"),
+        ({"scale": -1.0}, ValueError, "scale must be > 0"),
+        ({"scale": 0.0}, ValueError, "scale must be > 0"),
+        ({"mixing": "sum"}, ValueError, "mixing must be one of"),
+        ({"configs": (4, 1)}, TypeError, r"configs must be a tuple of \(w, r\) pairs"),
+        # (before: IndexError / einsum's RuntimeError)
+        ({"q": torch.randn(1, 3, 8)}, ValueError, "h a multiple of h_kv"),
+        ({"q": torch.randn(1, 4, 6)}, ValueError, "the same b and d"),
+        ({"q": torch.randn(4, 8)}, TypeError, r"q must be a floating \[b, h, d\] tensor"),
+        ({"cache": None}, TypeError, "cache must be a KVCache, got NoneType"),
+    ],
+)
+def test_decode_one_refuses_bad_arguments(changes, error, match):
+    with pytest.raises(error, match=match):
+        decode_one(**_decode_args(**changes))
+
+
+def test_decode_one_checked_is_the_layers_unchecked():
+    from ringattn.config import DilatedConfig
+    from ringattn.nn.decode import decode_unchecked
+
+    args = _decode_args()
+    config = DilatedConfig((4, 8), (1, 2), True, "lse", 0.5)
+    unchecked = decode_unchecked(args["q"], args["cache"], 4, config, 0.5)
+    assert torch.equal(decode_one(**args), unchecked)
+
+
 def test_decode_reads_only_what_the_pattern_needs():
     """Rows outside the new token's segments are never read: poison them, nothing changes."""
     b, h, d, position = 1, 4, 8, 1000
@@ -311,6 +352,19 @@ def test_generate_is_greedy_argmax_of_the_full_model():
     assert out.shape == (2, 11) and torch.equal(out[:, :5], prompt)
     for i in range(5, 11):
         assert torch.equal(model(out[:, :i])[:, -1].argmax(-1), out[:, i])
+
+
+def test_sampling_at_a_tiny_temperature_is_greedy():
+    """Its limit (before: logits / 1e-40 overflowed, and multinomial raised on NaN after the
+    prefill); a temperature of 1 still samples from the model's softmax."""
+    model = tiny_model("lse", (4, 8), (1, 2))
+    prompt = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(model.generate(prompt, 6, temperature=1e-40), model.generate(prompt, 6))
+    generator = torch.Generator().manual_seed(0)
+    sampled = model.generate(prompt, 1, temperature=1.0, generator=generator)[:, -1:]
+    probs = torch.softmax(model(prompt)[:, -1], -1)
+    expected = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampled, expected)
 
 
 def test_a_compiled_model_generates_what_the_eager_one_does():
@@ -540,3 +594,10 @@ def test_loss_checks_its_targets():
         model.loss(tokens, tokens.float())
     targets = torch.randint(0, 32, (2, 3))
     assert torch.equal(model.loss(tokens, targets.int()), model.loss(tokens, targets))
+    # (before: cross_entropy's IndexError after the whole forward)
+    for bad in (32, -1):
+        with pytest.raises(ValueError, match=r"targets must be ids in \[0, vocab_size=32\)"):
+            model.loss(tokens, torch.where(targets == targets[0, 0], bad, targets))
+    ignored = torch.full_like(targets, -100)
+    ignored[0, 0] = 5  # -100 is ignored, not out of range
+    assert torch.isfinite(model.loss(tokens, ignored))

@@ -150,6 +150,23 @@ def test_global_permutation_lists_rows_by_residue(n, segments_per_w, r):
     assert global_permutation(n, w, r).tolist() == want
 
 
+@pytest.mark.parametrize(
+    "n, w, r, error, match",
+    [
+        (8, 3, 2, ValueError, "r=2 must divide w=3"),  # (was 6 rows, not a permutation of 8)
+        (8, 4, 8, ValueError, "r=8 must divide w=4"),  # (was no rows)
+        (8, 4, 0, ValueError, "r must be >= 1, got 0"),  # (was ZeroDivisionError)
+        (8.0, 4, 2, TypeError, "n must be an int, got float"),  # (was float rows)
+        (-1, 4, 2, ValueError, "n must be >= 0, got -1"),
+    ],
+)
+def test_global_permutation_refuses_what_is_not_a_config(n, w, r, error, match):
+    from ringattn.dilation.global_perm import global_permutation
+
+    with pytest.raises(error, match=match):
+        global_permutation(n, w, r)
+
+
 def test_a_segment_longer_than_the_sequence_costs_nothing_of_its_length():
     """w > n is one partial segment: the global layout's permutation and flex's run layout make
     nothing of size w or r (w = 2**34 asked for 128 GB for 8 rows; r = 2**14 looped in Python)."""

@@ -281,3 +281,16 @@ def test_every_size_refuses_alike(make, error, match):
     or a size below the minimum is refused with the same words wherever it is given."""
     with pytest.raises(error, match=match):
         make()
+
+
+@pytest.mark.parametrize("x_dtype, layer_dtype", [(torch.float64, torch.float32),
+                                                  (torch.float32, torch.float64)])  # fmt: skip
+def test_a_float64_mismatch_is_refused_under_autocast_too(x_dtype, layer_dtype):
+    """autocast casts float32 to bfloat16 but leaves float64 alone (before: the projection
+    raised torch's "mat1 and mat2 must have the same dtype")."""
+    layer = _layer().to(layer_dtype)
+    x = torch.randn(1, 4, 8, dtype=x_dtype)
+    with torch.autocast("cpu", torch.bfloat16):
+        with pytest.raises(TypeError, match=r"x.dtype must equal .* where either is float64"):
+            layer(x)
+        assert torch.isfinite(layer(x.to(layer_dtype))).all()  # (matching dtypes run)

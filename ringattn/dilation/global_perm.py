@@ -15,6 +15,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from ringattn.config import checked_int
 from ringattn.dilation.base import DilationProcessor
 from ringattn.memory.base import MemoryManager
 from ringattn.pattern import Block, Plan
@@ -25,6 +26,14 @@ def global_permutation(n: int, w: int, r: int, device: torch.device | str = "cpu
     """The residue-major permutation of ``range(n)`` for config ``(w, r)`` (int64, ``[n]``).
 
     Built without a loop over residues (``r`` may far exceed ``n``: r = 2**20 took seconds)."""
+    # (before: (8, 3, 2) gave 6 rows, not a permutation; r = 8 > w = 4 none; r = 0 a
+    # ZeroDivisionError; a float n float rows. n may be symbolic under torch.compile)
+    if not isinstance(n, torch.SymInt):
+        checked_int("n", n, minimum=0)
+    checked_int("w", w)
+    checked_int("r", r)
+    if w % r:
+        raise ValueError(f"r={r} must divide w={w} (a segment's rows split into r residues)")
     full = n // w
     # full segments: row s*w + o + j*r at (residue o, segment s, step j); none if w > n (then
     # nothing of size w or r is made: w = 2**34 asked for 128 GB for an 8-row sequence)

@@ -225,6 +225,20 @@ class LongNet(nn.Module):
                     f"targets must have the tokens' shape {tuple(tokens.shape)}, got "
                     f"{tuple(targets.shape)}"
                 )
+            # (cross_entropy raised IndexError after the whole forward, and a sequence-parallel
+            # rank left alone there hung the others in the backward; on a GPU it asserts on
+            # the device, as the embedding does for tokens: checked here, it would cost a sync)
+            scored = targets[targets != -100] if targets.device.type == "cpu" else None
+            vocab = self.config.vocab_size
+            if (
+                scored is not None
+                and scored.numel()
+                and not 0 <= scored.min() <= scored.max() < vocab
+            ):
+                raise ValueError(
+                    f"targets must be ids in [0, vocab_size={vocab}) or -100 (ignored), got ids "
+                    f"from {int(scored.min())} to {int(scored.max())}"
+                )
         except Exception as exc:  # (a rank left alone here hangs the others in the ring)
             self._raise_on_every_rank(exc)
         logits = self(tokens)
@@ -260,7 +274,10 @@ class LongNet(nn.Module):
         out = [prompt]
         for step in range(max_new_tokens):
             if temperature > 0:
-                probs = torch.softmax(logits / temperature, dim=-1)
+                # (the largest logit subtracted first: logits / 1e-40 overflowed to inf and the
+                # softmax was NaN; this way a tiny temperature is greedy, as its limit is)
+                top = logits.amax(-1, keepdim=True)
+                probs = torch.softmax((logits - top) / temperature, dim=-1)
                 token = torch.multinomial(probs, 1, generator=generator)
             else:
                 token = logits.argmax(-1, keepdim=True)

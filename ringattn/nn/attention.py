@@ -22,7 +22,7 @@ from ringattn import distributed
 from ringattn.api import DilatedAttention
 from ringattn.config import checked_int
 from ringattn.core import autocast_dtype
-from ringattn.nn.decode import KVCache, decode_one, eager_decoding
+from ringattn.nn.decode import KVCache, decode_unchecked, eager_decoding
 from ringattn.nn.rotary import rotary
 from ringattn.strategy import Strategy
 
@@ -146,6 +146,12 @@ class MultiheadDilatedAttention(nn.Module):
                 f"x.dtype must equal the layer's parameters' ({weight.dtype}) outside "
                 f"torch.autocast, got {x.dtype}"
             )
+        if x.dtype != weight.dtype and torch.float64 in (x.dtype, weight.dtype):
+            # (autocast leaves float64 alone: the projection raised torch's dtype mismatch)
+            raise TypeError(
+                f"x.dtype must equal the layer's parameters' ({weight.dtype}) where either is "
+                f"float64 (torch.autocast does not cast float64), got {x.dtype}"
+            )
         if cache is None:
             return
         if not isinstance(cache, KVCache):
@@ -201,8 +207,7 @@ class MultiheadDilatedAttention(nn.Module):
         config = self.attention.config
         scale = config.scale_for(self.head_dim)
         steps = [
-            decode_one(q[:, i], cache, start + i, config.configs, config.mixing, scale)
-            for i in range(x.shape[1])
+            decode_unchecked(q[:, i], cache, start + i, config, scale) for i in range(x.shape[1])
         ]
         return self._output(torch.stack(steps, dim=1))
 

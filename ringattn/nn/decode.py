@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ringattn.computers.base import accumulation_dtype
-from ringattn.config import checked_int
+from ringattn.config import DilatedConfig, checked_int
 from ringattn.core import input_precision
 from ringattn.merge import merge
 from ringattn.pattern import make_plan
@@ -73,7 +73,49 @@ def decode_one(
     mixing: str,
     scale: float,
 ) -> Tensor:
-    """Output ``[b, h, d]`` of the query ``q: [b, h, d]`` at ``position`` (its K/V are cached)."""
+    """Output ``[b, h, d]`` of the query ``q: [b, h, d]`` at ``position`` (its K/V are cached:
+    ``position < cache.length``), for the configs ``((w_0, r_0), ...)`` under ``mixing``.
+
+    Each argument is checked first (before: a position past the cached rows read the cache's
+    zeros, a negative one gave zeros, and an ``r`` that does not divide ``w`` or a scale
+    ``<= 0`` were computed, silently). ``MultiheadDilatedAttention`` calls the unchecked
+    :func:`decode_unchecked` with what its own checks passed."""
+    if not isinstance(q, Tensor) or q.dim() != 3 or not q.is_floating_point():
+        got = f"{q.dtype} of shape {tuple(q.shape)}" if isinstance(q, Tensor) else type(q)
+        raise TypeError(f"q must be a floating [b, h, d] tensor, got {got}")
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+    (b, h, d), (cb, _, h_kv, cd) = q.shape, cache.k.shape
+    if (b, d) != (cb, cd) or h % h_kv:
+        raise ValueError(
+            f"q [b, h, d]={tuple(q.shape)} must match cache.k [b, capacity, h_kv, d]="
+            f"{tuple(cache.k.shape)}: the same b and d, and h a multiple of h_kv"
+        )
+    checked_int("position", position, minimum=0)
+    if position >= cache.length:
+        raise ValueError(
+            f"position must be < cache.length={cache.length} (its key and value cached), got "
+            f"{position}"
+        )
+    if isinstance(configs, (str, bytes)) or not isinstance(configs, (list, tuple)):
+        raise TypeError(f"configs must be a tuple of (w, r) pairs, got {type(configs).__name__}")
+    if not all(isinstance(c, (list, tuple)) and len(c) == 2 for c in configs):
+        raise TypeError(f"configs must be a tuple of (w, r) pairs, got {configs!r}")
+    if scale is None:
+        raise TypeError("scale must be a float, got None")
+    # the library's own rules for configs, mixing and scale (causal: decoding is)
+    config = DilatedConfig(
+        tuple(w for w, _ in configs), tuple(r for _, r in configs), True, mixing, scale
+    )
+    return decode_unchecked(q, cache, position, config, scale)
+
+
+def decode_unchecked(
+    q: Tensor, cache: KVCache, position: int, config: DilatedConfig, scale: float
+) -> Tensor:
+    """:func:`decode_one` without its checks, for a validated ``config`` (the layer's call: its
+    own checks passed its arguments)."""
+    configs, mixing = config.configs, config.mixing
     # autocast off: a user's autocast made the einsums bf16 (index_put into float32 raised)
     with input_precision(q.device):
         b, h, d = q.shape
