@@ -295,6 +295,21 @@ class DilatedAttention(nn.Module):
         self._compile_options = (compile_backend, compile_mode)
         self._specs: dict[tuple, CoreSpec] = {}
         self._register()
+        self._built = True
+
+    # what a call is built from: its specs and compiled core are cached per shape, so a later
+    # assignment applied to new shapes only (and a deep copy, which rebuilds them, computed
+    # another function than the original), silently
+    FIXED = ("config", "strategy", "dilation", "computer", "memory", "communicator",
+             "compile_core", "compiled_frame")  # fmt: skip
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.FIXED and self.__dict__.get("_built", False):
+            raise AttributeError(
+                f"DilatedAttention.{name} is fixed at construction (the module's compiled "
+                "calls are built from it and cached per shape); make a new module instead"
+            )
+        super().__setattr__(name, value)
 
     def _register(self) -> None:
         # by which the opaque ops find it (core._spec): a CPU scalar tensor (CoreSpec.module)

@@ -9,6 +9,7 @@ registries) maps each name to its class and file.
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -42,11 +43,12 @@ def register(kind: str, name: str) -> Callable[[T], T]:
     any other class under a taken name is refused, as is a class already registered under
     another name (registering it again renamed it, built-ins included)."""
     _check_kind(kind)
-    # '/' separates Strategy.label's parts, ',' the names of ablate's filters
-    if not isinstance(name, str) or not name or "/" in name or "," in name or name != name.strip():
+    # '/' separates Strategy.label's parts, ',' the names of ablate's filters; a newline would
+    # split a row of its Markdown and CSV tables, a space a name on its command lines
+    if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
         raise ValueError(
-            f"name must be a non-empty str without '/', ',' or surrounding spaces (it is part "
-            f"of Strategy.label and of ablate's filters), got {name!r}"
+            "name must be a non-empty str of letters, digits, '_', '-' or '.' (it is part of "
+            f"Strategy.label and of ablate's filters and tables), got {name!r}"
         )
 
     def decorate(cls: T) -> T:

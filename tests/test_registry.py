@@ -56,10 +56,14 @@ def test_registration_refuses_what_cannot_run():
         (TypeError, "must define ['backward']", "computer", "nb", NoBackward),
         (TypeError, "must define ['cached'", "memory", "empty", type("E", (MemoryManager,), {})),
         (ValueError, "already the computer strategy 'math'", "computer", "alias", MathComputer),
-        (ValueError, "non-empty str without '/'", "computer", "a/b", Alias),
-        (ValueError, "non-empty str without '/'", "computer", 3, Alias),
-        (ValueError, "non-empty str without '/'", "computer", "", Alias),
-        (ValueError, "without '/', ','", "computer", "chunk,4", Alias),
+        (ValueError, "non-empty str of letters, digits", "computer", "a/b", Alias),
+        (ValueError, "non-empty str of letters, digits", "computer", 3, Alias),
+        (ValueError, "non-empty str of letters, digits", "computer", "", Alias),
+        (ValueError, "non-empty str of letters, digits", "computer", "chunk,4", Alias),
+        # (before: accepted, though a newline splits a row of ablate's tables)
+        (ValueError, "non-empty str of letters, digits", "computer", "a b", Alias),
+        (ValueError, "non-empty str of letters, digits", "computer", "with\nnewline", Alias),
+        (ValueError, "non-empty str of letters, digits", "computer", " math", Alias),
     ]
     for error, words, kind, name, cls in refused:
         with pytest.raises(error, match=re.escape(words)):

@@ -294,3 +294,21 @@ def test_a_float64_mismatch_is_refused_under_autocast_too(x_dtype, layer_dtype):
         with pytest.raises(TypeError, match=r"x.dtype must equal .* where either is float64"):
             layer(x)
         assert torch.isfinite(layer(x.to(layer_dtype))).all()  # (matching dtypes run)
+
+
+@pytest.mark.parametrize("name", ringattn.DilatedAttention.FIXED)
+def test_what_a_module_is_built_from_cannot_be_reassigned(name):
+    """Its specs and compiled core are cached per shape: before, a new config applied to new
+    shapes only, a deep copy computed the new one while the original kept the old (3.3 apart),
+    and a layer's decoding read the new config while its prefill ran the old one."""
+    import copy
+
+    module = ringattn.DilatedAttention((4,), (1,), compile=False)
+    q = torch.randn(1, 8, 2, 4)
+    out = module(q, q, q)
+    with pytest.raises(AttributeError, match=f"DilatedAttention.{name} is fixed at construction"):
+        setattr(module, name, getattr(module, name))
+    twin = copy.deepcopy(module)
+    with pytest.raises(AttributeError, match="fixed at construction"):
+        setattr(twin, name, getattr(twin, name))  # (a copy is built too)
+    assert torch.equal(twin(q, q, q), out)
