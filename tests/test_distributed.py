@@ -421,6 +421,8 @@ def test_bad_layouts_are_clear_errors(pool, lengths, rates, n_local, match):
         ((16,), (1,), 16, r"segment_lengths\[0\]=16 must divide the chunk length n/\(2p\)=8"),
         ((8, 32), (1, 2), 16, r"segment_lengths\[1\]=32 must divide the chunk length"),
         ((1024,), (16,), 16, r"dilation_rates\[0\]=16 must divide the chunk length"),
+        # shorter than the chunk but not dividing it: segments would cross chunks
+        ((6,), (1,), 16, r"segment_lengths\[0\]=6 must divide the chunk length n/\(2p\)=8"),
         ((4,), (1,), 15, "even shard length"),
     ],
 )

@@ -88,6 +88,8 @@ def test_gqa_oracle_is_the_oracle_on_repeated_heads():
         ({"num_heads": 5}, "must divide embed_dim"),
         ({"num_kv_heads": 3}, "must divide num_heads"),
         ({"dropout": 1.5}, "dropout"),
+        ({"dropout": -0.1}, "dropout"),
+        ({"dropout": float("nan")}, "dropout"),  # (torch's Dropout takes it)
         ({"num_heads": 8, "embed_dim": 24, "rotary_embedding": True}, "even head dim"),
     ],
 )
@@ -298,6 +300,7 @@ def _decode_args(**changes) -> dict:
     [
         # (before: computed over the cache's unfilled zeros / all zeros / accepted, silently)
         ({"position": 7}, ValueError, r"position must be < cache.length=5 .*got 7"),
+        ({"position": 5}, ValueError, r"position must be < cache.length=5 .*got 5"),
         ({"position": -3}, ValueError, "position must be >= 0, got -3"),
         ({"configs": ((4, 3),)}, ValueError, r"dilation_rates\[0\]=3 must divide"),
         ({"scale": -1.0}, ValueError, "scale must be > 0"),
@@ -342,7 +345,43 @@ def test_decode_reads_only_what_the_pattern_needs():
     cache.k[:, ~touched] = float("nan")
     cache.v[:, ~touched] = float("nan")
     assert torch.equal(decode_one(q, cache, position, configs, "lse", 0.3), clean)
-    assert int(touched.sum()) <= sum(w for w, _ in configs)  # independent of position
+
+
+class _CacheReads(torch.overrides.TorchFunctionMode):
+    """The rows of ``cache.k`` each indexing ``cache.k[:, rows]`` reads, as lists."""
+
+    def __init__(self, k: torch.Tensor) -> None:
+        super().__init__()
+        self.k, self.reads = k, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.__getitem__ and args[0] is self.k:
+            self.reads.append(args[1][1].tolist())
+        return func(*args, **(kwargs or {}))
+
+
+def test_decode_reads_what_its_pattern_needs_wherever_the_position():
+    """Each (config, offset) reads its segment's rows of that offset up to the position, at
+    most w / r of them, so a step costs the same at any position: a position 512 rows later
+    (a multiple of every w) reads the same rows shifted by 512. (The test before counted rows
+    it had marked itself: it could not fail.)"""
+    b, h, d = 1, 4, 8
+    configs = ((16, 1), (64, 2), (256, 4))
+    cache = KVCache.empty(b, 2048, h, d, torch.float64, "cpu")
+    cache.k.normal_()
+    cache.length = 2048
+    q = torch.randn(b, h, d, dtype=torch.float64)
+    reads = []
+    for position in (1000, 1512):
+        with _CacheReads(cache.k) as mode:
+            decode_one(q, cache, position, configs, "lse", 0.3)
+        reads.append(mode.reads)
+    assert reads[1] == [[row + 512 for row in rows] for rows in reads[0]]
+    bound = {w // r for w, r in configs}
+    for rows in reads[0]:
+        assert len(rows) <= max(bound) and rows[-1] <= 1000 and rows[0] >= 1000 - 1000 % 256
+    per_head = sum(len(rows) for rows in reads[0])  # (each offset's heads read together)
+    assert 0 < per_head <= sum(w // r * min(r, h) for w, r in configs)
 
 
 def test_generate_is_greedy_argmax_of_the_full_model():
@@ -563,6 +602,32 @@ def _tiny_model(depth: int = 2) -> LongNet:
         dilation_rates=(1, 2), compile=False,
     )  # fmt: skip
     return LongNet(config).eval()
+
+
+def test_a_block_is_pre_norm_attention_then_pre_norm_mlp():
+    """Pinned against the formula, with each norm's own affine parameters: every other model
+    test compares the model with itself (decoding with the full forward, compiled with eager),
+    so the MLP branch normalised by ln1 passed them all."""
+    model = _tiny_model(depth=1)
+    block = model.blocks[0]
+    with torch.no_grad():
+        for norm in (block.ln1, block.ln2):
+            norm.weight.normal_()
+            norm.bias.normal_()
+    x = torch.randn(2, 8, 16)
+    after_attention = x + block.attn(block.ln1(x))
+    want = after_attention + block.mlp(block.ln2(after_attention))
+    torch.testing.assert_close(block(x), want, rtol=0, atol=0)
+
+
+def test_generate_runs_one_forward_per_new_token():
+    """The prefill, then one step per token after the first (the last token needs no logits)."""
+    model = _tiny_model()
+    calls = []
+    forward = model.forward
+    model.forward = lambda *args: calls.append(args[0].shape[1]) or forward(*args)
+    model.generate(torch.zeros(1, 3, dtype=torch.long), 5)
+    assert calls == [3, 1, 1, 1, 1]
 
 
 def test_generate_on_a_model_compiled_in_place_with_fullgraph():

@@ -39,6 +39,7 @@ def call(q, k, v, **overrides):
         ({"mixing": "softmax"}, ValueError, "mixing must be one of"),
         ({"causal": 1}, TypeError, "causal"),
         ({"scale": float("nan")}, ValueError, "scale must be finite"),
+        ({"scale": float("inf")}, ValueError, "scale must be finite"),
         ({"scale": 0.0}, ValueError, "scale must be > 0"),
         ({"scale": -2}, ValueError, "scale must be > 0"),
         ({"scale": "0.5"}, TypeError, "scale"),
@@ -46,6 +47,11 @@ def call(q, k, v, **overrides):
         # (as_strided's int64 overflow, a TypeError, before)
         (
             {"segment_lengths": [4, 2**62]},
+            ValueError,
+            r"segment_lengths\[1\]=\d+ must be <= 2\*\*40",
+        ),
+        (  # (the bound itself, not only far past it)
+            {"segment_lengths": [4, 2**40 + 1]},
             ValueError,
             r"segment_lengths\[1\]=\d+ must be <= 2\*\*40",
         ),
