@@ -312,6 +312,7 @@ def _decode_args(**changes) -> dict:
         ({"q": torch.randn(1, 4, 6)}, ValueError, "the same b and d"),
         ({"q": torch.randn(4, 8)}, TypeError, r"q must be a floating \[b, h, d\] tensor"),
         ({"cache": None}, TypeError, "cache must be a KVCache, got NoneType"),
+        ({"cache": KVCache(torch.zeros(4), torch.zeros(4), 2)}, TypeError, "cache.k must be"),
     ],
 )
 def test_decode_one_refuses_bad_arguments(changes, error, match):

@@ -85,6 +85,8 @@ def decode_one(
         raise TypeError(f"q must be a floating [b, h, d] tensor, got {got}")
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+    if not isinstance(cache.k, Tensor) or cache.k.dim() != 4:
+        raise TypeError("cache.k must be a [b, capacity, h_kv, d] tensor")
     (b, h, d), (cb, _, h_kv, cd) = q.shape, cache.k.shape
     if (b, d) != (cb, cd) or h % h_kv:
         raise ValueError(
@@ -107,7 +109,7 @@ def decode_one(
     config = DilatedConfig(
         tuple(w for w, _ in configs), tuple(r for _, r in configs), True, mixing, scale
     )
-    return decode_unchecked(q, cache, position, config, scale)
+    return decode_unchecked(q, cache, position, config, float(scale))
 
 
 def decode_unchecked(
