@@ -988,6 +988,13 @@ def _guarded(row: Row, run: Callable[[], None]) -> None:
 def plan_variants(sweep: Sweep) -> tuple[list[Variant], list[str]]:
     """Variants in run order (compile off first), and notes on what was left out and why."""
     notes, variants = [], []
+    longest = max(max(c.segment_lengths) for c in sweep.configs)
+    if sweep.preset.check_n < longest:  # (its verdict stands for every n's row: say what it saw)
+        notes.append(
+            f"check: n={sweep.preset.check_n} holds part of one segment of the longest config "
+            f"(w={longest}): segment boundaries there are not checked; --check-n {longest} or "
+            "more checks them"
+        )
     eager_only = [s for s in sweep.strategies if is_sequence_parallel(s)]
     if eager_only and True in sweep.compile_modes:
         notes.append(

@@ -84,6 +84,18 @@ def test_quick_preset_compiles_only_the_default_strategy_within_budget():
     assert len(variants) - 1 == len(sweep.strategies) * len(sweep.configs) * 2
 
 
+def test_a_check_shorter_than_the_longest_segment_says_so():
+    """The check's verdict stands for every n's row: at --check-n 256 a 512-row segment was
+    checked on part of one segment and every row said "pass" without a word."""
+    argv = ["--segment-lengths", "512", "--dilation-rates", "4", "--seq-lens", "1024"]
+    _, notes = ablate.plan_variants(ablate.parse(argv))
+    assert any(note.startswith("check: n=256 holds part of one segment") for note in notes)
+    _, notes = ablate.plan_variants(ablate.parse([*argv, "--check-n", "512"]))
+    assert not any(note.startswith("check:") for note in notes)
+    _, notes = ablate.plan_variants(ablate.parse([]))  # (the quick preset checks whole ones)
+    assert not any(note.startswith("check:") for note in notes)
+
+
 @pytest.mark.parametrize("argv", [["--compile", "both"], ["--compile-budget", "-1"]])
 def test_explicit_compile_lifts_the_quick_presets_budget(argv):
     """``--compile on|both`` and ``--compile-budget -1`` mean every variant compiled, as --help
