@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 
 
@@ -18,8 +19,6 @@ def require_cuda(prog: str) -> None:
 def require_torchrun(prog: str) -> None:
     """Exit with an argparse-style error where a tool that needs several ranks runs outside
     torchrun (it failed inside torch.distributed's env:// rendezvous: "RANK expected")."""
-    import os
-
     if "LOCAL_RANK" not in os.environ:
         raise SystemExit(f"{prog}: error: launch with torchrun --nproc_per_node=P")
 

@@ -352,10 +352,8 @@ def _module_ab(n, h, d, repeats, device, mixing, switch, names, backward=False) 
                             fn, 2 if backward else 3, repeats
                         )
                 row[f"{on}_vs_{off}_rel"] = worst(
-                    [
-                        float((a.float() - b.float()).norm() / b.float().norm())
-                        for a, b in zip(results[on], results[off])
-                    ]
+                    float((a.float() - b.float()).norm() / b.float().norm())
+                    for a, b in zip(results[on], results[off])
                 )
             except Exception as exc:  # a probe: report and go on
                 row["error"] = failure(exc, 600)
