@@ -7,10 +7,12 @@ depend on tensor values happen here (see ``docs/architecture.md``).
 Forward: for every block (one config, one row offset, its heads; full segments or the tail) the
 computer returns ``(out_i, lse_i)`` for the block's rows, which are merged into the accumulators
 ``[b, n, h, d]`` (q's dtype) / ``[b, n, h]`` (float32) in place, through strided views:
-``lse = logaddexp(lse, lse_i)``, ``acc = acc * exp(lse_old - lse) + out_i * exp(lse_i - lse)``
-(one Triton kernel per block on CUDA). A first block that covers every row and head (a config with
-``r = 1`` under ``mixing="lse"``) *becomes* the accumulator; ``head_groups`` blocks are disjoint and
-copied, not merged.
+``lse = logaddexp(lse, lse_i)``, and ``acc`` the average of ``acc`` and ``out_i`` weighted by
+``exp(lse_old - top)`` and ``exp(lse_i - top)`` (``top`` the larger LSE), normalised by their sum
+— not by ``exp(· - lse)``, whose rounded ``lse`` leaves weights summing to 1 only within
+ulp(|lse|) (:func:`ringattn.merge.merge_into_`; one Triton kernel per block on CUDA). A first
+block that covers every row and head (a config with ``r = 1`` under ``mixing="lse"``) *becomes*
+the accumulator; ``head_groups`` blocks are disjoint and copied, not merged.
 
 Backward: every block's kernel backward is called with the *merged* output and LSE of its rows.
 Because the merged result is one softmax over the union of the configs' keys (each counted as

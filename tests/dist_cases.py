@@ -93,6 +93,25 @@ def matches_oracle_through_fake_fa4(shape, options, strategy_fields, layout="con
     return kernel.forward_calls, kernel.forward_runs, kernel.calls, kernel.backward_runs
 
 
+def matches_oracle_through_merge_kernel(shape, options, strategy_fields, dtype_name, layout):
+    """:func:`matches_oracle` in a process running Triton's interpreter, so the ring's and
+    all-gather's merges of partial results (strided row views, zigzag halves) go through the
+    Triton merge kernel that CUDA runs. Returns how often the kernel merged."""
+    import os
+
+    from ringattn.kernels import merge as merge_kernel
+
+    assert os.environ.get("TRITON_INTERPRET") == "1" and merge_kernel.INTERPRET
+    calls = []
+    original = merge_kernel.merge_rows_
+    merge_kernel.merge_rows_ = lambda *a: (calls.append(1), original(*a))[1]
+    try:
+        matches_oracle(shape, options, strategy_fields, dtype_name, 0, layout)
+    finally:
+        merge_kernel.merge_rows_ = original
+    return len(calls)
+
+
 def spanning_runs_match_oracle(shape, options, strategy_fields, layout="contiguous"):
     """:func:`matches_oracle` with ``lse``'s offset runs on and off (``launches.FUSE_OFFSETS``).
     Returns, for each, the communicator's exchanges for spanning segments (calls of ``attend``

@@ -145,6 +145,34 @@ def test_sequence_parallel_blocks_through_fa4_match_oracle(
         assert 0 < forward_calls < forward_runs and 0 < backward_calls < backward_runs
 
 
+@pytest.mark.parametrize(
+    "communicator, layout, causal, dtype_name",
+    [("ring", "zigzag", True, "float32"), ("all_gather", "contiguous", False, "bfloat16")],
+)
+def test_sequence_parallel_merges_through_the_triton_kernel_match_oracle(
+    communicator, layout, causal, dtype_name, monkeypatch
+):
+    """CUDA merges the ranks' partials with the Triton kernel, which CI (no GPU) only reaches
+    under the interpreter: two gloo processes started with ``TRITON_INTERPRET=1``."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    interpreted = DistPool(2)
+    try:
+        opts = {
+            "segment_lengths": (8, 16, 128),
+            "dilation_rates": (1, 2, 4),
+            "causal": causal,
+            "mixing": "lse",
+        }
+        fields = {"communicator": communicator, "computer": "sdpa"}
+        calls = interpreted.run(
+            "matches_oracle_through_merge_kernel", (2, 64, 5, 8), opts, fields, dtype_name, layout
+        )
+    finally:
+        interpreted.close()
+    assert all(c > 0 for c in calls), calls
+
+
 @pytest.mark.parametrize("communicator", ["ring", "all_gather"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])

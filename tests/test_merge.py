@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -71,6 +72,55 @@ def test_large_logits_keep_every_strategy_within_the_float32_bound():
             out = ringattn.dilated_attention(q, k, v, strategy=strategy, compile=False, **options)
             err = float((out.double() - ref).norm() / ref.norm())
             assert err < 1e-5, (strategy.label, err)
+
+
+@pytest.mark.parametrize("logit_scale", [10.0, 30.0])
+def test_every_strategy_averages_ones_to_ones_at_large_logits(logit_scale):
+    """v = 1: every output row is an average of ones, so 1 within float32 rounding, however large
+    the logits. A computer that weights by exp(scores - lse) with lse rounded to float32 scales
+    each row by ~ulp(|lse|) (``math`` did: 1e-5 off at logits ~450, 4e-5 at ~4000)."""
+    import warnings
+
+    import ringattn
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 64, 4, 16, generator=gen) * logit_scale for _ in range(2))
+    v = torch.ones(1, 64, 4, 16)
+    options = {"segment_lengths": (16, 64), "dilation_rates": (1, 4)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (flex runs eagerly here)
+        for strategy in ringattn.Strategy.all(communicator="local"):
+            out = ringattn.dilated_attention(q, k, v, strategy=strategy, compile=False, **options)
+            err = float((out.double() - 1).abs().max())
+            assert err <= 1e-6, (strategy.label, err)
+
+
+def test_math_gradients_at_large_logits_are_as_close_as_torch_sdpa():
+    """``math``'s float32 gradients against float64 at logits ~10^2-10^3, bounded by what torch's
+    SDPA reaches on the same problem (x4): weights normalised by exp(scores - rounded lse) left
+    ``delta = rowsum(dO * O)`` out of step with dP (dq 10x further from float64 than SDPA's)."""
+    import ringattn
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(1, 16, 4, 8, generator=gen, dtype=torch.float64) for _ in range(4))
+    q, k = q * 20, k * 20
+    options = {"segment_lengths": (16,), "dilation_rates": (1,), "causal": True}
+
+    def grads(strategy: ringattn.Strategy | None, dtype: torch.dtype) -> list[torch.Tensor]:
+        xs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        if strategy is None:
+            out = ringattn.reference.dilated_attention(*xs, **options)
+        else:
+            out = ringattn.dilated_attention(*xs, strategy=strategy, compile=False, **options)
+        return list(torch.autograd.grad(out, xs, dout.to(dtype)))
+
+    exact = grads(None, torch.float64)
+    errors = {}
+    for computer in ("math", "sdpa"):
+        found = grads(ringattn.Strategy(computer=computer), torch.float32)
+        errors[computer] = [float((a.double() - b).norm() / b.norm()) for a, b in zip(found, exact)]
+    for name, math_err, sdpa_err in zip("qkv", errors["math"], errors["sdpa"]):
+        assert math_err <= 4 * max(sdpa_err, 1e-7), (f"d{name}", errors)
 
 
 def test_functional_merge_weights_are_relative_to_the_largest_lse():
