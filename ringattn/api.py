@@ -10,10 +10,13 @@ wrappers would break the graph.
 
 from __future__ import annotations
 
+import os
+import sys
 import types
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import torch
 from beartype import beartype
@@ -544,6 +547,8 @@ class DilatedAttention(nn.Module):
 
 _MODULES: OrderedDict[tuple, DilatedAttention] = OrderedDict()
 _MAX_MODULES = 32
+# the functional form's option sets seen before it warns that an option varies between calls
+FUNCTIONAL_MODULES_WARNING = 256
 # every option set's module, never evicted: compiled graphs and exported programs name them
 # (core._spec). A trace looks them up here, as attributes: a dict's lookup, traced, guarded the
 # graph on the dict's length (and the LRU's on its order), so any other option set's eager call
@@ -593,8 +598,14 @@ def dilated_attention(
     ``group`` and ``layout`` (a sequence-parallel or CUDA-graph call needs a module of its own,
     which holds the ranks' agreed calls and the graphs' memory).
 
-    Modules are cached per option set (bounded), so repeated calls reuse the compiled core and the
-    memory manager's patterns instead of recompiling. Traced by a user's ``torch.compile`` it
+    Modules are cached per option set, so repeated calls reuse the compiled core and the memory
+    manager's patterns instead of recompiling. The 32 most recent option sets keep their patterns
+    and buffers; every option set's module itself lives as long as the process, because a
+    compiled graph or an exported program names it. So an option that changes from call to call
+    (a float ``scale`` read with ``.item()``, ``segment_lengths=(n,)``) makes a module, and with
+    ``compile=True`` a graph, every call: fold such a scale into ``q`` (``q * s`` scales the
+    logits by ``s``) and keep segment lengths fixed. A warning says so past
+    ``FUNCTIONAL_MODULES_WARNING`` option sets. Traced by a user's ``torch.compile`` it
     captures like the module (the opaque ops, fullgraph), also before any eager call: a trace
     makes its option set's module in plain Python. The options must be constants to Dynamo
     there (literals, closure or module attributes, as usual); an int argument of the compiled
@@ -689,6 +700,15 @@ def _module_for(key: tuple, *args: Any, **options: Any) -> DilatedAttention:
     module = _kept_module(key)
     if module is None:
         module = DilatedAttention(*args, **options)
+        if len(_EVERY_MODULE.__dict__) == FUNCTIONAL_MODULES_WARNING:
+            warnings.warn(
+                f"ringattn.dilated_attention has made {FUNCTIONAL_MODULES_WARNING} modules, one "
+                "per option set, each kept for the process's life (a compiled graph may name "
+                "it): an option changes between calls (e.g. a float scale from .item() or "
+                "segment_lengths that follow n). Fold a varying scale into q (q * s) and keep "
+                "segment lengths fixed, or build a DilatedAttention module per setting",
+                stacklevel=_caller_level(),
+            )
     _MODULES[key] = module
     module.functional_key = key
     setattr(_EVERY_MODULE, _attribute(key), module)
@@ -701,6 +721,17 @@ def _module_for(key: tuple, *args: Any, **options: Any) -> DilatedAttention:
         evicted._specs.clear()
         # (it stays in _EVERY_MODULE)
     return module
+
+
+def _caller_level() -> int:
+    """``warnings.warn``'s stacklevel of the first frame outside ringattn and torch (the
+    functional form's call passes through torch.compiler.disable's wrapper, whose depth is
+    torch's)."""
+    level, frame = 1, cast("types.FrameType | None", sys._getframe(1))
+    library = tuple(os.path.dirname(str(m.__file__)) + os.sep for m in (registry, torch))
+    while frame is not None and frame.f_code.co_filename.startswith(library):
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 @torch._dynamo.assume_constant_result

@@ -666,8 +666,9 @@ def a_layers_bad_input_on_one_rank_raises_everywhere(case: str):
 
 def a_sequence_parallel_module_copies_and_pickles():
     """deepcopy (an EMA model) shares the process group; pickle / torch.save over the world
-    group resolves it again on load; both compute what the original does. (Both raised "cannot
-    pickle 'ProcessGroup' object".)"""
+    group resolves it again on load, with the loading rank's place in it; all compute what the
+    original does. (Both raised "cannot pickle 'ProcessGroup' object"; one saved by rank 0 had
+    every rank call itself rank 0.)"""
     import copy
     import io
     import pickle
@@ -682,7 +683,16 @@ def a_sequence_parallel_module_copies_and_pickles():
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     pickled = pickle.loads(pickle.dumps(module))
-    return [bool(torch.equal(m(q, q, q), want)) for m in (copied, loaded, pickled)]
+    # saved by rank 0 only and loaded on every rank (torch.save(model) on rank 0, torch.load
+    # everywhere): each rank takes its own place, not rank 0's
+    saved = [pickle.dumps(module) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(saved, src=0)
+    from_rank0 = pickle.loads(saved[0])
+    assert from_rank0.communicator.rank == dist.get_rank(), from_rank0.communicator.rank
+    assert from_rank0.communicator.world_size == dist.get_world_size()
+    q = torch.randn(1, 16, 2, 8, generator=torch.Generator().manual_seed(dist.get_rank()))
+    want = module(q, q, q)
+    return [bool(torch.equal(m(q, q, q), want)) for m in (copied, loaded, pickled, from_rank0)]
 
 
 def a_device_mesh_names_the_group():

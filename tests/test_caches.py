@@ -113,3 +113,86 @@ def test_one_module_serves_two_head_dims():
         q, k, v = make_qkv({**P, "d": d}, torch.float64)
         ref = reference.dilated_attention(q, k, v, **options(P))  # scale 1 / sqrt(d)
         assert rel_err(module(q, k, v), ref) <= 1e-10, d
+
+
+def test_nothing_is_kept_or_reused_while_a_cuda_graph_captures(monkeypatch):
+    """During capture a pattern's kernels are only recorded (a kept one held no values until the
+    graph replayed: eager calls of that shape gathered with garbage) and a kept tensor the graph
+    uses would be freed on eviction while the replays still read it. So the pooled manager
+    builds everything afresh and keeps none of it. (Capture itself needs CUDA: the check that
+    decides is stood in for.)"""
+    from ringattn.memory import pooled
+
+    pool = PooledMemory()
+    kept = pool.cached(("pattern",), lambda: torch.arange(4))
+    scratch = pool.scratch("acc", (4,), torch.float32, torch.device("cpu"))
+    monkeypatch.setattr(pooled, "_capturing", lambda: True)
+    built = pool.cached(("pattern",), lambda: torch.arange(4) * 10)
+    assert torch.equal(built, torch.arange(4) * 10)  # made in the capture, not the kept one
+    assert pool.cached(("new",), lambda: torch.ones(2)) is not pool.cached(("new",), lambda: None)
+    assert pool.scratch("acc", (4,), torch.float32, torch.device("cpu")) is not scratch
+    assert set(pool.patterns.items) == {("pattern",)} and pool.patterns.items[("pattern",)] is kept
+    assert len(pool.buffers.items) == 1
+    monkeypatch.undo()
+    assert not pooled._capturing()  # (no CUDA here: never capturing)
+    assert pool.cached(("pattern",), torch.zeros) is kept
+
+
+def test_clear_and_held_bytes_wait_for_a_call_in_another_thread():
+    """``clear`` between another thread's lookup and its move_to_end raised KeyError there, and
+    ``held_bytes`` iterating while a call added an entry raised "mutated during iteration": both
+    take the caches' lock."""
+    import threading
+
+    pool = PooledMemory()
+    pool.cached(("pattern",), lambda: torch.arange(4))
+    for work in (pool.clear, pool.held_bytes):
+        done = threading.Event()
+        with pool.patterns.lock:  # a call in another thread, mid-lookup
+            worker = threading.Thread(target=lambda work=work, done=done: (work(), done.set()))
+            worker.start()
+            assert not done.wait(0.2), f"{work.__name__} ran while a lookup held the lock"
+        worker.join(5)
+        assert done.is_set()
+
+
+def test_held_bytes_count_what_a_global_flex_modules_masks_close_over():
+    """A global-dilation flex module's block masks' mask functions close over the run layout
+    (two int64 tensors of n rows per config): 40% of what the module keeps was uncounted."""
+    import warnings
+
+    configs = ((8, 16, 32), (1, 2, 4))
+    module = ringattn.DilatedAttention(
+        *configs, strategy=ringattn.Strategy(dilation="global", computer="flex"), compile=False
+    )
+    q = torch.randn(1, 64, 4, 8)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (flex runs eagerly here)
+        module(q, q, q)
+    masks_and_patterns = {
+        id(x): x.untyped_storage().nbytes()
+        for value in module.memory.patterns.items.values()
+        for x in (value.as_tuple() if hasattr(value, "as_tuple") else (value,))
+        if isinstance(x, torch.Tensor)
+    }
+    run_layouts = 2 * 64 * 8 * len(configs[0])  # run_id and run_residue, int64, per config
+    assert module.memory.held_bytes() >= sum(masks_and_patterns.values()) + run_layouts
+
+
+def test_functional_form_warns_when_an_option_varies_between_calls(monkeypatch):
+    """Every option set's module is kept for the process's life (a compiled graph may name it):
+    a scale that changes every call made a module per call, silently."""
+    import warnings
+
+    from ringattn import api
+
+    monkeypatch.setattr(api, "FUNCTIONAL_MODULES_WARNING", len(api._EVERY_MODULE.__dict__) + 2)
+    q = torch.randn(1, 16, 2, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(4):
+            ringattn.dilated_attention(
+                q, q, q, segment_lengths=(8,), dilation_rates=(1,), scale=0.1 + 0.01 * i
+            )
+    ours = [w for w in caught if "dilated_attention has made" in str(w.message)]
+    assert len(ours) == 1 and ours[0].filename == __file__, [str(w.message) for w in caught]

@@ -388,7 +388,7 @@ def test_a_layers_bad_input_on_one_rank_raises_on_every_rank(pool, case, error):
 
 def test_a_sequence_parallel_module_copies_and_pickles(pool):
     answers = pool.run("a_sequence_parallel_module_copies_and_pickles")
-    assert answers == [[True] * 3] * pool.world_size
+    assert answers == [[True] * 4] * pool.world_size
 
 
 def test_a_device_mesh_names_the_group(pool):

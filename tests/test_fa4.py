@@ -268,6 +268,34 @@ def test_no_recording_while_a_cuda_graph_is_captured(fake_fa4, monkeypatch, smal
     assert (fake_fa4.forward_calls, fake_fa4.calls) == launcher_calls
 
 
+def test_a_capturing_launch_waits_while_another_thread_holds_the_launcher(
+    fake_fa4, monkeypatch, small_problem
+):
+    """Another thread's recording swaps FA4's compile caches, and its adding backward FA4's
+    module state, under ``_LAUNCHER_LOCK``: a launch captured into a CUDA graph in between ran
+    the adding kernel into uninitialised gradients. It now waits for the lock."""
+    import threading
+
+    monkeypatch.setattr(fa4, "capturing", lambda q: True)
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def capture() -> None:
+        try:
+            check_against_oracle(small_problem, torch.float32, sdpa_strategies()[:1])
+        except BaseException as exc:  # (reported by the test's thread)
+            failure.append(exc)
+        done.set()
+
+    with fa4._LAUNCHER_LOCK:
+        worker = threading.Thread(target=capture)
+        worker.start()
+        assert not done.wait(0.5), "a capturing launch ran while the launcher was held"
+    worker.join(60)
+    assert done.is_set() and not failure, failure
+    assert fake_fa4.forward_calls > 0
+
+
 @pytest.mark.parametrize("capturing", [False, True])
 def test_capturing_asks_torch_about_the_current_stream(monkeypatch, capturing):
     """The fused kernels' first-call guards rely on it (every other test patches it out)."""

@@ -70,6 +70,12 @@ class SequenceParallel(Communicator):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.group = distributed.resolve_group(None)
+        # this process's place in the world, not the pickling process's: a module saved by
+        # rank 0 and loaded everywhere had every rank call itself rank 0 (gloo: "Pair is not
+        # connected"; its agreement saw equal signatures, so it could not tell)
+        self.ranks = dist.get_process_group_ranks(self.group)
+        self.world_size = len(self.ranks)
+        self.rank = dist.get_rank(self.group)
 
     def check_group(self) -> None:
         """A ValueError where this communicator's process group, the world or a sub-group, was

@@ -309,10 +309,12 @@ def _launch(
     if kernels is not None:  # they swap FA4's module state: no other launcher runs beside them
         with _LAUNCHER_LOCK, kernels():
             return _launch(kind, launcher, operands, flags, results, accumulating, memo=memo)
-    if capturing(operands[0]):  # a recording syncs to check its replay: capture forbids that
-        return results(launcher())
-    # recording swaps FA4's compile caches for the call: no launcher runs beside it
+    # recording swaps FA4's compile caches for the call, and the adding kernels its module
+    # state: no launcher runs beside either (a graph captured in one thread while another
+    # recorded or added ran the adding kernel into uninitialised gradients)
     with _LAUNCHER_LOCK:
+        if capturing(operands[0]):  # a recording syncs to check its replay: capture forbids it
+            return results(launcher())
         if key is None or key in _REPLAYS:
             return results(launcher())
         result, recorded = replay.record(

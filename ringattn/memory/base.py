@@ -1,9 +1,9 @@
 """MemoryManager: who owns index patterns and scratch buffers.
 
 Two services. Patterns are fetched in eager code only, outside the compiled core. Scratch buffers
-are asked for inside the core, but only the eager path gets a pooling manager: under
-``torch.compile`` the core sees ``NoReuse`` (plain ``torch.empty``) and Inductor plans memory (see
-``docs/architecture.md``):
+are asked for inside the core, but only a core that runs as eager code gets a pooling manager
+(eager calls, and the opaque ops of a block computer's compiled calls): a traced core sees
+``NoReuse`` (plain ``torch.empty``) and Inductor plans memory (see ``docs/architecture.md``):
 
 * ``cached(key, build)``: an index pattern (e.g. the global permutation) for a key that names
   everything it depends on (shape, config, device);

@@ -8,7 +8,9 @@ the caller overwrites the buffer before reading it, so reuse never changes a res
 sharing a module (the functional form shares one per option set) each get their own buffers, as
 do streams, as torch's caching allocator does: one buffer shared by two concurrent calls gave
 wrong outputs. Both caches hold at most ``max_entries`` items, and a lock keeps their bookkeeping
-whole under threads.
+whole under threads. While a CUDA graph is being captured the caches are bypassed: the graph's
+patterns and buffers are made in its own pool and kept by nothing here (``docs/architecture.md``,
+"Memory under compile").
 """
 
 from __future__ import annotations
@@ -35,6 +37,14 @@ class _LRU:
         self.lock = threading.Lock()
 
     def get(self, key: Hashable, build: Callable[[], Tensor]) -> Tensor:
+        if _capturing():
+            # a CUDA graph being captured gets what it asks for made in its own pool, and none
+            # of it kept: made here, a pattern's kernels are only recorded, so the kept tensor
+            # held no values until the first replay (eager calls of that shape gathered with
+            # garbage); and a kept tensor the graph read or wrote, once evicted, went back to
+            # the allocator while the graph's replays still used its memory
+            with torch.inference_mode(False):
+                return build()
         with self.lock:
             value = self.items.get(key)
             if value is not None:
@@ -62,10 +72,23 @@ class _LRU:
         _LRU.__init__(self, state["max_entries"])
 
 
+def _capturing() -> bool:
+    """Whether this thread's current CUDA stream is capturing a graph (never without CUDA
+    initialised, which costs nothing to ask)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
 def _owner(device: torch.device) -> tuple[int, int | None]:
     """Who a scratch buffer belongs to: the calling thread, and on CUDA its current stream."""
     stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else None
     return threading.get_ident(), stream
+
+
+def _contents(cell: object) -> object:
+    try:
+        return cell.cell_contents  # type: ignore[attr-defined]
+    except ValueError:  # an empty cell (a name the function's scope never bound)
+        return None
 
 
 def _tensors(value: object) -> list[Tensor]:
@@ -75,7 +98,10 @@ def _tensors(value: object) -> list[Tensor]:
         return [value]
     as_tuple = getattr(value, "as_tuple", None)
     if callable(as_tuple):
-        value = as_tuple()
+        # and what its mask function closes over (global dilation's run layout: 40% of what
+        # a global flex module keeps, uncounted before)
+        cells = getattr(getattr(value, "mask_mod", None), "__closure__", None) or ()
+        value = (as_tuple(), [_contents(cell) for cell in cells])
     return [x for x in tree_leaves(value) if isinstance(x, Tensor)]
 
 
@@ -97,16 +123,21 @@ class PooledMemory(MemoryManager):
         return self.buffers.get(key, lambda: torch.empty(shape, dtype=dtype, device=device))
 
     def held_bytes(self) -> int:
+        kept: list[object] = []
+        for cache in (self.patterns, self.buffers):
+            with cache.lock:  # (another thread's call may be adding to it)
+                kept.extend(cache.items.values())
         storages = {
             x.untyped_storage().data_ptr(): x.untyped_storage().nbytes()
-            for value in (*self.patterns.items.values(), *self.buffers.items.values())
+            for value in kept
             for x in _tensors(value)
         }
         return sum(storages.values())
 
     def clear(self) -> None:
-        self.patterns.items.clear()
-        self.buffers.items.clear()
+        for cache in (self.patterns, self.buffers):
+            with cache.lock:  # (a get in another thread between its lookup and move_to_end)
+                cache.items.clear()
 
     def stats(self) -> dict[str, int]:
         return {
