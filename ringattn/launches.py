@@ -38,6 +38,7 @@ and computes its 16 offsets in one exchange instead of 16. The preparations live
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 
 import torch
@@ -60,8 +61,12 @@ class Prepared(dict[int, tuple[tuple[tuple[Geometry | None, ...], Callable[..., 
 # lse: a config's offsets as runs where they line up (see the module's docstring)
 FUSE_OFFSETS = True
 
-# preparations kept per spec (one per (kind, layouts)): a module sees a few layouts at most
-MAX_PREPARED = 8
+# preparations kept per spec, most recently used last (one per (kind, layouts); one layout
+# takes up to five: forward, no-grad forward and the backward's three): 8 re-prepared everything
+# on every call of two alternating batch sizes
+MAX_PREPARED = 32
+# (the bookkeeping of every spec's preparations: two threads evicting from one raised)
+_PREPARED_LOCK = threading.Lock()
 
 
 def views(tensors: tuple[Tensor | None, ...], geometry: tuple[Geometry | None, ...]) -> list:
@@ -100,13 +105,20 @@ def prepared(
     if layouts is None:
         layouts = layouts_of(reads + writes)
     block_ids = tuple(block_ids)  # (may be a generator: read once)
-    key = (kind, placed, split, block_ids, layouts)
+    # (with the computer's own switches, read when its launchers are made: flipping one on a
+    # live module, e.g. SDPAComputer.cuda_forward for an A/B, kept the kernels of before)
+    key = (kind, placed, split, block_ids, layouts, spec.block_computer.launch_options())
     cache = spec.launches
-    found = cache.get(key)
-    if found is None:
-        if len(cache) >= MAX_PREPARED:  # bounded: drop the oldest
+    with _PREPARED_LOCK:
+        found = cache.pop(key, None)
+        if found is not None:
+            cache[key] = found  # the most recently used, last
+            return found
+    found = _prepare(spec, reads, writes, block_ids, make_launcher, placed, split)
+    with _PREPARED_LOCK:
+        cache[key] = found
+        while len(cache) > MAX_PREPARED:  # bounded: drop the least recently used
             cache.pop(next(iter(cache)))
-        found = cache[key] = _prepare(spec, reads, writes, block_ids, make_launcher, placed, split)
     return found
 
 

@@ -218,6 +218,28 @@ def test_forward_goes_to_fa4_by_default(fake_fa4, small_problem):
         assert fake_fa4.forward_runs > before
 
 
+@pytest.mark.parametrize("mixing", ["lse", "head_groups"])
+def test_replays_are_kept_apart_by_scale(fake_fa4, mixing):
+    """Two modules that differ only in ``scale``, one shape: each records its own launches (the
+    scale is a constant of the recorded call, so a replay keyed without it computed the other
+    module's function: 1.4 off)."""
+    q, k, v, dout = (torch.randn(1, 32, 4, 8, dtype=torch.float64) for _ in range(4))
+    shape = {"segment_lengths": (8, 16), "dilation_rates": (1, 2), "mixing": mixing}
+    for scale in (None, 0.05, None, 0.05):  # the second turn replays
+        inputs = [x.float().requires_grad_() for x in (q, k, v)]
+        attention = ringattn.DilatedAttention(
+            **shape, scale=scale, strategy=sdpa_strategies()[0], compile=False
+        )
+        out = attention(*inputs)
+        grads = torch.autograd.grad(out, inputs, dout.float())
+        exact = [x.clone().requires_grad_() for x in (q, k, v)]
+        ref = ringattn.reference.dilated_attention(*exact, **shape, scale=scale)
+        ref_grads = torch.autograd.grad(ref, exact, dout)
+        for got, want in zip((out, *grads), (ref, *ref_grads)):
+            assert float((got.detach().double() - want).norm() / want.norm()) < 1e-5, scale
+    assert fake_fa4.forward_runs > fake_fa4.forward_calls  # (replays were among them)
+
+
 @pytest.mark.parametrize("problem", ["small", "placed"])
 def test_repeated_calls_replay_fa4_without_its_launcher(fake_fa4, small_problem, problem):
     """Each block signature's first call runs FA4's launcher once (recorded); later calls of the

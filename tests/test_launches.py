@@ -170,6 +170,51 @@ def test_preparations_per_spec_are_bounded():
     assert 0 < len(spec.launches) <= launches.MAX_PREPARED
 
 
+def test_alternating_batch_sizes_prepare_once_each(monkeypatch):
+    """One layout takes up to five preparations (forward, no-grad forward, the backward's three):
+    with 8 kept oldest-first, two or three alternating batch sizes re-prepared every call."""
+    attention = ringattn.DilatedAttention(
+        (8, 16), (1, 2), strategy=ringattn.Strategy(computer="sdpa"), compile=False
+    )
+    made = []
+    original = launches._prepare
+    monkeypatch.setattr(launches, "_prepare", lambda *a: (made.append(1), original(*a))[1])
+    for step in range(9):
+        q = torch.randn(1 + step % 3, 32, 4, 8, requires_grad=True)
+        attention(q, q, q).sum().backward()
+        with torch.no_grad():
+            attention(q, q, q)
+        if step == 2:
+            first_three = len(made)
+    assert len(made) == first_three > launches.MAX_PREPARED // 4, (first_three, len(made))
+
+
+def test_a_computer_switch_flipped_on_a_live_module_takes_effect(monkeypatch):
+    """The prepared launchers are made with the computer's switches of that moment; with them
+    in the key, ``SDPAComputer.cuda_forward = "torch"`` on a module that already ran takes
+    effect on its next call (before, its prepared launchers kept FA4's kernels)."""
+    from fake_fa4 import FakeFA4, installed
+
+    from ringattn.computers.sdpa import SDPAComputer
+    from ringattn.kernels import fa4_merge
+
+    merges = []  # FA4's merging kernel (CUDA only) stood in for: it declines, so torch merges
+    monkeypatch.setattr(fa4_merge, "supported", lambda *args: True)
+    monkeypatch.setattr(fa4_merge, "merger", lambda *args: lambda *a: merges.append(1) or False)
+    with installed(FakeFA4()):
+        attention = ringattn.DilatedAttention(
+            (8, 16), (1, 2), strategy=ringattn.Strategy(computer="sdpa"), compile=False
+        )
+        q = torch.randn(1, 32, 4, 8)
+        with torch.no_grad():
+            attention(q, q, q)
+            assert merges
+            monkeypatch.setattr(SDPAComputer, "cuda_forward", "torch")
+            merges.clear()
+            attention(q, q, q)
+        assert not merges
+
+
 @given(
     dilation_configs(max_rate=6),
     st.integers(1, 2),

@@ -168,3 +168,90 @@ def test_undeclared_accumulation_is_not_replayed():
     with pytest.warns(RuntimeWarning, match="disagreed"):
         _, rec = recorded(library, x, out)
     assert rec is None
+
+
+class BypassFirst(Library):
+    """Its first kernel (``workspace = 2x``) is launched directly, writing only the workspace
+    that the recorded second kernel reads."""
+
+    def launch(self, x, out=None):
+        self.launcher_calls += 1
+        workspace = torch.empty(x.numel() + 8)
+        out = torch.empty_like(x) if out is None else out
+        workspace.numpy()[4 : 4 + x.numel()] = 2 * x.numpy().reshape(-1)  # no aten op
+        self.compile_cache.setdefault("add", self._add_one)
+        self.compile_cache["add"](workspace[4 : 4 + x.numel()].view(x.shape), out, 1.0)
+        return out
+
+
+def test_a_bypassing_launch_that_writes_only_a_workspace_is_caught():
+    """The check replays into the launcher's own workspace, which still held the bypassing
+    kernel's values: the replay was kept, and later replays on fresh workspaces were wrong."""
+    x = torch.randn(3, 5)
+    with pytest.warns(RuntimeWarning, match="disagreed"):
+        result, rec = recorded(BypassFirst(), x)
+    assert rec is None and torch.equal(result, 2 * x + 1)
+
+
+class AddingBypass(Adding):
+    """Its adding kernel (``out += 2x + 1``) is launched directly."""
+
+    def launch(self, x, out=None):
+        self.launcher_calls += 1
+        workspace = torch.empty(x.numel() + 8)
+        self.compile_cache.setdefault("double", self._double)
+        self.compile_cache["double"](x, workspace[4 : 4 + x.numel()].view(x.shape))
+        out.numpy()[...] += workspace.numpy()[4 : 4 + x.numel()].reshape(x.shape) + 1.0
+        return out
+
+
+def test_a_bypassing_launch_that_adds_into_a_large_operand_is_caught():
+    """An operand already holding large sums (gradients of earlier blocks): without the
+    addition the replay's result was within the check's 1% of the launcher's, so it was kept
+    (and added nothing). The check compares what each added."""
+    library, x = AddingBypass(), torch.randn(3, 5)
+    out = torch.full((3, 5), 1000.0)
+    with pytest.warns(RuntimeWarning, match="disagreed"):
+        _, rec = replay.record(
+            lambda: library.launch(x, out),
+            {library: "compile_cache"},
+            (x, out),
+            lambda r: (r,),
+            (1,),
+        )
+    assert rec is None
+    torch.testing.assert_close(out, 1000 + 2 * x + 1)  # once
+
+
+class Handle:
+    """A kernel argument that holds a tensor without being one (a cute tensor, a pointer)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+class HandleLibrary(Library):
+    def launch(self, x, out=None):
+        self.launcher_calls += 1
+        out = torch.empty_like(x) if out is None else out
+        self.compile_cache.setdefault("k", self._kernel)
+        self.compile_cache["k"](Handle(x), Handle(out), 1.0, (None, 3))
+        return out
+
+    def _kernel(self, x, out, one, options):
+        self.kernel_runs += 1
+        out.tensor.copy_(2 * x.tensor + one)
+
+
+@pytest.mark.parametrize(
+    "argument",
+    [Handle(torch.zeros(1)), (None, (torch.zeros(1),)), {"a": Handle(torch.zeros(1))}],
+    ids=["object", "nested tuple", "dict of objects"],
+)
+def test_arguments_that_hold_a_tensor_are_no_constants(argument):
+    """Baked into a replay such an argument points at the recorded call's memory in every later
+    call (the check, on the same operands, agreed): that recording is not replayed."""
+    assert replay._holds_pointer(argument)
+    assert not replay._holds_pointer((None, 1, 2.0, "x", (True,), {"k": None}, torch.float32))
+    _, rec = recorded(HandleLibrary(), torch.randn(3, 5))
+    assert rec is None and "holding a tensor or pointer" in replay.last_refusal

@@ -182,6 +182,12 @@ class BlockComputer(AttentionComputer):
         skips them (where it declines, the core writes them)."""
         return None
 
+    def launch_options(self) -> tuple:
+        """The settings this computer reads when it makes a launcher (``forward_launcher`` and
+        the others): part of the key of prepared launches, so changing one takes effect on the
+        next call (``SDPAComputer``'s kernel choices)."""
+        return ()
+
     def places_whole_blocks(self, q: Tensor) -> bool:
         """Whether this computer's placed forward (:meth:`forward_launcher`) writes straight
         into its rows with no block-sized temporaries, here. Then the core launches each placed

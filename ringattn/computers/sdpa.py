@@ -100,6 +100,18 @@ class SDPAComputer(BlockComputer):
     # (cuDNN; placed blocks through the frontend), the A/B
     cuda_forward = "auto"
 
+    def launch_options(self) -> tuple:
+        return (
+            self.cuda_backend,
+            self.in_place,
+            self.cuda_backward,
+            self.cuda_forward,
+            self.fa4_backward_merge,
+            fa4_zero.ENABLED,
+            fa4_group.ENABLED,
+            fa4_group_bwd.ENABLED,
+        )
+
     def _cudnn(self, q: Tensor) -> bool:
         return (
             self.cuda_backend != "flash"
@@ -368,7 +380,7 @@ class SDPAComputer(BlockComputer):
 
     def zeroing_launcher(self, causal, scale, shifts, q, k, v, out, lse):
         # FA4's forward writing the rows a head_groups config leaves out (ringattn.kernels.fa4_zero;
-        # its ENABLED switch also decides here: launches prepared while it is off keep the fill)
+        # its ENABLED switch also decides here, and is in launch_options: flipping it re-prepares)
         if not (
             fa4_zero.ENABLED
             and self._fa4(self.cuda_forward, q)

@@ -20,9 +20,13 @@ alias. Anything else (a copy made to fix a layout, a buffer zeroed in Python, a 
 combine step between launches) means the launcher does work a replay would skip: that signature
 keeps calling the launcher, which computes the same thing more slowly. A launch that bypassed
 the compile caches would be missing from a replay without any of that showing; so a recording is
-replayed once into the launcher's own buffers, its results poisoned with NaN first, and held to
-the launcher's results before it is kept. Replays are therefore the recorded call's GPU work, on
-new operands.
+replayed once into the launcher's own buffers, its results and the launcher's floating-point
+allocations poisoned with NaN first, and held to the launcher's results (to what it added, for
+operands it accumulates into) before it is kept. A kernel argument that is not a tensor but holds
+one, or device memory or a stream (``_holds_pointer``), is no constant: such a recording is not
+replayed either. Replays are therefore the recorded call's GPU work, on new operands, as far as
+those checks see: a launch that bypassed the caches and wrote only an integer workspace would
+still go unnoticed (none of FA4's does).
 """
 
 from __future__ import annotations
@@ -228,12 +232,42 @@ def _result_slot(
     return slot
 
 
+# attributes of objects that hold device memory or a stream without being a torch.Tensor
+# (cute tensors and pointers, DLPack capsules' owners, CUDA streams)
+_POINTER_ATTRIBUTES = (
+    "data_ptr",
+    "__dlpack__",
+    "__cuda_stream__",
+    "cuda_stream",
+    "getPtr",
+    "iterator",
+)
+
+
+def _holds_pointer(x: object, depth: int = 0) -> bool:
+    """Whether a kernel argument other than a plain tensor carries a tensor, device memory or a
+    stream anywhere in it: baked into a replay as a constant, it would point at the recorded
+    call's memory (or stream) in every later call, and the check (same operands) agreed."""
+    if isinstance(x, Tensor):
+        return True
+    if x is None or isinstance(x, (bool, int, float, complex, str, bytes)) or depth > 4:
+        return False
+    if isinstance(x, (list, tuple, set, frozenset)):
+        return any(_holds_pointer(y, depth + 1) for y in x)
+    if isinstance(x, dict):
+        return any(_holds_pointer(y, depth + 1) for y in x.values())
+    if isinstance(x, type) or (callable(x) and not hasattr(x, "__dict__")):
+        return False
+    if any(hasattr(x, name) for name in _POINTER_ATTRIBUTES):
+        return True
+    fields = getattr(x, "__dict__", None)
+    return isinstance(fields, dict) and any(_holds_pointer(y, depth + 1) for y in fields.values())
+
+
 def _slot(x: object, operands: tuple[Tensor | None, ...], allocations: list[Tensor]) -> object:
-    if isinstance(x, (list, tuple, dict)):
-        if any(isinstance(y, Tensor) for y in (x.values() if isinstance(x, dict) else x)):
-            raise _Unreplayable("a tensor inside a container")
-        return x
     if not isinstance(x, Tensor):
+        if _holds_pointer(x):
+            raise _Unreplayable(f"a {type(x).__name__} argument holding a tensor or pointer")
         return x
     for role, operand in enumerate(operands):
         if (
@@ -302,17 +336,29 @@ def record(
     except _Unreplayable as exc:
         last_refusal = str(exc)
         return result, None
+
     # a launch that bypassed the compile caches would be missing from the replay. So the replay
     # runs once on the same operands, into the launcher's own buffers (no memory beyond the
     # call's: a block may be the whole [b, n, h, d] tensor), its results poisoned with NaN
     # first, and is held to the launcher's results (equal up to the kernels' own
     # nondeterminism, e.g. atomically added gradients) through small per-row statistics
-    wanted = [_row_stats(x) for x in results(result)]
-    for x in results(result):
+    # What the launch added, for a result it accumulates into: a missing addition is then the
+    # whole difference, not a fraction of the operand's earlier sums within the tolerance
+    def added(x: Tensor) -> Tensor:
+        for operand, saved in before:
+            if x.data_ptr() == operand.data_ptr() and x.shape == operand.shape:
+                return x - saved  # (the clone: the operand's shape, its own strides)
+        return x
+
+    wanted = [_row_stats(added(x)) for x in results(result)]
+    for x in (*results(result), *watch.allocations):
+        # the allocations too (the check replays into them): a workspace written by a launch
+        # that bypassed the caches still held its values, where later replays' fresh ones
+        # hold none
         if x.is_floating_point():
             x.fill_(float("nan"))
     put_back()
-    got = [_row_stats(x) for x in replay(operands, watch.allocations)]
+    got = [_row_stats(added(x)) for x in replay(operands, watch.allocations)]
     if not all(_agree(g, w) for g, w in zip(got, wanted, strict=True)):
         warnings.warn(
             "a replay of the kernel launcher's recorded call disagreed with the launcher's "
