@@ -68,6 +68,8 @@ GPU_ONLY = [
     "fa4_probe",
     "gpu_fuzz",
     "cudnn_frontend_probe",  # (it said to install the frontend, which needs a GPU too)
+    "graph_capture_check",
+    "replay_check",
 ]
 
 

@@ -1,0 +1,78 @@
+"""Which of FA4's recorded launches are kept as replays (needs CUDA and FlashAttention-4).
+
+Runs issue 5's shape (bf16, h=16, d=128, its five configs) at one length, each mixing, causal or
+not, forward and forward+backward, twice; then counts the recordings ``ringattn.kernels.fa4``
+kept and the ones it refused (a refused signature calls FA4's Python launcher every time: right,
+but host-bound at short lengths), with ``replay.last_refusal``. Prints a table; exits 1 if any
+recording was refused.
+
+    python -m experiments.replay_check [--n 16384] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import json
+import os
+import sys
+
+import torch
+
+import ringattn
+from experiments import require_cuda
+from ringattn.kernels import fa4, replay
+
+SEGMENTS, RATES = (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=16384, help="sequence length (default 16384)")
+    parser.add_argument("--out", default=None, help="directory for replay_check.json")
+    args = parser.parse_args(argv)
+    require_cuda("replay_check")
+    if not fa4.available(torch.empty(0, device="cuda")):
+        print("replay_check: FlashAttention-4 is not available here", file=sys.stderr)
+        return 2
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for mixing, causal in itertools.product(("lse", "head_groups"), (False, True)):
+        attention = ringattn.DilatedAttention(SEGMENTS, RATES, mixing=mixing, causal=causal)
+        for _ in range(2):
+            q, k, v = (
+                torch.randn(1, args.n, 16, 128, generator=gen, device="cuda")
+                .to(torch.bfloat16)
+                .requires_grad_()
+                for _ in range(3)
+            )
+            attention(q, k, v).sum().backward()
+            with torch.no_grad():
+                attention(q, k, v)
+    torch.cuda.synchronize()
+    counts: collections.Counter = collections.Counter()
+    for (kind, _), recorded in fa4._REPLAYS.items():
+        counts[(kind, "kept" if recorded is not None else "refused")] += 1
+    rows = sorted(counts.items())
+    refused = sum(c for (_, verdict), c in rows if verdict == "refused")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "replay_check.json"), "w") as f:
+            json.dump(
+                {
+                    "n": args.n,
+                    "counts": {f"{k} {v}": c for (k, v), c in rows},
+                    "last_refusal": replay.last_refusal,
+                },
+                f,
+                indent=1,
+            )
+    print("| kind | verdict | signatures |\n|---|---|---|")
+    for (kind, verdict), count in rows:
+        print(f"| {kind} | {verdict} | {count} |")
+    print(f"refused: {refused}; last refusal: {replay.last_refusal!r}")
+    return 1 if refused or not rows else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
