@@ -145,3 +145,81 @@ def test_a_disabled_fan_issues_nothing(monkeypatch: pytest.MonkeyPatch, why: str
     with fan, fan.lane(config=3, block=4):
         pass
     assert not fan.enabled and log == [] and switches == []
+
+
+class _FakeLanes:
+    """Stands in for ``Lanes`` in ``core.for_each_block``: logs the fan-out, each lane taken
+    (config, block, local) and its exit, and the fan's join."""
+
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    def __call__(self, device, enabled, backward=False) -> _FakeLanes:
+        self.log.append(("lanes", enabled, backward))
+        return self
+
+    def __enter__(self) -> _FakeLanes:
+        self.log.append(("fork",))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.log.append(("join",))
+
+    def lane(self, config: int, block: int, local: bool = True):
+        log = self.log
+
+        class _Lane:
+            def __enter__(self) -> None:
+                log.append(("lane", config, block, local))
+
+            def __exit__(self, *exc) -> None:
+                log.append(("back", block))
+
+        return _Lane()
+
+
+@pytest.mark.parametrize("spans", [None, (1, 1, 2)])
+def test_the_core_runs_each_block_on_its_lane_inside_the_fan(monkeypatch, spans) -> None:
+    """``core.for_each_block``: every block between the fork and the join, each inside its own
+    lane's context (taken with its config, and ``local`` only where the config's segments stay
+    on this device), in order, those already done left out."""
+    import dataclasses
+
+    from ringattn import core
+
+    log: list = []
+    monkeypatch.setattr(core, "Lanes", _FakeLanes(log))
+    attention = ringattn.DilatedAttention((4, 8, 16), (1, 2, 4), mixing="head_groups")
+    spec = attention.eager_spec(torch.zeros(1, 36, 4, 8))  # (tails: five blocks)
+    if spans is not None:
+        spec = dataclasses.replace(spec, spans=spans)
+    blocks = spec.plan.blocks
+    core.for_each_block(
+        spec, torch.device("cpu"), 1, lambda i: log.append(("run", i)), True, frozenset({2})
+    )
+    ids = [i for i in range(1, len(blocks)) if i != 2]
+    expected = [("lanes", spec.plan.disjoint, True), ("fork",)]
+    for i in ids:
+        config = blocks[i].job.config
+        local = spec.spans[config] == 1
+        expected += [("lane", config, i, local), ("run", i), ("back", i)]
+    assert log == [*expected, ("join",)]
+    assert len(ids) == 3 and spec.plan.disjoint
+
+
+def test_each_thread_and_device_has_its_own_lanes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fan's events are re-recorded by every call: two threads sharing one would wait on each
+    other's records, and a device's streams cannot run another device's kernels."""
+    import threading
+
+    kind = type(lanes._fans)  # (the module's own holder: _fake_fan replaces it)
+    _fake_fan(monkeypatch)
+    monkeypatch.setattr(lanes, "_fans", kind())
+    zero, one = torch.device("cuda", 0), torch.device("cuda", 1)
+    mine = lanes._fan(zero, 3)
+    assert lanes._fan(zero, 3) is mine and lanes._fan(one, 3) is not mine
+    other: list = []
+    worker = threading.Thread(target=lambda: other.append(lanes._fan(zero, 3)))
+    worker.start()
+    worker.join()
+    assert other[0] is not mine and not set(map(id, other[0].sides)) & set(map(id, mine.sides))
