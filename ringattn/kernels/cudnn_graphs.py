@@ -174,10 +174,16 @@ def _backward_graph(device, causal, scale, q, k, v, o, do, stats, dq, dk, dv):
     return g.built()
 
 
+_TRANSIENT = object()  # a build that failed for want of memory: tried again on the next call
+
+
 def _build_or_none(build, *args):
     try:
         graph = build(*args)
-    except Exception:  # cuDNN declines this layout: the caller falls back, once per key
+    except Exception as exc:  # cuDNN declines this layout: the caller falls back, once per key
+        text = str(exc).lower()
+        if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "alloc" in text:
+            return _TRANSIENT  # (not remembered: this layout is not declined for good)
         return None
     return graph, max(graph.get_workspace_size(), 1)
 
@@ -186,9 +192,10 @@ def _graph(build, device: torch.device, causal: bool, scale: float, *layouts) ->
     """``(graph, workspace bytes)`` for these operand layouts, or None where cuDNN declines."""
     key = (build.__name__, device, causal, scale, *layouts)
     if key not in _graphs:  # built off this stack (module docstring), from layouts only
-        _graphs[key] = _builder.submit(
-            _build_or_none, build, device, causal, scale, *layouts
-        ).result()
+        built = _builder.submit(_build_or_none, build, device, causal, scale, *layouts).result()
+        if built is _TRANSIENT:
+            return None
+        _graphs[key] = built
     return _graphs[key]
 
 
