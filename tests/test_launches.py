@@ -460,3 +460,15 @@ def test_offset_runs_of_several_heads_per_offset_match_oracle():
     check_against_oracle(
         p, torch.float32, [ringattn.Strategy(computer=c) for c in ("sdpa", "math")]
     )
+
+
+def test_preparations_are_keyed_by_every_part_of_a_layout():
+    """A launcher is made for its operands' shapes, strides, dtype and device (a cuDNN graph or
+    an FA4 kernel is compiled for them): a preparation reused across any of them would launch
+    the wrong kernel."""
+    x = torch.randn(2, 8, 4, 16)
+    key = launches.layouts_of((x, None))
+    assert key == launches.layouts_of((torch.randn(2, 8, 4, 16), None))
+    for other in (x.double(), x.to("meta"), x[:, :4], x.transpose(1, 2), x.reshape(4, 4, 4, 16)):
+        assert launches.layouts_of((other, None)) != key
+    assert launches.layouts_of((x, x)) != key

@@ -136,6 +136,10 @@ def test_signature_tells_layouts_alignment_and_flags_apart():
     assert key != replay.signature((base, None), False, 0.5)
     assert key != replay.signature((base, None), True, 0.25)
     assert key != replay.signature((base, base), True, 0.5)
+    assert key != replay.signature((base.double(), None), True, 0.5)  # dtype
+    assert key != replay.signature((base.to("meta"), None), True, 0.5)  # device
+    for other in (base.double(), base.to("meta"), base[:, :4], base.t()):
+        assert replay.layout(other) != replay.layout(base)
     flat = torch.randn(40)
     assert replay.signature((flat[1:33].view(4, 8),)) != replay.signature((flat[:32].view(4, 8),))
 
