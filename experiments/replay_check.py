@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="directory for replay_check.json")
     args = parser.parse_args(argv)
     require_cuda("replay_check")
-    if not fa4.available(torch.empty(0, device="cuda")):
+    if not fa4.available(torch.empty(1, 8, 1, 128, device="cuda", dtype=torch.bfloat16)):
         print("replay_check: FlashAttention-4 is not available here", file=sys.stderr)
         return 2
     gen = torch.Generator(device="cuda").manual_seed(0)
