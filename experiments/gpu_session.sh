@@ -16,6 +16,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh group    # ~6 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh group_bwd # ~8 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh verify   # ~6 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh capture  # ~4 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh boundary # ~5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh traced_first # ~6 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh zeros    # ~8 min
@@ -74,7 +75,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|scripts|options|fuzz|merge_cost|long|checks|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh record|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -92,6 +93,17 @@ for path in sys.argv[1:]:
 PY
 }
 case "$part" in
+capture)
+    # after a change to what the GPU paths keep between calls (memory managers, replays,
+    # prepared launches): CUDA-graph capture of new lengths against the oracle, which of FA4's
+    # recordings are kept as replays, then the GPU oracle check (step 55)
+    python -m experiments.graph_capture_check --out "$out" >"$out/capture.log" 2>&1
+    python -m experiments.replay_check --n 16384 --out "$out" >"$out/replay.log" 2>&1
+    python -m experiments.flex_gpu --part check --out "$out/flex_gpu_check" >"$out/check.log" 2>&1
+    summary="$(tail -n 1 "$out/capture.log")
+$(tail -n 1 "$out/replay.log")
+$(grep -h "Correctness" "$out/flex_gpu_check/flex_gpu_check.md")"
+    ;;
 boundary)
     # after a change at the eager boundary (api.py): the GPU oracle check, then the record's
     # 32K / 131K bench (the boundary's host time shows first at 32K)
