@@ -302,7 +302,10 @@ def _decode_args(**changes) -> dict:
         ({"position": 7}, ValueError, r"position must be < cache.length=5 .*got 7"),
         ({"position": 5}, ValueError, r"position must be < cache.length=5 .*got 5"),
         ({"position": -3}, ValueError, "position must be >= 0, got -3"),
-        ({"configs": ((4, 3),)}, ValueError, r"dilation_rates\[0\]=3 must divide"),
+        # (its own argument's name: the messages said dilation_rates / segment_lengths)
+        ({"configs": ((4, 3),)}, ValueError, r"^configs\[0\]\[1\]=3 must divide configs\[0\]\[0\]"),
+        ({"configs": ()}, ValueError, "^configs must not be empty"),
+        ({"configs": ((4, 1), (8.0, 2))}, TypeError, r"^configs\[1\]\[0\] must be an int"),
         ({"scale": -1.0}, ValueError, "scale must be > 0"),
         ({"scale": 0.0}, ValueError, "scale must be > 0"),
         ({"mixing": "sum"}, ValueError, "mixing must be one of"),

@@ -10,6 +10,7 @@ full recompute up to float rounding.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -105,11 +106,22 @@ def decode_one(
         raise TypeError(f"configs must be a tuple of (w, r) pairs, got {configs!r}")
     if scale is None:
         raise TypeError("scale must be a float, got None")
-    # the library's own rules for configs, mixing and scale (causal: decoding is)
-    config = DilatedConfig(
-        tuple(w for w, _ in configs), tuple(r for _, r in configs), True, mixing, scale
-    )
+    # the library's own rules for configs, mixing and scale (causal: decoding is), their
+    # messages in this function's terms (they named segment_lengths / dilation_rates)
+    try:
+        config = DilatedConfig(
+            tuple(w for w, _ in configs), tuple(r for _, r in configs), True, mixing, scale
+        )
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(_in_terms_of_configs(str(exc))) from None
     return decode_unchecked(q, cache, position, config, float(scale))
+
+
+def _in_terms_of_configs(message: str) -> str:
+    """A :class:`DilatedConfig` message about its two sequences, said of ``configs``' pairs."""
+    message = re.sub(r"segment_lengths\[(\d+)\]", r"configs[\1][0]", message)
+    message = re.sub(r"dilation_rates\[(\d+)\]", r"configs[\1][1]", message)
+    return message.replace("segment_lengths", "configs").replace("dilation_rates", "configs")
 
 
 def decode_unchecked(
