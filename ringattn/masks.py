@@ -9,8 +9,9 @@ constants and small lookup tensors, and is drawn in ``docs/flex.md``.
 * :func:`run_mask_mod` — one config after the global permutation: ``q`` sees ``k`` iff both lie in
   the same run (one segment's rows of one residue) and the run's residue is the head's offset.
 
-Block masks are built from per-q-block key *ranges* computed analytically (O(n/B · h) work, no
-n × n mask is ever materialised), then handed to ``BlockMask.from_kv_blocks``.
+Block masks are built from per-q-block key *ranges* computed analytically (O(h · n) work for the
+ranges, O(h · (n/B)²) for the block indices; no n × n mask is ever materialised), then handed to
+``BlockMask.from_kv_blocks``.
 """
 
 from __future__ import annotations
