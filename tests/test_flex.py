@@ -149,3 +149,28 @@ def test_compiled_single_kernel_skips_tiles_and_matches_oracle(monkeypatch):
     with torch.no_grad():
         out = module(q, k, v)
     assert rel_err(out, ref) <= 1e-5
+
+
+def test_global_head_groups_skip_configs_without_heads(monkeypatch):
+    """With fewer heads than configs some head_groups configs have no head: their call computed
+    every row and head only to merge in nothing. They are left out, with the same output."""
+    import warnings
+
+    from ringattn.computers import flex
+
+    calls = []
+    original = flex._flex_with_lse_eager
+    monkeypatch.setattr(flex, "_flex_with_lse_eager", lambda *a: (calls.append(1), original(*a))[1])
+    options = {"segment_lengths": (4, 8, 16), "dilation_rates": (1, 2, 4), "mixing": "head_groups"}
+    q, k, v = (
+        torch.randn(1, 32, 2, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)
+    )
+    attention = ringattn.DilatedAttention(
+        **options, strategy=ringattn.Strategy(dilation="global", computer="flex"), compile=False
+    )
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (flex runs eagerly here)
+        out = attention(q, k, v)
+    assert len(calls) == 2  # two heads: two of the three configs
+    ref = ringattn.reference.dilated_attention(q.double(), k.double(), v.double(), **options)
+    assert float((out.double() - ref).norm() / ref.norm()) < 1e-5

@@ -148,8 +148,12 @@ class FlexComputer(LayoutComputer):
                 ("flex_mixture_mask", *key), lambda: self._mixture_mask(plan, causal, offsets)
             )
             return (block_mask, offsets)
-        configs = []
+        configs, table = [], plan.head_offsets()
         for i, (w, r) in enumerate(plan.configs):
+            if all(offset < 0 for offset in table[i]):
+                # no head of this config (head_groups with fewer heads than configs): its whole
+                # call would only merge in an LSE of -inf everywhere, i.e. nothing
+                continue
             perm = memory.cached(
                 ("global_permutation", plan.n, w, r, str(device)),
                 partial(global_permutation, plan.n, w, r, device),
