@@ -63,6 +63,14 @@ class _LRU:
                 self.items.popitem(last=False)
         return value
 
+    def values(self) -> list[Tensor]:
+        with self.lock:  # (another thread's call may be adding an entry)
+            return list(self.items.values())
+
+    def clear(self) -> None:
+        with self.lock:  # (a get in another thread between its lookup and move_to_end)
+            self.items.clear()
+
     def __getstate__(self) -> dict:
         # copies and pickles start empty: the lock cannot be copied, and the kept tensors are
         # this process's scratch and patterns, rebuilt on the first call
@@ -123,21 +131,16 @@ class PooledMemory(MemoryManager):
         return self.buffers.get(key, lambda: torch.empty(shape, dtype=dtype, device=device))
 
     def held_bytes(self) -> int:
-        kept: list[object] = []
-        for cache in (self.patterns, self.buffers):
-            with cache.lock:  # (another thread's call may be adding to it)
-                kept.extend(cache.items.values())
         storages = {
             x.untyped_storage().data_ptr(): x.untyped_storage().nbytes()
-            for value in kept
+            for value in (*self.patterns.values(), *self.buffers.values())
             for x in _tensors(value)
         }
         return sum(storages.values())
 
     def clear(self) -> None:
-        for cache in (self.patterns, self.buffers):
-            with cache.lock:  # (a get in another thread between its lookup and move_to_end)
-                cache.items.clear()
+        self.patterns.clear()
+        self.buffers.clear()
 
     def stats(self) -> dict[str, int]:
         return {
