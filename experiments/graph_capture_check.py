@@ -23,21 +23,11 @@ import torch
 
 import ringattn
 from experiments import require_cuda
+from experiments.ablate import rel_err
 from ringattn import reference
 
 SEGMENTS, RATES, HEADS, DIM = (64, 128, 256), (1, 2, 4), 4, 64
 BOUND = 2e-2  # ‖out − ref‖ / ‖ref‖, bf16
-
-
-def error(out: torch.Tensor, qkv: list[torch.Tensor], mixing: str, causal: bool) -> float:
-    ref = reference.dilated_attention(
-        *(x.double() for x in qkv),
-        segment_lengths=SEGMENTS,
-        dilation_rates=RATES,
-        mixing=mixing,
-        causal=causal,
-    )
-    return float((out.double() - ref).norm() / ref.norm())
 
 
 def inputs(n: int, gen: torch.Generator) -> list[torch.Tensor]:
@@ -66,6 +56,13 @@ def check(dilation: str, mixing: str, memory: str, causal: bool) -> dict:
             module(*inputs(others[0], gen))  # warm-up at another length, as torch's docs advise
     torch.cuda.current_stream().wait_stream(side)
     qkv = inputs(512, gen)
+    ref = reference.dilated_attention(
+        *(x.double() for x in qkv),
+        segment_lengths=SEGMENTS,
+        dilation_rates=RATES,
+        mixing=mixing,
+        causal=causal,
+    )
     graph = torch.cuda.CUDAGraph()
     with torch.no_grad():
         with torch.cuda.graph(graph):
@@ -78,15 +75,15 @@ def check(dilation: str, mixing: str, memory: str, causal: bool) -> dict:
             "mixing": mixing,
             "memory": memory,
             "causal": causal,
-            "eager_after_capture": error(eager, qkv, mixing, causal),
-            "replay": error(captured, qkv, mixing, causal),
+            "eager_after_capture": rel_err(eager, ref),
+            "replay": rel_err(captured, ref),
         }
         for n in others:  # evict what the module keeps (and reuse the allocator's blocks)
             module(*inputs(n, gen))
         captured.zero_()
         graph.replay()
         torch.cuda.synchronize()
-        row["replay_after_eviction"] = error(captured, qkv, mixing, causal)
+        row["replay_after_eviction"] = rel_err(captured, ref)
     return row
 
 
