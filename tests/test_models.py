@@ -315,12 +315,36 @@ def _decode_args(**changes) -> dict:
         ({"q": torch.randn(1, 4, 6)}, ValueError, "the same b and d"),
         ({"q": torch.randn(4, 8)}, TypeError, r"q must be a floating \[b, h, d\] tensor"),
         ({"cache": None}, TypeError, "cache must be a KVCache, got NoneType"),
-        ({"cache": KVCache(torch.zeros(4), torch.zeros(4), 2)}, TypeError, "cache.k must be"),
+        ({"cache": KVCache(torch.zeros(4), torch.zeros(4), 2)}, TypeError,
+         r"cache.k and cache.v must be \[b, capacity, h_kv, d\]"),
+        # the layer's rules for its cache (before: an integer cache, whose append truncated
+        # K/V, was decoded silently; the rest raised torch's IndexError, RuntimeError or
+        # ZeroDivisionError from inside the decode)
+        ({"cache": KVCache(*torch.zeros(2, 1, 16, 2, 8, dtype=torch.long), 5)}, TypeError,
+         "floating tensors of one shape and dtype"),
+        ({"cache": KVCache(torch.zeros(1, 16, 2, 8), torch.zeros(1, 3, 2, 8), 5)}, TypeError,
+         "one shape and dtype"),
+        ({"cache": KVCache(*torch.zeros(2, 1, 4, 2, 8), 9), "position": 7}, ValueError,
+         r"cache.length must be an int in \[0, 4\], got 9"),
+        ({"cache": KVCache(*torch.zeros(2, 1, 16, 2, 8), 5.5)}, ValueError,
+         r"cache.length must be an int in \[0, 16\], got 5.5"),
+        ({"cache": KVCache(*torch.zeros(2, 1, 16, 0, 8), 5)}, ValueError, "h a multiple of h_kv"),
     ],
-)
+)  # fmt: skip
 def test_decode_one_refuses_bad_arguments(changes, error, match):
     with pytest.raises(error, match=match):
         decode_one(**_decode_args(**changes))
+
+
+@pytest.mark.parametrize(
+    "shape, error, match",
+    [((1, 4, 0, 8), ValueError, "h_kv must be >= 1, got 0"),
+     ((1, 4, 2, -1), ValueError, "d must be >= 1, got -1"),
+     ((1, 4, 2.0, 8), TypeError, "h_kv must be an int")],
+)  # fmt: skip
+def test_an_empty_cache_names_a_bad_size(shape, error, match):
+    with pytest.raises(error, match=match):
+        KVCache.empty(*shape, torch.float32, "cpu")
 
 
 def test_decode_one_checked_is_the_layers_unchecked():
@@ -573,6 +597,28 @@ def test_rotary_bad_inputs(x, positions, match):
     """Before, one position was broadcast over every row, and a 3-D x came back 4-D."""
     with pytest.raises(ValueError, match=match):
         rotary(x, positions)
+
+
+@pytest.mark.parametrize(
+    "x, positions, base, error, match",
+    [
+        # (before: an integer x came back rotated and truncated to ints; base <= 0 or NaN gave
+        # NaN; non-tensors raised AttributeError)
+        (torch.ones(1, 2, 1, 4, dtype=torch.long), torch.arange(2), None, TypeError,
+         r"x must be a floating \[b, n, h, d\] tensor, got torch.int64"),
+        ([[1.0]], torch.arange(2), None, TypeError, "x must be a floating .* got list"),
+        (torch.ones(1, 2, 1, 4), [0, 1], None, TypeError, "positions must be a tensor, got list"),
+        (torch.ones(1, 2, 1, 4), torch.arange(2), 0.0, ValueError, "base must be finite and > 0"),
+        (torch.ones(1, 2, 1, 4), torch.arange(2), -1e4, ValueError, "base must be finite"),
+        (torch.ones(1, 2, 1, 4), torch.arange(2), float("nan"), ValueError, "base must be"),
+        (torch.ones(1, 2, 1, 4), torch.arange(2), "1e4", TypeError, "base must be a float"),
+    ],
+)  # fmt: skip
+def test_rotary_bad_arguments_are_named(x, positions, base, error, match):
+    with pytest.raises(error, match=match):
+        rotary(x, positions, base)
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        assert torch.isfinite(rotary(x, torch.arange(2), 500)).all()  # a valid base is taken
 
 
 def test_a_multi_token_chunk_after_the_prefill_equals_full_recompute():

@@ -159,18 +159,8 @@ class MultiheadDilatedAttention(nn.Module):
         if not self.attention.config.causal:
             raise ValueError("a KV cache (incremental decoding) needs causal=True")
         self._check_one_device()
-        k, v, length = cache.k, cache.v, cache.length
-        if not (isinstance(k, Tensor) and isinstance(v, Tensor)) or k.dim() != 4:
-            raise TypeError("cache.k and cache.v must be [b, capacity, h_kv, d] tensors")
-        if not k.is_floating_point() or v.dtype != k.dtype or v.shape != k.shape:
-            raise TypeError(
-                "cache.k and cache.v must be floating tensors of one shape and dtype, got "
-                f"{k.dtype} {tuple(k.shape)} and {v.dtype} {tuple(v.shape)}"
-            )
-        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= k.shape[1]:
-            raise ValueError(f"cache.length must be an int in [0, {k.shape[1]}], got {length!r}")
-        if v.device != k.device:
-            raise ValueError(f"cache.v must be on cache.k's device {k.device}, got {v.device}")
+        cache.check()
+        k = cache.k
         want = (x.shape[0], self.num_kv_heads, self.head_dim)
         dims = (k.shape[0], k.shape[2], k.shape[3])
         if dims != want:

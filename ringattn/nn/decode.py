@@ -44,11 +44,32 @@ class KVCache:
     def empty(cls, b: int, capacity: int, h_kv: int, d: int, dtype, device) -> KVCache:
         checked_int("batch", b)
         checked_int("capacity", capacity)
+        # (h_kv = 0 made a cache decode_one divided by; d = -1 raised torch's unnamed error)
+        checked_int("h_kv", h_kv)
+        checked_int("d", d)
         shape = (b, capacity, h_kv, d)
         return cls(
             torch.zeros(shape, dtype=dtype, device=device),
             torch.zeros(shape, dtype=dtype, device=device),
         )
+
+    def check(self) -> None:
+        """Raise unless ``k`` and ``v`` are floating ``[b, capacity, h_kv, d]`` tensors of one
+        shape, dtype and device and ``length`` an int in ``[0, capacity]``: the checks of the
+        layer's call and of :func:`decode_one` (an integer cache stored K/V truncated, and a
+        length past the capacity or a ``v`` unlike ``k`` raised torch's index errors)."""
+        k, v, length = self.k, self.v, self.length
+        if not (isinstance(k, Tensor) and isinstance(v, Tensor)) or k.dim() != 4:
+            raise TypeError("cache.k and cache.v must be [b, capacity, h_kv, d] tensors")
+        if not k.is_floating_point() or v.dtype != k.dtype or v.shape != k.shape:
+            raise TypeError(
+                "cache.k and cache.v must be floating tensors of one shape and dtype, got "
+                f"{k.dtype} {tuple(k.shape)} and {v.dtype} {tuple(v.shape)}"
+            )
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= k.shape[1]:
+            raise ValueError(f"cache.length must be an int in [0, {k.shape[1]}], got {length!r}")
+        if v.device != k.device:
+            raise ValueError(f"cache.v must be on cache.k's device {k.device}, got {v.device}")
 
     def check_room(self, n) -> None:
         """Raise unless ``n`` more positions fit."""
@@ -86,10 +107,9 @@ def decode_one(
         raise TypeError(f"q must be a floating [b, h, d] tensor, got {got}")
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
-    if not isinstance(cache.k, Tensor) or cache.k.dim() != 4:
-        raise TypeError("cache.k must be a [b, capacity, h_kv, d] tensor")
+    cache.check()
     (b, h, d), (cb, _, h_kv, cd) = q.shape, cache.k.shape
-    if (b, d) != (cb, cd) or h % h_kv:
+    if (b, d) != (cb, cd) or h_kv < 1 or h % h_kv:  # (h_kv = 0: h % 0 raised ZeroDivisionError)
         raise ValueError(
             f"q [b, h, d]={tuple(q.shape)} must match cache.k [b, capacity, h_kv, d]="
             f"{tuple(cache.k.shape)}: the same b and d, and h a multiple of h_kv"

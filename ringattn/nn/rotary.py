@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -9,6 +11,18 @@ from torch import Tensor
 def rotary(x: Tensor, positions: Tensor, base: float | None = None) -> Tensor:
     """Rotate pairs of channels of ``x: [b, n, h, d]`` (d even) by angles ``positions[n] · θ_i``,
     ``θ_i = base^(-2i/d)``, ``base`` 10000 by default."""
+    # (an integer x came back rotated and truncated to ints, and a base <= 0 or NaN gave NaN
+    # angles: both silently; non-tensors raised AttributeError)
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"x must be a floating [b, n, h, d] tensor, got {got}")
+    if not isinstance(positions, Tensor):
+        raise TypeError(f"positions must be a tensor, got {type(positions).__name__}")
+    if base is not None:
+        if isinstance(base, bool) or not isinstance(base, (int, float)):
+            raise TypeError(f"base must be a float, got {type(base).__name__} {base!r}")
+        if not 0 < base < math.inf:
+            raise ValueError(f"base must be finite and > 0, got {base!r}")
     if x.dim() != 4:
         raise ValueError(f"x must be [b, n, h, d], got shape {tuple(x.shape)}")
     d = x.shape[-1]
