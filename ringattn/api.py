@@ -81,6 +81,9 @@ def compiled_core(key: tuple, backend: str, mode: str = "default") -> Callable[.
 
 _DEFAULT_STRATEGY = Strategy()
 
+# the dtypes q, k, v may have (docs/semantics.md's tolerances; every computer has them on CPU)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 
 def check_inputs(q: BNHD, k: BNHD, v: BNHD) -> None:
     """q, k, v: same ``[b, n, h, d]`` shape, dtype and device; no empty dims: the rules with
@@ -109,6 +112,13 @@ def check_plain(q: Tensor, k: Tensor, v: Tensor) -> None:
             raise TypeError(
                 f"parameter {name!r} must be a floating [b, n, h, d] tensor, got {x.dtype} of "
                 f"shape {tuple(x.shape)}"
+            )
+        if x.dtype not in DTYPES:
+            # float8 is floating point too: it reached the kernels and failed inside them
+            # (math: "Promotion for Float8 Types is not supported", sdpa: NotImplementedError,
+            # flex: an InductorError after its compile)
+            raise TypeError(
+                f"parameter {name!r} must be float16, bfloat16, float32 or float64, got {x.dtype}"
             )
         if x.layout != torch.strided:
             raise TypeError(f"parameter {name!r} must be a dense (strided) tensor, got {x.layout}")
@@ -470,6 +480,7 @@ class DilatedAttention(nn.Module):
         if signature in self._valid_inputs:
             return
         check_inputs(q, k, v)
+        self.config.check_scale_for(q.dtype)
         self._check_supported(q, needs_grad, traced=False)
         if len(self._valid_inputs) >= RECOMPILE_LIMIT:  # bounded: drop the oldest
             self._valid_inputs.pop(next(iter(self._valid_inputs)))
@@ -508,6 +519,7 @@ class DilatedAttention(nn.Module):
             self._check_across_ranks(q, k, v)
         if tracing:  # the same rules, traced into guards (no beartype frames in the graph)
             check_plain(q, k, v)
+            self.config.check_scale_for(q.dtype)
             self._check_supported(q, _needs_grad(q, k, v), traced=True)
         else:
             self._validate(q, k, v)

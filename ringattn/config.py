@@ -10,7 +10,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 MIXINGS = ("lse", "head_groups")
+# a float rounds to float32 as 0 at or below half the smallest subnormal, and as inf from
+# float32's largest value plus half its ulp (both ties round to the even 0 / inf)
+FLOAT32_ZERO_BELOW = 2.0**-150
+FLOAT32_INF_FROM = (2.0 - 2.0**-24) * 2.0**127
 # the longest segment: w rows times a row stride must fit int64 strides (2**40 tokens would not
 # fit any machine's memory anyway)
 MAX_SEGMENT_LENGTH = 2**40
@@ -73,6 +79,12 @@ class DilatedConfig:
         if self.scale is not None:
             if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
                 raise TypeError(f"scale must be a float or None, got {type(self.scale).__name__}")
+            try:
+                float(self.scale)
+            except OverflowError:  # (an int past float's range: math.isfinite raised it, unnamed)
+                bits = int(self.scale).bit_length()
+                message = f"scale must be finite (a float), got an int of {bits} bits"
+                raise ValueError(message) from None
             if not math.isfinite(self.scale):
                 raise ValueError(f"scale must be finite, got {self.scale}")
             if self.scale <= 0:  # torch's causal CPU flash kernel returns NaN rows for them
@@ -89,3 +101,18 @@ class DilatedConfig:
 
     def scale_for(self, head_dim: int) -> float:
         return self.scale if self.scale is not None else 1.0 / math.sqrt(head_dim)
+
+    def check_scale_for(self, dtype: torch.dtype) -> None:
+        """A ``ValueError`` where inputs of ``dtype`` cannot compute with the given scale:
+        inputs other than float64 form their logits in float32, where a scale past float32's
+        range is 0 or inf (causal sdpa on CPU then returned NaN rows, as for ``scale=0``;
+        beyond float32's largest value every strategy returned NaN), silently. The default
+        ``1 / sqrt(d)`` is always in range. Plain comparisons: traced, they fold into guards."""
+        if self.scale is None or dtype == torch.float64:
+            return
+        if self.scale <= FLOAT32_ZERO_BELOW or self.scale >= FLOAT32_INF_FROM:
+            rounded = "0" if self.scale <= FLOAT32_ZERO_BELOW else "inf"
+            raise ValueError(
+                f"scale={self.scale} is {rounded} in float32, which {dtype} inputs compute in: "
+                "it must lie within float32's range, [1.4e-45, 3.4e38] (or use float64 inputs)"
+            )

@@ -336,12 +336,14 @@ def test_the_functional_form_with_lengths_from_a_dynamic_shape():
 
 def _bad_calls(q: torch.Tensor) -> list[tuple[str, tuple]]:
     """Calls the boundary must refuse, each with the words its error must contain."""
+    q8 = q.to(torch.float8_e4m3fn)
     return [
         ("k.dtype must equal q.dtype", (q, q.double(), q)),
         ("must have b >= 1", (q[:0], q[:0], q[:0])),
         ("k.shape must equal q.shape", (q, q[:, :, :1], q[:, :, :1])),
         ("v.shape must equal q.shape", (q, q, q[:, :8])),
         ("parameter 'k' must be a floating [b, n, h, d] tensor", (q, q[0], q)),
+        ("parameter 'q' must be float16, bfloat16, float32 or float64", (q8, q8, q8)),
     ]
 
 
@@ -360,6 +362,18 @@ def test_outer_compile_raises_the_boundary_errors(fullgraph):
         with pytest.raises((TypeError, ValueError, RuntimeError)) as caught:
             compiled(*call)
         assert words in str(caught.value), (words, str(caught.value)[:300])
+
+
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_outer_compile_refuses_a_scale_past_float32s_range(fullgraph):
+    """Traced, the scale's float32 range is checked as eagerly (a NaN output before)."""
+    torch._dynamo.reset()
+    module = ringattn.DilatedAttention((4, 8), (1, 2), causal=True, scale=1e39, compile=False)
+    compiled = torch.compile(module, fullgraph=fullgraph, backend="eager")
+    q = torch.randn(1, 16, 2, 8)
+    with pytest.raises((ValueError, RuntimeError)) as caught:
+        compiled(q, q, q)
+    assert "scale=1e+39 is inf in float32" in str(caught.value), str(caught.value)[:300]
 
 
 def test_outer_compile_of_what_its_computer_cannot_compile():

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
+from conftest import rel_err
 
 import ringattn
 from ringattn import reference
@@ -43,6 +46,8 @@ def call(q, k, v, **overrides):
         ({"scale": 0.0}, ValueError, "scale must be > 0"),
         ({"scale": -2}, ValueError, "scale must be > 0"),
         ({"scale": "0.5"}, TypeError, "scale"),
+        # (an int past float's range: an OverflowError naming nothing, before)
+        ({"scale": 10**400}, ValueError, "scale must be finite"),
         ({"segment_lengths": "48"}, TypeError, "segment_lengths"),
         # (as_strided's int64 overflow, a TypeError, before)
         (
@@ -73,6 +78,17 @@ def test_bad_options(overrides, error, match):
         ((*qkv()[:2], torch.randn(1, 9, 2, 4)), TypeError, "parameter 'v'"),
         ((qkv()[0], qkv()[1].double(), qkv()[2]), TypeError, r"k.dtype must equal q.dtype"),
         ((qkv()[0].int(), *qkv()[1:]), TypeError, "parameter 'q'"),  # not floating point
+        # floating point, but no kernel's: it failed inside each computer, unnamed
+        (
+            (qkv()[0], qkv()[1].to(torch.float8_e4m3fn), qkv()[2]),
+            TypeError,
+            "parameter 'k' must be float16, bfloat16, float32 or float64, got torch.float8",
+        ),
+        (
+            tuple(x.to(torch.float8_e5m2) for x in qkv()),
+            TypeError,
+            "parameter 'q' must be float16, bfloat16, float32 or float64, got torch.float8",
+        ),
         (qkv((1, 0, 2, 4)), ValueError, "n >= 1"),
         (([1.0], *qkv()[1:]), TypeError, "parameter 'q'"),
         ((qkv()[0].to_sparse(), *qkv()[1:]), TypeError, "must be a dense"),
@@ -192,6 +208,36 @@ def test_integer_scale_and_dropout_are_accepted():
     assert torch.equal(by_int, by_float)
     assert torch.equal(call(q, k, v, scale=1), by_float)
     MultiheadDilatedAttention(8, 2, (4,), (1,), dropout=0, compile=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale, rounded", [(1e-46, "0"), (1e39, "inf")])
+def test_a_scale_past_float32s_range_is_refused_for_inputs_that_compute_in_it(
+    dtype, scale, rounded
+):
+    """Inputs other than float64 form their logits in float32, where such a scale is 0 (causal
+    sdpa on CPU returned NaN rows, as for scale=0) or inf (every strategy returned NaN)."""
+    q, k, v = qkv(dtype=dtype)
+    match = re.escape(f"scale={scale} is {rounded} in float32, which {dtype} inputs compute in")
+    for computer in ("sdpa", "math"):
+        strategy = ringattn.Strategy(computer=computer)
+        with pytest.raises(ValueError, match=match):
+            call(q, k, v, scale=scale, causal=True, strategy=strategy)
+        module = ringattn.DilatedAttention(**GOOD, scale=scale, causal=True, strategy=strategy)
+        with pytest.raises(ValueError, match=match):
+            module(q, k, v)
+    # float64 inputs compute in float64, where the scale is in range: the oracle's function
+    q, k, v = (x.double() for x in (q, k, v))
+    out = call(q, k, v, scale=scale, causal=True)
+    ref = reference.dilated_attention(q, k, v, **GOOD, scale=scale, causal=True)
+    assert rel_err(out, ref) <= 1e-10
+    # the range's own edges are taken: float32's smallest subnormal, and its largest value
+    # (on a zero q, whose logits stay finite)
+    q, k, v = qkv()
+    for edge, x in ((2.0**-149, q), (3.4e38, torch.zeros_like(q))):
+        out = call(x, k, v, scale=edge, causal=True)
+        ref = reference.dilated_attention(x, k, v, **GOOD, scale=edge, causal=True)
+        assert rel_err(out, ref) <= 1e-5, edge
 
 
 def test_shard_layouts_are_validated():
