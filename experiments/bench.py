@@ -636,10 +636,24 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.check_n = min(max(args.n), 32768)
     if args.check_n < 0:
         p.error(f"--check-n must be >= 0, got {args.check_n}")
-    for name in ("n", "heads", "dim", "repeats"):
+    for name in ("n", "heads", "dim", "repeats", "dense_max_n"):
         values = getattr(args, name)
         if min(values if isinstance(values, list) else [values]) < 1:
-            p.error(f"--{name} must be >= 1, got {values}")
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {values}")
+    # (--b2b-calls -1 gave negative ratios; --warmup -1 ran as 0)
+    for name in ("warmup", "b2b_calls"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    # (an unknown computer or dilation timed no strategy, silently; an unknown memory raised a
+    # traceback from the registry)
+    for flag, kind, names in (
+        ("--computers", "computer", args.computers),
+        ("--dilations", "dilation", args.dilations),
+        ("--memory", "memory", [args.memory]),
+    ):
+        if unknown := [name for name in names if name not in ringattn.registry.names(kind)]:
+            registered = ", ".join(ringattn.registry.names(kind))
+            p.error(f"{flag}: unknown {kind} {', '.join(unknown)}; registered: {registered}")
     if bad := sorted(set(args.mixing) - set(MIXINGS)):
         p.error(f"--mixing must be among {MIXINGS}, got {bad}")
     try:

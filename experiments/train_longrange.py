@@ -313,7 +313,13 @@ def main(argv: list[str] | None = None) -> None:
         preset = replace(preset, steps=args.steps)
     if preset.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("train_longrange: error: the gpu preset needs CUDA")
-    for task in TASKS if args.task == "all" else [args.task]:
+    tasks = list(TASKS) if args.task == "all" else [args.task]
+    for task in tasks:  # before any training: a bad --out lost the whole run at its end
+        try:
+            (args.out / task).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            parser.error(f"--out: cannot make {str(args.out / task)!r}: {e.strerror}")
+    for task in tasks:
         results = [train(preset, task, name, spec) for name, spec in preset.models]
         # (the options that change the run, so the recorded command reproduces it)
         steps = "" if args.steps is None else f" --steps {args.steps}"

@@ -107,6 +107,41 @@ def test_train_longrange_refuses_a_step_count_below_one(steps, capsys):
     assert "--steps must be a positive integer" in capsys.readouterr().err
 
 
+def test_train_longrange_refuses_an_out_it_cannot_make_before_training(monkeypatch, capsys):
+    """A bad --out raised NotADirectoryError after every model had trained (~20 min on CPU)."""
+    from experiments import train_longrange
+
+    def train(*args, **kwargs):
+        raise AssertionError("trained before checking --out")
+
+    monkeypatch.setattr(train_longrange, "train", train)
+    with pytest.raises(SystemExit) as done:
+        train_longrange.main(["--task", "majority", "--out", "/dev/null/x"])
+    assert done.value.code == 2
+    assert "--out: cannot make '/dev/null/x/majority'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        # unknown names timed no strategy, silently (--memory: a traceback from the registry)
+        ("--computers sdpa nope", "--computers: unknown computer nope; registered:"),
+        ("--dilations nope", "--dilations: unknown dilation nope; registered:"),
+        ("--memory nope", "--memory: unknown memory nope; registered:"),
+        ("--b2b-calls -1", "--b2b-calls must be >= 0"),  # (negative ratios)
+        ("--warmup -1", "--warmup must be >= 0"),
+        ("--dense-max-n 0", "--dense-max-n must be >= 1"),  # (ZeroDivisionError)
+    ],
+)
+def test_bench_refuses_bad_options_in_one_line(argv, message, capsys):
+    from experiments import bench
+
+    with pytest.raises(SystemExit) as done:
+        bench.parse(["--device", "cpu", *argv.split()])
+    assert done.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def run_fuzz(tmp_path, *extra: str) -> dict:
     from experiments import gpu_fuzz
 
