@@ -453,6 +453,11 @@ class DilatedAttention(nn.Module):
             self._checked.pop(next(iter(self._checked)))
         self._checked[signature] = digest
 
+    def check_across_ranks(self, q: Tensor, k: Tensor, v: Tensor) -> None:
+        """The ranks' agreement on a call that a compiled graph makes (its opaque forward op,
+        at run time, ``core.dilated_forward_op``): the same check as an eager call's."""
+        self._check_across_ranks(q, k, v)
+
     def refuse_across_ranks(self, exc: Exception) -> NoReturn:
         """Raise ``exc``, a rank-local failure of a call that was to reach this module (a
         layer's own argument checks, before its projections). Where the module is

@@ -876,6 +876,13 @@ def _eager_side(module: Tensor, q: Tensor) -> tuple[CoreSpec, tuple[Tensor, ...]
 
 @torch.library.custom_op("ringattn::dilated_forward", mutates_args=())
 def dilated_forward_op(q: Tensor, k: Tensor, v: Tensor, module: Tensor) -> tuple[Tensor, Tensor]:
+    owner = _MODULES.get(int(module))
+    if owner is not None and owner.communicator.distributed:
+        # a compiled graph skips the eager boundary's check that the ranks make the same call;
+        # the op's body runs eagerly, so the check runs here, before the spec (whose checks may
+        # refuse one rank's shape alone). Without it a rank whose last batch alone was short
+        # ran the ring on other sizes than its peers: gloo aborted the process
+        owner.check_across_ranks(q, k, v)
     spec, indices = _eager_side(module, q)
     out, lse = dilated_forward(spec, q, k, v, indices, keep_lse=True)
     return out.contiguous(), lse.contiguous()

@@ -194,7 +194,10 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
         if ctx.grad == "sum":
-            grad = grad.contiguous()
+            # a copy: the all-reduce writes in place, and ``grad`` may be the caller's own tensor
+            # (``backward(g)``, ``autograd.grad(grad_outputs=g)``), which it summed over the
+            # ranks: g changed, and a second backward with it summed that sum again
+            grad = grad.clone(memory_format=torch.contiguous_format)
             dist.all_reduce(grad, group=ctx.group)
         return shard(grad, ctx.group, ctx.layout), None, None, None
 
@@ -215,7 +218,9 @@ def _gathered(x: Tensor, group: dist.ProcessGroup, layout: str) -> Tensor:
 def spans_for(configs, m: int, p: int, layout: str = "contiguous") -> tuple[int, ...]:
     """How many shards each config's segments span (1: shard-local), validating the layout."""
     check_layout(layout)
-    if layout == "zigzag" and p > 1:
+    if p == 1:  # the whole sequence is here: any segment length, tails included, as on one device
+        return (1,) * len(configs)
+    if layout == "zigzag":
         return _zigzag_spans(configs, m, p)
     n = m * p
     spans = []

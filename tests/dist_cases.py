@@ -276,6 +276,35 @@ def groups_side_by_side_match_oracle(communicator, size):
     return True
 
 
+def groups_of_one_take_what_one_device_takes(communicator):
+    """Each rank a sequence-parallel group of its own (data parallel only): the whole sequence
+    is there, so segments that do not divide it (partial tails) are valid, as on one device.
+    They were refused ("must divide the shard length n/p=10"). Returns the worst error."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    groups = [dist.new_group([r]) for r in range(world)]
+    options = {"segment_lengths": (4, 6), "dilation_rates": (1, 3), "causal": True}
+    (q, k, v), grad = full_problem(2, 10, 3, 4, rank, torch.float64)
+    ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = reference.dilated_attention(*ref_in, **options)
+    ref_grads = torch.autograd.grad(ref, ref_in, grad)
+    errors = []
+    for layout in distributed.LAYOUTS:
+        module = ringattn.DilatedAttention(
+            **options,
+            strategy=ringattn.Strategy(communicator=communicator, computer="math"),
+            compile=False,
+            group=groups[rank],
+            layout=layout,
+        )
+        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = module(*inputs)
+        errors.append(_rel(out, ref))
+        errors += [_rel(g, r) for g, r in zip(torch.autograd.grad(out, inputs, grad), ref_grads)]
+    for g in groups:
+        dist.destroy_process_group(g)
+    return max(errors)
+
+
 def gather_of_unequal_shards_raises_everywhere():
     """Before, rank 0 got a tensor padded with garbage and rank 1 was aborted by gloo."""
     rows = 8 if dist.get_rank() == 1 else 12
@@ -423,6 +452,32 @@ def compiled_model_needs_an_eager_call_first(communicator):
     raise AssertionError("no error")
 
 
+def compiled_divergent_call_raises_everywhere(communicator):
+    """A compiled model whose rank 1 alone gets a short last batch (a shape its graph takes:
+    the module's eager spec depends on n, h, d only). The eager boundary's check is not in the
+    graph; the opaque op ran the ring on the two batch sizes and gloo aborted the process
+    ("Received data size doesn't match expected size") while the other rank waited. Now the op
+    makes the check at run time: a ValueError on every rank, then the agreed calls go on."""
+    module = ringattn.DilatedAttention(
+        (8, 16 * dist.get_world_size()),
+        (1, 2),
+        strategy=ringattn.Strategy(communicator=communicator, computer="sdpa"),
+    )
+    q = torch.randn(2, 16, 2, 8)
+    module(q, q, q)  # the eager call a compiled model needs first
+    torch._dynamo.reset()  # trace afresh (no cached graph of an earlier module at this address)
+    model = torch.compile(module, fullgraph=True, backend="aot_eager")
+    model(q, q, q)
+    last = q[:1] if dist.get_rank() == 1 else q
+    try:
+        model(last, last, last)
+    except ValueError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("no error")
+    return message, model(q, q, q).shape == q.shape
+
+
 def _small_module(strategy_fields=None) -> ringattn.DilatedAttention:
     """The rank-agreement cases' module: ``(8, 16)`` / ``(1, 2)``, eager, ring by default."""
     fields = strategy_fields or {"communicator": "ring"}
@@ -519,6 +574,23 @@ def a_loss_on_the_gathered_output_trains_the_inputs(layout: str, grad: str = "sh
     ref_grads = torch.autograd.grad((ref * trained.double()).sum(), ref_in)
     errors = [float((g.double() - r).norm() / r.norm()) for g, r in zip(grads, ref_grads)]
     return full.requires_grad, errors
+
+
+def gather_sum_leaves_the_callers_gradient_alone():
+    """``gather(grad="sum")``'s backward given the caller's own gradient (``autograd.grad``'s
+    ``grad_outputs``), twice: the all-reduce summed it in place, so the caller's tensor came back
+    as the ranks' sum and the second backward summed that sum again (p + 1 times too large with
+    2 ranks). Returns (the caller's tensor unchanged, the two gradients equal, the first one
+    the ranks' sum)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    x = torch.randn(1, 4, 2, requires_grad=True)
+    full = distributed.gather(x, grad="sum")
+    mine = torch.full(full.shape, float(rank + 1))  # a gradient of each rank's own
+    kept = mine.clone()
+    (first,) = torch.autograd.grad(full, x, mine, retain_graph=True)
+    (second,) = torch.autograd.grad(full, x, mine)
+    summed = float(sum(range(1, world + 1)))
+    return torch.equal(mine, kept), torch.equal(first, second), bool((first == summed).all())
 
 
 def gather_with_another_grad_on_one_rank_raises_everywhere():

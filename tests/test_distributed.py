@@ -311,6 +311,12 @@ def test_a_loss_on_the_gathered_output_trains_the_inputs(pool, layout, grad):
         assert requires_grad and all(e < 1e-5 for e in errors), errors
 
 
+def test_gather_sum_leaves_the_callers_gradient_alone(pool):
+    assert (
+        pool.run("gather_sum_leaves_the_callers_gradient_alone") == [(True,) * 3] * pool.world_size
+    )
+
+
 def test_gather_with_another_grad_on_one_rank_raises_on_every_rank(pool):
     messages = pool.run("gather_with_another_grad_on_one_rank_raises_everywhere")
     assert all(m.startswith("ValueError: ranks disagree") and "grad" in m for m in messages)
@@ -484,6 +490,19 @@ def test_sequence_parallel_groups_side_by_side(pool, communicator):
     assert all(pool.run("groups_side_by_side_match_oracle", communicator, 2))
 
 
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+def test_groups_of_one_rank_take_any_segment_length(pool, communicator):
+    errors = pool.run("groups_of_one_take_what_one_device_takes", communicator)
+    assert all(e < 1e-10 for e in errors), errors
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_spans_of_one_rank_are_all_local(layout):
+    """One rank holds the whole sequence (``n = 10``): a tail segment (``w = 4``) and one
+    longer than the sequence are shard-local, as on one device."""
+    assert distributed.spans_for(((4, 1), (6, 3), (16, 2)), 10, 1, layout) == (1, 1, 1)
+
+
 def test_longnet_groups_side_by_side(pool):
     """LongNetConfig.group: groups of 2 (of the whole pool in the 2-rank one)."""
     errors = pool.run("longnet_groups_side_by_side_match_the_full_model", 2)
@@ -582,6 +601,15 @@ def test_a_compiled_model_captures_sequence_parallel_attention(pool, communicato
 
 def test_a_compiled_model_captures_an_uncompiled_sequence_parallel_module(pool):
     assert all(pool.run("compiled_model_matches_eager", "ring", "contiguous", False))
+
+
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+def test_a_compiled_divergent_call_raises_on_every_rank(pool, communicator):
+    # (a short timeout: the failure this guards against aborts a rank, whose answer never comes)
+    runs = pool.run("compiled_divergent_call_raises_everywhere", communicator, timeout=90)
+    for message, goes_on in runs:
+        assert message.startswith("ranks disagree") and "(1, 16, 2, 8)" in message, message
+        assert goes_on
 
 
 def test_a_compiled_model_asks_for_one_eager_call_first(pool):
