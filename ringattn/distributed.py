@@ -298,18 +298,25 @@ def agree(group: dist.ProcessGroup, digest: int) -> bool:
     synchronisation, whose group names can differ between ranks with different group counts);
     an NCCL-only sub-group agrees on the GPU and reads the answer back (a host sync per call)."""
     extremes = torch.tensor([digest, -digest], dtype=torch.int64)
-    side: dist.ProcessGroup | None
-    if "gloo" in str(dist.get_backend(group)):
-        side = group
-    elif group is dist.group.WORLD or dist.get_world_size(group) == dist.get_world_size():
-        side = _SIDE_GROUPS.get(group)
-        if side is None:
-            side = _SIDE_GROUPS[group] = dist.new_group(backend="gloo")
-    else:
+    side = host_group(group)
+    if side is None:
         extremes = extremes.cuda()
         side = group
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=side)
     return extremes.tolist() == [digest, -digest]
+
+
+def host_group(group: dist.ProcessGroup) -> dist.ProcessGroup | None:
+    """``group`` where it has a CPU backend, its gloo twin where it is an NCCL-only WORLD (made
+    at the first call, :func:`agree` says how), None for an NCCL-only sub-group (no twin)."""
+    if "gloo" in str(dist.get_backend(group)):
+        return group
+    if group is dist.group.WORLD or dist.get_world_size(group) == dist.get_world_size():
+        side = _SIDE_GROUPS.get(group)
+        if side is None:
+            side = _SIDE_GROUPS[group] = dist.new_group(backend="gloo")
+        return side
+    return None
 
 
 def require_agreement(
@@ -335,7 +342,9 @@ def check_consistent(
     """Raise the same ValueError on every rank if ranks disagree on ``signature`` (no hang).
     ``fields``: names of the signature's entries, for the message to say which differ."""
     everyone: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, signature, group=group)
+    # on the host where a gloo group or twin exists, as the agreement was (on an NCCL group the
+    # objects travel as tensors on the current GPU, which ranks that never set theirs share)
+    dist.all_gather_object(everyone, signature, group=host_group(group) or group)
     if any(s != everyone[0] for s in everyone):
         # (a rank that refused its call holds another kind of signature: no field to name)
         comparable = all(isinstance(s, tuple) and len(s) == len(fields) for s in everyone)

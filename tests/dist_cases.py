@@ -518,6 +518,26 @@ def agree_on_a_gloo_side_group():
     assert side is not group and dist.get_process_group_ranks(side) == list(
         range(dist.get_world_size())
     )
+    # and a disagreement's report gathers the signatures there too, not on the NCCL group
+    # (whose objects travel on the current GPU: shared by ranks that never set theirs)
+    gathered_on = []
+    gather = distributed.dist.all_gather_object
+
+    def recorded(out, obj, group=None):
+        gathered_on.append(group)
+        return gather(out, obj, group=group)
+
+    with (
+        mock.patch.object(distributed.dist, "get_backend", return_value="nccl"),
+        mock.patch.object(distributed.dist, "all_gather_object", recorded),
+    ):
+        try:
+            distributed.require_agreement(group, ("call", dist.get_rank()))
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("no error")
+    assert gathered_on == [side], gathered_on
     return same, differ
 
 
