@@ -964,20 +964,45 @@ def measure_variant(sweep: Sweep, variant: Variant, oracle: Callable[[], Oracle]
 
 
 def _guarded(row: Row, run: Callable[[], None]) -> None:
-    """Run one measurement; an exception becomes the row's ``check``/``note``, not a crash."""
+    """Run one measurement; an exception becomes the row's ``check``/``note``, not a crash.
+
+    Under torch.distributed with several ranks, only ringattn's refusals (``TypeError`` /
+    ``ValueError``, which it raises on every rank of a call) become a row: any other error
+    (out of memory, a kernel's failure) may be this rank's alone, and it ends the sweep, so
+    torchrun stops every rank and prints it. Caught, the rank went on to the next row while
+    its peers still waited in this row's exchanges: its next calls paired with theirs, and rows
+    were measured against another variant's calls or failed with "Connection closed by peer",
+    the real error never printed (rank 0 alone prints)."""
     started = time.perf_counter()
     try:
         run()
-    except torch.OutOfMemoryError as e:
-        row.check, row.note = "oom", _one_line(e)[:200]
-    except Exception as e:  # a broken strategy must not lose the rest of the sweep
-        row.check = "unsupported" if is_unsupported(e) else "error"
-        row.note = f"{type(e).__name__}: {_one_line(e)}"[:300]
+    except Exception as e:
+        if _rank_local(e):
+            raise
+        _record_failure(row, e)
     finally:
         row.wall_s = time.perf_counter() - started
         if row.device.startswith("cuda"):  # free what reference cycles hold before the next row
             gc.collect()  # (costs ~0.2 s with Dynamo's heap: not worth it on CPU)
             torch.cuda.empty_cache()
+
+
+def _rank_local(error: Exception) -> bool:
+    """Whether ``error`` may have been raised on this rank alone of a multi-rank sweep (see
+    :func:`_guarded`)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return False
+    return not isinstance(error, (TypeError, ValueError))
+
+
+def _record_failure(row: Row, e: Exception) -> None:
+    if isinstance(e, torch.OutOfMemoryError):
+        row.check, row.note = "oom", _one_line(e)[:200]
+    else:  # a broken strategy must not lose the rest of the sweep
+        row.check = "unsupported" if is_unsupported(e) else "error"
+        row.note = f"{type(e).__name__}: {_one_line(e)}"[:300]
 
 
 # --------------------------------------------------------------------------------------------

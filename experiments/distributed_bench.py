@@ -17,7 +17,7 @@
    each rotate method, side by side, after checking that both give the same output.
 ``--part`` takes several (``--part check cp weak``: one launch, one rendezvous);
 rank 0 writes ``distributed_<parts joined by _>.md`` / ``.json`` under ``--out`` and prints the
-tables.
+tables. The exit status is 1 where a row of the check part failed, else 0.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -598,7 +599,9 @@ def write_report(
     (out / f"distributed_{label}.json").write_text(json.dumps(results, indent=1))
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0, or 1 where a row of the check part failed (its verdict was in the table
+    alone: a failed check exited 0, like a passed one, so no script or CI job could tell)."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="launch: NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node=P -m "
@@ -757,7 +760,8 @@ def main(argv: list[str] | None = None) -> None:
     gc.collect()  # no CUDA graph that captured NCCL's exchanges may outlive the group (above)
     dist.barrier()
     dist.destroy_process_group()
+    return 0 if all(row["ok"] for row in check) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -94,6 +94,20 @@ def options(p: dict) -> dict:
 
 
 @pytest.fixture
+def one_gloo_rank(monkeypatch) -> None:
+    """The environment torchrun sets up for one rank, on a free local port: a tool's ``main``
+    then runs its distributed path in process."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for name, value in {**env, "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
 def small_problem() -> dict:
     return {
         "b": 2,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -237,14 +236,8 @@ def test_bad_input_is_one_line_error(argv, message, capsys):
     assert lines[0].startswith("ablate: error: ") and message in lines[0]
 
 
-def test_distributed_preset_on_one_gloo_rank(tmp_path, monkeypatch):
+def test_distributed_preset_on_one_gloo_rank(tmp_path, one_gloo_rank):
     """What torchrun sets up, in process: one rank, so the sequence-parallel path runs here."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
-    for name, value in {**env, "MASTER_PORT": str(port)}.items():
-        monkeypatch.setenv(name, value)
     argv = [*TINY, "--preset", "distributed", "--device", "cpu", "--dtype", "fp32"]
     argv += ["--check-n", "64"]  # sharding: segments must divide n/p or be multiples of it
     argv += ["--mixing", "lse", "--dilation", "segment_local", "--memory", "pooled"]

@@ -593,6 +593,62 @@ def test_distributed_bench_parts_run_on_cpu(tmp_path):
     )
 
 
+@pytest.mark.parametrize("ok", [True, False])
+def test_distributed_bench_exit_status_says_whether_the_check_passed(
+    ok, tmp_path, monkeypatch, one_gloo_rank
+):
+    """distributed_bench --part check exits 1 where a row failed (it exited 0 whatever its
+    verdict). One gloo rank in process, as torchrun sets it up; the check's rows stubbed (the
+    real part takes minutes on 2 CPU cores)."""
+    from experiments import distributed_bench
+
+    row = {"strategy": "s", "layout": "contiguous", "dtype": "float32", "causal": False}
+    row |= {"mixing": "lse", "heads": 1, "out_err": 0.0, "grad_err": 0.0}
+    rows = [{**row, "ok": True}, {**row, "ok": ok}]
+    monkeypatch.setattr(distributed_bench, "correctness", lambda device: rows)
+    status = distributed_bench.main(["--part", "check", "--out", str(tmp_path)])
+    assert status == (0 if ok else 1)
+    assert not torch.distributed.is_initialized()
+
+
+# a computer that fails on rank 1 alone, on its first call (as an out-of-memory error would)
+FLAKY_COMPUTER = """
+import torch.distributed as dist
+from ringattn.computers.math import MathComputer
+from ringattn.registry import register
+CALLS = [0]
+@register("computer", "flaky")
+class Flaky(MathComputer):
+    def forward(self, q, k, v, causal, scale):
+        CALLS[0] += 1
+        if dist.get_rank() == 1 and CALLS[0] == 1:
+            raise RuntimeError("failed on rank 1 alone")
+        return super().forward(q, k, v, causal, scale)
+"""
+
+
+def test_ablate_ends_the_sweep_when_one_rank_fails(tmp_path):
+    """experiments/ablate.py under torchrun: a row that fails on one rank alone ends the sweep
+    with that rank's error. It was a row's note on that rank, which went on to the next row
+    while rank 0 still waited in this row's ring: rank 0 recorded "Connection closed by peer",
+    a table with rows measured against the other rank's next variant, and never the error."""
+    plugin = tmp_path / "flaky.py"
+    plugin.write_text(FLAKY_COMPUTER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "experiments.ablate", "--import", str(plugin), "--preset", "distributed"]
+    cmd += ["--device", "cpu", "--dtype", "fp32", "--seq-lens", "64", "--check-n", "64"]
+    cmd += ["--segment-lengths", "16,32", "--dilation-rates", "1,2", "--heads", "2"]
+    cmd += ["--head-dim", "8", "--warmup", "0", "--repeats", "1", "--computer", "flaky,math"]
+    cmd += ["--memory", "none", "--dilation", "segment_local", "--mixing", "lse"]
+    cmd += ["--causal", "on", "--communicator", "ring", "--no-baseline"]
+    cmd += ["--out", str(tmp_path / "out")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode != 0
+    assert "RuntimeError: failed on rank 1 alone" in done.stderr, done.stderr[-4000:]
+    assert not (tmp_path / "out" / "results.csv").exists()  # no table of mismatched rows
+
+
 @pytest.mark.parametrize("communicator", ["ring", "all_gather"])
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 def test_a_compiled_model_captures_sequence_parallel_attention(pool, communicator, layout):
