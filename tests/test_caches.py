@@ -196,3 +196,21 @@ def test_functional_form_warns_when_an_option_varies_between_calls(monkeypatch):
             )
     ours = [w for w in caught if "dilated_attention has made" in str(w.message)]
     assert len(ours) == 1 and ours[0].filename == __file__, [str(w.message) for w in caught]
+
+
+def test_global_permutation_cache_distinguishes_sequence_lengths():
+    """One pooled global module over two sequence lengths with the same configs: each length
+    gathers with its own permutation (a pattern key without ``n`` handed the second length the
+    first one's permutation: rows of another length gathered, or an index past the end)."""
+    module = ringattn.DilatedAttention(
+        (4, 8),  # P's configs
+        (1, 2),
+        causal=True,
+        strategy=ringattn.Strategy(dilation="global", computer="math", memory="pooled"),
+        compile=False,
+    )
+    for n in (12, 20, 16, 12):  # tails of different lengths, a whole one, a repeat (a hit)
+        q, k, v = make_qkv({**P, "n": n}, torch.float64)
+        with torch.no_grad():
+            out = module(q, k, v)
+        assert rel_err(out, reference.dilated_attention(q, k, v, **options(P))) <= 1e-10, n

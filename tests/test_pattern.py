@@ -101,6 +101,20 @@ def test_the_split_is_part_of_the_memo_key(monkeypatch):
     assert [len(p) for p in cut.parts] == [4, 1, 1]  # the r = 1 block covers every pair
 
 
+@given(st.integers(1, 40), st.integers(1, 6), dilation_configs())
+def test_the_memo_returns_the_plan_of_each_mixing(n, h, configs):
+    """One shape and config set asked for under both mixings gets each mixing's own plan (a memo
+    key without the mixing handed a ``head_groups`` call the ``lse`` plan memoised before it, or
+    the reverse: the wrong heads attended, silently)."""
+    configs = tuple(zip(*configs))
+    for first, second in (("lse", "head_groups"), ("head_groups", "lse")):
+        pattern._PLANS.clear()
+        for mixing in (first, second):
+            plan = pattern.make_plan(n, h, configs, mixing)
+            assert plan.mixing == mixing
+            assert plan == pattern._build_plan(n, h, configs, mixing, pattern.BLOCK_SPLIT)
+
+
 @pytest.mark.parametrize("split", [1, 2, 64])
 @given(p=problems())
 def test_any_split_computes_the_same_function(split, p):

@@ -157,3 +157,18 @@ def test_the_worked_examples_multiplicity_is_the_oracles():
         drawn = drawn.view(12, 2, 12).transpose(0, 1)  # (each line: head 0's row, head 1's)
         want = reference.multiplicity(12, 2, (4, 8), (1, 2), causal, "lse")
         assert torch.equal(drawn, want), causal
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e16])
+def test_a_config_listed_twice_is_the_config_once_at_any_logit_scale(scale):
+    """Two identical configs give every row two equal partials: the merge weighs each by 1/2.
+    Weights taken as ``exp(LSE_i - LSE)`` without dividing by their sum are 1 each once
+    ``ulp(|LSE|)`` exceeds ``log 2`` (logits near 1e16): the row came out doubled."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 6, 2, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    opts = {"causal": True, "scale": scale}
+    once = reference.dilated_attention(q, k, v, segment_lengths=(6,), dilation_rates=(1,), **opts)
+    twice = reference.dilated_attention(
+        q, k, v, segment_lengths=(6, 6), dilation_rates=(1, 1), **opts
+    )
+    assert rel_err(twice, once) <= 1e-12
