@@ -248,6 +248,19 @@ def test_distributed_preset_on_one_gloo_rank(tmp_path, one_gloo_rank):
     assert all(r["check"] == "pass" and r["compile"] == "False" for r in variants)
 
 
+def test_distributed_preset_compiles_its_sequence_parallel_variants(tmp_path, one_gloo_rank):
+    """--compile on measures sequence-parallel strategies inside torch.compile(fullgraph=True),
+    each new shape after the eager call they need (they were left out: an empty table)."""
+    argv = [*TINY, "--preset", "distributed", "--device", "cpu", "--dtype", "fp32"]
+    argv += ["--check-n", "64", "--mixing", "lse", "--dilation", "segment_local"]
+    argv += ["--memory", "none", "--computer", "math", "--compile", "on"]
+    argv += ["--compile-backend", "aot_eager"]
+    assert ablate.main([*argv, "--out", str(tmp_path)]) == 0
+    variants = [r for r in read_rows(tmp_path) if r["strategy"] != ablate.BASELINE]
+    assert {r["strategy"].split("/")[2] for r in variants} == {"ring", "all_gather"}
+    assert all(r["check"] == "pass" and r["compile"] == "True" for r in variants), variants
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
 def test_gpu_preset_without_cuda_is_one_line_error(capsys):
     assert ablate.main(["--preset", "gpu"]) == 2
