@@ -136,6 +136,23 @@ def add_rows_cases(gen: torch.Generator, cases: int) -> int:
                 tol = 0 if dtype == torch.float32 else 1e-2
                 torch.testing.assert_close(acc, expected, atol=tol, rtol=tol)
             checked += 1
+    # pairs of different layouts (a computer's dq, dk, dv need not share strides): the kernel
+    # reads every part with the first one's strides, so it must refuse them (its caller then
+    # adds with torch), not add a transposed dk into dk's rows
+    for mixed in ("parts", "accs"):
+        plain = [torch.randn(1, 2, 4, 3, 8, generator=gen) for _ in range(2)]
+        transposed = torch.randn(1, 2, 4, 8, 3, generator=gen).transpose(3, 4)
+        accs = [plain[0].clone(), transposed.clone() if mixed == "accs" else plain[1].clone()]
+        parts = [torch.randn(1, 2, 4, 3, 8, generator=gen) for _ in range(2)]
+        if mixed == "parts":
+            parts[1] = torch.randn(1, 2, 4, 8, 3, generator=gen).transpose(3, 4)
+        want = [acc + part for acc, part in zip(accs, parts)]
+        if not add_kernel.add_rows_(accs, parts):
+            for acc, part in zip(accs, parts):
+                acc.add_(part)
+        for acc, expected in zip(accs, want):
+            torch.testing.assert_close(acc, expected, atol=0, rtol=0)
+        checked += 1
     assert not add_kernel.add_rows_(
         [torch.zeros(1, 1, 1, 1, 1, dtype=torch.float64)] * 3,
         [torch.zeros(1, 1, 1, 1, 1, dtype=torch.float64)] * 3,

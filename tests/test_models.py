@@ -200,6 +200,20 @@ def test_the_model_checks_every_cache_before_any_layer_moves():
     assert caches[0].length == 0 and not caches[0].k.any()
 
 
+def test_a_cache_too_small_for_the_call_is_refused_before_any_layer_moves():
+    """The layer's call checks its cache has room (``check_call``), so the model's check of
+    every cache refuses a call a later layer's cache cannot take. Left to the layer's append,
+    layer 0 had taken the tokens into its cache before layer 1's raised: the caches disagreed
+    on the sequence, and a retry with a larger cache for layer 1 read layer 0's prompt twice."""
+    model = tiny_model("lse", (4,), (1,))
+    tokens = torch.zeros(1, 6, dtype=torch.long)
+    caches = model.new_caches(1, 8)
+    caches[1] = model.blocks[1].attn.new_cache(1, 4)  # room for 4 of the 6
+    with pytest.raises(ValueError, match="capacity 4 exceeded"):
+        model(tokens, caches)
+    assert caches[0].length == 0 and not caches[0].k.any()
+
+
 @pytest.mark.parametrize(
     "call, error, match",
     [

@@ -364,3 +364,30 @@ def test_what_a_module_is_built_from_cannot_be_reassigned(name):
     with pytest.raises(AttributeError, match="fixed at construction"):
         setattr(twin, name, getattr(twin, name))  # (a copy is built too)
     assert torch.equal(twin(q, q, q), out)
+
+
+def test_a_training_call_after_an_inference_call_is_still_checked():
+    """The once-per-signature checks are keyed on whether the call needs gradients: keyed
+    without it, a training call after a no-grad call of the same shape skipped the computer's
+    refusal (flex has no backward on CPU) and failed later, inside torch."""
+    module = ringattn.DilatedAttention(
+        **GOOD, strategy=ringattn.Strategy(computer="flex"), compile=False
+    )
+    q, k, v = qkv()
+    with torch.no_grad():
+        module(q, k, v)
+    with pytest.raises(ringattn.UnsupportedError, match="no backward on CPU"):
+        module(q.requires_grad_(), k, v)
+
+
+def test_functional_form_keys_its_modules_on_compile():
+    """The functional form's module cache is keyed on ``compile`` too: keyed without it, a
+    ``compile=True`` call after a ``compile=False`` one ran the uncompiled module, skipping the
+    compiled computer's refusal (compiled flex on CPU takes no float64) and its compiled frame."""
+    q, k, v = qkv(dtype=torch.float64)
+    flex = ringattn.Strategy(computer="flex")
+    with torch.no_grad():
+        eager = ringattn.dilated_attention(q, k, v, **GOOD, strategy=flex, compile=False)
+        assert rel_err(eager, reference.dilated_attention(q, k, v, **GOOD)) <= 1e-10
+        with pytest.raises(ringattn.UnsupportedError, match="compiled FlexAttention on CPU"):
+            ringattn.dilated_attention(q, k, v, **GOOD, strategy=flex, compile=True)
