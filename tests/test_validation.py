@@ -166,6 +166,22 @@ def test_unsupported_dtype_for_computer_is_named():
         module(q, k, v)
 
 
+@pytest.mark.parametrize("dilation", ["global", "segment_local"])
+def test_flex_on_the_meta_device_is_refused_by_name(dilation):
+    """flex has no meta kernel: global raised a RuntimeError from its index math, segment_local
+    torch's own error from inside the call. math runs there (shape inference)."""
+    q = torch.empty(1, 16, 2, 8, device="meta")
+
+    def module(computer):
+        strategy = ringattn.Strategy(dilation=dilation, computer=computer)
+        return ringattn.DilatedAttention((8,), (2,), strategy=strategy, compile=False)
+
+    with torch.no_grad(), pytest.raises(ValueError, match=r"computer='flex' cannot run .* meta"):
+        module("flex")(q, q, q)
+    with torch.no_grad():
+        assert module("math")(q, q, q).shape == q.shape
+
+
 def test_errors_come_before_any_work(monkeypatch):
     """Validation happens at the boundary: the core is never entered on bad input."""
     import ringattn.api as api

@@ -107,6 +107,8 @@ class FlexComputer(LayoutComputer):
         dilation: str = "",
         traced: bool = False,
     ) -> str | None:
+        if device.type == "meta":  # (global raised a RuntimeError from its index math)
+            return "FlexAttention has no meta-device kernel; computer='math' runs on meta"
         if compiled and device.type == "cpu" and dilation == "global":
             return (
                 "compiled FlexAttention on CPU cannot return the LSE that merging configs needs; "
