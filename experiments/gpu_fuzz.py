@@ -262,8 +262,9 @@ def measure(row: dict, module, inputs, ref, forward_alone: bool = False) -> None
                 row["fwd_err"] = rel_err(module(*inputs[:3]), ref[0])
         out, grads = run(module, *inputs)
         row.setdefault("fwd_err", rel_err(out, ref[0]))
+        floor = grad_floor(inputs[3])
         for label, g, r in zip(("dq", "dk", "dv"), grads, ref[1]):
-            row[f"{label}_err"] = rel_err(g, r, grad_floor(inputs[3]))
+            row[f"{label}_err"] = rel_err(g, r, floor)
     except Exception as exc:
         row["error"] = failure(exc, 200)
 

@@ -191,7 +191,7 @@ def _described(x: object) -> tuple:
     return (tuple(x.shape), str(x.dtype), x.device.type, str(x.layout), x.requires_grad)
 
 
-# the entries of a sequence-parallel call's signature (_check_across_ranks), by name
+# the entries of a sequence-parallel call's signature (check_across_ranks), by name
 _CALL_FIELDS = ("q, k, v", "config", "strategy", "layout", "grad mode")
 
 
@@ -422,8 +422,10 @@ class DilatedAttention(nn.Module):
     # one (an uneven last batch). Set it on a module, or on the class for every module.
     check_every_call: bool = True
 
-    def _check_across_ranks(self, q: Tensor, k: Tensor, v: Tensor) -> None:
-        """The ranks' agreement on this call (see ``check_every_call``)."""
+    def check_across_ranks(self, q: Tensor, k: Tensor, v: Tensor) -> None:
+        """The ranks' agreement on this call (see ``check_every_call``): at the eager boundary,
+        and in the opaque forward op of a compiled graph (``core.dilated_forward_op``), which
+        holds no collective."""
         signature = (
             _call_described(q, k, v),  # before validation: all ranks agree first
             self.config,
@@ -452,11 +454,6 @@ class DilatedAttention(nn.Module):
         if len(self._checked) >= RECOMPILE_LIMIT:  # bounded: drop the oldest
             self._checked.pop(next(iter(self._checked)))
         self._checked[signature] = digest
-
-    def check_across_ranks(self, q: Tensor, k: Tensor, v: Tensor) -> None:
-        """The ranks' agreement on a call that a compiled graph makes (its opaque forward op,
-        at run time, ``core.dilated_forward_op``): the same check as an eager call's."""
-        self._check_across_ranks(q, k, v)
 
     def refuse_across_ranks(self, exc: Exception) -> NoReturn:
         """Raise ``exc``, a rank-local failure of a call that was to reach this module (a
@@ -521,7 +518,7 @@ class DilatedAttention(nn.Module):
             except TypeError as exc:  # on every rank, where sequence-parallel
                 self.refuse_across_ranks(exc)
         if self.communicator.distributed and not tracing:
-            self._check_across_ranks(q, k, v)
+            self.check_across_ranks(q, k, v)
         if tracing:  # the same rules, traced into guards (no beartype frames in the graph)
             check_plain(q, k, v)
             self.config.check_scale_for(q.dtype)

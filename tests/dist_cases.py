@@ -202,11 +202,7 @@ def _error_of_call(lengths, rates, n_local, strategy_fields, layout="contiguous"
         layout=layout,
     )
     q = torch.randn(1, n_local, 2, 8)
-    try:
-        module(q, q, q)
-    except ValueError as exc:
-        return str(exc)
-    raise AssertionError("no error")
+    return _value_error_of(lambda: module(q, q, q))
 
 
 def mismatched_configs_raise_everywhere(strategy_fields):
@@ -224,11 +220,7 @@ def bad_layout_raises(lengths, rates, n_local, layout="contiguous"):
 
 
 def shard_requires_divisible_n():
-    try:
-        distributed.shard(torch.randn(1, 7, 2, 4))
-    except ValueError as exc:
-        return str(exc)
-    raise AssertionError("no error")
+    return _value_error_of(lambda: distributed.shard(torch.randn(1, 7, 2, 4)))
 
 
 def shard_gather_roundtrip(layout="contiguous"):
@@ -308,11 +300,7 @@ def groups_of_one_take_what_one_device_takes(communicator):
 def gather_of_unequal_shards_raises_everywhere():
     """Before, rank 0 got a tensor padded with garbage and rank 1 was aborted by gloo."""
     rows = 8 if dist.get_rank() == 1 else 12
-    try:
-        distributed.gather(torch.randn(2, rows, 1, 2))
-    except ValueError as exc:
-        return str(exc)
-    raise AssertionError("no error")
+    return _value_error_of(lambda: distributed.gather(torch.randn(2, rows, 1, 2)))
 
 
 def a_rank_outside_the_group_is_refused():
@@ -323,11 +311,9 @@ def a_rank_outside_the_group_is_refused():
         if dist.get_rank() == 0:
             ringattn.DilatedAttention((8,), (1,), group=only_zero, strategy=_RING)
             return "member"
-        try:
-            ringattn.DilatedAttention((8,), (1,), group=only_zero, strategy=_RING)
-        except ValueError as exc:
-            return str(exc)
-        raise AssertionError("no error")
+        return _value_error_of(
+            lambda: ringattn.DilatedAttention((8,), (1,), group=only_zero, strategy=_RING)
+        )
     finally:
         dist.destroy_process_group(only_zero)
 
@@ -469,12 +455,7 @@ def compiled_divergent_call_raises_everywhere(communicator):
     model = torch.compile(module, fullgraph=True, backend="aot_eager")
     model(q, q, q)
     last = q[:1] if dist.get_rank() == 1 else q
-    try:
-        model(last, last, last)
-    except ValueError as exc:
-        message = str(exc)
-    else:
-        raise AssertionError("no error")
+    message = _value_error_of(lambda: model(last, last, last))
     return message, model(q, q, q).shape == q.shape
 
 
@@ -494,11 +475,7 @@ def later_divergent_call_raises_everywhere(strategy_fields):
     module(q, q, q)
     module(q, q, q)
     last = q[:1] if dist.get_rank() == 1 else q  # rank 1's last batch is short
-    try:
-        module(last, last, last)
-    except ValueError as exc:
-        return str(exc)
-    raise AssertionError("no error")
+    return _value_error_of(lambda: module(last, last, last))
 
 
 def agree_on_a_gloo_side_group():
@@ -673,6 +650,15 @@ def a_bad_input_on_every_rank_is_named_everywhere():
     try:
         module(q.tolist(), q, q)
     except TypeError as exc:
+        return str(exc)
+    raise AssertionError("no error")
+
+
+def _value_error_of(call) -> str:
+    """The message of the ValueError ``call()`` raises (AssertionError if none)."""
+    try:
+        call()
+    except ValueError as exc:
         return str(exc)
     raise AssertionError("no error")
 
@@ -881,10 +867,5 @@ def a_module_over_a_destroyed_world_says_so():
         "gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60),
         init_method=f"tcp://127.0.0.1:{port[0]}",
     )  # fmt: skip
-    try:
-        module(q, q, q)
-    except ValueError as exc:
-        message = str(exc)
-    else:
-        raise AssertionError("no error")
+    message = _value_error_of(lambda: module(q, q, q))
     return message, bool(torch.equal(_small_module()(q, q, q), want))
