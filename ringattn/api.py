@@ -440,7 +440,11 @@ class DilatedAttention(nn.Module):
         digest = distributed.fingerprint(signature) if known is None else known
         try:
             distributed.require_agreement(
-                self.communicator.group, signature, digest=digest, fields=_CALL_FIELDS
+                self.communicator.group,
+                signature,
+                digest=digest,
+                fields=_CALL_FIELDS,
+                device=q.device if isinstance(q, Tensor) else None,
             )
         except ValueError as disagreement:
             try:  # a rank whose own arguments are wrong says what is wrong with them
@@ -455,17 +459,18 @@ class DilatedAttention(nn.Module):
             self._checked.pop(next(iter(self._checked)))
         self._checked[signature] = digest
 
-    def refuse_across_ranks(self, exc: Exception) -> NoReturn:
+    def refuse_across_ranks(self, exc: Exception, device: torch.device | None = None) -> NoReturn:
         """Raise ``exc``, a rank-local failure of a call that was to reach this module (a
         layer's own argument checks, before its projections). Where the module is
         sequence-parallel the other ranks would wait for this one in the ring; so this rank
         takes part in the call's agreement (``check_every_call``) with a signature that cannot
-        match theirs, and they raise a ValueError naming this rank's error instead."""
+        match theirs, and they raise a ValueError naming this rank's error instead. ``device``:
+        the call's (an NCCL-only sub-group agrees on that GPU, ``distributed.nccl_device``)."""
         tracing = torch.compiler.is_compiling()
         if self.communicator.distributed and self.check_every_call and not tracing:
             signature = ("refused before the call", f"{type(exc).__name__}: {exc}")
             try:
-                distributed.require_agreement(self.communicator.group, signature)
+                distributed.require_agreement(self.communicator.group, signature, device=device)
             except ValueError as disagreement:
                 raise exc from disagreement
         raise exc
@@ -516,7 +521,7 @@ class DilatedAttention(nn.Module):
             try:
                 refuse_functorch(q, k, v)
             except TypeError as exc:  # on every rank, where sequence-parallel
-                self.refuse_across_ranks(exc)
+                self.refuse_across_ranks(exc, q.device if isinstance(q, Tensor) else None)
         if self.communicator.distributed and not tracing:
             self.check_across_ranks(q, k, v)
         if tracing:  # the same rules, traced into guards (no beartype frames in the graph)

@@ -177,7 +177,13 @@ def gather(
         None if refusal is None else f"{type(refusal).__name__}: {refusal}",
     )
     fields = ("shape", "dtype", "layout", "grad", "builds a graph under grad='sum'", "refusal")
-    require_agreement(group, held, "the shards to gather", fields=fields)
+    require_agreement(
+        group,
+        held,
+        "the shards to gather",
+        fields=fields,
+        device=x.device if isinstance(x, Tensor) else None,
+    )
     if refusal is not None:  # (every rank holds it: the agreement passed)
         raise refusal
     if graph:
@@ -290,20 +296,30 @@ def fingerprint(signature: tuple) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def agree(group: dist.ProcessGroup, digest: int) -> bool:
+def agree(group: dist.ProcessGroup, digest: int, device: torch.device | None = None) -> bool:
     """Whether every rank of ``group`` passed the same ``digest``: one all-reduce of two integers
     (collective: every rank calls it, whatever its digest, so none hangs). On the host where the
     group has a CPU backend (gloo, or ``init_process_group()``'s default ``cpu:gloo,cuda:nccl``);
     an NCCL-only WORLD gets a gloo twin, made at its first check (collectively, without local
     synchronisation, whose group names can differ between ranks with different group counts);
-    an NCCL-only sub-group agrees on the GPU and reads the answer back (a host sync per call)."""
+    an NCCL-only sub-group agrees on the GPU and reads the answer back (a host sync per call):
+    on ``device``, the call's own GPU, where given (:func:`nccl_device`)."""
     extremes = torch.tensor([digest, -digest], dtype=torch.int64)
     side = host_group(group)
     if side is None:
-        extremes = extremes.cuda()
+        extremes = extremes.to(nccl_device(device))
         side = group
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=side)
     return extremes.tolist() == [digest, -digest]
+
+
+def nccl_device(device: torch.device | None) -> torch.device:
+    """The GPU an NCCL-only sub-group's agreement runs on: the call's tensors' own (the one its
+    ring uses), else the current one. (The current one alone put every rank that never set its
+    device on GPU 0, where NCCL refuses or hangs.)"""
+    if device is not None and device.type == "cuda":
+        return device
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def host_group(group: dist.ProcessGroup) -> dist.ProcessGroup | None:
@@ -325,12 +341,14 @@ def require_agreement(
     what: str = "the dilated attention call",
     digest: int | None = None,
     fields: tuple[str, ...] = (),
+    device: torch.device | None = None,
 ) -> None:
     """Return where every rank of ``group`` holds the same ``signature`` (one all-reduce of its
     ``digest``, :func:`fingerprint`'s unless given); else raise :func:`check_consistent`'s
-    ValueError on every rank, naming each rank's signature."""
-    if not agree(group, fingerprint(signature) if digest is None else digest):
-        check_consistent(group, signature, what, fields)
+    ValueError on every rank, naming each rank's signature. ``device``: the call's tensors'
+    (an NCCL-only sub-group agrees there, :func:`nccl_device`)."""
+    if not agree(group, fingerprint(signature) if digest is None else digest, device):
+        check_consistent(group, signature, what, fields, device)
 
 
 def check_consistent(
@@ -338,13 +356,21 @@ def check_consistent(
     signature: tuple,
     what: str = "the dilated attention call",
     fields: tuple[str, ...] = (),
+    device: torch.device | None = None,
 ) -> None:
     """Raise the same ValueError on every rank if ranks disagree on ``signature`` (no hang).
-    ``fields``: names of the signature's entries, for the message to say which differ."""
+    ``fields``: names of the signature's entries, for the message to say which differ;
+    ``device``: as :func:`require_agreement`'s."""
     everyone: list = [None] * dist.get_world_size(group)
-    # on the host where a gloo group or twin exists, as the agreement was (on an NCCL group the
-    # objects travel as tensors on the current GPU, which ranks that never set theirs share)
-    dist.all_gather_object(everyone, signature, group=host_group(group) or group)
+    # on the host where a gloo group or twin exists, as the agreement was; an NCCL group's
+    # objects travel as tensors on the current GPU, so it is made the call's own (ranks that
+    # never set theirs would share GPU 0)
+    side = host_group(group)
+    if side is None:
+        with torch.cuda.device(nccl_device(device)):
+            dist.all_gather_object(everyone, signature, group=group)
+    else:
+        dist.all_gather_object(everyone, signature, group=side)
     if any(s != everyone[0] for s in everyone):
         # (a rank that refused its call holds another kind of signature: no field to name)
         comparable = all(isinstance(s, tuple) and len(s) == len(fields) for s in everyone)

@@ -478,6 +478,58 @@ def later_divergent_call_raises_everywhere(strategy_fields):
     return _value_error_of(lambda: module(last, last, last))
 
 
+def an_nccl_sub_group_agrees_on_the_calls_gpu():
+    """An NCCL-only sub-group (no gloo twin) agrees on the GPU of the call's tensors, which its
+    ring uses, not on the current GPU (that put every rank that never set its device on GPU 0).
+    Here gloo poses as NCCL and the CPU as the GPU: the devices asked for are recorded. Groups
+    of 2 at p >= 4 (the second rank's batch differs: the report runs too), else of 1."""
+    import contextlib
+    from unittest import mock
+
+    p, rank = dist.get_world_size(), dist.get_rank()
+    size = 2 if p >= 4 else 1
+    groups = [dist.new_group(list(range(i, i + size))) for i in range(0, p, size)]
+    group = groups[rank // size]
+    asked: list = []
+    entered: list = []
+
+    def recorded(device):
+        asked.append(device)
+        return torch.device("cpu")
+
+    def current(device):
+        entered.append(device)
+        return contextlib.nullcontext()
+
+    strategy = ringattn.Strategy(communicator="ring")
+    module = ringattn.DilatedAttention((8, 16), (1, 2), strategy=strategy, group=group)
+    q = torch.randn(1 + rank % size, 16, 2, 8)
+    with (
+        mock.patch.object(distributed.dist, "get_backend", return_value="nccl"),
+        mock.patch.object(distributed, "nccl_device", recorded),
+        mock.patch.object(distributed.torch.cuda, "device", current),
+    ):
+        if size > 1:
+            message = _value_error_of(lambda: module(q, q, q))
+        else:
+            module(q, q, q)
+            message = "no error"
+        distributed.gather(torch.randn(1, 4), group)
+        # a layer's own refusal (x of the wrong width, on every rank) joins the agreement too
+        layer = ringattn.MultiheadDilatedAttention(
+            16, 2, (8,), (1,), strategy=strategy, group=group
+        )
+        try:
+            layer(torch.randn(1, 16, 15))
+        except (TypeError, ValueError):
+            pass
+        else:
+            raise AssertionError("no error")
+    for g in groups:
+        dist.destroy_process_group(g)
+    return asked, entered, message
+
+
 def agree_on_a_gloo_side_group():
     """``distributed.agree`` on a group whose backend is not gloo (NCCL on GPUs) makes a gloo
     side group of the same ranks once, and answers on it: equal digests agree, unequal ones
@@ -868,4 +920,10 @@ def a_module_over_a_destroyed_world_says_so():
         init_method=f"tcp://127.0.0.1:{port[0]}",
     )  # fmt: skip
     message = _value_error_of(lambda: module(q, q, q))
-    return message, bool(torch.equal(_small_module()(q, q, q), want))
+    # a torch without the private group map (is_live then says True): the module still tells
+    # the old world from the new one by the world object itself
+    from unittest import mock
+
+    with mock.patch.object(distributed, "is_live", lambda group: True):
+        message_without_map = _value_error_of(lambda: module(q, q, q))
+    return message, message_without_map, bool(torch.equal(_small_module()(q, q, q), want))

@@ -413,6 +413,18 @@ def test_first_call_checks_only_when_asked(pool):
     assert pool.run("first_call_checks_only_skip_the_agreement") == [(1, 2)] * pool.world_size
 
 
+def test_an_nccl_sub_group_agrees_on_the_calls_gpu(pool):
+    cpu = torch.device("cpu")
+    for asked, entered, message in pool.run("an_nccl_sub_group_agrees_on_the_calls_gpu"):
+        # the call's device every time (None: the current GPU, the defect)
+        assert asked and all(device == cpu for device in asked), asked
+        if pool.world_size >= 4:  # a disagreement, reported on the call's GPU too
+            assert message.startswith("ranks disagree on the dilated attention call"), message
+            assert entered == [cpu], entered
+        else:
+            assert message == "no error" and entered == [], (message, entered)
+
+
 def test_agreement_on_a_non_gloo_group_goes_through_a_gloo_side_group(pool):
     assert pool.run("agree_on_a_gloo_side_group") == [(True, False)] * pool.world_size
 
@@ -510,8 +522,11 @@ def test_longnet_groups_side_by_side(pool):
 
 
 def test_a_module_over_a_destroyed_world_says_so(pool):
-    for message, rebuilt_runs in pool.run("a_module_over_a_destroyed_world_says_so"):
+    for message, message_without_map, rebuilt_runs in pool.run(
+        "a_module_over_a_destroyed_world_says_so"
+    ):
         assert message.startswith("this sequence-parallel module's process group was destroyed")
+        assert message_without_map == message
         assert rebuilt_runs
 
 

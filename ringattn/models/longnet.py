@@ -206,7 +206,7 @@ class LongNet(nn.Module):
         attention = self._sequence_parallel_attention()
         if attention is None:
             raise exc
-        attention.refuse_across_ranks(exc)
+        attention.refuse_across_ranks(exc, self.embed.weight.device)
 
     def _sequence_parallel_attention(self) -> DilatedAttention | None:
         """The first sequence-parallel attention module of the layers (None: not one)."""
