@@ -59,6 +59,7 @@ from experiments.bench import (
 from experiments.fa4_probe import BACKWARD_TILES
 from ringattn import core, lanes, launches, pattern
 from ringattn.computers.sdpa import CUDA_BACKWARDS, CUDA_FORWARDS, SDPAComputer
+from ringattn.config import MIXINGS
 from ringattn.flops import dense_flops, useful_flops
 from ringattn.kernels import add as add_kernel
 from ringattn.kernels import cudnn_graphs, fa4, fa4_group, fa4_group_bwd, fa4_zero
@@ -535,7 +536,19 @@ def main(argv: list[str] | None = None) -> None:
         help="folder for overheads.md / .json (default: %(default)s)",
     )
     args = p.parse_args(argv)
+    # (--repeats 0: a StatisticsError after the warm-up; --split 0 or -1 ran as 1, labelled 0;
+    # an unknown --mixing: the library's ValueError; each on the GPU, after CUDA started)
+    for name in ("n", "split", "heads", "dim", "repeats"):
+        values = getattr(args, name)
+        if min(values if isinstance(values, list) else [values]) < 1:
+            p.error(f"--{name} must be >= 1, got {values}")
+    if bad := sorted(set(args.mixing) - set(MIXINGS)):
+        p.error(f"--mixing must be among {MIXINGS}, got {bad}")
     require_cuda(p.prog)
+    try:  # before the GPU work: a bad --out failed after every row had run
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        p.error(f"--out: cannot make {str(args.out)!r}: {exc.strerror}")
     rows: list[dict] = []
     traces: dict[str, list[dict]] = {}
     default_split, default_in_place, default_lanes, default_lane_count, default_fuse = (

@@ -927,3 +927,18 @@ def a_module_over_a_destroyed_world_says_so():
     with mock.patch.object(distributed, "is_live", lambda group: True):
         message_without_map = _value_error_of(lambda: module(q, q, q))
     return message, message_without_map, bool(torch.equal(_small_module()(q, q, q), want))
+
+
+def bench_max_over_ranks() -> list[float]:
+    """experiments.distributed_bench's largest error over ranks: column 0 is the rank, each
+    other column NaN on some ranks only (the last rank; all but the last; rank 0)."""
+    from experiments.distributed_bench import max_over_ranks
+
+    rank, last, nan = dist.get_rank(), dist.get_world_size() - 1, float("nan")
+    values = [
+        float(rank),
+        nan if rank == last else 0.5,
+        0.5 if rank == last else nan,
+        nan if rank == 0 else 2.0,
+    ]
+    return max_over_ranks(torch.tensor(values)).tolist()

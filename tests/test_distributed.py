@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 import subprocess
@@ -606,6 +607,14 @@ def test_distributed_bench_parts_run_on_cpu(tmp_path):
         for name, r in cp.items()
         if name.startswith("torch")
     )
+
+
+def test_distributed_bench_keeps_a_nan_error_of_any_rank(pool):
+    """The check's errors are the largest over ranks: the MAX all-reduce kept a NaN of rank 0's
+    alone, so a row whose output or gradient was NaN on another rank passed (exit status 0)."""
+    p = pool.world_size
+    for got in pool.run("bench_max_over_ranks"):
+        assert got[0] == p - 1 and all(math.isnan(x) for x in got[1:]), got
 
 
 @pytest.mark.parametrize("ok", [True, False])

@@ -221,3 +221,132 @@ def test_gpu_fuzz_measures_gradients_against_the_suites_floor():
     assert fwd == 0 and grad == pytest.approx(float(noise.norm()) / 0.8)
     _, wrong = gpu_fuzz.errors((ref[0], [torch.ones(2, 4, 1, 8), ref[1][1]]), ref, grad_out)
     assert wrong == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        # (each ran on the GPU only: a StatisticsError, rows labelled split 0 that ran split 1,
+        # the library's ValueError)
+        ("--repeats 0", "--repeats must be >= 1"),
+        ("--split 0", "--split must be >= 1"),
+        ("--n 32768 -1", "--n must be >= 1"),
+        ("--heads 0", "--heads must be >= 1"),
+        ("--mixing lse nope", "--mixing must be among"),
+    ],
+)
+def test_overheads_refuses_bad_options_in_one_line(argv, message, capsys):
+    from experiments import overheads
+
+    with pytest.raises(SystemExit) as done:
+        overheads.main(argv.split())
+    assert done.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        # a traceback on every rank once the part came (ringattn's ValueError from the shards)
+        ("--part cp --cp-n 514", "--cp-n: 514 must be divisible by 2p = 4"),
+        ("--part speed --seq-lens 1001", "--seq-lens: 1001 must be divisible by the 2 ranks"),
+        ("--part speed --seq-lens 1002", "--seq-lens 1002: dilation_rates[2]=4 must divide"),
+        ("--part check weak --weak-n 3000", "--weak-n 3000 on 2 ranks: segment_lengths[0]=2048"),
+        ("--part all --weak-n 1001", "--weak-n 1001 on 2 ranks: dilation_rates[1]=2 must"),
+    ],
+)
+def test_distributed_bench_refuses_sizes_it_cannot_shard_in_one_line(
+    argv, message, monkeypatch, capsys
+):
+    """Before the process group starts (no RANK here: the rendezvous would raise)."""
+    from experiments import distributed_bench
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit) as done:
+        distributed_bench.main(argv.split())
+    assert done.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("p", [1, 2, 4, 8])
+def test_distributed_bench_takes_its_default_sizes(p):
+    from experiments import distributed_bench
+
+    sizes = argparse.Namespace(
+        seq_lens=[65536, 262144], weak_n=[16384, 65536, 262144], cp_n=[131072, 262144, 524288]
+    )
+    assert distributed_bench.size_error({"check", "speed", "weak", "cp"}, sizes, p) is None
+
+
+@pytest.mark.parametrize("n_per_gpu", [1024, 16384])
+def test_distributed_bench_weak_efficiencies_are_all_throughput_ratios(n_per_gpu, monkeypatch):
+    """The back-to-back and graph efficiencies were time ratios, equal to the TFLOP/s ratio only
+    where the per-GPU work at p·N is N's: issue 5's 32K segments make it 1.6% more at 16K per GPU
+    and twice at 1K. Every row timed alike here (stubs for the modules and timers, two ranks), so
+    every efficiency of a row is its work ratio."""
+    import torch
+
+    from experiments import distributed_bench as bench
+    from ringattn.flops import useful_flops
+
+    monkeypatch.setattr(bench.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(bench.dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(bench.dist, "barrier", lambda group=None: None)
+    monkeypatch.setattr(bench, "BHD", [1, 2, 8])
+    monkeypatch.setattr(bench, "GRAPHS", [True])
+
+    def timed(fn, q, k, v, grad, device, collective=True):
+        bench.LAST_STEADY[:] = [3.0, 4.0]
+        return 1.0, 2.0, 0.0
+
+    def graph_times(fn, q, k, v, grad, device, collective=True):
+        times = (5.0, 6.0, 7.0, 8.0)
+        return dict(zip(bench.GRAPH_TIMES, times, strict=True))
+
+    monkeypatch.setattr(bench, "timed", timed)
+    monkeypatch.setattr(bench, "graph_times", graph_times)
+    monkeypatch.setattr(bench.ringattn, "DilatedAttention", lambda *args, **kwargs: None)
+    rows = bench.weak(torch.device("cpu"), n_per_gpu, False, "lse")
+    lengths, rates = bench.ISSUE5_CONFIG
+    one = useful_flops(1, n_per_gpu, 2, 8, lengths, rates, False, "lse")
+    ratio = useful_flops(1, 2 * n_per_gpu, 2, 8, lengths, rates, False, "lse") / 2 / one
+    assert ratio > 1.01  # (the case the time ratios got wrong)
+    assert [row["gpus"] for row in rows] == [1, 2, 2]
+    keys = ["fwd_efficiency", "fwdbwd_efficiency", "fwd_efficiency_b2b", "fwdbwd_efficiency_b2b"]
+    keys += [key.replace("_ms", "_efficiency") for key in bench.GRAPH_TIMES]
+    assert [row[key] for row in rows for key in keys] == pytest.approx(
+        [1.0] * len(keys) + [ratio] * 2 * len(keys)
+    )
+
+
+def test_distributed_bench_refuses_an_out_it_cannot_make_before_any_part(monkeypatch, capsys):
+    """Rank 0 made --out after the first part (the check: minutes), then raised on its own."""
+    from experiments import distributed_bench
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv("RANK", raising=False)  # (past the check, the rendezvous would raise)
+    with pytest.raises(SystemExit) as done:
+        distributed_bench.main(["--part", "check", "--out", "/dev/null/x"])
+    assert done.value.code == 2
+    assert "--out: cannot make '/dev/null/x'" in capsys.readouterr().err
+
+
+def test_overheads_refuses_an_out_it_cannot_make_before_timing(monkeypatch, capsys):
+    """It made --out after every row had run on the GPU."""
+    import torch
+
+    from experiments import overheads
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def probe(*args):
+        raise AssertionError("timed before checking --out")
+
+    monkeypatch.setattr(overheads, "probe", probe)
+    with pytest.raises(SystemExit) as done:
+        overheads.main(["--out", "/dev/null/x"])
+    assert done.value.code == 2
+    assert "--out: cannot make '/dev/null/x'" in capsys.readouterr().err

@@ -60,3 +60,36 @@ def test_notebook_runs_top_to_bottom(name):
     execute(nb)  # raises CellExecutionError, with the failing cell and traceback, on any error
     errors = [o for cell in nb.cells for o in cell.get("outputs", []) if o.output_type == "error"]
     assert not errors
+
+
+# a computer planted in 01_semantics' kernel (after its imports) that returns NaN in one of its
+# results: its strategies come after the built-ins', so a check that took Python's max() of the
+# errors (which skips a NaN after a number: nan > x is False) passed them
+NAN_COMPUTER = """
+from ringattn.computers.math import MathComputer
+from ringattn.registry import register
+
+@register("computer", "nan_{part}")
+class NaNComputer(MathComputer):
+    def {part}(self, *args):
+        result = list(super().{part}(*args))
+        result[{index}] = result[{index}] * float("nan")
+        return tuple(result)
+"""
+
+
+@pytest.mark.parametrize(
+    "part, index, cell",
+    [
+        ("forward", 0, "worst forward rel err"),  # the output: section 4's forward table
+        ("backward", 1, "| strategy | dq | dk | dv |"),  # dk alone, dq and dv right
+    ],
+)
+def test_semantics_notebook_fails_a_strategy_whose_error_is_nan(part, index, cell):
+    nb = nbformat.read(NOTEBOOKS / "01_semantics.ipynb", as_version=4)
+    nb.cells.insert(2, nbformat.v4.new_code_cell(NAN_COMPUTER.format(part=part, index=index)))
+    with pytest.raises(nbclient.exceptions.CellExecutionError):
+        execute(nb)
+    (failed,) = [c for c in nb.cells if any(o.output_type == "error" for o in c.get("outputs", []))]
+    assert cell in failed.source
+    assert [o.ename for o in failed.outputs if o.output_type == "error"] == ["AssertionError"]
