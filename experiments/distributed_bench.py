@@ -738,6 +738,9 @@ def main(argv: list[str] | None = None) -> int:
         help="head dim d of the timed parts' rows (default: %(default)s)",
     )
     args = parser.parse_args(argv)
+    if len(set(args.part)) < len(args.part) or ("all" in args.part and len(args.part) > 1):
+        # (ran as every part, once each, but wrote distributed_all_check.md / check_check.md)
+        parser.error(f"--part: each part once, and 'all' alone; got {' '.join(args.part)}")
     if min(args.repeats, args.heads, args.head_dim) < 1:
         parser.error("--repeats, --heads and --head-dim must be >= 1")
     if min([*args.seq_lens, *args.weak_n, *args.cp_n]) < 1:

@@ -253,6 +253,9 @@ def test_overheads_refuses_bad_options_in_one_line(argv, message, capsys):
         ("--part speed --seq-lens 1002", "--seq-lens 1002: dilation_rates[2]=4 must divide"),
         ("--part check weak --weak-n 3000", "--weak-n 3000 on 2 ranks: segment_lengths[0]=2048"),
         ("--part all --weak-n 1001", "--weak-n 1001 on 2 ranks: dilation_rates[1]=2 must"),
+        # (the files were named after the list: distributed_all_check.md)
+        ("--part all check", "--part: each part once, and 'all' alone; got all check"),
+        ("--part check check", "--part: each part once, and 'all' alone; got check check"),
     ],
 )
 def test_distributed_bench_refuses_sizes_it_cannot_shard_in_one_line(
