@@ -26,18 +26,34 @@ def _finite_or_zero(x: Tensor) -> Tensor:
     return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
+# the accumulator dtypes the Triton merge takes: its arithmetic is float32 (float64 keeps torch's)
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _kernel_merges(out_acc: Tensor, lse_acc: Tensor, out: Tensor, lse: Tensor) -> bool:
+    """Whether the Triton kernel computes this merge. It reads ``out`` and ``lse`` with their
+    own strides over the accumulators' shape, so it takes only operands of exactly that shape
+    on one device: others (a result of the wrong shape) go to torch, which broadcasts or raises,
+    where the kernel read past them."""
+    return (
+        out_acc.dim() in (4, 5)
+        and not torch.compiler.is_compiling()
+        and merge_kernel.available(out_acc)
+        and lse_acc.dtype == torch.float32
+        and out_acc.dtype in _KERNEL_DTYPES
+        and out.shape == out_acc.shape
+        and lse.shape == lse_acc.shape == out_acc.shape[:-1]
+        and out.device == lse.device == lse_acc.device == out_acc.device
+    )
+
+
 def merge_into_(out_acc: Tensor, lse_acc: Tensor, out: Tensor, lse: Tensor) -> None:
     """``(out_acc, lse_acc) <- merge((out_acc, lse_acc), (out, lse))`` in place.
 
     ``out_acc: [..., d]`` may be stored in a lower precision than ``lse_acc``; the weighted sum is
     formed in ``lse_acc``'s dtype and rounded once.
     """
-    if (
-        out_acc.dim() in (4, 5)
-        and not torch.compiler.is_compiling()
-        and merge_kernel.available(out_acc)
-        and lse_acc.dtype == torch.float32
-    ):
+    if _kernel_merges(out_acc, lse_acc, out, lse):
         lead = 5 - out_acc.dim()  # the kernel takes [b, S, L, H, d]
         views = (x[(None,) * lead] for x in (out_acc, lse_acc, out, lse))
         merge_kernel.merge_rows_(*views)
@@ -54,7 +70,8 @@ def merge_into_(out_acc: Tensor, lse_acc: Tensor, out: Tensor, lse: Tensor) -> N
     weight_old = (weight_old / safe_total).unsqueeze(-1)
     weight_new = (weight_new / safe_total).unsqueeze(-1)
     if out_acc.dtype == lse_acc.dtype:
-        out_acc.mul_(weight_old).add_(out * weight_new)
+        part = out * weight_new  # (first: an operand of the wrong shape raises before any write)
+        out_acc.mul_(weight_old).add_(part)
     else:
         out_acc.copy_(out_acc * weight_old + out * weight_new)
     lse_acc.copy_(lse_merged)

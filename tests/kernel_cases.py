@@ -1,7 +1,7 @@
 """Run by tests/test_kernels.py in a subprocess with ``TRITON_INTERPRET=1``: the Triton kernels on
 CPU tensors — the merge against the functional merge (an independent formula) on the strided row
 views of real plans, the unselected-pairs fill against its definition — and both through the
-core against the oracle. Prints one line ``ok <cases>`` or raises."""
+core against the oracle. Prints ``ok <cases>`` and ``ringattn <its file>``, or raises."""
 
 from __future__ import annotations
 
@@ -78,11 +78,20 @@ def main(cases: int) -> None:
         assert err <= tol, (dtype, err)
         checked += 1
     assert calls, "the core did not use the kernel"
+    # float64 keeps torch's merge (the kernel's arithmetic is float32): to the float64 bound
+    calls.clear()
+    q, k, v = (torch.randn(2, 37, 4, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    out = ringattn.dilated_attention(q, k, v, compile=False, **opts)
+    ref = reference.dilated_attention(q, k, v, **opts)
+    assert ((out - ref).norm() / ref.norm()).item() <= 1e-10
+    assert not calls, "a float64 merge went to the float32 kernel"
     merge_kernel.merge_rows_ = original
+    checked += 1 + merge_into_cases(gen)
     checked += zero_unselected_cases(gen, cases)
     checked += add_rows_cases(gen, cases)
     checked += unit_stats_cases(gen, cases)
     print("ok", checked)
+    print("ringattn", ringattn.__file__)  # (which checkout ran: test_kernels checks it)
 
 
 def large_lse_cases() -> int:
@@ -97,7 +106,59 @@ def large_lse_cases() -> int:
             err = (rows - 1).abs().max().item()
             assert err <= 4e-7, f"merge of ones at LSE {level} (gap {gap}) is {err:.1e} off"
             checked += 1
+        # one side empty (LSE -inf: a row no block has reached yet, or a part that does not
+        # select it): the other side comes out as it is, its weights taken relative to the
+        # larger LSE (relative to the smaller, exp(level) overflows at 2000)
+        for empty_first in (True, False):
+            acc, part = torch.randn(2, 1, 1, 1, 3, 16, generator=torch.Generator().manual_seed(0))
+            lse_acc, lse_part = torch.full((1, 1, 1, 3), level), torch.full((1, 1, 1, 3), level)
+            (lse_acc if empty_first else lse_part).fill_(float("-inf"))
+            want = (part if empty_first else acc).clone()
+            merge_kernel.merge_rows_(acc, lse_acc, part, lse_part)
+            assert torch.equal(acc, want), f"merge with an empty side at LSE {level}: {acc}"
+            assert (lse_acc == level).all(), (level, lse_acc)
+            checked += 1
     return checked
+
+
+def merge_into_cases(gen: torch.Generator) -> int:
+    """:func:`ringattn.merge.merge_into_` takes the kernel only where it computes what torch's
+    twin does: operands of other shapes (a computer's result of the wrong shape) are refused as
+    torch refuses them, not read past their end; float64 accumulators keep their digits."""
+    from ringattn.merge import merge_into_
+
+    checked = 0
+    for dims in (4, 5):
+        shape = (2, 3, 5, 4, 8)[5 - dims :]
+        acc = torch.randn(shape, generator=gen)
+        lse_acc = torch.randn(shape[:-1], generator=gen)
+        fewer = (*shape[:-3], shape[-3] - 2, *shape[-2:])  # two rows short
+        for out, lse in (
+            (torch.randn(fewer, generator=gen), torch.randn(shape[:-1], generator=gen)),
+            (torch.randn(shape, generator=gen), torch.randn(fewer[:-1], generator=gen)),
+        ):
+            before = acc.clone(), lse_acc.clone()
+            try:
+                merge_into_(acc, lse_acc, out, lse)
+            except RuntimeError:
+                pass
+            else:
+                raise AssertionError(f"merged a {tuple(out.shape)} result into {shape} rows")
+            assert torch.equal(acc, before[0]) and torch.equal(lse_acc, before[1])
+            checked += 1
+    # a float64 accumulator with float32 LSEs: a part of weight 0 leaves it bit for bit
+    acc = torch.randn(1, 2, 3, 2, 8, generator=gen, dtype=torch.float64)
+    want = acc.clone()
+    lse_acc, lse_part = torch.zeros(1, 2, 3, 2), torch.full((1, 2, 3, 2), float("-inf"))
+    merge_into_(acc, lse_acc, torch.randn(acc.shape, generator=gen), lse_part)
+    assert torch.equal(acc, want), "a float64 accumulator went through float32"
+    # float64 LSEs: the weights and the merged LSE in float64 (the kernel's are float32)
+    acc = torch.randn(1, 2, 3, 2, 8, generator=gen)
+    lse_acc, lse_part = (torch.randn(1, 2, 3, 2, generator=gen, dtype=torch.float64) for _ in "ab")
+    want_lse = torch.logaddexp(lse_acc, lse_part)
+    merge_into_(acc, lse_acc, torch.randn(acc.shape, generator=gen), lse_part)
+    torch.testing.assert_close(lse_acc, want_lse, rtol=1e-14, atol=1e-14)
+    return checked + 2
 
 
 def add_rows_cases(gen: torch.Generator, cases: int) -> int:
@@ -157,6 +218,21 @@ def add_rows_cases(gen: torch.Generator, cases: int) -> int:
         [torch.zeros(1, 1, 1, 1, 1, dtype=torch.float64)] * 3,
         [torch.zeros(1, 1, 1, 1, 1, dtype=torch.float64)] * 3,
     ), "float64 must keep torch's add"
+    # what the kernel does not take, refused (the caller then adds with torch): the result is
+    # torch's add_, bit for bit. Four pairs (it adds three), a float64 part (rounded to float32
+    # first: 1 + (2**-24 + 2**-50) came out 1.0, where torch's one rounding gives 1 + 2**-23)
+    one = torch.ones(1, 1, 1, 1, 8)
+    for accs, parts in (
+        ([one.clone() for _ in range(4)], [one * i for i in range(4)]),
+        ([one.clone()], [torch.full(one.shape, 2.0**-24 + 2.0**-50, dtype=torch.float64)]),
+    ):
+        want = [acc.clone().add_(part) for acc, part in zip(accs, parts)]
+        if not add_kernel.add_rows_(accs, parts):
+            for acc, part in zip(accs, parts):
+                acc.add_(part)
+        for acc, expected in zip(accs, want):
+            assert torch.equal(acc, expected), (acc, expected)
+        checked += 1
     import ringattn
     from ringattn import reference
 
@@ -226,6 +302,29 @@ def zero_unselected_cases(gen: torch.Generator, cases: int) -> int:
     # per call: the forward's output, and the three gradients' one stacked buffer
     assert len(calls) == 4, f"the core zeroed through the kernel {len(calls)} times, not 4"
     unselected.zero_unselected_, torch.empty_like, torch.empty = original, empty_like, empty
+    return checked + fill_unselected_cases()
+
+
+def fill_unselected_cases() -> int:
+    """``fill_unselected_`` (the core's entry): no selection zeroes everything; a selection
+    zeroes exactly its unselected pairs, and skips the launch only where every pair is selected
+    (every rate 1, offset 0). Every head at offset 0 is not that: a single ``head_groups``
+    config ``(w, r > 1)``, or rates ``(4, 1)`` (both groups' ``g mod r`` is 0)."""
+    from ringattn.memory.none import NoReuse
+
+    checked = 0
+    for selection in (None, ((1, 1), (0, 0)), ((2, 2), (0, 0)), ((4, 4, 1), (0, 0, 0))):
+        h = 2 if selection is None else len(selection[0])
+        x = torch.full((2, 9, h, 3), float("nan"))
+        unselected.fill_unselected_(x, selection, NoReuse())
+        if selection is None:
+            selected = torch.zeros(9, h, dtype=torch.bool)
+        else:
+            p = torch.arange(9)[:, None]
+            selected = p % torch.tensor(selection[0]) == torch.tensor(selection[1])
+        assert x[:, selected].isnan().all(), (selection, "a selected pair was written")
+        assert (x[:, ~selected] == 0).all(), (selection, "an unselected pair was not zeroed")
+        checked += 1
     return checked
 
 

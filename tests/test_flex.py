@@ -19,6 +19,7 @@ import ringattn
 from ringattn import masks, reference
 from ringattn.computers.flex import FlexComputer
 from ringattn.memory.none import NoReuse
+from ringattn.memory.pooled import PooledMemory
 from ringattn.pattern import make_plan
 
 
@@ -33,6 +34,19 @@ def needed_tiles(mask_mod, h: int, n: int, block: int) -> torch.Tensor:
 def visited_tiles(block_mask, h: int) -> torch.Tensor:
     visited = block_mask.to_dense()[0].bool()  # [H, qb, kb]
     return visited.expand(h, -1, -1)
+
+
+def assert_lists_each_tile_once(block_mask, n: int, block: int) -> None:
+    """Each q-block's first ``kv_num_blocks`` indices name distinct key blocks of the sequence,
+    as torch's own block masks do: a count past the last key block listed a clamped index again,
+    a tile a sparse kernel would visit (and count) twice."""
+    tiles = -(-n // block)
+    count, indices = block_mask.kv_num_blocks, block_mask.kv_indices
+    assert bool((count <= tiles).all())
+    listed = torch.arange(indices.shape[-1]) < count.unsqueeze(-1)
+    assert bool((indices[listed] < tiles).all())
+    # to_dense marks a listed tile once, however often it is listed
+    assert torch.equal(block_mask.to_dense().sum(-1), count.to(block_mask.to_dense().dtype))
 
 
 @settings(max_examples=25)
@@ -51,6 +65,7 @@ def test_block_masks_cover_every_allowed_pair(configs, n, h, causal, mixing, blo
     computer.block_size = block
     mixture = computer._mixture_mask(plan, causal, offsets)
     assert bool((visited_tiles(mixture, h) >= needed_tiles(mixture.mask_mod, h, n, block)).all())
+    assert_lists_each_tile_once(mixture, n, block)
     # the mask_mod itself is the definition: its multiplicity equals the oracle's
     mask_mod, _ = masks.multiplicity_mod(plan, causal, offsets)
     m_ref = reference.multiplicity(n, h, *configs, causal=causal, mixing=mixing)
@@ -58,6 +73,27 @@ def test_block_masks_cover_every_allowed_pair(configs, n, h, causal, mixing, blo
     for i, (w, r) in enumerate(plan.configs):
         run = computer._run_mask(n, w, r, offsets[i], causal, "cpu")
         assert bool((visited_tiles(run, h) >= needed_tiles(run.mask_mod, h, n, block)).all())
+        assert_lists_each_tile_once(run, n, block)
+
+
+@pytest.mark.parametrize(
+    "n, configs",
+    [
+        (140, ((96, 1),)),  # the tail [96, 140) ends in block 4, its segment's hull in block 5
+        (20, ((64, 2),)),  # w > n: one segment, 64 long on paper
+        (44, ((8, 1), (32, 2))),
+    ],
+)
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_masks_list_no_tile_past_the_sequence(n, configs, causal):
+    """A segment's hull ends at the sequence's end, not at the segment's nominal end
+    ``(j + 1) * w``: past it the clamped index repeated the last key block."""
+    block = 8 if n < 100 else 32
+    plan = make_plan(n, 2, configs, "lse")
+    computer = FlexComputer()
+    computer.block_size = block
+    mixture = computer._mixture_mask(plan, causal, torch.tensor(plan.head_offsets()))
+    assert_lists_each_tile_once(mixture, n, block)
 
 
 def fraction_of(strategy_dilation: str, n: int, configs, causal: bool, block: int = 128):
@@ -130,6 +166,53 @@ def test_block_masks_are_built_once_and_cached():
         flat = [x for item in first for x in (item if isinstance(item, tuple) else (item,))]
         flat_again = [x for item in again for x in (item if isinstance(item, tuple) else (item,))]
         assert all(a is b for a, b in zip(flat, flat_again))
+
+
+def block_mask_contents(block_mask, h: int, n: int) -> tuple:
+    dense_mask = create_mask(block_mask.mask_mod, 1, h, n, n, device="cpu")
+    return block_mask.BLOCK_SIZE, block_mask.to_dense(), dense_mask
+
+
+@pytest.mark.parametrize("dilation", ["segment_local", "global"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"n": 20},
+        {"h": 3},
+        {"configs": ((8, 4),)},
+        {"mixing": "head_groups"},
+        {"causal": True},
+        {"block": 4},
+    ],
+)
+def test_cached_block_masks_are_keyed_by_everything_they_depend_on(dilation, change):
+    """Masks prepared through a pooled memory that already holds another problem's masks equal
+    freshly built ones: each cache key names every field the mask depends on."""
+    base = {"n": 24, "h": 2, "configs": ((8, 2),), "mixing": "lse", "causal": False, "block": 8}
+    other = {**base, **change}
+
+    def prepare(case, memory):
+        computer = FlexComputer()
+        computer.block_size = case["block"]
+        plan = make_plan(case["n"], case["h"], case["configs"], case["mixing"])
+        return computer.prepare(plan, case["causal"], dilation, torch.device("cpu"), memory)
+
+    shared = PooledMemory()
+    prepare(base, shared)
+    cached, fresh = prepare(other, shared), prepare(other, NoReuse())
+    h, n = other["h"], other["n"]
+    if dilation == "segment_local":
+        assert torch.equal(cached[1], fresh[1])  # the offsets
+        pairs = [(cached[0], fresh[0])]
+    else:
+        assert len(cached) == len(fresh)
+        for (perm, inverse, _), (perm_fresh, inverse_fresh, _) in zip(cached, fresh):
+            assert torch.equal(perm, perm_fresh) and torch.equal(inverse, inverse_fresh)
+        pairs = [(c[2], f[2]) for c, f in zip(cached, fresh)]
+    for mask, mask_fresh in pairs:
+        got, want = block_mask_contents(mask, h, n), block_mask_contents(mask_fresh, h, n)
+        assert got[0] == want[0]
+        assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
 
 
 @pytest.mark.compile

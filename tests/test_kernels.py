@@ -20,11 +20,18 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
+import ringattn
+
 CASES = Path(__file__).with_name("kernel_cases.py")
+# the checkout under test: a script's sys.path starts at its own folder (tests/), so without this
+# the case script imported whichever ringattn is installed (another checkout's, for an editable
+# install elsewhere) and its kernels were the ones tested
+ROOT = str(Path(ringattn.__file__).resolve().parents[1])
 
 
 def run_cases(*args: str, interpret: str = "1") -> subprocess.CompletedProcess:
-    env = {**os.environ, "TRITON_INTERPRET": interpret}
+    path = os.pathsep.join(filter(None, (ROOT, os.environ.get("PYTHONPATH"))))
+    env = {**os.environ, "TRITON_INTERPRET": interpret, "PYTHONPATH": path}
     return subprocess.run(
         [sys.executable, str(CASES), *args], env=env, capture_output=True, text=True, timeout=600
     )
@@ -34,6 +41,8 @@ def test_merge_kernel_matches_functional_merge_under_interpreter():
     done = run_cases("24")
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.split()[0] == "ok" and int(done.stdout.split()[1]) > 24
+    # ... and tested this checkout's kernels, not an installed copy's
+    assert done.stdout.splitlines()[1] == f"ringattn {ringattn.__file__}"
 
 
 def test_cases_refuse_to_run_without_interpreter():

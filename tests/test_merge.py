@@ -57,6 +57,21 @@ def test_merge_weights_sum_to_one_at_any_lse(level, gap):
     assert abs(lse_acc.item() - expected.item()) <= 4e-7 * max(1.0, abs(expected.item()))
 
 
+@given(st.floats(-6e4, 6e4), st.booleans())
+def test_merge_with_an_empty_side_keeps_the_other_at_any_lse(level, empty_first):
+    """One side's LSE -inf (a row no block has reached yet, or a part that does not select it):
+    the merge is the other side, exactly, however large its LSE. Weights taken relative to the
+    smaller LSE (-inf, taken as 0) overflow: exp(2000) is inf, and inf / inf NaN."""
+    gen = torch.Generator().manual_seed(0)
+    acc, part = torch.randn(2, 3, 8, generator=gen).unbind(0)
+    lse_acc, lse_part = torch.full((3,), level), torch.full((3,), level)
+    (lse_acc if empty_first else lse_part).fill_(float("-inf"))
+    want = (part if empty_first else acc).clone()
+    merge_into_(acc, lse_acc, part, lse_part)
+    assert torch.equal(acc, want)
+    assert torch.equal(lse_acc, torch.full((3,), level))
+
+
 def test_large_logits_keep_every_strategy_within_the_float32_bound():
     import warnings
 
