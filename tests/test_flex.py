@@ -234,6 +234,46 @@ def test_compiled_single_kernel_skips_tiles_and_matches_oracle(monkeypatch):
     assert rel_err(out, ref) <= 1e-5
 
 
+# run in a process of its own whose fresh memory glibc fills with one byte (MALLOC_PERTURB_): the
+# kernel's reads of memory it never wrote then go wrong on every run, not by chance
+_SMALL_HEAD_DIMS = """
+import torch, ringattn
+from ringattn import reference
+for n, d in ((24, 8), (8, 16)):
+    gens = (torch.Generator().manual_seed(i) for i in range(3))
+    q, k, v = (torch.randn(1, n, 2, d, generator=gen) for gen in gens)
+    options = dict(segment_lengths=(8, 24), dilation_rates=(1, 2))
+    strategy = ringattn.Strategy(dilation="segment_local", computer="flex")
+    with torch.no_grad():
+        out = ringattn.DilatedAttention(**options, strategy=strategy, compile=True)(q, k, v)
+    ref = reference.dilated_attention(q.double(), k.double(), v.double(), **options)
+    print(n, d, float((out.double() - ref).norm() / ref.norm()))
+"""
+
+
+@pytest.mark.compile
+def test_compiled_flex_on_the_cpu_is_right_at_head_dims_8_and_16():
+    """Inductor's CPU FlexAttention (torch 2.13) returned NaN or garbage rows at head dims 8 and
+    16 (n = 24, d = 8: NaN); compiled on the CPU they now run zero-padded to
+    ``CPU_COMPILED_MIN_HEAD_DIM``."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(ringattn.__file__).resolve().parents[1])  # this checkout's ringattn
+    path = os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))
+    env = {**os.environ, "MALLOC_PERTURB_": "165", "PYTHONPATH": path}
+    done = subprocess.run(
+        [sys.executable, "-c", _SMALL_HEAD_DIMS], env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split() for line in done.stdout.splitlines()]
+    assert [(int(n), int(d)) for n, d, _ in rows] == [(24, 8), (8, 16)]
+    assert all(float(err) <= 1e-5 for _, _, err in rows), rows
+
+
 def test_global_head_groups_skip_configs_without_heads(monkeypatch):
     """With fewer heads than configs some head_groups configs have no head: their call computed
     every row and head only to merge in nothing. They are left out, with the same output."""

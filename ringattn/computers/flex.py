@@ -26,6 +26,7 @@ import torch
 import torch.nn.attention.flex_attention as flex_attention_module
 from einops import rearrange
 from torch import Tensor
+from torch.nn import functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
 from ringattn import masks
@@ -40,11 +41,23 @@ from ringattn.registry import register
 AuxRequest: Any = getattr(flex_attention_module, "AuxRequest", None)
 
 
+# Inductor's CPU FlexAttention kernel returns garbage or NaN rows for head dims 8 and 16 (torch
+# 2.13, float32 and bfloat16: at lengths such as 8, 24, 40, 136, differently from run to run, as
+# memory it never wrote would; head dims 1-4, 12, 20, 24 and from 32 up were right). Compiled on
+# the CPU, head dims below this run zero-padded to it: the zeros add nothing to any logit, and
+# the padded output columns are dropped.
+CPU_COMPILED_MIN_HEAD_DIM = 32
+
+
 def _flex(q: Tensor, k: Tensor, v: Tensor, score_mod, block_mask, scale: float) -> Tensor:
     """``flex_attention`` on ``[b, n, h, d]`` tensors, output only."""
+    d = q.shape[-1]
+    pad = CPU_COMPILED_MIN_HEAD_DIM - d
+    if pad > 0 and q.device.type == "cpu" and torch.compiler.is_compiling():
+        q, k, v = (F.pad(x, (0, pad)) for x in (q, k, v))
     q, k, v = (rearrange(x, "b n h d -> b h n d") for x in (q, k, v))
     out = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
-    return rearrange(out, "b h n d -> b n h d")
+    return rearrange(out[..., :d], "b h n d -> b n h d")
 
 
 def _flex_with_lse(q: Tensor, k: Tensor, v: Tensor, score_mod, block_mask, scale: float):
