@@ -45,11 +45,17 @@ def test_merge_kernel_matches_functional_merge_under_interpreter():
     assert done.stdout.splitlines()[1] == f"ringattn {ringattn.__file__}"
 
 
-def test_cases_refuse_to_run_without_interpreter():
-    # the case script checks that it really exercises the kernel; without the interpreter (and
-    # without CUDA) the kernel is unavailable and the script must fail, not pass vacuously
+def test_cases_refuse_to_run_without_interpreter(monkeypatch):
+    """The case script checks that it really exercises the kernels: without the interpreter (and
+    without CUDA) they are unavailable on the CPU, and the script fails at its own check rather
+    than passing through the torch twins."""
+    from ringattn.kernels import merge as merge_kernel
+
     done = run_cases("1", interpret="0")
     assert done.returncode != 0
+    assert "AssertionError" in done.stderr and 'get("TRITON_INTERPRET") == "1"' in done.stderr
+    monkeypatch.setattr(merge_kernel, "INTERPRET", False)
+    assert not merge_kernel.available(torch.empty(0))
 
 
 @settings(max_examples=60, deadline=None)
