@@ -219,8 +219,10 @@ def bad_layout_raises(lengths, rates, n_local, layout="contiguous"):
     return _error_of_call(lengths, rates, n_local, {"communicator": "ring"}, layout)
 
 
-def shard_requires_divisible_n():
-    return _value_error_of(lambda: distributed.shard(torch.randn(1, 7, 2, 4)))
+def shard_requires_divisible_n(layout="contiguous"):
+    # zigzag: n = 3p divides into p shards but not into 2p chunks (shard would drop rows)
+    n = 7 if layout == "contiguous" else 3 * dist.get_world_size()
+    return _value_error_of(lambda: distributed.shard(torch.randn(1, n, 2, 4), layout=layout))
 
 
 def shard_gather_roundtrip(layout="contiguous"):

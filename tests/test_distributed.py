@@ -487,7 +487,9 @@ def test_shard_and_gather(pool, layout):
     c = 16 // (p if layout == "contiguous" else 2 * p)
     chunks = [(r,) if layout == "contiguous" else (r, 2 * p - 1 - r) for r in range(p)]
     assert held == [[i * c + j for i in cs for j in range(c)] for cs in chunks]
-    assert all("divisible by" in m for m in pool.run("shard_requires_divisible_n"))
+    pieces = p if layout == "contiguous" else 2 * p
+    messages = pool.run("shard_requires_divisible_n", layout)
+    assert all(f"divisible by {pieces}" in m for m in messages), messages
 
 
 @pytest.mark.parametrize("communicator", ["ring", "all_gather"])
