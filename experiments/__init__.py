@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable
+from pathlib import Path
 
 
 def require_cuda(prog: str) -> None:
@@ -21,6 +22,15 @@ def require_torchrun(prog: str) -> None:
     torchrun (it failed inside torch.distributed's env:// rendezvous: "RANK expected")."""
     if "LOCAL_RANK" not in os.environ:
         raise SystemExit(f"{prog}: error: launch with torchrun --nproc_per_node=P")
+
+
+def make_out(parser, folder: Path) -> None:
+    """Make the output folder ``folder`` before any work, or exit with the parser's one-line
+    error (made at the end, a bad ``--out`` failed after the whole run, its results lost)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--out: cannot make {str(folder)!r}: {exc.strerror}")
 
 
 # The options several scripts share, with one wording (each script picks its own defaults).

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import ringattn
-from experiments import require_torchrun
+from experiments import make_out, require_torchrun
 from experiments.ablate import dict_rows_to_markdown, rel_err
 from experiments.bench import failure, fwd_and_fwdbwd, graphed_calls
 from ringattn import distributed, lanes, launches, reference
@@ -757,11 +757,8 @@ def main(argv: list[str] | None = None) -> int:
     parts = {"check", "speed", "weak", "cp"} if "all" in args.part else set(args.part)
     if error := size_error(parts, args, int(os.environ.get("WORLD_SIZE", "1"))):
         parser.error(error)  # (a traceback on every rank after the parts before it had run)
-    if os.environ.get("RANK", "0") == "0":  # the writer; a bad --out failed after the first part
-        try:
-            args.out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            parser.error(f"--out: cannot make {str(args.out)!r}: {exc.strerror}")
+    if os.environ.get("RANK", "0") == "0":  # the writer, before the first part
+        make_out(parser, args.out)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 import ringattn
-from experiments import add_heads, add_lengths, add_mixings, require_cuda, worst
+from experiments import add_heads, add_lengths, add_mixings, make_out, require_cuda, worst
 from experiments.ablate import dict_rows_to_markdown, median_ms, queued_host_ms, rel_err
 from experiments.bench import (
     ISSUE_LENGTHS,
@@ -545,10 +545,7 @@ def main(argv: list[str] | None = None) -> None:
     if bad := sorted(set(args.mixing) - set(MIXINGS)):
         p.error(f"--mixing must be among {MIXINGS}, got {bad}")
     require_cuda(p.prog)
-    try:  # before the GPU work: a bad --out failed after every row had run
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        p.error(f"--out: cannot make {str(args.out)!r}: {exc.strerror}")
+    make_out(p, args.out)  # before the GPU work
     rows: list[dict] = []
     traces: dict[str, list[dict]] = {}
     default_split, default_in_place, default_lanes, default_lane_count, default_fuse = (
@@ -586,7 +583,6 @@ def main(argv: list[str] | None = None) -> None:
         fa4.BACKWARD_CONFIG.clear()
         fa4.BACKWARD_CONFIG.update(default_bwd_tiles)
         SDPAComputer.fa4_backward_merge = default_merge
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overheads.json").write_text(json.dumps({"rows": rows, "traces": traces}))
     columns = [c for c in dict.fromkeys(c for row in rows for c in row) if c != "ceiling_calls"]
     table = dict_rows_to_markdown(rows, columns)

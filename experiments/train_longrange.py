@@ -39,6 +39,7 @@ from einops import rearrange
 from torch import nn
 
 import ringattn
+from experiments import make_out
 from ringattn.models import LongNet, LongNetConfig
 from ringattn.nn import rotary
 
@@ -314,11 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     if preset.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("train_longrange: error: the gpu preset needs CUDA")
     tasks = list(TASKS) if args.task == "all" else [args.task]
-    for task in tasks:  # before any training: a bad --out lost the whole run at its end
-        try:
-            (args.out / task).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            parser.error(f"--out: cannot make {str(args.out / task)!r}: {e.strerror}")
+    for task in tasks:  # before any training
+        make_out(parser, args.out / task)
     for task in tasks:
         results = [train(preset, task, name, spec) for name, spec in preset.models]
         # (the options that change the run, so the recorded command reproduces it)
