@@ -34,7 +34,8 @@ def main(cases: int) -> None:
         w = int(torch.randint(1, 5, (), generator=gen)) * 4
         r = [1, 2, 4][case % 3]
         n = int(torch.randint(1, 3 * w, (), generator=gen))
-        dtype = [torch.float32, torch.bfloat16, torch.float16][case % 3]
+        # case // 3: every rate meets every dtype in 9 cases (case % 3 for both tied r to dtype)
+        dtype = [torch.float32, torch.bfloat16, torch.float16][case // 3 % 3]
         plan = make_plan(n, h, ((w, r),), "lse")
         for block in plan.blocks:
             out_acc = torch.randn(b, n, h, d, generator=gen).to(dtype)
@@ -175,7 +176,10 @@ def add_rows_cases(gen: torch.Generator, cases: int) -> int:
         r = [2, 4, 8][case % 3]
         w = r * int(torch.randint(1, 4, (), generator=gen))
         n = int(torch.randint(1, 3 * w, (), generator=gen))
-        dtype = [torch.float32, torch.bfloat16, torch.float16][case % 3]
+        # r, dtype and the pairs handed over vary independently: 24 cases meet every pair of
+        # their values (case % 3 for all three tied them: only fp16 ever added three pairs)
+        dtype = [torch.float32, torch.bfloat16, torch.float16][case // 3 % 3]
+        pairs = 1 + (case + case // 9) % 3
         plan = make_plan(n, h, ((w, r),), "lse")
         views = [*plan.blocks, *(run for _, runs in offset_runs(plan, 1) for run in runs)]
         for view in views:
@@ -188,9 +192,9 @@ def add_rows_cases(gen: torch.Generator, cases: int) -> int:
             parts = [torch.randn(shape, generator=gen).to(dtype).transpose(3, 4) for _ in range(3)]
             for acc, part in zip(want, parts):
                 acc.as_strided(*geometry[:2], geometry[2]).add_(part)
-            assert add_kernel.add_rows_(rows[: 1 + case % 3], parts[: 1 + case % 3])
+            assert add_kernel.add_rows_(rows[:pairs], parts[:pairs])
             for i, (acc, expected) in enumerate(zip(accs, want)):
-                if i > case % 3:  # a pair not handed to the kernel: untouched
+                if i >= pairs:  # a pair not handed to the kernel: untouched
                     assert not torch.equal(acc, expected) or not parts[i].numel()
                     continue
                 # (the interpreter rounds float32 -> bf16/fp16 its own way: 1 ulp at most)
@@ -353,7 +357,7 @@ def unit_stats_cases(gen: torch.Generator, cases: int) -> int:
             [block.rows(positions).flatten(0, 1).transpose(1, 2).flatten() for block in plan.blocks]
         ).to(torch.int32)
         units = index.numel() // length
-        rounded = length + case % 3
+        rounded = length + case // 3 % 3  # not case % 3: that tied it to the rates
         dpsum, lse_log2 = (torch.full((units, rounded), float("nan")) for _ in range(2))
         unit_stats_(out, dout, lse, index, length, dpsum, lse_log2)
         rows = index.long().view(units, length)
