@@ -335,3 +335,43 @@ def test_grouper_makes_the_views_after_the_statistics_and_without_out_and_lse(gu
     guarded_bwd.setattr(fa4_group_bwd, "ENABLED", False)
     assert not call(groups_of, out, dout, lse, index, 0.5)
     assert len(events) == 6
+
+
+def unit_stats_args(**change) -> dict:
+    """A valid call of ``unit_stats_`` (2 units of 3 rows, rounded to 4), one argument changed."""
+    args = {
+        "out": torch.zeros(1, 6, 2, 8, dtype=torch.bfloat16),
+        "dout": torch.zeros(1, 6, 2, 8, dtype=torch.bfloat16),
+        "lse": torch.zeros(1, 6, 2),
+        "index": torch.zeros(6, dtype=torch.int32),
+        "length": 3,
+        "dpsum": torch.zeros(2, 4),
+        "lse_log2": torch.zeros(2, 4),
+    }
+    return {**args, **change}
+
+
+@pytest.mark.parametrize(
+    "change, rule",
+    [
+        ({"dout": torch.zeros(1, 6, 2, 4, dtype=torch.bfloat16)}, "one contiguous"),
+        ({"out": torch.zeros(1, 2, 6, 8, dtype=torch.bfloat16).transpose(1, 2)}, "contiguous"),
+        ({"lse": torch.zeros(1, 6, 2, dtype=torch.bfloat16)}, "float32"),
+        ({"lse": torch.zeros(1, 6, 3)}, "lse must be"),
+        ({"dpsum": torch.zeros(2, 5)}, "dpsum and lse_log2"),
+        ({"lse_log2": torch.zeros(4, 2).t()}, "dpsum and lse_log2"),
+        ({"length": 5}, "length <= R"),
+        ({"index": torch.zeros(5, dtype=torch.int32)}, "index positions"),
+        ({"index": torch.zeros(6, dtype=torch.int64)}, "int32"),
+        ({"dpsum": torch.zeros(2, 4, device="meta")}, "one device"),
+    ],
+)
+def test_unit_stats_refuses_operands_it_would_read_past(change, rule):
+    """The statistics kernel addresses raw offsets: a wrong layout, dtype or count read past a
+    tensor silently. It was guarded by asserts (gone under ``python -O``); now a ValueError,
+    before the launch, names the rule."""
+    from ringattn.kernels import unit_stats
+
+    # (the valid call runs the kernel: tests/kernel_cases.py, under the Triton interpreter)
+    with pytest.raises(ValueError, match=rule):
+        unit_stats.unit_stats_(**unit_stats_args(**change))

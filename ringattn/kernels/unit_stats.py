@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from ringattn.kernels.merge import triton
@@ -74,10 +75,30 @@ def unit_stats_(
     ``rowsum(out * dout)`` and ``lse * log2(e)``, the rows ``length..L_rounded`` 0 and ``+inf``.
     ``index``: ``U * length`` positions into ``lse``'s storage (``launches.packed``); ``out``,
     ``dout``: contiguous ``[b, n, h, d]``, ``lse``: contiguous ``[b, n, h]`` float32."""
-    assert out.is_contiguous() and dout.is_contiguous() and lse.is_contiguous()
-    assert dpsum.is_contiguous() and lse_log2.is_contiguous() and dpsum.shape == lse_log2.shape
+    # the kernel reads and writes raw offsets: a wrong layout or count reads past a tensor or
+    # writes over another silently, so it is refused first (ValueErrors: python -O strips
+    # asserts). Metadata only, so nothing syncs; index's range is its maker's (launches.packed)
+    if not (
+        out.dim() == 4 and out.shape == dout.shape and out.is_contiguous() and dout.is_contiguous()
+    ):
+        raise ValueError("unit_stats_: out and dout must be one contiguous [b, n, h, d] shape")
+    if not (lse.shape == out.shape[:-1] and lse.dtype == torch.float32 and lse.is_contiguous()):
+        raise ValueError("unit_stats_: lse must be a contiguous float32 [b, n, h] of out's")
+    if not (
+        dpsum.dim() == 2
+        and dpsum.shape == lse_log2.shape
+        and dpsum.dtype == lse_log2.dtype == torch.float32
+        and dpsum.is_contiguous()
+        and lse_log2.is_contiguous()
+    ):
+        raise ValueError("unit_stats_: dpsum and lse_log2 must be one contiguous float32 [U, R]")
+    if not (0 <= length <= dpsum.shape[1] and index.numel() == dpsum.shape[0] * length):
+        raise ValueError("unit_stats_: need length <= R and U * length index positions")
+    if index.dtype != torch.int32:
+        raise ValueError("unit_stats_: index must be int32")
+    if len({x.device for x in (out, dout, lse, index, dpsum, lse_log2)}) != 1:
+        raise ValueError("unit_stats_: all tensors must be on one device")
     units, rounded = dpsum.shape
-    assert index.numel() == units * length and rounded >= length
     d = out.shape[-1]
     rows = units * rounded
     _unit_stats_kernel[(triton.cdiv(rows, ROWS_PER_PROGRAM),)](
