@@ -444,7 +444,7 @@ class DilatedAttention(nn.Module):
                 signature,
                 digest=digest,
                 fields=_CALL_FIELDS,
-                device=q.device if isinstance(q, Tensor) else None,
+                device=distributed.device_of(q),
             )
         except ValueError as disagreement:
             try:  # a rank whose own arguments are wrong says what is wrong with them
@@ -521,7 +521,7 @@ class DilatedAttention(nn.Module):
             try:
                 refuse_functorch(q, k, v)
             except TypeError as exc:  # on every rank, where sequence-parallel
-                self.refuse_across_ranks(exc, q.device if isinstance(q, Tensor) else None)
+                self.refuse_across_ranks(exc, distributed.device_of(q))
         if self.communicator.distributed and not tracing:
             self.check_across_ranks(q, k, v)
         if tracing:  # the same rules, traced into guards (no beartype frames in the graph)

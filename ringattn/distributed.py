@@ -182,7 +182,7 @@ def gather(
         held,
         "the shards to gather",
         fields=fields,
-        device=x.device if isinstance(x, Tensor) else None,
+        device=device_of(x),
     )
     if refusal is not None:  # (every rank holds it: the agreement passed)
         raise refusal
@@ -311,6 +311,12 @@ def agree(group: dist.ProcessGroup, digest: int, device: torch.device | None = N
         side = group
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=side)
     return extremes.tolist() == [digest, -digest]
+
+
+def device_of(x: object) -> torch.device | None:
+    """``x``'s device where it is a tensor: what a refusal hands the ranks' agreement (the
+    argument it refuses may be anything)."""
+    return x.device if isinstance(x, Tensor) else None
 
 
 def nccl_device(device: torch.device | None) -> torch.device:

@@ -185,8 +185,8 @@ class MultiheadDilatedAttention(nn.Module):
             start = 0 if cache is None else cache.length
             q, k, v = self._heads(x, start)
         except Exception as exc:  # on every rank, where sequence-parallel (any error: a
-            device = x.device if isinstance(x, Tensor) else None  # rank left alone here
-            self.attention.refuse_across_ranks(exc, device)  # hangs the others)
+            # (a rank left alone here hangs the others)
+            self.attention.refuse_across_ranks(exc, distributed.device_of(x))
         if cache is None or start == 0:
             group = self.num_heads // self.num_kv_heads
             k_full, v_full = (t.repeat_interleave(group, dim=2) if group > 1 else t for t in (k, v))
