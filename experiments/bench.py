@@ -682,6 +682,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench.py: error: --device cuda needs CUDA, not available here")
+    try:  # before the timings (made after them, a bad --out lost the whole run's rows)
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        message = f"bench.py: error: --out: cannot make {str(args.out)!r}: {exc.strerror}"
+        raise SystemExit(message) from None
     SDPAComputer.cuda_forward = args.sdpa_forward
     device = torch.device(args.device)
     causals = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
@@ -691,7 +696,6 @@ def main(argv: list[str] | None = None) -> None:
         for mixing in args.mixing:
             for causal in causals:
                 rows += bench_case(n, mixing, causal, args, device, dense_cache)
-    args.out.mkdir(parents=True, exist_ok=True)
     meta = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,

@@ -181,6 +181,19 @@ def test_gpu_fuzz_reports_a_wrong_gradient(tmp_path, monkeypatch):
     assert {row["ok"] for row in rows if "/math/" in row["strategy"]} == {True}
 
 
+def test_bench_refuses_an_out_it_cannot_make_before_timing(monkeypatch, capsys):
+    """It made --out after every row had run (and on the GPU, been timed)."""
+    from experiments import bench
+
+    def bench_case(*args):
+        raise AssertionError("timed before checking --out")
+
+    monkeypatch.setattr(bench, "bench_case", bench_case)
+    with pytest.raises(SystemExit) as done:
+        bench.main(["--device", "cpu", "--out", "/dev/null/x"])
+    assert "--out: cannot make '/dev/null/x'" in str(done.value.code)
+
+
 def test_bench_checks_at_its_own_length_by_default():
     """A CPU run at small n checked at 32K (the float64 oracle's loop there took minutes: the
     docstring's CPU line did not finish in 10)."""
