@@ -24,13 +24,33 @@ def require_torchrun(prog: str) -> None:
         raise SystemExit(f"{prog}: error: launch with torchrun --nproc_per_node=P")
 
 
-def make_out(parser, folder: Path) -> None:
-    """Make the output folder ``folder`` before any work, or exit with the parser's one-line
-    error (made at the end, a bad ``--out`` failed after the whole run, its results lost)."""
+def make_out(parser, folder: Path, flag: str = "--out") -> None:
+    """Make the output folder ``folder`` (given as ``flag``) before any work, or exit with the
+    parser's one-line error (made at the end, a bad ``--out`` failed after the whole run, its
+    results lost)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        parser.error(f"--out: cannot make {str(folder)!r}: {exc.strerror}")
+        parser.error(f"{flag}: cannot make {str(folder)!r}: {exc.strerror}")
+
+
+def require_positive(parser, args, *names: str) -> None:
+    """Exit with the parser's one-line error where an option among ``names`` (dests, one value
+    or a list) is below 1: a count or a size of 0 or less failed on the GPU, after CUDA started
+    and often after other rows had run (a ZeroDivisionError, an empty median, torch's errors)."""
+    for name in names:
+        values = getattr(args, name)
+        if min(values if isinstance(values, list) else [values]) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {values}")
+
+
+def require_mixings(parser, mixings: list[str]) -> None:
+    """Exit with the parser's one-line error where ``--mixing`` names an unknown mixing (the
+    library raised once the rows before it had run)."""
+    from ringattn.config import MIXINGS
+
+    if bad := sorted(set(mixings) - set(MIXINGS)):
+        parser.error(f"--mixing must be among {MIXINGS}, got {bad}")
 
 
 # The options several scripts share, with one wording (each script picks its own defaults).

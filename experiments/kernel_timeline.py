@@ -28,7 +28,16 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import ringattn
-from experiments import add_causality, add_heads, add_lengths, add_mixings
+from experiments import (
+    add_causality,
+    add_heads,
+    add_lengths,
+    add_mixings,
+    make_out,
+    require_cuda,
+    require_mixings,
+    require_positive,
+)
 from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
 from ringattn import lanes
 
@@ -181,11 +190,15 @@ def main(argv: list[str] | None = None) -> None:
         "--out",
         type=Path,
         default=Path("results") / "kernel_timeline",
-        help="folder for kernel_timeline.md / .json (default: %(default)s)",
+        help="folder for kernel_timeline.md (and --host's traces) (default: %(default)s)",
     )
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("kernel_timeline: needs a CUDA GPU")
+    # (--calls 0: a ZeroDivisionError after the profile; the others failed in torch or the
+    # library, on the GPU, after the timelines before them had run)
+    require_positive(p, args, "n", "calls", "heads", "dim")
+    require_mixings(p, args.mixing)
+    require_cuda(p.prog)
+    make_out(p, args.out)  # before the timelines (made at the end, a bad --out lost them all)
     causals = {"no": (False,), "yes": (True,), "both": (False, True)}[args.causal]
     text = [f"# Kernel timeline, {torch.cuda.get_device_name()}, torch {torch.__version__}", ""]
     for n in args.n:
@@ -206,7 +219,6 @@ def main(argv: list[str] | None = None) -> None:
                         args.out / f"{stem}.json.gz" if args.host else None,
                     )
                     print("\n".join(text[-8:]), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernel_timeline.md").write_text("\n".join(text))
     print("\n".join(text))
 

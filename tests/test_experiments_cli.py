@@ -71,6 +71,7 @@ GPU_ONLY = [
     "graph_capture_check",
     "replay_check",
     "one_key_grads",
+    "kernel_timeline",  # (it said "needs a CUDA GPU", the others' line aside)
 ]
 
 
@@ -364,5 +365,44 @@ def test_overheads_refuses_an_out_it_cannot_make_before_timing(monkeypatch, caps
     monkeypatch.setattr(overheads, "probe", probe)
     with pytest.raises(SystemExit) as done:
         overheads.main(["--out", "/dev/null/x"])
+    assert done.value.code == 2
+    assert "--out: cannot make '/dev/null/x'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        # (each on the GPU, after CUDA started: a ZeroDivisionError once the calls were
+        # profiled, torch's or the library's errors after the timelines before them)
+        ("--calls 0", "--calls must be >= 1"),
+        ("--n 32768 0", "--n must be >= 1"),
+        ("--heads -1", "--heads must be >= 1"),
+        ("--dim 0", "--dim must be >= 1"),
+        ("--mixing lse nope", "--mixing must be among"),
+    ],
+)
+def test_kernel_timeline_refuses_bad_options_in_one_line(argv, message, capsys):
+    from experiments import kernel_timeline
+
+    with pytest.raises(SystemExit) as done:
+        kernel_timeline.main(argv.split())
+    assert done.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_kernel_timeline_refuses_an_out_it_cannot_make_before_profiling(monkeypatch, capsys):
+    """It made --out after every timeline had run (with --host, during the first one)."""
+    import torch
+
+    from experiments import kernel_timeline
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def timeline(*args):
+        raise AssertionError("profiled before checking --out")
+
+    monkeypatch.setattr(kernel_timeline, "timeline", timeline)
+    with pytest.raises(SystemExit) as done:
+        kernel_timeline.main(["--out", "/dev/null/x"])
     assert done.value.code == 2
     assert "--out: cannot make '/dev/null/x'" in capsys.readouterr().err
