@@ -65,8 +65,8 @@ from typing import Any
 
 import torch
 
-from experiments import add_heads, require_cuda, worst
-from experiments.bench import failure
+from experiments import add_heads, make_out, require_cuda, require_positive, worst
+from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, failure
 
 aten = torch.ops.aten
 
@@ -312,7 +312,6 @@ def _module_ab(n, h, d, repeats, device, mixing, switch, names, backward=False) 
     """The issue's module at n/4 and n, causal and not, timed with ``switch`` (a module with an
     ``ENABLED`` flag) on and off, interleaved twice; how far apart the two results are."""
     import ringattn
-    from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
 
     on, off = names
     rows: list[dict[str, Any]] = []
@@ -640,7 +639,6 @@ def _issue_groups(size: int, h: int, d: int, device, with_lse: bool):
     ``(groups, shifts, out_full, lse_full, selected)`` (each group's ``(q, k, v, out, lse or
     None)`` views of random ``[1, size, h, d]`` tensors, its neighbour shifts, the full output
     and LSE, and which of their rows some config selects)."""
-    from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
     from ringattn.core import neighbour_shifts
     from ringattn.pattern import make_plan
 
@@ -663,6 +661,13 @@ def _issue_groups(size: int, h: int, d: int, device, with_lse: bool):
     return groups, shifts, out_full, lse_full, selected
 
 
+def group_sizes(n: int) -> list[int]:
+    """The lengths :func:`group` and :func:`group_bwd` run issue 5's plan at: ``n // 4`` (at
+    least its longest segment) and ``n``; :func:`n_error` says where a config leaves a tail
+    there (every config's full segments of one length: one group each, all in one launch)."""
+    return sorted({max(n // 4, max(ISSUE_LENGTHS)), n})
+
+
 def group(
     n: int, h: int, d: int, repeats: int, device, persistent: tuple[bool, ...] = (False,)
 ) -> list[dict]:
@@ -673,16 +678,12 @@ def group(
     starts NaN), GPU ms and the host's µs per call of both; then the module with it on and
     off. ``persistent``: the grouped kernel's variants (``fa4_group.PERSISTENT``), each checked
     and timed (``grouped_persistent``)."""
-    from experiments.bench import ISSUE_LENGTHS
     from ringattn.kernels import fa4, fa4_group, fa4_zero
 
     rows: list[dict[str, Any]] = []
     scale = d**-0.5
     default_persistence, default_max = fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX
-    # sizes where every config has full segments of one length (one group each, all in one
-    # launch: the core would leave tails and other lengths to their own launches)
-    sizes = sorted({max(n // 4, max(ISSUE_LENGTHS)), n})
-    for size, causal, with_lse in itertools.product(sizes, (False, True), (True, False)):
+    for size, causal, with_lse in itertools.product(group_sizes(n), (False, True), (True, False)):
         groups, shifts, out_full, _, selected = _issue_groups(size, h, d, device, with_lse)
         row: dict[str, Any] = {
             "problem": f"n={size} groups={len(groups)} lse={with_lse}",
@@ -756,14 +757,12 @@ def group_bwd(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     ``n // 4`` (at least its longest segment) and ``n``: each group's dq, dk, dv against FA4's
     (relative error; dQ is added atomically by both), GPU ms and the host's µs per call of both;
     then the module's forward+backward with it on and off."""
-    from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
     from ringattn.kernels import fa4, fa4_group_bwd
     from ringattn.pattern import make_plan
 
     rows: list[dict[str, Any]] = []
     scale = d**-0.5
-    sizes = sorted({max(n // 4, max(ISSUE_LENGTHS)), n})
-    for size, causal in itertools.product(sizes, (False, True)):
+    for size, causal in itertools.product(group_sizes(n), (False, True)):
         plan = make_plan(size, h, tuple(zip(ISSUE_LENGTHS, ISSUE_RATES)), "head_groups")
         q_full, k_full, v_full, dout_full = (
             torch.randn(1, size, h, d, device=device, dtype=torch.bfloat16) for _ in range(4)
@@ -923,7 +922,6 @@ def fill(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     sleeping GPU), and whether it wrote exactly the unselected pairs; against torch's ``zero_`` of
     the whole buffer."""
     from experiments.ablate import queued_host_ms
-    from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
     from ringattn import pattern
     from ringattn.kernels import unselected
 
@@ -1044,6 +1042,38 @@ def bwd_sweep(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     return rows
 
 
+# --n as each part's shapes take it: compare, replay and bwd_sweep view it as segment_local's
+# (4096, 2) blocks (else a view failed, compare's after its dense and block rows); sweep and
+# determinism as 2048-row blocks (sweep's TFLOP/s counted all n rows); zero as whole segments
+# of its w = 32768 config (the rows past them stayed NaN: nan_left and zeros_exact read as the
+# kernel's failure); merge, add and merge_cost need one (4096, 2) segment
+N_MULTIPLE = {"compare": 4096, "replay": 4096, "bwd_sweep": 4096, "sweep": 2048}
+N_MULTIPLE |= {"determinism": 2048, "zero": 32768}
+N_AT_LEAST = {"merge": 4096, "add": 4096, "merge_cost": 4096}
+
+
+def n_error(part: str, n: int, h: int) -> str | None:
+    """Why ``--part part`` cannot run at ``--n n`` with ``h`` heads, or None (checked before
+    CUDA starts)."""
+    if n % N_MULTIPLE.get(part, 1):
+        return f"--n {n}: --part {part} needs a multiple of {N_MULTIPLE[part]}"
+    if n < N_AT_LEAST.get(part, 1):
+        return f"--n {n}: --part {part} needs at least {N_AT_LEAST[part]}"
+    if part in ("group", "persistent"):  # (its assertion failed, after the sizes before it ran)
+        from ringattn.pattern import make_plan
+
+        for size in group_sizes(n):
+            plan = make_plan(size, h, tuple(zip(ISSUE_LENGTHS, ISSUE_RATES)), "head_groups")
+            if any(block.tail for block in plan.blocks):
+                longest = max(ISSUE_LENGTHS)
+                return (
+                    f"--n {n}: --part {part} runs issue 5's plan at n/4 (at least {longest}) "
+                    f"and n, and at {size} a config has a tail (n a multiple of {longest} up "
+                    f"to {4 * longest}, of {4 * longest} above)"
+                )
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -1087,7 +1117,12 @@ def main(argv: list[str] | None = None) -> None:
         "docstring",
     )
     args = parser.parse_args(argv)
+    # (--repeats 0: an IndexError from the empty median after the part's first kernels ran)
+    require_positive(parser, args, "n", "heads", "head_dim", "repeats")
+    if error := n_error(args.part, args.n, args.heads):
+        parser.error(error)
     require_cuda(parser.prog)
+    make_out(parser, args.out)  # before the part (made after it, a bad --out lost its rows)
     device = torch.device("cuda")
     torch.manual_seed(0)
     h, d = args.heads, args.head_dim
@@ -1109,7 +1144,6 @@ def main(argv: list[str] | None = None) -> None:
             "bwd_sweep": bwd_sweep,
         }[args.part]
         rows = run_part(args.n, h, d, args.repeats, device)
-        args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"fa4_probe_{args.part}.json").write_text(json.dumps(rows, indent=1))
         print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, n={args.n}")
         for row in rows:
@@ -1157,7 +1191,6 @@ def main(argv: list[str] | None = None) -> None:
                 except Exception as exc:
                     row["fa4_into_error"] = failure(exc, 300)
             _emit(rows, row)
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fa4_probe.json").write_text(json.dumps(rows, indent=1))
     dense = {r["causal"]: r for r in rows if r["problem"] == "dense"}
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, n={args.n}, h={h}, d={d}")

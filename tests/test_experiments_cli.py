@@ -406,3 +406,60 @@ def test_kernel_timeline_refuses_an_out_it_cannot_make_before_profiling(monkeypa
         kernel_timeline.main(["--out", "/dev/null/x"])
     assert done.value.code == 2
     assert "--out: cannot make '/dev/null/x'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        # (each on the GPU: an IndexError from an empty median after the first kernels; a view's
+        # RuntimeError after compare's dense and block rows; zero's rows past its segments read
+        # as NaN the kernel left; group's assertion after its first size ran)
+        ("--repeats 0", "--repeats must be >= 1"),
+        ("--head-dim 0", "--head-dim must be >= 1"),
+        ("--part compare --n 6144", "--n 6144: --part compare needs a multiple of 4096"),
+        ("--part sweep --n 3000", "--n 3000: --part sweep needs a multiple of 2048"),
+        ("--part zero --n 69632", "--n 69632: --part zero needs a multiple of 32768"),
+        ("--part merge --n 2048", "--n 2048: --part merge needs at least 4096"),
+        ("--part group --n 163840", "--n 163840: --part group runs issue 5's plan at n/4"),
+        ("--part persistent --n 131073", "and at 131073 a config has a tail"),
+    ],
+)
+def test_fa4_probe_refuses_bad_options_in_one_line(argv, message, capsys):
+    from experiments import fa4_probe
+
+    with pytest.raises(SystemExit) as done:
+        fa4_probe.main(argv.split())
+    assert done.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "part, n",  # the default, and what experiments/gpu_session.sh runs
+    [(part, 131072) for part in ("compare", "sweep", "determinism", "replay", "merge")]
+    + [(part, 131072) for part in ("merge_cost", "add", "zero", "config", "launch", "fill")]
+    + [(part, 131072) for part in ("group", "group_bwd", "persistent", "bwd_sweep")]
+    + [(part, 32768) for part in ("group", "group_bwd", "replay", "add", "zero", "launch")]
+    + [("fill", 32768), ("compare", 32768), ("merge_cost", 1048576)],
+)
+def test_fa4_probe_takes_the_lengths_it_runs_at(part, n):
+    from experiments import fa4_probe
+
+    assert fa4_probe.n_error(part, n, 16) is None
+
+
+def test_fa4_probe_refuses_an_out_it_cannot_make_before_the_part(monkeypatch, capsys):
+    """It made --out after the part had run (bwd_sweep: ~6 min on an H200)."""
+    import torch
+
+    from experiments import fa4_probe
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def problems(*args):
+        raise AssertionError("ran before checking --out")
+
+    monkeypatch.setattr(fa4_probe, "problems", problems)
+    with pytest.raises(SystemExit) as done:
+        fa4_probe.main(["--out", "/dev/null/x"])
+    assert done.value.code == 2
+    assert "--out: cannot make '/dev/null/x'" in capsys.readouterr().err
