@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import ringattn
-from experiments import add_lengths, worst
+from experiments import add_lengths, make_out, require_cuda, require_positive, worst
 from experiments.ablate import dict_rows_to_markdown, median_ms, rel_err
 from experiments.bench import failure
 from ringattn import masks, reference
@@ -236,10 +237,10 @@ def main(argv: list[str] | None = None) -> None:
         help="SDPAComputer.cuda_forward of every sdpa row (auto: FA4's forward where it runs)",
     )
     args = parser.parse_args(argv)
+    require_positive(parser, args, "n")  # (torch's error in the speed part, after the check)
+    require_cuda(parser.prog)
+    make_out(parser, args.out)
     SDPAComputer.cuda_forward = args.sdpa_forward
-    if not torch.cuda.is_available():
-        raise SystemExit("flex_gpu: error: needs a CUDA device")
-    args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda")
     header = f"{torch.cuda.get_device_name()} | torch {torch.__version__}"
     check = correctness(device) if args.part in ("check", "all") else []
@@ -255,10 +256,13 @@ def main(argv: list[str] | None = None) -> None:
         for causal in (False, True):
             speed_rows += speed(n, lengths, rates, "lse", causal, strategies)
             fractions[f"n={n} causal={causal}"] = block_fractions(n, lengths, rates, causal)
+    # the command as given (it said `--n 32768` of every --part check run, and left out
+    # --part and --sdpa-forward)
+    given = " ".join(sys.argv[1:] if argv is None else argv)
     report = [
         f"# flex / sdpa on {header}",
         "",
-        f"Command: `python -m experiments.flex_gpu --n {' '.join(map(str, args.n))}`",
+        f"Command: `python -m experiments.flex_gpu {given}`",
         "",
         f"Speed: bf16, b=1, h=16, d=128, segment_lengths={lengths}, dilation_rates={rates}, "
         "mixing=lse. Useful TFLOP/s counts only the pairs the definition computes "

@@ -71,7 +71,8 @@ GPU_ONLY = [
     "graph_capture_check",
     "replay_check",
     "one_key_grads",
-    "kernel_timeline",  # (it said "needs a CUDA GPU", the others' line aside)
+    "kernel_timeline",  # (these two said so in their own words)
+    "flex_gpu",
 ]
 
 
@@ -463,3 +464,46 @@ def test_fa4_probe_refuses_an_out_it_cannot_make_before_the_part(monkeypatch, ca
         fa4_probe.main(["--out", "/dev/null/x"])
     assert done.value.code == 2
     assert "--out: cannot make '/dev/null/x'" in capsys.readouterr().err
+
+
+def test_flex_gpu_records_the_command_it_ran(tmp_path, monkeypatch):
+    """Every --part check report said `python -m experiments.flex_gpu --n 32768` (docs/benchmarks/
+    h200_bench/flex_gpu_check_*.md): not the part, nor --sdpa-forward, that ran."""
+    import torch
+
+    from experiments import flex_gpu
+    from ringattn.computers.sdpa import SDPAComputer
+
+    monkeypatch.setattr(SDPAComputer, "cuda_forward", SDPAComputer.cuda_forward)  # (main sets it)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "a GPU")
+    row = {"ok": True, "strategy": "s", "fwd_err": 0.0, "grad_err": 0.0}
+    monkeypatch.setattr(flex_gpu, "correctness", lambda device: [row])
+    argv = ["--part", "check", "--sdpa-forward", "torch", "--out", str(tmp_path)]
+    flex_gpu.main(argv)
+    text = (tmp_path / "flex_gpu_check.md").read_text()
+    assert f"Command: `python -m experiments.flex_gpu {' '.join(argv)}`" in text
+    assert "1/1 ok" in text
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [("--n 0", "--n must be >= 1"), ("--out /dev/null/x", "--out: cannot make '/dev/null/x'")],
+)
+def test_flex_gpu_refuses_bad_options_before_the_check(argv, message, monkeypatch, capsys):
+    """--n 0 failed in the speed part, after the check's minutes; a bad --out raised a
+    traceback."""
+    import torch
+
+    from experiments import flex_gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def correctness(device):
+        raise AssertionError("checked before refusing the options")
+
+    monkeypatch.setattr(flex_gpu, "correctness", correctness)
+    with pytest.raises(SystemExit) as done:
+        flex_gpu.main(argv.split())
+    assert done.value.code == 2
+    assert message in capsys.readouterr().err
