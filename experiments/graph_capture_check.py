@@ -18,11 +18,12 @@ import itertools
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
 import ringattn
-from experiments import require_cuda
+from experiments import make_out, require_cuda
 from experiments.ablate import rel_err
 from ringattn import reference
 
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="directory for graph_capture_check.json")
     args = parser.parse_args(argv)
     require_cuda("graph_capture_check")
+    if args.out:  # before the checks (made after them, a bad --out lost the table too)
+        make_out(parser, Path(args.out))
     rows = [
         check(*combo)
         for combo in itertools.product(
@@ -101,7 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     columns = ("eager_after_capture", "replay", "replay_after_eviction")
     failed = [r for r in rows if not all(r[c] <= BOUND for c in columns)]
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "graph_capture_check.json"), "w") as f:
             json.dump({"torch": torch.__version__, "bound": BOUND, "rows": rows}, f, indent=1)
     print("| dilation | mixing | memory | causal | " + " | ".join(columns) + " |")

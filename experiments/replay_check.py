@@ -17,11 +17,12 @@ import itertools
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
 import ringattn
-from experiments import require_cuda
+from experiments import make_out, require_cuda, require_positive
 from ringattn.kernels import fa4, replay
 
 SEGMENTS, RATES = (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16)
@@ -32,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=16384, help="sequence length (default 16384)")
     parser.add_argument("--out", default=None, help="directory for replay_check.json")
     args = parser.parse_args(argv)
+    require_positive(parser, args, "n")  # (torch's error, after CUDA started)
     require_cuda("replay_check")
+    if args.out:  # before the calls (made after them, a bad --out lost the table too)
+        make_out(parser, Path(args.out))
     if not fa4.available(torch.empty(1, 8, 1, 128, device="cuda", dtype=torch.bfloat16)):
         print("replay_check: FlashAttention-4 is not available here", file=sys.stderr)
         return 2
@@ -56,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     rows = sorted(counts.items())
     refused = sum(c for (_, verdict), c in rows if verdict == "refused")
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "replay_check.json"), "w") as f:
             json.dump(
                 {

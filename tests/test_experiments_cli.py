@@ -507,3 +507,33 @@ def test_flex_gpu_refuses_bad_options_before_the_check(argv, message, monkeypatc
         flex_gpu.main(argv.split())
     assert done.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name, stub", [("graph_capture_check", "check"), ("replay_check", "fa4.available")]
+)
+def test_gpu_checks_refuse_an_out_they_cannot_make_before_running(name, stub, monkeypatch, capsys):
+    """They made --out after every check had run, and its traceback lost the table too."""
+    import torch
+
+    module = importlib.import_module(f"experiments.{name}")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def ran(*args):
+        raise AssertionError("ran before checking --out")
+
+    owner, attr = (module.fa4, "available") if "." in stub else (module, stub)
+    monkeypatch.setattr(owner, attr, ran)
+    with pytest.raises(SystemExit) as done:
+        module.main(["--out", "/dev/null/x"])
+    assert done.value.code == 2
+    assert "--out: cannot make '/dev/null/x'" in capsys.readouterr().err
+
+
+def test_replay_check_refuses_a_length_below_one(capsys):
+    from experiments import replay_check
+
+    with pytest.raises(SystemExit) as done:
+        replay_check.main(["--n", "0"])
+    assert done.value.code == 2
+    assert "--n must be >= 1" in capsys.readouterr().err
