@@ -20,12 +20,13 @@ import cProfile
 import os
 import pstats
 import time
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import ringattn
-from experiments import add_mixings, require_cuda
+from experiments import add_mixings, make_out, require_cuda, require_mixings, require_positive
 from experiments.ablate import queued_host_ms
 from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, fwd_and_fwdbwd
 from ringattn import lanes
@@ -58,7 +59,17 @@ def main(argv: list[str] | None = None) -> None:
         "--lanes", choices=lanes.MODES, default=lanes.MODE, help="ringattn.lanes.MODE for the run"
     )
     args = p.parse_args(argv)
+    # (--calls 0: a ZeroDivisionError in --host's ms per call; the others failed in torch or the
+    # library after the profiles before them had run)
+    require_positive(p, args, "n", "calls", "rows")
+    require_mixings(p, args.mixing)
+    for flag, folder in (("--dump", args.dump), ("--host-trace", args.host_trace)):
+        if folder and not args.host:  # (ignored without it: no file, and no word why)
+            p.error(f"{flag} writes the host's profiles: only with --host")
     require_cuda(p.prog)
+    for flag, folder in (("--dump", args.dump), ("--host-trace", args.host_trace)):
+        if folder:  # before the profiles (made after the first, a bad one lost the rest)
+            make_out(p, Path(folder), flag)
     lanes.MODE = args.lanes
     q, k, v, dout = (
         torch.randn(1, args.n, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4)

@@ -537,3 +537,39 @@ def test_replay_check_refuses_a_length_below_one(capsys):
         replay_check.main(["--n", "0"])
     assert done.value.code == 2
     assert "--n must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ("--host --calls 0", "--calls must be >= 1"),  # (a ZeroDivisionError after the warm-up)
+        ("--rows 0", "--rows must be >= 1"),
+        ("--n -5", "--n must be >= 1"),
+        ("--mixing lse nope", "--mixing must be among"),  # (after lse's profile)
+        # (ignored without --host: no file, no word)
+        ("--dump prof", "--dump writes the host's profiles: only with --host"),
+        ("--host-trace trace", "--host-trace writes the host's profiles: only with --host"),
+    ],
+)
+def test_profile_core_refuses_bad_options_in_one_line(argv, message, capsys):
+    from experiments import profile_core
+
+    with pytest.raises(SystemExit) as done:
+        profile_core.main(argv.split())
+    assert done.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--dump", "--host-trace"])
+def test_profile_core_refuses_a_folder_it_cannot_make_before_profiling(flag, monkeypatch, capsys):
+    """It made the folder after the first profile (on the GPU), whose traceback ended the run."""
+    import torch
+
+    from experiments import profile_core
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "randn", lambda *args, **kwargs: pytest.fail("ran first"))
+    with pytest.raises(SystemExit) as done:
+        profile_core.main(["--host", flag, "/dev/null/x"])
+    assert done.value.code == 2
+    assert f"{flag}: cannot make '/dev/null/x'" in capsys.readouterr().err
