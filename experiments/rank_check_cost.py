@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
         "--calls", type=int, default=2000, help="calls timed per arm (default: %(default)s)"
     )
     args = parser.parse_args(argv)
+    if args.calls < 4:  # (a ZeroDivisionError on every rank, after the process group started)
+        parser.error(f"--calls must be >= 4 (the module's arm times calls // 4), got {args.calls}")
     require_torchrun("rank_check_cost")
     dist.init_process_group("gloo")
     group = dist.group.WORLD

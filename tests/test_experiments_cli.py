@@ -573,3 +573,15 @@ def test_profile_core_refuses_a_folder_it_cannot_make_before_profiling(flag, mon
         profile_core.main(["--host", flag, "/dev/null/x"])
     assert done.value.code == 2
     assert f"{flag}: cannot make '/dev/null/x'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("calls", ["0", "3"])
+def test_rank_check_cost_refuses_fewer_calls_than_its_arms_divide(calls, capsys):
+    """--calls 3 timed 3 // 4 = 0 module calls: a ZeroDivisionError on every rank."""
+    from experiments import rank_check_cost
+
+    with pytest.raises(SystemExit) as done:
+        rank_check_cost.main(["--calls", calls])
+    assert done.value.code == 2
+    message = f"--calls must be >= 4 (the module's arm times calls // 4), got {calls}"
+    assert message in capsys.readouterr().err
