@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 import ringattn
-from experiments import worst
+from experiments import make_out, require_positive, worst
 from experiments.ablate import dict_rows_to_markdown, rel_err
 from experiments.bench import failure
 from ringattn import reference
@@ -405,10 +405,22 @@ def main(argv: list[str] | None = None) -> None:
         help="instead of drawing: FA4 at these head dims, the backward's gate lifted",
     )
     args = parser.parse_args(argv)
+    # (--budget 0 or --draws 0 reported "0 draws, 0 calls checked, 0 failed"; --max-n 0 drew
+    # n = 1 under its name; --max-d below 8 left no head dim (an IndexError at the first draw);
+    # --fa4-head-dims 0 raised after the dims before it had run)
+    if not args.budget > 0:  # (NaN too)
+        parser.error(f"--budget must be > 0 seconds, got {args.budget}")
+    require_positive(parser, args, "max_n", *(["draws"] if args.draws is not None else []))
+    if args.max_d < min(HEAD_DIMS):
+        parser.error(f"--max-d must be >= {min(HEAD_DIMS)}, the least head dim, got {args.max_d}")
+    if args.fa4_head_dims is not None:
+        require_positive(parser, args, "fa4_head_dims")
+        if args.replay is not None:  # (the replay was skipped, without a word)
+            parser.error("--fa4-head-dims and --replay: one at a time")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_fuzz: error: --device cuda, but CUDA is not available here")
     device = torch.device(args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_out(parser, args.out)
     for name, value in KERNELS[args.kernels].items():
         setattr(SDPAComputer, name, value)
     if args.fa4_head_dims:

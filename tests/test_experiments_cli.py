@@ -585,3 +585,26 @@ def test_rank_check_cost_refuses_fewer_calls_than_its_arms_divide(calls, capsys)
     assert done.value.code == 2
     message = f"--calls must be >= 4 (the module's arm times calls // 4), got {calls}"
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        # (a passing summary of nothing: "0 draws, 0 calls checked, 0 failed")
+        ("--budget 0", "--budget must be > 0 seconds, got 0.0"),
+        ("--budget nan", "--budget must be > 0 seconds, got nan"),
+        ("--draws 0", "--draws must be >= 1"),
+        ("--max-n 0", "--max-n must be >= 1"),  # (it drew n = 1, recorded as --max-n 0)
+        ("--max-d 4", "--max-d must be >= 8, the least head dim, got 4"),  # (an IndexError)
+        ("--fa4-head-dims 64 0", "--fa4-head-dims must be >= 1"),  # (after d = 64 had run)
+        ("--fa4-head-dims 64 --replay 5", "--fa4-head-dims and --replay: one at a time"),
+        ("--out /dev/null/x", "--out: cannot make '/dev/null/x'"),  # (a traceback)
+    ],
+)
+def test_gpu_fuzz_refuses_bad_options_in_one_line(argv, message, capsys):
+    from experiments import gpu_fuzz
+
+    with pytest.raises(SystemExit) as done:
+        gpu_fuzz.main(["--device", "cpu", *argv.split()])
+    assert done.value.code == 2
+    assert message in capsys.readouterr().err
