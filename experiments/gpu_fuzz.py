@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import time
 from collections import Counter
@@ -354,6 +355,17 @@ COLUMNS = [
 ]
 
 
+def worst_gradients(rows: list[dict], count: int = 5) -> list[dict]:
+    """The ``count`` rows whose gradient error is largest against math's, NaN first (sorted by
+    a NaN key, the list left out the NaN row, or rows beside it, at random)."""
+
+    def ratio(row):
+        value = row["grad_err"] / max(row["math_grad_err"], 1e-12)
+        return math.inf if math.isnan(value) else value
+
+    return sorted(rows, key=ratio, reverse=True)[:count]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -468,14 +480,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
     ]
     (args.out / "gpu_fuzz.md").write_text("\n".join(report))
-    measured = [r for r in checked if "grad_err" in r]
-
-    def ratio(row):
-        return row["grad_err"] / max(row["math_grad_err"], 1e-12)
-
-    worst_rows = sorted(measured, key=ratio, reverse=True)[:5]
     print("\nworst gradient errors relative to math's:")
-    print(dict_rows_to_markdown(worst_rows, COLUMNS))
+    print(dict_rows_to_markdown(worst_gradients([r for r in checked if "grad_err" in r]), COLUMNS))
     print("\nfailures:")
     print(dict_rows_to_markdown(bad, COLUMNS) if bad else "none")
     print(summary)

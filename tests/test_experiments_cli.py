@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -608,3 +609,14 @@ def test_gpu_fuzz_refuses_bad_options_in_one_line(argv, message, capsys):
         gpu_fuzz.main(["--device", "cpu", *argv.split()])
     assert done.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_gpu_fuzz_lists_a_nan_gradient_among_the_worst():
+    """Sorted by a NaN ratio, the printed worst five left out the NaN row and the 6 beside it
+    (Python's sort compares with <, False both ways against NaN)."""
+    from experiments import gpu_fuzz
+
+    errors = [8.0, 9.0, 1.0, 2.0, 5.0, 3.0, 7.0, 4.0, 0.0, math.nan, 6.0]
+    rows = [{"grad_err": e, "math_grad_err": 1.0} for e in errors]
+    got = [row["grad_err"] for row in gpu_fuzz.worst_gradients(rows)]
+    assert math.isnan(got[0]) and got[1:] == [9.0, 8.0, 7.0, 6.0]
