@@ -1029,11 +1029,13 @@ def bwd_sweep(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
                             interface._flash_attn_bwd, q, k, v, out, dout, lse, scale, causal
                         )
                         grads = [g.float() for g in fn()[:3]]
-                        if reference is None:
+                        if config is None:
                             reference = grads
-                        row["rel_err_vs_default"] = worst(
-                            float((g - r).norm() / r.norm()) for g, r in zip(grads, reference)
-                        )
+                        if reference is not None:  # (where the default raised, the first
+                            # config that ran was the reference, 0 from itself "vs default")
+                            row["rel_err_vs_default"] = worst(
+                                float((g - r).norm() / r.norm()) for g, r in zip(grads, reference)
+                            )
                         ms = _events_ms(fn, 2, repeats)
                     row.update(bwd_ms=ms, tflops=flops / ms / 1e9)
                 except Exception as exc:

@@ -620,3 +620,38 @@ def test_gpu_fuzz_lists_a_nan_gradient_among_the_worst():
     rows = [{"grad_err": e, "math_grad_err": 1.0} for e in errors]
     got = [row["grad_err"] for row in gpu_fuzz.worst_gradients(rows)]
     assert math.isnan(got[0]) and got[1:] == [9.0, 8.0, 7.0, 6.0]
+
+
+def test_fa4_probe_bwd_sweep_measures_only_against_the_default(monkeypatch):
+    """Where FA4's own tiles raised, the first configuration that ran became the reference: its
+    row said rel_err_vs_default 0 (itself), the others were measured against it."""
+    import sys
+    import types
+
+    import torch
+
+    from experiments import fa4_probe
+
+    interface = types.SimpleNamespace(BwdConfig=lambda *config: config)
+
+    def own_tiles(*args, **kwargs):
+        raise AssertionError("(not called here)")
+
+    def bwd(q, k, v, out, dout, lse, scale, causal):
+        if interface._tile_size_bwd_sm90 is own_tiles:  # FA4's own tiles
+            raise RuntimeError("the default's kernel failed")
+        return torch.ones_like(q), torch.ones_like(k), torch.ones_like(v)
+
+    interface._tile_size_bwd_sm90 = own_tiles
+    interface._flash_attn_bwd = bwd
+    interface._flash_attn_fwd = lambda q, *args, **kwargs: (q, q[..., 0])
+    cute = types.SimpleNamespace(interface=interface)
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(cute=cute))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", interface)
+    monkeypatch.setattr(fa4_probe, "_events_ms", lambda *args: 1.0)
+    rows = fa4_probe.bwd_sweep(4096, 1, 8, 1, torch.device("cpu"))
+    swept = [row for row in rows if row["problem"] != "dense"]
+    assert [row["config"] == "default" for row in swept if "error" in row] == [True, True]
+    assert len(swept) == 2 * len(fa4_probe.BWD_SWEEP)
+    assert not [row for row in swept if "rel_err_vs_default" in row]
