@@ -16,6 +16,14 @@ SCRIPTS = sorted(
 )
 
 
+def refused(main, argv: list[str], capsys) -> str:
+    """What ``main(argv)`` says as it exits with argparse's code 2 (a one-line refusal)."""
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2
+    return capsys.readouterr().err
+
+
 def test_every_script_is_listed():
     assert {"bench", "overheads", "merge_launch", "distributed_bench"} <= set(SCRIPTS)
 
@@ -105,10 +113,8 @@ def test_multi_rank_tools_say_how_to_launch_outside_torchrun(name, monkeypatch):
 def test_train_longrange_refuses_a_step_count_below_one(steps, capsys):
     from experiments import train_longrange
 
-    with pytest.raises(SystemExit) as done:
-        train_longrange.main(["--steps", steps])
-    assert done.value.code == 2
-    assert "--steps must be a positive integer" in capsys.readouterr().err
+    err = refused(train_longrange.main, ["--steps", steps], capsys)
+    assert "--steps must be a positive integer" in err
 
 
 def test_train_longrange_refuses_an_out_it_cannot_make_before_training(monkeypatch, capsys):
@@ -119,10 +125,8 @@ def test_train_longrange_refuses_an_out_it_cannot_make_before_training(monkeypat
         raise AssertionError("trained before checking --out")
 
     monkeypatch.setattr(train_longrange, "train", train)
-    with pytest.raises(SystemExit) as done:
-        train_longrange.main(["--task", "majority", "--out", "/dev/null/x"])
-    assert done.value.code == 2
-    assert "--out: cannot make '/dev/null/x/majority'" in capsys.readouterr().err
+    err = refused(train_longrange.main, ["--task", "majority", "--out", "/dev/null/x"], capsys)
+    assert "--out: cannot make '/dev/null/x/majority'" in err
 
 
 @pytest.mark.parametrize(
@@ -140,10 +144,7 @@ def test_train_longrange_refuses_an_out_it_cannot_make_before_training(monkeypat
 def test_bench_refuses_bad_options_in_one_line(argv, message, capsys):
     from experiments import bench
 
-    with pytest.raises(SystemExit) as done:
-        bench.parse(["--device", "cpu", *argv.split()])
-    assert done.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in refused(bench.parse, ["--device", "cpu", *argv.split()], capsys)
 
 
 def run_fuzz(tmp_path, *extra: str) -> dict:
@@ -254,10 +255,7 @@ def test_gpu_fuzz_measures_gradients_against_the_suites_floor():
 def test_overheads_refuses_bad_options_in_one_line(argv, message, capsys):
     from experiments import overheads
 
-    with pytest.raises(SystemExit) as done:
-        overheads.main(argv.split())
-    assert done.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in refused(overheads.main, argv.split(), capsys)
 
 
 @pytest.mark.parametrize(
@@ -283,10 +281,7 @@ def test_distributed_bench_refuses_sizes_it_cannot_shard_in_one_line(
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("RANK", raising=False)
-    with pytest.raises(SystemExit) as done:
-        distributed_bench.main(argv.split())
-    assert done.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in refused(distributed_bench.main, argv.split(), capsys)
 
 
 @pytest.mark.parametrize("p", [1, 2, 4, 8])
@@ -347,28 +342,8 @@ def test_distributed_bench_refuses_an_out_it_cannot_make_before_any_part(monkeyp
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.delenv("RANK", raising=False)  # (past the check, the rendezvous would raise)
-    with pytest.raises(SystemExit) as done:
-        distributed_bench.main(["--part", "check", "--out", "/dev/null/x"])
-    assert done.value.code == 2
-    assert "--out: cannot make '/dev/null/x'" in capsys.readouterr().err
-
-
-def test_overheads_refuses_an_out_it_cannot_make_before_timing(monkeypatch, capsys):
-    """It made --out after every row had run on the GPU."""
-    import torch
-
-    from experiments import overheads
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-
-    def probe(*args):
-        raise AssertionError("timed before checking --out")
-
-    monkeypatch.setattr(overheads, "probe", probe)
-    with pytest.raises(SystemExit) as done:
-        overheads.main(["--out", "/dev/null/x"])
-    assert done.value.code == 2
-    assert "--out: cannot make '/dev/null/x'" in capsys.readouterr().err
+    err = refused(distributed_bench.main, ["--part", "check", "--out", "/dev/null/x"], capsys)
+    assert "--out: cannot make '/dev/null/x'" in err
 
 
 @pytest.mark.parametrize(
@@ -386,28 +361,7 @@ def test_overheads_refuses_an_out_it_cannot_make_before_timing(monkeypatch, caps
 def test_kernel_timeline_refuses_bad_options_in_one_line(argv, message, capsys):
     from experiments import kernel_timeline
 
-    with pytest.raises(SystemExit) as done:
-        kernel_timeline.main(argv.split())
-    assert done.value.code == 2
-    assert message in capsys.readouterr().err
-
-
-def test_kernel_timeline_refuses_an_out_it_cannot_make_before_profiling(monkeypatch, capsys):
-    """It made --out after every timeline had run (with --host, during the first one)."""
-    import torch
-
-    from experiments import kernel_timeline
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-
-    def timeline(*args):
-        raise AssertionError("profiled before checking --out")
-
-    monkeypatch.setattr(kernel_timeline, "timeline", timeline)
-    with pytest.raises(SystemExit) as done:
-        kernel_timeline.main(["--out", "/dev/null/x"])
-    assert done.value.code == 2
-    assert "--out: cannot make '/dev/null/x'" in capsys.readouterr().err
+    assert message in refused(kernel_timeline.main, argv.split(), capsys)
 
 
 @pytest.mark.parametrize(
@@ -429,10 +383,7 @@ def test_kernel_timeline_refuses_an_out_it_cannot_make_before_profiling(monkeypa
 def test_fa4_probe_refuses_bad_options_in_one_line(argv, message, capsys):
     from experiments import fa4_probe
 
-    with pytest.raises(SystemExit) as done:
-        fa4_probe.main(argv.split())
-    assert done.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in refused(fa4_probe.main, argv.split(), capsys)
 
 
 @pytest.mark.parametrize(
@@ -447,24 +398,6 @@ def test_fa4_probe_takes_the_lengths_it_runs_at(part, n):
     from experiments import fa4_probe
 
     assert fa4_probe.n_error(part, n, 16) is None
-
-
-def test_fa4_probe_refuses_an_out_it_cannot_make_before_the_part(monkeypatch, capsys):
-    """It made --out after the part had run (bwd_sweep: ~6 min on an H200)."""
-    import torch
-
-    from experiments import fa4_probe
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-
-    def problems(*args):
-        raise AssertionError("ran before checking --out")
-
-    monkeypatch.setattr(fa4_probe, "problems", problems)
-    with pytest.raises(SystemExit) as done:
-        fa4_probe.main(["--out", "/dev/null/x"])
-    assert done.value.code == 2
-    assert "--out: cannot make '/dev/null/x'" in capsys.readouterr().err
 
 
 def test_flex_gpu_records_the_command_it_ran(tmp_path, monkeypatch):
@@ -504,17 +437,21 @@ def test_flex_gpu_refuses_bad_options_before_the_check(argv, message, monkeypatc
         raise AssertionError("checked before refusing the options")
 
     monkeypatch.setattr(flex_gpu, "correctness", correctness)
-    with pytest.raises(SystemExit) as done:
-        flex_gpu.main(argv.split())
-    assert done.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in refused(flex_gpu.main, argv.split(), capsys)
 
 
 @pytest.mark.parametrize(
-    "name, stub", [("graph_capture_check", "check"), ("replay_check", "fa4.available")]
+    "name, stub",
+    [
+        ("overheads", "probe"),  # (after every row had run on the GPU)
+        ("kernel_timeline", "timeline"),  # (after every timeline; with --host, in the first)
+        ("fa4_probe", "problems"),  # (after the part: bwd_sweep ~6 min on an H200)
+        ("graph_capture_check", "check"),  # (after every check, its traceback lost the table)
+        ("replay_check", "fa4.available"),
+    ],
 )
-def test_gpu_checks_refuse_an_out_they_cannot_make_before_running(name, stub, monkeypatch, capsys):
-    """They made --out after every check had run, and its traceback lost the table too."""
+def test_gpu_scripts_refuse_an_out_they_cannot_make_before_running(name, stub, monkeypatch, capsys):
+    """Each made --out after its GPU work: a bad one lost the results."""
     import torch
 
     module = importlib.import_module(f"experiments.{name}")
@@ -523,21 +460,19 @@ def test_gpu_checks_refuse_an_out_they_cannot_make_before_running(name, stub, mo
     def ran(*args):
         raise AssertionError("ran before checking --out")
 
-    owner, attr = (module.fa4, "available") if "." in stub else (module, stub)
+    *path, attr = stub.split(".")
+    owner = module
+    for part in path:
+        owner = getattr(owner, part)
     monkeypatch.setattr(owner, attr, ran)
-    with pytest.raises(SystemExit) as done:
-        module.main(["--out", "/dev/null/x"])
-    assert done.value.code == 2
-    assert "--out: cannot make '/dev/null/x'" in capsys.readouterr().err
+    err = refused(module.main, ["--out", "/dev/null/x"], capsys)
+    assert "--out: cannot make '/dev/null/x'" in err
 
 
 def test_replay_check_refuses_a_length_below_one(capsys):
     from experiments import replay_check
 
-    with pytest.raises(SystemExit) as done:
-        replay_check.main(["--n", "0"])
-    assert done.value.code == 2
-    assert "--n must be >= 1" in capsys.readouterr().err
+    assert "--n must be >= 1" in refused(replay_check.main, ["--n", "0"], capsys)
 
 
 @pytest.mark.parametrize(
@@ -555,10 +490,7 @@ def test_replay_check_refuses_a_length_below_one(capsys):
 def test_profile_core_refuses_bad_options_in_one_line(argv, message, capsys):
     from experiments import profile_core
 
-    with pytest.raises(SystemExit) as done:
-        profile_core.main(argv.split())
-    assert done.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in refused(profile_core.main, argv.split(), capsys)
 
 
 @pytest.mark.parametrize("flag", ["--dump", "--host-trace"])
@@ -570,10 +502,8 @@ def test_profile_core_refuses_a_folder_it_cannot_make_before_profiling(flag, mon
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch, "randn", lambda *args, **kwargs: pytest.fail("ran first"))
-    with pytest.raises(SystemExit) as done:
-        profile_core.main(["--host", flag, "/dev/null/x"])
-    assert done.value.code == 2
-    assert f"{flag}: cannot make '/dev/null/x'" in capsys.readouterr().err
+    err = refused(profile_core.main, ["--host", flag, "/dev/null/x"], capsys)
+    assert f"{flag}: cannot make '/dev/null/x'" in err
 
 
 @pytest.mark.parametrize("calls", ["0", "3"])
@@ -605,10 +535,7 @@ def test_rank_check_cost_refuses_fewer_calls_than_its_arms_divide(calls, capsys)
 def test_gpu_fuzz_refuses_bad_options_in_one_line(argv, message, capsys):
     from experiments import gpu_fuzz
 
-    with pytest.raises(SystemExit) as done:
-        gpu_fuzz.main(["--device", "cpu", *argv.split()])
-    assert done.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in refused(gpu_fuzz.main, ["--device", "cpu", *argv.split()], capsys)
 
 
 def test_gpu_fuzz_lists_a_nan_gradient_among_the_worst():
