@@ -695,8 +695,8 @@ def _key(segment_lengths: Sequence[int], dilation_rates: Sequence[int], **option
     if not isinstance(strategy, Strategy):  # (read below, before the constructor's check)
         raise TypeError(f"strategy must be a ringattn.Strategy, got {type(strategy).__name__}")
     return (
-        # with each value's type: equal values of other types (8.0 == 8, True == 1) found the
-        # module of the valid ones and skipped the options' checks
+        # with each value's type: equal values of other types (8.0 == 8, True == 1; compile=0
+        # after compile=False) found the module of the valid ones and skipped the options' checks
         _typed(segment_lengths),
         _typed(dilation_rates),
         *(_typed(options[name]) for name in ("causal", "mixing", "scale")),
@@ -704,7 +704,7 @@ def _key(segment_lengths: Sequence[int], dilation_rates: Sequence[int], **option
         # the classes too: a strategy re-registered under its name (a notebook cell re-run with
         # a fix) gets a new module, not the old class's
         tuple(strategy.component(kind) for kind in registry.KINDS),
-        options["compile"],
+        _typed(options["compile"]),
         options["compile_backend"],
     )
 

@@ -407,3 +407,15 @@ def test_functional_form_keys_its_modules_on_compile():
         assert rel_err(eager, reference.dilated_attention(q, k, v, **GOOD)) <= 1e-10
         with pytest.raises(ringattn.UnsupportedError, match="compiled FlexAttention on CPU"):
             ringattn.dilated_attention(q, k, v, **GOOD, strategy=flex, compile=True)
+
+
+def test_functional_form_refuses_an_int_compile_after_a_bool_one():
+    """``compile=0`` is refused (a bool's option) whether or not ``compile=False`` ran first:
+    the cache's key held ``compile`` untyped, so ``0 == False`` found the valid call's module
+    and skipped the constructor's check, which only the first such call met."""
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="compile"):
+        ringattn.dilated_attention(q, k, v, **GOOD, compile=0)
+    ringattn.dilated_attention(q, k, v, **GOOD, compile=False)
+    with pytest.raises(TypeError, match="compile"):
+        ringattn.dilated_attention(q, k, v, **GOOD, compile=0)
