@@ -30,7 +30,9 @@ _BASES = {
 
 
 def _check_kind(kind: str) -> None:
-    if kind not in _REGISTRY:
+    """A ``ValueError`` naming the kinds unless ``kind`` is one (compared, not hashed: a list
+    raised "unhashable type")."""
+    if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 

@@ -26,6 +26,8 @@ class Strategy:
             registry.get(f.name, getattr(self, f.name))  # ValueError/TypeError naming the field
 
     def component(self, kind: str) -> type[Any]:
+        """The class registered under this strategy's name for ``kind``."""
+        registry._check_kind(kind)  # (before getattr: an unknown kind was its AttributeError)
         return registry.get(kind, getattr(self, kind))
 
     def incompatibility(self) -> str | None:

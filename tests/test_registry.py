@@ -26,8 +26,15 @@ def test_get_returns_the_class_with_its_name():
 
 
 def test_unknown_kind():
-    with pytest.raises(ValueError, match="kind must be one of"):
-        registry.names("kernel")
+    """Refused with the kinds named wherever a kind is taken: ``Strategy.component`` raised
+    getattr's AttributeError for it, and a list (unhashable) got "unhashable type: 'list'"."""
+    for kind in ("kernel", ["computer"], None):
+        with pytest.raises(ValueError, match="kind must be one of"):
+            registry.names(kind)
+        with pytest.raises(ValueError, match="kind must be one of"):
+            registry.unregister(kind, "x")
+        with pytest.raises(ValueError, match="kind must be one of"):
+            ringattn.Strategy().component(kind)
 
 
 def test_duplicate_registration_is_refused():
