@@ -97,6 +97,8 @@ def unregister(kind: str, name: str, *, missing_ok: bool = False) -> None:
     defaults, ``Strategy.all()`` and the ablations' baseline name them; register a subclass under
     another name instead)."""
     _check_kind(kind)
+    if not isinstance(name, str):  # (a list raised "unhashable type", an int passed missing_ok)
+        raise TypeError(f"name must be a strategy name (str), got {type(name).__name__}")
     cls = _REGISTRY[kind].get(name)
     if cls is None:
         if missing_ok:

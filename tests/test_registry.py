@@ -122,6 +122,10 @@ def test_unregister_refuses_unknown_and_built_in_names():
     assert "temporary" not in registry.names("computer")
     with pytest.raises(ValueError, match="kind must be one of"):
         registry.unregister("computers", "temporary")
+    # (a list raised "unhashable type: 'list'", and any other non-str passed missing_ok silently)
+    for name in (["temporary"], 3):
+        with pytest.raises(TypeError, match=r"name must be a strategy name \(str\), got"):
+            registry.unregister("computer", name, missing_ok=True)
 
 
 def test_incompatible_with_must_give_a_reason():
