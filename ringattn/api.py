@@ -274,8 +274,14 @@ class DilatedAttention(nn.Module):
         backends = torch.compiler.list_backends(exclude_tags=())
         if compile_backend not in backends:
             raise ValueError(f"compile_backend must be one of {backends}, got {compile_backend!r}")
+        # (int_sequence, not tuple(): that read b"48" as the lengths (52, 56) past the config's
+        # refusal of byte strings)
         self.config = DilatedConfig(
-            tuple(segment_lengths), tuple(dilation_rates), causal, mixing, scale
+            int_sequence("segment_lengths", segment_lengths),
+            int_sequence("dilation_rates", dilation_rates),
+            causal,
+            mixing,
+            scale,
         )
         self.strategy = strategy.check()
         self.dilation = strategy.component("dilation")()

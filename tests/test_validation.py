@@ -419,3 +419,19 @@ def test_functional_form_refuses_an_int_compile_after_a_bool_one():
     ringattn.dilated_attention(q, k, v, **GOOD, compile=False)
     with pytest.raises(TypeError, match="compile"):
         ringattn.dilated_attention(q, k, v, **GOOD, compile=0)
+
+
+@pytest.mark.parametrize("lengths", [b"48", bytearray(b"48"), 48])
+def test_byte_strings_are_not_segment_lengths(lengths):
+    """bytes and bytearray are sequences of ints: the module's and the oracle's
+    ``tuple(segment_lengths)`` made ``b"48"`` the segment lengths (52, 56), silently, past the
+    config's refusal of bytes, and the config took a bytearray; the oracle's ``tuple(48)``
+    raised "'int' object is not iterable"."""
+    match = "segment_lengths must be a list or tuple of ints"
+    with pytest.raises(TypeError, match=match):
+        ringattn.DilatedConfig(lengths, (1, 2))
+    with pytest.raises(TypeError, match=match):
+        reference.dilated_attention(*qkv(), segment_lengths=lengths, dilation_rates=(1, 2))
+    if not isinstance(lengths, int):  # (beartype refuses an int first, naming it too)
+        with pytest.raises(TypeError, match=match):
+            ringattn.DilatedAttention(lengths, (1, 2), compile=False)
