@@ -717,7 +717,13 @@ def _key(segment_lengths: Sequence[int], dilation_rates: Sequence[int], **option
 
 def _module_for(key: tuple, *args: Any, **options: Any) -> DilatedAttention:
     """The functional form's module of ``key``: cached (LRU), else kept, else made."""
-    module = _MODULES.get(key)
+    try:
+        module = _MODULES.get(key)
+    except TypeError:
+        # an unhashable option (a numpy array, a bytearray) failed the lookup as "unhashable
+        # type", naming none: the constructor names it and its rule
+        DilatedAttention(*args, **options)
+        raise
     if module is not None:
         _MODULES.move_to_end(key)
         return module

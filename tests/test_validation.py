@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from conftest import rel_err
@@ -435,3 +436,19 @@ def test_byte_strings_are_not_segment_lengths(lengths):
     if not isinstance(lengths, int):  # (beartype refuses an int first, naming it too)
         with pytest.raises(TypeError, match=match):
             ringattn.DilatedAttention(lengths, (1, 2), compile=False)
+
+
+@pytest.mark.parametrize(
+    "overrides, name",
+    [
+        ({"segment_lengths": np.array([4, 8])}, "segment_lengths"),
+        ({"segment_lengths": bytearray(b"\x04\x08")}, "segment_lengths"),
+        ({"scale": np.array(0.5)}, "scale"),
+        ({"causal": np.array(False)}, "causal"),
+    ],
+)
+def test_functional_form_names_an_unhashable_option(overrides, name):
+    """The functional form caches its modules by their options: an unhashable one (a numpy
+    array) failed that lookup with "unhashable type: 'numpy.ndarray'", naming no argument."""
+    with pytest.raises(TypeError, match=name):
+        call(*qkv(), **overrides)
