@@ -79,6 +79,19 @@ def test_registration_refuses_what_cannot_run():
     assert "alias" not in registry.names("computer") and "f" not in registry.names("computer")
 
 
+def test_a_taken_name_is_never_given_to_another_class_silently():
+    """Only the same class, or the class defined again (same module and qualified name), keeps
+    a taken name: a class of another module named like the built-in (a notebook's ``class
+    MathComputer(MathComputer)``) is refused and the built-in stays; registering a class again
+    under its own name changes nothing."""
+    namesake = type("MathComputer", (MathComputer,), {"__module__": "notebook"})
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register("computer", "math")(namesake)
+    assert registry.get("computer", "math") is MathComputer
+    assert registry.register("computer", "math")(MathComputer) is MathComputer
+    assert registry.get("computer", "math") is MathComputer and MathComputer.name == "math"
+
+
 def test_a_class_defined_again_replaces_its_registration():
     """A notebook cell re-run defines the class again under its registered name: it replaces
     the old one (it raised "already registered"); another class under that name is refused
@@ -120,6 +133,11 @@ def test_unregister_refuses_unknown_and_built_in_names():
 
     registry.unregister("computer", "temporary")
     assert "temporary" not in registry.names("computer")
+    # a package of one's own named like the library is not built in (its first dotted part is)
+    extra = type("Extra", (MathComputer,), {"__module__": "ringattn_extras.kernels"})
+    registry.register("computer", "extra")(extra)
+    registry.unregister("computer", "extra")
+    assert "extra" not in registry.names("computer")
     with pytest.raises(ValueError, match="kind must be one of"):
         registry.unregister("computers", "temporary")
     # (a list raised "unhashable type: 'list'", and any other non-str passed missing_ok silently)
