@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -123,6 +124,15 @@ def test_device_mismatch_is_named():
 )
 def test_unknown_strategy_names(fields, match):
     with pytest.raises(ValueError, match=match):
+        ringattn.Strategy(**fields)
+
+
+@pytest.mark.parametrize("fields", [{"computer": 3}, {"memory": None}, {"dilation": ["global"]}])
+def test_strategy_names_must_be_strs(fields):
+    """A TypeError naming the field (unchecked, 3 and None were "unknown" names, a ValueError,
+    and a list raised "unhashable type")."""
+    (kind,) = fields
+    with pytest.raises(TypeError, match=re.escape(f"{kind} must be a strategy name (str), got")):
         ringattn.Strategy(**fields)
 
 
@@ -255,6 +265,37 @@ def test_a_scale_past_float32s_range_is_refused_for_inputs_that_compute_in_it(
         out = call(x, k, v, scale=edge, causal=True)
         ref = reference.dilated_attention(x, k, v, **GOOD, scale=edge, causal=True)
         assert rel_err(out, ref) <= 1e-5, edge
+
+
+def test_the_float32_range_edges_are_exact():
+    """The edges themselves are refused: 2**-150 rounds to 0 in float32, and float32's largest
+    value plus half its ulp to inf (both ties to even); the next float inward is taken."""
+    from ringattn.config import FLOAT32_INF_FROM, FLOAT32_ZERO_BELOW
+
+    for edge, rounded, inward in ((FLOAT32_ZERO_BELOW, "0", math.inf),
+                                  (FLOAT32_INF_FROM, "inf", 0.0)):  # fmt: skip
+        assert torch.tensor(edge, dtype=torch.float32).item() == float(rounded)
+        config = ringattn.DilatedConfig((4,), (1,), scale=edge)
+        with pytest.raises(ValueError, match=f"is {rounded} in float32"):
+            config.check_scale_for(torch.float32)
+        config.check_scale_for(torch.float64)
+        near = math.nextafter(edge, inward)
+        assert 0 < torch.tensor(near, dtype=torch.float32).item() < math.inf
+        ringattn.DilatedConfig((4,), (1,), scale=near).check_scale_for(torch.float32)
+
+
+def test_the_config_checks_its_own_options():
+    """``ringattn.DilatedConfig`` is public: its own checks (not only the module's beartype)
+    refuse a causal or mixing of the wrong type; its defaults are the module's, and an int
+    scale is kept as the float it computes with."""
+    with pytest.raises(TypeError, match="causal must be a bool, got int"):
+        ringattn.DilatedConfig((4,), (1,), causal=1)
+    with pytest.raises(TypeError, match="mixing must be a str, got int"):
+        ringattn.DilatedConfig((4,), (1,), mixing=1)
+    default = ringattn.DilatedAttention((4,), (1,), compile=False).config
+    assert ringattn.DilatedConfig((4,), (1,)) == default
+    scale = ringattn.DilatedConfig((4,), (1,), scale=2).scale
+    assert type(scale) is float and scale == 2.0
 
 
 def test_shard_layouts_are_validated():
@@ -410,19 +451,26 @@ def test_functional_form_keys_its_modules_on_compile():
             ringattn.dilated_attention(q, k, v, **GOOD, strategy=flex, compile=True)
 
 
-def test_functional_form_refuses_an_int_compile_after_a_bool_one():
+@pytest.mark.parametrize(
+    "name, good, bad", [("compile", False, 0), ("scale", 1, True), ("causal", False, 0)]
+)
+def test_functional_form_refuses_a_wrong_type_after_an_equal_good_value(name, good, bad):
     """``compile=0`` is refused (a bool's option) whether or not ``compile=False`` ran first:
     the cache's key held ``compile`` untyped, so ``0 == False`` found the valid call's module
-    and skipped the constructor's check, which only the first such call met."""
+    and skipped the constructor's check, which only the first such call met. The same for the
+    options keyed with their types already (``scale=True`` after ``scale=1``)."""
     q, k, v = qkv()
-    with pytest.raises(TypeError, match="compile"):
-        ringattn.dilated_attention(q, k, v, **GOOD, compile=0)
-    ringattn.dilated_attention(q, k, v, **GOOD, compile=False)
-    with pytest.raises(TypeError, match="compile"):
-        ringattn.dilated_attention(q, k, v, **GOOD, compile=0)
+    options = {**GOOD, "compile": False}
+    with pytest.raises(TypeError, match=name):
+        ringattn.dilated_attention(q, k, v, **{**options, name: bad})
+    ringattn.dilated_attention(q, k, v, **{**options, name: good})
+    with pytest.raises(TypeError, match=name):
+        ringattn.dilated_attention(q, k, v, **{**options, name: bad})
 
 
-@pytest.mark.parametrize("lengths", [b"48", bytearray(b"48"), 48])
+@pytest.mark.parametrize(
+    "lengths", [b"48", bytearray(b"48"), 48], ids=["bytes", "bytearray", "int"]
+)
 def test_byte_strings_are_not_segment_lengths(lengths):
     """bytes and bytearray are sequences of ints: the module's and the oracle's
     ``tuple(segment_lengths)`` made ``b"48"`` the segment lengths (52, 56), silently, past the
