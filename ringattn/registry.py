@@ -126,6 +126,9 @@ def get(kind: str, name: str) -> type:
     try:
         return _REGISTRY[kind][name]
     except KeyError:
+        # Strategy("sdpa") sets the dilation (the first field): say where the name belongs
+        elsewhere = [other for other in KINDS if other != kind and name in _REGISTRY[other]]
+        hint = f" ({name!r} is a {elsewhere[0]}: {elsewhere[0]}={name!r})" if elsewhere else ""
         raise ValueError(
-            f"unknown {kind} strategy {name!r}; registered: {', '.join(names(kind))}"
+            f"unknown {kind} strategy {name!r}{hint}; registered: {', '.join(names(kind))}"
         ) from None

@@ -120,11 +120,19 @@ def test_device_mismatch_is_named():
         ({"computer": "cuda_magic"}, "unknown computer strategy 'cuda_magic'"),
         ({"communicator": "carrier_pigeon"}, "unknown communicator strategy"),
         ({"memory": "infinite"}, "unknown memory strategy"),
+        # a name of another kind says where it belongs (Strategy("sdpa") sets the dilation)
+        ({"dilation": "sdpa"}, r"unknown dilation strategy 'sdpa' \('sdpa' is a computer: "),
+        ({"memory": "ring"}, r"\('ring' is a communicator: communicator='ring'\)"),
     ],
 )
 def test_unknown_strategy_names(fields, match):
     with pytest.raises(ValueError, match=match):
         ringattn.Strategy(**fields)
+
+
+def test_a_positional_name_of_another_kind_says_which_field_it_belongs_to():
+    with pytest.raises(ValueError, match=r"'sdpa' is a computer: computer='sdpa'"):
+        ringattn.Strategy("sdpa")
 
 
 @pytest.mark.parametrize("fields", [{"computer": 3}, {"memory": None}, {"dilation": ["global"]}])
