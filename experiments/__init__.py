@@ -44,6 +44,16 @@ def require_positive(parser, args, *names: str) -> None:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {values}")
 
 
+def require_distinct(parser, args, *names: str) -> None:
+    """Exit with the parser's one-line error where a list option among ``names`` repeats a value
+    whose rows would repeat under one label (not for A/B lists whose repeats are turns)."""
+    for name in names:
+        values = getattr(args, name)
+        if repeated := sorted({str(v) for v in values if values.count(v) > 1}):
+            flag = f"--{name.replace('_', '-')}"
+            parser.error(f"{flag}: {', '.join(repeated)} given more than once (same rows twice)")
+
+
 def require_mixings(parser, mixings: list[str]) -> None:
     """Exit with the parser's one-line error where ``--mixing`` names an unknown mixing (the
     library raised once the rows before it had run)."""

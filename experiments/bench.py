@@ -36,11 +36,19 @@ import torch
 import torch.nn.functional as F
 
 import ringattn
-from experiments import add_causality, add_heads, add_lengths, add_mixings, worst
+from experiments import (
+    add_causality,
+    add_heads,
+    add_lengths,
+    add_mixings,
+    require_distinct,
+    require_mixings,
+    require_positive,
+    worst,
+)
 from experiments.ablate import dict_rows_to_markdown, median_ms, module_memory, rel_err
 from ringattn import reference
 from ringattn.computers.sdpa import CUDA_FORWARDS, SDPAComputer
-from ringattn.config import MIXINGS
 from ringattn.flops import dense_flops, useful_flops
 from ringattn.kernels import cudnn_graphs, fa4
 from ringattn.memory.base import MemoryManager
@@ -636,10 +644,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.check_n = min(max(args.n), 32768)
     if args.check_n < 0:
         p.error(f"--check-n must be >= 0, got {args.check_n}")
-    for name in ("n", "heads", "dim", "repeats", "dense_max_n"):
-        values = getattr(args, name)
-        if min(values if isinstance(values, list) else [values]) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {values}")
+    require_positive(p, args, "n", "heads", "dim", "repeats", "dense_max_n")
+    require_distinct(p, args, "n", "mixing", "computers", "dilations", "compile_modes")
     # (--b2b-calls -1 gave negative ratios; --warmup -1 ran as 0)
     for name in ("warmup", "b2b_calls"):
         if getattr(args, name) < 0:
@@ -654,8 +660,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         if unknown := [name for name in names if name not in ringattn.registry.names(kind)]:
             registered = ", ".join(ringattn.registry.names(kind))
             p.error(f"{flag}: unknown {kind} {', '.join(unknown)}; registered: {registered}")
-    if bad := sorted(set(args.mixing) - set(MIXINGS)):
-        p.error(f"--mixing must be among {MIXINGS}, got {bad}")
+    require_mixings(p, args.mixing)
     try:
         device = torch.device(args.device)
     except (RuntimeError, ValueError) as exc:

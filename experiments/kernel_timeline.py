@@ -204,9 +204,11 @@ def main(argv: list[str] | None = None) -> None:
     for n in args.n:
         for mixing in args.mixing:
             for causal in causals:
-                for mode in args.lanes:
+                for turn, mode in enumerate(args.lanes):
                     lanes.MODE = mode
                     stem = f"trace_{n}_{mixing}_{'causal' if causal else 'noncausal'}_{mode}"
+                    if args.lanes.count(mode) > 1:  # (each turn's trace, not the last alone)
+                        stem += f"_turn{turn}"
                     text += timeline(
                         n,
                         mixing,

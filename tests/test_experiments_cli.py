@@ -139,6 +139,10 @@ def test_train_longrange_refuses_an_out_it_cannot_make_before_training(monkeypat
         ("--b2b-calls -1", "--b2b-calls must be >= 0"),  # (negative ratios)
         ("--warmup -1", "--warmup must be >= 0"),
         ("--dense-max-n 0", "--dense-max-n must be >= 1"),  # (ZeroDivisionError)
+        # (the same rows twice under one label)
+        ("--compile-modes default default", "--compile-modes: default given more than once"),
+        ("--n 64 128 64", "--n: 64 given more than once"),
+        ("--computers sdpa math sdpa", "--computers: sdpa given more than once"),
     ],
 )
 def test_bench_refuses_bad_options_in_one_line(argv, message, capsys):
@@ -362,6 +366,25 @@ def test_kernel_timeline_refuses_bad_options_in_one_line(argv, message, capsys):
     from experiments import kernel_timeline
 
     assert message in refused(kernel_timeline.main, argv.split(), capsys)
+
+
+def test_kernel_timeline_keeps_each_turns_host_trace(tmp_path, monkeypatch):
+    """``--lanes never always never --host``: the second "never" turn wrote over the first's
+    trace file (one name per mode)."""
+    import torch
+
+    from experiments import kernel_timeline
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "a GPU")
+    monkeypatch.setattr(kernel_timeline.lanes, "MODE", kernel_timeline.lanes.MODE)  # (main sets)
+    traces = []
+    monkeypatch.setattr(kernel_timeline, "timeline", lambda *args: traces.append(args[-1]) or [])
+    argv = ["--n", "64", "--mixing", "lse", "--causal", "no", "--host", "--out", str(tmp_path)]
+    kernel_timeline.main([*argv, "--lanes", "never", "always", "never"])
+    names = [path.name for path in traces]
+    assert len(set(names)) == 3, names
+    assert "trace_64_lse_noncausal_always.json.gz" in names  # (a mode given once: its old name)
 
 
 @pytest.mark.parametrize(
