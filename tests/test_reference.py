@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_qkv, options, problems, rel_err
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from ringattn import reference
@@ -172,3 +174,75 @@ def test_a_config_listed_twice_is_the_config_once_at_any_logit_scale(scale):
         q, k, v, segment_lengths=(6, 6), dilation_rates=(1, 1), **opts
     )
     assert rel_err(twice, once) <= 1e-12
+
+
+def brute_force(q, k, v, segment_lengths, dilation_rates, causal=False, mixing="lse", scale=None):
+    """docs/semantics.md read literally, one (head, query) at a time in plain Python: the keys
+    every config lets the query see, a key seen by two configs listed twice, then one softmax.
+    It shares no code with reference.py (not head_config_offset, selection or multiplicity,
+    which both oracles share), so a mistake there cannot cancel out. Returns (output, LSE)."""
+    b, n, h, d = q.shape
+    h_kv, num = k.shape[2], len(segment_lengths)
+    scale = 1 / math.sqrt(d) if scale is None else scale
+    # head_groups: num contiguous groups, the first h mod num one head larger (some may be empty)
+    group = [g for g in range(num) for _ in range(h // num + (g < h % num))]
+    out = torch.zeros(b, n, h, d, dtype=torch.float64)
+    lse = torch.full((b, n, h), -math.inf, dtype=torch.float64)
+    for hd, p in itertools.product(range(h), range(n)):
+        keys = []
+        for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
+            if mixing == "head_groups" and group[hd] != i:
+                continue
+            off = hd % r if mixing == "lse" else i % r
+            seen = [j for j in range(n) if j // w == p // w and ((j % w) - off) % r == 0]
+            if p in seen:
+                keys += [j for j in seen if j <= p or not causal]
+        if keys:  # else the row is selected by no config: exactly 0
+            kv = hd // (h // h_kv)  # grouped-query attention: K/V head of query head hd
+            s = scale * (k[:, keys, kv].double() @ q[:, p, hd].double()[..., None])[..., 0]
+            lse[:, p, hd] = torch.logsumexp(s, -1)
+            out[:, p, hd] = (torch.softmax(s, -1)[:, None] @ v[:, keys, kv].double())[:, 0]
+    return out, lse
+
+
+@st.composite
+def small_problems(draw):
+    """problems() kept small for the brute force, with h_kv K/V heads (h_kv | h)."""
+    p = draw(problems(max_n=20))
+    p["h_kv"] = draw(st.sampled_from([x for x in range(1, p["h"] + 1) if p["h"] % x == 0]))
+    return p
+
+
+def _case(n, h, h_kv, lengths, rates, causal, mixing, scale=None):
+    return {
+        "b": 1,
+        "n": n,
+        "h": h,
+        "h_kv": h_kv,
+        "d": 4,
+        "segment_lengths": lengths,
+        "dilation_rates": rates,
+        "causal": causal,
+        "mixing": mixing,
+        "scale": scale,
+    }
+
+
+@given(small_problems())
+# docs/semantics.md's "head_groups with h < k": h=2, k=3 leaves config 2 unused (an oracle that
+# gave an empty group a head passed every other test of this file)
+@example(_case(13, 2, 2, (4, 6, 16), (1, 2, 4), False, "head_groups"))
+@example(_case(11, 5, 5, (3, 4, 8), (1, 2, 4), True, "head_groups"))  # 5 heads over 3: 2 | 2 | 1
+@example(_case(12, 4, 2, (4, 8), (2, 4), True, "lse", 0.3))  # grouped-query, h < r_1
+def test_both_oracles_are_the_brute_force_definition(p):
+    """The oracles' outputs and the merged LSE against brute_force. The returned LSE feeds the
+    strategy tests' gradient-error model, and nothing else checked it: an LSE taken as the max of
+    the configs' LSE_i, or as config 0's alone, passed."""
+    q, k, v = make_qkv(p, torch.float64)
+    k, v = k[:, :, : p["h_kv"]], v[:, :, : p["h_kv"]]
+    want, want_lse = brute_force(q, k, v, **options(p))
+    out, lse = reference.dilated_attention_and_lse(q, k, v, **options(p))
+    by_multiplicity = reference.dilated_attention_by_multiplicity(q, k, v, **options(p))
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(by_multiplicity, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=1e-12)  # (-inf rows must match too)
