@@ -246,3 +246,41 @@ def test_both_oracles_are_the_brute_force_definition(p):
     torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
     torch.testing.assert_close(by_multiplicity, want, rtol=0, atol=1e-12)
     torch.testing.assert_close(lse, want_lse, rtol=0, atol=1e-12)  # (-inf rows must match too)
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_inputs_reach_exactly_the_rows_the_page_says(name, bad):
+    """docs/semantics.md, "Non-finite inputs", one bad element at a time at every (position,
+    head). The page said NaN or ±inf made NaN exactly the rows attending to it, and nothing
+    checked it: an infinite value row gives ±inf, a key whose score is -inf is ignored (unless it
+    is all a row sees in a config), and under causal a value row also reaches the earlier rows
+    of its dilated segment (found checking the page against the oracle). h = 2 with rates 2 and
+    4: odd rows of head 0 are selected by no config (a NaN query there stays 0)."""
+    n, h, lengths, rates = 12, 2, (4, 8), (2, 4)
+    gen = torch.Generator().manual_seed(0)
+    x = {c: torch.randn(1, n, h, 4, generator=gen, dtype=torch.float64) for c in "qkv"}
+    m = reference.multiplicity(n, h, lengths, rates, causal=True)
+    # a value row reaches the rows that see it or would without causal: 0 * NaN is NaN
+    m_v = reference.multiplicity(n, h, lengths, rates, causal=False)
+    # an infinite key with score -inf still makes NaN a row that sees nothing else in a config
+    each = [reference.multiplicity(n, h, [w], [r], causal=True) for w, r in zip(lengths, rates)]
+    alone = torch.stack([(mi > 0) & (mi.sum(-1, keepdim=True) == 1) for mi in each]).any(0)
+    for j, hd in itertools.product(range(n), range(h)):
+        xs = {c: t.clone() for c, t in x.items()}
+        xs[name][0, j, hd, 1] = bad
+        out = reference.dilated_attention(
+            *xs.values(), segment_lengths=lengths, dilation_rates=rates, causal=True
+        )[0]
+        want = torch.zeros(n, h, dtype=torch.bool)
+        if name == "q":
+            want[j, hd] = bool(m[hd, j].any())  # (a row no config selects stays 0)
+        else:
+            want[:, hd] = (m_v if name == "v" else m)[hd, :, j] > 0
+            if name == "k" and not math.isnan(bad):  # score sign(q[p, hd, 1] * bad) * inf
+                want[:, hd] &= (x["q"][0, :, hd, 1] * bad > 0) | alone[hd, :, j]
+        if name == "v" and not math.isnan(bad):
+            assert torch.equal(~out.isfinite().all(-1), want), (j, hd)
+        else:
+            assert torch.equal(out.isnan().any(-1), want), (j, hd)
+            assert out[~want].isfinite().all(), (j, hd)
