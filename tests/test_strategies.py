@@ -182,6 +182,10 @@ def test_fp64_matches_oracle(p):
         (7, (16,), (4,), 3),  # w > n, h < r
         (30, (8, 4), (4, 2), 1),  # h < k with head_groups: group 1 is empty
         (33, (8, 16, 32), (1, 2, 4), 5),  # tails in every config, h not a multiple of k
+        # r = 1 first, its segments tiling n: under lse its block *becomes* the accumulator
+        # (covers_everything) and the others merge / add into it; under head_groups it holds
+        # only some heads, so it must not
+        (32, (8, 16), (1, 2), 3),
     ],
 )
 @pytest.mark.parametrize("mixing", ["lse", "head_groups"])
@@ -598,3 +602,4 @@ def test_the_output_rounding_model_explains_a_sharp_softmaxs_gradient_error():
         if computer == "sdpa":
             assert rel_err(dk, ref_grads[1], floor) > 4 * naive
         assert rel_err(dk, ref_grads[1] + dk_shift, floor) < 0.01, computer
+
