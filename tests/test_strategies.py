@@ -603,3 +603,24 @@ def test_the_output_rounding_model_explains_a_sharp_softmaxs_gradient_error():
             assert rel_err(dk, ref_grads[1], floor) > 4 * naive
         assert rel_err(dk, ref_grads[1] + dk_shift, floor) < 0.01, computer
 
+
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["q", "k", "v"])
+def test_a_gradient_for_one_input_alone(which, small_problem):
+    """Only one of q, k, v needs a gradient (a frozen projection, say): the call must still go
+    through the autograd Function (run_core asks each of the three), and that gradient is the
+    oracle's. Every other test asks for all three, so dropping v from run_core's check went
+    unseen: on the CPU autograd then differentiates the kernels' and merges' recorded ops, whose
+    dv happens to be right (the merge weights do not depend on v), but on CUDA the merge is a
+    Triton kernel autograd cannot see. Hence the grad_fn check, not only the oracle's."""
+    strategy = ringattn.Strategy(computer="sdpa")
+    qkv = [x.requires_grad_(i == which) for i, x in enumerate(make_qkv(small_problem))]
+    out = ringattn.dilated_attention(
+        *qkv, **options(small_problem), strategy=strategy, compile=False
+    )
+    assert type(out.grad_fn).__name__ == "DilatedAttentionFunctionBackward"
+    ref_inputs = [x.detach().double().requires_grad_() for x in qkv]
+    ref = reference.dilated_attention(*ref_inputs, **options(small_problem))
+    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))
+    (grad,) = torch.autograd.grad(out, qkv[which], grad_out)
+    ref_grad = torch.autograd.grad(ref, ref_inputs[which], grad_out.double())[0]
+    assert rel_err(grad, ref_grad, grad_floor(grad_out)) <= TOLERANCE[torch.float32]
