@@ -274,15 +274,7 @@ class DilatedAttention(nn.Module):
         backends = torch.compiler.list_backends(exclude_tags=())
         if compile_backend not in backends:
             raise ValueError(f"compile_backend must be one of {backends}, got {compile_backend!r}")
-        # (int_sequence, not tuple(): that read b"48" as the lengths (52, 56) past the config's
-        # refusal of byte strings)
-        self.config = DilatedConfig(
-            int_sequence("segment_lengths", segment_lengths),
-            int_sequence("dilation_rates", dilation_rates),
-            causal,
-            mixing,
-            scale,
-        )
+        self.config = DilatedConfig.of(segment_lengths, dilation_rates, causal, mixing, scale)
         self.strategy = strategy.check()
         self.dilation = strategy.component("dilation")()
         self.computer = strategy.component("computer")()

@@ -95,6 +95,20 @@ class DilatedConfig:
         if self.scale is not None:
             object.__setattr__(self, "scale", float(self.scale))
 
+    @classmethod
+    def of(
+        cls,
+        segment_lengths: object,
+        dilation_rates: object,
+        causal: object = False,
+        mixing: object = "lse",
+        scale: object = None,
+    ) -> DilatedConfig:
+        """From a user's values as given: ``__post_init__`` checks and converts them (a
+        ``tuple()`` before it read ``b"48"`` as the lengths (52, 56), and an int as "not
+        iterable", unnamed)."""
+        return cls(segment_lengths, dilation_rates, causal, mixing, scale)  # type: ignore[arg-type]
+
     @property
     def configs(self) -> tuple[tuple[int, int], ...]:
         """``((w_0, r_0), (w_1, r_1), ...)``."""

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ringattn.config import DilatedConfig, int_sequence
+from ringattn.config import DilatedConfig
 
 
 def head_config_offset(
@@ -75,15 +75,7 @@ def is_selected(p: int, w: int, r: int, off: int) -> bool:
 
 
 def _options(segment_lengths, dilation_rates, causal, mixing, scale) -> DilatedConfig:
-    # (int_sequence, not tuple(): that read b"48" as the lengths (52, 56) and refused an int as
-    # "not iterable", unnamed)
-    return DilatedConfig(
-        int_sequence("segment_lengths", segment_lengths),
-        int_sequence("dilation_rates", dilation_rates),
-        causal,
-        mixing,
-        scale,
-    )
+    return DilatedConfig.of(segment_lengths, dilation_rates, causal, mixing, scale)
 
 
 def dilated_attention(
