@@ -10,7 +10,8 @@ Prints torch.profiler's table per (mixing, variant), sorted by CUDA time: which 
 launches, how often, and how long (docs/benchmarks/h200_perf.md quotes it: the compiled frame's
 identical GPU work, the r = 1 block's gradient copies). ``--host`` instead profiles the host side
 with cProfile: the calls are issued while the GPU is still busy with a sleep kernel, so nothing on
-the host waits for the GPU, and the table (sorted by own time) is the host's cost per call.
+the host waits for the GPU, and the table (sorted by own time) is the host's cost per call: of
+the forward and of forward+backward, or with ``--forward`` of the forward alone.
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=131072, help="sequence length (default: %(default)s)")
     add_mixings(p, ["lse", "head_groups"])
-    p.add_argument("--forward", action="store_true", help="no-grad forward instead of fwd+bwd")
+    p.add_argument(
+        "--forward",
+        action="store_true",
+        help="no-grad forward instead of fwd+bwd (with --host: the forward alone, not both)",
+    )
     p.add_argument("--compile", action="store_true", help="also profile compile=True")
     p.add_argument("--causal", action="store_true", help="causal attention (default: not)")
     p.add_argument(
@@ -80,8 +85,9 @@ def main(argv: list[str] | None = None) -> None:
                 ISSUE_LENGTHS, ISSUE_RATES, mixing=mixing, causal=args.causal, compile=compiled
             )
             fwd, fwdbwd = fwd_and_fwdbwd(module, q, k, v, dout)
-            if args.host:
-                for what, call in (("forward", fwd), ("forward+backward", fwdbwd)):
+            if args.host:  # (it profiled both under --forward too: gpu_session.sh passed it)
+                pairs = [("forward", fwd), ("forward+backward", fwdbwd)]
+                for what, call in pairs[:1] if args.forward else pairs:
                     title = f"n={args.n} {mixing} {what} lanes={args.lanes}"
                     causality = "causal" if args.causal else "noncausal"
                     stem = f"{mixing}_{causality}_{what.replace('+', '_')}"

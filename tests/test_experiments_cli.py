@@ -529,6 +529,29 @@ def test_profile_core_refuses_a_folder_it_cannot_make_before_profiling(flag, mon
     assert f"{flag}: cannot make '/dev/null/x'" in err
 
 
+def test_profile_core_host_profiles_the_forward_alone_under_forward(monkeypatch):
+    """--host profiled forward and forward+backward with --forward too (gpu_session.sh's
+    ``host`` part passed it): the flag was accepted and ignored."""
+    import torch
+
+    import ringattn
+    from experiments import profile_core
+    from ringattn import lanes
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "randn", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ringattn, "DilatedAttention", lambda *args, **kwargs: None)
+    monkeypatch.setattr(profile_core, "fwd_and_fwdbwd", lambda *args: ("fwd", "fwdbwd"))
+    monkeypatch.setattr(lanes, "MODE", lanes.MODE)  # (main sets it)
+    profiled: list[str] = []
+    monkeypatch.setattr(profile_core, "host_profile", lambda call, *args: profiled.append(call))
+    profile_core.main(["--host", "--forward", "--mixing", "lse"])
+    assert profiled == ["fwd"]
+    profiled.clear()
+    profile_core.main(["--host", "--mixing", "lse"])
+    assert profiled == ["fwd", "fwdbwd"]
+
+
 @pytest.mark.parametrize("calls", ["0", "3"])
 def test_rank_check_cost_refuses_fewer_calls_than_its_arms_divide(calls, capsys):
     """--calls 3 timed 3 // 4 = 0 module calls: a ZeroDivisionError on every rank."""
