@@ -27,6 +27,11 @@ cancels exactly, leaves ~1e-6 of it in float32 (torch's own float32 kernel on on
 or an exception other than a ``ValueError``/``TypeError`` refusing the input is a failure, written
 with its seed to ``gpu_fuzz.json`` / ``gpu_fuzz.md`` under ``--out``; the table of failures is
 printed last. ``--device cpu`` runs the same on the CPU (what CI runs, a few draws).
+
+A draw depends on its seed and on ``--max-n`` / ``--max-d``: ``--replay SEED`` redraws with the
+values it is given, so ``gpu_fuzz.md`` prints the failures' replay with the run's, and
+``--replay-from DIR/gpu_fuzz.json`` takes them (and ``--kernels``) from the run's record and
+refuses a seed whose redrawn problem is not the one recorded.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ MATH_FACTOR = 4
 LAYOUTS = ("contiguous", "fused_qkv", "bhnd", "offset", "head_dim_slice")
 HEAD_DIMS = (8, 20, 24, 32, 40, 48, 64, 64, 80, 96, 112, 128, 128, 160, 192, 256)
 MATH = ringattn.Strategy(dilation="segment_local", computer="math", memory="none")
+MAX_N, MAX_D = 8192, 256  # --max-n / --max-d's defaults
 
 
 def draw_problem(rng: random.Random, max_n: int, max_d: int) -> dict:
@@ -205,16 +211,21 @@ def second_problem(p: dict, rng: random.Random, max_n: int) -> dict:
     return p | {"n": n, "layout": rng.choice(LAYOUTS)}
 
 
-def fuzz(args, device) -> tuple[list[dict], int]:
+def fuzz(args, device) -> tuple[list[dict], int, dict[str, dict]]:
+    """The draws' rows, their count, and each seed's first problem (``describe``d: what
+    ``--replay-from`` holds a replay's redraw to)."""
     strategies = [
         s for s in ringattn.Strategy.all(communicator="local") if args.flex or s.computer != "flex"
     ]
-    rows, draws = [], 0
+    rows: list[dict] = []
+    problems: dict[str, dict] = {}
+    draws = 0
     start = time.perf_counter()
     while time.perf_counter() - start < args.budget and (args.draws is None or draws < args.draws):
         seed = args.seed + draws
         rng = random.Random(seed)
         p = draw_problem(rng, args.max_n, args.max_d)
+        problems[str(seed)] = describe(p)
         try:
             first = prepare(p, device, seed)
             second = prepare(second_problem(p, rng, args.max_n), device, seed + 10**6)
@@ -227,7 +238,7 @@ def fuzz(args, device) -> tuple[list[dict], int]:
         draws += 1
         bad = [r for r in rows if r.get("ok") is False]
         print(f"draw {draws} seed {seed}: {describe(p)} | failures so far {len(bad)}", flush=True)
-    return rows, draws
+    return rows, draws, problems
 
 
 @contextmanager
@@ -268,6 +279,85 @@ def measure(row: dict, module, inputs, ref, forward_alone: bool = False) -> None
             row[f"{label}_err"] = rel_err(g, r, floor)
     except Exception as exc:
         row["error"] = failure(exc, 200)
+
+
+def replay_mismatch(seed: int, recorded: dict, max_n: int, max_d: int) -> str | None:
+    """How ``seed``'s problem redrawn at ``max_n`` / ``max_d`` differs from ``recorded`` (a fuzz
+    run's ``describe``d draw), or None where it is the same problem."""
+    drawn = describe(draw_problem(random.Random(seed), max_n, max_d))
+    keys = [key for key in drawn | recorded if drawn.get(key) != recorded.get(key)]
+    return (
+        ", ".join(f"{key} {recorded.get(key)!r} drawn as {drawn.get(key)!r}" for key in keys)
+        or None
+    )
+
+
+def replay_record(parser, args) -> None:
+    """``--replay-from``: the fuzz run's ``--max-n`` / ``--max-d`` / ``--kernels`` (refused where
+    given otherwise), its failed seeds where ``--replay`` names none, and a refusal for a seed
+    it did not draw or whose redraw is another problem (``draw_problem`` changed since)."""
+    path = args.replay_from
+    try:
+        record = json.loads(path.read_text())
+    except OSError as exc:
+        parser.error(f"--replay-from: cannot read {str(path)!r}: {exc.strerror}")
+    except ValueError as exc:
+        parser.error(f"--replay-from: {str(path)!r} is not JSON ({exc})")
+    keys = ("max_n", "max_d", "kernels", "problems")
+    if not isinstance(record, dict) or not all(key in record for key in keys):
+        parser.error(
+            f"--replay-from: {str(path)!r} is not a fuzz run's gpu_fuzz.json with its draws "
+            "(one written before they were recorded: --replay SEED with the --max-n / --max-d "
+            "of its gpu_fuzz.md's Command line)"
+        )
+    for key in ("max_n", "max_d", "kernels"):
+        given = getattr(args, key)
+        if given is not None and given != record[key]:
+            flag = "--" + key.replace("_", "-")
+            parser.error(
+                f"{flag} {given}, but --replay-from's run drew with {flag} {record[key]}: "
+                "leave it out (a replay draws what the run drew)"
+            )
+        setattr(args, key, record[key])
+    if args.replay is None:
+        args.replay = sorted({row["seed"] for row in record["rows"] if row.get("ok") is False})
+        if not args.replay:
+            parser.error(
+                f"--replay-from: {str(path)!r} records no failure: name seeds with --replay"
+            )
+    for seed in args.replay:
+        if str(seed) not in record["problems"]:
+            drawn = sorted(record["problems"], key=int)
+            parser.error(
+                f"--replay {seed}: not among --replay-from's draws (seeds {', '.join(drawn)})"
+            )
+        diff = replay_mismatch(seed, record["problems"][str(seed)], args.max_n, args.max_d)
+        if diff:
+            parser.error(
+                f"--replay {seed}: redraws another problem than --replay-from recorded ({diff}): "
+                "the draw has changed since that run"
+            )
+
+
+def replay_command(args, seeds) -> str:
+    """The command line that replays ``seeds`` as this run drew them."""
+    return (
+        f"python -m experiments.gpu_fuzz --device {args.device} --kernels {args.kernels} "
+        f"--max-n {args.max_n} --max-d {args.max_d} --replay {' '.join(map(str, seeds))}"
+    )
+
+
+def failures_replay(args, bad: list[dict]) -> str:
+    """The line that replays the failed draws (``bad``'s seeds), as this run drew them; a seed
+    that failed only on its second problem is named (``--replay`` redraws the first)."""
+    seeds = sorted({row["seed"] for row in bad})
+    second = [s for s in seeds if all(row["call"] == 2 for row in bad if row["seed"] == s)]
+    note = f"; seeds {second} failed only on the second problem, which it does not redraw"
+    return (
+        f"Replay: `{replay_command(args, seeds)}` (or `--replay-from` this gpu_fuzz.json"
+        + (note if second else "")
+        + ")"
+    )
 
 
 def replay(seeds: list[int], args, device) -> list[dict]:
@@ -389,10 +479,16 @@ def main(argv: list[str] | None = None) -> None:
         help="the draws' seed: a seed draws the same problems again (default: %(default)s)",
     )
     parser.add_argument(
-        "--max-n", type=int, default=8192, help="longest sequence drawn (default: %(default)s)"
+        "--max-n",
+        type=int,
+        default=None,
+        help=f"longest sequence drawn (default: {MAX_N}; with --replay-from, the run's)",
     )
     parser.add_argument(
-        "--max-d", type=int, default=256, help="largest head dim drawn (default: %(default)s)"
+        "--max-d",
+        type=int,
+        default=None,
+        help=f"largest head dim drawn (default: {MAX_D}; with --replay-from, the run's)",
     )
     parser.add_argument("--flex", action="store_true", help="draw computer='flex' too (compiles)")
     parser.add_argument(
@@ -400,14 +496,23 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         nargs="+",
         default=None,
-        help="instead of drawing: these seeds' problems, whole and per config, under A/B switches",
+        help="instead of drawing: these seeds' problems, whole and per config, under A/B switches "
+        "(redrawn at --max-n / --max-d: give the run's, or --replay-from)",
+    )
+    parser.add_argument(
+        "--replay-from",
+        type=Path,
+        default=None,
+        help="a fuzz run's gpu_fuzz.json: replay its failed seeds (or --replay's) at its --max-n, "
+        "--max-d and --kernels, refusing a seed whose redrawn problem is not the one recorded",
     )
     parser.add_argument(
         "--kernels",
         choices=tuple(KERNELS),
-        default="installed",
+        default=None,
         help="no_fa4: torch's kernels (cuDNN, placed through its frontend where installed); "
-        "plain_torch: torch's kernels only (no frontend), as without the cuda/fa4 extras",
+        "plain_torch: torch's kernels only (no frontend), as without the cuda/fa4 extras "
+        "(default: installed; with --replay-from, the run's)",
     )
     parser.add_argument(
         "--fa4-head-dims",
@@ -417,6 +522,13 @@ def main(argv: list[str] | None = None) -> None:
         help="instead of drawing: FA4 at these head dims, the backward's gate lifted",
     )
     args = parser.parse_args(argv)
+    if args.replay_from is not None:
+        if args.fa4_head_dims is not None:
+            parser.error("--fa4-head-dims and --replay-from: one at a time")
+        replay_record(parser, args)  # (before the checks below: it sets --max-n / --max-d)
+    for key, default in (("max_n", MAX_N), ("max_d", MAX_D), ("kernels", "installed")):
+        if getattr(args, key) is None:
+            setattr(args, key, default)
     # (--budget 0 or --draws 0 reported "0 draws, 0 calls checked, 0 failed"; --max-n 0 drew
     # n = 1 under its name; --max-d below 8 left no head dim (an IndexError at the first draw);
     # --fa4-head-dims 0 raised after the dims before it had run)
@@ -446,10 +558,13 @@ def main(argv: list[str] | None = None) -> None:
         rows = replay(args.replay, args, device)
         (args.out / "gpu_fuzz_replay.json").write_text(json.dumps(rows))
         table = dict_rows_to_markdown(rows, REPLAY_COLUMNS)
-        (args.out / "gpu_fuzz_replay.md").write_text(table + "\n")
+        source = "" if args.replay_from is None else f" (the draws of {args.replay_from})"
+        command = f"Command: `{replay_command(args, args.replay)}`{source}"
+        (args.out / "gpu_fuzz_replay.md").write_text(f"{command}\n\n{table}\n")
         print(table)
+        print(command)
         return
-    rows, draws = fuzz(args, device)
+    rows, draws, problems = fuzz(args, device)
     checked = [r for r in rows if "ok" in r]
     bad = [r for r in checked if not r["ok"]]
     refused = Counter(r["refused"] for r in rows if "refused" in r)
@@ -459,7 +574,10 @@ def main(argv: list[str] | None = None) -> None:
         f"{sum(refused.values())} refused ({header}, torch {torch.__version__}, seed {args.seed}, "
         f"kernels {args.kernels})"
     )
-    (args.out / "gpu_fuzz.json").write_text(json.dumps({"summary": summary, "rows": rows}))
+    drawn_with = {"max_n": args.max_n, "max_d": args.max_d, "kernels": args.kernels}
+    record = {"summary": summary, **drawn_with, "problems": problems, "rows": rows}
+    (args.out / "gpu_fuzz.json").write_text(json.dumps(record))
+    replay_line = failures_replay(args, bad)
     report = [
         "# Random problems against the float64 oracle",
         "",
@@ -474,6 +592,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         dict_rows_to_markdown(bad, COLUMNS) if bad else "none",
         "",
+        *([replay_line, ""] if bad else []),
         "## Refusals (ValueError / TypeError), by message",
         "",
         "\n".join(f"- {count}x {msg}" for msg, count in refused.most_common()) or "none",
@@ -484,6 +603,8 @@ def main(argv: list[str] | None = None) -> None:
     print(dict_rows_to_markdown(worst_gradients([r for r in checked if "grad_err" in r]), COLUMNS))
     print("\nfailures:")
     print(dict_rows_to_markdown(bad, COLUMNS) if bad else "none")
+    if bad:
+        print(replay_line)
     print(summary)
 
 

@@ -173,8 +173,8 @@ def test_gpu_fuzz_runs_on_the_cpu(tmp_path):
     )  # the recorded command draws what was drawn (it left --draws out)
 
 
-def test_gpu_fuzz_reports_a_wrong_gradient(tmp_path, monkeypatch):
-    """A planted bug (sdpa's dQ 5% off) is a failure of every sdpa call, not of math's."""
+def plant_a_dq_error(monkeypatch) -> None:
+    """sdpa's dQ 5% off."""
     from ringattn.computers.sdpa import SDPAComputer
 
     backward = SDPAComputer.backward
@@ -184,9 +184,66 @@ def test_gpu_fuzz_reports_a_wrong_gradient(tmp_path, monkeypatch):
         return dq * 1.05, dk, dv
 
     monkeypatch.setattr(SDPAComputer, "backward", off)
+
+
+def test_gpu_fuzz_reports_a_wrong_gradient(tmp_path, monkeypatch):
+    """A planted bug (sdpa's dQ 5% off) is a failure of every sdpa call, not of math's."""
+    plant_a_dq_error(monkeypatch)
     rows = [row for row in run_fuzz(tmp_path)["rows"] if "ok" in row]
     assert {row["ok"] for row in rows if "/sdpa/" in row["strategy"]} == {False}
     assert {row["ok"] for row in rows if "/math/" in row["strategy"]} == {True}
+
+
+def test_gpu_fuzz_replays_the_problems_its_run_drew(tmp_path):
+    """--replay redrew each seed at the replay's own --max-n / --max-d (8192 / 256 unless given):
+    a run at other values had its failures replayed on other problems, without a word.
+    --replay-from takes them from the run's gpu_fuzz.json and redraws its problems."""
+    from experiments import gpu_fuzz
+
+    record = run_fuzz(tmp_path)  # (--max-n 48 --max-d 16)
+    assert (record["max_n"], record["max_d"], record["kernels"]) == (48, 16, "installed")
+    assert sorted(record["problems"]) == ["0", "1"]
+    # what the replay drew before: other problems (the test would prove nothing otherwise)
+    assert gpu_fuzz.replay_mismatch(0, record["problems"]["0"], 8192, 256)
+    out = tmp_path / "replay"
+    recorded = str(tmp_path / "gpu_fuzz.json")
+    gpu_fuzz.main(
+        ["--device", "cpu", "--replay-from", recorded, "--replay", "0", "1", "--out", str(out)]
+    )
+    rows = json.loads((out / "gpu_fuzz_replay.json").read_text())
+    for seed in (0, 1):
+        whole = [row for row in rows if row["seed"] == seed and row["configs"] == "all"]
+        problem = record["problems"][str(seed)]
+        assert whole and all({key: row[key] for key in problem} == problem for row in whole)
+        assert all("error" not in row for row in whole)
+    assert "--max-n 48 --max-d 16 --replay 0 1`" in (out / "gpu_fuzz_replay.md").read_text()
+
+
+def test_gpu_fuzz_says_how_to_replay_its_failures_as_drawn(tmp_path, monkeypatch):
+    """gpu_fuzz.md said how the run was drawn but no replay: ``--replay SEED`` alone redrew at
+    the defaults. It prints the failures' replay with the run's --max-n / --max-d, and
+    --replay-from alone replays the failed seeds at them."""
+    from experiments import gpu_fuzz
+
+    plant_a_dq_error(monkeypatch)
+    record = run_fuzz(tmp_path)
+    seeds = sorted({row["seed"] for row in record["rows"] if row.get("ok") is False})
+    assert seeds
+    replay = f"--kernels installed --max-n 48 --max-d 16 --replay {' '.join(map(str, seeds))}`"
+    assert (
+        f"Replay: `python -m experiments.gpu_fuzz --device cpu {replay}"
+        in (tmp_path / "gpu_fuzz.md").read_text()
+    )
+    replayed = []
+
+    def replay_stub(seeds, args, device):
+        replayed.append((seeds, args.max_n, args.max_d))
+        return []
+
+    monkeypatch.setattr(gpu_fuzz, "replay", replay_stub)
+    recorded = str(tmp_path / "gpu_fuzz.json")
+    gpu_fuzz.main(["--device", "cpu", "--replay-from", recorded, "--out", str(tmp_path / "r")])
+    assert replayed == [(seeds, 48, 16)]
 
 
 def test_bench_refuses_an_out_it_cannot_make_before_timing(monkeypatch, capsys):
@@ -582,6 +639,65 @@ def test_gpu_fuzz_refuses_bad_options_in_one_line(argv, message, capsys):
     from experiments import gpu_fuzz
 
     assert message in refused(gpu_fuzz.main, ["--device", "cpu", *argv.split()], capsys)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        # (the recorded problem of seed 1 is not what draw_problem draws today)
+        (
+            "--replay 0 1",
+            "--replay 1: redraws another problem than --replay-from recorded (n 5 drawn as ",
+        ),
+        ("--replay 7", "--replay 7: not among --replay-from's draws (seeds 0, 1)"),
+        (
+            "--replay 0 --max-n 8192",
+            "--max-n 8192, but --replay-from's run drew with --max-n 48: leave it out",
+        ),
+        ("--replay 0 --max-d 256", "--max-d 256, but --replay-from's run drew with --max-d 16"),
+        (
+            "--replay 0 --kernels no_fa4",
+            "--kernels no_fa4, but --replay-from's run drew with --kernels installed",
+        ),
+        ("", "records no failure: name seeds with --replay"),
+        ("--fa4-head-dims 64", "--fa4-head-dims and --replay-from: one at a time"),
+    ],
+)
+def test_gpu_fuzz_refuses_a_replay_of_another_problem(argv, message, tmp_path, monkeypatch, capsys):
+    """--replay-from holds a replay to the run it names, before any replay runs."""
+    import random
+
+    from experiments import gpu_fuzz
+
+    problems = {
+        str(seed): gpu_fuzz.describe(gpu_fuzz.draw_problem(random.Random(seed), 48, 16))
+        for seed in (0, 1)
+    }
+    problems["1"]["n"] = 5
+    record = {"max_n": 48, "max_d": 16, "kernels": "installed", "problems": problems, "rows": []}
+    (tmp_path / "gpu_fuzz.json").write_text(json.dumps(record))
+    monkeypatch.setattr(gpu_fuzz, "replay", lambda *args: pytest.fail("replayed"))
+    argv = ["--device", "cpu", "--replay-from", str(tmp_path / "gpu_fuzz.json"), *argv.split()]
+    assert message in refused(gpu_fuzz.main, argv, capsys)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (None, "--replay-from: cannot read"),
+        ("{", "is not JSON"),
+        ('{"summary": "", "rows": []}', "is not a fuzz run's gpu_fuzz.json with its draws"),
+    ],
+)
+def test_gpu_fuzz_refuses_a_replay_from_a_file_without_its_draws(text, message, tmp_path, capsys):
+    """A record from before the draws were kept (or no record) cannot hold a replay to them."""
+    from experiments import gpu_fuzz
+
+    path = tmp_path / "gpu_fuzz.json"
+    if text is not None:
+        path.write_text(text)
+    argv = ["--device", "cpu", "--replay-from", str(path), "--replay", "0"]
+    assert message in refused(gpu_fuzz.main, argv, capsys)
 
 
 def test_gpu_fuzz_lists_a_nan_gradient_among_the_worst():
