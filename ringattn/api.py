@@ -581,9 +581,22 @@ def clear_functional_modules() -> None:
     _EVERY_MODULE.__dict__.clear()
 
 
-def _typed(option: object) -> tuple:
+def _typed(name: str, option: object) -> tuple:
+    """``option`` with its type (and, for a list or tuple, each item's), for the cache's key. An
+    unhashable value (a numpy array, a bytearray), which no option takes, is refused here,
+    naming ``name`` and its annotated type, eager or traced alike: where a user's
+    torch.compile traced the call, hashing it failed as "unhashable type", naming nothing."""
     if isinstance(option, (list, tuple)):
-        return (type(option), *(_typed(x) for x in option))
+        return (type(option), *(_typed(name, x) for x in option))
+    if type(option).__hash__ is None:
+        hint = (
+            # (np.float64 is a float, eagerly; Dynamo holds it as a 0-d array, no constant)
+            " (traced by torch.compile, a numpy value, even a scalar, is an array: pass a "
+            "Python number or bool)"
+            if torch.compiler.is_compiling() and type(option).__module__ == "numpy"
+            else ""
+        )
+        raise TypeError(f"{name} must be {_OPTION_TYPES[name]}, got {type(option).__name__}{hint}")
     return (type(option), option)
 
 
@@ -625,9 +638,10 @@ def dilated_attention(
     ``FUNCTIONAL_MODULES_WARNING`` option sets. Traced by a user's ``torch.compile`` it
     captures like the module (the opaque ops, fullgraph), also before any eager call: a trace
     makes its option set's module in plain Python. The options must be constants to Dynamo
-    there (literals, closure or module attributes, as usual); an int argument of the compiled
-    function that changes between calls becomes symbolic, which fullgraph then refuses (use
-    ``dynamic=False``).
+    there (literals, closure or module attributes, as usual; a numpy value, even a scalar, is an
+    array to Dynamo, and an ``array.array``'s len() it cannot take); an int argument of the
+    compiled function that changes between calls becomes symbolic, which fullgraph then refuses
+    (use ``dynamic=False``).
     """
     options: dict[str, Any] = {
         "segment_lengths": segment_lengths,
@@ -646,6 +660,13 @@ def dilated_attention(
     return _eager_functional(q, k, v, options)
 
 
+# each option's type as dilated_attention annotates it ("float | int | None"), for the refusals
+# of _typed (a dict of strings: a trace reads it as constants)
+_OPTION_TYPES: dict[str, str] = {
+    name: str(hint) for name, hint in dilated_attention.__annotations__.items()
+}
+
+
 @torch.compiler.disable
 def _eager_functional(q: Tensor, k: Tensor, v: Tensor, options: dict) -> Tensor:
     """The eager call, never traced: where a user's torch.compile gave up on a frame above it
@@ -655,7 +676,8 @@ def _eager_functional(q: Tensor, k: Tensor, v: Tensor, options: dict) -> Tensor:
     Checked as the module's calls are, not by a beartype wrapper of its own (which cost ~0.1 ms
     per call): q, k, v here by their plain rules and by the module's jaxtyping + beartype check
     once per input signature; the options by the module's constructor, which every option set
-    new to the cache reaches (the cache's key holds each option's type)."""
+    new to the cache reaches (the cache's key holds each option's type, and the lengths and
+    rates as int_sequence checked them)."""
     check_plain(q, k, v)  # (its errors name the argument and the rule, before beartype's)
     return _functional(q, k, v, **options)
 
@@ -674,13 +696,9 @@ def _functional(
     if torch.compiler.is_compiling():
         module = _kept_module(key)
         if module is None:
-            # (checked here too: a float among them is no constant to Dynamo, which then failed
-            # to pass them to _made_while_tracing)
-            int_sequence("segment_lengths", segment_lengths)
-            int_sequence("dilation_rates", dilation_rates)
-            attribute, refusal, reason = _made_while_tracing(
-                segment_lengths, dilation_rates, **options
-            )
+            # (the lengths and rates as the key holds them, checked: a float among them is no
+            # constant to Dynamo, which then failed to pass them to _made_while_tracing)
+            attribute, refusal, reason = _made_while_tracing(key[0], key[1], **options)
             if refusal:
                 raise (TypeError if refusal == "TypeError" else ValueError)(reason)
             module = getattr(_EVERY_MODULE, attribute)
@@ -693,17 +711,20 @@ def _key(segment_lengths: Sequence[int], dilation_rates: Sequence[int], **option
     if not isinstance(strategy, Strategy):  # (read below, before the constructor's check)
         raise TypeError(f"strategy must be a ringattn.Strategy, got {type(strategy).__name__}")
     return (
+        # as the config will hold them, checked by its rules (int_sequence): any sequence the
+        # module takes (a UserList, a range, a torch.Size) is a key, and one it refuses (a numpy
+        # array, bytes) gets its error, eager or traced, where hashing it raised "unhashable type"
+        int_sequence("segment_lengths", segment_lengths),
+        int_sequence("dilation_rates", dilation_rates),
         # with each value's type: equal values of other types (8.0 == 8, True == 1; compile=0
         # after compile=False) found the module of the valid ones and skipped the options' checks
-        _typed(segment_lengths),
-        _typed(dilation_rates),
-        *(_typed(options[name]) for name in ("causal", "mixing", "scale")),
+        *(_typed(name, options[name]) for name in ("causal", "mixing", "scale")),
         strategy,
         # the classes too: a strategy re-registered under its name (a notebook cell re-run with
         # a fix) gets a new module, not the old class's
         tuple(strategy.component(kind) for kind in registry.KINDS),
-        _typed(options["compile"]),
-        options["compile_backend"],
+        _typed("compile", options["compile"]),
+        _typed("compile_backend", options["compile_backend"]),
     )
 
 
@@ -712,8 +733,8 @@ def _module_for(key: tuple, *args: Any, **options: Any) -> DilatedAttention:
     try:
         module = _MODULES.get(key)
     except TypeError:
-        # an unhashable option (a numpy array, a bytearray) failed the lookup as "unhashable
-        # type", naming none: the constructor names it and its rule
+        # an option whose hash raises, though its type has one (_typed refuses the unhashable
+        # types), failed the lookup as "unhashable type", naming none: the constructor names it
         DilatedAttention(*args, **options)
         raise
     if module is not None:

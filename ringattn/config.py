@@ -28,7 +28,10 @@ def checked_int(name: str, value: object, minimum: int = 1) -> int:
     a user goes through here, so they all refuse alike."""
     # bool is an int subclass and numpy/torch scalars are not ints: refuse rather than coerce
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        # (no repr where torch.compile traces it: Dynamo holds a numpy int as an array, whose
+        # repr it cannot trace, and failed with that instead of this error)
+        shown = "" if torch.compiler.is_compiling() else f" {value!r}"
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}{shown}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value

@@ -13,6 +13,10 @@ backward, where it found a real stride bug (see ringattn/computers/sdpa.py).
 
 from __future__ import annotations
 
+import array
+import collections
+
+import numpy as np
 import pytest
 import torch
 from conftest import TOLERANCE, make_qkv, options, rel_err
@@ -638,3 +642,106 @@ def test_module_numbers_differ_between_processes():
         int(subprocess.check_output([sys.executable, "-c", script], text=True)) for _ in range(2)
     ]
     assert numbers[0] != numbers[1] and min(numbers) > 0
+
+
+# Sequences of ints, as a user may pass segment_lengths and dilation_rates: the module takes
+# any collections.abc.Sequence of ints (config.int_sequence) and refuses byte strings and str
+# (read as the codes of their characters) and what is no Sequence (a numpy array). The
+# functional form caches its modules by these: hashed as given, a UserList or a deque failed as
+# "unhashable type", and a numpy array did so inside a user's torch.compile, naming nothing.
+SEQUENCES = {
+    "list": list,
+    "tuple": tuple,
+    "UserList": collections.UserList,
+    "range": lambda values: range(values[0], values[-1] + 1, values[-1] - values[0]),
+    "torch.Size": torch.Size,
+    "deque": collections.deque,
+    "array": lambda values: array.array("q", values),
+    "bytes": bytes,
+    "bytearray": bytearray,
+    "str": lambda values: "".join(map(chr, values)),
+    "numpy": np.array,
+    "numpy ints": lambda values: [np.int64(x) for x in values],
+}
+
+
+@pytest.mark.parametrize("kind", SEQUENCES)
+def test_the_functional_form_takes_the_sequences_the_module_takes(kind):
+    """The functional form, eager and traced by a user's torch.compile(fullgraph=True), takes
+    the segment lengths and dilation rates the module takes, with its result, and refuses the
+    others with the module's error type naming the argument (traced: inside Dynamo's report,
+    the eager call's message)."""
+    torch._dynamo.reset()
+    make = SEQUENCES[kind]
+    lengths, rates = make([4, 8]), make([1, 2])
+    q = torch.randn(1, 16, 2, 8)
+    try:
+        expected = ringattn.DilatedAttention(lengths, rates, compile=False)(q, q, q)
+    except (TypeError, ValueError) as error:
+        expected = error
+
+    def attention(q):
+        return ringattn.dilated_attention(
+            q, q, q, segment_lengths=lengths, dilation_rates=rates, compile=False
+        )
+
+    # (Dynamo cannot take len() of an array.array: a graph break, so not under fullgraph)
+    compiled = torch.compile(attention, fullgraph=kind != "array", backend="eager")
+    if isinstance(expected, Exception):
+        assert "segment_lengths" in str(expected), str(expected)[:300]
+        with pytest.raises(type(expected).__mro__[1]) as eager:  # (beartype's is a TypeError)
+            attention(q)
+        assert str(eager.value).startswith("segment_lengths"), str(eager.value)
+        with pytest.raises(RuntimeError) as traced:
+            compiled(q)
+        words = str(eager.value)
+        if kind == "numpy ints":  # (traced, Dynamo holds a numpy int as an array: "got ndarray")
+            words = words.split(" got ")[0]
+        assert words in str(traced.value), str(traced.value)[:400]
+    else:
+        torch.testing.assert_close(attention(q), expected, rtol=0, atol=0)
+        torch.testing.assert_close(compiled(q), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fullgraph", [True, False])
+@pytest.mark.parametrize(
+    "overrides, error",
+    [
+        ({"segment_lengths": np.array([4, 8])}, "segment_lengths must be a list or tuple of ints"),
+        ({"segment_lengths": bytearray(b"\x04\x08")}, "segment_lengths must be a list or tuple"),
+        ({"scale": np.array(0.5)}, "scale must be float | int | None, got ndarray"),
+        ({"causal": np.array(False)}, "causal must be bool, got ndarray"),
+        ({"compile_backend": bytearray(b"eager")}, "compile_backend must be str, got bytearray"),
+    ],
+)
+def test_the_functional_form_traced_names_an_unhashable_option(overrides, error, fullgraph):
+    """An unhashable option, which the functional form's cache cannot key, gets the same
+    TypeError naming it in a user's torch.compile (fullgraph: inside Dynamo's report; without,
+    the frame falls back to eager, which raises it) as eagerly: traced, hashing it raised
+    "unhashable type: 'numpy.ndarray'", naming nothing."""
+    torch._dynamo.reset()
+    q = torch.randn(1, 16, 2, 8)
+    attention = _functional_call({"segment_lengths": (4, 8), "dilation_rates": (1, 2), **overrides})
+    with pytest.raises(TypeError) as eager:
+        attention(q)
+    assert str(eager.value).startswith(error), str(eager.value)
+    with pytest.raises(RuntimeError if fullgraph else TypeError) as traced:
+        torch.compile(attention, fullgraph=fullgraph, backend="eager")(q)
+    assert str(eager.value) in str(traced.value), str(traced.value)[:400]
+
+
+def test_the_functional_form_traced_refuses_a_numpy_scalar():
+    """Held limitation: a numpy float is a float to the eager call, but Dynamo holds it as a
+    0-d array, no constant to make the module of; under fullgraph the trace refuses it naming
+    the option and why, and without, the call runs through a graph break, with the eager
+    result."""
+    torch._dynamo.reset()
+    q = torch.randn(1, 16, 2, 8)
+    attention = _functional_call(
+        {"segment_lengths": (4, 8), "dilation_rates": (1, 2), "scale": np.float64(0.5)}
+    )
+    eager = attention(q)
+    with pytest.raises(RuntimeError, match=r"scale must be .* got ndarray \(traced by torch.com"):
+        torch.compile(attention, fullgraph=True, backend="eager")(q)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(attention, backend="eager")(q), eager)
