@@ -23,7 +23,8 @@ from conftest import TOLERANCE, make_qkv, options, rel_err
 from torch._dynamo.utils import counters
 
 import ringattn
-from ringattn import reference
+from ringattn import reference, registry
+from ringattn.computers.base import LayoutComputer
 
 pytestmark = pytest.mark.compile
 
@@ -745,3 +746,88 @@ def test_the_functional_form_traced_refuses_a_numpy_scalar():
         torch.compile(attention, fullgraph=True, backend="eager")(q)
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(attention, backend="eager")(q), eager)
+
+
+def _scaled(base: type, factor: float) -> type:
+    """A subclass of the computer ``base`` whose output is ``factor`` times its own."""
+    if issubclass(base, LayoutComputer):
+
+        class Scaled(base):
+            def attend(self, *args):
+                return factor * super().attend(*args)
+
+    else:
+
+        class Scaled(base):
+            def forward(self, q, k, v, causal, scale):
+                out, lse = super().forward(q, k, v, causal, scale)
+                return factor * out, lse
+
+    return Scaled
+
+
+@pytest.mark.parametrize("computer, mode", [("flex", "default"), ("math", "reduce-overhead")])
+def test_a_compiled_core_runs_a_re_registered_class(computer, mode):
+    """``compiled_core`` keeps one compiled function per (config, strategy names, backend,
+    mode), whichever classes the names stood for: a strategy re-registered under its name (a
+    notebook cell re-run with a fix) must not run the old class's graph. Each module with a
+    compiled frame of its own: flex, whose class is traced into the graph (its guards see the
+    new class), and a block computer in another mode, whose graph holds the opaque ops (they
+    ask the module for its computer at run time). The new class's module runs the new class,
+    and a module made before keeps the old one (a module is fixed at construction)."""
+    from ringattn.computers.flex import FlexComputer
+    from ringattn.computers.math import MathComputer
+
+    torch._dynamo.reset()
+    base = {"flex": FlexComputer, "math": MathComputer}[computer]
+    name = f"{computer}_fixed_later"
+    q = torch.randn(1, 8, 2, 4)
+    ref = reference.dilated_attention(q, q, q, segment_lengths=(4,), dilation_rates=(1,))
+
+    def module():
+        strategy = ringattn.Strategy(computer=name)
+        return ringattn.DilatedAttention(
+            (4,), (1,), strategy=strategy, compile_backend="eager", compile_mode=mode
+        )
+
+    registry.register("computer", name)(_scaled(base, 2.0))
+    try:
+        with torch.no_grad():
+            old = module()
+            assert old.compiled_frame
+            assert rel_err(old(q, q, q), 2 * ref) <= 1e-5
+            registry.unregister("computer", name)
+            registry.register("computer", name)(_scaled(base, 1.0))
+            new = module()
+            assert new._core is old._core  # (the key holds names: one function for both)
+            assert rel_err(new(q, q, q), ref) <= 1e-5
+            assert rel_err(old(q, q, q), 2 * ref) <= 1e-5
+    finally:
+        registry.unregister("computer", name, missing_ok=True)
+
+
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_a_users_compile_of_the_functional_form_runs_a_re_registered_class(fullgraph):
+    """The functional form traced by a user's torch.compile finds its module by a key that holds
+    the strategy's classes: after a re-registration under the same name the compiled function
+    retraces and runs the new class (a graph kept over the old module ran the old one)."""
+    from ringattn.computers.math import MathComputer
+
+    torch._dynamo.reset()
+    q = torch.randn(1, 8, 2, 4)
+    ref = reference.dilated_attention(q, q, q, segment_lengths=(4,), dilation_rates=(1,))
+    name = f"math_fixed_later_{fullgraph}"
+    registry.register("computer", name)(_scaled(MathComputer, 2.0))
+    try:
+        strategy = ringattn.Strategy(computer=name)
+        options_ = {"segment_lengths": (4,), "dilation_rates": (1,), "strategy": strategy}
+        attention = torch.compile(
+            _functional_call(options_), fullgraph=fullgraph, backend="aot_eager"
+        )
+        with torch.no_grad():
+            assert rel_err(attention(q), 2 * ref) <= 1e-5
+            registry.unregister("computer", name)
+            registry.register("computer", name)(_scaled(MathComputer, 1.0))
+            assert rel_err(attention(q), ref) <= 1e-5
+    finally:
+        registry.unregister("computer", name, missing_ok=True)
