@@ -38,8 +38,9 @@ def checked_int(name: str, value: object, minimum: int = 1) -> int:
 
 
 def int_sequence(name: str, values: object) -> tuple[int, ...]:
-    # (byte strings are sequences of ints: b"48" read as (52, 56))
-    if isinstance(values, (str, bytes, bytearray)) or not isinstance(values, Sequence):
+    # (byte strings and buffers are sequences of ints: b"48" or memoryview(b"48") read as
+    # (52, 56))
+    if isinstance(values, (str, bytes, bytearray, memoryview)) or not isinstance(values, Sequence):
         raise TypeError(f"{name} must be a list or tuple of ints, got {type(values).__name__}")
     if len(values) == 0:
         raise ValueError(f"{name} must not be empty")

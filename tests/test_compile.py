@@ -660,6 +660,7 @@ SEQUENCES = {
     "array": lambda values: array.array("q", values),
     "bytes": bytes,
     "bytearray": bytearray,
+    "memoryview": lambda values: memoryview(bytes(values)),
     "str": lambda values: "".join(map(chr, values)),
     "numpy": np.array,
     "numpy ints": lambda values: [np.int64(x) for x in values],
