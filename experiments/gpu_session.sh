@@ -30,6 +30,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh fuzz     # ~7.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh scripts  # ~5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh options  # ~4 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh replays  # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh merge_cost # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
@@ -75,7 +76,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh record|replays|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -449,6 +450,26 @@ options)
     run flex_gpu --part speed --n 32768 --out "$out/flex_gpu"
     summary="$(cat "$out/rc.log")
 $(grep -h "Traceback\|Error" "$out"/*.log | sort | uniq -c | head -20)"
+    ;;
+replays)
+    # after gpu_fuzz recorded its draws (--replay-from) and profile_core --host honoured
+    # --forward (twelfth session): a short fuzz run, its seed replayed from the run's record,
+    # and the host profile of the forward alone
+    run() {
+        local name=$1
+        shift
+        timeout 200 python -m "experiments.$name" "$@" >>"$out/$name.log" 2>&1
+        echo "$name $1: rc=$?" >>"$out/rc.log"
+    }
+    run gpu_fuzz --draws 2 --max-n 4096 --max-d 128 --seed 14 --out "$out/fuzz"
+    run gpu_fuzz --replay-from "$out/fuzz/gpu_fuzz.json" --replay 14 --out "$out/replay"
+    python -m experiments.profile_core --host --forward --n 32768 --mixing head_groups \
+        --rows 10 --calls 10 >"$out/host_forward.txt" 2>&1
+    echo "profile_core --host --forward: rc=$?" >>"$out/rc.log"
+    summary="$(cat "$out/rc.log")
+$(grep -h "calls checked" "$out/fuzz/gpu_fuzz.md")
+$(head -n 1 "$out/replay/gpu_fuzz_replay.md")
+$(grep -h "^=== " "$out/host_forward.txt")"
     ;;
 scripts)
     # after experiments/ became type-checked (mypy): every GPU-only script path that change
