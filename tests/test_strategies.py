@@ -204,6 +204,28 @@ def test_edge_shapes(n, segment_lengths, dilation_rates, h, mixing, causal):
     check_against_oracle(p, torch.float32)
 
 
+@pytest.mark.parametrize("mixing", ["lse", "head_groups"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_given_scale(mixing, causal):
+    """A ``scale`` other than ``1 / sqrt(d)`` reaches every kernel call, forward and backward:
+    the edge shapes above all take the default, so only hypothesis drew a scale, and the CPU
+    ``sdpa`` backward called without it (its default, 1 / sqrt(8) here) went unseen in the
+    fixed cases. The shape of test_edge_shapes' last row: a covering first block under lse
+    (placed, then merged / added into), placed blocks under head_groups."""
+    p = {
+        "b": 2,
+        "n": 32,
+        "h": 3,
+        "d": 8,
+        "segment_lengths": (8, 16),
+        "dilation_rates": (1, 2),
+        "causal": causal,
+        "mixing": mixing,
+        "scale": 1.7,
+    }
+    check_against_oracle(p, torch.float32)
+
+
 @settings(max_examples=10)
 @given(problems(), st.data())
 def test_causal_prefix_invariance(p, data):
