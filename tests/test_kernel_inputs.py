@@ -25,10 +25,13 @@ def misaligned_views() -> dict[str, torch.Tensor]:
     """``[b, n, h, d]`` views that start or step off a 16-byte boundary."""
     half = torch.randn(2, 5, 3, 44, dtype=torch.float16)
     flat = torch.randn(1 + 2 * 5 * 3 * 8)
+    flat_half = torch.randn(4 + 2 * 5 * 3 * 8, dtype=torch.float16)
     rows = torch.randn(2, 5, 3, 12, dtype=torch.float16)
     return {
         "last d of a wider head dim": half[..., 4:],  # starts 8 bytes into a vector
         "storage offset of one float": flat[1:].view(2, 5, 3, 8),
+        # 8 bytes in, every stride whole vectors: only the start is off (8-byte aligned, not 16)
+        "storage offset of half a vector": flat_half[4:].view(2, 5, 3, 8),
         "rows 24 bytes apart": rows[..., :8],
     }
 
@@ -40,6 +43,8 @@ def aligned_views() -> dict[str, torch.Tensor]:
         "fused qkv projection": qkv.unbind(2)[1],
         "[b, h, n, d] transposed": torch.randn(2, 3, 5, 8).transpose(1, 2),
         "one row in": torch.randn(2, 6, 3, 8)[:, 1:],
+        # a dim of size 1 is never stepped, so its stride (4 bytes) does not matter
+        "one head of [b, n, d, h] storage": torch.randn(2, 6, 8, 1)[:, 1:].transpose(2, 3),
         "rows of 20 bytes (padded later)": torch.randn(2, 5, 3, 10, dtype=torch.float16),
     }
 
