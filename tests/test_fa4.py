@@ -202,11 +202,16 @@ def test_placed_outputs_are_written_by_fa4_forward(fake_fa4):
     assert fake_fa4.forward_into > 0
 
 
-def test_torch_forward_bypasses_fa4(fake_fa4, monkeypatch, small_problem):
+@pytest.mark.parametrize("mixing", ["lse", "head_groups"])
+def test_torch_forward_bypasses_fa4(fake_fa4, monkeypatch, small_problem, mixing):
+    """(head_groups: placed blocks, through forward_into on the general path, whose choice is
+    cuda_forward's too, not cuda_backward's)"""
     monkeypatch.setattr(SDPAComputer, "cuda_forward", "torch")
     for causal in (True, False):
-        check_against_oracle({**small_problem, "causal": causal}, torch.float32, sdpa_strategies())
+        problem = {**small_problem, "causal": causal, "mixing": mixing}
+        check_against_oracle(problem, torch.float32, sdpa_strategies())
     assert fake_fa4.forward_calls == 0 and fake_fa4.calls > 0
+
 
 
 def test_forward_goes_to_fa4_by_default(fake_fa4, small_problem):
