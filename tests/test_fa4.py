@@ -213,6 +213,13 @@ def test_torch_forward_bypasses_fa4(fake_fa4, monkeypatch, small_problem, mixing
     assert fake_fa4.forward_calls == 0 and fake_fa4.calls > 0
 
 
+def test_flash_backend_keeps_both_directions_off_fa4(fake_fa4, monkeypatch, small_problem):
+    """cuda_backend = "flash" is the FlashAttention-2 A/B: FA4 runs neither direction."""
+    monkeypatch.setattr(SDPAComputer, "cuda_backend", "flash")
+    for mixing in ("lse", "head_groups"):
+        check_against_oracle({**small_problem, "mixing": mixing}, torch.float32, sdpa_strategies())
+    assert fake_fa4.forward_calls == fake_fa4.calls == 0
+
 
 def test_forward_goes_to_fa4_by_default(fake_fa4, small_problem):
     """causal or not: with its launches replayed FA4's forward was as fast as cuDNN's or faster
