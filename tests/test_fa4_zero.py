@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import problems
+from conftest import make_qkv, options, problems, rel_err
 from fake_fa4 import FakeFA4, installed
 from hypothesis import given
 from hypothesis import strategies as st
@@ -28,6 +28,7 @@ from test_strategies import check_against_oracle
 
 import ringattn.api
 import ringattn.core
+from ringattn import reference
 from ringattn.kernels import fa4, fa4_merge, fa4_zero
 from ringattn.kernels.unselected import shifted
 from ringattn.pattern import Block, Job, make_plan
@@ -304,6 +305,29 @@ def test_switched_off_at_preparation_the_fill_does_it_all(zeroing):
     patch.setattr(fa4_zero, "ENABLED", False)
     check_against_oracle({**ZEROED, "causal": True}, torch.float32, sdpa_strategies())
     assert stand_in.calls == 0 and set(selections) == {((1, 1, 2, 2, 4, 4), (0, 0, 1, 1, 2, 2))}
+
+
+def test_switched_off_on_a_live_module_the_fill_does_it_all(zeroing):
+    """fa4_zero.ENABLED is in SDPAComputer.launch_options: flipped on a module that already
+    ran, its next call is prepared anew, without the zeroing launches (their calls stop, the
+    fill zeroes every config's rows again), not run through the launches of before."""
+    patch, selections = zeroing
+    stand_in = StandIn()
+    patch.setattr(fa4_zero, "forward_zero_", stand_in)
+    problem = {**ZEROED, "causal": True}
+    strategy = ringattn.Strategy(dilation="segment_local", computer="sdpa")  # (views: prepared)
+    attention = ringattn.DilatedAttention(**options(problem), strategy=strategy, compile=False)
+    q, k, v = make_qkv(problem)
+    with torch.no_grad():
+        attention(q, k, v)
+        assert stand_in.calls > 0 and selections == [((1,) * 6, (0,) * 6)]
+        patch.setattr(fa4_zero, "ENABLED", False)
+        calls = stand_in.calls
+        selections.clear()
+        out = attention(q, k, v)
+    assert stand_in.calls == calls and selections == [((1, 1, 2, 2, 4, 4), (0, 0, 1, 1, 2, 2))]
+    ref = reference.dilated_attention(q.double(), k.double(), v.double(), **options(problem))
+    assert rel_err(out, ref) < 1e-5
 
 
 def test_zeroer_calls_a_kept_kernel_without_the_checks(fresh):
