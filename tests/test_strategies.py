@@ -311,6 +311,46 @@ def test_head_groups_backward_never_reads_unselected_lse_rows():
     assert checked > 0
 
 
+@pytest.mark.parametrize("mixing", ["lse", "head_groups"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_saved_lse_is_the_oracles_in_float32(dtype, mixing):
+    """The merged LSE the backward reads is float32 whatever the inputs' dtype, and near the
+    oracle's on every selected row: float32's bound for float32 inputs; 1e-4 for bf16 ones,
+    as torch's CPU flash kernel takes a fast exp (about 20 bits) for reduced-precision inputs
+    and its own LSE is ~2e-5 off (relative; math's: 4e-8). Outputs and gradients are held to
+    the inputs' dtype's bound only (bf16: 2e-2), which an LSE 0.1% off passes at these logits,
+    while ``P = exp(S - LSE)`` is then off by ``exp(0.001 * LSE)``: a few percent at logits of
+    tens (a large ``scale``)."""
+    p = {
+        "b": 2,
+        "n": 33,
+        "h": 3,
+        "d": 8,
+        "segment_lengths": (8, 16),
+        "dilation_rates": (1, 2),
+        "causal": True,
+        "mixing": mixing,
+    }
+    q, k, v = make_qkv(p, dtype)
+    _, lse_ref = reference.dilated_attention_and_lse(q, k, v, **options(p))
+    selected = torch.isfinite(lse_ref)
+    checked = 0
+    for strategy in local_strategies():
+        if not supports_backward(strategy, q.device, dtype):
+            continue
+        inputs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        out = ringattn.dilated_attention(*inputs, **options(p), strategy=strategy, compile=False)
+        if "DilatedAttentionFunction" not in type(out.grad_fn).__name__:
+            continue  # (a layout computer: no saved LSE)
+        lse = out.grad_fn.saved_tensors[4]
+        assert lse.dtype == torch.float32, strategy.label
+        err = rel_err(lse[selected], lse_ref[selected])
+        bound = TOLERANCE[torch.float32] if dtype == torch.float32 else 1e-4
+        assert err <= bound, f"{strategy.label}: LSE rel err {err:.3g} > {bound}"
+        checked += 1
+    assert checked > 0
+
+
 @given(st.integers(1, 40), st.integers(1, 4), st.booleans())
 @settings(max_examples=10)
 def test_one_config_of_whole_sequence_is_plain_attention(n, h, causal):
