@@ -316,8 +316,8 @@ def test_head_groups_backward_never_reads_unselected_lse_rows():
 def test_the_saved_lse_is_the_oracles_in_float32(dtype, mixing):
     """The merged LSE the backward reads is float32 whatever the inputs' dtype, and near the
     oracle's on every selected row: float32's bound for float32 inputs; 1e-4 for bf16 ones,
-    as torch's CPU flash kernel takes a fast exp (about 20 bits) for reduced-precision inputs
-    and its own LSE is ~2e-5 off (relative; math's: 4e-8). Outputs and gradients are held to
+    as torch's CPU flash kernel's own LSE is ~2e-5 off for reduced-precision inputs (relative;
+    math's: 4e-8; a faster exp there, probably, not confirmed). Outputs and gradients are held to
     the inputs' dtype's bound only (bf16: 2e-2), which an LSE 0.1% off passes at these logits,
     while ``P = exp(S - LSE)`` is then off by ``exp(0.001 * LSE)``: a few percent at logits of
     tens (a large ``scale``)."""
