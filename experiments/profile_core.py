@@ -88,9 +88,16 @@ def main(argv: list[str] | None = None) -> None:
             if args.host:  # (it profiled both under --forward too: gpu_session.sh passed it)
                 pairs = [("forward", fwd), ("forward+backward", fwdbwd)]
                 for what, call in pairs[:1] if args.forward else pairs:
-                    title = f"n={args.n} {mixing} {what} lanes={args.lanes}"
+                    # (causal and compile in both: the titles of a causal and a non-causal run
+                    # read alike, and under --compile the compiled profile's dump and trace
+                    # overwrote the eager one's)
+                    title = (
+                        f"n={args.n} {mixing} causal={args.causal} {what} lanes={args.lanes}"
+                        f" compile={compiled}"
+                    )
                     causality = "causal" if args.causal else "noncausal"
-                    stem = f"{mixing}_{causality}_{what.replace('+', '_')}"
+                    mode = "compiled" if compiled else "eager"
+                    stem = f"{mixing}_{causality}_{what.replace('+', '_')}_{mode}"
                     dump = os.path.join(args.dump, f"{stem}.prof") if args.dump else None
                     host_profile(call, title, args.calls, args.rows, dump)
                     if args.host_trace:

@@ -609,6 +609,39 @@ def test_profile_core_host_profiles_the_forward_alone_under_forward(monkeypatch)
     assert profiled == ["fwd", "fwdbwd"]
 
 
+def test_profile_core_host_profiles_have_titles_and_files_of_their_own(monkeypatch, tmp_path):
+    """Under --host --compile the compiled module's profile was dumped to (and traced into) the
+    eager one's file, and no title said causal or compiled: every profile of a run gets its
+    own title and its own files."""
+    import torch
+
+    import ringattn
+    from experiments import profile_core
+    from ringattn import lanes
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "randn", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ringattn, "DilatedAttention", lambda *args, **kwargs: None)
+    monkeypatch.setattr(profile_core, "fwd_and_fwdbwd", lambda *args: ("fwd", "fwdbwd"))
+    monkeypatch.setattr(lanes, "MODE", lanes.MODE)  # (main sets it)
+    titles: list[str] = []
+    dumps: list[str] = []
+    traces: list[str] = []
+
+    def host_profile(call, title, calls, rows, dump):
+        titles.append(title)
+        dumps.append(dump)
+
+    monkeypatch.setattr(profile_core, "host_profile", host_profile)
+    monkeypatch.setattr(profile_core, "host_trace", lambda call, calls, path: traces.append(path))
+    argv = ["--host", "--compile", "--dump", str(tmp_path), "--host-trace", str(tmp_path)]
+    profile_core.main([*argv, "--mixing", "lse", "head_groups", "--causal"])
+    profile_core.main([*argv, "--mixing", "lse"])
+    for made in (titles, dumps, traces):
+        assert len(made) == 12 and len(set(made)) == 12, made
+    assert all("compile=" in title and "causal=" in title for title in titles), titles
+
+
 @pytest.mark.parametrize("calls", ["0", "3"])
 def test_rank_check_cost_refuses_fewer_calls_than_its_arms_divide(calls, capsys):
     """--calls 3 timed 3 // 4 = 0 module calls: a ZeroDivisionError on every rank."""
