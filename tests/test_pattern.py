@@ -28,15 +28,25 @@ def pairs_of(block: pattern.Block, h: int) -> list[tuple[int, int]]:
 )
 # 5 heads cut evenly into the 4 parts the pair count asked for: one part of 2 heads, 1.6x the bound
 @example(configs=((1,), (1,)), n=3, h=5, mixing="lse", split=4)
+# a tail of 5 heads, 2 per part: 3 parts (2 parts, floor(5 / 2), put 3 heads, 1.2x, in one)
+@example(configs=((16,), (1,)), n=8, h=5, mixing="lse", split=2)
+# 4 segments, 8 parts asked for: 4 parts of one segment (not 8 bounds, 4 of them empty parts)
+@example(configs=((4,), (2,)), n=16, h=1, mixing="lse", split=16)
 def test_parts_partition_each_block_within_the_bound(configs, n, h, mixing, split):
     """Each block's parts (cut by segments, else by heads) cover its (row, head) pairs exactly
-    once, each part at most 1/split of all pairs unless it is one segment of one head."""
+    once, none of them empty (an empty part is a kernel call on nothing), each part at most
+    1/split of all pairs unless it is one segment of one head; a cut by heads, of whole heads
+    only, keeps within the bound unless it is one head."""
     plan = pattern._build_plan(n, h, tuple(zip(*configs)), mixing, split)
     assert len(plan.parts) == len(plan.blocks)
     for block, parts in zip(plan.blocks, plan.parts):
         covered = [pair for part in parts for pair in pairs_of(part, h)]
         assert sorted(covered) == sorted(pairs_of(block, h))  # each pair once
         for part in parts:
+            assert part.segments >= 1 and part.job.num_heads >= 1, part
+            if len(parts) > 1 and part.segments == block.segments:  # cut by heads
+                pairs = part.segments * part.length * part.job.num_heads
+                assert part.job.num_heads == 1 or pairs * split <= n * h, part
             assert (part.length, part.tail, part.job.w, part.job.r) == (
                 block.length,
                 block.tail,
@@ -55,6 +65,12 @@ def test_blocks_of_every_head_are_cut_by_segments():
     assert len(parts) == 8
     assert all(p.job.heads == plan.blocks[0].job.heads for p in parts)
     assert [p.start for p in parts] == [128 * c for c in range(8)]
+    # fewer segments (4) than the parts the bound asks for (8), but no fewer than the heads (2):
+    # still by segments, one each, not into two head slices of every segment
+    plan = pattern._build_plan(64, 2, ((16, 1),), "lse", 8)
+    assert [(p.start, p.segments, p.job.heads) for p in plan.parts[0]] == [
+        (16 * c, 1, slice(0, 2, 1)) for c in range(4)
+    ]
 
 
 @given(
