@@ -402,6 +402,24 @@ def test_pooled_memory_reuses_patterns_and_buffers():
     assert first.data_ptr() != second.data_ptr()  # but outputs never alias a pooled buffer
 
 
+def test_pooled_global_permutations_are_kept_per_length_and_rate():
+    """The global layout's cached permutation depends on ``n``, ``w`` and ``r``: two configs of
+    one segment length but different rates, and one pooled module called at two lengths (the
+    second not a multiple of ``w``), each need their own (a key without ``r`` or ``n`` handed a
+    config or a call the other's rows, silently)."""
+    module = ringattn.DilatedAttention(
+        (8, 8),
+        (1, 2),
+        strategy=ringattn.Strategy(dilation="global", computer="math", memory="pooled"),
+        compile=False,
+    )
+    for n in (16, 21):
+        p = {"b": 1, "n": n, "h": 2, "d": 4, "segment_lengths": (8, 8), "dilation_rates": (1, 2)}
+        q, k, v = make_qkv(p, torch.float64)
+        ref = reference.dilated_attention(q, k, v, **options(p))
+        assert rel_err(module(q, k, v), ref) <= TOLERANCE[torch.float64], n
+
+
 def test_pooled_memory_reports_and_drops_what_it_keeps():
     from torch.nn.attention.flex_attention import create_block_mask
 
