@@ -222,13 +222,18 @@ def test_a_computer_switch_flipped_on_a_live_module_takes_effect(monkeypatch):
     st.integers(1, 6),
     st.integers(1, 8),
 )
+# each offset's block (2 pairs) within the bound (32 / 8 pairs), their run of 4 offsets (8) not
+@example(configs=((8,), (4,)), b=1, n=8, h=4, split=8)
 def test_offset_runs_view_exactly_their_blocks_rows(configs, b, n, h, split):
     """An ``OffsetRun``'s view holds, at head ``o``, offset ``o``'s block rows at head
     ``index`` (same elements, same memory), for tensors of several layouts; and runs only group
-    whole configs of equal-headed offsets into fewer launches than blocks."""
+    whole configs of equal-headed offsets into fewer launches than blocks, each run within the
+    bound on a kernel call's pairs that the blocks' parts keep (``split``)."""
     plan = pattern._build_plan(n, h, tuple(zip(*configs)), "lse", split)
     for members, runs in pattern.offset_runs(plan, split):
         assert len(runs) < len(members) == runs[0].offsets
+        first = runs[0].first
+        assert first.segments * first.length * runs[0].offsets * split <= n * h
         for x in layouts(b, n, h, 3).values():
             for run in runs:
                 view = launches.views((x,), (run.rows_geometry(x.shape, x.stride()),))[0]
