@@ -727,6 +727,25 @@ def _messages_of(call) -> str:
     raise AssertionError("no error")
 
 
+def a_rank_with_another_option_raises_everywhere(field: str) -> str:
+    """Rank 1 alone calls with another strategy, layout or grad mode. The config here is
+    shard-local in either layout, so nothing travels and, unchecked, every rank returns: rank 1's
+    rows meant other positions (layout), or its ring and its peers' all-gather would have posted
+    different collectives on a spanning config (strategy). Only the agreement can tell."""
+    odd = dist.get_rank() == 1
+    fields = {"communicator": "all_gather" if odd and field == "strategy" else "ring"}
+    module = ringattn.DilatedAttention(
+        (4, 8),
+        (1, 2),
+        strategy=ringattn.Strategy(**fields),
+        compile=False,
+        layout="zigzag" if odd and field == "layout" else "contiguous",
+    )
+    q = torch.randn(1, 16, 2, 8)
+    with torch.set_grad_enabled(not (odd and field == "grad mode")):
+        return _value_error_of(lambda: module(q, q, q))
+
+
 def ranks_under_different_autocasts_raise_everywhere():
     """Rank 0 under bf16 autocast, rank 1 under fp16: float32 inputs agreed on, then each cast
     to its own dtype, exchanged each other's bytes (relative error 1.7, no error)."""

@@ -356,6 +356,12 @@ def test_a_dual_tensor_on_one_rank_raises_on_every_rank(pool):
     assert all(m.startswith("ValueError: ranks disagree") and "dual" in m for m in others)
 
 
+@pytest.mark.parametrize("field", ["strategy", "layout", "grad mode"])
+def test_a_rank_with_another_option_raises_on_every_rank(pool, field):
+    messages = pool.run("a_rank_with_another_option_raises_everywhere", field)
+    assert all("ranks disagree" in m and f"(they differ in: {field})" in m for m in messages)
+
+
 def test_ranks_under_different_autocasts_raise_on_every_rank(pool):
     messages = pool.run("ranks_under_different_autocasts_raise_everywhere")
     assert all("ranks disagree" in m and "bfloat16" in m and "float16" in m for m in messages)
