@@ -171,9 +171,11 @@ def placed_spanning_blocks_merge_in_place(shape, options, strategy_fields, layou
     return sum(into_calls)
 
 
-def bytes_sent(shape, options, strategy_fields, backward: bool, layout="contiguous"):
+def bytes_sent(
+    shape, options, strategy_fields, backward: bool, layout="contiguous", dtype_name="float32"
+):
     b, n, h, d = shape
-    (q, k, v), grad = full_problem(b, n, h, d, 0, torch.float32)
+    (q, k, v), grad = full_problem(b, n, h, d, 0, getattr(torch, dtype_name))
     module = ringattn.DilatedAttention(
         options["segment_lengths"],
         options["dilation_rates"],

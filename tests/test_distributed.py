@@ -230,8 +230,10 @@ def test_ranks_with_different_strides_take_the_same_runs(pool, communicator):
     pool.run("matches_oracle", shape, opts, strategy, "float32", 0, "contiguous", True)
 
 
-def expected_bytes(world_size, causal, mixing, communicator, layout="contiguous"):
-    """Analytic volume per rank: only selected K/V rows of segments spanning ranks travel."""
+def expected_bytes(world_size, causal, mixing, communicator, layout="contiguous", itemsize=4):
+    """Analytic volume per rank: only selected K/V rows of segments spanning ranks travel, in the
+    inputs' dtype (``itemsize`` bytes); dK/dV shares in it too on the ring (the kernel's dtype),
+    in float32 through the all-gather's reduce-scatter."""
     b, n, h, d = SHAPE
     m = n // world_size
     lengths, rates = (CONFIGS if layout == "contiguous" else ZIGZAG_CONFIGS)[world_size]
@@ -245,8 +247,8 @@ def expected_bytes(world_size, causal, mixing, communicator, layout="contiguous"
         if span == 1:
             continue
         rows = m // job.r
-        kv_fp32 = 2 * b * rows * job.num_heads * d * 4  # K and V chunk, float32 inputs
-        grads = kv_fp32  # dK, dV shares travel in float32
+        kv_fp32 = 2 * b * rows * job.num_heads * d * itemsize  # K and V chunk
+        grads = kv_fp32 if communicator == "ring" else 2 * b * rows * job.num_heads * d * 4
         for rank in range(world_size):
             t = rank % span
             if communicator == "all_gather":
@@ -276,6 +278,19 @@ def test_bytes_sent_equal_the_analytic_volume(pool, communicator, causal, mixing
     assert [f for f, _ in measured] == forward
     assert [bw for _, bw in measured] == backward
     assert sum(forward) > 0
+
+
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+def test_bf16_bytes_sent_equal_the_analytic_volume(pool, communicator):
+    """bf16 inputs: K/V travel in bf16, and so do the ring's dK/dV shares (the dtype its kernel
+    returned them in: widening them first doubles the bytes of a step nothing overlaps); the
+    all-gather's reduce-scatter sums its shares in float32."""
+    strategy = {"communicator": communicator, "computer": "sdpa"}
+    opts = options(pool.world_size, False, "lse")
+    measured = pool.run("bytes_sent", SHAPE, opts, strategy, True, "contiguous", "bfloat16")
+    expected = expected_bytes(pool.world_size, False, "lse", communicator, itemsize=2)
+    assert [list(m) for m in zip(*measured)] == list(expected)
+    assert sum(expected[1]) > 0
 
 
 def test_shard_local_configs_send_nothing(pool):
