@@ -81,6 +81,32 @@ def matches_oracle(
     return errors
 
 
+def bf16_partial_results_merge_in_float32(communicator: str) -> tuple[str, str, float, bool]:
+    """bf16 K/V spanning every rank, through the communicator's ``attend``: the shards' partial
+    results merge in float32 accumulators (the module's oracle test, at bf16's tolerance, cannot
+    see accumulators rounded to bf16 once per shard). Returns their dtypes, the output's error
+    against float64 attention over the gathered keys, and whether ``attend_into`` without an
+    LSE (a placed block under no_grad) writes what it writes with a float32 one."""
+    p = dist.get_world_size()
+    module = _small_module({"communicator": communicator, "computer": "sdpa"})
+    comm, computer = module.communicator, module.computer
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    q, k, v = (torch.randn(1, 8, 2, 8, generator=gen).to(torch.bfloat16) for _ in range(3))
+    out, lse = comm.attend(computer, q, k, v, False, 8**-0.5, p)
+    placed = [torch.zeros_like(q) for _ in range(2)]
+    comm.attend_into(computer, q, k, v, False, 8**-0.5, p, placed[0], None)
+    stats = torch.empty(q.shape[:3], dtype=torch.float32)
+    comm.attend_into(computer, q, k, v, False, 8**-0.5, p, placed[1], stats)
+    gathered = []
+    for x in (k, v):
+        parts = [torch.empty_like(x) for _ in range(p)]
+        dist.all_gather(parts, x)
+        gathered.append(torch.cat(parts, dim=1).double())
+    scores = torch.einsum("blhd,bmhd->bhlm", q.double(), gathered[0]) * 8**-0.5
+    ref = torch.einsum("bhlm,bmhd->blhd", scores.softmax(-1), gathered[1])
+    return str(out.dtype), str(lse.dtype), _rel(out, ref), torch.equal(*placed)
+
+
 def matches_oracle_through_fake_fa4(shape, options, strategy_fields, layout="contiguous"):
     """:func:`matches_oracle` with sdpa's blocks on the FA4 stand-in (tests/fake_fa4.py), twice:
     the first call records each block signature's launches, the second replays them. Returns

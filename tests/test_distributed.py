@@ -124,6 +124,17 @@ def test_bf16_matches_oracle(pool, communicator, mixing):
     pool.run("matches_oracle", SHAPE, opts, strategy, "bfloat16")
 
 
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+def test_bf16_partial_results_merge_in_float32(pool, communicator):
+    """The ring's and all-gather's partial results merge in float32, placed blocks included
+    (under no_grad the LSE they merge by is scratch, which must be float32 too)."""
+    results = pool.run("bf16_partial_results_merge_in_float32", communicator)
+    for out_dtype, lse_dtype, error, placed_alike in results:
+        assert (out_dtype, lse_dtype) == ("torch.float32", "torch.float32")
+        assert error <= 2e-2
+        assert placed_alike
+
+
 @pytest.mark.parametrize(
     "communicator, causal, mixing, layout, heads",
     [
