@@ -586,9 +586,10 @@ def test_profile_core_refuses_a_folder_it_cannot_make_before_profiling(flag, mon
     assert f"{flag}: cannot make '/dev/null/x'" in err
 
 
-def test_profile_core_host_profiles_the_forward_alone_under_forward(monkeypatch):
-    """--host profiled forward and forward+backward with --forward too (gpu_session.sh's
-    ``host`` part passed it): the flag was accepted and ignored."""
+@pytest.fixture
+def profile_core_without_a_gpu(monkeypatch):
+    """experiments.profile_core with CUDA, the inputs, the module and its calls stubbed: what
+    main profiles, under which titles and into which files, on the CPU."""
     import torch
 
     import ringattn
@@ -600,6 +601,15 @@ def test_profile_core_host_profiles_the_forward_alone_under_forward(monkeypatch)
     monkeypatch.setattr(ringattn, "DilatedAttention", lambda *args, **kwargs: None)
     monkeypatch.setattr(profile_core, "fwd_and_fwdbwd", lambda *args: ("fwd", "fwdbwd"))
     monkeypatch.setattr(lanes, "MODE", lanes.MODE)  # (main sets it)
+    return profile_core
+
+
+def test_profile_core_host_profiles_the_forward_alone_under_forward(
+    profile_core_without_a_gpu, monkeypatch
+):
+    """--host profiled forward and forward+backward with --forward too (gpu_session.sh's
+    ``host`` part passed it): the flag was accepted and ignored."""
+    profile_core = profile_core_without_a_gpu
     profiled: list[str] = []
     monkeypatch.setattr(profile_core, "host_profile", lambda call, *args: profiled.append(call))
     profile_core.main(["--host", "--forward", "--mixing", "lse"])
@@ -609,21 +619,13 @@ def test_profile_core_host_profiles_the_forward_alone_under_forward(monkeypatch)
     assert profiled == ["fwd", "fwdbwd"]
 
 
-def test_profile_core_host_profiles_have_titles_and_files_of_their_own(monkeypatch, tmp_path):
+def test_profile_core_host_profiles_have_titles_and_files_of_their_own(
+    profile_core_without_a_gpu, monkeypatch, tmp_path
+):
     """Under --host --compile the compiled module's profile was dumped to (and traced into) the
     eager one's file, and no title said causal or compiled: every profile of a run gets its
     own title and its own files."""
-    import torch
-
-    import ringattn
-    from experiments import profile_core
-    from ringattn import lanes
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch, "randn", lambda *args, **kwargs: None)
-    monkeypatch.setattr(ringattn, "DilatedAttention", lambda *args, **kwargs: None)
-    monkeypatch.setattr(profile_core, "fwd_and_fwdbwd", lambda *args: ("fwd", "fwdbwd"))
-    monkeypatch.setattr(lanes, "MODE", lanes.MODE)  # (main sets it)
+    profile_core = profile_core_without_a_gpu
     titles: list[str] = []
     dumps: list[str] = []
     traces: list[str] = []
