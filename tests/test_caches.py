@@ -240,3 +240,41 @@ def test_functional_forms_evicted_module_drops_its_buffers(monkeypatch):
     assert modules[0] not in api._MODULES.values()
     assert modules[0].memory.held_bytes() == 0
     assert modules[1].memory.held_bytes() > 0  # the cached ones keep theirs
+
+
+def test_pooled_scratch_is_keyed_by_tag_and_shape():
+    """Two tags of one shape (a ring's two key/value buffers) must not share a buffer, and a
+    later call at another shape must not get the earlier one's."""
+    pool, cpu = PooledMemory(), torch.device("cpu")
+    a = pool.scratch("ring_kv_0", (2, 3), torch.float32, cpu)
+    assert pool.scratch("ring_kv_1", (2, 3), torch.float32, cpu) is not a
+    assert pool.scratch("ring_kv_0", (3, 2), torch.float32, cpu).shape == (3, 2)
+    assert pool.scratch("ring_kv_0", (2, 3), torch.float32, cpu) is a
+
+
+def test_pooled_scratch_is_per_thread():
+    """Threads sharing a module (the functional form's) each get their own buffers: one buffer
+    shared by two concurrent calls gave wrong outputs."""
+    import threading
+
+    pool, cpu = PooledMemory(), torch.device("cpu")
+    mine = pool.scratch("lse_acc", (4,), torch.float32, cpu)
+    other: list = []
+    worker = threading.Thread(
+        target=lambda: other.append(pool.scratch("lse_acc", (4,), torch.float32, cpu))
+    )
+    worker.start()
+    worker.join()
+    assert other[0] is not mine
+    assert other[0].untyped_storage().data_ptr() != mine.untyped_storage().data_ptr()
+
+
+def test_pooled_entries_made_under_inference_mode_are_normal_tensors():
+    """A kept inference tensor could not be saved for backward (nor written in place) by a later
+    training call."""
+    pool, cpu = PooledMemory(), torch.device("cpu")
+    with torch.inference_mode():
+        buffer = pool.scratch("acc", (4,), torch.float32, cpu)
+        pattern = pool.cached("pattern", lambda: torch.arange(4))
+    assert not buffer.is_inference() and not pattern.is_inference()
+    assert pool.scratch("acc", (4,), torch.float32, cpu) is buffer
