@@ -477,3 +477,62 @@ def test_preparations_are_keyed_by_every_part_of_a_layout():
     for other in (x.double(), x.to("meta"), x[:, :4], x.transpose(1, 2), x.reshape(4, 4, 4, 16)):
         assert launches.layouts_of((other, None)) != key
     assert launches.layouts_of((x, x)) != key
+
+
+def _spec_and_tensors():
+    """A head_groups module's spec (math computer) and tensors of one layout."""
+    attention = ringattn.DilatedAttention(
+        (8, 16), (1, 2), mixing="head_groups", strategy=ringattn.Strategy(computer="math")
+    )
+    q = torch.randn(1, 32, 4, 8)
+    with torch.no_grad():
+        attention(q, q, q)
+    (spec,) = attention._specs.values()
+    spec.launches.clear()
+    return spec, (q, q, q), (torch.empty_like(q), None)
+
+
+def _counting_prepare(monkeypatch) -> list:
+    made: list = []
+    original = launches._prepare
+    monkeypatch.setattr(launches, "_prepare", lambda *a: (made.append(a[6]), original(*a))[1])
+    return made
+
+
+def test_preparations_are_keyed_by_split(monkeypatch):
+    """The backward prepares one layout's placed blocks twice, in the computer's split and whole
+    (split 1, for a grouped launch): served the other's, the grouped launch sees the wrong parts."""
+    spec, reads, writes = _spec_and_tensors()
+    made = _counting_prepare(monkeypatch)
+    ids = range(len(spec.plan.blocks))
+    launcher = lambda span, part, *views: lambda *views: None  # noqa: E731
+    for split in (None, 1, None, 1):
+        launches.prepared(spec, "backward", reads, writes, ids, launcher, True, split=split)
+    assert made == [None, 1]
+
+
+def test_the_bound_drops_the_least_recently_used_preparation(monkeypatch):
+    spec, reads, writes = _spec_and_tensors()
+    made = _counting_prepare(monkeypatch)
+    launcher = lambda span, part, *views: lambda *views: None  # noqa: E731
+
+    def prepare(kind: str) -> None:
+        launches.prepared(spec, kind, reads, writes, (0,), launcher, True)
+
+    kinds = [f"kind {i}" for i in range(launches.MAX_PREPARED + 1)]
+    for kind in kinds:
+        prepare(kind)
+    assert len(made) == len(kinds) and len(spec.launches) == launches.MAX_PREPARED
+    prepare(kinds[-1])  # the newest is kept
+    prepare(kinds[1])  # and the oldest but one
+    assert len(made) == len(kinds)
+    prepare(kinds[0])  # the oldest was dropped
+    assert len(made) == len(kinds) + 1
+
+
+def test_gather_reads_from_the_tensors_own_offset():
+    """The LSE a backward gets may be a view into a larger storage (``lse[1:]``)."""
+    base = torch.arange(12.0)
+    x = base[5:]
+    index = torch.tensor([0, 2, 4, 1])
+    assert torch.equal(launches.gather(x, index, 5), x[index])
