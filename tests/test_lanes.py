@@ -223,3 +223,17 @@ def test_each_thread_and_device_has_its_own_lanes(monkeypatch: pytest.MonkeyPatc
     worker.start()
     worker.join()
     assert other[0] is not mine and not set(map(id, other[0].sides)) & set(map(id, mine.sides))
+
+
+def test_a_thread_s_lanes_grow_with_lanes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LANES raised between calls: a fan made for fewer side lanes is made again, or the
+    calls' blocks would index past its streams."""
+    _fake_fan(monkeypatch)
+    monkeypatch.setattr(lanes, "_fans", lanes.threading.local())
+    zero = torch.device("cuda", 0)
+    small = lanes._fan(zero, 1)
+    assert len(lanes._fan(zero, 3).sides) == 3
+    assert lanes._fan(zero, 1) is not small  # (the larger one serves fewer lanes too)
+    monkeypatch.setattr(lanes, "LANES", 4)
+    fan = lanes.Lanes(zero, enabled=True)
+    assert len(fan.switches) == 3
