@@ -74,10 +74,6 @@ def is_selected(p: int, w: int, r: int, off: int) -> bool:
     return ((p % w) - off) % r == 0
 
 
-def _options(segment_lengths, dilation_rates, causal, mixing, scale) -> DilatedConfig:
-    return DilatedConfig.of(segment_lengths, dilation_rates, causal, mixing, scale)
-
-
 def dilated_attention(
     q: Tensor,
     k: Tensor,
@@ -123,7 +119,7 @@ def dilated_attention_and_lse(
     selects. It is the statistic the merged-stats backward reads (``dS = P * (dP - D)`` with
     ``P = exp(S - LSE)``), so tests can model what that backward makes of an output's rounding.
     """
-    cfg = _options(segment_lengths, dilation_rates, causal, mixing, scale)
+    cfg = DilatedConfig.of(segment_lengths, dilation_rates, causal, mixing, scale)
     k, v = expand_kv_heads(q, k, v)
     q, k, v = (x.to(torch.float64) for x in (q, k, v))
     b, n, h, d = q.shape
@@ -175,7 +171,7 @@ def selection(
     mixing: str = "lse",
 ) -> Tensor:
     """``sel[i, head, p]``: position ``p`` is selected for ``head`` in config ``i`` (bool)."""
-    cfg = _options(segment_lengths, dilation_rates, False, mixing, None)
+    cfg = DilatedConfig.of(segment_lengths, dilation_rates, False, mixing, None)
     p = torch.arange(n)
     sel = torch.zeros(len(cfg.configs), h, n, dtype=torch.bool)
     for i, (w, r) in enumerate(cfg.configs):
@@ -224,7 +220,7 @@ def dilated_attention_by_multiplicity(
     ``dtype`` other than float64 turns it into the naive dense baseline in that precision, which
     the tests use to measure how well-conditioned a gradient is (see tests/test_strategies.py).
     """
-    cfg = _options(segment_lengths, dilation_rates, causal, mixing, scale)
+    cfg = DilatedConfig.of(segment_lengths, dilation_rates, causal, mixing, scale)
     k, v = expand_kv_heads(q, k, v)
     q, k, v = (x.to(dtype) for x in (q, k, v))
     _b, n, h, d = q.shape
