@@ -28,10 +28,11 @@ or an exception other than a ``ValueError``/``TypeError`` refusing the input is 
 with its seed to ``gpu_fuzz.json`` / ``gpu_fuzz.md`` under ``--out``; the table of failures is
 printed last. ``--device cpu`` runs the same on the CPU (what CI runs, a few draws).
 
-A draw depends on its seed and on ``--max-n`` / ``--max-d``: ``--replay SEED`` redraws with the
-values it is given, so ``gpu_fuzz.md`` prints the failures' replay with the run's, and
-``--replay-from DIR/gpu_fuzz.json`` takes them (and ``--kernels``) from the run's record and
-refuses a seed whose redrawn problem is not the one recorded.
+A draw depends on its seed and on ``--max-n`` / ``--max-d``: ``--replay SEED`` redraws both of
+its problems (with their inputs) with the values it is given, so ``gpu_fuzz.md`` prints the
+failures' replay with the run's, and ``--replay-from DIR/gpu_fuzz.json`` takes them (and
+``--kernels``) from the run's record and refuses a seed whose redrawn problem is not the one
+recorded.
 """
 
 from __future__ import annotations
@@ -205,6 +206,9 @@ def prepare(p: dict, device, seed: int):
     return p, inputs, ref, math_errs
 
 
+SECOND_INPUTS = 10**6  # the second problem's inputs are drawn at seed + SECOND_INPUTS
+
+
 def second_problem(p: dict, rng: random.Random, max_n: int) -> dict:
     """The first problem's options at another length and layout (b, h, d, dtype kept)."""
     n = max(1, min(max_n, p["n"] + rng.choice((-1, 1)) * rng.randint(1, max(1, p["n"] // 2))))
@@ -228,7 +232,7 @@ def fuzz(args, device) -> tuple[list[dict], int, dict[str, dict]]:
         problems[str(seed)] = describe(p)
         try:
             first = prepare(p, device, seed)
-            second = prepare(second_problem(p, rng, args.max_n), device, seed + 10**6)
+            second = prepare(second_problem(p, rng, args.max_n), device, seed + SECOND_INPUTS)
         except (ValueError, TypeError) as exc:  # math refusing: a bad draw, not a finding
             rows.append({"strategy": MATH.label, "seed": seed, "refused": failure(exc)})
             draws += 1
@@ -303,7 +307,7 @@ def replay_record(parser, args) -> None:
         parser.error(f"--replay-from: cannot read {str(path)!r}: {exc.strerror}")
     except ValueError as exc:
         parser.error(f"--replay-from: {str(path)!r} is not JSON ({exc})")
-    keys = ("max_n", "max_d", "kernels", "problems")
+    keys = ("max_n", "max_d", "kernels", "problems", "rows")
     if not isinstance(record, dict) or not all(key in record for key in keys):
         parser.error(
             f"--replay-from: {str(path)!r} is not a fuzz run's gpu_fuzz.json with its draws "
@@ -348,39 +352,42 @@ def replay_command(args, seeds) -> str:
 
 
 def failures_replay(args, bad: list[dict]) -> str:
-    """The line that replays the failed draws (``bad``'s seeds), as this run drew them; a seed
-    that failed only on its second problem is named (``--replay`` redraws the first)."""
+    """The line that replays the failed draws (``bad``'s seeds), as this run drew them."""
     seeds = sorted({row["seed"] for row in bad})
-    second = [s for s in seeds if all(row["call"] == 2 for row in bad if row["seed"] == s)]
-    note = f"; seeds {second} failed only on the second problem, which it does not redraw"
-    return (
-        f"Replay: `{replay_command(args, seeds)}` (or `--replay-from` this gpu_fuzz.json"
-        + (note if second else "")
-        + ")"
-    )
+    return f"Replay: `{replay_command(args, seeds)}` (or `--replay-from` this gpu_fuzz.json)"
 
 
 def replay(seeds: list[int], args, device) -> list[dict]:
-    """Each seed's first problem again through ``segment_local/sdpa``, whole and one config at a
-    time, under each :func:`variant`: which config and which kernel a failure comes from."""
+    """Each seed's two problems again (the first, then the second: the run's call 2, a failure
+    only there was not replayable before) through ``segment_local/sdpa``, whole and one config
+    at a time, under each :func:`variant`: which config and which kernel a failure comes from.
+    Each part gets a fresh module: a failure that needs the run's earlier calls on the same
+    module (its caches) shows in the run's rows, not here."""
     rows = []
     strategy = ringattn.Strategy(dilation="segment_local", computer="sdpa", memory="none")
     for seed in seeds:
-        p = draw_problem(random.Random(seed), args.max_n, args.max_d)
-        configs = list(zip(p["segment_lengths"], p["dilation_rates"]))
-        parts = [("all", p)] + [
-            (f"({w}, {r})", p | {"segment_lengths": (w,), "dilation_rates": (r,)})
-            for w, r in configs
-        ]
-        for part, problem in parts:
-            inputs = make_inputs(problem, device, seed)
-            ref = oracle(problem, *inputs)
-            for name in ("default", "bwd_torch", "fwd_torch", "unfused"):
-                row = {"seed": seed, "configs": part, "variant": name, **describe(problem)}
-                with variant(name):
-                    measure(row, module_for(strategy, problem), inputs, ref)
-                rows.append(row)
-                print(row, flush=True)
+        rng = random.Random(seed)  # drawn as ``fuzz`` draws: the first problem, then the second
+        first = draw_problem(rng, args.max_n, args.max_d)
+        second = second_problem(first, rng, args.max_n)
+        for which, p, input_seed in (
+            ("first", first, seed),
+            ("second", second, seed + SECOND_INPUTS),
+        ):
+            configs = list(zip(p["segment_lengths"], p["dilation_rates"]))
+            parts = [("all", p)] + [
+                (f"({w}, {r})", p | {"segment_lengths": (w,), "dilation_rates": (r,)})
+                for w, r in configs
+            ]
+            for part, problem in parts:
+                inputs = make_inputs(problem, device, input_seed)
+                ref = oracle(problem, *inputs)
+                for name in ("default", "bwd_torch", "fwd_torch", "unfused"):
+                    row = {"seed": seed, "problem": which, "configs": part, "variant": name}
+                    row |= describe(problem)
+                    with variant(name):
+                        measure(row, module_for(strategy, problem), inputs, ref)
+                    rows.append(row)
+                    print(row, flush=True)
     return rows
 
 
@@ -418,7 +425,18 @@ KERNELS: dict[
 }
 
 
-REPLAY_COLUMNS = ["seed", "configs", "variant", "dtype", "n", "h", "d", "causal", "mixing"]
+REPLAY_COLUMNS = [
+    "seed",
+    "problem",
+    "configs",
+    "variant",
+    "dtype",
+    "n",
+    "h",
+    "d",
+    "causal",
+    "mixing",
+]
 REPLAY_COLUMNS += ["layout", "fwd_err", "dq_err", "dk_err", "dv_err", "error"]
 
 

@@ -214,8 +214,23 @@ def test_gpu_fuzz_replays_the_problems_its_run_drew(tmp_path):
     for seed in (0, 1):
         whole = [row for row in rows if row["seed"] == seed and row["configs"] == "all"]
         problem = record["problems"][str(seed)]
-        assert whole and all({key: row[key] for key in problem} == problem for row in whole)
+        first = [row for row in whole if row["problem"] == "first"]
+        assert first and all({key: row[key] for key in problem} == problem for row in first)
         assert all("error" not in row for row in whole)
+        # the second problem (the run's call 2) too: the run's problem and inputs, so the same
+        # strategy's default kernels make the very same error of it
+        run = [
+            row
+            for row in record["rows"]
+            if row.get("seed") == seed and row["strategy"] == "segment_local/sdpa/local/none"
+        ]
+        for which, call in (("first", 0), ("second", 2)):
+            (drawn,) = [row for row in run if row["call"] == call]
+            (again,) = [
+                row for row in whole if (row["problem"], row["variant"]) == (which, "default")
+            ]
+            assert {key: again[key] for key in problem} == {key: drawn[key] for key in problem}
+            assert again["fwd_err"] == drawn["fwd_err"]
     assert "--max-n 48 --max-d 16 --replay 0 1`" in (out / "gpu_fuzz_replay.md").read_text()
 
 
@@ -716,22 +731,29 @@ def test_gpu_fuzz_refuses_a_replay_of_another_problem(argv, message, tmp_path, m
     assert message in refused(gpu_fuzz.main, argv, capsys)
 
 
+_DRAWS_WITHOUT_ROWS = '{"max_n": 48, "max_d": 16, "kernels": "installed", "problems": {}}'
+
+
 @pytest.mark.parametrize(
-    "text, message",
+    "text, replay, message",
     [
-        (None, "--replay-from: cannot read"),
-        ("{", "is not JSON"),
-        ('{"summary": "", "rows": []}', "is not a fuzz run's gpu_fuzz.json with its draws"),
+        (None, ["--replay", "0"], "--replay-from: cannot read"),
+        ("{", ["--replay", "0"], "is not JSON"),
+        ('{"summary": "", "rows": []}', ["--replay", "0"], "is not a fuzz run's gpu_fuzz.json"),
+        # hand-trimmed: its failed seeds (what --replay-from replays by default) come from "rows"
+        (_DRAWS_WITHOUT_ROWS, [], "is not a fuzz run's gpu_fuzz.json with its draws"),
     ],
 )
-def test_gpu_fuzz_refuses_a_replay_from_a_file_without_its_draws(text, message, tmp_path, capsys):
+def test_gpu_fuzz_refuses_a_replay_from_a_file_without_its_draws(
+    text, replay, message, tmp_path, capsys
+):
     """A record from before the draws were kept (or no record) cannot hold a replay to them."""
     from experiments import gpu_fuzz
 
     path = tmp_path / "gpu_fuzz.json"
     if text is not None:
         path.write_text(text)
-    argv = ["--device", "cpu", "--replay-from", str(path), "--replay", "0"]
+    argv = ["--device", "cpu", "--replay-from", str(path), *replay]
     assert message in refused(gpu_fuzz.main, argv, capsys)
 
 
