@@ -81,6 +81,12 @@ out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
     --no-in-model --no-compile)
+script() { # SECONDS NAME ARGS...: experiments.NAME under a time limit, its log and exit status
+    local seconds=$1 name=$2
+    shift 2
+    timeout "$seconds" python -m "experiments.$name" "$@" >>"$out/$name.log" 2>&1
+    echo "$name $1: rc=$?" >>"$out/rc.log"
+}
 brief() { # overheads.json rows, a short line each: the A/B choices, ms, host ms, peaks, errors
     python - "$@" <<'PY'
 import json, sys
@@ -433,12 +439,7 @@ $(grep -h "GPU busy" "$out/timeline_131k_causal/kernel_timeline.md" | cut -c1-15
 options)
     # after every script's options were given help texts and shared helpers (--n, --mixing,
     # --causal, --heads/--dim): each GPU script whose option table changed, once, short
-    run() {
-        local name=$1
-        shift
-        timeout 150 python -m "experiments.$name" "$@" >"$out/$name.log" 2>&1
-        echo "$name: rc=$?" >>"$out/rc.log"
-    }
+    run() { script 150 "$@"; }
     run bench --n 32768 --mixing lse --causal yes --computers sdpa --dilations segment_local \
         --no-flash-row --no-in-model --no-compile --repeats 3 --warmup 1 --check-n 0 \
         --out "$out/bench"
@@ -455,12 +456,7 @@ replays)
     # after gpu_fuzz recorded its draws (--replay-from) and profile_core --host honoured
     # --forward (twelfth session): a short fuzz run, its seed replayed from the run's record,
     # and the host profile of the forward alone
-    run() {
-        local name=$1
-        shift
-        timeout 200 python -m "experiments.$name" "$@" >>"$out/$name.log" 2>&1
-        echo "$name $1: rc=$?" >>"$out/rc.log"
-    }
+    run() { script 200 "$@"; }
     run gpu_fuzz --draws 2 --max-n 4096 --max-d 128 --seed 14 --out "$out/fuzz"
     run gpu_fuzz --replay-from "$out/fuzz/gpu_fuzz.json" --replay 14 --out "$out/replay"
     python -m experiments.profile_core --host --forward --n 32768 --mixing head_groups \
