@@ -704,3 +704,23 @@ def test_a_gradient_for_one_input_alone(which, small_problem):
     (grad,) = torch.autograd.grad(out, qkv[which], grad_out)
     ref_grad = torch.autograd.grad(ref, ref_inputs[which], grad_out.double())[0]
     assert rel_err(grad, ref_grad, grad_floor(grad_out)) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("computer", ["math", "sdpa"])
+def test_one_module_serves_shapes_that_share_n(computer):
+    """A module caches its specs per shape: ``h`` sets the plan (head_groups splits the heads
+    among the configs) and ``d`` the default scale ``1 / sqrt(d)``. A call whose shape shares
+    ``n`` but not ``h`` or ``d`` with an earlier one gets its own spec: keyed on ``(n, h)``, a
+    ``d=16`` call after a ``d=4`` one ran with scale 1/2 instead of 1/4, silently."""
+    strategy = ringattn.Strategy(computer=computer)
+    module = ringattn.DilatedAttention(
+        (4, 8), (1, 2), mixing="head_groups", strategy=strategy, compile=False
+    )
+    for h, d in ((2, 4), (2, 16), (4, 4), (2, 4)):
+        p = {"b": 1, "n": 16, "h": h, "d": d, "segment_lengths": (4, 8), "dilation_rates": (1, 2),
+             "mixing": "head_groups"}  # fmt: skip
+        q, k, v = make_qkv(p)
+        out = module(q, k, v)
+        ref = reference.dilated_attention(*(x.double() for x in (q, k, v)), **options(p))
+        err = rel_err(out, ref)
+        assert err <= TOLERANCE[torch.float32], f"h={h}, d={d}: rel err {err:.3g}"
