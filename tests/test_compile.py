@@ -348,6 +348,8 @@ def _bad_calls(q: torch.Tensor) -> list[tuple[str, tuple]]:
         ("k.shape must equal q.shape", (q, q[:, :, :1], q[:, :, :1])),
         ("v.shape must equal q.shape", (q, q, q[:, :8])),
         ("parameter 'k' must be a floating [b, n, h, d] tensor", (q, q[0], q)),
+        ("parameter 'q' must be a floating [b, n, h, d] tensor", (q[..., None],) * 3),
+        ("must have h >= 1", (q[:, :, :0],) * 3),
         ("parameter 'q' must be float16, bfloat16, float32 or float64", (q8, q8, q8)),
     ]
 

@@ -32,6 +32,7 @@ def call(q, k, v, **overrides):
         ({"segment_lengths": []}, ValueError, "segment_lengths must not be empty"),
         ({"dilation_rates": []}, ValueError, "dilation_rates must not be empty"),
         ({"segment_lengths": [4]}, ValueError, "same length"),
+        ({"dilation_rates": [1]}, ValueError, "same length, got 2 and 1"),  # (either one short)
         ({"segment_lengths": [4, 0]}, ValueError, r"segment_lengths\[1\] must be >= 1, got 0"),
         ({"dilation_rates": [1, -2]}, ValueError, r"dilation_rates\[1\] must be >= 1, got -2"),
         ({"segment_lengths": [4, 8.0]}, TypeError, "segment_lengths"),
@@ -92,6 +93,12 @@ def test_bad_options(overrides, error, match):
             "parameter 'q' must be float16, bfloat16, float32 or float64, got torch.float8",
         ),
         (qkv((1, 0, 2, 4)), ValueError, "n >= 1"),
+        # (each axis: h = 0 returned an empty output, d = 0 a ZeroDivisionError, unchecked)
+        (qkv((0, 8, 2, 4)), ValueError, r"b >= 1, got shape \(0, 8, 2, 4\)"),
+        (qkv((1, 8, 0, 4)), ValueError, r"h >= 1, got shape \(1, 8, 0, 4\)"),
+        (qkv((1, 8, 2, 0)), ValueError, r"d >= 1, got shape \(1, 8, 2, 0\)"),
+        # more dims than four: the rule in words, not jaxtyping's report of the annotation
+        (qkv((1, 8, 2, 4, 1)), TypeError, r"parameter 'q' must be a floating \[b, n, h, d\]"),
         (([1.0], *qkv()[1:]), TypeError, "parameter 'q'"),
         ((qkv()[0].to_sparse(), *qkv()[1:]), TypeError, "must be a dense"),
         # grouped-query K/V (fewer heads): the rule, and the way to get it
@@ -231,6 +238,7 @@ def test_unknown_compile_backend_is_named():
     otherwise a typo would surface only when the strategy changes."""
     with pytest.raises(ValueError, match=r"compile_backend must be one of .*'nope'"):
         ringattn.DilatedAttention(**GOOD, compile_backend="nope")
+    call(*qkv())  # (a good call first: its cached module must not serve the typo)
     with pytest.raises(ValueError, match="compile_backend must be one of"):
         call(*qkv(), compile_backend="nope")
 
@@ -325,6 +333,12 @@ def test_repeated_calls_still_reject_bad_inputs():
         module(q, k, v[:, :4])  # jaxtyping: the shapes disagree
     with pytest.raises(TypeError):
         module(q, k, "v")
+    # (keyed without the devices, a v on another device ran after a good call, silently)
+    with pytest.raises(ValueError, match=r"v\.device must equal q\.device"):
+        module(q, k, v.to("meta"))
+    meta = tuple(x.to("meta") for x in (q, k, v))
+    with pytest.raises(ValueError, match="computer='sdpa' cannot run"):
+        module(*meta)
     module(q, k, v)
 
 
@@ -444,6 +458,12 @@ def test_a_training_call_after_an_inference_call_is_still_checked():
         module(q, k, v)
     with pytest.raises(ringattn.UnsupportedError, match="no backward on CPU"):
         module(q.requires_grad_(), k, v)
+    # any one input's gradient is a training call (read from q alone, a k or v that needed one
+    # got flex's own NotImplementedError from inside the kernel)
+    for i in (1, 2):
+        inputs = [x.detach() for x in (q, k, v)]
+        with pytest.raises(ringattn.UnsupportedError, match="no backward on CPU"):
+            module(*inputs[:i], inputs[i].requires_grad_(), *inputs[i + 1 :])
 
 
 def test_functional_form_keys_its_modules_on_compile():
