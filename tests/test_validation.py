@@ -314,6 +314,29 @@ def test_the_config_checks_its_own_options():
     assert type(scale) is float and scale == 2.0
 
 
+def test_the_functional_forms_defaults_are_the_modules():
+    """``dilated_attention`` serves ``DilatedAttention``'s options: each default it shares with
+    the module is the module's, and both are the documented ones (the default strategy is
+    ``docs/catalog.md``'s; compiled, under Inductor). A functional default that drifted
+    (``compile=False``) ran another module than ``DilatedAttention(w, r)`` without notice."""
+    import inspect
+
+    functional = inspect.signature(ringattn.dilated_attention).parameters
+    module = inspect.signature(ringattn.DilatedAttention.__init__).parameters
+    documented = {"causal": False, "mixing": "lse", "scale": None, "compile": True,
+                  "compile_backend": "inductor", "compile_mode": "default", "group": None,
+                  "layout": "contiguous"}  # fmt: skip
+    for name, default in documented.items():
+        assert module[name].default is default, name
+        if name in functional:
+            assert functional[name].default is default, name
+    for defaults in (module, functional):
+        assert defaults["strategy"].default.label == "segment_local/sdpa/local/pooled"
+    assert ringattn.Strategy().label == "segment_local/sdpa/local/pooled"
+    shared = set(functional) - {"q", "k", "v"}
+    assert shared == set(module) - {"self", "compile_mode", "group", "layout"}
+
+
 def test_shard_layouts_are_validated():
     with pytest.raises(ValueError, match="layout must be one of"):
         ringattn.DilatedAttention(**GOOD, layout="diagonal")
