@@ -76,6 +76,36 @@ def test_block_masks_cover_every_allowed_pair(configs, n, h, causal, mixing, blo
         assert_lists_each_tile_once(run, n, block)
 
 
+@settings(max_examples=25)
+@given(
+    st.integers(1, 4),
+    st.integers(1, 6),
+    st.integers(1, 4),
+    st.integers(1, 4),
+    st.booleans(),
+    st.sampled_from([4, 8, 16]),
+)
+def test_block_masks_visit_only_needed_tiles_where_hulls_are_exact(
+    r, rows, segments, h, causal, block
+):
+    """Where the key ranges are exact, a block mask visits exactly the tiles some allowed pair
+    needs (the test above asks only for at least those, and eager flex applies ``mask_mod``
+    densely, so extra tiles changed no output): a run mask over whole segments (each head's runs
+    lie next to each other in permuted order), and the mixture mask of one config of rate 1.
+    A last q-block's padding, other heads' rows or a missing causal clip widened the ranges."""
+    w = r * rows
+    n = w * segments
+    plan = make_plan(n, h, ((w, r),), "lse")
+    offsets = torch.tensor(plan.head_offsets())
+    computer = FlexComputer()
+    computer.block_size = block
+    run = computer._run_mask(n, w, r, offsets[0], causal, "cpu")
+    assert torch.equal(visited_tiles(run, h), needed_tiles(run.mask_mod, h, n, block))
+    if r == 1:
+        mixture = computer._mixture_mask(plan, causal, offsets)
+        assert torch.equal(visited_tiles(mixture, h), needed_tiles(mixture.mask_mod, h, n, block))
+
+
 @pytest.mark.parametrize(
     "n, configs",
     [
@@ -104,6 +134,20 @@ def fraction_of(strategy_dilation: str, n: int, configs, causal: bool, block: in
     if strategy_dilation == "segment_local":
         return masks.computed_fraction(aux[0])
     return [masks.computed_fraction(block_mask) for _, _, block_mask in aux]
+
+
+def test_computed_fraction_counts_full_tiles():
+    """A block mask of torch's own (``create_block_mask``) lists the tiles whose every pair is
+    allowed as *full* blocks, apart from the partial ones: both are visited. Causal, two
+    q-blocks: the two diagonal tiles (partial) and the one below them (full), of four."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def causal(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx
+
+    block_mask = create_block_mask(causal, 1, 1, 256, 256, device="cpu", BLOCK_SIZE=128)
+    assert int(block_mask.full_kv_num_blocks.sum()) == 1
+    assert masks.computed_fraction(block_mask) == 3 / 4
 
 
 @pytest.mark.parametrize("layout", ["segment_local", "global"])
@@ -297,3 +341,4 @@ def test_global_head_groups_skip_configs_without_heads(monkeypatch):
     assert len(calls) == 2  # two heads: two of the three configs
     ref = ringattn.reference.dilated_attention(q.double(), k.double(), v.double(), **options)
     assert rel_err(out, ref) < 1e-5
+
