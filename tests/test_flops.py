@@ -38,3 +38,13 @@ def test_dense_pairs_is_one_whole_sequence_config(causal):
     for n, h in ((1, 1), (5, 2), (7, 3)):
         assert dense_pairs(n, h, causal) == useful_pairs(n, h, [n], [1], causal)
         assert dense_flops(2, n, h, 4, causal) == 4.0 * 4 * 2 * dense_pairs(n, h, causal)
+
+
+def test_useful_pairs_defaults_are_the_oracles():
+    """Called without ``causal`` and ``mixing``, the count is the oracle's default pattern's
+    (non-causal, "lse"): the tests above pass both, or use one config, where mixings agree."""
+    configs = ((4, 8), (1, 2))  # where causal and head_groups both count fewer pairs
+    m = reference.multiplicity(16, 2, *configs)
+    assert useful_pairs(16, 2, *configs) == int(m.sum())
+    assert int(m.sum()) > useful_pairs(16, 2, *configs, True)
+    assert int(m.sum()) > useful_pairs(16, 2, *configs, False, "head_groups")
