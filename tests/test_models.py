@@ -90,6 +90,7 @@ def test_gqa_oracle_is_the_oracle_on_repeated_heads():
         ({"dropout": 1.5}, "dropout"),
         ({"dropout": -0.1}, "dropout"),
         ({"dropout": float("nan")}, "dropout"),  # (torch's Dropout takes it)
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),  # (torch's takes 1: all zeros)
         ({"num_heads": 8, "embed_dim": 24, "rotary_embedding": True}, "even head dim"),
     ],
 )
@@ -120,6 +121,7 @@ def test_layer_refuses_a_bool_for_a_size(name):
         ({"depth": 2.0}, TypeError, "depth must be an int"),
         ({"num_heads": True}, TypeError, "num_heads must be an int"),
         ({"mlp_ratio": 0}, ValueError, "mlp_ratio must be >= 1"),
+        ({"dim": 0}, ValueError, "LongNetConfig.dim must be >= 1, got 0"),
     ],
 )
 def test_model_config_bad_sizes(kwargs, error, match):
@@ -141,6 +143,13 @@ def _layer(causal: bool) -> MultiheadDilatedAttention:
         (True, lambda layer: layer(torch.randn(8, 16)), TypeError, r"\[b, n, embed_dim\]"),
         (True, lambda layer: layer(torch.randn(1, 8, 16).long()), TypeError, "floating"),
         (True, lambda layer: layer(torch.randn(0, 8, 16)), ValueError, "b >= 1"),
+        # (before the layer's own check: the attention's message, naming q, k, v)
+        (
+            True,
+            lambda layer: layer(torch.randn(1, 0, 16)),
+            ValueError,
+            r"x must be \[b >= 1, n >= 1",
+        ),
         # before: F.linear's "mat1 and mat2 must have the same dtype"
         (True, lambda layer: layer(torch.randn(1, 8, 16).double()), TypeError, "x.dtype must"),
         (
@@ -154,6 +163,31 @@ def _layer(causal: bool) -> MultiheadDilatedAttention:
             lambda layer: layer(torch.randn(2, 4, 16), layer.new_cache(1, 8)),
             ValueError,
             r"\(batch, kv heads, head dim\) = \(2, 2, 4\)",
+        ),
+        # (a cache of other kv heads or head dim: torch's errors from the append or the decode)
+        (
+            True,
+            lambda layer: layer(
+                torch.randn(1, 4, 16), KVCache.empty(1, 8, 4, 4, torch.float32, "cpu")
+            ),
+            ValueError,
+            r"\(batch, kv heads, head dim\) = \(1, 2, 4\), got \(1, 4, 4\)",
+        ),
+        (
+            True,
+            lambda layer: layer(
+                torch.randn(1, 4, 16), KVCache.empty(1, 8, 2, 8, torch.float32, "cpu")
+            ),
+            ValueError,
+            r"\(batch, kv heads, head dim\) = \(1, 2, 4\), got \(1, 2, 8\)",
+        ),
+        (
+            True,
+            lambda layer: layer(
+                torch.randn(1, 4, 16), KVCache.empty(1, 8, 2, 4, torch.float32, "meta")
+            ),
+            ValueError,
+            "cache must be on x's device cpu, got meta",
         ),
         (
             True,
@@ -173,6 +207,17 @@ def test_layer_bad_calls_raise_before_any_work(causal, call, error, match):
     with pytest.raises(ValueError):
         layer(torch.randn(1, 9, 16), cache)
     assert cache.length == 0 and not cache.k.any()
+
+
+def test_an_empty_continuation_is_named():
+    """``n = 0`` after a prefill: torch's "stack expects a non-empty TensorList" from the decode
+    loop before the layer's check."""
+    layer = _layer(causal=True)
+    cache = layer.new_cache(1, 8)
+    layer(torch.randn(1, 3, 16), cache)
+    with pytest.raises(ValueError, match=r"x must be \[b >= 1, n >= 1"):
+        layer(torch.randn(1, 0, 16), cache)
+    assert cache.length == 3
 
 
 def test_a_refused_prefill_leaves_the_cache_as_it_was():
@@ -234,6 +279,11 @@ def test_a_cache_too_small_for_the_call_is_refused_before_any_layer_moves():
             "prompt must be",
         ),
         (lambda m: m(torch.zeros(1, 3)), TypeError, "tokens must be an integer"),
+        (
+            lambda m: m(torch.zeros(3, dtype=torch.long)),
+            TypeError,
+            r"\[b, n\] tensor.*shape \(3,\)",
+        ),
         (lambda m: m.new_caches(0, 4), ValueError, "batch must be >= 1, got 0"),
         (lambda m: m.new_caches(2, -1), ValueError, "capacity must be >= 1, got -1"),
     ],
@@ -322,6 +372,7 @@ def _decode_args(**changes) -> dict:
         ({"configs": ((4, 1), (8.0, 2))}, TypeError, r"^configs\[1\]\[0\] must be an int"),
         ({"scale": -1.0}, ValueError, "scale must be > 0"),
         ({"scale": 0.0}, ValueError, "scale must be > 0"),
+        ({"scale": None}, TypeError, "scale must be a float, got None"),
         ({"mixing": "sum"}, ValueError, "mixing must be one of"),
         ({"configs": (4, 1)}, TypeError, r"configs must be a tuple of \(w, r\) pairs"),
         # (before: IndexError / einsum's RuntimeError)
@@ -343,6 +394,10 @@ def _decode_args(**changes) -> dict:
         ({"cache": KVCache(*torch.zeros(2, 1, 16, 2, 8), 5.5)}, ValueError,
          r"cache.length must be an int in \[0, 16\], got 5.5"),
         ({"cache": KVCache(*torch.zeros(2, 1, 16, 0, 8), 5)}, ValueError, "h a multiple of h_kv"),
+        ({"cache": KVCache(*torch.zeros(2, 1, 16, 2, 8), True)}, ValueError,
+         r"cache.length must be an int in \[0, 16\], got True"),
+        ({"cache": KVCache(torch.zeros(1, 16, 2, 8), torch.zeros(1, 16, 2, 8, device="meta"), 5)},
+         ValueError, "cache.v must be on cache.k's device cpu, got meta"),
     ],
 )  # fmt: skip
 def test_decode_one_refuses_bad_arguments(changes, error, match):
@@ -626,6 +681,9 @@ def test_rotary_bad_inputs(x, positions, match):
         (torch.ones(1, 2, 1, 4), torch.arange(2), -1e4, ValueError, "base must be finite"),
         (torch.ones(1, 2, 1, 4), torch.arange(2), float("nan"), ValueError, "base must be"),
         (torch.ones(1, 2, 1, 4), torch.arange(2), "1e4", TypeError, "base must be a float"),
+        (torch.ones(1, 2, 1, 4), torch.arange(2), float("inf"), ValueError, "base must be finite"),
+        (torch.ones(1, 2, 1, 4), torch.arange(2), True, TypeError,
+         "base must be a float, got bool True"),
     ],
 )  # fmt: skip
 def test_rotary_bad_arguments_are_named(x, positions, base, error, match):
@@ -730,3 +788,108 @@ def test_loss_checks_its_targets():
     ignored = torch.full_like(targets, -100)
     ignored[0, 0] = 5  # -100 is ignored, not out of range
     assert torch.isfinite(model.loss(tokens, ignored))
+
+
+def test_the_layer_is_sub_ln_over_rotary_attention_of_its_projections():
+    """Pinned against the formula: ``out_proj(LayerNorm(attention(rot(q), rot(k), v)))`` with
+    Q and K rotated at positions ``0..n-1`` and the norm's own affine parameters; ``bias=False``
+    leaves every projection without a bias. (The model tests compare decoding with the full
+    forward, both through the same layer: a layer that skipped the Sub-LN, rotated only Q, or
+    ignored ``bias`` passed them all.)"""
+    torch.manual_seed(0)
+    lengths, rates = (4, 8), (1, 2)
+    layer = MultiheadDilatedAttention(
+        32, 4, lengths, rates, num_kv_heads=2, causal=True, rotary_embedding=True, bias=False,
+        strategy=MATH, compile=False,
+    ).double()  # fmt: skip
+    with torch.no_grad():
+        layer.norm.weight.normal_()
+        layer.norm.bias.normal_()
+    x = torch.randn(2, 13, 32, dtype=torch.float64)
+    q = rearrange(layer.q_proj(x), "b n (h d) -> b n h d", h=4)
+    k, v = (rearrange(p(x), "b n (h d) -> b n h d", h=2) for p in (layer.k_proj, layer.v_proj))
+    positions = torch.arange(13)
+    attn = reference.dilated_attention(
+        rotary(q, positions), rotary(k, positions), v, segment_lengths=lengths,
+        dilation_rates=rates, causal=True,
+    )  # fmt: skip
+    normed = torch.nn.functional.layer_norm(
+        rearrange(attn, "b n h d -> b n (h d)"), (32,), layer.norm.weight, layer.norm.bias
+    )
+    assert rel_err(layer(x), normed @ layer.out_proj.weight.T) < 1e-12
+    for proj in (layer.q_proj, layer.k_proj, layer.v_proj, layer.out_proj):
+        assert proj.bias is None
+
+
+def test_a_layer_under_autocast_takes_inputs_in_the_autocast_dtype():
+    """A float32 layer under ``torch.autocast`` takes a bf16 ``x`` (the previous layer's autocast
+    output), as torch's own layers do; outside autocast the same call is refused."""
+    layer = _layer(causal=True)
+    x = torch.randn(1, 8, 16).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    want = layer(x.float())
+    assert out.dtype == torch.bfloat16 and rel_err(out, want) < 3e-2
+    with pytest.raises(TypeError, match=r"x\.dtype must equal"):
+        layer(x)
+
+
+def test_new_cache_takes_the_dtype_and_device_asked_for():
+    """Else the K/V projections': a float64 cache for a float32 layer, one on meta (an estimate)."""
+    layer = _layer(causal=True)
+    assert layer.new_cache(1, 8).k.dtype == torch.float32
+    cache = layer.new_cache(2, 8, dtype=torch.float64)
+    assert (cache.k.dtype, cache.v.dtype, cache.k.shape) == (torch.float64,) * 2 + ((2, 8, 2, 4),)
+    meta = layer.new_cache(1, 8, device="meta")
+    assert meta.k.device.type == meta.v.device.type == "meta"
+
+
+def test_bf16_decoding_accumulates_in_float32():
+    """Scores, softmax and the configs' merge of a bf16 query run in float32 and are rounded once:
+    the bf16 decode is the float32 decode of the same values, rounded to bf16."""
+    args = _decode_args()
+    cache = args["cache"]
+    cache.k.normal_(generator=torch.Generator().manual_seed(0))
+    cache.v.normal_(generator=torch.Generator().manual_seed(1))
+    half = KVCache(cache.k.bfloat16(), cache.v.bfloat16(), cache.length)
+    q = args["q"].bfloat16()
+    as_float = {**args, "q": q.float(), "cache": KVCache(half.k.float(), half.v.float(), 5)}
+    out = decode_one(**{**args, "q": q, "cache": half})
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, decode_one(**as_float).bfloat16())
+
+
+def test_rotary_angles_are_exact_past_float32s_integers():
+    """Positions past 2^24 (float32's last exact integer; LongNet targets a billion tokens) keep
+    their own angle: a position rounded through float32 lands on its neighbour's."""
+    d = 8
+    x = torch.randn(1, 2, 1, d, dtype=torch.float64)
+    positions = torch.tensor([2**24 + 1, 2**30 + 3])
+    inv_freq = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = positions.double()[:, None] * inv_freq
+    as_complex = torch.complex(x[..., 0::2], x[..., 1::2]) * torch.exp(1j * angles)[None, :, None]
+    want = torch.stack((as_complex.real, as_complex.imag), dim=-1).flatten(-2)
+    assert torch.allclose(rotary(x, positions), want, atol=1e-9)
+
+
+def test_the_model_builds_its_layers_from_its_config():
+    """The config's heads, kv heads, mixing and dropout reach every attention layer, which is
+    causal and rotary (decoding and the sequence-parallel runs compare the model with itself:
+    a layer built without them passed)."""
+    config = LongNetConfig(
+        vocab_size=32, dim=32, depth=2, num_heads=4, num_kv_heads=2, segment_lengths=(4, 8),
+        dilation_rates=(1, 2), mixing="head_groups", dropout=0.25, strategy=MATH,
+    )  # fmt: skip
+    for block in LongNet(config).blocks:
+        layer = block.attn
+        assert (layer.num_heads, layer.num_kv_heads, layer.rotary_embedding) == (4, 2, True)
+        assert layer.k_proj.out_features == 2 * 8 and layer.dropout.p == 0.25
+        attention = layer.attention.config
+        assert (attention.causal, attention.mixing) == (True, "head_groups")
+
+
+def test_generate_of_no_new_tokens_is_the_prompt():
+    model = _tiny_model()
+    prompt = torch.randint(0, 32, (2, 5))
+    assert torch.equal(model.generate(prompt, 0), prompt)
+    assert torch.equal(model.generate(prompt[:, :1], 0), prompt[:, :1])
