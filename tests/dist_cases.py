@@ -672,6 +672,19 @@ def gather_sum_leaves_the_callers_gradient_alone():
     return torch.equal(mine, kept), torch.equal(first, second), bool((first == summed).all())
 
 
+def gather_shard_with_a_graph_on_some_ranks():
+    """``grad="shard"``: each rank's backward is local (no collective), so a graph on rank 1
+    only is fine (unlike ``"sum"``, where the others would not join its all-reduce). Returns
+    (the result has a graph, its gradient is this rank's shard of the ones')."""
+    x = torch.randn(1, 4, 2, requires_grad=dist.get_rank() == 1)
+    full = distributed.gather(x)
+    if not full.requires_grad:
+        return False, x.grad is None
+    (grad,) = torch.autograd.grad(full, x, torch.arange(full.numel()).view(full.shape).float())
+    want = distributed.shard(torch.arange(full.numel()).view(full.shape).float())
+    return True, torch.equal(grad, want)
+
+
 def gather_with_another_grad_on_one_rank_raises_everywhere():
     """``grad`` differing across ranks: one rank's backward would all-reduce while the others'
     did not (a hang); the forward's agreement names it on every rank instead."""

@@ -59,11 +59,28 @@ COMBOS = sorted(
         ((5, 0, 2, "zigzag"), "holds 2 equal chunks: m=5 rows"),  # (4 positions for 5 rows)
         ((4, 3, 2, "contiguous"), r"rank must be in \[0, p=2\), got 3"),
         ((4, -1, 2, "zigzag"), r"rank must be in \[0, p=2\), got -1"),
+        ((4, 2, 2, "contiguous"), r"rank must be in \[0, p=2\), got 2"),  # (rows past n)
     ],
 )
 def test_positions_refuse_what_no_shard_holds(args, match):
     with pytest.raises(ValueError, match=match):
         distributed.positions(*args)
+
+
+def test_sequence_parallel_helpers_need_an_initialised_process_group():
+    """Named as such, not as a ``group`` of type NoneType (``dist.group.WORLD`` before
+    ``init_process_group``)."""
+    if torch.distributed.is_initialized():
+        pytest.skip("this process has a process group")
+    for call in (distributed.shard, distributed.gather):
+        with pytest.raises(ValueError, match=r"needs torch\.distributed initialised"):
+            call(torch.randn(1, 4))
+
+
+def test_an_nccl_sub_groups_agreement_runs_on_the_calls_own_gpu():
+    """The call's GPU where it has one, not the current one (every rank that never set its
+    device shared GPU 0); no CUDA is touched for it, so this runs on a CPU host too."""
+    assert distributed.nccl_device(torch.device("cuda", 3)) == torch.device("cuda", 3)
 
 
 @pytest.mark.parametrize("p", [1, 2, 3, 4, 8])
@@ -342,6 +359,13 @@ def test_gather_sum_leaves_the_callers_gradient_alone(pool):
     assert (
         pool.run("gather_sum_leaves_the_callers_gradient_alone") == [(True,) * 3] * pool.world_size
     )
+
+
+def test_gather_shard_takes_a_graph_on_some_ranks_only(pool):
+    """The graph is agreed on under ``grad="sum"`` only: under ``"shard"`` a rank that trains
+    something before the gather (and others that do not) is a valid call."""
+    expected = [(rank == 1, True) for rank in range(pool.world_size)]
+    assert pool.run("gather_shard_with_a_graph_on_some_ranks") == expected
 
 
 def test_gather_with_another_grad_on_one_rank_raises_on_every_rank(pool):
