@@ -278,6 +278,11 @@ def test_a_cache_too_small_for_the_call_is_refused_before_any_layer_moves():
             ValueError,
             "prompt must be",
         ),
+        (
+            lambda m: m.generate(torch.zeros(0, 3, dtype=torch.long), 2),
+            ValueError,
+            r"prompt must be a \[b >= 1, n0 >= 1\] tensor of token ids, got \(0, 3\)",
+        ),
         (lambda m: m(torch.zeros(1, 3)), TypeError, "tokens must be an integer"),
         (
             lambda m: m(torch.zeros(3, dtype=torch.long)),

@@ -263,9 +263,10 @@ class LongNet(nn.Module):
             raise TypeError(f"temperature must be a float, got {temperature!r}")
         if not 0 <= temperature < math.inf:
             raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
-        if not isinstance(prompt, Tensor) or prompt.dim() != 2 or prompt.shape[1] < 1:
+        if not isinstance(prompt, Tensor) or prompt.dim() != 2 or min(prompt.shape) < 1:
+            # (b = 0 was refused by new_caches, as "batch must be >= 1", an argument not passed)
             got = tuple(prompt.shape) if isinstance(prompt, Tensor) else type(prompt).__name__
-            raise ValueError(f"prompt must be a [b, n0 >= 1] tensor of token ids, got {got}")
+            raise ValueError(f"prompt must be a [b >= 1, n0 >= 1] tensor of token ids, got {got}")
         caches = self.new_caches(prompt.shape[0], prompt.shape[1] + max_new_tokens)
         # decoding runs eagerly (eager_decoding): self.forward, not self(), so that a model
         # compiled in place (model.compile(fullgraph=True)) does not trace into it and fail
