@@ -641,7 +641,8 @@ def dilated_attention(
     there (literals, closure or module attributes, as usual; a numpy value, even a scalar, is an
     array to Dynamo, and an ``array.array``'s len() it cannot take); an int argument of the
     compiled function that changes between calls becomes symbolic, which fullgraph then refuses
-    (use ``dynamic=False``).
+    (use ``dynamic=False``); so does a closure's int that differs when one function body is
+    compiled again.
     """
     options: dict[str, Any] = {
         "segment_lengths": segment_lengths,
