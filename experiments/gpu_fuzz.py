@@ -425,19 +425,8 @@ KERNELS: dict[
 }
 
 
-REPLAY_COLUMNS = [
-    "seed",
-    "problem",
-    "configs",
-    "variant",
-    "dtype",
-    "n",
-    "h",
-    "d",
-    "causal",
-    "mixing",
-]
-REPLAY_COLUMNS += ["layout", "fwd_err", "dq_err", "dk_err", "dv_err", "error"]
+REPLAY_COLUMNS = ["seed", "problem", "configs", "variant", "dtype", "n", "h", "d", "causal"]
+REPLAY_COLUMNS += ["mixing", "layout", "fwd_err", "dq_err", "dk_err", "dv_err", "error"]
 
 
 COLUMNS = [

@@ -630,6 +630,16 @@ def test_checkpointed_layers_compile_with_dynamic_shapes():
         assert rel_err(grad, eager_grad) < 1e-4, n
 
 
+def complex_rotation(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """RoPE's definition in float64: ``x``'s channel pairs as complex numbers, times
+    ``exp(i · position · base^(-2j/d))`` with base 10000, ``positions`` along ``x``'s dim 1."""
+    d = x.shape[-1]
+    inv_freq = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = positions.double()[:, None] * inv_freq
+    as_complex = torch.complex(x[..., 0::2], x[..., 1::2]) * torch.exp(1j * angles)[None, :, None]
+    return torch.stack((as_complex.real, as_complex.imag), dim=-1).flatten(-2)
+
+
 @settings(max_examples=20)
 @given(
     st.integers(0, 1 << 22),
@@ -649,9 +659,7 @@ def test_rotary_is_the_complex_rotation_and_sees_only_relative_positions(m, n, s
     def rot(x, position):
         return rotary(x, torch.tensor([position]))
 
-    inv_freq = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
-    as_complex = torch.complex(q[..., 0::2], q[..., 1::2]) * torch.exp(1j * m * inv_freq)
-    want = torch.stack((as_complex.real, as_complex.imag), dim=-1).flatten(-2)
+    want = complex_rotation(q, torch.tensor([m]))
     assert torch.allclose(rot(q, m), want, atol=1e-9)
     assert torch.allclose(rot(q.float(), m).double(), want, atol=1e-5)
     assert torch.allclose(rot(q, m).norm(dim=-1), q.norm(dim=-1), rtol=1e-12)
@@ -867,14 +875,9 @@ def test_bf16_decoding_accumulates_in_float32():
 def test_rotary_angles_are_exact_past_float32s_integers():
     """Positions past 2^24 (float32's last exact integer; LongNet targets a billion tokens) keep
     their own angle: a position rounded through float32 lands on its neighbour's."""
-    d = 8
-    x = torch.randn(1, 2, 1, d, dtype=torch.float64)
+    x = torch.randn(1, 2, 1, 8, dtype=torch.float64)
     positions = torch.tensor([2**24 + 1, 2**30 + 3])
-    inv_freq = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
-    angles = positions.double()[:, None] * inv_freq
-    as_complex = torch.complex(x[..., 0::2], x[..., 1::2]) * torch.exp(1j * angles)[None, :, None]
-    want = torch.stack((as_complex.real, as_complex.imag), dim=-1).flatten(-2)
-    assert torch.allclose(rotary(x, positions), want, atol=1e-9)
+    assert torch.allclose(rotary(x, positions), complex_rotation(x, positions), atol=1e-9)
 
 
 def test_the_model_builds_its_layers_from_its_config():
