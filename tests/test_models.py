@@ -291,6 +291,21 @@ def test_a_cache_too_small_for_the_call_is_refused_before_any_layer_moves():
         ),
         (lambda m: m.new_caches(0, 4), ValueError, "batch must be >= 1, got 0"),
         (lambda m: m.new_caches(2, -1), ValueError, "capacity must be >= 1, got -1"),
+        (
+            lambda m: m.generate(torch.zeros(1, 3), 2),
+            TypeError,
+            r"prompt must be an integer \(int64 or int32\) \[b, n\] tensor, got torch.float32",
+        ),
+        (
+            lambda m: m.blocks[0].attn.new_cache(1, 4, dtype=torch.long),
+            TypeError,
+            "dtype must be a floating torch.dtype, got torch.int64",
+        ),
+        (
+            lambda m: m.blocks[0].attn.new_cache(1, 4, dtype="float32"),
+            TypeError,
+            "dtype must be a floating torch.dtype, got 'float32'",
+        ),
     ],
 )
 def test_model_bad_calls(call, error, match):

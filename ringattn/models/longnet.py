@@ -267,6 +267,8 @@ class LongNet(nn.Module):
             # (b = 0 was refused by new_caches, as "batch must be >= 1", an argument not passed)
             got = tuple(prompt.shape) if isinstance(prompt, Tensor) else type(prompt).__name__
             raise ValueError(f"prompt must be a [b >= 1, n0 >= 1] tensor of token ids, got {got}")
+        # (a float prompt was reported by the model's call, as "tokens")
+        _check_ids("prompt", prompt, dims=2)
         caches = self.new_caches(prompt.shape[0], prompt.shape[1] + max_new_tokens)
         # decoding runs eagerly (eager_decoding): self.forward, not self(), so that a model
         # compiled in place (model.compile(fullgraph=True)) does not trace into it and fail

@@ -47,6 +47,9 @@ class KVCache:
         # (h_kv = 0 made a cache decode_one divided by; d = -1 raised torch's unnamed error)
         checked_int("h_kv", h_kv)
         checked_int("d", d)
+        # (an integer dtype made a cache that only the first call refused, by its check)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         shape = (b, capacity, h_kv, d)
         return cls(
             torch.zeros(shape, dtype=dtype, device=device),
