@@ -42,8 +42,7 @@ class AllGatherCommunicator(SequenceParallel):
         if span == self.world_size:
             all_gather_single(gathered.view(-1, *kv_own.shape[1:]), kv_own, group=self.group)
         else:
-            t, _ = self.place(span)
-            gathered[t].copy_(kv_own)
+            # (the own slot stays unwritten: the callers read this rank's chunk from k and v)
             self._exchange([kv_own] * span, list(gathered), span)
         self.count(kv_own, times=span - 1)  # each rank sends g - 1 chunks
         return gathered
