@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import ringattn
 from ringattn import pattern
+from ringattn.computers.base import accumulation_dtype
 from ringattn.computers.math import MathComputer
 from ringattn.core import flat_view
 
@@ -88,3 +89,36 @@ def test_placed_blocks_write_into_the_output_and_gradients(monkeypatch, mixing):
         assert seen["out"] == {out.untyped_storage().data_ptr()}
     else:
         assert not seen["out"]
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.bfloat16, torch.float16, torch.float32, torch.float64],
+    ids=["bf16", "fp16", "fp32", "fp64"],
+)
+def test_default_placement_writes_forward_and_backward_into_views(dtype):
+    """``BlockComputer.forward_into`` / ``backward_into`` (the defaults) place exactly what
+    ``forward`` / ``backward`` return into strided views, and nothing around them; the LSE is in
+    :func:`accumulation_dtype` (float32, float64 for float64 inputs: bf16 statistics would
+    cost the merge its precision, float32 ones the float64 path its own)."""
+    want = torch.float64 if dtype == torch.float64 else torch.float32
+    assert accumulation_dtype(dtype) == want
+    computer, scale = MathComputer(), 0.3
+    p = {"b": 2, "n": 6, "h": 3, "d": 4}
+    b, n, h, d = p.values()
+    q, k, v = make_qkv(p, dtype)
+    dout = make_qkv(p, dtype, seed=1)[0]
+    out, lse = computer.forward(q, k, v, True, scale)
+    assert lse.shape == (b, n, h) and lse.dtype == want
+    out_full = torch.zeros(b, 2 * n, h, d, dtype=dtype)  # placed on every other row
+    lse_full = torch.zeros(b, n, h, 2, dtype=want)
+    computer.forward_into(q, k, v, True, scale, out_full[:, ::2], lse_full[..., 1])
+    assert torch.equal(out_full[:, ::2], out.to(dtype)) and not out_full[:, 1::2].any()
+    assert torch.equal(lse_full[..., 1], lse) and not lse_full[..., 0].any()
+    grads = computer.backward(dout, q, k, v, out.to(dtype), lse, True, scale)
+    grads_full = torch.zeros(3, b, n, h, 2 * d, dtype=dtype)
+    computer.backward_into(
+        dout, q, k, v, out.to(dtype), lse, True, scale, tuple(grads_full[..., d:])
+    )
+    for placed, grad in zip(grads_full, grads, strict=True):
+        assert torch.equal(placed[..., d:], grad.to(dtype)) and not placed[..., :d].any()
