@@ -8,6 +8,8 @@ aliased operands, tensors hidden in containers) must leave the call on its launc
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -276,14 +278,28 @@ class HandleLibrary(Library):
         (None, (torch.zeros(1),)),
         {"a": Handle(torch.zeros(1))},
         Handle((Handle(torch.zeros(1)),)),  # an options object holding tensors' handles
+        functools.partial(max, Handle(torch.zeros(1))),
+        functools.partial(min, key=torch.zeros(1)),
+        Handle(torch.zeros(1)).__init__,  # a method bound to an object holding a tensor
+        torch.zeros(1).add_,  # a tensor's own (builtin) method
     ],
-    ids=["object", "nested tuple", "dict of objects", "object of objects"],
+    ids=[
+        "object",
+        "nested tuple",
+        "dict of objects",
+        "object of objects",
+        "partial",
+        "partial keyword",
+        "bound method",
+        "bound builtin method",
+    ],
 )
 def test_arguments_that_hold_a_tensor_are_no_constants(argument):
     """Baked into a replay such an argument points at the recorded call's memory in every later
     call (the check, on the same operands, agreed): that recording is not replayed."""
     assert replay._holds_pointer(argument)
     constants = (None, 1, 2.0, "x", (True,), {"k": None}, torch.float32, torch.Tensor, len)
+    constants += (functools.partial(max, 1), Handle(None).__init__)
     assert not replay._holds_pointer(constants)  # a class with a data_ptr method holds none
     _, rec = recorded(HandleLibrary(), torch.randn(3, 5))
     assert rec is None and "holding a tensor or pointer" in replay.last_refusal

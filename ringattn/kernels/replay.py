@@ -31,6 +31,8 @@ still go unnoticed (none of FA4's does).
 
 from __future__ import annotations
 
+import functools
+import types
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -256,6 +258,13 @@ def _holds_pointer(x: object, depth: int = 0) -> bool:
         return any(_holds_pointer(y, depth + 1) for y in x)
     if isinstance(x, dict):
         return any(_holds_pointer(y, depth + 1) for y in x.values())
+    # a partial's bound arguments and a bound method's object are state the call carries (the
+    # checks below took them for plain callables)
+    if isinstance(x, functools.partial):
+        return _holds_pointer((x.func, x.args, x.keywords), depth + 1)
+    if isinstance(x, (types.MethodType, types.BuiltinMethodType)):
+        owner = x.__self__
+        return not isinstance(owner, types.ModuleType) and _holds_pointer(owner, depth + 1)
     if isinstance(x, type) or (callable(x) and not hasattr(x, "__dict__")):
         return False
     if any(hasattr(x, name) for name in _POINTER_ATTRIBUTES):
