@@ -364,6 +364,21 @@ def unit_stats_args(**change) -> dict:
         ({"index": torch.zeros(5, dtype=torch.int32)}, "index positions"),
         ({"index": torch.zeros(6, dtype=torch.int64)}, "int32"),
         ({"dpsum": torch.zeros(2, 4, device="meta")}, "one device"),
+        # each rule on its own (a case that breaks two passes with either check)
+        (
+            {
+                "out": torch.zeros(6, 2, 8, dtype=torch.bfloat16),
+                "dout": torch.zeros(6, 2, 8, dtype=torch.bfloat16),
+                "lse": torch.zeros(6, 2),
+            },
+            "out and dout must be",
+        ),
+        ({"dout": torch.zeros(1, 2, 6, 8, dtype=torch.bfloat16).transpose(1, 2)}, "contiguous"),
+        ({"lse": torch.zeros(1, 2, 6).transpose(1, 2)}, "lse must be a contiguous"),
+        ({"dpsum": torch.zeros(2, 4, 1), "lse_log2": torch.zeros(2, 4, 1)}, "dpsum and lse"),
+        ({"dpsum": torch.zeros(2, 4, dtype=torch.bfloat16)}, "dpsum and lse_log2"),
+        ({"dpsum": torch.zeros(4, 2).t()}, "dpsum and lse_log2"),
+        ({"length": 5, "index": torch.zeros(10, dtype=torch.int32)}, "length <= R"),
     ],
 )
 def test_unit_stats_refuses_operands_it_would_read_past(change, rule):
