@@ -17,6 +17,8 @@ from ringattn.pattern import make_plan
 
 assert os.environ.get("TRITON_INTERPRET") == "1"
 assert merge_kernel.available(torch.empty(0)), "triton kernel not available under the interpreter"
+# ... and only CPU ones: a tensor elsewhere (no CUDA here) is not the interpreter's to run
+assert not merge_kernel.available(torch.empty(0, device="meta")), "a meta tensor is not runnable"
 
 
 def with_infs(x: torch.Tensor, gen: torch.Generator, p: float) -> torch.Tensor:
@@ -91,6 +93,7 @@ def main(cases: int) -> None:
     checked += zero_unselected_cases(gen, cases)
     checked += add_rows_cases(gen, cases)
     checked += unit_stats_cases(gen, cases)
+    checked += tracing_cases(gen)
     print("ok", checked)
     print("ringattn", ringattn.__file__)  # (which checkout ran: test_kernels checks it)
 
@@ -159,7 +162,16 @@ def merge_into_cases(gen: torch.Generator) -> int:
     want_lse = torch.logaddexp(lse_acc, lse_part)
     merge_into_(acc, lse_acc, torch.randn(acc.shape, generator=gen), lse_part)
     torch.testing.assert_close(lse_acc, want_lse, rtol=1e-14, atol=1e-14)
-    return checked + 2
+    # other ranks than the kernel's [b, S, L, H, d] (or [b, n, h, d]) go to torch: a leading
+    # dim of 1 changes nothing
+    acc, part = (torch.randn(1, 2, 3, 2, 8, generator=gen) for _ in "ab")
+    lse_acc, lse_part = (torch.randn(1, 2, 3, 2, generator=gen) for _ in "ab")
+    wide = [x.clone()[None] for x in (acc, lse_acc, part, lse_part)]
+    merge_into_(acc, lse_acc, part, lse_part)
+    merge_into_(*wide)
+    torch.testing.assert_close(wide[0][0], acc, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(wide[1][0], lse_acc)
+    return checked + 3
 
 
 def add_rows_cases(gen: torch.Generator, cases: int) -> int:
@@ -225,10 +237,13 @@ def add_rows_cases(gen: torch.Generator, cases: int) -> int:
     # what the kernel does not take, refused (the caller then adds with torch): the result is
     # torch's add_, bit for bit. Four pairs (it adds three), a float64 part (rounded to float32
     # first: 1 + (2**-24 + 2**-50) came out 1.0, where torch's one rounding gives 1 + 2**-23)
+    # A float64 accumulator with a float32 part (read into float32: 1 + 2**-40 + 2**-30 came
+    # out 1 + 2**-30, where torch's add keeps the float64 digits)
     one = torch.ones(1, 1, 1, 1, 8)
     for accs, parts in (
         ([one.clone() for _ in range(4)], [one * i for i in range(4)]),
         ([one.clone()], [torch.full(one.shape, 2.0**-24 + 2.0**-50, dtype=torch.float64)]),
+        ([one.double() + 2.0**-40], [one * 2.0**-30]),
     ):
         want = [acc.clone().add_(part) for acc, part in zip(accs, parts)]
         if not add_kernel.add_rows_(accs, parts):
@@ -236,6 +251,21 @@ def add_rows_cases(gen: torch.Generator, cases: int) -> int:
                 acc.add_(part)
         for acc, expected in zip(accs, want):
             assert torch.equal(acc, expected), (acc, expected)
+        checked += 1
+    # operands it would read past or mis-address, refused (False: nothing written), not added:
+    # a part or accumulator of other rows (a computer's result of the wrong shape: torch's
+    # add then raises), [b, n, h, d] views (it takes [b, S, L, H, d]), no pairs at all
+    rows = torch.zeros(1, 2, 4, 3, 8)
+    for accs, parts in (
+        ([rows.clone()], [torch.ones(1, 2, 2, 3, 8)]),
+        # (an accumulator of fewer rows in the first one's layout: its strides pass)
+        ([rows.clone(), torch.zeros(rows.shape)[:, :, :2]], [torch.ones(rows.shape)] * 2),
+        ([rows[0].clone()], [torch.ones(rows.shape[1:])]),
+        ([], []),
+    ):
+        before = [acc.clone() for acc in accs]
+        assert not add_kernel.add_rows_(accs, parts), [tuple(a.shape) for a in accs + parts]
+        assert all(torch.equal(acc, was) for acc, was in zip(accs, before))
         checked += 1
     import ringattn
     from ringattn import reference
@@ -317,10 +347,15 @@ def fill_unselected_cases() -> int:
     from ringattn.memory.none import NoReuse
 
     checked = 0
+    calls, original = [], unselected.zero_unselected_
+    unselected.zero_unselected_ = lambda *a: (calls.append(1), original(*a))[1]
     for selection in (None, ((1, 1), (0, 0)), ((2, 2), (0, 0)), ((4, 4, 1), (0, 0, 0))):
         h = 2 if selection is None else len(selection[0])
         x = torch.full((2, 9, h, 3), float("nan"))
+        calls.clear()
         unselected.fill_unselected_(x, selection, NoReuse())
+        launched = selection is not None and any(r > 1 for r in selection[0])
+        assert len(calls) == launched, (selection, "launched" if calls else "not launched")
         if selection is None:
             selected = torch.zeros(9, h, dtype=torch.bool)
         else:
@@ -329,7 +364,25 @@ def fill_unselected_cases() -> int:
         assert x[:, selected].isnan().all(), (selection, "a selected pair was written")
         assert (x[:, ~selected] == 0).all(), (selection, "an unselected pair was not zeroed")
         checked += 1
-    return checked
+    unselected.zero_unselected_ = original
+    # one caching manager, two selections of as many heads on one device: each its own table
+    # (a table cached under another selection's key zeroes that selection's pairs)
+    from ringattn.memory.pooled import PooledMemory
+
+    memory = PooledMemory()
+    for selection in (((2, 2), (0, 0)), ((2, 2), (1, 1)), ((4, 1), (3, 0))):
+        x = torch.full((1, 8, 2, 3), float("nan"))
+        unselected.fill_unselected_(x, selection, memory)
+        p = torch.arange(8)[:, None]
+        selected = p % torch.tensor(selection[0]) == torch.tensor(selection[1])
+        assert x[:, selected].isnan().all() and (x[:, ~selected] == 0).all(), selection
+        checked += 1
+    # wide heads (h * d past the 64K-element tile): one row per program, not none
+    x = torch.full((1, 3, 2, 2**16), float("nan"))
+    unselected.zero_unselected_(x, torch.tensor([[2, 1], [0, 0]], dtype=torch.int32))
+    assert x[:, [0, 2], 0].isnan().all() and x[:, :, 1].isnan().all()
+    assert (x[:, 1, 0] == 0).all()
+    return checked + 1
 
 
 def unit_stats_cases(gen: torch.Generator, cases: int) -> int:
@@ -367,6 +420,41 @@ def unit_stats_cases(gen: torch.Generator, cases: int) -> int:
         assert (dpsum[:, length:] == 0).all() and (lse_log2[:, length:] == float("inf")).all()
         checked += 1
     return checked
+
+
+def tracing_cases(gen: torch.Generator) -> int:
+    """While ``torch.compile`` traces (``torch.compiler.is_compiling()``, stood in for here),
+    the callers keep the torch twins, which Inductor fuses: no Triton launch is traced. The merge
+    and the gradient add go to torch, and the fill zeroes the whole tensor."""
+    from ringattn.core import accumulate_
+    from ringattn.kernels import add as add_kernel
+    from ringattn.memory.none import NoReuse
+    from ringattn.merge import merge_into_
+
+    calls = []
+    originals = merge_kernel.merge_rows_, add_kernel.add_rows_, unselected.zero_unselected_
+    is_compiling = torch.compiler.is_compiling
+    merge_kernel.merge_rows_ = lambda *a: calls.append("merge")
+    add_kernel.add_rows_ = lambda *a: calls.append("add") or True
+    unselected.zero_unselected_ = lambda *a: calls.append("fill")
+    torch.compiler.is_compiling = lambda: True
+    try:
+        acc, part = (torch.randn(1, 2, 3, 2, 8, generator=gen) for _ in "ab")
+        lse_acc, lse = (torch.randn(1, 2, 3, 2, generator=gen) for _ in "ab")
+        want = torch.logaddexp(lse_acc, lse)
+        merge_into_(acc, lse_acc, part, lse)
+        torch.testing.assert_close(lse_acc, want)
+        grads = [torch.zeros(1, 2, 3, 2, 8) for _ in range(3)]
+        accumulate_(grads, tuple(torch.ones(2, 3, 2, 8) for _ in range(3)), False)
+        assert all((grad == 1).all() for grad in grads)
+        x = torch.full((1, 4, 2, 3), float("nan"))
+        unselected.fill_unselected_(x, ((2, 2), (0, 0)), NoReuse())
+        assert (x == 0).all(), "a traced fill left the selected pairs unwritten"
+    finally:
+        torch.compiler.is_compiling = is_compiling
+        merge_kernel.merge_rows_, add_kernel.add_rows_, unselected.zero_unselected_ = originals
+    assert not calls, f"a Triton launch while tracing: {calls}"
+    return 3
 
 
 if __name__ == "__main__":
