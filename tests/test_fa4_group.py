@@ -149,7 +149,10 @@ def fake_fa4():
         yield kernel
 
 
-def test_first_call_keeps_an_agreeing_kernel(fake_fa4, monkeypatch):
+@pytest.mark.parametrize("causal", [False, True])
+def test_first_call_keeps_an_agreeing_kernel(fake_fa4, monkeypatch, causal):
+    # (held to FA4's forward of the call's causality: a causal kernel against a non-causal
+    # reference would be refused, and the other way round kept)
     groups, shifts = groups_of()
     compiled = []
 
@@ -157,7 +160,7 @@ def test_first_call_keeps_an_agreeing_kernel(fake_fa4, monkeypatch):
         def kernel(qs, ks, vs, outs, lses_bhl, scale):
             compiled.append(key)
             for q, k, v, out, lse in zip(qs, ks, vs, outs, lses_bhl, strict=True):
-                out_block, lse_block = fa4.forward(q, k, v, False, scale)
+                out_block, lse_block = fa4.forward(q, k, v, causal, scale)
                 out.copy_(out_block)
                 lse.transpose(1, 2).copy_(lse_block)
             for out, group_shifts in zip(outs, shifts, strict=True):
@@ -168,20 +171,28 @@ def test_first_call_keeps_an_agreeing_kernel(fake_fa4, monkeypatch):
 
     monkeypatch.setattr(fa4_group, "_compile", compile_)
     monkeypatch.setattr(fa4_group, "_COMPILED", {})
-    assert fa4_group.forward_group_(groups, False, 0.5, shifts)
-    key = fa4_group._key(groups, False, shifts)
+    assert fa4_group.forward_group_(groups, causal, 0.5, shifts)
+    key = fa4_group._key(groups, causal, shifts)
     assert fa4_group._COMPILED[key] is not False
-    assert fa4_group.forward_group_(groups, False, 0.5, shifts) and len(compiled) == 2
+    assert fa4_group.forward_group_(groups, causal, 0.5, shifts) and len(compiled) == 2
     for q, k, v, out, lse in groups:
-        out_ref, lse_ref = fa4.forward(q, k, v, False, 0.5)
+        out_ref, lse_ref = fa4.forward(q, k, v, causal, 0.5)
         torch.testing.assert_close(out, out_ref)
         torch.testing.assert_close(lse, lse_ref)
     assert (shifted(groups[1][3], shifts[1][0]) == 0).all()
 
 
-@pytest.mark.parametrize("fault", ["raises", "wrong rows", "no zeros"])
+# ("wrong LSE": rows right, LSE off; "no zeros, rows 0": the rows it skips already held 0 before
+# the call, as a fresh buffer's would)
+@pytest.mark.parametrize(
+    "fault", ["raises", "wrong rows", "wrong LSE", "no zeros", "no zeros, rows 0"]
+)
 def test_first_call_refuses_a_failing_kernel(fake_fa4, monkeypatch, fault):
     groups, shifts = groups_of()
+    if fault == "no zeros, rows 0":  # the rows it should zero hold 0 already
+        for (*_, out, _), group_shifts in zip(groups, shifts, strict=True):
+            for shift in group_shifts:
+                shifted(out, shift).zero_()
 
     def compile_(key, groups):
         if fault == "raises":
@@ -191,7 +202,10 @@ def test_first_call_refuses_a_failing_kernel(fake_fa4, monkeypatch, fault):
             for q, k, v, out, lse in zip(qs, ks, vs, outs, lses_bhl, strict=True):
                 out_block, lse_block = fa4.forward(q, k, v, False, scale)
                 out.copy_(out_block * (2 if fault == "wrong rows" else 1))
-                lse.transpose(1, 2).copy_(lse_block)
+                lse.transpose(1, 2).copy_(lse_block + (0.01 if fault == "wrong LSE" else 0))
+            for out, group_shifts in zip(outs, shifts, strict=True):  # (each fault on its own)
+                for shift in group_shifts if not fault.startswith("no zeros") else ():
+                    shifted(out, shift).zero_()
 
         return kernel
 
@@ -254,6 +268,90 @@ def test_persistent_grid_is_keyed_and_checked(monkeypatch):
     assert fa4_group._key(groups, False, shifts)[-1] == 132
     monkeypatch.setattr(fa4_group, "PERSISTENT", "causal")
     assert fa4_group._key(groups, False, shifts)[-1] == 0
+    monkeypatch.setattr(fa4_group, "PERSISTENT", "always")
+    monkeypatch.setattr(fa4_group, "ALL_TILES_MAX", 8)  # 8 tiles: not past it
+    assert fa4_group._key(groups, True, shifts)[-1] == 0
     monkeypatch.setattr(fa4_group, "PERSISTENT", True)  # not one of the three
     with pytest.raises(ValueError, match="PERSISTENT must be one of"):
         fa4_group.persistent(groups, True)
+
+
+def test_support_rules_each_group_matches_the_first(monkeypatch):
+    """Each rule on its own: a group the kernel would read or write past (another key / value
+    length, head dim or dtype, an unaligned shift, a layout it cannot address), or a shift list
+    that leaves a group out, is never offered to the one launch."""
+    monkeypatch.setattr(fa4, "sm90", lambda q: True)
+    groups, shifts = groups_of()
+    q, k, v, out, lse = groups[1]
+    assert fa4_group.supported(groups, shifts, False)
+
+    def with_second(*views):
+        return fa4_group.supported([groups[0], views], shifts, False)
+
+    assert not fa4_group.supported(groups, shifts[:1], False)  # group 1's zeros would be lost
+    assert not fa4_group.supported(groups, [*shifts, ()], False)
+    assert not with_second(q, k[:, :8], v, out, lse)  # cross-attention: keys of another length
+    assert not with_second(q, k, v[:, :8], out, lse)
+    wide = [torch.randn(2, 16, 2, 16) for _ in range(4)]  # head dim 16, the first group's 8
+    assert not with_second(*wide, lse)
+    assert not with_second(*(x.bfloat16() for x in (q, k, v, out)), lse)
+    assert not with_second(q, k, v, torch.randn(2, 16, 2, 16)[..., ::2], lse)  # strided rows
+    # 8 bytes (two float32) apart: its 16-byte vector stores would straddle rows
+    assert not fa4_group.supported(groups, [(), (-2,)], False)
+    assert fa4_group.supported(groups, [(), (-4,)], False)
+
+
+def test_key_holds_the_lse_layout_and_the_causal_tiles(monkeypatch):
+    """The LSE views' unit-stride dim (of [B, H, L]: H here) and the causal forward's tiles are
+    compiled in: a key without either would hand a kernel compiled for one to the other."""
+    groups, shifts = groups_of()
+    assert fa4_group._key(groups, True, shifts)[7] == (1, 1)
+    q, k, v, out, _ = groups[1]
+    lse_l = torch.randn(2, 2, 16).transpose(1, 2)  # [B, L, H] with L of stride 1
+    assert fa4_group._key([groups[0], (q, k, v, out, lse_l)], True, shifts)[7] == (1, 2)
+    monkeypatch.setitem(fa4.FORWARD_CONFIG, True, (128, 128, False, True))
+    assert fa4_group._key(groups, True, shifts)[3] == (128, 128, False, True)
+    assert fa4_group._key(groups, False, shifts)[3] is None
+
+
+def test_grouper_runs_the_kept_kernel_on_kernel_ready_views_and_honours_enabled(
+    fake_fa4, monkeypatch
+):
+    """A prepared launch calls the kept kernel itself, but only with views it accepts (a size-1
+    dim of stride 0 is re-strided through forward_group_), and never once ENABLED is off."""
+    groups, shifts = groups_of()
+    # group 0's heads (one) broadcast: its views' size-1 head dim of stride 0
+    groups[0] = tuple(
+        x.as_strided(x.shape, (*x.stride()[:2], 0, *x.stride()[3:])) for x in groups[0]
+    )
+    launched = []
+
+    def compile_(key, groups_seen):
+        def kernel(qs, ks, vs, outs, lses_bhl, scale):
+            assert not any(0 in x.stride() for xs in (qs, ks, vs, outs, lses_bhl) for x in xs)
+            launched.append(key)
+            for q, k, v, out, lse in zip(qs, ks, vs, outs, lses_bhl, strict=True):
+                out_block, lse_block = fa4.forward(q, k, v, True, scale)
+                out.copy_(out_block)
+                lse.transpose(1, 2).copy_(lse_block)
+            for out, group_shifts in zip(outs, shifts, strict=True):
+                for shift in group_shifts:
+                    shifted(out, shift).zero_()
+
+        return kernel
+
+    monkeypatch.setattr(fa4_group, "_compile", compile_)
+    monkeypatch.setattr(fa4_group, "_COMPILED", {})
+    call = fa4_group.grouper(groups, True, shifts)
+    assert call(groups, 0.5) and call(groups, 0.5) and len(launched) == 2
+    plain, _ = groups_of(seed=1)  # (another key: its LSE views' unit stride)
+    plain_call = fa4_group.grouper(plain, True, shifts)
+    assert plain_call(plain, 0.5) and plain_call(plain, 0.5) and len(launched) == 4
+    for q, k, v, out, lse in [*groups, *plain]:
+        out_ref, lse_ref = fa4.forward(q, k, v, True, 0.5)
+        torch.testing.assert_close(out, out_ref)
+        torch.testing.assert_close(lse, lse_ref)
+    monkeypatch.setattr(fa4_group, "ENABLED", False)
+    assert not call(groups, 0.5) and not plain_call(plain, 0.5)
+    assert not fa4_group.forward_group_(plain, True, 0.5, shifts)
+    assert len(launched) == 4
