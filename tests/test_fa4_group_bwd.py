@@ -214,16 +214,16 @@ def test_support_rules(monkeypatch):
     assert not fa4_group_bwd.supported(groups)  # off an SM90 GPU, never
 
 
-def backward_groups(causal: bool = False):
+def backward_groups(causal: bool = False, fill: float = float("nan")):
     """Two groups of [2, 16, H, 8] blocks (H = 1, 3): (dout, q, k, v, out, lse, dq, dk, dv),
-    out and lse from the stand-in's forward, the gradients NaN: the even rows of [2, 32, H, 8]
-    buffers (their odd rows, :data:`SHIFTS` away, are the unselected ones)."""
+    out and lse from the stand-in's forward, the gradients ``fill`` (NaN): the even rows of [2,
+    32, H, 8] buffers (their odd rows, :data:`SHIFTS` away, are the unselected ones)."""
     gen = torch.Generator().manual_seed(0)
     groups = []
     for h in (1, 3):
         dout, q, k, v = (torch.randn(2, 16, h, 8, generator=gen) for _ in range(4))
         out, lse = fa4.forward(q, k, v, causal, 0.5)
-        grads = [torch.full((2, 32, h, 8), float("nan"))[:, 0::2] for _ in range(3)]
+        grads = [torch.full((2, 32, h, 8), fill)[:, 0::2] for _ in range(3)]
         groups.append((dout, q, k, v, out, lse, *grads))
     return groups
 
@@ -245,8 +245,9 @@ def guarded_bwd(fake_fa4, monkeypatch):  # noqa: F811
 
 def fake_kernels(groups, fault: str | None, calls: list):
     """``_compile``'s (backward, postprocess) pair computing the stand-in's gradients and the
-    unselected rows' zeros (dq twice its value under ``fault == "wrong"``, the last group's dv
-    NaN under ``"nan"``, no zeros under ``"zeroless"``), or raising (``"raises"``)."""
+    unselected rows' zeros (dq twice its value under ``fault == "wrong"``, 1.01 times under
+    ``"slightly wrong"``, the last group's dv NaN under ``"nan"``, no zeros under
+    ``"zeroless"``, none in dq under ``"zeroless dq"``), or raising (``"raises"``)."""
 
     def compile_(key, groups_seen, stats):
         if fault == "raises":
@@ -268,10 +269,11 @@ def fake_kernels(groups, fault: str | None, calls: list):
                 want = fa4.backward(dout, q, k, v, out, lse, key[2], scale)
                 for grad, value in zip((dq, dk, dv), want, strict=True):
                     grad.copy_(value)
-                    for shift in shifts if fault != "zeroless" else ():
+                    skips = fault == "zeroless" or (fault == "zeroless dq" and grad is dq)
+                    for shift in shifts if not skips else ():
                         unselected.shifted(grad, shift).zero_()
-                if fault == "wrong":
-                    dq.mul_(2)
+                if fault in ("wrong", "slightly wrong"):
+                    dq.mul_(2 if fault == "wrong" else 1.01)
             if fault == "nan":  # the last group's dV only, after finite dQ and dK errors
                 groups[-1][8].fill_(float("nan"))
 
@@ -280,16 +282,29 @@ def fake_kernels(groups, fault: str | None, calls: list):
     return compile_
 
 
-# ("nan": a running max() of the errors dropped it and kept the kernel)
-@pytest.mark.parametrize("fault", [None, "raises", "wrong", "nan", "zeroless"])
-def test_first_call_keeps_or_refuses_the_grouped_backward(guarded_bwd, fault):
-    groups = backward_groups()
+# ("nan": a running max() of the errors dropped it and kept the kernel; "zeroless dq": with
+# gradient buffers of 0, as fresh ones are, only the poisoned rows show the missing zeros)
+@pytest.mark.parametrize(
+    ("fault", "causal"),
+    [
+        (None, False),
+        (None, True),
+        ("raises", False),
+        ("wrong", False),
+        ("slightly wrong", False),
+        ("nan", False),
+        ("zeroless", False),
+        ("zeroless dq", True),
+    ],
+)
+def test_first_call_keeps_or_refuses_the_grouped_backward(guarded_bwd, fault, causal):
+    groups = backward_groups(causal, fill=0.0 if fault == "zeroless dq" else float("nan"))
     calls = []
     guarded_bwd.setattr(fa4_group_bwd, "_compile", fake_kernels(groups, fault, calls))
     out, dout, lse = torch.zeros(1), torch.zeros(1), torch.zeros(1)  # (read by unit_stats only)
     index = torch.zeros(1, dtype=torch.int32)
-    key = fa4_group_bwd._key(groups, False, SHIFTS)
-    args = (groups, out, dout, lse, index, False, 0.5, None, SHIFTS)
+    key = fa4_group_bwd._key(groups, causal, SHIFTS)
+    args = (groups, out, dout, lse, index, causal, 0.5, None, SHIFTS)
     if fault is None:
         assert fa4_group_bwd.backward_group_(*args)
         assert fa4_group_bwd._COMPILED[key] is not False
@@ -305,8 +320,10 @@ def test_first_call_keeps_or_refuses_the_grouped_backward(guarded_bwd, fault):
     why = {
         "raises": "DSL says no",
         "wrong": "gradients off by",
+        "slightly wrong": "gradients off by 0.01",
         "nan": "gradients off by nan",
         "zeroless": "not zeroed",
+        "zeroless dq": "not zeroed",
     }[fault]
     assert why in fa4_group_bwd.last_refusal
     assert not fa4_group_bwd.backward_group_(*args)
@@ -334,7 +351,50 @@ def test_grouper_makes_the_views_after_the_statistics_and_without_out_and_lse(gu
     assert len(calls) == 3
     guarded_bwd.setattr(fa4_group_bwd, "ENABLED", False)
     assert not call(groups_of, out, dout, lse, index, 0.5)
-    assert len(events) == 6
+    assert not fa4_group_bwd.backward_group_(groups, out, dout, lse, index, False, 0.5)
+    assert len(events) == 6 and len(calls) == 3
+
+
+def test_the_launches_get_the_statistics_in_order_and_a_zeroed_accumulator(guarded_bwd):
+    """The statistics kernel reads out and dout and writes dPsum and LSE * log2(e), which the
+    backward reads by position; the dQ accumulator (scratch: whatever its last user left) is
+    zeroed before every backward adds into it; a kept grouper's workspaces are the first
+    call's shapes."""
+    groups = backward_groups()
+    calls, stats_calls, shapes = [], [], []
+    compile_ = fake_kernels(groups, None, calls)
+
+    def unit_stats(out, dout, lse, index, length, dpsum, lse_log2):
+        stats_calls.append((out, dout, lse, index, length))
+        dpsum.fill_(1.0)
+        lse_log2.fill_(2.0)
+
+    def checked(key, groups_seen, stats):
+        backward, postprocess = compile_(key, groups_seen, stats)
+
+        def run(qs, ks, vs, douts, lse_log2, dpsum, dq_accum, *rest):
+            assert (lse_log2 == 2).all() and (dpsum == 1).all() and (dq_accum == 0).all()
+            backward(qs, ks, vs, douts, lse_log2, dpsum, dq_accum, *rest)
+
+        return run, postprocess
+
+    def scratch(tag, shape):  # left full of NaN by its last user
+        shapes.append(shape)
+        return torch.full(shape, float("nan"))
+
+    guarded_bwd.setattr(fa4_group_bwd, "unit_stats_", unit_stats)
+    guarded_bwd.setattr(fa4_group_bwd, "_compile", checked)
+    out, dout, lse = torch.zeros(1), torch.zeros(1), torch.zeros(1)
+    index = torch.zeros(1, dtype=torch.int32)
+    call = fa4_group_bwd.grouper(groups, False, scratch)
+    for _ in range(2):
+        assert call(lambda full: groups, out, dout, lse, index, 0.5)
+    assert len(calls) == 2 and len(stats_calls) == 2
+    for got in stats_calls:
+        assert got[0] is out and got[1] is dout and got[2] is lse and got[3] is index
+        assert got[4] == 16
+    # 2 * 1 + 2 * 3 units, 16 rows (FA4's tile faked to 16), head dim 8, both calls
+    assert shapes == [(8, 1, 16), (8, 1, 16), (8, 1, 128)] * 2
 
 
 def unit_stats_args(**change) -> dict:
@@ -390,3 +450,35 @@ def test_unit_stats_refuses_operands_it_would_read_past(change, rule):
     # (the valid call runs the kernel: tests/kernel_cases.py, under the Triton interpreter)
     with pytest.raises(ValueError, match=rule):
         unit_stats.unit_stats_(**unit_stats_args(**change))
+
+
+def test_support_rules_each_view_on_its_own(monkeypatch):
+    """Each view the kernel addresses by pointer and stride is checked on its own: keys, output
+    gradients or a dtype other than the first group's, or a strided row of an input or a
+    gradient, and the groups go config by config."""
+    monkeypatch.setattr(fa4, "sm90", lambda q: True)
+    shapes = ((2, 200, 1, 64), (2, 200, 3, 64))
+    groups = [tuple(torch.zeros(shape) for _ in range(9)) for shape in shapes]
+    assert fa4_group_bwd.supported(groups)
+
+    def with_view(slot: int, view) -> bool:  # group 1 with one view replaced
+        changed = list(groups[1])
+        changed[slot] = view
+        return fa4_group_bwd.supported([groups[0], tuple(changed)])
+
+    strided = torch.zeros(2, 200, 3, 128)[..., ::2]  # group 1's shape, rows of stride 2
+    for slot in (0, 1, 2, 3, 6, 7, 8):  # dout, q, k, v, dq, dk, dv
+        assert not with_view(slot, torch.zeros(2, 100, 3, 64)), slot
+        assert not with_view(slot, strided), slot
+    assert not fa4_group_bwd.supported([groups[0], tuple(x.bfloat16() for x in groups[1])])
+
+
+def test_key_holds_causality_heads_and_the_causal_tiles(fake_fa4, monkeypatch):  # noqa: F811
+    groups = backward_groups()
+    key = fa4_group_bwd._key(groups, True, SHIFTS)
+    assert key[:5] == (torch.float32, 8, True, (1, 3), SHIFTS)
+    assert fa4_group_bwd._key(groups, False)[2:5] == (False, (1, 3), ((), ()))
+    config = tuple(range(11))  # (BwdConfig's fields: any 11 values do for the key)
+    monkeypatch.setitem(fa4.BACKWARD_CONFIG, (8, True), config)
+    assert fa4_group_bwd._key(groups, True)[5] == config
+    assert fa4_group_bwd._key(groups, False)[5] is None
