@@ -4,6 +4,10 @@ frontend itself needs CUDA: the builds here are stand-ins."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import types
+
 import pytest
 import torch
 
@@ -79,3 +83,146 @@ def test_a_build_that_ran_out_of_memory_is_tried_again(builds, error):
     assert cudnn_graphs._graph(declines, cpu, False, 0.25, LAYOUT) is None
     assert cudnn_graphs._graph(declines, cpu, False, 0.25, LAYOUT) is None
     assert len(made) == 2  # tried once
+
+
+def test_graphs_are_built_on_the_helper_thread_with_a_workspace(builds):
+    """Built on the caller's stack, the frontend's kept tracebacks held the core's tensors
+    (module docstring); and a graph without workspace still gets one byte (a pointer, not
+    null)."""
+    _, build = builds
+    threads = []
+
+    def recorded(*args):
+        threads.append(threading.current_thread().name)
+        return build(*args)
+
+    recorded.__name__ = build.__name__
+    entry = cudnn_graphs._graph(recorded, torch.device("cpu"), False, 0.25, LAYOUT)
+    assert entry is not None and entry[1] == 1
+    assert threads and threads[0].startswith("ringattn-cudnn-build")
+
+
+@pytest.fixture
+def streams(monkeypatch):
+    """cuDNN's handles and torch's streams stood in for: ``state["stream"]`` is the current
+    raw stream, ``state["capturing"]`` whether it is being captured; ``bound`` records each
+    ``set_stream(handle, stream)``."""
+    state = {"stream": 1, "capturing": False}
+    bound: list[tuple] = []
+    fake = types.SimpleNamespace(
+        create_handle=object,
+        set_stream=lambda handle, stream: bound.append((handle, stream)),
+    )
+    monkeypatch.setattr(cudnn_graphs, "cudnn", fake)
+    # (this thread's handles forgotten, for the test and after it)
+    monkeypatch.setattr(cudnn_graphs._local, "handles", None, raising=False)
+    monkeypatch.setattr(
+        torch._C, "_cuda_getCurrentRawStream", lambda index: state["stream"], raising=False
+    )
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: state["capturing"])
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    return state, bound
+
+
+def test_one_handle_per_thread_and_stream_shared_while_capturing(streams):
+    """cuDNN handles are not thread-safe (one per thread), each stream has its own (no rebinding
+    on every call), and a stream first met during a capture takes the device's first handle
+    (creating one would break the capture), bound to whichever stream uses it."""
+    state, bound = streams
+    device = torch.device("cuda", 0)
+    first = cudnn_graphs._handle(device)
+    assert cudnn_graphs._handle(device) is first and bound == [(first, 1)]
+    state["stream"] = 2
+    second = cudnn_graphs._handle(device)
+    assert second is not first and bound[-1] == (second, 2)
+    state["stream"] = 1
+    assert cudnn_graphs._handle(device) is first and len(bound) == 2  # still bound to 1
+    state["stream"], state["capturing"] = 3, True
+    assert cudnn_graphs._handle(device) is first and bound[-1] == (first, 3)
+    state["stream"], state["capturing"] = 1, False
+    assert cudnn_graphs._handle(device) is first and bound[-1] == (first, 1)  # bound back
+    other = []
+    thread = threading.Thread(target=lambda: other.append(cudnn_graphs._handle(device)))
+    thread.start()
+    thread.join()
+    assert other[0] not in (first, second)
+
+
+QKV = (cudnn_graphs._Q, cudnn_graphs._K, cudnn_graphs._V)
+
+
+def _by_uid(graph, uids, operands):
+    """A launch's operands by role, each checked against the layout its graph was built for
+    (``graph``: the build's name and layouts, in the builder's argument order)."""
+    name, layouts = graph
+    order = {
+        "_forward_graph": (*QKV, cudnn_graphs._O, cudnn_graphs._STATS),
+        "_backward_graph": (
+            *QKV,
+            cudnn_graphs._O,
+            cudnn_graphs._DO,
+            cudnn_graphs._STATS,
+            cudnn_graphs._DQ,
+            cudnn_graphs._DK,
+            cudnn_graphs._DV,
+        ),
+    }[name]
+    built = {uid: layout for uid, layout in zip(order, layouts) if layout is not None}
+    assert len(uids) == len(operands) == len(built)
+    by_uid = dict(zip(uids, operands, strict=True))
+    for uid, x in by_uid.items():
+        assert cudnn_graphs._layout(x) == built[uid], uid
+    return by_uid
+
+
+@pytest.fixture
+def executed(monkeypatch):
+    """The frontend stood in for: ``_graph`` returns the layouts it was asked for, and running
+    a graph computes attention (float64) from its operands by uid, as cuDNN's graphs would."""
+    monkeypatch.setattr(
+        cudnn_graphs,
+        "_graph",
+        lambda build, device, causal, scale, *layouts: ((build.__name__, layouts), 1),
+    )
+
+    def execute(graph, workspace_bytes, uids, operands, device):
+        x = _by_uid(graph, uids, operands)
+        q, k, v = (x[uid].detach().clone().requires_grad_() for uid in QKV)
+        scores = q @ k.transpose(-1, -2) * 0.5
+        out = torch.softmax(scores, -1) @ v
+        if graph[0] == "_forward_graph":
+            x[cudnn_graphs._O].copy_(out.detach())
+            if cudnn_graphs._STATS in x:
+                x[cudnn_graphs._STATS].copy_(torch.logsumexp(scores.detach(), -1, keepdim=True))
+            return
+        grads = torch.autograd.grad(out, (q, k, v), x[cudnn_graphs._DO])
+        for uid, grad in zip((cudnn_graphs._DQ, cudnn_graphs._DK, cudnn_graphs._DV), grads):
+            x[uid].copy_(grad)
+
+    monkeypatch.setattr(cudnn_graphs, "_execute", execute)
+
+
+def test_launchers_hand_each_operand_to_its_uid(executed):
+    """The ordered form binds operands by position: an output, its LSE or dO in another's place
+    computes something else silently. Strided views of [b, n, h, d] rows, as the core's."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, dout = (
+        torch.randn(2, 16, 6, 8, generator=gen, dtype=torch.float64)[:, 1::2, 1:4] for _ in range(4)
+    )
+    out = torch.zeros(2, 8, 6, 8, dtype=torch.float64)[:, :, 2:5]
+    lse = torch.zeros(2, 8, 6, dtype=torch.float64)[:, :, ::2]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        *(x.transpose(1, 2) for x in (q, k, v)), scale=0.5
+    )
+    assert cudnn_graphs.forward_into(q, k, v, out, lse, False, 0.5)
+    torch.testing.assert_close(out.transpose(1, 2), want)
+    scores = q.transpose(1, 2) @ k.permute(0, 2, 3, 1) * 0.5
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1).transpose(1, 2))
+    grads = tuple(torch.zeros(2, 8, 3, 8, dtype=torch.float64) for _ in range(3))
+    assert cudnn_graphs.backward_into(dout, q, k, v, out, lse, grads, False, 0.5)
+    inputs = tuple(x.detach().requires_grad_() for x in (q, k, v))
+    attention = torch.nn.functional.scaled_dot_product_attention(
+        *(x.transpose(1, 2) for x in inputs), scale=0.5
+    )
+    for grad, ref in zip(grads, torch.autograd.grad(attention.transpose(1, 2), inputs, dout)):
+        torch.testing.assert_close(grad, ref)
