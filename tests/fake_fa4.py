@@ -123,12 +123,14 @@ class FakeFA4:
         assert lse.shape == (b, h, length) and lse.dtype == torch.float32
         assert lse.is_contiguous()  # else FA4's launcher copies it (no replay)
         assert out.dtype == dout.dtype == q.dtype
-        if dq is not None:
+        if any(x is not None for x in (dq, dk, dv)):  # each may be given (fa4_add: dk, dv)
             self.into += 1
-            for given_, like in zip((dq, dk, dv), (q, k, v)):
-                assert given_.shape == like.shape and given_.dtype == like.dtype
-        else:
-            dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
+        for given_, like in zip((dq, dk, dv), (q, k, v)):
+            assert given_ is None or (given_.shape == like.shape and given_.dtype == like.dtype)
+        dq, dk, dv = (
+            torch.empty_like(like) if given_ is None else given_
+            for given_, like in zip((dq, dk, dv), (q, k, v))
+        )
         dq_accum = torch.empty(b, h, length * d, dtype=torch.float32)
         if deterministic:  # FA4 zeroes its dQ semaphores in Python: work a replay would skip
             torch.zeros(b, h, dtype=torch.int32)

@@ -368,12 +368,48 @@ def test_backward_tiles_are_swapped_in_for_the_call_only():
         assert interface._tile_size_bwd_sm90(128, 128, True, False) == "fa4's"
 
 
-@pytest.mark.parametrize("wrong", [[64, 128], (64, 128), "dq1wg"])
+@pytest.mark.parametrize("wrong", [[64, 128], (64, 128), "dq1wg", [1] * 11, (1,) * 10, (1,) * 14])
 def test_malformed_backward_config_is_refused(monkeypatch, wrong):
     monkeypatch.setitem(fa4.BACKWARD_CONFIG, (128, True), wrong)
     with pytest.raises(ValueError, match="BACKWARD_CONFIG's entries must be tuples"):
         fa4.backward_config(128, True)
     assert fa4.backward_config(128, False) is None
+
+
+@pytest.mark.parametrize("fields", [11, 13])
+def test_backward_config_takes_11_to_13_fields(monkeypatch, fields):
+    monkeypatch.setitem(fa4.BACKWARD_CONFIG, (128, True), (1,) * fields)
+    assert fa4.backward_config(128, True) == (1,) * fields
+
+
+@pytest.mark.parametrize(
+    ("dtype", "d", "arch", "forward", "backward", "sm90"),
+    [
+        (torch.bfloat16, 64, 9, True, True, True),
+        (torch.float16, 256, 9, True, True, True),
+        (torch.bfloat16, 40, 9, True, False, True),  # dQ wrong off multiples of 32
+        (torch.bfloat16, 128, 10, True, True, False),  # Blackwell: FA4, not its SM90 kernels
+        (torch.bfloat16, 128, 8, False, False, False),  # Ampere
+        (torch.float32, 64, 9, False, False, False),
+        (torch.bfloat16, 12, 9, False, False, False),  # not a multiple of 8
+        (torch.bfloat16, 264, 9, False, False, False),  # over 256
+    ],
+)
+def test_what_fa4_is_offered(monkeypatch, dtype, d, arch, forward, backward, sm90):
+    """fa4.available / backward_available / sm90 on a (stand-in) CUDA tensor: the dtypes, head
+    dims and GPU generations FA4 computes right; never while tracing, never off the GPU."""
+    monkeypatch.setattr(fa4, "installed", lambda: True)
+    monkeypatch.setattr(fa4, "_arch_ok", fa4._arch_ok.__wrapped__)  # (uncached)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (arch, 0))
+    q = types.SimpleNamespace(is_cuda=True, dtype=dtype, shape=(1, 4, 2, d), device="cuda:0")
+    assert fa4.available(q) is forward
+    assert fa4.backward_available(q) is backward
+    assert fa4.sm90(q) is sm90
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not fa4.available(q)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    q.is_cuda = False
+    assert not fa4.available(q) and not fa4.sm90(q)
 
 
 def test_forward_tile_config_reaches_the_launcher_and_keys_the_replays(fake_fa4, monkeypatch):
@@ -391,3 +427,41 @@ def test_forward_tile_config_reaches_the_launcher_and_keys_the_replays(fake_fa4,
         "mma_pv_is_rs": False,
         "intra_wg_overlap": True,
     }
+
+
+def test_adding_backward_launches_are_replayed_apart_from_plain_ones(fake_fa4):
+    """fa4.backward under ``kernels`` (fa4_add's adding kernels) launches other kernels, which
+    add into dK / dV: recorded and replayed under a key of their own (a plain replay found for
+    it wrote the gradients instead of adding; an adding one found for a plain call added),
+    adding once per call, replayed or not."""
+    adding_cache: dict = {}
+
+    def adding_kernel(q, k, v, out, dout, lse, dq_accum, dk, dv, *rest):
+        dk_block, dv_block = torch.empty_like(dk), torch.empty_like(dv)
+        fake_fa4._backward_kernel(q, k, v, out, dout, lse, dq_accum, dk_block, dv_block, *rest)
+        dk.add_(dk_block), dv.add_(dv_block)
+
+    @contextmanager
+    def adding():
+        own = fake_fa4.bwd.compile_cache
+        fake_fa4.bwd.compile_cache = adding_cache
+        try:
+            yield
+        finally:
+            fake_fa4.bwd.compile_cache = own
+
+    adding_cache.update(
+        {("bwd", False): adding_kernel, "postprocess": fake_fa4._postprocess_kernel}
+    )
+    gen = torch.Generator().manual_seed(0)
+    dout, q, k, v, out = (torch.randn(2, 6, 3, 8, generator=gen) for _ in range(5))
+    lse = torch.randn(2, 6, 3, generator=gen).abs() + 1
+    _, dk_block, dv_block = fa4.backward(dout, q, k, v, out, lse, False, 0.3)
+    for _ in range(2):  # the first call records, the second replays
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        fa4.backward(dout, q, k, v, out, lse, False, 0.3, (None, dk, dv))
+        torch.testing.assert_close((dk, dv), (dk_block, dv_block))
+        old = torch.randn(2, 6, 3, 8, generator=gen), torch.randn(2, 6, 3, 8, generator=gen)
+        dk, dv = old[0].clone(), old[1].clone()
+        fa4.backward(dout, q, k, v, out, lse, False, 0.3, (None, dk, dv), adding)
+        torch.testing.assert_close((dk, dv), (old[0] + dk_block, old[1] + dv_block))
