@@ -114,18 +114,29 @@ def fresh(monkeypatch):
 
 
 class FakeKernel:
-    """A "compiled" kernel: merges correctly, or writes ``wrong`` into the output, or raises."""
+    """A "compiled" kernel: merges correctly, or writes ``wrong`` into the output (``lse_wrong``
+    into the LSE), or raises (after it wrote: a launch may fail midway)."""
 
-    def __init__(self, causal: bool, wrong: float | None = None, fail: bool = False) -> None:
+    def __init__(
+        self,
+        causal: bool,
+        wrong: float | None = None,
+        fail: bool = False,
+        lse_wrong: float | None = None,
+    ) -> None:
         self.causal, self.wrong, self.fail, self.runs = causal, wrong, fail, 0
+        self.lse_wrong = lse_wrong
 
     def __call__(self, q, k, v, out, lse_bhl, scale, *none_args) -> None:
         self.runs += 1
-        if self.fail:
-            raise RuntimeError("no such kernel")
+        assert 0 not in (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse_bhl.stride())
         merge_into_(out, lse_bhl.transpose(1, 2), *fa4.forward(q, k, v, self.causal, scale))
         if self.wrong is not None:
             out.fill_(self.wrong)
+        if self.lse_wrong is not None:
+            lse_bhl.fill_(self.lse_wrong)
+        if self.fail:
+            raise RuntimeError("no such kernel")
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -145,6 +156,7 @@ def test_first_call_keeps_a_kernel_that_agrees(fresh, causal):
     [
         (FakeKernel(False, wrong=0.5), True, "disagreed"),
         (FakeKernel(False, wrong=float("nan")), True, "disagreed"),
+        (FakeKernel(False, lse_wrong=0.5), True, "disagreed"),  # the output right, the LSE not
         (FakeKernel(False, fail=True), False, "failed to compile or launch"),
     ],
 )
@@ -180,6 +192,12 @@ def test_disabled_switch_declines_without_work(fresh):
         lambda x: x.update(out=x["out"][:, :, :1]),  # a shape that is not q's
         lambda x: x.update(k=x["k"][:, :, :, 1:]),  # rows not 16-byte aligned (float32: 4)
         lambda x: x.update(v=x["v"][:1].expand(3, -1, -1, -1)),  # broadcast along B
+        lambda x: x.update(lse=x["lse"][:, :, :1]),  # an LSE shape that is not q's rows
+        lambda x: x.update(lse=x["lse"][:1].expand(3, -1, -1)),  # LSE broadcast along B
+        lambda x: x.update(v=x["v"].double()),  # a dtype that is not q's (compiled for q's)
+        lambda x: x.update(k=x["k"][..., 2:]),  # rows 8-byte aligned, not 16
+        # heads 12 elements apart: a stride that is not a multiple of 16 bytes (in bf16)
+        lambda x: x.update(q=torch.zeros(3, 10, 2, 12)[..., :8]),
     ],
 )
 def test_layouts_the_kernel_cannot_take_are_refused(spoil):
@@ -195,6 +213,7 @@ def test_unit_dims_of_stride_zero_are_restrided():
     assert fa4_merge.layout_ok(y, y, y, y, torch.zeros(1, 10, 2))
     z = fa4_merge._unit_dims_restrided(y)
     assert 0 not in z.stride() and torch.equal(z, y) and z.data_ptr() == y.data_ptr()
+    assert fa4_merge.layout_ok(z, z, z, z, torch.zeros(1, 10, 2))  # strides of 16 bytes still
 
 
 def test_compile_keys_follow_the_lse_unit_stride():
@@ -210,16 +229,87 @@ def test_compile_keys_follow_the_lse_unit_stride():
     assert fa4_merge._key(q, False, strided_heads)[3] is None
 
 
+def test_compile_keys_follow_dtype_head_dim_and_tiles(monkeypatch):
+    """A kernel is compiled for its dtype, head dim and FORWARD_CONFIG's tiles: one compiled for
+    bf16, d = 64 or other tiles must not be found for fp16, d = 128 or FA4's own tiles."""
+    lse = torch.zeros(2, 4, 3)
+    key = fa4_merge._key(torch.zeros(2, 4, 3, 64, dtype=torch.bfloat16), True, lse)
+    assert key != fa4_merge._key(torch.zeros(2, 4, 3, 64, dtype=torch.float16), True, lse)
+    assert key != fa4_merge._key(torch.zeros(2, 4, 3, 128, dtype=torch.bfloat16), True, lse)
+    monkeypatch.setitem(fa4.FORWARD_CONFIG, True, (128, 128, False, True))
+    assert key != fa4_merge._key(torch.zeros(2, 4, 3, 64, dtype=torch.bfloat16), True, lse)
+
+
+def test_agreement_checks_of_the_first_calls():
+    """fa4.output_agrees: within 4 units in the last place of the largest magnitude, at least
+    1; fa4.lse_agrees: infinite in the same places and within 1e-3 elsewhere."""
+    want = torch.tensor([2.0, -1.0])
+    ulp = torch.finfo(torch.float32).eps
+    assert fa4.output_agrees(want + torch.tensor([3 * ulp, 0]), want)[0]
+    assert not fa4.output_agrees(want + torch.tensor([16 * ulp, 0]), want)[0]
+    small = torch.tensor([1e-3, 0.0])  # (the floor of 1: an error of 1 ulp at 1 is fine)
+    assert fa4.output_agrees(small + torch.tensor([ulp, 0]), small)[0]
+    lse = torch.tensor([0.5, float("-inf")])
+    assert fa4.lse_agrees(lse + torch.tensor([1e-4, 0]), lse)
+    assert not fa4.lse_agrees(lse + torch.tensor([1e-2, 0]), lse)
+    assert not fa4.lse_agrees(torch.tensor([0.5, 0.0]), lse)  # finite where -inf belongs
+
+
+def test_no_first_call_while_a_cuda_graph_is_captured(fresh):
+    """A first call compiles and syncs to check its kernel: declined under capture (nothing
+    written, no kernel tried), tried on the first call outside it."""
+    kernel = FakeKernel(False)
+    fresh.setattr(fa4_merge, "_compile", lambda key, *args: kernel)
+    fresh.setattr(fa4, "capturing", lambda q: True)
+    q, k, v, out, lse = operands()
+    before = out.clone(), lse.clone()
+    assert not fa4_merge.forward_merge_(q, k, v, False, 0.3, out, lse)
+    assert kernel.runs == 0 and not fa4_merge._COMPILED
+    torch.testing.assert_close((out, lse), before)
+
+
+def test_supported_only_where_the_sm90_kernels_run(monkeypatch):
+    """The merging forward subclasses FA4's SM90 kernel: FA4 available on another GPU (SM100)
+    is not enough."""
+    monkeypatch.setattr(fa4, "available", lambda q: True)
+    monkeypatch.setattr(fa4, "sm90", lambda q: False)
+    assert not fa4_merge.supported(*operands())
+    monkeypatch.setattr(fa4, "sm90", lambda q: True)
+    assert fa4_merge.supported(*operands())
+
+
 def test_merger_calls_a_kept_kernel_without_the_checks(fresh):
     """A prepared launch's merger: the first call goes through the guard, later ones straight
     to the kept kernel (its key decided once), and merge exactly once each."""
     q, k, v, out, lse = operands()
     kernel = FakeKernel(True)
+    plain_guard = fa4_merge.forward_merge_
     fresh.setattr(fa4_merge, "_compile", lambda key, *args: kernel)
     merge = fa4_merge.merger(q, k, v, True, out, lse)
     expected = two_kernel(q, k, v, True, out, lse)
     assert merge(q, k, v, 0.3, out, lse)
     torch.testing.assert_close((out, lse), expected)
     fresh.setattr(fa4_merge, "forward_merge_", None)  # not called again
+    assert merge(q, k, v, 0.3, out, lse) and kernel.runs == 2
+    torch.testing.assert_close((out, lse), two_kernel(q, k, v, True, *expected))
+    fresh.setattr(fa4_merge, "forward_merge_", plain_guard)
+    fresh.setattr(fa4_merge, "ENABLED", False)  # switched off after: declined, nothing written
+    before = out.clone()
+    assert not merge(q, k, v, 0.3, out, lse) and kernel.runs == 2 and torch.equal(out, before)
+
+
+def test_merger_restrides_unit_dims_of_stride_zero(fresh):
+    """Views with a stride 0 along a size-1 dim (the kernel would compile it in as a constant)
+    reach a kept kernel re-strided, through the merger as through the guard."""
+
+    def unit_b(x):
+        return x[:1].as_strided((1, *x.shape[1:]), (0, *x.stride()[1:]), x.storage_offset())
+
+    q, k, v, out, lse = (unit_b(x) for x in operands())
+    kernel = FakeKernel(True)  # (it asserts no stride is 0)
+    fresh.setattr(fa4_merge, "_compile", lambda key, *args: kernel)
+    merge = fa4_merge.merger(q, k, v, True, out, lse)
+    expected = two_kernel(q, k, v, True, out, lse)
+    assert merge(q, k, v, 0.3, out, lse)
     assert merge(q, k, v, 0.3, out, lse) and kernel.runs == 2
     torch.testing.assert_close((out, lse), two_kernel(q, k, v, True, *expected))
