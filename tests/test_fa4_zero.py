@@ -211,11 +211,11 @@ def fresh(monkeypatch):
 
 class FakeKernel:
     """A "compiled" kernel: writes rows, LSE and zeros, or skips the zeros (``lazy``), or writes
-    ``wrong`` into the output, or raises."""
+    ``wrong`` into the output (``lse_wrong`` into the LSE), or raises."""
 
-    def __init__(self, causal, shifts, lazy=False, wrong=None, fail=False) -> None:
+    def __init__(self, causal, shifts, lazy=False, wrong=None, fail=False, lse_wrong=None) -> None:
         self.causal, self.shifts, self.runs = causal, shifts, 0
-        self.lazy, self.wrong, self.fail = lazy, wrong, fail
+        self.lazy, self.wrong, self.fail, self.lse_wrong = lazy, wrong, fail, lse_wrong
 
     def __call__(self, q, k, v, out, lse_bhl, scale) -> None:
         self.runs += 1
@@ -223,8 +223,11 @@ class FakeKernel:
             raise RuntimeError("no such kernel")
         out_block, lse_block = fa4.forward(q, k, v, self.causal, scale)
         out.copy_(out_block if self.wrong is None else torch.full_like(out, self.wrong))
+        assert 0 not in (*q.stride(), *k.stride(), *v.stride(), *out.stride())
         if lse_bhl is not None:
             lse_bhl.transpose(1, 2).copy_(lse_block)
+            if self.lse_wrong is not None:
+                lse_bhl.fill_(self.lse_wrong)
         if not self.lazy:
             for shift in self.shifts:
                 shifted(out, shift).zero_()
@@ -261,6 +264,7 @@ def test_first_call_keeps_a_kernel_that_agrees(fresh, causal, with_lse):
         (lambda s: FakeKernel(False, s, lazy=True), True, "neighbour zeros wrong"),
         (lambda s: FakeKernel(False, s, wrong=0.5), True, "disagreed"),
         (lambda s: FakeKernel(False, s, wrong=float("nan")), True, "disagreed"),
+        (lambda s: FakeKernel(False, s, lse_wrong=0.5), True, "LSE wrong"),
         (lambda s: FakeKernel(False, s, fail=True), False, "failed to compile or launch"),
     ],
 )
@@ -296,6 +300,53 @@ def test_misaligned_shifts_are_not_offered_the_kernel(monkeypatch):
     assert fa4_zero.supported(q, k, v, out, lse, shifts)
     assert not fa4_zero.supported(q, k, v, out, lse, (2,))  # 8 bytes: vector stores misaligned
     assert not fa4_zero.supported(q, k, v, out, lse, ())
+    q, k, v, out = (x.to(torch.bfloat16) for x in (q, k, v, out))  # 16 bytes: 8 elements
+    assert fa4_zero.supported(q, k, v, out, lse, (8, -16))
+    assert not fa4_zero.supported(q, k, v, out, lse, (4,))
+
+
+def test_supported_only_where_the_sm90_kernels_run(monkeypatch):
+    monkeypatch.setattr(fa4, "available", lambda q: True)
+    monkeypatch.setattr(fa4, "sm90", lambda q: False)
+    assert not fa4_zero.supported(*operands()[:-1])
+
+
+def test_a_kernel_that_skips_zeros_already_there_is_refused(fresh):
+    """The neighbours are poisoned before the first call: a kernel that writes no zeros fails
+    even where the memory held zeros already (a fresh buffer; later calls reuse dirty ones)."""
+    q, k, v, out, lse, shifts, _ = operands()
+    for shift in shifts:
+        shifted(out, shift).zero_()
+    kernel = FakeKernel(False, shifts, lazy=True)
+    fresh.setattr(fa4_zero, "_compile", lambda key, *args: kernel)
+    with pytest.warns(RuntimeWarning, match="neighbour zeros wrong"):
+        assert fa4_zero.forward_zero_(q, k, v, False, 0.3, out, lse, shifts)
+    assert list(fa4_zero._COMPILED.values()) == [False]
+
+
+def test_compile_keys_follow_the_shifts_and_the_lse():
+    """A kernel zeroes the shifts it was compiled with and writes an LSE only if compiled with
+    one: neither may be found for other shifts, or for a call with (without) an LSE."""
+    q, _, _, _, lse, shifts, _ = operands()
+    strided_heads = torch.zeros(*lse.shape[:2], 2 * lse.shape[2])[..., ::2]  # (no unit stride)
+    keys = {
+        fa4_zero._key(q, False, lse, shifts),
+        fa4_zero._key(q, False, lse, shifts[:1]),
+        fa4_zero._key(q, False, None, shifts),
+        fa4_zero._key(q, False, None, shifts[:1]),
+        fa4_zero._key(q, False, strided_heads, shifts),
+    }
+    assert len(keys) == 5
+
+
+def test_no_first_call_while_a_cuda_graph_is_captured(fresh):
+    q, k, v, out, lse, shifts, out_full = operands()
+    kernel = FakeKernel(False, shifts)
+    fresh.setattr(fa4_zero, "_compile", lambda key, *args: kernel)
+    fresh.setattr(fa4, "capturing", lambda q: True)
+    before = out_full.clone()
+    assert not fa4_zero.forward_zero_(q, k, v, False, 0.3, out, lse, shifts)
+    assert kernel.runs == 0 and not fa4_zero._COMPILED and torch.equal(out_full, before)
 
 
 def test_switched_off_at_preparation_the_fill_does_it_all(zeroing):
@@ -333,6 +384,7 @@ def test_switched_off_on_a_live_module_the_fill_does_it_all(zeroing):
 def test_zeroer_calls_a_kept_kernel_without_the_checks(fresh):
     q, k, v, out, lse, shifts, out_full = operands()
     kernel = FakeKernel(True, shifts)
+    plain_guard = fa4_zero.forward_zero_
     fresh.setattr(fa4_zero, "_compile", lambda key, *args: kernel)
     zero = fa4_zero.zeroer(q, k, v, True, out, lse, shifts)
     out_want, lse_want = expected(q, k, v, True, out_full, shifts, lse)
@@ -341,3 +393,23 @@ def test_zeroer_calls_a_kept_kernel_without_the_checks(fresh):
     out_full.fill_(float("nan"))
     assert zero(q, k, v, 0.3, out, lse) and kernel.runs == 2
     torch.testing.assert_close((out_full, lse), (out_want, lse_want))
+    fresh.setattr(fa4_zero, "forward_zero_", plain_guard)
+    fresh.setattr(fa4_zero, "ENABLED", False)  # switched off after: declined, nothing written
+    assert not zero(q, k, v, 0.3, out, lse) and kernel.runs == 2
+    torch.testing.assert_close((out_full, lse), (out_want, lse_want))
+
+
+def test_zeroer_restrides_unit_dims_of_stride_zero(fresh):
+    """Views with a stride 0 along a size-1 dim (the kernel would compile it in as a constant)
+    reach a kept kernel re-strided (it asserts no stride is 0), through the zeroer as through
+    the guard."""
+
+    def unit_b(x):
+        return x[:1].as_strided((1, *x.shape[1:]), (0, *x.stride()[1:]), x.storage_offset())
+
+    q, k, v, out, lse, shifts, _ = operands()
+    q, k, v, out, lse = (unit_b(x) for x in (q, k, v, out, lse))
+    kernel = FakeKernel(True, shifts)
+    fresh.setattr(fa4_zero, "_compile", lambda key, *args: kernel)
+    zero = fa4_zero.zeroer(q, k, v, True, out, lse, shifts)
+    assert zero(q, k, v, 0.3, out, lse) and zero(q, k, v, 0.3, out, lse) and kernel.runs == 2
