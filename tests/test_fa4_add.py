@@ -92,10 +92,10 @@ class FakeAdding:
         if kernels is None:
             return self.plain(dout, q, k, v, out, lse, causal, scale, grads)
         self.adding_runs += 1
-        if self.fail:
-            raise RuntimeError("no such kernel")
         dq, dk, dv = self.plain(dout, q, k, v, out, lse, causal, scale)
         grads[1].add_(dk + self.error), grads[2].add_(dv + self.dv_error)
+        if self.fail:  # (after it added: a launch may fail midway)
+            raise RuntimeError("no such kernel")
         return dq, grads[1], grads[2]
 
 
@@ -125,6 +125,7 @@ def test_first_call_keeps_a_kernel_that_agrees(fresh, causal):
     [
         (FakeAdding(error=0.5), "disagreed"),
         (FakeAdding(error=float("nan")), "disagreed"),
+        (FakeAdding(error=1e-4), "disagreed"),  # ~28 units in the last place, not 4
         # (a NaN in dV, after a finite dK error: max() of the two dropped it, and kept the kernel)
         (FakeAdding(dv_error=float("nan")), "disagreed"),
         (FakeAdding(fail=True), "failed to compile or launch"),
@@ -152,3 +153,41 @@ def test_disabled_or_empty_declines_without_work(fresh):
     empty = [x[:, :0] for x in inputs]
     assert fa4_add.backward_add_(*empty, False, 0.3, dk[:, :0], dv[:, :0]) is None
     assert fake.adding_runs == 0
+
+
+@pytest.mark.parametrize("change", ["deterministic", "dtype", "tiles"])
+def test_each_signature_is_checked_on_its_own(fresh, change):
+    """A kernel kept for one signature is not taken for another (each is compiled apart): a
+    deterministic backward, another dtype, or other BACKWARD_CONFIG tiles get a first call."""
+    fake = FakeAdding()
+    fresh.setattr(fa4, "backward", fake)
+    inputs, dk, dv = operands()
+    assert fa4_add.backward_add_(*inputs, True, 0.3, dk, dv) is None  # checked and kept
+    if change == "deterministic":
+        fresh.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    elif change == "dtype":
+        inputs, dk, dv = [x.bfloat16() for x in inputs], dk.bfloat16(), dv.bfloat16()
+    else:
+        tiles = (64, 128, 2, 2, 1, True, False, False, 1, 2, 1)
+        fresh.setitem(fa4.BACKWARD_CONFIG, (inputs[1].shape[-1], True), tiles)
+    old = dk.clone(), dv.clone()
+    assert fa4_add.backward_add_(*inputs, True, 0.3, dk, dv) is None  # its own first call
+    torch.testing.assert_close((dk, dv), old)
+    assert len(fa4_add._CHECKED) == 2
+
+
+def test_no_first_call_while_a_cuda_graph_is_captured(fresh):
+    fake = FakeAdding()
+    fresh.setattr(fa4, "backward", fake)
+    fresh.setattr(fa4, "capturing", lambda q: True)
+    inputs, dk, dv = operands()
+    old = dk.clone(), dv.clone()
+    assert fa4_add.backward_add_(*inputs, False, 0.3, dk, dv) is None
+    assert fake.adding_runs == 0 and not fa4_add._CHECKED
+    torch.testing.assert_close((dk, dv), old)
+
+
+def test_supported_only_where_the_sm90_kernels_run(monkeypatch):
+    monkeypatch.setattr(fa4, "available", lambda q: True)
+    monkeypatch.setattr(fa4, "sm90", lambda q: False)
+    assert not fa4_add.supported(torch.zeros(1, 4, 2, 8, dtype=torch.bfloat16))
