@@ -144,8 +144,10 @@ def test_torch_backward_bypasses_fa4(fake_fa4, monkeypatch, small_problem):
 
 
 def test_deterministic_mode_reaches_fa4(fake_fa4, small_problem):
+    """Also after the same blocks' non-deterministic launches were recorded: their replay (FA4's
+    atomic dQ) is not taken for a deterministic call (the replays are keyed by the mode)."""
     attention, qkv = sdpa_attention(small_problem)
-    for flag in (True, False):
+    for flag in (False, True):
         with deterministic_algorithms(flag):
             attention(*qkv).sum().backward()
         assert fake_fa4.deterministic is flag
