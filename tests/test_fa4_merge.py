@@ -198,6 +198,10 @@ def test_disabled_switch_declines_without_work(fresh):
         lambda x: x.update(k=x["k"][..., 2:]),  # rows 8-byte aligned, not 16
         # heads 12 elements apart: a stride that is not a multiple of 16 bytes (in bf16)
         lambda x: x.update(q=torch.zeros(3, 10, 2, 12)[..., :8]),
+        lambda x: x.update(k=x["k"][:, :, :1], v=x["v"][:, :, :1]),  # fewer K/V heads than q's
+        lambda x: x.update(v=torch.zeros(3, 10, 2, 16)),  # v wider than q
+        lambda x: x.update(k=x["k"][:1], v=x["v"][:1]),  # K/V of another batch size
+        lambda x: x.update(v=x["v"][:, :6]),  # fewer values than keys
     ],
 )
 def test_layouts_the_kernel_cannot_take_are_refused(spoil):
@@ -205,6 +209,13 @@ def test_layouts_the_kernel_cannot_take_are_refused(spoil):
     assert fa4_merge.layout_ok(**x)
     spoil(x)
     assert not fa4_merge.layout_ok(**x)
+
+
+def test_a_block_with_fewer_keys_than_queries_is_taken():
+    """Keys are as many as the block's columns (a causal or cross-rank block): only their
+    batch, heads and width must be q's."""
+    q, k, v, out, lse = operands()
+    assert fa4_merge.layout_ok(q, k[:, :6], v[:, :6], out, lse)
 
 
 def test_unit_dims_of_stride_zero_are_restrided():

@@ -62,6 +62,10 @@ def layout_ok(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor | None) 
         return False
     if out.shape != q.shape:
         return False
+    # one key head per query head, v as wide as q (the kernel's assumptions): a grouped-heads
+    # or other-width k / v would be read past or misread; keys may be as many as the block has
+    if k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:] or v.shape != k.shape:
+        return False
     for x in (q, k, v, out):
         if x.dtype != q.dtype or x.stride(-1) != 1 or x.data_ptr() % 16 or _broadcast(x):
             return False
