@@ -123,7 +123,8 @@ def _first_call(key, q, k, v, causal: bool, scale: float, out: Tensor, lse_bhl) 
     """Compile ``key``'s kernel, run it with its neighbour rows poisoned and hold it to FA4's
     plain forward; keep it only if they agree (else recorded as False: not used again). Either
     way the call's rows, LSE and zeros end written; False only where the kernel failed to
-    compile or run (operands untouched)."""
+    compile or run (its neighbour rows restored; rows and LSE a failed launch may have written
+    are the call's own, which the caller's plain path then writes whole)."""
     neighbours = [shifted(out, shift) for shift in key[-1]]
     before = [x.clone() for x in neighbours]
     for x in neighbours:
