@@ -55,9 +55,13 @@ class Library:
         out.numpy()[...] = y.numpy() + one
 
 
-def recorded(library: Library, x, out=None):
+def recorded(library: Library, x, out=None, accumulating: tuple[int, ...] = ()):
     return replay.record(
-        lambda: library.launch(x, out), {library: "compile_cache"}, (x, out), lambda r: (r,)
+        lambda: library.launch(x, out),
+        {library: "compile_cache"},
+        (x, out),
+        lambda r: (r,),
+        accumulating,
     )
 
 
@@ -181,9 +185,7 @@ def test_accumulating_operands_are_added_into_once():
     library, x = Adding(), torch.randn(3, 5)
     out = torch.randn(6, 5)[::2]
     old = out.clone()
-    result, rec = replay.record(
-        lambda: library.launch(x, out), {library: "compile_cache"}, (x, out), lambda r: (r,), (1,)
-    )
+    result, rec = recorded(library, x, out, (1,))
     assert rec is not None and result is out  # the check replayed into the contents from before
     torch.testing.assert_close(out, old + 2 * x + 1)  # once, not twice
     y, into = torch.randn(3, 5), torch.ones(3, 5)
@@ -240,13 +242,7 @@ def test_a_bypassing_launch_that_adds_into_a_large_operand_is_caught():
     library, x = AddingBypass(), torch.randn(3, 5)
     out = torch.full((3, 5), 1000.0)
     with pytest.warns(RuntimeWarning, match="disagreed"):
-        _, rec = replay.record(
-            lambda: library.launch(x, out),
-            {library: "compile_cache"},
-            (x, out),
-            lambda r: (r,),
-            (1,),
-        )
+        _, rec = recorded(library, x, out, (1,))
     assert rec is None
     torch.testing.assert_close(out, 1000 + 2 * x + 1)  # once
 
@@ -447,13 +443,7 @@ def test_a_missing_addition_whose_rows_sum_to_zero_is_caught():
     out = torch.zeros(3, 4)
     library = AddingDoubleBypass()
     with pytest.warns(RuntimeWarning, match="disagreed"):
-        _, rec = replay.record(
-            lambda: library.launch(x, out),
-            {library: "compile_cache"},
-            (x, out),
-            lambda r: (r,),
-            (1,),
-        )
+        _, rec = recorded(library, x, out, (1,))
     assert rec is None
     assert torch.equal(out, 2 * x)  # once
 
@@ -472,13 +462,7 @@ def test_a_refused_recording_puts_an_accumulated_operand_back_before_the_launche
     out = torch.randn(3, 5)
     old = out.clone()
     with pytest.warns(RuntimeWarning, match="disagreed"):
-        _, rec = replay.record(
-            lambda: library.launch(x, out),
-            {library: "compile_cache"},
-            (x, out),
-            lambda r: (r,),
-            (1,),
-        )
+        _, rec = recorded(library, x, out, (1,))
     assert rec is None
     torch.testing.assert_close(out, old + 2 * x + 1)  # once, and no NaN from the check
 
