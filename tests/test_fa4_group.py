@@ -143,6 +143,24 @@ def groups_of(seed: int = 0, lse: bool = True):
     return groups, shifts
 
 
+def faithful_kernel(causal: bool, shifts, launches: list):
+    """A compiled grouped kernel that does the real one's work through FA4's forward per group:
+    each group's rows and LSE, then its neighbour rows' zeros; each call's operands noted in
+    ``launches``."""
+
+    def kernel(qs, ks, vs, outs, lses_bhl, scale):
+        launches.append((qs, ks, vs, outs, lses_bhl))
+        for q, k, v, out, lse in zip(qs, ks, vs, outs, lses_bhl, strict=True):
+            out_block, lse_block = fa4.forward(q, k, v, causal, scale)
+            out.copy_(out_block)
+            lse.transpose(1, 2).copy_(lse_block)
+        for out, group_shifts in zip(outs, shifts, strict=True):
+            for shift in group_shifts:
+                shifted(out, shift).zero_()
+
+    return kernel
+
+
 @pytest.fixture
 def fake_fa4():
     with installed(FakeFA4()) as kernel:
@@ -154,22 +172,10 @@ def test_first_call_keeps_an_agreeing_kernel(fake_fa4, monkeypatch, causal):
     # (held to FA4's forward of the call's causality: a causal kernel against a non-causal
     # reference would be refused, and the other way round kept)
     groups, shifts = groups_of()
-    compiled = []
-
-    def compile_(key, groups):
-        def kernel(qs, ks, vs, outs, lses_bhl, scale):
-            compiled.append(key)
-            for q, k, v, out, lse in zip(qs, ks, vs, outs, lses_bhl, strict=True):
-                out_block, lse_block = fa4.forward(q, k, v, causal, scale)
-                out.copy_(out_block)
-                lse.transpose(1, 2).copy_(lse_block)
-            for out, group_shifts in zip(outs, shifts, strict=True):
-                for shift in group_shifts:
-                    shifted(out, shift).zero_()
-
-        return kernel
-
-    monkeypatch.setattr(fa4_group, "_compile", compile_)
+    compiled: list = []
+    monkeypatch.setattr(
+        fa4_group, "_compile", lambda key, groups: faithful_kernel(causal, shifts, compiled)
+    )
     monkeypatch.setattr(fa4_group, "_COMPILED", {})
     assert fa4_group.forward_group_(groups, causal, 0.5, shifts)
     key = fa4_group._key(groups, causal, shifts)
@@ -324,29 +330,17 @@ def test_grouper_runs_the_kept_kernel_on_kernel_ready_views_and_honours_enabled(
     groups[0] = tuple(
         x.as_strided(x.shape, (*x.stride()[:2], 0, *x.stride()[3:])) for x in groups[0]
     )
-    launched = []
-
-    def compile_(key, groups_seen):
-        def kernel(qs, ks, vs, outs, lses_bhl, scale):
-            assert not any(0 in x.stride() for xs in (qs, ks, vs, outs, lses_bhl) for x in xs)
-            launched.append(key)
-            for q, k, v, out, lse in zip(qs, ks, vs, outs, lses_bhl, strict=True):
-                out_block, lse_block = fa4.forward(q, k, v, True, scale)
-                out.copy_(out_block)
-                lse.transpose(1, 2).copy_(lse_block)
-            for out, group_shifts in zip(outs, shifts, strict=True):
-                for shift in group_shifts:
-                    shifted(out, shift).zero_()
-
-        return kernel
-
-    monkeypatch.setattr(fa4_group, "_compile", compile_)
+    launched: list = []
+    monkeypatch.setattr(
+        fa4_group, "_compile", lambda key, groups_seen: faithful_kernel(True, shifts, launched)
+    )
     monkeypatch.setattr(fa4_group, "_COMPILED", {})
     call = fa4_group.grouper(groups, True, shifts)
     assert call(groups, 0.5) and call(groups, 0.5) and len(launched) == 2
     plain, _ = groups_of(seed=1)  # (another key: its LSE views' unit stride)
     plain_call = fa4_group.grouper(plain, True, shifts)
     assert plain_call(plain, 0.5) and plain_call(plain, 0.5) and len(launched) == 4
+    assert not any(0 in x.stride() for call in launched for xs in call for x in xs)
     for q, k, v, out, lse in [*groups, *plain]:
         out_ref, lse_ref = fa4.forward(q, k, v, True, 0.5)
         torch.testing.assert_close(out, out_ref)
