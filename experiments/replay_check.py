@@ -23,7 +23,7 @@ import torch
 
 import ringattn
 from experiments import make_out, require_cuda, require_positive
-from ringattn.kernels import fa4, replay
+from ringattn.kernels import fa4, fa4_merge, replay
 
 SEGMENTS, RATES = (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16)
 
@@ -40,6 +40,27 @@ def main(argv: list[str] | None = None) -> int:
     if not fa4.available(torch.empty(1, 8, 1, 128, device="cuda", dtype=torch.bfloat16)):
         print("replay_check: FlashAttention-4 is not available here", file=sys.stderr)
         return 2
+    layouts: collections.Counter = collections.Counter()
+    refused_layouts: list[str] = []
+    layout_ok = fa4_merge.layout_ok
+
+    def counted_layout_ok(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor | None,
+    ) -> bool:
+        ok = layout_ok(q, k, v, out, lse)
+        tensors = (q, k, v, out, lse)
+        caller = sys._getframe(1).f_globals.get("__name__", "?").rsplit(".", 1)[-1]
+        layouts[(caller, "accepted" if ok else "refused")] += 1
+        if not ok and len(refused_layouts) < 20:
+            shapes = [None if t is None else (tuple(t.shape), t.stride()) for t in tensors]
+            refused_layouts.append(f"{caller}: {shapes}")
+        return ok
+
+    fa4_merge.layout_ok = counted_layout_ok  # callers look it up at call time
     gen = torch.Generator(device="cuda").manual_seed(0)
     for mixing, causal in itertools.product(("lse", "head_groups"), (False, True)):
         attention = ringattn.DilatedAttention(SEGMENTS, RATES, mixing=mixing, causal=causal)
@@ -54,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             with torch.no_grad():
                 attention(q, k, v)
     torch.cuda.synchronize()
+    fa4_merge.layout_ok = layout_ok
     counts: collections.Counter = collections.Counter()
     for (kind, _), recorded in fa4._REPLAYS.items():
         counts[(kind, "kept" if recorded is not None else "refused")] += 1
@@ -66,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                     "n": args.n,
                     "counts": {f"{k} {v}": c for (k, v), c in rows},
                     "last_refusal": replay.last_refusal,
+                    "layouts": {f"{k} {v}": c for (k, v), c in sorted(layouts.items())},
+                    "refused_layouts": refused_layouts,
                 },
                 f,
                 indent=1,
@@ -73,8 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     print("| kind | verdict | signatures |\n|---|---|---|")
     for (kind, verdict), count in rows:
         print(f"| {kind} | {verdict} | {count} |")
-    print(f"refused: {refused}; last refusal: {replay.last_refusal!r}")
-    return 1 if refused or not rows else 0
+    print("\n| layout_ok's caller | verdict | calls |\n|---|---|---|")
+    for (caller, verdict), count in sorted(layouts.items()):
+        print(f"| {caller} | {verdict} | {count} |")
+    print("\n".join(refused_layouts))
+    layouts_refused = sum(c for (_, verdict), c in layouts.items() if verdict == "refused")
+    print(
+        f"refused: {refused}; last refusal: {replay.last_refusal!r}; "
+        f"layouts refused: {layouts_refused} of {sum(layouts.values())}"
+    )
+    return 1 if refused or layouts_refused or not rows else 0
 
 
 if __name__ == "__main__":

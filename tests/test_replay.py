@@ -312,6 +312,26 @@ def test_objects_with_a_pointer_attribute_are_no_constants(name):
     assert not replay._holds_pointer(type("Plain", (), {"__slots__": ()})())
 
 
+def test_arguments_nested_past_the_search_are_no_constants():
+    """What lies deeper than ``_holds_pointer`` searches, or in a cycle, may hold a pointer it
+    never saw: it counts as one (a launcher call each time, never a stale replay); as deep a
+    nest of constants within the search is still a constant."""
+
+    def nest(inner: object, levels: int) -> object:
+        for _ in range(levels):
+            inner = [inner]
+        return inner
+
+    assert not replay._holds_pointer(nest(None, replay._MAX_DEPTH))
+    assert not replay._holds_pointer(nest(torch.float32, replay._MAX_DEPTH + 1))  # known leaf
+    assert replay._holds_pointer(nest(None, replay._MAX_DEPTH + 2))  # a list not searched
+    assert replay._holds_pointer(nest(object(), replay._MAX_DEPTH + 1))
+    assert replay._holds_pointer(nest(Handle(None), replay._MAX_DEPTH + 1))
+    cycle = Handle(None)
+    cycle.tensor = cycle  # type: ignore[assignment]
+    assert replay._holds_pointer(cycle)
+
+
 class Lookups(Library):
     """Finds its kernels through the cache's ``get`` and ``in`` + ``[]``, as well as
     ``setdefault``; allocates its output column-major (``empty_strided``) and splits one

@@ -23,10 +23,10 @@ the compile caches would be missing from a replay without any of that showing; s
 replayed once into the launcher's own buffers, its results and the launcher's floating-point
 allocations poisoned with NaN first, and held to the launcher's results (to what it added, for
 operands it accumulates into) before it is kept. A kernel argument that is not a tensor but holds
-one, or device memory or a stream (``_holds_pointer``), is no constant: such a recording is not
-replayed either. Replays are therefore the recorded call's GPU work, on new operands, as far as
-those checks see: a launch that bypassed the caches and wrote only an integer workspace would
-still go unnoticed (none of FA4's does).
+one, or device memory or a stream (``_holds_pointer``; or nests deeper than it searches), is no
+constant: such a recording is not replayed either. Replays are therefore the recorded call's GPU
+work, on new operands, as far as those checks see: a launch that bypassed the caches and wrote
+only an integer workspace would still go unnoticed (none of FA4's does).
 """
 
 from __future__ import annotations
@@ -244,6 +244,9 @@ _POINTER_ATTRIBUTES = (
     "getPtr",
     "iterator",
 )
+# how deep _holds_pointer searches an argument's containers and fields; what lies deeper (or
+# in a cycle) counts as holding a pointer: a slower launcher call, never a stale replay
+_MAX_DEPTH = 4
 
 
 def _holds_pointer(x: object, depth: int = 0) -> bool:
@@ -252,8 +255,10 @@ def _holds_pointer(x: object, depth: int = 0) -> bool:
     call's memory (or stream) in every later call, and the check (same operands) agreed."""
     if isinstance(x, Tensor):
         return True
-    if x is None or isinstance(x, (bool, int, float, complex, str, bytes)) or depth > 4:
+    if x is None or isinstance(x, (bool, int, float, complex, str, bytes, torch.dtype)):
         return False
+    if depth > _MAX_DEPTH:  # not searched to the end (or a cycle): assume the worst
+        return True
     if isinstance(x, (list, tuple, set, frozenset)):
         return any(_holds_pointer(y, depth + 1) for y in x)
     if isinstance(x, dict):
