@@ -79,6 +79,7 @@ GPU_ONLY = [
     "cudnn_frontend_probe",  # (it said to install the frontend, which needs a GPU too)
     "graph_capture_check",
     "replay_check",
+    "timing_floor",
     "one_key_grads",
     "kernel_timeline",  # (these two said so in their own words)
     "flex_gpu",
