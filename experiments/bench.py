@@ -562,7 +562,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         default=["default"],
         choices=ringattn.api.COMPILE_MODES,
-        help="torch.compile modes of the compiled rows (reduce-overhead: CUDA graphs)",
+        help="torch.compile modes of the compiled rows (reduce-overhead: CUDA graphs; refused on "
+        "CUDA for block computers since step 62 of h200_perf.md)",
     )
     p.add_argument(
         "--no-flash-row",

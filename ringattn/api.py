@@ -60,6 +60,32 @@ _COMPILE_LIMIT = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+# the compile modes whose Inductor output replays from CUDA graphs (cudagraph trees)
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def cuda_graphs_refusal(mode: str, device_type: str, compiled_frame: bool, computer: Any) -> str:
+    """Why the module's own compiled frame cannot run a block computer's core on CUDA in
+    ``mode`` ('' where it can). The core is an opaque custom op that finds its module by a CPU
+    scalar tensor (``CoreSpec.module``); cudagraph trees (torch 2.11, H200, h200_perf.md step
+    62) hold every non-static input of a replayed partition to their memory pool, so that CPU
+    tensor failed each such module on its second call ("storage data ptrs are not allocated in
+    pool"), and with FlashAttention-4 at 131K its first ("tensor(s) in the cudagraph pool not
+    tracked as outputs"): every mixing, causal or not, with FA4's kernels or torch's. Refused
+    before any work, naming what does run."""
+    if not (compiled_frame and mode in CUDA_GRAPH_MODES and device_type == "cuda"):
+        return ""
+    if isinstance(computer, LayoutComputer):
+        return ""
+    return (
+        f"compile_mode={mode!r} cannot replay a block computer's core from CUDA graphs (its "
+        "opaque op's module tensor lives on the CPU, which cudagraph trees refuse); use "
+        "compile_mode='default' or 'max-autotune-no-cudagraphs', or capture the module's "
+        "calls yourself with torch.cuda.graph / torch.cuda.make_graphed_callables, which "
+        "block computers support"
+    )
+
+
 def compiled_core(key: tuple, backend: str, mode: str = "default") -> Callable[..., Tensor]:
     """``torch.compile(run_core)`` with a Dynamo cache of its own for each (config, strategy).
 
@@ -231,12 +257,13 @@ class DilatedAttention(nn.Module):
             ``torch.compile`` captures, called directly when the module runs eagerly (a frame of
             its own would add only host time; ``compiled_frame`` says which).
         compile_backend: the ``torch.compile`` backend (``"inductor"``; tests use ``"aot_eager"``).
-        compile_mode: the ``torch.compile`` mode. ``"reduce-overhead"`` replays the core from CUDA
-            graphs: no per-block launches or Python work, which is what bounds short sequences
-            (H200, 32K tokens, ``docs/benchmarks/h200_perf.md`` step 22: forward+backward
-            1.3-1.8x faster than eager, the forward 3-17% slower; from 131K slower than eager,
-            with 1.5-1.8x the peak memory). Its outputs live in the graph's memory pool and are
-            overwritten by the next replay of the same shape (PyTorch's CUDA-graph rules).
+        compile_mode: the ``torch.compile`` mode. ``"reduce-overhead"`` and ``"max-autotune"``
+            replay Inductor's output from CUDA graphs: on CUDA, block computers (``sdpa``,
+            ``math``) refuse them at the first call (``UnsupportedError``; cudagraph trees
+            refuse their opaque op's CPU module tensor: ``h200_perf.md`` step 62); capture
+            such a module with ``torch.cuda.graph`` / ``make_graphed_callables`` instead
+            (H200, 131K causal ``head_groups`` forward: 0.87 ms replayed against 1.07 ms
+            eager). On the CPU, and for ``flex``, they compile as asked.
         group: the process group of a sequence-parallel communicator (default: the world), or a
             1-D ``DeviceMesh`` (``mesh["sp"]``), whose group is taken. Every
             call checks that the ranks make the same call, else all raise (never a hang);
@@ -492,6 +519,11 @@ class DilatedAttention(nn.Module):
         self._valid_inputs[signature] = None
 
     def _check_supported(self, q: Tensor, needs_grad: bool, traced: bool) -> None:
+        if not traced:
+            mode = self._compile_options[1]
+            graphed = cuda_graphs_refusal(mode, q.device.type, self.compiled_frame, self.computer)
+            if graphed:
+                raise UnsupportedError(graphed)
         # traced by a user's torch.compile the computer is compiled too, whatever compile_core
         # says (the backend is not visible from inside the trace: Inductor is assumed). Not
         # is_compiling(): a frame Dynamo gave back to eager runs its callees as frames of their

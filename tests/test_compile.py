@@ -563,6 +563,47 @@ def test_block_computers_open_no_frame_of_their_own():
     assert counters["stats"]["unique_graphs"] == 0
 
 
+@pytest.mark.parametrize("mode", ringattn.api.COMPILE_MODES)
+@pytest.mark.parametrize("computer", ["sdpa", "math", "flex"])
+def test_cuda_graph_modes_refuse_a_block_computer_on_cuda(mode, computer):
+    """Cudagraph trees refuse the opaque op's CPU module tensor (h200_perf.md step 62): a block
+    computer in its own frame under reduce-overhead or max-autotune on CUDA failed inside
+    Inductor on its second call. Those are refused; other modes, flex (no opaque op), modules
+    without a frame of their own and CPU tensors (no CUDA graphs there) are not."""
+    from ringattn import api
+
+    strategy = ringattn.Strategy(computer=computer)
+    framed = ringattn.DilatedAttention((4, 16), (1, 2), compile_mode=mode, strategy=strategy)
+    unframed = ringattn.DilatedAttention((4, 16), (1, 2), compile=False, compile_mode=mode)
+    refused = mode in api.CUDA_GRAPH_MODES and computer != "flex"
+    reason = api.cuda_graphs_refusal(mode, "cuda", framed.compiled_frame, framed.computer)
+    assert bool(reason) == refused
+    assert not api.cuda_graphs_refusal(mode, "cpu", framed.compiled_frame, framed.computer)
+    assert not api.cuda_graphs_refusal(mode, "cuda", False, unframed.computer)
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "default"])
+def test_a_refused_cuda_graph_mode_does_no_work(mode, monkeypatch):
+    """The module asks on its first call, before any spec, compile or validation is kept, and
+    names the mode and what runs instead (CUDA played by the check's device argument)."""
+    from ringattn import api
+
+    refusal = api.cuda_graphs_refusal
+    monkeypatch.setattr(api, "cuda_graphs_refusal", lambda m, _, *rest: refusal(m, "cuda", *rest))
+    q, k, v = make_qkv(PROBLEM, torch.float32)
+    module = ringattn.DilatedAttention(
+        (4, 16), (1, 2), compile=mode != "default", compile_mode=mode
+    )
+    if mode == "default":  # (no frame of its own: runs)
+        torch.testing.assert_close(
+            module(q, k, v), ringattn.DilatedAttention((4, 16), (1, 2))(q, k, v)
+        )
+        return
+    with pytest.raises(api.UnsupportedError, match="compile_mode='reduce-overhead' cannot replay"):
+        module(q, k, v)
+    assert module._specs == {} and module._valid_inputs == {}
+
+
 def test_identical_layers_share_one_graph():
     from torch._dynamo.utils import counters
 

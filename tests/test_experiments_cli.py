@@ -80,6 +80,7 @@ GPU_ONLY = [
     "graph_capture_check",
     "replay_check",
     "timing_floor",
+    "cuda_graph_modes",
     "one_key_grads",
     "kernel_timeline",  # (these two said so in their own words)
     "flex_gpu",
