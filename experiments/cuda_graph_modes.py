@@ -31,7 +31,12 @@ SEGMENTS, RATES = (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=16384, help="sequence length (default 16384)")
-    parser.add_argument("--mode", choices=api.CUDA_GRAPH_MODES, default="reduce-overhead")
+    parser.add_argument(
+        "--mode",
+        choices=api.CUDA_GRAPH_MODES,
+        default="reduce-overhead",
+        help="the compile mode (default reduce-overhead)",
+    )
     parser.add_argument("--unrefused", action="store_true", help="lift the module's refusal")
     args = parser.parse_args(argv)
     require_positive(parser, args, "n")

@@ -34,9 +34,17 @@ def dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--b2b-calls", type=int, default=20)
+    parser.add_argument(
+        "--n",
+        type=int,
+        nargs="+",
+        default=[4096, 8192, 16384, 32768, 65536],
+        help="sequence lengths (default 4096 8192 16384 32768 65536)",
+    )
+    parser.add_argument("--repeats", type=int, default=20, help="timings per median (default 20)")
+    parser.add_argument(
+        "--b2b-calls", type=int, default=20, help="calls per back-to-back timing (default 20)"
+    )
     parser.add_argument("--out", default=None, help="directory for timing_floor.json")
     args = parser.parse_args(argv)
     require_positive(parser, args, "n", "repeats", "b2b_calls")
