@@ -66,23 +66,22 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 def cuda_graphs_refusal(mode: str, device_type: str, compiled_frame: bool, computer: Any) -> str:
     """Why the module's own compiled frame cannot run a block computer's core on CUDA in
-    ``mode`` ('' where it can). The core is an opaque custom op that finds its module by a CPU
-    scalar tensor (``CoreSpec.module``); cudagraph trees (torch 2.11, H200, h200_perf.md step
-    62) hold every non-static input of a replayed partition to their memory pool, so that CPU
-    tensor failed each such module on its second call ("storage data ptrs are not allocated in
-    pool"), and with FlashAttention-4 at 131K its first ("tensor(s) in the cudagraph pool not
-    tracked as outputs"): every mixing, causal or not, with FA4's kernels or torch's. Refused
-    before any work, naming what does run."""
+    ``mode`` ('' where it can). On an H200 (torch 2.11, h200_perf.md step 62) Inductor's
+    cudagraph trees failed every such module: the opaque op's CPU module tensor was a non-static
+    input, which they hold to their memory pool ("storage data ptrs are not allocated in pool",
+    the second call; now marked static, ``core.register_module``), and with FlashAttention-4 at
+    131K the first call left a pool tensor that no output holds ("not tracked as outputs"; not
+    pinned down). Refused before any work, naming what does run, until
+    ``experiments/cuda_graph_modes.py --unrefused`` passes on a GPU."""
     if not (compiled_frame and mode in CUDA_GRAPH_MODES and device_type == "cuda"):
         return ""
     if isinstance(computer, LayoutComputer):
         return ""
     return (
-        f"compile_mode={mode!r} cannot replay a block computer's core from CUDA graphs (its "
-        "opaque op's module tensor lives on the CPU, which cudagraph trees refuse); use "
-        "compile_mode='default' or 'max-autotune-no-cudagraphs', or capture the module's "
-        "calls yourself with torch.cuda.graph / torch.cuda.make_graphed_callables, which "
-        "block computers support"
+        f"compile_mode={mode!r} cannot replay a block computer's core from CUDA graphs yet "
+        "(Inductor's cudagraph trees failed it on the GPU); use compile_mode='default' or "
+        "'max-autotune-no-cudagraphs', or capture the module's calls yourself with "
+        "torch.cuda.graph / torch.cuda.make_graphed_callables, which block computers support"
     )
 
 
@@ -259,9 +258,9 @@ class DilatedAttention(nn.Module):
         compile_backend: the ``torch.compile`` backend (``"inductor"``; tests use ``"aot_eager"``).
         compile_mode: the ``torch.compile`` mode. ``"reduce-overhead"`` and ``"max-autotune"``
             replay Inductor's output from CUDA graphs: on CUDA, block computers (``sdpa``,
-            ``math``) refuse them at the first call (``UnsupportedError``; cudagraph trees
-            refuse their opaque op's CPU module tensor: ``h200_perf.md`` step 62); capture
-            such a module with ``torch.cuda.graph`` / ``make_graphed_callables`` instead
+            ``math``) refuse them at the first call (``UnsupportedError``; Inductor's
+            cudagraph trees failed them: ``h200_perf.md`` step 62); capture such a module
+            with ``torch.cuda.graph`` / ``make_graphed_callables`` instead
             (H200, 131K causal ``head_groups`` forward: 0.87 ms replayed against 1.07 ms
             eager). On the CPU, and for ``flex``, they compile as asked.
         group: the process group of a sequence-parallel communicator (default: the world), or a

@@ -102,7 +102,12 @@ def register_module(module: Any) -> Tensor:
     number = next(_NUMBERS)
     _MODULES[number] = module
     with _disable_current_modes():
-        return torch.tensor(number, dtype=torch.int64, device="cpu")
+        tag = torch.tensor(number, dtype=torch.int64, device="cpu")
+    # a static input of the graphs that take it, unguarded (no recompile per module): CUDA-graph
+    # trees copy each non-static input into their memory pool and hold it there, which a CPU
+    # tensor never is (h200_perf.md step 62: "storage data ptrs are not allocated in pool")
+    torch._dynamo.mark_static_address(tag, guard=False)
+    return tag
 
 
 def _spec(module_tag: Tensor, q: Tensor) -> CoreSpec:

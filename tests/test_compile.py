@@ -599,9 +599,39 @@ def test_a_refused_cuda_graph_mode_does_no_work(mode, monkeypatch):
             module(q, k, v), ringattn.DilatedAttention((4, 16), (1, 2))(q, k, v)
         )
         return
-    with pytest.raises(api.UnsupportedError, match="compile_mode='reduce-overhead' cannot replay"):
+    with pytest.raises(
+        api.UnsupportedError, match=r"compile_mode='reduce-overhead' cannot replay a block computer"
+    ):
         module(q, k, v)
     assert module._specs == {} and module._valid_inputs == {}
+
+
+@pytest.mark.parametrize("frame", ["own", "model"])
+def test_the_module_tensor_is_a_static_graph_input(frame, caplog):
+    """CUDA-graph trees hold every non-static graph input to their memory pool, which the
+    opaque ops' CPU module tensor never is (h200_perf.md step 62): it is marked static, in the
+    module's own frame and in a model traced around the module, so AOTAutograd hands it to
+    Inductor as one (read from its cudagraph static-inputs log; the tensors are not)."""
+    import logging
+
+    torch._dynamo.reset()
+    own = frame == "own"
+    mode = "max-autotune-no-cudagraphs" if own else "default"
+    module = ringattn.DilatedAttention(
+        (4, 16), (1, 2), compile=own, compile_backend="aot_eager", compile_mode=mode
+    )
+    call = module if own else torch.compile(module, backend="aot_eager", fullgraph=True)
+    q = torch.randn(1, 32, 2, 8)
+    torch._logging.set_logs(cudagraph_static_inputs=True)
+    try:
+        with caplog.at_level(logging.DEBUG):
+            call(q, q, q)
+    finally:
+        torch._logging.set_logs()
+    lines = sorted({r.getMessage() for r in caplog.records if "static input pos" in r.getMessage()})
+    static = [line for line in lines if line.startswith("Adding static input")]
+    assert len(lines) >= 2 and len(static) == 1, lines
+    assert ("module" if own else "_number") in static[0], static
 
 
 def test_identical_layers_share_one_graph():
