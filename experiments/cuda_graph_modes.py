@@ -1,6 +1,7 @@
 """Do the CUDA-graph compile modes run a block computer's core on CUDA? (needs CUDA)
 
     python -m experiments.cuda_graph_modes [--n 16384] [--mode reduce-overhead] [--unrefused]
+        [--kernels auto|torch]
 
 Issue 5's shape (bf16, h=16, d=128; the configs whose segments fit ``--n``), each mixing, causal
 or not: a module made with ``compile_mode=--mode`` called three times forward (no grad) and
@@ -38,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the compile mode (default reduce-overhead)",
     )
     parser.add_argument("--unrefused", action="store_true", help="lift the module's refusal")
+    parser.add_argument(
+        "--kernels",
+        choices=("auto", "torch"),
+        default="auto",
+        help="the sdpa computer's CUDA kernels: auto (FlashAttention-4 where it runs) or torch's",
+    )
     args = parser.parse_args(argv)
     require_positive(parser, args, "n")
     require_cuda("cuda_graph_modes")
@@ -56,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             compile_mode=args.mode,
             **options,  # type: ignore[arg-type]
         )
+        for module in (eager, graphed):  # (the computer's kernel choices, as bench's A/B rows)
+            module.computer.cuda_forward = module.computer.cuda_backward = args.kernels
         gen = torch.Generator(device="cuda").manual_seed(0)
         q, k, v = (
             torch.randn(1, args.n, 16, 128, generator=gen, device="cuda", dtype=torch.bfloat16)
@@ -82,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
                 refused = isinstance(exc, api.UnsupportedError) and not args.unrefused
                 failed += not refused
             rows.append((mixing, causal, part, f"{err:.3g}", verdict[:160]))
-    print(f"| mixing | causal | part | rel err vs eager | verdict ({args.mode}, n={args.n}) |")
+    print(
+        f"| mixing | causal | part | rel err vs eager | verdict ({args.mode}, n={args.n}, "
+        f"kernels {args.kernels}{', unrefused' if args.unrefused else ''}) |"
+    )
     print("|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(map(str, row)) + " |")

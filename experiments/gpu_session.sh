@@ -31,6 +31,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh scripts  # ~5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh options  # ~4 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh replays  # ~2 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh graph_modes # <10 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh merge_cost # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
@@ -76,7 +77,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|replays|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh record|replays|graph_modes|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -491,6 +492,18 @@ scripts)
     echo "gpu_fuzz --replay 5: rc=$?" >>"$out/rc.log"
     summary="$(cat "$out/rc.log")
 $(grep -h "Traceback\|Error" "$out"/*.log | sort | uniq -c | head -20)"
+    ;;
+graph_modes)
+    # step 62: compile_mode="reduce-overhead" on CUDA, refused for block computers since; what
+    # still fails with the refusal lifted (torch's kernels, then FA4's, 16K; FA4 at 131K), after
+    # the module tensor became a static graph input
+    run() { script 140 "$@"; }
+    run cuda_graph_modes --n 16384
+    run cuda_graph_modes --n 16384 --unrefused --kernels torch
+    run cuda_graph_modes --n 16384 --unrefused
+    run cuda_graph_modes --n 131072 --unrefused
+    summary="$(cat "$out/rc.log")
+$(grep -h "^| " "$out/cuda_graph_modes.log" | grep -v "^| mixing\|^|---" | cut -c1-200)"
     ;;
 fuzz)
     # random problems against the oracle on the GPU (experiments/gpu_fuzz.py): head dims, dtypes,
