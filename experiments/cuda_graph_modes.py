@@ -1,7 +1,7 @@
 """Do the CUDA-graph compile modes run a block computer's core on CUDA? (needs CUDA)
 
     python -m experiments.cuda_graph_modes [--n 16384] [--mode reduce-overhead] [--unrefused]
-        [--kernels auto|torch]
+        [--kernels auto|torch] [--history]
 
 Issue 5's shape (bf16, h=16, d=128; the configs whose segments fit ``--n``), each mixing, causal
 or not: a module made with ``compile_mode=--mode`` called three times forward (no grad) and
@@ -40,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--unrefused", action="store_true", help="lift the module's refusal")
     parser.add_argument(
+        "--history",
+        action="store_true",
+        help="record the cudagraph pool's allocation stacks (Inductor's "
+        "cudagraph_trees_history_recording) and print the first failure whole, after the table",
+    )
+    parser.add_argument(
         "--kernels",
         choices=("auto", "torch"),
         default="auto",
@@ -48,11 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     require_positive(parser, args, "n")
     require_cuda("cuda_graph_modes")
+    if args.history:  # (names where a pool tensor that no output holds was allocated)
+        import torch._inductor.config as inductor_config
+
+        inductor_config.triton.cudagraph_trees_history_recording = True
     if args.unrefused:
         api.cuda_graphs_refusal = lambda *_: ""
     fits = [i for i, w in enumerate(SEGMENTS) if w <= args.n] or [0]
     segments, rates = tuple(SEGMENTS[i] for i in fits), tuple(RATES[i] for i in fits)
-    rows, failed = [], 0
+    rows, failed, first_failure = [], 0, ""
     for mixing, causal in itertools.product(("head_groups", "lse"), (False, True)):
         options = dict(mixing=mixing, causal=causal)
         eager = ringattn.DilatedAttention(segments, rates, **options)  # type: ignore[arg-type]
@@ -90,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                 verdict = "".join(traceback.format_exception_only(exc)).strip().splitlines()[0]
                 refused = isinstance(exc, api.UnsupportedError) and not args.unrefused
                 failed += not refused
+                if not refused and not first_failure:
+                    first_failure = "".join(traceback.format_exception(exc))
             rows.append((mixing, causal, part, f"{err:.3g}", verdict[:160]))
     print(
         f"| mixing | causal | part | rel err vs eager | verdict ({args.mode}, n={args.n}, "
@@ -98,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(map(str, row)) + " |")
+    if args.history and first_failure:
+        print(f"\nfirst failure, whole:\n{first_failure[-8000:]}")
     return 1 if failed else 0
 
 

@@ -499,9 +499,9 @@ graph_modes)
     # the module tensor became a static graph input
     run() { script 140 "$@"; }
     run cuda_graph_modes --n 16384
-    run cuda_graph_modes --n 16384 --unrefused --kernels torch
-    run cuda_graph_modes --n 16384 --unrefused
-    run cuda_graph_modes --n 131072 --unrefused
+    run cuda_graph_modes --n 16384 --unrefused --kernels torch --history
+    run cuda_graph_modes --n 16384 --unrefused --history
+    run cuda_graph_modes --n 131072 --unrefused --history
     summary="$(cat "$out/rc.log")
 $(grep -h "^| " "$out/cuda_graph_modes.log" | grep -v "^| mixing\|^|---" | cut -c1-200)"
     ;;
