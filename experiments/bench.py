@@ -562,8 +562,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         default=["default"],
         choices=ringattn.api.COMPILE_MODES,
-        help="torch.compile modes of the compiled rows (reduce-overhead: CUDA graphs; refused on "
-        "CUDA for block computers since step 62 of h200_perf.md)",
+        help="torch.compile modes of the compiled rows (reduce-overhead: CUDA graphs, which copy "
+        "each call's q, k, v into their pool: h200_perf.md step 63)",
     )
     p.add_argument(
         "--no-flash-row",

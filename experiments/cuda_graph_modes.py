@@ -1,16 +1,16 @@
 """Do the CUDA-graph compile modes run a block computer's core on CUDA? (needs CUDA)
 
-    python -m experiments.cuda_graph_modes [--n 16384] [--mode reduce-overhead] [--unrefused]
-        [--kernels auto|torch] [--history]
+    python -m experiments.cuda_graph_modes [--n 16384] [--mode reduce-overhead]
+        [--kernels auto|torch] [--history] [--out DIR] [--outer]
 
 Issue 5's shape (bf16, h=16, d=128; the configs whose segments fit ``--n``), each mixing, causal
 or not: a module made with ``compile_mode=--mode`` called three times forward (no grad) and
-three times forward+backward, each row against the eager module's output. By default the module
-refuses these modes on CUDA (``ringattn.api.cuda_graphs_refusal``, h200_perf.md step 62) and
-each row says so; ``--unrefused`` lifts the refusal to reproduce what cudagraph trees do with the
-core's opaque op (step 62: "storage data ptrs are not allocated in pool" on the second call) or,
-once that is fixed, to show that the refusal can go. Prints a table last; exits 1 if any
-unrefused row failed.
+three times forward+backward, each row against the eager module's output, then timed against
+it (median of CUDA-event times, one call after another). ``--outer`` compiles a model around an
+uncompiled module instead (``torch.compile(module.to("cuda"), mode=--mode)``). Inductor's
+cudagraph trees failed the core's opaque op until h200_perf.md step 63 (step 62: its CPU module
+tag, a non-static input, then a graph output; caches made in a tree's warm-up, pool tensors no
+output held). Prints a table last; exits 1 if any row failed.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import argparse
 import itertools
 import sys
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -38,7 +39,6 @@ def main(argv: list[str] | None = None) -> int:
         default="reduce-overhead",
         help="the compile mode (default reduce-overhead)",
     )
-    parser.add_argument("--unrefused", action="store_true", help="lift the module's refusal")
     parser.add_argument(
         "--history",
         action="store_true",
@@ -51,6 +51,19 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="the sdpa computer's CUDA kernels: auto (FlashAttention-4 where it runs) or torch's",
     )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="with --history, also write the first failure whole to "
+        "DIR/first_failure_n<N>_<kernels>.txt (the printout keeps only its end)",
+    )
+    parser.add_argument(
+        "--outer",
+        action="store_true",
+        help="compile a model around an uncompiled module (moved to the GPU) in --mode instead "
+        "of the module's own compile_mode",
+    )
     args = parser.parse_args(argv)
     require_positive(parser, args, "n")
     require_cuda("cuda_graph_modes")
@@ -58,22 +71,21 @@ def main(argv: list[str] | None = None) -> int:
         import torch._inductor.config as inductor_config
 
         inductor_config.triton.cudagraph_trees_history_recording = True
-    if args.unrefused:
-        api.cuda_graphs_refusal = lambda *_: ""
     fits = [i for i, w in enumerate(SEGMENTS) if w <= args.n] or [0]
     segments, rates = tuple(SEGMENTS[i] for i in fits), tuple(RATES[i] for i in fits)
     rows, failed, first_failure = [], 0, ""
     for mixing, causal in itertools.product(("head_groups", "lse"), (False, True)):
         options = dict(mixing=mixing, causal=causal)
         eager = ringattn.DilatedAttention(segments, rates, **options)  # type: ignore[arg-type]
-        graphed = ringattn.DilatedAttention(
+        inner = ringattn.DilatedAttention(
             segments,
             rates,
-            compile=True,
-            compile_mode=args.mode,
+            compile=not args.outer,
+            compile_mode="default" if args.outer else args.mode,
             **options,  # type: ignore[arg-type]
         )
-        for module in (eager, graphed):  # (the computer's kernel choices, as bench's A/B rows)
+        graphed = torch.compile(inner.to("cuda"), mode=args.mode) if args.outer else inner
+        for module in (eager, inner):  # (the computer's kernel choices, as bench's A/B rows)
             module.computer.cuda_forward = module.computer.cuda_backward = args.kernels
         gen = torch.Generator(device="cuda").manual_seed(0)
         q, k, v = (
@@ -83,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             ref = eager(q, k, v)
         for part in ("forward", "forward+backward"):
-            verdict, err = "ok", float("nan")
+            verdict, err, times = "ok", float("nan"), [float("nan")] * 2
             try:
                 for _ in range(3):
                     if part == "forward":
@@ -96,23 +108,46 @@ def main(argv: list[str] | None = None) -> int:
                         out = out.detach().clone()
                 torch.cuda.synchronize()
                 err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                times = [_median_ms(m, part, q, k, v) for m in (graphed, eager)]
             except Exception as exc:  # the row's verdict; the next rows still run
                 verdict = "".join(traceback.format_exception_only(exc)).strip().splitlines()[0]
-                refused = isinstance(exc, api.UnsupportedError) and not args.unrefused
-                failed += not refused
-                if not refused and not first_failure:
+                failed += 1
+                if not first_failure:
                     first_failure = "".join(traceback.format_exception(exc))
-            rows.append((mixing, causal, part, f"{err:.3g}", verdict[:160]))
+            ms = f"{times[0]:.3f} ({times[1]:.3f})"
+            rows.append((mixing, causal, part, f"{err:.3g}", ms, verdict[:160]))
     print(
-        f"| mixing | causal | part | rel err vs eager | verdict ({args.mode}, n={args.n}, "
-        f"kernels {args.kernels}{', unrefused' if args.unrefused else ''}) |"
+        f"| mixing | causal | part | rel err vs eager | ms (eager ms) | verdict ({args.mode}, "
+        f"n={args.n}, kernels {args.kernels}{', outer' if args.outer else ''}) |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(map(str, row)) + " |")
     if args.history and first_failure:
-        print(f"\nfirst failure, whole:\n{first_failure[-8000:]}")
+        print(f"\nfirst failure, its end:\n{first_failure[-8000:]}")
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            outer = "_outer" if args.outer else ""
+            path = args.out / f"first_failure_n{args.n}_{args.kernels}{outer}.txt"
+            path.write_text(first_failure)
     return 1 if failed else 0
+
+
+def _median_ms(module, part: str, q, k, v, calls: int = 10) -> float:
+    """A call's median time, calls one after another (the graphed module replays by now)."""
+    leaves = [x.detach().requires_grad_(part != "forward") for x in (q, k, v)]
+    times = []
+    for _ in range(calls):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        with torch.set_grad_enabled(part != "forward"):
+            out = module(*leaves)
+            if part != "forward":
+                out.float().square().sum().backward()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[calls // 2]
 
 
 if __name__ == "__main__":

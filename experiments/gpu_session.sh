@@ -494,14 +494,14 @@ scripts)
 $(grep -h "Traceback\|Error" "$out"/*.log | sort | uniq -c | head -20)"
     ;;
 graph_modes)
-    # step 62: compile_mode="reduce-overhead" on CUDA, refused for block computers since; what
-    # still fails with the refusal lifted (torch's kernels, then FA4's, 16K; FA4 at 131K), after
-    # the module tensor became a static graph input
+    # steps 62-63: compile_mode="reduce-overhead" on CUDA (FA4's kernels at 16K and 131K,
+    # torch's at 16K), then a model compiled around the module in that mode
     run() { script 140 "$@"; }
-    run cuda_graph_modes --n 16384
-    run cuda_graph_modes --n 16384 --unrefused --kernels torch --history
-    run cuda_graph_modes --n 16384 --unrefused --history
-    run cuda_graph_modes --n 131072 --unrefused --history
+    run cuda_graph_modes --n 16384 --history --out "$out"
+    run cuda_graph_modes --n 131072
+    run cuda_graph_modes --n 16384 --kernels torch
+    run cuda_graph_modes --n 16384 --outer --history --out "$out"
+    run cuda_graph_modes --n 131072 --outer
     summary="$(cat "$out/rc.log")
 $(grep -h "^| " "$out/cuda_graph_modes.log" | grep -v "^| mixing\|^|---" | cut -c1-200)"
     ;;

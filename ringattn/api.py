@@ -31,6 +31,7 @@ from ringattn.config import DilatedConfig, int_sequence
 from ringattn.core import (
     CoreSpec,
     autocast_dtype,
+    device_tag,
     dilated_forward_op,
     register_module,
     run_core,
@@ -62,27 +63,6 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 # the compile modes whose Inductor output replays from CUDA graphs (cudagraph trees)
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-
-
-def cuda_graphs_refusal(mode: str, device_type: str, compiled_frame: bool, computer: Any) -> str:
-    """Why the module's own compiled frame cannot run a block computer's core on CUDA in
-    ``mode`` ('' where it can). On an H200 (torch 2.11, h200_perf.md step 62) Inductor's
-    cudagraph trees failed every such module: the opaque op's CPU module tensor was a non-static
-    input, which they hold to their memory pool ("storage data ptrs are not allocated in pool",
-    the second call; now marked static, ``core.register_module``), and with FlashAttention-4 at
-    131K the first call left a pool tensor that no output holds ("not tracked as outputs"; not
-    pinned down). Refused before any work, naming what does run, until
-    ``experiments/cuda_graph_modes.py --unrefused`` passes on a GPU."""
-    if not (compiled_frame and mode in CUDA_GRAPH_MODES and device_type == "cuda"):
-        return ""
-    if isinstance(computer, LayoutComputer):
-        return ""
-    return (
-        f"compile_mode={mode!r} cannot replay a block computer's core from CUDA graphs yet "
-        "(Inductor's cudagraph trees failed it on the GPU); use compile_mode='default' or "
-        "'max-autotune-no-cudagraphs', or capture the module's calls yourself with "
-        "torch.cuda.graph / torch.cuda.make_graphed_callables, which block computers support"
-    )
 
 
 def compiled_core(key: tuple, backend: str, mode: str = "default") -> Callable[..., Tensor]:
@@ -257,12 +237,12 @@ class DilatedAttention(nn.Module):
             its own would add only host time; ``compiled_frame`` says which).
         compile_backend: the ``torch.compile`` backend (``"inductor"``; tests use ``"aot_eager"``).
         compile_mode: the ``torch.compile`` mode. ``"reduce-overhead"`` and ``"max-autotune"``
-            replay Inductor's output from CUDA graphs: on CUDA, block computers (``sdpa``,
-            ``math``) refuse them at the first call (``UnsupportedError``; Inductor's
-            cudagraph trees failed them: ``h200_perf.md`` step 62); capture such a module
-            with ``torch.cuda.graph`` / ``make_graphed_callables`` instead
-            (H200, 131K causal ``head_groups`` forward: 0.87 ms replayed against 1.07 ms
-            eager). On the CPU, and for ``flex``, they compile as asked.
+            replay Inductor's output from CUDA graphs (cudagraph trees), which copy each call's
+            q, k, v into their pool unless a graph before made them: on an H200
+            (``h200_perf.md`` step 63) 1.6-2.6x faster than eager in 7 of 8 rows at 16K with
+            torch's kernels, but not with FlashAttention-4's (cheap launches), nor at 131K.
+            ``torch.cuda.graph`` / ``make_graphed_callables`` around the module copy nothing
+            (131K causal ``head_groups`` forward: 0.87 ms replayed against 1.07 ms eager).
         group: the process group of a sequence-parallel communicator (default: the world), or a
             1-D ``DeviceMesh`` (``mesh["sp"]``), whose group is taken. Every
             call checks that the ranks make the same call, else all raise (never a hang);
@@ -349,14 +329,25 @@ class DilatedAttention(nn.Module):
         super().__setattr__(name, value)
 
     def _register(self) -> None:
-        # by which the opaque ops find it (core._spec): a CPU scalar tensor (CoreSpec.module)
+        # by which the opaque ops find it (core._spec): a CPU scalar tensor (CoreSpec.module),
+        # and a copy on each CUDA device its calls ran on (core.device_tag)
         self._number = register_module(self)
+        self._device_tags: dict[torch.device, Tensor] = {}
         backend, mode = self._compile_options
         self._core = (
             compiled_core((self.config, self.strategy, backend, mode), backend, mode)
             if self.compiled_frame
             else run_core
         )
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Any:
+        # model.to("cuda") / .cuda(): the module has no tensors to move, but a model compiled
+        # around it with a CUDA-graph mode needs its CUDA tag as the trace's graph input
+        # (core.device_tag; a trace cannot make one), so made here, where it is moved
+        moved = fn(self._number)
+        if moved.device.type == "cuda":
+            self._device_tag(moved.device)
+        return super()._apply(fn, recurse)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -370,6 +361,7 @@ class DilatedAttention(nn.Module):
         core in a new process: its compiled calls ran that module's configs."""
         state = self.__dict__.copy()
         state["_specs"], state["_valid_inputs"], state["_checked"] = {}, {}, {}
+        state["_device_tags"] = {}
         del state["_core"]
         return state
 
@@ -382,8 +374,11 @@ class DilatedAttention(nn.Module):
             f"compile={self.compile_core}"
         )
 
-    def _spec(self, q: Tensor, unkept: bool | None = None) -> CoreSpec:
-        """``unkept``: traced or fake (:meth:`forward` knows; None: found out here)."""
+    def _spec(self, q: Tensor, unkept: bool | None = None, graph_input: bool = True) -> CoreSpec:
+        """``unkept``: traced or fake (:meth:`forward` knows; None: found out here).
+        ``graph_input``: the spec may reach a compiled frame, so names the module by its tag on
+        ``q``'s device (False for the opaque ops' own, which is read inside a CUDA graph's
+        warm-up: a tag made there would be a pool tensor that no output holds)."""
         _b, n, h, d = q.shape
         tracing = torch.compiler.is_compiling()
         if unkept is None:
@@ -391,11 +386,19 @@ class DilatedAttention(nn.Module):
         if unkept and not self.communicator.distributed:
             # a spec for the trace alone: the opaque ops ask the module's eager side for theirs
             # (core._spec), and a dict stored from the trace would hold this one instead
-            return self._new_spec(n, h, d, tracing=True)
-        # (the shape alone: an eager spec depends on nothing else of the call, and a key with
-        # the compile flag hid a compile=False module's eager spec from a trace)
-        key = (n, h, d)
+            return self._new_spec(n, h, d, tracing=True, device=q.device)
+        # (the shape and device alone: an eager spec depends on nothing else of the call (the
+        # device names its module tag), and a key with the compile flag hid a compile=False
+        # module's eager spec from a trace)
+        key = (n, h, d, q.device)
         spec = self._specs.get(key)
+        if (
+            spec is not None
+            and graph_input
+            and not tracing
+            and spec.module is not self._device_tag(q.device)
+        ):
+            spec = None  # the ops' own came first (a model compiled before any eager call)
         if spec is None and self.communicator.distributed and tracing:
             # traced inline, the core's P2P/collective calls would break the graph
             raise ValueError(
@@ -404,13 +407,15 @@ class DilatedAttention(nn.Module):
                 "registers the core as the opaque ops the graph captures"
             )
         if spec is None:
-            spec = self._new_spec(n, h, d, tracing)
+            spec = self._new_spec(n, h, d, tracing, q.device if graph_input else None)
             if len(self._specs) >= RECOMPILE_LIMIT:  # one spec per graph at most; bounded
                 self._specs.pop(next(iter(self._specs)))
             self._specs[key] = spec
         return spec
 
-    def _new_spec(self, n: int, h: int, d: int, tracing: bool) -> CoreSpec:
+    def _new_spec(
+        self, n: int, h: int, d: int, tracing: bool, device: torch.device | None
+    ) -> CoreSpec:
         c = self.config
         configs, spans = c.configs, (1,) * len(c.configs)
         if self.communicator.distributed:
@@ -432,12 +437,21 @@ class DilatedAttention(nn.Module):
             # eager mode and keeps the module's manager (its cached patterns: a manager
             # that rebuilds them in every call cost a compile=True module 15% at 131K)
             memory=_NO_REUSE if self.compiled_frame or tracing else self.memory,
-            module=self._number,
+            # (a trace's spec keeps the CPU tag: making a CUDA one there would break the graph)
+            module=self._number if tracing or device is None else self._device_tag(device),
         )
+
+    def _device_tag(self, device: torch.device) -> Tensor:
+        if device.type != "cuda":
+            return self._number
+        tag = self._device_tags.get(device)
+        if tag is None:
+            tag = self._device_tags[device] = device_tag(self._number, device)
+        return tag
 
     def eager_spec(self, q: Tensor) -> CoreSpec:
         """The spec of an eager call with ``q``'s shape (what the opaque ops run, core._spec)."""
-        return self._spec(q)
+        return self._spec(q, graph_input=False)
 
     # Sequence-parallel calls: every rank must make the same call, else all raise. Checked on
     # every call (one all-reduce of the call's digest on a CPU gloo group: ~130-200 µs of host
@@ -518,11 +532,6 @@ class DilatedAttention(nn.Module):
         self._valid_inputs[signature] = None
 
     def _check_supported(self, q: Tensor, needs_grad: bool, traced: bool) -> None:
-        if not traced:
-            mode = self._compile_options[1]
-            graphed = cuda_graphs_refusal(mode, q.device.type, self.compiled_frame, self.computer)
-            if graphed:
-                raise UnsupportedError(graphed)
         # traced by a user's torch.compile the computer is compiled too, whatever compile_core
         # says (the backend is not visible from inside the trace: Inductor is assumed). Not
         # is_compiling(): a frame Dynamo gave back to eager runs its callees as frames of their
@@ -577,7 +586,9 @@ class DilatedAttention(nn.Module):
             # dynamic shapes need no guard on it (a plan built here guarded on n mod w)
             if self.communicator.distributed:
                 self._spec(q)  # raises unless an eager call has checked the ranks agree
-            return dilated_forward_op(q, k, v, self._number)[0]
+            # (the CUDA tag of an earlier eager call on this device, if any: a model compiled
+            # with reduce-overhead needs one for its backward, core.device_tag)
+            return dilated_forward_op(q, k, v, self._device_tags.get(q.device, self._number))[0]
         unkept = _unkept(q, tracing)
         spec = self._spec(q, unkept)
         memory = _NO_REUSE if unkept else self.memory

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _disable_current_modes
 
+from ringattn.capture import pool_allocating
 from ringattn.communicators.base import Communicator
 from ringattn.computers.base import (
     AttentionComputer,
@@ -71,7 +72,8 @@ class CoreSpec:
     # the shapes they see. A tensor, not an int: Dynamo makes an int attribute of a module a
     # constant of the graph, guarded, so identical layers compiled one by one (regional
     # compilation) recompiled for each and the ninth hit the recompile limit; a tensor is a
-    # graph input. None: a spec of no module (tests), traced inline.
+    # graph input. On CUDA a copy there (``device_tag``). None: a spec of no module (tests),
+    # traced inline.
     module: Tensor | None = field(default=None, compare=False)
     # eager only: the placed blocks' prepared launches per tensor layouts (ringattn.launches)
     launches: dict = field(default_factory=dict, compare=False, repr=False)
@@ -110,10 +112,49 @@ def register_module(module: Any) -> Tensor:
     return tag
 
 
+# CUDA tags (``device_tag``) by (device, address): what they hold, read without a sync
+_DEVICE_TAGS: dict[tuple[torch.device, int], int] = {}
+
+
+def device_tag(tag: Tensor, device: torch.device) -> Tensor:
+    """``tag`` (``register_module``'s) for the graphs of calls on ``device``: itself, except on
+    CUDA, where a copy there. A forward graph returns each input its backward reads, the tag
+    too, and CUDA-graph trees refuse a CPU tensor among a graph's outputs ("Expected all cuda
+    outputs in cuda graph recording", h200_perf.md step 63). The ops find a CUDA tag's number
+    by its address (``_module_number``): reading its value would sync, which a capture refuses.
+    Made eagerly (the module's spec, ``DilatedAttention._new_spec``), never in a cudagraph
+    pool's warm-up, where it would be a pool tensor that no output holds."""
+    if device.type != "cuda":
+        return tag
+    with _disable_current_modes():
+        on_device = tag.to(device)
+    key = (on_device.device, on_device.data_ptr())
+    _DEVICE_TAGS[key] = int(tag)
+    weakref.finalize(on_device, _DEVICE_TAGS.pop, key, None)
+    torch._dynamo.mark_static_address(on_device, guard=False)
+    return on_device
+
+
+def _module_number(module_tag: Tensor) -> int:
+    if module_tag.device.type != "cuda":
+        return int(module_tag)
+    number = _DEVICE_TAGS.get((module_tag.device, module_tag.data_ptr()))
+    if number is not None:
+        return number
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "ringattn: a CUDA graph capture passed the attention op a copy of its module's tag "
+            "(a graph input that must stay where the module made it, marked static); capture "
+            "the module's calls themselves (torch.cuda.graph) or compile with "
+            "compile_mode='reduce-overhead' on the module"
+        )
+    return int(module_tag)  # a copy (an exported program's constant, say): its value, synced
+
+
 def _spec(module_tag: Tensor, q: Tensor) -> CoreSpec:
     """The spec an eager call of the module would use for ``q``'s shape (found, or made: a model
     compiled before any eager call reaches its first call here)."""
-    module_number = int(module_tag)
+    module_number = _module_number(module_tag)
     module = _MODULES.get(module_number)
     if module is None:
         raise RuntimeError(
@@ -481,10 +522,11 @@ def dilated_backward(
     # computer has it (FA4: one backward over all their key tiles, up to a size); declined, they
     # go one by one. Not while a CUDA graph is captured: the one launch saves host time, which
     # replays do not spend, and replayed it was 2-3% slower than the configs' kernels on lanes
-    # (h200_perf.md step 33)
+    # (h200_perf.md step 33); nor in a cudagraph tree's warm-up, which would find it kept with
+    # its packed LSE index, a tensor of the tree's pool (ringattn.capture)
     grouped: frozenset[int] = frozenset()
     group = None
-    if spec.plan.disjoint and placed_launches and not _capturing(lse):
+    if spec.plan.disjoint and placed_launches and not pool_allocating(lse):
         whole = prepared(
             spec,
             "backward",
@@ -532,8 +574,7 @@ def dilated_backward(
         pack = placed_launches.derived.get("lse")
         if pack is None:
             pack = packed(placed_launches, 5, lse)
-            if not _capturing(lse):
-                # (made while capturing, it would hold its values only in the graph's replays)
+            if not pool_allocating(lse):  # (ringattn.capture: kept, it would be wrong)
                 placed_launches.derived["lse"] = pack
         index, span, repacked = pack
         packed_tensors = (*tensors[:5], gather(lse, index, span), *tensors[6:])
@@ -578,12 +619,6 @@ def dilated_backward(
     for_each_block(spec, q.device, first, backward_blocks, backward=True, done=grouped)
     dq, dk, dv = grads
     return dq, dk, dv
-
-
-def _capturing(x: Tensor) -> bool:
-    """Whether ``x``'s stream is being captured into a CUDA graph (then tensors made now hold
-    their values only in the graph's replays, and must not be cached for later calls)."""
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 class GroupedBackward(NamedTuple):
@@ -881,7 +916,7 @@ def _eager_side(module: Tensor, q: Tensor) -> tuple[CoreSpec, tuple[Tensor, ...]
 
 @torch.library.custom_op("ringattn::dilated_forward", mutates_args=())
 def dilated_forward_op(q: Tensor, k: Tensor, v: Tensor, module: Tensor) -> tuple[Tensor, Tensor]:
-    owner = _MODULES.get(int(module))
+    owner = _MODULES.get(_module_number(module))
     if owner is not None and owner.communicator.distributed:
         # a compiled graph skips the eager boundary's check that the ranks make the same call;
         # the op's body runs eagerly, so the check runs here, before the spec (whose checks may

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import array
 import collections
+import inspect
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from conftest import TOLERANCE, make_qkv, options, rel_err
 from torch._dynamo.utils import counters
 
 import ringattn
-from ringattn import reference, registry
+from ringattn import core, reference, registry
 from ringattn.computers.base import LayoutComputer
 
 pytestmark = pytest.mark.compile
@@ -563,46 +564,75 @@ def test_block_computers_open_no_frame_of_their_own():
     assert counters["stats"]["unique_graphs"] == 0
 
 
-@pytest.mark.parametrize("mode", ringattn.api.COMPILE_MODES)
-@pytest.mark.parametrize("computer", ["sdpa", "math", "flex"])
-def test_cuda_graph_modes_refuse_a_block_computer_on_cuda(mode, computer):
-    """Inductor's cudagraph trees failed a block computer in its own frame under reduce-overhead
-    or max-autotune on CUDA (h200_perf.md step 62). Those are refused; other modes, flex (no
-    opaque op), modules without a frame of their own and CPU tensors (no CUDA graphs there) are
-    not."""
-    from ringattn import api
+def test_pool_allocating_reads_the_cudagraph_tree_internals_it_names():
+    """``ringattn.capture`` tells a cudagraph tree's warm-up by Inductor's internals (h200_perf.md
+    step 63: caches made there were pool tensors no output held). Where they moved, it would say
+    False for ever, silently: so their names are checked here, with each torch."""
+    from torch._inductor import cudagraph_trees
 
-    strategy = ringattn.Strategy(computer=computer)
-    framed = ringattn.DilatedAttention((4, 16), (1, 2), compile_mode=mode, strategy=strategy)
-    refused = mode in api.CUDA_GRAPH_MODES and computer != "flex"
-    reason = api.cuda_graphs_refusal(mode, "cuda", framed.compiled_frame, framed.computer)
-    assert bool(reason) == refused
-    assert not api.cuda_graphs_refusal(mode, "cpu", framed.compiled_frame, framed.computer)
-    assert not api.cuda_graphs_refusal(mode, "cuda", False, framed.computer)
+    assert callable(torch._C._is_key_in_tls) and callable(cudagraph_trees.get_obj)
+    assert hasattr(cudagraph_trees, "local")
+    manager = cudagraph_trees.CUDAGraphTreeManager
+    assert isinstance(manager.in_warmup, property) and isinstance(manager.in_recording, property)
+    assert "self.stream = " in inspect.getsource(manager.__init__)
+    assert "tree_manager" in inspect.getsource(cudagraph_trees.TreeManagerContainer.__init__)
 
 
-@pytest.mark.parametrize("mode", ["reduce-overhead", "default"])
-def test_a_refused_cuda_graph_mode_does_no_work(mode, monkeypatch):
-    """The module asks on its first call, before any spec, compile or validation is kept, and
-    names the mode and what runs instead (CUDA played by the check's device argument)."""
-    from ringattn import api
+@pytest.mark.parametrize("state", ["warmup", "recording", "execution", "other stream", "none"])
+def test_pool_allocating_in_a_cudagraph_tree(state, monkeypatch):
+    """True while this thread runs a tree's warm-up or recording on the tree's stream; not
+    after (the caller's stream), nor while it replays. (CUDA played by stand-ins.)"""
+    from types import SimpleNamespace
 
-    refusal = api.cuda_graphs_refusal
-    monkeypatch.setattr(api, "cuda_graphs_refusal", lambda m, _, *rest: refusal(m, "cuda", *rest))
-    q, k, v = make_qkv(PROBLEM, torch.float32)
-    module = ringattn.DilatedAttention(
-        (4, 16), (1, 2), compile=mode != "default", compile_mode=mode
+    from torch._inductor import cudagraph_trees
+
+    from ringattn import capture
+
+    tree_stream, caller_stream = object(), object()
+    manager = SimpleNamespace(
+        in_warmup=state in ("warmup", "other stream"),
+        in_recording=state == "recording",
+        stream=tree_stream,
     )
-    if mode == "default":  # (no frame of its own: runs)
-        torch.testing.assert_close(
-            module(q, k, v), ringattn.DilatedAttention((4, 16), (1, 2))(q, k, v)
-        )
-        return
-    with pytest.raises(
-        api.UnsupportedError, match=r"compile_mode='reduce-overhead' cannot replay a block computer"
-    ):
-        module(q, k, v)
-    assert module._specs == {} and module._valid_inputs == {}
+    containers = {0: SimpleNamespace(tree_manager=None if state == "none" else manager)}
+    monkeypatch.setattr(torch._C, "_is_key_in_tls", lambda key: True)
+    monkeypatch.setattr(cudagraph_trees, "get_obj", lambda local, name: containers)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    current = caller_stream if state == "other stream" else tree_stream
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *_: current)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert capture.pool_allocating() == (state in ("warmup", "recording"))
+    assert not capture.pool_allocating(torch.zeros(1))  # (a CPU tensor's call: never)
+
+
+def test_pooled_manager_keeps_nothing_made_in_a_graph_pool(monkeypatch):
+    """Patterns and scratch made in a cudagraph tree's warm-up are the call's alone: kept, they
+    would be pool tensors no output holds (ringattn.capture)."""
+    from ringattn.memory import pooled
+
+    cache = pooled._LRU(4)
+    monkeypatch.setattr(pooled, "pool_allocating", lambda: True)
+    first = cache.get("key", lambda: torch.zeros(2))
+    assert cache.get("key", lambda: torch.ones(2)) is not first and cache.values() == []
+    monkeypatch.setattr(pooled, "pool_allocating", lambda: False)
+    kept = cache.get("key", lambda: torch.zeros(2))
+    assert cache.get("key", lambda: torch.ones(2)) is kept and cache.misses == 3
+
+
+def test_a_module_on_the_cpu_names_itself_by_its_cpu_tag():
+    """Only a CUDA device gets a tag of its own (core.device_tag: a CPU tensor among a CUDA
+    graph's outputs is refused); elsewhere the module's CPU tag, stored nowhere else, so a
+    trace's guard on the CUDA tags sees no change (storing it recompiled a traced model)."""
+    from ringattn.core import _module_number, device_tag
+
+    module = ringattn.DilatedAttention((4, 16), (1, 2))
+    for device in ("cpu", "meta"):
+        module.to(device)
+        assert module._device_tag(torch.device(device)) is module._number
+        assert device_tag(module._number, torch.device(device)) is module._number
+    assert module._device_tags == {}
+    assert core._MODULES[_module_number(module._number)] is module
 
 
 @pytest.mark.parametrize("frame", ["own", "model"])

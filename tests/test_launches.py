@@ -125,7 +125,7 @@ def test_prepared_launches_compute_exactly_the_general_path(computer, dilation, 
         patch.setattr(core, "views", spy)
         patch.setattr(launches, "FUSE_OFFSETS", False)  # one launch per part: the same calls
         attention, prepared = run(p, strategy, q, k, v, dout)
-    blocks = attention._specs[(p["n"], p["h"], p["d"])].plan.blocks
+    blocks = attention._specs[(p["n"], p["h"], p["d"], torch.device("cpu"))].plan.blocks
     if dilation == "segment_local" and p["b"] == 1 and len(blocks) > 1:
         assert taken, "no prepared launch was taken"  # b == 1: every part's rows are one view
     if dilation == "global":
@@ -300,7 +300,7 @@ def test_offset_runs_compute_exactly_one_launch_per_block(computer, p, rate, lay
         # (BLOCK_SPLIT 1: so runs are never too large)
         patches = [(pattern, "BLOCK_SPLIT", 1), (launches, "FUSE_OFFSETS", fuse)]
         attention, results[fuse], counts[fuse] = run_counted(p, strategy, (q, k, v, dout), patches)
-    plan = attention._specs[(p["n"], p["h"], p["d"])].plan
+    plan = attention._specs[(p["n"], p["h"], p["d"], torch.device("cpu"))].plan
     if not pattern.offset_runs(plan, 1):
         assert counts[True] == counts[False]
     elif p["b"] == 1:  # then every run is one view (b > 1: where the batch dims merge)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
+from ringattn.capture import pool_allocating
 from ringattn.config import checked_int
 from ringattn.memory.base import MemoryManager
 from ringattn.registry import register
@@ -56,6 +57,8 @@ class _LRU:
         # here could not be saved for backward (nor written in place) by a later training call
         with torch.inference_mode(False):
             value = build()
+        if pool_allocating():  # a cudagraph tree's warm-up: made in its pool (ringattn.capture)
+            return value
         with self.lock:
             self.items[key] = value
             self.items.move_to_end(key)

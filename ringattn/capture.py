@@ -1,0 +1,46 @@
+"""Is a CUDA graph's memory pool taking this thread's allocations now?
+
+Then a tensor made and kept in a cache for later calls is wrong twice over: made while a stream is
+captured (``torch.cuda.graph``, the recording of Inductor's cudagraph trees), its kernels are only
+recorded, so it holds its values in the graph's replays alone; made in a cudagraph tree's warm-up
+(``compile_mode="reduce-overhead"``: the graph's code run eagerly once, every allocation of the
+thread routed to the tree's pool), it is a pool tensor that no output holds, which the tree refuses
+("Detected 1 tensor(s) in the cudagraph pool not tracked as outputs", h200_perf.md step 63: the
+backward's packed LSE index and grouped launch). Callers build such a tensor for the call and keep
+none of it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def pool_allocating(x: Tensor | None = None) -> bool:
+    """Whether a CUDA graph's pool takes this thread's allocations (``x``: a tensor of the call;
+    off CUDA, never). Costs a few µs: ask it when about to keep something, not on every call."""
+    if x is not None and not x.is_cuda:
+        return False
+    if not torch.cuda.is_initialized():  # (asking would initialise CUDA)
+        return False
+    return torch.cuda.is_current_stream_capturing() or _in_tree_warmup()
+
+
+def _in_tree_warmup() -> bool:
+    """Whether this thread runs a cudagraph tree's warm-up (or recording) now: its manager for
+    the current device is in that state and the current stream is the tree's own (the warm-up
+    switches to it; a call after, on the caller's stream, keeps its caches). Inductor's
+    internals (torch 2.11-2.13): where they are not as read here, False, as before this check."""
+    try:
+        if not torch._C._is_key_in_tls("tree_manager_containers"):
+            return False  # (no tree was made on this thread, nor handed to it by autograd)
+        from torch._inductor import cudagraph_trees
+
+        containers = cudagraph_trees.get_obj(cudagraph_trees.local, "tree_manager_containers")
+        container = containers.get(torch.cuda.current_device())
+        manager = None if container is None else container.tree_manager
+        if manager is None or not (manager.in_warmup or manager.in_recording):
+            return False
+        return torch.cuda.current_stream() == manager.stream
+    except (AttributeError, ImportError, KeyError, TypeError):
+        return False
