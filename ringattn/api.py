@@ -26,6 +26,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.autograd import forward_ad
 
 from ringattn import distributed, registry
+from ringattn.capture import pool_allocating
 from ringattn.computers.base import LayoutComputer
 from ringattn.config import DilatedConfig, int_sequence
 from ringattn.core import (
@@ -333,6 +334,9 @@ class DilatedAttention(nn.Module):
         # and a copy on each CUDA device its calls ran on (core.device_tag)
         self._number = register_module(self)
         self._device_tags: dict[torch.device, Tensor] = {}
+        default = torch.get_default_device()
+        if default.type == "cuda":  # (built under torch.device("cuda"): never moved there)
+            self._device_tag(default)
         backend, mode = self._compile_options
         self._core = (
             compiled_core((self.config, self.strategy, backend, mode), backend, mode)
@@ -444,8 +448,15 @@ class DilatedAttention(nn.Module):
     def _device_tag(self, device: torch.device) -> Tensor:
         if device.type != "cuda":
             return self._number
+        if device.index is None:  # (torch.device("cuda"): the current one, as tensors have it)
+            device = torch.device("cuda", torch.cuda.current_device())
         tag = self._device_tags.get(device)
         if tag is None:
+            if pool_allocating():
+                # a first call inside a capture: made now it would be the graph's, kept here
+                # (and its copy from the host is refused while capturing); the CPU tag serves
+                # until a call outside makes it
+                return self._number
             tag = self._device_tags[device] = device_tag(self._number, device)
         return tag
 

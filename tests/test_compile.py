@@ -635,6 +635,42 @@ def test_a_module_on_the_cpu_names_itself_by_its_cpu_tag():
     assert core._MODULES[_module_number(module._number)] is module
 
 
+def test_a_module_built_or_moved_on_cuda_makes_its_cuda_tag_once(monkeypatch):
+    """A model compiled around the module traces its CUDA tag (a trace cannot make one): so the
+    module makes it when built under ``torch.device("cuda")`` and when moved there
+    (``model.to("cuda")``), one per device. (CUDA played by stand-ins.)"""
+    from types import SimpleNamespace
+
+    from ringattn import api
+
+    made = []
+    monkeypatch.setattr(api, "device_tag", lambda tag, device: made.append(device) or tag + 0)
+    monkeypatch.setattr(api, "pool_allocating", lambda *_: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    cuda0, cuda1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    monkeypatch.setattr(torch, "get_default_device", lambda: torch.device("cuda"))
+    built = ringattn.DilatedAttention((4, 16), (1, 2))
+    assert made == [cuda0] and list(built._device_tags) == [cuda0]
+    monkeypatch.setattr(torch, "get_default_device", lambda: torch.device("cpu"))
+    moved = ringattn.DilatedAttention((4, 16), (1, 2))
+    for device in (cuda1, cuda1, torch.device("cpu")):
+        assert moved._apply(lambda t, device=device: SimpleNamespace(device=device)) is moved
+    assert made == [cuda0, cuda1] and list(moved._device_tags) == [cuda1]
+    assert built._device_tag(torch.device("cuda")) is built._device_tags[cuda0]
+
+
+def test_no_cuda_tag_is_made_in_a_graph_pool(monkeypatch):
+    """A module's first call inside a CUDA graph capture (or a cudagraph tree's warm-up) keeps
+    its CPU tag: a CUDA one made then would be a tensor of the graph's pool kept by the module,
+    and its copy from the host is refused while capturing. (CUDA played by the check.)"""
+    from ringattn import api
+
+    module = ringattn.DilatedAttention((4, 16), (1, 2))
+    monkeypatch.setattr(api, "pool_allocating", lambda *_: True)
+    assert module._device_tag(torch.device("cuda", 0)) is module._number
+    assert module._device_tags == {}
+
+
 @pytest.mark.parametrize("frame", ["own", "model"])
 def test_the_module_tensor_is_a_static_graph_input(frame, caplog):
     """CUDA-graph trees hold every non-static graph input to their memory pool, which the
