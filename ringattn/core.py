@@ -122,8 +122,9 @@ def device_tag(tag: Tensor, device: torch.device) -> Tensor:
     too, and CUDA-graph trees refuse a CPU tensor among a graph's outputs ("Expected all cuda
     outputs in cuda graph recording", h200_perf.md step 63). The ops find a CUDA tag's number
     by its address (``_module_number``): reading its value would sync, which a capture refuses.
-    Made eagerly (the module's spec, ``DilatedAttention._new_spec``), never in a cudagraph
-    pool's warm-up, where it would be a pool tensor that no output holds."""
+    Made eagerly, once per device (``DilatedAttention._device_tag``: its eager calls, ``.to``
+    and a build under ``torch.device("cuda")``), never in a trace (which cannot) nor while a
+    graph's pool takes allocations (it would be the pool's, kept: ``ringattn.capture``)."""
     if device.type != "cuda":
         return tag
     with _disable_current_modes():
