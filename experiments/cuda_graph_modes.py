@@ -1,13 +1,14 @@
 """Do the CUDA-graph compile modes run a block computer's core on CUDA? (needs CUDA)
 
     python -m experiments.cuda_graph_modes [--n 16384] [--mode reduce-overhead]
-        [--kernels auto|torch] [--history] [--out DIR] [--outer]
+        [--kernels auto|torch] [--history] [--out DIR] [--outer [moved|built]]
 
 Issue 5's shape (bf16, h=16, d=128; the configs whose segments fit ``--n``), each mixing, causal
 or not: a module made with ``compile_mode=--mode`` called three times forward (no grad) and
 three times forward+backward, each row against the eager module's output, then timed against
 it (median of CUDA-event times, one call after another). ``--outer`` compiles a model around an
-uncompiled module instead (``torch.compile(module.to("cuda"), mode=--mode)``). Inductor's
+uncompiled module instead (``torch.compile(module.to("cuda"), mode=--mode)``; ``built``: made
+under ``torch.device("cuda")``, never moved: either makes the CUDA tag the trace needs). Inductor's
 cudagraph trees failed the core's opaque op until h200_perf.md step 63 (step 62: its CPU module
 tag, a non-static input, then a graph output; caches made in a tree's warm-up, pool tensors no
 output held). Prints a table last; exits 1 if any row failed.
@@ -60,9 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--outer",
-        action="store_true",
-        help="compile a model around an uncompiled module (moved to the GPU) in --mode instead "
-        "of the module's own compile_mode",
+        nargs="?",
+        const="moved",
+        choices=("moved", "built"),
+        default=None,
+        help="compile a model around an uncompiled module in --mode instead of the module's own "
+        "compile_mode: the module moved to the GPU (moved, the default) or built there (built)",
     )
     args = parser.parse_args(argv)
     require_positive(parser, args, "n")
@@ -77,14 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     for mixing, causal in itertools.product(("head_groups", "lse"), (False, True)):
         options = dict(mixing=mixing, causal=causal)
         eager = ringattn.DilatedAttention(segments, rates, **options)  # type: ignore[arg-type]
-        inner = ringattn.DilatedAttention(
-            segments,
-            rates,
-            compile=not args.outer,
-            compile_mode="default" if args.outer else args.mode,
-            **options,  # type: ignore[arg-type]
-        )
-        graphed = torch.compile(inner.to("cuda"), mode=args.mode) if args.outer else inner
+        with torch.device("cuda" if args.outer == "built" else "cpu"):
+            inner = ringattn.DilatedAttention(
+                segments,
+                rates,
+                compile=args.outer is None,
+                compile_mode=args.mode if args.outer is None else "default",
+                **options,  # type: ignore[arg-type]
+            )
+        if args.outer == "moved":
+            inner = inner.to("cuda")
+        graphed = inner if args.outer is None else torch.compile(inner, mode=args.mode)
         for module in (eager, inner):  # (the computer's kernel choices, as bench's A/B rows)
             module.computer.cuda_forward = module.computer.cuda_backward = args.kernels
         gen = torch.Generator(device="cuda").manual_seed(0)
@@ -118,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((mixing, causal, part, f"{err:.3g}", ms, verdict[:160]))
     print(
         f"| mixing | causal | part | rel err vs eager | ms (eager ms) | verdict ({args.mode}, "
-        f"n={args.n}, kernels {args.kernels}{', outer' if args.outer else ''}) |"
+        f"n={args.n}, kernels {args.kernels}{f', outer {args.outer}' if args.outer else ''}) |"
     )
     print("|---|---|---|---|---|---|")
     for row in rows:
@@ -127,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nfirst failure, its end:\n{first_failure[-8000:]}")
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
-            outer = "_outer" if args.outer else ""
+            outer = f"_outer_{args.outer}" if args.outer else ""
             path = args.out / f"first_failure_n{args.n}_{args.kernels}{outer}.txt"
             path.write_text(first_failure)
     return 1 if failed else 0
