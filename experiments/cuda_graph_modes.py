@@ -26,6 +26,7 @@ import torch
 
 import ringattn
 from experiments import require_cuda, require_positive
+from experiments.ablate import to_markdown
 from ringattn import api
 
 SEGMENTS, RATES = (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16)
@@ -123,13 +124,10 @@ def main(argv: list[str] | None = None) -> int:
                     first_failure = "".join(traceback.format_exception(exc))
             ms = f"{times[0]:.3f} ({times[1]:.3f})"
             rows.append((mixing, causal, part, f"{err:.3g}", ms, verdict[:160]))
-    print(
-        f"| mixing | causal | part | rel err vs eager | ms (eager ms) | verdict ({args.mode}, "
-        f"n={args.n}, kernels {args.kernels}{f', outer {args.outer}' if args.outer else ''}) |"
-    )
-    print("|---|---|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(map(str, row)) + " |")
+    how = f", outer {args.outer}" if args.outer else ""
+    verdict = f"verdict ({args.mode}, n={args.n}, kernels {args.kernels}{how})"
+    columns = ["mixing", "causal", "part", "rel err vs eager", "ms (eager ms)", verdict]
+    print(to_markdown(columns, [[str(cell) for cell in row] for row in rows]))
     if args.history and first_failure:
         print(f"\nfirst failure, its end:\n{first_failure[-8000:]}")
         if args.out is not None:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from experiments import make_out, require_cuda, require_positive
-from experiments.ablate import median_ms
+from experiments.ablate import dict_rows_to_markdown, median_ms
 
 
 def dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
@@ -77,16 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         with open(Path(args.out) / "timing_floor.json", "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
-    keys = list(rows[0])
-    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-    for row in rows:
-        print(
-            "| "
-            + " | ".join(
-                f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k]) for k in keys
-            )
-            + " |"
-        )
+    print(dict_rows_to_markdown(rows, list(rows[0])))
     return 0
 
 

@@ -16,6 +16,12 @@ import torch
 from torch import Tensor
 
 
+def capturing() -> bool:
+    """Whether this thread's current CUDA stream is capturing a graph (never without CUDA
+    initialised, which costs nothing to ask)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
 def pool_allocating(x: Tensor | None = None) -> bool:
     """Whether a CUDA graph's pool takes this thread's allocations (``x``: a tensor of the call;
     off CUDA, never). Costs a few µs: ask it when about to keep something, not on every call."""
@@ -23,7 +29,7 @@ def pool_allocating(x: Tensor | None = None) -> bool:
         return False
     if not torch.cuda.is_initialized():  # (asking would initialise CUDA)
         return False
-    return torch.cuda.is_current_stream_capturing() or _in_tree_warmup()
+    return capturing() or _in_tree_warmup()
 
 
 def _in_tree_warmup() -> bool:

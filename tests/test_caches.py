@@ -126,7 +126,7 @@ def test_nothing_is_kept_or_reused_while_a_cuda_graph_captures(monkeypatch):
     pool = PooledMemory()
     kept = pool.cached(("pattern",), lambda: torch.arange(4))
     scratch = pool.scratch("acc", (4,), torch.float32, torch.device("cpu"))
-    monkeypatch.setattr(pooled, "_capturing", lambda: True)
+    monkeypatch.setattr(pooled, "capturing", lambda: True)
     built = pool.cached(("pattern",), lambda: torch.arange(4) * 10)
     assert torch.equal(built, torch.arange(4) * 10)  # made in the capture, not the kept one
     assert pool.cached(("new",), lambda: torch.ones(2)) is not pool.cached(("new",), lambda: None)
@@ -134,7 +134,7 @@ def test_nothing_is_kept_or_reused_while_a_cuda_graph_captures(monkeypatch):
     assert set(pool.patterns.items) == {("pattern",)} and pool.patterns.items[("pattern",)] is kept
     assert len(pool.buffers.items) == 1
     monkeypatch.undo()
-    assert not pooled._capturing()  # (no CUDA here: never capturing)
+    assert not pooled.capturing()  # (no CUDA here: never capturing)
     assert pool.cached(("pattern",), torch.zeros) is kept
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
-from ringattn.capture import pool_allocating
+from ringattn.capture import capturing, pool_allocating
 from ringattn.config import checked_int
 from ringattn.memory.base import MemoryManager
 from ringattn.registry import register
@@ -38,7 +38,7 @@ class _LRU:
         self.lock = threading.Lock()
 
     def get(self, key: Hashable, build: Callable[[], Tensor]) -> Tensor:
-        if _capturing():
+        if capturing():
             # a CUDA graph being captured gets what it asks for made in its own pool, and none
             # of it kept: made here, a pattern's kernels are only recorded, so the kept tensor
             # held no values until the first replay (eager calls of that shape gathered with
@@ -81,12 +81,6 @@ class _LRU:
 
     def __setstate__(self, state: dict) -> None:
         _LRU.__init__(self, state["max_entries"])
-
-
-def _capturing() -> bool:
-    """Whether this thread's current CUDA stream is capturing a graph (never without CUDA
-    initialised, which costs nothing to ask)."""
-    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def _owner(device: torch.device) -> tuple[int, int | None]:
