@@ -1,7 +1,7 @@
 """Do the CUDA-graph compile modes run a block computer's core on CUDA? (needs CUDA)
 
     python -m experiments.cuda_graph_modes [--n 16384] [--mode reduce-overhead]
-        [--kernels auto|torch] [--history] [--out DIR] [--outer [moved|built]]
+        [--kernels auto|torch] [--history] [--out DIR] [--outer [moved|built]] [--static-inputs]
 
 Issue 5's shape (bf16, h=16, d=128; the configs whose segments fit ``--n``), each mixing, causal
 or not: a module made with ``compile_mode=--mode`` called three times forward (no grad) and
@@ -11,7 +11,11 @@ uncompiled module instead (``torch.compile(module.to("cuda"), mode=--mode)``; ``
 under ``torch.device("cuda")``, never moved: either makes the CUDA tag the trace needs). Inductor's
 cudagraph trees failed the core's opaque op until h200_perf.md step 63 (step 62: its CPU module
 tag, a non-static input, then a graph output; caches made in a tree's warm-up, pool tensors no
-output held). Prints a table last; exits 1 if any row failed.
+output held). ``--static-inputs`` marks q, k, v (and the leaves made from them) with
+``torch._dynamo.mark_static_address``, so the cudagraph trees replay on them instead of copying
+each call's inputs into their pool (the copy a model whose graph makes q, k, v never pays; step
+63's guess at why the mode was slower than eager at 131K). Prints a table last; exits 1 if any
+row failed.
 """
 
 from __future__ import annotations
@@ -69,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         help="compile a model around an uncompiled module in --mode instead of the module's own "
         "compile_mode: the module moved to the GPU (moved, the default) or built there (built)",
     )
+    parser.add_argument(
+        "--static-inputs",
+        action="store_true",
+        help="mark q, k, v static (torch._dynamo.mark_static_address): the CUDA-graph modes then "
+        "read them in place instead of copying them into their pool each call",
+    )
     args = parser.parse_args(argv)
     require_positive(parser, args, "n")
     require_cuda("cuda_graph_modes")
@@ -100,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.randn(1, args.n, 16, 128, generator=gen, device="cuda", dtype=torch.bfloat16)
             for _ in range(3)
         )
+        if args.static_inputs:
+            for x in (q, k, v):
+                torch._dynamo.mark_static_address(x)
         with torch.no_grad():
             ref = eager(q, k, v)
         for part in ("forward", "forward+backward"):
@@ -110,13 +123,13 @@ def main(argv: list[str] | None = None) -> int:
                         with torch.no_grad():
                             out = graphed(q, k, v).clone()
                     else:
-                        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+                        leaves = _leaves(q, k, v, True, args.static_inputs)
                         out = graphed(*leaves)
                         out.float().square().sum().backward()
                         out = out.detach().clone()
                 torch.cuda.synchronize()
                 err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-                times = [_median_ms(m, part, q, k, v) for m in (graphed, eager)]
+                times = [_median_ms(m, part, q, k, v, args.static_inputs) for m in (graphed, eager)]
             except Exception as exc:  # the row's verdict; the next rows still run
                 verdict = "".join(traceback.format_exception_only(exc)).strip().splitlines()[0]
                 failed += 1
@@ -125,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             ms = f"{times[0]:.3f} ({times[1]:.3f})"
             rows.append((mixing, causal, part, f"{err:.3g}", ms, verdict[:160]))
     how = f", outer {args.outer}" if args.outer else ""
+    how += ", static inputs" if args.static_inputs else ""
     verdict = f"verdict ({args.mode}, n={args.n}, kernels {args.kernels}{how})"
     columns = ["mixing", "causal", "part", "rel err vs eager", "ms (eager ms)", verdict]
     print(to_markdown(columns, [[str(cell) for cell in row] for row in rows]))
@@ -138,9 +152,19 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def _median_ms(module, part: str, q, k, v, calls: int = 10) -> float:
+def _leaves(q, k, v, grad: bool, static: bool) -> list:
+    """q, k, v detached (leaves of the call's graph where ``grad``); marked static like their
+    bases where ``static`` (a new tensor object carries no mark of its own)."""
+    leaves = [x.detach().requires_grad_(grad) for x in (q, k, v)]
+    if static:
+        for x in leaves:
+            torch._dynamo.mark_static_address(x)
+    return leaves
+
+
+def _median_ms(module, part: str, q, k, v, static: bool = False, calls: int = 10) -> float:
     """A call's median time, calls one after another (the graphed module replays by now)."""
-    leaves = [x.detach().requires_grad_(part != "forward") for x in (q, k, v)]
+    leaves = _leaves(q, k, v, part != "forward", static)
     times = []
     for _ in range(calls):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

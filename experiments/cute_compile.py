@@ -64,6 +64,36 @@ def _grouped_backward(n: int, h: int, d: int, causal: bool) -> None:
     fa4_group_bwd._compile(fa4_group_bwd._key(groups, causal, shifts), groups, stats)
 
 
+def _adding_postprocess(d: int, causal: bool) -> None:
+    """Compile FA4's dQ postprocess as FA4's SM90 backward launcher does for issue 5's blocks,
+    under :func:`ringattn.kernels.fa4_add.adding_all_kernels` (its adding variant)."""
+    import importlib
+
+    from ringattn.kernels import fa4_add, fa4_group_bwd
+
+    interface = importlib.import_module("flash_attn.cute.interface")
+    dsl_utils = importlib.import_module("flash_attn.cute.cute_dsl_utils")
+    cfg = fa4_group_bwd._config(d, causal)
+    with fa4_add.adding_all_kernels():
+        interface._compile_bwd_postprocess(
+            dsl_utils.torch2cute_dtype_map[torch.bfloat16],
+            d,
+            cfg.m_block_size,
+            128 if cfg.dQ_single_wg else cfg.num_wg * 128,
+            cfg.AtomLayoutMdQ,
+            cfg.dQ_swapAB,
+            False,  # (no variable lengths, no sequence-used counts)
+            False,
+            False,  # (SM90: no 2-CTA instructions, clusters of one)
+            1,
+            90,
+            False,
+            None,  # (no learnable sink)
+            64 if cfg.dKV_swapAB else 32,  # (FA4's hdim_multiple_of on SM90)
+            None,
+        )
+
+
 @contextmanager
 def _persistent(on: bool) -> Iterator[None]:
     """The grouped forward (``fa4_group``) set, where ``on``, to put every plan on its
@@ -110,6 +140,7 @@ def kernels(n: int, h: int, d: int):
                 fa4_merge._compile(key, q, k, v, out, lse.transpose(1, 2))
 
             yield f"fa4_merge causal={causal}", merging
+            yield f"fa4_add postprocess causal={causal}", partial(_adding_postprocess, d, causal)
 
 
 def main(argv: list[str] | None = None) -> None:

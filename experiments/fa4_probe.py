@@ -43,9 +43,10 @@ default, interleaved, at ``--n`` and n/4.
 op's, on the caller's stream and on a side stream, with and without a pending wait between the
 two (what ``ringattn.lanes`` adds to an eager call; step 28: the stream makes no difference).
 ``--part add`` does the same for ``ringattn.kernels.fa4_add`` (FA4's backward adding dK and dV
-into the gradients with TMA reduce-add stores) against FA4's backward and the Triton add: the
-sums against each other, GPU ms of each, and the ``lse`` module's forward+backward with it on
-and off.
+into the gradients with TMA reduce-add stores, and dQ in its postprocess) against FA4's backward
+and the Triton add: the sums against each other, GPU ms of each (all three added by FA4's
+kernels, dK / dV only, neither), and the ``lse`` module's forward+backward with dQ's adding
+postprocess on and off (``fa4_add.ADD_DQ``).
 ``--part fill`` sweeps the backward's gradient fill kernel (``ringattn.kernels.unselected``) over
 its rows per program and warps (GPU ms, GB/s, host µs per launch, exactness) against torch's
 ``zero_`` of the whole buffer.
@@ -308,9 +309,12 @@ def _store_paths(q, k, v, causal, scale, out_full, lse_full, strided) -> dict:
     }
 
 
-def _module_ab(n, h, d, repeats, device, mixing, switch, names, backward=False) -> list[dict]:
-    """The issue's module at n/4 and n, causal and not, timed with ``switch`` (a module with an
-    ``ENABLED`` flag) on and off, interleaved twice; how far apart the two results are."""
+def _module_ab(
+    n, h, d, repeats, device, mixing, switch, names, backward=False, flag="ENABLED"
+) -> list[dict]:
+    """The issue's module at n/4 and n, causal and not, timed with ``switch`` (a module with a
+    boolean ``flag``, ``ENABLED`` by default) on and off, interleaved twice; how far apart the
+    two results are."""
     import ringattn
 
     on, off = names
@@ -343,7 +347,7 @@ def _module_ab(n, h, d, repeats, device, mixing, switch, names, backward=False) 
             try:
                 for turn in range(2):
                     for enabled in (True, False):
-                        switch.ENABLED = enabled
+                        setattr(switch, flag, enabled)
                         name = on if enabled else off
                         fn = partial(call, modules[enabled])
                         results[name] = fn()
@@ -356,7 +360,7 @@ def _module_ab(n, h, d, repeats, device, mixing, switch, names, backward=False) 
                 )
             except Exception as exc:  # a probe: report and go on
                 row["error"] = failure(exc, 600)
-            switch.ENABLED = True
+            setattr(switch, flag, True)
             compiled = getattr(switch, "_COMPILED", getattr(switch, "_CHECKED", {}))
             row["kernels"] = {str(key): bool(x) for key, x in compiled.items()}
             row["refusal"] = (switch.last_refusal or "")[:600]
@@ -492,19 +496,26 @@ def merge_cost(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
 
 
 def add(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
-    """``ringattn.kernels.fa4_add`` against FA4's backward plus the Triton add."""
+    """``ringattn.kernels.fa4_add`` against FA4's backward plus the Triton add: all three
+    gradients added by FA4's kernels (dQ in its postprocess), dK / dV only, or none."""
     from ringattn.kernels import fa4, fa4_add
     from ringattn.kernels.add import add_rows_
 
     rows: list[dict[str, Any]] = []
     scale = d**-0.5
 
-    def adding(inputs, grads, causal):
+    def adding(inputs, grads, causal, add_dq):
         dq, dk, dv = grads
         dout, q, k, v, out, lse = inputs
-        dq_block = fa4_add.backward_add_(dout, q, k, v, out, lse, causal, scale, dk, dv)
-        assert dq_block is not None, "the adding kernel declined (it is checked on first calls)"
-        add_rows_([dq.unsqueeze(0)], [dq_block.unsqueeze(0)])
+        fa4_add.ADD_DQ = add_dq
+        try:
+            left = fa4_add.backward_add_(dout, q, k, v, out, lse, causal, scale, dq, dk, dv)
+        finally:
+            fa4_add.ADD_DQ = True
+        assert left is not None, "the adding kernels declined (they are checked on first calls)"
+        assert len(left) == (0 if add_dq else 1), "dQ's adding postprocess was refused"
+        if left:
+            add_rows_([dq.unsqueeze(0)], [left[0].unsqueeze(0)])
 
     def plain(inputs, grads, causal):
         dout, q, k, v, out, lse = inputs
@@ -523,41 +534,48 @@ def add(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
 
         q, k, v, dout, out = (strided(full()) for _ in range(5))
         lse = strided(torch.rand(1, n, h, device=device) * 4 + 2)
+        inputs = (dout, q, k, v, out, lse)
         grads_full = [full() for _ in range(3)]
         for causal in (False, True):
             row: dict[str, Any] = {"problem": f"L={length} r=2 offset 1", "causal": causal}
             try:
-                dq, dk, dv = (strided(g.clone()) for g in grads_full)
+                grads = [strided(g.clone()) for g in grads_full]
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    first = fa4_add.backward_add_(dout, q, k, v, out, lse, causal, scale, dk, dv)
-                    dk.copy_(strided(grads_full[1])), dv.copy_(strided(grads_full[2]))
-                    dq_block = fa4_add.backward_add_(dout, q, k, v, out, lse, causal, scale, dk, dv)
-                row["first_call_declined"] = first is None  # (it checked the kernel)
+                    first = fa4_add.backward_add_(dout, q, k, v, out, lse, causal, scale, *grads)
+                    for g, g_full in zip(grads, grads_full):
+                        g.copy_(strided(g_full))
+                    left = fa4_add.backward_add_(dout, q, k, v, out, lse, causal, scale, *grads)
+                row["first_call_declined"] = first is None  # (it checked the kernels)
                 row["warnings"] = [
                     str(w.message)[:300] for w in caught if "deprecated" not in str(w.message)
                 ]
                 row["kept"] = {str(key): kept for key, kept in fa4_add._CHECKED.items()}
                 row["refusal"] = (fa4_add.last_refusal or "")[:2000]
-                if dq_block is not None:
+                row["left_for_the_add"] = None if left is None else len(left)
+                if left is not None:
                     ref = fa4.backward(dout, q, k, v, out, lse, causal, scale)
+                    dq = grads[0] if not left else strided(grads_full[0]) + left[0]
                     for name, got, old, block in (
-                        ("dk", dk, strided(grads_full[1]), ref[1]),
-                        ("dv", dv, strided(grads_full[2]), ref[2]),
-                        ("dq", dq_block, torch.zeros_like(ref[0]), ref[0]),
+                        ("dq", dq, strided(grads_full[0]), ref[0]),
+                        ("dk", grads[1], strided(grads_full[1]), ref[1]),
+                        ("dv", grads[2], strided(grads_full[2]), ref[2]),
                     ):
                         want = old.float() + block.float()
                         row[f"{name}_rel_err"] = float((got.float() - want).norm() / want.norm())
 
-                    inputs, grads = (dout, q, k, v, out, lse), (dq, dk, dv)
-                    adding_call = partial(adding, inputs, grads, causal)
-                    plain_call = partial(plain, inputs, grads, causal)
-                    row["adding_ms"] = _events_ms(adding_call, 2, repeats)
-                    row["plain_ms"] = _events_ms(plain_call, 2, repeats)
+                    for name, call in (
+                        ("adding_all", partial(adding, inputs, grads, causal, True)),
+                        ("adding", partial(adding, inputs, grads, causal, False)),
+                        ("plain", partial(plain, inputs, grads, causal)),
+                    ):
+                        row[f"{name}_ms"] = _events_ms(call, 2, repeats)
             except Exception as exc:  # a probe: report and go on
                 row["error"] = failure(exc, 1500)
             _emit(rows, row)
-    modules = _module_ab(n, h, d, repeats, device, "lse", fa4_add, ("adding", "plain"), True)
+    modules = _module_ab(
+        n, h, d, repeats, device, "lse", fa4_add, ("add_dq", "add_kernel"), True, "ADD_DQ"
+    )
     return rows + modules
 
 

@@ -32,6 +32,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh options  # ~4 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh replays  # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh graph_modes # <10 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh add_dq   # ~9 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh merge_cost # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
@@ -77,7 +78,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|replays|graph_modes|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh record|replays|graph_modes|add_dq|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -505,6 +506,23 @@ graph_modes)
     run cuda_graph_modes --n 131072 --outer
     run cuda_graph_modes --n 16384 --outer built
     summary="$(cat "$out/rc.log")
+$(grep -h "^| " "$out/cuda_graph_modes.log" | grep -v "^| mixing\|^|---" | cut -c1-200)"
+    ;;
+add_dq)
+    # step 64: lse's dQ added by FA4's postprocess (fa4_add.ADD_DQ): its probe at 131K (the sums
+    # against FA4's backward plus the add, kernel ms with all three added / dK and dV / none, the
+    # module A/B at 32K and 131K), the GPU oracle check, then reduce-overhead at 131K with q, k,
+    # v marked static (is step 63's loss the trees' input copies?)
+    timeout 180 python -m experiments.fa4_probe --part add --n 131072 --repeats 10 --out "$out" \
+        >"$out/probe_add.log" 2>&1 || echo "probe: exit $?" >>"$out/probe_add.log"
+    timeout 230 python -m experiments.flex_gpu --part check --out "$out/flex_gpu_check" \
+        >"$out/check.log" 2>&1 || echo "check: exit $?" >>"$out/check.log"
+    run() { script 75 "$@"; }
+    run cuda_graph_modes --n 131072 --outer --static-inputs
+    run cuda_graph_modes --n 131072 --static-inputs
+    summary="$(grep -h "\"problem\"" "$out/probe_add.log" | cut -c1-700)
+$(grep -h "Correctness" "$out/flex_gpu_check/flex_gpu_check.md")
+$(cat "$out/rc.log")
 $(grep -h "^| " "$out/cuda_graph_modes.log" | grep -v "^| mixing\|^|---" | cut -c1-200)"
     ;;
 fuzz)

@@ -832,7 +832,8 @@ def adding_launch(
     gradients added into its rows."""
     computer, communicator, causal, scale = _launch_fields(spec)
     if span == 1:
-        # dK and dV added by the backward kernel itself where the computer has one (FA4)
+        # the gradients added by the backward's kernels themselves where the computer has such
+        # kernels (FA4: dK and dV, and dQ in its postprocess)
         flats = [flat_view(rows) for rows in grad_rows]
         fused = None
         if all(flat is not None for flat in flats):
@@ -840,10 +841,11 @@ def adding_launch(
 
         def launch(dout, q, k, v, out, lse, *grad_rows: Tensor) -> None:
             if fused is not None:
-                dk, dv = (rows.flatten(0, 1) for rows in grad_rows[1:])
-                dq_block = fused(dout, q, k, v, out, lse, dk, dv)
-                if dq_block is not None:
-                    accumulate_([grad_rows[0]], (dq_block,), place=False)
+                dq, dk, dv = (rows.flatten(0, 1) for rows in grad_rows)
+                left = fused(dout, q, k, v, out, lse, dq, dk, dv)
+                if left is not None:
+                    if left:  # (dQ, where only dK and dV were added)
+                        accumulate_([grad_rows[0]], left, place=False)
                     return
             result = computer.backward(dout, q, k, v, out, lse, causal, scale)
             accumulate_(list(grad_rows), result, place=False)

@@ -431,17 +431,24 @@ def test_forward_tile_config_reaches_the_launcher_and_keys_the_replays(fake_fa4,
     }
 
 
-def test_adding_backward_launches_are_replayed_apart_from_plain_ones(fake_fa4):
+@pytest.mark.parametrize("adds_dq", [False, True])
+def test_adding_backward_launches_are_replayed_apart_from_plain_ones(fake_fa4, adds_dq):
     """fa4.backward under ``kernels`` (fa4_add's adding kernels) launches other kernels, which
-    add into dK / dV: recorded and replayed under a key of their own (a plain replay found for
-    it wrote the gradients instead of adding; an adding one found for a plain call added),
-    adding once per call, replayed or not."""
+    add into dK / dV (and into dQ, by the postprocess, where dQ's rows are given): recorded and
+    replayed under a key of their own (a plain replay found for it wrote the gradients instead
+    of adding; an adding one found for a plain call added), adding once per call, replayed or
+    not."""
     adding_cache: dict = {}
 
     def adding_kernel(q, k, v, out, dout, lse, dq_accum, dk, dv, *rest):
         dk_block, dv_block = torch.empty_like(dk), torch.empty_like(dv)
         fake_fa4._backward_kernel(q, k, v, out, dout, lse, dq_accum, dk_block, dv_block, *rest)
         dk.add_(dk_block), dv.add_(dv_block)
+
+    def adding_postprocess(dq_accum, dq):
+        dq_block = torch.empty_like(dq)
+        fake_fa4._postprocess_kernel(dq_accum, dq_block)
+        dq.add_(dq_block)
 
     @contextmanager
     def adding():
@@ -452,18 +459,20 @@ def test_adding_backward_launches_are_replayed_apart_from_plain_ones(fake_fa4):
         finally:
             fake_fa4.bwd.compile_cache = own
 
-    adding_cache.update(
-        {("bwd", False): adding_kernel, "postprocess": fake_fa4._postprocess_kernel}
-    )
+    postprocess = adding_postprocess if adds_dq else fake_fa4._postprocess_kernel
+    adding_cache.update({("bwd", False): adding_kernel, "postprocess": postprocess})
     gen = torch.Generator().manual_seed(0)
     dout, q, k, v, out = (torch.randn(2, 6, 3, 8, generator=gen) for _ in range(5))
     lse = torch.randn(2, 6, 3, generator=gen).abs() + 1
-    _, dk_block, dv_block = fa4.backward(dout, q, k, v, out, lse, False, 0.3)
+    blocks = fa4.backward(dout, q, k, v, out, lse, False, 0.3)
+    roles = slice(0 if adds_dq else 1, 3)
     for _ in range(2):  # the first call records, the second replays
-        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-        fa4.backward(dout, q, k, v, out, lse, False, 0.3, (None, dk, dv))
-        torch.testing.assert_close((dk, dv), (dk_block, dv_block))
-        old = torch.randn(2, 6, 3, 8, generator=gen), torch.randn(2, 6, 3, 8, generator=gen)
-        dk, dv = old[0].clone(), old[1].clone()
-        fa4.backward(dout, q, k, v, out, lse, False, 0.3, (None, dk, dv), adding)
-        torch.testing.assert_close((dk, dv), (old[0] + dk_block, old[1] + dv_block))
+        grads = [torch.zeros_like(x) for x in (q, k, v)]
+        fa4.backward(dout, q, k, v, out, lse, False, 0.3, (None, *grads[1:]))
+        torch.testing.assert_close(grads[1:], list(blocks[1:]))
+        old = [torch.randn(2, 6, 3, 8, generator=gen) for _ in range(3)]
+        grads = [x.clone() for x in old]
+        given = (grads[0] if adds_dq else None, *grads[1:])
+        fa4.backward(dout, q, k, v, out, lse, False, 0.3, given, adding)
+        want = [o + block for o, block in zip(old, blocks)]
+        torch.testing.assert_close(grads[roles], want[roles])

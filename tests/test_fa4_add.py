@@ -1,14 +1,17 @@
 """``lse`` gradients added by FA4's backward itself (``ringattn.kernels.fa4_add``), without a GPU.
 
-The adding kernel (FA4's SM90 backward with its dK / dV stores as TMA reduce-adds) runs only on
-an SM90 GPU (held to the plain kernel plus the add there by ``experiments/fa4_probe.py --part
-add`` and to the oracle by ``experiments/flex_gpu.py --part check``). Here, on the FA4 stand-in:
+The adding kernels (FA4's SM90 backward with its dK / dV stores as TMA reduce-adds, and its dQ
+postprocess adding into dQ) run only on an SM90 GPU (held to the plain kernel plus the add there
+by ``experiments/fa4_probe.py --part add`` and to the oracle by ``experiments/flex_gpu.py --part
+check``; the postprocess compiles on the CPU too, ``experiments/cute_compile.py``). Here, on the
+FA4 stand-in:
 
-* the core's wiring: a stand-in that adds dK / dV into the views it is handed and returns dQ
-  must still give the oracle's gradients (so the views are the gradients' own rows and dQ is
-  added exactly once), also when it declines some calls;
+* the core's wiring: a stand-in that adds dK / dV (and dQ, or not) into the views it is handed
+  and returns what it left must still give the oracle's gradients (so the views are the
+  gradients' own rows and each is added exactly once), also when it declines some calls;
 * the first-call guard: a kernel is kept only if its sums agree with the plain kernel's, is
-  refused with a warning when it disagrees or fails, and the gradients are never added twice.
+  refused with a warning when it disagrees or fails (dQ's postprocess apart from dK / dV's
+  kernel), and the gradients are never added twice.
 """
 
 from __future__ import annotations
@@ -28,21 +31,26 @@ from ringattn.kernels import fa4, fa4_add
 
 class StandIn:
     """``fa4_add.backward_add_`` on the CPU: FA4's backward (the stand-in's), its dK / dV added
-    into the views it is given; declines every ``decline``-th call."""
+    into the views it is given, and its dQ on every ``dq_every``-th call (else returned);
+    declines every ``decline``-th call."""
 
-    def __init__(self, decline: int = 0) -> None:
+    def __init__(self, decline: int = 0, dq_every: int = 1) -> None:
         self.calls = self.added = 0
-        self.decline = decline
+        self.decline, self.dq_every = decline, dq_every
 
-    def __call__(self, dout, q, k, v, out, lse, causal, scale, dk, dv):
+    def __call__(self, dout, q, k, v, out, lse, causal, scale, dq, dk, dv):
         self.calls += 1
-        assert dk.shape == k.shape and dv.shape == v.shape and dk.dtype == q.dtype
+        assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+        assert dk.dtype == q.dtype
         if self.decline and self.calls % self.decline == 0:
             return None
         dq_block, dk_block, dv_block = fa4.backward(dout, q, k, v, out, lse, causal, scale)
         dk.add_(dk_block), dv.add_(dv_block)
         self.added += 1
-        return dq_block
+        if self.calls % self.dq_every == 0:
+            dq.add_(dq_block)
+            return ()
+        return (dq_block,)
 
 
 @pytest.fixture
@@ -62,14 +70,14 @@ def test_merged_blocks_add_dk_dv_in_the_kernel(adding, causal):
 
 
 @with_fixture(max_examples=15)
-@given(problems(), st.sampled_from([0, 2, 3]))
-def test_any_problem_matches_oracle_whichever_launches_add(adding, p, decline):
-    adding.setattr(fa4_add, "backward_add_", StandIn(decline))
+@given(problems(), st.sampled_from([0, 2, 3]), st.sampled_from([1, 2, 1000]))
+def test_any_problem_matches_oracle_whichever_launches_add(adding, p, decline, dq_every):
+    adding.setattr(fa4_add, "backward_add_", StandIn(decline, dq_every))
     check_against_oracle(p, torch.float32, sdpa_strategies())
 
 
 def operands(seed: int = 0):
-    """``(dout, q, k, v, out, lse)`` blocks and gradient rows ``dk, dv`` (strided views)."""
+    """``(dout, q, k, v, out, lse)`` blocks and gradient rows ``[dq, dk, dv]`` (strided views)."""
     gen = torch.Generator().manual_seed(seed)
 
     def rows(*tail):
@@ -77,26 +85,34 @@ def operands(seed: int = 0):
 
     dout, q, k, v, out = (rows(3, 8) for _ in range(5))
     lse = rows(3).abs() + 1
-    return (dout, q, k, v, out, lse), rows(3, 8), rows(3, 8)
+    return (dout, q, k, v, out, lse), [rows(3, 8) for _ in range(3)]
 
 
 class FakeAdding:
-    """``fa4.backward`` whose ``kernels`` variant adds dK / dV into the given rows (plus
-    ``error`` to dK, ``dv_error`` to dV), or raises; the plain variant is the stand-in's."""
+    """``fa4.backward`` whose ``kernels`` variants add dK / dV (plus ``error`` to dK,
+    ``dv_error`` to dV) into the given rows, and under ``adding_all_kernels`` dQ too (plus
+    ``dq_error``), or raise (``fail``: ``"all"`` or ``"any"`` of them); the plain variant is the
+    stand-in's."""
 
-    def __init__(self, error: float = 0.0, fail: bool = False, dv_error: float = 0.0) -> None:
-        self.error, self.dv_error, self.fail, self.adding_runs = error, dv_error, fail, 0
+    def __init__(self, error=0.0, fail="", dv_error=0.0, dq_error=0.0) -> None:
+        self.error, self.dv_error, self.dq_error = error, dv_error, dq_error
+        self.fail, self.adding_runs, self.all_runs = fail, 0, 0
         self.plain = fa4.backward
 
     def __call__(self, dout, q, k, v, out, lse, causal, scale, grads=None, kernels=None):
         if kernels is None:
             return self.plain(dout, q, k, v, out, lse, causal, scale, grads)
+        adds_dq = kernels is fa4_add.adding_all_kernels
+        assert adds_dq == (grads[0] is not None) and (adds_dq or kernels is fa4_add.adding_kernels)
         self.adding_runs += 1
+        self.all_runs += adds_dq
         dq, dk, dv = self.plain(dout, q, k, v, out, lse, causal, scale)
         grads[1].add_(dk + self.error), grads[2].add_(dv + self.dv_error)
-        if self.fail:  # (after it added: a launch may fail midway)
+        if adds_dq:
+            grads[0].add_(dq + self.dq_error)
+        if self.fail == "any" or (self.fail == "all" and adds_dq):  # (after it added)
             raise RuntimeError("no such kernel")
-        return dq, grads[1], grads[2]
+        return (grads[0] if adds_dq else dq), grads[1], grads[2]
 
 
 @pytest.fixture
@@ -106,18 +122,40 @@ def fresh(monkeypatch):
         yield monkeypatch
 
 
+def added(inputs, old, causal=False, scale=0.3):
+    """The old gradient rows plus the plain backward's blocks."""
+    blocks = fa4.backward(*inputs, causal, scale)
+    return [o + block for o, block in zip(old, blocks, strict=True)]
+
+
 @pytest.mark.parametrize("causal", [False, True])
-def test_first_call_keeps_a_kernel_that_agrees(fresh, causal):
+def test_first_call_keeps_kernels_that_agree(fresh, causal):
     fake = FakeAdding()
     fresh.setattr(fa4, "backward", fake)
-    inputs, dk, dv = operands()
+    inputs, grads = operands()
+    old = [g.clone() for g in grads]
+    assert fa4_add.backward_add_(*inputs, causal, 0.3, *grads) is None  # checked, not added
+    torch.testing.assert_close(grads, old)
+    assert fa4_add.backward_add_(*inputs, causal, 0.3, *grads) == ()  # all three added
+    torch.testing.assert_close(grads, added(inputs, old, causal))
+    assert fake.all_runs == 2 and list(fa4_add._CHECKED.values()) == [True, True]
+
+
+def test_without_dq_rows_or_with_add_dq_off_dq_is_returned(fresh):
+    fake = FakeAdding()
+    fresh.setattr(fa4, "backward", fake)
+    inputs, (dq, dk, dv) = operands()
     old = dk.clone(), dv.clone()
-    assert fa4_add.backward_add_(*inputs, causal, 0.3, dk, dv) is None  # checked, not added
-    torch.testing.assert_close((dk, dv), old)
-    dq = fa4_add.backward_add_(*inputs, causal, 0.3, dk, dv)
-    want = fake.plain(*inputs, causal, 0.3)
-    torch.testing.assert_close((dq, dk, dv), (want[0], old[0] + want[1], old[1] + want[2]))
-    assert fake.adding_runs == 2 and list(fa4_add._CHECKED.values()) == [True]
+    assert fa4_add.backward_add_(*inputs, False, 0.3, None, dk, dv) is None  # checked
+    left = fa4_add.backward_add_(*inputs, False, 0.3, None, dk, dv)
+    want = added(inputs, [torch.zeros_like(dq), *old])
+    torch.testing.assert_close([*left, dk, dv], want)
+    assert fake.all_runs == 0 and len(fa4_add._CHECKED) == 1  # (dQ's postprocess never tried)
+    fresh.setattr(fa4_add, "ADD_DQ", False)
+    dq_old = dq.clone()
+    assert len(fa4_add.backward_add_(*inputs, False, 0.3, dq, dk, dv)) == 1
+    torch.testing.assert_close(dq, dq_old)  # (left for the caller)
+    assert fake.all_runs == 0 and len(fa4_add._CHECKED) == 1
 
 
 @pytest.mark.parametrize(
@@ -128,30 +166,63 @@ def test_first_call_keeps_a_kernel_that_agrees(fresh, causal):
         (FakeAdding(error=1e-4), "disagreed"),  # ~28 units in the last place, not 4
         # (a NaN in dV, after a finite dK error: max() of the two dropped it, and kept the kernel)
         (FakeAdding(dv_error=float("nan")), "disagreed"),
-        (FakeAdding(fail=True), "failed to compile or launch"),
+        (FakeAdding(fail="any"), "failed to compile or launch"),
     ],
 )
-def test_first_call_refuses_a_kernel_that_disagrees_or_fails(fresh, fake, why):
+@pytest.mark.parametrize("with_dq", [False, True])
+def test_first_call_refuses_a_kernel_that_disagrees_or_fails(fresh, fake, why, with_dq):
     fresh.setattr(fa4, "backward", fake)
-    inputs, dk, dv = operands()
-    old = dk.clone(), dv.clone()
+    inputs, grads = operands()
+    if not with_dq:
+        grads[0] = None
+    old = [None if g is None else g.clone() for g in grads]
     with pytest.warns(RuntimeWarning, match=why):
-        assert fa4_add.backward_add_(*inputs, False, 0.3, dk, dv) is None
-    torch.testing.assert_close((dk, dv), old, equal_nan=False)  # untouched: the caller adds
+        assert fa4_add.backward_add_(*inputs, False, 0.3, *grads) is None
+    for got, want in zip(grads, old):  # untouched: the caller adds
+        torch.testing.assert_close(got, want, equal_nan=False)
+    if why == "failed to compile or launch" and with_dq:
+        # (only dQ's postprocess is known to fail: dK / dV's kernel gets a first call alone)
+        with pytest.warns(RuntimeWarning, match=why):
+            assert fa4_add.backward_add_(*inputs, False, 0.3, *grads) is None
     runs = fake.adding_runs
-    assert fa4_add.backward_add_(*inputs, False, 0.3, dk, dv) is None  # never again
+    assert fa4_add.backward_add_(*inputs, False, 0.3, *grads) is None  # never again
     assert fake.adding_runs == runs
+
+
+@pytest.mark.parametrize(
+    ("fake", "why"),
+    [
+        (FakeAdding(dq_error=0.5), "disagreed"),
+        (FakeAdding(dq_error=float("nan")), "disagreed"),
+        (FakeAdding(fail="all"), "failed to compile or launch"),
+    ],
+)
+def test_a_refused_dq_postprocess_leaves_dk_dv_added_in_the_kernel(fresh, fake, why):
+    fresh.setattr(fa4, "backward", fake)
+    inputs, grads = operands()
+    old = [g.clone() for g in grads]
+    with pytest.warns(RuntimeWarning, match=f"dQ in its postprocess.*{why}"):
+        assert fa4_add.backward_add_(*inputs, False, 0.3, *grads) is None
+    torch.testing.assert_close(grads, old)
+    if why == "failed to compile or launch":  # (dK / dV's first call, alone)
+        assert fa4_add.backward_add_(*inputs, False, 0.3, *grads) is None
+    all_runs = fake.all_runs
+    left = fa4_add.backward_add_(*inputs, False, 0.3, *grads)
+    want = added(inputs, old)
+    torch.testing.assert_close([old[0] + left[0], *grads[1:]], want)
+    torch.testing.assert_close(grads[0], old[0])  # dQ left for the caller, never added twice
+    assert fake.all_runs == all_runs  # never tried again
 
 
 def test_disabled_or_empty_declines_without_work(fresh):
     fake = FakeAdding()
     fresh.setattr(fa4, "backward", fake)
-    inputs, dk, dv = operands()
+    inputs, grads = operands()
     fresh.setattr(fa4_add, "ENABLED", False)
-    assert fa4_add.backward_add_(*inputs, False, 0.3, dk, dv) is None
+    assert fa4_add.backward_add_(*inputs, False, 0.3, *grads) is None
     fresh.setattr(fa4_add, "ENABLED", True)
     empty = [x[:, :0] for x in inputs]
-    assert fa4_add.backward_add_(*empty, False, 0.3, dk[:, :0], dv[:, :0]) is None
+    assert fa4_add.backward_add_(*empty, False, 0.3, *(g[:, :0] for g in grads)) is None
     assert fake.adding_runs == 0
 
 
@@ -161,30 +232,30 @@ def test_each_signature_is_checked_on_its_own(fresh, change):
     deterministic backward, another dtype, or other BACKWARD_CONFIG tiles get a first call."""
     fake = FakeAdding()
     fresh.setattr(fa4, "backward", fake)
-    inputs, dk, dv = operands()
-    assert fa4_add.backward_add_(*inputs, True, 0.3, dk, dv) is None  # checked and kept
+    inputs, grads = operands()
+    assert fa4_add.backward_add_(*inputs, True, 0.3, *grads) is None  # checked and kept
     if change == "deterministic":
         fresh.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     elif change == "dtype":
-        inputs, dk, dv = [x.bfloat16() for x in inputs], dk.bfloat16(), dv.bfloat16()
+        inputs, grads = [x.bfloat16() for x in inputs], [g.bfloat16() for g in grads]
     else:
         tiles = (64, 128, 2, 2, 1, True, False, False, 1, 2, 1)
         fresh.setitem(fa4.BACKWARD_CONFIG, (inputs[1].shape[-1], True), tiles)
-    old = dk.clone(), dv.clone()
-    assert fa4_add.backward_add_(*inputs, True, 0.3, dk, dv) is None  # its own first call
-    torch.testing.assert_close((dk, dv), old)
-    assert len(fa4_add._CHECKED) == 2
+    old = [g.clone() for g in grads]
+    assert fa4_add.backward_add_(*inputs, True, 0.3, *grads) is None  # its own first call
+    torch.testing.assert_close(grads, old)
+    assert len(fa4_add._CHECKED) == 4  # (dK / dV's kernel and dQ's postprocess, twice)
 
 
 def test_no_first_call_while_a_cuda_graph_is_captured(fresh):
     fake = FakeAdding()
     fresh.setattr(fa4, "backward", fake)
     fresh.setattr(fa4, "capturing", lambda q: True)
-    inputs, dk, dv = operands()
-    old = dk.clone(), dv.clone()
-    assert fa4_add.backward_add_(*inputs, False, 0.3, dk, dv) is None
+    inputs, grads = operands()
+    old = [g.clone() for g in grads]
+    assert fa4_add.backward_add_(*inputs, False, 0.3, *grads) is None
     assert fake.adding_runs == 0 and not fa4_add._CHECKED
-    torch.testing.assert_close((dk, dv), old)
+    torch.testing.assert_close(grads, old)
 
 
 def test_supported_only_where_the_sm90_kernels_run(monkeypatch):

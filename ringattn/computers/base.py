@@ -223,12 +223,13 @@ class BlockComputer(AttentionComputer):
         dq: Rows,
         dk: Rows,
         dv: Rows,
-    ) -> Callable[..., Tensor | None] | None:
-        """A launcher that adds the blocks' dK and dV into ``dk`` / ``dv`` (views of the core's
-        gradients) in the backward kernel itself and returns their dQ for the core to add, for
-        views of these layouts; None where this computer has no such kernel. The launcher takes
-        ``(dout, q, k, v, out, lse, dk, dv)`` and returns None from a call it did not take
-        (having written nothing)."""
+    ) -> Callable[..., tuple[Tensor, ...] | None] | None:
+        """A launcher that adds the blocks' gradients into ``dq`` / ``dk`` / ``dv`` (views of
+        the core's gradients) in the backward's kernels themselves, for views of these layouts;
+        None where this computer has no such kernels. The launcher takes ``(dout, q, k, v, out,
+        lse, dq, dk, dv)`` and returns what it left for the core to add (``()``, or the blocks'
+        ``(dQ,)`` where only dK and dV were added), or None from a call it did not take (having
+        written nothing)."""
         return None
 
     def backward_launcher(

@@ -432,12 +432,13 @@ class SDPAComputer(BlockComputer):
         return launch
 
     def adding_launcher(self, causal, scale, dout, q, k, v, out, lse, dq, dk, dv):
-        # FA4's backward with its dK / dV stores as TMA reduce-adds (ringattn.kernels.fa4_add)
+        # FA4's backward with its dK / dV stores as TMA reduce-adds and its dQ postprocess
+        # adding (ringattn.kernels.fa4_add)
         if not (self._fa4_backward(q) and fa4_add.supported(q)):
             return None
 
-        def launch(dout, q, k, v, out, lse, dk, dv) -> Tensor | None:
-            return fa4_add.backward_add_(dout, q, k, v, out, lse, causal, scale, dk, dv)
+        def launch(dout, q, k, v, out, lse, dq, dk, dv) -> tuple[Tensor, ...] | None:
+            return fa4_add.backward_add_(dout, q, k, v, out, lse, causal, scale, dq, dk, dv)
 
         return launch
 

@@ -9,7 +9,8 @@
   extra), ``fa4_merge`` / ``fa4_merge_sm90`` (FA4's forward merging ``lse`` blocks in its
   epilogue), ``fa4_zero`` / ``fa4_zero_sm90`` (FA4's forward writing the zeros of the rows a
   ``head_groups`` config leaves out) and ``fa4_add`` (FA4's backward adding dK, dV with TMA
-  reduce-add stores). Each is
+  reduce-add stores, and dQ in its postprocess, ``fa4_group_bwd_sm90.AddingPostprocessSm90``).
+  Each is
   optional and guarded: where it cannot run, or its first call disagrees with the plain path,
   the caller takes the plain path, which computes the same function.
 """

@@ -377,8 +377,9 @@ def backward(
     """``(dq, dk, dv)`` of the blocks ``[B, L, H, d]`` given their (merged) ``out`` and ``lse``
     ``[B, L, H]``; written into ``grads`` (views of the same shapes; a None one is allocated)
     when given. ``kernels``: a context manager under which FA4's launcher compiles and finds
-    other kernels of the same signatures (``ringattn.kernels.fa4_add``); its calls are recorded
-    and replayed under a key of their own. ``memo``: as :func:`forward`'s."""
+    other kernels of the same signatures, which add into the gradients they are given instead of
+    writing them (``ringattn.kernels.fa4_add``); its calls are recorded and replayed under a key
+    of their own. ``memo``: as :func:`forward`'s."""
     flash_bwd = _loaded().backward
     dq, dk, dv = grads if grads is not None else (None, None, None)
     out, dout = out.to(q.dtype), dout.to(q.dtype)
@@ -411,6 +412,7 @@ def backward(
     if kernels is None:
         computed = _launch("bwd", launcher, operands, flags, lambda r: r[:3], memo=memo)
     else:
-        kind = f"bwd:{kernels.__name__}"  # (they add into dk, dv: roles 7, 8)
-        computed = _launch(kind, launcher, operands, flags, lambda r: r[:3], (7, 8), kernels, memo)
+        kind = f"bwd:{kernels.__name__}"
+        adds = tuple(role for role in (6, 7, 8) if operands[role] is not None)  # (dq, dk, dv)
+        computed = _launch(kind, launcher, operands, flags, lambda r: r[:3], adds, kernels, memo)
     return computed[0], computed[1], computed[2]

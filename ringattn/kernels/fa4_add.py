@@ -10,14 +10,20 @@ memory in the L2, with no extra pass and nothing for the SMs to wait on. So here
 launcher compiles its backward with that one op swapped (:func:`adding_kernels`: its module's
 ``cpasync`` namespace answers ``CopyBulkTensorTileS2GOp`` with ``CopyReduceBulkTensorTileS2GOp``
 while it compiles, into a compile cache of its own), and is handed the gradients' rows as its
-``dk`` / ``dv``. dQ still comes out of FA4's float32 workspace through its postprocess kernel (a
-plain store) and is added by :mod:`ringattn.kernels.add`, one tensor instead of three.
+``dk`` / ``dv``. dQ comes out of FA4's float32 workspace through its postprocess kernel, a plain
+store that :mod:`ringattn.kernels.add` then read back with the gradient's rows to add: at 131K
+~2 GB moved, ~2.5% of the causal forward+backward (step 63's estimate). So where the caller hands
+over dQ's rows too, the postprocess is swapped as well (:func:`adding_all_kernels`: FA4's
+interface compiles :class:`~ringattn.kernels.fa4_group_bwd_sm90.AddingPostprocessSm90`, its own
+postprocess whose last step adds the tile into the rows, into a cache of its own), and all three
+gradients are added by FA4's launches. ``ADD_DQ`` is its A/B switch.
 
 The sum rounds like the add kernel's: the block's gradient rounded to bf16, added, the sum
 rounded once. Guarded like :mod:`ringattn.kernels.fa4_merge`: the first call of each signature
-runs the adding kernel and the plain one on the same operands and keeps the adding one only if
+runs the adding kernels and the plain ones on the same operands and keeps the adding ones only if
 they agree; a kernel that fails to compile or to agree is refused with a warning and never used
-again in this process. SM90 only (the swap is in FA4's SM90 backward module).
+again in this process (dQ's adding postprocess is guarded apart: refused, dK and dV may still be
+added). SM90 only (the swaps are in FA4's SM90 modules).
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ from ringattn.kernels import fa4
 
 # the A/B switch, read on every call: False adds dK and dV with the add kernel as well
 ENABLED = True
+# dQ added by FA4's postprocess where the caller gives its rows (False: returned for the add
+# kernel, as before h200_perf.md step 64); read on every call
+ADD_DQ = True
 
 # signature -> True (kept) / False (refused); missing: not tried yet
 _CHECKED: dict[tuple, bool] = {}
@@ -44,13 +53,16 @@ _CHECKED: dict[tuple, bool] = {}
 _CACHE: dict = {}
 
 
+_POSTPROCESS_CACHE: dict = {}  # (the adding dQ postprocess's, as _CACHE)
+
+
 @cache
-def _adding_cache():
+def _adding_cache(name: str = "ringattn_adding_backward"):
     try:
         cache_utils = importlib.import_module("flash_attn.cute.cache_utils")
     except ImportError:
-        return _CACHE
-    return cache_utils.get_jit_cache("ringattn_adding_backward")
+        return _POSTPROCESS_CACHE if name == "ringattn_adding_postprocess" else _CACHE
+    return cache_utils.get_jit_cache(name)
 
 
 # why the latest kernel was refused (for probes)
@@ -70,6 +82,25 @@ def adding_kernels():
         yield
     finally:
         owner.compile_cache, sm90.cpasync = saved_cache, cpasync
+
+
+@contextmanager
+def adding_all_kernels():
+    """As :func:`adding_kernels`, and FA4's launcher compiles and finds its dQ postprocess as
+    :class:`~ringattn.kernels.fa4_group_bwd_sm90.AddingPostprocessSm90` (adding the tile into
+    the ``dq`` it is given; FA4 runs no other postprocess for blocks with one key head per query
+    head, which is what ringattn hands it)."""
+    interface: Any = importlib.import_module("flash_attn.cute.interface")
+    sm90: Any = importlib.import_module("ringattn.kernels.fa4_group_bwd_sm90")
+    owner = interface._bwd_postprocess_convert
+    saved = owner.compile_cache, interface.FlashAttentionBackwardPostprocess
+    owner.compile_cache = _adding_cache("ringattn_adding_postprocess")
+    interface.FlashAttentionBackwardPostprocess = sm90.AddingPostprocessSm90
+    try:
+        with adding_kernels():
+            yield
+    finally:
+        owner.compile_cache, interface.FlashAttentionBackwardPostprocess = saved
 
 
 @cache
@@ -94,62 +125,92 @@ def backward_add_(
     lse: Tensor,
     causal: bool,
     scale: float,
+    dq: Tensor | None,
     dk: Tensor,
     dv: Tensor,
-) -> Tensor | None:
-    """``dk += dK``, ``dv += dV`` of the blocks ``[B, L, H, d]`` (views of the gradients), in
-    FA4's kernel; returns the blocks' ``dq`` for the caller to add. None where the adding kernel
-    is not usable (nothing was written then; the caller adds all three)."""
+) -> tuple[Tensor, ...] | None:
+    """``dk += dK``, ``dv += dV`` and, where ``dq`` is given (and ``ADD_DQ``), ``dq += dQ`` of
+    the blocks ``[B, L, H, d]`` (views of the gradients), in FA4's kernels. Returns what is left
+    for the caller to add: ``()``, or ``(dQ,)`` where dQ's rows were not added here. None where
+    the adding kernels are not usable (nothing was written then; the caller adds all three)."""
     if not ENABLED or q.numel() == 0:  # (FA4 zeroes given gradients of empty blocks)
         return None
     deterministic = torch.are_deterministic_algorithms_enabled()
     key = (q.dtype, q.shape[-1], causal, deterministic, fa4.backward_config(q.shape[-1], causal))
+    dq_key = (*key, "dq")
     kept = _CHECKED.get(key)
     if kept is False:
         return None
-    if kept is None:
+    adds_dq = dq is not None and ADD_DQ and _CHECKED.get(dq_key) is not False
+    if kept is None or (adds_dq and dq_key not in _CHECKED):
         if fa4.capturing(q):
-            return None  # the first call syncs to check the kernel
-        return _first_call(key, dout, q, k, v, out, lse, causal, scale, dk, dv)
+            return None  # the first call syncs to check the kernels
+        return _first_call(
+            key, dq_key if adds_dq else None, dout, q, k, v, out, lse, causal, scale, dq, dk, dv
+        )
+    if adds_dq:
+        fa4.backward(dout, q, k, v, out, lse, causal, scale, (dq, dk, dv), adding_all_kernels)
+        return ()
     grads = (None, dk, dv)
-    return fa4.backward(dout, q, k, v, out, lse, causal, scale, grads, adding_kernels)[0]
+    return (fa4.backward(dout, q, k, v, out, lse, causal, scale, grads, adding_kernels)[0],)
 
 
-def _first_call(key, dout, q, k, v, out, lse, causal, scale, dk: Tensor, dv: Tensor):
-    """Run the adding kernel, then restore the gradients and hold its sums to the plain
-    kernel's; keep it only if they agree. The gradients are left untouched either way (None:
-    the caller adds this call's three)."""
-    dk_old, dv_old = dk.clone(), dv.clone()
+def _first_call(key, dq_key, dout, q, k, v, out, lse, causal, scale, dq, dk: Tensor, dv: Tensor):
+    """Run the adding kernels (dQ's too where ``dq_key``), then restore the gradients and hold
+    their sums to the plain kernel's; keep each only if they agree. The gradients are left
+    untouched either way (None: the caller adds this call's three)."""
+    adding = [dk, dv] if dq_key is None else [dk, dv, dq]
+    olds = [grad.clone() for grad in adding]
+
+    def restore() -> None:
+        for grad, old in zip(adding, olds, strict=True):
+            grad.copy_(old)
+
     try:
-        grads = (None, dk, dv)
-        fa4.backward(dout, q, k, v, out, lse, causal, scale, grads, adding_kernels)
+        grads = (None, dk, dv) if dq_key is None else (dq, dk, dv)
+        kernels = adding_kernels if dq_key is None else adding_all_kernels
+        fa4.backward(dout, q, k, v, out, lse, causal, scale, grads, kernels)
     except Exception as exc:  # the CuTe DSL or this FA4 version rejects the swap
-        dk.copy_(dk_old), dv.copy_(dv_old)
-        return _refuse(key, f"it failed to compile or launch ({type(exc).__name__}: {exc})")
-    dk_added, dv_added = dk.clone(), dv.clone()
-    dk.copy_(dk_old), dv.copy_(dv_old)
-    _, dk_block, dv_block = fa4.backward(dout, q, k, v, out, lse, causal, scale)
+        restore()
+        # (with dQ's postprocess in it, only that is known to fail: dK / dV get a call alone)
+        return _refuse(
+            key if dq_key is None else dq_key,
+            f"it failed to compile or launch ({type(exc).__name__}: {exc})",
+        )
+    added = [grad.clone() for grad in adding]
+    restore()
+    dq_block, dk_block, dv_block = fa4.backward(dout, q, k, v, out, lse, causal, scale)
+    blocks = [dk_block, dv_block, dq_block][: len(adding)]
     errors = [
-        (added.float() - (old.float() + block.float())).abs().max().item()
+        (got.float() - (old.float() + block.float())).abs().max().item()
         / max((old.float() + block.float()).abs().max().item(), 1e-30)
-        for added, old, block in ((dk_added, dk_old, dk_block), (dv_added, dv_old, dv_block))
+        for got, old, block in zip(added, olds, blocks, strict=True)
     ]
     # the sums round once in either path; 4 units in the last place of the largest value (each
     # error on its own: max() of the two dropped a NaN in dV behind a finite dK error)
-    if all(error <= 4 * torch.finfo(dk.dtype).eps for error in errors):
+    agree = [error <= 4 * torch.finfo(dk.dtype).eps for error in errors]
+    names = ("dK", "dV", "dQ")[: len(adding)]
+    worst = ", ".join(f"{name} {error:.3g}" for name, error in zip(names, errors, strict=True))
+    why = f"its sums disagreed with the add kernel's (relative errors {worst})"
+    if all(agree[:2]):
         _CHECKED[key] = True
-    else:
-        worst = ", ".join(f"{error:.3g}" for error in errors)
-        _refuse(key, f"its sums disagreed with the add kernel's (relative errors dK, dV {worst})")
+    else:  # (dQ's postprocess then stays untried: it runs only beside the dK / dV kernel)
+        _refuse(key, why)
+    if dq_key is not None and all(agree[:2]):
+        if agree[2]:
+            _CHECKED[dq_key] = True
+        else:
+            _refuse(dq_key, why)
     return None
 
 
 def _refuse(key: tuple, why: str) -> None:
     global last_refusal
+    adds = "dQ in its postprocess" if key[-1] == "dq" else "dK and dV in its kernel"
     last_refusal = fa4.refuse(
         _CHECKED,
         key,
         why,
-        "FA4's backward adding dK and dV in its kernel",
-        "merged blocks add their gradients with the add kernel",
+        f"FA4's backward adding {adds}",
+        "merged blocks add those gradients with the add kernel",
     )

@@ -18,6 +18,10 @@ Left to the caller (:mod:`ringattn.kernels.fa4_group_bwd`): dPsum and LSE * log2
 (:mod:`ringattn.kernels.unit_stats`, one Triton launch where FA4's preprocess runs once per
 config) and the dQaccum zeroed, and dQ from dQaccum (:class:`GroupedPostprocessSm90` below, FA4's
 postprocess over every group in one launch).
+
+Also here, since it shares that postprocess's tile: :class:`AddingPostprocessSm90`, FA4's own dQ
+postprocess adding into dQ instead of storing (for ``lse``'s merged blocks,
+:mod:`ringattn.kernels.fa4_add`).
 """
 
 from __future__ import annotations
@@ -699,7 +703,103 @@ def _run_of(shifts: tuple[int, ...]) -> tuple[int, int, int]:
     return offset, rate, stride
 
 
-class GroupedPostprocessSm90(UnitGroups, FlashAttentionBackwardPostprocess):
+class DQConvert:
+    """FA4's SM90 dQ postprocess of one tile, shared by :class:`GroupedPostprocessSm90` and
+    :class:`AddingPostprocessSm90` (mixed into FA4's postprocess class: its tiles, copies and
+    shared-memory layouts)."""
+
+    adding = False  # step 5 adds into dQ's rows (read at compile time)
+
+    @cute.jit
+    def convert_tile(
+        self,
+        mdQaccum_cur: cute.Tensor,
+        mdQ_cur: cute.Tensor,
+        seqlen_q: Int32,
+        head_dim: Int32,
+        m_block: Int32,
+        scale: Float32,
+        tiled_mma: cute.TiledMma,
+        sdQaccum: cute.Tensor,
+        sdQ: cute.Tensor,
+        g2s_tiled_copy_dQaccum: cute.TiledCopy,
+        s2r_tiled_copy_dQaccum: cute.TiledCopy,
+        gmem_tiled_copy_dQ: cute.TiledCopy,
+    ):
+        """FA4's SM90 postprocess of one tile (its steps 1-5) on one unit's rows; under
+        ``adding`` its step 5 adds the tile into the rows (read, summed in float32, rounded
+        once) instead of storing it."""
+        tidx, _, _ = cute.arch.thread_idx()
+        sdQaccum_flat = cute.make_tensor(sdQaccum.iterator, cute.make_layout(cute.size(sdQaccum)))
+        sdQt = layout_utils.transpose_view(sdQ)
+        gdQaccum = cute.local_tile(mdQaccum_cur, (self.tile_m * self.tile_hdim,), (m_block,))
+        gdQ = cute.local_tile(mdQ_cur, (self.tile_m, self.tile_hdim), (m_block, 0))
+        # 1: dQaccum gmem -> smem
+        g2s_thr_copy_dQaccum = g2s_tiled_copy_dQaccum.get_slice(tidx)
+        tdQgdQaccum = g2s_thr_copy_dQaccum.partition_S(gdQaccum)
+        tdQsdQaccumg2s = g2s_thr_copy_dQaccum.partition_D(sdQaccum_flat)
+        cute.copy(g2s_tiled_copy_dQaccum, tdQgdQaccum, tdQsdQaccumg2s)
+        cute.arch.cp_async_commit_group()
+        cute.arch.cp_async_wait_group(0)
+        cute.arch.barrier()
+        # 2: smem -> registers, scaled and converted
+        s2r_thr_copy_dQaccum = s2r_tiled_copy_dQaccum.get_slice(tidx)
+        tdQsdQaccum = s2r_thr_copy_dQaccum.partition_S(sdQaccum)
+        tile_shape = (self.tile_m, self.tile_hdim)
+        acc_shape = tiled_mma.partition_shape_C(
+            tile_shape if const_expr(not self.dQ_swapAB) else tile_shape[::-1]
+        )
+        acc = cute.make_rmem_tensor(acc_shape, Float32)
+        tdQrdQaccum = cute.make_tensor(acc.iterator, cute.make_layout(tdQsdQaccum.shape))
+        cute.autovec_copy(tdQsdQaccum, tdQrdQaccum)
+        rdQ = cute.make_fragment_like(acc, self.dtype)
+        rdQ.store((acc.load() * scale).to(self.dtype))
+        # 3: registers -> smem
+        cute.arch.barrier()
+        copy_atom_r2s_dQ = utils.get_smem_store_atom(
+            self.arch, self.dtype, transpose=self.dQ_swapAB
+        )
+        tiled_copy_r2s_dQ = cute.make_tiled_copy_C(copy_atom_r2s_dQ, tiled_mma)
+        thr_copy_r2s_dQ = tiled_copy_r2s_dQ.get_slice(tidx)
+        cdQ = cute.make_identity_tensor((self.tile_m, self.tile_hdim))
+        taccdQrdQ = thr_copy_r2s_dQ.retile(rdQ)
+        taccdQsdQ = thr_copy_r2s_dQ.partition_D(sdQ if const_expr(not self.dQ_swapAB) else sdQt)
+        cute.copy(thr_copy_r2s_dQ, taccdQrdQ, taccdQsdQ)
+        # 4: smem -> registers for coalesced stores; 5: -> gmem, rows past L left alone
+        cute.arch.barrier()
+        gmem_thr_copy_dQ = gmem_tiled_copy_dQ.get_slice(tidx)
+        tdQgdQ = gmem_thr_copy_dQ.partition_S(gdQ)
+        tdQsdQ = gmem_thr_copy_dQ.partition_D(sdQ)
+        tdQrdQ = cute.make_fragment_like(tdQsdQ, self.dtype)
+        cute.autovec_copy(tdQsdQ, tdQrdQ)
+        tdQcdQ = gmem_thr_copy_dQ.partition_S(cdQ)
+        tdQpdQ = utils.predicate_k(tdQcdQ, limit=head_dim)
+        for rest_m in cutlass.range(cute.size(tdQrdQ.shape[1]), unroll_full=True):
+            if tdQcdQ[0, rest_m, 0][0] < seqlen_q - m_block * self.tile_m:
+                rdQ_rows = tdQrdQ[None, rest_m, None]
+                if const_expr(self.adding):
+                    # the tile rounded to dQ's dtype, then added and rounded once, as
+                    # ringattn.kernels.add adds a block's dQ (the same bits as that path)
+                    rdQ_sum = cute.make_fragment_like(rdQ_rows)
+                    cute.copy(
+                        gmem_tiled_copy_dQ,
+                        tdQgdQ[None, rest_m, None],
+                        rdQ_sum,
+                        pred=tdQpdQ[None, rest_m, None],
+                    )
+                    rdQ_sum.store(
+                        (rdQ_sum.load().to(Float32) + rdQ_rows.load().to(Float32)).to(self.dtype)
+                    )
+                    rdQ_rows = rdQ_sum
+                cute.copy(
+                    gmem_tiled_copy_dQ,
+                    rdQ_rows,
+                    tdQgdQ[None, rest_m, None],
+                    pred=tdQpdQ[None, rest_m, None],
+                )
+
+
+class GroupedPostprocessSm90(UnitGroups, DQConvert, FlashAttentionBackwardPostprocess):
     """FA4's SM90 dQ postprocess (float32 accumulator -> dQ, scaled) over several groups in one
     launch: the accumulator laid out by unit (``[U, 1, L_rounded * d]``, as the grouped backward
     writes it), each group's dQ a ``[B_g, L, H_g, d]`` strided view (``heads[g]`` heads)."""
@@ -790,73 +890,59 @@ class GroupedPostprocessSm90(UnitGroups, FlashAttentionBackwardPostprocess):
                         gmem_tiled_copy_dQ,
                     )
 
-    @cute.jit
-    def convert_tile(
+
+class AddingPostprocessSm90(DQConvert, FlashAttentionBackwardPostprocess):
+    """FA4's SM90 dQ postprocess with its last step adding the tile into dQ (``dq +=
+    scale * dQaccum``, as ``(dq.float() + dq_block.float()).to(dtype)``); FA4's own launcher,
+    call and scheduler (:mod:`ringattn.kernels.fa4_add` hands it to FA4's interface in place of
+    ``FlashAttentionBackwardPostprocess`` while it compiles). Dense ``[B, L, H, d]`` dQ only: no
+    variable lengths, no learnable sink (FA4's dQ postprocess for ringattn's blocks)."""
+
+    adding = True
+
+    @cute.kernel
+    def kernel(
         self,
-        mdQaccum_cur: cute.Tensor,
-        mdQ_cur: cute.Tensor,
-        seqlen_q: Int32,
-        head_dim: Int32,
-        m_block: Int32,
+        mdQaccum: cute.Tensor,
+        mdQ: cute.Tensor,
+        mCuSeqlensQ,
+        mSeqUsedQ,
+        sink_tensors,
         scale: Float32,
         tiled_mma: cute.TiledMma,
-        sdQaccum: cute.Tensor,
-        sdQ: cute.Tensor,
+        dQ_swapAB: cutlass.Constexpr,
+        sdQaccum_layout: cute.Layout,
+        sdQ_layout: cute.ComposedLayout,
         g2s_tiled_copy_dQaccum: cute.TiledCopy,
         s2r_tiled_copy_dQaccum: cute.TiledCopy,
         gmem_tiled_copy_dQ: cute.TiledCopy,
+        g2r_tiled_copy_dQaccum,
+        r2s_tiled_copy_dQ,
+        tile_sched_params,
+        TileScheduler: cutlass.Constexpr,
     ):
-        """FA4's SM90 postprocess of one tile (its steps 1-5), on one group's rows."""
-        tidx, _, _ = cute.arch.thread_idx()
-        sdQaccum_flat = cute.make_tensor(sdQaccum.iterator, cute.make_layout(cute.size(sdQaccum)))
-        sdQt = layout_utils.transpose_view(sdQ)
-        gdQaccum = cute.local_tile(mdQaccum_cur, (self.tile_m * self.tile_hdim,), (m_block,))
-        gdQ = cute.local_tile(mdQ_cur, (self.tile_m, self.tile_hdim), (m_block, 0))
-        # 1: dQaccum gmem -> smem
-        g2s_thr_copy_dQaccum = g2s_tiled_copy_dQaccum.get_slice(tidx)
-        tdQgdQaccum = g2s_thr_copy_dQaccum.partition_S(gdQaccum)
-        tdQsdQaccumg2s = g2s_thr_copy_dQaccum.partition_D(sdQaccum_flat)
-        cute.copy(g2s_tiled_copy_dQaccum, tdQgdQaccum, tdQsdQaccumg2s)
-        cute.arch.cp_async_commit_group()
-        cute.arch.cp_async_wait_group(0)
-        cute.arch.barrier()
-        # 2: smem -> registers, scaled and converted
-        s2r_thr_copy_dQaccum = s2r_tiled_copy_dQaccum.get_slice(tidx)
-        tdQsdQaccum = s2r_thr_copy_dQaccum.partition_S(sdQaccum)
-        tile_shape = (self.tile_m, self.tile_hdim)
-        acc_shape = tiled_mma.partition_shape_C(
-            tile_shape if const_expr(not self.dQ_swapAB) else tile_shape[::-1]
-        )
-        acc = cute.make_rmem_tensor(acc_shape, Float32)
-        tdQrdQaccum = cute.make_tensor(acc.iterator, cute.make_layout(tdQsdQaccum.shape))
-        cute.autovec_copy(tdQsdQaccum, tdQrdQaccum)
-        rdQ = cute.make_fragment_like(acc, self.dtype)
-        rdQ.store((acc.load() * scale).to(self.dtype))
-        # 3: registers -> smem
-        cute.arch.barrier()
-        copy_atom_r2s_dQ = utils.get_smem_store_atom(
-            self.arch, self.dtype, transpose=self.dQ_swapAB
-        )
-        tiled_copy_r2s_dQ = cute.make_tiled_copy_C(copy_atom_r2s_dQ, tiled_mma)
-        thr_copy_r2s_dQ = tiled_copy_r2s_dQ.get_slice(tidx)
-        cdQ = cute.make_identity_tensor((self.tile_m, self.tile_hdim))
-        taccdQrdQ = thr_copy_r2s_dQ.retile(rdQ)
-        taccdQsdQ = thr_copy_r2s_dQ.partition_D(sdQ if const_expr(not self.dQ_swapAB) else sdQt)
-        cute.copy(thr_copy_r2s_dQ, taccdQrdQ, taccdQsdQ)
-        # 4: smem -> registers for coalesced stores; 5: -> gmem, rows past L left alone
-        cute.arch.barrier()
-        gmem_thr_copy_dQ = gmem_tiled_copy_dQ.get_slice(tidx)
-        tdQgdQ = gmem_thr_copy_dQ.partition_S(gdQ)
-        tdQsdQ = gmem_thr_copy_dQ.partition_D(sdQ)
-        tdQrdQ = cute.make_fragment_like(tdQsdQ, self.dtype)
-        cute.autovec_copy(tdQsdQ, tdQrdQ)
-        tdQcdQ = gmem_thr_copy_dQ.partition_S(cdQ)
-        tdQpdQ = utils.predicate_k(tdQcdQ, limit=head_dim)
-        for rest_m in cutlass.range(cute.size(tdQrdQ.shape[1]), unroll_full=True):
-            if tdQcdQ[0, rest_m, 0][0] < seqlen_q - m_block * self.tile_m:
-                cute.copy(
-                    gmem_tiled_copy_dQ,
-                    tdQrdQ[None, rest_m, None],
-                    tdQgdQ[None, rest_m, None],
-                    pred=tdQpdQ[None, rest_m, None],
-                )
+        if const_expr(mCuSeqlensQ is not None or mSeqUsedQ is not None):
+            raise TypeError("the adding dQ postprocess takes no variable lengths")
+        if const_expr(sink_tensors is not None or self.arch // 10 != 9):
+            raise TypeError("the adding dQ postprocess is SM90's, without a learnable sink")
+        smem = cutlass.utils.SmemAllocator()
+        sdQaccum = smem.allocate_tensor(Float32, sdQaccum_layout, byte_alignment=1024)
+        sdQ = cute.make_tensor(cute.recast_ptr(sdQaccum.iterator, dtype=self.dtype), sdQ_layout)
+        tile_scheduler = TileScheduler.create(tile_sched_params)
+        work_tile = tile_scheduler.initial_work_tile_info()
+        m_block, head_idx, batch_idx, _ = work_tile.tile_idx
+        if work_tile.is_valid_tile:
+            self.convert_tile(
+                mdQaccum[batch_idx, head_idx, None],
+                mdQ[batch_idx, None, head_idx, None],
+                mdQ.shape[1],
+                mdQ.shape[3],
+                m_block,
+                scale,
+                tiled_mma,
+                sdQaccum,
+                sdQ,
+                g2s_tiled_copy_dQaccum,
+                s2r_tiled_copy_dQaccum,
+                gmem_tiled_copy_dQ,
+            )
