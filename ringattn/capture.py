@@ -8,6 +8,10 @@ thread routed to the tree's pool), it is a pool tensor that no output holds, whi
 ("Detected 1 tensor(s) in the cudagraph pool not tracked as outputs", h200_perf.md step 63: the
 backward's packed LSE index and grouped launch). Callers build such a tensor for the call and keep
 none of it.
+
+Also here: whether Inductor is compiling a graph for its cudagraph trees (:func:`graphs_compiling`),
+for the checks that must refuse, with a clear message, what those trees would reject with an
+obscure one.
 """
 
 from __future__ import annotations
@@ -49,4 +53,18 @@ def _in_tree_warmup() -> bool:
             return False
         return torch.cuda.current_stream() == manager.stream
     except (AttributeError, ImportError, KeyError, TypeError):
+        return False
+
+
+def graphs_compiling() -> bool:
+    """Whether Inductor compiles the graph being traced now for its CUDA graphs
+    (``compile_mode="reduce-overhead"``, or its ``triton.cudagraphs`` set by hand): true while
+    AOTAutograd traces under the mode's config patch (an op's fake kernel and autograd context
+    see it), false while Dynamo traces. Inductor's config (torch 2.11-2.13; a test checks the
+    name): where it is not as read here, False."""
+    try:
+        from torch._inductor import config
+
+        return bool(config.triton.cudagraphs)
+    except (AttributeError, ImportError):
         return False

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _disable_current_modes
 
-from ringattn.capture import pool_allocating
+from ringattn.capture import graphs_compiling, pool_allocating
 from ringattn.communicators.base import Communicator
 from ringattn.computers.base import (
     AttentionComputer,
@@ -960,6 +960,16 @@ def _(dout, q, k, v, out, lse, module):
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, module = inputs
+    if module.device != q.device and graphs_compiling():
+        # the forward graph returns the tag for its backward, and cudagraph trees reject a CPU
+        # output ("Expected all cuda outputs in cuda graph recording", h200_perf.md step 63)
+        raise RuntimeError(
+            f"ringattn: compile_mode='reduce-overhead' (CUDA graphs) on {q.device} inputs needs "
+            "the DilatedAttention module's CUDA tag, which a trace cannot make: build the model "
+            "under torch.device('cuda') or move it there (model.to('cuda')), or call the "
+            "module (or ringattn.dilated_attention with the same options) once eagerly on that "
+            "device, before the compiled model's first forward+backward"
+        )
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.module = module

@@ -982,3 +982,85 @@ def test_a_users_compile_of_the_functional_form_runs_a_re_registered_class(fullg
             assert rel_err(attention(q), ref) <= 1e-5
     finally:
         registry.unregister("computer", name, missing_ok=True)
+
+
+@torch.library.custom_op("ringattn_test::graphs_compiling", mutates_args=())
+def _graphs_compiling_probe(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+@_graphs_compiling_probe.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+_GRAPHS_COMPILING_SEEN: list[bool] = []
+
+
+def _probe_setup_context(ctx, inputs, output) -> None:
+    # (where ringattn's op checks it; a fake kernel's result may come from the fake cache)
+    from ringattn import capture
+
+    _GRAPHS_COMPILING_SEEN.append(capture.graphs_compiling())
+
+
+_graphs_compiling_probe.register_autograd(lambda ctx, g: g, setup_context=_probe_setup_context)
+
+
+@pytest.mark.parametrize(("mode", "seen"), [("reduce-overhead", True), ("default", False)])
+def test_graphs_compiling_is_true_while_inductor_traces_for_cuda_graphs(mode, seen):
+    """capture.graphs_compiling reads Inductor's config as the mode patches it while AOTAutograd
+    traces (an op's autograd context sees it; Dynamo's own trace does not): the name it reads
+    is still Inductor's, and the patch still reaches the op."""
+    from ringattn import capture
+
+    _GRAPHS_COMPILING_SEEN.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: _graphs_compiling_probe(x) * 2, mode=mode)
+    compiled(torch.randn(4, requires_grad=True)).sum().backward()
+    assert _GRAPHS_COMPILING_SEEN and _GRAPHS_COMPILING_SEEN[-1] is seen
+    assert not capture.graphs_compiling()  # (outside a compile)
+
+
+def test_reduce_overhead_without_a_cuda_tag_is_refused_clearly():
+    """A forward+backward traced for CUDA graphs on CUDA inputs with the module's CPU tag (the
+    module neither built on nor moved to the GPU, no eager call there) would fail in Inductor's
+    cudagraph trees ("Expected all cuda outputs"); the op's autograd context refuses it first,
+    saying what to do. The same trace without CUDA graphs, or on CPU inputs, is not refused."""
+    from types import SimpleNamespace
+
+    import torch._inductor.config as inductor_config
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def setup(device: str) -> None:
+        q, k, v, out = (torch.empty(1, 8, 2, 4, device=device) for _ in range(4))
+        lse = torch.empty(1, 8, 2, device=device)
+        ctx = SimpleNamespace(save_for_backward=lambda *tensors: None)
+        core._setup_context(ctx, (q, k, v, torch.tensor(3)), (out, lse))
+
+    with FakeTensorMode():
+        setup("cuda")  # (default mode: the CPU tag is fine)
+        with inductor_config.patch({"triton.cudagraphs": True}):
+            setup("cpu")
+            with pytest.raises(RuntimeError, match=r"reduce-overhead.*model\.to\('cuda'\)"):
+                setup("cuda")
+
+
+def test_reduce_overhead_forward_backward_on_cpu_inputs_is_eagers():
+    """The refusal above is for a CPU tag with CUDA inputs only: on the CPU the mode's trace
+    (Inductor's CUDA graphs patched on, then skipped for CPU inputs) runs forward and backward
+    through the ops, and gives the eager module's output and gradients."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 16, 2, 8, generator=gen) for _ in range(3))
+    results = []
+    for mode in ("reduce-overhead", None):
+        module = ringattn.DilatedAttention(
+            (4, 8), (1, 2), compile=mode is not None, compile_mode=mode or "default"
+        )
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = module(*leaves)
+        out.square().sum().backward()
+        results.append([out.detach(), *(x.grad for x in leaves)])
+    for compiled, eager in zip(*results):
+        assert rel_err(compiled, eager) <= 1e-5
