@@ -8,7 +8,9 @@ or not: a module made with ``compile_mode=--mode`` called three times forward (n
 three times forward+backward, each row against the eager module's output, then timed against
 it (median of CUDA-event times, one call after another). ``--outer`` compiles a model around an
 uncompiled module instead (``torch.compile(module.to("cuda"), mode=--mode)``; ``built``: made
-under ``torch.device("cuda")``, never moved: either makes the CUDA tag the trace needs). Inductor's
+under ``torch.device("cuda")``, never moved: either makes the CUDA tag the trace needs;
+``functional``: a function of ``ringattn.dilated_attention`` compiled before any eager call,
+whose trace makes the module and its CUDA tag). Inductor's
 cudagraph trees failed the core's opaque op until h200_perf.md step 63 (step 62: its CPU module
 tag, a non-static input, then a graph output; caches made in a tree's warm-up, pool tensors no
 output held). ``--static-inputs`` marks q, k, v (and the leaves made from them) with
@@ -68,10 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         "--outer",
         nargs="?",
         const="moved",
-        choices=("moved", "built"),
+        choices=("moved", "built", "functional"),
         default=None,
         help="compile a model around an uncompiled module in --mode instead of the module's own "
-        "compile_mode: the module moved to the GPU (moved, the default) or built there (built)",
+        "compile_mode: the module moved to the GPU (moved, the default) or built there (built); "
+        "functional: a function calling ringattn.dilated_attention (compile=False) instead",
     )
     parser.add_argument(
         "--static-inputs",
@@ -103,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.outer == "moved":
             inner = inner.to("cuda")
         graphed = inner if args.outer is None else torch.compile(inner, mode=args.mode)
+        if args.outer == "functional":  # (its module made by the trace, with its CUDA tag)
+            graphed = torch.compile(_functional(segments, rates, options), mode=args.mode)
         for module in (eager, inner):  # (the computer's kernel choices, as bench's A/B rows)
             module.computer.cuda_forward = module.computer.cuda_backward = args.kernels
         gen = torch.Generator(device="cuda").manual_seed(0)
@@ -150,6 +155,18 @@ def main(argv: list[str] | None = None) -> int:
             path = args.out / f"first_failure_n{args.n}_{args.kernels}{outer}.txt"
             path.write_text(first_failure)
     return 1 if failed else 0
+
+
+def _functional(segments: tuple, rates: tuple, options: dict):
+    """A user's function of ringattn.dilated_attention with these options (closure constants,
+    as Dynamo needs them), never called eagerly before its compile."""
+
+    def attention(q, k, v):
+        return ringattn.dilated_attention(
+            q, k, v, segment_lengths=segments, dilation_rates=rates, compile=False, **options
+        )
+
+    return attention
 
 
 def _leaves(q, k, v, grad: bool, static: bool) -> list:

@@ -497,7 +497,8 @@ $(grep -h "Traceback\|Error" "$out"/*.log | sort | uniq -c | head -20)"
 graph_modes)
     # steps 62-63: compile_mode="reduce-overhead" on CUDA (FA4's kernels at 16K and 131K,
     # torch's at 16K), then a model compiled around the module in that mode (moved to the GPU,
-    # or built there: step 63's last change, run on the CPU only)
+    # or built there: step 63's last change, run in step 64), and a function of the functional
+    # form compiled before any eager call (its trace makes the CUDA tag: run on the CPU only)
     run() { script 140 "$@"; }
     run cuda_graph_modes --n 16384 --history --out "$out"
     run cuda_graph_modes --n 131072
@@ -505,6 +506,7 @@ graph_modes)
     run cuda_graph_modes --n 16384 --outer --history --out "$out"
     run cuda_graph_modes --n 131072 --outer
     run cuda_graph_modes --n 16384 --outer built
+    run cuda_graph_modes --n 16384 --outer functional
     summary="$(cat "$out/rc.log")
 $(grep -h "^| " "$out/cuda_graph_modes.log" | grep -v "^| mixing\|^|---" | cut -c1-200)"
     ;;

@@ -10,6 +10,7 @@ wrappers would break the graph.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import types
@@ -749,10 +750,13 @@ def _functional(
     key = _key(segment_lengths, dilation_rates, **options)
     if torch.compiler.is_compiling():
         module = _kept_module(key)
-        if module is None:
+        if module is None or q.is_cuda:
             # (the lengths and rates as the key holds them, checked: a float among them is no
-            # constant to Dynamo, which then failed to pass them to _made_while_tracing)
-            attribute, refusal, reason = _made_while_tracing(key[0], key[1], **options)
+            # constant to Dynamo, which then failed to pass them to _made_while_tracing; on
+            # CUDA also for a kept module, whose CUDA tag it makes where no eager call did)
+            attribute, refusal, reason = _made_while_tracing(
+                key[0], key[1], device=q.device, **options
+            )
             if refusal:
                 raise (TypeError if refusal == "TypeError" else ValueError)(reason)
             module = getattr(_EVERY_MODULE, attribute)
@@ -833,16 +837,25 @@ def _caller_level() -> int:
 
 
 @torch._dynamo.assume_constant_result
-def _made_while_tracing(*args: Any, **options: Any) -> tuple[str, str, str]:
+def _made_while_tracing(
+    *args: Any, device: torch.device | None = None, **options: Any
+) -> tuple[str, str, str]:
     """The module of a traced call's option set, made at trace time in plain Python, not traced:
     Dynamo cannot trace the constructor (beartype's signature object), so a user's
     ``torch.compile(fullgraph=True)`` of the functional form failed unless an eager call had made
     the module first. Returns its attribute in ``_EVERY_MODULE``, or the error the options get
     (its type's name and message, raised by the trace: Dynamo reported an exception raised here as
-    its own internal error)."""
+    its own internal error). On a CUDA ``device`` it also makes the module's CUDA tag there, as an
+    eager call would (``core.device_tag``; the trace then reads it as a static input), which a
+    compile for CUDA graphs needs and a trace cannot make."""
     try:
         key = _key(*args, **options)
-        _module_for(key, *args, **options)  # (made and kept under its key)
-        return _attribute(key), "", ""
+        module = _module_for(key, *args, **options)  # (made and kept under its key)
     except (TypeError, ValueError) as error:
         return "", "TypeError" if isinstance(error, TypeError) else "ValueError", str(error)
+    if device is not None and device.type == "cuda":
+        # (where it cannot be made now, the CPU tag serves as before: a compile for CUDA graphs
+        # is then refused by the op with a message saying so, core._setup_context)
+        with contextlib.suppress(RuntimeError):
+            module._device_tag(device)
+    return _attribute(key), "", ""

@@ -1008,12 +1008,18 @@ _graphs_compiling_probe.register_autograd(lambda ctx, g: g, setup_context=_probe
 
 
 @pytest.mark.parametrize(("mode", "seen"), [("reduce-overhead", True), ("default", False)])
-def test_graphs_compiling_is_true_while_inductor_traces_for_cuda_graphs(mode, seen):
+def test_graphs_compiling_is_true_while_inductor_traces_for_cuda_graphs(monkeypatch, mode, seen):
     """capture.graphs_compiling reads Inductor's config as the mode patches it while AOTAutograd
     traces (an op's autograd context sees it; Dynamo's own trace does not): the name it reads
     is still Inductor's, and the patch still reaches the op."""
+    import torch._functorch.config
+    import torch._inductor.config
+
     from ringattn import capture
 
+    # (a cached compile, from disk too, would skip the trace that reads it)
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
     _GRAPHS_COMPILING_SEEN.clear()
     torch._dynamo.reset()
     compiled = torch.compile(lambda x: _graphs_compiling_probe(x) * 2, mode=mode)
@@ -1064,3 +1070,30 @@ def test_reduce_overhead_forward_backward_on_cpu_inputs_is_eagers():
         results.append([out.detach(), *(x.grad for x in leaves)])
     for compiled, eager in zip(*results):
         assert rel_err(compiled, eager) <= 1e-5
+
+
+def test_the_functional_form_traced_on_cuda_makes_its_modules_cuda_tag(monkeypatch):
+    """Traced on CUDA inputs, the functional form has its option set's module make its CUDA tag
+    at trace time in plain Python (``_made_while_tracing``), as an eager call there would: a
+    compile for CUDA graphs needs one and a trace cannot make it (its CPU tag was refused,
+    ``test_reduce_overhead_without_a_cuda_tag_is_refused_clearly``). Also for a module kept
+    from before; where the tag cannot be made, the trace goes on with the CPU tag. Off CUDA,
+    nothing is made. (The CUDA tag itself: ``core.device_tag``, on a GPU only.)"""
+    made: list[torch.device] = []
+
+    def stand_in(self, device):
+        made.append(device)
+        if len(made) == 3:
+            raise RuntimeError("CUDA error: out of memory")
+        return self._number
+
+    monkeypatch.setattr(ringattn.DilatedAttention, "_device_tag", stand_in)
+    args = ((4, 8), (1, 2))  # (an option set of its own: the scale)
+    others = {"causal": False, "mixing": "lse", "scale": 0.59375, "strategy": ringattn.Strategy()}
+    others |= {"compile": True, "compile_backend": "inductor"}
+    cuda = torch.device("cuda", 0)
+    for device in (cuda, cuda, cuda, torch.device("cpu"), None):
+        attribute, refusal, _ = ringattn.api._made_while_tracing(*args, device=device, **others)
+        assert attribute and not refusal
+    assert made == [cuda] * 3  # (the third raised: swallowed, the CPU tag serves)
+    assert getattr(ringattn.api._EVERY_MODULE, attribute).functional_key is not None
