@@ -711,6 +711,14 @@ class DQConvert:
     adding = False  # step 5 adds into dQ's rows (read at compile time)
 
     @cute.jit
+    def shared_tiles(self, sdQaccum_layout: cute.Layout, sdQ_layout: cute.ComposedLayout):
+        """The tile's shared memory: the float32 accumulator, and dQ over the same bytes."""
+        smem = cutlass.utils.SmemAllocator()
+        sdQaccum = smem.allocate_tensor(Float32, sdQaccum_layout, byte_alignment=1024)
+        sdQ = cute.make_tensor(cute.recast_ptr(sdQaccum.iterator, dtype=self.dtype), sdQ_layout)
+        return sdQaccum, sdQ
+
+    @cute.jit
     def convert_tile(
         self,
         mdQaccum_cur: cute.Tensor,
@@ -864,11 +872,8 @@ class GroupedPostprocessSm90(UnitGroups, DQConvert, FlashAttentionBackwardPostpr
         tile_sched_params,
         TileScheduler: cutlass.Constexpr,
     ):
-        smem = cutlass.utils.SmemAllocator()
-        sdQaccum = smem.allocate_tensor(Float32, sdQaccum_layout, byte_alignment=1024)
-        sdQ = cute.make_tensor(cute.recast_ptr(sdQaccum.iterator, dtype=self.dtype), sdQ_layout)
-        tile_scheduler = TileScheduler.create(tile_sched_params)
-        work_tile = tile_scheduler.initial_work_tile_info()
+        sdQaccum, sdQ = self.shared_tiles(sdQaccum_layout, sdQ_layout)
+        work_tile = TileScheduler.create(tile_sched_params).initial_work_tile_info()
         m_block, _, unit, _ = work_tile.tile_idx
         if work_tile.is_valid_tile:
             g, start = self.group_of(self.unit_counts(mdQs, (0, 2)), unit)
@@ -925,11 +930,8 @@ class AddingPostprocessSm90(DQConvert, FlashAttentionBackwardPostprocess):
             raise TypeError("the adding dQ postprocess takes no variable lengths")
         if const_expr(sink_tensors is not None or self.arch // 10 != 9):
             raise TypeError("the adding dQ postprocess is SM90's, without a learnable sink")
-        smem = cutlass.utils.SmemAllocator()
-        sdQaccum = smem.allocate_tensor(Float32, sdQaccum_layout, byte_alignment=1024)
-        sdQ = cute.make_tensor(cute.recast_ptr(sdQaccum.iterator, dtype=self.dtype), sdQ_layout)
-        tile_scheduler = TileScheduler.create(tile_sched_params)
-        work_tile = tile_scheduler.initial_work_tile_info()
+        sdQaccum, sdQ = self.shared_tiles(sdQaccum_layout, sdQ_layout)
+        work_tile = TileScheduler.create(tile_sched_params).initial_work_tile_info()
         m_block, head_idx, batch_idx, _ = work_tile.tile_idx
         if work_tile.is_valid_tile:
             self.convert_tile(
