@@ -13,6 +13,11 @@ operands laid out as the core lays out issue 5's blocks (views of ``[1, n, 16, 1
 tensors). It checks that the kernels compile, not what they compute: that is the GPU's
 (``experiments/fa4_probe.py``, ``experiments/flex_gpu.py --part check``). Prints a table last;
 exits 1 if any kernel failed.
+
+A refactor of a kernel class that should change nothing can be shown to change nothing here:
+``CUTE_DSL_KEEP=ptx CUTE_DSL_DUMP_DIR=DIR`` writes each kernel's PTX (caching off), so the PTX of
+a run before and after compares byte for byte (h200_perf.md step 64: the dQ postprocesses'
+shared prologue).
 """
 
 from __future__ import annotations
