@@ -1008,7 +1008,7 @@ _graphs_compiling_probe.register_autograd(lambda ctx, g: g, setup_context=_probe
 
 
 @pytest.mark.parametrize(("mode", "seen"), [("reduce-overhead", True), ("default", False)])
-def test_graphs_compiling_is_true_while_inductor_traces_for_cuda_graphs(monkeypatch, mode, seen):
+def test_graphs_compiling_is_true_while_inductor_traces_for_cuda_graphs(mode, seen):
     """capture.graphs_compiling reads Inductor's config as the mode patches it while AOTAutograd
     traces (an op's autograd context sees it; Dynamo's own trace does not): the name it reads
     is still Inductor's, and the patch still reaches the op."""
@@ -1017,13 +1017,17 @@ def test_graphs_compiling_is_true_while_inductor_traces_for_cuda_graphs(monkeypa
 
     from ringattn import capture
 
-    # (a cached compile, from disk too, would skip the trace that reads it)
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
     _GRAPHS_COMPILING_SEEN.clear()
     torch._dynamo.reset()
     compiled = torch.compile(lambda x: _graphs_compiling_probe(x) * 2, mode=mode)
-    compiled(torch.randn(4, requires_grad=True)).sum().backward()
+    # (a cached compile, from disk too, would skip the trace that reads it; the configs' own
+    # patch: monkeypatch's undo of a config module's attribute deleted it)
+    no_caches = (
+        torch._inductor.config.patch(fx_graph_cache=False),
+        torch._functorch.config.patch(enable_autograd_cache=False),
+    )
+    with no_caches[0], no_caches[1]:
+        compiled(torch.randn(4, requires_grad=True)).sum().backward()
     assert _GRAPHS_COMPILING_SEEN and _GRAPHS_COMPILING_SEEN[-1] is seen
     assert not capture.graphs_compiling()  # (outside a compile)
 
