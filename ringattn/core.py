@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _disable_current_modes
 
-from ringattn.capture import graphs_compiling, pool_allocating
+from ringattn.capture import capturing, graphs_compiling, pool_allocating
 from ringattn.communicators.base import Communicator
 from ringattn.computers.base import (
     AttentionComputer,
@@ -142,7 +142,7 @@ def _module_number(module_tag: Tensor) -> int:
     number = _DEVICE_TAGS.get((module_tag.device, module_tag.data_ptr()))
     if number is not None:
         return number
-    if torch.cuda.is_current_stream_capturing():
+    if capturing():
         raise RuntimeError(
             "ringattn: a CUDA graph capture passed the attention op a copy of its module's tag "
             "(a graph input that must stay where the module made it, marked static); capture "

@@ -336,6 +336,7 @@ def test_a_capturing_launch_waits_while_another_thread_holds_the_launcher(
 def test_capturing_asks_torch_about_the_current_stream(monkeypatch, capturing):
     """The fused kernels' first-call guards rely on it (every other test patches it out)."""
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # (a CUDA q's, here)
     assert fa4.capturing(types.SimpleNamespace(is_cuda=True)) is capturing
     assert not fa4.capturing(torch.zeros(1)) and not fa4.capturing(None)
 

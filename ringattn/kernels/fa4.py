@@ -48,6 +48,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from ringattn import capture
 from ringattn.kernels import replay
 
 _DTYPES = (torch.float16, torch.bfloat16)
@@ -329,7 +330,7 @@ def _launch(
 def capturing(q: Tensor | None) -> bool:
     """Whether a CUDA graph is being captured on ``q``'s stream (a replay may be captured, a
     recording may not: ``compile_mode="reduce-overhead"`` or a user's ``torch.cuda.graph``)."""
-    return q is not None and q.is_cuda and torch.cuda.is_current_stream_capturing()
+    return q is not None and q.is_cuda and capture.capturing()
 
 
 def forward(

@@ -47,21 +47,18 @@ ADD_DQ = True
 
 # signature -> True (kept) / False (refused); missing: not tried yet
 _CHECKED: dict[tuple, bool] = {}
-# the adding backward's compiled kernels, apart from FA4's own: FA4's JIT cache under a name of
-# their own (on disk where FA4's cache is, FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1), or a dict
-# where FA4 has no such cache (its stand-in in the tests)
-_CACHE: dict = {}
-
-
-_POSTPROCESS_CACHE: dict = {}  # (the adding dQ postprocess's, as _CACHE)
 
 
 @cache
 def _adding_cache(name: str = "ringattn_adding_backward"):
+    """The adding kernels' compiled kernels, apart from FA4's own, one cache per ``name`` (the
+    backward's, the dQ postprocess's): FA4's JIT cache under that name (on disk where FA4's
+    cache is, FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1), or a dict where FA4 has no such cache
+    (its stand-in in the tests; ``cache`` keeps one per name)."""
     try:
         cache_utils = importlib.import_module("flash_attn.cute.cache_utils")
     except ImportError:
-        return _POSTPROCESS_CACHE if name == "ringattn_adding_postprocess" else _CACHE
+        return {}
     return cache_utils.get_jit_cache(name)
 
 
