@@ -69,19 +69,28 @@ def _grouped_backward(n: int, h: int, d: int, causal: bool) -> None:
     fa4_group_bwd._compile(fa4_group_bwd._key(groups, causal, shifts), groups, stats)
 
 
-def _adding_postprocess(d: int, causal: bool) -> None:
-    """Compile FA4's dQ postprocess as FA4's SM90 backward launcher does for issue 5's blocks,
-    under :func:`ringattn.kernels.fa4_add.adding_all_kernels` (its adding variant)."""
+def _sm90_backward(d: int, causal: bool):
+    """FA4's interface, bf16 as the CuTe DSL names it, and FA4's SM90 backward tiles for
+    ``d``: what its launcher compiles the pre/postprocess kernels with."""
     import importlib
 
-    from ringattn.kernels import fa4_add, fa4_group_bwd
+    from ringattn.kernels import fa4_group_bwd
 
     interface = importlib.import_module("flash_attn.cute.interface")
     dsl_utils = importlib.import_module("flash_attn.cute.cute_dsl_utils")
-    cfg = fa4_group_bwd._config(d, causal)
+    bf16 = dsl_utils.torch2cute_dtype_map[torch.bfloat16]
+    return interface, bf16, fa4_group_bwd._config(d, causal)
+
+
+def _adding_postprocess(d: int, causal: bool) -> None:
+    """Compile FA4's dQ postprocess as FA4's SM90 backward launcher does for issue 5's blocks,
+    under :func:`ringattn.kernels.fa4_add.adding_all_kernels` (its adding variant)."""
+    from ringattn.kernels import fa4_add
+
+    interface, bf16, cfg = _sm90_backward(d, causal)
     with fa4_add.adding_all_kernels():
         interface._compile_bwd_postprocess(
-            dsl_utils.torch2cute_dtype_map[torch.bfloat16],
+            bf16,
             d,
             cfg.m_block_size,
             128 if cfg.dQ_single_wg else cfg.num_wg * 128,
@@ -96,6 +105,36 @@ def _adding_postprocess(d: int, causal: bool) -> None:
             None,  # (no learnable sink)
             64 if cfg.dKV_swapAB else 32,  # (FA4's hdim_multiple_of on SM90)
             None,
+        )
+
+
+def _given_dpsum_preprocess(d: int, causal: bool) -> None:
+    """Compile FA4's backward preprocess as FA4's SM90 launcher does for issue 5's blocks handed
+    a dLSE, under :func:`ringattn.kernels.fa4_dpsum.given_dpsum_kernels` (its ``O`` / ``dO``
+    loads as zero fills: with ``CUTE_DSL_KEEP=ptx`` its PTX has no 16-byte global loads left,
+    FA4's own has those of ``O`` and ``dO``)."""
+    from ringattn.kernels import fa4_dpsum
+
+    interface, bf16, cfg = _sm90_backward(d, causal)
+    with fa4_dpsum.given_dpsum_kernels():
+        interface._compile_bwd_preprocess(
+            bf16,
+            d,
+            d,
+            cfg.m_block_size,
+            False,  # (no variable lengths, no sequence-used counts)
+            False,
+            True,  # (a dLSE: the given sums)
+            True,  # (FA4's dQ accumulator, zeroed)
+            False,  # (no load-P scaling)
+            True,  # (the LSE scaled to base 2)
+            True,  # (padded offsets, FA4's default)
+            False,  # (heads not major, no packed GQA: one key head per query head)
+            False,
+            1,
+            1,
+            False,
+            64 if cfg.dKV_swapAB else 32,  # (FA4's hdim_multiple_of on SM90)
         )
 
 
@@ -146,6 +185,10 @@ def kernels(n: int, h: int, d: int):
 
             yield f"fa4_merge causal={causal}", merging
             yield f"fa4_add postprocess causal={causal}", partial(_adding_postprocess, d, causal)
+            yield (
+                f"fa4_dpsum preprocess causal={causal}",
+                partial(_given_dpsum_preprocess, d, causal),
+            )
 
 
 def main(argv: list[str] | None = None) -> None:

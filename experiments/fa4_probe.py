@@ -47,6 +47,10 @@ into the gradients with TMA reduce-add stores, and dQ in its postprocess) agains
 and the Triton add: the sums against each other, GPU ms of each (all three added by FA4's
 kernels, dK / dV only, neither), and the ``lse`` module's forward+backward with dQ's adding
 postprocess on and off (``fa4_add.ADD_DQ``).
+``--part dpsum`` does the same for ``ringattn.kernels.fa4_dpsum`` (FA4's backward handed each
+row's dPsum, formed once for all ``lse`` configs by ``ringattn.kernels.dpsum``): the gradients
+against FA4's own, GPU ms with and without, the sums kernel's ms, and the ``lse`` module's
+forward+backward with the shared sums on and off (``ringattn.core.SHARE_DPSUM``).
 ``--part fill`` sweeps the backward's gradient fill kernel (``ringattn.kernels.unselected``) over
 its rows per program and warps (GPU ms, GB/s, host µs per launch, exactness) against torch's
 ``zero_`` of the whole buffer.
@@ -310,11 +314,13 @@ def _store_paths(q, k, v, causal, scale, out_full, lse_full, strided) -> dict:
 
 
 def _module_ab(
-    n, h, d, repeats, device, mixing, switch, names, backward=False, flag="ENABLED"
+    n, h, d, repeats, device, mixing, switch, names, backward=False, flag="ENABLED", report=None
 ) -> list[dict]:
     """The issue's module at n/4 and n, causal and not, timed with ``switch`` (a module with a
     boolean ``flag``, ``ENABLED`` by default) on and off, interleaved twice; how far apart the
-    two results are."""
+    two results are. ``report``: the kernel module whose first-call checks are reported
+    (default: ``switch``)."""
+    report = switch if report is None else report
     import ringattn
 
     on, off = names
@@ -361,9 +367,9 @@ def _module_ab(
             except Exception as exc:  # a probe: report and go on
                 row["error"] = failure(exc, 600)
             setattr(switch, flag, True)
-            compiled = getattr(switch, "_COMPILED", getattr(switch, "_CHECKED", {}))
+            compiled = getattr(report, "_COMPILED", getattr(report, "_CHECKED", {}))
             row["kernels"] = {str(key): bool(x) for key, x in compiled.items()}
-            row["refusal"] = (switch.last_refusal or "")[:600]
+            row["refusal"] = (report.last_refusal or "")[:600]
             _emit(rows, row)
     return rows
 
@@ -575,6 +581,92 @@ def add(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
             _emit(rows, row)
     modules = _module_ab(
         n, h, d, repeats, device, "lse", fa4_add, ("add_dq", "add_kernel"), True, "ADD_DQ"
+    )
+    return rows + modules
+
+
+def dpsum(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+    """``ringattn.kernels.fa4_dpsum``: FA4's backward on ``segment_local``'s strided blocks
+    (2048- and 1000-row, ``r = 2`` offset 1) handed each row's dPsum (``ringattn.kernels.dpsum``
+    over the whole ``[1, n, h, d]``, viewed as the blocks' rows) against FA4's own: the swap's
+    first-call check, the gradients' relative differences, GPU ms of the backward with and
+    without; the sums kernel's ms and GB/s at ``n``; then the ``lse`` module's forward+backward
+    with the shared sums on and off (``ringattn.core.SHARE_DPSUM``), interleaved, at n/4 and n."""
+    import ringattn.core
+    from ringattn.kernels import dpsum as dpsum_kernel
+    from ringattn.kernels import fa4, fa4_dpsum
+
+    rows: list[dict[str, Any]] = []
+    scale = d**-0.5
+
+    def full():
+        return torch.randn(1, n, h, d, device=device, dtype=torch.bfloat16)
+
+    out_full, dout_full = full(), full()
+    lse_full = torch.rand(1, n, h, device=device) * 4 + 2
+    row: dict[str, Any] = {"problem": f"sums kernel n={n}"}
+    try:
+        minus_full = dpsum_kernel.minus_dpsum(out_full, dout_full, lse_full)
+        assert minus_full is not None, "the sums kernel declined"
+        want = -(out_full.float() * dout_full.float()).sum(-1)
+        row["rel_err"] = float((minus_full - want).norm() / want.norm())
+        row["ms"] = _events_ms(
+            partial(dpsum_kernel.minus_dpsum, out_full, dout_full, lse_full), 3, repeats
+        )
+        row["GB_per_s"] = (2 * out_full.numel() * 2 + minus_full.numel() * 4) / row["ms"] / 1e6
+    except Exception as exc:  # a probe: report and go on
+        row["error"] = failure(exc, 1500)
+        minus_full = None
+    _emit(rows, row)
+    for length in (2048, 1000):
+        segments = n // (2 * length)
+        used = segments * 2 * length
+
+        def strided(x, segments=segments, length=length, used=used):
+            return x[:, :used].reshape(segments, length, 2, *x.shape[2:])[:, :, 1]
+
+        q, k, v = (strided(full()) for _ in range(3))
+        out, dout, lse = strided(out_full), strided(dout_full), strided(lse_full)
+        minus = None if minus_full is None else strided(minus_full)
+        inputs = (dout, q, k, v, out, lse)
+        for causal in (False, True):
+            row = {"problem": f"L={length} r=2 offset 1", "causal": causal}
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    given = fa4_dpsum.usable(minus, *inputs, causal, scale)
+                row["kept"] = given is not None
+                row["warnings"] = [
+                    str(w.message)[:300] for w in caught if "deprecated" not in str(w.message)
+                ]
+                row["refusal"] = (fa4_dpsum.last_refusal or "")[:2000]
+                if given is not None:
+                    with_sums = fa4.backward(*inputs, causal, scale, dlse=given)
+                    own = fa4.backward(*inputs, causal, scale)
+                    for name, got, ref in zip(("dq", "dk", "dv"), with_sums, own, strict=True):
+                        error = (got.float() - ref.float()).norm() / ref.float().norm()
+                        row[f"{name}_rel_diff"] = float(error)
+                    row["given_ms"] = _events_ms(
+                        partial(fa4.backward, *inputs, causal, scale, dlse=given), 2, repeats
+                    )
+                    row["own_ms"] = _events_ms(
+                        partial(fa4.backward, *inputs, causal, scale), 2, repeats
+                    )
+            except Exception as exc:  # a probe: report and go on
+                row["error"] = failure(exc, 1500)
+            _emit(rows, row)
+    modules = _module_ab(
+        n,
+        h,
+        d,
+        repeats,
+        device,
+        "lse",
+        ringattn.core,
+        ("shared", "own"),
+        True,
+        "SHARE_DPSUM",
+        report=fa4_dpsum,
     )
     return rows + modules
 
@@ -1069,7 +1161,7 @@ def bwd_sweep(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
 # kernel's failure); merge, add and merge_cost need one (4096, 2) segment
 N_MULTIPLE = {"compare": 4096, "replay": 4096, "bwd_sweep": 4096, "sweep": 2048}
 N_MULTIPLE |= {"determinism": 2048, "zero": 32768}
-N_AT_LEAST = {"merge": 4096, "add": 4096, "merge_cost": 4096}
+N_AT_LEAST = {"merge": 4096, "add": 4096, "dpsum": 4096, "merge_cost": 4096}
 
 
 def n_error(part: str, n: int, h: int) -> str | None:
@@ -1122,6 +1214,7 @@ def main(argv: list[str] | None = None) -> None:
             "merge",
             "merge_cost",
             "add",
+            "dpsum",
             "zero",
             "config",
             "launch",
@@ -1154,6 +1247,7 @@ def main(argv: list[str] | None = None) -> None:
             "merge": merge,
             "merge_cost": merge_cost,
             "add": add,
+            "dpsum": dpsum,
             "zero": zero,
             "config": config,
             "launch": launch,

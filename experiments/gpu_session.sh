@@ -33,6 +33,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh replays  # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh graph_modes # <10 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh add_dq   # ~9 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh dpsum    # <9 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh merge_cost # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
@@ -526,6 +527,18 @@ add_dq)
 $(grep -h "Correctness" "$out/flex_gpu_check/flex_gpu_check.md")
 $(cat "$out/rc.log")
 $(grep -h "^| " "$out/cuda_graph_modes.log" | grep -v "^| mixing\|^|---" | cut -c1-200)"
+    ;;
+dpsum)
+    # step 65: each row's dPsum formed once per lse backward and handed to FA4's preprocess
+    # (ringattn.kernels.fa4_dpsum): its probe at 131K (the gradients against FA4's own, the
+    # backward's ms with and without, the sums kernel's ms, the module A/B at 32K and 131K with
+    # core.SHARE_DPSUM on and off), then the GPU oracle check
+    timeout 240 python -m experiments.fa4_probe --part dpsum --n 131072 --repeats 10 \
+        --out "$out" >"$out/probe_dpsum.log" 2>&1 || echo "probe: exit $?" >>"$out/probe_dpsum.log"
+    timeout 280 python -m experiments.flex_gpu --part check --out "$out/flex_gpu_check" \
+        >"$out/check.log" 2>&1 || echo "check: exit $?" >>"$out/check.log"
+    summary="$(grep -h "\"problem\"\|probe: exit" "$out/probe_dpsum.log" | cut -c1-700)
+$(grep -h "Correctness\|check: exit" "$out/flex_gpu_check/flex_gpu_check.md" "$out/check.log")"
     ;;
 fuzz)
     # random problems against the oracle on the GPU (experiments/gpu_fuzz.py): head dims, dtypes,

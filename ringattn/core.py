@@ -46,6 +46,7 @@ from ringattn.computers.base import (
 )
 from ringattn.dilation.base import DilationProcessor
 from ringattn.kernels import add as add_kernel
+from ringattn.kernels import dpsum as dpsum_kernel
 from ringattn.kernels.unselected import fill_unselected_, shifted
 from ringattn.lanes import Lanes
 from ringattn.launches import Prepared, gather, layouts_of, packed, prepared, views
@@ -437,6 +438,11 @@ def grouped_launch(
 # the A/B of launches.packed for the backward's LSE (experiments/overheads.py --pack-lse): one
 # gather per call, or a copy per launch (in ringattn.kernels.fa4.backward)
 PACK_LSE = True
+# the A/B of each row's dPsum formed once per backward for every launch that reads it (lse;
+# BlockComputer.shares_backward_dpsum), or by each launch: used where the launches read at least
+# this many times the rows the shared sums read (their O and dO once over)
+SHARE_DPSUM = True
+DPSUM_SHARED_FROM = 1.25
 
 
 @in_input_precision
@@ -564,35 +570,50 @@ def dilated_backward(
                 for grad in views(tensors, geometry)[6:]:
                     for shift in shifts:
                         shifted(grad, shift).zero_()
+    adding_launches = prepared(
+        spec,
+        "backward",
+        tensors[:6],
+        tensors[6:],
+        (i for i in range(first, len(blocks)) if i not in placed_ids),
+        lambda span, part, *views: adding_launch(spec, span, *views),
+        placed=False,
+        layouts=layouts,
+    )
     # the placed launches' LSE rows gathered into one buffer in the layout the computer reads
-    # (launches.packed), where it would copy each launch's: one kernel instead of one per launch
+    # (launches.packed), where it would copy each launch's: one kernel instead of one per launch.
+    # Where the computer takes each row's dPsum as given (lse: every config's launches read the
+    # merged out, so the same sums), the adding launches' too, and the sums formed once for
+    # every row and gathered with the same index (ringattn.kernels.dpsum), where the launches
+    # read enough rows over for that to pay
     packed_tensors, repacked = tensors, Prepared()
+    computer = spec.block_computer
+    sharing = SHARE_DPSUM and computer.shares_backward_dpsum(q)
     if (
         PACK_LSE
-        and any(i not in grouped for i in placed_launches)
-        and spec.block_computer.packs_backward_lse(q)
+        and computer.packs_backward_lse(q)
+        and (sharing or any(i not in grouped for i in placed_launches))
     ):
-        pack = placed_launches.derived.get("lse")
+        source = adding_launches if sharing else placed_launches
+        pack = source.derived.get(("lse", sharing))
         if pack is None:
-            pack = packed(placed_launches, 5, lse)
+            members = Prepared()
+            members.update(placed_launches)
+            if sharing:
+                members.update(adding_launches)
+            pack = packed(members, 5, lse, twin=sharing)
             if not pool_allocating(lse):  # (ringattn.capture: kept, it would be wrong)
-                placed_launches.derived["lse"] = pack
+                source.derived[("lse", sharing)] = pack
         index, span, repacked = pack
+        minus_dpsum = None
+        if sharing and index.numel() >= DPSUM_SHARED_FROM * lse.numel():
+            minus_dpsum = dpsum_kernel.minus_dpsum(out, dout, lse)
         packed_tensors = (*tensors[:5], gather(lse, index, span), *tensors[6:])
-    launches = {
-        **placed_launches,
-        **repacked,  # (the placed launches again, reading the gathered LSE)
-        **prepared(
-            spec,
-            "backward",
-            tensors[:6],
-            tensors[6:],
-            (i for i in range(first, len(blocks)) if i not in placed_ids),
-            lambda span, part, *views: adding_launch(spec, span, *views),
-            placed=False,
-            layouts=layouts,
-        ),
-    }
+        if minus_dpsum is not None:  # (else the launches' tenth geometry goes unread)
+            packed_tensors = (*packed_tensors, gather(minus_dpsum, index, span))
+        del minus_dpsum  # (its gathered rows are what the launches read)
+    # (the packed launches again, reading the gathered LSE)
+    launches = {**placed_launches, **adding_launches, **repacked}
 
     def backward_blocks(i: int) -> None:
         if i in launches:
@@ -826,37 +847,40 @@ def merging_launch(
 
 
 def adding_launch(
-    spec: CoreSpec, span: int, dout, q, k, v, out, lse, *grad_rows: Tensor
+    spec: CoreSpec, span: int, dout, q, k, v, out, lse, dq_rows, dk_rows, dv_rows
 ) -> Callable[..., None]:
     """A prepared launch of a merged block part's backward (as :func:`merging_launch`): its
-    gradients added into its rows."""
+    gradients added into its rows. It takes ``(dout, q, k, v, out, lse, dq, dk, dv[, dlse])``
+    (``dlse``: the rows' given ``−rowsum(out∘dout)``, ``BlockComputer.shares_backward_dpsum``)."""
     computer, communicator, causal, scale = _launch_fields(spec)
     if span == 1:
         # the gradients added by the backward's kernels themselves where the computer has such
         # kernels (FA4: dK and dV, and dQ in its postprocess)
-        flats = [flat_view(rows) for rows in grad_rows]
+        flats = [flat_view(rows) for rows in (dq_rows, dk_rows, dv_rows)]
         fused = None
         if all(flat is not None for flat in flats):
             fused = computer.adding_launcher(causal, scale, dout, q, k, v, out, lse, *flats)
 
-        def launch(dout, q, k, v, out, lse, *grad_rows: Tensor) -> None:
+        def launch(dout, q, k, v, out, lse, dq_rows, dk_rows, dv_rows, dlse=None) -> None:
+            grad_rows = [dq_rows, dk_rows, dv_rows]
             if fused is not None:
                 dq, dk, dv = (rows.flatten(0, 1) for rows in grad_rows)
-                left = fused(dout, q, k, v, out, lse, dq, dk, dv)
+                left = fused(dout, q, k, v, out, lse, dq, dk, dv, dlse)
                 if left is not None:
                     if left:  # (dQ, where only dK and dV were added)
-                        accumulate_([grad_rows[0]], left, place=False)
+                        accumulate_([dq_rows], left, place=False)
                     return
             result = computer.backward(dout, q, k, v, out, lse, causal, scale)
-            accumulate_(list(grad_rows), result, place=False)
+            accumulate_(grad_rows, result, place=False)
 
     else:
 
-        def launch(dout, q, k, v, out, lse, *grad_rows: Tensor) -> None:
+        def launch(dout, q, k, v, out, lse, dq_rows, dk_rows, dv_rows, dlse=None) -> None:
+            # (a segment spanning ranks: its communicator's kernels form their own sums)
             result = communicator.attend_backward(
                 computer, dout, q, k, v, out, lse, causal, scale, span
             )
-            accumulate_(list(grad_rows), result, place=False)
+            accumulate_([dq_rows, dk_rows, dv_rows], result, place=False)
 
     return launch
 

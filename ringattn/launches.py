@@ -122,12 +122,16 @@ def prepared(
     return found
 
 
-def packed(launches: Prepared, slot: int, x: Tensor) -> tuple[Tensor, int, Prepared]:
+def packed(
+    launches: Prepared, slot: int, x: Tensor, twin: bool = False
+) -> tuple[Tensor, int, Prepared]:
     """Operand ``slot`` of ``launches`` (``x``, an LSE ``[b, n, h]``, whose part views are
     ``[B, L, H]``) gathered into one buffer: each part's view as a contiguous ``[B, H, L]`` block
     (what FA4's backward reads; ``B * H * L`` floats per part either way), and ``launches`` with
     that operand's geometry replaced by its block's, seen as ``[B, L, H]`` again (strides ``(H *
-    L, 1, L)``: transposed back, contiguous).
+    L, 1, L)``: transposed back, contiguous). ``twin``: each geometry also ends with that
+    block's once more, for a tensor laid out as ``x`` gathered with the same index, which the
+    launches then read as an extra last operand (the core's given dPsum).
 
     Returns ``(index, span, repacked)``: :func:`gather` ``(x, index, span)`` is the buffer
     (``span``: the largest index + 1, known on the host). The index is made on ``x``'s device by
@@ -158,10 +162,8 @@ def packed(launches: Prepared, slot: int, x: Tensor) -> tuple[Tensor, int, Prepa
         )
         pieces.append(index.flatten())
         block = ((batch, length, heads), (heads * length, 1, length), start)
-        repacked[i] = (
-            *repacked.get(i, ()),
-            ((*geometry[:slot], block, *geometry[slot + 1 :]), launch),
-        )
+        geometry = (*geometry[:slot], block, *geometry[slot + 1 :], *([block] if twin else []))
+        repacked[i] = (*repacked.get(i, ()), (geometry, launch))
         start += batch * length * heads
     index = torch.cat(pieces) if pieces else arange(0)
     return index, span, repacked

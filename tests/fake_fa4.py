@@ -14,11 +14,12 @@ import types
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 
 import ringattn.api
-from ringattn.kernels import fa4
+from ringattn.kernels import fa4, fa4_dpsum
 
 
 def _scores(q, k, softmax_scale: float, causal: bool) -> torch.Tensor:
@@ -58,6 +59,9 @@ class FakeFA4:
         self.backward_runs = 0
         self.backward_config = None  # the tiles backward_tiles swaps in, for the calls under it
         self.backward_configs: list = []  # each backward launcher call's tiles
+        self.given_dlse = 0  # backward launcher calls handed a dLSE
+        self.unloaded_runs = 0  # backward kernel runs that formed dPsum from the dLSE alone
+        self.unloading = False  # under given_dpsum: the preprocess reads no O / dO
         self.fwd, self.bwd = _CompileCache(), _CompileCache()
         self.caches = {self.fwd: "compile_cache", self.bwd: "compile_cache"}
 
@@ -72,6 +76,17 @@ class FakeFA4:
             yield
         finally:
             self.backward_config = None
+
+    @contextmanager
+    def given_dpsum(self):
+        """``ringattn.kernels.fa4_dpsum.given_dpsum_kernels``' stand-in: the backward launched
+        under it forms dPsum from the given dLSE alone, as FA4's preprocess compiled without its
+        O / dO loads does (into kernels of their own, as there: a compile key of their own)."""
+        saved, self.unloading = self.unloading, True
+        try:
+            yield
+        finally:
+            self.unloading = saved
 
     def forward(self, q, k, v, *, softmax_scale, causal, return_lse, out=None, **tiles):
         self.forward_calls += 1
@@ -113,6 +128,7 @@ class FakeFA4:
         dk=None,
         dv=None,
         deterministic=False,
+        dlse=None,
     ):
         self.calls += 1
         self.deterministic = deterministic
@@ -131,20 +147,27 @@ class FakeFA4:
             torch.empty_like(like) if given_ is None else given_
             for given_, like in zip((dq, dk, dv), (q, k, v))
         )
+        if dlse is not None:  # FA4's dLSE: its preprocess forms rowsum(O∘dO) - dLSE
+            self.given_dlse += 1
+            assert dlse.shape == lse.shape and dlse.dtype == torch.float32
+            assert dlse.is_contiguous()  # else FA4's launcher copies it (no replay)
         dq_accum = torch.empty(b, h, length * d, dtype=torch.float32)
         if deterministic:  # FA4 zeroes its dQ semaphores in Python: work a replay would skip
             torch.zeros(b, h, dtype=torch.int32)
-        key = ("bwd", causal)
+        unloaded = self.unloading and dlse is not None
+        key = ("bwd", causal, unloaded)
         if key not in self.bwd.compile_cache:
-            self.bwd.compile_cache[key] = self._backward_kernel
+            self.bwd.compile_cache[key] = partial(self._backward_kernel, unloaded=unloaded)
             self.bwd.compile_cache["postprocess"] = self._postprocess_kernel
         self.bwd.compile_cache[key](
-            q, k, v, out, dout, lse, dq_accum, dk, dv, softmax_scale, causal
+            q, k, v, out, dout, lse, dlse, dq_accum, dk, dv, softmax_scale, causal
         )
         self.bwd.compile_cache["postprocess"](dq_accum, dq)
         return dq, dk, dv, None  # FA4 may return more than the three
 
-    def _backward_kernel(self, q, k, v, out, dout, lse, dq_accum, dk, dv, softmax_scale, causal):
+    def _backward_kernel(
+        self, q, k, v, out, dout, lse, dlse, dq_accum, dk, dv, softmax_scale, causal, unloaded=False
+    ):
         self.backward_runs += 1
         b, length, h, d = q.shape
         qf, kf, vf, of, dof = (x.double().transpose(1, 2) for x in (q, k, v, out, dout))
@@ -152,7 +175,11 @@ class FakeFA4:
         probs = torch.exp(scores - lse.double().unsqueeze(-1))
         dv.copy_((probs.transpose(-1, -2) @ dof).transpose(1, 2))
         dp = dof @ vf.transpose(-1, -2)
-        ds = probs * (dp - (dof * of).sum(-1, keepdim=True))
+        self.unloaded_runs += unloaded
+        dpsum = 0.0 if unloaded else (dof * of).sum(-1, keepdim=True)
+        if dlse is not None:
+            dpsum = dpsum - dlse.double().unsqueeze(-1)
+        ds = probs * (dp - dpsum)
         dq_accum.copy_((ds @ kf * softmax_scale).reshape(b, h, length * d))
         dk.copy_((ds.transpose(-1, -2) @ qf * softmax_scale).transpose(1, 2))
 
@@ -170,6 +197,8 @@ def installed(kernel: FakeFA4) -> Iterator[FakeFA4]:
     names = ("_kernels", "_REPLAYS", "available", "BACKWARD_HEAD_DIM_MULTIPLE")
     saved = {name: getattr(fa4, name) for name in names}
     saved_modules = ringattn.api._MODULES, ringattn.api._EVERY_MODULE
+    saved_given = fa4_dpsum.given_dpsum_kernels
+    fa4_dpsum.given_dpsum_kernels = kernel.given_dpsum
     fa4._kernels = kernel.kernels
     fa4._REPLAYS = {}  # replays launch the kernels they recorded
     fa4.available = lambda q: q.dtype != torch.float64
@@ -180,4 +209,5 @@ def installed(kernel: FakeFA4) -> Iterator[FakeFA4]:
     finally:
         for name, value in saved.items():
             setattr(fa4, name, value)
+        fa4_dpsum.given_dpsum_kernels = saved_given
         ringattn.api._MODULES, ringattn.api._EVERY_MODULE = saved_modules

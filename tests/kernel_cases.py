@@ -92,6 +92,7 @@ def main(cases: int) -> None:
     checked += 1 + merge_into_cases(gen)
     checked += zero_unselected_cases(gen, cases)
     checked += add_rows_cases(gen, cases)
+    checked += dpsum_cases(gen, cases)
     checked += unit_stats_cases(gen, cases)
     checked += tracing_cases(gen)
     print("ok", checked)
@@ -172,6 +173,33 @@ def merge_into_cases(gen: torch.Generator) -> int:
     torch.testing.assert_close(wide[0][0], acc, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(wide[1][0], lse_acc)
     return checked + 3
+
+
+def dpsum_cases(gen: torch.Generator, cases: int) -> int:
+    """The shared row sums ``−rowsum(out∘dout)`` (``ringattn.kernels.dpsum``) against float64
+    sums of the same rounded operands: dtypes, head counts and dims that are not powers of two
+    (masked lanes), strided operands, and the kernel (not torch's twin) run."""
+    from ringattn.kernels import dpsum
+
+    assert dpsum.available(torch.empty(0)), "the kernel, not its torch twin, is under test"
+    checked = 0
+    for case in range(cases):
+        b, n = 1 + case % 2, int(torch.randint(1, 40, (), generator=gen))
+        h, d = (
+            int(torch.randint(1, 7, (), generator=gen)),
+            int(torch.randint(1, 40, (), generator=gen)),
+        )
+        dtype = [torch.float32, torch.bfloat16, torch.float16][case % 3]
+        out = torch.randn(b, n, h, d, generator=gen).to(dtype)
+        # dout strided as a head-major buffer seen as [b, n, h, d]
+        dout = torch.randn(b, h, n, d, generator=gen).to(dtype).transpose(1, 2)
+        lse = torch.empty(b, n, h)
+        got = dpsum.minus_dpsum(out, dout, lse)
+        want = -(out.double() * dout.double()).sum(-1)
+        assert got is not None and got.shape == lse.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * d)
+        checked += 1
+    return checked
 
 
 def add_rows_cases(gen: torch.Generator, cases: int) -> int:

@@ -486,7 +486,8 @@ def test_fa4_probe_refuses_bad_options_in_one_line(argv, message, capsys):
 @pytest.mark.parametrize(
     "part, n",  # the default, and what experiments/gpu_session.sh runs
     [(part, 131072) for part in ("compare", "sweep", "determinism", "replay", "merge")]
-    + [(part, 131072) for part in ("merge_cost", "add", "zero", "config", "launch", "fill")]
+    + [(part, 131072) for part in ("merge_cost", "add", "dpsum", "zero", "config", "launch")]
+    + [("fill", 131072)]
     + [(part, 131072) for part in ("group", "group_bwd", "persistent", "bwd_sweep")]
     + [(part, 32768) for part in ("group", "group_bwd", "replay", "add", "zero", "launch")]
     + [("fill", 32768), ("compare", 32768), ("merge_cost", 1048576)],

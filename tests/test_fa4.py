@@ -441,9 +441,11 @@ def test_adding_backward_launches_are_replayed_apart_from_plain_ones(fake_fa4, a
     not."""
     adding_cache: dict = {}
 
-    def adding_kernel(q, k, v, out, dout, lse, dq_accum, dk, dv, *rest):
+    def adding_kernel(q, k, v, out, dout, lse, dlse, dq_accum, dk, dv, *rest):
         dk_block, dv_block = torch.empty_like(dk), torch.empty_like(dv)
-        fake_fa4._backward_kernel(q, k, v, out, dout, lse, dq_accum, dk_block, dv_block, *rest)
+        fake_fa4._backward_kernel(
+            q, k, v, out, dout, lse, dlse, dq_accum, dk_block, dv_block, *rest
+        )
         dk.add_(dk_block), dv.add_(dv_block)
 
     def adding_postprocess(dq_accum, dq):
@@ -461,7 +463,7 @@ def test_adding_backward_launches_are_replayed_apart_from_plain_ones(fake_fa4, a
             fake_fa4.bwd.compile_cache = own
 
     postprocess = adding_postprocess if adds_dq else fake_fa4._postprocess_kernel
-    adding_cache.update({("bwd", False): adding_kernel, "postprocess": postprocess})
+    adding_cache.update({("bwd", False, False): adding_kernel, "postprocess": postprocess})
     gen = torch.Generator().manual_seed(0)
     dout, q, k, v, out = (torch.randn(2, 6, 3, 8, generator=gen) for _ in range(5))
     lse = torch.randn(2, 6, 3, generator=gen).abs() + 1

@@ -38,7 +38,7 @@ class StandIn:
         self.calls = self.added = 0
         self.decline, self.dq_every = decline, dq_every
 
-    def __call__(self, dout, q, k, v, out, lse, causal, scale, dq, dk, dv):
+    def __call__(self, dout, q, k, v, out, lse, causal, scale, dq, dk, dv, dlse=None):
         self.calls += 1
         assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
         assert dk.dtype == q.dtype
@@ -99,7 +99,8 @@ class FakeAdding:
         self.fail, self.adding_runs, self.all_runs = fail, 0, 0
         self.plain = fa4.backward
 
-    def __call__(self, dout, q, k, v, out, lse, causal, scale, grads=None, kernels=None):
+    def __call__(self, dout, q, k, v, out, lse, causal, scale, grads=None, kernels=None, dlse=None):
+        assert dlse is None  # (no given sums here: tests/test_fa4_dpsum.py)
         if kernels is None:
             return self.plain(dout, q, k, v, out, lse, causal, scale, grads)
         adds_dq = kernels is fa4_add.adding_all_kernels

@@ -1,4 +1,4 @@
-"""The Triton kernels (merge, unselected-pairs fill, gradient add), run on the CPU through
+"""The Triton kernels (merge, unselected-pairs fill, gradient add, row sums), run on the CPU through
 Triton's interpreter (``TRITON_INTERPRET=1``).
 
 The interpreter must be switched on before triton is imported, so the cases run in a fresh

@@ -210,6 +210,15 @@ class BlockComputer(AttentionComputer):
         where each launch would copy its own."""
         return False
 
+    def shares_backward_dpsum(self, q: Tensor) -> bool:
+        """Whether this computer's backward launchers (:meth:`backward_launcher`,
+        :meth:`adding_launcher`) take each row's ``−rowsum(out∘dout)`` as given, here, in a
+        tenth operand ``dlse`` (``[B, L, H]`` rows, laid out as the LSE's), instead of forming it
+        from ``out`` and ``dout``. Then, under ``lse`` mixing, the core forms those sums once per
+        backward for all launches (``ringattn.kernels.dpsum``) and gathers each launch's rows
+        with its packed LSE (implies :meth:`packs_backward_lse`)."""
+        return False
+
     def adding_launcher(
         self,
         causal: bool,
@@ -227,9 +236,9 @@ class BlockComputer(AttentionComputer):
         """A launcher that adds the blocks' gradients into ``dq`` / ``dk`` / ``dv`` (views of
         the core's gradients) in the backward's kernels themselves, for views of these layouts;
         None where this computer has no such kernels. The launcher takes ``(dout, q, k, v, out,
-        lse, dq, dk, dv)`` and returns what it left for the core to add (``()``, or the blocks'
-        ``(dQ,)`` where only dK and dV were added), or None from a call it did not take (having
-        written nothing)."""
+        lse, dq, dk, dv[, dlse])`` (``dlse``: :meth:`shares_backward_dpsum`) and returns what it
+        left for the core to add (``()``, or the blocks' ``(dQ,)`` where only dK and dV were
+        added), or None from a call it did not take (having written nothing)."""
         return None
 
     def backward_launcher(
@@ -247,9 +256,10 @@ class BlockComputer(AttentionComputer):
         dv: Rows,
     ) -> Callable[..., None]:
         """:meth:`backward_into` for views of the layouts of these (example) views; the launcher
-        takes ``(dout, q, k, v, out, lse, dq, dk, dv)``."""
+        takes ``(dout, q, k, v, out, lse, dq, dk, dv[, dlse])`` (``dlse``:
+        :meth:`shares_backward_dpsum`; this one forms its own)."""
 
-        def launch(dout, q, k, v, out, lse, dq, dk, dv) -> None:
+        def launch(dout, q, k, v, out, lse, dq, dk, dv, dlse=None) -> None:
             self.backward_into(dout, q, k, v, out, lse, causal, scale, (dq, dk, dv))
 
         return launch

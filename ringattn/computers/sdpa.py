@@ -40,6 +40,7 @@ from ringattn.kernels import (
     cudnn_graphs,
     fa4,
     fa4_add,
+    fa4_dpsum,
     fa4_group,
     fa4_group_bwd,
     fa4_merge,
@@ -366,6 +367,10 @@ class SDPAComputer(BlockComputer):
         # FA4's backward copies each block's LSE to [B, H, L] contiguous (ringattn.kernels.fa4)
         return self._fa4_backward(q)
 
+    def shares_backward_dpsum(self, q):
+        # FA4's preprocess takes each row's dPsum as given (ringattn.kernels.fa4_dpsum)
+        return self._fa4_backward(q) and fa4_dpsum.supported(q)
+
     def merging_launcher(self, causal, scale, q, k, v, out, lse):
         # FA4's forward with the merge in its epilogue (ringattn.kernels.fa4_merge)
         if not (self._fa4(self.cuda_forward, q) and fa4_merge.supported(q, k, v, out, lse)):
@@ -437,8 +442,10 @@ class SDPAComputer(BlockComputer):
         if not (self._fa4_backward(q) and fa4_add.supported(q)):
             return None
 
-        def launch(dout, q, k, v, out, lse, dq, dk, dv) -> tuple[Tensor, ...] | None:
-            return fa4_add.backward_add_(dout, q, k, v, out, lse, causal, scale, dq, dk, dv)
+        def launch(dout, q, k, v, out, lse, dq, dk, dv, dlse=None) -> tuple[Tensor, ...] | None:
+            return fa4_add.backward_add_(
+                dout, q, k, v, out, lse, causal, scale, dq, dk, dv, dlse=dlse
+            )
 
         return launch
 
@@ -446,8 +453,10 @@ class SDPAComputer(BlockComputer):
         if self._fa4_backward(q):
             memo: dict = {}  # as forward_launcher's
 
-            def launch(dout, q, k, v, out, lse, dq, dk, dv) -> None:
-                fa4.backward(dout, q, k, v, out, lse, causal, scale, (dq, dk, dv), memo=memo)
+            def launch(dout, q, k, v, out, lse, dq, dk, dv, dlse=None) -> None:
+                dlse = fa4_dpsum.usable(dlse, dout, q, k, v, out, lse, causal, scale)
+                grads = (dq, dk, dv)
+                fa4.backward(dout, q, k, v, out, lse, causal, scale, grads, memo=memo, dlse=dlse)
 
             return launch
         if self._in_place(q):

@@ -122,6 +122,40 @@ def _loaded() -> Kernels:
     return kernels
 
 
+@cache
+def swapped_cache(name: str):
+    """A compile cache for FA4's kernels compiled with a swap of ringattn's (``fa4_add``,
+    ``fa4_dpsum``), apart from FA4's own caches, one per ``name``: FA4's JIT cache under that
+    name (on disk where FA4's cache is, FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1), or a dict
+    where FA4 has no such cache (its stand-in in the tests; ``cache`` keeps one per name)."""
+    try:
+        cache_utils = importlib.import_module("flash_attn.cute.cache_utils")
+    except ImportError:
+        return {}
+    return cache_utils.get_jit_cache(name)
+
+
+@contextmanager
+def swapped_kernels(
+    launcher: str, cache_name: str, module: str, attribute: str, replace: Callable[[Any], Any]
+) -> Iterator[None]:
+    """While inside: FA4's launcher ``interface.<launcher>`` compiles into and finds its kernels
+    in a compile cache of ringattn's (:func:`swapped_cache` ``(cache_name)``), with
+    ``<module>.<attribute>`` (something FA4's kernel code reads while it compiles) set to
+    ``replace(<its value>)``: the swaps of ``fa4_add`` and ``fa4_dpsum``. The caller holds
+    the launchers' lock (``_launch``'s ``kernels``)."""
+    interface: Any = importlib.import_module("flash_attn.cute.interface")
+    owner, where = getattr(interface, launcher), importlib.import_module(module)
+    saved_cache, own = owner.compile_cache, getattr(where, attribute)
+    owner.compile_cache = swapped_cache(cache_name)
+    setattr(where, attribute, replace(own))
+    try:
+        yield
+    finally:
+        owner.compile_cache = saved_cache
+        setattr(where, attribute, own)
+
+
 def _warn_unusable(exc: BaseException) -> None:
     warnings.warn(
         f"flash-attn-4 is installed but cannot be loaded ({type(exc).__name__}: {exc}); "
@@ -374,19 +408,37 @@ def backward(
     grads: tuple[Tensor | None, Tensor, Tensor] | None = None,
     kernels: Callable[[], Any] | None = None,
     memo: dict | None = None,
+    dlse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of the blocks ``[B, L, H, d]`` given their (merged) ``out`` and ``lse``
     ``[B, L, H]``; written into ``grads`` (views of the same shapes; a None one is allocated)
     when given. ``kernels``: a context manager under which FA4's launcher compiles and finds
     other kernels of the same signatures, which add into the gradients they are given instead of
     writing them (``ringattn.kernels.fa4_add``); its calls are recorded and replayed under a key
-    of their own. ``memo``: as :func:`forward`'s."""
+    of their own. ``memo``: as :func:`forward`'s. ``dlse``: the rows' ``−rowsum(out∘dout)``
+    ``[B, L, H]``, which FA4's preprocess then takes instead of reading ``out`` and ``dout``
+    (``ringattn.kernels.fa4_dpsum``, whose kernels are entered inside ``kernels``)."""
     flash_bwd = _loaded().backward
     dq, dk, dv = grads if grads is not None else (None, None, None)
     out, dout = out.to(q.dtype), dout.to(q.dtype)
     # FA4 wants it [B, H, L] contiguous; copied here rather than inside FA4's launcher, whose
-    # calls can then be replayed (B * L * H floats either way)
+    # calls can then be replayed (B * L * H floats either way; none where the core gathered
+    # them so: launches.packed)
     lse_bhl = lse.transpose(1, 2).float().contiguous()
+    # the gradients the adding kernels add into (ringattn.kernels.fa4_add; none otherwise)
+    adds = (
+        ()
+        if kernels is None
+        else tuple(i for i, g in zip((6, 7, 8), (dq, dk, dv)) if g is not None)
+    )
+    given: dict[str, Tensor] = {}
+    if dlse is not None:
+        given["dlse"] = dlse.transpose(1, 2).float().contiguous()
+        from ringattn.kernels import fa4_dpsum  # (it imports this module)
+
+        kernels = fa4_dpsum.with_given_dpsum(kernels)
+        if memo is not None:  # (its layouts are of ten operands then, not nine)
+            memo = memo.setdefault("dlse", {})
     # FA4 accumulates dQ with atomics; its deterministic schedule orders them (slower)
     deterministic = torch.are_deterministic_algorithms_enabled()
     config = backward_config(q.shape[-1], causal)
@@ -406,14 +458,14 @@ def backward(
                 dk=dk,
                 dv=dv,
                 deterministic=deterministic,
+                **given,
             )
 
-    operands = (q, k, v, out, dout, lse_bhl, dq, dk, dv)
+    operands = (q, k, v, out, dout, lse_bhl, dq, dk, dv, *given.values())
     flags = (causal, scale, deterministic, config)
     if kernels is None:
         computed = _launch("bwd", launcher, operands, flags, lambda r: r[:3], memo=memo)
     else:
         kind = f"bwd:{kernels.__name__}"
-        adds = tuple(role for role in (6, 7, 8) if operands[role] is not None)  # (dq, dk, dv)
         computed = _launch(kind, launcher, operands, flags, lambda r: r[:3], adds, kernels, memo)
     return computed[0], computed[1], computed[2]

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ringattn.kernels import fa4
+from ringattn.kernels import fa4, fa4_dpsum
 
 # the A/B switch, read on every call: False adds dK and dV with the add kernel as well
 ENABLED = True
@@ -49,19 +49,6 @@ ADD_DQ = True
 _CHECKED: dict[tuple, bool] = {}
 
 
-@cache
-def _adding_cache(name: str = "ringattn_adding_backward"):
-    """The adding kernels' compiled kernels, apart from FA4's own, one cache per ``name`` (the
-    backward's, the dQ postprocess's): FA4's JIT cache under that name (on disk where FA4's
-    cache is, FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1), or a dict where FA4 has no such cache
-    (its stand-in in the tests; ``cache`` keeps one per name)."""
-    try:
-        cache_utils = importlib.import_module("flash_attn.cute.cache_utils")
-    except ImportError:
-        return {}
-    return cache_utils.get_jit_cache(name)
-
-
 # why the latest kernel was refused (for probes)
 last_refusal: str | None = None
 
@@ -70,15 +57,11 @@ last_refusal: str | None = None
 def adding_kernels():
     """While inside: FA4's backward launcher compiles and finds its main kernel with the dK and
     dV stores as TMA reduce-adds (its SM90 module's only TMA stores to global memory)."""
-    interface = importlib.import_module("flash_attn.cute.interface")
-    sm90: Any = importlib.import_module("flash_attn.cute.flash_bwd_sm90")  # (its cpasync is set)
-    owner, cpasync = interface._flash_attn_bwd, sm90.cpasync
-    saved_cache = owner.compile_cache
-    owner.compile_cache, sm90.cpasync = _adding_cache(), _reduce_adding(cpasync)
-    try:
+    sm90 = "flash_attn.cute.flash_bwd_sm90"  # (its cpasync is set)
+    with fa4.swapped_kernels(
+        "_flash_attn_bwd", "ringattn_adding_backward", sm90, "cpasync", _reduce_adding
+    ):
         yield
-    finally:
-        owner.compile_cache, sm90.cpasync = saved_cache, cpasync
 
 
 @contextmanager
@@ -87,17 +70,18 @@ def adding_all_kernels():
     :class:`~ringattn.kernels.fa4_group_bwd_sm90.AddingPostprocessSm90` (adding the tile into
     the ``dq`` it is given; FA4 runs no other postprocess for blocks with one key head per query
     head, which is what ringattn hands it)."""
-    interface: Any = importlib.import_module("flash_attn.cute.interface")
     sm90: Any = importlib.import_module("ringattn.kernels.fa4_group_bwd_sm90")
-    owner = interface._bwd_postprocess_convert
-    saved = owner.compile_cache, interface.FlashAttentionBackwardPostprocess
-    owner.compile_cache = _adding_cache("ringattn_adding_postprocess")
-    interface.FlashAttentionBackwardPostprocess = sm90.AddingPostprocessSm90
-    try:
-        with adding_kernels():
-            yield
-    finally:
-        owner.compile_cache, interface.FlashAttentionBackwardPostprocess = saved
+    with (
+        fa4.swapped_kernels(
+            "_bwd_postprocess_convert",
+            "ringattn_adding_postprocess",
+            "flash_attn.cute.interface",
+            "FlashAttentionBackwardPostprocess",
+            lambda own: sm90.AddingPostprocessSm90,
+        ),
+        adding_kernels(),
+    ):
+        yield
 
 
 @cache
@@ -125,13 +109,17 @@ def backward_add_(
     dq: Tensor | None,
     dk: Tensor,
     dv: Tensor,
+    dlse: Tensor | None = None,
 ) -> tuple[Tensor, ...] | None:
     """``dk += dK``, ``dv += dV`` and, where ``dq`` is given (and ``ADD_DQ``), ``dq += dQ`` of
     the blocks ``[B, L, H, d]`` (views of the gradients), in FA4's kernels. Returns what is left
     for the caller to add: ``()``, or ``(dQ,)`` where dQ's rows were not added here. None where
-    the adding kernels are not usable (nothing was written then; the caller adds all three)."""
+    the adding kernels are not usable (nothing was written then; the caller adds all three).
+    ``dlse``: the rows' ``−rowsum(out∘dout)``, for FA4's preprocess to take where it may
+    (``ringattn.kernels.fa4_dpsum``)."""
     if not ENABLED or q.numel() == 0:  # (FA4 zeroes given gradients of empty blocks)
         return None
+    dlse = fa4_dpsum.usable(dlse, dout, q, k, v, out, lse, causal, scale)
     deterministic = torch.are_deterministic_algorithms_enabled()
     key = (q.dtype, q.shape[-1], causal, deterministic, fa4.backward_config(q.shape[-1], causal))
     dq_key = (*key, "dq")
@@ -145,11 +133,11 @@ def backward_add_(
         return _first_call(
             key, dq_key if adds_dq else None, dout, q, k, v, out, lse, causal, scale, dq, dk, dv
         )
+    inputs = (dout, q, k, v, out, lse, causal, scale)
     if adds_dq:
-        fa4.backward(dout, q, k, v, out, lse, causal, scale, (dq, dk, dv), adding_all_kernels)
+        fa4.backward(*inputs, (dq, dk, dv), adding_all_kernels, dlse=dlse)
         return ()
-    grads = (None, dk, dv)
-    return (fa4.backward(dout, q, k, v, out, lse, causal, scale, grads, adding_kernels)[0],)
+    return (fa4.backward(*inputs, (None, dk, dv), adding_kernels, dlse=dlse)[0],)
 
 
 def _first_call(key, dq_key, dout, q, k, v, out, lse, causal, scale, dq, dk: Tensor, dv: Tensor):
