@@ -588,7 +588,7 @@ def dilated_backward(
     # read enough rows over for that to pay
     packed_tensors, repacked = tensors, Prepared()
     computer = spec.block_computer
-    sharing = SHARE_DPSUM and computer.shares_backward_dpsum(q)
+    sharing = SHARE_DPSUM and not spec.plan.disjoint and computer.shares_backward_dpsum(q)
     if (
         PACK_LSE
         and computer.packs_backward_lse(q)
@@ -599,8 +599,12 @@ def dilated_backward(
         if pack is None:
             members = Prepared()
             members.update(placed_launches)
-            if sharing:
-                members.update(adding_launches)
+            if sharing:  # (not a segment spanning ranks: its communicator's kernels read it)
+                members.update(
+                    (i, parts)
+                    for i, parts in adding_launches.items()
+                    if spec.spans[blocks[i].job.config] == 1
+                )
             pack = packed(members, 5, lse, twin=sharing)
             if not pool_allocating(lse):  # (ringattn.capture: kept, it would be wrong)
                 source.derived[("lse", sharing)] = pack
