@@ -599,7 +599,7 @@ def dilated_backward(
         if pack is None:
             members = Prepared()
             members.update(placed_launches)
-            if sharing:  # (not a segment spanning ranks: its communicator's kernels read it)
+            if sharing:  # (not a segment spanning ranks: its communicator forms its own sums)
                 members.update(
                     (i, parts)
                     for i, parts in adding_launches.items()

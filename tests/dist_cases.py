@@ -107,16 +107,31 @@ def bf16_partial_results_merge_in_float32(communicator: str) -> tuple[str, str, 
     return str(out.dtype), str(lse.dtype), _rel(out, ref), torch.equal(*placed)
 
 
-def matches_oracle_through_fake_fa4(shape, options, strategy_fields, layout="contiguous"):
+def matches_oracle_through_fake_fa4(
+    shape, options, strategy_fields, layout="contiguous", share_dpsum=False
+):
     """:func:`matches_oracle` with sdpa's blocks on the FA4 stand-in (tests/fake_fa4.py), twice:
     the first call records each block signature's launches, the second replays them. Returns
-    (launcher calls, kernel runs) of forward and backward."""
+    (launcher calls, kernel runs) of forward and backward, and the backward kernel runs that
+    formed dPsum from given sums alone. ``share_dpsum``: the stand-in takes given sums
+    (``ringattn.kernels.fa4_dpsum``) wherever the core offers them."""
     from fake_fa4 import FakeFA4, installed
 
-    with installed(FakeFA4()) as kernel:
-        for _ in range(2):
-            matches_oracle(shape, options, strategy_fields, "float32", 0, layout)
-    return kernel.forward_calls, kernel.forward_runs, kernel.calls, kernel.backward_runs
+    import ringattn.core
+    from ringattn.kernels import fa4_dpsum
+
+    saved = fa4_dpsum.supported, ringattn.core.DPSUM_SHARED_FROM
+    if share_dpsum:
+        fa4_dpsum.supported = lambda q: True
+        ringattn.core.DPSUM_SHARED_FROM = 0.0
+    try:
+        with installed(FakeFA4()) as kernel:
+            for _ in range(2):
+                matches_oracle(shape, options, strategy_fields, "float32", 0, layout)
+    finally:
+        fa4_dpsum.supported, ringattn.core.DPSUM_SHARED_FROM = saved
+    counts = kernel.forward_calls, kernel.forward_runs, kernel.calls, kernel.backward_runs
+    return (*counts, kernel.unloaded_runs)
 
 
 def matches_oracle_through_merge_kernel(shape, options, strategy_fields, dtype_name, layout):

@@ -153,25 +153,29 @@ def test_bf16_partial_results_merge_in_float32(pool, communicator):
 
 
 @pytest.mark.parametrize(
-    "communicator, causal, mixing, layout, heads",
+    "communicator, causal, mixing, layout, heads, share_dpsum",
     [
-        ("ring", True, "lse", "zigzag", 5),
-        ("ring", False, "head_groups", "contiguous", 5),
-        ("all_gather", True, "head_groups", "contiguous", 5),
-        ("all_gather", False, "lse", "contiguous", 8),  # spanning offset runs (strided heads)
+        ("ring", True, "lse", "zigzag", 5, False),
+        ("ring", False, "head_groups", "contiguous", 5, False),
+        ("all_gather", True, "head_groups", "contiguous", 5, False),
+        ("all_gather", False, "lse", "contiguous", 8, False),  # spanning offset runs
+        # the local launches handed given sums, the spanning ones forming their own
+        ("ring", True, "lse", "zigzag", 5, True),
+        ("all_gather", False, "lse", "contiguous", 8, True),
     ],
 )
 def test_sequence_parallel_blocks_through_fa4_match_oracle(
-    pool, communicator, causal, mixing, layout, heads
+    pool, communicator, causal, mixing, layout, heads, share_dpsum
 ):
     """Ring and all-gather hand FA4 (here its CPU stand-in) their blocks, remote K/V included,
     forward and backward; the second call replays the launches the first recorded."""
     strategy = {"communicator": communicator, "computer": "sdpa"}
     opts = options(pool.world_size, causal, mixing, layout)
     shape = (SHAPE[0], SHAPE[1], heads, SHAPE[3])
-    counts = pool.run("matches_oracle_through_fake_fa4", shape, opts, strategy, layout)
-    for forward_calls, forward_runs, backward_calls, backward_runs in counts:
+    counts = pool.run("matches_oracle_through_fake_fa4", shape, opts, strategy, layout, share_dpsum)
+    for forward_calls, forward_runs, backward_calls, backward_runs, unloaded in counts:
         assert 0 < forward_calls < forward_runs and 0 < backward_calls < backward_runs
+        assert (unloaded > 0) == share_dpsum
 
 
 @pytest.mark.parametrize(
