@@ -44,9 +44,15 @@ def sharing(monkeypatch):
         yield kernel
 
 
+# an lse plan whose r = 4 config goes as offset runs (ringattn.pattern.OffsetRun: two launches
+# of four heads, each head a row offset), its first block in 8 placed parts
+RUNS = {**MERGED, "h": 8, "segment_lengths": (8, 16, 32), "dilation_rates": (1, 2, 4)}
+
+
 @pytest.mark.parametrize("causal", [False, True])
-def test_merged_blocks_take_the_shared_sums(sharing, causal):
-    check_against_oracle({**MERGED, "causal": causal}, torch.float32, sdpa_strategies())
+@pytest.mark.parametrize("p", [MERGED, RUNS], ids=["blocks", "offset_runs"])
+def test_merged_blocks_take_the_shared_sums(sharing, causal, p):
+    check_against_oracle({**p, "causal": causal}, torch.float32, sdpa_strategies())
     assert sharing.unloaded_runs > 0 and sharing.given_dlse > 0
 
 
