@@ -56,7 +56,7 @@ from experiments.ablate import dict_rows_to_markdown, rel_err
 from experiments.bench import failure
 from ringattn import reference
 from ringattn.computers.sdpa import SDPAComputer
-from ringattn.kernels import fa4, fa4_add, fa4_group, fa4_group_bwd, fa4_merge, fa4_zero
+from ringattn.kernels import fa4, fa4_add, fa4_dpsum, fa4_group, fa4_group_bwd, fa4_merge, fa4_zero
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 MATH_FACTOR = 4
@@ -249,9 +249,10 @@ def fuzz(args, device) -> tuple[list[dict], int, dict[str, dict]]:
 def variant(name: str) -> Iterator[None]:
     """The kernel switches of one A/B variant (``--replay``): ``default``; ``bwd_torch`` /
     ``fwd_torch`` (torch's kernels in that direction instead of FA4's); ``unfused`` (FA4's own
-    kernels without ours around them: no merging, zeroing, adding or grouped launches)."""
+    kernels without ours around them: no merging, zeroing, adding, given sums or grouped
+    launches)."""
     saved = (SDPAComputer.cuda_forward, SDPAComputer.cuda_backward)
-    fused: tuple[Any, ...] = (fa4_add, fa4_group, fa4_group_bwd, fa4_merge, fa4_zero)
+    fused: tuple[Any, ...] = (fa4_add, fa4_dpsum, fa4_group, fa4_group_bwd, fa4_merge, fa4_zero)
     enabled = [m.ENABLED for m in fused]
     try:
         if name == "bwd_torch":

@@ -804,3 +804,16 @@ def test_fa4_probe_bwd_sweep_measures_only_against_the_default(monkeypatch):
     assert [row["config"] == "default" for row in swept if "error" in row] == [True, True]
     assert len(swept) == 2 * len(fa4_probe.BWD_SWEEP)
     assert not [row for row in swept if "rel_err_vs_default" in row]
+
+
+def test_gpu_fuzz_unfused_variant_turns_every_fused_kernel_off_and_back():
+    """``--replay``'s ``unfused`` variant runs FA4's own kernels alone: every module of ours
+    around them off (the given sums too), and back on after."""
+    from experiments import gpu_fuzz
+    from ringattn.kernels import fa4_add, fa4_dpsum, fa4_group, fa4_group_bwd, fa4_merge, fa4_zero
+
+    modules = (fa4_add, fa4_dpsum, fa4_group, fa4_group_bwd, fa4_merge, fa4_zero)
+    assert all(m.ENABLED for m in modules)
+    with gpu_fuzz.variant("unfused"):
+        assert not any(m.ENABLED for m in modules)
+    assert all(m.ENABLED for m in modules)
