@@ -33,7 +33,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh replays  # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh graph_modes # <10 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh add_dq   # ~9 min
-#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh dpsum    # <9 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh dpsum    # <9.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh merge_cost # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
@@ -79,7 +79,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|replays|graph_modes|add_dq|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh record|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -532,12 +532,19 @@ dpsum)
     # step 65: each row's dPsum formed once per lse backward and handed to FA4's preprocess
     # (ringattn.kernels.fa4_dpsum): its probe at 131K (the gradients against FA4's own, the
     # backward's ms with and without, the sums kernel's ms, the module A/B at 32K and 131K with
-    # core.SHARE_DPSUM on and off), then the GPU oracle check
-    timeout 240 python -m experiments.fa4_probe --part dpsum --n 131072 --repeats 10 \
+    # core.SHARE_DPSUM on and off), then capture's checks (CUDA-graph capture against the
+    # oracle, the replays kept) and the GPU oracle check: the capture part and this in one call
+    timeout 180 python -m experiments.fa4_probe --part dpsum --n 131072 --repeats 10 \
         --out "$out" >"$out/probe_dpsum.log" 2>&1 || echo "probe: exit $?" >>"$out/probe_dpsum.log"
-    timeout 280 python -m experiments.flex_gpu --part check --out "$out/flex_gpu_check" \
+    timeout 80 python -m experiments.graph_capture_check --out "$out" >"$out/capture.log" 2>&1 \
+        || echo "capture: exit $?" >>"$out/capture.log"
+    timeout 50 python -m experiments.replay_check --n 16384 --out "$out" >"$out/replay.log" 2>&1 \
+        || echo "replay: exit $?" >>"$out/replay.log"
+    timeout 260 python -m experiments.flex_gpu --part check --out "$out/flex_gpu_check" \
         >"$out/check.log" 2>&1 || echo "check: exit $?" >>"$out/check.log"
     summary="$(grep -h "\"problem\"\|probe: exit" "$out/probe_dpsum.log" | cut -c1-700)
+$(tail -n 1 "$out/capture.log")
+$(tail -n 1 "$out/replay.log")
 $(grep -h "Correctness\|check: exit" "$out/flex_gpu_check/flex_gpu_check.md" "$out/check.log")"
     ;;
 fuzz)
