@@ -592,7 +592,7 @@ def dilated_backward(
     if (
         PACK_LSE
         and computer.packs_backward_lse(q)
-        and (sharing or any(i not in grouped for i in placed_launches))
+        and (any(i not in grouped for i in placed_launches) or (sharing and adding_launches))
     ):
         source = adding_launches if sharing else placed_launches
         pack = source.derived.get(("lse", sharing))
