@@ -197,3 +197,18 @@ def test_minus_dpsum_torch_twin_and_refusals():
     assert dpsum.minus_dpsum(out, dout[:, :4], lse) is None
     assert dpsum.minus_dpsum(out, dout, lse.transpose(0, 1).contiguous().transpose(0, 1)) is None
     assert dpsum.minus_dpsum(out, dout, lse[:, :4]) is None
+
+
+def test_switched_off_in_the_kernel_module_the_core_forms_no_sums(sharing, monkeypatch):
+    """``fa4_dpsum.ENABLED = False`` (gpu_fuzz's ``unfused`` variant): no sums formed or handed
+    over, and the gradients still the oracle's."""
+    formed = []
+    original = dpsum.minus_dpsum
+    monkeypatch.setattr(dpsum, "minus_dpsum", lambda *a: (formed.append(1), original(*a))[1])
+    backward_once(MERGED)
+    assert formed and sharing.given_dlse > 0  # (the positive control)
+    formed.clear()
+    given = sharing.given_dlse
+    monkeypatch.setattr(fa4_dpsum, "ENABLED", False)
+    check_against_oracle(MERGED, torch.float32, sdpa_strategies())
+    assert not formed and sharing.given_dlse == given

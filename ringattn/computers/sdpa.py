@@ -369,7 +369,7 @@ class SDPAComputer(BlockComputer):
 
     def shares_backward_dpsum(self, q):
         # FA4's preprocess takes each row's dPsum as given (ringattn.kernels.fa4_dpsum)
-        return self._fa4_backward(q) and fa4_dpsum.supported(q)
+        return fa4_dpsum.ENABLED and self._fa4_backward(q) and fa4_dpsum.supported(q)
 
     def merging_launcher(self, causal, scale, q, k, v, out, lse):
         # FA4's forward with the merge in its epilogue (ringattn.kernels.fa4_merge)

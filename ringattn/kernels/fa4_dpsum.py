@@ -33,7 +33,8 @@ from torch import Tensor
 
 from ringattn.kernels import fa4
 
-# the A/B switch, read by the core on every backward: False has every launch form its own sums
+# the switch, read on every backward (by sdpa's shares_backward_dpsum: the core forms no sums)
+# and every launch (given sums ignored): False has every launch form its own
 ENABLED = True
 
 # signature -> True (kept) / False (refused); missing: not tried yet
