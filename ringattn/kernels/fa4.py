@@ -291,6 +291,16 @@ def backward_config(head_dim: int, causal: bool) -> tuple | None:
     return config
 
 
+def backward_signature(q: Tensor, causal: bool) -> tuple:
+    """What FA4's backward is compiled and scheduled for with blocks like ``q``: dtype, head dim,
+    causality, the deterministic order (``torch.use_deterministic_algorithms``) and
+    :data:`BACKWARD_CONFIG`'s tiles. The key of the swapped backwards' first-call guards
+    (``fa4_add``, ``fa4_dpsum``)."""
+    head_dim = q.shape[-1]
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    return q.dtype, head_dim, causal, deterministic, backward_config(head_dim, causal)
+
+
 # the choices of the fused kernels' switches that say which calls take them: causal ones, all,
 # or none (fa4_group.PERSISTENT and fa4_group_bwd.ZEROING)
 WHEN = ("causal", "always", "never")

@@ -119,9 +119,7 @@ def backward_add_(
     (``ringattn.kernels.fa4_dpsum``)."""
     if not ENABLED or q.numel() == 0:  # (FA4 zeroes given gradients of empty blocks)
         return None
-    dlse = fa4_dpsum.usable(dlse, dout, q, k, v, out, lse, causal, scale)
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    key = (q.dtype, q.shape[-1], causal, deterministic, fa4.backward_config(q.shape[-1], causal))
+    key = fa4.backward_signature(q, causal)
     dq_key = (*key, "dq")
     kept = _CHECKED.get(key)
     if kept is False:
@@ -134,6 +132,7 @@ def backward_add_(
             key, dq_key if adds_dq else None, dout, q, k, v, out, lse, causal, scale, dq, dk, dv
         )
     inputs = (dout, q, k, v, out, lse, causal, scale)
+    dlse = fa4_dpsum.usable(dlse, *inputs)  # (once the adding kernels are known to be kept)
     if adds_dq:
         fa4.backward(*inputs, (dq, dk, dv), adding_all_kernels, dlse=dlse)
         return ()

@@ -109,8 +109,7 @@ def usable(
     check syncs; None until a later call has checked it)."""
     if minus_dpsum is None or not ENABLED or q.numel() == 0:
         return None
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    key = (q.dtype, q.shape[-1], causal, deterministic, fa4.backward_config(q.shape[-1], causal))
+    key = fa4.backward_signature(q, causal)
     kept = _CHECKED.get(key)
     if kept is None:
         if fa4.capturing(q):
