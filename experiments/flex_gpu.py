@@ -231,6 +231,13 @@ def main(argv: list[str] | None = None) -> None:
         "sdpa against dense SDPA; all (default)",
     )
     parser.add_argument(
+        "--mixing",
+        nargs="+",
+        choices=["lse", "head_groups"],
+        default=["lse"],
+        help="the speed part's mixings, each its own rows (default: %(default)s)",
+    )
+    parser.add_argument(
         "--sdpa-forward",
         choices=CUDA_FORWARDS,
         default=SDPAComputer.cuda_forward,
@@ -254,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     speed_rows, fractions = [], {}
     for n in args.n if args.part in ("speed", "all") else []:
         for causal in (False, True):
-            speed_rows += speed(n, lengths, rates, "lse", causal, strategies)
+            for mixing in args.mixing:
+                speed_rows += speed(n, lengths, rates, mixing, causal, strategies)
             fractions[f"n={n} causal={causal}"] = block_fractions(n, lengths, rates, causal)
     # the command as given (it said `--n 32768` of every --part check run, and left out
     # --part and --sdpa-forward)
@@ -265,13 +273,14 @@ def main(argv: list[str] | None = None) -> None:
         f"Command: `python -m experiments.flex_gpu {given}`",
         "",
         f"Speed: bf16, b=1, h=16, d=128, segment_lengths={lengths}, dilation_rates={rates}, "
-        "mixing=lse. Useful TFLOP/s counts only the pairs the definition computes "
-        "(ringattn.flops); dense SDPA counts all (causal: lower triangle).",
+        f"mixing={', '.join(args.mixing)}. Useful TFLOP/s counts only the pairs the definition "
+        "computes (ringattn.flops); dense SDPA counts all (causal: lower triangle).",
         "",
         dict_rows_to_markdown(
             speed_rows,
             [
                 "n",
+                "mixing",
                 "causal",
                 "variant",
                 "fwd_ms",
@@ -284,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
             ],
         ),
         "",
-        "## Fraction of tiles visited by the flex block masks (h=16, block 128)",
+        "## Fraction of tiles visited by the flex block masks (`lse`, h=16, block 128)",
         "",
         "```",
         json.dumps(fractions, indent=1),

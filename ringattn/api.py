@@ -555,6 +555,7 @@ class DilatedAttention(nn.Module):
             compiled=self.compile_core or traced,
             dilation=self.dilation.name,
             traced=traced,
+            mixing=self.config.mixing,
         )
         if reason:
             raise UnsupportedError(

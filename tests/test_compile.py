@@ -76,7 +76,7 @@ def check_compiled(strategy, backend, p=PROBLEM, dtype=torch.float32):
             assert torch.equal(module(q, k, v), eager_out)
         assert counters["stats"]["unique_graphs"] == 1  # captured, not run eagerly
     computer = strategy.component("computer")()
-    kwargs = {"compiled": True, "dilation": strategy.dilation}
+    kwargs = {"compiled": True, "dilation": strategy.dilation, "mixing": p["mixing"]}
     if computer.unsupported(dtype, q.device, False, **kwargs):
         # flex + global on CPU: compiled flex cannot return the LSE (documented in flex.py)
         with pytest.raises(ValueError, match="cannot run"), torch.no_grad():

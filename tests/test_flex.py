@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import dilation_configs, make_qkv, rel_err
+from conftest import TOLERANCE, dilation_configs, make_qkv, options, problems, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_mask
@@ -247,13 +247,19 @@ def test_cached_block_masks_are_keyed_by_everything_they_depend_on(dilation, cha
     h, n = other["h"], other["n"]
     if dilation == "segment_local":
         assert torch.equal(cached[1], fresh[1])  # the offsets
-        pairs = [(cached[0], fresh[0])]
+        pairs = [(cached[0], fresh[0], h, n)]
+    elif other["mixing"] == "head_groups":  # per group: (job, rows, mask over its heads, rows)
+        assert len(cached) == len(fresh)
+        pairs = []
+        for (job, rows, mask), (job_fresh, rows_fresh, mask_fresh) in zip(cached, fresh):
+            assert job == job_fresh and torch.equal(rows, rows_fresh)
+            pairs.append((mask, mask_fresh, job.num_heads, rows.numel()))
     else:
         assert len(cached) == len(fresh)
         for (perm, inverse, _), (perm_fresh, inverse_fresh, _) in zip(cached, fresh):
             assert torch.equal(perm, perm_fresh) and torch.equal(inverse, inverse_fresh)
-        pairs = [(c[2], f[2]) for c, f in zip(cached, fresh)]
-    for mask, mask_fresh in pairs:
+        pairs = [(c[2], f[2], h, n) for c, f in zip(cached, fresh)]
+    for mask, mask_fresh, h, n in pairs:
         got, want = block_mask_contents(mask, h, n), block_mask_contents(mask_fresh, h, n)
         assert got[0] == want[0]
         assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
@@ -276,6 +282,33 @@ def test_compiled_single_kernel_skips_tiles_and_matches_oracle(monkeypatch):
     with torch.no_grad():
         out = module(q, k, v)
     assert rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.compile
+def test_compiled_global_head_groups_on_the_cpu(monkeypatch):
+    """``global`` + ``head_groups`` needs no LSE (each group's call gives its rows' output
+    whole), so it compiles on the CPU, where Inductor's flex cannot return one; ``lse`` is still
+    refused there before any work. Block size 32: the runs (w / r = 32) skip key tiles."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(FlexComputer, "block_size", 32)
+    torch._dynamo.reset()
+    p = {"b": 2, "n": 100, "h": 5, "d": 8}
+    q, k, v = make_qkv(p, torch.float32)
+    chosen = {"segment_lengths": (32, 64), "dilation_rates": (1, 2), "causal": True}
+    strategy = ringattn.Strategy(dilation="global", computer="flex")
+    module = ringattn.DilatedAttention(**chosen, mixing="head_groups", strategy=strategy)
+    ref = reference.dilated_attention(q, k, v, **chosen, mixing="head_groups")
+    counters.clear()
+    with torch.no_grad():
+        out = module(q, k, v)
+        assert module.compiled_frame and counters["stats"]["unique_graphs"] >= 1
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            assert torch.equal(module(q, k, v), out)
+    assert rel_err(out, ref) <= 1e-5
+    merging = ringattn.DilatedAttention(**chosen, mixing="lse", strategy=strategy)
+    with pytest.raises(ValueError, match="cannot return the LSE"), torch.no_grad():
+        merging(q, k, v)
 
 
 # run in a process of its own whose fresh memory glibc fills with one byte (MALLOC_PERTURB_): the
@@ -326,8 +359,8 @@ def test_global_head_groups_skip_configs_without_heads(monkeypatch):
     from ringattn.computers import flex
 
     calls = []
-    original = flex._flex_with_lse_eager
-    monkeypatch.setattr(flex, "_flex_with_lse_eager", lambda *a: (calls.append(1), original(*a))[1])
+    original = flex._flex
+    monkeypatch.setattr(flex, "_flex", lambda *a: (calls.append(1), original(*a))[1])
     options = {"segment_lengths": (4, 8, 16), "dilation_rates": (1, 2, 4), "mixing": "head_groups"}
     q, k, v = (
         torch.randn(1, 32, 2, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)
@@ -341,6 +374,46 @@ def test_global_head_groups_skip_configs_without_heads(monkeypatch):
     assert len(calls) == 2  # two heads: two of the three configs
     ref = ringattn.reference.dilated_attention(q.double(), k.double(), v.double(), **options)
     assert rel_err(out, ref) < 1e-5
+
+
+@settings(max_examples=10)
+@given(problem=problems(max_n=40, max_h=6).filter(lambda p: p["mixing"] == "head_groups"))
+def test_global_head_groups_attend_over_their_own_rows_and_heads(problem):
+    """Under ``head_groups`` each group's heads use one config and offset, so a group's call
+    takes the strided view of its rows (``o::r``) and heads alone: every call gathered and
+    attended over all n rows and h heads (masked down to its own) and the calls were LSE-merged,
+    ~r² more work per head on the CPU. Shapes of each call, and the output against the oracle."""
+    import warnings
+
+    from ringattn.computers import flex
+    from ringattn.pattern import jobs_for
+
+    shapes = []
+    original = flex._flex
+    q, k, v = make_qkv(problem, torch.float32)
+    module = ringattn.DilatedAttention(
+        **options(problem),
+        strategy=ringattn.Strategy(dilation="global", computer="flex"),
+        compile=False,
+    )
+    # (patched by hand: hypothesis runs the examples inside one function-scoped fixture)
+    flex._flex = lambda q, *a: (shapes.append(tuple(q.shape)), original(q, *a))[1]
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (flex runs eagerly here)
+            out = module(q, k, v)
+    finally:
+        flex._flex = original
+    configs = tuple(zip(problem["segment_lengths"], problem["dilation_rates"]))
+    b, n, h, d = q.shape
+    expected = [
+        (b, len(range(job.offset, n, job.r)), job.num_heads, d)
+        for job in jobs_for(h, configs, "head_groups")
+        if job.offset < n  # a group whose offset is past the last row has no call: zeros
+    ]
+    assert shapes == expected
+    ref = reference.dilated_attention(q.double(), k.double(), v.double(), **options(problem))
+    assert rel_err(out, ref) <= TOLERANCE[torch.float32]
 
 
 def test_global_layout_merges_bf16_configs_in_float32():

@@ -41,11 +41,13 @@ class AttentionComputer(Component):
         compiled: bool = False,
         dilation: str = "",
         traced: bool = False,
+        mixing: str = "",
     ) -> str | None:
         """Why this computer cannot run these inputs (checked eagerly, before any work).
         ``compiled``: the computer runs compiled (the module's own frame, or ``traced``);
         ``traced``: the call is traced by a torch.compile around the module, so the computer's
-        work (its prepared masks included) is part of that outer graph."""
+        work (its prepared masks included) is part of that outer graph; ``dilation`` and
+        ``mixing``: the module's (``""`` where a caller has none)."""
         return None
 
 

@@ -5,7 +5,9 @@ Depends on the dilation layout (both are the same function, see ``docs/flex.md``
 * ``global``: per config, the sequence is permuted (``global_permutation``) so each segment's
   rows of one residue form a contiguous run; one ``flex_attention`` call whose BlockMask visits
   only the tiles on those diagonal runs (and below the diagonal when causal). Configs are merged
-  by LSE.
+  by LSE. Under ``head_groups`` a group's heads use one residue of one config, so its call takes
+  just those rows (the strided view ``o::r``, which that permutation would have gathered) and
+  heads, and the groups' outputs sit side by side with no merge.
 * ``segment_local`` (unpermuted): the *single-kernel* form. One call over the whole sequence with
   ``mask_mod = m > 0`` and ``score_mod = score + log m``, m = how many configs let q see k; its
   softmax *is* the merged mixture, no merge needed. Tiles can only be skipped outside segments, so
@@ -34,7 +36,7 @@ from ringattn.computers.base import LayoutComputer, accumulation_dtype
 from ringattn.dilation.global_perm import global_permutation
 from ringattn.memory.base import MemoryManager
 from ringattn.merge import merge
-from ringattn.pattern import Plan
+from ringattn.pattern import Plan, jobs_for
 from ringattn.registry import register
 
 # torch >= 2.9 asks for auxiliary outputs this way; older releases take return_lse
@@ -119,10 +121,12 @@ class FlexComputer(LayoutComputer):
         compiled: bool = False,
         dilation: str = "",
         traced: bool = False,
+        mixing: str = "",
     ) -> str | None:
         if device.type == "meta":  # (global raised a RuntimeError from its index math)
             return "FlexAttention has no meta-device kernel; computer='math' runs on meta"
-        if compiled and device.type == "cpu" and dilation == "global":
+        if compiled and device.type == "cpu" and dilation == "global" and mixing != "head_groups":
+            # (head_groups' calls each give their rows' output whole: nothing to merge)
             return (
                 "compiled FlexAttention on CPU cannot return the LSE that merging configs needs; "
                 "use dilation='segment_local' (the single-kernel form), or compile=False "
@@ -163,6 +167,8 @@ class FlexComputer(LayoutComputer):
                 ("flex_mixture_mask", *key), lambda: self._mixture_mask(plan, causal, offsets)
             )
             return (block_mask, offsets)
+        if plan.disjoint:
+            return self._group_calls(plan, causal, device, memory, key)
         configs, table = [], plan.head_offsets()
         for i, (w, r) in enumerate(plan.configs):
             if all(offset < 0 for offset in table[i]):
@@ -183,6 +189,41 @@ class FlexComputer(LayoutComputer):
             )
             configs.append((perm, inverse, block_mask))
         return tuple(configs)
+
+    def _group_calls(
+        self, plan: Plan, causal: bool, device: torch.device, memory: MemoryManager, key: tuple
+    ) -> tuple:
+        """``head_groups`` under ``global``: one call per head group on its own heads and rows.
+
+        A group's heads all use one config ``(w, r)`` and one offset ``o``, and since ``r``
+        divides ``w`` their rows are ``p ≡ o (mod r)``: the strided view ``x[:, o::r, lo:hi]``,
+        in which the config is plain segment-local attention over runs of ``w / r`` rows (what
+        ``global_permutation`` makes of residue ``o``, with no gather). Each call is
+        ``(heads, rows, n_rows, block_mask)``; a group without rows is all zeros (``block_mask``
+        None). Before, every group's call gathered and attended over all ``n`` rows and ``h``
+        heads, masked down to its own, and the calls were LSE-merged."""
+        calls = []
+        for job in jobs_for(plan.h, plan.configs, plan.mixing):
+            n_rows = len(range(job.offset, plan.n, job.r))
+            rows = memory.cached(
+                ("flex_group_rows", plan.n, job.r, job.offset, str(device)),
+                partial(torch.arange, job.offset, plan.n, job.r, device=device),
+            )
+            block_mask = None
+            if n_rows:
+                block_mask = memory.cached(
+                    ("flex_group_mask", job.config, *key),
+                    partial(
+                        self._group_mask, n_rows, job.w // job.r, job.num_heads, causal, device
+                    ),
+                )
+            calls.append((job, rows, block_mask))
+        return tuple(calls)
+
+    def _group_mask(self, n_rows: int, run: int, heads: int, causal: bool, device):
+        # runs of `run` rows, every head on them: one config (run, 1) at offset 0
+        offsets = torch.zeros(heads, dtype=torch.long, device=device)
+        return self._run_mask(n_rows, run, 1, offsets, causal, device)
 
     def _mixture_mask(self, plan: Plan, causal: bool, offsets: Tensor):
         mask_mod, _ = masks.multiplicity_mod(plan, causal, offsets)
@@ -213,6 +254,8 @@ class FlexComputer(LayoutComputer):
             block_mask, offsets = aux
             _, score_mod = masks.multiplicity_mod(plan, causal, offsets)
             return _flex(q, k, v, score_mod, block_mask, scale).to(q.dtype)
+        if plan.disjoint:
+            return self._attend_groups(q, k, v, aux, scale)
         outs, lses = [], []
         flex_with_lse = _flex_with_lse_eager if q.device.type == "cpu" else _flex_with_lse
         for perm, inverse, block_mask in aux:
@@ -221,3 +264,20 @@ class FlexComputer(LayoutComputer):
             outs.append(out_perm.index_select(1, inverse))
             lses.append(lse_perm.index_select(1, inverse))
         return merge(outs, lses, accumulation_dtype(q.dtype)).to(q.dtype)
+
+    @staticmethod
+    def _attend_groups(q: Tensor, k: Tensor, v: Tensor, aux: tuple, scale: float) -> Tensor:
+        """The groups' outputs side by side on the heads (the groups tile them in order); rows a
+        group does not select stay 0, as ``head_groups`` defines them."""
+        b, n, _, d = q.shape
+        outs = []
+        for job, rows, block_mask in aux:
+            out_group = q.new_zeros(b, n, job.num_heads, d)
+            if block_mask is not None:
+                q_group, k_group, v_group = (
+                    x[:, job.offset :: job.r, job.heads] for x in (q, k, v)
+                )
+                out_rows = _flex(q_group, k_group, v_group, None, block_mask, scale)
+                out_group = out_group.index_copy(1, rows, out_rows.to(q.dtype))
+            outs.append(out_group)
+        return torch.cat(outs, dim=2)

@@ -144,6 +144,7 @@ class SDPAComputer(BlockComputer):
         compiled: bool = False,
         dilation: str = "",
         traced: bool = False,
+        mixing: str = "",
     ) -> str | None:
         if self.cuda_backward not in CUDA_BACKWARDS:
             return (
