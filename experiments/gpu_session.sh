@@ -34,6 +34,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh graph_modes # <10 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh add_dq   # ~9 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh dpsum    # <9.5 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh flex_groups # <9 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh merge_cost # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
@@ -546,6 +547,17 @@ dpsum)
 $(tail -n 1 "$out/capture.log")
 $(tail -n 1 "$out/replay.log")
 $(grep -h "Correctness\|check: exit" "$out/flex_gpu_check/flex_gpu_check.md" "$out/check.log")"
+    ;;
+flex_groups)
+    # global/flex under head_groups as one call per group on its own rows and heads (stop 59,
+    # CPU-built): flex_gpu's speed part with both mixings at 32K and 131K (forward, forward+backward
+    # and peak against dense SDPA; the lse rows are the reference). Its correctness on the GPU is
+    # in flex_gpu --part check (dpsum's and capture's parts)
+    timeout 540 python -m experiments.flex_gpu --part speed --n 32768 131072 \
+        --mixing lse head_groups --out "$out/flex_gpu_speed" >"$out/flex_speed.log" 2>&1 \
+        || echo "speed: exit $?" >>"$out/flex_speed.log"
+    summary="$(grep -h "^| [0-9]" "$out/flex_gpu_speed/"*.md | cut -c1-200)
+$(grep -h "speed: exit\|failed" "$out/flex_speed.log" | cut -c1-300)"
     ;;
 fuzz)
     # random problems against the oracle on the GPU (experiments/gpu_fuzz.py): head dims, dtypes,
