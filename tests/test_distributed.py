@@ -3,8 +3,9 @@
 Every (communicator × dilation × computer) combination, causal or not, both mixings, matches the
 single-process float64 oracle on the gathered sequence — outputs and gradients — with configs
 whose segments are shard-local, span 2 ranks and (with 4 ranks) span all 4; and the same under
-the load-balanced ``layout="zigzag"``. Bytes sent equal the analytic volume, and bad or mismatched
-calls raise on every rank instead of hanging.
+the load-balanced ``layout="zigzag"``; and hypothesis draws further problems (shapes, configs,
+layouts, strategies) for the same comparison. Bytes sent equal the analytic volume, and bad or
+mismatched calls raise on every rank instead of hanging.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import sys
 import pytest
 import torch
 from dist_pool import DistPool
+from hypothesis import given
+from hypothesis import strategies as st
 
 import ringattn
 from ringattn import distributed, registry
@@ -131,6 +134,57 @@ def test_matches_single_process_oracle(
     }
     opts = options(pool.world_size, causal, mixing, layout)
     pool.run("matches_oracle", SHAPE, opts, strategy, "float32", 0, layout)
+
+
+def _divisors(x: int) -> list[int]:
+    return [c for c in range(1, x + 1) if x % c == 0]
+
+
+@st.composite
+def sharded_problems(draw, p: int):
+    """A valid sequence-parallel problem for ``p`` ranks, drawn: the layout, the shard length,
+    and 1-3 configs each shard-local (w divides the shard, or the chunk under zigzag), spanning
+    some ranks (w = j shards, j dividing p: contiguous only) or the whole sequence (w >= n,
+    which any layout takes); r divides w and, where w spans ranks, the shard (chunk)."""
+    layout = draw(st.sampled_from(["contiguous", "zigzag"]))
+    m = draw(st.sampled_from([4, 6, 8, 12, 16] if layout == "contiguous" else [4, 8, 12, 16]))
+    n = m * p
+    unit = m if layout == "contiguous" else m // 2  # what a shard-local segment divides
+    configs = []
+    for _ in range(draw(st.integers(1, 3))):
+        kinds = ["local", "whole"] + (["spanning"] if layout == "contiguous" else [])
+        kind = draw(st.sampled_from(kinds))
+        if kind == "local":
+            w = draw(st.sampled_from(_divisors(unit)))
+            r = draw(st.sampled_from(_divisors(w)))
+        elif kind == "spanning":
+            w = m * draw(st.sampled_from(_divisors(p)[1:]))
+            r = draw(st.sampled_from(_divisors(m)))
+        else:
+            r = draw(st.sampled_from(_divisors(unit)))
+            w = r * (-(-n // r) + draw(st.integers(0, 2)))
+        configs.append((w, r))
+    assert distributed.spans_for(configs, m, p, layout)  # (valid by construction)
+    lengths, rates = (tuple(c) for c in zip(*configs))
+    options = {
+        "segment_lengths": lengths,
+        "dilation_rates": rates,
+        "causal": draw(st.booleans()),
+        "mixing": draw(st.sampled_from(["lse", "head_groups"])),
+    }
+    shape = (draw(st.integers(1, 2)), n, draw(st.integers(1, 5)), draw(st.sampled_from([4, 8])))
+    combo = draw(st.sampled_from(sorted({c[:4] for c in COMBOS})))
+    strategy = dict(zip(("communicator", "dilation", "computer", "memory"), combo))
+    return shape, options, strategy, layout
+
+
+@given(data=st.data())
+def test_drawn_problems_match_the_oracle(pool, data):
+    """Shapes, configs (shard-local, spanning some ranks or all), causal, mixing, layout and
+    strategy drawn by hypothesis, not only the fixed cases above: outputs (with and without
+    grad), gradients and the gathered output against the single-process float64 oracle."""
+    shape, opts, strategy, layout = data.draw(sharded_problems(pool.world_size))
+    pool.run("matches_oracle", shape, opts, strategy, "float32", 0, layout)
 
 
 @pytest.mark.parametrize("communicator", ["ring", "all_gather"])
