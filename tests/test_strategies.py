@@ -600,6 +600,46 @@ def test_strided_inputs_match_oracle(p, layouts):
                 assert err <= 1e-5, f"{strategy.label} {layouts}: d{name} {err:.3g}"
 
 
+@settings(max_examples=10)
+@given(
+    problems(),
+    st.lists(st.sampled_from(["b", "n", "h", None]), min_size=3, max_size=3),
+    st.booleans(),
+)
+def test_broadcast_inputs_match_oracle(p, broadcast, shared):
+    """Inputs expanded along a dimension (stride 0: keys and values shared by the batch or the
+    heads, a constant row) or one tensor for all three (self-attention): the oracle's output,
+    and gradients summed into the leaves as autograd sums them for the oracle."""
+    b, n, h, d = p["b"], p["n"], p["h"], p["d"]
+    gen = torch.Generator().manual_seed(2)
+    leaves = []
+    for dim in broadcast:
+        shape = [1 if name == dim else size for name, size in zip("bnh", (b, n, h))]
+        leaves.append(torch.randn(*shape, d, generator=gen, dtype=torch.float64))
+    leaves = leaves[:1] if shared else leaves  # (self-attention: q, k and v one tensor)
+    grad_out = torch.randn(b, n, h, d, generator=gen, dtype=torch.float64)
+
+    def expanded(xs):
+        return [x.expand(b, n, h, d) for x in (xs * 3 if shared else xs)]
+
+    ref_leaves = [x.clone().requires_grad_() for x in leaves]
+    ref = reference.dilated_attention(*expanded(ref_leaves), **options(p))
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out)
+    for strategy in local_strategies():
+        with_grad = supports_backward(strategy, torch.device("cpu"))
+        own = [x.float().requires_grad_(with_grad) for x in leaves]
+        out = ringattn.dilated_attention(
+            *expanded(own), **options(p), strategy=strategy, compile=False
+        )
+        err = rel_err(out, ref)
+        assert err <= TOLERANCE[torch.float32], f"{strategy.label} {broadcast}: forward {err:.3g}"
+        if with_grad:
+            grads = torch.autograd.grad(out, own, grad_out.float())
+            for g, g_ref in zip(grads, ref_grads):
+                err = rel_err(g, g_ref, grad_floor(grad_out))
+                assert err <= 1e-4, f"{strategy.label} {broadcast} {shared}: grad {err:.3g}"
+
+
 @pytest.mark.parametrize(
     "strategy",
     [s for s in local_strategies() if supports_backward(s, torch.device("cpu"))],

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import rel_err
+from hypothesis import given
+from hypothesis import strategies as st
 
 import ringattn
 from ringattn import reference
@@ -554,3 +556,57 @@ def test_functional_form_names_an_unhashable_option(overrides, name):
     array) failed that lookup with "unhashable type: 'numpy.ndarray'", naming no argument."""
     with pytest.raises(TypeError, match=name):
         call(*qkv(), **overrides)
+
+
+_ANY_VALUE = st.one_of(
+    st.integers(-3, 40),
+    st.integers(2**30, 2**70),
+    st.floats(allow_nan=True),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=3),
+    st.integers(1, 16).map(np.int64),
+    st.integers(1, 16).map(torch.tensor),
+    st.integers(1, 16).map(float),
+)
+_ANY_SEQUENCE = st.one_of(
+    st.lists(st.integers(1, 64), max_size=4),
+    st.lists(_ANY_VALUE, max_size=4),
+    st.lists(st.integers(1, 64), max_size=4).map(tuple),
+    st.lists(st.integers(1, 64), max_size=4).map(np.array),
+    _ANY_VALUE,
+)
+
+
+@given(
+    lengths=_ANY_SEQUENCE,
+    rates=_ANY_SEQUENCE,
+    causal=st.one_of(st.booleans(), _ANY_VALUE),
+    mixing=st.one_of(st.sampled_from(["lse", "head_groups"]), _ANY_VALUE),
+    scale=st.one_of(st.none(), _ANY_VALUE),
+    functional=st.booleans(),
+)
+def test_any_options_give_the_oracle_or_a_named_error(
+    lengths, rates, causal, mixing, scale, functional
+):
+    """Options drawn from any values (negative, huge, NaN, bools, strings, numpy and tensor
+    scalars, ragged lists): a call either returns the oracle's output for them or raises a
+    TypeError / ValueError that names the argument; nothing else (an IndexError, a
+    ZeroDivisionError, an answer for options the oracle refuses)."""
+    q = torch.randn(1, 16, 2, 4, generator=torch.Generator().manual_seed(0))
+    chosen = {"causal": causal, "mixing": mixing, "scale": scale}
+    try:
+        if functional:
+            out = ringattn.dilated_attention(
+                q, q, q, segment_lengths=lengths, dilation_rates=rates, compile=False, **chosen
+            )
+        else:
+            out = ringattn.DilatedAttention(lengths, rates, compile=False, **chosen)(q, q, q)
+    except (TypeError, ValueError) as error:
+        named = (*chosen, "segment_lengths", "dilation_rates")
+        assert any(name in str(error) for name in named), str(error)[:300]
+        return
+    ref = reference.dilated_attention(
+        q.double(), q.double(), q.double(), segment_lengths=lengths, dilation_rates=rates, **chosen
+    )
+    assert rel_err(out, ref) <= 1e-5
