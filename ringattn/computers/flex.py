@@ -199,24 +199,24 @@ class FlexComputer(LayoutComputer):
         divides ``w`` their rows are ``p ≡ o (mod r)``: the strided view ``x[:, o::r, lo:hi]``,
         in which the config is plain segment-local attention over runs of ``w / r`` rows (what
         ``global_permutation`` makes of residue ``o``, with no gather). Each call is
-        ``(heads, rows, n_rows, block_mask)``; a group without rows is all zeros (``block_mask``
-        None). Before, every group's call gathered and attended over all ``n`` rows and ``h``
-        heads, masked down to its own, and the calls were LSE-merged."""
+        ``(job, rows, block_mask)``; a group without rows (its offset past the last row) is all
+        zeros (``rows`` and ``block_mask`` None). Before, every group's call gathered and
+        attended over all ``n`` rows and ``h`` heads, masked down to its own, and the calls were
+        LSE-merged."""
         calls = []
         for job in jobs_for(plan.h, plan.configs, plan.mixing):
             n_rows = len(range(job.offset, plan.n, job.r))
+            if not n_rows:  # (an offset past the last row: arange would raise)
+                calls.append((job, None, None))
+                continue
             rows = memory.cached(
                 ("flex_group_rows", plan.n, job.r, job.offset, str(device)),
                 partial(torch.arange, job.offset, plan.n, job.r, device=device),
             )
-            block_mask = None
-            if n_rows:
-                block_mask = memory.cached(
-                    ("flex_group_mask", job.config, *key),
-                    partial(
-                        self._group_mask, n_rows, job.w // job.r, job.num_heads, causal, device
-                    ),
-                )
+            block_mask = memory.cached(
+                ("flex_group_mask", job.config, *key),
+                partial(self._group_mask, n_rows, job.w // job.r, job.num_heads, causal, device),
+            )
             calls.append((job, rows, block_mask))
         return tuple(calls)
 
