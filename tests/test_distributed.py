@@ -175,16 +175,17 @@ def sharded_problems(draw, p: int):
     shape = (draw(st.integers(1, 2)), n, draw(st.integers(1, 5)), draw(st.sampled_from([4, 8])))
     combo = draw(st.sampled_from(sorted({c[:4] for c in COMBOS})))
     strategy = dict(zip(("communicator", "dilation", "computer", "memory"), combo))
-    return shape, options, strategy, layout
+    return shape, options, strategy, layout, draw(st.booleans())
 
 
 @given(data=st.data())
 def test_drawn_problems_match_the_oracle(pool, data):
-    """Shapes, configs (shard-local, spanning some ranks or all), causal, mixing, layout and
-    strategy drawn by hypothesis, not only the fixed cases above: outputs (with and without
-    grad), gradients and the gathered output against the single-process float64 oracle."""
-    shape, opts, strategy, layout = data.draw(sharded_problems(pool.world_size))
-    pool.run("matches_oracle", shape, opts, strategy, "float32", 0, layout)
+    """Shapes, configs (shard-local, spanning some ranks or all), causal, mixing, layout,
+    strategy and whether odd ranks hold their shards in ``[b, h, n, d]`` storage, drawn by
+    hypothesis, not only the fixed cases above: outputs (with and without grad), gradients and
+    the gathered output against the single-process float64 oracle."""
+    shape, opts, strategy, layout, mixed = data.draw(sharded_problems(pool.world_size))
+    pool.run("matches_oracle", shape, opts, strategy, "float32", 0, layout, mixed)
 
 
 @pytest.mark.parametrize("communicator", ["ring", "all_gather"])
