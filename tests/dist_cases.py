@@ -1,4 +1,8 @@
-"""Functions each gloo rank runs for tests/test_distributed.py (see dist_pool.py)."""
+"""Functions each gloo rank runs for tests/test_distributed.py (see dist_pool.py).
+
+Each case runs its collectives before its value checks: a rank whose assert failed first left
+the others waiting in the next collective until gloo's timeout, and the pool broken for every
+later test (found by the drawn problems at bf16, where one rank's gradient missed the bound)."""
 
 from __future__ import annotations
 
@@ -71,13 +75,16 @@ def matches_oracle(
         errors[f"d{name}"] = _rel(g, shard(g_ref), floor)
     with torch.no_grad():  # inference takes another path (head_groups: no LSE kept)
         errors["out_no_grad"] = _rel(module(*local), shard(ref))
+    # the gathered output is the single-device result (gathered before any assert: a rank that
+    # failed one first left the others waiting in this collective until gloo's timeout, and the
+    # pool broken for every later test)
+    gathered = _rel(distributed.gather(out, layout=layout), ref)
     assert errors["out"] <= tol and errors["out_no_grad"] <= tol, errors
     # fp32 gradients: attention's ill-conditioned dK may miss float64 by more than fp32's 1e-5
     assert all(e <= (tol if dtype_name == "bfloat16" else 10 * tol) for e in errors.values()), (
         errors
     )
-    # the gathered output is the single-device result
-    assert _rel(distributed.gather(out, layout=layout), ref) <= tol
+    assert gathered <= tol
     return errors
 
 
@@ -272,11 +279,12 @@ def shard_gather_roundtrip(layout="contiguous"):
     p, rank = dist.get_world_size(), dist.get_rank()
     x = torch.arange(2 * 16 * 3 * 2, dtype=torch.float32).view(2, 16, 3, 2)
     part = distributed.shard(x, layout=layout)
+    gathered = distributed.gather(part, layout=layout)  # (the collective before any assert)
     assert part.shape[1] == 16 // p
     # the shard holds exactly the positions `positions` names
     where = distributed.positions(16 // p, rank, p, layout)
     assert torch.equal(part, x[:, where])
-    assert torch.equal(distributed.gather(part, layout=layout), x)
+    assert torch.equal(gathered, x)
     return where.tolist()
 
 
@@ -421,8 +429,9 @@ def longnet_shards_match_the_full_model(communicator, layout="contiguous"):
     full = model(ringattn.Strategy(computer="math"))(tokens)
     sharded = model(ringattn.Strategy(computer="math", communicator=communicator))
     logits = sharded(distributed.shard(tokens, layout=layout))
-    assert (logits - distributed.shard(full, layout=layout)).abs().max() < 1e-10
-    logits.sum().backward()  # gradients flow through the ring on every rank
+    error = (logits - distributed.shard(full, layout=layout)).abs().max()
+    logits.sum().backward()  # gradients flow through the ring on every rank (before the assert)
+    assert error < 1e-10
     return True
 
 
