@@ -203,7 +203,7 @@ class FlexComputer(LayoutComputer):
         zeros (``rows`` and ``block_mask`` None). Before, every group's call gathered and
         attended over all ``n`` rows and ``h`` heads, masked down to its own, and the calls were
         LSE-merged."""
-        calls = []
+        calls: list[tuple] = []
         for job in jobs_for(plan.h, plan.configs, plan.mixing):
             n_rows = len(range(job.offset, plan.n, job.r))
             if not n_rows:  # (an offset past the last row: arange would raise)
