@@ -199,25 +199,21 @@ class FlexComputer(LayoutComputer):
         divides ``w`` their rows are ``p ≡ o (mod r)``: the strided view ``x[:, o::r, lo:hi]``,
         in which the config is plain segment-local attention over runs of ``w / r`` rows (what
         ``global_permutation`` makes of residue ``o``, with no gather). Each call is
-        ``(job, rows, block_mask)``; a group without rows (its offset past the last row) is all
-        zeros (``rows`` and ``block_mask`` None). Before, every group's call gathered and
-        attended over all ``n`` rows and ``h`` heads, masked down to its own, and the calls were
-        LSE-merged."""
-        calls: list[tuple] = []
+        ``(job, block_mask)``; a group without rows (its offset past the last row) is all zeros
+        (``block_mask`` None). Before, every group's call gathered and attended over all ``n``
+        rows and ``h`` heads, masked down to its own, and the calls were LSE-merged."""
+        calls = []
         for job in jobs_for(plan.h, plan.configs, plan.mixing):
             n_rows = len(range(job.offset, plan.n, job.r))
-            if not n_rows:  # (an offset past the last row: arange would raise)
-                calls.append((job, None, None))
-                continue
-            rows = memory.cached(
-                ("flex_group_rows", plan.n, job.r, job.offset, str(device)),
-                partial(torch.arange, job.offset, plan.n, job.r, device=device),
-            )
-            block_mask = memory.cached(
-                ("flex_group_mask", job.config, *key),
-                partial(self._group_mask, n_rows, job.w // job.r, job.num_heads, causal, device),
-            )
-            calls.append((job, rows, block_mask))
+            block_mask = None
+            if n_rows:
+                block_mask = memory.cached(
+                    ("flex_group_mask", job.config, *key),
+                    partial(
+                        self._group_mask, n_rows, job.w // job.r, job.num_heads, causal, device
+                    ),
+                )
+            calls.append((job, block_mask))
         return tuple(calls)
 
     def _group_mask(self, n_rows: int, run: int, heads: int, causal: bool, device):
@@ -271,13 +267,15 @@ class FlexComputer(LayoutComputer):
         group does not select stay 0, as ``head_groups`` defines them."""
         b, n, _, d = q.shape
         outs = []
-        for job, rows, block_mask in aux:
+        for job, block_mask in aux:
             out_group = q.new_zeros(b, n, job.num_heads, d)
             if block_mask is not None:
                 q_group, k_group, v_group = (
                     x[:, job.offset :: job.r, job.heads] for x in (q, k, v)
                 )
-                out_rows = _flex(q_group, k_group, v_group, None, block_mask, scale)
-                out_group = out_group.index_copy(1, rows, out_rows.to(q.dtype))
+                # (into the same strided rows it read: no index to make or keep)
+                out_group[:, job.offset :: job.r] = _flex(
+                    q_group, k_group, v_group, None, block_mask, scale
+                )
             outs.append(out_group)
         return torch.cat(outs, dim=2)
