@@ -40,7 +40,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #
 # record: the bench's record at 32K/131K and 1M (docs/benchmarks/h200_perf.md's first two
-#   commands); long: its 2M/4M command; checks: every local strategy against the oracle on the GPU,
+#   commands), plotted as fractions of dense SDPA (experiments.plot_record); long: its 2M/4M command; checks: every local strategy against the oracle on the GPU,
 #   the fused FA4 kernels' probes (merge, add, zero), and the forward and forward+backward kernel
 #   timelines at 131K; host: where the host's time goes at 32K (host-bound): the host profile of a
 #   head_groups forward and forward+backward, and single / back-to-back times with the host's own
@@ -135,6 +135,8 @@ record)
     "${bench[@]}" --n 32768 131072 --repeats 10 --warmup 3 --out "$out/bench" >"$out/bench.log" 2>&1
     "${bench[@]}" --n 1048576 --repeats 5 --warmup 2 --check-n 0 --out "$out/bench_1m" \
         >"$out/bench_1m.log" 2>&1
+    python -m experiments.plot_record "$out/bench/bench.json" "$out/bench_1m/bench.json" \
+        --out "$out/record_ratios.png" >"$out/record_ratios.log" 2>&1
     summary=$(grep -h "segment_local/sdpa |" "$out"/bench*.log)
     ;;
 long)

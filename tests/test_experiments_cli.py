@@ -817,3 +817,62 @@ def test_gpu_fuzz_unfused_variant_turns_every_fused_kernel_off_and_back():
     with gpu_fuzz.variant("unfused"):
         assert not any(m.ENABLED for m in modules)
     assert all(m.ENABLED for m in modules)
+
+
+def bench_file(path: Path, device: str, *ns: int, variant: str = "segment_local/sdpa") -> Path:
+    """A bench JSON file of ``variant`` rows at ``ns`` (both mixings, causal or not)."""
+    rows = [
+        {"n": n, "mixing": mixing, "causal": causal, "variant": variant}
+        | {"fwd_vs_dense": 0.95, "fwd_vs_dense_b2b": 0.9, "fwdbwd_vs_dense": 0.8}
+        | {"fwd_mem_vs_io": 1.0, "fwdbwd_mem_vs_io": None}  # (a forward-only row)
+        for n in ns
+        for mixing in ("lse", "head_groups")
+        for causal in (False, True)
+    ]
+    path.write_text(json.dumps({"meta": {"device": device}, "rows": rows}))
+    return path
+
+
+def test_plot_record_plots_recorded_runs_and_prints_their_ratios(tmp_path, capsys):
+    from experiments import plot_record
+
+    runs = [
+        bench_file(tmp_path / "a.json", "H200", 32768),
+        bench_file(tmp_path / "b.json", "H200", 1 << 20),
+    ]
+    out = tmp_path / "plots" / "record.png"
+    assert plot_record.main([*map(str, runs), "--out", str(out)]) == 0
+    assert out.read_bytes().startswith(b"\x89PNG")
+    printed = capsys.readouterr().out
+    assert "| 32768 | head_groups | False | 0.950 (0.900) | 0.800 |" in printed
+    assert "| 1048576 | lse | True | 0.950 (0.900) | 0.800 |" in printed
+
+
+@pytest.mark.parametrize(
+    "files, extra, message",
+    [
+        ([("a", "H200", 4), ("b", "H200", 4)], [], "both hold 'segment_local/sdpa' at n=4"),
+        ([("a", "H200", 4), ("b", "H100", 8)], [], "a.json ran on H200 and"),
+        ([("a", "H200", 4)], ["--variant", "nope"], "a.json: no 'nope' rows"),
+    ],
+)
+def test_plot_record_refuses_what_it_cannot_plot_as_one_run(
+    tmp_path, capsys, files, extra, message
+):
+    """Two files with one row, ratios of two GPUs on one plot, or a variant no file has: each a
+    one-line refusal naming the file, before anything is drawn."""
+    from experiments import plot_record
+
+    paths = [str(bench_file(tmp_path / f"{name}.json", device, n)) for name, device, n in files]
+    out = tmp_path / "record.png"
+    assert message in refused(plot_record.main, [*paths, *extra, "--out", str(out)], capsys)
+    assert not out.exists()
+
+
+def test_plot_record_refuses_a_file_that_is_not_a_bench_record(tmp_path, capsys):
+    from experiments import plot_record
+
+    (tmp_path / "x.json").write_text("[1, 2]")
+    assert "x.json: not a bench JSON file" in refused(
+        plot_record.main, [str(tmp_path / "x.json")], capsys
+    )
