@@ -46,3 +46,67 @@ def test_the_ablation_notebooks_help_is_the_current_one():
     ]
     stored = "".join("".join(o.get("text", "")) for o in cell["outputs"])
     assert stored.split() == build_parser().format_help().split()
+
+
+def _slugs(markdown: str) -> set[str]:
+    """GitHub's anchors for ``markdown``'s headings (outside code fences): lower case, every
+    character but letters, digits, ``_``, ``-`` and spaces dropped, spaces as ``-``, a repeated
+    heading's anchor suffixed ``-1``, ``-2``..."""
+    slugs: set[str] = set()
+    fenced = False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (heading := re.match(r"#{1,6} (.*)", line)):
+            slug = re.sub(r"[^\w\- ]", "", heading[1].strip().lower()).replace(" ", "-")
+            repeat = 0
+            while (candidate := slug if repeat == 0 else f"{slug}-{repeat}") in slugs:
+                repeat += 1
+            slugs.add(candidate)
+    return slugs
+
+
+def _relative_links(doc: Path) -> list[str]:
+    """``doc``'s Markdown links and images that point into the repository (not code blocks')."""
+    text = re.sub(r"^```.*?^```", "", doc.read_text(), flags=re.DOTALL | re.MULTILINE)
+    targets = re.findall(r"\]\(([^)\s]+)\)", text)
+    return [t for t in targets if not re.match(r"[a-z]+:", t)]
+
+
+def broken_links(doc: Path) -> list[str]:
+    """``doc``'s relative links whose file, or heading in a Markdown file, does not exist."""
+    broken = []
+    for target in _relative_links(doc):
+        path, _, anchor = target.partition("#")
+        file = doc.parent / path if path else doc
+        if not file.exists():
+            broken.append(f"{target} (no such file)")
+        elif anchor and file.suffix == ".md" and anchor not in _slugs(file.read_text()):
+            broken.append(f"{target} (no such heading)")
+    return broken
+
+
+# the hand-written docs (the recorded runs' own .md files under docs/benchmarks/*/ link nothing)
+DOCS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("docs/**/*.md"))]
+DOCS = [doc for doc in DOCS if doc.count("/") <= 2]
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_relative_link_reaches_a_file_and_its_heading(doc):
+    """The docs link hundreds of recorded files and sections by hand; a renamed file or heading
+    left a link that led nowhere."""
+    assert not broken_links(ROOT / doc)
+
+
+def test_the_link_check_finds_a_missing_file_and_a_missing_heading(tmp_path):
+    heading = "# Two GPUs: 2×H200 (`x/y_z/`)\n\n## Where it stands (read this first)\n"
+    (tmp_path / "a.md").write_text(heading)
+    assert _slugs(heading) == {"two-gpus-2h200-xy_z", "where-it-stands-read-this-first"}
+    (tmp_path / "b.md").write_text(
+        "[ok](a.md#two-gpus-2h200-xy_z) [ok](#here) ![gone](img/none.png) [gone](a.md#nowhere)"
+        "\n\n## Here\n\n```\n[in a code block](not/checked.md)\n```\n"
+    )
+    assert broken_links(tmp_path / "b.md") == [
+        "img/none.png (no such file)",
+        "a.md#nowhere (no such heading)",
+    ]
