@@ -29,11 +29,13 @@ Key = tuple[str, bool, int]  # (mixing, causal, n)
 
 
 def load(paths: list[Path], variant: str) -> tuple[dict[Key, dict], str]:
-    """The ``variant``'s rows of every file by (mixing, causal, n), and the GPU they ran on.
-    Raises ``ValueError`` naming the file for anything that is not one GPU's distinct rows."""
+    """The ``variant``'s rows of every file by (mixing, causal, n), and where they ran (the GPU,
+    and each torch version met). Raises ``ValueError`` naming the file for anything that is not
+    one GPU's distinct rows."""
     rows: dict[Key, dict] = {}
     source: dict[Key, Path] = {}
     devices: dict[str, Path] = {}
+    torches: dict[str, None] = {}
     for path in paths:
         try:
             record = json.loads(path.read_text())
@@ -42,6 +44,7 @@ def load(paths: list[Path], variant: str) -> tuple[dict[Key, dict], str]:
         if not isinstance(record, dict) or not isinstance(record.get("rows"), list):
             raise ValueError(f"{path}: not a bench JSON file (no 'rows' list)")
         device = str(record.get("meta", {}).get("device", "unknown device"))
+        torches[str(record.get("meta", {}).get("torch", "unknown"))] = None
         devices.setdefault(device, path)
         if len(devices) > 1:
             first, second = devices.items()
@@ -61,7 +64,7 @@ def load(paths: list[Path], variant: str) -> tuple[dict[Key, dict], str]:
                     f"mixing={key[0]}, causal={key[1]}: give one of them"
                 )
             rows[key], source[key] = row, path
-    return rows, next(iter(devices))
+    return rows, f"one {next(iter(devices))}, torch {' / '.join(torches)}"
 
 
 def _ratio(row: dict, key: str) -> float | None:
@@ -163,12 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        rows, device = load(args.files, args.variant)
+        rows, where = load(args.files, args.variant)
     except ValueError as exc:
         parser.error(str(exc))
     make_out(parser, args.out.parent)
     names = ", ".join(path.name for path in args.files)
-    plot(rows, f"{args.variant} on one {device}, each ratio within its own run ({names})", args.out)
+    plot(rows, f"{args.variant} on {where}; each ratio within its own run ({names})", args.out)
     print(f"wrote {args.out}\n")
     print(table(rows))
     return 0
