@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # FlashAttention-4 for a lent GPU machine that cannot reach a package index.
 #
-#   bash experiments/fa4_carry.sh          # here: writes .fa4a/, .fa4b/ and .fa4c/ (git-ignored)
+#   bash experiments/fa4_carry.sh          # here: writes .fa4a/, .fa4b/, .fa4c/ and .whl/ (git-ignored)
 #
 # flash-attn-4 needs the CUTLASS DSL, whose CUDA 13 libraries make a 92 MB wheel: more than one
 # call may carry (64 MiB with the working tree, itself ~32 MB by now). So the packages are unpacked
@@ -40,7 +40,15 @@ tar -C "$work/site" -cf - . | xz -9 -T2 >"$work/fa4site.tar.xz"
 rm -rf .fa4a .fa4b .fa4c && mkdir .fa4a .fa4b .fa4c
 split -b 23M "$work/fa4site.tar.xz" "$work/fa4part."  # parts sort by name: aa, ab, ac
 mv "$work/fa4part.aa" .fa4a/ && mv "$work/fa4part.ab" .fa4b/ && mv "$work/fa4part.ac" .fa4c/
+mkdir -p .git/info
 for ignored in /.fa4a/ /.fa4b/ /.fa4c/ /.whl/; do
     grep -qx "$ignored" .git/info/exclude || echo "$ignored" >>.git/info/exclude
 done
-ls -l .fa4a .fa4b .fa4c
+# the wheels the device image lacks (its package list: /work/.library/device/KINDS.md): beartype,
+# and the cuDNN frontend (docs/benchmarks/h200_perf.md, step 11)
+rm -rf .whl && mkdir .whl
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+    beartype nvidia-cudnn-frontend==1.32.0
+ls -l .fa4a .fa4b .fa4c .whl
