@@ -15,16 +15,19 @@ Times (CUDA events, warm-up, median of ``--repeats``) forward and forward+backwa
 * every strategy (dilation x computer, ``sdpa`` eager and compiled, ``flex`` compiled), and the
   eager ``sdpa`` rows once more forced onto FlashAttention-2 (``[flash]``, A/B against cuDNN),
 
-and prints one table: ms, useful TFLOP/s (``ringattn.flops``), ratio to dense SDPA in the same run,
-and peak memory relative to the tensors the call cannot avoid — forward: ``(q, k, v, out)``;
-forward+backward: ``(q, k, v, out)`` and their gradients. Before timing, each variant is checked
-against the float64 oracle at ``--check-n`` (output and gradients). Writes ``bench.json``,
-``bench.md`` and ``bench.png`` (throughput and memory vs n, log axes) under ``--out``.
+and prints one table: ms, useful TFLOP/s (``ringattn.flops``), ratio to dense SDPA in the same run
+(single calls, back to back, and with ``--graphs`` replayed from CUDA graphs against dense SDPA
+replayed), and peak memory relative to the tensors the call cannot avoid — forward:
+``(q, k, v, out)``; forward+backward: ``(q, k, v, out)`` and their gradients. Before timing,
+each variant is checked against the float64 oracle at ``--check-n`` (output and gradients).
+Writes ``bench.json``, ``bench.md`` and ``bench.png`` (throughput and memory vs n, log axes)
+under ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.metadata
 import json
 import sys
@@ -124,14 +127,15 @@ def failure(exc: Exception, limit: int = 160) -> str:
 
 
 def graphed_calls(
-    fn: Callable, q, k, v, dout, warmup: int = 2
+    fn: Callable, q, k, v, dout, warmup: int = 2, backward: bool = True
 ) -> dict[str, Callable[[], object] | str | float]:
     """:func:`fwd_and_fwdbwd`'s two calls replayed from CUDA graphs, as ``{"fwd": ..., "fwdbwd":
     ...}``: the forward captured with ``torch.cuda.graph`` after ``warmup`` calls on a side stream,
     forward+backward through ``torch.cuda.make_graphed_callables``; where a capture failed, why.
     Each replay is also held to the eager call (``"fwd_err"``, ``"fwdbwd_err"``: the relative
     error of the replayed output, and of its gradients, against an eager call's): a graph that
-    timed fast but skipped or misordered work shows there."""
+    timed fast but skipped or misordered work shows there. ``backward=False``: the forward only
+    (capturing the backward runs it, which the longest lengths cannot hold)."""
     calls: dict[str, Callable[[], object] | str | float] = {}
     try:
         stream = torch.cuda.Stream()
@@ -150,6 +154,8 @@ def graphed_calls(
         calls["fwd"] = graph.replay
     except Exception as exc:
         calls["fwd"] = failure(exc)
+    if not backward:
+        return calls
     try:
         xs = tuple(x.detach().requires_grad_() for x in (q, k, v))
         graphed = torch.cuda.make_graphed_callables(fn, xs)
@@ -167,6 +173,43 @@ def with_grads(fn: Callable, q, k, v, dout) -> list:
     out = fn(*xs)
     out.backward(dout)
     return [out.detach(), *(x.grad for x in xs)]
+
+
+def replayed(fn: Callable, q, k, v, dout, args, device, backward: bool) -> dict:
+    """``--graphs``: ``fn``'s calls replayed from CUDA graphs (:func:`graphed_calls`), timed as
+    the eager rows are (median of ``--repeats`` after ``--warmup``, ``--settle``): ``fwd_ms_graph``
+    (``fwdbwd_ms_graph``) and the replay's error against an eager call (``*_graph_err``), or why
+    the capture failed (``*_graph_failure``). The forward replays on the captured q, k, v; the
+    forward+backward copies ``dout`` into its graph's buffer, as a model's replay would."""
+    calls = graphed_calls(fn, q, k, v, dout, backward=backward)
+    stats: dict[str, float | str] = {}
+    for part in ("fwd", "fwdbwd") if backward else ("fwd",):
+        call = calls.get(part)
+        if callable(call):
+            ms = median_ms(call, device, args.warmup, args.repeats, settle_s=args.settle)
+            stats[f"{part}_ms_graph"] = ms
+            if isinstance(err := calls.get(f"{part}_err"), float):
+                stats[f"{part}_graph_err"] = err
+        else:
+            stats[f"{part}_graph_failure"] = str(call)
+    del calls, call  # the graphs' memory pools, before the next row's capture and peaks
+    gc.collect()
+    return stats
+
+
+def add_ratios(row: dict, useful_f: float, useful_fb: float, dense: dict[str, float]) -> None:
+    """``row``'s fractions of dense SDPA's useful TFLOP/s in the same run. ``dense``: its rates,
+    ``fwd`` and ``fwdbwd`` (single calls), and where ``--graphs`` replayed it, ``fwd_graph`` and
+    ``fwdbwd_graph``. Back to back is set against dense SDPA's single call (one kernel: no host
+    latency to hide); replayed against dense SDPA replayed."""
+    row["fwd_vs_dense"] = row["fwd_tflops"] / dense["fwd"]
+    fb = row["fwdbwd_tflops"]
+    row["fwdbwd_vs_dense"] = fb / dense["fwdbwd"] if fb is not None else None
+    for part, useful in (("fwd", useful_f), ("fwdbwd", useful_fb)):
+        if row.get(f"{part}_ms_b2b"):
+            row[f"{part}_vs_dense_b2b"] = useful / row[f"{part}_ms_b2b"] / 1e9 / dense[part]
+        if row.get(f"{part}_tflops_graph") and dense.get(f"{part}_graph"):
+            row[f"{part}_vs_dense_graph"] = row[f"{part}_tflops_graph"] / dense[f"{part}_graph"]
 
 
 def time_and_memory(
@@ -362,6 +405,11 @@ def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dic
             args.settle,
             module_memory(fn),
         )
+        if args.graphs:
+            stats |= replayed(fn, q, k, v, dout, args, device, n < args.fwd_only_from)
+            for part, useful in (("fwd", useful_f), ("fwdbwd", useful_fb)):
+                if ms := stats.get(f"{part}_ms_graph"):
+                    stats[f"{part}_tflops_graph"] = useful / ms / 1e9
         fb_ms = stats["fwdbwd_ms"]
         rows.append(
             {
@@ -397,13 +445,24 @@ def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dic
             median_ms(fn, device, args.warmup, args.repeats, settle_s=args.settle)
             for fn in (dense_fwd, dense_fb)
         )
-        dense_cache[key] = (
-            dense_flops(b, dense_n, h, d, causal) / f_ms / 1e9,
-            dense_flops(b, dense_n, h, d, causal, backward=True) / fb_ms / 1e9,
-            f_ms,
-            fb_ms,
-        )
-    dense_f, dense_fb, dense_f_ms, dense_fb_ms = dense_cache[key]
+        flops = {
+            "fwd": dense_flops(b, dense_n, h, d, causal),
+            "fwdbwd": dense_flops(b, dense_n, h, d, causal, backward=True),
+        }
+        dense_cache[key] = {"fwd_ms": f_ms, "fwdbwd_ms": fb_ms}
+        if args.graphs:
+
+            def dense_bnhd(q, k, v):
+                qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).transpose(1, 2)
+
+            qf, kf, vf, df = (x[:, :dense_n] for x in (q, k, v, dout))
+            dense_cache[key] |= replayed(dense_bnhd, qf, kf, vf, df, args, device, backward=True)
+        for part in ("fwd", "fwdbwd"):  # its rates, single calls and replayed
+            for rate, ms_key in ((part, f"{part}_ms"), (f"{part}_graph", f"{part}_ms_graph")):
+                if ms := dense_cache[key].get(ms_key):
+                    dense_cache[key][rate] = flops[part] / ms / 1e9
+    dense = dense_cache[key]
     rows.append(
         {
             "n": n,
@@ -411,13 +470,24 @@ def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dic
             "causal": causal,
             "variant": "dense SDPA" + ("" if dense_n == n else f" (rate at n={dense_n})"),
             "oracle_err": None,
-            "fwd_ms": dense_f_ms if dense_n == n else None,
-            "fwd_tflops": dense_f,
-            "fwdbwd_ms": dense_fb_ms if dense_n == n else None,
-            "fwdbwd_tflops": dense_fb,
+            "fwd_ms": dense["fwd_ms"] if dense_n == n else None,
+            "fwd_tflops": dense["fwd"],
+            "fwdbwd_ms": dense["fwdbwd_ms"] if dense_n == n else None,
+            "fwdbwd_tflops": dense["fwdbwd"],
             "fwd_mem_vs_io": None,
             "fwdbwd_mem_vs_io": None,
             "setup_s": 0.0,
+        }
+        | {  # replayed (--graphs): its rates, and its replays' errors or failures
+            name: value
+            for name, value in dense.items()
+            if name.endswith(("_graph_err", "_graph_failure"))
+            or (name.endswith("_ms_graph") and dense_n == n)
+        }
+        | {
+            f"{part}_tflops_graph": dense[f"{part}_graph"]
+            for part in ("fwd", "fwdbwd")
+            if f"{part}_graph" in dense
         }
     )
 
@@ -445,14 +515,7 @@ def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dic
         finally:
             torch._dynamo.reset()  # compiled variants of other shapes need not stay resident
     for row in rows:
-        row["fwd_vs_dense"] = row["fwd_tflops"] / dense_f
-        fb = row["fwdbwd_tflops"]
-        row["fwdbwd_vs_dense"] = fb / dense_fb if fb is not None else None
-        # back to back against dense SDPA's single call (one kernel: no host latency to hide)
-        if row.get("fwd_ms_b2b"):
-            row["fwd_vs_dense_b2b"] = useful_f / row["fwd_ms_b2b"] / 1e9 / dense_f
-        if row.get("fwdbwd_ms_b2b"):
-            row["fwdbwd_vs_dense_b2b"] = useful_fb / row["fwdbwd_ms_b2b"] / 1e9 / dense_fb
+        add_ratios(row, useful_f, useful_fb, dense)
     return rows
 
 
@@ -628,6 +691,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "every row timed at the clocks its own sustained load sets, not after whatever ran "
         "before it (0: the warm-up calls only)",
     )
+    p.add_argument(
+        "--graphs",
+        action="store_true",
+        help="also time every row, dense SDPA's too, replayed from CUDA graphs (torch.cuda.graph; "
+        "make_graphed_callables for forward+backward), each replay held to an eager call: "
+        "columns *_vs_dense_graph, against dense SDPA replayed in the same run (CUDA only)",
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per row (default: 2)")
     p.add_argument(
         "--repeats", type=int, default=5, help="timed calls per row, median reported (default: 5)"
@@ -668,6 +738,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--device: {exc}")
     if device.type not in ("cpu", "cuda"):
         p.error(f"--device must be cpu or cuda[:i], got {args.device!r}")
+    if args.graphs and device.type != "cuda":
+        p.error("--graphs replays CUDA graphs: it needs --device cuda")
     args.lengths, args.rates = tuple(args.lengths), tuple(args.rates)
     args.dtype = getattr(torch, args.dtype)
     try:  # the library's own validation, as a one-line error
@@ -712,6 +784,7 @@ def main(argv: list[str] | None = None) -> None:
         "sdpa_backward": SDPAComputer.cuda_backward,
         "sdpa_forward": SDPAComputer.cuda_forward,
         "settle_s": args.settle,
+        "graphs": args.graphs,
         "command": "python -m experiments.bench "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "shape": {"b": 1, "h": args.heads, "d": args.dim, "dtype": str(args.dtype)},
@@ -732,6 +805,7 @@ def main(argv: list[str] | None = None) -> None:
         "fwdbwd_vs_dense",
         "fwd_vs_dense_b2b",
         "fwdbwd_vs_dense_b2b",
+        *(["fwd_vs_dense_graph", "fwdbwd_vs_dense_graph"] if args.graphs else []),
         "fwd_mem_vs_io",
         "fwdbwd_mem_vs_io",
     ]

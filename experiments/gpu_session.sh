@@ -3,6 +3,7 @@
 # FA4 arrived (experiments/fa4_env.sh: calls 1-3 carry .fa4a, .fa4b, .whl; call 4 .fa4c):
 #
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh record   # ~4.5 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh graphs   # <9.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh long     # ~4 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh checks   # ~6 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh host     # ~2 min
@@ -40,7 +41,8 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #
 # record: the bench's record at 32K/131K and 1M (docs/benchmarks/h200_perf.md's first two
-#   commands), plotted as fractions of dense SDPA (experiments.plot_record); long: its 2M/4M command; checks: every local strategy against the oracle on the GPU,
+#   commands), plotted as fractions of dense SDPA (experiments.plot_record); graphs: the 32K /
+#   131K record with every row also replayed from CUDA graphs (bench --graphs), plotted so; long: its 2M/4M command; checks: every local strategy against the oracle on the GPU,
 #   the fused FA4 kernels' probes (merge, add, zero), and the forward and forward+backward kernel
 #   timelines at 131K; host: where the host's time goes at 32K (host-bound): the host profile of a
 #   head_groups forward and forward+backward, and single / back-to-back times with the host's own
@@ -80,7 +82,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh record|graphs|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -138,6 +140,17 @@ record)
     python -m experiments.plot_record "$out/bench/bench.json" "$out/bench_1m/bench.json" \
         --out "$out/record_ratios.png" >"$out/record_ratios.log" 2>&1
     summary=$(grep -h "segment_local/sdpa |" "$out"/bench*.log)
+    ;;
+graphs)
+    # the record's first command with --graphs (stop 61, CPU-built): every row, dense SDPA's
+    # too, also replayed from CUDA graphs, against dense SDPA replayed in the same run (the
+    # owner's third question on issue 5), then plotted as fractions of dense SDPA
+    timeout 560 "${bench[@]}" --n 32768 131072 --graphs --no-torch-row --repeats 10 --warmup 3 \
+        --out "$out/bench" >"$out/bench.log" 2>&1 || echo "bench: exit $?" >>"$out/bench.log"
+    python -m experiments.plot_record "$out/bench/bench.json" --out "$out/graphs_ratios.png" \
+        >"$out/graphs_ratios.log" 2>&1
+    summary="$(grep -h "^| [0-9]" "$out/graphs_ratios.log")
+$(grep -h "FAILED\|bench: exit\|Traceback" "$out/bench.log" | cut -c1-300)"
     ;;
 long)
     "${bench[@]}" --n 2097152 4194304 --fwd-only-from 4194304 --check-n 0 --out "$out/bench" \

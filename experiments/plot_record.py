@@ -6,11 +6,12 @@
 Reads the JSON files ``experiments.bench`` wrote (each with its own dense SDPA row), so the README's
 headline plot is one command over the recorded files, not a notebook cell. Three panels over the
 sequence length (log scale): the forward's and the forward+backward's useful TFLOP/s over dense
-SDPA's in the same run (single calls solid, calls back to back dotted), with the targets 0.90 and
-0.85; and the peak memory over the tensors the call cannot avoid, with the bounds 1.1 and 1.2. One
-colour per (mixing, causal). Each ratio is taken within its own run, so files from several runs
-of one GPU may be combined (the title names them); files from different GPUs, or two files with
-the same row, are refused. Prints the plotted ratios as a table last.
+SDPA's in the same run (single calls solid, calls back to back dotted, and where the run had
+``bench --graphs``, replays from CUDA graphs against dense SDPA's dash-dotted), with the targets
+0.90 and 0.85; and the peak memory over the tensors the call cannot avoid, with the bounds 1.1 and
+1.2. One colour per (mixing, causal). Each ratio is taken within its own run, so files from
+several runs of one GPU may be combined (the title names them); files from different GPUs, or two
+files with the same row, are refused. Prints the plotted ratios as a table last.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from experiments.ablate import to_markdown
 TARGETS = {"fwd_vs_dense": 0.90, "fwdbwd_vs_dense": 0.85}
 MEMORY_BOUNDS = {"fwd_mem_vs_io": 1.1, "fwdbwd_mem_vs_io": 1.2}
 Key = tuple[str, bool, int]  # (mixing, causal, n)
+# single calls, back to back, replayed from CUDA graphs (bench --graphs: against dense replayed)
+STYLES: dict[str, dict] = {"": {"marker": "o"}, "_b2b": {"ls": ":"}, "_graph": {"ls": "-."}}
 
 
 def load(paths: list[Path], variant: str) -> tuple[dict[Key, dict], str]:
@@ -95,10 +98,10 @@ def plot(rows: dict[Key, dict], title: str, path: Path) -> None:
         ns = sorted(n for m, c, n in rows if (m, c) == (mixing, causal))
         group = [rows[(mixing, causal, n)] for n in ns]
         for ax, (key, _) in zip(axes, panels):
-            for suffix, style in (("", {"ls": "-", "marker": "o"}), ("_b2b", {"ls": ":"})):
+            for suffix, style in STYLES.items():
                 xy = [(n, r) for n, row in zip(ns, group) if (r := _ratio(row, key + suffix))]
                 if xy:
-                    tag = label if suffix == "" else f"{label}, back to back"
+                    tag = label + {"": "", "_b2b": ", back to back", "_graph": ", replayed"}[suffix]
                     ax.plot(*zip(*xy), color=color, label=tag, **style)
         for key, fmt in (("fwd_mem_vs_io", "o-"), ("fwdbwd_mem_vs_io", "s--")):
             xy = [(n, r) for n, row in zip(ns, group) if (r := _ratio(row, key))]
@@ -134,12 +137,14 @@ def plot(rows: dict[Key, dict], title: str, path: Path) -> None:
 
 
 def table(rows: dict[Key, dict]) -> str:
-    """The plotted ratios, single calls (back to back in brackets)."""
+    """The plotted ratios: single calls, back to back in parentheses, replayed from CUDA graphs
+    in brackets."""
 
     def cell(row: dict, key: str) -> str:
-        single, b2b = _ratio(row, key), _ratio(row, key + "_b2b")
+        single, b2b, graph = (_ratio(row, key + suffix) for suffix in STYLES)
         text = f"{single:.3f}" if single else "—"
-        return f"{text} ({b2b:.3f})" if b2b else text
+        text += f" ({b2b:.3f})" if b2b else ""
+        return text + (f" [{graph:.3f}]" if graph else "")
 
     body = [
         [str(n), mixing, str(causal), cell(row, "fwd_vs_dense"), cell(row, "fwdbwd_vs_dense")]

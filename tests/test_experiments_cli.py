@@ -145,6 +145,7 @@ def test_train_longrange_refuses_an_out_it_cannot_make_before_training(monkeypat
         ("--compile-modes default default", "--compile-modes: default given more than once"),
         ("--n 64 128 64", "--n: 64 given more than once"),
         ("--computers sdpa math sdpa", "--computers: sdpa given more than once"),
+        ("--graphs", "--graphs replays CUDA graphs: it needs --device cuda"),
     ],
 )
 def test_bench_refuses_bad_options_in_one_line(argv, message, capsys):
@@ -298,6 +299,32 @@ def test_bench_runs_on_the_cpu(tmp_path):
     assert len(variants) == 8  # two dilations x (eager, [flash], compiled, in torch.compile)
     assert all(0 <= row["oracle_err"] < 2e-2 for row in variants)  # (bf16; NaN fails too)
     assert (tmp_path / "bench.md").read_text().count("| 128 | lse | True |") == len(rows)
+    (dense,) = [row for row in rows if row["variant"] == "dense SDPA"]
+    assert dense["fwd_vs_dense"] == dense["fwdbwd_vs_dense"] == 1.0
+    assert not any("graph" in name for row in rows for name in row)  # (no --graphs)
+
+
+def test_bench_sets_each_timing_against_dense_sdpas_of_its_kind():
+    """Single calls and back to back against dense SDPA's single call, replays (--graphs)
+    against dense SDPA replayed: a row replayed at dense's replayed rate is at 1.0, whatever
+    dense's single-call rate."""
+    from experiments import bench
+
+    useful_f, useful_fb = 4e12, 10e12  # FLOPs: 400 / 500 TFLOP/s at 10 / 20 ms
+    row = {"fwd_tflops": 400.0, "fwdbwd_tflops": None, "fwd_ms_b2b": 8.0}
+    row |= {"fwd_tflops_graph": 450.0, "fwdbwd_tflops_graph": 500.0}
+    dense = {"fwd": 500.0, "fwdbwd": 400.0, "fwd_graph": 450.0, "fwdbwd_graph": 625.0}
+    bench.add_ratios(row, useful_f, useful_fb, dense)
+    assert row["fwd_vs_dense"] == pytest.approx(0.8) and row["fwdbwd_vs_dense"] is None
+    assert row["fwd_vs_dense_b2b"] == pytest.approx(1.0)  # 500 TFLOP/s back to back
+    assert row["fwd_vs_dense_graph"] == pytest.approx(1.0)
+    assert row["fwdbwd_vs_dense_graph"] == pytest.approx(0.8)
+    unreplayed = {"fwd_tflops": 400.0, "fwdbwd_tflops": 200.0}
+    bench.add_ratios(unreplayed, useful_f, useful_fb, {"fwd": 500.0, "fwdbwd": 400.0})
+    assert unreplayed == {"fwd_tflops": 400.0, "fwdbwd_tflops": 200.0} | {
+        "fwd_vs_dense": pytest.approx(0.8),
+        "fwdbwd_vs_dense": pytest.approx(0.5),
+    }
 
 
 def test_gpu_fuzz_measures_gradients_against_the_suites_floor():
@@ -824,6 +851,7 @@ def bench_file(path: Path, device: str, *ns: int, variant: str = "segment_local/
     rows = [
         {"n": n, "mixing": mixing, "causal": causal, "variant": variant}
         | {"fwd_vs_dense": 0.95, "fwd_vs_dense_b2b": 0.9, "fwdbwd_vs_dense": 0.8}
+        | {"fwd_vs_dense_graph": 0.97}  # (bench --graphs)
         | {"fwd_mem_vs_io": 1.0, "fwdbwd_mem_vs_io": None}  # (a forward-only row)
         for n in ns
         for mixing in ("lse", "head_groups")
@@ -844,8 +872,8 @@ def test_plot_record_plots_recorded_runs_and_prints_their_ratios(tmp_path, capsy
     assert plot_record.main([*map(str, runs), "--out", str(out)]) == 0
     assert out.read_bytes().startswith(b"\x89PNG")
     printed = capsys.readouterr().out
-    assert "| 32768 | head_groups | False | 0.950 (0.900) | 0.800 |" in printed
-    assert "| 1048576 | lse | True | 0.950 (0.900) | 0.800 |" in printed
+    assert "| 32768 | head_groups | False | 0.950 (0.900) [0.970] | 0.800 |" in printed
+    assert "| 1048576 | lse | True | 0.950 (0.900) [0.970] | 0.800 |" in printed
 
 
 @pytest.mark.parametrize(
@@ -876,3 +904,29 @@ def test_plot_record_refuses_a_file_that_is_not_a_bench_record(tmp_path, capsys)
     assert "x.json: not a bench JSON file" in refused(
         plot_record.main, [str(tmp_path / "x.json")], capsys
     )
+
+
+def test_bench_graphs_fills_every_row_and_reports_a_failed_capture(monkeypatch):
+    """``--graphs``' plumbing on the CPU, with ``graphed_calls`` standing in (CUDA graphs need a
+    GPU): its "replays" are the eager calls, so every row gets a replayed ratio and dense SDPA's
+    is 1.0; a capture that failed is the row's text, not a lost run."""
+    import torch
+
+    from experiments import bench
+
+    def stand_in(fn, q, k, v, dout, warmup=2, backward=True):
+        fwd, _ = bench.fwd_and_fwdbwd(fn, q, k, v, dout)
+        return {"fwd": fwd, "fwd_err": 0.0, "fwdbwd": "RuntimeError: capture refused"}
+
+    monkeypatch.setattr(bench, "graphed_calls", stand_in)
+    argv = "--device cpu --lengths 32 64 --rates 1 2 --heads 2 --dim 8 --computers sdpa"
+    argv += " --dilations segment_local --no-compile --no-in-model --no-flash-row --no-torch-row"
+    args = bench.parse([*argv.split(), "--repeats", "1", "--warmup", "0", "--check-n", "0"])
+    args.graphs = True  # (the parser refuses it off CUDA)
+    rows = bench.bench_case(128, "lse", False, args, torch.device("cpu"), {})
+    assert [row["variant"] for row in rows] == ["dense SDPA", "segment_local/sdpa"]
+    for row in rows:
+        assert row["fwd_ms_graph"] > 0 and row["fwd_graph_err"] == 0.0
+        assert row["fwd_vs_dense_graph"] > 0 and "fwdbwd_vs_dense_graph" not in row
+        assert row["fwdbwd_graph_failure"] == "RuntimeError: capture refused"
+    assert rows[0]["fwd_vs_dense_graph"] == pytest.approx(1.0)
