@@ -197,19 +197,32 @@ def replayed(fn: Callable, q, k, v, dout, args, device, backward: bool) -> dict:
     return stats
 
 
-def add_ratios(row: dict, useful_f: float, useful_fb: float, dense: dict[str, float]) -> None:
-    """``row``'s fractions of dense SDPA's useful TFLOP/s in the same run. ``dense``: its rates,
-    ``fwd`` and ``fwdbwd`` (single calls), and where ``--graphs`` replayed it, ``fwd_graph`` and
-    ``fwdbwd_graph``. Back to back is set against dense SDPA's single call (one kernel: no host
-    latency to hide); replayed against dense SDPA replayed."""
-    row["fwd_vs_dense"] = row["fwd_tflops"] / dense["fwd"]
+def add_rates(stats: dict, flops: dict[str, float]) -> None:
+    """Useful TFLOP/s from ``stats``' times, for each part of ``flops`` (``fwd``, ``fwdbwd``: the
+    useful FLOPs of one call): ``{part}_tflops`` (None where the part was not timed), and
+    ``{part}_tflops_graph`` where ``--graphs`` replayed it."""
+    for part, useful in flops.items():
+        ms = stats.get(f"{part}_ms")
+        stats[f"{part}_tflops"] = useful / ms / 1e9 if ms else None
+        if ms_graph := stats.get(f"{part}_ms_graph"):
+            stats[f"{part}_tflops_graph"] = useful / ms_graph / 1e9
+
+
+def add_ratios(row: dict, useful_f: float, useful_fb: float, dense: dict) -> None:
+    """``row``'s fractions of dense SDPA's useful TFLOP/s in the same run. ``dense``: its stats,
+    with :func:`add_rates`' rates. Back to back is set against dense SDPA's single call (one
+    kernel: no host latency to hide); replayed (``--graphs``) against dense SDPA replayed."""
+    row["fwd_vs_dense"] = row["fwd_tflops"] / dense["fwd_tflops"]
     fb = row["fwdbwd_tflops"]
-    row["fwdbwd_vs_dense"] = fb / dense["fwdbwd"] if fb is not None else None
+    row["fwdbwd_vs_dense"] = fb / dense["fwdbwd_tflops"] if fb is not None else None
     for part, useful in (("fwd", useful_f), ("fwdbwd", useful_fb)):
         if row.get(f"{part}_ms_b2b"):
-            row[f"{part}_vs_dense_b2b"] = useful / row[f"{part}_ms_b2b"] / 1e9 / dense[part]
-        if row.get(f"{part}_tflops_graph") and dense.get(f"{part}_graph"):
-            row[f"{part}_vs_dense_graph"] = row[f"{part}_tflops_graph"] / dense[f"{part}_graph"]
+            rate = useful / row[f"{part}_ms_b2b"] / 1e9
+            row[f"{part}_vs_dense_b2b"] = rate / dense[f"{part}_tflops"]
+        if row.get(f"{part}_tflops_graph") and dense.get(f"{part}_tflops_graph"):
+            row[f"{part}_vs_dense_graph"] = (
+                row[f"{part}_tflops_graph"] / dense[f"{part}_tflops_graph"]
+            )
 
 
 def time_and_memory(
@@ -407,10 +420,7 @@ def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dic
         )
         if args.graphs:
             stats |= replayed(fn, q, k, v, dout, args, device, n < args.fwd_only_from)
-            for part, useful in (("fwd", useful_f), ("fwdbwd", useful_fb)):
-                if ms := stats.get(f"{part}_ms_graph"):
-                    stats[f"{part}_tflops_graph"] = useful / ms / 1e9
-        fb_ms = stats["fwdbwd_ms"]
+        add_rates(stats, {"fwd": useful_f, "fwdbwd": useful_fb})
         rows.append(
             {
                 "n": n,
@@ -419,8 +429,6 @@ def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dic
                 "variant": name,
                 "oracle_err": error,
                 **stats,
-                "fwd_tflops": useful_f / stats["fwd_ms"] / 1e9,
-                "fwdbwd_tflops": useful_fb / fb_ms / 1e9 if fb_ms else None,
             }
         )
         print("row", json.dumps(rows[-1]), flush=True)
@@ -458,10 +466,7 @@ def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dic
 
             qf, kf, vf, df = (x[:, :dense_n] for x in (q, k, v, dout))
             dense_cache[key] |= replayed(dense_bnhd, qf, kf, vf, df, args, device, backward=True)
-        for part in ("fwd", "fwdbwd"):  # its rates, single calls and replayed
-            for rate, ms_key in ((part, f"{part}_ms"), (f"{part}_graph", f"{part}_ms_graph")):
-                if ms := dense_cache[key].get(ms_key):
-                    dense_cache[key][rate] = flops[part] / ms / 1e9
+        add_rates(dense_cache[key], flops)
     dense = dense_cache[key]
     rows.append(
         {
@@ -470,25 +475,13 @@ def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dic
             "causal": causal,
             "variant": "dense SDPA" + ("" if dense_n == n else f" (rate at n={dense_n})"),
             "oracle_err": None,
-            "fwd_ms": dense["fwd_ms"] if dense_n == n else None,
-            "fwd_tflops": dense["fwd"],
-            "fwdbwd_ms": dense["fwdbwd_ms"] if dense_n == n else None,
-            "fwdbwd_tflops": dense["fwdbwd"],
-            "fwd_mem_vs_io": None,
-            "fwdbwd_mem_vs_io": None,
-            "setup_s": 0.0,
+            "fwd_ms": None,
+            "fwdbwd_ms": None,
         }
-        | {  # replayed (--graphs): its rates, and its replays' errors or failures
-            name: value
-            for name, value in dense.items()
-            if name.endswith(("_graph_err", "_graph_failure"))
-            or (name.endswith("_ms_graph") and dense_n == n)
-        }
-        | {
-            f"{part}_tflops_graph": dense[f"{part}_graph"]
-            for part in ("fwd", "fwdbwd")
-            if f"{part}_graph" in dense
-        }
+        # its times only where measured at this n (its rates hold at any n: the row's name
+        # says where they were measured)
+        | {name: value for name, value in dense.items() if dense_n == n or "_ms" not in name}
+        | {"fwd_mem_vs_io": None, "fwdbwd_mem_vs_io": None, "setup_s": 0.0}
     )
 
     useful_f = useful_flops(b, n, h, d, args.lengths, args.rates, causal, mixing)

@@ -313,14 +313,15 @@ def test_bench_sets_each_timing_against_dense_sdpas_of_its_kind():
     useful_f, useful_fb = 4e12, 10e12  # FLOPs: 400 / 500 TFLOP/s at 10 / 20 ms
     row = {"fwd_tflops": 400.0, "fwdbwd_tflops": None, "fwd_ms_b2b": 8.0}
     row |= {"fwd_tflops_graph": 450.0, "fwdbwd_tflops_graph": 500.0}
-    dense = {"fwd": 500.0, "fwdbwd": 400.0, "fwd_graph": 450.0, "fwdbwd_graph": 625.0}
+    dense = {"fwd_tflops": 500.0, "fwdbwd_tflops": 400.0}
+    dense |= {"fwd_tflops_graph": 450.0, "fwdbwd_tflops_graph": 625.0}
     bench.add_ratios(row, useful_f, useful_fb, dense)
     assert row["fwd_vs_dense"] == pytest.approx(0.8) and row["fwdbwd_vs_dense"] is None
     assert row["fwd_vs_dense_b2b"] == pytest.approx(1.0)  # 500 TFLOP/s back to back
     assert row["fwd_vs_dense_graph"] == pytest.approx(1.0)
     assert row["fwdbwd_vs_dense_graph"] == pytest.approx(0.8)
     unreplayed = {"fwd_tflops": 400.0, "fwdbwd_tflops": 200.0}
-    bench.add_ratios(unreplayed, useful_f, useful_fb, {"fwd": 500.0, "fwdbwd": 400.0})
+    bench.add_ratios(unreplayed, useful_f, useful_fb, {"fwd_tflops": 500.0, "fwdbwd_tflops": 400.0})
     assert unreplayed == {"fwd_tflops": 400.0, "fwdbwd_tflops": 200.0} | {
         "fwd_vs_dense": pytest.approx(0.8),
         "fwdbwd_vs_dense": pytest.approx(0.5),
