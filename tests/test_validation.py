@@ -364,6 +364,9 @@ def test_repeated_calls_still_reject_bad_inputs():
     meta = tuple(x.to("meta") for x in (q, k, v))
     with pytest.raises(ValueError, match="computer='sdpa' cannot run"):
         module(*meta)
+    # (keyed without the layouts, a sparse q of a good call's shape skipped the checks)
+    with pytest.raises(TypeError, match="parameter 'q' must be a dense"):
+        module(q.to_sparse(), k, v)
     module(q, k, v)
 
 
