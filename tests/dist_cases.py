@@ -824,6 +824,20 @@ def a_rank_with_another_option_raises_everywhere(field: str) -> str:
         return _value_error_of(lambda: module(q, q, q))
 
 
+def a_rank_whose_inputs_alone_require_grad_raises_everywhere() -> str:
+    """Rank 1 alone trains (its inputs require grad, its peers' do not; grad mode on
+    everywhere). The segment spans every rank, so unchecked every forward returns alike and
+    rank 1's backward then waits in the ring for peers that never call theirs."""
+    module = ringattn.DilatedAttention(
+        (16 * dist.get_world_size(),),
+        (1,),
+        strategy=ringattn.Strategy(communicator="ring"),
+        compile=False,
+    )
+    q = torch.randn(1, 16, 2, 8).requires_grad_(dist.get_rank() == 1)
+    return _value_error_of(lambda: module(q, q, q))
+
+
 def ranks_under_different_autocasts_raise_everywhere():
     """Rank 0 under bf16 autocast, rank 1 under fp16: float32 inputs agreed on, then each cast
     to its own dtype, exchanged each other's bytes (relative error 1.7, no error)."""

@@ -473,6 +473,11 @@ def test_a_rank_with_another_option_raises_on_every_rank(pool, field):
     assert all("ranks disagree" in m and f"(they differ in: {field})" in m for m in messages)
 
 
+def test_a_rank_whose_inputs_alone_require_grad_raises_on_every_rank(pool):
+    messages = pool.run("a_rank_whose_inputs_alone_require_grad_raises_everywhere")
+    assert all("ranks disagree" in m and "(they differ in: q, k, v)" in m for m in messages)
+
+
 def test_ranks_under_different_autocasts_raise_on_every_rank(pool):
     messages = pool.run("ranks_under_different_autocasts_raise_everywhere")
     assert all("ranks disagree" in m and "bfloat16" in m and "float16" in m for m in messages)
