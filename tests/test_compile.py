@@ -126,6 +126,60 @@ def test_head_groups_gradients_leave_the_compiled_op_unaliased():
     check_compiled(ringattn.Strategy(computer="sdpa"), "aot_eager", p)
 
 
+# torch.library.opcheck's checks (its default test_utils)
+OPCHECKS = (
+    "test_schema",
+    "test_autograd_registration",
+    "test_faketensor",
+    "test_aot_dispatch_dynamic",
+)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str
+)
+@pytest.mark.parametrize("mixing", ["lse", "head_groups"])
+def test_the_core_ops_pass_torchs_opcheck(mixing, dtype):
+    """``torch.library.opcheck`` of the two opaque ops a compiled graph holds: their schemas,
+    autograd registration, AOT dispatch, and fake implementations against the real ops. What
+    Inductor plans from a fake output must be what the op returns: the forward's LSE is in the
+    accumulation dtype (float32 for half inputs), not q's; the checks above, in float32 and
+    float64, could not tell the two apart.
+
+    Under ``head_groups`` the forward leaves the LSE of the (row, head) pairs that no config
+    selects unwritten (one fill less; the backward never reads them, held below), so its AOT
+    dispatch check, which compares every element of two calls, is made on the selected pairs."""
+    p = {**PROBLEM, "mixing": mixing, "causal": True}
+    module = ringattn.DilatedAttention(**options(p), strategy=ringattn.Strategy(computer="sdpa"))
+    q, k, v = make_qkv(p, dtype)
+    tag = module._number
+    forward, backward = torch.ops.ringattn.dilated_forward, torch.ops.ringattn.dilated_backward
+    out, lse = forward(q, k, v, tag)
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    dout = torch.randn_like(out)
+    unwritten = ("test_aot_dispatch_dynamic",) if mixing == "head_groups" else ()
+    checks = [check for check in OPCHECKS if check not in unwritten]
+    torch.library.opcheck(forward.default, (q, k, v, tag), test_utils=checks)
+    torch.library.opcheck(backward.default, (dout, q, k, v, out, lse, tag))
+    if not unwritten:
+        return
+    selected = reference.selection(
+        p["n"], p["h"], p["segment_lengths"], p["dilation_rates"], mixing
+    )
+    selected = selected.any(0).T  # [n, h]: some config selects the pair
+    assert not selected.all()  # (else this case could not tell)
+    traced = torch.compile(lambda *x: forward(*x, tag), backend="aot_eager", fullgraph=True)
+    out_traced, lse_traced = traced(q, k, v)
+    assert torch.equal(out_traced, out)
+    assert torch.equal(lse_traced[:, selected], lse[:, selected])
+    # the unselected pairs' LSE, whatever it holds, changes no gradient
+    poisoned = lse.masked_fill(~selected, float("nan"))
+    for grad, grad_poisoned in zip(
+        backward(dout, q, k, v, out, lse, tag), backward(dout, q, k, v, out, poisoned, tag)
+    ):
+        assert torch.equal(grad, grad_poisoned)
+
+
 @pytest.mark.parametrize(
     "dilation, computer, mixing, causal",
     [  # each (dilation, computer) once; mixing and causal take turns (~10 s each on 2 cores)
