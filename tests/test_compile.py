@@ -118,6 +118,14 @@ def test_inductor_sdpa_forward_and_backward(dilation):
     check_compiled(ringattn.Strategy(dilation=dilation, computer="sdpa"), "inductor")
 
 
+@pytest.mark.parametrize("mixing", ["lse", "head_groups"])
+def test_inductor_in_bfloat16(mixing):
+    """What GPU users compile: half inputs, the core ops' LSE in float32 between them (the
+    cases above run float32 only; opcheck, below, holds the ops' fake outputs' dtypes)."""
+    p = {**PROBLEM, "mixing": mixing, "causal": True}
+    check_compiled(ringattn.Strategy(computer="sdpa"), "inductor", p, torch.bfloat16)
+
+
 def test_head_groups_gradients_leave_the_compiled_op_unaliased():
     """Under head_groups the eager backward hands out its three zero-started gradients as views
     of one buffer; the compiled backward is a custom op, whose results may not share storage, so
