@@ -304,6 +304,18 @@ def test_bench_runs_on_the_cpu(tmp_path):
     assert not any("graph" in name for row in rows for name in row)  # (no --graphs)
 
 
+def test_bench_rates_are_useful_tflops_per_second():
+    """The absolute rates the tables print (dense SDPA's ~610-660 TFLOP/s on an H200 is read
+    from them), not only their ratios, which a wrong unit leaves unchanged."""
+    from experiments import bench
+
+    stats = {"fwd_ms": 10.0, "fwdbwd_ms": None, "fwd_ms_graph": 8.0}
+    bench.add_rates(stats, {"fwd": 4e12, "fwdbwd": 14e12})  # FLOPs per call
+    assert stats["fwd_tflops"] == pytest.approx(400.0)  # 4e12 FLOPs in 10 ms
+    assert stats["fwd_tflops_graph"] == pytest.approx(500.0)
+    assert stats["fwdbwd_tflops"] is None and "fwdbwd_tflops_graph" not in stats
+
+
 def test_bench_sets_each_timing_against_dense_sdpas_of_its_kind():
     """Single calls and back to back against dense SDPA's single call, replays (--graphs)
     against dense SDPA replayed: a row replayed at dense's replayed rate is at 1.0, whatever
