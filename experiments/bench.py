@@ -197,15 +197,20 @@ def replayed(fn: Callable, q, k, v, dout, args, device, backward: bool) -> dict:
     return stats
 
 
+def tflops(useful: float, ms: float) -> float:
+    """TFLOP/s of ``useful`` FLOPs done in ``ms`` milliseconds."""
+    return useful / ms / 1e9
+
+
 def add_rates(stats: dict, flops: dict[str, float]) -> None:
     """Useful TFLOP/s from ``stats``' times, for each part of ``flops`` (``fwd``, ``fwdbwd``: the
     useful FLOPs of one call): ``{part}_tflops`` (None where the part was not timed), and
     ``{part}_tflops_graph`` where ``--graphs`` replayed it."""
     for part, useful in flops.items():
         ms = stats.get(f"{part}_ms")
-        stats[f"{part}_tflops"] = useful / ms / 1e9 if ms else None
+        stats[f"{part}_tflops"] = tflops(useful, ms) if ms else None
         if ms_graph := stats.get(f"{part}_ms_graph"):
-            stats[f"{part}_tflops_graph"] = useful / ms_graph / 1e9
+            stats[f"{part}_tflops_graph"] = tflops(useful, ms_graph)
 
 
 def add_ratios(row: dict, useful_f: float, useful_fb: float, dense: dict) -> None:
@@ -217,7 +222,7 @@ def add_ratios(row: dict, useful_f: float, useful_fb: float, dense: dict) -> Non
     row["fwdbwd_vs_dense"] = fb / dense["fwdbwd_tflops"] if fb is not None else None
     for part, useful in (("fwd", useful_f), ("fwdbwd", useful_fb)):
         if row.get(f"{part}_ms_b2b"):
-            rate = useful / row[f"{part}_ms_b2b"] / 1e9
+            rate = tflops(useful, row[f"{part}_ms_b2b"])
             row[f"{part}_vs_dense_b2b"] = rate / dense[f"{part}_tflops"]
         if row.get(f"{part}_tflops_graph") and dense.get(f"{part}_tflops_graph"):
             row[f"{part}_vs_dense_graph"] = (
