@@ -11,6 +11,7 @@ wrappers would break the graph.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import types
@@ -750,18 +751,17 @@ def _functional(
     # (the options are typed by the module's constructor, which any new key reaches)
     key = _key(segment_lengths, dilation_rates, **options)
     if torch.compiler.is_compiling():
-        module = _kept_module(key)
-        if module is None or q.is_cuda:
-            # (the lengths and rates as the key holds them, checked: a float among them is no
-            # constant to Dynamo, which then failed to pass them to _made_while_tracing; on
-            # CUDA also for a kept module, whose CUDA tag it makes where no eager call did)
-            attribute, refusal, reason = _made_while_tracing(
-                key[0], key[1], device=q.device, **options
-            )
-            if refusal:
-                raise (TypeError if refusal == "TypeError" else ValueError)(reason)
-            module = getattr(_EVERY_MODULE, attribute)
-        return module(q, k, v)
+        # Found or made in plain Python at trace time, for a kept module too: torch 2.11's Dynamo
+        # cannot trace hash() of a tuple (the key's attribute, _kept_module), which failed every
+        # fullgraph trace there, and on CUDA the call also makes the module's CUDA tag where no
+        # eager call did. (The lengths and rates as the key holds them, checked: a float among
+        # them is no constant to Dynamo, which then failed to pass them on.)
+        attribute, refusal, reason = _made_while_tracing(
+            key[0], key[1], device=q.device, classes=key[6], **_as_constants(options)
+        )
+        if refusal:
+            raise (TypeError if refusal == "TypeError" else ValueError)(reason)
+        return getattr(_EVERY_MODULE, attribute)(q, k, v)
     return _module_for(key, segment_lengths, dilation_rates, **options)(q, k, v)
 
 
@@ -837,9 +837,24 @@ def _caller_level() -> int:
     return level
 
 
+def _as_constants(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` as Dynamo can hand them to an ``assume_constant_result`` function: the
+    Strategy, a frozen dataclass, as its class and its fields' names. Under torch 2.11 Dynamo
+    converts each argument of such a call to a Python constant and cannot convert a frozen
+    dataclass ("currently can't reconstruct arbitrary frozen dataclass instances"), so every
+    trace of the functional form on CUDA, and every one before an eager call, failed there
+    (torch 2.13 converts it)."""
+    strategy = options["strategy"]
+    names = tuple(getattr(strategy, field) for field in _STRATEGY_FIELDS)
+    return {**options, "strategy": (type(strategy), names)}
+
+
+_STRATEGY_FIELDS = tuple(field.name for field in dataclasses.fields(Strategy))
+
+
 @torch._dynamo.assume_constant_result
 def _made_while_tracing(
-    *args: Any, device: torch.device | None = None, **options: Any
+    *args: Any, device: torch.device | None = None, classes: tuple = (), **options: Any
 ) -> tuple[str, str, str]:
     """The module of a traced call's option set, made at trace time in plain Python, not traced:
     Dynamo cannot trace the constructor (beartype's signature object), so a user's
@@ -848,8 +863,13 @@ def _made_while_tracing(
     (its type's name and message, raised by the trace: Dynamo reported an exception raised here as
     its own internal error). On a CUDA ``device`` it also makes the module's CUDA tag there, as an
     eager call would (``core.device_tag``; the trace then reads it as a static input), which a
-    compile for CUDA graphs needs and a trace cannot make."""
+    compile for CUDA graphs needs and a trace cannot make. ``classes``, the strategy's
+    registered classes as the trace read them, is unused here: handed in, it makes the trace
+    guard on them, so a class re-registered under its name retraces (and gets its own module)."""
+    del classes
     try:
+        strategy_type, names = options["strategy"]  # (as _as_constants handed it)
+        options = {**options, "strategy": strategy_type(**dict(zip(_STRATEGY_FIELDS, names)))}
         key = _key(*args, **options)
         module = _module_for(key, *args, **options)  # (made and kept under its key)
     except (TypeError, ValueError) as error:

@@ -400,6 +400,41 @@ def test_the_functional_form_compiles_inside_a_users_function(fullgraph):
     assert len(vars(ringattn.api._EVERY_MODULE)) == made_before + 2
 
 
+def test_the_functional_form_traced_hands_the_module_maker_plain_constants(monkeypatch):
+    """Dynamo converts every argument of an ``assume_constant_result`` call to a Python constant
+    before it runs it at trace time, and torch 2.11 (the GPU machines') cannot convert a frozen
+    dataclass: the Strategy among the options failed every trace of the functional form on CUDA
+    and every one before an eager call there, "currently can't reconstruct arbitrary frozen
+    dataclass instances" (h200_perf.md step 68). Torch 2.13 converts it, so this holds the rule
+    itself: what the trace hands ``_made_while_tracing`` is numbers, strings, bools, None,
+    classes, devices and tuples of them; the module it makes has the caller's strategy."""
+    handed: list = []
+    made_while_tracing = ringattn.api._made_while_tracing
+
+    @torch._dynamo.assume_constant_result
+    def spy(*args, **kwargs):
+        handed.extend([*args, *kwargs.values()])
+        return made_while_tracing(*args, **kwargs)
+
+    monkeypatch.setattr(ringattn.api, "_made_while_tracing", spy)
+    torch._dynamo.reset()
+    strategy = ringattn.Strategy(dilation="global", memory="none")
+    options_ = {"segment_lengths": (4, 8), "dilation_rates": (1, 2), "scale": 0.71875}
+    attention = _functional_call({**options_, "strategy": strategy, "compile": False})
+    q = torch.randn(1, 16, 2, 8)
+    out = torch.compile(attention, fullgraph=True, backend="eager")(q)
+
+    def plain(value) -> bool:
+        if isinstance(value, tuple):
+            return all(plain(x) for x in value)
+        return value is None or isinstance(value, (int, float, str, type, torch.device))
+
+    assert handed and all(plain(value) for value in handed), handed
+    assert torch.equal(out, ringattn.dilated_attention(q, q, q, **options_, strategy=strategy))
+    kept = [m for m in vars(ringattn.api._EVERY_MODULE).values() if m.functional_key]
+    assert any(m.strategy == strategy and m.config.scale == 0.71875 for m in kept)
+
+
 def _functional_call(options_: dict):
     # (the options a closure's constants: as a default argument Dynamo treats them as inputs)
     def attention(q):
@@ -1213,7 +1248,8 @@ def test_the_functional_form_traced_on_cuda_makes_its_modules_cuda_tag(monkeypat
     others |= {"compile": True, "compile_backend": "inductor"}
     cuda = torch.device("cuda", 0)
     for device in (cuda, cuda, cuda, torch.device("cpu"), None):
-        attribute, refusal, _ = ringattn.api._made_while_tracing(*args, device=device, **others)
+        constants = ringattn.api._as_constants(others)
+        attribute, refusal, _ = ringattn.api._made_while_tracing(*args, device=device, **constants)
         assert attribute and not refusal
     assert made == [cuda] * 3  # (the third raised: swallowed, the CPU tag serves)
     assert getattr(ringattn.api._EVERY_MODULE, attribute).functional_key is not None
