@@ -72,7 +72,7 @@ from rich.progress import (
 import ringattn
 from experiments import worst
 from ringattn import DilatedConfig, Strategy, reference, registry
-from ringattn.flops import dense_pairs, useful_pairs
+from ringattn.flops import FORWARD_BACKWARD_FACTOR, dense_pairs, useful_pairs
 from ringattn.memory.base import MemoryManager
 
 # ‖out − ref‖ / ‖ref‖ bounds against the float64 oracle (the same contract as tests/conftest.py).
@@ -92,7 +92,7 @@ DTYPES = {
     "fp64": torch.float64,
     "float64": torch.float64,
 }
-FWD_BWD_FLOPS = 3.5  # backward ≈ 2.5× the forward's matmul FLOPs
+FWD_BWD_FLOPS = FORWARD_BACKWARD_FACTOR  # (ringattn.flops: the backward ≈ 2.5× the forward's)
 DISTRIBUTED_COMMUNICATORS = ("ring", "all_gather")
 TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 

@@ -42,7 +42,7 @@ from torch import Tensor
 import ringattn
 from experiments import make_out, require_torchrun
 from experiments.ablate import dict_rows_to_markdown, rel_err
-from experiments.bench import failure, fwd_and_fwdbwd, graphed_calls
+from experiments.bench import failure, fwd_and_fwdbwd, graphed_calls, tflops
 from ringattn import distributed, lanes, launches, reference
 from ringattn.config import MIXINGS
 from ringattn.flops import useful_flops
@@ -238,8 +238,8 @@ def throughput(f_ms: float, fb_ms: float, flops_f: float, flops_fb: float) -> di
     return {
         "fwd_ms": f_ms,
         "fwdbwd_ms": fb_ms,
-        "fwd_tflops_per_gpu": flops_f / f_ms / 1e9,
-        "fwdbwd_tflops_per_gpu": flops_fb / fb_ms / 1e9,
+        "fwd_tflops_per_gpu": tflops(flops_f, f_ms),
+        "fwdbwd_tflops_per_gpu": tflops(flops_fb, fb_ms),
     }
 
 

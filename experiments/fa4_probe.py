@@ -71,7 +71,8 @@ from typing import Any
 import torch
 
 from experiments import add_heads, make_out, require_cuda, require_positive, worst
-from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, failure
+from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, failure, tflops
+from ringattn.flops import FORWARD_BACKWARD_FACTOR
 
 aten = torch.ops.aten
 
@@ -173,7 +174,8 @@ def sweep(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
         flops = 4.0 * n * 2048 * d * h / (2 if causal else 1)
         ref = _cudnn(q, k, v, causal, d**-0.5)[0].float()
         ms = _events_ms(partial(_cudnn, q, k, v, causal, d**-0.5), 2, repeats)
-        rows.append({"causal": causal, "kernel": "cudnn", "fwd_ms": ms, "tflops": flops / ms / 1e9})
+        rows.append({"causal": causal, "kernel": "cudnn", "fwd_ms": ms})
+        rows[-1]["tflops"] = tflops(flops, ms)
         print(json.dumps(rows[-1]), flush=True)
         for config in SWEEP:
             extra = {}
@@ -187,7 +189,7 @@ def sweep(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
                 out = fn(**extra)[0]
                 row["rel_err_vs_cudnn"] = float((out.float() - ref).norm() / ref.norm())
                 ms = _events_ms(partial(fn, **extra), 2, repeats)
-                row.update(fwd_ms=ms, tflops=flops / ms / 1e9)
+                row.update(fwd_ms=ms, tflops=tflops(flops, ms))
             except Exception as exc:
                 row["error"] = failure(exc, 200)
             _emit(rows, row)
@@ -1147,7 +1149,7 @@ def bwd_sweep(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
                                 float((g - r).norm() / r.norm()) for g, r in zip(grads, reference)
                             )
                         ms = _events_ms(fn, 2, repeats)
-                    row.update(bwd_ms=ms, tflops=flops / ms / 1e9)
+                    row.update(bwd_ms=ms, tflops=tflops(flops, ms))
                 except Exception as exc:
                     row["error"] = failure(exc, 200)
                 _emit(rows, row)
@@ -1287,8 +1289,8 @@ def main(argv: list[str] | None = None) -> None:
                     fb = _events_ms(partial(fn, q, k, v, causal, scale, dout), 2, args.repeats)
                     row[f"{name}_fwd_ms"] = fwd
                     row[f"{name}_fwdbwd_ms"] = fb
-                    row[f"{name}_fwd_tflops"] = flops / fwd / 1e9
-                    row[f"{name}_fwdbwd_tflops"] = 3.5 * flops / fb / 1e9
+                    row[f"{name}_fwd_tflops"] = tflops(flops, fwd)
+                    row[f"{name}_fwdbwd_tflops"] = tflops(FORWARD_BACKWARD_FACTOR * flops, fb)
                 except Exception as exc:  # a probe: report and go on
                     row[f"{name}_error"] = failure(exc, 300)
             if label == "strided w4096 r2":

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import ringattn
 from experiments import add_lengths, make_out, require_cuda, require_positive, worst
 from experiments.ablate import dict_rows_to_markdown, median_ms, rel_err
-from experiments.bench import failure
+from experiments.bench import failure, tflops
 from ringattn import masks, reference
 from ringattn.computers.flex import FlexComputer
 from ringattn.computers.sdpa import CUDA_FORWARDS, SDPAComputer
@@ -154,8 +154,8 @@ def speed(n: int, lengths, rates, mixing: str, causal: bool, strategies) -> list
                 "variant": name,
                 "fwd_ms": fwd_ms,
                 "fwdbwd_ms": fb_ms,
-                "fwd_tflops": flops_f / fwd_ms / 1e9,
-                "fwdbwd_tflops": flops_fb / fb_ms / 1e9,
+                "fwd_tflops": tflops(flops_f, fwd_ms),
+                "fwdbwd_tflops": tflops(flops_fb, fb_ms),
                 "peak_gib": peak,
             }
         )

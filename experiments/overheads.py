@@ -53,6 +53,7 @@ from experiments.bench import (
     failure,
     fwd_and_fwdbwd,
     graphed_calls,
+    tflops,
     time_and_memory,
     with_grads,
 )
@@ -236,6 +237,9 @@ def probe(n: int, args, traces: dict) -> list[dict]:
     rows = []
     for mixing in args.mixing:
         flops_f = useful_flops(b, n, h, d, ISSUE_LENGTHS, ISSUE_RATES, args.causal, mixing)
+        flops_fb = useful_flops(
+            b, n, h, d, ISSUE_LENGTHS, ISSUE_RATES, args.causal, mixing, backward=True
+        )
         choices = list(
             itertools.product(
                 args.split,
@@ -350,8 +354,8 @@ def probe(n: int, args, traces: dict) -> list[dict]:
                     "group_max": int(group_max),
                     "bwd_tiles": bwd_tiles,
                     **stats,
-                    "fwd_tflops": flops_f / stats["fwd_ms"] / 1e9,
-                    "fwdbwd_tflops": 3.5 * flops_f / stats["fwdbwd_ms"] / 1e9,
+                    "fwd_tflops": tflops(flops_f, stats["fwd_ms"]),
+                    "fwdbwd_tflops": tflops(flops_fb, stats["fwdbwd_ms"]),
                 }
             )
             results = with_grads(attention, q, k, v, dout)

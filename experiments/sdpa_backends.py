@@ -23,6 +23,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ringattn
 from experiments import ablate, require_cuda
+from experiments.bench import tflops
+from ringattn.flops import dense_flops
 
 aten = torch.ops.aten
 
@@ -34,7 +36,8 @@ def median_ms(fn, repeats: int = 7) -> float:
 def backend_rates(q, k, v, label: str) -> list[dict]:
     """q, k, v: [B, H, L, d] (any strides)."""
     b, h, length, d = q.shape
-    flops = 4.0 * b * h * length * length * d
+    flops_f = dense_flops(b, length, h, d, causal=False)
+    flops_fb = dense_flops(b, length, h, d, causal=False, backward=True)
     rows = []
     for backend in (
         SDPBackend.FLASH_ATTENTION,
@@ -56,9 +59,9 @@ def backend_rates(q, k, v, label: str) -> list[dict]:
                     "shape": label,
                     "backend": backend.name,
                     "fwd_ms": fwd,
-                    "fwd_tflops": flops / fwd / 1e9,
+                    "fwd_tflops": tflops(flops_f, fwd),
                     "fwdbwd_ms": fwdbwd,
-                    "fwdbwd_tflops": 3.5 * flops / fwdbwd / 1e9,
+                    "fwdbwd_tflops": tflops(flops_fb, fwdbwd),
                 }
             )
         except Exception as exc:

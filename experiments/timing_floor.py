@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 from experiments import make_out, require_cuda, require_positive
 from experiments.ablate import dict_rows_to_markdown, median_ms
+from experiments.bench import tflops
+from ringattn.flops import dense_flops
 
 
 def dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             )
 
             forward = partial(dense_forward, q, k, v, causal)
-            flops = 4.0 * 16 * n * n * 128 / (2 if causal else 1)
+            flops = dense_flops(1, n, 16, 128, causal)
             single = median_ms(forward, device, 3, args.repeats)
             b2b = median_ms(forward, device, 3, args.repeats, args.b2b_calls)
             rows.append(
@@ -69,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                     "causal": causal,
                     "single_ms": single,
                     "b2b_ms": b2b,
-                    "single_tflops": flops / single / 1e9,
-                    "b2b_tflops": flops / b2b / 1e9,
+                    "single_tflops": tflops(flops, single),
+                    "b2b_tflops": tflops(flops, b2b),
                     "single_vs_b2b": b2b / single,
                 }
             )

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from ringattn.pattern import make_plan
 
+# forward+backward FLOPs over the forward's: the backward does 2.5x the forward's matmul work
+FORWARD_BACKWARD_FACTOR = 3.5
+
 
 def _pairs(rows: int, causal: bool) -> int:
     return rows * (rows + 1) // 2 if causal else rows * rows
@@ -42,10 +45,10 @@ def useful_flops(
     backward: bool = False,
 ) -> float:
     flops = 4.0 * d * b * useful_pairs(n, h, segment_lengths, dilation_rates, causal, mixing)
-    return flops * 3.5 if backward else flops
+    return flops * FORWARD_BACKWARD_FACTOR if backward else flops
 
 
 def dense_flops(b: int, n: int, h: int, d: int, causal: bool, backward: bool = False) -> float:
     """Plain attention's FLOPs with the same convention (causal counts the lower triangle)."""
     flops = 4.0 * b * h * d * (n * (n + 1) / 2 if causal else n * n)
-    return flops * 3.5 if backward else flops
+    return flops * FORWARD_BACKWARD_FACTOR if backward else flops
