@@ -77,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         "functional: a function calling ringattn.dilated_attention (compile=False) instead",
     )
     parser.add_argument(
+        "--fullgraph",
+        action="store_true",
+        help="with --outer, compile the model or function with fullgraph=True (one graph or an "
+        "error, as a user who needs the whole step in one CUDA graph would)",
+    )
+    parser.add_argument(
         "--static-inputs",
         action="store_true",
         help="mark q, k, v static (torch._dynamo.mark_static_address): the CUDA-graph modes then "
@@ -84,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     require_positive(parser, args, "n")
+    if args.fullgraph and args.outer is None:
+        parser.error("--fullgraph applies to a model or function compiled with --outer")
     require_cuda("cuda_graph_modes")
     if args.history:  # (names where a pool tensor that no output holds was allocated)
         import torch._inductor.config as inductor_config
@@ -105,9 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.outer == "moved":
             inner = inner.to("cuda")
-        graphed = inner if args.outer is None else torch.compile(inner, mode=args.mode)
+        compiled_as = dict(mode=args.mode, fullgraph=args.fullgraph)
+        graphed = inner if args.outer is None else torch.compile(inner, **compiled_as)
         if args.outer == "functional":  # (its module made by the trace, with its CUDA tag)
-            graphed = torch.compile(_functional(segments, rates, options), mode=args.mode)
+            graphed = torch.compile(_functional(segments, rates, options), **compiled_as)
         for module in (eager, inner):  # (the computer's kernel choices, as bench's A/B rows)
             module.computer.cuda_forward = module.computer.cuda_backward = args.kernels
         gen = torch.Generator(device="cuda").manual_seed(0)
@@ -144,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((mixing, causal, part, f"{err:.3g}", ms, verdict[:160]))
     how = f", outer {args.outer}" if args.outer else ""
     how += ", static inputs" if args.static_inputs else ""
+    how += ", fullgraph" if args.fullgraph else ""
     verdict = f"verdict ({args.mode}, n={args.n}, kernels {args.kernels}{how})"
     columns = ["mixing", "causal", "part", "rel err vs eager", "ms (eager ms)", verdict]
     print(to_markdown(columns, [[str(cell) for cell in row] for row in rows]))

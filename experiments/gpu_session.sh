@@ -525,6 +525,7 @@ graph_modes)
     run cuda_graph_modes --n 131072 --outer
     run cuda_graph_modes --n 16384 --outer built
     run cuda_graph_modes --n 16384 --outer functional
+    run cuda_graph_modes --n 16384 --outer functional --fullgraph  # (step 68: not yet on 2.11)
     summary="$(cat "$out/rc.log")
 $(grep -h "^| " "$out/cuda_graph_modes.log" | grep -v "^| mixing\|^|---" | cut -c1-200)"
     ;;
