@@ -72,6 +72,7 @@ from rich.progress import (
 import ringattn
 from experiments import worst
 from ringattn import DilatedConfig, Strategy, reference, registry
+from ringattn import flops as flop_count
 from ringattn.flops import FORWARD_BACKWARD_FACTOR, dense_pairs, useful_pairs
 from ringattn.memory.base import MemoryManager
 
@@ -544,7 +545,7 @@ def check_distributed(preset: Preset, strategies: Sequence[Strategy]) -> bool:
 def tflops(pairs: int, b: int, d: int, ms: float | None, factor: float = 1.0) -> float | None:
     if ms is None or ms <= 0:
         return None
-    return factor * 4 * d * b * pairs / (ms * 1e-3) / 1e12
+    return flop_count.tflops(factor * 4 * d * b * pairs, ms)
 
 
 # --------------------------------------------------------------------------------------------

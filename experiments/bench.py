@@ -52,7 +52,7 @@ from experiments import (
 from experiments.ablate import dict_rows_to_markdown, median_ms, module_memory, rel_err
 from ringattn import reference
 from ringattn.computers.sdpa import CUDA_FORWARDS, SDPAComputer
-from ringattn.flops import dense_flops, useful_flops
+from ringattn.flops import dense_flops, tflops, useful_flops
 from ringattn.kernels import cudnn_graphs, fa4
 from ringattn.memory.base import MemoryManager
 from ringattn.pattern import head_groups
@@ -195,11 +195,6 @@ def replayed(fn: Callable, q, k, v, dout, args, device, backward: bool) -> dict:
     del calls, call  # the graphs' memory pools, before the next row's capture and peaks
     gc.collect()
     return stats
-
-
-def tflops(useful: float, ms: float) -> float:
-    """TFLOP/s of ``useful`` FLOPs done in ``ms`` milliseconds."""
-    return useful / ms / 1e9
 
 
 def add_rates(stats: dict, flops: dict[str, float]) -> None:

@@ -42,10 +42,10 @@ from torch import Tensor
 import ringattn
 from experiments import make_out, require_torchrun
 from experiments.ablate import dict_rows_to_markdown, rel_err
-from experiments.bench import failure, fwd_and_fwdbwd, graphed_calls, tflops
+from experiments.bench import failure, fwd_and_fwdbwd, graphed_calls
 from ringattn import distributed, lanes, launches, reference
 from ringattn.config import MIXINGS
-from ringattn.flops import useful_flops
+from ringattn.flops import tflops, useful_flops
 from ringattn.kernels import fa4
 
 # batch, heads, head dim of the timed parts (issue 5's; --heads/--head-dim shrink them for a CPU

@@ -71,8 +71,8 @@ from typing import Any
 import torch
 
 from experiments import add_heads, make_out, require_cuda, require_positive, worst
-from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, failure, tflops
-from ringattn.flops import FORWARD_BACKWARD_FACTOR
+from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, failure
+from ringattn.flops import FORWARD_BACKWARD_FACTOR, tflops
 
 aten = torch.ops.aten
 
@@ -174,8 +174,8 @@ def sweep(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
         flops = 4.0 * n * 2048 * d * h / (2 if causal else 1)
         ref = _cudnn(q, k, v, causal, d**-0.5)[0].float()
         ms = _events_ms(partial(_cudnn, q, k, v, causal, d**-0.5), 2, repeats)
-        rows.append({"causal": causal, "kernel": "cudnn", "fwd_ms": ms})
-        rows[-1]["tflops"] = tflops(flops, ms)
+        rate = tflops(flops, ms)
+        rows.append({"causal": causal, "kernel": "cudnn", "fwd_ms": ms, "tflops": rate})
         print(json.dumps(rows[-1]), flush=True)
         for config in SWEEP:
             extra = {}

@@ -24,11 +24,11 @@ import torch.nn.functional as F
 import ringattn
 from experiments import add_lengths, make_out, require_cuda, require_positive, worst
 from experiments.ablate import dict_rows_to_markdown, median_ms, rel_err
-from experiments.bench import failure, tflops
+from experiments.bench import failure
 from ringattn import masks, reference
 from ringattn.computers.flex import FlexComputer
 from ringattn.computers.sdpa import CUDA_FORWARDS, SDPAComputer
-from ringattn.flops import dense_flops, useful_flops
+from ringattn.flops import dense_flops, tflops, useful_flops
 from ringattn.memory.none import NoReuse
 from ringattn.pattern import make_plan
 

@@ -53,7 +53,6 @@ from experiments.bench import (
     failure,
     fwd_and_fwdbwd,
     graphed_calls,
-    tflops,
     time_and_memory,
     with_grads,
 )
@@ -61,7 +60,7 @@ from experiments.fa4_probe import BACKWARD_TILES
 from ringattn import core, lanes, launches, pattern
 from ringattn.computers.sdpa import CUDA_BACKWARDS, CUDA_FORWARDS, SDPAComputer
 from ringattn.config import MIXINGS
-from ringattn.flops import dense_flops, useful_flops
+from ringattn.flops import dense_flops, tflops, useful_flops
 from ringattn.kernels import add as add_kernel
 from ringattn.kernels import cudnn_graphs, fa4, fa4_group, fa4_group_bwd, fa4_zero
 

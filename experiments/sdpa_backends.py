@@ -23,8 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ringattn
 from experiments import ablate, require_cuda
-from experiments.bench import tflops
-from ringattn.flops import dense_flops
+from ringattn.flops import dense_flops, tflops
 
 aten = torch.ops.aten
 

@@ -25,8 +25,7 @@ import torch.nn.functional as F
 
 from experiments import make_out, require_cuda, require_positive
 from experiments.ablate import dict_rows_to_markdown, median_ms
-from experiments.bench import tflops
-from ringattn.flops import dense_flops
+from ringattn.flops import dense_flops, tflops
 
 
 def dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:

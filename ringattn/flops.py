@@ -48,6 +48,11 @@ def useful_flops(
     return flops * FORWARD_BACKWARD_FACTOR if backward else flops
 
 
+def tflops(flops: float, ms: float) -> float:
+    """TFLOP/s of ``flops`` FLOPs done in ``ms`` milliseconds (the benchmarks' one unit)."""
+    return flops / ms / 1e9
+
+
 def dense_flops(b: int, n: int, h: int, d: int, causal: bool, backward: bool = False) -> float:
     """Plain attention's FLOPs with the same convention (causal counts the lower triangle)."""
     flops = 4.0 * b * h * d * (n * (n + 1) / 2 if causal else n * n)
