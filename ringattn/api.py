@@ -26,6 +26,7 @@ from jaxtyping import jaxtyped
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 from torch.autograd import forward_ad
+from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 from ringattn import distributed, registry
 from ringattn.capture import pool_allocating
@@ -112,15 +113,16 @@ def _check_annotations(q: BNHD, k: BNHD, v: BNHD) -> None:
 def check_plain(q: Tensor, k: Tensor, v: Tensor) -> None:
     """:func:`check_inputs`' rules in plain Python, the path a tracing ``torch.compile`` takes:
     beartype's and jaxtyping's wrappers cannot be traced, while these comparisons fold into the
-    graph's guards, so a compiled call raises the same errors before any work."""
+    graph's guards, so a compiled call raises the same errors before any work. Each rule is its
+    own string, formed before the shapes join it: under fullgraph with symbolic shapes, torch
+    2.11's Dynamo reports the message as its unjoined parts, where a rule formed with the shapes
+    was split into pieces ("'v'", ".shape must equal q.shape ")."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, Tensor):
             raise TypeError(f"parameter {name!r} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or not x.is_floating_point():
-            raise TypeError(
-                f"parameter {name!r} must be a floating [b, n, h, d] tensor, got {x.dtype} of "
-                f"shape {tuple(x.shape)}"
-            )
+            rule = f"parameter {name!r} must be a floating [b, n, h, d] tensor"
+            raise TypeError(f"{rule}, got {x.dtype} of shape {tuple(x.shape)}")
         if x.dtype not in DTYPES:
             # float8 is floating point too: it reached the kernels and failed inside them
             # (math: "Promotion for Float8 Types is not supported", sdpa: NotImplementedError,
@@ -140,9 +142,9 @@ def check_plain(q: Tensor, k: Tensor, v: Tensor) -> None:
                 if grouped and x.shape[2] >= 1 and q.shape[2] % x.shape[2] == 0
                 else ""
             )
+            rule = f"parameter {name!r}: {name}.shape must equal q.shape"
             raise TypeError(
-                f"parameter {name!r}: {name}.shape must equal q.shape {tuple(q.shape)} "
-                f"([b, n, h, d] alike), got {tuple(x.shape)}{hint}"
+                f"{rule} {tuple(q.shape)} ([b, n, h, d] alike), got {tuple(x.shape)}{hint}"
             )
         if x.dtype != q.dtype:
             raise TypeError(f"{name}.dtype must equal q.dtype ({q.dtype}), got {x.dtype}")
@@ -150,7 +152,8 @@ def check_plain(q: Tensor, k: Tensor, v: Tensor) -> None:
             raise ValueError(f"{name}.device must equal q.device ({q.device}), got {x.device}")
     for axis, size in zip("bnhd", q.shape):
         if size < 1:
-            raise ValueError(f"q, k, v must have {axis} >= 1, got shape {tuple(q.shape)}")
+            rule = f"q, k, v must have {axis} >= 1"
+            raise ValueError(f"{rule}, got shape {tuple(q.shape)}")
 
 
 def refuse_functorch(q: object, k: object, v: object) -> None:
@@ -638,13 +641,15 @@ def clear_functional_modules() -> None:
 
 
 def _typed(name: str, option: object) -> tuple:
-    """``option`` with its type (and, for a list or tuple, each item's), for the cache's key. An
-    unhashable value (a numpy array, a bytearray), which no option takes, is refused here,
-    naming ``name`` and its annotated type, eager or traced alike: where a user's
-    torch.compile traced the call, hashing it failed as "unhashable type", naming nothing."""
+    """``option`` with its type (and, for a list or tuple, each item's), for the cache's key. A
+    value of no plain type (bool, int, float, str, None), which no option takes, is refused here,
+    naming ``name`` and its annotated type, eager or traced alike: traced, a numpy array failed
+    as "unhashable type", naming nothing, and under torch 2.11 (whose Dynamo passed this
+    module's old hashability test) a bytearray raised Dynamo's internal error and a numpy array
+    reached the constructor as a tensor."""
     if isinstance(option, (list, tuple)):
         return (type(option), *(_typed(name, x) for x in option))
-    if type(option).__hash__ is None:
+    if not isinstance(option, _PLAIN_TYPES):
         hint = (
             # (np.float64 is a float, eagerly; Dynamo holds it as a 0-d array, no constant)
             " (traced by torch.compile, a numpy value, even a scalar, is an array: pass a "
@@ -654,6 +659,9 @@ def _typed(name: str, option: object) -> tuple:
         )
         raise TypeError(f"{name} must be {_OPTION_TYPES[name]}, got {type(option).__name__}{hint}")
     return (type(option), option)
+
+
+_PLAIN_TYPES = (bool, int, float, str, type(None))
 
 
 def _attribute(key: tuple) -> str:
@@ -695,10 +703,9 @@ def dilated_attention(
     captures like the module (the opaque ops, fullgraph), also before any eager call: a trace
     makes its option set's module in plain Python. The options must be constants to Dynamo
     there (literals, closure or module attributes, as usual; a numpy value, even a scalar, is an
-    array to Dynamo, and an ``array.array``'s len() it cannot take); an int argument of the
-    compiled function that changes between calls becomes symbolic, which fullgraph then refuses
-    (use ``dynamic=False``); so does a closure's int that differs when one function body is
-    compiled again.
+    array to Dynamo, and an ``array.array``'s len() it cannot take). Lengths and rates that are
+    symbolic there (``n // 4`` under ``dynamic=True``, an int argument of the compiled function
+    that changes between calls) are taken as their values, guarded: each new value retraces.
     """
     options: dict[str, Any] = {
         "segment_lengths": segment_lengths,
@@ -756,8 +763,14 @@ def _functional(
         # fullgraph trace there, and on CUDA the call also makes the module's CUDA tag where no
         # eager call did. (The lengths and rates as the key holds them, checked: a float among
         # them is no constant to Dynamo, which then failed to pass them on.)
+        # Lengths and rates computed from a dynamic shape (n // 4 under dynamic=True) are
+        # symbolic: a module is made for values, so the trace takes them as constants and
+        # guards on them (a new value retraces). Handed on symbolic, torch 2.13's Dynamo broke
+        # the graph there and 2.11's raised its internal error.
+        lengths = tuple(guard_scalar(w) for w in key[0])
+        rates = tuple(guard_scalar(r) for r in key[1])
         attribute, refusal, reason = _made_while_tracing(
-            key[0], key[1], device=q.device, classes=key[6], **_as_constants(options)
+            lengths, rates, device=q.device, classes=key[6], **_as_constants(options)
         )
         if refusal:
             raise (TypeError if refusal == "TypeError" else ValueError)(reason)

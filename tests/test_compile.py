@@ -480,26 +480,40 @@ def test_the_functional_form_traced_refuses_bad_options(fullgraph):
             assert f"raised exception {error.__name__}(" in str(caught.value)
 
 
-def test_the_functional_form_with_lengths_from_a_dynamic_shape():
-    """README's known limitation, held: lengths computed from a symbolic ``n`` (``n // 2`` under
-    ``dynamic=True``) are no constants to Dynamo. Under fullgraph that is Dynamo's error; without,
-    the call runs through a graph break and keeps the oracle's values at each length. (Should
-    fullgraph start to pass, the README's limitation is to be taken out.)"""
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_the_functional_form_with_lengths_from_a_dynamic_shape(fullgraph):
+    """Lengths computed from a symbolic ``n`` (``n // 2`` under ``dynamic=True``) are taken as
+    constants by the trace, which guards on them: each length keeps the oracle's values, under
+    fullgraph too. Before, Dynamo refused them (torch 2.13: "assume_constant_result argument
+    conversion failed", a graph break; torch 2.11: its internal error, even without fullgraph)."""
     torch._dynamo.reset()
 
     def attention(q):
         n = q.shape[1]
         return ringattn.dilated_attention(q, q, q, segment_lengths=(n // 2,), dilation_rates=(2,))
 
-    with pytest.raises(torch._dynamo.exc.Unsupported, match="assume_constant_result"):
-        torch.compile(attention, fullgraph=True, dynamic=True, backend="eager")(
-            torch.randn(1, 16, 2, 8)
-        )
-    compiled = torch.compile(attention, dynamic=True, backend="eager")
+    compiled = torch.compile(attention, fullgraph=fullgraph, dynamic=True, backend="eager")
     for n in (16, 24, 40):
         q = torch.randn(1, n, 2, 8)
         ref = reference.dilated_attention(q, q, q, segment_lengths=(n // 2,), dilation_rates=(2,))
         assert rel_err(compiled(q), ref) <= 1e-5, n
+
+
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_the_functional_form_with_a_length_argument_that_changes(fullgraph):
+    """An int argument of the compiled function, new on each call, turns symbolic under Dynamo's
+    automatic dynamic shapes at its first change: the trace takes its value as the shape case
+    does, and each length keeps the oracle's values (under fullgraph, refused before)."""
+    torch._dynamo.reset()
+
+    def attention(q, w):
+        return ringattn.dilated_attention(q, q, q, segment_lengths=(w,), dilation_rates=(2,))
+
+    compiled = torch.compile(attention, fullgraph=fullgraph, backend="eager")
+    q = torch.randn(1, 32, 2, 8)
+    for w in (4, 8, 16):
+        ref = reference.dilated_attention(q, q, q, segment_lengths=(w,), dilation_rates=(2,))
+        assert rel_err(compiled(q, w), ref) <= 1e-5, w
 
 
 def _bad_calls(q: torch.Tensor) -> list[tuple[str, tuple]]:
@@ -1015,13 +1029,15 @@ def test_the_functional_form_takes_the_sequences_the_module_takes(kind):
         ({"scale": np.array(0.5)}, "scale must be float | int | None, got ndarray"),
         ({"causal": np.array(False)}, "causal must be bool, got ndarray"),
         ({"compile_backend": bytearray(b"eager")}, "compile_backend must be str, got bytearray"),
+        ({"compile_backend": b"eager"}, "compile_backend must be str, got bytes"),
     ],
 )
-def test_the_functional_form_traced_names_an_unhashable_option(overrides, error, fullgraph):
-    """An unhashable option, which the functional form's cache cannot key, gets the same
-    TypeError naming it in a user's torch.compile (fullgraph: inside Dynamo's report; without,
-    the frame falls back to eager, which raises it) as eagerly: traced, hashing it raised
-    "unhashable type: 'numpy.ndarray'", naming nothing."""
+def test_the_functional_form_traced_names_an_option_of_no_plain_type(overrides, error, fullgraph):
+    """An option of no plain type (an unhashable one, which the functional form's cache cannot
+    key, or bytes) gets the same TypeError naming it in a user's torch.compile (fullgraph: inside
+    Dynamo's report; without, the frame falls back to eager, which raises it) as eagerly: traced,
+    hashing a numpy array raised "unhashable type: 'numpy.ndarray'", naming nothing, and under
+    torch 2.11 a bytearray raised Dynamo's internal error (bytes: beartype's error, eagerly)."""
     torch._dynamo.reset()
     q = torch.randn(1, 16, 2, 8)
     attention = _functional_call({"segment_lengths": (4, 8), "dilation_rates": (1, 2), **overrides})
