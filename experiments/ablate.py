@@ -93,7 +93,6 @@ DTYPES = {
     "fp64": torch.float64,
     "float64": torch.float64,
 }
-FWD_BWD_FLOPS = FORWARD_BACKWARD_FACTOR  # (ringattn.flops: the backward ≈ 2.5× the forward's)
 DISTRIBUTED_COMMUNICATORS = ("ring", "all_gather")
 TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 
@@ -869,7 +868,9 @@ def time_and_memory(
         row.fwdbwd_peak_mib, _ = peak_mib(fwd_bwd, device, 4 * tensor_bytes + held)
     _slowest_rank(row, device)
     row.fwd_tflops = tflops(row.useful_pairs, p.batch, p.head_dim, row.fwd_ms)
-    row.fwdbwd_tflops = tflops(row.useful_pairs, p.batch, p.head_dim, row.fwdbwd_ms, FWD_BWD_FLOPS)
+    row.fwdbwd_tflops = tflops(
+        row.useful_pairs, p.batch, p.head_dim, row.fwdbwd_ms, FORWARD_BACKWARD_FACTOR
+    )
 
 
 MEASURED = ("fwd_ms", "fwdbwd_ms", "fwd_peak_mib", "fwdbwd_peak_mib")

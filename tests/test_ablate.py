@@ -357,7 +357,7 @@ def test_ablation_rates_are_the_useful_flops_per_second():
     b, n, h, d, configs = 2, 256, 4, 16, ((32, 64), (1, 2))
     for causal, backward in ((False, False), (True, True)):
         pairs = flops.useful_pairs(n, h, *configs, causal)
-        factor = ablate.FWD_BWD_FLOPS if backward else 1.0
+        factor = flops.FORWARD_BACKWARD_FACTOR if backward else 1.0
         useful = flops.useful_flops(b, n, h, d, *configs, causal, "lse", backward=backward)
         assert ablate.tflops(pairs, b, d, 2.0, factor) == pytest.approx(useful / 2e-3 / 1e12)
     assert ablate.tflops(1, b, d, None) is None
