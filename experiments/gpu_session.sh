@@ -153,7 +153,10 @@ graphs)
 $(grep -h "FAILED\|bench: exit\|Traceback" "$out/bench.log" | cut -c1-300)"
     ;;
 long)
-    "${bench[@]}" --n 2097152 4194304 --fwd-only-from 4194304 --check-n 0 --out "$out/bench" \
+    # LONG_N: the lengths (default 2M and 4M; on an H100, 80 GB, "2097152": 4M's q, k, v, dout
+    # and out alone need 86 GB)
+    # shellcheck disable=SC2086
+    "${bench[@]}" --n ${LONG_N:-2097152 4194304} --fwd-only-from 4194304 --check-n 0 --out "$out/bench" \
         >"$out/bench.log" 2>&1
     summary=$(grep -h "segment_local/sdpa |" "$out/bench.log")
     ;;
