@@ -82,6 +82,7 @@ GPU_ONLY = [
     "timing_floor",
     "cuda_graph_modes",
     "one_key_grads",
+    "peak_probe",
     "kernel_timeline",  # (these two said so in their own words)
     "flex_gpu",
 ]

@@ -1,0 +1,145 @@
+"""Where a forward+backward's peak memory goes, allocation by allocation (CUDA only).
+
+Step 70 (an H100, 80 GB): in ``gpu_session.sh long`` at 2M tokens, ``lse``'s forward+backward on
+FA4's backward ran out of memory, where ``head_groups`` before it and ``lse`` on torch's kernels
+fitted. This runs the steps given in a fresh process, in order, with PyTorch's allocator history
+recorded, and prints for each step its peak above the inputs (in ``[b, n, h, d]`` tensors), what
+stayed allocated after it (a module and its outputs gone), and the allocations alive at its peak
+by the library's (or FA4's) innermost frame that made them::
+
+    python -m experiments.peak_probe --n 2097152 --steps lse head_groups lse --out $OUT/peak
+
+A step is ``MIXING`` (the bench's default strategy) or ``MIXING:torch`` (torch's kernels both
+ways, the bench's ``[torch kernels]`` row)."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+import ringattn
+from experiments import require_cuda
+from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
+
+GIB = 1024**3
+LIBRARY = ("/ringattn/", "/flash_attn/")
+
+
+def site(frames: list[dict]) -> str:
+    """The innermost frames of ringattn or FA4 that made an allocation (three at most)."""
+    ours = [f for f in frames if any(part in f["filename"] for part in LIBRARY)]
+    where = [f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in ours[:3]]
+    return " < ".join(where) or "(outside the library)"
+
+
+def live_at_peak(trace: list[dict], start: int) -> tuple[int, dict[str, int], list[dict]]:
+    """Replays the allocator's trace: the most bytes alive from event ``start`` on, those
+    bytes by site, and the out-of-memory events from ``start`` on."""
+    live: dict[int, tuple[int, list]] = {}
+    total, peak, peak_at = 0, -1, start
+    for index, event in enumerate(trace):
+        if event["action"] == "alloc":
+            live[event["addr"]] = (event["size"], event.get("frames", []))
+            total += event["size"]
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            total -= live.pop(event["addr"])[0]
+        if index >= start and total > peak:
+            peak, peak_at = total, index
+    live.clear()
+    for event in trace[: peak_at + 1]:
+        if event["action"] == "alloc":
+            live[event["addr"]] = (event["size"], event.get("frames", []))
+        elif event["action"] == "free_completed":
+            live.pop(event["addr"], None)
+    by_site: dict[str, int] = defaultdict(int)
+    for size, frames in live.values():
+        by_site[site(frames)] += size
+    ooms = [e for e in trace[start:] if e["action"] == "oom"]
+    return peak, dict(by_site), ooms
+
+
+def module(step: str, n_lengths, rates) -> ringattn.DilatedAttention:
+    mixing, _, kernels = step.partition(":")
+    attention = ringattn.DilatedAttention(
+        n_lengths,
+        rates,
+        mixing=mixing,
+        strategy=ringattn.Strategy(dilation="segment_local", computer="sdpa", memory="pooled"),
+    )
+    if kernels == "torch":
+        attention.computer.cuda_forward = "torch"
+        attention.computer.cuda_backward = "torch"
+    return attention
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=2097152, help="tokens (default: 2097152)")
+    p.add_argument(
+        "--steps",
+        nargs="+",
+        default=["lse", "head_groups", "lse"],
+        help="MIXING or MIXING:torch, run in order (default: lse head_groups lse)",
+    )
+    p.add_argument("--out", type=Path, default=Path("results/peak_probe"), help="output folder")
+    args = p.parse_args(argv)
+    require_cuda("peak_probe")
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    device = torch.device("cuda")
+    q, k, v, dout = (
+        torch.randn(1, args.n, 16, 128, device=device, dtype=torch.bfloat16) for _ in range(4)
+    )
+    unit = q.numel() * q.element_size()
+    inputs = torch.cuda.memory_allocated()
+    results = []
+    for step in args.steps:
+        start = len(torch.cuda.memory._snapshot()["device_traces"][0])
+        before = torch.cuda.memory_allocated()
+        attention = module(step, ISSUE_LENGTHS, ISSUE_RATES)
+        error = ""
+        try:
+            with torch.no_grad():
+                attention(q, k, v)
+            xs = [x.detach().requires_grad_() for x in (q, k, v)]
+            attention(*xs).backward(dout)
+            del xs
+        except torch.OutOfMemoryError as exc:
+            error = str(exc).split(". ")[0]
+        torch.cuda.synchronize()
+        del attention
+        gc.collect()
+        trace = torch.cuda.memory._snapshot()["device_traces"][0]
+        peak, by_site, ooms = live_at_peak(trace, start)
+        row = {
+            "step": step,
+            "before_units": (before - inputs) / unit,
+            "peak_units": (peak - inputs) / unit,
+            "after_units": (torch.cuda.memory_allocated() - inputs) / unit,
+            "oom": error,
+            "oom_requests_gib": [e["size"] / GIB for e in ooms],
+            "at_peak_gib": {
+                name: size / GIB
+                for name, size in sorted(by_site.items(), key=lambda item: -item[1])[:12]
+            },
+        }
+        results.append(row)
+        print(json.dumps(row, indent=1), flush=True)
+    (args.out / "peak_probe.json").write_text(json.dumps(results, indent=1))
+    print("| step | held before | peak above inputs | held after | out of memory |")
+    print("|---|---|---|---|---|")
+    for row in results:
+        print(
+            f"| {row['step']} | {row['before_units']:.2f} | {row['peak_units']:.2f} | "
+            f"{row['after_units']:.2f} | {row['oom'] or 'no'} |"
+        )
+    print(f"(in [b, n, h, d] tensors of {unit / GIB:.2f} GiB; the inputs q, k, v, dout are 4)")
+
+
+if __name__ == "__main__":
+    main()
