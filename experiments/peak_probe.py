@@ -9,14 +9,15 @@ by the library's (or FA4's) innermost frame that made them::
 
     python -m experiments.peak_probe --n 2097152 --steps lse head_groups lse --out $OUT/peak
 
-A step is ``MIXING`` (the bench's default strategy) or ``MIXING:torch`` (torch's kernels both
-ways, the bench's ``[torch kernels]`` row)."""
+A step is ``MIXING`` (the bench's default strategy), with ``:causal`` for causal attention and
+``:torch`` for torch's kernels both ways (the bench's ``[torch kernels]`` row)."""
 
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import traceback
 from collections import defaultdict
 from pathlib import Path
 
@@ -64,14 +65,15 @@ def live_at_peak(trace: list[dict], start: int) -> tuple[int, dict[str, int], li
 
 
 def module(step: str, n_lengths, rates) -> ringattn.DilatedAttention:
-    mixing, _, kernels = step.partition(":")
+    mixing, *flags = step.split(":")
     attention = ringattn.DilatedAttention(
         n_lengths,
         rates,
+        causal="causal" in flags,
         mixing=mixing,
         strategy=ringattn.Strategy(dilation="segment_local", computer="sdpa", memory="pooled"),
     )
-    if kernels == "torch":
+    if "torch" in flags:
         attention.computer.cuda_forward = "torch"
         attention.computer.cuda_backward = "torch"
     return attention
@@ -84,13 +86,20 @@ def main(argv: list[str] | None = None) -> None:
         "--steps",
         nargs="+",
         default=["lse", "head_groups", "lse"],
-        help="MIXING or MIXING:torch, run in order (default: lse head_groups lse)",
+        help="MIXING[:causal][:torch], run in order (default: lse head_groups lse)",
+    )
+    p.add_argument(
+        "--history",
+        action="store_true",
+        help="record the allocator's history, for the allocations alive at each peak by frame "
+        "(on torch 2.11 with FA4's backward this segfaulted in autograd's thread)",
     )
     p.add_argument("--out", type=Path, default=Path("results/peak_probe"), help="output folder")
     args = p.parse_args(argv)
     require_cuda("peak_probe")
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    if args.history:
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
     device = torch.device("cuda")
     q, k, v, dout = (
         torch.randn(1, args.n, 16, 128, device=device, dtype=torch.bfloat16) for _ in range(4)
@@ -99,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     inputs = torch.cuda.memory_allocated()
     results = []
     for step in args.steps:
-        start = len(torch.cuda.memory._snapshot()["device_traces"][0])
+        start = len(torch.cuda.memory._snapshot()["device_traces"][0]) if args.history else 0
+        torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         attention = module(step, ISSUE_LENGTHS, ISSUE_RATES)
         error = ""
@@ -110,12 +120,23 @@ def main(argv: list[str] | None = None) -> None:
             attention(*xs).backward(dout)
             del xs
         except torch.OutOfMemoryError as exc:
-            error = str(exc).split(". ")[0]
+            # the first sentence and the request ("Tried to allocate 2.00 GiB"), then the frames
+            # of ringattn and FA4 that asked for it
+            error = ". ".join(str(exc).split(". ")[:2])
+            frames = traceback.extract_tb(exc.__traceback__)
+            error += " at " + " > ".join(
+                f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                for f in frames
+                if any(part in f.filename for part in LIBRARY)
+            )
         torch.cuda.synchronize()
         del attention
         gc.collect()
-        trace = torch.cuda.memory._snapshot()["device_traces"][0]
-        peak, by_site, ooms = live_at_peak(trace, start)
+        peak, by_site, ooms = torch.cuda.max_memory_allocated(), dict[str, int](), list[dict]()
+        if args.history:
+            peak, by_site, ooms = live_at_peak(
+                torch.cuda.memory._snapshot()["device_traces"][0], start
+            )
         row = {
             "step": step,
             "before_units": (before - inputs) / unit,

@@ -193,6 +193,30 @@ def test_accumulating_operands_are_added_into_once():
     torch.testing.assert_close(into, 1 + 2 * y + 1)
 
 
+@pytest.mark.parametrize("short", [0, 1])
+def test_accumulating_operands_too_large_to_copy_beside_the_call_are_not_recorded(
+    monkeypatch, short
+):
+    """The check copies what the launch adds into (and one difference at a time); where that
+    takes more than half of the device's spare memory, the launcher's call stands alone (at 2M
+    tokens on an 80 GB H100 the copies ran lse's first forward+backward out of memory)."""
+    library, x = Adding(), torch.randn(3, 5)
+    out = torch.randn(3, 5)
+    old = out.clone()
+    need = 2 * 2 * out.numel() * out.element_size()  # (twice: the copy, and one difference)
+    monkeypatch.setattr(replay, "_spare_bytes", lambda device: need - short)
+    result, rec = recorded(library, x, out, (1,))
+    assert (rec is None) == bool(short) and library.launcher_calls == 1
+    assert result is out
+    torch.testing.assert_close(out, old + 2 * x + 1)  # added once either way
+    if short:
+        assert replay.last_refusal == "its check's copies would not fit beside the call"
+
+
+def test_no_bound_on_spare_memory_off_cuda():
+    assert replay._spare_bytes(torch.device("cpu")) is None
+
+
 def test_undeclared_accumulation_is_not_replayed():
     library, x, out = Adding(), torch.randn(3, 5), torch.zeros(3, 5)
     with pytest.warns(RuntimeWarning, match="disagreed"):

@@ -291,6 +291,14 @@ def backward_config(head_dim: int, causal: bool) -> tuple | None:
     return config
 
 
+# the blocks' leading (batch and segment) entries a backward swap's first call is checked on
+# (ringattn.kernels.fa4_add, fa4_dpsum): the kernels compile for the layouts, not the count, and
+# the whole of a 2M-token block took GBs of temporaries there: on an 80 GB H100 the first
+# forward+backward of lse at 2M ran out of memory in that check, where every later call fits
+# (h200_perf.md step 70)
+CHECKED_BATCH = 2
+
+
 def backward_signature(q: Tensor, causal: bool) -> tuple:
     """What FA4's backward is compiled and scheduled for with blocks like ``q``: dtype, head dim,
     causality, the deterministic order (``torch.use_deterministic_algorithms``) and

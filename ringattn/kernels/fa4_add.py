@@ -20,10 +20,11 @@ gradients are added by FA4's launches. ``ADD_DQ`` is its A/B switch.
 
 The sum rounds like the add kernel's: the block's gradient rounded to bf16, added, the sum
 rounded once. Guarded like :mod:`ringattn.kernels.fa4_merge`: the first call of each signature
-runs the adding kernels and the plain ones on the same operands and keeps the adding ones only if
-they agree; a kernel that fails to compile or to agree is refused with a warning and never used
-again in this process (dQ's adding postprocess is guarded apart: refused, dK and dV may still be
-added). SM90 only (the swaps are in FA4's SM90 modules).
+runs the adding kernels and the plain ones on its blocks' first entries (``fa4.CHECKED_BATCH``)
+and keeps the adding ones only if they agree, then goes on with what it kept; a kernel that
+fails to compile or to agree is refused with a warning and never used again in this process
+(dQ's adding postprocess is guarded apart: refused, dK and dV may still be added). SM90 only
+(the swaps are in FA4's SM90 modules).
 """
 
 from __future__ import annotations
@@ -121,16 +122,24 @@ def backward_add_(
         return None
     key = fa4.backward_signature(q, causal)
     dq_key = (*key, "dq")
-    kept = _CHECKED.get(key)
-    if kept is False:
+    if _CHECKED.get(key) is False:
         return None
     adds_dq = dq is not None and ADD_DQ and _CHECKED.get(dq_key) is not False
-    if kept is None or (adds_dq and dq_key not in _CHECKED):
+    if key not in _CHECKED or (adds_dq and dq_key not in _CHECKED):
         if fa4.capturing(q):
             return None  # the first call syncs to check the kernels
-        return _first_call(
-            key, dq_key if adds_dq else None, dout, q, k, v, out, lse, causal, scale, dq, dk, dv
-        )
+        # checked on the blocks' first entries (fa4.CHECKED_BATCH), then this call goes on
+        # with what was kept: checked whole, the block's copies took up to nine of its size
+        # beside the call's own memory
+        first = tuple(x[: fa4.CHECKED_BATCH] for x in (dout, q, k, v, out, lse))
+        dq_first = None if dq is None else dq[: fa4.CHECKED_BATCH]
+        grads = (dq_first, dk[: fa4.CHECKED_BATCH], dv[: fa4.CHECKED_BATCH])
+        _first_call(key, dq_key if adds_dq else None, first, causal, scale, grads)
+        if key not in _CHECKED:  # (dQ's postprocess failed in it: dK / dV's kernel alone)
+            _first_call(key, None, first, causal, scale, grads)
+        if not _CHECKED.get(key):
+            return None
+        adds_dq = adds_dq and _CHECKED.get(dq_key) is True
     inputs = (dout, q, k, v, out, lse, causal, scale)
     dlse = fa4_dpsum.usable(dlse, *inputs)  # (once the adding kernels are known to be kept)
     if adds_dq:
@@ -139,11 +148,21 @@ def backward_add_(
     return (fa4.backward(*inputs, (None, dk, dv), adding_kernels, dlse=dlse)[0],)
 
 
-def _first_call(key, dq_key, dout, q, k, v, out, lse, causal, scale, dq, dk: Tensor, dv: Tensor):
-    """Run the adding kernels (dQ's too where ``dq_key``), then restore the gradients and hold
-    their sums to the plain kernel's; keep each only if they agree. The gradients are left
-    untouched either way (None: the caller adds this call's three)."""
-    adding = [dk, dv] if dq_key is None else [dk, dv, dq]
+def _first_call(
+    key: tuple,
+    dq_key: tuple | None,
+    inputs: tuple[Tensor, ...],
+    causal: bool,
+    scale: float,
+    grads: tuple[Tensor | None, Tensor, Tensor],
+) -> None:
+    """Run the adding kernels (dQ's too where ``dq_key``) on ``inputs`` (dout, q, k, v, out,
+    lse) into ``grads`` (dq, dk, dv), then restore the gradients and hold their sums to the
+    plain kernel's; keep each only if they agree. The gradients are left untouched either
+    way."""
+    dout, q, k, v, out, lse = inputs
+    dq, dk, dv = grads
+    adding = [dk, dv] if dq_key is None or dq is None else [dk, dv, dq]
     olds = [grad.clone() for grad in adding]
 
     def restore() -> None:
@@ -151,16 +170,17 @@ def _first_call(key, dq_key, dout, q, k, v, out, lse, causal, scale, dq, dk: Ten
             grad.copy_(old)
 
     try:
-        grads = (None, dk, dv) if dq_key is None else (dq, dk, dv)
         kernels = adding_kernels if dq_key is None else adding_all_kernels
+        grads = (dq if dq_key else None, dk, dv)
         fa4.backward(dout, q, k, v, out, lse, causal, scale, grads, kernels)
     except Exception as exc:  # the CuTe DSL or this FA4 version rejects the swap
         restore()
-        # (with dQ's postprocess in it, only that is known to fail: dK / dV get a call alone)
-        return _refuse(
+        # (with dQ's postprocess in it, only that is known to fail: dK / dV get a check alone)
+        _refuse(
             key if dq_key is None else dq_key,
             f"it failed to compile or launch ({type(exc).__name__}: {exc})",
         )
+        return
     added = [grad.clone() for grad in adding]
     restore()
     dq_block, dk_block, dv_block = fa4.backward(dout, q, k, v, out, lse, causal, scale)
@@ -185,7 +205,6 @@ def _first_call(key, dq_key, dout, q, k, v, out, lse, causal, scale, dq, dk: Ten
             _CHECKED[dq_key] = True
         else:
             _refuse(dq_key, why)
-    return None
 
 
 def _refuse(key: tuple, why: str) -> None:

@@ -39,8 +39,6 @@ ENABLED = True
 
 # signature -> True (kept) / False (refused); missing: not tried yet
 _CHECKED: dict[tuple, bool] = {}
-# the blocks' leading (batch and segment) entries a first call checks the swap on
-CHECKED_BATCH = 2
 # why the latest swap was refused (for probes)
 last_refusal: str | None = None
 
@@ -125,9 +123,8 @@ def _first_call(key, dout, q, k, v, out, lse, causal, scale) -> bool:
     value row, so dP equals dPsum), where the given sums' float32 rounding would be all of the
     difference."""
     global last_refusal
-    # two of its batch-and-segment entries: the kernels compile for the layouts, not the count
-    # (the whole first part of a 2M-token block would take GBs of temporaries here)
-    dout, q, k, v, out, lse = (x[:CHECKED_BATCH] for x in (dout, q, k, v, out, lse))
+    # (on a few leading entries: fa4.CHECKED_BATCH)
+    dout, q, k, v, out, lse = (x[: fa4.CHECKED_BATCH] for x in (dout, q, k, v, out, lse))
     gen = torch.Generator(device=q.device).manual_seed(0)
     out, dout = (
         torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype) for x in (out, dout)

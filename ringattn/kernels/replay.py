@@ -316,6 +316,9 @@ def record(
         last_refusal = "aliased operands"
         return launcher(), None
     accumulated = [x for x in (operands[role] for role in accumulating) if x is not None]
+    if not _copies_fit(accumulated):
+        last_refusal = "its check's copies would not fit beside the call"
+        return launcher(), None
     before = [(x, x.clone()) for x in accumulated]
 
     def put_back() -> None:
@@ -384,6 +387,30 @@ def record(
         put_back()
         return launcher(), None  # the poisoned results written again
     return result, replay
+
+
+def _copies_fit(accumulated: list[Tensor]) -> bool:
+    """Whether the check's copies of the operands a launch adds into (and one difference at a
+    time) take at most half of what their CUDA device has spare, the rest left to the launch's
+    own workspace. Where not, the signature keeps calling the launcher: a block that large
+    takes milliseconds, beside which the launcher's host time is nothing, while its copies
+    (three gradient blocks) ran an 80 GB H100 out of memory in the first forward+backward of
+    lse at 2M tokens (h200_perf.md step 70). Spare: free on the device plus what PyTorch's
+    cache holds unused (:func:`_spare_bytes`)."""
+    if not accumulated:
+        return True
+    spare = _spare_bytes(accumulated[0].device)
+    sizes = [x.numel() * x.element_size() for x in accumulated]
+    return spare is None or 2 * (sum(sizes) + max(sizes)) <= spare
+
+
+def _spare_bytes(device: torch.device) -> int | None:
+    """Bytes ``device`` can still allocate: free on it plus what PyTorch's cache holds unused
+    (None, no bound, off CUDA)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def _row_stats(x: Tensor) -> Tensor:
