@@ -1,11 +1,14 @@
-"""Where a forward+backward's peak memory goes, allocation by allocation (CUDA only).
+"""Where a first forward+backward's peak memory goes (CUDA only).
 
 Step 70 (an H100, 80 GB): in ``gpu_session.sh long`` at 2M tokens, ``lse``'s forward+backward on
 FA4's backward ran out of memory, where ``head_groups`` before it and ``lse`` on torch's kernels
-fitted. This runs the steps given in a fresh process, in order, with PyTorch's allocator history
-recorded, and prints for each step its peak above the inputs (in ``[b, n, h, d]`` tensors), what
-stayed allocated after it (a module and its outputs gone), and the allocations alive at its peak
-by the library's (or FA4's) innermost frame that made them::
+fitted. This runs the steps given in a fresh process, in order, and prints for each its first
+forward and forward+backward's peak above the inputs (in ``[b, n, h, d]`` tensors), what stayed
+allocated after it (a module and its outputs gone), and where one ran out of memory: the
+request and the frames of ringattn and FA4 that made it (which found the check in
+``fa4_add._first_call``). With ``--history``, PyTorch's allocator history is recorded and the
+allocations alive at each peak are summed by the innermost such frame that made them (on torch
+2.11 that segfaulted in autograd's thread with FA4's backward)::
 
     python -m experiments.peak_probe --n 2097152 --steps lse head_groups lse --out $OUT/peak
 
