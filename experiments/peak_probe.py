@@ -2,13 +2,13 @@
 
 Step 70 (an H100, 80 GB): in ``gpu_session.sh long`` at 2M tokens, ``lse``'s forward+backward on
 FA4's backward ran out of memory, where ``head_groups`` before it and ``lse`` on torch's kernels
-fitted. This runs the steps given in a fresh process, in order, and prints for each its first
-forward and forward+backward's peak above the inputs (in ``[b, n, h, d]`` tensors), what stayed
-allocated after it (a module and its outputs gone), and where one ran out of memory: the
-request and the frames of ringattn and FA4 that made it (which found the check in
-``fa4_add._first_call``). With ``--history``, PyTorch's allocator history is recorded and the
-allocations alive at each peak are summed by the innermost such frame that made them (on torch
-2.11 that segfaulted in autograd's thread with FA4's backward)::
+fitted. This runs the steps given in a fresh process, in order, and prints for each the peak
+above the inputs (in ``[b, n, h, d]`` tensors) of its first forward, and of that forward and a
+first forward+backward, what stayed allocated after it (a module and its outputs gone), and
+where one ran out of memory: the request and the frames of ringattn and FA4 that made it (which
+found the check in ``fa4_add._first_call``). With ``--history``, PyTorch's allocator history is
+recorded and the allocations alive at each peak are summed by the innermost such frame that made
+them (on torch 2.11 that segfaulted in autograd's thread with FA4's backward)::
 
     python -m experiments.peak_probe --n 2097152 --steps lse head_groups lse --out $OUT/peak
 
@@ -115,10 +115,12 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         attention = module(step, ISSUE_LENGTHS, ISSUE_RATES)
-        error = ""
+        error, forward_peak = "", 0
         try:
             with torch.no_grad():
                 attention(q, k, v)
+            torch.cuda.synchronize()
+            forward_peak = torch.cuda.max_memory_allocated()
             xs = [x.detach().requires_grad_() for x in (q, k, v)]
             attention(*xs).backward(dout)
             del xs
@@ -143,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         row = {
             "step": step,
             "before_units": (before - inputs) / unit,
+            "forward_peak_units": (forward_peak - inputs) / unit,
             "peak_units": (peak - inputs) / unit,
             "after_units": (torch.cuda.memory_allocated() - inputs) / unit,
             "oom": error,
@@ -155,12 +158,12 @@ def main(argv: list[str] | None = None) -> None:
         results.append(row)
         print(json.dumps(row, indent=1), flush=True)
     (args.out / "peak_probe.json").write_text(json.dumps(results, indent=1))
-    print("| step | held before | peak above inputs | held after | out of memory |")
-    print("|---|---|---|---|---|")
+    print("| step | held before | forward peak | peak above inputs | held after | out of memory |")
+    print("|---|---|---|---|---|---|")
     for row in results:
         print(
-            f"| {row['step']} | {row['before_units']:.2f} | {row['peak_units']:.2f} | "
-            f"{row['after_units']:.2f} | {row['oom'] or 'no'} |"
+            f"| {row['step']} | {row['before_units']:.2f} | {row['forward_peak_units']:.2f} | "
+            f"{row['peak_units']:.2f} | {row['after_units']:.2f} | {row['oom'] or 'no'} |"
         )
     print(f"(in [b, n, h, d] tensors of {unit / GIB:.2f} GiB; the inputs q, k, v, dout are 4)")
 

@@ -260,10 +260,27 @@ def test_agreement_checks_of_the_first_calls():
     assert not fa4.output_agrees(want + torch.tensor([16 * ulp, 0]), want)[0]
     small = torch.tensor([1e-3, 0.0])  # (the floor of 1: an error of 1 ulp at 1 is fine)
     assert fa4.output_agrees(small + torch.tensor([ulp, 0]), small)[0]
+    assert not fa4.output_agrees(torch.tensor([float("nan"), -1.0]), want)[0]
     lse = torch.tensor([0.5, float("-inf")])
     assert fa4.lse_agrees(lse + torch.tensor([1e-4, 0]), lse)
     assert not fa4.lse_agrees(lse + torch.tensor([1e-2, 0]), lse)
     assert not fa4.lse_agrees(torch.tensor([0.5, 0.0]), lse)  # finite where -inf belongs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_output_agreement_in_the_outputs_dtype_matches_float32s(dtype):
+    """fa4.output_agrees takes the difference in the outputs' own dtype (float32 copies of
+    whole blocks were most of a first forward's peak at 2M tokens, step 70): its verdict and
+    error equal those of the float32 difference, for errors from 0 to 16 units in the last
+    place around the bound's 4, on values of mixed sign and magnitude."""
+    gen = torch.Generator().manual_seed(0)
+    want = (torch.randn(64, 32, generator=gen) * 3).to(dtype)
+    ulp = torch.finfo(dtype).eps * max(want.float().abs().max().item(), 1.0)
+    for units in (0, 1, 3, 4, 5, 8, 16):
+        got = want.clone()
+        got.view(-1)[7] = (want.float().view(-1)[7] + units * ulp).to(dtype)
+        err_32 = (got.float() - want.float()).abs().max().item()
+        assert fa4.output_agrees(got, want) == (err_32 <= 4 * ulp, err_32)
 
 
 def test_no_first_call_while_a_cuda_graph_is_captured(fresh):
