@@ -268,7 +268,8 @@ def time_and_memory(
 
     fwd_first = first(fwd)
     held_fwd = held()
-    fb_first = first(fwdbwd) if backward else 0.0
+    # (what the forward left held counts in it, as in the later peaks)
+    fb_first = first(fwdbwd) + held_fwd if backward else 0.0
     setup_s = time.time() - t0
     # q, k, v (and dout) exist before the call; the rest is what the call adds, and keeps
     fwd_extra = peak_extra_bytes(fwd, device) + held_fwd

@@ -317,14 +317,28 @@ def test_bench_reports_the_first_calls_peaks_apart(monkeypatch):
     def fake_peak(fn, device):
         return float(next(peaks))
 
+    class Pool:  # a memory manager that keeps 500 bytes after the first forward
+        def clear(self):
+            calls.append("clear")
+
+        def held_bytes(self):
+            return 500 if "fwd" in calls else 0
+
     monkeypatch.setattr(bench, "peak_extra_bytes", fake_peak)
     stats = bench.time_and_memory(
-        lambda: calls.append("fwd"), lambda: calls.append("fwdbwd"), unit, torch.device("cpu"), 0, 1
+        lambda: calls.append("fwd"),
+        lambda: calls.append("fwdbwd"),
+        unit,
+        torch.device("cpu"),
+        0,
+        1,
+        memory=Pool(),
     )
-    assert calls[:2] == ["fwd", "fwdbwd"]  # (the first calls ran, outside the timings)
-    assert stats["fwd_first_mem_vs_io"] == (3 + 5) / 4
-    assert stats["fwdbwd_first_mem_vs_io"] == (4 + 9) / 8
-    assert stats["fwd_mem_vs_io"] == (3 + 1) / 4 and stats["fwdbwd_mem_vs_io"] == (4 + 2) / 8
+    assert calls[:3] == ["clear", "fwd", "fwdbwd"]  # (the first calls ran, outside the timings)
+    assert stats["fwd_first_mem_vs_io"] == (3 + 5) / 4  # (what it keeps is in its peak)
+    assert stats["fwdbwd_first_mem_vs_io"] == (4 + 9 + 0.5) / 8  # (the forward's kept bytes)
+    assert stats["fwd_mem_vs_io"] == (3 + 1 + 0.5) / 4
+    assert stats["fwdbwd_mem_vs_io"] == (4 + 2 + 0.5) / 8
 
 
 def test_bench_rates_are_useful_tflops_per_second():

@@ -199,7 +199,8 @@ def test_accumulating_operands_too_large_to_copy_beside_the_call_are_not_recorde
 ):
     """The check copies what the launch adds into (and one difference at a time); where that
     takes more than half of the device's spare memory, the launcher's call stands alone (at 2M
-    tokens on an 80 GB H100 the copies ran lse's first forward+backward out of memory)."""
+    tokens on an 80 GB H100, such copies in fa4_add's check ran lse's first forward+backward
+    out of memory)."""
     library, x = Adding(), torch.randn(3, 5)
     out = torch.randn(3, 5)
     old = out.clone()

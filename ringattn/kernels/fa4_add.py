@@ -171,8 +171,8 @@ def _first_call(
 
     try:
         kernels = adding_kernels if dq_key is None else adding_all_kernels
-        grads = (dq if dq_key else None, dk, dv)
-        fa4.backward(dout, q, k, v, out, lse, causal, scale, grads, kernels)
+        into = (dq if dq_key else None, dk, dv)
+        fa4.backward(dout, q, k, v, out, lse, causal, scale, into, kernels)
     except Exception as exc:  # the CuTe DSL or this FA4 version rejects the swap
         restore()
         # (with dQ's postprocess in it, only that is known to fail: dK / dV get a check alone)

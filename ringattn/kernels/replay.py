@@ -394,9 +394,9 @@ def _copies_fit(accumulated: list[Tensor]) -> bool:
     time) take at most half of what their CUDA device has spare, the rest left to the launch's
     own workspace. Where not, the signature keeps calling the launcher: a block that large
     takes milliseconds, beside which the launcher's host time is nothing, while its copies
-    (three gradient blocks) ran an 80 GB H100 out of memory in the first forward+backward of
-    lse at 2M tokens (h200_perf.md step 70). Spare: free on the device plus what PyTorch's
-    cache holds unused (:func:`_spare_bytes`)."""
+    would be three gradient blocks more (at 2M tokens on an 80 GB H100, copies like these in
+    fa4_add's check ran lse's first forward+backward out of memory, h200_perf.md step 70).
+    Spare: free on the device plus what PyTorch's cache holds unused (:func:`_spare_bytes`)."""
     if not accumulated:
         return True
     spare = _spare_bytes(accumulated[0].device)
