@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 import ringattn
-from experiments import require_cuda
-from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
+from experiments import make_out, require_cuda
+from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, with_computer
 
 GIB = 1024**3
 LIBRARY = ("/ringattn/", "/flash_attn/")
@@ -67,19 +67,20 @@ def live_at_peak(trace: list[dict], start: int) -> tuple[int, dict[str, int], li
     return peak, dict(by_site), ooms
 
 
-def module(step: str, n_lengths, rates) -> ringattn.DilatedAttention:
+def module(step: str) -> ringattn.DilatedAttention:
+    """The bench's default strategy for ``step``, on torch's kernels both ways for ``:torch``
+    (its ``[torch kernels]`` row's settings)."""
     mixing, *flags = step.split(":")
-    attention = ringattn.DilatedAttention(
-        n_lengths,
-        rates,
-        causal="causal" in flags,
-        mixing=mixing,
-        strategy=ringattn.Strategy(dilation="segment_local", computer="sdpa", memory="pooled"),
-    )
+
+    def make(mixing: str, causal: bool) -> ringattn.DilatedAttention:
+        strategy = ringattn.Strategy(dilation="segment_local", computer="sdpa", memory="pooled")
+        return ringattn.DilatedAttention(
+            ISSUE_LENGTHS, ISSUE_RATES, causal=causal, mixing=mixing, strategy=strategy
+        )
+
     if "torch" in flags:
-        attention.computer.cuda_forward = "torch"
-        attention.computer.cuda_backward = "torch"
-    return attention
+        make = with_computer(make, cuda_forward="torch", cuda_backward="torch")
+    return make(mixing, "causal" in flags)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("results/peak_probe"), help="output folder")
     args = p.parse_args(argv)
     require_cuda("peak_probe")
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_out(p, args.out)
     if args.history:
         torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
     device = torch.device("cuda")
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         start = len(torch.cuda.memory._snapshot()["device_traces"][0]) if args.history else 0
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        attention = module(step, ISSUE_LENGTHS, ISSUE_RATES)
+        attention = module(step)
         error, forward_peak = "", 0
         try:
             with torch.no_grad():
