@@ -6,6 +6,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh graphs   # <9.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh long     # ~4 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh checks   # ~6 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh first_checks # ~7 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh host     # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh tiles    # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh lanes    # ~5 min
@@ -82,7 +83,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|graphs|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh record|graphs|first_checks|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -159,6 +160,18 @@ long)
     "${bench[@]}" --n ${LONG_N:-2097152 4194304} --fwd-only-from 4194304 --check-n 0 --out "$out/bench" \
         >"$out/bench.log" 2>&1
     summary=$(grep -h "segment_local/sdpa |" "$out/bench.log")
+    ;;
+first_checks)
+    # after a change to the fused kernels' first-call guards (step 71: checked on the blocks'
+    # first entries, then launched whole): the GPU oracle check, then the bench at 131K with its
+    # oracle check at 131K too, so that head_groups' persistent grouped kernel (past
+    # fa4_group.ALL_TILES_MAX tiles: not at the check's 32K) meets its first call there
+    python -m experiments.flex_gpu --part check --out "$out/flex_gpu_check" >"$out/check.log" 2>&1
+    "${bench[@]}" --n 131072 --check-n 131072 --repeats 5 --warmup 2 --out "$out/bench" \
+        >"$out/bench.log" 2>&1
+    passed=$(grep -c '| True |' "$out/flex_gpu_check/flex_gpu_check.md" 2>/dev/null)
+    summary="oracle check: ${passed:-0} rows within tolerance; refusals: $(grep -c "is not used for" "$out"/*.log)
+$(grep -h "segment_local/sdpa |" "$out/bench.log" | cut -d'|' -f2-6,9,12,17-18)"
     ;;
 checks)
     python -m experiments.flex_gpu --part check --out "$out/flex_gpu_check" >"$out/check.log" 2>&1

@@ -11,11 +11,14 @@ every pair a block should write (``tests/test_fa4_zero.py``):
   oracle, one that declines leaves every part to its own launch, and one that skips a group
   fails the oracle;
 * the first-call guard: a kernel is kept only if every group's rows, LSE and zeros agree with
-  FA4's forward, and one that fails to compile or disagrees is refused with a warning and
-  never called again, while the call's result still ends written.
+  FA4's forward on the groups' first entries (``fa4.CHECKED_BATCH``), then launched on the whole
+  call; one that fails to compile or disagrees is refused with a warning and never called
+  again, and the core launches the groups one by one (the oracle holds either way).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -150,10 +153,12 @@ def faithful_kernel(causal: bool, shifts, launches: list):
 
     def kernel(qs, ks, vs, outs, lses_bhl, scale):
         launches.append((qs, ks, vs, outs, lses_bhl))
-        for q, k, v, out, lse in zip(qs, ks, vs, outs, lses_bhl, strict=True):
+        lses = (None,) * len(qs) if lses_bhl is None else lses_bhl  # (None: no LSE written)
+        for q, k, v, out, lse in zip(qs, ks, vs, outs, lses, strict=True):
             out_block, lse_block = fa4.forward(q, k, v, causal, scale)
             out.copy_(out_block)
-            lse.transpose(1, 2).copy_(lse_block)
+            if lse is not None:
+                lse.transpose(1, 2).copy_(lse_block)
         for out, group_shifts in zip(outs, shifts, strict=True):
             for shift in group_shifts:
                 shifted(out, shift).zero_()
@@ -180,7 +185,13 @@ def test_first_call_keeps_an_agreeing_kernel(fake_fa4, monkeypatch, causal):
     assert fa4_group.forward_group_(groups, causal, 0.5, shifts)
     key = fa4_group._key(groups, causal, shifts)
     assert fa4_group._COMPILED[key] is not False
-    assert fa4_group.forward_group_(groups, causal, 0.5, shifts) and len(compiled) == 2
+    assert fa4_group.forward_group_(groups, causal, 0.5, shifts)
+    # checked on every group's first entries only (a whole 2M-token block's copies took GBs),
+    # then the call's groups launched whole; the later call goes straight to the kernel
+    entries = [q.shape[0] for q, *_ in groups]
+    assert max(entries) > fa4.CHECKED_BATCH
+    checked = [min(b, fa4.CHECKED_BATCH) for b in entries]
+    assert [[q.shape[0] for q in qs] for qs, *_ in compiled] == [checked, entries, entries]
     for q, k, v, out, lse in groups:
         out_ref, lse_ref = fa4.forward(q, k, v, causal, 0.5)
         torch.testing.assert_close(out, out_ref)
@@ -217,16 +228,16 @@ def test_first_call_refuses_a_failing_kernel(fake_fa4, monkeypatch, fault):
 
     monkeypatch.setattr(fa4_group, "_compile", compile_)
     monkeypatch.setattr(fa4_group, "_COMPILED", {})
+    before = [(out.clone(), lse.clone()) for *_, out, lse in groups]
     with pytest.warns(RuntimeWarning, match="several configs in one launch"):
-        written = fa4_group.forward_group_(groups, False, 0.5, shifts)
-    assert written == (fault != "raises")
+        # (the caller then launches the groups one by one: they write every row)
+        assert not fa4_group.forward_group_(groups, False, 0.5, shifts)
     assert fa4_group._COMPILED[fa4_group._key(groups, False, shifts)] is False
-    if written:  # the call's result stands: every group's rows, LSE and zeros
-        for q, k, v, out, lse in groups:
-            out_ref, lse_ref = fa4.forward(q, k, v, False, 0.5)
-            torch.testing.assert_close(out, out_ref)
-            torch.testing.assert_close(lse, lse_ref)
-        assert (shifted(groups[1][3], shifts[1][0]) == 0).all()
+    # run on the checked entries only: group 0's later entries (no neighbours) untouched
+    assert groups[0][0].shape[0] > fa4.CHECKED_BATCH
+    later = slice(fa4.CHECKED_BATCH, None)
+    assert torch.equal(groups[0][3][later], before[0][0][later])
+    assert torch.equal(groups[0][4][later], before[0][1][later])
     assert not fa4_group.forward_group_(groups, False, 0.5, shifts)  # never again
 
 
@@ -336,10 +347,10 @@ def test_grouper_runs_the_kept_kernel_on_kernel_ready_views_and_honours_enabled(
     )
     monkeypatch.setattr(fa4_group, "_COMPILED", {})
     call = fa4_group.grouper(groups, True, shifts)
-    assert call(groups, 0.5) and call(groups, 0.5) and len(launched) == 2
+    assert call(groups, 0.5) and call(groups, 0.5) and len(launched) == 3  # (check, 2 calls)
     plain, _ = groups_of(seed=1)  # (another key: its LSE views' unit stride)
     plain_call = fa4_group.grouper(plain, True, shifts)
-    assert plain_call(plain, 0.5) and plain_call(plain, 0.5) and len(launched) == 4
+    assert plain_call(plain, 0.5) and plain_call(plain, 0.5) and len(launched) == 6
     assert not any(0 in x.stride() for call in launched for xs in call for x in xs)
     for q, k, v, out, lse in [*groups, *plain]:
         out_ref, lse_ref = fa4.forward(q, k, v, True, 0.5)
@@ -348,4 +359,37 @@ def test_grouper_runs_the_kept_kernel_on_kernel_ready_views_and_honours_enabled(
     monkeypatch.setattr(fa4_group, "ENABLED", False)
     assert not call(groups, 0.5) and not plain_call(plain, 0.5)
     assert not fa4_group.forward_group_(plain, True, 0.5, shifts)
-    assert len(launched) == 4
+    assert len(launched) == 6
+
+
+@pytest.mark.parametrize("faithful", [True, False])
+def test_a_first_call_through_the_core_matches_the_oracle_kept_or_refused(grouping, faithful):
+    """The real guard under the core: a faithful kernel is checked on its groups' first entries
+    and then launched on all of them; a refused one (its rows doubled in the checked entries)
+    leaves the core to launch the groups one by one. The oracle holds either way."""
+    patch, _ = grouping
+    patch.setattr(fa4_group, "_COMPILED", {})
+    launches: list = []
+
+    def compile_(key, groups):
+        kernel = faithful_kernel(key[2], key[6], launches)
+        if faithful:
+            return kernel
+
+        def doubled(qs, ks, vs, outs, lses_bhl, scale):
+            kernel(qs, ks, vs, outs, lses_bhl, scale)
+            for out in outs:
+                out.mul_(2)
+
+        return doubled
+
+    patch.setattr(fa4_group, "_compile", compile_)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if not faithful else "error", RuntimeWarning)
+        check_against_oracle({**ZEROED, "causal": True}, torch.float32, sdpa_strategies())
+    checks = [qs for qs, *_ in launches if all(q.shape[0] <= fa4.CHECKED_BATCH for q in qs)]
+    kept = [kernel is not False for kernel in fa4_group._COMPILED.values()]
+    assert checks and kept and set(kept) == {faithful}
+    # (kept: launched on the call's groups, more entries than were checked)
+    entries = max(q.shape[0] for qs, *_ in launches for q in qs)
+    assert (entries > fa4.CHECKED_BATCH) is faithful

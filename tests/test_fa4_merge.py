@@ -7,14 +7,16 @@ check``). Here, on the FA4 stand-in of ``tests/fake_fa4.py``:
 * the core's wiring: which launches are offered the one-kernel merge, that the views it gets
   are the accumulators' own rows (a stand-in that merges into them must still match the oracle,
   and one that declines must leave the core to merge), outputs and gradients;
-* the first-call guard: a kernel is kept only if it agrees with the two-kernel path, and one that
-  fails to compile or disagrees is refused with a warning and never called again, while the
-  operands still end merged exactly once.
+* the first-call guard: a kernel is kept only if it agrees with the two-kernel path on the
+  blocks' first entries (``fa4.CHECKED_BATCH``, restored after), then merges the whole call once;
+  one that fails to compile or disagrees is refused with a warning and never called again, and
+  the core's two kernels merge the call (the oracle holds either way).
 """
 
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -126,9 +128,11 @@ class FakeKernel:
     ) -> None:
         self.causal, self.wrong, self.fail, self.runs = causal, wrong, fail, 0
         self.lse_wrong = lse_wrong
+        self.batches: list[int] = []  # each run's entries
 
     def __call__(self, q, k, v, out, lse_bhl, scale, *none_args) -> None:
         self.runs += 1
+        self.batches.append(q.shape[0])
         assert 0 not in (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse_bhl.stride())
         merge_into_(out, lse_bhl.transpose(1, 2), *fa4.forward(q, k, v, self.causal, scale))
         if self.wrong is not None:
@@ -148,27 +152,31 @@ def test_first_call_keeps_a_kernel_that_agrees(fresh, causal):
     assert fa4_merge.forward_merge_(q, k, v, causal, 0.3, out, lse)
     torch.testing.assert_close((out, lse), expected)  # merged once, not twice
     assert fa4_merge.forward_merge_(q, k, v, causal, 0.3, *operands()[3:])
-    assert kernel.runs == 2 and list(fa4_merge._COMPILED.values()) == [kernel]
+    # checked on the first entries only (a whole 2M-token block's copies took GBs), then the
+    # call's blocks launched whole; the later call goes straight to the kernel
+    assert q.shape[0] > fa4.CHECKED_BATCH
+    assert kernel.batches == [fa4.CHECKED_BATCH, q.shape[0], q.shape[0]]
+    assert list(fa4_merge._COMPILED.values()) == [kernel]
 
 
 @pytest.mark.parametrize(
-    ("kernel", "merged", "why"),
+    ("kernel", "why"),
     [
-        (FakeKernel(False, wrong=0.5), True, "disagreed"),
-        (FakeKernel(False, wrong=float("nan")), True, "disagreed"),
-        (FakeKernel(False, lse_wrong=0.5), True, "disagreed"),  # the output right, the LSE not
-        (FakeKernel(False, fail=True), False, "failed to compile or launch"),
+        (FakeKernel(False, wrong=0.5), "disagreed"),
+        (FakeKernel(False, wrong=float("nan")), "disagreed"),
+        (FakeKernel(False, lse_wrong=0.5), "disagreed"),  # the output right, the LSE not
+        (FakeKernel(False, fail=True), "failed to compile or launch"),
     ],
 )
-def test_first_call_refuses_a_kernel_that_disagrees_or_fails(fresh, kernel, merged, why):
+def test_first_call_refuses_a_kernel_that_disagrees_or_fails(fresh, kernel, why):
     fresh.setattr(fa4_merge, "_compile", lambda key, *args: kernel)
     q, k, v, out, lse = operands()
     before = out.clone(), lse.clone()
-    expected = two_kernel(q, k, v, False, out, lse)
     with pytest.warns(RuntimeWarning, match=why):
-        assert fa4_merge.forward_merge_(q, k, v, False, 0.3, out, lse) is merged
-    # merged exactly once by the two-kernel path, or untouched for the caller to merge
-    torch.testing.assert_close((out, lse), expected if merged else before)
+        assert not fa4_merge.forward_merge_(q, k, v, False, 0.3, out, lse)
+    # untouched (the checked entries restored) for the caller to merge with two kernels
+    assert torch.equal(out, before[0]) and torch.equal(lse, before[1])
+    assert kernel.batches == [fa4.CHECKED_BATCH]  # never on the call's whole blocks
     runs = kernel.runs
     assert not fa4_merge.forward_merge_(q, k, v, False, 0.3, out, lse)  # never again
     assert kernel.runs == runs and fa4_merge._COMPILED
@@ -318,12 +326,12 @@ def test_merger_calls_a_kept_kernel_without_the_checks(fresh):
     assert merge(q, k, v, 0.3, out, lse)
     torch.testing.assert_close((out, lse), expected)
     fresh.setattr(fa4_merge, "forward_merge_", None)  # not called again
-    assert merge(q, k, v, 0.3, out, lse) and kernel.runs == 2
+    assert merge(q, k, v, 0.3, out, lse) and kernel.runs == 3  # (check, call, call)
     torch.testing.assert_close((out, lse), two_kernel(q, k, v, True, *expected))
     fresh.setattr(fa4_merge, "forward_merge_", plain_guard)
     fresh.setattr(fa4_merge, "ENABLED", False)  # switched off after: declined, nothing written
     before = out.clone()
-    assert not merge(q, k, v, 0.3, out, lse) and kernel.runs == 2 and torch.equal(out, before)
+    assert not merge(q, k, v, 0.3, out, lse) and kernel.runs == 3 and torch.equal(out, before)
 
 
 def test_merger_restrides_unit_dims_of_stride_zero(fresh):
@@ -339,5 +347,30 @@ def test_merger_restrides_unit_dims_of_stride_zero(fresh):
     merge = fa4_merge.merger(q, k, v, True, out, lse)
     expected = two_kernel(q, k, v, True, out, lse)
     assert merge(q, k, v, 0.3, out, lse)
-    assert merge(q, k, v, 0.3, out, lse) and kernel.runs == 2
+    assert merge(q, k, v, 0.3, out, lse) and kernel.batches == [1, 1, 1]  # (check, 2 calls)
     torch.testing.assert_close((out, lse), two_kernel(q, k, v, True, *expected))
+
+
+@pytest.mark.parametrize("fault", [None, "wrong", "fail"])
+def test_a_first_call_through_the_core_matches_the_oracle_kept_or_refused(fused, fault):
+    """The real guard under the core: a faithful kernel is checked on its blocks' first entries
+    (restored after) and then merges all of them once; a refused one leaves the core's two
+    kernels to merge every row. The oracle holds either way."""
+    fused.setattr(fa4_merge, "_COMPILED", {})
+    kernels: list[FakeKernel] = []
+
+    def compile_(key, *args):
+        kernels.append(FakeKernel(key[2], wrong=0.5 if fault == "wrong" else None))
+        kernels[-1].fail = fault == "fail"
+        return kernels[-1]
+
+    fused.setattr(fa4_merge, "_compile", compile_)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if fault else "error", RuntimeWarning)
+        # (n = 512: block parts (1/8 of a block each, pattern.BLOCK_SPLIT) of 4 entries)
+        check_against_oracle({**MERGED, "causal": True, "n": 512}, torch.float32, sdpa_strategies())
+    assert kernels and all(kernel.batches[0] <= fa4.CHECKED_BATCH for kernel in kernels)
+    # (kept: launched on the call's blocks, more entries than were checked)
+    launched = [batch for kernel in kernels for batch in kernel.batches[1:]]
+    assert (max(launched, default=0) > fa4.CHECKED_BATCH) is (fault is None)
+    assert (False in fa4_merge._COMPILED.values()) is (fault is not None)

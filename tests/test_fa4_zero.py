@@ -11,11 +11,14 @@ a block should write (NaN) and zeroes only the pairs of the selection it is give
   still match the oracle, and one that declines must leave the core to zero), and that a config
   whose blocks do not all zero (a tail segment) is left to the fill;
 * the first-call guard: a kernel is kept only if its rows, LSE and zeros agree with FA4's
-  forward, and one that fails to compile or disagrees is refused with a warning and never called
-  again, while the call's result still ends written.
+  forward on the blocks' first entries (``fa4.CHECKED_BATCH``), then launched on the whole call;
+  one that fails to compile or disagrees is refused with a warning and never called again, and
+  the core's plain path writes the call (the oracle holds either way).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -216,9 +219,11 @@ class FakeKernel:
     def __init__(self, causal, shifts, lazy=False, wrong=None, fail=False, lse_wrong=None) -> None:
         self.causal, self.shifts, self.runs = causal, shifts, 0
         self.lazy, self.wrong, self.fail, self.lse_wrong = lazy, wrong, fail, lse_wrong
+        self.batches: list[int] = []  # each run's entries
 
     def __call__(self, q, k, v, out, lse_bhl, scale) -> None:
         self.runs += 1
+        self.batches.append(q.shape[0])
         if self.fail:
             raise RuntimeError("no such kernel")
         out_block, lse_block = fa4.forward(q, k, v, self.causal, scale)
@@ -255,30 +260,39 @@ def test_first_call_keeps_a_kernel_that_agrees(fresh, causal, with_lse):
     if with_lse:
         torch.testing.assert_close(lse, lse_want)
     assert fa4_zero.forward_zero_(q, k, v, causal, 0.3, out, lse, shifts)
-    assert kernel.runs == 2 and list(fa4_zero._COMPILED.values()) == [kernel]
+    # checked on the first entries only (a whole 2M-token block's copies took GBs), then the
+    # call's blocks launched whole; the later call goes straight to the kernel
+    assert q.shape[0] > fa4.CHECKED_BATCH
+    assert kernel.batches == [fa4.CHECKED_BATCH, q.shape[0], q.shape[0]]
+    assert list(fa4_zero._COMPILED.values()) == [kernel]
 
 
 @pytest.mark.parametrize(
-    ("make", "written", "why"),
+    ("make", "why"),
     [
-        (lambda s: FakeKernel(False, s, lazy=True), True, "neighbour zeros wrong"),
-        (lambda s: FakeKernel(False, s, wrong=0.5), True, "disagreed"),
-        (lambda s: FakeKernel(False, s, wrong=float("nan")), True, "disagreed"),
-        (lambda s: FakeKernel(False, s, lse_wrong=0.5), True, "LSE wrong"),
-        (lambda s: FakeKernel(False, s, fail=True), False, "failed to compile or launch"),
+        (lambda s: FakeKernel(False, s, lazy=True), "neighbour zeros wrong"),
+        (lambda s: FakeKernel(False, s, wrong=0.5), "disagreed"),
+        (lambda s: FakeKernel(False, s, wrong=float("nan")), "disagreed"),
+        (lambda s: FakeKernel(False, s, lse_wrong=0.5), "LSE wrong"),
+        (lambda s: FakeKernel(False, s, fail=True), "failed to compile or launch"),
     ],
 )
-def test_first_call_refuses_a_kernel_that_disagrees_or_fails(fresh, make, written, why):
+def test_first_call_refuses_a_kernel_that_disagrees_or_fails(fresh, make, why):
     q, k, v, out, lse, shifts, out_full = operands()
     kernel = make(shifts)
     fresh.setattr(fa4_zero, "_compile", lambda key, *args: kernel)
     before = out_full.clone(), lse.clone()
-    out_want, lse_want = expected(q, k, v, False, out_full, shifts, lse)
     with pytest.warns(RuntimeWarning, match=why):
-        assert fa4_zero.forward_zero_(q, k, v, False, 0.3, out, lse, shifts) is written
-    # written right by FA4's plain forward and zeros, or untouched for the caller to write
-    want = (out_want, lse_want) if written else before
-    torch.testing.assert_close((out_full, lse), want)
+        assert not fa4_zero.forward_zero_(q, k, v, False, 0.3, out, lse, shifts)
+    # run on the checked entries only: the others' segments (rows and neighbours) untouched,
+    # for the caller's plain path, which writes every row (test_a_refused_kernel_...)
+    assert kernel.batches == [fa4.CHECKED_BATCH]
+    segments = out_full.shape[0] * 2  # (operands(): [2, 32] rows as 2 segments of 16 each)
+    assert torch.equal(
+        out_full.unflatten(1, (2, 16)).flatten(0, 1)[fa4.CHECKED_BATCH : segments],
+        before[0].unflatten(1, (2, 16)).flatten(0, 1)[fa4.CHECKED_BATCH : segments],
+    )
+    assert torch.equal(lse[fa4.CHECKED_BATCH :], before[1][fa4.CHECKED_BATCH :])
     runs = kernel.runs
     assert not fa4_zero.forward_zero_(q, k, v, False, 0.3, out, lse, shifts)  # never again
     assert kernel.runs == runs
@@ -320,7 +334,7 @@ def test_a_kernel_that_skips_zeros_already_there_is_refused(fresh):
     kernel = FakeKernel(False, shifts, lazy=True)
     fresh.setattr(fa4_zero, "_compile", lambda key, *args: kernel)
     with pytest.warns(RuntimeWarning, match="neighbour zeros wrong"):
-        assert fa4_zero.forward_zero_(q, k, v, False, 0.3, out, lse, shifts)
+        assert not fa4_zero.forward_zero_(q, k, v, False, 0.3, out, lse, shifts)
     assert list(fa4_zero._COMPILED.values()) == [False]
 
 
@@ -391,11 +405,11 @@ def test_zeroer_calls_a_kept_kernel_without_the_checks(fresh):
     assert zero(q, k, v, 0.3, out, lse)
     fresh.setattr(fa4_zero, "forward_zero_", None)  # not called again
     out_full.fill_(float("nan"))
-    assert zero(q, k, v, 0.3, out, lse) and kernel.runs == 2
+    assert zero(q, k, v, 0.3, out, lse) and kernel.runs == 3  # (check, call, call)
     torch.testing.assert_close((out_full, lse), (out_want, lse_want))
     fresh.setattr(fa4_zero, "forward_zero_", plain_guard)
     fresh.setattr(fa4_zero, "ENABLED", False)  # switched off after: declined, nothing written
-    assert not zero(q, k, v, 0.3, out, lse) and kernel.runs == 2
+    assert not zero(q, k, v, 0.3, out, lse) and kernel.runs == 3
     torch.testing.assert_close((out_full, lse), (out_want, lse_want))
 
 
@@ -412,4 +426,34 @@ def test_zeroer_restrides_unit_dims_of_stride_zero(fresh):
     kernel = FakeKernel(True, shifts)
     fresh.setattr(fa4_zero, "_compile", lambda key, *args: kernel)
     zero = fa4_zero.zeroer(q, k, v, True, out, lse, shifts)
-    assert zero(q, k, v, 0.3, out, lse) and zero(q, k, v, 0.3, out, lse) and kernel.runs == 2
+    assert zero(q, k, v, 0.3, out, lse) and zero(q, k, v, 0.3, out, lse)
+    assert kernel.batches == [1, 1, 1]  # (one entry: checked whole, then two calls)
+
+
+@pytest.mark.parametrize("fault", [None, "lazy", "wrong"])
+def test_a_first_call_through_the_core_matches_the_oracle_kept_or_refused(zeroing, fault):
+    """The real guard under the core: a faithful kernel is checked on its blocks' first entries
+    and then launched on all of them; a refused one (NaN neighbours or wrong rows left in the
+    checked entries) leaves the core's plain path to write every row. The oracle holds either
+    way."""
+    patch, _ = zeroing
+    patch.setattr(fa4_zero, "_COMPILED", {})
+    kernels: list[FakeKernel] = []
+
+    def compile_(key, *args):
+        causal, shifts = key[2], key[-1]
+        wrong = 0.5 if fault == "wrong" else None
+        kernels.append(FakeKernel(causal, shifts, lazy=fault == "lazy", wrong=wrong))
+        return kernels[-1]
+
+    patch.setattr(fa4_zero, "_compile", compile_)
+    problem = {**ZEROED, "causal": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if fault else "error", RuntimeWarning)
+        check_against_oracle(problem, torch.float32, sdpa_strategies())
+    assert kernels and all(kernel.batches[0] <= fa4.CHECKED_BATCH for kernel in kernels)
+    # (kept: launched on the call's blocks, more entries than were checked)
+    launched = [batch for kernel in kernels for batch in kernel.batches[1:]]
+    assert (max(launched, default=0) > fa4.CHECKED_BATCH) is (fault is None)
+    if fault:
+        assert set(fa4_zero._COMPILED.values()) == {False}

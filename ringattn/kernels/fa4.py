@@ -298,12 +298,20 @@ def backward_config(head_dim: int, causal: bool) -> tuple | None:
     return config
 
 
-# the blocks' leading (batch and segment) entries a backward swap's first call is checked on
-# (ringattn.kernels.fa4_add, fa4_dpsum): the kernels compile for the layouts, not the count, and
-# the whole of a 2M-token block took GBs of temporaries there: on an 80 GB H100 the first
-# forward+backward of lse at 2M ran out of memory in that check, where every later call fits
-# (h200_perf.md step 70)
+# the blocks' leading (batch and segment) entries a fused kernel's first call is checked on
+# (ringattn.kernels.fa4_add, fa4_dpsum, fa4_merge, fa4_zero, fa4_group), two so that an entry
+# past the first is checked too: the kernels compile for the layouts, not the count, and the
+# whole of a 2M-token block took GBs of temporaries there: on an 80 GB H100 the first
+# forward+backward of lse at 2M ran out of memory in that check, where every later call fits,
+# and the forward checks' copies took a first forward to 1.11-1.13x of (q, k, v, out)
+# (h200_perf.md steps 70-71)
 CHECKED_BATCH = 2
+
+
+def first_entries(*blocks: Tensor | None) -> tuple[Any, ...]:
+    """The blocks' first :data:`CHECKED_BATCH` entries (views; None stays None): what a fused
+    kernel's first call is checked on before the call's own launch."""
+    return tuple(None if x is None else x[:CHECKED_BATCH] for x in blocks)
 
 
 def backward_signature(q: Tensor, causal: bool) -> tuple:

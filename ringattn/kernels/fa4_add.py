@@ -131,9 +131,8 @@ def backward_add_(
         # checked on the blocks' first entries (fa4.CHECKED_BATCH), then this call goes on
         # with what was kept: checked whole, the block's copies took up to nine of its size
         # beside the call's own memory
-        first = tuple(x[: fa4.CHECKED_BATCH] for x in (dout, q, k, v, out, lse))
-        dq_first = None if dq is None else dq[: fa4.CHECKED_BATCH]
-        grads = (dq_first, dk[: fa4.CHECKED_BATCH], dv[: fa4.CHECKED_BATCH])
+        first = fa4.first_entries(dout, q, k, v, out, lse)
+        grads = fa4.first_entries(dq, dk, dv)
         _first_call(key, dq_key if adds_dq else None, first, causal, scale, grads)
         if key not in _CHECKED:  # (dQ's postprocess failed in it: dK / dV's kernel alone)
             _first_call(key, None, first, causal, scale, grads)

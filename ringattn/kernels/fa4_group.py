@@ -15,12 +15,12 @@ None) of full segments, with the shifts of its unselected rows (``ringattn.core.
 neighbour_shifts``; () for ``r = 1``). Every group has the same ``L``, dtype and head dim.
 
 Held to FA4's plain forward like the other fused kernels: the first call of each compiled
-kernel fills every group's neighbour rows with NaN, runs it, and keeps it only if each group's
-rows and LSE agree with FA4's forward of that group and every neighbour is 0; a kernel that
-fails to compile or agree is not used again in this process (with a warning that says why).
-A False return means no kernel ran to completion: the caller launches the groups one by one,
-which writes every row this call would have (the NaN of a failed first call included). SM90
-only.
+kernel fills the neighbour rows of every group's first entries (``fa4.CHECKED_BATCH``) with NaN,
+runs it on those, and keeps it only if each group's rows and LSE agree with FA4's forward of
+that group and every neighbour is 0, then launches it on the call's groups; a kernel that fails
+to compile or agree is not used again in this process (with a warning that says why). A False
+return means the kernel did not run on the call's groups: the caller launches them one by one,
+which writes every row this call would have (the checked entries' NaN included). SM90 only.
 """
 
 from __future__ import annotations
@@ -242,10 +242,23 @@ def _compile(key: tuple, groups: Sequence[Group]) -> Callable:
 
 
 def _first_call(key: tuple, groups: Sequence[Group], causal: bool, scale: float) -> bool:
-    """Compile ``key``'s kernel, run it with every group's neighbour rows poisoned and hold each
-    group to FA4's plain forward; keep it only if all agree (else recorded as False: not used
-    again). Either way the call's rows, LSE and zeros end written, except where the kernel
-    failed to compile or run (False: the caller launches the groups)."""
+    """Compile ``key``'s kernel, hold it to FA4's plain forward on every group's first entries
+    (:func:`_checked`) and, where kept, launch it on the call's groups. False where it was
+    refused: the caller launches the groups itself, which writes every row this call would have
+    (the checked entries', NaN or written by the check, included)."""
+    first: list[Group] = [fa4.first_entries(*group) for group in groups]
+    kernel = _checked(key, first, causal, scale)
+    if kernel is None:
+        return False
+    kernel(*_operands(groups), scale)
+    return True
+
+
+def _checked(key: tuple, groups: Sequence[Group], causal: bool, scale: float) -> Any:
+    """``key``'s kernel compiled and run on these groups (a few entries each, for a whole
+    block's copies here took GBs at 2M tokens) with their neighbour rows poisoned, each group
+    then held to FA4's plain forward: the kernel where every group's rows and LSE agree and
+    every neighbour is 0, else None (refused: recorded as False, not used again)."""
     shifts = key[6]
     neighbours = [shifted(group[3], s) for group, ss in zip(groups, shifts) for s in ss]
     for x in neighbours:
@@ -255,27 +268,22 @@ def _first_call(key: tuple, groups: Sequence[Group], causal: bool, scale: float)
         kernel(*_operands(groups), scale)
     except Exception as exc:  # the CuTe DSL or this FA4 version rejects the kernel
         _refuse(key, f"it failed to compile or launch ({type(exc).__name__}: {exc})")
-        return False
+        return None
     why = None
     for g, (q, k, v, out, lse) in enumerate(groups):
         out_ref, lse_ref = fa4.forward(q, k, v, causal, scale)
         out_ok, out_err = fa4.output_agrees(out, out_ref)
         lse_ok = lse is None or fa4.lse_agrees(lse, lse_ref)
-        if why is None and not (out_ok and lse_ok):
+        if not (out_ok and lse_ok):
             why = f"group {g}: output error {out_err:.3g}, LSE {'ok' if lse_ok else 'wrong'}"
-        if not (out_ok and lse_ok):  # the plain forward's result stands
-            out.copy_(out_ref)
-            if lse is not None:
-                lse.copy_(lse_ref)
+            break
     if why is None and not all(bool((x == 0).all()) for x in neighbours):
         why = "a neighbour row not zeroed"
-    if why is None:
-        _COMPILED[key] = kernel
-        return True
-    _refuse(key, f"it disagreed with FA4's forward ({why})")
-    for x in neighbours:
-        x.zero_()
-    return True
+    if why is not None:
+        _refuse(key, f"it disagreed with FA4's forward ({why})")
+        return None
+    _COMPILED[key] = kernel
+    return kernel
 
 
 def _refuse(key: tuple, why: str) -> None:

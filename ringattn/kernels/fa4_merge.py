@@ -9,8 +9,9 @@ the ``[b, n, h]`` accumulator's views are not, so the kernel is compiled here, w
 of the LSE left to run time).
 
 Held to the two-kernel path: the first call of each compiled kernel runs both on the same
-operands and keeps the kernel only if they agree (output within bf16/fp16 rounding, LSE within
-float32 fast-math error); a kernel that fails to compile or to agree is not used again in this
+operands, its blocks' first entries (``fa4.CHECKED_BATCH``), and keeps the kernel only if they
+agree (output within bf16/fp16 rounding, LSE within float32 fast-math error), then merges the
+call's blocks with it; a kernel that fails to compile or to agree is not used again in this
 process, with a warning that says why, and its blocks take the two-kernel path, which computes
 the same function. SM90 (H100/H200) only: the Blackwell forward is another class.
 """
@@ -230,10 +231,25 @@ def _digest(path: str) -> str:
 
 
 def _first_call(key, q, k, v, causal: bool, scale: float, out: Tensor, lse: Tensor) -> bool:
-    """Compile ``key``'s kernel, run it on these operands and hold it to the two-kernel path,
-    which leaves the operands merged; the kernel is kept only if the two agree (else recorded
-    as False: not used again). False where it failed to compile or run (operands untouched)."""
+    """Compile ``key``'s kernel, hold it to the two-kernel path on the blocks' first entries
+    (:func:`_checked`) and, where kept, merge the call's blocks with it: the first call's result
+    is every later call's. False where it was refused (operands untouched, for the caller's two
+    kernels)."""
+    kernel = _checked(key, fa4.first_entries(q, k, v, out, lse), causal, scale)
+    if kernel is None:
+        return False
+    kernel(q, k, v, out, lse.transpose(1, 2), scale)
+    return True
+
+
+def _checked(key, blocks: tuple, causal: bool, scale: float) -> Any:
+    """``key``'s kernel compiled and run on ``blocks`` (q, k, v, out, lse: a few entries, for a
+    whole block's copies here took GBs at 2M tokens), its merge held to the two-kernel path's;
+    the kernel where they agree, else None (refused: recorded as False, not used again). The
+    operands end as they were either way."""
     from ringattn.merge import merge_into_
+
+    q, k, v, out, lse = blocks
 
     out_old, lse_old = out.clone(), lse.clone()
     try:
@@ -242,16 +258,17 @@ def _first_call(key, q, k, v, causal: bool, scale: float, out: Tensor, lse: Tens
     except Exception as exc:  # the CuTe DSL or this FA4 version rejects the kernel
         out.copy_(out_old), lse.copy_(lse_old)
         _refuse(key, f"it failed to compile or launch ({type(exc).__name__}: {exc})")
-        return False
-    out_fused, lse_fused = out.clone(), lse.clone()
+        return None
+    out_two, lse_two = out_old.clone(), lse_old.clone()
+    merge_into_(out_two, lse_two, *fa4.forward(q, k, v, causal, scale))
+    out_ok, out_err = fa4.output_agrees(out, out_two)
+    lse_ok = fa4.lse_agrees(lse, lse_two)
     out.copy_(out_old), lse.copy_(lse_old)
-    merge_into_(out, lse, *fa4.forward(q, k, v, causal, scale))
-    out_ok, out_err = fa4.output_agrees(out_fused, out)
-    if out_ok and fa4.lse_agrees(lse_fused, lse):
-        _COMPILED[key] = kernel
-    else:
+    if not (out_ok and lse_ok):
         _refuse(key, f"it disagreed with the two-kernel merge (output error {out_err:.3g})")
-    return True
+        return None
+    _COMPILED[key] = kernel
+    return kernel
 
 
 def _refuse(key: tuple, why: str) -> None:

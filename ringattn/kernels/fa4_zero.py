@@ -12,10 +12,11 @@ A launch is handed the output rows of a block of *full* segments and the ``shift
 from each selected row to the rest of its stride group: ``(k - o) * stride_n`` for ``k != o``,
 all inside the output (:func:`ringattn.core.neighbour_shifts`).
 
-Held to FA4's plain forward: the first call of each compiled kernel fills the neighbour rows with
-NaN, runs it, and keeps it only if its rows and LSE agree with FA4's forward and every neighbour
-is 0; a kernel that fails to compile or to agree is not used again in this process (with a
-warning that says why), and the call's result is written by the plain path. SM90 only.
+Held to FA4's plain forward: the first call of each compiled kernel fills the neighbour rows of
+its blocks' first entries (``fa4.CHECKED_BATCH``) with NaN, runs it on those, and keeps it only
+if their rows and LSE agree with FA4's forward and every neighbour is 0, then launches it on the
+call's blocks; a kernel that fails to compile or to agree is not used again in this process
+(with a warning that says why), and the call's result is written by the plain path. SM90 only.
 """
 
 from __future__ import annotations
@@ -71,8 +72,9 @@ def forward_zero_(
 ) -> bool:
     """``out``, ``lse`` (``[B, L, H, d]`` / ``[B, L, H]`` views; lse may be None) <-
     attention(q, k, v), and 0 into ``shifted(out, s)`` for every ``s`` in ``shifts``, as one
-    kernel. False where that kernel is not usable (nothing written; the caller runs the plain
-    forward and zeroes the neighbours itself)."""
+    kernel. False where that kernel is not usable: the caller runs the plain forward and zeroes
+    the neighbours itself (nothing written, but for a refused first call's checked entries,
+    which those then overwrite)."""
     if not ENABLED:
         return False
     key = _key(q, causal, lse, shifts)
@@ -120,41 +122,45 @@ def _compile(key: tuple, q, k, v, out, lse_bhl) -> Callable:
 
 
 def _first_call(key, q, k, v, causal: bool, scale: float, out: Tensor, lse_bhl) -> bool:
-    """Compile ``key``'s kernel, run it with its neighbour rows poisoned and hold it to FA4's
-    plain forward; keep it only if they agree (else recorded as False: not used again). Either
-    way the call's rows, LSE and zeros end written; False only where the kernel failed to
-    compile or run (its neighbour rows restored; rows and LSE a failed launch may have written
-    are the call's own, which the caller's plain path then writes whole)."""
+    """Compile ``key``'s kernel, hold it to FA4's plain forward on the blocks' first entries
+    (:func:`_checked`) and, where kept, launch it on the call's blocks. False where it was
+    refused: the caller's plain path then writes the call's rows, LSE and zeros, the checked
+    entries' (which the check may have left written or NaN) included."""
+    kernel = _checked(key, fa4.first_entries(q, k, v, out, lse_bhl), causal, scale)
+    if kernel is None:
+        return False
+    kernel(q, k, v, out, lse_bhl, scale)
+    return True
+
+
+def _checked(key, blocks: tuple, causal: bool, scale: float) -> Any:
+    """``key``'s kernel compiled and run on ``blocks`` (q, k, v, out, ``[B, H, L]`` LSE or None:
+    a few entries, for a whole block's copies here took GBs at 2M tokens) with their neighbour
+    rows poisoned, then held to FA4's plain forward: the kernel where the rows and LSE agree and
+    every neighbour is 0, else None (refused: recorded as False, not used again)."""
+    q, k, v, out, lse_bhl = blocks
     neighbours = [shifted(out, shift) for shift in key[-1]]
-    before = [x.clone() for x in neighbours]
     for x in neighbours:
         x.fill_(float("nan"))  # a kernel that skips its zeros cannot pass
     try:
         kernel = _compile(key, q, k, v, out, lse_bhl)
         kernel(q, k, v, out, lse_bhl, scale)
     except Exception as exc:  # the CuTe DSL or this FA4 version rejects the kernel
-        for x, old in zip(neighbours, before):
-            x.copy_(old)
         _refuse(key, f"it failed to compile or launch ({type(exc).__name__}: {exc})")
-        return False
+        return None
     out_ref, lse_ref = fa4.forward(q, k, v, causal, scale)
     out_ok, out_err = fa4.output_agrees(out, out_ref)
     lse_ok = lse_bhl is None or fa4.lse_agrees(lse_bhl.transpose(1, 2), lse_ref)
     zeros_ok = all(bool((x == 0).all()) for x in neighbours)
-    if out_ok and lse_ok and zeros_ok:
-        _COMPILED[key] = kernel
-        return True
-    _refuse(
-        key,
-        f"it disagreed with FA4's forward (output error {out_err:.3g}, LSE "
-        f"{'ok' if lse_ok else 'wrong'}, neighbour zeros {'ok' if zeros_ok else 'wrong'})",
-    )
-    out.copy_(out_ref)
-    if lse_bhl is not None:
-        lse_bhl.transpose(1, 2).copy_(lse_ref)
-    for x in neighbours:
-        x.zero_()
-    return True
+    if not (out_ok and lse_ok and zeros_ok):
+        _refuse(
+            key,
+            f"it disagreed with FA4's forward (output error {out_err:.3g}, LSE "
+            f"{'ok' if lse_ok else 'wrong'}, neighbour zeros {'ok' if zeros_ok else 'wrong'})",
+        )
+        return None
+    _COMPILED[key] = kernel
+    return kernel
 
 
 def _refuse(key: tuple, why: str) -> None:
