@@ -427,7 +427,8 @@ def merge(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
                     with warnings.catch_warnings(record=True) as caught:
                         warnings.simplefilter("always")
                         # the first call compiles the kernel and checks it on the two-kernel
-                        # path, which leaves that path's result: reset, then the call checked
+                        # path (the blocks' first entries) before its own launch: reset, then
+                        # the call checked
                         call()
                         out_acc.copy_(out_full), lse_acc.copy_(lse_full)
                         call()
