@@ -390,7 +390,7 @@ def check(make, mixing: str, causal: bool, args, device: torch.device) -> float:
     """
     n = args.check_n
     gen = torch.Generator(device=device).manual_seed(0)
-    shape = (1, n, args.heads, args.dim)
+    shape = (args.batch, n, args.heads, args.dim)
     q, k, v, dout = (
         torch.randn(shape, device=device, dtype=args.dtype, generator=gen) for _ in range(4)
     )
@@ -411,7 +411,7 @@ def check(make, mixing: str, causal: bool, args, device: torch.device) -> float:
 
 
 def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dict) -> list[dict]:
-    b, h, d = 1, args.heads, args.dim
+    b, h, d = args.batch, args.heads, args.dim
     q, k, v, dout = (torch.randn(b, n, h, d, device=device, dtype=args.dtype) for _ in range(4))
     unit = q.numel() * q.element_size()  # bytes of one [b, n, h, d] tensor
     rows: list[dict] = []
@@ -607,6 +607,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add_causality(p)
     add_heads(p)
     p.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="batch size b of every row, the oracle check's and dense SDPA's too (default: 1, "
+        "issue 5's)",
+    )
+    p.add_argument(
         "--dtype",
         default="bfloat16",
         choices=["bfloat16", "float16", "float32"],
@@ -726,7 +733,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.check_n = min(max(args.n), 32768)
     if args.check_n < 0:
         p.error(f"--check-n must be >= 0, got {args.check_n}")
-    require_positive(p, args, "n", "heads", "dim", "repeats", "dense_max_n")
+    require_positive(p, args, "n", "heads", "dim", "batch", "repeats", "dense_max_n")
     require_distinct(p, args, "n", "mixing", "computers", "dilations", "compile_modes")
     # (--b2b-calls -1 gave negative ratios; --warmup -1 ran as 0)
     for name in ("warmup", "b2b_calls"):
@@ -798,7 +805,7 @@ def main(argv: list[str] | None = None) -> None:
         "graphs": args.graphs,
         "command": "python -m experiments.bench "
         + " ".join(sys.argv[1:] if argv is None else argv),
-        "shape": {"b": 1, "h": args.heads, "d": args.dim, "dtype": str(args.dtype)},
+        "shape": {"b": args.batch, "h": args.heads, "d": args.dim, "dtype": str(args.dtype)},
         "configs": {"segment_lengths": args.lengths, "dilation_rates": args.rates},
     }
     (args.out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

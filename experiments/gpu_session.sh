@@ -7,6 +7,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh long     # ~4 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh checks   # ~6 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh first_checks # ~7 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh batch    # <9.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh host     # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh tiles    # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh lanes    # ~5 min
@@ -83,7 +84,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|graphs|first_checks|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh record|graphs|first_checks|batch|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -172,6 +173,19 @@ first_checks)
     passed=$(grep -c '| True |' "$out/flex_gpu_check/flex_gpu_check.md" 2>/dev/null)
     summary="oracle check: ${passed:-0} rows within tolerance; refusals: $(grep -c "is not used for" "$out"/*.log)
 $(grep -h "segment_local/sdpa |" "$out/bench.log" | cut -d'|' -f2-6,9,12,17-18)"
+    ;;
+batch)
+    # b = 2 (step 71: a part whose rows over the batch are no one view goes once per batch entry,
+    # ringattn.launches.PER_ENTRY; before, it took the general path, which copies its q, k, v
+    # rows): the bench at 131K with PER_ENTRY on, then off (A/B, processes of their own), its
+    # oracle check at 16K (lse's float64 oracle at 32K and b = 2 needs more than 80 GB)
+    for per_entry in True False; do
+        timeout 280 python -c "import sys, ringattn.launches as l; l.PER_ENTRY = sys.argv[1] == 'True'
+from experiments import bench; bench.main(sys.argv[2:])" "$per_entry" "${bench[@]:3}" \
+            --no-torch-row --batch 2 --n 131072 --check-n 16384 --repeats 5 --warmup 2 \
+            --out "$out/bench_$per_entry" >"$out/bench_$per_entry.log" 2>&1
+    done
+    summary="$(grep -H "segment_local/sdpa |\|FAILED" "$out"/bench_*.log | cut -c1-220)"
     ;;
 checks)
     python -m experiments.flex_gpu --part check --out "$out/flex_gpu_check" >"$out/check.log" 2>&1

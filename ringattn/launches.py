@@ -24,6 +24,11 @@ backward and one add, per launch) instead of ``R`` of ``K``: issue 5's ``r = 16`
 rounding (a kernel's reduction order may depend on the heads batched with a row);
 ``FUSE_OFFSETS = False`` turns it off (the A/B of ``experiments/overheads.py --fuse``).
 
+With ``b > 1`` a part of some of a block's segments has its ``b * S`` segments at two strides,
+which no one view holds: such parts are launched once per batch entry (each entry's rows are
+one view), the block cut ``BLOCK_SPLIT / b`` times rather than ``BLOCK_SPLIT`` so about as many
+launches of about as many pairs run as with views over the whole batch.
+
 Prepared only eagerly (never while tracing), for dilation processors whose reads are views
 (``segment_local``; ``global`` gathers), and for blocks whose segments stay on this device (a
 block that travels goes through its communicator's general path), with one exception: a run
@@ -60,6 +65,11 @@ class Prepared(dict[int, tuple[tuple[tuple[Geometry | None, ...], Callable[..., 
 
 # lse: a config's offsets as runs where they line up (see the module's docstring)
 FUSE_OFFSETS = True
+
+# b > 1: parts whose rows over the batch are no one view launched once per batch entry (see the
+# module's docstring); False leaves them to the general path, as before h200_perf.md step 71 (the
+# A/B of gpu_session.sh batch). Read when a preparation is made
+PER_ENTRY = True
 
 # preparations kept per spec, most recently used last (one per (kind, layouts); one layout
 # takes up to five: forward, no-grad forward and the backward's three): 8 re-prepared everything
@@ -196,20 +206,38 @@ def _prepare(
     spec, reads, writes, block_ids, make_launcher, placed: bool, split: int | None
 ) -> Prepared:
     plan, tensors = spec.plan, (*reads, *writes)
+    batch = reads[0].shape[0]
 
-    def entries(parts: tuple, span: int) -> tuple | None:
-        """Each part's (geometry, launcher), or None if some operand is not one view."""
+    def entries(parts: tuple, span: int, per_entry: bool = False) -> tuple | None:
+        """Each part's (geometry, launcher), or None if some operand is not one view;
+        ``per_entry``: each part once per batch entry (see below)."""
         found = []
         for part in parts:
             rows = part.flat_geometry if placed else part.rows_geometry
-            geometry = (
-                *(spec.dilation.geometry(part, x.shape, x.stride()) for x in reads),
-                *(None if x is None else rows(x.shape, x.stride()) for x in writes),
-            )
-            if any(g is None and x is not None for x, g in zip(tensors, geometry)):
-                return None  # a read that gathers, or rows that are not one view
-            found.append((geometry, make_launcher(span, part, *views(tensors, geometry))))
+            for start, count in ((e, 1) for e in range(batch)) if per_entry else ((0, batch),):
+                geometry = (
+                    *(_entry(spec.dilation.geometry, part, x, start, count) for x in reads),
+                    *(None if x is None else _entry(rows, None, x, start, count) for x in writes),
+                )
+                if any(g is None and x is not None for x, g in zip(tensors, geometry)):
+                    return None  # a read that gathers, or rows that are not one view
+                found.append((geometry, make_launcher(span, part, *views(tensors, geometry))))
         return tuple(found)
+
+    def local_entries(parts: tuple, block: pattern.Block | None) -> tuple | None:
+        """:func:`entries` of these local parts or, where some are not one view over a batch of
+        more than one, of each batch entry's: a part of some of a block's segments has its
+        ``b * S`` segments at two strides (``ringattn.core.flat_view``), so it took the general
+        path (copies of its q, k, v; under ``lse`` every block past the first, at issue 5's shape
+        with ``b > 1``). Each entry's rows are one view; ``block`` (None: the parts as they are)
+        is cut coarser for them, so about as many launches of about as many pairs run as with
+        views over the whole batch."""
+        found = entries(parts, 1)
+        if found is not None or batch == 1 or not PER_ENTRY:
+            return found
+        if block is not None:
+            parts = block.cut(plan.n, plan.h, max(1, (split or pattern.BLOCK_SPLIT) // batch))
+        return entries(parts, 1, per_entry=True)
 
     def span_of(i: int) -> int:
         return spec.spans[plan.blocks[i].job.config]
@@ -224,11 +252,27 @@ def _prepare(
         span = span_of(members[0])
         # a spanning config's blocks are single tail segments: one view at every layout, so
         # entries() is None on every rank (a gathering dilation) or on none
-        if set(members) <= block_ids and (fused := entries(runs, span)) is not None:
+        if not set(members) <= block_ids:
+            continue
+        fused = entries(runs, span) if span > 1 else local_entries(runs, None)
+        if fused is not None:
             result.update({i: () for i in members})
             result[members[0]] = fused
     for i in sorted(local - set(result)):  # the rest: each part on its own
         parts = plan.parts[i] if split is None else plan.blocks[i].cut(plan.n, plan.h, split)
-        if (found := entries(parts, 1)) is not None:
+        if (found := local_entries(parts, plan.blocks[i])) is not None:
             result[i] = found
     return result
+
+
+def _entry(geometry_of: Callable, part, x: Tensor, start: int, count: int) -> Geometry | None:
+    """``geometry_of(part, shape, stride)`` (``part`` None: ``geometry_of(shape, stride)``) of
+    ``x``'s batch entries ``start .. start + count``: the geometry of ``x[start : start +
+    count]``'s view, its offset from ``x``'s own."""
+    shape = (count, *x.shape[1:])
+    args = (shape, x.stride()) if part is None else (part, shape, x.stride())
+    geometry = geometry_of(*args)
+    if geometry is None:
+        return None
+    size, stride, offset = geometry
+    return size, stride, offset + start * x.stride(0)

@@ -143,6 +143,7 @@ def test_train_longrange_refuses_an_out_it_cannot_make_before_training(monkeypat
         ("--b2b-calls -1", "--b2b-calls must be >= 0"),  # (negative ratios)
         ("--warmup -1", "--warmup must be >= 0"),
         ("--dense-max-n 0", "--dense-max-n must be >= 1"),  # (ZeroDivisionError)
+        ("--batch 0", "--batch must be >= 1"),  # (empty inputs: no row, no error)
         # (the same rows twice under one label)
         ("--compile-modes default default", "--compile-modes: default given more than once"),
         ("--n 64 128 64", "--n: 64 given more than once"),
@@ -304,6 +305,23 @@ def test_bench_runs_on_the_cpu(tmp_path):
     (dense,) = [row for row in rows if row["variant"] == "dense SDPA"]
     assert dense["fwd_vs_dense"] == dense["fwdbwd_vs_dense"] == 1.0
     assert not any("graph" in name for row in rows for name in row)  # (no --graphs)
+
+
+def test_bench_runs_a_batch_against_the_oracle(tmp_path):
+    """``--batch``: every row, the oracle check's input and dense SDPA's at that batch size
+    (whose lse blocks past the first go once per batch entry: ringattn.launches)."""
+    from experiments import bench
+
+    argv = "--device cpu --n 128 --lengths 32 64 --rates 1 2 --heads 2 --dim 8 --computers sdpa"
+    argv += " --dilations segment_local --no-compile --no-in-model --no-flash-row --no-torch-row"
+    argv += " --mixing lse --causal no --repeats 1 --warmup 0 --b2b-calls 0 --batch 3"
+    bench.main([*argv.split(), "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["meta"]["shape"]["b"] == 3
+    (row,) = [row for row in report["rows"] if row["variant"] == "segment_local/sdpa"]
+    assert 0 <= row["oracle_err"] < 2e-2  # (bf16; NaN fails too)
+    one = bench.useful_flops(1, 128, 2, 8, (32, 64), (1, 2), False, "lse")
+    assert row["fwd_tflops"] == pytest.approx(bench.tflops(3 * one, row["fwd_ms"]))  # (b = 3)
 
 
 def test_bench_reports_the_first_calls_peaks_apart(monkeypatch):

@@ -104,6 +104,37 @@ def run_counted(p: dict, strategy: ringattn.Strategy, tensors: tuple, patches: l
 
 
 @pytest.mark.parametrize("computer", ["math", "sdpa"])
+@settings(max_examples=20, deadline=None)
+@given(p=problems(), layout=st.sampled_from(["contiguous", "sliced"]), split=st.integers(1, 8))
+def test_every_local_block_is_prepared_at_any_batch(computer, p, layout, split):
+    """segment_local's blocks are all prepared (none left to the general path, which copies its
+    q, k, v rows) at any batch size: where a part's rows over a batch of more than one are no
+    one view (some of a block's segments: ``b * S`` rows at two strides), it goes once per
+    batch entry, each of whose rows are, cut no finer than ``BLOCK_SPLIT / b`` (about the
+    launches and pairs of views over the whole batch). Bit-identical to the general path
+    (test_prepared_launches_compute_exactly_the_general_path, whose b > 1 draws take them)."""
+    p = {**p, "b": max(p["b"], 2)}
+    q, k, v = make_qkv(p, torch.float32)
+    dout = torch.randn_like(q)
+    q, k, v, dout = (relayout(x, layout) for x in (q, k, v, dout))
+    asked: list[tuple[set, set]] = []
+    prepare = launches._prepare
+
+    def spy(spec, reads, writes, block_ids, *args):
+        found = prepare(spec, reads, writes, block_ids, *args)
+        asked.append((set(block_ids), set(found)))
+        return found
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(launches, "_prepare", spy)
+        patch.setattr(pattern, "BLOCK_SPLIT", split)
+        run(p, ringattn.Strategy(computer=computer), q, k, v, dout)
+    assert asked
+    for block_ids, prepared_ids in asked:
+        assert block_ids == prepared_ids
+
+
+@pytest.mark.parametrize("computer", ["math", "sdpa"])
 @pytest.mark.parametrize("dilation", ["segment_local", "global"])
 @settings(max_examples=15, deadline=None)
 @given(p=problems(), layout=st.sampled_from(["contiguous", "transposed", "sliced"]))
@@ -126,8 +157,10 @@ def test_prepared_launches_compute_exactly_the_general_path(computer, dilation, 
         patch.setattr(launches, "FUSE_OFFSETS", False)  # one launch per part: the same calls
         attention, prepared = run(p, strategy, q, k, v, dout)
     blocks = attention._specs[(p["n"], p["h"], p["d"], torch.device("cpu"))].plan.blocks
-    if dilation == "segment_local" and p["b"] == 1 and len(blocks) > 1:
-        assert taken, "no prepared launch was taken"  # b == 1: every part's rows are one view
+    if dilation == "segment_local" and len(blocks) > 1:
+        # every part's rows are one view, or each batch entry's are (b > 1, a part of a block's
+        # segments: test_every_local_block_is_prepared_at_any_batch)
+        assert taken, "no prepared launch was taken"
     if dilation == "global":
         assert not taken
     with pytest.MonkeyPatch.context() as patch:
@@ -367,9 +400,10 @@ def test_whole_blocks_compute_their_parts_in_fewer_launches(computer, p, split, 
     results, counts, forward_parts = run_with_answers(
         p, computer, layout, split, "places_whole_blocks", (True, False), ("forward",)
     )
-    # each prepared forward block is one launch; where one had several parts and the rest was
-    # prepared alike (b == 1: every block's rows are one view), the call made fewer launches
-    assert all(count <= 1 for count in forward_parts[True])
+    # each prepared forward block is one launch (one per batch entry where its rows over the
+    # batch are no one view); where one had several parts and the rest was prepared alike
+    # (b == 1: every block's rows are one view), the call made fewer launches
+    assert all(count <= p["b"] for count in forward_parts[True])
     if p["b"] == 1 and any(count > 1 for count in forward_parts[False]):
         assert counts[True] < counts[False]
     for a, c in zip(results[True], results[False]):
@@ -391,8 +425,10 @@ def test_a_computers_backward_split_launches_larger_parts_of_the_same_gradients(
     results, counts, parts = run_with_answers(
         p, computer, layout, split, "placed_backward_split", (1, None), ("backward", True)
     )
-    assert all(count <= 1 for count in parts[1])
-    if len(parts[1]) == len(parts[None]) and any(c > 1 for c in parts[None]):
+    assert all(count <= p["b"] for count in parts[1])  # (one per batch entry: see above)
+    # (b == 1: with more, a block whose rows are no one view over the batch goes once per entry
+    # either way, which may take as many launches as the plan's parts)
+    if p["b"] == 1 and len(parts[1]) == len(parts[None]) and any(c > 1 for c in parts[None]):
         assert counts[1] < counts[None]
     for a, c in zip(results[1], results[None]):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
