@@ -182,7 +182,7 @@ batch)
     for per_entry in True False; do
         timeout 280 python -c "import sys, ringattn.launches as l; l.PER_ENTRY = sys.argv[1] == 'True'
 from experiments import bench; bench.main(sys.argv[2:])" "$per_entry" "${bench[@]:3}" \
-            --no-torch-row --batch 2 --n 131072 --check-n 16384 --repeats 5 --warmup 2 \
+            --no-torch-row --batch 2 --n 131072 --check-n 16384 --repeats 3 --warmup 1 \
             --out "$out/bench_$per_entry" >"$out/bench_$per_entry.log" 2>&1
     done
     summary="$(grep -H "segment_local/sdpa |\|FAILED" "$out"/bench_*.log | cut -c1-220)"
