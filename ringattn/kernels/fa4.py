@@ -183,23 +183,23 @@ def call_guarded(
     lock: AbstractContextManager,
     key: tuple,
     q: Tensor,
-    first_call: Callable[[], bool],
+    check: Callable[[], Any],
     run: Callable[[Callable], None],
 ) -> bool:
     """``run(kernel)`` with the kernel ``compiled`` keeps for ``key`` (a fused kernel's registry,
-    ``fa4_merge`` / ``fa4_zero``: the kernel, or False once refused). A key's first call runs
-    ``first_call()`` instead, once, under ``lock``: it compiles, checks and keeps or refuses the
-    kernel, and its return is the call's; never while a CUDA graph is captured (it syncs). False
-    where no kernel ran (nothing written; the caller takes the plain path)."""
+    ``fa4_merge`` / ``fa4_zero`` / ``fa4_group``: the kernel, or False once refused). A key's
+    first call runs ``check()`` first, once, under ``lock``: it compiles the kernel, holds it to
+    the plain path on the blocks' :func:`first_entries` and keeps it in ``compiled`` (returned)
+    or refuses it (None); never while a CUDA graph is captured (it syncs). False where no kernel
+    ran on the call (the caller takes the plain path, which writes every row the call would
+    have)."""
     kernel = compiled.get(key)
     if kernel is None:
         if capturing(q):
             return False
         with lock:
-            if key not in compiled:
-                return first_call()
-        kernel = compiled[key]
-    if kernel is False:
+            kernel = compiled[key] if key in compiled else check()
+    if not kernel:  # (None: refused by this call's check; False: by an earlier one)
         return False
     run(kernel)
     return True
