@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -215,9 +216,10 @@ def _prepare(
         for part in parts:
             rows = part.flat_geometry if placed else part.rows_geometry
             for start, count in ((e, 1) for e in range(batch)) if per_entry else ((0, batch),):
+                read = partial(spec.dilation.geometry, part)
                 geometry = (
-                    *(_entry(spec.dilation.geometry, part, x, start, count) for x in reads),
-                    *(None if x is None else _entry(rows, None, x, start, count) for x in writes),
+                    *(_entry(read, x, start, count) for x in reads),
+                    *(None if x is None else _entry(rows, x, start, count) for x in writes),
                 )
                 if any(g is None and x is not None for x, g in zip(tensors, geometry)):
                     return None  # a read that gathers, or rows that are not one view
@@ -265,13 +267,10 @@ def _prepare(
     return result
 
 
-def _entry(geometry_of: Callable, part, x: Tensor, start: int, count: int) -> Geometry | None:
-    """``geometry_of(part, shape, stride)`` (``part`` None: ``geometry_of(shape, stride)``) of
-    ``x``'s batch entries ``start .. start + count``: the geometry of ``x[start : start +
-    count]``'s view, its offset from ``x``'s own."""
-    shape = (count, *x.shape[1:])
-    args = (shape, x.stride()) if part is None else (part, shape, x.stride())
-    geometry = geometry_of(*args)
+def _entry(geometry_of: Callable, x: Tensor, start: int, count: int) -> Geometry | None:
+    """``geometry_of(shape, stride)`` of ``x``'s batch entries ``start .. start + count``: the
+    geometry of ``x[start : start + count]``'s view, its offset from ``x``'s own."""
+    geometry = geometry_of((count, *x.shape[1:]), x.stride())
     if geometry is None:
         return None
     size, stride, offset = geometry
