@@ -183,23 +183,23 @@ def call_guarded(
     lock: AbstractContextManager,
     key: tuple,
     q: Tensor,
-    check: Callable[[], Any],
+    first_call: Callable[[], bool],
     run: Callable[[Callable], None],
 ) -> bool:
     """``run(kernel)`` with the kernel ``compiled`` keeps for ``key`` (a fused kernel's registry,
-    ``fa4_merge`` / ``fa4_zero`` / ``fa4_group``: the kernel, or False once refused). A key's
-    first call runs ``check()`` first, once, under ``lock``: it compiles the kernel, holds it to
-    the plain path on the blocks' :func:`first_entries` and keeps it in ``compiled`` (returned)
-    or refuses it (None); never while a CUDA graph is captured (it syncs). False where no kernel
-    ran on the call (the caller takes the plain path, which writes every row the call would
-    have)."""
+    ``fa4_merge`` / ``fa4_zero``: the kernel, or False once refused). A key's first call runs
+    ``first_call()`` instead, once, under ``lock``: it compiles, checks and keeps or refuses the
+    kernel, and its return is the call's; never while a CUDA graph is captured (it syncs). False
+    where no kernel ran (nothing written; the caller takes the plain path)."""
     kernel = compiled.get(key)
     if kernel is None:
         if capturing(q):
             return False
         with lock:
-            kernel = compiled[key] if key in compiled else check()
-    if not kernel:  # (None: refused by this call's check; False: by an earlier one)
+            if key not in compiled:
+                return first_call()
+        kernel = compiled[key]
+    if kernel is False:
         return False
     run(kernel)
     return True

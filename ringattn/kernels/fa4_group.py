@@ -170,7 +170,7 @@ def forward_group_(
         _LOCK,
         key,
         groups[0][0],
-        lambda: _checked(key, [fa4.first_entries(*group) for group in groups], causal, scale),
+        lambda: _first_call(key, groups, causal, scale),
         lambda kernel: kernel(*_operands(groups), scale),
     )
 
@@ -239,6 +239,19 @@ def _compile(key: tuple, groups: Sequence[Group]) -> Callable:
         compiled(qs, ks, vs, outs, lses_bhl, scale)
 
     return launch
+
+
+def _first_call(key: tuple, groups: Sequence[Group], causal: bool, scale: float) -> bool:
+    """Compile ``key``'s kernel, hold it to FA4's plain forward on every group's first entries
+    (:func:`_checked`) and, where kept, launch it on the call's groups. False where it was
+    refused: the caller launches the groups itself, which writes every row this call would have
+    (the checked entries', NaN or written by the check, included)."""
+    first: list[Group] = [fa4.first_entries(*group) for group in groups]
+    kernel = _checked(key, first, causal, scale)
+    if kernel is None:
+        return False
+    kernel(*_operands(groups), scale)
+    return True
 
 
 def _checked(key: tuple, groups: Sequence[Group], causal: bool, scale: float) -> Any:

@@ -110,7 +110,7 @@ def forward_merge_(
         _LOCK,
         key,
         q,
-        lambda: _checked(key, fa4.first_entries(q, k, v, out, lse), causal, scale),
+        lambda: _first_call(key, q, k, v, causal, scale, out, lse),
         lambda kernel: kernel(q, k, v, out, lse.transpose(1, 2), scale),
     )
 
@@ -228,6 +228,18 @@ def _jit_cache():
 @functools.cache
 def _digest(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _first_call(key, q, k, v, causal: bool, scale: float, out: Tensor, lse: Tensor) -> bool:
+    """Compile ``key``'s kernel, hold it to the two-kernel path on the blocks' first entries
+    (:func:`_checked`) and, where kept, merge the call's blocks with it: the first call's result
+    is every later call's. False where it was refused (operands untouched, for the caller's two
+    kernels)."""
+    kernel = _checked(key, fa4.first_entries(q, k, v, out, lse), causal, scale)
+    if kernel is None:
+        return False
+    kernel(q, k, v, out, lse.transpose(1, 2), scale)
+    return True
 
 
 def _checked(key, blocks: tuple, causal: bool, scale: float) -> Any:

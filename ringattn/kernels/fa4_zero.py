@@ -85,7 +85,7 @@ def forward_zero_(
         _LOCK,
         key,
         q,
-        lambda: _checked(key, fa4.first_entries(q, k, v, out, lse_bhl), causal, scale),
+        lambda: _first_call(key, q, k, v, causal, scale, out, lse_bhl),
         lambda kernel: kernel(q, k, v, out, lse_bhl, scale),
     )
 
@@ -119,6 +119,18 @@ def _compile(key: tuple, q, k, v, out, lse_bhl) -> Callable:
     sm90 = importlib.import_module("ringattn.kernels.fa4_zero_sm90")
     kernel_class = functools.partial(sm90.ZeroingForwardSm90, zero_shifts=key[-1])
     return fa4_merge.compile_forward(key, q, k, v, out, lse_bhl, kernel_class, sm90.__file__)
+
+
+def _first_call(key, q, k, v, causal: bool, scale: float, out: Tensor, lse_bhl) -> bool:
+    """Compile ``key``'s kernel, hold it to FA4's plain forward on the blocks' first entries
+    (:func:`_checked`) and, where kept, launch it on the call's blocks. False where it was
+    refused: the caller's plain path then writes the call's rows, LSE and zeros, the checked
+    entries' (which the check may have left written or NaN) included."""
+    kernel = _checked(key, fa4.first_entries(q, k, v, out, lse_bhl), causal, scale)
+    if kernel is None:
+        return False
+    kernel(q, k, v, out, lse_bhl, scale)
+    return True
 
 
 def _checked(key, blocks: tuple, causal: bool, scale: float) -> Any:
