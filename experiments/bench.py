@@ -65,24 +65,34 @@ ISSUE_RATES = (1, 2, 4, 8, 16)
 
 
 def plain_head_groups(q, k, v, lengths, rates, causal: bool):
-    """Gather, SDPA, scatter: what a first implementation of ``mixing="head_groups"`` does."""
+    """Gather, SDPA, scatter: what a first implementation of ``mixing="head_groups"`` does.
+
+    The full segments go in one SDPA call per group, the partial tail (``w`` not dividing ``n``,
+    ``w > n`` included: docs/semantics.md) in one more, so it is checked against the oracle at
+    any ``--check-n``.
+    """
     b, n, h, d = q.shape
     out = torch.zeros_like(q)
     for g, ((w, r), (lo, hi)) in enumerate(zip(zip(lengths, rates), head_groups(h, len(lengths)))):
         if hi == lo:
             continue
-        segments, off = n // w, g % r
-        rows = (
-            torch.arange(segments, device=q.device)[:, None] * w
-            + torch.arange(off, w, r, device=q.device)
-        ).flatten()
+        off, full = g % r, n // w * w
+        for start, stop, length in ((0, full, w), (full, n, n - full)):
+            if stop - start <= off:  # no segment, or a tail no longer than the offset
+                continue
+            segments = (stop - start) // length
+            rows = (
+                start
+                + torch.arange(segments, device=q.device)[:, None] * length
+                + torch.arange(off, length, r, device=q.device)
+            ).flatten()
 
-        def gather(x, rows=rows, lo=lo, hi=hi, segments=segments):
-            picked = x[:, rows, lo:hi]  # a copy: advanced indexing
-            return picked.reshape(b * segments, -1, hi - lo, d).transpose(1, 2)
+            def gather(x, rows=rows, lo=lo, hi=hi, segments=segments):
+                picked = x[:, rows, lo:hi]  # a copy: advanced indexing
+                return picked.reshape(b * segments, -1, hi - lo, d).transpose(1, 2)
 
-        o = F.scaled_dot_product_attention(gather(q), gather(k), gather(v), is_causal=causal)
-        out[:, rows, lo:hi] = o.transpose(1, 2).reshape(b, -1, hi - lo, d)
+            o = F.scaled_dot_product_attention(gather(q), gather(k), gather(v), is_causal=causal)
+            out[:, rows, lo:hi] = o.transpose(1, 2).reshape(b, -1, hi - lo, d)
     return out
 
 
@@ -505,7 +515,7 @@ def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dic
     useful_f = useful_flops(b, n, h, d, args.lengths, args.rates, causal, mixing)
     useful_fb = useful_flops(b, n, h, d, args.lengths, args.rates, causal, mixing, backward=True)
     cases: list[tuple[str, Callable]] = []
-    if mixing == "head_groups" and n % max(args.lengths) == 0:
+    if mixing == "head_groups":
         cases.append(
             (
                 "plain (gather/SDPA/scatter)",

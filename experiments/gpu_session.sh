@@ -8,6 +8,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh checks   # ~6 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh first_checks # ~7 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh batch    # <9.5 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh batch_more # ~8 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh host     # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh tiles    # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh lanes    # ~5 min
@@ -84,7 +85,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|graphs|first_checks|batch|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh record|graphs|first_checks|batch|batch_more|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -186,6 +187,28 @@ from experiments import bench; bench.main(sys.argv[2:])" "$per_entry" "${bench[@
             --out "$out/bench_$per_entry" >"$out/bench_$per_entry.log" 2>&1
     done
     summary="$(grep -H "segment_local/sdpa |\|FAILED" "$out"/bench_*.log | cut -c1-220)"
+    ;;
+batch_more)
+    # after step 72's batch A/B (per-entry launches paid at 131K): b = 2 with tail segments
+    # (106496 = 3 x 32768 + 8192; checked at 12288, where the 8K, 16K and 32K configs have tails:
+    # head_groups' grouped kernel gets b times the groups, the plain baseline its tails), lse at
+    # 1M x 2, then the A/B at 32K, where calls are host-bound (more launches per call)
+    per_entry_bench() { # PER_ENTRY NAME ARGS...: the bench in a process of its own
+        local per_entry=$1 name=$2
+        shift 2
+        timeout 250 python -c "import sys, ringattn.launches as l; l.PER_ENTRY = sys.argv[1] == 'True'
+from experiments import bench; bench.main(sys.argv[2:])" "$per_entry" "${bench[@]:3}" \
+            --no-torch-row --batch 2 --repeats 3 --warmup 1 "$@" --out "$out/$name" \
+            >"$out/$name.log" 2>&1
+    }
+    per_entry_bench True tail --n 106496 --check-n 12288
+    per_entry_bench True lse_1m --n 1048576 --mixing lse --check-n 0
+    for per_entry in True False; do
+        per_entry_bench "$per_entry" "small_$per_entry" --n 32768 --mixing lse --check-n 0 \
+            --b2b-calls 20
+    done
+    summary="refusals: $(grep -c "is not used for" "$out"/*.log | tr '\n' ' ')
+$(grep -H "segment_local/sdpa |\|plain (gather\|FAILED" "$out"/*.log | cut -c1-230)"
     ;;
 checks)
     python -m experiments.flex_gpu --part check --out "$out/flex_gpu_check" >"$out/check.log" 2>&1

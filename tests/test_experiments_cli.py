@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TOLERANCE, make_qkv, options, problems, rel_err
+from hypothesis import given
+
+from ringattn import reference
 
 SCRIPTS = sorted(
     p.stem for p in (Path(__file__).parents[1] / "experiments").glob("*.py") if p.stem != "__init__"
@@ -265,6 +269,20 @@ def test_gpu_fuzz_says_how_to_replay_its_failures_as_drawn(tmp_path, monkeypatch
     recorded = str(tmp_path / "gpu_fuzz.json")
     gpu_fuzz.main(["--device", "cpu", "--replay-from", recorded, "--out", str(tmp_path / "r")])
     assert replayed == [(seeds, 48, 16)]
+
+
+@given(problem=problems())
+def test_bench_plain_baseline_is_head_groups_dilated_attention(problem):
+    """The plain baseline (gather, SDPA, scatter) computes the oracle's ``head_groups`` at any
+    length: a partial tail, ``w > n`` included (the bench checks it at ``--check-n``)."""
+    from experiments import bench
+
+    problem |= {"mixing": "head_groups", "scale": None}
+    q, k, v = make_qkv(problem, torch.float64)
+    lengths, rates = problem["segment_lengths"], problem["dilation_rates"]
+    out = bench.plain_head_groups(q, k, v, lengths, rates, problem["causal"])
+    ref = reference.dilated_attention(q, k, v, **options(problem))
+    assert rel_err(out, ref) < TOLERANCE[torch.float64]
 
 
 def test_bench_refuses_an_out_it_cannot_make_before_timing(monkeypatch, capsys):
