@@ -945,12 +945,15 @@ def a_device_mesh_names_the_group():
 
     p = dist.get_world_size()
     mesh = init_device_mesh("cpu", (1, p), mesh_dim_names=("dp", "sp"))
-    module = ringattn.DilatedAttention(
-        (8, 16), (1, 2), strategy=ringattn.Strategy(communicator="ring"), compile=False,
-        group=mesh["sp"],
-    )  # fmt: skip
-    q = torch.randn(1, 16, 2, 8)
-    same = torch.equal(module(q, q, q), _small_module()(q, q, q))
+    # a segment over every rank's 16 rows: a group resolved wrongly (the mesh's dp dim, size
+    # 1, or none) would attend within each shard and give another output
+    configs, strategy = ((8, 16 * p), (1, 2)), ringattn.Strategy(communicator="ring")
+    module = ringattn.DilatedAttention(*configs, strategy=strategy, compile=False, group=mesh["sp"])
+    world = ringattn.DilatedAttention(*configs, strategy=strategy, compile=False)
+    q = torch.randn(1, 16, 2, 8, generator=torch.Generator().manual_seed(dist.get_rank()))
+    same = torch.equal(module(q, q, q), world(q, q, q))
+    local = ringattn.DilatedAttention(*configs, compile=False)  # the shard alone
+    same = same and not torch.allclose(module(q, q, q), local(q, q, q))
     errors = []
     for group in (mesh, "sp"):
         try:

@@ -500,7 +500,7 @@ def test_a_sparse_input_on_one_rank_raises_on_every_rank(pool):
         ("layer_dtype", "TypeError: x.dtype must equal"),
         ("layer_embed_dim", "ValueError: x must be [b >= 1, n >= 1, embed_dim=16]"),
         ("layer_device", "ValueError: x must be on the layer's parameters' device (cpu)"),
-        ("zigzag_odd_shard", "ValueError: "),
+        ("zigzag_odd_shard", "ValueError: a shard of layout='zigzag' holds 2 equal chunks: m=15"),
         ("model_float_tokens", "TypeError: tokens must be an integer"),
         ("model_token_out_of_range", "ValueError: tokens must be ids in [0, vocab_size=32)"),
         ("model_loss_float_targets", "TypeError: targets must be an integer"),

@@ -79,10 +79,17 @@ def test_any_problem_matches_oracle_whichever_launches_merge(fused, p, decline):
 
 
 def test_float64_is_not_offered_the_kernel(fused):
+    """Float64 blocks stay on torch's kernels: FA4 takes no float64 block (``fa4._DTYPES``, which
+    the stand-in's ``available`` mirrors), and the kernel's own layout check refuses a float64
+    LSE accumulator, whatever the blocks' dtype."""
+    assert torch.float64 not in fa4._DTYPES
+    q, k, v, out = (torch.zeros(2, 8, 2, 8) for _ in range(4))
+    assert fa4_merge.layout_ok(q, k, v, out, torch.zeros(2, 8, 2))
+    assert not fa4_merge.layout_ok(q, k, v, out, torch.zeros(2, 8, 2, dtype=torch.float64))
     stand_in = StandIn()
     fused.setattr(fa4_merge, "forward_merge_", stand_in)
     check_against_oracle({**MERGED, "causal": True}, torch.float64, sdpa_strategies())
-    assert stand_in.calls == 0  # float64 LSE accumulators: no FA4 kernel takes them
+    assert stand_in.calls == 0
 
 
 def operands(seed: int = 0):

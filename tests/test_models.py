@@ -139,35 +139,40 @@ def _layer(causal: bool) -> MultiheadDilatedAttention:
 @pytest.mark.parametrize(
     "causal, call, error, match",
     [
-        (True, lambda layer: layer(torch.randn(1, 8, 12)), ValueError, "embed_dim=16"),
-        (True, lambda layer: layer(torch.randn(8, 16)), TypeError, r"\[b, n, embed_dim\]"),
-        (True, lambda layer: layer(torch.randn(1, 8, 16).long()), TypeError, "floating"),
-        (True, lambda layer: layer(torch.randn(0, 8, 16)), ValueError, "b >= 1"),
+        (True, lambda layer, cache: layer(torch.randn(1, 8, 12)), ValueError, "embed_dim=16"),
+        (True, lambda layer, cache: layer(torch.randn(8, 16)), TypeError, r"\[b, n, embed_dim\]"),
+        (True, lambda layer, cache: layer(torch.randn(1, 8, 16).long()), TypeError, "floating"),
+        (True, lambda layer, cache: layer(torch.randn(0, 8, 16)), ValueError, "b >= 1"),
         # (before the layer's own check: the attention's message, naming q, k, v)
         (
             True,
-            lambda layer: layer(torch.randn(1, 0, 16)),
+            lambda layer, cache: layer(torch.randn(1, 0, 16)),
             ValueError,
             r"x must be \[b >= 1, n >= 1",
         ),
         # before: F.linear's "mat1 and mat2 must have the same dtype"
-        (True, lambda layer: layer(torch.randn(1, 8, 16).double()), TypeError, "x.dtype must"),
+        (
+            True,
+            lambda layer, cache: layer(torch.randn(1, 8, 16).double()),
+            TypeError,
+            "x.dtype must",
+        ),
         (
             False,
-            lambda layer: layer(torch.randn(1, 4, 16), layer.new_cache(1, 8)),
+            lambda layer, cache: layer(torch.randn(1, 4, 16), cache),
             ValueError,
             "needs causal=True",
         ),
         (
             True,
-            lambda layer: layer(torch.randn(2, 4, 16), layer.new_cache(1, 8)),
+            lambda layer, cache: layer(torch.randn(2, 4, 16), cache),
             ValueError,
             r"\(batch, kv heads, head dim\) = \(2, 2, 4\)",
         ),
         # (a cache of other kv heads or head dim: torch's errors from the append or the decode)
         (
             True,
-            lambda layer: layer(
+            lambda layer, cache: layer(
                 torch.randn(1, 4, 16), KVCache.empty(1, 8, 4, 4, torch.float32, "cpu")
             ),
             ValueError,
@@ -175,7 +180,7 @@ def _layer(causal: bool) -> MultiheadDilatedAttention:
         ),
         (
             True,
-            lambda layer: layer(
+            lambda layer, cache: layer(
                 torch.randn(1, 4, 16), KVCache.empty(1, 8, 2, 8, torch.float32, "cpu")
             ),
             ValueError,
@@ -183,7 +188,7 @@ def _layer(causal: bool) -> MultiheadDilatedAttention:
         ),
         (
             True,
-            lambda layer: layer(
+            lambda layer, cache: layer(
                 torch.randn(1, 4, 16), KVCache.empty(1, 8, 2, 4, torch.float32, "meta")
             ),
             ValueError,
@@ -191,22 +196,21 @@ def _layer(causal: bool) -> MultiheadDilatedAttention:
         ),
         (
             True,
-            lambda layer: layer(torch.randn(1, 9, 16), layer.new_cache(1, 8)),
+            lambda layer, cache: layer(torch.randn(1, 9, 16), cache),
             ValueError,
             "capacity 8 exceeded",
         ),
     ],
 )
 def test_layer_bad_calls_raise_before_any_work(causal, call, error, match):
-    """Every bad call names its rule, and a cache is left as it was (before, a non-causal prefill
-    filled it and raised on the next step, and a short batch raised from inside expand)."""
+    """Every bad call names its rule, and the cache it was given is left as it was (before, a
+    non-causal prefill filled it and raised on the next step, and a short batch raised from
+    inside expand)."""
     layer = _layer(causal)
-    with pytest.raises(error, match=match):
-        call(layer)
     cache = layer.new_cache(1, 8)
-    with pytest.raises(ValueError):
-        layer(torch.randn(1, 9, 16), cache)
-    assert cache.length == 0 and not cache.k.any()
+    with pytest.raises(error, match=match):
+        call(layer, cache)
+    assert cache.length == 0 and not cache.k.any() and not cache.v.any()
 
 
 def test_an_empty_continuation_is_named():
