@@ -439,12 +439,22 @@ def longnet_shards_match_the_full_model(communicator, layout="contiguous"):
         return LongNet(config).double()
 
     tokens = torch.randint(0, 32, (2, 64), generator=torch.Generator().manual_seed(0))
-    full = model(ringattn.Strategy(computer="math"))(tokens)
+    full_model = model(ringattn.Strategy(computer="math"))
+    full = full_model(tokens)
     sharded = model(ringattn.Strategy(computer="math", communicator=communicator))
     logits = sharded(distributed.shard(tokens, layout=layout))
     error = (logits - distributed.shard(full, layout=layout)).abs().max()
-    logits.sum().backward()  # gradients flow through the ring on every rank (before the assert)
-    assert error < 1e-10
+    # every rank's parameter gradients are its shard's part of the full loss's: summed over the
+    # ranks, the full model's (the zigzag rotary positions and the ring's backward included)
+    weights = torch.randn(full.shape, generator=torch.Generator().manual_seed(1), dtype=full.dtype)
+    (logits * distributed.shard(weights, layout=layout)).sum().backward()
+    (full * weights).sum().backward()
+    grad_error = 0.0
+    for mine, whole in zip(sharded.parameters(), full_model.parameters(), strict=True):
+        summed = torch.zeros_like(mine) if mine.grad is None else mine.grad.clone()
+        dist.all_reduce(summed)
+        grad_error = max(grad_error, _rel(summed, whole.grad))
+    assert error < 1e-10 and grad_error < 1e-10, (float(error), grad_error)
     return True
 
 
