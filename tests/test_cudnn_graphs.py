@@ -5,6 +5,7 @@ frontend itself needs CUDA: the builds here are stand-ins."""
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import types
 
@@ -177,32 +178,45 @@ def _by_uid(graph, uids, operands):
 
 @pytest.fixture
 def executed(monkeypatch):
-    """The frontend stood in for: ``_graph`` returns the layouts it was asked for, and running
-    a graph computes attention (float64) from its operands by uid, as cuDNN's graphs would."""
+    """The frontend stood in for: ``_graph`` returns the layouts, causality and scale it was
+    asked for, and running a graph computes attention (float64) from its operands by uid, as
+    cuDNN's graphs would: the backward from the bound output and LSE (``D = rowsum(dO * O)``,
+    ``P = exp(S - LSE)``), so an output or LSE bound in another's place gives other gradients."""
     monkeypatch.setattr(
         cudnn_graphs,
         "_graph",
-        lambda build, device, causal, scale, *layouts: ((build.__name__, layouts), 1),
+        lambda build, device, causal, scale, *layouts: (
+            ((build.__name__, layouts), causal, scale),
+            1,
+        ),
     )
 
     def execute(graph, workspace_bytes, uids, operands, device):
-        x = _by_uid(graph, uids, operands)
-        q, k, v = (x[uid].detach().clone().requires_grad_() for uid in QKV)
-        scores = q @ k.transpose(-1, -2) * 0.5
-        out = torch.softmax(scores, -1) @ v
-        if graph[0] == "_forward_graph":
-            x[cudnn_graphs._O].copy_(out.detach())
+        built, causal, scale = graph
+        x = _by_uid(built, uids, operands)
+        q, k, v = (x[uid] for uid in QKV)
+        scores = q @ k.transpose(-1, -2) * scale
+        if causal:
+            later = torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1)
+            scores = scores.masked_fill(later, -math.inf)
+        if built[0] == "_forward_graph":
+            x[cudnn_graphs._O].copy_(torch.softmax(scores, -1) @ v)
             if cudnn_graphs._STATS in x:
-                x[cudnn_graphs._STATS].copy_(torch.logsumexp(scores.detach(), -1, keepdim=True))
+                x[cudnn_graphs._STATS].copy_(torch.logsumexp(scores, -1, keepdim=True))
             return
-        grads = torch.autograd.grad(out, (q, k, v), x[cudnn_graphs._DO])
+        out, dout, stats = x[cudnn_graphs._O], x[cudnn_graphs._DO], x[cudnn_graphs._STATS]
+        probs = torch.exp(scores - stats)
+        dscores = probs * (dout @ v.transpose(-1, -2) - (dout * out).sum(-1, keepdim=True))
+        grads = (dscores @ k * scale, dscores.transpose(-1, -2) @ q * scale)
+        grads += (probs.transpose(-1, -2) @ dout,)
         for uid, grad in zip((cudnn_graphs._DQ, cudnn_graphs._DK, cudnn_graphs._DV), grads):
             x[uid].copy_(grad)
 
     monkeypatch.setattr(cudnn_graphs, "_execute", execute)
 
 
-def test_launchers_hand_each_operand_to_its_uid(executed):
+@pytest.mark.parametrize("causal, scale", [(False, 0.5), (True, 0.3)])
+def test_launchers_hand_each_operand_to_its_uid(executed, causal, scale):
     """The ordered form binds operands by position: an output, its LSE or dO in another's place
     computes something else silently. Strided views of [b, n, h, d] rows, as the core's."""
     gen = torch.Generator().manual_seed(0)
@@ -211,18 +225,21 @@ def test_launchers_hand_each_operand_to_its_uid(executed):
     )
     out = torch.zeros(2, 8, 6, 8, dtype=torch.float64)[:, :, 2:5]
     lse = torch.zeros(2, 8, 6, dtype=torch.float64)[:, :, ::2]
+    options = {"is_causal": causal, "scale": scale}
     want = torch.nn.functional.scaled_dot_product_attention(
-        *(x.transpose(1, 2) for x in (q, k, v)), scale=0.5
+        *(x.transpose(1, 2) for x in (q, k, v)), **options
     )
-    assert cudnn_graphs.forward_into(q, k, v, out, lse, False, 0.5)
+    assert cudnn_graphs.forward_into(q, k, v, out, lse, causal, scale)
     torch.testing.assert_close(out.transpose(1, 2), want)
-    scores = q.transpose(1, 2) @ k.permute(0, 2, 3, 1) * 0.5
+    scores = q.transpose(1, 2) @ k.permute(0, 2, 3, 1) * scale
+    if causal:
+        scores = scores.masked_fill(torch.ones(8, 8, dtype=torch.bool).triu(1), -math.inf)
     torch.testing.assert_close(lse, torch.logsumexp(scores, -1).transpose(1, 2))
     grads = tuple(torch.zeros(2, 8, 3, 8, dtype=torch.float64) for _ in range(3))
-    assert cudnn_graphs.backward_into(dout, q, k, v, out, lse, grads, False, 0.5)
+    assert cudnn_graphs.backward_into(dout, q, k, v, out, lse, grads, causal, scale)
     inputs = tuple(x.detach().requires_grad_() for x in (q, k, v))
     attention = torch.nn.functional.scaled_dot_product_attention(
-        *(x.transpose(1, 2) for x in inputs), scale=0.5
+        *(x.transpose(1, 2) for x in inputs), **options
     )
     for grad, ref in zip(grads, torch.autograd.grad(attention.transpose(1, 2), inputs, dout)):
         torch.testing.assert_close(grad, ref)
