@@ -96,6 +96,15 @@ script() { # SECONDS NAME ARGS...: experiments.NAME under a time limit, its log 
     timeout "$seconds" python -m "experiments.$name" "$@" >>"$out/$name.log" 2>&1
     echo "$name $1: rc=$?" >>"$out/rc.log"
 }
+per_entry_bench() { # SECONDS PER_ENTRY NAME ARGS...: the bench at b = 2 in a process of its
+    # own, ringattn.launches.PER_ENTRY set to PER_ENTRY (True / False), into $out/NAME[.log]
+    local seconds=$1 per_entry=$2 name=$3
+    shift 3
+    timeout "$seconds" python -c "import sys, ringattn.launches as l; l.PER_ENTRY = sys.argv[1] == 'True'
+from experiments import bench; bench.main(sys.argv[2:])" "$per_entry" "${bench[@]:3}" \
+        --no-torch-row --batch 2 --repeats 3 --warmup 1 "$@" --out "$out/$name" \
+        >"$out/$name.log" 2>&1
+}
 brief() { # overheads.json rows, a short line each: the A/B choices, ms, host ms, peaks, errors
     python - "$@" <<'PY'
 import json, sys
@@ -181,10 +190,7 @@ batch)
     # rows): the bench at 131K with PER_ENTRY on, then off (A/B, processes of their own), its
     # oracle check at 16K (lse's float64 oracle at 32K and b = 2 needs more than 80 GB)
     for per_entry in True False; do
-        timeout 280 python -c "import sys, ringattn.launches as l; l.PER_ENTRY = sys.argv[1] == 'True'
-from experiments import bench; bench.main(sys.argv[2:])" "$per_entry" "${bench[@]:3}" \
-            --no-torch-row --batch 2 --n 131072 --check-n 16384 --repeats 3 --warmup 1 \
-            --out "$out/bench_$per_entry" >"$out/bench_$per_entry.log" 2>&1
+        per_entry_bench 280 "$per_entry" "bench_$per_entry" --n 131072 --check-n 16384
     done
     summary="$(grep -H "segment_local/sdpa |\|FAILED" "$out"/bench_*.log | cut -c1-220)"
     ;;
@@ -193,18 +199,10 @@ batch_more)
     # (106496 = 3 x 32768 + 8192; checked at 12288, where the 8K, 16K and 32K configs have tails:
     # head_groups' grouped kernel gets b times the groups, the plain baseline its tails), lse at
     # 1M x 2, then the A/B at 32K, where calls are host-bound (more launches per call)
-    per_entry_bench() { # PER_ENTRY NAME ARGS...: the bench in a process of its own
-        local per_entry=$1 name=$2
-        shift 2
-        timeout 250 python -c "import sys, ringattn.launches as l; l.PER_ENTRY = sys.argv[1] == 'True'
-from experiments import bench; bench.main(sys.argv[2:])" "$per_entry" "${bench[@]:3}" \
-            --no-torch-row --batch 2 --repeats 3 --warmup 1 "$@" --out "$out/$name" \
-            >"$out/$name.log" 2>&1
-    }
-    per_entry_bench True tail --n 106496 --check-n 12288
-    per_entry_bench True lse_1m --n 1048576 --mixing lse --check-n 0
+    per_entry_bench 250 True tail --n 106496 --check-n 12288
+    per_entry_bench 250 True lse_1m --n 1048576 --mixing lse --check-n 0
     for per_entry in True False; do
-        per_entry_bench "$per_entry" "small_$per_entry" --n 32768 --mixing lse --check-n 0 \
+        per_entry_bench 250 "$per_entry" "small_$per_entry" --n 32768 --mixing lse --check-n 0 \
             --b2b-calls 20
     done
     summary="refusals: $(grep -c "is not used for" "$out"/*.log | tr '\n' ' ')

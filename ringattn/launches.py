@@ -215,8 +215,8 @@ def _prepare(
         found = []
         for part in parts:
             rows = part.flat_geometry if placed else part.rows_geometry
+            read = partial(spec.dilation.geometry, part)
             for start, count in ((e, 1) for e in range(batch)) if per_entry else ((0, batch),):
-                read = partial(spec.dilation.geometry, part)
                 geometry = (
                     *(_entry(read, x, start, count) for x in reads),
                     *(None if x is None else _entry(rows, x, start, count) for x in writes),
