@@ -52,27 +52,40 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
 
 
 @st.composite
-def dilation_configs(draw, max_k: int = 3, max_rate: int = 4, max_rows: int = 8):
-    """``(segment_lengths, dilation_rates)`` with r | w; w may exceed n."""
+def dilation_configs(
+    draw, max_k: int = 3, max_rate: int = 4, max_rows: int = 8, shared_rows: bool = False
+):
+    """``(segment_lengths, dilation_rates)`` with r | w; w may exceed n. ``shared_rows``: every
+    config selects the same number of rows per segment (w / r), as LongNet's do (2048 rows at
+    every rate): the fused kernels' grouped launches take such parts together."""
     k = draw(st.integers(1, max_k))
     rates = [draw(st.integers(1, max_rate)) for _ in range(k)]
-    lengths = [r * draw(st.integers(1, max_rows)) for r in rates]
+    rows = st.just(draw(st.integers(1, max_rows))) if shared_rows else st.integers(1, max_rows)
+    lengths = [r * draw(rows) for r in rates]
     return tuple(lengths), tuple(rates)
 
 
 @st.composite
-def problems(draw, max_n: int = 40, max_h: int = 5):
-    """A full problem: shapes, configs, causal, mixing."""
-    segment_lengths, dilation_rates = draw(dilation_configs())
+def problems(
+    draw,
+    max_n: int = 40,
+    max_h: int = 5,
+    dims: tuple[int, ...] = (1, 4, 8, 16),
+    mixings: tuple[str, ...] = ("lse", "head_groups"),
+    shared_rows: bool = False,
+):
+    """A full problem: shapes, configs (:func:`dilation_configs`), causal, mixing (head dims and
+    mixings among these)."""
+    segment_lengths, dilation_rates = draw(dilation_configs(shared_rows=shared_rows))
     return {
         "b": draw(st.integers(1, 2)),
         "n": draw(st.integers(1, max_n)),
         "h": draw(st.integers(1, max_h)),
-        "d": draw(st.sampled_from([1, 4, 8, 16])),
+        "d": draw(st.sampled_from(dims)),
         "segment_lengths": segment_lengths,
         "dilation_rates": dilation_rates,
         "causal": draw(st.booleans()),
-        "mixing": draw(st.sampled_from(["lse", "head_groups"])),
+        "mixing": draw(st.sampled_from(mixings)),
         "scale": draw(st.sampled_from([None, None, 0.3, 1.7])),  # None: 1 / sqrt(d)
     }
 

@@ -28,6 +28,7 @@ from test_strategies import check_against_oracle
 import ringattn
 from ringattn.computers.sdpa import SDPAComputer
 from ringattn.kernels import fa4
+from ringattn.pattern import head_groups
 
 
 @pytest.fixture
@@ -50,6 +51,39 @@ PLACED = {
 
 def sdpa_strategies() -> tuple[ringattn.Strategy, ...]:
     return ringattn.Strategy.all(communicator="local", computer="sdpa")
+
+
+# the fused kernels' hypothesis tests draw most problems where the kernels apply (views of 16-byte
+# aligned rows: fa4_merge.layout_ok) and some where they do not (d = 4: every call goes plain)
+KERNEL_DIMS = (4, 8, 16)
+
+
+def configs_with_heads(p: dict) -> list[tuple[int, int]]:
+    """A problem's ``(w, r)`` configs that have heads to attend for (``head_groups`` splits the
+    heads among the configs: with fewer heads than configs, the last ones have none)."""
+    configs = list(zip(p["segment_lengths"], p["dilation_rates"], strict=True))
+    if p["mixing"] == "lse":
+        return configs
+    groups = head_groups(p["h"], len(configs))
+    return [config for config, (start, stop) in zip(configs, groups) if stop > start]
+
+
+def kernel_layouts(p: dict) -> bool:
+    """Whether a problem's float32 block views are ones the fused kernels take."""
+    return p["d"] % 8 == 0
+
+
+def merges_blocks(p: dict) -> bool:
+    """Whether an ``lse`` problem surely merges blocks into the accumulators (its forward's
+    launches then go to ``fa4_merge``, its backward's to ``fa4_add``): every block but a first
+    one that covers every row and head is merged, and only a lone ``r = 1`` config has one
+    (which may still end in a tail segment, merged)."""
+    return len(p["dilation_rates"]) > 1 or p["dilation_rates"][0] > 1
+
+
+def full_configs(p: dict) -> list[tuple[int, int]]:
+    """:func:`configs_with_heads` with at least one full segment (``w <= n``)."""
+    return [(w, r) for w, r in configs_with_heads(p) if w <= p["n"]]
 
 
 def with_fixture(max_examples: int) -> settings:

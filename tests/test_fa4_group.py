@@ -24,14 +24,17 @@ import pytest
 import torch
 from conftest import problems
 from fake_fa4 import FakeFA4, installed
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
-from test_fa4 import sdpa_strategies, with_fixture
+from test_fa4 import KERNEL_DIMS, full_configs, kernel_layouts, sdpa_strategies, with_fixture
 from test_fa4_zero import ZEROED, StandIn, zeroing  # noqa: F401  (the fixture)
 from test_strategies import check_against_oracle
 
 from ringattn.kernels import fa4, fa4_group, fa4_merge, fa4_zero
 from ringattn.kernels.unselected import shifted
+
+# tails at every config, and full segments of 8 rows at r = 1, 2 and 4 (heads 0-1, 2, 3)
+GROUPED = {**ZEROED, "b": 2, "n": 44, "h": 4, "scale": None}
 
 
 class GroupStandIn:
@@ -108,12 +111,20 @@ def test_a_launch_that_skips_a_group_fails_the_oracle(grouping):
 
 
 @with_fixture(max_examples=15)
-@given(problems(), st.sampled_from([0, 2, 3]))
+@given(
+    problems(dims=KERNEL_DIMS, mixings=("head_groups",), shared_rows=True),
+    st.sampled_from([0, 2, 3]),
+)
+@example(p=GROUPED, decline=0)
 def test_any_problem_matches_oracle_grouped_or_not(grouping, p, decline):
     """Tails, several segment lengths, configs without blocks: the oracle holds whichever
-    parts go in one launch and whichever calls are declined."""
-    grouping[0].setattr(fa4_group, "forward_group_", GroupStandIn(decline))
+    parts go in one launch and whichever calls are declined. The configs select the same rows
+    per segment (LongNet's), so two or more with a full segment are offered one launch."""
+    stand_in = GroupStandIn(decline)
+    grouping[0].setattr(fa4_group, "forward_group_", stand_in)
     check_against_oracle(p, torch.float32, sdpa_strategies())
+    if kernel_layouts(p) and len(full_configs(p)) >= 2:
+        assert stand_in.calls > 0
 
 
 def test_parts_of_the_most_common_length_are_grouped(grouping):

@@ -15,10 +15,10 @@ import types
 import pytest
 import torch
 from conftest import problems
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
-from test_fa4 import sdpa_strategies, with_fixture
-from test_fa4_group import GroupStandIn, fake_fa4, grouping  # noqa: F401  (the fixtures)
+from test_fa4 import KERNEL_DIMS, full_configs, kernel_layouts, sdpa_strategies, with_fixture
+from test_fa4_group import GROUPED, GroupStandIn, fake_fa4, grouping  # noqa: F401  (fixtures)
 from test_fa4_zero import ZEROED, zeroing  # noqa: F401  (the fixture grouping uses)
 from test_strategies import check_against_oracle
 
@@ -126,13 +126,28 @@ def test_a_backward_that_skips_a_group_or_its_zeros_fails_the_oracle(grouping_bw
 
 
 @with_fixture(max_examples=10)
-@given(problems(), st.sampled_from([0, 2]))
+@given(
+    problems(dims=KERNEL_DIMS, mixings=("head_groups",), shared_rows=True),
+    st.sampled_from([0, 2]),
+)
+@example(p={**GROUPED, "b": 1}, decline=0)
 def test_any_problem_matches_oracle_backward_grouped_or_not(grouping_bwd, p, decline):
-    # (tails, other lengths: whatever the launch leaves, the fill zeroes; NaN shows a miss)
-    grouping_bwd[0].setattr(fa4_group_bwd, "backward_group_", BackwardStandIn(decline))
+    """Tails, other lengths: whatever the launch leaves, the fill zeroes (NaN shows a miss).
+    Configs that select the same rows per segment, two or more with a full segment, are offered
+    one launch, unless a batch of two or more ends them in a tail (b > 1: a full part's rows
+    over the batch are then no one view, and are launched per entry, not whole)."""
+    stand_in = BackwardStandIn(decline)
+    grouping_bwd[0].setattr(fa4_group_bwd, "backward_group_", stand_in)
     grouping_bwd[0].setattr(fa4_group_bwd, "ZEROING", "always")
     nan_grads(grouping_bwd[0])
     check_against_oracle(p, torch.float32, sdpa_strategies())
+    full = full_configs(p)
+    if (
+        kernel_layouts(p)
+        and len(full) >= 2
+        and (p["b"] == 1 or all(p["n"] % w == 0 for w, _ in full))
+    ):
+        assert stand_in.calls > 0
 
 
 def run_backward(p: dict, strategy: ringattn.Strategy, calls: int) -> None:

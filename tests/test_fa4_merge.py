@@ -24,7 +24,14 @@ from conftest import problems
 from fake_fa4 import FakeFA4, installed
 from hypothesis import given
 from hypothesis import strategies as st
-from test_fa4 import PLACED, sdpa_strategies, with_fixture
+from test_fa4 import (
+    KERNEL_DIMS,
+    PLACED,
+    kernel_layouts,
+    merges_blocks,
+    sdpa_strategies,
+    with_fixture,
+)
 from test_strategies import check_against_oracle
 
 from ringattn.kernels import fa4, fa4_merge
@@ -71,11 +78,15 @@ def test_merged_blocks_go_through_one_kernel(fused, causal):
 
 
 @with_fixture(max_examples=15)
-@given(problems(), st.sampled_from([0, 2, 3]))
+@given(problems(dims=KERNEL_DIMS, mixings=("lse",)), st.sampled_from([0, 2, 3]))
 def test_any_problem_matches_oracle_whichever_launches_merge(fused, p, decline):
-    """Declined calls (nothing written) leave the merge to the core: every mix still matches."""
-    fused.setattr(fa4_merge, "forward_merge_", StandIn(decline))
+    """Declined calls (nothing written) leave the merge to the core: every mix still matches.
+    Every problem that merges blocks in views the kernel takes offers them to it."""
+    stand_in = StandIn(decline)
+    fused.setattr(fa4_merge, "forward_merge_", stand_in)
     check_against_oracle(p, torch.float32, sdpa_strategies())
+    if kernel_layouts(p) and merges_blocks(p):
+        assert stand_in.calls > 0
 
 
 def test_float64_is_not_offered_the_kernel(fused):
