@@ -30,12 +30,12 @@ from ringattn.kernels import fa4, fa4_add
 
 
 class StandIn:
-    """``fa4_add.backward_add_`` on the CPU: FA4's backward (the stand-in's), its dK / dV added
-    into the views it is given, and its dQ on every ``dq_every``-th call (else returned);
-    declines every ``decline``-th call."""
+    """``fa4_add.backward_add_`` on the CPU: FA4's backward (the stand-in's, with the sums it is
+    given), its dK / dV added into the views it is given, and its dQ on every ``dq_every``-th
+    call (else returned); declines every ``decline``-th call."""
 
     def __init__(self, decline: int = 0, dq_every: int = 1) -> None:
-        self.calls = self.added = 0
+        self.calls = self.added = self.given = 0
         self.decline, self.dq_every = decline, dq_every
 
     def __call__(self, dout, q, k, v, out, lse, causal, scale, dq, dk, dv, dlse=None):
@@ -44,7 +44,12 @@ class StandIn:
         assert dk.dtype == q.dtype
         if self.decline and self.calls % self.decline == 0:
             return None
-        dq_block, dk_block, dv_block = fa4.backward(dout, q, k, v, out, lse, causal, scale)
+        # the core's shared sums (tests/test_fa4_dpsum.py), where given, are the dPsum FA4's
+        # backward then takes: rows of another block's would give it wrong gradients
+        self.given += dlse is not None
+        dq_block, dk_block, dv_block = fa4.backward(
+            dout, q, k, v, out, lse, causal, scale, dlse=dlse
+        )
         dk.add_(dk_block), dv.add_(dv_block)
         self.added += 1
         if self.calls % self.dq_every == 0:

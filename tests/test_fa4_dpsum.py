@@ -24,14 +24,15 @@ import torch
 from conftest import problems
 from fake_fa4 import FakeFA4, installed
 from hypothesis import given
-from test_fa4 import KERNEL_DIMS, sdpa_strategies, with_fixture
+from test_fa4 import KERNEL_DIMS, kernel_layouts, sdpa_strategies, with_fixture
+from test_fa4_add import StandIn as AddStandIn
 from test_fa4_add import operands
 from test_fa4_merge import MERGED, PLACED
 from test_strategies import check_against_oracle
 
 import ringattn
 import ringattn.core
-from ringattn.kernels import dpsum, fa4, fa4_dpsum
+from ringattn.kernels import dpsum, fa4, fa4_add, fa4_dpsum
 
 
 @pytest.fixture
@@ -49,16 +50,31 @@ def sharing(monkeypatch):
 RUNS = {**MERGED, "h": 8, "segment_lengths": (8, 16, 32), "dilation_rates": (1, 2, 4)}
 
 
+@pytest.fixture
+def adding_too(sharing, monkeypatch):
+    """``sharing``, with the merged blocks' backward offered to ``fa4_add``'s stand-in
+    (tests/test_fa4_add.py), which hands the sums it is given to FA4's (stand-in's) backward.
+    (Without it the CPU's merged blocks take the plain backward, which forms its own sums: only
+    the covering first config's placed launches would read the shared ones.)"""
+    adding = AddStandIn()
+    monkeypatch.setattr(fa4_add, "supported", lambda q: True)
+    monkeypatch.setattr(fa4_add, "backward_add_", adding)
+    return sharing, adding
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("p", [MERGED, RUNS], ids=["blocks", "offset_runs"])
-def test_merged_blocks_take_the_shared_sums(sharing, causal, p):
+def test_merged_blocks_take_the_shared_sums(adding_too, causal, p):
+    sharing, adding = adding_too
     check_against_oracle({**p, "causal": causal}, torch.float32, sdpa_strategies())
-    assert sharing.unloaded_runs > 0 and sharing.given_dlse > 0
+    assert sharing.unloaded_runs > 0 and sharing.given_dlse > 0 and adding.given > 0
 
 
 @with_fixture(max_examples=20)
 @given(problems(dims=KERNEL_DIMS, mixings=("lse",), shared_rows=True))
-def test_any_problem_matches_oracle_with_shared_sums(sharing, p):
+def test_any_problem_matches_oracle_with_shared_sums(adding_too, p):
+    """Wherever two configs or more overlap (every row and head then reads the merged output,
+    the plan is not disjoint), the merged blocks' backward takes the shared sums."""
     # (every backward that launches shares: the small problems' plans rarely read their rows
     # 1.25 times over)
     ringattn.core.DPSUM_SHARED_FROM, before = 0.0, ringattn.core.DPSUM_SHARED_FROM
@@ -66,6 +82,8 @@ def test_any_problem_matches_oracle_with_shared_sums(sharing, p):
         check_against_oracle(p, torch.float32, sdpa_strategies())
     finally:
         ringattn.core.DPSUM_SHARED_FROM = before
+    if kernel_layouts(p) and len(p["dilation_rates"]) >= 2:
+        assert adding_too[1].given > 0
 
 
 def backward_once(p: dict, seed: int = 0) -> list[torch.Tensor]:
