@@ -569,7 +569,8 @@ class DilatedAttention(nn.Module):
 
     def forward(self, q: BNHD, k: BNHD, v: BNHD) -> BNHD:
         """Dilated attention of ``q`` over ``k``, ``v`` (each ``[b, n, h, d]``, one shape, dtype
-        and device), as ``docs/semantics.md`` defines it; ``[b, n, h, d]`` in q's dtype. A
+        and device), as ``docs/semantics.md`` defines it; ``[b, n, h, d]`` in q's dtype (under
+        ``torch.autocast``, float32 inputs run in, and return, autocast's dtype). A
         sequence-parallel module takes this rank's shard of each and returns its shard."""
         tracing = torch.compiler.is_compiling()
         if not tracing:
