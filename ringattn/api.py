@@ -31,7 +31,7 @@ from torch.fx.experimental.symbolic_shapes import guard_scalar
 from ringattn import distributed, registry
 from ringattn.capture import pool_allocating
 from ringattn.computers.base import LayoutComputer
-from ringattn.config import DilatedConfig, int_sequence
+from ringattn.config import DilatedConfig, int_sequence, type_name
 from ringattn.core import (
     CoreSpec,
     autocast_dtype,
@@ -130,8 +130,10 @@ def check_plain(q: Tensor, k: Tensor, v: Tensor) -> None:
             raise TypeError(
                 f"parameter {name!r} must be float16, bfloat16, float32 or float64, got {x.dtype}"
             )
-        if x.layout != torch.strided:
-            raise TypeError(f"parameter {name!r} must be a dense (strided) tensor, got {x.layout}")
+        if x.layout != torch.strided or x.is_nested:
+            # (a strided nested tensor reports torch.strided, and failed at its first .shape)
+            got = "a nested tensor" if x.is_nested else x.layout
+            raise TypeError(f"parameter {name!r} must be a dense (strided) tensor, got {got}")
     for name, x in (("k", k), ("v", v)):
         if x.shape != q.shape:
             grouped = x.shape[:2] == q.shape[:2] and x.shape[3] == q.shape[3]
@@ -199,6 +201,8 @@ def _described(x: object) -> tuple:
     everything :func:`check_plain` reads of it: then it raises on every rank or on none."""
     if not isinstance(x, Tensor):
         return (type(x).__name__,)
+    if x.is_nested:  # (no .shape)
+        return ("nested", str(x.dtype), x.device.type, str(x.layout), x.requires_grad)
     return (tuple(x.shape), str(x.dtype), x.device.type, str(x.layout), x.requires_grad)
 
 
@@ -533,8 +537,9 @@ class DilatedAttention(nn.Module):
         """Type and shape checks (jaxtyping + beartype) and the computer's support, once per input
         signature: their outcome depends on nothing else, and the checks cost ~0.2 ms of host
         time per call, which short sequences would pay on every layer and step."""
-        if not all(isinstance(x, Tensor) for x in (q, k, v)):
-            check_plain(q, k, v)  # raises the TypeError naming the argument
+        if not all(isinstance(x, Tensor) and not x.is_nested for x in (q, k, v)):
+            check_plain(q, k, v)  # raises the TypeError naming the argument (a nested tensor
+            # has no .shape: it raised torch's "NestedTensorImpl doesn't support sizes" below)
         needs_grad = _needs_grad(q, k, v)
         # (the layout too: a sparse q after a dense call of its shape skipped the check)
         signature = (*((x.shape, x.dtype, x.device, x.layout) for x in (q, k, v)), needs_grad)
@@ -658,7 +663,7 @@ def _typed(name: str, option: object) -> tuple:
             if torch.compiler.is_compiling() and type(option).__module__ == "numpy"
             else ""
         )
-        raise TypeError(f"{name} must be {_OPTION_TYPES[name]}, got {type(option).__name__}{hint}")
+        raise TypeError(f"{name} must be {_OPTION_TYPES[name]}, got {type_name(option)}{hint}")
     return (type(option), option)
 
 
@@ -770,6 +775,12 @@ def _functional(
         # the graph there and 2.11's raised its internal error.
         lengths = tuple(guard_scalar(w) for w in key[0])
         rates = tuple(guard_scalar(r) for r in key[1])
+        # a scale that changed between calls (a function's argument), or one computed from a
+        # dynamic shape, is symbolic too: the same, a constant guarded on (handed on symbolic,
+        # Dynamo failed: "assume_constant_result argument conversion failed", naming nothing)
+        scale = options["scale"]
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+            options = {**options, "scale": guard_scalar(scale)}
         attribute, refusal, reason = _made_while_tracing(
             lengths, rates, device=q.device, classes=key[6], **_as_constants(options)
         )

@@ -22,6 +22,16 @@ FLOAT32_INF_FROM = (2.0 - 2.0**-24) * 2.0**127
 MAX_SEGMENT_LENGTH = 2**40
 
 
+def type_name(value: object) -> str:
+    """``value``'s type's name for an error message, with its module where the bare name is a
+    builtin's that it is not (numpy 2's ``np.True_`` is a ``bool``: "causal must be bool, got
+    bool" read as a contradiction)."""
+    kind = type(value)
+    if kind.__module__ != "builtins" and kind.__name__ in ("bool", "int", "float", "str"):
+        return f"{kind.__module__}.{kind.__name__}"
+    return kind.__name__
+
+
 def checked_int(name: str, value: object, minimum: int = 1) -> int:
     """``value`` if it is an int ``>= minimum``: else a ``TypeError`` (not an int) or
     ``ValueError`` (too small) naming ``name`` and the rule. Every size the library takes from
@@ -31,7 +41,7 @@ def checked_int(name: str, value: object, minimum: int = 1) -> int:
         # (no repr where torch.compile traces it: Dynamo holds a numpy int as an array, whose
         # repr it cannot trace, and failed with that instead of this error)
         shown = "" if torch.compiler.is_compiling() else f" {value!r}"
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}{shown}")
+        raise TypeError(f"{name} must be an int, got {type_name(value)}{shown}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
@@ -76,14 +86,14 @@ class DilatedConfig:
             if wi % ri:
                 raise ValueError(f"dilation_rates[{i}]={ri} must divide segment_lengths[{i}]={wi}")
         if not isinstance(self.causal, bool):
-            raise TypeError(f"causal must be a bool, got {type(self.causal).__name__}")
+            raise TypeError(f"causal must be a bool, got {type_name(self.causal)}")
         if not isinstance(self.mixing, str):
-            raise TypeError(f"mixing must be a str, got {type(self.mixing).__name__}")
+            raise TypeError(f"mixing must be a str, got {type_name(self.mixing)}")
         if self.mixing not in MIXINGS:
             raise ValueError(f"mixing must be one of {MIXINGS}, got {self.mixing!r}")
         if self.scale is not None:
             if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
-                raise TypeError(f"scale must be a float or None, got {type(self.scale).__name__}")
+                raise TypeError(f"scale must be a float or None, got {type_name(self.scale)}")
             try:
                 float(self.scale)
             except OverflowError:  # (an int past float's range: math.isfinite raised it, unnamed)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ringattn.config import DilatedConfig
+from ringattn.config import DilatedConfig, checked_int
 
 
 def head_config_offset(
@@ -49,8 +49,15 @@ def expand_kv_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
             got = f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x)
             raise TypeError(f"{name} must be a floating [b, n, h, d] tensor, got {got}")
+        if x.layout != torch.strided or x.is_nested:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got {x.layout}")
         if min(x.shape) < 1:
             raise ValueError(f"{name} must have no empty dim, got shape {tuple(x.shape)}")
+        # one dtype and device (docs/semantics.md): a k on the meta device gave zeros, silently
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name}.dtype must equal q.dtype ({q.dtype}), got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name}.device must equal q.device ({q.device}), got {x.device}")
     b, n, _, d = q.shape
     for name, x in (("k", k), ("v", v)):
         if (x.shape[0], x.shape[1], x.shape[3]) != (b, n, d):
@@ -171,6 +178,8 @@ def selection(
     mixing: str = "lse",
 ) -> Tensor:
     """``sel[i, head, p]``: position ``p`` is selected for ``head`` in config ``i`` (bool)."""
+    checked_int("n", n)
+    checked_int("h", h)
     cfg = DilatedConfig.of(segment_lengths, dilation_rates, False, mixing, None)
     p = torch.arange(n)
     sel = torch.zeros(len(cfg.configs), h, n, dtype=torch.bool)
@@ -220,6 +229,8 @@ def dilated_attention_by_multiplicity(
     ``dtype`` other than float64 turns it into the naive dense baseline in that precision, which
     the tests use to measure how well-conditioned a gradient is (see tests/test_strategies.py).
     """
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     cfg = DilatedConfig.of(segment_lengths, dilation_rates, causal, mixing, scale)
     k, v = expand_kv_heads(q, k, v)
     q, k, v = (x.to(dtype) for x in (q, k, v))

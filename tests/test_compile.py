@@ -522,6 +522,46 @@ def test_the_functional_form_with_a_length_argument_that_changes(fullgraph):
         assert rel_err(compiled(q, w), ref) <= 1e-5, w
 
 
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_the_functional_form_with_a_scale_argument_that_changes(fullgraph):
+    """A float scale, new on each call, turns symbolic at its first change, as a length does:
+    the trace takes its value as a constant and guards on it (under fullgraph Dynamo raised
+    "assume_constant_result argument conversion failed", which names no argument)."""
+    torch._dynamo.reset()
+
+    def attention(q, scale):
+        return ringattn.dilated_attention(
+            q, q, q, segment_lengths=(4, 8), dilation_rates=(1, 2), scale=scale
+        )
+
+    compiled = torch.compile(attention, fullgraph=fullgraph, backend="eager")
+    q = torch.randn(1, 16, 2, 8)
+    for scale in (0.5, 0.25, 0.125, 3):
+        ref = reference.dilated_attention(
+            q, q, q, segment_lengths=(4, 8), dilation_rates=(1, 2), scale=scale
+        )
+        assert rel_err(compiled(q, scale), ref) <= 1e-5, scale
+
+
+def test_the_functional_form_with_a_scale_from_a_dynamic_shape():
+    """``d ** -0.5`` of a symbolic head dim is a symbolic float, taken as a constant too."""
+    torch._dynamo.reset()
+
+    def attention(q):
+        scale = q.shape[-1] ** -0.5 * 2
+        return ringattn.dilated_attention(
+            q, q, q, segment_lengths=(8,), dilation_rates=(2,), scale=scale
+        )
+
+    compiled = torch.compile(attention, fullgraph=True, dynamic=True, backend="eager")
+    for d in (4, 8, 16):
+        q = torch.randn(1, 16, 2, d)
+        ref = reference.dilated_attention(
+            q, q, q, segment_lengths=(8,), dilation_rates=(2,), scale=d**-0.5 * 2
+        )
+        assert rel_err(compiled(q), ref) <= 1e-5, d
+
+
 def _bad_calls(q: torch.Tensor) -> list[tuple[str, tuple]]:
     """Calls the boundary must refuse, each with the words its error must contain."""
     q8 = q.to(torch.float8_e4m3fn)

@@ -63,11 +63,20 @@ COMBOS = sorted(
         ((4, 3, 2, "contiguous"), r"rank must be in \[0, p=2\), got 3"),
         ((4, -1, 2, "zigzag"), r"rank must be in \[0, p=2\), got -1"),
         ((4, 2, 2, "contiguous"), r"rank must be in \[0, p=2\), got 2"),  # (rows past n)
+        # (before: torch's "upper bound and lower bound inconsistent with step sign")
+        ((-4, 0, 2, "contiguous"), "m must be >= 1, got -4"),
     ],
 )
 def test_positions_refuse_what_no_shard_holds(args, match):
     with pytest.raises(ValueError, match=match):
         distributed.positions(*args)
+
+
+@pytest.mark.parametrize("m", [4.0, True, "4"])
+def test_positions_take_an_int_count(m):
+    """(before: a float ``m`` gave float positions, silently)"""
+    with pytest.raises(TypeError, match="m must be an int"):
+        distributed.positions(m, 0, 2, "contiguous")
 
 
 def test_sequence_parallel_helpers_need_an_initialised_process_group():

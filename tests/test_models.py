@@ -310,6 +310,37 @@ def test_a_cache_too_small_for_the_call_is_refused_before_any_layer_moves():
             TypeError,
             "dtype must be a floating torch.dtype, got 'float32'",
         ),
+        # (before: meta tokens were embedded as zeros, and their loss was a finite number)
+        (
+            lambda m: m(torch.zeros(1, 3, dtype=torch.long, device="meta")),
+            ValueError,
+            r"tokens must be on the model's device \(cpu\), got meta",
+        ),
+        (
+            lambda m: m.loss(
+                torch.zeros(1, 3, dtype=torch.long, device="meta"),
+                torch.zeros(1, 3, dtype=torch.long),
+            ),
+            ValueError,
+            r"targets must be on the tokens' device \(meta\), got cpu",
+        ),
+        # (before: an out-of-range prompt was reported as "tokens"; a bad generator was
+        # refused by the first sampled token, after the prompt's forward)
+        (
+            lambda m: m.generate(torch.tensor([[1, 2, 32]]), 2),
+            ValueError,
+            r"prompt must be ids in \[0, vocab_size=32\), got ids from 1 to 32",
+        ),
+        (
+            lambda m: m.generate(torch.tensor([[1, 2]], device="meta"), 2),
+            ValueError,
+            r"prompt must be on the model's device \(cpu\), got meta",
+        ),
+        (
+            lambda m: m.generate(torch.tensor([[1, 2]]), 2, temperature=1.0, generator="x"),
+            TypeError,
+            "generator must be a torch.Generator, got str",
+        ),
     ],
 )
 def test_model_bad_calls(call, error, match):
@@ -422,6 +453,9 @@ def _decode_args(**changes) -> dict:
          r"cache.length must be an int in \[0, 16\], got True"),
         ({"cache": KVCache(torch.zeros(1, 16, 2, 8), torch.zeros(1, 16, 2, 8, device="meta"), 5)},
          ValueError, "cache.v must be on cache.k's device cpu, got meta"),
+        # (before: a cache on the meta device decoded as zeros, silently)
+        ({"cache": KVCache(*torch.zeros(2, 1, 16, 2, 8, device="meta"), 5)}, ValueError,
+         r"q.device must equal the cache's \(meta\), got cpu"),
     ],
 )  # fmt: skip
 def test_decode_one_refuses_bad_arguments(changes, error, match):
@@ -438,6 +472,31 @@ def test_decode_one_refuses_bad_arguments(changes, error, match):
 def test_an_empty_cache_names_a_bad_size(shape, error, match):
     with pytest.raises(error, match=match):
         KVCache.empty(*shape, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize(
+    "k, v, error, match",
+    [
+        # (before: a batch of 1 was broadcast into both rows, silently; another h_kv or d
+        # raised torch's "expanded size" error)
+        (torch.ones(1, 3, 2, 8), torch.ones(1, 3, 2, 8), ValueError,
+         r"k must be \[b, n, h_kv, d\] with the cache's \(b, h_kv, d\) = \(2, 2, 8\)"),
+        (torch.ones(2, 3, 2, 8), torch.ones(2, 3, 1, 8), ValueError, r"v must be \[b, n, h_kv"),
+        (torch.ones(2, 3, 2, 8), torch.ones(2, 2, 2, 8), ValueError,
+         "v must hold k's 3 positions, got 2"),
+        (torch.ones(2, 3, 2, 8, dtype=torch.long), torch.ones(2, 3, 2, 8), TypeError,
+         "k must be a floating tensor"),
+        (torch.ones(2, 3, 2, 8, device="meta"), torch.ones(2, 3, 2, 8), ValueError,
+         "k must be on the cache's device cpu, got meta"),
+    ],
+)  # fmt: skip
+def test_a_cache_append_refuses_rows_unlike_its_own(k, v, error, match):
+    cache = KVCache.empty(2, 10, 2, 8, torch.float32, "cpu")
+    with pytest.raises(error, match=match):
+        cache.append(k, v)
+    assert cache.length == 0 and not cache.k.any()
+    cache.append(torch.ones(2, 3, 2, 8, dtype=torch.bfloat16), torch.ones(2, 3, 2, 8))
+    assert cache.length == 3 and cache.k[:, :3].eq(1).all()  # (cast, as under autocast)
 
 
 def test_decode_one_checked_is_the_layers_unchecked():
@@ -716,6 +775,12 @@ def test_rotary_bad_inputs(x, positions, match):
         (torch.ones(1, 2, 1, 4), torch.arange(2), float("inf"), ValueError, "base must be finite"),
         (torch.ones(1, 2, 1, 4), torch.arange(2), True, TypeError,
          "base must be a float, got bool True"),
+        # (before: complex positions lost their imaginary part, silently; positions on another
+        # device raised torch's error, naming no argument)
+        (torch.ones(1, 2, 1, 4), torch.arange(2) * (1 + 1j), None, TypeError,
+         "positions must be real"),
+        (torch.ones(1, 2, 1, 4), torch.arange(2, device="meta"), None, ValueError,
+         "positions must be on x's device cpu, got meta"),
     ],
 )  # fmt: skip
 def test_rotary_bad_arguments_are_named(x, positions, base, error, match):

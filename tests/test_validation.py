@@ -103,6 +103,12 @@ def test_bad_options(overrides, error, match):
         (qkv((1, 8, 2, 4, 1)), TypeError, r"parameter 'q' must be a floating \[b, n, h, d\]"),
         (([1.0], *qkv()[1:]), TypeError, "parameter 'q'"),
         ((qkv()[0].to_sparse(), *qkv()[1:]), TypeError, "must be a dense"),
+        # (a strided nested tensor reports torch.strided: it failed at its first .shape)
+        (
+            (torch.nested.nested_tensor([torch.randn(8, 2, 4)]), *qkv()[1:]),
+            TypeError,
+            "parameter 'q' must be a dense .*got a nested tensor",
+        ),
         # grouped-query K/V (fewer heads): the rule, and the way to get it
         ((qkv()[0], *qkv((1, 8, 1, 4))[1:]), TypeError, r"k.shape must .*repeat_interleave"),
     ],
@@ -228,6 +234,36 @@ def test_errors_come_before_any_work(monkeypatch):
 def test_oracle_validates_too():
     with pytest.raises(ValueError, match="must divide"):
         reference.dilated_attention(*qkv(), segment_lengths=[4], dilation_rates=[3])
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        # (before: K/V on the meta device gave zeros, silently; mixed dtypes were accepted)
+        (lambda q: reference.dilated_attention(q, q.to("meta"), q, **GOOD), ValueError,
+         r"k.device must equal q.device \(cpu\), got meta"),
+        (lambda q: reference.dilated_attention(q, q, q.double(), **GOOD), TypeError,
+         r"v.dtype must equal q.dtype"),
+        (lambda q: reference.dilated_attention(q.to_sparse(), q, q, **GOOD), TypeError,
+         "q must be a dense"),
+        (lambda q: reference.dilated_attention_by_multiplicity(q, q, q, **GOOD, dtype="float64"),
+         TypeError, "dtype must be a floating torch.dtype, got 'float64'"),
+        # (before: torch's errors from zeros(), naming nothing)
+        (lambda q: reference.multiplicity(8.5, 2, (4,), (1,)), TypeError, "n must be an int"),
+        (lambda q: reference.multiplicity(8, -1, (4,), (1,)), ValueError, "h must be >= 1"),
+    ],
+)  # fmt: skip
+def test_the_oracles_arguments_are_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call(qkv()[0])
+
+
+def test_a_numpy_bool_is_named_as_such():
+    """numpy 2 names ``np.True_``'s type ``bool``: the message said "must be bool, got bool"."""
+    with pytest.raises(TypeError, match=r"causal must be bool, got numpy\.bool"):
+        call(*qkv(), causal=np.True_)
+    with pytest.raises(TypeError, match=r"causal must be a bool, got numpy\.bool"):
+        ringattn.DilatedConfig(segment_lengths=(4,), dilation_rates=(1,), causal=np.True_)
 
 
 def test_unknown_compile_mode_is_named():

@@ -173,6 +173,11 @@ class LongNet(nn.Module):
         _check_ids("tokens", tokens, dims=2)
         if tokens.shape[0] < 1 or tokens.shape[1] < 1:
             raise ValueError(f"tokens must be [b >= 1, n >= 1], got {tuple(tokens.shape)}")
+        weight = self.embed.weight
+        if tokens.device != weight.device:  # (meta tokens embedded as zeros, silently)
+            raise ValueError(
+                f"tokens must be on the model's device ({weight.device}), got {tokens.device}"
+            )
         try:
             x = self.embed(tokens)
         except IndexError as exc:  # (on the CPU; CUDA's embedding asserts on the device)
@@ -225,6 +230,10 @@ class LongNet(nn.Module):
                     f"targets must have the tokens' shape {tuple(tokens.shape)}, got "
                     f"{tuple(targets.shape)}"
                 )
+            if isinstance(tokens, Tensor) and targets.device != tokens.device:
+                raise ValueError(
+                    f"targets must be on the tokens' device ({tokens.device}), got {targets.device}"
+                )
             # (cross_entropy raised IndexError after the whole forward, and a sequence-parallel
             # rank left alone there hung the others in the backward; on a GPU it asserts on
             # the device, as the embedding does for tokens: checked here, it would cost a sync)
@@ -269,6 +278,21 @@ class LongNet(nn.Module):
             raise ValueError(f"prompt must be a [b >= 1, n0 >= 1] tensor of token ids, got {got}")
         # (a float prompt was reported by the model's call, as "tokens")
         _check_ids("prompt", prompt, dims=2)
+        weight = self.embed.weight
+        if prompt.device != weight.device:
+            raise ValueError(
+                f"prompt must be on the model's device ({weight.device}), got {prompt.device}"
+            )
+        vocab = self.config.vocab_size
+        # (one sync, once per generation: reported by the model's call, the ids were "tokens")
+        if not 0 <= int(prompt.min()) <= int(prompt.max()) < vocab:
+            raise ValueError(
+                f"prompt must be ids in [0, vocab_size={vocab}), got ids from "
+                f"{int(prompt.min())} to {int(prompt.max())}"
+            )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            # (checked by the first sampled token, after the prompt's forward)
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         caches = self.new_caches(prompt.shape[0], prompt.shape[1] + max_new_tokens)
         # decoding runs eagerly (eager_decoding): self.forward, not self(), so that a model
         # compiled in place (model.compile(fullgraph=True)) does not trace into it and fail

@@ -83,6 +83,26 @@ class KVCache:
             )
 
     def append(self, k: Tensor, v: Tensor) -> None:
+        """Store the keys and values ``[b, n, h_kv, d]`` of ``n`` new positions (the cache's
+        b, h_kv, d and device: the copy broadcast a batch of 1; cast to the cache's dtype, as
+        under autocast)."""
+        for name, x in (("k", k), ("v", v)):
+            like = self.k
+            dims = (like.shape[0], like.shape[2], like.shape[3])
+            if not isinstance(x, Tensor) or x.dim() != 4 or (x.shape[0], *x.shape[2:]) != dims:
+                got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+                raise ValueError(
+                    f"{name} must be [b, n, h_kv, d] with the cache's (b, h_kv, d) = {dims}, "
+                    f"got {got}"
+                )
+            if x.shape[1] != k.shape[1]:
+                raise ValueError(f"v must hold k's {k.shape[1]} positions, got {x.shape[1]}")
+            if not x.is_floating_point():
+                raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+            if x.device != like.device:
+                raise ValueError(
+                    f"{name} must be on the cache's device {like.device}, got {x.device}"
+                )
         n = k.shape[1]
         self.check_room(n)
         self.k[:, self.length : self.length + n] = k
@@ -111,6 +131,8 @@ def decode_one(
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
     cache.check()
+    if q.device != cache.k.device:  # (a cache on the meta device gave zeros, silently)
+        raise ValueError(f"q.device must equal the cache's ({cache.k.device}), got {q.device}")
     (b, h, d), (cb, _, h_kv, cd) = q.shape, cache.k.shape
     if (b, d) != (cb, cd) or h_kv < 1 or h % h_kv:  # (h_kv = 0: h % 0 raised ZeroDivisionError)
         raise ValueError(

@@ -18,6 +18,11 @@ def rotary(x: Tensor, positions: Tensor, base: float | None = None) -> Tensor:
         raise TypeError(f"x must be a floating [b, n, h, d] tensor, got {got}")
     if not isinstance(positions, Tensor):
         raise TypeError(f"positions must be a tensor, got {type(positions).__name__}")
+    if positions.is_complex() or positions.dtype == torch.bool:
+        # (complex positions lost their imaginary part in the float64 angles, silently)
+        raise TypeError(f"positions must be real (integer or floating), got {positions.dtype}")
+    if positions.device != x.device:
+        raise ValueError(f"positions must be on x's device {x.device}, got {positions.device}")
     if base is not None:
         if isinstance(base, bool) or not isinstance(base, (int, float)):
             raise TypeError(f"base must be a float, got {type(base).__name__} {base!r}")
