@@ -127,6 +127,34 @@ def bf16_partial_results_merge_in_float32(communicator: str) -> tuple[str, str, 
     return str(out.dtype), str(lse.dtype), _rel(out, ref), torch.equal(*placed)
 
 
+class _ConstantGradients:
+    """A computer whose backward gives gradients of 1 on its first call (the rank's own chunk)
+    and of ``2**-9`` on every later one (the other chunks), in bf16: summed in float32 and
+    rounded once, ``1 + (p - 1) * 2**-9``; summed in bf16, each small share is lost (it is
+    below half of bf16's ulp at 1), so the sum stays 1. Exact either way."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale):
+        value = 1.0 if self.calls == 0 else 2.0**-9
+        self.calls += 1
+        return tuple(torch.full_like(x, value) for x in (q, k, v))
+
+
+def bf16_partial_gradients_sum_in_float32(communicator: str) -> tuple[str, list[list[float]]]:
+    """bf16 K/V spanning every rank, through the communicator's ``attend_backward``: each
+    gradient's shares (dQ's from every chunk, dK's and dV's from every rank) must sum in
+    float32. An accumulator of bf16, rounding at every step, passed the oracle tests at bf16's
+    tolerance (about 20% more error at p = 4). Returns the gradients' dtype and their values."""
+    p = dist.get_world_size()
+    comm = _small_module({"communicator": communicator, "computer": "sdpa"}).communicator
+    q, k, v, out, dout = (torch.randn(1, 8, 2, 8).to(torch.bfloat16) for _ in range(5))
+    lse = torch.zeros(1, 8, 2)
+    grads = comm.attend_backward(_ConstantGradients(), dout, q, k, v, out, lse, False, 0.5, p)
+    return str(grads[0].dtype), [g.float().unique().tolist() for g in grads]
+
+
 def matches_oracle_through_fake_fa4(
     shape, options, strategy_fields, layout="contiguous", share_dpsum=False
 ):

@@ -218,6 +218,16 @@ def test_bf16_partial_results_merge_in_float32(pool, communicator):
         assert placed_alike
 
 
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+def test_bf16_partial_gradients_sum_in_float32(pool, communicator):
+    """The ring's and all-gather's backward sum every rank's bf16 gradient shares in float32,
+    rounding once (a constant-gradient stand-in makes the sums exact)."""
+    want = 1 + (pool.world_size - 1) * 2**-9
+    for dtype, values in pool.run("bf16_partial_gradients_sum_in_float32", communicator):
+        assert dtype == "torch.float32"
+        assert values == [[want]] * 3
+
+
 @pytest.mark.parametrize(
     "communicator, causal, mixing, layout, heads, share_dpsum",
     [
@@ -640,6 +650,17 @@ def test_sequence_parallel_groups_side_by_side(pool, communicator):
 def test_groups_of_one_rank_take_any_segment_length(pool, communicator):
     errors = pool.run("groups_of_one_take_what_one_device_takes", communicator)
     assert all(e < 1e-10 for e in errors), errors
+
+
+def test_a_segment_spanning_shards_must_divide_n():
+    """48 rows over shards of 16 (n = 64): a multiple of the shard length, but segments would
+    end mid-sequence (at p = 4 every rank ran its part, and the last one failed inside the ring:
+    gloo's "Pair is not connected", or all-gather's IndexError)."""
+    with pytest.raises(
+        ValueError, match=r"segment_lengths\[0\]=48 spans shards, so it must divide n=64"
+    ):
+        distributed.spans_for(((48, 1),), 16, 4)
+    assert distributed.spans_for(((32, 1), (64, 2), (100, 4)), 16, 4) == (2, 4, 4)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
