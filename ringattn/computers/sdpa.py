@@ -62,9 +62,12 @@ def _bhld(x: Tensor) -> Tensor:
 
 
 def _bhld_contiguous(x: Tensor) -> Tensor:
-    # torch 2.13 + Inductor: the CPU flash *backward* returns wrong gradients (rows shifted) when
-    # handed non-contiguous inputs, because its fake kernel assumes contiguous outputs. Copies are
-    # cheap next to the attention itself; tests/test_compile.py catches a regression.
+    # The CPU flash backward's inputs as contiguous [b, h, L, d]. Written for a torch 2.13
+    # pre-release whose Inductor fake kernel assumed contiguous gradients (rows came out
+    # shifted for non-contiguous inputs). On the releases tested now (2.11, 2.13.0) such inputs
+    # give the same gradients, eager and under Inductor, and no test fails without the copies
+    # (a mutation audit, 2026-12-05). Kept: a copy on the CPU only, and the kernel then sees the
+    # layouts it is tested with (stride-0 expanded views included).
     return x.transpose(1, 2).contiguous()
 
 
