@@ -397,6 +397,13 @@ def gather_of_unequal_shards_raises_everywhere():
     return _value_error_of(lambda: distributed.gather(torch.randn(2, rows, 1, 2)))
 
 
+def gather_of_mixed_dtypes_raises_everywhere():
+    """fp16 on rank 0, bf16 elsewhere (the same bytes: gloo moved them, and the other ranks read
+    rank 0's 1.0 as 0.0078125, silently, where the check did not compare dtypes)."""
+    dtype = torch.float16 if dist.get_rank() == 0 else torch.bfloat16
+    return _value_error_of(lambda: distributed.gather(torch.ones(1, 4, 2, dtype=dtype)))
+
+
 def a_rank_outside_the_group_is_refused():
     """A module given a group this rank is not in: a ValueError naming ``group`` at once (before,
     its rank was -1 and its first call raised torch's "Invalid process group specified")."""

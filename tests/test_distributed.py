@@ -697,6 +697,11 @@ def test_gather_of_unequal_shards_raises_on_every_rank(pool):
     assert all("ranks disagree on the shards to gather" in m for m in messages), messages
 
 
+def test_gather_of_mixed_dtypes_raises_on_every_rank(pool):
+    messages = pool.run("gather_of_mixed_dtypes_raises_everywhere")
+    assert all("(they differ in: dtype)" in m for m in messages), messages
+
+
 def test_a_rank_outside_the_group_is_refused(pool):
     messages = pool.run("a_rank_outside_the_group_is_refused")
     assert messages[0] == "member"

@@ -33,6 +33,18 @@ def test_one_full_config_costs_what_dense_attention_costs():
         )
 
 
+def test_forward_backward_counts_issue_5s_convention():
+    """Issue 5's useful FLOPs: 4 · (queries) · (keys each sees) · d per head forward, and 2.5×
+    that more for the backward. Pinned in numbers: both counts scale by the same factor, so the
+    ratios the tests compare would not see it change (every fwd+bwd TFLOP/s would)."""
+    forward = 4 * 8 * 64 * 64  # b = h = 1, n = w = 64, d = 8, one r = 1 config
+    assert useful_flops(1, 64, 1, 8, [64], [1], False, "lse") == forward
+    assert useful_flops(1, 64, 1, 8, [64], [1], False, "lse", backward=True) == 3.5 * forward
+    assert dense_flops(1, 64, 1, 8, False, backward=True) == 3.5 * forward
+    causal = 4 * 8 * 64 * 65 / 2  # the lower triangle, diagonal included
+    assert dense_flops(1, 64, 1, 8, True, backward=True) == 3.5 * causal
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_dense_pairs_is_one_whole_sequence_config(causal):
     for n, h in ((1, 1), (5, 2), (7, 3)):

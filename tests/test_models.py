@@ -883,8 +883,11 @@ def test_loss_checks_its_targets():
         with pytest.raises(ValueError, match=r"targets must be ids in \[0, vocab_size=32\)"):
             model.loss(tokens, torch.where(targets == targets[0, 0], bad, targets))
     ignored = torch.full_like(targets, -100)
-    ignored[0, 0] = 5  # -100 is ignored, not out of range
-    assert torch.isfinite(model.loss(tokens, ignored))
+    ignored[0, 0], ignored[1, 2] = 5, 7  # -100 is ignored, not out of range
+    # the mean over the kept positions only: the log-likelihood of their targets
+    log_probs = torch.log_softmax(model(tokens), dim=-1)
+    kept = -(log_probs[0, 0, 5] + log_probs[1, 2, 7]) / 2
+    torch.testing.assert_close(model.loss(tokens, ignored), kept)
 
 
 def test_the_layer_is_sub_ln_over_rotary_attention_of_its_projections():
