@@ -120,6 +120,11 @@ def check_plain(q: Tensor, k: Tensor, v: Tensor) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, Tensor):
             raise TypeError(f"parameter {name!r} must be a torch.Tensor, got {type(x).__name__}")
+        if x.layout != torch.strided or x.is_nested:
+            # (first: a strided nested tensor reports torch.strided and has no .shape, which
+            # the rules below format)
+            got = "a nested tensor" if x.is_nested else x.layout
+            raise TypeError(f"parameter {name!r} must be a dense (strided) tensor, got {got}")
         if x.dim() != 4 or not x.is_floating_point():
             rule = f"parameter {name!r} must be a floating [b, n, h, d] tensor"
             raise TypeError(f"{rule}, got {x.dtype} of shape {tuple(x.shape)}")
@@ -130,10 +135,6 @@ def check_plain(q: Tensor, k: Tensor, v: Tensor) -> None:
             raise TypeError(
                 f"parameter {name!r} must be float16, bfloat16, float32 or float64, got {x.dtype}"
             )
-        if x.layout != torch.strided or x.is_nested:
-            # (a strided nested tensor reports torch.strided, and failed at its first .shape)
-            got = "a nested tensor" if x.is_nested else x.layout
-            raise TypeError(f"parameter {name!r} must be a dense (strided) tensor, got {got}")
     for name, x in (("k", k), ("v", v)):
         if x.shape != q.shape:
             grouped = x.shape[:2] == q.shape[:2] and x.shape[3] == q.shape[3]

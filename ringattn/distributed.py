@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ringattn.config import checked_int
+
 try:
     from torch.distributed.device_mesh import DeviceMesh
 except ImportError:  # a torch built without distributed: isinstance(x, ()) is never true
@@ -89,11 +91,8 @@ def chunks_of(rank: int, p: int, layout: str) -> tuple[int, ...]:
 
 def positions(m: int, rank: int, p: int, layout: str, device=None) -> Tensor:
     """The sequence positions of the ``m`` rows ``rank`` holds (e.g. for rotary embeddings)."""
-    # (symbolic where a layer's call is traced with dynamic shapes: a SymInt is an int here)
-    if isinstance(m, bool) or not isinstance(m, (int, torch.SymInt)):
-        raise TypeError(f"m must be an int, got {type(m).__name__}")
-    if m < 1:
-        raise ValueError(f"m must be >= 1, got {m}")
+    # (symbolic where a layer's call is traced with dynamic shapes: traced, it is an int there)
+    checked_int("m", m)
     chunks = chunks_of(rank, p, layout)
     if m % len(chunks):
         raise ValueError(

@@ -46,11 +46,13 @@ def expand_kv_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Grouped-query attention: repeat each of the ``h_kv`` K/V heads ``h / h_kv`` times, so query
     head ``hd`` uses K/V head ``hd // (h / h_kv)``. The dilation offsets stay per *query* head."""
     for name, x in (("q", q), ("k", k), ("v", v)):
+        # (dense first: a nested tensor has no .shape, which the next message formats)
+        if isinstance(x, Tensor) and (x.layout != torch.strided or x.is_nested):
+            layout = "a nested tensor" if x.is_nested else str(x.layout)
+            raise TypeError(f"{name} must be a dense (strided) tensor, got {layout}")
         if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
             got = f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x)
             raise TypeError(f"{name} must be a floating [b, n, h, d] tensor, got {got}")
-        if x.layout != torch.strided or x.is_nested:
-            raise TypeError(f"{name} must be a dense (strided) tensor, got {x.layout}")
         if min(x.shape) < 1:
             raise ValueError(f"{name} must have no empty dim, got shape {tuple(x.shape)}")
         # one dtype and device (docs/semantics.md): a k on the meta device gave zeros, silently

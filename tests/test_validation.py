@@ -109,6 +109,11 @@ def test_bad_options(overrides, error, match):
             TypeError,
             "parameter 'q' must be a dense .*got a nested tensor",
         ),
+        (  # (of other dims: the shape rule's message, which formats .shape, failed)
+            (torch.nested.nested_tensor([torch.randn(8, 2, 4, 1)]), *qkv()[1:]),
+            TypeError,
+            "parameter 'q' must be a dense .*got a nested tensor",
+        ),
         # grouped-query K/V (fewer heads): the rule, and the way to get it
         ((qkv()[0], *qkv((1, 8, 1, 4))[1:]), TypeError, r"k.shape must .*repeat_interleave"),
     ],

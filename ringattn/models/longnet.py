@@ -285,10 +285,10 @@ class LongNet(nn.Module):
             )
         vocab = self.config.vocab_size
         # (one sync, once per generation: reported by the model's call, the ids were "tokens")
-        if not 0 <= int(prompt.min()) <= int(prompt.max()) < vocab:
+        low, high = (int(x) for x in torch.aminmax(prompt))
+        if not 0 <= low <= high < vocab:
             raise ValueError(
-                f"prompt must be ids in [0, vocab_size={vocab}), got ids from "
-                f"{int(prompt.min())} to {int(prompt.max())}"
+                f"prompt must be ids in [0, vocab_size={vocab}), got ids from {low} to {high}"
             )
         if generator is not None and not isinstance(generator, torch.Generator):
             # (checked by the first sampled token, after the prompt's forward)
