@@ -42,6 +42,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh merge_cost # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
+#   source experiments/fa4_env.sh || exit 1; OLD_TREE=old bash experiments/gpu_session.sh trees # ~5 min
 #
 # record: the bench's record at 32K/131K and 1M (docs/benchmarks/h200_perf.md's first two
 #   commands), plotted as fractions of dense SDPA (experiments.plot_record); graphs: the 32K /
@@ -85,7 +86,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|graphs|first_checks|batch|batch_more|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh record|trees|graphs|first_checks|batch|batch_more|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -639,6 +640,22 @@ weak)
         >"$out/weak.log" 2>&1
     summary="$(grep -c '| True |' "$out/distributed_check_weak.md") check rows within tolerance
 $(grep -h "^| 16384 | 2 \|^| 65536 | 2 " "$out/distributed_check_weak.md" | cut -d'|' -f2-8,13,14,17,18)"
+    ;;
+trees)
+    # the 32K head_groups bench (host-bound: where host time per call shows) of an older tree and
+    # of this one, alternated in one process each (this, older, this): OLD_TREE, a folder in the
+    # working tree holding an older commit's ringattn/ and experiments/ (`git archive REF
+    # ringattn experiments | tar -x -C old`), carried as an ignored folder (step 73)
+    old=${OLD_TREE:?set OLD_TREE to the folder of the older tree}
+    for tree in new old new; do
+        dir=$PWD
+        [ "$tree" = old ] && dir=$PWD/$old
+        (cd "$dir" && PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$dir \
+            timeout 150 "${bench[@]}" --n 32768 --mixing head_groups --check-n 0 --repeats 10 \
+            --warmup 3 --out "$out/bench_$tree" >>"$out/bench_$tree.log" 2>&1)
+        mv "$out/bench_$tree/bench.json" "$out/bench_${tree}_$SECONDS.json" 2>/dev/null
+    done
+    summary="$(grep -H "segment_local/sdpa |" "$out"/bench_*.log | cut -d'|' -f1-4,7-11)"
     ;;
 *)
     echo "unknown part: $part" >&2

@@ -361,3 +361,77 @@ def test_ablation_rates_are_the_useful_flops_per_second():
         useful = flops.useful_flops(b, n, h, d, *configs, causal, "lse", backward=backward)
         assert ablate.tflops(pairs, b, d, 2.0, factor) == pytest.approx(useful / 2e-3 / 1e12)
     assert ablate.tflops(1, b, d, None) is None
+
+
+def _timed_row(strategy: str, n: int, causal: bool, fwd_ms: float, fwdbwd_ms: float):
+    sweep = ablate.parse(["--device", "cpu", "--seq-lens", str(n)])
+    row = ablate._row(sweep, strategy, False, n, None, causal)
+    row.fwd_ms, row.fwdbwd_ms = fwd_ms, fwdbwd_ms
+    return row
+
+
+def test_each_row_is_timed_against_dense_sdpa_at_its_own_length_and_causality():
+    """``×dense`` is the row's time over dense SDPA's at the same n and causality (a baseline
+    found by n alone, or the ratio inverted, passed every test)."""
+    dense = [
+        _timed_row(ablate.BASELINE, 64, False, 2.0, 8.0),
+        _timed_row(ablate.BASELINE, 64, True, 1.0, 4.0),
+        _timed_row(ablate.BASELINE, 128, True, 5.0, 20.0),
+    ]
+    rows = [*dense, _timed_row("x", 64, True, 4.0, 2.0), _timed_row("y", 128, True, 5.0, 10.0)]
+    ablate.relate_to_baseline(rows)
+    assert (rows[3].fwd_vs_dense, rows[3].fwdbwd_vs_dense) == (4.0, 0.5)
+    assert (rows[4].fwd_vs_dense, rows[4].fwdbwd_vs_dense) == (1.0, 0.5)
+    assert [row.fwd_vs_dense for row in dense] == [1.0, 1.0, 1.0]
+
+
+def test_the_baseline_row_counts_dense_pairs_tensors_and_the_backwards_flops(monkeypatch):
+    """Dense SDPA's row: its pairs of its causality, peaks over q, k, v (and the output's
+    gradient with the backward), TFLOP/s with the backward's 3.5x (each checked only as > 0)."""
+    from ringattn import flops
+
+    sweep = ablate.parse(["--device", "cpu", "--seq-lens", "64", "--heads", "2"])
+    p = sweep.preset
+    monkeypatch.setattr(ablate, "median_ms", lambda fn, device, warmup, repeats: 2.0)
+    monkeypatch.setattr(ablate, "peak_mib", lambda fn, device, live: (live / 2**20, "test"))
+    unit = p.batch * 64 * 2 * p.head_dim * torch.finfo(sweep.dtype).bits // 8  # one [b, n, h, d]
+    for causal in (False, True):
+        row = ablate.measure_baseline(sweep, 64, causal)
+        assert row.useful_pairs == flops.dense_pairs(64, 2, causal)
+        assert (row.fwd_peak_mib * 2**20, row.fwdbwd_peak_mib * 2**20) == (3 * unit, 4 * unit)
+        useful = flops.dense_flops(p.batch, 64, 2, p.head_dim, causal)
+        assert row.fwd_tflops == pytest.approx(useful / 2e-3 / 1e12)
+        assert row.fwdbwd_tflops == pytest.approx(3.5 * row.fwd_tflops)
+
+
+def test_the_printed_table_shows_each_column_of_its_own_value():
+    row = _timed_row("x", 64, False, 4.0, 2.0)
+    row.fwd_vs_dense, row.fwdbwd_vs_dense = 0.5, 0.25
+    row.fwdbwd_peak_mib, row.fwdbwd_tflops, row.grad_rel_err = 12.5, 0.125, 3e-3
+    headers, (cells,) = ablate.short_table([row])
+    table = dict(zip(headers, cells))
+    assert (table["×dense fwd"], table["×dense f+b"]) == ("0.50", "0.25")
+    assert (table["fwd ms"], table["f+b ms"]) == ("4", "2")
+    assert (table["MiB f+b"], table["TFLOP/s f+b"]) == ("12.5", "0.125")
+    assert table["err grad"] == "3.0e-03"
+    rendered = ablate.dict_rows_to_markdown([{"a": 0.94712, "b": 3}], ["a", "b"])
+    assert rendered.splitlines()[-1] == "| 0.947 | 3 |"
+
+
+def test_the_check_measures_gradients_against_a_tenth_of_grad_outs_norm():
+    """A gradient whose reference is zero is measured against 0.1‖grad_out‖ (the suite's floor):
+    a larger floor hid errors near the tolerance, a zero one failed rounding noise."""
+    sweep = ablate.parse(["--device", "cpu", "--seq-lens", "64", "--check-n", "32"])
+    config = sweep.configs[0]
+    oracle = ablate.make_oracle(sweep, config)
+    zeros = tuple(torch.zeros_like(g) for g in oracle.grads)
+    oracle = ablate.Oracle(oracle.inputs, oracle.out, zeros)
+    module = ringattn.DilatedAttention(
+        config.segment_lengths, config.dilation_rates, mixing=config.mixing, compile=False
+    )
+    leaves = [x.detach().clone().requires_grad_() for x in oracle.inputs[:3]]
+    grads = torch.autograd.grad(module(*leaves), leaves, oracle.inputs[3])
+    expected = max(float(g.double().norm()) for g in grads)
+    expected /= 0.1 * float(oracle.inputs[3].double().norm())
+    _, grad_err, _ = ablate.check(module, oracle)
+    assert grad_err == pytest.approx(expected)

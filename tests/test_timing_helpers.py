@@ -42,6 +42,63 @@ def test_settle_calls_for_about_the_asked_time() -> None:
     assert ablate.settle(lambda: calls.append(1), torch.device("cpu"), 0.0) == 0
 
 
+# per-call seconds of two warm-up calls, then 3 repeats x 2 calls: the median repeat is 5 ms a
+# call; a mean reads 18.7, a min 1, a skipped warm-up 1 (it times the warm-ups' calls as the
+# first repeat), and a sum of each repeat's calls 10
+CALL_SECONDS = [1e-4, 1e-4, 5e-3, 5e-3, 1e-3, 1e-3, 50e-3, 50e-3]
+
+
+class _FakeClock:
+    """A clock that only the timed function advances, by ``CALL_SECONDS`` in turn."""
+
+    def __init__(self) -> None:
+        self.now, self.calls = 0.0, 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def call(self) -> None:
+        self.now += CALL_SECONDS[self.calls]
+        self.calls += 1
+
+
+def test_median_ms_is_the_median_per_call_after_the_warmup(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every published time is this median: of the repeats, in ms per call, after the warm-up
+    calls (a mean, a min, the warm-up left out or a repeat's calls summed passed every test)."""
+    clock = _FakeClock()
+    monkeypatch.setattr(ablate.time, "perf_counter", clock)
+    ms = ablate.median_ms(clock.call, torch.device("cpu"), warmup=2, repeats=3, calls=2)
+    assert ms == pytest.approx(5.0) and clock.calls == len(CALL_SECONDS)
+
+
+def test_median_ms_on_cuda_times_each_repeats_calls_between_two_events(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CUDA branch (CUDA events, stubbed here on the fake clock): the same median per call."""
+    clock = _FakeClock()
+
+    class Event:
+        def __init__(self, enable_timing: bool) -> None:
+            assert enable_timing
+            self.at = None
+
+        def record(self) -> None:
+            self.at = clock()
+
+        def synchronize(self) -> None:
+            pass
+
+        def elapsed_time(self, end: Event) -> float:
+            return (end.at - self.at) * 1e3  # ms, as CUDA events give it
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    ms = ablate.median_ms(clock.call, torch.device("cuda"), warmup=2, repeats=3, calls=2)
+    assert ms == pytest.approx(5.0) and clock.calls == len(CALL_SECONDS)
+
+
 def test_bench_refuses_a_negative_settle_by_name(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         bench.parse(["--settle", "-1"])
