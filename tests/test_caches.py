@@ -3,6 +3,7 @@ depend on (dtype, rate), the LRU's order, and the functional form's modules per 
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import make_qkv, options, rel_err
 
@@ -240,6 +241,81 @@ def test_functional_forms_evicted_module_drops_its_buffers(monkeypatch):
     assert modules[0] not in api._MODULES.values()
     assert modules[0].memory.held_bytes() == 0
     assert modules[1].memory.held_bytes() > 0  # the cached ones keep theirs
+
+
+def _functional_modules(monkeypatch):
+    """A call of the functional form per segment length (an option set each), in an LRU of 2;
+    returns the option set's module."""
+    from collections import OrderedDict
+
+    from ringattn import api
+
+    monkeypatch.setattr(api, "_MODULES", OrderedDict())  # (none of other tests' option sets)
+    monkeypatch.setattr(api, "_MAX_MODULES", 2)
+    monkeypatch.setattr(api, "FUNCTIONAL_MODULES_WARNING", 10**9)
+    q = torch.randn(1, 16, 2, 4)
+    strategy = ringattn.Strategy(computer="math", memory="pooled")
+
+    def call(w: int):
+        with torch.no_grad():
+            ringattn.dilated_attention(
+                q, q, q, segment_lengths=(w,), dilation_rates=(2,), strategy=strategy
+            )
+        return next(reversed(api._MODULES.values()))
+
+    return call
+
+
+def test_functional_forms_lru_evicts_the_least_recently_used(monkeypatch):
+    """A hit moves its option set to the end: without it the LRU was first-in first-out, and
+    the option set a model calls every step was evicted and rebuilt its patterns."""
+    from ringattn import api
+
+    call = _functional_modules(monkeypatch)
+    first, second = call(4), call(8)
+    assert call(4) is first  # (used again: the most recent now)
+    call(16)
+    assert first in api._MODULES.values() and second not in api._MODULES.values()
+    assert first.memory.held_bytes() > 0 and second.memory.held_bytes() == 0
+
+
+def test_functional_forms_evicted_module_drops_its_plans_and_comes_back(monkeypatch):
+    """An evicted module keeps no plans (prepared launches and their views: kept, every option set
+    ever used held them for the process's life, uncounted by held_bytes), and its option set
+    gets it back, not a new module: a compiled call's pending backward names it (core._spec),
+    so a new one in its place failed that backward with "attention module ... is gone"."""
+    call = _functional_modules(monkeypatch)
+    first = call(4)
+    assert first._specs  # (it had one)
+    call(8), call(16)
+    assert first._specs == {}
+    assert call(4) is first
+
+
+@pytest.mark.parametrize(
+    "name, values",
+    [("mixing", ("lse", "head_groups")), ("causal", (False, True)), ("scale", (0.61, 0.83))],
+)
+def test_functional_form_keys_every_option_that_changes_the_result(name, values):
+    """Each option in turn, back and forth: a key without it served the first value's module to
+    the second (mixing was caught only by chance, by another test's order)."""
+    problem = {"b": 1, "n": 12, "h": 2, "d": 4, "segment_lengths": (4, 8), "scale": 0.61,
+               "dilation_rates": (1, 2), "causal": True, "mixing": "lse"}  # fmt: skip
+    q, k, v = make_qkv(problem, torch.float64)
+    strategy = ringattn.Strategy(computer="math")
+    for value in (*values, *values):
+        p = {**problem, name: value}
+        out = ringattn.dilated_attention(q, k, v, **options(p), strategy=strategy, compile=False)
+        assert rel_err(out, reference.dilated_attention(q, k, v, **options(p))) <= 1e-10, value
+
+
+def test_pooled_scratch_is_keyed_by_device():
+    """Two devices (cuda:0 and cuda:1 on their default streams share thread and stream ids) must
+    not share a buffer."""
+    pool = PooledMemory()
+    a = pool.scratch("lse_acc", (2, 3), torch.float32, torch.device("cpu"))
+    b = pool.scratch("lse_acc", (2, 3), torch.float32, torch.device("meta"))
+    assert (a.device.type, b.device.type) == ("cpu", "meta")
 
 
 def test_pooled_scratch_is_keyed_by_tag_and_shape():
