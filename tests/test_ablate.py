@@ -394,7 +394,7 @@ def test_the_baseline_row_counts_dense_pairs_tensors_and_the_backwards_flops(mon
     p = sweep.preset
     monkeypatch.setattr(ablate, "median_ms", lambda fn, device, warmup, repeats: 2.0)
     monkeypatch.setattr(ablate, "peak_mib", lambda fn, device, live: (live / 2**20, "test"))
-    unit = p.batch * 64 * 2 * p.head_dim * torch.finfo(sweep.dtype).bits // 8  # one [b, n, h, d]
+    unit = p.batch * 64 * 2 * p.head_dim * sweep.dtype.itemsize  # bytes of one [b, n, h, d]
     for causal in (False, True):
         row = ablate.measure_baseline(sweep, 64, causal)
         assert row.useful_pairs == flops.dense_pairs(64, 2, causal)

@@ -217,32 +217,6 @@ def test_global_permutation_cache_distinguishes_sequence_lengths():
         assert rel_err(out, reference.dilated_attention(q, k, v, **options(P))) <= 1e-10, n
 
 
-def test_functional_forms_evicted_module_drops_its_buffers(monkeypatch):
-    """A module the functional form's LRU evicts stays alive (a compiled graph may name it), so
-    its patterns and buffers must be dropped on eviction: kept, every option set ever used held
-    its memory for the process's life."""
-    from collections import OrderedDict
-
-    from ringattn import api
-
-    monkeypatch.setattr(api, "_MODULES", OrderedDict())  # (none of other tests' option sets)
-    monkeypatch.setattr(api, "_MAX_MODULES", 2)
-    monkeypatch.setattr(api, "FUNCTIONAL_MODULES_WARNING", 10**9)
-    q = torch.randn(1, 16, 2, 4)
-    strategy = ringattn.Strategy(computer="math", memory="pooled")
-    modules = []
-    for w in (4, 8, 16):  # (the third option set evicts the first)
-        with torch.no_grad():
-            ringattn.dilated_attention(
-                q, q, q, segment_lengths=(w,), dilation_rates=(2,), strategy=strategy
-            )
-        modules.append(next(reversed(api._MODULES.values())))
-        assert modules[-1].memory.held_bytes() > 0, w  # (it did keep something)
-    assert modules[0] not in api._MODULES.values()
-    assert modules[0].memory.held_bytes() == 0
-    assert modules[1].memory.held_bytes() > 0  # the cached ones keep theirs
-
-
 def _functional_modules(monkeypatch):
     """A call of the functional form per segment length (an option set each), in an LRU of 2;
     returns the option set's module."""
@@ -264,6 +238,22 @@ def _functional_modules(monkeypatch):
         return next(reversed(api._MODULES.values()))
 
     return call
+
+
+def test_functional_forms_evicted_module_drops_its_buffers(monkeypatch):
+    """A module the functional form's LRU evicts stays alive (a compiled graph may name it), so
+    its patterns and buffers must be dropped on eviction: kept, every option set ever used held
+    its memory for the process's life."""
+    from ringattn import api
+
+    call = _functional_modules(monkeypatch)
+    modules = []
+    for w in (4, 8, 16):  # (the third option set evicts the first)
+        modules.append(call(w))
+        assert modules[-1].memory.held_bytes() > 0, w  # (it did keep something)
+    assert modules[0] not in api._MODULES.values()
+    assert modules[0].memory.held_bytes() == 0
+    assert modules[1].memory.held_bytes() > 0  # the cached ones keep theirs
 
 
 def test_functional_forms_lru_evicts_the_least_recently_used(monkeypatch):

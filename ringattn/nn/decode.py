@@ -86,9 +86,9 @@ class KVCache:
         """Store the keys and values ``[b, n, h_kv, d]`` of ``n`` new positions (the cache's
         b, h_kv, d and device: the copy broadcast a batch of 1; cast to the cache's dtype, as
         under autocast)."""
+        like = self.k
+        dims = (like.shape[0], like.shape[2], like.shape[3])
         for name, x in (("k", k), ("v", v)):
-            like = self.k
-            dims = (like.shape[0], like.shape[2], like.shape[3])
             if not isinstance(x, Tensor) or x.dim() != 4 or (x.shape[0], *x.shape[2:]) != dims:
                 got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
                 raise ValueError(
