@@ -125,6 +125,31 @@ def bf16_partial_results_merge_in_float32(communicator: str) -> tuple[str, str, 
     return str(out.dtype), str(lse.dtype), _rel(out, ref), torch.equal(*placed)
 
 
+class _ConstantOutputs:
+    """A computer whose forward gives outputs of 1 on its first call (the rank's own chunk) and
+    of ``1 + 2**-7`` (bf16's next value after 1) on every later one, in bf16, each with LSE 0:
+    merged in float32, the mean ``1 + (p - 1) / p * 2**-7`` to within float32's rounding of the
+    weights; merged in bf16, rounded to 1 or ``1 + 2**-7`` at every merge (at p = 2 already:
+    ``1 + 2**-8`` lies between them)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def forward(self, q, k, v, causal, scale):
+        value = 1.0 if self.calls == 0 else 1.0 + 2.0**-7
+        self.calls += 1
+        return torch.full_like(q, value), torch.zeros(q.shape[:3], dtype=torch.float32)
+
+
+def bf16_partial_results_merge_exactly(communicator: str) -> tuple[str, list[float]]:
+    """bf16 K/V spanning every rank, through the communicator's ``attend`` with constant
+    partial results (``_ConstantOutputs``): returns the merged output's dtype and its values."""
+    comm = _small_module({"communicator": communicator, "computer": "sdpa"}).communicator
+    q, k, v = (torch.randn(1, 8, 2, 8).to(torch.bfloat16) for _ in range(3))
+    out, _ = comm.attend(_ConstantOutputs(), q, k, v, False, 0.5, dist.get_world_size())
+    return str(out.dtype), sorted(set(out.flatten().tolist()))
+
+
 class _ConstantGradients:
     """A computer whose backward gives gradients of 1 on its first call (the rank's own chunk)
     and of ``2**-9`` on every later one (the other chunks), in bf16: summed in float32 and

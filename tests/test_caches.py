@@ -187,16 +187,21 @@ def test_functional_form_warns_when_an_option_varies_between_calls(monkeypatch):
 
     from ringattn import api
 
-    monkeypatch.setattr(api, "FUNCTIONAL_MODULES_WARNING", len(api._EVERY_MODULE.__dict__) + 2)
+    made = len(api._EVERY_MODULE.__dict__)
+    monkeypatch.setattr(api, "FUNCTIONAL_MODULES_WARNING", made + 2)
     q = torch.randn(1, 16, 2, 4)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for i in range(4):
-            ringattn.dilated_attention(
-                q, q, q, segment_lengths=(8,), dilation_rates=(1,), scale=0.1 + 0.01 * i
+    warned_at = []  # the calls that warned: exactly the one that finds made + 2 modules made
+    for i in range(5):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ringattn.dilated_attention(  # (a scale no other test uses: a new option set each)
+                q, q, q, segment_lengths=(8,), dilation_rates=(1,), scale=0.1237 + 0.0011 * i
             )
-    ours = [w for w in caught if "dilated_attention has made" in str(w.message)]
-    assert len(ours) == 1 and ours[0].filename == __file__, [str(w.message) for w in caught]
+        ours = [w for w in caught if "dilated_attention has made" in str(w.message)]
+        assert all(w.filename == __file__ for w in ours), [w.filename for w in ours]
+        warned_at += [i] * len(ours)
+    assert len(api._EVERY_MODULE.__dict__) == made + 5
+    assert warned_at == [2], warned_at
 
 
 def test_global_permutation_cache_distinguishes_sequence_lengths():

@@ -216,6 +216,11 @@ def test_bf16_partial_results_merge_in_float32(pool, communicator):
         assert (out_dtype, lse_dtype) == ("torch.float32", "torch.float32")
         assert error <= 2e-2
         assert placed_alike
+    # (that bound cannot tell one bf16 rounding per merge at p = 2; constant partial results can)
+    want = 1 + (pool.world_size - 1) / pool.world_size * 2**-7
+    for out_dtype, values in pool.run("bf16_partial_results_merge_exactly", communicator):
+        assert out_dtype == "torch.float32"
+        assert len(values) >= 1 and all(abs(x - want) <= 2**-16 for x in values), (values, want)
 
 
 @pytest.mark.parametrize("communicator", ["ring", "all_gather"])
