@@ -115,7 +115,14 @@ def test_every_strategy_averages_ones_to_ones_at_large_logits(logit_scale):
 def test_math_gradients_at_large_logits_are_as_close_as_torch_sdpa():
     """``math``'s float32 gradients against float64 at logits ~10^2-10^3, bounded by what torch's
     SDPA reaches on the same problem (x4): weights normalised by exp(scores - rounded lse) left
-    ``delta = rowsum(dO * O)`` out of step with dP (dq 10x further from float64 than SDPA's)."""
+    ``delta = rowsum(dO * O)`` out of step with dP (dq 10x further from float64 than SDPA's).
+
+    ``math`` is held to the float32 bound (or 4x plain autograd's error); torch's SDPA backward
+    (the ``sdpa`` computer's on the CPU) recomputes each row's probabilities from its float32
+    LSE, whose rounding scales the row by ``exp(δ)``, ``|δ|`` about an ulp of ``|lse|``
+    (3e-5 at |lse| ~ 400): its gradients are allowed that much more. (Its own error here
+    depends on the CPU's vector kernels: dv 3.6e-5 on an AMD EPYC, under 1e-5 on CI's machine
+    in stop 69, where the bound held it to 1e-5.)"""
     import ringattn
 
     gen = torch.Generator().manual_seed(0)
@@ -140,9 +147,15 @@ def test_math_gradients_at_large_logits_are_as_close_as_torch_sdpa():
     # (the two above share its saved output and LSE)
     naive = naive_gradients(*(x.float() for x in (q, k, v)), dout, options)
     errors["naive"] = [rel_err(a, b) for a, b in zip(naive, exact)]
+    scores = torch.einsum("blhd,bmhd->bhlm", q, k) * q.shape[-1] ** -0.5
+    causal_mask = torch.ones(16, 16, dtype=torch.bool).triu(1)
+    lse = scores.masked_fill(causal_mask, float("-inf")).logsumexp(-1)
+    lse_rounding = 2 * torch.finfo(torch.float32).eps * float(lse.abs().max())
     for name, math_err, sdpa_err, naive_err in zip("qkv", *errors.values()):
+        bound = max(TOLERANCE[torch.float32], 4 * naive_err)
         assert math_err <= 4 * max(sdpa_err, 1e-7), (f"d{name}", errors)
-        assert max(math_err, sdpa_err) <= max(TOLERANCE[torch.float32], 4 * naive_err), errors
+        assert math_err <= bound, (f"d{name}", errors)
+        assert sdpa_err <= bound + lse_rounding, (f"d{name}", errors, lse_rounding)
 
 
 def test_functional_merge_weights_are_relative_to_the_largest_lse():
