@@ -1006,6 +1006,36 @@ def a_sequence_parallel_module_copies_and_pickles():
     return [bool(torch.equal(m(q, q, q), want)) for m in (copied, loaded, pickled, from_rank0)]
 
 
+def a_sub_group_module_refuses_to_pickle():
+    """A module over a sub-group (half the world) is refused by pickle and torch.save, and still
+    deep-copies over its group. Without the refusal it pickled, and loaded over the world group
+    (``__setstate__`` resolves the world): a module of another function (its segments spread
+    over every rank's shards, not its group's), with no error until a call hung or mixed the
+    groups' shards."""
+    import copy
+    import io
+    import pickle
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    size = world // 2
+    groups = [dist.new_group(list(range(s, s + size))) for s in range(0, world, size)]
+    group = groups[rank // size]
+    strategy = ringattn.Strategy(communicator="ring")
+    module = ringattn.DilatedAttention((8, 16), (1, 2), strategy=strategy, group=group)
+    messages = []
+    for save in (pickle.dumps, lambda m: torch.save(m, io.BytesIO())):
+        try:
+            save(module)
+        except TypeError as exc:
+            messages.append(str(exc))
+        else:
+            messages.append("pickled")
+    copied = copy.deepcopy(module).communicator.group is group
+    for g in groups:
+        dist.destroy_process_group(g)
+    return messages, copied
+
+
 def a_device_mesh_names_the_group():
     """A 1-D DeviceMesh passed as ``group`` gives its process group; a 2-D one and a name are
     refused naming ``group`` (torch's "Group ... is not registered" before)."""

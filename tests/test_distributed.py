@@ -544,6 +544,13 @@ def test_a_sequence_parallel_module_copies_and_pickles(pool):
     assert answers == [[True] * 4] * pool.world_size
 
 
+def test_a_sub_group_module_refuses_to_pickle(pool):
+    for messages, copied in pool.run("a_sub_group_module_refuses_to_pickle"):
+        assert copied
+        assert len(messages) == 2, messages
+        assert all("over a sub-group cannot be pickled" in m for m in messages), messages
+
+
 def test_a_device_mesh_names_the_group(pool):
     for same, errors in pool.run("a_device_mesh_names_the_group"):
         assert same

@@ -388,6 +388,17 @@ def test_shard_layouts_are_validated():
         ringattn.DilatedAttention(**GOOD, layout="zigzag")
 
 
+@pytest.mark.parametrize("make", [ringattn.DilatedAttention, MultiheadDilatedAttention])
+def test_a_group_needs_a_sequence_parallel_communicator(make):
+    """``group=`` with a single-device strategy (``local``, the default) is refused at
+    construction: ignored, every rank of the group would attend over its own shard as if it
+    were the whole sequence, with no error anywhere (no test passed a group to ``local``)."""
+    group = object()  # (any group: local never resolves it)
+    args = GOOD if make is ringattn.DilatedAttention else {**GOOD, "embed_dim": 8, "num_heads": 2}
+    with pytest.raises(ValueError, match="group= needs a sequence-parallel communicator"):
+        make(**args, group=group)
+
+
 def test_repeated_calls_still_reject_bad_inputs():
     """Checks run once per input signature: a good call must not let a bad one through."""
     module = ringattn.DilatedAttention(**GOOD, compile=False)
