@@ -349,3 +349,20 @@ def test_pooled_entries_made_under_inference_mode_are_normal_tensors():
         pattern = pool.cached("pattern", lambda: torch.arange(4))
     assert not buffer.is_inference() and not pattern.is_inference()
     assert pool.scratch("acc", (4,), torch.float32, cpu) is buffer
+
+
+def test_unselected_selection_table_is_keyed_by_device(monkeypatch):
+    """The unselected-pairs fill's ``[2, h]`` selection table, a pooled pattern, is made on the
+    output's device: keyed without the device, one pooled module moved from one GPU to another
+    (cuda:0, then cuda:1) had the kernel read the first device's table. (The kernel runs on CUDA
+    or under Triton's interpreter only: here it is a stand-in that records the table's device.)"""
+    from ringattn.kernels import unselected
+
+    tables = []
+    monkeypatch.setattr(unselected, "available", lambda x: True)
+    monkeypatch.setattr(unselected, "zero_unselected_", lambda x, table: tables.append(table))
+    pool = PooledMemory()
+    selection = ((2, 2), (0, 1))  # (rates, offsets) per head: some pairs unselected
+    for device in ("cpu", "meta"):
+        unselected.fill_unselected_(torch.ones(1, 4, 2, 3, device=device), selection, pool)
+    assert [table.device.type for table in tables] == ["cpu", "meta"]

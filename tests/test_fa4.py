@@ -290,6 +290,28 @@ def test_replays_are_kept_apart_by_scale(fake_fa4, mixing):
     assert fake_fa4.forward_runs > fake_fa4.forward_calls  # (replays were among them)
 
 
+def test_replays_are_bounded(fake_fa4, monkeypatch):
+    """The replays are kept by signature, one per scale, shape, layout...: past
+    ``fa4._MAX_REPLAYS`` they are dropped and recorded again, not kept for ever (a long run of
+    changing scales or lengths grew the dict, and the recorded launches it holds, without
+    bound); calls past the bound still match the oracle."""
+    monkeypatch.setattr(fa4, "_MAX_REPLAYS", 2)
+    monkeypatch.setattr(fa4, "_REPLAYS", {})  # (none of other tests' signatures)
+    q, k, v = (torch.randn(1, 16, 2, 8) for _ in range(3))
+    shape = {"segment_lengths": (8,), "dilation_rates": (1,), "mixing": "lse"}
+    for scale in (0.1, 0.2, 0.3, 0.4, 0.1):  # a signature per scale
+        attention = ringattn.DilatedAttention(
+            **shape, scale=scale, strategy=sdpa_strategies()[0], compile=False
+        )
+        with torch.no_grad():
+            out = attention(q, k, v)
+        assert len(fa4._REPLAYS) <= 2, scale
+        exact = (x.double() for x in (q, k, v))
+        ref = ringattn.reference.dilated_attention(*exact, **shape, scale=scale)
+        assert rel_err(out, ref) < 1e-5, scale
+    assert fake_fa4.forward_runs >= 5
+
+
 @pytest.mark.parametrize("problem", ["small", "placed"])
 def test_repeated_calls_replay_fa4_without_its_launcher(fake_fa4, small_problem, problem):
     """Each block signature's first call runs FA4's launcher once (recorded); later calls of the

@@ -440,6 +440,9 @@ def unit_stats_args(**change) -> dict:
         ({"index": torch.zeros(5, dtype=torch.int32)}, "index positions"),
         ({"index": torch.zeros(6, dtype=torch.int64)}, "int32"),
         ({"dpsum": torch.zeros(2, 4, device="meta")}, "one device"),
+        # the positions too: on another device than the rows, the kernel read them as offsets
+        # into memory of the wrong device (checked without the index, it was launched)
+        ({"index": torch.zeros(6, dtype=torch.int32, device="meta")}, "one device"),
         # each rule on its own (a case that breaks two passes with either check)
         (
             {
