@@ -298,6 +298,7 @@ def test_replays_are_bounded(fake_fa4, monkeypatch):
     monkeypatch.setattr(fa4, "_MAX_REPLAYS", 2)
     monkeypatch.setattr(fa4, "_REPLAYS", {})  # (none of other tests' signatures)
     q, k, v = (torch.randn(1, 16, 2, 8) for _ in range(3))
+    exact = [x.double() for x in (q, k, v)]
     shape = {"segment_lengths": (8,), "dilation_rates": (1,), "mixing": "lse"}
     for scale in (0.1, 0.2, 0.3, 0.4, 0.1):  # a signature per scale
         attention = ringattn.DilatedAttention(
@@ -306,7 +307,6 @@ def test_replays_are_bounded(fake_fa4, monkeypatch):
         with torch.no_grad():
             out = attention(q, k, v)
         assert len(fa4._REPLAYS) <= 2, scale
-        exact = (x.double() for x in (q, k, v))
         ref = ringattn.reference.dilated_attention(*exact, **shape, scale=scale)
         assert rel_err(out, ref) < 1e-5, scale
     assert fake_fa4.forward_runs >= 5
