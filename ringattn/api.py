@@ -566,6 +566,7 @@ class DilatedAttention(nn.Module):
             dilation=self.dilation.name,
             traced=traced,
             mixing=self.config.mixing,
+            backend="inductor" if traced else self._compile_options[0],
         )
         if reason:
             raise UnsupportedError(

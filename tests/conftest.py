@@ -42,6 +42,21 @@ TOLERANCE = {
 }
 
 
+def _inductor_compiles_flex_on_cpu() -> bool:
+    from ringattn.computers.flex import inductor_compiles_flex_on_cpu
+
+    return inductor_compiles_flex_on_cpu()
+
+
+# Compiled flex on the CPU needs torch's check_cpu_supported (x86 with AVX2, not macOS, not
+# ATEN_CPU_CAPABILITY=default); elsewhere the module refuses it, which
+# test_flex.py::test_compiled_flex_refuses_a_cpu_inductor_cannot_compile_it_for checks
+NEEDS_COMPILED_CPU_FLEX = pytest.mark.skipif(
+    not _inductor_compiles_flex_on_cpu(),
+    reason="Inductor does not compile FlexAttention for this CPU (torch's check_cpu_supported)",
+)
+
+
 def rel_err(x: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
     """``‖x − ref‖ / max(‖ref‖, floor)``; ``floor`` keeps a (near-)zero reference meaningful."""
     x, ref = x.detach().double(), ref.detach().double()

@@ -20,7 +20,7 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from conftest import TOLERANCE, make_qkv, options, rel_err
+from conftest import NEEDS_COMPILED_CPU_FLEX, TOLERANCE, make_qkv, options, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._dynamo.utils import counters
@@ -78,7 +78,12 @@ def check_compiled(strategy, backend, p=PROBLEM, dtype=torch.float32):
             assert torch.equal(module(q, k, v), eager_out)
         assert counters["stats"]["unique_graphs"] == 1  # captured, not run eagerly
     computer = strategy.component("computer")()
-    kwargs = {"compiled": True, "dilation": strategy.dilation, "mixing": p["mixing"]}
+    kwargs = {
+        "compiled": True,
+        "dilation": strategy.dilation,
+        "mixing": p["mixing"],
+        "backend": backend,
+    }
     if computer.unsupported(dtype, q.device, False, **kwargs):
         # flex + global on CPU: compiled flex cannot return the LSE (documented in flex.py)
         with pytest.raises(ValueError, match="cannot run"), torch.no_grad():
@@ -631,6 +636,7 @@ def test_outer_compile_of_what_its_computer_cannot_compile():
         torch.testing.assert_close(traced_self, eager(q, q, q))
 
 
+@NEEDS_COMPILED_CPU_FLEX
 def test_outer_compile_of_flex_on_the_cpu():
     """A torch.compile around a flex module (segment_local, its own frame's one kernel) builds
     flex's masks inside the outer graph, which Inductor's CPU FlexAttention cannot lower: it

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOLERANCE, dilation_configs, make_qkv, options, problems, rel_err
+from conftest import (
+    NEEDS_COMPILED_CPU_FLEX,
+    TOLERANCE,
+    dilation_configs,
+    make_qkv,
+    options,
+    problems,
+    rel_err,
+)
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_mask
@@ -267,6 +275,7 @@ def test_cached_block_masks_are_keyed_by_everything_they_depend_on(dilation, cha
 
 
 @pytest.mark.compile
+@NEEDS_COMPILED_CPU_FLEX
 def test_compiled_single_kernel_skips_tiles_and_matches_oracle(monkeypatch):
     """Inductor's CPU flex kernel honours block sparsity, so a missing tile would show here."""
     monkeypatch.setattr(FlexComputer, "block_size", 32)
@@ -286,6 +295,7 @@ def test_compiled_single_kernel_skips_tiles_and_matches_oracle(monkeypatch):
 
 
 @pytest.mark.compile
+@NEEDS_COMPILED_CPU_FLEX
 def test_compiled_global_head_groups_on_the_cpu(monkeypatch):
     """``global`` + ``head_groups`` needs no LSE (each group's call gives its rows' output
     whole), so it compiles on the CPU, where Inductor's flex cannot return one; ``lse`` is still
@@ -330,6 +340,7 @@ for n, d in ((24, 8), (8, 16)):
 
 
 @pytest.mark.compile
+@NEEDS_COMPILED_CPU_FLEX
 def test_compiled_flex_on_the_cpu_is_right_at_head_dims_8_and_16():
     """Inductor's CPU FlexAttention (torch 2.13) returned NaN or garbage rows at head dims 8 and
     16 (n = 24, d = 8: NaN); compiled on the CPU they now run zero-padded to
@@ -350,6 +361,44 @@ def test_compiled_flex_on_the_cpu_is_right_at_head_dims_8_and_16():
     rows = [line.split() for line in done.stdout.splitlines()]
     assert [(int(n), int(d)) for n, d, _ in rows] == [(24, 8), (8, 16)]
     assert all(float(err) <= 1e-5 for _, _, err in rows), rows
+
+
+def test_compiled_flex_refuses_a_cpu_inductor_cannot_compile_it_for(monkeypatch):
+    """Inductor lowers FlexAttention on the CPU only where torch's ``check_cpu_supported`` passes
+    (x86 with AVX2, not macOS, not ``ATEN_CPU_CAPABILITY=default``, which this test sets; it reads
+    the variable at each call). Elsewhere the first compiled call raised a NotImplementedError
+    deep inside Inductor; it is now the module's UnsupportedError, before any work, naming
+    compile=False, with which flex runs eagerly; a backend other than Inductor is not refused.
+    Both layouts (each compiles a flex kernel)."""
+    import torch._inductor.kernel.flex.flex_cpu as flex_cpu
+
+    from ringattn.computers import flex
+
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    assert not flex_cpu.check_cpu_supported() and not flex.inductor_compiles_flex_on_cpu()
+    calls = []
+    original = flex._flex
+    monkeypatch.setattr(flex, "_flex", lambda *a: (calls.append(1), original(*a))[1])
+    q, k, v = make_qkv({"b": 1, "n": 32, "h": 2, "d": 8}, torch.float32)
+    chosen = {"segment_lengths": (8, 16), "dilation_rates": (1, 2), "mixing": "head_groups"}
+    ref = reference.dilated_attention(q, k, v, **chosen)
+    for dilation in ("segment_local", "global"):
+        strategy = ringattn.Strategy(dilation=dilation, computer="flex")
+        compiled = ringattn.DilatedAttention(**chosen, strategy=strategy)
+        with torch.no_grad(), pytest.raises(ringattn.UnsupportedError) as refused:
+            compiled(q, k, v)
+        assert "x86 with AVX2" in str(refused.value) and "compile=False" in str(refused.value)
+        assert calls == [], dilation
+        eager = ringattn.DilatedAttention(**chosen, strategy=strategy, compile=False)
+        # (a backend that lowers nothing compiles flex on any CPU)
+        traced = ringattn.DilatedAttention(**chosen, strategy=strategy, compile_backend="eager")
+        for module in (eager, traced):
+            with torch.no_grad():
+                assert rel_err(module(q, k, v), ref) <= TOLERANCE[torch.float32], dilation
+            assert calls, dilation
+            calls.clear()
+    monkeypatch.undo()  # this process's own environment: the same verdict as torch's
+    assert flex.inductor_compiles_flex_on_cpu() == flex_cpu.check_cpu_supported()
 
 
 def test_global_head_groups_skip_configs_without_heads(monkeypatch):

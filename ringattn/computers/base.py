@@ -42,12 +42,14 @@ class AttentionComputer(Component):
         dilation: str = "",
         traced: bool = False,
         mixing: str = "",
+        backend: str = "inductor",
     ) -> str | None:
         """Why this computer cannot run these inputs (checked eagerly, before any work).
         ``compiled``: the computer runs compiled (the module's own frame, or ``traced``);
         ``traced``: the call is traced by a torch.compile around the module, so the computer's
         work (its prepared masks included) is part of that outer graph; ``dilation`` and
-        ``mixing``: the module's (``""`` where a caller has none)."""
+        ``mixing``: the module's (``""`` where a caller has none); ``backend``: the compiling
+        backend where ``compiled`` (a trace's is not visible: Inductor is assumed)."""
         return None
 
 

@@ -51,6 +51,18 @@ AuxRequest: Any = getattr(flex_attention_module, "AuxRequest", None)
 CPU_COMPILED_MIN_HEAD_DIM = 32
 
 
+def inductor_compiles_flex_on_cpu() -> bool:
+    """Whether Inductor lowers FlexAttention for this CPU: torch's own test (x86 with AVX2, not
+    ``ATEN_CPU_CAPABILITY=default``, not macOS, no XPU). Where it fails, Inductor raised a
+    NotImplementedError deep inside the compile (torch 2.11 and 2.13); the module now refuses
+    before any work. A torch without the test is taken at its word at compile time."""
+    try:
+        from torch._inductor.kernel.flex.flex_cpu import check_cpu_supported
+    except ImportError:  # pragma: no cover (a torch that moved it)
+        return True
+    return bool(check_cpu_supported())
+
+
 def _flex(q: Tensor, k: Tensor, v: Tensor, score_mod, block_mask, scale: float) -> Tensor:
     """``flex_attention`` on ``[b, n, h, d]`` tensors, output only."""
     d = q.shape[-1]
@@ -122,6 +134,7 @@ class FlexComputer(LayoutComputer):
         dilation: str = "",
         traced: bool = False,
         mixing: str = "",
+        backend: str = "inductor",
     ) -> str | None:
         if device.type == "meta":  # (global raised a RuntimeError from its index math)
             return "FlexAttention has no meta-device kernel; computer='math' runs on meta"
@@ -150,6 +163,16 @@ class FlexComputer(LayoutComputer):
             return (
                 "FlexAttention has no backward on CPU; run on CUDA, call under torch.no_grad(), "
                 "or pick computer='sdpa'/'math' for training on CPU"
+            )
+        # (after the traced rule: torch's test reads the environment, which no trace should; last
+        # of the CPU rules, whose own fixes name compile=False too)
+        inductor = compiled and backend == "inductor"  # ("eager" / "aot_eager" lower nothing)
+        if inductor and device.type == "cpu" and not inductor_compiles_flex_on_cpu():
+            return (
+                "Inductor compiles FlexAttention on the CPU only on x86 with AVX2, not on macOS "
+                "nor with ATEN_CPU_CAPABILITY=default (torch's check_cpu_supported), and this "
+                "machine fails that test; use compile=False (outside any torch.compile: flex then "
+                "runs eagerly), or computer='sdpa' or 'math'"
             )
         if device.type == "cuda" and dtype == torch.float64:
             return "FlexAttention's CUDA kernels have no float64; use computer='math'"

@@ -148,6 +148,7 @@ class SDPAComputer(BlockComputer):
         dilation: str = "",
         traced: bool = False,
         mixing: str = "",
+        backend: str = "inductor",
     ) -> str | None:
         if self.cuda_backward not in CUDA_BACKWARDS:
             return (
