@@ -34,7 +34,7 @@ settings.load_profile(
 )
 
 # pytest -n W: each worker's torch takes every core for its own threads, so W workers ran W times
-# as many threads as cores. One share each: on CI's 2 cores with -n 2 the suite took 8 minutes
+# as many threads as cores. One share each: on CI's 2 cores with -n 2 the suite took 7 minutes
 # instead of 12. (Bounds that hold at one thread and at two were checked: the suite passes under
 # OMP_NUM_THREADS=1 as it does with torch's default.)
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
