@@ -9,6 +9,8 @@ import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
+from ringattn.computers.flex import inductor_compiles_flex_on_cpu
+
 settings.register_profile(
     "default",
     max_examples=20,
@@ -52,17 +54,11 @@ TOLERANCE = {
 }
 
 
-def _inductor_compiles_flex_on_cpu() -> bool:
-    from ringattn.computers.flex import inductor_compiles_flex_on_cpu
-
-    return inductor_compiles_flex_on_cpu()
-
-
 # Compiled flex on the CPU needs torch's check_cpu_supported (x86 with AVX2, not macOS, not
 # ATEN_CPU_CAPABILITY=default); elsewhere the module refuses it, which
 # test_flex.py::test_compiled_flex_refuses_a_cpu_inductor_cannot_compile_it_for checks
 NEEDS_COMPILED_CPU_FLEX = pytest.mark.skipif(
-    not _inductor_compiles_flex_on_cpu(),
+    not inductor_compiles_flex_on_cpu(),
     reason="Inductor does not compile FlexAttention for this CPU (torch's check_cpu_supported)",
 )
 
