@@ -9,6 +9,7 @@ registries) maps each name to its class and file.
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from collections.abc import Callable
 from typing import TypeVar
@@ -66,6 +67,9 @@ def register(kind: str, name: str) -> Callable[[T], T]:
         )
         if missing:
             raise TypeError(f"{kind} strategy {name!r} ({cls.__name__}) must define {missing}")
+        if kind == "computer":
+            base = importlib.import_module(module).AttentionComputer
+            _check_unsupported_keywords(cls, name, base)
         own_name = cls.__dict__.get("name")
         if own_name not in (None, name) and _REGISTRY[kind].get(own_name) is cls:
             raise ValueError(
@@ -87,6 +91,27 @@ def register(kind: str, name: str) -> Callable[[T], T]:
         return cls
 
     return decorate
+
+
+def _check_unsupported_keywords(cls: type, name: str, base: type) -> None:
+    """A ``TypeError`` naming the keywords an ``unsupported()`` override cannot take.
+
+    The module passes every keyword of ``AttentionComputer.unsupported`` on each first call,
+    and that list grows between releases (``backend=`` came last): an override written against
+    an older one failed only at its first call, with Python's "unexpected keyword argument"."""
+    ours = inspect.signature(base.unsupported).parameters  # type: ignore[attr-defined]
+    theirs = inspect.signature(cls.unsupported).parameters  # type: ignore[attr-defined]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in theirs.values()):
+        return
+    takes = {p.name for p in theirs.values() if p.kind is not inspect.Parameter.POSITIONAL_ONLY}
+    keywords = [p.name for p in ours.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    lacking = [word for word in keywords if word not in takes]
+    if lacking:
+        raise TypeError(
+            f"computer strategy {name!r} ({cls.__name__}): unsupported() must take the keyword "
+            f"arguments {lacking} (the module passes {keywords}); add them, or end its "
+            "signature with **kwargs"
+        )
 
 
 def unregister(kind: str, name: str, *, missing_ok: bool = False) -> None:

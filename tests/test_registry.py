@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
@@ -78,6 +79,51 @@ def test_registration_refuses_what_cannot_run():
             registry.register(kind, name)(cls)
     assert MathComputer.name == "math"
     assert "alias" not in registry.names("computer") and "f" not in registry.names("computer")
+
+
+def test_an_unsupported_override_must_take_every_keyword_the_module_passes():
+    """An override written before ``backend=`` (or any later keyword) registered and failed at
+    its first call with "unexpected keyword argument"; now registration names what it lacks.
+    ``**kwargs`` or every keyword by name (with or without defaults) is accepted."""
+    from ringattn.computers.base import AttentionComputer
+
+    keywords = [
+        p.name
+        for p in inspect.signature(AttentionComputer.unsupported).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    assert "backend" in keywords and "mixing" in keywords
+
+    def override(signature: str) -> type:
+        namespace: dict = {}
+        exec(f"def unsupported{signature}:\n    return None", namespace)
+        return type("Custom", (MathComputer,), {"unsupported": namespace["unsupported"]})
+
+    older = "(self, dtype, device, needs_grad, *, compiled=False, dilation='', traced=False, "
+    refused = {
+        older + "mixing='')": ["backend"],  # written before backend= existed
+        "(self, dtype, device, needs_grad)": keywords,
+        "(self, dtype, device, needs_grad, *, compiled, dilation, traced)": ["mixing", "backend"],
+    }
+    for signature, lacking in refused.items():
+        with pytest.raises(TypeError, match=re.escape(f"keyword arguments {lacking}")):
+            registry.register("computer", "custom_kw")(override(signature))
+        assert "custom_kw" not in registry.names("computer")
+    accepted = [
+        "(self, dtype, device, needs_grad, **kwargs)",
+        "(self, *args, **kwargs)",
+        older + "mixing='', backend='inductor')",
+        "(self, dtype, device, needs_grad, compiled=False, dilation='', traced=False, "
+        "mixing='', backend='')",  # positional-or-keyword is fine too
+    ]
+    try:
+        for signature in accepted:
+            cls = override(signature)
+            registry.register("computer", "custom_kw")(cls)
+            assert registry.get("computer", "custom_kw") is cls
+            registry.unregister("computer", "custom_kw")
+    finally:
+        registry.unregister("computer", "custom_kw", missing_ok=True)
 
 
 def test_a_taken_name_is_never_given_to_another_class_silently():
