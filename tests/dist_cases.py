@@ -516,6 +516,47 @@ def longnet_shards_match_the_full_model(communicator, layout="contiguous"):
     return True
 
 
+def longnet_loss_is_the_whole_sequences(communicator, layout="contiguous"):
+    """``LongNet.loss`` sequence-parallel: every rank's value is the one-process model's loss
+    over the whole sequence, and the mean of the ranks' parameter gradients (DDP's) its
+    gradient, though the shards hold different numbers of scored targets (the last rank's
+    none). Each rank's own mean weighted a shard of 3 scored targets as much as a full one
+    (gradients 2x off) and was NaN on a shard of none."""
+    from ringattn.models import LongNet, LongNetConfig
+
+    def model(strategy):
+        torch.manual_seed(0)
+        config = LongNetConfig(
+            vocab_size=32, dim=16, depth=1, num_heads=2, segment_lengths=(8, 64),
+            dilation_rates=(1, 2), strategy=strategy,
+            layout="contiguous" if strategy.communicator == "local" else layout,
+        )  # fmt: skip
+        return LongNet(config).double()
+
+    p = dist.get_world_size()
+    tokens = torch.randint(0, 32, (2, 64), generator=torch.Generator().manual_seed(0))
+    # the last rank's shard holds no scored target, the first rank's 13 of row 0's 16 / 32, the
+    # others row 0's (row 1 is padding throughout)
+    targets = tokens.roll(-1, 1)
+    targets[1] = -100
+    targets[:, distributed.positions(64 // p, p - 1, p, layout)] = -100
+    targets[0, distributed.positions(64 // p, 0, p, layout)[:3]] = -100
+    full_model = model(ringattn.Strategy(computer="math"))
+    full_loss = full_model.loss(tokens, targets)
+    full_loss.backward()
+    sharded = model(ringattn.Strategy(computer="math", communicator=communicator))
+    loss = sharded.loss(
+        distributed.shard(tokens, layout=layout), distributed.shard(targets, layout=layout)
+    )
+    loss.backward()
+    grad_error = 0.0
+    for mine, whole in zip(sharded.parameters(), full_model.parameters(), strict=True):
+        mean = torch.zeros_like(mine) if mine.grad is None else mine.grad.clone()
+        dist.all_reduce(mean)
+        grad_error = max(grad_error, _rel(mean / p, whole.grad))
+    return float((loss - full_loss).abs()), grad_error
+
+
 def compiled_model_matches_eager(communicator, layout="contiguous", compile=True):
     """A model compiled as a whole (fullgraph) captures the sequence-parallel core as its opaque
     ops: outputs and gradients equal the eager module's, and the oracle's. ``compile=False``

@@ -652,6 +652,15 @@ def test_longnet_runs_sequence_parallel(pool, communicator, layout):
 
 
 @pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_longnet_loss_is_the_whole_sequences(pool, communicator, layout):
+    for loss_error, grad_error in pool.run(
+        "longnet_loss_is_the_whole_sequences", communicator, layout
+    ):
+        assert loss_error < 1e-12 and grad_error < 1e-10, (loss_error, grad_error)
+
+
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
 def test_sequence_parallel_groups_side_by_side(pool, communicator):
     """Data parallel x sequence parallel: groups of 2 in the 4-rank pool, of the whole pool in
     the 2-rank one (what the 8-rank file adds: groups of 4)."""

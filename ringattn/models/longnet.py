@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn, cast
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -222,7 +223,16 @@ class LongNet(nn.Module):
 
     def loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
         """Mean cross-entropy of the logits for ``tokens`` against ``targets`` ``[b, n]``
-        (positions with target ``-100`` are ignored)."""
+        (positions with target ``-100`` are ignored).
+
+        Sequence-parallel (each rank passes its shards of tokens and targets): every rank
+        returns the mean over the whole sequence's scored targets, the same value everywhere
+        (so a guard such as ``if loss.isfinite()`` takes the same branch on every rank), and
+        its gradient is ``p`` times its shard's share of that mean. So the mean of the ranks'
+        parameter gradients over the group (what DDP over it computes) is the whole sequence's
+        gradient, whatever each shard holds; their sum is ``p`` times it. (A mean over each
+        shard alone weighted a shard with few scored targets as much as a full one, and was
+        NaN on a shard with none.)"""
         try:
             _check_ids("targets", targets)
             if isinstance(tokens, Tensor) and targets.shape != tokens.shape:
@@ -251,7 +261,19 @@ class LongNet(nn.Module):
         except Exception as exc:  # (a rank left alone here hangs the others in the ring)
             self._raise_on_every_rank(exc)
         logits = self(tokens)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten().long(), ignore_index=-100)
+        targets = targets.flatten().long()
+        attention = self._sequence_parallel_attention()
+        if attention is None:
+            return F.cross_entropy(logits.flatten(0, 1), targets, ignore_index=-100)
+        summed = F.cross_entropy(logits.flatten(0, 1), targets, ignore_index=-100, reduction="sum")
+        # float64: the count is exact beyond float32's 2**24 targets
+        totals = torch.stack([summed.detach().double(), (targets != -100).sum().double()])
+        group = attention.communicator.group
+        dist.all_reduce(totals, group=group)
+        whole_sum, scored = totals.to(summed.dtype).unbind()
+        share = dist.get_world_size(group) * summed
+        # the value is the whole mean; the gradient is share's (the detached rest adds none)
+        return (share + (whole_sum - share).detach()) / scored
 
     def new_caches(self, batch: int, capacity: int) -> list[KVCache]:
         """One empty KV cache per layer, for ``forward(tokens, caches)``."""
