@@ -37,6 +37,7 @@ from ringattn.core import (
     autocast_dtype,
     device_tag,
     dilated_forward_op,
+    grad_state,
     register_module,
     run_core,
 )
@@ -58,9 +59,6 @@ _COMPILED: dict[tuple, Callable[..., Tensor]] = {}
 # FailOnRecompileLimitHit rather than silently running eagerly.
 RECOMPILE_LIMIT = 64
 
-
-# one reusable patch object (it keeps a stack of priors): making one per call costs a class build
-_COMPILE_LIMIT = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -481,16 +479,24 @@ class DilatedAttention(nn.Module):
     # one (an uneven last batch). Set it on a module, or on the class for every module.
     check_every_call: bool = True
 
-    def check_across_ranks(self, q: Tensor, k: Tensor, v: Tensor) -> None:
+    def check_across_ranks(
+        self, q: Tensor, k: Tensor, v: Tensor, grad: Sequence[bool] | None = None
+    ) -> None:
         """The ranks' agreement on this call (see ``check_every_call``): at the eager boundary,
         and in the opaque forward op of a compiled graph (``core.dilated_forward_op``), which
-        holds no collective."""
+        holds no collective. ``grad``: the call's grad mode and q, k, v's ``requires_grad``
+        (``core.grad_state``) where they are not the current ones (in the op)."""
+        described = _call_described(q, k, v)  # before validation: all ranks agree first
+        enabled = torch.is_grad_enabled()
+        if grad is not None:  # (tensors, in the op: each one's description ends in requires_grad)
+            enabled, *requires = grad
+            described = (*((*x[:-1], r) for x, r in zip(described, requires)), *described[3:])
         signature = (
-            _call_described(q, k, v),  # before validation: all ranks agree first
+            described,
             self.config,
             self.strategy.label,
             self.communicator.layout,
-            torch.is_grad_enabled(),
+            enabled,
         )
         self.communicator.check_group()
         known = self._checked.get(signature)
@@ -613,7 +619,8 @@ class DilatedAttention(nn.Module):
                 self._spec(q)  # raises unless an eager call has checked the ranks agree
             # (the CUDA tag of an earlier eager call on this device, if any: a model compiled
             # with reduce-overhead needs one for its backward, core.device_tag)
-            return dilated_forward_op(q, k, v, self._device_tags.get(q.device, self._number))[0]
+            tag = self._device_tags.get(q.device, self._number)
+            return dilated_forward_op(q, k, v, tag, grad_state(q, k, v))[0]
         unkept = _unkept(q, tracing)
         spec = self._spec(q, unkept)
         memory = _NO_REUSE if unkept else self.memory
@@ -624,9 +631,28 @@ class DilatedAttention(nn.Module):
             else ()
         )
         if self.compiled_frame and not tracing:
-            with _COMPILE_LIMIT:
-                return self._core(spec, q, k, v, indices, aux)
+            return self._in_compiled_frame(spec, q, k, v, indices, aux)
         return self._core(spec, q, k, v, indices, aux)
+
+    def _in_compiled_frame(self, spec: CoreSpec, *args: Any) -> Tensor:
+        """The core in the module's own compiled frame, with Dynamo's recompile limit at least
+        ``RECOMPILE_LIMIT`` (read now; a higher one the user set stays: a patch made at import
+        put it back to 64 on every call) and its overflow named."""
+        config = torch._dynamo.config
+        prior = config.recompile_limit
+        config.recompile_limit = max(prior, RECOMPILE_LIMIT)
+        try:
+            return self._core(spec, *args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as exc:
+            # (Dynamo's own message blames a fullgraph=True the user never passed)
+            raise RuntimeError(
+                f"this module's compiled frame holds one graph per (b, n, h, d, dtype, grad "
+                f"mode), and its {config.recompile_limit} are spent: raise "
+                "torch._dynamo.config.recompile_limit (or ringattn.api.RECOMPILE_LIMIT), or "
+                "pass compile=False to this module"
+            ) from exc
+        finally:
+            config.recompile_limit = prior
 
 
 _MODULES: OrderedDict[tuple, DilatedAttention] = OrderedDict()

@@ -945,22 +945,32 @@ def _eager_side(module: Tensor, q: Tensor) -> tuple[CoreSpec, tuple[Tensor, ...]
     return spec, spec.dilation.indices(spec.plan, q.device, spec.memory)
 
 
+def grad_state(q: Tensor, k: Tensor, v: Tensor) -> list[bool]:
+    """The call's grad mode and its inputs' ``requires_grad``, for :func:`dilated_forward_op`
+    (read where it is traced: inside the op autograd is off and no input requires a grad)."""
+    return [torch.is_grad_enabled(), q.requires_grad, k.requires_grad, v.requires_grad]
+
+
 @torch.library.custom_op("ringattn::dilated_forward", mutates_args=())
-def dilated_forward_op(q: Tensor, k: Tensor, v: Tensor, module: Tensor) -> tuple[Tensor, Tensor]:
+def dilated_forward_op(
+    q: Tensor, k: Tensor, v: Tensor, module: Tensor, grad: list[bool] | None = None
+) -> tuple[Tensor, Tensor]:
     owner = _MODULES.get(_module_number(module))
     if owner is not None and owner.communicator.distributed:
         # a compiled graph skips the eager boundary's check that the ranks make the same call;
         # the op's body runs eagerly, so the check runs here, before the spec (whose checks may
         # refuse one rank's shape alone). Without it a rank whose last batch alone was short
-        # ran the ring on other sizes than its peers: gloo aborted the process
-        owner.check_across_ranks(q, k, v)
+        # ran the ring on other sizes than its peers: gloo aborted the process. ``grad``
+        # (grad_state, from the trace): in here every rank saw grad mode off, so a rank
+        # compiled under no_grad passed the check and the others hung in their backward
+        owner.check_across_ranks(q, k, v, grad=grad)
     spec, indices = _eager_side(module, q)
     out, lse = dilated_forward(spec, q, k, v, indices, keep_lse=True)
     return out.contiguous(), lse.contiguous()
 
 
 @dilated_forward_op.register_fake
-def _(q, k, v, module):
+def _(q, k, v, module, grad=None):
     b, n, h, d = q.shape
     return q.new_empty(b, n, h, d), q.new_empty(b, n, h, dtype=accumulation_dtype(q.dtype))
 
@@ -987,7 +997,7 @@ def _(dout, q, k, v, out, lse, module):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, module = inputs
+    q, k, v, module, *_ = inputs
     if module.device != q.device and graphs_compiling():
         # the forward graph returns the tag for its backward, and cudagraph trees reject a CPU
         # output ("Expected all cuda outputs in cuda graph recording", h200_perf.md step 63)
@@ -1006,7 +1016,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, dout: Tensor, _dlse: Tensor):
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = dilated_backward_op(dout, q, k, v, out, lse, ctx.module)
-    return dq, dk, dv, None
+    return dq, dk, dv, None, None
 
 
 dilated_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -1028,7 +1038,7 @@ def run_core(
                 spec.plan, spec.causal, spec.scale, spec.dilation.name, q, k, v, aux
             )
     if torch.compiler.is_compiling() and spec.module is not None:
-        return dilated_forward_op(q, k, v, spec.module)[0]
+        return dilated_forward_op(q, k, v, spec.module, grad_state(q, k, v))[0]
     # (a spec of no module, as tests make, is traced inline, as eager code)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return DilatedAttentionFunction.apply(spec, q, k, v, *indices)

@@ -6,6 +6,8 @@ later test (found by the drawn problems at bf16, where one rank's gradient misse
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from gradient_bounds import gradient_shifts, naive_gradients
@@ -633,6 +635,34 @@ def compiled_divergent_call_raises_everywhere(communicator):
     last = q[:1] if dist.get_rank() == 1 else q
     message = _value_error_of(lambda: model(last, last, last))
     return message, model(q, q, q).shape == q.shape
+
+
+def compiled_grad_mode_divergence_raises_everywhere(communicator, what):
+    """A compiled model called under no_grad on rank 1 alone (``what="no_grad"``), or with
+    inputs that need no gradient there (``"requires_grad"``). Inside the opaque op, where the
+    ranks' check runs, autograd is off and nothing requires a grad, so the check passed; rank 0
+    then waited in its backward for a rank that had moved on (a hang; eager calls raised). Now
+    the trace hands the op the call's grad state: a ValueError on every rank, then the agreed
+    calls go on."""
+    module = ringattn.DilatedAttention(
+        (8, 16 * dist.get_world_size()),
+        (1, 2),
+        strategy=ringattn.Strategy(communicator=communicator),
+    )
+    q = torch.randn(2, 16, 2, 8, requires_grad=True)
+    module(q, q, q)  # the eager call a compiled model needs first
+    torch._dynamo.reset()  # trace afresh (no cached graph of an earlier module at this address)
+    model = torch.compile(module, fullgraph=True, backend="aot_eager")
+    model(q, q, q).sum().backward()
+    alone = dist.get_rank() == 1
+    if what == "no_grad":
+        with torch.no_grad() if alone else contextlib.nullcontext():
+            message = _value_error_of(lambda: model(q, q, q).sum().backward())
+    else:
+        x = q.detach() if alone else q
+        message = _value_error_of(lambda: model(x, x, x).sum().backward())
+    model(q, q, q).sum().backward()
+    return message, q.grad is not None
 
 
 def _small_module(strategy_fields=None) -> ringattn.DilatedAttention:

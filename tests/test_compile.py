@@ -979,6 +979,30 @@ def test_more_than_eight_sequence_lengths_stay_compiled():
             layer(q, k, v)
 
 
+def test_the_compiled_frames_recompile_limit_is_named_and_never_lowered(monkeypatch):
+    """The module's own frame ran under a patch of Dynamo's limit to 64 made at import: a
+    higher limit the user set was put back to 64 on every call, a lower RECOMPILE_LIMIT set
+    later was ignored, and the 65th shape raised Dynamo's FailOnRecompileLimitHit, which
+    blames a fullgraph=True the user never passed. The limit is read per call now, the larger
+    of the two, and its overflow says what to raise or turn off."""
+    monkeypatch.setattr(ringattn.api, "RECOMPILE_LIMIT", 2)
+
+    def run(layer, lengths):
+        for n in lengths:
+            with torch.no_grad():
+                layer(*make_qkv({**PROBLEM, "n": n}, torch.float32))
+
+    # (not monkeypatch: its undo deletes a config module's entry, which then does not exist)
+    for users, lengths in ((1, (4, 5)), (4, (4, 5, 6, 7))):  # RECOMPILE_LIMIT's 2; the user's 4
+        torch._dynamo.reset()
+        layer = ringattn.DilatedAttention((4,), (2,), compile_backend="eager", strategy=FLEX)
+        with torch._dynamo.config.patch(recompile_limit=users):
+            run(layer, lengths)
+            with pytest.raises(RuntimeError, match=rf"its {len(lengths)} are spent: raise torch"):
+                run(layer, (8,))
+            assert torch._dynamo.config.recompile_limit == users  # (put back)
+
+
 def test_a_module_built_on_the_meta_device_runs_its_core_when_compiled():
     """Built under ``torch.device("meta")`` and materialised with ``to_empty`` (torchtitan's
     recipe): the opaque ops' module tag stayed on meta, so compiled calls dispatched to the ops'

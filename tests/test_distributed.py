@@ -872,6 +872,20 @@ def test_a_compiled_divergent_call_raises_on_every_rank(pool, communicator):
         assert goes_on
 
 
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+@pytest.mark.parametrize("what", ["no_grad", "requires_grad"])
+def test_a_compiled_grad_mode_divergence_raises_on_every_rank(pool, communicator, what):
+    runs = pool.run(
+        "compiled_grad_mode_divergence_raises_everywhere", communicator, what, timeout=90
+    )
+    differ = "grad mode" if what == "no_grad" else "q, k, v"
+    for message, goes_on in runs:
+        assert message.startswith(
+            f"ranks disagree on the dilated attention call (they differ in: {differ})"
+        ), message
+        assert goes_on
+
+
 def test_a_compiled_model_asks_for_one_eager_call_first(pool):
     messages = pool.run("compiled_model_needs_an_eager_call_first", "ring")
     assert all("must run once eagerly" in m for m in messages), messages
