@@ -162,7 +162,15 @@ def refuse_functorch(q: object, k: object, v: object) -> None:
     wrapped: inside ``vmap`` they report ``requires_grad=False``, so the core ran without its
     autograd function and a later ``backward()`` differentiated the kernels' ops as recorded, the
     LSE merge's weights as constants (dq, dk 24-39% off, silently); ``grad`` / ``jacrev`` failed
-    inside torch."""
+    inside torch. And a ``torch.jit.trace``: it records one call's tensor ops, with the plan
+    made from that call's shapes in Python as constants; the program it returned was wrong at
+    other shapes, and under ``head_groups`` at the traced shape too (errors of 1-3)."""
+    if torch.jit.is_tracing():
+        raise TypeError(
+            "torch.jit.trace cannot record ringattn's dilated attention (its block plan is made "
+            "in Python from each call's shapes, and the trace kept one call's as constants): use "
+            "torch.compile, or torch.export for a program"
+        )
     for name, x in (("q", q), ("k", k), ("v", v)):
         if (
             isinstance(x, Tensor)
@@ -583,7 +591,7 @@ class DilatedAttention(nn.Module):
     def forward(self, q: BNHD, k: BNHD, v: BNHD) -> BNHD:
         """Dilated attention of ``q`` over ``k``, ``v`` (each ``[b, n, h, d]``, one shape, dtype
         and device), as ``docs/semantics.md`` defines it; ``[b, n, h, d]`` in q's dtype (under
-        ``torch.autocast``, float32 inputs run in, and return, autocast's dtype). A
+        ``torch.autocast``, inputs of any dtype but float64 run in, and return, autocast's). A
         sequence-parallel module takes this rank's shard of each and returns its shard."""
         tracing = torch.compiler.is_compiling()
         if not tracing:
@@ -601,9 +609,10 @@ class DilatedAttention(nn.Module):
             self._validate(q, k, v)
         q, k, v = packed_rows(q), packed_rows(k), packed_rows(v)
         autocast = autocast_dtype(q.device.type)
-        if autocast is not None and q.dtype == torch.float32:
-            # as F.scaled_dot_product_attention does: float32 inputs run in autocast's dtype
-            # (the core itself runs with autocast off, in its inputs' dtype: core.input_precision)
+        if autocast is not None and q.dtype != autocast and q.dtype != torch.float64:
+            # as F.scaled_dot_product_attention does: float32, and the other half dtype, run in
+            # autocast's (float64 is left as it is; the core itself runs with autocast off, in
+            # its inputs' dtype: core.input_precision)
             q, k, v = (x.to(autocast) for x in (q, k, v))
         # autograd.Function under Dynamo refuses the same tensor twice (self-attention with
         # q is k is v); distinct views of one storage are fine and cost nothing

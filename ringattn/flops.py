@@ -8,6 +8,7 @@ times that (QK^T and PV, two FLOPs per multiply-add); forward+backward is 3.5× 
 
 from __future__ import annotations
 
+from ringattn.config import DilatedConfig, checked_int
 from ringattn.pattern import make_plan
 
 # forward+backward FLOPs over the forward's: the backward does 2.5x the forward's matmul work
@@ -21,7 +22,12 @@ def _pairs(rows: int, causal: bool) -> int:
 def useful_pairs(
     n: int, h: int, segment_lengths, dilation_rates, causal: bool = False, mixing: str = "lse"
 ) -> int:
-    plan = make_plan(n, h, tuple(zip(segment_lengths, dilation_rates)), mixing)
+    # the module's rules first: zip dropped a config without its rate, and a rate that does not
+    # divide its length was counted as if it did
+    config = DilatedConfig(segment_lengths, dilation_rates, causal, mixing)
+    checked_int("n", n)
+    checked_int("h", h)
+    plan = make_plan(n, h, tuple(zip(config.segment_lengths, config.dilation_rates)), mixing)
     total = 0
     for block in plan.blocks:
         total += block.job.num_heads * block.segments * _pairs(block.length, causal)

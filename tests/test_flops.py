@@ -60,3 +60,20 @@ def test_useful_pairs_defaults_are_the_oracles():
     assert useful_pairs(16, 2, *configs) == int(m.sum())
     assert int(m.sum()) > useful_pairs(16, 2, *configs, True)
     assert int(m.sum()) > useful_pairs(16, 2, *configs, False, "head_groups")
+
+
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        # (before: zip dropped the config without a rate, 128 pairs)
+        ((16, 2, (4, 8), (1,)), ValueError, "must have the same length, got 2 and 1"),
+        # (before: 8 pairs, as if 3 divided 4)
+        ((16, 2, (4,), (3,)), ValueError, r"dilation_rates\[0\]=3 must divide"),
+        ((16, 2, (4,), (1,), False, "groups"), ValueError, "mixing must be one of"),
+        ((16.0, 2, (4,), (1,)), TypeError, "n must be an int"),
+        ((16, 0, (4,), (1,)), ValueError, "h must be >= 1"),
+    ],
+)
+def test_useful_pairs_refuses_what_the_module_refuses(args, error, match):
+    with pytest.raises(error, match=match):
+        useful_pairs(*args)

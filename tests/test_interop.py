@@ -54,6 +54,21 @@ def test_forward_mode_ad_is_refused_by_every_strategy(computer):
             )  # fmt: skip
 
 
+@pytest.mark.parametrize("dilation", ["segment_local", "global"])
+def test_torch_jit_trace_is_refused(dilation):
+    """``torch.jit.trace`` kept one call's plan as constants: under ``head_groups`` the traced
+    program was wrong even at its own shape (errors of 1-3), at other shapes for ``lse``, and
+    ``global`` raised "n must be an int, got Tensor" (an argument the user never passed)."""
+    options = dict(segment_lengths=(4, 8), dilation_rates=(1, 2), mixing="head_groups")
+    module = ringattn.DilatedAttention(**options, strategy=ringattn.Strategy(dilation=dilation))
+    q = torch.randn(1, 16, 2, 4)
+    for traced in (module, lambda q, k, v: ringattn.dilated_attention(q, k, v, **options)):
+        with pytest.raises(TypeError, match=r"torch\.jit\.trace cannot record ringattn"):
+            torch.jit.trace(traced, (q, q, q), check_trace=False)
+    # (and nothing of the attempt stays: the module's next eager call is right)
+    assert rel_err(module(q, q, q), reference.dilated_attention(q, q, q, **options)) < 1e-5
+
+
 def test_a_batched_backward_is_a_clear_error():
     """``is_grads_batched=True`` failed inside vmap ("aten::copy_ ... is not possible")."""
     attn = ringattn.DilatedAttention((4, 8), (1, 2))

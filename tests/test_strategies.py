@@ -684,18 +684,23 @@ def test_the_oracle_has_a_second_derivative():
 def test_autocast_runs_every_strategy_in_its_dtype(strategy, small_problem):
     """Under torch.autocast, float32 inputs run in autocast's dtype, as torch's own SDPA does, and
     every strategy computes the same function: exactly its result on inputs cast beforehand.
-    Before, the math computer's einsums ran in bf16 and sdpa's kernels in float32."""
+    Before, the math computer's einsums ran in bf16 and sdpa's kernels in float32. fp16 inputs
+    too, as SDPA casts them (they ran, and returned, fp16); float64 stays float64."""
     p = small_problem
-    q, k, v = make_qkv(p, torch.float32)
     module = ringattn.DilatedAttention(**options(p), strategy=strategy, compile=False)
-    with torch.no_grad():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = module(q, k, v)
-        cast = module(q.bfloat16(), k.bfloat16(), v.bfloat16())
-    assert out.dtype == torch.bfloat16
-    assert torch.equal(out, cast)
-    ref = reference.dilated_attention(q, k, v, **options(p))
-    assert rel_err(out, ref) < TOLERANCE[torch.bfloat16]
+    for dtype in (torch.float32, torch.float16):
+        q, k, v = make_qkv(p, dtype)
+        with torch.no_grad():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = module(q, k, v)
+            cast = module(q.bfloat16(), k.bfloat16(), v.bfloat16())
+        assert out.dtype == torch.bfloat16
+        assert torch.equal(out, cast)
+        ref = reference.dilated_attention(q, k, v, **options(p))
+        assert rel_err(out, ref) < TOLERANCE[torch.bfloat16]
+    q, k, v = make_qkv(p, torch.float64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert module(q, k, v).dtype == torch.float64
 
 
 def test_the_output_rounding_model_explains_a_sharp_softmaxs_gradient_error():
