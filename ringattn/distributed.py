@@ -293,6 +293,12 @@ _SIDE_GROUPS: weakref.WeakKeyDictionary[dist.ProcessGroup, dist.ProcessGroup]
 _SIDE_GROUPS = weakref.WeakKeyDictionary()
 
 
+# The ranks' agreement runs eagerly, never in a Dynamo trace. A call Dynamo gave
+# back to eager (a graph break in a user's torch.compile) still has Dynamo trace each frame it
+# calls; traced, all_gather_object's read of the group's device types raised Dynamo's internal
+# UnsafeScriptObjectError on every rank instead of the ValueError naming their calls
+
+
 def fingerprint(signature: tuple) -> int:
     """A 63-bit digest of a call's signature, equal on every rank for equal signatures (Python's
     own ``hash`` of strings is salted per process)."""
@@ -300,6 +306,7 @@ def fingerprint(signature: tuple) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+@torch.compiler.disable  # (never traced: see above fingerprint)
 def agree(group: dist.ProcessGroup, digest: int, device: torch.device | None = None) -> bool:
     """Whether every rank of ``group`` passed the same ``digest``: one all-reduce of two integers
     (collective: every rank calls it, whatever its digest, so none hangs). On the host where the
@@ -345,6 +352,7 @@ def host_group(group: dist.ProcessGroup) -> dist.ProcessGroup | None:
     return None
 
 
+@torch.compiler.disable  # (never traced: see above fingerprint)
 def require_agreement(
     group: dist.ProcessGroup,
     signature: tuple,
@@ -361,6 +369,7 @@ def require_agreement(
         check_consistent(group, signature, what, fields, device)
 
 
+@torch.compiler.disable  # (never traced: see above fingerprint)
 def check_consistent(
     group: dist.ProcessGroup,
     signature: tuple,

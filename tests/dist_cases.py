@@ -665,6 +665,28 @@ def compiled_grad_mode_divergence_raises_everywhere(communicator, what):
     return message, q.grad is not None
 
 
+def divergent_call_after_a_graph_break_raises_everywhere(communicator):
+    """A user's torch.compile (no fullgraph) gave a call at a new n back to eager (a graph
+    break: the module had not run eagerly at that n); Dynamo then traces each frame the eager
+    call runs, the ranks' check too, and a later divergent call raised Dynamo's internal
+    UnsafeScriptObjectError on every rank instead of the ValueError naming their calls."""
+    p = dist.get_world_size()
+    module = ringattn.DilatedAttention(
+        (8, 32, 64), (1, 2, 4), causal=True, strategy=ringattn.Strategy(communicator=communicator)
+    )
+
+    def shards(n):
+        return [torch.randn(1, n // p, 4, 4, requires_grad=True) for _ in range(3)]
+
+    for n in (64, 128):
+        module(*shards(n))
+    torch._dynamo.reset()  # trace afresh (no cached graph of an earlier module at this address)
+    compiled = torch.compile(lambda q, k, v: module(q * 2, k, v), backend="aot_eager")
+    for n in (64, 128, 256):  # (256: never run eagerly, so the trace breaks there)
+        compiled(*shards(n))
+    return _value_error_of(lambda: compiled(*shards(256 if dist.get_rank() == 0 else 64)))
+
+
 def _small_module(strategy_fields=None) -> ringattn.DilatedAttention:
     """The rank-agreement cases' module: ``(8, 16)`` / ``(1, 2)``, eager, ring by default."""
     fields = strategy_fields or {"communicator": "ring"}

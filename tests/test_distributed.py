@@ -886,6 +886,14 @@ def test_a_compiled_grad_mode_divergence_raises_on_every_rank(pool, communicator
         assert goes_on
 
 
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+def test_a_divergent_call_after_a_graph_break_raises_on_every_rank(pool, communicator):
+    messages = pool.run(
+        "divergent_call_after_a_graph_break_raises_everywhere", communicator, timeout=120
+    )
+    assert all(m.startswith("ranks disagree on the dilated attention call") for m in messages)
+
+
 def test_a_compiled_model_asks_for_one_eager_call_first(pool):
     messages = pool.run("compiled_model_needs_an_eager_call_first", "ring")
     assert all("must run once eagerly" in m for m in messages), messages
