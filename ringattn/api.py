@@ -215,6 +215,8 @@ def _described(x: object) -> tuple:
 
 # the entries of a sequence-parallel call's signature (check_across_ranks), by name
 _CALL_FIELDS = ("q, k, v", "config", "strategy", "layout", "grad mode")
+# and of a backward's (check_backward_across_ranks)
+_BACKWARD_FIELDS = ("what", "config", "strategy", "layout", "dout, q", "forward call")
 
 
 def _call_described(q: object, k: object, v: object) -> tuple:
@@ -531,6 +533,32 @@ class DilatedAttention(nn.Module):
         if len(self._checked) >= RECOMPILE_LIMIT:  # bounded: drop the oldest
             self._checked.pop(next(iter(self._checked)))
         self._checked[signature] = digest
+
+    def check_backward_across_ranks(self, dout: Tensor, q: Tensor, call: int | None) -> None:
+        """The ranks' agreement on a backward of this module (``core.check_backward``), as on its
+        forward calls (``check_every_call``; where it is False, each signature's first backward
+        only): the same module's, of the same forward call (``call``, its number on every rank;
+        None in a compiled graph). Without it, backwards run in other orders on two ranks (or
+        one rank's of another call) paired their ring messages across calls: wrong gradients on
+        every rank, silently; and a rank that skipped its backward for a next forward left the
+        others waiting in theirs (a hang; now both are in the agreement, which raises)."""
+        tensors = (tuple(dout.shape), str(dout.dtype), tuple(q.shape), str(q.dtype))
+        layout = self.communicator.layout
+        signature = ("backward", self.config, self.strategy.label, layout, tensors, call)
+        first = signature[:-1]  # (what check_every_call = False checks once)
+        if not self.check_every_call and first in self._checked:
+            return
+        distributed.require_agreement(
+            self.communicator.group,
+            signature,
+            what="the backward of a dilated attention call",
+            fields=_BACKWARD_FIELDS,
+            device=q.device,
+        )
+        if not self.check_every_call:
+            if len(self._checked) >= RECOMPILE_LIMIT:  # bounded: drop the oldest
+                self._checked.pop(next(iter(self._checked)))
+            self._checked[first] = 0
 
     def refuse_across_ranks(self, exc: Exception, device: torch.device | None = None) -> NoReturn:
         """Raise ``exc``, a rank-local failure of a call that was to reach this module (a

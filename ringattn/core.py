@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _disable_current_modes
 
+from ringattn import distributed
 from ringattn.capture import capturing, graphs_compiling, pool_allocating
 from ringattn.communicators.base import Communicator
 from ringattn.computers.base import (
@@ -889,12 +890,25 @@ def adding_launch(
     return launch
 
 
+def check_backward(spec: CoreSpec, dout: Tensor, q: Tensor, call: int | None) -> None:
+    """Where sequence-parallel, the ranks' agreement on this backward (its module's
+    ``check_backward_across_ranks``) before any of its messages: a rank whose backward belongs
+    to another call than its peers' raises on every rank. ``call``: the forward's number
+    (``distributed.next_call``), None in a compiled graph."""
+    if not spec.communicator.distributed or spec.module is None:
+        return
+    owner = _MODULES.get(_module_number(spec.module))
+    if owner is not None:
+        owner.check_backward_across_ranks(dout, q, call)
+
+
 class DilatedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: CoreSpec, q: Tensor, k: Tensor, v: Tensor, *indices: Tensor) -> Tensor:
         out, lse = dilated_forward(spec, q, k, v, indices, keep_lse=True)
         ctx.save_for_backward(q, k, v, out, lse, *indices)
         ctx.spec = spec
+        ctx.call = distributed.next_call() if spec.communicator.distributed else None
         return out
 
     @staticmethod
@@ -917,6 +931,7 @@ class DilatedAttentionFunction(torch.autograd.Function):
                 "(is_grads_batched=True, jacobian(vectorize=True)): loop over the grad outputs"
             )
         q, k, v, out, lse, *indices = ctx.saved_tensors
+        check_backward(ctx.spec, dout, q, ctx.call)
         dq, dk, dv = dilated_backward(
             ctx.spec, dout, q, k, v, out, lse, tuple(indices), stack_grads=True
         )
@@ -986,6 +1001,7 @@ def dilated_backward_op(
     module: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     spec, indices = _eager_side(module, q)
+    check_backward(spec, dout, q, None)  # (a graph's calls are not numbered)
     grads = dilated_backward(spec, dout, q, k, v, out, lse, indices)
     dq, dk, dv = (g.contiguous() for g in grads)
     return dq, dk, dv

@@ -18,6 +18,7 @@ another sequence-parallel group never do (see ``communicators/all_gather.py``).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import weakref
 
 import torch
@@ -297,6 +298,18 @@ _SIDE_GROUPS = weakref.WeakKeyDictionary()
 # back to eager (a graph break in a user's torch.compile) still has Dynamo trace each frame it
 # calls; traced, all_gather_object's read of the group's device types raised Dynamo's internal
 # UnsafeScriptObjectError on every rank instead of the ValueError naming their calls
+
+
+# every sequence-parallel forward that keeps its backward (eager), numbered in this process: the
+# ranks make the same calls (checked), so a call's number is the same on every rank, and a
+# backward's agreement names it (two backwards run in other orders on two ranks paired their
+# messages across calls: wrong gradients, silently)
+_CALLS = itertools.count()
+
+
+def next_call() -> int:
+    """The number of the sequence-parallel forward call being made (see ``_CALLS``)."""
+    return next(_CALLS)
 
 
 def fingerprint(signature: tuple) -> int:

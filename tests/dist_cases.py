@@ -687,6 +687,33 @@ def divergent_call_after_a_graph_break_raises_everywhere(communicator):
     return _value_error_of(lambda: compiled(*shards(256 if dist.get_rank() == 0 else 64)))
 
 
+def backwards_of_other_calls_raise_everywhere(communicator, case):
+    """Ranks whose backwards belong to other calls: ``"order"``, two modules of one config
+    differentiated in other orders on rank 0 and the rest (their ring messages paired across
+    the calls: every rank's gradients wrong, silently); ``"skipped"``, rank 1 skipping a
+    backward for its next forward (the others waited in theirs: a hang). Each raises on every
+    rank; then the ranks' agreed calls go on."""
+    first, second = (
+        _small_module({"communicator": communicator}),
+        _small_module({"communicator": communicator}),
+    )
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    x, y = ([torch.randn(2, 16, 2, 8, generator=gen, requires_grad=True)] * 3 for _ in range(2))
+    out_first, out_second = first(*x), second(*y)
+    alone = dist.get_rank() == 1
+    if case == "order":
+        order = (out_second, out_first) if alone else (out_first, out_second)
+        message = _value_error_of(lambda: [out.sum().backward() for out in order])
+    else:
+        message = _value_error_of(
+            lambda: first(*x) if alone else torch.autograd.grad(out_first.sum(), x[0])
+        )
+    x = [x[0].detach().requires_grad_()] * 3
+    expected = torch.autograd.grad(first(*x).sum(), x[0])[0]
+    again = torch.autograd.grad(first(*x).sum(), x[0])[0]
+    return message, torch.equal(expected, again)
+
+
 def _small_module(strategy_fields=None) -> ringattn.DilatedAttention:
     """The rank-agreement cases' module: ``(8, 16)`` / ``(1, 2)``, eager, ring by default."""
     fields = strategy_fields or {"communicator": "ring"}

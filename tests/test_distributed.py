@@ -894,6 +894,19 @@ def test_a_divergent_call_after_a_graph_break_raises_on_every_rank(pool, communi
     assert all(m.startswith("ranks disagree on the dilated attention call") for m in messages)
 
 
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+@pytest.mark.parametrize("case", ["order", "skipped"])
+def test_backwards_of_other_calls_raise_on_every_rank(pool, communicator, case):
+    runs = pool.run("backwards_of_other_calls_raise_everywhere", communicator, case, timeout=90)
+    for rank, (message, goes_on) in enumerate(runs):
+        if case == "order":
+            differ = "the backward of a dilated attention call (they differ in: forward call)"
+        else:  # (rank 1 is in its forward's agreement, the others in their backward's)
+            differ = "the dilated attention call" if rank == 1 else "the backward of a"
+        assert message.startswith(f"ranks disagree on {differ}"), message
+        assert goes_on
+
+
 def test_a_compiled_model_asks_for_one_eager_call_first(pool):
     messages = pool.run("compiled_model_needs_an_eager_call_first", "ring")
     assert all("must run once eagerly" in m for m in messages), messages
