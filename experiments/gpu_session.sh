@@ -38,6 +38,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh graph_modes # <10 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh add_dq   # ~9 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh dpsum    # <9.5 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh ops      # <9.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh flex_groups # <9 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh merge_cost # ~2 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
@@ -578,6 +579,20 @@ graph_modes)
     run cuda_graph_modes --n 16384 --outer functional
     run cuda_graph_modes --n 16384 --outer functional --fullgraph  # (ok on 2.11: step 69)
     summary="$(cat "$out/rc.log")
+$(grep -h "^| " "$out/cuda_graph_modes.log" | grep -v "^| mixing\|^|---" | cut -c1-200)"
+    ;;
+ops)
+    # stop 72 (step 76): the forward op takes the call's grad state (core.grad_state), the eager
+    # boundary refuses torch.jit.trace and casts half inputs under autocast, each backward makes
+    # the ranks' check (on one GPU a no-op): the GPU oracle check, then models compiled around the
+    # module in reduce-overhead mode, whose op now carries that argument into cudagraph trees
+    timeout 300 python -m experiments.flex_gpu --part check --out "$out/flex_gpu_check" \
+        >"$out/check.log" 2>&1 || echo "check: exit $?" >>"$out/check.log"
+    run() { script 140 "$@"; }
+    run cuda_graph_modes --n 16384 --outer
+    run cuda_graph_modes --n 16384 --outer functional --fullgraph
+    summary="$(grep -h "Correctness" "$out/flex_gpu_check/flex_gpu_check.md")
+$(cat "$out/rc.log")
 $(grep -h "^| " "$out/cuda_graph_modes.log" | grep -v "^| mixing\|^|---" | cut -c1-200)"
     ;;
 add_dq)
