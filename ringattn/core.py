@@ -908,7 +908,8 @@ class DilatedAttentionFunction(torch.autograd.Function):
         out, lse = dilated_forward(spec, q, k, v, indices, keep_lse=True)
         ctx.save_for_backward(q, k, v, out, lse, *indices)
         ctx.spec = spec
-        ctx.call = distributed.next_call() if spec.communicator.distributed else None
+        communicator = cast(Any, spec.communicator)  # (a distributed one is SequenceParallel)
+        ctx.call = distributed.next_call(communicator.group) if communicator.distributed else None
         return out
 
     @staticmethod

@@ -300,16 +300,21 @@ _SIDE_GROUPS = weakref.WeakKeyDictionary()
 # UnsafeScriptObjectError on every rank instead of the ValueError naming their calls
 
 
-# every sequence-parallel forward that keeps its backward (eager), numbered in this process: the
-# ranks make the same calls (checked), so a call's number is the same on every rank, and a
-# backward's agreement names it (two backwards run in other orders on two ranks paired their
-# messages across calls: wrong gradients, silently)
-_CALLS = itertools.count()
+# every sequence-parallel forward that keeps its backward (eager), numbered per process group:
+# the group's ranks make the same calls over it (checked), so a call's number is the same on each
+# of them, and a backward's agreement names it (two backwards run in other orders on two ranks
+# paired their messages across calls: wrong gradients, silently). Per group, not per process: a
+# rank's calls over another group (its data-parallel neighbours') do not shift the count
+_CALLS: weakref.WeakKeyDictionary[dist.ProcessGroup, itertools.count]
+_CALLS = weakref.WeakKeyDictionary()
 
 
-def next_call() -> int:
-    """The number of the sequence-parallel forward call being made (see ``_CALLS``)."""
-    return next(_CALLS)
+def next_call(group: dist.ProcessGroup) -> int:
+    """The number of the forward call being made over ``group`` (see ``_CALLS``)."""
+    calls = _CALLS.get(group)
+    if calls is None:
+        calls = _CALLS[group] = itertools.count()
+    return next(calls)
 
 
 def fingerprint(signature: tuple) -> int:

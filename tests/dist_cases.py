@@ -714,6 +714,27 @@ def backwards_of_other_calls_raise_everywhere(communicator, case):
     return message, torch.equal(expected, again)
 
 
+def calls_over_another_group_do_not_shift_the_count(communicator):
+    """A rank's calls over its own group (here one of one rank each; rank 1's alone makes one)
+    leave the numbering of the world's calls alone: counted per process, rank 1's world backward
+    named another forward call than the others' and every rank raised, though all made the
+    same calls over the world."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    groups = [dist.new_group([r]) for r in range(world)]  # (every rank makes every group)
+    fields = {"communicator": communicator}
+    q = torch.randn(2, 16, 2, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    if rank == 1:
+        own = ringattn.DilatedAttention(
+            (8, 16), (1, 2), strategy=ringattn.Strategy(**fields), group=groups[rank]
+        )
+        own(q, q, q).sum().backward()
+    module = _small_module(fields)
+    module(q, q, q).sum().backward()
+    for group in groups:
+        dist.destroy_process_group(group)
+    return True
+
+
 def _small_module(strategy_fields=None) -> ringattn.DilatedAttention:
     """The rank-agreement cases' module: ``(8, 16)`` / ``(1, 2)``, eager, ring by default."""
     fields = strategy_fields or {"communicator": "ring"}

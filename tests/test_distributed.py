@@ -907,6 +907,11 @@ def test_backwards_of_other_calls_raise_on_every_rank(pool, communicator, case):
         assert goes_on
 
 
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+def test_calls_over_another_group_do_not_shift_the_backwards_count(pool, communicator):
+    assert all(pool.run("calls_over_another_group_do_not_shift_the_count", communicator))
+
+
 def test_a_compiled_model_asks_for_one_eager_call_first(pool):
     messages = pool.run("compiled_model_needs_an_eager_call_first", "ring")
     assert all("must run once eagerly" in m for m in messages), messages
