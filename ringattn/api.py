@@ -544,21 +544,26 @@ class DilatedAttention(nn.Module):
         others waiting in theirs (a hang; now both are in the agreement, which raises)."""
         tensors = (tuple(dout.shape), str(dout.dtype), tuple(q.shape), str(q.dtype))
         layout = self.communicator.layout
-        signature = ("backward", self.config, self.strategy.label, layout, tensors, call)
-        first = signature[:-1]  # (what check_every_call = False checks once)
-        if not self.check_every_call and first in self._checked:
+        unnumbered = ("backward", self.config, self.strategy.label, layout, tensors)
+        known = self._checked.get(unnumbered)
+        if known is not None and not self.check_every_call:
             return
+        digest = distributed.fingerprint(unnumbered) if known is None else known
+        # the number apart from the digest: a rank whose backward is a compiled graph's (no
+        # number) agrees with any, since ranks may run one step compiled and another eagerly
         distributed.require_agreement(
             self.communicator.group,
-            signature,
+            (*unnumbered, call),
             what="the backward of a dilated attention call",
+            digest=digest,
             fields=_BACKWARD_FIELDS,
             device=q.device,
+            call=call,
         )
-        if not self.check_every_call:
+        if known is None:
             if len(self._checked) >= RECOMPILE_LIMIT:  # bounded: drop the oldest
                 self._checked.pop(next(iter(self._checked)))
-            self._checked[first] = 0
+            self._checked[unnumbered] = digest
 
     def refuse_across_ranks(self, exc: Exception, device: torch.device | None = None) -> NoReturn:
         """Raise ``exc``, a rank-local failure of a call that was to reach this module (a

@@ -980,6 +980,10 @@ def dilated_forward_op(
         # (grad_state, from the trace): in here every rank saw grad mode off, so a rank
         # compiled under no_grad passed the check and the others hung in their backward
         owner.check_across_ranks(q, k, v, grad=grad)
+        if grad is not None and grad[0] and any(grad[1:]):
+            # numbered as the eager DilatedAttentionFunction numbers it, so ranks that run a step
+            # compiled and another eagerly keep one count (its backward here has no number)
+            distributed.next_call(owner.communicator.group)
     spec, indices = _eager_side(module, q)
     out, lse = dilated_forward(spec, q, k, v, indices, keep_lse=True)
     return out.contiguous(), lse.contiguous()

@@ -324,22 +324,39 @@ def fingerprint(signature: tuple) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+# a rank's "no call number" in agree's all-reduce: below every number, so the others' decide
+_UNNUMBERED = -(2**62)
+
+
 @torch.compiler.disable  # (never traced: see above fingerprint)
-def agree(group: dist.ProcessGroup, digest: int, device: torch.device | None = None) -> bool:
-    """Whether every rank of ``group`` passed the same ``digest``: one all-reduce of two integers
-    (collective: every rank calls it, whatever its digest, so none hangs). On the host where the
-    group has a CPU backend (gloo, or ``init_process_group()``'s default ``cpu:gloo,cuda:nccl``);
-    an NCCL-only WORLD gets a gloo twin, made at its first check (collectively, without local
+def agree(
+    group: dist.ProcessGroup,
+    digest: int,
+    device: torch.device | None = None,
+    call: int | None = None,
+) -> bool:
+    """Whether every rank of ``group`` passed the same ``digest``, and the same ``call`` among
+    the ranks that passed one (None matches any: a compiled graph's backward has no number): one
+    all-reduce of four integers (collective: every rank calls it, whatever it passes, so none
+    hangs; a forward's and a backward's pair up and disagree). On the host where the group has a
+    CPU backend (gloo, or ``init_process_group()``'s default ``cpu:gloo,cuda:nccl``); an
+    NCCL-only WORLD gets a gloo twin, made at its first check (collectively, without local
     synchronisation, whose group names can differ between ranks with different group counts);
     an NCCL-only sub-group agrees on the GPU and reads the answer back (a host sync per call):
     on ``device``, the call's own GPU, where given (:func:`nccl_device`)."""
-    extremes = torch.tensor([digest, -digest], dtype=torch.int64)
+    number = [_UNNUMBERED] * 2 if call is None else [call, -call]
+    extremes = torch.tensor([digest, -digest, *number], dtype=torch.int64)
     side = host_group(group)
     if side is None:
         extremes = extremes.to(nccl_device(device))
         side = group
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=side)
-    return extremes.tolist() == [digest, -digest]
+    top, low_negated, highest, lowest_negated = extremes.tolist()
+    if [top, low_negated] != [digest, -digest]:
+        return False
+    if highest == _UNNUMBERED:  # (no rank numbered its call)
+        return True
+    return highest == -lowest_negated and call in (None, highest)
 
 
 def device_of(x: object) -> torch.device | None:
@@ -378,12 +395,14 @@ def require_agreement(
     digest: int | None = None,
     fields: tuple[str, ...] = (),
     device: torch.device | None = None,
+    call: int | None = None,
 ) -> None:
     """Return where every rank of ``group`` holds the same ``signature`` (one all-reduce of its
-    ``digest``, :func:`fingerprint`'s unless given); else raise :func:`check_consistent`'s
-    ValueError on every rank, naming each rank's signature. ``device``: the call's tensors'
-    (an NCCL-only sub-group agrees there, :func:`nccl_device`)."""
-    if not agree(group, fingerprint(signature) if digest is None else digest, device):
+    ``digest``, :func:`fingerprint`'s unless given) and the same ``call`` number where given
+    (:func:`agree`; a ``signature`` holding it passes a ``digest`` made without it); else raise
+    :func:`check_consistent`'s ValueError on every rank, naming each rank's signature.
+    ``device``: the call's tensors' (an NCCL-only sub-group agrees there, :func:`nccl_device`)."""
+    if not agree(group, fingerprint(signature) if digest is None else digest, device, call):
         check_consistent(group, signature, what, fields, device)
 
 

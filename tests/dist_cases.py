@@ -735,6 +735,23 @@ def calls_over_another_group_do_not_shift_the_count(communicator):
     return True
 
 
+def a_step_compiled_on_one_rank_and_eager_on_another(communicator):
+    """One step that rank 0 runs through a compiled model and the others eagerly (Dynamo's
+    choice can depend on a shard's values: a recompile limit, ``eager_on_recompile``), then
+    eager steps. The compiled forward was not numbered and its backward has no number: the
+    mixed step's backward and every later one were refused (the counts never met again)."""
+    module = _small_module({"communicator": communicator})
+    q = torch.randn(2, 16, 2, 8, generator=torch.Generator().manual_seed(dist.get_rank()))
+    q.requires_grad_()
+    (expected,) = torch.autograd.grad(module(q, q, q).sum(), q)  # (also the eager call first)
+    torch._dynamo.reset()  # trace afresh (no cached graph of an earlier module at this address)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    step = compiled if dist.get_rank() == 0 else module
+    grads = [torch.autograd.grad(step(q, q, q).sum(), q)[0]]
+    grads += [torch.autograd.grad(module(q, q, q).sum(), q)[0] for _ in range(2)]
+    return max(float((g - expected).abs().max()) for g in grads)
+
+
 def _small_module(strategy_fields=None) -> ringattn.DilatedAttention:
     """The rank-agreement cases' module: ``(8, 16)`` / ``(1, 2)``, eager, ring by default."""
     fields = strategy_fields or {"communicator": "ring"}
@@ -804,6 +821,28 @@ def an_nccl_sub_group_agrees_on_the_calls_gpu():
     for g in groups:
         dist.destroy_process_group(g)
     return asked, entered, message
+
+
+def agree_on_call_numbers():
+    """``distributed.agree``'s call numbers: equal digests agree where every rank passed the
+    same number, or some passed none (a compiled graph's backward); two different numbers
+    disagree, whoever passed none; a digest that differs disagrees whatever the numbers."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cases = {
+        "all unnumbered": (None, True),
+        "all the same": (7, True),
+        "rank 0 unnumbered": (None if rank == 0 else 7, True),
+        "rank 0 alone numbered": (7 if rank == 0 else None, True),
+        "two numbers": (7 if rank == 1 else 8, False),
+        # (two numbers from 3 ranks on; on 2, one number and none)
+        "two numbers and none": (None if rank == 0 else 7 + (rank == world - 1), world == 2),
+        "a negative number": (-3, True),
+    }
+    world_group = dist.group.WORLD
+    answers = {name: distributed.agree(world_group, 5, call=c) for name, (c, _) in cases.items()}
+    answers["digests differ"] = distributed.agree(world_group, 5 + rank, call=7)
+    expected = {name: want for name, (_, want) in cases.items()} | {"digests differ": False}
+    return answers == expected or answers
 
 
 def agree_on_a_gloo_side_group():

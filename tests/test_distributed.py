@@ -912,6 +912,16 @@ def test_calls_over_another_group_do_not_shift_the_backwards_count(pool, communi
     assert all(pool.run("calls_over_another_group_do_not_shift_the_count", communicator))
 
 
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+def test_a_step_compiled_on_one_rank_only_is_not_refused(pool, communicator):
+    errors = pool.run("a_step_compiled_on_one_rank_and_eager_on_another", communicator)
+    assert all(e < 1e-5 for e in errors), errors
+
+
+def test_agree_on_call_numbers(pool):
+    assert pool.run("agree_on_call_numbers") == [True] * pool.world_size
+
+
 def test_a_compiled_model_asks_for_one_eager_call_first(pool):
     messages = pool.run("compiled_model_needs_an_eager_call_first", "ring")
     assert all("must run once eagerly" in m for m in messages), messages
