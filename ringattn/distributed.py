@@ -294,12 +294,6 @@ _SIDE_GROUPS: weakref.WeakKeyDictionary[dist.ProcessGroup, dist.ProcessGroup]
 _SIDE_GROUPS = weakref.WeakKeyDictionary()
 
 
-# The ranks' agreement runs eagerly, never in a Dynamo trace. A call Dynamo gave
-# back to eager (a graph break in a user's torch.compile) still has Dynamo trace each frame it
-# calls; traced, all_gather_object's read of the group's device types raised Dynamo's internal
-# UnsafeScriptObjectError on every rank instead of the ValueError naming their calls
-
-
 # every sequence-parallel forward that keeps its backward (eager), numbered per process group:
 # the group's ranks make the same calls over it (checked), so a call's number is the same on each
 # of them, and a backward's agreement names it (two backwards run in other orders on two ranks
@@ -317,6 +311,11 @@ def next_call(group: dist.ProcessGroup) -> int:
     return next(calls)
 
 
+# The ranks' agreement (agree, require_agreement, check_consistent) runs eagerly, never in a
+# Dynamo trace. A call Dynamo gave back to eager (a graph break in a user's torch.compile) still
+# has Dynamo trace each frame it calls; traced, all_gather_object's read of the group's device
+# types raised Dynamo's internal UnsafeScriptObjectError on every rank instead of the ValueError
+# naming their calls
 def fingerprint(signature: tuple) -> int:
     """A 63-bit digest of a call's signature, equal on every rank for equal signatures (Python's
     own ``hash`` of strings is salted per process)."""
@@ -328,7 +327,7 @@ def fingerprint(signature: tuple) -> int:
 _UNNUMBERED = -(2**62)
 
 
-@torch.compiler.disable  # (never traced: see above fingerprint)
+@torch.compiler.disable  # (never traced: see the note above fingerprint)
 def agree(
     group: dist.ProcessGroup,
     digest: int,
@@ -387,7 +386,7 @@ def host_group(group: dist.ProcessGroup) -> dist.ProcessGroup | None:
     return None
 
 
-@torch.compiler.disable  # (never traced: see above fingerprint)
+@torch.compiler.disable  # (never traced: see the note above fingerprint)
 def require_agreement(
     group: dist.ProcessGroup,
     signature: tuple,
@@ -406,7 +405,7 @@ def require_agreement(
         check_consistent(group, signature, what, fields, device)
 
 
-@torch.compiler.disable  # (never traced: see above fingerprint)
+@torch.compiler.disable  # (never traced: see the note above fingerprint)
 def check_consistent(
     group: dist.ProcessGroup,
     signature: tuple,
