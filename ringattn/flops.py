@@ -24,10 +24,10 @@ def useful_pairs(
 ) -> int:
     # the module's rules first: zip dropped a config without its rate, and a rate that does not
     # divide its length was counted as if it did
-    config = DilatedConfig(segment_lengths, dilation_rates, causal, mixing)
+    config = DilatedConfig.of(segment_lengths, dilation_rates, causal, mixing)
     checked_int("n", n)
     checked_int("h", h)
-    plan = make_plan(n, h, tuple(zip(config.segment_lengths, config.dilation_rates)), mixing)
+    plan = make_plan(n, h, config.configs, mixing)
     total = 0
     for block in plan.blocks:
         total += block.job.num_heads * block.segments * _pairs(block.length, causal)
