@@ -60,6 +60,15 @@ _COMPILED: dict[tuple, Callable[..., Tensor]] = {}
 RECOMPILE_LIMIT = 64
 
 
+def _remember(cache: dict, key: object, value: object) -> None:
+    """``cache[key] = value``, the oldest entry dropped first where ``cache`` holds
+    ``RECOMPILE_LIMIT`` (a module's per-signature caches: specs, validated inputs, the ranks'
+    agreed digests; one entry per graph a signature may compile at most)."""
+    if len(cache) >= RECOMPILE_LIMIT:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+
+
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -430,9 +439,7 @@ class DilatedAttention(nn.Module):
             )
         if spec is None:
             spec = self._new_spec(n, h, d, tracing, q.device if graph_input else None)
-            if len(self._specs) >= RECOMPILE_LIMIT:  # one spec per graph at most; bounded
-                self._specs.pop(next(iter(self._specs)))
-            self._specs[key] = spec
+            _remember(self._specs, key, spec)  # (one spec per graph at most)
         return spec
 
     def _new_spec(
@@ -530,9 +537,7 @@ class DilatedAttention(nn.Module):
         if known is not None:
             return
         check_plain(q, k, v)  # the same call everywhere: it raises on every rank or on none
-        if len(self._checked) >= RECOMPILE_LIMIT:  # bounded: drop the oldest
-            self._checked.pop(next(iter(self._checked)))
-        self._checked[signature] = digest
+        _remember(self._checked, signature, digest)
 
     def check_backward_across_ranks(self, dout: Tensor, q: Tensor, call: int | None) -> None:
         """The ranks' agreement on a backward of this module (``core.check_backward``), as on its
@@ -561,9 +566,7 @@ class DilatedAttention(nn.Module):
             call=call,
         )
         if known is None:
-            if len(self._checked) >= RECOMPILE_LIMIT:  # bounded: drop the oldest
-                self._checked.pop(next(iter(self._checked)))
-            self._checked[unnumbered] = digest
+            _remember(self._checked, unnumbered, digest)
 
     def refuse_across_ranks(self, exc: Exception, device: torch.device | None = None) -> NoReturn:
         """Raise ``exc``, a rank-local failure of a call that was to reach this module (a
@@ -596,9 +599,7 @@ class DilatedAttention(nn.Module):
         check_inputs(q, k, v)
         self.config.check_scale_for(q.dtype)
         self._check_supported(q, needs_grad, traced=False)
-        if len(self._valid_inputs) >= RECOMPILE_LIMIT:  # bounded: drop the oldest
-            self._valid_inputs.pop(next(iter(self._valid_inputs)))
-        self._valid_inputs[signature] = None
+        _remember(self._valid_inputs, signature, None)
 
     def _check_supported(self, q: Tensor, needs_grad: bool, traced: bool) -> None:
         # traced by a user's torch.compile the computer is compiled too, whatever compile_core
