@@ -559,6 +559,40 @@ def longnet_loss_is_the_whole_sequences(communicator, layout="contiguous"):
     return float((loss - full_loss).abs()), grad_error
 
 
+def compiled_longnet_loss_checks_targets_on_every_rank(communicator):
+    """``torch.compile(model.loss, fullgraph=True)`` sequence-parallel: one graph, the eager
+    loss; with an id out of range in rank 1's shard alone every rank raises (the count of bad
+    ids rides the loss's all-reduce). The eager range check branched on the ids, so the trace
+    failed; a check on rank 1 alone would leave the others in the all-reduce."""
+    from torch._dynamo.utils import counters
+
+    from ringattn.models import LongNet, LongNetConfig
+
+    torch.manual_seed(0)
+    config = LongNetConfig(
+        vocab_size=32, dim=16, depth=1, num_heads=2, segment_lengths=(8, 64),
+        dilation_rates=(1, 2), strategy=ringattn.Strategy(communicator=communicator),
+    )  # fmt: skip
+    model = LongNet(config)
+    tokens = torch.randint(0, 32, (2, 64), generator=torch.Generator().manual_seed(0))
+    targets = distributed.shard(tokens.roll(-1, 1))
+    tokens = distributed.shard(tokens)
+    eager = model.loss(tokens, targets)  # the eager call a compiled model needs first
+    torch._dynamo.reset()
+    compiled = torch.compile(model.loss, fullgraph=True, backend="aot_eager")
+    counters.clear()
+    error = float((compiled(tokens, targets) - eager).abs())
+    assert counters["stats"]["unique_graphs"] == 1
+    if dist.get_rank() == 1:
+        targets = targets.clone()
+        targets[0, 0] = 32
+    try:
+        compiled(tokens, targets)
+    except RuntimeError as exc:
+        return error, str(exc)
+    return error, "no error"
+
+
 def compiled_model_matches_eager(communicator, layout="contiguous", compile=True):
     """A model compiled as a whole (fullgraph) captures the sequence-parallel core as its opaque
     ops: outputs and gradients equal the eager module's, and the oracle's. ``compile=False``

@@ -660,6 +660,16 @@ def test_longnet_loss_is_the_whole_sequences(pool, communicator, layout):
         assert loss_error < 1e-12 and grad_error < 1e-10, (loss_error, grad_error)
 
 
+@pytest.mark.compile
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+def test_compiled_longnet_loss_checks_targets_on_every_rank(pool, communicator):
+    for error, message in pool.run(
+        "compiled_longnet_loss_checks_targets_on_every_rank", communicator
+    ):
+        assert error < 1e-6, error
+        assert "targets must be ids in [0, vocab_size=32) or -100" in message, message
+
+
 @pytest.mark.parametrize("communicator", ["ring", "all_gather"])
 def test_sequence_parallel_groups_side_by_side(pool, communicator):
     """Data parallel x sequence parallel: groups of 2 in the 4-rank pool, of the whole pool in

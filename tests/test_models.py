@@ -890,6 +890,23 @@ def test_loss_checks_its_targets():
     torch.testing.assert_close(model.loss(tokens, ignored), kept)
 
 
+@pytest.mark.compile
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_the_loss_compiles_as_one_graph_and_checks_its_targets(backend):
+    """``torch.compile(model.loss, fullgraph=True)``: the eager loss, and an id out of range
+    raises from the graph (the eager check branched on the ids, so the trace failed)."""
+    torch._dynamo.reset()
+    model = _tiny_model(depth=1)
+    tokens = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
+    targets = tokens.roll(-1, 1)
+    targets[0, 0] = -100
+    compiled = torch.compile(model.loss, fullgraph=True, backend=backend)
+    torch.testing.assert_close(compiled(tokens, targets), model.loss(tokens, targets))
+    for bad in (32, -1):
+        with pytest.raises(RuntimeError, match=r"targets must be ids in \[0, vocab_size=32\)"):
+            compiled(tokens, torch.where(targets == targets[1, 1], bad, targets))
+
+
 def test_the_layer_is_sub_ln_over_rotary_attention_of_its_projections():
     """Pinned against the formula: ``out_proj(LayerNorm(attention(rot(q), rot(k), v)))`` with
     Q and K rotated at positions ``0..n-1`` and the norm's own affine parameters; ``bias=False``

@@ -232,7 +232,12 @@ class LongNet(nn.Module):
         parameter gradients over the group (what DDP over it computes) is the whole sequence's
         gradient, whatever each shard holds; their sum is ``p`` times it. (A mean over each
         shard alone weighted a shard with few scored targets as much as a full one, and was
-        NaN on a shard with none.)"""
+        NaN on a shard with none.)
+
+        Targets out of range raise a ``ValueError`` before any work; compiled
+        (``torch.compile(model.loss, fullgraph=True)`` on the CPU), a ``RuntimeError`` from the
+        graph, on every rank of a sequence-parallel group. On a GPU CUDA's own device assert
+        reports them, as for tokens."""
         try:
             _check_ids("targets", targets)
             if isinstance(tokens, Tensor) and targets.shape != tokens.shape:
@@ -247,33 +252,57 @@ class LongNet(nn.Module):
             # (cross_entropy raised IndexError after the whole forward, and a sequence-parallel
             # rank left alone there hung the others in the backward; on a GPU it asserts on
             # the device, as the embedding does for tokens: checked here, it would cost a sync)
-            scored = targets[targets != -100] if targets.device.type == "cpu" else None
-            vocab = self.config.vocab_size
-            if (
-                scored is not None
-                and scored.numel()
-                and not 0 <= scored.min() <= scored.max() < vocab
-            ):
-                raise ValueError(
-                    f"targets must be ids in [0, vocab_size={vocab}) or -100 (ignored), got ids "
-                    f"from {int(scored.min())} to {int(scored.max())}"
-                )
+            if targets.device.type == "cpu" and not torch.compiler.is_compiling():
+                self._check_target_ids(targets)
         except Exception as exc:  # (a rank left alone here hangs the others in the ring)
             self._raise_on_every_rank(exc)
         logits = self(tokens)
         targets = targets.flatten().long()
+        out_of_range = None
+        if targets.device.type == "cpu" and torch.compiler.is_compiling():
+            # A trace cannot branch on the ids (torch.compile(model.loss, fullgraph=True) failed
+            # on the check above): ids out of range are counted and kept out of cross_entropy's
+            # way, and the count raises once every rank has it (after the all-reduce below), so
+            # a bad shard raises on every rank instead of leaving the others in the reduce.
+            bad = (targets != -100) & ((targets < 0) | (targets >= self.config.vocab_size))
+            targets = targets.masked_fill(bad, -100)
+            out_of_range = bad.sum()
         attention = self._sequence_parallel_attention()
         if attention is None:
+            if out_of_range is not None:
+                self._assert_target_ids(out_of_range)
             return F.cross_entropy(logits.flatten(0, 1), targets, ignore_index=-100)
         summed = F.cross_entropy(logits.flatten(0, 1), targets, ignore_index=-100, reduction="sum")
         # float64: the count is exact beyond float32's 2**24 targets
-        totals = torch.stack([summed.detach().double(), (targets != -100).sum().double()])
+        counts = [summed.detach().double(), (targets != -100).sum().double()]
+        totals = torch.stack(counts if out_of_range is None else [*counts, out_of_range.double()])
         group = attention.communicator.group
         dist.all_reduce(totals, group=group)
-        whole_sum, scored = totals.to(summed.dtype).unbind()
+        if out_of_range is not None:
+            self._assert_target_ids(totals[2])
+        whole_sum, scored = totals[:2].to(summed.dtype).unbind()
         share = dist.get_world_size(group) * summed
         # the value is the whole mean; the gradient is share's (the detached rest adds none)
         return (share + (whole_sum - share).detach()) / scored
+
+    def _check_target_ids(self, targets: Tensor) -> None:
+        """A ``ValueError`` naming the range unless every target is an id or ``-100``."""
+        scored = targets[targets != -100]
+        vocab = self.config.vocab_size
+        if scored.numel() and not 0 <= scored.min() <= scored.max() < vocab:
+            raise ValueError(
+                f"targets must be ids in [0, vocab_size={vocab}) or -100 (ignored), got ids "
+                f"from {int(scored.min())} to {int(scored.max())}"
+            )
+
+    def _assert_target_ids(self, out_of_range: Tensor) -> None:
+        """The traced form of ``_check_target_ids``: a RuntimeError from the compiled graph
+        where ``out_of_range`` (a count of targets) is not 0."""
+        torch._assert_async(
+            out_of_range == 0,
+            f"targets must be ids in [0, vocab_size={self.config.vocab_size}) or -100 "
+            "(ignored), got others (on this rank or another of its group)",
+        )
 
     def new_caches(self, batch: int, capacity: int) -> list[KVCache]:
         """One empty KV cache per layer, for ``forward(tokens, caches)``."""
