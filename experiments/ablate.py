@@ -16,18 +16,28 @@ Run it from the repository root (``experiments`` is not installed). Every varian
   for gradients that vanish in exact arithmetic), bounded per dtype (:data:`TOLERANCE`);
 * forward and forward+backward times, median of ``--repeats`` after ``--warmup`` calls (CUDA
   events on CUDA, ``time.perf_counter`` on CPU);
-* peak memory of one warm call: the call's inputs plus the most memory it allocates on top of
-  what was live before it (CUDA: ``max_memory_allocated``; CPU: the PyTorch CPU allocator's events
-  replayed from ``torch.autograd.profiler``). Caches a module keeps between calls (``pooled``
-  scratch buffers, index patterns) are live before the call and therefore not counted;
+* peak memory of one warm call: the call's inputs, plus what the module's memory manager keeps
+  between calls (``pooled`` scratch buffers, index patterns: ``held_bytes()``, live before the
+  call, so no call's peak shows them), plus the most memory the call allocates on top of what was
+  live before it (CUDA: ``max_memory_allocated``; CPU: the PyTorch CPU allocator's events
+  replayed from ``torch.autograd.profiler``);
 * useful TFLOP/s: ``4·d·b·P`` FLOPs forward (×3.5 forward+backward), ``P`` = :func:`useful_pairs`,
   the (query, key) pairs the dilated definition scores, not what a kernel happens to compute;
 * its time relative to dense ``scaled_dot_product_attention`` on the same input (same causality),
-  measured in the same run (rows with strategy ``dense_sdpa``).
+  measured in the same run (rows with strategy ``dense_sdpa``): ``fwd_time_vs_dense`` below 1 is
+  faster than dense. (``experiments.bench``'s ``fwd_vs_dense`` is the other way up: useful
+  TFLOP/s over dense's, issue 5's measure of how fast each kept FLOP runs.)
 
 Results go to ``results/<YYYY-mm-dd_HHMMSS>_<preset>/`` (``--out``): ``results.csv`` (every
 column), ``results.md`` and one PNG per (config, compile, fwd | fwd+bwd) with time and peak memory
-against n, log-log. The short Markdown table is printed last. The exit status is 0 when every
+against n, log-log. ``results.csv``'s columns, after the variant's own (strategy, compile,
+segment_lengths, dilation_rates, mixing, causal, n, batch, heads, head_dim, dtype, device):
+``check`` (pass | FAIL | error | oom | unsupported; n/a for the baseline) against ``tolerance``;
+``fwd_rel_err`` / ``grad_rel_err``; ``fwd_ms`` / ``fwdbwd_ms``; ``fwd_peak_mib`` /
+``fwdbwd_peak_mib`` and ``peak_source`` (how the peak was measured); ``useful_pairs`` (``P``);
+``fwd_tflops`` / ``fwdbwd_tflops``; ``fwd_time_vs_dense`` / ``fwdbwd_time_vs_dense``; ``wall_s``
+(the whole row: module build, compile, check, timing, memory); ``note`` (why a row failed, or
+what it left out). The short Markdown table is printed last. The exit status is 0 when every
 check passed, 1 when one failed or errored, 2 for bad command-line input.
 """
 
@@ -226,7 +236,27 @@ def _names(text: str) -> tuple[str, ...]:
     names = tuple(token.strip() for token in text.split(",") if token.strip())
     if not names:  # ("--computer ," was no filter at all: every computer ran)
         raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
-    return names
+    return _once(names, text)
+
+
+def _distinct_ints(text: str) -> tuple[int, ...]:
+    return _once(_ints(text), text)
+
+
+def _once(values: tuple, text: str) -> tuple:
+    """``values``, each given once (a value given twice measured its rows twice)."""
+    repeated = sorted({str(value) for value in values if values.count(value) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(
+            f"each value once, got {', '.join(repeated)} twice in {text!r}"
+        )
+    return values
+
+
+def _causal(text: str) -> str:
+    """``--causal``: bench's and distributed_bench's ``no`` / ``yes`` / ``both``; ``off`` / ``on``
+    are this tool's older spellings."""
+    return {"off": "no", "on": "yes"}.get(text, text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,12 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
         "config on its own heads); default: the preset's",
     )
     cfg.add_argument(
-        "--causal", choices=("off", "on", "both"), help="causal masking; default: the preset's"
+        "--causal",
+        type=_causal,
+        choices=("no", "yes", "both"),
+        help="causal masking (off / on also work); default: the preset's",
     )
     shape = p.add_argument_group("shapes and numerics")
     shape.add_argument(
         "--seq-lens",
-        type=_ints,
+        type=_distinct_ints,
         metavar="N,N,...",
         help="sequence lengths timed; default: the preset's",
     )
@@ -351,7 +384,7 @@ def resolve(args: argparse.Namespace) -> Sweep:
         "communicators": args.communicator,
     }
     if args.causal:
-        overrides["causal"] = {"off": (False,), "on": (True,), "both": (False, True)}[args.causal]
+        overrides["causal"] = {"no": (False,), "yes": (True,), "both": (False, True)}[args.causal]
     # the budget apart from the overrides, whose None means "not given": its None means "no
     # limit", and dropped with them, --compile on|both and --compile-budget -1 kept the preset's 1
     budget = preset.compile_budget
@@ -381,6 +414,9 @@ def resolve(args: argparse.Namespace) -> Sweep:
         raise UsageError(
             f"--compile-backend must be one of {backends}, got {args.compile_backend!r}"
         )
+    compile_modes = {"off": (False,), "on": (True,), "both": (False, True)}[preset.compile]
+    if True in compile_modes:
+        _check_backend_runs(args.compile_backend, device)
     out = args.out or Path("results") / f"{datetime.datetime.now():%Y-%m-%d_%H%M%S}_{preset.name}"
     for mixing in preset.mixings:
         _config((1,), (1,), False, mixing, "--mixing")
@@ -390,7 +426,6 @@ def resolve(args: argparse.Namespace) -> Sweep:
         for mixing in preset.mixings
         for causal in preset.causal
     )
-    compile_modes = {"off": (False,), "on": (True,), "both": (False, True)}[preset.compile]
     return Sweep(
         preset=preset,
         device=device,
@@ -404,6 +439,23 @@ def resolve(args: argparse.Namespace) -> Sweep:
         baseline=args.baseline,
         out=out,
     )
+
+
+def _check_backend_runs(backend: str, device: torch.device) -> None:
+    """A :class:`UsageError` unless ``backend`` compiles a one-line function on ``device``:
+    listed backends need packages (``openxla``: torch_xla) or devices (``cudagraphs``: CUDA)
+    that may be missing, and each compiled row then failed as "error"."""
+    if backend in ("inductor", "aot_eager", "eager"):  # (ours: known to run, no time spent)
+        return
+    try:
+        torch.compile(lambda x: x + 1, backend=backend)(torch.ones(2, device=device))
+    except Exception as e:
+        raise UsageError(
+            f"--compile-backend {backend!r} does not run here ({type(e).__name__}: "
+            f"{_one_line(e)[:200]})"
+        ) from None
+    finally:
+        torch._dynamo.reset()
 
 
 def _check_positive(preset: Preset) -> None:
@@ -580,8 +632,8 @@ class Row:
     useful_pairs: int = 0
     fwd_tflops: float | None = None
     fwdbwd_tflops: float | None = None
-    fwd_vs_dense: float | None = None  # time / dense SDPA time (same n, causal)
-    fwdbwd_vs_dense: float | None = None
+    fwd_time_vs_dense: float | None = None  # time / dense SDPA time (same n, causal)
+    fwdbwd_time_vs_dense: float | None = None
     wall_s: float | None = None  # the whole row: module build, compile, check, timing, memory
     note: str = ""
 
@@ -985,6 +1037,12 @@ def measure_variant(sweep: Sweep, variant: Variant, oracle: Callable[[], Oracle]
         time_and_memory(row, module, sweep, backward, layout)
 
     _guarded(row, run)
+    if variant.compile and is_sequence_parallel(variant.strategy):
+        # Each sequence-parallel module's graphs differ in their guards (its communicator), so
+        # they piled up on DilatedAttention.forward's one code object: past Dynamo's
+        # recompile_limit (8) the next fullgraph compile failed and ended the sweep on every
+        # rank. (Local modules share their graphs; bench resets after every variant too.)
+        torch._dynamo.reset()
     return row
 
 
@@ -1109,8 +1167,8 @@ def relate_to_baseline(rows: list[Row]) -> None:
         base = dense.get((r.n, r.causal))
         if base is None:
             continue
-        r.fwd_vs_dense = _ratio(r.fwd_ms, base.fwd_ms)
-        r.fwdbwd_vs_dense = _ratio(r.fwdbwd_ms, base.fwdbwd_ms)
+        r.fwd_time_vs_dense = _ratio(r.fwd_ms, base.fwd_ms)
+        r.fwdbwd_time_vs_dense = _ratio(r.fwdbwd_ms, base.fwdbwd_ms)
 
 
 def _ratio(x: float | None, y: float | None) -> float | None:
@@ -1154,8 +1212,8 @@ SHORT_COLUMNS: tuple[tuple[str, Callable[[Row], str]], ...] = (
     ("err grad", lambda r: _fmt(r.grad_rel_err, ".1e")),
     ("fwd ms", lambda r: _fmt(r.fwd_ms)),
     ("f+b ms", lambda r: _fmt(r.fwdbwd_ms)),
-    ("×dense fwd", lambda r: _fmt(r.fwd_vs_dense, ".2f")),
-    ("×dense f+b", lambda r: _fmt(r.fwdbwd_vs_dense, ".2f")),
+    ("t/dense fwd", lambda r: _fmt(r.fwd_time_vs_dense, ".2f")),
+    ("t/dense f+b", lambda r: _fmt(r.fwdbwd_time_vs_dense, ".2f")),
     ("MiB f+b", lambda r: _fmt(r.fwdbwd_peak_mib)),
     ("TFLOP/s f+b", lambda r: _fmt(r.fwdbwd_tflops)),
 )
@@ -1198,8 +1256,10 @@ def write_markdown(rows: list[Row], sweep: Sweep, path: Path, notes: list[str]) 
         f"- times: median of {p.repeats} after {p.warmup} warm-up calls",
         f"- check: relative error against the float64 oracle on n={p.check_n}, bound "
         f"{TOLERANCE[sweep.dtype]:g}; gradients relative to max(‖ref‖, 0.1·‖grad_out‖)",
-        "- ×dense: time / dense `scaled_dot_product_attention` time (same n, causality)",
-        f"- MiB: inputs + peak extra allocation during one warm call ({source})",
+        "- t/dense: time / dense `scaled_dot_product_attention` time (same n, causality; "
+        "below 1: faster)",
+        f"- MiB: inputs + what the module's memory manager keeps between calls + peak extra "
+        f"allocation during one warm call ({source})",
         "- TFLOP/s: 4·d·b·(score pairs the dilated pattern defines), ×3.5 for forward+backward",
         *_distributed_note(),
         *(f"- {note}" for note in notes),

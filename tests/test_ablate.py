@@ -46,7 +46,7 @@ def test_tiny_sweep_writes_csv_markdown_and_plots(tmp_path, capsys):
     assert all(r["check"] == "pass" for r in variants), [r["note"] for r in variants]
     for r in variants:
         assert float(r["fwd_rel_err"]) <= 1e-5 and float(r["fwd_ms"]) > 0
-        assert float(r["fwd_vs_dense"]) > 0  # related to the same run's baseline
+        assert float(r["fwd_time_vs_dense"]) > 0  # related to the same run's baseline
     dense = [r for r in rows if r["strategy"] == ablate.BASELINE]
     assert {(r["n"], r["causal"]) for r in dense} == {("64", "False"), ("64", "True")}
     md = (tmp_path / "results.md").read_text()
@@ -178,6 +178,17 @@ def test_peaks_count_what_the_memory_manager_keeps(monkeypatch):
     assert peaks["pooled"][1] >= peaks["none"][1] + kept
 
 
+def test_causal_takes_the_other_tools_spellings_and_its_own():
+    for spelling, causal in (
+        ("no", (False,)),
+        ("off", (False,)),
+        ("yes", (True,)),
+        ("on", (True,)),
+    ):
+        assert ablate.parse(["--causal", spelling]).preset.causal == causal
+    assert ablate.parse(["--causal", "both"]).preset.causal == (False, True)
+
+
 def test_module_memory_finds_the_modules_manager():
     module = ringattn.DilatedAttention((16,), (1,), compile=False)
     assert ablate.module_memory(module) is module.memory
@@ -223,6 +234,14 @@ BAD_ARGS = {
     "results folder under a file": (["--out", "/dev/null/results"], "--out: cannot make"),
     # (before: any negative budget meant "no limit", which --help gives as -1 only)
     "budget below -1": (["--compile-budget", "-2"], "--compile-budget must be >= 0 or -1"),
+    # (before: each row measured twice; every compiled row an "error" row)
+    "repeated seq len": (["--seq-lens", "256,64,256"], "each value once, got 256 twice"),
+    "repeated mixing": (["--mixing", "lse,lse"], "each value once, got lse twice"),
+    "repeated name": (["--computer", "sdpa,math,sdpa"], "each value once, got sdpa twice"),
+    "backend that does not run": (
+        ["--compile-backend", "openxla", "--compile", "on"],
+        "--compile-backend 'openxla' does not run here",
+    ),
 }
 
 
@@ -371,7 +390,7 @@ def _timed_row(strategy: str, n: int, causal: bool, fwd_ms: float, fwdbwd_ms: fl
 
 
 def test_each_row_is_timed_against_dense_sdpa_at_its_own_length_and_causality():
-    """``×dense`` is the row's time over dense SDPA's at the same n and causality (a baseline
+    """``t/dense`` is the row's time over dense SDPA's at the same n and causality (a baseline
     found by n alone, or the ratio inverted, passed every test)."""
     dense = [
         _timed_row(ablate.BASELINE, 64, False, 2.0, 8.0),
@@ -380,9 +399,9 @@ def test_each_row_is_timed_against_dense_sdpa_at_its_own_length_and_causality():
     ]
     rows = [*dense, _timed_row("x", 64, True, 4.0, 2.0), _timed_row("y", 128, True, 5.0, 10.0)]
     ablate.relate_to_baseline(rows)
-    assert (rows[3].fwd_vs_dense, rows[3].fwdbwd_vs_dense) == (4.0, 0.5)
-    assert (rows[4].fwd_vs_dense, rows[4].fwdbwd_vs_dense) == (1.0, 0.5)
-    assert [row.fwd_vs_dense for row in dense] == [1.0, 1.0, 1.0]
+    assert (rows[3].fwd_time_vs_dense, rows[3].fwdbwd_time_vs_dense) == (4.0, 0.5)
+    assert (rows[4].fwd_time_vs_dense, rows[4].fwdbwd_time_vs_dense) == (1.0, 0.5)
+    assert [row.fwd_time_vs_dense for row in dense] == [1.0, 1.0, 1.0]
 
 
 def test_the_baseline_row_counts_dense_pairs_tensors_and_the_backwards_flops(monkeypatch):
@@ -406,11 +425,11 @@ def test_the_baseline_row_counts_dense_pairs_tensors_and_the_backwards_flops(mon
 
 def test_the_printed_table_shows_each_column_of_its_own_value():
     row = _timed_row("x", 64, False, 4.0, 2.0)
-    row.fwd_vs_dense, row.fwdbwd_vs_dense = 0.5, 0.25
+    row.fwd_time_vs_dense, row.fwdbwd_time_vs_dense = 0.5, 0.25
     row.fwdbwd_peak_mib, row.fwdbwd_tflops, row.grad_rel_err = 12.5, 0.125, 3e-3
     headers, (cells,) = ablate.short_table([row])
     table = dict(zip(headers, cells))
-    assert (table["×dense fwd"], table["×dense f+b"]) == ("0.50", "0.25")
+    assert (table["t/dense fwd"], table["t/dense f+b"]) == ("0.50", "0.25")
     assert (table["fwd ms"], table["f+b ms"]) == ("4", "2")
     assert (table["MiB f+b"], table["TFLOP/s f+b"]) == ("12.5", "0.125")
     assert table["err grad"] == "3.0e-03"

@@ -10,6 +10,7 @@ mismatched calls raise on every rank instead of hanging.
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import math
@@ -17,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -841,6 +843,18 @@ class Flaky(MathComputer):
 """
 
 
+def _ablate_on_two_ranks(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
+    """experiments/ablate.py's sequence-parallel preset under torchrun, 2 gloo ranks, at a tiny
+    shape (``argv`` adds its strategies and configs), results under ``tmp_path / "out"``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "experiments.ablate", "--preset", "distributed", "--device", "cpu"]
+    cmd += ["--dtype", "fp32", "--seq-lens", "64", "--check-n", "64", "--heads", "2"]
+    cmd += ["--dilation-rates", "1,2", "--head-dim", "8", "--warmup", "0", "--repeats", "1"]
+    cmd += ["--mixing", "lse", "--no-baseline", "--out", str(tmp_path / "out"), *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
 def test_ablate_ends_the_sweep_when_one_rank_fails(tmp_path):
     """experiments/ablate.py under torchrun: a row that fails on one rank alone ends the sweep
     with that rank's error. It was a row's note on that rank, which went on to the next row
@@ -848,19 +862,30 @@ def test_ablate_ends_the_sweep_when_one_rank_fails(tmp_path):
     a table with rows measured against the other rank's next variant, and never the error."""
     plugin = tmp_path / "flaky.py"
     plugin.write_text(FLAKY_COMPUTER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += ["-m", "experiments.ablate", "--import", str(plugin), "--preset", "distributed"]
-    cmd += ["--device", "cpu", "--dtype", "fp32", "--seq-lens", "64", "--check-n", "64"]
-    cmd += ["--segment-lengths", "16,32", "--dilation-rates", "1,2", "--heads", "2"]
-    cmd += ["--head-dim", "8", "--warmup", "0", "--repeats", "1", "--computer", "flaky,math"]
-    cmd += ["--memory", "none", "--dilation", "segment_local", "--mixing", "lse"]
-    cmd += ["--causal", "on", "--communicator", "ring", "--no-baseline"]
-    cmd += ["--out", str(tmp_path / "out")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    done = _ablate_on_two_ranks(
+        tmp_path, "--import", str(plugin), "--segment-lengths", "16,32", "--computer",
+        "flaky,math", "--memory", "none", "--dilation", "segment_local", "--causal", "on",
+        "--communicator", "ring",
+    )  # fmt: skip
     assert done.returncode != 0
     assert "RuntimeError: failed on rank 1 alone" in done.stderr, done.stderr[-4000:]
     assert not (tmp_path / "out" / "results.csv").exists()  # no table of mismatched rows
+
+
+@pytest.mark.compile
+def test_ablate_compiles_many_sequence_parallel_variants(tmp_path):
+    """experiments/ablate.py under torchrun with ``--compile on``: 16 sequence-parallel variants
+    each compiled (fullgraph) in one process. Their graphs piled up on one code object until
+    Dynamo's recompile limit (8) ended the sweep after a few variants."""
+    done = _ablate_on_two_ranks(
+        tmp_path, "--segment-lengths", "16,64", "--computer", "sdpa,math", "--memory", "pooled",
+        "--dilation", "segment_local,global", "--causal", "both", "--compile", "on",
+        "--compile-backend", "aot_eager",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    with (tmp_path / "out" / "results.csv").open() as f:
+        checks = [row["check"] for row in csv.DictReader(f)]
+    assert checks == ["pass"] * 16, checks
 
 
 @pytest.mark.parametrize("communicator", ["ring", "all_gather"])
