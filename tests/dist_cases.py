@@ -588,7 +588,7 @@ def compiled_longnet_loss_checks_targets_on_every_rank(communicator):
         targets[0, 0] = 32
     try:
         compiled(tokens, targets)
-    except RuntimeError as exc:
+    except ValueError as exc:
         return error, str(exc)
     return error, "no error"
 

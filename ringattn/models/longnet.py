@@ -73,6 +73,27 @@ def _tie(model: LongNet, _incompatible_keys: object = None) -> None:
     model.head.weight = model.embed.weight
 
 
+@torch.library.custom_op("ringattn::check_target_ids", mutates_args=())
+def check_target_ids(out_of_range: Tensor, vocab_size: int) -> Tensor:
+    """A compiled ``LongNet.loss``'s target check: the ``ValueError`` of an eager call where
+    ``out_of_range`` (a count of targets, float64) is not 0, else a float64 zero for the loss to
+    add (used, so no pass removes the check). An op of its own, which Inductor calls and does
+    not compile: ``torch._assert_async`` in Inductor's code threw inside an OpenMP loop, which
+    aborted the process (a notebook's kernel died)."""
+    count = int(out_of_range)
+    if count:
+        raise ValueError(
+            f"targets must be ids in [0, vocab_size={vocab_size}) or -100 (ignored), got "
+            f"{count} others (on this rank or another of its group)"
+        )
+    return out_of_range.new_zeros(())
+
+
+@check_target_ids.register_fake
+def _(out_of_range: Tensor, vocab_size: int) -> Tensor:
+    return out_of_range.new_empty(())
+
+
 class Block(nn.Module):
     def __init__(self, config: LongNetConfig, attention: nn.Module) -> None:
         super().__init__()
@@ -235,8 +256,8 @@ class LongNet(nn.Module):
         NaN on a shard with none.)
 
         Targets out of range raise a ``ValueError`` before any work; compiled
-        (``torch.compile(model.loss, fullgraph=True)`` on the CPU), a ``RuntimeError`` from the
-        graph, on every rank of a sequence-parallel group. On a GPU CUDA's own device assert
+        (``torch.compile(model.loss, fullgraph=True)`` on the CPU), from the graph after the
+        logits, on every rank of a sequence-parallel group. On a GPU CUDA's own device assert
         reports them, as for tokens."""
         try:
             _check_ids("targets", targets)
@@ -266,20 +287,21 @@ class LongNet(nn.Module):
             # a bad shard raises on every rank instead of leaving the others in the reduce.
             bad = (targets != -100) & ((targets < 0) | (targets >= self.config.vocab_size))
             targets = targets.masked_fill(bad, -100)
-            out_of_range = bad.sum()
+            out_of_range = bad.sum().double()
         attention = self._sequence_parallel_attention()
         if attention is None:
-            if out_of_range is not None:
-                self._assert_target_ids(out_of_range)
-            return F.cross_entropy(logits.flatten(0, 1), targets, ignore_index=-100)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets, ignore_index=-100)
+            if out_of_range is None:
+                return loss
+            return loss + check_target_ids(out_of_range, self.config.vocab_size).to(loss.dtype)
         summed = F.cross_entropy(logits.flatten(0, 1), targets, ignore_index=-100, reduction="sum")
         # float64: the count is exact beyond float32's 2**24 targets
         counts = [summed.detach().double(), (targets != -100).sum().double()]
-        totals = torch.stack(counts if out_of_range is None else [*counts, out_of_range.double()])
+        totals = torch.stack(counts if out_of_range is None else [*counts, out_of_range])
         group = attention.communicator.group
         dist.all_reduce(totals, group=group)
         if out_of_range is not None:
-            self._assert_target_ids(totals[2])
+            summed = summed + check_target_ids(totals[2], self.config.vocab_size).to(summed.dtype)
         whole_sum, scored = totals[:2].to(summed.dtype).unbind()
         share = dist.get_world_size(group) * summed
         # the value is the whole mean; the gradient is share's (the detached rest adds none)
@@ -294,15 +316,6 @@ class LongNet(nn.Module):
                 f"targets must be ids in [0, vocab_size={vocab}) or -100 (ignored), got ids "
                 f"from {int(scored.min())} to {int(scored.max())}"
             )
-
-    def _assert_target_ids(self, out_of_range: Tensor) -> None:
-        """The traced form of ``_check_target_ids``: a RuntimeError from the compiled graph
-        where ``out_of_range`` (a count of targets) is not 0."""
-        torch._assert_async(
-            out_of_range == 0,
-            f"targets must be ids in [0, vocab_size={self.config.vocab_size}) or -100 "
-            "(ignored), got others (on this rank or another of its group)",
-        )
 
     def new_caches(self, batch: int, capacity: int) -> list[KVCache]:
         """One empty KV cache per layer, for ``forward(tokens, caches)``."""
