@@ -864,6 +864,79 @@ def test_generate_on_a_model_compiled_in_place_with_fullgraph():
     assert torch.equal(model.generate(prompt, 4), expected)
 
 
+def test_a_call_stopped_between_layers_leaves_every_cache_as_it_was(monkeypatch):
+    """A decoding call interrupted mid-model (a notebook's stop; here a hook on layer 1, then
+    one inside layer 0's decode steps) left layer 0's cache a step ahead, and retrying the token
+    decoded layer 1 at another position: logits 0.55 off, silently. Now every cache is as
+    before the call, the retry is the full forward's, and caches out of step are refused."""
+    import ringattn.nn.attention as attention_module
+
+    model = _tiny_model().double()
+    tokens = torch.randint(0, 32, (1, 10), generator=torch.Generator().manual_seed(0))
+    full = model(tokens)
+    caches = model.new_caches(1, 16)
+    model(tokens[:, :6], caches)
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    hook = model.blocks[1].register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        model(tokens[:, 6:8], caches)
+    hook.remove()
+    assert [cache.length for cache in caches] == [6, 6]
+    with monkeypatch.context() as patch:  # stopped inside the layer's own decode steps
+        patch.setattr(attention_module, "decode_unchecked", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            model(tokens[:, 6:8], caches)
+    assert [cache.length for cache in caches] == [6, 6]
+    assert rel_err(model(tokens[:, 6:8], caches), full[:, 6:8]) < 1e-12
+    caches[0].length += 1
+    with pytest.raises(
+        ValueError, match=r"caches must hold the same number of positions.*\[9, 8\]"
+    ):
+        model(tokens[:, 8:9], caches)
+    assert [cache.length for cache in caches] == [9, 8]  # refused before any layer moved
+    layer, cache = model.blocks[0].attn, caches[1]  # a layer decoding on its own, too
+    x = torch.randn(1, 2, 16, dtype=torch.float64)
+    with monkeypatch.context() as patch:
+        patch.setattr(attention_module, "decode_unchecked", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            layer(x, cache)
+    assert cache.length == 8
+
+
+def test_a_layer_takes_projections_that_are_not_plain_linears():
+    """A LoRA-style wrapper around ``q_proj`` / ``k_proj`` (no ``weight`` of its own): every
+    call and ``new_cache`` raised an AttributeError. Now the wrapper's own parameters set the
+    dtype and device a call is held to."""
+
+    class Adapter(torch.nn.Module):
+        def __init__(self, base: torch.nn.Linear) -> None:
+            super().__init__()
+            self.base = base
+            self.down = torch.nn.Linear(base.in_features, 2, bias=False)
+            self.up = torch.nn.Linear(2, base.out_features, bias=False)
+            torch.nn.init.zeros_(self.up.weight)
+
+        def forward(self, x):
+            return self.base(x) + self.up(self.down(x))
+
+    torch.manual_seed(0)
+    layer = MultiheadDilatedAttention(16, 4, (4, 8), (1, 2), causal=True, compile=False)
+    x = torch.randn(2, 13, 16)
+    plain = layer(x)
+    layer.q_proj, layer.k_proj = Adapter(layer.q_proj), Adapter(layer.k_proj)
+    assert torch.equal(layer(x), plain)  # (the adapters add zeros)
+    cache = layer.new_cache(2, 16)
+    assert (cache.k.dtype, cache.k.device) == (torch.float32, x.device)
+    torch.testing.assert_close(layer(x[:, :7], cache), plain[:, :7])
+    with pytest.raises(
+        TypeError, match=r"x.dtype must equal the layer's parameters' \(torch.float32\)"
+    ):
+        layer(x.double())
+
+
 def test_one_cache_for_several_layers_is_refused():
     """[cache] * depth: layer 0's prefill moved the shared length and layer 1 read the same
     tokens as a continuation (logits off by 0.15, silently)."""

@@ -185,8 +185,21 @@ class LongNet(nn.Module):
             x = self._embedded(tokens, caches)
         except Exception as exc:  # any error: a rank left alone here hangs the others
             self._raise_on_every_rank(exc)
-        for i, block in enumerate(self.blocks):
-            x = block(x, None if caches is None else caches[i])
+        if caches is None:
+            for block in self.blocks:
+                x = block(x)
+            return self.head(self.ln_f(x))
+        lengths = [cache.length for cache in caches]
+        try:
+            for block, cache in zip(self.blocks, caches):
+                x = block(x, cache)
+        except BaseException:
+            # A call stopped between layers (a notebook's interrupt, out of memory, a hook that
+            # raised) left the first layers' caches ahead of the others, and the next call
+            # decoded the later layers at other positions, silently: all or none move.
+            for cache, length in zip(caches, lengths):
+                cache.length = length
+            raise
         return self.head(self.ln_f(x))
 
     def _embedded(self, tokens: Tensor, caches: list[KVCache] | None) -> Tensor:
@@ -225,6 +238,12 @@ class LongNet(nn.Module):
                 check = getattr(block.attn, "check_call", None)
                 if check is not None:
                     check(x, cache)
+            lengths = [cache.length for cache in caches]
+            if len(set(lengths)) > 1:
+                raise ValueError(
+                    "caches must hold the same number of positions, each layer's cache filled "
+                    f"by the same calls, got lengths {lengths} (start again from new_caches())"
+                )
         return x
 
     def _raise_on_every_rank(self, exc: Exception) -> NoReturn:

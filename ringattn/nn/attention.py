@@ -11,6 +11,7 @@ to the layer's output (the kernels have no attention-probability dropout).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from beartype import beartype
@@ -136,22 +137,23 @@ class MultiheadDilatedAttention(nn.Module):
             raise ValueError(
                 f"x must be [b >= 1, n >= 1, embed_dim={self.embed_dim}], got {tuple(x.shape)}"
             )
-        weight = self.q_proj.weight
-        if x.device != weight.device:
-            raise ValueError(
-                f"x must be on the layer's parameters' device ({weight.device}), got {x.device}"
-            )
-        if x.dtype != weight.dtype and autocast_dtype(x.device.type) is None:
-            raise TypeError(
-                f"x.dtype must equal the layer's parameters' ({weight.dtype}) outside "
-                f"torch.autocast, got {x.dtype}"
-            )
-        if x.dtype != weight.dtype and torch.float64 in (x.dtype, weight.dtype):
-            # (autocast leaves float64 alone: the projection raised torch's dtype mismatch)
-            raise TypeError(
-                f"x.dtype must equal the layer's parameters' ({weight.dtype}) where either is "
-                f"float64 (torch.autocast does not cast float64), got {x.dtype}"
-            )
+        weight = self._reference_weight(self.q_proj)
+        if weight is not None:  # (None: no floating parameter to hold x to)
+            if x.device != weight.device:
+                raise ValueError(
+                    f"x must be on the layer's parameters' device ({weight.device}), got {x.device}"
+                )
+            if x.dtype != weight.dtype and autocast_dtype(x.device.type) is None:
+                raise TypeError(
+                    f"x.dtype must equal the layer's parameters' ({weight.dtype}) outside "
+                    f"torch.autocast, got {x.dtype}"
+                )
+            if x.dtype != weight.dtype and torch.float64 in (x.dtype, weight.dtype):
+                # (autocast leaves float64 alone: the projection raised torch's dtype mismatch)
+                raise TypeError(
+                    f"x.dtype must equal the layer's parameters' ({weight.dtype}) where either "
+                    f"is float64 (torch.autocast does not cast float64), got {x.dtype}"
+                )
         if cache is None:
             return
         if not isinstance(cache, KVCache):
@@ -195,12 +197,17 @@ class MultiheadDilatedAttention(nn.Module):
                 cache.append(k, v)
             return self._output(attended)
         cache.append(k, v)
-        config = self.attention.config
-        scale = config.scale_for(self.head_dim)
-        steps = [
-            decode_unchecked(q[:, i], cache, start + i, config, scale) for i in range(x.shape[1])
-        ]
-        return self._output(torch.stack(steps, dim=1))
+        try:
+            config = self.attention.config
+            scale = config.scale_for(self.head_dim)
+            steps = [
+                decode_unchecked(q[:, i], cache, start + i, config, scale)
+                for i in range(x.shape[1])
+            ]
+            return self._output(torch.stack(steps, dim=1))
+        except BaseException:  # (interrupted: the cache as before the call, to retry it)
+            cache.length = start
+            raise
 
     def _check_one_device(self) -> None:
         if self.attention.communicator.distributed:
@@ -215,12 +222,32 @@ class MultiheadDilatedAttention(nn.Module):
         """An empty KV cache for ``batch`` sequences of up to ``capacity`` tokens (the K/V
         projections' dtype and device unless given); not for a sequence-parallel layer."""
         self._check_one_device()
-        weight = self.k_proj.weight
+        weight = self._reference_weight(self.k_proj)
+        if weight is None and (dtype is None or device is None):
+            raise ValueError(
+                "the layer has no floating parameter to take the cache's dtype and device from: "
+                "pass dtype= and device="
+            )
         return KVCache.empty(
             batch,
             capacity,
             self.num_kv_heads,
             self.head_dim,
-            dtype or weight.dtype,
-            device or weight.device,
+            dtype or cast(Tensor, weight).dtype,
+            device or cast(Tensor, weight).device,
         )
+
+    def _reference_weight(self, projection: nn.Module) -> Tensor | None:
+        """What a call's ``x`` and a new cache are held to: ``projection``'s weight where it is
+        a floating tensor (``nn.Linear``'s), else the first floating parameter of the
+        projection, then of the layer; None where there is none. (A LoRA-style wrapper, or a
+        dynamically quantized Linear whose ``weight`` is a method, failed the layer's every call
+        with an AttributeError.)"""
+        weight = getattr(projection, "weight", None)
+        if isinstance(weight, Tensor) and weight.is_floating_point():
+            return weight
+        for module in (projection, self):
+            for parameter in module.parameters():
+                if parameter.is_floating_point():
+                    return parameter
+        return None
