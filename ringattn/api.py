@@ -180,6 +180,15 @@ def refuse_functorch(q: object, k: object, v: object) -> None:
             "in Python from each call's shapes, and the trace kept one call's as constants): use "
             "torch.compile, or torch.export for a program"
         )
+    if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None:
+        # (make_fx outside torch.compile / torch.export, which the caller has ruled out: it
+        # recorded the plan's strided views at the traced shape, with no guard, and its graph
+        # was wrong at every other length; its symbolic mode failed on the input cache's key)
+        raise TypeError(
+            "make_fx cannot record ringattn's dilated attention (its block plan is made in "
+            "Python from each call's shapes, and the graph would keep one call's): use "
+            "torch.compile, or torch.export for a program"
+        )
     for name, x in (("q", q), ("k", k), ("v", v)):
         if (
             isinstance(x, Tensor)

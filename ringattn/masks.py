@@ -64,8 +64,9 @@ def run_layout(n: int, w: int, r: int, device: torch.device | str = "cpu") -> tu
     # the tail: residue o < tail holds ceil((tail - o) / r) rows, in one run each
     tail_residue = torch.arange(min(r, tail), device=device)
     rows = (tail - tail_residue + r - 1) // r
-    ids.append((r * full + tail_residue).repeat_interleave(rows))
-    residues.append(tail_residue.repeat_interleave(rows))
+    # (output_size: the tail's rows, known without reading ``rows``, as a fake call needs)
+    ids.append((r * full + tail_residue).repeat_interleave(rows, output_size=tail))
+    residues.append(tail_residue.repeat_interleave(rows, output_size=tail))
     return torch.cat(ids), torch.cat(residues)
 
 

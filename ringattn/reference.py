@@ -131,12 +131,14 @@ def dilated_attention_and_lse(
     cfg = DilatedConfig.of(segment_lengths, dilation_rates, causal, mixing, scale)
     k, v = expand_kv_heads(q, k, v)
     q, k, v = (x.to(torch.float64) for x in (q, k, v))
-    b, n, h, d = q.shape
+    _b, n, h, d = q.shape
     scale_ = cfg.scale_for(d)
     outs, lses = [], []
     for i, (w, r) in enumerate(cfg.configs):
-        out_i = torch.zeros(b, n, h, d, dtype=torch.float64, device=q.device)
-        lse_i = torch.full((b, n, h), -math.inf, dtype=torch.float64, device=q.device)
+        # (made like q, so under torch.func.vmap they are batched as q is: written into in
+        # place, a plain torch.zeros refused vmap's batched rows)
+        out_i = torch.zeros_like(q)
+        lse_i = torch.full_like(q[..., 0], -math.inf)
         for head in range(h):
             off = head_config_offset(h, cfg.configs, cfg.mixing, head, i)
             if off is None:

@@ -69,6 +69,37 @@ def test_torch_jit_trace_is_refused(dilation):
     assert rel_err(module(q, q, q), reference.dilated_attention(q, q, q, **options)) < 1e-5
 
 
+@pytest.mark.parametrize("mode", ["real", "symbolic"])
+def test_make_fx_is_refused(mode):
+    """``make_fx`` outside torch.compile / torch.export recorded one call's strided views with no
+    guard: its graph, traced at n = 13, was 0.6-0.7 off at 16 and 21, silently; its symbolic
+    mode failed on an unhashable SymInt in the input cache's key."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    module = ringattn.DilatedAttention((4, 8), (1, 2), causal=True)
+    q = torch.randn(2, 13, 3, 8)
+    with pytest.raises(TypeError, match=r"make_fx cannot record ringattn's dilated attention"):
+        make_fx(module, tracing_mode=mode)(q, q, q)
+    ref = reference.dilated_attention(
+        q, q, q, segment_lengths=(4, 8), dilation_rates=(1, 2), causal=True
+    )
+    assert rel_err(module(q, q, q), ref) < 1e-5  # (nothing of the attempt stays)
+
+
+@pytest.mark.parametrize("strategy", ringattn.Strategy.all(communicator="local"), ids=str)
+def test_every_strategy_runs_under_a_fake_tensor_mode(strategy):
+    """A shape / memory estimate under ``FakeTensorMode``: ``global`` with a partial tail failed
+    on a data-dependent ``repeat_interleave`` (its run layout's sizes read from a tensor)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    module = ringattn.DilatedAttention(
+        (4, 8), (1, 2), causal=True, strategy=strategy, compile=False
+    )
+    with FakeTensorMode():
+        out = module(*(torch.randn(2, 13, 3, 8) for _ in range(3)))
+    assert out.shape == (2, 13, 3, 8)
+
+
 def test_a_batched_backward_is_a_clear_error():
     """``is_grads_batched=True`` failed inside vmap ("aten::copy_ ... is not possible")."""
     attn = ringattn.DilatedAttention((4, 8), (1, 2))

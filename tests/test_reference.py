@@ -284,3 +284,19 @@ def test_non_finite_inputs_reach_exactly_the_rows_the_page_says(name, bad):
         else:
             assert torch.equal(out.isnan().any(-1), want), (j, hd)
             assert out[~want].isfinite().all(), (j, hd)
+
+
+@pytest.mark.parametrize(
+    "fn", [reference.dilated_attention, reference.dilated_attention_by_multiplicity]
+)
+def test_the_oracles_run_under_vmap(fn):
+    """``torch.func.vmap`` over the oracles (the refusal of torch.func inputs names them as the
+    way out): the loop's outputs. ``dilated_attention`` wrote into buffers made with
+    ``torch.zeros``, which vmap refused as unbatched."""
+    from torch.func import vmap
+
+    opts = {"segment_lengths": (2, 4), "dilation_rates": (1, 2), "causal": True}
+    q, k, v = (torch.randn(3, 1, 5, 2, 4, dtype=torch.float64) for _ in range(3))
+    batched = vmap(lambda a, b, c: fn(a, b, c, **opts))(q, k, v)
+    looped = torch.stack([fn(q[i], k[i], v[i], **opts) for i in range(3)])
+    torch.testing.assert_close(batched, looped, rtol=0, atol=1e-14)
