@@ -12,14 +12,19 @@ Times (CUDA events, warm-up, median of ``--repeats``) forward and forward+backwa
   reused: the rate is flat in ``n`` while its time grows as ``n^2``);
 * ``plain`` — the baseline that issue 5 describes (``head_groups`` only): gather each group's
   dilated rows into a new tensor, call SDPA, scatter the result back;
-* every strategy (dilation x computer, ``sdpa`` eager and compiled, ``flex`` compiled), and the
-  eager ``sdpa`` rows once more forced onto FlashAttention-2 (``[flash]``, A/B against cuDNN),
+* every strategy (dilation x computer: ``sdpa`` eager and inside an enclosing ``torch.compile``,
+  ``(in torch.compile)``, as a compiled model runs it; ``(compiled, <mode>)`` for the module's
+  own frame in another ``--compile-modes`` mode; ``flex`` compiled), and the eager ``sdpa`` rows
+  once more forced onto FlashAttention-2 (``[flash]``, A/B against cuDNN),
 
 and prints one table: ms, useful TFLOP/s (``ringattn.flops``), ratio to dense SDPA in the same run
 (single calls, back to back, and with ``--graphs`` replayed from CUDA graphs against dense SDPA
 replayed), and peak memory relative to the tensors the call cannot avoid — forward:
 ``(q, k, v, out)``; forward+backward: ``(q, k, v, out)`` and their gradients. Before timing,
-each variant is checked against the float64 oracle at ``--check-n`` (output and gradients).
+each variant is checked against the float64 oracle at ``--check-n`` (output, and gradients where
+that length is timed with a backward): column ``check`` is ``FAIL`` beyond the dtype's bound
+(``experiments.ablate.TOLERANCE``), and the exit status is 1 where a row fails or a variant
+raises (its message printed and listed under ``failed`` in ``bench.json``).
 Writes ``bench.json``, ``bench.md`` and ``bench.png`` (throughput and memory vs n, log axes)
 under ``--out``.
 """
@@ -49,8 +54,9 @@ from experiments import (
     require_positive,
     worst,
 )
-from experiments.ablate import dict_rows_to_markdown, median_ms, module_memory, rel_err
+from experiments.ablate import TOLERANCE, dict_rows_to_markdown, median_ms, module_memory, rel_err
 from ringattn import reference
+from ringattn.computers.base import LayoutComputer
 from ringattn.computers.sdpa import CUDA_FORWARDS, SDPAComputer
 from ringattn.flops import dense_flops, tflops, useful_flops
 from ringattn.kernels import cudnn_graphs, fa4
@@ -341,6 +347,13 @@ def with_computer(make: Callable, **settings: str) -> Callable:
     return make_with
 
 
+def _opens_a_frame(strategy: ringattn.Strategy, mode: str) -> bool:
+    """Whether ``DilatedAttention(compile=True, compile_mode=mode)`` of ``strategy`` compiles a
+    frame of its own (``compiled_frame``: flex, and every computer outside the default mode)."""
+    computer = ringattn.registry.get("computer", strategy.computer)
+    return mode != "default" or issubclass(computer, LayoutComputer)
+
+
 def variants(args) -> list[tuple[str, Callable[..., Callable]]]:
     """``(name, make)`` where ``make(mixing, causal)`` returns ``fn(q, k, v) -> out``."""
     out: list[tuple[str, Callable[..., Callable]]] = []
@@ -366,7 +379,10 @@ def variants(args) -> list[tuple[str, Callable[..., Callable]]]:
                     compile_mode=mode,
                 )
 
-            out.append((name, make))
+            # (a block computer compiled in the default mode opens no frame of its own: that
+            # row repeated the eager one; its compiled row is the enclosing torch.compile's)
+            if not compiled or _opens_a_frame(strategy, mode):
+                out.append((name, make))
             if compiled and mode == "default" and strategy.computer != "flex" and args.in_model:
                 # how a compiled model runs it: the module inside a torch.compile frame (here a
                 # frame around one layer, so its host time is not shared with anything else)
@@ -393,10 +409,13 @@ def variants(args) -> list[tuple[str, Callable[..., Callable]]]:
 _ORACLE: dict = {}
 
 
-def check(make, mixing: str, causal: bool, args, device: torch.device) -> float:
-    """Largest relative error of output and gradients against the float64 oracle.
+def check(
+    make, mixing: str, causal: bool, args, device: torch.device, backward: bool = True
+) -> float:
+    """Largest relative error of output and gradients (``backward``; else of the output alone)
+    against the float64 oracle.
 
-    The oracle (a Python loop over heads and segments) runs once per (mixing, causal).
+    The oracle (a Python loop over heads and segments) runs once per problem.
     """
     n = args.check_n
     gen = torch.Generator(device=device).manual_seed(0)
@@ -404,7 +423,9 @@ def check(make, mixing: str, causal: bool, args, device: torch.device) -> float:
     q, k, v, dout = (
         torch.randn(shape, device=device, dtype=args.dtype, generator=gen) for _ in range(4)
     )
-    key = (mixing, causal)
+    # (the whole problem: main() called twice in one process, with another --check-n or
+    # shape, compared the second run with the first's oracle)
+    key = (mixing, causal, shape, args.dtype, args.lengths, args.rates, str(device))
     if key not in _ORACLE:
         refs = [x.double().requires_grad_() for x in (q, k, v)]
         ref = reference.dilated_attention(
@@ -416,11 +437,18 @@ def check(make, mixing: str, causal: bool, args, device: torch.device) -> float:
         )
         ref.backward(dout.double())
         _ORACLE[key] = [ref.detach()] + [x.grad for x in refs]
+    if not backward:
+        with torch.no_grad():
+            return rel_err(make(q, k, v), _ORACLE[key][0])
     mine = with_grads(make, q, k, v, dout)
     return worst(rel_err(x, r) for x, r in zip(mine, _ORACLE[key]))
 
 
-def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dict) -> list[dict]:
+def bench_case(
+    n: int, mixing: str, causal: bool, args, device, dense_cache: dict, failures=None
+) -> list[dict]:
+    """The rows of one (n, mixing, causal); a variant that raises has no row, and its message
+    goes to ``failures`` (a list) where given."""
     b, h, d = args.batch, args.heads, args.dim
     q, k, v, dout = (torch.randn(b, n, h, d, device=device, dtype=args.dtype) for _ in range(4))
     unit = q.numel() * q.element_size()  # bytes of one [b, n, h, d] tensor
@@ -450,6 +478,8 @@ def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dic
                 "causal": causal,
                 "variant": name,
                 "oracle_err": error,
+                # (NaN is a FAIL too)
+                "check": "n/a" if error is None else _verdict(error, args.dtype),
                 **stats,
             }
         )
@@ -497,6 +527,7 @@ def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dic
             "causal": causal,
             "variant": "dense SDPA" + ("" if dense_n == n else f" (rate at n={dense_n})"),
             "oracle_err": None,
+            "check": "n/a",
             "fwd_ms": None,
             "fwdbwd_ms": None,
         }
@@ -524,15 +555,18 @@ def bench_case(n: int, mixing: str, causal: bool, args, device, dense_cache: dic
         )
     for name, make in variants(args):
         cases.append((name, make(mixing, causal)))
+    # (the check's gradients only where its length's timing has a backward: flex has none on
+    # the CPU, so --fwd-only-from did not get a CPU flex row past its check)
+    backward = args.check_n < args.fwd_only_from
     for name, fn in cases:
         try:
-            error = check(fn, mixing, causal, args, device) if args.check_n else None
+            error = check(fn, mixing, causal, args, device, backward) if args.check_n else None
             measure(name, fn, useful_f, useful_fb, error)
         except Exception as exc:  # one failing variant must not lose the run's other rows
-            print(
-                f"FAILED {name} n={n} {mixing} causal={causal}: {failure(exc, 400)}",
-                flush=True,
-            )
+            message = f"FAILED {name} n={n} {mixing} causal={causal}: {failure(exc, 400)}"
+            print(message, flush=True)
+            if failures is not None:
+                failures.append(message)
         finally:
             torch._dynamo.reset()  # compiled variants of other shapes need not stay resident
     for row in rows:
@@ -774,6 +808,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         ringattn.DilatedConfig(args.lengths, args.rates)
     except (TypeError, ValueError) as exc:
         p.error(str(exc))
+    if not variants(args):  # (it timed the baselines alone and exited 0)
+        offs = {
+            "--no-eager": args.eager,
+            "--no-compile": args.compile,
+            "--no-in-model": args.in_model,
+        }
+        flags = [flag for flag, on in offs.items() if not on]
+        p.error(
+            f"no strategy to time with --computers {' '.join(args.computers)} and "
+            f"{' '.join(flags) or 'these flags'}: flex runs compiled only, and a block "
+            "computer compiled in the default mode only inside torch.compile (--in-model)"
+        )
     return args
 
 
@@ -784,7 +830,14 @@ def _version(package: str) -> str | None:
         return None
 
 
-def main(argv: list[str] | None = None) -> None:
+def _verdict(error: float, dtype: torch.dtype) -> str:
+    """``pass`` where ``error`` is within ``dtype``'s bound (ablate's, the suite's), else
+    ``FAIL`` (NaN too)."""
+    return "pass" if error <= TOLERANCE[dtype] else "FAIL"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The run; its exit status: 0, or 1 where a variant failed its oracle check or raised."""
     args = parse(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench.py: error: --device cuda needs CUDA, not available here")
@@ -798,10 +851,11 @@ def main(argv: list[str] | None = None) -> None:
     causals = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
     rows: list[dict] = []
     dense_cache: dict = {}
+    failures: list[str] = []
     for n in args.n:
         for mixing in args.mixing:
             for causal in causals:
-                rows += bench_case(n, mixing, causal, args, device, dense_cache)
+                rows += bench_case(n, mixing, causal, args, device, dense_cache, failures)
     meta = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -818,13 +872,15 @@ def main(argv: list[str] | None = None) -> None:
         "shape": {"b": args.batch, "h": args.heads, "d": args.dim, "dtype": str(args.dtype)},
         "configs": {"segment_lengths": args.lengths, "dilation_rates": args.rates},
     }
-    (args.out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    report = {"meta": meta, "rows": rows, "failed": failures}
+    (args.out / "bench.json").write_text(json.dumps(report, indent=1))
     columns = [
         "n",
         "mixing",
         "causal",
         "variant",
         "oracle_err",
+        "check",
         "fwd_ms",
         "fwd_tflops",
         "fwd_vs_dense",
@@ -843,7 +899,16 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "bench.md").write_text(f"{json.dumps(meta)}\n\n{table}\n")
     plot(rows, args.out / "bench.png")
     print(table)
+    wrong = [row for row in rows if row["check"] == "FAIL"]
+    for row in wrong:
+        print(
+            f"FAIL (oracle_err {row['oracle_err']:.3g} above {TOLERANCE[args.dtype]:g}): "
+            f"{row['variant']} n={row['n']} {row['mixing']} causal={row['causal']}"
+        )
+    for message in failures:
+        print(message)
+    return 1 if wrong or failures else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -154,6 +154,9 @@ def test_train_longrange_refuses_an_out_it_cannot_make_before_training(monkeypat
         ("--n 64 128 64", "--n: 64 given more than once"),
         ("--computers sdpa math sdpa", "--computers: sdpa given more than once"),
         ("--graphs", "--graphs replays CUDA graphs: it needs --device cuda"),
+        # (the baselines alone, timed, and exit status 0)
+        ("--computers flex --no-compile", "no strategy to time with --computers flex"),
+        ("--no-eager --no-compile", "no strategy to time"),
     ],
 )
 def test_bench_refuses_bad_options_in_one_line(argv, message, capsys):
@@ -315,11 +318,15 @@ def test_bench_runs_on_the_cpu(tmp_path):
 
     argv = "--device cpu --n 128 --lengths 32 64 --rates 1 2 --heads 2 --dim 8 --computers sdpa"
     argv += " --mixing lse --causal yes --repeats 1 --warmup 0 --b2b-calls 0"
-    bench.main([*argv.split(), "--out", str(tmp_path)])
+    assert bench.main([*argv.split(), "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     variants = [row for row in rows if row["variant"] not in ("dense SDPA", "plain")]
-    assert len(variants) == 8  # two dilations x (eager, [flash], compiled, in torch.compile)
+    # two dilations x (eager, [flash], in torch.compile): sdpa's "(compiled)" row, its own
+    # compile=True in the default mode, opens no frame and repeated the eager row
+    assert len(variants) == 6
+    assert not any(row["variant"].endswith("(compiled)") for row in variants)
     assert all(0 <= row["oracle_err"] < 2e-2 for row in variants)  # (bf16; NaN fails too)
+    assert all(row["check"] == "pass" for row in variants)
     assert (tmp_path / "bench.md").read_text().count("| 128 | lse | True |") == len(rows)
     (dense,) = [row for row in rows if row["variant"] == "dense SDPA"]
     assert dense["fwd_vs_dense"] == dense["fwdbwd_vs_dense"] == 1.0
@@ -467,6 +474,49 @@ def test_bench_case_times_the_forward_alone_from_fwd_only_from():
         rows = bench.bench_case(n, "lse", False, args, torch.device("cpu"), {})
         (row,) = [row for row in rows if row["variant"] == "segment_local/sdpa"]
         assert row["fwd_ms"] > 0 and (row["fwdbwd_ms"] is not None) == backward
+
+
+def test_bench_fails_a_wrong_variant_and_one_that_raises(tmp_path, monkeypatch, capsys):
+    """The oracle check judged nothing: a wrong computer (0.8 off) or one returning NaN was timed
+    and reported as a right one, and a variant that raised was a printed line; the exit status
+    was 0 either way. Now ``check`` says FAIL and the status is 1."""
+    from experiments import bench
+    from ringattn.computers.sdpa import SDPAComputer
+
+    argv = [*BENCH_CASE.split(), "--n", "64", "--check-n", "64", "--mixing", "lse"]
+    argv += ["--causal", "no", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    plant_a_dq_error(monkeypatch)
+    monkeypatch.setattr(bench, "_ORACLE", {})
+    assert bench.main(argv) == 1
+    report = json.loads((tmp_path / "bench.json").read_text())
+    (row,) = [row for row in report["rows"] if row["variant"] == "segment_local/sdpa"]
+    assert row["check"] == "FAIL" and row["oracle_err"] > 1e-2
+    assert "FAIL (oracle_err" in capsys.readouterr().out
+
+    def raises(self, *args):
+        raise RuntimeError("a broken kernel")
+
+    monkeypatch.setattr(SDPAComputer, "forward", raises)
+    assert bench.main(argv) == 1
+    (failure,) = json.loads((tmp_path / "bench.json").read_text())["failed"]
+    assert failure.startswith("FAILED segment_local/sdpa n=64") and "a broken kernel" in failure
+
+
+def test_bench_checks_the_output_alone_where_the_timing_is_forward_only(monkeypatch):
+    """``--fwd-only-from`` timed flex on the CPU (no backward there) forward only, but its
+    oracle check ran a backward first, so the row failed before it was timed."""
+    from experiments import bench
+
+    monkeypatch.setattr(bench, "_ORACLE", {})
+    args = bench.parse([*BENCH_CASE.split(), "--check-n", "64", "--fwd-only-from", "1"])
+    flex = ringattn.DilatedAttention(
+        (32, 64), (1, 2), strategy=ringattn.Strategy(computer="flex"), compile=False
+    )
+    cpu = torch.device("cpu")
+    assert bench.check(flex, "lse", False, args, cpu, backward=False) < 2e-2
+    with pytest.raises(ValueError, match="no backward"):
+        bench.check(flex, "lse", False, args, cpu)
 
 
 def test_bench_oracle_check_sees_a_wrong_gradient(monkeypatch):
