@@ -87,7 +87,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh record|trees|graphs|first_checks|batch|batch_more|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh review|ops|record|trees|graphs|first_checks|batch|batch_more|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -580,6 +580,36 @@ graph_modes)
     run cuda_graph_modes --n 16384 --outer functional --fullgraph  # (ok on 2.11: step 69)
     summary="$(cat "$out/rc.log")
 $(grep -h "^| " "$out/cuda_graph_modes.log" | grep -v "^| mixing\|^|---" | cut -c1-200)"
+    ;;
+review)
+    # stop 73 (step 77): this stop's changes on a GPU. The oracle check (every strategy; global's
+    # run layout now sized without reading a tensor), bench at 32K with its judged check column
+    # and exit status (no sdpa "(compiled)" row: it repeated the eager one), and a LongNet's
+    # loss compiled fullgraph against the eager one, with its backward (the targets' traced
+    # check is CPU-only: on CUDA the device asserts)
+    timeout 300 python -m experiments.flex_gpu --part check --out "$out/flex_gpu_check" \
+        >"$out/check.log" 2>&1 || echo "check: exit $?" >>"$out/check.log"
+    timeout 240 "${bench[@]}" --n 32768 --repeats 5 --out "$out/bench" >"$out/bench.log" 2>&1
+    echo "bench: rc=$?" >>"$out/rc.log"
+    timeout 120 python - >"$out/model.log" 2>&1 <<'PY'
+import torch
+from ringattn.models import LongNet, LongNetConfig
+torch.manual_seed(0)
+config = LongNetConfig(vocab_size=256, dim=512, depth=2, num_heads=4,
+                       segment_lengths=(512, 1024, 2048), dilation_rates=(1, 2, 4))
+model = LongNet(config).cuda().bfloat16()
+tokens = torch.randint(0, 256, (2, 4096), device="cuda")
+eager = model.loss(tokens, tokens.roll(-1, 1))
+loss = torch.compile(model.loss, fullgraph=True)
+compiled = loss(tokens, tokens.roll(-1, 1))
+compiled.backward()
+print(f"model: eager loss {eager.item():.5f} compiled {compiled.item():.5f}")
+PY
+    echo "model: rc=$?" >>"$out/rc.log"
+    summary="$(grep -h "Correctness" "$out/flex_gpu_check/flex_gpu_check.md")
+$(cat "$out/rc.log")
+$(grep -h "^model:" "$out/model.log")
+$(grep -h "^| 32768" "$out/bench.log" | cut -d'|' -f2-9 | cut -c1-160)"
     ;;
 ops)
     # stop 72 (step 76): the forward op takes the call's grad state (core.grad_state), the eager
