@@ -968,6 +968,19 @@ def test_loss_checks_its_targets():
     torch.testing.assert_close(model.loss(tokens, ignored), kept)
 
 
+def test_the_target_check_op_passes_torchs_opcheck():
+    """``ringattn::check_target_ids`` (the compiled loss's target check): schema, fake output and
+    AOT dispatch as torch.library checks them; a count of 0 gives a float64 zero, any other a
+    ValueError naming it."""
+    from ringattn.models.longnet import check_target_ids
+
+    zero = torch.zeros((), dtype=torch.float64)
+    torch.library.opcheck(torch.ops.ringattn.check_target_ids.default, (zero, 32))
+    assert torch.equal(check_target_ids(zero, 32), zero)
+    with pytest.raises(ValueError, match=r"vocab_size=32\) or -100 \(ignored\), got 3 others"):
+        check_target_ids(torch.tensor(3.0, dtype=torch.float64), 32)
+
+
 COMPILED_LOSS = """
 import sys, torch
 sys.path.insert(0, {tests!r})
