@@ -1037,11 +1037,11 @@ def measure_variant(sweep: Sweep, variant: Variant, oracle: Callable[[], Oracle]
         time_and_memory(row, module, sweep, backward, layout)
 
     _guarded(row, run)
-    if variant.compile and is_sequence_parallel(variant.strategy):
-        # Each sequence-parallel module's graphs differ in their guards (its communicator), so
-        # they piled up on DilatedAttention.forward's one code object: past Dynamo's
-        # recompile_limit (8) the next fullgraph compile failed and ended the sweep on every
-        # rank. (Local modules share their graphs; bench resets after every variant too.)
+    if variant.compile:
+        # Each variant's graphs differ in their guards (its computer's type, causality, its
+        # communicator), so they piled up on DilatedAttention.forward's one code object: past
+        # Dynamo's recompile_limit (8) the next fullgraph compile failed (a sequence-parallel
+        # sweep ended on every rank). bench resets after every variant too
         torch._dynamo.reset()
     return row
 

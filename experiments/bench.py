@@ -56,7 +56,6 @@ from experiments import (
 )
 from experiments.ablate import TOLERANCE, dict_rows_to_markdown, median_ms, module_memory, rel_err
 from ringattn import reference
-from ringattn.computers.base import LayoutComputer
 from ringattn.computers.sdpa import CUDA_FORWARDS, SDPAComputer
 from ringattn.flops import dense_flops, tflops, useful_flops
 from ringattn.kernels import cudnn_graphs, fa4
@@ -347,11 +346,13 @@ def with_computer(make: Callable, **settings: str) -> Callable:
     return make_with
 
 
-def _opens_a_frame(strategy: ringattn.Strategy, mode: str) -> bool:
+def _opens_a_frame(args, strategy: ringattn.Strategy, mode: str) -> bool:
     """Whether ``DilatedAttention(compile=True, compile_mode=mode)`` of ``strategy`` compiles a
-    frame of its own (``compiled_frame``: flex, and every computer outside the default mode)."""
-    computer = ringattn.registry.get("computer", strategy.computer)
-    return mode != "default" or issubclass(computer, LayoutComputer)
+    frame of its own (the module's ``compiled_frame``)."""
+    module = ringattn.DilatedAttention(
+        args.lengths, args.rates, strategy=strategy, compile=True, compile_mode=mode
+    )
+    return module.compiled_frame
 
 
 def variants(args) -> list[tuple[str, Callable[..., Callable]]]:
@@ -381,7 +382,7 @@ def variants(args) -> list[tuple[str, Callable[..., Callable]]]:
 
             # (a block computer compiled in the default mode opens no frame of its own: that
             # row repeated the eager one; its compiled row is the enclosing torch.compile's)
-            if not compiled or _opens_a_frame(strategy, mode):
+            if not compiled or _opens_a_frame(args, strategy, mode):
                 out.append((name, make))
             if compiled and mode == "default" and strategy.computer != "flex" and args.in_model:
                 # how a compiled model runs it: the module inside a torch.compile frame (here a
@@ -555,9 +556,10 @@ def bench_case(
         )
     for name, make in variants(args):
         cases.append((name, make(mixing, causal)))
-    # (the check's gradients only where its length's timing has a backward: flex has none on
-    # the CPU, so --fwd-only-from did not get a CPU flex row past its check)
-    backward = args.check_n < args.fwd_only_from
+    # (the check's gradients where this n is timed with a backward, so not where the timing is
+    # forward only: flex has none on the CPU, and --fwd-only-from did not get its row past the
+    # check)
+    backward = n < args.fwd_only_from
     for name, fn in cases:
         try:
             error = check(fn, mixing, causal, args, device, backward) if args.check_n else None

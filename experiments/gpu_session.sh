@@ -103,7 +103,7 @@ per_entry_bench() { # SECONDS PER_ENTRY NAME ARGS...: the bench at b = 2 in a pr
     local seconds=$1 per_entry=$2 name=$3
     shift 3
     timeout "$seconds" python -c "import sys, ringattn.launches as l; l.PER_ENTRY = sys.argv[1] == 'True'
-from experiments import bench; bench.main(sys.argv[2:])" "$per_entry" "${bench[@]:3}" \
+from experiments import bench; sys.exit(bench.main(sys.argv[2:]))" "$per_entry" "${bench[@]:3}" \
         --no-torch-row --batch 2 --repeats 3 --warmup 1 "$@" --out "$out/$name" \
         >"$out/$name.log" 2>&1
 }

@@ -26,6 +26,7 @@ from jaxtyping import jaxtyped
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 from torch.autograd import forward_ad
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 from ringattn import distributed, registry
@@ -180,7 +181,7 @@ def refuse_functorch(q: object, k: object, v: object) -> None:
             "in Python from each call's shapes, and the trace kept one call's as constants): use "
             "torch.compile, or torch.export for a program"
         )
-    if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None:
+    if get_proxy_mode() is not None:  # (both mode stacks: make_fx(pre_dispatch=True) too)
         # (make_fx outside torch.compile / torch.export, which the caller has ruled out: it
         # recorded the plan's strided views at the traced shape, with no guard, and its graph
         # was wrong at every other length; its symbolic mode failed on the input cache's key)

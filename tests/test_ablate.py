@@ -178,6 +178,19 @@ def test_peaks_count_what_the_memory_manager_keeps(monkeypatch):
     assert peaks["pooled"][1] >= peaks["none"][1] + kept
 
 
+@pytest.mark.compile
+def test_many_compiled_variants_in_one_process(tmp_path):
+    """16 local variants compiled (fullgraph) one after another: their graphs piled up on
+    ``DilatedAttention.forward`` until Dynamo's recompile limit (8) made the last rows errors."""
+    argv = [*TINY, "--computer", "sdpa,math", "--dilation", "segment_local,global"]
+    argv += ["--memory", "none,pooled", "--causal", "both"]
+    argv += ["--compile", "on", "--compile-backend", "aot_eager", "--no-baseline"]
+    assert ablate.main([*argv, "--out", str(tmp_path)]) == 0
+    with (tmp_path / "results.csv").open() as f:
+        checks = [row["check"] for row in csv.DictReader(f)]
+    assert checks == ["pass"] * 16, checks
+
+
 def test_causal_takes_the_other_tools_spellings_and_its_own():
     for spelling, causal in (
         ("no", (False,)),

@@ -519,6 +519,21 @@ def test_bench_checks_the_output_alone_where_the_timing_is_forward_only(monkeypa
         bench.check(flex, "lse", False, args, cpu)
 
 
+def test_bench_checks_gradients_where_a_row_is_timed_with_its_backward(tmp_path, monkeypatch):
+    """The gradient check followed the check's own length: with ``--check-n`` at or past
+    ``--fwd-only-from`` no row's gradients were checked, though the shorter rows were timed
+    forward+backward (a dQ 5% off passed, exit 0)."""
+    from experiments import bench
+
+    monkeypatch.setattr(bench, "_ORACLE", {})
+    plant_a_dq_error(monkeypatch)
+    argv = [*BENCH_CASE.split(), "--n", "64", "128", "--check-n", "128", "--fwd-only-from", "128"]
+    assert bench.main([*argv, "--mixing", "lse", "--causal", "no", "--out", str(tmp_path)]) == 1
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    checks = {row["n"]: row["check"] for row in rows if row["variant"] == "segment_local/sdpa"}
+    assert checks == {64: "FAIL", 128: "pass"}  # (128: timed forward only, its output right)
+
+
 def test_bench_oracle_check_sees_a_wrong_gradient(monkeypatch):
     """The oracle_err column is the worst of the output's and the gradients' errors (a check of
     the output alone passed every test)."""

@@ -69,8 +69,9 @@ def test_torch_jit_trace_is_refused(dilation):
     assert rel_err(module(q, q, q), reference.dilated_attention(q, q, q, **options)) < 1e-5
 
 
+@pytest.mark.parametrize("pre_dispatch", [False, True])
 @pytest.mark.parametrize("mode", ["real", "symbolic"])
-def test_make_fx_is_refused(mode):
+def test_make_fx_is_refused(mode, pre_dispatch):
     """``make_fx`` outside torch.compile / torch.export recorded one call's strided views with no
     guard: its graph, traced at n = 13, was 0.6-0.7 off at 16 and 21, silently; its symbolic
     mode failed on an unhashable SymInt in the input cache's key."""
@@ -79,7 +80,7 @@ def test_make_fx_is_refused(mode):
     module = ringattn.DilatedAttention((4, 8), (1, 2), causal=True)
     q = torch.randn(2, 13, 3, 8)
     with pytest.raises(TypeError, match=r"make_fx cannot record ringattn's dilated attention"):
-        make_fx(module, tracing_mode=mode)(q, q, q)
+        make_fx(module, tracing_mode=mode, pre_dispatch=pre_dispatch)(q, q, q)
     ref = reference.dilated_attention(
         q, q, q, segment_lengths=(4, 8), dilation_rates=(1, 2), causal=True
     )

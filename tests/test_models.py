@@ -904,6 +904,24 @@ def test_a_call_stopped_between_layers_leaves_every_cache_as_it_was(monkeypatch)
         with pytest.raises(KeyboardInterrupt):
             layer(x, cache)
     assert cache.length == 8
+    # stopped in the head (the logits: where memory runs out), at prefill and at a decode step,
+    # and in a layer's output projection after its prefill stored the prompt
+    for start, stop in ((0, 6), (6, 8)):
+        caches = model.new_caches(1, 16)
+        model(tokens[:, :start], caches) if start else None
+        hook = model.head.register_forward_pre_hook(interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            model(tokens[:, start:stop], caches)
+        hook.remove()
+        assert [cache.length for cache in caches] == [start, start]
+        assert rel_err(model(tokens[:, start:stop], caches), full[:, start:stop]) < 1e-12
+    cache = layer.new_cache(1, 16)
+    hook = layer.out_proj.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        layer(x, cache)
+    hook.remove()
+    assert cache.length == 0
+    torch.testing.assert_close(layer(x, cache), layer(x), rtol=0, atol=1e-12)
 
 
 def test_a_layer_takes_projections_that_are_not_plain_linears():
@@ -935,6 +953,18 @@ def test_a_layer_takes_projections_that_are_not_plain_linears():
         TypeError, match=r"x.dtype must equal the layer's parameters' \(torch.float32\)"
     ):
         layer(x.double())
+
+    class Gained(torch.nn.Module):  # its first parameter a float64 gain, applied in float32
+        def __init__(self, base: torch.nn.Module) -> None:
+            super().__init__()
+            self.gain = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+            self.base = base
+
+        def forward(self, x):
+            return self.base(x) * self.gain.float()
+
+    layer.q_proj = Gained(layer.q_proj)  # (a float32 x was refused as not float64)
+    assert torch.equal(layer(x), plain)
 
 
 def test_one_cache_for_several_layers_is_refused():

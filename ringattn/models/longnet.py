@@ -193,14 +193,15 @@ class LongNet(nn.Module):
         try:
             for block, cache in zip(self.blocks, caches):
                 x = block(x, cache)
+            return self.head(self.ln_f(x))
         except BaseException:
-            # A call stopped between layers (a notebook's interrupt, out of memory, a hook that
-            # raised) left the first layers' caches ahead of the others, and the next call
-            # decoded the later layers at other positions, silently: all or none move.
+            # A call stopped between layers or in the head (a notebook's interrupt, out of
+            # memory in the logits, a hook that raised) left the caches ahead, the first layers'
+            # of the others', and the next call decoded at other positions, silently: all or
+            # none move
             for cache, length in zip(caches, lengths):
                 cache.length = length
             raise
-        return self.head(self.ln_f(x))
 
     def _embedded(self, tokens: Tensor, caches: list[KVCache] | None) -> Tensor:
         """The tokens' embeddings, after the call's checks (every layer's cache checked before

@@ -189,15 +189,14 @@ class MultiheadDilatedAttention(nn.Module):
         except Exception as exc:  # on every rank, where sequence-parallel (any error: a
             # (a rank left alone here hangs the others)
             self.attention.refuse_across_ranks(exc, distributed.device_of(x))
-        if cache is None or start == 0:
-            group = self.num_heads // self.num_kv_heads
-            k_full, v_full = (t.repeat_interleave(group, dim=2) if group > 1 else t for t in (k, v))
-            attended = self.attention(q, k_full, v_full)
-            if cache is not None:  # prefill, once the attention has taken the call
-                cache.append(k, v)
-            return self._output(attended)
-        cache.append(k, v)
+        if cache is None:
+            return self._output(self._attended(q, k, v))
         try:
+            if start == 0:  # prefill: stored once the attention has taken the call
+                attended = self._attended(q, k, v)
+                cache.append(k, v)
+                return self._output(attended)
+            cache.append(k, v)
             config = self.attention.config
             scale = config.scale_for(self.head_dim)
             steps = [
@@ -205,9 +204,18 @@ class MultiheadDilatedAttention(nn.Module):
                 for i in range(x.shape[1])
             ]
             return self._output(torch.stack(steps, dim=1))
-        except BaseException:  # (interrupted: the cache as before the call, to retry it)
+        except BaseException:
+            # interrupted (a notebook's stop, out of memory, a hook that raised) after the
+            # append: the next call read this one's tokens as its past, silently. The cache as
+            # before the call, to retry it
             cache.length = start
             raise
+
+    def _attended(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The dilated attention of the call's rows, K and V repeated to every query head."""
+        group = self.num_heads // self.num_kv_heads
+        k_full, v_full = (t.repeat_interleave(group, dim=2) if group > 1 else t for t in (k, v))
+        return self.attention(q, k_full, v_full)
 
     def _check_one_device(self) -> None:
         if self.attention.communicator.distributed:
@@ -225,8 +233,8 @@ class MultiheadDilatedAttention(nn.Module):
         weight = self._reference_weight(self.k_proj)
         if weight is None and (dtype is None or device is None):
             raise ValueError(
-                "the layer has no floating parameter to take the cache's dtype and device from: "
-                "pass dtype= and device="
+                "the layer has no floating projection weight or Sub-LN weight to take the "
+                "cache's dtype and device from: pass dtype= and device="
             )
         return KVCache.empty(
             batch,
@@ -238,16 +246,13 @@ class MultiheadDilatedAttention(nn.Module):
         )
 
     def _reference_weight(self, projection: nn.Module) -> Tensor | None:
-        """What a call's ``x`` and a new cache are held to: ``projection``'s weight where it is
-        a floating tensor (``nn.Linear``'s), else the first floating parameter of the
-        projection, then of the layer; None where there is none. (A LoRA-style wrapper, or a
-        dynamically quantized Linear whose ``weight`` is a method, failed the layer's every call
-        with an AttributeError.)"""
-        weight = getattr(projection, "weight", None)
-        if isinstance(weight, Tensor) and weight.is_floating_point():
-            return weight
-        for module in (projection, self):
-            for parameter in module.parameters():
-                if parameter.is_floating_point():
-                    return parameter
+        """What a call's ``x`` and a new cache are held to (dtype and device): ``projection``'s
+        weight where it is a floating tensor (``nn.Linear``'s), else the Sub-LN norm's, which
+        is in the activations' dtype; None where neither is (no check then). A LoRA-style
+        wrapper, or a dynamically quantized Linear whose ``weight`` is a method, failed every
+        call with an AttributeError; the wrapper's own first parameter (a float32 adapter
+        beside bf16 activations, a float64 gain) refused good inputs."""
+        for weight in (getattr(projection, "weight", None), getattr(self.norm, "weight", None)):
+            if isinstance(weight, Tensor) and weight.is_floating_point():
+                return weight
         return None
