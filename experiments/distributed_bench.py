@@ -528,6 +528,7 @@ def write_report(
             "fwdbwd_tflops_per_gpu",
             "peak_extra_gib",
             "fwd_MiB_sent_per_rank",
+            "error",  # (a row that failed was blank cells, its reason in the console alone)
         ],
     )
     text += table(

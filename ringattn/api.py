@@ -893,6 +893,19 @@ def _key(segment_lengths: Sequence[int], dilation_rates: Sequence[int], **option
     )
 
 
+def _group_gone(module: DilatedAttention) -> bool:
+    """Whether ``module`` is sequence-parallel over a destroyed process group: the functional
+    form then makes its module again over today's (a module the user never built raised
+    "build the module again" for the rest of the process, after a destroy and a new init)."""
+    if not module.communicator.distributed:
+        return False
+    try:
+        cast(Any, module.communicator).check_group()
+    except ValueError:
+        return True
+    return False
+
+
 def _module_for(key: tuple, *args: Any, **options: Any) -> DilatedAttention:
     """The functional form's module of ``key``: cached (LRU), else kept, else made."""
     try:
@@ -902,12 +915,12 @@ def _module_for(key: tuple, *args: Any, **options: Any) -> DilatedAttention:
         # types), failed the lookup as "unhashable type", naming none: the constructor names it
         DilatedAttention(*args, **options)
         raise
-    if module is not None:
+    if module is not None and not _group_gone(module):
         _MODULES.move_to_end(key)
         return module
     # one evicted earlier comes back (a new one would leave its compiled graphs without it)
     module = _kept_module(key)
-    if module is None:
+    if module is None or _group_gone(module):
         module = DilatedAttention(*args, **options)
         if len(_EVERY_MODULE.__dict__) == FUNCTIONAL_MODULES_WARNING:
             warnings.warn(

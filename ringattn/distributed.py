@@ -151,6 +151,12 @@ def gather(
       and their sum is what is trained. The backward all-reduces the full tensor's gradient,
       then takes this rank's shard, so every rank must call backward.
 
+    Under DDP (which averages the parameters' gradients over the group) pass ``"sum"``, also
+    where every rank computes the same loss: the layers before the gather then get ``p`` times
+    their shard's share, whose mean is the whole gradient, and the layers after it (computed on
+    every rank) their whole gradient. With ``"shard"`` the layers before would get ``1/p`` of
+    theirs under DDP's mean, and the layers after ``p`` times theirs under a sum.
+
     Every rank must pass the same ``layout`` and ``grad``, and under ``"sum"`` build a graph
     on every rank or on none (checked with the shards' shapes: a mismatch raises on every rank,
     before the backward could hang or pair with another collective). Bad arguments raise on

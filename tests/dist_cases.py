@@ -518,6 +518,32 @@ def longnet_shards_match_the_full_model(communicator, layout="contiguous"):
     return True
 
 
+def longnet_over_a_group_copies():
+    """``copy.deepcopy`` / ``AveragedModel`` (an EMA model) of a LongNet built with
+    ``LongNetConfig(group=...)``: its config held the process group, which raised "cannot pickle
+    'ProcessGroup' object". The copy runs as the model does."""
+    import copy
+
+    from torch.optim.swa_utils import AveragedModel
+
+    from ringattn.models import LongNet, LongNetConfig
+
+    torch.manual_seed(0)
+    config = LongNetConfig(
+        vocab_size=32, dim=16, depth=1, num_heads=2, segment_lengths=(8, 64),
+        dilation_rates=(1, 2), strategy=ringattn.Strategy(communicator="ring"),
+        group=dist.group.WORLD,
+    )  # fmt: skip
+    model = LongNet(config)
+    tokens = distributed.shard(torch.randint(0, 32, (2, 64), generator=torch.Generator()))
+    ema = AveragedModel(model)
+    copied = copy.deepcopy(model)
+    assert copied.config is model.config
+    return float((copied(tokens) - model(tokens)).abs().max()), float(
+        (ema(tokens) - model(tokens)).abs().max()
+    )
+
+
 def longnet_loss_is_the_whole_sequences(communicator, layout="contiguous"):
     """``LongNet.loss`` sequence-parallel: every rank's value is the one-process model's loss
     over the whole sequence, and the mean of the ranks' parameter gradients (DDP's) its
@@ -1339,6 +1365,14 @@ def a_module_over_a_destroyed_world_says_so():
     module = _small_module()
     q = torch.randn(1, 16, 2, 8)
     want = module(q, q, q)
+
+    def functional():
+        strategy = ringattn.Strategy(communicator="ring")
+        return ringattn.dilated_attention(
+            q, q, q, segment_lengths=(8, 16), dilation_rates=(1, 2), strategy=strategy
+        )
+
+    assert torch.equal(functional(), want)
     rank, world = dist.get_rank(), dist.get_world_size()
     port = [_free_port() if rank == 0 else None]  # the new world's rendezvous
     dist.broadcast_object_list(port, src=0)
@@ -1354,7 +1388,10 @@ def a_module_over_a_destroyed_world_says_so():
 
     with mock.patch.object(distributed, "is_live", lambda group: True):
         message_without_map = _value_error_of(lambda: module(q, q, q))
-    return message, message_without_map, bool(torch.equal(_small_module()(q, q, q), want))
+    # the functional form makes its module again over the new world (it raised "build the
+    # module again", a module the user never built, for the rest of the process)
+    runs = torch.equal(_small_module()(q, q, q), want) and torch.equal(functional(), want)
+    return message, message_without_map, bool(runs)
 
 
 def bench_max_over_ranks() -> list[float]:

@@ -672,6 +672,11 @@ def test_compiled_longnet_loss_checks_targets_on_every_rank(pool, communicator):
         assert "targets must be ids in [0, vocab_size=32) or -100" in message, message
 
 
+def test_a_longnet_over_a_group_copies(pool):
+    for copied, averaged in pool.run("longnet_over_a_group_copies"):
+        assert copied == averaged == 0.0
+
+
 @pytest.mark.parametrize("communicator", ["ring", "all_gather"])
 def test_sequence_parallel_groups_side_by_side(pool, communicator):
     """Data parallel x sequence parallel: groups of 2 in the 4-rank pool, of the whole pool in

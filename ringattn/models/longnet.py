@@ -46,6 +46,12 @@ class LongNetConfig:
     # sequence parallel: each data-parallel replica's ranks as one group
     group: Any = None
 
+    def __deepcopy__(self, memo: dict) -> LongNetConfig:
+        """Itself (frozen, so a copy is the same config): its ``group``, a process group, cannot
+        be copied, and ``copy.deepcopy`` of a LongNet over one (an EMA model,
+        ``torch.optim.swa_utils.AveragedModel``) raised "cannot pickle 'ProcessGroup' object"."""
+        return self
+
     def __post_init__(self) -> None:
         """The sizes the model's own layers take (the attention's options are checked by its
         layer): a config with ``vocab_size=0`` built a model whose every call then failed."""
