@@ -78,10 +78,14 @@ def add_mixings(parser, default: list[str]) -> None:
     parser.add_argument("--mixing", nargs="+", default=default, help=help_text)
 
 
+# ``--causal``'s choices, as the causal flags of the rows each one times
+CAUSALITY = {"no": (False,), "yes": (True,), "both": (False, True)}
+
+
 def add_causality(parser) -> None:
     """``--causal no|yes|both``: which rows are causal."""
     help_text = "causal rows, non-causal rows or both (default: both)"
-    parser.add_argument("--causal", choices=["no", "yes", "both"], default="both", help=help_text)
+    parser.add_argument("--causal", choices=list(CAUSALITY), default="both", help=help_text)
 
 
 def add_heads(parser, dim_flag: str = "--dim") -> None:

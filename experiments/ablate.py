@@ -80,7 +80,7 @@ from rich.progress import (
 )
 
 import ringattn
-from experiments import worst
+from experiments import CAUSALITY, worst
 from ringattn import DilatedConfig, Strategy, reference, registry
 from ringattn import flops as flop_count
 from ringattn.flops import FORWARD_BACKWARD_FACTOR, dense_pairs, useful_pairs
@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument(
         "--causal",
         type=_causal,
-        choices=("no", "yes", "both"),
+        choices=list(CAUSALITY),
         help="causal masking (off / on also work); default: the preset's",
     )
     shape = p.add_argument_group("shapes and numerics")
@@ -384,7 +384,7 @@ def resolve(args: argparse.Namespace) -> Sweep:
         "communicators": args.communicator,
     }
     if args.causal:
-        overrides["causal"] = {"no": (False,), "yes": (True,), "both": (False, True)}[args.causal]
+        overrides["causal"] = CAUSALITY[args.causal]
     # the budget apart from the overrides, whose None means "not given": its None means "no
     # limit", and dropped with them, --compile on|both and --compile-budget -1 kept the preset's 1
     budget = preset.compile_budget

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 import ringattn
 from experiments import (
+    CAUSALITY,
     add_causality,
     add_heads,
     add_lengths,
@@ -850,7 +851,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(message) from None
     SDPAComputer.cuda_forward = args.sdpa_forward
     device = torch.device(args.device)
-    causals = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
+    causals = CAUSALITY[args.causal]
     rows: list[dict] = []
     dense_cache: dict = {}
     failures: list[str] = []

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import ringattn
-from experiments import make_out, require_torchrun
+from experiments import CAUSALITY, make_out, require_torchrun
 from experiments.ablate import dict_rows_to_markdown, rel_err
 from experiments.bench import failure, fwd_and_fwdbwd, graphed_calls
 from ringattn import distributed, lanes, launches, reference
@@ -783,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
             speed_rows += speed(device, n, causal, tuple(args.layouts))
         report()
     if "weak" in parts:
-        causals = {"yes": (True,), "no": (False,), "both": (False, True)}[args.causal]
+        causals = CAUSALITY[args.causal]
         fuse_default, spanning_default = launches.FUSE_OFFSETS, lanes.SPANNING
         try:
             for runs, spanning, n, causal, mixing in itertools.product(

@@ -29,6 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import ringattn
 from experiments import (
+    CAUSALITY,
     add_causality,
     add_heads,
     add_lengths,
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     require_mixings(p, args.mixing)
     require_cuda(p.prog)
     make_out(p, args.out)  # before the timelines (made at the end, a bad --out lost them all)
-    causals = {"no": (False,), "yes": (True,), "both": (False, True)}[args.causal]
+    causals = CAUSALITY[args.causal]
     text = [f"# Kernel timeline, {torch.cuda.get_device_name()}, torch {torch.__version__}", ""]
     for n in args.n:
         for mixing in args.mixing:

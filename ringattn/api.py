@@ -175,20 +175,22 @@ def refuse_functorch(q: object, k: object, v: object) -> None:
     inside torch. And a ``torch.jit.trace``: it records one call's tensor ops, with the plan
     made from that call's shapes in Python as constants; the program it returned was wrong at
     other shapes, and under ``head_groups`` at the traced shape too (errors of 1-3)."""
-    if torch.jit.is_tracing():
+    # make_fx outside torch.compile / torch.export (which the caller has ruled out) alike: it
+    # recorded the plan's strided views at the traced shape, with no guard, and its graph was
+    # wrong at every other length; its symbolic mode failed on the input cache's key.
+    # get_proxy_mode reads both mode stacks: make_fx(pre_dispatch=True) too
+    tracer = (
+        "torch.jit.trace"
+        if torch.jit.is_tracing()
+        else "make_fx"
+        if get_proxy_mode() is not None
+        else None
+    )
+    if tracer is not None:
         raise TypeError(
-            "torch.jit.trace cannot record ringattn's dilated attention (its block plan is made "
-            "in Python from each call's shapes, and the trace kept one call's as constants): use "
-            "torch.compile, or torch.export for a program"
-        )
-    if get_proxy_mode() is not None:  # (both mode stacks: make_fx(pre_dispatch=True) too)
-        # (make_fx outside torch.compile / torch.export, which the caller has ruled out: it
-        # recorded the plan's strided views at the traced shape, with no guard, and its graph
-        # was wrong at every other length; its symbolic mode failed on the input cache's key)
-        raise TypeError(
-            "make_fx cannot record ringattn's dilated attention (its block plan is made in "
-            "Python from each call's shapes, and the graph would keep one call's): use "
-            "torch.compile, or torch.export for a program"
+            f"{tracer} cannot record ringattn's dilated attention (its block plan is made in "
+            "Python from each call's shapes, and the recording would keep one call's as "
+            "constants): use torch.compile, or torch.export for a program"
         )
     for name, x in (("q", q), ("k", k), ("v", v)):
         if (

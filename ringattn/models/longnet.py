@@ -79,6 +79,10 @@ def _tie(model: LongNet, _incompatible_keys: object = None) -> None:
     model.head.weight = model.embed.weight
 
 
+# the targets' rule, as the eager check and the compiled one (check_target_ids) state it
+_TARGETS_RULE = "targets must be ids in [0, vocab_size={}) or -100 (ignored)"
+
+
 @torch.library.custom_op("ringattn::check_target_ids", mutates_args=())
 def check_target_ids(out_of_range: Tensor, vocab_size: int) -> Tensor:
     """A compiled ``LongNet.loss``'s target check: the ``ValueError`` of an eager call where
@@ -89,8 +93,8 @@ def check_target_ids(out_of_range: Tensor, vocab_size: int) -> Tensor:
     count = int(out_of_range)
     if count:
         raise ValueError(
-            f"targets must be ids in [0, vocab_size={vocab_size}) or -100 (ignored), got "
-            f"{count} others (on this rank or another of its group)"
+            f"{_TARGETS_RULE.format(vocab_size)}, got {count} others (on this rank or another "
+            "of its group)"
         )
     return out_of_range.new_zeros(())
 
@@ -339,8 +343,8 @@ class LongNet(nn.Module):
         vocab = self.config.vocab_size
         if scored.numel() and not 0 <= scored.min() <= scored.max() < vocab:
             raise ValueError(
-                f"targets must be ids in [0, vocab_size={vocab}) or -100 (ignored), got ids "
-                f"from {int(scored.min())} to {int(scored.max())}"
+                f"{_TARGETS_RULE.format(vocab)}, got ids from {int(scored.min())} to "
+                f"{int(scored.max())}"
             )
 
     def new_caches(self, batch: int, capacity: int) -> list[KVCache]:
