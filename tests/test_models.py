@@ -242,6 +242,60 @@ def test_a_refused_prefill_leaves_the_cache_as_it_was():
     assert cache.length == 0 and not cache.k.any()
 
 
+def test_a_detached_cache_trains_chunk_by_chunk():
+    """Truncated backpropagation over chunks: filled with gradients on, the cache carried the
+    first chunk's graph, so the second chunk's backward raised torch's "backward through the
+    graph a second time". After ``detach_()`` it runs, the cache keeps its rows, and the second
+    chunk's gradient is that of a full forward whose first chunk's K and V are constants."""
+    torch.manual_seed(0)
+    layer = MultiheadDilatedAttention(16, 2, (4, 8), (1, 2), causal=True, rotary_embedding=True)
+    x = torch.randn(1, 12, 16)
+    cache = layer.new_cache(1, 16)
+    layer(x[:, :8], cache).sum().backward()
+    assert cache.k.requires_grad
+    kept = cache.k.clone()
+    assert cache.detach_() is cache and not cache.k.requires_grad
+    assert torch.equal(cache.k, kept)
+    layer.zero_grad()
+    second = x[:, 8:].clone().requires_grad_()
+    layer(second, cache).square().sum().backward()
+    (grad,) = torch.autograd.grad(
+        layer(torch.cat([x[:, :8], second], dim=1))[:, 8:].square().sum(), second
+    )
+    assert second.grad is not None and torch.allclose(second.grad, grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("prefill", [False, True])
+def test_a_cached_call_recomputed_by_checkpointing_is_refused(reentrant, prefill):
+    """Activation checkpointing runs a call again inside the backward, after the cache moved
+    on: the recompute decoded at the cache's later length and appended again. Non-reentrant,
+    a decode step's gradient came out 0.87 off (of 4.85) with no error; now the recompute
+    raises the ValueError naming the cache, and the cache holds what the forwards stored."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    layer = MultiheadDilatedAttention(16, 2, (4,), (1,), causal=True, rotary_embedding=True)
+    x = torch.randn(1, 10, 16, requires_grad=True)
+    cache = layer.new_cache(1, 16)
+    chunks = [x[:, :8], x[:, 8:9], x[:, 9:10]]
+    target = 0 if prefill else 1
+    outs = [
+        checkpoint(lambda part: layer(part, cache), part, use_reentrant=reentrant)
+        if i == target
+        else layer(part, cache)
+        for i, part in enumerate(chunks)
+    ]
+    assert cache.length == 10
+    with pytest.raises(ValueError, match="cache: a call with a KV cache cannot run inside a back"):
+        torch.cat(outs, dim=1).square().sum().backward()
+    assert cache.length == 10
+    with torch.no_grad():  # (and decoding goes on where the forwards left it)
+        step = layer(x[:, :1].detach(), cache)
+        full = layer(torch.cat([x[:, :10], x[:, :1]], dim=1).detach())[:, 10:]
+    assert torch.allclose(step, full, atol=1e-5)
+
+
 def test_the_model_checks_every_cache_before_any_layer_moves():
     model = tiny_model("lse", (4,), (1,))
     tokens = torch.zeros(1, 5, dtype=torch.long)

@@ -160,6 +160,14 @@ class MultiheadDilatedAttention(nn.Module):
             raise TypeError(f"cache must be a KVCache (new_cache()), got {type(cache).__name__}")
         if not self.attention.config.causal:
             raise ValueError("a KV cache (incremental decoding) needs causal=True")
+        if torch._C._current_graph_task_id() != -1:
+            # a call run again by a backward (activation checkpointing's recompute) appended to
+            # the cache again and decoded at its later length: other gradients, silently
+            raise ValueError(
+                "cache: a call with a KV cache cannot run inside a backward (activation "
+                "checkpointing recomputes its forward there, after the cache moved on): "
+                "checkpoint the calls without a cache, or call without checkpointing"
+            )
         self._check_one_device()
         cache.check()
         k = cache.k

@@ -74,6 +74,17 @@ class KVCache:
         if v.device != k.device:
             raise ValueError(f"cache.v must be on cache.k's device {k.device}, got {v.device}")
 
+    def detach_(self) -> KVCache:
+        """Cut the cache from the autograd graph of the calls that filled it; returns it.
+
+        Filled with gradients on, the cache carries those calls' graph (its rows are written
+        in place), so a backward through a later call runs back through them: a second
+        backward raised torch's "backward through the graph a second time", and every call's
+        graph stayed alive. Detach between chunks for truncated backpropagation, or decode
+        under ``torch.no_grad()``."""
+        self.k, self.v = self.k.detach(), self.v.detach()
+        return self
+
     def check_room(self, n) -> None:
         """Raise unless ``n`` more positions fit."""
         if self.length + n > self.k.shape[1]:
