@@ -3,7 +3,8 @@
     python -m experiments.bench                                   # issue 5's shape, 32K and 128K
     python -m experiments.bench --n 32768 131072 1048576 --out $OUT/bench
     python -m experiments.bench --device cpu --n 512 --lengths 64 128 --rates 1 2 --heads 4 \
-        --dim 16 --computers sdpa   # ~15 s: flex compiles slowly on a CPU and has no backward there
+        --dim 16 --computers sdpa --no-in-model   # under a minute on two cores (with the compiled
+        # "(in torch.compile)" rows about twice that; flex compiles slowly on a CPU, forward only)
 
 Times (CUDA events, warm-up, median of ``--repeats``) forward and forward+backward of
 
@@ -15,16 +16,17 @@ Times (CUDA events, warm-up, median of ``--repeats``) forward and forward+backwa
 * every strategy (dilation x computer: ``sdpa`` eager and inside an enclosing ``torch.compile``,
   ``(in torch.compile)``, as a compiled model runs it; ``(compiled, <mode>)`` for the module's
   own frame in another ``--compile-modes`` mode; ``flex`` compiled), and the eager ``sdpa`` rows
-  once more forced onto FlashAttention-2 (``[flash]``, A/B against cuDNN),
+  once more forced onto FlashAttention-2 (``[flash]``, A/B against cuDNN; CUDA only),
 
 and prints one table: ms, useful TFLOP/s (``ringattn.flops``), ratio to dense SDPA in the same run
 (single calls, back to back, and with ``--graphs`` replayed from CUDA graphs against dense SDPA
 replayed), and peak memory relative to the tensors the call cannot avoid — forward:
-``(q, k, v, out)``; forward+backward: ``(q, k, v, out)`` and their gradients. Before timing,
+``(q, k, v, out)``; forward+backward: ``(q, k, v, out)`` and their gradients (CUDA only: the
+``*_mem_vs_io`` columns are NaN on a CPU). Before timing,
 each variant is checked against the float64 oracle at ``--check-n`` (output, and gradients where
 that length is timed with a backward): column ``check`` is ``FAIL`` beyond the dtype's bound
-(``experiments.ablate.TOLERANCE``), and the exit status is 1 where a row fails or a variant
-raises (its message printed and listed under ``failed`` in ``bench.json``).
+(``ringattn.reference.TOLERANCE``, the tests'), and the exit status is 1 where a row fails or a
+variant raises (its message printed and listed under ``failed`` in ``bench.json``).
 Writes ``bench.json``, ``bench.md`` and ``bench.png`` (throughput and memory vs n, log axes)
 under ``--out``.
 """
@@ -394,7 +396,8 @@ def variants(args) -> list[tuple[str, Callable[..., Callable]]]:
                 if args.traced_first:  # a model compiled before any eager call
                     name = f"{strategy.dilation}/{strategy.computer} (traced first)"
                     out.append((name, in_model(make, eager_first=False)))
-            if strategy.computer == "sdpa" and not compiled and args.flash_row:
+            flash_ab = args.flash_row and args.device.startswith("cuda")  # (a CPU has one kernel)
+            if strategy.computer == "sdpa" and not compiled and flash_ab:
                 # A/B: the same strategy on FlashAttention-2 instead of cuDNN
                 out.append((name + " [flash]", with_computer(make, cuda_backend="flash")))
             if strategy.computer == "sdpa" and not compiled and args.torch_row and fa4.installed():
@@ -600,7 +603,7 @@ def plot(rows: list[dict], path: Path) -> None:
             pts = sorted((r["n"], r) for r in sel if r["variant"].split(" (rate")[0] == variant)
             ns = [p[0] for p in pts]
             style = (
-                {"ls": "--", "color": "k"}
+                {"ls": "--", "color": "k", "marker": "x"}  # (a marker: one n draws no line)
                 if variant.startswith("dense")
                 else {"marker": "o", "color": colors[variant]}
             )

@@ -58,7 +58,7 @@ from ringattn import reference
 from ringattn.computers.sdpa import SDPAComputer
 from ringattn.kernels import fa4, fa4_add, fa4_dpsum, fa4_group, fa4_group_bwd, fa4_merge, fa4_zero
 
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+TOLERANCE = reference.TOLERANCE
 MATH_FACTOR = 4
 LAYOUTS = ("contiguous", "fused_qkv", "bhnd", "offset", "head_dim_slice")
 HEAD_DIMS = (8, 20, 24, 32, 40, 48, 64, 64, 80, 96, 112, 128, 128, 160, 192, 256)

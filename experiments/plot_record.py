@@ -75,9 +75,23 @@ def _ratio(row: dict, key: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
+def _data_range(ax) -> tuple[float, float]:
+    """The lowest and highest value the panel's lines draw (fixed limits hid a ratio of 1.17
+    and would hide a memory peak above 1.45, what that panel is there to show)."""
+    values = [float(y) for line in ax.get_lines() for y in line.get_ydata()]
+    return min(values, default=1.0), max(values, default=1.0)
+
+
 def mark(ax, level: float, text: str, ls: str = "-"):
     """A black horizontal line at ``level``, named in the panel's legend."""
     return ax.axhline(level, color="k", ls=ls, lw=1, label=text)
+
+
+def plot_formats() -> set[str]:
+    """The file suffixes matplotlib writes (png, pdf, svg, ...)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return set(FigureCanvasBase.get_supported_filetypes())
 
 
 def plot(rows: dict[Key, dict], title: str, path: Path) -> None:
@@ -113,7 +127,7 @@ def plot(rows: dict[Key, dict], title: str, path: Path) -> None:
     ]
     for ax, (_, name) in zip(axes, panels):
         ax.set_title(name, fontsize=10)
-        ax.set_ylim(0, 1.15)
+        ax.set_ylim(0, max(1.15, 1.05 * _data_range(ax)[1]))
     axes[2].set_title("peak memory / (q, k, v, out [, their gradients])", fontsize=10)
     for (key, bound), ls in zip(MEMORY_BOUNDS.items(), ("-", "--")):
         mark(
@@ -122,7 +136,8 @@ def plot(rows: dict[Key, dict], title: str, path: Path) -> None:
             f"bound {bound} ({'forward' if key.startswith('fwd_') else 'fwd+bwd'})",
             ls,
         )
-    axes[2].set_ylim(0.95, 1.45)
+    low, high = _data_range(axes[2])
+    axes[2].set_ylim(min(0.95, low - 0.02), max(1.45, high + 0.05))
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length n")
@@ -167,13 +182,16 @@ def main(argv: list[str] | None = None) -> int:
         "--out",
         type=Path,
         default=Path("record.png"),
-        help="the PNG written (default: %(default)s)",
+        help="the figure written, its format from the suffix (default: %(default)s)",
     )
     args = parser.parse_args(argv)
     try:
         rows, where = load(args.files, args.variant)
     except ValueError as exc:
         parser.error(str(exc))
+    formats = plot_formats()
+    if args.out.suffix.lstrip(".").lower() not in formats:  # (no suffix: matplotlib added .png)
+        parser.error(f"--out must end in one of .{', .'.join(sorted(formats))}, got {args.out}")
     make_out(parser, args.out.parent)
     names = ", ".join(path.name for path in args.files)
     plot(rows, f"{args.variant} on {where}; each ratio within its own run ({names})", args.out)

@@ -16,7 +16,7 @@ import ringattn
 from ringattn import distributed, reference
 from ringattn.nn.decode import KVCache
 
-TOL = {"float32": 1e-5, "float64": 1e-10, "bfloat16": 2e-2}
+TOL = {str(dtype).removeprefix("torch."): bound for dtype, bound in reference.TOLERANCE.items()}
 
 
 def _rel(x, ref, floor=0.0):

@@ -202,6 +202,52 @@ def test_causal_takes_the_other_tools_spellings_and_its_own():
     assert ablate.parse(["--causal", "both"]).preset.causal == (False, True)
 
 
+def test_compiled_sequence_parallel_rows_count_what_their_manager_keeps():
+    """``EagerFirst`` (compiled sequence-parallel rows) names its module's manager: without it
+    ``module_memory`` found none, so those rows' peaks left out the pooled buffers the eager
+    rows count (0.30 against 0.33 MiB forward in a two-rank sweep)."""
+    module = ringattn.DilatedAttention((16,), (1,), compile=False)
+    wrapped = ablate.EagerFirst(module, torch.compile(module))
+    assert ablate.module_memory(wrapped) is module.memory
+
+
+def test_an_interrupted_sweep_writes_its_rows_and_exits_130(tmp_path, monkeypatch):
+    """Ctrl-C mid-sweep: the rows measured so far are written, and the exit status says the
+    sweep is partial (it was 0, a complete sweep's)."""
+    real = ablate.measure_variant
+    calls = []
+
+    def stopped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ablate, "measure_variant", stopped)
+    argv = [*TINY, "--computer", "sdpa,math", "--dilation", "segment_local", "--memory", "none"]
+    assert ablate.main([*argv, "--out", str(tmp_path)]) == 130
+    rows = read_rows(tmp_path)
+    assert [r["strategy"] for r in rows if r["strategy"] != ablate.BASELINE] == [
+        "segment_local/math/local/none"
+    ]
+    assert "interrupted: 2 of " in (tmp_path / "results.md").read_text()
+
+
+def test_a_forward_only_group_draws_no_forward_backward_plot(tmp_path):
+    """A group whose rows have no backward (flex on a CPU) got a forward+backward figure of
+    the baseline alone."""
+    sweep = ablate.parse(["--device", "cpu", "--seq-lens", "64"])
+    config = sweep.configs[0]
+    rows = []
+    for strategy, fwdbwd in ((ablate.BASELINE, 2.0), ("segment_local/flex/local/none", None)):
+        own = None if strategy == ablate.BASELINE else config
+        row = ablate._row(sweep, strategy, False, 64, own, config.causal)
+        row.fwd_ms, row.fwdbwd_ms, row.fwd_peak_mib, row.fwdbwd_peak_mib = 1.0, fwdbwd, 1.0, 2.0
+        rows.append(row)
+    written = ablate.plot(rows, tmp_path)
+    assert [path.name.endswith("_fwd.png") for path in written] == [True]
+
+
 def test_module_memory_finds_the_modules_manager():
     module = ringattn.DilatedAttention((16,), (1,), compile=False)
     assert ablate.module_memory(module) is module.memory
@@ -251,6 +297,16 @@ BAD_ARGS = {
     "repeated seq len": (["--seq-lens", "256,64,256"], "each value once, got 256 twice"),
     "repeated mixing": (["--mixing", "lse,lse"], "each value once, got lse twice"),
     "repeated name": (["--computer", "sdpa,math,sdpa"], "each value once, got sdpa twice"),
+    # (before: its rows measured twice, drawn as one series)
+    "repeated config": (
+        ["--segment-lengths", "32,64", "--dilation-rates", "1,2"] * 2,
+        "segment_lengths=(32, 64) dilation_rates=(1, 2) is given twice",
+    ),
+    # (before: flex has no sequence-parallel strategy, so only sdpa's rows ran, unsaid)
+    "a name no strategy of the filters has": (
+        ["--computer", "flex,sdpa", "--communicator", "ring"],
+        "--computer flex: no valid strategy of --computer flex,sdpa --communicator ring has it",
+    ),
     "backend that does not run": (
         ["--compile-backend", "openxla", "--compile", "on"],
         "--compile-backend 'openxla' does not run here",
@@ -306,6 +362,7 @@ def test_gpu_preset_without_cuda_is_one_line_error(capsys):
         ([{"segment_lengths": [64.0], "dilation_rates": [1]}], "must be an int"),
         ([{"segment_lengths": [64]}], "exactly the keys"),
         ({"segment_lengths": [64], "dilation_rates": [1]}, "non-empty JSON list"),
+        ([{"segment_lengths": [64], "dilation_rates": [1]}] * 2, "is given twice"),
     ],
 )
 def test_bad_config_file_is_one_line_error(tmp_path, capsys, items, message):

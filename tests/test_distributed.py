@@ -798,6 +798,7 @@ def test_distributed_bench_parts_run_on_cpu(tmp_path):
     for name in ("ringattn ring zigzag", "ringattn all_gather zigzag", "ringattn ring contiguous"):
         assert "error" not in cp[name] and cp[name]["fwdbwd_ms"] > 0
     assert cp["ringattn all_gather zigzag"]["rel_diff_vs_ring_zigzag"] < 1e-5
+    assert cp["ringattn all_gather zigzag"]["agrees"]
     # PyTorch's context parallel has no CPU attention kernel: recorded as an error row, not a crash
     assert all(
         "error" in r or r["rel_diff_vs_ring_zigzag"] < 1e-5
@@ -830,6 +831,32 @@ def test_distributed_bench_exit_status_says_whether_the_check_passed(
     status = distributed_bench.main(["--part", "check", "--out", str(tmp_path)])
     assert status == (0 if ok else 1)
     assert not torch.distributed.is_initialized()
+
+
+def test_distributed_bench_holds_gradients_to_the_tests_bounds():
+    """The check's ``ok``: outputs and gradients within the tests' bound for the dtype (the
+    gradients were allowed 10x it: 0.2 in bf16); NaN fails."""
+    from experiments.distributed_bench import within_bounds
+
+    for dtype, bound in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        assert within_bounds(torch.tensor([0.0, bound, bound / 2]), dtype)
+        assert not within_bounds(torch.tensor([0.0, 0.0, 1.5 * bound]), dtype)
+        assert not within_bounds(torch.tensor([0.0, float("nan"), 0.0]), dtype)
+
+
+@pytest.mark.parametrize("agrees", [True, False])
+def test_distributed_bench_exit_status_says_whether_the_cp_outputs_agree(
+    agrees, tmp_path, monkeypatch, one_gloo_rank
+):
+    """``--part cp`` compares PyTorch's context-parallel output with ringattn's (its docstring
+    said "after checking"): a disagreeing row now fails the run, as a failed check row does."""
+    from experiments import distributed_bench
+
+    row = {"n": 512, "ranks": 1, "impl": "torch context_parallel allgather"}
+    rows = [{**row, "rel_diff_vs_ring_zigzag": 0.0, "agrees": True}, {**row, "agrees": agrees}]
+    monkeypatch.setattr(distributed_bench, "cp_compare", lambda device, n: rows)
+    status = distributed_bench.main(["--part", "cp", "--cp-n", "512", "--out", str(tmp_path)])
+    assert status == (0 if agrees else 1)
 
 
 # a computer that fails on rank 1 alone, on its first call (as an out-of-memory error would)
