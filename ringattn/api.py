@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, cast
 
 import torch
+import torch.distributed as dist
 from beartype import beartype
 from jaxtyping import jaxtyped
 from torch import Tensor, nn
@@ -589,11 +590,7 @@ class DilatedAttention(nn.Module):
         the call's (an NCCL-only sub-group agrees on that GPU, ``distributed.nccl_device``)."""
         tracing = torch.compiler.is_compiling()
         if self.communicator.distributed and self.check_every_call and not tracing:
-            signature = ("refused before the call", f"{type(exc).__name__}: {exc}")
-            try:
-                distributed.require_agreement(self.communicator.group, signature, device=device)
-            except ValueError as disagreement:
-                raise exc from disagreement
+            distributed.refuse_on_every_rank(self.communicator.group, exc, device)
         raise exc
 
     def _validate(self, q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -831,8 +828,33 @@ def _eager_functional(q: Tensor, k: Tensor, v: Tensor, options: dict) -> Tensor:
     once per input signature; the options by the module's constructor, which every option set
     new to the cache reaches (the cache's key holds each option's type, and the lengths and
     rates as int_sequence checked them)."""
-    check_plain(q, k, v)  # (its errors name the argument and the rule, before beartype's)
-    return _functional(q, k, v, **options)
+    try:
+        check_plain(q, k, v)  # (its errors name the argument and the rule, before beartype's)
+        module = _functional_module(**options)
+    except (TypeError, ValueError) as exc:
+        _refuse_functional_call(exc, options["strategy"], q)
+    return module(q, k, v)
+
+
+def _functional_module(
+    segment_lengths: Sequence[int], dilation_rates: Sequence[int], **options: Any
+) -> DilatedAttention:
+    # (the options are typed by the module's constructor, which any new key reaches)
+    key = _key(segment_lengths, dilation_rates, **options)
+    return _module_for(key, segment_lengths, dilation_rates, **options)
+
+
+def _refuse_functional_call(exc: Exception, strategy: object, q: object) -> NoReturn:
+    """Raise ``exc``; where the call is sequence-parallel (over WORLD: the functional form has
+    no ``group``), on every rank, as a module's refusals are: refused on one rank alone, an
+    argument left the others waiting in the call's agreement until the group's timeout."""
+    communicator = strategy.component("communicator") if isinstance(strategy, Strategy) else None
+    sequence_parallel = getattr(communicator, "distributed", False) and dist.is_initialized()
+    if sequence_parallel and DilatedAttention.check_every_call:
+        distributed.refuse_on_every_rank(
+            distributed.resolve_group(None), exc, distributed.device_of(q)
+        )
+    raise exc
 
 
 def _functional(
@@ -844,6 +866,8 @@ def _functional(
     dilation_rates: Sequence[int],
     **options: Any,
 ) -> BNHD:
+    """The functional form as a user's ``torch.compile`` traces it (the eager call is
+    :func:`_eager_functional`)."""
     # (the options are typed by the module's constructor, which any new key reaches)
     key = _key(segment_lengths, dilation_rates, **options)
     if torch.compiler.is_compiling():

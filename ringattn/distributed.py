@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import weakref
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -409,6 +410,21 @@ def require_agreement(
     ``device``: the call's tensors' (an NCCL-only sub-group agrees there, :func:`nccl_device`)."""
     if not agree(group, fingerprint(signature) if digest is None else digest, device, call):
         check_consistent(group, signature, what, fields, device)
+
+
+def refuse_on_every_rank(
+    group: dist.ProcessGroup, exc: Exception, device: torch.device | None = None
+) -> NoReturn:
+    """Raise ``exc``, this rank's refusal of a call its peers are making over ``group``, after
+    joining the call's agreement with a signature that cannot match theirs: they raise a
+    ValueError naming this rank's error instead of waiting for it in their exchanges. (Where
+    every rank refused alike the agreement passes and each raises its own.)"""
+    signature = ("refused before the call", f"{type(exc).__name__}: {exc}")
+    try:
+        require_agreement(group, signature, device=device)
+    except ValueError as disagreement:
+        raise exc from disagreement
+    raise exc
 
 
 @torch.compiler.disable  # (never traced: see the note above fingerprint)

@@ -214,10 +214,12 @@ def multiplicity(
     mixing: str = "lse",
 ) -> Tensor:
     """``m[head, p, p']``: how many configs let query ``p`` see key ``p'`` (int64)."""
+    # (causal checked as the config's: a string "False" was truthy, a causal mask unasked)
+    cfg = DilatedConfig.of(segment_lengths, dilation_rates, causal, mixing, None)
     sel = selection(n, h, segment_lengths, dilation_rates, mixing)
     p = torch.arange(n)
     m = torch.zeros(h, n, n, dtype=torch.int64)
-    for i, w in enumerate(segment_lengths):
+    for i, (w, _) in enumerate(cfg.configs):
         same_segment = (p[:, None] // w) == (p[None, :] // w)
         sees = same_segment[None] & sel[i][:, :, None] & sel[i][:, None, :]
         if causal:

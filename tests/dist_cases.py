@@ -971,6 +971,23 @@ def a_bad_input_on_one_rank_raises_everywhere():
     return _messages_of(lambda: module(q.tolist() if dist.get_rank() == 1 else q, q, q))
 
 
+def a_functional_call_refused_on_one_rank_raises_everywhere(what: str) -> str:
+    """The functional form over a sequence-parallel strategy, rank 1 alone passing a bad
+    argument: its own check (q, k, v's plain rules, the options') raised there alone, and the
+    other ranks waited in the call's agreement until the group's timeout."""
+    odd = dist.get_rank() == 1
+    q = torch.randn(1, 16, 2, 8)
+    k = {"list": q.tolist(), "shape": torch.randn(1, 16, 1, 8)}.get(what, q) if odd else q
+    scale = 0.0 if odd and what == "scale" else 0.5
+    ring = ringattn.Strategy(communicator="ring")
+    return _messages_of(
+        lambda: ringattn.dilated_attention(
+            q, k, q, segment_lengths=(8,), dilation_rates=(2,), scale=scale, strategy=ring,
+            compile=False,
+        )
+    )  # fmt: skip
+
+
 def a_loss_on_the_gathered_output_trains_the_inputs(layout: str, grad: str = "shard"):
     """A loss on ``gather(out)``: with ``grad="shard"`` the same loss on every rank, with
     ``"sum"`` a loss of each rank's own (its weight scaled by rank + 1, so the ranks' losses

@@ -433,6 +433,21 @@ def test_a_bad_input_on_one_rank_raises_on_every_rank(pool):
     assert all(m.startswith("ValueError: ranks disagree") and "('list',)" in m for m in others)
 
 
+@pytest.mark.parametrize(
+    "what, message",
+    [
+        ("list", "TypeError: parameter 'k' must be a torch.Tensor, got list"),
+        ("shape", "TypeError: parameter 'k': k.shape must equal q.shape"),
+        ("scale", "ValueError: scale must be > 0"),
+    ],
+)
+def test_a_functional_call_refused_on_one_rank_raises_on_every_rank(pool, what, message):
+    messages = pool.run("a_functional_call_refused_on_one_rank_raises_everywhere", what)
+    assert messages[1].startswith(message), messages[1]
+    others = messages[:1] + messages[2:]
+    assert all(m.startswith("ValueError: ranks disagree") and message in m for m in others)
+
+
 @pytest.mark.parametrize("layout, grad", [("contiguous", "shard"), ("zigzag", "shard"),
                                           ("contiguous", "sum"), ("zigzag", "sum")])  # fmt: skip
 def test_a_loss_on_the_gathered_output_trains_the_inputs(pool, layout, grad):

@@ -94,6 +94,13 @@ def test_multiplicity_counts_configs():
     m = reference.multiplicity(8, 1, [4, 4], [1, 1])
     assert set(m.unique().tolist()) == {0, 2}
     assert m[0, 0, 3] == 2 and m[0, 0, 4] == 0
+    assert torch.equal(reference.multiplicity(8, 1, [4], [1], causal=True).triu(1), 0 * m[:1])
+
+
+def test_multiplicity_refuses_a_causal_that_is_not_a_bool():
+    """A string ``"False"`` is truthy: it masked the pairs causally, unasked."""
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        reference.multiplicity(8, 1, [4], [1], causal="False")  # type: ignore[arg-type]
 
 
 def test_segment_longer_than_n_is_one_partial_segment():
