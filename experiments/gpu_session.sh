@@ -38,6 +38,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh graph_modes # <10 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh add_dq   # ~9 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh dpsum    # <9.5 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh grads    # <9.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh ops      # <9.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh flex_groups # <9 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh merge_cost # ~2 min
@@ -87,7 +88,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh review|ops|record|trees|graphs|first_checks|batch|batch_more|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh grads|review|ops|record|trees|graphs|first_checks|batch|batch_more|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -610,6 +611,45 @@ PY
 $(cat "$out/rc.log")
 $(grep -h "^model:" "$out/model.log")
 $(grep -h "^| 32768" "$out/bench.log" | cut -d'|' -f2-9 | cut -c1-160)"
+    ;;
+grads)
+    # stop 74 (step 78): the backward's gradients of leaf inputs (a .grad kept) now own their
+    # storage (three buffers and fills where a graph's inner q, k, v share one): equal to the
+    # one-buffer path's, bitwise, on the GPU's kernels (FA4 / cuDNN, both mixings, causal or
+    # not); the oracle check; bench at 32K and 131K, whose inputs are leaves (timed on the new
+    # path) with its judged check column
+    timeout 90 python - >"$out/grads.log" 2>&1 <<'PY'
+import torch
+import ringattn
+shape = (1, 32768, 16, 128)
+for mixing in ("head_groups", "lse"):
+    for causal in (False, True):
+        module = ringattn.DilatedAttention((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16),
+                                           mixing=mixing, causal=causal)
+        gen = torch.Generator("cuda").manual_seed(0)
+        x = [torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+             for _ in range(4)]
+        leaves = [t.clone().requires_grad_() for t in x[:3]]
+        module(*leaves).backward(x[3])
+        base = [t.clone().requires_grad_() for t in x[:3]]
+        inner = [t * 1 for t in base]
+        stacked = torch.autograd.grad(module(*inner), inner, x[3])
+        same = all(torch.equal(a.grad, b) for a, b in zip(leaves, stacked))
+        own = all(t.grad.untyped_storage().nbytes() == t.grad.numel() * 2 for t in leaves)
+        shared = len({g.untyped_storage().data_ptr() for g in stacked}) == 1
+        print(f"grads: {mixing} causal={causal} equal={same} own_storage={own} "
+              f"inner_shared={shared}")
+PY
+    echo "grads: rc=$?" >>"$out/rc.log"
+    timeout 230 python -m experiments.flex_gpu --part check --out "$out/flex_gpu_check" \
+        >"$out/check.log" 2>&1 || echo "check: exit $?" >>"$out/check.log"
+    timeout 250 "${bench[@]}" --n 32768 131072 --repeats 5 --out "$out/bench" \
+        >"$out/bench.log" 2>&1
+    echo "bench: rc=$?" >>"$out/rc.log"
+    summary="$(grep -h "Correctness" "$out/flex_gpu_check/flex_gpu_check.md")
+$(cat "$out/rc.log")
+$(grep -h "^grads:" "$out/grads.log")
+$(grep -h "^| 32768\|^| 131072" "$out/bench.log" | grep "segment_local/sdpa \|dense" | cut -d'|' -f2-11 | cut -c1-160)"
     ;;
 ops)
     # stop 72 (step 76): the forward op takes the call's grad state (core.grad_state), the eager
