@@ -363,8 +363,9 @@ def zero_unselected_cases(gen: torch.Generator, cases: int) -> int:
         for g, g_ref in zip(grads, ref_grads):
             assert ((g.double() - g_ref).norm() / g_ref.norm()).item() <= 1e-5
         checked += 1
-    # per call: the forward's output, and the three gradients' one stacked buffer
-    assert len(calls) == 4, f"the core zeroed through the kernel {len(calls)} times, not 4"
+    # per call: the forward's output, and each gradient's own buffer (q, k, v are leaves: their
+    # .grad own their storage; a graph's inner q, k, v share one stacked buffer and one fill)
+    assert len(calls) == 8, f"the core zeroed through the kernel {len(calls)} times, not 8"
     unselected.zero_unselected_, torch.empty_like, torch.empty = original, empty_like, empty
     return checked + fill_unselected_cases()
 
