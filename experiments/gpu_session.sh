@@ -618,7 +618,7 @@ grads)
     # one-buffer path's, bitwise, on the GPU's kernels (FA4 / cuDNN, both mixings, causal or
     # not); the oracle check; bench at 32K and 131K, whose inputs are leaves (timed on the new
     # path) with its judged check column
-    timeout 90 python - >"$out/grads.log" 2>&1 <<'PY'
+    timeout 120 python - >"$out/grads.log" 2>&1 <<'PY'
 import torch
 import ringattn
 shape = (1, 32768, 16, 128)
@@ -639,11 +639,36 @@ for mixing in ("head_groups", "lse"):
         shared = len({g.untyped_storage().data_ptr() for g in stacked}) == 1
         print(f"grads: {mixing} causal={causal} equal={same} own_storage={own} "
               f"inner_shared={shared}")
+# the cost of three gradient buffers (leaf inputs) over one stacked buffer (views of leaves):
+# forward+backward ms, the two alternated, median of 15 each (head_groups: zero fills)
+def fwdbwd_ms(module, inputs, grad):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.autograd.grad(module(*inputs), inputs, grad)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+for n in (32768, 131072):
+    for causal in (False, True):
+        module = ringattn.DilatedAttention((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16),
+                                           mixing="head_groups", causal=causal)
+        x = [torch.randn(1, n, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+        leaves = [t.requires_grad_() for t in x[:3]]
+        views = [t.view_as(t) for t in leaves]
+        times = {"three": [], "stacked": []}
+        for i in range(40):
+            for name, inputs in (("three", leaves), ("stacked", views)):
+                ms = fwdbwd_ms(module, inputs, x[3])
+                if i >= 10:
+                    times[name].append(ms)
+        med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+        print(f"grads: timing n={n} causal={causal} three {med['three']:.3f} ms "
+              f"stacked {med['stacked']:.3f} ms ratio {med['three'] / med['stacked']:.3f}")
 PY
     echo "grads: rc=$?" >>"$out/rc.log"
-    timeout 230 python -m experiments.flex_gpu --part check --out "$out/flex_gpu_check" \
+    timeout 220 python -m experiments.flex_gpu --part check --out "$out/flex_gpu_check" \
         >"$out/check.log" 2>&1 || echo "check: exit $?" >>"$out/check.log"
-    timeout 250 "${bench[@]}" --n 32768 131072 --repeats 5 --out "$out/bench" \
+    timeout 230 "${bench[@]}" --n 32768 131072 --repeats 5 --out "$out/bench" \
         >"$out/bench.log" 2>&1
     echo "bench: rc=$?" >>"$out/rc.log"
     summary="$(grep -h "Correctness" "$out/flex_gpu_check/flex_gpu_check.md")

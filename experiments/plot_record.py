@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from experiments import make_out
@@ -79,7 +80,8 @@ def _data_range(ax) -> tuple[float, float]:
     """The lowest and highest value the panel's lines draw (fixed limits hid a ratio of 1.17
     and would hide a memory peak above 1.45, what that panel is there to show)."""
     values = [float(y) for line in ax.get_lines() for y in line.get_ydata()]
-    return min(values, default=1.0), max(values, default=1.0)
+    finite = [y for y in values if math.isfinite(y)]  # (an inf made the limits raise)
+    return min(finite, default=1.0), max(finite, default=1.0)
 
 
 def mark(ax, level: float, text: str, ls: str = "-"):

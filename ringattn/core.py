@@ -908,12 +908,10 @@ class DilatedAttentionFunction(torch.autograd.Function):
         out, lse = dilated_forward(spec, q, k, v, indices, keep_lse=True)
         ctx.save_for_backward(q, k, v, out, lse, *indices)
         ctx.spec = spec
-        # the three gradients as views of one buffer (one allocation, one fill) unless one is
-        # kept as a .grad (a leaf's, or retain_grad()): there keeping one kept all three (3x its
-        # memory; torch.save wrote them all)
-        ctx.stack_grads = not any(
-            (t.is_leaf and t.requires_grad) or t.retains_grad for t in (q, k, v)
-        )
+        # the three gradients as views of one buffer (one allocation, one fill) unless one goes
+        # to a leaf's .grad (autograd keeps it as it is): there keeping one kept all three (3x
+        # its memory; torch.save wrote them all)
+        ctx.stack_grads = not any(t.is_leaf and t.requires_grad for t in (q, k, v))
         communicator = cast(Any, spec.communicator)  # (a distributed one is SequenceParallel)
         ctx.call = distributed.next_call(communicator.group) if communicator.distributed else None
         return out

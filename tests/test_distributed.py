@@ -874,6 +874,30 @@ def test_distributed_bench_exit_status_says_whether_the_cp_outputs_agree(
     assert status == (0 if agrees else 1)
 
 
+def test_distributed_bench_cp_rows_of_ours_that_failed_do_not_agree(one_gloo_rank):
+    """A ringattn row that raised had no ``agrees`` and so counted as agreeing: every ringattn
+    row failing exited 0. PyTorch's rows that raised (no CPU kernel) stay outside the verdict."""
+    from experiments.distributed_bench import compare_outputs
+
+    ref = torch.randn(1, 8, 2, 4)
+    cpu = torch.device("cpu")
+    names = ["ringattn ring zigzag", "ringattn all_gather zigzag", "torch context_parallel a"]
+
+    def judged(outputs: dict, failed: set) -> list:
+        rows = [{"impl": name, **({"error": "x"} if name in failed else {})} for name in names]
+        compare_outputs(rows, outputs, torch.float32, cpu)
+        return [row.get("agrees") for row in rows]
+
+    torch.distributed.init_process_group("gloo")  # (one rank: the largest over ranks is its own)
+    try:
+        assert judged({names[0]: ref, names[1]: ref + 1e-7}, {names[2]}) == [True, True, None]
+        assert judged({names[0]: ref, names[1]: ref + 1}, {names[2]}) == [True, False, None]
+        assert judged({names[0]: ref}, {names[1], names[2]}) == [True, False, None]
+        assert judged({}, set(names)) == [False, False, None]
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 # a computer that fails on rank 1 alone, on its first call (as an out-of-memory error would)
 FLAKY_COMPUTER = """
 import torch.distributed as dist

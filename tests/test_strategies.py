@@ -547,20 +547,14 @@ def test_outputs_survive_a_second_call():
 
 
 @pytest.mark.parametrize("mixing", ["lse", "head_groups"])
-@pytest.mark.parametrize("kept", ["leaf", "retain_grad"])
-def test_kept_gradients_hold_only_their_own_memory(mixing, kept):
-    """A ``.grad`` kept by autograd (a leaf's, or a ``retain_grad()`` tensor's) owns its storage:
-    the backward's three gradients were views of one ``[3, b, n, h, d]`` buffer, so keeping
-    ``q.grad`` kept all three (3x its memory; ``torch.save(q.grad)`` wrote them all). The first
-    config is dilated (r = 2), so the gradients start as zeros: the stacked buffer's path."""
+def test_leaf_gradients_hold_only_their_own_memory(mixing):
+    """A leaf's ``.grad`` owns its storage: the backward's three gradients were views of one
+    ``[3, b, n, h, d]`` buffer, which autograd kept as they were, so keeping ``q.grad`` kept all
+    three (3x its memory; ``torch.save(q.grad)`` wrote them all). The first config is dilated
+    (r = 2), so the gradients start as zeros: the stacked buffer's path."""
     module = ringattn.DilatedAttention((8, 16), (2, 2), mixing=mixing, compile=False)
     x = torch.randn(1, 32, 4, 8, requires_grad=True)
-    if kept == "leaf":
-        qkv = [torch.randn(1, 32, 4, 8, requires_grad=True) for _ in range(3)]
-    else:
-        qkv = [x * (i + 1) for i in range(3)]
-        for t in qkv:
-            t.retain_grad()
+    qkv = [torch.randn(1, 32, 4, 8, requires_grad=True) for _ in range(3)]
     module(*qkv).square().sum().backward()
     for t in qkv:
         assert t.grad is not None

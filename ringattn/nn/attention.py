@@ -165,8 +165,8 @@ class MultiheadDilatedAttention(nn.Module):
             # the cache again and decoded at its later length: other gradients, silently
             raise ValueError(
                 "cache: a call with a KV cache cannot run inside a backward (activation "
-                "checkpointing recomputes its forward there, after the cache moved on): "
-                "checkpoint the calls without a cache, or call without checkpointing"
+                "checkpointing recomputes its forward there, after the cache moved on; or a "
+                "backward hook): checkpoint the calls without a cache, or call it outside"
             )
         self._check_one_device()
         cache.check()
