@@ -133,7 +133,9 @@ def fwd_and_fwdbwd(fn: Callable, q, k, v, dout) -> tuple[Callable[[], object], C
 
     def fwdbwd():
         xs = [x.detach().requires_grad_() for x in (q, k, v)]
-        fn(*xs).backward(dout)
+        # views, as a model's projections hand q, k, v (not leaves): the core's one buffer for
+        # the three gradients, where leaves take three (step 78: up to 4% more at 32K)
+        fn(*(x.view_as(x) for x in xs)).backward(dout)
 
     return fwd, fwdbwd
 
