@@ -286,8 +286,9 @@ class DilatedAttention(nn.Module):
             (131K causal ``head_groups`` forward: 0.87 ms replayed against 1.07 ms eager).
         group: the process group of a sequence-parallel communicator (default: the world), or a
             1-D ``DeviceMesh`` (``mesh["sp"]``), whose group is taken. Every
-            call checks that the ranks make the same call, else all raise (never a hang);
-            ``check_every_call = False`` checks only each signature's first call.
+            call checks that the ranks make the same call, else all raise instead of hanging;
+            ``check_every_call = False`` checks only each signature's first call (README's
+            Known limitations lists the refusals that cannot reach the peers).
         layout: how a sequence-parallel communicator's inputs are sharded over the ranks
             (``ringattn.distributed``): ``"contiguous"`` (rank i holds the i-th n/p positions) or
             ``"zigzag"`` (load-balanced causal: rank i holds chunks i and 2p-1-i of 2p; shard with
@@ -775,8 +776,9 @@ def dilated_attention(
     compile_backend: str = "inductor",
 ) -> BNHD:
     """Functional form of :class:`DilatedAttention`: its options except ``compile_mode``,
-    ``group`` and ``layout`` (a sequence-parallel or CUDA-graph call needs a module of its own,
-    which holds the ranks' agreed calls and the graphs' memory).
+    ``group`` and ``layout``. A sequence-parallel strategy runs over the world, contiguous; a
+    call over another group or in the zigzag layout, or a CUDA-graph call, needs a module of its
+    own (which holds the ranks' agreed calls and the graphs' memory).
 
     Modules are cached per option set, so repeated calls reuse the compiled core and the memory
     manager's patterns instead of recompiling. The 32 most recent option sets keep their patterns
