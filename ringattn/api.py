@@ -808,7 +808,7 @@ def dilated_attention(
     if torch.compiler.is_compiling():
         # traced by a user's torch.compile: beartype's wrapper cannot be traced (it raised
         # inside Dynamo), and the module checks its inputs itself, traced into guards
-        return _functional(q, k, v, **options)
+        return _traced_functional(q, k, v, **options)
     return _eager_functional(q, k, v, options)
 
 
@@ -859,7 +859,7 @@ def _refuse_functional_call(exc: Exception, strategy: object, q: object) -> NoRe
     raise exc
 
 
-def _functional(
+def _traced_functional(
     q: BNHD,
     k: BNHD,
     v: BNHD,
@@ -869,34 +869,32 @@ def _functional(
     **options: Any,
 ) -> BNHD:
     """The functional form as a user's ``torch.compile`` traces it (the eager call is
-    :func:`_eager_functional`)."""
+    :func:`_eager_functional`, which finds or makes its module at call time)."""
     # (the options are typed by the module's constructor, which any new key reaches)
     key = _key(segment_lengths, dilation_rates, **options)
-    if torch.compiler.is_compiling():
-        # Found or made in plain Python at trace time, for a kept module too: torch 2.11's Dynamo
-        # cannot trace hash() of a tuple (the key's attribute, _kept_module), which failed every
-        # fullgraph trace there, and on CUDA the call also makes the module's CUDA tag where no
-        # eager call did. (The lengths and rates as the key holds them, checked: a float among
-        # them is no constant to Dynamo, which then failed to pass them on.)
-        # Lengths and rates computed from a dynamic shape (n // 4 under dynamic=True) are
-        # symbolic: a module is made for values, so the trace takes them as constants and
-        # guards on them (a new value retraces). Handed on symbolic, torch 2.13's Dynamo broke
-        # the graph there and 2.11's raised its internal error.
-        lengths = tuple(guard_scalar(w) for w in key[0])
-        rates = tuple(guard_scalar(r) for r in key[1])
-        # a scale that changed between calls (a function's argument), or one computed from a
-        # dynamic shape, is symbolic too: the same, a constant guarded on (handed on symbolic,
-        # Dynamo failed: "assume_constant_result argument conversion failed", naming nothing)
-        scale = options["scale"]
-        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-            options = {**options, "scale": guard_scalar(scale)}
-        attribute, refusal, reason = _made_while_tracing(
-            lengths, rates, device=q.device, classes=key[6], **_as_constants(options)
-        )
-        if refusal:
-            raise (TypeError if refusal == "TypeError" else ValueError)(reason)
-        return getattr(_EVERY_MODULE, attribute)(q, k, v)
-    return _module_for(key, segment_lengths, dilation_rates, **options)(q, k, v)
+    # Found or made in plain Python at trace time, for a kept module too: torch 2.11's Dynamo
+    # cannot trace hash() of a tuple (the key's attribute, _kept_module), which failed every
+    # fullgraph trace there, and on CUDA the call also makes the module's CUDA tag where no
+    # eager call did. (The lengths and rates as the key holds them, checked: a float among
+    # them is no constant to Dynamo, which then failed to pass them on.)
+    # Lengths and rates computed from a dynamic shape (n // 4 under dynamic=True) are
+    # symbolic: a module is made for values, so the trace takes them as constants and
+    # guards on them (a new value retraces). Handed on symbolic, torch 2.13's Dynamo broke
+    # the graph there and 2.11's raised its internal error.
+    lengths = tuple(guard_scalar(w) for w in key[0])
+    rates = tuple(guard_scalar(r) for r in key[1])
+    # a scale that changed between calls (a function's argument), or one computed from a
+    # dynamic shape, is symbolic too: the same, a constant guarded on (handed on symbolic,
+    # Dynamo failed: "assume_constant_result argument conversion failed", naming nothing)
+    scale = options["scale"]
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        options = {**options, "scale": guard_scalar(scale)}
+    attribute, refusal, reason = _made_while_tracing(
+        lengths, rates, device=q.device, classes=key[6], **_as_constants(options)
+    )
+    if refusal:
+        raise (TypeError if refusal == "TypeError" else ValueError)(reason)
+    return getattr(_EVERY_MODULE, attribute)(q, k, v)
 
 
 def _key(segment_lengths: Sequence[int], dilation_rates: Sequence[int], **options: Any) -> tuple:
