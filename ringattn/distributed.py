@@ -113,8 +113,11 @@ def _check_sequence_tensor(x: object) -> None:
         raise ValueError(f"x must be [b, n, ...] (at least 2 dims), got shape {tuple(x.shape)}")
 
 
-def shard(x: Tensor, group: dist.ProcessGroup | None = None, layout: str = "contiguous") -> Tensor:
-    """This rank's shard of ``x: [b, n, ...]`` along n in ``layout`` (n must divide evenly)."""
+def shard(
+    x: Tensor, group: dist.ProcessGroup | DeviceMesh | None = None, layout: str = "contiguous"
+) -> Tensor:
+    """This rank's shard of ``x: [b, n, ...]`` along n in ``layout`` (n must divide evenly).
+    ``group``: a process group, a 1-D ``DeviceMesh`` (``mesh["sp"]``) or None (the world)."""
     group = resolve_group(group)
     _check_sequence_tensor(x)
     p, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -136,7 +139,7 @@ GATHER_GRADS = ("shard", "sum")
 
 def gather(
     x: Tensor,
-    group: dist.ProcessGroup | None = None,
+    group: dist.ProcessGroup | DeviceMesh | None = None,
     layout: str = "contiguous",
     grad: str = "shard",
 ) -> Tensor:

@@ -59,3 +59,60 @@ def test_console_scripts_run_installed_code(wheel):
     scripts = dict(parser["console_scripts"]) if parser.has_section("console_scripts") else {}
     outside = {name: aim for name, aim in scripts.items() if not aim.startswith("ringattn")}
     assert not outside, f"console scripts outside the installed library: {outside}"
+
+
+# a user's own module, type-checked against the installed wheel as mypy sees a dependency: the
+# public API as the README shows it, each result's type pinned by an annotation
+USER_SCRIPT = """
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
+
+import ringattn
+from ringattn import distributed
+from ringattn.models import LongNet, LongNetConfig
+from ringattn.nn import KVCache, MultiheadDilatedAttention
+
+
+def use(q: Tensor, k: Tensor, v: Tensor, x: Tensor, tokens: Tensor, mesh: DeviceMesh) -> Tensor:
+    strategy = ringattn.Strategy(dilation="segment_local", computer="sdpa", memory="pooled")
+    attn = ringattn.DilatedAttention((64, 128), (1, 2), causal=True, strategy=strategy)
+    out: Tensor = attn(q, k, v)
+    out = ringattn.dilated_attention(q, k, v, segment_lengths=(64,), dilation_rates=(1,))
+    out = ringattn.reference.dilated_attention(q, k, v, segment_lengths=(64,), dilation_rates=(1,))
+    strategies: tuple[ringattn.Strategy, ...] = ringattn.Strategy.all()
+    mha = MultiheadDilatedAttention(64, 4, (64, 128), (1, 2), causal=True)
+    cache: KVCache = mha.new_cache(2, 512)
+    y: Tensor = mha(x, cache)
+    model = LongNet(LongNetConfig(vocab_size=32, dim=32, depth=1, num_heads=2))
+    loss: Tensor = model.loss(tokens, tokens)
+    generated: Tensor = model.generate(tokens, 4)
+    # README: ``group=`` may be a 1-D DeviceMesh, ``mesh["sp"]``
+    shard: Tensor = distributed.shard(q, group=mesh["sp"])
+    full: Tensor = distributed.gather(shard, group=mesh["sp"], grad="sum")
+    print(len(strategies), y.shape, loss.item(), generated.shape)
+    return out + full
+"""
+
+
+def test_a_users_strict_mypy_sees_the_installed_packages_types(wheel, tmp_path):
+    """PEP 561 from the user's side: ``mypy --strict`` on a script of the user's own, with the
+    wheel installed (its files on the path mypy searches for installed packages), reads
+    ``py.typed`` and passes the README's calls. ``distributed.shard`` / ``gather`` took a
+    ``DeviceMesh`` at run time, as the README says ``group=`` may be, but were annotated
+    ``ProcessGroup | None``: a user's mypy refused ``shard(x, group=mesh["sp"])``."""
+    import os
+
+    pytest.importorskip("mypy")
+    site = tmp_path / "site"
+    wheel.extractall(site)
+    script = tmp_path / "user_script.py"
+    script.write_text(USER_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    check = [sys.executable, "-m", "mypy", "--strict", "--no-incremental", script.name]
+    # (from tmp_path: no pyproject.toml of the repository's there, so mypy's defaults and
+    # --strict alone, as in the user's project)
+    done = subprocess.run(check, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
