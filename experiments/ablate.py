@@ -271,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
         " configs, n >= 32K; distributed: the gpu sweep under torchrun with the ring/all_gather"
         " communicators",
     )
-    p.add_argument("--out", type=Path, help="results folder (default results/<date>_<preset>)")
+    p.add_argument(
+        "--out", type=Path, help="results folder (default results/<date>_<time>_<preset>)"
+    )
     p.add_argument(
         "--import",
         dest="imports",

@@ -19,7 +19,7 @@ REPO = Path(__file__).parents[1]
 def wheel(tmp_path_factory) -> zipfile.ZipFile:
     # from a copy: setuptools writes build/ and *.egg-info/ next to the sources
     source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, source / name)
     for package in ("ringattn", "experiments"):  # experiments/: must be left out by the config
         ignore = shutil.ignore_patterns("__pycache__")
@@ -47,6 +47,19 @@ def test_only_the_library_is_installed(wheel):
 def test_type_information_is_shipped(wheel):
     """PEP 561: without ``py.typed`` mypy and pyright ignore the library's annotations."""
     assert "ringattn/py.typed" in wheel.namelist()
+
+
+def test_metadata_has_the_librarys_version_and_license_text(wheel):
+    """One source for the version (``ringattn.__version__``, which pyproject reads), and the MIT
+    text shipped with the code, as that license asks (pyproject named MIT, no text shipped)."""
+    import ringattn
+
+    (metadata,) = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
+    fields = wheel.read(metadata).decode().split("\n\n")[0].splitlines()
+    assert f"Version: {ringattn.__version__}" in fields
+    assert "License-File: LICENSE" in fields
+    (license_text,) = [n for n in wheel.namelist() if n.endswith("LICENSE")]
+    assert "Permission is hereby granted" in wheel.read(license_text).decode()
 
 
 def test_console_scripts_run_installed_code(wheel):
