@@ -62,6 +62,28 @@ def test_metadata_has_the_librarys_version_and_license_text(wheel):
     assert "Permission is hereby granted" in wheel.read(license_text).decode()
 
 
+def test_the_sdist_ships_no_tests_it_cannot_run(tmp_path):
+    """setuptools put ``tests/test_*.py`` into the sdist without ``conftest.py``, the helper
+    modules or the checkout they read (experiments/, docs/): tests that could not run."""
+    import tarfile
+
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"):
+        shutil.copy(REPO / name, source / name)
+    for package in ("ringattn", "tests"):
+        ignore = shutil.ignore_patterns("__pycache__", ".hypothesis")
+        shutil.copytree(REPO / package, source / package, ignore=ignore)
+    build = f"from setuptools import build_meta as b; print(b.build_sdist({str(tmp_path)!r}))"
+    done = subprocess.run([sys.executable, "-c", build], cwd=source, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    with tarfile.open(tmp_path / done.stdout.split()[-1]) as sdist:
+        names = sdist.getnames()
+    assert not [n for n in names if "/tests/" in n]
+    assert any(n.endswith("/ringattn/py.typed") for n in names)
+    assert any(n.endswith("/LICENSE") for n in names)
+
+
 def test_console_scripts_run_installed_code(wheel):
     """A console script must point into what is installed (``ringattn``), or it fails with
     ModuleNotFoundError outside a checkout (``ringattn-ablate`` pointed into ``experiments``)."""
