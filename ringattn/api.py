@@ -31,7 +31,7 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 from ringattn import distributed, registry
-from ringattn.capture import pool_allocating
+from ringattn.capture import compiling, pool_allocating
 from ringattn.computers.base import LayoutComputer
 from ringattn.config import DilatedConfig, int_sequence, type_name
 from ringattn.core import (
@@ -425,7 +425,7 @@ class DilatedAttention(nn.Module):
         ``q``'s device (False for the opaque ops' own, which is read inside a CUDA graph's
         warm-up: a tag made there would be a pool tensor that no output holds)."""
         _b, n, h, d = q.shape
-        tracing = torch.compiler.is_compiling()
+        tracing = compiling()
         if unkept is None:
             unkept = _unkept(q, tracing)
         if unkept and not self.communicator.distributed:
@@ -589,7 +589,7 @@ class DilatedAttention(nn.Module):
         takes part in the call's agreement (``check_every_call``) with a signature that cannot
         match theirs, and they raise a ValueError naming this rank's error instead. ``device``:
         the call's (an NCCL-only sub-group agrees on that GPU, ``distributed.nccl_device``)."""
-        tracing = torch.compiler.is_compiling()
+        tracing = compiling()
         if self.communicator.distributed and self.check_every_call and not tracing:
             distributed.refuse_on_every_rank(self.communicator.group, exc, device)
         raise exc
@@ -637,7 +637,7 @@ class DilatedAttention(nn.Module):
         and device), as ``docs/semantics.md`` defines it; ``[b, n, h, d]`` in q's dtype (under
         ``torch.autocast``, inputs of any dtype but float64 run in, and return, autocast's). A
         sequence-parallel module takes this rank's shard of each and returns its shard."""
-        tracing = torch.compiler.is_compiling()
+        tracing = compiling()
         if not tracing:
             try:
                 refuse_functorch(q, k, v)
@@ -741,7 +741,7 @@ def _typed(name: str, option: object) -> tuple:
             # (np.float64 is a float, eagerly; Dynamo holds it as a 0-d array, no constant)
             " (traced by torch.compile, a numpy value, even a scalar, is an array: pass a "
             "Python number or bool)"
-            if torch.compiler.is_compiling() and type(option).__module__ == "numpy"
+            if compiling() and type(option).__module__ == "numpy"
             else ""
         )
         raise TypeError(f"{name} must be {_OPTION_TYPES[name]}, got {type_name(option)}{hint}")
@@ -805,7 +805,7 @@ def dilated_attention(
         "compile": compile,
         "compile_backend": compile_backend,
     }
-    if torch.compiler.is_compiling():
+    if compiling():
         # traced by a user's torch.compile: beartype's wrapper cannot be traced (it raised
         # inside Dynamo), and the module checks its inputs itself, traced into guards
         return _traced_functional(q, k, v, **options)

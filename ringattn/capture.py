@@ -11,13 +11,42 @@ none of it.
 
 Also here: whether Inductor is compiling a graph for its cudagraph trees (:func:`graphs_compiling`),
 for the checks that must refuse, with a clear message, what those trees would reject with an
-obscure one.
+obscure one; and whether this thread traces (:func:`compiling`, ``torch.compiler.is_compiling()``
+less another thread's compile).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+
+def compiling() -> bool:
+    """``torch.compiler.is_compiling()`` for this thread: whether a ``torch.compile`` or
+    ``torch.export`` traces the calling code. From torch 2.13 that function returns a flag of the
+    process that every compile session holds for its whole length (Inductor's included: seconds
+    on the CPU), so while one thread compiled anything, another thread's eager calls took their
+    traced path: a flex module was refused ("traced by a torch.compile around the module"), a
+    forward-mode AD dual input was not (its tangent dropped, silently), and no call kept its
+    caches. A flag set while this thread has no compile or tracing context of its own (which
+    Dynamo and export enter in the thread that traces) is another thread's."""
+    return torch.compiler.is_compiling() and not _another_threads_flag()
+
+
+@torch._dynamo.assume_constant_result  # (traced: read once, in the tracing thread, as a constant)
+def _another_threads_flag() -> bool:
+    return (
+        bool(getattr(torch.compiler, "_is_compiling_flag", False))
+        and torch._guards.CompileContext.try_get() is None
+        and torch._guards.TracingContext.try_get() is None
+    )
+
+
+# Neither is ever a frame of its own to Dynamo (a trace of a caller inlines them): a
+# torch.compile that gives a frame back to eager converts each frame that one calls, and
+# compiling(), traced alone, was folded to True there, in eager code
+for _code in (compiling.__code__, _another_threads_flag.__code__):
+    torch._dynamo.eval_frame.skip_code(_code)
 
 
 def capturing() -> bool:

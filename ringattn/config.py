@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ringattn.capture import compiling
+
 MIXINGS = ("lse", "head_groups")
 # a float rounds to float32 as 0 at or below half the smallest subnormal, and as inf from
 # float32's largest value plus half its ulp (both ties round to the even 0 / inf)
@@ -40,7 +42,7 @@ def checked_int(name: str, value: object, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         # (no repr where torch.compile traces it: Dynamo holds a numpy int as an array, whose
         # repr it cannot trace, and failed with that instead of this error)
-        shown = "" if torch.compiler.is_compiling() else f" {value!r}"
+        shown = "" if compiling() else f" {value!r}"
         raise TypeError(f"{name} must be an int, got {type_name(value)}{shown}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")

@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ringattn import distributed
-from ringattn.capture import capturing, graphs_compiling, pool_allocating
+from ringattn.capture import capturing, compiling, graphs_compiling, pool_allocating
 from ringattn.communicators.base import Communicator
 from ringattn.computers.base import (
     AttentionComputer,
@@ -270,7 +270,7 @@ def kernel_aligned(x: Tensor) -> Tensor:
     (relative), silently (experiments/gpu_fuzz.py). Head dims whose rows are not whole vectors
     are left as they are: the computer pads those (a copy either way). Host cost on an aligned
     input: a few microseconds (called for q, k, v, and dout, on every call)."""
-    if not (x.is_cuda or x.device.type in ALIGNED_DEVICE_TYPES) or torch.compiler.is_compiling():
+    if not (x.is_cuda or x.device.type in ALIGNED_DEVICE_TYPES) or compiling():
         return x
     size = x.element_size()
     row_bytes = x.shape[-1] * size
@@ -738,7 +738,7 @@ def accumulate_(grad_rows: list[Tensor], result: tuple[Tensor, ...], place: bool
             rows.copy_(part)
         return
     # one Triton launch for the three adds where it runs (torch's strided add_ is ~3x slower)
-    if not torch.compiler.is_compiling() and add_kernel.add_rows_(grad_rows, parts):
+    if not compiling() and add_kernel.add_rows_(grad_rows, parts):
         return
     for rows, part in zip(grad_rows, parts):
         rows.add_(part)
@@ -1062,7 +1062,7 @@ def run_core(
             return spec.computer.attend(
                 spec.plan, spec.causal, spec.scale, spec.dilation.name, q, k, v, aux
             )
-    if torch.compiler.is_compiling() and spec.module is not None:
+    if compiling() and spec.module is not None:
         return dilated_forward_op(q, k, v, spec.module, grad_state(q, k, v))[0]
     # (a spec of no module, as tests make, is traced inline, as eager code)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):

@@ -31,6 +31,8 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from ringattn.capture import compiling
+
 # how many streams the blocks of one call may use (1: no concurrency)
 LANES = 4
 # when: "always", "capture" (only while a CUDA graph is being captured), "forward" (also in eager
@@ -122,7 +124,7 @@ class Lanes:
         # (wanted(..., capturing=True): whether MODE could want lanes for this call at all)
         if not enabled or LANES < 2 or device.type != "cuda" or not wanted(MODE, True, backward):
             return
-        if torch.compiler.is_compiling():  # Inductor would have to model the streams
+        if compiling():  # Inductor would have to model the streams
             return
         # set_stream also makes the stream's device current: on another device than the current
         # one the switches back would leave the caller on the tensors' device

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from ringattn import pattern
+from ringattn.capture import compiling
 from ringattn.pattern import Geometry
 
 
@@ -111,7 +112,7 @@ def prepared(
     (``pattern.BLOCK_SPLIT``'s, which bound a kernel's temporaries): 1 launches it whole, for a
     computer without block-sized temporaries (``BlockComputer.places_whole_blocks``).
     ``layouts``: :func:`layouts_of` ``(*reads, *writes)``, where the caller has them already."""
-    if torch.compiler.is_compiling():
+    if compiling():
         return Prepared()
     if layouts is None:
         layouts = layouts_of(reads + writes)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ringattn.capture import compiling
 from ringattn.kernels import merge as merge_kernel
 
 
@@ -37,7 +38,7 @@ def _kernel_merges(out_acc: Tensor, lse_acc: Tensor, out: Tensor, lse: Tensor) -
     where the kernel read past them."""
     return (
         out_acc.dim() in (4, 5)
-        and not torch.compiler.is_compiling()
+        and not compiling()
         and merge_kernel.available(out_acc)
         and lse_acc.dtype == torch.float32
         and out_acc.dtype in _KERNEL_DTYPES

@@ -15,6 +15,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from ringattn.capture import compiling
+
 # Each kernel call allocates block-sized temporaries next to the full [b, n, h, d] accumulators:
 # its output and LSE in the forward; in the backward its three gradients and cuDNN's float32 dq
 # workspace (about five block-sized tensors for the r = 1 block). Cutting a block into parts
@@ -65,7 +67,7 @@ class Block:
         launch-bound. Traced code keeps the slicing chain, which Dynamo and functionalization read
         as plain views (``tests/test_pattern.py`` holds the two to the same view).
         """
-        if not torch.compiler.is_compiling():
+        if not compiling():
             return self._rows_strided(x)
         return self._rows_sliced(x)
 
@@ -295,7 +297,7 @@ def make_plan(n: int, h: int, configs: tuple[tuple[int, int], ...], mixing: str)
     builds its own: its guard on the dict's contents failed once the opaque ops' eager side
     added the plan at run time (one recompile of every model compiled before an eager call)."""
     key = (n, h, configs, mixing, BLOCK_SPLIT)
-    if torch.compiler.is_compiling():
+    if compiling():
         return _build_plan(n, h, configs, mixing, BLOCK_SPLIT)
     plan = _PLANS.get(key)
     if plan is None:

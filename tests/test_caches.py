@@ -340,6 +340,49 @@ def test_pooled_scratch_is_per_thread():
     assert other[0].untyped_storage().data_ptr() != mine.untyped_storage().data_ptr()
 
 
+def test_another_threads_compile_is_not_this_threads_trace():
+    """From torch 2.13 ``torch.compiler.is_compiling()`` is a flag of the process that any
+    thread's compile session holds: while one thread compiled, another thread's eager calls took
+    their traced path. A flex module was refused ("traced by a torch.compile around the
+    module"), a forward-mode AD input passed with its tangent dropped (silently), and pooled
+    modules kept nothing. Held here by the session torch enters (not by a timed compile)."""
+    import threading
+
+    import torch.autograd.forward_ad as fw_ad
+
+    session = getattr(torch.compiler, "_compile_session_context", None)
+    if session is None:
+        pytest.skip("this torch holds no compile-session flag")
+    config = {"segment_lengths": (8, 16), "dilation_rates": (1, 2), "causal": True}
+    pooled = ringattn.Strategy(dilation="global", computer="math", memory="pooled")
+    attn = ringattn.DilatedAttention(**config, strategy=pooled)
+    flex = ringattn.DilatedAttention(
+        **config, strategy=ringattn.Strategy(computer="flex"), compile=False
+    )
+    q, k, v = make_qkv({"b": 1, "n": 32, "h": 4, "d": 8})
+    ref = reference.dilated_attention(q.double(), k.double(), v.double(), **config)
+    entered, release = threading.Event(), threading.Event()
+
+    def compiling_elsewhere() -> None:
+        with session():
+            entered.set()
+            release.wait(60)
+
+    worker = threading.Thread(target=compiling_elsewhere)
+    worker.start()
+    try:
+        assert entered.wait(60) and torch.compiler.is_compiling()  # (the process's flag)
+        assert rel_err(flex(q, k, v), ref) <= reference.TOLERANCE[torch.float32]
+        assert rel_err(attn(q, k, v), ref) <= reference.TOLERANCE[torch.float32]
+        assert rel_err(attn(q, k, v), ref) <= reference.TOLERANCE[torch.float32]
+        assert attn.memory.stats()["pattern_hits"] > 0  # (the second call's permutations)
+        with fw_ad.dual_level(), pytest.raises(TypeError, match="forward-mode AD"):
+            attn(fw_ad.make_dual(q, torch.ones_like(q)), k, v)
+    finally:
+        release.set()
+        worker.join()
+
+
 def test_pooled_entries_made_under_inference_mode_are_normal_tensors():
     """A kept inference tensor could not be saved for backward (nor written in place) by a later
     training call."""

@@ -32,6 +32,7 @@ from torch.nn import functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
 from ringattn import masks
+from ringattn.capture import compiling
 from ringattn.computers.base import LayoutComputer, accumulation_dtype
 from ringattn.dilation.global_perm import global_permutation
 from ringattn.memory.base import MemoryManager
@@ -67,7 +68,7 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, score_mod, block_mask, scale: float) 
     """``flex_attention`` on ``[b, n, h, d]`` tensors, output only."""
     d = q.shape[-1]
     pad = CPU_COMPILED_MIN_HEAD_DIM - d
-    if pad > 0 and q.device.type == "cpu" and torch.compiler.is_compiling():
+    if pad > 0 and q.device.type == "cpu" and compiling():
         q, k, v = (F.pad(x, (0, pad)) for x in (q, k, v))
     q, k, v = (rearrange(x, "b n h d -> b h n d") for x in (q, k, v))
     out = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ringattn.capture import compiling
+
 try:
     import cudnn
 except ImportError:  # pragma: no cover - optional (the `cuda` extra)
@@ -47,7 +49,7 @@ Layout = tuple[tuple[int, ...], tuple[int, ...], torch.dtype]
 
 def available(q: Tensor) -> bool:
     """Whether the frontend can run on ``q``'s device in this process (never while tracing)."""
-    return cudnn is not None and q.is_cuda and not torch.compiler.is_compiling()
+    return cudnn is not None and q.is_cuda and not compiling()
 
 
 def _bhsd(x: Tensor) -> Tensor:  # our blocks are [B, L, H, d]; cuDNN reads [B, H, L, d]

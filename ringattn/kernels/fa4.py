@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from ringattn import capture
+from ringattn.capture import compiling
 from ringattn.kernels import replay
 
 _DTYPES = (torch.float16, torch.bfloat16)
@@ -246,7 +247,7 @@ def available(q: Tensor) -> bool:
         and q.dtype in _DTYPES
         and q.shape[-1] % 8 == 0
         and q.shape[-1] <= 256
-        and not torch.compiler.is_compiling()
+        and not compiling()
         and _arch_ok(q.device)
         and installed()
     )

@@ -20,6 +20,7 @@ import itertools
 import torch
 from torch import Tensor
 
+from ringattn.capture import compiling
 from ringattn.kernels.merge import available, triton
 from ringattn.memory.base import MemoryManager
 
@@ -110,7 +111,7 @@ def fill_unselected_(
     rates and offsets) only the unselected pairs are zeroed where the kernel runs, and the
     selected ones are left for the blocks; otherwise, and off CUDA or while tracing, all of it.
     The selection's device copy is a pattern of ``memory`` (cached by the pooled manager)."""
-    if selection is None or torch.compiler.is_compiling() or not available(x):
+    if selection is None or compiling() or not available(x):
         x.zero_()
         return
     if all(r == 1 and o == 0 for r, o in zip(*selection)):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ringattn.api import DilatedAttention
+from ringattn.capture import compiling
 from ringattn.config import checked_int
 from ringattn.nn.attention import MultiheadDilatedAttention
 from ringattn.nn.decode import KVCache, eager_decoding
@@ -303,14 +304,14 @@ class LongNet(nn.Module):
             # (cross_entropy raised IndexError after the whole forward, and a sequence-parallel
             # rank left alone there hung the others in the backward; on a GPU it asserts on
             # the device, as the embedding does for tokens: checked here, it would cost a sync)
-            if targets.device.type == "cpu" and not torch.compiler.is_compiling():
+            if targets.device.type == "cpu" and not compiling():
                 self._check_target_ids(targets)
         except Exception as exc:  # (a rank left alone here hangs the others in the ring)
             self._raise_on_every_rank(exc)
         logits = self(tokens)
         targets = targets.flatten().long()
         out_of_range = None
-        if targets.device.type == "cpu" and torch.compiler.is_compiling():
+        if targets.device.type == "cpu" and compiling():
             # A trace cannot branch on the ids (torch.compile(model.loss, fullgraph=True) failed
             # on the check above): ids out of range are counted and kept out of cross_entropy's
             # way, and the count raises once every rank has it (after the all-reduce below), so
