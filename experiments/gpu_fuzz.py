@@ -41,10 +41,12 @@ import argparse
 import json
 import math
 import random
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -157,35 +159,74 @@ def module_for(strategy: ringattn.Strategy, p: dict) -> ringattn.DilatedAttentio
     )
 
 
-def check_module(strategy, problems, device, seed: int) -> list[dict]:
+def together(calls: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
+    """Each call in a thread of its own, released at once (``--threads``): ``(True, result)`` or
+    ``(False, exception)`` per call, in order."""
+    if len(calls) == 1:  # (no thread: one call's traceback as it always was)
+        try:
+            return [(True, calls[0]())]
+        except Exception as exc:
+            return [(False, exc)]
+    start = threading.Barrier(len(calls))
+    results: list[tuple[bool, Any]] = [(False, RuntimeError("thread did not finish"))] * len(calls)
+
+    def work(i: int) -> None:
+        try:
+            start.wait()
+            results[i] = (True, calls[i]())
+        except Exception as exc:
+            results[i] = (False, exc)
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(len(calls))]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return results
+
+
+def check_module(strategy, problems, device, seed: int, threads: int = 1) -> list[dict]:
     """One module through ``problems`` (each ``(p, inputs, oracle, math errors)``): one row per
-    call. The module is built from the first problem's options; later problems share them."""
+    call. The module is built from the first problem's options; later problems share them.
+
+    ``threads`` > 1: each call is made from that many threads at once, thread ``t`` on problem
+    ``(call + t) % len(problems)``, so first calls race on one block signature and later ones run
+    other signatures side by side (FA4's recordings and replays, pooled buffers, cuDNN handles);
+    the row holds the worst thread's errors and passes when every thread's call does."""
     rows = []
     try:
         module = module_for(strategy, problems[0][0])
     except (ValueError, TypeError) as exc:  # a strategy refusing these options: not a failure
         return [{"strategy": strategy.label, "seed": seed, "refused": failure(exc)}]
-    for call, (p, inputs, ref, math_errs) in enumerate(problems):
+    for call, (p, _, _, _) in enumerate(problems):
         row = {"strategy": strategy.label, "seed": seed, "call": call, **describe(p)}
-        try:
-            fwd, grad = errors(run(module, *inputs), ref, inputs[3])
-        except (ValueError, TypeError) as exc:
-            row["refused"] = failure(exc)
+        mine = [problems[(call + t) % len(problems)] for t in range(threads)]
+        results = together([partial(run, module, *inputs) for _, inputs, _, _ in mine])
+        crashed = [r for ok, r in results if not ok and not isinstance(r, (ValueError, TypeError))]
+        if crashed:  # a crash inside the kernels: report, keep going
+            row.update(ok=False, error=failure(crashed[0], 300))
             rows.append(row)
             continue
-        except Exception as exc:  # a crash inside the kernels: report, keep going
-            row.update(ok=False, error=failure(exc, 300))
+        refused = [r for ok, r in results if not ok]
+        if refused:
+            row["refused"] = failure(refused[0])
             rows.append(row)
             continue
-        tolerance = TOLERANCE[getattr(torch, p["dtype"])]  # where math's error is ~0
-        fwd_bound = max(tolerance / 10, MATH_FACTOR * math_errs[0])
-        grad_bound = max(tolerance, MATH_FACTOR * math_errs[1])
+        passed, fwd, grad = True, 0.0, 0.0
+        for (q, inputs, ref, math_errs), (_, got) in zip(mine, results):
+            fwd_t, grad_t = errors(got, ref, inputs[3])
+            tolerance = TOLERANCE[getattr(torch, q["dtype"])]  # where math's error is ~0
+            fwd_bound = max(tolerance / 10, MATH_FACTOR * math_errs[0])
+            grad_bound = max(tolerance, MATH_FACTOR * math_errs[1])
+            passed &= bool(fwd_t <= fwd_bound and grad_t <= grad_bound)  # NaN fails both
+            fwd, grad = worst((fwd, fwd_t)), worst((grad, grad_t))
+        math_errs = problems[call][3]
         row.update(
             fwd_err=fwd,
             grad_err=grad,
             math_fwd_err=math_errs[0],
             math_grad_err=math_errs[1],
-            ok=bool(fwd <= fwd_bound and grad <= grad_bound),  # NaN fails both
+            ok=passed,
         )
         rows.append(row)
     return rows
@@ -238,7 +279,7 @@ def fuzz(args, device) -> tuple[list[dict], int, dict[str, dict]]:
             draws += 1
             continue
         for strategy in strategies:
-            rows += check_module(strategy, [first, first, second], device, seed)
+            rows += check_module(strategy, [first, first, second], device, seed, args.threads)
         draws += 1
         bad = [r for r in rows if r.get("ok") is False]
         print(f"draw {draws} seed {seed}: {describe(p)} | failures so far {len(bad)}", flush=True)
@@ -500,6 +541,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--flex", action="store_true", help="draw computer='flex' too (compiles)")
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="make each call from this many threads at once, on one module (default: %(default)s)",
+    )
+    parser.add_argument(
         "--replay",
         type=int,
         nargs="+",
@@ -542,7 +589,9 @@ def main(argv: list[str] | None = None) -> None:
     # --fa4-head-dims 0 raised after the dims before it had run)
     if not args.budget > 0:  # (NaN too)
         parser.error(f"--budget must be > 0 seconds, got {args.budget}")
-    require_positive(parser, args, "max_n", *(["draws"] if args.draws is not None else []))
+    require_positive(
+        parser, args, "max_n", "threads", *(["draws"] if args.draws is not None else [])
+    )
     if args.max_d < min(HEAD_DIMS):
         parser.error(f"--max-d must be >= {min(HEAD_DIMS)}, the least head dim, got {args.max_d}")
     if args.fa4_head_dims is not None:
@@ -580,7 +629,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = (
         f"{draws} draws, {len(checked)} calls checked, {len(bad)} failed, "
         f"{sum(refused.values())} refused ({header}, torch {torch.__version__}, seed {args.seed}, "
-        f"kernels {args.kernels})"
+        f"kernels {args.kernels}, threads {args.threads})"
     )
     drawn_with = {"max_n": args.max_n, "max_d": args.max_d, "kernels": args.kernels}
     record = {"summary": summary, **drawn_with, "problems": problems, "rows": rows}
@@ -592,6 +641,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Command: `python -m experiments.gpu_fuzz --device {args.device} --budget {args.budget} "
         f"--seed {args.seed} --max-n {args.max_n} --max-d {args.max_d} --kernels {args.kernels}"
         + ("" if args.draws is None else f" --draws {args.draws}")  # (it drew one: said 300 s)
+        + ("" if args.threads == 1 else f" --threads {args.threads}")
         + (" --flex`" if args.flex else "`"),
         "",
         summary,

@@ -208,6 +208,34 @@ def test_gpu_fuzz_reports_a_wrong_gradient(tmp_path, monkeypatch):
     assert {row["ok"] for row in rows if "/math/" in row["strategy"]} == {True}
 
 
+def test_gpu_fuzz_threads_check_every_threads_call(tmp_path, monkeypatch):
+    """--threads 2: each call is made by two threads at once, the second on the next problem,
+    and each thread's result is held to its own oracle. Planted: a wrong output from calls made
+    off the main thread at the second problem's length, which call 1 makes in thread 1 only
+    (call 2 in thread 0, as without threads)."""
+    import threading
+
+    from experiments import gpu_fuzz
+
+    run, seconds = gpu_fuzz.run, []
+
+    def wrong_off_main(module, q, k, v, grad):
+        out, grads = run(module, q, k, v, grad)
+        off_main = threading.current_thread() is not threading.main_thread()
+        return (out * 2 if off_main and q.shape[1] == seconds[-1] else out), grads
+
+    def longer(p, rng, max_n):
+        seconds.append(p["n"] + 16)
+        return p | {"n": seconds[-1]}
+
+    monkeypatch.setattr(gpu_fuzz, "run", wrong_off_main)
+    monkeypatch.setattr(gpu_fuzz, "second_problem", longer)
+    rows = [row for row in run_fuzz(tmp_path, "--threads", "2")["rows"] if "ok" in row]
+    assert {row["ok"] for row in rows if row["call"] == 1} == {False}
+    assert {row["ok"] for row in rows if row["call"] == 0} == {True}
+    assert "threads 2" in (tmp_path / "gpu_fuzz.md").read_text()
+
+
 def test_gpu_fuzz_replays_the_problems_its_run_drew(tmp_path):
     """--replay redrew each seed at the replay's own --max-n / --max-d (8192 / 256 unless given):
     a run at other values had its failures replayed on other problems, without a word.
