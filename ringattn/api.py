@@ -168,6 +168,37 @@ def check_plain(q: Tensor, k: Tensor, v: Tensor) -> None:
             raise ValueError(f"{rule}, got shape {tuple(q.shape)}")
 
 
+def refuse_dual(q: object, k: object, v: object) -> None:
+    """A TypeError for forward-mode AD dual tensors (``torch.autograd.forward_ad``, which
+    ``torch.func.jvp`` / ``jacfwd`` make): sdpa raised torch's NotImplementedError, math computed
+    the tangent only without requires_grad, flex (compiled) dropped it.
+
+    Traced by a user's ``torch.compile`` (this frame itself too, where Dynamo gave the eager
+    boundary back and traces its callees as frames of their own), the inputs are fake tensors,
+    which carry no tangent: a dual input cannot be told from a plain one there, and the opaque
+    custom ops have no forward-mode rule (torch's custom ops drop a tangent without a word), so
+    a compiled call inside a dual level returned ``tangent=None``, silently. There any call
+    inside a dual level is refused (Dynamo guards its graphs on the dual level: a graph traced
+    outside one never runs inside one)."""
+    if forward_ad._current_level < 0:
+        return
+    if torch.compiler.is_compiling():
+        raise TypeError(
+            "ringattn's dilated attention does not support forward-mode AD "
+            "(torch.autograd.forward_ad, torch.func.jvp / jacfwd), and a torch.compile'd call "
+            "inside a dual level cannot tell dual inputs from plain ones (it would drop their "
+            "tangents): call it outside forward_ad.dual_level(), or use reverse mode, or the "
+            "float64 ringattn.reference.dilated_attention"
+        )
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if isinstance(x, Tensor) and forward_ad.unpack_dual(x).tangent is not None:
+            raise TypeError(
+                f"parameter {name!r} is a forward-mode AD dual tensor "
+                "(torch.autograd.forward_ad), which ringattn's dilated attention does not "
+                "support: use reverse mode, or the float64 ringattn.reference.dilated_attention"
+            )
+
+
 def refuse_functorch(q: object, k: object, v: object) -> None:
     """A TypeError for forward-mode AD dual tensors and for inputs a ``torch.func`` transform
     wrapped: inside ``vmap`` they report ``requires_grad=False``, so the core ran without its
@@ -193,19 +224,8 @@ def refuse_functorch(q: object, k: object, v: object) -> None:
             "Python from each call's shapes, and the recording would keep one call's as "
             "constants): use torch.compile, or torch.export for a program"
         )
+    refuse_dual(q, k, v)
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if (
-            isinstance(x, Tensor)
-            and forward_ad._current_level >= 0
-            and forward_ad.unpack_dual(x).tangent is not None
-        ):
-            # sdpa raised torch's NotImplementedError, math computed the tangent only without
-            # requires_grad, flex (compiled) dropped it: one rule for every strategy instead
-            raise TypeError(
-                f"parameter {name!r} is a forward-mode AD dual tensor "
-                "(torch.autograd.forward_ad), which ringattn's dilated attention does not "
-                "support: use reverse mode, or the float64 ringattn.reference.dilated_attention"
-            )
         if isinstance(x, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x):
             raise TypeError(
                 f"parameter {name!r} comes from a torch.func transform (vmap, grad, jacrev, "
@@ -646,6 +666,7 @@ class DilatedAttention(nn.Module):
         if self.communicator.distributed and not tracing:
             self.check_across_ranks(q, k, v)
         if tracing:  # the same rules, traced into guards (no beartype frames in the graph)
+            refuse_dual(q, k, v)  # (inside a dual level: refused, see there)
             check_plain(q, k, v)
             self.config.check_scale_for(q.dtype)
             self._check_supported(q, _needs_grad(q, k, v), traced=True)

@@ -54,6 +54,39 @@ def test_forward_mode_ad_is_refused_by_every_strategy(computer):
             )  # fmt: skip
 
 
+@pytest.mark.parametrize("fullgraph", [True, False])
+@pytest.mark.parametrize("form", ["module", "functional"])
+@pytest.mark.parametrize("computer", ["math", "sdpa"])
+def test_forward_mode_ad_is_refused_under_torch_compile(computer, form, fullgraph):
+    """Traced by a user's ``torch.compile``, the dual-tensor check saw fake tensors (no tangent)
+    and the opaque custom ops drop a tangent without a word: the compiled call returned
+    ``tangent=None``, silently (the eager refusal was skipped while tracing, and without
+    fullgraph the eager boundary's own check ran as a traced frame)."""
+    torch._dynamo.reset()
+    options = dict(segment_lengths=(4, 8), dilation_rates=(1, 2), causal=True)
+    strategy = ringattn.Strategy(computer=computer)
+    module = ringattn.DilatedAttention(**options, strategy=strategy)
+
+    def attention(q, k, v):
+        if form == "module":
+            return module(q, k, v)
+        return ringattn.dilated_attention(q, k, v, **options, strategy=strategy)
+
+    compiled = torch.compile(attention, backend="aot_eager", fullgraph=fullgraph)
+    xs = [torch.randn(1, 13, 3, 8) for _ in range(3)]
+    with fwAD.dual_level():
+        dual = [fwAD.make_dual(x, torch.randn_like(x)) for x in xs]
+        # fullgraph: Dynamo's report of the trace's TypeError; without: the eager refusal
+        with pytest.raises(RuntimeError if fullgraph else TypeError) as caught:
+            compiled(*dual)
+    assert "forward-mode AD" in str(caught.value), str(caught.value)[:300]
+    if fullgraph:
+        assert "raised exception TypeError(" in str(caught.value)
+    # outside a dual level the same compiled function runs (its graphs guard on the level)
+    ref = reference.dilated_attention(*xs, **options)
+    assert rel_err(compiled(*xs), ref) < 1e-5
+
+
 @pytest.mark.parametrize("dilation", ["segment_local", "global"])
 def test_torch_jit_trace_is_refused(dilation):
     """``torch.jit.trace`` kept one call's plan as constants: under ``head_groups`` the traced
