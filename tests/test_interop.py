@@ -60,8 +60,9 @@ def test_forward_mode_ad_is_refused_by_every_strategy(computer):
 def test_forward_mode_ad_is_refused_under_torch_compile(computer, form, fullgraph):
     """Traced by a user's ``torch.compile``, the dual-tensor check saw fake tensors (no tangent)
     and the opaque custom ops drop a tangent without a word: the compiled call returned
-    ``tangent=None``, silently (the eager refusal was skipped while tracing, and without
-    fullgraph the eager boundary's own check ran as a traced frame)."""
+    ``tangent=None``, and ``torch.func.jvp`` inside a compiled function a zero tangent,
+    silently (the eager refusal was skipped while tracing, and without fullgraph the eager
+    boundary's own check ran as a traced frame)."""
     torch._dynamo.reset()
     options = dict(segment_lengths=(4, 8), dilation_rates=(1, 2), causal=True)
     strategy = ringattn.Strategy(computer=computer)
@@ -82,6 +83,16 @@ def test_forward_mode_ad_is_refused_under_torch_compile(computer, form, fullgrap
     assert "forward-mode AD" in str(caught.value), str(caught.value)[:300]
     if fullgraph:
         assert "raised exception TypeError(" in str(caught.value)
+    # torch.func.jvp inside the compiled function: its tangent came out all zeros, silently
+    tangent = torch.randn_like(xs[0])
+
+    def jvp(q, k, v):
+        return torch.func.jvp(lambda q: attention(q, k, v), (q,), (tangent,))[1]
+
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError if fullgraph else TypeError) as caught:
+        torch.compile(jvp, backend="aot_eager", fullgraph=fullgraph)(*xs)
+    assert "forward-mode AD" in str(caught.value), str(caught.value)[:300]
     # outside a dual level the same compiled function runs (its graphs guard on the level)
     ref = reference.dilated_attention(*xs, **options)
     assert rel_err(compiled(*xs), ref) < 1e-5
