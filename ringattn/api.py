@@ -182,7 +182,7 @@ def refuse_dual(q: object, k: object, v: object) -> None:
     outside one never runs inside one)."""
     if forward_ad._current_level < 0:
         return
-    if torch.compiler.is_compiling():
+    if compiling():
         raise TypeError(
             "ringattn's dilated attention does not support forward-mode AD "
             "(torch.autograd.forward_ad, torch.func.jvp / jacfwd), and a torch.compile'd call "
