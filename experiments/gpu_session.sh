@@ -39,6 +39,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh add_dq   # ~9 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh dpsum    # <9.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh grads    # <9.5 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh threads  # <9.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh ops      # <9.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh flex_groups # <9 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh merge_cost # ~2 min
@@ -88,7 +89,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh grads|review|ops|record|trees|graphs|first_checks|batch|batch_more|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh threads|grads|review|ops|record|trees|graphs|first_checks|batch|batch_more|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -675,6 +676,26 @@ PY
 $(cat "$out/rc.log")
 $(grep -h "^grads:" "$out/grads.log")
 $(grep -h "^| 32768\|^| 131072" "$out/bench.log" | grep "segment_local/sdpa \|dense" | cut -d'|' -f2-11 | cut -c1-160)"
+    ;;
+threads)
+    # stop 75 (step 79): the tracing check is this thread's (capture.compiling(): torch's flag is
+    # the process's, so another thread's compile sent eager calls down their traced path), and
+    # forward-mode AD under a user's compile is refused. The GPU oracle check; then gpu_fuzz
+    # with each call made from 2 and 4 threads at once on one module (first calls racing on one
+    # block signature: FA4's recordings, cuDNN's graphs, pooled buffers; later calls on others
+    # side by side), every thread's result against the oracle
+    timeout 220 python -m experiments.flex_gpu --part check --out "$out/flex_gpu_check" \
+        >"$out/check.log" 2>&1 || echo "check: exit $?" >>"$out/check.log"
+    timeout 200 python -m experiments.gpu_fuzz --budget 130 --seed "${FUZZ_SEED:-25}" \
+        --threads 2 --out "$out/fuzz2" >"$out/fuzz2.log" 2>&1
+    echo "fuzz2: rc=$?" >>"$out/rc.log"
+    timeout 140 python -m experiments.gpu_fuzz --budget 70 --seed "$((${FUZZ_SEED:-25} + 500))" \
+        --threads 4 --out "$out/fuzz4" >"$out/fuzz4.log" 2>&1
+    echo "fuzz4: rc=$?" >>"$out/rc.log"
+    summary="$(grep -h "Correctness" "$out/flex_gpu_check/flex_gpu_check.md")
+$(cat "$out/rc.log")
+$(tail -n 3 "$out/fuzz2.log" | cut -c1-300)
+$(tail -n 3 "$out/fuzz4.log" | cut -c1-300)"
     ;;
 ops)
     # stop 72 (step 76): the forward op takes the call's grad state (core.grad_state), the eager
