@@ -363,7 +363,7 @@ def _opens_a_frame(args, strategy: ringattn.Strategy, mode: str) -> bool:
 def variants(args) -> list[tuple[str, Callable[..., Callable]]]:
     """``(name, make)`` where ``make(mixing, causal)`` returns ``fn(q, k, v) -> out``."""
     out: list[tuple[str, Callable[..., Callable]]] = []
-    for strategy in ringattn.Strategy.all(communicator="local", memory=args.memory):
+    for strategy in ringattn.Strategy.single_device(memory=args.memory):
         if strategy.computer not in args.computers or strategy.dilation not in args.dilations:
             continue
         runs = [(False, "default")] if args.eager and strategy.computer != "flex" else []

@@ -72,7 +72,7 @@ def _correctness(device: torch.device, h: int, lengths, rates, mixings, n: int) 
                 ref_grads = torch.autograd.grad(ref, ref_in, grad)
                 # memory none/pooled differ only in caching; compiled flex (the real kernels) once
                 # per causal setting to bound compile time
-                for strategy in ringattn.Strategy.all(communicator="local", memory="pooled"):
+                for strategy in ringattn.Strategy.single_device(memory="pooled"):
                     compile_too = (
                         strategy.computer == "flex" and mixing == "lse" and dtype == torch.bfloat16
                     )

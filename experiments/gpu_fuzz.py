@@ -259,9 +259,7 @@ def second_problem(p: dict, rng: random.Random, max_n: int) -> dict:
 def fuzz(args, device) -> tuple[list[dict], int, dict[str, dict]]:
     """The draws' rows, their count, and each seed's first problem (``describe``d: what
     ``--replay-from`` holds a replay's redraw to)."""
-    strategies = [
-        s for s in ringattn.Strategy.all(communicator="local") if args.flex or s.computer != "flex"
-    ]
+    strategies = [s for s in ringattn.Strategy.single_device() if args.flex or s.computer != "flex"]
     rows: list[dict] = []
     problems: dict[str, dict] = {}
     draws = 0

@@ -58,7 +58,7 @@ class Strategy:
     def all(cls, **fixed: str) -> tuple[Strategy, ...]:
         """Every valid combination of registered components, optionally with some fields fixed.
 
-        ``Strategy.all(communicator="local")`` enumerates the single-device strategies.
+        :meth:`single_device` / :meth:`sequence_parallel` split them by their communicator.
         """
         unknown = set(fixed) - set(registry.KINDS)
         if unknown:
@@ -72,3 +72,21 @@ class Strategy:
             if strategy.incompatibility() is None:
                 out.append(strategy)
         return tuple(out)
+
+    @classmethod
+    def single_device(cls, **fixed: str) -> tuple[Strategy, ...]:
+        """:meth:`all`'s strategies whose communicator runs on one device (``local``, and any
+        registered communicator that is not sequence-parallel): what the single-device property
+        tests run. Selected by the communicator's ``distributed`` flag, not its name, so a new
+        one-device communicator is tested too."""
+        return tuple(s for s in cls.all(**fixed) if not s._distributed)
+
+    @classmethod
+    def sequence_parallel(cls, **fixed: str) -> tuple[Strategy, ...]:
+        """:meth:`all`'s strategies whose communicator spreads the sequence over a process group
+        (``ring``, ``all_gather``, and any registered one with ``distributed = True``)."""
+        return tuple(s for s in cls.all(**fixed) if s._distributed)
+
+    @property
+    def _distributed(self) -> bool:
+        return bool(getattr(registry.get("communicator", self.communicator), "distributed", False))

@@ -19,6 +19,14 @@ from ringattn.nn.decode import KVCache
 TOL = {str(dtype).removeprefix("torch."): bound for dtype, bound in reference.TOLERANCE.items()}
 
 
+def registered_names(kind: str) -> tuple[str, ...]:
+    """This rank's registered names of ``kind`` (the pool imports strategies kept outside the
+    tree, as the parent process has them)."""
+    from ringattn import registry
+
+    return registry.names(kind)
+
+
 def _rel(x, ref, floor=0.0):
     x, ref = x.detach().double(), ref.detach().double()
     return float((x - ref).norm()) / max(float(ref.norm()), floor, 1e-300)

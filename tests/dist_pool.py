@@ -24,16 +24,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
-    sys.path.insert(0, TESTS_DIR)
+def plugins() -> list[str]:
+    """The modules outside ``ringattn`` that registered components here (a strategy kept out of
+    the tree, loaded with ``pytest -p``): a spawned rank imports only what it is told, and there
+    every such strategy was an "unknown ... strategy"."""
+    from ringattn import registry
+
+    modules = {
+        registry.get(kind, name).__module__
+        for kind in registry.KINDS
+        for name in registry.names(kind)
+    }
+    return sorted(m for m in modules if m.split(".")[0] not in ("ringattn", "__main__"))
+
+
+def _worker(rank: int, world_size: int, port: int, tasks, results, path, modules) -> None:
+    sys.path[:0] = [TESTS_DIR, *(entry for entry in path if entry not in sys.path)]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    import importlib
+
     import dist_cases
 
+    for module in modules:  # (each registers its components, as in the parent)
+        importlib.import_module(module)
     while True:
         item = tasks.get()
         if item is None:
@@ -53,9 +71,12 @@ class DistPool:
         self.tasks = [ctx.Queue() for _ in range(world_size)]
         self.results = ctx.Queue()
         port = _free_port()
+        extra = (list(sys.path), plugins())
         self.procs = [
             ctx.Process(
-                target=_worker, args=(r, world_size, port, self.tasks[r], self.results), daemon=True
+                target=_worker,
+                args=(r, world_size, port, self.tasks[r], self.results, *extra),
+                daemon=True,
             )
             for r in range(world_size)
         ]

@@ -40,7 +40,7 @@ def test_tiny_sweep_writes_csv_markdown_and_plots(tmp_path, capsys):
     assert ablate.main([*TINY, "--compile", "off", "--causal", "both", "--out", str(tmp_path)]) == 0
     rows = read_rows(tmp_path)
     variants = [r for r in rows if r["strategy"] != ablate.BASELINE]
-    local = {s.label for s in Strategy.all(communicator="local")}
+    local = {s.label for s in Strategy.single_device()}
     assert {r["strategy"] for r in variants} == local
     assert len(variants) == len(local) * 2  # × causal
     assert all(r["check"] == "pass" for r in variants), [r["note"] for r in variants]

@@ -51,8 +51,7 @@ _MEMORIES = registry.names("memory")
 _CELLS = list(itertools.product((False, True), ("lse", "head_groups")))
 COMBOS = sorted(
     (s.communicator, s.dilation, s.computer, s.memory, causal, mixing)
-    for s in ringattn.Strategy.all()
-    if s.communicator != "local"
+    for s in ringattn.Strategy.sequence_parallel()
     for i, (causal, mixing) in enumerate(_CELLS)
     if s.memory == _MEMORIES[(i + i // 2) % len(_MEMORIES)]
 )
@@ -130,6 +129,37 @@ def test_every_sequence_parallel_strategy_is_run():
     run = {combo[:4] for combo in COMBOS}
     every = {(s.communicator, s.dilation, s.computer, s.memory) for s in ringattn.Strategy.all()}
     assert run == {combo for combo in every if combo[0] != "local"} and len(run) >= 16
+
+
+PLUGIN = """
+from ringattn import registry
+from ringattn.memory.none import NoReuse
+
+
+@registry.register("memory", "plugin_memory_for_the_pool")
+class PluginMemory(NoReuse):
+    pass
+"""
+
+
+def test_the_ranks_import_strategies_registered_outside_the_tree(tmp_path, monkeypatch):
+    """docs/adding_a_strategy.md: a strategy kept outside the tree, loaded with ``pytest -p``, is
+    tested like a built-in. The pool's spawned ranks imported only ``ringattn``, so every
+    distributed case of such a strategy failed with "unknown memory strategy"."""
+    import importlib
+
+    (tmp_path / "ringattn_test_plugin.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module("ringattn_test_plugin")
+    try:
+        plugin_pool = DistPool(2)
+        try:
+            names = plugin_pool.run("registered_names", "memory")
+        finally:
+            plugin_pool.close()
+    finally:
+        registry.unregister("memory", "plugin_memory_for_the_pool")
+    assert all("plugin_memory_for_the_pool" in rank_names for rank_names in names), names
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])

@@ -50,7 +50,7 @@ PLACED = {
 
 
 def sdpa_strategies() -> tuple[ringattn.Strategy, ...]:
-    return ringattn.Strategy.all(communicator="local", computer="sdpa")
+    return ringattn.Strategy.single_device(computer="sdpa")
 
 
 # the fused kernels' hypothesis tests draw most problems where the kernels apply (views of 16-byte

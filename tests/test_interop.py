@@ -131,7 +131,7 @@ def test_make_fx_is_refused(mode, pre_dispatch):
     assert rel_err(module(q, q, q), ref) < 1e-5  # (nothing of the attempt stays)
 
 
-@pytest.mark.parametrize("strategy", ringattn.Strategy.all(communicator="local"), ids=str)
+@pytest.mark.parametrize("strategy", ringattn.Strategy.single_device(), ids=str)
 def test_every_strategy_runs_under_a_fake_tensor_mode(strategy):
     """A shape / memory estimate under ``FakeTensorMode``: ``global`` with a partial tail failed
     on a data-dependent ``repeat_interleave`` (its run layout's sizes read from a tensor)."""

@@ -267,6 +267,36 @@ def test_a_new_strategy_is_picked_up_by_the_property_tests():
     assert "math_twice" not in registry.names("computer")
 
 
+def test_a_new_one_device_communicator_is_picked_up_by_the_property_tests():
+    """The single-device tests took ``Strategy.all(communicator="local")``, by name, so a new
+    one-device communicator was held to the oracle by no test (and the distributed tests took
+    every other name as sequence-parallel): they select by the communicator's ``distributed``
+    flag now (``Strategy.single_device`` / ``sequence_parallel``)."""
+    import test_strategies
+
+    from ringattn.communicators.local import LocalCommunicator
+
+    @registry.register("communicator", "local_again")
+    class LocalAgain(LocalCommunicator):
+        pass
+
+    try:
+        local = test_strategies.local_strategies()
+        assert any(s.communicator == "local_again" for s in local)
+        assert not any(
+            s.communicator == "local_again" for s in ringattn.Strategy.sequence_parallel()
+        )
+        assert {s.communicator for s in ringattn.Strategy.sequence_parallel()} >= {
+            "ring",
+            "all_gather",
+        }
+        assert set(local) | set(ringattn.Strategy.sequence_parallel()) == set(
+            ringattn.Strategy.all()
+        )
+    finally:
+        registry.unregister("communicator", "local_again")
+
+
 def test_the_oracle_check_has_no_loopholes():
     """``check_against_oracle`` refuses an empty selection (it checked the built-ins instead, so
     a filter that matched nothing passed any new computer), and asks a computer about gradients
