@@ -70,6 +70,7 @@ def register(kind: str, name: str) -> Callable[[T], T]:
         if kind == "computer":
             base = importlib.import_module(module).AttentionComputer
             _check_unsupported_keywords(cls, name, base)
+        _check_constructor(cls, kind, name)
         own_name = cls.__dict__.get("name")
         if own_name not in (None, name) and _REGISTRY[kind].get(own_name) is cls:
             raise ValueError(
@@ -82,15 +83,45 @@ def register(kind: str, name: str) -> Callable[[T], T]:
             cls.__qualname__,
         )
         if existing is not None and existing is not cls and not redefined:
+            built_in = existing.__module__.split(".")[0] == "ringattn"
             raise ValueError(
                 f"{kind} strategy {name!r} is already registered by {existing!r}: pick another "
-                f"name, or ringattn.registry.unregister({kind!r}, {name!r}) first"
+                + (
+                    "name (a built-in strategy stays registered)"
+                    if built_in
+                    else f"name, or ringattn.registry.unregister({kind!r}, {name!r}) first"
+                )
             )
         cls.name = name  # type: ignore[attr-defined]
         _REGISTRY[kind][name] = cls
         return cls
 
     return decorate
+
+
+# the keywords each kind's class is built with (ringattn.api.DilatedAttention.__init__)
+CONSTRUCTOR_KEYWORDS = {
+    "dilation": (),
+    "computer": (),
+    "memory": (),
+    "communicator": ("group", "memory", "layout"),
+}
+
+
+def _check_constructor(cls: type, kind: str, name: str) -> None:
+    """A ``TypeError`` where the module could not build the class: every module builds each
+    component with :data:`CONSTRUCTOR_KEYWORDS` alone (a communicator without ``group`` or a
+    memory manager needing an argument registered, and failed at its first module, unnamed)."""
+    try:
+        inspect.signature(cls).bind(**dict.fromkeys(CONSTRUCTOR_KEYWORDS[kind]))
+    except TypeError as exc:
+        keywords = ", ".join(CONSTRUCTOR_KEYWORDS[kind]) or "no arguments"
+        raise TypeError(
+            f"{kind} strategy {name!r} ({cls.__name__}): every module builds it with "
+            f"{keywords}, which its __init__ does not take ({exc})"
+        ) from None
+    except ValueError:  # (a signature inspect cannot read: a C type's; nothing to check)
+        pass
 
 
 def _check_unsupported_keywords(cls: type, name: str, base: type) -> None:

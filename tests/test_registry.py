@@ -81,6 +81,55 @@ def test_registration_refuses_what_cannot_run():
     assert "alias" not in registry.names("computer") and "f" not in registry.names("computer")
 
 
+def test_registration_refuses_a_class_the_module_cannot_build():
+    """Every module builds a component with the same keywords (a communicator with ``group``,
+    ``memory`` and ``layout``; the others with none): a communicator lacking one, or a memory
+    manager needing an argument, registered and failed at the first module with Python's
+    "unexpected keyword argument", unnamed. Keywords taken by name, with defaults or through
+    ``**kwargs``, are accepted."""
+    from ringattn.communicators.local import LocalCommunicator
+    from ringattn.memory.none import NoReuse
+
+    class NoGroup(LocalCommunicator):
+        def __init__(self, memory=None, layout="contiguous"):
+            pass
+
+    class NeedsSize(NoReuse):
+        def __init__(self, size):
+            pass
+
+    for kind, cls, words in [
+        ("communicator", NoGroup, "group, memory, layout"),
+        ("memory", NeedsSize, "no arguments"),
+    ]:
+        with pytest.raises(TypeError, match=re.escape(words)):
+            registry.register(kind, "unbuildable")(cls)
+        assert "unbuildable" not in registry.names(kind)
+
+    class AnyKeywords(LocalCommunicator):
+        def __init__(self, **options):
+            pass
+
+    class Sized(NoReuse):
+        def __init__(self, size=8):
+            pass
+
+    try:
+        registry.register("communicator", "any_keywords")(AnyKeywords)
+        registry.register("memory", "sized")(Sized)
+    finally:
+        registry.unregister("communicator", "any_keywords", missing_ok=True)
+        registry.unregister("memory", "sized", missing_ok=True)
+
+
+def test_a_built_in_name_is_refused_without_the_unregister_hint():
+    """Registering under a built-in's name suggested ``unregister(...)`` first, which refuses
+    built-ins: the message says a built-in stays."""
+    with pytest.raises(ValueError, match="a built-in strategy stays registered") as refused:
+        registry.register("computer", "sdpa")(type("Mine", (MathComputer,), {}))
+    assert "unregister" not in str(refused.value)
+
+
 def test_an_unsupported_override_must_take_every_keyword_the_module_passes():
     """An override written before ``backend=`` (or any later keyword) registered and failed at
     its first call with "unexpected keyword argument"; now registration names what it lacks.
