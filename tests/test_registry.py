@@ -342,6 +342,10 @@ def test_a_new_one_device_communicator_is_picked_up_by_the_property_tests():
         assert set(local) | set(ringattn.Strategy.sequence_parallel()) == set(
             ringattn.Strategy.all()
         )
+        # ... and the distributed tests' coverage check does not ask the pool to run it
+        import test_distributed
+
+        test_distributed.test_every_sequence_parallel_strategy_is_run()
     finally:
         registry.unregister("communicator", "local_again")
 
