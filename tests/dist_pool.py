@@ -38,6 +38,29 @@ def plugins() -> list[str]:
     return sorted(m for m in modules if m.split(".")[0] not in ("ringattn", "__main__"))
 
 
+def _sources(modules: list[str]) -> list[tuple[str, str | None]]:
+    """Each module with its file: one loaded from a path, not through ``sys.path`` (``ablate
+    --import FILE.py``, ``importlib.util.spec_from_file_location``), is loaded from it there."""
+    return [(m, getattr(sys.modules.get(m), "__file__", None)) for m in modules]
+
+
+def _import_plugin(module: str, origin: str | None) -> None:
+    import importlib
+    import importlib.util
+
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if origin is None or not (exc.name == module or module.startswith(f"{exc.name}.")):
+            raise
+        spec = importlib.util.spec_from_file_location(module, origin)
+        if spec is None or spec.loader is None:
+            raise
+        loaded = importlib.util.module_from_spec(spec)
+        sys.modules[module] = loaded
+        spec.loader.exec_module(loaded)
+
+
 def _worker(rank: int, world_size: int, port: int, tasks, results, path, modules) -> None:
     sys.path[:0] = [TESTS_DIR, *(entry for entry in path if entry not in sys.path)]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -46,17 +69,28 @@ def _worker(rank: int, world_size: int, port: int, tasks, results, path, modules
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
-    import importlib
-
     import dist_cases
 
-    for module in modules:  # (each registers its components, as in the parent)
-        importlib.import_module(module)
+    # (each registers its components, as in the parent). A rank that cannot import one answers
+    # every task with why: it died here, and each run waited out its timeout for an "Empty"
+    setup_failed = None
+    for module, origin in modules:
+        try:
+            _import_plugin(module, origin)
+        except BaseException:
+            setup_failed = (
+                f"importing {module!r} (it registered a component in the parent process):\n"
+                + traceback.format_exc()
+            )
+            break
     while True:
         item = tasks.get()
         if item is None:
             break
         name, args = item
+        if setup_failed is not None:
+            results.put((rank, False, setup_failed))
+            continue
         try:
             results.put((rank, True, getattr(dist_cases, name)(*args)))
         except BaseException:
@@ -71,7 +105,7 @@ class DistPool:
         self.tasks = [ctx.Queue() for _ in range(world_size)]
         self.results = ctx.Queue()
         port = _free_port()
-        extra = (list(sys.path), plugins())
+        extra = (list(sys.path), _sources(plugins()))
         self.procs = [
             ctx.Process(
                 target=_worker,

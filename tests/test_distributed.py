@@ -167,6 +167,45 @@ def test_the_ranks_import_strategies_registered_outside_the_tree(tmp_path, monke
     assert all("plugin_memory_for_the_pool" in rank_names for rank_names in names), names
 
 
+def test_the_ranks_load_a_plugin_off_the_path_or_say_why_not(tmp_path):
+    """A module loaded from its file (``ablate --import FILE.py``, ``spec_from_file_location``),
+    not through ``sys.path``, is loaded from it by the ranks too; one they cannot import at all
+    (made in memory) fails each run with its name at once. Both killed every rank at start-up
+    with ModuleNotFoundError, and each run waited out its timeout for a bare ``queue.Empty``."""
+    import importlib.util
+    import types
+
+    path = tmp_path / "off_the_path" / "ringattn_off_path_plugin.py"
+    path.parent.mkdir()
+    path.write_text(PLUGIN.replace("plugin_memory_for_the_pool", "off_path_memory"))
+    spec = importlib.util.spec_from_file_location("ringattn_off_path_plugin", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        plugin_pool = DistPool(2)
+        try:
+            names = plugin_pool.run("registered_names", "memory", timeout=60)
+        finally:
+            plugin_pool.close()
+        assert all("off_path_memory" in rank_names for rank_names in names), names
+        in_memory = types.ModuleType("ringattn_in_memory_plugin")
+        sys.modules[in_memory.__name__] = in_memory
+        exec(PLUGIN.replace("plugin_memory_for_the_pool", "in_memory_memory"), vars(in_memory))
+        plugin_pool = DistPool(2)
+        try:
+            with pytest.raises(AssertionError, match="importing 'ringattn_in_memory_plugin'"):
+                plugin_pool.run("registered_names", "memory", timeout=60)
+        finally:
+            plugin_pool.close()
+    finally:
+        registry.unregister("memory", "off_path_memory", missing_ok=True)
+        registry.unregister("memory", "in_memory_memory", missing_ok=True)
+        sys.modules.pop("ringattn_off_path_plugin", None)
+        sys.modules.pop("ringattn_in_memory_plugin", None)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("communicator, dilation, computer, memory, causal, mixing", COMBOS)
 def test_matches_single_process_oracle(
