@@ -113,15 +113,19 @@ def _check_constructor(cls: type, kind: str, name: str) -> None:
     component with :data:`CONSTRUCTOR_KEYWORDS` alone (a communicator without ``group`` or a
     memory manager needing an argument registered, and failed at its first module, unnamed)."""
     try:
-        inspect.signature(cls).bind(**dict.fromkeys(CONSTRUCTOR_KEYWORDS[kind]))
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):
+        # a signature inspect cannot read (a C type's; a ``__signature__`` that is no
+        # Signature, as a property for the instances is on the class): nothing to check
+        return
+    try:
+        signature.bind(**dict.fromkeys(CONSTRUCTOR_KEYWORDS[kind]))
     except TypeError as exc:
         keywords = ", ".join(CONSTRUCTOR_KEYWORDS[kind]) or "no arguments"
         raise TypeError(
             f"{kind} strategy {name!r} ({cls.__name__}): every module builds it with "
             f"{keywords}, which its __init__ does not take ({exc})"
         ) from None
-    except ValueError:  # (a signature inspect cannot read: a C type's; nothing to check)
-        pass
 
 
 def _check_unsupported_keywords(cls: type, name: str, base: type) -> None:

@@ -114,12 +114,25 @@ def test_registration_refuses_a_class_the_module_cannot_build():
         def __init__(self, size=8):
             pass
 
+    class Described(NoReuse):  # (its __signature__ is the instances', unreadable on the class)
+        @property
+        def __signature__(self):
+            return inspect.Signature()
+
     try:
         registry.register("communicator", "any_keywords")(AnyKeywords)
         registry.register("memory", "sized")(Sized)
+        registry.register("memory", "described")(Described)  # (refused: "unexpected object")
+        assert isinstance(
+            ringattn.DilatedAttention(
+                (4,), (1,), strategy=ringattn.Strategy(memory="described")
+            ).memory,
+            Described,
+        )
     finally:
         registry.unregister("communicator", "any_keywords", missing_ok=True)
         registry.unregister("memory", "sized", missing_ok=True)
+        registry.unregister("memory", "described", missing_ok=True)
 
 
 def test_a_built_in_name_is_refused_without_the_unregister_hint():
