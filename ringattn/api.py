@@ -729,6 +729,12 @@ class DilatedAttention(nn.Module):
             config.recompile_limit = prior
 
 
+# Never a frame of its own to Dynamo (a trace inlines it): a torch.compile without fullgraph
+# gives a frame that raised while traced (a dual input's refusal) back to eager, and converts
+# the frames that one calls; this one, traced alone, re-raised an exception made outside the
+# trace, which torch 2.11's Dynamo failed on with an AssertionError of its own (TypeError lost)
+torch._dynamo.eval_frame.skip_code(DilatedAttention.refuse_across_ranks.__code__)
+
 _MODULES: OrderedDict[tuple, DilatedAttention] = OrderedDict()
 _MAX_MODULES = 32
 # the functional form's option sets seen before it warns that an option varies between calls
