@@ -236,6 +236,34 @@ def test_gpu_fuzz_threads_check_every_threads_call(tmp_path, monkeypatch):
     assert "threads 2" in (tmp_path / "gpu_fuzz.md").read_text()
 
 
+def test_gpu_fuzz_threads_check_the_others_where_one_thread_is_refused(tmp_path, monkeypatch):
+    """A call refused in one thread (its own problem) left the row "refused" and the other
+    threads' results unchecked. Planted: sdpa refuses the second problem's length and is wrong
+    at the first's, so calls 1 and 2 (one thread on each) must fail, not be refused."""
+    from experiments import gpu_fuzz
+
+    run, seconds = gpu_fuzz.run, []
+
+    def refused_at_second_wrong_at_first(module, q, k, v, grad):
+        if module.strategy.computer != "sdpa":
+            return run(module, q, k, v, grad)
+        if q.shape[1] == seconds[-1]:
+            raise ValueError("planted refusal")
+        out, grads = run(module, q, k, v, grad)
+        return out * 2, grads
+
+    def longer(p, rng, max_n):
+        seconds.append(p["n"] + 16)
+        return p | {"n": seconds[-1]}
+
+    monkeypatch.setattr(gpu_fuzz, "run", refused_at_second_wrong_at_first)
+    monkeypatch.setattr(gpu_fuzz, "second_problem", longer)
+    rows = run_fuzz(tmp_path, "--threads", "2")["rows"]
+    sdpa = [row for row in rows if "/sdpa/" in row["strategy"]]
+    assert {row["call"] for row in sdpa} == {0, 1, 2}
+    assert all(row.get("ok") is False for row in sdpa), [r.get("refused") for r in sdpa]
+
+
 def test_gpu_fuzz_replays_the_problems_its_run_drew(tmp_path):
     """--replay redrew each seed at the replay's own --max-n / --max-d (8192 / 256 unless given):
     a run at other values had its failures replayed on other problems, without a word.
