@@ -22,7 +22,7 @@ memory manager, keyed by (n, h, configs, mixing, causal, device, block size). Gr
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.attention.flex_attention as flex_attention_module
@@ -71,7 +71,10 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, score_mod, block_mask, scale: float) 
     if pad > 0 and q.device.type == "cpu" and compiling():
         q, k, v = (F.pad(x, (0, pad)) for x in (q, k, v))
     q, k, v = (rearrange(x, "b n h d -> b h n d") for x in (q, k, v))
-    out = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    # (torch 2.11's annotations give a union for every return form: output only here)
+    out = cast(
+        Tensor, flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    )
     return rearrange(out[..., :d], "b h n d -> b n h d")
 
 
@@ -79,14 +82,17 @@ def _flex_with_lse(q: Tensor, k: Tensor, v: Tensor, score_mod, block_mask, scale
     """``flex_attention`` on ``[b, n, h, d]`` tensors, returning ``([b, n, h, d], [b, n, h])``."""
     q, k, v = (rearrange(x, "b n h d -> b h n d") for x in (q, k, v))
     if AuxRequest is not None:
-        out, aux = flex_attention(
-            q,
-            k,
-            v,
-            score_mod=score_mod,
-            block_mask=block_mask,
-            scale=scale,
-            return_aux=AuxRequest(lse=True),
+        out, aux = cast(
+            tuple[Tensor, Any],  # (output and AuxOutput; 2.11's annotations give a union)
+            flex_attention(
+                q,
+                k,
+                v,
+                score_mod=score_mod,
+                block_mask=block_mask,
+                scale=scale,
+                return_aux=AuxRequest(lse=True),
+            ),
         )
         lse = aux.lse
     else:  # pragma: no cover
