@@ -587,7 +587,7 @@ def check_distributed(preset: Preset, strategies: Sequence[Strategy]) -> bool:
                 f"communicator(s), which are not registered yet (registered: "
                 f"{', '.join(registered)})"
             )
-    parallel = sorted({s.communicator for s in strategies if is_sequence_parallel(s)})
+    parallel = sorted({s.communicator for s in strategies if s.distributed})
     if preset.name != "distributed" and not parallel:
         return False
     if not all(name in os.environ for name in TORCHRUN_ENV):
@@ -829,10 +829,6 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
     return float((x - ref).norm()) / denom if denom else float(x.norm())
 
 
-def is_sequence_parallel(strategy: Strategy) -> bool:
-    return bool(getattr(strategy.component("communicator"), "distributed", False))
-
-
 def _same(x: torch.Tensor) -> torch.Tensor:
     return x
 
@@ -846,7 +842,7 @@ class Layout:
 
     @staticmethod
     def of(strategy: Strategy) -> Layout:
-        if is_sequence_parallel(strategy):
+        if strategy.distributed:
             from ringattn import distributed
 
             return Layout(distributed.shard, distributed.gather)
@@ -1050,7 +1046,7 @@ def measure_variant(sweep: Sweep, variant: Variant, oracle: Callable[[], Oracle]
                 torch.nn.Module,
                 torch.compile(attention, backend=sweep.compile_backend, fullgraph=True),
             )
-            if is_sequence_parallel(variant.strategy):
+            if variant.strategy.distributed:
                 module = EagerFirst(attention, module)
         layout = Layout.of(variant.strategy)
         row.fwd_rel_err, row.grad_rel_err, row.note = check(module, oracle(), layout)
@@ -1146,8 +1142,11 @@ def plan_variants(sweep: Sweep) -> tuple[list[Variant], list[str]]:
     return variants, notes
 
 
-def run_sweep(sweep: Sweep, variants: list[Variant], progress: Progress, notes: list[str]):
-    """Baselines first, then the variants; Ctrl-C keeps what was measured (and says so)."""
+def run_sweep(
+    sweep: Sweep, variants: list[Variant], progress: Progress, notes: list[str]
+) -> tuple[list[Row], bool]:
+    """Baselines first, then the variants: the rows, and whether Ctrl-C stopped the sweep (it
+    keeps what was measured, and says so in ``notes``)."""
     baseline_keys = sorted({(v.n, v.config.causal) for v in variants}) if sweep.baseline else []
     task = progress.add_task("ablate", total=len(variants) + len(baseline_keys))
     oracles: dict[DilatedConfig, Oracle] = {}
@@ -1158,6 +1157,7 @@ def run_sweep(sweep: Sweep, variants: list[Variant], progress: Progress, notes: 
         return oracles[config]
 
     rows: list[Row] = []
+    interrupted = False
     try:
         for n, causal in baseline_keys:
             progress.update(task, description=f"{BASELINE} n={n}{' causal' if causal else ''}")
@@ -1169,8 +1169,9 @@ def run_sweep(sweep: Sweep, variants: list[Variant], progress: Progress, notes: 
             progress.advance(task)
     except KeyboardInterrupt:
         notes.append(f"interrupted: {len(rows)} of {len(variants) + len(baseline_keys)} rows")
+        interrupted = True
     relate_to_baseline(rows)
-    return rows
+    return rows, interrupted
 
 
 def _describe(v: Variant) -> str:
@@ -1441,7 +1442,7 @@ def run(sweep: Sweep, console: Console, write: bool = True) -> Outcome:
         warnings.simplefilter("ignore", FutureWarning)
         # (rich's progress bar in a notebook without ipywidgets: about the display, not a result)
         warnings.filterwarnings("ignore", message='install "ipywidgets"')
-        rows = run_sweep(sweep, variants, progress, notes)
+        rows, interrupted = run_sweep(sweep, variants, progress, notes)
     notes += sorted({f"warning: {str(w.message).splitlines()[0]}" for w in caught})
     rows.sort(key=_sort_key)
     forward_only = sorted({r.strategy for r in rows if r.note.startswith("forward only")})
@@ -1452,7 +1453,6 @@ def run(sweep: Sweep, console: Console, write: bool = True) -> Outcome:
         )
     for note in notes:
         console.print(f"note: {note}", style="dim", soft_wrap=True, markup=False)
-    interrupted = any(note.startswith("interrupted") for note in notes)
     if not write:
         return Outcome(rows, to_markdown(*short_table(rows)), interrupted=interrupted)
     sweep.out.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,7 @@ from experiments import (
     add_heads,
     add_lengths,
     add_mixings,
+    data_range,
     require_distinct,
     require_mixings,
     require_positive,
@@ -627,7 +628,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.grid(True, which="both", alpha=0.3)
         memory = ax_row[2]
         if memory.lines:  # a ratio near 1: linear, with issue 5's bound for reference
-            top = max(max(line.get_ydata()) for line in memory.lines)
+            top = data_range(memory)[1]
             memory.set_yscale("linear")
             memory.axhline(1.2, ls=":", color="grey", label="bound 1.2")
             memory.set_ylim(0.9, max(1.3, 1.05 * top))

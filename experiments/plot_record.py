@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
-from experiments import make_out
+from experiments import data_range, make_out
 from experiments.ablate import to_markdown
 
 # Issue 5's bounds: (forward, forward+backward) throughput fractions and peak-memory ratios.
@@ -76,14 +75,6 @@ def _ratio(row: dict, key: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
-def _data_range(ax) -> tuple[float, float]:
-    """The lowest and highest value the panel's lines draw (fixed limits hid a ratio of 1.17
-    and would hide a memory peak above 1.45, what that panel is there to show)."""
-    values = [float(y) for line in ax.get_lines() for y in line.get_ydata()]
-    finite = [y for y in values if math.isfinite(y)]  # (an inf made the limits raise)
-    return min(finite, default=1.0), max(finite, default=1.0)
-
-
 def mark(ax, level: float, text: str, ls: str = "-"):
     """A black horizontal line at ``level``, named in the panel's legend."""
     return ax.axhline(level, color="k", ls=ls, lw=1, label=text)
@@ -129,7 +120,7 @@ def plot(rows: dict[Key, dict], title: str, path: Path) -> None:
     ]
     for ax, (_, name) in zip(axes, panels):
         ax.set_title(name, fontsize=10)
-        ax.set_ylim(0, max(1.15, 1.05 * _data_range(ax)[1]))
+        ax.set_ylim(0, max(1.15, 1.05 * data_range(ax)[1]))
     axes[2].set_title("peak memory / (q, k, v, out [, their gradients])", fontsize=10)
     for (key, bound), ls in zip(MEMORY_BOUNDS.items(), ("-", "--")):
         mark(
@@ -138,7 +129,7 @@ def plot(rows: dict[Key, dict], title: str, path: Path) -> None:
             f"bound {bound} ({'forward' if key.startswith('fwd_') else 'fwd+bwd'})",
             ls,
         )
-    low, high = _data_range(axes[2])
+    low, high = data_range(axes[2])
     axes[2].set_ylim(min(0.95, low - 0.02), max(1.45, high + 0.05))
     for ax in axes:
         ax.set_xscale("log", base=2)

@@ -877,9 +877,8 @@ def _refuse_functional_call(exc: Exception, strategy: object, q: object) -> NoRe
     """Raise ``exc``; where the call is sequence-parallel (over WORLD: the functional form has
     no ``group``), on every rank, as a module's refusals are: refused on one rank alone, an
     argument left the others waiting in the call's agreement until the group's timeout."""
-    communicator = strategy.component("communicator") if isinstance(strategy, Strategy) else None
-    sequence_parallel = getattr(communicator, "distributed", False) and dist.is_initialized()
-    if sequence_parallel and DilatedAttention.check_every_call:
+    sequence_parallel = isinstance(strategy, Strategy) and strategy.distributed
+    if sequence_parallel and dist.is_initialized() and DilatedAttention.check_every_call:
         distributed.refuse_on_every_rank(
             distributed.resolve_group(None), exc, distributed.device_of(q)
         )

@@ -83,12 +83,11 @@ def register(kind: str, name: str) -> Callable[[T], T]:
             cls.__qualname__,
         )
         if existing is not None and existing is not cls and not redefined:
-            built_in = existing.__module__.split(".")[0] == "ringattn"
             raise ValueError(
                 f"{kind} strategy {name!r} is already registered by {existing!r}: pick another "
                 + (
                     "name (a built-in strategy stays registered)"
-                    if built_in
+                    if _built_in(existing)
                     else f"name, or ringattn.registry.unregister({kind!r}, {name!r}) first"
                 )
             )
@@ -149,6 +148,11 @@ def _check_unsupported_keywords(cls: type, name: str, base: type) -> None:
         )
 
 
+def _built_in(cls: type) -> bool:
+    """Whether ``cls`` is one of ``ringattn``'s own strategies (which stay registered)."""
+    return cls.__module__.split(".")[0] == "ringattn"
+
+
 def unregister(kind: str, name: str, *, missing_ok: bool = False) -> None:
     """Remove a registration (for tests and notebooks that add a temporary strategy).
 
@@ -166,7 +170,7 @@ def unregister(kind: str, name: str, *, missing_ok: bool = False) -> None:
         raise ValueError(
             f"no {kind} strategy {name!r} to unregister; registered: {', '.join(names(kind))}"
         )
-    if cls.__module__.split(".")[0] == "ringattn":
+    if _built_in(cls):
         raise ValueError(
             f"{kind} strategy {name!r} is built in ({cls.__module__}.{cls.__qualname__}) and "
             "stays registered: register a subclass under another name instead"

@@ -79,14 +79,15 @@ class Strategy:
         registered communicator that is not sequence-parallel): what the single-device property
         tests run. Selected by the communicator's ``distributed`` flag, not its name, so a new
         one-device communicator is tested too."""
-        return tuple(s for s in cls.all(**fixed) if not s._distributed)
+        return tuple(s for s in cls.all(**fixed) if not s.distributed)
 
     @classmethod
     def sequence_parallel(cls, **fixed: str) -> tuple[Strategy, ...]:
         """:meth:`all`'s strategies whose communicator spreads the sequence over a process group
         (``ring``, ``all_gather``, and any registered one with ``distributed = True``)."""
-        return tuple(s for s in cls.all(**fixed) if s._distributed)
+        return tuple(s for s in cls.all(**fixed) if s.distributed)
 
     @property
-    def _distributed(self) -> bool:
-        return bool(getattr(registry.get("communicator", self.communicator), "distributed", False))
+    def distributed(self) -> bool:
+        """Whether the communicator spreads the sequence over a process group."""
+        return bool(getattr(self.component("communicator"), "distributed", False))

@@ -50,7 +50,6 @@ import torch
 from torch import Tensor
 
 from ringattn import capture
-from ringattn.capture import compiling
 from ringattn.kernels import replay
 
 _DTYPES = (torch.float16, torch.bfloat16)
@@ -247,7 +246,7 @@ def available(q: Tensor) -> bool:
         and q.dtype in _DTYPES
         and q.shape[-1] % 8 == 0
         and q.shape[-1] <= 256
-        and not compiling()
+        and not capture.compiling()
         and _arch_ok(q.device)
         and installed()
     )
