@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import os
 import sys
+import threading
 import types
 import warnings
 from collections import OrderedDict
@@ -43,6 +44,7 @@ from ringattn.core import (
     register_module,
     run_core,
 )
+from ringattn.lru import remember
 from ringattn.memory.none import NoReuse
 from ringattn.pattern import make_plan
 from ringattn.strategy import Strategy
@@ -66,9 +68,7 @@ def _remember(cache: dict, key: object, value: object) -> None:
     """``cache[key] = value``, the oldest entry dropped first where ``cache`` holds
     ``RECOMPILE_LIMIT`` (a module's per-signature caches: specs, validated inputs, the ranks'
     agreed digests; one entry per graph a signature may compile at most)."""
-    if len(cache) >= RECOMPILE_LIMIT:
-        cache.pop(next(iter(cache)))
-    cache[key] = value
+    remember(cache, key, value, RECOMPILE_LIMIT)
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -737,6 +737,9 @@ torch._dynamo.eval_frame.skip_code(DilatedAttention.refuse_across_ranks.__code__
 
 _MODULES: OrderedDict[tuple, DilatedAttention] = OrderedDict()
 _MAX_MODULES = 32
+# (threads calling the functional form: one found a key that another evicted before its
+# move_to_end, KeyError; two made a module each for one new key)
+_MODULES_LOCK = threading.RLock()
 # the functional form's option sets seen before it warns that an option varies between calls
 FUNCTIONAL_MODULES_WARNING = 256
 # every option set's module, never evicted: compiled graphs and exported programs name them
@@ -750,8 +753,9 @@ def clear_functional_modules() -> None:
     """Forget the functional form's modules: later calls make new ones (tests that switch
     kernels; a notebook after re-registering a strategy does not need it, its class is in the
     key). Graphs compiled over the old ones raise when they run."""
-    _MODULES.clear()
-    _EVERY_MODULE.__dict__.clear()
+    with _MODULES_LOCK:
+        _MODULES.clear()
+        _EVERY_MODULE.__dict__.clear()
 
 
 def _typed(name: str, option: object) -> tuple:
@@ -960,6 +964,11 @@ def _group_gone(module: DilatedAttention) -> bool:
 
 def _module_for(key: tuple, *args: Any, **options: Any) -> DilatedAttention:
     """The functional form's module of ``key``: cached (LRU), else kept, else made."""
+    with _MODULES_LOCK:
+        return _find_or_make(key, *args, **options)
+
+
+def _find_or_make(key: tuple, *args: Any, **options: Any) -> DilatedAttention:
     try:
         module = _MODULES.get(key)
     except TypeError:

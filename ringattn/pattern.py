@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ringattn.capture import compiling
+from ringattn.lru import remember
 
 # Each kernel call allocates block-sized temporaries next to the full [b, n, h, d] accumulators:
 # its output and LSE in the forward; in the backward its three gradients and cuDNN's float32 dq
@@ -301,9 +302,8 @@ def make_plan(n: int, h: int, configs: tuple[tuple[int, int], ...], mixing: str)
         return _build_plan(n, h, configs, mixing, BLOCK_SPLIT)
     plan = _PLANS.get(key)
     if plan is None:
-        if len(_PLANS) >= _MAX_PLANS:  # bounded: drop the oldest
-            _PLANS.pop(next(iter(_PLANS)))
-        plan = _PLANS[key] = _build_plan(n, h, configs, mixing, BLOCK_SPLIT)
+        plan = _build_plan(n, h, configs, mixing, BLOCK_SPLIT)
+        remember(_PLANS, key, plan, _MAX_PLANS)  # bounded: the oldest dropped
     return plan
 
 
