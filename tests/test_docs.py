@@ -26,6 +26,15 @@ def test_readme_use_example_runs_and_matches_its_oracle():
     assert rel_err(scope["out"], scope["ref"]) <= 1e-5
 
 
+def test_readme_models_example_runs_and_decodes_as_the_full_forward():
+    """README's LongNet example: train step, KV-cache decoding equal to the full forward."""
+    (code,) = [b for b in python_blocks("README.md") if "new_caches" in b]
+    scope: dict = {}
+    exec(code, scope)
+    assert rel_err(scope["incremental"], scope["full"]) <= 1e-5
+    assert scope["text"].shape == (2, 24)
+
+
 @pytest.mark.parametrize("doc, index", [("docs/architecture.md", 0)])
 def test_doc_example_runs(doc, index):
     scope: dict = {}
