@@ -15,8 +15,9 @@ from ringattn import (
     reference,
     registry,
 )
-from ringattn.api import DilatedAttention, UnsupportedError, dilated_attention
+from ringattn.api import DilatedAttention, UnsupportedError
 from ringattn.config import DilatedConfig
+from ringattn.functional import dilated_attention
 from ringattn.nn import MultiheadDilatedAttention
 from ringattn.strategy import Strategy
 

@@ -196,18 +196,21 @@ def installed(kernel: FakeFA4) -> Iterator[FakeFA4]:
     elsewhere (without FA4, or under other switches) would never offer the block's kernels."""
     names = ("_kernels", "_REPLAYS", "available", "BACKWARD_HEAD_DIM_MULTIPLE")
     saved = {name: getattr(fa4, name) for name in names}
-    saved_modules = ringattn.api._MODULES, ringattn.api._EVERY_MODULE
+    saved_modules = ringattn.functional._MODULES, ringattn.functional._EVERY_MODULE
     saved_given = fa4_dpsum.given_dpsum_kernels
     fa4_dpsum.given_dpsum_kernels = kernel.given_dpsum
     fa4._kernels = kernel.kernels
     fa4._REPLAYS = {}  # replays launch the kernels they recorded
     fa4.available = lambda q: q.dtype != torch.float64
     fa4.BACKWARD_HEAD_DIM_MULTIPLE = 1  # the stand-in's backward is right at every head dim
-    ringattn.api._MODULES, ringattn.api._EVERY_MODULE = OrderedDict(), types.SimpleNamespace()
+    ringattn.functional._MODULES, ringattn.functional._EVERY_MODULE = (
+        OrderedDict(),
+        types.SimpleNamespace(),
+    )
     try:
         yield kernel
     finally:
         for name, value in saved.items():
             setattr(fa4, name, value)
         fa4_dpsum.given_dpsum_kernels = saved_given
-        ringattn.api._MODULES, ringattn.api._EVERY_MODULE = saved_modules
+        ringattn.functional._MODULES, ringattn.functional._EVERY_MODULE = saved_modules

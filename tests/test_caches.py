@@ -185,10 +185,10 @@ def test_functional_form_warns_when_an_option_varies_between_calls(monkeypatch):
     a scale that changes every call made a module per call, silently."""
     import warnings
 
-    from ringattn import api
+    from ringattn import functional
 
-    made = len(api._EVERY_MODULE.__dict__)
-    monkeypatch.setattr(api, "FUNCTIONAL_MODULES_WARNING", made + 2)
+    made = len(functional._EVERY_MODULE.__dict__)
+    monkeypatch.setattr(functional, "FUNCTIONAL_MODULES_WARNING", made + 2)
     q = torch.randn(1, 16, 2, 4)
     warned_at = []  # the calls that warned: exactly the one that finds made + 2 modules made
     for i in range(5):
@@ -200,7 +200,7 @@ def test_functional_form_warns_when_an_option_varies_between_calls(monkeypatch):
         ours = [w for w in caught if "dilated_attention has made" in str(w.message)]
         assert all(w.filename == __file__ for w in ours), [w.filename for w in ours]
         warned_at += [i] * len(ours)
-    assert len(api._EVERY_MODULE.__dict__) == made + 5
+    assert len(functional._EVERY_MODULE.__dict__) == made + 5
     assert warned_at == [2], warned_at
 
 
@@ -227,11 +227,11 @@ def _functional_modules(monkeypatch):
     returns the option set's module."""
     from collections import OrderedDict
 
-    from ringattn import api
+    from ringattn import functional
 
-    monkeypatch.setattr(api, "_MODULES", OrderedDict())  # (none of other tests' option sets)
-    monkeypatch.setattr(api, "_MAX_MODULES", 2)
-    monkeypatch.setattr(api, "FUNCTIONAL_MODULES_WARNING", 10**9)
+    monkeypatch.setattr(functional, "_MODULES", OrderedDict())  # (none of other tests' option sets)
+    monkeypatch.setattr(functional, "_MAX_MODULES", 2)
+    monkeypatch.setattr(functional, "FUNCTIONAL_MODULES_WARNING", 10**9)
     q = torch.randn(1, 16, 2, 4)
     strategy = ringattn.Strategy(computer="math", memory="pooled")
 
@@ -240,7 +240,7 @@ def _functional_modules(monkeypatch):
             ringattn.dilated_attention(
                 q, q, q, segment_lengths=(w,), dilation_rates=(2,), strategy=strategy
             )
-        return next(reversed(api._MODULES.values()))
+        return next(reversed(functional._MODULES.values()))
 
     return call
 
@@ -249,14 +249,14 @@ def test_functional_forms_evicted_module_drops_its_buffers(monkeypatch):
     """A module the functional form's LRU evicts stays alive (a compiled graph may name it), so
     its patterns and buffers must be dropped on eviction: kept, every option set ever used held
     its memory for the process's life."""
-    from ringattn import api
+    from ringattn import functional
 
     call = _functional_modules(monkeypatch)
     modules = []
     for w in (4, 8, 16):  # (the third option set evicts the first)
         modules.append(call(w))
         assert modules[-1].memory.held_bytes() > 0, w  # (it did keep something)
-    assert modules[0] not in api._MODULES.values()
+    assert modules[0] not in functional._MODULES.values()
     assert modules[0].memory.held_bytes() == 0
     assert modules[1].memory.held_bytes() > 0  # the cached ones keep theirs
 
@@ -264,13 +264,13 @@ def test_functional_forms_evicted_module_drops_its_buffers(monkeypatch):
 def test_functional_forms_lru_evicts_the_least_recently_used(monkeypatch):
     """A hit moves its option set to the end: without it the LRU was first-in first-out, and
     the option set a model calls every step was evicted and rebuilt its patterns."""
-    from ringattn import api
+    from ringattn import functional
 
     call = _functional_modules(monkeypatch)
     first, second = call(4), call(8)
     assert call(4) is first  # (used again: the most recent now)
     call(16)
-    assert first in api._MODULES.values() and second not in api._MODULES.values()
+    assert first in functional._MODULES.values() and second not in functional._MODULES.values()
     assert first.memory.held_bytes() > 0 and second.memory.held_bytes() == 0
 
 
@@ -445,7 +445,7 @@ def test_the_functional_forms_modules_wait_for_a_lookup_in_another_thread():
     lookup, the making and the eviction take one lock."""
     import threading
 
-    from ringattn import api
+    from ringattn import functional
 
     q = torch.randn(1, 8, 2, 4)
     done = threading.Event()
@@ -454,7 +454,7 @@ def test_the_functional_forms_modules_wait_for_a_lookup_in_another_thread():
         ringattn.dilated_attention(q, q, q, segment_lengths=(4,), dilation_rates=(1,))
         done.set()
 
-    with api._MODULES_LOCK:  # a call in another thread, mid-lookup
+    with functional._MODULES_LOCK:  # a call in another thread, mid-lookup
         worker = threading.Thread(target=call)
         worker.start()
         assert not done.wait(0.2), "a functional call ran while another held its modules"

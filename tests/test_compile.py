@@ -390,7 +390,7 @@ def test_the_functional_form_compiles_inside_a_users_function(fullgraph):
     scales = (0.3125 + fullgraph, 0.40625 + fullgraph)
     strategy = ringattn.Strategy(computer="sdpa")
     sets = [{**options(p), "scale": scale, "strategy": strategy} for scale in scales]
-    made_before = len(vars(ringattn.api._EVERY_MODULE))
+    made_before = len(vars(ringattn.functional._EVERY_MODULE))
 
     def attention(q, k, v):
         first = ringattn.dilated_attention(q, k, v, **sets[0])
@@ -398,7 +398,7 @@ def test_the_functional_form_compiles_inside_a_users_function(fullgraph):
 
     q, k, v = make_qkv(p, torch.float32, requires_grad=True)
     outs = torch.compile(attention, fullgraph=fullgraph, backend="aot_eager")(q, k, v)
-    assert len(vars(ringattn.api._EVERY_MODULE)) == made_before + 2
+    assert len(vars(ringattn.functional._EVERY_MODULE)) == made_before + 2
     grad_out = torch.randn(q.shape)
     for out, scale in zip(outs, scales, strict=True):
         ref, ref_grads = oracle({**p, "scale": scale}, q, k, v, grad_out)
@@ -406,7 +406,7 @@ def test_the_functional_form_compiles_inside_a_users_function(fullgraph):
         grads = torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True)
         assert all(rel_err(g, r) <= 1e-5 for g, r in zip(grads, ref_grads, strict=True)), scale
     torch.testing.assert_close(ringattn.dilated_attention(q, k, v, **sets[0]), outs[0])
-    assert len(vars(ringattn.api._EVERY_MODULE)) == made_before + 2
+    assert len(vars(ringattn.functional._EVERY_MODULE)) == made_before + 2
 
 
 def test_the_functional_form_traced_hands_the_module_maker_plain_constants(monkeypatch):
@@ -418,14 +418,14 @@ def test_the_functional_form_traced_hands_the_module_maker_plain_constants(monke
     itself: what the trace hands ``_made_while_tracing`` is numbers, strings, bools, None,
     classes, devices and tuples of them; the module it makes has the caller's strategy."""
     handed: list = []
-    made_while_tracing = ringattn.api._made_while_tracing
+    made_while_tracing = ringattn.functional._made_while_tracing
 
     @torch._dynamo.assume_constant_result
     def spy(*args, **kwargs):
         handed.extend([*args, *kwargs.values()])
         return made_while_tracing(*args, **kwargs)
 
-    monkeypatch.setattr(ringattn.api, "_made_while_tracing", spy)
+    monkeypatch.setattr(ringattn.functional, "_made_while_tracing", spy)
     torch._dynamo.reset()
     strategy = ringattn.Strategy(dilation="global", memory="none")
     options_ = {"segment_lengths": (4, 8), "dilation_rates": (1, 2), "scale": 0.71875}
@@ -440,7 +440,7 @@ def test_the_functional_form_traced_hands_the_module_maker_plain_constants(monke
 
     assert handed and all(plain(value) for value in handed), handed
     assert torch.equal(out, ringattn.dilated_attention(q, q, q, **options_, strategy=strategy))
-    kept = [m for m in vars(ringattn.api._EVERY_MODULE).values() if m.functional_key]
+    kept = [m for m in vars(ringattn.functional._EVERY_MODULE).values() if m.functional_key]
     assert any(m.strategy == strategy and m.config.scale == 0.71875 for m in kept)
 
 
@@ -1340,8 +1340,10 @@ def test_the_functional_form_traced_on_cuda_makes_its_modules_cuda_tag(monkeypat
     others |= {"compile": True, "compile_backend": "inductor"}
     cuda = torch.device("cuda", 0)
     for device in (cuda, cuda, cuda, torch.device("cpu"), None):
-        constants = ringattn.api._as_constants(others)
-        attribute, refusal, _ = ringattn.api._made_while_tracing(*args, device=device, **constants)
+        constants = ringattn.functional._as_constants(others)
+        attribute, refusal, _ = ringattn.functional._made_while_tracing(
+            *args, device=device, **constants
+        )
         assert attribute and not refusal
     assert made == [cuda] * 3  # (the third raised: swallowed, the CPU tag serves)
-    assert getattr(ringattn.api._EVERY_MODULE, attribute).functional_key is not None
+    assert getattr(ringattn.functional._EVERY_MODULE, attribute).functional_key is not None

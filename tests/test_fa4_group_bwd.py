@@ -180,7 +180,7 @@ def test_the_group_is_made_once_and_left_out_while_a_graph_is_captured(grouping_
     make = ringattn.core.grouped_backward_launch
     patch.setattr(ringattn.core, "grouped_backward_launch", lambda *a: made.append(1) or make(*a))
     strategy = ringattn.Strategy(computer="sdpa", memory="pooled")
-    ringattn.api.clear_functional_modules()
+    ringattn.functional.clear_functional_modules()
     run_backward(ZEROED, strategy, 3)
     assert (len(made), stand_in.calls) == ((0, 0) if capturing else (1, 3))
 
@@ -189,7 +189,7 @@ def test_the_workspaces_come_from_the_memory_manager(grouping_bwd):
     patch, _ = grouping_bwd
     stand_in = BackwardStandIn()
     patch.setattr(fa4_group_bwd, "backward_group_", stand_in)
-    ringattn.api.clear_functional_modules()
+    ringattn.functional.clear_functional_modules()
     run_backward(ZEROED, ringattn.Strategy(computer="sdpa", memory="pooled"), 1)
     assert stand_in.done == 1
     patch.setattr(

@@ -334,9 +334,9 @@ def test_the_functional_cache_does_not_skip_the_option_checks(options, match):
         "compile": True,
         "compile_backend": "inductor",
     }
-    ringattn.api._eager_functional(q, q, q, valid)
+    ringattn.functional._eager_functional(q, q, q, valid)
     with pytest.raises(TypeError, match=match):
-        ringattn.api._eager_functional(q, q, q, {**valid, **options})
+        ringattn.functional._eager_functional(q, q, q, {**valid, **options})
 
 
 def test_a_module_made_inside_a_non_strict_export_serves_later_exports():
