@@ -55,6 +55,20 @@ class Strategy:
         return "/".join(getattr(self, f.name) for f in fields(self))
 
     @classmethod
+    def from_label(cls, label: str) -> Strategy:
+        """The strategy whose :attr:`label` is ``label`` (``"dilation/computer/communicator/
+        memory"``, as ablate's and bench's tables print it), so a row's strategy can be pasted
+        into code: ``Strategy.from_label("global/sdpa/local/none")``."""
+        if not isinstance(label, str):
+            raise TypeError(f"label must be a str, got {type(label).__name__}")
+        names = label.split("/")
+        if len(names) != len(registry.KINDS):
+            raise ValueError(
+                f"label must name one component per kind, {'/'.join(registry.KINDS)}, got {label!r}"
+            )
+        return cls(**dict(zip(registry.KINDS, names)))
+
+    @classmethod
     def all(cls, **fixed: str) -> tuple[Strategy, ...]:
         """Every valid combination of registered components, optionally with some fields fixed.
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ringattn
-from ringattn import registry
+from ringattn import Strategy, registry
 from ringattn.computers.math import MathComputer
 
 
@@ -452,3 +452,16 @@ def test_the_catalog_lists_every_built_in_strategy():
         if (cls := registry.get(kind, name)).__module__.split(".")[0] == "ringattn"
     }
     assert rows == built_in
+
+
+def test_a_label_names_its_strategy():
+    """``Strategy.from_label`` takes back what ``label`` prints (ablate's rows), for every valid
+    combination; a label with a part missing, or an unknown name, is refused naming the rule."""
+    for strategy in Strategy.all():
+        assert Strategy.from_label(strategy.label) == strategy
+    with pytest.raises(ValueError, match="one component per kind, dilation/computer/commun"):
+        Strategy.from_label("segment_local/sdpa/local")
+    with pytest.raises(ValueError, match="sdpx"):
+        Strategy.from_label("segment_local/sdpx/local/pooled")
+    with pytest.raises(TypeError, match="label must be a str"):
+        Strategy.from_label(Strategy())  # type: ignore[arg-type]
