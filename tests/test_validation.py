@@ -667,3 +667,35 @@ def test_any_options_give_the_oracle_or_a_named_error(configs, causal, mixing, s
         q.double(), q.double(), q.double(), segment_lengths=lengths, dilation_rates=rates, **chosen
     )
     assert rel_err(out, ref) <= 1e-5
+
+
+class _Rate(int):
+    """An int subclass (an IntEnum alike): int_sequence takes it as it is."""
+
+
+@pytest.mark.parametrize(
+    "values",
+    [(4, 8), [4, 8], (1,), [True, 2], (0, 4), (4, -1), (4, 8.0), (4, np.int64(8)), (),
+     [], (4, _Rate(8)), range(1, 3), (2**40, 1)],
+)  # fmt: skip
+def test_int_sequence_common_case_is_the_rules(values):
+    """int_sequence's fast path (a tuple or list of plain ints >= 1, taken on every call of the
+    functional form) returns what the item-by-item rules return, and leaves every other input
+    (bool, 0, a float, a numpy int, an int subclass, an empty or other sequence) to them: the
+    same result, or the same error naming the item."""
+    from ringattn import config
+
+    def rules(values):  # the rules alone, as before the fast path
+        return tuple(config.checked_int(f"x[{i}]", value) for i, value in enumerate(values))
+
+    try:
+        want = rules(values) if len(values) else ValueError("x must not be empty")
+    except (TypeError, ValueError) as error:
+        want = error
+    if isinstance(want, Exception):
+        with pytest.raises(type(want), match=re.escape(str(want))):
+            config.int_sequence("x", values)
+    else:
+        got = config.int_sequence("x", values)
+        assert got == want and type(got) is tuple
+        assert [type(x) for x in got] == [type(x) for x in want]
