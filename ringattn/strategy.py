@@ -57,8 +57,9 @@ class Strategy:
     @classmethod
     def from_label(cls, label: str) -> Strategy:
         """The strategy whose :attr:`label` is ``label`` (``"dilation/computer/communicator/
-        memory"``, as ablate's and bench's tables print it), so a row's strategy can be pasted
-        into code: ``Strategy.from_label("global/sdpa/local/none")``."""
+        memory"``, as ablate's tables print it; bench's rows name only ``dilation/computer``),
+        so a row's strategy can be pasted into code:
+        ``Strategy.from_label("global/sdpa/local/none")``."""
         if not isinstance(label, str):
             raise TypeError(f"label must be a str, got {type(label).__name__}")
         names = label.split("/")
