@@ -3,9 +3,9 @@
 ``cache.pop(next(iter(cache)))`` is two steps: two threads at a cache's limit both chose the same
 oldest key and the second ``pop`` raised ``KeyError`` into the user's call (seen on the GIL build
 with a short switch interval: one in 80,000 insertions from 4 threads). Here whichever comes
-second drops nothing, so a cache may briefly hold one entry more than its bound. Plain Python, so
-a trace that fills a cache (a module's per-signature specs) goes through it too; caches that are
-only filled eagerly take a lock instead where they must also keep check-then-set in step.
+second drops nothing, so a cache may briefly hold one entry more than its bound. Plain Python with
+no lock, so it stays traceable should a traced path ever fill a cache; caches that must also keep
+a lookup and its update in step (the functional form's modules) take a lock of their own.
 """
 
 from __future__ import annotations

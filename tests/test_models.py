@@ -287,8 +287,7 @@ def test_a_cached_call_recomputed_by_checkpointing_is_refused(reentrant, prefill
         for i, part in enumerate(chunks)
     ]
     assert cache.length == 10
-    refused = "cache: a call with a KV cache cannot run with grad enabled inside a backward"
-    with pytest.raises(ValueError, match=refused):
+    with pytest.raises(ValueError, match="cache: a call with a KV cache cannot run inside a back"):
         torch.cat(outs, dim=1).square().sum().backward()
     assert cache.length == 10
     with torch.no_grad():  # (and decoding goes on where the forwards left it)
@@ -297,22 +296,31 @@ def test_a_cached_call_recomputed_by_checkpointing_is_refused(reentrant, prefill
     assert torch.allclose(step, full, atol=1e-5)
 
 
-def test_a_backward_hook_may_decode_with_a_cache():
-    """The refusal above is for a recompute (grad enabled inside the backward); a backward hook
-    runs without grad, and its decoding step (e.g. sampling while training) was refused too."""
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_cached_call_under_no_grad_recomputed_by_checkpointing_is_refused(reentrant):
+    """A checkpointed function that decodes under its own ``torch.no_grad()`` (sampling while
+    training) has that call recomputed with grad disabled too, inside the backward: a refusal
+    only with grad enabled (tried, reverted) let the recompute append to the cache a second
+    time, silently. So every cached call inside a backward is refused, a backward hook's too."""
+    from torch.utils.checkpoint import checkpoint
+
     torch.manual_seed(0)
     layer = MultiheadDilatedAttention(16, 2, (4,), (1,), causal=True)
-    prompt = torch.randn(1, 6, 16)
+    linear = torch.nn.Linear(16, 16)
+    prompt = torch.randn(1, 2, 16)
     cache = layer.new_cache(1, 16)
-    decoded = []
-    x = torch.randn(1, 8, 16, requires_grad=True)
-    x.register_hook(lambda grad: decoded.append(layer(prompt[:, :5], cache)))
-    layer(x).sum().backward()
-    with torch.no_grad():
-        decoded.append(layer(prompt[:, 5:], cache))
-        full = layer(prompt)
-    assert cache.length == 6 and not decoded[0].requires_grad
-    assert torch.allclose(torch.cat(decoded, dim=1), full, atol=1e-5)
+
+    def step(x):
+        y = linear(x).relu()
+        with torch.no_grad():
+            layer(prompt[:, :1], cache)
+        return linear(y)
+
+    out = checkpoint(step, torch.randn(1, 4, 16, requires_grad=True), use_reentrant=reentrant)
+    assert cache.length == 1
+    with pytest.raises(ValueError, match="cache: a call with a KV cache cannot run inside"):
+        out.sum().backward()
+    assert cache.length == 1
 
 
 def test_the_model_checks_every_cache_before_any_layer_moves():

@@ -160,16 +160,13 @@ class MultiheadDilatedAttention(nn.Module):
             raise TypeError(f"cache must be a KVCache (new_cache()), got {type(cache).__name__}")
         if not self.attention.config.causal:
             raise ValueError("a KV cache (incremental decoding) needs causal=True")
-        if torch._C._current_graph_task_id() != -1 and torch.is_grad_enabled():
-            # a call run again by a backward (activation checkpointing's recompute, which enables
-            # grad to build its graph) appended to the cache again and decoded at its later
-            # length: other gradients, silently. A backward runs without grad otherwise, so a
-            # hook that decodes (no graph of its own) goes on.
+        if torch._C._current_graph_task_id() != -1:
+            # a call run again by a backward (activation checkpointing's recompute) appended to
+            # the cache again and decoded at its later length: other gradients, silently
             raise ValueError(
-                "cache: a call with a KV cache cannot run with grad enabled inside a backward "
-                "(activation checkpointing recomputes its forward there, after the cache moved "
-                "on; or backward(create_graph=True)): checkpoint the calls without a cache, or "
-                "call it outside"
+                "cache: a call with a KV cache cannot run inside a backward (activation "
+                "checkpointing recomputes its forward there, after the cache moved on; or a "
+                "backward hook): checkpoint the calls without a cache, or call it outside"
             )
         self._check_one_device()
         cache.check()
