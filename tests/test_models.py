@@ -1231,3 +1231,22 @@ def test_generate_of_no_new_tokens_is_the_prompt():
     prompt = torch.randint(0, 32, (2, 5))
     assert torch.equal(model.generate(prompt, 0), prompt)
     assert torch.equal(model.generate(prompt[:, :1], 0), prompt[:, :1])
+
+
+def test_longnet_built_on_meta_is_initialised_by_init_weights_as_a_direct_build():
+    """A model built on meta and materialised with ``to_empty`` holds uninitialised memory, and
+    LongNet had no public init: its own (``_init``) left the LayerNorms as that memory, and the
+    modules' ``reset_parameters`` scaled the tied embedding otherwise (another model, silently).
+    ``init_weights`` draws what ``LongNet(config)`` draws, in the same order."""
+    config = LongNetConfig(vocab_size=32, dim=16, depth=2, num_heads=2, segment_lengths=(8,),
+                           dilation_rates=(1,), num_kv_heads=1)  # fmt: skip
+    torch.manual_seed(3)
+    direct = LongNet(config)
+    with torch.device("meta"):
+        model = LongNet(config)
+    model = model.to_empty(device="cpu")
+    torch.manual_seed(3)
+    model.init_weights()
+    assert model.head.weight is model.embed.weight
+    want = direct.state_dict()
+    assert all(torch.equal(value, want[name]) for name, value in model.state_dict().items())

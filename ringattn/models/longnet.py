@@ -174,6 +174,21 @@ class LongNet(nn.Module):
         _tie(self)
         return out
 
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter as ``LongNet(config)`` does (under the same RNG state,
+        the same values): for a model built under ``torch.device("meta")`` and materialised with
+        ``to_empty``, whose tensors hold uninitialised memory. (The model's own init only set
+        the linear and embedding weights, leaving every LayerNorm uninitialised, and the modules'
+        ``reset_parameters`` gave the tied embedding another scale: a different model, silently.)
+        """
+        with torch.no_grad():
+            for module in self.modules():  # (construction's order: the same draws)
+                reset = getattr(module, "reset_parameters", None)
+                if module is not self and callable(reset):
+                    reset()
+            self.apply(self._init)
+        _tie(self)
+
     @staticmethod
     def _init(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
