@@ -176,9 +176,10 @@ class LongNet(nn.Module):
 
     def init_weights(self) -> None:
         """(Re)initialise every parameter as ``LongNet(config)`` does (under the same RNG state,
-        the same values): for a model built under ``torch.device("meta")`` and materialised with
-        ``to_empty``, whose tensors hold uninitialised memory. (The model's own init only set
-        the linear and embedding weights, leaving every LayerNorm uninitialised, and the modules'
+        the same values; DTensor parameters, FSDP2's, draw from DTensor's generator): for a
+        model built under ``torch.device("meta")`` and materialised with ``to_empty``, whose
+        tensors hold uninitialised memory. (The model's own init only set the linear and
+        embedding weights, leaving every LayerNorm uninitialised, and the modules'
         ``reset_parameters`` gave the tied embedding another scale: a different model, silently.)
         """
         with torch.no_grad():
