@@ -1250,3 +1250,24 @@ def test_longnet_built_on_meta_is_initialised_by_init_weights_as_a_direct_build(
     assert model.head.weight is model.embed.weight
     want = direct.state_dict()
     assert all(torch.equal(value, want[name]) for name, value in model.state_dict().items())
+
+
+def test_multihead_layer_takes_device_and_dtype_so_skip_init_builds_it():
+    """torch's factory arguments, as ``nn.MultiheadAttention``'s: without them
+    ``torch.nn.utils.skip_init`` refused the layer ("Module must support a 'device' arg")."""
+    from torch.nn.utils import skip_init
+
+    args = (16, 4, (4, 8), (1, 2))
+    layer = skip_init(MultiheadDilatedAttention, *args, causal=True, dtype=torch.float64)
+    assert {(p.device.type, p.dtype) for p in layer.parameters()} == {("cpu", torch.float64)}
+    torch.manual_seed(0)
+    for module in layer.modules():
+        if module is not layer and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    torch.manual_seed(0)
+    direct = MultiheadDilatedAttention(*args, causal=True, dtype=torch.float64)
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    assert torch.equal(layer(x), direct(x))
+    with torch.device("meta"):
+        on_meta = MultiheadDilatedAttention(*args, device="cpu")
+    assert {p.device.type for p in on_meta.parameters()} == {"cpu"}

@@ -11,7 +11,7 @@ to the layer's output (the kernels have no attention-probability dropout).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 from beartype import beartype
@@ -44,7 +44,8 @@ class MultiheadDilatedAttention(nn.Module):
     the attention output before ``out_proj`` (MAGNETO's Sub-LN); ``rotary_embedding``: rotary
     positions on Q and K (float64 angles; a sequence-parallel layer rotates by the shard's global
     positions); ``dropout`` on the output; ``bias`` of the four projections. ``new_cache`` makes
-    a KV cache for incremental decoding on one device (``forward(x, cache)``).
+    a KV cache for incremental decoding on one device (``forward(x, cache)``). ``device`` and
+    ``dtype``: the parameters' (torch's factory arguments; ``torch.nn.utils.skip_init`` uses them).
     """
 
     @jaxtyped(typechecker=beartype)
@@ -66,6 +67,8 @@ class MultiheadDilatedAttention(nn.Module):
         compile: bool = True,
         group=None,
         layout: str = "contiguous",
+        device: torch.device | str | int | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -98,11 +101,15 @@ class MultiheadDilatedAttention(nn.Module):
             group=group,
             layout=layout,
         )
-        self.q_proj = nn.Linear(embed_dim, num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=bias)
-        self.norm = nn.LayerNorm(num_heads * self.head_dim) if sub_layer_norm else nn.Identity()
-        self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias)
+        # (device/dtype: torch's factory arguments, as nn.MultiheadAttention's; without them
+        # torch.nn.utils.skip_init refused the layer)
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        inner = num_heads * self.head_dim
+        self.q_proj = nn.Linear(embed_dim, inner, bias=bias, **factory)
+        self.k_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=bias, **factory)
+        self.norm = nn.LayerNorm(inner, **factory) if sub_layer_norm else nn.Identity()
+        self.out_proj = nn.Linear(inner, embed_dim, bias=bias, **factory)
         self.dropout = nn.Dropout(dropout)
 
     def _heads(self, x: Tensor, start: int) -> tuple[Tensor, Tensor, Tensor]:
