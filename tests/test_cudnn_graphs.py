@@ -54,6 +54,20 @@ def test_a_graph_is_built_once_per_causal_scale_layout_and_device(builds):
     assert len({id(e[0]) for e in entries}) == len(variants)
 
 
+def test_graphs_are_bounded_the_oldest_dropped(builds, monkeypatch):
+    """A graph's key holds every shape and scale: a sweep over sequence lengths, batch sizes or
+    scales kept one graph (and its kernels) per signature for the process's life, unbounded."""
+    made, build = builds
+    monkeypatch.setattr(cudnn_graphs, "MAX_GRAPHS", 4, raising=False)
+    cpu = torch.device("cpu")
+    layouts = [((1, n, 2, 16), (32 * n, 32, 16, 1), torch.bfloat16) for n in range(1, 11)]
+    entries = [cudnn_graphs._graph(build, cpu, False, 0.25, layout) for layout in layouts]
+    assert len(made) == len(layouts) and all(e is not None for e in entries)
+    assert len(cudnn_graphs._graphs) == 4
+    assert cudnn_graphs._graph(build, cpu, False, 0.25, layouts[-1]) is entries[-1]  # kept
+    assert len(made) == len(layouts)
+
+
 @pytest.mark.parametrize(
     "error",
     [torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("CUDNN_STATUS_ALLOC_FAILED")],

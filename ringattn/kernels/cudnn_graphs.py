@@ -10,7 +10,8 @@ result lands in place and the copy disappears. Same kernels, same numbers as tor
 
 Optional: :func:`available` is false without the package (CPU installs, CI), and callers fall back
 to torch's op plus a copy. A graph is built once per (shapes, strides, dtype, causal, scale) and
-cached; a configuration cuDNN declines is remembered as ``None`` and also falls back.
+cached (the ``MAX_GRAPHS`` most recent); a configuration cuDNN declines is remembered as ``None``
+and also falls back.
 
 Graphs are built on a helper thread, from shapes and strides only. Building raises and catches
 exceptions inside the frontend, which keeps some of them with their tracebacks; a traceback holds
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ringattn.capture import compiling
+from ringattn.lru import remember
 
 try:
     import cudnn
@@ -37,6 +39,10 @@ except ImportError:  # pragma: no cover - optional (the `cuda` extra)
     cudnn = None
 
 _graphs: dict[tuple, Any] = {}
+# a bound, not a working set (a plan has a handful of block signatures, each a forward and a
+# backward graph): a key holds every shape, stride, dtype and scale, so a sweep over sequence
+# lengths, batch sizes or scales added graphs (and their compiled kernels) for the process's life
+MAX_GRAPHS = 1024
 _builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ringattn-cudnn-build")
 _local = threading.local()  # cuDNN handles are not thread-safe: one per thread and device
 
@@ -193,12 +199,14 @@ def _build_or_none(build, *args):
 def _graph(build, device: torch.device, causal: bool, scale: float, *layouts) -> Any:
     """``(graph, workspace bytes)`` for these operand layouts, or None where cuDNN declines."""
     key = (build.__name__, device, causal, scale, *layouts)
-    if key not in _graphs:  # built off this stack (module docstring), from layouts only
-        built = _builder.submit(_build_or_none, build, device, causal, scale, *layouts).result()
-        if built is _TRANSIENT:
+    # (one lookup: another thread may drop the entry between a test and a read)
+    found = _graphs.get(key, _TRANSIENT)
+    if found is _TRANSIENT:  # built off this stack (module docstring), from layouts only
+        found = _builder.submit(_build_or_none, build, device, causal, scale, *layouts).result()
+        if found is _TRANSIENT:
             return None
-        _graphs[key] = built
-    return _graphs[key]
+        remember(_graphs, key, found, MAX_GRAPHS)  # (the oldest dropped)
+    return found
 
 
 _FORWARD_UIDS = (_Q, _K, _V, _O)
