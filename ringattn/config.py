@@ -50,17 +50,6 @@ def checked_int(name: str, value: object, minimum: int = 1) -> int:
 
 
 def int_sequence(name: str, values: object) -> tuple[int, ...]:
-    # The common case first: a tuple or list of plain ints >= 1, which the rules below return as
-    # they are. The functional form keys its modules by this on every call, and the rules'
-    # per-item names (f-strings) and the Sequence ABC check cost ~3 µs of host time there. Not
-    # while traced: Dynamo keeps the rules below (symbolic ints are no plain ints)
-    if (
-        isinstance(values, (tuple, list))
-        and values
-        and not compiling()
-        and all(type(value) is int and value >= 1 for value in values)  # (bool is not int)
-    ):
-        return tuple(values)
     # (byte strings and buffers are sequences of ints: b"48" or memoryview(b"48") read as
     # (52, 56))
     if isinstance(values, (str, bytes, bytearray, memoryview)) or not isinstance(values, Sequence):

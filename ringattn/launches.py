@@ -52,6 +52,7 @@ from torch import Tensor
 
 from ringattn import pattern
 from ringattn.capture import compiling
+from ringattn.lru import drop_oldest
 from ringattn.pattern import Geometry
 
 
@@ -130,7 +131,7 @@ def prepared(
     with _PREPARED_LOCK:
         cache[key] = found
         while len(cache) > MAX_PREPARED:  # bounded: drop the least recently used
-            cache.pop(next(iter(cache)))
+            drop_oldest(cache)
     return found
 
 
