@@ -14,7 +14,9 @@ a *launcher* for those layouts: for a placed block the computer's
 itself), for a merged one the computer's kernel and the merge (``ringattn.core``). Later calls
 make each view with one ``as_strided`` and call the launcher. Same kernels, same views, same
 results as the general path (``tests/test_launches.py`` holds the two to identical outputs and
-gradients).
+gradients), but for a part of several segments at ``b > 1`` (below): the general path copies its
+rows where the launches read views, and CPU's kernels round a view's rows that start off their
+vector alignment a few ulps otherwise than a copy's.
 
 One difference in what is launched: under ``lse`` a config's ``R = min(r, h)`` offsets, each a
 block of ``K`` heads, line up along one stride (:class:`ringattn.pattern.OffsetRun`), so where

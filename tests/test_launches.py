@@ -70,6 +70,13 @@ def relayout(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x
 
 
+def leaf_like(x: torch.Tensor) -> torch.Tensor:
+    """A new leaf of ``x``'s values at ``x``'s strides and storage offset (``clone()`` makes a
+    sliced tensor contiguous: the calls with gradients would never see the layout)."""
+    storage = torch.zeros(x.untyped_storage().nbytes() // x.element_size(), dtype=x.dtype)
+    return storage.as_strided(x.shape, x.stride(), x.storage_offset()).copy_(x).requires_grad_()
+
+
 def run(p: dict, strategy: ringattn.Strategy, q, k, v, dout):
     attention = ringattn.DilatedAttention(
         p["segment_lengths"],
@@ -79,7 +86,7 @@ def run(p: dict, strategy: ringattn.Strategy, q, k, v, dout):
         strategy=strategy,
         compile=False,
     )
-    xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    xs = [leaf_like(x) for x in (q, k, v)]
     out = attention(*xs)
     out.backward(dout)
     with torch.no_grad():
@@ -111,7 +118,7 @@ def test_every_local_block_is_prepared_at_any_batch(computer, p, layout, split):
     q, k, v rows) at any batch size: where a part's rows over a batch of more than one are no
     one view (some of a block's segments: ``b * S`` rows at two strides), it goes once per
     batch entry, each of whose rows are, cut no finer than ``BLOCK_SPLIT / b`` (about the
-    launches and pairs of views over the whole batch). Bit-identical to the general path
+    launches and pairs of views over the whole batch). The general path's results
     (test_prepared_launches_compute_exactly_the_general_path, whose b > 1 draws take them)."""
     p = {**p, "b": max(p["b"], 2)}
     q, k, v = make_qkv(p, torch.float32)
@@ -140,8 +147,9 @@ def test_every_local_block_is_prepared_at_any_batch(computer, p, layout, split):
 @given(p=problems(), layout=st.sampled_from(["contiguous", "transposed", "sliced"]))
 def test_prepared_launches_compute_exactly_the_general_path(computer, dilation, p, layout):
     """Outputs (with and without gradients) and gradients are bit-identical with and without the
-    prepared launches, for inputs of several layouts; and the launches are taken wherever the
-    reads are views (segment_local), never where they gather (global)."""
+    prepared launches (to a few ulps at b > 1: below), for inputs of several layouts, with
+    gradients too; and the launches are taken wherever the reads are views (segment_local),
+    never where they gather (global)."""
     q, k, v = make_qkv(p, torch.float32)
     dout = torch.randn_like(q)
     q, k, v, dout = (relayout(x, layout) for x in (q, k, v, dout))
@@ -167,7 +175,16 @@ def test_prepared_launches_compute_exactly_the_general_path(computer, dilation, 
         patch.setattr(core, "prepared", lambda *args, **kwargs: launches.Prepared())
         _, general = run(p, strategy, q, k, v, dout)
     for a, c in zip(prepared, general):
-        assert torch.equal(a, c)
+        if p["b"] > 1:
+            # a part of several segments has its b * S rows at two strides: the general path
+            # copies them, the launches read each batch entry's as a view, and CPU's kernels
+            # (flash attention, matmul) round a view's rows (off their vector alignment: sliced,
+            # or d = 1) otherwise than a copy's: a few ulps at the values' scale (a misplaced
+            # row: ~1)
+            bound = 16 * torch.finfo(c.dtype).eps * max(1.0, c.abs().max().item())
+            torch.testing.assert_close(a, c, rtol=0, atol=bound)
+        else:
+            assert torch.equal(a, c)
 
 
 def test_prepared_launches_hold_no_tensor():
