@@ -118,7 +118,7 @@ def test_every_local_block_is_prepared_at_any_batch(computer, p, layout, split):
     q, k, v rows) at any batch size: where a part's rows over a batch of more than one are no
     one view (some of a block's segments: ``b * S`` rows at two strides), it goes once per
     batch entry, each of whose rows are, cut no finer than ``BLOCK_SPLIT / b`` (about the
-    launches and pairs of views over the whole batch). The general path's results
+    launches and pairs of views over the whole batch). They compute the general path's results
     (test_prepared_launches_compute_exactly_the_general_path, whose b > 1 draws take them)."""
     p = {**p, "b": max(p["b"], 2)}
     q, k, v = make_qkv(p, torch.float32)
