@@ -41,10 +41,10 @@ import importlib
 import math
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping, MutableMapping
 from contextlib import AbstractContextManager, contextmanager
 from functools import cache, partial
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -58,19 +58,27 @@ _DTYPES = (torch.float16, torch.bfloat16)
 _ARCHS = (9, 10, 11)
 
 
+# a fused kernel's registry key (its signature: dtype, head dim, causality, ...)
+_Key = TypeVar("_Key", bound=Hashable)
+
 # the packages whose absence means "flash-attn-4 is not installed" (the optional extra)
 _NOT_INSTALLED = ("flash_attn", "flash_attn.cute")
 
 
+# FA4's SM90 backward tiles: the fields of ``flash_attn.cute.interface.BwdConfig`` in order, ints
+# and bools (:data:`BACKWARD_CONFIG`)
+BackwardTiles = tuple[int, ...]
+
+
 class Kernels(NamedTuple):
-    forward: Callable  # FA4's _flash_attn_fwd
-    backward: Callable  # FA4's _flash_attn_bwd
+    forward: Callable[..., Any]  # FA4's _flash_attn_fwd (untyped)
+    backward: Callable[..., Any]  # FA4's _flash_attn_bwd (untyped)
     # the compile caches (owner -> attribute name) through which they launch their kernels, for
     # ringattn.kernels.replay
     caches: Mapping[Any, str]
     # backward_tiles(config): a context manager under which FA4's SM90 backward takes the tiles
     # ``config`` (BACKWARD_CONFIG's fields; None: FA4's own)
-    backward_tiles: Callable[[tuple | None], AbstractContextManager]
+    backward_tiles: Callable[[BackwardTiles | None], AbstractContextManager[None]]
 
 
 @cache
@@ -101,7 +109,7 @@ def _kernels() -> Kernels | None:
 
 
 @contextmanager
-def _tiles(interface: Any, config: tuple | None) -> Iterator[None]:  # (FA4's, untyped)
+def _tiles(interface: Any, config: BackwardTiles | None) -> Iterator[None]:  # (FA4's, untyped)
     """FA4's SM90 backward launcher takes its tiles from ``_tile_size_bwd_sm90`` and no
     argument: swapped for the call (under the launchers' lock; FA4's compile key holds them)."""
     if config is None:
@@ -124,7 +132,7 @@ def _loaded() -> Kernels:
 
 
 @cache
-def swapped_cache(name: str):
+def swapped_cache(name: str) -> Any:  # FA4's JIT cache (untyped), or a dict
     """A compile cache for FA4's kernels compiled with a swap of ringattn's (``fa4_add``,
     ``fa4_dpsum``), apart from FA4's own caches, one per ``name``: FA4's JIT cache under that
     name (on disk where FA4's cache is, FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1), or a dict
@@ -166,7 +174,9 @@ def _warn_unusable(exc: BaseException) -> None:
     )
 
 
-def refuse(registry: dict, key: tuple, why: str, kernel: str, instead: str) -> str:
+def refuse(
+    registry: MutableMapping[_Key, Any], key: _Key, why: str, kernel: str, instead: str
+) -> str:
     """A fused kernel's first-call guard (``fa4_merge``, ``fa4_zero``, ``fa4_add``,
     ``fa4_group``, ``fa4_group_bwd``) refusing ``kernel`` for ``key``: marked refused in its
     ``registry`` (never tried again), and a warning of what it is, why, and what runs instead
@@ -179,12 +189,12 @@ def refuse(registry: dict, key: tuple, why: str, kernel: str, instead: str) -> s
 
 
 def call_guarded(
-    compiled: dict,
-    lock: AbstractContextManager,
-    key: tuple,
+    compiled: Mapping[_Key, Any],
+    lock: AbstractContextManager[Any],
+    key: _Key,
     q: Tensor,
     first_call: Callable[[], bool],
-    run: Callable[[Callable], None],
+    run: Callable[[Any], None],
 ) -> bool:
     """``run(kernel)`` with the kernel ``compiled`` keeps for ``key`` (a fused kernel's registry,
     ``fa4_merge`` / ``fa4_zero``: the kernel, or False once refused). A key's first call runs
@@ -275,7 +285,8 @@ def sm90(q: Tensor) -> bool:
 # config``. Read by every forward call (its replays are keyed by it) and by the compiled merging
 # and zeroing forwards (``fa4_merge.compile_forward``: their compile keys include it). A sweep on
 # 2048-row causal blocks had ``(128, 128, False, True)`` 4% faster than the default (step 20).
-FORWARD_CONFIG: dict[bool, tuple[int, int, bool, bool] | None] = {False: None, True: None}
+ForwardTiles = tuple[int, int, bool, bool]
+FORWARD_CONFIG: dict[bool, ForwardTiles | None] = {False: None, True: None}
 
 # FA4's SM90 backward tile configuration per ``(head dim, causal)``: the fields of
 # ``flash_attn.cute.interface.BwdConfig`` in order (tile_m, tile_n, Q / dO / PdS stages, SdP /
@@ -284,10 +295,10 @@ FORWARD_CONFIG: dict[bool, tuple[int, int, bool, bool] | None] = {False: None, T
 # Kernels.backward_tiles, the replays' keys, the adding backward's and the grouped backward's
 # keys and workspaces): the A/B of experiments/overheads.py --bwd-tiles; fa4_probe --part
 # bwd_sweep times them on 2048-row blocks.
-BACKWARD_CONFIG: dict[tuple[int, bool], tuple] = {}
+BACKWARD_CONFIG: dict[tuple[int, bool], BackwardTiles] = {}
 
 
-def backward_config(head_dim: int, causal: bool) -> tuple | None:
+def backward_config(head_dim: int, causal: bool) -> BackwardTiles | None:
     """:data:`BACKWARD_CONFIG`'s entry for these blocks (None: FA4's own)."""
     config = BACKWARD_CONFIG.get((head_dim, causal))
     if config is not None and not (isinstance(config, tuple) and 11 <= len(config) <= 13):
@@ -314,7 +325,11 @@ def first_entries(*blocks: Tensor | None) -> tuple[Any, ...]:
     return tuple(None if x is None else x[:CHECKED_BATCH] for x in blocks)
 
 
-def backward_signature(q: Tensor, causal: bool) -> tuple:
+# what FA4's backward is compiled and scheduled for (:func:`backward_signature`)
+BackwardSignature = tuple[torch.dtype, int, bool, bool, BackwardTiles | None]
+
+
+def backward_signature(q: Tensor, causal: bool) -> BackwardSignature:
     """What FA4's backward is compiled and scheduled for with blocks like ``q``: dtype, head dim,
     causality, the deterministic order (``torch.use_deterministic_algorithms``) and
     :data:`BACKWARD_CONFIG`'s tiles. The key of the swapped backwards' first-call guards
@@ -340,7 +355,7 @@ def takes(setting: str, name: str, causal: bool) -> bool:
 # replays of FA4's recorded calls by signature (None: that signature calls FA4's launcher);
 # REPLAY = False always calls the launcher (the A/B: experiments/fa4_probe.py --part replay)
 REPLAY = True
-_REPLAYS: dict[tuple, replay.Replay | None] = {}
+_REPLAYS: dict[tuple[str, Hashable], replay.Replay | None] = {}
 # recording, and the adding backward's launches (ringattn.kernels.fa4_add), swap FA4's module
 # state
 _LAUNCHER_LOCK = threading.RLock()
@@ -351,11 +366,11 @@ def _launch(
     kind: str,
     launcher: Callable[[], Any],
     operands: tuple[Tensor | None, ...],
-    flags: tuple,
+    flags: tuple[object, ...],
     results: Callable[[Any], tuple[Tensor, ...]],
     accumulating: tuple[int, ...] = (),
-    kernels: Callable[[], AbstractContextManager] | None = None,
-    memo: dict | None = None,
+    kernels: Callable[[], AbstractContextManager[None]] | None = None,
+    memo: dict[str, Any] | None = None,
 ) -> tuple[Tensor, ...]:
     """``results(launcher())``, through the replay of its signature's first call where there is
     one (FA4's Python launcher costs more host time than a small block's kernel takes).
@@ -407,7 +422,7 @@ def forward(
     causal: bool,
     scale: float,
     out: Tensor | None = None,
-    memo: dict | None = None,
+    memo: dict[str, Any] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(out [B, L, H, d], lse [B, L, H])`` of the blocks; ``out`` written into when given.
     ``memo``: a dict of the caller's, kept between calls with operands of the same layouts (a
@@ -419,7 +434,7 @@ def forward(
         tiles.update(zip(("mma_pv_is_rs", "intra_wg_overlap"), config[2:]))
         tiles["tile_mn"] = config[:2]
 
-    def launcher():
+    def launcher() -> Any:  # (FA4's result, untyped)
         return flash_fwd(
             q, k, v, softmax_scale=scale, causal=causal, return_lse=True, out=out, **tiles
         )
@@ -439,8 +454,8 @@ def backward(
     causal: bool,
     scale: float,
     grads: tuple[Tensor | None, Tensor, Tensor] | None = None,
-    kernels: Callable[[], Any] | None = None,
-    memo: dict | None = None,
+    kernels: Callable[[], AbstractContextManager[None]] | None = None,
+    memo: dict[str, Any] | None = None,
     dlse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of the blocks ``[B, L, H, d]`` given their (merged) ``out`` and ``lse``
@@ -476,7 +491,7 @@ def backward(
     deterministic = torch.are_deterministic_algorithms_enabled()
     config = backward_config(q.shape[-1], causal)
 
-    def launcher():
+    def launcher() -> Any:  # (FA4's result, untyped)
         with _loaded().backward_tiles(config):
             return flash_bwd(
                 q,

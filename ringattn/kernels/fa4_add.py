@@ -30,6 +30,7 @@ fails to compile or to agree is refused with a warning and never used again in t
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from types import ModuleType, SimpleNamespace
@@ -46,8 +47,9 @@ ENABLED = True
 # kernel, as before h200_perf.md step 64); read on every call
 ADD_DQ = True
 
-# signature -> True (kept) / False (refused); missing: not tried yet
-_CHECKED: dict[tuple, bool] = {}
+# signature (fa4.backward_signature; dQ's postprocess: with "dq" after it) -> True (kept) /
+# False (refused); missing: not tried yet
+_CHECKED: dict[tuple[object, ...], bool] = {}
 
 
 # why the latest kernel was refused (for probes)
@@ -55,7 +57,7 @@ last_refusal: str | None = None
 
 
 @contextmanager
-def adding_kernels():
+def adding_kernels() -> Iterator[None]:
     """While inside: FA4's backward launcher compiles and finds its main kernel with the dK and
     dV stores as TMA reduce-adds (its SM90 module's only TMA stores to global memory)."""
     sm90 = "flash_attn.cute.flash_bwd_sm90"  # (its cpasync is set)
@@ -66,7 +68,7 @@ def adding_kernels():
 
 
 @contextmanager
-def adding_all_kernels():
+def adding_all_kernels() -> Iterator[None]:
     """As :func:`adding_kernels`, and FA4's launcher compiles and finds its dQ postprocess as
     :class:`~ringattn.kernels.fa4_group_bwd_sm90.AddingPostprocessSm90` (adding the tile into
     the ``dq`` it is given; FA4 runs no other postprocess for blocks with one key head per query
@@ -148,8 +150,8 @@ def backward_add_(
 
 
 def _first_call(
-    key: tuple,
-    dq_key: tuple | None,
+    key: fa4.BackwardSignature,
+    dq_key: tuple[object, ...] | None,
     inputs: tuple[Tensor, ...],
     causal: bool,
     scale: float,
@@ -206,7 +208,7 @@ def _first_call(
             _refuse(dq_key, why)
 
 
-def _refuse(key: tuple, why: str) -> None:
+def _refuse(key: tuple[object, ...], why: str) -> None:
     global last_refusal
     adds = "dQ in its postprocess" if key[-1] == "dq" else "dK and dV in its kernel"
     last_refusal = fa4.refuse(

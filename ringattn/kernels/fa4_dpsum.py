@@ -22,8 +22,8 @@ that fails to compile or to agree is refused with a warning and never used again
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from functools import cache
 from types import ModuleType, SimpleNamespace
 from typing import Any
@@ -38,13 +38,13 @@ from ringattn.kernels import fa4
 ENABLED = True
 
 # signature -> True (kept) / False (refused); missing: not tried yet
-_CHECKED: dict[tuple, bool] = {}
+_CHECKED: dict[fa4.BackwardSignature, bool] = {}
 # why the latest swap was refused (for probes)
 last_refusal: str | None = None
 
 
 @contextmanager
-def given_dpsum_kernels():
+def given_dpsum_kernels() -> Iterator[None]:
     """While inside: FA4's backward launcher compiles and finds its preprocess without the ``O``
     / ``dO`` loads (``dPsum = −dLSE``), in a compile cache of its own."""
     with fa4.swapped_kernels(
@@ -69,12 +69,14 @@ def _unloading(copy_utils: ModuleType) -> SimpleNamespace:
 
 
 @cache
-def with_given_dpsum(kernels: Callable[[], Any] | None) -> Callable[[], Any]:
+def with_given_dpsum(
+    kernels: Callable[[], AbstractContextManager[None]] | None,
+) -> Callable[[], AbstractContextManager[None]]:
     """``kernels`` (a context manager factory for ``fa4.backward``, or None: FA4's own) with
     :func:`given_dpsum_kernels` inside it; named for the replays' keys."""
 
     @contextmanager
-    def given():
+    def given() -> Iterator[None]:
         with ExitStack() as stack:
             if kernels is not None:
                 stack.enter_context(kernels())
@@ -116,7 +118,17 @@ def usable(
     return minus_dpsum if kept else None
 
 
-def _first_call(key, dout, q, k, v, out, lse, causal, scale) -> bool:
+def _first_call(
+    key: fa4.BackwardSignature,
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    causal: bool,
+    scale: float,
+) -> bool:
     """FA4's backward with given sums and without, into temporaries; keep the swap only if
     their gradients agree. On these blocks with ``out`` and ``dout`` of random values: the
     caller's may make gradients vanish exactly (a row that sees one key has ``out`` equal to its

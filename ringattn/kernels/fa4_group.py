@@ -60,14 +60,34 @@ ALL_TILES_MAX = 4096
 PERSISTENT = "always"
 PERSISTENCE = fa4.WHEN
 
-# compiled kernels by key; False: failed to compile or agree
-_COMPILED: dict[tuple, Any] = {}
+# what a compiled kernel is specialised for (:func:`_key`): dtype, head dim, causality, tiles,
+# no LSE, each group's heads, shifts and LSE unit dim, and the persistent grid's SM count
+Key = tuple[
+    torch.dtype,
+    int,
+    bool,
+    fa4.ForwardTiles | None,
+    bool,
+    tuple[int, ...],
+    tuple[tuple[int, ...], ...],
+    tuple[int | None, ...],
+    int,
+]
+# compiled kernels (Launch) by key; False: failed to compile or agree
+_COMPILED: dict[Key, Any] = {}
 _LOCK = threading.Lock()
 # why the latest kernel was refused (for probes)
 last_refusal: str | None = None
 
 # one group: its (q, k, v, out, lse or None) views
 Group = tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]
+# one view per group
+Views = tuple[Tensor, ...]
+# the kernel's arguments before the scale: every group's q, k, v, out and ``[B, H, L]`` LSE view
+# (None: no LSE)
+Operands = tuple[Views, Views, Views, Views, Views | None]
+# a compiled kernel, as ``launch(qs, ks, vs, outs, lses_bhl, scale)``
+Launch = Callable[[Views, Views, Views, Views, Views | None, float], None]
 
 
 def tiles(qs: Iterable[Tensor]) -> int:
@@ -106,7 +126,7 @@ def supported(groups: Sequence[Group], shifts: Sequence[tuple[int, ...]], causal
     return fa4.sm90(q0)
 
 
-def _key(groups: Sequence[Group], causal: bool, shifts: Sequence[tuple[int, ...]]) -> tuple:
+def _key(groups: Sequence[Group], causal: bool, shifts: Sequence[tuple[int, ...]]) -> Key:
     """What a compiled kernel is specialised for: dtype, head dim, causality, the tiles
     (``fa4.FORWARD_CONFIG``), each group's head count and shifts, which dim of each ``[B, H,
     L]`` LSE view has stride 1 (compiled in as a constant; None: none, or no LSE), and the
@@ -147,7 +167,7 @@ def _restrided(groups: Sequence[Group]) -> list[Group]:
     ]
 
 
-def _operands(groups: Sequence[Group]) -> tuple:
+def _operands(groups: Sequence[Group]) -> Operands:
     """The kernel's arguments: tuples of q, k, v, out and of the ``[B, H, L]`` LSE views (or
     None)."""
     qs, ks, vs, outs, lses = zip(*groups)
@@ -195,7 +215,7 @@ def grouper(
     return call
 
 
-def _compile(key: tuple, groups: Sequence[Group]) -> Callable:
+def _compile(key: Key, groups: Sequence[Group]) -> Launch:
     """The grouped kernel compiled for operands like these (kept in FA4's JIT cache as
     :func:`ringattn.kernels.fa4_merge.compile_forward` keeps its kernels), as ``launch(qs, ks,
     vs, outs, lses_bhl, scale)``."""
@@ -214,7 +234,7 @@ def _compile(key: tuple, groups: Sequence[Group]) -> Callable:
         persistent_sms=sms,
     )
     qs, ks, vs, outs, lses_bhl = _operands(groups)
-    args: list[tuple | None] = [
+    args: list[tuple[Any, ...] | None] = [  # (CuTe DSL tensors, untyped)
         tuple(dsl_utils.to_cute_tensor(x) for x in xs) for xs in (qs, ks, vs)
     ]
     args.append(tuple(dsl_utils.to_cute_tensor(x, assumed_align=16) for x in outs))
@@ -235,13 +255,15 @@ def _compile(key: tuple, groups: Sequence[Group]) -> Callable:
         compiled = cute.compile(kernel, *args, 1.0, stream, options="--enable-tvm-ffi")
         cache[cache_key] = compiled
 
-    def launch(qs, ks, vs, outs, lses_bhl, scale) -> None:
+    def launch(
+        qs: Views, ks: Views, vs: Views, outs: Views, lses_bhl: Views | None, scale: float
+    ) -> None:
         compiled(qs, ks, vs, outs, lses_bhl, scale)
 
     return launch
 
 
-def _first_call(key: tuple, groups: Sequence[Group], causal: bool, scale: float) -> bool:
+def _first_call(key: Key, groups: Sequence[Group], causal: bool, scale: float) -> bool:
     """Compile ``key``'s kernel, hold it to FA4's plain forward on every group's first entries
     (:func:`_checked`) and, where kept, launch it on the call's groups. False where it was
     refused: the caller launches the groups itself, which writes every row this call would have
@@ -254,7 +276,7 @@ def _first_call(key: tuple, groups: Sequence[Group], causal: bool, scale: float)
     return True
 
 
-def _checked(key: tuple, groups: Sequence[Group], causal: bool, scale: float) -> Any:
+def _checked(key: Key, groups: Sequence[Group], causal: bool, scale: float) -> Launch | None:
     """``key``'s kernel compiled and run on these groups (a few entries each, for a whole
     block's copies here took GBs at 2M tokens) with their neighbour rows poisoned, each group
     then held to FA4's plain forward: the kernel where every group's rows and LSE agree and
@@ -286,7 +308,7 @@ def _checked(key: tuple, groups: Sequence[Group], causal: bool, scale: float) ->
     return kernel
 
 
-def _refuse(key: tuple, why: str) -> None:
+def _refuse(key: Key, why: str) -> None:
     global last_refusal
     last_refusal = fa4.refuse(
         _COMPILED,

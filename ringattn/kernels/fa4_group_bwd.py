@@ -36,7 +36,7 @@ import importlib
 import threading
 from collections.abc import Callable, Sequence
 from functools import cache
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -59,7 +59,14 @@ ZEROINGS = fa4.WHEN
 # epilogue; steps 37-38, kept at 59e7a22) were exact and 3-30% slower than the configs' own
 # backwards at 131K and 1M causal, in either tile order: removed
 ALL_TILES_MAX = 2048
-_COMPILED: dict[tuple, Any] = {}
+# what compiled kernels are specialised for (:func:`_key`)
+Key = tuple[
+    torch.dtype, int, bool, tuple[int, ...], tuple[tuple[int, ...], ...], fa4.BackwardTiles | None
+]
+# the compiled backward and postprocess (the CuTe DSL's, untyped; :func:`_compile`)
+Kernels = tuple[Any, Any]
+# by key; False: failed to compile or agree
+_COMPILED: dict[Key, Kernels | Literal[False]] = {}
 _LOCK = threading.Lock()
 last_refusal: str | None = None
 
@@ -111,21 +118,21 @@ def supported(groups: Sequence[Group]) -> bool:
     return fa4.sm90(q0)
 
 
-def _config(head_dim: int, causal: bool):
+def _config(head_dim: int, causal: bool) -> Any:  # (FA4's BwdConfig, untyped)
     """FA4's SM90 backward tile configuration for this head dim: ``fa4.BACKWARD_CONFIG``'s
     where it has one (read on every call, for the workspaces' shapes)."""
     return _tile_config(head_dim, causal, fa4.backward_config(head_dim, causal))
 
 
 @cache
-def _tile_config(head_dim: int, causal: bool, config: tuple | None):
+def _tile_config(head_dim: int, causal: bool, config: fa4.BackwardTiles | None) -> Any:
     interface = importlib.import_module("flash_attn.cute.interface")
     if config is not None:
         return interface.BwdConfig(*config)
     return interface._tile_size_bwd_sm90(head_dim, head_dim, causal, False)
 
 
-def _key(groups: Sequence[Group], causal: bool, shifts: Sequence[tuple[int, ...]] = ()) -> tuple:
+def _key(groups: Sequence[Group], causal: bool, shifts: Sequence[tuple[int, ...]] = ()) -> Key:
     """What a compiled kernel is specialised for: dtype, head dim, causality, each group's head
     count and shifts, and ``fa4.BACKWARD_CONFIG``'s tiles (None: FA4's)."""
     q0 = groups[0][1]
@@ -135,7 +142,7 @@ def _key(groups: Sequence[Group], causal: bool, shifts: Sequence[tuple[int, ...]
     return q0.dtype, q0.shape[-1], causal, heads, shifts, config
 
 
-def _compile(key: tuple, groups: Sequence[Group], stats: tuple[Tensor, Tensor, Tensor]):
+def _compile(key: Key, groups: Sequence[Group], stats: tuple[Tensor, Tensor, Tensor]) -> Kernels:
     """The grouped backward and postprocess compiled for operands like these, as
     ``(backward(qs, ks, vs, douts, lse_log2, dpsum, dq_accum, dks, dvs, dqs, scale),
     postprocess(dq_accum, dqs, scale))`` (the backward writes only the zeros of dqs)."""
@@ -179,7 +186,7 @@ def _compile(key: tuple, groups: Sequence[Group], stats: tuple[Tensor, Tensor, T
         heads=heads,
     )
 
-    def views(i: int) -> tuple:
+    def views(i: int) -> tuple[Any, ...]:  # (CuTe DSL tensors)
         return tuple(dsl_utils.to_cute_tensor(group[i]) for group in groups)
 
     douts, qs, ks, vs, _, _, dqs, dks, dvs = (None if i in (4, 5) else views(i) for i in range(9))
@@ -265,7 +272,7 @@ def backward_group_(
     stats = workspaces(groups, causal, scratch)
     length = groups[0][1].shape[1]
 
-    def run(kernels) -> None:
+    def run(kernels: Kernels) -> None:
         _run(kernels, lambda full: groups, stats, out, dout, lse, index, length, scale)
 
     def first_call() -> bool:
@@ -322,7 +329,9 @@ def grouper(
     # (its shapes, not the example views: those are not kept alive)
     shape = (_units(groups), length, groups[0][1].shape[3])
 
-    def call(groups_of: GroupsOf, out, dout, lse, index, scale: float) -> bool:
+    def call(
+        groups_of: GroupsOf, out: Tensor, dout: Tensor, lse: Tensor, index: Tensor, scale: float
+    ) -> bool:
         kernels = _COMPILED.get(key)
         if kernels is False or not ENABLED:
             return False
@@ -337,7 +346,17 @@ def grouper(
     return call
 
 
-def _run(kernels, groups_of: GroupsOf, stats, out, dout, lse, index, length: int, scale) -> None:
+def _run(
+    kernels: Kernels,
+    groups_of: GroupsOf,
+    stats: tuple[Tensor, Tensor, Tensor],
+    out: Tensor,
+    dout: Tensor,
+    lse: Tensor,
+    index: Tensor,
+    length: int,
+    scale: float,
+) -> None:
     """The four launches: the statistics and the accumulator's zeros first, then the groups'
     views (made now: ``groups_of(False)``), the backward and the postprocess."""
     backward, postprocess = kernels
@@ -349,7 +368,7 @@ def _run(kernels, groups_of: GroupsOf, stats, out, dout, lse, index, length: int
     postprocess(dq_accum, dqs, scale)
 
 
-def _refuse(key: tuple, why: str) -> None:
+def _refuse(key: Key, why: str) -> None:
     global last_refusal
     last_refusal = fa4.refuse(
         _COMPILED,

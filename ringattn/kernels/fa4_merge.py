@@ -24,7 +24,7 @@ import importlib
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -35,8 +35,14 @@ from ringattn.kernels import fa4
 # a second kernel
 ENABLED = True
 
-# compiled kernels by _key(); False: failed to compile or to agree
-_COMPILED: dict[tuple, Any] = {}
+# what a compiled kernel is specialised for (:func:`_key`)
+Key = tuple[torch.dtype, int, bool, int | None, fa4.ForwardTiles | None]
+# a compiled forward, as ``launch(q, k, v, out, lse_bhl or None, scale)``
+Launch = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor | None, float], None]
+_Kernel = TypeVar("_Kernel")
+
+# compiled kernels (Launch) by _key(); False: failed to compile or to agree
+_COMPILED: dict[Key, Any] = {}
 _LOCK = threading.Lock()
 # why the latest kernel was refused (for probes: experiments/fa4_probe.py --part merge)
 last_refusal: str | None = None
@@ -87,7 +93,7 @@ def _unit_dims_restrided(x: Tensor) -> Tensor:
     return x.as_strided(x.shape, tuple(stride or 8 for stride in x.stride()))
 
 
-def _key(q: Tensor, causal: bool, lse: Tensor) -> tuple:
+def _key(q: Tensor, causal: bool, lse: Tensor) -> Key:
     """What a compiled kernel is specialised for: the dtype, head dim, causality, which dim of
     the ``[B, H, L]`` LSE view has stride 1 (the CuTe DSL compiles a unit stride in as a
     constant; None: no such dim, every stride dynamic), and ``fa4.FORWARD_CONFIG``'s tiles."""
@@ -134,14 +140,21 @@ def merger(
     return call
 
 
-def _compile(key: tuple, q, k, v, out, lse_bhl) -> Callable:
+def _compile(key: Key, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse_bhl: Tensor) -> Launch:
     sm90 = importlib.import_module("ringattn.kernels.fa4_merge_sm90")
     return compile_forward(key, q, k, v, out, lse_bhl, sm90.MergingForwardSm90, sm90.__file__)
 
 
 def compile_forward(
-    key: tuple, q, k, v, out, lse_bhl, kernel_class: Callable, source: str | None = None
-) -> Callable:
+    key: tuple[Any, ...],  # (a Key, then whatever the class is specialised for)
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse_bhl: Tensor | None,
+    kernel_class: Callable[..., Any],  # (a CuTe DSL kernel class)
+    source: str | None = None,
+) -> Launch:
     """A subclass of FA4's SM90 forward compiled for operands like these, as ``launch(q, k, v,
     out, lse_bhl, scale)``: ``key`` starts with the dtype, head dim, causality, the LSE's
     unit-stride dim and the tile configuration or None (:func:`_key`) and holds whatever else the
@@ -173,13 +186,22 @@ def compile_forward(
         if cache is not None:
             cache[cache_key] = compiled
 
-    def launch(q, k, v, out, lse_bhl, scale) -> None:
+    def launch(
+        q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse_bhl: Tensor | None, scale: float
+    ) -> None:
         compiled(q, k, v, out, lse_bhl, scale, *unused)
 
     return launch
 
 
-def forward_kernel(kernel_class: Callable, dtype, head_dim: int, causal: bool, config, **extra):
+def forward_kernel(
+    kernel_class: Callable[..., _Kernel],
+    dtype: torch.dtype,
+    head_dim: int,
+    causal: bool,
+    config: fa4.ForwardTiles | None,
+    **extra: Any,
+) -> _Kernel:
     """``kernel_class`` (a subclass of FA4's SM90 forward) made as FA4's launcher makes its
     forward for these blocks: FA4's tiles for the head dim and causality, or
     ``fa4.FORWARD_CONFIG``'s ``config`` where it is not None; ``extra``: the subclass's own
@@ -209,7 +231,7 @@ def forward_kernel(kernel_class: Callable, dtype, head_dim: int, causal: bool, c
     )
 
 
-def lse_tensor(lse_bhl: Tensor, unit_dim: int | None):
+def lse_tensor(lse_bhl: Tensor, unit_dim: int | None) -> Any:  # (a CuTe DSL tensor, untyped)
     """An ``[B, H, L]`` LSE view as the kernels' CuTe tensor: ``unit_dim`` (the dim of stride 1,
     :func:`_key`) compiled in as such, or every stride left to run time where there is none.
     (FA4's own launcher takes L contiguous; a block's rows of the ``[b, n, h]`` accumulator have
@@ -221,7 +243,7 @@ def lse_tensor(lse_bhl: Tensor, unit_dim: int | None):
 
 
 @functools.cache
-def _jit_cache():
+def _jit_cache() -> Any:  # (FA4's JIT cache, untyped)
     return importlib.import_module("flash_attn.cute.cache_utils").get_jit_cache("ringattn_forward")
 
 
@@ -230,7 +252,9 @@ def _digest(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def _first_call(key, q, k, v, causal: bool, scale: float, out: Tensor, lse: Tensor) -> bool:
+def _first_call(
+    key: Key, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, out: Tensor, lse: Tensor
+) -> bool:
     """Compile ``key``'s kernel, hold it to the two-kernel path on the blocks' first entries
     (:func:`_checked`) and, where kept, merge the call's blocks with it: the first call's result
     is every later call's. False where it was refused (operands untouched, for the caller's two
@@ -242,7 +266,9 @@ def _first_call(key, q, k, v, causal: bool, scale: float, out: Tensor, lse: Tens
     return True
 
 
-def _checked(key, blocks: tuple, causal: bool, scale: float) -> Any:
+def _checked(
+    key: Key, blocks: tuple[Tensor, Tensor, Tensor, Tensor, Tensor], causal: bool, scale: float
+) -> Launch | None:
     """``key``'s kernel compiled and run on ``blocks`` (q, k, v, out, lse: a few entries, for a
     whole block's copies here took GBs at 2M tokens), its merge held to the two-kernel path's;
     the kernel where they agree, else None (refused: recorded as False, not used again). The
@@ -271,7 +297,7 @@ def _checked(key, blocks: tuple, causal: bool, scale: float) -> Any:
     return kernel
 
 
-def _refuse(key: tuple, why: str) -> None:
+def _refuse(key: Key, why: str) -> None:
     global last_refusal
     last_refusal = fa4.refuse(
         _COMPILED,
