@@ -25,7 +25,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -33,12 +33,16 @@ from torch import Tensor
 from ringattn.capture import compiling
 from ringattn.lru import remember
 
+# the frontend is untyped: its handles, graphs, tensor nodes and enum values are Any here
 try:
     import cudnn
 except ImportError:  # pragma: no cover - optional (the `cuda` extra)
     cudnn = None
 
-_graphs: dict[tuple, Any] = {}
+# a built graph and its workspace bytes (None in the cache: declined by cuDNN)
+_Entry = tuple[Any, int]
+
+_graphs: dict[tuple[object, ...], _Entry | None] = {}
 # a bound, not a working set (a plan has a handful of block signatures, each a forward and a
 # backward graph): a key holds every shape, stride, dtype and scale, so a sweep over sequence
 # lengths, batch sizes or scales added graphs (and their compiled kernels) for the process's life
@@ -70,7 +74,7 @@ def _layout(x: Tensor) -> Layout:
     return tuple(x.shape), x.stride(), x.dtype
 
 
-def _handle(device: torch.device):
+def _handle(device: torch.device) -> Any:
     """This thread's cuDNN handle for torch's current stream on ``device``.
 
     One handle a stream: the blocks of one call may run on several (``ringattn.lanes``), and
@@ -98,7 +102,7 @@ def _handle(device: torch.device):
     return handle
 
 
-def _data_type(dtype: torch.dtype):
+def _data_type(dtype: torch.dtype) -> Any:
     return {
         torch.float32: cudnn.data_type.FLOAT,
         torch.bfloat16: cudnn.data_type.BFLOAT16,
@@ -117,19 +121,19 @@ class _Graph:
             compute_data_type=cudnn.data_type.FLOAT,
         )
 
-    def operand(self, name: str, layout: Layout, uid: int):
+    def operand(self, name: str, layout: Layout, uid: int) -> Any:
         shape, stride, dtype = layout
         return self.graph.tensor(
             name=name, dim=list(shape), stride=list(stride), data_type=_data_type(dtype), uid=uid
         )
 
     @staticmethod
-    def output(node, layout: Layout, uid: int) -> None:
+    def output(node: Any, layout: Layout, uid: int) -> None:
         shape, stride, dtype = layout
         node.set_uid(uid).set_output(True).set_dim(list(shape)).set_stride(list(stride))
         node.set_data_type(_data_type(dtype))
 
-    def built(self):
+    def built(self) -> Any:
         graph = self.graph
         graph.validate()
         graph.build_operation_graph()
@@ -139,7 +143,7 @@ class _Graph:
         return graph
 
 
-def _mask(causal: bool) -> dict:
+def _mask(causal: bool) -> dict[str, object]:
     # causal: the diagonal band ends on the diagonal, aligned top-left (query i sees keys <= i)
     return {
         "diagonal_alignment": cudnn.diagonal_alignment.TOP_LEFT,
@@ -147,7 +151,16 @@ def _mask(causal: bool) -> dict:
     }
 
 
-def _forward_graph(device, causal, scale, q, k, v, o, stats):
+def _forward_graph(
+    device: torch.device,
+    causal: bool,
+    scale: float,
+    q: Layout,
+    k: Layout,
+    v: Layout,
+    o: Layout,
+    stats: Layout | None,
+) -> Any:
     g = _Graph(device, q[2])
     o_node, stats_node = g.graph.sdpa(
         name="forward",
@@ -164,7 +177,20 @@ def _forward_graph(device, causal, scale, q, k, v, o, stats):
     return g.built()
 
 
-def _backward_graph(device, causal, scale, q, k, v, o, do, stats, dq, dk, dv):
+def _backward_graph(
+    device: torch.device,
+    causal: bool,
+    scale: float,
+    q: Layout,
+    k: Layout,
+    v: Layout,
+    o: Layout,
+    do: Layout,
+    stats: Layout,
+    dq: Layout,
+    dk: Layout,
+    dv: Layout,
+) -> Any:
     g = _Graph(device, q[2])
     nodes = g.graph.sdpa_backward(
         name="backward",
@@ -185,7 +211,8 @@ def _backward_graph(device, causal, scale, q, k, v, o, do, stats, dq, dk, dv):
 _TRANSIENT = object()  # a build that failed for want of memory: tried again on the next call
 
 
-def _build_or_none(build, *args):
+def _build_or_none(build: Callable[..., Any], *args: object) -> object:
+    # (an _Entry, None where cuDNN declines, or _TRANSIENT)
     try:
         graph = build(*args)
     except Exception as exc:  # cuDNN declines this layout: the caller falls back, once per key
@@ -196,17 +223,23 @@ def _build_or_none(build, *args):
     return graph, max(graph.get_workspace_size(), 1)
 
 
-def _graph(build, device: torch.device, causal: bool, scale: float, *layouts) -> Any:
+def _graph(
+    build: Callable[..., Any],
+    device: torch.device,
+    causal: bool,
+    scale: float,
+    *layouts: Layout | None,
+) -> _Entry | None:
     """``(graph, workspace bytes)`` for these operand layouts, or None where cuDNN declines."""
     key = (build.__name__, device, causal, scale, *layouts)
     # (one lookup: another thread may drop the entry between a test and a read)
-    found = _graphs.get(key, _TRANSIENT)
+    found: object = _graphs.get(key, _TRANSIENT)
     if found is _TRANSIENT:  # built off this stack (module docstring), from layouts only
         found = _builder.submit(_build_or_none, build, device, causal, scale, *layouts).result()
         if found is _TRANSIENT:
             return None
         remember(_graphs, key, found, MAX_GRAPHS)  # (the oldest dropped)
-    return found
+    return cast("_Entry | None", found)  # (past the sentinel: an entry or a declined None)
 
 
 _FORWARD_UIDS = (_Q, _K, _V, _O)
@@ -215,7 +248,9 @@ _BACKWARD_UIDS = (_Q, _K, _V, _O, _DO, _STATS, _DQ, _DK, _DV)
 # A launcher runs one graph for views of the layouts it was made for (the core prepares one per
 # block part and layout, ``ringattn.launches``); it holds the graph, never a tensor.
 ForwardLaunch = Callable[[Tensor, Tensor, Tensor, Tensor, "Tensor | None"], None]
-BackwardLaunch = Callable[..., None]
+BackwardLaunch = Callable[
+    [Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], None
+]
 
 
 def forward_launcher(
@@ -274,14 +309,34 @@ def backward_launcher(
         return None
     graph, workspace_bytes = entry
 
-    def launch(dout, q, k, v, out, lse, dq, dk, dv) -> None:
+    def launch(
+        dout: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        dq: Tensor,
+        dk: Tensor,
+        dv: Tensor,
+    ) -> None:
         operands = _backward_operands(dout, q, k, v, out, lse, dq, dk, dv)
         _execute(graph, workspace_bytes, _BACKWARD_UIDS, operands, device)
 
     return launch
 
 
-def _backward_operands(dout, q, k, v, out, lse, dq, dk, dv) -> list[Tensor]:
+def _backward_operands(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dq: Tensor,
+    dk: Tensor,
+    dv: Tensor,
+) -> list[Tensor]:
     return [
         *(_bhsd(x) for x in (q, k, v, out, dout)),
         # cuDNN < 9.26 reads the LSE only as a packed [B, H, L, 1] tensor (one float a row)
@@ -298,7 +353,13 @@ def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _execute(graph, workspace_bytes: int, uids, operands: list[Tensor], device) -> None:
+def _execute(
+    graph: Any,
+    workspace_bytes: int,
+    uids: tuple[int, ...],
+    operands: list[Tensor],
+    device: torch.device,
+) -> None:
     workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
     # the ordered form (a list and its uids) is the frontend's fast path: ~16 us of host time
     # against ~44 us for a uid -> pointer dict (H200 host, h200_perf.md step 11)

@@ -25,7 +25,7 @@ import functools
 import importlib
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor
 
@@ -37,8 +37,14 @@ from ringattn.kernels.unselected import shifted
 # launch zeroes the rows itself)
 ENABLED = True
 
+# a compile key: fa4_merge's (or the no-LSE one), then the shifts (of mixed types: the dtype,
+# ints, flags, the tile configuration)
+_Key = tuple[Any, ...]
+# a compiled kernel, as launch(q, k, v, out, lse_bhl, scale) (fa4_merge.compile_forward's)
+_Kernel = Callable[[Tensor, Tensor, Tensor, Tensor, "Tensor | None", float], object]
+
 # compiled kernels by key (fa4_merge's key with the shifts); False: failed to compile or agree
-_COMPILED: dict[tuple, Any] = {}
+_COMPILED: dict[_Key, _Kernel | Literal[False]] = {}
 _LOCK = threading.Lock()
 # why the latest kernel was refused (for probes)
 last_refusal: str | None = None
@@ -54,7 +60,7 @@ def supported(
     return bool(shifts) and aligned and fa4.sm90(q) and fa4_merge.layout_ok(q, k, v, out, lse)
 
 
-def _key(q: Tensor, causal: bool, lse: Tensor | None, shifts: tuple[int, ...]) -> tuple:
+def _key(q: Tensor, causal: bool, lse: Tensor | None, shifts: tuple[int, ...]) -> _Key:
     if lse is None:
         return q.dtype, q.shape[-1], causal, "no lse", fa4.FORWARD_CONFIG.get(causal), shifts
     return *fa4_merge._key(q, causal, lse), shifts
@@ -105,7 +111,9 @@ def zeroer(
     key = _key(q, causal, lse, shifts)
     restride = any(0 in x.stride() for x in (q, k, v, out, lse) if x is not None)
 
-    def call(q: Tensor, k: Tensor, v: Tensor, scale: float, out: Tensor, lse) -> bool:
+    def call(
+        q: Tensor, k: Tensor, v: Tensor, scale: float, out: Tensor, lse: Tensor | None
+    ) -> bool:
         kernel = _COMPILED.get(key)
         if not kernel or restride or not ENABLED:  # first call, refused, off, or unusual
             return forward_zero_(q, k, v, causal, scale, out, lse, shifts)
@@ -115,13 +123,24 @@ def zeroer(
     return call
 
 
-def _compile(key: tuple, q, k, v, out, lse_bhl) -> Callable:
+def _compile(
+    key: _Key, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse_bhl: Tensor | None
+) -> _Kernel:
     sm90 = importlib.import_module("ringattn.kernels.fa4_zero_sm90")
     kernel_class = functools.partial(sm90.ZeroingForwardSm90, zero_shifts=key[-1])
     return fa4_merge.compile_forward(key, q, k, v, out, lse_bhl, kernel_class, sm90.__file__)
 
 
-def _first_call(key, q, k, v, causal: bool, scale: float, out: Tensor, lse_bhl) -> bool:
+def _first_call(
+    key: _Key,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float,
+    out: Tensor,
+    lse_bhl: Tensor | None,
+) -> bool:
     """Compile ``key``'s kernel, hold it to FA4's plain forward on the blocks' first entries
     (:func:`_checked`) and, where kept, launch it on the call's blocks. False where it was
     refused: the caller's plain path then writes the call's rows, LSE and zeros, the checked
@@ -133,7 +152,12 @@ def _first_call(key, q, k, v, causal: bool, scale: float, out: Tensor, lse_bhl) 
     return True
 
 
-def _checked(key, blocks: tuple, causal: bool, scale: float) -> Any:
+def _checked(
+    key: _Key,
+    blocks: tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None],
+    causal: bool,
+    scale: float,
+) -> _Kernel | None:
     """``key``'s kernel compiled and run on ``blocks`` (q, k, v, out, ``[B, H, L]`` LSE or None:
     a few entries, for a whole block's copies here took GBs at 2M tokens) with their neighbour
     rows poisoned, then held to FA4's plain forward: the kernel where the rows and LSE agree and
@@ -163,7 +187,7 @@ def _checked(key, blocks: tuple, causal: bool, scale: float) -> Any:
     return kernel
 
 
-def _refuse(key: tuple, why: str) -> None:
+def _refuse(key: _Key, why: str) -> None:
     global last_refusal
     last_refusal = fa4.refuse(
         _COMPILED,

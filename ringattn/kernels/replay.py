@@ -72,6 +72,16 @@ _VIEWS = {
 last_refusal: str | None = None
 
 Layout = tuple[tuple[int, ...], tuple[int, ...], torch.dtype, torch.device]
+Layouts = tuple[Layout | None, ...]
+# a compiled launch as the caches' kernel was called: (kernel, args, kwargs); the arguments are
+# whatever the library passes its kernels (tensors, scalars, its DSL's objects)
+_Launch = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+# _plan's: (arguments with constants in place, (position, role) of each operand, (position,
+# buffer index, (shape, stride, offset) or None) of each buffer view)
+_BufferView = tuple[tuple[int, ...], tuple[int, ...], int]
+_Plan = tuple[
+    tuple[Any, ...], tuple[tuple[int, int], ...], tuple[tuple[int, int, _BufferView | None], ...]
+]
 
 
 def layout(x: Tensor) -> Layout:
@@ -79,8 +89,8 @@ def layout(x: Tensor) -> Layout:
 
 
 def signature(
-    tensors: tuple[Tensor | None, ...], *flags: Any, layouts: tuple | None = None
-) -> tuple:
+    tensors: tuple[Tensor | None, ...], *flags: Any, layouts: Layouts | None = None
+) -> tuple[object, ...]:
     """The key under which calls share one replay: every operand's layout and 16-byte alignment
     (the kernels are compiled for aligned pointers), and the call's flags. ``layouts``: the
     operands' :func:`operand_layouts`, where the caller knows them already (a prepared launch's
@@ -92,21 +102,29 @@ def signature(
     )
 
 
-def operand_layouts(tensors: Iterable[Tensor | None]) -> tuple:
+def operand_layouts(tensors: Iterable[Tensor | None]) -> Layouts:
     """Each operand's :func:`layout` (None stays None)."""
     return tuple(None if x is None else layout(x) for x in tensors)
 
 
-class _Watch(TorchDispatchMode):
+# (torch's TorchDispatchMode is unannotated: its __init_subclass__ and __init__ are untyped
+# calls; the ignores go unused where mypy runs without --strict)
+class _Watch(TorchDispatchMode):  # type: ignore[no-untyped-call, unused-ignore]
     """Notes whether every aten op was an allocation or a view, and keeps the allocations."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call, unused-ignore]  # (as above)
         self.allocations: list[Tensor] = []
         self.other_ops: list[str] = []
         self.in_kernel = False  # a kernel's own ops (a stand-in's, on CPU) are not the launcher's
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(
+        self,
+        func: torch._ops.OpOverload,
+        types: tuple[type, ...],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         result = func(*args, **(kwargs or {}))
         if self.in_kernel:
             pass
@@ -121,7 +139,7 @@ class _RecordingCache:
     """Stands in for one compile cache while recording: lookups return the cached kernel wrapped
     so that its calls are noted; stores and membership go to the real cache."""
 
-    def __init__(self, cache: Any, launches: list, watch: _Watch) -> None:
+    def __init__(self, cache: Any, launches: list[_Launch], watch: _Watch) -> None:
         self._cache, self._launches, self._watch = cache, launches, watch
 
     def __contains__(self, key: object) -> bool:
@@ -133,15 +151,15 @@ class _RecordingCache:
     def get(self, key: object, default: object = None) -> object:
         return self[key] if key in self._cache else default
 
-    def setdefault(self, key: object, default: object) -> Callable:
+    def setdefault(self, key: object, default: object) -> Callable[..., Any]:
         if key not in self._cache:
             self._cache[key] = default
         return self[key]
 
-    def __getitem__(self, key: object) -> Callable:
+    def __getitem__(self, key: object) -> Callable[..., Any]:
         kernel = self._cache[key]
 
-        def noted(*args, **kwargs):
+        def noted(*args: Any, **kwargs: Any) -> Any:
             self._launches.append((kernel, args, kwargs))
             self._watch.in_kernel = True
             try:
@@ -173,12 +191,14 @@ class Replay:
     """The allocations and compiled launches of one recorded call, and where its results are."""
 
     allocations: tuple[Layout, ...]
-    launches: tuple[tuple[Callable, tuple], ...]
+    launches: tuple[tuple[Callable[..., Any], tuple[object, ...]], ...]
     results: tuple[_Operand | _Buffer, ...]
     # each launch's arguments as a template of its constants and where the operands and buffer
     # views go (made once: a replay issues ~40 arguments per FA4 backward launch, and resolving
     # each by type in every call cost more host time than the launch itself)
-    _plans: tuple = field(init=False, repr=False, compare=False)
+    _plans: tuple[tuple[Callable[..., Any] | None, _Plan], ...] = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         plans = tuple((kernel, _plan(args, self.allocations)) for kernel, args in self.launches)
@@ -206,7 +226,7 @@ class Replay:
         raise AssertionError("unreachable: the results' plan comes last")
 
 
-def _plan(slots: tuple, allocations: tuple[Layout, ...]) -> tuple:
+def _plan(slots: tuple[object, ...], allocations: tuple[Layout, ...]) -> _Plan:
     """``slots`` as (constants with placeholders, (position, role) of each operand, (position,
     buffer index, view or None where the slot is the whole buffer) of each buffer view)."""
     template, at_operands, at_buffers = [], [], []
@@ -325,7 +345,7 @@ def record(
         for x, saved in before:
             x.copy_(saved)
 
-    launches: list = []
+    launches: list[_Launch] = []
     originals = {(owner, name): getattr(owner, name) for owner, name in caches.items()}
     watch = _Watch()
     try:
