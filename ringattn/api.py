@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import torch
 from beartype import beartype
@@ -42,6 +42,12 @@ from ringattn.pattern import make_plan
 from ringattn.strategy import Strategy
 from ringattn.types import BNHD
 
+if TYPE_CHECKING:
+    from ringattn.functional import Key as FunctionalKey
+
+K = TypeVar("K")
+V = TypeVar("V")
+
 _NO_REUSE = NoReuse()
 
 
@@ -49,14 +55,14 @@ class UnsupportedError(ValueError):
     """A valid strategy that cannot run these particular inputs (dtype, device, gradients)."""
 
 
-_COMPILED: dict[tuple, Callable[..., Tensor]] = {}
+_COMPILED: dict[tuple[DilatedConfig, Strategy, str, str], Callable[..., Tensor]] = {}
 # Graphs per (config, strategy, backend): one per (b, n, h, d, dtype, grad mode) seen. Dynamo's
 # default of 8 is easily hit by a sweep over n; past this, fullgraph=True raises
 # FailOnRecompileLimitHit rather than silently running eagerly.
 RECOMPILE_LIMIT = 64
 
 
-def _remember(cache: dict, key: object, value: object) -> None:
+def _remember(cache: dict[K, V], key: K, value: V) -> None:
     """``cache[key] = value``, the oldest entry dropped first where ``cache`` holds
     ``RECOMPILE_LIMIT`` (a module's per-signature caches: specs, validated inputs, the ranks'
     agreed digests; one entry per graph a signature may compile at most)."""
@@ -70,7 +76,9 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
-def compiled_core(key: tuple, backend: str, mode: str = "default") -> Callable[..., Tensor]:
+def compiled_core(
+    key: tuple[DilatedConfig, Strategy, str, str], backend: str, mode: str = "default"
+) -> Callable[..., Tensor]:
     """``torch.compile(run_core)`` with a Dynamo cache of its own for each (config, strategy).
 
     Dynamo keeps one cache per *code object*, limited to ``RECOMPILE_LIMIT`` graphs here (with
@@ -237,7 +245,7 @@ def _needs_grad(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
 
 
-def _described(x: object) -> tuple:
+def _described(x: object) -> tuple[object, ...]:
     """What the ranks must agree on about one input (its device type only: ranks own devices),
     everything :func:`check_plain` reads of it: then it raises on every rank or on none."""
     if not isinstance(x, Tensor):
@@ -253,7 +261,8 @@ _CALL_FIELDS = ("q, k, v", "config", "strategy", "layout", "grad mode")
 _BACKWARD_FIELDS = ("what", "config", "strategy", "layout", "dout, q", "forward call")
 
 
-def _call_described(q: object, k: object, v: object) -> tuple:
+# (Any: three :func:`_described` tuples, then two flags and a name, read by position)
+def _call_described(q: object, k: object, v: object) -> tuple[Any, ...]:
     """What the ranks must agree on about a call's inputs: each one's :func:`_described`,
     whether k and v share q's device (a rank's own devices differ from another's), and the
     autocast that casts them (a rank in bf16 and one in fp16 exchanged each other's bytes)."""
@@ -309,7 +318,7 @@ class DilatedAttention(nn.Module):
     """
 
     # the functional form's option set this module serves (None: a user's module)
-    functional_key: tuple | None = None
+    functional_key: FunctionalKey | None = None
 
     @jaxtyped(typechecker=beartype)
     def __init__(
@@ -342,8 +351,10 @@ class DilatedAttention(nn.Module):
         self.communicator = strategy.component("communicator")(
             group=group, memory=self.memory, layout=layout
         )
-        self._checked: dict[tuple, int] = {}  # call signatures agreed by every rank: digests
-        self._valid_inputs: dict[tuple, None] = {}  # input signatures already validated
+        # call signatures agreed by every rank: digests
+        self._checked: dict[tuple[object, ...], int] = {}
+        # input signatures already validated
+        self._valid_inputs: dict[tuple[object, ...], None] = {}
         # not ``self.compile``: that would hide ``nn.Module.compile()``, torch's in-place compile
         self.compile_core = compile
         # Where the module opens a compiled frame of its own. A block computer's core is opaque
@@ -364,7 +375,7 @@ class DilatedAttention(nn.Module):
                 "not captured by torch.compile; use compile_mode='default' or compile=False"
             )
         self._compile_options = (compile_backend, compile_mode)
-        self._specs: dict[tuple, CoreSpec] = {}
+        self._specs: dict[tuple[int, int, int, torch.device], CoreSpec] = {}
         self._register()
         self._built = True
 
@@ -406,11 +417,11 @@ class DilatedAttention(nn.Module):
             self._device_tag(moved.device)
         return super()._apply(fn, recurse)
 
-    def __setstate__(self, state: dict) -> None:
+    def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._register()  # a copy is a module of its own
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles leave the caches behind: they hold what belongs to this process
         (specs naming this module's number, prepared kernel launches as closures, the ranks'
         agreed digests, the compiled core: a function pickle cannot name); the copy rebuilds
@@ -686,7 +697,8 @@ class DilatedAttention(nn.Module):
             # (the CUDA tag of an earlier eager call on this device, if any: a model compiled
             # with reduce-overhead needs one for its backward, core.device_tag)
             tag = self._device_tags.get(q.device, self._number)
-            return dilated_forward_op(q, k, v, tag, grad_state(q, k, v))[0]
+            out: Tensor = dilated_forward_op(q, k, v, tag, grad_state(q, k, v))[0]
+            return out
         unkept = _unkept(q, tracing)
         spec = self._spec(q, unkept)
         memory = _NO_REUSE if unkept else self.memory

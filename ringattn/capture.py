@@ -80,7 +80,8 @@ def _in_tree_warmup() -> bool:
         manager = None if container is None else container.tree_manager
         if manager is None or not (manager.in_warmup or manager.in_recording):
             return False
-        return torch.cuda.current_stream() == manager.stream
+        ours: bool = torch.cuda.current_stream() == manager.stream
+        return ours
     except (AttributeError, ImportError, KeyError, TypeError):
         return False
 

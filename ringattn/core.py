@@ -29,7 +29,7 @@ import secrets
 import weakref
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, Concatenate, NamedTuple, ParamSpec, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -53,7 +53,13 @@ from ringattn.lanes import Lanes
 from ringattn.launches import Prepared, gather, layouts_of, packed, prepared, views
 from ringattn.memory.base import MemoryManager
 from ringattn.merge import merge_into_
-from ringattn.pattern import Block, Plan
+from ringattn.pattern import Block, Geometry, Plan
+
+if TYPE_CHECKING:
+    from ringattn.launches import Launches, PreparedKey
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,7 +84,7 @@ class CoreSpec:
     # traced inline.
     module: Tensor | None = field(default=None, compare=False)
     # eager only: the placed blocks' prepared launches per tensor layouts (ringattn.launches)
-    launches: dict = field(default_factory=dict, compare=False, repr=False)
+    launches: dict[PreparedKey, Prepared] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def block_computer(self) -> BlockComputer:
@@ -167,7 +173,8 @@ def _spec(module_tag: Tensor, q: Tensor) -> CoreSpec:
             "A graph exported (torch.export) and loaded in another process has no module "
             "there: export runs in the process that made the module"
         )
-    return module.eager_spec(q)
+    spec: CoreSpec = module.eager_spec(q)
+    return spec
 
 
 def _index(
@@ -214,7 +221,7 @@ def for_each_block(
     run: Callable[[int], None],
     backward: bool = False,
     done: frozenset[int] = frozenset(),
-):
+) -> None:
     """``run(i)`` for blocks ``first..`` except those ``done``; a disjoint plan's configs on
     concurrent streams where :class:`ringattn.lanes.Lanes` allows (blocks whose segments stay on
     this device, unless ``lanes.SPANNING``); ``backward``: the call is a backward
@@ -238,7 +245,7 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
-def input_precision(device: torch.device) -> contextlib.AbstractContextManager:
+def input_precision(device: torch.device) -> contextlib.AbstractContextManager[object]:
     """Autocast off inside the core: every strategy computes in its inputs' dtype. Under a user's
     autocast the math computer's einsums ran in bf16 while sdpa's aten calls stayed in float32
     (the same call, two functions)."""
@@ -247,11 +254,13 @@ def input_precision(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def in_input_precision(fn: Callable) -> Callable:
+def in_input_precision(
+    fn: Callable[Concatenate[CoreSpec, Tensor, P], R],
+) -> Callable[Concatenate[CoreSpec, Tensor, P], R]:
     """``fn(spec, first_tensor, ...)`` run under :func:`input_precision`."""
 
     @functools.wraps(fn)
-    def run(spec: CoreSpec, first: Tensor, *args, **kwargs):
+    def run(spec: CoreSpec, first: Tensor, /, *args: P.args, **kwargs: P.kwargs) -> R:
         with input_precision(first.device):
             return fn(spec, first, *args, **kwargs)
 
@@ -407,8 +416,16 @@ def dilated_forward(
 
 
 def grouped_launch(
-    spec: CoreSpec, launches: dict, tensors: tuple[Tensor | None, ...]
-) -> tuple[frozenset[tuple[int, int]], frozenset[int], tuple, Callable[[list], bool]] | None:
+    spec: CoreSpec, launches: Prepared, tensors: tuple[Tensor | None, ...]
+) -> (
+    tuple[
+        frozenset[tuple[int, int]],
+        frozenset[int],
+        tuple[tuple[Geometry | None, ...], ...],
+        Callable[[list[list[Tensor | None]]], bool],
+    ]
+    | None
+):
     """One launch for the placed parts (:func:`placing_launch`) that share the most common
     segment length, where there are two or more and the computer has a kernel for them
     (``BlockComputer.grouped_launcher``): ``(their (block, part) pairs, the blocks all of whose
@@ -416,17 +433,22 @@ def grouped_launch(
     where it declined (nothing to count on: the parts then go one by one). None where there is
     no such launch. Each part's zeros are the ones its own launch writes (``group_shifts``), so
     the fill's selection holds either way."""
-    by_length: dict[int, list] = {}
+    by_length: dict[int, list[tuple[int, int, tuple[Geometry | None, ...], tuple[int, ...]]]] = {}
     for i, parts in launches.items():
-        for j, (geometry, launch) in enumerate(parts):
-            shifts = getattr(launch, "group_shifts", None)
+        for j, (geometry, part_launch) in enumerate(parts):
+            shifts = getattr(part_launch, "group_shifts", None)
             if shifts is not None:  # (geometry[0]: q's view [B, L, H, d])
-                by_length.setdefault(geometry[0][0][1], []).append((i, j, geometry, shifts))
+                length = cast(Geometry, geometry[0])[0][1]  # (a read's view: never None)
+                by_length.setdefault(length, []).append((i, j, geometry, shifts))
     members = max(by_length.values(), key=len, default=[])
     if len(members) < 2:
         return None
     geometries = tuple(geometry for _, _, geometry, _ in members)
-    examples = [tuple(views(tensors, geometry)) for geometry in geometries]
+    # (q, k, v and out are always viewed; the LSE where written)
+    examples = cast(
+        list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]],
+        [tuple(views(tensors, geometry)) for geometry in geometries],
+    )
     shifts = [member[3] for member in members]
     launch = spec.block_computer.grouped_launcher(spec.causal, spec.scale, examples, shifts)
     if launch is None:
@@ -559,7 +581,7 @@ def dilated_backward(
     if group is not None:
         geometries = group.geometries
 
-        def groups_of(full: bool) -> list:
+        def groups_of(full: bool) -> list[list[Tensor | None]]:
             # (without out and lse unless asked: the kernels read those whole, ten views fewer
             # per call)
             return [views(tensors, g) for g in geometries[0 if full else 1]]
@@ -570,7 +592,7 @@ def dilated_backward(
             for geometry, shifts in zip(geometries[0], geometries[2], strict=True):
                 for grad in views(tensors, geometry)[6:]:
                     for shift in shifts:
-                        shifted(grad, shift).zero_()
+                        shifted(cast(Tensor, grad), shift).zero_()  # (a gradient: never None)
     adding_launches = prepared(
         spec,
         "backward",
@@ -653,16 +675,20 @@ class GroupedBackward(NamedTuple):
 
     blocks: frozenset[int]  # the plan's blocks the launch takes
     # their geometries with and without out and lse, and each block's neighbour shifts
-    geometries: tuple
+    geometries: tuple[
+        tuple[tuple[Geometry | None, ...], ...],
+        tuple[tuple[Geometry | None, ...], ...],
+        tuple[tuple[int, ...], ...],
+    ]
     unit_index: Tensor  # their units' LSE positions (launches.packed's index)
     launch: Callable[..., bool]
     # the gradients' fill selection once the launch writes those blocks' zeros (None: the fill
     # does them all)
-    fill: tuple | None
+    fill: tuple[tuple[int, ...], tuple[int, ...]] | None
 
 
 def grouped_backward_launch(
-    spec: CoreSpec, whole: dict, tensors: tuple[Tensor | None, ...]
+    spec: CoreSpec, whole: Prepared, tensors: tuple[Tensor | None, ...]
 ) -> GroupedBackward | None:
     """One backward launch for the placed blocks (launched whole: ``whole``, one part each)
     that share the most common segment length, where there are two or more and the computer
@@ -674,16 +700,19 @@ def grouped_backward_launch(
     its gradients' rows) where the computer's kernel does (``zeroes_unselected`` on the
     launcher); the last item is then the plan's selection less the configs all of whose blocks
     it takes (:func:`unzeroed_selection`), else None (the fill does them all)."""
-    by_length: dict[int, list] = {}
+    by_length: dict[int, list[tuple[int, Launches]]] = {}
     for i, parts in whole.items():
         if len(parts) == 1:
-            geometry = parts[0][0]
-            by_length.setdefault(geometry[1][0][1], []).append((i, parts))  # q: [B, L, H, d]
+            q_rows = cast(Geometry, parts[0][0][1])  # (a read's view: never None)
+            by_length.setdefault(q_rows[0][1], []).append((i, parts))  # q: [B, L, H, d]
     members = max(by_length.values(), key=len, default=[])
     if len(members) < 2:
         return None
     geometries = tuple(parts[0][0] for _, parts in members)
-    examples = [tuple(views(tensors, geometry)) for geometry in geometries]
+    # (launched whole: every operand viewed)
+    examples = cast(
+        list[tuple[Tensor, ...]], [tuple(views(tensors, geometry)) for geometry in geometries]
+    )
     device = examples[0][1].device
 
     memory = spec.memory  # (not the spec: it keeps this launch)
@@ -786,7 +815,7 @@ def neighbour_shifts(part: Block, out: Tensor) -> tuple[int, ...]:
     return tuple((k - job.offset) * stride_n for k in range(job.r) if k != job.offset)
 
 
-def zeroing_blocks(launches: dict) -> frozenset[int]:
+def zeroing_blocks(launches: Prepared) -> frozenset[int]:
     """The blocks of these prepared launches all of whose parts zero their own unselected rows
     (:func:`placing_launch`)."""
     return frozenset(
@@ -796,7 +825,9 @@ def zeroing_blocks(launches: dict) -> frozenset[int]:
     )
 
 
-def unzeroed_selection(plan: Plan, zeroed: Container[int]) -> tuple | None:
+def unzeroed_selection(
+    plan: Plan, zeroed: Container[int]
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """``plan.selection`` with every head of a config all of whose blocks are among ``zeroed``
     (those whose launches write their unselected rows' zeros themselves) marked as fully
     selected (rate 1, offset 0), so the fill leaves it alone. Only configs of full segments
@@ -852,7 +883,17 @@ def merging_launch(
 
 
 def adding_launch(
-    spec: CoreSpec, span: int, dout, q, k, v, out, lse, dq_rows, dk_rows, dv_rows
+    spec: CoreSpec,
+    span: int,
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dq_rows: Tensor,
+    dk_rows: Tensor,
+    dv_rows: Tensor,
 ) -> Callable[..., None]:
     """A prepared launch of a merged block part's backward (as :func:`merging_launch`): its
     gradients added into its rows. It takes ``(dout, q, k, v, out, lse, dq, dk, dv[, dlse])``
@@ -866,7 +907,18 @@ def adding_launch(
         if all(flat is not None for flat in flats):
             fused = computer.adding_launcher(causal, scale, dout, q, k, v, out, lse, *flats)
 
-        def launch(dout, q, k, v, out, lse, dq_rows, dk_rows, dv_rows, dlse=None) -> None:
+        def launch(
+            dout: Tensor,
+            q: Tensor,
+            k: Tensor,
+            v: Tensor,
+            out: Tensor,
+            lse: Tensor,
+            dq_rows: Tensor,
+            dk_rows: Tensor,
+            dv_rows: Tensor,
+            dlse: Tensor | None = None,
+        ) -> None:
             grad_rows = [dq_rows, dk_rows, dv_rows]
             if fused is not None:
                 dq, dk, dv = (rows.flatten(0, 1) for rows in grad_rows)
@@ -880,7 +932,18 @@ def adding_launch(
 
     else:
 
-        def launch(dout, q, k, v, out, lse, dq_rows, dk_rows, dv_rows, dlse=None) -> None:
+        def launch(
+            dout: Tensor,
+            q: Tensor,
+            k: Tensor,
+            v: Tensor,
+            out: Tensor,
+            lse: Tensor,
+            dq_rows: Tensor,
+            dk_rows: Tensor,
+            dv_rows: Tensor,
+            dlse: Tensor | None = None,
+        ) -> None:
             # (a segment spanning ranks: its communicator's kernels form their own sums)
             result = communicator.attend_backward(
                 computer, dout, q, k, v, out, lse, causal, scale, span
@@ -904,7 +967,9 @@ def check_backward(spec: CoreSpec, dout: Tensor, q: Tensor, call: int | None) ->
 
 class DilatedAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, spec: CoreSpec, q: Tensor, k: Tensor, v: Tensor, *indices: Tensor) -> Tensor:
+    def forward(
+        ctx: Any, spec: CoreSpec, q: Tensor, k: Tensor, v: Tensor, *indices: Tensor
+    ) -> Tensor:
         out, lse = dilated_forward(spec, q, k, v, indices, keep_lse=True)
         ctx.save_for_backward(q, k, v, out, lse, *indices)
         ctx.spec = spec
@@ -917,7 +982,7 @@ class DilatedAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, dout: Tensor):
+    def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
         if torch.is_grad_enabled():
             # The backward is the merged-stats formula: a graph of it (the math computer's ops)
             # would hold the saved out/lse as constants, so second-order gradients came out wrong
@@ -994,7 +1059,9 @@ def dilated_forward_op(
 
 
 @dilated_forward_op.register_fake
-def _(q, k, v, module, grad=None):
+def _(
+    q: Tensor, k: Tensor, v: Tensor, module: Tensor, grad: list[bool] | None = None
+) -> tuple[Tensor, Tensor]:
     b, n, h, d = q.shape
     return q.new_empty(b, n, h, d), q.new_empty(b, n, h, dtype=accumulation_dtype(q.dtype))
 
@@ -1017,11 +1084,17 @@ def dilated_backward_op(
 
 
 @dilated_backward_op.register_fake
-def _(dout, q, k, v, out, lse, module):
+def _(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, module: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _setup_context(
+    ctx: Any,
+    inputs: tuple[Tensor, Tensor, Tensor, Tensor, list[bool] | None],
+    output: tuple[Tensor, Tensor],
+) -> None:
     q, k, v, module, *_ = inputs
     if module.device != q.device and graphs_compiling():
         # the forward graph returns the tag for its backward, and cudagraph trees reject a CPU
@@ -1038,7 +1111,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.module = module
 
 
-def _backward(ctx, dout: Tensor, _dlse: Tensor):
+def _backward(ctx: Any, dout: Tensor, _dlse: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = dilated_backward_op(dout, q, k, v, out, lse, ctx.module)
     return dq, dk, dv, None, None
@@ -1048,7 +1121,12 @@ dilated_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def run_core(
-    spec: CoreSpec, q: Tensor, k: Tensor, v: Tensor, indices: tuple[Tensor, ...], aux: tuple
+    spec: CoreSpec,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    indices: tuple[Tensor, ...],
+    aux: tuple[Any, ...],  # (a layout computer's own setup, LayoutComputer.prepare's)
 ) -> Tensor:
     """The function ``torch.compile`` wraps.
 
@@ -1063,8 +1141,10 @@ def run_core(
                 spec.plan, spec.causal, spec.scale, spec.dilation.name, q, k, v, aux
             )
     if compiling() and spec.module is not None:
-        return dilated_forward_op(q, k, v, spec.module, grad_state(q, k, v))[0]
+        out: Tensor = dilated_forward_op(q, k, v, spec.module, grad_state(q, k, v))[0]
+        return out
     # (a spec of no module, as tests make, is traced inline, as eager code)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return DilatedAttentionFunction.apply(spec, q, k, v, *indices)
+        out = DilatedAttentionFunction.apply(spec, q, k, v, *indices)
+        return out
     return dilated_forward(spec, q, k, v, indices, keep_lse=False)[0]

@@ -8,6 +8,8 @@ times that (QK^T and PV, two FLOPs per multiply-add); forward+backward is 3.5× 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ringattn.config import DilatedConfig, checked_int
 from ringattn.pattern import make_plan
 
@@ -20,7 +22,12 @@ def _pairs(rows: int, causal: bool) -> int:
 
 
 def useful_pairs(
-    n: int, h: int, segment_lengths, dilation_rates, causal: bool = False, mixing: str = "lse"
+    n: int,
+    h: int,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    causal: bool = False,
+    mixing: str = "lse",
 ) -> int:
     # the module's rules first: zip dropped a config without its rate, and a rate that does not
     # divide its length was counted as if it did
@@ -44,8 +51,8 @@ def useful_flops(
     n: int,
     h: int,
     d: int,
-    segment_lengths,
-    dilation_rates,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
     causal: bool,
     mixing: str,
     backward: bool = False,

@@ -19,7 +19,7 @@ import types
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any, NoReturn, cast
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import torch
 import torch.distributed as dist
@@ -33,7 +33,13 @@ from ringattn.config import int_sequence, type_name
 from ringattn.strategy import Strategy
 from ringattn.types import BNHD
 
-_MODULES: OrderedDict[tuple, DilatedAttention] = OrderedDict()
+if TYPE_CHECKING:
+    # an option set's key (:func:`_key`): its lengths and rates, causal, mixing and scale with
+    # their types, the strategy, its registered classes, compile and compile_backend with
+    # their types; a tuple of so many kinds, read by position, that its items are Any
+    Key = tuple[Any, ...]
+
+_MODULES: OrderedDict[Key, DilatedAttention] = OrderedDict()
 _MAX_MODULES = 32
 # (threads calling the functional form: one found a key that another evicted before its
 # move_to_end, KeyError; two made a module each for one new key)
@@ -56,7 +62,7 @@ def clear_functional_modules() -> None:
         _EVERY_MODULE.__dict__.clear()
 
 
-def _typed(name: str, option: object) -> tuple:
+def _typed(name: str, option: object) -> tuple[object, ...]:
     """``option`` with its type (and, for a list or tuple, each item's), for the cache's key. A
     value of no plain type (bool, int, float, str, None), which no option takes, is refused here,
     naming ``name`` and its annotated type, eager or traced alike: traced, a numpy array failed
@@ -80,11 +86,11 @@ def _typed(name: str, option: object) -> tuple:
 _PLAIN_TYPES = (bool, int, float, str, type(None))
 
 
-def _attribute(key: tuple) -> str:
+def _attribute(key: Key) -> str:
     return f"m{hash(key) & 0xFFFFFFFFFFFFFFFF:x}"
 
 
-def _kept_module(key: tuple) -> DilatedAttention | None:
+def _kept_module(key: Key) -> DilatedAttention | None:
     """The module ever made for ``key`` (None: none yet)."""
     module = getattr(_EVERY_MODULE, _attribute(key), None)
     return module if module is not None and module.functional_key == key else None  # collisions
@@ -138,7 +144,8 @@ def dilated_attention(
         # traced by a user's torch.compile: beartype's wrapper cannot be traced (it raised
         # inside Dynamo), and the module checks its inputs itself, traced into guards
         return _traced_functional(q, k, v, **options)
-    return _eager_functional(q, k, v, options)
+    out: Tensor = _eager_functional(q, k, v, options)
+    return out
 
 
 # each option's type as dilated_attention annotates it ("float | int | None"), for the refusals
@@ -149,7 +156,7 @@ _OPTION_TYPES: dict[str, str] = {
 
 
 @torch.compiler.disable
-def _eager_functional(q: Tensor, k: Tensor, v: Tensor, options: dict) -> Tensor:
+def _eager_functional(q: Tensor, k: Tensor, v: Tensor, options: dict[str, Any]) -> Tensor:
     """The eager call, never traced: where a user's torch.compile gave up on a frame above it
     (options it could not treat as constants), Dynamo traced the frames this calls instead, and
     beartype's wrapper, traced, reported a good ``q`` as violating its hint.
@@ -164,7 +171,8 @@ def _eager_functional(q: Tensor, k: Tensor, v: Tensor, options: dict) -> Tensor:
         module = _functional_module(**options)
     except (TypeError, ValueError) as exc:
         _refuse_functional_call(exc, options["strategy"], q)
-    return module(q, k, v)
+    out: Tensor = module(q, k, v)
+    return out
 
 
 def _functional_module(
@@ -222,10 +230,11 @@ def _traced_functional(
     )
     if refusal:
         raise (TypeError if refusal == "TypeError" else ValueError)(reason)
-    return getattr(_EVERY_MODULE, attribute)(q, k, v)
+    out: Tensor = getattr(_EVERY_MODULE, attribute)(q, k, v)
+    return out
 
 
-def _key(segment_lengths: Sequence[int], dilation_rates: Sequence[int], **options: Any) -> tuple:
+def _key(segment_lengths: Sequence[int], dilation_rates: Sequence[int], **options: Any) -> Key:
     strategy = options["strategy"]
     if not isinstance(strategy, Strategy):  # (read below, before the constructor's check)
         raise TypeError(f"strategy must be a ringattn.Strategy, got {type(strategy).__name__}")
@@ -260,13 +269,13 @@ def _group_gone(module: DilatedAttention) -> bool:
     return False
 
 
-def _module_for(key: tuple, *args: Any, **options: Any) -> DilatedAttention:
+def _module_for(key: Key, *args: Any, **options: Any) -> DilatedAttention:
     """The functional form's module of ``key``: cached (LRU), else kept, else made."""
     with _MODULES_LOCK:
         return _find_or_make(key, *args, **options)
 
 
-def _find_or_make(key: tuple, *args: Any, **options: Any) -> DilatedAttention:
+def _find_or_make(key: Key, *args: Any, **options: Any) -> DilatedAttention:
     try:
         module = _MODULES.get(key)
     except TypeError:
@@ -332,7 +341,10 @@ _STRATEGY_FIELDS = tuple(field.name for field in dataclasses.fields(Strategy))
 
 @torch._dynamo.assume_constant_result
 def _made_while_tracing(
-    *args: Any, device: torch.device | None = None, classes: tuple = (), **options: Any
+    *args: Any,
+    device: torch.device | None = None,
+    classes: tuple[type[Any], ...] = (),
+    **options: Any,
 ) -> tuple[str, str, str]:
     """The module of a traced call's option set, made at trace time in plain Python, not traced:
     Dynamo cannot trace the constructor (beartype's signature object), so a user's

@@ -91,7 +91,7 @@ _fans = threading.local()
 
 
 def _fan(device: torch.device, count: int) -> _Fan:
-    fans = _fans.__dict__.setdefault("by_device", {})
+    fans: dict[torch.device, _Fan] = _fans.__dict__.setdefault("by_device", {})
     fan = fans.get(device)
     if fan is None or len(fan.sides) < count:
         fan = fans[device] = _Fan(device, count)
@@ -110,7 +110,7 @@ class _OnStream:
     def __enter__(self) -> None:
         torch.cuda.set_stream(self.stream)
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         torch.cuda.set_stream(self.back)
 
 
@@ -137,7 +137,7 @@ class Lanes:
         if self.enabled:
             self.switches = [_OnStream(side, self.main) for side in self.fan.sides[: LANES - 1]]
 
-    def lane(self, config: int, block: int, local: bool = True) -> AbstractContextManager:
+    def lane(self, config: int, block: int, local: bool = True) -> AbstractContextManager[None]:
         lane = lane_of(config, block, LANES) if self.enabled and (local or SPANNING) else 0
         return _STAY if lane == 0 else self.switches[lane - 1]
 
@@ -150,7 +150,7 @@ class Lanes:
                 switch.stream.wait_event(self.fan.fork)
         return self
 
-    def __exit__(self, *exc) -> None:  # joins also when the blocks raised
+    def __exit__(self, *exc: object) -> None:  # joins also when the blocks raised
         if self.enabled:
             for switch, join in zip(self.switches, self.fan.joins, strict=False):
                 join.record(switch.stream)

@@ -48,6 +48,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -57,6 +58,23 @@ from ringattn.capture import compiling
 from ringattn.lru import drop_oldest
 from ringattn.pattern import Geometry
 
+if TYPE_CHECKING:
+    from ringattn.core import CoreSpec
+
+    # what a preparation depends on of one tensor (None: no tensor), :func:`layouts_of`
+    Layout = tuple[torch.Size, tuple[int, ...], torch.dtype, torch.device] | None
+    # a preparation's key in ``CoreSpec.launches``: (kind, placed, split, block ids, layouts,
+    # the computer's launch options)
+    PreparedKey = tuple[
+        str, bool, int | None, tuple[int, ...], tuple[Layout, ...], tuple[object, ...]
+    ]
+    # what a launch covers: a plan's block (or part of one), or a config's offsets as one run
+    Part = pattern.Block | pattern.OffsetRun
+    # a block's parts' (geometry of each operand, launcher)
+    Launches = tuple[tuple[tuple[Geometry | None, ...], Callable[..., None]], ...]
+    # a view's geometry from a tensor's (shape, stride), None where it is no view of it
+    GeometryOf = Callable[[tuple[int, ...], tuple[int, ...]], Geometry | None]
+
 
 class Prepared(dict[int, tuple[tuple[tuple[Geometry | None, ...], Callable[..., None]], ...]]):
     """Block index -> its parts' (geometry of each operand, launcher). ``derived``: what a caller
@@ -65,7 +83,8 @@ class Prepared(dict[int, tuple[tuple[tuple[Geometry | None, ...], Callable[..., 
 
     def __init__(self) -> None:
         super().__init__()
-        self.derived: dict = {}
+        # (each key's own kind of value: the fill's selection, a grouped launch, a packed LSE)
+        self.derived: dict[str | tuple[str, bool], Any] = {}
 
 
 # lse: a config's offsets as runs where they line up (see the module's docstring)
@@ -84,7 +103,9 @@ MAX_PREPARED = 32
 _PREPARED_LOCK = threading.Lock()
 
 
-def views(tensors: tuple[Tensor | None, ...], geometry: tuple[Geometry | None, ...]) -> list:
+def views(
+    tensors: tuple[Tensor | None, ...], geometry: tuple[Geometry | None, ...]
+) -> list[Tensor | None]:
     """Each tensor's view of this geometry (None stays None)."""
     return [
         None if g is None or x is None else x.as_strided(g[0], g[1], x.storage_offset() + g[2])
@@ -93,7 +114,7 @@ def views(tensors: tuple[Tensor | None, ...], geometry: tuple[Geometry | None, .
 
 
 def prepared(
-    spec,
+    spec: CoreSpec,
     kind: str,
     reads: tuple[Tensor, ...],
     writes: tuple[Tensor | None, ...],
@@ -101,7 +122,7 @@ def prepared(
     make_launcher: Callable[..., Callable[..., None]],
     placed: bool,
     split: int | None = None,
-    layouts: tuple | None = None,
+    layouts: tuple[Layout, ...] | None = None,
 ) -> Prepared:
     """The prepared launches of ``spec``'s blocks ``block_ids`` for tensors of these layouts:
     ``reads`` go through the dilation processor (``[b, n, h, ...]`` inputs); ``writes`` (the
@@ -202,24 +223,32 @@ def gather(x: Tensor, index: Tensor, span: int) -> Tensor:
     return x.as_strided((span,), (1,), x.storage_offset()).index_select(0, index)
 
 
-def layouts_of(tensors: tuple[Tensor | None, ...]) -> tuple:
+def layouts_of(tensors: tuple[Tensor | None, ...]) -> tuple[Layout, ...]:
     """What a preparation depends on of each tensor (its key, with the blocks and the kind)."""
     return tuple(None if x is None else (x.shape, x.stride(), x.dtype, x.device) for x in tensors)
 
 
 def _prepare(
-    spec, reads, writes, block_ids, make_launcher, placed: bool, split: int | None
+    spec: CoreSpec,
+    reads: tuple[Tensor, ...],
+    writes: tuple[Tensor | None, ...],
+    block_ids: Iterable[int],
+    make_launcher: Callable[..., Callable[..., None]],
+    placed: bool,
+    split: int | None,
 ) -> Prepared:
     plan, tensors = spec.plan, (*reads, *writes)
     batch = reads[0].shape[0]
 
-    def entries(parts: tuple, span: int, per_entry: bool = False) -> tuple | None:
+    def entries(parts: tuple[Part, ...], span: int, per_entry: bool = False) -> Launches | None:
         """Each part's (geometry, launcher), or None if some operand is not one view;
         ``per_entry``: each part once per batch entry (see below)."""
-        found = []
+        found: list[tuple[tuple[Geometry | None, ...], Callable[..., None]]] = []
         for part in parts:
-            rows = part.flat_geometry if placed else part.rows_geometry
-            read = partial(spec.dilation.geometry, part)
+            rows: GeometryOf = part.flat_geometry if placed else part.rows_geometry
+            # (an OffsetRun has a Block's geometry methods, all that a dilation's geometry
+            # reads; DilationProcessor.geometry is annotated for a Block alone)
+            read = partial(spec.dilation.geometry, part)  # type: ignore[arg-type]
             for start, count in ((e, 1) for e in range(batch)) if per_entry else ((0, batch),):
                 geometry = (
                     *(_entry(read, x, start, count) for x in reads),
@@ -230,7 +259,7 @@ def _prepare(
                 found.append((geometry, make_launcher(span, part, *views(tensors, geometry))))
         return tuple(found)
 
-    def local_entries(parts: tuple, block: pattern.Block | None) -> tuple | None:
+    def local_entries(parts: tuple[Part, ...], block: pattern.Block | None) -> Launches | None:
         """:func:`entries` of these local parts or, where some are not one view over a batch of
         more than one, of each batch entry's: a part of some of a block's segments has its
         ``b * S`` segments at two strides (``ringattn.core.flat_view``), so it took the general
@@ -271,7 +300,7 @@ def _prepare(
     return result
 
 
-def _entry(geometry_of: Callable, x: Tensor, start: int, count: int) -> Geometry | None:
+def _entry(geometry_of: GeometryOf, x: Tensor, start: int, count: int) -> Geometry | None:
     """``geometry_of(shape, stride)`` of ``x``'s batch entries ``start .. start + count``: the
     geometry of ``x[start : start + count]``'s view, its offset from ``x``'s own."""
     geometry = geometry_of((count, *x.shape[1:]), x.stride())

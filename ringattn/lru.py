@@ -10,8 +10,13 @@ a lookup and its update in step (the functional form's modules) take a lock of t
 
 from __future__ import annotations
 
+from typing import TypeVar
 
-def drop_oldest(cache: dict) -> None:
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def drop_oldest(cache: dict[K, V]) -> None:
     """Remove ``cache``'s first-inserted entry, if it still has one."""
     try:  # noqa: SIM105 (a plain try, which Dynamo traces where a trace fills a cache)
         cache.pop(next(iter(cache)), None)
@@ -19,7 +24,7 @@ def drop_oldest(cache: dict) -> None:
         pass
 
 
-def remember(cache: dict, key: object, value: object, limit: int) -> None:
+def remember(cache: dict[K, V], key: K, value: V, limit: int) -> None:
     """``cache[key] = value``, the oldest entry dropped first where ``cache`` holds ``limit``."""
     if len(cache) >= limit:
         drop_oldest(cache)

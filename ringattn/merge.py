@@ -85,4 +85,5 @@ def merge(outs: list[Tensor], lses: list[Tensor], dtype: torch.dtype) -> Tensor:
     weights = torch.exp(lse - top)
     total = weights.sum(0)
     weights = weights / torch.where(total > 0, total, torch.ones_like(total))
-    return sum(w.unsqueeze(-1) * o.to(dtype) for w, o in zip(weights, outs))
+    out: Tensor = sum(w.unsqueeze(-1) * o.to(dtype) for w, o in zip(weights, outs))
+    return out

@@ -97,7 +97,7 @@ class Block:
         job = self.job
         if self.tail:
             return x[:, self.start + job.offset :: job.r, job.heads].unsqueeze(1)
-        seg = x[:, self.start : self.start + self.segments * job.w].unflatten(
+        seg: Tensor = x[:, self.start : self.start + self.segments * job.w].unflatten(
             1, (self.segments, job.w)
         )
         return seg[:, :, job.offset :: job.r, job.heads]
@@ -289,7 +289,7 @@ def jobs_for(h: int, configs: tuple[tuple[int, int], ...], mixing: str) -> tuple
     return tuple(jobs)
 
 
-_PLANS: dict[tuple, Plan] = {}
+_PLANS: dict[tuple[int, int, tuple[tuple[int, int], ...], str, int], Plan] = {}
 _MAX_PLANS = 256
 
 
