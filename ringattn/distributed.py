@@ -20,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import weakref
-from typing import NoReturn
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -91,7 +92,9 @@ def chunks_of(rank: int, p: int, layout: str) -> tuple[int, ...]:
     return (rank,) if layout == "contiguous" else (rank, 2 * p - 1 - rank)
 
 
-def positions(m: int, rank: int, p: int, layout: str, device=None) -> Tensor:
+def positions(
+    m: int, rank: int, p: int, layout: str, device: torch.device | str | None = None
+) -> Tensor:
     """The sequence positions of the ``m`` rows ``rank`` holds (e.g. for rotary embeddings)."""
     # (symbolic where a layer's call is traced with dynamic shapes: traced, it is an int there)
     checked_int("m", m)
@@ -202,18 +205,25 @@ def gather(
     if refusal is not None:  # (every rank holds it: the agreement passed)
         raise refusal
     if graph:
-        return _Gather.apply(x, group, layout, grad)
+        gathered: Tensor = _Gather.apply(x, group, layout, grad)
+        return gathered
     return _gathered(x, group, layout)
 
 
 class _Gather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, group: dist.ProcessGroup, layout: str, grad: str) -> Tensor:
+    def forward(
+        ctx: Any,  # (autograd's context object, which keeps whatever is set on it)
+        x: Tensor,
+        group: dist.ProcessGroup,
+        layout: str,
+        grad: str,
+    ) -> Tensor:
         ctx.group, ctx.layout, ctx.grad = group, layout, grad
         return _gathered(x, group, layout)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
         if ctx.grad == "sum":
             # a copy: the all-reduce writes in place, and ``grad`` may be the caller's own tensor
             # (``backward(g)``, ``autograd.grad(grad_outputs=g)``), which it summed over the
@@ -236,7 +246,9 @@ def _gathered(x: Tensor, group: dist.ProcessGroup, layout: str) -> Tensor:
     return torch.cat([pieces[i] for i in sorted(pieces)], dim=1)
 
 
-def spans_for(configs, m: int, p: int, layout: str = "contiguous") -> tuple[int, ...]:
+def spans_for(
+    configs: Sequence[tuple[int, int]], m: int, p: int, layout: str = "contiguous"
+) -> tuple[int, ...]:
     """How many shards each config's segments span (1: shard-local), validating the layout."""
     check_layout(layout)
     if p == 1:  # the whole sequence is here: any segment length, tails included, as on one device
@@ -275,7 +287,7 @@ def spans_for(configs, m: int, p: int, layout: str = "contiguous") -> tuple[int,
     return tuple(spans)
 
 
-def _zigzag_spans(configs, m: int, p: int) -> tuple[int, ...]:
+def _zigzag_spans(configs: Sequence[tuple[int, int]], m: int, p: int) -> tuple[int, ...]:
     if m % 2:
         raise ValueError(f"layout='zigzag' needs an even shard length n/p, got {m}")
     c, n = m // 2, m * p
@@ -309,7 +321,7 @@ _SIDE_GROUPS = weakref.WeakKeyDictionary()
 # of them, and a backward's agreement names it (two backwards run in other orders on two ranks
 # paired their messages across calls: wrong gradients, silently). Per group, not per process: a
 # rank's calls over another group (its data-parallel neighbours') do not shift the count
-_CALLS: weakref.WeakKeyDictionary[dist.ProcessGroup, itertools.count]
+_CALLS: weakref.WeakKeyDictionary[dist.ProcessGroup, itertools.count[int]]
 _CALLS = weakref.WeakKeyDictionary()
 
 
@@ -326,7 +338,7 @@ def next_call(group: dist.ProcessGroup) -> int:
 # has Dynamo trace each frame it calls; traced, all_gather_object's read of the group's device
 # types raised Dynamo's internal UnsafeScriptObjectError on every rank instead of the ValueError
 # naming their calls
-def fingerprint(signature: tuple) -> int:
+def fingerprint(signature: tuple[object, ...]) -> int:
     """A 63-bit digest of a call's signature, equal on every rank for equal signatures (Python's
     own ``hash`` of strings is salted per process)."""
     digest = hashlib.blake2b(repr(signature).encode(), digest_size=8).digest()
@@ -399,7 +411,7 @@ def host_group(group: dist.ProcessGroup) -> dist.ProcessGroup | None:
 @torch.compiler.disable  # (never traced: see the note above fingerprint)
 def require_agreement(
     group: dist.ProcessGroup,
-    signature: tuple,
+    signature: tuple[object, ...],
     what: str = "the dilated attention call",
     digest: int | None = None,
     fields: tuple[str, ...] = (),
@@ -433,7 +445,7 @@ def refuse_on_every_rank(
 @torch.compiler.disable  # (never traced: see the note above fingerprint)
 def check_consistent(
     group: dist.ProcessGroup,
-    signature: tuple,
+    signature: tuple[object, ...],
     what: str = "the dilated attention call",
     fields: tuple[str, ...] = (),
     device: torch.device | None = None,
@@ -441,7 +453,8 @@ def check_consistent(
     """Raise the same ValueError on every rank if ranks disagree on ``signature`` (no hang).
     ``fields``: names of the signature's entries, for the message to say which differ;
     ``device``: as :func:`require_agreement`'s."""
-    everyone: list = [None] * dist.get_world_size(group)
+    # (the ranks' signatures, whatever each passed: compared field by field below)
+    everyone: list[Any] = [None] * dist.get_world_size(group)
     # on the host where a gloo group or twin exists, as the agreement was; an NCCL group's
     # objects travel as tensors on the current GPU, so it is made the call's own (ranks that
     # never set theirs would share GPU 0)

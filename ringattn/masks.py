@@ -16,18 +16,25 @@ ranges, O(h · (n/B)²) for the block indices; no n × n mask is ever materialis
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from ringattn.pattern import Plan
 
+# FlexAttention's two function forms, on the index tensors flex_attention vmaps them over:
+# (b, h, q_idx, kv_idx) -> whether q sees k (bool), (score, b, h, q_idx, kv_idx) -> the score
+MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
-def multiplicity_mod(plan: Plan, causal: bool, offsets: Tensor):
+
+def multiplicity_mod(plan: Plan, causal: bool, offsets: Tensor) -> tuple[MaskMod, ScoreMod]:
     """``m(b, h, q, k)`` for the whole mixture; ``offsets[i, h]`` is -1 where h skips config i."""
     configs = plan.configs
 
-    def multiplicity(b, h, q_idx, kv_idx):
+    def multiplicity(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         m = torch.zeros_like(q_idx)
         for i, (w, r) in enumerate(configs):
             off = offsets[i, h]
@@ -38,10 +45,10 @@ def multiplicity_mod(plan: Plan, causal: bool, offsets: Tensor):
             m = torch.where(kv_idx <= q_idx, m, torch.zeros_like(m))
         return m
 
-    def mask_mod(b, h, q_idx, kv_idx):
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return multiplicity(b, h, q_idx, kv_idx) > 0
 
-    def score_mod(score, b, h, q_idx, kv_idx):
+    def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         # log m is finite wherever mask_mod lets the score through
         return score + torch.log(multiplicity(b, h, q_idx, kv_idx).to(score.dtype))
 
@@ -70,10 +77,10 @@ def run_layout(n: int, w: int, r: int, device: torch.device | str = "cpu") -> tu
     return torch.cat(ids), torch.cat(residues)
 
 
-def run_mask_mod(run_id: Tensor, run_residue: Tensor, head_offset: Tensor, causal: bool):
+def run_mask_mod(run_id: Tensor, run_residue: Tensor, head_offset: Tensor, causal: bool) -> MaskMod:
     """Block-diagonal mask of one config in permuted order; ``head_offset[h]`` = -1: unused."""
 
-    def mask_mod(b, h, q_idx, kv_idx):
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         same_run = run_id[q_idx] == run_id[kv_idx]
         mine = run_residue[q_idx] == head_offset[h]
         allowed = same_run & mine
@@ -85,7 +92,7 @@ def run_mask_mod(run_id: Tensor, run_residue: Tensor, head_offset: Tensor, causa
 
 
 def block_mask_from_ranges(
-    kv_lo: Tensor, kv_hi: Tensor, n: int, block: int, mask_mod, causal: bool
+    kv_lo: Tensor, kv_hi: Tensor, n: int, block: int, mask_mod: MaskMod, causal: bool
 ) -> BlockMask:
     """BlockMask whose q-block ``i`` of head ``h`` visits the key blocks covering
     ``[kv_lo[h, i], kv_hi[h, i])`` (empty when ``kv_hi <= kv_lo``), causal-clipped."""
@@ -120,7 +127,9 @@ def mixture_kv_ranges(plan: Plan, offsets: Tensor, block: int) -> tuple[Tensor, 
     return lo, hi
 
 
-def run_kv_ranges(run_id: Tensor, run_residue: Tensor, head_offset: Tensor, block: int):
+def run_kv_ranges(
+    run_id: Tensor, run_residue: Tensor, head_offset: Tensor, block: int
+) -> tuple[Tensor, Tensor]:
     """Per head and q-block (permuted order), the hull of the head's runs the q-block touches."""
     n = run_id.numel()
     device = run_id.device

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ringattn.communicators.base import Communicator
 from ringattn.computers.base import BlockComputer, Rows, RowsLSE
+from ringattn.memory.base import MemoryManager
 from ringattn.registry import register
 
 
@@ -11,7 +12,9 @@ from ringattn.registry import register
 class LocalCommunicator(Communicator):
     layout = "contiguous"
 
-    def __init__(self, group=None, memory=None, layout: str = "contiguous") -> None:
+    def __init__(
+        self, group: object = None, memory: MemoryManager | None = None, layout: str = "contiguous"
+    ) -> None:
         if group is not None:
             raise ValueError("group= needs a sequence-parallel communicator ('ring', 'all_gather')")
         if layout != "contiguous":

@@ -42,10 +42,12 @@ class RingCommunicator(SequenceParallel):
         """Whether rank ``t`` forwards its held shard at ``step``: only if its successor uses it."""
         return self.receives(step, (t + 1) % span, span, causal)
 
-    def _post(self, ops: list) -> list:
+    def _post(self, ops: list[dist.P2POp]) -> list[dist.Work]:
         return dist.batch_isend_irecv(ops) if ops else []
 
-    def _kv_exchange(self, step, t, peers, causal, send: Tensor, recv: Tensor) -> list:
+    def _kv_exchange(
+        self, step: int, t: int, peers: list[int], causal: bool, send: Tensor, recv: Tensor
+    ) -> list[dist.P2POp]:
         """Ops of step ``step``: forward the held chunk to the successor, receive chunk t-step."""
         span = len(peers)
         ops = []

@@ -45,7 +45,7 @@ class SequenceParallel(Communicator):
         self.memory = memory or NoReuse()
         self.bytes_sent = 0
 
-    def __deepcopy__(self, memo: dict) -> SequenceParallel:
+    def __deepcopy__(self, memo: dict[int, object]) -> SequenceParallel:
         """A copy over the same process group (a handle on this process's communicator, which
         cannot be copied: deepcopy of a sequence-parallel module, e.g. an EMA model, raised
         "cannot pickle 'ProcessGroup' object")."""
@@ -55,7 +55,7 @@ class SequenceParallel(Communicator):
             setattr(copy, key, value if key == "group" else deepcopy(value, memo))
         return copy
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, object]:
         """Pickled over the world group only, which the loading process resolves again (as its
         ``init_process_group`` made it); a sub-group cannot be named in another process."""
         if self.group is not dist.group.WORLD:
@@ -67,7 +67,7 @@ class SequenceParallel(Communicator):
         state["group"] = None
         return state
 
-    def __setstate__(self, state: dict) -> None:
+    def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
         self.group = distributed.resolve_group(None)
         # this process's place in the world, not the pickling process's: a module saved by
@@ -161,11 +161,11 @@ class SequenceParallel(Communicator):
     def own_chunk(
         self,
         computer: BlockComputer,
-        q,
-        k,
-        v,
-        causal,
-        scale,
+        q: Rows,
+        k: Rows,
+        v: Rows,
+        causal: bool,
+        scale: float,
         into: tuple[Rows, RowsLSE] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """This rank's own shard attended: written into ``into`` (a placed block's rows) where

@@ -17,7 +17,8 @@ merged (multi-config) softmax, so no gradient ever has to flow through an LSE.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -155,7 +156,7 @@ class BlockComputer(AttentionComputer):
         scale: float,
         groups: list[tuple[Rows, Rows, Rows, Rows, RowsLSE | None]],
         shifts: list[tuple[int, ...]],
-    ) -> Callable[[list], bool] | None:
+    ) -> Callable[[list[tuple[Rows, Rows, Rows, Rows, RowsLSE | None]]], bool] | None:
         """A launcher that does what :meth:`zeroing_launcher` (or, for a group without shifts,
         :meth:`forward_launcher`) does for each of several groups ``(q, k, v, out, lse)`` of
         placed blocks of one segment length, in one kernel, for views of these layouts, as
@@ -168,7 +169,11 @@ class BlockComputer(AttentionComputer):
         self,
         causal: bool,
         scale: float,
-        groups: list[tuple[Tensor, ...]],
+        groups: list[
+            tuple[
+                Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor, Tensor, Tensor
+            ]
+        ],
         scratch: Callable[[str, tuple[int, ...]], Tensor],
         shifts: tuple[tuple[int, ...], ...] = (),
     ) -> Callable[..., bool] | None:
@@ -186,7 +191,7 @@ class BlockComputer(AttentionComputer):
         skips them (where it declines, the core writes them)."""
         return None
 
-    def launch_options(self) -> tuple:
+    def launch_options(self) -> tuple[Hashable, ...]:
         """The settings this computer reads when it makes a launcher (``forward_launcher`` and
         the others): part of the key of prepared launches, so changing one takes effect on the
         next call (``SDPAComputer``'s kernel choices)."""
@@ -263,7 +268,18 @@ class BlockComputer(AttentionComputer):
         takes ``(dout, q, k, v, out, lse, dq, dk, dv[, dlse])`` (``dlse``:
         :meth:`shares_backward_dpsum`; this one forms its own)."""
 
-        def launch(dout, q, k, v, out, lse, dq, dk, dv, dlse=None) -> None:
+        def launch(
+            dout: Tensor,
+            q: Tensor,
+            k: Tensor,
+            v: Tensor,
+            out: Tensor,
+            lse: Tensor,
+            dq: Tensor,
+            dk: Tensor,
+            dv: Tensor,
+            dlse: Tensor | None = None,
+        ) -> None:
             self.backward_into(dout, q, k, v, out, lse, causal, scale, (dq, dk, dv))
 
         return launch
@@ -288,7 +304,7 @@ class LayoutComputer(AttentionComputer):
     @abstractmethod
     def prepare(
         self, plan: Plan, causal: bool, dilation: str, device: torch.device, memory: MemoryManager
-    ) -> tuple:
+    ) -> tuple[Any, ...]:  # (each computer's own setup: only its attend reads it)
         """Eager, cached setup (block masks, permutations) passed to :meth:`attend` as ``aux``."""
 
     @abstractmethod
@@ -301,7 +317,7 @@ class LayoutComputer(AttentionComputer):
         q: Tensor,
         k: Tensor,
         v: Tensor,
-        aux: tuple,
+        aux: tuple[Any, ...],
     ) -> Tensor:
         """``[b, n, h, d]`` output of dilated attention (the definition, merged)."""
 

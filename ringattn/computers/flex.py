@@ -21,15 +21,16 @@ memory manager, keyed by (n, h, configs, mixing, causal, device, block size). Gr
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from functools import partial
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.attention.flex_attention as flex_attention_module
 from einops import rearrange
 from torch import Tensor
 from torch.nn import functional as F
-from torch.nn.attention.flex_attention import flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ringattn import masks
 from ringattn.capture import compiling
@@ -37,8 +38,11 @@ from ringattn.computers.base import LayoutComputer, accumulation_dtype
 from ringattn.dilation.global_perm import global_permutation
 from ringattn.memory.base import MemoryManager
 from ringattn.merge import merge
-from ringattn.pattern import Plan, jobs_for
+from ringattn.pattern import Job, Plan, jobs_for
 from ringattn.registry import register
+
+if TYPE_CHECKING:
+    from ringattn.strategy import Strategy
 
 # torch >= 2.9 asks for auxiliary outputs this way; older releases take return_lse
 AuxRequest: Any = getattr(flex_attention_module, "AuxRequest", None)
@@ -64,21 +68,33 @@ def inductor_compiles_flex_on_cpu() -> bool:
     return bool(check_cpu_supported())
 
 
-def _flex(q: Tensor, k: Tensor, v: Tensor, score_mod, block_mask, scale: float) -> Tensor:
+def _flex(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    score_mod: masks.ScoreMod | None,
+    block_mask: BlockMask,
+    scale: float,
+) -> Tensor:
     """``flex_attention`` on ``[b, n, h, d]`` tensors, output only."""
     d = q.shape[-1]
     pad = CPU_COMPILED_MIN_HEAD_DIM - d
     if pad > 0 and q.device.type == "cpu" and compiling():
         q, k, v = (F.pad(x, (0, pad)) for x in (q, k, v))
     q, k, v = (rearrange(x, "b n h d -> b h n d") for x in (q, k, v))
-    # (torch 2.11's annotations give a union for every return form: output only here)
-    out = cast(
-        Tensor, flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
-    )
+    # (output only: a Tensor by torch 2.13's overloads; torch 2.11's annotations give a union)
+    out = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
     return rearrange(out[..., :d], "b h n d -> b n h d")
 
 
-def _flex_with_lse(q: Tensor, k: Tensor, v: Tensor, score_mod, block_mask, scale: float):
+def _flex_with_lse(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    score_mod: masks.ScoreMod | None,
+    block_mask: BlockMask,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
     """``flex_attention`` on ``[b, n, h, d]`` tensors, returning ``([b, n, h, d], [b, n, h])``."""
     q, k, v = (rearrange(x, "b n h d -> b h n d") for x in (q, k, v))
     if AuxRequest is not None:
@@ -106,7 +122,9 @@ def _flex_with_lse(q: Tensor, k: Tensor, v: Tensor, score_mod, block_mask, scale
 # calls always run eagerly: under a user's torch.compile (fullgraph=False; with fullgraph=True
 # the boundary refuses, see ``unsupported``) Dynamo gives them back to eager instead of failing
 # inside Inductor. (Keyed on the device alone: Dynamo may run this frame eagerly after a break.)
-_flex_with_lse_eager = torch.compiler.disable(
+_flex_with_lse_eager: Callable[
+    [Tensor, Tensor, Tensor, masks.ScoreMod | None, BlockMask, float], tuple[Tensor, Tensor]
+] = torch.compiler.disable(
     _flex_with_lse, reason="Inductor's CPU flex_attention cannot return the LSE"
 )
 
@@ -120,7 +138,7 @@ class FlexComputer(LayoutComputer):
     dilations = ("segment_local", "global")
 
     @classmethod
-    def incompatible_with(cls, strategy) -> str | None:
+    def incompatible_with(cls, strategy: Strategy) -> str | None:
         if strategy.communicator != "local":
             return "flex runs on one device (communicator='local') for now"
         if strategy.dilation not in cls.dilations:
@@ -187,14 +205,17 @@ class FlexComputer(LayoutComputer):
 
     def prepare(
         self, plan: Plan, causal: bool, dilation: str, device: torch.device, memory: MemoryManager
-    ) -> tuple:
+    ) -> tuple[Any, ...]:
         key = (plan.n, plan.h, plan.configs, plan.mixing, causal, str(device), self.block_size)
         offsets = memory.cached(
             ("flex_offsets", *key), lambda: torch.tensor(plan.head_offsets(), device=device)
         )
+        # (the ignores: MemoryManager.cached is annotated for tensors, and keeps the block masks
+        # as it keeps any value)
         if dilation == "segment_local":
             block_mask = memory.cached(
-                ("flex_mixture_mask", *key), lambda: self._mixture_mask(plan, causal, offsets)
+                ("flex_mixture_mask", *key),
+                lambda: self._mixture_mask(plan, causal, offsets),  # type: ignore[arg-type,return-value]
             )
             return (block_mask, offsets)
         if plan.disjoint:
@@ -215,14 +236,19 @@ class FlexComputer(LayoutComputer):
             )
             block_mask = memory.cached(
                 ("flex_run_mask", i, *key),
-                partial(self._run_mask, plan.n, w, r, offsets[i], causal, device),
+                partial(self._run_mask, plan.n, w, r, offsets[i], causal, device),  # type: ignore[arg-type]
             )
             configs.append((perm, inverse, block_mask))
         return tuple(configs)
 
     def _group_calls(
-        self, plan: Plan, causal: bool, device: torch.device, memory: MemoryManager, key: tuple
-    ) -> tuple:
+        self,
+        plan: Plan,
+        causal: bool,
+        device: torch.device,
+        memory: MemoryManager,
+        key: tuple[Hashable, ...],
+    ) -> tuple[tuple[Job, BlockMask | None], ...]:
         """``head_groups`` under ``global``: one call per head group on its own heads and rows.
 
         A group's heads all use one config ``(w, r)`` and one offset ``o``, and since ``r``
@@ -232,31 +258,36 @@ class FlexComputer(LayoutComputer):
         ``(job, block_mask)``; a group without rows (its offset past the last row) is all zeros
         (``block_mask`` None). Before, every group's call gathered and attended over all ``n``
         rows and ``h`` heads, masked down to its own, and the calls were LSE-merged."""
-        calls = []
+        calls: list[tuple[Job, BlockMask | None]] = []
         for job in jobs_for(plan.h, plan.configs, plan.mixing):
             n_rows = len(range(job.offset, plan.n, job.r))
-            block_mask = None
+            block_mask: BlockMask | None = None
             if n_rows:
-                block_mask = memory.cached(
+                # (the ignores: as prepare's)
+                block_mask = memory.cached(  # type: ignore[assignment]
                     ("flex_group_mask", job.config, *key),
-                    partial(
+                    partial(  # type: ignore[arg-type]
                         self._group_mask, n_rows, job.w // job.r, job.num_heads, causal, device
                     ),
                 )
             calls.append((job, block_mask))
         return tuple(calls)
 
-    def _group_mask(self, n_rows: int, run: int, heads: int, causal: bool, device):
+    def _group_mask(
+        self, n_rows: int, run: int, heads: int, causal: bool, device: torch.device
+    ) -> BlockMask:
         # runs of `run` rows, every head on them: one config (run, 1) at offset 0
         offsets = torch.zeros(heads, dtype=torch.long, device=device)
         return self._run_mask(n_rows, run, 1, offsets, causal, device)
 
-    def _mixture_mask(self, plan: Plan, causal: bool, offsets: Tensor):
+    def _mixture_mask(self, plan: Plan, causal: bool, offsets: Tensor) -> BlockMask:
         mask_mod, _ = masks.multiplicity_mod(plan, causal, offsets)
         lo, hi = masks.mixture_kv_ranges(plan, offsets, self.block_size)
         return masks.block_mask_from_ranges(lo, hi, plan.n, self.block_size, mask_mod, causal)
 
-    def _run_mask(self, n: int, w: int, r: int, head_offset: Tensor, causal: bool, device):
+    def _run_mask(
+        self, n: int, w: int, r: int, head_offset: Tensor, causal: bool, device: torch.device
+    ) -> BlockMask:
         run_id, run_residue = masks.run_layout(n, w, r, device)
         mask_mod = masks.run_mask_mod(run_id, run_residue, head_offset, causal)
         lo, hi = masks.run_kv_ranges(run_id, run_residue, head_offset, self.block_size)
@@ -271,7 +302,7 @@ class FlexComputer(LayoutComputer):
         q: Tensor,
         k: Tensor,
         v: Tensor,
-        aux: tuple,
+        aux: tuple[Any, ...],
     ) -> Tensor:
         if not torch.is_grad_enabled():
             # FlexAttention refuses inputs that require grad on CPU even under no_grad
@@ -292,7 +323,13 @@ class FlexComputer(LayoutComputer):
         return merge(outs, lses, accumulation_dtype(q.dtype)).to(q.dtype)
 
     @staticmethod
-    def _attend_groups(q: Tensor, k: Tensor, v: Tensor, aux: tuple, scale: float) -> Tensor:
+    def _attend_groups(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        aux: tuple[tuple[Job, BlockMask | None], ...],
+        scale: float,
+    ) -> Tensor:
         """The groups' outputs side by side on the heads (the groups tile them in order); rows a
         group does not select stay 0, as ``head_groups`` defines them."""
         b, n, _, d = q.shape

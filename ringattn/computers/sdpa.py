@@ -31,6 +31,9 @@ all of them accept the strided (dilated) views as they are.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -50,7 +53,7 @@ from ringattn.registry import register
 
 aten = torch.ops.aten
 # read once, eagerly: torch.backends.cudnn.is_available() cannot be traced by Dynamo
-CUDNN_AVAILABLE = torch.backends.cudnn.is_available()
+CUDNN_AVAILABLE: bool = torch.backends.cudnn.is_available()
 CUDA_BACKWARDS = ("auto", "torch")
 CUDA_FORWARDS = ("auto", "torch")
 # where head dims that are not whole 16-byte vectors are padded (CPU kernels take any)
@@ -104,7 +107,7 @@ class SDPAComputer(BlockComputer):
     # (cuDNN; placed blocks through the frontend), the A/B
     cuda_forward = "auto"
 
-    def launch_options(self) -> tuple:
+    def launch_options(self) -> tuple[Hashable, ...]:
         return (
             self.cuda_backend,
             self.in_place,
@@ -337,11 +340,13 @@ class SDPAComputer(BlockComputer):
         ):
             super().backward_into(dout, q, k, v, out, lse, causal, scale, grads)
 
-    def forward_launcher(self, causal, scale, q, k, v, out, lse):
+    def forward_launcher(
+        self, causal: bool, scale: float, q: Rows, k: Rows, v: Rows, out: Rows, lse: RowsLSE | None
+    ) -> Callable[[Rows, Rows, Rows, Rows, RowsLSE | None], None]:
         if self._fa4(self.cuda_forward, q):
-            memo: dict = {}  # its views' layouts never change: fa4 keeps them here
+            memo: dict[str, Any] = {}  # its views' layouts never change: fa4 keeps them here
 
-            def launch(q, k, v, out, lse) -> None:
+            def launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor | None) -> None:
                 _fa4_forward_into(q, k, v, causal, scale, out, lse, memo)
 
             return launch
@@ -351,7 +356,7 @@ class SDPAComputer(BlockComputer):
                 return graphed
         return super().forward_launcher(causal, scale, q, k, v, out, lse)
 
-    def places_whole_blocks(self, q):
+    def places_whole_blocks(self, q: Tensor) -> bool:
         # FA4 writes the output rows in place; its only temporary is the block's LSE (floats)
         return self._fa4(self.cuda_forward, q)
 
@@ -363,32 +368,44 @@ class SDPAComputer(BlockComputer):
     # head_groups within noise; forward+backward peak 1.03x (head_groups) / 1.05x (lse) -> 1.07x
     fa4_backward_merge = 2
 
-    def placed_backward_split(self, q):
+    def placed_backward_split(self, q: Tensor) -> int | None:
         if not self._fa4_backward(q) or self.fa4_backward_merge == 1:
             return None
         return max(1, pattern.BLOCK_SPLIT // self.fa4_backward_merge)
 
-    def packs_backward_lse(self, q):
+    def packs_backward_lse(self, q: Tensor) -> bool:
         # FA4's backward copies each block's LSE to [B, H, L] contiguous (ringattn.kernels.fa4)
         return self._fa4_backward(q)
 
-    def shares_backward_dpsum(self, q):
+    def shares_backward_dpsum(self, q: Tensor) -> bool:
         # FA4's preprocess takes each row's dPsum as given (ringattn.kernels.fa4_dpsum)
         return fa4_dpsum.ENABLED and self._fa4_backward(q) and fa4_dpsum.supported(q)
 
-    def merging_launcher(self, causal, scale, q, k, v, out, lse):
+    def merging_launcher(
+        self, causal: bool, scale: float, q: Rows, k: Rows, v: Rows, out: Rows, lse: RowsLSE
+    ) -> Callable[[Rows, Rows, Rows, Rows, RowsLSE], bool] | None:
         # FA4's forward with the merge in its epilogue (ringattn.kernels.fa4_merge)
         if not (self._fa4(self.cuda_forward, q) and fa4_merge.supported(q, k, v, out, lse)):
             return None
 
         merge = fa4_merge.merger(q, k, v, causal, out, lse)
 
-        def launch(q, k, v, out, lse) -> bool:
+        def launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor) -> bool:
             return merge(q, k, v, scale, out, lse)
 
         return launch
 
-    def zeroing_launcher(self, causal, scale, shifts, q, k, v, out, lse):
+    def zeroing_launcher(
+        self,
+        causal: bool,
+        scale: float,
+        shifts: tuple[int, ...],
+        q: Rows,
+        k: Rows,
+        v: Rows,
+        out: Rows,
+        lse: RowsLSE | None,
+    ) -> Callable[[Rows, Rows, Rows, Rows, RowsLSE | None], bool] | None:
         # FA4's forward writing the rows a head_groups config leaves out (ringattn.kernels.fa4_zero;
         # its ENABLED switch also decides here, and is in launch_options: flipping it re-prepares)
         if not (
@@ -400,12 +417,18 @@ class SDPAComputer(BlockComputer):
 
         zero = fa4_zero.zeroer(q, k, v, causal, out, lse, shifts)
 
-        def launch(q, k, v, out, lse) -> bool:
+        def launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor | None) -> bool:
             return zero(q, k, v, scale, out, lse)
 
         return launch
 
-    def grouped_launcher(self, causal, scale, groups, shifts):
+    def grouped_launcher(
+        self,
+        causal: bool,
+        scale: float,
+        groups: list[tuple[Rows, Rows, Rows, Rows, RowsLSE | None]],
+        shifts: list[tuple[int, ...]],
+    ) -> Callable[[list[tuple[Rows, Rows, Rows, Rows, RowsLSE | None]]], bool] | None:
         # every config's blocks in one FA4 kernel (ringattn.kernels.fa4_group; its ENABLED
         # switch also decides here, as fa4_zero's does)
         if not (
@@ -417,12 +440,23 @@ class SDPAComputer(BlockComputer):
 
         group = fa4_group.grouper(groups, causal, shifts)
 
-        def launch(groups) -> bool:
+        def launch(groups: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]]) -> bool:
             return group(groups, scale)
 
         return launch
 
-    def grouped_backward_launcher(self, causal, scale, groups, scratch, shifts=()):
+    def grouped_backward_launcher(
+        self,
+        causal: bool,
+        scale: float,
+        groups: list[
+            tuple[
+                Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor, Tensor, Tensor
+            ]
+        ],
+        scratch: Callable[[str, tuple[int, ...]], Tensor],
+        shifts: tuple[tuple[int, ...], ...] = (),
+    ) -> Callable[..., bool] | None:
         # every config's backward in one FA4 kernel (ringattn.kernels.fa4_group_bwd; its ENABLED
         # switch also decides here)
         if not (
@@ -435,30 +469,80 @@ class SDPAComputer(BlockComputer):
         zeroing = any(shifts) and fa4_group_bwd.zeroing(causal)
         call = fa4_group_bwd.grouper(groups, causal, scratch, shifts if zeroing else ())
 
-        def launch(groups_of, dout, out, lse, index) -> bool:
+        def launch(
+            groups_of: fa4_group_bwd.GroupsOf, dout: Tensor, out: Tensor, lse: Tensor, index: Tensor
+        ) -> bool:
             return call(groups_of, out, dout, lse, index, scale)
 
         launch.zeroes_unselected = zeroing  # type: ignore[attr-defined]  # (its groups' shifts)
         return launch
 
-    def adding_launcher(self, causal, scale, dout, q, k, v, out, lse, dq, dk, dv):
+    def adding_launcher(
+        self,
+        causal: bool,
+        scale: float,
+        dout: Rows,
+        q: Rows,
+        k: Rows,
+        v: Rows,
+        out: Rows,
+        lse: RowsLSE,
+        dq: Rows,
+        dk: Rows,
+        dv: Rows,
+    ) -> Callable[..., tuple[Tensor, ...] | None] | None:
         # FA4's backward with its dK / dV stores as TMA reduce-adds and its dQ postprocess
         # adding (ringattn.kernels.fa4_add)
         if not (self._fa4_backward(q) and fa4_add.supported(q)):
             return None
 
-        def launch(dout, q, k, v, out, lse, dq, dk, dv, dlse=None) -> tuple[Tensor, ...] | None:
+        def launch(
+            dout: Tensor,
+            q: Tensor,
+            k: Tensor,
+            v: Tensor,
+            out: Tensor,
+            lse: Tensor,
+            dq: Tensor,
+            dk: Tensor,
+            dv: Tensor,
+            dlse: Tensor | None = None,
+        ) -> tuple[Tensor, ...] | None:
             return fa4_add.backward_add_(
                 dout, q, k, v, out, lse, causal, scale, dq, dk, dv, dlse=dlse
             )
 
         return launch
 
-    def backward_launcher(self, causal, scale, dout, q, k, v, out, lse, dq, dk, dv):
+    def backward_launcher(
+        self,
+        causal: bool,
+        scale: float,
+        dout: Rows,
+        q: Rows,
+        k: Rows,
+        v: Rows,
+        out: Rows,
+        lse: RowsLSE,
+        dq: Rows,
+        dk: Rows,
+        dv: Rows,
+    ) -> Callable[..., None]:
         if self._fa4_backward(q):
-            memo: dict = {}  # as forward_launcher's
+            memo: dict[str, Any] = {}  # as forward_launcher's
 
-            def launch(dout, q, k, v, out, lse, dq, dk, dv, dlse=None) -> None:
+            def launch(
+                dout: Tensor,
+                q: Tensor,
+                k: Tensor,
+                v: Tensor,
+                out: Tensor,
+                lse: Tensor,
+                dq: Tensor,
+                dk: Tensor,
+                dv: Tensor,
+                dlse: Tensor | None = None,
+            ) -> None:
                 dlse = fa4_dpsum.usable(dlse, dout, q, k, v, out, lse, causal, scale)
                 grads = (dq, dk, dv)
                 fa4.backward(dout, q, k, v, out, lse, causal, scale, grads, memo=memo, dlse=dlse)
@@ -474,7 +558,14 @@ class SDPAComputer(BlockComputer):
 
 
 def _fa4_forward_into(
-    q, k, v, causal: bool, scale: float, out: Tensor, lse: Tensor | None, memo: dict | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float,
+    out: Tensor,
+    lse: Tensor | None,
+    memo: dict[str, Any] | None = None,
 ) -> None:
     # FA4 writes the output rows in place; its LSE must be contiguous along L, ours is not
     lse_block = fa4.forward(q, k, v, causal, scale, out=out, memo=memo)[1]

@@ -84,4 +84,5 @@ class GlobalPermutationDilation(DilationProcessor):
     def read(self, x: Tensor, block: Block, index: Tensor | None) -> Tensor:
         assert index is not None, "global dilation needs its gather indices"
         gathered = x[:, :, block.job.heads].index_select(1, index)  # only the block's heads
-        return gathered.unflatten(1, (block.segments, block.length)).flatten(0, 1)
+        rows: Tensor = gathered.unflatten(1, (block.segments, block.length))
+        return rows.flatten(0, 1)

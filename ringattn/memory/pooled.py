@@ -74,12 +74,12 @@ class _LRU:
         with self.lock:  # (a get in another thread between its lookup and move_to_end)
             self.items.clear()
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, int]:
         # copies and pickles start empty: the lock cannot be copied, and the kept tensors are
         # this process's scratch and patterns, rebuilt on the first call
         return {"max_entries": self.max_entries}
 
-    def __setstate__(self, state: dict) -> None:
+    def __setstate__(self, state: dict[str, int]) -> None:
         _LRU.__init__(self, state["max_entries"])
 
 

@@ -47,7 +47,7 @@ class LongNetConfig:
     # sequence parallel: each data-parallel replica's ranks as one group
     group: Any = None
 
-    def __deepcopy__(self, memo: dict) -> LongNetConfig:
+    def __deepcopy__(self, memo: dict[int, object]) -> LongNetConfig:
         """Itself (frozen, so a copy is the same config): its ``group``, a process group, cannot
         be copied, and ``copy.deepcopy`` of a LongNet over one (an EMA model,
         ``torch.optim.swa_utils.AveragedModel``) raised "cannot pickle 'ProcessGroup' object"."""
@@ -120,7 +120,8 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
         x = x + self.attn(self.ln1(x), cache) if cache is not None else x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
+        out: Tensor = x + self.mlp(self.ln2(x))
+        return out
 
 
 def dilated_attention_layer(config: LongNetConfig) -> nn.Module:
@@ -167,10 +168,10 @@ class LongNet(nn.Module):
         # the embedding two Parameters: separate optimizer state, weight decay twice
         self.register_load_state_dict_post_hook(_tie)
 
-    def _apply(self, fn, recurse: bool = True):
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LongNet:
         # to_empty (a model built on the meta device), and other conversions that replace
         # parameters, gave the head its own copy of the embedding; the tie is restored after
-        out = super()._apply(fn, recurse)
+        out: LongNet = super()._apply(fn, recurse)
         _tie(self)
         return out
 
@@ -215,12 +216,14 @@ class LongNet(nn.Module):
         if caches is None:
             for block in self.blocks:
                 x = block(x)
-            return self.head(self.ln_f(x))
+            logits: Tensor = self.head(self.ln_f(x))
+            return logits
         lengths = [cache.length for cache in caches]
         try:
             for block, cache in zip(self.blocks, caches):
                 x = block(x, cache)
-            return self.head(self.ln_f(x))
+            logits = self.head(self.ln_f(x))
+            return logits
         except BaseException:
             # A call stopped between layers or in the head (a notebook's interrupt, out of
             # memory in the logits, a hook that raised) left the caches ahead, the first layers'
@@ -242,7 +245,7 @@ class LongNet(nn.Module):
                 f"tokens must be on the model's device ({weight.device}), got {tokens.device}"
             )
         try:
-            x = self.embed(tokens)
+            x: Tensor = self.embed(tokens)
         except IndexError as exc:  # (on the CPU; CUDA's embedding asserts on the device)
             raise ValueError(
                 f"tokens must be ids in [0, vocab_size={self.config.vocab_size}), got ids from "
@@ -340,7 +343,10 @@ class LongNet(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1), targets, ignore_index=-100)
             if out_of_range is None:
                 return loss
-            return loss + check_target_ids(out_of_range, self.config.vocab_size).to(loss.dtype)
+            checked: Tensor = loss + check_target_ids(out_of_range, self.config.vocab_size).to(
+                loss.dtype
+            )
+            return checked
         summed = F.cross_entropy(logits.flatten(0, 1), targets, ignore_index=-100, reduction="sum")
         # float64: the count is exact beyond float32's 2**24 targets
         counts = [summed.detach().double(), (targets != -100).sum().double()]

@@ -65,7 +65,7 @@ class MultiheadDilatedAttention(nn.Module):
         bias: bool = True,
         strategy: Strategy = _DEFAULT_STRATEGY,
         compile: bool = True,
-        group=None,
+        group: Any = None,  # (as DilatedAttention's, which checks it)
         layout: str = "contiguous",
         device: torch.device | str | int | None = None,
         dtype: torch.dtype | None = None,
@@ -132,7 +132,10 @@ class MultiheadDilatedAttention(nn.Module):
         return q, k, v
 
     def _output(self, attn: Tensor) -> Tensor:
-        return self.dropout(self.out_proj(self.norm(rearrange(attn, "b n h d -> b n (h d)"))))
+        out: Tensor = self.dropout(
+            self.out_proj(self.norm(rearrange(attn, "b n h d -> b n (h d)")))
+        )
+        return out
 
     def check_call(self, x: Tensor, cache: KVCache | None) -> None:
         """The call's rules, before any work; plain Python, so a tracing ``torch.compile`` folds
@@ -230,7 +233,8 @@ class MultiheadDilatedAttention(nn.Module):
         """The dilated attention of the call's rows, K and V repeated to every query head."""
         group = self.num_heads // self.num_kv_heads
         k_full, v_full = (t.repeat_interleave(group, dim=2) if group > 1 else t for t in (k, v))
-        return self.attention(q, k_full, v_full)
+        attended: Tensor = self.attention(q, k_full, v_full)
+        return attended
 
     def _check_one_device(self) -> None:
         if self.attention.communicator.distributed:
@@ -241,7 +245,13 @@ class MultiheadDilatedAttention(nn.Module):
                 "communicator='local' layer holding the same weights (load_state_dict)"
             )
 
-    def new_cache(self, batch: int, capacity: int, dtype=None, device=None) -> KVCache:
+    def new_cache(
+        self,
+        batch: int,
+        capacity: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | int | None = None,
+    ) -> KVCache:
         """An empty KV cache for ``batch`` sequences of up to ``capacity`` tokens (the K/V
         projections' dtype and device unless given); not for a sequence-parallel layer."""
         self._check_one_device()

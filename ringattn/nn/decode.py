@@ -11,7 +11,9 @@ full recompute up to float rounding.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -22,12 +24,21 @@ from ringattn.core import input_precision
 from ringattn.merge import merge
 from ringattn.pattern import make_plan
 
+if TYPE_CHECKING:
+    _F = TypeVar("_F", bound=Callable[..., Any])
+
+    class _Decorator(Protocol):
+        """A decorator that returns the function it takes as it was typed."""
+
+        def __call__(self, fn: _F, /) -> _F: ...
+
+
 # Calls with a cache run eagerly, inside a compiled model too (the layers' and the model's
 # ``_decoding_forward``): they branch in Python on the cache's length, so a graph would be
 # specialised to each position (a recompile per token), and once Dynamo made the positions
 # symbolic Inductor failed on them (an AssertionError in torch's sympy functions at the second
 # decoded token)
-eager_decoding = torch.compiler.disable(
+eager_decoding: _Decorator = torch.compiler.disable(
     reason="incremental decoding branches in Python on the cache's length"
 )
 
@@ -41,7 +52,15 @@ class KVCache:
     length: int = 0
 
     @classmethod
-    def empty(cls, b: int, capacity: int, h_kv: int, d: int, dtype, device) -> KVCache:
+    def empty(
+        cls,
+        b: int,
+        capacity: int,
+        h_kv: int,
+        d: int,
+        dtype: torch.dtype | None,
+        device: torch.device | str | int | None,
+    ) -> KVCache:
         checked_int("batch", b)
         checked_int("capacity", capacity)
         # (h_kv = 0 made a cache decode_one divided by; d = -1 raised torch's unnamed error)
@@ -85,7 +104,7 @@ class KVCache:
         self.k, self.v = self.k.detach(), self.v.detach()
         return self
 
-    def check_room(self, n) -> None:
+    def check_room(self, n: int) -> None:
         """Raise unless ``n`` more positions fit."""
         if self.length + n > self.k.shape[1]:
             steps = int(n)  # a plain int: traced, the message cannot format a SymInt
