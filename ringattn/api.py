@@ -213,7 +213,7 @@ def refuse_functorch(q: object, k: object, v: object) -> None:
     # get_proxy_mode reads both mode stacks: make_fx(pre_dispatch=True) too
     tracer = (
         "torch.jit.trace"
-        if torch.jit.is_tracing()
+        if torch.jit.is_tracing()  # type: ignore[attr-defined, no-untyped-call]
         else "make_fx"
         if get_proxy_mode() is not None
         else None
@@ -415,10 +415,10 @@ class DilatedAttention(nn.Module):
         moved = fn(self._number)
         if moved.device.type == "cuda":
             self._device_tag(moved.device)
-        return super()._apply(fn, recurse)
+        return super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
         self._register()  # a copy is a module of its own
 
     def __getstate__(self) -> dict[str, Any]:

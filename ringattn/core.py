@@ -40,7 +40,9 @@ from ringattn.capture import capturing, compiling, graphs_compiling, pool_alloca
 from ringattn.communicators.base import Communicator
 from ringattn.computers.base import (
     AttentionComputer,
+    BackwardGroup,
     BlockComputer,
+    ForwardGroup,
     LayoutComputer,
     accumulation_dtype,
     place_,
@@ -422,7 +424,7 @@ def grouped_launch(
         frozenset[tuple[int, int]],
         frozenset[int],
         tuple[tuple[Geometry | None, ...], ...],
-        Callable[[list[list[Tensor | None]]], bool],
+        Callable[[list[ForwardGroup]], bool],
     ]
     | None
 ):
@@ -446,8 +448,7 @@ def grouped_launch(
     geometries = tuple(geometry for _, _, geometry, _ in members)
     # (q, k, v and out are always viewed; the LSE where written)
     examples = cast(
-        list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]],
-        [tuple(views(tensors, geometry)) for geometry in geometries],
+        list[ForwardGroup], [tuple(views(tensors, geometry)) for geometry in geometries]
     )
     shifts = [member[3] for member in members]
     launch = spec.block_computer.grouped_launcher(spec.causal, spec.scale, examples, shifts)
@@ -711,7 +712,7 @@ def grouped_backward_launch(
     geometries = tuple(parts[0][0] for _, parts in members)
     # (launched whole: every operand viewed)
     examples = cast(
-        list[tuple[Tensor, ...]], [tuple(views(tensors, geometry)) for geometry in geometries]
+        list[BackwardGroup], [tuple(views(tensors, geometry)) for geometry in geometries]
     )
     device = examples[0][1].device
 
@@ -1145,6 +1146,6 @@ def run_core(
         return out
     # (a spec of no module, as tests make, is traced inline, as eager code)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out = DilatedAttentionFunction.apply(spec, q, k, v, *indices)
+        out = DilatedAttentionFunction.apply(spec, q, k, v, *indices)  # type: ignore[no-untyped-call]
         return out
     return dilated_forward(spec, q, k, v, indices, keep_lse=False)[0]

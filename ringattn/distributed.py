@@ -205,7 +205,7 @@ def gather(
     if refusal is not None:  # (every rank holds it: the agreement passed)
         raise refusal
     if graph:
-        gathered: Tensor = _Gather.apply(x, group, layout, grad)
+        gathered: Tensor = _Gather.apply(x, group, layout, grad)  # type: ignore[no-untyped-call]
         return gathered
     return _gathered(x, group, layout)
 

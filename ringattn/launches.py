@@ -246,9 +246,7 @@ def _prepare(
         found: list[tuple[tuple[Geometry | None, ...], Callable[..., None]]] = []
         for part in parts:
             rows: GeometryOf = part.flat_geometry if placed else part.rows_geometry
-            # (an OffsetRun has a Block's geometry methods, all that a dilation's geometry
-            # reads; DilationProcessor.geometry is annotated for a Block alone)
-            read = partial(spec.dilation.geometry, part)  # type: ignore[arg-type]
+            read = partial(spec.dilation.geometry, part)
             for start, count in ((e, 1) for e in range(batch)) if per_entry else ((0, batch),):
                 geometry = (
                     *(_entry(read, x, start, count) for x in reads),

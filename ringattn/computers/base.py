@@ -30,6 +30,13 @@ from ringattn.pattern import Plan
 
 Rows = Float[Tensor, "B L H d"]
 RowsLSE = Float[Tensor, "B L H"]
+# one group of placed blocks for a grouped forward: its (q, k, v, out, lse or None) views
+ForwardGroup = tuple[Rows, Rows, Rows, Rows, RowsLSE | None]
+# ... and for a grouped backward: (dout, q, k, v, out, lse, dq, dk, dv), out and lse None
+# where the launcher did not ask for them
+BackwardGroup = tuple[
+    Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor, Tensor, Tensor
+]
 
 
 class AttentionComputer(Component):
@@ -154,9 +161,9 @@ class BlockComputer(AttentionComputer):
         self,
         causal: bool,
         scale: float,
-        groups: list[tuple[Rows, Rows, Rows, Rows, RowsLSE | None]],
+        groups: list[ForwardGroup],
         shifts: list[tuple[int, ...]],
-    ) -> Callable[[list[tuple[Rows, Rows, Rows, Rows, RowsLSE | None]]], bool] | None:
+    ) -> Callable[[list[ForwardGroup]], bool] | None:
         """A launcher that does what :meth:`zeroing_launcher` (or, for a group without shifts,
         :meth:`forward_launcher`) does for each of several groups ``(q, k, v, out, lse)`` of
         placed blocks of one segment length, in one kernel, for views of these layouts, as
@@ -169,11 +176,7 @@ class BlockComputer(AttentionComputer):
         self,
         causal: bool,
         scale: float,
-        groups: list[
-            tuple[
-                Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor, Tensor, Tensor
-            ]
-        ],
+        groups: list[BackwardGroup],
         scratch: Callable[[str, tuple[int, ...]], Tensor],
         shifts: tuple[tuple[int, ...], ...] = (),
     ) -> Callable[..., bool] | None:

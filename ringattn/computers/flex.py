@@ -210,12 +210,10 @@ class FlexComputer(LayoutComputer):
         offsets = memory.cached(
             ("flex_offsets", *key), lambda: torch.tensor(plan.head_offsets(), device=device)
         )
-        # (the ignores: MemoryManager.cached is annotated for tensors, and keeps the block masks
-        # as it keeps any value)
         if dilation == "segment_local":
             block_mask = memory.cached(
                 ("flex_mixture_mask", *key),
-                lambda: self._mixture_mask(plan, causal, offsets),  # type: ignore[arg-type,return-value]
+                lambda: self._mixture_mask(plan, causal, offsets),
             )
             return (block_mask, offsets)
         if plan.disjoint:
@@ -236,7 +234,7 @@ class FlexComputer(LayoutComputer):
             )
             block_mask = memory.cached(
                 ("flex_run_mask", i, *key),
-                partial(self._run_mask, plan.n, w, r, offsets[i], causal, device),  # type: ignore[arg-type]
+                partial(self._run_mask, plan.n, w, r, offsets[i], causal, device),
             )
             configs.append((perm, inverse, block_mask))
         return tuple(configs)
@@ -263,10 +261,9 @@ class FlexComputer(LayoutComputer):
             n_rows = len(range(job.offset, plan.n, job.r))
             block_mask: BlockMask | None = None
             if n_rows:
-                # (the ignores: as prepare's)
-                block_mask = memory.cached(  # type: ignore[assignment]
+                block_mask = memory.cached(
                     ("flex_group_mask", job.config, *key),
-                    partial(  # type: ignore[arg-type]
+                    partial(
                         self._group_mask, n_rows, job.w // job.r, job.num_heads, causal, device
                     ),
                 )

@@ -38,7 +38,14 @@ import torch
 from torch import Tensor
 
 from ringattn import pattern
-from ringattn.computers.base import BlockComputer, Rows, RowsLSE, accumulation_dtype
+from ringattn.computers.base import (
+    BackwardGroup,
+    BlockComputer,
+    ForwardGroup,
+    Rows,
+    RowsLSE,
+    accumulation_dtype,
+)
 from ringattn.kernels import (
     cudnn_graphs,
     fa4,
@@ -426,9 +433,9 @@ class SDPAComputer(BlockComputer):
         self,
         causal: bool,
         scale: float,
-        groups: list[tuple[Rows, Rows, Rows, Rows, RowsLSE | None]],
+        groups: list[ForwardGroup],
         shifts: list[tuple[int, ...]],
-    ) -> Callable[[list[tuple[Rows, Rows, Rows, Rows, RowsLSE | None]]], bool] | None:
+    ) -> Callable[[list[ForwardGroup]], bool] | None:
         # every config's blocks in one FA4 kernel (ringattn.kernels.fa4_group; its ENABLED
         # switch also decides here, as fa4_zero's does)
         if not (
@@ -440,7 +447,7 @@ class SDPAComputer(BlockComputer):
 
         group = fa4_group.grouper(groups, causal, shifts)
 
-        def launch(groups: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]]) -> bool:
+        def launch(groups: list[ForwardGroup]) -> bool:
             return group(groups, scale)
 
         return launch
@@ -449,11 +456,7 @@ class SDPAComputer(BlockComputer):
         self,
         causal: bool,
         scale: float,
-        groups: list[
-            tuple[
-                Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor, Tensor, Tensor
-            ]
-        ],
+        groups: list[BackwardGroup],
         scratch: Callable[[str, tuple[int, ...]], Tensor],
         shifts: tuple[tuple[int, ...], ...] = (),
     ) -> Callable[..., bool] | None:

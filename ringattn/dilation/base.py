@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ringattn.component import Component
 from ringattn.memory.base import MemoryManager
-from ringattn.pattern import Block, Geometry, Plan
+from ringattn.pattern import Block, Geometry, OffsetRun, Plan
 
 
 class DilationProcessor(Component):
@@ -31,7 +31,7 @@ class DilationProcessor(Component):
     def read(self, x: Tensor, block: Block, index: Tensor | None) -> Tensor: ...
 
     def geometry(
-        self, block: Block, shape: tuple[int, ...], stride: tuple[int, ...]
+        self, block: Block | OffsetRun, shape: tuple[int, ...], stride: tuple[int, ...]
     ) -> Geometry | None:
         """Where :meth:`read` returns a view of ``x`` (of this shape and stride), its geometry
         (``ringattn.pattern.Geometry``), so the eager core can prepare it once per layout

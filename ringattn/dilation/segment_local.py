@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ringattn.dilation.base import DilationProcessor
-from ringattn.pattern import Block, Geometry
+from ringattn.pattern import Block, Geometry, OffsetRun
 from ringattn.registry import register
 
 
@@ -20,6 +20,6 @@ class SegmentLocalDilation(DilationProcessor):
         return block.rows(x).flatten(0, 1)
 
     def geometry(
-        self, block: Block, shape: tuple[int, ...], stride: tuple[int, ...]
+        self, block: Block | OffsetRun, shape: tuple[int, ...], stride: tuple[int, ...]
     ) -> Geometry | None:
         return block.flat_geometry(shape, stride)

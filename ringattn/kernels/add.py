@@ -34,17 +34,17 @@ if triton is not None:
     from ringattn.kernels.merge import program_row
 
     # (unannotated: @triton.jit reads a parameter's annotation as its Triton type, `int` as
-    # i32; the ignore goes unused where mypy runs without --strict)
+    # i32)
     @triton.jit
-    def _add_one(acc, part, a_off, p_off, mask):  # type: ignore[no-untyped-def, unused-ignore]
+    def _add_one(acc, part, a_off, p_off, mask):  # type: ignore[no-untyped-def]
         total = tl.load(acc + a_off, mask=mask).to(tl.float32)
         total += tl.load(part + p_off, mask=mask).to(tl.float32)
         tl.store(acc + a_off, total.to(acc.dtype.element_ty), mask=mask)
 
     # (unannotated: @triton.jit reads a parameter's annotation as its Triton type, `int` as
-    # i32; the ignore goes unused where mypy runs without --strict)
+    # i32)
     @triton.jit
-    def _add_rows_kernel(  # type: ignore[no-untyped-def, unused-ignore]
+    def _add_rows_kernel(  # type: ignore[no-untyped-def]
         acc0,
         acc1,
         acc2,

@@ -35,7 +35,7 @@ from ringattn.lru import remember
 
 # the frontend is untyped: its handles, graphs, tensor nodes and enum values are Any here
 try:
-    import cudnn
+    import cudnn as cudnn  # (the form that re-exports it: experiments/ read the frontend here)
 except ImportError:  # pragma: no cover - optional (the `cuda` extra)
     cudnn = None
 
@@ -234,12 +234,15 @@ def _graph(
     key = (build.__name__, device, causal, scale, *layouts)
     # (one lookup: another thread may drop the entry between a test and a read)
     found: object = _graphs.get(key, _TRANSIENT)
-    if found is _TRANSIENT:  # built off this stack (module docstring), from layouts only
-        found = _builder.submit(_build_or_none, build, device, causal, scale, *layouts).result()
-        if found is _TRANSIENT:
-            return None
-        remember(_graphs, key, found, MAX_GRAPHS)  # (the oldest dropped)
-    return cast("_Entry | None", found)  # (past the sentinel: an entry or a declined None)
+    if found is not _TRANSIENT:
+        return cast("_Entry | None", found)  # (past the sentinel: an entry or a declined None)
+    # built off this stack (module docstring), from layouts only
+    built = _builder.submit(_build_or_none, build, device, causal, scale, *layouts).result()
+    if built is _TRANSIENT:
+        return None
+    entry = cast("_Entry | None", built)
+    remember(_graphs, key, entry, MAX_GRAPHS)  # (the oldest dropped)
+    return entry
 
 
 _FORWARD_UIDS = (_Q, _K, _V, _O)

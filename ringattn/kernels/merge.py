@@ -40,18 +40,18 @@ def available(x: Tensor) -> bool:
 
 if triton is not None:
     # (unannotated: @triton.jit reads a parameter's annotation as its Triton type, `int` as
-    # i32; the ignore goes unused where mypy runs without --strict)
+    # i32)
     @triton.jit
-    def program_row(S, L):  # type: ignore[no-untyped-def, unused-ignore]
+    def program_row(S, L):  # type: ignore[no-untyped-def]
         """This program's ``(batch, segment, row)`` of a ``[b, S, L, ...]`` grid, one program per
         row, as int64 (element offsets pass 2**31 at ~1M tokens)."""
         row = tl.program_id(0).to(tl.int64)
         return row // (L * S), (row // L) % S, row % L
 
     # (unannotated: @triton.jit reads a parameter's annotation as its Triton type, `int` as
-    # i32; the ignore goes unused where mypy runs without --strict)
+    # i32)
     @triton.jit
-    def _merge_rows_kernel(  # type: ignore[no-untyped-def, unused-ignore]
+    def _merge_rows_kernel(  # type: ignore[no-untyped-def]
         acc_ptr,
         lse_acc_ptr,
         out_ptr,

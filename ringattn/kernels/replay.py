@@ -107,13 +107,11 @@ def operand_layouts(tensors: Iterable[Tensor | None]) -> Layouts:
     return tuple(None if x is None else layout(x) for x in tensors)
 
 
-# (torch's TorchDispatchMode is unannotated: its __init_subclass__ and __init__ are untyped
-# calls; the ignores go unused where mypy runs without --strict)
-class _Watch(TorchDispatchMode):  # type: ignore[no-untyped-call, unused-ignore]
+class _Watch(TorchDispatchMode):
     """Notes whether every aten op was an allocation or a view, and keeps the allocations."""
 
     def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call, unused-ignore]  # (as above)
+        super().__init__()  # type: ignore[no-untyped-call]  # (TorchDispatchMode.__init__)
         self.allocations: list[Tensor] = []
         self.other_ops: list[str] = []
         self.in_kernel = False  # a kernel's own ops (a stand-in's, on CPU) are not the launcher's

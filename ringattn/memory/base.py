@@ -15,16 +15,20 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Callable, Hashable
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 from ringattn.component import Component
 
+# what a pattern's builder makes (a tensor, or a computer's own structure: flex's BlockMask)
+T = TypeVar("T")
+
 
 class MemoryManager(Component):
     @abstractmethod
-    def cached(self, key: Hashable, build: Callable[[], Tensor]) -> Tensor: ...
+    def cached(self, key: Hashable, build: Callable[[], T]) -> T: ...
 
     @abstractmethod
     def scratch(

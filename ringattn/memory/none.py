@@ -7,13 +7,13 @@ from collections.abc import Callable, Hashable
 import torch
 from torch import Tensor
 
-from ringattn.memory.base import MemoryManager
+from ringattn.memory.base import MemoryManager, T
 from ringattn.registry import register
 
 
 @register("memory", "none")
 class NoReuse(MemoryManager):
-    def cached(self, key: Hashable, build: Callable[[], Tensor]) -> Tensor:
+    def cached(self, key: Hashable, build: Callable[[], T]) -> T:
         return build()
 
     def scratch(

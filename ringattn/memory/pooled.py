@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -25,19 +26,20 @@ from torch.utils._pytree import tree_leaves
 
 from ringattn.capture import capturing, pool_allocating
 from ringattn.config import checked_int
-from ringattn.memory.base import MemoryManager
+from ringattn.memory.base import MemoryManager, T
 from ringattn.registry import register
 
 
 class _LRU:
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
-        self.items: OrderedDict[Hashable, Tensor] = OrderedDict()
+        # tensors, or a computer's own structures of tensors (flex's BlockMask)
+        self.items: OrderedDict[Hashable, object] = OrderedDict()
         self.hits = 0
         self.misses = 0
         self.lock = threading.Lock()
 
-    def get(self, key: Hashable, build: Callable[[], Tensor]) -> Tensor:
+    def get(self, key: Hashable, build: Callable[[], T]) -> T:
         if capturing():
             # a CUDA graph being captured gets what it asks for made in its own pool, and none
             # of it kept: made here, a pattern's kernels are only recorded, so the kept tensor
@@ -51,22 +53,22 @@ class _LRU:
             if value is not None:
                 self.items.move_to_end(key)
                 self.hits += 1
-                return value
+                return cast(T, value)  # (a key names everything its value depends on)
             self.misses += 1
         # built as a normal tensor even under torch.inference_mode(): an inference tensor kept
         # here could not be saved for backward (nor written in place) by a later training call
         with torch.inference_mode(False):
-            value = build()
+            built = build()
         if pool_allocating():  # a cudagraph tree's warm-up: made in its pool (ringattn.capture)
-            return value
+            return built
         with self.lock:
-            self.items[key] = value
+            self.items[key] = built
             self.items.move_to_end(key)
             if len(self.items) > self.max_entries:
                 self.items.popitem(last=False)
-        return value
+        return built
 
-    def values(self) -> list[Tensor]:
+    def values(self) -> list[object]:
         with self.lock:  # (another thread's call may be adding an entry)
             return list(self.items.values())
 
@@ -117,7 +119,7 @@ class PooledMemory(MemoryManager):
         self.patterns = _LRU(max_entries)
         self.buffers = _LRU(max_entries)
 
-    def cached(self, key: Hashable, build: Callable[[], Tensor]) -> Tensor:
+    def cached(self, key: Hashable, build: Callable[[], T]) -> T:
         return self.patterns.get(key, build)
 
     def scratch(

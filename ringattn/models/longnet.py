@@ -166,12 +166,12 @@ class LongNet(nn.Module):
         self.apply(self._init)
         # load_state_dict(assign=True) (a model built on meta, then loaded) assigns the head and
         # the embedding two Parameters: separate optimizer state, weight decay twice
-        self.register_load_state_dict_post_hook(_tie)
+        self.register_load_state_dict_post_hook(_tie)  # type: ignore[no-untyped-call]
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LongNet:
         # to_empty (a model built on the meta device), and other conversions that replace
         # parameters, gave the head its own copy of the embedding; the tie is restored after
-        out: LongNet = super()._apply(fn, recurse)
+        out: LongNet = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
         _tie(self)
         return out
 
