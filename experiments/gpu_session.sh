@@ -40,6 +40,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh dpsum    # <9.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh grads    # <9.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh threads  # <9.5 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh typing   # <9.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh ops      # <9.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh flex_groups # <9 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh merge_cost # ~2 min
@@ -89,7 +90,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh threads|grads|review|ops|record|trees|graphs|first_checks|batch|batch_more|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh typing|threads|grads|review|ops|record|trees|graphs|first_checks|batch|batch_more|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -758,6 +759,44 @@ flex_groups)
         || echo "speed: exit $?" >>"$out/flex_speed.log"
     summary="$(grep -h "^| [0-9]" "$out/flex_gpu_speed/"*.md | cut -c1-200)
 $(grep -h "speed: exit\|failed" "$out/flex_speed.log" | cut -c1-300)"
+    ;;
+typing)
+    # stop 78 (step 84): ringattn/ made mypy --strict clean (annotations; a few casts, the cuDNN
+    # graphs cache's lookup restructured, the Triton kernels' sources changed by their ignore
+    # comments, so they recompile). The GPU oracle check, step 82's bounded cuDNN graphs check
+    # (that lookup, its graphs evicted and rebuilt) and a fuzz seed (FUZZ_SEED, FUZZ_BUDGET)
+    timeout 290 python -m experiments.flex_gpu --part check --out "$out/flex_gpu_check" \
+        >"$out/check.log" 2>&1 || echo "check: exit $?" >>"$out/check.log"
+    timeout 60 python - >"$out/cudnn_graphs.log" 2>&1 <<'PY'
+import torch, ringattn
+from ringattn.computers.sdpa import SDPAComputer
+from ringattn.kernels import cudnn_graphs as cg
+from ringattn.reference import dilated_attention as ref, TOLERANCE
+SDPAComputer.cuda_forward = "torch"; cg.MAX_GRAPHS = 3
+print("cudnn", cg.cudnn is not None, torch.cuda.get_device_name())
+worst = 0.0
+for mixing in ("head_groups", "lse"):
+    for causal in (False, True):
+        m = ringattn.DilatedAttention((256, 512), (1, 2), mixing=mixing, causal=causal, compile=False)
+        for turn in range(2):
+            for n in (512, 1024, 1536, 768):
+                g = torch.Generator("cuda").manual_seed(n)
+                q, k, v = (torch.randn(1, n, 4, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+                out = m(q, k, v).double()
+                r = ref(q.double(), k.double(), v.double(), segment_lengths=(256, 512), dilation_rates=(1, 2), mixing=mixing, causal=causal)
+                err = ((out - r).norm() / r.norm()).item(); worst = max(worst, err)
+                assert err <= TOLERANCE[torch.bfloat16], (mixing, causal, n, err)
+                assert len(cg._graphs) <= 3, len(cg._graphs)
+print("graphs kept", len(cg._graphs), "worst rel err", f"{worst:.2e}", "bound", TOLERANCE[torch.bfloat16], "OK")
+PY
+    echo "cudnn_graphs: rc=$?" >>"$out/rc.log"
+    timeout 170 python -m experiments.gpu_fuzz --budget "${FUZZ_BUDGET:-120}" \
+        --seed "${FUZZ_SEED:-30}" --out "$out/fuzz" >"$out/fuzz.log" 2>&1
+    echo "fuzz: rc=$?" >>"$out/rc.log"
+    summary="$(grep -h "Correctness" "$out/flex_gpu_check/flex_gpu_check.md")
+$(cat "$out/rc.log")
+$(tail -n 1 "$out/cudnn_graphs.log")
+$(tail -n 6 "$out/fuzz.log" | cut -c1-300)"
     ;;
 fuzz)
     # random problems against the oracle on the GPU (experiments/gpu_fuzz.py): head dims, dtypes,
