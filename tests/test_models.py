@@ -1187,6 +1187,21 @@ def test_new_cache_takes_the_dtype_and_device_asked_for():
     assert meta.k.device.type == meta.v.device.type == "meta"
 
 
+def test_new_cache_takes_device_zero(monkeypatch):
+    """``device=0`` (CUDA's first device, an int KVCache.empty accepts) reaches the cache: it
+    was falsy to ``device or weight.device`` and the cache went to the weights' device."""
+    seen = []
+
+    def empty(cls, b, capacity, h_kv, d, dtype, device):
+        seen.append((dtype, device))
+        return cls(torch.zeros(b, capacity, h_kv, d), torch.zeros(b, capacity, h_kv, d))
+
+    monkeypatch.setattr(KVCache, "empty", classmethod(empty))
+    layer = _layer(causal=True)
+    layer.new_cache(1, 8, device=0)
+    assert seen == [(torch.float32, 0)]
+
+
 def test_bf16_decoding_accumulates_in_float32():
     """Scores, softmax and the configs' merge of a bf16 query run in float32 and are rounded once:
     the bf16 decode is the float32 decode of the same values, rounded to bf16."""

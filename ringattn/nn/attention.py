@@ -266,8 +266,9 @@ class MultiheadDilatedAttention(nn.Module):
             capacity,
             self.num_kv_heads,
             self.head_dim,
-            dtype or cast(Tensor, weight).dtype,
-            device or cast(Tensor, weight).device,
+            dtype if dtype is not None else cast(Tensor, weight).dtype,
+            # (not `device or ...`: device=0, CUDA's first, fell back to the weights' device)
+            device if device is not None else cast(Tensor, weight).device,
         )
 
     def _reference_weight(self, projection: nn.Module) -> Tensor | None:
