@@ -379,7 +379,7 @@ def dilated_forward(
             derived["group"] = grouped_launch(spec, launches, tensors)
         if derived["group"] is not None:
             pairs, blocks_done, geometries, launch = derived["group"]
-            if launch([views(tensors, geometry) for geometry in geometries]):
+            if launch([tuple(views(tensors, geometry)) for geometry in geometries]):
                 grouped, done = pairs, blocks_done
 
     def forward_blocks(i: int) -> None:
@@ -582,10 +582,10 @@ def dilated_backward(
     if group is not None:
         geometries = group.geometries
 
-        def groups_of(full: bool) -> list[list[Tensor | None]]:
+        def groups_of(full: bool) -> list[tuple[Tensor | None, ...]]:
             # (without out and lse unless asked: the kernels read those whole, ten views fewer
-            # per call)
-            return [views(tensors, g) for g in geometries[0 if full else 1]]
+            # per call; tuples, as fa4_group_bwd.Group says)
+            return [tuple(views(tensors, g)) for g in geometries[0 if full else 1]]
 
         if group.launch(groups_of, dout, out, lse, group.unit_index):
             grouped = group.blocks

@@ -51,6 +51,7 @@ class GroupStandIn:
     def __call__(self, groups, causal, scale, shifts) -> bool:
         self.calls += 1
         assert len(groups) == len(shifts) >= 2
+        assert all(type(group) is tuple for group in groups)  # (fa4_group.Group, as annotated)
         assert len({q.shape[1] for q, *_ in groups}) == 1
         self.lengths.add(groups[0][0].shape[1])
         self.shifts.append(tuple(shifts))

@@ -43,6 +43,7 @@ class BackwardStandIn:
         self.scratch = scratch
         self.shifts.append(tuple(shifts))
         assert len(groups) >= 2 and len({g[1].shape[1] for g in groups}) == 1
+        assert all(type(group) is tuple for group in groups)  # (fa4_group_bwd.Group)
         # the units' LSE positions: each group's [B, L, H] rows as [B, H, L], in group order
         units = torch.cat([g[5].transpose(1, 2).flatten() for g in groups])
         assert torch.equal(lse.flatten()[index.long()], units)
