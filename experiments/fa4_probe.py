@@ -63,10 +63,10 @@ import itertools
 import json
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -74,10 +74,18 @@ from experiments import add_heads, make_out, require_cuda, require_positive, wor
 from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, failure
 from ringattn.flops import FORWARD_BACKWARD_FACTOR, tflops
 
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    import ringattn
+    from ringattn.kernels.fa4_group import Group
+    from ringattn.pattern import Block
+
+
 aten = torch.ops.aten
 
 
-def _gpu_and_host_times(repeats: int, **fns) -> dict:
+def _gpu_and_host_times(repeats: int, **fns: Callable[[], object]) -> dict[str, float]:
     """``{name}_ms`` (median GPU ms, CUDA events) and ``{name}_host_us`` (the host's µs per call
     of ``repeats`` calls in a row) of each of ``fns``."""
     row = {f"{name}_ms": _events_ms(fn, 2, repeats) for name, fn in fns.items()}
@@ -91,16 +99,16 @@ def _gpu_and_host_times(repeats: int, **fns) -> dict:
     return row
 
 
-def _emit(rows: list[dict], row: dict) -> None:
+def _emit(rows: list[dict[str, Any]], row: dict[str, Any]) -> None:
     """A finished row: printed as it comes (a run cut short keeps what it printed), and kept."""
     print(json.dumps(row), flush=True)
     rows.append(row)
 
 
-def _events_ms(fn, warmup: int, repeats: int) -> float:
+def _events_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         fn()
-    times = []
+    times: list[float] = []
     for _ in range(repeats):
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -111,7 +119,14 @@ def _events_ms(fn, warmup: int, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _cudnn(q, k, v, causal, scale, dout=None):
+def _cudnn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    scale: float,
+    dout: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
     """q, k, v: [B, L, H, d] views; forward (and backward when ``dout`` is given) via cuDNN."""
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     out, lse = aten._scaled_dot_product_cudnn_attention(
@@ -127,7 +142,15 @@ def _cudnn(q, k, v, causal, scale, dout=None):
     )  # fmt: skip
 
 
-def _fa4(q, k, v, causal, scale, dout=None, out=None):
+def _fa4(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    scale: float,
+    dout: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
     from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
 
     o, lse = _flash_attn_fwd(q, k, v, softmax_scale=scale, causal=causal, return_lse=True, out=out)[
@@ -138,7 +161,8 @@ def _fa4(q, k, v, causal, scale, dout=None, out=None):
     return _flash_attn_bwd(q, k, v, o, dout, lse, scale, causal)
 
 
-def problems(n: int, h: int, d: int, device):
+# (yields a str and three tensors: mypy reads each yield's starred list as a tuple of any length)
+def problems(n: int, h: int, d: int, device: torch.device) -> Iterator[tuple[Any, ...]]:
     """(label, q, k, v, dense?) with q/k/v as [B, L, H, d] views."""
     base = [torch.randn(1, n, h, d, device=device, dtype=torch.bfloat16) for _ in range(3)]
     yield "dense", *base
@@ -163,7 +187,7 @@ SWEEP = (
 )
 
 
-def sweep(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+def sweep(n: int, h: int, d: int, repeats: int, device: torch.device) -> list[dict[str, Any]]:
     from flash_attn.cute.interface import _flash_attn_fwd
 
     q, k, v = (
@@ -178,7 +202,7 @@ def sweep(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
         rows.append({"causal": causal, "kernel": "cudnn", "fwd_ms": ms, "tflops": rate})
         print(json.dumps(rows[-1]), flush=True)
         for config in SWEEP:
-            extra = {}
+            extra: dict[str, Any] = {}
             if config is not None:
                 extra = dict(tile_mn=config[:2], mma_pv_is_rs=config[2], intra_wg_overlap=config[3])
             fn = partial(
@@ -196,7 +220,7 @@ def sweep(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     return rows
 
 
-def determinism(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+def determinism(n: int, h: int, d: int, repeats: int, device: torch.device) -> list[dict[str, Any]]:
     from ringattn.kernels import fa4
 
     q, k, v, dout = (
@@ -224,7 +248,7 @@ def determinism(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     return rows
 
 
-def replay(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+def replay(n: int, h: int, d: int, repeats: int, device: torch.device) -> list[dict[str, Any]]:
     """``ringattn.kernels.fa4`` through FA4's launcher vs through the replay of its recorded
     launches: host ms per call, GPU ms, and the replay's result against the launcher's."""
     from experiments.ablate import queued_host_ms
@@ -274,7 +298,15 @@ def replay(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     return rows
 
 
-def _merge_reference(q, k, v, causal, scale, out, lse):
+def _merge_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    scale: float,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 ``merge((out, lse), attention(q, k, v))`` of ``[B, L, H, d]`` blocks."""
     scores = q.double().transpose(1, 2) @ k.double().permute(0, 2, 3, 1) * scale
     if causal:
@@ -289,7 +321,16 @@ def _merge_reference(q, k, v, causal, scale, out, lse):
     return out.double() * w_old + block_out * w_new, merged
 
 
-def _store_paths(q, k, v, causal, scale, out_full, lse_full, strided) -> dict:
+def _store_paths(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    scale: float,
+    out_full: torch.Tensor,
+    lse_full: torch.Tensor,
+    strided: Callable[[torch.Tensor], torch.Tensor],
+) -> dict[str, float]:
     """GPU ms of FA4's forward writing into the strided rows (TMA store), of the fused kernel's
     class with its merge skipped (plain stores), and of the fused kernel."""
     import cutlass.cute as cute
@@ -297,8 +338,12 @@ def _store_paths(q, k, v, causal, scale, out_full, lse_full, strided) -> dict:
     from ringattn.kernels import fa4, fa4_merge, fa4_merge_sm90
 
     class StoreOnly(fa4_merge_sm90.MergingForwardSm90):
+        # (left unannotated: the CuTe DSL reads a @cute.jit function's annotations, e.g.
+        # cutlass.Constexpr for a compile-time argument, and cute / cutlass are no globals here)
         @cute.jit
-        def merge_old(self, acc_O, lse, mO, mLSE, seqlen, mma, tidx, m_block, head_idx, batch_idx):
+        def merge_old(  # type: ignore[no-untyped-def, unused-ignore]
+            self, acc_O, lse, mO, mLSE, seqlen, mma, tidx, m_block, head_idx, batch_idx
+        ):
             pass
 
     out_v, lse_v = strided(out_full.clone()), strided(lse_full.clone())
@@ -316,8 +361,18 @@ def _store_paths(q, k, v, causal, scale, out_full, lse_full, strided) -> dict:
 
 
 def _module_ab(
-    n, h, d, repeats, device, mixing, switch, names, backward=False, flag="ENABLED", report=None
-) -> list[dict]:
+    n: int,
+    h: int,
+    d: int,
+    repeats: int,
+    device: torch.device,
+    mixing: str,
+    switch: ModuleType | _TileSwitch,
+    names: tuple[str, str],
+    backward: bool = False,
+    flag: str = "ENABLED",
+    report: ModuleType | _TileSwitch | None = None,
+) -> list[dict[str, Any]]:
     """The issue's module at n/4 and n, causal and not, timed with ``switch`` (a module with a
     boolean ``flag``, ``ENABLED`` by default) on and off, interleaved twice; how far apart the
     two results are. ``report``: the kernel module whose first-call checks are reported
@@ -345,13 +400,19 @@ def _module_ab(
             kind = "fwd+bwd" if backward else "fwd"
             row: dict[str, Any] = {"problem": f"module n={size} {mixing} {kind}", "causal": causal}
 
-            def call(module, q=q, k=k, v=v, dout=dout):
+            def call(
+                module: ringattn.DilatedAttention,
+                q: torch.Tensor = q,
+                k: torch.Tensor = k,
+                v: torch.Tensor = v,
+                dout: torch.Tensor = dout,
+            ) -> tuple[torch.Tensor, ...]:
                 if backward:
                     return torch.autograd.grad(module(q, k, v), (q, k, v), dout)
                 with torch.no_grad():
                     return (module(q, k, v),)
 
-            results = {}
+            results: dict[str, tuple[torch.Tensor, ...]] = {}
             try:
                 for turn in range(2):
                     for enabled in (True, False):
@@ -376,7 +437,7 @@ def _module_ab(
     return rows
 
 
-def merge(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+def merge(n: int, h: int, d: int, repeats: int, device: torch.device) -> list[dict[str, Any]]:
     """``ringattn.kernels.fa4_merge`` against the two-kernel path: errors vs float64, GPU ms,
     then the ``lse`` module with the fused kernel on and off."""
     from ringattn.kernels import fa4, fa4_merge
@@ -385,17 +446,36 @@ def merge(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     rows: list[dict[str, Any]] = []
     scale = d**-0.5
 
-    def fused(q, k, v, causal, out, lse):
+    def fused(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+    ) -> None:
         assert fa4_merge.forward_merge_(q, k, v, causal, scale, out, lse), "fused kernel refused"
 
-    def two_kernel(q, k, v, causal, out, lse):
+    def two_kernel(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+    ) -> None:
         merge_into_(out, lse, *fa4.forward(q, k, v, causal, scale))
 
     for length in (2048, 1000):
         segments = n // (2 * length)
         rows_used = segments * 2 * length
 
-        def strided(x, segments=segments, length=length, rows_used=rows_used):
+        def strided(
+            x: torch.Tensor,
+            segments: int = segments,
+            length: int = length,
+            rows_used: int = rows_used,
+        ) -> torch.Tensor:
             # segment_local's view for (w, r) = (2 * length, 2), offset 1
             return x[:, :rows_used].reshape(segments, length, 2, *x.shape[2:])[:, :, 1]
 
@@ -416,7 +496,7 @@ def merge(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
             ref_out, ref_lse = _merge_reference(
                 q[:2], k[:2], v[:2], causal, scale, out0[:2], lse0[:2]
             )
-            results = {}
+            results: dict[str, torch.Tensor] = {}
             for name in ("fused", "two_kernel"):
                 out_acc, lse_acc = out_full.clone(), lse_full.clone()
                 out_v, lse_v = strided(out_acc), strided(lse_acc)
@@ -457,19 +537,21 @@ def merge(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     return rows + _module_ab(n, h, d, repeats, device, "lse", fa4_merge, ("fused", "two_kernel"))
 
 
-def _offset_one_blocks(n: int, h: int, d: int, device):
+def _offset_one_blocks(
+    n: int, h: int, d: int, device: torch.device
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     """``segment_local``'s view for ``(w, r) = (4096, 2)``, offset 1 (2048-row blocks), as
     ``strided(x)`` of a ``[1, n, ...]`` tensor, and random bf16 q, k, v in it."""
     segments = n // 4096
 
-    def strided(x):
+    def strided(x: torch.Tensor) -> torch.Tensor:
         return x[:, : segments * 4096].reshape(segments, 2048, 2, *x.shape[2:])[:, :, 1]
 
     q, k, v = (strided(torch.randn(1, n, h, d, device=device, dtype=torch.bfloat16)) for _ in "qkv")
     return strided, q, k, v
 
 
-def merge_cost(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+def merge_cost(n: int, h: int, d: int, repeats: int, device: torch.device) -> list[dict[str, Any]]:
     """The merging kernel against its variants with parts of the merge taken out
     (``experiments/variants/fa4_merge.py``: the merge skipped, its reads only, its arithmetic
     only) on the strided ``(w, r) = (4096, 2)`` view at ``--n``, interleaved three times."""
@@ -504,7 +586,7 @@ def merge_cost(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     return rows
 
 
-def add(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+def add(n: int, h: int, d: int, repeats: int, device: torch.device) -> list[dict[str, Any]]:
     """``ringattn.kernels.fa4_add`` against FA4's backward plus the Triton add: all three
     gradients added by FA4's kernels (dQ in its postprocess), dK / dV only, or none."""
     from ringattn.kernels import fa4, fa4_add
@@ -513,7 +595,9 @@ def add(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     rows: list[dict[str, Any]] = []
     scale = d**-0.5
 
-    def adding(inputs, grads, causal, add_dq):
+    def adding(
+        inputs: tuple[torch.Tensor, ...], grads: list[torch.Tensor], causal: bool, add_dq: bool
+    ) -> None:
         dq, dk, dv = grads
         dout, q, k, v, out, lse = inputs
         fa4_add.ADD_DQ = add_dq
@@ -526,7 +610,7 @@ def add(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
         if left:
             add_rows_([dq.unsqueeze(0)], [left[0].unsqueeze(0)])
 
-    def plain(inputs, grads, causal):
+    def plain(inputs: tuple[torch.Tensor, ...], grads: list[torch.Tensor], causal: bool) -> None:
         dout, q, k, v, out, lse = inputs
         result = fa4.backward(dout, q, k, v, out, lse, causal, scale)
         add_rows_([g.unsqueeze(0) for g in grads], [x.unsqueeze(0) for x in result])
@@ -535,10 +619,12 @@ def add(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
         segments = n // (2 * length)
         used = segments * 2 * length
 
-        def strided(x, segments=segments, length=length, used=used):
+        def strided(
+            x: torch.Tensor, segments: int = segments, length: int = length, used: int = used
+        ) -> torch.Tensor:
             return x[:, :used].reshape(segments, length, 2, *x.shape[2:])[:, :, 1]
 
-        def full():
+        def full() -> torch.Tensor:
             return torch.randn(1, n, h, d, device=device, dtype=torch.bfloat16)
 
         q, k, v, dout, out = (strided(full()) for _ in range(5))
@@ -588,7 +674,7 @@ def add(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     return rows + modules
 
 
-def dpsum(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+def dpsum(n: int, h: int, d: int, repeats: int, device: torch.device) -> list[dict[str, Any]]:
     """``ringattn.kernels.fa4_dpsum``: FA4's backward on ``segment_local``'s strided blocks
     (2048- and 1000-row, ``r = 2`` offset 1) handed each row's dPsum (``ringattn.kernels.dpsum``
     over the whole ``[1, n, h, d]``, viewed as the blocks' rows) against FA4's own: the swap's
@@ -602,7 +688,7 @@ def dpsum(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     rows: list[dict[str, Any]] = []
     scale = d**-0.5
 
-    def full():
+    def full() -> torch.Tensor:
         return torch.randn(1, n, h, d, device=device, dtype=torch.bfloat16)
 
     out_full, dout_full = full(), full()
@@ -625,7 +711,9 @@ def dpsum(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
         segments = n // (2 * length)
         used = segments * 2 * length
 
-        def strided(x, segments=segments, length=length, used=used):
+        def strided(
+            x: torch.Tensor, segments: int = segments, length: int = length, used: int = used
+        ) -> torch.Tensor:
             return x[:, :used].reshape(segments, length, 2, *x.shape[2:])[:, :, 1]
 
         q, k, v = (strided(full()) for _ in range(3))
@@ -674,7 +762,16 @@ def dpsum(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     return rows + modules
 
 
-def _fill_then_forward(out_full, table, q, k, v, causal, scale, out) -> None:
+def _fill_then_forward(
+    out_full: torch.Tensor,
+    table: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
     """What the core did before ``fa4_zero``: the fill, then FA4's forward into the rows."""
     from ringattn.kernels import fa4
     from ringattn.kernels.unselected import zero_unselected_
@@ -683,7 +780,7 @@ def _fill_then_forward(out_full, table, q, k, v, causal, scale, out) -> None:
     fa4.forward(q, k, v, causal, scale, out=out)
 
 
-def zero(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+def zero(n: int, h: int, d: int, repeats: int, device: torch.device) -> list[dict[str, Any]]:
     """``ringattn.kernels.fa4_zero`` (FA4's forward writing the unselected rows' zeros) against
     FA4's forward plus the core's fill, on ``head_groups``' strided views, then the
     ``head_groups`` module with it on and off."""
@@ -701,10 +798,10 @@ def zero(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
         job = Job(config=0, w=w, r=r, offset=o, head_start=0, head_stop=h, head_step=1)
         block = Block(job, 0, segments, w // r, tail=False)
 
-        def full():
+        def full() -> torch.Tensor:
             return torch.randn(1, n, h, d, device=device, dtype=torch.bfloat16)
 
-        def rows_of(x, block=block):
+        def rows_of(x: torch.Tensor, block: Block = block) -> torch.Tensor:
             return block.rows(x).flatten(0, 1)
 
         q, k, v = (rows_of(full()) for _ in "qkv")
@@ -747,7 +844,9 @@ def zero(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     return rows + modules + grads
 
 
-def _issue_groups(size: int, h: int, d: int, device, with_lse: bool):
+def _issue_groups(
+    size: int, h: int, d: int, device: torch.device, with_lse: bool
+) -> tuple[list[Group], list[tuple[int, ...]], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Issue 5's ``head_groups`` plan at ``size`` tokens as the grouped forward's operands:
     ``(groups, shifts, out_full, lse_full, selected)`` (each group's ``(q, k, v, out, lse or
     None)`` views of random ``[1, size, h, d]`` tensors, its neighbour shifts, the full output
@@ -782,8 +881,13 @@ def group_sizes(n: int) -> list[int]:
 
 
 def group(
-    n: int, h: int, d: int, repeats: int, device, persistent: tuple[bool, ...] = (False,)
-) -> list[dict]:
+    n: int,
+    h: int,
+    d: int,
+    repeats: int,
+    device: torch.device,
+    persistent: tuple[bool, ...] = (False,),
+) -> list[dict[str, Any]]:
     """``ringattn.kernels.fa4_group`` (every ``head_groups`` config's blocks in one FA4 forward)
     against one launch per config (FA4's zeroing forward, or its plain one for ``r = 1``), on
     issue 5's plan at ``n // 4`` (at least its longest segment) and ``n``: each group's rows
@@ -803,14 +907,23 @@ def group(
             "causal": causal,
         }
 
-        def grouped(groups=groups, shifts=shifts, causal=causal, persistent=persistent[0]):
+        def grouped(
+            groups: list[Group] = groups,
+            shifts: list[tuple[int, ...]] = shifts,
+            causal: bool = causal,
+            persistent: bool = persistent[0],
+        ) -> bool:
             # (every size on the persistent grid, or none)
             fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX = (
                 ("always", 0) if persistent else ("never", default_max)
             )
             return fa4_group.forward_group_(groups, causal, scale, shifts)
 
-        def per_config(groups=groups, shifts=shifts, causal=causal):
+        def per_config(
+            groups: list[Group] = groups,
+            shifts: list[tuple[int, ...]] = shifts,
+            causal: bool = causal,
+        ) -> None:
             for (q, k, v, out, lse), group_shifts in zip(groups, shifts, strict=True):
                 if not group_shifts:
                     lse_block = fa4.forward(q, k, v, causal, scale, out=out)[1]
@@ -820,7 +933,7 @@ def group(
                     assert fa4_zero.forward_zero_(q, k, v, causal, scale, out, lse, group_shifts)
 
         try:
-            variants = {}
+            variants: dict[str, Callable[[], object]] = {}
             for each in persistent:
                 tag = "_persistent" if each else ""
                 variants[f"grouped{tag}"] = partial(grouped, persistent=each)
@@ -857,14 +970,14 @@ def group(
     return rows + modules + grads
 
 
-def persistent(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+def persistent(n: int, h: int, d: int, repeats: int, device: torch.device) -> list[dict[str, Any]]:
     """:func:`group`'s kernel checks and timings with the grouped forward on one CTA per tile
     and on a persistent grid (``fa4_group.PERSISTENT`` "never" / "always" with no tile bound),
     at ``n // 4`` and ``n``."""
     return group(n, h, d, repeats, device, persistent=(False, True))
 
 
-def group_bwd(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+def group_bwd(n: int, h: int, d: int, repeats: int, device: torch.device) -> list[dict[str, Any]]:
     """``ringattn.kernels.fa4_group_bwd`` (every ``head_groups`` config's backward in one FA4
     launch) against FA4's backward of each config, on issue 5's plan at
     ``n // 4`` (at least its longest segment) and ``n``: each group's dq, dk, dv against FA4's
@@ -887,7 +1000,7 @@ def group_bwd(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
         groups, units = [], []
         for block in plan.blocks:
 
-            def part(x, block=block):
+            def part(x: torch.Tensor, block: Block = block) -> torch.Tensor:
                 return block.rows(x).flatten(0, 1)
 
             q, k, v, out, dout = (part(x) for x in (q_full, k_full, v_full, out_full, dout_full))
@@ -901,12 +1014,19 @@ def group_bwd(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
         row: dict[str, Any] = {"problem": f"n={size} groups={len(groups)}", "causal": causal}
 
         def grouped(
-            groups=groups, full=(out_full, dout_full, lse_full), index=index, causal=causal
-        ):
+            # (fa4_group_bwd.Group's: mypy reads the appended tuples' starred generator as a
+            # tuple of any length)
+            groups: list[Any] = groups,
+            full: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = (out_full, dout_full, lse_full),
+            index: torch.Tensor = index,
+            causal: bool = causal,
+        ) -> bool:
             out, dout, lse = full
             return fa4_group_bwd.backward_group_(groups, out, dout, lse, index, causal, scale)
 
-        def per_config(groups=groups, causal=causal):
+        def per_config(
+            groups: list[tuple[torch.Tensor, ...]] = groups, causal: bool = causal
+        ) -> None:
             for dout, q, k, v, out, lse, dq, dk, dv in groups:
                 fa4.backward(dout, q, k, v, out, lse, causal, scale, (dq, dk, dv))
 
@@ -957,7 +1077,7 @@ class _TileSwitch:
         fa4.FORWARD_CONFIG[True] = self.tiles if on else None
 
 
-def config(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+def config(n: int, h: int, d: int, repeats: int, device: torch.device) -> list[dict[str, Any]]:
     """Both mixings' forward with FA4's causal forward tiles at ``CAUSAL_TILES`` and at FA4's
     default, interleaved (one module per arm; the non-causal rows run the same code in both arms
     and so measure the noise)."""
@@ -977,7 +1097,7 @@ def config(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
 CAUSAL_TILES = (128, 128, False, True)
 
 
-def launch(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+def launch(n: int, h: int, d: int, repeats: int, device: torch.device) -> list[dict[str, Any]]:
     """Host µs per launch of a replayed FA4 forward (small blocks), a torch op and two Triton
     kernels through Triton's launcher (the gradients' fill, unit_stats), issued while
     the GPU sleeps (so launches only queue): on the caller's stream, on a side stream, on a side
@@ -1028,7 +1148,7 @@ def launch(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     return rows
 
 
-def fill(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+def fill(n: int, h: int, d: int, repeats: int, device: torch.device) -> list[dict[str, Any]]:
     """The backward's gradient fill (``ringattn.kernels.unselected``: the three gradients as one
     ``[3, n, h, d]`` buffer, issue 5's head_groups selection) over the kernel's rows per program
     and warps: GPU ms, the GB/s of zeros it writes, the host µs per launch (queued behind a
@@ -1047,7 +1167,7 @@ def fill(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
     zero_bytes = int((~chosen).sum()) * 3 * d * grads.element_size()
     default = unselected.ROWS_PER_PROGRAM, unselected.WARPS
 
-    def host_us(fn) -> float:
+    def host_us(fn: Callable[[], object]) -> float:
         return round(queued_host_ms(fn, 20, 100_000_000) * 1e3, 1)
 
     rows: list[dict[str, Any]] = []
@@ -1108,7 +1228,7 @@ BWD_SWEEP = (
 )
 
 
-def bwd_sweep(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
+def bwd_sweep(n: int, h: int, d: int, repeats: int, device: torch.device) -> list[dict[str, Any]]:
     """FA4's SM90 backward alone on contiguous 2048-row blocks over :data:`BWD_SWEEP` (FA4 takes
     its SM90 backward tiles from ``_tile_size_bwd_sm90`` whatever the caller passes, so each
     configuration is swapped in for its calls as ``fa4.backward`` does; its compile key holds
@@ -1129,7 +1249,7 @@ def bwd_sweep(n: int, h: int, d: int, repeats: int, device) -> list[dict]:
             out, lse = interface._flash_attn_fwd(
                 q, k, v, softmax_scale=scale, causal=causal, return_lse=True
             )[:2]
-            reference = None
+            reference: list[torch.Tensor] | None = None
             for config in BWD_SWEEP if label != "dense" else (None,):
                 row: dict[str, Any] = {
                     "problem": label,

@@ -40,7 +40,9 @@ import itertools
 import json
 import statistics
 from collections import Counter
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -77,20 +79,20 @@ FILLS = {
 }
 
 
-def default_first(default: str, choices) -> list[str]:
+def default_first(default: str, choices: Iterable[str]) -> list[str]:
     """An A/B axis's choices with the library's current setting first (the default run)."""
     return [default, *(choice for choice in choices if choice != default)]
 
 
-def traced_calls(fn, unit: int) -> list[dict]:
+def traced_calls(fn: Callable[[], object], unit: int) -> list[dict[str, Any]]:
     """Run ``fn`` once with every SDPAComputer call logged (bytes in units of one [b,n,h,d])."""
-    calls: list[dict] = []
+    calls: list[dict[str, Any]] = []
     originals = {name: getattr(SDPAComputer, name) for name in ("forward", "backward")}
 
-    def wrap(name):
+    def wrap(name: str) -> Callable[..., Any]:
         original = originals[name]
 
-        def logged(self, *args, **kwargs):
+        def logged(self: SDPAComputer, *args: Any, **kwargs: Any) -> Any:
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
@@ -121,11 +123,17 @@ def traced_calls(fn, unit: int) -> list[dict]:
     return calls
 
 
-def steady_times(fwd, fwdbwd, device, repeats: int, calls: int = 10) -> dict:
+def steady_times(
+    fwd: Callable[[], object],
+    fwdbwd: Callable[[], object],
+    device: torch.device,
+    repeats: int,
+    calls: int = 10,
+) -> dict[str, float]:
     """Back-to-back ms per call (no sync between calls: the host runs ahead, as in a model) and the
     host's own ms per call (wall time of one call issued while the GPU is still busy, so nothing
     waits for it): where the host's time exceeds the GPU's, the call is host-bound."""
-    result: dict = {}
+    result: dict[str, float] = {}
     for part, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)):
         result[f"{part}_ms_b2b"] = median_ms(fn, device, 1, repeats, calls=calls)
         # one call at a time behind ~25 ms of GPU sleep: its launches only queue
@@ -134,10 +142,18 @@ def steady_times(fwd, fwdbwd, device, repeats: int, calls: int = 10) -> dict:
     return result
 
 
-def graph_times(attention, q, k, v, dout, device, repeats: int) -> dict:
+def graph_times(
+    attention: ringattn.DilatedAttention,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dout: torch.Tensor,
+    device: torch.device,
+    repeats: int,
+) -> dict[str, Any]:
     """Forward and forward+backward replayed from CUDA graphs (ms), or why capture failed, and
     each replay's relative error against the eager call (``graph_*_err``)."""
-    result: dict = {}
+    result: dict[str, Any] = {}
     calls = graphed_calls(attention, q, k, v, dout)
     for part in ("fwd", "fwdbwd"):
         call = calls[part]
@@ -157,17 +173,17 @@ def kernel_times(shape: tuple[int, ...], causal: bool, scale: float) -> tuple[fl
     device, computer = torch.device("cuda"), SDPAComputer()
     q, k, v, dout = (torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in range(4))
 
-    def fwd():
+    def fwd() -> tuple[torch.Tensor, torch.Tensor]:
         return computer.forward(q, k, v, causal, scale)
 
-    def fwdbwd():
+    def fwdbwd() -> None:
         out, lse = fwd()
         computer.backward(dout, q, k, v, out, lse, causal, scale)
 
     return median_ms(fwd, device, 2, 5), median_ms(fwdbwd, device, 2, 5)
 
 
-def kernel_ceiling(n: int, mixing: str, causal: bool, args) -> dict:
+def kernel_ceiling(n: int, mixing: str, causal: bool, args: argparse.Namespace) -> dict[str, Any]:
     """The plan's block kernels alone vs dense SDPA at ``n``: ms and fraction of dense TFLOP/s.
 
     Also per distinct call (``ceiling_calls``: which shapes lose the time) and for the plan's
@@ -229,7 +245,9 @@ def kernel_ceiling(n: int, mixing: str, causal: bool, args) -> dict:
     }
 
 
-def probe(n: int, args, traces: dict) -> list[dict]:
+def probe(
+    n: int, args: argparse.Namespace, traces: dict[str, list[dict[str, Any]]]
+) -> list[dict[str, Any]]:
     device, b, h, d = torch.device("cuda"), 1, args.heads, args.dim
     q, k, v, dout = (torch.randn(b, n, h, d, device=device, dtype=torch.bfloat16) for _ in range(4))
     unit = q.numel() * q.element_size()
@@ -549,8 +567,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--mixing must be among {MIXINGS}, got {bad}")
     require_cuda(p.prog)
     make_out(p, args.out)  # before the GPU work
-    rows: list[dict] = []
-    traces: dict[str, list[dict]] = {}
+    rows: list[dict[str, Any]] = []
+    traces: dict[str, list[dict[str, Any]]] = {}
     default_split, default_in_place, default_lanes, default_lane_count, default_fuse = (
         pattern.BLOCK_SPLIT,
         SDPAComputer.in_place,

@@ -19,23 +19,32 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from experiments import data_range, make_out
 from experiments.ablate import to_markdown
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.lines import Line2D
 
 # Issue 5's bounds: (forward, forward+backward) throughput fractions and peak-memory ratios.
 TARGETS = {"fwd_vs_dense": 0.90, "fwdbwd_vs_dense": 0.85}
 MEMORY_BOUNDS = {"fwd_mem_vs_io": 1.1, "fwdbwd_mem_vs_io": 1.2}
 Key = tuple[str, bool, int]  # (mixing, causal, n)
 # single calls, back to back, replayed from CUDA graphs (bench --graphs: against dense replayed)
-STYLES: dict[str, dict] = {"": {"marker": "o"}, "_b2b": {"ls": ":"}, "_graph": {"ls": "-."}}
+STYLES: dict[str, dict[str, Any]] = {
+    "": {"marker": "o"},
+    "_b2b": {"ls": ":"},
+    "_graph": {"ls": "-."},
+}
 
 
-def load(paths: list[Path], variant: str) -> tuple[dict[Key, dict], str]:
+def load(paths: list[Path], variant: str) -> tuple[dict[Key, dict[str, Any]], str]:
     """The ``variant``'s rows of every file by (mixing, causal, n), and where they ran (the GPU,
     and each torch version met). Raises ``ValueError`` naming the file for anything that is not
     one GPU's distinct rows."""
-    rows: dict[Key, dict] = {}
+    rows: dict[Key, dict[str, Any]] = {}
     source: dict[Key, Path] = {}
     devices: dict[str, Path] = {}
     torches: dict[str, None] = {}
@@ -70,12 +79,12 @@ def load(paths: list[Path], variant: str) -> tuple[dict[Key, dict], str]:
     return rows, f"one {next(iter(devices))}, torch {' / '.join(torches)}"
 
 
-def _ratio(row: dict, key: str) -> float | None:
+def _ratio(row: dict[str, Any], key: str) -> float | None:
     value = row.get(key)
     return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
-def mark(ax, level: float, text: str, ls: str = "-"):
+def mark(ax: Axes, level: float, text: str, ls: str = "-") -> Line2D:
     """A black horizontal line at ``level``, named in the panel's legend."""
     return ax.axhline(level, color="k", ls=ls, lw=1, label=text)
 
@@ -87,7 +96,7 @@ def plot_formats() -> set[str]:
     return set(FigureCanvasBase.get_supported_filetypes())
 
 
-def plot(rows: dict[Key, dict], title: str, path: Path) -> None:
+def plot(rows: dict[Key, dict[str, Any]], title: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,11 +153,11 @@ def plot(rows: dict[Key, dict], title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def table(rows: dict[Key, dict]) -> str:
+def table(rows: dict[Key, dict[str, Any]]) -> str:
     """The plotted ratios: single calls, back to back in parentheses, replayed from CUDA graphs
     in brackets."""
 
-    def cell(row: dict, key: str) -> str:
+    def cell(row: dict[str, Any], key: str) -> str:
         single, b2b, graph = (_ratio(row, key + suffix) for suffix in STYLES)
         text = f"{single:.3f}" if single else "—"
         text += f" ({b2b:.3f})" if b2b else ""
