@@ -4,8 +4,20 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import argparse
+
+    class _Line(Protocol):
+        # matplotlib's Line2D.get_ydata is ArrayLike, which mypy cannot iterate
+        def get_ydata(self) -> Any: ...
+
+    class _Panel(Protocol):
+        # what data_range reads of a matplotlib Axes
+        def get_lines(self) -> Sequence[_Line]: ...
 
 
 def require_cuda(prog: str) -> None:
@@ -24,7 +36,7 @@ def require_torchrun(prog: str) -> None:
         raise SystemExit(f"{prog}: error: launch with torchrun --nproc_per_node=P")
 
 
-def make_out(parser, folder: Path, flag: str = "--out") -> None:
+def make_out(parser: argparse.ArgumentParser, folder: Path, flag: str = "--out") -> None:
     """Make the output folder ``folder`` (given as ``flag``) before any work, or exit with the
     parser's one-line error (made at the end, a bad ``--out`` failed after the whole run, its
     results lost)."""
@@ -34,7 +46,9 @@ def make_out(parser, folder: Path, flag: str = "--out") -> None:
         parser.error(f"{flag}: cannot make {str(folder)!r}: {exc.strerror}")
 
 
-def require_positive(parser, args, *names: str) -> None:
+def require_positive(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, *names: str
+) -> None:
     """Exit with the parser's one-line error where an option among ``names`` (dests, one value
     or a list) is below 1: a count or a size of 0 or less failed on the GPU, after CUDA started
     and often after other rows had run (a ZeroDivisionError, an empty median, torch's errors)."""
@@ -44,7 +58,9 @@ def require_positive(parser, args, *names: str) -> None:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {values}")
 
 
-def require_distinct(parser, args, *names: str) -> None:
+def require_distinct(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, *names: str
+) -> None:
     """Exit with the parser's one-line error where a list option among ``names`` repeats a value
     whose rows would repeat under one label (not for A/B lists whose repeats are turns)."""
     for name in names:
@@ -54,7 +70,7 @@ def require_distinct(parser, args, *names: str) -> None:
             parser.error(f"{flag}: {', '.join(repeated)} given more than once (same rows twice)")
 
 
-def require_mixings(parser, mixings: list[str]) -> None:
+def require_mixings(parser: argparse.ArgumentParser, mixings: list[str]) -> None:
     """Exit with the parser's one-line error where ``--mixing`` names an unknown mixing (the
     library raised once the rows before it had run)."""
     from ringattn.config import MIXINGS
@@ -66,13 +82,13 @@ def require_mixings(parser, mixings: list[str]) -> None:
 # The options several scripts share, with one wording (each script picks its own defaults).
 
 
-def add_lengths(parser, default: list[int]) -> None:
+def add_lengths(parser: argparse.ArgumentParser, default: list[int]) -> None:
     """``--n``: the sequence lengths timed."""
     help_text = "sequence lengths (default: %(default)s)"
     parser.add_argument("--n", type=int, nargs="+", default=default, help=help_text)
 
 
-def add_mixings(parser, default: list[str]) -> None:
+def add_mixings(parser: argparse.ArgumentParser, default: list[str]) -> None:
     """``--mixing``: the mixings timed."""
     help_text = "mixings, lse and/or head_groups (default: %(default)s)"
     parser.add_argument("--mixing", nargs="+", default=default, help=help_text)
@@ -82,13 +98,13 @@ def add_mixings(parser, default: list[str]) -> None:
 CAUSALITY = {"no": (False,), "yes": (True,), "both": (False, True)}
 
 
-def add_causality(parser) -> None:
+def add_causality(parser: argparse.ArgumentParser) -> None:
     """``--causal no|yes|both``: which rows are causal."""
     help_text = "causal rows, non-causal rows or both (default: both)"
     parser.add_argument("--causal", choices=list(CAUSALITY), default="both", help=help_text)
 
 
-def add_heads(parser, dim_flag: str = "--dim") -> None:
+def add_heads(parser: argparse.ArgumentParser, dim_flag: str = "--dim") -> None:
     """``--heads`` and the head dim (``dim_flag``), at issue 5's 16 and 128 by default."""
     parser.add_argument("--heads", type=int, default=16, help="heads h (default: 16)")
     parser.add_argument(dim_flag, type=int, default=128, help="head dim d (default: 128)")
@@ -102,7 +118,7 @@ def worst(errors: Iterable[float]) -> float:
     return math.nan if any(math.isnan(e) for e in errors) else max(errors)
 
 
-def data_range(ax) -> tuple[float, float]:
+def data_range(ax: _Panel) -> tuple[float, float]:
     """The lowest and highest finite value a matplotlib panel's lines draw, for its limits
     (fixed limits hid a ratio of 1.17 and would hide a memory peak above 1.45; an inf made the
     limits raise)."""

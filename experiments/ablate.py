@@ -65,7 +65,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import matplotlib
 
@@ -89,6 +89,9 @@ from ringattn import DilatedConfig, Strategy, reference, registry
 from ringattn import flops as flop_count
 from ringattn.flops import FORWARD_BACKWARD_FACTOR, dense_pairs, useful_pairs
 from ringattn.memory.base import MemoryManager
+
+if TYPE_CHECKING:
+    _T = TypeVar("_T")
 
 # ‖out − ref‖ / ‖ref‖ bounds against the float64 oracle: the tests' (fp16's was 4x looser here)
 TOLERANCE = reference.TOLERANCE
@@ -242,7 +245,7 @@ def _distinct_ints(text: str) -> tuple[int, ...]:
     return _once(_ints(text), text)
 
 
-def _once(values: tuple, text: str) -> tuple:
+def _once(values: tuple[_T, ...], text: str) -> tuple[_T, ...]:
     """``values``, each given once (a value given twice measured its rows twice)."""
     repeated = sorted({str(value) for value in values if values.count(value) > 1})
     if repeated:
@@ -538,7 +541,9 @@ def _tuple(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def _config(w, r, causal: bool, mixing: str, where: str) -> DilatedConfig:
+def _config(
+    w: tuple[int, ...], r: tuple[int, ...], causal: bool, mixing: str, where: str
+) -> DilatedConfig:
     """The library's own validation (r | w, positive ints, known mixing) as a UsageError."""
     try:
         return DilatedConfig(w, r, causal, mixing)
@@ -682,7 +687,7 @@ def median_ms(
         settle(fn, device, settle_s)
     for _ in range(warmup):
         fn()
-    times = []
+    times: list[float] = []
     for _ in range(repeats):
         if device.type == "cuda":
             start = torch.cuda.Event(enable_timing=True)
@@ -734,7 +739,7 @@ def queued_host_ms(
     return host_ms
 
 
-def module_memory(fn: Callable) -> MemoryManager | None:
+def module_memory(fn: Callable[..., object]) -> MemoryManager | None:
     """The memory manager of ``fn``'s :class:`ringattn.DilatedAttention` (also under
     ``torch.compile``, or a function that names it as ``fn.memory``), or None (baselines): what
     it keeps between calls (:meth:`~ringattn.memory.base.MemoryManager.held_bytes`) is the
@@ -879,7 +884,9 @@ def is_unsupported(error: BaseException) -> bool:
     return isinstance(error, ringattn.UnsupportedError)
 
 
-def forward_fn(attend: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]):
+def forward_fn(
+    attend: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]
+) -> Callable[[], None]:
     q, k, v, _ = inputs
 
     def fwd() -> None:
@@ -889,7 +896,9 @@ def forward_fn(attend: Callable[..., torch.Tensor], inputs: Sequence[torch.Tenso
     return fwd
 
 
-def forward_backward_fn(attend: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]):
+def forward_backward_fn(
+    attend: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]
+) -> Callable[[], None]:
     q, k, v, grad_out = inputs
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
 
@@ -983,7 +992,7 @@ def measure_baseline(sweep: Sweep, n: int, causal: bool) -> Row:
     row = _row(sweep, BASELINE, False, n, None, causal)
     row.useful_pairs = dense_pairs(n, sweep.preset.heads, causal)
 
-    def attend(q, k, v):
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q_bhnd, k_bhnd, v_bhnd = (x.transpose(1, 2) for x in (q, k, v))
         return F.scaled_dot_product_attention(q_bhnd, k_bhnd, v_bhnd, is_causal=causal).transpose(
             1, 2
@@ -1002,7 +1011,7 @@ class EagerFirst(torch.nn.Module):
     def __init__(self, eager: torch.nn.Module, compiled: torch.nn.Module) -> None:
         super().__init__()
         self.eager, self.compiled = eager, compiled
-        self.seen: set[tuple] = set()
+        self.seen: set[tuple[torch.Size, torch.Size, torch.Size, torch.dtype]] = set()
 
     @property
     def memory(self) -> MemoryManager:
@@ -1204,7 +1213,7 @@ def _ratio(x: float | None, y: float | None) -> float | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _sort_key(r: Row) -> tuple:
+def _sort_key(r: Row) -> tuple[int, bool, str, str, bool, bool, str]:
     return (r.n, not r.is_baseline, r.segment_lengths, r.mixing, r.causal, r.compile, r.strategy)
 
 
@@ -1253,7 +1262,7 @@ def to_markdown(headers: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def dict_rows_to_markdown(rows: Sequence[dict], columns: Sequence[str]) -> str:
+def dict_rows_to_markdown(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """A Markdown table of ``rows`` (dicts) in ``columns`` order; floats to 3 significant digits."""
 
     def fmt(x: object) -> str:
@@ -1306,7 +1315,7 @@ def _distributed_note() -> list[str]:
 def plot(rows: list[Row], out: Path) -> list[Path]:
     """One PNG per (config, compile, fwd | fwd+bwd): time and peak memory against n, log-log."""
     measured = [r for r in rows if r.fwd_ms is not None]
-    groups: dict[tuple, list[Row]] = {}
+    groups: dict[tuple[str, str, str, bool, bool], list[Row]] = {}
     for r in measured:
         if not r.is_baseline:
             key = (r.segment_lengths, r.dilation_rates, r.mixing, r.causal, r.compile)
@@ -1331,7 +1340,7 @@ def _on(flag: bool) -> str:
     return "on" if flag else "off"
 
 
-def _strategy_styles(strategies: Sequence[str]) -> dict[str, dict]:
+def _strategy_styles(strategies: Sequence[str]) -> dict[str, dict[str, Any]]:
     """The same color and marker for a strategy in every figure; the baseline dashed black."""
     cmap = plt.get_cmap("tab20")
     styles = {
@@ -1342,7 +1351,9 @@ def _strategy_styles(strategies: Sequence[str]) -> dict[str, dict]:
     return styles
 
 
-def _plot_group(rows: list[Row], mode: str, title: str, styles: dict, path: Path) -> bool:
+def _plot_group(
+    rows: list[Row], mode: str, title: str, styles: dict[str, dict[str, Any]], path: Path
+) -> bool:
     """Time and peak memory of ``mode`` against n, one line per strategy; False if no data."""
     series: dict[str, list[Row]] = {}
     for r in sorted(rows, key=lambda r: r.n):

@@ -39,8 +39,9 @@ import importlib.metadata
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +67,18 @@ from ringattn.kernels import cudnn_graphs, fa4
 from ringattn.memory.base import MemoryManager
 from ringattn.pattern import head_groups
 
+if TYPE_CHECKING:
+    # a timed variant: fn(q, k, v) -> out, [b, n, h, d]
+    Attend: TypeAlias = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    # make(mixing, causal): a variant's function for one mixing and causality
+    Make: TypeAlias = Callable[[str, bool], Attend]
+    # make(mixing, causal) of a strategy's module (the A/B rows set its computer's kernels)
+    MakeModule: TypeAlias = Callable[[str, bool], ringattn.DilatedAttention]
+    # the oracle check's problem: (mixing, causal, shape, dtype, lengths, rates, device)
+    OracleKey: TypeAlias = tuple[
+        str, bool, tuple[int, ...], torch.dtype, tuple[int, ...], tuple[int, ...], str
+    ]
+
 ISSUE_LENGTHS = (2048, 4096, 8192, 16384, 32768)
 ISSUE_RATES = (1, 2, 4, 8, 16)
 
@@ -73,7 +86,14 @@ ISSUE_RATES = (1, 2, 4, 8, 16)
 # --- the plain baseline -------------------------------------------------------------------------
 
 
-def plain_head_groups(q, k, v, lengths, rates, causal: bool):
+def plain_head_groups(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: Sequence[int],
+    rates: Sequence[int],
+    causal: bool,
+) -> torch.Tensor:
     """Gather, SDPA, scatter: what a first implementation of ``mixing="head_groups"`` does.
 
     The full segments go in one SDPA call per group, the partial tail (``w`` not dividing ``n``,
@@ -96,7 +116,13 @@ def plain_head_groups(q, k, v, lengths, rates, causal: bool):
                 + torch.arange(off, length, r, device=q.device)
             ).flatten()
 
-            def gather(x, rows=rows, lo=lo, hi=hi, segments=segments):
+            def gather(
+                x: torch.Tensor,
+                rows: torch.Tensor = rows,
+                lo: int = lo,
+                hi: int = hi,
+                segments: int = segments,
+            ) -> torch.Tensor:
                 picked = x[:, rows, lo:hi]  # a copy: advanced indexing
                 return picked.reshape(b * segments, -1, hi - lo, d).transpose(1, 2)
 
@@ -125,14 +151,16 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> float:
     return float(torch.cuda.max_memory_allocated() - base)
 
 
-def fwd_and_fwdbwd(fn: Callable, q, k, v, dout) -> tuple[Callable[[], object], Callable[[], None]]:
+def fwd_and_fwdbwd(
+    fn: Attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor
+) -> tuple[Callable[[], object], Callable[[], None]]:
     """The two timed calls of ``fn(q, k, v)``: forward without grad, forward+backward(dout)."""
 
-    def fwd():
+    def fwd() -> torch.Tensor:
         with torch.no_grad():
             return fn(q, k, v)
 
-    def fwdbwd():
+    def fwdbwd() -> None:
         xs = [x.detach().requires_grad_() for x in (q, k, v)]
         # views, as a model's projections hand q, k, v (not leaves): the core's one buffer for
         # the three gradients, where leaves take three (step 78: up to 4% more at 32K)
@@ -148,7 +176,13 @@ def failure(exc: Exception, limit: int = 160) -> str:
 
 
 def graphed_calls(
-    fn: Callable, q, k, v, dout, warmup: int = 2, backward: bool = True
+    fn: Attend,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dout: torch.Tensor,
+    warmup: int = 2,
+    backward: bool = True,
 ) -> dict[str, Callable[[], object] | str | float]:
     """:func:`fwd_and_fwdbwd`'s two calls replayed from CUDA graphs, as ``{"fwd": ..., "fwdbwd":
     ...}``: the forward captured with ``torch.cuda.graph`` after ``warmup`` calls on a side stream,
@@ -179,7 +213,8 @@ def graphed_calls(
         return calls
     try:
         xs = tuple(x.detach().requires_grad_() for x in (q, k, v))
-        graphed = torch.cuda.make_graphed_callables(fn, xs)
+        # (torch types the result Module | Callable[..., object]: it is fn, graphed)
+        graphed: Attend = torch.cuda.make_graphed_callables(fn, xs)  # type: ignore[assignment]
         replayed, eager = with_grads(graphed, q, k, v, dout), with_grads(fn, q, k, v, dout)
         calls["fwdbwd_err"] = worst(rel_err(x, ref) for x, ref in zip(replayed, eager, strict=True))
         calls["fwdbwd"] = fwd_and_fwdbwd(graphed, q, k, v, dout)[1]
@@ -188,15 +223,27 @@ def graphed_calls(
     return calls
 
 
-def with_grads(fn: Callable, q, k, v, dout) -> list:
+def with_grads(
+    fn: Attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor
+) -> list[torch.Tensor]:
     """``fn(q, k, v)``'s output and its inputs' gradients for ``dout``."""
     xs = [x.detach().requires_grad_() for x in (q, k, v)]
     out = fn(*xs)
     out.backward(dout)
-    return [out.detach(), *(x.grad for x in xs)]
+    # (the backward above set each x.grad, Tensor | None to mypy)
+    return [out.detach(), *(x.grad for x in xs)]  # type: ignore[list-item]
 
 
-def replayed(fn: Callable, q, k, v, dout, args, device, backward: bool) -> dict:
+def replayed(
+    fn: Attend,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dout: torch.Tensor,
+    args: argparse.Namespace,
+    device: torch.device,
+    backward: bool,
+) -> dict[str, float | str]:
     """``--graphs``: ``fn``'s calls replayed from CUDA graphs (:func:`graphed_calls`), timed as
     the eager rows are (median of ``--repeats`` after ``--warmup``, ``--settle``): ``fwd_ms_graph``
     (``fwdbwd_ms_graph``) and the replay's error against an eager call (``*_graph_err``), or why
@@ -218,7 +265,7 @@ def replayed(fn: Callable, q, k, v, dout, args, device, backward: bool) -> dict:
     return stats
 
 
-def add_rates(stats: dict, flops: dict[str, float]) -> None:
+def add_rates(stats: dict[str, Any], flops: dict[str, float]) -> None:
     """Useful TFLOP/s from ``stats``' times, for each part of ``flops`` (``fwd``, ``fwdbwd``: the
     useful FLOPs of one call): ``{part}_tflops`` (None where the part was not timed), and
     ``{part}_tflops_graph`` where ``--graphs`` replayed it."""
@@ -229,7 +276,9 @@ def add_rates(stats: dict, flops: dict[str, float]) -> None:
             stats[f"{part}_tflops_graph"] = tflops(useful, ms_graph)
 
 
-def add_ratios(row: dict, useful_f: float, useful_fb: float, dense: dict) -> None:
+def add_ratios(
+    row: dict[str, Any], useful_f: float, useful_fb: float, dense: dict[str, Any]
+) -> None:
     """``row``'s fractions of dense SDPA's useful TFLOP/s in the same run. ``dense``: its stats,
     with :func:`add_rates`' rates. Back to back is set against dense SDPA's single call (one
     kernel: no host latency to hide); replayed (``--graphs``) against dense SDPA replayed."""
@@ -247,8 +296,8 @@ def add_ratios(row: dict, useful_f: float, useful_fb: float, dense: dict) -> Non
 
 
 def time_and_memory(
-    fwd,
-    fwdbwd,
+    fwd: Callable[[], object],
+    fwdbwd: Callable[[], object],
     unit: int,
     device: torch.device,
     warmup: int,
@@ -257,7 +306,7 @@ def time_and_memory(
     b2b_calls: int = 0,
     settle_s: float = 0.0,
     memory: MemoryManager | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """Median ms and peak memory of ``fwd`` (and ``fwdbwd``), relative to the tensors the call
     cannot avoid: ``(q, k, v, out)``, and their gradients with the backward. ``unit``: bytes of one
     ``[b, n, h, d]`` tensor. ``b2b_calls > 0`` also times that many calls issued back to back
@@ -272,7 +321,7 @@ def time_and_memory(
     replays and fills caches: step 70 found lse's first 2M forward+backward out of memory on an
     80 GB H100, where every later call fitted at 1.07x)."""
 
-    def timed(fn, warmup: int, calls: int = 1) -> float:
+    def timed(fn: Callable[[], object], warmup: int, calls: int = 1) -> float:
         return median_ms(fn, device, warmup, repeats, calls, settle_s)
 
     def held() -> int:
@@ -282,7 +331,9 @@ def time_and_memory(
         memory.clear()
     t0 = time.time()
 
-    def first(fn) -> float:  # compile / autotune / warm caches outside the timing
+    def first(
+        fn: Callable[[], object],
+    ) -> float:  # compile / autotune / warm caches outside the timing
         if device.type != "cuda":
             fn()
         return peak_extra_bytes(fn, device)  # (NaN off CUDA, where it does not call fn)
@@ -318,16 +369,16 @@ def time_and_memory(
 # --- the variants ---------------------------------------------------------------------------------
 
 
-def in_model(make: Callable, eager_first: bool = True) -> Callable:
+def in_model(make: MakeModule, eager_first: bool = True) -> Make:
     """``make`` wrapped so its module runs inside ``torch.compile(fullgraph=True)``; with
     ``eager_first``, after one eager call per shape (else the trace registers the core's ops)."""
 
-    def make_in_model(mixing, causal):
+    def make_in_model(mixing: str, causal: bool) -> Attend:
         module = make(mixing, causal)
-        compiled = torch.compile(module, fullgraph=True)
-        registered = set()
+        compiled: Attend = torch.compile(module, fullgraph=True)
+        registered: set[torch.Size] = set()
 
-        def fn(q, k, v):
+        def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             if eager_first and q.shape not in registered:
                 with torch.no_grad():
                     module(q, k, v)
@@ -340,10 +391,12 @@ def in_model(make: Callable, eager_first: bool = True) -> Callable:
     return make_in_model
 
 
-def with_computer(make: Callable, **settings: str) -> Callable:
+def with_computer(
+    make: MakeModule, **settings: str
+) -> Callable[..., ringattn.DilatedAttention]:  # (peak_probe.module rebinds its def make to it)
     """``make`` whose modules' computer has ``settings`` (kernel choices of the A/B rows)."""
 
-    def make_with(mixing, causal):
+    def make_with(mixing: str, causal: bool) -> ringattn.DilatedAttention:
         module = make(mixing, causal)
         for name, value in settings.items():
             setattr(module.computer, name, value)
@@ -352,7 +405,7 @@ def with_computer(make: Callable, **settings: str) -> Callable:
     return make_with
 
 
-def _opens_a_frame(args, strategy: ringattn.Strategy, mode: str) -> bool:
+def _opens_a_frame(args: argparse.Namespace, strategy: ringattn.Strategy, mode: str) -> bool:
     """Whether ``DilatedAttention(compile=True, compile_mode=mode)`` of ``strategy`` compiles a
     frame of its own (the module's ``compiled_frame``)."""
     module = ringattn.DilatedAttention(
@@ -361,9 +414,9 @@ def _opens_a_frame(args, strategy: ringattn.Strategy, mode: str) -> bool:
     return module.compiled_frame
 
 
-def variants(args) -> list[tuple[str, Callable[..., Callable]]]:
+def variants(args: argparse.Namespace) -> list[tuple[str, Make]]:
     """``(name, make)`` where ``make(mixing, causal)`` returns ``fn(q, k, v) -> out``."""
-    out: list[tuple[str, Callable[..., Callable]]] = []
+    out: list[tuple[str, Make]] = []
     for strategy in ringattn.Strategy.single_device(memory=args.memory):
         if strategy.computer not in args.computers or strategy.dilation not in args.dilations:
             continue
@@ -375,7 +428,13 @@ def variants(args) -> list[tuple[str, Callable[..., Callable]]]:
             if compiled:
                 name += " (compiled)" if mode == "default" else f" (compiled, {mode})"
 
-            def make(mixing, causal, strategy=strategy, compiled=compiled, mode=mode):
+            def make(
+                mixing: str,
+                causal: bool,
+                strategy: ringattn.Strategy = strategy,
+                compiled: bool = compiled,
+                mode: str = mode,
+            ) -> ringattn.DilatedAttention:
                 return ringattn.DilatedAttention(
                     args.lengths,
                     args.rates,
@@ -414,11 +473,16 @@ def variants(args) -> list[tuple[str, Callable[..., Callable]]]:
     return out
 
 
-_ORACLE: dict = {}
+_ORACLE: dict[OracleKey, list[torch.Tensor]] = {}
 
 
 def check(
-    make, mixing: str, causal: bool, args, device: torch.device, backward: bool = True
+    make: Attend,
+    mixing: str,
+    causal: bool,
+    args: argparse.Namespace,
+    device: torch.device,
+    backward: bool = True,
 ) -> float:
     """Largest relative error of output and gradients (``backward``; else of the output alone)
     against the float64 oracle.
@@ -444,7 +508,8 @@ def check(
             mixing=mixing,
         )
         ref.backward(dout.double())
-        _ORACLE[key] = [ref.detach()] + [x.grad for x in refs]
+        # (the backward above set each x.grad, Tensor | None to mypy)
+        _ORACLE[key] = [ref.detach()] + [x.grad for x in refs]  # type: ignore[misc]
     if not backward:
         with torch.no_grad():
             return rel_err(make(q, k, v), _ORACLE[key][0])
@@ -453,16 +518,24 @@ def check(
 
 
 def bench_case(
-    n: int, mixing: str, causal: bool, args, device, dense_cache: dict, failures=None
-) -> list[dict]:
+    n: int,
+    mixing: str,
+    causal: bool,
+    args: argparse.Namespace,
+    device: torch.device,
+    dense_cache: dict[tuple[int, bool], dict[str, Any]],
+    failures: list[str] | None = None,
+) -> list[dict[str, Any]]:
     """The rows of one (n, mixing, causal); a variant that raises has no row, and its message
     goes to ``failures`` (a list) where given."""
     b, h, d = args.batch, args.heads, args.dim
     q, k, v, dout = (torch.randn(b, n, h, d, device=device, dtype=args.dtype) for _ in range(4))
     unit = q.numel() * q.element_size()  # bytes of one [b, n, h, d] tensor
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
 
-    def measure(name: str, fn, useful_f: float, useful_fb: float, error: float | None) -> None:
+    def measure(
+        name: str, fn: Attend, useful_f: float, useful_fb: float, error: float | None
+    ) -> None:
         fwd, fwdbwd = fwd_and_fwdbwd(fn, q, k, v, dout)
         stats = time_and_memory(
             fwd,
@@ -500,11 +573,11 @@ def bench_case(
         qd, kd, vd = (x[:, :dense_n].transpose(1, 2) for x in (q, k, v))
         dd = dout[:, :dense_n].transpose(1, 2)
 
-        def dense_fwd():
+        def dense_fwd() -> None:
             with torch.no_grad():
                 F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal)
 
-        def dense_fb():
+        def dense_fb() -> None:
             qg, kg, vg = (x.detach().requires_grad_() for x in (qd, kd, vd))
             F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal).backward(dd)
 
@@ -520,7 +593,7 @@ def bench_case(
         dense_cache[key] = {"fwd_ms": f_ms, "fwdbwd_ms": fb_ms}
         if args.graphs:
 
-            def dense_bnhd(q, k, v):
+            def dense_bnhd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                 qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
                 return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).transpose(1, 2)
 
@@ -553,7 +626,7 @@ def bench_case(
 
     useful_f = useful_flops(b, n, h, d, args.lengths, args.rates, causal, mixing)
     useful_fb = useful_flops(b, n, h, d, args.lengths, args.rates, causal, mixing, backward=True)
-    cases: list[tuple[str, Callable]] = []
+    cases: list[tuple[str, Attend]] = []
     if mixing == "head_groups":
         cases.append(
             (
@@ -586,11 +659,11 @@ def bench_case(
 # --- output ---------------------------------------------------------------------------------------
 
 
-def _positive(x) -> bool:
+def _positive(x: object) -> bool:
     return isinstance(x, float) and x > 0 and x != float("inf")
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -858,8 +931,8 @@ def main(argv: list[str] | None = None) -> int:
     SDPAComputer.cuda_forward = args.sdpa_forward
     device = torch.device(args.device)
     causals = CAUSALITY[args.causal]
-    rows: list[dict] = []
-    dense_cache: dict = {}
+    rows: list[dict[str, Any]] = []
+    dense_cache: dict[tuple[int, bool], dict[str, Any]] = {}
     failures: list[str] = []
     for n in args.n:
         for mixing in args.mixing:

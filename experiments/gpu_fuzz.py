@@ -44,11 +44,11 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 
@@ -60,6 +60,16 @@ from ringattn import reference
 from ringattn.computers.sdpa import SDPAComputer
 from ringattn.kernels import fa4, fa4_add, fa4_dpsum, fa4_group, fa4_group_bwd, fa4_merge, fa4_zero
 
+if TYPE_CHECKING:
+    # a module's call: fn(q, k, v) -> out, [b, n, h, d]
+    Attend: TypeAlias = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    # q, k, v and the output gradient
+    Inputs: TypeAlias = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+    # an output and its inputs' gradients (dq, dk, dv)
+    Result: TypeAlias = tuple[torch.Tensor, tuple[torch.Tensor, ...]]
+    # (problem, its inputs, the oracle's result, math's output and gradient errors)
+    Prepared: TypeAlias = tuple[dict[str, Any], Inputs, Result, tuple[float, float]]
+
 TOLERANCE = reference.TOLERANCE
 MATH_FACTOR = 4
 LAYOUTS = ("contiguous", "fused_qkv", "bhnd", "offset", "head_dim_slice")
@@ -68,7 +78,7 @@ MATH = ringattn.Strategy(dilation="segment_local", computer="math", memory="none
 MAX_N, MAX_D = 8192, 256  # --max-n / --max-d's defaults
 
 
-def draw_problem(rng: random.Random, max_n: int, max_d: int) -> dict:
+def draw_problem(rng: random.Random, max_n: int, max_d: int) -> dict[str, Any]:
     """One problem: shapes, configs (``r | w``), options; lengths mostly multiples of 16 (the
     kernels' tiles) with some odd ones, ``n`` with a tail past the longest segment half the time."""
     k = rng.randint(1, 4)
@@ -98,13 +108,13 @@ def draw_problem(rng: random.Random, max_n: int, max_d: int) -> dict:
     }
 
 
-def make_inputs(p: dict, device: torch.device, seed: int):
+def make_inputs(p: dict[str, Any], device: torch.device, seed: int) -> Inputs:
     """q, k, v (float64 on ``device``, then cast) in ``p["layout"]``, and the output gradient."""
     b, n, h, d = p["b"], p["n"], p["h"], p["d"]
     dtype = getattr(torch, p["dtype"])
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
-    def randn(*shape):
+    def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device, dtype)
 
     layout = p["layout"]
@@ -121,33 +131,37 @@ def make_inputs(p: dict, device: torch.device, seed: int):
     return q, k, v, randn(b, n, h, d)
 
 
-def oracle(p: dict, q, k, v, grad):
+def oracle(
+    p: dict[str, Any], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor
+) -> Result:
     opts = {key: p[key] for key in ("segment_lengths", "dilation_rates", "causal", "mixing")}
     xs = [x.detach().double().requires_grad_() for x in (q, k, v)]
     out = reference.dilated_attention(*xs, **opts, scale=p["scale"])
     return out.detach(), torch.autograd.grad(out, xs, grad.double())
 
 
-def run(module, q, k, v, grad):
+def run(
+    module: Attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor
+) -> Result:
     xs = [x.detach().requires_grad_() for x in (q, k, v)]
     # the layouts above are views: detach keeps their strides, which is the point
     out = module(*xs)
     return out.detach(), torch.autograd.grad(out, xs, grad)
 
 
-def grad_floor(grad_out) -> float:
+def grad_floor(grad_out: torch.Tensor) -> float:
     """The least norm gradients are measured against (the module docstring says why)."""
     return 0.1 * float(grad_out.double().norm())
 
 
-def errors(got, ref, grad_out) -> tuple[float, float]:
+def errors(got: Result, ref: Result, grad_out: torch.Tensor) -> tuple[float, float]:
     out, grads = got
     ref_out, ref_grads = ref
     floor = grad_floor(grad_out)
     return rel_err(out, ref_out), worst(rel_err(g, r, floor) for g, r in zip(grads, ref_grads))
 
 
-def module_for(strategy: ringattn.Strategy, p: dict) -> ringattn.DilatedAttention:
+def module_for(strategy: ringattn.Strategy, p: dict[str, Any]) -> ringattn.DilatedAttention:
     return ringattn.DilatedAttention(
         p["segment_lengths"],
         p["dilation_rates"],
@@ -185,7 +199,13 @@ def together(calls: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
     return results
 
 
-def check_module(strategy, problems, device, seed: int, threads: int = 1) -> list[dict]:
+def check_module(
+    strategy: ringattn.Strategy,
+    problems: list[Prepared],
+    device: torch.device,
+    seed: int,
+    threads: int = 1,
+) -> list[dict[str, Any]]:
     """One module through ``problems`` (each ``(p, inputs, oracle, math errors)``): one row per
     call. The module is built from the first problem's options; later problems share them.
 
@@ -193,7 +213,7 @@ def check_module(strategy, problems, device, seed: int, threads: int = 1) -> lis
     ``(call + t) % len(problems)``, so first calls race on one block signature and later ones run
     other signatures side by side (FA4's recordings and replays, pooled buffers, cuDNN handles);
     the row holds the worst thread's errors and passes when every thread's call does."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         module = module_for(strategy, problems[0][0])
     except (ValueError, TypeError) as exc:  # a strategy refusing these options: not a failure
@@ -235,7 +255,7 @@ def check_module(strategy, problems, device, seed: int, threads: int = 1) -> lis
     return rows
 
 
-def describe(p: dict) -> dict:
+def describe(p: dict[str, Any]) -> dict[str, Any]:
     return {
         key: (str(val) if isinstance(val, tuple) else val)
         for key, val in p.items()
@@ -243,7 +263,7 @@ def describe(p: dict) -> dict:
     } | {"scale": None if p["scale"] is None else round(p["scale"], 4)}
 
 
-def prepare(p: dict, device, seed: int):
+def prepare(p: dict[str, Any], device: torch.device, seed: int) -> Prepared:
     inputs = make_inputs(p, device, seed)
     ref = oracle(p, *inputs)
     math_errs = errors(run(module_for(MATH, p), *inputs), ref, inputs[3])
@@ -253,18 +273,20 @@ def prepare(p: dict, device, seed: int):
 SECOND_INPUTS = 10**6  # the second problem's inputs are drawn at seed + SECOND_INPUTS
 
 
-def second_problem(p: dict, rng: random.Random, max_n: int) -> dict:
+def second_problem(p: dict[str, Any], rng: random.Random, max_n: int) -> dict[str, Any]:
     """The first problem's options at another length and layout (b, h, d, dtype kept)."""
     n = max(1, min(max_n, p["n"] + rng.choice((-1, 1)) * rng.randint(1, max(1, p["n"] // 2))))
     return p | {"n": n, "layout": rng.choice(LAYOUTS)}
 
 
-def fuzz(args, device) -> tuple[list[dict], int, dict[str, dict]]:
+def fuzz(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[list[dict[str, Any]], int, dict[str, dict[str, Any]]]:
     """The draws' rows, their count, and each seed's first problem (``describe``d: what
     ``--replay-from`` holds a replay's redraw to)."""
     strategies = [s for s in ringattn.Strategy.single_device() if args.flex or s.computer != "flex"]
-    rows: list[dict] = []
-    problems: dict[str, dict] = {}
+    rows: list[dict[str, Any]] = []
+    problems: dict[str, dict[str, Any]] = {}
     draws = 0
     start = time.perf_counter()
     while time.perf_counter() - start < args.budget and (args.draws is None or draws < args.draws):
@@ -311,7 +333,9 @@ def variant(name: str) -> Iterator[None]:
             m.ENABLED = flag
 
 
-def measure(row: dict, module, inputs, ref, forward_alone: bool = False) -> None:
+def measure(
+    row: dict[str, Any], module: Attend, inputs: Inputs, ref: Result, forward_alone: bool = False
+) -> None:
     """``row`` given the output's and each gradient's error against ``ref``, or the exception
     (text) where a call raised; ``forward_alone``: the output's from a no-grad call first (a
     forward that runs, apart from a backward that fails)."""
@@ -328,7 +352,7 @@ def measure(row: dict, module, inputs, ref, forward_alone: bool = False) -> None
         row["error"] = failure(exc, 200)
 
 
-def replay_mismatch(seed: int, recorded: dict, max_n: int, max_d: int) -> str | None:
+def replay_mismatch(seed: int, recorded: dict[str, Any], max_n: int, max_d: int) -> str | None:
     """How ``seed``'s problem redrawn at ``max_n`` / ``max_d`` differs from ``recorded`` (a fuzz
     run's ``describe``d draw), or None where it is the same problem."""
     drawn = describe(draw_problem(random.Random(seed), max_n, max_d))
@@ -339,7 +363,7 @@ def replay_mismatch(seed: int, recorded: dict, max_n: int, max_d: int) -> str | 
     )
 
 
-def replay_record(parser, args) -> None:
+def replay_record(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """``--replay-from``: the fuzz run's ``--max-n`` / ``--max-d`` / ``--kernels`` (refused where
     given otherwise), its failed seeds where ``--replay`` names none, and a refusal for a seed
     it did not draw or whose redraw is another problem (``draw_problem`` changed since)."""
@@ -386,7 +410,7 @@ def replay_record(parser, args) -> None:
             )
 
 
-def replay_command(args, seeds) -> str:
+def replay_command(args: argparse.Namespace, seeds: Iterable[int]) -> str:
     """The command line that replays ``seeds`` as this run drew them."""
     return (
         f"python -m experiments.gpu_fuzz --device {args.device} --kernels {args.kernels} "
@@ -394,19 +418,21 @@ def replay_command(args, seeds) -> str:
     )
 
 
-def failures_replay(args, bad: list[dict]) -> str:
+def failures_replay(args: argparse.Namespace, bad: list[dict[str, Any]]) -> str:
     """The line that replays the failed draws (``bad``'s seeds), as this run drew them."""
     seeds = sorted({row["seed"] for row in bad})
     return f"Replay: `{replay_command(args, seeds)}` (or `--replay-from` this gpu_fuzz.json)"
 
 
-def replay(seeds: list[int], args, device) -> list[dict]:
+def replay(
+    seeds: list[int], args: argparse.Namespace, device: torch.device
+) -> list[dict[str, Any]]:
     """Each seed's two problems again (the first, then the second: the run's call 2, a failure
     only there was not replayable before) through ``segment_local/sdpa``, whole and one config
     at a time, under each :func:`variant`: which config and which kernel a failure comes from.
     Each part gets a fresh module: a failure that needs the run's earlier calls on the same
     module (its caches) shows in the run's rows, not here."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     strategy = ringattn.Strategy(dilation="segment_local", computer="sdpa", memory="none")
     for seed in seeds:
         rng = random.Random(seed)  # drawn as ``fuzz`` draws: the first problem, then the second
@@ -434,11 +460,11 @@ def replay(seeds: list[int], args, device) -> list[dict]:
     return rows
 
 
-def fa4_head_dims(device, dims) -> list[dict]:
+def fa4_head_dims(device: torch.device, dims: list[int]) -> list[dict[str, Any]]:
     """FA4 at each head dim, ``fa4.BACKWARD_HEAD_DIM_MULTIPLE``'s gate lifted: one 2048-row
     config (n = 4096, bf16, contiguous), causal and not; the forward alone (no_grad), then
     forward+backward; errors against the oracle."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     strategy = ringattn.Strategy(dilation="segment_local", computer="sdpa", memory="none")
     gate = fa4.BACKWARD_HEAD_DIM_MULTIPLE
     fa4.BACKWARD_HEAD_DIM_MULTIPLE = 8
@@ -495,11 +521,11 @@ COLUMNS = [
 ]
 
 
-def worst_gradients(rows: list[dict], count: int = 5) -> list[dict]:
+def worst_gradients(rows: list[dict[str, Any]], count: int = 5) -> list[dict[str, Any]]:
     """The ``count`` rows whose gradient error is largest against math's, NaN first (sorted by
     a NaN key, the list left out the NaN row, or rows beside it, at random)."""
 
-    def ratio(row):
+    def ratio(row: dict[str, Any]) -> float:
         value = row["grad_err"] / max(row["math_grad_err"], 1e-12)
         return math.inf if math.isnan(value) else value
 

@@ -16,6 +16,7 @@ concatenated, relative to their joint norm.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,9 @@ from ringattn import reference
 CASES = ((64, None), (128, None), (64, 1.0), (16, None))  # (d, scale)
 
 
-def _grads(fn, grad_out, *inputs):
+def _grads(
+    fn: Callable[..., torch.Tensor], grad_out: torch.Tensor, *inputs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     xs = [x.detach().clone().requires_grad_() for x in inputs]
     out = fn(*xs)
     grads = torch.autograd.grad(out, xs, grad_out.to(out.dtype))
@@ -50,12 +53,20 @@ def main(argv: list[str] | None = None) -> None:
         q, k, v, grad_out = (torch.randn(b, n, h, d, device=args.device) for _ in range(4))
         wide = [x.double() for x in (q, k, v)]
 
-        def oracle(q, k, v, scale=scale):
+        def oracle(
+            q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = scale
+        ) -> torch.Tensor:
             return reference.dilated_attention(
                 q, k, v, segment_lengths=(w,), dilation_rates=(w,), scale=scale
             )
 
-        def one_key(q, k, v, scale=scale, d=d):  # every row its own sequence
+        def one_key(
+            q: torch.Tensor,
+            k: torch.Tensor,
+            v: torch.Tensor,
+            scale: float | None = scale,
+            d: int = d,
+        ) -> torch.Tensor:  # every row its own sequence
             q1, k1, v1 = (x.reshape(b * n, 1, h, d).transpose(1, 2) for x in (q, k, v))
             out = F.scaled_dot_product_attention(q1, k1, v1, scale=scale)
             return out.transpose(1, 2).reshape(b, n, h, d)

@@ -28,6 +28,7 @@ import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -42,6 +43,9 @@ import ringattn
 from experiments import make_out
 from ringattn.models import LongNet, LongNetConfig
 from ringattn.nn import rotary
+
+if TYPE_CHECKING:
+    from ringattn.nn.decode import KVCache
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ class Preset:
     steps: int
     batch: int
     lr: float
-    models: tuple[tuple[str, dict], ...]
+    models: tuple[tuple[str, dict[str, Any]], ...]
 
 
 CPU = Preset(
@@ -128,7 +132,7 @@ class BaselineAttention(nn.Module):
         self.norm = nn.LayerNorm(config.dim)
         self.out = nn.Linear(config.dim, config.dim)
 
-    def forward(self, x, cache=None):
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b n (t h d) -> t b n h d", t=3, h=self.heads)
         positions = torch.arange(x.shape[1], device=x.device)
         q, k = rotary(q, positions), rotary(k, positions)
@@ -190,7 +194,7 @@ def chance(preset: Preset, task: str) -> float:
     return 1 / preset.colours if task == "majority" else 1 / (preset.vocab - preset.vocab // 2)
 
 
-def build(preset: Preset, spec: dict) -> LongNet:
+def build(preset: Preset, spec: dict[str, Any]) -> LongNet:
     config = LongNetConfig(
         vocab_size=preset.vocab,
         dim=preset.dim,
@@ -206,7 +210,9 @@ def build(preset: Preset, spec: dict) -> LongNet:
     return LongNet(config, attention=lambda c: BaselineAttention(c, window))
 
 
-def train(preset: Preset, task: str, name: str, spec: dict, seed: int = 0) -> dict:
+def train(
+    preset: Preset, task: str, name: str, spec: dict[str, Any], seed: int = 0
+) -> dict[str, Any]:
     torch.manual_seed(seed)
     device = torch.device(preset.device)
     model = build(preset, spec).to(device)
@@ -254,7 +260,9 @@ TITLES = {
 }
 
 
-def record(preset: Preset, command: str, task: str, results: list[dict], out: Path) -> None:
+def record(
+    preset: Preset, command: str, task: str, results: list[dict[str, Any]], out: Path
+) -> None:
     """``results.md``, ``results.json`` and ``curves.png`` under ``out``; ``command``: the
     command line that reproduces this task's run."""
     out.mkdir(parents=True, exist_ok=True)
