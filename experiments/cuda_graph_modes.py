@@ -26,7 +26,9 @@ import argparse
 import itertools
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -167,11 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def _functional(segments: tuple, rates: tuple, options: dict):
+def _functional(
+    segments: tuple[int, ...], rates: tuple[int, ...], options: dict[str, Any]
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """A user's function of ringattn.dilated_attention with these options (closure constants,
     as Dynamo needs them), never called eagerly before its compile."""
 
-    def attention(q, k, v):
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return ringattn.dilated_attention(
             q, k, v, segment_lengths=segments, dilation_rates=rates, compile=False, **options
         )
@@ -179,7 +183,9 @@ def _functional(segments: tuple, rates: tuple, options: dict):
     return attention
 
 
-def _leaves(q, k, v, grad: bool, static: bool) -> list:
+def _leaves(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: bool, static: bool
+) -> list[torch.Tensor]:
     """q, k, v detached (leaves of the call's graph where ``grad``); marked static like their
     bases where ``static`` (a new tensor object carries no mark of its own)."""
     leaves = [x.detach().requires_grad_(grad) for x in (q, k, v)]
@@ -189,10 +195,18 @@ def _leaves(q, k, v, grad: bool, static: bool) -> list:
     return leaves
 
 
-def _median_ms(module, part: str, q, k, v, static: bool = False, calls: int = 10) -> float:
+def _median_ms(
+    module: Callable[..., torch.Tensor],
+    part: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    static: bool = False,
+    calls: int = 10,
+) -> float:
     """A call's median time, calls one after another (the graphed module replays by now)."""
     leaves = _leaves(q, k, v, part != "forward", static)
-    times = []
+    times: list[float] = []
     for _ in range(calls):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()

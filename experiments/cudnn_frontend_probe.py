@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import gc
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -47,7 +49,9 @@ def strided_block(x: torch.Tensor, r: int, w: int, head0: int, heads: int) -> to
     return x.as_strided(shape, (w * h * d, r * h * d, d, 1), head0 * d)
 
 
-def torch_forward(q, k, v, scale):
+def torch_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = aten._scaled_dot_product_cudnn_attention(
         *(x.transpose(1, 2) for x in (q, k, v)), None, True, 0.0, False, False, scale=scale
     )[:2]
@@ -62,10 +66,10 @@ def probe(n: int = 131072, r: int = 2, w: int = 4096) -> None:
     lse = torch.empty(q.shape[:3], device="cuda")
     scale = 128**-0.5
 
-    def in_place_fwd():
+    def in_place_fwd() -> None:
         assert cudnn_graphs.forward_into(q, k, v, out, lse, False, scale)
 
-    def copy_fwd():
+    def copy_fwd() -> None:
         o, s = torch_forward(q, k, v, scale)
         out.copy_(o)
         lse.copy_(s)
@@ -74,6 +78,7 @@ def probe(n: int = 131072, r: int = 2, w: int = 4096) -> None:
     ref_out, ref_lse = torch_forward(q, k, v, scale)
     print(f"forward: out error {rel_err(out, ref_out):.2e}, lse error {rel_err(lse, ref_lse):.2e}")
     device = torch.device("cuda")
+    fn: Callable[[], object]
     for name, fn in (
         ("in place", in_place_fwd),
         ("op + copy", copy_fwd),
@@ -84,7 +89,7 @@ def probe(n: int = 131072, r: int = 2, w: int = 4096) -> None:
     out_view = out.clone()  # the backward reads the merged output; here the block's own
     seed = torch.zeros((), dtype=torch.int64, device="cuda")
 
-    def torch_backward():
+    def torch_backward() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return aten._scaled_dot_product_cudnn_attention_backward(
             *(t.transpose(1, 2) for t in (dout.contiguous(), q, k, v, out_view.contiguous())),
             lse.transpose(1, 2).unsqueeze(-1).contiguous(),
@@ -100,10 +105,10 @@ def probe(n: int = 131072, r: int = 2, w: int = 4096) -> None:
             scale=scale,
         )
 
-    def in_place_bwd():
+    def in_place_bwd() -> None:
         assert cudnn_graphs.backward_into(dout, q, k, v, out_view, lse, (dq, dk, dv), False, scale)
 
-    def copy_bwd():
+    def copy_bwd() -> None:
         for grad, g in zip((dq, dk, dv), torch_backward()):
             grad.copy_(g.transpose(1, 2))
 
@@ -123,7 +128,7 @@ def host(calls: int = 2000) -> None:
     q, k, v, out = (strided_block(t, 2, 256, 0, 4) for t in x)
     scale = 128**-0.5
 
-    def copy_fwd():
+    def copy_fwd() -> None:
         out.copy_(torch_forward(q, k, v, scale)[0])
 
     for name, fn in (
@@ -167,7 +172,7 @@ def retention(n: int = 131072) -> None:
         gc.enable()
 
 
-def _all_plans(graph):
+def _all_plans(graph: Any) -> Any:  # (a _Graph, then its frontend graph: untyped)
     """``_Graph.built`` with every heuristic mode's plans, all of them built (for timing)."""
     graph = graph.graph
     graph.validate()
@@ -178,7 +183,13 @@ def _all_plans(graph):
     return graph
 
 
-def _time_plans(graph, operands, uids, handle, device) -> list[tuple[str, float]]:
+def _time_plans(
+    graph: Any,  # (the frontend's graph and handle: untyped)
+    operands: list[torch.Tensor],
+    uids: tuple[int, ...],
+    handle: Any,
+    device: torch.device,
+) -> list[tuple[str, float]]:
     rows = []
     for index in range(graph.get_execution_plan_count()):
         try:
@@ -186,7 +197,7 @@ def _time_plans(graph, operands, uids, handle, device) -> list[tuple[str, float]
             ws_bytes = max(graph.get_workspace_size_plan_at_index(index), 1)
             ws = torch.empty(ws_bytes, dtype=torch.uint8, device=device)
 
-            def call(index=index, ws=ws):
+            def call(index: int = index, ws: torch.Tensor = ws) -> None:
                 graph.execute_plan_at_index(operands, ws, index, handle, tensor_uids=uids)
 
             rows.append((name, median_ms(call, device, 3, 15)))
@@ -197,7 +208,7 @@ def _time_plans(graph, operands, uids, handle, device) -> list[tuple[str, float]
 
 def plans(n: int = 131072) -> None:
     cg = cudnn_graphs
-    cg._Graph.built = _all_plans  # type: ignore[method-assign]  # (this process only: every plan)
+    cg._Graph.built = _all_plans  # type: ignore[method-assign, assignment]  # (this process only: every plan)
     device = torch.device("cuda", torch.cuda.current_device())  # (cuDNN handles per index)
     scale = 128**-0.5
     x = [torch.randn(1, n, 16, 128, device=device, dtype=torch.bfloat16) for _ in range(8)]

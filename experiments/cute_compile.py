@@ -28,9 +28,10 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
+from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -60,6 +61,8 @@ def _grouped_backward(n: int, h: int, d: int, causal: bool) -> None:
     (:func:`ringattn.kernels.fa4_group_bwd._compile`) for issue 5's head_groups blocks."""
     from ringattn.kernels import fa4_group_bwd
 
+    groups: list[fa4_group_bwd.Group]
+    shifts: list[tuple[int, ...]]
     groups, shifts = [], []
     for (q, k, v, out, lse), block_shifts in _parts(n, h, d, "head_groups", True):
         grads = [torch.empty_like(x) for x in (q, k, v)]  # (views of that layout will do)
@@ -69,7 +72,7 @@ def _grouped_backward(n: int, h: int, d: int, causal: bool) -> None:
     fa4_group_bwd._compile(fa4_group_bwd._key(groups, causal, shifts), groups, stats)
 
 
-def _sm90_backward(d: int, causal: bool):
+def _sm90_backward(d: int, causal: bool) -> tuple[Any, Any, Any]:  # (FA4's, untyped)
     """FA4's interface, bf16 as the CuTe DSL names it, and FA4's SM90 backward tiles for
     ``d``: what its launcher compiles the pre/postprocess kernels with."""
     import importlib
@@ -151,18 +154,20 @@ def _persistent(on: bool) -> Iterator[None]:
         fa4_group.PERSISTENT, fa4_group.ALL_TILES_MAX = saved
 
 
-def kernels(n: int, h: int, d: int):
+def kernels(n: int, h: int, d: int) -> Iterator[tuple[str, Callable[[], None]]]:
     """``(name, compile())`` for every kernel variant."""
     for causal, with_lse in itertools.product((False, True), (True, False)):
         variant = f"causal={causal} lse={with_lse}"
 
-        def grouped(causal=causal, with_lse=with_lse, persistent=False):
+        def grouped(
+            causal: bool = causal, with_lse: bool = with_lse, persistent: bool = False
+        ) -> None:
             parts = _parts(n, h, d, "head_groups", with_lse)
             groups, shifts = [p[0] for p in parts], [p[1] for p in parts]
             with _persistent(persistent):
                 fa4_group._compile(fa4_group._key(groups, causal, shifts), groups)
 
-        def zeroing(causal=causal, with_lse=with_lse):
+        def zeroing(causal: bool = causal, with_lse: bool = with_lse) -> None:
             (q, k, v, out, lse), shifts = _parts(n, h, d, "head_groups", with_lse)[-1]
             lse_bhl = None if lse is None else lse.transpose(1, 2)
             fa4_zero._compile(fa4_zero._key(q, causal, lse, shifts), q, k, v, out, lse_bhl)
@@ -171,14 +176,14 @@ def kernels(n: int, h: int, d: int):
         yield f"fa4_group persistent {variant}", partial(grouped, persistent=True)
         if with_lse:  # (the backward always has an LSE)
 
-            def grouped_backward(causal=causal):
+            def grouped_backward(causal: bool = causal) -> None:
                 _grouped_backward(n, h, d, causal)
 
             yield f"fa4_group_bwd causal={causal}", grouped_backward
         yield f"fa4_zero {variant}", zeroing
         if with_lse:
 
-            def merging(causal=causal):
+            def merging(causal: bool = causal) -> None:
                 (q, k, v, out, lse), _ = _parts(n, h, d, "lse", True)[1]
                 key = fa4_merge._key(q, causal, lse)
                 fa4_merge._compile(key, q, k, v, out, lse.transpose(1, 2))

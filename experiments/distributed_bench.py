@@ -34,6 +34,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ from ringattn.kernels import fa4
 BHD = [1, 16, 128]
 
 
-def log(*args) -> None:
+def log(*args: object) -> None:
     if dist.get_rank() == 0:
         print(*args, flush=True)
 
@@ -78,7 +79,7 @@ CHECK_CONFIGS = {
 }
 
 
-def correctness(device) -> list[dict]:
+def correctness(device: torch.device) -> list[dict[str, Any]]:
     p = dist.get_world_size()
     b, n, d = 2, 256 * p, 64
     rows = []
@@ -106,7 +107,7 @@ def correctness(device) -> list[dict]:
         ref = reference.dilated_attention(*ref_in, **opts)
         ref_grads = torch.autograd.grad(ref, ref_in, grad.double())
 
-        def shard(x, layout=layout):
+        def shard(x: Tensor, layout: str = layout) -> Tensor:
             return distributed.shard(x, layout=layout)
 
         strategies = itertools.product(
@@ -153,7 +154,9 @@ def correctness(device) -> list[dict]:
 REPEATS = [5]
 
 
-def bench_ms(fn, device, warmup=2, sync=True) -> float:
+def bench_ms(
+    fn: Callable[[], object], device: torch.device, warmup: int = 2, sync: bool = True
+) -> float:
     """Median ms of single calls, each started on an idle GPU (and, ``sync``, after a barrier):
     a host-bound call measures its host time."""
     for _ in range(warmup):
@@ -172,7 +175,7 @@ def bench_ms(fn, device, warmup=2, sync=True) -> float:
     return statistics.median(times)
 
 
-def steady_ms(fn, device, sync=True) -> float:
+def steady_ms(fn: Callable[[], object], device: torch.device, sync: bool = True) -> float:
     """ms per call of ``--repeats`` calls issued back to back (as layers and steps issue them):
     the host issues the next call while the GPU runs this one, so this is max(host, GPU)."""
     if sync:
@@ -187,7 +190,9 @@ def steady_ms(fn, device, sync=True) -> float:
     return (time.perf_counter() - start) * 1e3 / REPEATS[0]
 
 
-def speed(device, n: int, causal: bool, layouts=("contiguous",)) -> list[dict]:
+def speed(
+    device: torch.device, n: int, causal: bool, layouts: tuple[str, ...] = ("contiguous",)
+) -> list[dict[str, Any]]:
     p = dist.get_world_size()
     b, h, d = BHD
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -199,7 +204,7 @@ def speed(device, n: int, causal: bool, layouts=("contiguous",)) -> list[dict]:
     )
     flops_f = useful_flops(b, n, h, d, lengths, rates, causal, "lse") / p
     flops_fb = useful_flops(b, n, h, d, lengths, rates, causal, "lse", backward=True) / p
-    rows = []
+    rows: list[dict[str, Any]] = []
     for communicator, layout in itertools.product(("ring", "all_gather"), layouts):
         module = ringattn.DilatedAttention(
             lengths,
@@ -235,7 +240,7 @@ def speed(device, n: int, causal: bool, layouts=("contiguous",)) -> list[dict]:
     return rows
 
 
-def throughput(f_ms: float, fb_ms: float, flops_f: float, flops_fb: float) -> dict:
+def throughput(f_ms: float, fb_ms: float, flops_f: float, flops_fb: float) -> dict[str, float]:
     """Times and useful TFLOP/s per GPU (``flops_*``: this GPU's share of the useful FLOPs)."""
     return {
         "fwd_ms": f_ms,
@@ -245,7 +250,15 @@ def throughput(f_ms: float, fb_ms: float, flops_f: float, flops_fb: float) -> di
     }
 
 
-def timed(fn, q, k, v, grad, device, collective=True) -> tuple[float, float, float]:
+def timed(
+    fn: Callable[..., Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    grad: Tensor,
+    device: torch.device,
+    collective: bool = True,
+) -> tuple[float, float, float]:
     """Forward ms, forward+backward ms (median of ``--repeats``) and peak GiB above what was
     allocated before of ``fn(q, k, v)``; ``collective``: the slowest rank's times and the largest
     peak. The back-to-back times (``steady_ms``) of the last call go to ``LAST_STEADY``."""
@@ -275,7 +288,9 @@ LAST_STEADY = [float("nan"), float("nan")]
 PROFILE: list[Path] = []
 
 
-def profile_forward(fn, q, k, v, name: str, collective: bool = True) -> None:
+def profile_forward(
+    fn: Callable[..., Tensor], q: Tensor, k: Tensor, v: Tensor, name: str, collective: bool = True
+) -> None:
     """``--repeats`` forward calls back to back; rank 0 records them: CPU and CUDA time per op,
     and a Chrome trace (the timeline shows what a call waits for). ``collective``: every rank
     makes the calls (they exchange), else rank 0 alone."""
@@ -310,7 +325,15 @@ GRAPH_TIMES = ("graph_fwd_ms", "graph_fwd_ms_b2b", "graph_fwdbwd_ms", "graph_fwd
 GRAPH_ERRORS = ("graph_fwd_err", "graph_fwdbwd_err")
 
 
-def graph_times(fn, q, k, v, grad, device, collective: bool = True) -> dict:
+def graph_times(
+    fn: Callable[..., Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    grad: Tensor,
+    device: torch.device,
+    collective: bool = True,
+) -> dict[str, Any]:
     """``fn``'s forward and forward+backward replayed from CUDA graphs
     (``experiments.bench.graphed_calls``), NCCL's exchanges captured with the kernels: the time a
     call takes once the host's launches and Python work are gone (as in a model captured whole).
@@ -318,7 +341,7 @@ def graph_times(fn, q, k, v, grad, device, collective: bool = True) -> dict:
     instead (every rank fails alike: the ranks run the same code on the same shapes). Also each
     replay's relative error against the eager call (``GRAPH_ERRORS``, the largest over ranks): the
     captured exchanges and streams compute what the eager call does."""
-    result: dict = {}
+    result: dict[str, Any] = {}
     calls = graphed_calls(fn, q, k, v, grad, warmup=3)
     for part in ("fwd", "fwdbwd"):
         call, key = calls[part], f"graph_{part}_ms"
@@ -350,7 +373,7 @@ def graph_times(fn, q, k, v, grad, device, collective: bool = True) -> dict:
 ISSUE5_CONFIG = ((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16))
 
 
-def weak(device, n_per_gpu: int, causal: bool, mixing: str) -> list[dict]:
+def weak(device: torch.device, n_per_gpu: int, causal: bool, mixing: str) -> list[dict[str, Any]]:
     """Per-GPU useful TFLOP/s at p·N on p GPUs (ring, contiguous) over 1 GPU at N (local)."""
     p, rank = dist.get_world_size(), dist.get_rank()
     b, h, d = BHD
@@ -361,14 +384,14 @@ def weak(device, n_per_gpu: int, causal: bool, mixing: str) -> list[dict]:
         torch.randn(b, n_per_gpu, h, d, device=device, dtype=dtype, generator=gen) for _ in range(4)
     )
     opts: dict[str, Any] = dict(causal=causal, mixing=mixing, compile=False)
-    rows = []
+    rows: list[dict[str, Any]] = []
     work = []  # each row's useful FLOPs per GPU, forward and forward+backward
     for gpus, communicator in ((1, "local"), (p, "ring"), (p, "all_gather")):
         n = n_per_gpu * gpus
         flops_f = useful_flops(b, n, h, d, lengths, rates, causal, mixing) / gpus
         flops_fb = useful_flops(b, n, h, d, lengths, rates, causal, mixing, backward=True) / gpus
         work.append({"fwd": flops_f, "fwdbwd": flops_fb})
-        graphs: dict = {}
+        graphs: dict[str, Any] = {}
         if gpus == 1:  # one GPU alone at N: rank 0 measures, the others wait
             f_ms = fb_ms = peak = float("nan")
             LAST_STEADY[:] = [float("nan")] * 2
@@ -388,7 +411,7 @@ def weak(device, n_per_gpu: int, causal: bool, mixing: str) -> list[dict]:
             profile_forward(module, q, k, v, f"weak_{n_per_gpu}_{mixing}_{causal}_{communicator}")
             LAST_STEADY[:] = saved
             graphs = graph_times(module, q, k, v, grad, device) if GRAPHS[0] else {}
-        row = {
+        row: dict[str, Any] = {
             "n_per_gpu": n_per_gpu,
             "gpus": gpus,
             "n": n,
@@ -423,7 +446,7 @@ def weak(device, n_per_gpu: int, causal: bool, mixing: str) -> list[dict]:
     return rows
 
 
-def cp_compare(device, n: int) -> list[dict]:
+def cp_compare(device: torch.device, n: int) -> list[dict[str, Any]]:
     """Dense causal (w = n, r = 1): ringattn's sequence parallelism vs PyTorch's context parallel.
 
     Both see the same full problem (same seed on every rank). PyTorch's context manager shards
@@ -442,11 +465,16 @@ def cp_compare(device, n: int) -> list[dict]:
     flops_fb = useful_flops(b, n, h, d, (n,), (1,), True, "lse", backward=True) / p
     gen = torch.Generator(device=device).manual_seed(0)  # the same full problem on every rank
     full = [torch.randn(b, n, h, d, device=device, dtype=dtype, generator=gen) for _ in range(4)]
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     outputs: dict[str, Tensor] = {}
 
-    def record(name: str, fn, inputs: list[Tensor], to_bnhd=lambda out: out) -> None:
-        row: dict = {"n": n, "ranks": p, "impl": name}
+    def record(
+        name: str,
+        fn: Callable[..., Tensor],
+        inputs: list[Tensor],
+        to_bnhd: Callable[[Tensor], Tensor] = lambda out: out,
+    ) -> None:
+        row: dict[str, Any] = {"n": n, "ranks": p, "impl": name}
         try:
             with torch.no_grad():
                 outputs[name] = to_bnhd(fn(*inputs[:3])).float()
@@ -474,7 +502,7 @@ def cp_compare(device, n: int) -> list[dict]:
         del shards
     mesh = init_device_mesh(device.type, (p,))
 
-    def sdpa(q, k, v):
+    def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     for rotate in ("allgather", "alltoall"):
@@ -493,7 +521,7 @@ def cp_compare(device, n: int) -> list[dict]:
 
 
 def compare_outputs(
-    rows: list[dict], outputs: dict[str, Tensor], dtype: torch.dtype, device: torch.device
+    rows: list[dict[str, Any]], outputs: dict[str, Tensor], dtype: torch.dtype, device: torch.device
 ) -> None:
     """Each cp row's ``rel_diff_vs_ring_zigzag`` (its output against ringattn's ring zigzag
     output, largest over ranks) and ``agrees``: within twice the dtype's bound (each within the
@@ -516,17 +544,17 @@ def within_bounds(errors: Tensor, dtype: torch.dtype) -> bool:
     return bool(errors.max() <= reference.TOLERANCE[dtype])
 
 
-def table(title: str, rows: list[dict], columns: list[str]) -> list[str]:
+def table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
     return [title, "", dict_rows_to_markdown(rows, columns), ""] if rows else []
 
 
 def write_report(
     out: Path,
     label: str,
-    check: list[dict],
-    speed_rows: list[dict],
-    weak_rows: list[dict],
-    cp_rows: list[dict],
+    check: list[dict[str, Any]],
+    speed_rows: list[dict[str, Any]],
+    weak_rows: list[dict[str, Any]],
+    cp_rows: list[dict[str, Any]],
 ) -> None:
     cuda = torch.cuda.is_available()
     name = torch.cuda.get_device_name() if cuda else "CPU"
@@ -788,10 +816,10 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda") if cuda else torch.device("cpu")
     label = "_".join(args.part)  # the output files' suffix: distributed_{label}.md/.json
-    check: list[dict] = []
-    speed_rows: list[dict] = []
-    weak_rows: list[dict] = []
-    cp_rows: list[dict] = []
+    check: list[dict[str, Any]] = []
+    speed_rows: list[dict[str, Any]] = []
+    weak_rows: list[dict[str, Any]] = []
+    cp_rows: list[dict[str, Any]] = []
 
     def report() -> None:  # after each part, so a run cut short still leaves what finished
         if dist.get_rank() == 0:

@@ -16,7 +16,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,15 +49,22 @@ CHECK_PROBLEMS = (
 )
 
 
-def correctness(device: torch.device) -> list[dict]:
-    rows = []
+def correctness(device: torch.device) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
     for h, lengths, rates, mixings, n in CHECK_PROBLEMS:
         rows += _correctness(device, h, lengths, rates, mixings, n)
     return rows
 
 
-def _correctness(device: torch.device, h: int, lengths, rates, mixings, n: int) -> list[dict]:
-    rows = []
+def _correctness(
+    device: torch.device,
+    h: int,
+    lengths: Sequence[int],
+    rates: Sequence[int],
+    mixings: Sequence[str],
+    n: int,
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
     b, d = 2, 64
     gen = torch.Generator(device="cpu").manual_seed(0)
     base = [
@@ -64,7 +73,9 @@ def _correctness(device: torch.device, h: int, lengths, rates, mixings, n: int) 
     grad = torch.randn(b, n, h, d, generator=gen, dtype=torch.float64).to(device)
     for mixing in mixings:
         for causal in (False, True):
-            opts = dict(segment_lengths=lengths, dilation_rates=rates, causal=causal, mixing=mixing)
+            opts: dict[str, Any] = dict(
+                segment_lengths=lengths, dilation_rates=rates, causal=causal, mixing=mixing
+            )
             for dtype in (torch.float32, torch.bfloat16):
                 inputs = [x.to(dtype) for x in base]
                 ref_in = [x.double().requires_grad_() for x in inputs]
@@ -120,15 +131,17 @@ def _correctness(device: torch.device, h: int, lengths, rates, mixings, n: int) 
     return rows
 
 
-def bench_ms(fn, warmup: int = 2, repeats: int = 5) -> float:
+def bench_ms(fn: Callable[[], object], warmup: int = 2, repeats: int = 5) -> float:
     return median_ms(fn, torch.device("cuda"), warmup, repeats)
 
 
-def block_fractions(n: int, lengths, rates, causal: bool) -> dict:
+def block_fractions(
+    n: int, lengths: Sequence[int], rates: Sequence[int], causal: bool
+) -> dict[str, float]:
     plan = make_plan(n, 16, tuple(zip(lengths, rates)), "lse")
     computer = FlexComputer()
     dev = torch.device("cuda")
-    out = {}
+    out: dict[str, float] = {}
     single = computer.prepare(plan, causal, "segment_local", dev, NoReuse())
     out["single_kernel"] = masks.computed_fraction(single[0])
     per_config = computer.prepare(plan, causal, "global", dev, NoReuse())
@@ -138,14 +151,23 @@ def block_fractions(n: int, lengths, rates, causal: bool) -> dict:
     return out
 
 
-def speed(n: int, lengths, rates, mixing: str, causal: bool, strategies) -> list[dict]:
+def speed(
+    n: int,
+    lengths: Sequence[int],
+    rates: Sequence[int],
+    mixing: str,
+    causal: bool,
+    strategies: Sequence[tuple[ringattn.Strategy, bool]],
+) -> list[dict[str, Any]]:
     b, h, d = 1, 16, 128
     dtype = torch.bfloat16
     q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=dtype) for _ in range(3))
     grad = torch.randn_like(q)
-    rows = []
+    rows: list[dict[str, Any]] = []
 
-    def record(name, fwd_ms, fb_ms, flops_f, flops_fb, peak):
+    def record(
+        name: str, fwd_ms: float, fb_ms: float, flops_f: float, flops_fb: float, peak: float
+    ) -> None:
         rows.append(
             {
                 "n": n,
@@ -161,12 +183,12 @@ def speed(n: int, lengths, rates, mixing: str, causal: bool, strategies) -> list
         )
         print("speed", rows[-1], flush=True)
 
-    def dense_fwd():
+    def dense_fwd() -> None:
         with torch.no_grad():
             q_t, k_t, v_t = (x.transpose(1, 2) for x in (q, k, v))
             F.scaled_dot_product_attention(q_t, k_t, v_t, is_causal=causal)
 
-    def dense_fb():
+    def dense_fb() -> None:
         q_t, k_t, v_t = (x.detach().requires_grad_().transpose(1, 2) for x in (q, k, v))
         out = F.scaled_dot_product_attention(q_t, k_t, v_t, is_causal=causal)
         out.backward(grad.transpose(1, 2))
@@ -187,11 +209,11 @@ def speed(n: int, lengths, rates, mixing: str, causal: bool, strategies) -> list
             lengths, rates, causal=causal, mixing=mixing, strategy=strategy, compile=compiled
         )
 
-        def fwd(module=module):
+        def fwd(module: ringattn.DilatedAttention = module) -> None:
             with torch.no_grad():
                 module(q, k, v)
 
-        def fb(module=module):
+        def fb(module: ringattn.DilatedAttention = module) -> None:
             xs = [x.detach().requires_grad_() for x in (q, k, v)]
             module(*xs).backward(grad)
 

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,7 +39,7 @@ def inputs(n: int, gen: torch.Generator) -> list[torch.Tensor]:
     ]
 
 
-def check(dilation: str, mixing: str, memory: str, causal: bool) -> dict:
+def check(dilation: str, mixing: str, memory: str, causal: bool) -> dict[str, Any]:
     gen = torch.Generator(device="cuda").manual_seed(0)
     module = ringattn.DilatedAttention(
         SEGMENTS,

@@ -23,6 +23,7 @@ import gzip
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -45,7 +46,7 @@ from ringattn import lanes
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
-def busy_and_span(kernels: list[dict]) -> tuple[list[float | None], float, float]:
+def busy_and_span(kernels: list[dict[str, Any]]) -> tuple[list[float | None], float, float]:
     """For kernels sorted by start (``ts``, ``dur`` in µs): each one's gap before it (its start
     less the latest end of the kernels before it, None for the first: negative where it started
     while an earlier one still ran), their summed time, and their span from the first start to
@@ -60,7 +61,7 @@ def busy_and_span(kernels: list[dict]) -> tuple[list[float | None], float, float
     return gaps, busy, (busy_until - kernels[0]["ts"]) if kernels else 0.0
 
 
-def issue_leads(kernels: list[dict], events: list[dict]) -> list[float | None]:
+def issue_leads(kernels: list[dict[str, Any]], events: list[dict[str, Any]]) -> list[float | None]:
     """Per kernel, the µs from the start of the host call that launched it to its start on the
     GPU (None where the launch is not in ``events``): near 0 after an idle gap, the GPU waited for
     the host to issue it."""

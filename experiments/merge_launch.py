@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,13 +28,13 @@ from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
 from ringattn.kernels import merge as merge_kernel
 
 
-def merge_ms(fn, calls: int = 3) -> float:
+def merge_ms(fn: Callable[[], object], calls: int = 3) -> float:
     """GPU ms per call spent in the merge kernel."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    total = sum(e.device_time_total for e in prof.key_averages() if "_merge_rows" in e.key)
+    total: float = sum(e.device_time_total for e in prof.key_averages() if "_merge_rows" in e.key)
     return total / 1e3 / calls
 
 
@@ -80,7 +81,12 @@ def main(argv: list[str] | None = None) -> None:
                 ISSUE_LENGTHS, ISSUE_RATES, mixing="lse", strategy=strategy
             )
 
-            def fwd(attention=attention, q=q, k=k, v=v):
+            def fwd(
+                attention: ringattn.DilatedAttention = attention,
+                q: torch.Tensor = q,
+                k: torch.Tensor = k,
+                v: torch.Tensor = v,
+            ) -> None:
                 with torch.no_grad():
                     attention(q, k, v)
 

@@ -23,6 +23,7 @@ import json
 import traceback
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,17 +35,19 @@ GIB = 1024**3
 LIBRARY = ("/ringattn/", "/flash_attn/")
 
 
-def site(frames: list[dict]) -> str:
+def site(frames: list[dict[str, Any]]) -> str:
     """The innermost frames of ringattn or FA4 that made an allocation (three at most)."""
     ours = [f for f in frames if any(part in f["filename"] for part in LIBRARY)]
     where = [f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in ours[:3]]
     return " < ".join(where) or "(outside the library)"
 
 
-def live_at_peak(trace: list[dict], start: int) -> tuple[int, dict[str, int], list[dict]]:
+def live_at_peak(
+    trace: list[dict[str, Any]], start: int
+) -> tuple[int, dict[str, int], list[dict[str, Any]]]:
     """Replays the allocator's trace: the most bytes alive from event ``start`` on, those
     bytes by site, and the out-of-memory events from ``start`` on."""
-    live: dict[int, tuple[int, list]] = {}
+    live: dict[int, tuple[int, list[dict[str, Any]]]] = {}
     total, peak, peak_at = 0, -1, start
     for index, event in enumerate(trace):
         if event["action"] == "alloc":

@@ -21,6 +21,7 @@ import cProfile
 import os
 import pstats
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -124,7 +125,9 @@ def main(argv: list[str] | None = None) -> None:
             )
 
 
-def host_profile(call, title: str, calls: int, rows: int, dump: str | None = None) -> None:
+def host_profile(
+    call: Callable[[], object], title: str, calls: int, rows: int, dump: str | None = None
+) -> None:
     """cProfile of ``calls`` calls issued behind a sleeping GPU: the host's own time per call."""
     for _ in range(3):
         call()
@@ -147,7 +150,7 @@ def host_profile(call, title: str, calls: int, rows: int, dump: str | None = Non
         profiler.dump_stats(dump)
 
 
-def host_trace(call, calls: int, path: str) -> None:
+def host_trace(call: Callable[[], object], calls: int, path: str) -> None:
     """A torch.profiler trace of ``calls`` calls issued behind a sleeping GPU (so the host never
     waits for it): every thread's CPU ops and Python calls with their start and end, which
     cProfile (the calling thread only, no timeline) cannot show; e.g. how long the backward's

@@ -10,6 +10,7 @@ this machine's CPU (gloo): the check's share of a call whose host time it adds t
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -20,7 +21,7 @@ from experiments.ablate import median_ms
 from ringattn import distributed
 
 
-def per_call_us(fn, calls: int) -> float:
+def per_call_us(fn: Callable[[], object], calls: int) -> float:
     """µs per call of ``calls`` calls of ``fn`` after ``calls // 10`` (at least 10) warm-up calls,
     whose collectives also line the ranks up."""
     return median_ms(fn, torch.device("cpu"), max(calls // 10, 10), repeats=1, calls=calls) * 1e3

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if not fa4.available(torch.empty(1, 8, 1, 128, device="cuda", dtype=torch.bfloat16)):
         print("replay_check: FlashAttention-4 is not available here", file=sys.stderr)
         return 2
-    layouts: collections.Counter = collections.Counter()
+    layouts: collections.Counter[tuple[str, str]] = collections.Counter()
     refused_layouts: list[str] = []
     layout_ok = fa4_merge.layout_ok
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                 attention(q, k, v)
     torch.cuda.synchronize()
     fa4_merge.layout_ok = layout_ok
-    counts: collections.Counter = collections.Counter()
+    counts: collections.Counter[tuple[str, str]] = collections.Counter()
     for (kind, _), recorded in fa4._REPLAYS.items():
         counts[(kind, "kept" if recorded is not None else "refused")] += 1
     rows = sorted(counts.items())

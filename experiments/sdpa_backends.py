@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,16 +30,18 @@ from ringattn.flops import dense_flops, tflops
 aten = torch.ops.aten
 
 
-def median_ms(fn, repeats: int = 7) -> float:
+def median_ms(fn: Callable[[], object], repeats: int = 7) -> float:
     return ablate.median_ms(fn, torch.device("cuda"), warmup=2, repeats=repeats)
 
 
-def backend_rates(q, k, v, label: str) -> list[dict]:
+def backend_rates(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, label: str
+) -> list[dict[str, Any]]:
     """q, k, v: [B, H, L, d] (any strides)."""
     b, h, length, d = q.shape
     flops_f = dense_flops(b, length, h, d, causal=False)
     flops_fb = dense_flops(b, length, h, d, causal=False, backward=True)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for backend in (
         SDPBackend.FLASH_ATTENTION,
         SDPBackend.CUDNN_ATTENTION,
@@ -49,7 +53,7 @@ def backend_rates(q, k, v, label: str) -> list[dict]:
                 xs = [x.detach().requires_grad_() for x in (q, k, v)]
                 grad = torch.randn_like(q)
 
-                def fb(xs=xs, grad=grad):
+                def fb(xs=xs, grad: torch.Tensor = grad) -> None:
                     F.scaled_dot_product_attention(*xs).backward(grad)
 
                 fwdbwd = median_ms(fb)
@@ -69,7 +73,7 @@ def backend_rates(q, k, v, label: str) -> list[dict]:
     return rows
 
 
-def lse_ops_agree(q, k, v) -> dict:
+def lse_ops_agree(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, Any]:
     """Flash vs cuDNN aten ops on [B, H, L, d] strided views: out, LSE, and backward."""
     out_f, lse_f = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)[:2]
     res = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)
@@ -130,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     dev, dt = "cuda", torch.bfloat16
-    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
 
     n, h, d = 32768, 16, 128
     q, k, v = (torch.randn(1, h, n, d, device=dev, dtype=dt) for _ in range(3))
