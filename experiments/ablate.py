@@ -1025,7 +1025,8 @@ class EagerFirst(torch.nn.Module):
             with torch.no_grad():
                 self.eager(q, k, v)
             self.seen.add(shape)
-        return self.compiled(q, k, v)
+        out: torch.Tensor = self.compiled(q, k, v)
+        return out
 
 
 def measure_variant(sweep: Sweep, variant: Variant, oracle: Callable[[], Oracle]) -> Row:

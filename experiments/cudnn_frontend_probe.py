@@ -90,7 +90,8 @@ def probe(n: int = 131072, r: int = 2, w: int = 4096) -> None:
     seed = torch.zeros((), dtype=torch.int64, device="cuda")
 
     def torch_backward() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return aten._scaled_dot_product_cudnn_attention_backward(
+        grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+        grads = aten._scaled_dot_product_cudnn_attention_backward(
             *(t.transpose(1, 2) for t in (dout.contiguous(), q, k, v, out_view.contiguous())),
             lse.transpose(1, 2).unsqueeze(-1).contiguous(),
             seed,
@@ -104,6 +105,7 @@ def probe(n: int = 131072, r: int = 2, w: int = 4096) -> None:
             False,
             scale=scale,
         )
+        return grads
 
     def in_place_bwd() -> None:
         assert cudnn_graphs.backward_into(dout, q, k, v, out_view, lse, (dq, dk, dv), False, scale)

@@ -42,17 +42,20 @@ from ringattn.kernels import fa4_group, fa4_merge, fa4_zero
 from ringattn.pattern import make_plan
 
 
-def _parts(n: int, h: int, d: int, mixing: str, with_lse: bool):
+def _parts(
+    n: int, h: int, d: int, mixing: str, with_lse: bool
+) -> list[tuple[fa4_group.Group, tuple[int, ...]]]:
     """Each block's ``(q, k, v, out, lse or None)`` views ``[B, L, H, ...]`` (fake CUDA tensors)
     and its neighbour shifts, as the core's prepared launches hand them over."""
     plan = make_plan(n, h, tuple(zip(ISSUE_LENGTHS, ISSUE_RATES)), mixing)
     q, k, v, out = (torch.empty(1, n, h, d, dtype=torch.bfloat16, device="cuda") for _ in range(4))
     lse = torch.empty(1, n, h, dtype=torch.float32, device="cuda")
-    parts = []
+    parts: list[tuple[fa4_group.Group, tuple[int, ...]]] = []
     for block in plan.blocks:
-        views = [block.rows(x).flatten(0, 1) for x in (q, k, v, out)]
+        q_rows, k_rows, v_rows, out_rows = (block.rows(x).flatten(0, 1) for x in (q, k, v, out))
         lse_rows = block.rows(lse).flatten(0, 1) if with_lse else None
-        parts.append(((*views, lse_rows), neighbour_shifts(block, views[3])))
+        group = (q_rows, k_rows, v_rows, out_rows, lse_rows)
+        parts.append((group, neighbour_shifts(block, out_rows)))
     return parts
 
 
@@ -65,8 +68,8 @@ def _grouped_backward(n: int, h: int, d: int, causal: bool) -> None:
     shifts: list[tuple[int, ...]]
     groups, shifts = [], []
     for (q, k, v, out, lse), block_shifts in _parts(n, h, d, "head_groups", True):
-        grads = [torch.empty_like(x) for x in (q, k, v)]  # (views of that layout will do)
-        groups.append((torch.empty_like(out), q, k, v, out, lse, *grads))
+        dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))  # (views of that layout will do)
+        groups.append((torch.empty_like(out), q, k, v, out, lse, dq, dk, dv))
         shifts.append(block_shifts)  # (the gradients' unselected rows' zeros, as the output's)
     stats = fa4_group_bwd.workspaces(groups, causal)
     fa4_group_bwd._compile(fa4_group_bwd._key(groups, causal, shifts), groups, stats)
@@ -185,6 +188,7 @@ def kernels(n: int, h: int, d: int) -> Iterator[tuple[str, Callable[[], None]]]:
 
             def merging(causal: bool = causal) -> None:
                 (q, k, v, out, lse), _ = _parts(n, h, d, "lse", True)[1]
+                assert lse is not None  # (asked for: with_lse)
                 key = fa4_merge._key(q, causal, lse)
                 fa4_merge._compile(key, q, k, v, out, lse.transpose(1, 2))
 

@@ -136,10 +136,11 @@ def _cudnn(
         return out.transpose(1, 2), lse.squeeze(-1)
     seed = torch.zeros((), dtype=torch.int64, device=q.device)
     length = q.shape[1]
-    return aten._scaled_dot_product_cudnn_attention_backward(
+    grads: tuple[torch.Tensor, ...] = aten._scaled_dot_product_cudnn_attention_backward(
         dout.transpose(1, 2), qt, kt, vt, out, lse, seed, seed, None, None, None,
         length, length, 0.0, causal, scale=scale,
     )  # fmt: skip
+    return grads
 
 
 def _fa4(
@@ -158,7 +159,8 @@ def _fa4(
     ]
     if dout is None:
         return o, lse
-    return _flash_attn_bwd(q, k, v, o, dout, lse, scale, causal)
+    grads: tuple[torch.Tensor, ...] = _flash_attn_bwd(q, k, v, o, dout, lse, scale, causal)
+    return grads
 
 
 # (yields a str and three tensors: mypy reads each yield's starred list as a tuple of any length)
@@ -341,7 +343,7 @@ def _store_paths(
         # (left unannotated: the CuTe DSL reads a @cute.jit function's annotations, e.g.
         # cutlass.Constexpr for a compile-time argument, and cute / cutlass are no globals here)
         @cute.jit
-        def merge_old(  # type: ignore[no-untyped-def, unused-ignore]
+        def merge_old(  # type: ignore[no-untyped-def]
             self, acc_O, lse, mO, mLSE, seqlen, mma, tidx, m_block, head_idx, batch_idx
         ):
             pass

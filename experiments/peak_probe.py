@@ -141,7 +141,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.synchronize()
         del attention
         gc.collect()
-        peak, by_site, ooms = torch.cuda.max_memory_allocated(), dict[str, int](), list[dict]()
+        peak, by_site, ooms = (
+            torch.cuda.max_memory_allocated(),
+            dict[str, int](),
+            list[dict[str, Any]](),
+        )
         if args.history:
             peak, by_site, ooms = live_at_peak(
                 torch.cuda.memory._snapshot()["device_traces"][0], start

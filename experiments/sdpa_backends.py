@@ -53,8 +53,8 @@ def backend_rates(
                 xs = [x.detach().requires_grad_() for x in (q, k, v)]
                 grad = torch.randn_like(q)
 
-                def fb(xs=xs, grad: torch.Tensor = grad) -> None:
-                    F.scaled_dot_product_attention(*xs).backward(grad)
+                def fb(xs: list[torch.Tensor] = xs, grad: torch.Tensor = grad) -> None:
+                    F.scaled_dot_product_attention(xs[0], xs[1], xs[2]).backward(grad)
 
                 fwdbwd = median_ms(fb)
             rows.append(

@@ -133,6 +133,10 @@ class BaselineAttention(nn.Module):
         self.out = nn.Linear(config.dim, config.dim)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        if cache is not None:
+            # (it has none: LongNet.generate on a baseline model attended each new token to
+            # itself alone, with no error)
+            raise ValueError("the baseline attentions keep no KV cache: call them without one")
         q, k, v = rearrange(self.qkv(x), "b n (t h d) -> t b n h d", t=3, h=self.heads)
         positions = torch.arange(x.shape[1], device=x.device)
         q, k = rotary(q, positions), rotary(k, positions)
@@ -144,7 +148,8 @@ class BaselineAttention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=(gap >= 0) & (gap < self.window)
             )
-        return self.out(self.norm(rearrange(out, "b h n d -> b n (h d)")))
+        result: torch.Tensor = self.out(self.norm(rearrange(out, "b h n d -> b n (h d)")))
+        return result
 
 
 def recall_batch(preset: Preset, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -126,6 +126,21 @@ def test_train_longrange_refuses_a_step_count_below_one(steps, capsys):
     assert "--steps must be a positive integer" in err
 
 
+def test_train_longrange_baselines_refuse_a_kv_cache():
+    """The dense / sliding-window baselines keep no cache: given one, a decoding step attended
+    the new token to itself alone, with no error."""
+    from experiments import train_longrange
+    from ringattn.models import LongNetConfig
+    from ringattn.nn import KVCache
+
+    config = LongNetConfig(vocab_size=8, dim=16, depth=1, num_heads=2)
+    attention = train_longrange.BaselineAttention(config, window=None)
+    x = torch.randn(1, 3, 16)
+    assert attention(x).shape == x.shape
+    with pytest.raises(ValueError, match="keep no KV cache"):
+        attention(x[:, :1], KVCache.empty(1, 4, 2, 8, torch.float32, "cpu"))
+
+
 def test_train_longrange_refuses_an_out_it_cannot_make_before_training(monkeypatch, capsys):
     """A bad --out raised NotADirectoryError after every model had trained (~20 min on CPU)."""
     from experiments import train_longrange

@@ -12,8 +12,6 @@ values already in registers (no reads). Neither computes the merge: timing only.
 
 from __future__ import annotations
 
-from typing import Any
-
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32
@@ -25,20 +23,8 @@ from ringattn.kernels.fa4_merge_sm90 import MergingForwardSm90
 class NoMerge(MergingForwardSm90):
     """The merging kernel's store path, the merge skipped."""
 
-    @cute.jit  # type: ignore[untyped-decorator, unused-ignore]  # (CUTLASS DSL: untyped, absent)
-    def merge_old(
-        self,
-        acc_O: cute.Tensor,
-        lse: cute.Tensor,
-        mO: cute.Tensor,
-        mLSE: cute.Tensor,
-        seqlen: Any,  # FA4's SeqlenInfoQK (untyped; a runtime name: the DSL re-parses jit methods)
-        tiled_mma: cute.TiledMma,
-        tidx: cutlass.Int32,
-        m_block: cutlass.Int32,
-        head: cutlass.Int32,
-        batch: cutlass.Int32,
-    ) -> None:
+    @cute.jit
+    def merge_old(self, acc_O, lse, mO, mLSE, seqlen, tiled_mma, tidx, m_block, head, batch):
         pass
 
 
@@ -46,20 +32,8 @@ class LoadsOnly(MergingForwardSm90):
     """The merge's reads (the old rows, as the accumulator holds them, and the old LSE), each
     folded in by one add."""
 
-    @cute.jit  # type: ignore[untyped-decorator, unused-ignore]  # (CUTLASS DSL: untyped, absent)
-    def merge_old(
-        self,
-        acc_O: cute.Tensor,
-        lse: cute.Tensor,
-        mO: cute.Tensor,
-        mLSE: cute.Tensor,
-        seqlen: Any,  # FA4's SeqlenInfoQK (untyped; a runtime name: the DSL re-parses jit methods)
-        tiled_mma: cute.TiledMma,
-        tidx: cutlass.Int32,
-        m_block: cutlass.Int32,
-        head: cutlass.Int32,
-        batch: cutlass.Int32,
-    ) -> None:
+    @cute.jit
+    def merge_old(self, acc_O, lse, mO, mLSE, seqlen, tiled_mma, tidx, m_block, head, batch):
         taccOgO, taccOgLSE, taccOcO, rows_left = self.old_views(
             mO, mLSE, seqlen, tiled_mma, tidx, m_block, head, batch
         )
@@ -75,20 +49,8 @@ class LoadsOnly(MergingForwardSm90):
 class MathOnly(MergingForwardSm90):
     """The merge's arithmetic, its old rows and LSE taken from registers (no reads)."""
 
-    @cute.jit  # type: ignore[untyped-decorator, unused-ignore]  # (CUTLASS DSL: untyped, absent)
-    def merge_old(
-        self,
-        acc_O: cute.Tensor,
-        lse: cute.Tensor,
-        mO: cute.Tensor,
-        mLSE: cute.Tensor,
-        seqlen: Any,  # FA4's SeqlenInfoQK (untyped; a runtime name: the DSL re-parses jit methods)
-        tiled_mma: cute.TiledMma,
-        tidx: cutlass.Int32,
-        m_block: cutlass.Int32,
-        head: cutlass.Int32,
-        batch: cutlass.Int32,
-    ) -> None:
+    @cute.jit
+    def merge_old(self, acc_O, lse, mO, mLSE, seqlen, tiled_mma, tidx, m_block, head, batch):
         taccOcO, rows_left = self.row_coords(seqlen, tiled_mma, tidx, m_block)
         acc_O_mn = layout_utils.reshape_acc_to_mn(acc_O)
         for m in cutlass.range(cute.size(lse), unroll_full=True):
@@ -100,8 +62,4 @@ class MathOnly(MergingForwardSm90):
                 )
 
 
-VARIANTS: dict[str, type[MergingForwardSm90]] = {
-    "no_merge": NoMerge,
-    "loads_only": LoadsOnly,
-    "math_only": MathOnly,
-}
+VARIANTS = {"no_merge": NoMerge, "loads_only": LoadsOnly, "math_only": MathOnly}
