@@ -165,7 +165,7 @@ def _fa4(
 
 # (yields a str and three tensors: mypy reads each yield's starred list as a tuple of any length)
 def problems(n: int, h: int, d: int, device: torch.device) -> Iterator[tuple[Any, ...]]:
-    """(label, q, k, v, dense?) with q/k/v as [B, L, H, d] views."""
+    """(label, q, k, v), q/k/v as [B, L, H, d] views."""
     base = [torch.randn(1, n, h, d, device=device, dtype=torch.bfloat16) for _ in range(3)]
     yield "dense", *base
     blocks = [x.view(n // 2048, 2048, h, d) for x in base]
