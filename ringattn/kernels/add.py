@@ -18,12 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ringattn.kernels.merge import available
-
-try:
-    import triton
-except ImportError:  # pragma: no cover - triton is optional (CPU-only installs)
-    triton = None
+from ringattn.kernels.merge import available, triton
 
 # float32 arithmetic is exact for these (float64 keeps torch's add)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -33,16 +28,14 @@ if triton is not None:
 
     from ringattn.kernels.merge import program_row
 
-    # (unannotated: @triton.jit reads a parameter's annotation as its Triton type, `int` as
-    # i32)
+    # (the kernels here are unannotated: @triton.jit reads a parameter's annotation as its
+    # Triton type, `int` as i32)
     @triton.jit
     def _add_one(acc, part, a_off, p_off, mask):  # type: ignore[no-untyped-def]
         total = tl.load(acc + a_off, mask=mask).to(tl.float32)
         total += tl.load(part + p_off, mask=mask).to(tl.float32)
         tl.store(acc + a_off, total.to(acc.dtype.element_ty), mask=mask)
 
-    # (unannotated: @triton.jit reads a parameter's annotation as its Triton type, `int` as
-    # i32)
     @triton.jit
     def _add_rows_kernel(  # type: ignore[no-untyped-def]
         acc0,

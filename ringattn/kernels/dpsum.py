@@ -21,12 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ringattn.kernels.merge import available
-
-try:
-    import triton
-except ImportError:  # pragma: no cover - triton is optional (CPU-only installs)
-    triton = None
+from ringattn.kernels.merge import available, triton
 
 # the products are formed in float32: float64 operands would lose digits (FA4 takes none)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -34,8 +29,8 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 if triton is not None:
     import triton.language as tl
 
-    # (unannotated: @triton.jit reads a parameter's annotation as its Triton type, `int` as
-    # i32)
+    # (the kernels here are unannotated: @triton.jit reads a parameter's annotation as its
+    # Triton type, `int` as i32)
     @triton.jit
     def _minus_dpsum_kernel(  # type: ignore[no-untyped-def]
         out_ptr,

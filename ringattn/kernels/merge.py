@@ -18,7 +18,7 @@ import os
 from torch import Tensor
 
 try:
-    import triton
+    import triton as triton  # (re-exported: the other Triton kernels' modules take it from here)
     import triton.language as tl
 except ImportError:  # pragma: no cover - triton is optional (CPU-only installs)
     triton = None
@@ -39,8 +39,8 @@ def available(x: Tensor) -> bool:
 
 
 if triton is not None:
-    # (unannotated: @triton.jit reads a parameter's annotation as its Triton type, `int` as
-    # i32)
+    # (the kernels here are unannotated: @triton.jit reads a parameter's annotation as its
+    # Triton type, `int` as i32)
     @triton.jit
     def program_row(S, L):  # type: ignore[no-untyped-def]
         """This program's ``(batch, segment, row)`` of a ``[b, S, L, ...]`` grid, one program per
@@ -48,8 +48,6 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         return row // (L * S), (row // L) % S, row % L
 
-    # (unannotated: @triton.jit reads a parameter's annotation as its Triton type, `int` as
-    # i32)
     @triton.jit
     def _merge_rows_kernel(  # type: ignore[no-untyped-def]
         acc_ptr,

@@ -20,16 +20,13 @@ import math
 import torch
 from torch import Tensor
 
-try:
-    import triton
-except ImportError:  # pragma: no cover - triton is optional (CPU-only installs)
-    triton = None
+from ringattn.kernels.merge import triton
 
 if triton is not None:
     import triton.language as tl
 
-    # (unannotated: @triton.jit reads a parameter's annotation as its Triton type, `int` as
-    # i32)
+    # (the kernels here are unannotated: @triton.jit reads a parameter's annotation as its
+    # Triton type, `int` as i32)
     @triton.jit
     def _unit_stats_kernel(  # type: ignore[no-untyped-def]
         out_ptr,

@@ -21,19 +21,14 @@ import torch
 from torch import Tensor
 
 from ringattn.capture import compiling
-from ringattn.kernels.merge import available
+from ringattn.kernels.merge import available, triton
 from ringattn.memory.base import MemoryManager
-
-try:
-    import triton
-except ImportError:  # pragma: no cover - triton is optional (CPU-only installs)
-    triton = None
 
 if triton is not None:
     import triton.language as tl
 
-    # (unannotated: @triton.jit reads a parameter's annotation as its Triton type, `int` as
-    # i32)
+    # (the kernels here are unannotated: @triton.jit reads a parameter's annotation as its
+    # Triton type, `int` as i32)
     @triton.jit
     def _zero_unselected_kernel(  # type: ignore[no-untyped-def]
         x_ptr,
