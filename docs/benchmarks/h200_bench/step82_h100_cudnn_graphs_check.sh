@@ -1,6 +1,8 @@
 # step 82 (h200_perf.md): the cuDNN graphs cache bounded; run from the repository root on the GPU
-mkdir -p /tmp/site && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
+# (the carried wheels, unless experiments/fa4_env.sh put them there already, whose path is kept:
+# gpu_session.sh typing runs this after it, step 84)
+[ -d /tmp/site/beartype ] || { mkdir -p /tmp/site && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1; }
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 python - <<'PY'
 import torch, ringattn
 from ringattn.computers.sdpa import SDPAComputer
