@@ -11,6 +11,7 @@ import types
 
 import pytest
 import torch
+from test_fa4 import deterministic_algorithms
 
 from ringattn.kernels import cudnn_graphs
 
@@ -52,6 +53,34 @@ def test_a_graph_is_built_once_per_causal_scale_layout_and_device(builds):
     assert len(made) == len(variants)  # each once, none shared
     assert [e[0] for e in again] == [e[0] for e in entries]
     assert len({id(e[0]) for e in entries}) == len(variants)
+
+
+def test_the_backward_graph_takes_the_deterministic_schedule_in_that_mode(builds, monkeypatch):
+    """Without it cuDNN adds dQ in no fixed order; the mode is part of the graph's key (one
+    built in the other mode is not taken), and a launcher keeps the mode it was made in."""
+    made, _ = builds
+
+    def _backward_graph(device, causal, scale, *layouts, deterministic=False):
+        made.append(deterministic)
+        return _Graph()
+
+    cpu = torch.device("cpu")
+    entries = [
+        cudnn_graphs._graph(_backward_graph, cpu, False, 0.25, LAYOUT, deterministic=flag)
+        for flag in (False, True, False, True)
+    ]
+    assert made == [False, True] and entries[2:] == entries[:2] and entries[0] != entries[1]
+    asked: list[bool] = []
+    monkeypatch.setattr(
+        cudnn_graphs,
+        "_graph",
+        lambda build, *args, deterministic: asked.append(deterministic) or (_Graph(), 1),
+    )
+    x = torch.zeros(1, 8, 2, 16)
+    for flag in (True, False):
+        with deterministic_algorithms(flag):
+            assert cudnn_graphs.backward_launcher(x, x, x, x, x, x[..., 0], x, x, x, False, 0.25)
+    assert asked == [True, False]
 
 
 def test_graphs_are_bounded_the_oldest_dropped(builds, monkeypatch):
@@ -199,7 +228,7 @@ def executed(monkeypatch):
     monkeypatch.setattr(
         cudnn_graphs,
         "_graph",
-        lambda build, device, causal, scale, *layouts: (
+        lambda build, device, causal, scale, *layouts, **options: (
             ((build.__name__, layouts), causal, scale),
             1,
         ),

@@ -1329,3 +1329,27 @@ def test_bench_graphs_fills_every_row_and_reports_a_failed_capture(monkeypatch):
         assert row["fwd_vs_dense_graph"] > 0 and "fwdbwd_vs_dense_graph" not in row
         assert row["fwdbwd_graph_failure"] == "RuntimeError: capture refused"
     assert rows[0]["fwd_vs_dense_graph"] == pytest.approx(1.0)
+
+
+def test_determinism_check_runs_on_the_cpu(tmp_path):
+    from experiments import determinism_check
+
+    argv = ["--n", "64", "--lengths", "16", "32", "--rates", "1", "2", "--heads", "2"]
+    argv += ["--dim", "8", "--check-n", "64", "--repeats", "1", "--out", str(tmp_path)]
+    assert determinism_check.main(argv) == 0
+    rows = json.loads((tmp_path / "determinism_check.json").read_text())["rows"]
+    assert len(rows) == 8 and all(r["same"] and r["oracle_err"] < 1e-5 for r in rows)
+    assert [r["deterministic"] for r in rows] == [False, True] * 4
+
+
+def test_determinism_check_fails_a_run_that_differs(tmp_path, monkeypatch):
+    from experiments import determinism_check
+
+    draws = iter(range(1000))
+    monkeypatch.setattr(  # (each run another result: the bits differ)
+        determinism_check, "with_grads", lambda *a: [torch.full((3,), float(next(draws)))]
+    )
+    argv = ["--n", "16", "--lengths", "16", "--rates", "1", "--heads", "1", "--dim", "4"]
+    assert determinism_check.main([*argv, "--check-n", "0", "--out", str(tmp_path)]) == 1
+    rows = json.loads((tmp_path / "determinism_check.json").read_text())["rows"]
+    assert all(not r["same"] and r["differ"] == 3 for r in rows)

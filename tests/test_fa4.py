@@ -99,13 +99,16 @@ def with_fixture(max_examples: int) -> settings:
 
 
 @contextmanager
-def deterministic_algorithms(flag: bool) -> Iterator[None]:
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(flag)
+def deterministic_algorithms(flag: bool, warn_only: bool = False) -> Iterator[None]:
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(flag, warn_only=warn_only)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(before)
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def sdpa_attention(problem: dict):

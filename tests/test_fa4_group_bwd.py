@@ -17,7 +17,14 @@ import torch
 from conftest import problems
 from hypothesis import example, given
 from hypothesis import strategies as st
-from test_fa4 import KERNEL_DIMS, full_configs, kernel_layouts, sdpa_strategies, with_fixture
+from test_fa4 import (
+    KERNEL_DIMS,
+    deterministic_algorithms,
+    full_configs,
+    kernel_layouts,
+    sdpa_strategies,
+    with_fixture,
+)
 from test_fa4_group import GROUPED, GroupStandIn, fake_fa4, grouping  # noqa: F401  (fixtures)
 from test_fa4_zero import ZEROED, zeroing  # noqa: F401  (the fixture grouping uses)
 from test_strategies import check_against_oracle
@@ -184,6 +191,25 @@ def test_the_group_is_made_once_and_left_out_while_a_graph_is_captured(grouping_
     ringattn.functional.clear_functional_modules()
     run_backward(ZEROED, strategy, 3)
     assert (len(made), stand_in.calls) == ((0, 0) if capturing else (1, 3))
+
+
+def test_deterministic_algorithms_take_each_configs_deterministic_backward(grouping_bwd):
+    """The one launch adds dQ atomically and has no deterministic schedule: under
+    torch.use_deterministic_algorithms each config takes FA4's deterministic backward. The mode
+    is in the prepared launches' key, so the same (functional API's) module offers the launch
+    again once the mode is off."""
+    patch, _ = grouping_bwd
+    stand_in = BackwardStandIn()
+    patch.setattr(fa4_group_bwd, "backward_group_", stand_in)
+    fake = fa4._kernels.__self__  # (the FA4 stand-in the fixture installed)
+    strategy = ringattn.Strategy(computer="sdpa", memory="pooled")
+    ringattn.functional.clear_functional_modules()
+    with deterministic_algorithms(True):
+        check_against_oracle({**ZEROED, "causal": True}, torch.float32, sdpa_strategies())
+        run_backward(ZEROED, strategy, 2)
+    assert stand_in.calls == 0 and fake.calls > 0 and fake.deterministic is True
+    run_backward(ZEROED, strategy, 1)
+    assert stand_in.calls == stand_in.done == 1
 
 
 def test_the_workspaces_come_from_the_memory_manager(grouping_bwd):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import rel_err
+from test_fa4 import deterministic_algorithms
 from test_strategies import check_against_oracle
 
 import ringattn
@@ -145,3 +146,26 @@ def test_cudnn_takes_no_one_row_blocks(monkeypatch):
     one_row, two_rows = (torch.empty(1, rows, 2, 8, dtype=torch.bfloat16) for rows in (1, 2))
     assert not computer._cudnn(one_row)
     assert computer._cudnn(two_rows)
+
+
+@pytest.mark.parametrize(("mode", "cudnn"), [("off", True), ("warn_only", True), ("on", False)])
+def test_torchs_cudnn_backward_is_left_out_under_deterministic_algorithms(monkeypatch, mode, cudnn):
+    """torch's cuDNN backward op has no deterministic schedule; torch's own dispatch leaves it
+    out under strict deterministic algorithms (check_cudnn_deterministic), and so does the
+    computer's backward, for FlashAttention-2's. Its forward, deterministic, keeps cuDNN."""
+    monkeypatch.setattr(sdpa, "CUDNN_AVAILABLE", True)
+    computer = SDPAComputer()
+    q = torch.empty(1, 2, 2, 8, dtype=torch.bfloat16)
+    with deterministic_algorithms(mode != "off", warn_only=mode == "warn_only"):
+        assert computer._cudnn(q)
+        assert computer._cudnn_backward(q) is cudnn
+
+
+def test_the_deterministic_mode_is_a_launch_option():
+    """Prepared launches are keyed by the computer's launch options: a mode switched on a live
+    module would otherwise keep the launchers (cuDNN's graphs, the grouped backward) of before."""
+    computer = SDPAComputer()
+    default = computer.launch_options()
+    with deterministic_algorithms(True):
+        assert computer.launch_options() != default
+    assert computer.launch_options() == default

@@ -27,6 +27,14 @@ turn each off (A/B). Placed blocks' outputs and gradients are written in place b
 
 The kernels take ``[B, H, L, d]``; our blocks are ``[B, L, H, d]`` so the transposes are views, and
 all of them accept the strided (dilated) views as they are.
+
+Under ``torch.use_deterministic_algorithms(True)`` every backward kernel chosen here is a
+deterministic one (two runs give the same bits): FA4 and the cuDNN frontend take their
+deterministic schedules; ``head_groups``' one-launch FA4 backward (``fa4_group_bwd``, which adds dQ
+atomically and has no such schedule) steps aside for each config's own FA4 backward; torch's cuDNN
+backward op, which has none either, is left out as torch's own dispatch leaves it out (unless
+``warn_only``), for FlashAttention-2's (deterministic in that mode). The mode is part of
+:meth:`SDPAComputer.launch_options`, so switching it takes effect on the next call.
 """
 
 from __future__ import annotations
@@ -124,6 +132,7 @@ class SDPAComputer(BlockComputer):
             fa4_zero.ENABLED,
             fa4_group.ENABLED,
             fa4_group_bwd.ENABLED,
+            torch.are_deterministic_algorithms_enabled(),
         )
 
     def _cudnn(self, q: Tensor) -> bool:
@@ -134,6 +143,15 @@ class SDPAComputer(BlockComputer):
             and q.shape[-1] % 8 == 0
             and q.shape[1] > 1  # its backward: "s_q = s_kv = 1 is not supported" (or a crash)
             and CUDNN_AVAILABLE
+        )
+
+    def _cudnn_backward(self, q: Tensor) -> bool:
+        """:meth:`_cudnn` for torch's cuDNN backward op: left out under strict deterministic
+        algorithms, as torch's own dispatch does (``check_cudnn_deterministic``; that op has no
+        deterministic schedule), for FlashAttention-2's backward."""
+        return self._cudnn(q) and not (
+            torch.are_deterministic_algorithms_enabled()
+            and not torch.is_deterministic_algorithms_warn_only_enabled()
         )
 
     def _in_place(self, q: Tensor) -> bool:
@@ -259,7 +277,7 @@ class SDPAComputer(BlockComputer):
                 causal,
                 scale=scale,
             )
-        elif self._cudnn(q):
+        elif self._cudnn_backward(q):
             length = q.shape[1]
             seed = torch.zeros((), dtype=torch.int64, device=q.device)
             # torch <= 2.11 caches the cuDNN backward graph by q/k/v sizes and strides alone; a
@@ -461,9 +479,10 @@ class SDPAComputer(BlockComputer):
         shifts: tuple[tuple[int, ...], ...] = (),
     ) -> Callable[..., bool] | None:
         # every config's backward in one FA4 kernel (ringattn.kernels.fa4_group_bwd; its ENABLED
-        # switch also decides here)
+        # switch also decides here); it adds dQ atomically, with no deterministic schedule
         if not (
             fa4_group_bwd.ENABLED
+            and not torch.are_deterministic_algorithms_enabled()
             and self._fa4_backward(groups[0][1])
             and fa4_group_bwd.supported(groups)
         ):

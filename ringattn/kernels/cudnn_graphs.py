@@ -7,6 +7,8 @@ its backward on an H200 (``docs/benchmarks/h200_perf.md``, step 11). cuDNN itsel
 for every operand, outputs included; its Python frontend (``pip install nvidia-cudnn-frontend``,
 the ``cuda`` extra) builds the same fused kernels with the outputs bound to our views, so the
 result lands in place and the copy disappears. Same kernels, same numbers as torch's path.
+Under ``torch.use_deterministic_algorithms`` the backward graphs take cuDNN's deterministic
+schedule (its dQ summed in a fixed order; otherwise two runs may differ in the last bits).
 
 Optional: :func:`available` is false without the package (CPU installs, CI), and callers fall back
 to torch's op plus a copy. A graph is built once per (shapes, strides, dtype, causal, scale) and
@@ -190,6 +192,8 @@ def _backward_graph(
     dq: Layout,
     dk: Layout,
     dv: Layout,
+    *,
+    deterministic: bool = False,
 ) -> Any:
     g = _Graph(device, q[2])
     nodes = g.graph.sdpa_backward(
@@ -201,6 +205,9 @@ def _backward_graph(
         dO=g.operand("do", do, _DO),
         stats=g.operand("stats", stats, _STATS),
         attn_scale=scale,
+        # (without it cuDNN adds dQ in no fixed order: torch.use_deterministic_algorithms asks
+        # for the schedule that orders it)
+        use_deterministic_algorithm=deterministic,
         **_mask(causal),
     )
     for node, grad, uid in zip(nodes, (dq, dk, dv), (_DQ, _DK, _DV)):
@@ -211,10 +218,10 @@ def _backward_graph(
 _TRANSIENT = object()  # a build that failed for want of memory: tried again on the next call
 
 
-def _build_or_none(build: Callable[..., Any], *args: object) -> object:
+def _build_or_none(build: Callable[..., Any], *args: object, **options: bool) -> object:
     # (an _Entry, None where cuDNN declines, or _TRANSIENT)
     try:
-        graph = build(*args)
+        graph = build(*args, **options)
     except Exception as exc:  # cuDNN declines this layout: the caller falls back, once per key
         text = str(exc).lower()
         if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "alloc" in text:
@@ -229,15 +236,19 @@ def _graph(
     causal: bool,
     scale: float,
     *layouts: Layout | None,
+    **options: bool,
 ) -> _Entry | None:
-    """``(graph, workspace bytes)`` for these operand layouts, or None where cuDNN declines."""
-    key = (build.__name__, device, causal, scale, *layouts)
+    """``(graph, workspace bytes)`` for these operand layouts (and ``build``'s keyword
+    ``options``), or None where cuDNN declines."""
+    key = (build.__name__, device, causal, scale, *layouts, *sorted(options.items()))
     # (one lookup: another thread may drop the entry between a test and a read)
     found: object = _graphs.get(key, _TRANSIENT)
     if found is not _TRANSIENT:
         return cast("_Entry | None", found)  # (past the sentinel: an entry or a declined None)
     # built off this stack (module docstring), from layouts only
-    built = _builder.submit(_build_or_none, build, device, causal, scale, *layouts).result()
+    built = _builder.submit(
+        _build_or_none, build, device, causal, scale, *layouts, **options
+    ).result()
     if built is _TRANSIENT:
         return None
     entry = cast("_Entry | None", built)
@@ -304,10 +315,18 @@ def backward_launcher(
 ) -> BackwardLaunch | None:
     """A launcher of the flash-attention backward of ``[B, L, H, d]`` blocks of these layouts,
     with the given (merged) output and LSE, its dQ/dK/dV written into the strided views; None if
-    cuDNN declines."""
+    cuDNN declines. Under ``torch.use_deterministic_algorithms`` (read now: a launcher keeps the
+    mode it was made in) cuDNN's deterministic backward, which orders its dQ sums."""
     device = q.device
     operands = _backward_operands(dout, q, k, v, out, lse, dq, dk, dv)
-    entry = _graph(_backward_graph, device, causal, scale, *(_layout(x) for x in operands))
+    entry = _graph(
+        _backward_graph,
+        device,
+        causal,
+        scale,
+        *(_layout(x) for x in operands),
+        deterministic=torch.are_deterministic_algorithms_enabled(),
+    )
     if entry is None:
         return None
     graph, workspace_bytes = entry

@@ -27,7 +27,10 @@ back to back 24-30% faster causal and -3% to +12% non-causal (three runs); from 
 back and up to 7% slower in single calls (the GPU waits for the host's whole launch set before it
 starts, where per-config launches let the first config's kernels run while the host launches the
 next). Hence :data:`ALL_TILES_MAX`. Replayed from CUDA graphs it was 2-3% slower than the configs'
-kernels on lanes (it saves host time only), so the core leaves it out while capturing.
+kernels on lanes (it saves host time only), so the core leaves it out while capturing. Having no
+deterministic schedule for its atomic dQ, it is not offered under
+``torch.use_deterministic_algorithms`` (``SDPAComputer.grouped_backward_launcher``): each config
+then takes FA4's deterministic backward.
 """
 
 from __future__ import annotations
