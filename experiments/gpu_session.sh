@@ -41,6 +41,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh grads    # <9.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh threads  # <9.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh typing   # <9.5 min
+#   source experiments/fa4_env.sh || exit 1; OLD_TREE=old bash experiments/gpu_session.sh determinism # <9.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh ops      # <9.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh flex_groups # <9 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh merge_cost # ~2 min
@@ -90,7 +91,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh typing|threads|grads|review|ops|record|trees|graphs|first_checks|batch|batch_more|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh determinism|typing|threads|grads|review|ops|record|trees|graphs|first_checks|batch|batch_more|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -777,6 +778,23 @@ typing)
 $(cat "$out/rc.log")
 $(tail -n 1 "$out/cudnn_graphs.log")
 $(tail -n 6 "$out/fuzz.log" | cut -c1-300)"
+    ;;
+determinism)
+    # stop 79 (step 85): torch.use_deterministic_algorithms on every sdpa kernel path (fa4,
+    # cudnn, cudnn_op, flash) of issue 5's 32K shape: bits of three runs, the mode's cost, the
+    # oracle; then, where OLD_TREE is set (a folder holding an older commit's ringattn/ only),
+    # the same script on that library (this tree's experiments/ on the path after it), without
+    # the oracle and FlashAttention-2's path
+    script 320 determinism_check --out "$out/new"
+    if [ -n "${OLD_TREE:-}" ]; then
+        (cd "$OLD_TREE" && PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD:$OLDPWD \
+            timeout 200 python -m experiments.determinism_check --out "$out/old" --check-n 0 \
+            --paths fa4 cudnn cudnn_op \
+            >"$out/old.log" 2>&1; echo "old: rc=$?" >>"$out/rc.log")
+    fi
+    summary="$(cat "$out/rc.log")
+$(grep -h "^|" "$out/new/determinism_check.md" "$out"/old/determinism_check.md 2>/dev/null |
+        cut -d'|' -f2-10)"
     ;;
 fuzz)
     # random problems against the oracle on the GPU (experiments/gpu_fuzz.py): head dims, dtypes,
