@@ -28,6 +28,10 @@ or an exception other than a ``ValueError``/``TypeError`` refusing the input is 
 with its seed to ``gpu_fuzz.json`` / ``gpu_fuzz.md`` under ``--out``; the table of failures is
 printed last. ``--device cpu`` runs the same on the CPU (what CI runs, a few draws).
 
+``--deterministic`` makes every call under ``torch.use_deterministic_algorithms(True)`` (the kernel
+choices of that mode: ``docs/architecture.md``, "Deterministic mode") and holds each module's
+second call on the first problem to its first call's bits as well (``same_bits``).
+
 A draw depends on its seed and on ``--max-n`` / ``--max-d``: ``--replay SEED`` redraws both of
 its problems (with their inputs) with the values it is given, so ``gpu_fuzz.md`` prints the
 failures' replay with the run's, and ``--replay-from DIR/gpu_fuzz.json`` takes them (and
@@ -40,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import threading
 import time
@@ -199,12 +204,19 @@ def together(calls: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
     return results
 
 
+def same_bits(got: Result, before: Result) -> bool:
+    """Whether two results (output and gradients) are equal bit for bit (NaN included)."""
+    pairs = zip((got[0], *got[1]), (before[0], *before[1]), strict=True)
+    return all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in pairs)
+
+
 def check_module(
     strategy: ringattn.Strategy,
     problems: list[Prepared],
     device: torch.device,
     seed: int,
     threads: int = 1,
+    deterministic: bool = False,
 ) -> list[dict[str, Any]]:
     """One module through ``problems`` (each ``(p, inputs, oracle, math errors)``): one row per
     call. The module is built from the first problem's options; later problems share them.
@@ -212,8 +224,12 @@ def check_module(
     ``threads`` > 1: each call is made from that many threads at once, thread ``t`` on problem
     ``(call + t) % len(problems)``, so first calls race on one block signature and later ones run
     other signatures side by side (FA4's recordings and replays, pooled buffers, cuDNN handles);
-    the row holds the worst thread's errors and passes when every thread's call does."""
+    the row holds the worst thread's errors and passes when every thread's call does.
+
+    ``deterministic`` (one thread): a call on the problem of an earlier call must also give its
+    bits (``same_bits`` in the row)."""
     rows: list[dict[str, Any]] = []
+    first_results: dict[int, Result] = {}  # (by problem: its first call's result)
     try:
         module = module_for(strategy, problems[0][0])
     except (ValueError, TypeError) as exc:  # a strategy refusing these options: not a failure
@@ -243,6 +259,12 @@ def check_module(
             grad_bound = max(tolerance, MATH_FACTOR * math_errs[1])
             passed &= bool(fwd_t <= fwd_bound and grad_t <= grad_bound)  # NaN fails both
             fwd, grad = worst((fwd, fwd_t)), worst((grad, grad_t))
+        if deterministic and threads == 1 and results[0][0]:
+            got = results[0][1]
+            earlier = first_results.setdefault(id(problems[call]), got)
+            if earlier is not got:
+                row["same_bits"] = same_bits(got, earlier)
+                passed &= row["same_bits"]
         math_errs = problems[call][3]
         row.update(
             fwd_err=fwd,
@@ -302,7 +324,9 @@ def fuzz(
             draws += 1
             continue
         for strategy in strategies:
-            rows += check_module(strategy, [first, first, second], device, seed, args.threads)
+            rows += check_module(
+                strategy, [first, first, second], device, seed, args.threads, args.deterministic
+            )
         draws += 1
         bad = [r for r in rows if r.get("ok") is False]
         print(f"draw {draws} seed {seed}: {describe(p)} | failures so far {len(bad)}", flush=True)
@@ -517,6 +541,7 @@ COLUMNS = [
     "grad_err",
     "math_fwd_err",
     "math_grad_err",
+    "same_bits",
     "error",
 ]
 
@@ -572,6 +597,12 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=1,
         help="make each call from this many threads at once, on one module (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="every call under torch.use_deterministic_algorithms(True), and a module's second "
+        "call on a problem held to its first call's bits too (not with --threads > 1)",
     )
     parser.add_argument(
         "--replay",
@@ -648,7 +679,20 @@ def main(argv: list[str] | None = None) -> None:
         print(table)
         print(command)
         return
-    rows, draws, problems = fuzz(args, device)
+    if args.deterministic and args.threads > 1:
+        parser.error("--deterministic compares one thread's calls: not with --threads > 1")
+    mode = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    if args.deterministic:
+        # (cuBLAS refuses that mode without it: the oracle's and math's matmuls)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    try:
+        rows, draws, problems = fuzz(args, device)
+    finally:
+        torch.use_deterministic_algorithms(mode[0], warn_only=mode[1])
     checked = [r for r in rows if "ok" in r]
     bad = [r for r in checked if not r["ok"]]
     refused = Counter(r["refused"] for r in rows if "refused" in r)
@@ -656,7 +700,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = (
         f"{draws} draws, {len(checked)} calls checked, {len(bad)} failed, "
         f"{sum(refused.values())} refused ({header}, torch {torch.__version__}, seed {args.seed}, "
-        f"kernels {args.kernels}, threads {args.threads})"
+        f"kernels {args.kernels}, threads {args.threads}"
+        + (", deterministic)" if args.deterministic else ")")
     )
     drawn_with = {"max_n": args.max_n, "max_d": args.max_d, "kernels": args.kernels}
     record = {"summary": summary, **drawn_with, "problems": problems, "rows": rows}
@@ -669,6 +714,7 @@ def main(argv: list[str] | None = None) -> None:
         f"--seed {args.seed} --max-n {args.max_n} --max-d {args.max_d} --kernels {args.kernels}"
         + ("" if args.draws is None else f" --draws {args.draws}")  # (it drew one: said 300 s)
         + ("" if args.threads == 1 else f" --threads {args.threads}")
+        + (" --deterministic" if args.deterministic else "")
         + (" --flex`" if args.flex else "`"),
         "",
         summary,

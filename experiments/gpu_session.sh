@@ -798,9 +798,11 @@ $(grep -h "^|" "$out/new/determinism_check.md" "$out"/old/determinism_check.md 2
     ;;
 fuzz)
     # random problems against the oracle on the GPU (experiments/gpu_fuzz.py): head dims, dtypes,
-    # input layouts and cache keys the fixed check never draws; FUZZ_SEED / FUZZ_BUDGET override
+    # input layouts and cache keys the fixed check never draws; FUZZ_SEED / FUZZ_BUDGET override,
+    # FUZZ_ARGS adds options (e.g. --deterministic; split on spaces)
+    # shellcheck disable=SC2086
     timeout 570 python -m experiments.gpu_fuzz --budget "${FUZZ_BUDGET:-420}" \
-        --seed "${FUZZ_SEED:-0}" --out "$out" >"$out/fuzz.log" 2>&1
+        --seed "${FUZZ_SEED:-0}" ${FUZZ_ARGS:-} --out "$out" >"$out/fuzz.log" 2>&1
     summary="$(tail -n 14 "$out/fuzz.log" | cut -c1-400)"
     ;;
 weak)
