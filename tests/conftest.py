@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -149,3 +151,18 @@ def small_problem() -> dict:
         "causal": True,
         "mixing": "lse",
     }
+
+
+@contextmanager
+def deterministic_algorithms(flag: bool, warn_only: bool = False) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(flag, warn_only=...)`` inside the block, the mode of
+    before after it."""
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(flag, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])

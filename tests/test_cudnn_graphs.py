@@ -11,7 +11,7 @@ import types
 
 import pytest
 import torch
-from test_fa4 import deterministic_algorithms
+from conftest import deterministic_algorithms
 
 from ringattn.kernels import cudnn_graphs
 

@@ -15,12 +15,11 @@ from __future__ import annotations
 import sys
 import types
 import warnings
-from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 import torch
-from conftest import make_qkv, options, problems, rel_err
+from conftest import deterministic_algorithms, make_qkv, options, problems, rel_err
 from fake_fa4 import FakeFA4, installed
 from hypothesis import HealthCheck, given, settings
 from test_strategies import check_against_oracle
@@ -96,19 +95,6 @@ def with_fixture(max_examples: int) -> settings:
             HealthCheck.function_scoped_fixture,
         ],
     )
-
-
-@contextmanager
-def deterministic_algorithms(flag: bool, warn_only: bool = False) -> Iterator[None]:
-    before = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    torch.use_deterministic_algorithms(flag, warn_only=warn_only)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def sdpa_attention(problem: dict):

@@ -14,17 +14,10 @@ import types
 
 import pytest
 import torch
-from conftest import problems
+from conftest import deterministic_algorithms, problems
 from hypothesis import example, given
 from hypothesis import strategies as st
-from test_fa4 import (
-    KERNEL_DIMS,
-    deterministic_algorithms,
-    full_configs,
-    kernel_layouts,
-    sdpa_strategies,
-    with_fixture,
-)
+from test_fa4 import KERNEL_DIMS, full_configs, kernel_layouts, sdpa_strategies, with_fixture
 from test_fa4_group import GROUPED, GroupStandIn, fake_fa4, grouping  # noqa: F401  (fixtures)
 from test_fa4_zero import ZEROED, zeroing  # noqa: F401  (the fixture grouping uses)
 from test_strategies import check_against_oracle

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rel_err
-from test_fa4 import deterministic_algorithms
+from conftest import deterministic_algorithms, rel_err
 from test_strategies import check_against_oracle
 
 import ringattn

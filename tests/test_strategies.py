@@ -11,7 +11,7 @@ from typing import NamedTuple
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOLERANCE, make_qkv, options, problems, rel_err
+from conftest import TOLERANCE, deterministic_algorithms, make_qkv, options, problems, rel_err
 from gradient_bounds import (
     grad_floor,
     gradient_shifts,
@@ -120,6 +120,34 @@ def test_fp32_matches_oracle(p):
 @given(problems())
 def test_bf16_matches_oracle(p):
     check_against_oracle(p, torch.bfloat16)
+
+
+@settings(max_examples=10)
+@given(problems())
+def test_deterministic_algorithms_give_the_oracle_twice_in_the_same_bits(p):
+    """Under ``torch.use_deterministic_algorithms(True)`` torch fills every new tensor
+    (``torch.utils.deterministic.fill_uninitialized_memory``: NaN for floats), so a path that
+    reads memory it never wrote fails the oracle here, where elsewhere it may read zeros by luck;
+    and two runs of every strategy must give the same bits (docs/architecture.md, "Deterministic
+    mode": the CUDA kernels' choices in that mode; these are the CPU's)."""
+    q, k, v = make_qkv(p, torch.float32)
+    grad_out = torch.randn_like(q)
+    with deterministic_algorithms(True):
+        check_against_oracle(p, torch.float32)
+        for strategy in local_strategies():
+            if not supports_backward(strategy, q.device, torch.float32):
+                continue
+            runs = []
+            for _ in range(2):
+                inputs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+                out = ringattn.dilated_attention(
+                    *inputs, **options(p), strategy=strategy, compile=False
+                )
+                runs.append([out, *torch.autograd.grad(out, inputs, grad_out)])
+            for first, second in zip(*runs, strict=True):
+                assert torch.equal(first.view(torch.int32), second.view(torch.int32)), (
+                    strategy.label
+                )
 
 
 @settings(max_examples=5)
