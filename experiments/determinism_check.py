@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 import ringattn
+from experiments import make_out, require_positive
 from experiments.ablate import dict_rows_to_markdown, median_ms
 from experiments.bench import check, with_grads
 from ringattn.kernels import fa4
@@ -136,8 +137,8 @@ def measure(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=32768, help="sequence length (default: %(default)s)")
-    p.add_argument("--lengths", type=int, nargs="+", default=LENGTHS, help="segment lengths")
-    p.add_argument("--rates", type=int, nargs="+", default=RATES, help="dilation rates")
+    p.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS), help="segment lengths")
+    p.add_argument("--rates", type=int, nargs="+", default=list(RATES), help="dilation rates")
     p.add_argument("--heads", type=int, default=16, help="heads (default: %(default)s)")
     p.add_argument("--dim", type=int, default=128, help="head dim (default: %(default)s)")
     p.add_argument(
@@ -149,13 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--paths",
         nargs="+",
+        choices=list(CUDA_PATHS),
         default=None,
-        help=f"CUDA kernel paths (default: all of {list(CUDA_PATHS)})",
+        help="CUDA kernel paths (default: all)",
     )
     p.add_argument(
         "--device",
+        choices=("cuda", "cpu"),
         default="cuda" if torch.cuda.is_available() else "cpu",
-        help="cuda (where there is one) or cpu",
+        help="cuda (the default where there is one) or cpu",
     )
     p.add_argument(
         "--out",
@@ -164,15 +167,18 @@ def main(argv: list[str] | None = None) -> int:
         help="folder for determinism_check.{json,md} (default: %(default)s)",
     )
     args = p.parse_args(argv)
+    require_positive(p, args, "n", "lengths", "rates", "heads", "dim", "repeats")
+    if args.check_n < 0:
+        p.error(f"--check-n must be >= 0, got {args.check_n}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but CUDA is not available here")
+    make_out(p, args.out)  # (before any row: a folder it cannot make lost the run's rows)
     device = torch.device(args.device)
     args.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     args.batch, args.lengths, args.rates = 1, tuple(args.lengths), tuple(args.rates)
     # (batch, lengths, rates, dtype: what bench.check reads)
     if device.type == "cuda":
-        paths = args.paths or list(CUDA_PATHS)
-        unknown = sorted(set(paths) - set(CUDA_PATHS))
-        if unknown:
-            p.error(f"--paths: unknown {unknown}; choose from {list(CUDA_PATHS)}")
+        paths = list(args.paths or CUDA_PATHS)
         probe = torch.empty(1, 2, 1, args.dim, device=device, dtype=args.dtype)
         if "fa4" in paths and not fa4.available(probe):
             print("fa4: FlashAttention-4 is not available here; that path is left out")
@@ -189,8 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     for off, on in zip(rows[::2], rows[1::2], strict=True):
         if "fwdbwd_ms" in off and "fwdbwd_ms" in on:
             on["cost"] = round(on["fwdbwd_ms"] / off["fwdbwd_ms"], 3)
-    args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"torch": torch.__version__, "device": str(device), "n": args.n, "argv": sys.argv}
+    command = [
+        "python",
+        "-m",
+        "experiments.determinism_check",
+        *(sys.argv[1:] if argv is None else argv),
+    ]
+    meta = {"torch": torch.__version__, "device": str(device), "n": args.n, "command": command}
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
     (args.out / "determinism_check.json").write_text(json.dumps({"meta": meta, "rows": rows}))

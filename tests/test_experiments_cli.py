@@ -1383,3 +1383,21 @@ def test_determinism_check_fails_a_run_that_differs(tmp_path, monkeypatch):
     assert determinism_check.main([*argv, "--check-n", "0", "--out", str(tmp_path)]) == 1
     rows = json.loads((tmp_path / "determinism_check.json").read_text())["rows"]
     assert all(not r["same"] and r["differ"] == 3 for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+        (["--lengths", "16", "0"], "--lengths must be >= 1, got [16, 0]"),
+        (["--check-n", "-1"], "--check-n must be >= 0, got -1"),
+        (["--paths", "fa3"], "argument --paths: invalid choice: 'fa3'"),
+        (["--device", "cuda"], "--device cuda, but CUDA is not available here"),
+    ],
+)
+def test_determinism_check_refuses_bad_options_in_one_line(argv, message, capsys, monkeypatch):
+    from experiments import determinism_check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    device = [] if "--device" in argv else ["--device", "cpu"]
+    assert message in refused(determinism_check.main, [*argv, *device], capsys)
