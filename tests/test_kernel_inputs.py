@@ -160,6 +160,36 @@ def test_torchs_cudnn_backward_is_left_out_under_deterministic_algorithms(monkey
         assert computer._cudnn_backward(q) is cudnn
 
 
+@pytest.mark.parametrize(
+    ("mode", "op"), [("off", "cudnn"), ("warn_only", "cudnn"), ("on", "flash")]
+)
+def test_the_backward_calls_flash_attention_2_not_torchs_cudnn_op_in_strict_mode(
+    monkeypatch, mode, op
+):
+    """The op :meth:`SDPAComputer.backward` calls on CUDA bf16 blocks (meta tensors stand in:
+    neither CPU nor float32, so its CUDA branches decide): torch's cuDNN backward, or under
+    strict deterministic algorithms FlashAttention-2's (``_cudnn_backward`` is what decides,
+    not only what the test above asks)."""
+    monkeypatch.setattr(sdpa, "CUDNN_AVAILABLE", True)
+    called: list[str] = []
+
+    class Aten:
+        def __getattr__(self, name):
+            def kernel(*args, **kwargs):
+                called.append(name)
+                return tuple(torch.empty_like(args[1]) for _ in range(3))  # (dq, dk, dv)
+
+            return kernel
+
+    monkeypatch.setattr(sdpa, "aten", Aten())
+    q = torch.empty(1, 4, 2, 8, dtype=torch.bfloat16, device="meta")
+    lse = torch.empty(1, 4, 2, dtype=torch.float32, device="meta")
+    with deterministic_algorithms(mode != "off", warn_only=mode == "warn_only"):
+        grads = SDPAComputer().backward(q, q, q, q, q, lse, True, 0.5)
+    assert called == [f"_scaled_dot_product_{op}_attention_backward"]
+    assert all(g.shape == q.shape for g in grads)
+
+
 def test_the_deterministic_mode_is_a_launch_option():
     """Prepared launches are keyed by the computer's launch options: a mode switched on a live
     module would otherwise keep the launchers (cuDNN's graphs, the grouped backward) of before."""
