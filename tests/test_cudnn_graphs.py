@@ -83,6 +83,47 @@ def test_the_backward_graph_takes_the_deterministic_schedule_in_that_mode(builds
     assert asked == [True, False]
 
 
+def test_the_frontend_is_asked_for_its_deterministic_backward_in_that_mode(builds, monkeypatch):
+    """What the real ``_backward_graph`` hands the frontend's ``sdpa_backward`` (a stand-in
+    frontend records it): ``use_deterministic_algorithm`` as the mode was when the launcher was
+    made (the test above stands in for ``_backward_graph`` itself, so it cannot see this)."""
+    asked: list[object] = []
+
+    class Node:
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: self  # (set_uid(...).set_output(...)...)
+
+    class PyGraph:
+        def tensor(self, **kwargs):
+            return Node()
+
+        def sdpa_backward(self, **kwargs):
+            asked.append(kwargs.get("use_deterministic_algorithm"))
+            return Node(), Node(), Node()
+
+        def __getattr__(self, name):  # validate, build_operation_graph, ...: nothing to do
+            return lambda *args, **kwargs: None
+
+        def get_workspace_size(self):
+            return 0
+
+    names = types.SimpleNamespace
+    frontend = names(
+        pygraph=lambda **kwargs: PyGraph(),
+        data_type=names(FLOAT=0, BFLOAT16=1, HALF=2),
+        diagonal_alignment=names(TOP_LEFT=0),
+        heur_mode=names(A=0, FALLBACK=1),
+    )
+    monkeypatch.setattr(cudnn_graphs, "cudnn", frontend)
+    monkeypatch.setattr(cudnn_graphs, "_handle", lambda device: None)
+    x = torch.zeros(1, 8, 2, 16, dtype=torch.bfloat16)
+    lse = torch.zeros(1, 8, 2)
+    for flag in (True, False, True):
+        with deterministic_algorithms(flag):
+            assert cudnn_graphs.backward_launcher(x, x, x, x, x, lse, x, x, x, False, 0.25)
+    assert asked == [True, False]  # (the third: the first one's graph, by its key)
+
+
 def test_graphs_are_bounded_the_oldest_dropped(builds, monkeypatch):
     """A graph's key holds every shape and scale: a sweep over sequence lengths, batch sizes or
     scales kept one graph (and its kernels) per signature for the process's life, unbounded."""
