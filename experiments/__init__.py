@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import argparse
+
+    from torch import Tensor
 
     class _Line(Protocol):
         # matplotlib's Line2D.get_ydata is ArrayLike, which mypy cannot iterate
@@ -27,6 +30,39 @@ def require_cuda(prog: str) -> None:
 
     if not torch.cuda.is_available():
         raise SystemExit(f"{prog}: error: this tool times CUDA kernels; CUDA is not available here")
+
+
+def fixed_cublas_workspace() -> None:
+    """``CUBLAS_WORKSPACE_CONFIG`` set (unless given): without it cuBLAS refuses to run under
+    ``torch.use_deterministic_algorithms`` (the float64 oracle's matmuls, and any model's). Call
+    it before any CUDA work: the workspace is chosen when CUDA first makes a cuBLAS handle."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+@contextmanager
+def deterministic_algorithms(flag: bool = True, warn_only: bool = False) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(flag, warn_only=...)`` inside the block, the mode of
+    before (its ``warn_only`` too) after it."""
+    import torch
+
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(flag, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def bits(x: Tensor) -> Tensor:
+    """``x``'s elements as integers of their width: equal where the values are equal bit for
+    bit (NaN equals the same NaN, and -0.0 is not 0.0)."""
+    import torch
+
+    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return x.view(width[x.element_size()])
 
 
 def require_torchrun(prog: str) -> None:

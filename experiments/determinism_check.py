@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -32,14 +31,16 @@ from typing import Any
 import torch
 
 import ringattn
-from experiments import make_out, require_positive
+from experiments import (
+    bits,
+    deterministic_algorithms,
+    fixed_cublas_workspace,
+    make_out,
+    require_positive,
+)
 from experiments.ablate import dict_rows_to_markdown, median_ms
 from experiments.bench import check, with_grads
 from ringattn.kernels import fa4
-
-# cuBLAS refuses to run under torch.use_deterministic_algorithms without it (the float64
-# oracle's matmuls, and any of a model's); set before CUDA starts
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 LENGTHS = (2048, 4096, 8192, 16384, 32768)  # issue 5's configs
 RATES = (1, 2, 4, 8, 16)
@@ -68,18 +69,12 @@ def make_module(
     return module
 
 
-def _bits(x: torch.Tensor) -> torch.Tensor:
-    return x.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
-
-
 def differing(runs: list[list[torch.Tensor]]) -> int:
     """The most elements of one result (the output or a gradient) whose bits a later run has
     other than the first run's."""
     first = runs[0]
     return max(
-        int((_bits(x) != _bits(y)).sum())
-        for run in runs[1:]
-        for x, y in zip(first, run, strict=True)
+        int((bits(x) != bits(y)).sum()) for run in runs[1:] for x, y in zip(first, run, strict=True)
     )
 
 
@@ -98,38 +93,28 @@ def measure(
         "causal": causal,
         "deterministic": deterministic,
     }
-    before = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    torch.use_deterministic_algorithms(deterministic)
     try:
-        module = make_module(mixing, causal, settings, args)
-        gen = torch.Generator(device=device).manual_seed(0)
-        shape = (1, args.n, args.heads, args.dim)
-        q, k, v, dout = (
-            torch.randn(shape, device=device, dtype=args.dtype, generator=gen) for _ in range(4)
-        )
-        runs = [with_grads(module, q, k, v, dout) for _ in range(3)]
-        row["differ"] = differing(runs)
-        row["same"] = row["differ"] == 0
-        del runs
-        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        with deterministic_algorithms(deterministic):
+            module = make_module(mixing, causal, settings, args)
+            gen = torch.Generator(device=device).manual_seed(0)
+            shape = (1, args.n, args.heads, args.dim)
+            q, k, v, dout = (
+                torch.randn(shape, device=device, dtype=args.dtype, generator=gen) for _ in range(4)
+            )
+            runs = [with_grads(module, q, k, v, dout) for _ in range(3)]
+            row["differ"] = differing(runs)
+            row["same"] = row["differ"] == 0
+            del runs
+            leaves = [x.detach().requires_grad_() for x in (q, k, v)]
 
-        def step() -> None:
-            module(*leaves).backward(dout)
+            def step() -> None:
+                module(*leaves).backward(dout)
 
-        row["fwdbwd_ms"] = median_ms(step, device, 1, args.repeats)
-        if args.check_n:
-
-            def make(*qkv: torch.Tensor) -> torch.Tensor:
-                return module(*qkv)
-
-            row["oracle_err"] = check(make, mixing, causal, args, device)
+            row["fwdbwd_ms"] = median_ms(step, device, 1, args.repeats)
+            if args.check_n:
+                row["oracle_err"] = check(module, mixing, causal, args, device)
     except Exception as exc:  # (a failing row is reported; the others still run)
         row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
     print(json.dumps(row), flush=True)
     return row
 
@@ -173,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda, but CUDA is not available here")
     make_out(p, args.out)  # (before any row: a folder it cannot make lost the run's rows)
+    fixed_cublas_workspace()  # (before any CUDA work)
     device = torch.device(args.device)
     args.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     args.batch, args.lengths, args.rates = 1, tuple(args.lengths), tuple(args.rates)

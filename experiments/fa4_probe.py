@@ -70,7 +70,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from experiments import add_heads, make_out, require_cuda, require_positive, worst
+from experiments import (
+    add_heads,
+    deterministic_algorithms,
+    make_out,
+    require_cuda,
+    require_positive,
+    worst,
+)
 from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, failure
 from ringattn.flops import FORWARD_BACKWARD_FACTOR, tflops
 
@@ -231,10 +238,8 @@ def determinism(n: int, h: int, d: int, repeats: int, device: torch.device) -> l
     out, lse = _cudnn(q, k, v, False, d**-0.5)
     lse = lse.transpose(1, 2)  # fa4.backward takes the core's [B, L, H]
     rows: list[dict[str, Any]] = []
-    before = torch.are_deterministic_algorithms_enabled()
-    try:
-        for flag in (False, True):
-            torch.use_deterministic_algorithms(flag)
+    for flag in (False, True):
+        with deterministic_algorithms(flag):
             fn = partial(fa4.backward, dout, q, k, v, out, lse, False, d**-0.5)
             first, second = fn(), fn()
             rows.append(
@@ -244,9 +249,7 @@ def determinism(n: int, h: int, d: int, repeats: int, device: torch.device) -> l
                     "bwd_ms": _events_ms(fn, 2, repeats),
                 }
             )
-            print(json.dumps(rows[-1]), flush=True)
-    finally:
-        torch.use_deterministic_algorithms(before)
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 

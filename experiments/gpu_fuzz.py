@@ -44,13 +44,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -58,7 +57,14 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import torch
 
 import ringattn
-from experiments import make_out, require_positive, worst
+from experiments import (
+    bits,
+    deterministic_algorithms,
+    fixed_cublas_workspace,
+    make_out,
+    require_positive,
+    worst,
+)
 from experiments.ablate import dict_rows_to_markdown, rel_err
 from experiments.bench import failure
 from ringattn import reference
@@ -207,7 +213,7 @@ def together(calls: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
 def same_bits(got: Result, before: Result) -> bool:
     """Whether two results (output and gradients) are equal bit for bit (NaN included)."""
     pairs = zip((got[0], *got[1]), (before[0], *before[1]), strict=True)
-    return all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in pairs)
+    return all(torch.equal(bits(a), bits(b)) for a, b in pairs)
 
 
 def check_module(
@@ -681,18 +687,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.deterministic and args.threads > 1:
         parser.error("--deterministic compares one thread's calls: not with --threads > 1")
-    mode = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
     if args.deterministic:
-        # (cuBLAS refuses that mode without it: the oracle's and math's matmuls)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    try:
+        fixed_cublas_workspace()  # (the oracle's and math's matmuls)
+    with deterministic_algorithms() if args.deterministic else nullcontext():
         rows, draws, problems = fuzz(args, device)
-    finally:
-        torch.use_deterministic_algorithms(mode[0], warn_only=mode[1])
     checked = [r for r in rows if "ok" in r]
     bad = [r for r in checked if not r["ok"]]
     refused = Counter(r["refused"] for r in rows if "refused" in r)
