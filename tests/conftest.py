@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from experiments import deterministic_algorithms as deterministic_algorithms  # (tests import it)
 from ringattn import reference
 from ringattn.computers.flex import inductor_compiles_flex_on_cpu
 
@@ -150,3 +151,19 @@ def small_problem() -> dict:
         "causal": True,
         "mixing": "lse",
     }
+
+
+@contextmanager
+def deterministic_algorithms(flag: bool, warn_only: bool = False) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(flag, warn_only=...)`` inside the block, the mode of
+    before after it. (``experiments.deterministic_algorithms`` is the same; not imported from
+    there, because notebooks import this module with only ``tests/`` on their path.)"""
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(flag, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
