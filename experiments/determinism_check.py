@@ -1,13 +1,15 @@
 """Do ``torch.use_deterministic_algorithms(True)``'s runs give the same bits? (GPU; CPU runs too)
 
     python -m experiments.determinism_check [--n 32768] [--check-n 32768] [--repeats 5]
-        [--paths fa4 cudnn cudnn_op flash] [--out DIR]
+        [--paths fa4 cudnn cudnn_op flash] [--dtype bfloat16] [--out DIR]
 
 For each of ``sdpa``'s kernel paths on CUDA (``fa4``: the defaults, FlashAttention-4 where it is
 installed; ``cudnn``: torch's kernels, cuDNN through its frontend where that is installed;
-``cudnn_op``: torch's cuDNN op, ``in_place = False``; ``flash``: FlashAttention-2; on a CPU the
-one ``cpu`` path), both mixings, causal and not, with the mode off and on: issue 5's shape
-(``segment_local/sdpa``, ``pooled``) forward+backward three times on the same inputs, and
+``cudnn_op``: torch's cuDNN op, ``in_place = False``; ``flash``: FlashAttention-2; with
+``--dtype float32`` on CUDA the one ``efficient`` path, torch's memory-efficient attention, which
+every setting picks for float32; on a CPU the one ``cpu`` path), both mixings, causal and not,
+with the mode off and on: issue 5's shape (``segment_local/sdpa``, ``pooled``) forward+backward
+three times on the same inputs, and
 
 * whether the output and the three gradients are bit-identical over the three runs (``same``),
   and how many elements of them differ from the first run's at most (``differ``);
@@ -44,6 +46,7 @@ from ringattn.kernels import fa4
 
 LENGTHS = (2048, 4096, 8192, 16384, 32768)  # issue 5's configs
 RATES = (1, 2, 4, 8, 16)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 # each path's SDPAComputer settings (instance attributes of the module's computer)
 CUDA_PATHS: dict[str, dict[str, object]] = {
@@ -140,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         help="CUDA kernel paths (default: all)",
     )
     p.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default=None,
+        help="bfloat16 (the default on CUDA), float16 or float32 (the default on a CPU)",
+    )
+    p.add_argument(
         "--device",
         choices=("cuda", "cpu"),
         default="cuda" if torch.cuda.is_available() else "cpu",
@@ -160,10 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     make_out(p, args.out)  # (before any row: a folder it cannot make lost the run's rows)
     fixed_cublas_workspace()  # (before any CUDA work)
     device = torch.device(args.device)
-    args.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    default_dtype = "bfloat16" if device.type == "cuda" else "float32"
+    args.dtype = DTYPES[args.dtype or default_dtype]
     args.batch, args.lengths, args.rates = 1, tuple(args.lengths), tuple(args.rates)
     # (batch, lengths, rates, dtype: what bench.check reads)
-    if device.type == "cuda":
+    if device.type == "cuda" and args.dtype == torch.float32:
+        paths = ["efficient"]  # (FA4, cuDNN and FlashAttention-2 take no float32)
+    elif device.type == "cuda":
         paths = list(args.paths or CUDA_PATHS)
         probe = torch.empty(1, 2, 1, args.dim, device=device, dtype=args.dtype)
         if "fa4" in paths and not fa4.available(probe):
@@ -187,7 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         "experiments.determinism_check",
         *(sys.argv[1:] if argv is None else argv),
     ]
-    meta = {"torch": torch.__version__, "device": str(device), "n": args.n, "command": command}
+    meta = {
+        "torch": torch.__version__,
+        "device": str(device),
+        "dtype": str(args.dtype),
+        "n": args.n,
+        "command": command,
+    }
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
     (args.out / "determinism_check.json").write_text(json.dumps({"meta": meta, "rows": rows}))

@@ -42,6 +42,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh threads  # <9.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh typing   # <9.5 min
 #   source experiments/fa4_env.sh || exit 1; OLD_TREE=old bash experiments/gpu_session.sh determinism # <9.5 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh dtypes   # <9 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh ops      # <9.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh flex_groups # <9 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh merge_cost # ~2 min
@@ -91,7 +92,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh determinism|typing|threads|grads|review|ops|record|trees|graphs|first_checks|batch|batch_more|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh determinism|dtypes|typing|threads|grads|review|ops|record|trees|graphs|first_checks|batch|batch_more|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -795,6 +796,15 @@ determinism)
     summary="$(cat "$out/rc.log")
 $(grep -h "^|" "$out/new/determinism_check.md" "$out"/old/determinism_check.md 2>/dev/null |
         cut -d'|' -f2-10)"
+    ;;
+dtypes)
+    # stop 80: the determinism part's check in the dtypes it did not run: float32 (torch's
+    # memory-efficient attention, which every path picks; is its backward deterministic in that
+    # mode?) and float16 on every path
+    script 200 determinism_check --dtype float32 --out "$out/float32"
+    script 330 determinism_check --dtype float16 --out "$out/float16"
+    summary="$(cat "$out/rc.log")
+$(grep -h "^|" "$out"/float*/determinism_check.md 2>/dev/null | cut -d'|' -f2-10)"
     ;;
 fuzz)
     # random problems against the oracle on the GPU (experiments/gpu_fuzz.py): head dims, dtypes,

@@ -1367,9 +1367,16 @@ def test_determinism_check_runs_on_the_cpu(tmp_path):
     argv = ["--n", "64", "--lengths", "16", "32", "--rates", "1", "2", "--heads", "2"]
     argv += ["--dim", "8", "--check-n", "64", "--repeats", "1", "--out", str(tmp_path)]
     assert determinism_check.main(argv) == 0
-    rows = json.loads((tmp_path / "determinism_check.json").read_text())["rows"]
+    written = json.loads((tmp_path / "determinism_check.json").read_text())
+    rows = written["rows"]
     assert len(rows) == 8 and all(r["same"] and r["oracle_err"] < 1e-5 for r in rows)
     assert [r["deterministic"] for r in rows] == [False, True] * 4
+    assert written["meta"]["dtype"] == "torch.float32"  # (a CPU's default)
+    # --dtype reaches the inputs: bfloat16's oracle error is bfloat16's, not float32's
+    assert determinism_check.main([*argv, "--dtype", "bfloat16"]) == 0
+    written = json.loads((tmp_path / "determinism_check.json").read_text())
+    assert written["meta"]["dtype"] == "torch.bfloat16"
+    assert all(1e-4 < r["oracle_err"] < 2e-2 for r in written["rows"])
 
 
 def test_determinism_check_fails_a_run_that_differs(tmp_path, monkeypatch):
@@ -1392,6 +1399,7 @@ def test_determinism_check_fails_a_run_that_differs(tmp_path, monkeypatch):
         (["--lengths", "16", "0"], "--lengths must be >= 1, got [16, 0]"),
         (["--check-n", "-1"], "--check-n must be >= 0, got -1"),
         (["--paths", "fa3"], "argument --paths: invalid choice: 'fa3'"),
+        (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
         (["--device", "cuda"], "--device cuda, but CUDA is not available here"),
     ],
 )
