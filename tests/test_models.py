@@ -900,6 +900,38 @@ def test_longnet_built_on_meta_keeps_its_head_tied_to_the_embedding():
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in direct.parameters())
 
 
+class _Doubled(torch.nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return 2 * weight
+
+
+@pytest.mark.parametrize("tied", ["embed", "head"])
+def test_a_parametrized_tied_weight_converts_and_loads(tied):
+    """A parametrization (``torch.nn.utils.parametrize``: a LoRA, ``orthogonal``) on the
+    embedding or the head: the tie assigned the computed weight as the head's Parameter, so
+    ``.double()`` raised TypeError (embedding) or KeyError (head) after converting the
+    parameters, as did ``load_state_dict`` (its post-hook). The stored Parameter stays shared."""
+    from torch.nn.utils import parametrize
+
+    def build() -> LongNet:
+        model = _tiny_model(depth=1)
+        parametrize.register_parametrization(getattr(model, tied), "weight", _Doubled())
+        return model
+
+    model, tokens = build(), torch.randint(0, 32, (1, 8))
+    want = model(tokens)
+    fresh = build()
+    fresh.load_state_dict(model.state_dict())
+    model.double()
+    for loaded in (fresh, model):
+        head, embed = (
+            m.parametrizations.weight.original if m is getattr(loaded, tied) else m.weight
+            for m in (loaded.head, loaded.embed)
+        )
+        assert head is embed
+        torch.testing.assert_close(loaded(tokens).float(), want)
+
+
 def _tiny_model(depth: int = 2) -> LongNet:
     torch.manual_seed(0)
     config = LongNetConfig(

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ringattn.api import DilatedAttention
 from ringattn.capture import compiling
@@ -75,9 +76,25 @@ def _check_ids(name: str, ids: object, dims: int | None = None) -> None:
     raise TypeError(f"{name} must be an integer (int64 or int32) {layout}tensor, got {got}{shape}")
 
 
+def _stored_weight(module: nn.Module) -> tuple[nn.Module, str] | None:
+    """Where ``module``'s weight Parameter is held: ``module.weight``, or where a
+    parametrization (``torch.nn.utils.parametrize``: a LoRA, ``orthogonal``) computes the
+    weight, its one stored ``original``; None where it is stored as several (``weight_norm``'s
+    magnitude and direction): no one Parameter to share."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return module, "weight"
+    stored = cast(nn.ModuleDict, module.parametrizations)["weight"]
+    return (stored, "original") if getattr(stored, "is_tensor", False) else None
+
+
 def _tie(model: LongNet, _incompatible_keys: object = None) -> None:
-    """The head shares the embedding's weight (also a load_state_dict post-hook)."""
-    model.head.weight = model.embed.weight
+    """The head shares the embedding's weight Parameter (also a load_state_dict post-hook).
+    Where a parametrization computes either weight, the Parameter shared is the one it stores
+    (``register_parametrization`` keeps the tied one): assigning its computed weight raised a
+    TypeError or KeyError in every ``.to()``, ``.half()`` and ``load_state_dict`` of the model."""
+    head, embed = _stored_weight(model.head), _stored_weight(model.embed)
+    if head is not None and embed is not None:
+        setattr(*head, getattr(*embed))
 
 
 # the targets' rule, as the eager check and the compiled one (check_target_ids) state it
