@@ -460,3 +460,43 @@ def test_the_functional_forms_modules_wait_for_a_lookup_in_another_thread():
         assert not done.wait(0.2), "a functional call ran while another held its modules"
     worker.join(30)
     assert done.is_set()
+
+
+def test_copies_of_a_used_module_keep_caches_of_their_own():
+    """A used pooled module, deep-copied, pickled and ``torch.save``d: each copy starts with
+    empty caches (nothing pooled in its pickle), fills its own manager (not the original's,
+    which a kept spec would name), and the copy and the original used in turn, at other
+    shapes and dtypes, with gradients, stay exact; as does the original after ``.double()``."""
+    import copy
+    import io
+    import pickle
+
+    p = {"segment_lengths": (8, 16), "dilation_rates": (1, 2), "causal": True, "mixing": "lse"}
+    strategy = ringattn.Strategy(dilation="global", computer="sdpa", memory="pooled")
+    used = ringattn.DilatedAttention(**options(p), strategy=strategy)
+
+    def check(module, shape, dtype):
+        q, k, v = make_qkv({**p, **dict(zip("bnhd", shape))}, dtype, requires_grad=True)
+        wide = [x.detach().double().requires_grad_() for x in (q, k, v)]
+        out, ref = module(q, k, v), reference.dilated_attention(*wide, **options(p))
+        torch.autograd.backward((out, ref), (torch.ones_like(out), torch.ones_like(ref)))
+        for got, want in zip((out, q.grad, k.grad, v.grad), (ref, *(x.grad for x in wide))):
+            assert rel_err(got, want) <= reference.TOLERANCE[dtype]
+
+    check(used, (1, 32, 2, 8), torch.float32)
+    kept = used.memory.stats()
+    saved = io.BytesIO()
+    torch.save(used, saved)
+    pickled = pickle.dumps(used)
+    assert len(pickled) < 4096  # (its patterns and buffers stay behind)
+    saved.seek(0)
+    copies = [copy.deepcopy(used), pickle.loads(pickled), torch.load(saved, weights_only=False)]
+    for twin in copies:
+        assert twin.memory.held_bytes() == 0
+        check(twin, (1, 32, 2, 8), torch.float32)
+        assert twin.memory.held_bytes() > 0 and used.memory.stats() == kept
+        check(used, (2, 24, 3, 4), torch.float64)
+        check(twin, (2, 24, 3, 4), torch.float32)
+        check(used, (1, 32, 2, 8), torch.float32)
+        kept = used.memory.stats()
+    check(used.double(), (1, 40, 2, 8), torch.float64)
