@@ -168,6 +168,31 @@ def check_plain(q: Tensor, k: Tensor, v: Tensor) -> None:
             raise ValueError(f"{rule}, got shape {tuple(q.shape)}")
 
 
+# the dtypes torch.autocast casts (float64 it leaves alone)
+_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def autocast_inputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v as ``F.scaled_dot_product_attention`` takes them under ``torch.autocast``: each
+    dense float16 / bfloat16 / float32 input cast to autocast's dtype on its device, before the
+    rules that hold q, k and v to one dtype. Cast after them, a float32 q with the bf16 k and v
+    of an autocast projection was refused ("k.dtype must equal q.dtype"), where SDPA runs it.
+    Nothing is cast where an input is float64 (autocast's exception), so a mismatch there is
+    refused naming the dtypes passed; anything else is left for the rules to name."""
+    inputs = (q, k, v)
+    dense = all(
+        isinstance(x, Tensor) and x.layout == torch.strided and not x.is_nested for x in inputs
+    )
+    if not dense or any(x.dtype == torch.float64 for x in inputs):
+        return q, k, v
+
+    def cast(x: Tensor) -> Tensor:
+        dtype = autocast_dtype(x.device.type)
+        return x.to(dtype) if dtype is not None and x.dtype in _AUTOCAST_ELIGIBLE else x
+
+    return cast(q), cast(k), cast(v)
+
+
 def refuse_dual(q: object, k: object, v: object) -> None:
     """A TypeError for forward-mode AD dual tensors (``torch.autograd.forward_ad``, which
     ``torch.func.jvp`` / ``jacfwd`` make): sdpa raised torch's NotImplementedError, math computed
@@ -666,6 +691,9 @@ class DilatedAttention(nn.Module):
                 refuse_functorch(q, k, v)
             except TypeError as exc:  # on every rank, where sequence-parallel
                 self.refuse_across_ranks(exc, distributed.device_of(q))
+        # as F.scaled_dot_product_attention does under autocast, before the rules (the core
+        # itself runs with autocast off, in its inputs' dtype: core.input_precision)
+        q, k, v = autocast_inputs(q, k, v)
         if self.communicator.distributed and not tracing:
             self.check_across_ranks(q, k, v)
         if tracing:  # the same rules, traced into guards (no beartype frames in the graph)
@@ -676,12 +704,6 @@ class DilatedAttention(nn.Module):
         else:
             self._validate(q, k, v)
         q, k, v = packed_rows(q), packed_rows(k), packed_rows(v)
-        autocast = autocast_dtype(q.device.type)
-        if autocast is not None and q.dtype != autocast and q.dtype != torch.float64:
-            # as F.scaled_dot_product_attention does: float32, and the other half dtype, run in
-            # autocast's (float64 is left as it is; the core itself runs with autocast off, in
-            # its inputs' dtype: core.input_precision)
-            q, k, v = (x.to(autocast) for x in (q, k, v))
         # autograd.Function under Dynamo refuses the same tensor twice (self-attention with
         # q is k is v); distinct views of one storage are fine and cost nothing
         if k is q:

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 from ringattn import distributed, registry
-from ringattn.api import _DEFAULT_STRATEGY, DilatedAttention, check_plain
+from ringattn.api import _DEFAULT_STRATEGY, DilatedAttention, autocast_inputs, check_plain
 from ringattn.capture import compiling
 from ringattn.config import int_sequence, type_name
 from ringattn.strategy import Strategy
@@ -166,6 +166,7 @@ def _eager_functional(q: Tensor, k: Tensor, v: Tensor, options: dict[str, Any]) 
     once per input signature; the options by the module's constructor, which every option set
     new to the cache reaches (the cache's key holds each option's type, and the lengths and
     rates as int_sequence checked them)."""
+    q, k, v = autocast_inputs(q, k, v)  # (first, as the module's call: F.sdpa's rule)
     try:
         check_plain(q, k, v)  # (its errors name the argument and the rule, before beartype's)
         module = _functional_module(**options)

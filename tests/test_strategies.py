@@ -750,6 +750,29 @@ def test_autocast_runs_every_strategy_in_its_dtype(strategy, small_problem):
         assert module(q, k, v).dtype == torch.float64
 
 
+def test_autocast_takes_inputs_of_mixed_dtypes_as_sdpa_does(small_problem):
+    """Under torch.autocast each input is cast before the rule that q, k and v share a dtype, as
+    F.scaled_dot_product_attention casts them: a float32 q with the bf16 k, v of an autocast
+    projection runs (it was refused: "k.dtype must equal q.dtype"), module and functional form,
+    and equals the call on inputs cast beforehand; each gradient has its input's dtype. A float64
+    input is cast by nothing, so a mismatch with it is refused naming the dtypes passed."""
+    p = small_problem
+    module = ringattn.DilatedAttention(**options(p), compile=False)
+    q, k, v = make_qkv(p, torch.float32)
+    q.requires_grad_()
+    k, v = (x.bfloat16().requires_grad_() for x in (k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(q, k, v)
+        functional = ringattn.dilated_attention(q, k, v, **options(p), compile=False)
+    out.float().sum().backward()
+    with torch.no_grad():
+        cast = module(q.bfloat16(), k, v)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, cast) and torch.equal(functional, cast)
+    assert (q.grad.dtype, k.grad.dtype, v.grad.dtype) == (torch.float32, *(torch.bfloat16,) * 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="float64"):
+        module(q.double(), k.float(), v.float())
+
+
 def test_the_output_rounding_model_explains_a_sharp_softmaxs_gradient_error():
     """Pins :func:`propagated_output_errors` on a case found by hypothesis: bf16, ``scale=1.7``.
     Against the oracle, the block kernels' dK misses by more than 4x the naive baseline's error
