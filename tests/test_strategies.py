@@ -773,6 +773,31 @@ def test_autocast_takes_inputs_of_mixed_dtypes_as_sdpa_does(small_problem):
         module(q.double(), k.float(), v.float())
 
 
+def test_a_backward_inside_autocast_runs_in_the_inputs_dtype(small_problem):
+    """A backward called inside the autocast region (``loss.backward()`` under the ``with``)
+    computes what one outside does, and what the call on inputs cast beforehand gives: the core's
+    backward runs with autocast off too, so the math computer's float32 einsums stay float32."""
+    p = small_problem
+    module = ringattn.DilatedAttention(
+        **options(p), strategy=ringattn.Strategy(computer="math"), compile=False
+    )
+
+    def grads(inside: bool, dtype: torch.dtype) -> list[torch.Tensor]:
+        q, k, v = make_qkv(p, dtype, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(q, k, v)
+            if inside:
+                out.float().square().sum().backward()
+        if not inside:
+            out.float().square().sum().backward()
+        return [x.grad for x in (q, k, v)]
+
+    inside, outside = grads(True, torch.float32), grads(False, torch.float32)
+    cast = grads(False, torch.bfloat16)
+    for a, b, c in zip(inside, outside, cast):
+        assert a.dtype == torch.float32 and torch.equal(a, b) and torch.equal(a.bfloat16(), c)
+
+
 def test_the_output_rounding_model_explains_a_sharp_softmaxs_gradient_error():
     """Pins :func:`propagated_output_errors` on a case found by hypothesis: bf16, ``scale=1.7``.
     Against the oracle, the block kernels' dK misses by more than 4x the naive baseline's error
