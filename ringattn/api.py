@@ -179,6 +179,11 @@ def autocast_inputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Te
     of an autocast projection was refused ("k.dtype must equal q.dtype"), where SDPA runs it.
     Nothing is cast where an input is float64 (autocast's exception), so a mismatch there is
     refused naming the dtypes passed; anything else is left for the rules to name."""
+    # autocast off, every call but a user's autocast region's: one C call (this runs per call,
+    # on the host-bound path; inputs on other devices than q's are refused by the rules after)
+    dtype = autocast_dtype(q.device.type) if isinstance(q, Tensor) else None
+    if dtype is None:
+        return q, k, v
     inputs = (q, k, v)
     dense = all(
         isinstance(x, Tensor) and x.layout == torch.strided and not x.is_nested for x in inputs
@@ -187,8 +192,7 @@ def autocast_inputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Te
         return q, k, v
 
     def cast(x: Tensor) -> Tensor:
-        dtype = autocast_dtype(x.device.type)
-        return x.to(dtype) if dtype is not None and x.dtype in _AUTOCAST_ELIGIBLE else x
+        return x.to(dtype) if x.dtype in _AUTOCAST_ELIGIBLE else x
 
     return cast(q), cast(k), cast(v)
 
