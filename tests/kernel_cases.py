@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 import torch
 
@@ -488,5 +489,50 @@ def tracing_cases(gen: torch.Generator) -> int:
     return 3
 
 
+def wide_head_stride_cases() -> int:
+    """The add, merge and fill kernels on rows whose heads lie 2**28 elements apart: a job's
+    rows of gradients in q's layout where q is a [b, h, n, d] tensor transposed (head stride
+    r * n * d: r = 2 at n = 1M, d = 128). i32 head indices times that stride wrapped at head 8,
+    and the kernels read and wrote 4 GB before the tensor (a crash here; on a GPU, others'
+    memory or an illegal address). The rows are views of a sparse file mapped into memory: only
+    the pages touched are ever held (8 GB of fp16 addressed)."""
+    from ringattn.kernels import add as add_kernel
+
+    heads, d, head_stride = 16, 8, 2**28
+    numel = (heads - 1) * head_stride + d
+    gen = torch.Generator().manual_seed(0)
+    checked = 0
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "rows.bin")
+        with open(path, "wb") as f:
+            f.truncate(numel * 2)  # (sparse: no blocks written)
+        storage = torch.from_file(path, shared=True, size=numel, dtype=torch.float16)
+
+        def wide() -> torch.Tensor:  # [1, 1, 1, heads, d], heads head_stride apart, zeros
+            rows = storage.as_strided((1, 1, 1, heads, d), (numel, numel, numel, head_stride, 1))
+            return rows.zero_()
+
+        part = torch.randn(1, 1, 1, heads, d, generator=gen).half()
+        acc = wide()
+        assert add_kernel.add_rows_([acc], [part])
+        assert torch.equal(acc, part), "add: a head's row missed (wrapped offset)"
+        checked += 1
+        acc = wide()
+        lse_acc = torch.full((1, 1, 1, heads), float("-inf"))  # (acc's rows: none yet)
+        merge_kernel.merge_rows_(acc, lse_acc, part, torch.zeros(1, 1, 1, heads))
+        assert torch.equal(acc, part), "merge: a head's row missed (wrapped offset)"
+        checked += 1
+        x = wide().fill_(1.0).view(1, 1, heads, d)  # [b, n, h, d], every pair unselected
+        unselected.zero_unselected_(
+            x, unselected.selection_table(((2,) * heads, (1,) * heads), x.device)
+        )
+        assert (x == 0).all(), "fill: a head's row missed (wrapped offset)"
+        checked += 1
+    return checked
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 30)
+    if sys.argv[1:] == ["wide-heads"]:
+        print("ok", wide_head_stride_cases())
+    else:
+        main(int(sys.argv[1]) if len(sys.argv) > 1 else 30)

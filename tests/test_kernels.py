@@ -45,6 +45,15 @@ def test_merge_kernel_matches_functional_merge_under_interpreter():
     assert done.stdout.splitlines()[1] == f"ringattn {ringattn.__file__}"
 
 
+def test_kernels_reach_heads_past_int32_offsets():
+    """A head stride times the head index passes 2**31 (gradients of a transposed [b, h, n, d]
+    q at n = 1M, h = 32, d = 128, an r = 2 job): i32 head indices wrapped and the kernels
+    crashed or wrote before their tensor (kernel_cases.wide_head_stride_cases)."""
+    done = run_cases("wide-heads")
+    assert done.returncode == 0, done.stderr[-4000:] or f"exit code {done.returncode}"
+    assert done.stdout.split() == ["ok", "3"]
+
+
 def test_cases_refuse_to_run_without_interpreter(monkeypatch):
     """The case script checks that it really exercises the kernels: without the interpreter (and
     without CUDA) they are unavailable on the CPU, and the script fails at its own check rather

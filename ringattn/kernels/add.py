@@ -26,7 +26,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 if triton is not None:
     import triton.language as tl
 
-    from ringattn.kernels.merge import program_row
+    from ringattn.kernels.merge import head_lanes, program_row
 
     # (the kernels here are unannotated: @triton.jit reads a parameter's annotation as its
     # Triton type, `int` as i32)
@@ -63,7 +63,7 @@ if triton is not None:
         BLOCK_D: tl.constexpr,
     ):
         bi, si, li = program_row(S, L)
-        heads = tl.arange(0, BLOCK_H)
+        heads = head_lanes(BLOCK_H)
         chans = tl.arange(0, BLOCK_D)
         mask = (heads[:, None] < H) & (chans[None, :] < D)
         a_off = bi * a_s0 + si * a_s1 + li * a_s2 + heads[:, None] * a_s3 + chans[None, :] * a_s4

@@ -29,6 +29,8 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 if triton is not None:
     import triton.language as tl
 
+    from ringattn.kernels.merge import head_lanes
+
     # (the kernels here are unannotated: @triton.jit reads a parameter's annotation as its
     # Triton type, `int` as i32)
     @triton.jit
@@ -55,7 +57,7 @@ if triton is not None:
     ):
         row = tl.program_id(0).to(tl.int64)  # (int64: element offsets pass 2**31 at ~1M tokens)
         bi, ni = row // N, row % N
-        heads = tl.arange(0, BLOCK_H)
+        heads = head_lanes(BLOCK_H)
         chans = tl.arange(0, BLOCK_D)
         hmask = heads < H
         mask = hmask[:, None] & (chans[None, :] < D)

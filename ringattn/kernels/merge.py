@@ -49,6 +49,15 @@ if triton is not None:
         return row // (L * S), (row // L) % S, row % L
 
     @triton.jit
+    def head_lanes(BLOCK_H: tl.constexpr):  # type: ignore[no-untyped-def]
+        """A program's head indices ``0 .. BLOCK_H`` as int64, for offsets ``head * stride``:
+        in i32 they wrapped past 2**31 while the stride itself still fit i32. The gradients take
+        q's layout, and for a transposed ``[b, h, n, d]`` q a job's rows have head stride ``r * n
+        * d``: at n = 1M, h = 32, d = 128 an r = 2 job's last head lies 4e9 elements in, and the
+        add read and wrote 2**32 elements before it (tests/kernel_cases.py, wide heads)."""
+        return tl.arange(0, BLOCK_H).to(tl.int64)
+
+    @triton.jit
     def _merge_rows_kernel(  # type: ignore[no-untyped-def]
         acc_ptr,
         lse_acc_ptr,
@@ -81,7 +90,7 @@ if triton is not None:
     ):
         # One program per (batch, segment, row): all its heads and channels.
         bi, si, li = program_row(S, L)
-        heads = tl.arange(0, BLOCK_H)
+        heads = head_lanes(BLOCK_H)
         chans = tl.arange(0, BLOCK_D)
         hmask = heads < H
         mask = hmask[:, None] & (chans[None, :] < D)

@@ -27,6 +27,8 @@ from ringattn.memory.base import MemoryManager
 if triton is not None:
     import triton.language as tl
 
+    from ringattn.kernels.merge import head_lanes
+
     # (the kernels here are unannotated: @triton.jit reads a parameter's annotation as its
     # Triton type, `int` as i32)
     @triton.jit
@@ -51,7 +53,7 @@ if triton is not None:
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # int64: ~1M tokens
         p = rows % N
         bi = rows // N
-        heads = tl.arange(0, BLOCK_H)
+        heads = head_lanes(BLOCK_H)
         chans = tl.arange(0, BLOCK_D)
         hmask = heads < H
         rate = tl.load(rate_ptr + heads, mask=hmask, other=1)
