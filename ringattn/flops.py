@@ -43,6 +43,10 @@ def useful_pairs(
 
 def dense_pairs(n: int, h: int, causal: bool) -> int:
     """Score pairs of plain attention over all ``h`` heads (causal: the lower triangle)."""
+    # the sizes checked as useful_pairs checks them: a numpy or torch int32 n squared in its own
+    # type (n * n wraps from n = 46341) counted 0 FLOPs at n = 65536, silently
+    checked_int("n", n)
+    checked_int("h", h)
     return h * _pairs(n, causal)
 
 
@@ -57,6 +61,8 @@ def useful_flops(
     mixing: str,
     backward: bool = False,
 ) -> float:
+    checked_int("b", b)
+    checked_int("d", d)
     flops = 4.0 * d * b * useful_pairs(n, h, segment_lengths, dilation_rates, causal, mixing)
     return flops * FORWARD_BACKWARD_FACTOR if backward else flops
 
@@ -68,5 +74,7 @@ def tflops(flops: float, ms: float) -> float:
 
 def dense_flops(b: int, n: int, h: int, d: int, causal: bool, backward: bool = False) -> float:
     """Plain attention's FLOPs with the same convention (causal counts the lower triangle)."""
-    flops = 4.0 * b * h * d * (n * (n + 1) / 2 if causal else n * n)
+    checked_int("b", b)
+    checked_int("d", d)
+    flops = 4.0 * b * d * dense_pairs(n, h, causal)  # (Python ints: exact at any n)
     return flops * FORWARD_BACKWARD_FACTOR if backward else flops

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 from conftest import dilation_configs
 from hypothesis import given
 from hypothesis import strategies as st
@@ -77,3 +79,26 @@ def test_useful_pairs_defaults_are_the_oracles():
 def test_useful_pairs_refuses_what_the_module_refuses(args, error, match):
     with pytest.raises(error, match=match):
         useful_pairs(*args)
+
+
+@pytest.mark.parametrize(
+    "count",
+    [
+        lambda: dense_pairs(np.int32(65536), 1, False),
+        lambda: dense_flops(1, np.int32(65536), 1, 1, True),
+        lambda: dense_flops(1, torch.tensor(65536, dtype=torch.int32), 1, 1, False),
+        lambda: useful_flops(1, 1 << 16, 1, torch.tensor(128), [2048], [1], False, "lse"),
+    ],
+)
+def test_flop_counts_refuse_sizes_that_are_not_ints(count):
+    """An int32 n was squared in int32 (n * n wraps from n = 46341): dense_flops counted 0 at
+    n = 65536 (numpy warned, torch did not); a tensor d made a float32 tensor of the count. The
+    sizes are refused as useful_pairs refuses them, and Python ints count exactly at any n."""
+    with pytest.raises(TypeError, match="must be an int"):
+        count()
+
+
+def test_dense_counts_are_exact_at_millions_of_tokens():
+    n = 1 << 22  # 4M tokens: n * n = 2**44
+    assert dense_pairs(n, 32, False) == 32 * 2**44
+    assert dense_flops(8, n, 32, 128, False) == 4.0 * 8 * 128 * 32 * 2**44
