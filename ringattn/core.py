@@ -26,6 +26,7 @@ import contextlib
 import functools
 import itertools
 import secrets
+import threading
 import weakref
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
@@ -33,7 +34,9 @@ from typing import TYPE_CHECKING, Any, Concatenate, NamedTuple, ParamSpec, TypeV
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _disable_current_modes
+from torch._subclasses.fake_tensor import is_fake
+from torch.utils import flop_counter
+from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode_stack
 
 from ringattn import distributed
 from ringattn.capture import capturing, compiling, graphs_compiling, pool_allocating
@@ -48,6 +51,7 @@ from ringattn.computers.base import (
     place_,
 )
 from ringattn.dilation.base import DilationProcessor
+from ringattn.flops import FORWARD_BACKWARD_FACTOR, useful_flops
 from ringattn.kernels import add as add_kernel
 from ringattn.kernels import dpsum as dpsum_kernel
 from ringattn.kernels.unselected import fill_unselected_, shifted
@@ -1003,9 +1007,12 @@ class DilatedAttentionFunction(torch.autograd.Function):
             )
         q, k, v, out, lse, *indices = ctx.saved_tensors
         check_backward(ctx.spec, dout, q, ctx.call)
-        dq, dk, dv = dilated_backward(
-            ctx.spec, dout, q, k, v, out, lse, tuple(indices), stack_grads=ctx.stack_grads
-        )
+        call = (ctx.spec, dout, q, k, v, out, lse, tuple(indices))
+        if profiling() and not compiling():  # (compiled autograd traces this)
+            with torch.autograd.profiler.record_function("ringattn::dilated_backward"):
+                dq, dk, dv = dilated_backward(*call, stack_grads=ctx.stack_grads)
+        else:
+            dq, dk, dv = dilated_backward(*call, stack_grads=ctx.stack_grads)
         return (None, dq, dk, dv, *([None] * len(indices)))
 
 
@@ -1048,8 +1055,12 @@ def dilated_forward_op(
         # refuse one rank's shape alone). Without it a rank whose last batch alone was short
         # ran the ring on other sizes than its peers: gloo aborted the process. ``grad``
         # (grad_state, from the trace): in here every rank saw grad mode off, so a rank
-        # compiled under no_grad passed the check and the others hung in their backward
-        owner.check_across_ranks(q, k, v, grad=grad)
+        # compiled under no_grad passed the check and the others hung in their backward.
+        # An eager call run as this op (``run_core`` under a FlopCounterMode) was checked at
+        # its boundary: a second check, a collective, would be this rank's alone where only
+        # one rank counts (a hang)
+        if not getattr(_EAGER_AS_OP, "active", False):
+            owner.check_across_ranks(q, k, v, grad=grad)
         if grad is not None and grad[0] and any(grad[1:]):
             # numbered as the eager DilatedAttentionFunction numbers it, so ranks that run a step
             # compiled and another eagerly keep one count (its backward here has no number)
@@ -1121,6 +1132,95 @@ def _backward(ctx: Any, dout: Tensor, _dlse: Tensor) -> tuple[Tensor, Tensor, Te
 dilated_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# --- what torch's observability tools see -------------------------------------------------------
+#
+# FlopCounterMode counts each op it sees by its formula; an op it has none for, it runs with the
+# counter off (a custom op is not decomposed), so the ops' formulas below count a call as one
+# unit, the kernels inside never on top. Counted kernel by kernel the same call came to the math
+# computer's masked einsums (a causal call: 2x its useful FLOPs) and to 0 for sdpa (torch has no
+# formula for the CPU's flash kernel, nor for FA4): an MFU compared across strategies was wrong.
+
+
+def _call_flops(module: Tensor, q: Tensor, factor: float) -> int:
+    """``factor`` times the forward's useful FLOPs (``ringattn.flops``: what every strategy
+    computes, not a kernel's padded or masked work) of the op call on ``q`` of ``module``'s
+    module; sequence-parallel, this rank's equal share of the whole sequence's (the ranks' counts
+    sum to the single-device count, whatever the layout's balance of work). 0 where the call's
+    module cannot be read: a fake or meta tag (Inductor's estimates count an op in a graph on
+    fake copies of its inputs, ``count_flops_fx``), symbolic sizes, or a module already gone."""
+    if is_fake(module) or module.device.type == "meta":
+        return 0
+    if not all(isinstance(size, int) for size in q.shape):
+        return 0
+    owner = _MODULES.get(_module_number(module))
+    if owner is None:
+        return 0
+    b, n, h, d = q.shape
+    ranks: int = owner.communicator.world_size
+    c = owner.config
+    total = useful_flops(
+        b, n * ranks, h, d, c.segment_lengths, c.dilation_rates, c.causal, c.mixing
+    )
+    return round(total * factor / ranks)
+
+
+@flop_counter.register_flop_formula(torch.ops.ringattn.dilated_forward, get_raw=True)
+def _forward_flops(q: Tensor, k: Tensor, v: Tensor, module: Tensor, *_: Any, **__: Any) -> int:
+    return _call_flops(module, q, 1.0)
+
+
+@flop_counter.register_flop_formula(torch.ops.ringattn.dilated_backward, get_raw=True)
+def _backward_flops(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    module: Tensor,
+    *_: Any,
+    **__: Any,
+) -> int:
+    return _call_flops(module, q, FORWARD_BACKWARD_FACTOR - 1.0)
+
+
+# the dispatch mode a FlopCounterMode enters (a private class of torch 2.11-2.13; where a release
+# renames it, None: eager calls are counted kernel by kernel, as before)
+_FLOP_COUNTER_MODE: type | None = getattr(flop_counter, "_FlopCounterMode", None)
+
+# set while an eager call runs as the forward op (``run_core``): its boundary checked the ranks
+_EAGER_AS_OP = threading.local()
+
+
+def counting_flops() -> bool:
+    """Whether a ``torch.utils.flop_counter.FlopCounterMode`` is active on this thread. Where no
+    dispatch mode is (every call but a measured one), one C call: ~0.1 µs."""
+    if not torch._C._len_torch_dispatch_stack() or _FLOP_COUNTER_MODE is None:
+        return False
+    return any(isinstance(mode, _FLOP_COUNTER_MODE) for mode in _get_current_dispatch_mode_stack())
+
+
+def counted_forward(module: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """An eager call as the compiled graphs run it, the forward op (and its backward op), which
+    a FlopCounterMode counts by their formulas, the same useful FLOPs for every strategy (see
+    :func:`_call_flops`), eager or compiled. The same kernels, outputs and gradients."""
+    _EAGER_AS_OP.active = True
+    try:
+        out: Tensor = dilated_forward_op(q, k, v, module, grad_state(q, k, v))[0]
+    finally:
+        _EAGER_AS_OP.active = False
+    return out
+
+
+def profiling() -> bool:
+    """Whether a profiler records (``torch.profiler.profile``): then eager calls open a
+    ``record_function`` range named as the compiled graphs' ops, ``ringattn::dilated_forward`` /
+    ``ringattn::dilated_backward``, in which a trace shows their kernels (the no-grad forward
+    was anonymous aten ops). Asked first: a range costs a few µs even when none records, this
+    one C call ~0.1 µs."""
+    return bool(torch._C._autograd._profiler_enabled())
+
+
 def run_core(
     spec: CoreSpec,
     q: Tensor,
@@ -1141,11 +1241,27 @@ def run_core(
             return spec.computer.attend(
                 spec.plan, spec.causal, spec.scale, spec.dilation.name, q, k, v, aux
             )
-    if compiling() and spec.module is not None:
+    tracing = compiling()
+    if tracing and spec.module is not None:
         out: Tensor = dilated_forward_op(q, k, v, spec.module, grad_state(q, k, v))[0]
         return out
+    if spec.module is not None and counting_flops() and not is_fake(q):
+        # (fake inputs: the op would mix them with the real tag, which a FakeTensorMode refuses)
+        return counted_forward(spec.module, q, k, v)
     # (a spec of no module, as tests make, is traced inline, as eager code)
+    if not tracing and profiling():
+        with torch.autograd.profiler.record_function("ringattn::dilated_forward"):
+            return eager_forward(spec, q, k, v, indices)
+    return eager_forward(spec, q, k, v, indices)
+
+
+def eager_forward(
+    spec: CoreSpec, q: Tensor, k: Tensor, v: Tensor, indices: tuple[Tensor, ...]
+) -> Tensor:
+    """A block computer's core run as eager code (a spec of no module traced inline too):
+    through :class:`DilatedAttentionFunction` (merged-stats backward) when some input needs a
+    gradient."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out = DilatedAttentionFunction.apply(spec, q, k, v, *indices)  # type: ignore[no-untyped-call]
+        out: Tensor = DilatedAttentionFunction.apply(spec, q, k, v, *indices)  # type: ignore[no-untyped-call]
         return out
     return dilated_forward(spec, q, k, v, indices, keep_lse=False)[0]

@@ -1432,3 +1432,37 @@ def bench_max_over_ranks() -> list[float]:
         nan if rank == 0 else 2.0,
     ]
     return max_over_ranks(torch.tensor(values)).tolist()
+
+
+def flop_counts(communicator: str, causal: bool) -> tuple[list[int], list[int], bool]:
+    """A ``FlopCounterMode`` around a forward+backward on rank 0 alone, then on every rank: the
+    counts of the ranks that counted (a rank's share of the whole sequence's useful FLOPs), and
+    whether the counted calls' outputs and gradients equal an uncounted call's, bit for bit.
+    Rank 0 alone counting hangs (gloo's timeout) if a counted call makes a collective its
+    peers do not."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    module = ringattn.DilatedAttention(
+        (8, 32, 64), (1, 2, 4), causal=causal, strategy=ringattn.Strategy(communicator=communicator)
+    )
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    q, k, v = (torch.randn(1, 32, 2, 8, generator=gen).requires_grad_() for _ in range(3))
+
+    def step() -> list[torch.Tensor]:
+        # (.backward: FlopCounterMode's module tracker refuses autograd.grad of leaf inputs)
+        for x in (q, k, v):
+            x.grad = None
+        out = module(q, k, v)
+        out.square().sum().backward()
+        return [out.detach(), *(x.grad for x in (q, k, v))]
+
+    plain = step()
+    counts: list[list[int]] = [[], []]
+    same = True
+    for i, counting in enumerate((dist.get_rank() == 0, True)):
+        with FlopCounterMode(display=False) if counting else contextlib.nullcontext() as counter:
+            result = step()
+        if counting:
+            counts[i].append(counter.get_total_flops())
+        same = same and all(torch.equal(x, y) for x, y in zip(result, plain))
+    return counts[0], counts[1], same

@@ -27,7 +27,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ringattn
-from ringattn import distributed, registry
+from ringattn import distributed, flops, registry
 from ringattn.pattern import jobs_for
 
 pytestmark = pytest.mark.distributed
@@ -281,6 +281,20 @@ def test_bf16_matches_oracle(pool, communicator, mixing):
     strategy = {"communicator": communicator, "computer": "sdpa"}
     opts = options(pool.world_size, True, mixing)
     pool.run("matches_oracle", SHAPE, opts, strategy, "bfloat16")
+
+
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_ranks_flop_count_is_its_share_of_the_useful_flops(pool, communicator, causal):
+    """FlopCounterMode counts each rank's call as its share of the whole sequence's useful
+    FLOPs (ringattn.flops; forward+backward 3.5x the forward), with the same outputs and
+    gradients; one rank counting alone makes no collective its peers miss (which would hang)."""
+    p = pool.world_size
+    useful = flops.useful_flops(1, 32 * p, 2, 8, (8, 32, 64), (1, 2, 4), causal, "lse", True)
+    results = pool.run("flop_counts", communicator, causal)
+    assert [alone for alone, _, _ in results] == [[round(useful / p)]] + [[]] * (p - 1)
+    assert [every for _, every, _ in results] == [[round(useful / p)]] * p
+    assert all(same for _, _, same in results)
 
 
 @pytest.mark.parametrize("communicator", ["ring", "all_gather"])

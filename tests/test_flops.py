@@ -1,4 +1,5 @@
-"""The analytic useful-work count equals the oracle's multiplicity sum."""
+"""The analytic useful-work count equals the oracle's multiplicity sum, and torch's
+FlopCounterMode counts every strategy's call as that count."""
 
 from __future__ import annotations
 
@@ -8,9 +9,17 @@ import torch
 from conftest import dilation_configs
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
 
+import ringattn
 from ringattn import reference
-from ringattn.flops import dense_flops, dense_pairs, useful_flops, useful_pairs
+from ringattn.flops import (
+    FORWARD_BACKWARD_FACTOR,
+    dense_flops,
+    dense_pairs,
+    useful_flops,
+    useful_pairs,
+)
 
 
 @given(
@@ -102,3 +111,42 @@ def test_dense_counts_are_exact_at_millions_of_tokens():
     n = 1 << 22  # 4M tokens: n * n = 2**44
     assert dense_pairs(n, 32, False) == 32 * 2**44
     assert dense_flops(8, n, 32, 128, False) == 4.0 * 8 * 128 * 32 * 2**44
+
+
+SHAPE, LENGTHS, RATES = (1, 64, 2, 8), (16, 32, 64), (1, 2, 4)
+
+
+def _counted(fn, backward: bool) -> int:
+    q, k, v = (torch.randn(*SHAPE, requires_grad=backward) for _ in range(3))
+    with FlopCounterMode(display=False) as counter:
+        out = fn(q, k, v)
+        if backward:
+            out.sum().backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("mixing", ["lse", "head_groups"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_flop_counter_counts_every_strategy_as_its_useful_flops(causal, mixing):
+    """torch's FlopCounterMode counts a call as its useful FLOPs, forward (with and without
+    gradients) and forward+backward, for every strategy: kernel by kernel it counted sdpa's as
+    0 (the CPU's flash kernel has no formula) and math's masked einsums (a causal call: 2x), so
+    an MFU compared across strategies compared different counts of one function."""
+    want = useful_flops(SHAPE[0], SHAPE[1], SHAPE[2], SHAPE[3], LENGTHS, RATES, causal, mixing)
+    for strategy in ringattn.Strategy.single_device():
+        if strategy.computer == "flex":  # (a compiled frame of its own: torch runs none under
+            continue  # a dispatch mode, docs/architecture.md#observability)
+        attn = ringattn.DilatedAttention(
+            LENGTHS, RATES, causal=causal, mixing=mixing, strategy=strategy
+        )
+        counts = [_counted(attn, False), _counted(attn, True)]
+        assert counts == [want, want * FORWARD_BACKWARD_FACTOR], strategy.label
+
+
+def test_flop_counter_counts_the_ops_of_an_exported_graph_as_eager_calls():
+    """A graph's opaque ops (torch.export; torch.compile's graphs hold the same two) count as
+    the eager call does: with no formula the counter ran them unseen, 0."""
+    attn = ringattn.DilatedAttention(LENGTHS, RATES, causal=True)
+    program = torch.export.export(attn, tuple(torch.randn(*SHAPE) for _ in range(3)))
+    want = useful_flops(*SHAPE, LENGTHS, RATES, True, "lse")
+    assert _counted(program.module(), False) == want

@@ -363,3 +363,19 @@ def test_a_module_made_inside_a_non_strict_export_serves_later_exports():
         out = torch.export.export(Net(), (q,), strict=strict).module()(q)
         assert not is_fake(out), strict
         assert rel_err(out, ref) <= 1e-5, strict
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_profile_names_eager_calls_as_the_compiled_ops(grad):
+    """torch.profiler shows an eager call under the names of the compiled graphs' ops,
+    ``ringattn::dilated_forward`` (and ``ringattn::dilated_backward``): a no-grad forward was
+    anonymous aten ops, and with gradients the names were the autograd.Function's."""
+    attn = ringattn.DilatedAttention((8, 16), (1, 2), causal=True)
+    q, k, v = (torch.randn(1, 16, 2, 8, requires_grad=grad) for _ in range(3))
+    with torch.profiler.profile() as profile:
+        out = attn(q, k, v)
+        if grad:
+            out.sum().backward()
+    names = {event.key for event in profile.key_averages()}
+    want = {"ringattn::dilated_forward", "ringattn::dilated_backward"}
+    assert names & want == (want if grad else {"ringattn::dilated_forward"})
