@@ -82,6 +82,27 @@ def make_out(parser: argparse.ArgumentParser, folder: Path, flag: str = "--out")
         parser.error(f"{flag}: cannot make {str(folder)!r}: {exc.strerror}")
 
 
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    """``--device``: cuda (the default where there is one) or cpu; :func:`require_device`
+    checks it after parsing."""
+    import torch
+
+    parser.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cuda (the default where there is one) or cpu",
+    )
+
+
+def require_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit with the parser's one-line error where ``--device cuda`` has no CUDA here."""
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but CUDA is not available here")
+
+
 def require_positive(
     parser: argparse.ArgumentParser, args: argparse.Namespace, *names: str
 ) -> None:

@@ -34,10 +34,12 @@ import torch
 
 import ringattn
 from experiments import (
+    add_device_option,
     bits,
     deterministic_algorithms,
     fixed_cublas_workspace,
     make_out,
+    require_device,
     require_positive,
 )
 from experiments.ablate import dict_rows_to_markdown, median_ms
@@ -148,12 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="bfloat16 (the default on CUDA), float16 or float32 (the default on a CPU)",
     )
-    p.add_argument(
-        "--device",
-        choices=("cuda", "cpu"),
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="cuda (the default where there is one) or cpu",
-    )
+    add_device_option(p)
     p.add_argument(
         "--out",
         type=Path,
@@ -164,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     require_positive(p, args, "n", "lengths", "rates", "heads", "dim", "repeats")
     if args.check_n < 0:
         p.error(f"--check-n must be >= 0, got {args.check_n}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda, but CUDA is not available here")
+    require_device(p, args)
     make_out(p, args.out)  # (before any row: a folder it cannot make lost the run's rows)
     fixed_cublas_workspace()  # (before any CUDA work)
     device = torch.device(args.device)

@@ -43,6 +43,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh typing   # <9.5 min
 #   source experiments/fa4_env.sh || exit 1; OLD_TREE=old bash experiments/gpu_session.sh determinism # <9.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh dtypes   # <9 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh stop80   # <9.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh ops      # <9.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh flex_groups # <9 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh merge_cost # ~2 min
@@ -92,7 +93,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh determinism|dtypes|typing|threads|grads|review|ops|record|trees|graphs|first_checks|batch|batch_more|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh determinism|dtypes|stop80|typing|threads|grads|review|ops|record|trees|graphs|first_checks|batch|batch_more|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -796,6 +797,22 @@ determinism)
     summary="$(cat "$out/rc.log")
 $(grep -h "^|" "$out/new/determinism_check.md" "$out"/old/determinism_check.md 2>/dev/null |
         cut -d'|' -f2-10)"
+    ;;
+stop80)
+    # stop 80's reviews changed the eager boundary (autocast casts before the dtype rule), the
+    # core's entry (FlopCounterMode / profiler checks per call) and the Triton kernels (int64
+    # head offsets): the GPU oracle check, torch's tools on the GPU's kernels
+    # (experiments/interop_check.py), and a short fuzz; pair with `trees` for host time
+    timeout 290 python -m experiments.flex_gpu --part check --out "$out/flex_gpu_check" \
+        >"$out/check.log" 2>&1 || echo "check: exit $?" >>"$out/rc.log"
+    script 120 interop_check --out "$out/interop"
+    timeout 150 python -m experiments.gpu_fuzz --budget 100 --seed "${FUZZ_SEED:-34}" \
+        --out "$out/fuzz" >"$out/fuzz.log" 2>&1
+    echo "fuzz: rc=$?" >>"$out/rc.log"
+    summary="$(grep -h "Correctness" "$out/flex_gpu_check/flex_gpu_check.md")
+$(cat "$out/rc.log")
+$(grep -h "^|" "$out/interop/interop_check.md" | cut -d'|' -f2-11)
+$(tail -n 1 "$out/fuzz.log" | cut -c1-300)"
     ;;
 dtypes)
     # stop 80: the determinism part's check in the dtypes it did not run: float32 (torch's

@@ -1409,3 +1409,23 @@ def test_determinism_check_refuses_bad_options_in_one_line(argv, message, capsys
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     device = [] if "--device" in argv else ["--device", "cpu"]
     assert message in refused(determinism_check.main, [*argv, *device], capsys)
+
+
+def test_interop_check_runs_on_the_cpu(tmp_path):
+    from experiments import interop_check
+
+    argv = ["--n", "256", "--heads", "2", "--dim", "8", "--device", "cpu", "--out", str(tmp_path)]
+    assert interop_check.main(argv) == 0
+    rows = json.loads((tmp_path / "interop_check.json").read_text())["rows"]
+    assert len(rows) == 4 and all(r["ok"] and r["flops_vs_useful"] == 1.0 for r in rows)
+
+
+def test_interop_check_fails_a_count_that_is_not_the_useful_one(tmp_path, monkeypatch):
+    from experiments import interop_check
+
+    real = interop_check.useful_flops
+    monkeypatch.setattr(interop_check, "useful_flops", lambda *a: 2 * real(*a))
+    argv = ["--n", "64", "--heads", "1", "--dim", "4", "--device", "cpu", "--out", str(tmp_path)]
+    assert interop_check.main(argv) == 1
+    rows = json.loads((tmp_path / "interop_check.json").read_text())["rows"]
+    assert all(r["flops_vs_useful"] == 0.5 and not r["ok"] for r in rows)
