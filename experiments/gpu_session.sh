@@ -806,7 +806,7 @@ stop80)
     timeout 290 python -m experiments.flex_gpu --part check --out "$out/flex_gpu_check" \
         >"$out/check.log" 2>&1 || echo "check: exit $?" >>"$out/rc.log"
     script 120 interop_check --out "$out/interop"
-    timeout 150 python -m experiments.gpu_fuzz --budget 100 --seed "${FUZZ_SEED:-34}" \
+    timeout 150 python -m experiments.gpu_fuzz --budget "${FUZZ_BUDGET:-100}" --seed "${FUZZ_SEED:-34}" \
         --out "$out/fuzz" >"$out/fuzz.log" 2>&1
     echo "fuzz: rc=$?" >>"$out/rc.log"
     summary="$(grep -h "Correctness" "$out/flex_gpu_check/flex_gpu_check.md")
