@@ -490,13 +490,14 @@ def tracing_cases(gen: torch.Generator) -> int:
 
 
 def wide_head_stride_cases() -> int:
-    """The add, merge and fill kernels on rows whose heads lie 2**28 elements apart: a job's
+    """The add, merge, fill and dpsum kernels on rows whose heads lie 2**28 elements apart: a job's
     rows of gradients in q's layout where q is a [b, h, n, d] tensor transposed (head stride
     r * n * d: r = 2 at n = 1M, d = 128). i32 head indices times that stride wrapped at head 8,
     and the kernels read and wrote 4 GB before the tensor (a crash here; on a GPU, others'
     memory or an illegal address). The rows are views of a sparse file mapped into memory: only
     the pages touched are ever held (8 GB of fp16 addressed)."""
     from ringattn.kernels import add as add_kernel
+    from ringattn.kernels import dpsum
 
     heads, d, head_stride = 16, 8, 2**28
     numel = (heads - 1) * head_stride + d
@@ -527,6 +528,11 @@ def wide_head_stride_cases() -> int:
             x, unselected.selection_table(((2,) * heads, (1,) * heads), x.device)
         )
         assert (x == 0).all(), "fill: a head's row missed (wrapped offset)"
+        checked += 1
+        out = wide().copy_(part).view(1, 1, heads, d)  # (out and dout: one view, both read)
+        got = dpsum.minus_dpsum(out, out, torch.empty(1, 1, heads))
+        want = -part.float().square().sum(-1).view(1, 1, heads)
+        torch.testing.assert_close(got, want, msg="dpsum: a head's row missed (wrapped offset)")
         checked += 1
     return checked
 

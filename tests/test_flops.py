@@ -3,16 +3,20 @@ FlopCounterMode counts every strategy's call as that count."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
+
 import numpy as np
 import pytest
 import torch
 from conftest import dilation_configs
 from hypothesis import given
 from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 from torch.utils.flop_counter import FlopCounterMode
 
 import ringattn
-from ringattn import reference
+from ringattn import core, reference
 from ringattn.flops import (
     FORWARD_BACKWARD_FACTOR,
     dense_flops,
@@ -97,6 +101,11 @@ def test_useful_pairs_refuses_what_the_module_refuses(args, error, match):
         lambda: dense_flops(1, np.int32(65536), 1, 1, True),
         lambda: dense_flops(1, torch.tensor(65536, dtype=torch.int32), 1, 1, False),
         lambda: useful_flops(1, 1 << 16, 1, torch.tensor(128), [2048], [1], False, "lse"),
+        # (each size of each count: a tensor b, h or d made the count a tensor too)
+        lambda: dense_pairs(1 << 16, torch.tensor(2), False),
+        lambda: useful_flops(torch.tensor(2), 1 << 16, 1, 128, [2048], [1], False, "lse"),
+        lambda: dense_flops(torch.tensor(2), 1 << 16, 1, 128, False),
+        lambda: dense_flops(1, 1 << 16, 1, torch.tensor(128), False),
     ],
 )
 def test_flop_counts_refuse_sizes_that_are_not_ints(count):
@@ -150,3 +159,53 @@ def test_flop_counter_counts_the_ops_of_an_exported_graph_as_eager_calls():
     program = torch.export.export(attn, tuple(torch.randn(*SHAPE) for _ in range(3)))
     want = useful_flops(*SHAPE, LENGTHS, RATES, True, "lse")
     assert _counted(program.module(), False) == want
+    # its module gone, the program still runs on meta inputs (the ops' fake kernels): counted
+    # as 0, the config unknown, where reading the module raised
+    del attn
+    gc.collect()
+    q = torch.randn(*SHAPE, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        assert program.module()(q, q, q).device.type == "meta"
+    assert counter.get_total_flops() == 0
+
+
+@pytest.mark.parametrize("tag", ["fake", "meta"])
+def test_the_flop_formulas_count_a_tag_they_cannot_read_as_zero(tag):
+    """Inductor's estimates (``count_flops_fx``) count a graph's op on fake copies of its
+    inputs, the module's tag too: its number cannot be read there (int() of a fake tensor
+    raised), nor on meta, so the op counts 0 rather than failing the count."""
+    attn = ringattn.DilatedAttention(LENGTHS, RATES)
+    q = torch.randn(*SHAPE, device="meta")
+    with FakeTensorMode() if tag == "fake" else contextlib.nullcontext() as mode:
+        module = mode.from_tensor(attn._number) if tag == "fake" else attn._number.to("meta")
+        q = mode.from_tensor(q) if tag == "fake" else q
+        with FlopCounterMode(display=False) as counter:
+            torch.ops.ringattn.dilated_forward(q, q, q, module)
+    assert counter.get_total_flops() == 0
+
+
+def test_flop_counter_on_fake_tensors_runs_the_call_as_eager_code():
+    """Under a FakeTensorMode (FLOPs counted without memory) the call stays eager code, counted
+    kernel by kernel: as the op, its real tag among fake inputs made the mode refuse the call."""
+    attn = ringattn.DilatedAttention(LENGTHS, RATES)
+    with FakeTensorMode():
+        q = torch.randn(*SHAPE)
+        with FlopCounterMode(display=False):
+            out = attn(q, q, q)
+    assert is_fake(out) and out.shape == q.shape
+
+
+def test_a_counted_call_that_raises_leaves_no_flag_set(monkeypatch):
+    """The flag that skips the op's cross-rank check (the eager boundary made it) is cleared
+    when the call raises: left set, every later compiled call on this thread skipped the check
+    (ranks of different shapes then ran the ring apart, and gloo aborted)."""
+    attn = ringattn.DilatedAttention(LENGTHS, RATES)
+
+    def fail(*args, **kwargs):
+        raise MemoryError("out of memory")
+
+    monkeypatch.setattr(core, "dilated_forward", fail)
+    q = torch.randn(*SHAPE)
+    with FlopCounterMode(display=False), pytest.raises(MemoryError):
+        attn(q, q, q)
+    assert not getattr(core._EAGER_AS_OP, "active", False)

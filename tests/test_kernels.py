@@ -51,7 +51,7 @@ def test_kernels_reach_heads_past_int32_offsets():
     crashed or wrote before their tensor (kernel_cases.wide_head_stride_cases)."""
     done = run_cases("wide-heads")
     assert done.returncode == 0, done.stderr[-4000:] or f"exit code {done.returncode}"
-    assert done.stdout.split() == ["ok", "3"]
+    assert done.stdout.split() == ["ok", "4"]
 
 
 def test_cases_refuse_to_run_without_interpreter(monkeypatch):

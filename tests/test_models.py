@@ -932,6 +932,29 @@ def test_a_parametrized_tied_weight_converts_and_loads(tied):
         torch.testing.assert_close(loaded(tokens).float(), want)
 
 
+@pytest.mark.parametrize("split", ["embed", "head"])
+def test_a_weight_split_by_a_parametrization_is_left_untied(split):
+    """``weight_norm`` stores the weight as two tensors (``original0``, ``original1``): no one
+    Parameter to share, so the tie is left as the parametrization made it, and conversion and
+    loading keep the model's parameters and state-dict keys (sharing its ``original`` added one,
+    which a strict load then refused)."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    def build() -> LongNet:
+        model = _tiny_model(depth=1)
+        weight_norm(getattr(model, split))
+        return model
+
+    model, tokens = build(), torch.randint(0, 32, (1, 8))
+    keys, want = list(model.state_dict()), model(tokens)
+    fresh = build()
+    fresh.load_state_dict(model.state_dict())
+    model.double()
+    for loaded in (fresh, model):
+        assert list(loaded.state_dict()) == keys
+        torch.testing.assert_close(loaded(tokens).float(), want)
+
+
 def _tiny_model(depth: int = 2) -> LongNet:
     torch.manual_seed(0)
     config = LongNetConfig(

@@ -773,6 +773,33 @@ def test_autocast_takes_inputs_of_mixed_dtypes_as_sdpa_does(small_problem):
         module(q.double(), k.float(), v.float())
 
 
+_Q = torch.randn(1, 16, 2, 8)
+
+
+@pytest.mark.parametrize(
+    "args, autocast, want",
+    [
+        # float64 anywhere: nothing cast, so the refusal names the float32 passed (not bf16)
+        ((_Q.double(), _Q, _Q), torch.bfloat16, r"\(torch.float64\), got torch.float32"),
+        ((_Q, _Q.tolist(), _Q), torch.bfloat16, "parameter 'k' must be a torch.Tensor"),
+        ((_Q.long(),) * 3, torch.bfloat16, "parameter 'q' must be a floating"),
+        ((_Q.to(torch.float8_e4m3fn),) * 3, torch.bfloat16, "parameter 'q' must be float16"),
+        ((_Q.bfloat16(),) * 3, torch.float16, torch.float16),  # (as SDPA: the other half dtype)
+    ],
+)
+def test_autocast_casts_what_sdpa_casts_and_nothing_else(args, autocast, want):
+    """Only dense float16 / bfloat16 / float32 tensors are cast, and none where an input is
+    float64: integer and float8 inputs, a non-tensor, a float64 mismatch stay what was passed and
+    are refused naming it (cast, integers and float8 ran as bf16)."""
+    module = ringattn.DilatedAttention((8, 16), (1, 2), compile=False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=autocast):
+        if isinstance(want, torch.dtype):
+            assert module(*args).dtype == want
+        else:
+            with pytest.raises(TypeError, match=want):
+                module(*args)
+
+
 def test_a_backward_inside_autocast_runs_in_the_inputs_dtype(small_problem):
     """A backward called inside the autocast region (``loss.backward()`` under the ``with``)
     computes what one outside does, and what the call on inputs cast beforehand gives: the core's
