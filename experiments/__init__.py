@@ -65,6 +65,13 @@ def bits(x: Tensor) -> Tensor:
     return x.view(width[x.element_size()])
 
 
+def same_bits(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> bool:
+    """Whether ``xs`` and ``ys`` are equal pair by pair, bit for bit (see :func:`bits`)."""
+    import torch
+
+    return all(torch.equal(bits(x), bits(y)) for x, y in zip(xs, ys, strict=True))
+
+
 def require_torchrun(prog: str) -> None:
     """Exit with an argparse-style error where a tool that needs several ranks runs outside
     torchrun (it failed inside torch.distributed's env:// rendezvous: "RANK expected")."""

@@ -58,11 +58,11 @@ import torch
 
 import ringattn
 from experiments import (
-    bits,
     deterministic_algorithms,
     fixed_cublas_workspace,
     make_out,
     require_positive,
+    same_bits,
     worst,
 )
 from experiments.ablate import dict_rows_to_markdown, rel_err
@@ -210,12 +210,6 @@ def together(calls: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
     return results
 
 
-def same_bits(got: Result, before: Result) -> bool:
-    """Whether two results (output and gradients) are equal bit for bit (NaN included)."""
-    pairs = zip((got[0], *got[1]), (before[0], *before[1]), strict=True)
-    return all(torch.equal(bits(a), bits(b)) for a, b in pairs)
-
-
 def check_module(
     strategy: ringattn.Strategy,
     problems: list[Prepared],
@@ -269,7 +263,8 @@ def check_module(
             got = results[0][1]
             earlier = first_results.setdefault(id(problems[call]), got)
             if earlier is not got:
-                row["same_bits"] = same_bits(got, earlier)
+                # (output and gradients, NaN included)
+                row["same_bits"] = same_bits([got[0], *got[1]], [earlier[0], *earlier[1]])
                 passed &= row["same_bits"]
         math_errs = problems[call][3]
         row.update(

@@ -27,7 +27,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import ringattn
-from experiments import add_device_option, bits, make_out, require_device, require_positive
+from experiments import add_device_option, make_out, require_device, require_positive, same_bits
 from experiments.ablate import dict_rows_to_markdown, rel_err
 from experiments.bench import with_grads
 from ringattn import reference
@@ -35,10 +35,6 @@ from ringattn.flops import useful_flops
 
 LENGTHS = (2048, 4096, 8192, 16384, 32768)  # issue 5's configs (those longer than n are cut)
 RATES = (1, 2, 4, 8, 16)
-
-
-def same(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> bool:
-    return all(bool((bits(x) == bits(y)).all()) for x, y in zip(xs, ys, strict=True))
 
 
 def measure(mixing: str, causal: bool, args: argparse.Namespace) -> dict[str, Any]:
@@ -73,14 +69,14 @@ def measure(mixing: str, causal: bool, args: argparse.Namespace) -> dict[str, An
     )
     row["autocast_dtype"] = str(autocast[0].dtype).removeprefix("torch.")
     row["autocast_err"] = rel_err(autocast[0], ref)
-    row["autocast_same"] = same(autocast[:1], cast[:1]) and same(mixed[:1], cast[:1])
+    row["autocast_same"] = same_bits(autocast[:1], cast[:1]) and same_bits(mixed[:1], cast[:1])
     row["grad_dtypes_kept"] = all(g.dtype == torch.float32 for g in autocast[1:])
     plain = with_grads(attn, q, k, v, dout)
     with FlopCounterMode(display=False) as counter:
         counted = with_grads(attn, q, k, v, dout)
     want = useful_flops(1, args.n, args.heads, args.dim, lengths, rates, causal, mixing, True)
     row["flops_vs_useful"] = counter.get_total_flops() / want
-    row["counted_same"] = same(counted, plain)
+    row["counted_same"] = same_bits(counted, plain)
     with torch.profiler.profile() as prof:
         with_grads(attn, q, k, v, dout)
     names = {event.name for event in prof.events()}
