@@ -1007,12 +1007,10 @@ class DilatedAttentionFunction(torch.autograd.Function):
             )
         q, k, v, out, lse, *indices = ctx.saved_tensors
         check_backward(ctx.spec, dout, q, ctx.call)
-        call = (ctx.spec, dout, q, k, v, out, lse, tuple(indices))
-        if profiling() and not compiling():  # (compiled autograd traces this)
-            with torch.autograd.profiler.record_function("ringattn::dilated_backward"):
-                dq, dk, dv = dilated_backward(*call, stack_grads=ctx.stack_grads)
-        else:
-            dq, dk, dv = dilated_backward(*call, stack_grads=ctx.stack_grads)
+        with eager_range("ringattn::dilated_backward"):
+            dq, dk, dv = dilated_backward(
+                ctx.spec, dout, q, k, v, out, lse, tuple(indices), stack_grads=ctx.stack_grads
+            )
         return (None, dq, dk, dv, *([None] * len(indices)))
 
 
@@ -1212,13 +1210,15 @@ def counted_forward(module: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return out
 
 
-def profiling() -> bool:
-    """Whether a profiler records (``torch.profiler.profile``): then eager calls open a
-    ``record_function`` range named as the compiled graphs' ops, ``ringattn::dilated_forward`` /
-    ``ringattn::dilated_backward``, in which a trace shows their kernels (the no-grad forward
-    was anonymous aten ops). Asked first: a range costs a few µs even when none records, this
-    one C call ~0.1 µs."""
-    return bool(torch._C._autograd._profiler_enabled())
+def eager_range(name: str) -> contextlib.AbstractContextManager[object]:
+    """Where a profiler records (``torch.profiler.profile``) and no trace runs (Dynamo, compiled
+    autograd: there the ops themselves carry the names), a ``record_function`` range ``name``,
+    named as the compiled graphs' ops, ``ringattn::dilated_forward`` / ``dilated_backward``, in
+    which a trace shows an eager call's kernels (the no-grad forward was anonymous aten ops).
+    Asked first: a range costs a few µs even when none records, this one C call ~0.1 µs."""
+    if not compiling() and torch._C._autograd._profiler_enabled():
+        return torch.autograd.profiler.record_function(name)
+    return contextlib.nullcontext()
 
 
 def run_core(
@@ -1241,27 +1241,15 @@ def run_core(
             return spec.computer.attend(
                 spec.plan, spec.causal, spec.scale, spec.dilation.name, q, k, v, aux
             )
-    tracing = compiling()
-    if tracing and spec.module is not None:
+    if compiling() and spec.module is not None:
         out: Tensor = dilated_forward_op(q, k, v, spec.module, grad_state(q, k, v))[0]
         return out
     if spec.module is not None and counting_flops() and not is_fake(q):
         # (fake inputs: the op would mix them with the real tag, which a FakeTensorMode refuses)
         return counted_forward(spec.module, q, k, v)
     # (a spec of no module, as tests make, is traced inline, as eager code)
-    if not tracing and profiling():
-        with torch.autograd.profiler.record_function("ringattn::dilated_forward"):
-            return eager_forward(spec, q, k, v, indices)
-    return eager_forward(spec, q, k, v, indices)
-
-
-def eager_forward(
-    spec: CoreSpec, q: Tensor, k: Tensor, v: Tensor, indices: tuple[Tensor, ...]
-) -> Tensor:
-    """A block computer's core run as eager code (a spec of no module traced inline too):
-    through :class:`DilatedAttentionFunction` (merged-stats backward) when some input needs a
-    gradient."""
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out: Tensor = DilatedAttentionFunction.apply(spec, q, k, v, *indices)  # type: ignore[no-untyped-call]
-        return out
-    return dilated_forward(spec, q, k, v, indices, keep_lse=False)[0]
+    with eager_range("ringattn::dilated_forward"):
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            out = DilatedAttentionFunction.apply(spec, q, k, v, *indices)  # type: ignore[no-untyped-call]
+            return out
+        return dilated_forward(spec, q, k, v, indices, keep_lse=False)[0]
