@@ -218,12 +218,10 @@ class FlexComputer(LayoutComputer):
             return (block_mask, offsets)
         if plan.disjoint:
             return self._group_calls(plan, causal, device, memory, key)
-        configs, table = [], plan.head_offsets()
+        # (lse: every config has every head; head_groups, whose configs may have none, took
+        # _group_calls above)
+        configs = []
         for i, (w, r) in enumerate(plan.configs):
-            if all(offset < 0 for offset in table[i]):
-                # no head of this config (head_groups with fewer heads than configs): its whole
-                # call would only merge in an LSE of -inf everywhere, i.e. nothing
-                continue
             perm = memory.cached(
                 ("global_permutation", plan.n, w, r, str(device)),
                 partial(global_permutation, plan.n, w, r, device),
