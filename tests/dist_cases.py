@@ -970,6 +970,24 @@ def first_call_checks_only_skip_the_agreement():
     return first_only, agree.call_count
 
 
+def first_backward_checks_only_skip_the_agreement():
+    """``check_every_call = False`` holds for the backward too: a signature's later backwards
+    post no collective of their check (``check_backward_across_ranks``), counted through
+    ``distributed.agree`` as the forward's are."""
+    from unittest import mock
+
+    module = _small_module()
+    module.check_every_call = False
+    q = torch.randn(1, 16, 2, 8, requires_grad=True)
+    with mock.patch.object(distributed, "agree", wraps=distributed.agree) as agree:
+        for _ in range(3):
+            module(q, q, q).sum().backward()
+        first_only = agree.call_count  # the first forward's and the first backward's
+        module.check_every_call = True
+        module(q, q, q).sum().backward()
+    return first_only, agree.call_count
+
+
 def a_bad_input_on_one_rank_raises_everywhere():
     """A rank passing a non-tensor is named on every rank (the ranks agree before any rank's own
     validation, which would otherwise raise on that rank alone and leave the others waiting);
@@ -977,6 +995,26 @@ def a_bad_input_on_one_rank_raises_everywhere():
     module = _small_module()
     q = torch.randn(1, 16, 2, 8)
     return _messages_of(lambda: module(q.tolist() if dist.get_rank() == 1 else q, q, q))
+
+
+def a_nested_input_on_one_rank_raises_everywhere():
+    """As a non-tensor: rank 1 passing a nested tensor (which has no ``.shape``) is described
+    to the other ranks as one, and named on every rank, before any rank's own validation."""
+    module = _small_module()
+    q = torch.randn(1, 16, 2, 8)
+    nested = torch.nested.nested_tensor([q[0]])
+    return _messages_of(lambda: module(nested if dist.get_rank() == 1 else q, q, q))
+
+
+def a_sequence_parallel_module_refuses_its_own_compiled_frame(compile_mode: str) -> str:
+    """A sequence-parallel module cannot run in a compiled frame of its own (another
+    compile_mode than the default): refused at construction, naming the way out."""
+    return _messages_of(
+        lambda: ringattn.DilatedAttention(
+            (8, 16), (1, 2), strategy=ringattn.Strategy(communicator="ring"), compile=True,
+            compile_mode=compile_mode,
+        )
+    )  # fmt: skip
 
 
 def a_functional_call_refused_on_one_rank_raises_everywhere(what: str) -> str:

@@ -57,6 +57,35 @@ def test_lru_keeps_the_most_recent_entries():
     assert pool.stats()["pattern_hits"] == 1
 
 
+def test_an_op_call_whose_module_is_gone_is_refused():
+    """A compiled graph names its module by a number and does not keep it alive (``core._spec``):
+    its op run after the module was collected raises, saying so, instead of a KeyError or a
+    call on no plan."""
+    import gc
+
+    attention = ringattn.DilatedAttention((4,), (1,), compile=False)
+    q = torch.randn(1, 8, 2, 4)
+    attention(q, q, q)
+    tag = attention._device_tag(q.device)
+    number = int(tag)
+    del attention
+    gc.collect()
+    with pytest.raises(RuntimeError, match=rf"attention module #{number} .* is gone"):
+        torch.ops.ringattn.dilated_forward(q, q, q, tag)
+
+
+def test_dropping_the_oldest_of_an_empty_cache_drops_nothing():
+    """``lru.drop_oldest`` where another thread emptied the cache first: nothing to drop, no
+    ``StopIteration`` into the caller's call."""
+    from ringattn.lru import drop_oldest, remember
+
+    cache: dict[int, int] = {}
+    drop_oldest(cache)
+    assert cache == {}
+    remember(cache, 1, 1, limit=0)  # (at its limit, and empty: the entry goes in)
+    assert cache == {1: 1}
+
+
 def test_global_permutation_cache_distinguishes_rates_of_one_length():
     """Two configs of one segment length and different rates, global dilation, pooled patterns."""
     p = {

@@ -521,6 +521,25 @@ def test_a_bad_input_on_one_rank_raises_on_every_rank(pool):
     assert all(m.startswith("ValueError: ranks disagree") and "('list',)" in m for m in others)
 
 
+def test_a_nested_input_on_one_rank_raises_everywhere(pool):
+    messages = pool.run("a_nested_input_on_one_rank_raises_everywhere")
+    assert messages[1].startswith("TypeError: parameter 'q' must be a dense"), messages[1]
+    assert "got a nested tensor" in messages[1]
+    others = messages[:1] + messages[2:]
+    assert all(m.startswith("ValueError: ranks disagree") and "'nested'" in m for m in others)
+
+
+@pytest.mark.parametrize("compile_mode", ["reduce-overhead", "max-autotune-no-cudagraphs"])
+def test_a_sequence_parallel_module_refuses_its_own_compiled_frame(pool, compile_mode):
+    messages = pool.run("a_sequence_parallel_module_refuses_its_own_compiled_frame", compile_mode)
+    for message in messages:
+        assert message.startswith(
+            "ValueError: communicator='ring' cannot run inside the module's own compiled frame "
+            f"(compile_mode={compile_mode!r})"
+        ), message
+        assert "use compile_mode='default' or compile=False" in message
+
+
 @pytest.mark.parametrize(
     "what, message",
     [
@@ -670,6 +689,12 @@ def test_a_bad_input_on_every_rank_is_the_boundary_error(pool):
 
 def test_first_call_checks_only_when_asked(pool):
     assert pool.run("first_call_checks_only_skip_the_agreement") == [(1, 2)] * pool.world_size
+
+
+def test_first_backward_checks_only_when_asked(pool):
+    """The backward's agreement follows ``check_every_call`` as the forward's does."""
+    got = pool.run("first_backward_checks_only_skip_the_agreement")
+    assert got == [(2, 4)] * pool.world_size
 
 
 def test_an_nccl_sub_group_agrees_on_the_calls_gpu(pool):

@@ -12,6 +12,7 @@ ones in tests/test_distributed.py).
 
 from __future__ import annotations
 
+import importlib
 import sys
 import types
 import warnings
@@ -209,6 +210,45 @@ def test_installed_but_broken_says_why(fresh_import):
     fresh_import.setitem(sys.modules, "flash_attn.cute.interface", None)
     with pytest.warns(RuntimeWarning, match="flash-attn-4 is installed but cannot be loaded"):
         assert not fa4.installed()
+
+
+def test_installed_but_failing_at_import_says_why(fresh_import):
+    # an interface module that raises something other than ImportError while it loads (a CUDA
+    # DSL that does not run here): the same warning, and torch's kernels
+    def failing(name, *args, **kwargs):
+        if name == "flash_attn.cute.interface":
+            raise RuntimeError("no CUDA driver")
+        return original(name, *args, **kwargs)
+
+    original = importlib.import_module
+    fresh_import.setattr(fa4.importlib, "import_module", failing)
+    with pytest.warns(RuntimeWarning, match=r"cannot be loaded \(RuntimeError: no CUDA driver\)"):
+        assert not fa4.installed()
+
+
+def test_installed_finds_the_launchers_and_their_compile_caches(fresh_import):
+    # FA4's interface as ringattn reads it: the two launchers, and every callable of the module
+    # with a compile cache (what ringattn.kernels.replay watches), nothing else
+    def forward(): ...
+
+    def backward(): ...
+
+    def preprocess(): ...
+
+    forward.compile_cache = preprocess.compile_cache = {}
+    interface = types.ModuleType("flash_attn.cute.interface")
+    interface._flash_attn_fwd, interface._flash_attn_bwd = forward, backward
+    interface.preprocess = preprocess
+    interface.settings = types.SimpleNamespace(compile_cache={})  # (no callable: no launcher)
+    fresh_import.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    fresh_import.setitem(sys.modules, "flash_attn.cute", types.ModuleType("flash_attn.cute"))
+    fresh_import.setitem(sys.modules, "flash_attn.cute.interface", interface)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels = fa4._kernels()
+    assert kernels is not None and fa4.installed()
+    assert kernels.forward is forward and kernels.backward is backward
+    assert kernels.caches == {forward: "compile_cache", preprocess: "compile_cache"}
 
 
 def test_not_available_off_gpu():

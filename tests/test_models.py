@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -167,6 +169,13 @@ def _layer(causal: bool) -> MultiheadDilatedAttention:
             lambda layer, cache: layer(torch.randn(1, 4, 16), cache),
             ValueError,
             "needs causal=True",
+        ),
+        # (a cache's tensors without the object: named, not an AttributeError from inside)
+        (
+            True,
+            lambda layer, cache: layer(torch.randn(1, 4, 16), (cache.k, cache.v)),
+            TypeError,
+            r"cache must be a KVCache \(new_cache\(\)\), got tuple",
         ),
         (
             True,
@@ -492,6 +501,35 @@ def test_cache_decoding_with_fused_kernels_in_float32():
     assert rel_err(incremental, model(tokens)) < 1e-5
 
 
+def test_a_layer_without_floating_weights_takes_its_cache_dtype_as_given():
+    """Dynamically quantized projections (``weight`` a method) and no Sub-LN: the layer has no
+    floating weight to hold ``x`` to or to take a new cache's dtype and device from. Its calls
+    run unchecked against one; ``new_cache`` asks for both, and both the full call and a decode
+    through the cache so made compute the float layer's attention to int8 rounding (each call
+    quantizes its own activations: 2% apart, where a wrong row or head is O(1) off)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        floating = MultiheadDilatedAttention(
+            16, 4, (4, 8), (1, 2), causal=True, compile=False, strategy=MATH, sub_layer_norm=False
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch.ao's deprecation notice)
+        layer = torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(floating), {torch.nn.Linear}, dtype=torch.qint8
+        )
+    with pytest.raises(ValueError, match=r"no floating projection weight .* pass dtype= and"):
+        layer.new_cache(1, 8)
+    cache = layer.new_cache(1, 8, dtype=torch.float32, device="cpu")
+    assert (cache.k.dtype, cache.k.device) == (torch.float32, torch.device("cpu"))
+    x = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = floating(x)
+        steps = [layer(x[:, :3], cache)] + [layer(x[:, i : i + 1], cache) for i in range(3, 8)]
+        assert cache.length == 8
+        assert rel_err(layer(x), want) < 0.05
+        assert rel_err(torch.cat(steps, 1), want) < 0.05
+
+
 def _decode_args(**changes) -> dict:
     cache = KVCache.empty(1, 16, 2, 8, torch.float32, "cpu")
     cache.length = 5
@@ -516,6 +554,8 @@ def _decode_args(**changes) -> dict:
         ({"scale": None}, TypeError, "scale must be a float, got None"),
         ({"mixing": "sum"}, ValueError, "mixing must be one of"),
         ({"configs": (4, 1)}, TypeError, r"configs must be a tuple of \(w, r\) pairs"),
+        ({"configs": None}, TypeError, r"configs must be a tuple of \(w, r\) pairs, got NoneType"),
+        ({"configs": "lse"}, TypeError, r"configs must be a tuple of \(w, r\) pairs, got str"),
         # (before: IndexError / einsum's RuntimeError)
         ({"q": torch.randn(1, 3, 8)}, ValueError, "h a multiple of h_kv"),
         ({"q": torch.randn(1, 4, 6)}, ValueError, "the same b and d"),
@@ -837,6 +877,8 @@ def test_rotary_is_the_complex_rotation_and_sees_only_relative_positions(m, n, s
     [
         (torch.randn(1, 5, 2, 4), torch.tensor([3]), r"positions must be \[n\] = \[5\]"),
         (torch.randn(5, 2, 4), torch.arange(5), r"x must be \[b, n, h, d\]"),
+        # (the layer refuses an odd head dim when built; rotary called directly does too)
+        (torch.randn(1, 5, 2, 3), torch.arange(5), "need an even head dim, got d=3"),
     ],
 )
 def test_rotary_bad_inputs(x, positions, match):

@@ -221,3 +221,10 @@ def test_a_segment_longer_than_the_sequence_costs_nothing_of_its_length():
         run_id, run_residue = run_layout(8, w, r)
         assert run_residue.tolist() == sorted(p % r for p in range(8))
         assert run_id.tolist() == [r * 0 + o for o in run_residue.tolist()]
+
+
+def test_jobs_for_an_unknown_mixing_is_refused():
+    """Called directly (the module validates ``mixing`` before any plan), an unknown mixing is
+    named, not an empty plan that would attend to nothing."""
+    with pytest.raises(ValueError, match="unknown mixing 'sum'"):
+        pattern.jobs_for(2, ((4, 1),), "sum")

@@ -151,6 +151,17 @@ def test_the_oracles_refuse_bad_inputs(fn, q, kv, error, match):
         fn(q, kv, kv, segment_lengths=(4,), dilation_rates=(1,))
 
 
+@pytest.mark.parametrize(
+    "fn", [reference.dilated_attention, reference.dilated_attention_by_multiplicity]
+)
+def test_the_oracles_refuse_k_and_v_of_other_kv_heads(fn):
+    """k and v each of a valid [b, n, h_kv, d] shape but not the same h_kv: named, not an
+    einsum error after each was repeated to its own head count."""
+    q = torch.randn(1, 8, 4, 4)
+    with pytest.raises(ValueError, match=r"k and v must have the same shape, got \(1, 8, 1, 4\)"):
+        fn(q, q[:, :, :1], q[:, :, :2], segment_lengths=(4,), dilation_rates=(1,))
+
+
 def test_the_worked_examples_multiplicity_is_the_oracles():
     """docs/semantics.md's worked example (n=12, h=2, configs (4, 1) and (8, 2), "lse"), read
     from the page: its matrices were derived by hand from the definition, so they pin the
