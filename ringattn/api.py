@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 from torch.autograd import forward_ad
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ringattn import distributed
 from ringattn.capture import compiling, pool_allocating
@@ -41,6 +42,11 @@ from ringattn.memory.none import NoReuse
 from ringattn.pattern import make_plan
 from ringattn.strategy import Strategy
 from ringattn.types import BNHD
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed: isinstance(x, ()) is never true
+    DTensor = ()  # type: ignore[assignment,misc]
 
 if TYPE_CHECKING:
     from ringattn.functional import Key as FunctionalKey
@@ -134,6 +140,7 @@ def check_plain(q: Tensor, k: Tensor, v: Tensor) -> None:
             # the rules below format)
             got = "a nested tensor" if x.is_nested else x.layout
             raise TypeError(f"parameter {name!r} must be a dense (strided) tensor, got {got}")
+        refuse_subclass(name, x)
         if x.dim() != 4 or not x.is_floating_point():
             rule = f"parameter {name!r} must be a floating [b, n, h, d] tensor"
             raise TypeError(f"{rule}, got {x.dtype} of shape {tuple(x.shape)}")
@@ -166,6 +173,34 @@ def check_plain(q: Tensor, k: Tensor, v: Tensor) -> None:
         if size < 1:
             rule = f"q, k, v must have {axis} >= 1"
             raise ValueError(f"{rule}, got shape {tuple(q.shape)}")
+
+
+def refuse_subclass(name: str, x: Tensor) -> None:
+    """A TypeError for a tensor subclass that wraps other tensors (``__torch_dispatch__``: a
+    DTensor, a float8 or quantized wrapper), whose ops the kernels' strided views never reach:
+    a DTensor failed deep in the core with torch's "as_strided not supported with DTensor", and
+    a compiled call with Dynamo's UnsupportedFakeTensorException. (Fake tensors and parameters
+    are not such wrappers; a nested tensor is refused by its own rule before this one.)"""
+    # (isinstance too: traced, a DTensor is a wrapper to isinstance only)
+    dtensor = isinstance(x, DTensor)
+    if not (dtensor or is_traceable_wrapper_subclass(x)):
+        return
+    if dtensor:
+        raise TypeError(
+            f"parameter {name!r} is a DTensor, which ringattn's dilated attention does not "
+            f"take: pass its local tensor ({name}.to_local()). The local tensor of a sequence "
+            "shard (Shard(1)) is what a sequence-parallel DilatedAttention(group=mesh['sp'], "
+            "strategy=...) takes (layout='contiguous'); "
+            "a rank's heads of a head-sharded (tensor-parallel) layer are treated as heads "
+            "0..h-1, which is the whole layer's function only as docs/semantics.md's "
+            "'Heads split across ranks' says"
+        )
+    raise TypeError(
+        f"parameter {name!r} must be a plain torch.Tensor, got the tensor subclass "
+        f"{type(x).__name__}, "
+        "which wraps other tensors (__torch_dispatch__) and which ringattn's kernels cannot "
+        "take: convert it to a plain tensor first"
+    )
 
 
 # the dtypes torch.autocast casts (float64 it leaves alone)
@@ -235,7 +270,8 @@ def refuse_functorch(q: object, k: object, v: object) -> None:
     LSE merge's weights as constants (dq, dk 24-39% off, silently); ``grad`` / ``jacrev`` failed
     inside torch. And a ``torch.jit.trace``: it records one call's tensor ops, with the plan
     made from that call's shapes in Python as constants; the program it returned was wrong at
-    other shapes, and under ``head_groups`` at the traced shape too (errors of 1-3)."""
+    other shapes, and under ``head_groups`` at the traced shape too (errors of 1-3). And a
+    wrapper subclass (:func:`refuse_subclass`), on every call."""
     # make_fx outside torch.compile / torch.export (which the caller has ruled out) alike: it
     # recorded the plan's strided views at the traced shape, with no guard, and its graph was
     # wrong at every other length; its symbolic mode failed on the input cache's key.
@@ -255,6 +291,8 @@ def refuse_functorch(q: object, k: object, v: object) -> None:
         )
     refuse_dual(q, k, v)
     for name, x in (("q", q), ("k", k), ("v", v)):
+        if isinstance(x, Tensor) and not x.is_nested:  # (nested: check_plain's own rule)
+            refuse_subclass(name, x)  # (every call: _validate checks a signature once)
         if isinstance(x, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x):
             raise TypeError(
                 f"parameter {name!r} comes from a torch.func transform (vmap, grad, jacrev, "

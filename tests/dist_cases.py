@@ -1147,6 +1147,19 @@ def a_dual_tensor_on_one_rank_raises_everywhere():
         return _messages_of(lambda: module(mine, q, q))
 
 
+def a_dtensor_on_one_rank_raises_everywhere():
+    """A DTensor on one rank (as a tensor-parallel layer would pass): that rank's refusal names
+    to_local(), and the other ranks, instead of waiting for it in the ring, name its error."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    module = _small_module()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    q = torch.randn(1, 16, 2, 8)
+    mine = DTensor.from_local(q, mesh, [Shard(1)], run_check=False) if dist.get_rank() == 1 else q
+    return _messages_of(lambda: module(mine, q, q))
+
+
 def a_bad_input_on_every_rank_is_named_everywhere():
     module = _small_module()
     q = torch.randn(1, 16, 2, 8)

@@ -615,6 +615,13 @@ def test_a_dual_tensor_on_one_rank_raises_on_every_rank(pool):
     assert all(m.startswith("ValueError: ranks disagree") and "dual" in m for m in others)
 
 
+def test_a_dtensor_on_one_rank_raises_on_every_rank(pool):
+    messages = pool.run("a_dtensor_on_one_rank_raises_everywhere")
+    assert messages[1].startswith("TypeError: parameter 'q' is a DTensor"), messages[1]
+    others = messages[:1] + messages[2:]
+    assert all(m.startswith("ValueError: ranks disagree") and "DTensor" in m for m in others)
+
+
 @pytest.mark.parametrize("field", ["strategy", "layout", "grad mode"])
 def test_a_rank_with_another_option_raises_on_every_rank(pool, field):
     messages = pool.run("a_rank_with_another_option_raises_everywhere", field)

@@ -318,3 +318,49 @@ def test_the_oracles_run_under_vmap(fn):
     batched = vmap(lambda a, b, c: fn(a, b, c, **opts))(q, k, v)
     looped = torch.stack([fn(q[i], k[i], v[i], **opts) for i in range(3)])
     torch.testing.assert_close(batched, looped, rtol=0, atol=1e-14)
+
+
+def _split_over_heads(q, k, v, tp, **opts):
+    """Each of ``tp`` tensor-parallel ranks' call on its own contiguous heads, put back."""
+    heads = q.shape[2] // tp
+    shares = [slice(t * heads, (t + 1) * heads) for t in range(tp)]
+    parts = [
+        reference.dilated_attention(q[:, :, s], k[:, :, s], v[:, :, s], **opts) for s in shares
+    ]
+    return torch.cat(parts, dim=2)
+
+
+@pytest.mark.parametrize(
+    "mixing, lengths, rates, same",
+    [  # docs/semantics.md's "Heads split across ranks", H = 16 over tp = 4 (h' = 4)
+        ("lse", (8, 16, 32), (1, 2, 4), True),  # h' a multiple of every rate
+        ("lse", (8, 32), (1, 8), False),  # rank 1's heads take offsets 0-3, not 4-7
+        ("head_groups", (8, 16, 32, 32), (1, 2, 4, 4), False),  # k > 1
+        ("head_groups", (16,), (2,), True),  # one config: offset 0 for every head
+    ],
+)
+def test_heads_split_across_ranks_as_the_page_says(mixing, lengths, rates, same):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 32, 16, 4, dtype=torch.float64) for _ in range(3))
+    opts = {"segment_lengths": lengths, "dilation_rates": rates, "mixing": mixing}
+    whole = reference.dilated_attention(q, k, v, **opts)
+    assert torch.allclose(_split_over_heads(q, k, v, 4, **opts), whole) == same
+
+
+@given(
+    rates=st.lists(st.sampled_from([1, 2, 4]), min_size=1, max_size=3),
+    tp=st.integers(2, 3),
+    multiple=st.integers(1, 2),
+    causal=st.booleans(),
+)
+def test_lse_heads_split_in_multiples_of_every_rate_are_the_whole_layer(
+    rates, tp, multiple, causal
+):
+    """The page's rule, its "if" half, drawn: h' a multiple of every r_i gives every rank the
+    whole layer's offsets."""
+    heads = math.lcm(*rates) * multiple
+    lengths = [4 * r for r in rates]
+    q, k, v = (torch.randn(1, 16, heads * tp, 2, dtype=torch.float64) for _ in range(3))
+    opts = {"segment_lengths": lengths, "dilation_rates": rates, "causal": causal}
+    whole = reference.dilated_attention(q, k, v, **opts)
+    torch.testing.assert_close(_split_over_heads(q, k, v, tp, **opts), whole, rtol=0, atol=1e-12)

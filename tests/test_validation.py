@@ -11,6 +11,7 @@ import torch
 from conftest import dilation_configs, rel_err
 from hypothesis import example, given
 from hypothesis import strategies as st
+from torch.testing._internal.two_tensor import TwoTensor
 
 import ringattn
 from ringattn import reference
@@ -114,6 +115,17 @@ def test_bad_options(overrides, error, match):
             TypeError,
             "parameter 'q' must be a dense .*got a nested tensor",
         ),
+        (  # (a jagged one is a tensor subclass too: named as nested, by the layout rule)
+            (torch.nested.nested_tensor([torch.randn(8, 2, 4)], layout=torch.jagged), *qkv()[1:]),
+            TypeError,
+            "parameter 'q' must be a dense .*got a nested tensor",
+        ),
+        # a wrapper subclass (__torch_dispatch__) failed inside the core's strided views
+        (
+            (qkv()[0], TwoTensor(*qkv()[1:]), qkv()[2]),
+            TypeError,
+            "parameter 'k' must be a plain torch.Tensor, got the tensor subclass TwoTensor",
+        ),
         # grouped-query K/V (fewer heads): the rule, and the way to get it
         ((qkv()[0], *qkv((1, 8, 1, 4))[1:]), TypeError, r"k.shape must .*repeat_interleave"),
     ],
@@ -124,6 +136,43 @@ def test_bad_tensors(tensors, error, match):
     module = ringattn.DilatedAttention(**GOOD, compile=False)
     with pytest.raises(error, match=match):
         module(*tensors)
+
+
+def test_a_subclass_is_refused_on_every_call_of_a_module():
+    """A module checks a shape's types once (its signature cache), but a subclass is refused
+    on every call: a plain call of that shape first must not let a wrapper through."""
+    module = ringattn.DilatedAttention(**GOOD, compile=False)
+    q, k, v = qkv()
+    module(q, k, v)
+    with pytest.raises(TypeError, match=r"parameter 'v' must be a plain torch\.Tensor"):
+        module(q, k, TwoTensor(v, v))
+
+
+def test_a_dtensor_is_refused_with_the_way_to_its_local_tensor(one_gloo_rank):
+    """A DTensor (any placement) failed deep in the core ("as_strided not supported with
+    DTensor"), and a compiled call with Dynamo's UnsupportedFakeTensorException: now the
+    boundary's TypeError, eager and traced, names to_local() and the sharded-heads caveat."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    torch.distributed.init_process_group("gloo")
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        q, k, v = qkv()
+        q_sharded = DTensor.from_local(q, mesh, [Shard(2)], run_check=False)
+        words = "parameter 'q' is a DTensor, which ringattn's dilated attention does not take"
+        module = ringattn.DilatedAttention(**GOOD, compile=False)
+        traced = torch.compile(module, fullgraph=True, backend="eager")
+        for call_it in (lambda: call(q_sharded, k, v), lambda: module(q_sharded, k, v)):
+            with pytest.raises(TypeError, match=words + r".*q\.to_local\(\).*Heads split"):
+                call_it()
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match=words) as caught:  # (inside Dynamo's report)
+            traced(q_sharded, k, v)
+        assert isinstance(caught.value, (TypeError, RuntimeError)), type(caught.value)
+    finally:
+        torch._dynamo.reset()
+        torch.distributed.destroy_process_group()
 
 
 def test_device_mismatch_is_named():
