@@ -105,9 +105,11 @@ def block_mask_from_ranges(
     count = (last - first).clamp(min=0).to(torch.int32)
     width = torch.arange(num_blocks, device=kv_lo.device)
     indices = (first.unsqueeze(-1) + width).clamp(max=num_blocks - 1).to(torch.int32)
-    return BlockMask.from_kv_blocks(
+    # (annotated: torch 2.11's from_kv_blocks returns Any to mypy, 2.13's a BlockMask)
+    mask: BlockMask = BlockMask.from_kv_blocks(
         count[None], indices[None], BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(n, n)
     )
+    return mask
 
 
 def mixture_kv_ranges(plan: Plan, offsets: Tensor, block: int) -> tuple[Tensor, Tensor]:

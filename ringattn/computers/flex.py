@@ -82,8 +82,11 @@ def _flex(
     if pad > 0 and q.device.type == "cpu" and compiling():
         q, k, v = (F.pad(x, (0, pad)) for x in (q, k, v))
     q, k, v = (rearrange(x, "b n h d -> b h n d") for x in (q, k, v))
-    # (output only: a Tensor by torch 2.13's overloads; torch 2.11's annotations give a union)
-    out = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    # (output only: a Tensor by torch 2.13's overloads, where cast(Tensor, ...) is a redundant
+    # cast; torch 2.11's annotations give a union: Any satisfies both releases' mypy)
+    out: Tensor = cast(
+        Any, flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    )
     return rearrange(out[..., :d], "b h n d -> b n h d")
 
 
