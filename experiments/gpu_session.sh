@@ -844,10 +844,13 @@ trees)
     # of this one, alternated in one process each (this, older, this): OLD_TREE, a folder in the
     # working tree holding an older commit's ringattn/ and experiments/ (`git archive REF
     # ringattn experiments | tar -x -C old`), carried as an ignored folder (step 73)
+    # TREES (default "new old new"): the order, "new" this tree, "old" OLD_TREE's, any other
+    # name a folder of that name in the working tree, carried like it (step 87: "mid")
     old=${OLD_TREE:?set OLD_TREE to the folder of the older tree}
-    for tree in new old new; do
+    for tree in ${TREES:-new old new}; do
         dir=$PWD
         [ "$tree" = old ] && dir=$PWD/$old
+        [ "$tree" != old ] && [ "$tree" != new ] && dir=$PWD/$tree
         (cd "$dir" && PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$dir \
             timeout 150 "${bench[@]}" --n 32768 --mixing head_groups --check-n 0 --repeats 10 \
             --warmup 3 --out "$out/bench_$tree" >>"$out/bench_$tree.log" 2>&1)

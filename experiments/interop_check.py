@@ -10,7 +10,8 @@ and not, ``segment_local/sdpa/pooled``:
   bf16 too, as an autocast projection hands them): the output's dtype (bf16) and its error
   against the float64 oracle, and the same bits as the call on inputs cast beforehand;
 * ``flops``: ``torch.utils.flop_counter.FlopCounterMode`` around a forward+backward counts
-  ``ringattn.flops.useful_flops`` (x3.5), and the counted call gives the uncounted one's bits;
+  ``ringattn.flops.useful_flops`` (x3.5), and the counted call gives the uncounted one's output
+  bits and its gradients within float32's tolerance (the GPU's backward sums in no fixed order);
 * ``profiler``: ``torch.profiler`` shows ``ringattn::dilated_forward`` / ``dilated_backward``.
 
 Prints a table, writes ``interop_check.{json,md}`` under ``--out``; exit 1 where a row fails.
@@ -76,7 +77,11 @@ def measure(mixing: str, causal: bool, args: argparse.Namespace) -> dict[str, An
         counted = with_grads(attn, q, k, v, dout)
     want = useful_flops(1, args.n, args.heads, args.dim, lengths, rates, causal, mixing, True)
     row["flops_vs_useful"] = counter.get_total_flops() / want
-    row["counted_same"] = same_bits(counted, plain)
+    # the output bit for bit; the gradients within float32's tolerance of the uncounted call's,
+    # since the GPU's backward kernels accumulate dq / dk / dv in no fixed order (a counted call
+    # and an uncounted one differed in their gradients' last bits, on an H100, step 87)
+    row["counted_same"] = same_bits(counted[:1], plain[:1])
+    row["counted_grad_err"] = max(rel_err(c, p) for c, p in zip(counted[1:], plain[1:]))
     with torch.profiler.profile() as prof:
         with_grads(attn, q, k, v, dout)
     names = {event.name for event in prof.events()}
@@ -90,6 +95,7 @@ def measure(mixing: str, causal: bool, args: argparse.Namespace) -> dict[str, An
         and row["grad_dtypes_kept"]
         and row["flops_vs_useful"] == 1.0
         and row["counted_same"]
+        and row["counted_grad_err"] <= reference.TOLERANCE[torch.float32]
         and row["profiler_names"]
     )
     print(json.dumps(row), flush=True)
