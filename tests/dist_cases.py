@@ -1352,6 +1352,36 @@ def a_sub_group_module_refuses_to_pickle():
     return messages, copied
 
 
+def a_tensor_parallel_layer(rates, mixing):
+    """torch's tensor parallelism on a MultiheadDilatedAttention (ColwiseParallel q/k/v,
+    RowwiseParallel out): each rank's projections give it num_heads / p heads. Its output
+    against the unsharded layer's (relative error), or the ValueError it raised: split by
+    num_heads, each head's channels were cut across pseudo-heads (0.3-0.6 off, silently)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    from ringattn.nn import MultiheadDilatedAttention
+
+    torch.manual_seed(0)  # (the same weights and x on every rank)
+    layer = MultiheadDilatedAttention(
+        64, 8, (8, 16), rates, mixing=mixing, num_kv_heads=4, compile=False, sub_layer_norm=False
+    )
+    x = torch.randn(1, 16, 64)
+    want = layer(x)
+    plan = {name: ColwiseParallel() for name in ("q_proj", "k_proj", "v_proj")}
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    parallelize_module(layer, mesh, {**plan, "out_proj": RowwiseParallel()})
+    try:
+        got = layer(x)
+    except ValueError as exc:
+        return str(exc)
+    return float(((got - want).norm() / want.norm()).item())
+
+
 def a_device_mesh_names_the_group():
     """A 1-D DeviceMesh passed as ``group`` gives its process group; a 2-D one and a name are
     refused naming ``group`` (torch's "Group ... is not registered" before)."""

@@ -615,6 +615,20 @@ def test_a_dual_tensor_on_one_rank_raises_on_every_rank(pool):
     assert all(m.startswith("ValueError: ranks disagree") and "dual" in m for m in others)
 
 
+@pytest.mark.parametrize(
+    "rates, mixing", [((1, 2), "lse"), ((1, 4), "lse"), ((1, 2), "head_groups")]
+)
+def test_a_tensor_parallel_layer_is_the_whole_layer_or_refused(pool, rates, mixing):
+    """docs/semantics.md's "Heads split across ranks": 8 heads over p ranks (4 K/V heads)."""
+    heads = 8 // pool.world_size
+    results = pool.run("a_tensor_parallel_layer", rates, mixing)
+    if mixing == "lse" and all(heads % r == 0 for r in rates):
+        assert all(isinstance(err, float) and err < 1e-5 for err in results), results
+    else:
+        words = f"the projections gave {heads} of the layer's num_heads=8 heads"
+        assert all(isinstance(m, str) and m.startswith(words) for m in results), results
+
+
 def test_a_dtensor_on_one_rank_raises_on_every_rank(pool):
     messages = pool.run("a_dtensor_on_one_rank_raises_everywhere")
     assert messages[1].startswith("TypeError: parameter 'q' is a DTensor"), messages[1]

@@ -1145,6 +1145,39 @@ def test_a_layer_takes_projections_that_are_not_plain_linears():
     assert torch.equal(layer(x), plain)
 
 
+def test_projections_of_a_share_of_the_heads_are_held_to_the_split_rule():
+    """Projections that give fewer heads than num_heads (a tensor-parallel rank's share, here
+    by hand: test_distributed runs torch's own plan) are heads of head_dim channels each: the
+    first 4 of 8 heads attend as the whole layer's first 4 (lse, rates dividing 4). An uneven
+    share (3 of 8 query heads, or query and K/V heads in other proportions) is refused by name;
+    so is an even one whose offsets would not be its own (a rate of 8 over 4 heads)."""
+    torch.manual_seed(0)
+    args = {"num_kv_heads": 4, "compile": False, "sub_layer_norm": False}
+    layer = MultiheadDilatedAttention(64, 8, (8, 16), (1, 2), **args)
+    x = torch.randn(1, 16, 64)
+    whole = layer._attended(*layer._heads(x, 0))
+    linear = torch.nn.Linear
+    share = MultiheadDilatedAttention(64, 8, (8, 16), (1, 2), **args)
+    share.q_proj, share.k_proj, share.v_proj = linear(64, 32), linear(64, 16), linear(64, 16)
+    with torch.no_grad():
+        for mine, theirs, rows in (("q_proj", "q_proj", 32), ("k_proj", "k_proj", 16)):
+            getattr(share, mine).weight.copy_(getattr(layer, theirs).weight[:rows])
+            getattr(share, mine).bias.copy_(getattr(layer, theirs).bias[:rows])
+        share.v_proj.weight.copy_(layer.v_proj.weight[:16])
+        share.v_proj.bias.copy_(layer.v_proj.bias[:16])
+    torch.testing.assert_close(share._attended(*share._heads(x, 0)), whole[:, :, :4])
+    for q_heads, kv_heads in ((3, 2), (4, 1)):
+        share.q_proj, share.k_proj = linear(64, q_heads * 8), linear(64, kv_heads * 8)
+        share.v_proj = share.k_proj
+        with pytest.raises(ValueError, match="must give each rank an equal share of both"):
+            share(x)
+    share.attention = ringattn.DilatedAttention((8, 16), (1, 8), compile=False)
+    share.q_proj, share.k_proj = linear(64, 32), linear(64, 16)
+    share.v_proj = share.k_proj
+    with pytest.raises(ValueError, match=r"gave 4 of the layer's num_heads=8 heads.*\(1, 8\)"):
+        share(x)
+
+
 def test_one_cache_for_several_layers_is_refused():
     """[cache] * depth: layer 0's prefill moved the shared length and layer 1 read the same
     tokens as a continuation (logits off by 0.15, silently)."""

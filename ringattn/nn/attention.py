@@ -113,9 +113,15 @@ class MultiheadDilatedAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def _heads(self, x: Tensor, start: int) -> tuple[Tensor, Tensor, Tensor]:
-        q = rearrange(self.q_proj(x), "b n (h d) -> b n h d", h=self.num_heads)
-        k = rearrange(self.k_proj(x), "b n (h d) -> b n h d", h=self.num_kv_heads)
-        v = rearrange(self.v_proj(x), "b n (h d) -> b n h d", h=self.num_kv_heads)
+        # heads by their width, not their count: under a tensor-parallel plan (torch's
+        # ColwiseParallel on the projections) a rank's projections give its own heads, and
+        # split into num_heads each head's channels were cut across pseudo-heads (outputs
+        # 0.3-0.6 off, silently)
+        q = rearrange(self.q_proj(x), "b n (h d) -> b n h d", d=self.head_dim)
+        k = rearrange(self.k_proj(x), "b n (h d) -> b n h d", d=self.head_dim)
+        v = rearrange(self.v_proj(x), "b n (h d) -> b n h d", d=self.head_dim)
+        if q.shape[2] != self.num_heads or k.shape[2] != self.num_kv_heads:
+            self._check_split_heads(q.shape[2], k.shape[2])
         if self.rotary_embedding:
             communicator = self.attention.communicator
             if communicator.distributed:  # x is this rank's shard of the sequence
@@ -130,6 +136,38 @@ class MultiheadDilatedAttention(nn.Module):
                 positions = torch.arange(start, start + x.shape[1], device=x.device)
             q, k = rotary(q, positions), rotary(k, positions)
         return q, k, v
+
+    def _check_split_heads(self, heads: int, kv_heads: int) -> None:
+        """A rank holding ``heads`` of the layer's ``num_heads`` (tensor parallelism): dilated
+        attention numbers heads within its call, so this rank's heads take heads
+        ``0..heads-1``'s offsets and groups, the whole layer's only where docs/semantics.md's
+        "Heads split across ranks" says (lse with every rate dividing ``heads``, or one config
+        under head_groups). Anything else is refused: it computed another function, silently."""
+        config = self.attention.config
+        rates = config.dilation_rates
+        even = (
+            self.num_heads % heads == 0 and self.num_kv_heads * heads == kv_heads * self.num_heads
+        )
+        if not even:
+            raise ValueError(
+                f"the projections gave {heads} query and {kv_heads} K/V heads of head_dim "
+                f"{self.head_dim}, where the layer has num_heads={self.num_heads} and "
+                f"num_kv_heads={self.num_kv_heads}: a split of the heads across ranks must "
+                "give each rank an equal share of both"
+            )
+        same = (config.mixing == "lse" and all(heads % r == 0 for r in rates)) or (
+            config.mixing == "head_groups" and len(rates) == 1
+        )
+        if not same:
+            raise ValueError(
+                f"the projections gave {heads} of the layer's num_heads={self.num_heads} heads "
+                "(its heads split across ranks, as a tensor-parallel plan does): dilated "
+                "attention numbers heads within a call, so these would take the first heads' "
+                "offsets, not their own (docs/semantics.md, 'Heads split across ranks'). Only "
+                "mixing='lse' with every dilation rate dividing the heads per rank, or one "
+                f"config under 'head_groups', computes the whole layer's function; got "
+                f"mixing={config.mixing!r}, dilation_rates={tuple(rates)}"
+            )
 
     def _output(self, attn: Tensor) -> Tensor:
         out: Tensor = self.dropout(
