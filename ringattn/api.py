@@ -360,10 +360,11 @@ class DilatedAttention(nn.Module):
         scale: softmax scale, default ``1 / sqrt(d)``.
         strategy: which registered components compute it; never changes the result.
         compile: run the core compiled: for ``flex`` (and any ``compile_mode`` but the default)
-            under the module's own ``torch.compile(fullgraph=True, dynamic=False)``; for block
-            computers (``sdpa``, ``math``) as the opaque custom ops an enclosing
-            ``torch.compile`` captures, called directly when the module runs eagerly (a frame of
-            its own would add only host time; ``compiled_frame`` says which).
+            under the module's own ``torch.compile(fullgraph=True, dynamic=False)``
+            (``compiled_frame`` says whether). Block computers (``sdpa``, ``math``) in the
+            default mode open no frame of their own (it would add only host time), so for them
+            it changes nothing: eagerly they run directly, and an enclosing ``torch.compile``
+            captures them as opaque custom ops with ``compile=False`` too.
         compile_backend: the ``torch.compile`` backend (``"inductor"``; tests use ``"aot_eager"``).
         compile_mode: the ``torch.compile`` mode. ``"reduce-overhead"`` and ``"max-autotune"``
             replay Inductor's output from CUDA graphs (cudagraph trees), which copy each call's

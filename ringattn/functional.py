@@ -56,7 +56,10 @@ _EVERY_MODULE = types.SimpleNamespace()
 def clear_functional_modules() -> None:
     """Forget the functional form's modules: later calls make new ones (tests that switch
     kernels; a notebook after re-registering a strategy does not need it, its class is in the
-    key). Graphs compiled over the old ones raise when they run."""
+    key). A ``torch.compile``'d function over the functional form traces again at its next call
+    (its guard on the module fails) and runs with the new one; what cannot trace again, the
+    backward of a call made before and an exported program (``torch.export``), raises that its
+    module is gone."""
     with _MODULES_LOCK:
         _MODULES.clear()
         _EVERY_MODULE.__dict__.clear()

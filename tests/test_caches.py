@@ -290,6 +290,38 @@ def test_functional_forms_evicted_module_drops_its_buffers(monkeypatch):
     assert modules[1].memory.held_bytes() > 0  # the cached ones keep theirs
 
 
+def test_clearing_the_functional_forms_modules_retraces_a_compiled_caller(monkeypatch):
+    """``clear_functional_modules``: a compiled function over the functional form traces again
+    at its next call and is right (its docstring said such graphs raise); the backward of a call
+    made before the clear raises that its module is gone, naming it."""
+    import gc
+    import types
+    from collections import OrderedDict
+
+    from ringattn import functional
+
+    # (this test's modules only: other tests' compiled callers keep theirs)
+    monkeypatch.setattr(functional, "_MODULES", OrderedDict())
+    monkeypatch.setattr(functional, "_EVERY_MODULE", types.SimpleNamespace())
+    p = {"b": 1, "n": 8, "h": 2, "d": 4, "segment_lengths": (4, 8), "dilation_rates": (1, 2),
+         "causal": True, "mixing": "lse"}  # fmt: skip
+    strategy = ringattn.Strategy(computer="math")
+
+    def attend(q):
+        return ringattn.dilated_attention(q, q, q, **options(p), strategy=strategy, compile=False)
+
+    compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)
+    q = torch.randn(1, 8, 2, 4, dtype=torch.float64, requires_grad=True)
+    before = compiled(q)
+    functional.clear_functional_modules()
+    gc.collect()
+    after = compiled(q)
+    assert rel_err(after, reference.dilated_attention(q, q, q, **options(p))) <= 1e-10
+    after.sum().backward()
+    with pytest.raises(RuntimeError, match=r"attention module #\d+ .* is gone"):
+        before.sum().backward()
+
+
 def test_functional_forms_lru_evicts_the_least_recently_used(monkeypatch):
     """A hit moves its option set to the end: without it the LRU was first-in first-out, and
     the option set a model calls every step was evicted and rebuilt its patterns."""
