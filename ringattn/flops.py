@@ -29,6 +29,9 @@ def useful_pairs(
     causal: bool = False,
     mixing: str = "lse",
 ) -> int:
+    """The (query, key) score pairs dilated attention computes over a sequence of ``n`` and
+    ``h`` heads, summed over heads and configs (batch 1): ``sum(reference.multiplicity(...))``.
+    The options are checked as the module checks them (``DilatedConfig``)."""
     # the module's rules first: zip dropped a config without its rate, and a rate that does not
     # divide its length was counted as if it did
     config = DilatedConfig.of(segment_lengths, dilation_rates, causal, mixing)
@@ -61,6 +64,8 @@ def useful_flops(
     mixing: str,
     backward: bool = False,
 ) -> float:
+    """The forward's FLOPs, ``4 · d · b ·`` :func:`useful_pairs`; with ``backward``, forward and
+    backward's (``FORWARD_BACKWARD_FACTOR`` times that)."""
     checked_int("b", b)
     checked_int("d", d)
     flops = 4.0 * d * b * useful_pairs(n, h, segment_lengths, dilation_rates, causal, mixing)

@@ -8,7 +8,8 @@ Readable first, fast second. Two independent formulations:
   LSE.
 * :func:`dilated_attention_by_multiplicity`: one dense softmax per head with score bias
   ``log m(p, p')``, ``m`` = how many configs let ``p`` see ``p'``. Equal to the first by algebra,
-  shares no code with it beyond :func:`head_offset`.
+  it shares no code with it beyond :func:`head_offset` and the argument checks
+  (:class:`~ringattn.config.DilatedConfig`, :func:`expand_kv_heads`).
 
 Both compute in float64 and are differentiable (autograd), so they are the oracle for gradients too.
 """

@@ -41,10 +41,14 @@ def register(kind: str, name: str) -> Callable[[T], T]:
     """Register a component class under ``kind`` / ``name``; the class gets ``.name = name``.
 
     The class must derive from the kind's base class and define each of its abstract methods
-    (checked here: a class missing one registered and failed deep inside a call, unnamed). A
-    class defined again under its registered name (a notebook cell re-run) replaces the old one;
-    any other class under a taken name is refused, as is a class already registered under
-    another name (registering it again renamed it, built-ins included)."""
+    (checked here: a class missing one registered and failed deep inside a call, unnamed), be
+    buildable with the keywords every module passes (:data:`CONSTRUCTOR_KEYWORDS`) and, for a
+    computer, have an ``unsupported()`` that takes every keyword the module passes: else a
+    ``TypeError``. ``kind`` and ``name`` (letters, digits, ``_``, ``-`` or ``.``) are checked
+    when ``register`` is called (a ``ValueError``). A class defined again under its registered
+    name (a notebook cell re-run) replaces the old one; any other class under a taken name is
+    refused (a ``ValueError``), as is a class already registered under another name
+    (registering it again renamed it, built-ins included)."""
     _check_kind(kind)
     # '/' separates Strategy.label's parts, ',' the names of ablate's filters; a newline would
     # split a row of its Markdown and CSV tables, a space a name on its command lines
@@ -179,11 +183,15 @@ def unregister(kind: str, name: str, *, missing_ok: bool = False) -> None:
 
 
 def names(kind: str) -> tuple[str, ...]:
+    """The names registered under ``kind``, in registration order."""
     _check_kind(kind)
     return tuple(_REGISTRY[kind])
 
 
 def get(kind: str, name: str) -> type:
+    """The class registered under ``kind`` / ``name``: a ``ValueError`` naming the registered
+    ones (and the kind a name belongs to, where it is another's) otherwise, a ``TypeError``
+    where ``name`` is no str."""
     _check_kind(kind)
     if not isinstance(name, str):
         raise TypeError(f"{kind} must be a strategy name (str), got {type(name).__name__}")

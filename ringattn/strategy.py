@@ -45,6 +45,8 @@ class Strategy:
         return None
 
     def check(self) -> Strategy:
+        """``self`` if it is a valid combination, else a ``ValueError`` giving
+        :meth:`incompatibility`'s reason."""
         reason = self.incompatibility()
         if reason:
             raise ValueError(f"invalid strategy {self}: {reason}")
@@ -52,6 +54,8 @@ class Strategy:
 
     @property
     def label(self) -> str:
+        """The four names joined by ``/``, ``"dilation/computer/communicator/memory"``
+        (:meth:`from_label` reads it back)."""
         return "/".join(getattr(self, f.name) for f in fields(self))
 
     @classmethod

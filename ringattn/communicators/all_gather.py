@@ -35,6 +35,10 @@ SEGMENT_TAG = 3  # apart from the ring's tags
 
 @register("communicator", "all_gather")
 class AllGatherCommunicator(SequenceParallel):
+    """``all_gather``: one all-gather of the selected K/V per block among the segment's ranks
+    (this module's docstring). Built with the module's ``group`` (default: the world) and
+    ``layout``; needs ``torch.distributed`` initialised."""
+
     def _gather(self, kv_own: Tensor, span: int) -> Tensor:
         gathered = self.memory.scratch(
             "all_gather_kv", (span, *kv_own.shape), kv_own.dtype, kv_own.device

@@ -10,6 +10,9 @@ from ringattn.registry import register
 
 @register("communicator", "local")
 class LocalCommunicator(Communicator):
+    """``local``: one device, no communication. It takes no ``group`` and only
+    ``layout="contiguous"`` (a ``ValueError`` otherwise)."""
+
     layout = "contiguous"
 
     def __init__(

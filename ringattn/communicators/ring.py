@@ -34,6 +34,10 @@ KV_TAG, GRAD_TAG = 1, 2
 
 @register("communicator", "ring")
 class RingCommunicator(SequenceParallel):
+    """``ring``: K/V chunks passed around each segment's ranks by P2P, overlapped with
+    compute (this module's docstring). Built with the module's ``group`` (default: the world)
+    and ``layout``; needs ``torch.distributed`` initialised."""
+
     def receives(self, step: int, t: int, span: int, causal: bool) -> bool:
         """Whether rank ``t`` uses the shard that reaches it at ``step`` (that of ``t - step``)."""
         return self.piece(t, (t - step) % span, causal, 2) is not None

@@ -134,6 +134,10 @@ _flex_with_lse_eager: Callable[
 
 @register("computer", "flex")
 class FlexComputer(LayoutComputer):
+    """``flex``: FlexAttention's block-sparse kernels over the whole sequence (this module's
+    docstring); ``block_size``: its block masks' tile. One device only (``communicator=
+    'local'``), no backward on the CPU: :meth:`unsupported` says which inputs it cannot run."""
+
     block_size: int = 128
 
     # the layouts whose mask functions flex has (ringattn.masks); any other dilation processor

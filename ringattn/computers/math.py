@@ -23,6 +23,9 @@ def _scores(q: Rows, k: Rows, causal: bool, scale: float) -> torch.Tensor:
 
 @register("computer", "math")
 class MathComputer(BlockComputer):
+    """``math``: each block's attention as einsums in float32 (float64 for float64 inputs), on
+    any device and dtype: the readable reference computer."""
+
     def forward(
         self, q: Rows, k: Rows, v: Rows, causal: bool, scale: float
     ) -> tuple[Rows, RowsLSE]:

@@ -25,8 +25,9 @@ blocks; the forward 3-8% faster from 1M tokens and at 131K `lse`, within the run
 so the function is the same. ``SDPAComputer.cuda_backward = "torch"`` / ``cuda_forward = "torch"``
 turn each off (A/B). Placed blocks' outputs and gradients are written in place by FA4 itself.
 
-The kernels take ``[B, H, L, d]``; our blocks are ``[B, L, H, d]`` so the transposes are views, and
-all of them accept the strided (dilated) views as they are.
+The kernels take ``[B, H, L, d]``; our blocks are ``[B, L, H, d]`` so the transposes are views. The
+forward kernels take the strided (dilated) views as they are; torch's backward kernels get
+contiguous copies of ``dout`` and ``out`` where they want them, and on the CPU of every input.
 
 Under ``torch.use_deterministic_algorithms(True)`` every backward kernel chosen here is a
 deterministic one (two runs give the same bits): FA4 and the cuDNN frontend take their
@@ -111,6 +112,10 @@ def _bhl1(lse: Tensor) -> Tensor:
 
 @register("computer", "sdpa")
 class SDPAComputer(BlockComputer):
+    """``sdpa``: PyTorch's fused attention kernels, and FlashAttention-4's where installed (this
+    module's docstring says which runs where). The class attributes below choose kernels for
+    A/B runs; a change takes effect at the next call (:meth:`launch_options`)."""
+
     # "auto": cuDNN where it applies (CUDA, fp16/bf16, head dim <= 128), else FlashAttention-2
     cuda_backend = "auto"
     # placed blocks through the cuDNN frontend, written in place (where it is installed)

@@ -67,6 +67,9 @@ def _slice_of_permutation(n: int, block: Block) -> tuple[int, int]:
 
 @register("dilation", "global")
 class GlobalPermutationDilation(DilationProcessor):
+    """``global``: each block's rows gathered through one cached permutation of the sequence
+    per config (:func:`global_permutation`; this module's docstring says how)."""
+
     def indices(
         self, plan: Plan, device: torch.device, memory: MemoryManager
     ) -> tuple[Tensor, ...]:

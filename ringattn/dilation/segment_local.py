@@ -16,6 +16,9 @@ from ringattn.registry import register
 
 @register("dilation", "segment_local")
 class SegmentLocalDilation(DilationProcessor):
+    """``segment_local``: each block's rows as a strided view of the inputs, with no index
+    tensors (this module's docstring says when merging its batch dims copies)."""
+
     def read(self, x: Tensor, block: Block, index: Tensor | None) -> Tensor:
         return block.rows(x).flatten(0, 1)
 

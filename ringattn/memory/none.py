@@ -13,6 +13,8 @@ from ringattn.registry import register
 
 @register("memory", "none")
 class NoReuse(MemoryManager):
+    """``none``: every pattern built and every buffer allocated afresh, in each call."""
+
     def cached(self, key: Hashable, build: Callable[[], T]) -> T:
         return build()
 

@@ -114,6 +114,9 @@ def _tensors(value: object) -> list[Tensor]:
 
 @register("memory", "pooled")
 class PooledMemory(MemoryManager):
+    """``pooled``: an LRU of patterns and one of scratch buffers, each holding at most
+    ``max_entries`` entries (64 by default; the modules build it with the default)."""
+
     def __init__(self, max_entries: int = 64) -> None:
         checked_int("max_entries", max_entries)
         self.patterns = _LRU(max_entries)

@@ -30,6 +30,16 @@ from ringattn.strategy import Strategy
 
 @dataclass(frozen=True)
 class LongNetConfig:
+    """A :class:`LongNet`'s sizes and options (frozen: a model keeps it as ``model.config``).
+
+    ``vocab_size`` token ids; ``dim`` the model width; ``depth`` blocks; ``num_heads`` and
+    ``num_kv_heads`` (None: ``num_heads``) as :class:`~ringattn.nn.MultiheadDilatedAttention`
+    takes them; ``segment_lengths``, ``dilation_rates``, ``mixing``, ``strategy``,
+    ``compile``, ``layout`` and ``group`` each attention layer's (causal, with rotary
+    positions and Sub-LN, :func:`dilated_attention_layer`); ``mlp_ratio`` the MLP's hidden
+    width over ``dim``; ``dropout`` on each attention layer's and each MLP's output.
+    """
+
     vocab_size: int = 256
     dim: int = 128
     depth: int = 2
@@ -142,6 +152,9 @@ class Block(nn.Module):
 
 
 def dilated_attention_layer(config: LongNetConfig) -> nn.Module:
+    """:class:`LongNet`'s default attention layer: a causal
+    :class:`~ringattn.nn.MultiheadDilatedAttention` with rotary positions and Sub-LN, of the
+    config's heads, lengths, rates, mixing, dropout, strategy, compile, layout and group."""
     return MultiheadDilatedAttention(
         config.dim,
         config.num_heads,
@@ -400,7 +413,10 @@ class LongNet(nn.Module):
         temperature: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Greedy (``temperature=0``) or sampled continuation of ``prompt: [b, n0]``."""
+        """Greedy (``temperature=0``) or sampled (softmax of the logits over ``temperature``,
+        drawn with ``generator``) continuation of ``prompt: [b, n0]``: returns
+        ``[b, n0 + max_new_tokens]``, the prompt followed by the new tokens. Runs under
+        ``torch.no_grad()``, with one KV cache per layer (:meth:`new_caches`), on one device."""
         checked_int("max_new_tokens", max_new_tokens, minimum=0)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
             raise TypeError(f"temperature must be a float, got {temperature!r}")

@@ -228,7 +228,9 @@ class MultiheadDilatedAttention(nn.Module):
         cache.check_room(x.shape[1])
 
     def forward(self, x: BNE, cache: KVCache | None = None) -> BNE:
-        """Full attention over ``x``; with a ``cache``, ``x`` continues the cached sequence."""
+        """The layer's output ``[b, n, embed_dim]``: dilated attention over the whole of ``x``.
+        With a ``cache`` (a causal layer on one device, :meth:`new_cache`), ``x`` continues the
+        cached sequence and its keys and values are appended to it."""
         if cache is not None:
             return self._decoding_forward(x, cache)
         return self._forward(x, None)

@@ -10,7 +10,9 @@ from torch import Tensor
 
 def rotary(x: Tensor, positions: Tensor, base: float | None = None) -> Tensor:
     """Rotate pairs of channels of ``x: [b, n, h, d]`` (d even) by angles ``positions[n] · θ_i``,
-    ``θ_i = base^(-2i/d)``, ``base`` 10000 by default."""
+    ``θ_i = base^(-2i/d)``, ``base`` 10000 by default. Pair ``i`` is channels ``2i`` and
+    ``2i + 1`` (interleaved, not the two halves of ``d``); ``positions``: ``[n]``, integer or
+    floating. Returns ``x``'s shape and dtype (computed in float32, float64 for float64 ``x``)."""
     # (an integer x came back rotated and truncated to ints, and a base <= 0 or NaN gave NaN
     # angles: both silently; non-tensors raised AttributeError)
     if not isinstance(x, Tensor) or not x.is_floating_point():
