@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ringattn.config import checked_int
+from ringattn.config import checked_int, type_name
 
 try:
     from torch.distributed.device_mesh import DeviceMesh
@@ -87,6 +87,11 @@ def check_layout(layout: str) -> None:
 def chunks_of(rank: int, p: int, layout: str) -> tuple[int, ...]:
     """Which chunks ``rank`` holds, in order (of ``p`` chunks if contiguous, else ``2p``)."""
     check_layout(layout)
+    # checked as m is (config.checked_int): a float p gave float positions, and a bool rank
+    # read as rank 0 or 1, silently
+    checked_int("p", p)
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank must be an int, got {type_name(rank)} {rank!r}")
     if not 0 <= rank < p:
         raise ValueError(f"rank must be in [0, p={p}), got {rank}")
     return (rank,) if layout == "contiguous" else (rank, 2 * p - 1 - rank)
@@ -95,7 +100,9 @@ def chunks_of(rank: int, p: int, layout: str) -> tuple[int, ...]:
 def positions(
     m: int, rank: int, p: int, layout: str, device: torch.device | str | None = None
 ) -> Tensor:
-    """The sequence positions of the ``m`` rows ``rank`` holds (e.g. for rotary embeddings)."""
+    """The sequence positions of the ``m`` rows that ``rank`` of ``p`` ranks holds in
+    ``layout`` (e.g. for rotary embeddings): int64 ``[m]``. Each size is an int (a
+    ``TypeError`` otherwise), ``m`` a whole number of the rank's chunks."""
     # (symbolic where a layer's call is traced with dynamic shapes: traced, it is an int there)
     checked_int("m", m)
     chunks = chunks_of(rank, p, layout)

@@ -80,6 +80,21 @@ def test_positions_take_an_int_count(m):
         distributed.positions(m, 0, 2, "contiguous")
 
 
+@pytest.mark.parametrize(
+    "rank, p, match",
+    [
+        (0, 2.0, "p must be an int"),
+        (True, 2, "rank must be an int"),
+        (0.0, 2, "rank must be an int"),
+    ],
+)
+def test_positions_take_an_int_rank_and_group_size(rank, p, match):
+    """As ``m``: a float ``p`` gave float positions (zigzag: [0., 1., 6., 7.]), and a bool rank
+    the positions of rank 1, silently."""
+    with pytest.raises(TypeError, match=match):
+        distributed.positions(4, rank, p, "zigzag")
+
+
 def test_sequence_parallel_helpers_need_an_initialised_process_group():
     """Named as such, not as a ``group`` of type NoneType (``dist.group.WORLD`` before
     ``init_process_group``)."""
