@@ -552,6 +552,8 @@ def _decode_args(**changes) -> dict:
         ({"scale": -1.0}, ValueError, "scale must be > 0"),
         ({"scale": 0.0}, ValueError, "scale must be > 0"),
         ({"scale": None}, TypeError, "scale must be a float, got None"),
+        # (float32 inputs: 0 in their logits, as the layer's prefill refuses it)
+        ({"scale": 1e-50}, ValueError, r"scale=1e-50 is 0 in float32, which torch.float32"),
         ({"mixing": "sum"}, ValueError, "mixing must be one of"),
         ({"configs": (4, 1)}, TypeError, r"configs must be a tuple of \(w, r\) pairs"),
         ({"configs": None}, TypeError, r"configs must be a tuple of \(w, r\) pairs, got NoneType"),

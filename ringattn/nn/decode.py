@@ -189,6 +189,9 @@ def decode_one(
         )
     except (TypeError, ValueError) as exc:
         raise type(exc)(_in_terms_of_configs(str(exc))) from None
+    # as the layer's prefill checks it: float32 logits (all but float64 inputs) took a scale
+    # of 1e-50 as 0, every key weighted alike, silently
+    config.check_scale_for(q.dtype)
     return decode_unchecked(q, cache, position, config, float(scale))
 
 
