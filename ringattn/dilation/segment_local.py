@@ -1,4 +1,5 @@
-"""``segment_local``: each segment's dilated rows as strided views, no index tensors, no copies.
+"""``segment_local``: each segment's dilated rows as strided views, no index tensors, no copy
+where ``w`` divides ``n`` or ``b == 1``.
 
 ``x[:, :S*w].unflatten(1, (S, w))[:, :, offset::r, heads]`` is the whole block. Merging the batch
 and segment dims is free whenever ``n`` is a multiple of ``w`` (or ``b == 1``); otherwise
