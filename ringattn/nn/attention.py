@@ -146,7 +146,9 @@ class MultiheadDilatedAttention(nn.Module):
         config = self.attention.config
         rates = config.dilation_rates
         even = (
-            self.num_heads % heads == 0 and self.num_kv_heads * heads == kv_heads * self.num_heads
+            0 < heads <= self.num_heads  # (0 heads: a projection of no channels)
+            and self.num_heads % heads == 0
+            and self.num_kv_heads * heads == kv_heads * self.num_heads
         )
         if not even:
             raise ValueError(
