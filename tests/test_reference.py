@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_qkv, options, problems, rel_err
+from conftest import edge_examples, make_qkv, options, problems, rel_err
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -17,6 +17,7 @@ from ringattn import reference
 
 
 @given(problems())
+@edge_examples
 def test_two_oracles_agree(p):
     q, k, v = make_qkv(p, torch.float64)
     loop = reference.dilated_attention(q, k, v, **options(p))
@@ -25,6 +26,7 @@ def test_two_oracles_agree(p):
 
 
 @given(problems())
+@edge_examples
 def test_two_oracles_agree_on_gradients(p):
     q, k, v = make_qkv(p, torch.float64, requires_grad=True)
     grads = []

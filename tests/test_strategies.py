@@ -11,7 +11,15 @@ from typing import NamedTuple
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOLERANCE, deterministic_algorithms, make_qkv, options, problems, rel_err
+from conftest import (
+    TOLERANCE,
+    deterministic_algorithms,
+    edge_examples,
+    make_qkv,
+    options,
+    problems,
+    rel_err,
+)
 from gradient_bounds import (
     grad_floor,
     gradient_shifts,
@@ -116,14 +124,16 @@ def test_fp32_matches_oracle(p):
     check_against_oracle(p, torch.float32)
 
 
-@settings(max_examples=10)
+@settings(max_examples=8)  # (+ the 2 EDGE_PROBLEMS: as many examples as before)
 @given(problems())
+@edge_examples
 def test_bf16_matches_oracle(p):
     check_against_oracle(p, torch.bfloat16)
 
 
-@settings(max_examples=10)
+@settings(max_examples=8)  # (+ the 2 EDGE_PROBLEMS: as many examples as before)
 @given(problems())
+@edge_examples
 def test_deterministic_algorithms_give_the_oracle_twice_in_the_same_bits(p):
     """Under ``torch.use_deterministic_algorithms(True)`` torch fills every new tensor
     (``torch.utils.deterministic.fill_uninitialized_memory``: NaN for floats), so a path that
@@ -150,14 +160,16 @@ def test_deterministic_algorithms_give_the_oracle_twice_in_the_same_bits(p):
                 )
 
 
-@settings(max_examples=5)
+@settings(max_examples=3)  # (+ the 2 EDGE_PROBLEMS: as many examples as before)
 @given(problems())
+@edge_examples
 def test_fp16_matches_oracle(p):
     check_against_oracle(p, torch.float16)
 
 
-@settings(max_examples=5)
+@settings(max_examples=3)  # (+ the 2 EDGE_PROBLEMS: as many examples as before)
 @given(problems())
+@edge_examples
 def test_fp64_matches_oracle(p):
     check_against_oracle(p, torch.float64)
 
