@@ -67,6 +67,7 @@ def matches_oracle(
         options["dilation_rates"],
         causal=options["causal"],
         mixing=options["mixing"],
+        scale=options.get("scale"),
         strategy=ringattn.Strategy(**strategy_fields),
         compile=False,
         layout=layout,
