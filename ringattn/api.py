@@ -43,11 +43,6 @@ from ringattn.pattern import make_plan
 from ringattn.strategy import Strategy
 from ringattn.types import BNHD
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # a torch built without distributed: isinstance(x, ()) is never true
-    DTensor = ()  # type: ignore[assignment,misc]
-
 if TYPE_CHECKING:
     from ringattn.functional import Key as FunctionalKey
 
@@ -182,7 +177,7 @@ def refuse_subclass(name: str, x: Tensor) -> None:
     a compiled call with Dynamo's UnsupportedFakeTensorException. (Fake tensors and parameters
     are not such wrappers; a nested tensor is refused by its own rule before this one.)"""
     # (isinstance too: traced, a DTensor is a wrapper to isinstance only)
-    dtensor = isinstance(x, DTensor)
+    dtensor = isinstance(x, distributed.DTensor)
     if not (dtensor or is_traceable_wrapper_subclass(x)):
         return
     if dtensor:

@@ -31,8 +31,10 @@ from ringattn.config import checked_int, type_name
 
 try:
     from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor as DTensor  # (api's input rule reads it)
 except ImportError:  # a torch built without distributed: isinstance(x, ()) is never true
     DeviceMesh = ()  # type: ignore[assignment,misc]
+    DTensor = ()  # type: ignore[assignment,misc]
 
 
 def resolve_group(group: dist.ProcessGroup | DeviceMesh | None) -> dist.ProcessGroup:
