@@ -846,13 +846,16 @@ trees)
     # ringattn experiments | tar -x -C old`), carried as an ignored folder (step 73)
     # TREES (default "new old new"): the order, "new" this tree, "old" OLD_TREE's, any other
     # name a folder of that name in the working tree, carried like it (step 87: "mid")
+    # TREE_ARGS (default "--n 32768 --mixing head_groups"): the bench's rows, split on spaces
+    # (step 88: "--n 1048576 --mixing lse --causal no")
     old=${OLD_TREE:?set OLD_TREE to the folder of the older tree}
+    read -r -a tree_args <<<"${TREE_ARGS:---n 32768 --mixing head_groups}"
     for tree in ${TREES:-new old new}; do
         dir=$PWD
         [ "$tree" = old ] && dir=$PWD/$old
         [ "$tree" != old ] && [ "$tree" != new ] && dir=$PWD/$tree
         (cd "$dir" && PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$dir \
-            timeout 150 "${bench[@]}" --n 32768 --mixing head_groups --check-n 0 --repeats 10 \
+            timeout 150 "${bench[@]}" "${tree_args[@]}" --check-n 0 --repeats 10 \
             --warmup 3 --out "$out/bench_$tree" >>"$out/bench_$tree.log" 2>&1)
         mv "$out/bench_$tree/bench.json" "$out/bench_${tree}_$SECONDS.json" 2>/dev/null
     done
