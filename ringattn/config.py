@@ -143,7 +143,11 @@ class DilatedConfig:
             return
         if self.scale <= FLOAT32_ZERO_BELOW or self.scale >= FLOAT32_INF_FROM:
             rounded = "0" if self.scale <= FLOAT32_ZERO_BELOW else "inf"
+            # (the bounds as the comparisons take them: the message said [1.4e-45, 3.4e38],
+            # float32's smallest subnormal and its largest value rounded, where a scale between
+            # 2**-150 and 1.4e-45, or between 3.4e38 and the second bound, was taken)
             raise ValueError(
                 f"scale={self.scale} is {rounded} in float32, which {dtype} inputs compute in: "
-                "it must lie within float32's range, [1.4e-45, 3.4e38] (or use float64 inputs)"
+                f"it must be > 2**-150 = {FLOAT32_ZERO_BELOW!r} and < (2 - 2**-24) * 2**127 = "
+                f"{FLOAT32_INF_FROM!r}, which float32 rounds to 0 and inf (or use float64 inputs)"
             )

@@ -377,11 +377,20 @@ def test_a_scale_past_float32s_range_is_refused_for_inputs_that_compute_in_it(
 
 def test_the_float32_range_edges_are_exact():
     """The edges themselves are refused: 2**-150 rounds to 0 in float32, and float32's largest
-    value plus half its ulp to inf (both ties to even); the next float inward is taken."""
+    value plus half its ulp to inf (both ties to even); the next float inward is taken. The
+    error states those very edges (it said [1.4e-45, 3.4e38], where 1e-45 and 3.40282e38 were
+    taken), so the edges here are the ones its message gives."""
     from ringattn.config import FLOAT32_INF_FROM, FLOAT32_ZERO_BELOW
 
-    for edge, rounded, inward in ((FLOAT32_ZERO_BELOW, "0", math.inf),
-                                  (FLOAT32_INF_FROM, "inf", 0.0)):  # fmt: skip
+    with pytest.raises(ValueError) as refused:
+        ringattn.DilatedConfig((4,), (1,), scale=1e-46).check_scale_for(torch.float32)
+    message = str(refused.value)
+    stated = re.search(r"> 2\*\*-150 = (\S+) and < \(2 - 2\*\*-24\) \* 2\*\*127 = (\S+),", message)
+    assert stated, message
+    low, high = float(stated[1]), float(stated[2])
+    assert (low, high) == (2.0**-150, (2 - 2.0**-24) * 2.0**127)
+    assert (low, high) == (FLOAT32_ZERO_BELOW, FLOAT32_INF_FROM)
+    for edge, rounded, inward in ((low, "0", math.inf), (high, "inf", 0.0)):
         assert torch.tensor(edge, dtype=torch.float32).item() == float(rounded)
         config = ringattn.DilatedConfig((4,), (1,), scale=edge)
         with pytest.raises(ValueError, match=f"is {rounded} in float32"):
@@ -390,6 +399,10 @@ def test_the_float32_range_edges_are_exact():
         near = math.nextafter(edge, inward)
         assert 0 < torch.tensor(near, dtype=torch.float32).item() < math.inf
         ringattn.DilatedConfig((4,), (1,), scale=near).check_scale_for(torch.float32)
+        # and every value past the edge is refused, not only the edge itself
+        past = math.nextafter(edge, 0.0 if rounded == "0" else math.inf)
+        with pytest.raises(ValueError, match=f"is {rounded} in float32"):
+            ringattn.DilatedConfig((4,), (1,), scale=past).check_scale_for(torch.float32)
 
 
 def test_the_config_checks_its_own_options():
