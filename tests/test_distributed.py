@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from dist_pool import DistPool
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ringattn
@@ -241,11 +241,12 @@ def _divisors(x: int) -> list[int]:
 
 
 @st.composite
-def sharded_problems(draw, p: int):
-    """A valid sequence-parallel problem for ``p`` ranks, drawn: the layout, the shard length,
-    and 1-3 configs each shard-local (w divides the shard, or the chunk under zigzag), spanning
-    some ranks (w = j shards, j dividing p: contiguous only) or the whole sequence (w >= n,
-    which any layout takes); r divides w and, where w spans ranks, the shard (chunk)."""
+def sharded_problems(draw, p: int, causal: bool):
+    """A valid sequence-parallel problem for ``p`` ranks, ``causal`` or not, drawn: the layout,
+    the shard length, and 1-3 configs each shard-local (w divides the shard, or the chunk under
+    zigzag), spanning some ranks (w = j shards, j dividing p: contiguous only) or the whole
+    sequence (w >= n, which any layout takes); r divides w and, where w spans ranks, the shard
+    (chunk)."""
     layout = draw(st.sampled_from(["contiguous", "zigzag"]))
     m = draw(st.sampled_from([4, 6, 8, 12, 16] if layout == "contiguous" else [4, 8, 12, 16]))
     n = m * p
@@ -269,7 +270,7 @@ def sharded_problems(draw, p: int):
     options = {
         "segment_lengths": lengths,
         "dilation_rates": rates,
-        "causal": draw(st.booleans()),
+        "causal": causal,
         "mixing": draw(st.sampled_from(["lse", "head_groups"])),
         # (no other sequence-parallel test holds a given scale to the oracle; problems()' choices)
         "scale": draw(st.sampled_from([None, None, 0.3, 1.7])),
@@ -280,14 +281,20 @@ def sharded_problems(draw, p: int):
     return shape, options, strategy, layout, draw(st.booleans())
 
 
+# causal a parameter, with half the profile's examples each: drawn (st.booleans), it came up in
+# 5 of CI's 20 problems at p = 2 and 4 at p = 4 (over 60 seeds a run's share ranged from 10% to
+# 80%: hypothesis repeats earlier examples' choices), and causal is where the communicators skip
+# later chunks (all-gather's pieces, the ring's sends and receives) and zigzag's halves differ
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@settings(max_examples=max(1, settings().max_examples // 2))
 @given(data=st.data())
-def test_drawn_problems_match_the_oracle(pool, data):
+def test_drawn_problems_match_the_oracle(pool, causal, data):
     """Shapes, configs (shard-local, spanning some ranks or all), causal, mixing, layout,
     strategy and whether odd ranks hold their shards in ``[b, h, n, d]`` storage, drawn by
     hypothesis, not only the fixed cases above: outputs (with and without grad), gradients and
     the gathered output against the single-process float64 oracle, in float32 or bf16 (whose
     gradients are bounded by the naive baseline, as the local tests bound them)."""
-    shape, opts, strategy, layout, mixed = data.draw(sharded_problems(pool.world_size))
+    shape, opts, strategy, layout, mixed = data.draw(sharded_problems(pool.world_size, causal))
     dtype = data.draw(st.sampled_from(["float32", "bfloat16"]))
     pool.run("matches_oracle", shape, opts, strategy, dtype, 0, layout, mixed)
 
