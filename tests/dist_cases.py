@@ -1437,6 +1437,99 @@ def longnet_groups_side_by_side_match_the_full_model(size):
     return error
 
 
+# docs/semantics.md's "Parameter gradients under data parallelism": its DDP block, then its FSDP2
+# block, each run as written; and the mistakes it warns of, each one change to what is written
+RECIPE_VARIANTS = {
+    "as written": (),
+    "mesh['dp'] alone": (
+        ("DDP(Loss(model))", 'DDP(Loss(model), process_group=mesh["dp"].get_group())'),
+        ("fully_shard(model, mesh=mesh)", 'fully_shard(model, mesh=mesh["dp"])'),
+    ),
+    "ddp.module": (("ddp(inputs, targets)", "ddp.module(inputs, targets)"),),
+}
+
+
+def _recipe_blocks() -> list[str]:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "semantics.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", text, re.DOTALL | re.MULTILINE)
+    ddp = [b for b in blocks if "class Loss(" in b]
+    fsdp = [b for b in blocks if "import fully_shard" in b]
+    assert len(ddp) == len(fsdp) == 1, (len(ddp), len(fsdp))
+    return [ddp[0], fsdp[0]]
+
+
+def the_data_parallel_recipe_trains_the_batch(variant: str) -> list[float]:
+    """The recipe's blocks on a (dp, sp) = (2, 2) mesh of the 4 ranks: each block's largest
+    relative error of a parameter's gradient against one process's, the replicas' mean loss
+    (DDP's) on the whole batch. ``variant`` (RECIPE_VARIANTS) changes what is written first."""
+    from dataclasses import replace
+
+    from torch.distributed.tensor import DTensor
+
+    from ringattn.models import LongNet
+
+    blocks = _recipe_blocks()
+    for old, new in RECIPE_VARIANTS[variant]:  # (a variant the docs outgrew: as written)
+        assert sum(block.count(old) for block in blocks) == 1, (old, variant)
+        blocks = [block.replace(old, new) for block in blocks]
+    errors, scope = [], {}
+    for block in blocks:
+        exec(block, scope)
+        grads = [
+            g.full_tensor() if isinstance(g, DTensor) else g
+            for g in (p.grad for p in scope["model"].parameters())
+        ]
+        torch.manual_seed(0)
+        whole = LongNet(replace(scope["config"], strategy=ringattn.Strategy(), group=None))
+        replicas = scope["tokens"].chunk(2)
+        sum(whole.loss(rows[:, :-1], rows[:, 1:]) for rows in replicas).div(2).backward()
+        wants = [p.grad for p in whole.parameters()]
+        errors.append(max(_rel(g, want) for g, want in zip(grads, wants, strict=True)))
+    return errors
+
+
+def a_layer_under_ddp_over_dp_x_sp_trains_the_batch(loss: str, reduce: str) -> float:
+    """A MultiheadDilatedAttention (causal, rotary) sequence-parallel over ``mesh["sp"]`` of a
+    (2, 2) mesh, under DDP: the largest relative error of a parameter's gradient against one
+    process's mean loss over the whole batch. ``loss``: each rank's own output shard's mean
+    ("shard mean") or the mean of its replica's output gathered with ``grad="sum"``
+    ("gathered"); ``reduce``: DDP over the world ("world"), or over ``mesh["dp"]`` and then an
+    average over ``mesh["sp"]`` ("dp then sp"), docs/semantics.md's three recipes' two others."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ringattn.nn import MultiheadDilatedAttention
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "sp"))
+    sp = mesh["sp"]
+
+    def layer(strategy, group=None):
+        torch.manual_seed(0)
+        return MultiheadDilatedAttention(
+            16, 2, (8, 32), (1, 2), causal=True, rotary_embedding=True, strategy=strategy,
+            compile=False, group=group,
+        ).double()  # fmt: skip
+
+    x = torch.randn(2, 32, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    whole = layer(ringattn.Strategy(computer="math"))
+    whole(x).square().mean().backward()
+    model = layer(ringattn.Strategy(computer="math", communicator="ring"), sp)
+    group = None if reduce == "world" else mesh["dp"].get_group()
+    ddp = DistributedDataParallel(model, process_group=group)  # (kept: a reducer gone
+    # with its wrapper before the backward reduces nothing)
+    out = ddp(distributed.shard(x.chunk(2)[mesh.get_local_rank("dp")], sp))
+    if loss == "gathered":
+        out = distributed.gather(out, sp, grad="sum")
+    out.square().mean().backward()
+    if reduce == "dp then sp":
+        for param in model.parameters():
+            dist.all_reduce(param.grad, dist.ReduceOp.AVG, group=sp.get_group())
+    return max(_rel(p.grad, w.grad) for p, w in zip(model.parameters(), whole.parameters()))
+
+
 def a_module_over_a_destroyed_group_says_so():
     """After destroy_process_group(group) a module over that sub-group, and a module made with
     it, raised torch's "... is not initialized in the world group map" / "is not registered";

@@ -863,6 +863,27 @@ def test_groups_of_one_rank_take_any_segment_length(pool, communicator):
     assert all(e < 1e-10 for e in errors), errors
 
 
+@pytest.mark.parametrize("variant", ["as written", "mesh['dp'] alone", "ddp.module"])
+def test_the_data_parallel_recipe_trains_the_batch(pool, variant):
+    """docs/semantics.md's "Parameter gradients under data parallelism" on a (2, 2) mesh: its
+    DDP and FSDP2 (HSDP) blocks give one process's gradients; DDP or FSDP2 over mesh["dp"]
+    alone, or a loss called past DDP's forward, give wrong ones without an error, as it says."""
+    if pool.world_size != 4:
+        pytest.skip("a (dp, sp) = (2, 2) mesh of 4 ranks")
+    results = pool.run("the_data_parallel_recipe_trains_the_batch", variant)
+    wrong = {"as written": (), "mesh['dp'] alone": ("DDP", "FSDP2"), "ddp.module": ("DDP",)}
+    for block, errors in zip(("DDP", "FSDP2"), zip(*results)):
+        assert max(errors) > 0.1 if block in wrong[variant] else max(errors) < 1e-5, (block, errors)
+
+
+@pytest.mark.parametrize("loss, reduce", [("shard mean", "world"), ("gathered", "dp then sp")])
+def test_a_layer_under_ddp_over_dp_x_sp_trains_the_batch(pool, loss, reduce):
+    if pool.world_size != 4:
+        pytest.skip("a (dp, sp) = (2, 2) mesh of 4 ranks")
+    errors = pool.run("a_layer_under_ddp_over_dp_x_sp_trains_the_batch", loss, reduce)
+    assert max(errors) < 1e-12, errors
+
+
 def test_a_segment_spanning_shards_must_divide_n():
     """48 rows over shards of 16 (n = 64): a multiple of the shard length, but segments would
     end mid-sequence (at p = 4 every rank ran its part, and the last one failed inside the ring:

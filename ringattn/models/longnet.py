@@ -331,9 +331,11 @@ class LongNet(nn.Module):
         (so a guard such as ``if loss.isfinite()`` takes the same branch on every rank), and
         its gradient is ``p`` times its shard's share of that mean. So the mean of the ranks'
         parameter gradients over the group (what DDP over it computes) is the whole sequence's
-        gradient, whatever each shard holds; their sum is ``p`` times it. (A mean over each
-        shard alone weighted a shard with few scored targets as much as a full one, and was
-        NaN on a shard with none.)
+        gradient, whatever each shard holds; their sum is ``p`` times it. With data-parallel
+        replicas too, the mean over every rank of every replica (DDP over them all, not over
+        ``mesh["dp"]`` alone: docs/semantics.md, "Parameter gradients under data
+        parallelism"). (A mean over each shard alone weighted a shard with few scored targets
+        as much as a full one, and was NaN on a shard with none.)
 
         Targets out of range raise a ``ValueError`` before any work; compiled
         (``torch.compile(model.loss, fullgraph=True)`` on the CPU), from the graph after the
