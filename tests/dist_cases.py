@@ -1408,28 +1408,31 @@ def a_device_mesh_names_the_group():
     return same, errors
 
 
+def _two_block_longnet(strategy, group=None):
+    """A float64 LongNet of two blocks, one segment spanning 64 positions, seeded alike
+    everywhere (over ``group``'s shards where ``strategy`` is sequence-parallel)."""
+    from ringattn.models import LongNet, LongNetConfig
+
+    torch.manual_seed(0)
+    config = LongNetConfig(
+        vocab_size=32, dim=16, depth=2, num_heads=2, segment_lengths=(8, 64),
+        dilation_rates=(1, 2), strategy=strategy, group=group,
+    )  # fmt: skip
+    return LongNet(config).double()
+
+
 def longnet_groups_side_by_side_match_the_full_model(size):
     """Data parallel x sequence parallel through ``LongNetConfig.group``: each group of ``size``
     ranks runs its own tokens; every rank's logits are its shard of the one-process model's.
     (w = 64 > n = 32: over the world the segment would span both groups' tokens.)"""
-    from ringattn.models import LongNet, LongNetConfig
-
     world, rank = dist.get_world_size(), dist.get_rank()
     groups = [dist.new_group(list(range(s, s + size))) for s in range(0, world, size)]
     group = groups[rank // size]
 
-    def model(strategy, group=None):
-        torch.manual_seed(0)
-        config = LongNetConfig(
-            vocab_size=32, dim=16, depth=2, num_heads=2, segment_lengths=(8, 64),
-            dilation_rates=(1, 2), strategy=strategy, group=group,
-        )  # fmt: skip
-        return LongNet(config).double()
-
     seed = torch.Generator().manual_seed(rank // size)  # one problem per group
     tokens = torch.randint(0, 32, (1, 32), generator=seed)
-    full = model(ringattn.Strategy(computer="math"))(tokens)
-    sharded = model(ringattn.Strategy(computer="math", communicator="ring"), group)
+    full = _two_block_longnet(ringattn.Strategy(computer="math"))(tokens)
+    sharded = _two_block_longnet(ringattn.Strategy(computer="math", communicator="ring"), group)
     logits = sharded(distributed.shard(tokens, group))
     error = float((logits - distributed.shard(full, group)).abs().max())
     for g in groups:
@@ -1528,6 +1531,41 @@ def a_layer_under_ddp_over_dp_x_sp_trains_the_batch(loss: str, reduce: str) -> f
         for param in model.parameters():
             dist.all_reduce(param.grad, dist.ReduceOp.AVG, group=sp.get_group())
     return max(_rel(p.grad, w.grad) for p, w in zip(model.parameters(), whole.parameters()))
+
+
+def a_fully_sharded_checkpointed_longnet_trains_its_sequence(communicator: str) -> float:
+    """FSDP2 alone: one sequence-parallel group of every rank, ``fully_shard`` over the same
+    1-D mesh (each block, then the model), each block's activations checkpointed (its
+    recompute runs the attention's exchanges again inside the backward). The largest relative
+    error of a parameter's gradient, in the second of two steps, against one process's."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(torch.nn.Module):
+        def __init__(self, block: torch.nn.Module) -> None:
+            super().__init__()
+            self.block = block
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return checkpoint(self.block, x, use_reentrant=False)
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    tokens = torch.randint(0, 32, (2, 65), generator=torch.Generator().manual_seed(1))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    whole = _two_block_longnet(ringattn.Strategy(computer="math"))
+    whole.loss(inputs, targets).backward()
+    sharded = _two_block_longnet(
+        ringattn.Strategy(computer="math", communicator=communicator), mesh
+    )
+    for i, block in enumerate(sharded.blocks):
+        sharded.blocks[i] = fully_shard(Checkpointed(block), mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    for _ in range(2):
+        sharded.zero_grad()
+        sharded.loss(*(distributed.shard(x, mesh) for x in (inputs, targets))).backward()
+    grads = [p.grad.full_tensor() for p in sharded.parameters()]
+    return max(_rel(g, w.grad) for g, w in zip(grads, whole.parameters(), strict=True))
 
 
 def a_module_over_a_destroyed_group_says_so():

@@ -884,6 +884,14 @@ def test_a_layer_under_ddp_over_dp_x_sp_trains_the_batch(pool, loss, reduce):
     assert max(errors) < 1e-12, errors
 
 
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+def test_a_fully_sharded_checkpointed_longnet_trains_its_sequence(pool, communicator):
+    """FSDP2 over the sequence-parallel group itself (its parameters DTensors, what reaches
+    the attention plain tensors), with activation checkpointing: one process's gradients."""
+    errors = pool.run("a_fully_sharded_checkpointed_longnet_trains_its_sequence", communicator)
+    assert max(errors) < 1e-12, errors
+
+
 def test_a_segment_spanning_shards_must_divide_n():
     """48 rows over shards of 16 (n = 64): a multiple of the shard length, but segments would
     end mid-sequence (at p = 4 every rank ran its part, and the last one failed inside the ring:
