@@ -1447,6 +1447,8 @@ RECIPE_VARIANTS = {
     "mesh['dp'] alone": (
         ("DDP(Loss(model))", 'DDP(Loss(model), process_group=mesh["dp"].get_group())'),
         ("fully_shard(model, mesh=mesh)", 'fully_shard(model, mesh=mesh["dp"])'),
+        ("fully_shard(block, mesh=mesh, mp", 'fully_shard(block, mesh=mesh["dp"], mp'),
+        ("fully_shard(model, mesh=mesh, mp", 'fully_shard(model, mesh=mesh["dp"], mp'),
     ),
     "ddp.module": (("ddp(inputs, targets)", "ddp.module(inputs, targets)"),),
 }
@@ -1460,19 +1462,18 @@ def _recipe_blocks() -> list[str]:
     blocks = re.findall(r"^```python\n(.*?)^```", text, re.DOTALL | re.MULTILINE)
     ddp = [b for b in blocks if "class Loss(" in b]
     fsdp = [b for b in blocks if "import fully_shard" in b]
-    assert len(ddp) == len(fsdp) == 1, (len(ddp), len(fsdp))
-    return [ddp[0], fsdp[0]]
+    mixed = [b for b in blocks if "MixedPrecisionPolicy(" in b]
+    assert len(ddp) == len(fsdp) == len(mixed) == 1, (len(ddp), len(fsdp), len(mixed))
+    return [ddp[0], fsdp[0], mixed[0]]
 
 
 def the_data_parallel_recipe_trains_the_batch(variant: str) -> list[float]:
     """The recipe's blocks on a (dp, sp) = (2, 2) mesh of the 4 ranks: each block's largest
     relative error of a parameter's gradient against one process's, the replicas' mean loss
-    (DDP's) on the whole batch. ``variant`` (RECIPE_VARIANTS) changes what is written first."""
-    from dataclasses import replace
-
+    (DDP's) on the whole batch; for the mixed-precision block, the largest ratio of that error
+    to bf16's bound or 4x one bf16 process's error (the test's bound for FSDP2 in bf16).
+    ``variant`` (RECIPE_VARIANTS) changes what is written first."""
     from torch.distributed.tensor import DTensor
-
-    from ringattn.models import LongNet
 
     blocks = _recipe_blocks()
     for old, new in RECIPE_VARIANTS[variant]:  # (a variant the docs outgrew: as written)
@@ -1485,13 +1486,27 @@ def the_data_parallel_recipe_trains_the_batch(variant: str) -> list[float]:
             g.full_tensor() if isinstance(g, DTensor) else g
             for g in (p.grad for p in scope["model"].parameters())
         ]
-        torch.manual_seed(0)
-        whole = LongNet(replace(scope["config"], strategy=ringattn.Strategy(), group=None))
-        replicas = scope["tokens"].chunk(2)
-        sum(whole.loss(rows[:, :-1], rows[:, 1:]) for rows in replicas).div(2).backward()
-        wants = [p.grad for p in whole.parameters()]
-        errors.append(max(_rel(g, want) for g, want in zip(grads, wants, strict=True)))
+        wants = _one_process_grads(scope, torch.float32)
+        if "MixedPrecisionPolicy(" not in block:
+            errors.append(max(_rel(g, want) for g, want in zip(grads, wants, strict=True)))
+            continue
+        bf16 = _one_process_grads(scope, torch.bfloat16)
+        bound = [max(TOL["bfloat16"], 4 * _rel(low, want)) for low, want in zip(bf16, wants)]
+        errors.append(max(_rel(g, w) / b for g, w, b in zip(grads, wants, bound, strict=True)))
     return errors
+
+
+def _one_process_grads(scope: dict, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The recipe's model's gradients in one process of ``dtype``: the replicas' mean loss."""
+    from dataclasses import replace
+
+    from ringattn.models import LongNet
+
+    torch.manual_seed(0)
+    whole = LongNet(replace(scope["config"], strategy=ringattn.Strategy(), group=None)).to(dtype)
+    replicas = scope["tokens"].chunk(2)
+    sum(whole.loss(rows[:, :-1], rows[:, 1:]) for rows in replicas).div(2).backward()
+    return [p.grad for p in whole.parameters()]
 
 
 def a_layer_under_ddp_over_dp_x_sp_trains_the_batch(loss: str, reduce: str) -> float:
@@ -1679,3 +1694,148 @@ def flop_counts(communicator: str, causal: bool) -> tuple[list[int], list[int], 
             counts[i].append(counter.get_total_flops())
         same = same and all(torch.equal(x, y) for x, y in zip(result, plain))
     return counts[0], counts[1], same
+
+
+class _Stack(torch.nn.Module):
+    """Two residual MultiheadDilatedAttention blocks (causal, rotary) of width 16, one segment
+    spanning 32 positions: a model whose blocks take float inputs, not token ids."""
+
+    def __init__(self, strategy, group=None) -> None:
+        from ringattn.nn import MultiheadDilatedAttention
+
+        super().__init__()
+        options = {"causal": True, "rotary_embedding": True, "compile": False, "group": group}
+        self.blocks = torch.nn.ModuleList(
+            MultiheadDilatedAttention(16, 2, (8, 32), (1, 2), strategy=strategy, **options)
+            for _ in range(2)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def a_mixed_precision_fsdp2_model_trains_its_batch(model: str, communicator: str, precision: str):
+    """FSDP2 the torchtitan way (``fully_shard`` on each block, then the root) over the 1-D
+    mesh of every rank (2 ranks) or the (dp, sp) = (2, 2) mesh (4 ranks, HSDP), float32
+    parameters, computing in bf16: ``precision`` "bf16 params" (``MixedPrecisionPolicy(
+    param_dtype=bf16, reduce_dtype=float32)``, inputs cast by FSDP2, LongNet's through its
+    embedding's bf16 output), "autocast" (float32 parameters under ``torch.autocast("cpu",
+    bf16)``) or "inputs not cast" (the policy with ``cast_forward_inputs=False``). ``model``:
+    "longnet" (its ``loss``) or "layers" (:class:`_Stack`, its output shard's mean square).
+    Returns each parameter's (relative error, one process's in bf16) against one float64
+    process on the whole batch (the replicas' mean loss), or the error raised."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from ringattn.models import LongNet, LongNetConfig
+
+    world = dist.get_world_size()
+    replicas = 1 if world == 2 else 2
+    mesh = init_device_mesh("cpu", (replicas, world // replicas), mesh_dim_names=("dp", "sp"))
+    mesh = mesh if replicas > 1 else mesh["sp"]
+    sp = mesh["sp"] if replicas > 1 else mesh
+
+    def build(strategy, group=None):
+        torch.manual_seed(0)
+        if model == "layers":
+            return _Stack(strategy, group)
+        config = LongNetConfig(
+            vocab_size=32, dim=16, depth=2, num_heads=2, segment_lengths=(8, 64),
+            dilation_rates=(1, 2), strategy=strategy, group=group,
+        )  # fmt: skip
+        return LongNet(config)
+
+    def loss_of(net, batch):
+        if model == "layers":
+            return net(batch[0]).float().square().mean()
+        return net.loss(*batch)
+
+    gen = torch.Generator().manual_seed(1)
+    if model == "layers":
+        rows = torch.randn(2 * replicas, 32, 16, generator=gen)
+        batches = [(mine,) for mine in rows.chunk(replicas)]
+    else:
+        tokens = torch.randint(0, 32, (2 * replicas, 65), generator=gen).chunk(replicas)
+        batches = [(rows[:, :-1], rows[:, 1:]) for rows in tokens]
+
+    def one_process(dtype):
+        whole = build(ringattn.Strategy(computer="math")).to(dtype)
+        cast = [[t.to(dtype) if t.is_floating_point() else t for t in b] for b in batches]
+        sum(loss_of(whole, batch) for batch in cast).div(replicas).backward()
+        return [p.grad for p in whole.parameters()]
+
+    exact, bf16 = one_process(torch.float64), one_process(torch.bfloat16)
+    sharded = build(ringattn.Strategy(computer="math", communicator=communicator), sp)
+    policy = MixedPrecisionPolicy(
+        param_dtype=None if precision == "autocast" else torch.bfloat16,
+        reduce_dtype=torch.float32,
+        cast_forward_inputs=precision != "inputs not cast",
+    )
+    for block in sharded.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(sharded, mesh=mesh, mp_policy=policy)
+    replica = mesh.get_local_rank("dp") if replicas > 1 else 0
+    batch = [distributed.shard(t, sp) for t in batches[replica]]
+    region = torch.autocast("cpu", torch.bfloat16) if precision == "autocast" else None
+    try:
+        with region or contextlib.nullcontext():
+            loss = loss_of(sharded, batch)
+        loss.backward()
+    except TypeError as exc:
+        return f"TypeError: {exc}"
+    grads = [p.grad.full_tensor() for p in sharded.parameters()]
+    return [
+        (_rel(g, want), _rel(low, want)) for g, want, low in zip(grads, exact, bf16, strict=True)
+    ]
+
+
+def a_loss_on_the_gathered_output_under_dp_x_sp(grad: str, scale: int) -> tuple[float, float]:
+    """A MultiheadDilatedAttention sequence-parallel over ``mesh["sp"]`` of a (2, 2) mesh, then
+    ``distributed.gather(out, grad=grad)`` and a Linear head on the gathered sequence (every
+    rank of a replica computes it), under DDP over the world; the loss, the replica's mean
+    square times ``scale``. Returns the largest relative error of a parameter's gradient
+    against one process's mean loss over the batch: (the layer's, before the gather; the
+    head's, after it). (Rotary: without it K's bias has no gradient, 0 up to rounding, and
+    its relative error is noise.)"""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ringattn.nn import MultiheadDilatedAttention
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "sp"))
+    sp = mesh["sp"]
+
+    class Model(torch.nn.Module):
+        def __init__(self, strategy, group=None) -> None:
+            super().__init__()
+            self.attn = MultiheadDilatedAttention(
+                16, 2, (8, 32), (1, 2), causal=True, rotary_embedding=True, strategy=strategy,
+                compile=False, group=group,
+            )  # fmt: skip
+            self.head = torch.nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.attn(x)
+            if self.attn.attention.communicator.distributed:
+                out = distributed.gather(out, sp, grad=grad)
+            return self.head(out)
+
+    def build(strategy, group=None):
+        torch.manual_seed(0)
+        return Model(strategy, group).double()
+
+    x = torch.randn(2, 32, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    whole = build(ringattn.Strategy(computer="math"))
+    sum(whole(rows).square().mean() for rows in x.chunk(2)).div(2).backward()
+    model = build(ringattn.Strategy(computer="math", communicator="ring"), sp)
+    ddp = DistributedDataParallel(model)
+    out = ddp(distributed.shard(x.chunk(2)[mesh.get_local_rank("dp")], sp))
+    (out.square().mean() * scale).backward()
+    errors = [
+        (name.startswith("head."), _rel(p.grad, w.grad))
+        for (name, p), w in zip(model.named_parameters(), whole.parameters(), strict=True)
+    ]
+    before = max(e for after, e in errors if not after)
+    return before, max(e for after, e in errors if after)
