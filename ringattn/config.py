@@ -34,16 +34,23 @@ def type_name(value: object) -> str:
     return kind.__name__
 
 
-def checked_int(name: str, value: object, minimum: int = 1) -> int:
-    """``value`` if it is an int ``>= minimum``: else a ``TypeError`` (not an int) or
-    ``ValueError`` (too small) naming ``name`` and the rule. Every size the library takes from
-    a user goes through here, so they all refuse alike."""
+def an_int(name: str, value: object) -> int:
+    """``value`` if it is an int, else a ``TypeError`` naming ``name`` (the type half of
+    :func:`checked_int`, for ints whose range rule is another's, such as a rank's)."""
     # bool is an int subclass and numpy/torch scalars are not ints: refuse rather than coerce
     if isinstance(value, bool) or not isinstance(value, int):
         # (no repr where torch.compile traces it: Dynamo holds a numpy int as an array, whose
         # repr it cannot trace, and failed with that instead of this error)
         shown = "" if compiling() else f" {value!r}"
         raise TypeError(f"{name} must be an int, got {type_name(value)}{shown}")
+    return value
+
+
+def checked_int(name: str, value: object, minimum: int = 1) -> int:
+    """``value`` if it is an int ``>= minimum``: else a ``TypeError`` (not an int) or
+    ``ValueError`` (too small) naming ``name`` and the rule. Every size the library takes from
+    a user goes through here, so they all refuse alike."""
+    value = an_int(name, value)
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ringattn.config import checked_int, type_name
+from ringattn.config import an_int, checked_int
 
 try:
     from torch.distributed.device_mesh import DeviceMesh
@@ -92,8 +92,7 @@ def chunks_of(rank: int, p: int, layout: str) -> tuple[int, ...]:
     # checked as m is (config.checked_int): a float p gave float positions, and a bool rank
     # read as rank 0 or 1, silently
     checked_int("p", p)
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise TypeError(f"rank must be an int, got {type_name(rank)} {rank!r}")
+    an_int("rank", rank)  # (its range is p's, below)
     if not 0 <= rank < p:
         raise ValueError(f"rank must be in [0, p={p}), got {rank}")
     return (rank,) if layout == "contiguous" else (rank, 2 * p - 1 - rank)
