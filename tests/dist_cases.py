@@ -1408,8 +1408,8 @@ def a_device_mesh_names_the_group():
     return same, errors
 
 
-def _two_block_longnet(strategy, group=None):
-    """A float64 LongNet of two blocks, one segment spanning 64 positions, seeded alike
+def _two_block_longnet(strategy, group=None, dtype=torch.float64):
+    """A LongNet of two blocks in ``dtype``, one segment spanning 64 positions, seeded alike
     everywhere (over ``group``'s shards where ``strategy`` is sequence-parallel)."""
     from ringattn.models import LongNet, LongNetConfig
 
@@ -1418,7 +1418,19 @@ def _two_block_longnet(strategy, group=None):
         vocab_size=32, dim=16, depth=2, num_heads=2, segment_lengths=(8, 64),
         dilation_rates=(1, 2), strategy=strategy, group=group,
     )  # fmt: skip
-    return LongNet(config).double()
+    return LongNet(config).to(dtype)
+
+
+def _rotary_layer(strategy, group=None):
+    """A causal MultiheadDilatedAttention with rotary positions, width 16, two heads, one
+    segment spanning 32 positions (seed it first for the same weights everywhere). Rotary:
+    without it K's bias gets no gradient, 0 up to rounding, whose relative error is noise."""
+    from ringattn.nn import MultiheadDilatedAttention
+
+    return MultiheadDilatedAttention(
+        16, 2, (8, 32), (1, 2), causal=True, rotary_embedding=True, strategy=strategy,
+        compile=False, group=group,
+    )  # fmt: skip
 
 
 def longnet_groups_side_by_side_match_the_full_model(size):
@@ -1519,17 +1531,12 @@ def a_layer_under_ddp_over_dp_x_sp_trains_the_batch(loss: str, reduce: str) -> f
     from torch.distributed.device_mesh import init_device_mesh
     from torch.nn.parallel import DistributedDataParallel
 
-    from ringattn.nn import MultiheadDilatedAttention
-
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "sp"))
     sp = mesh["sp"]
 
     def layer(strategy, group=None):
         torch.manual_seed(0)
-        return MultiheadDilatedAttention(
-            16, 2, (8, 32), (1, 2), causal=True, rotary_embedding=True, strategy=strategy,
-            compile=False, group=group,
-        ).double()  # fmt: skip
+        return _rotary_layer(strategy, group).double()
 
     x = torch.randn(2, 32, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     whole = layer(ringattn.Strategy(computer="math"))
@@ -1701,14 +1708,8 @@ class _Stack(torch.nn.Module):
     spanning 32 positions: a model whose blocks take float inputs, not token ids."""
 
     def __init__(self, strategy, group=None) -> None:
-        from ringattn.nn import MultiheadDilatedAttention
-
         super().__init__()
-        options = {"causal": True, "rotary_embedding": True, "compile": False, "group": group}
-        self.blocks = torch.nn.ModuleList(
-            MultiheadDilatedAttention(16, 2, (8, 32), (1, 2), strategy=strategy, **options)
-            for _ in range(2)
-        )
+        self.blocks = torch.nn.ModuleList(_rotary_layer(strategy, group) for _ in range(2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -1729,8 +1730,6 @@ def a_mixed_precision_fsdp2_model_trains_its_batch(model: str, communicator: str
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from ringattn.models import LongNet, LongNetConfig
-
     world = dist.get_world_size()
     replicas = 1 if world == 2 else 2
     mesh = init_device_mesh("cpu", (replicas, world // replicas), mesh_dim_names=("dp", "sp"))
@@ -1738,14 +1737,10 @@ def a_mixed_precision_fsdp2_model_trains_its_batch(model: str, communicator: str
     sp = mesh["sp"] if replicas > 1 else mesh
 
     def build(strategy, group=None):
-        torch.manual_seed(0)
         if model == "layers":
+            torch.manual_seed(0)
             return _Stack(strategy, group)
-        config = LongNetConfig(
-            vocab_size=32, dim=16, depth=2, num_heads=2, segment_lengths=(8, 64),
-            dilation_rates=(1, 2), strategy=strategy, group=group,
-        )  # fmt: skip
-        return LongNet(config)
+        return _two_block_longnet(strategy, group, torch.float32)
 
     def loss_of(net, batch):
         if model == "layers":
@@ -1802,18 +1797,13 @@ def a_loss_on_the_gathered_output_under_dp_x_sp(grad: str, scale: int) -> tuple[
     from torch.distributed.device_mesh import init_device_mesh
     from torch.nn.parallel import DistributedDataParallel
 
-    from ringattn.nn import MultiheadDilatedAttention
-
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "sp"))
     sp = mesh["sp"]
 
     class Model(torch.nn.Module):
         def __init__(self, strategy, group=None) -> None:
             super().__init__()
-            self.attn = MultiheadDilatedAttention(
-                16, 2, (8, 32), (1, 2), causal=True, rotary_embedding=True, strategy=strategy,
-                compile=False, group=group,
-            )  # fmt: skip
+            self.attn = _rotary_layer(strategy, group)
             self.head = torch.nn.Linear(16, 3)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
