@@ -220,6 +220,23 @@ def covers_everything(block: Block, n: int, h: int) -> bool:
     )
 
 
+def whole_first_block(spec: CoreSpec, q: Tensor, indices: tuple[Tensor, ...]) -> bool:
+    """Whether the forward runs a first block that covers every row and head
+    (:func:`covers_everything`) as one call whose output becomes the accumulator. Where the plan
+    cuts it (``plan.parts``), only if the whole call holds no block-sized temporary beyond that
+    output: the dilation reads its rows as views (no gather: ``global`` copied q, k and v whole,
+    3x the output) and the computer's kernel tiles them
+    (:meth:`~ringattn.computers.base.BlockComputer.whole_covering_forward`; ``math``'s scores were
+    ``w`` times the output). Otherwise its parts are merged into a zeroed accumulator, as the
+    other blocks' are: the parts bound the call's temporaries (``pattern.BLOCK_SPLIT``)."""
+    blocks = spec.plan.blocks
+    if not (blocks and covers_everything(blocks[0], q.shape[1], q.shape[2])):
+        return False
+    if len(spec.plan.parts[0]) == 1:
+        return True
+    return not indices and spec.block_computer.whole_covering_forward(q)
+
+
 def for_each_block(
     spec: CoreSpec,
     device: torch.device,
@@ -333,7 +350,7 @@ def dilated_forward(
     # disjoint blocks are placed, not merged: without a caller for the LSE it is never written
     write_lse = keep_lse or not spec.plan.disjoint
     first = 0
-    if blocks and covers_everything(blocks[0], n, h):
+    if whole_first_block(spec, q, indices):
         out_block, lse_block = attend(blocks[0], _index(indices, 0))
         out_acc = out_block.reshape(b, n, h, d).to(q.dtype)
         lse_acc = lse_block.reshape(b, n, h).to(stats_dtype)

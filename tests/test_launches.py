@@ -589,3 +589,58 @@ def test_gather_reads_from_the_tensors_own_offset():
     x = base[5:]
     index = torch.tensor([0, 2, 4, 1])
     assert torch.equal(launches.gather(x, index, 5), x[index])
+
+
+@pytest.mark.parametrize(
+    "dilation, computer, whole",
+    [
+        ("segment_local", "sdpa", True),  # views, a fused kernel: the block is the accumulator
+        ("segment_local", "math", False),  # [B, H, L, L] scores
+        ("global", "math", False),
+        ("global", "sdpa", False),  # q, k and v's rows gathered: 3 copies of the block
+    ],
+)
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_covering_first_block_runs_whole_only_where_that_holds_no_block_sized_temporary(
+    dilation, computer, whole, grad
+):
+    """A first block that covers every row and head (``r = 1`` under ``lse``) ran whole in the
+    forward whatever the strategy, its output becoming the accumulator, while every other block
+    (and its backward) ran in the plan's parts, which bound each call's temporaries
+    (``pattern.BLOCK_SPLIT``). Whole, ``math`` held its ``[B, H, w, w]`` scores for the entire
+    sequence (CPU, n = 16K, w = 512..2048: a 416 MiB forward peak for 16 MiB inputs, 8x what the
+    parts hold) and ``global`` gathered all of q, k and v (4x the output). Only a computer whose
+    kernel tiles (``BlockComputer.whole_covering_forward``) on rows read as views runs it whole;
+    the others' forward calls each cover one part's share, with the oracle's results."""
+    p = {"n": 64, "h": 4, "d": 8, "segment_lengths": (8, 16), "dilation_rates": (1, 2)}
+    split = pattern.BLOCK_SPLIT
+    q, k, v = make_qkv({**p, "b": 1}, torch.float32)
+    cls = type(ringattn.Strategy(computer=computer).component("computer")())
+    covered: list[int] = []
+    original = cls.forward
+
+    def spy(self, q, k, v, causal, scale):
+        covered.append(q.shape[0] * q.shape[1] * q.shape[2])  # (row, head) pairs of the call
+        return original(self, q, k, v, causal, scale)
+
+    attention = ringattn.DilatedAttention(
+        p["segment_lengths"],
+        p["dilation_rates"],
+        strategy=ringattn.Strategy(dilation=dilation, computer=computer),
+        compile=False,
+    )
+    xs = [x.clone().requires_grad_(grad) for x in (q, k, v)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cls, "forward", spy)
+        with torch.set_grad_enabled(grad):
+            out = attention(*xs)
+    whole_block = p["n"] * p["h"]
+    assert (max(covered) == whole_block) == whole
+    if not whole:
+        assert max(covered) <= whole_block // split
+    expected = ringattn.reference.dilated_attention(
+        *(x.double() for x in (q, k, v)),
+        segment_lengths=p["segment_lengths"],
+        dilation_rates=p["dilation_rates"],
+    )
+    torch.testing.assert_close(out.detach().double(), expected, rtol=1e-5, atol=1e-6)

@@ -207,6 +207,15 @@ class BlockComputer(AttentionComputer):
         one kernel call fewer per extra part, the same rows written."""
         return False
 
+    def whole_covering_forward(self, q: Tensor) -> bool:
+        """Whether the core may run a first block that covers every row and head (``r = 1``
+        under ``lse``) as one forward call whose output becomes the accumulator, here: true
+        where the call's only block-sized temporaries are that output and its LSE (a fused
+        kernel, which tiles the rows itself). False where they grow with the block's length too
+        (``math``'s ``[B, H, L, L]`` scores): the core then runs the block in the plan's parts
+        (``pattern.BLOCK_SPLIT``), merged into a zeroed accumulator as every other block is."""
+        return True
+
     def placed_backward_split(self, q: Tensor) -> int | None:
         """The ``split`` (:meth:`ringattn.pattern.Block.cut`) in whose parts the core launches
         placed blocks through this computer's :meth:`backward_launcher` here, where its

@@ -42,6 +42,11 @@ class MathComputer(BlockComputer):
         lse = (top + torch.log(total)).squeeze(-1)  # [B, H, L]
         return out, lse.transpose(1, 2)
 
+    def whole_covering_forward(self, q: Rows) -> bool:
+        # its scores are [B, H, L, L] (three such temporaries): a covering block run whole
+        # held w times the output's size, 8x (BLOCK_SPLIT) what its parts hold
+        return False
+
     def backward(
         self,
         dout: Rows,
