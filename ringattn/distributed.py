@@ -481,5 +481,12 @@ def check_consistent(
             if comparable and any(s[i] != everyone[0][i] for s in everyone)
         ]
         which = f" (they differ in: {', '.join(differ)})" if differ else ""
-        lines = "; ".join(f"rank {i}: {s}" for i, s in enumerate(everyone))
+        # each by its global rank, the one its process knows (a strided group's group rank 1
+        # is global rank 3 of mesh["sp"]'s [1, 3]: "rank 1" named a process that passed the
+        # other signature)
+        ranks = dist.get_process_group_ranks(group)
+        lines = "; ".join(
+            f"rank {ranks[i]}{'' if ranks[i] == i else f' (group rank {i})'}: {s}"
+            for i, s in enumerate(everyone)
+        )
         raise ValueError(f"ranks disagree on {what}{which}: {lines}")

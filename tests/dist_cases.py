@@ -396,6 +396,44 @@ def groups_side_by_side_match_oracle(communicator, size):
     return True
 
 
+def strided_groups_match_oracle(communicator):
+    """Sequence parallelism over ``mesh["sp"]`` of a ("sp", "dp") mesh: groups [0, 2] and
+    [1, 3], whose group ranks are not their global ranks nor those modulo the group's size (the
+    consecutive groups elsewhere here have both). Each group's own problem, segments spanning
+    both ranks, each layout, forward, backward and gather against the oracle; then rank 3 alone
+    passes another layout, and the message names it by its global rank (it was "rank 1", the
+    name of a process of the other group). Returns (errors, message)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    rank = dist.get_rank()
+    sp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("sp", "dp"))["sp"]
+    strategy = ringattn.Strategy(communicator=communicator, computer="math")
+    errors = []
+    cases = (("contiguous", (8, 32, 64), "lse"), ("zigzag", (8, 16, 128), "head_groups"))
+    for layout, lengths, mixing in cases:
+        options = {"segment_lengths": lengths, "dilation_rates": (1, 2, 4), "causal": True}
+        (q, k, v), grad = full_problem(1, 64, 2, 8, rank % 2, torch.float64)  # one per group
+        ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
+        ref = reference.dilated_attention(*ref_in, **options, mixing=mixing)
+        ref_grads = torch.autograd.grad(ref, ref_in, grad)
+        module = ringattn.DilatedAttention(
+            **options, mixing=mixing, strategy=strategy, compile=False, group=sp, layout=layout
+        )
+        local = [distributed.shard(x, sp, layout).requires_grad_() for x in (q, k, v)]
+        out = module(*local)
+        grads = torch.autograd.grad(out, local, distributed.shard(grad, sp, layout))
+        errors.append(_rel(distributed.gather(out, sp, layout), ref))
+        errors += [_rel(g, distributed.shard(r, sp, layout)) for g, r in zip(grads, ref_grads)]
+    layout = "zigzag" if rank == 3 else "contiguous"
+    module = ringattn.DilatedAttention((8,), (1,), strategy=strategy, compile=False, group=sp,
+                                       layout=layout)  # fmt: skip
+    x = torch.randn(1, 16, 2, 8)
+    message = "no error" if rank % 2 == 0 else _value_error_of(lambda: module(x, x, x))
+    if rank % 2 == 0:
+        module(x, x, x)  # (group [0, 2] agrees)
+    return errors, message
+
+
 def groups_of_one_take_what_one_device_takes(communicator):
     """Each rank a sequence-parallel group of its own (data parallel only): the whole sequence
     is there, so segments that do not divide it (partial tails) are valid, as on one device.

@@ -858,6 +858,25 @@ def test_sequence_parallel_groups_side_by_side(pool, communicator):
 
 
 @pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+def test_strided_sequence_parallel_groups_match_oracle(pool, communicator):
+    """mesh["sp"] of a ("sp", "dp") mesh: groups [0, 2] and [1, 3], where a global rank, or
+    one modulo the group's size, read as the group rank takes another shard or peer (the
+    consecutive groups above cannot tell); a disagreement names global ranks."""
+    if pool.world_size != 4:
+        pytest.skip("a (sp, dp) = (2, 2) mesh of 4 ranks")
+    results = pool.run("strided_groups_match_oracle", communicator)
+    errors = [e for rank_errors, _ in results for e in rank_errors]
+    assert all(e < 1e-10 for e in errors), errors
+    messages = [message for _, message in results]
+    assert messages[0] == messages[2] == "no error", messages
+    assert messages[1] == messages[3], messages
+    assert "; rank 3 (group rank 1): " in messages[1], messages[1]
+    rank_1, rank_3 = messages[1].split("; rank 3 (group rank 1): ")
+    assert "layout): rank 1 (group rank 0): " in rank_1 and "'contiguous'" in rank_1, rank_1
+    assert "'zigzag'" in rank_3, rank_3
+
+
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
 def test_groups_of_one_rank_take_any_segment_length(pool, communicator):
     errors = pool.run("groups_of_one_take_what_one_device_takes", communicator)
     assert all(e < 1e-10 for e in errors), errors
