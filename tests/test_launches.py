@@ -8,7 +8,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import dilation_configs, make_qkv, problems
+from conftest import dilation_configs, make_qkv, problems, rel_err
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -638,9 +638,17 @@ def test_a_covering_first_block_runs_whole_only_where_that_holds_no_block_sized_
     assert (max(covered) == whole_block) == whole
     if not whole:
         assert max(covered) <= whole_block // split
+    ref_inputs = [x.double().requires_grad_(grad) for x in (q, k, v)]
     expected = ringattn.reference.dilated_attention(
-        *(x.double() for x in (q, k, v)),
+        *ref_inputs,
         segment_lengths=p["segment_lengths"],
         dilation_rates=p["dilation_rates"],
     )
-    torch.testing.assert_close(out.detach().double(), expected, rtol=1e-5, atol=1e-6)
+    assert rel_err(out, expected) < 1e-5
+    if grad:  # the parts' merge is differentiated too: the backward sees the merged out / LSE
+        dout = torch.randn_like(expected)
+        out.backward(dout.float())
+        expected.backward(dout)
+        for x, ref in zip(xs, ref_inputs):
+            assert x.grad is not None and ref.grad is not None
+            assert rel_err(x.grad, ref.grad) < 1e-5
