@@ -992,6 +992,12 @@ class DilatedAttentionFunction(torch.autograd.Function):
     def forward(
         ctx: Any, spec: CoreSpec, q: Tensor, k: Tensor, v: Tensor, *indices: Tensor
     ) -> Tensor:
+        communicator = cast(Any, spec.communicator)  # (a distributed one is SequenceParallel)
+        # numbered before the work, as the compiled forward op numbers it: a rank whose forward
+        # failed after its messages (its last block's kernel or merge raising alone, an OOM
+        # caught by a training loop) left its count one behind its peers', and every later
+        # backward over the group was refused on every rank ("differ in: forward call")
+        ctx.call = distributed.next_call(communicator.group) if communicator.distributed else None
         out, lse = dilated_forward(spec, q, k, v, indices, keep_lse=True)
         ctx.save_for_backward(q, k, v, out, lse, *indices)
         ctx.spec = spec
@@ -999,8 +1005,6 @@ class DilatedAttentionFunction(torch.autograd.Function):
         # to a leaf's .grad (autograd keeps it as it is): there keeping one kept all three (3x
         # its memory; torch.save wrote them all)
         ctx.stack_grads = not any(t.is_leaf and t.requires_grad for t in (q, k, v))
-        communicator = cast(Any, spec.communicator)  # (a distributed one is SequenceParallel)
-        ctx.call = distributed.next_call(communicator.group) if communicator.distributed else None
         return out
 
     @staticmethod

@@ -859,6 +859,36 @@ def a_step_compiled_on_one_rank_and_eager_on_another(communicator):
     return max(float((g - expected).abs().max()) for g in grads)
 
 
+def a_forward_failing_on_one_rank_after_its_messages(communicator):
+    """Rank 1's forward raises after all its messages (its last local kernel or an OOM that a
+    training loop catches and skips), while its peers' forwards return. The next steps agree
+    and must run: numbered after the work, rank 1's call count stayed one behind and every
+    later backward over the group was refused on every rank ("differ in: forward call").
+    Returns whether rank 1 raised, and the later steps' gradients' distance from the first's."""
+    from ringattn import core
+
+    module = _small_module({"communicator": communicator})
+    q = torch.randn(2, 16, 2, 8, generator=torch.Generator().manual_seed(dist.get_rank()))
+    q.requires_grad_()
+    (expected,) = torch.autograd.grad(module(q, q, q).sum(), q)
+    original = core.dilated_forward
+
+    def failing(*args, **kwargs):
+        original(*args, **kwargs)
+        raise torch.OutOfMemoryError("injected after the forward's messages")
+
+    raised = False
+    core.dilated_forward = failing if dist.get_rank() == 1 else original
+    try:
+        module(q, q, q)
+    except torch.OutOfMemoryError:
+        raised = True
+    finally:
+        core.dilated_forward = original
+    grads = [torch.autograd.grad(module(q, q, q).sum(), q)[0] for _ in range(2)]
+    return raised, max(float((g - expected).abs().max()) for g in grads)
+
+
 def _small_module(strategy_fields=None) -> ringattn.DilatedAttention:
     """The rank-agreement cases' module: ``(8, 16)`` / ``(1, 2)``, eager, ring by default."""
     fields = strategy_fields or {"communicator": "ring"}

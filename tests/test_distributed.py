@@ -1277,6 +1277,13 @@ def test_backwards_of_other_calls_raise_on_every_rank(pool, communicator, case):
 
 
 @pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+def test_a_forward_that_failed_on_one_rank_leaves_later_steps_running(pool, communicator):
+    runs = pool.run("a_forward_failing_on_one_rank_after_its_messages", communicator)
+    assert [raised for raised, _ in runs] == [rank == 1 for rank in range(pool.world_size)]
+    assert all(error < 1e-5 for _, error in runs), runs
+
+
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
 def test_calls_over_another_group_do_not_shift_the_backwards_count(pool, communicator):
     assert all(pool.run("calls_over_another_group_do_not_shift_the_count", communicator))
 
