@@ -396,22 +396,28 @@ def groups_side_by_side_match_oracle(communicator, size):
     return True
 
 
-def strided_groups_match_oracle(communicator):
-    """Sequence parallelism over ``mesh["sp"]`` of a ("sp", "dp") mesh: groups [0, 2] and
-    [1, 3], whose group ranks are not their global ranks nor those modulo the group's size (the
-    consecutive groups elsewhere here have both). Each group's own problem, segments spanning
-    both ranks, each layout, forward, backward and gather against the oracle; then rank 3 alone
-    passes another layout, and the message names it by its global rank (it was "rank 1", the
-    name of a process of the other group). Returns (errors, message)."""
+def strided_groups_match_oracle(communicator, sp_size=2, cases=None):
+    """Sequence parallelism over ``mesh["sp"]`` of a ("sp", "dp") mesh: ``sp_size`` 2, groups
+    [0, 2] and [1, 3], whose group ranks are not their global ranks nor those modulo the group's
+    size (the consecutive groups elsewhere here have both); ``sp_size`` 4 (8 ranks), groups
+    [0, 2, 4, 6] and [1, 3, 5, 7], where a segment spanning 2 of them is sub-segments [0, 2] and
+    [4, 6] (the all-gather's point-to-point path, whose peers are global ranks). Each group's
+    own problem, each ``(layout, segment_lengths, mixing, causal)`` of ``cases``, forward,
+    backward and gather against the oracle; then rank 3 alone passes another layout, and the
+    message names it by its global rank (it was "rank 1", the name of a process of the other
+    group). Returns (errors, message)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     rank = dist.get_rank()
-    sp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("sp", "dp"))["sp"]
+    sp = init_device_mesh("cpu", (sp_size, 2), mesh_dim_names=("sp", "dp"))["sp"]
     strategy = ringattn.Strategy(communicator=communicator, computer="math")
     errors = []
-    cases = (("contiguous", (8, 32, 64), "lse"), ("zigzag", (8, 16, 128), "head_groups"))
-    for layout, lengths, mixing in cases:
-        options = {"segment_lengths": lengths, "dilation_rates": (1, 2, 4), "causal": True}
+    cases = cases or (
+        ("contiguous", (8, 32, 64), "lse", True),
+        ("zigzag", (8, 16, 128), "head_groups", True),
+    )
+    for layout, lengths, mixing, causal in cases:
+        options = {"segment_lengths": lengths, "dilation_rates": (1, 2, 4), "causal": causal}
         (q, k, v), grad = full_problem(1, 64, 2, 8, rank % 2, torch.float64)  # one per group
         ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
         ref = reference.dilated_attention(*ref_in, **options, mixing=mixing)

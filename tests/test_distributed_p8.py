@@ -47,3 +47,21 @@ def test_two_groups_of_four_side_by_side(pool8, communicator):
     """Data parallel x sequence parallel: two groups of four at once; a segment spanning 2 of a
     group's 4 ranks takes the all-gather's point-to-point path."""
     assert all(pool8.run("groups_side_by_side_match_oracle", communicator, 4))
+
+
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+def test_strided_groups_of_four(pool8, communicator):
+    """mesh["sp"] of a (4, 2) ("sp", "dp") mesh: groups [0, 2, 4, 6] and [1, 3, 5, 7]; a
+    segment of 32 tokens spans 2 of a group's 4 ranks, sub-segments [0, 2] and [4, 6] (the
+    all-gather's point-to-point path with a group whose ranks have gaps: its peers are global
+    ranks, neither consecutive ones nor group ranks), one of 64 all 4; causal and not."""
+    cases = (
+        ("contiguous", (8, 32, 64), "lse", True),
+        ("contiguous", (8, 32, 64), "head_groups", False),
+    )
+    results = pool8.run("strided_groups_match_oracle", communicator, 4, cases)
+    errors = [e for rank_errors, _ in results for e in rank_errors]
+    assert len(errors) == 8 * 2 * 4 and all(e < 1e-10 for e in errors), errors
+    messages = [message for _, message in results]
+    assert messages[0::2] == ["no error"] * 4 and len(set(messages[1::2])) == 1, messages
+    assert "; rank 3 (group rank 1): " in messages[1] and "'zigzag'" in messages[1], messages[1]
