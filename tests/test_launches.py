@@ -8,7 +8,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import dilation_configs, make_qkv, problems, rel_err
+from conftest import dilation_configs, make_qkv, options, problems, rel_err
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -623,12 +623,8 @@ def test_a_covering_first_block_runs_whole_only_where_that_holds_no_block_sized_
         covered.append(q.shape[0] * q.shape[1] * q.shape[2])  # (row, head) pairs of the call
         return original(self, q, k, v, causal, scale)
 
-    attention = ringattn.DilatedAttention(
-        p["segment_lengths"],
-        p["dilation_rates"],
-        strategy=ringattn.Strategy(dilation=dilation, computer=computer),
-        compile=False,
-    )
+    strategy = ringattn.Strategy(dilation=dilation, computer=computer)
+    attention = ringattn.DilatedAttention(**options(p), strategy=strategy, compile=False)
     xs = [x.clone().requires_grad_(grad) for x in (q, k, v)]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cls, "forward", spy)
@@ -639,11 +635,7 @@ def test_a_covering_first_block_runs_whole_only_where_that_holds_no_block_sized_
     if not whole:
         assert max(covered) <= whole_block // split
     ref_inputs = [x.double().requires_grad_(grad) for x in (q, k, v)]
-    expected = ringattn.reference.dilated_attention(
-        *ref_inputs,
-        segment_lengths=p["segment_lengths"],
-        dilation_rates=p["dilation_rates"],
-    )
+    expected = ringattn.reference.dilated_attention(*ref_inputs, **options(p))
     assert rel_err(out, expected) < 1e-5
     if grad:  # the parts' merge is differentiated too: the backward sees the merged out / LSE
         dout = torch.randn_like(expected)
