@@ -363,6 +363,23 @@ def shard_gather_roundtrip(layout="contiguous"):
     return where.tolist()
 
 
+def _group_errors(group, strategy, options, seed, layout="contiguous"):
+    """One float64 problem of 64 tokens (``seed``'s) over ``group``: the gathered output's and
+    the three gradient shards' relative errors against the oracle's."""
+    (q, k, v), grad = full_problem(1, 64, 2, 8, seed, torch.float64)
+    ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = reference.dilated_attention(*ref_in, **options)
+    ref_grads = torch.autograd.grad(ref, ref_in, grad)
+    module = ringattn.DilatedAttention(
+        **options, strategy=strategy, compile=False, group=group, layout=layout
+    )
+    local = [distributed.shard(x, group, layout).requires_grad_() for x in (q, k, v)]
+    out = module(*local)
+    grads = torch.autograd.grad(out, local, distributed.shard(grad, group, layout))
+    errors = [_rel(distributed.gather(out, group, layout), ref)]
+    return errors + [_rel(g, distributed.shard(r, group, layout)) for g, r in zip(grads, ref_grads)]
+
+
 def groups_side_by_side_match_oracle(communicator, size):
     """Data parallel x sequence parallel: the world cut into groups of ``size`` consecutive ranks,
     each computing its own problem at the same time, several calls (a fresh module each: new
@@ -378,18 +395,8 @@ def groups_side_by_side_match_oracle(communicator, size):
     strategy = ringattn.Strategy(communicator=communicator, computer="math")
     errors = []
     for call, mixing in enumerate(("lse", "head_groups", "lse")):
-        (q, k, v), grad = full_problem(1, 64, 2, 8, 10 * (rank // size) + call, torch.float64)
-        ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
-        ref = reference.dilated_attention(*ref_in, **options, mixing=mixing)
-        ref_grads = torch.autograd.grad(ref, ref_in, grad)
-        module = ringattn.DilatedAttention(
-            **options, mixing=mixing, strategy=strategy, compile=False, group=group
-        )
-        local = [distributed.shard(x, group).requires_grad_() for x in (q, k, v)]
-        out = module(*local)
-        grads = torch.autograd.grad(out, local, distributed.shard(grad, group))
-        errors.append(_rel(distributed.gather(out, group), ref))
-        errors += [_rel(g, distributed.shard(r, group)) for g, r in zip(grads, ref_grads)]
+        seed = 10 * (rank // size) + call
+        errors += _group_errors(group, strategy, {**options, "mixing": mixing}, seed)
     for g in groups:
         dist.destroy_process_group(g)
     assert all(e < 1e-10 for e in errors), errors  # (max() drops a NaN that is not first)
@@ -417,19 +424,13 @@ def strided_groups_match_oracle(communicator, sp_size=2, cases=None):
         ("zigzag", (8, 16, 128), "head_groups", True),
     )
     for layout, lengths, mixing, causal in cases:
-        options = {"segment_lengths": lengths, "dilation_rates": (1, 2, 4), "causal": causal}
-        (q, k, v), grad = full_problem(1, 64, 2, 8, rank % 2, torch.float64)  # one per group
-        ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
-        ref = reference.dilated_attention(*ref_in, **options, mixing=mixing)
-        ref_grads = torch.autograd.grad(ref, ref_in, grad)
-        module = ringattn.DilatedAttention(
-            **options, mixing=mixing, strategy=strategy, compile=False, group=sp, layout=layout
-        )
-        local = [distributed.shard(x, sp, layout).requires_grad_() for x in (q, k, v)]
-        out = module(*local)
-        grads = torch.autograd.grad(out, local, distributed.shard(grad, sp, layout))
-        errors.append(_rel(distributed.gather(out, sp, layout), ref))
-        errors += [_rel(g, distributed.shard(r, sp, layout)) for g, r in zip(grads, ref_grads)]
+        options = {
+            "segment_lengths": lengths,
+            "dilation_rates": (1, 2, 4),
+            "causal": causal,
+            "mixing": mixing,
+        }
+        errors += _group_errors(sp, strategy, options, rank % 2, layout)  # (one per group)
     layout = "zigzag" if rank == 3 else "contiguous"
     module = ringattn.DilatedAttention((8,), (1,), strategy=strategy, compile=False, group=sp,
                                        layout=layout)  # fmt: skip
