@@ -137,19 +137,27 @@ def bf16_partial_results_merge_in_float32(communicator: str) -> tuple[str, str, 
 
 
 class _ConstantOutputs:
-    """A computer whose forward gives outputs of 1 on its first call (the rank's own chunk) and
-    of ``1 + 2**-7`` (bf16's next value after 1) on every later one, in bf16, each with LSE 0:
-    merged in float32, the mean ``1 + (p - 1) / p * 2**-7`` to within float32's rounding of the
-    weights; merged in bf16, rounded to 1 or ``1 + 2**-7`` at every merge (at p = 2 already:
-    ``1 + 2**-8`` lies between them)."""
+    """A computer whose forward gives outputs of ``first`` on its first call (the rank's own
+    chunk) and of ``later`` on every later one, in ``dtype`` (None: the inputs'), each with LSE
+    0. By default 1 and ``1 + 2**-7`` (bf16's next value after 1) in bf16: merged in float32,
+    the mean ``1 + (p - 1) / p * 2**-7`` to within float32's rounding of the weights; merged in
+    bf16, rounded to 1 or ``1 + 2**-7`` at every merge (at p = 2 already: ``1 + 2**-8`` lies
+    between them)."""
 
-    def __init__(self) -> None:
+    def __init__(self, first=1.0, later=1.0 + 2.0**-7, dtype=None) -> None:
         self.calls = 0
+        self.first, self.later, self.dtype = first, later, dtype
 
     def forward(self, q, k, v, causal, scale):
-        value = 1.0 if self.calls == 0 else 1.0 + 2.0**-7
+        value = self.first if self.calls == 0 else self.later
         self.calls += 1
-        return torch.full_like(q, value), torch.zeros(q.shape[:3], dtype=torch.float32)
+        out = torch.full_like(q, value, dtype=self.dtype or q.dtype)
+        return out, torch.zeros(q.shape[:3], dtype=torch.float32)
+
+    def forward_into(self, q, k, v, causal, scale, out, lse):
+        from ringattn.computers.base import place_
+
+        place_(out, lse, self.forward(q, k, v, causal, scale))
 
 
 def bf16_partial_results_merge_exactly(communicator: str) -> tuple[str, list[float]]:
@@ -159,6 +167,68 @@ def bf16_partial_results_merge_exactly(communicator: str) -> tuple[str, list[flo
     q, k, v = (torch.randn(1, 8, 2, 8).to(torch.bfloat16) for _ in range(3))
     out, _ = comm.attend(_ConstantOutputs(), q, k, v, False, 0.5, dist.get_world_size())
     return str(out.dtype), sorted(set(out.flatten().tolist()))
+
+
+def bf16_placed_partial_results_round_once(communicator: str) -> list[list[float]]:
+    """bf16 rows of a placed block spanning every rank (``attend_into``, with the LSE's float32
+    rows and without), from float32 partial results (``math``'s kind): ``1 + 5 * 2**-10`` from
+    the rank's own chunk, ``1 + 2**-10`` from each other. Their mean, below ``1 + 2**-8`` at
+    every p, rounds once to 1; merged into the bf16 rows shard by shard, the own chunk rounded
+    up to ``1 + 2**-7`` and every later merge (its mean above ``1 + 2**-8``) kept it there.
+    Returns each call's values."""
+    p = dist.get_world_size()
+    comm = _small_module({"communicator": communicator, "computer": "math"}).communicator
+    q, k, v = (torch.randn(1, 8, 2, 8).to(torch.bfloat16) for _ in range(3))
+    values = []
+    for lse in (None, torch.empty(q.shape[:3], dtype=torch.float32)):
+        computer = _ConstantOutputs(1 + 5 * 2.0**-10, 1 + 2.0**-10, torch.float32)
+        out = torch.zeros_like(q)
+        comm.attend_into(computer, q, k, v, False, 0.5, p, out, lse)
+        values.append(sorted(set(out.float().flatten().tolist())))
+    return values
+
+
+# the placed blocks' (head_groups), causal or not, and the merged blocks' (lse)
+LOW_PRECISION_CASES = (("head_groups", False), ("head_groups", True), ("lse", True))
+
+
+def low_precision_errors_against_one_device(
+    communicator, layout, dtype_name, cases=LOW_PRECISION_CASES, seed=0
+):
+    """bf16 / fp16 errors against the float64 oracle over ``p`` ranks, relative to one device's
+    in the same dtype, on this rank's shard: ``{(mixing, causal): [out, dq, dk, dv]}`` ratios.
+    ``math``'s float32 partial results, so any rounding the ranks add beyond one device's shows;
+    every config one segment over the whole sequence, so every head's rows merge partials from
+    every rank."""
+    p = dist.get_world_size()
+    n, dtype = 64 * p, getattr(torch, dtype_name)
+    (q, k, v), grad = full_problem(1, n, 2, 16, seed, dtype)
+    ref_in = [x.double().requires_grad_() for x in (q, k, v)]
+
+    def cut(x):
+        return distributed.shard(x, layout=layout)
+
+    ratios = {}
+    for mixing, causal in cases:
+        options = {"segment_lengths": (n, n), "dilation_rates": (1, 2), "causal": causal}
+        options["mixing"] = mixing
+        ref = reference.dilated_attention(*ref_in, **options)
+        expected = [cut(x) for x in (ref, *torch.autograd.grad(ref, ref_in, grad.double()))]
+        errors = []
+        for sharded in (False, True):
+            fields = {"communicator": communicator if sharded else "local", "computer": "math"}
+            module = ringattn.DilatedAttention(
+                **options,
+                strategy=ringattn.Strategy(**fields),
+                compile=False,
+                **({"layout": layout} if sharded else {}),
+            )
+            inputs = [(cut(x) if sharded else x).requires_grad_() for x in (q, k, v)]
+            out = module(*inputs)
+            found = [out, *torch.autograd.grad(out, inputs, cut(grad) if sharded else grad)]
+            errors.append([_rel(x if sharded else cut(x), r) for x, r in zip(found, expected)])
+        ratios[(mixing, causal)] = [sp / one for one, sp in zip(*errors)]
+    return ratios
 
 
 class _ConstantGradients:

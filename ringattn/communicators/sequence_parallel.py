@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ringattn import distributed
 from ringattn.communicators.base import Communicator
-from ringattn.computers.base import BlockComputer, Rows, RowsLSE, accumulation_dtype
+from ringattn.computers.base import BlockComputer, Rows, RowsLSE, accumulation_dtype, place_
 from ringattn.memory.base import MemoryManager
 from ringattn.memory.none import NoReuse
 
@@ -131,15 +131,25 @@ class SequenceParallel(Communicator):
         out: Rows,
         lse: RowsLSE | None,
     ) -> None:
-        """A placed block whose keys travel: its own shard written straight into ``out`` /
-        ``lse`` (views of the core's tensors) and the other shards merged into them there, with
-        no float32 accumulator to copy back (four kernels fewer per call: two conversions, two
-        copies). ``out`` rounds to its dtype once per shard, as the core's merges do per block."""
+        """A placed block whose keys travel. Where ``out`` has the accumulation dtype (float32,
+        float64): its own shard written straight into ``out`` / ``lse`` (views of the core's
+        tensors) and the other shards merged into them there, with no accumulator to copy back
+        (four kernels fewer per call: two conversions, two copies). In bf16 / fp16 the shards
+        merge in float32 accumulators, as merged (``lse``) blocks' do, and ``out`` rounds once:
+        merged into the bf16 rows themselves, each of the ``span`` shards' merges rounded them,
+        and the output's error against the float64 oracle grew with the ranks a segment spans
+        (one segment over every rank, n = 1024: 1.2x / 1.6x / 2.1x one device's error at p =
+        2 / 4 / 8 with ``math``'s float32 partials, 1.2x / 1.5x / 1.8x with ``sdpa``'s bf16 ones;
+        1.0x / 1.0x / 1.0x and 1.2x / 1.2x / 1.2x in float32). The kernels that path saves did
+        not move a host-bound call (docs/benchmarks/h200_perf.md, step 27)."""
         if span == 1:
             super().attend_into(computer, q, k, v, causal, scale, span, out, lse)
             return
+        stats = accumulation_dtype(q.dtype)
+        if out.dtype != stats:
+            place_(out, lse, self._attend(computer, q, k, v, causal, scale, span, None))
+            return
         if lse is None:  # the merges need it even where the caller does not
-            stats = accumulation_dtype(q.dtype)
             lse = self.memory.scratch("placed_lse", tuple(q.shape[:3]), stats, q.device)
         self._attend(computer, q, k, v, causal, scale, span, (out, lse))
 
