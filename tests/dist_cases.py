@@ -1226,6 +1226,23 @@ def gather_sum_leaves_the_callers_gradient_alone():
     return torch.equal(mine, kept), torch.equal(first, second), bool((first == summed).all())
 
 
+def gather_sum_of_bf16_rounds_once(layout: str) -> tuple[str, int, int]:
+    """``gather(grad="sum")`` of a bf16 shard, each rank's gradient whole numbers in [0, 256)
+    (exact in bf16; their sum exact in float32): this rank's shard of the sum must be the exact
+    sum rounded once to bf16. Returns the gradient's dtype, the count of its elements off that
+    and the count of elements."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    x = torch.zeros(2, 16, 4, 8, dtype=torch.bfloat16, requires_grad=True)
+    full = distributed.gather(x, layout=layout, grad="sum")
+    mine = [
+        torch.randint(0, 256, full.shape, generator=torch.Generator().manual_seed(r)).double()
+        for r in range(world)
+    ]
+    (got,) = torch.autograd.grad(full, x, mine[rank].to(torch.bfloat16))
+    want = distributed.shard(sum(mine), layout=layout).to(torch.bfloat16)
+    return str(got.dtype), int((got != want).sum()), got.numel()
+
+
 def gather_shard_with_a_graph_on_some_ranks():
     """``grad="shard"``: each rank's backward is local (no collective), so a graph on rank 1
     only is fine (unlike ``"sum"``, where the others would not join its all-reduce). Returns

@@ -23,13 +23,10 @@ from torch import Tensor
 from ringattn.communicators.sequence_parallel import SequenceParallel, stack_kv
 from ringattn.computers.base import BlockComputer, Rows, RowsLSE
 from ringattn.computers.base import accumulation_dtype as acc_dtype
+from ringattn.distributed import all_gather_single, reduce_scatter_single
 from ringattn.merge import merge_into_
 from ringattn.registry import register
 
-# torch 2.13 renamed these two and its old names warn (FutureWarning); torch 2.11 has only
-# the old names
-all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
-reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 SEGMENT_TAG = 3  # apart from the ring's tags
 
 
