@@ -514,6 +514,11 @@ class DilatedAttention(nn.Module):
         tracing = compiling()
         if unkept is None:
             unkept = _unkept(q, tracing)
+        if not (unkept or tracing):
+            # a call its manager serves (pooled bounds its bytes by such calls); not in a frame
+            # Dynamo converts (an eager call after a graph break), where the lock broke the
+            # graph inside this method and its resumed part raised as traced
+            self.memory.begin_call()
         if unkept and not self.communicator.distributed:
             # a spec for the trace alone: the opaque ops ask the module's eager side for theirs
             # (core._spec), and a dict stored from the trace would hold this one instead

@@ -1991,3 +1991,39 @@ def a_loss_on_the_gathered_output_under_dp_x_sp(grad: str, scale: int) -> tuple[
     ]
     before = max(e for after, e in errors if not after)
     return before, max(e for after, e in errors if after)
+
+
+def pooled_memory_follows_the_recent_calls(communicator):
+    """A pooled module's held bytes after forward+backward calls at batch sizes 1..4 (the
+    communicator's buffers grow with b), what one call at b = 4 alone keeps, and the misses
+    of two calls more at b = 4."""
+
+    def module():
+        return ringattn.DilatedAttention(
+            (8, 32, 64),
+            (1, 2, 4),
+            causal=True,
+            strategy=ringattn.Strategy(communicator=communicator),
+            compile=False,
+        )
+
+    def step(attention, b):
+        gen = torch.Generator().manual_seed(b)
+        q, k, v = (
+            distributed.shard(torch.randn(b, 64, 2, 8, generator=gen)).requires_grad_()
+            for _ in range(3)
+        )
+        attention(q, k, v).sum().backward()
+
+    attention = module()
+    for b in range(1, 5):
+        step(attention, b)
+    held = attention.memory.held_bytes()
+    fresh = module()
+    step(fresh, 4)
+    before = attention.memory.stats()
+    for _ in range(2):
+        step(attention, 4)
+    after = attention.memory.stats()
+    misses = sum(after[key] - before[key] for key in ("buffer_misses", "pattern_misses"))
+    return held, fresh.memory.held_bytes(), misses, after["buffer_hits"] - before["buffer_hits"]

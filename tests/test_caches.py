@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_qkv, options, rel_err
+from hypothesis import given
+from hypothesis import strategies as st
 
 import ringattn
 from ringattn import reference
@@ -561,3 +563,162 @@ def test_copies_of_a_used_module_keep_caches_of_their_own():
         check(used, (1, 32, 2, 8), torch.float32)
         kept = used.memory.stats()
     check(used.double(), (1, 40, 2, 8), torch.float64)
+
+
+def _sweeping_module() -> ringattn.DilatedAttention:
+    """A pooled global module (permutations per length and config, and the no-grad call's LSE
+    scratch)."""
+    return ringattn.DilatedAttention(
+        (8, 16),
+        (1, 2),
+        causal=True,
+        strategy=ringattn.Strategy(dilation="global", computer="math", memory="pooled"),
+        compile=False,
+    )
+
+
+def _inference(module: ringattn.DilatedAttention, n: int) -> None:
+    p = {"b": 1, "n": n, "h": 2, "d": 4, "segment_lengths": (8, 16), "dilation_rates": (1, 2),
+         "causal": True}  # fmt: skip
+    q, k, v = make_qkv(p, torch.float64, seed=n)
+    with torch.no_grad():
+        out = module(q, k, v)
+    assert rel_err(out, reference.dilated_attention(q, k, v, **options(p))) <= 1e-10, n
+
+
+def test_a_sweep_over_sequence_lengths_keeps_what_the_recent_calls_used():
+    """One module called at eight lengths in turn kept every length's patterns and buffers (up
+    to 64 entries: live tensors that an out-of-memory error cannot free, in each layer): now at
+    most twice what its largest recent call used, and 16 calls at the first length again leave
+    no more than twice what that length needs."""
+    lengths = (16, 32, 48, 64, 80, 96, 112, 128)
+    alone = {}  # what one call of each length uses
+    for n in lengths:
+        fresh = _sweeping_module()
+        _inference(fresh, n)
+        alone[n] = fresh.memory.held_bytes()
+    module = _sweeping_module()
+    for n in lengths:
+        _inference(module, n)
+        assert alone[n] <= module.memory.held_bytes() <= 2 * alone[n], n  # (the largest yet)
+    assert module.memory.held_bytes() < sum(alone.values()) / 2  # (all of it, unbounded)
+    for _ in range(16):
+        _inference(module, lengths[0])
+    assert alone[lengths[0]] <= module.memory.held_bytes() <= 2 * alone[lengths[0]]
+
+
+def test_the_byte_bound_keeps_every_hit_of_a_loop_over_fixed_shapes():
+    """Two lengths trained in turn (one checkpointed: its forward runs again in the backward)
+    with an inference call each: the default bound hits exactly as often as no byte bound (a
+    manager a module builds without arguments: a subclass registered under a name of its own)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from ringattn import registry
+
+    @registry.register("memory", "pooled_without_a_byte_bound")
+    class Unbounded(PooledMemory):
+        def __init__(self) -> None:
+            super().__init__(max_bytes=2**62)
+
+    stats = []
+    try:
+        for memory in ("pooled", "pooled_without_a_byte_bound"):
+            module = ringattn.DilatedAttention(
+                (8, 16),
+                (1, 2),
+                causal=True,
+                strategy=ringattn.Strategy(dilation="global", computer="math", memory=memory),
+                compile=False,
+            )
+            for _ in range(4):
+                for n, checkpointed in ((32, True), (48, False)):
+                    q, k, v = make_qkv({"b": 1, "n": n, "h": 2, "d": 4}, requires_grad=True)
+                    if checkpointed:
+                        checkpoint(module, q, k, v, use_reentrant=False).sum().backward()
+                    else:
+                        module(q, k, v).sum().backward()
+                    with torch.no_grad():
+                        module(q, k, v)
+                stats.append(module.memory.stats())
+    finally:
+        registry.unregister("memory", "pooled_without_a_byte_bound")
+    assert module.memory.max_bytes == 2**62
+    assert stats[:4] == stats[4:]  # (step by step, as without a byte bound)
+    assert stats[1]["pattern_misses"] == stats[3]["pattern_misses"] > 0  # (no miss after one)
+    assert stats[1]["buffer_misses"] == stats[3]["buffer_misses"] > 0
+    assert stats[3]["pattern_hits"] > stats[1]["pattern_hits"]
+
+
+# one cache operation: a pattern or buffer of some size (its key by index), or a call begun
+_OPS = st.one_of(
+    st.tuples(st.sampled_from(["pattern", "buffer"]), st.integers(0, 4), st.integers(0, 24)),
+    st.just(("call", 0, 0)),
+)
+
+
+@given(
+    ops=st.lists(_OPS, max_size=40),
+    max_bytes=st.one_of(st.none(), st.integers(0, 160)),
+    max_entries=st.integers(1, 4),
+)
+def test_pooled_caches_evict_the_least_recently_used_by_bytes(ops, max_bytes, max_entries):
+    """Against a model: an LRU over both caches, each at most ``max_entries``, together at most
+    ``max_bytes`` (default: twice the most bytes one of the last 16 calls used, each entry
+    counted once a call), an entry over a fixed bound not kept."""
+    from collections import OrderedDict
+
+    pool, cpu = PooledMemory(max_entries, max_bytes=max_bytes), torch.device("cpu")
+    model: OrderedDict[tuple, list[int]] = OrderedDict()  # key -> [bytes, last call]
+    used = [0]  # the bytes each call used
+    hits = 0
+
+    def evict() -> None:
+        bound = 2 * max(used[-16:]) if max_bytes is None else max_bytes
+        while sum(size for size, _ in model.values()) > bound:
+            model.popitem(last=False)
+
+    for kind, index, length in ops:
+        if kind == "call":
+            used.append(0)
+            pool.begin_call()
+            evict()
+            continue
+        key = (kind, index, length)
+        if kind == "pattern":
+            pool.cached(key[1:], lambda length=length: torch.zeros(length, dtype=torch.uint8))
+        else:
+            pool.scratch(f"tag{index}", (length,), torch.float32, cpu)
+        size = length * (1 if kind == "pattern" else 4)
+        if key in model:
+            hits += 1
+            model.move_to_end(key)
+            if model[key][1] != len(used):
+                used[-1] += size
+            model[key][1] = len(used)
+        elif max_bytes is None or size <= max_bytes:
+            model[key] = [size, len(used)]
+            used[-1] += size
+            same = [k for k in model if k[0] == kind]
+            if len(same) > max_entries:
+                del model[same[0]]
+            evict()
+    kept = {("pattern", *k) for k in pool.patterns.items}
+    kept |= {("buffer", int(k[0][3:]), k[1][0]) for k in pool.buffers.items}
+    assert kept == set(model)
+    assert pool.held_bytes() == sum(size for size, _ in model.values())
+    assert pool.stats()["pattern_hits"] + pool.stats()["buffer_hits"] == hits
+
+
+def test_a_fixed_byte_bound_drops_the_least_recent_of_either_cache():
+    pool, cpu = PooledMemory(max_bytes=100), torch.device("cpu")
+    pool.cached("old", lambda: torch.zeros(40, dtype=torch.uint8))
+    buffer = pool.scratch("acc", (10,), torch.float32, cpu)  # 40 bytes
+    pool.cached("view", lambda: buffer[2:])  # (its buffer's storage: counted once)
+    assert pool.held_bytes() == 80
+    pool.cached("old", torch.zeros)  # (a hit: the most recent now)
+    pool.scratch("big", (26,), torch.float32, cpu)  # 104 bytes: over the bound, not kept
+    assert pool.held_bytes() == 80 and len(pool.buffers.items) == 1
+    pool.scratch("next", (8,), torch.float32, cpu)  # 32 bytes: over, so the least recent go
+    # (acc, whose storage the view still holds, then the view, which frees it)
+    assert [k[0] for k in pool.buffers.items] == ["next"] and list(pool.patterns.items) == ["old"]
+    assert pool.held_bytes() == 40 + 32

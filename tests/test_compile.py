@@ -830,13 +830,14 @@ def test_pooled_manager_keeps_nothing_made_in_a_graph_pool(monkeypatch):
     would be pool tensors no output holds (ringattn.capture)."""
     from ringattn.memory import pooled
 
-    cache = pooled._LRU(4)
+    pool = pooled.PooledMemory(4)
     monkeypatch.setattr(pooled, "pool_allocating", lambda: True)
-    first = cache.get("key", lambda: torch.zeros(2))
-    assert cache.get("key", lambda: torch.ones(2)) is not first and cache.values() == []
+    first = pool.cached("key", lambda: torch.zeros(2))
+    assert pool.cached("key", lambda: torch.ones(2)) is not first and pool.patterns.values() == []
+    assert pool.held_bytes() == 0
     monkeypatch.setattr(pooled, "pool_allocating", lambda: False)
-    kept = cache.get("key", lambda: torch.zeros(2))
-    assert cache.get("key", lambda: torch.ones(2)) is kept and cache.misses == 3
+    kept = pool.cached("key", lambda: torch.zeros(2))
+    assert pool.cached("key", lambda: torch.ones(2)) is kept and pool.patterns.misses == 3
 
 
 def test_a_module_on_the_cpu_names_itself_by_its_cpu_tag():

@@ -322,6 +322,19 @@ def test_a_ranks_flop_count_is_its_share_of_the_useful_flops(pool, communicator,
 
 
 @pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+def test_pooled_memory_follows_the_recent_calls(pool, communicator):
+    """The ring's key/value buffers and the all-gather's gathered ones, per shape: a module
+    called at batch sizes 1..4 kept every size's (2.5x what b = 4 alone keeps; up to 64
+    entries, live tensors, in each layer), where now it keeps at most twice what its largest
+    recent call used, and calls at one size hit every buffer as before."""
+    results = pool.run("pooled_memory_follows_the_recent_calls", communicator)
+    for held, alone, misses, hits in results:
+        assert alone <= held <= 2 * alone, (held, alone)
+        assert misses == 0 and hits > 0
+    assert any(alone > 0 for _, alone, _, _ in results)
+
+
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
 def test_bf16_partial_results_merge_in_float32(pool, communicator):
     """The ring's and all-gather's partial results merge in float32, placed blocks included
     (under no_grad the LSE they merge by is scratch, which must be float32 too)."""

@@ -555,13 +555,19 @@ def test_copies_and_pickles_of_a_pooled_manager_start_empty():
 
     from ringattn.memory.pooled import PooledMemory
 
-    pool = PooledMemory(max_entries=5)
-    pool.cached("pattern", lambda: torch.arange(1000))
-    pool.scratch("lse", (1000,), torch.float32, torch.device("cpu"))
-    for clone in (copy.deepcopy(pool), pickle.loads(pickle.dumps(pool))):
-        assert clone.held_bytes() == 0 and clone.patterns.max_entries == 5
-        clone.scratch("lse", (10,), torch.float32, torch.device("cpu"))  # (and it works)
-    assert pool.held_bytes() > 0  # the original keeps its own
+    cpu = torch.device("cpu")
+    for max_bytes in (None, 8000):
+        pool = PooledMemory(max_entries=5, max_bytes=max_bytes)
+        pool.cached("pattern", lambda: torch.arange(1000))
+        pool.scratch("lse", (1000,), torch.float32, cpu)
+        for clone in (copy.deepcopy(pool), pickle.loads(pickle.dumps(pool))):
+            assert clone.held_bytes() == 0 and clone.patterns.max_entries == 5
+            assert clone.max_bytes == max_bytes
+            clone.scratch("lse", (10,), torch.float32, cpu)  # (and it works)
+            clone.cached("pattern", lambda: torch.arange(1000))
+            # (and keeps its bound: 8000 bytes, less than both, so the oldest went)
+            assert clone.held_bytes() == 8040 - 40 * (max_bytes is not None)
+        assert pool.held_bytes() > 0  # the original keeps its own
 
 
 def test_outputs_survive_a_second_call():

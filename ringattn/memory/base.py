@@ -35,6 +35,11 @@ class MemoryManager(Component):
         self, tag: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> Tensor: ...
 
+    def begin_call(self) -> None:
+        """A call of the module begins (each eager forward, and each of a compiled graph's
+        opaque ops): a manager that bounds what it keeps by what recent calls used counts them
+        here (``pooled``)."""
+
     def stats(self) -> dict[str, int]:
         return {}
 

@@ -7,18 +7,24 @@ after the previous call's, a tag is used for one purpose at a time (one manager 
 the caller overwrites the buffer before reading it, so reuse never changes a result. Threads
 sharing a module (the functional form shares one per option set) each get their own buffers, as
 do streams, as torch's caching allocator does: one buffer shared by two concurrent calls gave
-wrong outputs. Both caches hold at most ``max_entries`` items, and a lock keeps their bookkeeping
-whole under threads. While a CUDA graph is being captured the caches are bypassed: the graph's
-patterns and buffers are made in its own pool and kept by nothing here (``docs/architecture.md``,
-"Memory under compile").
+wrong outputs.
+
+Both caches hold at most ``max_entries`` items, and together at most ``max_bytes`` bytes (each
+storage counted once), the least recently used entries dropped first. Unlike the blocks torch's
+allocator caches, kept entries are live tensors that an out-of-memory error cannot free, so the
+default bound follows what the module uses: twice the most bytes one of its recent calls used
+(``PooledMemory``). A lock keeps the bookkeeping whole under threads. While a CUDA graph is
+being captured the caches are bypassed: the graph's patterns and buffers are made in its own pool
+and kept by nothing here (``docs/architecture.md``, "Memory under compile").
 """
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
-from typing import cast
+from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -29,60 +35,42 @@ from ringattn.config import checked_int
 from ringattn.memory.base import MemoryManager, T
 from ringattn.registry import register
 
+# the default bound: twice the most bytes one of the module's last 16 calls used (PooledMemory)
+CALLS_REMEMBERED = 16
+BOUND_OVER_CALL = 2
+
+# a storage, by its device and address (meta and empty tensors hold none: never counted)
+Storage = tuple[str, int]
+
+
+@dataclass
+class _Entry:
+    storages: dict[Storage, int]  # what the entry's tensors hold, in bytes
+    used: int  # the manager's access count at its last use: the two caches' common LRU order
+
+
+@dataclass
+class _Kept:
+    """A storage the caches keep: its bytes, the entries holding it, the last call that used it."""
+
+    nbytes: int
+    holders: int
+    call: int
+
 
 class _LRU:
-    def __init__(self, max_entries: int) -> None:
+    def __init__(self, max_entries: int, lock: threading.Lock) -> None:
         self.max_entries = max_entries
         # tensors, or a computer's own structures of tensors (flex's BlockMask)
         self.items: OrderedDict[Hashable, object] = OrderedDict()
+        self.entries: dict[Hashable, _Entry] = {}  # (the items' bookkeeping, by the same keys)
         self.hits = 0
         self.misses = 0
-        self.lock = threading.Lock()
-
-    def get(self, key: Hashable, build: Callable[[], T]) -> T:
-        if capturing():
-            # a CUDA graph being captured gets what it asks for made in its own pool, and none
-            # of it kept: made here, a pattern's kernels are only recorded, so the kept tensor
-            # held no values until the first replay (eager calls of that shape gathered with
-            # garbage); and a kept tensor the graph read or wrote, once evicted, went back to
-            # the allocator while the graph's replays still used its memory
-            with torch.inference_mode(False):
-                return build()
-        with self.lock:
-            value = self.items.get(key)
-            if value is not None:
-                self.items.move_to_end(key)
-                self.hits += 1
-                return cast(T, value)  # (a key names everything its value depends on)
-            self.misses += 1
-        # built as a normal tensor even under torch.inference_mode(): an inference tensor kept
-        # here could not be saved for backward (nor written in place) by a later training call
-        with torch.inference_mode(False):
-            built = build()
-        if pool_allocating():  # a cudagraph tree's warm-up: made in its pool (ringattn.capture)
-            return built
-        with self.lock:
-            self.items[key] = built
-            self.items.move_to_end(key)
-            if len(self.items) > self.max_entries:
-                self.items.popitem(last=False)
-        return built
+        self.lock = lock  # (the manager's: one for both caches, whose bytes are bounded together)
 
     def values(self) -> list[object]:
         with self.lock:  # (another thread's call may be adding an entry)
             return list(self.items.values())
-
-    def clear(self) -> None:
-        with self.lock:  # (a get in another thread between its lookup and move_to_end)
-            self.items.clear()
-
-    def __getstate__(self) -> dict[str, int]:
-        # copies and pickles start empty: the lock cannot be copied, and the kept tensors are
-        # this process's scratch and patterns, rebuilt on the first call
-        return {"max_entries": self.max_entries}
-
-    def __setstate__(self, state: dict[str, int]) -> None:
-        _LRU.__init__(self, state["max_entries"])
 
 
 def _owner(device: torch.device) -> tuple[int, int | None]:
@@ -112,37 +100,165 @@ def _tensors(value: object) -> list[Tensor]:
     return [x for x in tree_leaves(value) if isinstance(x, Tensor)]
 
 
+def _storages(value: object) -> dict[Storage, int]:
+    """The storages ``value``'s tensors hold, each once, with their bytes."""
+    held = {}
+    for x in _tensors(value):
+        storage = x.untyped_storage()
+        if storage.data_ptr() != 0:
+            held[(str(storage.device), storage.data_ptr())] = storage.nbytes()
+    return held
+
+
 @register("memory", "pooled")
 class PooledMemory(MemoryManager):
     """``pooled``: an LRU of patterns and one of scratch buffers, each holding at most
-    ``max_entries`` entries (64 by default; the modules build it with the default)."""
+    ``max_entries`` entries (64 by default), together at most ``max_bytes`` bytes, each storage
+    counted once: the least recently used entries of either go first, and an entry larger than
+    the bound is not kept. Modules build it with the defaults; another bound is a subclass
+    registered under a name of its own.
 
-    def __init__(self, max_entries: int = 64) -> None:
+    ``max_bytes=None`` (the default): twice the most bytes that one of the module's last 16
+    calls used (:meth:`begin_call`; a storage counts towards each call that used it). Relative,
+    because no one number fits: a ring's two key/value buffers range from kilobytes on a laptop
+    to gigabytes a rank at 1M tokens, and a bound below what one call uses rebuilds its buffers
+    every call. Every entry that a call uses is kept through that call, so a loop over one
+    shape hits as before, and the factor of two keeps a training step whose forward and
+    backward are separate calls (a compiled graph's two ops, a checkpointed forward run again),
+    or two shapes in turn. A sweep over sequence lengths no longer keeps every length's
+    patterns and buffers (up to 64 entries a module, in each layer of a model: live tensors
+    that an out-of-memory error cannot free, and only ``clear()`` gave back), but at most twice
+    what its largest recent call used; 16 calls after a length's last use its bytes stop
+    counting towards the bound. More shapes in turn than fit twice the largest call's bytes, or
+    more threads sharing the functional form's module than its buffers fit, make those entries
+    again when they come back, as ``none`` makes everything.
+    """
+
+    def __init__(self, max_entries: int = 64, max_bytes: int | None = None) -> None:
         checked_int("max_entries", max_entries)
-        self.patterns = _LRU(max_entries)
-        self.buffers = _LRU(max_entries)
+        if max_bytes is not None:
+            checked_int("max_bytes", max_bytes, minimum=0)
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self.lock = threading.Lock()
+        self.patterns = _LRU(max_entries, self.lock)
+        self.buffers = _LRU(max_entries, self.lock)
+        self._kept: dict[Storage, _Kept] = {}
+        self._held = 0  # the bytes of _kept
+        self._accesses = 0  # so far (the order of both caches' entries by last use)
+        self._calls = 0  # begun so far
+        # the bytes each of the last calls used, the current one's last
+        self._used: deque[int] = deque([0], maxlen=CALLS_REMEMBERED)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # copies and pickles start empty: the lock cannot be copied, and the kept tensors are
+        # this process's scratch and patterns, rebuilt on the first call
+        return {"max_entries": self.max_entries, "max_bytes": self.max_bytes}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        PooledMemory.__init__(self, state["max_entries"], state["max_bytes"])
 
     def cached(self, key: Hashable, build: Callable[[], T]) -> T:
-        return self.patterns.get(key, build)
+        return self._get(self.patterns, key, build)
 
     def scratch(
         self, tag: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> Tensor:
         device = torch.device(device)
         key = (tag, tuple(shape), dtype, str(device), _owner(device))
-        return self.buffers.get(key, lambda: torch.empty(shape, dtype=dtype, device=device))
+        return self._get(self.buffers, key, lambda: torch.empty(shape, dtype=dtype, device=device))
+
+    def begin_call(self) -> None:
+        with self.lock:
+            self._calls += 1
+            self._used.append(0)
+            self._evict()  # (a large call 16 calls back no longer holds the bound up)
+
+    def _get(self, cache: _LRU, key: Hashable, build: Callable[[], T]) -> T:
+        if capturing():
+            # a CUDA graph being captured gets what it asks for made in its own pool, and none
+            # of it kept: made here, a pattern's kernels are only recorded, so the kept tensor
+            # held no values until the first replay (eager calls of that shape gathered with
+            # garbage); and a kept tensor the graph read or wrote, once evicted, went back to
+            # the allocator while the graph's replays still used its memory
+            with torch.inference_mode(False):
+                return build()
+        with self.lock:
+            value = cache.items.get(key)
+            if value is not None:
+                cache.items.move_to_end(key)
+                cache.hits += 1
+                self._use(cache.entries[key])
+                return cast(T, value)  # (a key names everything its value depends on)
+            cache.misses += 1
+        # built as a normal tensor even under torch.inference_mode(): an inference tensor kept
+        # here could not be saved for backward (nor written in place) by a later training call
+        with torch.inference_mode(False):
+            built = build()
+        if pool_allocating():  # a cudagraph tree's warm-up: made in its pool (ringattn.capture)
+            return built
+        storages = _storages(built)
+        if self.max_bytes is not None and sum(storages.values()) > self.max_bytes:
+            return built  # (kept, it would leave no room even for itself)
+        with self.lock:
+            if key in cache.items:  # (another thread built it meanwhile: this one replaces it)
+                self._drop(cache, key)
+            cache.items[key] = built
+            entry = cache.entries[key] = _Entry(storages, 0)
+            for storage, nbytes in storages.items():
+                kept = self._kept.get(storage)
+                if kept is None:
+                    kept = self._kept[storage] = _Kept(nbytes, 0, self._calls - 1)
+                    self._held += nbytes
+                kept.holders += 1
+            self._use(entry)
+            if len(cache.items) > cache.max_entries:
+                self._drop(cache, next(iter(cache.items)))
+            self._evict()
+        return built
+
+    def _use(self, entry: _Entry) -> None:
+        """Mark ``entry`` used by the current call (under the lock)."""
+        self._accesses += 1
+        entry.used = self._accesses
+        for storage in entry.storages:
+            kept = self._kept[storage]
+            if kept.call != self._calls:  # (a storage counts once a call)
+                kept.call = self._calls
+                self._used[-1] += kept.nbytes
+
+    def _drop(self, cache: _LRU, key: Hashable) -> None:
+        """Remove one entry (under the lock), and the bytes of its storages no other holds."""
+        del cache.items[key]
+        for storage in cache.entries.pop(key).storages:
+            kept = self._kept[storage]
+            kept.holders -= 1
+            if kept.holders == 0:
+                del self._kept[storage]
+                self._held -= kept.nbytes
+
+    def _evict(self) -> None:
+        """Drop the least recently used entries of either cache while the bytes kept exceed the
+        bound (under the lock). The default bound is at least what the current call used, and
+        the entries it used come last, so it drops none of them."""
+        bound = self.max_bytes
+        if bound is None:
+            bound = BOUND_OVER_CALL * max(self._used)
+        while self._held > bound:
+            cache = min(
+                (cache for cache in (self.patterns, self.buffers) if cache.items),
+                key=lambda cache: cache.entries[next(iter(cache.items))].used,
+            )
+            self._drop(cache, next(iter(cache.items)))
 
     def held_bytes(self) -> int:
-        storages = {
-            x.untyped_storage().data_ptr(): x.untyped_storage().nbytes()
-            for value in (*self.patterns.values(), *self.buffers.values())
-            for x in _tensors(value)
-        }
-        return sum(storages.values())
+        with self.lock:  # (another thread's call may be adding an entry)
+            return self._held
 
     def clear(self) -> None:
-        self.patterns.clear()
-        self.buffers.clear()
+        with self.lock:  # (a get in another thread between its lookup and move_to_end)
+            for cache in (self.patterns, self.buffers):
+                while cache.items:
+                    self._drop(cache, next(iter(cache.items)))
 
     def stats(self) -> dict[str, int]:
         return {
