@@ -180,7 +180,7 @@ def test_clear_and_held_bytes_wait_for_a_call_in_another_thread():
     pool.cached(("pattern",), lambda: torch.arange(4))
     for work in (pool.clear, pool.held_bytes):
         done = threading.Event()
-        with pool.patterns.lock:  # a call in another thread, mid-lookup
+        with pool.lock:  # a call in another thread, mid-lookup
             worker = threading.Thread(target=lambda work=work, done=done: (work(), done.set()))
             worker.start()
             assert not done.wait(0.2), f"{work.__name__} ran while a lookup held the lock"

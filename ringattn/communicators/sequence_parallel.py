@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ringattn import distributed
 from ringattn.communicators.base import Communicator
-from ringattn.computers.base import BlockComputer, Rows, RowsLSE, accumulation_dtype, place_
+from ringattn.computers.base import BlockComputer, Rows, RowsLSE, accumulation_dtype
 from ringattn.memory.base import MemoryManager
 from ringattn.memory.none import NoReuse
 
@@ -142,12 +142,9 @@ class SequenceParallel(Communicator):
         2 / 4 / 8 with ``math``'s float32 partials, 1.2x / 1.5x / 1.8x with ``sdpa``'s bf16 ones;
         1.0x / 1.0x / 1.0x and 1.2x / 1.2x / 1.2x in float32). The kernels that path saves did
         not move a host-bound call (docs/benchmarks/h200_perf.md, step 27)."""
-        if span == 1:
-            super().attend_into(computer, q, k, v, causal, scale, span, out, lse)
-            return
         stats = accumulation_dtype(q.dtype)
-        if out.dtype != stats:
-            place_(out, lse, self._attend(computer, q, k, v, causal, scale, span, None))
+        if span == 1 or out.dtype != stats:  # (the base's: in place, or accumulated and placed)
+            super().attend_into(computer, q, k, v, causal, scale, span, out, lse)
             return
         if lse is None:  # the merges need it even where the caller does not
             lse = self.memory.scratch("placed_lse", tuple(q.shape[:3]), stats, q.device)

@@ -59,18 +59,16 @@ class _Kept:
 
 
 class _LRU:
-    def __init__(self, max_entries: int, lock: threading.Lock) -> None:
+    """One cache's entries, in order of use; the manager's one lock guards both caches, whose
+    bytes are bounded together."""
+
+    def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
         # tensors, or a computer's own structures of tensors (flex's BlockMask)
         self.items: OrderedDict[Hashable, object] = OrderedDict()
         self.entries: dict[Hashable, _Entry] = {}  # (the items' bookkeeping, by the same keys)
         self.hits = 0
         self.misses = 0
-        self.lock = lock  # (the manager's: one for both caches, whose bytes are bounded together)
-
-    def values(self) -> list[object]:
-        with self.lock:  # (another thread's call may be adding an entry)
-            return list(self.items.values())
 
 
 def _owner(device: torch.device) -> tuple[int, int | None]:
@@ -140,8 +138,8 @@ class PooledMemory(MemoryManager):
             checked_int("max_bytes", max_bytes, minimum=0)
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self.lock = threading.Lock()
-        self.patterns = _LRU(max_entries, self.lock)
-        self.buffers = _LRU(max_entries, self.lock)
+        self.patterns = _LRU(max_entries)
+        self.buffers = _LRU(max_entries)
         self._kept: dict[Storage, _Kept] = {}
         self._held = 0  # the bytes of _kept
         self._accesses = 0  # so far (the order of both caches' entries by last use)
