@@ -2,7 +2,7 @@
 # The CUTLASS DSL (FlashAttention-4's CuTe kernels) on this CPU machine, for compiling ringattn's
 # FA4 kernels without a GPU (experiments/cute_compile.py):
 #
-#   bash experiments/fa4_carry.sh        # once, if .fa4a/, .fa4b/ and .fa4c/ are missing (~4 min)
+#   bash experiments/fa4_carry.sh        # once, if .fa4a/ to .fa4d/ are missing (~4 min)
 #   bash experiments/cute_env.sh         # once per machine (~2 min): /tmp/py312 and /tmp/site312
 #   /tmp/py312/bin/python -m experiments.cute_compile
 #
@@ -16,7 +16,7 @@ python312=${PYTHON312:-$HOME/.pyenv/versions/3.12.1/bin/python}
 /tmp/py312/bin/pip install -q torch==2.13.0 numpy cuda-bindings -e ".[dev]"
 if [ ! -d /tmp/site312/flash_attn ]; then
     mkdir -p /tmp/site312
-    cat .fa4a/* .fa4b/* .fa4c/* | xz -d -T2 | tar -x -C /tmp/site312
+    cat .fa4a/* .fa4b/* .fa4d/* .fa4c/* | xz -d -T2 | tar -x -C /tmp/site312
 fi
 /tmp/py312/bin/python - <<'PY'
 import site, sys

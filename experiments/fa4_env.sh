@@ -1,12 +1,13 @@
 # shellcheck shell=bash
-# Sourced on the lent GPU machine after experiments/fa4_carry.sh's three parts and the wheels
-# arrived, in four calls sent one right after the other (the machine is released after ~30 s idle;
-# a call carries at most 64 MiB with the working tree, whose recorded runs are ~32 MB by now):
+# Sourced on the lent GPU machine after experiments/fa4_carry.sh's first three parts and the wheels
+# arrived, in five calls sent one right after the other (the machine is released after ~30 s idle;
+# a call carries at most 64 MiB with the working tree, whose recorded runs are ~42 MB by now):
 #
 #   call 1, carry [".fa4a"]: mkdir -p /tmp/fa4 && cp .fa4a/* /tmp/fa4/
 #   call 2, carry [".fa4b"]: mkdir -p /tmp/fa4 && cp .fa4b/* /tmp/fa4/
-#   call 3, carry [".whl"]:  mkdir -p /tmp/whl && cp .whl/* /tmp/whl/
-#   call 4, carry [".fa4c"]: source experiments/fa4_env.sh && python -m experiments...
+#   call 3, carry [".fa4d"]: mkdir -p /tmp/fa4 && cp .fa4d/* /tmp/fa4/
+#   call 4, carry [".whl"]:  mkdir -p /tmp/whl && cp .whl/* /tmp/whl/
+#   call 5, carry [".fa4c"]: source experiments/fa4_env.sh && python -m experiments...
 #   later calls (machine still warm): source experiments/fa4_env.sh && ...
 # Unpacks FlashAttention-4 and the carried wheels into /tmp/site once, and sets the environment
 # every run of docs/benchmarks/h200_perf.md used: the CUTLASS DSL's packages on the path (its .pth

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-H200 session's runs for issue 5, in parts that each fit one device call (600 s), after
-# FA4 arrived (experiments/fa4_env.sh: calls 1-3 carry .fa4a, .fa4b, .whl; call 4 .fa4c):
+# FA4 arrived (experiments/fa4_env.sh: calls 1-4 carry .fa4a, .fa4b, .fa4d, .whl; call 5 .fa4c):
 #
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh record   # ~4.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh graphs   # <9.5 min
