@@ -307,7 +307,7 @@ def probe(
                 group_max,
                 bwd_tiles,
             ) = choice
-            pattern.BLOCK_SPLIT = split  # read when the module makes its plan (first call)
+            pattern.BLOCK_SPLIT = split  # (a module made before would follow it too)
             SDPAComputer.in_place = in_place == "yes"
             core.new_grads = FILLS[fill]
             lanes.MODE = lane_mode

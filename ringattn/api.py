@@ -24,7 +24,7 @@ from torch.autograd import forward_ad
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from ringattn import distributed
+from ringattn import distributed, pattern
 from ringattn.capture import compiling, pool_allocating
 from ringattn.computers.base import LayoutComputer
 from ringattn.config import DilatedConfig
@@ -528,6 +528,8 @@ class DilatedAttention(nn.Module):
         # module's eager spec from a trace)
         key = (n, h, d, q.device)
         spec = self._specs.get(key)
+        if spec is not None and spec.plan.split != pattern.BLOCK_SPLIT:
+            spec = None  # made before BLOCK_SPLIT changed: its plan and launches are cut otherwise
         if (
             spec is not None
             and graph_input

@@ -64,9 +64,9 @@ if TYPE_CHECKING:
     # what a preparation depends on of one tensor (None: no tensor), :func:`layouts_of`
     Layout = tuple[torch.Size, tuple[int, ...], torch.dtype, torch.device] | None
     # a preparation's key in ``CoreSpec.launches``: (kind, placed, split, block ids, layouts,
-    # the computer's launch options)
+    # FUSE_OFFSETS, PER_ENTRY, the computer's launch options)
     PreparedKey = tuple[
-        str, bool, int | None, tuple[int, ...], tuple[Layout, ...], tuple[object, ...]
+        str, bool, int | None, tuple[int, ...], tuple[Layout, ...], bool, bool, tuple[object, ...]
     ]
     # what a launch covers: a plan's block (or part of one), or a config's offsets as one run
     Part = pattern.Block | pattern.OffsetRun
@@ -92,7 +92,8 @@ FUSE_OFFSETS = True
 
 # b > 1: parts whose rows over the batch are no one view launched once per batch entry (see the
 # module's docstring); False leaves them to the general path, as before h200_perf.md step 71 (the
-# A/B of gpu_session.sh batch). Read when a preparation is made
+# A/B of gpu_session.sh batch). Both switches are in the preparations' key: a change takes
+# effect on the next call
 PER_ENTRY = True
 
 # preparations kept per spec, most recently used last (one per (kind, layouts); one layout
@@ -141,9 +142,11 @@ def prepared(
     if layouts is None:
         layouts = layouts_of(reads + writes)
     block_ids = tuple(block_ids)  # (may be a generator: read once)
-    # (with the computer's own switches, read when its launchers are made: flipping one on a
-    # live module, e.g. SDPAComputer.cuda_forward for an A/B, kept the kernels of before)
-    key = (kind, placed, split, block_ids, layouts, spec.block_computer.launch_options())
+    # (with the switches read when launches are made, the computer's and this module's:
+    # flipping one on a live module, e.g. SDPAComputer.cuda_forward or FUSE_OFFSETS for an A/B,
+    # kept the launches of before)
+    options = spec.block_computer.launch_options()
+    key = (kind, placed, split, block_ids, layouts, FUSE_OFFSETS, PER_ENTRY, options)
     cache = spec.launches
     with _PREPARED_LOCK:
         found = cache.pop(key, None)
@@ -269,7 +272,7 @@ def _prepare(
         if found is not None or batch == 1 or not PER_ENTRY:
             return found
         if block is not None:
-            parts = block.cut(plan.n, plan.h, max(1, (split or pattern.BLOCK_SPLIT) // batch))
+            parts = block.cut(plan.n, plan.h, max(1, (split or plan.split) // batch))
         return entries(parts, 1, per_entry=True)
 
     def span_of(i: int) -> int:
@@ -280,7 +283,7 @@ def _prepare(
     result = Prepared()
     # merged blocks: a config's offsets as K runs, launched at its first block (each (row, head)
     # still merges its configs in config order; the kernels round as their head batch makes them)
-    groups = pattern.offset_runs(plan, pattern.BLOCK_SPLIT) if FUSE_OFFSETS and not placed else ()
+    groups = pattern.offset_runs(plan, plan.split) if FUSE_OFFSETS and not placed else ()
     for members, runs in groups:
         span = span_of(members[0])
         # a spanning config's blocks are single tail segments: one view at every layout, so

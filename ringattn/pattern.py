@@ -249,6 +249,9 @@ class Plan:
     # parts[i]: blocks[i] cut (by segments, else heads) into kernel calls of bounded size
     # (BLOCK_SPLIT)
     parts: tuple[tuple[Block, ...], ...]
+    # the BLOCK_SPLIT those parts were cut with: a module's plan outlives a change of it, which
+    # must then make a new one (DilatedAttention's specs) and cut everything else alike
+    split: int
     # disjoint plans: each head's (rates, offsets), row p of head j written iff p % rates[j] ==
     # offsets[j] (offset -1: a head no block writes); the rest stays 0. None for "lse"
     selection: tuple[tuple[int, ...], tuple[int, ...]] | None = None
@@ -328,4 +331,4 @@ def _build_plan(
             for head in range(job.head_start, job.head_stop, job.head_step):
                 rates[head], offsets[head] = job.r, job.offset
         selection = (tuple(rates), tuple(offsets))
-    return Plan(n, h, configs, mixing, tuple(blocks), disjoint, parts, selection)
+    return Plan(n, h, configs, mixing, tuple(blocks), disjoint, parts, split, selection)

@@ -8,12 +8,12 @@ import weakref
 
 import pytest
 import torch
-from conftest import dilation_configs, make_qkv, options, problems, rel_err
+from conftest import TOLERANCE, dilation_configs, make_qkv, options, problems, rel_err
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import ringattn
-from ringattn import core, launches, pattern
+from ringattn import core, launches, pattern, reference
 from ringattn.computers.base import BlockComputer
 from ringattn.computers.sdpa import SDPAComputer
 from ringattn.core import flat_view
@@ -263,6 +263,86 @@ def test_a_computer_switch_flipped_on_a_live_module_takes_effect(monkeypatch):
             merges.clear()
             attention(q, q, q)
         assert not merges
+
+
+# module-level A/B switches read where launches are prepared (the plan's parts too, BLOCK_SPLIT):
+# (their owner, a value other than the default, a problem whose launches that value changes)
+LAUNCH_SWITCHES = {
+    "FUSE_OFFSETS": (
+        launches,
+        False,
+        {"b": 2, "n": 64, "h": 8, "d": 8, "segment_lengths": (8, 64), "dilation_rates": (1, 8)},
+    ),
+    "PER_ENTRY": (
+        launches,
+        False,
+        {"b": 2, "n": 64, "h": 4, "d": 8, "segment_lengths": (8, 32), "dilation_rates": (1, 2)},
+    ),
+    "BLOCK_SPLIT": (
+        pattern,
+        1,
+        {"b": 2, "n": 64, "h": 4, "d": 8, "segment_lengths": (8, 32), "dilation_rates": (1, 2)},
+    ),
+}
+LAUNCH_SWITCH_MIXINGS = {"FUSE_OFFSETS": "lse", "PER_ENTRY": "head_groups", "BLOCK_SPLIT": "lse"}
+
+
+def launches_around_a_flip(switch: str, computer: str, compiled: bool, p: dict) -> list[int]:
+    """The prepared launches (the core's ``views`` calls) of a forward and backward by a module
+    before ``switch`` flips, by that module after, and by a new module after; every output
+    against the oracle. ``compiled``: each call through ``torch.compile`` (the opaque ops)."""
+    owner, other, _ = LAUNCH_SWITCHES[switch]
+    q, k, v = make_qkv(p, torch.float32)
+    ref = reference.dilated_attention(q.double(), k.double(), v.double(), **options(p))
+    strategy = ringattn.Strategy(computer=computer)
+    taken: list[int] = []
+
+    def spy(tensors, geometry):
+        taken.append(1)
+        return launches.views(tensors, geometry)
+
+    def launched(attention: ringattn.DilatedAttention) -> int:
+        taken.clear()
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = (torch.compile(attention, fullgraph=True) if compiled else attention)(*xs)
+        out.sum().backward()
+        assert rel_err(out, ref) <= TOLERANCE[torch.float32]
+        return len(taken)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(core, "views", spy)
+        live = ringattn.DilatedAttention(**options(p), strategy=strategy)
+        counts = [launched(live)]
+        patch.setattr(owner, switch, other)
+        counts += [
+            launched(live),
+            launched(ringattn.DilatedAttention(**options(p), strategy=strategy)),
+        ]
+    return counts
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("computer", ["math", "sdpa"])
+@pytest.mark.parametrize("switch", LAUNCH_SWITCHES)
+def test_a_launch_switch_flipped_on_a_live_module_takes_effect(switch, computer, compiled):
+    """``launches.FUSE_OFFSETS``, ``launches.PER_ENTRY`` and ``pattern.BLOCK_SPLIT`` flipped on
+    a module that already ran take effect on its next call, eager or compiled: it launches what
+    a new module launches. Before, its spec kept the plan and the preparations made under the
+    old value, so an A/B in a notebook measured the same code path twice."""
+    p = {**LAUNCH_SWITCHES[switch][2], "causal": True, "mixing": LAUNCH_SWITCH_MIXINGS[switch]}
+    before, live, fresh = launches_around_a_flip(switch, computer, compiled, p)
+    assert before != fresh  # (the problem shows the switch)
+    assert live == fresh, (before, live, fresh)
+
+
+@pytest.mark.parametrize("switch", LAUNCH_SWITCHES)
+@settings(max_examples=10, deadline=None)
+@given(p=problems(), computer=st.sampled_from(["math", "sdpa"]))
+def test_any_problem_launches_as_a_new_module_after_a_flip(switch, p, computer):
+    """:func:`launches_around_a_flip` over drawn problems (both mixings, causal or not): the
+    live module launches what a new one does, and both match the oracle."""
+    _, live, fresh = launches_around_a_flip(switch, computer, False, p)
+    assert live == fresh
 
 
 @given(
