@@ -27,7 +27,7 @@ from fake_fa4 import FakeFA4, installed
 from hypothesis import example, given
 from hypothesis import strategies as st
 from test_fa4 import KERNEL_DIMS, full_configs, kernel_layouts, sdpa_strategies, with_fixture
-from test_fa4_zero import ZEROED, StandIn, zeroing  # noqa: F401  (the fixture)
+from test_fa4_zero import ZEROED, StandIn, flipped_on_a_live_module, zeroing  # noqa: F401  (the fixture)
 from test_strategies import check_against_oracle
 
 from ringattn.kernels import fa4, fa4_group, fa4_merge, fa4_zero
@@ -405,3 +405,22 @@ def test_a_first_call_through_the_core_matches_the_oracle_kept_or_refused(groupi
     # (kept: launched on the call's groups, more entries than were checked)
     entries = max(q.shape[0] for qs, *_ in launches for q in qs)
     assert (entries > fa4.CHECKED_BATCH) is faithful
+
+
+def test_a_tile_bound_flipped_on_a_live_module_takes_effect(zeroing):  # noqa: F811
+    """``ALL_TILES_MAX`` and ``PERSISTENT`` are read when a forward's launches are prepared
+    (whether its parts go as one launch); in ``SDPAComputer.launch_options``, a change on a
+    module that already ran takes effect on its next call. Before, the module kept its
+    prepared one launch (an A/B on one module in a notebook measured the same path twice)."""
+    patch, _ = zeroing
+    patch.setattr(fa4, "sm90", lambda q: True)  # (the real support rules, tiles included)
+    patch.setattr(fa4_zero, "forward_zero_", StandIn())
+    stand_in = GroupStandIn()
+    patch.setattr(fa4_group, "forward_group_", stand_in)
+
+    def one_launch() -> None:
+        assert stand_in.calls == 1
+
+    flips = [(fa4_group, "ALL_TILES_MAX", 0), (fa4_group, "PERSISTENT", "never")]
+    flipped_on_a_live_module(patch, flips, one_launch)
+    assert stand_in.calls == 1  # (no tile bound takes the plan now: config by config)

@@ -14,7 +14,7 @@ import types
 
 import pytest
 import torch
-from conftest import deterministic_algorithms, problems
+from conftest import deterministic_algorithms, make_qkv, options, problems, rel_err
 from hypothesis import example, given
 from hypothesis import strategies as st
 from test_fa4 import KERNEL_DIMS, full_configs, kernel_layouts, sdpa_strategies, with_fixture
@@ -24,6 +24,7 @@ from test_strategies import check_against_oracle
 
 import ringattn
 import ringattn.core
+from ringattn import reference
 from ringattn.kernels import fa4, fa4_group, fa4_group_bwd, fa4_merge, unselected
 
 
@@ -521,3 +522,26 @@ def test_key_holds_causality_heads_and_the_causal_tiles(fake_fa4, monkeypatch): 
     monkeypatch.setitem(fa4.BACKWARD_CONFIG, (8, True), config)
     assert fa4_group_bwd._key(groups, True)[5] == config
     assert fa4_group_bwd._key(groups, False)[5] is None
+
+
+def test_zeroing_flipped_on_a_live_module_takes_effect(grouping_bwd):
+    """``ZEROING`` is read when a backward's one launch is made (whether it writes its
+    configs' zeros); in ``SDPAComputer.launch_options``, a change on a module that already ran
+    takes effect on its next call, which then leaves every zero to the fill."""
+    patch, _ = grouping_bwd
+    stand_in = BackwardStandIn()
+    patch.setattr(fa4_group_bwd, "backward_group_", stand_in)
+    nan_grads(patch)
+    p = {**ZEROED, "causal": True}
+    strategy = ringattn.Strategy(computer="sdpa")
+    attention = ringattn.DilatedAttention(**options(p), strategy=strategy, compile=False)
+    q, k, v = make_qkv(p, requires_grad=True)
+    ref = reference.dilated_attention(q.double(), k.double(), v.double(), **options(p))
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+    for zeroing_ in ("causal", "never"):
+        patch.setattr(fa4_group_bwd, "ZEROING", zeroing_)
+        grads = torch.autograd.grad(attention(q, k, v).sum(), (q, k, v))
+        assert any(stand_in.shifts[-1]) == (zeroing_ == "causal")
+        for grad, want in zip(grads, ref_grads, strict=True):
+            assert rel_err(grad, want) < 1e-5
+    assert stand_in.done == 2

@@ -383,6 +383,24 @@ def test_switched_off_at_preparation_the_fill_does_it_all(zeroing):
     assert stand_in.calls == 0 and set(selections) == {((1, 1, 2, 2, 4, 4), (0, 0, 1, 1, 2, 2))}
 
 
+def flipped_on_a_live_module(patch, flips: list, between) -> None:
+    """Two no-grad calls of one module of ``ZEROED`` (causal) whose blocks are prepared launches
+    (segment_local's views, ``sdpa``): ``between()`` after the first, then ``flips`` ((owner,
+    name, value) each) patched; the second call's output against the oracle."""
+    problem = {**ZEROED, "causal": True}
+    strategy = ringattn.Strategy(dilation="segment_local", computer="sdpa")
+    attention = ringattn.DilatedAttention(**options(problem), strategy=strategy, compile=False)
+    q, k, v = make_qkv(problem)
+    with torch.no_grad():
+        attention(q, k, v)
+        between()
+        for owner, name, value in flips:
+            patch.setattr(owner, name, value)
+        out = attention(q, k, v)
+    ref = reference.dilated_attention(q.double(), k.double(), v.double(), **options(problem))
+    assert rel_err(out, ref) < 1e-5
+
+
 def test_switched_off_on_a_live_module_the_fill_does_it_all(zeroing):
     """fa4_zero.ENABLED is in SDPAComputer.launch_options: flipped on a module that already
     ran, its next call is prepared anew, without the zeroing launches (their calls stop, the
@@ -390,20 +408,16 @@ def test_switched_off_on_a_live_module_the_fill_does_it_all(zeroing):
     patch, selections = zeroing
     stand_in = StandIn()
     patch.setattr(fa4_zero, "forward_zero_", stand_in)
-    problem = {**ZEROED, "causal": True}
-    strategy = ringattn.Strategy(dilation="segment_local", computer="sdpa")  # (views: prepared)
-    attention = ringattn.DilatedAttention(**options(problem), strategy=strategy, compile=False)
-    q, k, v = make_qkv(problem)
-    with torch.no_grad():
-        attention(q, k, v)
+    calls = []
+
+    def first_call_zeroed() -> None:
         assert stand_in.calls > 0 and selections == [((1,) * 6, (0,) * 6)]
-        patch.setattr(fa4_zero, "ENABLED", False)
-        calls = stand_in.calls
+        calls.append(stand_in.calls)
         selections.clear()
-        out = attention(q, k, v)
-    assert stand_in.calls == calls and selections == [((1, 1, 2, 2, 4, 4), (0, 0, 1, 1, 2, 2))]
-    ref = reference.dilated_attention(q.double(), k.double(), v.double(), **options(problem))
-    assert rel_err(out, ref) < 1e-5
+
+    flipped_on_a_live_module(patch, [(fa4_zero, "ENABLED", False)], first_call_zeroed)
+    assert [stand_in.calls] == calls
+    assert selections == [((1, 1, 2, 2, 4, 4), (0, 0, 1, 1, 2, 2))]
 
 
 def test_zeroer_calls_a_kept_kernel_without_the_checks(fresh):

@@ -137,6 +137,11 @@ class SDPAComputer(BlockComputer):
             fa4_zero.ENABLED,
             fa4_group.ENABLED,
             fa4_group_bwd.ENABLED,
+            # (read when the one launches are made: whether a plan takes one, its zeros)
+            fa4_group.PERSISTENT,
+            fa4_group.ALL_TILES_MAX,
+            fa4_group_bwd.ZEROING,
+            fa4_group_bwd.ALL_TILES_MAX,
             torch.are_deterministic_algorithms_enabled(),
         )
 

@@ -50,7 +50,8 @@ ALL_TILES_MAX = 4096
 
 # which plans of more than ALL_TILES_MAX tiles take one launch on a persistent grid of one CTA
 # per SM (ringattn.kernels.fa4_group_sm90.PersistentLPTScheduler): "causal", "always" or
-# "never" (experiments/overheads.py --group-persistent; read when a plan's launches are made).
+# "never" (experiments/overheads.py --group-persistent; read when a plan's launches are made,
+# and with ALL_TILES_MAX in SDPAComputer.launch_options: a change takes effect on the next call).
 # Step 35 on an H200: causal forwards back to back 2-4% faster than the configs' own kernels at
 # 131K, 262K and 1M (single calls within their spread), bit-identical; non-causal 131K 6-7%
 # slower, until step 36 walked non-causal plans unit by unit (FA4's one-CTA-per-tile order, not
