@@ -31,7 +31,7 @@ TOLERANCE = {
     torch.float64: 1e-10,
     torch.float32: 1e-5,
     torch.bfloat16: 2e-2,
-    torch.float16: 5e-3,  # 10 more mantissa bits than bf16's 7: worst seen 3.8e-4
+    torch.float16: 5e-3,  # 10 more mantissa bits than bf16's 7: worst seen 5.7e-4 (300 draws)
 }
 
 
