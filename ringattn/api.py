@@ -24,7 +24,7 @@ from torch.autograd import forward_ad
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from ringattn import distributed, pattern
+from ringattn import distributed, launches, pattern
 from ringattn.capture import compiling, pool_allocating
 from ringattn.computers.base import LayoutComputer
 from ringattn.config import DilatedConfig
@@ -318,9 +318,18 @@ def _described(x: object) -> tuple[object, ...]:
 
 
 # the entries of a sequence-parallel call's signature (check_across_ranks), by name
-_CALL_FIELDS = ("q, k, v", "config", "strategy", "layout", "grad mode")
+_CALL_FIELDS = ("q, k, v", "config", "strategy", "layout", "grad mode", "switches")
 # and of a backward's (check_backward_across_ranks)
-_BACKWARD_FIELDS = ("what", "config", "strategy", "layout", "dout, q", "forward call")
+_BACKWARD_FIELDS = ("what", "config", "strategy", "layout", "dout, q", "switches", "forward call")
+
+
+def _switches(split: int) -> tuple[str, ...]:
+    """The module-level switches that decide how many exchanges a spanning block makes, as the
+    ranks' check compares them: ``split`` (the call's ``pattern.BLOCK_SPLIT``) cuts it into
+    parts and ``launches.FUSE_OFFSETS`` sends a config's offsets as runs, one exchange each.
+    Flipped on one rank only (a notebook on rank 0), its ring messages met its peers' of other
+    sizes: gloo aborted the peer's process ("Received data size doesn't match expected size")."""
+    return (f"pattern.BLOCK_SPLIT={split}", f"launches.FUSE_OFFSETS={launches.FUSE_OFFSETS}")
 
 
 # (Any: three :func:`_described` tuples, then two flags and a name, read by position)
@@ -621,6 +630,7 @@ class DilatedAttention(nn.Module):
             self.strategy.label,
             self.communicator.layout,
             enabled,
+            _switches(pattern.BLOCK_SPLIT),  # (the call's spec is cut with it: _spec)
         )
         self.communicator.check_group()
         known = self._checked.get(signature)
@@ -646,17 +656,21 @@ class DilatedAttention(nn.Module):
         check_plain(q, k, v)  # the same call everywhere: it raises on every rank or on none
         _remember(self._checked, signature, digest)
 
-    def check_backward_across_ranks(self, dout: Tensor, q: Tensor, call: int | None) -> None:
+    def check_backward_across_ranks(
+        self, dout: Tensor, q: Tensor, call: int | None, split: int
+    ) -> None:
         """The ranks' agreement on a backward of this module (``core.check_backward``), as on its
         forward calls (``check_every_call``; where it is False, each signature's first backward
         only): the same module's, of the same forward call (``call``, its number on every rank;
         None in a compiled graph). Without it, backwards run in other orders on two ranks (or
         one rank's of another call) paired their ring messages across calls: wrong gradients on
         every rank, silently; and a rank that skipped its backward for a next forward left the
-        others waiting in theirs (a hang; now both are in the agreement, which raises)."""
+        others waiting in theirs (a hang; now both are in the agreement, which raises).
+        ``split``: the ``BLOCK_SPLIT`` of the forward's plan, which the backward runs."""
         tensors = (tuple(dout.shape), str(dout.dtype), tuple(q.shape), str(q.dtype))
         layout = self.communicator.layout
-        unnumbered = ("backward", self.config, self.strategy.label, layout, tensors)
+        switches = _switches(split)
+        unnumbered = ("backward", self.config, self.strategy.label, layout, tensors, switches)
         known = self._checked.get(unnumbered)
         if known is not None and not self.check_every_call:
             return

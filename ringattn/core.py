@@ -984,7 +984,7 @@ def check_backward(spec: CoreSpec, dout: Tensor, q: Tensor, call: int | None) ->
         return
     owner = _MODULES.get(_module_number(spec.module))
     if owner is not None:
-        owner.check_backward_across_ranks(dout, q, call)
+        owner.check_backward_across_ranks(dout, q, call, spec.plan.split)
 
 
 class DilatedAttentionFunction(torch.autograd.Function):

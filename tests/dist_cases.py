@@ -1371,6 +1371,41 @@ def a_rank_with_another_option_raises_everywhere(field: str) -> str:
         return _value_error_of(lambda: module(q, q, q))
 
 
+def a_rank_with_another_switch_raises_everywhere(switch: str, backward: bool) -> str:
+    """Rank 0 alone sets ``pattern.BLOCK_SPLIT = 64`` or ``launches.FUSE_OFFSETS = False`` (a
+    notebook on one rank), before the forward or, ``backward``, between it and its backward. The
+    ``(16p, 4)`` config spans every rank; with 8 heads its 4 offsets travel as 2 runs, or as 4
+    blocks (1-2 parts each) with the switch flipped: unchecked, rank 0's ring messages met its
+    peers' of other sizes and gloo aborted rank 1's process ("Received data size doesn't match
+    expected size"). Returns this rank's ValueError."""
+    from ringattn import launches, pattern
+
+    module = ringattn.DilatedAttention(
+        (16 * dist.get_world_size(), 8),
+        (4, 1),
+        strategy=ringattn.Strategy(communicator="ring"),
+        compile=False,
+    )
+    q = torch.randn(1, 16, 8, 8, requires_grad=backward)
+    defaults = pattern.BLOCK_SPLIT, launches.FUSE_OFFSETS
+
+    def flip() -> None:
+        if dist.get_rank() == 0:
+            pattern.BLOCK_SPLIT, launches.FUSE_OFFSETS = (
+                (64, True) if switch == "BLOCK_SPLIT" else (8, False)
+            )
+
+    try:
+        if not backward:
+            flip()
+            return _value_error_of(lambda: module(q, q, q))
+        out = module(q, q, q)
+        flip()
+        return _value_error_of(lambda: out.sum().backward())
+    finally:
+        pattern.BLOCK_SPLIT, launches.FUSE_OFFSETS = defaults
+
+
 def a_rank_whose_inputs_alone_require_grad_raises_everywhere() -> str:
     """Rank 1 alone trains (its inputs require grad, its peers' do not; grad mode on
     everywhere). The segment spans every rank, so unchecked every forward returns alike and

@@ -714,6 +714,21 @@ def test_a_rank_with_another_option_raises_on_every_rank(pool, field):
     assert all("ranks disagree" in m and f"(they differ in: {field})" in m for m in messages)
 
 
+@pytest.mark.parametrize(
+    "switch, backward",
+    [("BLOCK_SPLIT", False), ("FUSE_OFFSETS", False), ("FUSE_OFFSETS", True)],
+)
+def test_a_rank_with_another_switch_raises_on_every_rank(pool, switch, backward):
+    """(before: gloo aborted rank 1's process; a BLOCK_SPLIT set between a forward and its
+    backward does not reach the backward, which runs the forward's plan)"""
+    messages = pool.run(
+        "a_rank_with_another_switch_raises_everywhere", switch, backward, timeout=60
+    )
+    assert all("ranks disagree" in m and "(they differ in: switches)" in m for m in messages)
+    assert all("'launches.FUSE_OFFSETS=False'" in m for m in messages) == (switch != "BLOCK_SPLIT")
+    assert all("'pattern.BLOCK_SPLIT=64'" in m for m in messages) == (switch == "BLOCK_SPLIT")
+
+
 def test_a_rank_whose_inputs_alone_require_grad_raises_on_every_rank(pool):
     messages = pool.run("a_rank_whose_inputs_alone_require_grad_raises_everywhere")
     assert all("ranks disagree" in m and "(they differ in: q, k, v)" in m for m in messages)
