@@ -272,7 +272,7 @@ def sharded_problems(draw, p: int, causal: bool):
         "dilation_rates": rates,
         "causal": causal,
         "mixing": draw(st.sampled_from(["lse", "head_groups"])),
-        # (no other sequence-parallel test holds a given scale to the oracle; problems()' choices)
+        # (problems()' choices; test_a_given_scale_reaches_the_other_ranks_chunks holds one fixed)
         "scale": draw(st.sampled_from([None, None, 0.3, 1.7])),
     }
     shape = (draw(st.integers(1, 2)), n, draw(st.integers(1, 5)), draw(st.sampled_from([4, 8])))
@@ -305,6 +305,16 @@ def test_bf16_matches_oracle(pool, communicator, mixing):
     strategy = {"communicator": communicator, "computer": "sdpa"}
     opts = options(pool.world_size, True, mixing)
     pool.run("matches_oracle", SHAPE, opts, strategy, "bfloat16")
+
+
+@pytest.mark.parametrize("communicator", ["ring", "all_gather"])
+def test_a_given_scale_reaches_the_other_ranks_chunks(pool, communicator):
+    """Every rank's chunks of a spanning segment attended at the given ``scale``, forward and
+    backward. The fixed cases above take the default scale: a ring forward or an all-gather
+    backward that attended the other ranks' chunks at ``d**-0.5`` passed all 64 of a
+    communicator's; only the drawn problems, where half the draws give a scale, could see it."""
+    opts = {**options(pool.world_size, False, "lse"), "scale": 1.7}
+    pool.run("matches_oracle", SHAPE, opts, {"communicator": communicator})
 
 
 @pytest.mark.parametrize("communicator", ["ring", "all_gather"])
