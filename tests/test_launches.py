@@ -267,24 +267,16 @@ def test_a_computer_switch_flipped_on_a_live_module_takes_effect(monkeypatch):
 
 # module-level A/B switches read where launches are prepared (the plan's parts too, BLOCK_SPLIT):
 # (their owner, a value other than the default, a problem whose launches that value changes)
+SHORT = {"b": 2, "n": 64, "h": 4, "d": 8, "segment_lengths": (8, 32), "dilation_rates": (1, 2)}
 LAUNCH_SWITCHES = {
     "FUSE_OFFSETS": (
         launches,
         False,
-        {"b": 2, "n": 64, "h": 8, "d": 8, "segment_lengths": (8, 64), "dilation_rates": (1, 8)},
+        {**SHORT, "h": 8, "segment_lengths": (8, 64), "dilation_rates": (1, 8), "mixing": "lse"},
     ),
-    "PER_ENTRY": (
-        launches,
-        False,
-        {"b": 2, "n": 64, "h": 4, "d": 8, "segment_lengths": (8, 32), "dilation_rates": (1, 2)},
-    ),
-    "BLOCK_SPLIT": (
-        pattern,
-        1,
-        {"b": 2, "n": 64, "h": 4, "d": 8, "segment_lengths": (8, 32), "dilation_rates": (1, 2)},
-    ),
+    "PER_ENTRY": (launches, False, {**SHORT, "mixing": "head_groups"}),
+    "BLOCK_SPLIT": (pattern, 1, {**SHORT, "mixing": "lse"}),
 }
-LAUNCH_SWITCH_MIXINGS = {"FUSE_OFFSETS": "lse", "PER_ENTRY": "head_groups", "BLOCK_SPLIT": "lse"}
 
 
 def launches_around_a_flip(switch: str, computer: str, compiled: bool, p: dict) -> list[int]:
@@ -329,7 +321,7 @@ def test_a_launch_switch_flipped_on_a_live_module_takes_effect(switch, computer,
     a module that already ran take effect on its next call, eager or compiled: it launches what
     a new module launches. Before, its spec kept the plan and the preparations made under the
     old value, so an A/B in a notebook measured the same code path twice."""
-    p = {**LAUNCH_SWITCHES[switch][2], "causal": True, "mixing": LAUNCH_SWITCH_MIXINGS[switch]}
+    p = {**LAUNCH_SWITCHES[switch][2], "causal": True}
     before, live, fresh = launches_around_a_flip(switch, computer, compiled, p)
     assert before != fresh  # (the problem shows the switch)
     assert live == fresh, (before, live, fresh)
