@@ -50,6 +50,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh spanning # ~5 min, x2
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #   source experiments/fa4_env.sh || exit 1; OLD_TREE=old bash experiments/gpu_session.sh trees # ~5 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh switches # <9.5 min
 #
 # record: the bench's record at 32K/131K and 1M (docs/benchmarks/h200_perf.md's first two
 #   commands), plotted as fractions of dense SDPA (experiments.plot_record); graphs: the 32K /
@@ -860,6 +861,15 @@ trees)
         mv "$out/bench_$tree/bench.json" "$out/bench_${tree}_$SECONDS.json" 2>/dev/null
     done
     summary="$(grep -H "segment_local/sdpa |" "$out"/bench_*.log | cut -d'|' -f1-4,7-11)"
+    ;;
+switches)
+    # stop 86 keyed the FA4 grouped kernels' switches and the launch / plan switches: each
+    # flipped on a live module against a new module, at 32K and at 131K (where the forward's
+    # persistent grid runs, so fa4_group.PERSISTENT changes kernels; step 92)
+    script 280 switch_check --n 32768 --out "$out/n32k"
+    script 280 switch_check --n 131072 --out "$out/n131k"
+    summary="$(cat "$out/rc.log")
+$(grep -h "^|" "$out"/n*/switch_check.md | cut -d'|' -f2-8)"
     ;;
 *)
     echo "unknown part: $part" >&2

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,31 +103,48 @@ def measure(mixing: str, causal: bool, args: argparse.Namespace) -> dict[str, An
     return row
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=16384, help="sequence length (default: %(default)s)")
+def check_main(
+    argv: list[str] | None,
+    doc: str,
+    name: str,
+    default_n: int,
+    measure_rows: Callable[[argparse.Namespace], list[dict[str, Any]]],
+) -> int:
+    """A GPU check's command line (``--n --heads --dim --device --out``): its rows, each with
+    ``ok``, printed and written to ``NAME.{json,md}`` under ``--out``; 1 where a row fails."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument(
+        "--n", type=int, default=default_n, help="sequence length (default: %(default)s)"
+    )
     p.add_argument("--heads", type=int, default=16, help="heads (default: %(default)s)")
     p.add_argument("--dim", type=int, default=128, help="head dim (default: %(default)s)")
     add_device_option(p)
     p.add_argument(
         "--out",
         type=Path,
-        default=Path("results/interop_check"),
-        help="folder for interop_check.{json,md} (default: %(default)s)",
+        default=Path(f"results/{name}"),
+        help=f"folder for {name}.{{json,md}} (default: %(default)s)",
     )
     args = p.parse_args(argv)
     require_positive(p, args, "n", "heads", "dim")
     require_device(p, args)
     make_out(p, args.out)
-    rows = [measure(m, c, args) for m in ("head_groups", "lse") for c in (False, True)]
+    rows = measure_rows(args)
     meta = {"torch": torch.__version__, "device": args.device, "n": args.n}
     if args.device == "cuda":
         meta["gpu"] = torch.cuda.get_device_name()
-    (args.out / "interop_check.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+    (args.out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}))
     table = dict_rows_to_markdown(rows, list(rows[0]))
-    (args.out / "interop_check.md").write_text(f"{json.dumps(meta)}\n\n{table}\n")
+    (args.out / f"{name}.md").write_text(f"{json.dumps(meta)}\n\n{table}\n")
     print(table)
     return 0 if all(r["ok"] for r in rows) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    def rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+        return [measure(m, c, args) for m in ("head_groups", "lse") for c in (False, True)]
+
+    return check_main(argv, __doc__, "interop_check", 16384, rows)
 
 
 if __name__ == "__main__":

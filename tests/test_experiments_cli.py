@@ -1452,3 +1452,34 @@ def test_interop_check_fails_a_count_that_is_not_the_useful_one(tmp_path, monkey
     assert interop_check.main(argv) == 1
     rows = json.loads((tmp_path / "interop_check.json").read_text())["rows"]
     assert all(r["flops_vs_useful"] == 0.5 and not r["ok"] for r in rows)
+
+
+SWITCH_ARGV = ["--n", "256", "--heads", "2", "--dim", "8", "--device", "cpu"]
+
+
+def test_switch_check_runs_on_the_cpu(tmp_path):
+    """Every switch flipped on a live module runs a new module's operators; on the CPU only
+    BLOCK_SPLIT changes them (the FA4 switches and the launch switches are GPU paths)."""
+    from experiments import switch_check
+
+    assert switch_check.main([*SWITCH_ARGV, "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "switch_check.json").read_text())["rows"]
+    assert len(rows) == len(switch_check.FLIPS) and all(r["ok"] for r in rows)
+    assert [r["switch"] for r in rows if r["flip_changes"]] == ["pattern.BLOCK_SPLIT=1"]
+
+
+def test_switch_check_fails_a_module_that_keeps_its_plan(tmp_path, monkeypatch):
+    """Stop 85's module kept a plan cut with the BLOCK_SPLIT of its first call: the live module
+    then runs other operators than a new one, and the row fails."""
+    import types
+
+    import ringattn.api
+    from experiments import switch_check
+    from ringattn import pattern
+
+    monkeypatch.setattr(switch_check, "FLIPS", ((pattern, "BLOCK_SPLIT", 1),))
+    stale = types.SimpleNamespace(BLOCK_SPLIT=pattern.BLOCK_SPLIT)  # what api reads of pattern
+    monkeypatch.setattr(ringattn.api, "pattern", stale)
+    assert switch_check.main([*SWITCH_ARGV, "--out", str(tmp_path)]) == 1
+    (row,) = json.loads((tmp_path / "switch_check.json").read_text())["rows"]
+    assert row["flip_changes"] and not row["live_as_new"] and not row["ok"]

@@ -1,0 +1,117 @@
+"""Does a module-level switch flipped on a live module take effect on its next call? (GPU; CPU too)
+
+    python -m experiments.switch_check [--n 32768] [--out DIR]
+
+Stop 86 put the FA4 grouped kernels' switches (``fa4_group.PERSISTENT`` / ``ALL_TILES_MAX``,
+``fa4_group_bwd.ZEROING`` / ``ALL_TILES_MAX``) and ``launches.FUSE_OFFSETS`` / ``PER_ENTRY`` and
+``pattern.BLOCK_SPLIT`` in the keys of what a module prepares, shown on the CPU's stand-ins.
+This runs them on the GPU's kernels: per switch, a ``head_groups`` causal module of issue 5's
+configs (cut to ``--n``, ``segment_local/sdpa/pooled``, bf16) makes a forward+backward, the
+switch is flipped, and the same module's second call after the flip is profiled against a new
+module's second call under the flip. Columns:
+
+* ``flip_changes``: the new module's kernels differ from the live module's before the flip (so
+  the comparison can fail; False: the flip does nothing on this device);
+* ``live_as_new``: the live module runs the same kernels, counted by name, as the new one;
+* ``out_err``: the live module's output against the float64 oracle; ``grad_err``: its
+  gradients against the new module's (bf16's tolerance for both).
+
+Prints a table, writes ``switch_check.{json,md}`` under ``--out``; exit 1 where a row fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from typing import Any
+
+import torch
+
+import ringattn
+from experiments.ablate import rel_err
+from experiments.bench import with_grads
+from experiments.interop_check import check_main
+from ringattn import launches, pattern, reference
+from ringattn.kernels import fa4_group, fa4_group_bwd
+
+LENGTHS = (2048, 4096, 8192, 16384, 32768)  # issue 5's configs (those longer than n are cut)
+RATES = (1, 2, 4, 8, 16)
+# (owner, name, flipped value): each away from its default
+FLIPS: tuple[tuple[Any, str, Any], ...] = (
+    (fa4_group, "ALL_TILES_MAX", 0),
+    (fa4_group, "PERSISTENT", "never"),
+    (fa4_group_bwd, "ZEROING", "never"),
+    (fa4_group_bwd, "ALL_TILES_MAX", 0),
+    (launches, "FUSE_OFFSETS", False),
+    (launches, "PER_ENTRY", False),
+    (pattern, "BLOCK_SPLIT", 1),
+)
+
+
+def kernels(attn: torch.nn.Module, xs: list[torch.Tensor], device: torch.device) -> Counter[str]:
+    """The names of the kernels (CUDA) or operators (CPU) one forward+backward runs, counted."""
+    on_cuda = device.type == "cuda"
+    with torch.profiler.profile() as prof:
+        with_grads(attn, *xs)
+        if on_cuda:
+            torch.cuda.synchronize()
+    # (device_type's enum is not exported by torch.autograd's stubs)
+    return Counter(e.name for e in prof.events() if not on_cuda or e.device_type.name == "CUDA")
+
+
+def measure(owner: Any, name: str, value: Any, args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    keep = [i for i, w in enumerate(LENGTHS) if w <= args.n] or [0]
+    lengths = tuple(min(LENGTHS[i], args.n) for i in keep)
+    rates = tuple(RATES[i] for i in keep)
+
+    def module() -> torch.nn.Module:
+        strategy = ringattn.Strategy(dilation="segment_local", computer="sdpa", memory="pooled")
+        return ringattn.DilatedAttention(
+            lengths, rates, causal=True, mixing="head_groups", strategy=strategy
+        )
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    shape = (1, args.n, args.heads, args.dim)
+    xs = [torch.randn(shape, device=device, generator=gen, dtype=torch.bfloat16) for _ in "qkvo"]
+    live = module()
+    with_grads(live, *xs)
+    before = kernels(live, xs, device)
+    kept = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        with_grads(live, *xs)  # the flip's first call: prepared anew (and checked) where keyed
+        after = kernels(live, xs, device)
+        live_out = with_grads(live, *xs)
+        new = module()
+        with_grads(new, *xs)
+        fresh = kernels(new, xs, device)
+        new_out = with_grads(new, *xs)
+    finally:
+        setattr(owner, name, kept)
+    q, k, v, _ = (x.double() for x in xs)
+    ref = reference.dilated_attention(
+        q, k, v, segment_lengths=lengths, dilation_rates=rates, causal=True, mixing="head_groups"
+    )
+    row: dict[str, Any] = {"switch": f"{owner.__name__.rsplit('.', 1)[-1]}.{name}={value!r}"}
+    row["flip_changes"] = fresh != before
+    row["live_as_new"] = after == fresh
+    row["kernels"] = sum(fresh.values())
+    row["out_err"] = rel_err(live_out[0], ref)
+    row["grad_err"] = max(rel_err(a, b) for a, b in zip(live_out[1:], new_out[1:]))
+    bound = reference.TOLERANCE[torch.bfloat16]
+    row["ok"] = row["live_as_new"] and row["out_err"] < bound and row["grad_err"] < bound
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    def rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+        return [measure(owner, name, value, args) for owner, name, value in FLIPS]
+
+    return check_main(argv, __doc__, "switch_check", 32768, rows)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
