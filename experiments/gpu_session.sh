@@ -864,10 +864,10 @@ trees)
     ;;
 switches)
     # stop 86 keyed the FA4 grouped kernels' switches and the launch / plan switches: each
-    # flipped on a live module against a new module, at 32K and at 131K (where the forward's
-    # persistent grid runs, so fa4_group.PERSISTENT changes kernels; step 92)
-    script 280 switch_check --n 32768 --out "$out/n32k"
-    script 280 switch_check --n 131072 --out "$out/n131k"
+    # flipped on a live module against a new module, at 32K, and fa4_group.PERSISTENT at 131K
+    # (the forward's persistent grid runs past 4096 tiles, the grouped backward to 2048; step 92)
+    script 330 switch_check --n 32768 --out "$out/n32k"
+    script 150 switch_check --n 131072 --switches fa4_group.PERSISTENT --out "$out/n131k"
     summary="$(cat "$out/rc.log")
 $(grep -h "^|" "$out"/n*/switch_check.md | cut -d'|' -f2-8)"
     ;;

@@ -109,9 +109,11 @@ def check_main(
     name: str,
     default_n: int,
     measure_rows: Callable[[argparse.Namespace], list[dict[str, Any]]],
+    more_options: Callable[[argparse.ArgumentParser], None] = lambda p: None,
 ) -> int:
-    """A GPU check's command line (``--n --heads --dim --device --out``): its rows, each with
-    ``ok``, printed and written to ``NAME.{json,md}`` under ``--out``; 1 where a row fails."""
+    """A GPU check's command line (``--n --heads --dim --device --out``, and ``more_options``):
+    its rows, each with ``ok``, printed and written to ``NAME.{json,md}`` under ``--out``; 1
+    where a row fails."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument(
         "--n", type=int, default=default_n, help="sequence length (default: %(default)s)"
@@ -119,6 +121,7 @@ def check_main(
     p.add_argument("--heads", type=int, default=16, help="heads (default: %(default)s)")
     p.add_argument("--dim", type=int, default=128, help="head dim (default: %(default)s)")
     add_device_option(p)
+    more_options(p)
     p.add_argument(
         "--out",
         type=Path,

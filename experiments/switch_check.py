@@ -1,6 +1,6 @@
 """Does a module-level switch flipped on a live module take effect on its next call? (GPU; CPU too)
 
-    python -m experiments.switch_check [--n 32768] [--out DIR]
+    python -m experiments.switch_check [--n 32768] [--switches SWITCH ...] [--out DIR]
 
 Stop 86 put the FA4 grouped kernels' switches (``fa4_group.PERSISTENT`` / ``ALL_TILES_MAX``,
 ``fa4_group_bwd.ZEROING`` / ``ALL_TILES_MAX``) and ``launches.FUSE_OFFSETS`` / ``PER_ENTRY`` and
@@ -94,7 +94,7 @@ def measure(owner: Any, name: str, value: Any, args: argparse.Namespace) -> dict
     ref = reference.dilated_attention(
         q, k, v, segment_lengths=lengths, dilation_rates=rates, causal=True, mixing="head_groups"
     )
-    row: dict[str, Any] = {"switch": f"{owner.__name__.rsplit('.', 1)[-1]}.{name}={value!r}"}
+    row: dict[str, Any] = {"switch": f"{switch_name(owner, name)}={value!r}"}
     row["flip_changes"] = fresh != before
     row["live_as_new"] = after == fresh
     row["kernels"] = sum(fresh.values())
@@ -106,11 +106,31 @@ def measure(owner: Any, name: str, value: Any, args: argparse.Namespace) -> dict
     return row
 
 
-def main(argv: list[str] | None = None) -> int:
-    def rows(args: argparse.Namespace) -> list[dict[str, Any]]:
-        return [measure(owner, name, value, args) for owner, name, value in FLIPS]
+def switch_name(owner: Any, name: str) -> str:
+    return f"{owner.__name__.rsplit('.', 1)[-1]}.{name}"
 
-    return check_main(argv, __doc__, "switch_check", 32768, rows)
+
+def main(argv: list[str] | None = None) -> int:
+    names = [switch_name(owner, name) for owner, name, _ in FLIPS]
+
+    def switches(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--switches",
+            nargs="+",
+            choices=names,
+            default=names,
+            metavar="SWITCH",
+            help="the switches to flip, of: %(choices)s (default: all)",
+        )
+
+    def rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+        return [
+            measure(owner, name, value, args)
+            for owner, name, value in FLIPS
+            if switch_name(owner, name) in args.switches
+        ]
+
+    return check_main(argv, __doc__, "switch_check", 32768, rows, switches)
 
 
 if __name__ == "__main__":
