@@ -864,9 +864,11 @@ trees)
     ;;
 switches)
     # stop 86 keyed the FA4 grouped kernels' switches and the launch / plan switches: each
-    # flipped on a live module against a new module, at 32K, and fa4_group.PERSISTENT at 131K
-    # (the forward's persistent grid runs past 4096 tiles, the grouped backward to 2048; step 92)
-    script 330 switch_check --n 32768 --out "$out/n32k"
+    # flipped on a live module against a new module, at 32K where it changes kernels, and
+    # fa4_group.PERSISTENT at 131K (the forward's persistent grid runs past 4096 tiles, the
+    # grouped backward to 2048); PER_ENTRY matters at b > 1 only (step 92)
+    script 330 switch_check --n 32768 --out "$out/n32k" --switches fa4_group.ALL_TILES_MAX \
+        fa4_group_bwd.ZEROING fa4_group_bwd.ALL_TILES_MAX launches.FUSE_OFFSETS pattern.BLOCK_SPLIT
     script 150 switch_check --n 131072 --switches fa4_group.PERSISTENT --out "$out/n131k"
     summary="$(cat "$out/rc.log")
 $(grep -h "^|" "$out"/n*/switch_check.md | cut -d'|' -f2-8)"
