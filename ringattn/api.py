@@ -352,6 +352,24 @@ def packed_rows(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
+def refuse_reassigning(
+    module: nn.Module, name: str, fixed: tuple[str, ...], options: tuple[str, ...]
+) -> None:
+    """An ``AttributeError`` for an assignment to what ``module`` was built from: ``fixed``, its
+    attributes that calls are built from (and cache per shape), or ``options``, its
+    constructor's options that no call reads again."""
+    kind = type(module).__name__
+    if name in fixed:
+        why = "the module's compiled calls are built from it and cached per shape"
+    elif name in options:
+        why = "an option its constructor read once; no call reads such an attribute"
+    else:
+        return
+    raise AttributeError(
+        f"{kind}.{name} is fixed at construction ({why}); make a new module instead"
+    )
+
+
 class DilatedAttention(nn.Module):
     """LongNet dilated attention over ``[b, n, h, d]`` inputs (see ``docs/semantics.md``).
 
@@ -456,13 +474,15 @@ class DilatedAttention(nn.Module):
     # another function than the original), silently
     FIXED = ("config", "strategy", "dilation", "computer", "memory", "communicator",
              "compile_core", "compiled_frame")  # fmt: skip
+    # the constructor's options, read into the attributes above and kept under no name of their
+    # own: assigned later, each was a new attribute that no call reads (`attn.causal = True` left
+    # the module non-causal, silently)
+    OPTIONS = ("segment_lengths", "dilation_rates", "causal", "mixing", "scale", "compile",
+               "compile_backend", "compile_mode", "group", "layout")  # fmt: skip
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in self.FIXED and self.__dict__.get("_built", False):
-            raise AttributeError(
-                f"DilatedAttention.{name} is fixed at construction (the module's compiled "
-                "calls are built from it and cached per shape); make a new module instead"
-            )
+        if self.__dict__.get("_built", False):
+            refuse_reassigning(self, name, self.FIXED, self.OPTIONS)
         super().__setattr__(name, value)
 
     def _register(self) -> None:

@@ -591,6 +591,35 @@ def test_what_a_module_is_built_from_cannot_be_reassigned(name):
     assert torch.equal(twin(q, q, q), out)
 
 
+@pytest.mark.parametrize(
+    "kind, name",
+    [("attention", name) for name in ringattn.DilatedAttention.OPTIONS]
+    + [("layer", name) for name in MultiheadDilatedAttention.OPTIONS],
+)
+def test_a_constructor_option_cannot_be_assigned_after_it(kind, name):
+    """An option the constructor read into its config, communicator or projections has no
+    attribute of its own: before, ``module.causal = True`` added one that no call read, and
+    the module went on computing non-causal attention (every option alike), silently."""
+    if kind == "attention":
+        module: torch.nn.Module = ringattn.DilatedAttention((4,), (1,), compile=False)
+    else:
+        module = MultiheadDilatedAttention(8, 2, (4,), (1,), compile=False)
+    kind_name = type(module).__name__
+    with pytest.raises(AttributeError, match=rf"{kind_name}\.{name} is fixed at construction"):
+        setattr(module, name, True)
+    assert name not in vars(module)
+
+
+def test_an_unread_causal_assignment_would_have_changed_nothing():
+    """What the refusal above stops: ``causal`` set on a built module (bypassing the guard, as
+    the assignment used to) leaves every later call computing the constructor's function."""
+    module = ringattn.DilatedAttention((4,), (1,), compile=False)
+    q = torch.randn(1, 8, 2, 4, dtype=torch.float64)
+    object.__setattr__(module, "causal", True)
+    want = reference.dilated_attention(q, q, q, segment_lengths=(4,), dilation_rates=(1,))
+    assert torch.allclose(module(q, q, q), want)
+
+
 def test_a_training_call_after_an_inference_call_is_still_checked():
     """The once-per-signature checks are keyed on whether the call needs gradients: keyed
     without it, a training call after a no-grad call of the same shape skipped the computer's

@@ -20,7 +20,7 @@ from jaxtyping import Float, jaxtyped
 from torch import Tensor, nn
 
 from ringattn import distributed
-from ringattn.api import DilatedAttention
+from ringattn.api import DilatedAttention, refuse_reassigning
 from ringattn.config import checked_int
 from ringattn.core import autocast_dtype
 from ringattn.nn.decode import KVCache, decode_unchecked, eager_decoding
@@ -111,6 +111,18 @@ class MultiheadDilatedAttention(nn.Module):
         self.norm = nn.LayerNorm(inner, **factory) if sub_layer_norm else nn.Identity()
         self.out_proj = nn.Linear(inner, embed_dim, bias=bias, **factory)
         self.dropout = nn.Dropout(dropout)
+        self._built = True
+
+    # the constructor's options, read into the projections and self.attention and kept under
+    # no name of their own (DilatedAttention.OPTIONS): assigned later, each was a new attribute
+    # that no call reads (`layer.causal = True` left the layer non-causal, silently)
+    OPTIONS = ("segment_lengths", "dilation_rates", "causal", "mixing", "sub_layer_norm", "bias",
+               "strategy", "compile", "group", "layout", "device", "dtype")  # fmt: skip
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_built", False):
+            refuse_reassigning(self, name, (), self.OPTIONS)
+        super().__setattr__(name, value)
 
     def _heads(self, x: Tensor, start: int) -> tuple[Tensor, Tensor, Tensor]:
         # heads by their width, not their count: under a tensor-parallel plan (torch's
