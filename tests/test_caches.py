@@ -722,3 +722,38 @@ def test_a_fixed_byte_bound_drops_the_least_recent_of_either_cache():
     # (acc, whose storage the view still holds, then the view, which frees it)
     assert [k[0] for k in pool.buffers.items] == ["next"] and list(pool.patterns.items) == ["old"]
     assert pool.held_bytes() == 40 + 32
+
+
+def test_bounds_set_on_a_live_modules_manager_apply_at_once():
+    """``attn.memory.max_entries = 1`` was a plain attribute that neither cache read (each kept
+    its own bound, 64), so the module went on keeping every shape's entries, silently; and a
+    ``max_bytes`` of -1 was taken unchecked. Both are checked and applied at once now."""
+    problem = {
+        "b": 1,
+        "n": 32,
+        "segment_lengths": (8, 16),
+        "dilation_rates": (1, 2),
+        "h": 2,
+        "d": 4,
+    }
+    strategy = ringattn.Strategy(dilation="global", memory="pooled")  # (it keeps both kinds)
+    module = ringattn.DilatedAttention(**options(problem), strategy=strategy, compile=False)
+    pool = module.memory
+    for n in (16, 32, 48):
+        q, k, v = make_qkv({**problem, "n": n})
+        module(q, k, v)
+    assert len(pool.patterns.items) > 1 and len(pool.buffers.items) > 1
+    pool.max_entries = 1
+    assert len(pool.patterns.items) <= 1 and len(pool.buffers.items) <= 1
+    for n in (16, 32, 48):
+        q, k, v = make_qkv({**problem, "n": n})
+        ref = reference.dilated_attention(q.double(), k.double(), v.double(), **options(problem))
+        assert rel_err(module(q, k, v), ref) < 1e-5
+        assert len(pool.patterns.items) <= 1 and len(pool.buffers.items) <= 1
+    pool.max_bytes = 0
+    assert pool.held_bytes() == 0 and pool.max_bytes == 0
+    with pytest.raises(ValueError, match="max_bytes"):
+        pool.max_bytes = -1
+    with pytest.raises(ValueError, match="max_entries"):
+        pool.max_entries = 0
+    assert (pool.max_entries, pool.max_bytes) == (1, 0)  # (a refused bound changes nothing)

@@ -114,7 +114,8 @@ class PooledMemory(MemoryManager):
     ``max_entries`` entries (64 by default), together at most ``max_bytes`` bytes, each storage
     counted once: the least recently used entries of either go first, and an entry larger than
     the bound is not kept. Modules build it with the defaults; another bound is a subclass
-    registered under a name of its own.
+    registered under a name of its own, or set on a module's manager (``attn.memory.max_bytes
+    = 2**30``), which drops what it no longer fits at once.
 
     ``max_bytes=None`` (the default): twice the most bytes that one of the module's last 16
     calls used (:meth:`begin_call`; a storage counts towards each call that used it). Relative,
@@ -134,9 +135,6 @@ class PooledMemory(MemoryManager):
 
     def __init__(self, max_entries: int = 64, max_bytes: int | None = None) -> None:
         checked_int("max_entries", max_entries)
-        if max_bytes is not None:
-            checked_int("max_bytes", max_bytes, minimum=0)
-        self.max_entries, self.max_bytes = max_entries, max_bytes
         self.lock = threading.Lock()
         self.patterns = _LRU(max_entries)
         self.buffers = _LRU(max_entries)
@@ -146,6 +144,35 @@ class PooledMemory(MemoryManager):
         self._calls = 0  # begun so far
         # the bytes each of the last calls used, the current one's last
         self._used: deque[int] = deque([0], maxlen=CALLS_REMEMBERED)
+        self.max_bytes = max_bytes
+
+    # Both bounds are properties, so that one set on a live module's manager (`attn.memory`)
+    # applies at once: a plain max_entries set after construction was read by neither cache,
+    # silently, and a max_bytes of -1 was taken unchecked
+    @property
+    def max_entries(self) -> int:
+        return self.patterns.max_entries
+
+    @max_entries.setter
+    def max_entries(self, value: int) -> None:
+        checked_int("max_entries", value)
+        with self.lock:
+            for cache in (self.patterns, self.buffers):
+                cache.max_entries = value
+                while len(cache.items) > value:
+                    self._drop(cache, next(iter(cache.items)))
+
+    @property
+    def max_bytes(self) -> int | None:
+        return self._max_bytes
+
+    @max_bytes.setter
+    def max_bytes(self, value: int | None) -> None:
+        if value is not None:
+            checked_int("max_bytes", value, minimum=0)
+        with self.lock:
+            self._max_bytes = value
+            self._evict()
 
     def __getstate__(self) -> dict[str, Any]:
         # copies and pickles start empty: the lock cannot be copied, and the kept tensors are
