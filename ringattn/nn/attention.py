@@ -115,9 +115,10 @@ class MultiheadDilatedAttention(nn.Module):
 
     # the constructor's options, read into the projections and self.attention and kept under
     # no name of their own (DilatedAttention.OPTIONS): assigned later, each was a new attribute
-    # that no call reads (`layer.causal = True` left the layer non-causal, silently)
+    # that no call reads (`layer.causal = True` left the layer non-causal, silently). Not
+    # device / dtype: torch's factory arguments, names that tools may tag any module with
     OPTIONS = ("segment_lengths", "dilation_rates", "causal", "mixing", "sub_layer_norm", "bias",
-               "strategy", "compile", "group", "layout", "device", "dtype")  # fmt: skip
+               "strategy", "compile", "group", "layout")  # fmt: skip
 
     def __setattr__(self, name: str, value: Any) -> None:
         if self.__dict__.get("_built", False):
