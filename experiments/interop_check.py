@@ -39,11 +39,15 @@ LENGTHS = (2048, 4096, 8192, 16384, 32768)  # issue 5's configs (those longer th
 RATES = (1, 2, 4, 8, 16)
 
 
+def issue_configs(n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Issue 5's segment lengths and rates that fit ``n`` (the first, cut to ``n``, if none)."""
+    keep = [i for i, w in enumerate(LENGTHS) if w <= n] or [0]
+    return tuple(min(LENGTHS[i], n) for i in keep), tuple(RATES[i] for i in keep)
+
+
 def measure(mixing: str, causal: bool, args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
-    keep = [i for i, w in enumerate(LENGTHS) if w <= args.n] or [0]
-    lengths = tuple(min(LENGTHS[i], args.n) for i in keep)
-    rates = tuple(RATES[i] for i in keep)
+    lengths, rates = issue_configs(args.n)
     attn = ringattn.DilatedAttention(
         lengths,
         rates,

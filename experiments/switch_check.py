@@ -31,12 +31,10 @@ import torch
 import ringattn
 from experiments.ablate import rel_err
 from experiments.bench import with_grads
-from experiments.interop_check import check_main
+from experiments.interop_check import check_main, issue_configs
 from ringattn import launches, pattern, reference
 from ringattn.kernels import fa4_group, fa4_group_bwd
 
-LENGTHS = (2048, 4096, 8192, 16384, 32768)  # issue 5's configs (those longer than n are cut)
-RATES = (1, 2, 4, 8, 16)
 # (owner, name, flipped value): each away from its default
 FLIPS: tuple[tuple[Any, str, Any], ...] = (
     (fa4_group, "ALL_TILES_MAX", 0),
@@ -62,9 +60,7 @@ def kernels(attn: torch.nn.Module, xs: list[torch.Tensor], device: torch.device)
 
 def measure(owner: Any, name: str, value: Any, args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
-    keep = [i for i, w in enumerate(LENGTHS) if w <= args.n] or [0]
-    lengths = tuple(min(LENGTHS[i], args.n) for i in keep)
-    rates = tuple(RATES[i] for i in keep)
+    lengths, rates = issue_configs(args.n)
 
     def module() -> torch.nn.Module:
         strategy = ringattn.Strategy(dilation="segment_local", computer="sdpa", memory="pooled")
