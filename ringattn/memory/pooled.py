@@ -159,8 +159,7 @@ class PooledMemory(MemoryManager):
         with self.lock:
             for cache in (self.patterns, self.buffers):
                 cache.max_entries = value
-                while len(cache.items) > value:
-                    self._drop(cache, next(iter(cache.items)))
+                self._trim(cache)
 
     @property
     def max_bytes(self) -> int | None:
@@ -236,8 +235,7 @@ class PooledMemory(MemoryManager):
                     self._held += nbytes
                 kept.holders += 1
             self._use(entry)
-            if len(cache.items) > cache.max_entries:
-                self._drop(cache, next(iter(cache.items)))
+            self._trim(cache)
             self._evict()
         return built
 
@@ -250,6 +248,12 @@ class PooledMemory(MemoryManager):
             if kept.call != self._calls:  # (a storage counts once a call)
                 kept.call = self._calls
                 self._used[-1] += kept.nbytes
+
+    def _trim(self, cache: _LRU) -> None:
+        """Drop ``cache``'s least recently used entries over its ``max_entries`` (under the
+        lock)."""
+        while len(cache.items) > cache.max_entries:
+            self._drop(cache, next(iter(cache.items)))
 
     def _drop(self, cache: _LRU, key: Hashable) -> None:
         """Remove one entry (under the lock), and the bytes of its storages no other holds."""
