@@ -159,6 +159,17 @@ def add_mixings(parser: argparse.ArgumentParser, default: list[str]) -> None:
 
 
 # ``--causal``'s choices, as the causal flags of the rows each one times
+# issue 5's segment lengths and dilation rates (the LongNet configs every GPU tool times)
+ISSUE_LENGTHS = (2048, 4096, 8192, 16384, 32768)
+ISSUE_RATES = (1, 2, 4, 8, 16)
+
+
+def issue_configs(n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Issue 5's segment lengths and rates that fit ``n`` (the first, cut to ``n``, if none)."""
+    keep = [i for i, w in enumerate(ISSUE_LENGTHS) if w <= n] or [0]
+    return tuple(min(ISSUE_LENGTHS[i], n) for i in keep), tuple(ISSUE_RATES[i] for i in keep)
+
+
 CAUSALITY = {"no": (False,), "yes": (True,), "both": (False, True)}
 
 

@@ -84,7 +84,7 @@ from rich.progress import (
 )
 
 import ringattn
-from experiments import CAUSALITY, worst
+from experiments import CAUSALITY, ISSUE_LENGTHS, ISSUE_RATES, worst
 from ringattn import DilatedConfig, Strategy, reference, registry
 from ringattn import flops as flop_count
 from ringattn.flops import FORWARD_BACKWARD_FACTOR, dense_pairs, useful_pairs
@@ -142,7 +142,7 @@ class Preset:
     repeats: int = 5
 
 
-LONGNET: Config = ((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16))
+LONGNET: Config = (ISSUE_LENGTHS, ISSUE_RATES)
 
 PRESETS = {
     "quick": Preset(

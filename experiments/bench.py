@@ -49,6 +49,8 @@ import torch.nn.functional as F
 import ringattn
 from experiments import (
     CAUSALITY,
+    ISSUE_LENGTHS,
+    ISSUE_RATES,
     add_causality,
     add_heads,
     add_lengths,
@@ -78,10 +80,6 @@ if TYPE_CHECKING:
     OracleKey: TypeAlias = tuple[
         str, bool, tuple[int, ...], torch.dtype, tuple[int, ...], tuple[int, ...], str
     ]
-
-ISSUE_LENGTHS = (2048, 4096, 8192, 16384, 32768)
-ISSUE_RATES = (1, 2, 4, 8, 16)
-
 
 # --- the plain baseline -------------------------------------------------------------------------
 

@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 
 import ringattn
-from experiments import require_cuda
+from experiments import ISSUE_LENGTHS, ISSUE_RATES, require_cuda
 from experiments.ablate import dict_rows_to_markdown, median_ms
-from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
 
 
 def sm_clock_mhz() -> int | None:

@@ -33,11 +33,9 @@ from typing import Any
 import torch
 
 import ringattn
-from experiments import require_cuda, require_positive
+from experiments import issue_configs, require_cuda, require_positive
 from experiments.ablate import to_markdown
 from ringattn import api
-
-SEGMENTS, RATES = (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch._inductor.config as inductor_config
 
         inductor_config.triton.cudagraph_trees_history_recording = True
-    fits = [i for i, w in enumerate(SEGMENTS) if w <= args.n] or [0]
-    segments, rates = tuple(SEGMENTS[i] for i in fits), tuple(RATES[i] for i in fits)
+    segments, rates = issue_configs(args.n)
     rows, failed, first_failure = [], 0, ""
     for mixing, causal in itertools.product(("head_groups", "lse"), (False, True)):
         options = dict(mixing=mixing, causal=causal)

@@ -32,9 +32,8 @@ from typing import Any
 import torch
 
 import ringattn
-from experiments import require_cuda
+from experiments import ISSUE_LENGTHS, ISSUE_RATES, require_cuda
 from experiments.ablate import median_ms, rel_err
-from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
 from ringattn.kernels import cudnn_graphs
 from ringattn.kernels.cudnn_graphs import cudnn
 

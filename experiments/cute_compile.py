@@ -36,7 +36,8 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, failure
+from experiments import ISSUE_LENGTHS, ISSUE_RATES
+from experiments.bench import failure
 from ringattn.core import neighbour_shifts
 from ringattn.kernels import fa4_group, fa4_merge, fa4_zero
 from ringattn.pattern import make_plan

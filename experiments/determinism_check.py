@@ -34,6 +34,8 @@ import torch
 
 import ringattn
 from experiments import (
+    ISSUE_LENGTHS,
+    ISSUE_RATES,
     add_device_option,
     bits,
     deterministic_algorithms,
@@ -46,8 +48,6 @@ from experiments.ablate import dict_rows_to_markdown, median_ms
 from experiments.bench import check, with_grads
 from ringattn.kernels import fa4
 
-LENGTHS = (2048, 4096, 8192, 16384, 32768)  # issue 5's configs
-RATES = (1, 2, 4, 8, 16)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 # each path's SDPAComputer settings (instance attributes of the module's computer)
@@ -127,8 +127,10 @@ def measure(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=32768, help="sequence length (default: %(default)s)")
-    p.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS), help="segment lengths")
-    p.add_argument("--rates", type=int, nargs="+", default=list(RATES), help="dilation rates")
+    p.add_argument(
+        "--lengths", type=int, nargs="+", default=list(ISSUE_LENGTHS), help="segment lengths"
+    )
+    p.add_argument("--rates", type=int, nargs="+", default=list(ISSUE_RATES), help="dilation rates")
     p.add_argument("--heads", type=int, default=16, help="heads (default: %(default)s)")
     p.add_argument("--dim", type=int, default=128, help="head dim (default: %(default)s)")
     p.add_argument(

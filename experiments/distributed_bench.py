@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import ringattn
-from experiments import CAUSALITY, make_out, require_torchrun
+from experiments import CAUSALITY, ISSUE_LENGTHS, ISSUE_RATES, make_out, require_torchrun
 from experiments.ablate import dict_rows_to_markdown, rel_err
 from experiments.bench import failure, fwd_and_fwdbwd, graphed_calls
 from ringattn import distributed, lanes, launches, reference
@@ -370,7 +370,7 @@ def graph_times(
     return result
 
 
-ISSUE5_CONFIG = ((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16))
+ISSUE5_CONFIG = (ISSUE_LENGTHS, ISSUE_RATES)
 
 
 def weak(device: torch.device, n_per_gpu: int, causal: bool, mixing: str) -> list[dict[str, Any]]:

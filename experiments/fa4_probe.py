@@ -71,6 +71,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from experiments import (
+    ISSUE_LENGTHS,
+    ISSUE_RATES,
     add_heads,
     deterministic_algorithms,
     make_out,
@@ -78,7 +80,7 @@ from experiments import (
     require_positive,
     worst,
 )
-from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, failure
+from experiments.bench import failure
 from ringattn.flops import FORWARD_BACKWARD_FACTOR, tflops
 
 if TYPE_CHECKING:

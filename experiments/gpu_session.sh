@@ -627,10 +627,11 @@ grads)
     timeout 120 python - >"$out/grads.log" 2>&1 <<'PY'
 import torch
 import ringattn
+from experiments import ISSUE_LENGTHS, ISSUE_RATES
 shape = (1, 32768, 16, 128)
 for mixing in ("head_groups", "lse"):
     for causal in (False, True):
-        module = ringattn.DilatedAttention((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16),
+        module = ringattn.DilatedAttention(ISSUE_LENGTHS, ISSUE_RATES,
                                            mixing=mixing, causal=causal)
         gen = torch.Generator("cuda").manual_seed(0)
         x = [torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -656,7 +657,7 @@ def fwdbwd_ms(module, inputs, grad):
     return start.elapsed_time(end)
 for n in (32768, 131072):
     for causal in (False, True):
-        module = ringattn.DilatedAttention((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16),
+        module = ringattn.DilatedAttention(ISSUE_LENGTHS, ISSUE_RATES,
                                            mixing="head_groups", causal=causal)
         x = [torch.randn(1, n, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
         leaves = [t.requires_grad_() for t in x[:3]]

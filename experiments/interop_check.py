@@ -29,20 +29,18 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import ringattn
-from experiments import add_device_option, make_out, require_device, require_positive, same_bits
+from experiments import (
+    add_device_option,
+    issue_configs,
+    make_out,
+    require_device,
+    require_positive,
+    same_bits,
+)
 from experiments.ablate import dict_rows_to_markdown, rel_err
 from experiments.bench import with_grads
 from ringattn import reference
 from ringattn.flops import useful_flops
-
-LENGTHS = (2048, 4096, 8192, 16384, 32768)  # issue 5's configs (those longer than n are cut)
-RATES = (1, 2, 4, 8, 16)
-
-
-def issue_configs(n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Issue 5's segment lengths and rates that fit ``n`` (the first, cut to ``n``, if none)."""
-    keep = [i for i, w in enumerate(LENGTHS) if w <= n] or [0]
-    return tuple(min(LENGTHS[i], n) for i in keep), tuple(RATES[i] for i in keep)
 
 
 def measure(mixing: str, causal: bool, args: argparse.Namespace) -> dict[str, Any]:

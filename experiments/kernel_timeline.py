@@ -31,6 +31,8 @@ from torch.profiler import ProfilerActivity, profile
 import ringattn
 from experiments import (
     CAUSALITY,
+    ISSUE_LENGTHS,
+    ISSUE_RATES,
     add_causality,
     add_heads,
     add_lengths,
@@ -40,7 +42,6 @@ from experiments import (
     require_mixings,
     require_positive,
 )
-from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
 from ringattn import lanes
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")

@@ -22,9 +22,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import ringattn
-from experiments import add_lengths, require_cuda
+from experiments import ISSUE_LENGTHS, ISSUE_RATES, add_lengths, require_cuda
 from experiments.ablate import dict_rows_to_markdown, median_ms
-from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES
 from ringattn.kernels import merge as merge_kernel
 
 

@@ -47,11 +47,18 @@ from typing import Any
 import torch
 
 import ringattn
-from experiments import add_heads, add_lengths, add_mixings, make_out, require_cuda, worst
-from experiments.ablate import dict_rows_to_markdown, median_ms, queued_host_ms, rel_err
-from experiments.bench import (
+from experiments import (
     ISSUE_LENGTHS,
     ISSUE_RATES,
+    add_heads,
+    add_lengths,
+    add_mixings,
+    make_out,
+    require_cuda,
+    worst,
+)
+from experiments.ablate import dict_rows_to_markdown, median_ms, queued_host_ms, rel_err
+from experiments.bench import (
     failure,
     fwd_and_fwdbwd,
     graphed_calls,

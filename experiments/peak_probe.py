@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 import ringattn
-from experiments import make_out, require_cuda
-from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, with_computer
+from experiments import ISSUE_LENGTHS, ISSUE_RATES, make_out, require_cuda
+from experiments.bench import with_computer
 
 GIB = 1024**3
 LIBRARY = ("/ringattn/", "/flash_attn/")

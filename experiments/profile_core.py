@@ -28,9 +28,17 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import ringattn
-from experiments import add_mixings, make_out, require_cuda, require_mixings, require_positive
+from experiments import (
+    ISSUE_LENGTHS,
+    ISSUE_RATES,
+    add_mixings,
+    make_out,
+    require_cuda,
+    require_mixings,
+    require_positive,
+)
 from experiments.ablate import queued_host_ms
-from experiments.bench import ISSUE_LENGTHS, ISSUE_RATES, fwd_and_fwdbwd
+from experiments.bench import fwd_and_fwdbwd
 from ringattn import lanes
 
 

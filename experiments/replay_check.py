@@ -22,10 +22,8 @@ from pathlib import Path
 import torch
 
 import ringattn
-from experiments import make_out, require_cuda, require_positive
+from experiments import ISSUE_LENGTHS, ISSUE_RATES, make_out, require_cuda, require_positive
 from ringattn.kernels import fa4, fa4_merge, replay
-
-SEGMENTS, RATES = (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     fa4_merge.layout_ok = counted_layout_ok  # callers look it up at call time
     gen = torch.Generator(device="cuda").manual_seed(0)
     for mixing, causal in itertools.product(("lse", "head_groups"), (False, True)):
-        attention = ringattn.DilatedAttention(SEGMENTS, RATES, mixing=mixing, causal=causal)
+        attention = ringattn.DilatedAttention(
+            ISSUE_LENGTHS, ISSUE_RATES, mixing=mixing, causal=causal
+        )
         for _ in range(2):
             q, k, v = (
                 torch.randn(1, args.n, 16, 128, generator=gen, device="cuda")

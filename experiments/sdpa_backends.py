@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ringattn
-from experiments import ablate, require_cuda
+from experiments import ISSUE_LENGTHS, ISSUE_RATES, ablate, require_cuda
 from ringattn.flops import dense_flops, tflops
 
 aten = torch.ops.aten
@@ -158,9 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     x = [torch.randn(1, 131072, h, d, device=dev, dtype=dt, requires_grad=True) for _ in range(3)]
     grad = torch.randn_like(x[0])
     for mixing in ("head_groups", "lse"):
-        module = ringattn.DilatedAttention(
-            (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16), mixing=mixing, compile=False
-        )
+        module = ringattn.DilatedAttention(ISSUE_LENGTHS, ISSUE_RATES, mixing=mixing, compile=False)
         module(*x).backward(grad)
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

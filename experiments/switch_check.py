@@ -29,9 +29,10 @@ from typing import Any
 import torch
 
 import ringattn
+from experiments import issue_configs
 from experiments.ablate import rel_err
 from experiments.bench import with_grads
-from experiments.interop_check import check_main, issue_configs
+from experiments.interop_check import check_main
 from ringattn import launches, pattern, reference
 from ringattn.kernels import fa4_group, fa4_group_bwd
 

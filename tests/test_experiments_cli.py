@@ -94,6 +94,21 @@ GPU_ONLY = [
 ]
 
 
+@pytest.mark.parametrize(
+    "n, want",
+    [
+        (1024, ((1024,), (1,))),  # (shorter than the first: cut to n, where it was kept at 2048)
+        (2048, ((2048,), (1,))),
+        (12288, ((2048, 4096, 8192), (1, 2, 4))),
+        (1 << 20, ((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16))),
+    ],
+)
+def test_issue_configs_keep_the_lengths_that_fit_n(n, want):
+    from experiments import issue_configs
+
+    assert issue_configs(n) == want
+
+
 @pytest.mark.parametrize("name", GPU_ONLY)
 def test_gpu_only_tools_say_so_without_cuda(name, monkeypatch):
     """Run without a GPU they exit with one line naming the tool (they failed inside torch with
