@@ -353,14 +353,18 @@ def packed_rows(x: Tensor) -> Tensor:
 
 
 def refuse_reassigning(
-    module: nn.Module, name: str, fixed: tuple[str, ...], options: tuple[str, ...]
+    module: nn.Module,
+    name: str,
+    fixed: tuple[str, ...],
+    options: tuple[str, ...],
+    built: str = "the module's compiled calls are built from it and cached per shape",
 ) -> None:
     """An ``AttributeError`` for an assignment to what ``module`` was built from: ``fixed``, its
-    attributes that calls are built from (and cache per shape), or ``options``, its
+    attributes that calls are built from (``built`` says how), or ``options``, its
     constructor's options that no call reads again."""
     kind = type(module).__name__
     if name in fixed:
-        why = "the module's compiled calls are built from it and cached per shape"
+        why = built
     elif name in options:
         why = "an option its constructor read once; no call reads such an attribute"
     else:

@@ -944,6 +944,25 @@ def test_longnet_built_on_meta_keeps_its_head_tied_to_the_embedding():
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in direct.parameters())
 
 
+def test_a_longnet_config_cannot_be_reassigned():
+    """Its layers were built from the config: before, ``model.config = replace(config,
+    dropout=0.0)`` was taken and every layer kept dropping (only the token-id checks read the
+    new config), silently. A copy refuses too; other attributes are still set."""
+    import copy
+    from dataclasses import replace
+
+    config = LongNetConfig(vocab_size=32, dim=16, depth=1, num_heads=2, segment_lengths=(8,),
+                           dilation_rates=(1,), dropout=0.5)  # fmt: skip
+    model = LongNet(config)
+    for target in (model, copy.deepcopy(model)):
+        with pytest.raises(AttributeError, match=r"LongNet\.config is fixed at construction"):
+            target.config = replace(config, dropout=0.0)
+        assert target.config == config
+    model.note = "kept"  # (a new name, and what calls read, are still assigned)
+    model.training = False
+    assert model.note == "kept"
+
+
 class _Doubled(torch.nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return 2 * weight

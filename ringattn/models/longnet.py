@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ringattn.api import DilatedAttention
+from ringattn.api import DilatedAttention, refuse_reassigning
 from ringattn.capture import compiling
 from ringattn.config import checked_int
 from ringattn.nn.attention import MultiheadDilatedAttention
@@ -197,6 +197,17 @@ class LongNet(nn.Module):
         # load_state_dict(assign=True) (a model built on meta, then loaded) assigns the head and
         # the embedding two Parameters: separate optimizer state, weight decay twice
         self.register_load_state_dict_post_hook(_tie)  # type: ignore[no-untyped-call]
+        self._built = True
+
+    # the config its layers were built from: assigned later, a new one changed only the token-id
+    # checks' vocab_size (`model.config = replace(model.config, dropout=0.0)` left every layer's
+    # dropout on, silently)
+    FIXED = ("config",)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_built", False):
+            refuse_reassigning(self, name, self.FIXED, (), built="its layers were built from it")
+        super().__setattr__(name, value)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LongNet:
         # to_empty (a model built on the meta device), and other conversions that replace
