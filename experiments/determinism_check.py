@@ -37,6 +37,7 @@ from experiments import (
     ISSUE_LENGTHS,
     ISSUE_RATES,
     add_device_option,
+    add_heads,
     bits,
     deterministic_algorithms,
     fixed_cublas_workspace,
@@ -131,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "--lengths", type=int, nargs="+", default=list(ISSUE_LENGTHS), help="segment lengths"
     )
     p.add_argument("--rates", type=int, nargs="+", default=list(ISSUE_RATES), help="dilation rates")
-    p.add_argument("--heads", type=int, default=16, help="heads (default: %(default)s)")
-    p.add_argument("--dim", type=int, default=128, help="head dim (default: %(default)s)")
+    add_heads(p)
     p.add_argument(
         "--check-n", type=int, default=32768, help="the oracle check's n (0: none; %(default)s)"
     )

@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import ringattn
 from experiments import (
     add_device_option,
+    add_heads,
     issue_configs,
     make_out,
     require_device,
@@ -120,8 +121,7 @@ def check_main(
     p.add_argument(
         "--n", type=int, default=default_n, help="sequence length (default: %(default)s)"
     )
-    p.add_argument("--heads", type=int, default=16, help="heads (default: %(default)s)")
-    p.add_argument("--dim", type=int, default=128, help="head dim (default: %(default)s)")
+    add_heads(p)
     add_device_option(p)
     more_options(p)
     p.add_argument(
