@@ -871,6 +871,11 @@ switches)
     script 330 switch_check --n 32768 --out "$out/n32k" --switches fa4_group.ALL_TILES_MAX \
         fa4_group_bwd.ZEROING fa4_group_bwd.ALL_TILES_MAX launches.FUSE_OFFSETS pattern.BLOCK_SPLIT
     script 150 switch_check --n 131072 --switches fa4_group.PERSISTENT --out "$out/n131k"
+    # (step 93: at 32K head_groups causal, ALL_TILES_MAX=0, FUSE_OFFSETS and BLOCK_SPLIT changed
+    # no kernel name; kernels are now counted by name and grid, and lse non-causal, whose
+    # offsets FUSE_OFFSETS fuses, runs these three too)
+    script 250 switch_check --n 32768 --mixing lse --causal no --out "$out/n32k_lse" \
+        --switches fa4_group.ALL_TILES_MAX launches.FUSE_OFFSETS pattern.BLOCK_SPLIT
     summary="$(cat "$out/rc.log")
 $(grep -h "^|" "$out"/n*/switch_check.md | cut -d'|' -f2-8)"
     ;;

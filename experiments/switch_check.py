@@ -1,18 +1,22 @@
 """Does a module-level switch flipped on a live module take effect on its next call? (GPU; CPU too)
 
-    python -m experiments.switch_check [--n 32768] [--switches SWITCH ...] [--out DIR]
+    python -m experiments.switch_check [--n 32768] [--switches SWITCH ...]
+        [--mixing head_groups|lse] [--causal yes|no|both] [--out DIR]
 
 Stop 86 put the FA4 grouped kernels' switches (``fa4_group.PERSISTENT`` / ``ALL_TILES_MAX``,
 ``fa4_group_bwd.ZEROING`` / ``ALL_TILES_MAX``) and ``launches.FUSE_OFFSETS`` / ``PER_ENTRY`` and
 ``pattern.BLOCK_SPLIT`` in the keys of what a module prepares, shown on the CPU's stand-ins.
-This runs them on the GPU's kernels: per switch, a ``head_groups`` causal module of issue 5's
-configs (cut to ``--n``, ``segment_local/sdpa/pooled``, bf16) makes a forward+backward, the
-switch is flipped, and the same module's second call after the flip is profiled against a new
+This runs them on the GPU's kernels: per switch, a module of issue 5's configs (cut to
+``--n``; ``--mixing``, default ``head_groups``; ``--causal``, default causal;
+``segment_local/sdpa/pooled``, bf16) makes a forward+backward, the switch is flipped, and the
+same module's second call after the flip is profiled against a new
 module's second call under the flip. Columns:
 
 * ``flip_changes``: the new module's kernels differ from the live module's before the flip (so
   the comparison can fail; False: the flip does nothing on this device);
-* ``live_as_new``: the live module runs the same kernels, counted by name, as the new one;
+* ``live_as_new``: the live module runs the same kernels as the new one, counted by name and
+  grid on the GPU (a persistent grid and one CTA per tile share a kernel name) and by name on
+  the CPU;
 * ``out_err``: the live module's output against the float64 oracle; ``grad_err``: its
   gradients against the new module's (bf16's tolerance for both).
 
@@ -23,13 +27,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
 
 import ringattn
-from experiments import issue_configs
+from experiments import CAUSALITY, issue_configs
 from experiments.ablate import rel_err
 from experiments.bench import with_grads
 from experiments.interop_check import check_main
@@ -49,24 +55,36 @@ FLIPS: tuple[tuple[Any, str, Any], ...] = (
 
 
 def kernels(attn: torch.nn.Module, xs: list[torch.Tensor], device: torch.device) -> Counter[str]:
-    """The names of the kernels (CUDA) or operators (CPU) one forward+backward runs, counted."""
-    on_cuda = device.type == "cuda"
+    """The kernels (CUDA: name and grid) or operators (CPU: name) one forward+backward runs,
+    counted."""
     with torch.profiler.profile() as prof:
         with_grads(attn, *xs)
-        if on_cuda:
+        if device.type == "cuda":
             torch.cuda.synchronize()
-    # (device_type's enum is not exported by torch.autograd's stubs)
-    return Counter(e.name for e in prof.events() if not on_cuda or e.device_type.name == "CUDA")
+    if device.type != "cuda":
+        return Counter(e.name for e in prof.events())
+    # (a kernel's grid is in the trace's events only, not in prof.events())
+    with tempfile.TemporaryDirectory() as folder:
+        trace = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    return Counter(
+        f"{e['name']} grid={e.get('args', {}).get('grid')}"
+        for e in events
+        if e.get("cat") == "kernel"
+    )
 
 
-def measure(owner: Any, name: str, value: Any, args: argparse.Namespace) -> dict[str, Any]:
+def measure(
+    owner: Any, name: str, value: Any, mixing: str, causal: bool, args: argparse.Namespace
+) -> dict[str, Any]:
     device = torch.device(args.device)
     lengths, rates = issue_configs(args.n)
 
     def module() -> torch.nn.Module:
         strategy = ringattn.Strategy(dilation="segment_local", computer="sdpa", memory="pooled")
         return ringattn.DilatedAttention(
-            lengths, rates, causal=True, mixing="head_groups", strategy=strategy
+            lengths, rates, causal=causal, mixing=mixing, strategy=strategy
         )
 
     gen = torch.Generator(device=device).manual_seed(0)
@@ -89,9 +107,10 @@ def measure(owner: Any, name: str, value: Any, args: argparse.Namespace) -> dict
         setattr(owner, name, kept)
     q, k, v, _ = (x.double() for x in xs)
     ref = reference.dilated_attention(
-        q, k, v, segment_lengths=lengths, dilation_rates=rates, causal=True, mixing="head_groups"
+        q, k, v, segment_lengths=lengths, dilation_rates=rates, causal=causal, mixing=mixing
     )
     row: dict[str, Any] = {"switch": f"{switch_name(owner, name)}={value!r}"}
+    row.update(mixing=mixing, causal=causal)
     row["flip_changes"] = fresh != before
     row["live_as_new"] = after == fresh
     row["kernels"] = sum(fresh.values())
@@ -119,10 +138,25 @@ def main(argv: list[str] | None = None) -> int:
             metavar="SWITCH",
             help="the switches to flip, of: %(choices)s (default: all)",
         )
+        p.add_argument(
+            "--mixing",
+            nargs="+",
+            choices=["head_groups", "lse"],
+            default=["head_groups"],
+            help="the modules' mixings (default: %(default)s)",
+        )
+        p.add_argument(
+            "--causal",
+            choices=list(CAUSALITY),
+            default="yes",
+            help="causal modules, non-causal or both (default: %(default)s)",
+        )
 
     def rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         return [
-            measure(owner, name, value, args)
+            measure(owner, name, value, mixing, causal, args)
+            for mixing in args.mixing
+            for causal in CAUSALITY[args.causal]
             for owner, name, value in FLIPS
             if switch_name(owner, name) in args.switches
         ]

@@ -1483,6 +1483,16 @@ def test_switch_check_runs_on_the_cpu(tmp_path):
     assert [r["switch"] for r in rows if r["flip_changes"]] == ["pattern.BLOCK_SPLIT=1"]
 
 
+def test_switch_check_runs_the_mixings_and_causality_asked_for(tmp_path):
+    from experiments import switch_check
+
+    argv = [*SWITCH_ARGV, "--switches", "pattern.BLOCK_SPLIT", "--mixing", "lse", "--causal"]
+    assert switch_check.main([*argv, "both", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "switch_check.json").read_text())["rows"]
+    assert [(r["mixing"], r["causal"]) for r in rows] == [("lse", False), ("lse", True)]
+    assert all(r["flip_changes"] and r["ok"] for r in rows)
+
+
 def test_switch_check_fails_a_module_that_keeps_its_plan(tmp_path, monkeypatch):
     """Stop 85's module kept a plan cut with the BLOCK_SPLIT of its first call: the live module
     then runs other operators than a new one, and the row fails."""
