@@ -51,6 +51,7 @@
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh weak     # x2
 #   source experiments/fa4_env.sh || exit 1; OLD_TREE=old bash experiments/gpu_session.sh trees # ~5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh switches # <9.5 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh switches_b2 # ~2 min
 #
 # record: the bench's record at 32K/131K and 1M (docs/benchmarks/h200_perf.md's first two
 #   commands), plotted as fractions of dense SDPA (experiments.plot_record); graphs: the 32K /
@@ -94,7 +95,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh determinism|dtypes|stop80|typing|threads|grads|review|ops|record|trees|graphs|first_checks|batch|batch_more|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak}
+part=${1:?usage: gpu_session.sh determinism|dtypes|stop80|typing|threads|grads|review|ops|record|trees|graphs|first_checks|batch|batch_more|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak|switches|switches_b2}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -876,6 +877,13 @@ switches)
     # offsets FUSE_OFFSETS fuses, runs these three too)
     script 250 switch_check --n 32768 --mixing lse --causal no --out "$out/n32k_lse" \
         --switches fa4_group.ALL_TILES_MAX launches.FUSE_OFFSETS pattern.BLOCK_SPLIT
+    summary="$(cat "$out/rc.log")
+$(grep -h "^|" "$out"/n*/switch_check.md | cut -d'|' -f2-8)"
+    ;;
+switches_b2)
+    # launches.PER_ENTRY acts at b > 1 only: flipped on a live module at b = 2 (step 93)
+    script 200 switch_check --n 32768 --batch 2 --mixing lse head_groups --causal both \
+        --switches launches.PER_ENTRY --out "$out/n32k_b2"
     summary="$(cat "$out/rc.log")
 $(grep -h "^|" "$out"/n*/switch_check.md | cut -d'|' -f2-8)"
     ;;

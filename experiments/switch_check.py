@@ -1,7 +1,7 @@
 """Does a module-level switch flipped on a live module take effect on its next call? (GPU; CPU too)
 
     python -m experiments.switch_check [--n 32768] [--switches SWITCH ...]
-        [--mixing head_groups|lse] [--causal yes|no|both] [--out DIR]
+        [--mixing head_groups|lse] [--causal yes|no|both] [--batch 1] [--out DIR]
 
 Stop 86 put the FA4 grouped kernels' switches (``fa4_group.PERSISTENT`` / ``ALL_TILES_MAX``,
 ``fa4_group_bwd.ZEROING`` / ``ALL_TILES_MAX``) and ``launches.FUSE_OFFSETS`` / ``PER_ENTRY`` and
@@ -88,7 +88,7 @@ def measure(
         )
 
     gen = torch.Generator(device=device).manual_seed(0)
-    shape = (1, args.n, args.heads, args.dim)
+    shape = (args.batch, args.n, args.heads, args.dim)
     xs = [torch.randn(shape, device=device, generator=gen, dtype=torch.bfloat16) for _ in "qkvo"]
     live = module()
     with_grads(live, *xs)
@@ -146,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
             help="the modules' mixings (default: %(default)s)",
         )
         p.add_argument(
+            "--batch",
+            type=int,
+            default=1,
+            help="batch size (default: %(default)s; launches.PER_ENTRY acts at 2 or more)",
+        )
+        p.add_argument(
             "--causal",
             choices=list(CAUSALITY),
             default="yes",
@@ -153,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     def rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+        if args.batch < 1:
+            raise SystemExit(f"switch_check: error: --batch must be at least 1, got {args.batch}")
         return [
             measure(owner, name, value, mixing, causal, args)
             for mixing in args.mixing
