@@ -25,6 +25,11 @@ blocks; the forward 3-8% faster from 1M tokens and at 131K `lse`, within the run
 so the function is the same. ``SDPAComputer.cuda_backward = "torch"`` / ``cuda_forward = "torch"``
 turn each off (A/B). Placed blocks' outputs and gradients are written in place by FA4 itself.
 
+The kernels are chosen here, not by ``torch.nn.attention.sdpa_kernel``: its backend flags (and
+``torch.backends.cuda.enable_*_sdp``) apply to ``F.scaled_dot_product_attention`` only, which this
+computer does not call. For plain PyTorch matmuls use the ``math`` computer; to leave FA4 or the
+in-place cuDNN graphs out, the switches above.
+
 The kernels take ``[B, H, L, d]``; our blocks are ``[B, L, H, d]`` so the transposes are views. The
 forward kernels take the strided (dilated) views as they are; torch's backward kernels get
 contiguous copies of ``dout`` and ``out`` where they want them, and on the CPU of every input.
