@@ -158,7 +158,6 @@ def add_mixings(parser: argparse.ArgumentParser, default: list[str]) -> None:
     parser.add_argument("--mixing", nargs="+", default=default, help=help_text)
 
 
-# ``--causal``'s choices, as the causal flags of the rows each one times
 # issue 5's segment lengths and dilation rates (the LongNet configs every GPU tool times)
 ISSUE_LENGTHS = (2048, 4096, 8192, 16384, 32768)
 ISSUE_RATES = (1, 2, 4, 8, 16)
@@ -170,6 +169,7 @@ def issue_configs(n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(min(ISSUE_LENGTHS[i], n) for i in keep), tuple(ISSUE_RATES[i] for i in keep)
 
 
+# ``--causal``'s choices, as the causal flags of the rows each one times
 CAUSALITY = {"no": (False,), "yes": (True,), "both": (False, True)}
 
 
