@@ -52,6 +52,7 @@
 #   source experiments/fa4_env.sh || exit 1; OLD_TREE=old bash experiments/gpu_session.sh trees # ~5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh switches # <9.5 min
 #   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh switches_b2 # ~2 min
+#   source experiments/fa4_env.sh || exit 1; bash experiments/gpu_session.sh wide     # <8.5 min
 #
 # record: the bench's record at 32K/131K and 1M (docs/benchmarks/h200_perf.md's first two
 #   commands), plotted as fractions of dense SDPA (experiments.plot_record); graphs: the 32K /
@@ -95,7 +96,7 @@
 #   lanes too: not yet checked on NCCL). Each part writes under $OUT/<part>/ (one tarball,
 #   $OUT/<part>.tgz, so no file is left out of what comes back) and prints a short summary last.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh determinism|dtypes|stop80|typing|threads|grads|review|ops|record|trees|graphs|first_checks|batch|batch_more|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak|switches|switches_b2}
+part=${1:?usage: gpu_session.sh determinism|dtypes|stop80|typing|threads|grads|review|ops|record|trees|graphs|first_checks|batch|batch_more|replays|graph_modes|add_dq|dpsum|scripts|options|fuzz|merge_cost|long|checks|capture|boundary|traced_first|host|tiles|lanes|parts|settle|small|fill|pack|group|group_bwd|verify|zeros|causal_group|persistent|persistent_long|persistent_again|unit_order|bwd_tiles|bwd_ab|spanning|weak|switches|switches_b2|wide}
 out=${OUT:-results}/$part
 mkdir -p "$out"
 bench=(python -m experiments.bench --computers sdpa --dilations segment_local --no-flash-row
@@ -886,6 +887,14 @@ switches_b2)
         --switches launches.PER_ENTRY --out "$out/n32k_b2"
     summary="$(cat "$out/rc.log")
 $(grep -h "^|" "$out"/n*/switch_check.md | cut -d'|' -f2-8)"
+    ;;
+wide)
+    # stop 80's int32 head offsets, on the GPU's kernels: FA4 and the grouped kernels on q, k, v
+    # of 2^32 elements through a transposed [b, h, n, d] (the last rows against the oracle;
+    # step 94)
+    script 500 wide_check --n 1048576 --heads 32 --out "$out/wide"
+    summary="$(cat "$out/rc.log")
+$(grep -h "^|" "$out/wide/wide_check.md" | cut -d'|' -f2-9)"
     ;;
 *)
     echo "unknown part: $part" >&2

@@ -1508,3 +1508,25 @@ def test_switch_check_fails_a_module_that_keeps_its_plan(tmp_path, monkeypatch):
     assert switch_check.main([*SWITCH_ARGV, "--out", str(tmp_path)]) == 1
     (row,) = json.loads((tmp_path / "switch_check.json").read_text())["rows"]
     assert row["flip_changes"] and not row["live_as_new"] and not row["ok"]
+
+
+def test_wide_check_runs_on_the_cpu_and_fails_a_wrong_last_head(tmp_path, monkeypatch):
+    """The slice of the last rows against the oracle of those rows alone passes a right module
+    and fails one whose last head is off (what an int32 head offset would corrupt)."""
+    from experiments import wide_check
+
+    argv = ["--n", "4096", "--heads", "4", "--dim", "8", "--device", "cpu"]
+    assert wide_check.main([*argv, "--out", str(tmp_path / "right")]) == 0
+    rows = json.loads((tmp_path / "right" / "wide_check.json").read_text())["rows"]
+    assert [r["backward"] for r in rows] == ["ran", "ran"]
+    assert not any(r["past_int32"] for r in rows)  # (at this size it cannot fail for offsets)
+
+    class LastHeadOff(ringattn.DilatedAttention):
+        def forward(self, q, k, v):
+            out = super().forward(q, k, v)
+            return torch.cat([out[:, :, :-1], out[:, :, -1:] + 1], dim=2)
+
+    monkeypatch.setattr(wide_check.ringattn, "DilatedAttention", LastHeadOff)
+    assert wide_check.main([*argv, "--out", str(tmp_path / "wrong")]) == 1
+    rows = json.loads((tmp_path / "wrong" / "wide_check.json").read_text())["rows"]
+    assert all(r["out_err"] > 0.1 and not r["ok"] for r in rows)
