@@ -9,12 +9,12 @@ Stop 80 found the Triton kernels forming ``head * stride`` in int32: with q, k, 
 Triton interpreter). FA4's and the grouped kernels' CuTe strides are 64-bit by CUTLASS's
 documentation, unchecked on a GPU until this.
 
-Per mixing, a module of issue 5's configs (cut to ``--n``; ``segment_local/sdpa``, bf16) runs a
-forward+backward on such inputs (b = 1; at 1M tokens and 32 heads, 2^32 elements, 8 GiB a
-tensor), and its last ``max(segment_lengths)`` rows, every head, are checked against the float64
-oracle run on those rows alone: every config's segments lie whole inside them, so the oracle of
-the slice is the slice of the oracle, and so are the gradients where ``dout`` is zero outside
-it. Columns:
+Per mixing, a module of issue 5's configs (cut to ``--n``; or ``--segments`` / ``--rates``;
+``segment_local/sdpa``, bf16) runs a forward+backward on such inputs (b = 1; at 1M tokens and 32
+heads, 2^32 elements, 8 GiB a tensor), and its last ``max(segment_lengths)`` rows, every head,
+are checked against the float64 oracle run on those rows alone: every config's segments lie
+whole inside them, so the oracle of the slice is the slice of the oracle, and so are the
+gradients where ``dout`` is zero outside it. Columns:
 
 * ``elements``: b·n·h·d; ``past_int32``: whether offsets pass 2^31 - 1 (else the row cannot fail
   for it: at n = 1M and d = 128 that takes 32 heads, as ``gpu_session.sh wide`` runs);
@@ -42,6 +42,8 @@ from ringattn import reference
 def measure(mixing: str, args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     lengths, rates = issue_configs(args.n)
+    if args.segments:
+        lengths, rates = tuple(args.segments), tuple(args.rates)
     window = max(lengths)  # (the last rows: every config's segments lie whole inside them)
     attn = ringattn.DilatedAttention(
         lengths,
@@ -93,12 +95,24 @@ def measure(mixing: str, args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     def options(p: argparse.ArgumentParser) -> None:
         p.add_argument(
+            "--segments",
+            type=int,
+            nargs="+",
+            help="segment lengths, each dividing the longest (default: issue 5's, cut to --n)",
+        )
+        p.add_argument("--rates", type=int, nargs="+", help="dilation rates, with --segments")
+        p.add_argument(
             "--need-backward",
             action="store_true",
             help="fail a row whose backward ran out of memory (default: only report it)",
         )
 
     def rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+        if (args.segments is None) != (args.rates is None):
+            raise SystemExit("wide_check: error: --segments and --rates go together")
+        if args.segments and any(max(args.segments) % w for w in args.segments):
+            # (else a segment would cross into the checked rows from before them)
+            raise SystemExit("wide_check: error: every --segments length must divide the longest")
         return [measure(mixing, args) for mixing in ("lse", "head_groups")]
 
     return check_main(argv, __doc__, "wide_check", 1 << 20, rows, options)

@@ -1515,7 +1515,9 @@ def test_wide_check_runs_on_the_cpu_and_fails_a_wrong_last_head(tmp_path, monkey
     and fails one whose last head is off (what an int32 head offset would corrupt)."""
     from experiments import wide_check
 
-    argv = ["--n", "4096", "--heads", "4", "--dim", "8", "--device", "cpu"]
+    # (the last 16 of 64 rows: the oracle of the slice must be the slice of the oracle)
+    argv = ["--n", "64", "--segments", "8", "16", "--rates", "1", "2", "--heads", "4"]
+    argv += ["--dim", "8", "--device", "cpu"]
     assert wide_check.main([*argv, "--out", str(tmp_path / "right")]) == 0
     rows = json.loads((tmp_path / "right" / "wide_check.json").read_text())["rows"]
     assert [r["backward"] for r in rows] == ["ran", "ran"]
