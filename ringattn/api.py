@@ -352,29 +352,33 @@ def packed_rows(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
-def refuse_reassigning(
-    module: nn.Module,
-    name: str,
-    fixed: tuple[str, ...],
-    options: tuple[str, ...],
-    built: str = "the module's compiled calls are built from it and cached per shape",
-) -> None:
-    """An ``AttributeError`` for an assignment to what ``module`` was built from: ``fixed``, its
-    attributes that calls are built from (``built`` says how), or ``options``, its
-    constructor's options that no call reads again."""
-    kind = type(module).__name__
-    if name in fixed:
-        why = built
-    elif name in options:
-        why = "an option its constructor read once; no call reads such an attribute"
-    else:
-        return
-    raise AttributeError(
-        f"{kind}.{name} is fixed at construction ({why}); make a new module instead"
-    )
+class FixedAtConstruction:
+    """Mixed in before ``nn.Module``: once the constructor has set ``_built``, assigning one of
+    ``FIXED`` (attributes that calls are built from; ``FIXED_BECAUSE`` says how) or ``OPTIONS``
+    (the constructor's options, kept under no attribute that a call reads) raises an
+    ``AttributeError``. Other names, and what calls read (``training``, hooks), are assigned."""
+
+    FIXED: tuple[str, ...] = ()
+    FIXED_BECAUSE = "the module's compiled calls are built from it and cached per shape"
+    OPTIONS: tuple[str, ...] = ()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_built", False):
+            if name in self.FIXED:
+                why = self.FIXED_BECAUSE
+            elif name in self.OPTIONS:
+                why = "an option its constructor read once; no call reads such an attribute"
+            else:
+                why = ""
+            if why:
+                raise AttributeError(
+                    f"{type(self).__name__}.{name} is fixed at construction ({why}); make a "
+                    "new module instead"
+                )
+        super().__setattr__(name, value)
 
 
-class DilatedAttention(nn.Module):
+class DilatedAttention(FixedAtConstruction, nn.Module):
     """LongNet dilated attention over ``[b, n, h, d]`` inputs (see ``docs/semantics.md``).
 
     Args:
@@ -483,11 +487,6 @@ class DilatedAttention(nn.Module):
     # the module non-causal, silently)
     OPTIONS = ("segment_lengths", "dilation_rates", "causal", "mixing", "scale", "compile",
                "compile_backend", "compile_mode", "group", "layout")  # fmt: skip
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if self.__dict__.get("_built", False):
-            refuse_reassigning(self, name, self.FIXED, self.OPTIONS)
-        super().__setattr__(name, value)
 
     def _register(self) -> None:
         # by which the opaque ops find it (core._spec): a CPU scalar tensor (CoreSpec.module),

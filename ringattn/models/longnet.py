@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ringattn.api import DilatedAttention, refuse_reassigning
+from ringattn.api import DilatedAttention, FixedAtConstruction
 from ringattn.capture import compiling
 from ringattn.config import checked_int
 from ringattn.nn.attention import MultiheadDilatedAttention
@@ -172,7 +172,7 @@ def dilated_attention_layer(config: LongNetConfig) -> nn.Module:
     )
 
 
-class LongNet(nn.Module):
+class LongNet(FixedAtConstruction, nn.Module):
     """A decoder-only LongNet: token embedding, ``config.depth`` pre-LN blocks (dilated
     attention built by ``attention(config)``, default :func:`dilated_attention_layer`, then an
     MLP), a final LayerNorm and a head tied to the embedding. ``forward(tokens)`` gives logits
@@ -203,11 +203,7 @@ class LongNet(nn.Module):
     # checks' vocab_size (`model.config = replace(model.config, dropout=0.0)` left every layer's
     # dropout on, silently)
     FIXED = ("config",)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if self.__dict__.get("_built", False):
-            refuse_reassigning(self, name, self.FIXED, (), built="its layers were built from it")
-        super().__setattr__(name, value)
+    FIXED_BECAUSE = "its layers were built from it"
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LongNet:
         # to_empty (a model built on the meta device), and other conversions that replace

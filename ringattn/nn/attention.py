@@ -20,7 +20,7 @@ from jaxtyping import Float, jaxtyped
 from torch import Tensor, nn
 
 from ringattn import distributed
-from ringattn.api import DilatedAttention, refuse_reassigning
+from ringattn.api import DilatedAttention, FixedAtConstruction
 from ringattn.config import checked_int
 from ringattn.core import autocast_dtype
 from ringattn.nn.decode import KVCache, decode_unchecked, eager_decoding
@@ -31,7 +31,7 @@ BNE = Float[Tensor, "b n e"]
 _DEFAULT_STRATEGY = Strategy()
 
 
-class MultiheadDilatedAttention(nn.Module):
+class MultiheadDilatedAttention(FixedAtConstruction, nn.Module):
     """LongNet's attention layer: projections, dilated attention, output projection.
 
     ``x: [b, n, embed_dim]`` -> ``[b, n, embed_dim]``. Q has ``num_heads`` heads of
@@ -119,11 +119,6 @@ class MultiheadDilatedAttention(nn.Module):
     # device / dtype: torch's factory arguments, names that tools may tag any module with
     OPTIONS = ("segment_lengths", "dilation_rates", "causal", "mixing", "sub_layer_norm", "bias",
                "strategy", "compile", "group", "layout")  # fmt: skip
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if self.__dict__.get("_built", False):
-            refuse_reassigning(self, name, (), self.OPTIONS)
-        super().__setattr__(name, value)
 
     def _heads(self, x: Tensor, start: int) -> tuple[Tensor, Tensor, Tensor]:
         # heads by their width, not their count: under a tensor-parallel plan (torch's
